@@ -1,0 +1,277 @@
+"""Decoder-only language models: Llama, Mistral, Qwen2 and Qwen3 in one family.
+
+The four Hugging Face architectures differ only by switches in :class:`DecoderConfig`:
+
+=================  ==========  ======================  =======  ==============
+architecture       q/k/v bias  o bias                  q/k norm sliding window
+=================  ==========  ======================  =======  ==============
+LlamaForCausalLM   attention_bias  attention_bias      no       no
+MistralForCausalLM no          no                      no       ``sliding_window``
+Qwen2ForCausalLM   yes         no                      no       per ``layer_types``
+Qwen3ForCausalLM   attention_bias  attention_bias      yes      per ``layer_types``
+=================  ==========  ======================  =======  ==============
+
+All share grouped-query attention, RoPE (default, ``linear`` and ``llama3`` scaling), RMSNorm,
+a SwiGLU MLP and optionally tied input/output embeddings.
+
+The parameter tree mirrors the HF names one to one (``model.layers.3.self_attn.q_proj.weight``
+is ``params["layers_3"]["self_attn"]["q_proj"]["kernel"]``, transposed); :func:`hf_key` is the map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxtune.models.layers import (
+    SUPPORTED_ROPE_TYPES,
+    Array,
+    Embed,
+    Linear,
+    RMSNorm,
+    apply_rope,
+    attention_mask,
+    dot_product_attention,
+    rope_inverse_frequencies,
+)
+
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+_MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+REMAT_POLICIES = ("none", "block", "dots")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Everything that shapes a decoder. Hashable, so it can sit on a linen module."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    tie_word_embeddings: bool = False
+    layer_windows: tuple[int | None, ...] = ()
+    architecture: str = "LlamaForCausalLM"
+    dtype: str = "float32"  # compute dtype
+    param_dtype: str = "float32"  # dtype of freshly initialised params
+    remat: str = "none"  # none | block (save block inputs only) | dots (save matmul outputs)
+    adapter_dropout: float = 0.0  # dropout on the input of LoRA/DoRA updates, set by tuning
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "DecoderConfig":
+        """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
+        arch = _architecture(hf)
+        heads = hf["num_attention_heads"]
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+        # v5 writes rope_parameters (theta inside); v4 wrote rope_theta + rope_scaling.
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"config.json: rope type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported by the decoder family (silu)")
+        attention_bias = bool(hf.get("attention_bias", False))
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=head_dim,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
+            qkv_bias=arch == "Qwen2ForCausalLM" or (attention_bias and arch != "MistralForCausalLM"),
+            o_bias=attention_bias and arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"),
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            layer_windows=_layer_windows(hf, arch),
+            architecture=arch,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+
+def _architecture(hf: dict[str, Any]) -> str:
+    for arch in hf.get("architectures") or []:
+        if arch in ARCHITECTURES:
+            return arch
+    if hf.get("model_type") in _MODEL_TYPES:
+        return _MODEL_TYPES[hf["model_type"]]
+    raise ValueError(
+        f"config.json: architecture {hf.get('architectures') or hf.get('model_type')!r} is not a decoder "
+        f"jaxtune supports; supported: {', '.join(ARCHITECTURES)}"
+    )
+
+
+def _layer_windows(hf: dict[str, Any], arch: str) -> tuple[int | None, ...]:
+    """Per-layer sliding window (None = full attention), as each architecture declares it."""
+    n, window = hf["num_hidden_layers"], hf.get("sliding_window")
+    if arch == "MistralForCausalLM":
+        return (window,) * n
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window") and window:
+        types = hf.get("layer_types") or [
+            "sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention" for i in range(n)
+        ]
+        return tuple(window if t == "sliding_attention" else None for t in types)
+    return (None,) * n
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k RMSNorm)."""
+
+    cfg: DecoderConfig
+    window: int | None
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool) -> Array:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        b, t, _ = x.shape
+
+        def proj(name: str, heads: int, bias: bool) -> Linear:
+            return Linear(heads * cfg.head_dim, use_bias=bias, dtype=dt, param_dtype=cfg.param_dtype,
+                          adapter_dropout=cfg.adapter_dropout, name=name)
+
+        q = proj("q_proj", cfg.num_heads, cfg.qkv_bias)(x, deterministic).reshape(b, t, cfg.num_heads, cfg.head_dim)
+        k = proj("k_proj", cfg.num_kv_heads, cfg.qkv_bias)(x, deterministic).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = proj("v_proj", cfg.num_kv_heads, cfg.qkv_bias)(x, deterministic).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.qk_norm:
+            q = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="q_norm")(q)
+            k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="k_norm")(k)
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        mask = attention_mask(segment_ids, causal=True, window=self.window)
+        out = dot_product_attention(q, k, v, mask, causal=True, window=self.window)
+        return Linear(cfg.hidden_size, use_bias=cfg.o_bias, dtype=dt, param_dtype=cfg.param_dtype,
+                      adapter_dropout=cfg.adapter_dropout, name="o_proj")(out.reshape(b, t, -1), deterministic)
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    cfg: DecoderConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.cfg
+
+        def proj(name: str, features: int) -> Linear:
+            return Linear(features, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
+                          adapter_dropout=cfg.adapter_dropout, name=name)
+
+        gate = proj("gate_proj", cfg.intermediate_size)(x, deterministic)
+        up = proj("up_proj", cfg.intermediate_size)(x, deterministic)
+        return proj("down_proj", cfg.hidden_size)(nn.silu(gate) * up, deterministic)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    cfg: DecoderConfig
+    window: int | None
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool = True) -> Array:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="input_layernorm")(x)
+        x = x + Attention(cfg, self.window, name="self_attn")(h, positions, segment_ids, deterministic)
+        h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="post_attention_layernorm")(x)
+        return x + MLP(cfg, name="mlp")(h, deterministic)
+
+
+def _block_class(remat: str) -> type[nn.Module]:
+    if remat == "none":
+        return DecoderBlock
+    if remat == "block":
+        return nn.remat(DecoderBlock, static_argnums=(4,))
+    if remat == "dots":
+        return nn.remat(DecoderBlock, static_argnums=(4,), policy=jax.checkpoint_policies.checkpoint_dots)
+    raise ValueError(f"remat {remat!r} is not a policy; choose one of {', '.join(REMAT_POLICIES)}")
+
+
+class Decoder(nn.Module):
+    """A causal language model.
+
+    ``__call__(input_ids (B,T) int32, positions (B,T) int32 | None, segment_ids (B,T) int32 | None)``
+    returns logits ``(B, T, vocab)`` in the compute dtype. ``segment_ids`` confines attention to
+    each packed document and masks padding (0); ``positions`` default to ``0..T-1``.
+    :meth:`hidden` and :meth:`logits` split the same computation so a loss can chunk the vocab
+    projection, and :meth:`hidden` accepts ``inputs_embeds`` for prompt tuning.
+    """
+
+    cfg: DecoderConfig
+
+    def setup(self) -> None:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
+        block = _block_class(cfg.remat)
+        self.layers = [block(cfg, cfg.layer_windows[i] if cfg.layer_windows else None) for i in range(cfg.num_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.vocab_size, dtype=dt, param_dtype=cfg.param_dtype,
+                                  adapter_dropout=cfg.adapter_dropout)
+
+    def embed(self, input_ids: Array) -> Array:
+        """Token embeddings ``(B, T, D)``."""
+        return self.embed_tokens(input_ids)
+
+    def hidden(
+        self,
+        input_ids: Array | None = None,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool = True,
+        inputs_embeds: Array | None = None,
+    ) -> Array:
+        """Final normed hidden states ``(B, T, D)``; give ``input_ids`` or ``inputs_embeds``."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        for layer in self.layers:
+            x = layer(x, positions, segment_ids, deterministic)
+        return self.norm(x)
+
+    def logits(self, hidden: Array) -> Array:
+        """Vocabulary logits ``(..., vocab)`` for hidden states ``(..., D)``."""
+        if self.cfg.tie_word_embeddings:
+            return self.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        return self.logits(self.hidden(input_ids, positions, segment_ids, deterministic))
+
+
+def hf_module(modules: tuple[str, ...]) -> str:
+    """The Hugging Face module name of a param path's modules, e.g. ``('layers_0', 'mlp', 'up_proj')``
+    -> ``'model.layers.0.mlp.up_proj'``. Names map one to one, so the inverse is implied."""
+    name = ".".join("layers." + m[len("layers_"):] if m.startswith("layers_") else m for m in modules)
+    return name if modules[0] == "lm_head" else "model." + name

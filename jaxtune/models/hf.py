@@ -1,0 +1,415 @@
+"""Hugging Face checkpoints in and out: a model directory <-> (config, module, param pytree).
+
+Loading reads ``config.json``, picks the model family from ``architectures``, and fills the
+family's parameter tree tensor by tensor from memory-mapped ``*.safetensors`` files (one file or
+many with an index). Each tensor is cast and placed on its sharding on its own, so the host
+never holds a second full copy of the model; with a sharding, each device reads only its slice.
+
+Saving writes ``config.json`` and ``*.safetensors`` shards (+ index) that ``transformers`` loads.
+Pickle checkpoints (``*.bin``, ``*.pt``) are refused: unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors.numpy import save_file
+
+from jaxtune.models import decoder, encoder
+
+Params = dict[str, Any]
+ModelConfig = decoder.DecoderConfig | encoder.EncoderConfig
+
+BASE_LEAVES = ("kernel", "embedding", "scale", "bias")
+# Buffers that checkpoints carry but that are not parameters.
+_IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
+# A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
+_BODY_PREFIXES = ("bert.", "model.")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
+                   "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json")
+
+_SAFETENSORS_DTYPES: dict[str, Any] = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or written; the message names the file/tensor and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """How one HF architecture maps onto a jaxtune module."""
+
+    config_from_hf: Callable[..., ModelConfig]
+    module: type[nn.Module]
+    hf_module: Callable[[tuple[str, ...]], str]
+
+
+FAMILIES: dict[str, Family] = {
+    **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module) for a in decoder.ARCHITECTURES},
+    "BertModel": Family(encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_module),
+    "BertForSequenceClassification": Family(encoder.EncoderConfig.from_hf, encoder.EncoderClassifier,
+                                            encoder.hf_module),
+}
+SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
+
+
+@dataclasses.dataclass
+class Pretrained:
+    """A loaded model: its config, its (stateless) linen module, its params and where it came from.
+
+    ``module.apply({"params": params}, ...)`` runs it; ``hf_config`` is the source ``config.json``
+    (kept so that saving writes back everything transformers expects).
+    """
+
+    config: ModelConfig
+    module: nn.Module
+    params: Params
+    hf_config: dict[str, Any]
+    source: str
+    architecture: str
+
+
+# ----------------------------------------------------------------------------- locating files
+
+
+def resolve(path_or_id: str | os.PathLike[str]) -> Path:
+    """A local model directory for ``path_or_id``: an existing folder, or a hub id downloaded
+    (safetensors, configs and tokenizer files only) when a hub is reachable."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path}: expected a model directory (config.json + *.safetensors), got a file")
+    text = str(path_or_id)
+    if text.count("/") != 1 or text.startswith((".", "/")):
+        raise CheckpointError(f"{text}: no such directory (and not a hub id of the form 'org/name')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as err:  # noqa: BLE001 - any hub failure means the same thing to the user
+        raise CheckpointError(
+            f"{text}: not a local directory, and the Hugging Face hub could not provide it ({type(err).__name__}: "
+            f"{str(err)[:200]}). Download it where a hub is reachable, or use jaxtune.models.assets.fetch_model."
+        ) from None
+
+
+def read_config(model_dir: Path) -> dict[str, Any]:
+    """``config.json`` of a model directory, with clear errors for missing or broken files."""
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise CheckpointError(f"{model_dir}: no config.json; a Hugging Face model directory needs one")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index}: lists shard(s) {missing} that are not in {model_dir}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickles:
+        raise CheckpointError(
+            f"{model_dir}: only pickle checkpoints ({', '.join(pickles)}); jaxtune refuses them because unpickling "
+            "runs arbitrary code. Convert once where you trust the file: python -c \"from transformers import "
+            f"AutoModel; AutoModel.from_pretrained('{model_dir}').save_pretrained('{model_dir}')\" (writes safetensors)"
+        )
+    raise CheckpointError(f"{model_dir}: no *.safetensors weights found")
+
+
+# ----------------------------------------------------------------------------- safetensors reading
+
+
+class SafetensorsReader:
+    """Zero-copy views of the tensors in one or more ``.safetensors`` files (memory-mapped).
+
+    ``reader[name]`` is a read-only numpy view (bf16 as ``ml_dtypes.bfloat16``); nothing is
+    read from disk until a view's bytes are touched.
+    """
+
+    def __init__(self, files: list[Path]):
+        self._where: dict[str, tuple[Path, int, str, list[int], tuple[int, int]]] = {}
+        self._maps: dict[Path, np.memmap] = {}
+        for file in files:
+            try:
+                with open(file, "rb") as fh:
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    if n > os.fstat(fh.fileno()).st_size - 8:
+                        raise OSError(f"header length {n} exceeds the file size")
+                    header = json.loads(fh.read(n))
+            except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise CheckpointError(f"{file}: unreadable safetensors file ({type(err).__name__}: {err})") from None
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                self._where[name] = (file, 8 + n, info["dtype"], info["shape"], tuple(info["data_offsets"]))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][3])
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        file, base, dtype, shape, (start, end) = self._where[name]
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
+        if file not in self._maps:
+            self._maps[file] = np.memmap(file, mode="r")
+        np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
+        count = int(np.prod(shape)) if shape else 1
+        if end - start != count * np_dtype.itemsize or base + end > self._maps[file].size:
+            raise CheckpointError(f"{file}: tensor {name} is truncated or its header is corrupt")
+        return np.frombuffer(self._maps[file], np_dtype, count, base + start).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tuple[str, Family]:
+    """The architecture name and :class:`Family` for a ``config.json`` dict."""
+    if architecture is None:
+        declared = hf_config.get("architectures") or []
+        architecture = next((a for a in declared if a in FAMILIES), None)
+        if architecture is None:
+            by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                       "qwen3": "Qwen3ForCausalLM", "bert": "BertModel"}
+            architecture = by_type.get(hf_config.get("model_type", ""))
+        if architecture is None:
+            raise CheckpointError(
+                f"config.json: architecture {declared or hf_config.get('model_type')!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+    if architecture not in FAMILIES:
+        raise CheckpointError(f"architecture {architecture!r} is not supported; "
+                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    return architecture, FAMILIES[architecture]
+
+
+def build(hf_config: dict[str, Any], architecture: str | None = None, **overrides: Any) -> tuple[str, ModelConfig, nn.Module]:
+    """Config and module for a ``config.json`` dict, without any weights."""
+    arch, family = family_for(hf_config, architecture)
+    try:
+        cfg = family.config_from_hf({**hf_config, "architectures": [arch]}, **overrides)
+    except KeyError as err:
+        raise CheckpointError(f"config.json: missing field {err.args[0]!r} needed by {arch}") from None
+    return arch, cfg, family.module(cfg)
+
+
+def abstract_params(module: nn.Module, cfg: ModelConfig) -> Params:
+    """The param tree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without memory."""
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+
+
+def hf_name(family: Family, path: tuple[str, ...]) -> str:
+    """HF tensor name of a base param leaf path."""
+    leaf = path[-1]
+    if leaf not in BASE_LEAVES:
+        raise CheckpointError(
+            f"param {'/'.join(path)} is an adapter leaf with no Hugging Face tensor; merge adapters first "
+            "(jaxtune.tuning) or export them as a PEFT adapter"
+        )
+    return family.hf_module(path[:-1]) + (".bias" if leaf == "bias" else ".weight")
+
+
+def _find(reader: SafetensorsReader, name: str) -> str | None:
+    if name in reader:
+        return name
+    for prefix in _BODY_PREFIXES:
+        if name.startswith(prefix) and name[len(prefix):] in reader:
+            return name[len(prefix):]
+        if prefix + name in reader:
+            return prefix + name
+    return None
+
+
+def load_pretrained(
+    path_or_id: str | os.PathLike[str],
+    *,
+    dtype: Any = jnp.float32,
+    compute_dtype: Any | None = None,
+    shardings: Any = None,
+    architecture: str | None = None,
+    **config_overrides: Any,
+) -> Pretrained:
+    """Load a Hugging Face model directory (or hub id) into a jaxtune model.
+
+    Args:
+      path_or_id: a directory with ``config.json`` and ``*.safetensors`` (single file or sharded
+        with ``model.safetensors.index.json``), or a hub id when a hub is reachable.
+      dtype: dtype of the loaded params (e.g. ``jnp.bfloat16`` for a frozen base).
+      compute_dtype: activation dtype; defaults to ``dtype``.
+      shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a pytree
+        of shardings matching the param tree; each device then reads only its own slice.
+      architecture: force an architecture (e.g. ``"BertModel"`` to load only the body of a
+        ``BertForSequenceClassification`` checkpoint).
+      config_overrides: fields of the family's config, e.g. ``remat="block"``.
+    """
+    model_dir = resolve(path_or_id)
+    hf_config = read_config(model_dir)
+    dtype = jnp.dtype(dtype)
+    arch, cfg, module = build(hf_config, architecture, dtype=str(jnp.dtype(compute_dtype or dtype)),
+                              param_dtype=str(dtype), **config_overrides)
+    family = FAMILIES[arch]
+    reader = SafetensorsReader(_weight_files(model_dir))
+    abstract = flatten_dict(abstract_params(module, cfg))
+    leaf_shardings = _leaf_shardings(shardings, abstract)
+    params, used = {}, set()
+    for path, spec in abstract.items():
+        want = hf_name(family, path)
+        found = _find(reader, want)
+        if found is None:
+            raise CheckpointError(f"{model_dir}: missing tensor {want!r} (param {'/'.join(path)}) for {arch}")
+        view = reader[found]
+        if path[-1] == "kernel":
+            view = view.T  # PyTorch Linear stores (out, in)
+        if view.shape != spec.shape:
+            raise CheckpointError(
+                f"{model_dir}: tensor {found!r} has shape {tuple(reader.shape(found))}, but {arch} with this "
+                f"config.json expects {spec.shape if path[-1] != 'kernel' else spec.shape[::-1]}"
+            )
+        params[path] = _place(view, dtype, leaf_shardings.get(path))
+        used.add(found)
+    unused = [n for n in reader.names() if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
+    if getattr(cfg, "tie_word_embeddings", False) and unused == ["lm_head.weight"]:
+        unused = []  # some writers store the tied output matrix twice
+    if unused:
+        warnings.warn(f"{model_dir}: {len(unused)} tensor(s) not used by {arch}: {', '.join(unused[:8])}"
+                      + (" ..." if len(unused) > 8 else ""), stacklevel=2)
+    return Pretrained(cfg, module, unflatten_dict(params), hf_config, str(model_dir), arch)
+
+
+def _leaf_shardings(shardings: Any, abstract: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
+    if shardings is None:
+        return {}
+    if isinstance(shardings, jax.sharding.Sharding):
+        return {path: shardings for path in abstract}
+    flat = flatten_dict(shardings)
+    missing = [p for p in abstract if p not in flat]
+    if missing:
+        raise CheckpointError(f"shardings: no sharding for param {'/'.join(missing[0])} (and {len(missing) - 1} more)")
+    return flat
+
+
+def _place(view: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    """Cast one tensor and put it on device; with a sharding, each device converts only its slice."""
+    if sharding is None:
+        return jax.device_put(np.asarray(view, dtype=dtype))
+    return jax.make_array_from_callback(view.shape, sharding, lambda idx: np.asarray(view[idx], dtype=dtype))
+
+
+# ----------------------------------------------------------------------------- saving
+
+
+def _shards(tensors: Iterator[tuple[str, np.ndarray]], max_bytes: int) -> Iterator[dict[str, np.ndarray]]:
+    shard, size = {}, 0
+    for name, array in tensors:
+        if shard and size + array.nbytes > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name] = array
+        size += array.nbytes
+    if shard:
+        yield shard
+
+
+def save_pretrained(
+    params: Params,
+    hf_config: dict[str, Any],
+    out_dir: str | os.PathLike[str],
+    *,
+    architecture: str | None = None,
+    dtype: Any | None = None,
+    max_shard_bytes: int = 4 * 2**30,
+    tokenizer_from: str | os.PathLike[str] | None = None,
+) -> Path:
+    """Write ``params`` as a Hugging Face directory that ``transformers`` loads.
+
+    Args:
+      params: the model's base param tree (adapters merged: adapter leaves are refused).
+      hf_config: the ``config.json`` dict to write (``Pretrained.hf_config``).
+      architecture: the architecture to declare; defaults to the config's.
+      dtype: dtype of the stored tensors (default: each leaf's own dtype).
+      max_shard_bytes: above this size the weights are split into shards plus an index.
+      tokenizer_from: a directory whose tokenizer files are copied alongside.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    arch, family = family_for(hf_config, architecture)
+    flat = flatten_dict(params)
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for path, leaf in flat.items():
+            array = np.asarray(jax.device_get(leaf))
+            if dtype is not None:
+                array = array.astype(jnp.dtype(dtype))
+            yield hf_name(family, path), np.ascontiguousarray(array.T if path[-1] == "kernel" else array)
+
+    for old in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
+        old.unlink()
+    # Shards are written as they fill (one shard in memory at a time) and named once counted.
+    written, weight_map, total = [], {}, 0
+    for i, shard in enumerate(_shards(tensors(), max_shard_bytes)):
+        tmp = out / f"shard-{i}.tmp"
+        save_file(shard, str(tmp), metadata={"format": "pt"})
+        written.append((tmp, list(shard)))
+        total += sum(a.nbytes for a in shard.values())
+    for i, (tmp, names) in enumerate(written, 1):
+        final = "model.safetensors" if len(written) == 1 else f"model-{i:05d}-of-{len(written):05d}.safetensors"
+        tmp.rename(out / final)
+        weight_map.update({n: final for n in names})
+    if len(written) > 1:
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config = {**hf_config, "architectures": [arch]}
+    stored = {np.dtype(jnp.dtype(dtype))} if dtype is not None else {np.dtype(x.dtype) for x in flat.values()}
+    if len(stored) == 1:
+        config["dtype"] = str(next(iter(stored)))
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if tokenizer_from is not None:
+        copy_tokenizer_files(Path(tokenizer_from), out)
+    return out
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    """Copy the tokenizer/generation files of ``src`` that exist into ``dst``; returns their names."""
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (src / name).exists() and src.resolve() != dst.resolve():
+            shutil.copy2(src / name, dst / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,236 @@
+"""Building blocks shared by the model families: linear (with optional adapter leaves),
+norms, rotary embeddings, attention masks, attention and pooling.
+
+Every block is a Flax linen module or a pure function, so a model is a pure function of a
+parameter pytree. Parameter leaf names follow one rule that the checkpoint I/O relies on:
+``kernel`` is a transposed PyTorch ``Linear.weight`` (stored ``(in, out)``), ``embedding`` is an
+``Embedding.weight``, ``scale`` is a norm's ``weight`` and ``bias`` is a ``bias``.
+
+A :class:`Linear` also reads the optional adapter leaves that ``jaxtune.tuning`` adds next to its
+``kernel``: ``lora_a`` ``(in, r)``, ``lora_b`` ``(r, out)``, ``lora_scale`` ``()`` and, for DoRA,
+``magnitude`` ``(out,)``. The arithmetic lives here because it is part of evaluating the layer;
+creating, labelling, merging and exporting adapters is the tuning layer's job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+# PyTorch's default Linear/Embedding initialisations are irrelevant for pretrained weights;
+# these only matter for freshly added layers and random test models.
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+class Linear(nn.Module):
+    """``y = x @ kernel + bias`` computed in ``dtype``, plus a LoRA/DoRA update when the
+    adapter leaves are present in this module's params.
+
+    Shapes: ``x`` ``(..., in)`` -> ``(..., features)``.
+    """
+
+    features: int
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    adapter_dropout: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        kernel = self.param("kernel", default_kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
+        x = x.astype(self.dtype)
+        y = x @ kernel.astype(self.dtype)
+        if self.has_variable("params", "lora_a"):
+            y = y + self._adapter_delta(x, kernel, y, deterministic)
+        if bias is not None:
+            y = y + bias.astype(self.dtype)
+        return y
+
+    def _adapter_delta(self, x: Array, kernel: Array, base: Array, deterministic: bool) -> Array:
+        """The adapter's additive contribution to ``x @ kernel`` (before the bias)."""
+        a = self.get_variable("params", "lora_a").astype(self.dtype)
+        b = self.get_variable("params", "lora_b").astype(self.dtype)
+        scale = self.get_variable("params", "lora_scale").astype(self.dtype)
+        if self.adapter_dropout > 0.0 and not deterministic:
+            x = nn.Dropout(self.adapter_dropout, deterministic=False)(x)
+        low_rank = ((x @ a) @ b) * scale
+        if not self.has_variable("params", "magnitude"):
+            return low_rank
+        # DoRA (Liu et al. 2024), as PEFT computes it: the column norm of the adapted weight is
+        # treated as a constant in the backward pass, and the base output is rescaled rather than
+        # recomputed, so the update costs one extra norm and no second full matmul.
+        magnitude = self.get_variable("params", "magnitude").astype(jnp.float32)
+        adapted = kernel.astype(jnp.float32) + (a.astype(jnp.float32) @ b.astype(jnp.float32)) * scale.astype(jnp.float32)
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(adapted, axis=0))
+        ratio = (magnitude / norm).astype(self.dtype)
+        return base * (ratio - 1) + low_rank * ratio
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32, as Llama-family checkpoints expect.
+
+    Shapes: ``x`` ``(..., d)`` -> same shape, in ``dtype``.
+    """
+
+    eps: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with ``scale``/``bias``, statistics in float32 (BERT-style, ``eps`` 1e-12)."""
+
+    eps: float = 1e-12
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+
+
+class Embed(nn.Module):
+    """Token embedding table ``(num_embeddings, features)``; ``attend`` gives tied-output logits."""
+
+    num_embeddings: int
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        self.embedding = self.param(
+            "embedding", default_kernel_init, (self.num_embeddings, self.features), self.param_dtype
+        )
+
+    def __call__(self, ids: Array) -> Array:
+        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: Array) -> Array:
+        return x.astype(self.dtype) @ self.embedding.astype(self.dtype).T
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_inverse_frequencies(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> Array:
+    """Inverse frequencies ``(head_dim // 2,)`` float32 for RoPE, with HF's scaling types.
+
+    ``scaling`` is the HF ``rope_parameters`` / ``rope_scaling`` dict (or None). The ``linear``
+    type divides every frequency by ``factor``; ``llama3`` divides only the low frequencies and
+    interpolates smoothly between, exactly as ``transformers.modeling_rope_utils`` does.
+    """
+    inv = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv
+    if kind == "linear":
+        return inv / scaling["factor"]
+    if kind == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = jnp.where(wavelen > old_len / low, inv / factor, inv)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(medium, smoothed, scaled)
+    raise ValueError(f"unsupported RoPE type {kind!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+
+
+def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
+    """Rotate ``x`` ``(B, T, heads, head_dim)`` by ``positions`` ``(B, T)`` int (HF's half-split layout)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # (B, T, head_dim/2)
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return rotated.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_mask(segment_ids: Array | None, *, causal: bool, window: int | None = None) -> Array | None:
+    """Boolean mask ``(B, 1, T, T)``: True where a query may attend to a key.
+
+    ``segment_ids`` ``(B, T)`` int: tokens attend only within their own segment (packed
+    documents), and segment 0 marks padding, which no query attends to. ``window`` restricts a
+    query to itself and the ``window - 1`` keys before it (sliding-window attention). Returns None
+    when there are no segment ids: plain causality and windows then go to the attention kernel as
+    flags, which lets cuDNN skip the masked blocks instead of reading a dense mask.
+    """
+    if segment_ids is None:
+        return None
+    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
+    mask = mask & (segment_ids[:, None, None, :] != 0)
+    t = segment_ids.shape[1]
+    q = jnp.arange(t)[:, None]
+    k = jnp.arange(t)[None, :]
+    if causal:
+        mask = mask & (k <= q)[None, None]
+    if window is not None:
+        mask = mask & (q - k < window)[None, None]
+    return mask
+
+
+def dot_product_attention(
+    q: Array, k: Array, v: Array, mask: Array | None, *, causal: bool, window: int | None = None
+) -> Array:
+    """Multi-head attention through ``jax.nn.dot_product_attention`` (cuDNN flash on GPU).
+
+    Shapes: ``q`` ``(B, T, N, H)``, ``k``/``v`` ``(B, S, K, H)`` with ``N % K == 0`` (GQA),
+    ``mask`` broadcastable to ``(B, N, T, S)`` or None -> ``(B, T, N, H)``.
+    """
+    if mask is None:
+        local = (window - 1, 0) if window is not None else None
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, local_window_size=local)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+
+
+# ----------------------------------------------------------------------------- pooling
+
+POOLING = ("mean", "cls", "last")
+
+
+def pool(hidden: Array, segment_ids: Array, how: str) -> Array:
+    """Pool token states ``(B, T, D)`` into ``(B, D)`` over real tokens (``segment_ids != 0``).
+
+    ``mean``: average of real tokens (sentence-transformers style); ``cls``: the first token;
+    ``last``: the last real token (the pooling of decoder classifiers, padding on either side).
+    """
+    real = (segment_ids != 0).astype(jnp.float32)
+    if how == "mean":
+        summed = jnp.einsum("btd,bt->bd", hidden.astype(jnp.float32), real)
+        return (summed / jnp.maximum(real.sum(-1, keepdims=True), 1.0)).astype(hidden.dtype)
+    if how == "cls":
+        return hidden[:, 0]
+    if how == "last":
+        t = hidden.shape[1]
+        last = jnp.max(jnp.where(real > 0, jnp.arange(t)[None, :], -1), axis=-1)
+        return jnp.take_along_axis(hidden, jnp.maximum(last, 0)[:, None, None], axis=1)[:, 0]
+    raise ValueError(f"unknown pooling {how!r}; choose one of {', '.join(POOLING)}")

@@ -1,0 +1,49 @@
+"""Tiny random Hugging Face models for tests, built offline with transformers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TINY_DECODER = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+TINY_ENCODER = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=64)
+
+
+def tiny_hf_model(architecture: str, out_dir: Path | None = None, seed: int = 0, **overrides: Any):
+    """A random transformers model of ``architecture`` (eval mode), optionally saved to ``out_dir``."""
+    import torch
+    import transformers
+
+    config_cls = {
+        "LlamaForCausalLM": transformers.LlamaConfig,
+        "MistralForCausalLM": transformers.MistralConfig,
+        "Qwen2ForCausalLM": transformers.Qwen2Config,
+        "Qwen3ForCausalLM": transformers.Qwen3Config,
+        "BertModel": transformers.BertConfig,
+        "BertForSequenceClassification": transformers.BertConfig,
+    }[architecture]
+    base = TINY_ENCODER if architecture.startswith("Bert") else TINY_DECODER
+    kwargs = {**base, **overrides}
+    if architecture.startswith("Bert"):
+        kwargs.pop("num_key_value_heads", None)
+    config = config_cls(**kwargs)
+    config.architectures = [architecture]
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).eval()
+    if out_dir is not None:
+        model.save_pretrained(out_dir)
+    return model
+
+
+def torch_logits(model, input_ids: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
+    """float32 numpy logits (or last hidden state for a bare encoder) of a transformers model."""
+    import torch
+
+    with torch.no_grad():
+        out = model(torch.as_tensor(np.asarray(input_ids)), **{k: torch.as_tensor(np.asarray(v)) for k, v in kwargs.items()})
+    value = out.logits if hasattr(out, "logits") else out.last_hidden_state
+    return value.float().numpy()

@@ -1,0 +1,173 @@
+"""Hugging Face checkpoint I/O: round trips, bf16 and sharded checkpoints, placement, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from helpers import tiny_hf_model, torch_logits
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtune.models import hf
+
+IDS = np.random.RandomState(0).randint(0, 96, (2, 9)).astype(np.int32)
+
+
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "LlamaForCausalLM", "BertForSequenceClassification"])
+def test_round_trip_through_transformers(arch, tmp_path):
+    ref = tiny_hf_model(arch, tmp_path / "src", tie_word_embeddings=arch == "LlamaForCausalLM")
+    model = hf.load_pretrained(tmp_path / "src")
+    hf.save_pretrained(model.params, model.hf_config, tmp_path / "out")
+    reloaded = getattr(transformers, arch).from_pretrained(tmp_path / "out").eval()
+    np.testing.assert_allclose(torch_logits(reloaded, IDS), torch_logits(ref, IDS), atol=1e-6, rtol=0)
+    ours = model.module.apply({"params": model.params}, IDS)
+    np.testing.assert_allclose(np.asarray(ours), torch_logits(reloaded, IDS), atol=1e-4, rtol=0)
+
+
+def test_bf16_checkpoint_loads(tmp_path):
+    ref = tiny_hf_model("LlamaForCausalLM").to(torch.bfloat16)
+    ref.save_pretrained(tmp_path)
+    reader = hf.SafetensorsReader([tmp_path / "model.safetensors"])
+    assert reader["model.norm.weight"].dtype == jnp.bfloat16
+    model = hf.load_pretrained(tmp_path)  # bf16 on disk -> fp32 params
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(model.params))
+    ref32 = transformers.LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    np.testing.assert_allclose(np.asarray(model.module.apply({"params": model.params}, IDS)),
+                               torch_logits(ref32, IDS), atol=1e-4, rtol=0)
+    bf16 = hf.load_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(bf16.params))
+    # Exact: bf16 -> fp32 -> bf16 is lossless.
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a.astype(jnp.float32)), np.asarray(b)),
+                 bf16.params, model.params)
+
+
+def test_save_bf16_and_sharded_checkpoints(tmp_path):
+    ref = tiny_hf_model("Qwen2ForCausalLM", tmp_path / "src")
+    model = hf.load_pretrained(tmp_path / "src")
+    hf.save_pretrained(model.params, model.hf_config, tmp_path / "sharded", max_shard_bytes=40_000)
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    again = hf.load_pretrained(tmp_path / "sharded")
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again.params, model.params)
+    theirs = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "sharded").eval()
+    np.testing.assert_allclose(torch_logits(theirs, IDS), torch_logits(ref, IDS), atol=1e-6, rtol=0)
+
+    hf.save_pretrained(model.params, model.hf_config, tmp_path / "bf16", dtype=jnp.bfloat16)
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+    theirs16 = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "bf16").eval()
+    assert next(theirs16.parameters()).dtype == torch.bfloat16
+
+
+def test_transformers_sharded_checkpoint_loads(tmp_path):
+    ref = tiny_hf_model("MistralForCausalLM")
+    ref.save_pretrained(tmp_path, max_shard_size="50KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    model = hf.load_pretrained(tmp_path)
+    np.testing.assert_allclose(np.asarray(model.module.apply({"params": model.params}, IDS)),
+                               torch_logits(ref, IDS), atol=1e-4, rtol=0)
+
+
+def test_leaves_are_placed_on_the_given_sharding(tmp_path):
+    tiny_hf_model("LlamaForCausalLM", tmp_path)
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+    replicated = hf.load_pretrained(tmp_path)
+
+    def spec(path, leaf):  # shard every matrix's last axis over "model", vectors replicated
+        return NamedSharding(mesh, PartitionSpec(None, "model") if leaf.ndim == 2 else PartitionSpec())
+
+    shardings = jax.tree_util.tree_map_with_path(spec, replicated.params)
+    sharded = hf.load_pretrained(tmp_path, shardings=shardings)
+    kernel = sharded.params["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding == shardings["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape == (64, 96 // 4)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 sharded.params, replicated.params)
+
+
+def test_param_paths_map_one_to_one_to_hf_names(tmp_path):
+    ref = tiny_hf_model("Qwen3ForCausalLM", tmp_path)
+    model = hf.load_pretrained(tmp_path)
+    family = hf.FAMILIES["Qwen3ForCausalLM"]
+    paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(model.params)[0]]
+    names = [hf.hf_name(family, p) for p in paths]
+    assert len(set(names)) == len(names)
+    assert set(names) == set(ref.state_dict())  # Qwen3 here is untied: every tensor is a param
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _expect(match: str, fn, *args, **kwargs):
+    with pytest.raises(hf.CheckpointError, match=match):
+        fn(*args, **kwargs)
+
+
+def test_unsupported_architecture_lists_supported(tmp_path):
+    tiny_hf_model("LlamaForCausalLM", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["architectures"], config["model_type"] = ["GPTNeoXForCausalLM"], "gpt_neox"
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _expect(r"GPTNeoXForCausalLM.*not supported; supported: .*LlamaForCausalLM.*BertModel", hf.load_pretrained, tmp_path)
+
+
+def test_missing_tensor_is_named(tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    tiny_hf_model("LlamaForCausalLM", tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    _expect(r"missing tensor 'model\.layers\.1\.mlp\.down_proj\.weight'", hf.load_pretrained, tmp_path)
+
+
+def test_shape_mismatch_names_tensor_and_both_shapes(tmp_path):
+    tiny_hf_model("LlamaForCausalLM", tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 80
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _expect(r"'model\.layers\.0\.mlp\.down_proj\.weight' has shape \(64, 96\).*expects \(64, 80\)",
+            hf.load_pretrained, tmp_path)
+
+
+def test_unreadable_files(tmp_path):
+    tiny_hf_model("LlamaForCausalLM", tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x05\x00garbage")
+    _expect(r"model\.safetensors: unreadable safetensors file", hf.load_pretrained, tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    _expect(r"config\.json: not valid JSON", hf.load_pretrained, tmp_path)
+    _expect(r"no such directory", hf.load_pretrained, tmp_path / "nope")
+
+
+def test_truncated_tensor_data(tmp_path):
+    tiny_hf_model("LlamaForCausalLM", tmp_path)
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    _expect(r"truncated or its header is corrupt", hf.load_pretrained, tmp_path)
+
+
+def test_pickle_checkpoint_is_refused_with_conversion_hint(tmp_path):
+    model = tiny_hf_model("LlamaForCausalLM")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    _expect(r"pytorch_model\.bin.*refuses.*arbitrary code.*save_pretrained", hf.load_pretrained, tmp_path)
+
+
+def test_unused_tensors_are_reported(tmp_path):
+    tiny_hf_model("BertForSequenceClassification", tmp_path, num_labels=2)
+    with pytest.warns(UserWarning, match=r"2 tensor\(s\) not used by BertModel: classifier\.bias, classifier\.weight"):
+        body = hf.load_pretrained(tmp_path, architecture="BertModel")
+    assert "classifier" not in body.params and "embeddings" in body.params
+
+
+def test_adapter_leaves_cannot_be_saved_as_hf(tmp_path):
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "src")
+    model = hf.load_pretrained(tmp_path / "src")
+    params = jax.tree.map(lambda x: x, model.params)
+    params["layers_0"]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((64, 2))
+    _expect(r"layers_0/self_attn/q_proj/lora_a is an adapter leaf.*merge adapters first",
+            hf.save_pretrained, params, model.hf_config, tmp_path / "out")

@@ -1,0 +1,160 @@
+"""Logit parity of the JAX model families with the PyTorch reference (transformers), fp32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_hf_model, torch_logits
+
+from jaxtune.models import hf
+from jaxtune.models.layers import pool
+
+TOL = 1e-4
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+DECODER_CASES = {
+    "llama-gqa": ("LlamaForCausalLM", {}),
+    "llama-mha": ("LlamaForCausalLM", {"num_key_value_heads": 4}),
+    "llama-mqa-tied": ("LlamaForCausalLM", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    "llama-attention-bias": ("LlamaForCausalLM", {"attention_bias": True, "mlp_bias": True}),
+    "llama-rope-linear": ("LlamaForCausalLM", {"rope_parameters": {"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0}}),
+    "llama-rope-llama3": ("LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),
+    "llama-head-dim": ("LlamaForCausalLM", {"head_dim": 32}),
+    "mistral-sliding-window": ("MistralForCausalLM", {"sliding_window": 5}),
+    "qwen2-qkv-bias": ("Qwen2ForCausalLM", {}),
+    "qwen2-tied": ("Qwen2ForCausalLM", {"tie_word_embeddings": True}),
+    "qwen3-qk-norm": ("Qwen3ForCausalLM", {}),
+    "qwen3-bias-tied": ("Qwen3ForCausalLM", {"attention_bias": True, "tie_word_embeddings": True}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(DECODER_CASES))
+def decoder_pair(request, tmp_path_factory):
+    arch, overrides = DECODER_CASES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    ref = tiny_hf_model(arch, path, **overrides)
+    return ref, hf.load_pretrained(path), path
+
+
+def _ids(shape: tuple[int, int], vocab: int = 128, seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, vocab, shape).astype(np.int32)
+
+
+def test_decoder_logits_match_transformers(decoder_pair):
+    ref, model, _ = decoder_pair
+    ids = _ids((2, 12))
+    ours = model.module.apply({"params": model.params}, ids)
+    np.testing.assert_allclose(np.asarray(ours), torch_logits(ref, ids), atol=TOL, rtol=0)
+
+
+def test_decoder_right_and_left_padding(decoder_pair):
+    ref, model, _ = decoder_pair
+    ids = _ids((2, 10), seed=1)
+    # row 0 right-padded to 7 real tokens, row 1 left-padded with 3 pad tokens.
+    mask = np.array([[1] * 7 + [0] * 3, [0] * 3 + [1] * 7], np.int32)
+    positions = np.array([list(range(10)), [0, 0, 0] + list(range(7))], np.int32)
+    ours = np.asarray(model.module.apply({"params": model.params}, ids, positions, mask))
+    for row, (lo, hi) in enumerate([(0, 7), (3, 10)]):
+        alone = torch_logits(ref, ids[row:row + 1, lo:hi])[0]
+        np.testing.assert_allclose(ours[row, lo:hi], alone, atol=TOL, rtol=0)
+    assert np.isfinite(ours).all(), "padding rows must not produce NaN"
+
+
+def test_decoder_packed_documents_do_not_attend_across(decoder_pair):
+    ref, model, _ = decoder_pair
+    ids = _ids((1, 14), seed=2)
+    segments = np.array([[1] * 8 + [2] * 4 + [0] * 2], np.int32)
+    positions = np.array([list(range(8)) + list(range(4)) + [0, 0]], np.int32)
+    ours = np.asarray(model.module.apply({"params": model.params}, ids, positions, segments))
+    np.testing.assert_allclose(ours[0, :8], torch_logits(ref, ids[:, :8])[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours[0, 8:12], torch_logits(ref, ids[:, 8:12])[0], atol=TOL, rtol=0)
+
+
+def test_decoder_hidden_and_logits_split_the_forward(decoder_pair):
+    _, model, _ = decoder_pair
+    ids = _ids((1, 6))
+    variables = {"params": model.params}
+    hidden = model.module.apply(variables, ids, method="hidden")
+    split = model.module.apply(variables, hidden, method="logits")
+    embeds = model.module.apply(variables, ids, method="embed")
+    from_embeds = model.module.apply(variables, inputs_embeds=embeds, method="hidden")
+    np.testing.assert_array_equal(np.asarray(split), np.asarray(model.module.apply(variables, ids)))
+    np.testing.assert_array_equal(np.asarray(from_embeds), np.asarray(hidden))
+
+
+@pytest.mark.parametrize("remat", ["block", "dots"])
+def test_remat_policies_give_same_logits_and_grads(remat, tmp_path):
+    tiny_hf_model("LlamaForCausalLM", tmp_path)
+    plain = hf.load_pretrained(tmp_path)
+    rematted = hf.load_pretrained(tmp_path, remat=remat)
+    ids = _ids((2, 8))
+
+    def loss(params, module):
+        return jnp.mean(module.apply({"params": params}, ids) ** 2)
+
+    g_plain = jax.grad(loss)(plain.params, plain.module)
+    g_remat = jax.grad(loss)(plain.params, rematted.module)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_plain, g_remat)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+
+@pytest.fixture(scope="module")
+def bert_pair(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert")
+    ref = tiny_hf_model("BertModel", path)
+    return ref, hf.load_pretrained(path)
+
+
+def test_encoder_hidden_states_with_mask_and_token_types(bert_pair):
+    ref, model = bert_pair
+    ids = _ids((2, 9), vocab=96)
+    mask = np.array([[1] * 9, [1] * 5 + [0] * 4], np.int32)
+    types = np.array([[0] * 4 + [1] * 5, [0] * 9], np.int32)
+    ours = np.asarray(model.module.apply({"params": model.params}, ids, mask, token_type_ids=types))
+    theirs = torch_logits(ref, ids, attention_mask=mask, token_type_ids=types)
+    np.testing.assert_allclose(ours[0], theirs[0], atol=TOL, rtol=0)
+    np.testing.assert_allclose(ours[1, :5], theirs[1, :5], atol=TOL, rtol=0)
+    # Pooling: mean over real tokens only, and CLS, as sentence-transformers computes them.
+    mean = np.asarray(pool(jnp.asarray(ours), jnp.asarray(mask), "mean"))
+    ref_mean = (theirs * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(mean, ref_mean, atol=TOL, rtol=0)
+    np.testing.assert_array_equal(np.asarray(pool(jnp.asarray(ours), jnp.asarray(mask), "cls")), ours[:, 0])
+    last = np.asarray(pool(jnp.asarray(ours), jnp.asarray(mask), "last"))
+    np.testing.assert_array_equal(last, ours[[0, 1], [8, 4]])
+
+
+def test_encoder_pooler_matches(bert_pair):
+    ref, model = bert_pair
+    import torch
+
+    ids = _ids((2, 7), vocab=96)
+    hidden = model.module.apply({"params": model.params}, ids)
+    pooled = model.module.apply({"params": model.params}, hidden, method="pooled")
+    with torch.no_grad():
+        theirs = ref(torch.as_tensor(ids)).pooler_output.numpy()
+    np.testing.assert_allclose(np.asarray(pooled), theirs, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("num_labels", [3, 1])
+def test_sequence_classifier_matches(num_labels, tmp_path):
+    ref = tiny_hf_model("BertForSequenceClassification", tmp_path, num_labels=num_labels)
+    model = hf.load_pretrained(tmp_path)
+    ids = _ids((3, 8), vocab=96)
+    mask = np.array([[1] * 8, [1] * 6 + [0] * 2, [1] * 3 + [0] * 5], np.int32)
+    ours = model.module.apply({"params": model.params}, ids, mask)
+    assert ours.shape == (3, num_labels)
+    np.testing.assert_allclose(np.asarray(ours), torch_logits(ref, ids, attention_mask=mask), atol=TOL, rtol=0)
+
+
+def test_encoder_dropout_is_active_only_when_training(bert_pair):
+    _, model = bert_pair
+    ids = _ids((1, 6), vocab=96)
+    variables = {"params": model.params}
+    eval_out = model.module.apply(variables, ids)
+    train_out = model.module.apply(variables, ids, deterministic=False, rngs={"dropout": jax.random.key(1)})
+    assert not np.allclose(np.asarray(eval_out), np.asarray(train_out))
