@@ -1,0 +1,86 @@
+"""Losses as sums with their weights, so micro-batches and hosts combine them exactly.
+
+Every loss returns ``(weighted_sum, weight_sum)``; the mean is taken once, over the whole
+(accumulated, global) batch. That makes k micro-batches of b rows equal one batch of k*b rows,
+and packed rows equal unpacked ones, whatever the number of real tokens in each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def causal_lm_loss(
+    hidden: Array,
+    targets: Array,
+    weights: Array,
+    project: Callable[[Array], Array],
+    *,
+    chunk_tokens: int = 2048,
+) -> tuple[Array, Array]:
+    """Token-weighted next-token cross-entropy, computed chunk by chunk over the vocabulary projection.
+
+    Args:
+      hidden: final hidden states ``(B, T, D)``.
+      targets: int ``(B, T)``, the token each position predicts (already shifted).
+      weights: float ``(B, T)``; 0 on prompt, padding and segment ends.
+      project: hidden ``(N, D)`` -> logits ``(N, V)`` (the LM head).
+      chunk_tokens: tokens per chunk. Only one chunk's float32 logits ``(chunk, V)`` exist at a
+        time, forward and backward (each chunk is rematerialised), instead of ``(B*T, V)``.
+
+    Returns:
+      ``(sum of weight * CE, sum of weights)``, float32 scalars.
+    """
+    d = hidden.shape[-1]
+    h = hidden.reshape(-1, d)
+    y = targets.reshape(-1)
+    w = weights.reshape(-1).astype(jnp.float32)
+    n = h.shape[0]
+    chunk = min(chunk_tokens, n)
+    pad = (-n) % chunk
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        y = jnp.pad(y, (0, pad))
+        w = jnp.pad(w, (0, pad))
+
+    @jax.checkpoint
+    def chunk_loss(args: tuple[Array, Array, Array]) -> Array:
+        h_c, y_c, w_c = args
+        logits = project(h_c).astype(jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        picked = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
+        return jnp.sum((lse - picked) * w_c)
+
+    k = h.shape[0] // chunk
+    per_chunk = jax.lax.map(chunk_loss, (h.reshape(k, chunk, d), y.reshape(k, chunk), w.reshape(k, chunk)))
+    return per_chunk.sum(), w.sum()
+
+
+def classification_loss(logits: Array, labels: Array, weights: Array | None = None) -> tuple[Array, Array]:
+    """Cross-entropy of ``logits`` ``(B, C)`` against int ``labels`` ``(B,)``; returns (sum, count)."""
+    w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    return jnp.sum(nll * w), w.sum()
+
+
+def regression_loss(
+    predictions: Array, targets: Array, weights: Array | None = None, *, kind: str = "mse", delta: float = 1.0
+) -> tuple[Array, Array]:
+    """Squared (``mse``) or Huber error of ``predictions`` ``(B,)`` or ``(B, 1)`` against float ``targets`` ``(B,)``."""
+    pred = predictions.reshape(targets.shape).astype(jnp.float32)
+    err = pred - targets.astype(jnp.float32)
+    if kind == "mse":
+        per = err * err
+    elif kind == "huber":
+        abs_err = jnp.abs(err)
+        per = jnp.where(abs_err <= delta, 0.5 * err * err, delta * (abs_err - 0.5 * delta))
+    else:
+        raise ValueError(f"regression loss {kind!r} is unknown; choose 'mse' or 'huber'")
+    w = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
+    return jnp.sum(per * w), w.sum()

@@ -1,0 +1,139 @@
+"""The pure train and eval steps.
+
+``train_step(trainable, frozen, opt_state, batch, rng) -> (trainable, opt_state, metrics)``
+differentiates only ``trainable``; ``frozen`` is an input that gets no gradient and no
+optimizer state. Gradient accumulation runs inside the step as a ``lax.scan`` over micro-batches,
+summing loss and weight (real tokens or examples) so k micro-batches equal one batch of k times
+the rows. A non-finite loss or gradient leaves params and optimizer state untouched and is
+reported in the metrics, so no bad update ever reaches a checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxtune.train.losses import causal_lm_loss, classification_loss, regression_loss
+from jaxtune.tuning.partition import combine
+
+Array = jax.Array
+Batch = dict[str, Array]
+# (params, batch, rng, deterministic) -> (loss_sum, weight_sum, outputs)
+LossFn = Callable[[Any, Batch, Array, bool], tuple[Array, Array, Array]]
+TASKS = ("lm", "classification", "regression")
+
+
+def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regression: str = "mse") -> LossFn:
+    """The task's loss as a function of the full params.
+
+    Batches follow the data contract (``jaxtune.data``): LM batches carry ``input_ids``,
+    ``targets``, ``loss_weights``, ``segment_ids``, ``positions``; classification/regression
+    batches carry ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids``, ``labels``.
+    The third output is per-example predictions for metrics (class logits, regression values)
+    or, for LMs, the per-row token counts.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is unknown; choose one of {', '.join(TASKS)}")
+
+    def loss_fn(params: Any, batch: Batch, rng: Array, deterministic: bool) -> tuple[Array, Array, Array]:
+        variables, rngs = {"params": params}, {"dropout": rng}
+        if task == "lm":
+            hidden = module.apply(variables, input_ids=batch["input_ids"], positions=batch.get("positions"),
+                                  segment_ids=batch.get("segment_ids"), deterministic=deterministic,
+                                  method="hidden", rngs=rngs)
+
+            def project(h: Array) -> Array:
+                return module.apply(variables, h, method="logits")
+
+            total, weight = causal_lm_loss(hidden, batch["targets"], batch["loss_weights"], project,
+                                           chunk_tokens=chunk_tokens)
+            return total, weight, batch["loss_weights"].sum(-1)
+        outputs = module.apply(variables, input_ids=batch["input_ids"], segment_ids=batch.get("segment_ids"),
+                               positions=batch.get("positions"), token_type_ids=batch.get("token_type_ids"),
+                               deterministic=deterministic, rngs=rngs)
+        weights = example_weights(batch)
+        if task == "classification":
+            total, weight = classification_loss(outputs, batch["labels"], weights)
+            return total, weight, outputs
+        total, weight = regression_loss(outputs, batch["labels"], weights, kind=regression)
+        return total, weight, outputs.reshape(batch["labels"].shape)
+
+    return loss_fn
+
+
+def example_weights(batch: Batch) -> Array:
+    """1.0 for real rows, 0.0 for the empty rows that fill a last partial batch (no real tokens)."""
+    if "example_weights" in batch:
+        return batch["example_weights"].astype(jnp.float32)
+    return (batch["segment_ids"] != 0).any(axis=-1).astype(jnp.float32)
+
+
+def _micro_batches(batch: Batch, k: int) -> Batch:
+    """Split each ``(B, ...)`` leaf into ``(k, B/k, ...)`` taking every k-th row, so each
+    micro-batch draws rows from every device's shard of the batch."""
+    def split(x: Array) -> Array:
+        if x.shape[0] % k:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={k}")
+        return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
+
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1
+) -> Callable[[Any, Any, Any, Batch, Array], tuple[Any, Any, dict[str, Array]]]:
+    """Build the (unjitted) train step; jit it with the trainable and optimizer state donated.
+
+    Metrics: ``loss`` (mean over the batch's weight), ``weight`` (tokens or examples that
+    counted), ``grad_norm`` (after averaging, before clipping) and ``finite`` (False when the
+    update was skipped).
+    """
+    k = grad_accum_steps
+
+    def grads_of(trainable: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Any, Array, Array]:
+        def objective(tr: Any) -> tuple[Array, Array]:
+            total, weight, _ = loss_fn(combine(tr, frozen), batch, rng, False)
+            return total, weight
+
+        (total, weight), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        return grads, total, weight
+
+    def step(trainable: Any, frozen: Any, opt_state: Any, batch: Batch, rng: Array) -> tuple[Any, Any, dict[str, Array]]:
+        if k == 1:
+            grads, total, weight = grads_of(trainable, frozen, batch, rng)
+        else:
+            def accumulate(carry: tuple[Any, Array, Array], xs: tuple[Batch, Array]) -> tuple[tuple[Any, Array, Array], None]:
+                g_sum, t_sum, w_sum = carry
+                g, t, w = grads_of(trainable, frozen, *xs)
+                return (jax.tree.map(jnp.add, g_sum, g), t_sum + t, w_sum + w), None
+
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
+            rngs = jax.random.split(rng, k)
+            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+            (grads, total, weight), _ = jax.lax.scan(accumulate, init, (_micro_batches(batch, k), rngs))
+        denom = jnp.maximum(weight, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
+        grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
+        new_trainable = optax.apply_updates(trainable, updates)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+        metrics = {"loss": total / denom, "weight": weight, "grad_norm": grad_norm, "finite": finite}
+        return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
+
+    return step
+
+
+def make_eval_step(loss_fn: LossFn) -> Callable[[Any, Any, Batch], dict[str, Array]]:
+    """``eval_step(trainable, frozen, batch) -> {"loss_sum", "weight", "outputs"}`` (deterministic)."""
+
+    def step(trainable: Any, frozen: Any, batch: Batch) -> dict[str, Array]:
+        total, weight, outputs = loss_fn(combine(trainable, frozen), batch, jax.random.key(0), True)
+        return {"loss_sum": total, "weight": weight, "outputs": outputs}
+
+    return step

@@ -1,0 +1,175 @@
+"""The train step and sharding: accumulation, 1 vs 8 devices, non-finite guard, one compile."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import tiny_hf_model
+
+from jaxtune.models import hf
+from jaxtune.train.optim import OptimizerConfig, build_optimizer
+from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh, param_shardings, param_specs, shard
+from jaxtune.train.step import make_loss_fn, make_train_step
+from jaxtune.tuning.partition import partition
+
+
+@dataclasses.dataclass
+class Planned:
+    """The fields of a planned model the engine uses (tuning.Tuned provides the same)."""
+
+    module: Any
+    params: Any
+    labels: Any
+    task: str = "lm"
+
+
+def lm_batch(rows: int, length: int, vocab: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """Packed LM rows with two documents and padding, per the data contract."""
+    rng = np.random.RandomState(seed)
+    ids = rng.randint(0, vocab, (rows, length)).astype(np.int32)
+    cut, end = length // 2, length - 2
+    segment = np.zeros((rows, length), np.int32)
+    segment[:, :cut], segment[:, cut:end] = 1, 2
+    positions = np.concatenate([np.arange(cut), np.arange(end - cut), np.zeros(2)]).astype(np.int32)
+    targets = np.roll(ids, -1, axis=1)
+    weights = (segment != 0).astype(np.float32)
+    weights[:, cut - 1] = weights[:, end - 1] = 0  # segment ends predict nothing
+    weights[:, : length // 4] *= rng.rand(rows, length // 4) > 0.5  # some prompt tokens
+    return {"input_ids": ids, "targets": targets.astype(np.int32), "loss_weights": weights, "segment_ids": segment,
+            "positions": np.broadcast_to(positions, (rows, length)).copy()}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    tiny_hf_model("LlamaForCausalLM", path)
+    return hf.load_pretrained(path)
+
+
+def _planned(model, freeze: str = "embed_tokens") -> Planned:
+    labels = jax.tree_util.tree_map_with_path(
+        lambda path, _: "freeze" if freeze in jax.tree_util.keystr(path) else "train", model.params)
+    return Planned(model.module, model.params, labels)
+
+
+def _run(planned: Planned, batches, *, accum: int = 1, mesh=None, lr: float = 1e-2, name: str = "adamw"):
+    trainable, frozen = partition(planned.params, planned.labels)
+    optimizer, _ = build_optimizer(OptimizerConfig(name=name, learning_rate=lr, schedule="constant", b1=0.0), 10)
+    step = jax.jit(make_train_step(make_loss_fn(planned.module, planned.task), optimizer, grad_accum_steps=accum))
+    if mesh is not None:
+        trainable = shard(trainable, param_shardings(trainable, mesh))
+        frozen = shard(frozen, param_shardings(frozen, mesh))
+    opt_state = optimizer.init(trainable)
+    losses = []
+    for i, batch in enumerate(batches):
+        batch = global_batch(batch, mesh) if mesh is not None else batch
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    return trainable, losses, step
+
+
+def test_gradient_accumulation_equals_one_big_batch(llama):
+    planned = _planned(llama)
+    batch = lm_batch(8, 16)
+    # Plain SGD, so the parameter change is lr * gradient and compares the gradients themselves
+    # (Adam's first step is sign-like and would amplify fp32 noise in near-zero gradients).
+    one, loss_one, _ = _run(planned, [batch], name="sgd", lr=1.0)
+    accumulated, loss_acc, _ = _run(planned, [batch], accum=4, name="sgd", lr=1.0)
+    np.testing.assert_allclose(loss_acc, loss_one, rtol=1e-6)
+    # fp32 with a different summation order: gradients agree to 1e-6 absolute.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0),
+                 accumulated, one)
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(llama):
+    batches = [lm_batch(8, 16, seed=s) for s in range(2)]
+    _, losses, _ = _run(_planned(llama), batches, mesh=make_mesh(MeshConfig(data=1), jax.devices()[:1]))
+    return batches, losses
+
+
+@pytest.mark.parametrize("axes", [dict(data=8), dict(data=2, fsdp=2, tensor=2), dict(data=1, fsdp=4, tensor=2)])
+def test_sharded_run_equals_single_device(llama, single_device_losses, axes):
+    planned = _planned(llama)
+    batches, reference = single_device_losses
+    mesh = make_mesh(MeshConfig(**axes))
+    trainable, losses, _ = _run(planned, batches, mesh=mesh)
+    np.testing.assert_allclose(losses, reference, rtol=2e-5)  # fp32 all-reduce order differs
+    if axes.get("tensor", 1) > 1:
+        kernel = trainable["layers_0"]["mlp"]["up_proj"]["kernel"]
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+        assert len({str(s.index) for s in kernel.addressable_shards}) == axes["fsdp"] * axes["tensor"]
+
+
+def test_partition_rules_cover_every_family(llama, tmp_path):
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    specs = param_specs(llama.params, mesh)
+    P = jax.sharding.PartitionSpec
+    assert specs["layers_0"]["self_attn"]["q_proj"]["kernel"] == P("fsdp", "tensor")
+    assert specs["layers_0"]["self_attn"]["o_proj"]["kernel"] == P("tensor", "fsdp")
+    assert specs["embed_tokens"]["embedding"] == P("tensor", "fsdp")
+    assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
+    assert specs["norm"]["scale"] == P()
+    lora = {"q_proj": {"lora_a": jnp.zeros((64, 8)), "lora_b": jnp.zeros((8, 64))}, "head": {"kernel": jnp.zeros((64, 3))}}
+    lora_specs = param_specs(lora, mesh)
+    assert lora_specs["q_proj"]["lora_a"] == P("fsdp", None) and lora_specs["q_proj"]["lora_b"] == P(None, "tensor")
+    assert lora_specs["head"]["kernel"] == P("fsdp", None)
+    # A dimension the axis does not divide stays unsplit on that axis.
+    assert param_specs({"x": {"kernel": jnp.zeros((63, 64))}}, mesh)["x"]["kernel"] == P(None, None)
+    tiny_hf_model("BertModel", tmp_path)
+    bert_specs = param_specs(hf.load_pretrained(tmp_path).params, mesh)
+    assert bert_specs["layer_0"]["attention"]["self"]["query"]["kernel"] == P("fsdp", "tensor")
+    assert bert_specs["layer_0"]["output"]["dense"]["kernel"] == P("tensor", "fsdp")
+
+
+def test_mesh_config_errors():
+    with pytest.raises(ValueError, match="only one axis may be -1"):
+        MeshConfig(data=-1, fsdp=-1).shape(8)
+    with pytest.raises(ValueError, match="does not divide the 8 devices"):
+        MeshConfig(data=-1, tensor=3).shape(8)
+    assert MeshConfig(data=-1, tensor=2).shape(8) == (4, 1, 2)
+
+
+def test_frozen_leaves_get_no_update_and_no_optimizer_state(llama):
+    planned = _planned(llama)
+    trainable, frozen = partition(planned.params, planned.labels)
+    assert "embed_tokens" not in trainable and "embed_tokens" in frozen
+    optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2), 10)
+    state = [x for x in jax.tree.leaves(optimizer.init(trainable)) if x.ndim > 0]  # scalars are step counters
+    assert len(state) == 2 * len(jax.tree.leaves(trainable))  # Adam's mu and nu, per trainable leaf only
+    assert sum(x.size for x in state) == 2 * sum(x.size for x in jax.tree.leaves(trainable))
+
+
+def test_non_finite_loss_skips_the_update(llama):
+    planned = _planned(llama, freeze="nothing-frozen")
+    params = jax.tree.map(lambda x: x, planned.params)
+    params["norm"]["scale"] = params["norm"]["scale"].at[0].set(jnp.nan)
+    planned = Planned(planned.module, params, planned.labels)
+    trainable, frozen = partition(planned.params, planned.labels)
+    optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2), 10)
+    step = jax.jit(make_train_step(make_loss_fn(planned.module, "lm"), optimizer))
+    new, _, metrics = step(trainable, frozen, optimizer.init(trainable), lm_batch(2, 8), jax.random.key(0))
+    assert not bool(metrics["finite"])
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new, trainable)
+
+
+def test_classification_loss_ignores_fill_rows(tmp_path):
+    tiny_hf_model("BertForSequenceClassification", tmp_path, num_labels=3)
+    model = hf.load_pretrained(tmp_path)
+    loss_fn = make_loss_fn(model.module, "classification")
+    rng = np.random.RandomState(0)
+    ids = rng.randint(0, 96, (4, 6)).astype(np.int32)
+    batch = {"input_ids": ids, "segment_ids": np.ones((4, 6), np.int32), "positions": np.tile(np.arange(6), (4, 1)),
+             "token_type_ids": np.zeros((4, 6), np.int32), "labels": np.array([0, 2, 1, 0], np.int32)}
+    filled = {k: v.copy() for k, v in batch.items()}
+    filled["segment_ids"][2:] = 0
+    total, weight, _ = loss_fn(model.params, filled, jax.random.key(0), True)
+    head = {k: v[:2] for k, v in batch.items()}
+    total2, weight2, _ = loss_fn(model.params, head, jax.random.key(0), True)
+    assert float(weight) == 2.0 == float(weight2)
+    np.testing.assert_allclose(float(total), float(total2), rtol=1e-6)

@@ -1,0 +1,105 @@
+"""Losses against closed forms / torch, and optimizer pieces."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import torch
+
+from jaxtune.train.losses import causal_lm_loss, classification_loss, regression_loss
+from jaxtune.train.optim import OptimizerConfig, build_optimizer, decay_mask, make_schedule
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_chunked_lm_loss_equals_torch_cross_entropy(chunk):
+    rng = np.random.RandomState(0)
+    hidden = rng.randn(3, 11, 16).astype(np.float32)
+    head = rng.randn(16, 50).astype(np.float32)
+    targets = rng.randint(0, 50, (3, 11))
+    weights = (rng.rand(3, 11) > 0.3).astype(np.float32)
+    total, count = causal_lm_loss(jnp.asarray(hidden), jnp.asarray(targets), jnp.asarray(weights),
+                                  lambda h: h @ head, chunk_tokens=chunk)
+    logits = torch.as_tensor(hidden @ head).reshape(-1, 50)
+    ce = torch.nn.functional.cross_entropy(logits, torch.as_tensor(targets).reshape(-1), reduction="none")
+    expected = float((ce * torch.as_tensor(weights).reshape(-1)).sum())
+    np.testing.assert_allclose(float(total), expected, rtol=1e-5)
+    assert float(count) == weights.sum()
+
+
+def test_chunked_lm_loss_gradient_matches_unchunked():
+    rng = np.random.RandomState(1)
+    hidden = jnp.asarray(rng.randn(2, 9, 8), jnp.float32)
+    head = jnp.asarray(rng.randn(8, 30), jnp.float32)
+    targets = jnp.asarray(rng.randint(0, 30, (2, 9)))
+    weights = jnp.ones((2, 9))
+
+    def loss(h, w, chunk):
+        return causal_lm_loss(h, targets, weights, lambda x: x @ w, chunk_tokens=chunk)[0]
+
+    g_small = jax.grad(loss, argnums=(0, 1))(hidden, head, 4)
+    g_full = jax.grad(loss, argnums=(0, 1))(hidden, head, 1000)
+    for a, b in zip(g_small, g_full):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_classification_and_regression_losses():
+    logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
+    labels = jnp.array([0, 1])
+    total, n = classification_loss(logits, labels)
+    expected = torch.nn.functional.cross_entropy(torch.as_tensor(np.asarray(logits)), torch.tensor([0, 1]), reduction="sum")
+    np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
+    assert float(n) == 2
+    pred, target = jnp.array([[1.0], [3.0], [0.0]]), jnp.array([1.5, 0.0, 0.0])
+    assert float(regression_loss(pred, target)[0]) == pytest.approx(0.25 + 9.0)
+    huber = torch.nn.functional.huber_loss(torch.tensor([1.0, 3.0, 0.0]), torch.tensor([1.5, 0.0, 0.0]), reduction="sum", delta=1.0)
+    assert float(regression_loss(pred, target, kind="huber")[0]) == pytest.approx(float(huber))
+    weighted, w = regression_loss(pred, target, jnp.array([1.0, 0.0, 1.0]))
+    assert float(weighted) == pytest.approx(0.25) and float(w) == 2.0
+
+
+def test_schedule_warmup_then_cosine_to_floor():
+    cfg = OptimizerConfig(learning_rate=1.0, warmup_steps=4, schedule="cosine", min_lr_ratio=0.1)
+    lr = make_schedule(cfg, total_steps=20)
+    assert float(lr(0)) == pytest.approx(0.25)
+    assert float(lr(3)) == pytest.approx(1.0)
+    assert float(lr(4)) == pytest.approx(1.0)
+    assert float(lr(20)) == pytest.approx(0.1)
+    linear = make_schedule(OptimizerConfig(learning_rate=2.0, schedule="linear"), total_steps=10)
+    assert float(linear(5)) == pytest.approx(1.0)
+
+
+def test_weight_decay_skips_biases_norms_and_magnitudes():
+    params = {"q": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2), "lora_a": jnp.ones((2, 1)), "magnitude": jnp.ones(2)},
+              "norm": {"scale": jnp.ones(2)}}
+    mask = decay_mask(params)
+    assert mask == {"q": {"kernel": True, "bias": False, "lora_a": True, "magnitude": False}, "norm": {"scale": False}}
+    opt, _ = build_optimizer(OptimizerConfig(learning_rate=0.1, weight_decay=0.5, clip_grad_norm=None,
+                                             schedule="constant"), 10)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = opt.update(zeros, opt.init(params), params)
+    assert float(updates["q"]["kernel"][0, 0]) == pytest.approx(-0.05)
+    assert float(updates["q"]["bias"][0]) == 0.0
+
+
+def test_group_learning_rates_scale_updates_and_reject_unknown_groups():
+    params = {"body": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
+    groups = {"body": {"kernel": "train"}, "head": {"kernel": "head"}}
+    cfg = OptimizerConfig(name="sgd", learning_rate=0.1, b1=0.0, clip_grad_norm=None, schedule="constant",
+                          group_lr={"head": 10.0})
+    opt, _ = build_optimizer(cfg, 10, groups)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = opt.update(grads, opt.init(params), params)
+    assert float(updates["body"]["kernel"][0, 0]) == pytest.approx(-0.1)
+    assert float(updates["head"]["kernel"][0, 0]) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match=r"group\(s\) \['hed'\] are not in the plan; groups: \['head', 'train'\]"):
+        build_optimizer(OptimizerConfig(group_lr={"hed": 2.0}), 10, groups)
+
+
+def test_bad_optimizer_config_is_named():
+    with pytest.raises(ValueError, match="optimizer.name 'adamx' is unknown; choose one of adamw"):
+        OptimizerConfig(name="adamx")
+    with pytest.raises(ValueError, match="optimizer.schedule"):
+        OptimizerConfig(schedule="exp")
