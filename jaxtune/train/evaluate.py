@@ -1,0 +1,99 @@
+"""Held-out metrics per task, and the before-vs-after report.
+
+Metrics are computed on the host from what the eval step returns (loss sums and per-example
+outputs), so any number of batches and hosts combine exactly: LM loss is the token-weighted
+mean; classification gives accuracy and macro-F1; regression MAE, RMSE and Pearson's r.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import jax
+import numpy as np
+
+# Which direction is better, for choosing the best checkpoint and for the report's arrows.
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "pearson": True, "loss": False, "perplexity": False,
+                    "mae": False, "rmse": False}
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> dict[str, float]:
+    """Accuracy and macro-F1 of ``logits`` ``(N, C)`` against int ``labels`` ``(N,)``.
+
+    Macro-F1 averages F1 over the classes present in labels or predictions (a class never
+    seen nor predicted has no defined F1 and is left out, as scikit-learn's zero_division does).
+    """
+    pred = np.argmax(logits, axis=-1)
+    labels = np.asarray(labels).astype(np.int64)
+    classes = range(num_classes or logits.shape[-1])
+    f1s = []
+    for c in classes:
+        tp = np.sum((pred == c) & (labels == c))
+        fp = np.sum((pred == c) & (labels != c))
+        fn = np.sum((pred != c) & (labels == c))
+        if tp + fp + fn == 0:
+            continue
+        f1s.append(2 * tp / (2 * tp + fp + fn))
+    return {"accuracy": float(np.mean(pred == labels)) if len(labels) else float("nan"),
+            "macro_f1": float(np.mean(f1s)) if f1s else float("nan")}
+
+
+def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """MAE, RMSE and Pearson's r of predictions against targets (both ``(N,)``)."""
+    pred, target = np.asarray(pred, np.float64).ravel(), np.asarray(target, np.float64).ravel()
+    err = pred - target
+    if pred.std() > 0 and target.std() > 0:
+        pearson = float(np.corrcoef(pred, target)[0, 1])
+    else:
+        pearson = float("nan")  # a constant predictor has no correlation
+    return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2))), "pearson": pearson}
+
+
+def evaluate(
+    eval_step: Callable[[Any, Any, dict[str, Any]], dict[str, Any]],
+    trainable: Any,
+    frozen: Any,
+    batches: Iterable[dict[str, Any]],
+    task: str,
+    *,
+    to_device: Callable[[dict[str, Any]], dict[str, Any]] = lambda b: b,
+) -> dict[str, float]:
+    """Run ``eval_step`` over ``batches`` and reduce to the task's metrics.
+
+    Empty rows (no real token; they fill a last partial batch) are excluded from classification/regression metrics; LM padding carries zero token weight.
+    """
+    loss_sum, weight, outputs, labels = 0.0, 0.0, [], []
+    for batch in batches:
+        result = jax.device_get(eval_step(trainable, frozen, to_device(batch)))
+        loss_sum += float(result["loss_sum"])
+        weight += float(result["weight"])
+        if task != "lm":
+            keep = np.asarray(batch["example_weights"]) > 0 if "example_weights" in batch else \
+                np.asarray(batch["segment_ids"]).any(axis=-1)
+            outputs.append(np.asarray(result["outputs"])[keep])
+            labels.append(np.asarray(batch["labels"])[keep])
+    if weight == 0:
+        raise ValueError("evaluation saw no examples (or no supervised tokens): check the validation data")
+    metrics = {"loss": loss_sum / weight}
+    if task == "lm":
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
+        metrics["tokens"] = weight
+    elif task == "classification":
+        metrics.update(classification_metrics(np.concatenate(outputs), np.concatenate(labels)))
+    else:
+        metrics.update(regression_metrics(np.concatenate(outputs), np.concatenate(labels)))
+    return metrics
+
+
+def comparison_table(before: dict[str, float], after: dict[str, float], *, before_note: str = "") -> str:
+    """A markdown table of base vs fine-tuned metrics, with the change and whether it improved."""
+    rows = ["| metric | base | fine-tuned | change |", "|---|---|---|---|"]
+    for name in [k for k in after if k in before and k != "tokens"]:
+        b, a = before[name], after[name]
+        better = HIGHER_IS_BETTER.get(name)
+        mark = "" if better is None or a == b else (" better" if (a > b) == better else " worse")
+        rows.append(f"| {name} | {b:.4f} | {a:.4f} | {a - b:+.4f}{mark} |")
+    note = f"\nbase: {before_note}" if before_note else ""
+    return "\n".join(rows) + note

