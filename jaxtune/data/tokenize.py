@@ -1,0 +1,295 @@
+"""Tokenization with the model's Hugging Face tokenizer: ids, loss masks and truncation.
+
+An *example* is a dict of 1-D numpy arrays for one record:
+
+- LM kinds: ``input_ids`` int32 [n] and ``loss_mask`` bool [n], where ``loss_mask[i]`` says
+  that token ``i`` is a supervised target (the model is trained to predict it from tokens
+  ``< i``). Packing turns this into shifted ``targets`` / ``loss_weights``.
+- labeled kinds: ``input_ids`` int32 [n], ``token_type_ids`` int32 [n] and ``label`` (int32
+  or float32 scalar).
+
+Chat masks come from the tokenizer's own chat template, rendered incrementally: for each
+assistant turn ``i`` we render the conversation up to turn ``i - 1`` with the generation
+prompt and up to turn ``i`` without it; the difference is exactly what the model generates
+for that turn (its content and end-of-turn marker). This works for any template whose
+renderings of a conversation's prefixes are prefixes of each other; no ``{% generation %}``
+tag is needed. Each piece is tokenized on its own, as at inference, where the prompt is
+tokenized before the reply is generated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer
+
+from jaxtune.data.sources import LM_KINDS, KINDS, DataError, Source
+
+TRUNCATION = ("right", "drop", "error", "split")
+
+Example = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass
+class TokenStats:
+    """Counts over one pass of a source (see :func:`scan`)."""
+
+    records: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    split: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+    longest: int = 0
+
+    def summary(self) -> str:
+        return (f"{self.records} records -> {self.examples} examples, {self.tokens} tokens "
+                f"({self.target_tokens} supervised), longest record {self.longest} tokens; "
+                f"{self.truncated} truncated, {self.split} split, {self.dropped} dropped")
+
+
+_BACKENDS: "weakref.WeakKeyDictionary[Any, Tokenizer]" = weakref.WeakKeyDictionary()
+
+
+def backend(tokenizer: Any) -> Tokenizer:
+    """A private copy of a fast tokenizer's Rust backend with padding and truncation off.
+
+    ``tokenizer(...)`` reconfigures the one shared backend on every call (padding,
+    truncation), so calls from grain's reader threads could race; the copy is never
+    reconfigured. It also skips the Python wrapper, and ignores padding that a
+    ``tokenizer.json`` may switch on (MiniLM's pads to 128).
+    """
+    try:
+        return _BACKENDS[tokenizer]
+    except KeyError:
+        pass
+    shared = getattr(tokenizer, "backend_tokenizer", None)
+    if shared is None:
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; jaxtune.data needs one "
+                         "(a tokenizer.json, as AutoTokenizer loads by default)")
+    copy = Tokenizer.from_str(shared.to_str())
+    copy.no_padding()
+    copy.no_truncation()
+    _BACKENDS[tokenizer] = copy
+    return copy
+
+
+def encode_pieces(tokenizer: Any, pieces: Sequence[str]) -> list[list[int]]:
+    """Token ids of each piece, without special tokens added by the tokenizer."""
+    if not pieces:
+        return []
+    return [e.ids for e in backend(tokenizer).encode_batch(list(pieces), add_special_tokens=False)]
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as err:  # jinja raises TemplateError and template-authored exceptions
+        raise DataError(where, f"the chat template failed on this conversation: {err}",
+                        "check the roles and order of the turns against the model's chat template") from err
+
+
+def chat_pieces(tokenizer: Any, messages: list[dict], weights: Sequence[int], where: str = "<chat>"
+                ) -> list[tuple[str, bool]]:
+    """Split the rendered conversation into ``(text, supervised)`` pieces.
+
+    A piece is supervised when it is an assistant turn with weight 1: the text the template
+    adds after the generation prompt, without trailing whitespace (the newline a template
+    writes after an end-of-turn token is never generated).
+    """
+    full = _render(tokenizer, messages, False, where)
+    pieces, done = [], 0
+    for i, (message, weight) in enumerate(zip(messages, weights)):
+        if message["role"] != "assistant" or not weight:
+            continue
+        upto = _render(tokenizer, messages[: i + 1], False, where)
+        before = _render(tokenizer, messages[:i], True, where) if i else _opening_prompt(tokenizer, message, upto, where)
+        if not (upto.startswith(before) and full.startswith(upto) and len(before) >= done):
+            raise DataError(where, f"the chat template does not render turn {i} as an extension of the turns before it, "
+                            "so the assistant tokens cannot be located",
+                            "use a template whose output for a conversation prefix is a prefix of the full output")
+        reply = upto[len(before):].rstrip()
+        if message["content"].strip() not in reply:
+            raise DataError(where, f"the chat template does not reproduce the content of assistant turn {i}",
+                            "use a template that writes assistant content verbatim")
+        pieces += [(full[done:len(before)], False), (reply, True)]
+        done = len(before) + len(reply)
+    pieces.append((full[done:], False))
+    return [(text, supervised) for text, supervised in pieces if text]
+
+
+def _opening_prompt(tokenizer: Any, first: dict, upto: str, where: str) -> str:
+    """What precedes the reply when the conversation opens with an assistant turn.
+
+    Templates cannot render an empty conversation, so the generation prompt is taken from a
+    one-turn user conversation and located in front of the reply.
+    """
+    probe = [{"role": "user", "content": "?"}]
+    with_prompt, without = _render(tokenizer, probe, True, where), _render(tokenizer, probe, False, where)
+    generation_prompt = with_prompt[len(without):] if with_prompt.startswith(without) else ""
+    cut = upto.rfind(generation_prompt, 0, max(upto.find(first["content"].strip()), 0)) if generation_prompt else -1
+    if cut < 0:
+        raise DataError(where, "cannot find the chat template's generation prompt before the opening assistant turn",
+                        "start the conversation with a system or user turn")
+    return upto[:cut + len(generation_prompt)]
+
+
+def _example(id_pieces: Sequence[Sequence[int]], supervised: Sequence[bool]) -> Example:
+    ids = np.fromiter((t for piece in id_pieces for t in piece), np.int32)
+    mask = np.repeat(np.asarray(supervised, bool), [len(p) for p in id_pieces])
+    return {"input_ids": ids, "loss_mask": mask}
+
+
+def encode_chat(tokenizer: Any, messages: list[dict], weights: Sequence[int], where: str = "<chat>") -> Example:
+    """Tokenize a conversation with the tokenizer's chat template; mask = weighted assistant turns."""
+    pieces = chat_pieces(tokenizer, messages, weights, where)
+    return _example(encode_pieces(tokenizer, [p for p, _ in pieces]), [s for _, s in pieces])
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (e.g. BOS for Llama; none for SmolLM2)."""
+    plain = backend(tokenizer).encode("a", add_special_tokens=False).ids
+    full = backend(tokenizer).encode("a", add_special_tokens=True).ids
+    for start in range(len(full) - len(plain) + 1):
+        if full[start:start + len(plain)] == plain:
+            return full[:start]
+    return []
+
+
+def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str, *, prefix: Sequence[int] = (),
+                             eos: int | None = None) -> Example:
+    """``prefix + prompt + completion + [eos]``; mask = completion and EOS."""
+    ids = encode_pieces(tokenizer, [prompt, completion])
+    return _example([list(prefix), ids[0], ids[1] + ([eos] if eos is not None else [])], [False, False, True])
+
+
+def encode_text(tokenizer: Any, text: str, *, prefix: Sequence[int] = (), eos: int | None = None) -> Example:
+    """``prefix + text + [eos]``; every token after the prefix is a target."""
+    ids = encode_pieces(tokenizer, [text])[0]
+    return _example([list(prefix), ids + ([eos] if eos is not None else [])], [False, True])
+
+
+def truncate(example: Example, max_length: int, policy: str) -> tuple[list[Example], str]:
+    """Apply the truncation policy to an LM example longer than ``max_length``.
+
+    ``right`` keeps the first ``max_length`` tokens; ``drop`` drops the example; ``error``
+    raises ``ValueError``; ``split`` cuts it into chunks that overlap by one token, so every
+    target of the original is a target in exactly one chunk. Returns the examples and a
+    status (``ok``, ``truncated``, ``dropped``, ``split``).
+    """
+    n = len(example["input_ids"])
+    if n <= max_length:
+        return [example], "ok"
+    if policy == "error":
+        raise ValueError(f"{n} tokens is longer than max_length={max_length}")
+    if policy == "drop":
+        return [], "dropped"
+    if policy == "right":
+        return [{k: v[:max_length] for k, v in example.items()}], "truncated"
+    if policy == "split":
+        starts = range(0, n - 1, max_length - 1)
+        return [{k: v[s:s + max_length] for k, v in example.items()} for s in starts], "split"
+    raise ValueError(f"truncation must be one of {TRUNCATION}, got {policy!r}")
+
+
+class Tokenize:
+    """Record → list of examples (usually one; none if dropped; several if split).
+
+    A picklable callable for a grain ``map``; ``encode`` also returns the truncation status
+    for :func:`scan`. ``kind`` is a source kind (:data:`jaxtune.data.sources.KINDS`).
+    """
+
+    def __init__(self, tokenizer: Any, kind: str, max_length: int, *, truncation: str = "right",
+                 add_eos: bool = True):
+        if kind not in KINDS:
+            raise ValueError(f"unknown data kind {kind!r}; use one of {KINDS}")
+        if truncation not in TRUNCATION:
+            raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
+        if truncation == "split" and kind != "text":
+            raise ValueError("truncation='split' cuts documents into chunks: use it only for raw text")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        if kind == "chat" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; chat data needs one "
+                             "(set tokenizer.chat_template or use prompt/completion data)")
+        backend(tokenizer)  # fail here if it is not a fast tokenizer
+        self.tokenizer, self.kind, self.max_length, self.truncation = tokenizer, kind, max_length, truncation
+        self.prefix = special_prefix(tokenizer) if kind in ("prompt_completion", "text") else []
+        self.eos = tokenizer.eos_token_id if add_eos and kind in ("prompt_completion", "text") else None
+        if add_eos and kind in ("prompt_completion", "text") and self.eos is None:
+            raise ValueError("the tokenizer has no EOS token; pass add_eos=False")
+
+    def encode(self, record: dict) -> tuple[list[Example], str, int]:
+        """Examples for ``record``, the truncation status, and the record's untruncated length."""
+        where = record.get("where", "<record>")
+        if self.kind not in LM_KINDS:
+            return self._encode_labeled(record, where)
+        if self.kind == "chat":
+            example = encode_chat(self.tokenizer, record["messages"], record["weights"], where)
+        elif self.kind == "prompt_completion":
+            example = encode_prompt_completion(self.tokenizer, record["prompt"], record["completion"],
+                                               prefix=self.prefix, eos=self.eos)
+        else:
+            example = encode_text(self.tokenizer, record["text"], prefix=self.prefix, eos=self.eos)
+        length = len(example["input_ids"])
+        try:
+            examples, status = truncate(example, self.max_length, self.truncation)
+        except ValueError as err:
+            raise DataError(where, str(err), "raise max_length, shorten the example, or set truncation") from None
+        kept = [e for e in examples if e["loss_mask"][1:].any()]
+        if len(kept) < len(examples):
+            status = "dropped"  # truncation cut off every supervised token
+        return kept, status, length
+
+    def _encode_labeled(self, record: dict, where: str) -> tuple[list[Example], str, int]:
+        tok = backend(self.tokenizer)
+        pair = record.get("text_pair")
+        parts = [tok.encode(t, add_special_tokens=False) for t in (record["text"], pair) if t is not None]
+        room = self.max_length - tok.num_special_tokens_to_add(pair is not None)
+        lengths = [len(p) for p in parts]
+        length, status = sum(lengths) + self.max_length - room, "ok"
+        if sum(lengths) > room:
+            if self.truncation == "error":
+                raise DataError(where, f"{length} tokens is longer than max_length={self.max_length}",
+                                "raise max_length, shorten the text, or set truncation")
+            if self.truncation == "drop":
+                return [], "dropped", length
+            while sum(lengths) > room:  # longest first, as Hugging Face truncates pairs
+                lengths[int(np.argmax(lengths))] -= 1
+            for part, n in zip(parts, lengths):
+                part.truncate(n)
+            status = "truncated"
+        enc = tok.post_process(parts[0], parts[1] if len(parts) > 1 else None, add_special_tokens=True)
+        label = np.asarray(record["label"], np.int32 if self.kind == "classification" else np.float32)
+        return [{"input_ids": np.asarray(enc.ids, np.int32), "token_type_ids": np.asarray(enc.type_ids, np.int32),
+                 "label": label}], status, length
+
+    def __call__(self, record: dict) -> list[Example]:
+        return self.encode(record)[0]
+
+
+def scan(source: Source, tokenize: Tokenize) -> TokenStats:
+    """Tokenize every record once and count what the truncation policy did.
+
+    Run before training: it reports truncated/dropped counts and raises the first
+    :class:`DataError` (e.g. a template failure, or an over-long example with
+    ``truncation="error"``) before any compute starts.
+    """
+    stats = TokenStats()
+    for i in range(len(source)):
+        examples, status, length = tokenize.encode(source[i])
+        stats.records += 1
+        stats.examples += len(examples)
+        stats.longest = max(stats.longest, length)
+        if status != "ok":
+            setattr(stats, status, getattr(stats, status) + 1)
+        for example in examples:
+            stats.tokens += len(example["input_ids"])
+            if "loss_mask" in example:
+                stats.target_tokens += int(example["loss_mask"][1:].sum())
+    return stats

