@@ -173,3 +173,22 @@ def test_classification_loss_ignores_fill_rows(tmp_path):
     total2, weight2, _ = loss_fn(model.params, head, jax.random.key(0), True)
     assert float(weight) == 2.0 == float(weight2)
     np.testing.assert_allclose(float(total), float(total2), rtol=1e-6)
+
+
+def test_mixed_precision_keeps_trainable_fp32_and_frozen_bf16(tmp_path):
+    from jaxtune import tuning
+
+    tiny_hf_model("LlamaForCausalLM", tmp_path)
+    batch = lm_batch(4, 16)
+    losses = {}
+    for compute in ("float32", "bfloat16"):
+        base = hf.load_pretrained(tmp_path, compute_dtype=compute)
+        tuned = tuning.apply_plan(base, tuning.lora(rank=4, alpha=8),
+                                  frozen_dtype=jnp.bfloat16 if compute == "bfloat16" else None)
+        trainable, losses[compute], _ = _run(Planned(tuned.module, tuned.params, tuned.labels), [batch] * 3, lr=1e-2)
+        assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))  # master weights stay fp32
+        _, frozen = partition(tuned.params, tuned.labels)
+        kernels = [x for p, x in jax.tree_util.tree_leaves_with_path(frozen) if "kernel" in jax.tree_util.keystr(p)]
+        assert all(x.dtype == (jnp.bfloat16 if compute == "bfloat16" else jnp.float32) for x in kernels)
+    assert losses["bfloat16"][-1] < losses["bfloat16"][0]  # it trains
+    np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)  # bf16 matmuls: ~1% of fp32

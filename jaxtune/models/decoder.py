@@ -21,7 +21,7 @@ is ``params["layers_3"]["self_attn"]["q_proj"]["kernel"]``, transposed); :func:`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -140,14 +140,75 @@ def _layer_windows(hf: dict[str, Any], arch: str) -> tuple[int | None, ...]:
     return (None,) * n
 
 
+class LayerCache(NamedTuple):
+    """One layer's slice of a :class:`KVCache`, as :class:`Attention` reads it."""
+
+    k: Array  # (B, S, num_kv_heads, head_dim)
+    v: Array  # (B, S, num_kv_heads, head_dim)
+    index: Array  # () int32
+    start: Array  # (B,) int32
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every layer for incremental decoding with :meth:`Decoder.decode` (a pytree).
+
+    ``k``/``v``: one ``(B, S, num_kv_heads, head_dim)`` array per layer in the compute dtype, ``S``
+    the maximum total length; keys are stored after RoPE. ``index`` ``()`` int32: the slot the next
+    token goes to, the same for every row because batched prompts are left-padded. ``start``
+    ``(B,)`` int32: each row's first real slot; the left padding before it is never attended to.
+    """
+
+    k: tuple[Array, ...]
+    v: tuple[Array, ...]
+    index: Array
+    start: Array
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self.k[i], self.v[i], self.index, self.start)
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_length: int, start: Array | None = None) -> KVCache:
+    """An empty cache of ``max_length`` slots per row; ``start`` ``(B,)`` is each row's left-padding length."""
+    shape = (batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+
+    def zeros() -> tuple[Array, ...]:  # distinct buffers, so that a jitted step may donate them
+        return tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers))
+
+    start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
+    return KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32), start)
+
+
+def cache_attention_mask(index: Array, start: Array, t: int, s: int, window: int | None) -> Array:
+    """Boolean mask ``(B, 1, T, S)`` for ``T`` new tokens at slots ``index..index+T-1`` over ``S`` cache slots.
+
+    A query sees the real slots (``>= start``) up to its own, which also excludes slots not
+    written yet, and with a ``window`` only the last ``window`` of them: left padding is
+    contiguous, so slot distance is position distance. A padding query sees itself, so no softmax
+    row is empty (its output is never read).
+    """
+    query = index + jnp.arange(t)[:, None]
+    key = jnp.arange(s)[None, :]
+    mask = ((key <= query)[None] & (key >= start[:, None, None])) | (key == query)[None]
+    if window is not None:
+        mask = mask & (query - key < window)[None]
+    return mask[:, None]
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k RMSNorm)."""
+    """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k RMSNorm).
+
+    With a ``cache`` the new keys/values are written at ``cache.index`` and the queries attend to
+    the whole cache; the call then returns ``(out, (k, v))`` with the updated cache arrays.
+    """
 
     cfg: DecoderConfig
     window: int | None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool,
+        cache: LayerCache | None = None,
+    ) -> Array | tuple[Array, tuple[Array, Array]]:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, t, _ = x.shape
 
@@ -163,10 +224,18 @@ class Attention(nn.Module):
             k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="k_norm")(k)
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        mask = attention_mask(segment_ids, causal=True, window=self.window)
-        out = dot_product_attention(q, k, v, mask, causal=True, window=self.window)
-        return Linear(cfg.hidden_size, use_bias=cfg.o_bias, dtype=dt, param_dtype=cfg.param_dtype,
-                      adapter_dropout=cfg.adapter_dropout, name="o_proj")(out.reshape(b, t, -1), deterministic)
+        if cache is None:
+            mask = attention_mask(segment_ids, causal=True, window=self.window)
+            out = dot_product_attention(q, k, v, mask, causal=True, window=self.window)
+        else:
+            at = (0, cache.index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
+            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
+            mask = cache_attention_mask(cache.index, cache.start, t, k.shape[1], self.window)
+            out = dot_product_attention(q, k, v, mask, causal=False)  # the mask carries causality
+        out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, dtype=dt, param_dtype=cfg.param_dtype,
+                     adapter_dropout=cfg.adapter_dropout, name="o_proj")(out.reshape(b, t, -1), deterministic)
+        return out if cache is None else (out, (k, v))
 
 
 class MLP(nn.Module):
@@ -188,18 +257,27 @@ class MLP(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``.
+
+    With a ``cache`` it returns ``(x, (k, v))``, the attention's updated cache arrays.
+    """
 
     cfg: DecoderConfig
     window: int | None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool = True) -> Array:
+    def __call__(
+        self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool = True,
+        cache: LayerCache | None = None,
+    ) -> Array | tuple[Array, tuple[Array, Array]]:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="input_layernorm")(x)
-        x = x + Attention(cfg, self.window, name="self_attn")(h, positions, segment_ids, deterministic)
+        attn = Attention(cfg, self.window, name="self_attn")(h, positions, segment_ids, deterministic, cache)
+        attn, kv = (attn, None) if cache is None else attn
+        x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="post_attention_layernorm")(x)
-        return x + MLP(cfg, name="mlp")(h, deterministic)
+        x = x + MLP(cfg, name="mlp")(h, deterministic)
+        return x if cache is None else (x, kv)
 
 
 def _block_class(remat: str) -> type[nn.Module]:
@@ -219,7 +297,8 @@ class Decoder(nn.Module):
     returns logits ``(B, T, vocab)`` in the compute dtype. ``segment_ids`` confines attention to
     each packed document and masks padding (0); ``positions`` default to ``0..T-1``.
     :meth:`hidden` and :meth:`logits` split the same computation so a loss can chunk the vocab
-    projection, and :meth:`hidden` accepts ``inputs_embeds`` for prompt tuning.
+    projection, and :meth:`hidden` accepts ``inputs_embeds`` for prompt tuning. :meth:`decode` is
+    :meth:`hidden` with a :class:`KVCache`, for generation.
     """
 
     cfg: DecoderConfig
@@ -254,6 +333,29 @@ class Decoder(nn.Module):
             x = layer(x, positions, segment_ids, deterministic)
         return self.norm(x)
 
+    def decode(
+        self,
+        input_ids: Array | None,
+        positions: Array,
+        cache: KVCache,
+        inputs_embeds: Array | None = None,
+    ) -> tuple[Array, KVCache]:
+        """:meth:`hidden` for ``T`` new tokens that continue the cached ones: prefill (the whole
+        left-padded prompt into an empty cache) and each generation step (``T`` = 1) alike.
+
+        Shapes: ``input_ids`` ``(B, T)`` int32 (or ``inputs_embeds`` ``(B, T, D)``), ``positions``
+        ``(B, T)`` int32 (a real token's position counts from its row's ``cache.start``) ->
+        final normed hidden states ``(B, T, D)`` (logits via :meth:`logits`) and the cache with
+        the new keys/values written at ``cache.index`` and ``index`` advanced by ``T``.
+        """
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, positions, None, True, cache.layer(i))
+            ks.append(k)
+            vs.append(v)
+        return self.norm(x), KVCache(tuple(ks), tuple(vs), cache.index + x.shape[1], cache.start)
+
     def logits(self, hidden: Array) -> Array:
         """Vocabulary logits ``(..., vocab)`` for hidden states ``(..., D)``."""
         if self.cfg.tie_word_embeddings:
@@ -272,6 +374,7 @@ class Decoder(nn.Module):
 
 def hf_module(modules: tuple[str, ...]) -> str:
     """The Hugging Face module name of a param path's modules, e.g. ``('layers_0', 'mlp', 'up_proj')``
-    -> ``'model.layers.0.mlp.up_proj'``. Names map one to one, so the inverse is implied."""
+    -> ``'model.layers.0.mlp.up_proj'``. Names map one to one, so the inverse is implied. The task
+    heads ``lm_head`` and ``score`` (``*ForSequenceClassification``) sit beside ``model``, not in it."""
     name = ".".join("layers." + m[len("layers_"):] if m.startswith("layers_") else m for m in modules)
-    return name if modules[0] == "lm_head" else "model." + name
+    return name if modules[0] in ("lm_head", "score") else "model." + name

@@ -1,0 +1,197 @@
+"""Resolving a plan against a param tree: which linears get adapters, and one label per leaf.
+
+Paths are tuples of keys (``("layers_0", "mlp", "up_proj", "kernel")``), shown joined by ``/``.
+Labels are strings: ``freeze`` or a trainable group (``train``, ``lora``, ``dora``, ``prompt``,
+``head``). The label of a trainable leaf follows what the leaf *is* (its "natural" group), so a
+``train`` rule over an adapter keeps it in the ``lora`` group and per-group learning rates work.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from jaxtune.tuning.lora import ADAPTER_LEAVES, AdapterSpec
+from jaxtune.tuning.plan import Plan, PlanError, Rule, block_indices
+
+Path = tuple[str, ...]
+FROZEN = "freeze"
+GROUPS = ("train", "lora", "dora", "prompt", "head")
+PROMPT_LEAF = "prompt_embeddings"
+HEAD_KEY = "head"
+# Output layers that "all-linear" leaves alone, as PEFT does (it never adapts the output embedding
+# or a sequence-classification head).
+_NOT_ALL_LINEAR = ("lm_head", HEAD_KEY)
+_BLOCK_RE = re.compile(r"^(?:layers|layer)_(\d+)$")
+
+
+def path_str(path: Path) -> str:
+    return "/".join(path)
+
+
+def natural_label(path: Path) -> str:
+    """The group a leaf belongs to when trainable."""
+    leaf = path[-1]
+    if leaf == "lora_scale":
+        return FROZEN  # a constant (alpha / r), never trained
+    if leaf in ("lora_a", "lora_b"):
+        return "lora"
+    if leaf == "magnitude":
+        return "dora"
+    if path[0] == HEAD_KEY:
+        return "head"
+    if path[0] == PROMPT_LEAF:
+        return "prompt"
+    return "train"
+
+
+def block_of(path: Path) -> int | None:
+    """Index of the body transformer block holding this path (``layers_3`` / ``layer_3``), or None."""
+    m = _BLOCK_RE.match(path[0])
+    return int(m.group(1)) if m else None
+
+
+def leaf_kinds(path: Path) -> frozenset[str]:
+    """The module kinds of a leaf in the decoder/encoder param trees (a leaf may have several:
+    BERT's ``embeddings/LayerNorm`` is both ``embeddings`` and ``norms``)."""
+    if path[0] == PROMPT_LEAF:
+        return frozenset({"prompt"})
+    if path[0] == HEAD_KEY:
+        return frozenset({"head"})
+    modules = path[:-1]
+    kinds = set()
+    if path[-1] == "embedding" or path[0] == "embeddings":
+        kinds.add("embeddings")
+    if modules and "norm" in modules[-1].lower():
+        kinds.add("norms")
+    if "self_attn" in modules or "attention" in modules:
+        kinds.add("attention")
+    # Decoder SwiGLU lives under mlp/; BERT's feed-forward is intermediate/ + the block's output/.
+    if "mlp" in modules or "intermediate" in modules or (block_of(path) is not None and modules[1:2] == ("output",)):
+        kinds.add("mlp")
+    if path[0] in ("lm_head", "norm", "pooler"):
+        kinds.add("output")
+    if path[0] == "pooler":
+        kinds.add("pooler")
+    return frozenset(kinds)
+
+
+def example_paths(paths: Iterable[Path], limit: int = 10) -> str:
+    """A few real paths for error messages: everything outside blocks, then block 0's leaves."""
+    paths = list(paths)
+    outside = [p for p in paths if block_of(p) is None]
+    first = [p for p in paths if block_of(p) == 0]
+    shown = (outside[:4] + first)[:limit]
+    return ", ".join(path_str(p) for p in shown) + (" ..." if len(paths) > len(shown) else "")
+
+
+def _selects(rule: Rule, path: Path, blocks: set[int] | None) -> bool:
+    """Whether the selectors of ``rule`` (``match``, ``blocks``, ``kinds``) all accept ``path``
+    (a leaf path, or a module path for adapters)."""
+    if rule.match is not None:
+        text = path_str(path)
+        module = path_str(path[:-1])
+        if not (re.search(rule.match, text) or (module and re.search(rule.match, module))):
+            return False
+    if blocks is not None and block_of(path) not in blocks:
+        return False
+    if rule.kinds is not None and not leaf_kinds(path) & set(rule.kinds):
+        return False
+    return True
+
+
+def _rule_blocks(plan: Plan, index: int, num_blocks: int) -> set[int] | None:
+    rule = plan.rules[index]
+    if rule.blocks is None:
+        return None
+    try:
+        return set(block_indices(rule.blocks, num_blocks))
+    except PlanError as err:
+        raise PlanError(f"{plan.describe(index)}: {err}") from None
+
+
+def _adapter_modules(plan: Plan, index: int, paths: list[Path], num_blocks: int) -> list[Path]:
+    """The linear modules (module paths) that lora/dora rule ``index`` adapts; never empty."""
+    rule = plan.rules[index]
+    linears = [p[:-1] for p in paths if p[-1] == "kernel"]
+    blocks = _rule_blocks(plan, index, num_blocks)
+    chosen = [m for m in linears if _selects(rule, m + ("kernel",), blocks)]
+    targets = rule.targets if rule.targets is not None else ("all-linear" if rule.match is None else None)
+    if targets == "all-linear":
+        chosen = [m for m in chosen if m[0] not in _NOT_ALL_LINEAR]
+    elif targets is not None:
+        # PEFT's rule for target names: the dotted module name equals the target or ends with ".target".
+        def named(m: Path, target: str) -> bool:
+            name = ".".join(m)
+            return name == target or name.endswith("." + target)
+
+        for target in targets:
+            if not any(named(m, target) for m in linears):
+                raise PlanError(f"{plan.describe(index)}: unknown target module {target!r}; linear modules in "
+                                f"this model: {', '.join(sorted({m[-1] for m in linears}))}")
+        chosen = [m for m in chosen if any(named(m, t) for t in targets)]
+    if not chosen:
+        raise PlanError(f"{plan.describe(index)} selects no linear module; linear modules are e.g. "
+                        f"{example_paths(linears, 8)}; some param paths: {example_paths(paths)}")
+    return chosen
+
+
+def resolve_adapters(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict[Path, AdapterSpec]:
+    """The adapter of each linear module (module path -> spec); later lora/dora rules override.
+
+    ``paths`` are the leaf paths of the tree before adapters. Raises :class:`PlanError` for a
+    rule that selects no linear, an unknown target name, or conflicting adapter dropouts.
+    """
+    paths = list(paths)
+    adapters: dict[Path, AdapterSpec] = {}
+    dropouts: dict[float, int] = {}
+    for i, rule in enumerate(plan.rules):
+        if rule.action not in ("lora", "dora"):
+            continue
+        chosen = _adapter_modules(plan, i, paths, num_blocks)
+        dropouts.setdefault(float(rule.dropout or 0.0), i)
+        if len(dropouts) > 1:
+            (a, ia), (b, ib) = list(dropouts.items())[:2]
+            raise PlanError(f"{plan.describe(ia)} and {plan.describe(ib)} ask for adapter dropout {a} and {b}; "
+                            "adapter dropout is one value per model")
+        rank = rule.rank or 8
+        spec = AdapterSpec(rule.action, rank, float(rule.alpha if rule.alpha is not None else rank), bool(rule.rslora))
+        adapters.update({m: spec for m in chosen})
+    return adapters
+
+
+def adapter_dropout(plan: Plan) -> float:
+    """The model-wide adapter dropout (conflicts were rejected by :func:`resolve_adapters`)."""
+    return max((float(r.dropout or 0.0) for r in plan.rules if r.action in ("lora", "dora")), default=0.0)
+
+
+def resolve_labels(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict[Path, str]:
+    """One label per leaf path of the full tree (adapters, head and prompt included).
+
+    Every leaf starts frozen; rules apply in order. ``train``/``freeze`` set the natural group
+    or ``freeze`` on the leaves they select; ``lora``/``dora`` freeze their modules' base leaves
+    and enable their adapters; ``prompt``/``head`` enable the leaves they created.
+    """
+    paths = list(paths)
+    labels = {p: FROZEN for p in paths}
+    base = [p for p in paths if p[-1] not in ADAPTER_LEAVES]  # the tree adapters were resolved on
+    for i, rule in enumerate(plan.rules):
+        if rule.action == "prompt":
+            chosen = [p for p in paths if p[0] == PROMPT_LEAF]
+        elif rule.action == "head":
+            chosen = [p for p in paths if p[0] == HEAD_KEY]
+        elif rule.action in ("lora", "dora"):
+            modules = set(_adapter_modules(plan, i, base, num_blocks))
+            chosen = [p for p in paths if p[:-1] in modules]
+        else:
+            blocks = _rule_blocks(plan, i, num_blocks)
+            chosen = [p for p in paths if _selects(rule, p, blocks)]
+            if not chosen:
+                raise PlanError(f"{plan.describe(i)} matches no parameter; some real paths: {example_paths(paths)}")
+        for p in chosen:
+            if rule.action == "freeze" or (rule.action in ("lora", "dora") and p[-1] not in ADAPTER_LEAVES):
+                labels[p] = FROZEN
+            else:
+                labels[p] = natural_label(p)
+    return labels
+

@@ -1,0 +1,142 @@
+"""LoRA and DoRA adapters as extra leaves next to a linear's ``kernel``: creation, merge, unmerge.
+
+A :class:`jaxtune.models.layers.Linear` with kernel ``(in, out)`` evaluates
+``x @ kernel + s * (x @ lora_a) @ lora_b`` when the leaves below are present, and for DoRA
+rescales each output feature to ``magnitude / ||kernel + s * lora_a @ lora_b||`` (norm over
+the input axis, as PEFT's ``lora_magnitude_vector``):
+
+==============  ==========  ========  ===========================================================
+leaf            shape       dtype     initial value
+==============  ==========  ========  ===========================================================
+``lora_a``      (in, r)     float32   U(-1/sqrt(in), 1/sqrt(in)) (PEFT's kaiming-uniform, a=sqrt 5)
+``lora_b``      (r, out)    float32   zeros, so the adapted model starts equal to the base
+``lora_scale``  ()          float32   alpha / r, or alpha / sqrt(r) for rsLoRA (never trained)
+``magnitude``   (out,)      float32   DoRA only: the column norms of the kernel
+==============  ==========  ========  ===========================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+Array = jax.Array
+Params = dict[str, Any]
+ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_scale", "magnitude")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """One module's adapter: ``kind`` (lora | dora), ``rank``, ``alpha`` and rsLoRA scaling."""
+
+    kind: str
+    rank: int
+    alpha: float
+    rslora: bool = False
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
+
+
+def init_adapter(kernel: Array, spec: AdapterSpec, unit: Array) -> dict[str, Array]:
+    """Adapter leaves for one linear with ``kernel`` ``(in, out)`` (any float dtype), from
+    ``unit`` ``(in, r)`` uniform samples in [-1, 1)."""
+    fan_in, fan_out = kernel.shape
+    leaves = {
+        "lora_a": jnp.asarray(unit, jnp.float32) / math.sqrt(fan_in),
+        "lora_b": jnp.zeros((spec.rank, fan_out), jnp.float32),
+        "lora_scale": jnp.asarray(spec.scale, jnp.float32),
+    }
+    if spec.kind == "dora":
+        leaves["magnitude"] = column_norm(kernel.astype(jnp.float32))
+    return leaves
+
+
+def column_norm(kernel: Array) -> Array:
+    """L2 norm of each output feature's weights: ``(in, out) -> (out,)`` (PyTorch's row norm)."""
+    return jnp.linalg.norm(kernel, axis=0)
+
+
+def add_adapters(params: Params, adapters: dict[tuple[str, ...], AdapterSpec], rng: jax.Array) -> Params:
+    """``params`` with adapter leaves added to each module path in ``adapters`` (one key per module)."""
+    flat = flatten_dict(params)
+    modules = sorted(adapters.items())
+    sizes = [flat[m + ("kernel",)].shape[0] * spec.rank for m, spec in modules]
+    # One draw for all A matrices: a random op compiles once instead of once per kernel shape.
+    unit = np.asarray(jax.random.uniform(rng, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0))
+    offsets = np.cumsum([0] + sizes)
+    for (module, spec), start, size in zip(modules, offsets, sizes):
+        kernel = flat[module + ("kernel",)]
+        a = unit[start:start + size].reshape(kernel.shape[0], spec.rank)
+        flat.update({module + (name,): leaf for name, leaf in init_adapter(kernel, spec, a).items()})
+    return unflatten_dict(flat)
+
+
+def adapter_delta(leaves: dict[str, Array]) -> Array:
+    """The LoRA update ``s * lora_a @ lora_b`` ``(in, out)`` float32."""
+    return (leaves["lora_a"].astype(jnp.float32) @ leaves["lora_b"].astype(jnp.float32)) * leaves["lora_scale"]
+
+
+def adapted_modules(params: Params) -> dict[tuple[str, ...], dict[str, Array]]:
+    """Module path -> that module's leaves, for every module carrying an adapter."""
+    flat = flatten_dict(params)
+    modules: dict[tuple[str, ...], dict[str, Array]] = {}
+    for path, leaf in flat.items():
+        modules.setdefault(path[:-1], {})[path[-1]] = leaf
+    return {m: leaves for m, leaves in modules.items() if "lora_a" in leaves}
+
+
+@jax.jit
+def _merge_one(leaves: dict[str, Array]) -> tuple[Array, Array | None]:
+    """(merged kernel in the kernel's dtype, DoRA column norm or None) for one module's leaves."""
+    kernel = leaves["kernel"]
+    adapted = kernel.astype(jnp.float32) + adapter_delta(leaves)
+    if "magnitude" not in leaves:
+        return adapted.astype(kernel.dtype), None
+    norm = column_norm(adapted)
+    return (adapted * (leaves["magnitude"].astype(jnp.float32) / norm)).astype(kernel.dtype), norm
+
+
+@jax.jit
+def _unmerge_one(kernel: Array, record: dict[str, Array]) -> Array:
+    weight = kernel.astype(jnp.float32)
+    if "magnitude" in record:
+        weight = weight * (record["weight_norm"] / record["magnitude"].astype(jnp.float32))
+    return (weight - adapter_delta(record)).astype(kernel.dtype)
+
+
+def merge(params: Params) -> tuple[Params, dict[tuple[str, ...], dict[str, Array]]]:
+    """Fold every adapter into its kernel; returns ``(merged params without adapter leaves, saved)``.
+
+    LoRA: ``W' = W + s A B``. DoRA: ``W' = m / ||W + s A B|| * (W + s A B)`` per output column.
+    Arithmetic is float32; the merged kernel keeps the kernel's dtype. ``saved`` holds each
+    module's adapter leaves (and, for DoRA, the column norm ``weight_norm`` that the merge used,
+    which :func:`unmerge` needs: it cannot be recovered from the merged weight, as PEFT notes).
+    """
+    flat = flatten_dict(params)
+    saved = {}
+    for module, leaves in adapted_modules(params).items():
+        record = {name: leaves[name] for name in ADAPTER_LEAVES if name in leaves}
+        flat[module + ("kernel",)], norm = _merge_one({k: v for k, v in leaves.items() if k != "bias"})
+        if norm is not None:
+            record["weight_norm"] = norm
+        for name in ADAPTER_LEAVES:
+            flat.pop(module + (name,), None)
+        saved[module] = record
+    return unflatten_dict(flat), saved
+
+
+def unmerge(merged: Params, saved: dict[tuple[str, ...], dict[str, Array]]) -> Params:
+    """Inverse of :func:`merge`: subtract the folded update and restore the adapter leaves."""
+    flat = flatten_dict(merged)
+    for module, record in saved.items():
+        flat[module + ("kernel",)] = _unmerge_one(flat[module + ("kernel",)], record)
+        flat.update({module + (name,): record[name] for name in ADAPTER_LEAVES if name in record})
+    return unflatten_dict(flat)

@@ -1,0 +1,378 @@
+"""The trainability plan: an ordered list of rules over parameter paths, as Python or plain data.
+
+A rule has an ``action`` and, for the path-based actions, selectors:
+
+==========  =========================================================================
+action      effect on the leaves it selects
+==========  =========================================================================
+``train``   trainable (label ``train``; adapter/head/prompt leaves keep their group)
+``freeze``  frozen (label ``freeze``)
+``lora``    a LoRA adapter on each selected linear; its base ``kernel``/``bias`` frozen
+``dora``    the same with DoRA's magnitude vector
+``prompt``  ``n_tokens`` trainable virtual-token embeddings prepended to the input
+``head``    a fresh classification/regression head on top of the body
+==========  =========================================================================
+
+Selectors (all optional, combined with AND; a rule without any selects every leaf):
+``match`` a regex searched in the leaf path ``layers_0/mlp/up_proj/kernel`` or its module path
+``layers_0/mlp/up_proj``; ``blocks`` transformer block indices (``3``, ``[0, 1]``, ``"first:2"``,
+``"last:4"``, ``"2:5"`` as a half-open range); ``kinds`` module kinds (see :data:`KINDS`);
+``targets`` (lora/dora only) module names as PEFT writes them (``["q_proj", "v_proj"]``) or
+``"all-linear"`` (every linear except the output layer and heads, as PEFT defines it).
+
+Every leaf starts frozen and rules apply in order, so later rules override earlier ones. A rule
+is plain YAML-able data, e.g. ``{"match": "layers_(\\\\d+)/self_attn/(q|v)_proj", "action": "lora",
+"rank": 8, "alpha": 16}``; :meth:`Plan.from_data` and :meth:`Plan.to_data` convert, and the
+presets (:func:`full`, :func:`freeze_all_but`, :func:`lora`, :func:`prompt_tuning`, :func:`head`,
+...) return plans that compose with ``+``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+ACTIONS = ("train", "freeze", "lora", "dora", "prompt", "head")
+# Module kinds a rule can select (see jaxtune.tuning.labels.leaf_kinds for how paths map to them).
+KINDS = ("embeddings", "norms", "attention", "mlp", "output", "pooler", "head", "prompt")
+TASKS = ("classification", "regression")
+HEAD_POOLING = ("mean", "cls", "last", "pooler")
+PROMPT_INIT = ("vocab", "text")
+
+_SELECTORS = ("match", "blocks", "kinds")
+_ADAPTER_OPTIONS = ("targets", "rank", "alpha", "dropout", "rslora")
+_OPTIONS: dict[str, tuple[str, ...]] = {
+    "train": _SELECTORS,
+    "freeze": _SELECTORS,
+    "lora": _SELECTORS + _ADAPTER_OPTIONS,
+    "dora": _SELECTORS + _ADAPTER_OPTIONS,
+    "prompt": ("n_tokens", "init", "text"),
+    "head": ("task", "num_labels", "pooling", "hidden", "extra_blocks", "dropout", "bias"),
+}
+_BLOCKS_RE = re.compile(r"^(first|last):(\d+)$|^(-?\d+):(-?\d+)$")
+
+
+class PlanError(ValueError):
+    """A plan is invalid, or does not fit the model; the message names the rule and how to fix it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """One plan rule. Fields that do not belong to ``action`` must stay None (checked).
+
+    Adapter options: ``rank`` (default 8), ``alpha`` (default = rank), ``dropout`` on the adapter
+    input (default 0; one value per model), ``rslora`` (scale alpha/sqrt(rank) instead of
+    alpha/rank). Prompt options: ``n_tokens``, ``init`` (``vocab``: rows of random vocabulary
+    embeddings, ``text``: embeddings of ``text`` tokenized, repeated to length). Head options:
+    ``task``, ``num_labels`` (default 2; regression 1), ``pooling`` (default ``last`` for decoders,
+    ``pooler`` for encoders with a pooler), ``hidden`` widths of extra GELU layers,
+    ``extra_blocks`` fresh transformer blocks before pooling, ``dropout`` before each head layer,
+    ``bias`` of the output layer (default: as the family's HF classifier).
+    """
+
+    action: str
+    match: str | None = None
+    blocks: str | int | tuple[int, ...] | None = None
+    kinds: tuple[str, ...] | None = None
+    targets: str | tuple[str, ...] | None = None
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    rslora: bool | None = None
+    n_tokens: int | None = None
+    init: str | None = None
+    text: str | None = None
+    task: str | None = None
+    num_labels: int | None = None
+    pooling: str | None = None
+    hidden: tuple[int, ...] | None = None
+    extra_blocks: int | None = None
+    bias: bool | None = None
+
+    def __post_init__(self) -> None:
+        # YAML gives lists; rules keep tuples so that they stay hashable and compare by value.
+        if isinstance(self.kinds, str):
+            object.__setattr__(self, "kinds", (self.kinds,))
+        for name in ("kinds", "hidden", "blocks", "targets"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        problem = self._problem()
+        if problem:
+            raise PlanError(f"rule {self.describe()}: {problem}")
+
+    # ------------------------------------------------------------------ validation
+
+    def _problem(self) -> str | None:
+        """What is wrong with this rule on its own, or None."""
+        if self.action not in ACTIONS:
+            return f"unknown action {self.action!r}; choose one of {', '.join(ACTIONS)}"
+        allowed = _OPTIONS[self.action]
+        extra = [f.name for f in dataclasses.fields(self)
+                 if f.name != "action" and getattr(self, f.name) is not None and f.name not in allowed]
+        if extra:
+            return (f"option(s) {', '.join(extra)} do not apply to action {self.action!r} "
+                    f"(its options: {', '.join(allowed)})")
+        if self.match is not None:
+            try:
+                re.compile(self.match)
+            except re.error as err:
+                return f"match {self.match!r} is not a valid regular expression ({err})"
+        if self.blocks is not None and not _valid_blocks(self.blocks):
+            return (f"blocks {self.blocks!r} is not a block selection; use an index, a list of indices, "
+                    "'first:N', 'last:N' or 'A:B'")
+        if self.kinds is not None:
+            bad = [k for k in self.kinds if k not in KINDS] if isinstance(self.kinds, tuple) else [self.kinds]
+            if bad or not self.kinds:
+                return f"unknown kind(s) {bad or '[]'}; choose from {', '.join(KINDS)}"
+        return self._action_problem()
+
+    def _action_problem(self) -> str | None:
+        if self.action in ("lora", "dora"):
+            if self.rank is not None and (not _is_int(self.rank) or self.rank <= 0):
+                return f"rank must be a positive integer, got {self.rank!r}"
+            if self.alpha is not None and (not _is_number(self.alpha) or self.alpha <= 0):
+                return f"alpha must be a positive number, got {self.alpha!r}"
+            targets = self.targets
+            if targets is not None and not (targets == "all-linear" or (
+                    isinstance(targets, tuple) and targets and all(isinstance(t, str) for t in targets))):
+                return f"targets must be 'all-linear' or a non-empty list of module names, got {self.targets!r}"
+        if self.dropout is not None and (not _is_number(self.dropout) or not 0 <= self.dropout < 1):
+            return f"dropout must be in [0, 1), got {self.dropout!r}"
+        if self.action == "prompt":
+            if self.n_tokens is None or not _is_int(self.n_tokens) or self.n_tokens <= 0:
+                return f"n_tokens must be a positive integer, got {self.n_tokens!r}"
+            if self.init is not None and self.init not in PROMPT_INIT:
+                return f"init must be one of {', '.join(PROMPT_INIT)}, got {self.init!r}"
+            if (self.init == "text") != (self.text is not None):
+                return "init 'text' needs the option text (and text needs init 'text')"
+        if self.action == "head":
+            return self._head_problem()
+        return None
+
+    def _head_problem(self) -> str | None:
+        if self.task not in TASKS:
+            return f"task must be one of {', '.join(TASKS)}, got {self.task!r}"
+        if self.num_labels is not None:
+            least = 2 if self.task == "classification" else 1
+            if not _is_int(self.num_labels) or self.num_labels < least:
+                return f"num_labels must be an integer >= {least} for {self.task}, got {self.num_labels!r}"
+        if self.pooling is not None and self.pooling not in HEAD_POOLING:
+            return f"pooling must be one of {', '.join(HEAD_POOLING)}, got {self.pooling!r}"
+        if self.hidden is not None and not (isinstance(self.hidden, tuple) and all(_is_int(w) and w > 0
+                                                                                   for w in self.hidden)):
+            return f"hidden must be a list of positive widths, got {self.hidden!r}"
+        if self.extra_blocks is not None and (not _is_int(self.extra_blocks) or self.extra_blocks < 0):
+            return f"extra_blocks must be a non-negative integer, got {self.extra_blocks!r}"
+        return None
+
+    # ------------------------------------------------------------------ data
+
+    def to_data(self) -> dict[str, Any]:
+        """Plain data (str/int/float/bool/list) with only the fields that are set."""
+        out: dict[str, Any] = {"action": self.action}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name != "action" and value is not None:
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_data(cls, data: Mapping[str, Any]) -> "Rule":
+        if not isinstance(data, Mapping):
+            raise PlanError(f"rule {data!r}: a rule is a mapping such as {{'action': 'train', 'match': 'norm'}}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise PlanError(f"rule {dict(data)!r}: unknown option(s) {', '.join(unknown)}; "
+                            f"known options: {', '.join(sorted(known))}")
+        if "action" not in data:
+            raise PlanError(f"rule {dict(data)!r}: missing 'action' (one of {', '.join(ACTIONS)})")
+        return cls(**data)
+
+    def describe(self) -> str:
+        """The rule as compact data, for error messages."""
+        return str(self.to_data())
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """An ordered tuple of :class:`Rule`; ``plan_a + plan_b`` appends (later rules win)."""
+
+    rules: tuple[Rule, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rules", tuple(self.rules))
+
+    def __add__(self, other: "Plan") -> "Plan":
+        return Plan(self.rules + as_plan(other).rules)
+
+    def __iter__(self) -> Iterator[Rule]:
+        return iter(self.rules)
+
+    def __len__(self) -> int:
+        return len(self.rules)
+
+    def to_data(self) -> list[dict[str, Any]]:
+        return [rule.to_data() for rule in self.rules]
+
+    @classmethod
+    def from_data(cls, data: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> "Plan":
+        """A plan from a list of rule dicts (or ``{"rules": [...]}``); errors name the rule's index."""
+        if isinstance(data, Mapping):
+            if set(data) != {"rules"}:
+                raise PlanError(f"plan: expected a list of rules or {{'rules': [...]}}, got keys {sorted(data)}")
+            data = data["rules"]
+        if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
+            raise PlanError(f"plan: expected a list of rules, got {type(data).__name__}")
+        rules = []
+        for i, item in enumerate(data):
+            try:
+                rules.append(Rule.from_data(item))
+            except PlanError as err:
+                raise PlanError(f"plan rule #{i} {err.args[0].removeprefix('rule ')}") from None
+        return cls(tuple(rules))
+
+    def describe(self, index: int) -> str:
+        return f"plan rule #{index} {self.rules[index].describe()}"
+
+
+def as_plan(plan: Plan | Rule | Sequence[Rule | Mapping[str, Any]] | Mapping[str, Any]) -> Plan:
+    """Accept a :class:`Plan`, a rule, or plain data."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, Rule):
+        return Plan((plan,))
+    if isinstance(plan, Sequence) and not isinstance(plan, (str, bytes)) and all(isinstance(r, Rule) for r in plan):
+        return Plan(tuple(plan))
+    return Plan.from_data(plan)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- presets
+
+
+def full() -> Plan:
+    """Train every parameter."""
+    return Plan((Rule("train"),))
+
+
+def train(match: str | None = None, *, blocks: Any = None, kinds: Sequence[str] | None = None) -> Plan:
+    """Train the selected leaves (on top of whatever came before)."""
+    return Plan((Rule("train", match=match, blocks=blocks, kinds=kinds),))
+
+
+def freeze(match: str | None = None, *, blocks: Any = None, kinds: Sequence[str] | None = None) -> Plan:
+    """Freeze the selected leaves (on top of whatever came before)."""
+    return Plan((Rule("freeze", match=match, blocks=blocks, kinds=kinds),))
+
+
+def freeze_all_but(last_n_blocks: int = 0, *, kinds: Sequence[str] = (), train_output: bool = True) -> Plan:
+    """Layer-wise partial fine-tuning: the blocks closest to the input stay frozen.
+
+    Trains the last ``last_n_blocks`` transformer blocks, the modules of ``kinds`` (e.g.
+    ``["norms"]``) anywhere, and with ``train_output`` what follows the last block (final norm and
+    LM head of a decoder, pooler of an encoder). Every leaf starts frozen, so the plan needs no
+    blanket ``freeze`` rule, and it composes with adapters, prompts and heads in any order.
+    """
+    if not isinstance(last_n_blocks, int) or last_n_blocks < 0:
+        raise PlanError(f"freeze_all_but: last_n_blocks must be a non-negative integer, got {last_n_blocks!r}")
+    rules = []
+    if last_n_blocks:
+        rules.append(Rule("train", blocks=f"last:{last_n_blocks}"))
+    if kinds:
+        rules.append(Rule("train", kinds=tuple(kinds)))
+    if train_output:
+        rules.append(Rule("train", kinds=("output",)))
+    return Plan(tuple(rules))
+
+
+def lora(
+    rank: int = 8,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    targets: str | Sequence[str] | None = None,
+    *,
+    rslora: bool = False,
+    dora: bool = False,
+    match: str | None = None,
+    blocks: Any = None,
+    kinds: Sequence[str] | None = None,
+) -> Plan:
+    """LoRA (or DoRA with ``dora=True``) on the linears selected by ``targets``, ``match``,
+    ``blocks`` and ``kinds``; ``targets`` defaults to ``"all-linear"`` unless ``match`` is given,
+    and ``alpha`` to ``rank`` (scale 1)."""
+    return Plan((Rule("dora" if dora else "lora", match=match, blocks=blocks, kinds=kinds,
+                      targets=targets if targets is None or isinstance(targets, str) else tuple(targets),
+                      rank=rank, alpha=float(rank if alpha is None else alpha), dropout=dropout, rslora=rslora),))
+
+
+def dora(rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
+         targets: str | Sequence[str] | None = None, **kwargs: Any) -> Plan:
+    """DoRA (weight-decomposed LoRA); same options as :func:`lora`."""
+    return lora(rank, alpha, dropout, targets, dora=True, **kwargs)
+
+
+def prompt_tuning(n_tokens: int, init: str = "vocab", text: str | None = None) -> Plan:
+    """``n_tokens`` trainable virtual tokens before the input; the base stays frozen."""
+    return Plan((Rule("prompt", n_tokens=n_tokens, init=init, text=text),))
+
+
+def head(
+    task: str = "classification",
+    num_labels: int | None = None,
+    *,
+    pooling: str | None = None,
+    hidden: Sequence[int] = (),
+    extra_blocks: int = 0,
+    dropout: float | None = None,
+    bias: bool | None = None,
+) -> Plan:
+    """A fresh classification or regression head on the body (see :class:`Rule` for defaults)."""
+    return Plan((Rule("head", task=task, num_labels=num_labels, pooling=pooling, hidden=tuple(hidden) or None,
+                      extra_blocks=extra_blocks or None, dropout=dropout, bias=bias),))
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _valid_blocks(blocks: Any) -> bool:
+    if _is_int(blocks):
+        return True
+    if isinstance(blocks, str):
+        return bool(_BLOCKS_RE.match(blocks.strip()))
+    return isinstance(blocks, tuple) and len(blocks) > 0 and all(_is_int(b) for b in blocks)
+
+
+def block_indices(blocks: str | int | tuple[int, ...], num_blocks: int) -> list[int]:
+    """Resolve a ``blocks`` selector against a model with ``num_blocks`` blocks.
+
+    Raises :class:`PlanError` (without the rule's name; the caller adds it) when out of range.
+    """
+    if _is_int(blocks):
+        wanted = [blocks]
+    elif isinstance(blocks, tuple):
+        wanted = list(blocks)
+    else:
+        m = _BLOCKS_RE.match(blocks.strip())
+        if m.group(1):
+            n = int(m.group(2))
+            if n > num_blocks:
+                raise PlanError(f"blocks {blocks!r}: the model has only {num_blocks} blocks")
+            return list(range(num_blocks))[:n] if m.group(1) == "first" else list(range(num_blocks - n, num_blocks))
+        wanted = list(range(num_blocks))[int(m.group(3)):int(m.group(4))]
+        if not wanted:
+            raise PlanError(f"blocks {blocks!r} selects no block of {num_blocks}")
+        return wanted
+    bad = [b for b in wanted if not -num_blocks <= b < num_blocks]
+    if bad:
+        raise PlanError(f"blocks {blocks!r}: index {bad[0]} is out of range for {num_blocks} blocks")
+    return sorted({b % num_blocks for b in wanted})

@@ -1,0 +1,247 @@
+"""Applying a plan to a pretrained model: the tuned module, its params and their labels.
+
+:func:`apply_plan` turns a :class:`jaxtune.models.hf.Pretrained` and a :class:`Plan` into a
+:class:`Tuned`: the body's params (paths unchanged: ``layers_0/...`` for decoders, ``layer_0/...``
+for BERT bodies, also when loaded from ``BertForSequenceClassification``) plus adapter leaves,
+``head/...`` and ``prompt_embeddings`` as the plan asks, and one label per leaf.
+
+Call convention of :class:`TunedModel` (keyword arguments; ``segment_ids`` nonzero = real token):
+
+- task ``lm``: ``apply(v, input_ids=, positions=, segment_ids=, deterministic=, method="hidden")``
+  -> ``(B, T, D)`` aligned to the input tokens (virtual prompt tokens removed), then
+  ``apply(v, hidden, method="logits")`` -> ``(B, T, V)``; ``apply(v, input_ids=...)`` does both.
+- tasks ``classification``/``regression``: ``apply(v, input_ids=, segment_ids=, positions=,
+  token_type_ids=, deterministic=)`` -> ``(B, num_outputs)`` (decoders ignore token types).
+
+Dropout (body, adapters, head) is active with ``deterministic=False`` and ``rngs={"dropout": key}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxtune.models import decoder, encoder
+from jaxtune.models.hf import ModelConfig, Pretrained
+from jaxtune.models.layers import Array, pool
+from jaxtune.tuning import labels as labels_lib
+from jaxtune.tuning.heads import Head, HeadSpec, head_spec, hf_head_name, init_head
+from jaxtune.tuning.labels import HEAD_KEY, PROMPT_LEAF
+from jaxtune.tuning.lora import AdapterSpec, add_adapters
+from jaxtune.tuning.partition import cast_by_label
+from jaxtune.tuning.plan import Plan, PlanError, Rule, as_plan
+from jaxtune.tuning.prompt import Tokenizer, init_prompt, prepend
+
+Params = dict[str, Any]
+TASKS = ("lm", "classification", "regression")  # values of Tuned.task
+
+
+class TunedModel(nn.Module):
+    """A body (``Decoder`` or ``Encoder``, params at the top level of the tree) with an optional
+    prompt (``prompt_embeddings`` ``(P, D)``) and head (``head/``). See the module docstring."""
+
+    body: nn.Module
+    task: str = "lm"
+    prompt_tokens: int = 0
+    head_spec: HeadSpec | None = None
+
+    def setup(self) -> None:
+        # The body's params sit at the root, so its paths (and HF names) stay those of the base model.
+        nn.share_scope(self, self.body)
+        if self.prompt_tokens:
+            self.prompt_embeddings = self.param(
+                PROMPT_LEAF, nn.initializers.zeros, (self.prompt_tokens, self.body.cfg.hidden_size), jnp.float32)
+        if self.head_spec is not None:
+            self.head = Head(self.head_spec, self.body.cfg)
+
+    @property
+    def _is_decoder(self) -> bool:
+        return isinstance(self.body.cfg, decoder.DecoderConfig)
+
+    def hidden(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool = True,
+        token_type_ids: Array | None = None,
+    ) -> Array:
+        """Token states ``(B, T, D)`` of the body for ``input_ids`` ``(B, T)`` int32."""
+        if not self._is_decoder:
+            return self.body(input_ids, segment_ids, positions, token_type_ids, deterministic)
+        if not self.prompt_tokens:
+            return self.body.hidden(input_ids, positions, segment_ids, deterministic)
+        embeds, positions, segment_ids = prepend(self.prompt_embeddings, self.body.embed(input_ids), positions,
+                                                 segment_ids)
+        out = self.body.hidden(positions=positions, segment_ids=segment_ids, deterministic=deterministic,
+                               inputs_embeds=embeds)
+        return out[:, self.prompt_tokens:]
+
+    def logits(self, hidden: Array) -> Array:
+        """LM logits ``(..., V)`` for hidden states ``(..., D)`` (task ``lm`` only)."""
+        return self.body.logits(hidden)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        token_type_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """LM logits ``(B, T, V)``, or head outputs ``(B, num_outputs)`` in the compute dtype."""
+        hidden = self.hidden(input_ids, positions, segment_ids, deterministic, token_type_ids)
+        if self.task == "lm":
+            return self.logits(hidden)
+        spec = self.head_spec
+        hidden = self.head.transform(hidden, positions, segment_ids, deterministic)
+        if spec.pooling == "pooler":
+            features = self.body.pooled(hidden, deterministic)
+        else:
+            real = segment_ids if segment_ids is not None else jnp.ones(input_ids.shape, jnp.int32)
+            features = pool(hidden, real, spec.pooling)
+        return self.head(features, deterministic)
+
+
+@dataclasses.dataclass
+class Tuned:
+    """A pretrained model with a plan applied.
+
+    ``params``/``labels`` are same-shaped trees; ``labels`` leaves are ``"freeze"`` or a group
+    (``train``, ``lora``, ``dora``, ``prompt``, ``head``). ``config``/``hf_config``/``source``/
+    ``architecture`` describe the base checkpoint, for export. ``head_is_new`` is True when the
+    plan created the head (it is then always exported with a PEFT adapter).
+    """
+
+    module: TunedModel
+    params: Params
+    labels: dict[str, Any]
+    task: str
+    num_outputs: int
+    plan: Plan
+    config: ModelConfig
+    hf_config: dict[str, Any]
+    source: str
+    architecture: str
+    adapters: dict[tuple[str, ...], AdapterSpec]
+    head: HeadSpec | None = None
+    prompt_tokens: int = 0
+    head_is_new: bool = False
+
+    @property
+    def is_decoder(self) -> bool:
+        return isinstance(self.config, decoder.DecoderConfig)
+
+    @property
+    def hf_architecture(self) -> str | None:
+        """The transformers class this model is exactly (for export), or None for a jaxtune-only head."""
+        if self.head is None:
+            return self.architecture if self.is_decoder else "BertModel"
+        name = hf_head_name(self.head, self.config)
+        if name is None:
+            return None
+        return self.architecture.replace("ForCausalLM", "ForSequenceClassification") if self.is_decoder \
+            else "BertForSequenceClassification"
+
+
+def _split_pretrained(pretrained: Pretrained) -> tuple[ModelConfig, Params, HeadSpec | None, Params | None]:
+    """The body config and params, and the checkpoint's own head (BertForSequenceClassification)."""
+    cfg, params = pretrained.config, pretrained.params
+    if pretrained.architecture != "BertForSequenceClassification":
+        return cfg, dict(params), None, None
+    # EncoderClassifier = Encoder(use_pooler=True) + dropout + classifier: re-expressed as body + head.
+    spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
+                    pooling="pooler", dropout=cfg.hidden_dropout, bias=True)
+    return dataclasses.replace(cfg, use_pooler=True), dict(params["bert"]), spec, {"out": params["classifier"]}
+
+
+def _last(plan: Plan, action: str) -> tuple[int, Rule] | tuple[None, None]:
+    found = [(i, r) for i, r in enumerate(plan.rules) if r.action == action]
+    return found[-1] if found else (None, None)
+
+
+def apply_plan(
+    pretrained: Pretrained,
+    plan: Plan | Sequence[Mapping[str, Any]] | Mapping[str, Any],
+    rng: jax.Array | None = None,
+    *,
+    frozen_dtype: Any | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> Tuned:
+    """Apply ``plan`` to ``pretrained``: add adapters, head and prompt, label every leaf.
+
+    Args:
+      pretrained: from :func:`jaxtune.models.hf.load_pretrained` (its params are not modified).
+      plan: a :class:`Plan` or plain rule data.
+      rng: key for new leaves (LoRA A, head, prompt); default ``jax.random.key(0)``.
+      frozen_dtype: dtype for frozen float leaves (e.g. ``jnp.bfloat16``); trainable leaves are
+        always float32.
+      tokenizer: for prompt init ``text``; defaults to the tokenizer in the checkpoint directory.
+    """
+    plan = as_plan(plan)
+    rng = jax.random.key(0) if rng is None else rng
+    k_head, k_prompt, k_adapters = jax.random.split(rng, 3)
+    cfg, params, head, head_params = _split_pretrained(pretrained)
+    is_decoder = isinstance(cfg, decoder.DecoderConfig)
+
+    head_index, head_rule = _last(plan, "head")
+    if head_rule is not None:
+        head = head_spec(head_rule, cfg, "pooler" in params, plan.describe(head_index))
+        head_params = init_head(head, cfg, k_head)
+    if head is None and not is_decoder:
+        raise PlanError(f"{pretrained.architecture} has no output layer to train; add a head rule, e.g. "
+                        "{'action': 'head', 'task': 'classification', 'num_labels': 2}")
+    task = head.task if head is not None else "lm"
+    if task != "lm":
+        params.pop("lm_head", None)  # unused by a head: neither memory nor a label for it
+        params[HEAD_KEY] = head_params
+
+    prompt_index, prompt_rule = _last(plan, "prompt")
+    prompt_tokens = 0
+    if prompt_rule is not None:
+        where = plan.describe(prompt_index)
+        if not is_decoder:
+            raise PlanError(f"{where}: prompt tuning is supported for decoder models only")
+        max_length = pretrained.hf_config.get("max_position_embeddings")
+        if max_length is not None and prompt_rule.n_tokens >= max_length:
+            raise PlanError(f"{where}: {prompt_rule.n_tokens} virtual tokens leave no room for input in a model "
+                            f"of maximum length {max_length} (max_position_embeddings); use fewer tokens")
+        init = prompt_rule.init or "vocab"
+        if init == "text" and tokenizer is None:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(pretrained.source)
+        prompt_tokens = prompt_rule.n_tokens
+        params[PROMPT_LEAF] = init_prompt(params["embed_tokens"]["embedding"], prompt_tokens, init, k_prompt,
+                                          text=prompt_rule.text, tokenizer=tokenizer)
+
+    adapters = labels_lib.resolve_adapters(plan, flatten_dict(params), cfg.num_layers)
+    params = add_adapters(params, adapters, k_adapters)
+    flat_labels = labels_lib.resolve_labels(plan, flatten_dict(params), cfg.num_layers)
+    labels = unflatten_dict(flat_labels)
+    params = cast_by_label(params, labels, frozen_dtype)
+
+    body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
+    body = (decoder.Decoder if is_decoder else encoder.Encoder)(body_cfg)
+    return Tuned(
+        module=TunedModel(body, task, prompt_tokens, head),
+        params=params,
+        labels=labels,
+        task=task,
+        num_outputs=cfg.vocab_size if task == "lm" else head.num_outputs,
+        plan=plan,
+        config=body_cfg,
+        hf_config=pretrained.hf_config,
+        source=pretrained.source,
+        architecture=pretrained.architecture,
+        adapters=adapters,
+        head=head,
+        prompt_tokens=prompt_tokens,
+        head_is_new=head_rule is not None,
+    )

@@ -1,0 +1,66 @@
+"""Orbax checkpoints: restore onto another mesh, fall back from a damaged latest step."""
+
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxtune.train.checkpoint import Checkpointer
+from jaxtune.train.sharding import MeshConfig, make_mesh, param_shardings, shard
+
+
+def _state(mesh):
+    rng = np.random.RandomState(0)
+    trainable = {"layers_0": {"mlp": {"up_proj": {"kernel": jnp.asarray(rng.randn(16, 32), jnp.float32)}}},
+                 "norm": {"scale": jnp.asarray(rng.randn(16), jnp.float32)}}
+    trainable = shard(trainable, param_shardings(trainable, mesh))
+    opt = optax.adam(1e-3)
+    return trainable, jax.jit(opt.init)(trainable)
+
+
+def test_restore_onto_a_different_mesh(tmp_path):
+    big = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    trainable, opt_state = _state(big)
+    assert trainable["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    ckpt = Checkpointer(tmp_path, with_data=False)
+    ckpt.save(7, trainable, opt_state, jax.random.key(3), config={"model": "x"})
+    ckpt.close()
+
+    small = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    like_trainable, like_opt = _state(small)
+    restored = Checkpointer(tmp_path, with_data=False).restore(like_trainable, like_opt)
+    assert restored is not None
+    step, new_trainable, new_opt, rng, meta = restored
+    assert step == 7 and meta["config"] == {"model": "x"}
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(rng)), np.asarray(jax.random.key_data(jax.random.key(3))))
+    kernel = new_trainable["layers_0"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.sharding.mesh.devices.size == 1  # resharded onto the new, smaller mesh
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new_trainable, trainable)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new_opt, opt_state)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    trainable, opt_state = _state(mesh)
+    ckpt = Checkpointer(tmp_path, with_data=False)
+    ckpt.save(1, trainable, opt_state, jax.random.key(0))
+    later = jax.tree.map(lambda x: x + 1, trainable)
+    ckpt.save(2, later, opt_state, jax.random.key(0))
+    ckpt.close()
+    shutil.rmtree(tmp_path / "checkpoints" / "2" / "trainable")  # a step whose files are gone
+    with pytest.warns(UserWarning, match=r"checkpoints/2: checkpoint is incomplete or corrupt.*falling back to step 1"):
+        restored = Checkpointer(tmp_path, with_data=False).restore(trainable, opt_state)
+    step, got, _, _, _ = restored
+    assert step == 1
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, trainable)
+
+
+def test_no_checkpoint_means_a_fresh_start(tmp_path):
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    trainable, opt_state = _state(mesh)
+    assert Checkpointer(tmp_path, with_data=False).restore(trainable, opt_state) is None

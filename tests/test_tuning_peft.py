@@ -1,0 +1,197 @@
+"""Parity with the PyTorch ecosystem: PEFT loads jaxtune's adapters (LoRA, DoRA, prompt tuning,
+heads via modules_to_save) and computes jaxtune's outputs; transformers loads merged exports;
+jaxtune loads PEFT's own adapters. All fp32, within 1e-4."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax.traverse_util import flatten_dict, unflatten_dict
+from helpers import tiny_hf_model
+from test_tuning_lora import forward, randomize_adapters
+
+from jaxtune import tuning
+from jaxtune.models import hf
+from jaxtune.tuning import ExportError
+
+TOL = 1e-4
+# Right padding with pad id 0 (and no 0 inside the text), so that HF's sequence classifiers find
+# the last real token from the ids exactly as jaxtune does from the segment ids.
+MASK = np.array([[1] * 9, [1] * 6 + [0] * 3], np.int32)
+IDS = np.random.RandomState(0).randint(1, 96, MASK.shape).astype(np.int32) * MASK
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sources")
+    tiny_hf_model("LlamaForCausalLM", root / "llama", pad_token_id=0)
+    tiny_hf_model("Qwen3ForCausalLM", root / "qwen3", attention_bias=True, tie_word_embeddings=True, head_dim=16)
+    tiny_hf_model("BertModel", root / "bert")
+    return root
+
+
+def load(sources, name: str) -> hf.Pretrained:
+    return hf.load_pretrained(sources / name)
+
+
+def torch_out(model: torch.nn.Module, **inputs: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(**{k: torch.as_tensor(v) for k, v in inputs.items()}).logits.float().numpy()
+
+
+def peft_out(base: torch.nn.Module, adapter_dir) -> np.ndarray:
+    model = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+    return torch_out(model, input_ids=IDS, attention_mask=MASK)
+
+
+def assert_real_tokens_close(ours: np.ndarray, theirs: np.ndarray) -> None:
+    """Compare LM logits on real tokens (padding positions are don't-care on both sides)."""
+    real = MASK.astype(bool)
+    np.testing.assert_allclose(ours[real], theirs[real], atol=TOL, rtol=0)
+
+
+def trained(sources, name: str, plan: tuning.Plan, seed: int = 1) -> tuple[tuning.Tuned, dict]:
+    tuned = tuning.apply_plan(load(sources, name), plan)
+    params = randomize_adapters(tuned.params, seed)
+    # Trained norms too, so that modules_to_save carries a real change.
+    flat = flatten_dict(params)
+    for path, label in flatten_dict(tuned.labels).items():
+        if label == "train":
+            flat[path] = flat[path] * 1.1 + 0.01
+    return tuned, unflatten_dict(flat)
+
+
+def test_lora_with_rank_pattern_and_modules_to_save_matches_peft(sources, tmp_path):
+    plan = (tuning.lora(rank=4, alpha=8, dropout=0.1) + tuning.lora(rank=2, alpha=3, match="layers_1/mlp/down_proj",
+                                                                    dropout=0.1)
+            + tuning.train("^norm/"))
+    tuned, params = trained(sources, "llama", plan)
+    tuning.export_peft(tuned, tmp_path, params=params)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+    assert config["rank_pattern"] == {r"model\.layers\.1\.mlp\.down_proj": 2}
+    assert config["modules_to_save"] == ["model.norm"] and config["lora_dropout"] == 0.1
+    base = transformers.LlamaForCausalLM.from_pretrained(sources / "llama").eval()
+    ours = np.asarray(forward(tuned.module, params, IDS, MASK))
+    assert not np.allclose(ours, torch_out(base, input_ids=IDS, attention_mask=MASK), atol=1e-2)
+    assert_real_tokens_close(ours, peft_out(base, tmp_path))
+
+
+def test_dora_rslora_matches_peft(sources, tmp_path):
+    tuned, params = trained(sources, "qwen3", tuning.dora(rank=4, alpha=8, rslora=True, kinds=["attention"]))
+    tuning.export_peft(tuned, tmp_path, params=params)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["use_dora"] and config["use_rslora"] and len(config["target_modules"]) == 8
+    base = transformers.Qwen3ForCausalLM.from_pretrained(sources / "qwen3").eval()
+    ours = np.asarray(forward(tuned.module, params, IDS, MASK))
+    assert not np.allclose(ours, torch_out(base, input_ids=IDS, attention_mask=MASK), atol=1e-2)
+    assert_real_tokens_close(ours, peft_out(base, tmp_path))
+
+
+def test_prompt_tuning_matches_peft(sources, tmp_path):
+    tuned, params = trained(sources, "llama", tuning.prompt_tuning(5))
+    assert params["prompt_embeddings"].shape == (5, 64)
+    tuning.export_peft(tuned, tmp_path, params=params)
+    base = transformers.LlamaForCausalLM.from_pretrained(sources / "llama").eval()
+    theirs = peft_out(base, tmp_path)
+    assert theirs.shape[1] == 5 + IDS.shape[1]  # PEFT returns the virtual positions too
+    assert_real_tokens_close(np.asarray(forward(tuned.module, params, IDS, MASK)), theirs[:, 5:])
+
+
+def test_decoder_classification_head_matches_peft_modules_to_save(sources, tmp_path):
+    plan = tuning.lora(rank=4, targets=["q_proj", "v_proj"]) + tuning.head("classification", num_labels=3)
+    tuned, params = trained(sources, "llama", plan)
+    assert tuned.hf_architecture == "LlamaForSequenceClassification"
+    tuning.export_peft(tuned, tmp_path, params=params)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    base = transformers.LlamaForSequenceClassification.from_pretrained(sources / "llama", num_labels=3).eval()
+    ours = np.asarray(forward(tuned.module, params, IDS, MASK))
+    assert ours.shape == (2, 3)
+    np.testing.assert_allclose(ours, peft_out(base, tmp_path), atol=TOL, rtol=0)
+
+
+def test_bert_pooler_head_matches_peft_on_sequence_classifier(sources, tmp_path):
+    plan = tuning.lora(rank=4, targets=["query", "value"]) + tuning.head("classification", num_labels=2)
+    tuned, params = trained(sources, "bert", plan)
+    assert tuned.head.pooling == "pooler" and tuned.hf_architecture == "BertForSequenceClassification"
+    tuning.export_peft(tuned, tmp_path, params=params)
+    base = transformers.BertForSequenceClassification.from_pretrained(sources / "bert", num_labels=2).eval()
+    np.testing.assert_allclose(np.asarray(forward(tuned.module, params, IDS, MASK)), peft_out(base, tmp_path),
+                               atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["lm", "regression"])
+def test_merged_export_loads_in_transformers(task, sources, tmp_path):
+    plan = tuning.lora(rank=4, kinds=["attention"]) + tuning.dora(rank=2, kinds=["mlp"]) + tuning.train(kinds=["norms"])
+    if task == "regression":
+        plan = plan + tuning.head("regression")
+    tuned, params = trained(sources, "llama", plan)
+    out = tuning.export_merged(tuned, tmp_path, params=params)
+    cls = transformers.LlamaForCausalLM if task == "lm" else transformers.LlamaForSequenceClassification
+    reloaded = cls.from_pretrained(out).eval()
+    assert json.loads((out / "config.json").read_text())["architectures"] == [cls.__name__]
+    ours = np.asarray(forward(tuned.module, params, IDS, MASK))
+    theirs = torch_out(reloaded, input_ids=IDS, attention_mask=MASK)
+    if task == "lm":
+        assert_real_tokens_close(ours, theirs)
+    else:
+        assert reloaded.config.problem_type == "regression" and theirs.shape == (2, 1)
+        np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+
+
+ROUND_TRIPS = {
+    "lora-norm": ("llama", tuning.lora(rank=4, targets=["q_proj", "o_proj"], rslora=True) + tuning.train("^norm/")),
+    "prompt": ("llama", tuning.prompt_tuning(4)),
+    "bert-dora-head": ("bert", tuning.dora(rank=2, targets=["value"]) + tuning.head("classification", num_labels=3)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUND_TRIPS))
+def test_load_peft_round_trip_continues_training(case, sources, tmp_path):
+    name, plan = ROUND_TRIPS[case]
+    tuned, params = trained(sources, name, plan)
+    tuning.export_peft(tuned, tmp_path, params=params)
+    again = tuning.load_peft(load(sources, name), tmp_path)
+    assert flatten_dict(again.labels) == flatten_dict(tuned.labels)
+    assert again.adapters == tuned.adapters and again.head == tuned.head and again.prompt_tokens == tuned.prompt_tokens
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), again.params, params)
+
+
+def test_load_peft_reads_adapters_made_by_peft(sources, tmp_path):
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM.from_pretrained(sources / "llama").eval()
+    config = peft.LoraConfig(r=4, lora_alpha=6, target_modules=["k_proj", "up_proj"], use_dora=True,
+                             init_lora_weights=False, modules_to_save=["model.norm"],
+                             rank_pattern={"up_proj": 2})
+    model = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        model.base_model.model.model.norm.modules_to_save["default"].weight.mul_(1.5)
+    model.save_pretrained(tmp_path)
+    theirs = torch_out(model.eval(), input_ids=IDS, attention_mask=MASK)
+    tuned = tuning.load_peft(load(sources, "llama"), tmp_path)
+    assert {spec.rank for spec in tuned.adapters.values()} == {2, 4} and len(tuned.adapters) == 4
+    assert set(tuning.partition(tuned.params, tuned.labels)[0]) == {"layers_0", "layers_1", "norm"}
+    assert_real_tokens_close(np.asarray(forward(tuned.module, tuned.params, IDS, MASK)), theirs)
+
+
+def test_export_errors(sources, tmp_path):
+    llama = load(sources, "llama")
+    mean_head = tuning.apply_plan(llama, tuning.lora(rank=2) + tuning.head("regression", pooling="mean"))
+    with pytest.raises(ExportError, match="head/out: this head .*pooling 'mean'.* has no transformers equivalent"):
+        tuning.export_peft(mean_head, tmp_path)
+    with pytest.raises(ExportError, match="either LoRA/DoRA or prompt tuning"):
+        tuning.export_peft(tuning.apply_plan(llama, tuning.lora(rank=2) + tuning.prompt_tuning(2)), tmp_path)
+    both = tuning.apply_plan(llama, tuning.lora(rank=2) + tuning.train("layers_0/self_attn/q_proj/kernel"))
+    with pytest.raises(ExportError, match=r"\['layers_0/self_attn/q_proj'\] are trained directly and carry an adapter"):
+        tuning.export_peft(both, tmp_path)
+    with pytest.raises(ExportError, match="prompt tuning has no merged form"):
+        tuning.export_merged(tuning.apply_plan(llama, tuning.prompt_tuning(2)), tmp_path)
+    with pytest.raises(ExportError, match="no LoRA, DoRA or prompt adapter"):
+        tuning.export_peft(tuning.apply_plan(llama, tuning.full()), tmp_path)

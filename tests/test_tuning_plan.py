@@ -1,0 +1,179 @@
+"""Plans: data round trip, presets, labels by path/block/kind, override order, errors, partition."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from flax.traverse_util import flatten_dict
+from helpers import tiny_hf_model
+
+from jaxtune import tuning
+from jaxtune.models import hf
+from jaxtune.tuning import PlanError
+
+
+@pytest.fixture(scope="module")
+def llama4(tmp_path_factory):
+    """A 4-block Qwen3 (q/k norms inside attention) so that block ranges and kinds are visible."""
+    path = tmp_path_factory.mktemp("qwen3")
+    tiny_hf_model("Qwen3ForCausalLM", path, num_hidden_layers=4)
+    return hf.load_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory):
+    path = tmp_path_factory.mktemp("bert")
+    tiny_hf_model("BertModel", path)
+    return hf.load_pretrained(path)
+
+
+def trainable(tuned: tuning.Tuned) -> dict[str, str]:
+    return {"/".join(p): label for p, label in flatten_dict(tuned.labels).items() if label != "freeze"}
+
+
+def test_plan_is_plain_data_and_round_trips_through_yaml():
+    plan = (tuning.lora(rank=8, alpha=16, targets=["q_proj", "v_proj"], dropout=0.05)
+            + tuning.train(kinds=["norms"]) + tuning.freeze_all_but(last_n_blocks=2)
+            + tuning.prompt_tuning(4, init="text", text="Classify:") + tuning.head("regression", hidden=[32]))
+    data = plan.to_data()
+    again = tuning.Plan.from_data(yaml.safe_load(yaml.safe_dump(data)))
+    assert again == plan and again.to_data() == data
+    assert data[0] == {"action": "lora", "targets": ["q_proj", "v_proj"], "rank": 8, "alpha": 16.0,
+                       "dropout": 0.05, "rslora": False}
+    assert tuning.Plan.from_data({"rules": data}) == plan
+
+
+def test_freeze_all_but_last_blocks_trains_the_output_end(llama4):
+    tuned = tuning.apply_plan(llama4, tuning.freeze_all_but(last_n_blocks=2))
+    names = set(trainable(tuned))
+    every = {"/".join(p) for p in flatten_dict(llama4.params)}
+    assert names == {p for p in every if p.startswith(("layers_2/", "layers_3/", "norm/", "lm_head/"))}
+    assert set(trainable(tuned).values()) == {"train"}
+
+
+def test_kinds_select_module_families(llama4, bert):
+    norms = tuning.apply_plan(llama4, tuning.train(kinds=["norms"]))
+    assert set(trainable(norms)) == {"/".join(p) for p in flatten_dict(llama4.params) if p[-1] == "scale"}
+    attention = tuning.apply_plan(llama4, tuning.train(kinds=["attention"]) + tuning.freeze(kinds=["norms"]))
+    assert set(trainable(attention)) == {
+        f"layers_{i}/self_attn/{m}/kernel" for i in range(4) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    mlp = tuning.apply_plan(bert, tuning.train(kinds=["mlp"], blocks=0) + tuning.head("classification"))
+    assert set(trainable(mlp)) - {p for p in trainable(mlp) if p.startswith("head/")} == {
+        "layer_0/intermediate/dense/kernel", "layer_0/intermediate/dense/bias", "layer_0/output/dense/kernel",
+        "layer_0/output/dense/bias", "layer_0/output/LayerNorm/scale", "layer_0/output/LayerNorm/bias"}
+    embeddings = tuning.apply_plan(bert, tuning.train(kinds=["embeddings"]) + tuning.head("regression"))
+    assert {p for p in trainable(embeddings) if not p.startswith("head/")} == {
+        "embeddings/word_embeddings/embedding", "embeddings/position_embeddings/embedding",
+        "embeddings/token_type_embeddings/embedding", "embeddings/LayerNorm/scale", "embeddings/LayerNorm/bias"}
+
+
+def test_later_rules_override_earlier_ones(llama4):
+    plan = tuning.full() + tuning.freeze("layers_0") + tuning.train("layers_0/mlp/") + tuning.freeze(blocks="2:4")
+    names = set(trainable(tuning.apply_plan(llama4, plan)))
+    every = {"/".join(p) for p in flatten_dict(llama4.params)}
+    assert names == {p for p in every if not p.startswith(("layers_0/", "layers_2/", "layers_3/"))
+                     or p.startswith("layers_0/mlp/")}
+
+
+def test_the_documented_mixed_plan(llama4):
+    """LoRA on q/v + norms trained + the last block trained + a head, everything else frozen."""
+    plan = tuning.Plan.from_data([
+        {"match": "layers_(\\d+)/self_attn/(q|v)_proj", "action": "lora", "rank": 4, "alpha": 8},
+        {"match": "norm", "action": "train"},
+        {"blocks": "last:1", "action": "train"},
+        {"action": "head", "task": "classification", "num_labels": 3, "pooling": "mean"},
+    ])
+    tuned = tuning.apply_plan(llama4, plan, frozen_dtype=jnp.bfloat16)
+    labels = trainable(tuned)
+    assert tuned.task == "classification" and tuned.num_outputs == 3 and "lm_head" not in tuned.params
+    assert {p for p, g in labels.items() if g == "lora"} == {
+        f"layers_{i}/self_attn/{m}_proj/{leaf}" for i in range(4) for m in "qv" for leaf in ("lora_a", "lora_b")}
+    assert {p for p, g in labels.items() if g == "head"} == {"head/out/kernel"}  # decoder heads: no bias, as HF
+    # The last block's q/v kernels are trained directly *and* carry adapters (rule 2 overrides rule 0).
+    assert labels["layers_3/self_attn/q_proj/kernel"] == "train" and "layers_2/self_attn/q_proj/kernel" not in labels
+    assert labels["layers_1/self_attn/q_norm/scale"] == "train" and labels["norm/scale"] == "train"
+    for path, leaf in flatten_dict(tuned.params).items():
+        label = tuned.labels
+        for key in path:
+            label = label[key]
+        want = jnp.float32 if label != "freeze" or path[-1] == "lora_scale" else jnp.bfloat16
+        assert leaf.dtype == want, path
+    out = jax.jit(lambda p: tuned.module.apply({"params": p}, input_ids=np.ones((2, 5), np.int32),
+                                               segment_ids=np.array([[1] * 5, [1] * 3 + [0] * 2], np.int32)))(
+        tuned.params)
+    assert out.shape == (2, 3) and np.isfinite(np.asarray(out)).all()
+
+
+def test_partition_and_combine_are_pure_inverses(llama4):
+    tuned = tuning.apply_plan(llama4, tuning.lora(rank=2, targets=["q_proj"]) + tuning.train(kinds=["norms"]))
+    train_part, frozen_part = tuning.partition(tuned.params, tuned.labels)
+    flat_t, flat_f = flatten_dict(train_part), flatten_dict(frozen_part)
+    assert set(flat_t) == {p for p, g in flatten_dict(tuned.labels).items() if g != "freeze"}
+    assert not set(flat_t) & set(flat_f) and "embed_tokens" not in train_part  # pruned, not empty dicts
+
+    def has_empty(tree: dict) -> bool:
+        return any(isinstance(v, dict) and (not v or has_empty(v)) for v in tree.values())
+
+    assert not has_empty(train_part) and not has_empty(frozen_part)
+    rebuilt = jax.jit(tuning.combine)(train_part, frozen_part)
+    assert jax.tree.structure(rebuilt) == jax.tree.structure(tuned.params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), rebuilt, tuned.params)
+    with pytest.raises(ValueError, match="labels do not match params"):
+        tuning.partition(tuned.params, {"embed_tokens": {"embedding": "train"}})
+
+
+def test_summary_line(llama4):
+    tuned = tuning.apply_plan(llama4, tuning.lora(rank=2, targets=["q_proj"]) + tuning.train("^norm/"),
+                              frozen_dtype=jnp.bfloat16)
+    assert llama4.params["layers_0"]["self_attn"]["q_proj"]["kernel"].shape == (64, 512)  # Qwen3 head_dim 128
+    lora = 4 * (64 * 2 + 2 * 512)  # 4 blocks x (A + B) of rank 2
+    total_base = tuning.count(llama4.params)
+    frozen_n = total_base - 64 + 4  # all base leaves but the final norm, plus 4 scalar lora_scale
+    frozen_bytes = (total_base - 64) * 2 + 4 * 4
+    expected = (f"trainable {(lora + 64) / 1000:.1f}K ({(lora + 64) * 4 / 1000:.1f} KB fp32) "
+                f"[train 64, lora {lora / 1000:.1f}K] | frozen {frozen_n / 1000:.1f}K "
+                f"({frozen_bytes / 1000:.1f} KB bf16/fp32)")
+    assert tuning.summary(tuned.params, tuned.labels) == expected
+
+
+ERRORS = {
+    "matches nothing": ([{"action": "train", "match": "norm"}, {"action": "train", "match": "attn_qq"}],
+                        r"plan rule #1 \{'action': 'train', 'match': 'attn_qq'\} matches no parameter; "
+                        r"some real paths: embed_tokens/embedding, lm_head/kernel, norm/scale, layers_0/"),
+    "rank 0": ([{"action": "lora", "rank": 0}], r"plan rule #0 .*rank must be a positive integer, got 0"),
+    "unknown target": ([{"action": "lora", "targets": ["q_proj", "qkv"]}],
+                       r"unknown target module 'qkv'; linear modules in this model: down_proj, gate_proj, "
+                       r"k_proj, lm_head, o_proj, q_proj, up_proj, v_proj"),
+    "prompt too long": ([{"action": "prompt", "n_tokens": 256}],
+                        r"256 virtual tokens leave no room .* maximum length 256"),
+    "unknown action": ([{"action": "adapt"}], r"plan rule #0 .*unknown action 'adapt'"),
+    "unknown option": ([{"action": "train", "rnak": 3}], r"plan rule #0 .*unknown option\(s\) rnak"),
+    "option of another action": ([{"action": "train", "rank": 3}],
+                                 r"option\(s\) rank do not apply to action 'train'"),
+    "dropout conflict": ([{"action": "lora", "targets": ["q_proj"], "dropout": 0.1},
+                          {"action": "dora", "targets": ["v_proj"], "dropout": 0.2}],
+                         r"plan rule #0 .* and plan rule #1 .* adapter dropout 0.1 and 0.2"),
+    "blocks out of range": ([{"action": "train", "blocks": "last:5"}], r"blocks 'last:5': the model has only 4"),
+    "lora on no linear": ([{"action": "lora", "match": "norm"}], r"selects no linear module"),
+    "pooler on a decoder": ([{"action": "head", "task": "regression", "pooling": "pooler"}],
+                            r"pooling 'pooler' needs a BERT pooler"),
+    "text without text": ([{"action": "prompt", "n_tokens": 2, "init": "text"}], r"init 'text' needs the option text"),
+    "bad regex": ([{"action": "freeze", "match": "layers_("}], r"not a valid regular expression"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERRORS))
+def test_plan_errors_are_clear(case, llama4):
+    data, message = ERRORS[case]
+    with pytest.raises(PlanError, match=message):
+        tuning.apply_plan(llama4, data)
+
+
+def test_encoder_needs_a_head_and_no_prompt(bert):
+    with pytest.raises(PlanError, match="BertModel has no output layer to train; add a head rule"):
+        tuning.apply_plan(bert, tuning.lora(rank=2))
+    with pytest.raises(PlanError, match="prompt tuning is supported for decoder models only"):
+        tuning.apply_plan(bert, tuning.prompt_tuning(2) + tuning.head("regression"))
