@@ -1,0 +1,306 @@
+"""Training throughput: jaxtune vs Hugging Face transformers + PEFT, side by side in one run.
+
+    python benchmarks/throughput.py --mode cpu     # tiny Llama, 2-core CPU, ~5 minutes
+    python benchmarks/throughput.py --mode gpu     # Llama-3 1B/8B shapes, seq 2048, bf16 (H100)
+    python benchmarks/throughput.py --smoke        # seconds: checks that the script works
+
+Each workload (a model shape x a method) runs in its own subprocess so peak-memory counters
+belong to it alone; inside it both sides train the same shape on the same tokens per step,
+after warm-up, in alternating rounds, and the median round is reported. Per side: non-pad
+tokens/s, MFU (model FLOPs from jaxtune.train.flops: 6N full / ~4N LoRA + causal attention,
+against the device peak), peak device memory (JAX ``peak_bytes_in_use`` vs
+``torch.cuda.max_memory_allocated``; not measured on CPU) and the first step's time (compile
+included). Outputs: a markdown table on stdout, ``--out`` JSON with the full setup, and a PNG.
+
+Same work on both sides: a random-initialised Llama, rows of ``seq`` real tokens (jaxtune
+additionally honours document boundaries: each row packs two documents), causal-LM loss,
+AdamW; LoRA r16 alpha 32 on all linear layers, or full fine-tuning. Precision: fp32 on CPU;
+on GPU bf16 compute with fp32 trainable weights on both sides (jaxtune: frozen base in bf16;
+torch: base in bf16 for LoRA, fp32 master + autocast for full fine-tuning).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "smoke": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2),
+    "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4),
+    "llama3-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=64, tie_word_embeddings=True,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+    "llama3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                      rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}),
+}
+MODES: dict[str, list[dict[str, Any]]] = {
+    "smoke": [dict(shape="smoke", method="lora", seq=32, batch=2), dict(shape="smoke", method="full", seq=32, batch=2)],
+    "cpu": [dict(shape="tiny", method="lora", seq=256, batch=4), dict(shape="tiny", method="full", seq=256, batch=4)],
+    "gpu": [dict(shape="llama3-1b", method="lora", seq=2048, batch=8),
+            dict(shape="llama3-1b", method="full", seq=2048, batch=8),
+            dict(shape="llama3-8b", method="lora", seq=2048, batch=2, remat="block")],
+}
+
+
+# ----------------------------------------------------------------------------- one workload (subprocess)
+
+
+def _tokens(batch: int, seq: int, vocab: int, seed: int = 0):
+    import numpy as np
+
+    rng = np.random.RandomState(seed)
+    return rng.randint(0, vocab, (batch, seq)).astype(np.int32)
+
+
+def _jax_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool) -> dict[str, Any]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxtune import tuning
+    from jaxtune.models import hf
+    from jaxtune.train import flops
+    from jaxtune.train.optim import OptimizerConfig, build_optimizer
+    from jaxtune.train.step import make_loss_fn, make_train_step
+    from jaxtune.tuning.partition import partition
+
+    compute = "bfloat16" if gpu else "float32"
+    arch, cfg, module = hf.build(hf_config, dtype=compute, param_dtype=compute, remat=work.get("remat", "none"))
+    params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    plan = tuning.lora(rank=16, alpha=32) if work["method"] == "lora" else tuning.full()
+    tuned = tuning.apply_plan(hf.Pretrained(cfg, module, params, hf_config, "random", arch), plan,
+                              frozen_dtype=jnp.bfloat16 if gpu else None)
+    del params
+    trainable, frozen = partition(tuned.params, tuned.labels)
+    optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-5, weight_decay=0.0, schedule="constant"), 1000)
+    step = jax.jit(make_train_step(make_loss_fn(tuned.module, "lm"), optimizer), donate_argnums=(0, 2))
+    opt_state = optimizer.init(trainable)
+    b, t = work["batch"], work["seq"]
+    ids = _tokens(b, t, hf_config["vocab_size"])
+    half = t // 2  # two packed documents per row
+    segment = np.where(np.arange(t) < half, 1, 2).astype(np.int32)
+    positions = np.where(np.arange(t) < half, np.arange(t), np.arange(t) - half).astype(np.int32)
+    weights = np.ones((b, t), np.float32)
+    weights[:, [half - 1, t - 1]] = 0
+    batch = jax.device_put({"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_weights": weights,
+                            "segment_ids": np.broadcast_to(segment, (b, t)).copy(),
+                            "positions": np.broadcast_to(positions, (b, t)).copy()})
+    state = {"trainable": trainable, "opt": opt_state}
+
+    def run(n: int) -> float:
+        start = time.perf_counter()
+        for i in range(n):
+            state["trainable"], state["opt"], metrics = step(state["trainable"], frozen, state["opt"], batch,
+                                                             jax.random.key(i))
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - start
+
+    first = run(1)
+    n_matmul, n_trainable = flops.matmul_params(tuned.params, tuned.labels)
+    stats = jax.devices()[0].memory_stats() or {}
+    return {"run": run, "first_step_s": first, "n_matmul": n_matmul, "n_trainable": n_trainable,
+            "peak_memory": lambda: (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use"),
+            "device": jax.devices()[0].device_kind, "memory_before": stats.get("bytes_in_use")}
+
+
+def _torch_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool, compile_: bool) -> dict[str, Any]:
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+
+    device = "cuda" if gpu else "cpu"
+    config = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "architectures"})
+    config._attn_implementation = "sdpa"
+    lora = work["method"] == "lora"
+    dtype = torch.bfloat16 if gpu and lora else torch.float32
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    if work.get("remat") == "block":
+        model.gradient_checkpointing_enable()
+    if lora:
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))  # adapters kept in fp32 by peft
+    model.train()
+    if compile_:
+        model = torch.compile(model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=gpu)
+    ids = torch.as_tensor(_tokens(work["batch"], work["seq"], hf_config["vocab_size"]), device=device).long()
+
+    def sync() -> None:
+        if gpu:
+            torch.cuda.synchronize()
+
+    def run(n: int) -> float:
+        sync()
+        start = time.perf_counter()
+        for _ in range(n):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        sync()
+        return time.perf_counter() - start
+
+    if gpu:
+        torch.cuda.reset_peak_memory_stats()
+    first = run(1)
+    return {"run": run, "first_step_s": first,
+            "peak_memory": (lambda: torch.cuda.max_memory_allocated()) if gpu else (lambda: None)}
+
+
+def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, compile_: bool) -> dict[str, Any]:
+    """Both sides of one workload in this process, alternating rounds; returns the record."""
+    gpu = work.get("gpu", False)
+    import torch
+
+    from jaxtune.train import flops
+
+    torch.set_num_threads(threads)
+    hf_config = {**SHAPES[work["shape"]], "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                 "max_position_embeddings": max(4096, work["seq"])}
+    sides = {"jaxtune": _jax_side(work, hf_config, gpu), "hf+peft": _torch_side(work, hf_config, gpu, False)}
+    if compile_:
+        sides["hf+peft+compile"] = _torch_side(work, hf_config, gpu, True)
+    for side in sides.values():  # warm-up beyond the first step (allocator, autotuning)
+        side["run"](2)
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, side in sides.items():
+            times[name].append(side["run"](steps) / steps)
+    tokens = work["batch"] * work["seq"]
+    jax_side = sides["jaxtune"]
+    model_flops = flops.train_flops_per_token(
+        jax_side["n_matmul"], jax_side["n_trainable"], layers=hf_config["num_hidden_layers"],
+        attn_width=hf_config["num_attention_heads"] * hf_config.get("head_dim", hf_config["hidden_size"]
+                                                                     // hf_config["num_attention_heads"]),
+        seq_len=work["seq"] // 2)  # attention spans one packed document
+    peak = flops.peak_flops(dtype="bfloat16" if gpu else "float32")
+    result = {"workload": work, "device": jax_side["device"], "tokens_per_step": tokens,
+              "flops_per_token": model_flops, "sides": {}}
+    for name, side in sides.items():
+        step_s = statistics.median(times[name])
+        tps = tokens / step_s
+        result["sides"][name] = {"tokens_per_s": tps, "step_s": step_s, "all_step_s": times[name],
+                                 "mfu": tps * model_flops / peak if peak else None,
+                                 "peak_memory_bytes": side["peak_memory"](), "first_step_s": side["first_step_s"]}
+    base = result["sides"]["hf+peft"]["tokens_per_s"]
+    for name in result["sides"]:
+        result["sides"][name]["speedup_vs_hf"] = result["sides"][name]["tokens_per_s"] / base
+    return result
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
+def table(results: list[dict[str, Any]]) -> str:
+    rows = ["| workload | side | tokens/s | vs HF+PEFT | MFU | peak memory | first step |",
+            "|---|---|---|---|---|---|---|"]
+    for r in results:
+        w = r["workload"]
+        name = f"{w['shape']} {w['method']} b{w['batch']}x{w['seq']}"
+        for side, s in r["sides"].items():
+            mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] else "n/a"
+            mem = f"{s['peak_memory_bytes'] / 2**30:.2f} GiB" if s["peak_memory_bytes"] else "n/a"
+            rows.append(f"| {name} | {side} | {s['tokens_per_s']:.0f} | {s['speedup_vs_hf']:.2f}x | {mfu} | {mem} | "
+                        f"{s['first_step_s']:.1f} s |")
+    return "\n".join(rows)
+
+
+def chart(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['workload']['shape']}\n{r['workload']['method']}" for r in results]
+    sides = list(results[0]["sides"])
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(results), 3.6))
+    width = 0.8 / len(sides)
+    for i, side in enumerate(sides):
+        ax.bar([x + i * width for x in range(len(results))], [r["sides"][side]["tokens_per_s"] for r in results],
+               width, label=side)
+    ax.set_xticks([x + width * (len(sides) - 1) / 2 for x in range(len(results))], labels)
+    ax.set_ylabel("training tokens / s")
+    ax.set_title(f"jaxtune vs HF+PEFT on {results[0]['device']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--mode", choices=sorted(MODES), default="cpu")
+    ap.add_argument("--smoke", action="store_true", help="same as --mode smoke")
+    ap.add_argument("--rounds", type=int, default=None, help="alternating timed rounds per side")
+    ap.add_argument("--steps", type=int, default=None, help="steps per round")
+    ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for each side")
+    ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile'd HF+PEFT")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-MODE.json)")
+    ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # internal: run one, print JSON
+    args = ap.parse_args()
+    mode = "smoke" if args.smoke else args.mode
+    rounds = args.rounds or (1 if mode == "smoke" else 5)
+    steps = args.steps or (1 if mode == "smoke" else 3)
+    if args.workload is not None:
+        work = json.loads(args.workload)
+        print("RESULT " + json.dumps(run_workload(work, rounds, steps, args.threads, args.torch_compile)))
+        return
+    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("XLA_FLAGS", None)  # one device per side, whatever the caller's test set-up
+    results = []
+    for work in MODES[mode]:
+        work = {**work, "gpu": mode == "gpu"}
+        cmd = [sys.executable, __file__, "--workload", json.dumps(work), "--rounds", str(rounds), "--steps",
+               str(steps), "--threads", str(args.threads)] + (["--torch-compile"] if args.torch_compile else [])
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            sys.exit(f"workload {work} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(line[len("RESULT "):]))
+        print(f"done {work['shape']} {work['method']}", file=sys.stderr)
+    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "mode": mode,
+              "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores",
+              "threads_per_side": args.threads, "rounds": rounds, "steps_per_round": steps,
+              "versions": _versions(), "shapes": {w["shape"]: SHAPES[w["shape"]] for w in MODES[mode]},
+              "results": results}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / f"throughput-{mode}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    chart(results, out.with_suffix(".png"))
+    print(table(results))
+    print(f"\n{record['date']}, {record['machine']}, {results[0]['device']}; JSON {out}, chart {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
