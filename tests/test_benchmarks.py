@@ -35,3 +35,10 @@ def test_step_overhead_benchmark_smoke():
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads(proc.stdout[proc.stdout.index("{"):])
     assert record["bare_step_ms"] > 0 and record["trainer_step_ms"] > 0
+
+
+@pytest.mark.slow
+def test_data_throughput_benchmark_smoke():
+    proc = _run(str(BENCH / "data_throughput.py"), "--smoke", "--tokenizer", "tiny")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "tokens/s" in proc.stdout + proc.stderr
