@@ -31,7 +31,7 @@ from jaxtune.train.evaluate import HIGHER_IS_BETTER, evaluate
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.sharding import data_parallel_size, global_batch, make_mesh, param_shardings, shard
 from jaxtune.train.step import make_eval_step, make_loss_fn, make_train_step
-from jaxtune.tuning.partition import partition
+from jaxtune.tuning.partition import combine, partition
 
 Callback = Callable[["Trainer", int, dict[str, float]], None]
 
@@ -144,6 +144,11 @@ class Trainer:
         self._main = jax.process_index() == 0  # only one process writes logs and status
         self._peak_flops = flops.peak_flops(dtype=getattr(model_cfg, "dtype", "float32"))
         self._flops_per_token: float | None = None
+
+    @property
+    def params(self) -> Any:
+        """The full current param tree (trained leaves combined with the frozen ones), for export."""
+        return combine(self.trainable, self.frozen)
 
     # ------------------------------------------------------------------ helpers
 
