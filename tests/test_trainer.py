@@ -78,6 +78,9 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     assert (tmp_path / "best").exists() and result.best["step"] in (6, 12)
     assert list((tmp_path / "tensorboard").iterdir())
     assert trainer.checkpointer.steps() == [12]
+    meta = json.loads((tmp_path / "checkpoints" / "12" / "meta" / "metadata").read_text())
+    assert meta["config"]["base_model"] == str(model_dir)  # the frozen base is referenced, not copied
+    assert not list((tmp_path / "checkpoints" / "12").glob("frozen*"))
 
 
 def test_early_stopping_on_a_metric_that_stops_improving(setup, tmp_path):

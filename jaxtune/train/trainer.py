@@ -217,8 +217,10 @@ class Trainer:
         self._write_status("running")
 
         def save(metrics: dict[str, Any]) -> None:
+            # The frozen base is not in the checkpoint: its source is, so resuming re-reads it.
+            config = {"base_model": getattr(self.tuned, "source", None), **self.resolved_config}
             self.checkpointer.save(self.step, self.trainable, self.opt_state, self.rng, data_iterator=iterator,
-                                   config=self.resolved_config,
+                                   config=config,
                                    metrics={"best_value": best_value, "best_step": best_step, "bad_evals": bad_evals,
                                             **metrics})
 

@@ -1,0 +1,338 @@
+"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), stop tokens,
+batches of prompts of different lengths, and chat templates.
+
+::
+
+    model = hf.load_pretrained(path)
+    new_ids = generate(model.module, model.params, [[1, 2, 3], [4, 5]], max_new_tokens=20)
+    texts = generate_text(model.module, model.params, tokenizer, [[{"role": "user", "content": "Hi"}]],
+                          chat=True, max_new_tokens=64, temperature=0.7, top_p=0.9)
+
+How a batch runs: the prompts are left-padded to one length ``T``, so every row's next token
+goes to the same cache slot and no row's tokens move. One jitted prefill writes the prompts into
+a :class:`~jaxtune.models.decoder.KVCache` of ``max_length`` slots and gives the first logits;
+one jitted ``lax.while_loop`` then adds a token per step until ``max_new_tokens`` or until every
+row has met a stop token. Padding is masked, so a prompt gives the same tokens alone or in a batch
+(greedy; a sampled row's draws depend on the seed, its row index and the step only).
+
+Compilation: ``T`` is rounded up to a multiple of :data:`BUCKET` and the default ``max_length``
+too, so similar requests share compiled code. The loop compiles once per (module, batch,
+``max_length``, greedy or sampled, filtered or not); temperature, top-k, top-p, stop tokens,
+``max_new_tokens`` and the seed are traced values, so changing them does not recompile.
+
+The module is a :class:`~jaxtune.models.decoder.Decoder`, or a wrapper that holds one as
+``.body`` with the body's params at the root of ``params`` and ``task == "lm"`` (e.g.
+``jaxtune.tuning.TunedModel``, which this layer must not import). Adapter leaves (LoRA/DoRA) are
+evaluated in place, so an adapted tree generates without merging; a prompt-tuned wrapper's
+virtual tokens (``prompt_embeddings`` ``(P, D)``) are put before each prompt, at positions
+``0..P-1``, as in training.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.models.decoder import Decoder, KVCache, init_cache
+from jaxtune.models.layers import Array
+
+Params = dict[str, Any]
+Chat = Sequence[Mapping[str, Any]]  # [{"role": "user", "content": "..."}, ...]
+
+BUCKET = 32  # prompt and cache lengths are rounded up to a multiple of this (fewer compilations)
+PROMPT_LEAF = "prompt_embeddings"  # jaxtune.tuning.labels.PROMPT_LEAF (models may not import tuning)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def filter_logits(logits: Array, top_k: Array, top_p: Array) -> Array:
+    """Keep each row's ``top_k`` most likely tokens, then the fewest of those whose probability
+    reaches ``top_p``; the rest become ``-inf``. The order and the tie rule (a token is kept
+    while the tokens above it have less than ``top_p``) are those of transformers' warpers.
+
+    Shapes: ``logits`` ``(B, V)`` float32, ``top_k`` ``()`` int32 in ``1..V``, ``top_p`` ``()``
+    float32 in ``(0, 1]`` -> ``(B, V)`` float32. Tokens tied with the last kept one are kept too.
+    """
+    ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+    rank = jnp.arange(logits.shape[-1])
+    in_top_k = rank < top_k
+    probs = jax.nn.softmax(jnp.where(in_top_k, ordered, -jnp.inf), axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
+    keep = in_top_k & ((above < top_p) | (rank == 0))
+    cutoff = jnp.min(jnp.where(keep, ordered, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def _pick(logits: Array, key: Array, step: Array, temperature: Array, top_k: Array, top_p: Array,
+          greedy: bool, filtered: bool) -> Array:
+    """The next token ``(B,)`` int32 for logits ``(B, V)``: argmax, or a draw keyed by (key, step, row)."""
+    logits = logits.astype(jnp.float32)
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if filtered:
+        logits = filter_logits(logits, top_k, top_p)
+    step_key = jax.random.fold_in(key, step)
+    # One key per row, so that a row's draws do not depend on what else is in the batch.
+    keys = jax.vmap(lambda row: jax.random.fold_in(step_key, row))(jnp.arange(logits.shape[0]))
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------- compiled parts
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_length"))
+def _prefill(model: Decoder, params: Params, ids: Array, virtual: Array, start: Array, prompt: Array | None,
+             *, max_length: int) -> tuple[Array, KVCache]:
+    """Run the left-padded prompts ``ids`` ``(B, T)`` int32 into a fresh cache of ``max_length`` slots.
+
+    ``virtual`` ``(B, T)`` int32 is the prompt-tuning token at each slot (-1: a token from
+    ``ids``); ``prompt`` ``(P, D)`` or None. Returns the last slot's logits ``(B, V)`` float32
+    and the cache.
+    """
+    variables = {"params": params}
+    embeds = model.apply(variables, ids, method="embed")
+    if prompt is not None:
+        virtual_embeds = jnp.take(prompt.astype(embeds.dtype), jnp.maximum(virtual, 0), axis=0)
+        embeds = jnp.where((virtual >= 0)[..., None], virtual_embeds, embeds)
+    positions = jnp.maximum(jnp.arange(ids.shape[1], dtype=jnp.int32)[None] - start[:, None], 0)
+    cache = init_cache(model.cfg, ids.shape[0], max_length, start)
+    hidden, cache = model.apply(variables, None, positions, cache, embeds, method="decode")
+    return model.apply(variables, hidden[:, -1], method="logits").astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "greedy", "filtered"), donate_argnames=("cache",))
+def _decode_loop(model: Decoder, params: Params, cache: KVCache, logits: Array, key: Array, max_new_tokens: Array,
+                 stop_ids: Array, temperature: Array, top_k: Array, top_p: Array, *, greedy: bool,
+                 filtered: bool) -> tuple[Array, KVCache]:
+    """Generate up to ``max_new_tokens`` tokens after the prefill's ``logits`` ``(B, V)``.
+
+    Returns ``(B, S)`` int32 (``S`` = cache length): the new tokens in ``[:, :max_new_tokens]``;
+    after a row's first stop token (``stop_ids`` ``(n,)``) its tokens are meaningless. Also
+    returns the final cache: an output the donated cache can alias, so the loop updates it in
+    place instead of copying it first.
+    """
+    variables = {"params": params}
+    pick = functools.partial(_pick, key=key, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                             filtered=filtered)
+    first = pick(logits, step=0)
+    out = jnp.zeros((logits.shape[0], cache.k[0].shape[1]), jnp.int32).at[:, 0].set(first)
+
+    def running(state: tuple) -> Array:
+        step, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def advance(state: tuple) -> tuple:
+        step, token, done, out, cache = state
+        positions = (cache.index - cache.start)[:, None]
+        hidden, cache = model.apply(variables, token[:, None], positions, cache, method="decode")
+        token = pick(model.apply(variables, hidden[:, 0], method="logits"), step=step)
+        return step + 1, token, done | jnp.isin(token, stop_ids), out.at[:, step].set(token), cache
+
+    state = (jnp.int32(1), first, jnp.isin(first, stop_ids), out, cache)
+    _, _, _, out, cache = jax.lax.while_loop(running, advance, state)
+    return out, cache
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def _decoder_and_prompt(module: Any, params: Params) -> tuple[Decoder, Array | None]:
+    """The decoder that generates, and the prompt-tuning embeddings ``(P, D)`` if the module has any."""
+    if isinstance(module, Decoder):
+        return module, None
+    body = getattr(module, "body", None)
+    if not isinstance(body, Decoder):
+        raise TypeError(f"generate needs a decoder language model (a jaxtune Decoder, or a tuned one); "
+                        f"got {type(module).__name__}")
+    task = getattr(module, "task", "lm")
+    if task != "lm":
+        raise ValueError(f"generate needs a language model; this tuned model has a {task!r} head")
+    if not getattr(module, "prompt_tokens", 0):
+        return body, None
+    if PROMPT_LEAF not in params:
+        raise ValueError(f"the module is prompt-tuned but params have no {PROMPT_LEAF!r} leaf")
+    return body, params[PROMPT_LEAF]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return multiple * math.ceil(n / multiple)
+
+
+def generate(
+    module: Any,
+    params: Params,
+    prompt_ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_token_ids: Sequence[int] = (),
+    seed: int = 0,
+    max_length: int | None = None,
+) -> list[list[int]]:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+      module: a :class:`~jaxtune.models.decoder.Decoder` (``Pretrained.module``) or a tuned
+        language model (``Tuned.module``, task ``lm``); see the module docstring.
+      params: its param tree (adapter leaves allowed; any dtype).
+      prompt_ids: one list of token ids per prompt, of any lengths (ids already include BOS and
+        chat markup as the model expects).
+      max_new_tokens: the most tokens to add to each prompt.
+      temperature: 0 picks the most likely token (greedy); above 0 samples from
+        ``softmax(logits / temperature)``.
+      top_k: when sampling, draw only from the ``top_k`` most likely tokens.
+      top_p: when sampling, draw only from the fewest most likely tokens whose probability
+        reaches ``top_p`` (nucleus sampling; applied after ``top_k``, as transformers does).
+      stop_token_ids: a row ends at the first of these it generates; the stop token is **not**
+        included in the result.
+      seed: the sampling seed (same seed, same prompts, same settings: same tokens).
+      max_length: cache slots per row (prompt + new tokens, virtual prompt-tuning tokens
+        included); fix it to compile once for many calls. Default: the longest prompt plus
+        ``max_new_tokens``, rounded up to a multiple of :data:`BUCKET`.
+
+    Returns:
+      The new tokens of each prompt, in order, without the stop token.
+    """
+    decoder, prompt = _decoder_and_prompt(module, params)
+    virtual_tokens = 0 if prompt is None else prompt.shape[0]
+    vocab = decoder.cfg.vocab_size
+    prompts = [[int(t) for t in p] for p in prompt_ids]
+    _check_request(prompts, virtual_tokens, vocab, max_new_tokens, temperature, top_k, top_p, stop_token_ids)
+    if max_new_tokens == 0:
+        return [[] for _ in prompts]
+
+    longest = max(len(p) for p in prompts) + virtual_tokens
+    if max_length is None:
+        max_length = _round_up(longest + max_new_tokens, BUCKET)
+    elif longest + max_new_tokens > max_length:
+        raise ValueError(f"max_length {max_length} is too short for a prompt of {longest} tokens"
+                         f"{' (with virtual tokens)' if virtual_tokens else ''} plus max_new_tokens {max_new_tokens}")
+    width = min(_round_up(longest, BUCKET), max_length - max_new_tokens)
+    ids, virtual, start = _left_pad(prompts, virtual_tokens, width)
+
+    logits, cache = _prefill(decoder, params, ids, virtual, start, prompt, max_length=max_length)
+    sampled = temperature > 0
+    out, _ = _decode_loop(
+        decoder, params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
+        jnp.asarray(list(stop_token_ids) or [-1], jnp.int32), jnp.float32(temperature if sampled else 1.0),
+        jnp.int32(top_k or vocab), jnp.float32(top_p or 1.0),
+        greedy=not sampled, filtered=sampled and (top_k is not None or top_p is not None),
+    )
+    return [_until_stop(row[:max_new_tokens], stop_token_ids) for row in np.asarray(out).tolist()]
+
+
+def _check_request(prompts: list[list[int]], virtual_tokens: int, vocab: int, max_new_tokens: int,
+                   temperature: float, top_k: int | None, top_p: float | None, stop_token_ids: Sequence[int]) -> None:
+    """Fail before compiling, naming the bad argument."""
+    if not prompts:
+        raise ValueError("prompt_ids is empty: give one list of token ids per prompt")
+    for i, p in enumerate(prompts):
+        if not p and not virtual_tokens:
+            raise ValueError(f"prompt {i} has no tokens; a model needs at least one (e.g. BOS) to continue from")
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt {i} has token id(s) {bad[:5]} outside the vocabulary 0..{vocab - 1}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and not 1 <= top_k:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if any(not 0 <= t < vocab for t in stop_token_ids):
+        raise ValueError(f"stop_token_ids {list(stop_token_ids)} reach outside the vocabulary 0..{vocab - 1}")
+
+
+def _left_pad(prompts: list[list[int]], virtual_tokens: int, width: int) -> tuple[Array, Array, Array]:
+    """Each row as ``[padding, virtual tokens, prompt]`` of ``width`` slots: token ids ``(B, W)``
+    (0 where padding or virtual), virtual-token index ``(B, W)`` (-1 elsewhere) and the first
+    real slot ``(B,)``, all int32."""
+    ids = np.zeros((len(prompts), width), np.int32)
+    virtual = np.full((len(prompts), width), -1, np.int32)
+    start = np.array([width - len(p) - virtual_tokens for p in prompts], np.int32)
+    for row, (p, s) in enumerate(zip(prompts, start)):
+        virtual[row, s:s + virtual_tokens] = np.arange(virtual_tokens)
+        ids[row, s + virtual_tokens:] = p
+    return jnp.asarray(ids), jnp.asarray(virtual), jnp.asarray(start)
+
+
+def _until_stop(tokens: list[int], stop_token_ids: Sequence[int]) -> list[int]:
+    stops = set(stop_token_ids)
+    return next((tokens[:i] for i, t in enumerate(tokens) if t in stops), tokens)
+
+
+# ----------------------------------------------------------------------------- text in, text out
+
+
+def default_stop_token_ids(tokenizer: Any, model_dir: str | Path | None = None) -> tuple[int, ...]:
+    """The tokenizer's EOS id and the ``eos_token_id`` (one or a list) of ``generation_config.json``
+    in ``model_dir`` (default: the tokenizer's own directory), in that order, without repeats."""
+    ids = [tokenizer.eos_token_id]
+    directory = model_dir if model_dir is not None else getattr(tokenizer, "name_or_path", "")
+    config = Path(directory) / "generation_config.json"
+    if directory and config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Chat], *, chat: bool) -> list[list[int]]:
+    """Token ids of plain prompts (with the tokenizer's special tokens, e.g. BOS), or of chats
+    rendered by the tokenizer's chat template with the assistant turn opened
+    (``add_generation_prompt=True``; the template writes any BOS itself)."""
+    if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], Mapping)):
+        raise TypeError("prompts must be a list of prompts (strings) or of chats (lists of messages), "
+                        "not a single one: wrap it in a list")
+    if not chat:
+        return [list(tokenizer(p)["input_ids"]) for p in prompts]
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; "
+                         "generate from plain prompts instead (chat=False)")
+    texts = [tokenizer.apply_chat_template(list(c), add_generation_prompt=True, tokenize=False) for c in prompts]
+    return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+
+
+def generate_text(
+    module: Any,
+    params: Params,
+    tokenizer: Any,
+    prompts: Sequence[str] | Sequence[Chat],
+    *,
+    chat: bool = False,
+    stop_token_ids: Sequence[int] | None = None,
+    model_dir: str | Path | None = None,
+    skip_special_tokens: bool = True,
+    **kwargs: Any,
+) -> list[str]:
+    """Generate a text continuation of each prompt, or an assistant reply to each chat.
+
+    Args:
+      module, params: as for :func:`generate`.
+      tokenizer: a transformers tokenizer of the model.
+      prompts: strings, or with ``chat=True`` chats (lists of ``{"role", "content"}`` messages).
+      chat: apply the tokenizer's chat template (see :func:`encode_prompts`).
+      stop_token_ids: default :func:`default_stop_token_ids` of ``tokenizer`` and ``model_dir``.
+      skip_special_tokens: drop special tokens when decoding the new tokens.
+      kwargs: the sampling arguments of :func:`generate` (``max_new_tokens`` is required).
+
+    Returns:
+      The decoded new text of each prompt (without the stop token).
+    """
+    ids = encode_prompts(tokenizer, prompts, chat=chat)
+    if stop_token_ids is None:
+        stop_token_ids = default_stop_token_ids(tokenizer, model_dir)
+    new = generate(module, params, ids, stop_token_ids=stop_token_ids, **kwargs)
+    return [tokenizer.decode(n, skip_special_tokens=skip_special_tokens) for n in new]
