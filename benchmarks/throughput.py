@@ -4,9 +4,10 @@
     python benchmarks/throughput.py --mode gpu     # Llama-3 1B/8B shapes, seq 2048, bf16 (H100)
     python benchmarks/throughput.py --smoke        # seconds: checks that the script works
 
-Each workload (a model shape x a method) runs in its own subprocess so peak-memory counters
-belong to it alone; inside it both sides train the same shape on the same tokens per step,
-after warm-up, in alternating rounds, and the median round is reported. Per side: non-pad
+Each side of each workload runs in its own long-lived worker process (so peak-memory counters
+are its own, and the two runtimes' thread pools never compete: measured here, PyTorch in a
+process that also holds JAX ran 3.6x slower). The driver alternates timed rounds between the
+workers, which wait idle on a pipe while the other side runs; the median round is reported. Per side: non-pad
 tokens/s, MFU (model FLOPs from jaxtune.train.flops: 6N full / ~4N LoRA + causal attention,
 against the device peak), peak device memory (JAX ``peak_bytes_in_use`` vs
 ``torch.cuda.max_memory_allocated``; not measured on CPU) and the first step's time (compile
@@ -167,43 +168,93 @@ def _torch_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool, comp
             "peak_memory": (lambda: torch.cuda.max_memory_allocated()) if gpu else (lambda: None)}
 
 
-def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, compile_: bool) -> dict[str, Any]:
-    """Both sides of one workload in this process, alternating rounds; returns the record."""
+def _hf_config(work: dict[str, Any]) -> dict[str, Any]:
+    return {**SHAPES[work["shape"]], "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "max_position_embeddings": max(4096, work["seq"])}
+
+
+def serve_side(side: str, work: dict[str, Any], threads: int) -> None:
+    """Worker loop: build one side, then answer ``run N`` with the seconds N steps took and
+    ``stats`` with its counters, one JSON line each, until ``quit``."""
     gpu = work.get("gpu", False)
     import torch
 
+    torch.set_num_threads(threads)
+    hf_config = _hf_config(work)
+    if side == "jaxtune":
+        impl = _jax_side(work, hf_config, gpu)
+    else:
+        impl = _torch_side(work, hf_config, gpu, compile_=side.endswith("compile"))
+    impl["run"](2)  # warm-up beyond the first step (allocator, autotuning)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        cmd = line.split()
+        if cmd[0] == "run":
+            print(json.dumps({"seconds": impl["run"](int(cmd[1]))}), flush=True)
+        elif cmd[0] == "stats":
+            print(json.dumps({k: impl.get(k) for k in ("first_step_s", "n_matmul", "n_trainable", "device")}
+                             | {"peak_memory_bytes": impl["peak_memory"]()}), flush=True)
+        else:
+            return
+
+
+class _Worker:
+    def __init__(self, side: str, work: dict[str, Any], threads: int, env: dict[str, str]):
+        cmd = [sys.executable, __file__, "--serve", side, "--workload", json.dumps(work), "--threads", str(threads)]
+        self.side = side
+        self.proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.ask(None)
+
+    def ask(self, command: str | None) -> dict[str, Any]:
+        if command is not None:
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            sys.exit(f"{self.side} worker failed:\n{self.proc.stderr.read()[-3000:]}")
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.proc.stdin.write("quit\n")
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
+def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, compile_: bool,
+                 env: dict[str, str]) -> dict[str, Any]:
+    """Both sides of one workload, in alternating timed rounds; returns the record."""
     from jaxtune.train import flops
 
-    torch.set_num_threads(threads)
-    hf_config = {**SHAPES[work["shape"]], "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                 "max_position_embeddings": max(4096, work["seq"])}
-    sides = {"jaxtune": _jax_side(work, hf_config, gpu), "hf+peft": _torch_side(work, hf_config, gpu, False)}
-    if compile_:
-        sides["hf+peft+compile"] = _torch_side(work, hf_config, gpu, True)
-    for side in sides.values():  # warm-up beyond the first step (allocator, autotuning)
-        side["run"](2)
-    times: dict[str, list[float]] = {name: [] for name in sides}
+    gpu = work.get("gpu", False)
+    hf_config = _hf_config(work)
+    names = ["jaxtune", "hf+peft"] + (["hf+peft+compile"] if compile_ else [])
+    workers = {name: _Worker(name, work, threads, env) for name in names}
+    times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
-        for name, side in sides.items():
-            times[name].append(side["run"](steps) / steps)
+        for name, worker in workers.items():
+            times[name].append(worker.ask(f"run {steps}")["seconds"] / steps)
+    stats = {name: worker.ask("stats") for name, worker in workers.items()}
+    for worker in workers.values():
+        worker.close()
     tokens = work["batch"] * work["seq"]
-    jax_side = sides["jaxtune"]
+    head_dim = hf_config.get("head_dim", hf_config["hidden_size"] // hf_config["num_attention_heads"])
     model_flops = flops.train_flops_per_token(
-        jax_side["n_matmul"], jax_side["n_trainable"], layers=hf_config["num_hidden_layers"],
-        attn_width=hf_config["num_attention_heads"] * hf_config.get("head_dim", hf_config["hidden_size"]
-                                                                     // hf_config["num_attention_heads"]),
-        seq_len=work["seq"] // 2)  # attention spans one packed document
-    peak = flops.peak_flops(dtype="bfloat16" if gpu else "float32")
-    result = {"workload": work, "device": jax_side["device"], "tokens_per_step": tokens,
-              "flops_per_token": model_flops, "sides": {}}
-    for name, side in sides.items():
+        stats["jaxtune"]["n_matmul"], stats["jaxtune"]["n_trainable"], layers=hf_config["num_hidden_layers"],
+        attn_width=hf_config["num_attention_heads"] * head_dim, seq_len=work["seq"] // 2)  # one packed document
+    device = stats["jaxtune"]["device"]
+    peak = flops.peak_flops(device, dtype="bfloat16" if gpu else "float32")
+    result = {"workload": work, "device": device, "tokens_per_step": tokens, "flops_per_token": model_flops,
+              "sides": {}}
+    for name in names:
         step_s = statistics.median(times[name])
         tps = tokens / step_s
         result["sides"][name] = {"tokens_per_s": tps, "step_s": step_s, "all_step_s": times[name],
                                  "mfu": tps * model_flops / peak if peak else None,
-                                 "peak_memory_bytes": side["peak_memory"](), "first_step_s": side["first_step_s"]}
+                                 "peak_memory_bytes": stats[name]["peak_memory_bytes"],
+                                 "first_step_s": stats[name]["first_step_s"]}
     base = result["sides"]["hf+peft"]["tokens_per_s"]
-    for name in result["sides"]:
+    for name in names:
         result["sides"][name]["speedup_vs_hf"] = result["sides"][name]["tokens_per_s"] / base
     return result
 
@@ -267,27 +318,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for each side")
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile'd HF+PEFT")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-MODE.json)")
-    ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # internal: run one, print JSON
+    ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # internal: worker mode
+    ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     mode = "smoke" if args.smoke else args.mode
     rounds = args.rounds or (1 if mode == "smoke" else 5)
     steps = args.steps or (1 if mode == "smoke" else 3)
-    if args.workload is not None:
-        work = json.loads(args.workload)
-        print("RESULT " + json.dumps(run_workload(work, rounds, steps, args.threads, args.torch_compile)))
+    if args.serve is not None:
+        serve_side(args.serve, json.loads(args.workload), args.threads)
         return
     env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("XLA_FLAGS", None)  # one device per side, whatever the caller's test set-up
     results = []
     for work in MODES[mode]:
-        work = {**work, "gpu": mode == "gpu"}
-        cmd = [sys.executable, __file__, "--workload", json.dumps(work), "--rounds", str(rounds), "--steps",
-               str(steps), "--threads", str(args.threads)] + (["--torch-compile"] if args.torch_compile else [])
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode != 0 or line is None:
-            sys.exit(f"workload {work} failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(line[len("RESULT "):]))
+        results.append(run_workload({**work, "gpu": mode == "gpu"}, rounds, steps, args.threads,
+                                    args.torch_compile, env))
         print(f"done {work['shape']} {work['method']}", file=sys.stderr)
     record = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "mode": mode,
               "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores",

@@ -20,9 +20,10 @@ _PEAK_BF16 = (
 )
 
 
-def peak_flops(device: Any = None, dtype: str = "bfloat16") -> float | None:
-    """Peak FLOP/s of one device for ``dtype`` matmuls, or None when unknown (e.g. CPUs)."""
-    kind = (device or jax.devices()[0]).device_kind
+def peak_flops(device_kind: str | None = None, dtype: str = "bfloat16") -> float | None:
+    """Peak FLOP/s of one device (default: the first) for ``dtype`` matmuls, or None when
+    unknown (e.g. CPUs)."""
+    kind = device_kind or jax.devices()[0].device_kind
     for name, peak in _PEAK_BF16:
         if name.lower() in kind.lower():
             return peak if dtype in ("bfloat16", "float16") else peak / 2
