@@ -6,26 +6,21 @@ classification head, and print base vs fine-tuned accuracy on held-out reviews.
 
 The model and data come from PyPI packages (no model hub needed). "Base" is the pretrained
 body with the new, untrained head: what you have before fine-tuning. Everything here is the
-public Python API; the CLI issue turns it into ``jaxtune train configs/quickstart.yaml``.
+public Python API (:func:`jaxtune.run.train`, the glue behind ``jaxtune train
+configs/quickstart.yaml``, which runs the same recipe at the CPU size of the README).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from jaxtune import tuning
-from jaxtune.data import LoaderConfig, make_loader, read_source
-from jaxtune.data.datasets import prepare_rotten_tomatoes
-from jaxtune.models import hf
-from jaxtune.models.assets import fetch_model
-from jaxtune.train.evaluate import comparison_table
-from jaxtune.train.optim import OptimizerConfig
-from jaxtune.train.trainer import TrainConfig, Trainer
+from jaxtune import config as config_lib
+from jaxtune import run as run_lib
+
 
 
 def run(
@@ -42,37 +37,26 @@ def run(
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Fine-tune and evaluate; returns ``{"before", "after", "table", "steps", "run_dir"}``."""
-    model_dir = fetch_model("all-MiniLM-L6-v2")
-    from transformers import AutoTokenizer
+    """Fine-tune and evaluate; returns ``{"before", "after", "table", "steps", "run_dir"}``.
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    data = prepare_rotten_tomatoes(train_size=train_size, test_size=test_size, seed=seed)
-    train_source = read_source(data.train, "classification")
-    test_source = read_source(data.test, "classification", labels=train_source.label_names)
-    train = make_loader(train_source, tokenizer, LoaderConfig(batch_size=batch_size, max_length=max_length,
-                                                              num_epochs=epochs, seed=seed))
-    test = make_loader(test_source, tokenizer, LoaderConfig(batch_size=batch_size, max_length=max_length,
-                                                            num_epochs=1, shuffle=False, drop_remainder=False))
-    plan = tuning.lora(rank=rank, alpha=2 * rank) + tuning.head("classification", num_labels=2, pooling="mean")
-    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), plan)
-    print(tuning.summary(tuned.params, tuned.labels))
-    steps = epochs * (len(train_source) // batch_size)
+    The same flow as ``jaxtune train configs/quickstart.yaml`` (:func:`jaxtune.run.train`),
+    with the recipe's choices spelled out here as data.
+    """
     run_dir = Path(run_dir) if run_dir else Path(tempfile.mkdtemp(prefix="jaxtune-quickstart-"))
-    trainer = Trainer(
-        tuned, train_data=train, eval_data=test, run_dir=run_dir,
-        optimizer=OptimizerConfig(learning_rate=learning_rate, warmup_ratio=0.1, weight_decay=0.01,
-                                  group_lr={"head": head_lr_multiplier}),
-        config=TrainConfig(steps=steps, log_every=max(1, min(10, steps // 5)), seed=seed, progress=progress),
-        resolved_config={"model": str(model_dir), "data": str(data.train), "plan": plan.to_data()
-                         if hasattr(plan, "to_data") else repr(plan)},
-    )
-    before = trainer.evaluate()
-    result = trainer.fit()
-    after = trainer.evaluate()
-    table = comparison_table(before, after, before_note="pretrained MiniLM body + fresh untrained head")
-    (run_dir / "comparison.json").write_text(json.dumps({"before": before, "after": after}, indent=2))
-    return {"before": before, "after": after, "table": table, "steps": result.step, "run_dir": str(run_dir)}
+    data = {
+        "model": {"path": "all-MiniLM-L6-v2"},
+        "plan": [{"preset": "lora", "rank": rank, "alpha": 2 * rank},
+                 {"action": "head", "task": "classification", "num_labels": 2, "pooling": "mean"}],
+        "data": {"dataset": "rotten_tomatoes", "train_size": train_size, "validation_size": test_size,
+                 "max_length": max_length, "batch_size": batch_size, "seed": seed},
+        "optimizer": {"learning_rate": learning_rate, "warmup_ratio": 0.1, "weight_decay": 0.01,
+                      "group_lr": {"head": head_lr_multiplier}},
+        "train": {"epochs": epochs, "seed": seed, "progress": progress, "log_every": 10},
+        "output": {"dir": str(run_dir), "export": "none"},
+    }
+    out = run_lib.train(config_lib.validate(config_lib.from_data(config_lib.Config, data)))
+    return {"before": out["before"], "after": out["after"], "table": out["table"], "steps": out["step"],
+            "run_dir": out["run_dir"]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -84,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from absl import flags
 
-    flags.FLAGS.mark_as_parsed()
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
     out = run(train_size=args.train, test_size=args.test, epochs=args.epochs, run_dir=args.run_dir)
     print(f"\nMiniLM + Rotten Tomatoes, LoRA r8 + head, {out['steps']} steps ({args.train} reviews x {args.epochs} "
           f"epoch); {args.test} held-out reviews\n")

@@ -1,0 +1,218 @@
+"""The ``jaxtune`` command end to end on a tiny random Llama: train -> status -> eval -> export
+(PEFT and merged, loaded by peft/transformers) -> generate (greedy tokens equal transformers');
+one-line errors with exit codes; Ctrl-C leaves a resumable, "stopped" run."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+from helpers import tiny_hf_model
+
+from jaxtune.cli import main
+from jaxtune.data.testing import tiny_tokenizer, write_jsonl
+
+WORDS = ["alpha", "beta", "gamma", "delta", "omega", "kappa"]
+
+
+def chat_rows(n: int, seed: int) -> list[dict]:
+    rng = np.random.RandomState(seed)
+    rows = []
+    for _ in range(n):
+        q = " ".join(rng.choice(WORDS, rng.randint(1, 4)))
+        rows.append({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": q.upper()}]})
+    return rows
+
+
+def cli(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_hf_model("LlamaForCausalLM", root / "llama")
+    tiny_tokenizer().save_pretrained(root / "llama")
+    write_jsonl(root / "train.jsonl", chat_rows(64, 0))
+    write_jsonl(root / "valid.jsonl", chat_rows(16, 1))
+    config = {
+        "model": {"path": str(root / "llama")},
+        "plan": [{"preset": "lora", "rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}],
+        "data": {"train": str(root / "train.jsonl"), "validation": str(root / "valid.jsonl"), "kind": "chat",
+                 "max_length": 64, "batch_size": 8},
+        "optimizer": {"learning_rate": 3e-2, "warmup_steps": 1},
+        "train": {"steps": 6, "log_every": 2, "progress": False},
+        "eval": {"every": 3, "best_metric": "loss"},
+        "output": {"dir": str(root / "run")},
+    }
+    (root / "lora.yaml").write_text(yaml.safe_dump(config))
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(assets):
+    code, out, err = cli("train", assets / "lora.yaml")
+    assert code == 0, err
+    return assets / "run", out, err
+
+
+def test_train_prints_plan_data_table_and_exports(trained):
+    run_dir, out, _ = trained
+    assert "plan: trainable" in out and "frozen" in out
+    assert "data: train" in out and "steps: 6 (train.steps)" in out
+    assert "| loss |" in out and "better" in out  # the before/after table, the loss went down
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "export" / "adapter_config.json").is_file()
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["optimizer"]["learning_rate"] == 3e-2 and saved["data"]["packing"] is True  # resolved, defaults in
+
+
+def test_status_reports_a_finished_run_and_plots(trained, tmp_path):
+    run_dir, _, _ = trained
+    code, out, _ = cli("status", run_dir, "--json")
+    info = json.loads(out)
+    assert code == 0 and info["state"] == "finished" and info["step"] == info["total_steps"] == 6
+    assert info["train"]["loss"] > 0 and info["eval"]["loss"] > 0 and info["tokens_per_s"] > 0
+    assert info["best"]["step"] in (3, 6) and info["checkpoints"] == [6]
+    code, out, _ = cli("status", run_dir, "--plot", tmp_path / "loss.png")
+    assert code == 0 and "state:       finished" in out and "step:        6/6 (100%)" in out
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_rerunning_a_finished_run_trains_nothing(trained, assets):
+    code, out, _ = cli("train", assets / "lora.yaml", "eval.after=false", "output.export=none")
+    assert code == 0 and "already trained to step 6" in out
+
+
+def test_eval_compares_base_and_tuned(trained):
+    run_dir, _, _ = trained
+    code, out, err = cli("eval", run_dir, "--json")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["step"] == 6 and result["tuned"]["loss"] < result["base"]["loss"]
+
+
+def _hf_greedy(model, ids: list[int], n: int, stops: list[int]) -> list[int]:
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=n, do_sample=False, eos_token_id=stops, pad_token_id=0)
+    new = out[0, len(ids):].tolist()
+    return next((new[:i] for i, t in enumerate(new) if t in stops), new)
+
+
+def _generate(target, prompt: str, *extra: str) -> dict:
+    code, out, err = cli("generate", target, "--prompt", prompt, "--max-new-tokens", "12", "--json", *extra)
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_generate_matches_transformers_greedy(assets):
+    import transformers
+
+    tokenizer = tiny_tokenizer()
+    model = transformers.LlamaForCausalLM.from_pretrained(assets / "llama").eval()
+    for prompt in ("gamma delta", "a"):
+        ours = _generate(assets / "llama", prompt)
+        assert ours["ids"] == _hf_greedy(model, tokenizer(prompt)["input_ids"], 12, [3, 2])
+    chat = _generate(assets / "llama", "alpha beta", "--chat")
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": "alpha beta"}], add_generation_prompt=True,
+                                        tokenize=False)
+    assert chat["ids"] == _hf_greedy(model, tokenizer(ids, add_special_tokens=False)["input_ids"], 12, [3, 2])
+
+
+def test_exports_load_in_peft_and_transformers_and_generate_the_same(trained, tmp_path):
+    import peft
+    import transformers
+
+    run_dir, _, _ = trained
+    tokenizer = tiny_tokenizer()
+    prompt = "beta gamma"
+    ids = tokenizer(prompt)["input_ids"]
+    ours = _generate(run_dir, prompt)["ids"]  # the run's LoRA params, evaluated in place
+
+    assert cli("export", run_dir, "--to", tmp_path / "adapter")[0] == 0
+    base = transformers.LlamaForCausalLM.from_pretrained(run_dir.parent / "llama").eval()
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    assert _hf_greedy(adapted, ids, 12, [3, 2]) == ours
+
+    assert cli("export", run_dir, "--to", tmp_path / "merged", "--merge")[0] == 0
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert _hf_greedy(merged, ids, 12, [3, 2]) == ours
+    assert _generate(tmp_path / "merged", prompt)["ids"] == ours
+
+
+@pytest.mark.parametrize("argv, code, expected", [
+    (["train", "missing.yaml"], 2, "config error: missing.yaml: no such config file"),
+    (["train", "{lora}", "optimizer.learning_rate=fast"], 2,
+     "config error: optimizer.learning_rate: expected a number, got 'fast'"),
+    (["train", "{lora}", "optimizr.name=sgd"], 2, "did you mean 'optimizer'?"),
+    (["train", "{lora}", "data.train={root}/nope.jsonl"], 1, "nope.jsonl"),
+    (["train", "{lora}", "plan=[{action: lora, blocks: 'last:9'}]"], 2, "the model has only 2 blocks"),
+    (["train", "{lora}", "data.batch_size=6"], 2, "6 rows do not split over the mesh's 8-way data parallelism"),
+    (["train"], 2, "the following arguments are required: config"),
+    (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+    (["generate", "{root}/llama"], 2, "give --prompt"),
+    (["generate", "{root}/llama", "--prompt", "x", "--top-p", "2"], 1, "top_p must be in (0, 1]"),
+    (["status", "{root}"], 1, "not a run directory"),
+    (["export", "{root}/llama", "--to", "{root}/x"], 2, "not a run directory"),
+    (["fetch", "gpt2"], 2, "unknown asset 'gpt2'"),
+])
+def test_bad_input_is_one_line_and_an_exit_code(assets, argv, code, expected):
+    argv = [a.replace("{lora}", str(assets / "lora.yaml")).replace("{root}", str(assets)) for a in argv]
+    got, out, err = cli(*argv, "output.dir=" + str(assets / "bad")) if argv[0] == "train" and len(argv) > 1 \
+        else cli(*argv)
+    lines = err.strip().splitlines()
+    assert got == code, err
+    assert lines[-1].startswith("jaxtune: error: ") and expected in lines[-1], err
+    assert "Traceback" not in err
+
+
+def test_fetch_lists_the_offline_assets():
+    code, out, _ = cli("fetch")
+    assert code == 0 and "all-MiniLM-L6-v2" in out and "SmolLM2-135M-Instruct" in out and "chatterbot" in out
+
+
+def test_ctrl_c_leaves_a_stopped_resumable_run(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-m", "jaxtune", "train", str(assets / "lora.yaml"),
+                             f"output.dir={run_dir}", "train.steps=100000", "train.log_every=1", "eval.every=null",
+                             "eval.best_metric=null"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip():
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < deadline, "training never logged a step"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted at step" in err
+    status = json.loads((run_dir / "status.json").read_text())
+    stopped_at = status["step"]
+    assert status["state"] == "stopped" and stopped_at >= 1
+    code, out, _ = cli("status", run_dir)
+    assert code == 0 and "state:       stopped (interrupted" in out
+    # Running it again resumes from the checkpoint (on this process's 8-device mesh) and finishes.
+    code, out, err = cli("train", assets / "lora.yaml", f"output.dir={run_dir}", f"train.steps={stopped_at + 2}",
+                         "eval.every=null", "eval.best_metric=null", "output.export=none")
+    assert code == 0, err
+    assert f"resumed from {run_dir / 'checkpoints' / str(stopped_at)}" in err
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"

@@ -1,0 +1,94 @@
+"""Every recipe in configs/ runs, so none rots: fast, with a tiny random model of the recipe's
+family and synthetic data of its kind (2 steps); slow, as written with the real model and data
+(1 step, small splits)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import tiny_hf_model
+
+from jaxtune import config, run
+from jaxtune.cache import FetchError
+from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+# Where the export of each recipe goes (auto: a PEFT adapter for adapters, merged otherwise;
+# skipped when a mean-pooled head has no transformers class).
+EXPORTS = {"quickstart.yaml": None, "partial.yaml": None, "regression.yaml": None, "fsdp8.yaml": None,
+           "full.yaml": "config.json", "domain_text.yaml": "config.json", "chat_sentiment.yaml": "adapter_config.json",
+           "chat_chatterbot.yaml": "adapter_config.json", "prompt_tuning.yaml": "adapter_config.json",
+           "tpu_pod.yaml": "adapter_config.json"}
+
+
+def test_every_recipe_is_listed_here():
+    assert sorted(EXPORTS) == RECIPES
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipes")
+    tiny_hf_model("BertModel", root / "bert", vocab_size=128, max_position_embeddings=128)
+    tiny_tokenizer(bos=True).save_pretrained(root / "bert")
+    tiny_hf_model("LlamaForCausalLM", root / "llama")
+    tiny_tokenizer().save_pretrained(root / "llama")
+    rng = np.random.default_rng(0)
+    words = "good bad great awful plot actor scene story".split()
+    for split, n in (("train", 32), ("valid", 16)):
+        texts = [" ".join(rng.choice(words, 6)) for _ in range(n)]
+        write_jsonl(root / f"{split}.classification.jsonl",
+                    [{"text": t, "label": "positive" if "good" in t else "negative"} for t in texts])
+        write_jsonl(root / f"{split}.regression.jsonl", [{"text": t, "target": t.count("good") - t.count("bad")}
+                                                         for t in texts])
+        write_jsonl(root / f"{split}.chat.jsonl", synthetic_chat_rows(n, seed=len(split), max_words=6))
+        (root / f"{split}.text.txt").write_text("\n".join(texts) + "\n")
+    return root
+
+
+def tiny_overrides(recipe: str, root: Path, out: Path) -> list[str]:
+    cfg = config.load(CONFIGS / recipe)
+    kind = config.data_kind(cfg)
+    model = "bert" if "MiniLM" in cfg.model.path else "llama"
+    ext = "txt" if kind == "text" else "jsonl"
+    return [f"model.path={root / model}", "data.dataset=null", f"data.kind={kind}", "data.text_unit=line",
+            f"data.train={root / f'train.{kind}.{ext}'}", f"data.validation={root / f'valid.{kind}.{ext}'}",
+            "data.train_size=null", "data.validation_size=null", "data.max_length=48", "data.batch_size=8",
+            "train.epochs=null", "train.steps=2", "train.progress=false", f"output.dir={out}"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_runs_tiny(recipe, tiny, tmp_path):
+    cfg = config.load(CONFIGS / recipe, tiny_overrides(recipe, tiny, tmp_path / "run"))
+    result = run.train(cfg, log=lambda message: None)
+    assert result["state"] == "finished" and result["step"] == 2
+    assert np.isfinite(result["after"]["loss"]) and result["table"]
+    assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
+    expected = EXPORTS[recipe]
+    if expected is None:
+        assert result["export"] is None
+    else:
+        assert (Path(result["export"]) / expected).is_file()
+    if recipe == "full.yaml":  # the pooler head is an exact BertForSequenceClassification
+        import transformers
+
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(result["export"])
+        assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_runs_as_written_with_real_assets(recipe, tmp_path):
+    """One step of the recipe with its real model and data (smaller splits)."""
+    overrides = ["train.epochs=null", "train.steps=1", "train.progress=false", f"output.dir={tmp_path / 'run'}",
+                 "data.train_size=32", "data.validation_size=16", "eval.every=null", "checkpoint.every=null"]
+    cfg = config.load(CONFIGS / recipe, overrides)
+    try:
+        result = run.train(cfg, log=lambda message: None)
+    except FetchError as err:
+        pytest.skip(f"the recipe's model or data could not be fetched here: {err}")
+    assert result["state"] == "finished" and np.isfinite(result["after"]["loss"])
