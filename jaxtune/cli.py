@@ -82,15 +82,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from jaxtune import run
+    from jaxtune import chat
 
     if not args.prompt and not args.chat:
         raise UsageError("give --prompt TEXT (repeatable) and/or --chat (see jaxtune generate --help)")
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop=args.stop, seed=args.seed)
-    loaded = run.load_for_generation(args.model, best=args.best, log=lambda m: print(m, file=sys.stderr))
+    loaded = chat.load_for_generation(args.model, best=args.best, log=lambda m: print(m, file=sys.stderr))
     if args.prompt:
-        for item in run.generate(args.model, args.prompt, chat=args.chat, system=args.system, loaded=loaded,
+        for item in chat.generate(args.model, args.prompt, chat=args.chat, system=args.system, loaded=loaded,
                                  **options):
             print(json.dumps(item) if args.json else item["text"])
         return 0
@@ -105,7 +105,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not line.strip():
             break
         messages.append({"role": "user", "content": line})
-        reply = run.generate_chat(loaded, messages, **options)
+        reply = chat.generate_chat(loaded, messages, **options)
         messages.append({"role": "assistant", "content": reply})
         print(reply, flush=True)
     return 0

@@ -1,7 +1,7 @@
 """The glue between a validated :class:`jaxtune.config.Config` and the Python API.
 
-``jaxtune train`` is :func:`train`; ``jaxtune eval`` is :func:`evaluate_run`; ``export`` and
-``generate`` are :func:`export_run` and :func:`generate`. Each is the flow of
+``jaxtune train`` is :func:`train`; ``jaxtune eval`` is :func:`evaluate_run`; ``export`` is
+:func:`export_run` (``generate`` lives in :mod:`jaxtune.chat`). Each is the flow of
 ``jaxtune/quickstart.py`` with the choices read from the config, so everything the CLI does is
 also one Python call::
 
@@ -485,94 +485,6 @@ def export_run(run_dir: str | Path, to: str | Path, *, merge: bool = False, best
     return out
 
 
-# ----------------------------------------------------------------------------- generate
-
-
-def load_for_generation(model: str, *, best: bool = False, log: Log = _print) -> tuple[Any, Any, Any, Path]:
-    """``(module, params, tokenizer, model_dir)`` of a model path/name or a run directory."""
-    from jaxtune import tuning
-    from jaxtune.models import hf
-
-    if Path(model, CONFIG_FILE).is_file():
-        config = load_run_config(model)
-        setup_runtime(config)
-        directory = model_dir(config.model.path)
-        tokenizer = load_tokenizer(config, directory)
-        tuned = load_tuned(config, directory, None, tokenizer)
-        if tuned.task != "lm":
-            raise ConfigError(f"{model}: this run trained a {tuned.task} head; generate needs a language model")
-        trainer = make_trainer(config, tuned, Data("chat", None, None), Path(model), 1)
-        step = restore_trained(trainer, best=best)
-        log(f"{model}: step {step}" if step is not None else f"{model}: no checkpoint yet, using the base model")
-        return tuned.module, tuning.combine(trainer.trainable, trainer.frozen), tokenizer, directory
-    directory = model_dir(model)
-    from transformers import AutoTokenizer
-
-    pretrained = hf.load_pretrained(directory)
-    return pretrained.module, pretrained.params, AutoTokenizer.from_pretrained(str(directory)), directory
-
-
-def _stop_ids(tokenizer: Any, directory: Path, stop: Sequence[str]) -> tuple[int, ...]:
-    """EOS (tokenizer and generation_config.json) plus ``stop``: tokens or token ids."""
-    from jaxtune.models.generate import default_stop_token_ids
-
-    ids = list(default_stop_token_ids(tokenizer, directory))
-    for token in stop:
-        if token.lstrip("-").isdigit():
-            ids.append(int(token))
-            continue
-        found = tokenizer.convert_tokens_to_ids(token)
-        if found is None or found == tokenizer.unk_token_id:
-            encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
-            if len(encoded) != 1:
-                raise ConfigError(f"--stop {token!r}: not a single token of this tokenizer (it encodes to "
-                                  f"{encoded}); give a token or a token id")
-            found = encoded[0]
-        ids.append(int(found))
-    return tuple(dict.fromkeys(ids))
-
-
-def generate(model: str, prompts: Sequence[str], *, chat: bool = False, system: str | None = None,
-             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             stop: Sequence[str] = (), seed: int = 0, best: bool = False, log: Log = _print,
-             loaded: tuple[Any, Any, Any, Path] | None = None) -> list[dict[str, Any]]:
-    """Generate for each prompt (a chat user turn with ``chat``); returns
-    ``[{"prompt", "text", "ids"}]`` (``ids``: the new token ids, without the stop token)."""
-    from jaxtune.models.generate import encode_prompts
-    from jaxtune.models.generate import generate as generate_ids
-
-    module, params, tokenizer, directory = loaded or load_for_generation(model, best=best, log=log)
-    stop_ids = _stop_ids(tokenizer, directory, stop)
-    if chat:
-        items = [([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
-                 for p in prompts]
-    else:
-        items = list(prompts)
-    try:
-        prompt_ids = encode_prompts(tokenizer, items, chat=chat)
-    except ValueError as err:
-        raise ConfigError(f"--chat: {err}") from None
-    new = generate_ids(module, params, prompt_ids, max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_k=top_k, top_p=top_p, stop_token_ids=stop_ids, seed=seed)
-    return [{"prompt": p, "text": tokenizer.decode(ids, skip_special_tokens=True), "ids": ids}
-            for p, ids in zip(prompts, new)]
-
-
-def generate_chat(loaded: tuple[Any, Any, Any, Path], messages: list[dict[str, str]], **options: Any) -> str:
-    """The assistant's reply to a conversation (the last message is the user's)."""
-    from jaxtune.models.generate import encode_prompts
-    from jaxtune.models.generate import generate as generate_ids
-
-    module, params, tokenizer, directory = loaded
-    stop_ids = _stop_ids(tokenizer, directory, options.pop("stop", ()))
-    try:
-        prompt_ids = encode_prompts(tokenizer, [messages], chat=True)
-    except ValueError as err:
-        raise ConfigError(f"--chat: {err}") from None
-    new = generate_ids(module, params, prompt_ids, stop_token_ids=stop_ids, **options)[0]
-    return tokenizer.decode(new, skip_special_tokens=True)
-
-
 # ----------------------------------------------------------------------------- fetch
 
 
@@ -623,5 +535,5 @@ def list_assets() -> list[tuple[str, str, str]]:
     return rows
 
 
-__all__ = ["count_steps", "evaluate_run", "export_run", "fetch", "generate", "generate_chat", "list_assets",
+__all__ = ["count_steps", "evaluate_run", "export_run", "fetch", "list_assets",
            "load_run_config", "load_tuned", "make_loaders", "make_trainer", "read_data", "restore_trained", "train"]

@@ -47,3 +47,12 @@ def torch_logits(model, input_ids: np.ndarray, **kwargs: np.ndarray) -> np.ndarr
         out = model(torch.as_tensor(np.asarray(input_ids)), **{k: torch.as_tensor(np.asarray(v)) for k, v in kwargs.items()})
     value = out.logits if hasattr(out, "logits") else out.last_hidden_state
     return value.float().numpy()
+
+
+def tiny_llama_and_bert(root: Path) -> dict[str, Any]:
+    """``{"llama": Pretrained, "bert": Pretrained}``: tiny random models saved under ``root``, loaded back."""
+    from jaxtune.models import hf
+
+    tiny_hf_model("LlamaForCausalLM", root / "llama")
+    tiny_hf_model("BertModel", root / "bert")
+    return {name: hf.load_pretrained(root / name) for name in ("llama", "bert")}

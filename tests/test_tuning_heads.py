@@ -8,10 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_hf_model
+from helpers import tiny_llama_and_bert
 
 from jaxtune import tuning
-from jaxtune.models import hf
 from jaxtune.models.layers import pool
 
 TEXT = np.random.RandomState(0).randint(1, 96, (1, 5)).astype(np.int32)
@@ -19,10 +18,7 @@ TEXT = np.random.RandomState(0).randint(1, 96, (1, 5)).astype(np.int32)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tiny_hf_model("LlamaForCausalLM", root / "llama")
-    tiny_hf_model("BertModel", root / "bert")
-    return {name: hf.load_pretrained(root / name) for name in ("llama", "bert")}
+    return tiny_llama_and_bert(tmp_path_factory.mktemp("models"))
 
 
 @functools.partial(jax.jit, static_argnames=("module", "method"))

@@ -9,10 +9,9 @@ import numpy as np
 import optax
 import pytest
 from flax.traverse_util import flatten_dict
-from helpers import tiny_hf_model
+from helpers import tiny_llama_and_bert
 
 from jaxtune import tuning
-from jaxtune.models import hf
 
 IDS = np.random.RandomState(0).randint(1, 96, (2, 8)).astype(np.int32)
 SEGMENTS = np.array([[1] * 8, [1] * 6 + [0] * 2], np.int32)
@@ -21,10 +20,7 @@ LABELS = np.array([1, 0], np.int32)
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    tiny_hf_model("LlamaForCausalLM", root / "llama")
-    tiny_hf_model("BertModel", root / "bert")
-    return {name: hf.load_pretrained(root / name) for name in ("llama", "bert")}
+    return tiny_llama_and_bert(tmp_path_factory.mktemp("models"))
 
 
 PLANS = {
