@@ -111,10 +111,14 @@ class TrainSection:
 class EvalConfig:
     """Validation: ``every`` N steps during training (and at the end), the ``best_metric`` that
     picks ``best/`` and drives early stopping; ``before``/``after``: evaluate the base and the
-    fine-tuned model for the comparison table."""
+    fine-tuned model for the comparison table. ``choices`` (chat / prompt-completion data whose
+    answers come from a fixed set, e.g. ``[positive, negative]``): also report
+    ``choice_accuracy``, the share of validation answers whose first token has the highest
+    logit among the choices' first tokens (zero-shot classification of a generative model)."""
 
     every: int | None = None
     best_metric: str | None = None
+    choices: list[str] | None = None
     early_stopping_patience: int | None = None
     before: bool = True
     after: bool = True
@@ -234,6 +238,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, arm, where)
             except ConfigError as err:
                 errors.append(err)
+        if len(errors) == 1 and not str(errors[0]).startswith(f"{where}: "):
+            raise errors[0]  # X | None failing inside X (a list item, a nested field): name that spot
         literal = next((a for a in args if typing.get_origin(a) is Literal), None)
         if literal is not None and isinstance(value, str):
             raise errors[[a for a in args if a is not type(None)].index(literal)]
@@ -263,6 +269,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {_show(value)} (YAML reads unquoted yes/no/on/off "
+                              f"as booleans: quote the word, e.g. 'yes')")
     elif origin in (tuple, list, Sequence):
         if isinstance(value, (list, tuple)):
             item = args[0] if args else Any
@@ -494,9 +503,15 @@ def validate(config: Config) -> Config:
     elif heads:
         raise ConfigError(f"plan: a head rule turns the model into a {heads[-1].task} model, but data of kind "
                           f"{kind} trains a language model; remove the head or change data.kind")
+    if e.choices is not None:
+        if kind not in ("chat", "prompt_completion"):
+            raise ConfigError(f"eval.choices: scores the answers of chat or prompt_completion data, not {kind} data; "
+                              "remove eval.choices")
+        if len(e.choices) < 2 or len(set(e.choices)) != len(e.choices):
+            raise ConfigError(f"eval.choices: expected two or more different answers, got {tuple(e.choices)}")
     if e.best_metric is not None:
         metrics = {"classification": ("loss", "accuracy", "macro_f1"), "regression": ("loss", "mae", "rmse", "pearson"),
-                   }.get(kind, ("loss", "perplexity"))
+                   }.get(kind, ("loss", "perplexity") + (("choice_accuracy", "choice_macro_f1") if e.choices else ()))
         if e.best_metric.removeprefix("eval/") not in metrics:
             raise ConfigError(f"eval.best_metric: expected one of {', '.join(metrics)} for {kind} data, got "
                               f"{e.best_metric!r}" + _suggest(e.best_metric, metrics))

@@ -259,7 +259,24 @@ def export_format(config_format: str, tuned: Any) -> tuple[str | None, str]:
     return fmt, ""
 
 
-def make_trainer(config: Config, tuned: Any, data: Data, run_dir: Path, steps: int) -> Any:
+def choice_token_ids(config: Config, tokenizer: Any) -> tuple[int, ...]:
+    """The first token of each ``eval.choices`` answer, as the training data encodes it."""
+    from jaxtune.data import answer_first_token
+
+    choices = config.eval.choices or []
+    ids = tuple(answer_first_token(tokenizer, cfg_lib.data_kind(config), c) for c in choices)
+    for i, a in enumerate(choices):
+        for j in range(i):
+            if ids[i] == ids[j]:
+                raise ConfigError(f"eval.choices: {choices[j]!r} and {a!r} begin with the same token "
+                                  f"({tokenizer.convert_ids_to_tokens(ids[i])!r}); choice accuracy compares first "
+                                  "tokens, so use answers that begin differently")
+    return ids
+
+
+def make_trainer(config: Config, tuned: Any, data: Data, run_dir: Path, steps: int, tokenizer: Any = None) -> Any:
+    """The Trainer for ``config``. ``tokenizer`` encodes ``eval.choices``; sessions that never
+    evaluate (generate, export) leave it out and skip choice scoring."""
     from jaxtune.train.sharding import MeshConfig, data_parallel_size, make_mesh
     from jaxtune.train.trainer import TrainConfig, Trainer
 
@@ -278,7 +295,8 @@ def make_trainer(config: Config, tuned: Any, data: Data, run_dir: Path, steps: i
         steps=steps, grad_accum_steps=t.grad_accum_steps, log_every=min(t.log_every, steps), eval_every=e.every,
         save_every=c.every, keep_checkpoints=c.keep, best_metric=e.best_metric,
         early_stopping_patience=e.early_stopping_patience, seed=t.seed, chunk_tokens=t.chunk_tokens,
-        regression_loss=t.regression_loss, progress=t.progress)
+        regression_loss=t.regression_loss, progress=t.progress,
+        choice_token_ids=choice_token_ids(config, tokenizer) if config.eval.choices and tokenizer is not None else ())
     return Trainer(tuned, train_data=data.train_loader if data.train_loader is not None else (),
                    eval_data=data.eval_loader, optimizer=config.optimizer, config=train_config, run_dir=run_dir,
                    mesh=mesh, resolved_config=cfg_lib.to_data(config))
@@ -350,7 +368,7 @@ def train(config: Config, *, log: Log = _print) -> dict[str, Any]:
     make_loaders(config, data, tokenizer, log=log)
     steps, how = count_steps(config, data)
     log(f"steps: {steps} ({how})")
-    trainer = make_trainer(config, tuned, data, run_dir, steps)
+    trainer = make_trainer(config, tuned, data, run_dir, steps, tokenizer)
     cfg_lib.save(config, run_dir / CONFIG_FILE)
 
     before = None
@@ -435,7 +453,7 @@ def _session(config: Config, *, log: Log, need_train_data: bool = False) -> tupl
     data = read_data(config)
     tuned = load_tuned(config, directory, data.label_names, tokenizer)
     make_loaders(config, data, tokenizer, train=need_train_data, log=log)
-    trainer = make_trainer(config, tuned, data, Path(config.output.dir), max(config.train.steps or 1, 1))
+    trainer = make_trainer(config, tuned, data, Path(config.output.dir), max(config.train.steps or 1, 1), tokenizer)
     return tuned, trainer, data, tokenizer
 
 

@@ -162,6 +162,8 @@ def test_exports_load_in_peft_and_transformers_and_generate_the_same(trained, tm
     (["train", "{lora}", "data.train={root}/nope.jsonl"], 1, "nope.jsonl"),
     (["train", "{lora}", "plan=[{action: lora, blocks: 'last:9'}]"], 2, "the model has only 2 blocks"),
     (["train", "{lora}", "data.batch_size=6"], 2, "6 rows do not split over the mesh's 8-way data parallelism"),
+    (["train", "{lora}", "eval.choices=[up, uh]"], 2,
+     "eval.choices: 'up' and 'uh' begin with the same token ('u')"),
     (["train"], 2, "the following arguments are required: config"),
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     (["generate", "{root}/llama"], 2, "give --prompt"),

@@ -14,6 +14,7 @@ import pytest
 from helpers import tiny_hf_model
 
 from jaxtune import config, run
+from jaxtune.data.datasets import sentiment_chat
 from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -46,6 +47,8 @@ def tiny(tmp_path_factory):
         write_jsonl(root / f"{split}.regression.jsonl", [{"text": t, "target": t.count("good") - t.count("bad")}
                                                          for t in texts])
         write_jsonl(root / f"{split}.chat.jsonl", synthetic_chat_rows(n, seed=len(split), max_words=6))
+        write_jsonl(root / f"{split}.choices.jsonl",  # answers from eval.choices (chat_sentiment)
+                    [sentiment_chat(t, "positive" if "good" in t else "negative") for t in texts])
         (root / f"{split}.text.txt").write_text("\n".join(texts) + "\n")
     return root
 
@@ -55,9 +58,10 @@ def tiny_overrides(recipe: str, root: Path, out: Path) -> list[str]:
     kind = config.data_kind(cfg)
     model = "bert" if "MiniLM" in cfg.model.path else "llama"
     ext = "txt" if kind == "text" else "jsonl"
+    name, length = ("choices", 192) if cfg.eval.choices else (kind, 48)  # the sentiment question is long
     return [f"model.path={root / model}", "data.dataset=null", f"data.kind={kind}", "data.text_unit=line",
-            f"data.train={root / f'train.{kind}.{ext}'}", f"data.validation={root / f'valid.{kind}.{ext}'}",
-            "data.train_size=null", "data.validation_size=null", "data.max_length=48", "data.batch_size=8",
+            f"data.train={root / f'train.{name}.{ext}'}", f"data.validation={root / f'valid.{name}.{ext}'}",
+            "data.train_size=null", "data.validation_size=null", f"data.max_length={length}", "data.batch_size=8",
             "train.epochs=null", "train.steps=2", "train.progress=false", f"output.dir={out}"]
 
 
@@ -67,6 +71,8 @@ def test_recipe_runs_tiny(recipe, tiny, tmp_path):
     result = run.train(cfg, log=lambda message: None)
     assert result["state"] == "finished" and result["step"] == 2
     assert np.isfinite(result["after"]["loss"]) and result["table"]
+    if cfg.eval.choices:
+        assert 0 <= result["after"]["choice_accuracy"] <= 1 and "choice_accuracy" in result["table"]
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "checkpoints" / "2").is_dir()
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
     expected = EXPORTS[recipe]

@@ -83,6 +83,57 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     assert not list((tmp_path / "checkpoints" / "12").glob("frozen*"))
 
 
+def test_choice_accuracy_matches_transformers_logits_packed_or_not(setup, tmp_path):
+    """Choice accuracy = argmax over the choices' first-token logits at each answer start,
+    checked against transformers' logits; packed rows (several conversations each) and
+    one-per-row give the same result."""
+    import torch
+    from helpers import tiny_hf_model
+
+    from jaxtune.data import answer_first_token, encode_chat
+
+    model_dir, _, _ = setup
+    tok = tiny_tokenizer()
+    rng = np.random.RandomState(3)
+    convs = [[{"role": "user", "content": " ".join(rng.choice(["up", "down", "left"], 3))},
+              {"role": "assistant", "content": str(rng.choice(["yes", "no", "maybe"]))}] for _ in range(24)]
+    path = tmp_path / "answers.jsonl"
+    path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
+    choices = ("yes", "no", "maybe")
+    ids = tuple(answer_first_token(tok, "chat", c) for c in choices)
+    assert ids == tuple(tok.convert_tokens_to_ids(c[0]) for c in choices)
+
+    torch_model = tiny_hf_model("LlamaForCausalLM")  # the same seed as the saved model
+    want_logits, want_label = [], []
+    for conv in convs:
+        ex = encode_chat(tok, conv, [0, 1])
+        start = int(np.argmax(ex["loss_mask"]))  # the first answer token; its logit comes from start - 1
+        with torch.no_grad():
+            logits = torch_model(torch.as_tensor(ex["input_ids"][None, :start])).logits[0, -1].numpy()
+        want_logits.append(logits[list(ids)])
+        want_label.append(choices.index(conv[1]["content"]))
+    want = float(np.mean(np.argmax(want_logits, -1) == np.asarray(want_label)))
+
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+    got = []
+    for packing in (False, True):
+        cfg = LoaderConfig(batch_size=4, max_length=64, num_epochs=1, shuffle=False, drop_remainder=False,
+                           packing=packing, seed=0)
+        loader = make_loader(read_source(path, "chat"), tok, cfg, scan_first=False)
+        trainer = Trainer(tuned, train_data=(), eval_data=loader, optimizer=OptimizerConfig(learning_rate=1e-3),
+                          config=TrainConfig(steps=1, choice_token_ids=ids, progress=False),
+                          run_dir=tmp_path / f"run{packing}", mesh=ONE_DEVICE())
+        got.append(trainer.evaluate())
+    assert 0 < want < 1  # a random model: not trivially all right or all wrong
+    for metrics in got:
+        assert metrics["choice_accuracy"] == pytest.approx(want, abs=1e-9)
+    assert got[0]["choice_macro_f1"] == pytest.approx(got[1]["choice_macro_f1"], abs=1e-9)
+    assert got[0]["loss"] == pytest.approx(got[1]["loss"], rel=1e-5)
+
+    with pytest.raises(ValueError, match="repeat a token"):
+        TrainConfig(steps=1, choice_token_ids=(ids[0], ids[0]))
+
+
 def test_early_stopping_on_a_metric_that_stops_improving(setup, tmp_path):
     model_dir, train, valid = setup
     tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))

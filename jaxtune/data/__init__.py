@@ -34,11 +34,20 @@ from jaxtune.data.sources import (
     split_indices,
     split_source,
 )
-from jaxtune.data.tokenize import TRUNCATION, TokenStats, Tokenize, chat_pieces, encode_chat, scan, truncate
+from jaxtune.data.tokenize import (
+    TRUNCATION,
+    TokenStats,
+    Tokenize,
+    answer_first_token,
+    chat_pieces,
+    encode_chat,
+    scan,
+    truncate,
+)
 
 __all__ = [
     "KINDS", "TRUNCATION", "DataError", "Loader", "LoaderConfig", "PreparedData", "Source", "SourceReport",
-    "TokenStats", "Tokenize", "chat_pieces", "classifier_row", "encode_chat", "first_fit", "lm_row",
+    "TokenStats", "Tokenize", "answer_first_token", "chat_pieces", "classifier_row", "encode_chat", "first_fit", "lm_row",
     "make_loader", "pack", "pad", "prepare_chatterbot", "prepare_rotten_tomatoes", "prepare_rotten_tomatoes_chat",
     "prepare_vader", "read_jsonl", "read_labeled", "read_source", "read_splits", "read_text", "scan",
     "split_indices", "split_source", "to_global", "truncate",

@@ -174,6 +174,23 @@ def encode_text(tokenizer: Any, text: str, *, prefix: Sequence[int] = (), eos: i
     return _example([list(prefix), ids + ([eos] if eos is not None else [])], [False, True])
 
 
+def answer_first_token(tokenizer: Any, kind: str, answer: str) -> int:
+    """The first supervised token of ``answer`` when it is a reply (``chat``: the assistant turn
+    after a user turn; ``prompt_completion``: the completion), encoded exactly as training
+    data is. Used to score answer choices by their first token's logit."""
+    if kind == "chat":
+        example = encode_chat(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": answer}],
+                              [0, 1], where=f"<answer {answer!r}>")
+    elif kind == "prompt_completion":
+        example = encode_prompt_completion(tokenizer, "?", answer)
+    else:
+        raise ValueError(f"answer choices need chat or prompt_completion data, not {kind!r}")
+    ids = example["input_ids"][example["loss_mask"]]
+    if not len(ids):
+        raise ValueError(f"the answer {answer!r} encodes to no tokens")
+    return int(ids[0])
+
+
 def truncate(example: Example, max_length: int, policy: str) -> tuple[list[Example], str]:
     """Apply the truncation policy to an LM example longer than ``max_length``.
 

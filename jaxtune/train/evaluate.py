@@ -15,7 +15,7 @@ import jax
 import numpy as np
 
 # Which direction is better, for choosing the best checkpoint and for the report's arrows.
-HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "pearson": True, "loss": False, "perplexity": False,
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "choice_accuracy": True, "choice_macro_f1": True, "pearson": True, "loss": False, "perplexity": False,
                     "mae": False, "rmse": False}
 
 
@@ -62,14 +62,22 @@ def evaluate(
 ) -> dict[str, float]:
     """Run ``eval_step`` over ``batches`` and reduce to the task's metrics.
 
-    Empty rows (no real token; they fill a last partial batch) are excluded from classification/regression metrics; LM padding carries zero token weight.
+    Empty rows (no real token; they fill a last partial batch) are excluded from
+    classification/regression metrics; LM padding carries zero token weight. When the LM eval
+    step scores answer choices (``make_loss_fn(choice_ids=...)``), every answer start counts
+    as one example: ``choice_accuracy`` and ``choice_macro_f1`` compare the choices' logits.
     """
     loss_sum, weight, outputs, labels = 0.0, 0.0, [], []
     for batch in batches:
         result = jax.device_get(eval_step(trainable, frozen, to_device(batch)))
         loss_sum += float(result["loss_sum"])
         weight += float(result["weight"])
-        if task != "lm":
+        if task == "lm" and isinstance(result["outputs"], dict):
+            out = result["outputs"]
+            start = np.asarray(out["start"])
+            outputs.append(np.asarray(out["logits"])[start])
+            labels.append(np.asarray(out["choice"])[start])
+        elif task != "lm":
             keep = np.asarray(batch["example_weights"]) > 0 if "example_weights" in batch else \
                 np.asarray(batch["segment_ids"]).any(axis=-1)
             outputs.append(np.asarray(result["outputs"])[keep])
@@ -80,6 +88,14 @@ def evaluate(
     if task == "lm":
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         metrics["tokens"] = weight
+        if outputs:
+            labels_all = np.concatenate(labels)
+            if (labels_all < 0).any():
+                raise ValueError(f"{int((labels_all < 0).sum())} of {len(labels_all)} validation answers do not start "
+                                 "with the first token of any answer choice: make every validation answer one of "
+                                 "eval.choices, or drop eval.choices")
+            choice = classification_metrics(np.concatenate(outputs), labels_all)
+            metrics.update({f"choice_{k}": v for k, v in choice.items()})
     elif task == "classification":
         metrics.update(classification_metrics(np.concatenate(outputs), np.concatenate(labels)))
     else:

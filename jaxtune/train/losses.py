@@ -7,7 +7,7 @@ and packed rows equal unpacked ones, whatever the number of real tokens in each.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,32 @@ def causal_lm_loss(
     k = h.shape[0] // chunk
     per_chunk = jax.lax.map(chunk_loss, (h.reshape(k, chunk, d), y.reshape(k, chunk), w.reshape(k, chunk)))
     return per_chunk.sum(), w.sum()
+
+
+def projected_columns(hidden: Array, project: Callable[[Array], Array], columns: Sequence[int], *,
+                      chunk_tokens: int = 2048) -> Array:
+    """The LM head's logits for a few vocabulary ``columns`` at every position, chunk by chunk.
+
+    Args:
+      hidden: final hidden states ``(B, T, D)``.
+      project: hidden ``(N, D)`` -> logits ``(N, V)``.
+      columns: token ids to keep (``C`` of them).
+      chunk_tokens: tokens per chunk, as in :func:`causal_lm_loss` (the full ``(chunk, V)``
+        logits exist one chunk at a time).
+
+    Returns:
+      float32 ``(B, T, C)``. Meant for evaluation (e.g. comparing answer choices); not
+      rematerialised.
+    """
+    b, t, d = hidden.shape
+    h = hidden.reshape(-1, d)
+    n = h.shape[0]
+    chunk = min(chunk_tokens, n)
+    pad = (-n) % chunk
+    h = jnp.pad(h, ((0, pad), (0, 0)))
+    cols = jnp.asarray(columns, jnp.int32)
+    picked = jax.lax.map(lambda h_c: project(h_c).astype(jnp.float32)[:, cols], h.reshape(-1, chunk, d))
+    return picked.reshape(-1, len(columns))[:n].reshape(b, t, len(columns))
 
 
 def classification_loss(logits: Array, labels: Array, weights: Array | None = None) -> tuple[Array, Array]:

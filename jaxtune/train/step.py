@@ -10,7 +10,7 @@ reported in the metrics, so no bad update ever reaches a checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxtune.train.losses import causal_lm_loss, classification_loss, regression_loss
+from jaxtune.train.losses import causal_lm_loss, classification_loss, projected_columns, regression_loss
 from jaxtune.tuning.partition import combine
 
 Array = jax.Array
@@ -28,14 +28,16 @@ LossFn = Callable[[Any, Batch, Array, bool], tuple[Array, Array, Array]]
 TASKS = ("lm", "classification", "regression")
 
 
-def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regression: str = "mse") -> LossFn:
+def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regression: str = "mse",
+                 choice_ids: Sequence[int] = ()) -> LossFn:
     """The task's loss as a function of the full params.
 
     Batches follow the data contract (``jaxtune.data``): LM batches carry ``input_ids``,
     ``targets``, ``loss_weights``, ``segment_ids``, ``positions``; classification/regression
     batches carry ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids``, ``labels``.
     The third output is per-example predictions for metrics (class logits, regression values)
-    or, for LMs, the per-row token counts.
+    or, for LMs, the per-row token counts. With ``choice_ids`` (LM only: the first token of each
+    allowed answer) it is instead :func:`answer_choices` of the batch, for choice accuracy.
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r} is unknown; choose one of {', '.join(TASKS)}")
@@ -52,6 +54,9 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
 
             total, weight = causal_lm_loss(hidden, batch["targets"], batch["loss_weights"], project,
                                            chunk_tokens=chunk_tokens)
+            if choice_ids:
+                logits = projected_columns(hidden, project, choice_ids, chunk_tokens=chunk_tokens)
+                return total, weight, answer_choices(logits, batch, choice_ids)
             return total, weight, batch["loss_weights"].sum(-1)
         outputs = module.apply(variables, input_ids=batch["input_ids"], segment_ids=batch.get("segment_ids"),
                                positions=batch.get("positions"), token_type_ids=batch.get("token_type_ids"),
@@ -64,6 +69,29 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
         return total, weight, outputs.reshape(batch["labels"].shape)
 
     return loss_fn
+
+
+def answer_choices(choice_logits: Array, batch: Batch, choice_ids: Sequence[int]) -> dict[str, Array]:
+    """Where each supervised span (an answer) starts, and which choice it is.
+
+    Args:
+      choice_logits: float ``(B, T, C)``, the logits of the choices' first tokens.
+      batch: an LM batch (``targets``, ``loss_weights``, ``segment_ids``).
+      choice_ids: the ``C`` first-token ids.
+
+    Returns:
+      ``{"logits": (B, T, C), "start": bool (B, T), "choice": int32 (B, T)}``: ``start`` marks
+      the first target of every supervised span (one per assistant turn or completion, also
+      in packed rows); ``choice`` is the index of that target among ``choice_ids``, or -1.
+    """
+    supervised = batch["loss_weights"] > 0
+    segments = batch.get("segment_ids", jnp.ones_like(batch["targets"]))
+    previous = jnp.pad(supervised[:, :-1], ((0, 0), (1, 0)))
+    same_segment = jnp.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (1, 0)))
+    start = supervised & ~(previous & same_segment)
+    matches = batch["targets"][..., None] == jnp.asarray(choice_ids, batch["targets"].dtype)
+    choice = jnp.where(matches.any(-1), jnp.argmax(matches, axis=-1), -1).astype(jnp.int32)
+    return {"logits": choice_logits, "start": start, "choice": choice}
 
 
 def example_weights(batch: Batch) -> Array:

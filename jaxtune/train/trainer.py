@@ -40,7 +40,9 @@ Callback = Callable[["Trainer", int, dict[str, float]], None]
 class TrainConfig:
     """How long and how to run. ``steps`` counts optimizer updates (each of ``grad_accum_steps``
     micro-batches); ``best_metric`` (e.g. ``"accuracy"``) picks the best checkpoint and drives
-    early stopping after ``early_stopping_patience`` evaluations without improvement."""
+    early stopping after ``early_stopping_patience`` evaluations without improvement.
+    ``choice_token_ids`` (LM tasks): the first tokens of the allowed answers; evaluation then
+    also reports ``choice_accuracy`` (see :func:`jaxtune.train.evaluate.evaluate`)."""
 
     steps: int
     grad_accum_steps: int = 1
@@ -53,6 +55,7 @@ class TrainConfig:
     seed: int = 0
     chunk_tokens: int = 2048
     regression_loss: str = "mse"
+    choice_token_ids: tuple[int, ...] = ()
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -61,6 +64,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.early_stopping_patience is not None and not self.best_metric:
             raise ValueError("train.early_stopping_patience needs train.best_metric (the metric to watch)")
+        if len(set(self.choice_token_ids)) != len(self.choice_token_ids):
+            raise ValueError(f"choice_token_ids {self.choice_token_ids} repeat a token: choices must start differently")
 
 
 @dataclasses.dataclass
@@ -112,6 +117,8 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         trainable, frozen = partition(tuned.params, tuned.labels)
         groups, _ = partition(tuned.labels, tuned.labels)
+        if config.choice_token_ids and tuned.task != "lm":
+            raise ValueError(f"choice_token_ids score LM answers; this model's task is {tuned.task!r}")
         if not jax.tree.leaves(trainable):
             raise ValueError("the plan leaves nothing trainable; add a train/lora/head rule")
         if isinstance(optimizer, OptimizerConfig):
@@ -130,11 +137,13 @@ class Trainer:
             else NamedSharding(self.mesh, PartitionSpec()), self.opt_state))
         loss_fn = make_loss_fn(tuned.module, tuned.task, chunk_tokens=config.chunk_tokens,
                                regression=config.regression_loss)
+        eval_loss_fn = make_loss_fn(tuned.module, tuned.task, chunk_tokens=config.chunk_tokens,
+                                    regression=config.regression_loss, choice_ids=config.choice_token_ids)
         opt_shardings = jax.tree.map(lambda x: x.sharding, self.opt_state)
         self.train_step = jax.jit(make_train_step(loss_fn, self.optimizer, grad_accum_steps=config.grad_accum_steps),
                                   donate_argnums=(0, 2),
                                   out_shardings=(self._trainable_shardings, opt_shardings, None))
-        self.eval_step = jax.jit(make_eval_step(loss_fn))
+        self.eval_step = jax.jit(make_eval_step(eval_loss_fn))
         self.rng = jax.random.key(config.seed)
         self.step = 0
         self.checkpointer: Checkpointer | None = None
