@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import common  # noqa: F401 - puts this checkout's jaxtune first on sys.path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 

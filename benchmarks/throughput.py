@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -33,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import ROOT, load_average, machine, now, versions, worker_env
 
 SHAPES: dict[str, dict[str, Any]] = {
     "smoke": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -262,18 +261,6 @@ def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, co
 # ----------------------------------------------------------------------------- driver
 
 
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            out[pkg] = "missing"
-    return out
-
-
 def table(results: list[dict[str, Any]]) -> str:
     rows = ["| workload | side | tokens/s | vs HF+PEFT | MFU | peak memory | first step |",
             "|---|---|---|---|---|---|---|"]
@@ -327,17 +314,17 @@ def main() -> None:
     if args.serve is not None:
         serve_side(args.serve, json.loads(args.workload), args.threads)
         return
-    env = {**os.environ, "XLA_PYTHON_CLIENT_PREALLOCATE": "false", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("XLA_FLAGS", None)  # one device per side, whatever the caller's test set-up
+    env = worker_env()
+    load_at_start = load_average()
     results = []
     for work in MODES[mode]:
         results.append(run_workload({**work, "gpu": mode == "gpu"}, rounds, steps, args.threads,
                                     args.torch_compile, env))
         print(f"done {work['shape']} {work['method']}", file=sys.stderr)
-    record = {"date": time.strftime("%Y-%m-%d %H:%M"), "command": " ".join(sys.argv), "mode": mode,
-              "machine": f"{platform.node()} {platform.machine()}, {os.cpu_count()} CPU cores",
+    record = {"date": now(), "command": " ".join(sys.argv), "mode": mode, "machine": machine(),
+              "load_average_at_start": load_at_start,
               "threads_per_side": args.threads, "rounds": rounds, "steps_per_round": steps,
-              "versions": _versions(), "shapes": {w["shape"]: SHAPES[w["shape"]] for w in MODES[mode]},
+              "versions": versions(), "shapes": {w["shape"]: SHAPES[w["shape"]] for w in MODES[mode]},
               "results": results}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"throughput-{mode}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ def causal_lm_loss(
       project: hidden ``(N, D)`` -> logits ``(N, V)`` (the LM head).
       chunk_tokens: tokens per chunk. Only one chunk's float32 logits ``(chunk, V)`` exist at a
         time, forward and backward (each chunk is rematerialised), instead of ``(B*T, V)``.
+        When all tokens fit in one chunk nothing is rematerialised.
 
     Returns:
       ``(sum of weight * CE, sum of weights)``, float32 scalars.
@@ -48,7 +49,6 @@ def causal_lm_loss(
         y = jnp.pad(y, (0, pad))
         w = jnp.pad(w, (0, pad))
 
-    @jax.checkpoint
     def chunk_loss(args: tuple[Array, Array, Array]) -> Array:
         h_c, y_c, w_c = args
         logits = project(h_c).astype(jnp.float32)
@@ -57,7 +57,12 @@ def causal_lm_loss(
         return jnp.sum((lse - picked) * w_c)
 
     k = h.shape[0] // chunk
-    per_chunk = jax.lax.map(chunk_loss, (h.reshape(k, chunk, d), y.reshape(k, chunk), w.reshape(k, chunk)))
+    if k == 1:
+        # One chunk: rematerialising would recompute the vocabulary projection in the backward
+        # pass for no memory saving (the backward holds logits and their gradient either way).
+        return chunk_loss((h, y, w)), w.sum()
+    per_chunk = jax.lax.map(jax.checkpoint(chunk_loss), (h.reshape(k, chunk, d), y.reshape(k, chunk),
+                                                         w.reshape(k, chunk)))
     return per_chunk.sum(), w.sum()
 
 

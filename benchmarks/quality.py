@@ -1,0 +1,442 @@
+"""Fine-tuning quality: jaxtune vs PyTorch (transformers + PEFT) on the real tasks of ASSETS.md.
+
+    python benchmarks/quality.py                       # all four tasks, ~1 hour on 2 CPU cores
+    python benchmarks/quality.py --tasks minilm-full   # one task
+    python benchmarks/quality.py --smoke               # seconds per side: checks that it works
+
+Each task runs end to end twice, each side in its own process: jaxtune through its public run
+API (:func:`jaxtune.run.train`, what ``jaxtune train`` runs) and an equivalent PyTorch script
+written here with transformers + PEFT. Both sides read the same rows (written once by this
+driver), start from the same pretrained weights, and use the same method, hyperparameters and
+budget: AdamW (weight decay on matrices only), the same learning-rate schedule (linear warmup
+from ``lr/warmup`` to ``lr``, cosine decay to 0), per-group learning-rate multipliers for new
+heads, gradient clipping at 1.0, the same batch size, max length and epochs. Row order
+differs (each side shuffles with its own seeded generator).
+
+Metrics come from one place, :mod:`jaxtune.train.evaluate`: the PyTorch worker returns raw
+predictions and the driver scores them with the functions jaxtune itself uses. Per side: base
+(pretrained body + fresh head/adapters) and fine-tuned metrics, training wall time (first step
+and compile included) and the whole run's wall time (loading, both evaluations, training).
+
+Tasks:
+  minilm-lora-head   all-MiniLM-L6-v2 + Rotten Tomatoes (4k train / 2k test): LoRA r8 on all
+                     linears + a mean-pooled classification head.
+  minilm-full        the same data: every weight + BERT's pooler head (ASSETS.md reference:
+                     0.795 after 1 epoch).
+  smollm2-chat-lora  SmolLM2-135M-Instruct, reviews as a chat question answered
+                     "positive"/"negative" (800 / 400): LoRA r8 on q,k,v,o; choice accuracy
+                     (first-token logit of "positive" vs "negative"; ASSETS.md: 0.59 zero-shot).
+  vader-lora-head    MiniLM + VADER human sentiment ratings (-4..4), 4k train / 1k test
+                     subsets: LoRA r8 + a mean-pooled regression head with a 128-wide GELU
+                     layer, Huber loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, load_average, machine, now, versions, worker_env
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One fine-tuning task, as both sides run it."""
+
+    model: str  # a packaged model (jaxtune fetch)
+    dataset: str  # rotten_tomatoes | rotten_tomatoes_chat | vader
+    kind: str  # classification | regression | chat
+    method: str  # lora-head | full-pooler | lora
+    train: int
+    test: int
+    max_length: int
+    batch_size: int
+    learning_rate: float
+    head_lr: float = 1.0  # the head's learning-rate multiplier
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    rank: int = 8
+    alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()  # empty: every linear layer of the body
+    hidden: tuple[int, ...] = ()  # GELU layers of the head before its output
+    regression_loss: str = "mse"
+    choices: tuple[str, ...] = ()
+
+
+TASKS: dict[str, Task] = {
+    "minilm-lora-head": Task("all-MiniLM-L6-v2", "rotten_tomatoes", "classification", "lora-head", 4000, 2000, 64, 32,
+                             1e-3, head_lr=5.0),
+    "minilm-full": Task("all-MiniLM-L6-v2", "rotten_tomatoes", "classification", "full-pooler", 4000, 2000, 64, 32,
+                        5e-5, head_lr=20.0),
+    "smollm2-chat-lora": Task("SmolLM2-135M-Instruct", "rotten_tomatoes_chat", "chat", "lora", 800, 400, 160, 8, 2e-4,
+                              weight_decay=0.0, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                              choices=("positive", "negative")),
+    "vader-lora-head": Task("all-MiniLM-L6-v2", "vader", "regression", "lora-head", 4000, 1000, 64, 32, 1e-3,
+                            head_lr=3.0, hidden=(128,), regression_loss="huber"),
+}
+
+
+def smoke(task: Task) -> Task:
+    """The task at a size that only checks the script works: 2 steps of 8 rows, 16 test rows."""
+    return dataclasses.replace(task, train=16, test=16, batch_size=8)
+
+
+def schedule(step: int, total: int, task: Task) -> float:
+    """The learning rate at ``step`` (what :func:`jaxtune.train.optim.make_schedule` computes for
+    warmup_ratio + cosine; the PyTorch side uses this)."""
+    warmup = min(int(task.warmup_ratio * total), total - 1) if total > 1 else 0
+    if step < warmup:
+        return task.learning_rate * (1 / warmup + (1 - 1 / warmup) * step / max(warmup - 1, 1))
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return task.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------- data (driver)
+
+
+def write_rows(task: Task, folder: Path) -> dict[str, Path]:
+    """The exact train/test rows both sides read, as JSONL in ``folder``, and the model directory."""
+    import numpy as np
+
+    from jaxtune.data import datasets
+    from jaxtune.models.assets import fetch_model
+
+    if task.dataset == "rotten_tomatoes":
+        prepared = datasets.prepare_rotten_tomatoes(train_size=task.train, test_size=task.test)
+    elif task.dataset == "rotten_tomatoes_chat":
+        prepared = datasets.prepare_rotten_tomatoes_chat(train_size=task.train, test_size=task.test)
+    else:
+        prepared = datasets.prepare_vader()
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, size, seed in (("train", task.train, 0), ("test", task.test, 1)):
+        lines = getattr(prepared, split).read_text(encoding="utf-8").splitlines()
+        if len(lines) > size:  # a seeded subset (VADER; the Rotten Tomatoes splits are already this size)
+            keep = np.sort(np.random.default_rng(seed).permutation(len(lines))[:size])
+            lines = [lines[i] for i in keep]
+        out[split] = folder / f"{split}.jsonl"
+        out[split].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    out["model"] = fetch_model(task.model)
+    return out
+
+
+def steps_of(task: Task) -> int:
+    return task.train * task.epochs // task.batch_size
+
+
+# ----------------------------------------------------------------------------- jaxtune side (worker)
+
+
+def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
+    """The task through ``jaxtune.run.train``; returns metrics and timings."""
+    from jaxtune import config as config_lib
+    from jaxtune import run
+
+    if task.method == "full-pooler":
+        plan = [{"preset": "full"}, {"action": "head", "task": "classification", "pooling": "pooler"}]
+    else:
+        lora = {"preset": "lora", "rank": task.rank, "alpha": task.alpha}
+        plan = [{**lora, "targets": list(task.lora_targets)} if task.lora_targets else lora]
+        if task.method == "lora-head":
+            plan.append({"action": "head", "task": task.kind, "pooling": "mean", "hidden": list(task.hidden)})
+    data = {
+        "model": {"path": files["model"]},
+        "plan": plan,
+        "data": {"train": files["train"], "validation": files["test"], "kind": task.kind,
+                 "max_length": task.max_length, "batch_size": task.batch_size, "packing": False},
+        "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
+                      "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
+                      **({"group_lr": {"head": task.head_lr}} if task.head_lr != 1.0 else {})},
+        "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss},
+        "eval": {"choices": list(task.choices)} if task.choices else {},
+        "checkpoint": {"every": 10**9, "keep": 1},
+        "output": {"dir": run_dir, "export": "none"},
+    }
+    marks: dict[str, float] = {}
+
+    def log(message: str) -> None:
+        if message.startswith("base:"):
+            marks["train_start"] = time.perf_counter()
+        elif message.startswith("evaluating the fine-tuned"):
+            marks["train_end"] = time.perf_counter()
+
+    out = run.train(config_lib.validate(config_lib.from_data(config_lib.Config, data)), log=log)
+    return {"before": out["before"], "after": out["after"], "steps": out["step"],
+            "train_s": marks["train_end"] - marks["train_start"]}
+
+
+# ----------------------------------------------------------------------------- PyTorch side (worker)
+
+
+def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
+    """The same task written the usual way with transformers + PEFT; returns raw predictions."""
+    import numpy as np
+    import peft
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    torch.set_num_threads(os.cpu_count() or 1)
+    directory = files["model"]  # no jaxtune import here: JAX's thread pool in the process slows torch
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    rows = {split: [json.loads(line) for line in Path(files[split]).read_text(encoding="utf-8").splitlines()]
+            for split in ("train", "test")}
+    labels = sorted({r["label"] for r in rows["train"]}) if task.kind == "classification" else None
+
+    if task.kind == "chat":
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=task.rank, lora_alpha=task.alpha, lora_dropout=0.0,
+                                                           target_modules=list(task.lora_targets)))
+        head_params: list[torch.nn.Parameter] = []
+    elif task.method == "full-pooler":
+        model = transformers.BertForSequenceClassification.from_pretrained(directory, num_labels=len(labels))
+        head_params = list(model.classifier.parameters())
+    else:
+        body = transformers.BertModel.from_pretrained(directory, add_pooling_layer=False)
+        body = peft.get_peft_model(body, peft.LoraConfig(r=task.rank, lora_alpha=task.alpha, lora_dropout=0.0,
+                                                         target_modules=["query", "key", "value", "dense"]))
+        model = mean_pool_model(body, len(labels) if labels else 1, task.hidden, body.config.hidden_dropout_prob)
+        head_params = list(model.head.parameters())
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    head_ids = {id(p) for p in head_params}
+    groups = []
+    for is_head in (False, True):
+        for decay in (True, False):
+            params = [p for p in trainable if (id(p) in head_ids) == is_head and (p.ndim >= 2) == decay]
+            if params:
+                groups.append({"params": params, "weight_decay": task.weight_decay if decay else 0.0,
+                               "lr_scale": task.head_lr if is_head else 1.0})
+    optimizer = torch.optim.AdamW(groups, lr=task.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    total = steps_of(task)
+
+    def encode(batch_rows: list[dict], *, for_eval: bool) -> dict[str, torch.Tensor]:
+        if task.kind != "chat":
+            enc = tokenizer([r["text"] for r in batch_rows], truncation=True, max_length=task.max_length,
+                            padding=True, return_tensors="pt")
+            if task.kind == "classification":
+                enc["labels"] = torch.tensor([labels.index(r["label"]) for r in batch_rows])
+            else:
+                enc["labels"] = torch.tensor([float(r["target"]) for r in batch_rows])
+            return enc
+        if for_eval:  # the prompt only, left-padded: the next token's logits are at the end
+            prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+                       for r in batch_rows]
+            tokenizer.padding_side = "left"
+            enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+            enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+            return enc
+        ids, targets = [], []
+        for r in batch_rows:  # prompt tokens get label -100: loss on the assistant's answer only
+            prompt = tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(r["messages"], tokenize=False)
+            p = tokenizer(prompt, add_special_tokens=False).input_ids
+            a = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False).input_ids
+            ids.append((p + a)[:task.max_length])
+            targets.append(([-100] * len(p) + a)[:task.max_length])
+        width = max(map(len, ids))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+                "labels": torch.tensor([y + [-100] * (width - len(y)) for y in targets])}
+
+    choice_ids = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in task.choices]
+
+    @torch.no_grad()
+    def predict() -> tuple[np.ndarray, np.ndarray]:
+        model.eval()
+        outputs, truth = [], []
+        for i in range(0, len(rows["test"]), task.batch_size):
+            batch_rows = rows["test"][i:i + task.batch_size]
+            enc = encode(batch_rows, for_eval=True)
+            if task.kind == "chat":
+                logits = model(**enc).logits[:, -1, choice_ids]
+                truth += [task.choices.index(r["messages"][-1]["content"]) for r in batch_rows]
+            else:
+                target = enc.pop("labels")
+                logits = model(**enc).logits
+                truth += target.tolist()
+            outputs.append(logits.float().numpy())
+        model.train()
+        return np.concatenate(outputs), np.asarray(truth)
+
+    start = time.perf_counter()
+    before = predict()
+    train_start = time.perf_counter()
+    model.train()
+    order = torch.randperm(len(rows["train"]), generator=torch.Generator().manual_seed(0)).tolist()
+    losses = []
+    for step in range(total):
+        idx = order[step * task.batch_size:(step + 1) * task.batch_size]
+        enc = encode([rows["train"][i] for i in idx], for_eval=False)
+        target = enc.pop("labels")
+        logits = model(**enc).logits
+        if task.kind == "chat":
+            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(),
+                                                     ignore_index=-100)
+        elif task.kind == "classification":
+            loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        else:
+            pred = logits.float().reshape(-1)
+            loss = (torch.nn.functional.huber_loss(pred, target, delta=1.0) if task.regression_loss == "huber"
+                    else torch.nn.functional.mse_loss(pred, target))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = schedule(step, total, task) * group["lr_scale"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    train_s = time.perf_counter() - train_start
+    after = predict()
+    return {"before_outputs": before[0].tolist(), "after_outputs": after[0].tolist(), "labels": before[1].tolist(),
+            "steps": total, "train_s": train_s, "eval_and_train_s": time.perf_counter() - start,
+            "last_losses": losses[-5:]}
+
+
+def mean_pool_model(body: Any, outputs: int, hidden: tuple[int, ...], dropout: float) -> Any:
+    """A BERT body + masked mean pooling + (dropout, Linear, GELU)* + dropout + Linear: the
+    module jaxtune's ``{action: head, pooling: mean, hidden: [...]}`` builds, initialised the
+    same way (normal(0.02) weights, zero biases). Returns an ``nn.Module`` whose output has
+    ``.logits`` ``(B, outputs)``."""
+    import torch
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class MeanPoolModel(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = body
+            layers: list[torch.nn.Module] = []
+            width = body.config.hidden_size
+            for w in hidden:
+                layers += [torch.nn.Dropout(dropout), torch.nn.Linear(width, w), torch.nn.GELU()]
+                width = w
+            layers += [torch.nn.Dropout(dropout), torch.nn.Linear(width, outputs)]
+            self.head = torch.nn.Sequential(*layers)
+            for m in self.head:
+                if isinstance(m, torch.nn.Linear):
+                    torch.nn.init.normal_(m.weight, std=0.02)
+                    torch.nn.init.zeros_(m.bias)
+
+        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
+            states = self.body(input_ids=input_ids, attention_mask=attention_mask,
+                               token_type_ids=token_type_ids).last_hidden_state
+            mask = attention_mask[..., None].to(states.dtype)
+            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            return SequenceClassifierOutput(logits=self.head(pooled))
+
+    return MeanPoolModel()
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def score(task: Task, outputs: list, labels: list) -> dict[str, float]:
+    """Metrics of raw predictions with jaxtune's own metric functions."""
+    import numpy as np
+
+    from jaxtune.train.evaluate import classification_metrics, regression_metrics
+
+    out, y = np.asarray(outputs, np.float64), np.asarray(labels)
+    if task.kind == "regression":
+        return regression_metrics(out.reshape(-1), y)
+    metrics = classification_metrics(out, y.astype(np.int64))
+    return {f"choice_{k}": v for k, v in metrics.items()} if task.kind == "chat" else metrics
+
+
+def headline(task: Task) -> str:
+    return {"classification": "accuracy", "regression": "pearson", "chat": "choice_accuracy"}[task.kind]
+
+
+def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Path, env: dict[str, str],
+             smoke_run: bool) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--tasks", name,
+           "--files", json.dumps({k: str(v) for k, v in files.items()}), "--run-dir", str(work / side)]
+    if smoke_run:
+        cmd.append("--smoke")
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise RuntimeError(f"{name} / {side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    if side == "pytorch":
+        result = {"before": score(task, result.pop("before_outputs"), result["labels"]),
+                  "after": score(task, result.pop("after_outputs"), result.pop("labels")), **result}
+    return {**result, "wall_s": wall}
+
+
+def table(records: list[dict[str, Any]]) -> str:
+    rows = ["| task | side | metric | base | fine-tuned | steps | train wall | whole run |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        metric = r["metric"]
+        for side, s in r["sides"].items():
+            rows.append(f"| {r['task']} | {side} | {metric} | {s['before'][metric]:.3f} | {s['after'][metric]:.3f} | "
+                        f"{s['steps']} | {s['train_s']:.0f} s | {s['wall_s']:.0f} s |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
+    ap.add_argument("--smoke", action="store_true", help="16 train / 16 test rows per task")
+    ap.add_argument("--sides", default="jaxtune,pytorch")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json)")
+    ap.add_argument("--work", default=None, help="folder for rows and runs (default: a temporary one)")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one side of one task
+    ap.add_argument("--files", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    names = args.tasks.split(",")
+    unknown = [n for n in names if n not in TASKS]
+    if unknown:
+        ap.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
+    tasks = {n: smoke(TASKS[n]) if args.smoke else TASKS[n] for n in names}
+    if args.worker:
+        from absl import flags
+
+        flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+        (name,) = names
+        files = json.loads(args.files)
+        result = (jaxtune_side(tasks[name], files, args.run_dir) if args.worker == "jaxtune"
+                  else torch_side(tasks[name], files))
+        print(json.dumps(result))
+        return
+
+    import tempfile
+
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="jaxtune-quality-"))
+    env = worker_env()
+    record = {"date": now(), "command": " ".join(sys.argv), "machine": machine(), "versions": versions(),
+              "load_average_at_start": load_average(), "tasks": []}
+    for name, task in tasks.items():
+        files = write_rows(task, work / name)
+        sides = {}
+        for side in args.sides.split(","):
+            sides[side] = run_side(name, task, side, files, work / name, env, args.smoke)
+            s = sides[side]
+            print(f"{name} / {side}: {headline(task)} {s['before'][headline(task)]:.3f} -> "
+                  f"{s['after'][headline(task)]:.3f}, train {s['train_s']:.0f} s, run {s['wall_s']:.0f} s",
+                  file=sys.stderr, flush=True)
+        record["tasks"].append({"task": name, "setup": dataclasses.asdict(task), "metric": headline(task),
+                                "sides": sides})
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("quality-smoke.json" if args.smoke else "quality.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2))
+    print(table(record["tasks"]))
+    print(f"\n{record['date']}, {record['machine']}; JSON {out}")
+
+
+if __name__ == "__main__":
+    main()
