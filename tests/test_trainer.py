@@ -134,6 +134,31 @@ def test_choice_accuracy_matches_transformers_logits_packed_or_not(setup, tmp_pa
         TrainConfig(steps=1, choice_token_ids=(ids[0], ids[0]))
 
 
+def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_path, capsys):
+    """SIGINT landing just as the jitted step returns (its inputs already donated) must not lose
+    the params: the trainer finishes the step, stops, and saves a checkpoint that resumes."""
+    import signal
+
+    model_dir, train, _ = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+    trainer = Trainer(tuned, train_data=_loader(train, train=True), optimizer=OptimizerConfig(learning_rate=1e-3),
+                      config=TrainConfig(steps=50, log_every=1, progress=False), run_dir=tmp_path, mesh=ONE_DEVICE())
+    step = trainer.train_step
+
+    def step_then_interrupt(*args):
+        out = step(*args)
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs before this returns
+        return out
+
+    trainer.train_step = step_then_interrupt
+    result = trainer.fit()
+    assert result.state == "stopped" and result.step == 3
+    assert trainer.checkpointer.steps() == [3]
+    assert "stopping after this step" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+
+
 def test_early_stopping_on_a_metric_that_stops_improving(setup, tmp_path):
     model_dir, train, valid = setup
     tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))

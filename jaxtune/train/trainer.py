@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,6 +36,34 @@ from jaxtune.train.step import make_eval_step, make_loss_fn, make_train_step
 from jaxtune.tuning.partition import combine, partition
 
 Callback = Callable[["Trainer", int, dict[str, float]], None]
+
+
+class _StopOnInterrupt:
+    """While active, the first Ctrl-C (SIGINT) only sets ``requested``; the loop stops at the
+    next step boundary. A KeyboardInterrupt raised mid-step could land after the jitted step
+    consumed (donated) the params but before its results were stored, leaving nothing to save.
+    A second Ctrl-C interrupts at once. Outside the main thread, signals are left alone."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl-C: stopping after this step and saving a checkpoint (press again to stop at once)",
+              file=sys.stderr)
+
+    def install(self) -> "_StopOnInterrupt":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,8 +263,11 @@ class Trainer:
                                    metrics={"best_value": best_value, "best_step": best_step, "bad_evals": bad_evals,
                                             **metrics})
 
+        interrupt = _StopOnInterrupt().install()
         try:
             while self.step < cfg.steps:
+                if interrupt.requested:
+                    raise KeyboardInterrupt
                 try:
                     batch = next(iterator)
                 except StopIteration:
@@ -296,9 +329,15 @@ class Trainer:
                 save(eval_metrics)
         except KeyboardInterrupt:
             state = "stopped"
-            print(f"\ninterrupted at step {self.step}; saving a checkpoint to resume from", file=sys.stderr)
-            save(eval_metrics)
+            if any(x.is_deleted() for x in jax.tree.leaves(self.trainable)):  # a second Ctrl-C, mid-step
+                good = self.checkpointer.steps()
+                print(f"\ninterrupted during step {self.step + 1}; nothing saved, resume from checkpoint "
+                      f"{good[-1] if good else '(none: starts over)'}", file=sys.stderr)
+            else:
+                print(f"\ninterrupted at step {self.step}; saving a checkpoint to resume from", file=sys.stderr)
+                save(eval_metrics)
         finally:
+            interrupt.restore()
             self.checkpointer.wait()
             if self._tb is not None:
                 self._tb.close()
