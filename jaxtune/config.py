@@ -71,7 +71,10 @@ class DataConfig:
 
     ``train_size``/``validation_size``: rows to use (for ``rotten_tomatoes*`` the size of the
     prepared split; otherwise a seeded random subset). ``validation_fraction`` splits it off
-    ``train`` when there is no ``validation`` file.
+    ``train`` when there is no ``validation`` file. ``pad_to_multiple_of``: dynamic padding for
+    unpacked rows (classification, regression, ``packing: false``): each batch is only as wide
+    as its longest row, rounded up to this multiple; each width compiles once (see
+    :class:`jaxtune.data.LoaderConfig`).
     """
 
     dataset: Literal["rotten_tomatoes", "rotten_tomatoes_chat", "rotten_tomatoes_text", "vader",
@@ -86,6 +89,7 @@ class DataConfig:
     batch_size: int = 8
     eval_batch_size: int | None = None
     packing: bool = True
+    pad_to_multiple_of: int | None = None
     truncation: Literal["right", "drop", "error", "split"] = "right"
     text_unit: Literal["file", "paragraph", "line"] = "file"
     skip_bad_rows: bool = False
@@ -474,7 +478,7 @@ def validate(config: Config) -> Config:
         raise ConfigError("data: give data.validation (a file) or data.validation_fraction, not both")
     if d.validation_fraction is not None and not 0 < d.validation_fraction < 1:
         raise ConfigError(f"data.validation_fraction: expected a number in (0, 1), got {d.validation_fraction}")
-    for name in ("max_length", "batch_size", "eval_batch_size", "train_size", "validation_size"):
+    for name in ("max_length", "batch_size", "eval_batch_size", "train_size", "validation_size", "pad_to_multiple_of"):
         value = getattr(d, name)
         if value is not None and value < 1:
             raise ConfigError(f"data.{name}: expected an integer >= 1, got {value}")

@@ -166,7 +166,8 @@ def make_loaders(config: Config, data: Data, tokenizer: Any, *, train: bool = Tr
     from jaxtune.data import LoaderConfig, make_loader
 
     d = config.data
-    common = dict(max_length=d.max_length, packing=d.packing, truncation=d.truncation, seed=d.seed)
+    common = dict(max_length=d.max_length, packing=d.packing, truncation=d.truncation, seed=d.seed,
+                  pad_to_multiple_of=d.pad_to_multiple_of)
     if train:
         data.train_loader = make_loader(data.train, tokenizer, LoaderConfig(
             batch_size=d.batch_size, num_epochs=None, worker_count=d.worker_count, **common), scan_first=False)

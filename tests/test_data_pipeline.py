@@ -102,6 +102,31 @@ def test_pad_mode_one_document_per_row(docs, tokenizer):
     assert sorted(segment_texts(tokenizer, batches)) == sorted(line + "</s>" for line in lines)
 
 
+@pytest.mark.parametrize("kind", ["labeled", "chat"])
+def test_dynamic_padding_cuts_batches_to_their_longest_row(kind, chat, labeled, tokenizer):
+    """pad_to_multiple_of: each batch is the full-width batch with only padding columns cut."""
+    source = labeled if kind == "labeled" else chat
+    options = dict(num_epochs=1, shuffle=False, drop_remainder=False, packing=False, max_length=256)
+    full = collect(loader(source, tokenizer, **options))
+    cut = collect(loader(source, tokenizer, pad_to_multiple_of=8, **options))
+    assert len(full) == len(cut)
+    widths = set()
+    for f, c in zip(full, cut):
+        width = c["input_ids"].shape[1]
+        longest = int(np.flatnonzero(f["segment_ids"].any(0))[-1]) + 1
+        assert width % 8 == 0 and longest <= width < longest + 8
+        widths.add(width)
+        for key in f:
+            if f[key].ndim == 2:
+                np.testing.assert_array_equal(c[key], f[key][:, :width])
+                assert not f[key][:, width:].any()  # only padding was cut
+            else:
+                np.testing.assert_array_equal(c[key], f[key])
+    assert len(widths) > 1  # the data has rows of different lengths
+    with pytest.raises(ValueError, match="pad_to_multiple_of needs one process"):
+        loader(source, tokenizer, pad_to_multiple_of=8, shard_index=0, shard_count=2)
+
+
 def test_shuffle_is_seeded_and_changes_each_epoch(docs, tokenizer):
     source, _ = docs
 

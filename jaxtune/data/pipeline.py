@@ -56,6 +56,11 @@ class LoaderConfig:
       add_eos: append EOS to prompt/completion and raw-text examples.
       drop_remainder: drop the last partial batch; ``False`` fills it with empty rows (all
         ``segment_ids`` 0, weights 0) so shapes stay static.
+      pad_to_multiple_of: dynamic padding: cut each batch to its longest row rounded up to a
+        multiple of this (at most ``max_length``). Short texts then cost what they are, not
+        ``max_length`` tokens; each distinct width compiles the step once (at most
+        ``max_length / pad_to_multiple_of`` widths). ``None``: every row is ``max_length``.
+        One process only (processes would choose different widths).
       worker_count: grain worker processes that tokenize and pack (0: in-process threads).
       worker_buffer_size: rows buffered per worker.
       read_threads: threads tokenizing records in the process that packs.
@@ -75,6 +80,7 @@ class LoaderConfig:
     truncation: str = "right"
     add_eos: bool = True
     drop_remainder: bool = True
+    pad_to_multiple_of: int | None = None
     worker_count: int = 0
     worker_buffer_size: int = 4
     read_threads: int = 1
@@ -91,6 +97,8 @@ class LoaderConfig:
             raise ValueError(f"LoaderConfig.num_epochs must be >= 1 or None, got {self.num_epochs}")
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError("give both shard_index and shard_count, or neither")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ValueError(f"LoaderConfig.pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
 
 
 class _RowsIterDataset(grain.IterDataset):
@@ -155,6 +163,19 @@ class _FillBatch:
         return {k: np.concatenate([v, fill[k]]) for k, v in batch.items()}
 
 
+class _TrimBatch:
+    """Cuts the token columns of a batch to its longest real row, rounded up to ``multiple``."""
+
+    def __init__(self, multiple: int, max_length: int):
+        self.multiple, self.max_length = multiple, max_length
+
+    def __call__(self, batch: Batch) -> Batch:
+        used = np.flatnonzero(batch["segment_ids"].any(axis=0))
+        longest = int(used[-1]) + 1 if len(used) else 1
+        width = min(-(-longest // self.multiple) * self.multiple, self.max_length)
+        return {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
+
+
 def _mark_absl_flags_parsed() -> None:
     """grain reads absl flags when it starts workers; outside an absl app they are unparsed and
     reading them raises ``UnparsedFlagAccessError``. Parsed flags are left alone."""
@@ -191,6 +212,9 @@ class Loader:
         self.tokenize = Tokenize(tokenizer, source.kind, config.max_length, truncation=config.truncation,
                                  add_eos=config.add_eos)
         self.shard_index, self.shard_count = _shard(config)
+        if config.pad_to_multiple_of is not None and self.shard_count > 1:
+            raise ValueError(f"pad_to_multiple_of needs one process, but the data is sharded over {self.shard_count}: "
+                             "each would cut its batches to a different width; pad to max_length instead (None)")
         self.batch_size = config.batch_size // self.shard_count
         self.lm = source.kind in LM_KINDS
         self.dataset = self._build()
@@ -222,6 +246,8 @@ class Loader:
         it = it.batch(self.batch_size, drop_remainder=cfg.drop_remainder)
         if not cfg.drop_remainder:
             it = it.map(_FillBatch(self.batch_size))
+        if cfg.pad_to_multiple_of is not None:
+            it = it.map(_TrimBatch(cfg.pad_to_multiple_of, cfg.max_length))
         if not cfg.worker_count and cfg.prefetch_batches:
             it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
         return it
@@ -239,7 +265,8 @@ class Loader:
         return self._stats
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Shape and dtype of each array in a (per-process) batch, without reading data."""
+        """Shape and dtype of each array in a (per-process) batch, without reading data (the
+        widest shape, with ``pad_to_multiple_of``)."""
         shape = (self.batch_size, self.config.max_length)
         if self.lm:
             return {k: (shape, np.dtype(np.float32 if k == "loss_weights" else np.int32)) for k in packing.LM_KEYS}

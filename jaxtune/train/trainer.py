@@ -252,7 +252,10 @@ class Trainer:
             bad_evals = int(meta.get("metrics", {}).get("bad_evals", 0))
             print(f"resumed from {self.run_dir / 'checkpoints' / str(self.step)} at step {self.step}", file=sys.stderr)
         state, train_metrics, eval_metrics, pending = "finished", {}, {}, []
-        window_start, window_tokens = time.perf_counter(), 0.0
+        # The throughput window: tokens and steps since window_start. The first step (which
+        # compiles) is timed on its own and kept out, so tok/s, MFU and ETA are the steady state.
+        window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
+        first_step_s, first_tokens = None, 0.0
         self._write_status("running")
 
         def save(metrics: dict[str, Any]) -> None:
@@ -280,6 +283,12 @@ class Trainer:
                     self.trainable, self.frozen, self.opt_state, self._to_device(batch), step_rng)
                 self.step += 1
                 pending.append(metrics)
+                if first_step_s is None:
+                    first_tokens = float(jax.device_get(metrics["weight"]))  # waits for the step
+                    first_step_s = time.perf_counter() - window_start
+                    window_start, window_tokens, window_steps = time.perf_counter(), -first_tokens, -1
+                    if cfg.progress and self._main:
+                        print(f"step {self.step} took {first_step_s:.1f} s (compilation included)", file=sys.stderr)
                 last = self.step == cfg.steps
                 if self.step % cfg.log_every == 0 or last:
                     host = jax.device_get(pending)  # the one place the host waits for the device
@@ -295,15 +304,19 @@ class Trainer:
                         self._write_status("failed", error=msg)
                         break
                     window_tokens += sum(float(m["weight"]) for m in host)
+                    window_steps += len(host)
                     elapsed = time.perf_counter() - window_start
-                    train_metrics = self._train_record(host, window_tokens, elapsed)
-                    window_start, window_tokens = time.perf_counter(), 0.0
+                    if window_steps <= 0:  # nothing but the compiling first step yet
+                        window_tokens, window_steps, elapsed = first_tokens, 1, first_step_s
+                    train_metrics = self._train_record(host, window_tokens, window_steps, elapsed)
+                    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
                     self._log(train_metrics)
                     self._progress(train_metrics)
                     self._write_status("running", train=train_metrics, eval=eval_metrics, best_step=best_step)
                     for callback in self.callbacks:
                         callback(self, self.step, train_metrics)
                 if self.eval_data is not None and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
+                    eval_start = time.perf_counter()
                     eval_metrics = {f"eval/{k}": v for k, v in self.evaluate().items()}
                     self._log({"step": self.step, **eval_metrics})
                     if cfg.best_metric:
@@ -316,7 +329,7 @@ class Trainer:
                             self.checkpointer.save_best(self.step, self.trainable, eval_metrics)
                         else:
                             bad_evals += 1
-                    window_start = time.perf_counter()  # evaluation time is not training throughput
+                    window_start += time.perf_counter() - eval_start  # evaluation is not training throughput
                     if cfg.early_stopping_patience is not None and bad_evals >= cfg.early_stopping_patience:
                         print(f"early stopping at step {self.step}: {cfg.best_metric} has not improved for "
                               f"{bad_evals} evaluations (best {best_value:.4f} at step {best_step})", file=sys.stderr)
@@ -353,13 +366,13 @@ class Trainer:
         width = getattr(cfg, "num_heads", 0) * getattr(cfg, "head_dim", 0) or getattr(cfg, "hidden_size", 0)
         return flops.train_flops_per_token(*self._matmul_params, layers=layers, attn_width=width, seq_len=seq_len)
 
-    def _train_record(self, host: list[dict[str, Any]], tokens: float, elapsed: float) -> dict[str, Any]:
+    def _train_record(self, host: list[dict[str, Any]], tokens: float, steps: int, elapsed: float) -> dict[str, Any]:
         record: dict[str, Any] = {
             "step": self.step,
             "loss": float(np.mean([float(m["loss"]) for m in host])),
             "grad_norm": float(np.mean([float(m["grad_norm"]) for m in host])),
             "tokens_per_s": tokens / max(elapsed, 1e-9),
-            "steps_per_s": len(host) / max(elapsed, 1e-9),
+            "steps_per_s": steps / max(elapsed, 1e-9),
         }
         if self.schedule is not None:
             record["learning_rate"] = float(self.schedule(self.step - 1))
