@@ -70,6 +70,7 @@ class Task:
     hidden: tuple[int, ...] = ()  # GELU layers of the head before its output
     regression_loss: str = "mse"
     choices: tuple[str, ...] = ()
+    pad_to_multiple_of: int | None = 16  # jaxtune's dynamic padding (PyTorch pads each batch to its longest row)
 
 
 TASKS: dict[str, Task] = {
@@ -79,7 +80,7 @@ TASKS: dict[str, Task] = {
                         5e-5, head_lr=20.0),
     "smollm2-chat-lora": Task("SmolLM2-135M-Instruct", "rotten_tomatoes_chat", "chat", "lora", 800, 400, 160, 8, 2e-4,
                               weight_decay=0.0, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                              choices=("positive", "negative")),
+                              choices=("positive", "negative"), pad_to_multiple_of=32),
     "vader-lora-head": Task("all-MiniLM-L6-v2", "vader", "regression", "lora-head", 4000, 1000, 64, 32, 1e-3,
                             head_lr=3.0, hidden=(128,), regression_loss="huber"),
 }
@@ -152,7 +153,8 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
         "model": {"path": files["model"]},
         "plan": plan,
         "data": {"train": files["train"], "validation": files["test"], "kind": task.kind,
-                 "max_length": task.max_length, "batch_size": task.batch_size, "packing": False},
+                 "max_length": task.max_length, "batch_size": task.batch_size, "packing": False,
+                 "pad_to_multiple_of": task.pad_to_multiple_of},
         "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
                       "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
                       **({"group_lr": {"head": task.head_lr}} if task.head_lr != 1.0 else {})},
@@ -358,12 +360,12 @@ def headline(task: Task) -> str:
     return {"classification": "accuracy", "regression": "pearson", "chat": "choice_accuracy"}[task.kind]
 
 
-def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Path, env: dict[str, str],
-             smoke_run: bool) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--tasks", name,
-           "--files", json.dumps({k: str(v) for k, v in files.items()}), "--run-dir", str(work / side)]
-    if smoke_run:
-        cmd.append("--smoke")
+def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Path, env: dict[str, str]
+             ) -> dict[str, Any]:
+    """One side of one task in a fresh process (the task travels as JSON); its result and wall time."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--task-json",
+           json.dumps(dataclasses.asdict(task)), "--files", json.dumps({k: str(v) for k, v in files.items()}),
+           "--run-dir", str(work / side)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -392,9 +394,12 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     ap.add_argument("--smoke", action="store_true", help="16 train / 16 test rows per task")
     ap.add_argument("--sides", default="jaxtune,pytorch")
+    ap.add_argument("--static-padding", action="store_true",
+                    help="jaxtune pads every row to max_length (one compilation) instead of per batch")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json)")
     ap.add_argument("--work", default=None, help="folder for rows and runs (default: a temporary one)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one side of one task
+    ap.add_argument("--task-json", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--files", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -403,14 +408,16 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
     tasks = {n: smoke(TASKS[n]) if args.smoke else TASKS[n] for n in names}
+    if args.static_padding:
+        tasks = {n: dataclasses.replace(t, pad_to_multiple_of=None) for n, t in tasks.items()}
     if args.worker:
         from absl import flags
 
         flags.FLAGS.mark_as_parsed()  # grain reads absl flags
-        (name,) = names
+        fields = json.loads(args.task_json)
+        task = Task(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         files = json.loads(args.files)
-        result = (jaxtune_side(tasks[name], files, args.run_dir) if args.worker == "jaxtune"
-                  else torch_side(tasks[name], files))
+        result = jaxtune_side(task, files, args.run_dir) if args.worker == "jaxtune" else torch_side(task, files)
         print(json.dumps(result))
         return
 
@@ -424,7 +431,7 @@ def main() -> None:
         files = write_rows(task, work / name)
         sides = {}
         for side in args.sides.split(","):
-            sides[side] = run_side(name, task, side, files, work / name, env, args.smoke)
+            sides[side] = run_side(name, task, side, files, work / name, env)
             s = sides[side]
             print(f"{name} / {side}: {headline(task)} {s['before'][headline(task)]:.3f} -> "
                   f"{s['after'][headline(task)]:.3f}, train {s['train_s']:.0f} s, run {s['wall_s']:.0f} s",

@@ -64,3 +64,17 @@ def test_no_checkpoint_means_a_fresh_start(tmp_path):
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     trainable, opt_state = _state(mesh)
     assert Checkpointer(tmp_path, with_data=False).restore(trainable, opt_state) is None
+
+
+def test_stateless_optimizer_saves_and_restores(tmp_path):
+    """Plain SGD keeps no optimizer state (no leaves); its checkpoints still save and restore."""
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    trainable, _ = _state(mesh)
+    empty = optax.sgd(1e-2).init(trainable)
+    assert not jax.tree.leaves(empty)
+    ckpt = Checkpointer(tmp_path, with_data=False)
+    ckpt.save(3, trainable, empty, jax.random.key(0))
+    ckpt.close()
+    step, got, opt_state, _, _ = Checkpointer(tmp_path, with_data=False).restore(trainable, empty)
+    assert step == 3 and jax.tree.structure(opt_state) == jax.tree.structure(empty)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, trainable)

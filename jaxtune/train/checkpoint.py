@@ -63,8 +63,9 @@ class Checkpointer:
         """Start saving ``step`` (asynchronously); returns once device buffers are copied."""
         meta = {"step": int(step), "rng": np.asarray(jax.random.key_data(rng)).tolist(),
                 "config": config or {}, "metrics": metrics or {}}
-        items = {"trainable": ocp.args.StandardSave(trainable), "opt_state": ocp.args.StandardSave(opt_state),
-                 "meta": ocp.args.JsonSave(meta)}
+        items = {"trainable": ocp.args.StandardSave(trainable), "meta": ocp.args.JsonSave(meta)}
+        if jax.tree.leaves(opt_state):  # stateless optimizers (plain SGD, set_to_zero) have nothing to save
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
         if self.with_data:
             if data_iterator is None:
                 raise ValueError("Checkpointer(with_data=True) needs the data iterator to save its state")
@@ -120,15 +121,18 @@ class Checkpointer:
     def _restore_step(self, step: int, trainable_like: Any, opt_state_like: Any, data_iterator: Any) -> tuple[int, Any, Any, jax.Array, dict[str, Any]]:
         items: dict[str, Any] = {
             "trainable": ocp.args.StandardRestore(_abstract(trainable_like)),
-            "opt_state": ocp.args.StandardRestore(_abstract(opt_state_like)),
             "meta": ocp.args.JsonRestore(),
         }
+        stateful = bool(jax.tree.leaves(opt_state_like))
+        if stateful:
+            items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
         if self.with_data and data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self._latest.restore(step, args=ocp.args.Composite(**items))
         meta = restored["meta"]
         rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32)))
-        return int(meta["step"]), restored["trainable"], restored["opt_state"], rng, meta
+        opt_state = restored["opt_state"] if stateful else opt_state_like
+        return int(meta["step"]), restored["trainable"], opt_state, rng, meta
 
     def restore_best(self, trainable_like: Any) -> tuple[Any, dict[str, Any]] | None:
         """The best checkpoint's trainable params and metadata, or None."""
