@@ -51,7 +51,9 @@ SHAPES: dict[str, dict[str, Any]] = {
                                        "original_max_position_embeddings": 8192}),
 }
 MODES: dict[str, list[dict[str, Any]]] = {
-    "smoke": [dict(shape="smoke", method="lora", seq=32, batch=2), dict(shape="smoke", method="full", seq=32, batch=2)],
+    # The bf16 smoke workload runs GPU mode's precision recipe on the CPU, so CI checks that path.
+    "smoke": [dict(shape="smoke", method="lora", seq=32, batch=2), dict(shape="smoke", method="full", seq=32, batch=2),
+              dict(shape="smoke", method="lora", seq=32, batch=2, bf16=True)],
     "cpu": [dict(shape="tiny", method="lora", seq=256, batch=4), dict(shape="tiny", method="full", seq=256, batch=4)],
     "gpu": [dict(shape="llama3-1b", method="lora", seq=2048, batch=8),
             dict(shape="llama3-1b", method="full", seq=2048, batch=8),
@@ -81,12 +83,13 @@ def _jax_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool) -> dic
     from jaxtune.train.step import make_loss_fn, make_train_step
     from jaxtune.tuning.partition import partition
 
-    compute = "bfloat16" if gpu else "float32"
+    bf16 = work.get("bf16", gpu)
+    compute = "bfloat16" if bf16 else "float32"
     arch, cfg, module = hf.build(hf_config, dtype=compute, param_dtype=compute, remat=work.get("remat", "none"))
     params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     plan = tuning.lora(rank=16, alpha=32) if work["method"] == "lora" else tuning.full()
     tuned = tuning.apply_plan(hf.Pretrained(cfg, module, params, hf_config, "random", arch), plan,
-                              frozen_dtype=jnp.bfloat16 if gpu else None)
+                              frozen_dtype=jnp.bfloat16 if bf16 else None)
     del params
     trainable, frozen = partition(tuned.params, tuned.labels)
     optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-5, weight_decay=0.0, schedule="constant"), 1000)
@@ -129,7 +132,8 @@ def _torch_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool, comp
     config = transformers.LlamaConfig(**{k: v for k, v in hf_config.items() if k != "architectures"})
     config._attn_implementation = "sdpa"
     lora = work["method"] == "lora"
-    dtype = torch.bfloat16 if gpu and lora else torch.float32
+    bf16 = work.get("bf16", gpu)
+    dtype = torch.bfloat16 if bf16 and lora else torch.float32
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
     if work.get("remat") == "block":
@@ -152,7 +156,7 @@ def _torch_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool, comp
         sync()
         start = time.perf_counter()
         for _ in range(n):
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=gpu):
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
                 loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             optimizer.step()
@@ -242,7 +246,7 @@ def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, co
         stats["jaxtune"]["n_matmul"], stats["jaxtune"]["n_trainable"], layers=hf_config["num_hidden_layers"],
         attn_width=hf_config["num_attention_heads"] * head_dim, seq_len=work["seq"] // 2)  # one packed document
     device = stats["jaxtune"]["device"]
-    peak = flops.peak_flops(device, dtype="bfloat16" if gpu else "float32")
+    peak = flops.peak_flops(device, dtype="bfloat16" if work.get("bf16", gpu) else "float32")
     result = {"workload": work, "device": device, "tokens_per_step": tokens, "flops_per_token": model_flops,
               "sides": {}}
     for name in names:
@@ -266,7 +270,7 @@ def table(results: list[dict[str, Any]]) -> str:
             "|---|---|---|---|---|---|---|"]
     for r in results:
         w = r["workload"]
-        name = f"{w['shape']} {w['method']} b{w['batch']}x{w['seq']}"
+        name = f"{w['shape']} {w['method']} b{w['batch']}x{w['seq']}" + (" bf16" if w.get("bf16") else "")
         for side, s in r["sides"].items():
             mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] else "n/a"
             mem = f"{s['peak_memory_bytes'] / 2**30:.2f} GiB" if s["peak_memory_bytes"] else "n/a"
@@ -281,7 +285,8 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [f"{r['workload']['shape']}\n{r['workload']['method']}" for r in results]
+    labels = [f"{r['workload']['shape']}\n{r['workload']['method']}" + (" bf16" if r['workload'].get('bf16') else "")
+              for r in results]
     sides = list(results[0]["sides"])
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(results), 3.6))
     width = 0.8 / len(sides)

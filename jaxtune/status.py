@@ -116,7 +116,7 @@ def format_status(info: dict[str, Any]) -> str:
         lines.append(f"validation:  {_fmt(info['eval'], ('tokens',))}")
     if info["tokens_per_s"]:
         speed = info["train"].get("steps_per_s")
-        lines.append(f"speed:       {info['tokens_per_s']:.0f} tokens/s (examples/s for heads)"
+        lines.append(f"speed:       {info['tokens_per_s']:.0f} tokens/s (real input tokens, padding excluded)"
                      + (f", {speed:.3f} steps/s" if speed else ""))
     if info["eta_s"] is not None:
         lines.append(f"ETA:         {_hms(info['eta_s'])}")

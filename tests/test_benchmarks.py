@@ -24,6 +24,7 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "t.json").read_text())
     assert {r["workload"]["method"] for r in record["results"]} == {"lora", "full"}
+    assert any(r["workload"].get("bf16") for r in record["results"])  # GPU mode's precision, on the CPU
     for r in record["results"]:
         assert set(r["sides"]) == {"jaxtune", "hf+peft"} and all(s["tokens_per_s"] > 0 for s in r["sides"].values())
     assert (tmp_path / "t.png").stat().st_size > 0 and "| workload | side |" in proc.stdout

@@ -1,7 +1,11 @@
 """A small LoRA training run as a script: the resume (SIGKILL) and multi-process tests run it.
 
 python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
-    [--kill-at S] [--batch B] [--out FILE.npz] [--no-packing] [--coordinator HOST:PORT --process-id I --num-processes P]
+    [--kill-at S] [--batch B] [--out FILE.npz] [--no-packing] [--eval-out FILE.json]
+    [--coordinator HOST:PORT --process-id I --num-processes P]
+
+``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
+answers' first letters) and writes the metrics.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-packing", action="store_true", help="one example per row (padding mode)")
+    ap.add_argument("--eval-out", default=None)
     ap.add_argument("--coordinator", default=None)
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--num-processes", type=int, default=1)
@@ -56,13 +61,28 @@ def main() -> None:
             trainer.checkpointer.wait()  # the save of an earlier step is on disk; now die hard
             os.kill(os.getpid(), signal.SIGKILL)
 
-    trainer = Trainer(tuned, train_data=loader, optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
-                      config=TrainConfig(steps=args.steps, save_every=args.save_every, log_every=1, progress=False),
+    eval_loader = make_loader(read_source(args.data, "chat"), tiny_tokenizer(),
+                              LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=1, shuffle=False,
+                                           drop_remainder=False, packing=not args.no_packing), scan_first=False)
+    # The answers are upper-cased words; their first letters tell them apart.
+    choices = tuple(tiny_tokenizer().convert_tokens_to_ids(w[0].upper()) for w in ("alpha", "beta", "gamma",
+                                                                                    "delta", "omega", "kappa"))
+    trainer = Trainer(tuned, train_data=loader, eval_data=eval_loader,
+                      optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
+                      config=TrainConfig(steps=args.steps, save_every=args.save_every, log_every=1, progress=False,
+                                         choice_token_ids=choices),
                       run_dir=args.run, callbacks=[kill] if args.kill_at else [])
     result = trainer.fit()
     if args.out and jax.process_index() == 0:
         host = jax.device_get(trainer.trainable)  # gathers across processes for fully addressable arrays
         np.savez(args.out, **{"/".join(k): np.asarray(v) for k, v in flatten_dict(host).items()})
+    if args.eval_out:
+        metrics = trainer.evaluate()
+        if jax.process_index() == 0:
+            import json
+
+            with open(args.eval_out, "w") as fh:
+                json.dump(metrics, fh)
     print(f"done step={result.step} state={result.state}", file=sys.stderr)
 
 

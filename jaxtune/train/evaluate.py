@@ -78,10 +78,9 @@ def evaluate(
             outputs.append(np.asarray(out["logits"])[start])
             labels.append(np.asarray(out["choice"])[start])
         elif task != "lm":
-            keep = np.asarray(batch["example_weights"]) > 0 if "example_weights" in batch else \
-                np.asarray(batch["segment_ids"]).any(axis=-1)
+            keep = np.asarray(result["keep"])
             outputs.append(np.asarray(result["outputs"])[keep])
-            labels.append(np.asarray(batch["labels"])[keep])
+            labels.append(np.asarray(result["labels"])[keep])
     if weight == 0:
         raise ValueError("evaluation saw no examples (or no supervised tokens): check the validation data")
     metrics = {"loss": loss_sum / weight}

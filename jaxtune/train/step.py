@@ -118,8 +118,9 @@ def make_train_step(
     """Build the (unjitted) train step; jit it with the trainable and optimizer state donated.
 
     Metrics: ``loss`` (mean over the batch's weight), ``weight`` (tokens or examples that
-    counted), ``grad_norm`` (after averaging, before clipping) and ``finite`` (False when the
-    update was skipped).
+    counted), ``tokens`` (real, non-pad input tokens: the work done, for tokens/s and MFU),
+    ``grad_norm`` (after averaging, before clipping) and ``finite`` (False when the update was
+    skipped).
     """
     k = grad_accum_steps
 
@@ -151,17 +152,25 @@ def make_train_step(
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        metrics = {"loss": total / denom, "weight": weight, "grad_norm": grad_norm, "finite": finite}
+        real = (batch["segment_ids"] != 0).sum() if "segment_ids" in batch else jnp.asarray(batch["input_ids"].size)
+        metrics = {"loss": total / denom, "weight": weight, "tokens": real.astype(jnp.float32), "grad_norm": grad_norm,
+                   "finite": finite}
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
 
     return step
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable[[Any, Any, Batch], dict[str, Array]]:
-    """``eval_step(trainable, frozen, batch) -> {"loss_sum", "weight", "outputs"}`` (deterministic)."""
+    """``eval_step(trainable, frozen, batch) -> {"loss_sum", "weight", "outputs"[, "labels", "keep"]}``
+    (deterministic). Classification/regression steps also return the batch's ``labels`` and
+    ``keep`` (real rows, not fill), so the host reduces from the step's (global) outputs alone,
+    never mixing them with its own process-local batch."""
 
     def step(trainable: Any, frozen: Any, batch: Batch) -> dict[str, Array]:
         total, weight, outputs = loss_fn(combine(trainable, frozen), batch, jax.random.key(0), True)
-        return {"loss_sum": total, "weight": weight, "outputs": outputs}
+        result = {"loss_sum": total, "weight": weight, "outputs": outputs}
+        if "labels" in batch:
+            result.update(labels=batch["labels"], keep=example_weights(batch) > 0)
+        return result
 
     return step

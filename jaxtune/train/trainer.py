@@ -173,7 +173,8 @@ class Trainer:
         self.train_step = jax.jit(make_train_step(loss_fn, self.optimizer, grad_accum_steps=config.grad_accum_steps),
                                   donate_argnums=(0, 2),
                                   out_shardings=(self._trainable_shardings, opt_shardings, None))
-        self.eval_step = jax.jit(make_eval_step(eval_loss_fn))
+        # Replicated outputs: every process can read the whole global batch's predictions.
+        self.eval_step = jax.jit(make_eval_step(eval_loss_fn), out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         self.rng = jax.random.key(config.seed)
         self.step = 0
         self.checkpointer: Checkpointer | None = None
@@ -284,7 +285,7 @@ class Trainer:
                 self.step += 1
                 pending.append(metrics)
                 if first_step_s is None:
-                    first_tokens = float(jax.device_get(metrics["weight"]))  # waits for the step
+                    first_tokens = float(jax.device_get(metrics["tokens"]))  # waits for the step
                     first_step_s = time.perf_counter() - window_start
                     window_start, window_tokens, window_steps = time.perf_counter(), -first_tokens, -1
                     if cfg.progress and self._main:
@@ -303,7 +304,7 @@ class Trainer:
                         print(msg, file=sys.stderr)
                         self._write_status("failed", error=msg)
                         break
-                    window_tokens += sum(float(m["weight"]) for m in host)
+                    window_tokens += sum(float(m["tokens"]) for m in host)
                     window_steps += len(host)
                     elapsed = time.perf_counter() - window_start
                     if window_steps <= 0:  # nothing but the compiling first step yet
@@ -387,8 +388,7 @@ class Trainer:
         parts = [f"step {self.step}/{self.config.steps}", f"loss {record['loss']:.4f}"]
         if "learning_rate" in record:
             parts.append(f"lr {record['learning_rate']:.2e}")
-        unit = "tok/s" if self.tuned.task == "lm" else "ex/s"
-        parts.append(f"{record['tokens_per_s']:.0f} {unit}")
+        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
         if "mfu" in record:
             parts.append(f"MFU {100 * record['mfu']:.1f}%")
         parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}")
