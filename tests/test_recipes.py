@@ -96,9 +96,6 @@ def test_recipe_runs_as_written_with_real_assets(recipe, tmp_path):
     a process (compiled executables hold them), and ten of them in one pytest process exceeded
     the 24 GiB of these machines.
     """
-    if recipe == "fsdp8.yaml":
-        pytest.skip("fsdp8 with the real SmolLM2 on 8 simulated CPU devices peaks at ~23.6 GB RSS, at the limit of "
-                    "these 24 GiB machines (open issue); test_recipe_runs_tiny runs this recipe on 8 devices")
     overrides = ["train.epochs=null", "train.steps=1", "train.progress=false", f"output.dir={tmp_path / 'run'}",
                  "data.train_size=32", "data.validation_size=16", "eval.every=null", "checkpoint.every=null"]
     proc = subprocess.run([sys.executable, "-m", "jaxtune", "train", str(CONFIGS / recipe), *overrides],

@@ -163,6 +163,31 @@ def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_pa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
+def test_optimizer_state_is_sharded_like_the_params(setup, tmp_path):
+    """Under FSDP, Adam's moments are split like their params, not replicated on every device
+    (jit left them replicated: a full copy of the optimizer state per device)."""
+    from jax.sharding import NamedSharding
+
+    model_dir, _, _ = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.full())
+    trainer = Trainer(tuned, train_data=(), optimizer=OptimizerConfig(learning_rate=1e-3),
+                      config=TrainConfig(steps=1, progress=False), run_dir=tmp_path,
+                      mesh=make_mesh(MeshConfig(data=1, fsdp=8)))
+    specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(trainer.trainable)}
+    leaves = jax.tree_util.tree_leaves_with_path(trainer.opt_state)
+    matrices = 0
+    for path, leaf in leaves:
+        assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == trainer.mesh
+        if leaf.ndim >= 2:
+            name = next(k for k in specs if jax.tree_util.keystr(path).endswith(k))
+            assert leaf.sharding.spec == specs[name] and "fsdp" in leaf.sharding.spec, name
+            matrices += 1
+    assert matrices == 2 * sum(x.ndim >= 2 for x in jax.tree.leaves(trainer.trainable))  # mu and nu
+    total = sum(x.nbytes for _, x in leaves)
+    on_one_device = sum(x.addressable_shards[0].data.nbytes for _, x in leaves)
+    assert on_one_device < total / 6
+
+
 def test_early_stopping_on_a_metric_that_stops_improving(setup, tmp_path):
     model_dir, train, valid = setup
     tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))

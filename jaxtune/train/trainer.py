@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -159,12 +158,12 @@ class Trainer:
         self._frozen_shardings = param_shardings(frozen, self.mesh)
         self.trainable = shard(trainable, self._trainable_shardings)
         self.frozen = shard(frozen, self._frozen_shardings)
-        # Scalars of the state (step counters) would otherwise land off the mesh, and the step
-        # would compile a second time when its outputs come back on it.
-        self.opt_state = jax.jit(self.optimizer.init)(self.trainable)
-        self.opt_state = shard(self.opt_state, jax.tree.map(
-            lambda x: x.sharding if isinstance(x.sharding, NamedSharding) and x.sharding.mesh == self.mesh
-            else NamedSharding(self.mesh, PartitionSpec()), self.opt_state))
+        # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
+        # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
+        # zeros_like come out replicated: a full copy of Adam's state on every FSDP device.
+        # Off-mesh scalars (step counters) would also make the step compile a second time.
+        opt_shardings = param_shardings(jax.eval_shape(self.optimizer.init, self.trainable), self.mesh)
+        self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.trainable)
         loss_fn = make_loss_fn(tuned.module, tuned.task, chunk_tokens=config.chunk_tokens,
                                regression=config.regression_loss)
         eval_loss_fn = make_loss_fn(tuned.module, tuned.task, chunk_tokens=config.chunk_tokens,
