@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import subprocess
 import sys
@@ -91,16 +90,6 @@ def smoke(task: Task) -> Task:
     return dataclasses.replace(task, train=16, test=16, batch_size=8)
 
 
-def schedule(step: int, total: int, task: Task) -> float:
-    """The learning rate at ``step`` (what :func:`jaxtune.train.optim.make_schedule` computes for
-    warmup_ratio + cosine; the PyTorch side uses this)."""
-    warmup = min(int(task.warmup_ratio * total), total - 1) if total > 1 else 0
-    if step < warmup:
-        return task.learning_rate * (1 / warmup + (1 - 1 / warmup) * step / max(warmup - 1, 1))
-    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-    return task.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 # ----------------------------------------------------------------------------- data (driver)
 
 
@@ -127,7 +116,21 @@ def write_rows(task: Task, folder: Path) -> dict[str, Path]:
         out[split] = folder / f"{split}.jsonl"
         out[split].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     out["model"] = fetch_model(task.model)
+    out["learning_rates"] = write_learning_rates(task, folder)
     return out
+
+
+def write_learning_rates(task: Task, folder: Path) -> Path:
+    """jaxtune's learning-rate schedule for ``task``, step by step, as JSON: the PyTorch side
+    follows these values, so both sides run one schedule function."""
+    from jaxtune.train.optim import OptimizerConfig, make_schedule
+
+    total = steps_of(task)
+    schedule = make_schedule(OptimizerConfig(learning_rate=task.learning_rate, warmup_ratio=task.warmup_ratio,
+                                             schedule="cosine"), total)
+    path = folder / "learning_rates.json"
+    path.write_text(json.dumps([float(schedule(step)) for step in range(total)]))
+    return path
 
 
 def steps_of(task: Task) -> int:
@@ -220,7 +223,8 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
                 groups.append({"params": params, "weight_decay": task.weight_decay if decay else 0.0,
                                "lr_scale": task.head_lr if is_head else 1.0})
     optimizer = torch.optim.AdamW(groups, lr=task.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-    total = steps_of(task)
+    learning_rates = json.loads(Path(files["learning_rates"]).read_text())
+    total = len(learning_rates)
 
     def encode(batch_rows: list[dict], *, for_eval: bool) -> dict[str, torch.Tensor]:
         if task.kind != "chat":
@@ -295,7 +299,7 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         for group in optimizer.param_groups:
-            group["lr"] = schedule(step, total, task) * group["lr_scale"]
+            group["lr"] = learning_rates[step] * group["lr_scale"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss))

@@ -297,7 +297,7 @@ def make_trainer(config: Config, tuned: Any, data: Data, run_dir: Path, steps: i
         save_every=c.every, keep_checkpoints=c.keep, best_metric=e.best_metric,
         early_stopping_patience=e.early_stopping_patience, seed=t.seed, chunk_tokens=t.chunk_tokens,
         regression_loss=t.regression_loss, progress=t.progress,
-        choice_token_ids=choice_token_ids(config, tokenizer) if config.eval.choices and tokenizer is not None else ())
+        choice_token_ids=choice_token_ids(config, tokenizer) if tokenizer is not None else ())
     return Trainer(tuned, train_data=data.train_loader if data.train_loader is not None else (),
                    eval_data=data.eval_loader, optimizer=config.optimizer, config=train_config, run_dir=run_dir,
                    mesh=mesh, resolved_config=cfg_lib.to_data(config))

@@ -15,8 +15,8 @@ import jax
 import numpy as np
 
 # Which direction is better, for choosing the best checkpoint and for the report's arrows.
-HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "choice_accuracy": True, "choice_macro_f1": True, "pearson": True, "loss": False, "perplexity": False,
-                    "mae": False, "rmse": False}
+HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "choice_accuracy": True, "choice_macro_f1": True,
+                    "pearson": True, "loss": False, "perplexity": False, "mae": False, "rmse": False}
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> dict[str, float]:

@@ -38,16 +38,8 @@ def causal_lm_loss(
       ``(sum of weight * CE, sum of weights)``, float32 scalars.
     """
     d = hidden.shape[-1]
-    h = hidden.reshape(-1, d)
-    y = targets.reshape(-1)
-    w = weights.reshape(-1).astype(jnp.float32)
-    n = h.shape[0]
-    chunk = min(chunk_tokens, n)
-    pad = (-n) % chunk
-    if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        y = jnp.pad(y, (0, pad))
-        w = jnp.pad(w, (0, pad))
+    h, y, w = _chunks((hidden.reshape(-1, d), targets.reshape(-1), weights.reshape(-1).astype(jnp.float32)),
+                      chunk_tokens)
 
     def chunk_loss(args: tuple[Array, Array, Array]) -> Array:
         h_c, y_c, w_c = args
@@ -56,14 +48,20 @@ def causal_lm_loss(
         picked = jnp.take_along_axis(logits, y_c[:, None], axis=-1)[:, 0]
         return jnp.sum((lse - picked) * w_c)
 
-    k = h.shape[0] // chunk
-    if k == 1:
+    if h.shape[0] == 1:
         # One chunk: rematerialising would recompute the vocabulary projection in the backward
         # pass for no memory saving (the backward holds logits and their gradient either way).
-        return chunk_loss((h, y, w)), w.sum()
-    per_chunk = jax.lax.map(jax.checkpoint(chunk_loss), (h.reshape(k, chunk, d), y.reshape(k, chunk),
-                                                         w.reshape(k, chunk)))
-    return per_chunk.sum(), w.sum()
+        return chunk_loss((h[0], y[0], w[0])), w.sum()
+    return jax.lax.map(jax.checkpoint(chunk_loss), (h, y, w)).sum(), w.sum()
+
+
+def _chunks(flat: tuple[Array, ...], chunk_tokens: int) -> tuple[Array, ...]:
+    """Each ``(N, ...)`` array zero-padded to a multiple of the chunk size and reshaped to
+    ``(chunks, chunk, ...)``; the chunk is ``min(chunk_tokens, N)``."""
+    n = flat[0].shape[0]
+    chunk = min(chunk_tokens, n)
+    pad = (-n) % chunk
+    return tuple(jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)).reshape(-1, chunk, *x.shape[1:]) for x in flat)
 
 
 def projected_columns(hidden: Array, project: Callable[[Array], Array], columns: Sequence[int], *,
@@ -82,14 +80,10 @@ def projected_columns(hidden: Array, project: Callable[[Array], Array], columns:
       rematerialised.
     """
     b, t, d = hidden.shape
-    h = hidden.reshape(-1, d)
-    n = h.shape[0]
-    chunk = min(chunk_tokens, n)
-    pad = (-n) % chunk
-    h = jnp.pad(h, ((0, pad), (0, 0)))
+    (h,) = _chunks((hidden.reshape(-1, d),), chunk_tokens)
     cols = jnp.asarray(columns, jnp.int32)
-    picked = jax.lax.map(lambda h_c: project(h_c).astype(jnp.float32)[:, cols], h.reshape(-1, chunk, d))
-    return picked.reshape(-1, len(columns))[:n].reshape(b, t, len(columns))
+    picked = jax.lax.map(lambda h_c: project(h_c).astype(jnp.float32)[:, cols], h)
+    return picked.reshape(-1, len(columns))[:b * t].reshape(b, t, len(columns))
 
 
 def classification_loss(logits: Array, labels: Array, weights: Array | None = None) -> tuple[Array, Array]:
