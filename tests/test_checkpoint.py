@@ -11,6 +11,7 @@ import optax
 import pytest
 
 from jaxtune.train.checkpoint import Checkpointer
+from jaxtune.models import decoder
 from jaxtune.train.sharding import MeshConfig, make_mesh, param_shardings, shard
 
 
@@ -18,7 +19,7 @@ def _state(mesh):
     rng = np.random.RandomState(0)
     trainable = {"layers_0": {"mlp": {"up_proj": {"kernel": jnp.asarray(rng.randn(16, 32), jnp.float32)}}},
                  "norm": {"scale": jnp.asarray(rng.randn(16), jnp.float32)}}
-    trainable = shard(trainable, param_shardings(trainable, mesh))
+    trainable = shard(trainable, param_shardings(trainable, mesh, decoder.PARTITION_RULES))
     opt = optax.adam(1e-3)
     return trainable, jax.jit(opt.init)(trainable)
 

@@ -69,9 +69,9 @@ def trained(assets):
 
 
 def test_train_prints_plan_data_table_and_exports(trained):
-    run_dir, out, _ = trained
-    assert "plan: trainable" in out and "frozen" in out
-    assert "data: train" in out and "steps: 6 (train.steps)" in out
+    run_dir, out, err = trained
+    assert "plan: trainable" in err and "frozen" in err
+    assert "data: train" in err and "data: validation" in err and "step 6 validation" in err
     assert "| loss |" in out and "better" in out  # the before/after table, the loss went down
     assert (run_dir / "config.yaml").is_file() and (run_dir / "export" / "adapter_config.json").is_file()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
@@ -91,8 +91,8 @@ def test_status_reports_a_finished_run_and_plots(trained, tmp_path):
 
 
 def test_rerunning_a_finished_run_trains_nothing(trained, assets):
-    code, out, _ = cli("train", assets / "lora.yaml", "eval.after=false", "output.export=none")
-    assert code == 0 and "already trained to step 6" in out
+    code, out, err = cli("train", assets / "lora.yaml", "eval.after=false", "output.export=none")
+    assert code == 0 and "already trained to step 6" in err
 
 
 def test_eval_compares_base_and_tuned(trained):

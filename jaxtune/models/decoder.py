@@ -33,9 +33,11 @@ from jaxtune.models.layers import (
     Embed,
     Linear,
     RMSNorm,
+    PartitionRules,
     apply_rope,
     attention_mask,
     dot_product_attention,
+    partition_rules,
     rope_inverse_frequencies,
 )
 
@@ -43,6 +45,9 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 REMAT_POLICIES = ("none", "block", "dots")
+PARTITION_RULES: PartitionRules = partition_rules(
+    column=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), row=("o_proj", "down_proj")
+) + ((r"lm_head/kernel$", ("fsdp", "tensor")),)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -293,7 +298,8 @@ def _block_class(remat: str) -> type[nn.Module]:
 class Decoder(nn.Module):
     """A causal language model.
 
-    ``__call__(input_ids (B,T) int32, positions (B,T) int32 | None, segment_ids (B,T) int32 | None)``
+    ``__call__(input_ids (B,T) int32, segment_ids (B,T) int32 | None, positions (B,T) int32 | None)``
+    (the calling convention every jaxtune model shares)
     returns logits ``(B, T, vocab)`` in the compute dtype. ``segment_ids`` confines attention to
     each packed document and masks padding (0); ``positions`` default to ``0..T-1``.
     :meth:`hidden` and :meth:`logits` split the same computation so a loss can chunk the vocab
@@ -320,8 +326,8 @@ class Decoder(nn.Module):
     def hidden(
         self,
         input_ids: Array | None = None,
-        positions: Array | None = None,
         segment_ids: Array | None = None,
+        positions: Array | None = None,
         deterministic: bool = True,
         inputs_embeds: Array | None = None,
     ) -> Array:
@@ -365,11 +371,11 @@ class Decoder(nn.Module):
     def __call__(
         self,
         input_ids: Array,
-        positions: Array | None = None,
         segment_ids: Array | None = None,
+        positions: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
-        return self.logits(self.hidden(input_ids, positions, segment_ids, deterministic))
+        return self.logits(self.hidden(input_ids, segment_ids, positions, deterministic))
 
 
 def hf_module(modules: tuple[str, ...]) -> str:

@@ -18,9 +18,20 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtune.models.layers import Array, Embed, LayerNorm, Linear, attention_mask, dot_product_attention
+from jaxtune.models.layers import (
+    Array,
+    Embed,
+    LayerNorm,
+    Linear,
+    PartitionRules,
+    attention_mask,
+    dot_product_attention,
+    partition_rules,
+)
 
 ARCHITECTURES = ("BertModel", "BertForSequenceClassification")
+PARTITION_RULES: PartitionRules = partition_rules(column=("query", "key", "value", "intermediate/dense"),
+                                                  row=("output/dense",))
 _ACTIVATIONS = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
     "gelu_new": lambda x: nn.gelu(x, approximate=True),

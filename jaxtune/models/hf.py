@@ -30,9 +30,10 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
 from jaxtune.models import decoder, encoder
+from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
-ModelConfig = decoder.DecoderConfig | encoder.EncoderConfig
+FamilyConfig = decoder.DecoderConfig | encoder.EncoderConfig
 
 BASE_LEAVES = ("kernel", "embedding", "scale", "bias")
 # Buffers that checkpoints carry but that are not parameters.
@@ -57,16 +58,18 @@ class CheckpointError(ValueError):
 class Family:
     """How one HF architecture maps onto a jaxtune module."""
 
-    config_from_hf: Callable[..., ModelConfig]
+    config_from_hf: Callable[..., FamilyConfig]
     module: type[nn.Module]
     hf_module: Callable[[tuple[str, ...]], str]
+    partition_rules: PartitionRules
 
 
 FAMILIES: dict[str, Family] = {
-    **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module) for a in decoder.ARCHITECTURES},
-    "BertModel": Family(encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_module),
+    **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module, decoder.PARTITION_RULES)
+       for a in decoder.ARCHITECTURES},
+    "BertModel": Family(encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_module, encoder.PARTITION_RULES),
     "BertForSequenceClassification": Family(encoder.EncoderConfig.from_hf, encoder.EncoderClassifier,
-                                            encoder.hf_module),
+                                            encoder.hf_module, encoder.PARTITION_RULES),
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
@@ -79,12 +82,13 @@ class Pretrained:
     (kept so that saving writes back everything transformers expects).
     """
 
-    config: ModelConfig
+    config: FamilyConfig
     module: nn.Module
     params: Params
     hf_config: dict[str, Any]
     source: str
     architecture: str
+    tokenizer: Any = None  # a transformers tokenizer, when loaded with jaxtune.load
 
 
 # ----------------------------------------------------------------------------- locating files
@@ -220,7 +224,7 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
     return architecture, FAMILIES[architecture]
 
 
-def build(hf_config: dict[str, Any], architecture: str | None = None, **overrides: Any) -> tuple[str, ModelConfig, nn.Module]:
+def build(hf_config: dict[str, Any], architecture: str | None = None, **overrides: Any) -> tuple[str, FamilyConfig, nn.Module]:
     """Config and module for a ``config.json`` dict, without any weights."""
     arch, family = family_for(hf_config, architecture)
     try:
@@ -230,7 +234,7 @@ def build(hf_config: dict[str, Any], architecture: str | None = None, **override
     return arch, cfg, family.module(cfg)
 
 
-def abstract_params(module: nn.Module, cfg: ModelConfig) -> Params:
+def abstract_params(module: nn.Module, cfg: FamilyConfig) -> Params:
     """The param tree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without memory."""
     return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
 

@@ -24,6 +24,11 @@ import jax.numpy as jnp
 Array = jax.Array
 Dtype = Any
 
+# The adapter leaves a Linear reads when present: defined here once, because evaluating them is
+# part of the layer; jaxtune.tuning creates, labels, merges and exports them by these names.
+LORA_A, LORA_B, LORA_SCALE, MAGNITUDE = "lora_a", "lora_b", "lora_scale", "magnitude"
+ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_SCALE, MAGNITUDE)
+
 # PyTorch's default Linear/Embedding initialisations are irrelevant for pretrained weights;
 # these only matter for freshly added layers and random test models.
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -51,7 +56,7 @@ class Linear(nn.Module):
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
         y = x @ kernel.astype(self.dtype)
-        if self.has_variable("params", "lora_a"):
+        if self.has_variable("params", LORA_A):
             y = y + self._adapter_delta(x, kernel, y, deterministic)
         if bias is not None:
             y = y + bias.astype(self.dtype)
@@ -59,21 +64,21 @@ class Linear(nn.Module):
 
     def _adapter_delta(self, x: Array, kernel: Array, base: Array, deterministic: bool) -> Array:
         """The adapter's additive contribution to ``x @ kernel`` (before the bias)."""
-        a = self.get_variable("params", "lora_a").astype(self.dtype)
-        b = self.get_variable("params", "lora_b").astype(self.dtype)
-        scale = self.get_variable("params", "lora_scale").astype(self.dtype)
+        a = self.get_variable("params", LORA_A).astype(self.dtype)
+        b = self.get_variable("params", LORA_B).astype(self.dtype)
+        scale = self.get_variable("params", LORA_SCALE).astype(self.dtype)
         dropped = self.adapter_dropout > 0.0 and not deterministic
         if dropped:
             x = nn.Dropout(self.adapter_dropout, deterministic=False)(x)
         low_rank = ((x @ a) @ b) * scale
-        if not self.has_variable("params", "magnitude"):
+        if not self.has_variable("params", MAGNITUDE):
             return low_rank
         if dropped:  # PEFT's DoRA rescales the base output of the *dropped* input when dropout is active
             base = x @ kernel.astype(self.dtype)
         # DoRA (Liu et al. 2024), as PEFT computes it: the column norm of the adapted weight is
         # treated as a constant in the backward pass, and without dropout the base output is
         # rescaled rather than recomputed, so the update costs one extra norm and no second matmul.
-        magnitude = self.get_variable("params", "magnitude").astype(jnp.float32)
+        magnitude = self.get_variable("params", MAGNITUDE).astype(jnp.float32)
         adapted = kernel.astype(jnp.float32) + (a.astype(jnp.float32) @ b.astype(jnp.float32)) * scale.astype(jnp.float32)
         norm = jax.lax.stop_gradient(jnp.linalg.norm(adapted, axis=0))
         ratio = (magnitude / norm).astype(self.dtype)
@@ -135,6 +140,30 @@ class Embed(nn.Module):
 
     def attend(self, x: Array) -> Array:
         return x.astype(self.dtype) @ self.embedding.astype(self.dtype).T
+
+
+# ----------------------------------------------------------------------------- sharding
+
+PartitionRules = tuple[tuple[str, tuple[str | None, ...]], ...]
+
+
+def partition_rules(column: tuple[str, ...], row: tuple[str, ...]) -> PartitionRules:
+    """Megatron-style placement of a family's linears on a ``(data, fsdp, tensor)`` mesh.
+
+    ``column`` names the projections whose outputs split over ``tensor`` (q/k/v, MLP up), ``row``
+    those whose inputs do (attention output, MLP down); the other dimension is sharded over
+    ``fsdp``. LoRA factors follow their kernel, so an adapted matmul needs no extra gather.
+    Patterns are searched in the ``/``-joined param path; the first match wins.
+    """
+    col, rw = "|".join(column), "|".join(row)
+    return (
+        (rf"({col})/kernel$", ("fsdp", "tensor")),
+        (rf"({rw})/kernel$", ("tensor", "fsdp")),
+        (rf"({col})/{LORA_A}$", ("fsdp", None)),
+        (rf"({col})/{LORA_B}$", (None, "tensor")),
+        (rf"({rw})/{LORA_A}$", ("tensor", None)),
+        (rf"({rw})/{LORA_B}$", (None, "fsdp")),
+    )
 
 
 # ----------------------------------------------------------------------------- rotary embeddings

@@ -14,6 +14,9 @@ from typing import Any
 import jax
 import numpy as np
 
+# The metrics evaluate() reports per task (LMs also report choice_* with answer choices).
+METRICS = {"lm": ("loss", "perplexity"), "classification": ("loss", "accuracy", "macro_f1"),
+           "regression": ("loss", "mae", "rmse", "pearson")}
 # Which direction is better, for choosing the best checkpoint and for the report's arrows.
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "choice_accuracy": True, "choice_macro_f1": True,
                     "pearson": True, "loss": False, "perplexity": False, "mae": False, "rmse": False}

@@ -13,6 +13,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxtune.models.layers import LORA_A, LORA_B
+
 # Dense bf16 tensor-core peaks (fp32 runs on TF32 units on NVIDIA, so half of these).
 _PEAK_BF16 = (
     ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 125e12),
@@ -37,7 +39,7 @@ def matmul_params(params: Any, labels: Any | None = None) -> tuple[int, int]:
     flat_labels = dict(jax.tree_util.tree_leaves_with_path(labels)) if labels is not None else {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(params):
         name = str(getattr(path[-1], "key", path[-1]))
-        if name not in ("kernel", "lora_a", "lora_b"):
+        if name not in ("kernel", LORA_A, LORA_B):
             continue
         n = int(np.prod(leaf.shape))
         total += n

@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtune.models.layers import LORA_SCALE, MAGNITUDE
+
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
 # Leaves that are scales or offsets, not weight matrices: decaying them toward 0 hurts.
-_NO_DECAY_LEAVES = ("bias", "scale", "magnitude", "lora_scale")
+_NO_DECAY_LEAVES = ("bias", "scale", MAGNITUDE, LORA_SCALE)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,30 +20,31 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
 BATCH_AXES = ("data", "fsdp")
 
-# First match wins; patterns are searched in the "/"-joined param path.
-# Column-parallel matrices split their output over "tensor"; row-parallel ones their input.
-PARTITION_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|intermediate/dense)/kernel$", ("fsdp", "tensor")),
-    (r"(o_proj|down_proj|output/dense)/kernel$", ("tensor", "fsdp")),
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|intermediate/dense)/lora_a$", ("fsdp", None)),
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query|key|value|intermediate/dense)/lora_b$", (None, "tensor")),
-    (r"(o_proj|down_proj|output/dense)/lora_a$", ("tensor", None)),
-    (r"(o_proj|down_proj|output/dense)/lora_b$", (None, "fsdp")),
-    (r"embedding$", ("tensor", "fsdp")),  # vocab rows over tensor, features over fsdp
-    (r"lm_head/kernel$", ("fsdp", "tensor")),
-    (r"kernel$", ("fsdp", None)),  # heads and other fresh layers
+# Placement of what no model family names (each family's own rules come first, see
+# jaxtune.models.layers.partition_rules): embeddings split vocab rows over "tensor" and
+# features over "fsdp"; any other matrix (heads, fresh layers) splits its input over "fsdp".
+DEFAULT_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"embedding$", ("tensor", "fsdp")),
+    (r"kernel$", ("fsdp", None)),
 )
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device counts per axis; ``-1`` on one axis takes all remaining devices."""
+    """Device counts per axis; ``-1`` on one axis takes all remaining devices.
+
+    ``simulate_devices`` (CPU only): pretend to have N devices, to try a mesh on a laptop. It
+    must take effect before JAX starts (``jaxtune.finetune`` and the CLI set ``XLA_FLAGS``
+    first); :func:`make_mesh` itself ignores it.
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    simulate_devices: int | None = None
 
     def shape(self, n_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
@@ -65,7 +66,7 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: list[Any] | None = None) 
     """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all, across processes).
 
     ``jax.sharding.Mesh`` uses automatic axis types, so XLA propagates shardings through the step
-    (``jax.make_mesh`` would default to explicit axes; see NOTES.md).
+    (``jax.make_mesh`` would default to explicit axes, which need every sharding spelled out).
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = cfg.shape(len(devices))
@@ -82,9 +83,10 @@ def _fit(spec: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> Pa
     return PartitionSpec(*fitted)
 
 
-def param_specs(params: Any, mesh: Mesh, rules: tuple[tuple[str, tuple[str | None, ...]], ...] = PARTITION_RULES) -> Any:
-    """A tree of ``PartitionSpec`` for ``params`` (or any tree of arrays / ShapeDtypeStructs)."""
-    compiled = [(re.compile(pattern), spec) for pattern, spec in rules]
+def param_specs(params: Any, mesh: Mesh, rules: Rules = ()) -> Any:
+    """A tree of ``PartitionSpec`` for ``params`` (or any tree of arrays / ShapeDtypeStructs):
+    the model family's ``rules`` first, then :data:`DEFAULT_RULES`."""
+    compiled = [(re.compile(pattern), spec) for pattern, spec in (*rules, *DEFAULT_RULES)]
 
     def spec_for(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
         name = "/".join(str(getattr(k, "key", k)) for k in path)
@@ -98,9 +100,9 @@ def param_specs(params: Any, mesh: Mesh, rules: tuple[tuple[str, tuple[str | Non
     return jax.tree_util.tree_map_with_path(spec_for, params)
 
 
-def param_shardings(params: Any, mesh: Mesh) -> Any:
-    """``NamedSharding`` per leaf of ``params``, by :data:`PARTITION_RULES`."""
-    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, mesh),
+def param_shardings(params: Any, mesh: Mesh, rules: Rules = ()) -> Any:
+    """``NamedSharding`` per leaf of ``params`` (see :func:`param_specs`)."""
+    return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, mesh, rules),
                         is_leaf=lambda x: isinstance(x, PartitionSpec))
 
 

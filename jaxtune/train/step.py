@@ -20,12 +20,12 @@ import optax
 
 from jaxtune.train.losses import causal_lm_loss, classification_loss, projected_columns, regression_loss
 from jaxtune.tuning.partition import combine
+from jaxtune.tuning.tuned import TASKS
 
 Array = jax.Array
 Batch = dict[str, Array]
 # (params, batch, rng, deterministic) -> (loss_sum, weight_sum, outputs)
 LossFn = Callable[[Any, Batch, Array, bool], tuple[Array, Array, Array]]
-TASKS = ("lm", "classification", "regression")
 
 
 def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regression: str = "mse",

@@ -1,20 +1,25 @@
-"""The training loop: the Python API a GPU workstation user calls.
+"""The Trainer: a planned model, data and a run directory in; the trained model and its report out.
 
-``Trainer(tuned, train_data=..., optimizer=..., run_dir=...).fit()`` shards the model on a mesh,
-jits the step once (buffers donated), and runs: next batch -> step -> every ``log_every`` steps
-read the metrics (the only time the host waits on the device) -> evaluate, keep the best,
-stop early -> checkpoint. A run directory that already holds checkpoints is resumed.
-Everything it writes lives in ``run_dir``: ``metrics.jsonl``, TensorBoard events,
-``status.json`` (what ``jaxtune status`` shows), ``checkpoints/`` and ``best/``.
+::
+
+    result = Trainer(model, train, eval_data=val, run_dir="runs/chat",
+                     config=TrainConfig(epochs=1), data=LoaderConfig(batch_size=8, max_length=1024)).fit()
+    result.model    # the trained jaxtune.Tuned (export it with jaxtune.export)
+    result.report   # base vs fine-tuned metrics, as a markdown table
+
+``fit`` is a short loop of named steps: score the base model (once per run directory), resume
+from the latest checkpoint, train (jit once, donate buffers, read metrics only every
+``log_every`` steps), evaluate and keep the best, stop early, checkpoint, then score the
+fine-tuned model. Everything it writes lives in ``run_dir`` (see :mod:`jaxtune.train.rundir`);
+running ``fit`` again on the same directory resumes exactly, and a finished run is a no-op.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import math
 import signal
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -24,16 +29,24 @@ from typing import Any
 import jax
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
+from jaxtune.data.sources import Source
+from jaxtune.data.tokenize import answer_first_token
 from jaxtune.train import flops
 from jaxtune.train.checkpoint import Checkpointer
-from jaxtune.train.evaluate import HIGHER_IS_BETTER, evaluate
+from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
+from jaxtune.train.evaluate import HIGHER_IS_BETTER, METRICS, comparison_table, evaluate
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
-from jaxtune.train.sharding import data_parallel_size, global_batch, make_mesh, param_shardings, shard
+from jaxtune.train.rundir import RunDir
+from jaxtune.train.sharding import MeshConfig, data_parallel_size, global_batch, make_mesh, param_shardings, shard
 from jaxtune.train.step import make_eval_step, make_loss_fn, make_train_step
 from jaxtune.tuning.partition import combine, partition
+from jaxtune.tuning.tuned import Tuned
 
+log = logging.getLogger(__name__)
+Batch = dict[str, np.ndarray]
 Callback = Callable[["Trainer", int, dict[str, float]], None]
 
 
@@ -51,124 +64,161 @@ class _StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\nCtrl-C: stopping after this step and saving a checkpoint (press again to stop at once)",
-              file=sys.stderr)
+        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press again to stop at once)")
 
-    def install(self) -> "_StopOnInterrupt":
+    def __enter__(self) -> "_StopOnInterrupt":
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
-    def restore(self) -> None:
+    def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """How long and how to run. ``steps`` counts optimizer updates (each of ``grad_accum_steps``
-    micro-batches); ``best_metric`` (e.g. ``"accuracy"``) picks the best checkpoint and drives
-    early stopping after ``early_stopping_patience`` evaluations without improvement.
-    ``choice_token_ids`` (LM tasks): the first tokens of the allowed answers; evaluation then
-    also reports ``choice_accuracy`` (see :func:`jaxtune.train.evaluate.evaluate`)."""
+class _Throughput:
+    """Tokens and steps since the last log line. The first step (which compiles) is timed on its
+    own and kept out, so tokens/s, MFU and the ETA are the steady state."""
 
-    steps: int
-    grad_accum_steps: int = 1
-    log_every: int = 10
-    eval_every: int | None = None
-    save_every: int | None = None
-    keep_checkpoints: int = 3
-    best_metric: str | None = None
-    early_stopping_patience: int | None = None
-    seed: int = 0
-    chunk_tokens: int = 2048
-    regression_loss: str = "mse"
-    choice_token_ids: tuple[int, ...] = ()
-    progress: bool = True
+    def __init__(self) -> None:
+        self.start, self.tokens, self.steps = time.perf_counter(), 0.0, 0
+        self.first_step_s: float | None = None
+        self._first_tokens = 0.0
 
-    def __post_init__(self) -> None:
-        for name in ("steps", "grad_accum_steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.early_stopping_patience is not None and not self.best_metric:
-            raise ValueError("train.early_stopping_patience needs train.best_metric (the metric to watch)")
-        if len(set(self.choice_token_ids)) != len(self.choice_token_ids):
-            raise ValueError(f"choice_token_ids {self.choice_token_ids} repeat a token: choices must start differently")
+    def first_step(self, tokens: float) -> float:
+        self.first_step_s = time.perf_counter() - self.start
+        self._first_tokens = tokens
+        self.start, self.tokens, self.steps = time.perf_counter(), -tokens, -1
+        return self.first_step_s
+
+    def add(self, tokens: float, steps: int) -> None:
+        self.tokens += tokens
+        self.steps += steps
+
+    def pause(self, seconds: float) -> None:
+        self.start += seconds  # evaluation is not training throughput
+
+    def read(self) -> tuple[float, int, float]:
+        """(tokens, steps, seconds) of the window, then start a new one."""
+        elapsed = time.perf_counter() - self.start
+        window = (self.tokens, self.steps, elapsed)
+        if self.steps <= 0:  # nothing but the compiling first step yet
+            window = (self._first_tokens, 1, self.first_step_s or elapsed)
+        self.start, self.tokens, self.steps = time.perf_counter(), 0.0, 0
+        return window
+
+
+@dataclasses.dataclass
+class _Best:
+    """The best evaluation so far by ``eval.best_metric``, and evaluations since it improved."""
+
+    value: float | None = None
+    step: int | None = None
+    bad_evals: int = 0
+
+    def as_metadata(self) -> dict[str, Any]:
+        return {"best_value": self.value, "best_step": self.step, "bad_evals": self.bad_evals}
 
 
 @dataclasses.dataclass
 class FitResult:
-    """What ``fit`` ended with: the step reached, why it stopped, the last metrics."""
+    """What ``fit`` ended with.
 
+    ``model``: the trained :class:`~jaxtune.tuning.Tuned` (the best checkpoint's with
+    ``eval.use_best``). ``state``: ``finished``, ``stopped`` (Ctrl-C; run again to resume),
+    ``early_stopped`` or ``failed``. ``before``/``after``: base and fine-tuned validation
+    metrics; ``report``: both as a markdown table. ``export``: set by ``jaxtune.finetune``.
+    """
+
+    model: Tuned
     step: int
-    state: str  # finished | stopped | early_stopped | failed
+    steps: int
+    state: str
     train_metrics: dict[str, float]
     eval_metrics: dict[str, float]
     best: dict[str, Any] | None
+    before: dict[str, float] | None = None
+    after: dict[str, float] | None = None
+    report: str | None = None
+    export: Path | None = None
 
 
 class Trainer:
-    """Fine-tune a planned model (``jaxtune.tuning.Tuned``).
+    """Fine-tune a planned model.
 
     Args:
-      tuned: the model after a plan: ``module``, ``params``, ``labels``, ``task``.
-      train_data: an iterable whose ``iter()`` yields per-process numpy batches (the data
-        contract) and has grain's ``get_state``/``set_state`` for exact resume.
+      model: the model after a plan (:func:`jaxtune.apply_plan`).
+      train_data: a :class:`~jaxtune.data.Source` (from :func:`jaxtune.read`; batched by
+        ``data``), a :class:`~jaxtune.data.Loader`, or any iterable of per-process numpy
+        batches (the data contract; with grain's ``get_state``/``set_state`` for exact resume).
+        None for a trainer that only evaluates.
+      eval_data: the same kinds; re-iterated for each evaluation (one pass = the eval set).
+      run_dir: where checkpoints, metrics, status and the report go; existing checkpoints are
+        resumed.
+      config: how long to train (:class:`TrainConfig`).
+      data: how sources are batched (:class:`~jaxtune.data.LoaderConfig`, or a recipe's
+        ``DataConfig``; its ``eval_batch_size`` sizes evaluation batches).
       optimizer: an :class:`OptimizerConfig`, or any optax ``GradientTransformation`` (used as is).
-      config: a :class:`TrainConfig`.
-      run_dir: where checkpoints, metrics and status go; existing checkpoints are resumed.
-      eval_data: an iterable of batches re-iterated for each evaluation (one pass = the eval set).
-      mesh: a ``(data, fsdp, tensor)`` mesh (default: every device on ``data``).
-      resolved_config: the full run config, saved in each checkpoint and in ``run_dir``.
+      eval: evaluation, best checkpoint, early stopping, choices (:class:`EvalConfig`).
+      checkpoint: how often to save (:class:`CheckpointConfig`).
+      mesh: a ``(data, fsdp, tensor)`` mesh or :class:`MeshConfig` (default: every device on ``data``).
       callbacks: ``f(trainer, step, metrics)`` called after each logged step.
+      resolved_config: the run's full config as plain data, saved in ``run_dir`` and each checkpoint.
     """
 
     def __init__(
         self,
-        tuned: Any,
+        model: Tuned,
+        train_data: Source | Loader | Iterable[Batch] | None = None,
+        eval_data: Source | Loader | Iterable[Batch] | None = None,
         *,
-        train_data: Iterable[dict[str, np.ndarray]],
-        optimizer: OptimizerConfig | optax.GradientTransformation,
-        config: TrainConfig,
         run_dir: str | Path,
-        eval_data: Iterable[dict[str, np.ndarray]] | None = None,
-        mesh: jax.sharding.Mesh | None = None,
-        resolved_config: dict[str, Any] | None = None,
+        config: TrainConfig = TrainConfig(),
+        data: LoaderConfig | None = None,
+        optimizer: OptimizerConfig | optax.GradientTransformation = OptimizerConfig(),
+        eval: EvalConfig = EvalConfig(),  # noqa: A002 - the recipe section's name
+        checkpoint: CheckpointConfig = CheckpointConfig(),
+        mesh: Mesh | MeshConfig | None = None,
         callbacks: list[Callback] | None = None,
+        resolved_config: dict[str, Any] | None = None,
     ):
-        self.tuned, self.config = tuned, config
-        self.train_data, self.eval_data = train_data, eval_data
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.mesh = mesh or make_mesh()
+        self.tuned, self.config, self.eval_config, self.checkpoint_config = model, config, eval, checkpoint
+        self.loader_config = data or LoaderConfig()
+        self.train_data = self._batches(train_data, train=True)
+        self.eval_data = self._batches(eval_data, train=False)
+        self.run = RunDir(run_dir, main=jax.process_index() == 0)  # one process writes logs and status
+        self.run_dir = self.run.path
         self.resolved_config = resolved_config or {}
         self.callbacks = list(callbacks or [])
-        trainable, frozen = partition(tuned.params, tuned.labels)
-        groups, _ = partition(tuned.labels, tuned.labels)
-        if config.choice_token_ids and tuned.task != "lm":
-            raise ValueError(f"choice_token_ids score LM answers; this model's task is {tuned.task!r}")
+        self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh or MeshConfig())
+        self._check_data()
+        self.steps = self._count_steps()
+        self.choice_token_ids = self._choice_token_ids()
+        self._check_best_metric()
+
+        trainable, frozen = partition(model.params, model.labels)
         if not jax.tree.leaves(trainable):
-            raise ValueError("the plan leaves nothing trainable; add a train/lora/head rule")
+            raise ValueError("the plan leaves nothing trainable; add a train, lora, prompt or head rule")
         if isinstance(optimizer, OptimizerConfig):
-            self.optimizer, self.schedule = build_optimizer(optimizer, config.steps, groups)
+            groups, _ = partition(model.labels, model.labels)
+            self.optimizer, self.schedule = build_optimizer(optimizer, self.steps, groups)
         else:
             self.optimizer, self.schedule = optimizer, None
-        self._trainable_shardings = param_shardings(trainable, self.mesh)
-        self._frozen_shardings = param_shardings(frozen, self.mesh)
+        rules = model.partition_rules
+        self._trainable_shardings = param_shardings(trainable, self.mesh, rules)
         self.trainable = shard(trainable, self._trainable_shardings)
-        self.frozen = shard(frozen, self._frozen_shardings)
+        self.frozen = shard(frozen, param_shardings(frozen, self.mesh, rules))
         # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
         # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
         # zeros_like come out replicated: a full copy of Adam's state on every FSDP device.
         # Off-mesh scalars (step counters) would also make the step compile a second time.
-        opt_shardings = param_shardings(jax.eval_shape(self.optimizer.init, self.trainable), self.mesh)
+        opt_shardings = param_shardings(jax.eval_shape(self.optimizer.init, self.trainable), self.mesh, rules)
         self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.trainable)
-        loss_fn = make_loss_fn(tuned.module, tuned.task, chunk_tokens=config.chunk_tokens,
+        loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
                                regression=config.regression_loss)
-        eval_loss_fn = make_loss_fn(tuned.module, tuned.task, chunk_tokens=config.chunk_tokens,
-                                    regression=config.regression_loss, choice_ids=config.choice_token_ids)
-        opt_shardings = jax.tree.map(lambda x: x.sharding, self.opt_state)
+        eval_loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
+                                    regression=config.regression_loss, choice_ids=self.choice_token_ids)
         self.train_step = jax.jit(make_train_step(loss_fn, self.optimizer, grad_accum_steps=config.grad_accum_steps),
                                   donate_argnums=(0, 2),
                                   out_shardings=(self._trainable_shardings, opt_shardings, None))
@@ -176,22 +226,146 @@ class Trainer:
         self.eval_step = jax.jit(make_eval_step(eval_loss_fn), out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         self.rng = jax.random.key(config.seed)
         self.step = 0
-        self.checkpointer: Checkpointer | None = None
-        self._matmul_params = flops.matmul_params(tuned.params, tuned.labels)
-        model_cfg = getattr(tuned, "config", None) or getattr(tuned.module, "cfg", None)
-        self._model_cfg = model_cfg
-        self._main = jax.process_index() == 0  # only one process writes logs and status
+        self._checkpointer: Checkpointer | None = None
+        self._resumable_data = False
+        model_cfg = model.config
         self._peak_flops = flops.peak_flops(dtype=getattr(model_cfg, "dtype", "float32"))
+        self._matmul_params = flops.matmul_params(model.params, model.labels)
         self._flops_per_token: float | None = None
+
+    # ------------------------------------------------------------------ set-up checks
+
+    def _batches(self, data: Any, *, train: bool) -> Any:
+        """A loader for a source (batched by ``data``), anything else as it is."""
+        if not isinstance(data, Source):
+            return data
+        if self.tuned.tokenizer is None:
+            raise ValueError("the model has no tokenizer to encode the data: load it with jaxtune.load, or pass "
+                             "tokenizer= to apply_plan")
+        if train:
+            loader = training_loader(data, self.tuned.tokenizer, self.loader_config)
+        else:
+            loader = evaluation_loader(data, self.tuned.tokenizer, self.loader_config,
+                                       getattr(self.loader_config, "eval_batch_size", None))
+        # Tokenize everything once before any compute: bad rows and over-long examples fail here.
+        log.info("data: %s %s; %s", "train" if train else "validation", data.report.summary(), loader.scan().summary())
+        return loader
+
+    def _kinds(self) -> set[str]:
+        return {d.source.kind for d in (self.train_data, self.eval_data) if isinstance(d, Loader)}
+
+    def _check_data(self) -> None:
+        task = self.tuned.task
+        for kind in self._kinds():
+            if (kind in LM_KINDS) != (task == "lm") or (task != "lm" and kind != task):
+                fix = "remove the head rule from the plan" if kind in LM_KINDS else f"add a {kind} head to the plan"
+                raise ValueError(f"the data is {kind} but the model is a {task} model; {fix}")
+        ways = data_parallel_size(self.mesh)
+        for data in (self.train_data, self.eval_data):
+            if isinstance(data, Loader) and (data.batch_size * data.shard_count) % ways:
+                raise ValueError(f"data.batch_size: {data.batch_size * data.shard_count} rows do not split over the "
+                                 f"mesh's {ways}-way data parallelism (mesh data x fsdp); use a multiple of {ways}")
+        labels = getattr(self.train_data, "source", None) and self.train_data.source.label_names
+        if task == "classification" and labels and len(labels) > self.tuned.num_outputs:
+            raise ValueError(f"the data has {len(labels)} labels but the head has {self.tuned.num_outputs} outputs; "
+                             "pass data=train to apply_plan to size the head from the data")
+
+    def _count_steps(self) -> int:
+        """``config.steps``, or ``epochs x rows // (batch_size x grad_accum_steps)``."""
+        cfg = self.config
+        if cfg.steps is not None:
+            return cfg.steps
+        if self.train_data is None:
+            return 1  # evaluation only
+        if not isinstance(self.train_data, Loader):
+            raise ValueError("train.epochs needs train data from jaxtune.read (a source) or a Loader; give "
+                             "train.steps for other iterables")
+        rows, how = self.train_data.rows_per_epoch()
+        epochs = cfg.epochs or 1.0
+        batch = self.train_data.config.batch_size * cfg.grad_accum_steps
+        steps = int(rows * epochs) // batch
+        if steps < 1:
+            raise ValueError(f"train.epochs: {epochs:g} epoch(s) of {how} is less than one batch of {batch} rows; use "
+                             "more data or a smaller data.batch_size")
+        log.info("steps: %d (%g epoch(s) of %s / batch %d)", steps, epochs, how, batch)
+        return steps
+
+    def _choice_token_ids(self) -> tuple[int, ...]:
+        """The first token of each ``eval.choices`` answer, as the training data encodes it."""
+        choices = self.eval_config.choices or ()
+        if not choices:
+            return ()
+        kinds = self._kinds()
+        if self.tuned.task != "lm" or not kinds <= {"chat", "prompt_completion"}:
+            raise ValueError(f"eval.choices: scores the answers of chat or prompt_completion data, not "
+                             f"{', '.join(sorted(kinds)) or self.tuned.task} data; remove eval.choices")
+        kind = next(iter(kinds), "chat")
+        tokenizer = self.tuned.tokenizer
+        ids = tuple(answer_first_token(tokenizer, kind, c) for c in choices)
+        for i, a in enumerate(choices):
+            for j in range(i):
+                if ids[i] == ids[j]:
+                    raise ValueError(f"eval.choices: {choices[j]!r} and {a!r} begin with the same token "
+                                     f"({tokenizer.convert_ids_to_tokens(ids[i])!r}); choice accuracy compares first "
+                                     "tokens, so use answers that begin differently")
+        return ids
+
+    def _check_best_metric(self) -> None:
+        metric = self.eval_config.best_metric
+        if metric is None:
+            return
+        allowed = METRICS[self.tuned.task] + (("choice_accuracy", "choice_macro_f1") if self.choice_token_ids else ())
+        if metric.removeprefix("eval/") not in allowed:
+            raise ValueError(f"eval.best_metric: expected one of {', '.join(allowed)} for a {self.tuned.task} model, "
+                             f"got {metric!r}")
+
+    # ------------------------------------------------------------------ state
 
     @property
     def params(self) -> Any:
-        """The full current param tree (trained leaves combined with the frozen ones), for export."""
+        """The full current param tree (trained leaves combined with the frozen ones)."""
         return combine(self.trainable, self.frozen)
 
-    # ------------------------------------------------------------------ helpers
+    @property
+    def model(self) -> Tuned:
+        """The model with the current params (what :func:`jaxtune.export` writes)."""
+        return dataclasses.replace(self.tuned, params=self.params, step=self.step)
 
-    def _to_device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """The run's one checkpoint manager (opened on first use, closed by :meth:`close`); it
+        saves the data iterator's position when :meth:`fit` trains from a resumable iterator."""
+        if self._checkpointer is None:
+            self._checkpointer = Checkpointer(self.run_dir, max_to_keep=self.checkpoint_config.keep,
+                                              with_data=self._resumable_data)
+        return self._checkpointer
+
+    def close(self) -> None:
+        """Wait for pending saves and close the checkpoint manager."""
+        if self._checkpointer is not None:
+            self._checkpointer.close()
+            self._checkpointer = None
+
+    def restore(self, *, best: bool = False) -> int | None:
+        """Load the run's latest (or, with ``best``, best) trained params into this trainer;
+        returns the step, or None when the run has no checkpoint."""
+        if best:
+            restored = self.checkpointer.restore_best(self.trainable)
+            if restored is not None:
+                self.trainable, meta = restored
+                self.step = int(meta.get("step", self.step))
+                return self.step
+        if not self.checkpointer.steps():
+            return None
+        restored = self.checkpointer.restore(self.trainable, self.opt_state)
+        if restored is None:
+            return None
+        self.step, self.trainable = restored[0], restored[1]
+        return self.step
+
+    # ------------------------------------------------------------------ evaluation
+
+    def _to_device(self, batch: Batch) -> dict[str, jax.Array]:
         rows = len(batch["input_ids"]) * jax.process_count()
         if rows % data_parallel_size(self.mesh):
             raise ValueError(f"the global batch has {rows} rows, which the mesh's {data_parallel_size(self.mesh)}-way "
@@ -199,172 +373,212 @@ class Trainer:
                              "of it or change the mesh")
         return global_batch(batch, self.mesh)
 
-    def evaluate(self, data: Iterable[dict[str, np.ndarray]] | None = None, trainable: Any = None) -> dict[str, float]:
+    def evaluate(self, data: Source | Loader | Iterable[Batch] | None = None, trainable: Any = None) -> dict[str, float]:
         """Metrics of the current (or given) trainable params on ``data`` (default: eval_data)."""
-        data = self.eval_data if data is None else data
+        data = self.eval_data if data is None else self._batches(data, train=False)
         if data is None:
             raise ValueError("no evaluation data: pass eval_data to the Trainer or data to evaluate()")
         return evaluate(self.eval_step, self.trainable if trainable is None else trainable, self.frozen, data,
                         self.tuned.task, to_device=self._to_device)
 
-    def _write_status(self, state: str, **extra: Any) -> None:
-        if not self._main:
-            return
-        status = {"state": state, "step": self.step, "total_steps": self.config.steps, "updated": time.time(), **extra}
-        tmp = self.run_dir / "status.json.tmp"
-        tmp.write_text(json.dumps(status, indent=2))
-        tmp.replace(self.run_dir / "status.json")
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if not self._main:
-            return
-        with open(self.run_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, record["step"])
-
-    def _improved(self, value: float, best: float | None) -> bool:
-        if best is None:
-            return True
-        higher = HIGHER_IS_BETTER.get(self.config.best_metric.split("/")[-1], False)
-        return value > best if higher else value < best
+    def _evaluate_base(self) -> dict[str, float] | None:
+        """The base model's metrics (the plan's fresh adapters/head), computed once per run directory."""
+        if self.eval_data is None or not self.eval_config.before:
+            return None
+        before = self.run.report()["before"]
+        if before is None:
+            log.info("evaluating the base model ...")
+            before = self.evaluate()
+            self.run.write_report(before, None, 0)
+        log.info("base: %s", _fmt(before))
+        return before
 
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
-        """Train to ``config.steps`` (resuming from ``run_dir`` if it has checkpoints)."""
-        cfg = self.config
+        """Train to the configured steps (resuming from ``run_dir``), evaluate, report."""
+        self.run.create().write_config(self.resolved_config)
+        before = self._evaluate_base()
+        iterator = iter(self.train_data) if self.train_data is not None else iter(())
+        self.close()
+        self._resumable_data = hasattr(iterator, "get_state")
+        best = self._resume(iterator)
+        previous = (self.run.status() or {}).get("state")
+        try:
+            if self.step >= self.steps:
+                log.info("already trained to step %d of %d: nothing to train", self.step, self.steps)
+                state = previous if previous in ("finished", "early_stopped") else "finished"
+                train_metrics, eval_metrics = {}, {}
+            else:
+                state, train_metrics, eval_metrics = self._train(iterator, best)
+        finally:
+            self.close()
+        if state not in ("failed",):
+            self.run.write_status(state, step=self.step, total_steps=self.steps, train=train_metrics,
+                                  eval=eval_metrics, best_step=best.step, best_value=best.value)
+        result = FitResult(self.model, self.step, self.steps, state, train_metrics, eval_metrics,
+                           {"step": best.step, "value": best.value, "metric": self.eval_config.best_metric}
+                           if best.step is not None else None, before=before)
+        if state in ("finished", "early_stopped"):
+            self._finish(result)
+        return result
+
+    def _resume(self, iterator: Any) -> _Best:
+        restored = self.checkpointer.restore(self.trainable, self.opt_state, data_iterator=iterator)
+        if restored is None:
+            return _Best()
+        self.step, self.trainable, self.opt_state, self.rng, meta = restored
+        saved = meta.get("metrics", {})
+        log.info("resumed from %s at step %d", self.run_dir / "checkpoints" / str(self.step), self.step)
+        return _Best(saved.get("best_value"), saved.get("best_step"), int(saved.get("bad_evals", 0)))
+
+    def _save(self, iterator: Any, best: _Best, metrics: dict[str, Any]) -> None:
+        # The frozen base is not in the checkpoint: its source is, so resuming re-reads it.
+        config = {"base_model": self.tuned.source, **self.resolved_config}
+        self.checkpointer.save(self.step, self.trainable, self.opt_state, self.rng, data_iterator=iterator,
+                               config=config, metrics={**best.as_metadata(), **metrics})
+
+    def _train(self, iterator: Any, best: _Best) -> tuple[str, dict[str, float], dict[str, float]]:
+        """The step loop; returns ``(state, last train metrics, last eval metrics)``."""
+        cfg, ck = self.config, self.checkpoint_config
         from tensorboardX import SummaryWriter
 
-        self._tb = SummaryWriter(str(self.run_dir / "tensorboard")) if self._main else None
-        if self._main:
-            (self.run_dir / "config.json").write_text(json.dumps(self.resolved_config, indent=2, default=str))
-        iterator = iter(self.train_data)
-        self.checkpointer = Checkpointer(self.run_dir, max_to_keep=cfg.keep_checkpoints,
-                                         with_data=hasattr(iterator, "get_state"))
-        restored = self.checkpointer.restore(self.trainable, self.opt_state, data_iterator=iterator)
-        best_value, best_step, bad_evals = None, None, 0
-        if restored is not None:
-            self.step, self.trainable, self.opt_state, self.rng, meta = restored
-            best_value, best_step = meta.get("metrics", {}).get("best_value"), meta.get("metrics", {}).get("best_step")
-            bad_evals = int(meta.get("metrics", {}).get("bad_evals", 0))
-            print(f"resumed from {self.run_dir / 'checkpoints' / str(self.step)} at step {self.step}", file=sys.stderr)
+        tensorboard = SummaryWriter(str(self.run_dir / "tensorboard")) if self.run.main else None
         state, train_metrics, eval_metrics, pending = "finished", {}, {}, []
-        # The throughput window: tokens and steps since window_start. The first step (which
-        # compiles) is timed on its own and kept out, so tok/s, MFU and ETA are the steady state.
-        window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
-        first_step_s, first_tokens = None, 0.0
-        self._write_status("running")
-
-        def save(metrics: dict[str, Any]) -> None:
-            # The frozen base is not in the checkpoint: its source is, so resuming re-reads it.
-            config = {"base_model": getattr(self.tuned, "source", None), **self.resolved_config}
-            self.checkpointer.save(self.step, self.trainable, self.opt_state, self.rng, data_iterator=iterator,
-                                   config=config,
-                                   metrics={"best_value": best_value, "best_step": best_step, "bad_evals": bad_evals,
-                                            **metrics})
-
-        interrupt = _StopOnInterrupt().install()
+        window = _Throughput()
+        self.run.write_status("running", step=self.step, total_steps=self.steps)
         try:
-            while self.step < cfg.steps:
-                if interrupt.requested:
-                    raise KeyboardInterrupt
-                try:
-                    batch = next(iterator)
-                except StopIteration:
-                    print(f"training data exhausted at step {self.step}", file=sys.stderr)
-                    break
-                if self._flops_per_token is None:
-                    self._flops_per_token = self._flops(batch["input_ids"].shape[-1])
-                step_rng = jax.random.fold_in(self.rng, self.step)
-                self.trainable, self.opt_state, metrics = self.train_step(
-                    self.trainable, self.frozen, self.opt_state, self._to_device(batch), step_rng)
-                self.step += 1
-                pending.append(metrics)
-                if first_step_s is None:
-                    first_tokens = float(jax.device_get(metrics["tokens"]))  # waits for the step
-                    first_step_s = time.perf_counter() - window_start
-                    window_start, window_tokens, window_steps = time.perf_counter(), -first_tokens, -1
-                    if cfg.progress and self._main:
-                        print(f"step {self.step} took {first_step_s:.1f} s (compilation included)", file=sys.stderr)
-                last = self.step == cfg.steps
-                if self.step % cfg.log_every == 0 or last:
-                    host = jax.device_get(pending)  # the one place the host waits for the device
-                    pending = []
-                    bad = next((self.step - len(host) + i + 1 for i, m in enumerate(host) if not m["finite"]), None)
-                    if bad is not None:
-                        state = "failed"
-                        good = self.checkpointer.steps()
-                        msg = (f"step {bad}: loss or gradient is not finite (nan/inf); the update was skipped and "
-                               f"training stopped. Last good checkpoint: "
-                               f"{good[-1] if good else 'none'}. Lower the learning rate or check the data.")
-                        print(msg, file=sys.stderr)
-                        self._write_status("failed", error=msg)
+            with _StopOnInterrupt() as interrupt:
+                while self.step < self.steps:
+                    if interrupt.requested:
+                        raise KeyboardInterrupt
+                    try:
+                        batch = next(iterator)
+                    except StopIteration:
+                        log.warning("training data exhausted at step %d", self.step)
                         break
-                    window_tokens += sum(float(m["tokens"]) for m in host)
-                    window_steps += len(host)
-                    elapsed = time.perf_counter() - window_start
-                    if window_steps <= 0:  # nothing but the compiling first step yet
-                        window_tokens, window_steps, elapsed = first_tokens, 1, first_step_s
-                    train_metrics = self._train_record(host, window_tokens, window_steps, elapsed)
-                    window_start, window_tokens, window_steps = time.perf_counter(), 0.0, 0
-                    self._log(train_metrics)
-                    self._progress(train_metrics)
-                    self._write_status("running", train=train_metrics, eval=eval_metrics, best_step=best_step)
-                    for callback in self.callbacks:
-                        callback(self, self.step, train_metrics)
-                if self.eval_data is not None and cfg.eval_every and (self.step % cfg.eval_every == 0 or last):
-                    eval_start = time.perf_counter()
-                    eval_metrics = {f"eval/{k}": v for k, v in self.evaluate().items()}
-                    self._log({"step": self.step, **eval_metrics})
-                    if cfg.best_metric:
-                        value = eval_metrics.get(cfg.best_metric) or eval_metrics.get(f"eval/{cfg.best_metric}")
-                        if value is None:
-                            raise ValueError(f"train.best_metric {cfg.best_metric!r} is not among the eval metrics "
-                                             f"{sorted(eval_metrics)}")
-                        if self._improved(value, best_value):
-                            best_value, best_step, bad_evals = value, self.step, 0
-                            self.checkpointer.save_best(self.step, self.trainable, eval_metrics)
-                        else:
-                            bad_evals += 1
-                    window_start += time.perf_counter() - eval_start  # evaluation is not training throughput
-                    if cfg.early_stopping_patience is not None and bad_evals >= cfg.early_stopping_patience:
-                        print(f"early stopping at step {self.step}: {cfg.best_metric} has not improved for "
-                              f"{bad_evals} evaluations (best {best_value:.4f} at step {best_step})", file=sys.stderr)
-                        state = "early_stopped"
-                        save(eval_metrics)
-                        break
-                if cfg.save_every and self.step % cfg.save_every == 0 and not last:
-                    save(eval_metrics)
-            if state == "finished":
-                save(eval_metrics)
+                    pending.append(self._one_step(batch, window))
+                    last = self.step == self.steps
+                    if self.step % cfg.log_every == 0 or last:
+                        host, pending = jax.device_get(pending), []  # the one place the host waits for the device
+                        bad = next((self.step - len(host) + i + 1 for i, m in enumerate(host) if not m["finite"]), None)
+                        if bad is not None:
+                            return self._failed(bad), train_metrics, eval_metrics
+                        window.add(sum(float(m["tokens"]) for m in host), len(host))
+                        train_metrics = self._train_record(host, *window.read())
+                        self._log(train_metrics, tensorboard)
+                        self.run.write_status("running", step=self.step, total_steps=self.steps, train=train_metrics,
+                                              eval=eval_metrics, best_step=best.step)
+                        for callback in self.callbacks:
+                            callback(self, self.step, train_metrics)
+                    if self.eval_data is not None and self.eval_config.every and (
+                            self.step % self.eval_config.every == 0 or last):
+                        started = time.perf_counter()
+                        eval_metrics = self._evaluate_and_track(best, tensorboard)
+                        window.pause(time.perf_counter() - started)
+                        patience = self.eval_config.early_stopping_patience
+                        if patience is not None and best.bad_evals >= patience:
+                            log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at "
+                                     "step %d)", self.step, self.eval_config.best_metric, best.bad_evals, best.value,
+                                     best.step)
+                            state = "early_stopped"
+                            break
+                    if ck.every and self.step % ck.every == 0 and not last:
+                        self._save(iterator, best, eval_metrics)
+                self._save(iterator, best, eval_metrics)
         except KeyboardInterrupt:
             state = "stopped"
             if any(x.is_deleted() for x in jax.tree.leaves(self.trainable)):  # a second Ctrl-C, mid-step
                 good = self.checkpointer.steps()
-                print(f"\ninterrupted during step {self.step + 1}; nothing saved, resume from checkpoint "
-                      f"{good[-1] if good else '(none: starts over)'}", file=sys.stderr)
+                log.warning("interrupted during step %d; nothing saved, resume from checkpoint %s", self.step + 1,
+                            good[-1] if good else "(none: starts over)")
             else:
-                print(f"\ninterrupted at step {self.step}; saving a checkpoint to resume from", file=sys.stderr)
-                save(eval_metrics)
+                log.warning("interrupted at step %d; saving a checkpoint to resume from", self.step)
+                self._save(iterator, best, eval_metrics)
         finally:
-            interrupt.restore()
             self.checkpointer.wait()
-            if self._tb is not None:
-                self._tb.close()
-        if state != "failed":
-            self._write_status(state, train=train_metrics, eval=eval_metrics, best_step=best_step,
-                               best_value=best_value)
-        best = {"step": best_step, "value": best_value, "metric": cfg.best_metric} if best_step is not None else None
-        return FitResult(self.step, state, train_metrics, eval_metrics, best)
+            if tensorboard is not None:
+                tensorboard.close()
+        return state, train_metrics, eval_metrics
+
+    def _one_step(self, batch: Batch, window: _Throughput) -> dict[str, jax.Array]:
+        if self._flops_per_token is None:
+            self._flops_per_token = self._flops(batch["input_ids"].shape[-1])
+        step_rng = jax.random.fold_in(self.rng, self.step)
+        self.trainable, self.opt_state, metrics = self.train_step(
+            self.trainable, self.frozen, self.opt_state, self._to_device(batch), step_rng)
+        self.step += 1
+        if window.first_step_s is None:
+            seconds = window.first_step(float(jax.device_get(metrics["tokens"])))  # waits for the step
+            if self.config.progress:
+                log.info("step %d took %.1f s (compilation included)", self.step, seconds)
+        return metrics
+
+    def _failed(self, bad_step: int) -> str:
+        good = self.checkpointer.steps()
+        message = (f"step {bad_step}: the loss, gradient or update is not finite (nan/inf); the update was skipped "
+                   f"and training stopped. Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning "
+                   "rate or check the data.")
+        log.error("%s", message)
+        self.run.write_status("failed", step=self.step, total_steps=self.steps, error=message)
+        return "failed"
+
+    def _evaluate_and_track(self, best: _Best, tensorboard: Any) -> dict[str, float]:
+        metrics = {f"eval/{k}": v for k, v in self.evaluate().items()}
+        self._log({"step": self.step, **metrics}, tensorboard)
+        log.info("step %d validation: %s", self.step, _fmt(metrics))
+        name = self.eval_config.best_metric
+        if name:
+            value = metrics.get(f"eval/{name.removeprefix('eval/')}")
+            higher = HIGHER_IS_BETTER.get(name.split("/")[-1], False)
+            if best.value is None or (value > best.value if higher else value < best.value):
+                best.value, best.step, best.bad_evals = value, self.step, 0
+                self.checkpointer.save_best(self.step, self.trainable, metrics)
+            else:
+                best.bad_evals += 1
+        return metrics
+
+    def _finish(self, result: FitResult) -> None:
+        """The final model (best or last), its evaluation and the report."""
+        if self.eval_config.use_best and result.best is not None:
+            self.restore(best=True)
+            self.close()
+            log.info("using the best checkpoint (step %d, %s %.4f)", result.best["step"], result.best["metric"],
+                     result.best["value"])
+            result.model = dataclasses.replace(self.model, step=result.best["step"])
+        if self.eval_data is None or not self.eval_config.after:
+            return
+        last_eval = {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()}
+        if last_eval and result.model.step == self.step and self.step == result.step:
+            result.after = last_eval  # the loop's last evaluation already scored these very params
+        else:
+            log.info("evaluating the fine-tuned model ...")
+            result.after = self.evaluate()
+            self.run.log({"step": result.model.step, **{f"eval/{k}": v for k, v in result.after.items()}})
+        self.run.write_report(result.before, result.after, result.model.step)
+        status = self.run.status() or {}
+        self.run.write_status(status.pop("state", result.state), **{**status, "eval": result.after})
+        if result.before is not None:
+            result.report = comparison_table(result.before, result.after,
+                                             before_note="pretrained model with the plan's fresh (untrained) "
+                                                         "adapters/head")
+        else:
+            log.info("fine-tuned: %s", _fmt(result.after))
+
+    # ------------------------------------------------------------------ logging
+
+    def _log(self, record: dict[str, Any], tensorboard: Any) -> None:
+        self.run.log(record)
+        if tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    tensorboard.add_scalar(key, value, record["step"])
 
     def _flops(self, seq_len: int) -> float:
-        cfg = self._model_cfg
-        layers = getattr(cfg, "num_layers", 0)
+        cfg = self.tuned.config
         width = getattr(cfg, "num_heads", 0) * getattr(cfg, "head_dim", 0) or getattr(cfg, "hidden_size", 0)
-        return flops.train_flops_per_token(*self._matmul_params, layers=layers, attn_width=width, seq_len=seq_len)
+        return flops.train_flops_per_token(*self._matmul_params, layers=getattr(cfg, "num_layers", 0),
+                                           attn_width=width, seq_len=seq_len)
 
     def _train_record(self, host: list[dict[str, Any]], tokens: float, steps: int, elapsed: float) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -378,18 +592,19 @@ class Trainer:
             record["learning_rate"] = float(self.schedule(self.step - 1))
         if self.tuned.task == "lm" and self._flops_per_token and self._peak_flops:
             record["mfu"] = record["tokens_per_s"] * self._flops_per_token / (self._peak_flops * jax.device_count())
+        if self.config.progress:
+            remaining = (self.steps - self.step) / max(record["steps_per_s"], 1e-9)
+            parts = [f"step {self.step}/{self.steps}", f"loss {record['loss']:.4f}"]
+            if "learning_rate" in record:
+                parts.append(f"lr {record['learning_rate']:.2e}")
+            parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+            if "mfu" in record:
+                parts.append(f"MFU {100 * record['mfu']:.1f}%")
+            parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}")
+            log.info("%s", " | ".join(parts))
         return record
 
-    def _progress(self, record: dict[str, Any]) -> None:
-        if not self.config.progress or not self._main:
-            return
-        remaining = (self.config.steps - self.step) / max(record["steps_per_s"], 1e-9)
-        parts = [f"step {self.step}/{self.config.steps}", f"loss {record['loss']:.4f}"]
-        if "learning_rate" in record:
-            parts.append(f"lr {record['learning_rate']:.2e}")
-        parts.append(f"{record['tokens_per_s']:.0f} tok/s")
-        if "mfu" in record:
-            parts.append(f"MFU {100 * record['mfu']:.1f}%")
-        parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}")
-        end = "\n" if self.step == self.config.steps or not sys.stderr.isatty() else ""
-        print("\r" + " | ".join(parts), end=end, file=sys.stderr, flush=True)
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items()
+                     if not k.endswith("tokens") and isinstance(v, (int, float)))

@@ -3,23 +3,27 @@ and added heads; partition into trainable/frozen parts; merge; HF and PEFT expor
 
 Typical use::
 
-    from jaxtune.models import hf
-    from jaxtune import tuning
-
-    base = hf.load_pretrained("path/to/model", dtype=jnp.bfloat16)
-    tuned = tuning.apply_plan(base, tuning.lora(rank=8, alpha=16) + tuning.head("regression"),
-                              frozen_dtype=jnp.bfloat16)
+    base = jaxtune.load("path/to/model", dtype="bfloat16")
+    tuned = tuning.apply_plan(base, tuning.lora(rank=8, alpha=16) + tuning.head("regression"))
     print(tuning.summary(tuned.params, tuned.labels))
     trainable, frozen = tuning.partition(tuned.params, tuned.labels)
     ...  # optimise `trainable` only; `combine(trainable, frozen)` is the full tree
-    tuning.export_peft(tuned, "out/adapter", params=tuning.combine(trainable, frozen))
+    tuning.export(dataclasses.replace(tuned, params=tuning.combine(trainable, frozen), step=n), "out/adapter")
 """
 
 from jaxtune.tuning.heads import HeadSpec
 from jaxtune.tuning.labels import FROZEN, GROUPS
 from jaxtune.tuning.lora import AdapterSpec, merge, unmerge
 from jaxtune.tuning.partition import cast_by_label, combine, count, partition, summary
-from jaxtune.tuning.peft_io import ExportError, export_merged, export_peft, hf_module_name, load_peft
+from jaxtune.tuning.peft_io import (
+    ExportError,
+    export,
+    export_format,
+    export_merged,
+    export_peft,
+    hf_module_name,
+    load_peft,
+)
 from jaxtune.tuning.plan import (
     Plan,
     PlanError,
@@ -37,7 +41,7 @@ from jaxtune.tuning.plan import (
 from jaxtune.tuning.tuned import Tuned, TunedModel, apply_plan
 
 __all__ = [
-    "AdapterSpec", "ExportError", "FROZEN", "GROUPS", "HeadSpec", "Plan", "PlanError", "Rule", "Tuned", "TunedModel",
+    "AdapterSpec", "ExportError", "export", "export_format", "FROZEN", "GROUPS", "HeadSpec", "Plan", "PlanError", "Rule", "Tuned", "TunedModel",
     "apply_plan", "as_plan", "cast_by_label", "combine", "count", "dora", "export_merged", "export_peft", "freeze",
     "freeze_all_but", "full", "head", "hf_module_name", "load_peft", "lora", "merge", "partition", "prompt_tuning",
     "summary", "train", "unmerge",

@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from jaxtune.tuning.lora import ADAPTER_LEAVES, AdapterSpec
+from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, MAGNITUDE
+from jaxtune.tuning.lora import AdapterSpec
 from jaxtune.tuning.plan import Plan, PlanError, Rule, block_indices
 
 Path = tuple[str, ...]
@@ -32,11 +33,11 @@ def path_str(path: Path) -> str:
 def natural_label(path: Path) -> str:
     """The group a leaf belongs to when trainable."""
     leaf = path[-1]
-    if leaf == "lora_scale":
+    if leaf == LORA_SCALE:
         return FROZEN  # a constant (alpha / r), never trained
-    if leaf in ("lora_a", "lora_b"):
+    if leaf in (LORA_A, LORA_B):
         return "lora"
-    if leaf == "magnitude":
+    if leaf == MAGNITUDE:
         return "dora"
     if path[0] == HEAD_KEY:
         return "head"

@@ -26,9 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, MAGNITUDE
+
 Array = jax.Array
 Params = dict[str, Any]
-ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_scale", "magnitude")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,12 +51,12 @@ def init_adapter(kernel: Array, spec: AdapterSpec, unit: Array) -> dict[str, Arr
     ``unit`` ``(in, r)`` uniform samples in [-1, 1)."""
     fan_in, fan_out = kernel.shape
     leaves = {
-        "lora_a": jnp.asarray(unit, jnp.float32) / math.sqrt(fan_in),
-        "lora_b": jnp.zeros((spec.rank, fan_out), jnp.float32),
-        "lora_scale": jnp.asarray(spec.scale, jnp.float32),
+        LORA_A: jnp.asarray(unit, jnp.float32) / math.sqrt(fan_in),
+        LORA_B: jnp.zeros((spec.rank, fan_out), jnp.float32),
+        LORA_SCALE: jnp.asarray(spec.scale, jnp.float32),
     }
     if spec.kind == "dora":
-        leaves["magnitude"] = column_norm(kernel.astype(jnp.float32))
+        leaves[MAGNITUDE] = column_norm(kernel.astype(jnp.float32))
     return leaves
 
 
@@ -81,7 +82,7 @@ def add_adapters(params: Params, adapters: dict[tuple[str, ...], AdapterSpec], r
 
 def adapter_delta(leaves: dict[str, Array]) -> Array:
     """The LoRA update ``s * lora_a @ lora_b`` ``(in, out)`` float32."""
-    return (leaves["lora_a"].astype(jnp.float32) @ leaves["lora_b"].astype(jnp.float32)) * leaves["lora_scale"]
+    return (leaves[LORA_A].astype(jnp.float32) @ leaves[LORA_B].astype(jnp.float32)) * leaves[LORA_SCALE]
 
 
 def adapted_modules(params: Params) -> dict[tuple[str, ...], dict[str, Array]]:
@@ -90,7 +91,7 @@ def adapted_modules(params: Params) -> dict[tuple[str, ...], dict[str, Array]]:
     modules: dict[tuple[str, ...], dict[str, Array]] = {}
     for path, leaf in flat.items():
         modules.setdefault(path[:-1], {})[path[-1]] = leaf
-    return {m: leaves for m, leaves in modules.items() if "lora_a" in leaves}
+    return {m: leaves for m, leaves in modules.items() if LORA_A in leaves}
 
 
 @jax.jit
@@ -98,17 +99,17 @@ def _merge_one(leaves: dict[str, Array]) -> tuple[Array, Array | None]:
     """(merged kernel in the kernel's dtype, DoRA column norm or None) for one module's leaves."""
     kernel = leaves["kernel"]
     adapted = kernel.astype(jnp.float32) + adapter_delta(leaves)
-    if "magnitude" not in leaves:
+    if MAGNITUDE not in leaves:
         return adapted.astype(kernel.dtype), None
     norm = column_norm(adapted)
-    return (adapted * (leaves["magnitude"].astype(jnp.float32) / norm)).astype(kernel.dtype), norm
+    return (adapted * (leaves[MAGNITUDE].astype(jnp.float32) / norm)).astype(kernel.dtype), norm
 
 
 @jax.jit
 def _unmerge_one(kernel: Array, record: dict[str, Array]) -> Array:
     weight = kernel.astype(jnp.float32)
-    if "magnitude" in record:
-        weight = weight * (record["weight_norm"] / record["magnitude"].astype(jnp.float32))
+    if MAGNITUDE in record:
+        weight = weight * (record["weight_norm"] / record[MAGNITUDE].astype(jnp.float32))
     return (weight - adapter_delta(record)).astype(kernel.dtype)
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxtune.models.layers import LORA_SCALE
 from jaxtune.tuning.labels import FROZEN, GROUPS
 
 Params = dict[str, Any]
@@ -55,7 +56,7 @@ def cast_by_label(params: Params, labels: Labels, frozen_dtype: Any | None) -> P
     for path, leaf, label in _flat_pairs(params, labels):
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             want = leaf.dtype
-        elif label != FROZEN or path[-1] == "lora_scale":
+        elif label != FROZEN or path[-1] == LORA_SCALE:
             want = jnp.dtype(jnp.float32)
         else:
             want = leaf.dtype if frozen_dtype is None else jnp.dtype(frozen_dtype)

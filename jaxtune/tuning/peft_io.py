@@ -13,8 +13,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,8 @@ from safetensors.numpy import save_file
 from jaxtune.models import decoder, encoder, hf
 from jaxtune.tuning.heads import hf_head_name
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
-from jaxtune.tuning.lora import ADAPTER_LEAVES, merge
+from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
+from jaxtune.tuning.lora import merge
 from jaxtune.tuning.partition import cast_by_label
 from jaxtune.tuning.plan import Plan, Rule
 from jaxtune.tuning.tuned import Tuned, apply_plan
@@ -38,14 +41,17 @@ PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapter leaf -> (PEFT key suffix, transpose to PyTorch layout)
-_PEFT_LEAVES = {"lora_a": ("lora_A.weight", True), "lora_b": ("lora_B.weight", True),
-                "magnitude": ("lora_magnitude_vector", False)}
+_PEFT_LEAVES = {LORA_A: ("lora_A.weight", True), LORA_B: ("lora_B.weight", True),
+                MAGNITUDE: ("lora_magnitude_vector", False)}
 # Keys of adapter tensors (everything else in an adapter file is a modules_to_save tensor).
 _ADAPTER_KEY = re.compile(r"\.(lora_A|lora_B)\.weight$|\.lora_magnitude_vector(\.weight)?$")
 # LoRA options jaxtune does not implement; an adapter that sets one is refused rather than misread.
 _UNSUPPORTED = ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters", "lora_bias",
                 "use_qalora", "trainable_token_indices", "layer_replication", "megatron_config",
                 "alora_invocation_tokens")
+
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(ValueError):
@@ -94,10 +100,12 @@ def _to_torch(leaf: str, value: Any) -> np.ndarray:
 # ----------------------------------------------------------------------------- merged HF directory
 
 
-def _label_fields(hf_config: dict[str, Any], task: str, num_outputs: int) -> dict[str, Any]:
-    """``config.json`` fields that make transformers build a head of ``num_outputs`` for ``task``."""
+def _label_fields(hf_config: dict[str, Any], task: str, num_outputs: int,
+                  names: Sequence[Any] | None = None) -> dict[str, Any]:
+    """``config.json`` fields that make transformers build a head of ``num_outputs`` for ``task``;
+    the classes are named by ``names`` (the training data's labels) where given."""
     config = {k: v for k, v in hf_config.items() if k not in ("num_labels", "id2label", "label2id")}
-    old = hf_config.get("id2label") or {}
+    old = {str(i): str(n) for i, n in enumerate(names or ())} or hf_config.get("id2label") or {}
     id2label = {str(i): old.get(str(i), f"LABEL_{i}") for i in range(num_outputs)}
     return {**config, "id2label": id2label, "label2id": {v: int(k) for k, v in id2label.items()},
             "problem_type": "regression" if task == "regression" else "single_label_classification"}
@@ -129,7 +137,7 @@ def export_merged(
     if tuned.head is None:
         return hf.save_pretrained(body, tuned.hf_config, out_dir, architecture=arch, dtype=dtype,
                                   tokenizer_from=tokenizer_from)
-    config = _label_fields(tuned.hf_config, tuned.task, tuned.num_outputs)
+    config = _label_fields(tuned.hf_config, tuned.task, tuned.num_outputs, tuned.label_names)
     if not tuned.is_decoder:
         return hf.save_pretrained({"bert": body, "classifier": merged[HEAD_KEY]["out"]}, config, out_dir,
                                   architecture=arch, dtype=dtype, tokenizer_from=tokenizer_from)
@@ -342,7 +350,7 @@ def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_n
         for leaf, (suffix, transpose) in _PEFT_LEAVES.items():
             if module + (leaf,) in flat:
                 key = f"{name}.{suffix}"
-                key = key if key in keys or leaf != "magnitude" else key + ".weight"
+                key = key if key in keys or leaf != MAGNITUDE else key + ".weight"
                 wanted[module + (leaf,)] = (key, transpose)
     for name in keys:
         if name == "prompt_embeddings":
@@ -366,3 +374,49 @@ def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_n
         value = value.T if transpose else value
         flat[path] = jnp.asarray(value, dtype=flat[path].dtype)
     return unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------- the one export call
+
+EXPORT_FORMATS = ("auto", "peft", "merged")
+
+
+def export_format(tuned: Tuned, format: str = "auto") -> str:  # noqa: A002 - the user-facing name
+    """The format ``format`` resolves to for ``tuned`` (``peft`` or ``merged``); raises
+    :class:`ExportError` saying why when the model has no such form.
+
+    ``auto`` is a PEFT adapter when the plan has adapters (LoRA, DoRA, prompt), else a merged
+    HF directory.
+    """
+    if format not in EXPORT_FORMATS:
+        raise ExportError(f"export format {format!r} is unknown; choose one of {', '.join(EXPORT_FORMATS)}")
+    fmt = format if format != "auto" else ("peft" if (tuned.adapters or tuned.prompt_tokens) else "merged")
+    if tuned.head is not None and tuned.hf_architecture is None:
+        raise ExportError(f"the {tuned.head.task} head (pooling {tuned.head.pooling}) has no transformers "
+                          f"equivalent (pooling {'last' if tuned.is_decoder else 'pooler'} has one); the trained "
+                          "weights stay in the run's checkpoints")
+    if fmt == "merged" and tuned.prompt_tokens:
+        raise ExportError("prompt tuning has no merged form (virtual tokens are not weights); export format peft")
+    if fmt == "peft" and not (tuned.adapters or tuned.prompt_tokens):
+        raise ExportError("the plan has no LoRA, DoRA or prompt adapter, so there is no PEFT adapter to write; "
+                          "export format merged")
+    if fmt == "peft" and tuned.adapters and tuned.prompt_tokens:
+        raise ExportError("a PEFT adapter holds LoRA/DoRA or prompt tuning, not both; export format merged")
+    return fmt
+
+
+def export(model: Tuned, out_dir: str | Path, *, format: str = "auto", dtype: Any | None = None) -> Path:  # noqa: A002
+    """Write a tuned model in a standard format: a PEFT adapter that ``peft`` loads onto the
+    transformers base model, or (``format="merged"``) an HF directory with the adapters folded
+    in that ``transformers`` loads. ``dtype`` (merged only) of the stored weights.
+
+    Pass the trained model (``Trainer.fit().model``): a model straight from ``apply_plan`` has
+    its fresh, untrained adapters, and exporting it says so in a warning.
+    """
+    fmt = export_format(model, format)
+    if model.step == 0:
+        log.warning("exporting %s at step 0: these are the plan's untrained weights (export the model that "
+                    "Trainer.fit() returns)", out_dir)
+    if fmt == "peft":
+        return export_peft(model, out_dir)
+    return export_merged(model, out_dir, dtype=dtype)

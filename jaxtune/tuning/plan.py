@@ -16,7 +16,7 @@ action      effect on the leaves it selects
 Selectors (all optional, combined with AND; a rule without any selects every leaf):
 ``match`` a regex searched in the leaf path ``layers_0/mlp/up_proj/kernel`` or its module path
 ``layers_0/mlp/up_proj``; ``blocks`` transformer block indices (``3``, ``[0, 1]``, ``"first:2"``,
-``"last:4"``, ``"2:5"`` as a half-open range); ``kinds`` module kinds (see :data:`KINDS`);
+``"last:4"``, ``"2:5"`` as a half-open range); ``kinds`` module kinds (see :data:`MODULE_KINDS`);
 ``targets`` (lora/dora only) module names as PEFT writes them (``["q_proj", "v_proj"]``) or
 ``"all-linear"`` (every linear except the output layer and heads, as PEFT defines it).
 
@@ -30,14 +30,16 @@ presets (:func:`full`, :func:`freeze_all_but`, :func:`lora`, :func:`prompt_tunin
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 ACTIONS = ("train", "freeze", "lora", "dora", "prompt", "head")
 # Module kinds a rule can select (see jaxtune.tuning.labels.leaf_kinds for how paths map to them).
-KINDS = ("embeddings", "norms", "attention", "mlp", "output", "pooler", "head", "prompt")
-TASKS = ("classification", "regression")
+MODULE_KINDS = ("embeddings", "norms", "attention", "mlp", "output", "pooler", "head", "prompt")
+HEAD_TASKS = ("classification", "regression")
 HEAD_POOLING = ("mean", "cls", "last", "pooler")
 PROMPT_INIT = ("vocab", "text")
 
@@ -123,9 +125,9 @@ class Rule:
             return (f"blocks {self.blocks!r} is not a block selection; use an index, a list of indices, "
                     "'first:N', 'last:N' or 'A:B'")
         if self.kinds is not None:
-            bad = [k for k in self.kinds if k not in KINDS] if isinstance(self.kinds, tuple) else [self.kinds]
+            bad = [k for k in self.kinds if k not in MODULE_KINDS] if isinstance(self.kinds, tuple) else [self.kinds]
             if bad or not self.kinds:
-                return f"unknown kind(s) {bad or '[]'}; choose from {', '.join(KINDS)}"
+                return f"unknown kind(s) {bad or '[]'}; choose from {', '.join(MODULE_KINDS)}"
         return self._action_problem()
 
     def _action_problem(self) -> str | None:
@@ -152,8 +154,8 @@ class Rule:
         return None
 
     def _head_problem(self) -> str | None:
-        if self.task not in TASKS:
-            return f"task must be one of {', '.join(TASKS)}, got {self.task!r}"
+        if self.task not in HEAD_TASKS:
+            return f"task must be one of {', '.join(HEAD_TASKS)}, got {self.task!r}"
         if self.num_labels is not None:
             least = 2 if self.task == "classification" else 1
             if not _is_int(self.num_labels) or self.num_labels < least:
@@ -218,21 +220,30 @@ class Plan:
         return [rule.to_data() for rule in self.rules]
 
     @classmethod
-    def from_data(cls, data: Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> "Plan":
-        """A plan from a list of rule dicts (or ``{"rules": [...]}``); errors name the rule's index."""
+    def from_data(cls, data: str | Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> "Plan":
+        """A plan from plain data, as a recipe's ``plan:`` writes it: a preset name (``full``), or a
+        list of rule dicts (``{"action": "lora", ...}``) and preset dicts (``{"preset": "lora",
+        "rank": 8}``), or ``{"rules": [...]}``. Errors name the item's index."""
+        if isinstance(data, str):
+            return _preset({"preset": data}, "plan")
         if isinstance(data, Mapping):
             if set(data) != {"rules"}:
                 raise PlanError(f"plan: expected a list of rules or {{'rules': [...]}}, got keys {sorted(data)}")
             data = data["rules"]
-        if isinstance(data, (str, bytes)) or not isinstance(data, Sequence):
+        if isinstance(data, bytes) or not isinstance(data, Sequence):
             raise PlanError(f"plan: expected a list of rules, got {type(data).__name__}")
-        rules = []
+        if not data:
+            raise PlanError("plan: empty; give rules or a preset (e.g. plan: full)")
+        plan = cls()
         for i, item in enumerate(data):
+            if isinstance(item, Mapping) and "preset" in item:
+                plan = plan + _preset(item, f"plan rule #{i}")
+                continue
             try:
-                rules.append(Rule.from_data(item))
+                plan = plan + Plan((Rule.from_data(item),))
             except PlanError as err:
                 raise PlanError(f"plan rule #{i} {err.args[0].removeprefix('rule ')}") from None
-        return cls(tuple(rules))
+        return plan
 
     def describe(self, index: int) -> str:
         return f"plan rule #{index} {self.rules[index].describe()}"
@@ -331,6 +342,32 @@ def head(
     """A fresh classification or regression head on the body (see :class:`Rule` for defaults)."""
     return Plan((Rule("head", task=task, num_labels=num_labels, pooling=pooling, hidden=tuple(hidden) or None,
                       extra_blocks=extra_blocks or None, dropout=dropout, bias=bias),))
+
+
+PRESETS = ("full", "lora", "dora", "prompt_tuning", "head", "freeze_all_but", "train", "freeze")
+
+
+def _preset(item: Mapping[str, Any], where: str) -> Plan:
+    """A preset written as data, ``{"preset": "lora", "rank": 8}``; errors name ``where`` and the option."""
+    item = dict(item)
+    if "action" in item:
+        raise PlanError(f"{where}: give either 'action' (a rule) or 'preset', not both")
+    name = item.pop("preset")
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), PRESETS, n=1)
+        raise PlanError(f"{where}.preset: expected one of {', '.join(PRESETS)}, got {name!r}"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    fn = globals()[name]
+    options = [p for p in inspect.signature(fn).parameters if p != "kwargs"]
+    unknown = [k for k in item if k not in options]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], options, n=1)
+        raise PlanError(f"{where}: preset {name!r} has no option {unknown[0]!r} (options: {', '.join(options) or 'none'})"
+                        + (f"; did you mean {close[0]!r}?" if close else ""))
+    try:
+        return fn(**{k: list(v) if isinstance(v, tuple) else v for k, v in item.items()})
+    except (PlanError, ValueError, TypeError) as err:
+        raise PlanError(f"{where} (preset {name}): {str(err).removeprefix('rule ')}") from None
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxtune.models import decoder, encoder
-from jaxtune.models.hf import ModelConfig, Pretrained
-from jaxtune.models.layers import Array, pool
+from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
+from jaxtune.models.layers import Array, PartitionRules, pool
 from jaxtune.tuning import labels as labels_lib
 from jaxtune.tuning.heads import Head, HeadSpec, head_spec, hf_head_name, init_head
 from jaxtune.tuning.labels import HEAD_KEY, PROMPT_LEAF
@@ -67,16 +67,16 @@ class TunedModel(nn.Module):
     def hidden(
         self,
         input_ids: Array,
-        positions: Array | None = None,
         segment_ids: Array | None = None,
-        deterministic: bool = True,
+        positions: Array | None = None,
         token_type_ids: Array | None = None,
+        deterministic: bool = True,
     ) -> Array:
         """Token states ``(B, T, D)`` of the body for ``input_ids`` ``(B, T)`` int32."""
         if not self._is_decoder:
             return self.body(input_ids, segment_ids, positions, token_type_ids, deterministic)
         if not self.prompt_tokens:
-            return self.body.hidden(input_ids, positions, segment_ids, deterministic)
+            return self.body.hidden(input_ids, segment_ids, positions, deterministic)
         embeds, positions, segment_ids = prepend(self.prompt_embeddings, self.body.embed(input_ids), positions,
                                                  segment_ids)
         out = self.body.hidden(positions=positions, segment_ids=segment_ids, deterministic=deterministic,
@@ -96,7 +96,7 @@ class TunedModel(nn.Module):
         deterministic: bool = True,
     ) -> Array:
         """LM logits ``(B, T, V)``, or head outputs ``(B, num_outputs)`` in the compute dtype."""
-        hidden = self.hidden(input_ids, positions, segment_ids, deterministic, token_type_ids)
+        hidden = self.hidden(input_ids, segment_ids, positions, token_type_ids, deterministic)
         if self.task == "lm":
             return self.logits(hidden)
         spec = self.head_spec
@@ -116,7 +116,9 @@ class Tuned:
     ``params``/``labels`` are same-shaped trees; ``labels`` leaves are ``"freeze"`` or a group
     (``train``, ``lora``, ``dora``, ``prompt``, ``head``). ``config``/``hf_config``/``source``/
     ``architecture`` describe the base checkpoint, for export. ``head_is_new`` is True when the
-    plan created the head (it is then always exported with a PEFT adapter).
+    plan created the head (it is then always exported with a PEFT adapter). ``label_names``:
+    the classes of a classification head, in output order (from the data). ``step``: the
+    optimizer steps that produced ``params`` (0: as planned, untrained).
     """
 
     module: TunedModel
@@ -125,7 +127,7 @@ class Tuned:
     task: str
     num_outputs: int
     plan: Plan
-    config: ModelConfig
+    config: FamilyConfig
     hf_config: dict[str, Any]
     source: str
     architecture: str
@@ -133,10 +135,18 @@ class Tuned:
     head: HeadSpec | None = None
     prompt_tokens: int = 0
     head_is_new: bool = False
+    tokenizer: Tokenizer | None = None
+    label_names: tuple | None = None
+    step: int = 0
 
     @property
     def is_decoder(self) -> bool:
         return isinstance(self.config, decoder.DecoderConfig)
+
+    @property
+    def partition_rules(self) -> PartitionRules:
+        """How the model family's weights split over a mesh (see ``jaxtune.models.layers.partition_rules``)."""
+        return FAMILIES[self.architecture].partition_rules
 
     @property
     def hf_architecture(self) -> str | None:
@@ -150,7 +160,7 @@ class Tuned:
             else "BertForSequenceClassification"
 
 
-def _split_pretrained(pretrained: Pretrained) -> tuple[ModelConfig, Params, HeadSpec | None, Params | None]:
+def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, HeadSpec | None, Params | None]:
     """The body config and params, and the checkpoint's own head (BertForSequenceClassification)."""
     cfg, params = pretrained.config, pretrained.params
     if pretrained.architecture != "BertForSequenceClassification":
@@ -173,18 +183,24 @@ def apply_plan(
     *,
     frozen_dtype: Any | None = None,
     tokenizer: Tokenizer | None = None,
+    data: Any = None,
 ) -> Tuned:
     """Apply ``plan`` to ``pretrained``: add adapters, head and prompt, label every leaf.
 
     Args:
-      pretrained: from :func:`jaxtune.models.hf.load_pretrained` (its params are not modified).
+      pretrained: from :func:`jaxtune.load` (its params are not modified).
       plan: a :class:`Plan` or plain rule data.
       rng: key for new leaves (LoRA A, head, prompt); default ``jax.random.key(0)``.
-      frozen_dtype: dtype for frozen float leaves (e.g. ``jnp.bfloat16``); trainable leaves are
-        always float32.
-      tokenizer: for prompt init ``text``; defaults to the tokenizer in the checkpoint directory.
+      frozen_dtype: dtype for frozen float leaves (e.g. ``jnp.bfloat16``); default: the dtype
+        the model was loaded in. Trainable leaves are always float32.
+      tokenizer: default ``pretrained.tokenizer``; prompt init ``text`` needs one.
+      data: the training source (``jaxtune.read``): a classification head without ``num_labels``
+        gets one output per label of the data (at least 2), and the labels' names are kept.
     """
-    plan = as_plan(plan)
+    plan = _sized_head(as_plan(plan), getattr(data, "label_names", None))
+    tokenizer = tokenizer if tokenizer is not None else pretrained.tokenizer
+    if frozen_dtype is None and jnp.dtype(pretrained.config.param_dtype) != jnp.float32:
+        frozen_dtype = pretrained.config.param_dtype
     rng = jax.random.key(0) if rng is None else rng
     k_head, k_prompt, k_adapters = jax.random.split(rng, 3)
     cfg, params, head, head_params = _split_pretrained(pretrained)
@@ -244,4 +260,24 @@ def apply_plan(
         head=head,
         prompt_tokens=prompt_tokens,
         head_is_new=head_rule is not None,
+        tokenizer=tokenizer,
+        label_names=tuple(data.label_names) if getattr(data, "label_names", None) and task == "classification"
+        else None,
     )
+
+
+def _sized_head(plan: Plan, label_names: Sequence | None) -> Plan:
+    """The plan with a classification head as wide as the data's label vocabulary."""
+    if not label_names:
+        return plan
+    rules = []
+    for i, rule in enumerate(plan.rules):
+        if rule.action == "head" and rule.task == "classification":
+            if rule.num_labels is None:
+                rule = dataclasses.replace(rule, num_labels=max(2, len(label_names)))
+            elif rule.num_labels < len(label_names):
+                raise PlanError(f"{plan.describe(i)}: the head has num_labels {rule.num_labels}, but the data has "
+                                f"{len(label_names)} labels {list(label_names)[:10]}; drop num_labels to size it "
+                                "from the data")
+        rules.append(rule)
+    return Plan(tuple(rules))

