@@ -64,6 +64,8 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module) for a in decoder.ARCHITECTURES},
+    **{a: Family(decoder.DecoderConfig.from_hf, decoder.DecoderClassifier, decoder.hf_module)
+       for a in decoder.CLASSIFIERS},
     "BertModel": Family(encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_module),
     "BertForSequenceClassification": Family(encoder.EncoderConfig.from_hf, encoder.EncoderClassifier,
                                             encoder.hf_module),
@@ -276,7 +278,8 @@ def load_pretrained(
       shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a pytree
         of shardings matching the param tree; each device then reads only its own slice.
       architecture: force an architecture (e.g. ``"BertModel"`` to load only the body of a
-        ``BertForSequenceClassification`` checkpoint).
+        ``BertForSequenceClassification`` checkpoint). A BERT checkpoint without pooler tensors
+        (``BertForMaskedLM``) loads as a body without a pooler, with a warning.
       config_overrides: fields of the family's config, e.g. ``remat="block"``.
     """
     model_dir = resolve(path_or_id)
@@ -284,8 +287,14 @@ def load_pretrained(
     dtype = jnp.dtype(dtype)
     arch, cfg, module = build(hf_config, architecture, dtype=str(jnp.dtype(compute_dtype or dtype)),
                               param_dtype=str(dtype), **config_overrides)
-    family = FAMILIES[arch]
     reader = SafetensorsReader(_weight_files(model_dir))
+    if getattr(cfg, "use_pooler", False) and arch == "BertModel" and _find(reader, "pooler.dense.weight") is None:
+        warnings.warn(f"{model_dir}: no pooler tensors ({', '.join(hf_config.get('architectures') or ['?'])}); "
+                      "loaded the body without a pooler, so a head on it pools with 'cls' (the default) or "
+                      "'mean', not 'pooler'", stacklevel=2)
+        arch, cfg, module = build(hf_config, arch, dtype=str(jnp.dtype(compute_dtype or dtype)),
+                                  param_dtype=str(dtype), **{**config_overrides, "use_pooler": False})
+    family = FAMILIES[arch]
     abstract = flatten_dict(abstract_params(module, cfg))
     leaf_shardings = _leaf_shardings(shardings, abstract)
     params, used = {}, set()

@@ -103,6 +103,31 @@ def _label_fields(hf_config: dict[str, Any], task: str, num_outputs: int) -> dic
             "problem_type": "regression" if task == "regression" else "single_label_classification"}
 
 
+def _export_config(tuned: Tuned, tokenizer_from: str | Path | None) -> dict[str, Any]:
+    """The base's ``config.json`` with what the export needs: for decoder heads a ``pad_token_id``,
+    without which transformers' ``*ForSequenceClassification`` cannot find the last token of a padded batch."""
+    config = dict(tuned.hf_config)
+    if tuned.is_decoder and tuned.head is not None and config.get("pad_token_id") is None:
+        config["pad_token_id"] = _pad_token_id(config, tokenizer_from)
+    return config
+
+
+def _pad_token_id(hf_config: dict[str, Any], tokenizer_from: str | Path | None) -> int | None:
+    """The tokenizer's pad token id, else the config's (first) eos id (what tokenizers without a pad
+    token are usually padded with)."""
+    if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        try:
+            pad = AutoTokenizer.from_pretrained(tokenizer_from).pad_token_id
+        except (OSError, ValueError, KeyError):
+            pad = None
+        if pad is not None:
+            return int(pad)
+    eos = hf_config.get("eos_token_id")
+    return eos[0] if isinstance(eos, list) and eos else eos
+
+
 def export_merged(
     tuned: Tuned,
     out_dir: str | Path,
@@ -126,10 +151,11 @@ def export_merged(
     body = {k: v for k, v in merged.items() if k != HEAD_KEY}
     source = Path(tuned.source)
     tokenizer_from = tokenizer_from if tokenizer_from is not None else (source if source.is_dir() else None)
+    hf_config = _export_config(tuned, tokenizer_from)
     if tuned.head is None:
-        return hf.save_pretrained(body, tuned.hf_config, out_dir, architecture=arch, dtype=dtype,
+        return hf.save_pretrained(body, hf_config, out_dir, architecture=arch, dtype=dtype,
                                   tokenizer_from=tokenizer_from)
-    config = _label_fields(tuned.hf_config, tuned.task, tuned.num_outputs)
+    config = _label_fields(hf_config, tuned.task, tuned.num_outputs)
     if not tuned.is_decoder:
         return hf.save_pretrained({"bert": body, "classifier": merged[HEAD_KEY]["out"]}, config, out_dir,
                                   architecture=arch, dtype=dtype, tokenizer_from=tokenizer_from)
@@ -287,7 +313,7 @@ def load_peft(
     saved = {k.rsplit(".", 1)[0] for k in keys if k != "prompt_embeddings" and not _ADAPTER_KEY.search(k)}
     rules: list[Rule] = []
     head_name = next((n for n in ("score", "classifier") if n in saved), None)
-    if head_name is not None and pretrained.architecture != "BertForSequenceClassification":
+    if head_name is not None and not pretrained.architecture.endswith("ForSequenceClassification"):
         num = reader.shape(f"{PREFIX}{head_name}.weight")[0]
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
                           bias=f"{head_name}.bias" in keys))
