@@ -322,6 +322,23 @@ def load_pretrained(
     return Pretrained(cfg, module, unflatten_dict(params), hf_config, str(model_dir), arch)
 
 
+def untie_embeddings(pretrained: Pretrained) -> Pretrained:
+    """``pretrained`` with its tied output layer made a separate ``lm_head`` whose kernel is the
+    embedding's transpose; a model that is not tied comes back unchanged.
+
+    Why: PEFT adapts or trains ``embed_tokens`` and ``lm_head`` of a tied model apart (unless
+    ``ensure_weight_tying`` is set), so the two stop being one matrix. ``hf_config`` still says
+    tied, because it describes the base checkpoint that such an adapter applies to.
+    """
+    cfg = pretrained.config
+    if pretrained.architecture not in decoder.ARCHITECTURES or not cfg.tie_word_embeddings:
+        return pretrained  # a sequence classifier has no lm_head to untie
+    cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    params = {**pretrained.params, "lm_head": {"kernel": pretrained.params["embed_tokens"]["embedding"].T}}
+    return dataclasses.replace(pretrained, config=cfg, module=FAMILIES[pretrained.architecture].module(cfg),
+                               params=params)
+
+
 def _leaf_shardings(shardings: Any, abstract: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:
     if shardings is None:
         return {}
