@@ -129,7 +129,8 @@ def _export_config(tuned: Tuned, tokenizer_from: str | Path | None) -> dict[str,
 
 def _pad_token_id(hf_config: dict[str, Any], tokenizer_from: str | Path | None) -> int | None:
     """The tokenizer's pad token id, else the config's (first) eos id (what tokenizers without a pad
-    token are usually padded with)."""
+    token are usually padded with). transformers pools the last token that is not this id, jaxtune
+    the last real one: the two agree unless an input itself ends with that id."""
     if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 
@@ -232,7 +233,8 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
 
     ``peft.PeftModel.from_pretrained(<transformers base model>, out_dir)`` then computes the same
     outputs. The base is ``*ForCausalLM`` for task ``lm`` and ``*ForSequenceClassification``
-    (with the right ``num_labels``) for heads. Tensors are written float32.
+    (with the right ``num_labels``, and ``pad_token_id`` when the base config has none: transformers'
+    decoder classifiers need it for batches > 1) for heads. Tensors are written float32.
     """
     params = tuned.params if params is None else params
     if tuned.adapters and tuned.prompt_tokens:
