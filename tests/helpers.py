@@ -26,6 +26,9 @@ def tiny_hf_model(architecture: str, out_dir: Path | None = None, seed: int = 0,
         "Qwen3ForCausalLM": transformers.Qwen3Config,
         "BertModel": transformers.BertConfig,
         "BertForSequenceClassification": transformers.BertConfig,
+        "BertForMaskedLM": transformers.BertConfig,
+        "LlamaForSequenceClassification": transformers.LlamaConfig,
+        "Qwen2ForSequenceClassification": transformers.Qwen2Config,
     }[architecture]
     base = TINY_ENCODER if architecture.startswith("Bert") else TINY_DECODER
     kwargs = {**base, **overrides}

@@ -13,6 +13,8 @@ Qwen3ForCausalLM   attention_bias  attention_bias      yes      per ``layer_type
 
 All share grouped-query attention, RoPE (default, ``linear`` and ``llama3`` scaling), RMSNorm,
 a SwiGLU MLP and optionally tied input/output embeddings.
+Their ``*ForSequenceClassification`` checkpoints load as :class:`DecoderClassifier` (the same
+body with HF's bias-free ``score`` on the last real token).
 
 The parameter tree mirrors the HF names one to one (``model.layers.3.self_attn.q_proj.weight``
 is ``params["layers_3"]["self_attn"]["q_proj"]["kernel"]``, transposed); :func:`hf_key` is the map.
@@ -38,10 +40,13 @@ from jaxtune.models.layers import (
     attention_mask,
     dot_product_attention,
     partition_rules,
+    pool,
     rope_inverse_frequencies,
 )
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+# Sequence classifiers: the same body (its switches are its causal-LM sibling's) with a ``score`` head.
+CLASSIFIERS = {a.replace("ForCausalLM", "ForSequenceClassification"): a for a in ARCHITECTURES}
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 REMAT_POLICIES = ("none", "block", "dots")
@@ -70,6 +75,7 @@ class DecoderConfig:
     qk_norm: bool = False
     tie_word_embeddings: bool = False
     layer_windows: tuple[int | None, ...] = ()
+    num_labels: int = 2  # DecoderClassifier only
     architecture: str = "LlamaForCausalLM"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # dtype of freshly initialised params
@@ -110,6 +116,7 @@ class DecoderConfig:
             qk_norm=arch == "Qwen3ForCausalLM",
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             layer_windows=_layer_windows(hf, arch),
+            num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
             architecture=arch,
         )
         fields.update(overrides)
@@ -122,13 +129,13 @@ class DecoderConfig:
 
 def _architecture(hf: dict[str, Any]) -> str:
     for arch in hf.get("architectures") or []:
-        if arch in ARCHITECTURES:
-            return arch
+        if arch in ARCHITECTURES or arch in CLASSIFIERS:
+            return CLASSIFIERS.get(arch, arch)
     if hf.get("model_type") in _MODEL_TYPES:
         return _MODEL_TYPES[hf["model_type"]]
     raise ValueError(
         f"config.json: architecture {hf.get('architectures') or hf.get('model_type')!r} is not a decoder "
-        f"jaxtune supports; supported: {', '.join(ARCHITECTURES)}"
+        f"jaxtune supports; supported: {', '.join(ARCHITECTURES + tuple(CLASSIFIERS))}"
     )
 
 
@@ -376,6 +383,36 @@ class Decoder(nn.Module):
         deterministic: bool = True,
     ) -> Array:
         return self.logits(self.hidden(input_ids, segment_ids, positions, deterministic))
+
+
+class DecoderClassifier(nn.Module):
+    """``*ForSequenceClassification``: the decoder body, then a bias-free ``score`` on the last real
+    token, so checkpoints that transformers (or jaxtune's merged export) writes load as they are.
+
+    The body's params sit at the root beside ``score`` (as HF's ``score`` sits beside ``model``), so
+    the tree is the causal LM's with ``score`` in place of ``lm_head``. HF pools on the last token that
+    is not ``pad_token_id``; here ``segment_ids`` (nonzero = real) say which tokens are real.
+    ``__call__`` returns ``(B, num_labels)``.
+    """
+
+    cfg: DecoderConfig
+
+    def setup(self) -> None:
+        self.body = Decoder(self.cfg)
+        nn.share_scope(self, self.body)
+        self.score = Linear(self.cfg.num_labels, dtype=self.cfg.compute_dtype, param_dtype=self.cfg.param_dtype,
+                            adapter_dropout=self.cfg.adapter_dropout)
+
+    def __call__(
+        self,
+        input_ids: Array,
+        positions: Array | None = None,
+        segment_ids: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        hidden = self.body.hidden(input_ids, positions, segment_ids, deterministic)
+        real = segment_ids if segment_ids is not None else jnp.ones(input_ids.shape, jnp.int32)
+        return self.score(pool(hidden, real, "last"), deterministic)
 
 
 def hf_module(modules: tuple[str, ...]) -> str:

@@ -67,6 +67,8 @@ class Family:
 FAMILIES: dict[str, Family] = {
     **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module, decoder.PARTITION_RULES)
        for a in decoder.ARCHITECTURES},
+    **{a: Family(decoder.DecoderConfig.from_hf, decoder.DecoderClassifier, decoder.hf_module, decoder.PARTITION_RULES)
+       for a in decoder.CLASSIFIERS},
     "BertModel": Family(encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_module, encoder.PARTITION_RULES),
     "BertForSequenceClassification": Family(encoder.EncoderConfig.from_hf, encoder.EncoderClassifier,
                                             encoder.hf_module, encoder.PARTITION_RULES),
@@ -280,7 +282,8 @@ def load_pretrained(
       shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a pytree
         of shardings matching the param tree; each device then reads only its own slice.
       architecture: force an architecture (e.g. ``"BertModel"`` to load only the body of a
-        ``BertForSequenceClassification`` checkpoint).
+        ``BertForSequenceClassification`` checkpoint). A BERT checkpoint without pooler tensors
+        (``BertForMaskedLM``) loads as a body without a pooler, with a warning.
       config_overrides: fields of the family's config, e.g. ``remat="block"``.
     """
     model_dir = resolve(path_or_id)
@@ -288,8 +291,14 @@ def load_pretrained(
     dtype = jnp.dtype(dtype)
     arch, cfg, module = build(hf_config, architecture, dtype=str(jnp.dtype(compute_dtype or dtype)),
                               param_dtype=str(dtype), **config_overrides)
-    family = FAMILIES[arch]
     reader = SafetensorsReader(_weight_files(model_dir))
+    if getattr(cfg, "use_pooler", False) and arch == "BertModel" and _find(reader, "pooler.dense.weight") is None:
+        warnings.warn(f"{model_dir}: no pooler tensors ({', '.join(hf_config.get('architectures') or ['?'])}); "
+                      "loaded the body without a pooler, so a head on it pools with 'cls' (the default) or "
+                      "'mean', not 'pooler'", stacklevel=2)
+        arch, cfg, module = build(hf_config, arch, dtype=str(jnp.dtype(compute_dtype or dtype)),
+                                  param_dtype=str(dtype), **{**config_overrides, "use_pooler": False})
+    family = FAMILIES[arch]
     abstract = flatten_dict(abstract_params(module, cfg))
     leaf_shardings = _leaf_shardings(shardings, abstract)
     params, used = {}, set()
@@ -315,6 +324,23 @@ def load_pretrained(
         warnings.warn(f"{model_dir}: {len(unused)} tensor(s) not used by {arch}: {', '.join(unused[:8])}"
                       + (" ..." if len(unused) > 8 else ""), stacklevel=2)
     return Pretrained(cfg, module, unflatten_dict(params), hf_config, str(model_dir), arch)
+
+
+def untie_embeddings(pretrained: Pretrained) -> Pretrained:
+    """``pretrained`` with its tied output layer made a separate ``lm_head`` whose kernel is the
+    embedding's transpose; a model that is not tied comes back unchanged.
+
+    Why: PEFT adapts or trains ``embed_tokens`` and ``lm_head`` of a tied model apart (unless
+    ``ensure_weight_tying`` is set), so the two stop being one matrix. ``hf_config`` still says
+    tied, because it describes the base checkpoint that such an adapter applies to.
+    """
+    cfg = pretrained.config
+    if pretrained.architecture not in decoder.ARCHITECTURES or not cfg.tie_word_embeddings:
+        return pretrained  # a sequence classifier has no lm_head to untie
+    cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    params = {**pretrained.params, "lm_head": {"kernel": pretrained.params["embed_tokens"]["embedding"].T}}
+    return dataclasses.replace(pretrained, config=cfg, module=FAMILIES[pretrained.architecture].module(cfg),
+                               params=params)
 
 
 def _leaf_shardings(shardings: Any, abstract: dict[tuple[str, ...], Any]) -> dict[tuple[str, ...], Any]:

@@ -8,6 +8,11 @@
   ``(out, r)``, ``lora_magnitude_vector`` ``(out,)``, ``prompt_embeddings`` ``(P, D)``); trained
   non-adapter modules (and a new head) are saved whole as ``modules_to_save``.
 - :func:`load_peft`: an existing PEFT adapter onto a loaded base model, ready to train further.
+
+On a tied model (SmolLM2, Qwen2.5) PEFT keeps ``embed_tokens`` and ``lm_head`` one matrix only with
+``ensure_weight_tying``; otherwise a trained or adapted end leaves the other as it was, so import
+unties them and export sets ``ensure_weight_tying``. Adapters whose meaning jaxtune cannot
+reproduce (PiSSA/OLoRA-style inits, LoRA on an embedding, pickle files) are refused with the fix.
 """
 
 from __future__ import annotations
@@ -45,6 +50,13 @@ _PEFT_LEAVES = {LORA_A: ("lora_A.weight", True), LORA_B: ("lora_B.weight", True)
                 MAGNITUDE: ("lora_magnitude_vector", False)}
 # Keys of adapter tensors (everything else in an adapter file is a modules_to_save tensor).
 _ADAPTER_KEY = re.compile(r"\.(lora_A|lora_B)\.weight$|\.lora_magnitude_vector(\.weight)?$")
+# Infix of the frozen base tensor that PEFT writes for an adapted lm_head/embed_tokens.
+_BASE_LAYER = ".base_layer."
+# init_lora_weights values that only choose the starting A/B, leaving the base weights alone: the saved
+# adapter then means W + s * B @ A on the original base, as jaxtune computes it.
+_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+# Inits that subtract the initial adapter from the base weights; PEFT converts them at save time.
+_BASE_CHANGING_INITS = ("pissa", "olora", "corda", "lora_ga")
 # LoRA options jaxtune does not implement; an adapter that sets one is refused rather than misread.
 _UNSUPPORTED = ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters", "lora_bias",
                 "use_qalora", "trainable_token_indices", "layer_replication", "megatron_config",
@@ -111,6 +123,35 @@ def _label_fields(hf_config: dict[str, Any], task: str, num_outputs: int,
             "problem_type": "regression" if task == "regression" else "single_label_classification"}
 
 
+def _export_config(tuned: Tuned, tokenizer_from: str | Path | None) -> dict[str, Any]:
+    """The base's ``config.json`` with what the tuned model changed: an output layer untied by a PEFT
+    import (jaxtune then holds two matrices), and for decoder heads a ``pad_token_id``, without which
+    transformers' ``*ForSequenceClassification`` cannot find the last token of a padded batch."""
+    config = dict(tuned.hf_config)
+    if tuned.is_decoder and bool(config.get("tie_word_embeddings")) and not tuned.config.tie_word_embeddings:
+        config["tie_word_embeddings"] = False
+    if tuned.is_decoder and tuned.head is not None and config.get("pad_token_id") is None:
+        config["pad_token_id"] = _pad_token_id(config, tokenizer_from)
+    return config
+
+
+def _pad_token_id(hf_config: dict[str, Any], tokenizer_from: str | Path | None) -> int | None:
+    """The tokenizer's pad token id, else the config's (first) eos id (what tokenizers without a pad
+    token are usually padded with). transformers pools the last token that is not this id, jaxtune
+    the last real one: the two agree unless an input itself ends with that id."""
+    if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        try:
+            pad = AutoTokenizer.from_pretrained(tokenizer_from).pad_token_id
+        except (OSError, ValueError, KeyError):
+            pad = None
+        if pad is not None:
+            return int(pad)
+    eos = hf_config.get("eos_token_id")
+    return eos[0] if isinstance(eos, list) and eos else eos
+
+
 def export_merged(
     tuned: Tuned,
     out_dir: str | Path,
@@ -134,10 +175,11 @@ def export_merged(
     body = {k: v for k, v in merged.items() if k != HEAD_KEY}
     source = Path(tuned.source)
     tokenizer_from = tokenizer_from if tokenizer_from is not None else (source if source.is_dir() else None)
+    hf_config = _export_config(tuned, tokenizer_from)
     if tuned.head is None:
-        return hf.save_pretrained(body, tuned.hf_config, out_dir, architecture=arch, dtype=dtype,
+        return hf.save_pretrained(body, hf_config, out_dir, architecture=arch, dtype=dtype,
                                   tokenizer_from=tokenizer_from)
-    config = _label_fields(tuned.hf_config, tuned.task, tuned.num_outputs, tuned.label_names)
+    config = _label_fields(hf_config, tuned.task, tuned.num_outputs, tuned.label_names)
     if not tuned.is_decoder:
         return hf.save_pretrained({"bert": body, "classifier": merged[HEAD_KEY]["out"]}, config, out_dir,
                                   architecture=arch, dtype=dtype, tokenizer_from=tokenizer_from)
@@ -199,7 +241,8 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
 
     ``peft.PeftModel.from_pretrained(<transformers base model>, out_dir)`` then computes the same
     outputs. The base is ``*ForCausalLM`` for task ``lm`` and ``*ForSequenceClassification``
-    (with the right ``num_labels``) for heads. Tensors are written float32.
+    (with the right ``num_labels``, and ``pad_token_id`` when the base config has none: transformers'
+    decoder classifiers need it for batches > 1) for heads. Tensors are written float32.
     """
     params = tuned.params if params is None else params
     if tuned.adapters and tuned.prompt_tokens:
@@ -220,6 +263,11 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
             tensors[f"{name}.{_torch_name(leaf)}"] = _to_torch(leaf, value)
     if tuned.adapters:
         config = _lora_config(tuned)
+        if tuned.is_decoder and tuned.config.tie_word_embeddings and ("embed_tokens",) in to_save:
+            # Without ensure_weight_tying PEFT trains a tied embed_tokens alone and keeps the old output
+            # matrix; with it, lm_head's copy is tied to the embedding's (PEFT writes that copy too).
+            tensors[PREFIX + "lm_head.weight"] = tensors[PREFIX + "model.embed_tokens.weight"]
+            config["ensure_weight_tying"] = True
     elif tuned.prompt_tokens:
         cfg = tuned.config
         tensors["prompt_embeddings"] = _to_torch(PROMPT_LEAF, params[PROMPT_LEAF])
@@ -288,14 +336,23 @@ def load_peft(
     set_options = [k for k in _UNSUPPORTED if config.get(k) not in (None, False, [], {}, "")]
     if kind == "LORA" and (set_options or config.get("bias", "none") != "none"):
         raise ExportError(f"{config_path}: option(s) {set_options or ['bias']} are not supported by jaxtune")
-    reader = hf.SafetensorsReader([adapter_dir / ADAPTER_WEIGHTS])
+    if kind == "LORA":
+        _check_init(config, config_path)
+    reader = hf.SafetensorsReader([_weights_file(adapter_dir)])
     keys = {k.removeprefix(PREFIX): k for k in reader.names()}
+    _refuse_embedding_lora(keys, adapter_dir)
 
-    # modules_to_save tensors are the base-layout tensors: anything that is no adapter leaf.
-    saved = {k.rsplit(".", 1)[0] for k in keys if k != "prompt_embeddings" and not _ADAPTER_KEY.search(k)}
+    # modules_to_save tensors are the base-layout tensors: anything that is no adapter leaf (PEFT also
+    # writes the frozen base of an adapted lm_head/embed_tokens as "<module>.base_layer.weight").
+    saved = {k.rsplit(".", 1)[0] for k in keys
+             if k != "prompt_embeddings" and not _ADAPTER_KEY.search(k) and _BASE_LAYER not in k}
+    pretrained, tied_copy = _tying(pretrained, config, saved, keys)
+    if tied_copy is not None:
+        saved.discard(tied_copy.rsplit(".", 1)[0])
+        del keys[tied_copy]
     rules: list[Rule] = []
     head_name = next((n for n in ("score", "classifier") if n in saved), None)
-    if head_name is not None and pretrained.architecture != "BertForSequenceClassification":
+    if head_name is not None and not pretrained.architecture.endswith("ForSequenceClassification"):
         num = reader.shape(f"{PREFIX}{head_name}.weight")[0]
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
                           bias=f"{head_name}.bias" in keys))
@@ -319,6 +376,69 @@ def load_peft(
     tuned = apply_plan(pretrained, Plan(tuple(rules)), rng)
     tuned.params = cast_by_label(_fill(tuned, reader, keys, by_name, adapter_dir), tuned.labels, frozen_dtype)
     return tuned
+
+
+def _weights_file(adapter_dir: Path) -> Path:
+    """``adapter_model.safetensors``; a pickle ``adapter_model.bin`` is refused, as base weights are."""
+    path, bin_path = adapter_dir / ADAPTER_WEIGHTS, adapter_dir / "adapter_model.bin"
+    if path.exists():
+        return path
+    if bin_path.exists():
+        raise ExportError(
+            f"{bin_path}: a pickle file; jaxtune refuses pickle on purpose because unpickling runs arbitrary code. "
+            "Convert once where you trust the file: python -c \"import torch; from safetensors.torch import save_file; "
+            f"save_file(torch.load('{bin_path}', weights_only=True), '{path}', metadata={{'format': 'pt'}})\"")
+    raise ExportError(f"{adapter_dir}: no {ADAPTER_WEIGHTS}; a PEFT adapter directory holds its weights there")
+
+
+def _check_init(config: dict[str, Any], config_path: Path) -> None:
+    """Refuse adapters whose meaning depends on an initialisation jaxtune does not reproduce.
+
+    PiSSA/OLoRA/CorDA/LoRA-GA subtract the initial adapter from the base weights, so their A/B are
+    wrong on the original base (silently: the shapes fit); LoftQ needs its quantized residual base.
+    """
+    init = config.get("init_lora_weights", True)
+    if any(init is plain or (isinstance(plain, str) and init == plain) for plain in _PLAIN_INITS):
+        return
+    if str(init).lower().startswith(_BASE_CHANGING_INITS):
+        raise ExportError(
+            f"{config_path}: init_lora_weights={init!r} changed the base weights when the adapter was made, so it is "
+            "wrong on the original base; have PEFT convert it to a plain LoRA adapter when saving: "
+            "model.save_pretrained(out, path_initial_model_for_weight_conversion=<the adapter saved right after "
+            "get_peft_model, before training>), then load that")
+    raise ExportError(
+        f"{config_path}: init_lora_weights={init!r} is not reproduced by jaxtune (it changes the base weights or the "
+        "LoRA forward); merge the adapter in PEFT (model.merge_and_unload().save_pretrained(dir)) and load the "
+        "merged model")
+
+
+def _refuse_embedding_lora(keys: dict[str, str], adapter_dir: Path) -> None:
+    """PEFT's LoRA on an embedding (``lora_embedding_A/B``) adds ``s * (A^T B^T)[ids]`` to the lookup;
+    jaxtune's adapters are linear-only, so such an adapter is refused rather than misread."""
+    modules = sorted({k.split(".lora_embedding_")[0] for k in keys if ".lora_embedding_" in k})
+    if modules:
+        raise ExportError(
+            f"{adapter_dir / ADAPTER_WEIGHTS}: LoRA on embedding(s) {modules} (lora_embedding_A/B) is not supported, "
+            "jaxtune adapts linear layers only; merge it in PEFT (model.merge_and_unload().save_pretrained(dir)) "
+            "and load that, or train the embedding whole (modules_to_save=['embed_tokens'])")
+
+
+def _tying(pretrained: hf.Pretrained, config: dict[str, Any], saved: set[str],
+           keys: dict[str, str]) -> tuple[hf.Pretrained, str | None]:
+    """``pretrained`` as PEFT sees it under this adapter, and the key of a redundant tied copy to skip.
+
+    On a tied model PEFT trains (``modules_to_save``) or adapts ``embed_tokens`` and ``lm_head`` apart,
+    so the other end keeps the old matrix: jaxtune then unties them. Only ``ensure_weight_tying`` with
+    a trained ``embed_tokens`` keeps them one matrix; PEFT then also writes lm_head's (equal) copy.
+    """
+    if not getattr(pretrained.config, "tie_word_embeddings", False):
+        return pretrained, None
+    lm_head_lora = "lm_head.lora_A.weight" in keys
+    if not lm_head_lora and not saved & {"model.embed_tokens", "lm_head"}:
+        return pretrained, None
+    if config.get("ensure_weight_tying") and "model.embed_tokens" in saved and not lm_head_lora:
+        return pretrained, "lm_head.weight" if "lm_head.weight" in keys else None
+    return hf.untie_embeddings(pretrained), None
 
 
 def _lora_rules(config: dict[str, Any], linears: dict[str, Module], saved: set[str],
@@ -356,7 +476,7 @@ def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_n
         if name == "prompt_embeddings":
             wanted[(PROMPT_LEAF,)] = (name, False)
         elif not _ADAPTER_KEY.search(name):
-            module, leaf = name.rsplit(".", 1)
+            module, leaf = name.replace(_BASE_LAYER, ".").rsplit(".", 1)
             base_leaf = "bias" if leaf == "bias" else next(
                 k for k in ("kernel", "embedding", "scale") if by_name[module] + (k,) in flat)
             wanted[by_name[module] + (base_leaf,)] = (name, base_leaf == "kernel")

@@ -161,8 +161,12 @@ class Tuned:
 
 
 def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, HeadSpec | None, Params | None]:
-    """The body config and params, and the checkpoint's own head (BertForSequenceClassification)."""
+    """The body config and params, and the checkpoint's own head (``*ForSequenceClassification``)."""
     cfg, params = pretrained.config, pretrained.params
+    if pretrained.architecture in decoder.CLASSIFIERS:  # DecoderClassifier = body + score on the last token
+        spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
+                        pooling="last", dropout=0.0, bias=False)
+        return cfg, {k: v for k, v in params.items() if k != "score"}, spec, {"out": params["score"]}
     if pretrained.architecture != "BertForSequenceClassification":
         return cfg, dict(params), None, None
     # EncoderClassifier = Encoder(use_pooler=True) + dropout + classifier: re-expressed as body + head.
