@@ -21,6 +21,7 @@ from jaxtune.data.datasets import (
 )
 from jaxtune.data.packing import classifier_row, first_fit, lm_row, pack, pad
 from jaxtune.data.pipeline import Loader, LoaderConfig, make_loader, to_global
+from jaxtune.data.preference import PreferenceSource, TokenizePairs, pair_rows, read_preference
 from jaxtune.data.sources import (
     KINDS,
     DataError,
@@ -46,9 +47,10 @@ from jaxtune.data.tokenize import (
 )
 
 __all__ = [
-    "KINDS", "TRUNCATION", "DataError", "Loader", "LoaderConfig", "PreparedData", "Source", "SourceReport",
-    "TokenStats", "Tokenize", "answer_first_token", "chat_pieces", "classifier_row", "encode_chat", "first_fit", "lm_row",
-    "make_loader", "pack", "pad", "prepare_chatterbot", "prepare_rotten_tomatoes", "prepare_rotten_tomatoes_chat",
-    "prepare_vader", "read_jsonl", "read_labeled", "read_source", "read_splits", "read_text", "scan",
+    "KINDS", "TRUNCATION", "DataError", "Loader", "LoaderConfig", "PreferenceSource", "PreparedData", "Source",
+    "SourceReport", "TokenStats", "Tokenize", "TokenizePairs", "answer_first_token", "chat_pieces", "classifier_row",
+    "encode_chat", "first_fit", "lm_row", "make_loader", "pack", "pad", "pair_rows", "prepare_chatterbot",
+    "prepare_rotten_tomatoes", "prepare_rotten_tomatoes_chat", "prepare_vader", "read_jsonl", "read_labeled",
+    "read_preference", "read_source", "read_splits", "read_text", "scan",
     "split_indices", "split_source", "to_global", "truncate",
 ]
