@@ -371,10 +371,10 @@ def test_sequence_logprobs_chunked_equals_direct_logits():
 # ----------------------------------------------------------------------------- (c) the reference model
 
 
-def _paired_batch(seed: int, pairs: int = 4, length: int = 32):
+def _paired_batch(seed: int, pairs: int = 4, length: int = 32, pack: bool = True):
     examples = _examples(seed, lengths=(6, 8, 5, 7, 9, 6, 5, 8)[:2 * pairs])
     items = [{"chosen": examples[2 * i], "rejected": examples[2 * i + 1]} for i in range(pairs)]
-    rows = pair_rows(items, length)
+    rows = pair_rows(items, length, pack=pack)
     return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in packing.LM_KEYS}, len(rows)
 
 
@@ -411,6 +411,23 @@ def test_reference_logprobs_equal_the_base_model(llama, dora):
     zeroed_lp = pref.policy_token_logprobs(tuned.module, zeroed, rows)
     zeroed_sums = pref.segment_sums(zeroed_lp * w, rows["segment_ids"], 16).reshape(reference.shape)
     assert (np.abs(np.asarray(zeroed_sums - base)).max() > 1e-3) == dora
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "orpo"])
+def test_packed_pairs_give_the_loss_of_one_pair_per_row(llama, method):
+    _, pre = llama
+    tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))
+    params = _with_trained_adapters(tuned, 7)
+    packed, n_packed = _paired_batch(8)
+    padded, n_padded = _paired_batch(8, pack=False)
+    assert n_packed < n_padded == 4
+    loss_fn = pref.make_preference_loss_fn(tuned.module, pref.PreferenceConfig(method))
+    total_packed, pairs_packed, out_packed = loss_fn(params, packed, jax.random.key(0), True)
+    total_padded, pairs_padded, out_padded = loss_fn(params, padded, jax.random.key(0), True)
+    assert float(pairs_packed) == float(pairs_padded) == 4
+    _close(float(total_packed), float(total_padded), "loss sum")
+    for k in ("rewards/margin", "logps/chosen"):
+        _close(float(out_packed["metrics"][k]), float(out_padded["metrics"][k]), k)
 
 
 def _nbytes(tree) -> int:
