@@ -497,6 +497,23 @@ def test_dpo_starts_at_log2_with_fresh_adapters_and_learns(llama):
     assert float(out["metrics"]["rewards/accuracy"]) / float(pairs) > 0.5
 
 
+def test_micro_batches_equal_one_batch(llama):
+    _, pre = llama
+    tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))
+    trainable, frozen = tuning.partition(_with_trained_adapters(tuned, 9), tuned.labels)
+    batch, rows = _paired_batch(10, pack=False)
+    assert rows == 4
+    loss_fn = pref.make_preference_loss_fn(tuned.module, pref.PreferenceConfig("dpo", label_smoothing=0.1))
+    optimizer = optax.sgd(1.0)
+    results = [jax.jit(make_train_step(loss_fn, optimizer, grad_accum_steps=k))(
+        trainable, frozen, optimizer.init(trainable), batch, jax.random.key(0)) for k in (1, 2)]
+    (one, _, m1), (two, _, m2) = results
+    _close(float(m1["loss"]), float(m2["loss"]), "loss")
+    assert float(m1["weight"]) == float(m2["weight"]) == 4  # the weight is the number of pairs
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        _close(np.asarray(a), np.asarray(b), "updated adapters")
+
+
 def test_cached_reference_logps_give_the_same_loss(llama):
     _, pre = llama
     tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))
