@@ -29,6 +29,7 @@ from jaxtune.data.pipeline import (
     to_global,
     training_loader,
 )
+from jaxtune.data.preference import PreferenceSource, TokenizePairs, pair_rows, read_preference
 from jaxtune.data.sources import (
     KINDS,
     DataError,
@@ -54,9 +55,11 @@ from jaxtune.data.tokenize import (
 )
 
 __all__ = [
-    "KINDS", "TRUNCATION", "DataConfig", "DataError", "evaluation_loader", "read", "read_data", "training_loader", "Loader", "LoaderConfig", "PreparedData", "Source", "SourceReport",
-    "TokenStats", "Tokenize", "answer_first_token", "chat_pieces", "classifier_row", "encode_chat", "first_fit", "lm_row",
-    "make_loader", "pack", "pad", "prepare_chatterbot", "prepare_rotten_tomatoes", "prepare_rotten_tomatoes_chat",
-    "prepare_vader", "read_jsonl", "read_labeled", "read_source", "read_splits", "read_text", "scan",
+    "KINDS", "TRUNCATION", "DataConfig", "DataError", "Loader", "LoaderConfig", "PreferenceSource", "PreparedData",
+    "Source", "SourceReport", "TokenStats", "Tokenize", "TokenizePairs", "answer_first_token", "chat_pieces",
+    "classifier_row", "encode_chat", "evaluation_loader", "first_fit", "lm_row", "make_loader", "pack", "pad",
+    "pair_rows", "prepare_chatterbot", "prepare_rotten_tomatoes", "prepare_rotten_tomatoes_chat", "prepare_vader",
+    "read", "read_data", "read_jsonl", "read_labeled", "read_preference", "read_source", "read_splits", "read_text",
+    "scan", "training_loader",
     "split_indices", "split_source", "to_global", "truncate",
 ]

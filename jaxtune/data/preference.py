@@ -1,0 +1,349 @@
+"""Preference pairs: read and validate OpenAI's and TRL's formats, tokenize, pair rows.
+
+Two file formats are read, one JSON object per line, detected per row:
+
+- OpenAI's preference fine-tuning format::
+
+    {"input": {"messages": [{"role": "user", "content": "..."}]},
+     "preferred_output": [{"role": "assistant", "content": "..."}],
+     "non_preferred_output": [{"role": "assistant", "content": "..."}]}
+
+- TRL's: ``{"prompt": ..., "chosen": ..., "rejected": ...}`` with plain strings (the answers
+  continue the prompt text) or message lists (conversational); conversational rows may leave the
+  prompt implicit, as the shared opening turns of two full ``chosen``/``rejected`` conversations.
+
+Every row is checked when the source is built, like the chat source: a bad row raises a one-line
+:class:`~jaxtune.data.sources.DataError` ``"path:line: problem — fix"`` (missing fields, empty
+answers, answers that are not assistant turns, a prompt that ends with an assistant turn, mixed
+plain and conversational fields, identical answers), or with ``skip_bad_rows`` is counted and
+left out.
+
+A record (``source[i]``) is ``{"prompt", "chosen", "rejected", "where"}``: three message lists
+(conversational) or three strings (plain). :class:`TokenizePairs` turns it into a chosen and a
+rejected example that share the prompt's tokens: conversations go through the chat template with
+the answer turns supervised (:func:`jaxtune.data.tokenize.encode_chat`), plain rows as prompt and
+completion (:func:`jaxtune.data.tokenize.encode_prompt_completion`). :func:`pair_rows` packs pairs
+into paired LM rows ``(2, L)``, the layout :mod:`jaxtune.train.preference` reads: row 0 chosen,
+row 1 rejected, pair ``s`` in segment ``s`` of both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxtune.data import packing
+from jaxtune.data.sources import (
+    ROLES,
+    DataError,
+    FileSource,
+    SourceReport,
+    _existing_file,
+    _finish,
+    _jsonl_lines,
+    _reject,
+    _RowError,
+    _string,
+)
+from jaxtune.data.tokenize import (
+    Example,
+    backend,
+    encode_chat,
+    encode_pieces,
+    special_prefix,
+)
+
+KIND = "preference"
+TRUNCATION = ("right", "drop", "error")
+Pair = dict[str, Example]  # {"chosen": Example, "rejected": Example}
+
+_OPENAI_HINT = ('write each line as {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", '
+                '"content": ...}], "non_preferred_output": [...]} or {"prompt": ..., "chosen": ..., "rejected": ...}')
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _message(msg: Any, at: str) -> dict:
+    """One ``{"role", "content"[, "name"]}`` turn, checked."""
+    if not isinstance(msg, dict):
+        raise _RowError(f"{at} is a JSON {type(msg).__name__}, not an object",
+                        'write each turn as {"role": ..., "content": ...}')
+    unknown = set(msg) - {"role", "content", "name"}
+    if unknown:
+        raise _RowError(f"{at} has unsupported keys {sorted(unknown)}",
+                        "only role, content and name are supported (no tool calls)")
+    role = msg.get("role")
+    if role not in ROLES:
+        raise _RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
+    try:
+        content = _string(msg, "content", nonempty=role == "assistant")
+    except _RowError as err:
+        raise _RowError(f"{at} ({role}): {err.problem}", err.fix) from None
+    return {k: v for k, v in (("role", role), ("content", content), ("name", msg.get("name"))) if v is not None}
+
+
+def _messages(value: Any, field: str) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise _RowError(f"{field!r} must be a non-empty list of messages", f"list the turns of {field!r} in order")
+    return [_message(m, f"{field}[{n}]") for n, m in enumerate(value)]
+
+
+def _prompt(messages: list[dict], field: str) -> list[dict]:
+    if messages[-1]["role"] == "assistant":
+        raise _RowError(f"the prompt ends with an assistant turn ({field}[{len(messages) - 1}]), so the answers do not "
+                        "follow a request", "end the prompt with the user turn the answers reply to, and move "
+                        "assistant replies into the answers")
+    return messages
+
+
+def _answer(value: Any, field: str) -> list[dict]:
+    messages = _messages(value, field)
+    for n, m in enumerate(messages):
+        if m["role"] != "assistant":
+            raise _RowError(f"{field}[{n}] has role {m['role']!r}, but answers are assistant turns",
+                            f"give {field!r} only assistant messages and put other turns in the prompt")
+    return messages
+
+
+def _distinct(record: dict, chosen: str, rejected: str) -> dict:
+    if record["chosen"] == record["rejected"]:
+        raise _RowError(f"{chosen!r} and {rejected!r} are identical, so the pair prefers nothing",
+                        "give two different answers or remove the row")
+    return record
+
+
+def check_openai_preference(obj: dict) -> dict:
+    """Validate one row of OpenAI's preference format; return ``{"prompt", "chosen", "rejected"}`` messages."""
+    for key in ("input", "preferred_output", "non_preferred_output"):
+        if key not in obj:
+            raise _RowError(f"missing {key!r} key", _OPENAI_HINT)
+    source = obj["input"]
+    if not isinstance(source, dict) or "messages" not in source:
+        raise _RowError("'input' has no 'messages' list",
+                        'write "input": {"messages": [{"role": "user", "content": ...}]}')
+    if source.get("tools") or source.get("parallel_tool_calls"):
+        raise _RowError("'input' declares tools, which are not supported", "remove tools and tool calls from the row")
+    prompt = _prompt(_messages(source["messages"], "input.messages"), "input.messages")
+    record = {"prompt": prompt, "chosen": _answer(obj["preferred_output"], "preferred_output"),
+              "rejected": _answer(obj["non_preferred_output"], "non_preferred_output")}
+    return _distinct(record, "preferred_output", "non_preferred_output")
+
+
+def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """Split two full conversations into their shared opening turns and the two answers."""
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    if shared == 0:
+        raise _RowError("'chosen' and 'rejected' share no opening turns and there is no 'prompt'",
+                        "add a 'prompt' message list, or start both conversations with the same prompt turns")
+    if shared == len(chosen) or shared == len(rejected):
+        raise _RowError("'chosen' and 'rejected' are identical or one is a prefix of the other, so an answer is empty",
+                        "end each conversation with its own assistant answer")
+    return chosen[:shared], chosen[shared:], rejected[shared:]
+
+
+def check_trl_preference(obj: dict) -> dict:
+    """Validate one TRL row (``prompt``/``chosen``/``rejected``, plain or conversational)."""
+    for key in ("chosen", "rejected"):
+        if key not in obj or obj[key] is None:
+            raise _RowError(f"missing {key!r} key",
+                            'write each line as {"prompt": ..., "chosen": ..., "rejected": ...}')
+    fields = [k for k in ("prompt", "chosen", "rejected") if obj.get(k) is not None]
+    kinds = {k: "string" if isinstance(obj[k], str) else "message list" if isinstance(obj[k], list) else
+             type(obj[k]).__name__ for k in fields}
+    bad = [k for k in fields if kinds[k] not in ("string", "message list")]
+    if bad:
+        raise _RowError(f"{bad[0]!r} is a {kinds[bad[0]]}, not a string or a message list",
+                        "use plain strings or lists of {\"role\", \"content\"} messages")
+    if len(set(kinds.values())) > 1:
+        listing = ", ".join(f"{k} is a {v}" for k, v in kinds.items())
+        raise _RowError(f"mixed plain and conversational fields ({listing})",
+                        "use strings for all of prompt, chosen and rejected, or message lists for all")
+    if kinds["chosen"] == "string":
+        if "prompt" not in kinds:
+            raise _RowError("missing 'prompt' key", "plain-text pairs need the prompt the answers continue")
+        record = {"prompt": obj["prompt"], "chosen": _string(obj, "chosen", nonempty=True),
+                  "rejected": _string(obj, "rejected", nonempty=True)}
+        return _distinct(record, "chosen", "rejected")
+    if "prompt" in kinds:
+        record = {"prompt": _prompt(_messages(obj["prompt"], "prompt"), "prompt"),
+                  "chosen": _answer(obj["chosen"], "chosen"), "rejected": _answer(obj["rejected"], "rejected")}
+        return _distinct(record, "chosen", "rejected")
+    chosen, rejected = _messages(obj["chosen"], "chosen"), _messages(obj["rejected"], "rejected")
+    prompt, chosen, rejected = _implicit_prompt(chosen, rejected)
+    _prompt(prompt, "chosen")  # the shared opening turns must end before the answers
+    for field, answer in (("chosen", chosen), ("rejected", rejected)):
+        for n, m in enumerate(answer, start=len(prompt)):
+            if m["role"] != "assistant":
+                raise _RowError(f"{field}[{n}] has role {m['role']!r} after the shared prompt, but answers are "
+                                "assistant turns", "make the conversations differ only in their final assistant turns")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def check_preference(obj: Any) -> dict:
+    """Validate one preference row in either format (detected by its keys); return the record."""
+    if not isinstance(obj, dict):
+        raise _RowError(f"row is a JSON {type(obj).__name__}, not an object", _OPENAI_HINT)
+    if {"input", "preferred_output", "non_preferred_output"} & obj.keys():
+        return check_openai_preference(obj)
+    if {"chosen", "rejected"} & obj.keys():
+        return check_trl_preference(obj)
+    raise _RowError(f"row has neither OpenAI's nor TRL's preference keys (keys: {sorted(obj)[:6]})", _OPENAI_HINT)
+
+
+# ----------------------------------------------------------------------------- source
+
+
+class PreferenceSource(FileSource):
+    """Preference rows of JSONL files (``kind == "preference"``), read with ``os.pread``: random
+    access, picklable and thread-safe like every :class:`~jaxtune.data.sources.FileSource`."""
+
+    def __init__(self, paths: Sequence[str], file_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
+                 lines: np.ndarray, report: SourceReport):
+        super().__init__(KIND, paths, file_ids, offsets, lengths, lines, report)
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        raw = os.pread(self._fd(int(self._file_ids[index])), int(self._lengths[index]), int(self._offsets[index]))
+        record = check_preference(json.loads(raw))
+        record["where"] = self.where(index)
+        return record
+
+    def select(self, indices: Sequence[int]) -> "PreferenceSource":
+        idx = np.asarray(indices, dtype=np.int64)
+        out = PreferenceSource(self.paths, self._file_ids[idx], self._offsets[idx], self._lengths[idx],
+                               self._lines[idx], self.report)
+        out._stamps = self._stamps
+        return out
+
+
+def read_preference(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> PreferenceSource:
+    """Read a preference JSONL file (OpenAI's or TRL's format, see the module docstring).
+
+    Raises :class:`DataError` (``path:line``) on the first bad row unless ``skip_bad_rows``, in
+    which case bad rows are counted in ``source.report.skipped``.
+    """
+    path = _existing_file(path)
+    report = SourceReport([path])
+    lines, offsets, lengths = [], [], []
+    for line_no, start, length, parsed in _jsonl_lines(path, report, skip_bad_rows):
+        try:
+            check_preference(parsed)
+        except _RowError as err:
+            _reject(report, f"{path}:{line_no}", err, skip_bad_rows)
+            continue
+        lines.append(line_no), offsets.append(start), lengths.append(length)
+    _finish(report, len(offsets), "rows")
+    return PreferenceSource([path], np.zeros(len(offsets), np.int32), np.asarray(offsets, np.int64),
+                            np.asarray(lengths, np.int64), np.asarray(lines, np.int64), report)
+
+
+# ----------------------------------------------------------------------------- tokenization
+
+
+def _prompt_length(example: Example) -> int:
+    """Tokens before the first supervised one."""
+    supervised = np.flatnonzero(example["loss_mask"])
+    return int(supervised[0]) if len(supervised) else len(example["input_ids"])
+
+
+def encode_pair(tokenizer: Any, record: dict, *, prefix: Sequence[int] = (), eos: int | None = None) -> Pair:
+    """The chosen and rejected examples of a record (``input_ids`` int32 ``[n]``, ``loss_mask`` bool
+    ``[n]``: the answer's tokens, end-of-turn marker or EOS included), sharing the prompt tokens.
+
+    Conversations are rendered with the tokenizer's chat template (prompt turns unsupervised,
+    answer turns supervised); plain rows are ``prefix + prompt + answer + [eos]``. Raises
+    :class:`DataError` if the template renders the prompt differently in front of the two answers.
+    """
+    where = record.get("where", "<pair>")
+    pair = {}
+    for side in ("chosen", "rejected"):
+        if isinstance(record["prompt"], list):
+            messages = record["prompt"] + record[side]
+            weights = [0] * len(record["prompt"]) + [1] * len(record[side])
+            pair[side] = encode_chat(tokenizer, messages, weights, where)
+        else:
+            ids = encode_pieces(tokenizer, [record["prompt"], record[side]])
+            answer = ids[1] + ([eos] if eos is not None else [])
+            tokens = list(prefix) + ids[0] + answer
+            mask = [False] * (len(prefix) + len(ids[0])) + [True] * len(answer)
+            pair[side] = {"input_ids": np.asarray(tokens, np.int32), "loss_mask": np.asarray(mask, bool)}
+    n = _prompt_length(pair["chosen"])
+    if n != _prompt_length(pair["rejected"]) or not np.array_equal(pair["chosen"]["input_ids"][:n],
+                                                                    pair["rejected"]["input_ids"][:n]):
+        raise DataError(where, "the prompt does not end before the answers: its tokens differ in front of the chosen "
+                        "and the rejected answer", "use a chat template that renders the prompt turns the same "
+                        "whatever answer follows")
+    return pair
+
+
+class TokenizePairs:
+    """Record -> ``[{"chosen": Example, "rejected": Example}]`` (empty if dropped); picklable, for a
+    grain ``map``. ``encode`` also returns the truncation status and the longer side's length.
+
+    ``truncation``: ``right`` keeps the first ``max_length`` tokens of each side (the prompt stays
+    shared), ``drop`` drops over-long pairs, ``error`` raises. A pair whose answer tokens are all
+    cut off on either side is dropped (status ``dropped``).
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int, *, truncation: str = "right", add_eos: bool = True):
+        if truncation not in TRUNCATION:
+            raise ValueError(f"truncation must be one of {TRUNCATION} for preference pairs, got {truncation!r}")
+        if max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
+        backend(tokenizer)  # fail here if it is not a fast tokenizer
+        self.tokenizer, self.max_length, self.truncation = tokenizer, max_length, truncation
+        self.prefix = special_prefix(tokenizer)
+        self.eos = tokenizer.eos_token_id if add_eos else None
+        if add_eos and self.eos is None:
+            raise ValueError("the tokenizer has no EOS token; pass add_eos=False")
+
+    def encode(self, record: dict) -> tuple[list[Pair], str, int]:
+        where = record.get("where", "<pair>")
+        if isinstance(record["prompt"], list) and not getattr(self.tokenizer, "chat_template", None):
+            raise DataError(where, "conversational pair, but the tokenizer has no chat template",
+                            "set tokenizer.chat_template or write plain-text prompt/chosen/rejected strings")
+        pair = encode_pair(self.tokenizer, record, prefix=self.prefix, eos=self.eos)
+        length = max(len(e["input_ids"]) for e in pair.values())
+        if length <= self.max_length:
+            return [pair], "ok", length
+        if self.truncation == "error":
+            raise DataError(where, f"{length} tokens is longer than max_length={self.max_length}",
+                            "raise max_length, shorten the pair, or set truncation")
+        if self.truncation == "drop":
+            return [], "dropped", length
+        cut = {side: {k: v[:self.max_length] for k, v in e.items()} for side, e in pair.items()}
+        if not all(e["loss_mask"][1:].any() for e in cut.values()):
+            return [], "dropped", length  # truncation cut off a whole answer
+        return [cut], "truncated", length
+
+    def __call__(self, record: dict) -> list[Pair]:
+        return self.encode(record)[0]
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def pair_row(pairs: Sequence[Pair], max_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """One paired row: each LM key (:data:`jaxtune.data.packing.LM_KEYS`) shaped ``(2, max_length)``,
+    ``[0]`` the chosen answers and ``[1]`` the rejected ones, pair ``s`` in segment ``s`` of both."""
+    chosen = packing.lm_row([p["chosen"] for p in pairs], max_length, pad_id)
+    rejected = packing.lm_row([p["rejected"] for p in pairs], max_length, pad_id)
+    return {k: np.stack([chosen[k], rejected[k]]) for k in packing.LM_KEYS}
+
+
+def pair_rows(pairs: Sequence[Pair], max_length: int, pad_id: int = 0, *, pack: bool = True
+              ) -> list[dict[str, np.ndarray]]:
+    """Paired rows for ``pairs``: first-fit packing by the longer side of each pair, or one pair per
+    row (``pack=False``). Batching ``B`` rows gives the ``(B, 2, L)`` layout of
+    :mod:`jaxtune.train.preference`."""
+    if not pack:
+        return [pair_row([p], max_length, pad_id) for p in pairs]
+    lengths = [max(len(p["chosen"]["input_ids"]), len(p["rejected"]["input_ids"])) for p in pairs]
+    return [pair_row([pairs[i] for i in row], max_length, pad_id) for row in packing.first_fit(lengths, max_length)]

@@ -1,0 +1,486 @@
+"""Preference losses (DPO, conservative DPO, IPO, SimPO, ORPO) and the log-probabilities they read.
+
+Pure loss functions take per-pair sequence log-probabilities of any shape (one entry per pair of
+answers) and return ``(loss, metrics)``: the mean loss over the pairs ``mask`` keeps, and the
+means TRL logs (``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``,
+``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``). The formulas are TRL 1.x's:
+
+=========  ==========================================================================  ===========
+method     loss per pair (``Δ`` = chosen minus rejected)                               reference
+=========  ==========================================================================  ===========
+``dpo``    ``-(1-ε) logσ(βΔ) - ε logσ(-βΔ)``, ``Δ`` of log-ratios to the reference     yes
+           (``ε`` = ``label_smoothing``: conservative DPO; 0 is plain sigmoid DPO)
+``ipo``    ``(Δ - 1/(2β))²``, ``Δ`` of log-ratios each divided by its answer length    yes
+``simpo``  ``-(1-ε) logσ(βΔ - γ) - ε logσ(-(βΔ - γ))``, ``Δ`` of mean log-probs         no
+``orpo``   ``NLL(chosen) - β logσ(log odds(chosen) - log odds(rejected))``,           no
+           odds of mean log-probs ``p``: ``log p - log(1 - e^p)``
+=========  ==========================================================================  ===========
+
+Rewards are ``β`` times what the loss compares (log-ratios for DPO/IPO, mean log-probs for
+SimPO/ORPO), as TRL reports them; accuracy is the share of pairs whose chosen reward is higher.
+
+The model side (:func:`make_preference_loss_fn`) reads a *paired batch*: the LM batch contract
+(``input_ids``, ``targets``, ``loss_weights``, ``segment_ids``, ``positions``) with every array
+shaped ``(B, 2, L)``: ``[:, 0]`` holds chosen answers, ``[:, 1]`` the rejected ones, and segment
+``s`` of a chosen row pairs with segment ``s`` of the rejected row beside it. A row may pack
+several pairs (segments 1, 2, ...); ``loss_weights`` mark the answer tokens. Keeping the pair on
+axis 1 means data sharding and micro-batching (both split axis 0) never separate a pair.
+
+The reference model of DPO/IPO is the policy's own module evaluated on :func:`reference_params`:
+the same param tree without adapter leaves (LoRA/DoRA off), with the starting values of any
+other trained leaves laid over it. Dropping leaves builds a new dict of the *same* arrays, so
+for adapter plans the reference costs no memory beyond activations: one copy of the base
+weights serves both passes. (Zeroing ``lora_scale`` would also share the base, but still runs
+the adapter matmuls and leaves DoRA's magnitude rescaling on, so it is not the base for DoRA.)
+For full or partial fine-tuning the reference needs the starting values of the trained leaves
+(:func:`starting_weights`, one extra copy of those leaves, in the compute dtype), or reference
+log-probs computed once ahead of training and carried in the batch as ``reference_logps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from jaxtune.train.losses import _chunks
+from jaxtune.tuning.lora import ADAPTER_LEAVES
+
+Array = jax.Array
+Batch = dict[str, Array]
+Params = dict[str, Any]
+Metrics = dict[str, Array]
+
+METHODS = ("dpo", "ipo", "simpo", "orpo")
+REFERENCE_FREE = ("simpo", "orpo")
+# Where a loss function finds the starting values of trained non-adapter leaves inside ``params``
+# (the trainer puts them in the frozen part; the loss pops them before applying the module).
+REFERENCE_KEY = "reference_start"
+LM_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
+DEFAULT_BETA = {"dpo": 0.1, "ipo": 0.1, "simpo": 2.0, "orpo": 0.1}
+
+
+# ----------------------------------------------------------------------------- log-probabilities
+
+
+def token_logprobs(hidden: Array, targets: Array, project: Callable[[Array], Array] | None = None, *,
+                   chunk_tokens: int = 2048) -> Array:
+    """``log p(targets[b, t] | tokens <= t)`` at every position, float32 ``(B, T)``.
+
+    Args:
+      hidden: final hidden states ``(B, T, D)`` with ``project`` the LM head (hidden ``(N, D)`` ->
+        logits ``(N, V)``), or, with ``project=None``, logits ``(B, T, V)`` themselves.
+      targets: int ``(B, T)``, the token each position predicts (already shifted); positions
+        that predict nothing may hold any valid id (weigh them out afterwards).
+      chunk_tokens: with a ``project``, only one chunk's float32 logits ``(chunk, V)`` exist at a
+        time, forward and backward (each chunk is rematerialised), as in
+        :func:`jaxtune.train.losses.causal_lm_loss`.
+    """
+    b, t = targets.shape
+
+    def picked(logits: Array, y: Array) -> Array:
+        logits = logits.astype(jnp.float32)
+        return jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0] - jax.nn.logsumexp(logits, axis=-1)
+
+    if project is None:
+        return picked(hidden, targets)
+    h, y = _chunks((hidden.reshape(b * t, -1), targets.reshape(-1)), chunk_tokens)
+
+    def chunk(args: tuple[Array, Array]) -> Array:
+        return picked(project(args[0]), args[1])
+
+    if h.shape[0] == 1:  # one chunk: rematerialising would save nothing (see causal_lm_loss)
+        out = chunk((h[0], y[0]))
+    else:
+        out = jax.lax.map(jax.checkpoint(chunk), (h, y))
+    return out.reshape(-1)[:b * t].reshape(b, t)
+
+
+def segment_sums(values: Array, segment_ids: Array, num_segments: int) -> Array:
+    """Per-segment sums of ``values`` float ``(R, T)``: float32 ``(R, num_segments)`` whose column
+    ``j`` is segment ``j + 1`` (segment 0, padding, and ids above ``num_segments`` are left out)."""
+    r = values.shape[0]
+    seg = segment_ids.astype(jnp.int32)
+    slot = jnp.where((seg >= 1) & (seg <= num_segments), seg - 1, num_segments)  # spill bin, dropped below
+    flat = (jnp.arange(r, dtype=jnp.int32)[:, None] * (num_segments + 1) + slot).reshape(-1)
+    sums = jax.ops.segment_sum(values.astype(jnp.float32).reshape(-1), flat, num_segments=r * (num_segments + 1))
+    return sums.reshape(r, num_segments + 1)[:, :num_segments]
+
+
+def sequence_logprobs(hidden: Array, targets: Array, loss_weights: Array, segment_ids: Array,
+                      project: Callable[[Array], Array] | None = None, *, max_segments: int | None = None,
+                      chunk_tokens: int = 2048) -> tuple[Array, Array]:
+    """Summed log-probabilities of each segment's answer tokens, for packed or padded LM rows.
+
+    Args:
+      hidden: hidden states ``(R, T, D)`` with ``project`` the LM head, or logits ``(R, T, V)``
+        with ``project=None`` (see :func:`token_logprobs`).
+      targets: int ``(R, T)``, shifted next tokens (the data contract's ``targets``).
+      loss_weights: float ``(R, T)``, 1 where the target is an answer token, 0 elsewhere
+        (prompt, padding, segment ends).
+      segment_ids: int ``(R, T)``: 1, 2, ... per packed example, 0 on padding.
+      max_segments: segments per row ``S`` (static); default ``T // 2`` (a segment holding an
+        answer token has at least two tokens).
+      chunk_tokens: vocabulary-projection chunk, as in :func:`token_logprobs`.
+
+    Returns:
+      ``(logps, counts)``, float32 ``(R, S)`` each: column ``j`` is segment ``j + 1``'s sum of
+      ``weight * log p(target)`` and its summed weight (answer tokens); 0 for absent segments.
+    """
+    s = targets.shape[1] // 2 if max_segments is None else max_segments
+    w = loss_weights.astype(jnp.float32)
+    lp = token_logprobs(hidden, targets, project, chunk_tokens=chunk_tokens)
+    return segment_sums(lp * w, segment_ids, s), segment_sums(w, segment_ids, s)
+
+
+def next_token_mask(segment_ids: Array) -> Array:
+    """float32 ``(R, T)``: 1 where position ``t`` predicts a token of its own segment (every real
+    token but each segment's last), the positions a full-sequence NLL averages over."""
+    seg = segment_ids
+    same = (seg[:, 1:] == seg[:, :-1]) & (seg[:, :-1] != 0)
+    return jnp.pad(same, ((0, 0), (0, 1))).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------- pure losses
+
+
+def _log1mexp(x: Array) -> Array:
+    """``log(1 - exp(x))`` for ``x < 0``, switching formulas at ``-log 2`` to avoid cancellation."""
+    return jnp.where(x < -0.6931471805599453, jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
+
+
+def _smoothed_sigmoid(z: Array, label_smoothing: float) -> Array:
+    """``-(1-ε) logσ(z) - ε logσ(-z)``: the sigmoid loss with labels flipped with probability ε."""
+    return -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
+
+
+def _pair_mask(like: Array, mask: Array | None) -> Array:
+    return jnp.ones(like.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+
+
+def _masked_mean(x: Array, mask: Array) -> Array:
+    return jnp.sum(x * mask) / jnp.maximum(mask.sum(), 1.0)
+
+
+def pair_metrics(chosen_rewards: Array, rejected_rewards: Array, chosen_logps: Array, rejected_logps: Array,
+                 mask: Array) -> Metrics:
+    """Sums over the pairs in ``mask`` (float ``(...)``) of the quantities TRL logs, plus ``pairs``
+    (their count); divide by ``pairs`` for means. Sums, so micro-batches and hosts add up."""
+    cr, rr = jax.lax.stop_gradient(chosen_rewards), jax.lax.stop_gradient(rejected_rewards)
+    total = lambda x: jnp.sum(jax.lax.stop_gradient(x).astype(jnp.float32) * mask)  # noqa: E731
+    return {"pairs": mask.sum(), "rewards/chosen": total(cr), "rewards/rejected": total(rr),
+            "rewards/margin": total(cr - rr), "rewards/accuracy": total((cr > rr).astype(jnp.float32)),
+            "logps/chosen": total(chosen_logps), "logps/rejected": total(rejected_logps)}
+
+
+def mean_metrics(sums: Metrics) -> Metrics:
+    """:func:`pair_metrics` sums -> means over the pairs (``pairs`` itself kept as a count)."""
+    n = jnp.maximum(sums["pairs"], 1.0)
+    return {k: v if k == "pairs" else v / n for k, v in sums.items()}
+
+
+def _result(losses: Array, rewards: tuple[Array, Array], logps: tuple[Array, Array], mask: Array | None,
+            extra: Metrics | None = None) -> tuple[Array, Metrics]:
+    m = _pair_mask(losses, mask)
+    metrics = mean_metrics(pair_metrics(*rewards, *logps, m))
+    metrics.update(extra or {})
+    return _masked_mean(losses, m), metrics
+
+
+def dpo_terms(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array, *,
+              beta: float = 0.1, label_smoothing: float = 0.0) -> tuple[Array, Array, Array]:
+    """Per-pair DPO losses and the chosen/rejected rewards ``β (logp - ref logp)``; any shape, float32."""
+    chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    losses = _smoothed_sigmoid(beta * (chosen_ratio - rejected_ratio), label_smoothing)
+    return losses, beta * chosen_ratio, beta * rejected_ratio
+
+
+def dpo_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array, *,
+             beta: float = 0.1, label_smoothing: float = 0.0, mask: Array | None = None) -> tuple[Array, Metrics]:
+    """Sigmoid DPO (Rafailov et al. 2023); with ``label_smoothing`` ε > 0 conservative DPO (cDPO).
+
+    Args:
+      chosen_logps, rejected_logps: float ``(...)``, the policy's summed answer log-probs per pair.
+      ref_chosen_logps, ref_rejected_logps: the same under the reference model (no gradient flows
+        into them by construction of the caller; they are treated as constants here too).
+      beta: inverse temperature of the implicit reward.
+      label_smoothing: ε in [0, 0.5): the assumed probability that a preference label is flipped.
+      mask: float/bool ``(...)``, 1 for real pairs (default all).
+
+    Returns:
+      ``(mean loss over the masked pairs, metrics)`` (see the module docstring).
+    """
+    ref_c, ref_r = jax.lax.stop_gradient(ref_chosen_logps), jax.lax.stop_gradient(ref_rejected_logps)
+    losses, cr, rr = dpo_terms(chosen_logps, rejected_logps, ref_c, ref_r, beta=beta, label_smoothing=label_smoothing)
+    return _result(losses, (cr, rr), (chosen_logps, rejected_logps), mask)
+
+
+def ipo_terms(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+              chosen_lengths: Array, rejected_lengths: Array, *, beta: float = 0.1) -> tuple[Array, Array, Array]:
+    """Per-pair IPO losses and rewards (rewards as DPO's: ``β`` times the summed log-ratio)."""
+    chosen_ratio, rejected_ratio = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    # TRL divides each log-ratio by its answer length (confirmed with the IPO authors, says TRL), so
+    # β means the same for short and long answers.
+    delta = chosen_ratio / jnp.maximum(chosen_lengths, 1.0) - rejected_ratio / jnp.maximum(rejected_lengths, 1.0)
+    return (delta - 1.0 / (2.0 * beta)) ** 2, beta * chosen_ratio, beta * rejected_ratio
+
+
+def ipo_loss(chosen_logps: Array, rejected_logps: Array, ref_chosen_logps: Array, ref_rejected_logps: Array,
+             chosen_lengths: Array, rejected_lengths: Array, *, beta: float = 0.1,
+             mask: Array | None = None) -> tuple[Array, Metrics]:
+    """IPO (Azar et al. 2023), length-normalised as in TRL.
+
+    Args as :func:`dpo_loss`, plus ``chosen_lengths``/``rejected_lengths`` float ``(...)``: answer
+    tokens per sequence. ``beta`` is the paper's τ.
+    """
+    ref_c, ref_r = jax.lax.stop_gradient(ref_chosen_logps), jax.lax.stop_gradient(ref_rejected_logps)
+    losses, cr, rr = ipo_terms(chosen_logps, rejected_logps, ref_c, ref_r, chosen_lengths, rejected_lengths,
+                               beta=beta)
+    return _result(losses, (cr, rr), (chosen_logps, rejected_logps), mask)
+
+
+def simpo_terms(chosen_mean_logps: Array, rejected_mean_logps: Array, *, beta: float = 2.0, gamma: float = 0.5,
+                label_smoothing: float = 0.0) -> tuple[Array, Array, Array]:
+    """Per-pair SimPO losses and rewards ``β * mean logp``."""
+    losses = _smoothed_sigmoid(beta * (chosen_mean_logps - rejected_mean_logps) - gamma, label_smoothing)
+    return losses, beta * chosen_mean_logps, beta * rejected_mean_logps
+
+
+def simpo_loss(chosen_mean_logps: Array, rejected_mean_logps: Array, *, beta: float = 2.0, gamma: float = 0.5,
+               label_smoothing: float = 0.0, mask: Array | None = None) -> tuple[Array, Metrics]:
+    """SimPO (Meng et al. 2024), reference-free: TRL's ``CPOTrainer`` with ``loss_type="simpo"``, ``cpo_alpha=0``.
+
+    Args:
+      chosen_mean_logps, rejected_mean_logps: float ``(...)``, answer log-probs averaged over the
+        answer's tokens (TRL's ``average_log_prob=True``).
+      beta: reward scale (the paper uses 2 to 2.5; TRL's CPOConfig defaults to 0.1).
+      gamma: target reward margin γ, in reward units (TRL's ``simpo_gamma``; the sigmoid reads
+        ``βΔ - γ``).
+      label_smoothing, mask: as :func:`dpo_loss`.
+    """
+    losses, cr, rr = simpo_terms(chosen_mean_logps, rejected_mean_logps, beta=beta, gamma=gamma,
+                                 label_smoothing=label_smoothing)
+    return _result(losses, (cr, rr), (chosen_mean_logps, rejected_mean_logps), mask)
+
+
+def orpo_terms(chosen_mean_logps: Array, rejected_mean_logps: Array, *, beta: float = 0.1
+               ) -> tuple[Array, Array, Array, Array]:
+    """Per-pair ORPO odds-ratio losses ``-β logσ(log odds ratio)`` (without the NLL term), the rewards
+    ``β * mean logp``, and the log odds ratio itself."""
+    c, r = chosen_mean_logps.astype(jnp.float32), rejected_mean_logps.astype(jnp.float32)
+    log_odds = (c - r) - (_log1mexp(c) - _log1mexp(r))
+    return -beta * jax.nn.log_sigmoid(log_odds), beta * c, beta * r, log_odds
+
+
+def orpo_loss(chosen_mean_logps: Array, rejected_mean_logps: Array, chosen_nll: Array, *, beta: float = 0.1,
+              mask: Array | None = None) -> tuple[Array, Metrics]:
+    """ORPO (Hong et al. 2024), reference-free: ``chosen_nll - β mean logσ(log odds ratio)``.
+
+    Args:
+      chosen_mean_logps, rejected_mean_logps: float ``(...)``, mean answer log-probs (each < 0).
+      chosen_nll: float scalar, the supervised term: TRL averages the next-token NLL over every
+        real token of the chosen sequences, prompt and answer (see :func:`make_preference_loss_fn`).
+      beta: weight λ of the odds-ratio term.
+      mask: as :func:`dpo_loss`.
+
+    Metrics add ``log_odds_ratio`` (mean ``logσ(log odds)``), ``log_odds_chosen`` (mean log odds)
+    and ``nll_loss``, as TRL logs them.
+    """
+    losses, cr, rr, log_odds = orpo_terms(chosen_mean_logps, rejected_mean_logps, beta=beta)
+    m = _pair_mask(losses, mask)
+    extra = {"log_odds_ratio": _masked_mean(jax.nn.log_sigmoid(log_odds), m),
+             "log_odds_chosen": _masked_mean(log_odds, m), "nll_loss": jnp.asarray(chosen_nll, jnp.float32)}
+    loss, metrics = _result(losses, (cr, rr), (chosen_mean_logps, rejected_mean_logps), mask, extra)
+    return chosen_nll + loss, metrics
+
+
+# ----------------------------------------------------------------------------- reference model
+
+
+def reference_params(params: Params, starting: Params | None = None) -> Params:
+    """The reference model's params: ``params`` without adapter leaves (LoRA/DoRA switched off),
+    with ``starting`` (the starting values of trained non-adapter leaves, if any) laid over them.
+
+    Builds a new nested dict of the same leaf arrays: nothing is copied, so the reference shares
+    every base weight with the policy, inside or outside ``jit``.
+    """
+    flat = {path: leaf for path, leaf in flatten_dict(params).items() if path[-1] not in ADAPTER_LEAVES}
+    flat.update(flatten_dict(starting or {}))
+    return unflatten_dict(flat)
+
+
+def starting_weights(trainable: Params, dtype: Any | None = None) -> Params:
+    """What a reference model needs besides the frozen part: a copy of the trainable leaves that are
+    not adapter leaves (full or partial fine-tuning, trained norms, prompt embeddings), in
+    ``dtype`` (e.g. the compute dtype) or their own. Empty for pure LoRA/DoRA plans."""
+    flat = {path: jnp.array(leaf, dtype=dtype or leaf.dtype, copy=True)
+            for path, leaf in flatten_dict(trainable).items() if path[-1] not in ADAPTER_LEAVES}
+    return unflatten_dict(flat)
+
+
+# ----------------------------------------------------------------------------- the model's loss
+
+
+@dataclasses.dataclass(frozen=True)
+class PreferenceConfig:
+    """Which preference loss, and its constants.
+
+    Attributes:
+      method: ``dpo``, ``ipo``, ``simpo`` or ``orpo`` (see the module docstring).
+      beta: β; None takes the method's usual default (:data:`DEFAULT_BETA`).
+      label_smoothing: ε for ``dpo`` (conservative DPO) and ``simpo``; 0 otherwise.
+      gamma: SimPO's target reward margin.
+      max_segments: pairs per packed row (static); None: ``L // 2``.
+    """
+
+    method: str = "dpo"
+    beta: float | None = None
+    label_smoothing: float = 0.0
+    gamma: float = 0.5
+    max_segments: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"preference method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+        if self.beta is not None and not self.beta > 0:
+            raise ValueError(f"preference beta must be > 0, got {self.beta}")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        if self.label_smoothing and self.method not in ("dpo", "simpo"):
+            raise ValueError(f"label_smoothing applies to dpo and simpo, not {self.method}")
+
+    @property
+    def beta_value(self) -> float:
+        return DEFAULT_BETA[self.method] if self.beta is None else self.beta
+
+    @property
+    def needs_reference(self) -> bool:
+        return self.method not in REFERENCE_FREE
+
+
+def _rows(batch: Batch) -> Batch:
+    """Paired ``(B, 2, L)`` arrays -> ``(2B, L)`` rows, chosen and rejected interleaved."""
+    return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in LM_KEYS if k in batch}
+
+
+def policy_token_logprobs(module: nn.Module, params: Params, rows: Batch, *, deterministic: bool = True,
+                          rng: Array | None = None, chunk_tokens: int = 2048) -> Array:
+    """float32 ``(R, T)`` log-probs of ``rows["targets"]`` under ``module`` with ``params``: an LM
+    module with ``hidden``/``logits`` methods (a jaxtune ``Decoder`` or ``TunedModel``)."""
+    variables = {"params": params}
+    rngs = {"dropout": rng} if rng is not None else {}
+    hidden = module.apply(variables, input_ids=rows["input_ids"], positions=rows.get("positions"),
+                          segment_ids=rows.get("segment_ids"), deterministic=deterministic, method="hidden", rngs=rngs)
+
+    def project(h: Array) -> Array:
+        return module.apply(variables, h, method="logits")
+
+    return token_logprobs(hidden, rows["targets"], project, chunk_tokens=chunk_tokens)
+
+
+def reference_logprobs(module: nn.Module, params: Params, batch: Batch, *, starting: Params | None = None,
+                       max_segments: int | None = None, chunk_tokens: int = 2048) -> Array:
+    """The reference model's summed answer log-probs of a paired batch, float32 ``(B, 2, S)``
+    (no gradient). ``params`` are the policy's; see :func:`reference_params`. Computed once ahead of
+    training, the result can ride in the batch as ``reference_logps``."""
+    rows = _rows(batch)
+    lp = policy_token_logprobs(module, reference_params(params, starting), rows, chunk_tokens=chunk_tokens)
+    s = rows["targets"].shape[1] // 2 if max_segments is None else max_segments
+    sums = segment_sums(lp * rows["loss_weights"].astype(jnp.float32), rows["segment_ids"], s)
+    return jax.lax.stop_gradient(sums.reshape(batch["targets"].shape[0], 2, s))
+
+
+def preference_objective(config: PreferenceConfig, token_lp: Array, rows: Batch, pairs_shape: tuple[int, int],
+                         reference: Array | None) -> tuple[Array, Array, dict[str, Array]]:
+    """The loss of a paired batch from the policy's token log-probs.
+
+    Args:
+      config: the method.
+      token_lp: float32 ``(2B, L)`` policy log-probs of ``rows["targets"]`` (rows interleaved
+        chosen, rejected, chosen, ...).
+      rows: the paired batch reshaped to ``(2B, L)``.
+      pairs_shape: ``(B, S)``.
+      reference: float32 ``(B, 2, S)`` reference log-probs (DPO/IPO), else None.
+
+    Returns:
+      ``(loss_sum, pairs, outputs)``: the summed loss over real pairs and their number (the step
+      divides one by the other, so micro-batches add up), and ``outputs``: per-pair ``(B, S)``
+      arrays ``chosen_logps``, ``rejected_logps``, ``chosen_rewards``, ``rejected_rewards``,
+      ``pair`` (1 for real pairs) and the :func:`pair_metrics` sums under ``metrics``.
+    """
+    b, s = pairs_shape
+    w = rows["loss_weights"].astype(jnp.float32)
+    logps = segment_sums(token_lp * w, rows["segment_ids"], s).reshape(b, 2, s)
+    counts = segment_sums(w, rows["segment_ids"], s).reshape(b, 2, s)
+    chosen, rejected, n_c, n_r = logps[:, 0], logps[:, 1], counts[:, 0], counts[:, 1]
+    pair = ((n_c > 0) & (n_r > 0)).astype(jnp.float32)
+    beta, method = config.beta_value, config.method
+    if method in ("dpo", "ipo"):
+        ref_c, ref_r = jax.lax.stop_gradient(reference[:, 0]), jax.lax.stop_gradient(reference[:, 1])
+        if method == "dpo":
+            losses, cr, rr = dpo_terms(chosen, rejected, ref_c, ref_r, beta=beta,
+                                       label_smoothing=config.label_smoothing)
+        else:
+            losses, cr, rr = ipo_terms(chosen, rejected, ref_c, ref_r, n_c, n_r, beta=beta)
+        shown = (chosen, rejected)
+    else:
+        # Absent pairs get a harmless mean log-prob: ORPO's log(1 - e^0) would be -inf there, and a NaN
+        # masked out by `where` still poisons the gradient.
+        mean_c = jnp.where(pair > 0, chosen / jnp.maximum(n_c, 1.0), -1.0)
+        mean_r = jnp.where(pair > 0, rejected / jnp.maximum(n_r, 1.0), -1.0)
+        shown = (mean_c, mean_r)
+        if method == "simpo":
+            losses, cr, rr = simpo_terms(mean_c, mean_r, beta=beta, gamma=config.gamma,
+                                         label_smoothing=config.label_smoothing)
+        else:
+            losses, cr, rr, _ = orpo_terms(mean_c, mean_r, beta=beta)
+    losses = losses * pair
+    n_pairs = pair.sum()
+    total = jnp.sum(losses)
+    if method == "orpo":
+        # TRL's ORPO adds the NLL averaged over every real token of the chosen rows (prompt and
+        # answer). As a sum over pairs: pairs * token-mean, so loss_sum / pairs is TRL's loss for a
+        # batch; across micro-batches it is their pair-weighted mean, as with TRL's accumulation.
+        chosen_rows = jnp.arange(token_lp.shape[0]) % 2 == 0
+        every = next_token_mask(rows["segment_ids"]) * chosen_rows[:, None]
+        nll = -jnp.sum(token_lp * every) / jnp.maximum(every.sum(), 1.0)
+        total = total + n_pairs * nll
+    outputs = {"chosen_logps": shown[0], "rejected_logps": shown[1], "chosen_rewards": cr, "rejected_rewards": rr,
+               "pair": pair, "metrics": pair_metrics(cr, rr, *shown, pair)}
+    return total, n_pairs, outputs
+
+
+def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chunk_tokens: int = 2048
+                            ) -> Callable[[Params, Batch, Array, bool], tuple[Array, Array, dict[str, Array]]]:
+    """The preference loss as a :data:`jaxtune.train.step.LossFn` of the full params.
+
+    ``loss_fn(params, batch, rng, deterministic) -> (loss_sum, pairs, outputs)`` for a paired batch
+    (module docstring); see :func:`preference_objective` for the outputs. DPO/IPO read the
+    reference log-probs from ``batch["reference_logps"]`` ``(B, 2, S)`` when present (cached),
+    else compute them in the same step with :func:`reference_params` (adapters off; starting values
+    of other trained leaves from ``params[REFERENCE_KEY]`` when present), deterministically and
+    without gradient. ``params[REFERENCE_KEY]`` is removed before the module sees the params.
+    """
+
+    def loss_fn(params: Params, batch: Batch, rng: Array, deterministic: bool) -> tuple[Array, Array, dict[str, Array]]:
+        params = dict(params)
+        starting = params.pop(REFERENCE_KEY, None)
+        rows = _rows(batch)
+        b, length = batch["targets"].shape[0], batch["targets"].shape[-1]
+        s = length // 2 if config.max_segments is None else config.max_segments
+        token_lp = policy_token_logprobs(module, params, rows, deterministic=deterministic, rng=rng,
+                                         chunk_tokens=chunk_tokens)
+        reference = None
+        if config.needs_reference:
+            reference = batch.get("reference_logps")
+            if reference is None:
+                reference = reference_logprobs(module, params, batch, starting=starting, max_segments=s,
+                                               chunk_tokens=chunk_tokens)
+        return preference_objective(config, token_lp, rows, (b, s), reference)
+
+    return loss_fn
