@@ -18,6 +18,7 @@ import tempfile
 import time
 
 import common  # noqa: F401 - puts this checkout's jaxtune first on sys.path
+
 from jaxtune.assets import FetchError
 from jaxtune.data import LoaderConfig, make_loader, read_source
 from jaxtune.data.testing import smollm2_tokenizer, synthetic_chat_rows, tiny_tokenizer, write_jsonl

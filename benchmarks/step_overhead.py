@@ -33,16 +33,16 @@ def main() -> None:
 
     flags.FLAGS.mark_as_parsed()
     import jax
-
     from helpers import tiny_hf_model
+
     from jaxtune import tuning
     from jaxtune.data import LoaderConfig, make_loader
     from jaxtune.data.sources import read_source
     from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
     from jaxtune.models import hf
+    from jaxtune.train.config import TrainConfig
     from jaxtune.train.optim import OptimizerConfig
     from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh
-    from jaxtune.train.config import TrainConfig
     from jaxtune.train.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="jaxtune-overhead-"))

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from helpers import skip_or_fail
 
-from jaxtune.assets import FetchError, fetch_package
-from jaxtune.models import assets
 from jaxtune import assets as registry
-from jaxtune.assets import Asset
+from jaxtune.assets import Asset, FetchError, fetch_package
+from jaxtune.models import assets
 from jaxtune.models.assets import fetch_model, list_models, resolve_model
 
 

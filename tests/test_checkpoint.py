@@ -10,8 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.models import decoder
+from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.sharding import MeshConfig, make_mesh, param_shardings, shard
 
 

@@ -106,7 +106,6 @@ def test_no_field_is_declared_twice():
     import dataclasses
 
     import jaxtune as jt
-
     from jaxtune.data import LoaderConfig
 
     assert issubclass(jt.DataConfig, LoaderConfig)  # the batching fields are inherited, not repeated

@@ -9,8 +9,7 @@ import pytest
 from helpers import skip_or_fail
 
 from jaxtune.assets import FetchError, cache_dir
-from jaxtune.data import read_source
-from jaxtune.data import datasets
+from jaxtune.data import datasets, read_source
 
 pytestmark = pytest.mark.slow
 

@@ -15,11 +15,11 @@ from jaxtune.models import hf
 from jaxtune.models.decoder import init_cache
 from jaxtune.models.generate import (
     PROMPT_LEAF,
+    complete,
     default_stop_token_ids,
     encode_prompts,
     filter_logits,
     generate,
-    complete,
 )
 
 CASES = {

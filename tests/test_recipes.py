@@ -14,9 +14,9 @@ import pytest
 from helpers import skip_or_fail, tiny_hf_model
 
 from jaxtune import config
-from jaxtune.recipe import finetune
 from jaxtune.data.datasets import sentiment_chat
 from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
+from jaxtune.recipe import finetune
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))

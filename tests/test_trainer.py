@@ -21,9 +21,9 @@ from jaxtune import tuning
 from jaxtune.data import LoaderConfig, make_loader, read_source
 from jaxtune.data.testing import tiny_tokenizer
 from jaxtune.models import hf
+from jaxtune.train.config import EvalConfig, TrainConfig
 from jaxtune.train.optim import OptimizerConfig
 from jaxtune.train.sharding import MeshConfig, make_mesh
-from jaxtune.train.config import EvalConfig, TrainConfig
 from jaxtune.train.trainer import Trainer
 
 SCRIPT = Path(__file__).with_name("train_script.py")

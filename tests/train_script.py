@@ -47,8 +47,8 @@ def main() -> None:
     from jaxtune.data import LoaderConfig, make_loader, read_source
     from jaxtune.data.testing import tiny_tokenizer
     from jaxtune.models import hf
-    from jaxtune.train.optim import OptimizerConfig
     from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
+    from jaxtune.train.optim import OptimizerConfig
     from jaxtune.train.trainer import Trainer
 
     model = hf.load_pretrained(args.model)

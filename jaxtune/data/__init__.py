@@ -45,8 +45,8 @@ from jaxtune.data.sources import (
 )
 from jaxtune.data.tokenize import (
     TRUNCATION,
-    TokenStats,
     Tokenize,
+    TokenStats,
     answer_first_token,
     chat_pieces,
     encode_chat,

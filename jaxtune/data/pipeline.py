@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxtune.data import packing
 from jaxtune.data.sources import LM_KINDS, Source
-from jaxtune.data.tokenize import TokenStats, Tokenize, scan
+from jaxtune.data.tokenize import Tokenize, TokenStats, scan
 
 Batch = dict[str, np.ndarray]
 log = logging.getLogger("jaxtune.data")
@@ -120,7 +120,7 @@ class _RowsIterDataset(grain.IterDataset):
         super().__init__(parent)
         self._to_rows, self._window = to_rows, window
 
-    def __iter__(self) -> "_RowsIterator":
+    def __iter__(self) -> _RowsIterator:
         return _RowsIterator(self._parent.__iter__(), self._to_rows, self._window)
 
 

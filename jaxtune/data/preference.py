@@ -215,7 +215,7 @@ class PreferenceSource(FileSource):
         record["where"] = self.where(index)
         return record
 
-    def select(self, indices: Sequence[int]) -> "PreferenceSource":
+    def select(self, indices: Sequence[int]) -> PreferenceSource:
         idx = np.asarray(indices, dtype=np.int64)
         out = PreferenceSource(self.paths, self._file_ids[idx], self._offsets[idx], self._lengths[idx],
                                self._lines[idx], self.report)

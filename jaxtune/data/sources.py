@@ -195,7 +195,7 @@ class Source(Sequence):
     label_names: tuple | None = None
 
     @abc.abstractmethod
-    def select(self, indices: Sequence[int]) -> "Source":
+    def select(self, indices: Sequence[int]) -> Source:
         """A source of the rows at ``indices`` (same files, same report)."""
 
 
@@ -257,7 +257,7 @@ class FileSource(Source):
         record["where"] = self.where(index)
         return record
 
-    def select(self, indices: Sequence[int]) -> "FileSource":
+    def select(self, indices: Sequence[int]) -> FileSource:
         idx = np.asarray(indices, dtype=np.int64)
         out = FileSource(self.kind, self.paths, self._file_ids[idx], self._offsets[idx], self._lengths[idx],
                          self._lines[idx], self.report)
@@ -277,7 +277,7 @@ class ListSource(Source):
     def __getitem__(self, index: int) -> dict:
         return dict(self.records[int(index)])
 
-    def select(self, indices: Sequence[int]) -> "ListSource":
+    def select(self, indices: Sequence[int]) -> ListSource:
         return ListSource(self.kind, [self.records[int(i)] for i in indices], self.report, self.label_names)
 
 

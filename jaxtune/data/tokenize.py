@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from jaxtune.data.sources import LM_KINDS, KINDS, DataError, Source
+from jaxtune.data.sources import KINDS, LM_KINDS, DataError, Source
 
 TRUNCATION = ("right", "drop", "error", "split")
 
@@ -53,7 +53,7 @@ class TokenStats:
                 f"{self.truncated} truncated, {self.split} split, {self.dropped} dropped")
 
 
-_BACKENDS: "weakref.WeakKeyDictionary[Any, Tokenizer]" = weakref.WeakKeyDictionary()
+_BACKENDS: weakref.WeakKeyDictionary[Any, Tokenizer] = weakref.WeakKeyDictionary()
 
 
 def backend(tokenizer: Any) -> Tokenizer:

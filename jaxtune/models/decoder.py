@@ -34,8 +34,8 @@ from jaxtune.models.layers import (
     Array,
     Embed,
     Linear,
-    RMSNorm,
     PartitionRules,
+    RMSNorm,
     apply_rope,
     attention_mask,
     dot_product_attention,
@@ -83,7 +83,7 @@ class DecoderConfig:
     adapter_dropout: float = 0.0  # dropout on the input of LoRA/DoRA updates, set by tuning
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "DecoderConfig":
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
         arch = _architecture(hf)
         heads = hf["num_attention_heads"]

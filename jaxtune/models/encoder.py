@@ -62,7 +62,7 @@ class EncoderConfig:
     adapter_dropout: float = 0.0
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> "EncoderConfig":
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> EncoderConfig:
         """Build from a Hugging Face ``config.json`` dict."""
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), None)

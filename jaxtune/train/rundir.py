@@ -62,7 +62,7 @@ class RunDir:
         self.path = Path(path)
         self.main = main
 
-    def create(self) -> "RunDir":
+    def create(self) -> RunDir:
         if self.main:
             if self.path.exists() and not self.path.is_dir():
                 raise RunDirError(f"{self.path}: the run directory is a file; give a directory path (output.dir)")

@@ -66,7 +66,7 @@ class _StopOnInterrupt:
         self.requested = True
         log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press again to stop at once)")
 
-    def __enter__(self) -> "_StopOnInterrupt":
+    def __enter__(self) -> _StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
         return self

@@ -32,9 +32,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
 from jaxtune.models import decoder, encoder, hf
+from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
 from jaxtune.tuning.heads import hf_head_name
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
-from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
 from jaxtune.tuning.lora import merge
 from jaxtune.tuning.partition import cast_by_label
 from jaxtune.tuning.plan import Plan, Rule
@@ -251,7 +251,7 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
         hf_module_name(tuned, (HEAD_KEY, "out"))  # raises the explanation
     modules = _modules(params)
     tensors: dict[str, np.ndarray] = {}
-    for module, spec in tuned.adapters.items():
+    for module in tuned.adapters:
         name = PREFIX + hf_module_name(tuned, module)
         for leaf, (suffix, transpose) in _PEFT_LEAVES.items():
             if leaf in modules[module]:

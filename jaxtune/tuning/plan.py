@@ -181,7 +181,7 @@ class Rule:
         return out
 
     @classmethod
-    def from_data(cls, data: Mapping[str, Any]) -> "Rule":
+    def from_data(cls, data: Mapping[str, Any]) -> Rule:
         if not isinstance(data, Mapping):
             raise PlanError(f"rule {data!r}: a rule is a mapping such as {{'action': 'train', 'match': 'norm'}}")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -207,7 +207,7 @@ class Plan:
     def __post_init__(self) -> None:
         object.__setattr__(self, "rules", tuple(self.rules))
 
-    def __add__(self, other: "Plan") -> "Plan":
+    def __add__(self, other: Plan) -> Plan:
         return Plan(self.rules + as_plan(other).rules)
 
     def __iter__(self) -> Iterator[Rule]:
@@ -220,7 +220,7 @@ class Plan:
         return [rule.to_data() for rule in self.rules]
 
     @classmethod
-    def from_data(cls, data: str | Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> "Plan":
+    def from_data(cls, data: str | Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> Plan:
         """A plan from plain data, as a recipe's ``plan:`` writes it: a preset name (``full``), or a
         list of rule dicts (``{"action": "lora", ...}``) and preset dicts (``{"preset": "lora",
         "rank": 8}``), or ``{"rules": [...]}``. Errors name the item's index."""
