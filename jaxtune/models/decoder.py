@@ -406,11 +406,11 @@ class DecoderClassifier(nn.Module):
     def __call__(
         self,
         input_ids: Array,
-        positions: Array | None = None,
         segment_ids: Array | None = None,
+        positions: Array | None = None,
         deterministic: bool = True,
     ) -> Array:
-        hidden = self.body.hidden(input_ids, positions, segment_ids, deterministic)
+        hidden = self.body.hidden(input_ids, segment_ids, positions, deterministic)
         real = segment_ids if segment_ids is not None else jnp.ones(input_ids.shape, jnp.int32)
         return self.score(pool(hidden, real, "last"), deterministic)
 
