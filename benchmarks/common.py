@@ -18,7 +18,8 @@ if str(ROOT) not in sys.path:  # benchmark this checkout, whichever jaxtune is i
 def worker_env(**extra: str) -> dict[str, str]:
     """The environment for a benchmark's worker processes: this checkout first on PYTHONPATH,
     one CPU device (no test-suite XLA_FLAGS), quiet tokenizers, no GPU memory preallocation."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
            "TOKENIZERS_PARALLELISM": "false", "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **extra}
     env.pop("XLA_FLAGS", None)
     return env

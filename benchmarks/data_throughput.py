@@ -82,7 +82,8 @@ def main() -> None:
               f"packing on; machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores")
         for workers in args.workers:
             r = run(source, tokenizer, workers=workers, batch_size=args.batch_size, max_length=args.max_length)
-            print(f"workers={workers}: {r['tokens_per_s']:,.0f} tokens/s overall, {r['steady_tokens_per_s']:,.0f} after "
+            print(f"workers={workers}: {r['tokens_per_s']:,.0f} tokens/s overall, "
+                  f"{r['steady_tokens_per_s']:,.0f} after "
               f"the first batch ({r['tokens']:,} tokens, "
                   f"{r['supervised']:,} supervised, {r['rows']} rows at {r['fill']:.0%} fill, {r['seconds']:.1f} s, "
                   f"first batch after {r['first_batch_s']:.2f} s)")

@@ -1,4 +1,5 @@
-"""Fine-tuning quality: jaxtune vs PyTorch (transformers + PEFT) on real tasks whose model and data install from PyPI (jaxtune.assets).
+"""Fine-tuning quality: jaxtune vs PyTorch (transformers + PEFT) on real tasks whose model and data \
+install from PyPI (jaxtune.assets).
 
     python benchmarks/quality.py                       # all four tasks, ~1 hour on 2 CPU cores
     python benchmarks/quality.py --tasks minilm-full   # one task

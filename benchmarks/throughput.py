@@ -336,7 +336,8 @@ def main() -> None:
     out.write_text(json.dumps(record, indent=2))
     chart(results, out.with_suffix(".png"))
     print(table(results))
-    print(f"\n{record['date']}, {record['machine']}, {results[0]['device']}; JSON {out}, chart {out.with_suffix('.png')}")
+    print(f"\n{record['date']}, {record['machine']}, {results[0]['device']}; "
+          f"JSON {out}, chart {out.with_suffix('.png')}")
 
 
 if __name__ == "__main__":

@@ -215,7 +215,8 @@ def from_data(cls: type, data: Any, where: str = "") -> Any:
             raise ConfigError(f"{where}.{key}: not a config field: {hidden[key]}" if where else f"{key}: {hidden[key]}")
         if key not in fields:
             inside = f" in {where}" if where else ""
-            raise ConfigError(f"unknown key {key!r}{inside} (allowed: {', '.join(k for k in fields if k not in hidden)})"
+            raise ConfigError(f"unknown key {key!r}{inside} "
+                              f"(allowed: {', '.join(k for k in fields if k not in hidden)})"
                               + _suggest(key, list(fields)))
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -362,7 +363,8 @@ def validate(config: Config) -> Config:
         raise ConfigError(str(err)) from None
     heads = [r for r in build_plan(config.plan).rules if r.action == "head"]
     if kind in ("classification", "regression") and not heads:
-        raise ConfigError(f"plan: data of kind {kind} needs a head, e.g. add {{action: head, task: {kind}}} to the plan")
+        raise ConfigError(f"plan: data of kind {kind} needs a head, "
+                          f"e.g. add {{action: head, task: {kind}}} to the plan")
     if heads and heads[-1].task != kind:
         raise ConfigError(f"plan: the head's task is {heads[-1].task} but the data is {kind}" if kind in
                           ("classification", "regression") else

@@ -48,7 +48,8 @@ def torch_logits(model, input_ids: np.ndarray, **kwargs: np.ndarray) -> np.ndarr
     import torch
 
     with torch.no_grad():
-        out = model(torch.as_tensor(np.asarray(input_ids)), **{k: torch.as_tensor(np.asarray(v)) for k, v in kwargs.items()})
+        out = model(torch.as_tensor(np.asarray(input_ids)),
+                    **{k: torch.as_tensor(np.asarray(v)) for k, v in kwargs.items()})
     value = out.logits if hasattr(out, "logits") else out.last_hidden_state
     return value.float().numpy()
 

@@ -140,7 +140,8 @@ def test_transformers_decoder_classifier_checkpoint_loads(arch, tmp_path):
     ref = tiny_hf_model(arch, tmp_path, num_labels=3, pad_token_id=0)
     pretrained = hf.load_pretrained(tmp_path)
     theirs = torch_out(ref, input_ids=IDS, attention_mask=MASK)
-    np.testing.assert_allclose(np.asarray(pretrained.module.apply({"params": pretrained.params}, IDS, segment_ids=MASK)),
+    np.testing.assert_allclose(np.asarray(pretrained.module.apply({"params": pretrained.params},
+                                                                  IDS, segment_ids=MASK)),
                                theirs, atol=TOL, rtol=0)
     tuned = tuning.apply_plan(pretrained, tuning.lora(rank=2))  # body + the checkpoint's own score head
     assert tuned.head.pooling == "last" and tuned.hf_architecture == arch

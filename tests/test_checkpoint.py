@@ -27,7 +27,8 @@ def _state(mesh):
 def test_restore_onto_a_different_mesh(tmp_path):
     big = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     trainable, opt_state = _state(big)
-    assert trainable["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    assert (trainable["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec
+            == jax.sharding.PartitionSpec("fsdp", "tensor"))
     ckpt = Checkpointer(tmp_path, with_data=False)
     ckpt.save(7, trainable, opt_state, jax.random.key(3), config={"model": "x"})
     ckpt.close()
@@ -38,7 +39,8 @@ def test_restore_onto_a_different_mesh(tmp_path):
     assert restored is not None
     step, new_trainable, new_opt, rng, meta = restored
     assert step == 7 and meta["config"] == {"model": "x"}
-    np.testing.assert_array_equal(np.asarray(jax.random.key_data(rng)), np.asarray(jax.random.key_data(jax.random.key(3))))
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(rng)),
+                                  np.asarray(jax.random.key_data(jax.random.key(3))))
     kernel = new_trainable["layers_0"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.mesh.devices.size == 1  # resharded onto the new, smaller mesh
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new_trainable, trainable)

@@ -87,7 +87,8 @@ def test_template_that_drops_content_is_rejected():
 
 
 def test_template_errors_name_the_row(tmp_path):
-    strict = "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}{% endfor %}"
+    strict = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system') }}{% endif %}"
+              "{% endfor %}")
     path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])
     tokenize = Tokenize(tiny_tokenizer(strict), "chat", 256)
     with pytest.raises(DataError, match=r"c.jsonl:1: the chat template failed .*no system"):

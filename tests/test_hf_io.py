@@ -112,7 +112,8 @@ def test_unsupported_architecture_lists_supported(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["architectures"], config["model_type"] = ["GPTNeoXForCausalLM"], "gpt_neox"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    _expect(r"GPTNeoXForCausalLM.*not supported; supported: .*LlamaForCausalLM.*BertModel", hf.load_pretrained, tmp_path)
+    _expect(r"GPTNeoXForCausalLM.*not supported; supported: .*LlamaForCausalLM.*BertModel",
+            hf.load_pretrained, tmp_path)
 
 
 def test_missing_tensor_is_named(tmp_path):

@@ -38,7 +38,8 @@ def test_real_minilm_mean_pooled_embeddings_match_transformers():
     enc = tokenizer(SENTENCES, padding=True, return_tensors="np")
     model = hf.load_pretrained(path)
     ids, mask = enc["input_ids"].astype(np.int32), enc["attention_mask"].astype(np.int32)
-    hidden = model.module.apply({"params": model.params}, ids, mask, token_type_ids=enc["token_type_ids"].astype(np.int32))
+    hidden = model.module.apply({"params": model.params}, ids, mask,
+                                token_type_ids=enc["token_type_ids"].astype(np.int32))
     ours = np.asarray(pool(hidden, jnp.asarray(mask), "mean"))
     ref = BertModel.from_pretrained(path).eval()
     with torch.no_grad():

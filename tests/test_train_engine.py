@@ -117,7 +117,8 @@ def test_partition_rules_cover_every_family(llama, tmp_path):
     assert specs["embed_tokens"]["embedding"] == P("tensor", "fsdp")
     assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
     assert specs["norm"]["scale"] == P()
-    lora = {"q_proj": {"lora_a": jnp.zeros((64, 8)), "lora_b": jnp.zeros((8, 64))}, "head": {"kernel": jnp.zeros((64, 3))}}
+    lora = {"q_proj": {"lora_a": jnp.zeros((64, 8)), "lora_b": jnp.zeros((8, 64))},
+            "head": {"kernel": jnp.zeros((64, 3))}}
     lora_specs = param_specs(lora, mesh, rules)
     assert lora_specs["q_proj"]["lora_a"] == P("fsdp", None) and lora_specs["q_proj"]["lora_b"] == P(None, "tensor")
     assert lora_specs["head"]["kernel"] == P("fsdp", None)

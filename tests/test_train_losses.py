@@ -48,12 +48,14 @@ def test_classification_and_regression_losses():
     logits = jnp.array([[2.0, 0.0, -1.0], [0.5, 0.5, 3.0]])
     labels = jnp.array([0, 1])
     total, n = classification_loss(logits, labels)
-    expected = torch.nn.functional.cross_entropy(torch.as_tensor(np.asarray(logits)), torch.tensor([0, 1]), reduction="sum")
+    expected = torch.nn.functional.cross_entropy(torch.as_tensor(np.asarray(logits)), torch.tensor([0, 1]),
+                                                 reduction="sum")
     np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
     assert float(n) == 2
     pred, target = jnp.array([[1.0], [3.0], [0.0]]), jnp.array([1.5, 0.0, 0.0])
     assert float(regression_loss(pred, target)[0]) == pytest.approx(0.25 + 9.0)
-    huber = torch.nn.functional.huber_loss(torch.tensor([1.0, 3.0, 0.0]), torch.tensor([1.5, 0.0, 0.0]), reduction="sum", delta=1.0)
+    huber = torch.nn.functional.huber_loss(torch.tensor([1.0, 3.0, 0.0]), torch.tensor([1.5, 0.0, 0.0]),
+                                           reduction="sum", delta=1.0)
     assert float(regression_loss(pred, target, kind="huber")[0]) == pytest.approx(float(huber))
     weighted, w = regression_loss(pred, target, jnp.array([1.0, 0.0, 1.0]))
     assert float(weighted) == pytest.approx(0.25) and float(w) == 2.0
@@ -71,7 +73,8 @@ def test_schedule_warmup_then_cosine_to_floor():
 
 
 def test_weight_decay_skips_biases_norms_and_magnitudes():
-    params = {"q": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2), "lora_a": jnp.ones((2, 1)), "magnitude": jnp.ones(2)},
+    params = {"q": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2), "lora_a": jnp.ones((2, 1)),
+                    "magnitude": jnp.ones(2)},
               "norm": {"scale": jnp.ones(2)}}
     mask = decay_mask(params)
     assert mask == {"q": {"kernel": True, "bias": False, "lora_a": True, "magnitude": False}, "norm": {"scale": False}}

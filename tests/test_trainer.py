@@ -178,7 +178,8 @@ def test_optimizer_state_is_sharded_like_the_params(setup, tmp_path):
     trainer = Trainer(tuned, train_data=(), optimizer=OptimizerConfig(learning_rate=1e-3),
                       config=TrainConfig(steps=1, progress=False), run_dir=tmp_path,
                       mesh=make_mesh(MeshConfig(data=1, fsdp=8)))
-    specs = {jax.tree_util.keystr(p): x.sharding.spec for p, x in jax.tree_util.tree_leaves_with_path(trainer.trainable)}
+    specs = {jax.tree_util.keystr(p): x.sharding.spec
+             for p, x in jax.tree_util.tree_leaves_with_path(trainer.trainable)}
     leaves = jax.tree_util.tree_leaves_with_path(trainer.opt_state)
     matrices = 0
     for path, leaf in leaves:
@@ -265,11 +266,13 @@ def test_two_processes_train_together_like_one(setup, tmp_path):
     # reads them or two processes read alternate ones (packing would pack each shard apart).
     common = ["--model", str(model_dir), "--data", str(train), "--steps", "4", "--batch", "4", "--no-packing"]
     single = _script(*common, "--run", str(tmp_path / "one"), "--out", str(tmp_path / "one.npz"),
-                     "--eval-out", str(tmp_path / "one.json"), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                     "--eval-out", str(tmp_path / "one.json"),
+                     env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.wait(timeout=600) == 0, single.stderr.read()[-2000:]
     address = f"127.0.0.1:{_free_port()}"
     procs = [_script(*common, "--run", str(tmp_path / "two"), "--out", str(tmp_path / "two.npz"),
-                     "--eval-out", str(tmp_path / "two.json"), "--coordinator", address, "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
+                     "--eval-out", str(tmp_path / "two.json"), "--coordinator", address,
+                     "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")

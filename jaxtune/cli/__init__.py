@@ -72,7 +72,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"base": base, "tuned": tuned, "step": step}))
     elif tuned is None:
-        print(f"no checkpoint in {trainer.run_dir}: base model only: " + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
+        print(f"no checkpoint in {trainer.run_dir}: base model only: "
+              + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
     else:
         note = "pretrained model with the plan's fresh (untrained) adapters/head"
         print(f"\ncheckpoint step {step}\n\n{jt.comparison_table(base, tuned, before_note=note)}")

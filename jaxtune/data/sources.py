@@ -91,7 +91,8 @@ def _finish(report: SourceReport, kept: int, what: str) -> None:
                     what, *report.skipped[0])
     if kept == 0:
         where = report.paths[0] if len(report.paths) == 1 else ", ".join(report.paths)
-        raise DataError(where, "no usable rows" + (" (all were bad and skipped)" if report.skipped else " (empty file)"),
+        raise DataError(where,
+                        "no usable rows" + (" (all were bad and skipped)" if report.skipped else " (empty file)"),
                         "check that this is the right file and that it is not empty")
 
 
@@ -307,7 +308,8 @@ def _jsonl_lines(path: str, report: SourceReport, skip: bool) -> Iterator[tuple[
             try:
                 parsed = json.loads(line)
             except UnicodeDecodeError as err:
-                _reject(report, f"{path}:{line_no}", _RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"), skip)
+                _reject(report, f"{path}:{line_no}", _RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
+                        skip)
                 continue
             except json.JSONDecodeError as err:
                 _reject(report, f"{path}:{line_no}",
@@ -440,7 +442,8 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
     for line_no, row in _labeled_rows(path, report, skip_bad_rows, fields):
         where = f"{path}:{line_no}"
         try:
-            record = _check_labeled(_as_object(row, f"write each line as {{{text_field!r}: ..., {label_field!r}: ...}}"),
+            record = _check_labeled(_as_object(row, f"write each line as {{{text_field!r}: ..., "
+                                                    f"{label_field!r}: ...}}"),
                                     task=task, text_field=text_field, pair_field=pair_field, label_field=label_field)
             if task == "classification" and labels is not None and record["label"] not in {str(x) for x in labels}:
                 raise _RowError(f"label {record['label']!r} is not in the label vocabulary {list(labels)}",

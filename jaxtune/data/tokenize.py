@@ -108,9 +108,11 @@ def chat_pieces(tokenizer: Any, messages: list[dict], weights: Sequence[int], wh
         if message["role"] != "assistant" or not weight:
             continue
         upto = _render(tokenizer, messages[: i + 1], False, where)
-        before = _render(tokenizer, messages[:i], True, where) if i else _opening_prompt(tokenizer, message, upto, where)
+        before = (_render(tokenizer, messages[:i], True, where) if i
+                  else _opening_prompt(tokenizer, message, upto, where))
         if not (upto.startswith(before) and full.startswith(upto) and len(before) >= done):
-            raise DataError(where, f"the chat template does not render turn {i} as an extension of the turns before it, "
+            raise DataError(where,
+                            f"the chat template does not render turn {i} as an extension of the turns before it, "
                             "so the assistant tokens cannot be located",
                             "use a template whose output for a conversation prefix is a prefix of the full output")
         reply = upto[len(before):].rstrip()

@@ -97,7 +97,8 @@ class DecoderConfig:
                 f"config.json: rope type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
         if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported by the decoder family (silu)")
+            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} "
+                             "is not supported by the decoder family (silu)")
         attention_bias = bool(hf.get("attention_bias", False))
         fields = dict(
             vocab_size=hf["vocab_size"],
@@ -229,8 +230,10 @@ class Attention(nn.Module):
                           adapter_dropout=cfg.adapter_dropout, name=name)
 
         q = proj("q_proj", cfg.num_heads, cfg.qkv_bias)(x, deterministic).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = proj("k_proj", cfg.num_kv_heads, cfg.qkv_bias)(x, deterministic).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = proj("v_proj", cfg.num_kv_heads, cfg.qkv_bias)(x, deterministic).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+        k = proj("k_proj", cfg.num_kv_heads, cfg.qkv_bias)(x, deterministic).reshape(
+            b, t, cfg.num_kv_heads, cfg.head_dim)
+        v = proj("v_proj", cfg.num_kv_heads, cfg.qkv_bias)(x, deterministic).reshape(
+            b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="q_norm")(q)
             k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="k_norm")(k)

@@ -226,7 +226,8 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
     return architecture, FAMILIES[architecture]
 
 
-def build(hf_config: dict[str, Any], architecture: str | None = None, **overrides: Any) -> tuple[str, FamilyConfig, nn.Module]:
+def build(hf_config: dict[str, Any], architecture: str | None = None,
+          **overrides: Any) -> tuple[str, FamilyConfig, nn.Module]:
     """Config and module for a ``config.json`` dict, without any weights."""
     arch, family = family_for(hf_config, architecture)
     try:

@@ -79,7 +79,8 @@ class Linear(nn.Module):
         # treated as a constant in the backward pass, and without dropout the base output is
         # rescaled rather than recomputed, so the update costs one extra norm and no second matmul.
         magnitude = self.get_variable("params", MAGNITUDE).astype(jnp.float32)
-        adapted = kernel.astype(jnp.float32) + (a.astype(jnp.float32) @ b.astype(jnp.float32)) * scale.astype(jnp.float32)
+        adapted = (kernel.astype(jnp.float32)
+                   + (a.astype(jnp.float32) @ b.astype(jnp.float32)) * scale.astype(jnp.float32))
         norm = jax.lax.stop_gradient(jnp.linalg.norm(adapted, axis=0))
         ratio = (magnitude / norm).astype(self.dtype)
         return base * (ratio - 1) + low_rank * ratio

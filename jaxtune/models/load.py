@@ -92,7 +92,8 @@ def load_tokenizer(directory: Path, override: str | None = None) -> Any:
     try:
         return AutoTokenizer.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; all mean "no tokenizer here"
-        raise LoadError(f"{source}: no tokenizer could be loaded ({type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        raise LoadError(f"{source}: no tokenizer could be loaded "
+                        f"({type(err).__name__}: {str(err).splitlines()[0][:160]}"
                         "); give model.tokenizer (a directory or hub id with tokenizer files)") from None
 
 

@@ -118,7 +118,8 @@ class Checkpointer:
                 )
         return None
 
-    def _restore_step(self, step: int, trainable_like: Any, opt_state_like: Any, data_iterator: Any) -> tuple[int, Any, Any, jax.Array, dict[str, Any]]:
+    def _restore_step(self, step: int, trainable_like: Any, opt_state_like: Any,
+                      data_iterator: Any) -> tuple[int, Any, Any, jax.Array, dict[str, Any]]:
         items: dict[str, Any] = {
             "trainable": ocp.args.StandardRestore(_abstract(trainable_like)),
             "meta": ocp.args.JsonRestore(),

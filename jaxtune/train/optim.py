@@ -85,7 +85,8 @@ def scale_by_group(multipliers: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int, groups: Any | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(cfg: OptimizerConfig, total_steps: int,
+                    groups: Any | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for ``total_steps`` steps and its learning-rate schedule.
 
     Args:
@@ -102,7 +103,8 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int, groups: Any | None =
     elif cfg.name == "adafactor":
         core = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
     else:
-        core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask), optax.sgd(schedule, momentum=cfg.b1))
+        core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                           optax.sgd(schedule, momentum=cfg.b1))
     parts = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []
     parts.append(core)
     if cfg.group_lr:

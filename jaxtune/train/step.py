@@ -132,11 +132,13 @@ def make_train_step(
         (total, weight), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
         return grads, total, weight
 
-    def step(trainable: Any, frozen: Any, opt_state: Any, batch: Batch, rng: Array) -> tuple[Any, Any, dict[str, Array]]:
+    def step(trainable: Any, frozen: Any, opt_state: Any, batch: Batch,
+             rng: Array) -> tuple[Any, Any, dict[str, Array]]:
         if k == 1:
             grads, total, weight = grads_of(trainable, frozen, batch, rng)
         else:
-            def accumulate(carry: tuple[Any, Array, Array], xs: tuple[Batch, Array]) -> tuple[tuple[Any, Array, Array], None]:
+            def accumulate(carry: tuple[Any, Array, Array],
+                           xs: tuple[Batch, Array]) -> tuple[tuple[Any, Array, Array], None]:
                 g_sum, t_sum, w_sum = carry
                 g, t, w = grads_of(trainable, frozen, *xs)
                 return (jax.tree.map(jnp.add, g_sum, g), t_sum + t, w_sum + w), None

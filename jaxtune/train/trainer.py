@@ -373,7 +373,8 @@ class Trainer:
                              "of it or change the mesh")
         return global_batch(batch, self.mesh)
 
-    def evaluate(self, data: Source | Loader | Iterable[Batch] | None = None, trainable: Any = None) -> dict[str, float]:
+    def evaluate(self, data: Source | Loader | Iterable[Batch] | None = None,
+                 trainable: Any = None) -> dict[str, float]:
         """Metrics of the current (or given) trainable params on ``data`` (default: eval_data)."""
         data = self.eval_data if data is None else self._batches(data, train=False)
         if data is None:

@@ -41,7 +41,8 @@ from jaxtune.tuning.plan import (
 from jaxtune.tuning.tuned import Tuned, TunedModel, apply_plan
 
 __all__ = [
-    "AdapterSpec", "ExportError", "export", "export_format", "FROZEN", "GROUPS", "HeadSpec", "Plan", "PlanError", "Rule", "Tuned", "TunedModel",
+    "AdapterSpec", "ExportError", "export", "export_format", "FROZEN", "GROUPS", "HeadSpec", "Plan", "PlanError",
+    "Rule", "Tuned", "TunedModel",
     "apply_plan", "as_plan", "cast_by_label", "combine", "count", "dora", "export_merged", "export_peft", "freeze",
     "freeze_all_but", "full", "head", "hf_module_name", "load_peft", "lora", "merge", "partition", "prompt_tuning",
     "summary", "train", "unmerge",

@@ -362,7 +362,8 @@ def _preset(item: Mapping[str, Any], where: str) -> Plan:
     unknown = [k for k in item if k not in options]
     if unknown:
         close = difflib.get_close_matches(unknown[0], options, n=1)
-        raise PlanError(f"{where}: preset {name!r} has no option {unknown[0]!r} (options: {', '.join(options) or 'none'})"
+        raise PlanError(f"{where}: preset {name!r} has no option {unknown[0]!r} "
+                        f"(options: {', '.join(options) or 'none'})"
                         + (f"; did you mean {close[0]!r}?" if close else ""))
     try:
         return fn(**{k: list(v) if isinstance(v, tuple) else v for k, v in item.items()})
