@@ -22,6 +22,8 @@ class TrainConfig:
     ``log_every``: steps between progress lines and ``metrics.jsonl`` records (the only time the
     host waits for the device). ``chunk_tokens``: tokens per chunk of the LM head + loss (bounds
     the logits' memory). ``regression_loss``: ``mse`` or ``huber``. ``progress``: print progress.
+    ``compile_cache``: keep compiled steps on disk, so the next run of the same shapes starts
+    without compiling (see :mod:`jaxtune.train.compile_cache`).
     """
 
     steps: int | None = None
@@ -32,6 +34,7 @@ class TrainConfig:
     chunk_tokens: int = 2048
     regression_loss: Literal["mse", "huber"] = "mse"
     progress: bool = True
+    compile_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:

@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.sources import Source
 from jaxtune.data.tokenize import answer_first_token
-from jaxtune.train import flops
+from jaxtune.train import compile_cache, flops
 from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.train.evaluate import HIGHER_IS_BETTER, METRICS, comparison_table, evaluate
@@ -184,6 +184,8 @@ class Trainer:
         resolved_config: dict[str, Any] | None = None,
     ):
         self.tuned, self.config, self.eval_config, self.checkpoint_config = model, config, eval, checkpoint
+        if config.compile_cache:
+            compile_cache.enable()
         self.loader_config = data or LoaderConfig()
         self.train_data = self._batches(train_data, train=True)
         self.eval_data = self._batches(eval_data, train=False)
@@ -228,6 +230,7 @@ class Trainer:
         self.step = 0
         self._checkpointer: Checkpointer | None = None
         self._resumable_data = False
+        self.compile_cache_hit: bool | None = None  # whether the first step's executable came from the disk cache
         model_cfg = model.config
         self._peak_flops = flops.peak_flops(dtype=getattr(model_cfg, "dtype", "float32"))
         self._matmul_params = flops.matmul_params(model.params, model.labels)
@@ -506,13 +509,16 @@ class Trainer:
         if self._flops_per_token is None:
             self._flops_per_token = self._flops(batch["input_ids"].shape[-1])
         step_rng = jax.random.fold_in(self.rng, self.step)
+        hits = compile_cache.hits()  # the first call compiles (or loads) the step before dispatching it
         self.trainable, self.opt_state, metrics = self.train_step(
             self.trainable, self.frozen, self.opt_state, self._to_device(batch), step_rng)
         self.step += 1
         if window.first_step_s is None:
             seconds = window.first_step(float(jax.device_get(metrics["tokens"])))  # waits for the step
+            self.compile_cache_hit = compile_cache.hits() > hits
             if self.config.progress:
-                log.info("step %d took %.1f s (compilation included)", self.step, seconds)
+                log.info("step %d took %.1f s (%s)", self.step, seconds, "compiled step loaded from the cache"
+                         if self.compile_cache_hit else "compilation included")
         return metrics
 
     def _failed(self, bad_step: int) -> str:
