@@ -3,16 +3,34 @@
 A checkpoint at step s holds the trainable params, the optimizer state, the step, the run's
 base RNG key, the data iterator's state (grain's Orbax handler) and the resolved config. The
 frozen base model is *not* copied: the config names its source, and resuming re-loads it.
-Saves are asynchronous; Orbax writes each step to a temporary folder and renames it when
-complete, so an interrupted save never appears as a step. A step whose files are damaged is
-detected at restore and the previous one is used, with a warning.
+
+Saves are asynchronous. Orbax writes each step to ``<step>.orbax-checkpoint-tmp`` and renames it
+when complete, so an interrupted save never appears as a step. Just before that rename, a
+checksum manifest (:data:`MANIFEST`: size and sha256 of every file) is written into the step, so
+a step exists only together with its manifest. Orbax 0.12.8 itself checks nothing that catches
+a flipped bit (its only checksum, zarr3's crc32c, covers the shard index, not the data), hence
+our own. A restore verifies the manifest first; a step that fails verification or fails to
+restore is moved aside to ``<dir>/.set_aside/<step>-<time>`` (never deleted), reported in one
+line, and the next older step is tried. The same holds for ``best/``.
+
+One :class:`Checkpointer` opens one Orbax ``CheckpointManager`` per directory, once, and
+:meth:`Checkpointer.close` (or ``with``) closes it. Leftover temporary directories of killed
+saves are removed synchronously when it opens: Orbax's own clean-up runs in a background
+thread per manager, and two of those on one directory raced (``FileNotFoundError``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import grain
 import jax
@@ -22,30 +40,236 @@ import orbax.checkpoint as ocp
 
 from jaxtune.train.sharding import shard
 
+MANIFEST = "jaxtune_checksums.json"
+SET_ASIDE = ".set_aside"
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# Written (or rewritten, with the commit time) by Orbax at the rename, after the manifest: they
+# cannot be in it. Neither holds state; a damaged one fails the restore, which sets the step aside.
+_WRITTEN_AFTER_COMMIT = frozenset({"commit_success.txt", "_CHECKPOINT_METADATA"})
 
-def _manager(directory: Path, max_to_keep: int | None, with_data: bool, async_save: bool) -> ocp.CheckpointManager:
-    handlers: dict[str, Any] = {
-        "trainable": ocp.StandardCheckpointHandler(),
-        "opt_state": ocp.StandardCheckpointHandler(),
-        "meta": ocp.JsonCheckpointHandler(),
-    }
+
+@dataclasses.dataclass(frozen=True)
+class SetAside:
+    """A step moved out of the way: which, why, and where it went (kept for inspection)."""
+
+    step: int
+    reason: str
+    moved_to: Path
+
+
+def _primary() -> bool:
+    return jax.process_index() == 0
+
+
+def _sync(name: str) -> None:
+    """Other processes wait for process 0's file operations (renames, clean-ups) to finish."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _warn(line: str) -> None:
+    warnings.warn(line, stacklevel=3)
+
+
+# ------------------------------------------------------------------ files on disk
+
+
+def _step_dirs(directory: Path) -> list[int]:
+    """Committed steps, oldest first: directories named by an integer. Orbax's temporary
+    directories (``<step>.orbax-checkpoint-tmp``) and ``.set_aside`` never match. Read from the
+    disk, not a manager's cache, so it also works after :meth:`Checkpointer.close`."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
+
+
+def _remove_unfinished(directory: Path) -> None:
+    """Delete the temporary directories of saves that never completed (killed mid-save).
+
+    Synchronous and tolerant of files vanishing under it, unlike Orbax's background clean-up."""
+    def ignore_missing(func: Any, path: str, exc_info: Any) -> None:
+        if not issubclass(exc_info[0], FileNotFoundError):
+            raise exc_info[1]
+
+    if _primary() and directory.is_dir():
+        for tmp in directory.glob(f"*{_TMP_SUFFIX}*"):
+            shutil.rmtree(tmp, onerror=ignore_missing)
+    _sync(f"jaxtune_cleanup:{directory}")
+
+
+def _listing(step_dir: Path) -> dict[str, Path]:
+    """Every file of a step the manifest covers, by path relative to the step."""
+    files = {}
+    for path in step_dir.rglob("*"):
+        rel = path.relative_to(step_dir).as_posix()
+        if path.is_file() and rel != MANIFEST and rel not in _WRITTEN_AFTER_COMMIT:
+            files[rel] = path
+    return files
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_manifest(step_dir: Path) -> None:
+    """Record the size and sha256 of every file of ``step_dir`` in :data:`MANIFEST` (atomically:
+    a half-written manifest must never look like a whole one)."""
+    files = {rel: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+             for rel, path in sorted(_listing(step_dir).items())}
+    tmp = step_dir / (MANIFEST + ".tmp")
+    with open(tmp, "w") as fh:
+        json.dump({"format": 1, "files": files}, fh, indent=1)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def verify(step_dir: Path) -> str | None:
+    """Why ``step_dir`` cannot be trusted (one short phrase), or None when every file matches
+    its manifest."""
+    manifest = step_dir / MANIFEST
+    if not manifest.is_file():
+        return f"no {MANIFEST}: the save did not complete"
+    try:
+        expected = json.loads(manifest.read_text())["files"]
+        expected = {rel: (int(v["bytes"]), str(v["sha256"])) for rel, v in expected.items()}
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
+        return f"{MANIFEST} is unreadable ({type(err).__name__})"
+    actual = _listing(step_dir)
+    missing = sorted(set(expected) - set(actual))
+    if missing:
+        return f"{len(missing)} file(s) missing, first {missing[0]}"
+    extra = sorted(set(actual) - set(expected))
+    if extra:
+        return f"{len(extra)} file(s) not in the manifest, first {extra[0]}"
+    for rel, (size, digest) in sorted(expected.items()):
+        got = actual[rel].stat().st_size
+        if got != size:
+            return f"{rel} has {got} bytes, {size} were written" + (" (truncated)" if got < size else "")
+        if _sha256(actual[rel]) != digest:
+            return f"{rel} does not match its sha256 (changed on disk)"
+    return None
+
+
+def move_aside(directory: Path, step: int, reason: str) -> Path:
+    """Move ``directory/<step>`` to ``directory/.set_aside/<step>-<time>``, with ``reason`` in a
+    ``.why.txt`` beside it. Never deletes: a damaged step is evidence, and may hold what is
+    needed to recover by hand."""
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    dest = directory / SET_ASIDE / f"{step}-{stamp}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = directory / SET_ASIDE / f"{step}-{stamp}-{n}"
+    if _primary():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(directory / str(step), dest)
+        dest.with_name(dest.name + ".why.txt").write_text(reason + "\n")
+    _sync(f"jaxtune_set_aside:{directory}:{step}")  # not dest: each process reads its own clock
+    return dest
+
+
+class _ManifestOnCommit:
+    """Orbax's ``post_finalization_callback``: it runs on the primary process after every item
+    is written and *before* the temporary directory is renamed into place. The callback takes
+    no arguments, so the step being saved is set here just before each save (saves of one
+    manager never overlap: each waits for the previous one)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.step: int | None = None
+
+    def __call__(self) -> None:
+        if self.step is None:
+            raise RuntimeError("a checkpoint finished saving with no step recorded; this is a jaxtune bug")
+        tmp = self.directory / f"{self.step}{_TMP_SUFFIX}"
+        write_manifest(tmp if tmp.is_dir() else self.directory / str(self.step))
+
+
+def _handlers(with_opt: bool, with_data: bool) -> dict[str, Any]:
+    handlers: dict[str, Any] = {"trainable": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    if with_opt:
+        handlers["opt_state"] = ocp.StandardCheckpointHandler()
     if with_data:
         handlers["data"] = grain.checkpoint.CheckpointHandler()
-    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                                           create=True, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
+    return handlers
+
+
+class _Directory:
+    """One checkpoint directory (``checkpoints/`` or ``best/``) and its single Orbax manager."""
+
+    def __init__(self, directory: Path, handlers: dict[str, Any], max_to_keep: int | None, async_save: bool) -> None:
+        self.path = directory.absolute()
+        self.async_save = async_save
+        self.on_commit = _ManifestOnCommit(self.path)
+        _remove_unfinished(self.path)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+            cleanup_tmp_directories=False,  # done above, synchronously (see the module docstring)
+            async_options=ocp.AsyncOptions(post_finalization_callback=self.on_commit) if async_save else None)
+        self.manager = ocp.CheckpointManager(self.path, options=options, item_handlers=handlers)
+
+    def save(self, step: int, args: ocp.args.Composite) -> None:
+        self.manager.wait_until_finished()  # the previous save's commit callback reads on_commit.step
+        self.on_commit.step = step
+        self.manager.save(step, args=args, force=True)
+        if not self.async_save and _primary():
+            write_manifest(self.path / str(step))
+
+    def close(self) -> None:
+        self.manager.close()
 
 
 class Checkpointer:
     """Save and restore a run's state under ``run_dir/checkpoints`` (latest K) and
-    ``run_dir/best`` (the best by a validation metric, params only)."""
+    ``run_dir/best`` (the best by a validation metric, params only).
 
-    def __init__(self, run_dir: str | Path, *, max_to_keep: int = 3, with_data: bool = True, async_save: bool = True):
+    Use it as a context manager (or call :meth:`close`): it holds one Orbax manager per directory,
+    and a second manager on the same directory must not be opened while it lives.
+    ``report`` receives one line per step set aside (default: a ``UserWarning``); every one is
+    also kept in :attr:`set_aside`.
+    """
+
+    def __init__(self, run_dir: str | Path, *, max_to_keep: int = 3, with_data: bool = True, async_save: bool = True,
+                 report: Callable[[str], None] | None = None):
         self.run_dir = Path(run_dir)
         self.with_data = with_data
-        self._latest = _manager(self.run_dir / "checkpoints", max_to_keep, with_data, async_save)
-        self._best: ocp.CheckpointManager | None = None
+        self.set_aside: list[SetAside] = []
+        self._report = report or _warn
         self._async = async_save
+        self._max_to_keep = max_to_keep
+        self._latest: _Directory | None = None  # opened on first use: listing steps needs no manager
+        self._best: _Directory | None = None
+        self._closed = False
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ managers
+
+    def _open_latest(self) -> _Directory:
+        self._check_open()
+        if self._latest is None:
+            # opt_state's handler is always registered: a stateless optimizer simply saves no such item
+            self._latest = _Directory(self.run_dir / "checkpoints", _handlers(True, self.with_data),
+                                      self._max_to_keep, self._async)
+        return self._latest
+
+    def _open_best(self) -> _Directory:
+        self._check_open()
+        if self._best is None:
+            self._best = _Directory(self.run_dir / "best", _handlers(False, False), 1, self._async)
+        return self._best
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"the Checkpointer of {self.run_dir} is closed; open a new one to save or restore")
 
     # ------------------------------------------------------------------ save
 
@@ -70,25 +294,38 @@ class Checkpointer:
             if data_iterator is None:
                 raise ValueError("Checkpointer(with_data=True) needs the data iterator to save its state")
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        self._latest.save(step, args=ocp.args.Composite(**items), force=True)
+        self._open_latest().save(int(step), ocp.args.Composite(**items))
 
     def save_best(self, step: int, trainable: Any, metrics: dict[str, float]) -> None:
-        """Keep ``trainable`` as the best checkpoint so far (the caller decides what "best" is)."""
-        if self._best is None:
-            options = ocp.CheckpointManagerOptions(max_to_keep=1, enable_async_checkpointing=self._async, create=True)
-            self._best = ocp.CheckpointManager((self.run_dir / "best").absolute(), options=options,
-                                               item_handlers={"trainable": ocp.StandardCheckpointHandler(),
-                                                              "meta": ocp.JsonCheckpointHandler()})
-        self._best.save(step, args=ocp.args.Composite(trainable=ocp.args.StandardSave(trainable),
-                                                      meta=ocp.args.JsonSave({"step": step, "metrics": metrics})),
-                        force=True)
+        """Keep ``trainable`` as the best checkpoint so far (the caller decides what "best" is).
+
+        A best checkpoint at this or a later step was left by an earlier attempt that got further
+        before the run resumed from an older step: it is set aside, or Orbax would refuse the step
+        number (StepAlreadyExistsError) or keep the stale later step over the new one."""
+        best = self._open_best()
+        best.manager.wait_until_finished()
+        for stale in [s for s in _step_dirs(best.path) if s >= step]:
+            self._set_aside(best.path, best, stale, "best checkpoint of an earlier attempt that reached a later step "
+                            "before the run resumed", "")
+        best.save(int(step), ocp.args.Composite(trainable=ocp.args.StandardSave(trainable),
+                                                meta=ocp.args.JsonSave({"step": step, "metrics": metrics})))
 
     # ------------------------------------------------------------------ restore
 
     def steps(self) -> list[int]:
-        """Completed checkpoint steps, oldest first."""
-        self._latest.reload()
-        return sorted(self._latest.all_steps())
+        """Completed checkpoint steps, oldest first (not verified: see :meth:`latest_good_step`)."""
+        return _step_dirs(self.run_dir / "checkpoints")
+
+    def latest_good_step(self) -> int | None:
+        """The newest step whose files match their checksums, without restoring it; newer steps
+        that fail are set aside (as a restore would). Waits for a save in flight to finish."""
+        self.wait()
+        for step in reversed(self.steps()):
+            reason = verify(self.run_dir / "checkpoints" / str(step))
+            if reason is None:
+                return step
+            self._set_aside_latest(step, reason)
+        return None
 
     def restore(
         self,
@@ -97,29 +334,31 @@ class Checkpointer:
         *,
         data_iterator: Any = None,
     ) -> tuple[int, Any, Any, jax.Array, dict[str, Any]] | None:
-        """Restore the latest readable checkpoint, or None when there is none.
+        """Restore the newest good checkpoint, or None when there is none.
 
         ``trainable_like``/``opt_state_like`` are trees of arrays (or ShapeDtypeStructs with
         shardings) giving the structure and *target* placement: a checkpoint saved on one mesh
-        restores onto another. ``data_iterator`` has its state set in place.
-        Returns ``(step, trainable, opt_state, rng, meta)``.
+        restores onto another. ``data_iterator`` has its state set in place (and put back as it
+        was when no step restores). Returns ``(step, trainable, opt_state, rng, meta)``.
         """
-        steps = self.steps()
-        for step in reversed(steps):
-            try:
-                return self._restore_step(step, trainable_like, opt_state_like, data_iterator)
-            except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
-                previous = [s for s in steps if s < step]
-                warnings.warn(
-                    f"{self.run_dir / 'checkpoints' / str(step)}: checkpoint is incomplete or corrupt "
-                    f"({type(err).__name__}: {str(err)[:200]}); "
-                    + (f"falling back to step {previous[-1]}" if previous else "no earlier checkpoint, starting fresh"),
-                    stacklevel=2,
-                )
+        self.wait()  # a save in flight is the newest step
+        data_iterator = data_iterator if self.with_data else None
+        initial = data_iterator.get_state() if data_iterator is not None else None
+        for step in reversed(self.steps()):
+            reason = verify(self.run_dir / "checkpoints" / str(step))
+            if reason is None:
+                try:
+                    return self._restore_step(step, trainable_like, opt_state_like, data_iterator)
+                except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
+                    reason = f"restore failed: {type(err).__name__}: {_one_line(str(err))}"
+            self._set_aside_latest(step, reason)
+        if initial is not None:
+            data_iterator.set_state(initial)  # a failed attempt may have set part of it
         return None
 
-    def _restore_step(self, step: int, trainable_like: Any, opt_state_like: Any,
-                      data_iterator: Any) -> tuple[int, Any, Any, jax.Array, dict[str, Any]]:
+    def _restore_step(
+        self, step: int, trainable_like: Any, opt_state_like: Any, data_iterator: Any
+    ) -> tuple[int, Any, Any, jax.Array, dict[str, Any]]:
         items: dict[str, Any] = {
             "trainable": ocp.args.StandardRestore(_abstract(trainable_like)),
             "meta": ocp.args.JsonRestore(),
@@ -127,39 +366,78 @@ class Checkpointer:
         stateful = bool(jax.tree.leaves(opt_state_like))
         if stateful:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
-        if self.with_data and data_iterator is not None:
+        if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._latest.restore(step, args=ocp.args.Composite(**items))
+        restored = self._open_latest().manager.restore(step, args=ocp.args.Composite(**items))
         meta = restored["meta"]
+        if int(meta["step"]) != step:
+            raise ValueError(f"its metadata says step {meta['step']}")
         rng = jax.random.wrap_key_data(jnp.asarray(np.asarray(meta["rng"], np.uint32)))
         opt_state = restored["opt_state"] if stateful else opt_state_like
-        return int(meta["step"]), restored["trainable"], opt_state, rng, meta
+        return step, restored["trainable"], opt_state, rng, meta
 
     def restore_best(self, trainable_like: Any) -> tuple[Any, dict[str, Any]] | None:
-        """The best checkpoint's trainable params and metadata, or None."""
+        """The best checkpoint's trainable params and metadata, or None (a damaged one is set
+        aside, reported, and None returned: only one best is kept)."""
+        self.wait()
         best_dir = self.run_dir / "best"
-        if not best_dir.exists():
+        if not _step_dirs(best_dir):
             return None
-        manager = self._best or ocp.CheckpointManager(best_dir.absolute(), item_handlers={
-            "trainable": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
-        step = manager.latest_step()
-        if step is None:
-            return None
-        restored = manager.restore(step, args=ocp.args.Composite(
-            trainable=ocp.args.StandardRestore(_abstract(trainable_like)), meta=ocp.args.JsonRestore()))
-        return restored["trainable"], restored["meta"]
+        best = self._open_best()
+        for step in reversed(_step_dirs(best.path)):
+            reason = verify(best.path / str(step))
+            if reason is None:
+                try:
+                    restored = best.manager.restore(step, args=ocp.args.Composite(
+                        trainable=ocp.args.StandardRestore(_abstract(trainable_like)), meta=ocp.args.JsonRestore()))
+                    return restored["trainable"], restored["meta"]
+                except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
+                    reason = f"restore failed: {type(err).__name__}: {_one_line(str(err))}"
+            self._set_aside(best.path, best, step, f"checkpoint is incomplete or corrupt ({reason})",
+                            "no best checkpoint left")
+        return None
+
+    # ------------------------------------------------------------------ setting aside
+
+    def _set_aside_latest(self, step: int, reason: str) -> None:
+        older = [s for s in self.steps() if s < step]
+        then = f"falling back to step {older[-1]}" if older else "no earlier checkpoint, starting fresh"
+        self._set_aside(self.run_dir / "checkpoints", self._latest, step,
+                        f"checkpoint is incomplete or corrupt ({reason})", then)
+
+    def _set_aside(self, path: Path, directory: _Directory | None, step: int, what: str, then: str) -> None:
+        """Move the step aside, make the open manager (if any) forget it so its number can be
+        saved again (else Orbax raises StepAlreadyExistsError), and report it in one line."""
+        dest = move_aside(path.absolute(), step, what)
+        if directory is not None and not self._closed:
+            directory.manager.reload()
+        self.set_aside.append(SetAside(step, what, dest))
+        self._report(f"{path / str(step)}: {what}; moved to {dest}" + (f"; {then}" if then else ""))
+
+    # ------------------------------------------------------------------ lifetime
 
     def wait(self) -> None:
-        """Block until pending asynchronous saves are on disk."""
-        self._latest.wait_until_finished()
-        if self._best is not None:
-            self._best.wait_until_finished()
+        """Block until pending asynchronous saves are on disk (with their manifests)."""
+        for directory in (self._latest, self._best):
+            if directory is not None:
+                directory.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.wait()
-        self._latest.close()
-        if self._best is not None:
-            self._best.close()
+        """Finish pending saves and close the managers; safe to call twice."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+            for directory in (self._latest, self._best):
+                if directory is not None:
+                    directory.close()
+
+
+def _one_line(text: str, limit: int = 200) -> str:
+    line = " ".join(text.split())
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _abstract(tree: Any) -> Any:

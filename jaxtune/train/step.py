@@ -5,7 +5,8 @@ differentiates only ``trainable``; ``frozen`` is an input that gets no gradient 
 optimizer state. Gradient accumulation runs inside the step as a ``lax.scan`` over micro-batches,
 summing loss and weight (real tokens or examples) so k micro-batches equal one batch of k times
 the rows. A non-finite loss or gradient leaves params and optimizer state untouched and is
-reported in the metrics, so no bad update ever reaches a checkpoint.
+reported in the metrics, and so does an update that would make the params or optimizer state
+non-finite (a learning rate that overflows them), so no bad state ever reaches a checkpoint.
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ def make_train_step(
 
     Metrics: ``loss`` (mean over the batch's weight), ``weight`` (tokens or examples that
     counted), ``tokens`` (real, non-pad input tokens: the work done, for tokens/s and MFU),
-    ``grad_norm`` (after averaging, before clipping) and ``finite`` (False when the update was
-    skipped).
+    ``grad_norm`` (after averaging, before clipping), ``finite`` (False when the update was
+    skipped: loss, gradient, new params or new optimizer state not finite) and ``grad_finite``
+    (loss and gradient alone: ``finite`` False with this True means the update overflowed).
     """
     k = grad_accum_steps
 
@@ -150,16 +152,27 @@ def make_train_step(
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
-        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
+        grad_finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = optax.apply_updates(trainable, updates)
+        # Finite loss and gradient do not make a finite update: a learning rate that overflows
+        # the params does it alone. Checked on the results, so non-finite state never gets out.
+        finite = grad_finite & all_finite((new_trainable, new_opt_state))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         real = (batch["segment_ids"] != 0).sum() if "segment_ids" in batch else jnp.asarray(batch["input_ids"].size)
         metrics = {"loss": total / denom, "weight": weight, "tokens": real.astype(jnp.float32), "grad_norm": grad_norm,
-                   "finite": finite}
+                   "finite": finite, "grad_finite": grad_finite}
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
 
     return step
+
+
+def all_finite(tree: Any) -> Array:
+    """True when every float element of ``tree`` is finite. Each leaf's check fuses into one
+    reduction (no mask is materialised); ``isfinite`` rather than a sum of the values, which
+    overflows on large but finite params, or ``x * 0`` tricks, which fast-math may fold away."""
+    checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.stack(checks).all() if checks else jnp.asarray(True)
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable[[Any, Any, Batch], dict[str, Array]]:

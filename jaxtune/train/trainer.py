@@ -340,7 +340,7 @@ class Trainer:
         saves the data iterator's position when :meth:`fit` trains from a resumable iterator."""
         if self._checkpointer is None:
             self._checkpointer = Checkpointer(self.run_dir, max_to_keep=self.checkpoint_config.keep,
-                                              with_data=self._resumable_data)
+                                              with_data=self._resumable_data, report=log.warning)
         return self._checkpointer
 
     def close(self) -> None:
@@ -358,7 +358,7 @@ class Trainer:
                 self.trainable, meta = restored
                 self.step = int(meta.get("step", self.step))
                 return self.step
-        if not self.checkpointer.steps():
+        if self.checkpointer.latest_good_step() is None:
             return None
         restored = self.checkpointer.restore(self.trainable, self.opt_state)
         if restored is None:
@@ -465,9 +465,9 @@ class Trainer:
                     last = self.step == self.steps
                     if self.step % cfg.log_every == 0 or last:
                         host, pending = jax.device_get(pending), []  # the one place the host waits for the device
-                        bad = next((self.step - len(host) + i + 1 for i, m in enumerate(host) if not m["finite"]), None)
+                        bad = next((i for i, m in enumerate(host) if not m["finite"]), None)
                         if bad is not None:
-                            return self._failed(bad), train_metrics, eval_metrics
+                            return self._failed(self.step - len(host) + bad + 1, host[bad]), train_metrics, eval_metrics
                         window.add(sum(float(m["tokens"]) for m in host), len(host))
                         train_metrics = self._train_record(host, *window.read())
                         self._log(train_metrics, tensorboard)
@@ -493,9 +493,9 @@ class Trainer:
         except KeyboardInterrupt:
             state = "stopped"
             if any(x.is_deleted() for x in jax.tree.leaves(self.trainable)):  # a second Ctrl-C, mid-step
-                good = self.checkpointer.steps()
+                good = self.checkpointer.latest_good_step()
                 log.warning("interrupted during step %d; nothing saved, resume from checkpoint %s", self.step + 1,
-                            good[-1] if good else "(none: starts over)")
+                            good if good is not None else "(none: starts over)")
             else:
                 log.warning("interrupted at step %d; saving a checkpoint to resume from", self.step)
                 self._save(iterator, best, eval_metrics)
@@ -521,11 +521,12 @@ class Trainer:
                          if self.compile_cache_hit else "compilation included")
         return metrics
 
-    def _failed(self, bad_step: int) -> str:
-        good = self.checkpointer.steps()
-        message = (f"step {bad_step}: the loss, gradient or update is not finite (nan/inf); the update was skipped "
-                   f"and training stopped. Last good checkpoint: {good[-1] if good else 'none'}. Lower the learning "
-                   "rate or check the data.")
+    def _failed(self, bad_step: int, metrics: dict[str, Any]) -> str:
+        good = self.checkpointer.latest_good_step()
+        what = ("the loss or gradient is not finite (nan/inf)" if not metrics["grad_finite"] else
+                "the update made the params or optimizer state non-finite (nan/inf)")
+        message = (f"step {bad_step}: {what}; the update was skipped and training stopped. Last good checkpoint: "
+                   f"{good if good is not None else 'none'}. Lower the learning rate or check the data.")
         log.error("%s", message)
         self.run.write_status("failed", step=self.step, total_steps=self.steps, error=message)
         return "failed"
