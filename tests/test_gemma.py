@@ -253,6 +253,26 @@ def test_peft_adapter_training_a_tied_embedding_imports_exactly(gemma3, tmp_path
     assert_real_tokens_close(ours, _hf_logits(model.eval()))
 
 
+def test_chunked_lm_loss_equals_transformers_loss(gemma3):
+    """The training loss projects hidden states chunk by chunk through :meth:`Gemma.logits`, so the final
+    soft-cap is in it: jaxtune's chunked loss equals transformers' ``labels=`` loss."""
+    from jaxtune.train.losses import causal_lm_loss
+
+    ref, path = gemma3
+    model = hf.load_pretrained(path)
+    ids = _ids((2, 11), seed=4)
+    variables = {"params": model.params}
+    hidden = model.module.apply(variables, ids, method="hidden")
+    targets = np.concatenate([ids[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
+    weights = np.ones(ids.shape, np.float32)
+    weights[:, -1] = 0
+    total, count = causal_lm_loss(hidden, targets, weights, lambda h: model.module.apply(variables, h, method="logits"),
+                                  chunk_tokens=6)
+    with torch.no_grad():
+        theirs = ref(torch.as_tensor(ids), labels=torch.as_tensor(ids).long()).loss.item()
+    np.testing.assert_allclose(float(total / count), theirs, atol=TOL, rtol=0)
+
+
 def test_remat_keeps_lora_gradients(gemma3):
     """Gemma's blocks under rematerialisation: same LoRA gradients of the LM loss as without."""
     _, path = gemma3
