@@ -41,6 +41,7 @@ from jaxtune.models.layers import (
     dot_product_attention,
     partition_rules,
     pool,
+    remat_block,
     rope_inverse_frequencies,
 )
 
@@ -49,7 +50,6 @@ ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "
 CLASSIFIERS = {a.replace("ForCausalLM", "ForSequenceClassification"): a for a in ARCHITECTURES}
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
-REMAT_POLICIES = ("none", "block", "dots")
 PARTITION_RULES: PartitionRules = partition_rules(
     column=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), row=("o_proj", "down_proj")
 ) + ((r"lm_head/kernel$", ("fsdp", "tensor")),)
@@ -207,6 +207,30 @@ def cache_attention_mask(index: Array, start: Array, t: int, s: int, window: int
     return mask[:, None]
 
 
+def attend(
+    q: Array, k: Array, v: Array, segment_ids: Array | None, window: int | None, cache: LayerCache | None, *,
+    scale: float | None = None, logit_cap: float | None = None,
+) -> tuple[Array, tuple[Array, Array] | None]:
+    """Causal self-attention of RoPE'd ``q`` ``(B, T, N, H)`` over ``k``/``v`` ``(B, T, K, H)``, with or
+    without a KV cache: the step every decoder family's attention shares.
+
+    Without a cache, ``segment_ids`` (or None) give the packing/padding mask; returns ``(out, None)``.
+    With one, the new keys/values are written at ``cache.index`` and the queries attend to the whole
+    cache; returns ``(out, (k, v))`` with the updated cache arrays. ``out`` is ``(B, T, N, H)``;
+    ``scale``/``logit_cap`` as :func:`~jaxtune.models.layers.dot_product_attention`.
+    """
+    if cache is None:
+        mask = attention_mask(segment_ids, causal=True, window=window)
+        return dot_product_attention(q, k, v, mask, causal=True, window=window, scale=scale, logit_cap=logit_cap), None
+    at = (0, cache.index, 0, 0)
+    k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
+    v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
+    mask = cache_attention_mask(cache.index, cache.start, q.shape[1], k.shape[1], window)
+    # The mask carries causality (and the window) in cache coordinates.
+    out = dot_product_attention(q, k, v, mask, causal=False, scale=scale, logit_cap=logit_cap)
+    return out, (k, v)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k RMSNorm).
 
@@ -239,18 +263,10 @@ class Attention(nn.Module):
             k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="k_norm")(k)
         inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if cache is None:
-            mask = attention_mask(segment_ids, causal=True, window=self.window)
-            out = dot_product_attention(q, k, v, mask, causal=True, window=self.window)
-        else:
-            at = (0, cache.index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
-            v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
-            mask = cache_attention_mask(cache.index, cache.start, t, k.shape[1], self.window)
-            out = dot_product_attention(q, k, v, mask, causal=False)  # the mask carries causality
+        out, kv = attend(q, k, v, segment_ids, self.window, cache)
         out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, dtype=dt, param_dtype=cfg.param_dtype,
                      adapter_dropout=cfg.adapter_dropout, name="o_proj")(out.reshape(b, t, -1), deterministic)
-        return out if cache is None else (out, (k, v))
+        return out if cache is None else (out, kv)
 
 
 class MLP(nn.Module):
@@ -295,16 +311,6 @@ class DecoderBlock(nn.Module):
         return x if cache is None else (x, kv)
 
 
-def _block_class(remat: str) -> type[nn.Module]:
-    if remat == "none":
-        return DecoderBlock
-    if remat == "block":
-        return nn.remat(DecoderBlock, static_argnums=(4,))
-    if remat == "dots":
-        return nn.remat(DecoderBlock, static_argnums=(4,), policy=jax.checkpoint_policies.checkpoint_dots)
-    raise ValueError(f"remat {remat!r} is not a policy; choose one of {', '.join(REMAT_POLICIES)}")
-
-
 class Decoder(nn.Module):
     """A causal language model.
 
@@ -322,7 +328,7 @@ class Decoder(nn.Module):
     def setup(self) -> None:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
-        block = _block_class(cfg.remat)
+        block = remat_block(DecoderBlock, cfg.remat)
         self.layers = [block(cfg, cfg.layer_windows[i] if cfg.layer_windows else None) for i in range(cfg.num_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype)
         if not cfg.tie_word_embeddings:

@@ -29,7 +29,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, encoder
+from jaxtune.models import decoder, encoder, gemma
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
@@ -62,16 +62,27 @@ class Family:
     module: type[nn.Module]
     hf_module: Callable[[tuple[str, ...]], str]
     partition_rules: PartitionRules
+    body: type[nn.Module] | None = None  # the bare body a task head wraps (jaxtune.tuning); None: ``module``
+
+    @property
+    def body_module(self) -> type[nn.Module]:
+        """The module of the body alone: ``module`` for a causal LM or bare encoder, the body class
+        for a checkpoint with a classification head (which jaxtune.tuning re-expresses as body + head)."""
+        return self.body or self.module
 
 
 FAMILIES: dict[str, Family] = {
     **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module, decoder.PARTITION_RULES)
        for a in decoder.ARCHITECTURES},
-    **{a: Family(decoder.DecoderConfig.from_hf, decoder.DecoderClassifier, decoder.hf_module, decoder.PARTITION_RULES)
+    **{a: Family(decoder.DecoderConfig.from_hf, decoder.DecoderClassifier, decoder.hf_module, decoder.PARTITION_RULES,
+                 body=decoder.Decoder)
        for a in decoder.CLASSIFIERS},
+    # Gemma's tensor names are Llama's, so the decoder's name map serves it.
+    **{a: Family(gemma.GemmaConfig.from_hf, gemma.Gemma, decoder.hf_module, gemma.PARTITION_RULES)
+       for a in gemma.ARCHITECTURES},
     "BertModel": Family(encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_module, encoder.PARTITION_RULES),
     "BertForSequenceClassification": Family(encoder.EncoderConfig.from_hf, encoder.EncoderClassifier,
-                                            encoder.hf_module, encoder.PARTITION_RULES),
+                                            encoder.hf_module, encoder.PARTITION_RULES, body=encoder.Encoder),
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
@@ -213,7 +224,7 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         architecture = next((a for a in declared if a in FAMILIES), None)
         if architecture is None:
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "qwen3": "Qwen3ForCausalLM", "bert": "BertModel"}
+                       "qwen3": "Qwen3ForCausalLM", "bert": "BertModel", **gemma.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
@@ -336,7 +347,7 @@ def untie_embeddings(pretrained: Pretrained) -> Pretrained:
     tied, because it describes the base checkpoint that such an adapter applies to.
     """
     cfg = pretrained.config
-    if pretrained.architecture not in decoder.ARCHITECTURES or not cfg.tie_word_embeddings:
+    if not pretrained.architecture.endswith("ForCausalLM") or not cfg.tie_word_embeddings:
         return pretrained  # a sequence classifier has no lm_head to untie
     cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     params = {**pretrained.params, "lm_head": {"kernel": pretrained.params["embed_tokens"]["embedding"].T}}

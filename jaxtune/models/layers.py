@@ -1,5 +1,6 @@
 """Building blocks shared by the model families: linear (with optional adapter leaves),
-norms, rotary embeddings, attention masks, attention and pooling.
+norms, soft-capping, block rematerialisation, rotary embeddings, attention masks, attention
+(with an optional score scale and soft-cap) and pooling.
 
 Every block is a Flax linen module or a pure function, so a model is a pure function of a
 parameter pytree. Parameter leaf names follow one rule that the checkpoint I/O relies on:
@@ -143,6 +144,30 @@ class Embed(nn.Module):
         return x.astype(self.dtype) @ self.embedding.astype(self.dtype).T
 
 
+def softcap(x: Array, cap: float | None) -> Array:
+    """Soft-capping ``cap * tanh(x / cap)`` (Gemma 2's attention scores and final logits): smooth,
+    and bounded to ``(-cap, cap)``. ``cap`` None returns ``x`` unchanged; shape and dtype are kept."""
+    if cap is None:
+        return x
+    return (jnp.tanh(x / cap) * cap).astype(x.dtype)
+
+
+REMAT_POLICIES = ("none", "block", "dots")
+
+
+def remat_block(block: type[nn.Module], policy: str) -> type[nn.Module]:
+    """``block`` (a transformer block called ``(x, positions, segment_ids, deterministic, cache)``)
+    wrapped for rematerialisation: ``none`` keeps every activation for the backward pass, ``block``
+    keeps only each block's input, ``dots`` keeps the matmul outputs. ``deterministic`` is static."""
+    if policy == "none":
+        return block
+    if policy == "block":
+        return nn.remat(block, static_argnums=(4,))
+    if policy == "dots":
+        return nn.remat(block, static_argnums=(4,), policy=jax.checkpoint_policies.checkpoint_dots)
+    raise ValueError(f"remat {policy!r} is not a policy; choose one of {', '.join(REMAT_POLICIES)}")
+
+
 # ----------------------------------------------------------------------------- sharding
 
 PartitionRules = tuple[tuple[str, tuple[str | None, ...]], ...]
@@ -235,34 +260,41 @@ def attention_mask(segment_ids: Array | None, *, causal: bool, window: int | Non
 
 
 def dot_product_attention(
-    q: Array, k: Array, v: Array, mask: Array | None, *, causal: bool, window: int | None = None
+    q: Array, k: Array, v: Array, mask: Array | None, *, causal: bool, window: int | None = None,
+    scale: float | None = None, logit_cap: float | None = None,
 ) -> Array:
     """Multi-head attention with grouped-query heads.
 
     Shapes: ``q`` ``(B, T, N, H)``, ``k``/``v`` ``(B, S, K, H)`` with ``N % K == 0`` (GQA),
-    ``mask`` broadcastable to ``(B, 1, T, S)`` or None -> ``(B, T, N, H)``.
+    ``mask`` broadcastable to ``(B, 1, T, S)`` or None -> ``(B, T, N, H)``. Scores are
+    ``q . k * scale`` (default ``H ** -0.5``), soft-capped by ``logit_cap`` (:func:`softcap`)
+    before masking when given.
 
     On GPU/TPU this is ``jax.nn.dot_product_attention`` (cuDNN flash attention where it
     applies). On CPU it is :func:`grouped_attention`: XLA:CPU runs the rank-5 batched dots of
     the generic path about 2x slower, forward and backward, than the same work as rank-3 dots.
+    Soft-capped attention is :func:`grouped_attention` everywhere, because
+    ``jax.nn.dot_product_attention`` has no logit soft-capping.
     """
-    if jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" or logit_cap is not None:
         if mask is None and (causal or window is not None):
             mask = attention_mask(jnp.ones((1, q.shape[1]), jnp.int32), causal=causal, window=window)
-        return grouped_attention(q, k, v, mask)
+        return grouped_attention(q, k, v, mask, scale=scale, logit_cap=logit_cap)
     if mask is None:
         local = (window - 1, 0) if window is not None else None
-        return jax.nn.dot_product_attention(q, k, v, is_causal=causal, local_window_size=local)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, local_window_size=local)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
 
 
-def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array:
+def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
+                      logit_cap: float | None = None) -> Array:
     """Softmax attention as two rank-3 batched matmuls over ``B*K`` (batch x KV head) groups.
 
     The ``G = N / K`` query heads that share a KV head are stacked along the query axis, so
     keys and values are never repeated. Scores and softmax are float32 (whatever the input
     dtype); masked scores get the float32 minimum, so a fully masked row (padding) averages
-    the values instead of producing NaN. Shapes as :func:`dot_product_attention`.
+    the values instead of producing NaN. Shapes, ``scale`` and ``logit_cap`` as
+    :func:`dot_product_attention`.
     """
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
@@ -270,7 +302,8 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None) -> Array
     qg = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, h)
     kf = k.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
     vf = v.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
-    scores = jnp.einsum("xqh,xsh->xqs", qg, kf, preferred_element_type=jnp.float32) * (h ** -0.5)
+    scale = h ** -0.5 if scale is None else scale
+    scores = softcap(jnp.einsum("xqh,xsh->xqs", qg, kf, preferred_element_type=jnp.float32) * scale, logit_cap)
     if mask is not None:
         scores = scores.reshape(b, kv, g, t, s)
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min).reshape(b * kv, g * t, s)

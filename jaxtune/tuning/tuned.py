@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxtune.models import decoder, encoder
+from jaxtune.models import decoder
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
 from jaxtune.tuning import labels as labels_lib
@@ -248,7 +248,7 @@ def apply_plan(
     params = cast_by_label(params, labels, frozen_dtype)
 
     body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
-    body = (decoder.Decoder if is_decoder else encoder.Encoder)(body_cfg)
+    body = FAMILIES[pretrained.architecture].body_module(body_cfg)  # the family's own body (Decoder, Gemma...)
     return Tuned(
         module=TunedModel(body, task, prompt_tokens, head),
         params=params,
