@@ -41,6 +41,7 @@ _API = {
     "Trainer": "jaxtune.train.trainer", "FitResult": "jaxtune.train.trainer", "TrainConfig": "jaxtune.train.config",
     "EvalConfig": "jaxtune.train.config", "CheckpointConfig": "jaxtune.train.config",
     "OptimizerConfig": "jaxtune.train.optim", "MeshConfig": "jaxtune.train.sharding",
+    "PreferenceConfig": "jaxtune.train.preference",
     # recipes
     "Config": "jaxtune.config", "ConfigError": "jaxtune.config", "finetune": "jaxtune.recipe",
     "open_run": "jaxtune.recipe", "fetch": "jaxtune.recipe",

@@ -14,6 +14,7 @@ section          dataclass                                                used b
 ``eval``         :class:`jaxtune.train.config.EvalConfig`                 ``Trainer(eval=)``
 ``checkpoint``   :class:`jaxtune.train.config.CheckpointConfig`           ``Trainer(checkpoint=)``
 ``mesh``         :class:`jaxtune.train.sharding.MeshConfig`               ``Trainer(mesh=)``
+``preference``   :class:`jaxtune.train.preference.PreferenceConfig`       ``Trainer(preference=)``
 ``distributed``  :class:`DistributedConfig`                               ``jaxtune.finetune``
 ``output``       :class:`OutputConfig`                                    ``jaxtune.finetune``
 ===============  =======================================================  ======================
@@ -47,6 +48,7 @@ from jaxtune.data.config import DataConfig
 from jaxtune.models.load import ModelConfig
 from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.train.optim import OptimizerConfig
+from jaxtune.train.preference import PreferenceConfig
 from jaxtune.train.sharding import MeshConfig
 from jaxtune.tuning.plan import Plan, PlanError
 
@@ -94,6 +96,7 @@ class Config:
     eval: EvalConfig = EvalConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     mesh: MeshConfig = MeshConfig()
+    preference: PreferenceConfig | None = None  # DPO/IPO/SimPO/ORPO on data.kind: preference
     distributed: DistributedConfig = DistributedConfig()
     output: OutputConfig = OutputConfig()
 
@@ -361,6 +364,10 @@ def validate(config: Config) -> Config:
         kind = config.data.source_kind
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if (kind == "preference") != (config.preference is not None):
+        raise ConfigError("preference: data of kind preference needs a preference section (e.g. preference: {method: "
+                          "dpo})" if kind == "preference" else f"preference: method {config.preference.method} trains "
+                          f"on preference pairs, but data.kind is {kind}; use preference data or remove the section")
     heads = [r for r in build_plan(config.plan).rules if r.action == "head"]
     if kind in ("classification", "regression") and not heads:
         raise ConfigError(f"plan: data of kind {kind} needs a head, "

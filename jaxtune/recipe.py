@@ -58,7 +58,8 @@ def trainer_for(config: Config, *, train: bool = True) -> Trainer:
     try:
         return Trainer(tuned, train_source if train else None, validation, run_dir=config.output.dir,
                        config=config.train, data=config.data, optimizer=config.optimizer, eval=config.eval,
-                       checkpoint=config.checkpoint, mesh=config.mesh, resolved_config=to_data(config))
+                       checkpoint=config.checkpoint, mesh=config.mesh, preference=config.preference,
+                       resolved_config=to_data(config))
     except DataError:
         raise
     except ValueError as err:  # the Trainer's checks of the config against the model and data

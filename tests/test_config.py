@@ -75,7 +75,8 @@ def test_yaml_1_1_exponents_are_numbers(tmp_path):
     (["plan=[{action: head, task: classification}]"], "a head rule turns the model into a classification model"),
     (["mesh.fsdp=two"], "mesh.fsdp: expected an integer, got 'two'"),
     (["trian.steps=3"], "unknown key 'trian' (allowed: model, plan, data, optimizer, train, eval, checkpoint, mesh, "
-                        "distributed, output); did you mean 'train'?"),
+                        "preference, distributed, output); did you mean 'train'?"),
+    (["preference.method=kto"], "preference.method: 'kto' is unknown; choose one of dpo, ipo, simpo, orpo"),
     (["optimizer.learnig_rate=1"], "unknown key 'learnig_rate' in optimizer (allowed: name, learning_rate"),
     (["train"], "override 'train': expected key.path=value"),
 ])
@@ -113,15 +114,17 @@ def test_no_field_is_declared_twice():
     own = {f.name for f in dataclasses.fields(jt.DataConfig)} - {f.name for f in dataclasses.fields(LoaderConfig)}
     assert not own & {f.name for f in dataclasses.fields(LoaderConfig)}
     classes = [jt.ModelConfig, jt.DataConfig, jt.OptimizerConfig, jt.TrainConfig, jt.EvalConfig, jt.CheckpointConfig,
-               jt.MeshConfig]
+               jt.MeshConfig, jt.PreferenceConfig]
     assert [typing_hint(Config, name) for name in ("model", "data", "optimizer", "train", "eval", "checkpoint",
-                                                   "mesh")] == classes
+                                                   "mesh", "preference")] == classes
 
 
 def typing_hint(cls, name):
     import typing
 
-    return typing.get_type_hints(cls)[name]
+    hint = typing.get_type_hints(cls)[name]
+    present = [a for a in typing.get_args(hint) if a is not type(None)]  # an optional section's dataclass
+    return present[0] if present else hint
 
 
 def test_generic_walker_covers_every_section():

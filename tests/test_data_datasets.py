@@ -66,6 +66,19 @@ def test_rotten_tomatoes_chat(fresh_cache):
     assert len(read_source(data.test, "chat")) == 400
 
 
+def test_rotten_tomatoes_preference_pairs_the_chat_task(fresh_cache):
+    """The same reviews and splits as the chat task; the true sentiment word is the chosen answer."""
+    pairs = prepare(datasets.prepare_rotten_tomatoes_preference, train_size=64, test_size=32)
+    chat = prepare(datasets.prepare_rotten_tomatoes_chat, train_size=64, test_size=32)
+    assert pairs.kind == "preference"
+    for split in ("train", "test"):
+        for pair, row in zip(rows(getattr(pairs, split)), rows(getattr(chat, split)), strict=True):
+            assert pair["prompt"] == row["messages"][:1] and pair["chosen"] == row["messages"][1:]
+            assert {pair["chosen"][0]["content"], pair["rejected"][0]["content"]} == {"positive", "negative"}
+    source = read_source(pairs.test, "preference")
+    assert len(source) == 32 and source[0]["rejected"][0]["role"] == "assistant"
+
+
 def test_vader_regression(fresh_cache):
     data = prepare(datasets.prepare_vader)
     train, test = rows(data.train), rows(data.test)

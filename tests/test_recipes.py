@@ -15,7 +15,7 @@ from helpers import skip_or_fail, tiny_hf_model
 
 from jaxtune import config
 from jaxtune.data.datasets import sentiment_chat
-from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
+from jaxtune.data.testing import synthetic_chat_rows, synthetic_preference_rows, tiny_tokenizer, write_jsonl
 from jaxtune.recipe import finetune
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -25,7 +25,7 @@ RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 EXPORTS = {"quickstart.yaml": None, "partial.yaml": None, "regression.yaml": None, "fsdp8.yaml": None,
            "full.yaml": "config.json", "domain_text.yaml": "config.json", "chat_sentiment.yaml": "adapter_config.json",
            "chat_chatterbot.yaml": "adapter_config.json", "prompt_tuning.yaml": "adapter_config.json",
-           "tpu_pod.yaml": "adapter_config.json"}
+           "tpu_pod.yaml": "adapter_config.json", "preference.yaml": "adapter_config.json"}
 
 
 def test_every_recipe_is_listed_here():
@@ -48,6 +48,7 @@ def tiny(tmp_path_factory):
         write_jsonl(root / f"{split}.regression.jsonl", [{"text": t, "target": t.count("good") - t.count("bad")}
                                                          for t in texts])
         write_jsonl(root / f"{split}.chat.jsonl", synthetic_chat_rows(n, seed=len(split), max_words=6))
+        write_jsonl(root / f"{split}.preference.jsonl", synthetic_preference_rows(n, seed=len(split)))
         write_jsonl(root / f"{split}.choices.jsonl",  # answers from eval.choices (chat_sentiment)
                     [sentiment_chat(t, "positive" if "good" in t else "negative") for t in texts])
         (root / f"{split}.text.txt").write_text("\n".join(texts) + "\n")

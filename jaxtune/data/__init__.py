@@ -1,4 +1,4 @@
-"""Data on Grain: chat JSONL, prompt/completion, raw text and labeled rows → tokenized, masked,
+"""Data on Grain: chat JSONL, prompt/completion, raw text, labeled rows and preference pairs → tokenized, masked,
 packed, sharded, resumable batches. Knows nothing of models beyond a tokenizer.
 
 ::
@@ -19,6 +19,7 @@ from jaxtune.data.datasets import (
     prepare_chatterbot,
     prepare_rotten_tomatoes,
     prepare_rotten_tomatoes_chat,
+    prepare_rotten_tomatoes_preference,
     prepare_vader,
 )
 from jaxtune.data.packing import classifier_row, first_fit, lm_row, pack, pad
@@ -59,7 +60,8 @@ __all__ = [
     "KINDS", "TRUNCATION", "DataConfig", "DataError", "Loader", "LoaderConfig", "PreferenceSource", "PreparedData",
     "Source", "SourceReport", "TokenStats", "Tokenize", "TokenizePairs", "answer_first_token", "chat_pieces",
     "classifier_row", "encode_chat", "evaluation_loader", "first_fit", "lm_row", "make_loader", "pack", "pad",
-    "pair_rows", "prepare_chatterbot", "prepare_rotten_tomatoes", "prepare_rotten_tomatoes_chat", "prepare_vader",
+    "pair_rows", "prepare_chatterbot", "prepare_rotten_tomatoes", "prepare_rotten_tomatoes_chat",
+    "prepare_rotten_tomatoes_preference", "prepare_vader",
     "read", "read_data", "read_jsonl", "read_labeled", "read_preference", "read_source", "read_splits", "read_text",
     "scan", "training_loader",
     "split_indices", "split_source", "to_global", "truncate",

@@ -7,6 +7,7 @@ sources; the Python API says the same thing in one call::
 
     train, val = read("chat.jsonl", kind="chat", validation=0.05)
     train, val = read("rotten_tomatoes", train_size=1024, validation_size=500)
+    pairs, held_out = read("pairs.jsonl", kind="preference", validation=0.1)   # DPO/IPO/SimPO/ORPO
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jaxtune import assets
 from jaxtune.data.pipeline import LoaderConfig
 from jaxtune.data.sources import KINDS, Source, read_source, split_source
 
-Kind = Literal["chat", "prompt_completion", "text", "classification", "regression"]
+Kind = Literal["chat", "prompt_completion", "text", "classification", "regression", "preference"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +139,8 @@ def read(data: str | os.PathLike[str] | DataConfig, *, kind: Kind | None = None,
     Args:
       data: a file or folder, a packaged dataset name, or a :class:`DataConfig`.
       kind: what the rows are (``chat``, ``prompt_completion``, ``text``, ``classification``,
-        ``regression``); not needed for packaged datasets.
+        ``regression``, ``preference``: pairs of answers in OpenAI's or TRL's format, see
+        :mod:`jaxtune.data.preference`); not needed for packaged datasets.
       validation: a fraction of ``data`` to hold out (seeded, stratified for classification),
         or a validation file.
       fields: other :class:`DataConfig` fields (``train_size``, ``skip_bad_rows``, ``seed``...).

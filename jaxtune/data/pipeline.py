@@ -32,7 +32,8 @@ import grain
 import numpy as np
 
 from jaxtune.data import packing
-from jaxtune.data.sources import LM_KINDS, Source
+from jaxtune.data.preference import TokenizePairs, pair_rows
+from jaxtune.data.sources import LM_KINDS, PREFERENCE, Source
 from jaxtune.data.tokenize import Tokenize, TokenStats, scan
 
 Batch = dict[str, np.ndarray]
@@ -177,16 +178,19 @@ class _FillBatch:
 
 
 class _TrimBatch:
-    """Cuts the token columns of a batch to its longest real row, rounded up to ``multiple``."""
+    """Cuts the token columns (the last axis) of a batch to its longest real row, rounded up to
+    ``multiple``. Token arrays are ``(B, L)``, or ``(B, 2, L)`` for preference pairs, where the
+    longest of either side sets the width; per-row arrays (labels, ``(B,)``) are left alone."""
 
     def __init__(self, multiple: int, max_length: int):
         self.multiple, self.max_length = multiple, max_length
 
     def __call__(self, batch: Batch) -> Batch:
-        used = np.flatnonzero(batch["segment_ids"].any(axis=0))
+        segments = batch["segment_ids"]
+        used = np.flatnonzero(segments.reshape(-1, segments.shape[-1]).any(axis=0))
         longest = int(used[-1]) + 1 if len(used) else 1
         width = min(-(-longest // self.multiple) * self.multiple, self.max_length)
-        return {k: v[:, :width] if v.ndim == 2 else v for k, v in batch.items()}
+        return {k: v[..., :width] if v.ndim >= 2 else v for k, v in batch.items()}
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -215,27 +219,40 @@ class Loader:
     """Batches from a source: iterate for a resumable grain iterator (``get_state``/``set_state``).
 
     LM kinds yield ``input_ids``, ``targets``, ``segment_ids``, ``positions`` (int32
-    [B, L]) and ``loss_weights`` (float32 [B, L]); classification/regression yield
+    [B, L]) and ``loss_weights`` (float32 [B, L]); preference pairs yield the same keys shaped
+    [B, 2, L] (``[:, 0]`` chosen, ``[:, 1]`` rejected; packed pairs share segment ids across the
+    two sides, see :func:`jaxtune.data.preference.pair_rows`); classification/regression yield
     ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids`` (int32 [B, L]) and
     ``labels`` (int32 or float32 [B]). ``B`` is the per-process batch (``batch_size``).
     """
 
     def __init__(self, source: Source, tokenizer: Any, config: LoaderConfig):
         self.source, self.tokenizer, self.config = source, tokenizer, config
-        self.tokenize = Tokenize(tokenizer, source.kind, config.max_length, truncation=config.truncation,
-                                 add_eos=config.add_eos)
+        self.pairs = source.kind == PREFERENCE
+        if self.pairs:
+            if config.truncation == "split":
+                raise ValueError("data.truncation: 'split' cuts raw text into chunks; preference pairs take right, "
+                                 "drop or error")
+            self.tokenize = TokenizePairs(tokenizer, config.max_length, truncation=config.truncation,
+                                          add_eos=config.add_eos)
+        else:
+            self.tokenize = Tokenize(tokenizer, source.kind, config.max_length, truncation=config.truncation,
+                                     add_eos=config.add_eos)
         self.shard_index, self.shard_count = _shard(config)
         if config.pad_to_multiple_of is not None and self.shard_count > 1:
             raise ValueError(f"pad_to_multiple_of needs one process, but the data is sharded over {self.shard_count}: "
                              "each would cut its batches to a different width; pad to max_length instead (None)")
         self.batch_size = config.batch_size // self.shard_count
-        self.lm = source.kind in LM_KINDS
+        self.lm = source.kind in LM_KINDS or self.pairs  # LM rows (packed or padded), single or paired
         self.dataset = self._build()
         self._stats: TokenStats | None = None
 
     def _to_rows(self) -> Callable[[list], list]:
         pad_id = self.tokenizer.pad_token_id
         pad_id = 0 if pad_id is None else int(pad_id)
+        if self.pairs:
+            return functools.partial(pair_rows, max_length=self.config.max_length, pad_id=pad_id,
+                                     pack=self.config.packing)
         if not self.lm:
             fn = packing.classifier_rows
         else:
@@ -280,7 +297,8 @@ class Loader:
     def rows_per_epoch(self) -> tuple[int, str]:
         """Rows one pass over the source fills, and how that was counted: examples after
         truncation, or for packed LM data ``ceil(tokens / max_length)`` (the packer fills rows
-        nearly full, so this is a close lower bound on the packed rows)."""
+        nearly full, so this is a close lower bound on the packed rows; a pair counts its
+        longer side, the space it takes in a paired row)."""
         stats = self.scan()
         if self.lm and self.config.packing:
             rows = math.ceil(stats.tokens / self.config.max_length)
@@ -291,6 +309,8 @@ class Loader:
         """Shape and dtype of each array in a (per-process) batch, without reading data (the
         widest shape, with ``pad_to_multiple_of``)."""
         shape = (self.batch_size, self.config.max_length)
+        if self.pairs:
+            shape = (self.batch_size, 2, self.config.max_length)
         if self.lm:
             return {k: (shape, np.dtype(np.float32 if k == "loss_weights" else np.int32)) for k in packing.LM_KEYS}
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}

@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxtune.data import packing
 from jaxtune.data.sources import (
+    PREFERENCE,
     ROLES,
     DataError,
     FileSource,
@@ -57,7 +58,7 @@ from jaxtune.data.tokenize import (
     special_prefix,
 )
 
-KIND = "preference"
+KIND = PREFERENCE  # the source kind (one of jaxtune.data.sources.KINDS)
 TRUNCATION = ("right", "drop", "error")
 Pair = dict[str, Example]  # {"chosen": Example, "rejected": Example}
 

@@ -20,6 +20,8 @@ Records (what ``source[i]`` returns) are plain dicts, one per example, with ``"w
 - ``classification``: ``text``, optional ``text_pair``, ``label`` (int index into
   ``source.label_names``).
 - ``regression``: ``text``, optional ``text_pair``, ``label`` (float).
+- ``preference``: ``prompt``, ``chosen``, ``rejected`` (pairs of answers; read and validated by
+  :mod:`jaxtune.data.preference`, tokenized by its ``TokenizePairs`` into paired rows).
 """
 
 from __future__ import annotations
@@ -41,8 +43,11 @@ import numpy as np
 
 log = logging.getLogger("jaxtune.data")
 
-KINDS = ("chat", "prompt_completion", "text", "classification", "regression")
+KINDS = ("chat", "prompt_completion", "text", "classification", "regression", "preference")
+# Kinds tokenized into one LM example per record (Tokenize). Preference pairs also train a language
+# model, but as two rows per record (chosen, rejected): they have their own tokenizer and row layout.
 LM_KINDS = ("chat", "prompt_completion", "text")
+PREFERENCE = "preference"
 ROLES = ("system", "user", "assistant")
 TEXT_UNITS = ("file", "paragraph", "line")
 
@@ -471,6 +476,10 @@ def read_source(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = Fal
         return read_text(path, skip_bad_rows=skip_bad_rows, **options)
     if kind in ("classification", "regression"):
         return read_labeled(path, kind, skip_bad_rows=skip_bad_rows, **options)
+    if kind == PREFERENCE:
+        from jaxtune.data.preference import read_preference  # it builds on this module's helpers
+
+        return read_preference(path, skip_bad_rows=skip_bad_rows, **options)
     raise ValueError(f"unknown data kind {kind!r}; use one of {KINDS}")
 
 

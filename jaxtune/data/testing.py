@@ -98,3 +98,17 @@ def synthetic_chat_rows(n: int, *, seed: int = 0, max_turns: int = 3, max_words:
             messages += [{"role": "user", "content": words()}, {"role": "assistant", "content": words()}]
         rows.append({"messages": messages})
     return rows
+
+
+def synthetic_preference_rows(n: int, *, seed: int = 0, max_words: int = 4) -> list[dict]:
+    """``n`` preference pairs (TRL's conversational format) with a pattern a tiny model learns in a
+    few steps: the chosen answer repeats the prompt's words in upper case, the rejected one in
+    lower case, reversed."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(1, max_words + 1)))]
+        rows.append({"prompt": [{"role": "user", "content": " ".join(words)}],
+                     "chosen": [{"role": "assistant", "content": " ".join(words).upper()}],
+                     "rejected": [{"role": "assistant", "content": " ".join(reversed(words)).lower() + "."}]})
+    return rows

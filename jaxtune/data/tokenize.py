@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from jaxtune.data.sources import KINDS, LM_KINDS, DataError, Source
+from jaxtune.data.sources import KINDS, LM_KINDS, PREFERENCE, DataError, Source
 
 TRUNCATION = ("right", "drop", "error", "split")
 
@@ -227,6 +227,9 @@ class Tokenize:
                  add_eos: bool = True):
         if kind not in KINDS:
             raise ValueError(f"unknown data kind {kind!r}; use one of {KINDS}")
+        if kind == PREFERENCE:
+            raise ValueError("preference pairs become two rows per record: tokenize them with "
+                             "jaxtune.data.preference.TokenizePairs (the Loader does)")
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
         if truncation == "split" and kind != "text":
@@ -297,7 +300,9 @@ def scan(source: Source, tokenize: Tokenize) -> TokenStats:
 
     Run before training: it reports truncated/dropped counts and raises the first
     :class:`DataError` (e.g. a template failure, or an over-long example with
-    ``truncation="error"``) before any compute starts.
+    ``truncation="error"``) before any compute starts. ``tokenize`` may also be a
+    :class:`~jaxtune.data.preference.TokenizePairs`: a pair then counts the row space it takes
+    (its longer side) in ``tokens`` and both answers in ``target_tokens``.
     """
     stats = TokenStats()
     for i in range(len(source)):
@@ -308,7 +313,8 @@ def scan(source: Source, tokenize: Tokenize) -> TokenStats:
         if status != "ok":
             setattr(stats, status, getattr(stats, status) + 1)
         for example in examples:
-            stats.tokens += len(example["input_ids"])
-            if "loss_mask" in example:
-                stats.target_tokens += int(example["loss_mask"][1:].sum())
+            sides = [example["chosen"], example["rejected"]] if "chosen" in example else [example]
+            # A pair's two sides share one paired row: the row space is the longer side.
+            stats.tokens += max(len(e["input_ids"]) for e in sides)
+            stats.target_tokens += sum(int(e["loss_mask"][1:].sum()) for e in sides if "loss_mask" in e)
     return stats

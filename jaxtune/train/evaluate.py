@@ -2,7 +2,8 @@
 
 Metrics are computed on the host from what the eval step returns (loss sums and per-example
 outputs), so any number of batches and hosts combine exactly: LM loss is the token-weighted
-mean; classification gives accuracy and macro-F1; regression MAE, RMSE and Pearson's r.
+mean; classification gives accuracy and macro-F1; regression MAE, RMSE and Pearson's r;
+preference pairs the pair-weighted loss and the means of the loss's reward and log-prob sums.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import numpy as np
 
 # The metrics evaluate() reports per task (LMs also report choice_* with answer choices).
 METRICS = {"lm": ("loss", "perplexity"), "classification": ("loss", "accuracy", "macro_f1"),
-           "regression": ("loss", "mae", "rmse", "pearson")}
+           "regression": ("loss", "mae", "rmse", "pearson"),
+           "preference": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected",
+                          "logps/chosen", "logps/rejected", "logps/accuracy")}
 # Which direction is better, for choosing the best checkpoint and for the report's arrows.
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "choice_accuracy": True, "choice_macro_f1": True,
-                    "pearson": True, "loss": False, "perplexity": False, "mae": False, "rmse": False}
+                    "pearson": True, "loss": False, "perplexity": False, "mae": False, "rmse": False,
+                    "rewards/accuracy": True, "rewards/margin": True, "logps/accuracy": True}
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> dict[str, float]:
@@ -69,13 +73,19 @@ def evaluate(
     classification/regression metrics; LM padding carries zero token weight. When the LM eval
     step scores answer choices (``make_loss_fn(choice_ids=...)``), every answer start counts
     as one example: ``choice_accuracy`` and ``choice_macro_f1`` compare the choices' logits.
+    ``task="preference"`` (a preference loss: weight = pairs) reports the loss per pair and the
+    means over all pairs of the metric sums in ``outputs["metrics"]`` (:data:`METRICS`).
     """
     loss_sum, weight, outputs, labels = 0.0, 0.0, [], []
+    sums: dict[str, float] = {}
     for batch in batches:
         result = jax.device_get(eval_step(trainable, frozen, to_device(batch)))
         loss_sum += float(result["loss_sum"])
         weight += float(result["weight"])
-        if task == "lm" and isinstance(result["outputs"], dict):
+        if task == "preference":
+            for key, value in result["outputs"]["metrics"].items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+        elif task == "lm" and isinstance(result["outputs"], dict):
             out = result["outputs"]
             start = np.asarray(out["start"])
             outputs.append(np.asarray(out["logits"])[start])
@@ -87,7 +97,9 @@ def evaluate(
     if weight == 0:
         raise ValueError("evaluation saw no examples (or no supervised tokens): check the validation data")
     metrics = {"loss": loss_sum / weight}
-    if task == "lm":
+    if task == "preference":
+        metrics.update({k: sums[k] / sums["pairs"] for k in METRICS["preference"][1:]})
+    elif task == "lm":
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         metrics["tokens"] = weight
         if outputs:

@@ -170,12 +170,18 @@ def _masked_mean(x: Array, mask: Array) -> Array:
 def pair_metrics(chosen_rewards: Array, rejected_rewards: Array, chosen_logps: Array, rejected_logps: Array,
                  mask: Array) -> Metrics:
     """Sums over the pairs in ``mask`` (float ``(...)``) of the quantities TRL logs, plus ``pairs``
-    (their count); divide by ``pairs`` for means. Sums, so micro-batches and hosts add up."""
+    (their count); divide by ``pairs`` for means. Sums, so micro-batches and hosts add up.
+
+    ``logps/accuracy`` (not a TRL metric) counts the pairs whose chosen answer the model itself
+    finds more likely (higher ``chosen_logps``): unlike ``rewards/accuracy``, which is 0 for the
+    untrained policy (every reward is 0 when policy == reference), it scores the base model too.
+    """
     cr, rr = jax.lax.stop_gradient(chosen_rewards), jax.lax.stop_gradient(rejected_rewards)
     total = lambda x: jnp.sum(jax.lax.stop_gradient(x).astype(jnp.float32) * mask)  # noqa: E731
     return {"pairs": mask.sum(), "rewards/chosen": total(cr), "rewards/rejected": total(rr),
             "rewards/margin": total(cr - rr), "rewards/accuracy": total((cr > rr).astype(jnp.float32)),
-            "logps/chosen": total(chosen_logps), "logps/rejected": total(rejected_logps)}
+            "logps/chosen": total(chosen_logps), "logps/rejected": total(rejected_logps),
+            "logps/accuracy": total((chosen_logps > rejected_logps).astype(jnp.float32))}
 
 
 def mean_metrics(sums: Metrics) -> Metrics:
@@ -345,14 +351,17 @@ class PreferenceConfig:
     max_segments: int | None = None
 
     def __post_init__(self) -> None:
+        # Messages name the field as a recipe writes it (the preference: section).
         if self.method not in METHODS:
-            raise ValueError(f"preference method {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
+            raise ValueError(f"preference.method: {self.method!r} is unknown; choose one of {', '.join(METHODS)}")
         if self.beta is not None and not self.beta > 0:
-            raise ValueError(f"preference beta must be > 0, got {self.beta}")
+            raise ValueError(f"preference.beta: must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
+            raise ValueError(f"preference.label_smoothing: must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.method not in ("dpo", "simpo"):
-            raise ValueError(f"label_smoothing applies to dpo and simpo, not {self.method}")
+            raise ValueError(f"preference.label_smoothing: applies to dpo and simpo, not {self.method}; set it to 0")
+        if self.max_segments is not None and self.max_segments < 1:
+            raise ValueError(f"preference.max_segments: expected an integer >= 1 or null, got {self.max_segments}")
 
     @property
     def beta_value(self) -> float:

@@ -113,6 +113,13 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def metric_sums(outputs: Any) -> dict[str, Array]:
+    """The metric sums a loss fn reports beside its loss (``outputs["metrics"]``: float32 scalars
+    that add up over micro-batches and hosts, e.g. the preference losses' reward sums), else {}.
+    Decided when the step is traced, so a loss without them costs nothing."""
+    return dict(outputs["metrics"]) if isinstance(outputs, dict) and "metrics" in outputs else {}
+
+
 def make_train_step(
     loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1
 ) -> Callable[[Any, Any, Any, Batch, Array], tuple[Any, Any, dict[str, Array]]]:
@@ -121,34 +128,36 @@ def make_train_step(
     Metrics: ``loss`` (mean over the batch's weight), ``weight`` (tokens or examples that
     counted), ``tokens`` (real, non-pad input tokens: the work done, for tokens/s and MFU),
     ``grad_norm`` (after averaging, before clipping), ``finite`` (False when the update was
-    skipped: loss, gradient, new params or new optimizer state not finite) and ``grad_finite``
-    (loss and gradient alone: ``finite`` False with this True means the update overflowed).
+    skipped: loss, gradient, new params or new optimizer state not finite), ``grad_finite``
+    (loss and gradient alone: ``finite`` False with this True means the update overflowed); and
+    ``metric_sums``, the loss fn's own metric sums (:func:`metric_sums`) added over the
+    micro-batches, when it reports any.
     """
     k = grad_accum_steps
 
-    def grads_of(trainable: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Any, Array, Array]:
-        def objective(tr: Any) -> tuple[Array, Array]:
-            total, weight, _ = loss_fn(combine(tr, frozen), batch, rng, False)
-            return total, weight
+    def grads_of(trainable: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Any, Array, Array, dict]:
+        def objective(tr: Any) -> tuple[Array, tuple[Array, dict]]:
+            total, weight, outputs = loss_fn(combine(tr, frozen), batch, rng, False)
+            return total, (weight, metric_sums(outputs))
 
-        (total, weight), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-        return grads, total, weight
+        (total, (weight, sums)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        return grads, total, weight, sums
 
     def step(trainable: Any, frozen: Any, opt_state: Any, batch: Batch,
              rng: Array) -> tuple[Any, Any, dict[str, Array]]:
         if k == 1:
-            grads, total, weight = grads_of(trainable, frozen, batch, rng)
+            grads, total, weight, sums = grads_of(trainable, frozen, batch, rng)
         else:
-            def accumulate(carry: tuple[Any, Array, Array],
-                           xs: tuple[Batch, Array]) -> tuple[tuple[Any, Array, Array], None]:
-                g_sum, t_sum, w_sum = carry
-                g, t, w = grads_of(trainable, frozen, *xs)
-                return (jax.tree.map(jnp.add, g_sum, g), t_sum + t, w_sum + w), None
+            micro, rngs = _micro_batches(batch, k), jax.random.split(rng, k)
 
-            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), trainable)
-            rngs = jax.random.split(rng, k)
-            init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-            (grads, total, weight), _ = jax.lax.scan(accumulate, init, (_micro_batches(batch, k), rngs))
+            def accumulate(carry: tuple[Any, Array, Array, dict],
+                           xs: tuple[Batch, Array]) -> tuple[tuple[Any, Array, Array, dict], None]:
+                return jax.tree.map(jnp.add, carry, grads_of(trainable, frozen, *xs)), None
+
+            # The carry's shapes, from a trace of one micro-batch (no compute): grads in float32.
+            shapes = jax.eval_shape(grads_of, trainable, frozen, jax.tree.map(lambda x: x[0], micro), rngs[0])
+            init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
+            (grads, total, weight, sums), _ = jax.lax.scan(accumulate, init, (micro, rngs))
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
@@ -162,6 +171,8 @@ def make_train_step(
         real = (batch["segment_ids"] != 0).sum() if "segment_ids" in batch else jnp.asarray(batch["input_ids"].size)
         metrics = {"loss": total / denom, "weight": weight, "tokens": real.astype(jnp.float32), "grad_norm": grad_norm,
                    "finite": finite, "grad_finite": grad_finite}
+        if sums:
+            metrics["metric_sums"] = sums
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
 
     return step

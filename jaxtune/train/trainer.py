@@ -32,13 +32,14 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
-from jaxtune.data.sources import Source
+from jaxtune.data.sources import PREFERENCE, Source
 from jaxtune.data.tokenize import answer_first_token
 from jaxtune.train import compile_cache, flops
 from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.train.evaluate import HIGHER_IS_BETTER, METRICS, comparison_table, evaluate
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
+from jaxtune.train.preference import REFERENCE_KEY, PreferenceConfig, make_preference_loss_fn, starting_weights
 from jaxtune.train.rundir import RunDir
 from jaxtune.train.sharding import MeshConfig, data_parallel_size, global_batch, make_mesh, param_shardings, shard
 from jaxtune.train.step import make_eval_step, make_loss_fn, make_train_step
@@ -163,6 +164,11 @@ class Trainer:
       eval: evaluation, best checkpoint, early stopping, choices (:class:`EvalConfig`).
       checkpoint: how often to save (:class:`CheckpointConfig`).
       mesh: a ``(data, fsdp, tensor)`` mesh or :class:`MeshConfig` (default: every device on ``data``).
+      preference: train on preference pairs (``data.kind: preference``) with DPO, IPO, SimPO or ORPO
+        (:class:`~jaxtune.train.preference.PreferenceConfig`); None for every other task. The
+        reference model of DPO/IPO is the starting model with adapters off: for adapter plans the
+        frozen base itself (no copy), otherwise plus a copy of the starting trained leaves in the
+        compute dtype, kept out of checkpoints and exports.
       callbacks: ``f(trainer, step, metrics)`` called after each logged step.
       resolved_config: the run's full config as plain data, saved in ``run_dir`` and each checkpoint.
     """
@@ -180,6 +186,7 @@ class Trainer:
         eval: EvalConfig = EvalConfig(),  # noqa: A002 - the recipe section's name
         checkpoint: CheckpointConfig = CheckpointConfig(),
         mesh: Mesh | MeshConfig | None = None,
+        preference: PreferenceConfig | None = None,
         callbacks: list[Callback] | None = None,
         resolved_config: dict[str, Any] | None = None,
     ):
@@ -187,6 +194,8 @@ class Trainer:
         if config.compile_cache:
             compile_cache.enable()
         self.loader_config = data or LoaderConfig()
+        self.preference = preference
+        self.task = "preference" if preference is not None else model.task  # what evaluation reports
         self.train_data = self._batches(train_data, train=True)
         self.eval_data = self._batches(eval_data, train=False)
         self.run = RunDir(run_dir, main=jax.process_index() == 0)  # one process writes logs and status
@@ -210,6 +219,8 @@ class Trainer:
         rules = model.partition_rules
         self._trainable_shardings = param_shardings(trainable, self.mesh, rules)
         self.trainable = shard(trainable, self._trainable_shardings)
+        if preference is not None and preference.needs_reference:
+            frozen = self._with_reference_start(trainable, frozen)
         self.frozen = shard(frozen, param_shardings(frozen, self.mesh, rules))
         # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
         # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
@@ -217,10 +228,13 @@ class Trainer:
         # Off-mesh scalars (step counters) would also make the step compile a second time.
         opt_shardings = param_shardings(jax.eval_shape(self.optimizer.init, self.trainable), self.mesh, rules)
         self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.trainable)
-        loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
-                               regression=config.regression_loss)
-        eval_loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
-                                    regression=config.regression_loss, choice_ids=self.choice_token_ids)
+        if preference is not None:
+            loss_fn = eval_loss_fn = make_preference_loss_fn(model.module, preference, chunk_tokens=config.chunk_tokens)
+        else:
+            loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
+                                   regression=config.regression_loss)
+            eval_loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
+                                        regression=config.regression_loss, choice_ids=self.choice_token_ids)
         self.train_step = jax.jit(make_train_step(loss_fn, self.optimizer, grad_accum_steps=config.grad_accum_steps),
                                   donate_argnums=(0, 2),
                                   out_shardings=(self._trainable_shardings, opt_shardings, None))
@@ -259,7 +273,8 @@ class Trainer:
 
     def _check_data(self) -> None:
         task = self.tuned.task
-        for kind in self._kinds():
+        self._check_preference()
+        for kind in self._kinds() - {PREFERENCE}:
             if (kind in LM_KINDS) != (task == "lm") or (task != "lm" and kind != task):
                 fix = "remove the head rule from the plan" if kind in LM_KINDS else f"add a {kind} head to the plan"
                 raise ValueError(f"the data is {kind} but the model is a {task} model; {fix}")
@@ -272,6 +287,33 @@ class Trainer:
         if task == "classification" and labels and len(labels) > self.tuned.num_outputs:
             raise ValueError(f"the data has {len(labels)} labels but the head has {self.tuned.num_outputs} outputs; "
                              "pass data=train to apply_plan to size the head from the data")
+
+    def _check_preference(self) -> None:
+        """Preference data and a preference method come together, on a language model."""
+        pairs = PREFERENCE in self._kinds()
+        if self.preference is None and pairs:
+            raise ValueError("the data is preference pairs but no preference method is set; pass "
+                             "preference=PreferenceConfig(method='dpo') (recipe: a preference: section)")
+        if self.preference is not None and self._kinds() - {PREFERENCE}:
+            raise ValueError(f"preference.method: {self.preference.method} trains on preference pairs, but the data is "
+                             f"{', '.join(sorted(self._kinds() - {PREFERENCE}))}; use data.kind: preference or drop "
+                             "the preference section")
+        if self.preference is not None and self.tuned.task != "lm":
+            raise ValueError(f"preference.method: {self.preference.method} tunes a language model, but the plan makes "
+                             f"a {self.tuned.task} model; remove the head rule from the plan")
+
+    def _with_reference_start(self, trainable: Any, frozen: Any) -> Any:
+        """``frozen`` plus, under ``REFERENCE_KEY``, the starting values of the trained leaves that are
+        not adapters (full or partial plans), in the compute dtype: the DPO/IPO reference model.
+        Adapter plans add nothing (the reference is the frozen base with adapters off). It rides
+        with the frozen part, so checkpoints (trainable + optimizer state) never hold it, and
+        :attr:`params` leaves it out of exports."""
+        start = starting_weights(trainable, dtype=getattr(self.tuned.config, "dtype", None))
+        if not start:
+            return frozen
+        log.info("preference: the reference model keeps a copy of the %d starting trained leaves (%.1f MB)",
+                 len(jax.tree.leaves(start)), sum(x.nbytes for x in jax.tree.leaves(start)) / 1e6)
+        return {**frozen, REFERENCE_KEY: start}
 
     def _count_steps(self) -> int:
         """``config.steps``, or ``epochs x rows // (batch_size x grad_accum_steps)``."""
@@ -317,17 +359,18 @@ class Trainer:
         metric = self.eval_config.best_metric
         if metric is None:
             return
-        allowed = METRICS[self.tuned.task] + (("choice_accuracy", "choice_macro_f1") if self.choice_token_ids else ())
+        allowed = METRICS[self.task] + (("choice_accuracy", "choice_macro_f1") if self.choice_token_ids else ())
         if metric.removeprefix("eval/") not in allowed:
-            raise ValueError(f"eval.best_metric: expected one of {', '.join(allowed)} for a {self.tuned.task} model, "
+            raise ValueError(f"eval.best_metric: expected one of {', '.join(allowed)} for a {self.task} model, "
                              f"got {metric!r}")
 
     # ------------------------------------------------------------------ state
 
     @property
     def params(self) -> Any:
-        """The full current param tree (trained leaves combined with the frozen ones)."""
-        return combine(self.trainable, self.frozen)
+        """The full current param tree (trained leaves combined with the frozen ones; a preference
+        run's reference copy is not part of the model)."""
+        return combine(self.trainable, {k: v for k, v in self.frozen.items() if k != REFERENCE_KEY})
 
     @property
     def model(self) -> Tuned:
@@ -383,7 +426,7 @@ class Trainer:
         if data is None:
             raise ValueError("no evaluation data: pass eval_data to the Trainer or data to evaluate()")
         return evaluate(self.eval_step, self.trainable if trainable is None else trainable, self.frozen, data,
-                        self.tuned.task, to_device=self._to_device)
+                        self.task, to_device=self._to_device)
 
     def _evaluate_base(self) -> dict[str, float] | None:
         """The base model's metrics (the plan's fresh adapters/head), computed once per run directory."""
@@ -538,7 +581,8 @@ class Trainer:
         name = self.eval_config.best_metric
         if name:
             value = metrics.get(f"eval/{name.removeprefix('eval/')}")
-            higher = HIGHER_IS_BETTER.get(name.split("/")[-1], False)
+            bare = name.removeprefix("eval/")
+            higher = HIGHER_IS_BETTER.get(bare, HIGHER_IS_BETTER.get(bare.split("/")[-1], False))
             if best.value is None or (value > best.value if higher else value < best.value):
                 best.value, best.step, best.bad_evals = value, self.step, 0
                 self.checkpointer.save_best(self.step, self.trainable, metrics)
@@ -567,9 +611,11 @@ class Trainer:
         status = self.run.status() or {}
         self.run.write_status(status.pop("state", result.state), **{**status, "eval": result.after})
         if result.before is not None:
-            result.report = comparison_table(result.before, result.after,
-                                             before_note="pretrained model with the plan's fresh (untrained) "
-                                                         "adapters/head")
+            note = "pretrained model with the plan's fresh (untrained) adapters/head"
+            if self.preference is not None and self.preference.needs_reference:
+                note += ("; policy == reference there, so its DPO loss is log 2 and its rewards 0: logps/accuracy "
+                         "(the model's own preference) is the comparable score")
+            result.report = comparison_table(result.before, result.after, before_note=note)
         else:
             log.info("fine-tuned: %s", _fmt(result.after))
 
@@ -596,6 +642,9 @@ class Trainer:
             "tokens_per_s": tokens / max(elapsed, 1e-9),
             "steps_per_s": steps / max(elapsed, 1e-9),
         }
+        if "metric_sums" in host[0]:  # the loss's own metrics (preference rewards), means over the window's pairs
+            sums = {k: sum(float(m["metric_sums"][k]) for m in host) for k in host[0]["metric_sums"]}
+            record.update({k: v / max(sums["pairs"], 1.0) for k, v in sums.items() if k != "pairs"})
         if self.schedule is not None:
             record["learning_rate"] = float(self.schedule(self.step - 1))
         if self.tuned.task == "lm" and self._flops_per_token and self._peak_flops:
@@ -603,6 +652,10 @@ class Trainer:
         if self.config.progress:
             remaining = (self.steps - self.step) / max(record["steps_per_s"], 1e-9)
             parts = [f"step {self.step}/{self.steps}", f"loss {record['loss']:.4f}"]
+            if "rewards/accuracy" in record:
+                parts.append(f"reward acc {record['rewards/accuracy']:.2f} margin {record['rewards/margin']:.3f} "
+                             f"(chosen {record['rewards/chosen']:.3f} rejected {record['rewards/rejected']:.3f}; "
+                             f"logps {record['logps/chosen']:.2f} / {record['logps/rejected']:.2f})")
             if "learning_rate" in record:
                 parts.append(f"lr {record['learning_rate']:.2e}")
             parts.append(f"{record['tokens_per_s']:.0f} tok/s")

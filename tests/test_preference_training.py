@@ -1,0 +1,283 @@
+"""Preference tuning through the library: paired loaders, DPO runs from Python and from a recipe
+(the same run), exact resume, one-line errors for mismatched configs, one copy of the base for
+LoRA-DPO, a frozen starting copy for full-DPO kept out of the model, and SFT then DPO."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import optax
+import pytest
+import yaml
+from helpers import tiny_hf_model
+
+import jaxtune as jt
+from jaxtune.config import ConfigError
+from jaxtune.data import LoaderConfig, evaluation_loader, training_loader
+from jaxtune.data.testing import synthetic_chat_rows, synthetic_preference_rows, tiny_tokenizer, write_jsonl
+from jaxtune.train import preference as pref
+from jaxtune.train.sharding import MeshConfig, make_mesh
+from jaxtune.train.step import make_loss_fn, make_train_step
+from jaxtune.tuning import partition
+
+DPO = dict(method="dpo", beta=0.5)
+STEPS, BATCH, LENGTH = 8, 8, 48
+OPTIMIZER = dict(learning_rate=1e-2, schedule="constant")  # constant: a run cut at step 2 has the same lr
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("dpo")
+    tiny_hf_model("LlamaForCausalLM", root / "llama")
+    tiny_tokenizer().save_pretrained(root / "llama")
+    return {"model": root / "llama",
+            "train": write_jsonl(root / "train.jsonl", synthetic_preference_rows(32, seed=0)),
+            "valid": write_jsonl(root / "valid.jsonl", synthetic_preference_rows(16, seed=1)),
+            "chat": write_jsonl(root / "chat.jsonl", synthetic_chat_rows(32, seed=2, max_words=4))}
+
+
+def _python_run(files: dict[str, Path], run_dir: Path, steps: int = STEPS, **trainer: object) -> jt.FitResult:
+    """The Python API's DPO run (the recipe below says the same)."""
+    model = jt.load(str(files["model"]))
+    train, _ = jt.read(files["train"], kind="preference")
+    valid, _ = jt.read(files["valid"], kind="preference")
+    tuned = jt.apply_plan(model, jt.lora(rank=4, alpha=8))
+    return jt.Trainer(tuned, train, valid, run_dir=run_dir, config=jt.TrainConfig(steps=steps, log_every=2),
+                      data=jt.DataConfig(batch_size=BATCH, max_length=LENGTH), preference=jt.PreferenceConfig(**DPO),
+                      optimizer=jt.OptimizerConfig(**OPTIMIZER), **trainer).fit()
+
+
+@pytest.fixture(scope="module")
+def python_run(files, tmp_path_factory) -> tuple[jt.FitResult, Path]:
+    """One Python DPO run that several tests compare against (each run compiles its steps)."""
+    run_dir = tmp_path_factory.mktemp("python") / "run"
+    return _python_run(files, run_dir), run_dir
+
+
+def _recipe(files: dict[str, Path], run_dir: Path) -> dict:
+    return {"model": {"path": str(files["model"])},
+            "plan": [{"preset": "lora", "rank": 4, "alpha": 8}],
+            "data": {"train": str(files["train"]), "validation": str(files["valid"]), "kind": "preference",
+                     "batch_size": BATCH, "max_length": LENGTH},
+            "preference": DPO, "optimizer": OPTIMIZER, "train": {"steps": STEPS, "log_every": 2},
+            "output": {"dir": str(run_dir), "export": "peft"}}
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_loaders_build_paired_rows_and_trim_them(files):
+    source, _ = jt.read(files["train"], kind="preference")
+    tokenizer = tiny_tokenizer()
+    loader = training_loader(source, tokenizer, LoaderConfig(batch_size=4, max_length=64, pad_to_multiple_of=16))
+    batch = next(iter(loader))
+    spec = loader.batch_spec()
+    assert set(batch) == set(spec)
+    for key, value in batch.items():
+        (b, two, length), dtype = spec[key]
+        assert value.shape[:2] == (b, two) == (4, 2) and value.dtype == dtype
+        assert value.shape[2] % 16 == 0 and value.shape[2] <= length == 64
+    seg = batch["segment_ids"]
+    assert seg.max() > 1  # packing is on by default: several pairs per row
+    assert np.array_equal(seg[:, 0].max(-1), seg[:, 1].max(-1))  # pair s is segment s on both sides
+    assert (batch["loss_weights"][:, 0].sum() > 0) and (batch["loss_weights"][:, 1].sum() > 0)
+    # Evaluation fills its last batch with empty pairs (all segments 0), shapes unchanged.
+    batches = list(evaluation_loader(source, tokenizer, LoaderConfig(max_length=64, packing=False), 5))
+    assert len(batches) == 7 and all(x["input_ids"].shape == (5, 2, 64) for x in batches)
+    assert (batches[-1]["segment_ids"][2:] == 0).all() and (batches[-1]["segment_ids"][:2] > 0).any()
+    with pytest.raises(ValueError, match="^data.truncation: 'split'"):
+        training_loader(source, tokenizer, LoaderConfig(truncation="split"))
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_python_dpo_run_learns_and_reports(python_run):
+    result, run_dir = python_run
+    before, after = result.before, result.after
+    assert before["loss"] == pytest.approx(np.log(2), abs=1e-5)  # fresh adapters: policy == reference
+    assert before["rewards/accuracy"] == 0 and before["rewards/margin"] == 0
+    assert after["rewards/accuracy"] > 0.8 and after["rewards/margin"] > 0.5 and after["loss"] < 0.5
+    assert after["logps/chosen"] - after["logps/rejected"] > before["logps/chosen"] - before["logps/rejected"]
+    train = [r for r in _records(run_dir) if "loss" in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert train[-1]["rewards/accuracy"] > train[0]["rewards/accuracy"]  # reward accuracy up on train data
+    assert all({"rewards/margin", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"} <= set(r)
+               for r in train)
+    assert "| rewards/accuracy | 0.0000 |" in result.report
+    assert "log 2" in result.report  # the report says why the base scores 0 there
+
+
+def test_a_preference_recipe_is_the_same_run_as_the_python_code(files, python_run, tmp_path):
+    python, python_dir = python_run
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(_recipe(files, tmp_path / "recipe")))
+    recipe = jt.finetune(jt.load_config(tmp_path / "dpo.yaml"))
+    assert recipe.steps == python.steps == STEPS
+    assert recipe.before == pytest.approx(python.before, rel=1e-6, abs=1e-7)
+    assert recipe.after == pytest.approx(python.after, rel=1e-6, abs=1e-7)
+    ours = [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in _records(tmp_path / "recipe")]
+    theirs = [{k: v for k, v in r.items() if not k.endswith("_per_s")} for r in _records(python_dir)]
+    assert len(ours) == len(theirs) > 4  # train records every 2 steps, evaluations at the end
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-7) for k in a)
+    config = json.loads((recipe.export / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"  # the DPO-trained adapter, as PEFT loads it
+
+
+def test_a_stopped_preference_run_continues_exactly(files, python_run, tmp_path, caplog):
+    """Stopped at step 2 (train.steps=2), then continued to the full run's steps: the same params,
+    metrics and progress lines as the uninterrupted run."""
+    straight, straight_dir = python_run
+    assert _python_run(files, tmp_path / "cut", steps=2).step == 2
+    resumed = _python_run(files, tmp_path / "cut")
+    assert "resumed from" in caplog.text and "reward acc" in caplog.text  # the progress line shows rewards
+    assert resumed.step == straight.step == STEPS
+    assert resumed.after == pytest.approx(straight.after, rel=1e-6, abs=1e-7)
+    for a, b in zip(jax.tree.leaves(resumed.model.params), jax.tree.leaves(straight.model.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    ours, theirs = ([r for r in _records(d) if "loss" in r][-1] for d in (tmp_path / "cut", straight_dir))
+    for key in ("loss", "rewards/accuracy", "rewards/margin", "logps/chosen"):
+        assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-7), key
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_mismatched_preference_configs_get_one_line_errors(files, tmp_path):
+    model = jt.apply_plan(jt.load(str(files["model"])), jt.lora(rank=4, alpha=8))
+    pairs, _ = jt.read(files["train"], kind="preference")
+    chat, _ = jt.read(files["chat"], kind="chat")
+    mesh = MeshConfig()
+    with pytest.raises(ValueError) as err:
+        jt.Trainer(model, pairs, run_dir=tmp_path, data=jt.DataConfig(batch_size=BATCH), mesh=mesh)
+    assert _one_line(err).startswith("the data is preference pairs but no preference method is set")
+    with pytest.raises(ValueError) as err:
+        jt.Trainer(model, chat, run_dir=tmp_path, data=jt.DataConfig(batch_size=BATCH), mesh=mesh,
+                   preference=jt.PreferenceConfig())
+    assert _one_line(err).startswith("preference.method: dpo trains on preference pairs, but the data is chat")
+    with pytest.raises(ValueError) as err:
+        jt.PreferenceConfig("ipo", label_smoothing=0.1)
+    assert _one_line(err).startswith("preference.label_smoothing: applies to dpo and simpo, not ipo")
+
+    recipe = _recipe(files, tmp_path / "run")
+    cases = [({"preference": {"method": "kto"}}, "preference.method: 'kto' is unknown; choose one of dpo, ipo"),
+             ({"preference": {"method": "dpo", "betta": 0.1}}, "unknown key 'betta' in preference"),
+             ({"preference": None}, "preference: data of kind preference needs a preference section"),
+             ({"data": {**recipe["data"], "train": str(files["chat"]), "kind": "chat", "validation": None}},
+              "preference: method dpo trains on preference pairs, but data.kind is chat"),
+             ({"data": {**recipe["data"], "truncation": "split"}}, "data.truncation: 'split'")]
+    for change, expected in cases:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**recipe, **change}))
+        with pytest.raises(ConfigError) as err:
+            jt.finetune(jt.load_config(tmp_path / "bad.yaml"))
+        assert expected in _one_line(err), (change, str(err.value))
+
+
+# ----------------------------------------------------------------------------- the reference model
+
+
+def _nbytes(tree) -> int:
+    return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def test_lora_dpo_holds_one_copy_of_the_base_and_full_dpo_a_starting_copy(files, tmp_path):
+    """Counts the bytes the compiled train step takes as arguments, as tests/test_preference.py does
+    for the bare step: with LoRA the base enters once (the frozen part), with full fine-tuning the
+    reference adds one starting copy of the trained weights, which the model and checkpoints lack."""
+    model = jt.load(str(files["model"]))
+    pairs, _ = jt.read(files["train"], kind="preference")
+    one = make_mesh(MeshConfig(), jax.devices()[:1])
+    data = jt.DataConfig(batch_size=4, max_length=LENGTH)
+    batch = next(iter(training_loader(pairs, model.tokenizer, data)))
+    sizes = {}
+    for name, plan in (("lora", jt.lora(rank=4, alpha=8)), ("full", jt.full())):
+        trainer = jt.Trainer(jt.apply_plan(model, plan), pairs, run_dir=tmp_path / name, data=data, mesh=one,
+                             preference=jt.PreferenceConfig(**DPO), config=jt.TrainConfig(steps=1, progress=False),
+                             optimizer=optax.sgd(0.1))
+        step_args = (trainer.trainable, trainer.frozen, trainer.opt_state, trainer._to_device(batch),
+                     jax.random.key(0))
+        memory = trainer.train_step.lower(*step_args).compile().memory_analysis()
+        assert memory.argument_size_in_bytes == _nbytes(step_args[:4])
+        sizes[name] = (memory.argument_size_in_bytes, _nbytes(trainer.trainable), _nbytes(trainer.frozen))
+        assert pref.REFERENCE_KEY not in trainer.params  # the model (what export writes) has no reference copy
+        if name == "full":
+            trainer.fit()
+            saved = {p.name for p in (tmp_path / name / "checkpoints" / "1").iterdir()}
+            assert not any("frozen" in s or "reference" in s for s in saved)
+    base = _nbytes(model.params)
+    lora_args, lora_trainable, lora_frozen = sizes["lora"]
+    assert lora_frozen < base + lora_trainable  # the base once (plus the scalar lora_scale leaves)
+    assert lora_args < 1.5 * base  # no second copy of the base anywhere in the step's inputs
+    full_args, full_trainable, full_frozen = sizes["full"]
+    assert full_trainable == base and full_frozen == base  # the frozen part is the starting copy alone
+    assert full_args >= 2 * base  # trainable + the reference's starting copy
+
+
+# ----------------------------------------------------------------------------- SFT then DPO
+
+
+def test_sft_then_dpo_from_its_adapters_with_the_base_as_reference(files, tmp_path):
+    model = jt.load(str(files["model"]))
+    chat, _ = jt.read(files["chat"], kind="chat")
+    pairs, _ = jt.read(files["train"], kind="preference")
+    data = jt.DataConfig(batch_size=BATCH, max_length=LENGTH)
+    sft = jt.Trainer(jt.apply_plan(model, jt.lora(rank=4, alpha=8)), chat, run_dir=tmp_path / "sft", data=data,
+                     config=jt.TrainConfig(steps=2), optimizer=jt.OptimizerConfig(**OPTIMIZER)).fit()
+    assert sft.model.step == 2
+    dpo = jt.Trainer(sft.model, pairs, pairs, run_dir=tmp_path / "dpo", data=data,
+                     preference=jt.PreferenceConfig(**DPO), config=jt.TrainConfig(steps=2),
+                     optimizer=jt.OptimizerConfig(**OPTIMIZER))
+    # It starts from the SFT adapters ...
+    sft_adapters, _ = partition(sft.model.params, sft.model.labels)
+    for a, b in zip(jax.tree.leaves(dpo.trainable), jax.tree.leaves(sft_adapters), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # ... and its reference is the base with adapters off (TRL's choice for a PEFT model): the
+    # reference log-probs equal the pretrained model's, while the policy's (the SFT model) differ.
+    batch = jax.tree.map(jax.numpy.asarray, next(iter(evaluation_loader(pairs, model.tokenizer, data))))
+    reference = pref.reference_logprobs(sft.model.module, sft.model.params, batch)
+    rows = pref._rows(batch)
+    base_lp = pref.policy_token_logprobs(model.module, model.params, rows)
+    sft_lp = pref.policy_token_logprobs(sft.model.module, sft.model.params, rows)
+    base = pref.segment_sums(base_lp * rows["loss_weights"], rows["segment_ids"], LENGTH // 2)
+    sft_sums = pref.segment_sums(sft_lp * rows["loss_weights"], rows["segment_ids"], LENGTH // 2)
+    np.testing.assert_allclose(np.asarray(reference).reshape(base.shape), np.asarray(base), rtol=1e-5, atol=1e-4)
+    assert np.abs(np.asarray(sft_sums - base)).max() > 1e-3
+    result = dpo.fit()
+    assert result.state == "finished" and result.model.step == 2
+    assert abs(result.before["loss"] - np.log(2)) > 1e-4  # the SFT policy already differs from its reference
+
+
+def test_metric_sums_add_up_over_micro_batches(files):
+    """The step carries the loss's metric sums out; k micro-batches give one batch's sums; an LM
+    loss has none, so its step's outputs are unchanged."""
+    model = jt.apply_plan(jt.load(str(files["model"])), jt.lora(rank=4, alpha=8))
+    pairs, _ = jt.read(files["train"], kind="preference")
+    batch = next(iter(training_loader(pairs, model.tokenizer, LoaderConfig(batch_size=4, max_length=LENGTH,
+                                                                            packing=False))))
+    trainable, frozen = partition(model.params, model.labels)
+    loss_fn = pref.make_preference_loss_fn(model.module, pref.PreferenceConfig("simpo"))
+    optimizer = optax.sgd(0.1)
+    out = [jax.jit(make_train_step(loss_fn, optimizer, grad_accum_steps=k))(
+        trainable, frozen, optimizer.init(trainable), batch, jax.random.key(0))[2] for k in (1, 2)]
+    assert set(out[0]["metric_sums"]) == set(pref.mean_metrics(out[0]["metric_sums"]))
+    assert float(out[0]["metric_sums"]["pairs"]) == 4
+    for key, value in out[0]["metric_sums"].items():
+        np.testing.assert_allclose(float(out[1]["metric_sums"][key]), float(value), rtol=1e-5, err_msg=key)
+    chat, _ = jt.read(files["chat"], kind="chat")
+    lm_batch = next(iter(training_loader(chat, model.tokenizer, LoaderConfig(batch_size=4, max_length=LENGTH))))
+    lm_step = jax.jit(make_train_step(make_loss_fn(model.module, "lm"), optimizer, grad_accum_steps=2))
+    lm_metrics = lm_step(trainable, frozen, optimizer.init(trainable), lm_batch, jax.random.key(0))[2]
+    assert set(lm_metrics) == {"loss", "weight", "tokens", "grad_norm", "finite"}
