@@ -99,7 +99,7 @@ def test_recipe_runs_as_written_with_real_assets(recipe, tmp_path):
     the 24 GiB of these machines.
     """
     overrides = ["train.epochs=null", "train.steps=1", "train.progress=false", f"output.dir={tmp_path / 'run'}",
-                 "data.train_size=32", "data.validation_size=16", "eval.every=null", "checkpoint.every=null"]
+                 "data.train_size=32", "data.validation_size=16", "checkpoint.every=null"]
     proc = subprocess.run([sys.executable, "-m", "jaxtune", "train", str(CONFIGS / recipe), *overrides],
                           capture_output=True, text=True, timeout=1500)
     if proc.returncode != 0 and "could not download" in proc.stderr:
