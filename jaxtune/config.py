@@ -68,6 +68,13 @@ class DistributedConfig:
     num_processes: int | None = None
     process_id: int | None = None
 
+    def __post_init__(self) -> None:
+        if self.num_processes is not None and self.num_processes < 1:
+            raise ValueError(f"distributed.num_processes: expected an integer >= 1, got {self.num_processes}")
+        if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or 2**31):
+            raise ValueError(f"distributed.process_id: expected an integer in [0, num_processes), got "
+                             f"{self.process_id}")
+
 
 @dataclasses.dataclass(frozen=True)
 class OutputConfig:
@@ -82,6 +89,10 @@ class OutputConfig:
     dir: str = "runs/run"
     export: Literal["auto", "peft", "merged", "none"] = "auto"
     export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.dir.strip():
+            raise ValueError("output.dir: empty; give the run directory's path, e.g. runs/my-run")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,8 +281,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
+    raw = path.read_bytes()
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 ({err.reason} at byte {err.start}); "
+                          "save the file as UTF-8") from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

@@ -66,8 +66,12 @@ def trainer_for(config: Config, *, train: bool = True) -> Trainer:
         raise ConfigError(str(err)) from None
 
 
-def finetune(config: Config) -> FitResult:
+def finetune(config: Config, *, restart: bool = False) -> FitResult:
     """Run a recipe: train (or resume) in ``output.dir``, report, and export to ``<output.dir>/export``.
+
+    Resuming a directory made by another model, plan, data or shapes is refused, naming the
+    differences; ``restart=True`` first moves an existing ``output.dir`` aside (to
+    ``<dir>.old-<time>``, never deleted) and starts afresh.
 
     Returns the :class:`~jaxtune.train.trainer.FitResult`; its ``export`` is the exported
     directory (None when ``output.export`` is ``none`` or the model has no exportable form,
@@ -75,6 +79,7 @@ def finetune(config: Config) -> FitResult:
     """
     validate(config)
     out = config.output
+    RunDir(out.dir).check()  # before loading anything: an output.dir that is a file fails at once
     trainer = trainer_for(config)
     log.info("plan: %s", summary(trainer.tuned.params, trainer.tuned.labels))
     fmt = None
@@ -85,6 +90,10 @@ def finetune(config: Config) -> FitResult:
             if out.export != "auto":
                 raise ConfigError(f"output.export: cannot export {out.export}: {err}") from None
             log.info("export: skipped (%s)", err)
+    if restart:
+        moved = RunDir(out.dir, main=jax.process_index() == 0).move_aside()
+        if moved is not None:
+            log.info("restart: moved the old run to %s", moved)
     result = trainer.fit()
     if fmt is not None and result.state in ("finished", "early_stopped"):
         result.export = export(result.model, Path(out.dir) / "export", format=fmt, dtype=out.export_dtype)

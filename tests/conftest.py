@@ -10,3 +10,18 @@ from absl import flags  # noqa: E402
 
 # grain worker processes read absl flags; unparsed flags crash them (NOTES.md).
 flags.FLAGS.mark_as_parsed()
+
+import pytest  # noqa: E402
+
+_NOTES = pytest.StashKey[list]()
+
+
+@pytest.fixture
+def note(request):
+    """``note(line)``: a line printed in the test run's summary (e.g. the size of a test corpus)."""
+    return request.config.stash.setdefault(_NOTES, []).append
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in config.stash.get(_NOTES, []):
+        terminalreporter.write_line(line)

@@ -43,7 +43,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import jaxtune as jt
 
     config = jt.load_config(args.config, args.overrides)
-    result = jt.finetune(config)
+    result = jt.finetune(config, restart=args.restart)
     if result.state in ("stopped", "failed"):
         print(f"training {result.state} at step {result.step}/{result.steps}; run the same command again to resume"
               if result.state == "stopped" else f"training failed at step {result.step} (see above)")
@@ -101,7 +101,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     trainer = jt.open_run(args.run_dir, best=args.best, evaluation=False)
     if trainer.step == 0:
-        raise jt.ConfigError(f"{args.run_dir}: no checkpoint to export yet")
+        raise jt.ConfigError(f"{args.run_dir}: no checkpoint to export yet; train it first (jaxtune train CONFIG "
+                             f"with output.dir={args.run_dir})")
     out = jt.export(trainer.model, args.to, format="merged" if args.merge else "auto", dtype=args.dtype)
     logging.getLogger("jaxtune").info("exported step %d: %s", trainer.step, out)
     return 0
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune as a config says (resumes an existing run directory)")
     p.add_argument("config", help="YAML config (see configs/)")
     p.add_argument("overrides", **overrides)
+    p.add_argument("--restart", action="store_true",
+                   help="move an existing output.dir aside (to DIR.old-TIME) and start afresh instead of resuming")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="metrics of the base and the fine-tuned model")
@@ -194,9 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(err: BaseException) -> int:
     from jaxtune.config import ConfigError
+    from jaxtune.train.rundir import RunMismatchError
     from jaxtune.tuning.plan import PlanError
 
-    return 2 if isinstance(err, (ConfigError, UsageError, PlanError)) else 1
+    return 2 if isinstance(err, (ConfigError, UsageError, PlanError, RunMismatchError)) else 1
 
 
 def _one_line(err: BaseException) -> str:

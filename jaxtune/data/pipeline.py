@@ -33,7 +33,7 @@ import numpy as np
 
 from jaxtune.data import packing
 from jaxtune.data.preference import TokenizePairs, pair_rows
-from jaxtune.data.sources import LM_KINDS, PREFERENCE, Source
+from jaxtune.data.sources import LM_KINDS, PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import Tokenize, TokenStats, scan
 
 Batch = dict[str, np.ndarray]
@@ -103,6 +103,11 @@ class LoaderConfig:
                      "worker_buffer_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.{name}: expected an integer >= 1, got {getattr(self, name)}")
+        if self.max_length < 2:
+            raise ValueError(f"data.max_length: expected an integer >= 2 (a row holds an input and its target), "
+                             f"got {self.max_length}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"data.seed: expected an integer in [0, 2**32), got {self.seed}")
         for name in ("worker_count", "prefetch_batches"):
             if getattr(self, name) < 0:
                 raise ValueError(f"data.{name}: expected an integer >= 0, got {getattr(self, name)}")
@@ -116,23 +121,26 @@ class LoaderConfig:
 
 
 class _RowsIterDataset(grain.IterDataset):
-    """Turns a stream of example lists into rows, ``window`` records at a time."""
+    """Turns a stream of example lists into rows, ``window`` records at a time. ``give_up`` is
+    the records read without a single row after which the data is declared empty (a stream that
+    repeats forever would otherwise look for a row forever when every record is dropped)."""
 
-    def __init__(self, parent: grain.IterDataset, to_rows: Callable[[list], list], window: int):
+    def __init__(self, parent: grain.IterDataset, to_rows: Callable[[list], list], window: int, give_up: int):
         super().__init__(parent)
-        self._to_rows, self._window = to_rows, window
+        self._to_rows, self._window, self._give_up = to_rows, window, give_up
 
     def __iter__(self) -> _RowsIterator:
-        return _RowsIterator(self._parent.__iter__(), self._to_rows, self._window)
+        return _RowsIterator(self._parent.__iter__(), self._to_rows, self._window, self._give_up)
 
 
 class _RowsIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, to_rows: Callable[[list], list], window: int):
+    def __init__(self, parent: grain.DatasetIterator, to_rows: Callable[[list], list], window: int, give_up: int):
         super().__init__(parent)
-        self._to_rows, self._window = to_rows, window
+        self._to_rows, self._window, self._give_up = to_rows, window, give_up
         self._window_state = parent.get_state()  # parent state where the current window starts
         self._rows: list | None = []  # None: rebuild the current window (after set_state)
         self._emitted = 0
+        self._barren = 0  # records pulled since the last window that gave a row
 
     def _pull_window(self) -> list:
         examples, pulled = [], 0
@@ -144,7 +152,12 @@ class _RowsIterator(grain.DatasetIterator):
             pulled += 1
         if not pulled:
             raise StopIteration
-        return self._to_rows(examples)
+        rows = self._to_rows(examples)
+        self._barren = 0 if rows else self._barren + pulled
+        if self._barren >= self._give_up:
+            raise DataError("data", f"{self._barren} records in a row gave no example (every one was dropped)",
+                            "raise data.max_length or set data.truncation to right")
+        return rows
 
     def __next__(self) -> dict[str, np.ndarray]:
         if self._rows is None:
@@ -268,7 +281,8 @@ class Loader:
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                   prefetch_buffer_size=cfg.read_buffer_size))
         window = cfg.pack_window if self.lm and cfg.packing else 1
-        it = _RowsIterDataset(it, self._to_rows(), window)
+        give_up = len(self.source) // self.shard_count + window  # a whole pass over this shard
+        it = _RowsIterDataset(it, self._to_rows(), window, give_up)
         if cfg.worker_count:
             _mark_absl_flags_parsed()
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
@@ -291,8 +305,23 @@ class Loader:
         Raises the first :class:`DataError` a record would raise during training.
         """
         if self._stats is None:
-            self._stats = scan(self.source, self.tokenize)
+            stats = scan(self.source, self.tokenize)
+            if stats.examples == 0:
+                raise self._nothing_left(stats)
+            self._stats = stats
         return self._stats
+
+    def _nothing_left(self, stats: TokenStats) -> DataError:
+        """The error for a source none of whose records survives tokenization and truncation."""
+        where = ", ".join(self.source.report.paths) if getattr(self.source, "report", None) else "data"
+        cfg = self.config
+        if stats.dropped and cfg.truncation == "drop":
+            return DataError(where, f"all {stats.records} records are longer than data.max_length={cfg.max_length} "
+                                    f"(the longest has {stats.longest} tokens) and data.truncation=drop drops them",
+                             f"raise data.max_length to at least {stats.longest} or set data.truncation=right")
+        return DataError(where, f"none of the {stats.records} records leaves a supervised token within "
+                                f"data.max_length={cfg.max_length} (the longest has {stats.longest} tokens)",
+                         f"raise data.max_length to at least {stats.longest} or shorten the prompts")
 
     def rows_per_epoch(self) -> tuple[int, str]:
         """Rows one pass over the source fills, and how that was counted: examples after

@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import csv
 import dataclasses
+import io
 import json
 import logging
 import math
@@ -111,7 +112,17 @@ def _string(obj: dict, key: str, *, nonempty: bool) -> str:
         raise _RowError(f"{key!r} is {type(value).__name__}, not a string", f"make {key!r} a JSON string")
     if nonempty and not value.strip():
         raise _RowError(f"{key!r} is empty", f"give {key!r} some text or remove the row")
+    _encodable(value, repr(key))
     return value
+
+
+def _encodable(text: str, what: str) -> None:
+    """Text must be valid Unicode: a lone surrogate (e.g. ``"\\ud800"`` in JSON) cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise _RowError(f"{what} has a lone surrogate {text[err.start]!r} at character {err.start}",
+                        "write the character as a valid surrogate pair or remove it") from None
 
 
 def _as_object(obj: Any, hint: str) -> dict:
@@ -142,6 +153,8 @@ def check_chat(obj: Any) -> dict:
             raise _RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
         try:
             content = _string(msg, "content", nonempty=role == "assistant")
+            if msg.get("name") is not None:
+                _encodable(_string(msg, "name", nonempty=False), "'name'")
         except _RowError as err:
             raise _RowError(f"{at} ({role}): {err.problem}", err.fix) from None
         weight = msg.get("weight", 1 if role == "assistant" else 0)
@@ -401,20 +414,54 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
 
 def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: Sequence[str]) -> Iterator[tuple[int, Any]]:
     if path.endswith((".csv", ".tsv")):
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ",")
+        delimiter = "\t" if path.endswith(".tsv") else ","
+        reader = csv.DictReader(io.StringIO(_utf8_text(path), newline=""), delimiter=delimiter)
+        try:
             header = reader.fieldnames or []
-            missing = [k for k in fields if k not in header]
-            if not header:
-                raise DataError(f"{path}:1", "file is empty", "write a header row and data rows")
-            if missing:
-                raise DataError(f"{path}:1", f"header has no column {missing[0]!r} (columns: {header})",
-                                "rename the column or pass the matching *_field argument")
-            for row in reader:
-                yield reader.line_num, row
+        except csv.Error as err:
+            raise DataError(f"{path}:1", f"the header is not valid CSV ({err})", "fix the header row") from None
+        missing = [k for k in fields if k not in header]
+        if not header:
+            raise DataError(f"{path}:1", "file is empty", "write a header row and data rows")
+        if missing:
+            raise DataError(f"{path}:1", f"header has no column {missing[0]!r} (columns: {header})",
+                            "rename the column or pass the matching *_field argument")
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:
+                raise DataError(f"{path}:{reader.line_num}", f"not valid CSV ({err})",
+                                "quote fields that hold quotes, delimiters or line breaks") from None
+            yield reader.line_num, _csv_fields(row, header, delimiter)
     else:
         for line_no, _, _, parsed in _jsonl_lines(path, report, skip):
             yield line_no, parsed
+
+
+def _utf8_text(path: str) -> str:
+    """A CSV/TSV file's text; bytes that are not UTF-8 are an error naming the line."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}:{line}", f"not UTF-8 ({err.reason} at byte {err.start})",
+                        "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _csv_fields(row: dict, header: Sequence[str], delimiter: str) -> dict | _RowError:
+    """A CSV row, or the error of a row whose field count differs from the header's."""
+    name = "tab" if delimiter == "\t" else "comma"
+    if None in row:  # more fields than columns: csv puts the extras under the key None
+        return _RowError(f"{len(header) + len(row[None])} fields but the header has {len(header)} columns",
+                         f"quote a field that contains a {name}, e.g. \"a{delimiter} b\"")
+    if any(value is None for value in row.values()):
+        given = sum(value is not None for value in row.values())
+        return _RowError(f"{given} field{'' if given == 1 else 's'} but the header has {len(header)} columns",
+                         "give every column a value (an empty one between two delimiters)")
+    return row
 
 
 def _vocabulary(keys: Sequence[str]) -> tuple:
@@ -447,6 +494,8 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
     for line_no, row in _labeled_rows(path, report, skip_bad_rows, fields):
         where = f"{path}:{line_no}"
         try:
+            if isinstance(row, _RowError):
+                raise row
             record = _check_labeled(_as_object(row, f"write each line as {{{text_field!r}: ..., "
                                                     f"{label_field!r}: ...}}"),
                                     task=task, text_field=text_field, pair_field=pair_field, label_field=label_field)
@@ -462,6 +511,9 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
     names = None
     if task == "classification":
         names = tuple(labels) if labels is not None else _vocabulary([r["label"] for r in records])
+        if len(names) < 2:
+            raise DataError(path, f"every row has the label {names[0]!r}; a classifier needs two or more labels",
+                            f"add rows of the other classes, or check {label_field!r} is the label column")
         index = {str(name): i for i, name in enumerate(names)}
         for record in records:
             record["label"] = index[record["label"]]

@@ -237,8 +237,9 @@ class Tokenize:
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if kind == "chat" and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; chat data needs one "
-                             "(set tokenizer.chat_template or use prompt/completion data)")
+            raise ValueError("model.tokenizer: the tokenizer has no chat template, which chat data needs; give "
+                             "model.tokenizer one that has (or set tokenizer.chat_template), or use "
+                             "prompt_completion data")
         backend(tokenizer)  # fail here if it is not a fast tokenizer
         self.tokenizer, self.kind, self.max_length, self.truncation = tokenizer, kind, max_length, truncation
         self.prefix = special_prefix(tokenizer) if kind in ("prompt_completion", "text") else []

@@ -137,7 +137,8 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err})") from None
+        raise CheckpointError(f"{path}: not valid JSON ({err}); restore the model's config.json (re-download or "
+                              "save_pretrained the model again)") from None
 
 
 def _weight_files(model_dir: Path) -> list[Path]:
@@ -146,11 +147,13 @@ def _weight_files(model_dir: Path) -> list[Path]:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a safetensors index ({err})") from None
+            raise CheckpointError(f"{index}: not a safetensors index ({err}); re-download the model or remove the "
+                                  "index") from None
         files = [model_dir / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.exists()]
         if missing:
-            raise CheckpointError(f"{index}: lists shard(s) {missing} that are not in {model_dir}")
+            raise CheckpointError(f"{index}: lists shard(s) {missing} that are not in {model_dir}; download the "
+                                  "missing shards")
         return files
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
@@ -162,7 +165,8 @@ def _weight_files(model_dir: Path) -> list[Path]:
             "runs arbitrary code. Convert once where you trust the file: python -c \"from transformers import "
             f"AutoModel; AutoModel.from_pretrained('{model_dir}').save_pretrained('{model_dir}')\" (writes safetensors)"
         )
-    raise CheckpointError(f"{model_dir}: no *.safetensors weights found")
+    raise CheckpointError(f"{model_dir}: no *.safetensors weights found; put the model's weights there (e.g. "
+                          "model.save_pretrained(dir) writes model.safetensors) or point model.path at the full model")
 
 
 # ----------------------------------------------------------------------------- safetensors reading

@@ -42,6 +42,13 @@ class ModelConfig:
     remat: Literal["none", "block", "dots"] = "none"
     tokenizer: str | None = None
 
+    def __post_init__(self) -> None:
+        for name in ("path", "tokenizer"):
+            value = getattr(self, name)
+            if value is not None and not str(value).strip():
+                raise ValueError(f"model.{name}: empty; give a model directory, packaged model name, .gguf file or "
+                                 "hub id")
+
 
 class LoadError(ValueError):
     """The model cannot be found or read; the message names it and what to try."""

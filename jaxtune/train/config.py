@@ -5,6 +5,7 @@ argument alike, checked when it is built (errors name the field as a recipe writ
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal
 
 
@@ -40,8 +41,10 @@ class TrainConfig:
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"train: give train.steps ({self.steps}) or train.epochs ({self.epochs}), not both")
         _at_least("train", "steps", self.steps, 1)
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"train.epochs: expected a positive number, got {self.epochs}")
+        if self.epochs is not None and not (math.isfinite(self.epochs) and self.epochs > 0):
+            raise ValueError(f"train.epochs: expected a positive number, e.g. 1 or 0.5, got {self.epochs}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"train.seed: expected an integer in [0, 2**32), got {self.seed}")
         for name in ("grad_accum_steps", "log_every", "chunk_tokens"):
             _at_least("train", name, getattr(self, name), 1)
 

@@ -7,6 +7,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -44,10 +46,27 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.name {self.name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optimizer.schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"optimizer.learning_rate must be > 0, got {self.learning_rate}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"optimizer.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        _check("learning_rate", self.learning_rate, "a number > 0, e.g. 1e-4", lambda v: v > 0)
+        _check("weight_decay", self.weight_decay, "a number >= 0 (0 turns decay off), e.g. 0.01", lambda v: v >= 0)
+        for name, typical in (("b1", 0.9), ("b2", 0.999)):
+            _check(name, getattr(self, name), f"a number in [0, 1), e.g. {typical}", lambda v: 0 <= v < 1)
+        _check("eps", self.eps, "a number > 0, e.g. 1e-8", lambda v: v > 0)
+        _check("warmup_steps", self.warmup_steps, "an integer >= 0", lambda v: v >= 0)
+        _check("warmup_ratio", self.warmup_ratio, "a number in [0, 1)", lambda v: 0 <= v < 1)
+        _check("min_lr_ratio", self.min_lr_ratio, "a number in [0, 1] (the final fraction of the learning rate)",
+               lambda v: 0 <= v <= 1)
+        if self.clip_grad_norm is not None:
+            _check("clip_grad_norm", self.clip_grad_norm, "a number > 0, e.g. 1.0, or null for no clipping",
+                   lambda v: v > 0)
+        for group, multiplier in self.group_lr.items():
+            _check(f"group_lr.{group}", multiplier, "a number > 0 (the group's learning-rate multiplier)",
+                   lambda v: v > 0)
+
+
+def _check(name: str, value: float, expected: str, ok: Callable[[float], bool]) -> None:
+    """``optimizer.<name>`` must be finite and pass ``ok``; the error says what is allowed."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"optimizer.{name}: expected {expected}, got {value!r}")
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:

@@ -7,6 +7,7 @@
       status.json      state, step, total steps, latest train/eval metrics, best step, error
       metrics.jsonl    one record per logged step ({"step", "loss", ...}) or evaluation ({"step", "eval/...": ...})
       report.json      base vs fine-tuned metrics ({"before", "after", "step"}), the final report
+      run.json         what made the run (model, plan, trainable param shapes, data shapes), checked on resume
       checkpoints/<step>/   Orbax checkpoints (see jaxtune.train.checkpoint)
       best/<step>/          the best checkpoint by eval.best_metric
       tensorboard/          TensorBoard events
@@ -30,7 +31,25 @@ STALE_AFTER_S = 600.0
 
 
 class RunDirError(FileNotFoundError):
-    """The path is not a run directory (or has nothing to show yet)."""
+    """The path is not a run directory (or has nothing to show yet, or a file in it is unreadable)."""
+
+
+class RunMismatchError(ValueError):
+    """A run directory was made by another model, plan, data or shapes than the run resuming it."""
+
+
+# What a run directory is bound to: resuming with any of these changed is refused (see
+# :func:`fixed_fields`). Everything else (steps, epochs, evaluation, logging, checkpoint
+# frequency, the mesh, validation data, the optimizer's hyperparameters) may change on resume.
+FIXED_ON_RESUME: dict[str, tuple[str, ...] | None] = {
+    "model": ("path", "dtype", "tokenizer"),
+    "plan": None,
+    "data": ("dataset", "train", "kind", "train_size", "validation_fraction", "max_length", "batch_size", "seed",
+             "packing", "pack_window", "truncation", "add_eos", "pad_to_multiple_of", "text_unit", "skip_bad_rows",
+             "worker_count"),
+    "optimizer": ("name",),
+    "train": ("seed", "grad_accum_steps", "regression_loss"),
+}
 
 
 def _read_json(path: Path) -> Any:
@@ -53,21 +72,105 @@ def _steps(folder: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.is_dir() and p.name.isdigit())
 
 
+def fixed_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a resolved config (plain data) that a resume must not change, flattened to
+    ``section.field`` (``plan`` whole)."""
+    out: dict[str, Any] = {}
+    for section, names in FIXED_ON_RESUME.items():
+        if section not in config:
+            continue
+        value = config[section]
+        if names is None or not isinstance(value, dict):
+            out[section] = value
+        else:
+            out.update({f"{section}.{name}": value.get(name) for name in names if name in value})
+    return out
+
+
+_WHY = {"optimizer state": "another optimizer, clip_grad_norm switched on or off, or other group_lr groups"}
+
+
+def _brief(value: Any, limit: int = 80) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``key: saved -> now`` for each key both have with different values (JSON-normalised, so
+    tuples equal lists). ``params`` (path -> shape) lists how many differ and the first."""
+    out = []
+    for key in (k for k in saved if k in now):
+        before, after = json.loads(json.dumps(saved[key], default=str)), json.loads(json.dumps(now[key], default=str))
+        if before == after:
+            continue
+        if key == "params" and isinstance(before, dict) and isinstance(after, dict):
+            paths = sorted(p for p in before.keys() | after.keys() if before.get(p) != after.get(p))
+            first = paths[0]
+            out.append(f"trainable params: {len(paths)} differ, e.g. {first} "
+                       f"{before.get(first, 'absent')} -> {after.get(first, 'absent')}")
+        else:
+            why = f" ({_WHY[key]})" if key in _WHY else ""
+            out.append(f"{key}: {_brief(before)} -> {_brief(after)}{why}")
+    return out
+
+
 class RunDir:
     """A run directory's files (see the module docstring)."""
 
     CONFIG, STATUS, METRICS, REPORT = "config.yaml", "status.json", "metrics.jsonl", "report.json"
+    IDENTITY = "run.json"
 
     def __init__(self, path: str | Path, *, main: bool = True):
         self.path = Path(path)
         self.main = main
 
+    def check(self) -> None:
+        """The path can be a run directory: it and its nearest existing parent are directories."""
+        for path in (self.path, *self.path.parents):
+            if path.exists():
+                if not path.is_dir():
+                    what = "the run directory" if path == self.path else f"its parent {path}"
+                    raise RunDirError(f"{self.path}: {what} is a file, not a directory; give output.dir a directory "
+                                      "path (or move the file)")
+                return
+
     def create(self) -> RunDir:
         if self.main:
-            if self.path.exists() and not self.path.is_dir():
-                raise RunDirError(f"{self.path}: the run directory is a file; give a directory path (output.dir)")
+            self.check()
             self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    def move_aside(self) -> Path | None:
+        """Rename an existing run directory to ``<dir>.old-<time>`` (never deleted), for a fresh
+        run at the same path; returns where it went (None when there was nothing to move)."""
+        if not self.main or not self.path.exists():
+            return None
+        self.check()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        dest = self.path.with_name(f"{self.path.name}.old-{stamp}")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = self.path.with_name(f"{self.path.name}.old-{stamp}-{n}")
+        self.path.rename(dest)
+        return dest
+
+    # ------------------------------------------------------------------ what made the run
+
+    def write_identity(self, identity: dict[str, Any]) -> None:
+        """What the Trainer itself knows made this run (model, plan, param and data shapes)."""
+        if self.main:
+            _write_json(self.path / self.IDENTITY, identity)
+
+    def identity(self) -> dict[str, Any] | None:
+        path = self.path / self.IDENTITY
+        if not path.is_file():
+            return None
+        identity = _read_json(path)
+        if not isinstance(identity, dict):
+            raise RunDirError(f"{path}: not valid JSON; it records what made this run: restore it, or start afresh "
+                              "with --restart (moves the run aside) or another output.dir")
+        return identity
 
     # ------------------------------------------------------------------ config
 
@@ -80,7 +183,16 @@ class RunDir:
         path = self.path / self.CONFIG
         if not path.is_file():
             return None
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            mark = getattr(err, "problem_mark", None)
+            raise RunDirError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML; restore the run's "
+                              "config, or start afresh with --restart or another output.dir") from None
+        if not isinstance(data, dict):
+            raise RunDirError(f"{path}: not a config (a mapping of sections); restore the run's config, or start "
+                              "afresh with --restart or another output.dir")
+        return data
 
     # ------------------------------------------------------------------ status and metrics
 
@@ -88,9 +200,16 @@ class RunDir:
         if self.main:
             _write_json(self.path / self.STATUS, {"state": state, "updated": time.time(), **fields})
 
-    def status(self) -> dict[str, Any] | None:
-        status = _read_json(self.path / self.STATUS)
-        return status if isinstance(status, dict) else None
+    def status(self, *, strict: bool = False) -> dict[str, Any] | None:
+        """``status.json`` as a dict; None when missing (or, unless ``strict``, unreadable)."""
+        path = self.path / self.STATUS
+        status = _read_json(path)
+        if isinstance(status, dict):
+            return status
+        if strict and path.exists():
+            raise RunDirError(f"{path}: not a valid status file (JSON object); the next jaxtune train of this run "
+                              "rewrites it, or delete it to see the run as starting")
+        return None
 
     def log(self, record: dict[str, Any]) -> None:
         """Append one record to ``metrics.jsonl``."""
@@ -130,7 +249,10 @@ class RunDir:
     def summary(self) -> dict[str, Any]:
         """The run's state as one dict: ``state, step, total_steps, train, eval, tokens_per_s,
         eta_s, best, checkpoints, updated, stale, error``."""
-        status = self.status()
+        if not self.path.is_dir():
+            what = "a file, not a run directory" if self.path.exists() else "no such run directory"
+            raise RunDirError(f"{self.path}: {what}; give the output.dir of a jaxtune train run")
+        status = self.status(strict=True)
         if status is None:
             if not (self.path / self.CONFIG).is_file():
                 raise RunDirError(f"{self.path}: not a run directory (no {self.STATUS}); give the output.dir "

@@ -46,6 +46,15 @@ class MeshConfig:
     tensor: int = 1
     simulate_devices: int | None = None
 
+    def __post_init__(self) -> None:
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
+        if bad:
+            name, value = next(iter(bad.items()))
+            raise ValueError(f"mesh.{name}: expected a device count >= 1, or -1 for all remaining devices, got {value}")
+        if self.simulate_devices is not None and self.simulate_devices < 1:
+            raise ValueError(f"mesh.simulate_devices: expected an integer >= 1 or null, got {self.simulate_devices}")
+
     def shape(self, n_devices: int) -> tuple[int, int, int]:
         sizes = [self.data, self.fsdp, self.tensor]
         if sizes.count(-1) > 1:

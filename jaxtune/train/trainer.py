@@ -17,6 +17,7 @@ running ``fit`` again on the same directory resumes exactly, and a finished run 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import signal
@@ -40,7 +41,7 @@ from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.train.evaluate import HIGHER_IS_BETTER, METRICS, comparison_table, evaluate
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.preference import REFERENCE_KEY, PreferenceConfig, make_preference_loss_fn, starting_weights
-from jaxtune.train.rundir import RunDir
+from jaxtune.train.rundir import RunDir, RunMismatchError, differences, fixed_fields
 from jaxtune.train.sharding import MeshConfig, data_parallel_size, global_batch, make_mesh, param_shardings, shard
 from jaxtune.train.step import make_eval_step, make_loss_fn, make_train_step
 from jaxtune.tuning.partition import combine, partition
@@ -199,6 +200,7 @@ class Trainer:
         self.train_data = self._batches(train_data, train=True)
         self.eval_data = self._batches(eval_data, train=False)
         self.run = RunDir(run_dir, main=jax.process_index() == 0)  # one process writes logs and status
+        self.run.check()
         self.run_dir = self.run.path
         self.resolved_config = resolved_config or {}
         self.callbacks = list(callbacks or [])
@@ -283,6 +285,12 @@ class Trainer:
             if isinstance(data, Loader) and (data.batch_size * data.shard_count) % ways:
                 raise ValueError(f"data.batch_size: {data.batch_size * data.shard_count} rows do not split over the "
                                  f"mesh's {ways}-way data parallelism (mesh data x fsdp); use a multiple of {ways}")
+        positions = getattr(self.tuned.config, "max_position_embeddings", None)
+        for data in (self.train_data, self.eval_data):
+            if positions and isinstance(data, Loader) and data.config.max_length > positions:
+                raise ValueError(f"data.max_length: {data.config.max_length} is more than the model's {positions} "
+                                 "position embeddings (max_position_embeddings in its config.json); set "
+                                 f"data.max_length to {positions} or less")
         labels = getattr(self.train_data, "source", None) and self.train_data.source.label_names
         if task == "classification" and labels and len(labels) > self.tuned.num_outputs:
             raise ValueError(f"the data has {len(labels)} labels but the head has {self.tuned.num_outputs} outputs; "
@@ -443,8 +451,13 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
-        """Train to the configured steps (resuming from ``run_dir``), evaluate, report."""
+        """Train to the configured steps (resuming from ``run_dir``), evaluate, report.
+
+        A run directory made by another model, plan, data or shapes is refused (:meth:`check_resume`)
+        before anything in it changes."""
+        self.check_resume()
         self.run.create().write_config(self.resolved_config)
+        self.run.write_identity(self.identity())
         before = self._evaluate_base()
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
         self.close()
@@ -469,6 +482,44 @@ class Trainer:
         if state in ("finished", "early_stopped"):
             self._finish(result)
         return result
+
+    def identity(self) -> dict[str, Any]:
+        """What this trainer knows makes its run (``run.json``): the model's source, the plan's
+        rules, the trainable params' shapes, the optimizer state's structure and the data's shapes."""
+        leaves = jax.tree_util.tree_flatten_with_path(self.trainable)[0]
+        state = jax.tree.leaves(self.opt_state)
+        layout = str(jax.tree.structure(self.opt_state)) + str([(x.shape, str(x.dtype)) for x in state])
+        identity: dict[str, Any] = {
+            "model": self.tuned.source,
+            "plan rules": self.tuned.plan.to_data(),
+            "labels": list(self.tuned.label_names) if self.tuned.label_names is not None else None,
+            "params": {jax.tree_util.keystr(path): f"{x.dtype}{list(x.shape)}" for path, x in leaves},
+            "optimizer state": f"{len(state)} arrays, layout #{hashlib.sha256(layout.encode()).hexdigest()[:12]}",
+            "train.seed": self.config.seed,
+            "train.grad_accum_steps": self.config.grad_accum_steps,
+        }
+        if isinstance(self.train_data, Loader):
+            cfg = self.train_data.config
+            identity.update({"data.kind": self.train_data.source.kind, "data.max_length": cfg.max_length,
+                             "data.batch_size": cfg.batch_size, "data.packing": cfg.packing})
+        return identity
+
+    def check_resume(self) -> None:
+        """Refuse a run directory made by another model, plan, data or shapes (``run.json`` and the
+        fixed fields of ``config.yaml``, :data:`~jaxtune.train.rundir.FIXED_ON_RESUME`), naming
+        every difference; a new directory, or one with neither file, passes."""
+        if not self.run.path.is_dir():
+            return
+        # The config's fields say it in the recipe's words; without them, what the trainer knows.
+        changed = (differences(fixed_fields(self.run.config() or {}), fixed_fields(self.resolved_config))
+                   or differences(self.run.identity() or {}, self.identity()))
+        if changed:
+            raise RunMismatchError(
+                f"{self.run_dir}: this run directory was made by another configuration, so it cannot be resumed: "
+                f"{'; '.join(changed)}. Change these back to resume, or start afresh: jaxtune train CONFIG --restart "
+                "(moves the old run aside; finetune(config, restart=True) in Python) or another output.dir. Steps, "
+                "epochs, evaluation, logging, checkpoint frequency, the mesh and the optimizer's hyperparameters may "
+                "change on resume.")
 
     def _resume(self, iterator: Any) -> _Best:
         restored = self.checkpointer.restore(self.trainable, self.opt_state, data_iterator=iterator)
