@@ -193,6 +193,19 @@ def answer_first_token(tokenizer: Any, kind: str, answer: str) -> int:
     return int(ids[0])
 
 
+def choice_token_ids(tokenizer: Any, kind: str, choices: Sequence[str]) -> tuple[int, ...]:
+    """The first token of each answer in ``choices`` as ``kind`` data encodes it (choice accuracy
+    compares these logits); answers that begin with the same token are refused."""
+    ids = tuple(answer_first_token(tokenizer, kind, c) for c in choices)
+    for i, a in enumerate(choices):
+        for j in range(i):
+            if ids[i] == ids[j]:
+                raise ValueError(f"eval.choices: {choices[j]!r} and {a!r} begin with the same token "
+                                 f"({tokenizer.convert_ids_to_tokens(ids[i])!r}); choice accuracy compares first "
+                                 "tokens, so use answers that begin differently")
+    return ids
+
+
 def truncate(example: Example, max_length: int, policy: str) -> tuple[list[Example], str]:
     """Apply the truncation policy to an LM example longer than ``max_length``.
 

@@ -40,6 +40,7 @@ log-probs computed once ahead of training and carried in the batch as ``referenc
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -48,12 +49,14 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxtune.data.sources import PREFERENCE
+from jaxtune.models.layers import ADAPTER_LEAVES
 from jaxtune.train.losses import _chunks
-from jaxtune.tuning.lora import ADAPTER_LEAVES
 
 Array = jax.Array
 Batch = dict[str, Array]
 Params = dict[str, Any]
+log = logging.getLogger(__name__)
 Metrics = dict[str, Array]
 
 METHODS = ("dpo", "ipo", "simpo", "orpo")
@@ -493,3 +496,36 @@ def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chun
         return preference_objective(config, token_lp, rows, (b, s), reference)
 
     return loss_fn
+
+
+# ----------------------------------------------------------------------------- the Trainer's wiring
+
+
+def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task: str) -> None:
+    """Preference data and a preference method come together, on a language model (one-line
+    errors that name the field)."""
+    pairs = PREFERENCE in data_kinds
+    if config is None and pairs:
+        raise ValueError("the data is preference pairs but no preference method is set; pass "
+                         "preference=PreferenceConfig(method='dpo') (recipe: a preference: section)")
+    others = data_kinds - {PREFERENCE}
+    if config is not None and others:
+        raise ValueError(f"preference.method: {config.method} trains on preference pairs, but the data is "
+                         f"{', '.join(sorted(others))}; use data.kind: preference or drop the preference section")
+    if config is not None and task != "lm":
+        raise ValueError(f"preference.method: {config.method} tunes a language model, but the plan makes a {task} "
+                         "model; remove the head rule from the plan")
+
+
+def with_reference_start(trainable: Params, frozen: Params, dtype: Any = None) -> Params:
+    """``frozen`` plus, under :data:`REFERENCE_KEY`, the starting values of the trained leaves that
+    are not adapters (full or partial plans), in ``dtype``: the DPO/IPO reference model. Adapter
+    plans add nothing (the reference is the frozen base with adapters off). It rides with the
+    frozen part, so checkpoints (trainable + optimizer state) never hold it, and the Trainer's
+    params leave it out of exports."""
+    start = starting_weights(trainable, dtype=dtype)
+    if not start:
+        return frozen
+    log.info("preference: the reference model keeps a copy of the %d starting trained leaves (%.1f MB)",
+             len(jax.tree.leaves(start)), sum(x.nbytes for x in jax.tree.leaves(start)) / 1e6)
+    return {**frozen, REFERENCE_KEY: start}

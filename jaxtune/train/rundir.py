@@ -162,6 +162,23 @@ class RunDir:
         if self.main:
             _write_json(self.path / self.IDENTITY, identity)
 
+    def check_resume(self, resolved_config: dict[str, Any], identity: dict[str, Any]) -> None:
+        """Refuse to resume a directory made by another model, plan, data or shapes: the fixed fields
+        of ``config.yaml`` (:data:`FIXED_ON_RESUME`), or without them ``run.json`` (what a Trainer
+        knows makes its run), compared with this run's. A new directory, or one with neither, passes."""
+        if not self.path.is_dir():
+            return
+        # The config's fields say it in the recipe's words; without them, what the trainer knows.
+        changed = (differences(fixed_fields(self.config() or {}), fixed_fields(resolved_config))
+                   or differences(self.identity() or {}, identity))
+        if changed:
+            raise RunMismatchError(
+                f"{self.path}: this run directory was made by another configuration, so it cannot be resumed: "
+                f"{'; '.join(changed)}. Change these back to resume, or start afresh: jaxtune train CONFIG --restart "
+                "(moves the old run aside; finetune(config, restart=True) in Python) or another output.dir. Steps, "
+                "epochs, evaluation, logging, checkpoint frequency, the mesh and the optimizer's hyperparameters may "
+                "change on resume.")
+
     def identity(self) -> dict[str, Any] | None:
         path = self.path / self.IDENTITY
         if not path.is_file():

@@ -20,8 +20,6 @@ import dataclasses
 import hashlib
 import logging
 import math
-import signal
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,14 +32,21 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.sources import PREFERENCE, Source
-from jaxtune.data.tokenize import answer_first_token
+from jaxtune.data.tokenize import choice_token_ids
 from jaxtune.train import compile_cache, flops
 from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.train.evaluate import HIGHER_IS_BETTER, METRICS, comparison_table, evaluate
+from jaxtune.train.loop import Best, StopOnInterrupt, Throughput, progress_line
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
-from jaxtune.train.preference import REFERENCE_KEY, PreferenceConfig, make_preference_loss_fn, starting_weights
-from jaxtune.train.rundir import RunDir, RunMismatchError, differences, fixed_fields
+from jaxtune.train.preference import (
+    REFERENCE_KEY,
+    PreferenceConfig,
+    check_preference,
+    make_preference_loss_fn,
+    with_reference_start,
+)
+from jaxtune.train.rundir import RunDir
 from jaxtune.train.sharding import MeshConfig, data_parallel_size, global_batch, make_mesh, param_shardings, shard
 from jaxtune.train.step import make_eval_step, make_loss_fn, make_train_step
 from jaxtune.tuning.partition import combine, partition
@@ -50,77 +55,6 @@ from jaxtune.tuning.tuned import Tuned
 log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 Callback = Callable[["Trainer", int, dict[str, float]], None]
-
-
-class _StopOnInterrupt:
-    """While active, the first Ctrl-C (SIGINT) only sets ``requested``; the loop stops at the
-    next step boundary. A KeyboardInterrupt raised mid-step could land after the jitted step
-    consumed (donated) the params but before its results were stored, leaving nothing to save.
-    A second Ctrl-C interrupts at once. Outside the main thread, signals are left alone."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
-        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press again to stop at once)")
-
-    def __enter__(self) -> _StopOnInterrupt:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
-
-
-class _Throughput:
-    """Tokens and steps since the last log line. The first step (which compiles) is timed on its
-    own and kept out, so tokens/s, MFU and the ETA are the steady state."""
-
-    def __init__(self) -> None:
-        self.start, self.tokens, self.steps = time.perf_counter(), 0.0, 0
-        self.first_step_s: float | None = None
-        self._first_tokens = 0.0
-
-    def first_step(self, tokens: float) -> float:
-        self.first_step_s = time.perf_counter() - self.start
-        self._first_tokens = tokens
-        self.start, self.tokens, self.steps = time.perf_counter(), -tokens, -1
-        return self.first_step_s
-
-    def add(self, tokens: float, steps: int) -> None:
-        self.tokens += tokens
-        self.steps += steps
-
-    def pause(self, seconds: float) -> None:
-        self.start += seconds  # evaluation is not training throughput
-
-    def read(self) -> tuple[float, int, float]:
-        """(tokens, steps, seconds) of the window, then start a new one."""
-        elapsed = time.perf_counter() - self.start
-        window = (self.tokens, self.steps, elapsed)
-        if self.steps <= 0:  # nothing but the compiling first step yet
-            window = (self._first_tokens, 1, self.first_step_s or elapsed)
-        self.start, self.tokens, self.steps = time.perf_counter(), 0.0, 0
-        return window
-
-
-@dataclasses.dataclass
-class _Best:
-    """The best evaluation so far by ``eval.best_metric``, and evaluations since it improved."""
-
-    value: float | None = None
-    step: int | None = None
-    bad_evals: int = 0
-
-    def as_metadata(self) -> dict[str, Any]:
-        return {"best_value": self.value, "best_step": self.step, "bad_evals": self.bad_evals}
 
 
 @dataclasses.dataclass
@@ -222,7 +156,7 @@ class Trainer:
         self._trainable_shardings = param_shardings(trainable, self.mesh, rules)
         self.trainable = shard(trainable, self._trainable_shardings)
         if preference is not None and preference.needs_reference:
-            frozen = self._with_reference_start(trainable, frozen)
+            frozen = with_reference_start(trainable, frozen, getattr(model.config, "dtype", None))
         self.frozen = shard(frozen, param_shardings(frozen, self.mesh, rules))
         # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
         # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
@@ -275,7 +209,7 @@ class Trainer:
 
     def _check_data(self) -> None:
         task = self.tuned.task
-        self._check_preference()
+        check_preference(self.preference, self._kinds(), self.tuned.task)
         for kind in self._kinds() - {PREFERENCE}:
             if (kind in LM_KINDS) != (task == "lm") or (task != "lm" and kind != task):
                 fix = "remove the head rule from the plan" if kind in LM_KINDS else f"add a {kind} head to the plan"
@@ -295,33 +229,6 @@ class Trainer:
         if task == "classification" and labels and len(labels) > self.tuned.num_outputs:
             raise ValueError(f"the data has {len(labels)} labels but the head has {self.tuned.num_outputs} outputs; "
                              "pass data=train to apply_plan to size the head from the data")
-
-    def _check_preference(self) -> None:
-        """Preference data and a preference method come together, on a language model."""
-        pairs = PREFERENCE in self._kinds()
-        if self.preference is None and pairs:
-            raise ValueError("the data is preference pairs but no preference method is set; pass "
-                             "preference=PreferenceConfig(method='dpo') (recipe: a preference: section)")
-        if self.preference is not None and self._kinds() - {PREFERENCE}:
-            raise ValueError(f"preference.method: {self.preference.method} trains on preference pairs, but the data is "
-                             f"{', '.join(sorted(self._kinds() - {PREFERENCE}))}; use data.kind: preference or drop "
-                             "the preference section")
-        if self.preference is not None and self.tuned.task != "lm":
-            raise ValueError(f"preference.method: {self.preference.method} tunes a language model, but the plan makes "
-                             f"a {self.tuned.task} model; remove the head rule from the plan")
-
-    def _with_reference_start(self, trainable: Any, frozen: Any) -> Any:
-        """``frozen`` plus, under ``REFERENCE_KEY``, the starting values of the trained leaves that are
-        not adapters (full or partial plans), in the compute dtype: the DPO/IPO reference model.
-        Adapter plans add nothing (the reference is the frozen base with adapters off). It rides
-        with the frozen part, so checkpoints (trainable + optimizer state) never hold it, and
-        :attr:`params` leaves it out of exports."""
-        start = starting_weights(trainable, dtype=getattr(self.tuned.config, "dtype", None))
-        if not start:
-            return frozen
-        log.info("preference: the reference model keeps a copy of the %d starting trained leaves (%.1f MB)",
-                 len(jax.tree.leaves(start)), sum(x.nbytes for x in jax.tree.leaves(start)) / 1e6)
-        return {**frozen, REFERENCE_KEY: start}
 
     def _count_steps(self) -> int:
         """``config.steps``, or ``epochs x rows // (batch_size x grad_accum_steps)``."""
@@ -352,16 +259,7 @@ class Trainer:
         if self.tuned.task != "lm" or not kinds <= {"chat", "prompt_completion"}:
             raise ValueError(f"eval.choices: scores the answers of chat or prompt_completion data, not "
                              f"{', '.join(sorted(kinds)) or self.tuned.task} data; remove eval.choices")
-        kind = next(iter(kinds), "chat")
-        tokenizer = self.tuned.tokenizer
-        ids = tuple(answer_first_token(tokenizer, kind, c) for c in choices)
-        for i, a in enumerate(choices):
-            for j in range(i):
-                if ids[i] == ids[j]:
-                    raise ValueError(f"eval.choices: {choices[j]!r} and {a!r} begin with the same token "
-                                     f"({tokenizer.convert_ids_to_tokens(ids[i])!r}); choice accuracy compares first "
-                                     "tokens, so use answers that begin differently")
-        return ids
+        return choice_token_ids(self.tuned.tokenizer, next(iter(kinds), "chat"), choices)
 
     def _check_best_metric(self) -> None:
         metric = self.eval_config.best_metric
@@ -505,48 +403,36 @@ class Trainer:
         return identity
 
     def check_resume(self) -> None:
-        """Refuse a run directory made by another model, plan, data or shapes (``run.json`` and the
-        fixed fields of ``config.yaml``, :data:`~jaxtune.train.rundir.FIXED_ON_RESUME`), naming
-        every difference; a new directory, or one with neither file, passes."""
-        if not self.run.path.is_dir():
-            return
-        # The config's fields say it in the recipe's words; without them, what the trainer knows.
-        changed = (differences(fixed_fields(self.run.config() or {}), fixed_fields(self.resolved_config))
-                   or differences(self.run.identity() or {}, self.identity()))
-        if changed:
-            raise RunMismatchError(
-                f"{self.run_dir}: this run directory was made by another configuration, so it cannot be resumed: "
-                f"{'; '.join(changed)}. Change these back to resume, or start afresh: jaxtune train CONFIG --restart "
-                "(moves the old run aside; finetune(config, restart=True) in Python) or another output.dir. Steps, "
-                "epochs, evaluation, logging, checkpoint frequency, the mesh and the optimizer's hyperparameters may "
-                "change on resume.")
+        """Refuse a run directory made by another model, plan, data or shapes, naming every difference
+        (see :meth:`~jaxtune.train.rundir.RunDir.check_resume`)."""
+        self.run.check_resume(self.resolved_config, self.identity())
 
-    def _resume(self, iterator: Any) -> _Best:
+    def _resume(self, iterator: Any) -> Best:
         restored = self.checkpointer.restore(self.trainable, self.opt_state, data_iterator=iterator)
         if restored is None:
-            return _Best()
+            return Best()
         self.step, self.trainable, self.opt_state, self.rng, meta = restored
         saved = meta.get("metrics", {})
         log.info("resumed from %s at step %d", self.run_dir / "checkpoints" / str(self.step), self.step)
-        return _Best(saved.get("best_value"), saved.get("best_step"), int(saved.get("bad_evals", 0)))
+        return Best(saved.get("best_value"), saved.get("best_step"), int(saved.get("bad_evals", 0)))
 
-    def _save(self, iterator: Any, best: _Best, metrics: dict[str, Any]) -> None:
+    def _save(self, iterator: Any, best: Best, metrics: dict[str, Any]) -> None:
         # The frozen base is not in the checkpoint: its source is, so resuming re-reads it.
         config = {"base_model": self.tuned.source, **self.resolved_config}
         self.checkpointer.save(self.step, self.trainable, self.opt_state, self.rng, data_iterator=iterator,
                                config=config, metrics={**best.as_metadata(), **metrics})
 
-    def _train(self, iterator: Any, best: _Best) -> tuple[str, dict[str, float], dict[str, float]]:
+    def _train(self, iterator: Any, best: Best) -> tuple[str, dict[str, float], dict[str, float]]:
         """The step loop; returns ``(state, last train metrics, last eval metrics)``."""
         cfg, ck = self.config, self.checkpoint_config
         from tensorboardX import SummaryWriter
 
         tensorboard = SummaryWriter(str(self.run_dir / "tensorboard")) if self.run.main else None
         state, train_metrics, eval_metrics, pending = "finished", {}, {}, []
-        window = _Throughput()
+        window = Throughput()
         self.run.write_status("running", step=self.step, total_steps=self.steps)
         try:
-            with _StopOnInterrupt() as interrupt:
+            with StopOnInterrupt() as interrupt:
                 while self.step < self.steps:
                     if interrupt.requested:
                         raise KeyboardInterrupt
@@ -599,7 +485,7 @@ class Trainer:
                 tensorboard.close()
         return state, train_metrics, eval_metrics
 
-    def _one_step(self, batch: Batch, window: _Throughput) -> dict[str, jax.Array]:
+    def _one_step(self, batch: Batch, window: Throughput) -> dict[str, jax.Array]:
         if self._flops_per_token is None:
             self._flops_per_token = self._flops(batch["input_ids"].shape[-1])
         step_rng = jax.random.fold_in(self.rng, self.step)
@@ -625,7 +511,7 @@ class Trainer:
         self.run.write_status("failed", step=self.step, total_steps=self.steps, error=message)
         return "failed"
 
-    def _evaluate_and_track(self, best: _Best, tensorboard: Any) -> dict[str, float]:
+    def _evaluate_and_track(self, best: Best, tensorboard: Any) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in self.evaluate().items()}
         self._log({"step": self.step, **metrics}, tensorboard)
         log.info("step %d validation: %s", self.step, _fmt(metrics))
@@ -701,19 +587,7 @@ class Trainer:
         if self.tuned.task == "lm" and self._flops_per_token and self._peak_flops:
             record["mfu"] = record["tokens_per_s"] * self._flops_per_token / (self._peak_flops * jax.device_count())
         if self.config.progress:
-            remaining = (self.steps - self.step) / max(record["steps_per_s"], 1e-9)
-            parts = [f"step {self.step}/{self.steps}", f"loss {record['loss']:.4f}"]
-            if "rewards/accuracy" in record:
-                parts.append(f"reward acc {record['rewards/accuracy']:.2f} margin {record['rewards/margin']:.3f} "
-                             f"(chosen {record['rewards/chosen']:.3f} rejected {record['rewards/rejected']:.3f}; "
-                             f"logps {record['logps/chosen']:.2f} / {record['logps/rejected']:.2f})")
-            if "learning_rate" in record:
-                parts.append(f"lr {record['learning_rate']:.2e}")
-            parts.append(f"{record['tokens_per_s']:.0f} tok/s")
-            if "mfu" in record:
-                parts.append(f"MFU {100 * record['mfu']:.1f}%")
-            parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}")
-            log.info("%s", " | ".join(parts))
+            log.info("%s", progress_line(record, self.steps))
         return record
 
 
