@@ -280,4 +280,4 @@ def test_metric_sums_add_up_over_micro_batches(files):
     lm_batch = next(iter(training_loader(chat, model.tokenizer, LoaderConfig(batch_size=4, max_length=LENGTH))))
     lm_step = jax.jit(make_train_step(make_loss_fn(model.module, "lm"), optimizer, grad_accum_steps=2))
     lm_metrics = lm_step(trainable, frozen, optimizer.init(trainable), lm_batch, jax.random.key(0))[2]
-    assert set(lm_metrics) == {"loss", "weight", "tokens", "grad_norm", "finite"}
+    assert set(lm_metrics) == {"loss", "weight", "tokens", "grad_norm", "finite", "grad_finite"}
