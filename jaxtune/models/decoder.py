@@ -127,6 +127,10 @@ class DecoderConfig:
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
 
+    def mlp_activation(self, x: Array) -> Array:
+        """The gate's activation: silu (SwiGLU) in the Llama family."""
+        return nn.silu(x)
+
 
 def _architecture(hf: dict[str, Any]) -> str:
     for arch in hf.get("architectures") or []:
@@ -270,7 +274,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))``; SwiGLU (``act`` = silu) for this family, GeGLU
+    where a family's config says so (its ``mlp_activation``)."""
 
     cfg: DecoderConfig
 
@@ -284,7 +289,7 @@ class MLP(nn.Module):
 
         gate = proj("gate_proj", cfg.intermediate_size)(x, deterministic)
         up = proj("up_proj", cfg.intermediate_size)(x, deterministic)
-        return proj("down_proj", cfg.hidden_size)(nn.silu(gate) * up, deterministic)
+        return proj("down_proj", cfg.hidden_size)(cfg.mlp_activation(gate) * up, deterministic)
 
 
 class DecoderBlock(nn.Module):

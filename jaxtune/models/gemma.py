@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.decoder import Decoder, DecoderConfig, LayerCache, attend
+from jaxtune.models.decoder import MLP, Decoder, DecoderConfig, LayerCache, attend
 from jaxtune.models.layers import (
     SUPPORTED_ROPE_TYPES,
     Array,
@@ -73,6 +73,10 @@ class GemmaConfig(DecoderConfig):
     local_rope_theta: float | None = None  # Gemma 3: RoPE base of the sliding layers (None: rope_theta)
     local_rope_scaling: tuple[tuple[str, Any], ...] | None = None
     gelu_approximate: bool = True
+
+    def mlp_activation(self, x: Array) -> Array:
+        """GeGLU's gate: gelu, with the tanh approximation unless the checkpoint says exact."""
+        return nn.gelu(x, approximate=self.gelu_approximate)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> GemmaConfig:
@@ -234,24 +238,6 @@ class GemmaAttention(nn.Module):
         return out if cache is None else (out, kv)
 
 
-class GemmaMLP(nn.Module):
-    """GeGLU: ``down(gelu(gate(x)) * up(x))``, gelu with the tanh approximation unless the config says exact."""
-
-    cfg: GemmaConfig
-
-    @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        cfg = self.cfg
-
-        def proj(name: str, features: int) -> Linear:
-            return Linear(features, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-                          adapter_dropout=cfg.adapter_dropout, name=name)
-
-        gate = proj("gate_proj", cfg.intermediate_size)(x, deterministic)
-        up = proj("up_proj", cfg.intermediate_size)(x, deterministic)
-        return proj("down_proj", cfg.hidden_size)(nn.gelu(gate, approximate=cfg.gelu_approximate) * up, deterministic)
-
-
 class GemmaBlock(nn.Module):
     """Gemma: ``x + attn(norm(x))``, ``x + mlp(norm(x))`` (norms ``input_layernorm``,
     ``post_attention_layernorm``). Gemma 2/3 also norm each branch's output before the residual
@@ -281,7 +267,7 @@ class GemmaBlock(nn.Module):
             attn = norm("post_attention_layernorm")(attn)
         x = x + attn
         h = norm("pre_feedforward_layernorm" if cfg.sandwich_norms else "post_attention_layernorm")(x)
-        h = GemmaMLP(cfg, name="mlp")(h, deterministic)
+        h = MLP(cfg, name="mlp")(h, deterministic)
         if cfg.sandwich_norms:
             h = norm("post_feedforward_layernorm")(h)
         x = x + h
