@@ -69,12 +69,16 @@ def __dir__() -> list[str]:
 def _default_logging() -> None:
     """Progress and notes as plain lines on stderr, unless the application configures the
     ``jaxtune`` logger itself (any handler of its own replaces this one). Records still
-    propagate, so an application's own logging (and pytest's caplog) sees them too."""
+    propagate, so an application's own logging (and pytest's caplog) sees them too; when the root
+    logger has handlers, they print the records and this handler does not."""
     logger = logging.getLogger("jaxtune")
     if logger.handlers:
         return
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
+    # Once the application logs through the root logger (basicConfig, absl...), records reach it by
+    # propagation: this handler then stays quiet, so no line is printed twice.
+    handler.addFilter(lambda record: not logging.getLogger().handlers)
     handler._jaxtune_default = True  # type: ignore[attr-defined]
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

@@ -214,8 +214,10 @@ def _one_line(err: BaseException) -> str:
     return f"{text} ({type(err).__name__}; --debug shows the traceback)"
 
 
-def _log_to_stderr() -> None:
-    """jaxtune's progress and notes go to stderr as plain lines (results go to stdout)."""
+def _log_to_stderr() -> bool:
+    """jaxtune's progress and notes go to stderr as plain lines (results go to stdout), and only
+    there while the command runs: libraries that configure the root logger (absl does) would
+    print each line a second time. Returns the logger's previous ``propagate``."""
     logger = logging.getLogger("jaxtune")
     if not any(getattr(h, "_jaxtune_cli", False) for h in logger.handlers):
         handler = logging.StreamHandler(sys.stderr)
@@ -225,6 +227,8 @@ def _log_to_stderr() -> None:
     handler = next(h for h in logger.handlers if getattr(h, "_jaxtune_cli", False))
     handler.setStream(sys.stderr)  # tests swap sys.stderr per call
     logger.setLevel(logging.INFO)
+    previous, logger.propagate = logger.propagate, False
+    return previous
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,12 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     debug = "--debug" in argv
+    propagate = logging.getLogger("jaxtune").propagate
     try:
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()
             return 2
-        _log_to_stderr()
+        propagate = _log_to_stderr()
         from absl import flags
 
         if not flags.FLAGS.is_parsed():
@@ -253,3 +258,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"jaxtune: error: {_one_line(err)}", file=sys.stderr)
         return _exit_code(err)
+    finally:
+        logging.getLogger("jaxtune").propagate = propagate
