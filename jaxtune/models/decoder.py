@@ -23,7 +23,7 @@ is ``params["layers_3"]["self_attn"]["q_proj"]["kernel"]``, transposed); :func:`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -329,13 +329,16 @@ class Decoder(nn.Module):
     """
 
     cfg: DecoderConfig
+    # A family that differs only in its blocks and final norm (Gemma) overrides these two.
+    block_class: ClassVar[type[nn.Module]] = DecoderBlock
+    norm_class: ClassVar[type[nn.Module]] = RMSNorm
 
     def setup(self) -> None:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
-        block = remat_block(DecoderBlock, cfg.remat)
+        block = remat_block(self.block_class, cfg.remat)
         self.layers = [block(cfg, cfg.layer_windows[i] if cfg.layer_windows else None) for i in range(cfg.num_layers)]
-        self.norm = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype)
+        self.norm = self.norm_class(cfg.rms_norm_eps, dt, cfg.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, dtype=dt, param_dtype=cfg.param_dtype,
                                   adapter_dropout=cfg.adapter_dropout)

@@ -40,12 +40,10 @@ from jaxtune.models.layers import (
     SUPPORTED_ROPE_TYPES,
     Array,
     Dtype,
-    Embed,
     Linear,
     PartitionRules,
     apply_rope,
     partition_rules,
-    remat_block,
     rope_inverse_frequencies,
     softcap,
 )
@@ -282,15 +280,8 @@ class Gemma(Decoder):
 
     cfg: GemmaConfig
 
-    def setup(self) -> None:
-        cfg, dt = self.cfg, self.cfg.compute_dtype
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
-        block = remat_block(GemmaBlock, cfg.remat)
-        self.layers = [block(cfg, cfg.layer_windows[i] if cfg.layer_windows else None) for i in range(cfg.num_layers)]
-        self.norm = GemmaRMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.vocab_size, dtype=dt, param_dtype=cfg.param_dtype,
-                                  adapter_dropout=cfg.adapter_dropout)
+    block_class = GemmaBlock
+    norm_class = GemmaRMSNorm
 
     def embed(self, input_ids: Array) -> Array:
         """Token embeddings times ``sqrt(hidden_size)`` ``(B, T, D)``, in the compute dtype. Prompt
