@@ -143,7 +143,48 @@ def test_a_bad_upload_is_refused_naming_the_line(server, tmp_path):
     assert err.value.body["param"] == "file"
 
 
+def test_a_job_is_the_jaxtune_recipe_it_maps_to(server, tmp_path):
+    """OpenAI's fields land on the recipe's fields, and what jaxtune would refuse is refused at
+    create, naming the request's param."""
+    from jaxtune.data.testing import synthetic_preference_rows
+    from jaxtune.serve.jobs import job_recipe
+
+    config, resolved = job_recipe(
+        model_path="m", method="dpo", seed=5, training_file=Path("t.jsonl"), validation_file=Path("v.jsonl"),
+        run_dir=Path("run"), hyperparameters={"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 0.5,
+                                              "beta": 0.2}, operator=RECIPE)
+    assert resolved == {"batch_size": 4, "learning_rate_multiplier": 0.5, "n_epochs": 2, "beta": 0.2}
+    assert config["preference"]["method"] == "dpo" and config["preference"]["beta"] == 0.2
+    assert (config["data"]["kind"], config["data"]["train"], config["data"]["validation"]) == \
+        ("preference", "t.jsonl", "v.jsonl")
+    assert config["data"]["batch_size"] == 4 and config["data"]["max_length"] == 64 and config["data"]["seed"] == 5
+    assert config["train"]["epochs"] == 2 and config["train"]["seed"] == 5 and config["output"]["dir"] == "run"
+    assert config["optimizer"]["learning_rate"] == pytest.approx(0.005) and config["checkpoint"]["every"] == 10
+    assert config["plan"] == [{"preset": "lora", "rank": 8, "alpha": 16}]
+
+    client = server.client(server.keys["bob"])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_preference_rows(4))
+    upload = client.files.create(file=open(pairs, "rb"), purpose="fine-tune")
+    refused = {  # param -> a request that gets it wrong
+        "training_file": dict(model="tiny", training_file=upload.id),  # preference rows, supervised job
+        "method.dpo.hyperparameters.beta": dict(model="tiny", training_file=upload.id, method={
+            "type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}),
+        "method.dpo.hyperparameters.n_epochs": dict(model="tiny", training_file=upload.id, method={
+            "type": "dpo", "dpo": {"hyperparameters": {"n_epochs": 0}}}),
+        "model": dict(model="gpt-4o", training_file=upload.id),
+        "suffix": dict(model="tiny", training_file=upload.id, suffix="a/../b"),
+    }
+    for param, request in refused.items():
+        with pytest.raises(openai.BadRequestError) as err:
+            client.fine_tuning.jobs.create(**request)
+        assert err.value.body["param"] == param, err.value.body
+    assert client.fine_tuning.jobs.list().data == []
+    client.files.delete(upload.id)
+
+
 def test_python_sdk_whole_job_under_load(server, note):
+    import yaml
+
     import jaxtune as jt
 
     client = server.client(server.keys["alice"])
@@ -152,6 +193,8 @@ def test_python_sdk_whole_job_under_load(server, note):
     assert client.files.content(upload.id).content == (server.root / "train.jsonl").read_bytes()
     job = client.fine_tuning.jobs.create(training_file=upload.id, **JOB)
     assert job.status == "queued" and job.hyperparameters.n_epochs == 40 and job.seed == 7
+    recipe = yaml.safe_load((server.data / "jobs" / job.id / "config.yaml").read_text())
+    assert recipe["train"]["epochs"] == 40 and recipe["model"]["path"] == str(server.root / "llama")
     server.jobs.update(file=upload.id, sdk=job.id)
     wait_for(client, job.id, ("running",))
 
@@ -272,6 +315,15 @@ def test_cancel_stops_a_running_job_within_seconds(server):
     while not (metrics.is_file() and metrics.read_text().strip()):  # training has begun
         assert time.time() < deadline and client.fine_tuning.jobs.retrieve(job_id).status in ("queued", "running")
         time.sleep(0.1)
+    # A job queued behind it pauses, resumes (queued again) and cancels without ever starting.
+    queued = client.fine_tuning.jobs.create(training_file=server.jobs["file"], **JOB)
+    assert client.fine_tuning.jobs.pause(queued.id).status == "paused"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.pause(queued.id)
+    assert client.fine_tuning.jobs.resume(queued.id).status == "queued"
+    assert client.fine_tuning.jobs.cancel(queued.id).status == "cancelled"
+    assert not (server.data / "jobs" / queued.id / "run").exists()
+
     start = time.time()
     assert client.fine_tuning.jobs.cancel(job_id).status == "cancelled"
     while "Training stopped at step" not in (events := [e.message for e in
@@ -291,6 +343,7 @@ def test_cancel_stops_a_running_job_within_seconds(server):
 
 
 def test_sigkilled_server_resumes_its_job_to_the_uninterrupted_weights(server):
+    from jaxtune.serve.runner import process_alive
     from jaxtune.serve.store import Store
 
     client = server.client(server.keys["alice"])
@@ -304,9 +357,10 @@ def test_sigkilled_server_resumes_its_job_to_the_uninterrupted_weights(server):
     store = Store(server.data / "serve.sqlite")
     pid = store.job(job.id)["pid"]
     store.close()
-    time.sleep(1)
-    with pytest.raises(ProcessLookupError):  # the job died with its server
-        os.kill(pid, 0)
+    deadline = time.time() + 10
+    while process_alive(pid):  # the job dies with its server
+        assert time.time() < deadline, f"job process {pid} outlived its server"
+        time.sleep(0.1)
     status = json.loads((first.parents[1] / "status.json").read_text())
     assert status["step"] < status["total_steps"], "the job finished before the kill; make it longer"
     server.start()
@@ -318,3 +372,22 @@ def test_sigkilled_server_resumes_its_job_to_the_uninterrupted_weights(server):
     assert reference.keys() == resumed.keys()
     for key in reference:
         np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)  # bitwise
+
+
+def test_serve_keys_command(tmp_path, capsys):
+    from jaxtune.cli import main
+    from jaxtune.serve.store import Store
+
+    assert main(["serve", "keys", "create", "dana", "--data-dir", str(tmp_path)]) == 0
+    secret = capsys.readouterr().out.splitlines()[0]
+    store = Store(tmp_path / "serve.sqlite")
+    key_id = store.key_owner(secret)
+    assert secret.startswith("sk-jt-") and key_id is not None
+    assert main(["serve", "keys", "list", "--data-dir", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == "dana"  # the secret itself is never listed
+    assert main(["serve", "keys", "revoke", key_id, "--data-dir", str(tmp_path)]) == 0
+    assert store.key_owner(secret) is None
+    assert main(["serve", "keys", "revoke", "key-nope", "--data-dir", str(tmp_path)]) == 2
+    assert "no key 'key-nope'" in capsys.readouterr().err
+    assert main(["serve", "--model", "broken", "--data-dir", str(tmp_path)]) == 2
+    assert "--model 'broken': expected NAME=DIR" in capsys.readouterr().err

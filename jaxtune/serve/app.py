@@ -254,19 +254,6 @@ async def create_job(request: Request, owner: str) -> Response:
     if model not in settings.models:
         raise RequestError(f"model: '{model}' cannot be fine-tuned here (available: {', '.join(settings.models)})",
                            "model", "model_not_available")
-    method, hyperparameters = method_of(body)
-    want = "preference" if method == "dpo" else "chat"
-    files = {}
-    for param in ("training_file", "validation_file"):
-        if body.get(param) is None:
-            if param == "training_file":
-                raise RequestError("training_file: required (a file id from POST /v1/files)", param)
-            continue
-        row = _file(request, owner, param, str(body[param]))
-        if row["kind"] != want:
-            raise RequestError(f"{param}: {row['filename']} holds {row['kind']} rows, but a {method} job needs "
-                               f"{want} rows", param, "invalid_file_format")
-        files[param] = row
     suffix = body.get("suffix")
     if suffix is not None and not (isinstance(suffix, str) and 1 <= len(suffix) <= 64
                                    and all(c.isalnum() or c in "-_." for c in suffix)):
@@ -280,6 +267,20 @@ async def create_job(request: Request, owner: str) -> Response:
     if metadata is not None and not (isinstance(metadata, dict) and len(metadata) <= 16
                                      and all(isinstance(v, str) for v in metadata.values())):
         raise RequestError("metadata: up to 16 string keys with string values", "metadata")
+
+    method, hyperparameters = method_of(body)
+    want = "preference" if method == "dpo" else "chat"
+    files = {}
+    for param in ("training_file", "validation_file"):
+        if body.get(param) is None:
+            if param == "training_file":
+                raise RequestError("training_file: required (a file id from POST /v1/files)", param)
+            continue
+        row = _file(request, owner, param, str(body[param]))
+        if row["kind"] != want:
+            raise RequestError(f"{param}: {row['filename']} holds {row['kind']} rows, but a {method} job needs "
+                               f"{want} rows", param, "invalid_file_format")
+        files[param] = row
 
     job_id = new_id("ftjob")
     folder = lambda row: settings.data_dir / "files" / f"{row['id']}.jsonl"  # noqa: E731

@@ -44,19 +44,23 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
-def _alive(pid: int, marker: str) -> bool:
-    """Whether ``pid`` is still a process whose command line contains ``marker`` (our job's config)."""
+def process_alive(pid: int, marker: str | None = None) -> bool:
+    """Whether ``pid`` is a live process (a zombie is dead: nobody may have reaped it yet) whose
+    command line contains ``marker`` (our job's config) when given."""
     try:
         os.kill(pid, 0)
     except OSError:
         return False
-    cmdline = Path(f"/proc/{pid}/cmdline")
-    if cmdline.exists():
-        try:
-            return marker in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():
+        return True  # no /proc: trust the pid
+    try:
+        stat = (proc / "stat").read_text()
+        if stat[stat.rindex(")") + 2] in "ZX":
             return False
-    return True  # no /proc: trust the pid
+        return marker is None or marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def _level(line: str) -> str:
@@ -121,9 +125,9 @@ class Runner:
         for job in self.store.jobs():
             if job["pid"] and job["status"] in ACTIVE:
                 marker = str(self.job_dir(job["id"]) / "config.yaml")
-                if _alive(job["pid"], marker):
+                if process_alive(job["pid"], marker):
                     os.kill(job["pid"], signal.SIGKILL)
-                    while _alive(job["pid"], marker):
+                    while process_alive(job["pid"], marker):
                         time.sleep(0.05)
                 self.store.update_job(job["id"], pid=None)
             if job["status"] == "running":
