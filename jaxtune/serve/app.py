@@ -20,6 +20,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import yaml
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -285,19 +286,16 @@ async def create_job(request: Request, owner: str) -> Response:
     job_id = new_id("ftjob")
     folder = lambda row: settings.data_dir / "files" / f"{row['id']}.jsonl"  # noqa: E731
 
-    def recipe() -> tuple[dict[str, Any], dict[str, Any], str]:
-        path = settings.models[model].local_path()
+    def recipe() -> tuple[dict[str, Any], dict[str, Any]]:  # a packaged base model may be fetched here
         valid = files.get("validation_file")
-        return (*job_recipe(model_path=path, method=method, hyperparameters=hyperparameters, seed=seed,
-                            training_file=folder(files["training_file"]),
-                            validation_file=folder(valid) if valid else None, run_dir=runner.run_dir(job_id),
-                            operator=settings.recipe), path)
+        return job_recipe(model_path=settings.models[model].local_path(), method=method,
+                          hyperparameters=hyperparameters, seed=seed, training_file=folder(files["training_file"]),
+                          validation_file=folder(valid) if valid else None, run_dir=runner.run_dir(job_id),
+                          operator=settings.recipe)
 
-    config, resolved, _ = await run_in_threadpool(recipe)
+    config, resolved = await run_in_threadpool(recipe)
     job_dir = runner.job_dir(job_id)
     job_dir.mkdir(parents=True)
-    import yaml
-
     (job_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     name = f"ft:{model}:{owner}:{suffix or ''}:{job_id.removeprefix('ftjob-')[:8]}"
     data = {"model": model, "training_file": files["training_file"]["id"],

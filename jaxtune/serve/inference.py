@@ -31,6 +31,9 @@ class Models:
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
+        from jaxtune.train import compile_cache
+
+        compile_cache.enable()  # generation programs load from disk after a restart, as train steps do
         model = load()
         self._models[key] = model
         while len(self._models) > self.capacity:
