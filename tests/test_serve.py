@@ -390,3 +390,25 @@ def test_serve_keys_command(tmp_path, capsys):
     assert "no key 'key-nope'" in capsys.readouterr().err
     assert main(["serve", "--model", "broken", "--data-dir", str(tmp_path)]) == 2
     assert "--model 'broken': expected NAME=DIR" in capsys.readouterr().err
+
+
+def test_uploads_are_capped_and_stored_under_server_names(tmp_path):
+    from starlette.testclient import TestClient
+
+    from jaxtune.cli.serve import device_set
+    from jaxtune.serve.app import Settings, create_app
+    from jaxtune.serve.store import Store
+
+    key = Store(tmp_path / "data" / "serve.sqlite").create_key("erin")[1]
+    app = create_app(Settings(data_dir=tmp_path / "data", models={}, max_upload_bytes=200))
+    rows = "".join(json.dumps(r) + "\n" for r in chat_rows(2)).encode()
+    with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as client:
+        big = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("a.jsonl", rows * 4)})
+        assert big.status_code == 413 and big.json()["error"]["code"] == "file_too_large"
+        ok = client.post("/v1/files", data={"purpose": "fine-tune"}, files={"file": ("../../x/evil.jsonl", rows)})
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["filename"] == "evil.jsonl"
+        assert sorted(p.name for p in (tmp_path / "data" / "files").iterdir()) == [f"{ok.json()['id']}.jsonl"]
+        assert not (tmp_path / "x").exists()
+    assert device_set("CUDA_VISIBLE_DEVICES=0,1,XLA_FLAGS=--a=b") == {"CUDA_VISIBLE_DEVICES": "0,1",
+                                                                      "XLA_FLAGS": "--a=b"}

@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
     p.set_defaults(func=cmd_serve)
 
 
-def _device_set(text: str) -> dict[str, str]:
+def device_set(text: str) -> dict[str, str]:
     from jaxtune.cli import UsageError
 
     env = {}
@@ -90,7 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except RequestError as err:
         raise UsageError(str(err)) from None
     settings = Settings(data_dir=data_dir, models=models, recipe=recipe,
-                        device_sets=[_device_set(d) for d in args.device_set] or [{}],
+                        device_sets=[device_set(d) for d in args.device_set] or [{}],
                         max_upload_bytes=int(args.max_upload_mb * 2**20))
     if not Store(data_dir / "serve.sqlite").keys():
         print(f"no API keys yet: create one with jaxtune serve keys create NAME --data-dir {data_dir}")
