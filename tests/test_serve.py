@@ -390,6 +390,9 @@ def test_serve_keys_command(tmp_path, capsys):
     assert "no key 'key-nope'" in capsys.readouterr().err
     assert main(["serve", "--model", "broken", "--data-dir", str(tmp_path)]) == 2
     assert "--model 'broken': expected NAME=DIR" in capsys.readouterr().err
+    (tmp_path / "recipe.yaml").write_text("optimizr: {learning_rate: 0.1}\n")
+    assert main(["serve", "--recipe", str(tmp_path / "recipe.yaml"), "--data-dir", str(tmp_path)]) == 2
+    assert "unknown key 'optimizr'" in capsys.readouterr().err
 
 
 def test_uploads_are_capped_and_stored_under_server_names(tmp_path):

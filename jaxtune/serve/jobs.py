@@ -49,13 +49,21 @@ def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def check_operator_recipe(recipe: Mapping[str, Any], where: str) -> None:
-    """An operator recipe sets how jobs train, never what they train on."""
+    """An operator recipe sets how jobs train, never what they train on; it is checked at start
+    (keys, types, ranges) as the recipe of a chat job, so a typo fails the server, not every job."""
+    from jaxtune.config import ConfigError, load
+
     for section, fields in JOB_OWNED.items():
         given = recipe.get(section) or {}
         bad = [f for f in fields if isinstance(given, Mapping) and f in given]
         if bad:
             raise RequestError(f"{where}: {section}.{bad[0]} is set by each job's request; remove it from the "
                                "operator recipe")
+    job = {"model": {"path": "base"}, "data": {"train": "train.jsonl", "kind": "chat"}, "output": {"dir": "run"}}
+    try:
+        load(None, base=merge(merge(DEFAULTS, recipe), job))
+    except (ConfigError, ValueError) as err:
+        raise RequestError(f"{where}: {err}") from None
 
 
 # ----------------------------------------------------------------------------- base models
