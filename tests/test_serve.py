@@ -306,7 +306,7 @@ console.log(JSON.stringify({{ file, job, again }}));
     server.jobs["ts"] = out["job"]["id"]
 
 
-def test_cancel_stops_a_running_job_within_seconds(server):
+def test_cancel_stops_a_running_job_within_seconds(server, note):
     client = server.client(server.keys["alice"])
     job_id = server.jobs["ts"]
     metrics = server.data / "jobs" / job_id / "run" / "metrics.jsonl"
@@ -330,6 +330,7 @@ def test_cancel_stops_a_running_job_within_seconds(server):
         assert time.time() - start < 30, events
         time.sleep(0.2)
     stopped = time.time() - start
+    note(f"serve cancel ({os.getloadavg()[0]:.1f} load avg): the job's process stopped {stopped:.1f} s after cancel")
     assert stopped < 30
     status = json.loads((metrics.parent / "status.json").read_text())
     assert status["state"] == "stopped" and status["step"] < status["total_steps"]
