@@ -88,7 +88,8 @@ def base_models(local: Mapping[str, str]) -> dict[str, BaseModel]:
     """The packaged causal LMs (``jaxtune fetch`` lists them) and the operator's ``NAME=DIR`` models."""
     from jaxtune.assets import ASSETS
 
-    # Only generative models: the API trains chat models and serves chat completions.
+    # Only generative models: the API trains chat models and serves chat completions. The asset
+    # table has no task field; its chat models say so in their description.
     models = {a.name: BaseModel(a.name, None) for a in ASSETS.values() if a.kind == "model" and "chat" in
               a.description.lower()}
     for name, path in local.items():
