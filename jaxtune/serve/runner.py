@@ -1,0 +1,343 @@
+"""The job queue: one worker thread per device set, each running its jobs one at a time as
+``jaxtune train <job dir>/config.yaml`` processes, and turning what a run directory records
+(``metrics.jsonl``, ``checkpoints/``, ``status.json``, the process's log) into job events.
+
+A job is a separate process so the server stays responsive and a crashing job cannot take it
+down. Everything a job needs to continue is on disk, so a restarted server picks up where the
+last one stopped: queued jobs stay queued, and a job that was running is queued first again and
+resumes from its last checkpoint (``jaxtune train`` on an existing run directory resumes it
+exactly). Cancel and pause send the process SIGINT, which makes ``jaxtune train`` stop at the
+next step boundary and save a checkpoint; SIGKILL follows if it has not exited after a grace period.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxtune.serve.store import Store
+from jaxtune.train.rundir import RunDir
+
+log = logging.getLogger(__name__)
+ACTIVE = ("validating_files", "queued", "running", "paused")
+FINAL = ("succeeded", "failed", "cancelled")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: the job is killed when the server dies, so a restarted server never finds two
+    processes training one run directory (elsewhere, recovery kills the orphan instead)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def process_alive(pid: int, marker: str | None = None) -> bool:
+    """Whether ``pid`` is a live process (a zombie is dead: nobody may have reaped it yet) whose
+    command line contains ``marker`` (our job's config) when given."""
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    proc = Path(f"/proc/{pid}")
+    if not proc.is_dir():
+        return True  # no /proc: trust the pid
+    try:
+        stat = (proc / "stat").read_text()
+        if stat[stat.rindex(")") + 2] in "ZX":
+            return False
+        return marker is None or marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def _level(line: str) -> str:
+    low = line.lower()
+    if low.startswith("jaxtune: error") or "traceback" in low:
+        return "error"
+    if "warning" in low or "ctrl-c" in low or "interrupted" in low or "skipped" in low:
+        return "warn"
+    return "info"
+
+
+def trained_tokens(records: Sequence[Mapping[str, Any]]) -> int | None:
+    """Real input tokens the run trained on (padding excluded), from the logged windows: each
+    train record's ``tokens_per_s / steps_per_s`` is its window's tokens per step."""
+    last: dict[int, Mapping[str, Any]] = {}
+    for r in records:
+        if "loss" in r and r.get("steps_per_s"):
+            last[int(r["step"])] = r  # a step logged again after a resume keeps the resumed record
+    total, previous = 0.0, 0
+    for step in sorted(last):
+        r = last[step]
+        total += r.get("tokens_per_s", 0.0) / r["steps_per_s"] * (step - previous)
+        previous = step
+    return int(round(total)) if last else None
+
+
+class Runner:
+    """Runs queued jobs. ``device_sets``: one environment per set (e.g. ``{"CUDA_VISIBLE_DEVICES":
+    "0,1"}``); each set runs one job at a time. ``[{}]``: one set, every device."""
+
+    def __init__(self, store: Store, data_dir: Path, device_sets: Sequence[Mapping[str, str]] = ({},), *,
+                 poll_s: float = 0.5, grace_s: float = 30.0):
+        self.store, self.data_dir = store, Path(data_dir)
+        self.device_sets = [dict(d) for d in device_sets] or [{}]
+        self.poll_s, self.grace_s = poll_s, grace_s
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ paths
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.data_dir / "jobs" / job_id
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "run"
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        self.recover()
+        for index, env in enumerate(self.device_sets):
+            thread = threading.Thread(target=self._worker, args=(env,), name=f"jaxtune-jobs-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def recover(self) -> None:
+        """After a restart: stop any job process the last server left behind, and queue its
+        running jobs first again (they resume from their last checkpoint)."""
+        for job in self.store.jobs():
+            if job["pid"] and job["status"] in ACTIVE:
+                marker = str(self.job_dir(job["id"]) / "config.yaml")
+                if process_alive(job["pid"], marker):
+                    os.kill(job["pid"], signal.SIGKILL)
+                    while process_alive(job["pid"], marker):
+                        time.sleep(0.05)
+                self.store.update_job(job["id"], pid=None)
+            if job["status"] == "running":
+                self.store.update_job(job["id"], status="queued", priority=1)
+                steps = RunDir(self.run_dir(job["id"])).checkpoint_steps()
+                self.store.add_event(job["id"], "The server restarted; the job resumes from "
+                                     + (f"its checkpoint at step {steps[-1]}" if steps else "the start"))
+
+    def close(self, timeout: float = 60.0) -> None:
+        """Stop the workers; running jobs get SIGINT (a checkpoint) and stay ``running`` in the
+        database, so the next server resumes them."""
+        self._closing.set()
+        self._wake.set()
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
+            _signal(proc, signal.SIGINT)
+        deadline = time.time() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.time()))
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    # ------------------------------------------------------------------ requests
+
+    def cancel(self, job_id: str) -> bool:
+        """Mark the job cancelled and stop its process; False when it had already ended."""
+        if not self.store.update_job(job_id, only_if=ACTIVE, status="cancelled", finished_at=int(time.time())):
+            return False
+        self.store.add_event(job_id, "Fine-tuning job cancelled")
+        self._stop(job_id)
+        return True
+
+    def pause(self, job_id: str) -> bool:
+        if not self.store.update_job(job_id, only_if=("queued", "running"), status="paused"):
+            return False
+        self.store.add_event(job_id, "Fine-tuning job paused; resume continues from its last checkpoint")
+        self._stop(job_id)
+        return True
+
+    def resume(self, job_id: str) -> bool:
+        if not self.store.update_job(job_id, only_if=("paused",), status="queued", priority=1):
+            return False
+        self.store.add_event(job_id, "Fine-tuning job resumed; queued")
+        self.wake()
+        return True
+
+    def _stop(self, job_id: str) -> None:
+        with self._lock:
+            proc = self._procs.get(job_id)
+        if proc is None:
+            return
+        _signal(proc, signal.SIGINT)  # jaxtune train saves a checkpoint at the next step boundary
+
+        def kill_late() -> None:
+            try:
+                proc.wait(self.grace_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+        threading.Thread(target=kill_late, daemon=True).start()
+
+    # ------------------------------------------------------------------ the workers
+
+    def _worker(self, env: Mapping[str, str]) -> None:
+        while not self._closing.is_set():
+            job = self.store.claim_next()
+            if job is None:
+                self._wake.wait(self.poll_s * 4)
+                self._wake.clear()
+                continue
+            try:
+                self._run(job, env)
+            except Exception as err:  # noqa: BLE001 - a broken job must not stop the queue
+                log.exception("job %s", job["id"])
+                self._fail(job["id"], f"the server could not run this job: {type(err).__name__}: {err}")
+
+    def _run(self, job: dict[str, Any], env: Mapping[str, str]) -> None:
+        job_id = job["id"]
+        config = self.job_dir(job_id) / "config.yaml"
+        steps = RunDir(self.run_dir(job_id)).checkpoint_steps()
+        self.store.add_event(job_id, f"Fine-tuning job resumed from step {steps[-1]}" if steps
+                             else "Fine-tuning job started")
+        with open(self.job_dir(job_id) / "train.log", "ab") as logfile:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "jaxtune", "train", str(config)], stdout=logfile, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                start_new_session=True,  # the server's own Ctrl-C must not reach it; close() signals it
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        with self._lock:
+            self._procs[job_id] = proc
+        self.store.update_job(job_id, pid=proc.pid)
+        if (self.store.job(job_id) or {}).get("status") != "running":
+            self._stop(job_id)  # cancelled or paused between the claim and the start
+        try:
+            while proc.poll() is None:
+                self._ingest(job_id)
+                time.sleep(self.poll_s)
+        finally:
+            with self._lock:
+                self._procs.pop(job_id, None)
+        self._ingest(job_id)
+        self._finish(job_id, proc.returncode)
+
+    def _finish(self, job_id: str, code: int) -> None:
+        job = self.store.job(job_id)
+        if job is None or self._closing.is_set() and job["status"] == "running":
+            return  # the server is stopping: the next one resumes this job
+        self.store.update_job(job_id, pid=None)
+        run = RunDir(self.run_dir(job_id))
+        if job["status"] in ("cancelled", "paused"):
+            step = (run.status() or {}).get("step")
+            self.store.add_event(job_id, f"Training stopped at step {step}" if step is not None else "Training stopped")
+            return
+        state = (run.status() or {}).get("state")
+        if code == 0 and state in ("finished", "early_stopped"):
+            self.store.update_job(job_id, only_if=("running",), status="succeeded", finished_at=int(time.time()),
+                                  fine_tuned_model=job["data"]["fine_tuned_model"],
+                                  trained_tokens=trained_tokens(run.metrics()))
+            self.store.add_event(job_id, "The job has successfully completed")
+            return
+        self._fail(job_id, self._last_error(job_id) or f"jaxtune train exited with code {code}")
+
+    def _fail(self, job_id: str, message: str) -> None:
+        if self.store.update_job(job_id, only_if=("running",), status="failed", finished_at=int(time.time()),
+                                 error={"code": "training_failed", "message": message, "param": None}):
+            self.store.add_event(job_id, f"The job failed: {message}", level="error")
+
+    def _last_error(self, job_id: str) -> str | None:
+        path = self.job_dir(job_id) / "train.log"
+        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        errors = [ln.removeprefix("jaxtune: error: ") for ln in lines if ln.startswith("jaxtune: error:")]
+        return errors[-1] if errors else (lines[-1][:1000] if lines else None)
+
+    # ------------------------------------------------------------------ events
+
+    def _ingest(self, job_id: str) -> None:
+        """New log lines, metrics records and checkpoints of a job become its events."""
+        job = self.store.job(job_id)
+        if job is None:
+            return
+        run = RunDir(self.run_dir(job_id))
+        log_offset, lines = _new_lines(self.job_dir(job_id) / "train.log", job["log_offset"])
+        for line in lines:
+            if line.strip():
+                self.store.add_event(job_id, line.strip()[:1000], level=_level(line))
+        metrics_offset, records = _new_lines(run.path / RunDir.METRICS, job["metrics_offset"])
+        total = (run.status() or {}).get("total_steps")
+        for line in records:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            text, data = _metrics_event(record, total)
+            self.store.add_event(job_id, text, type="metrics", data=data)
+        known = {c["step"] for c in job["checkpoints"]}
+        new = [s for s in run.checkpoint_steps() if s not in known]
+        checkpoints = list(job["checkpoints"])
+        if new:
+            by_step = {}
+            for record in run.metrics():
+                by_step.setdefault(int(record["step"]), {}).update(record)
+            for step in new:
+                checkpoints.append({"step": step, "created_at": int(time.time()),
+                                    "metrics": checkpoint_metrics(by_step.get(step, {}), step)})
+                self.store.add_event(job_id, f"Checkpoint created at step {step}")
+        self.store.update_job(job_id, log_offset=log_offset, metrics_offset=metrics_offset, checkpoints=checkpoints)
+
+
+def _signal(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        proc.send_signal(signum)
+    except OSError:
+        pass
+
+
+def _new_lines(path: Path, offset: int) -> tuple[int, list[str]]:
+    """Complete lines appended to ``path`` after byte ``offset``, and the new offset."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            chunk = fh.read()
+    except OSError:
+        return offset, []
+    end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
+    return offset + end, chunk[:end].decode("utf-8", errors="replace").splitlines()
+
+
+def checkpoint_metrics(record: Mapping[str, Any], step: int) -> dict[str, Any]:
+    """OpenAI's checkpoint metrics from a run's records at that step."""
+    out: dict[str, Any] = {"step": step}
+    if "loss" in record:
+        out["train_loss"] = record["loss"]
+    if "eval/loss" in record:
+        out["valid_loss"] = out["full_valid_loss"] = record["eval/loss"]
+    return out
+
+
+def _metrics_event(record: Mapping[str, Any], total: int | None) -> tuple[str, dict[str, Any]]:
+    step = int(record.get("step", 0))
+    data: dict[str, Any] = {"step": step, "total_steps": total}
+    if "loss" in record:
+        data["train_loss"] = record["loss"]
+        data.update({k: record[k] for k in ("learning_rate", "grad_norm", "tokens_per_s") if k in record})
+        text = f"Step {step}/{total}: training loss={record['loss']:.4f}"
+    else:
+        data.update({k.replace("eval/", "valid_"): v for k, v in record.items() if k.startswith("eval/")})
+        text = f"Step {step}/{total}: validation loss={record.get('eval/loss', float('nan')):.4f}"
+    return text, data
