@@ -4,19 +4,24 @@ never vanish without a word. One tiny random BERT (with a character tokenizer) s
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from helpers import tiny_hf_model
 
 import jaxtune as jt
+from jaxtune.cli import main
 from jaxtune.data.testing import tiny_tokenizer
 
 WORDS = {"spam": ["win", "cash", "prize", "free", "offer", "now"],
          "ham": ["lunch", "meeting", "notes", "see", "you", "today"]}
 SHARED = ["the", "a", "for", "and", "hi"]
+PARTY = {"spam": "rep", "ham": "dem"}  # the CSV's own label names
 
 
 def _rows(n: int, seed: int) -> list[tuple[str, str]]:
@@ -50,7 +55,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
         out[f"{split}.jsonl"] = root / f"{split}.jsonl"
         out[f"{split}.jsonl"].write_text("".join(json.dumps({"body": t, "category": c}) + "\n" for t, c in rows))
         out[f"{split}.csv"] = root / f"{split}.csv"
-        out[f"{split}.csv"].write_text("statement,party\n" + "".join(f"{t},{c}\n" for t, c in rows))
+        out[f"{split}.csv"].write_text("statement,party\n" + "".join(f"{t},{PARTY[c]}\n" for t, c in rows))
     return out
 
 
@@ -102,3 +107,84 @@ def test_report_shows_baselines_that_match_scikit_learn(bert, files, tmp_path):
     assert float(accuracy[2]) == pytest.approx(before["probe/accuracy"], abs=1e-4)
     assert float(accuracy[3]) == pytest.approx(before["tfidf/accuracy"], abs=1e-4)
     assert "TF-IDF (word 1-2-gram TF-IDF" in result.report
+
+
+def cli(*argv: object) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _recipe(bert: Path, train: Path, test: Path, fields: dict[str, str], out: Path, export: str) -> Path:
+    """The quickstart's plan (LoRA + a fresh head with its pooling) on the user's files, by field mapping alone."""
+    quickstart = yaml.safe_load(Path("configs/quickstart.yaml").read_text())
+    config = {"model": {"path": str(bert)}, "plan": quickstart["plan"],
+              "data": {"train": str(train), "validation": str(test), "kind": "classification", **fields,
+                       "max_length": 48, "batch_size": 8},
+              "train": {"steps": 3, "log_every": 3}, "optimizer": {"learning_rate": 0.05},
+              "eval": {"baselines": False}, "output": {"dir": str(out), "export": export}}
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _transformers_labels(model, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Predicted label names (by the model's own config.id2label) and probabilities, one text at a time."""
+    import torch
+
+    tok, names, probs = tiny_tokenizer(bos=True), [], []
+    with torch.no_grad():
+        for text in texts:
+            logits = model(torch.tensor([tok(text)["input_ids"]])).logits[0]
+            names.append(model.config.id2label[int(logits.argmax())])
+            probs.append(torch.softmax(logits, -1).numpy())
+    return names, np.stack(probs)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_own_field_names_train_predict_and_export_with_the_data_label_names(fmt, bert, files, tmp_path):
+    import peft
+    import transformers
+
+    fields = ({"text_field": "statement", "label_field": "party"} if fmt == "csv"
+              else {"text_field": "body", "label_field": "category"})
+    names = ["dem", "rep"] if fmt == "csv" else ["ham", "spam"]
+    run = tmp_path / "run"
+    export = "peft" if fmt == "csv" else "merged"
+    code, out, err = cli("train", _recipe(bert, files[f"train.{fmt}"], files[f"test.{fmt}"], fields, run, export))
+    assert code == 0, err
+    assert "| accuracy |" in out
+
+    # jaxtune predict: the run's field mapping and label names, per row, as the file's own format.
+    code, _, err = cli("predict", run, files[f"test.{fmt}"], "--to", tmp_path / f"pred.{fmt}")
+    assert code == 0, err
+    if fmt == "csv":
+        import csv
+
+        rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
+        assert list(rows[0]) == ["statement", "party", "prediction", "p(dem)", "p(rep)"]
+        probs = np.array([[float(r["p(dem)"]), float(r["p(rep)"])] for r in rows])
+    else:
+        rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+        assert list(rows[0]) == ["body", "category", "prediction", "probabilities"]
+        probs = np.array([[r["probabilities"][n] for n in names] for r in rows])
+    texts = [r[fields["text_field"]] for r in rows]
+    assert len(rows) == 24 and {r["prediction"] for r in rows} <= set(names)
+    assert [r[fields["label_field"]] for r in rows] == [c if fmt == "jsonl" else PARTY[c] for _, c in _rows(24, 1)]
+
+    # The export (the quickstart's head exports) predicts the same labels in transformers / PEFT.
+    if fmt == "csv":  # the quickstart's own export: a PEFT adapter on BertForSequenceClassification
+        base = transformers.BertForSequenceClassification.from_pretrained(
+            bert, num_labels=2, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        model = peft.PeftModel.from_pretrained(base, run / "export").eval()
+    else:
+        config = json.loads((run / "export" / "config.json").read_text())
+        assert config["id2label"] == {"0": "ham", "1": "spam"} and config["label2id"] == {"ham": 0, "spam": 1}
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(run / "export").eval()
+        again = jt.predict(run / "export", files["test.jsonl"], text_field="body", label_field="category")
+        assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
+        np.testing.assert_allclose([[r["probabilities"][n] for n in names] for r in again], probs, atol=1e-4)
+    hf_names, hf_probs = _transformers_labels(model, texts)
+    assert hf_names == [r["prediction"] for r in rows]
+    np.testing.assert_allclose(hf_probs, probs, atol=1e-4)

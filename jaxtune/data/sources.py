@@ -94,6 +94,9 @@ class Syntax:
     verb: str  # "pass" an argument, "set" a key
 
     def option(self, name: str, value: Any) -> str:
+        if self.prefix == "--":  # command-line flags (jaxtune predict)
+            flag = "--" + name.replace("_", "-")
+            return flag if value is True else f"{flag} {value}"
         if value is True:
             value = self.true
         elif self.prefix == "":
