@@ -188,3 +188,59 @@ def test_own_field_names_train_predict_and_export_with_the_data_label_names(fmt,
     hf_names, hf_probs = _transformers_labels(model, texts)
     assert hf_names == [r["prediction"] for r in rows]
     np.testing.assert_allclose(hf_probs, probs, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("llama")
+    tiny_hf_model("LlamaForCausalLM", root)
+    tiny_tokenizer().save_pretrained(root)
+    return root
+
+
+def _chat(tmp_path: Path) -> Path:
+    """16 reviews as chat: half the "positive" ones have a long user turn, so a 32-token row cuts their answer."""
+    rows = []
+    for i in range(16):
+        answer = ("positive", "negative")[i % 2]
+        user = ("a long review that goes on and on about the film " if i % 4 == 0 else "") + f"review {i}"
+        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("policy", ["right", "left", "drop", "error"])
+def test_chat_truncation_policies_train_and_report_drops_per_label(policy, llama, tmp_path, caplog):
+    from jaxtune.data.sources import DataError
+    from jaxtune.data.tokenize import Tokenize
+
+    train, _ = jt.read(_chat(tmp_path), kind="chat")
+    model = jt.apply_plan(jt.load(str(llama)), jt.lora(rank=2))
+    data = jt.DataConfig(batch_size=8, max_length=32, truncation=policy)
+    if policy == "error":  # refused at the door, naming the conversation
+        with pytest.raises(DataError, match=r"chat.jsonl:1: 71 tokens is longer than max_length=32 — "
+                                            r".*data.truncation to left"):
+            jt.Trainer(model, train, run_dir=tmp_path / "run", data=data)
+        return
+    with caplog.at_level("INFO", logger="jaxtune"):
+        result = jt.Trainer(model, train, run_dir=tmp_path / "run", data=data,
+                            config=jt.TrainConfig(steps=1, progress=False)).fit()
+    assert result.state == "finished"
+    report = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data: train"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "dropped" in r.getMessage()]
+    if policy == "left":  # every answer kept whole: the oldest tokens of the long user turns go
+        assert "4 truncated, 0 split, 0 dropped" in report and not warnings
+        tokenize = Tokenize(model.tokenizer, "chat", 32, truncation="left")
+        record = train[0]
+        full = Tokenize(model.tokenizer, "chat", 1000).encode(record)[0][0]
+        kept = tokenize.encode(record)[0][0]
+        np.testing.assert_array_equal(kept["input_ids"], full["input_ids"][-32:])
+        answer = model.tokenizer.decode(full["input_ids"][full["loss_mask"]])
+        assert answer == "positive<|end|>" == model.tokenizer.decode(kept["input_ids"][kept["loss_mask"]])
+    else:  # right cuts the four long ones' answers off, drop drops them: either way said, per label
+        assert "0 split, 4 dropped (positive 4 of 8, negative 0 of 8)" in report
+        assert len(warnings) == 1
+        assert "4 of 16 examples dropped" in warnings[0]
+        assert "dropping changes the label mix: positive 50% -> 33%, negative 50% -> 67%" in warnings[0]
+        assert "data.truncation=left" in warnings[0]
