@@ -339,7 +339,7 @@ class Tokenize:
         if sum(lengths) > room:
             if self.truncation == "error":
                 raise DataError(where, f"{length} tokens is longer than max_length={self.max_length}",
-                                "raise max_length, shorten the text, or set truncation")
+                                "raise data.max_length, shorten the text, or set data.truncation to right or drop")
             if self.truncation == "drop":
                 return [], "dropped", length
             while sum(lengths) > room:  # longest first, as Hugging Face truncates pairs
