@@ -246,3 +246,31 @@ def test_chat_truncation_policies_train_and_report_drops_per_label(policy, llama
         assert "4 of 16 examples dropped" in warnings[0]
         assert "dropping changes the label mix: positive 50% -> 33%, negative 50% -> 67%" in warnings[0]
         assert "data.truncation=left" in warnings[0]
+
+
+def test_errors_spell_the_fix_as_the_user_wrote_the_call(files, tmp_path):
+    from jaxtune.data.config import DataConfig, read_data
+    from jaxtune.data.sources import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(files["train.jsonl"].read_text() + json.dumps({"text": "no body", "category": "ham"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:49: missing 'body' key — .*this row has \['text', 'category'\]: "
+                                        r"to read another of them, set data.text_field=text; or set "
+                                        r"data.skip_bad_rows=true to skip"):
+        read_data(DataConfig(train=str(bad), kind="classification", text_field="body", label_field="category"))
+    with pytest.raises(DataError, match=r"pass text_field='text'; or pass skip_bad_rows=True to skip"):
+        jt.read(bad, kind="classification", text_field="body", label_field="category")
+    with pytest.raises(DataError, match=r"test.csv:1: header has no column 'text' .*set data.text_field=statement"):
+        read_data(DataConfig(train=str(files["test.csv"]), kind="classification"))
+    with pytest.raises(ValueError, match="data.messages_field: names a field of chat data, but data.kind is "
+                                         "classification"):
+        DataConfig(train=str(bad), kind="classification", messages_field="turns")
+
+
+def test_a_head_that_cannot_export_names_the_one_that_does(bert):
+    from jaxtune.tuning import ExportError
+
+    model = jt.apply_plan(jt.load(str(bert)), jt.lora(rank=2) + jt.head("classification", pooling="mean"))
+    with pytest.raises(ExportError, match=r"pooling mean\) has no transformers class.*the head that exports is "
+                                          r"BERT's pooler into a layer with bias.*\{action: head, pooling: pooler\}"):
+        jt.export(model, "unused")
