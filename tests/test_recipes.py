@@ -22,7 +22,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 # Where the export of each recipe goes (auto: a PEFT adapter for adapters, merged otherwise;
 # skipped when a mean-pooled head has no transformers class).
-EXPORTS = {"quickstart.yaml": None, "partial.yaml": None, "regression.yaml": None, "fsdp8.yaml": None,
+EXPORTS = {"quickstart.yaml": "adapter_config.json", "partial.yaml": None, "regression.yaml": None, "fsdp8.yaml": None,
            "full.yaml": "config.json", "domain_text.yaml": "config.json", "chat_sentiment.yaml": "adapter_config.json",
            "chat_chatterbot.yaml": "adapter_config.json", "prompt_tuning.yaml": "adapter_config.json",
            "tpu_pod.yaml": "adapter_config.json", "preference.yaml": "adapter_config.json"}
@@ -64,7 +64,8 @@ def tiny_overrides(recipe: str, root: Path, out: Path) -> list[str]:
     return [f"model.path={root / model}", "data.dataset=null", f"data.kind={kind}", "data.text_unit=line",
             f"data.train={root / f'train.{name}.{ext}'}", f"data.validation={root / f'valid.{name}.{ext}'}",
             "data.train_size=null", "data.validation_size=null", f"data.max_length={length}", "data.batch_size=8",
-            "train.epochs=null", "train.steps=2", "train.progress=false", f"output.dir={out}"]
+            "train.epochs=null", "train.steps=2", "train.progress=false", f"output.dir={out}",
+            "eval.baselines=false"]  # tests/test_first_day.py checks the baselines
 
 
 @pytest.mark.parametrize("recipe", RECIPES)

@@ -184,7 +184,8 @@ def test_load_peft_reads_adapters_made_by_peft(sources, tmp_path):
 def test_export_errors(sources, tmp_path):
     llama = load(sources, "llama")
     mean_head = tuning.apply_plan(llama, tuning.lora(rank=2) + tuning.head("regression", pooling="mean"))
-    with pytest.raises(ExportError, match="head/out: this head .*pooling 'mean'.* has no transformers equivalent"):
+    with pytest.raises(ExportError, match=r"head/out: the regression head \(pooling mean\) has no transformers class.*"
+                       r"the head that exports is pooling last into a bias-free layer"):
         tuning.export_peft(mean_head, tmp_path)
     with pytest.raises(ExportError, match="either LoRA/DoRA or prompt tuning"):
         tuning.export_peft(tuning.apply_plan(llama, tuning.lora(rank=2) + tuning.prompt_tuning(2)), tmp_path)

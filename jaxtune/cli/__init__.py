@@ -1,4 +1,4 @@
-"""The ``jaxtune`` command: ``train | eval | generate | export | status | fetch | serve``.
+"""The ``jaxtune`` command: ``train | eval | predict | generate | export | status | fetch | serve``.
 
 Thin by design: each command reads a config (a recipe, or a run directory's saved one) and
 calls the public API (:func:`jaxtune.finetune`, :func:`jaxtune.open_run`, :func:`jaxtune.export`,
@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   jaxtune train configs/quickstart.yaml train.steps=8 optimizer.learning_rate=3e-4 output.dir=runs/try
   jaxtune status runs/quickstart --plot            # state, step, metrics, ETA; loss curves as PNG
   jaxtune eval runs/quickstart                     # base vs fine-tuned metrics
+  jaxtune predict runs/quickstart reviews.csv --to predictions.csv  # one prediction per row, your label names
   jaxtune export runs/chat_sentiment --to out/adapter # PEFT adapter (or --merge: an HF directory)
   jaxtune generate SmolLM2-135M-Instruct --chat --prompt "What is the capital of France?"
   jaxtune serve --model tiny=path/to/hf-dir        # OpenAI's fine-tuning API on 127.0.0.1:8000 (docs/serve.md)
@@ -78,6 +79,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         note = "pretrained model with the plan's fresh (untrained) adapters/head"
         print(f"\ncheckpoint step {step}\n\n{jt.comparison_table(base, tuned, before_note=note)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import jaxtune as jt
+    from jaxtune.data.sources import Syntax
+
+    fields = {k: v for k, v in (("text_field", args.text_field), ("pair_field", args.pair_field),
+                                ("label_field", args.label_field)) if v is not None}
+    rows = jt.predict(args.model, args.file, args.to, best=args.best, batch_size=args.batch_size,
+                      max_length=args.max_length, skip_bad_rows=args.skip_bad_rows,
+                      syntax=Syntax("--", "", "pass"), **fields)  # fixes spelled as this command's flags
+    if args.to is None:
+        for row in rows:
+            print(json.dumps(row, ensure_ascii=False))
+    else:
+        logging.getLogger("jaxtune").info("predictions for %d rows: %s", len(rows), args.to)
     return 0
 
 
@@ -157,6 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--best", action="store_true", help="the best checkpoint instead of the latest")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="one prediction per row of a file (label names and probabilities, or values)")
+    p.add_argument("model", metavar="RUN_DIR|EXPORT_DIR", help="a run directory, or a merged export (export --merge)")
+    p.add_argument("file", metavar="FILE", help="JSONL or CSV/TSV rows; a label column is optional")
+    p.add_argument("--to", default=None, metavar="OUT", help="JSONL, or CSV/TSV by suffix (default: JSONL on stdout)")
+    p.add_argument("--best", action="store_true", help="a run's best checkpoint instead of the latest")
+    p.add_argument("--text-field", default=None, help="the text key/column (default: the run's data.text_field)")
+    p.add_argument("--pair-field", default=None, help="a second text's key/column (sentence pairs)")
+    p.add_argument("--label-field", default=None, help="the label key/column, if the file has one")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per batch (default: the run's data.batch_size)")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per row (default: the run's data.max_length)")
+    p.add_argument("--skip-bad-rows", action="store_true", help="leave out (and count) invalid rows")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("generate", help="sample from a model or a run (KV cache; chat template with --chat)")
     p.add_argument("model", metavar="MODEL|RUN_DIR", help="HF directory, packaged model name or run directory")

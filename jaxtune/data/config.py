@@ -22,7 +22,7 @@ import numpy as np
 
 from jaxtune import assets
 from jaxtune.data.pipeline import LoaderConfig
-from jaxtune.data.sources import KINDS, Source, read_source, split_source
+from jaxtune.data.sources import KINDS, PYTHON, RECIPE, Source, Syntax, read_source, split_source
 
 Kind = Literal["chat", "prompt_completion", "text", "classification", "regression", "preference"]
 
@@ -40,6 +40,13 @@ class DataConfig(LoaderConfig):
     evaluation batch (default ``batch_size``). ``text_unit``: one example per ``file``,
     ``paragraph`` or ``line`` of raw text. ``skip_bad_rows``: leave out (and count) invalid rows
     instead of stopping at the first.
+
+    Field mapping, for files whose keys (JSONL) or columns (CSV/TSV) have other names:
+    ``text_field`` (default ``text``), ``pair_field`` (an optional second text),
+    ``label_field`` (default ``label``; ``target`` for regression) for classification and
+    regression; ``messages_field`` (default ``messages``) for chat; ``prompt_field`` /
+    ``completion_field`` for prompt/completion. A CSV with columns ``statement,party`` trains
+    with ``text_field: statement`` and ``label_field: party``.
     """
 
     dataset: str | None = None
@@ -52,9 +59,25 @@ class DataConfig(LoaderConfig):
     eval_batch_size: int | None = None
     text_unit: Literal["file", "paragraph", "line"] = "file"
     skip_bad_rows: bool = False
+    text_field: str | None = None
+    pair_field: str | None = None
+    label_field: str | None = None
+    messages_field: str | None = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        for name, kinds in FIELD_OPTIONS.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value:
+                raise ValueError(f"data.{name}: expected a key or column name, got {value!r}")
+            kind = self.kind or (assets.resolve(self.dataset, "dataset").data_kind if self.dataset else None)
+            if kind is not None and kind not in kinds:
+                raise ValueError(f"data.{name}: names a field of {' or '.join(kinds)} data, but data.kind is {kind}; "
+                                 "remove it")
         if self.dataset is not None:
             try:
                 asset = assets.resolve(self.dataset, "dataset")
@@ -85,6 +108,17 @@ class DataConfig(LoaderConfig):
         return self.kind or assets.resolve(self.dataset, "dataset").data_kind
 
 
+# Field-mapping options and the kinds whose rows they name.
+FIELD_OPTIONS = {"text_field": ("classification", "regression"), "pair_field": ("classification", "regression"),
+                 "label_field": ("classification", "regression"), "messages_field": ("chat",),
+                 "prompt_field": ("prompt_completion",), "completion_field": ("prompt_completion",)}
+
+
+def field_options(config: DataConfig) -> dict[str, str]:
+    """The field-mapping options the config sets (the reader's keyword arguments)."""
+    return {name: getattr(config, name) for name in FIELD_OPTIONS if getattr(config, name) is not None}
+
+
 def _subset(source: Source, size: int | None, seed: int) -> Source:
     if size is None or size >= len(source):
         return source
@@ -103,14 +137,20 @@ def _packaged(config: DataConfig) -> tuple[Path, Path, bool]:
     return prepared.train, prepared.test, sized
 
 
-def read_data(config: DataConfig, *, train: bool = True) -> tuple[Source | None, Source | None]:
+def read_data(config: DataConfig, *, train: bool = True,
+              syntax: Syntax = RECIPE) -> tuple[Source | None, Source | None]:
     """The config's sources, read and validated (no tokenization yet): ``(train, validation)``.
 
     ``train=False`` reads only what evaluation needs (a validation file, or the split of
     ``train`` when validation is a fraction); ``validation`` is None when the data has none.
+    ``syntax``: errors suggest fixes as recipe keys (``data.skip_bad_rows=true``, the default) or
+    Python arguments (``jaxtune.read``).
     """
     kind = config.source_kind
     options: dict[str, Any] = {"unit": config.text_unit} if kind == "text" else {}
+    options.update(field_options(config))
+    if kind != "preference":
+        options["syntax"] = syntax
     if config.dataset is not None:
         train_path, val_path, sized = _packaged(config)
         if kind == "text":
@@ -160,5 +200,5 @@ def read(data: str | os.PathLike[str] | DataConfig, *, kind: Kind | None = None,
         config = dataclasses.replace(config, validation_fraction=validation, validation=None)
     elif validation is not None:
         config = dataclasses.replace(config, validation=str(validation), validation_fraction=None)
-    train, val = read_data(config)
+    train, val = read_data(config, syntax=PYTHON)
     return train, val

@@ -57,7 +57,10 @@ class LoaderConfig:
       seed: shuffle seed (the permutation changes each epoch, reproducibly).
       packing: LM kinds: pack several examples per row; ``False`` pads one example per row.
       pack_window: records packed together (larger packs tighter, buffers more).
-      truncation: ``right``, ``drop``, ``error`` or (raw text) ``split``; see ``tokenize.truncate``.
+      truncation: what an example longer than ``max_length`` becomes: ``right`` (keep its start),
+        ``left`` (chat and prompt/completion: keep the last answer whole, cut the oldest turns and
+        the start of the prompt), ``drop``, ``error`` (refuse) or (raw text) ``split``; see
+        ``tokenize.truncate``. Drops are reported per label, with a warning.
       add_eos: append EOS to prompt/completion and raw-text examples.
       pad_to_multiple_of: dynamic padding: cut each batch to its longest row rounded up to a
         multiple of this (at most ``max_length``). Short texts then cost what they are, not
@@ -84,7 +87,7 @@ class LoaderConfig:
     seed: int = 0
     packing: bool = True
     pack_window: int = 128
-    truncation: Literal["right", "drop", "error", "split"] = "right"
+    truncation: Literal["right", "left", "drop", "error", "split"] = "right"
     add_eos: bool = True
     pad_to_multiple_of: int | None = None
     worker_count: int = 0
@@ -309,7 +312,28 @@ class Loader:
             if stats.examples == 0:
                 raise self._nothing_left(stats)
             self._stats = stats
+            if stats.dropped:
+                self._warn_dropped(stats)
         return self._stats
+
+    def _warn_dropped(self, stats: TokenStats) -> None:
+        """Nothing is dropped without a word: how many, of which labels, and how to keep them."""
+        cfg = self.config
+        where = ", ".join(self.source.report.paths) if getattr(self.source, "report", None) else "data"
+        by_label = stats.drops_by_label()
+        mix = stats.mix_change()
+        if cfg.truncation == "drop":
+            why = f"longer than data.max_length={cfg.max_length}"
+        elif cfg.truncation == "left":
+            why = f"their last answer alone is longer than data.max_length={cfg.max_length}"
+        else:
+            why = f"data.truncation={cfg.truncation} at data.max_length={cfg.max_length} cut off every answer token"
+        keep = (f"raise data.max_length (the longest record has {stats.longest} tokens)"
+                + (" or set data.truncation=left (keeps the answer, cuts the oldest turns)"
+                   if self.source.kind in ("chat", "prompt_completion") and cfg.truncation != "left" else ""))
+        log.warning("%s: %d of %d examples dropped: %s%s%s; to keep them, %s", where, stats.dropped, stats.records,
+                    why, f" (per label: {by_label})" if by_label else "",
+                    f"; dropping changes the label mix: {mix}" if mix else "", keep)
 
     def _nothing_left(self, stats: TokenStats) -> DataError:
         """The error for a source none of whose records survives tokenization and truncation."""

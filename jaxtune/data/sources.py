@@ -84,9 +84,36 @@ class SourceReport:
         return text
 
 
-def _reject(report: SourceReport, where: str, err: _RowError, skip: bool) -> None:
+@dataclasses.dataclass(frozen=True)
+class Syntax:
+    """How an error message spells a data option: as a Python argument (``jaxtune.read``) or as
+    a recipe key (``data.skip_bad_rows=true``), so the fix can be pasted where the user wrote it."""
+
+    prefix: str
+    true: str
+    verb: str  # "pass" an argument, "set" a key
+
+    def option(self, name: str, value: Any) -> str:
+        if self.prefix == "--":  # command-line flags (jaxtune predict)
+            flag = "--" + name.replace("_", "-")
+            return flag if value is True else f"{flag} {value}"
+        if value is True:
+            value = self.true
+        elif self.prefix == "":
+            value = repr(value)
+        return f"{self.prefix}{name}={value}"
+
+    def skip_hint(self) -> str:
+        return f"or {self.verb} {self.option('skip_bad_rows', True)} to skip and count such rows"
+
+
+PYTHON = Syntax("", "True", "pass")
+RECIPE = Syntax("data.", "true", "set")
+
+
+def _reject(report: SourceReport, where: str, err: _RowError, skip: bool, syntax: Syntax = PYTHON) -> None:
     if not skip:
-        raise DataError(where, err.problem, f"{err.fix}; or pass skip_bad_rows=True to skip and count such rows")
+        raise DataError(where, err.problem, f"{err.fix}; {syntax.skip_hint()}")
     report.skipped.append((where, err.problem))
 
 
@@ -131,14 +158,24 @@ def _as_object(obj: Any, hint: str) -> dict:
     return obj
 
 
-def check_chat(obj: Any) -> dict:
-    """Validate one OpenAI fine-tuning chat row; return ``{"messages", "weights"}``."""
-    obj = _as_object(obj, 'write each line as {"messages": [{"role": ..., "content": ...}, ...]}')
-    if "messages" not in obj:
-        raise _RowError("missing 'messages' key", 'write each line as {"messages": [{"role": ..., "content": ...}]}')
-    messages = obj["messages"]
+def _missing(obj: dict, key: str, option: str, syntax: Syntax) -> _RowError:
+    """The error for a row without ``key``: it lists the row's keys and names the option that maps another."""
+    others = [k for k in obj if isinstance(k, str)][:8]
+    fix = f"every row needs a {key!r} value"
+    if others:
+        fix += f"; this row has {others}: to read another of them, {syntax.verb} {syntax.option(option, others[0])}"
+    return _RowError(f"missing {key!r} key", fix)
+
+
+def check_chat(obj: Any, messages_field: str = "messages", syntax: Syntax = PYTHON) -> dict:
+    """Validate one OpenAI fine-tuning chat row (the turns under ``messages_field``); return
+    ``{"messages", "weights"}``."""
+    obj = _as_object(obj, f'write each line as {{"{messages_field}": [{{"role": ..., "content": ...}}, ...]}}')
+    if messages_field not in obj:
+        raise _missing(obj, messages_field, "messages_field", syntax)
+    messages = obj[messages_field]
     if not isinstance(messages, list) or not messages:
-        raise _RowError("'messages' must be a non-empty list", "list the turns of the conversation in order")
+        raise _RowError(f"{messages_field!r} must be a non-empty list", "list the turns of the conversation in order")
     out, weights = [], []
     for n, msg in enumerate(messages):
         at = f"messages[{n}]"
@@ -172,17 +209,31 @@ def check_chat(obj: Any) -> dict:
     return {"messages": out, "weights": weights}
 
 
-def check_prompt_completion(obj: Any) -> dict:
-    """Validate one ``{"prompt": str, "completion": str}`` row (completion non-empty)."""
-    obj = _as_object(obj, 'write each line as {"prompt": ..., "completion": ...}')
-    return {"prompt": _string(obj, "prompt", nonempty=False), "completion": _string(obj, "completion", nonempty=True)}
+def check_prompt_completion(obj: Any, prompt_field: str = "prompt", completion_field: str = "completion",
+                            syntax: Syntax = PYTHON) -> dict:
+    """Validate one ``{"prompt": str, "completion": str}`` row (completion non-empty; the keys are
+    ``prompt_field`` and ``completion_field``)."""
+    obj = _as_object(obj, f'write each line as {{"{prompt_field}": ..., "{completion_field}": ...}}')
+    for key, option in ((prompt_field, "prompt_field"), (completion_field, "completion_field")):
+        if obj.get(key) is None:
+            raise _missing(obj, key, option, syntax)
+    return {"prompt": _string(obj, prompt_field, nonempty=False),
+            "completion": _string(obj, completion_field, nonempty=True)}
 
 
-def _check_labeled(obj: dict, *, task: str, text_field: str, pair_field: str | None, label_field: str) -> dict:
+def _check_labeled(obj: dict, *, task: str, text_field: str, pair_field: str | None, label_field: str,
+                   syntax: Syntax = PYTHON, require_label: bool = True) -> dict:
+    if text_field not in obj:
+        raise _missing(obj, text_field, "text_field", syntax)
     record = {"text": _string(obj, text_field, nonempty=True)}
     if pair_field is not None:
         record["text_pair"] = _string(obj, pair_field, nonempty=True)
     if label_field not in obj or obj[label_field] is None or obj[label_field] == "":
+        if not require_label:  # rows to predict: the label is what is asked for
+            record["label"] = None
+            return record
+        if label_field not in obj:
+            raise _missing(obj, label_field, "label_field", syntax)
         raise _RowError(f"missing {label_field!r}", f"give every row a {label_field!r}")
     value = obj[label_field]
     if task == "regression":
@@ -222,8 +273,9 @@ class FileSource(Source):
     """Rows as byte ranges of files, read with ``os.pread`` (one fd per file per process)."""
 
     def __init__(self, kind: str, paths: Sequence[str], file_ids: np.ndarray, offsets: np.ndarray,
-                 lengths: np.ndarray, lines: np.ndarray, report: SourceReport):
+                 lengths: np.ndarray, lines: np.ndarray, report: SourceReport, fields: dict[str, str] | None = None):
         self.kind, self.paths, self.report = kind, tuple(paths), report
+        self.fields = dict(fields or {})  # the row check's field names (messages_field=...)
         self._file_ids, self._offsets, self._lengths, self._lines = file_ids, offsets, lengths, lines
         self._stamps = [_stamp(p) for p in self.paths]
         self._fds: dict[int, int] = {}
@@ -272,14 +324,14 @@ class FileSource(Source):
         if self.kind == "text":
             record = {"text": raw.decode("utf-8")}
         else:
-            record = _CHECKS[self.kind](json.loads(raw))
+            record = _CHECKS[self.kind](json.loads(raw), **self.fields)
         record["where"] = self.where(index)
         return record
 
     def select(self, indices: Sequence[int]) -> FileSource:
         idx = np.asarray(indices, dtype=np.int64)
         out = FileSource(self.kind, self.paths, self._file_ids[idx], self._offsets[idx], self._lengths[idx],
-                         self._lines[idx], self.report)
+                         self._lines[idx], self.report, self.fields)
         out._stamps = self._stamps
         return out
 
@@ -315,7 +367,8 @@ def _existing_file(path: str | os.PathLike) -> str:
     return path
 
 
-def _jsonl_lines(path: str, report: SourceReport, skip: bool) -> Iterator[tuple[int, int, int, Any]]:
+def _jsonl_lines(path: str, report: SourceReport, skip: bool,
+                 syntax: Syntax = PYTHON) -> Iterator[tuple[int, int, int, Any]]:
     """Yield ``(line, offset, length, parsed)`` for each JSON line; blank lines hold no data."""
     offset = 0
     with open(path, "rb") as f:
@@ -327,39 +380,45 @@ def _jsonl_lines(path: str, report: SourceReport, skip: bool) -> Iterator[tuple[
                 parsed = json.loads(line)
             except UnicodeDecodeError as err:
                 _reject(report, f"{path}:{line_no}", _RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
-                        skip)
+                        skip, syntax)
                 continue
             except json.JSONDecodeError as err:
                 _reject(report, f"{path}:{line_no}",
                         _RowError(f"malformed JSON at column {err.colno}: {err.msg}",
-                                  "each line must be one complete JSON object"), skip)
+                                  "each line must be one complete JSON object"), skip, syntax)
                 continue
             yield line_no, start, len(line), parsed
 
 
-def read_jsonl(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = False) -> FileSource:
+def read_jsonl(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = False, messages_field: str = "messages",
+               prompt_field: str = "prompt", completion_field: str = "completion",
+               syntax: Syntax = PYTHON) -> FileSource:
     """Read a chat (``kind="chat"``) or ``"prompt_completion"`` JSONL file.
 
     Chat rows follow the OpenAI fine-tuning format: ``{"messages": [{"role":
     "system"|"user"|"assistant", "content": str, "weight": 0|1 (assistant only, optional)},
-    ...]}``. Raises :class:`DataError` (``path:line``) on the first bad row unless
+    ...]}``; ``messages_field`` (``prompt_field``, ``completion_field``) name the keys when a
+    file uses others. Raises :class:`DataError` (``path:line``) on the first bad row unless
     ``skip_bad_rows``, in which case bad rows are counted in ``source.report.skipped``.
+    ``syntax`` spells the fixes errors suggest (Python arguments or recipe keys).
     """
     if kind not in _CHECKS:
         raise ValueError(f"read_jsonl reads kinds {sorted(_CHECKS)}, not {kind!r}")
+    fields: dict[str, Any] = ({"messages_field": messages_field} if kind == "chat"
+                              else {"prompt_field": prompt_field, "completion_field": completion_field})
     path = _existing_file(path)
     report = SourceReport([path])
     lines, offsets, lengths = [], [], []
-    for line_no, start, length, parsed in _jsonl_lines(path, report, skip_bad_rows):
+    for line_no, start, length, parsed in _jsonl_lines(path, report, skip_bad_rows, syntax):
         try:
-            _CHECKS[kind](parsed)
+            _CHECKS[kind](parsed, **fields, syntax=syntax)
         except _RowError as err:
-            _reject(report, f"{path}:{line_no}", err, skip_bad_rows)
+            _reject(report, f"{path}:{line_no}", err, skip_bad_rows, syntax)
             continue
         lines.append(line_no), offsets.append(start), lengths.append(length)
     _finish(report, len(offsets), "rows")
     return FileSource(kind, [path], np.zeros(len(offsets), np.int32), np.asarray(offsets, np.int64),
-                      np.asarray(lengths, np.int64), np.asarray(lines, np.int64), report)
+                      np.asarray(lengths, np.int64), np.asarray(lines, np.int64), report, fields)
 
 
 _UNIT_PATTERNS = {
@@ -369,7 +428,7 @@ _UNIT_PATTERNS = {
 
 
 def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence[str] = (".txt", ".md"),
-              skip_bad_rows: bool = False) -> FileSource:
+              skip_bad_rows: bool = False, syntax: Syntax = PYTHON) -> FileSource:
     """Raw text for continued (domain) training: one file, or every ``suffixes`` file under a folder.
 
     Each document is a whole file (``unit="file"``), a paragraph (runs of non-blank lines) or a
@@ -390,7 +449,7 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
         with open(name, "rb") as f:
             data = f.read()
         if not data.strip():
-            _reject(report, f"{name}:1", _RowError("file is empty", "remove it or add text"), skip_bad_rows)
+            _reject(report, f"{name}:1", _RowError("file is empty", "remove it or add text"), skip_bad_rows, syntax)
             continue
         spans = ([(0, len(data))] if unit == "file"
                  else [m.span() for m in _UNIT_PATTERNS[unit].finditer(data)])
@@ -403,7 +462,7 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
             except UnicodeDecodeError as err:
                 bad_line = line + data.count(b"\n", start, start + err.start)
                 _reject(report, f"{name}:{bad_line}", _RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
-                        skip_bad_rows)
+                        skip_bad_rows, syntax)
                 continue
             for col, value in zip(cols, (file_id, start, end - start, line)):
                 col.append(value)
@@ -412,7 +471,10 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
                       np.asarray(cols[2], np.int64), np.asarray(cols[3], np.int64), report)
 
 
-def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: Sequence[str]) -> Iterator[tuple[int, Any]]:
+def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: dict[str, str],
+                  syntax: Syntax) -> Iterator[tuple[int, Any]]:
+    """Rows of a JSONL or CSV/TSV file; ``fields`` maps each option (``text_field``...) to the
+    column a CSV header must have."""
     if path.endswith((".csv", ".tsv")):
         delimiter = "\t" if path.endswith(".tsv") else ","
         reader = csv.DictReader(io.StringIO(_utf8_text(path), newline=""), delimiter=delimiter)
@@ -420,12 +482,15 @@ def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: Sequence[
             header = reader.fieldnames or []
         except csv.Error as err:
             raise DataError(f"{path}:1", f"the header is not valid CSV ({err})", "fix the header row") from None
-        missing = [k for k in fields if k not in header]
+        missing = [(option, column) for option, column in fields.items() if column not in header]
         if not header:
             raise DataError(f"{path}:1", "file is empty", "write a header row and data rows")
         if missing:
-            raise DataError(f"{path}:1", f"header has no column {missing[0]!r} (columns: {header})",
-                            "rename the column or pass the matching *_field argument")
+            option, column = missing[0]
+            others = [c for c in header if c not in fields.values()] or header
+            raise DataError(f"{path}:1", f"header has no column {column!r} (columns: {header})",
+                            f"rename the column, or {syntax.verb} {syntax.option(option, others[0])} to read "
+                            "another column")
         while True:
             try:
                 row = next(reader)
@@ -436,7 +501,7 @@ def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: Sequence[
                                 "quote fields that hold quotes, delimiters or line breaks") from None
             yield reader.line_num, _csv_fields(row, header, delimiter)
     else:
-        for line_no, _, _, parsed in _jsonl_lines(path, report, skip):
+        for line_no, _, _, parsed in _jsonl_lines(path, report, skip, syntax):
             yield line_no, parsed
 
 
@@ -474,7 +539,7 @@ def _vocabulary(keys: Sequence[str]) -> tuple:
 
 def read_labeled(path: str | os.PathLike, task: str = "classification", *, labels: Sequence | None = None,
                  text_field: str = "text", pair_field: str | None = None, label_field: str | None = None,
-                 skip_bad_rows: bool = False) -> ListSource:
+                 skip_bad_rows: bool = False, syntax: Syntax = PYTHON, require_label: bool = True) -> ListSource:
     """Read labeled rows from JSONL or CSV/TSV (by suffix).
 
     ``task="classification"``: ``label_field`` (default ``"label"``) holds string or integer
@@ -483,32 +548,42 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
     ``label_names``) a label outside it is an error. ``task="regression"``: ``label_field``
     (default ``"target"``) must be a finite number. ``pair_field`` names an optional second
     text (sentence pairs). The result's ``label_names`` is the vocabulary (None for regression).
+    ``require_label=False`` (rows to predict, with ``labels``): a row without a label is kept,
+    its ``label`` -1 (classification) or NaN (regression).
     """
     if task not in ("classification", "regression"):
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     label_field = label_field or ("label" if task == "classification" else "target")
     path = _existing_file(path)
     report = SourceReport([path])
-    fields = [text_field, label_field] + ([pair_field] if pair_field else [])
+    fields = {"text_field": text_field, **({"label_field": label_field} if require_label else {}),
+              **({"pair_field": pair_field} if pair_field else {})}
     records = []
-    for line_no, row in _labeled_rows(path, report, skip_bad_rows, fields):
+    for line_no, row in _labeled_rows(path, report, skip_bad_rows, fields, syntax):
         where = f"{path}:{line_no}"
         try:
             if isinstance(row, _RowError):
                 raise row
             record = _check_labeled(_as_object(row, f"write each line as {{{text_field!r}: ..., "
                                                     f"{label_field!r}: ...}}"),
-                                    task=task, text_field=text_field, pair_field=pair_field, label_field=label_field)
-            if task == "classification" and labels is not None and record["label"] not in {str(x) for x in labels}:
+                                    task=task, text_field=text_field, pair_field=pair_field, label_field=label_field,
+                                    syntax=syntax, require_label=require_label)
+            if (task == "classification" and labels is not None and record["label"] is not None
+                    and record["label"] not in {str(x) for x in labels}):
                 raise _RowError(f"label {record['label']!r} is not in the label vocabulary {list(labels)}",
                                 "fix the label, or build the vocabulary from data that contains it")
         except _RowError as err:
-            _reject(report, where, err, skip_bad_rows)
+            _reject(report, where, err, skip_bad_rows, syntax)
             continue
         record["where"] = where
         records.append(record)
     _finish(report, len(records), "rows")
     names = None
+    if not require_label and labels is None and task == "classification":
+        raise ValueError("require_label=False needs labels= (the vocabulary the model was trained with)")
+    if task == "regression":
+        for record in records:
+            record["label"] = math.nan if record["label"] is None else record["label"]
     if task == "classification":
         names = tuple(labels) if labels is not None else _vocabulary([r["label"] for r in records])
         if len(names) < 2:
@@ -516,12 +591,13 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
                             f"add rows of the other classes, or check {label_field!r} is the label column")
         index = {str(name): i for i, name in enumerate(names)}
         for record in records:
-            record["label"] = index[record["label"]]
+            record["label"] = -1 if record["label"] is None else index[record["label"]]
     return ListSource(task, records, report, names)
 
 
 def read_source(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = False, **options: Any) -> Source:
-    """Read ``path`` as one of :data:`KINDS`; ``options`` go to the kind's reader."""
+    """Read ``path`` as one of :data:`KINDS`; ``options`` go to the kind's reader (field names,
+    ``syntax``...)."""
     if kind in _CHECKS:
         return read_jsonl(path, kind, skip_bad_rows=skip_bad_rows, **options)
     if kind == "text":
@@ -531,6 +607,7 @@ def read_source(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = Fal
     if kind == PREFERENCE:
         from jaxtune.data.preference import read_preference  # it builds on this module's helpers
 
+        options.pop("syntax", None)  # preference errors keep their own wording
         return read_preference(path, skip_bad_rows=skip_bad_rows, **options)
     raise ValueError(f"unknown data kind {kind!r}; use one of {KINDS}")
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,7 +30,9 @@ from tokenizers import Tokenizer
 
 from jaxtune.data.sources import KINDS, LM_KINDS, PREFERENCE, DataError, Source
 
-TRUNCATION = ("right", "drop", "error", "split")
+TRUNCATION = ("right", "left", "drop", "error", "split")
+# Label breakdowns (drops per label) are reported only when the labels are a small set.
+MAX_LABELS = 20
 
 Example = dict[str, np.ndarray]
 
@@ -46,11 +49,36 @@ class TokenStats:
     tokens: int = 0
     target_tokens: int = 0
     longest: int = 0
+    labels: Counter = dataclasses.field(default_factory=Counter)  # records per label (see record_label)
+    dropped_labels: Counter = dataclasses.field(default_factory=Counter)  # dropped records per label
 
     def summary(self) -> str:
-        return (f"{self.records} records -> {self.examples} examples, {self.tokens} tokens "
-                f"({self.target_tokens} supervised), longest record {self.longest} tokens; "
-                f"{self.truncated} truncated, {self.split} split, {self.dropped} dropped")
+        supervised = f" ({self.target_tokens} supervised)" if self.target_tokens else ""
+        text = (f"{self.records} records -> {self.examples} examples, {self.tokens} tokens{supervised}, "
+                f"longest record {self.longest} tokens; {self.truncated} truncated, {self.split} split, "
+                f"{self.dropped} dropped")
+        return text + (f" ({self.drops_by_label()})" if self.dropped and self.drops_by_label() else "")
+
+    def _informative(self) -> bool:
+        return 1 < len(self.labels) <= MAX_LABELS
+
+    def drops_by_label(self) -> str:
+        """``"positive 12 of 40, negative 2 of 38"``; empty when the labels are not a small set."""
+        if not self._informative():
+            return ""
+        return ", ".join(f"{label} {self.dropped_labels[label]} of {n}" for label, n in self.labels.most_common())
+
+    def mix_change(self, threshold: float = 0.05) -> str:
+        """How the drops moved the label shares, when some share moved by ``threshold`` or more
+        (``"positive 50% -> 38%, negative 50% -> 62%"``); else empty."""
+        kept = self.labels - self.dropped_labels
+        total, left = sum(self.labels.values()), sum(kept.values())
+        if not (self._informative() and self.dropped and total and left):
+            return ""
+        shares = {k: (n / total, kept[k] / left) for k, n in self.labels.most_common()}
+        if max(abs(a - b) for a, b in shares.values()) < threshold:
+            return ""
+        return ", ".join(f"{k} {a:.0%} -> {b:.0%}" for k, (a, b) in shares.items())
 
 
 _BACKENDS: weakref.WeakKeyDictionary[Any, Tokenizer] = weakref.WeakKeyDictionary()
@@ -209,10 +237,12 @@ def choice_token_ids(tokenizer: Any, kind: str, choices: Sequence[str]) -> tuple
 def truncate(example: Example, max_length: int, policy: str) -> tuple[list[Example], str]:
     """Apply the truncation policy to an LM example longer than ``max_length``.
 
-    ``right`` keeps the first ``max_length`` tokens; ``drop`` drops the example; ``error``
-    raises ``ValueError``; ``split`` cuts it into chunks that overlap by one token, so every
-    target of the original is a target in exactly one chunk. Returns the examples and a
-    status (``ok``, ``truncated``, ``dropped``, ``split``).
+    ``right`` keeps the first ``max_length`` tokens; ``left`` keeps the last answer whole and
+    cuts the oldest tokens (the start of the prompt or conversation: system prompt, earlier
+    turns, the start of the user turn), and drops the example when that answer alone does not
+    fit; ``drop`` drops the example; ``error`` raises ``ValueError``; ``split`` cuts it into
+    chunks that overlap by one token, so every target of the original is a target in exactly
+    one chunk. Returns the examples and a status (``ok``, ``truncated``, ``dropped``, ``split``).
     """
     n = len(example["input_ids"])
     if n <= max_length:
@@ -223,6 +253,18 @@ def truncate(example: Example, max_length: int, policy: str) -> tuple[list[Examp
         return [], "dropped"
     if policy == "right":
         return [{k: v[:max_length] for k, v in example.items()}], "truncated"
+    if policy == "left":
+        targets = np.flatnonzero(example["loss_mask"])
+        if not len(targets):
+            return [{k: v[n - max_length:] for k, v in example.items()}], "truncated"
+        gaps = np.flatnonzero(np.diff(targets) > 1)
+        answer_start = int(targets[gaps[-1] + 1] if len(gaps) else targets[0])
+        answer_end = int(targets[-1]) + 1
+        # The token before the answer predicts its first token, so it stays in the window too.
+        if answer_end - answer_start + 1 > max_length:
+            return [], "dropped"
+        start = min(n - max_length, answer_start - 1)
+        return [{k: v[start:start + max_length] for k, v in example.items()}], "truncated"
     if policy == "split":
         starts = range(0, n - 1, max_length - 1)
         return [{k: v[s:s + max_length] for k, v in example.items()} for s in starts], "split"
@@ -247,6 +289,9 @@ class Tokenize:
             raise ValueError(f"truncation must be one of {TRUNCATION}, got {truncation!r}")
         if truncation == "split" and kind != "text":
             raise ValueError("truncation='split' cuts documents into chunks: use it only for raw text")
+        if truncation == "left" and kind not in ("chat", "prompt_completion"):
+            raise ValueError(f"truncation='left' keeps a conversation's or prompt's answer and cuts what precedes it: "
+                             f"use right, drop, error{' or split' if kind == 'text' else ''} for {kind} data")
         if max_length < 2:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         if kind == "chat" and not getattr(tokenizer, "chat_template", None):
@@ -276,7 +321,9 @@ class Tokenize:
         try:
             examples, status = truncate(example, self.max_length, self.truncation)
         except ValueError as err:
-            raise DataError(where, str(err), "raise max_length, shorten the example, or set truncation") from None
+            policies = "left (keeps the answer), right or drop" if self.kind != "text" else "right, drop or split"
+            raise DataError(where, str(err), f"raise data.max_length, shorten the example, or set data.truncation to "
+                                             f"{policies}") from None
         kept = [e for e in examples if e["loss_mask"][1:].any()]
         if len(kept) < len(examples):
             status = "dropped"  # truncation cut off every supervised token
@@ -292,7 +339,7 @@ class Tokenize:
         if sum(lengths) > room:
             if self.truncation == "error":
                 raise DataError(where, f"{length} tokens is longer than max_length={self.max_length}",
-                                "raise max_length, shorten the text, or set truncation")
+                                "raise data.max_length, shorten the text, or set data.truncation to right or drop")
             if self.truncation == "drop":
                 return [], "dropped", length
             while sum(lengths) > room:  # longest first, as Hugging Face truncates pairs
@@ -309,6 +356,20 @@ class Tokenize:
         return self.encode(record)[0]
 
 
+def record_label(record: dict, names: Sequence | None = None) -> str | None:
+    """What a record's "label" is, for counting drops per label: a classification label's name,
+    else the (last learned) answer of a chat or prompt/completion record; None for the others."""
+    if "messages" in record:
+        answers = [m["content"] for m, w in zip(record["messages"], record["weights"])
+                   if w and m["role"] == "assistant"]
+        return answers[-1].strip() if answers else None
+    if "completion" in record:
+        return record["completion"].strip()
+    if names is not None and isinstance(record.get("label"), (int, np.integer)) and record["label"] >= 0:
+        return str(names[record["label"]])
+    return None
+
+
 def scan(source: Source, tokenize: Tokenize) -> TokenStats:
     """Tokenize every record once and count what the truncation policy did.
 
@@ -319,8 +380,15 @@ def scan(source: Source, tokenize: Tokenize) -> TokenStats:
     (its longer side) in ``tokens`` and both answers in ``target_tokens``.
     """
     stats = TokenStats()
+    names = getattr(source, "label_names", None)
     for i in range(len(source)):
-        examples, status, length = tokenize.encode(source[i])
+        record = source[i]
+        examples, status, length = tokenize.encode(record)
+        label = record_label(record, names)
+        if label is not None:
+            stats.labels[label] += 1
+            if status == "dropped":
+                stats.dropped_labels[label] += 1
         stats.records += 1
         stats.examples += len(examples)
         stats.longest = max(stats.longest, length)

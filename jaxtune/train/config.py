@@ -61,6 +61,9 @@ class EvalConfig:
     ``choices`` (chat / prompt-completion data whose answers come from a fixed set, e.g.
     ``[positive, negative]``): also report ``choice_accuracy`` and ``choice_macro_f1``, where
     each validation answer is predicted by the choice whose first token has the highest logit.
+    ``baselines`` (classification and regression): the base report also scores a linear probe on
+    the frozen model's features and TF-IDF + a linear model on the same split
+    (:mod:`jaxtune.train.baselines`; seconds for small data, turn it off for huge data).
     """
 
     every: int | None = None
@@ -70,6 +73,7 @@ class EvalConfig:
     before: bool = True
     after: bool = True
     choices: tuple[str, ...] | None = None
+    baselines: bool = True
 
     def __post_init__(self) -> None:
         _at_least("eval", "every", self.every, 1)

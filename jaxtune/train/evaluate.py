@@ -117,13 +117,43 @@ def evaluate(
     return metrics
 
 
+# Baselines the base report may carry (``<key>/<metric>``, see jaxtune.train.baselines), by column title.
+BASELINE_COLUMNS = {"probe": "linear probe", "tfidf": "TF-IDF"}
+BASELINE_DESCRIPTIONS = {"probe": "logistic/ridge regression on the frozen model's mean-pooled features",
+                         "tfidf": "word 1-2-gram TF-IDF + logistic/ridge regression; strengths by 3-fold CV"}
+
+
 def comparison_table(before: dict[str, float], after: dict[str, float], *, before_note: str = "") -> str:
-    """A markdown table of base vs fine-tuned metrics, with the change and whether it improved."""
-    rows = ["| metric | base | fine-tuned | change |", "|---|---|---|---|"]
+    """A markdown table of base vs fine-tuned metrics, with the change and whether it improved.
+
+    When ``before`` holds baselines (``probe/accuracy``, ``tfidf/accuracy``...), each gets a
+    column, and a last column says how far the fine-tuned model is from the best of them.
+    """
+    baselines = [key for key in BASELINE_COLUMNS if any(k.startswith(f"{key}/") for k in before)]
+    head = ["metric", "base", *(BASELINE_COLUMNS[b] for b in baselines), "fine-tuned", "change"]
+    if baselines:
+        head.append("vs best baseline")
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+
+    def versus(a: float, b: float, better: bool | None) -> str:
+        mark = "" if better is None or a == b else (" better" if (a > b) == better else " worse")
+        return f"{a - b:+.4f}{mark}"
+
     for name in [k for k in after if k in before and k != "tokens"]:
         b, a = before[name], after[name]
         better = HIGHER_IS_BETTER.get(name)
-        mark = "" if better is None or a == b else (" better" if (a > b) == better else " worse")
-        rows.append(f"| {name} | {b:.4f} | {a:.4f} | {a - b:+.4f}{mark} |")
-    note = f"\nbase: {before_note}" if before_note else ""
-    return "\n".join(rows) + note
+        scores = [before.get(f"{key}/{name}") for key in baselines]
+        cells = [name, f"{b:.4f}", *("-" if s is None else f"{s:.4f}" for s in scores), f"{a:.4f}",
+                 versus(a, b, better)]
+        if baselines:
+            known = [s for s in scores if s is not None and math.isfinite(s)]
+            best = (max(known) if better else min(known)) if known and better is not None else None
+            cells.append("-" if best is None else versus(a, best, better))
+        rows.append("| " + " | ".join(cells) + " |")
+    notes = [f"base: {before_note}"] if before_note else []
+    if baselines:
+        notes.append("baselines, fit on the training split and scored on the same held-out rows: "
+                     + "; ".join(f"{BASELINE_COLUMNS[b]} ({BASELINE_DESCRIPTIONS[b]}, "
+                                 f"{before.get(f'{b}/seconds', float('nan')):.1f} s)" for b in baselines))
+    return "\n".join(rows) + "".join(f"\n{n}" for n in notes)
+

@@ -34,6 +34,7 @@ from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loa
 from jaxtune.data.sources import PREFERENCE, Source
 from jaxtune.data.tokenize import choice_token_ids
 from jaxtune.train import compile_cache, flops
+from jaxtune.train.baselines import baseline_metrics
 from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.train.evaluate import HIGHER_IS_BETTER, METRICS, comparison_table, evaluate
@@ -342,6 +343,9 @@ class Trainer:
         if before is None:
             log.info("evaluating the base model ...")
             before = self.evaluate()
+            if self.eval_config.baselines and self.task in ("classification", "regression"):
+                before.update(baseline_metrics(self.tuned, self.trainable, self.frozen, self.train_data,
+                                               self.eval_data, mesh=self.mesh, to_device=self._to_device))
             self.run.write_report(before, None, 0)
         log.info("base: %s", _fmt(before))
         return before

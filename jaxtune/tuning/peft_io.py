@@ -73,6 +73,24 @@ class ExportError(ValueError):
 # ----------------------------------------------------------------------------- names
 
 
+def unexportable_head(tuned: Tuned) -> str:
+    """Why ``tuned``'s head has no transformers class, which heads do, and what to do instead."""
+    head = tuned.head
+    extras = "".join(f", {k} {v}" for k, v in (("hidden", list(head.hidden)), ("extra_blocks", head.extra_blocks))
+                     if v)
+    if tuned.is_decoder:
+        exports = ("pooling last into a bias-free layer, no hidden layers or extra blocks "
+                   "(*ForSequenceClassification): {action: head, pooling: last, bias: false}")
+    elif "pooler" in tuned.params:
+        exports = ("BERT's pooler into a layer with bias, no hidden layers or extra blocks "
+                   "(BertForSequenceClassification): {action: head, pooling: pooler}")
+    else:
+        exports = "none on this model: it has no BERT pooler, which BertForSequenceClassification reads"
+    return (f"the {head.task} head (pooling {head.pooling}{extras}) has no transformers class, so it cannot be "
+            f"exported; the head that exports is {exports}. Change the plan's head rule and train again, or keep "
+            "this run: its checkpoints predict (jaxtune predict RUN_DIR FILE)")
+
+
 def hf_module_name(tuned: Tuned, module: Module) -> str:
     """The transformers module name of a jaxtune module path in ``tuned``'s tree, e.g.
     ``("layers_0", "self_attn", "q_proj")`` -> ``"model.layers.0.self_attn.q_proj"``,
@@ -80,10 +98,7 @@ def hf_module_name(tuned: Tuned, module: Module) -> str:
     if module[0] == HEAD_KEY:
         name = hf_head_name(tuned.head, tuned.config)
         if name is None or module != (HEAD_KEY, "out"):
-            raise ExportError(f"{path_str(module)}: this head (pooling {tuned.head.pooling!r}, hidden "
-                              f"{list(tuned.head.hidden)}, extra_blocks {tuned.head.extra_blocks}, bias "
-                              f"{tuned.head.bias}) has no transformers equivalent; only last-token pooling into a "
-                              "bias-free layer (decoders) or BERT's pooler into a layer with bias exports")
+            raise ExportError(f"{path_str(module)}: {unexportable_head(tuned)}")
         return name
     if tuned.is_decoder:
         return decoder.hf_module(module)
@@ -512,9 +527,7 @@ def export_format(tuned: Tuned, format: str = "auto") -> str:  # noqa: A002 - th
         raise ExportError(f"export format {format!r} is unknown; choose one of {', '.join(EXPORT_FORMATS)}")
     fmt = format if format != "auto" else ("peft" if (tuned.adapters or tuned.prompt_tokens) else "merged")
     if tuned.head is not None and tuned.hf_architecture is None:
-        raise ExportError(f"the {tuned.head.task} head (pooling {tuned.head.pooling}) has no transformers "
-                          f"equivalent (pooling {'last' if tuned.is_decoder else 'pooler'} has one); the trained "
-                          "weights stay in the run's checkpoints")
+        raise ExportError(unexportable_head(tuned))
     if fmt == "merged" and tuned.prompt_tokens:
         raise ExportError("prompt tuning has no merged form (virtual tokens are not weights); export format peft")
     if fmt == "peft" and not (tuned.adapters or tuned.prompt_tokens):

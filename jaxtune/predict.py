@@ -1,0 +1,171 @@
+"""``jaxtune.predict``: a trained classifier or regressor and a file in, one prediction per row out.
+
+The model is a run directory (its latest or best checkpoint, with the run's label names and
+field mapping), a merged export (an HF ``*ForSequenceClassification`` directory, whose
+``config.json`` names the labels) or a :class:`~jaxtune.tuning.Tuned` in memory. Rows are read
+and checked as training reads them (the same field mapping, ``path:line`` errors), except that
+a label is optional; a label outside the model's vocabulary is an error. Predictions are
+written with the data's own label names::
+
+    rows = jt.predict("runs/debates", "test.csv", out="predictions.csv")
+    rows[0]  # {"statement": "...", "party": "dem", "prediction": "dem", "probabilities": {"dem": 0.91, ...}}
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxtune.config import ConfigError
+from jaxtune.data.config import FIELD_OPTIONS
+from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
+from jaxtune.data.sources import PYTHON, Source, Syntax, read_labeled
+from jaxtune.train.evaluate import classification_metrics, regression_metrics
+from jaxtune.tuning import Tuned, apply_plan
+
+log = logging.getLogger(__name__)
+_LABELED = {k for k, kinds in FIELD_OPTIONS.items() if "classification" in kinds}  # text/pair/label fields
+
+
+def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False) -> tuple[Tuned, dict[str, Any]]:
+    """The model to predict with, and the data options its run was trained with (field names,
+    ``max_length``, ``batch_size``; empty for an export)."""
+    if isinstance(target, Tuned):
+        return target, {}
+    path = Path(target)
+    if (path / "config.yaml").is_file():  # a run directory
+        from jaxtune.recipe import open_run
+
+        trainer = open_run(path, best=best, evaluation=False)
+        if trainer.step == 0:
+            raise ConfigError(f"{path}: no checkpoint yet, so there is nothing trained to predict with; train it "
+                              "first (jaxtune train CONFIG)")
+        data = trainer.loader_config
+        options = {k: getattr(data, k) for k in (*_LABELED, "max_length", "batch_size")
+                   if getattr(data, k, None) is not None}
+        return trainer.model, options
+    if (path / "adapter_config.json").is_file():
+        raise ConfigError(f"{path}: a PEFT adapter; predict with its run directory, or export the run with "
+                          "jaxtune export RUN_DIR --merge --to DIR and predict with DIR")
+    from jaxtune.models.load import load
+
+    pretrained = load(str(path))
+    tuned = apply_plan(pretrained, [])
+    if tuned.task == "lm":
+        raise ConfigError(f"{path}: a language model ({pretrained.architecture}); predict reads classifiers and "
+                          "regressors (*ForSequenceClassification); generate with jaxtune generate")
+    id2label = pretrained.hf_config.get("id2label") or {}
+    names = tuple(id2label.get(str(i), f"LABEL_{i}") for i in range(tuned.num_outputs))
+    return dataclasses.replace(tuned, label_names=names if tuned.task == "classification" else None), {}
+
+
+def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] | Source,
+            out: str | os.PathLike[str] | None = None, *, best: bool = False, batch_size: int | None = None,
+            max_length: int | None = None, skip_bad_rows: bool = False, syntax: Syntax = PYTHON,
+            **fields: str) -> list[dict[str, Any]]:
+    """Predict every row of ``data`` with ``model``; write them to ``out`` (JSONL, or CSV/TSV by suffix).
+
+    Args:
+      model: a run directory, a merged export directory, or a :class:`~jaxtune.tuning.Tuned`.
+      data: a JSONL or CSV/TSV file of rows (a label column is optional), or a source.
+      best: a run's best checkpoint instead of its latest.
+      batch_size, max_length: default the run's (else 32 and 128); longer texts are cut at the right.
+      fields: ``text_field``, ``pair_field``, ``label_field``: default the run's field mapping.
+
+    Returns:
+      One dict per row, in file order: the text(s) and any given label under the file's own
+      field names, then ``prediction`` (the label's name, or a number for regression) and, for
+      classification, ``probabilities`` (``{label name: probability}``).
+    """
+    unknown = set(fields) - _LABELED
+    if unknown:
+        raise TypeError(f"predict() got unexpected field options {sorted(unknown)}; use {sorted(_LABELED)}")
+    tuned, run_options = load_predictor(model, best=best)
+    if tuned.task not in ("classification", "regression"):
+        raise ValueError("predict needs a classification or regression head; for language models use "
+                         "jaxtune.complete (jaxtune generate)")
+    names = fields or {k: v for k, v in run_options.items() if k in _LABELED}
+    text_field = names.get("text_field", "text")
+    label_field = names.get("label_field") or ("label" if tuned.task == "classification" else "target")
+    pair_field = names.get("pair_field")
+    source = data if isinstance(data, Source) else read_labeled(
+        data, tuned.task, labels=tuned.label_names, text_field=text_field, pair_field=pair_field,
+        label_field=label_field, skip_bad_rows=skip_bad_rows, syntax=syntax, require_label=False)
+    config = LoaderConfig(batch_size=batch_size or run_options.get("batch_size", 32),
+                          max_length=max_length or run_options.get("max_length", 128), truncation="right")
+    outputs = _outputs(tuned, source, config)
+    rows = _records(tuned, source, outputs, text_field, pair_field, label_field)
+    if out is not None:
+        write(rows, out)
+    return rows
+
+
+def _outputs(tuned: Tuned, source: Source, config: LoaderConfig) -> np.ndarray:
+    """Head outputs ``(N, num_outputs)`` float32 of every row, in order."""
+    if tuned.tokenizer is None:
+        raise ValueError("the model has no tokenizer: load it with jaxtune.load")
+    forward = jax.jit(lambda params, batch: tuned.module.apply(
+        {"params": params}, input_ids=batch["input_ids"], segment_ids=batch["segment_ids"],
+        positions=batch["positions"], token_type_ids=batch["token_type_ids"]))
+    chunks = []
+    for batch in evaluation_loader(source, tuned.tokenizer, config):
+        keep = batch["segment_ids"].any(axis=-1)
+        chunks.append(np.asarray(forward(tuned.params, batch), np.float32)[keep])
+    return np.concatenate(chunks)
+
+
+def _records(tuned: Tuned, source: Source, outputs: np.ndarray, text_field: str, pair_field: str | None,
+             label_field: str) -> list[dict[str, Any]]:
+    rows, given, kept = [], [], []
+    names = tuned.label_names
+    if tuned.task == "classification":
+        shifted = np.exp(outputs - outputs.max(axis=-1, keepdims=True))
+        probs = shifted / shifted.sum(axis=-1, keepdims=True)
+    for i in range(len(source)):
+        record = source[i]
+        row: dict[str, Any] = {text_field: record["text"]}
+        if pair_field is not None:
+            row[pair_field] = record["text_pair"]
+        label = record["label"]
+        labeled = label != -1 if names is not None else not np.isnan(label)  # read_labeled's "no label"
+        if labeled:
+            row[label_field] = names[label] if names is not None else label
+            given.append(label)
+            kept.append(i)
+        if tuned.task == "classification":
+            row["prediction"] = names[int(np.argmax(outputs[i]))]
+            row["probabilities"] = {str(n): round(float(p), 6) for n, p in zip(names, probs[i])}
+        else:
+            row["prediction"] = float(outputs[i, 0])
+        rows.append(row)
+    if given:
+        scores = (classification_metrics(outputs[kept], np.asarray(given), len(names)) if names is not None
+                  else regression_metrics(outputs[kept, 0], np.asarray(given)))
+        log.info("predict: %d rows; on the %d with a label: %s", len(rows), len(given),
+                 ", ".join(f"{k} {v:.4f}" for k, v in scores.items()))
+    return rows
+
+
+def write(rows: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
+    """Write prediction rows as JSONL, or as CSV/TSV (by suffix; probabilities become ``p(<label>)`` columns)."""
+    path = Path(out)
+    if path.parent and not path.parent.is_dir():
+        raise ConfigError(f"{path}: the folder {path.parent} does not exist; create it or choose another path")
+    if path.suffix not in (".csv", ".tsv"):
+        path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+        return path
+    flat = [{**{k: v for k, v in row.items() if k != "probabilities"},
+             **{f"p({name})": p for name, p in row.get("probabilities", {}).items()}} for row in rows]
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(flat[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
+        writer.writeheader()
+        writer.writerows(flat)
+    return path

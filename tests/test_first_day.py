@@ -1,0 +1,276 @@
+"""A user's first day (issue 20): baselines beside the fine-tuned score, the user's own field
+names, predictions with the data's label names, exports that keep them, and chat examples that
+never vanish without a word. One tiny random BERT (with a character tokenizer) serves every test."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from helpers import tiny_hf_model
+
+import jaxtune as jt
+from jaxtune.cli import main
+from jaxtune.data.testing import tiny_tokenizer
+
+WORDS = {"spam": ["win", "cash", "prize", "free", "offer", "now"],
+         "ham": ["lunch", "meeting", "notes", "see", "you", "today"]}
+SHARED = ["the", "a", "for", "and", "hi"]
+PARTY = {"spam": "rep", "ham": "dem"}  # the CSV's own label names
+
+
+def _rows(n: int, seed: int) -> list[tuple[str, str]]:
+    """Short texts whose words mostly (not always) come from their class's list."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        label = ("spam", "ham")[i % 2]
+        other = "ham" if label == "spam" else "spam"
+        words = [rng.choice(WORDS[label] if rng.random() < 0.9 else WORDS[other]) for _ in range(3)]
+        rows.append((" ".join([*words, rng.choice(SHARED)]), label))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    """A tiny random BertModel with its (character-level) tokenizer, as a user's HF directory."""
+    root = tmp_path_factory.mktemp("bert")
+    tiny_hf_model("BertModel", root, vocab_size=112, max_position_embeddings=64)
+    tiny_tokenizer(bos=True).save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    """The same rows as a JSONL with ``body,category`` and as a CSV with ``statement,party``."""
+    root = tmp_path_factory.mktemp("data")
+    out = {}
+    for split, n, seed in (("train", 48, 0), ("test", 24, 1)):
+        rows = _rows(n, seed)
+        out[f"{split}.jsonl"] = root / f"{split}.jsonl"
+        out[f"{split}.jsonl"].write_text("".join(json.dumps({"body": t, "category": c}) + "\n" for t, c in rows))
+        out[f"{split}.csv"] = root / f"{split}.csv"
+        out[f"{split}.csv"].write_text("statement,party\n" + "".join(f"{t},{PARTY[c]}\n" for t, c in rows))
+    return out
+
+
+def _check_baselines(before: dict[str, float], printed: str, bert: Path) -> None:
+    """The report's baselines equal an independent computation on the same split: transformers'
+    features, scikit-learn's models on the raw texts; the printed table shows them."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GridSearchCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    train_rows, test_rows = _rows(48, 0), _rows(24, 1)
+    y_train = np.array([c == "spam" for _, c in train_rows], int)  # names sort as (dem, rep) = (ham, spam)
+    y_test = np.array([c == "spam" for _, c in test_rows], int)
+    def logistic():  # regularisation chosen by 3-fold cross-validated log loss
+        return GridSearchCV(LogisticRegression(max_iter=2000), {"C": [0.01, 0.1, 1.0, 10.0]}, cv=3,
+                            scoring="neg_log_loss")
+
+    probe = make_pipeline(StandardScaler(), logistic())
+    probe.fit(_torch_mean_features(bert, [t for t, _ in train_rows]), y_train)
+    probe_acc = np.mean(probe.predict(_torch_mean_features(bert, [t for t, _ in test_rows])) == y_test)
+    tfidf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True), logistic())
+    tfidf_acc = np.mean(tfidf.fit([t for t, _ in train_rows], y_train).predict([t for t, _ in test_rows]) == y_test)
+    assert before["probe/accuracy"] == pytest.approx(probe_acc, abs=0.01)
+    assert before["tfidf/accuracy"] == pytest.approx(tfidf_acc, abs=0.01)
+    assert tfidf_acc > 0.75  # the words carry the label: a baseline worth beating
+
+    table = [line for line in printed.splitlines() if line.startswith("|")]
+    assert table[0] == "| metric | base | linear probe | TF-IDF | fine-tuned | change | vs best baseline |"
+    accuracy = next(r for r in table if r.startswith("| accuracy |")).split(" | ")
+    assert float(accuracy[2]) == pytest.approx(before["probe/accuracy"], abs=1e-4)
+    assert float(accuracy[3]) == pytest.approx(before["tfidf/accuracy"], abs=1e-4)
+    assert "TF-IDF (word 1-2-gram TF-IDF" in printed
+
+
+def _torch_mean_features(model_dir: Path, texts: list[str]) -> np.ndarray:
+    """Mean-pooled last hidden states of the transformers BertModel (the independent reference)."""
+    import torch
+    import transformers
+
+    model = transformers.BertModel.from_pretrained(model_dir).eval()
+    tok = tiny_tokenizer(bos=True)
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            ids = torch.tensor([tok(text)["input_ids"]])
+            out.append(model(ids).last_hidden_state[0].mean(0).numpy())
+    return np.stack(out)
+
+
+def cli(*argv: object) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def _recipe(bert: Path, train: Path, test: Path, fields: dict[str, str], out: Path, export: str,
+            baselines: bool) -> Path:
+    """The quickstart's plan (LoRA + a fresh head with its pooling) on the user's files, by field mapping alone."""
+    quickstart = yaml.safe_load(Path("configs/quickstart.yaml").read_text())
+    config = {"model": {"path": str(bert)}, "plan": quickstart["plan"],
+              "data": {"train": str(train), "validation": str(test), "kind": "classification", **fields,
+                       "max_length": 48, "batch_size": 8},
+              "train": {"steps": 3, "log_every": 3}, "optimizer": {"learning_rate": 0.05},
+              "eval": {"baselines": baselines}, "output": {"dir": str(out), "export": export}}
+    path = out.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _transformers_labels(model, texts: list[str]) -> tuple[list[str], np.ndarray]:
+    """Predicted label names (by the model's own config.id2label) and probabilities, one text at a time."""
+    import torch
+
+    tok, names, probs = tiny_tokenizer(bos=True), [], []
+    with torch.no_grad():
+        for text in texts:
+            logits = model(torch.tensor([tok(text)["input_ids"]])).logits[0]
+            names.append(model.config.id2label[int(logits.argmax())])
+            probs.append(torch.softmax(logits, -1).numpy())
+    return names, np.stack(probs)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_own_field_names_train_predict_and_export_with_the_data_label_names(fmt, bert, files, tmp_path):
+    import peft
+    import transformers
+
+    fields = ({"text_field": "statement", "label_field": "party"} if fmt == "csv"
+              else {"text_field": "body", "label_field": "category"})
+    names = ["dem", "rep"] if fmt == "csv" else ["ham", "spam"]
+    run = tmp_path / "run"
+    export = "peft" if fmt == "csv" else "merged"
+    code, out, err = cli("train", _recipe(bert, files[f"train.{fmt}"], files[f"test.{fmt}"], fields, run, export,
+                                          baselines=fmt == "csv"))
+    assert code == 0, err
+    assert "| accuracy |" in out
+    if fmt == "csv":
+        _check_baselines(json.loads((run / "report.json").read_text())["before"], out, bert)
+
+    # jaxtune predict: the run's field mapping and label names, per row, as the file's own format.
+    code, _, err = cli("predict", run, files[f"test.{fmt}"], "--to", tmp_path / f"pred.{fmt}")
+    assert code == 0, err
+    if fmt == "csv":
+        import csv
+
+        rows = list(csv.DictReader((tmp_path / "pred.csv").open()))
+        assert list(rows[0]) == ["statement", "party", "prediction", "p(dem)", "p(rep)"]
+        probs = np.array([[float(r["p(dem)"]), float(r["p(rep)"])] for r in rows])
+    else:
+        rows = [json.loads(line) for line in (tmp_path / "pred.jsonl").read_text().splitlines()]
+        assert list(rows[0]) == ["body", "category", "prediction", "probabilities"]
+        probs = np.array([[r["probabilities"][n] for n in names] for r in rows])
+    texts = [r[fields["text_field"]] for r in rows]
+    assert len(rows) == 24 and {r["prediction"] for r in rows} <= set(names)
+    assert [r[fields["label_field"]] for r in rows] == [c if fmt == "jsonl" else PARTY[c] for _, c in _rows(24, 1)]
+
+    # The export (the quickstart's head exports) predicts the same labels in transformers / PEFT.
+    if fmt == "csv":  # the quickstart's own export: a PEFT adapter on BertForSequenceClassification
+        base = transformers.BertForSequenceClassification.from_pretrained(
+            bert, num_labels=2, id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        model = peft.PeftModel.from_pretrained(base, run / "export").eval()
+    else:
+        config = json.loads((run / "export" / "config.json").read_text())
+        assert config["id2label"] == {"0": "ham", "1": "spam"} and config["label2id"] == {"ham": 0, "spam": 1}
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(run / "export").eval()
+        again = jt.predict(run / "export", files["test.jsonl"], text_field="body", label_field="category")
+        assert [r["prediction"] for r in again] == [r["prediction"] for r in rows]
+        np.testing.assert_allclose([[r["probabilities"][n] for n in names] for r in again], probs, atol=1e-4)
+    hf_names, hf_probs = _transformers_labels(model, texts)
+    assert hf_names == [r["prediction"] for r in rows]
+    np.testing.assert_allclose(hf_probs, probs, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("llama")
+    tiny_hf_model("LlamaForCausalLM", root)
+    tiny_tokenizer().save_pretrained(root)
+    return root
+
+
+def _chat(tmp_path: Path) -> Path:
+    """16 reviews as chat: half the "positive" ones have a long user turn, so a 32-token row cuts their answer."""
+    rows = []
+    for i in range(16):
+        answer = ("positive", "negative")[i % 2]
+        user = ("a long review that goes on and on about the film " if i % 4 == 0 else "") + f"review {i}"
+        rows.append({"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]})
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("policy", ["right", "left", "drop", "error"])
+def test_chat_truncation_policies_train_and_report_drops_per_label(policy, llama, tmp_path, caplog):
+    from jaxtune.data.sources import DataError
+    from jaxtune.data.tokenize import Tokenize
+
+    train, _ = jt.read(_chat(tmp_path), kind="chat")
+    model = jt.apply_plan(jt.load(str(llama)), jt.lora(rank=2))
+    data = jt.DataConfig(batch_size=8, max_length=32, truncation=policy)
+    if policy == "error":  # refused at the door, naming the conversation
+        with pytest.raises(DataError, match=r"chat.jsonl:1: 71 tokens is longer than max_length=32 — "
+                                            r".*data.truncation to left"):
+            jt.Trainer(model, train, run_dir=tmp_path / "run", data=data)
+        return
+    with caplog.at_level("INFO", logger="jaxtune"):
+        result = jt.Trainer(model, train, run_dir=tmp_path / "run", data=data,
+                            config=jt.TrainConfig(steps=1, progress=False)).fit()
+    assert result.state == "finished"
+    report = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data: train"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "dropped" in r.getMessage()]
+    if policy == "left":  # every answer kept whole: the oldest tokens of the long user turns go
+        assert "4 truncated, 0 split, 0 dropped" in report and not warnings
+        tokenize = Tokenize(model.tokenizer, "chat", 32, truncation="left")
+        record = train[0]
+        full = Tokenize(model.tokenizer, "chat", 1000).encode(record)[0][0]
+        kept = tokenize.encode(record)[0][0]
+        np.testing.assert_array_equal(kept["input_ids"], full["input_ids"][-32:])
+        answer = model.tokenizer.decode(full["input_ids"][full["loss_mask"]])
+        assert answer == "positive<|end|>" == model.tokenizer.decode(kept["input_ids"][kept["loss_mask"]])
+    else:  # right cuts the four long ones' answers off, drop drops them: either way said, per label
+        assert "0 split, 4 dropped (positive 4 of 8, negative 0 of 8)" in report
+        assert len(warnings) == 1
+        assert "4 of 16 examples dropped" in warnings[0]
+        assert "dropping changes the label mix: positive 50% -> 33%, negative 50% -> 67%" in warnings[0]
+        assert "data.truncation=left" in warnings[0]
+
+
+def test_errors_spell_the_fix_as_the_user_wrote_the_call(files, tmp_path):
+    from jaxtune.data.config import DataConfig, read_data
+    from jaxtune.data.sources import DataError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(files["train.jsonl"].read_text() + json.dumps({"text": "no body", "category": "ham"}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:49: missing 'body' key — .*this row has \['text', 'category'\]: "
+                                        r"to read another of them, set data.text_field=text; or set "
+                                        r"data.skip_bad_rows=true to skip"):
+        read_data(DataConfig(train=str(bad), kind="classification", text_field="body", label_field="category"))
+    with pytest.raises(DataError, match=r"pass text_field='text'; or pass skip_bad_rows=True to skip"):
+        jt.read(bad, kind="classification", text_field="body", label_field="category")
+    with pytest.raises(DataError, match=r"test.csv:1: header has no column 'text' .*set data.text_field=statement"):
+        read_data(DataConfig(train=str(files["test.csv"]), kind="classification"))
+    with pytest.raises(ValueError, match="data.messages_field: names a field of chat data, but data.kind is "
+                                         "classification"):
+        DataConfig(train=str(bad), kind="classification", messages_field="turns")
+
+
+def test_a_head_that_cannot_export_names_the_one_that_does(bert):
+    from jaxtune.tuning import ExportError
+
+    model = jt.apply_plan(jt.load(str(bert)), jt.lora(rank=2) + jt.head("classification", pooling="mean"))
+    with pytest.raises(ExportError, match=r"pooling mean\) has no transformers class.*the head that exports is "
+                                          r"BERT's pooler into a layer with bias.*\{action: head, pooling: pooler\}"):
+        jt.export(model, "unused")
