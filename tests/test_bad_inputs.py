@@ -383,6 +383,13 @@ def _copy_trained(name: str = "", text: str = "") -> Callable[[Path, Path], None
     return copy
 
 
+def _copy_trained_renamed(root: Path, d: Path) -> None:
+    """The trained run, and its training file with the messages under another key."""
+    _copy_trained()(root, d)
+    rows = [json.loads(line) for line in (root / "train.jsonl").read_text().splitlines()]
+    (d / "renamed.jsonl").write_text("".join(json.dumps({"conversation": r["messages"]}) + "\n" for r in rows))
+
+
 RESUMES = [
     Case("resume: another plan", resume("plan.0.rank=8"), "plan:", "--restart", setup=_copy_trained(),
          needs_run=True),
@@ -392,6 +399,9 @@ RESUMES = [
          setup=_copy_trained(), needs_run=True),
     Case("resume: another batch_size", resume("data.batch_size=16"), "data.batch_size: 8 -> 16", "--restart",
          setup=_copy_trained(), needs_run=True),
+    Case("resume: another field mapping",
+         lambda root, d: resume(f"data.train={d / 'renamed.jsonl'}", "data.messages_field=conversation")(root, d),
+         "data.messages_field: null -> 'conversation'", "--restart", setup=_copy_trained_renamed, needs_run=True),
     Case("resume: another optimizer", resume("optimizer.name=sgd"), "optimizer.name", "--restart",
          setup=_copy_trained(), needs_run=True),
     Case("resume: clipping switched off", resume("optimizer.clip_grad_norm=null"), "clip_grad_norm switched",

@@ -46,7 +46,8 @@ FIXED_ON_RESUME: dict[str, tuple[str, ...] | None] = {
     "plan": None,
     "data": ("dataset", "train", "kind", "train_size", "validation_fraction", "max_length", "batch_size", "seed",
              "packing", "pack_window", "truncation", "add_eos", "pad_to_multiple_of", "text_unit", "skip_bad_rows",
-             "worker_count"),
+             "worker_count", "text_field", "pair_field", "label_field", "messages_field", "prompt_field",
+             "completion_field"),
     "optimizer": ("name",),
     "train": ("seed", "grad_accum_steps", "regression_loss"),
 }
