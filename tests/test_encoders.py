@@ -30,9 +30,8 @@ CASES = {  # name: (architecture, config overrides)
     "roberta": ("RobertaModel", dict(pad_token_id=1, type_vocab_size=1)),
     "xlm-roberta-classifier": ("XLMRobertaForSequenceClassification",
                                dict(pad_token_id=3, num_labels=3, hidden_act="gelu_new", classifier_dropout=0.2)),
-    "distilbert": ("DistilBertModel", dict(pad_token_id=0)),
-    "distilbert-classifier-relu": ("DistilBertForSequenceClassification",
-                                   dict(pad_token_id=0, activation="relu", num_labels=1)),
+    # (A DistilBertForSequenceClassification checkpoint is what the head export writes and loads back.)
+    "distilbert-relu": ("DistilBertModel", dict(pad_token_id=0, activation="relu")),
 }
 CONFIGS = {"Roberta": "RobertaConfig", "XLMRoberta": "XLMRobertaConfig", "DistilBert": "DistilBertConfig"}
 

@@ -107,9 +107,16 @@ def test_greedy_generation_matches_transformers(pair):
 
 
 @pytest.fixture(scope="module")
-def adapted(pair):
+def tied(tmp_path_factory):
+    """GPT-2 as published (tied embeddings): the exports are checked on this one only, to keep CI short."""
+    path = tmp_path_factory.mktemp("gpt2-tied")
+    return tiny_gpt2(path), path
+
+
+@pytest.fixture(scope="module")
+def adapted(tied):
     """LoRA on the fused c_attn (one adapter, as PEFT's) and the MLP, a trained final norm."""
-    _, _, path = pair
+    _, path = tied
     tuned, params = trained(path.parent, path.name,
                             tuning.lora(rank=4, alpha=8, targets=["c_attn", "c_fc"]) + tuning.train("^norm/"))
     return tuned, params, np.asarray(forward(tuned.module, params, IDS, MASK))
@@ -119,8 +126,8 @@ def _hf_logits(model) -> np.ndarray:
     return torch_logits(model, IDS, attention_mask=MASK)
 
 
-def test_lora_on_fused_c_attn_loads_in_peft(pair, adapted, tmp_path):
-    _, _, path = pair
+def test_lora_on_fused_c_attn_loads_in_peft(tied, adapted, tmp_path):
+    _, path = tied
     tuned, params, ours = adapted
     tuning.export_peft(tuned, tmp_path, params=params)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -134,7 +141,7 @@ def test_lora_on_fused_c_attn_loads_in_peft(pair, adapted, tmp_path):
     assert_real_tokens_close(np.asarray(forward(back.module, back.params, IDS, MASK)), ours)
 
 
-def test_merged_export_loads_in_transformers_and_back(pair, adapted, tmp_path):
+def test_merged_export_loads_in_transformers_and_back(adapted, tmp_path):
     tuned, params, ours = adapted
     out = tuning.export_merged(tuned, tmp_path, params=params)
     assert json.loads((out / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
@@ -143,10 +150,10 @@ def test_merged_export_loads_in_transformers_and_back(pair, adapted, tmp_path):
     assert_real_tokens_close(_ours(again, IDS, MASK), ours)
 
 
-def test_sequence_classifier_round_trips(pair, tmp_path):
+def test_sequence_classifier_round_trips(tied, tmp_path):
     """A new head on GPT-2 is transformers' GPT2ForSequenceClassification (score on the last real token):
     the merged export runs in transformers on a padded batch and loads back into jaxtune."""
-    _, _, path = pair
+    _, path = tied
     tuned, params = trained(path.parent, path.name, tuning.lora(rank=2, targets=["c_proj"])
                             + tuning.head("classification", num_labels=3))
     assert tuned.hf_architecture == "GPT2ForSequenceClassification"

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, KVCache, LayerCache, attend
 from jaxtune.models.encoder import ACTIVATIONS
-from jaxtune.models.layers import Array, Embed, LayerNorm, Linear, PartitionRules, partition_rules
+from jaxtune.models.layers import Array, Embed, LayerNorm, Linear, PartitionRules, partition_rules, remat_block
 
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
 MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
@@ -157,7 +157,8 @@ class GPT2(Decoder):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
         self.wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, dt, cfg.param_dtype)
-        self.layers = [GPT2Block(cfg) for _ in range(cfg.num_layers)]
+        block = remat_block(GPT2Block, cfg.remat)
+        self.layers = [block(cfg) for _ in range(cfg.num_layers)]
         self.norm = cfg.layer_norm()
         self.drop = nn.Dropout(cfg.dropout)
         if not cfg.tie_word_embeddings:
