@@ -155,3 +155,23 @@ def test_lora_adapter_with_head_loads_in_peft(pair, adapted, tmp_path):
     heads = {n.split(".")[0] for n in tuned.config.classifier_layout.hf_names().values()}
     assert heads <= set(config["modules_to_save"]), "a head is saved as its top module, as PEFT's SEQ_CLS does"
     np.testing.assert_allclose(np.asarray(forward(back.module, back.params, ids, mask)), ours, atol=TOL, rtol=0)
+
+
+def test_adapter_made_by_peft_imports_exactly(pair, tmp_path):
+    """PEFT's own SEQ_CLS adapter (on RoBERTa's query/value, DistilBERT's q_lin/v_lin; the classifier saved
+    whole, and DistilBERT's pre_classifier with it) onto the bare checkpoint gives peft's logits."""
+    _, model, path = pair
+    family = hf.FAMILIES[model.architecture]
+    if family.body is not None:
+        pytest.skip("a classifier checkpoint brings its own head; the bare checkpoints cover the import")
+    base = getattr(transformers, family.classifier).from_pretrained(path, num_labels=2).eval()
+    torch.manual_seed(0)
+    targets = ["q_lin", "v_lin"] if model.config.layout == "distilbert" else ["query", "value"]
+    made = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets,
+                                                     init_lora_weights=False))
+    made.save_pretrained(tmp_path)
+    ids, mask = _padded(model.hf_config["pad_token_id"])
+    tuned = tuning.load_peft(model, tmp_path)
+    assert tuned.head is not None and tuned.hf_architecture == family.classifier
+    np.testing.assert_allclose(np.asarray(forward(tuned.module, tuned.params, ids, mask)),
+                               torch_logits(made.eval(), ids, attention_mask=mask), atol=TOL, rtol=0)
