@@ -29,7 +29,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, encoder, gemma
+from jaxtune.models import decoder, encoder, gemma, gpt2
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
@@ -39,7 +39,7 @@ BASE_LEAVES = ("kernel", "embedding", "scale", "bias")
 # Buffers that checkpoints carry but that are not parameters.
 _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
-_BODY_PREFIXES = ("bert.", "model.")
+_BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
@@ -54,15 +54,27 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or written; the message names the file/tensor and the fix."""
 
 
+def _linear_layout(modules: tuple[str, ...]) -> bool:
+    return True
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """How one HF architecture maps onto a jaxtune module."""
+    """How one HF architecture maps onto a jaxtune module, and what jaxtune does with it: this table is
+    the registry that ``docs/models.md`` is generated from (:mod:`jaxtune.models.catalog`)."""
 
     config_from_hf: Callable[..., FamilyConfig]
     module: type[nn.Module]
     hf_module: Callable[[tuple[str, ...]], str]
     partition_rules: PartitionRules
     body: type[nn.Module] | None = None  # the bare body a task head wraps (jaxtune.tuning); None: ``module``
+    name: str = ""  # the model family, as docs/models.md lists it
+    base: str | None = None  # the architecture of the body without a head (None: this one)
+    classifier: str | None = None  # the family's *ForSequenceClassification, the export target of its HF head
+    gguf: str | None = None  # llama.cpp's general.architecture whose files convert to this architecture
+    # Whether the checkpoint stores a module's kernel (out, in) as torch's Linear does; GPT-2's Conv1D
+    # stores (in, out), jaxtune's own layout.
+    kernel_out_in: Callable[[tuple[str, ...]], bool] = _linear_layout
 
     @property
     def body_module(self) -> type[nn.Module]:
@@ -71,18 +83,40 @@ class Family:
         return self.body or self.module
 
 
+_LLAMA_NAMES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2",
+                "Qwen3ForCausalLM": "Qwen3", "GemmaForCausalLM": "Gemma", "Gemma2ForCausalLM": "Gemma 2",
+                "Gemma3ForCausalLM": "Gemma 3 (text)"}
+_ENCODER_NAMES = {"bert": "BERT", "roberta": "RoBERTa", "distilbert": "DistilBERT"}
+
+
+def _encoder(arch: str) -> Family:
+    base = encoder.CLASSIFIERS.get(arch, arch)
+    layout = encoder.layout_of(arch)
+    name = "XLM-RoBERTa" if arch.startswith("XLM") else _ENCODER_NAMES[layout]
+    classifier = base.replace("Model", "ForSequenceClassification")
+    return Family(encoder.EncoderConfig.from_hf, encoder.EncoderClassifier if arch == classifier else encoder.Encoder,
+                  encoder.hf_module_for(layout), encoder.PARTITION_RULES,
+                  body=encoder.Encoder if arch == classifier else None, name=name, base=base, classifier=classifier)
+
+
 FAMILIES: dict[str, Family] = {
-    **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module, decoder.PARTITION_RULES)
+    **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module, decoder.PARTITION_RULES,
+                 name=_LLAMA_NAMES[a], classifier=a.replace("ForCausalLM", "ForSequenceClassification"),
+                 gguf="llama" if a == "LlamaForCausalLM" else None)
        for a in decoder.ARCHITECTURES},
     **{a: Family(decoder.DecoderConfig.from_hf, decoder.DecoderClassifier, decoder.hf_module, decoder.PARTITION_RULES,
-                 body=decoder.Decoder)
-       for a in decoder.CLASSIFIERS},
+                 body=decoder.Decoder, name=_LLAMA_NAMES[lm], base=lm, classifier=a)
+       for a, lm in decoder.CLASSIFIERS.items()},
     # Gemma's tensor names are Llama's, so the decoder's name map serves it.
-    **{a: Family(gemma.GemmaConfig.from_hf, gemma.Gemma, decoder.hf_module, gemma.PARTITION_RULES)
+    **{a: Family(gemma.GemmaConfig.from_hf, gemma.Gemma, decoder.hf_module, gemma.PARTITION_RULES, name=_LLAMA_NAMES[a],
+                 classifier=a.replace("ForCausalLM", "ForSequenceClassification"))
        for a in gemma.ARCHITECTURES},
-    "BertModel": Family(encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_module, encoder.PARTITION_RULES),
-    "BertForSequenceClassification": Family(encoder.EncoderConfig.from_hf, encoder.EncoderClassifier,
-                                            encoder.hf_module, encoder.PARTITION_RULES, body=encoder.Encoder),
+    **{a: Family(gpt2.GPT2Config.from_hf, gpt2.GPT2 if a == "GPT2LMHeadModel" else gpt2.GPT2Classifier,
+                 gpt2.hf_module, gpt2.PARTITION_RULES, body=None if a == "GPT2LMHeadModel" else gpt2.GPT2,
+                 name="GPT-2", base="GPT2LMHeadModel", classifier="GPT2ForSequenceClassification",
+                 kernel_out_in=gpt2.kernel_out_in)
+       for a in gpt2.ARCHITECTURES},
+    **{a: _encoder(a) for a in encoder.ARCHITECTURES},
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
@@ -228,7 +262,7 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         architecture = next((a for a in declared if a in FAMILIES), None)
         if architecture is None:
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "qwen3": "Qwen3ForCausalLM", "bert": "BertModel", **gemma.MODEL_TYPES}
+                       "qwen3": "Qwen3ForCausalLM", **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
@@ -266,6 +300,12 @@ def hf_name(family: Family, path: tuple[str, ...]) -> str:
             "(jaxtune.tuning) or export them as a PEFT adapter"
         )
     return family.hf_module(path[:-1]) + (".bias" if leaf == "bias" else ".weight")
+
+
+def stored_transposed(family: Family, path: tuple[str, ...]) -> bool:
+    """Whether the checkpoint tensor of param leaf ``path`` is the transpose of jaxtune's leaf: a
+    ``kernel`` of a torch ``Linear`` (stored ``(out, in)``), but not of GPT-2's ``Conv1D``."""
+    return path[-1] == "kernel" and family.kernel_out_in(path[:-1])
 
 
 def _find(reader: SafetensorsReader, name: str) -> str | None:
@@ -308,7 +348,7 @@ def load_pretrained(
     arch, cfg, module = build(hf_config, architecture, dtype=str(jnp.dtype(compute_dtype or dtype)),
                               param_dtype=str(dtype), **config_overrides)
     reader = SafetensorsReader(_weight_files(model_dir))
-    if getattr(cfg, "use_pooler", False) and arch == "BertModel" and _find(reader, "pooler.dense.weight") is None:
+    if getattr(cfg, "use_pooler", False) and arch in encoder.BASES and _find(reader, "pooler.dense.weight") is None:
         warnings.warn(f"{model_dir}: no pooler tensors ({', '.join(hf_config.get('architectures') or ['?'])}); "
                       "loaded the body without a pooler, so a head on it pools with 'cls' (the default) or "
                       "'mean', not 'pooler'", stacklevel=2)
@@ -324,12 +364,13 @@ def load_pretrained(
         if found is None:
             raise CheckpointError(f"{model_dir}: missing tensor {want!r} (param {'/'.join(path)}) for {arch}")
         view = reader[found]
-        if path[-1] == "kernel":
-            view = view.T  # PyTorch Linear stores (out, in)
+        transposed = stored_transposed(family, path)
+        if transposed:
+            view = view.T
         if view.shape != spec.shape:
             raise CheckpointError(
                 f"{model_dir}: tensor {found!r} has shape {tuple(reader.shape(found))}, but {arch} with this "
-                f"config.json expects {spec.shape if path[-1] != 'kernel' else spec.shape[::-1]}"
+                f"config.json expects {spec.shape[::-1] if transposed else spec.shape}"
             )
         params[path] = _place(view, dtype, leaf_shardings.get(path))
         used.add(found)
@@ -351,7 +392,7 @@ def untie_embeddings(pretrained: Pretrained) -> Pretrained:
     tied, because it describes the base checkpoint that such an adapter applies to.
     """
     cfg = pretrained.config
-    if not pretrained.architecture.endswith("ForCausalLM") or not cfg.tie_word_embeddings:
+    if FAMILIES[pretrained.architecture].body is not None or not getattr(cfg, "tie_word_embeddings", False):
         return pretrained  # a sequence classifier has no lm_head to untie
     cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
     params = {**pretrained.params, "lm_head": {"kernel": pretrained.params["embed_tokens"]["embedding"].T}}
@@ -423,7 +464,7 @@ def save_pretrained(
             array = np.asarray(jax.device_get(leaf))
             if dtype is not None:
                 array = array.astype(jnp.dtype(dtype))
-            yield hf_name(family, path), np.ascontiguousarray(array.T if path[-1] == "kernel" else array)
+            yield hf_name(family, path), np.ascontiguousarray(array.T if stored_transposed(family, path) else array)
 
     for old in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
         old.unlink()

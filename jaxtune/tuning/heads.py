@@ -6,9 +6,12 @@ token, or BERT's ``pooler``), optionally runs GELU layers of widths ``hidden``, 
 linear ``out`` with ``num_outputs`` outputs (classification logits or regression values).
 Its params live under ``head/``: ``head/block_i/...``, ``head/dense_i/...``, ``head/out/...``.
 
-Two heads are exactly Hugging Face's, so they export to transformers and PEFT: last-token
-pooling into a bias-free ``out`` on a decoder (``*ForSequenceClassification.score``) and the
-pooler into ``out`` with bias on BERT (``BertForSequenceClassification.classifier``).
+The heads that are exactly Hugging Face's export to transformers and PEFT: last-token pooling into
+a bias-free ``out`` on a decoder (``*ForSequenceClassification.score``), and on an encoder its
+family's classifier (:class:`jaxtune.models.encoder.ClassifierLayout`: BERT's pooler into
+``classifier``; RoBERTa's first token through ``classifier.dense`` + tanh into
+``classifier.out_proj``; DistilBERT's through ``pre_classifier`` + ReLU into ``classifier``). An
+encoder head's defaults are its family's classifier.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models.decoder import DecoderBlock, DecoderConfig
-from jaxtune.models.encoder import EncoderBlock
+from jaxtune.models.encoder import ACTIVATIONS, EncoderBlock
 from jaxtune.models.layers import Array, Linear, attention_mask
 from jaxtune.tuning.plan import PlanError, Rule
 
@@ -37,33 +40,55 @@ class HeadSpec:
     extra_blocks: int = 0
     dropout: float = 0.0
     bias: bool = True
+    activation: str = "gelu"  # after each hidden layer
+    input_dropout: bool = True  # dropout on the pooled features too (DistilBERT's classifier has none there)
 
 
 def head_spec(rule: Rule, body_cfg: Any, has_pooler: bool, where: str) -> HeadSpec:
-    """Fill in a ``head`` rule's defaults for this body (``where`` names the rule in errors)."""
+    """Fill in a ``head`` rule's defaults for this body (``where`` names the rule in errors): a decoder's
+    are HF's ``score`` on the last token, an encoder's its family's HF classifier."""
     decoder = isinstance(body_cfg, DecoderConfig)
-    pooling = rule.pooling or ("last" if decoder else "pooler" if has_pooler else "cls")
+    layout = None if decoder else body_cfg.classifier_layout
+    default = "last" if decoder else layout.pooling if layout.pooling != "pooler" or has_pooler else "cls"
+    pooling = rule.pooling or default
     if pooling == "pooler" and not has_pooler:
         raise PlanError(f"{where}: pooling 'pooler' needs a BERT pooler, which this model has not; "
                         "use mean, cls or last")
+    # The encoder family's own classifier, unless the rule changes its pooling or hidden layers.
+    family = layout is not None and pooling == layout.pooling and rule.hidden is None
+    hidden = tuple(rule.hidden) if rule.hidden is not None else \
+        (body_cfg.hidden_size,) * len(layout.dense) if family else ()
     return HeadSpec(
         task=rule.task,
         num_outputs=rule.num_labels or (2 if rule.task == "classification" else 1),
         pooling=pooling,
-        hidden=tuple(rule.hidden or ()),
+        hidden=hidden,
         extra_blocks=rule.extra_blocks or 0,
-        # HF's classifiers: BERT applies its hidden dropout before the classifier; decoders none.
-        dropout=float(rule.dropout if rule.dropout is not None else (0.0 if decoder else body_cfg.hidden_dropout)),
+        # HF's classifiers: encoders apply their classifier dropout before (and between) the layers; decoders none.
+        dropout=float(rule.dropout if rule.dropout is not None else (0.0 if decoder else body_cfg.classifier_dropout)),
         bias=bool(rule.bias if rule.bias is not None else not decoder),
+        activation=layout.activation if family and layout.dense else "gelu",
+        input_dropout=layout.input_dropout if family else True,
     )
+
+
+def hf_head_modules(spec: HeadSpec, body_cfg: Any) -> dict[str, str] | None:
+    """The transformers module of each head module (``out``, ``dense_i``) when the head is exactly HF's
+    ``*ForSequenceClassification`` head of the body's family; else None."""
+    plain = not spec.extra_blocks
+    if isinstance(body_cfg, DecoderConfig):
+        return {"out": "score"} if plain and not spec.hidden and spec.pooling == "last" and not spec.bias else None
+    layout = body_cfg.classifier_layout
+    same = (spec.pooling == layout.pooling and spec.hidden == (body_cfg.hidden_size,) * len(layout.dense)
+            and spec.bias and (not layout.dense or spec.activation == layout.activation)
+            and spec.input_dropout == layout.input_dropout)
+    return layout.hf_names() if plain and same else None
 
 
 def hf_head_name(spec: HeadSpec, body_cfg: Any) -> str | None:
     """The transformers module that ``head/out`` is, when the head is exactly HF's; else None."""
-    plain = not spec.hidden and not spec.extra_blocks
-    if isinstance(body_cfg, DecoderConfig):
-        return "score" if plain and spec.pooling == "last" and not spec.bias else None
-    return "classifier" if plain and spec.pooling == "pooler" and spec.bias else None
+    names = hf_head_modules(spec, body_cfg)
+    return None if names is None else names["out"]
 
 
 class Head(nn.Module):
@@ -100,8 +125,10 @@ class Head(nn.Module):
 
     def __call__(self, features: Array, deterministic: bool = True) -> Array:
         x = features
-        for dense in self.dense:
-            x = nn.gelu(dense(self.drop(x, deterministic=deterministic)), approximate=False)
+        for i, dense in enumerate(self.dense):
+            if i or self.spec.input_dropout:
+                x = self.drop(x, deterministic=deterministic)
+            x = ACTIVATIONS[self.spec.activation](dense(x))
         return self.out(self.drop(x, deterministic=deterministic))
 
     def _init_all(self, hidden: Array) -> Array:

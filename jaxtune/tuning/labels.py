@@ -63,12 +63,13 @@ def leaf_kinds(path: Path) -> frozenset[str]:
     kinds = set()
     if path[-1] == "embedding" or path[0] == "embeddings":
         kinds.add("embeddings")
-    if modules and "norm" in modules[-1].lower():
+    if modules and ("norm" in modules[-1].lower() or modules[-1].startswith("ln_")):  # GPT-2: ln_1, ln_2
         kinds.add("norms")
-    if "self_attn" in modules or "attention" in modules:
+    if "self_attn" in modules or "attention" in modules or "attn" in modules:
         kinds.add("attention")
-    # Decoder SwiGLU lives under mlp/; BERT's feed-forward is intermediate/ + the block's output/.
-    if "mlp" in modules or "intermediate" in modules or (block_of(path) is not None and modules[1:2] == ("output",)):
+    # Decoder MLPs live under mlp/ (DistilBERT: ffn/); BERT's feed-forward is intermediate/ + the block's output/.
+    if ("mlp" in modules or "ffn" in modules or "intermediate" in modules
+            or (block_of(path) is not None and modules[1:2] == ("output",))):
         kinds.add("mlp")
     if path[0] in ("lm_head", "norm", "pooler"):
         kinds.add("output")

@@ -31,9 +31,9 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, encoder, hf
+from jaxtune.models import hf
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
-from jaxtune.tuning.heads import hf_head_name
+from jaxtune.tuning.heads import hf_head_modules
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
 from jaxtune.tuning.lora import merge
 from jaxtune.tuning.partition import cast_by_label
@@ -81,6 +81,10 @@ def unexportable_head(tuned: Tuned) -> str:
     if tuned.is_decoder:
         exports = ("pooling last into a bias-free layer, no hidden layers or extra blocks "
                    "(*ForSequenceClassification): {action: head, pooling: last, bias: false}")
+    elif tuned.config.classifier_layout.pooling != "pooler":  # RoBERTa, DistilBERT: the first token
+        layout, classifier = tuned.config.classifier_layout, _family(tuned).classifier
+        exports = (f"the family's classifier ({classifier}: the first token through {', '.join(layout.dense)} into "
+                   f"{layout.out}): {{action: head}} with its defaults")
     elif "pooler" in tuned.params:
         exports = ("BERT's pooler into a layer with bias, no hidden layers or extra blocks "
                    "(BertForSequenceClassification): {action: head, pooling: pooler}")
@@ -94,17 +98,26 @@ def unexportable_head(tuned: Tuned) -> str:
 def hf_module_name(tuned: Tuned, module: Module) -> str:
     """The transformers module name of a jaxtune module path in ``tuned``'s tree, e.g.
     ``("layers_0", "self_attn", "q_proj")`` -> ``"model.layers.0.self_attn.q_proj"``,
-    ``("head", "out")`` -> ``"score"`` / ``"classifier"``."""
+    ``("head", "out")`` -> ``"score"`` / ``"classifier"`` / ``"classifier.out_proj"``."""
     if module[0] == HEAD_KEY:
-        name = hf_head_name(tuned.head, tuned.config)
-        if name is None or module != (HEAD_KEY, "out"):
+        names = hf_head_modules(tuned.head, tuned.config)
+        if names is None or len(module) != 2 or module[1] not in names:
             raise ExportError(f"{path_str(module)}: {unexportable_head(tuned)}")
-        return name
-    if tuned.is_decoder:
-        return decoder.hf_module(module)
-    if tuned.hf_architecture == "BertForSequenceClassification":
-        module = ("bert",) + module
-    return encoder.hf_module(module)
+        return names[module[1]]
+    if not tuned.is_decoder and tuned.head is not None and tuned.hf_architecture is not None:
+        module = (tuned.config.classifier_layout.body,) + module
+    return _family(tuned).hf_module(module)
+
+
+def _family(tuned: Tuned) -> hf.Family:
+    return hf.FAMILIES[tuned.architecture]
+
+
+def _hf_names(tuned: Tuned, modules: Sequence[Module]) -> dict[str, Module]:
+    """HF module name -> module, for the modules of ``tuned`` that have one (a jaxtune-only head has none)."""
+    names = hf_head_modules(tuned.head, tuned.config) if tuned.head is not None else {}
+    return {hf_module_name(tuned, m): m for m in modules
+            if m[0] != HEAD_KEY or (names and len(m) == 2 and m[1] in names)}
 
 
 def _modules(params: Params) -> dict[Module, dict[str, Any]]:
@@ -119,9 +132,9 @@ def _torch_name(leaf: str) -> str:
     return "bias" if leaf == "bias" else "weight"
 
 
-def _to_torch(leaf: str, value: Any) -> np.ndarray:
+def _to_torch(value: Any, transpose: bool) -> np.ndarray:
     array = np.asarray(jax.device_get(value), dtype=np.float32)
-    return np.ascontiguousarray(array.T if leaf == "kernel" else array)
+    return np.ascontiguousarray(array.T if transpose else array)
 
 
 # ----------------------------------------------------------------------------- merged HF directory
@@ -196,7 +209,10 @@ def export_merged(
                                   tokenizer_from=tokenizer_from)
     config = _label_fields(hf_config, tuned.task, tuned.num_outputs, tuned.label_names)
     if not tuned.is_decoder:
-        return hf.save_pretrained({"bert": body, "classifier": merged[HEAD_KEY]["out"]}, config, out_dir,
+        layout = tuned.config.classifier_layout
+        if layout.pooling != "pooler":
+            body.pop("pooler", None)  # RoBERTa's classifier reads the first token; its checkpoint has no pooler
+        return hf.save_pretrained({layout.body: body, HEAD_KEY: merged[HEAD_KEY]}, config, out_dir,
                                   architecture=arch, dtype=dtype, tokenizer_from=tokenizer_from)
     # jaxtune loads only the causal-LM classes, so the decoder family writes the tensors ("score"
     # sits beside "model" as lm_head does) and the config then names the classification class.
@@ -211,12 +227,13 @@ def export_merged(
 
 
 def _modules_to_save(tuned: Tuned, params: Params) -> list[Module]:
-    """Modules holding trained base leaves, plus a head the plan created (PEFT saves modules whole)."""
+    """Modules holding trained base leaves, plus the head (PEFT saves modules whole). A head is saved even
+    when frozen: PEFT's SEQ_CLS adapters always wrap the classifier and expect its weights in the file."""
     flat_labels = flatten_dict(tuned.labels)
     chosen = {path[:-1] for path, label in flat_labels.items()
               if label != FROZEN and path[-1] not in ADAPTER_LEAVES and path != (PROMPT_LEAF,)}
-    if tuned.head_is_new:
-        chosen |= {path[:-1] for path in flatten_dict(params) if path[0] == HEAD_KEY}
+    if tuned.head is not None:
+        chosen |= {p[:-1] for p in flatten_dict(params) if p[0] == HEAD_KEY and p[:-1] not in tuned.adapters}
     both = sorted(path_str(m) for m in chosen if m in tuned.adapters)
     if both:
         raise ExportError(f"module(s) {both[:5]} are trained directly and carry an adapter; PEFT cannot express "
@@ -246,7 +263,8 @@ def _lora_config(tuned: Tuned) -> dict[str, Any]:
         "use_dora": kinds == {"dora"},
         "use_rslora": rslora == {True},
         "bias": "none",
-        "fan_in_fan_out": False,
+        # GPT-2's Conv1D stores (in, out); PEFT applies this per layer (and resets it on nn.Linear layers).
+        "fan_in_fan_out": any(not _family(tuned).kernel_out_in(m) for m in specs),
         "init_lora_weights": True,
     }
 
@@ -270,22 +288,24 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
         name = PREFIX + hf_module_name(tuned, module)
         for leaf, (suffix, transpose) in _PEFT_LEAVES.items():
             if leaf in modules[module]:
-                tensors[f"{name}.{suffix}"] = _to_torch("kernel" if transpose else leaf, modules[module][leaf])
+                tensors[f"{name}.{suffix}"] = _to_torch(modules[module][leaf], transpose)
     to_save = _modules_to_save(tuned, params)
     for module in to_save:
         name = PREFIX + hf_module_name(tuned, module)
         for leaf, value in modules[module].items():
-            tensors[f"{name}.{_torch_name(leaf)}"] = _to_torch(leaf, value)
+            tensors[f"{name}.{_torch_name(leaf)}"] = _to_torch(value, hf.stored_transposed(_family(tuned),
+                                                                                           module + (leaf,)))
     if tuned.adapters:
         config = _lora_config(tuned)
         if tuned.is_decoder and tuned.config.tie_word_embeddings and ("embed_tokens",) in to_save:
             # Without ensure_weight_tying PEFT trains a tied embed_tokens alone and keeps the old output
             # matrix; with it, lm_head's copy is tied to the embedding's (PEFT writes that copy too).
-            tensors[PREFIX + "lm_head.weight"] = tensors[PREFIX + "model.embed_tokens.weight"]
+            embedding = PREFIX + hf_module_name(tuned, ("embed_tokens",)) + ".weight"
+            tensors[PREFIX + hf_module_name(tuned, ("lm_head",)) + ".weight"] = tensors[embedding]
             config["ensure_weight_tying"] = True
     elif tuned.prompt_tokens:
         cfg = tuned.config
-        tensors["prompt_embeddings"] = _to_torch(PROMPT_LEAF, params[PROMPT_LEAF])
+        tensors["prompt_embeddings"] = _to_torch(params[PROMPT_LEAF], False)
         # RANDOM init: PEFT then builds the embedding without a tokenizer and loads our weights.
         config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": tuned.prompt_tokens,
                   "token_dim": cfg.hidden_size, "num_transformer_submodules": 1, "num_attention_heads": cfg.num_heads,
@@ -296,7 +316,9 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
     config.update({
         "task_type": "CAUSAL_LM" if tuned.task == "lm" else "SEQ_CLS",
         "base_model_name_or_path": tuned.source,
-        "modules_to_save": [hf_module_name(tuned, m) for m in to_save] or None,
+        # A head is saved as its top module (RoBERTa's whole "classifier"), as PEFT's SEQ_CLS does.
+        "modules_to_save": list(dict.fromkeys(hf_module_name(tuned, m).split(".")[0] if m[0] == HEAD_KEY
+                                              else hf_module_name(tuned, m) for m in to_save)) or None,
         "inference_mode": True,
     })
     out = Path(out_dir)
@@ -366,14 +388,16 @@ def load_peft(
         saved.discard(tied_copy.rsplit(".", 1)[0])
         del keys[tied_copy]
     rules: list[Rule] = []
-    head_name = next((n for n in ("score", "classifier") if n in saved), None)
-    if head_name is not None and not pretrained.architecture.endswith("ForSequenceClassification"):
-        num = reader.shape(f"{PREFIX}{head_name}.weight")[0]
+    # The output layer of the family's HF classifier: an adapter that saves it brings a head.
+    classifier = getattr(pretrained.config, "classifier_layout", None)
+    head_out = classifier.out if classifier is not None else "score"
+    if head_out in saved and hf.FAMILIES[pretrained.architecture].body is None:
+        num = reader.shape(f"{PREFIX}{head_out}.weight")[0]
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
-                          bias=f"{head_name}.bias" in keys))
+                          bias=f"{head_out}.bias" in keys))
     layout = apply_plan(pretrained, Plan(tuple(rules)))  # the tree the adapter will be laid onto
     layout_modules = _modules(layout.params)
-    by_name = {hf_module_name(layout, m): m for m in layout_modules if m[0] != HEAD_KEY or m == (HEAD_KEY, "out")}
+    by_name = _hf_names(layout, list(layout_modules))
     unknown = sorted(saved - set(by_name))
     if unknown:
         raise ExportError(f"{adapter_dir}: modules_to_save {unknown[:5]} are not modules of {pretrained.architecture}")
@@ -448,11 +472,13 @@ def _tying(pretrained: hf.Pretrained, config: dict[str, Any], saved: set[str],
     """
     if not getattr(pretrained.config, "tie_word_embeddings", False):
         return pretrained, None
-    lm_head_lora = "lm_head.lora_A.weight" in keys
-    if not lm_head_lora and not saved & {"model.embed_tokens", "lm_head"}:
+    name = hf.FAMILIES[pretrained.architecture].hf_module
+    embedding, lm_head = name(("embed_tokens",)), name(("lm_head",))
+    lm_head_lora = f"{lm_head}.lora_A.weight" in keys
+    if not lm_head_lora and not saved & {embedding, lm_head}:
         return pretrained, None
-    if config.get("ensure_weight_tying") and "model.embed_tokens" in saved and not lm_head_lora:
-        return pretrained, "lm_head.weight" if "lm_head.weight" in keys else None
+    if config.get("ensure_weight_tying") and embedding in saved and not lm_head_lora:
+        return pretrained, f"{lm_head}.weight" if f"{lm_head}.weight" in keys else None
     return hf.untie_embeddings(pretrained), None
 
 
@@ -494,7 +520,8 @@ def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_n
             module, leaf = name.replace(_BASE_LAYER, ".").rsplit(".", 1)
             base_leaf = "bias" if leaf == "bias" else next(
                 k for k in ("kernel", "embedding", "scale") if by_name[module] + (k,) in flat)
-            wanted[by_name[module] + (base_leaf,)] = (name, base_leaf == "kernel")
+            path = by_name[module] + (base_leaf,)
+            wanted[path] = (name, hf.stored_transposed(_family(tuned), path))
     used = {key for key, _ in wanted.values()}
     missing, unused = sorted(used - set(keys)), sorted(set(keys) - used)
     if missing or unused:

@@ -31,7 +31,7 @@ from jaxtune.models import decoder
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
 from jaxtune.tuning import labels as labels_lib
-from jaxtune.tuning.heads import Head, HeadSpec, head_spec, hf_head_name, init_head
+from jaxtune.tuning.heads import Head, HeadSpec, head_spec, hf_head_modules, init_head
 from jaxtune.tuning.labels import HEAD_KEY, PROMPT_LEAF
 from jaxtune.tuning.lora import AdapterSpec, add_adapters
 from jaxtune.tuning.partition import cast_by_label
@@ -151,28 +151,28 @@ class Tuned:
     @property
     def hf_architecture(self) -> str | None:
         """The transformers class this model is exactly (for export), or None for a jaxtune-only head."""
+        family = FAMILIES[self.architecture]
         if self.head is None:
-            return self.architecture if self.is_decoder else "BertModel"
-        name = hf_head_name(self.head, self.config)
-        if name is None:
-            return None
-        return self.architecture.replace("ForCausalLM", "ForSequenceClassification") if self.is_decoder \
-            else "BertForSequenceClassification"
+            return family.base or self.architecture
+        return None if hf_head_modules(self.head, self.config) is None else family.classifier
 
 
 def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, HeadSpec | None, Params | None]:
     """The body config and params, and the checkpoint's own head (``*ForSequenceClassification``)."""
     cfg, params = pretrained.config, pretrained.params
-    if pretrained.architecture in decoder.CLASSIFIERS:  # DecoderClassifier = body + score on the last token
-        spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
-                        pooling="last", dropout=0.0, bias=False)
-        return cfg, {k: v for k, v in params.items() if k != "score"}, spec, {"out": params["score"]}
-    if pretrained.architecture != "BertForSequenceClassification":
+    if FAMILIES[pretrained.architecture].body is None:
         return cfg, dict(params), None, None
-    # EncoderClassifier = Encoder(use_pooler=True) + dropout + classifier: re-expressed as body + head.
-    spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
-                    pooling="pooler", dropout=cfg.hidden_dropout, bias=True)
-    return dataclasses.replace(cfg, use_pooler=True), dict(params["bert"]), spec, {"out": params["classifier"]}
+    task = "regression" if cfg.num_labels == 1 else "classification"
+    if isinstance(cfg, decoder.DecoderConfig):  # DecoderClassifier = body + score on the last token
+        spec = HeadSpec(task=task, num_outputs=cfg.num_labels, pooling="last", dropout=0.0, bias=False)
+        return cfg, {k: v for k, v in params.items() if k != "score"}, spec, {"out": params["score"]}
+    # EncoderClassifier = the body under its prefix + the family's classifier, already laid out as a head.
+    layout = cfg.classifier_layout
+    spec = HeadSpec(task=task, num_outputs=cfg.num_labels, pooling=layout.pooling,
+                    hidden=(cfg.hidden_size,) * len(layout.dense), dropout=cfg.classifier_dropout, bias=True,
+                    activation=layout.activation if layout.dense else "gelu", input_dropout=layout.input_dropout)
+    body_cfg = dataclasses.replace(cfg, use_pooler=layout.pooling == "pooler")
+    return body_cfg, dict(params[layout.body]), spec, dict(params[HEAD_KEY])
 
 
 def _last(plan: Plan, action: str) -> tuple[int, Rule] | tuple[None, None]:

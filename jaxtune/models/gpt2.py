@@ -1,0 +1,232 @@
+"""GPT-2: a pre-norm causal decoder with learned absolute positions, LayerNorms, a fused ``c_attn``
+query/key/value projection, a GELU MLP and tied input/output embeddings.
+
+:class:`GPT2` is a :class:`~jaxtune.models.decoder.Decoder` in everything the rest of jaxtune relies
+on (``embed``/``hidden``/``decode``/``logits``, the calling convention ``(input_ids, segment_ids,
+positions, deterministic)``, the :class:`~jaxtune.models.decoder.KVCache`), so training, packing,
+chunked losses, prompt tuning, heads and generation need nothing GPT-2-specific. Its own are the
+blocks and the position embeddings: ``hidden`` adds ``wpe[positions]`` to the token embeddings, so
+packed documents (positions restarting at 0) and virtual prompt tokens are placed as transformers
+and PEFT place them.
+
+Param tree: the blocks keep HF's names (``layers_3/attn/c_attn``, ``layers_3/ln_1``, ``layers_3/mlp/c_fc``),
+so plans target ``c_attn``/``c_proj``/``c_fc`` as PEFT does; the top level uses the decoder family's
+names (``embed_tokens``, ``layers_i``, ``norm``, ``lm_head``, plus ``wpe``), so the tuning layer's
+handling of tied embeddings, blocks and output layers applies as it is. :func:`hf_module` maps them
+(``layers_3`` -> ``transformer.h.3``, ``embed_tokens`` -> ``transformer.wte``, ``norm`` ->
+``transformer.ln_f``).
+
+Checkpoints: GPT-2's ``Conv1D`` stores its weight ``(in, out)``, already jaxtune's kernel layout
+(:func:`kernel_out_in` says so to the checkpoint I/O), while ``lm_head`` and ``score`` are torch
+``Linear``s. LoRA on the fused ``c_attn`` is one adapter on the ``(D, 3D)`` projection, exactly
+PEFT's LoRA on the ``c_attn`` module (``fan_in_fan_out``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, KVCache, LayerCache, attend
+from jaxtune.models.encoder import ACTIVATIONS
+from jaxtune.models.layers import Array, Embed, LayerNorm, Linear, PartitionRules, partition_rules, remat_block
+
+ARCHITECTURES = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
+MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
+PARTITION_RULES: PartitionRules = partition_rules(column=("c_attn", "c_fc"), row=("c_proj",)) + (
+    (r"lm_head/kernel$", ("fsdp", "tensor")),)
+_CONV1D = ("c_attn", "c_proj", "c_fc")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config(DecoderConfig):
+    """:class:`DecoderConfig` with GPT-2's own fields; ``rms_norm_eps`` holds ``layer_norm_epsilon``
+    (the final norm is built from it as in every decoder), ``num_kv_heads == num_heads``."""
+
+    max_position_embeddings: int = 1024
+    activation: str = "gelu_new"
+    dropout: float = 0.1  # resid_pdrop and embd_pdrop: after the embeddings and each block's two projections
+    scale_attn_weights: bool = True
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> GPT2Config:
+        """Build from a Hugging Face GPT-2 ``config.json`` dict."""
+        archs = hf.get("architectures") or []
+        arch = next((a for a in archs if a in ARCHITECTURES), None) or MODEL_TYPES.get(hf.get("model_type", ""))
+        if arch is None:
+            raise ValueError(f"config.json: architecture {archs or hf.get('model_type')!r} is not GPT-2; "
+                             f"supported: {', '.join(ARCHITECTURES)}")
+        for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
+            if hf.get(flag):
+                raise ValueError(f"config.json: {flag} is set, which jaxtune's GPT-2 does not implement; "
+                                 "only plain GPT-2 checkpoints load")
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"config.json: activation_function {act!r} is not supported; "
+                             f"supported: {', '.join(ACTIVATIONS)}")
+        d, heads = hf["n_embd"], hf["n_head"]
+        if hf.get("resid_pdrop", 0.1) != hf.get("embd_pdrop", 0.1):
+            raise ValueError("config.json: resid_pdrop and embd_pdrop differ; jaxtune's GPT-2 has one dropout rate "
+                             "for both: set them equal")
+        fields = dict(
+            vocab_size=hf["vocab_size"],
+            hidden_size=d,
+            intermediate_size=hf.get("n_inner") or 4 * d,
+            num_layers=hf["n_layer"],
+            num_heads=heads,
+            num_kv_heads=heads,
+            head_dim=d // heads,
+            rms_norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
+            num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
+            architecture=arch,
+            max_position_embeddings=hf.get("n_positions", 1024),
+            activation=act,
+            dropout=hf.get("resid_pdrop", 0.1),
+            scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
+        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
+                      adapter_dropout=self.adapter_dropout, name=name)
+
+    def layer_norm(self, name: str | None = None) -> LayerNorm:
+        return LayerNorm(self.rms_norm_eps, self.compute_dtype, self.param_dtype, name=name)
+
+
+class GPT2Attention(nn.Module):
+    """``attn``: the fused ``c_attn`` projection ``(D, 3D)`` split into q, k, v, causal attention, ``c_proj``.
+    With a ``cache`` it returns ``(out, (k, v))`` as :class:`~jaxtune.models.decoder.Attention` does."""
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: Array, segment_ids: Array | None, deterministic: bool,
+                 cache: LayerCache | None = None) -> Array | tuple[Array, tuple[Array, Array]]:
+        cfg = self.cfg
+        b, t, d = x.shape
+        qkv = cfg.linear(3 * d, "c_attn")(x, deterministic).reshape(b, t, 3, cfg.num_heads, cfg.head_dim)
+        scale = None if cfg.scale_attn_weights else 1.0
+        out, kv = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids, None, cache, scale=scale)
+        out = cfg.linear(d, "c_proj")(out.reshape(b, t, d), deterministic)
+        out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+        return out if cache is None else (out, kv)
+
+
+class GPT2MLP(nn.Module):
+    """``mlp``: ``c_proj(act(c_fc(x)))`` then dropout."""
+
+    cfg: GPT2Config
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.cfg
+        h = ACTIVATIONS[cfg.activation](cfg.linear(cfg.intermediate_size, "c_fc")(x, deterministic))
+        h = cfg.linear(x.shape[-1], "c_proj")(h, deterministic)
+        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+
+
+class GPT2Block(nn.Module):
+    """Pre-norm block ``x + attn(ln_1(x))``, ``x + mlp(ln_2(x))``; the decoder block's call signature."""
+
+    cfg: GPT2Config
+    window: int | None = None  # the decoder blocks' signature; GPT-2 attends to everything before
+
+    @nn.compact
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool = True,
+                 cache: LayerCache | None = None) -> Array | tuple[Array, tuple[Array, Array]]:
+        cfg = self.cfg
+        attn = GPT2Attention(cfg, name="attn")(cfg.layer_norm("ln_1")(x), segment_ids, deterministic, cache)
+        attn, kv = (attn, None) if cache is None else attn
+        x = x + attn
+        x = x + GPT2MLP(cfg, name="mlp")(cfg.layer_norm("ln_2")(x), deterministic)
+        return x if cache is None else (x, kv)
+
+
+class GPT2(Decoder):
+    """``GPT2LMHeadModel``: :class:`~jaxtune.models.decoder.Decoder`'s interface (see the module docstring)."""
+
+    cfg: GPT2Config
+
+    def setup(self) -> None:
+        cfg, dt = self.cfg, self.cfg.compute_dtype
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
+        self.wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, dt, cfg.param_dtype)
+        block = remat_block(GPT2Block, cfg.remat)
+        self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+        self.norm = cfg.layer_norm()
+        self.drop = nn.Dropout(cfg.dropout)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = cfg.linear(cfg.vocab_size, bias=False)
+
+    def _inputs(self, input_ids: Array | None, inputs_embeds: Array | None, positions: Array | None,
+                deterministic: bool) -> tuple[Array, Array]:
+        """Token plus position embeddings ``(B, T, D)`` (after dropout) and the positions ``(B, T)``."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        return self.drop(x + self.wpe(positions), deterministic=deterministic), positions
+
+    def hidden(
+        self,
+        input_ids: Array | None = None,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        deterministic: bool = True,
+        inputs_embeds: Array | None = None,
+    ) -> Array:
+        """Final normed hidden states ``(B, T, D)``; give ``input_ids`` or ``inputs_embeds`` (without positions)."""
+        x, positions = self._inputs(input_ids, inputs_embeds, positions, deterministic)
+        for layer in self.layers:
+            x = layer(x, positions, segment_ids, deterministic)
+        return self.norm(x)
+
+    def decode(
+        self,
+        input_ids: Array | None,
+        positions: Array,
+        cache: KVCache,
+        inputs_embeds: Array | None = None,
+    ) -> tuple[Array, KVCache]:
+        """:meth:`Decoder.decode <jaxtune.models.decoder.Decoder.decode>` for GPT-2: ``T`` new tokens at
+        ``positions`` ``(B, T)`` -> hidden states ``(B, T, D)`` and the advanced cache."""
+        x, _ = self._inputs(input_ids, inputs_embeds, positions, True)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            x, (k, v) = layer(x, positions, None, True, cache.layer(i))
+            ks.append(k)
+            vs.append(v)
+        return self.norm(x), KVCache(tuple(ks), tuple(vs), cache.index + x.shape[1], cache.start)
+
+
+class GPT2Classifier(DecoderClassifier):
+    """``GPT2ForSequenceClassification``: the GPT-2 body and a bias-free ``score`` on the last real token."""
+
+    cfg: GPT2Config
+
+    def setup(self) -> None:
+        self.body = GPT2(self.cfg)
+        nn.share_scope(self, self.body)
+        self.score = self.cfg.linear(self.cfg.num_labels, bias=False)
+
+
+def hf_module(modules: tuple[str, ...]) -> str:
+    """HF module name of a param path's modules: ``('layers_0', 'attn', 'c_attn')`` ->
+    ``'transformer.h.0.attn.c_attn'``; ``lm_head`` and ``score`` sit beside ``transformer``."""
+    if modules[0] in ("lm_head", "score"):
+        return ".".join(modules)
+    top = {"embed_tokens": "wte", "norm": "ln_f"}
+    first = modules[0]
+    first = "h." + first[len("layers_"):] if first.startswith("layers_") else top.get(first, first)
+    return ".".join(("transformer", first) + modules[1:])
+
+
+def kernel_out_in(modules: tuple[str, ...]) -> bool:
+    """Whether the checkpoint stores this module's kernel ``(out, in)`` (torch ``Linear``: ``lm_head``,
+    ``score``) rather than ``(in, out)`` (``Conv1D``: ``c_attn``, ``c_proj``, ``c_fc``)."""
+    return modules[-1] not in _CONV1D
