@@ -29,17 +29,17 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, encoder, gemma
+from jaxtune.models import decoder, encoder, gemma, vit
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
-FamilyConfig = decoder.DecoderConfig | encoder.EncoderConfig
+FamilyConfig = decoder.DecoderConfig | encoder.EncoderConfig | vit.ViTConfig
 
-BASE_LEAVES = ("kernel", "embedding", "scale", "bias")
+BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF)
 # Buffers that checkpoints carry but that are not parameters.
 _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
-_BODY_PREFIXES = ("bert.", "model.")
+_BODY_PREFIXES = ("bert.", "model.", "vit.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
@@ -63,6 +63,8 @@ class Family:
     hf_module: Callable[[tuple[str, ...]], str]
     partition_rules: PartitionRules
     body: type[nn.Module] | None = None  # the bare body a task head wraps (jaxtune.tuning); None: ``module``
+    # Tensor name on disk for a module-derived name, where the two differ (transformers renamed ViT's modules).
+    checkpoint_name: Callable[[str], str] | None = None
 
     @property
     def body_module(self) -> type[nn.Module]:
@@ -83,6 +85,10 @@ FAMILIES: dict[str, Family] = {
     "BertModel": Family(encoder.EncoderConfig.from_hf, encoder.Encoder, encoder.hf_module, encoder.PARTITION_RULES),
     "BertForSequenceClassification": Family(encoder.EncoderConfig.from_hf, encoder.EncoderClassifier,
                                             encoder.hf_module, encoder.PARTITION_RULES, body=encoder.Encoder),
+    "ViTModel": Family(vit.ViTConfig.from_hf, vit.ViT, vit.hf_module, vit.PARTITION_RULES,
+                       checkpoint_name=vit.checkpoint_name),
+    "ViTForImageClassification": Family(vit.ViTConfig.from_hf, vit.ViTClassifier, vit.hf_module, vit.PARTITION_RULES,
+                                        body=vit.ViT, checkpoint_name=vit.checkpoint_name),
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
@@ -228,7 +234,8 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         architecture = next((a for a in declared if a in FAMILIES), None)
         if architecture is None:
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "qwen3": "Qwen3ForCausalLM", "bert": "BertModel", **gemma.MODEL_TYPES}
+                       "qwen3": "Qwen3ForCausalLM", "bert": "BertModel", **gemma.MODEL_TYPES,
+                       **vit.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
@@ -254,7 +261,9 @@ def build(hf_config: dict[str, Any], architecture: str | None = None,
 
 def abstract_params(module: nn.Module, cfg: FamilyConfig) -> Params:
     """The param tree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without memory."""
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+    # A family whose inputs are not token ids (images) says what its inputs look like.
+    inputs = cfg.init_inputs() if hasattr(cfg, "init_inputs") else (jnp.zeros((1, 2), jnp.int32),)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
 
 
 def hf_name(family: Family, path: tuple[str, ...]) -> str:
@@ -265,6 +274,8 @@ def hf_name(family: Family, path: tuple[str, ...]) -> str:
             f"param {'/'.join(path)} is an adapter leaf with no Hugging Face tensor; merge adapters first "
             "(jaxtune.tuning) or export them as a PEFT adapter"
         )
+    if leaf == vit.TENSOR_LEAF:
+        return family.hf_module(path[:-1])  # a bare tensor is named by its module path alone
     return family.hf_module(path[:-1]) + (".bias" if leaf == "bias" else ".weight")
 
 
@@ -308,7 +319,8 @@ def load_pretrained(
     arch, cfg, module = build(hf_config, architecture, dtype=str(jnp.dtype(compute_dtype or dtype)),
                               param_dtype=str(dtype), **config_overrides)
     reader = SafetensorsReader(_weight_files(model_dir))
-    if getattr(cfg, "use_pooler", False) and arch == "BertModel" and _find(reader, "pooler.dense.weight") is None:
+    if getattr(cfg, "use_pooler", False) and arch in ("BertModel", "ViTModel") \
+            and _find(reader, "pooler.dense.weight") is None:
         warnings.warn(f"{model_dir}: no pooler tensors ({', '.join(hf_config.get('architectures') or ['?'])}); "
                       "loaded the body without a pooler, so a head on it pools with 'cls' (the default) or "
                       "'mean', not 'pooler'", stacklevel=2)
@@ -321,6 +333,8 @@ def load_pretrained(
     for path, spec in abstract.items():
         want = hf_name(family, path)
         found = _find(reader, want)
+        if found is None and family.checkpoint_name is not None:
+            found = _find(reader, family.checkpoint_name(want))
         if found is None:
             raise CheckpointError(f"{model_dir}: missing tensor {want!r} (param {'/'.join(path)}) for {arch}")
         view = reader[found]
