@@ -42,7 +42,9 @@ class HeadSpec:
 def head_spec(rule: Rule, body_cfg: Any, has_pooler: bool, where: str) -> HeadSpec:
     """Fill in a ``head`` rule's defaults for this body (``where`` names the rule in errors)."""
     decoder = isinstance(body_cfg, DecoderConfig)
-    pooling = rule.pooling or ("last" if decoder else "pooler" if has_pooler else "cls")
+    # A family may say which pooling its HF classifier uses (ViT: the final [CLS] state, not its pooler).
+    pooling = rule.pooling or ("last" if decoder else getattr(body_cfg, "classifier_pooling", None)
+                               or ("pooler" if has_pooler else "cls"))
     if pooling == "pooler" and not has_pooler:
         raise PlanError(f"{where}: pooling 'pooler' needs a BERT pooler, which this model has not; "
                         "use mean, cls or last")
@@ -63,7 +65,8 @@ def hf_head_name(spec: HeadSpec, body_cfg: Any) -> str | None:
     plain = not spec.hidden and not spec.extra_blocks
     if isinstance(body_cfg, DecoderConfig):
         return "score" if plain and spec.pooling == "last" and not spec.bias else None
-    return "classifier" if plain and spec.pooling == "pooler" and spec.bias else None
+    hf_pooling = getattr(body_cfg, "classifier_pooling", "pooler")
+    return "classifier" if plain and spec.pooling == hf_pooling and spec.bias else None
 
 
 class Head(nn.Module):

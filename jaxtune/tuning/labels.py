@@ -70,7 +70,7 @@ def leaf_kinds(path: Path) -> frozenset[str]:
     # Decoder SwiGLU lives under mlp/; BERT's feed-forward is intermediate/ + the block's output/.
     if "mlp" in modules or "intermediate" in modules or (block_of(path) is not None and modules[1:2] == ("output",)):
         kinds.add("mlp")
-    if path[0] in ("lm_head", "norm", "pooler"):
+    if path[0] in ("lm_head", "norm", "pooler", "layernorm"):  # layernorm: ViT's final norm
         kinds.add("output")
     if path[0] == "pooler":
         kinds.add("pooler")

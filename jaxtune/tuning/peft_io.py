@@ -31,14 +31,14 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, encoder, hf
+from jaxtune.models import decoder, encoder, hf, vit
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
 from jaxtune.tuning.heads import hf_head_name
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
 from jaxtune.tuning.lora import merge
 from jaxtune.tuning.partition import cast_by_label
 from jaxtune.tuning.plan import Plan, Rule
-from jaxtune.tuning.tuned import Tuned, apply_plan
+from jaxtune.tuning.tuned import Tuned, apply_plan, is_image
 
 Params = dict[str, Any]
 Module = tuple[str, ...]
@@ -87,6 +87,8 @@ def hf_module_name(tuned: Tuned, module: Module) -> str:
         return name
     if tuned.is_decoder:
         return decoder.hf_module(module)
+    if isinstance(tuned.config, vit.ViTConfig):
+        return vit.hf_module(("vit",) + module if tuned.hf_architecture in vit.CLASSIFIERS else module)
     if tuned.hf_architecture == "BertForSequenceClassification":
         module = ("bert",) + module
     return encoder.hf_module(module)
@@ -279,7 +281,8 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
         raise ExportError("the plan has no LoRA, DoRA or prompt adapter, so there is no PEFT adapter to write; "
                           "use export_merged for full or partial fine-tuning")
     config.update({
-        "task_type": "CAUSAL_LM" if tuned.task == "lm" else "SEQ_CLS",
+        # PEFT's SEQ_CLS wrapper feeds input_ids; an image model is wrapped as a plain PeftModel.
+        "task_type": "CAUSAL_LM" if tuned.task == "lm" else None if is_image(tuned.config) else "SEQ_CLS",
         "base_model_name_or_path": tuned.source,
         "modules_to_save": [hf_module_name(tuned, m) for m in to_save] or None,
         "inference_mode": True,
