@@ -58,6 +58,16 @@ class ImageSpec:
             raise ValueError(f"image mean/std: need {self.channels} values each, got {self.mean} / {self.std}")
 
     @classmethod
+    def for_model(cls, model_config: Any, model_dir: str | os.PathLike | None) -> ImageSpec:
+        """The spec of an image model: its config's ``image_size`` and ``num_channels``, and the
+        mean/std of its directory's image processor (see :meth:`from_model_dir`)."""
+        size, channels = getattr(model_config, "image_size", None), getattr(model_config, "num_channels", 3)
+        if size is None:
+            raise ValueError(f"the data are images but the model ({type(model_config).__name__}) takes no images; "
+                             "load an image model (ViT, EfficientNet-Lite)")
+        return cls.from_model_dir(size, channels, model_dir)
+
+    @classmethod
     def from_model_dir(cls, size: int, channels: int, model_dir: str | os.PathLike | None) -> ImageSpec:
         """The spec of a model of square ``size`` and ``channels``, with the mean/std of its
         ``preprocessor_config.json`` (transformers' image processor) when it has one, else 0.5."""
@@ -276,6 +286,14 @@ def read_image_arrays(path: str | os.PathLike, kind: str = "classification", *, 
             raise DataError(path, f"arrays {list(arrays)}, but images and labels need the keys images/labels (or x/y)",
                             "save with np.savez(path, images=..., labels=...)")
         images, values = arrays[image_key], arrays[label_key]
+        if "label_names" in arrays and kind == "classification":  # integer labels with class names beside them
+            named = [str(n) for n in arrays["label_names"]]
+            bad = np.flatnonzero((values < 0) | (values >= len(named)))
+            if len(bad):
+                raise DataError(f"{path}[{bad[0]}]", f"label {values[bad[0]]} is not an index into label_names "
+                                f"({len(named)} names)", "store labels 0..len(label_names)-1")
+            labels = named if labels is None else labels
+            values = np.asarray(named, dtype=object)[values]
         labels_where = path
     else:
         images = read_idx(path)
@@ -424,9 +442,12 @@ class _FillImages:
 
 
 def image_loader(source: ImageSource, spec: ImageSpec, config: LoaderConfig, *, train: bool,
-                 augment: Sequence[str] = (), batch_size: int | None = None) -> ImageLoader:
+                 augment: Sequence[str] | None = None, batch_size: int | None = None) -> ImageLoader:
     """The loader a run reads: training shuffles, repeats forever, keeps full batches and
-    augments; evaluation reads once in order and fills the last batch."""
+    augments; evaluation reads once in order and fills the last batch. ``augment`` and
+    ``batch_size`` (evaluation) default to a ``DataConfig``'s ``augment`` and ``eval_batch_size``."""
+    augment = getattr(config, "augment", ()) if augment is None else augment
+    batch_size = batch_size or getattr(config, "eval_batch_size", None)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
     role = dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else dict(
         shuffle=False, num_epochs=1, drop_remainder=False, batch_size=batch_size or config.batch_size)
