@@ -29,13 +29,13 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, encoder, gemma, vit
+from jaxtune.models import decoder, efficientnet, encoder, gemma, vit
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
-FamilyConfig = decoder.DecoderConfig | encoder.EncoderConfig | vit.ViTConfig
+FamilyConfig = decoder.DecoderConfig | encoder.EncoderConfig | vit.ViTConfig | efficientnet.EfficientNetConfig
 
-BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF)
+BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF, *efficientnet.STATE_LEAVES)
 # Buffers that checkpoints carry but that are not parameters.
 _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
@@ -89,6 +89,8 @@ FAMILIES: dict[str, Family] = {
                        checkpoint_name=vit.checkpoint_name),
     "ViTForImageClassification": Family(vit.ViTConfig.from_hf, vit.ViTClassifier, vit.hf_module, vit.PARTITION_RULES,
                                         body=vit.ViT, checkpoint_name=vit.checkpoint_name),
+    **{a: Family(efficientnet.EfficientNetConfig.from_hf, efficientnet.EfficientNetLite, efficientnet.hf_module,
+                 efficientnet.PARTITION_RULES, body=efficientnet.EfficientNetLite) for a in efficientnet.ARCHITECTURES},
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
@@ -235,7 +237,7 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         if architecture is None:
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                        "qwen3": "Qwen3ForCausalLM", "bert": "BertModel", **gemma.MODEL_TYPES,
-                       **vit.MODEL_TYPES}
+                       **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
@@ -276,6 +278,8 @@ def hf_name(family: Family, path: tuple[str, ...]) -> str:
         )
     if leaf == vit.TENSOR_LEAF:
         return family.hf_module(path[:-1])  # a bare tensor is named by its module path alone
+    if leaf in efficientnet.STATE_LEAVES:
+        return f"{family.hf_module(path[:-1])}.{leaf}"
     return family.hf_module(path[:-1]) + (".bias" if leaf == "bias" else ".weight")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from jaxtune.models.efficientnet import STATE_LEAVES
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, MAGNITUDE
 from jaxtune.tuning.lora import AdapterSpec
 from jaxtune.tuning.plan import Plan, PlanError, Rule, block_indices
@@ -33,8 +34,8 @@ def path_str(path: Path) -> str:
 def natural_label(path: Path) -> str:
     """The group a leaf belongs to when trainable."""
     leaf = path[-1]
-    if leaf == LORA_SCALE:
-        return FROZEN  # a constant (alpha / r), never trained
+    if leaf == LORA_SCALE or leaf in STATE_LEAVES:
+        return FROZEN  # a constant (alpha / r), or BatchNorm statistics (model state, never trained)
     if leaf in (LORA_A, LORA_B):
         return "lora"
     if leaf == MAGNITUDE:

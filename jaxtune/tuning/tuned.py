@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxtune.models import decoder, vit
+from jaxtune.models import decoder, efficientnet, vit
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
 from jaxtune.tuning import labels as labels_lib
@@ -158,6 +158,8 @@ class Tuned:
     @property
     def hf_architecture(self) -> str | None:
         """The transformers class this model is exactly (for export), or None for a jaxtune-only head."""
+        if isinstance(self.config, efficientnet.EfficientNetConfig):
+            return None  # no transformers class: export the trained params (Orbax) or merge by hand
         if isinstance(self.config, vit.ViTConfig):
             body, classifier = "ViTModel", "ViTForImageClassification"
         else:
@@ -183,6 +185,11 @@ def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, Hea
         spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
                         pooling="last", dropout=0.0, bias=False)
         return cfg, {k: v for k, v in params.items() if k != "score"}, spec, {"out": params["score"]}
+    if pretrained.architecture in efficientnet.CLASSIFIERS:  # the ImageNet classifier: mean pool -> dropout -> fc
+        spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
+                        pooling="mean", dropout=cfg.hidden_dropout, bias=True)
+        return (dataclasses.replace(cfg, include_top=False), {k: v for k, v in params.items() if k != "fc"}, spec,
+                {"out": params["fc"]})
     if pretrained.architecture in vit.CLASSIFIERS:  # ViTClassifier = ViT + classifier on the final [CLS] state
         spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
                         pooling="cls", dropout=0.0, bias=True)
