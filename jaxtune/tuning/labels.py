@@ -64,14 +64,15 @@ def leaf_kinds(path: Path) -> frozenset[str]:
     kinds = set()
     if path[-1] == "embedding" or path[0] == "embeddings":
         kinds.add("embeddings")
-    if modules and "norm" in modules[-1].lower():
+    if modules and ("norm" in modules[-1].lower() or re.fullmatch(r"bn\d+", modules[-1])):  # bnN: BatchNorm
         kinds.add("norms")
     if "self_attn" in modules or "attention" in modules:
         kinds.add("attention")
     # Decoder SwiGLU lives under mlp/; BERT's feed-forward is intermediate/ + the block's output/.
     if "mlp" in modules or "intermediate" in modules or (block_of(path) is not None and modules[1:2] == ("output",)):
         kinds.add("mlp")
-    if path[0] in ("lm_head", "norm", "pooler", "layernorm"):  # layernorm: ViT's final norm
+    # layernorm: ViT's final norm; conv_head/bn1: what follows EfficientNet's last block
+    if path[0] in ("lm_head", "norm", "pooler", "layernorm", "conv_head", "bn1"):
         kinds.add("output")
     if path[0] == "pooler":
         kinds.add("pooler")
