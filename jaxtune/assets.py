@@ -199,6 +199,13 @@ def fetch_debian(package: str, *, cache: Path | None = None) -> Path:
     target = root / f"deb-{package}"
     if (target / ".complete").exists():
         return target
+    with cache_lock(target):
+        if not (target / ".complete").exists():  # another process may have finished while we waited
+            _download_debian(package, root, target)
+    return target
+
+
+def _download_debian(package: str, root: Path, target: Path) -> None:
     download = root / f"deb-{package}.download"
     shutil.rmtree(download, ignore_errors=True)
     download.mkdir(parents=True)
@@ -214,7 +221,6 @@ def fetch_debian(package: str, *, cache: Path | None = None) -> Path:
         raise FetchError(f"{debs[0]}: dpkg -x failed: {unpack.stderr.strip()[-300:]}")
     shutil.rmtree(download, ignore_errors=True)
     (target / ".complete").touch()
-    return target
 
 
 def package_path(asset: Asset) -> Path:

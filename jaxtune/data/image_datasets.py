@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxtune.assets import ASSETS, cache_dir, package_path
+from jaxtune.assets import ASSETS, cache_dir, cache_lock, package_path
 from jaxtune.data.datasets import PreparedData
 from jaxtune.data.images import read_idx
 from jaxtune.data.sources import split_indices
@@ -31,20 +32,26 @@ _FORMAT = 1  # bump when the written files change
 def _prepare(name: str, options: dict[str, Any], kind: str, build) -> PreparedData:
     key = "-".join([f"v{_FORMAT}"] + [f"{k}{v}" for k, v in sorted(options.items())])
     folder = cache_dir() / "datasets" / name / key
-    if not (folder / "info.json").exists():
-        splits, info = build()
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for split, arrays in splits.items():
-            np.savez(tmp / f"{split}.npz", **arrays)
-        info = {"name": name, "kind": kind, "options": options,
-                **{f"{s}_rows": len(a["labels"]) for s, a in splits.items()}, **info}
-        (tmp / "info.json").write_text(json.dumps(info, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+    with cache_lock(folder):
+        if not (folder / "info.json").exists():  # not prepared by another process meanwhile
+            _write_splits(folder, name, kind, options, *build())
     info = json.loads((folder / "info.json").read_text())
     return PreparedData(folder / "train.npz", folder / "test.npz", kind, info)
+
+
+def _write_splits(folder: Path, name: str, kind: str, options: dict[str, Any],
+                  splits: dict[str, dict[str, np.ndarray]], info: dict[str, Any]) -> None:
+    """Write the splits as .npz and ``info.json`` beside ``folder``, then rename into place (atomic)."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for split, arrays in splits.items():
+        np.savez(tmp / f"{split}.npz", **arrays)
+    info = {"name": name, "kind": kind, "options": options,
+            **{f"{s}_rows": len(a["labels"]) for s, a in splits.items()}, **info}
+    (tmp / "info.json").write_text(json.dumps(info, indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def fashion_mnist_split(split: str) -> tuple[np.ndarray, np.ndarray]:
