@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import skip_or_fail
 
 from jaxtune import tuning
@@ -53,16 +53,20 @@ def tiny():
     """A randomly initialised EfficientNet-Lite0 on 32x32 inputs with random BatchNorm statistics."""
     cfg = EfficientNetConfig(image_size=32, num_labels=3, hidden_dropout=0.0, drop_connect_rate=0.0)
     module = EfficientNetLite(cfg)
-    params = jax.jit(module.init)(jax.random.key(0), *cfg.init_inputs())["params"]
-    flat = flatten_dict(params)
+    # Random values of the right shapes, without compiling the network's init (seconds on CI).
+    shapes = flatten_dict(jax.eval_shape(module.init, jax.random.key(0), *cfg.init_inputs())["params"])
     rng = np.random.default_rng(0)
-    for path in flat:
-        if path[-1] == "running_mean":
-            flat[path] = rng.normal(size=flat[path].shape).astype(np.float32) * 0.1
-        elif path[-1] == "running_var":
-            flat[path] = rng.uniform(0.5, 2.0, flat[path].shape).astype(np.float32)
-    from flax.traverse_util import unflatten_dict
-
+    flat = {}
+    for path, spec in shapes.items():
+        if path[-1] == "running_var":
+            flat[path] = rng.uniform(0.5, 2.0, spec.shape).astype(np.float32)
+        elif path[-1] == "scale":
+            flat[path] = np.ones(spec.shape, np.float32)
+        elif path[-1] == "kernel":
+            fan_in = int(np.prod(spec.shape[:-1]))
+            flat[path] = (rng.normal(size=spec.shape) / np.sqrt(fan_in)).astype(np.float32)
+        else:  # bias, running_mean
+            flat[path] = (rng.normal(size=spec.shape) * 0.1).astype(np.float32)
     hf_config = {"architectures": [cfg.architecture], "model_type": "efficientnet_lite", "image_size": 32,
                  "num_labels": 3, "dropout_rate": 0.0, "drop_connect_rate": 0.0}
     return hf.Pretrained(cfg, module, unflatten_dict(flat), hf_config, "tiny", cfg.architecture)
