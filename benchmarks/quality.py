@@ -30,6 +30,14 @@ Tasks:
   vader-lora-head    MiniLM + VADER human sentiment ratings (-4..4), 4k train / 1k test
                      subsets: LoRA r8 + a mean-pooled regression head with a 128-wide GELU
                      layer, Huber loss.
+
+Image tasks (``IMAGE_TASKS``; not in the default list, run them with ``--tasks``): EfficientNet-Lite0
+(real ImageNet weights) with its last 6 blocks, head conv and a new head trained, BatchNorm
+statistics frozen; the PyTorch side is the reference package ``efficientnet-lite-pytorch`` with
+the same plan, and a third side, ``baseline``, fits logistic regression (classification) or ridge
+regression (counting) on the frozen pretrained features (mean-pooled, from the PyTorch model).
+  fashion-mnist-lite0  Fashion-MNIST, 2,000 train / 1,000 test (stratified), 224x224, accuracy.
+  count-lite0          84x84 canvases with 0-5 Fashion-MNIST items, regress the count, MAE.
 """
 
 from __future__ import annotations
@@ -83,6 +91,33 @@ TASKS: dict[str, Task] = {
                               choices=("positive", "negative"), pad_to_multiple_of=32),
     "vader-lora-head": Task("all-MiniLM-L6-v2", "vader", "regression", "lora-head", 4000, 1000, 64, 32, 1e-3,
                             head_lr=3.0, hidden=(128,), regression_loss="huber"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTask:
+    """One image fine-tuning task (see the module docstring), as every side runs it."""
+
+    model: str  # a packaged image model (efficientnet-lite0)
+    dataset: str  # fashion_mnist | fashion_mnist_count
+    kind: str  # image-classification | image-regression
+    train: int
+    test: int
+    batch_size: int
+    learning_rate: float
+    last_blocks: int = 6  # blocks that train (with the head conv and the new head)
+    head_lr: float = 3.0
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    epochs: int = 1
+    regression_loss: str = "mse"
+
+
+IMAGE_TASKS: dict[str, ImageTask] = {
+    "fashion-mnist-lite0": ImageTask("efficientnet-lite0", "fashion_mnist", "image-classification", 2000, 1000, 32,
+                                     1e-3),
+    "count-lite0": ImageTask("efficientnet-lite0", "fashion_mnist_count", "image-regression", 2000, 1000, 32, 1e-3,
+                             epochs=2, regression_loss="huber"),
 }
 
 
@@ -143,11 +178,6 @@ def steps_of(task: Task) -> int:
 
 def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
     """The task through ``jaxtune.finetune``; returns metrics and timings."""
-    import logging
-
-    from jaxtune import config as config_lib
-    from jaxtune.recipe import finetune
-
     if task.method == "full-pooler":
         plan = [{"preset": "full"}, {"action": "head", "task": "classification", "pooling": "pooler"}]
     else:
@@ -169,6 +199,16 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
     }
+    return timed_finetune(data)
+
+
+def timed_finetune(data: dict[str, Any]) -> dict[str, Any]:
+    """``jaxtune.finetune`` of a recipe written as data; its metrics, steps and training time."""
+    import logging
+
+    from jaxtune import config as config_lib
+    from jaxtune.recipe import finetune
+
     marks: dict[str, float] = {}
 
     class Marks(logging.Handler):
@@ -352,6 +392,153 @@ def mean_pool_model(body: Any, outputs: int, hidden: tuple[int, ...], dropout: f
     return MeanPoolModel()
 
 
+# ----------------------------------------------------------------------------- image tasks
+
+
+def write_image_data(task: ImageTask, folder: Path) -> dict[str, Path]:
+    """The prepared image splits (.npz) every side reads, the model directory, the schedule."""
+    from jaxtune.data import image_datasets
+    from jaxtune.models.assets import fetch_model
+
+    prepare = {"fashion_mnist": image_datasets.prepare_fashion_mnist,
+               "fashion_mnist_count": image_datasets.prepare_fashion_mnist_count}[task.dataset]
+    prepared = prepare(train_size=task.train, test_size=task.test)
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"train": prepared.train, "test": prepared.test, "model": fetch_model(task.model),
+            "learning_rates": write_learning_rates(task, folder)}
+
+
+def jaxtune_image_side(task: ImageTask, files: dict[str, str], run_dir: str) -> dict[str, Any]:
+    """The image task through ``jaxtune.finetune``."""
+    kind = task.kind.removeprefix("image-")
+    return timed_finetune({
+        "model": {"path": files["model"]},
+        "plan": [{"preset": "freeze_all_but", "last_n_blocks": task.last_blocks}, {"action": "head", "task": kind}],
+        "data": {"train": files["train"], "validation": files["test"], "kind": kind, "images": True,
+                 "batch_size": task.batch_size},
+        "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
+                      "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
+                      "group_lr": {"head": task.head_lr}},
+        "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss},
+        "checkpoint": {"every": 10**9, "keep": 1},
+        "output": {"dir": run_dir, "export": "none"},
+    })
+
+
+def _image_inputs(task: ImageTask, files: dict[str, str]) -> tuple[Any, Any, Any]:
+    """Both splits (jaxtune's readers) and a function of indices -> pixel tensors (jaxtune's
+    ``ToPixels``: the same resize and normalisation for every side)."""
+    import numpy as np
+    import torch
+
+    from jaxtune.data.images import ImageSpec, ToPixels, read_images
+
+    kind = task.kind.removeprefix("image-")
+    train = read_images(files["train"], kind)
+    test = read_images(files["test"], kind, labels=train.label_names)
+    to_pixels = ToPixels(ImageSpec.from_model_dir(224, 3, files["model"]))
+
+    def pixels(source: Any, idx: Any) -> Any:
+        return torch.from_numpy(np.stack([to_pixels.pixels(source[int(i)])["pixel_values"] for i in idx]))
+
+    return train, test, pixels
+
+
+def _reference_lite0(task: ImageTask) -> Any:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from jaxtune.assets import ASSETS, package_path
+
+    return EfficientNet.from_pretrained(task.model, weights_path=str(package_path(ASSETS[task.model])))
+
+
+def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
+    """The same plan on the reference PyTorch EfficientNet-Lite0: the last blocks, head conv and
+    a new linear head train, BatchNorm layers stay in eval mode (frozen statistics)."""
+    import numpy as np
+    import torch
+
+    torch.manual_seed(0)
+    kind = task.kind.removeprefix("image-")
+    train, test, pixels = _image_inputs(task, files)
+    model = _reference_lite0(task)
+    for p in model.parameters():
+        p.requires_grad = False
+    for module in (*model._blocks[-task.last_blocks:], model._conv_head, model._bn1):
+        for p in module.parameters():
+            p.requires_grad = True
+    model._fc = torch.nn.Linear(1280, len(train.label_names) if kind == "classification" else 1)
+    head = {id(p) for p in model._fc.parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": ps, "weight_decay": task.weight_decay if decay else 0.0,
+               "lr_scale": task.head_lr if is_head else 1.0}
+              for is_head in (False, True) for decay in (True, False)
+              if (ps := [p for p in trainable if (id(p) in head) == is_head and (p.ndim >= 2) == decay])]
+    optimizer = torch.optim.AdamW(groups, lr=task.learning_rate)
+    learning_rates = json.loads(Path(files["learning_rates"]).read_text())
+
+    def train_mode() -> None:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eval()
+
+    def predict() -> np.ndarray:
+        model.eval()
+        with torch.no_grad():
+            return np.concatenate([model(pixels(test, range(i, min(i + 64, len(test))))).numpy()
+                                   for i in range(0, len(test), 64)])
+
+    before = predict()
+    train_start = time.perf_counter()
+    train_mode()
+    generator = torch.Generator().manual_seed(0)
+    order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(task.epochs)]).tolist()
+    for step, lr in enumerate(learning_rates):
+        idx = order[step * task.batch_size:(step + 1) * task.batch_size]
+        out = model(pixels(train, idx)).float()
+        target = torch.from_numpy(train.labels[idx])
+        if kind == "classification":
+            loss = torch.nn.functional.cross_entropy(out, target.long())
+        else:
+            loss = (torch.nn.functional.huber_loss(out.reshape(-1), target, delta=1.0)
+                    if task.regression_loss == "huber" else torch.nn.functional.mse_loss(out.reshape(-1), target))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    train_s = time.perf_counter() - train_start
+    return {"before_outputs": before.tolist(), "after_outputs": predict().tolist(), "labels": test.labels.tolist(),
+            "steps": len(learning_rates), "train_s": train_s}
+
+
+def baseline_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
+    """Frozen pretrained features (mean-pooled, PyTorch reference) + logistic / ridge regression."""
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression, Ridge
+
+    train, test, pixels = _image_inputs(task, files)
+    model = _reference_lite0(task).eval()
+
+    def features(source: Any) -> np.ndarray:
+        with torch.no_grad():
+            return np.concatenate([model.extract_features(pixels(source, range(i, min(i + 64, len(source)))))
+                                   .mean(dim=(2, 3)).numpy() for i in range(0, len(source), 64)])
+
+    start = time.perf_counter()
+    x_train, x_test = features(train), features(test)
+    if task.kind == "image-classification":
+        fit = LogisticRegression(max_iter=2000).fit(x_train, train.labels)
+        outputs = fit.predict_log_proba(x_test)
+    else:
+        outputs = Ridge(alpha=1.0).fit(x_train, train.labels).predict(x_test)[:, None]
+    return {"before_outputs": outputs.tolist(), "after_outputs": outputs.tolist(), "labels": test.labels.tolist(),
+            "steps": 0, "train_s": time.perf_counter() - start}
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -362,14 +549,15 @@ def score(task: Task, outputs: list, labels: list) -> dict[str, float]:
     from jaxtune.train.evaluate import classification_metrics, regression_metrics
 
     out, y = np.asarray(outputs, np.float64), np.asarray(labels)
-    if task.kind == "regression":
+    if task.kind.removeprefix("image-") == "regression":
         return regression_metrics(out.reshape(-1), y)
     metrics = classification_metrics(out, y.astype(np.int64))
     return {f"choice_{k}": v for k, v in metrics.items()} if task.kind == "chat" else metrics
 
 
 def headline(task: Task) -> str:
-    return {"classification": "accuracy", "regression": "pearson", "chat": "choice_accuracy"}[task.kind]
+    return {"classification": "accuracy", "regression": "pearson", "chat": "choice_accuracy",
+            "image-classification": "accuracy", "image-regression": "mae"}[task.kind]
 
 
 def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Path, env: dict[str, str]
@@ -384,7 +572,7 @@ def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Pat
     if proc.returncode:
         raise RuntimeError(f"{name} / {side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if side == "pytorch":
+    if side != "jaxtune":  # raw predictions, scored here
         result = {"before": score(task, result.pop("before_outputs"), result["labels"]),
                   "after": score(task, result.pop("after_outputs"), result.pop("labels")), **result}
     return {**result, "wall_s": wall}
@@ -416,10 +604,11 @@ def main() -> None:
     ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     names = args.tasks.split(",")
-    unknown = [n for n in names if n not in TASKS]
+    unknown = [n for n in names if n not in TASKS and n not in IMAGE_TASKS]
     if unknown:
-        ap.error(f"unknown task(s) {unknown}; choose from {', '.join(TASKS)}")
-    tasks = {n: smoke(TASKS[n]) if args.smoke else TASKS[n] for n in names}
+        ap.error(f"unknown task(s) {unknown}; choose from {', '.join([*TASKS, *IMAGE_TASKS])}")
+    chosen = {n: TASKS.get(n) or IMAGE_TASKS[n] for n in names}
+    tasks = {n: smoke(t) if args.smoke else t for n, t in chosen.items()}
     if args.static_padding:
         tasks = {n: dataclasses.replace(t, pad_to_multiple_of=None) for n, t in tasks.items()}
     if args.worker:
@@ -427,9 +616,16 @@ def main() -> None:
 
         flags.FLAGS.mark_as_parsed()  # grain reads absl flags
         fields = json.loads(args.task_json)
-        task = Task(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        image = fields["kind"].startswith("image-")
+        task = (ImageTask if image else Task)(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         files = json.loads(args.files)
-        result = jaxtune_side(task, files, args.run_dir) if args.worker == "jaxtune" else torch_side(task, files)
+        if image:
+            side = {"jaxtune": lambda: jaxtune_image_side(task, files, args.run_dir),
+                    "pytorch": lambda: torch_image_side(task, files),
+                    "baseline": lambda: baseline_image_side(task, files)}
+            result = side[args.worker]()
+        else:
+            result = jaxtune_side(task, files, args.run_dir) if args.worker == "jaxtune" else torch_side(task, files)
         print(json.dumps(result))
         return
 
@@ -440,9 +636,10 @@ def main() -> None:
     record = {"date": now(), "command": " ".join(sys.argv), "machine": machine(), "versions": versions(),
               "load_average_at_start": load_average(), "tasks": []}
     for name, task in tasks.items():
-        files = write_rows(task, work / name)
+        image = isinstance(task, ImageTask)
+        files = write_image_data(task, work / name) if image else write_rows(task, work / name)
         sides = {}
-        for side in args.sides.split(","):
+        for side in args.sides.split(",") + (["baseline"] if image else []):
             sides[side] = run_side(name, task, side, files, work / name, env)
             s = sides[side]
             print(f"{name} / {side}: {headline(task)} {s['before'][headline(task)]:.3f} -> "

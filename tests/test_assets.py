@@ -16,7 +16,7 @@ from jaxtune.models.assets import fetch_model, list_models, resolve_model
 
 def test_list_models():
     names = [name for name, _ in list_models()]
-    assert names == ["all-MiniLM-L6-v2", "SmolLM2-135M-Instruct"]
+    assert names == ["all-MiniLM-L6-v2", "SmolLM2-135M-Instruct", "efficientnet-lite0"]
     assert all(description for _, description in list_models())
 
 

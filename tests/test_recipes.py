@@ -19,7 +19,8 @@ from jaxtune.data.testing import synthetic_chat_rows, synthetic_preference_rows,
 from jaxtune.recipe import finetune
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+# Image recipes (images_*.yaml) run in tests/test_image_recipes.py, with a tiny ViT and tiny images.
+RECIPES = sorted(p.name for p in CONFIGS.glob("*.yaml") if not p.name.startswith("images_"))
 # Where the export of each recipe goes (auto: a PEFT adapter for adapters, merged otherwise;
 # skipped when a mean-pooled head has no transformers class).
 EXPORTS = {"quickstart.yaml": "adapter_config.json", "partial.yaml": None, "regression.yaml": None, "fsdp8.yaml": None,

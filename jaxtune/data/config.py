@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from jaxtune import assets
+from jaxtune.data.images import AUGMENTATIONS, read_images
 from jaxtune.data.pipeline import LoaderConfig
 from jaxtune.data.sources import KINDS, PYTHON, RECIPE, Source, Syntax, read_source, split_source
 
@@ -39,7 +40,10 @@ class DataConfig(LoaderConfig):
     datasets that support it, else a seeded random subset). ``eval_batch_size``: rows per
     evaluation batch (default ``batch_size``). ``text_unit``: one example per ``file``,
     ``paragraph`` or ``line`` of raw text. ``skip_bad_rows``: leave out (and count) invalid rows
-    instead of stopping at the first.
+    instead of stopping at the first. ``images``: the files are labeled images
+    (:mod:`jaxtune.data.images`: a class-folder tree, ``.npz``, IDX or JSONL rows with an
+    ``image`` path; packaged image datasets set it themselves), ``kind`` classification or
+    regression; ``augment``: training augmentations (``flip``, ``crop``).
 
     Field mapping, for files whose keys (JSONL) or columns (CSV/TSV) have other names:
     ``text_field`` (default ``text``), ``pair_field`` (an optional second text),
@@ -65,6 +69,8 @@ class DataConfig(LoaderConfig):
     messages_field: str | None = None
     prompt_field: str | None = None
     completion_field: str | None = None
+    images: bool = False
+    augment: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -97,6 +103,16 @@ class DataConfig(LoaderConfig):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"data.{name}: expected an integer >= 1, got {value}")
+        unknown = sorted(set(self.augment) - set(AUGMENTATIONS))
+        if unknown:
+            raise ValueError(f"data.augment: unknown {unknown}; choose from {', '.join(AUGMENTATIONS)}")
+        if self.augment and not self.is_images:
+            raise ValueError("data.augment: augmentations apply to images; set data.images: true (or remove them)")
+
+    @property
+    def is_images(self) -> bool:
+        """Whether the examples are labeled images (said, or a packaged image dataset)."""
+        return self.images or (self.dataset is not None and assets.resolve(self.dataset, "dataset").images)
 
     @property
     def source_kind(self) -> str:
@@ -159,13 +175,18 @@ def read_data(config: DataConfig, *, train: bool = True,
     else:
         train_path, val_path, sized = Path(config.train), config.validation and Path(config.validation), False
     need_train = train or config.validation_fraction is not None or kind == "classification"
-    train_source = read_source(train_path, kind, skip_bad_rows=config.skip_bad_rows, **options) if need_train else None
+
+    def read_one(path: Path, **labels: Any) -> Source:
+        if config.is_images:
+            return read_images(path, kind, **labels)
+        return read_source(path, kind, skip_bad_rows=config.skip_bad_rows, **options, **labels)
+
+    train_source = read_one(train_path) if need_train else None
     validation = None
     if config.validation_fraction is not None:
         train_source, validation = split_source(train_source, config.validation_fraction, seed=config.seed)
     elif val_path is not None:
-        labels = {"labels": train_source.label_names} if kind == "classification" else {}
-        validation = read_source(val_path, kind, skip_bad_rows=config.skip_bad_rows, **options, **labels)
+        validation = read_one(val_path, **({"labels": train_source.label_names} if kind == "classification" else {}))
     if not sized:
         train_source = _subset(train_source, config.train_size, config.seed) if train_source is not None else None
         validation = _subset(validation, config.validation_size, config.seed + 1) if validation is not None else None

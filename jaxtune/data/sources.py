@@ -645,7 +645,9 @@ def split_source(source: Source, validation: float | int, *, seed: int = 0,
     part; the loader shuffles.
     """
     stratify = source.kind == "classification" if stratify is None else stratify
-    labels = [source[i]["label"] for i in range(len(source))] if stratify else None
+    # An image source holds its labels apart (reading a row would decode its image).
+    labels = None if not stratify else list(source.labels) if isinstance(getattr(source, "labels", None), np.ndarray) \
+        else [source[i]["label"] for i in range(len(source))]
     train, val = split_indices(len(source), validation, seed=seed, labels=labels)
     return source.select(train), source.select(val)
 

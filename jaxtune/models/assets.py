@@ -28,7 +28,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from jaxtune.assets import ASSETS, Asset, cache_dir, fetch_package
+import numpy as np
+
+from jaxtune.assets import ASSETS, Asset, FetchError, cache_dir, fetch_package
 from jaxtune.assets import resolve as resolve_asset
 from jaxtune.models.gguf import gguf_to_hf
 
@@ -56,6 +58,38 @@ def build_minilm(source: Path, out: Path) -> None:
 
 def build_gguf(source: Path, out: Path) -> None:
     gguf_to_hf(source, out, dtype="float32")
+
+
+def build_efficientnet_lite(source: Path, out: Path) -> None:
+    """The reference package's PyTorch state dict (``efficientnet-lite-pytorch`` layout) as
+    ``model.safetensors`` + ``config.json`` + ``preprocessor_config.json`` (ImageNet mean/std).
+
+    The state dict is a pickle: it is read here once, with torch's ``weights_only`` loader (plain
+    tensors only, no code), so that jaxtune itself never unpickles. Needs torch at build time.
+    """
+    try:
+        import torch
+    except ImportError:
+        raise FetchError(f"{source}: converting EfficientNet-Lite's PyTorch weights needs torch once; "
+                           "pip install torch (then jaxtune reads the converted safetensors without it)") from None
+    from safetensors.numpy import save_file
+
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    # Contiguous copies: some tensors are strided views, and safetensors writes raw buffers.
+    tensors = {k: np.ascontiguousarray(v.numpy()) for k, v in state.items() if v.is_floating_point()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    variant = source.name.split("-")[1]  # efficientnet-lite0-57934424.pth
+    width, depth, size, dropout = {"lite0": (1.0, 1.0, 224, 0.2), "lite1": (1.0, 1.1, 240, 0.2),
+                                   "lite2": (1.1, 1.2, 260, 0.3), "lite3": (1.2, 1.4, 280, 0.3),
+                                   "lite4": (1.4, 1.8, 300, 0.3)}[variant]
+    config = {"architectures": ["EfficientNetLiteForImageClassification"], "model_type": "efficientnet_lite",
+              "variant": f"efficientnet-{variant}", "width_coefficient": width, "depth_coefficient": depth,
+              "image_size": size, "num_channels": 3, "dropout_rate": dropout, "drop_connect_rate": 0.2,
+              "batch_norm_epsilon": 1e-3, "num_labels": int(tensors["_fc.bias"].shape[0])}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    processor = {"do_resize": True, "size": {"height": size, "width": size}, "do_rescale": True,
+                 "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+    (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
 def list_models() -> list[tuple[str, str]]:

@@ -33,6 +33,8 @@ the tests. A loaded `*ForSequenceClassification` checkpoint is its body plus tha
   (with a head: as the head's class). **PEFT export**: a LoRA/DoRA (or prompt-tuning) adapter that `peft`
   loads onto that class.
 - **GGUF**: `jaxtune.load("file.gguf")` converts llama.cpp files of this architecture.
+- Image families read `pixel_values`; EfficientNet-Lite has no transformers class, so its runs keep
+  their Orbax checkpoints instead of an HF or PEFT export.
 """
 _COLUMNS = ("Architecture", "Family", "Kind", "Prompt tuning", "Generation", "Head exports as", "Merged export",
             "PEFT export", "GGUF")
@@ -42,13 +44,16 @@ def _row(architecture: str, family: Family) -> tuple[str, ...]:
     causal = issubclass(family.body_module, Decoder)
     classifier = family.body is not None
     kind = "sequence classifier" if classifier else "causal LM" if causal else "encoder"
+    if family.modality == "image":
+        kind = "image classifier" if classifier else "image encoder"
+    exports = family.transformers
     gguf_arch = family.gguf if family.gguf in gguf.SUPPORTED_ARCHITECTURES else None
     yes = "yes" if causal else "—"
     return (
         f"`{architecture}`", family.name, kind, yes, yes if not classifier else "—",
         f"`{family.classifier}`" if family.classifier else "—",
-        f"`{architecture if classifier else family.base or architecture}`",
-        "LoRA, DoRA" + (", prompt" if causal else ""),
+        f"`{architecture if classifier else family.base or architecture}`" if exports else "—",
+        "LoRA, DoRA" + (", prompt" if causal else "") if exports else "—",
         f"`{gguf_arch}`" if gguf_arch else "—",
     )
 

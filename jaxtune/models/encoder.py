@@ -36,6 +36,7 @@ import jax.numpy as jnp
 
 from jaxtune.models.layers import (
     Array,
+    ClassifierLayout,
     Embed,
     LayerNorm,
     Linear,
@@ -74,24 +75,6 @@ ACTIVATIONS = {
 def layout_of(architecture: str) -> str:
     """The layout (``bert``, ``roberta``, ``distilbert``) of an encoder architecture."""
     return _ARCHITECTURES[architecture][0]
-
-
-@dataclasses.dataclass(frozen=True)
-class ClassifierLayout:
-    """A family's ``*ForSequenceClassification`` head: pool (BERT's ``pooler`` or the first token,
-    ``cls``), then each of ``dense`` followed by ``activation``, then ``out``; dropout before every
-    layer except, where ``input_dropout`` is False, the first."""
-
-    body: str  # the body's prefix in the checkpoint
-    pooling: str  # pooler | cls
-    dense: tuple[str, ...]  # HF module names of the layers between pooling and ``out`` (head/dense_i)
-    activation: str
-    out: str  # HF module name of the output layer (head/out)
-    input_dropout: bool = True
-
-    def hf_names(self) -> dict[str, str]:
-        """jaxtune head module (``dense_0``, ``out``) -> HF module name."""
-        return {**{f"dense_{i}": n for i, n in enumerate(self.dense)}, "out": self.out}
 
 
 CLASSIFIER_LAYOUTS = {

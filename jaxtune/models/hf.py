@@ -29,17 +29,17 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, encoder, gemma, gpt2
+from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, vit
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
-FamilyConfig = decoder.DecoderConfig | encoder.EncoderConfig
+FamilyConfig = decoder.DecoderConfig | encoder.EncoderConfig | vit.ViTConfig | efficientnet.EfficientNetConfig
 
-BASE_LEAVES = ("kernel", "embedding", "scale", "bias")
+BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF, *efficientnet.STATE_LEAVES)
 # Buffers that checkpoints carry but that are not parameters.
 _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
-_BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.")
+_BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
@@ -75,6 +75,10 @@ class Family:
     # Whether the checkpoint stores a module's kernel (out, in) as torch's Linear does; GPT-2's Conv1D
     # stores (in, out), jaxtune's own layout.
     kernel_out_in: Callable[[tuple[str, ...]], bool] = _linear_layout
+    # Tensor name on disk for a module-derived name, where the two differ (transformers renamed ViT's modules).
+    checkpoint_name: Callable[[str], str] | None = None
+    modality: str = "text"  # what the model reads: token ids (text) or pixel_values (image)
+    transformers: bool = True  # whether transformers has the architecture (else no HF or PEFT export)
 
     @property
     def body_module(self) -> type[nn.Module]:
@@ -117,6 +121,14 @@ FAMILIES: dict[str, Family] = {
                  kernel_out_in=gpt2.kernel_out_in)
        for a in gpt2.ARCHITECTURES},
     **{a: _encoder(a) for a in encoder.ARCHITECTURES},
+    **{a: Family(vit.ViTConfig.from_hf, vit.ViTClassifier if a in vit.CLASSIFIERS else vit.ViT, vit.hf_module,
+                 vit.PARTITION_RULES, body=vit.ViT if a in vit.CLASSIFIERS else None, name="ViT", base="ViTModel",
+                 classifier="ViTForImageClassification", checkpoint_name=vit.checkpoint_name, modality="image")
+       for a in vit.ARCHITECTURES},
+    **{a: Family(efficientnet.EfficientNetConfig.from_hf, efficientnet.EfficientNetLite, efficientnet.hf_module,
+                 efficientnet.PARTITION_RULES, body=efficientnet.EfficientNetLite if a in efficientnet.CLASSIFIERS
+                 else None, name="EfficientNet-Lite", modality="image", transformers=False)
+       for a in efficientnet.ARCHITECTURES},
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
@@ -262,7 +274,8 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         architecture = next((a for a in declared if a in FAMILIES), None)
         if architecture is None:
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "qwen3": "Qwen3ForCausalLM", **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES}
+                       "qwen3": "Qwen3ForCausalLM", **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
+                       **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
@@ -288,7 +301,9 @@ def build(hf_config: dict[str, Any], architecture: str | None = None,
 
 def abstract_params(module: nn.Module, cfg: FamilyConfig) -> Params:
     """The param tree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without memory."""
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))["params"]
+    # A family whose inputs are not token ids (images) says what its inputs look like.
+    inputs = cfg.init_inputs() if hasattr(cfg, "init_inputs") else (jnp.zeros((1, 2), jnp.int32),)
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
 
 
 def hf_name(family: Family, path: tuple[str, ...]) -> str:
@@ -299,6 +314,10 @@ def hf_name(family: Family, path: tuple[str, ...]) -> str:
             f"param {'/'.join(path)} is an adapter leaf with no Hugging Face tensor; merge adapters first "
             "(jaxtune.tuning) or export them as a PEFT adapter"
         )
+    if leaf == vit.TENSOR_LEAF:
+        return family.hf_module(path[:-1])  # a bare tensor is named by its module path alone
+    if leaf in efficientnet.STATE_LEAVES:
+        return f"{family.hf_module(path[:-1])}.{leaf}"
     return family.hf_module(path[:-1]) + (".bias" if leaf == "bias" else ".weight")
 
 
@@ -348,7 +367,8 @@ def load_pretrained(
     arch, cfg, module = build(hf_config, architecture, dtype=str(jnp.dtype(compute_dtype or dtype)),
                               param_dtype=str(dtype), **config_overrides)
     reader = SafetensorsReader(_weight_files(model_dir))
-    if getattr(cfg, "use_pooler", False) and arch in encoder.BASES and _find(reader, "pooler.dense.weight") is None:
+    if getattr(cfg, "use_pooler", False) and arch in (*encoder.BASES, "ViTModel") \
+            and _find(reader, "pooler.dense.weight") is None:
         warnings.warn(f"{model_dir}: no pooler tensors ({', '.join(hf_config.get('architectures') or ['?'])}); "
                       "loaded the body without a pooler, so a head on it pools with 'cls' (the default) or "
                       "'mean', not 'pooler'", stacklevel=2)
@@ -361,6 +381,8 @@ def load_pretrained(
     for path, spec in abstract.items():
         want = hf_name(family, path)
         found = _find(reader, want)
+        if found is None and family.checkpoint_name is not None:
+            found = _find(reader, family.checkpoint_name(want))
         if found is None:
             raise CheckpointError(f"{model_dir}: missing tensor {want!r} (param {'/'.join(path)}) for {arch}")
         view = reader[found]

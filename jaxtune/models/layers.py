@@ -15,6 +15,7 @@ creating, labelling, merging and exporting adapters is the tuning layer's job.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -334,3 +335,21 @@ def pool(hidden: Array, segment_ids: Array, how: str) -> Array:
         last = jnp.max(jnp.where(real > 0, jnp.arange(t)[None, :], -1), axis=-1)
         return jnp.take_along_axis(hidden, jnp.maximum(last, 0)[:, None, None], axis=1)[:, 0]
     raise ValueError(f"unknown pooling {how!r}; choose one of {', '.join(POOLING)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierLayout:
+    """A family's ``*ForSequenceClassification`` head: pool (BERT's ``pooler`` or the first token,
+    ``cls``), then each of ``dense`` followed by ``activation``, then ``out``; dropout before every
+    layer except, where ``input_dropout`` is False, the first."""
+
+    body: str  # the body's prefix in the checkpoint
+    pooling: str  # pooler | cls
+    dense: tuple[str, ...]  # HF module names of the layers between pooling and ``out`` (head/dense_i)
+    activation: str
+    out: str  # HF module name of the output layer (head/out)
+    input_dropout: bool = True
+
+    def hf_names(self) -> dict[str, str]:
+        """jaxtune head module (``dense_0``, ``out``) -> HF module name."""
+        return {**{f"dense_{i}": n for i, n in enumerate(self.dense)}, "out": self.out}

@@ -129,5 +129,6 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
         if overrides:
             raise LoadError(f"model.remat: {cfg.remat!r} is not supported by this model ({err})") from None
         raise
-    pretrained.tokenizer = load_tokenizer(directory, cfg.tokenizer)
+    if getattr(pretrained.config, "modality", "text") != "image" or cfg.tokenizer:  # image models read pixels
+        pretrained.tokenizer = load_tokenizer(directory, cfg.tokenizer)
     return pretrained

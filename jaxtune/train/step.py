@@ -35,7 +35,9 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
 
     Batches follow the data contract (``jaxtune.data``): LM batches carry ``input_ids``,
     ``targets``, ``loss_weights``, ``segment_ids``, ``positions``; classification/regression
-    batches carry ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids``, ``labels``.
+    batches carry ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids``, ``labels``; image
+    batches carry ``pixel_values`` ``(B, C, H, W)`` in place of the token fields, ``example_weights``
+    (0 on fill rows) and ``labels``.
     The third output is per-example predictions for metrics (class logits, regression values)
     or, for LMs, the per-row token counts. With ``choice_ids`` (LM only: the first token of each
     allowed answer) it is instead :func:`answer_choices` of the batch, for choice accuracy.
@@ -59,9 +61,9 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
                 logits = projected_columns(hidden, project, choice_ids, chunk_tokens=chunk_tokens)
                 return total, weight, answer_choices(logits, batch, choice_ids)
             return total, weight, batch["loss_weights"].sum(-1)
-        outputs = module.apply(variables, input_ids=batch["input_ids"], segment_ids=batch.get("segment_ids"),
+        outputs = module.apply(variables, input_ids=batch.get("input_ids"), segment_ids=batch.get("segment_ids"),
                                positions=batch.get("positions"), token_type_ids=batch.get("token_type_ids"),
-                               deterministic=deterministic, rngs=rngs)
+                               pixel_values=batch.get("pixel_values"), deterministic=deterministic, rngs=rngs)
         weights = example_weights(batch)
         if task == "classification":
             total, weight = classification_loss(outputs, batch["labels"], weights)
@@ -168,7 +170,12 @@ def make_train_step(
         # the params does it alone. Checked on the results, so non-finite state never gets out.
         finite = grad_finite & all_finite((new_trainable, new_opt_state))
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
-        real = (batch["segment_ids"] != 0).sum() if "segment_ids" in batch else jnp.asarray(batch["input_ids"].size)
+        if "segment_ids" in batch:
+            real = (batch["segment_ids"] != 0).sum()
+        elif "input_ids" in batch:
+            real = jnp.asarray(batch["input_ids"].size)
+        else:  # images: the work done is counted in real examples
+            real = example_weights(batch).sum()
         metrics = {"loss": total / denom, "weight": weight, "tokens": real.astype(jnp.float32), "grad_norm": grad_norm,
                    "finite": finite, "grad_finite": grad_finite}
         if sums:

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune.data.images import ImageSource, ImageSpec, image_loader
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.sources import PREFERENCE, Source
 from jaxtune.data.tokenize import choice_token_ids
@@ -193,6 +194,9 @@ class Trainer:
         """A loader for a source (batched by ``data``), anything else as it is."""
         if not isinstance(data, Source):
             return data
+        if isinstance(data, ImageSource):  # sized and normalised as the model expects
+            return image_loader(data, ImageSpec.for_model(self.tuned.config, self.tuned.source), self.loader_config,
+                                train=train)
         if self.tuned.tokenizer is None:
             raise ValueError("the model has no tokenizer to encode the data: load it with jaxtune.load, or pass "
                              "tokenizer= to apply_plan")
@@ -319,7 +323,7 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     def _to_device(self, batch: Batch) -> dict[str, jax.Array]:
-        rows = len(batch["input_ids"]) * jax.process_count()
+        rows = len(next(iter(batch.values()))) * jax.process_count()
         if rows % data_parallel_size(self.mesh):
             raise ValueError(f"the global batch has {rows} rows, which the mesh's {data_parallel_size(self.mesh)}-way "
                              "data parallelism (data x fsdp) cannot split evenly; make data.batch_size a multiple "
@@ -491,7 +495,7 @@ class Trainer:
 
     def _one_step(self, batch: Batch, window: Throughput) -> dict[str, jax.Array]:
         if self._flops_per_token is None:
-            self._flops_per_token = self._flops(batch["input_ids"].shape[-1])
+            self._flops_per_token = self._flops(batch["input_ids"].shape[-1]) if "input_ids" in batch else 0.0
         step_rng = jax.random.fold_in(self.rng, self.step)
         hits = compile_cache.hits()  # the first call compiles (or loads) the step before dispatching it
         self.trainable, self.opt_state, metrics = self.train_step(

@@ -8,7 +8,7 @@ Its params live under ``head/``: ``head/block_i/...``, ``head/dense_i/...``, ``h
 
 The heads that are exactly Hugging Face's export to transformers and PEFT: last-token pooling into
 a bias-free ``out`` on a decoder (``*ForSequenceClassification.score``), and on an encoder its
-family's classifier (:class:`jaxtune.models.encoder.ClassifierLayout`: BERT's pooler into
+family's classifier (:class:`jaxtune.models.layers.ClassifierLayout`: BERT's pooler into
 ``classifier``; RoBERTa's first token through ``classifier.dense`` + tanh into
 ``classifier.out_proj``; DistilBERT's through ``pre_classifier`` + ReLU into ``classifier``). An
 encoder head's defaults are its family's classifier.

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
+from jaxtune.models.efficientnet import STATE_LEAVES
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, MAGNITUDE
 from jaxtune.tuning.lora import AdapterSpec
 from jaxtune.tuning.plan import Plan, PlanError, Rule, block_indices
@@ -33,8 +34,8 @@ def path_str(path: Path) -> str:
 def natural_label(path: Path) -> str:
     """The group a leaf belongs to when trainable."""
     leaf = path[-1]
-    if leaf == LORA_SCALE:
-        return FROZEN  # a constant (alpha / r), never trained
+    if leaf == LORA_SCALE or leaf in STATE_LEAVES:
+        return FROZEN  # a constant (alpha / r), or BatchNorm statistics (model state, never trained)
     if leaf in (LORA_A, LORA_B):
         return "lora"
     if leaf == MAGNITUDE:
@@ -63,7 +64,8 @@ def leaf_kinds(path: Path) -> frozenset[str]:
     kinds = set()
     if path[-1] == "embedding" or path[0] == "embeddings":
         kinds.add("embeddings")
-    if modules and ("norm" in modules[-1].lower() or modules[-1].startswith("ln_")):  # GPT-2: ln_1, ln_2
+    if modules and ("norm" in modules[-1].lower() or modules[-1].startswith("ln_")  # GPT-2: ln_1, ln_2
+                    or re.fullmatch(r"bn\d+", modules[-1])):  # bnN: BatchNorm
         kinds.add("norms")
     if "self_attn" in modules or "attention" in modules or "attn" in modules:
         kinds.add("attention")
@@ -71,7 +73,8 @@ def leaf_kinds(path: Path) -> frozenset[str]:
     if ("mlp" in modules or "ffn" in modules or "intermediate" in modules
             or (block_of(path) is not None and modules[1:2] == ("output",))):
         kinds.add("mlp")
-    if path[0] in ("lm_head", "norm", "pooler"):
+    # layernorm: ViT's final norm; conv_head/bn1: what follows EfficientNet's last block
+    if path[0] in ("lm_head", "norm", "pooler", "layernorm", "conv_head", "bn1"):
         kinds.add("output")
     if path[0] == "pooler":
         kinds.add("pooler")

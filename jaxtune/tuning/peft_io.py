@@ -38,7 +38,7 @@ from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
 from jaxtune.tuning.lora import merge
 from jaxtune.tuning.partition import cast_by_label
 from jaxtune.tuning.plan import Plan, Rule
-from jaxtune.tuning.tuned import Tuned, apply_plan
+from jaxtune.tuning.tuned import Tuned, apply_plan, is_image
 
 Params = dict[str, Any]
 Module = tuple[str, ...]
@@ -314,7 +314,8 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
         raise ExportError("the plan has no LoRA, DoRA or prompt adapter, so there is no PEFT adapter to write; "
                           "use export_merged for full or partial fine-tuning")
     config.update({
-        "task_type": "CAUSAL_LM" if tuned.task == "lm" else "SEQ_CLS",
+        # PEFT's SEQ_CLS wrapper feeds input_ids; an image model is wrapped as a plain PeftModel.
+        "task_type": "CAUSAL_LM" if tuned.task == "lm" else None if is_image(tuned.config) else "SEQ_CLS",
         "base_model_name_or_path": tuned.source,
         # A head is saved as its top module (RoBERTa's whole "classifier"), as PEFT's SEQ_CLS does.
         "modules_to_save": list(dict.fromkeys(hf_module_name(tuned, m).split(".")[0] if m[0] == HEAD_KEY

@@ -12,6 +12,8 @@ Call convention of :class:`TunedModel` (keyword arguments; ``segment_ids`` nonze
   ``apply(v, hidden, method="logits")`` -> ``(B, T, V)``; ``apply(v, input_ids=...)`` does both.
 - tasks ``classification``/``regression``: ``apply(v, input_ids=, segment_ids=, positions=,
   token_type_ids=, deterministic=)`` -> ``(B, num_outputs)`` (decoders ignore token types).
+  An image body (``cfg.modality == "image"``: ViT) takes ``pixel_values=`` float ``(B, C, H, W)``
+  instead of the token fields, and its token states are the patch states.
 
 Dropout (body, adapters, head) is active with ``deterministic=False`` and ``rngs={"dropout": key}``.
 """
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxtune.models import decoder
+from jaxtune.models import decoder, efficientnet, vit
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
 from jaxtune.tuning import labels as labels_lib
@@ -66,13 +68,17 @@ class TunedModel(nn.Module):
 
     def hidden(
         self,
-        input_ids: Array,
+        input_ids: Array | None = None,
         segment_ids: Array | None = None,
         positions: Array | None = None,
         token_type_ids: Array | None = None,
         deterministic: bool = True,
+        pixel_values: Array | None = None,
     ) -> Array:
-        """Token states ``(B, T, D)`` of the body for ``input_ids`` ``(B, T)`` int32."""
+        """Token states ``(B, T, D)`` of the body for ``input_ids`` ``(B, T)`` int32, or patch
+        states for an image body's ``pixel_values`` ``(B, C, H, W)``."""
+        if is_image(self.body.cfg):
+            return self.body(pixel_values, deterministic)
         if not self._is_decoder:
             return self.body(input_ids, segment_ids, positions, token_type_ids, deterministic)
         if not self.prompt_tokens:
@@ -89,14 +95,15 @@ class TunedModel(nn.Module):
 
     def __call__(
         self,
-        input_ids: Array,
+        input_ids: Array | None = None,
         segment_ids: Array | None = None,
         positions: Array | None = None,
         token_type_ids: Array | None = None,
         deterministic: bool = True,
+        pixel_values: Array | None = None,
     ) -> Array:
         """LM logits ``(B, T, V)``, or head outputs ``(B, num_outputs)`` in the compute dtype."""
-        hidden = self.hidden(input_ids, segment_ids, positions, token_type_ids, deterministic)
+        hidden = self.hidden(input_ids, segment_ids, positions, token_type_ids, deterministic, pixel_values)
         if self.task == "lm":
             return self.logits(hidden)
         spec = self.head_spec
@@ -104,7 +111,7 @@ class TunedModel(nn.Module):
         if spec.pooling == "pooler":
             features = self.body.pooled(hidden, deterministic)
         else:
-            real = segment_ids if segment_ids is not None else jnp.ones(input_ids.shape, jnp.int32)
+            real = segment_ids if segment_ids is not None else jnp.ones(hidden.shape[:2], jnp.int32)
             features = pool(hidden, real, spec.pooling)
         return self.head(features, deterministic)
 
@@ -152,14 +159,30 @@ class Tuned:
     def hf_architecture(self) -> str | None:
         """The transformers class this model is exactly (for export), or None for a jaxtune-only head."""
         family = FAMILIES[self.architecture]
+        if not family.transformers:
+            return None  # EfficientNet: no transformers class; export the trained params (Orbax)
         if self.head is None:
             return family.base or self.architecture
         return None if hf_head_modules(self.head, self.config) is None else family.classifier
 
 
+def is_image(cfg: Any) -> bool:
+    """Whether a family config's model reads ``pixel_values`` rather than token ids."""
+    return getattr(cfg, "modality", "text") == "image"
+
+
 def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, HeadSpec | None, Params | None]:
     """The body config and params, and the checkpoint's own head (``*ForSequenceClassification``)."""
     cfg, params = pretrained.config, pretrained.params
+    if pretrained.architecture in efficientnet.CLASSIFIERS:  # the ImageNet classifier: mean pool -> dropout -> fc
+        spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
+                        pooling="mean", dropout=cfg.hidden_dropout, bias=True)
+        return (dataclasses.replace(cfg, include_top=False), {k: v for k, v in params.items() if k != "fc"}, spec,
+                {"out": params["fc"]})
+    if pretrained.architecture in vit.CLASSIFIERS:  # ViTClassifier = ViT + classifier on the final [CLS] state
+        spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
+                        pooling="cls", dropout=0.0, bias=True)
+        return cfg, dict(params["vit"]), spec, {"out": params["classifier"]}
     if FAMILIES[pretrained.architecture].body is None:
         return cfg, dict(params), None, None
     task = "regression" if cfg.num_labels == 1 else "classification"
@@ -241,7 +264,9 @@ def apply_plan(
         params[PROMPT_LEAF] = init_prompt(params["embed_tokens"]["embedding"], prompt_tokens, init, k_prompt,
                                           text=prompt_rule.text, tokenizer=tokenizer)
 
-    adapters = labels_lib.resolve_adapters(plan, flatten_dict(params), cfg.num_layers)
+    # Adapters go on linear layers only: a convolution's kernel (ViT's patch projection) is 4-D.
+    linear_or_other = [p for p, v in flatten_dict(params).items() if p[-1] != "kernel" or v.ndim == 2]
+    adapters = labels_lib.resolve_adapters(plan, linear_or_other, cfg.num_layers)
     params = add_adapters(params, adapters, k_adapters)
     flat_labels = labels_lib.resolve_labels(plan, flatten_dict(params), cfg.num_layers)
     labels = unflatten_dict(flat_labels)

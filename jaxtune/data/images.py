@@ -1,0 +1,454 @@
+"""Images on grain: labeled image sources, decoding, resizing, normalising and augmenting, batches.
+
+Sources (all validated at the door; a bad file or row fails in one line naming it):
+
+- an image folder: ``root/<class name>/*.png`` (classification; classes in sorted order);
+- arrays: an ``.npz`` with ``images`` (uint8 ``(N, H, W)`` or ``(N, H, W, C)``) and ``labels``,
+  or IDX files (MNIST's format, ``.gz`` or raw) with the labels file beside the images file;
+- JSONL rows ``{"image": "path/rel/to/the/file.png", "label": "cat" | 3 | 2.5}``.
+
+A record is decoded (Pillow) where grain reads it, in its threads or worker processes, then made
+the model's input by :class:`ToPixels`: resized to the model's square ``size``, scaled to [0, 1],
+normalised with the model's mean/std, channels first: float32 ``(C, H, W)``. Training may add
+``augment``: ``flip`` (horizontal, p=0.5) and ``crop`` (a random square of 70-100% of the side,
+resized back). Batches are ``{"pixel_values": (B, C, H, W) f32, "labels": (B,) int32 | f32,
+"example_weights": (B,) f32}`` (weight 0 on the rows that fill a last partial evaluation batch).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import math
+import os
+import struct
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grain
+import numpy as np
+
+from jaxtune.data.pipeline import Loader, LoaderConfig, _mark_absl_flags_parsed, _shard
+from jaxtune.data.sources import DataError, Source, SourceReport
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+AUGMENTATIONS = ("flip", "crop")
+IMAGE_KINDS = ("classification", "regression")
+_IMAGE_KEYS, _LABEL_KEYS = ("images", "x", "image", "X"), ("labels", "y", "label", "Y")
+_FIX_IMAGE = "replace the file with a readable PNG/JPEG or remove it"
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSpec:
+    """What the model takes: square ``size``, ``channels`` (1 or 3), per-channel ``mean``/``std``
+    applied to pixels scaled to [0, 1]."""
+
+    size: int
+    channels: int = 3
+    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    std: tuple[float, ...] = (0.5, 0.5, 0.5)
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"image channels: expected 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"image mean/std: need {self.channels} values each, got {self.mean} / {self.std}")
+
+    @classmethod
+    def for_model(cls, model_config: Any, model_dir: str | os.PathLike | None) -> ImageSpec:
+        """The spec of an image model: its config's ``image_size`` and ``num_channels``, and the
+        mean/std of its directory's image processor (see :meth:`from_model_dir`)."""
+        size, channels = getattr(model_config, "image_size", None), getattr(model_config, "num_channels", 3)
+        if size is None:
+            raise ValueError(f"the data are images but the model ({type(model_config).__name__}) takes no images; "
+                             "load an image model (ViT, EfficientNet-Lite)")
+        return cls.from_model_dir(size, channels, model_dir)
+
+    @classmethod
+    def from_model_dir(cls, size: int, channels: int, model_dir: str | os.PathLike | None) -> ImageSpec:
+        """The spec of a model of square ``size`` and ``channels``, with the mean/std of its
+        ``preprocessor_config.json`` (transformers' image processor) when it has one, else 0.5."""
+        mean, std = (0.5,) * channels, (0.5,) * channels
+        path = Path(model_dir) / "preprocessor_config.json" if model_dir else None
+        if path is not None and path.is_file():
+            try:
+                processor = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise DataError(str(path), f"not valid JSON ({err})",
+                                "restore the model's preprocessor_config.json") from None
+            if processor.get("do_normalize", True):
+                mean = tuple(float(v) for v in processor.get("image_mean", mean))
+                std = tuple(float(v) for v in processor.get("image_std", std))
+        return cls(size, channels, mean, std)
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_image(path: str) -> np.ndarray:
+    """The image at ``path`` as uint8 ``(H, W, C)`` (C = 1 grey or 3 RGB; alpha and palettes
+    converted). Raises :class:`DataError` naming the file when it is missing or unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            mode = "L" if image.mode in ("1", "L", "I;16", "I") else "RGB"
+            array = np.asarray(image.convert(mode))
+    except FileNotFoundError:
+        raise DataError(path, "image file not found", "restore it or remove the row/file that names it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(path, f"not a readable image ({type(err).__name__}: {err})", _FIX_IMAGE) from None
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _check_header(path: str) -> None:
+    """Open the image's header only (cheap): a non-image or empty file fails at the door."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path):
+            pass
+    except FileNotFoundError:
+        raise DataError(path, "image file not found", "restore it or remove the row that names it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise DataError(path, f"not a readable image ({type(err).__name__}: {err})", _FIX_IMAGE) from None
+
+
+class ToPixels(grain.transforms.RandomMap):
+    """A record ``{"image": uint8 (H, W, C), "label": ...}`` -> ``{"pixel_values": f32 (C, S, S),
+    "labels", "example_weights"}``, with the ``augment`` steps drawn from grain's per-record rng."""
+
+    def __init__(self, spec: ImageSpec, augment: Sequence[str] = ()):
+        unknown = sorted(set(augment) - set(AUGMENTATIONS))
+        if unknown:
+            raise ValueError(f"data.augment: unknown {unknown}; choose from {', '.join(AUGMENTATIONS)}")
+        self.spec, self.augment = spec, tuple(augment)
+
+    def random_map(self, record: dict, rng: np.random.Generator) -> dict:
+        return self.pixels(record, rng)
+
+    def pixels(self, record: dict, rng: np.random.Generator | None = None) -> dict:
+        from PIL import Image
+
+        spec, image = self.spec, record["image"]
+        picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+        picture = picture.convert("L" if spec.channels == 1 else "RGB")
+        box = None
+        if rng is not None and "crop" in self.augment:
+            w, h = picture.size
+            side = int(min(w, h) * rng.uniform(0.7, 1.0))
+            left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            box = (left, top, left + side, top + side)
+        picture = picture.resize((spec.size, spec.size), Image.Resampling.BILINEAR, box=box)
+        x = np.asarray(picture, np.float32).reshape(spec.size, spec.size, spec.channels) / 255.0
+        if rng is not None and "flip" in self.augment and rng.random() < 0.5:
+            x = x[:, ::-1]
+        x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+        return {"pixel_values": np.ascontiguousarray(x.transpose(2, 0, 1)), "labels": record["label"],
+                "example_weights": np.float32(1.0)}
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+class ImageSource(Source):
+    """Labeled images: file paths (decoded when read) or uint8 arrays, with int32 class ids
+    (``label_names`` their names) or float32 targets. ``where(i)`` names the file (or array row)."""
+
+    def __init__(self, kind: str, items: np.ndarray | Sequence[str], labels: np.ndarray, report: SourceReport,
+                 label_names: tuple | None = None, origin: str = ""):
+        self.kind, self.items, self.labels, self.report = kind, items, labels, report
+        self.label_names, self.origin = label_names, origin
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def where(self, index: int) -> str:
+        return f"{self.origin}[{index}]" if isinstance(self.items, np.ndarray) else str(self.items[index])
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        item = self.items[index]
+        image = decode_image(item) if isinstance(item, str) else (item[..., None] if item.ndim == 2 else item)
+        return {"image": image, "label": self.labels[index], "where": self.where(index)}
+
+    def select(self, indices: Sequence[int]) -> ImageSource:
+        idx = np.asarray(indices, dtype=np.int64)
+        items = self.items[idx] if isinstance(self.items, np.ndarray) else [self.items[i] for i in idx]
+        return ImageSource(self.kind, items, self.labels[idx], self.report, self.label_names, self.origin)
+
+
+def _labels(values: Sequence[Any], kind: str, where: Sequence[str], vocabulary: Sequence | None) -> tuple:
+    """int32 class ids and names (classification) or float32 targets (regression)."""
+    if kind not in IMAGE_KINDS:
+        raise ValueError(f"data.kind: images are {' or '.join(IMAGE_KINDS)}, got {kind!r}")
+    if kind == "regression":
+        out = np.empty(len(values), np.float32)
+        for i, value in enumerate(values):
+            if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                    or not math.isfinite(float(value)):
+                raise DataError(where[i], f"label {value!r} is not a finite number", "regression labels are numbers")
+            out[i] = value
+        return out, None
+    for i, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, str | int | np.integer):
+            raise DataError(where[i], f"label {value!r} is a {type(value).__name__}", "use a string or integer label")
+    keys = [str(v).strip() for v in values]
+    if vocabulary is not None:
+        names = tuple(str(v) for v in vocabulary)
+    elif all(isinstance(v, int | np.integer) for v in values):
+        names = tuple(str(v) for v in sorted(set(int(v) for v in values)))  # class ids keep their order
+    else:
+        names = tuple(sorted(set(keys)))
+    index = {name: i for i, name in enumerate(names)}
+    for i, key in enumerate(keys):
+        if key not in index:
+            raise DataError(where[i], f"label {key!r} is not one of the training labels {list(names)[:10]}",
+                            "fix the label or add examples of it to the training data")
+    return np.asarray([index[k] for k in keys], np.int32), names
+
+
+def read_image_folder(root: str | os.PathLike, kind: str = "classification", *,
+                      labels: Sequence | None = None) -> ImageSource:
+    """``root/<class>/<image>``: one class per sub-folder (sorted), every image file in it."""
+    root = Path(root)
+    classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(str(root), "no class folders", "put the images of each class in root/<class name>/")
+    if kind != "classification":
+        raise DataError(str(root), "an image folder gives class labels", "use data.kind classification, or JSONL "
+                        "rows {\"image\": ..., \"label\": <number>} for regression")
+    paths, names = [], []
+    for folder in classes:
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+        for file in files:
+            if file.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(str(file), f"not an image file (suffix {file.suffix or 'none'!r})",
+                                f"move it out of {root} or convert it to one of {', '.join(IMAGE_SUFFIXES)}")
+            _check_header(str(file))
+            paths.append(str(file))
+            names.append(folder.name)
+        if not files:
+            raise DataError(str(folder), "class folder without images", "add images or remove the folder")
+    ids, label_names = _labels(names, kind, paths, labels if labels is not None else [c.name for c in classes])
+    return ImageSource(kind, paths, ids, _report(root, len(paths)), label_names)
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (MNIST's format; gzip or raw) as a numpy array; errors name the file."""
+    path = str(path)
+    opener = gzip.open if path.endswith(".gz") else open
+    dtypes = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(path, f"unreadable ({type(err).__name__}: {err})", "re-download the file") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in dtypes:
+        raise DataError(path, "not an IDX file (bad magic number)", "give an MNIST-style IDX file or an .npz")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    dtype = np.dtype(dtypes[data[2]])
+    need = 4 + 4 * ndim + int(np.prod(shape)) * dtype.itemsize
+    if len(data) != need:
+        raise DataError(path, f"IDX header says shape {shape} ({need} bytes) but the file has {len(data)} bytes",
+                        "the file is truncated or corrupt: re-download it")
+    return np.frombuffer(data, dtype, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _check_images(images: np.ndarray, where: str) -> np.ndarray:
+    if images.dtype != np.uint8 or images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3)):
+        raise DataError(where, f"images have dtype {images.dtype} and shape {images.shape}",
+                        "store uint8 pixels 0..255 shaped (N, H, W) or (N, H, W, C) with C 1 or 3")
+    return images
+
+
+def read_image_arrays(path: str | os.PathLike, kind: str = "classification", *, labels_file: str | None = None,
+                      labels: Sequence | None = None) -> ImageSource:
+    """Images and labels from an ``.npz`` (keys ``images``/``labels``, or ``x``/``y``) or IDX
+    files (``labels_file``, default: the images file's name with ``images`` -> ``labels`` and
+    ``idx3`` -> ``idx1``, as MNIST and Fashion-MNIST name them)."""
+    path = str(path)
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as npz:
+                arrays = {k: npz[k] for k in npz.keys()}
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise DataError(path, f"not a readable .npz ({type(err).__name__}: {err})", "re-save it with np.savez") \
+                from None
+        image_key = next((k for k in _IMAGE_KEYS if k in arrays), None)
+        label_key = next((k for k in _LABEL_KEYS if k in arrays), None)
+        if image_key is None or label_key is None:
+            raise DataError(path, f"arrays {list(arrays)}, but images and labels need the keys images/labels (or x/y)",
+                            "save with np.savez(path, images=..., labels=...)")
+        images, values = arrays[image_key], arrays[label_key]
+        if "label_names" in arrays and kind == "classification":  # integer labels with class names beside them
+            named = [str(n) for n in arrays["label_names"]]
+            bad = np.flatnonzero((values < 0) | (values >= len(named)))
+            if len(bad):
+                raise DataError(f"{path}[{bad[0]}]", f"label {values[bad[0]]} is not an index into label_names "
+                                f"({len(named)} names)", "store labels 0..len(label_names)-1")
+            labels = named if labels is None else labels
+            values = np.asarray(named, dtype=object)[values]
+        labels_where = path
+    else:
+        images = read_idx(path)
+        labels_where = labels_file or _idx_labels_name(path)
+        values = read_idx(labels_where)
+    _check_images(images, path)
+    if values.ndim != 1 or len(values) != len(images):
+        raise DataError(labels_where, f"{values.shape} labels for {len(images)} images in {path}",
+                        "give one label per image")
+    values = values.tolist()
+    where = [f"{labels_where}[{i}]" for i in range(len(values))]
+    ids, names = _labels(values, kind, where, labels)
+    return ImageSource(kind, images, ids, _report(Path(path), len(images)), names, origin=path)
+
+
+def _idx_labels_name(images_path: str) -> str:
+    name = os.path.basename(images_path)
+    guess = name.replace("images", "labels").replace("idx3", "idx1")
+    if guess == name:
+        raise DataError(images_path, "no labels file given and none can be guessed from the name",
+                        "pass the labels IDX file (labels_file=)")
+    return os.path.join(os.path.dirname(images_path), guess)
+
+
+def read_image_jsonl(path: str | os.PathLike, kind: str = "classification", *,
+                     labels: Sequence | None = None) -> ImageSource:
+    """JSONL rows ``{"image": <path, relative to the JSONL file's folder>, "label": ...}``."""
+    path = Path(path)
+    paths, values, where = [], [], []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise DataError(str(path), f"not UTF-8 ({err})", "save the file as UTF-8") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        here = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(here, f"not valid JSON ({err.msg})", "one JSON object per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or "label" not in row:
+            raise DataError(here, "a row needs \"image\" (a file path) and \"label\"",
+                            'write {"image": "cats/1.png", "label": "cat"}')
+        image = row["image"] if os.path.isabs(row["image"]) else str(path.parent / row["image"])
+        if not os.path.isfile(image):
+            raise DataError(here, f"image {image} not found", "fix the path (relative to the JSONL file's folder)")
+        _check_header(image)
+        paths.append(image)
+        values.append(row["label"])
+        where.append(here)
+    if not paths:
+        raise DataError(str(path), "no rows", "add one JSON object per image")
+    ids, names = _labels(values, kind, where, labels)
+    return ImageSource(kind, paths, ids, _report(path, len(paths)), names)
+
+
+def read_images(path: str | os.PathLike, kind: str = "classification", *, labels: Sequence | None = None,
+                labels_file: str | None = None) -> ImageSource:
+    """Any image source by its layout: a folder, an ``.npz``, IDX files, or JSONL rows."""
+    p = Path(path)
+    if p.is_dir():
+        return read_image_folder(p, kind, labels=labels)
+    if not p.is_file():
+        raise DataError(str(p), "no such file or folder", "give an image folder, .npz, IDX or JSONL file")
+    if p.suffix == ".jsonl":
+        return read_image_jsonl(p, kind, labels=labels)
+    return read_image_arrays(p, kind, labels_file=labels_file, labels=labels)
+
+
+def _report(path: Path, count: int) -> SourceReport:
+    return SourceReport(paths=[str(path)], rows=count)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageStats:
+    """What one look at an image source found (the image twin of ``TokenStats``)."""
+
+    records: int
+    examples: int
+
+    def summary(self) -> str:
+        return f"{self.records} images"
+
+
+class ImageLoader(Loader):
+    """Batches of images (see the module docstring) with the batching fields of ``config``
+    (``batch_size``, ``seed``, ``worker_count``, ``read_threads``...; token fields are unused),
+    resumable like every grain iterator. A :class:`~jaxtune.data.Loader`, so the Trainer
+    counts epochs, checks shapes and checkpoints its state the same way."""
+
+    def __init__(self, source: ImageSource, spec: ImageSpec, config: LoaderConfig, augment: Sequence[str] = ()):
+        self.source, self.config, self.spec, self.tokenizer = source, config, spec, None
+        self.shard_index, self.shard_count = _shard(config)
+        self.batch_size = config.batch_size // self.shard_count
+        self.lm = self.pairs = False
+        self.to_pixels = ToPixels(spec, augment if config.shuffle else ())
+        self.dataset = self._build()
+
+    def _build(self) -> grain.IterDataset:
+        cfg = self.config
+        ds = grain.MapDataset.source(self.source).seed(cfg.seed)
+        if cfg.shuffle:
+            ds = ds.shuffle()
+        ds = ds.repeat(cfg.num_epochs)[self.shard_index::self.shard_count]
+        ds = ds.random_map(self.to_pixels) if self.to_pixels.augment else ds.map(self.to_pixels.pixels)
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                                  prefetch_buffer_size=cfg.read_buffer_size))
+        if cfg.worker_count:
+            _mark_absl_flags_parsed()
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
+                                                             per_worker_buffer_size=cfg.worker_buffer_size))
+        it = it.batch(self.batch_size, drop_remainder=cfg.drop_remainder)
+        if not cfg.drop_remainder:
+            it = it.map(_FillImages(self.batch_size))
+        return it
+
+    def scan(self) -> ImageStats:
+        """Images are checked when read (headers at the door); nothing is tokenized."""
+        return ImageStats(len(self.source), len(self.source))
+
+    def rows_per_epoch(self) -> tuple[int, str]:
+        return len(self.source), f"{len(self.source)} images"
+
+    def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+        s, b = self.spec, self.batch_size
+        return {"pixel_values": ((b, s.channels, s.size, s.size), np.dtype(np.float32)),
+                "labels": ((b,), np.dtype(np.int32 if self.source.kind == "classification" else np.float32)),
+                "example_weights": ((b,), np.dtype(np.float32))}
+
+
+class _FillImages:
+    """Pads a partial last batch with zero images of weight 0, so every batch has one shape."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = self.size - len(batch["labels"])
+        if missing <= 0:
+            return batch
+        return {k: np.concatenate([v, np.zeros((missing, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def image_loader(source: ImageSource, spec: ImageSpec, config: LoaderConfig, *, train: bool,
+                 augment: Sequence[str] | None = None, batch_size: int | None = None) -> ImageLoader:
+    """The loader a run reads: training shuffles, repeats forever, keeps full batches and
+    augments; evaluation reads once in order and fills the last batch. ``augment`` and
+    ``batch_size`` (evaluation) default to a ``DataConfig``'s ``augment`` and ``eval_batch_size``."""
+    augment = getattr(config, "augment", ()) if augment is None else augment
+    batch_size = batch_size or getattr(config, "eval_batch_size", None)
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
+    role = dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else dict(
+        shuffle=False, num_epochs=1, drop_remainder=False, batch_size=batch_size or config.batch_size)
+    return ImageLoader(source, spec, LoaderConfig(**{**fields, **role}), augment)

@@ -1,0 +1,307 @@
+"""Vision Transformer: transformers' ``ViTModel`` and ``ViTForImageClassification``.
+
+:class:`ViT` is ``ViTModel``: non-overlapping patches projected to ``D`` (HF's stride-``p``
+convolution, written as one einsum over patchified pixels), a learned ``[CLS]`` token and
+absolute position embeddings, pre-norm blocks, a final LayerNorm and an optional tanh pooler.
+:class:`ViTClassifier` is ``ViTForImageClassification``: a linear ``classifier`` on the final
+``[CLS]`` state (no pooler, no dropout).
+
+Inputs are ``pixel_values`` float ``(B, C, H, W)``, channels first and normalised as the
+checkpoint's image processor does (HF's convention, so batches are interchangeable with
+transformers'). Position embeddings are not interpolated: ``H, W`` must equal ``image_size``.
+
+Param paths mirror transformers' *module* names (also PEFT's): ``layers.2.attention.q_proj`` is
+``params["layers_2"]["attention"]["q_proj"]``. Checkpoints on disk use the older tensor names
+(``encoder.layer.2.attention.attention.query``); :func:`checkpoint_name` maps to those when reading.
+Tensors that are parameters of no module (``cls_token``, ``position_embeddings``) are leaves named
+``tensor`` under a module of that name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxtune.models.encoder import ACTIVATIONS
+from jaxtune.models.layers import (
+    Array,
+    ClassifierLayout,
+    LayerNorm,
+    Linear,
+    PartitionRules,
+    dot_product_attention,
+    partition_rules,
+)
+
+ARCHITECTURES = ("ViTModel", "ViTForImageClassification")
+CLASSIFIERS = ("ViTForImageClassification",)
+MODEL_TYPES = {"vit": "ViTModel"}
+PARTITION_RULES: PartitionRules = partition_rules(column=("q_proj", "k_proj", "v_proj", "fc1"),
+                                                  row=("o_proj", "fc2"))
+TENSOR_LEAF = "tensor"  # a parameter that is a whole HF tensor (not a module's weight/bias)
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Everything that shapes a ViT. Hashable, so it can sit on a linen module."""
+
+    modality: ClassVar[str] = "image"
+    # ViTForImageClassification: the final [CLS] state straight into ``classifier`` (no dropout).
+    classifier_layout: ClassVar[ClassifierLayout] = ClassifierLayout("vit", "cls", (), "gelu", "classifier",
+                                                                     input_dropout=False)
+
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.0
+    qkv_bias: bool = True
+    use_pooler: bool = True
+    pooler_output_size: int | None = None
+    num_labels: int = 2  # ViTClassifier only
+    architecture: str = "ViTModel"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    adapter_dropout: float = 0.0
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ViTConfig:
+        """Build from a Hugging Face ``config.json`` dict (``model_type: vit``)."""
+        archs = hf.get("architectures") or []
+        arch = next((a for a in archs if a in ARCHITECTURES), "ViTModel")
+        for key, allowed in (("hidden_act", tuple(ACTIVATIONS)), ("pooler_act", ("tanh",))):
+            if hf.get(key, allowed[0]) not in allowed:
+                raise ValueError(f"config.json: {key} {hf[key]!r} is not supported; supported: {', '.join(allowed)}")
+        size, patch = hf.get("image_size", 224), hf.get("patch_size", 16)
+        if isinstance(size, list | tuple) or isinstance(patch, list | tuple):
+            raise ValueError("config.json: non-square image_size/patch_size is not supported; give one int each")
+        if size % patch:
+            raise ValueError(f"config.json: image_size {size} is not a multiple of patch_size {patch}")
+        fields = dict(
+            image_size=size,
+            patch_size=patch,
+            num_channels=hf.get("num_channels", 3),
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
+            hidden_act=hf.get("hidden_act", "gelu"),
+            hidden_dropout=hf.get("hidden_dropout_prob", 0.0),
+            qkv_bias=hf.get("qkv_bias", True),
+            use_pooler=arch == "ViTModel",
+            pooler_output_size=hf.get("pooler_output_size"),
+            num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
+            architecture=arch,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def init_inputs(self) -> tuple[Array, ...]:
+        """Example model inputs for shape inference: one all-zero image ``(1, C, H, W)``."""
+        return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
+
+    def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
+        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
+                      adapter_dropout=self.adapter_dropout, name=name)
+
+    def layer_norm(self, name: str) -> LayerNorm:
+        return LayerNorm(self.layer_norm_eps, self.compute_dtype, self.param_dtype, name=name)
+
+
+class _Tensor(nn.Module):
+    """A bare parameter tensor (HF's ``nn.Parameter`` outside any layer), as ``<name>/tensor``."""
+
+    shape: tuple[int, ...]
+    param_dtype: str
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param(TENSOR_LEAF, nn.initializers.normal(0.02), self.shape, self.param_dtype)
+
+
+class PatchProjection(nn.Module):
+    """HF's ``Conv2d(C, D, kernel=p, stride=p)`` on non-overlapping patches.
+
+    ``kernel`` is stored ``(p_w, p_h, C, D)``: the full transpose of PyTorch's ``(D, C, p_h, p_w)``,
+    as every jaxtune ``kernel`` is, so checkpoint I/O needs no special case.
+    """
+
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, pixels: Array) -> Array:
+        cfg, p = self.cfg, self.cfg.patch_size
+        b, c, h, w = pixels.shape
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (p, p, c, cfg.hidden_size), cfg.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (cfg.hidden_size,), cfg.param_dtype)
+        dt = cfg.compute_dtype
+        patches = pixels.astype(dt).reshape(b, c, h // p, p, w // p, p)
+        out = jnp.einsum("bcipjq,qpcd->bijd", patches, kernel.astype(dt)) + bias.astype(dt)
+        return out.reshape(b, (h // p) * (w // p), cfg.hidden_size)
+
+
+class Embeddings(nn.Module):
+    cfg: ViTConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.cls_token = _Tensor((1, 1, cfg.hidden_size), cfg.param_dtype)
+        self.position_embeddings = _Tensor((1, cfg.num_patches + 1, cfg.hidden_size), cfg.param_dtype)
+        self.patch_embeddings = _PatchEmbeddings(cfg)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
+
+    def __call__(self, pixel_values: Array, deterministic: bool) -> Array:
+        cfg = self.cfg
+        if pixel_values.ndim != 4 or pixel_values.shape[1:] != (cfg.num_channels, cfg.image_size, cfg.image_size):
+            raise ValueError(f"pixel_values: shape {tuple(pixel_values.shape)}, but this ViT takes "
+                             f"(B, {cfg.num_channels}, {cfg.image_size}, {cfg.image_size}); resize the images to "
+                             f"image_size {cfg.image_size} (channels first)")
+        x = self.patch_embeddings(pixel_values)
+        cls = jnp.broadcast_to(self.cls_token().astype(x.dtype), (x.shape[0], 1, cfg.hidden_size))
+        x = jnp.concatenate([cls, x], axis=1) + self.position_embeddings().astype(x.dtype)
+        return self.dropout(x, deterministic=deterministic)
+
+
+class _PatchEmbeddings(nn.Module):
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, pixel_values: Array) -> Array:
+        return PatchProjection(self.cfg, name="projection")(pixel_values)
+
+
+class Attention(nn.Module):
+    """HF's ``ViTAttention``: q/k/v projections, softmax attention over all tokens, ``o_proj``."""
+
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.cfg
+        b, t, d = x.shape
+
+        def heads(name: str) -> Array:
+            return cfg.linear(d, name, cfg.qkv_bias)(x, deterministic).reshape(b, t, cfg.num_heads, d // cfg.num_heads)
+
+        out = dot_product_attention(heads("q_proj"), heads("k_proj"), heads("v_proj"), None, causal=False)
+        return cfg.linear(d, "o_proj")(out.reshape(b, t, d), deterministic)
+
+
+class MLP(nn.Module):
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.cfg
+        h = ACTIVATIONS[cfg.hidden_act](cfg.linear(cfg.intermediate_size, "fc1")(x, deterministic))
+        return cfg.linear(cfg.hidden_size, "fc2")(h, deterministic)
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm block: ``x + attn(ln(x))`` then ``x + mlp(ln(x))`` (dropout after each, as HF)."""
+
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        cfg = self.cfg
+        drop = nn.Dropout(cfg.hidden_dropout)
+        h = Attention(cfg, name="attention")(cfg.layer_norm("layernorm_before")(x), deterministic)
+        x = x + drop(h, deterministic=deterministic)
+        h = MLP(cfg, name="mlp")(cfg.layer_norm("layernorm_after")(x), deterministic)
+        return x + drop(h, deterministic=deterministic)
+
+
+class ViT(nn.Module):
+    """``ViTModel``. ``__call__`` maps ``pixel_values`` ``(B, C, H, W)`` to the final
+    (LayerNorm-ed) token states ``(B, 1 + num_patches, D)``, ``[CLS]`` first; :meth:`pooled`
+    is the pooler output."""
+
+    cfg: ViTConfig
+
+    def setup(self) -> None:
+        self.embeddings = Embeddings(self.cfg)
+        self.layers = [ViTBlock(self.cfg) for _ in range(self.cfg.num_layers)]
+        self.layernorm = self.cfg.layer_norm("layernorm")
+        if self.cfg.use_pooler:
+            self.pooler = _Pooler(self.cfg)
+
+    def __call__(self, pixel_values: Array, deterministic: bool = True) -> Array:
+        x = self.embeddings(pixel_values, deterministic)
+        for block in self.layers:
+            x = block(x, deterministic)
+        x = self.layernorm(x)
+        if self.cfg.use_pooler and self.is_initializing():
+            self.pooler(x)  # create the pooler's params at init
+        return x
+
+    def pooled(self, hidden: Array, deterministic: bool = True) -> Array:
+        """The pooler: ``tanh(dense(hidden[:, 0]))`` ``(B, pooler_output_size)``."""
+        return self.pooler(hidden, deterministic)
+
+
+class _Pooler(nn.Module):
+    cfg: ViTConfig
+
+    @nn.compact
+    def __call__(self, hidden: Array, deterministic: bool = True) -> Array:
+        size = self.cfg.pooler_output_size or self.cfg.hidden_size
+        return jnp.tanh(self.cfg.linear(size, "dense")(hidden[:, 0], deterministic))
+
+
+class ViTClassifier(nn.Module):
+    """``ViTForImageClassification``: logits ``(B, num_labels)`` from the final ``[CLS]`` state."""
+
+    cfg: ViTConfig
+
+    def setup(self) -> None:
+        self.vit = ViT(dataclasses.replace(self.cfg, use_pooler=False))
+        self.classifier = self.cfg.linear(self.cfg.num_labels)
+
+    def __call__(self, pixel_values: Array, deterministic: bool = True) -> Array:
+        return self.classifier(self.vit(pixel_values, deterministic)[:, 0], deterministic)
+
+
+def hf_module(modules: tuple[str, ...]) -> str:
+    """transformers module name of a param path's modules: ``('layers_2', 'attention', 'q_proj')``
+    -> ``'layers.2.attention.q_proj'``; ``('vit', ...)`` keeps its ``vit.``."""
+    return ".".join(m.replace("layers_", "layers.", 1) if m.startswith("layers_") else m for m in modules)
+
+
+# transformers >= 5 renamed ViT's modules but still writes (and reads) the old tensor names.
+_CHECKPOINT_NAMES = (
+    (re.compile(r"(^|\.)layers\.(\d+)\.attention\.(q|k|v)_proj\."),
+     lambda m: f"{m[1]}encoder.layer.{m[2]}.attention.attention.{dict(q='query', k='key', v='value')[m[3]]}."),
+    (re.compile(r"(^|\.)layers\.(\d+)\.attention\.o_proj\."), r"\1encoder.layer.\2.attention.output.dense."),
+    (re.compile(r"(^|\.)layers\.(\d+)\.mlp\.fc1\."), r"\1encoder.layer.\2.intermediate.dense."),
+    (re.compile(r"(^|\.)layers\.(\d+)\.mlp\.fc2\."), r"\1encoder.layer.\2.output.dense."),
+    (re.compile(r"(^|\.)layers\.(\d+)\."), r"\1encoder.layer.\2."),
+)
+
+
+def checkpoint_name(name: str) -> str:
+    """The tensor name a ViT checkpoint stores for module-named ``name``:
+    ``vit.layers.0.mlp.fc1.weight`` -> ``vit.encoder.layer.0.intermediate.dense.weight``."""
+    for pattern, replacement in _CHECKPOINT_NAMES:
+        new = pattern.sub(replacement, name)
+        if new != name:
+            return new
+    return name

@@ -1,0 +1,140 @@
+"""Image sources and batches: folder / NPZ / IDX / JSONL layouts, decoding and normalisation against
+a closed form, augmentations, resumable batches, and one-line errors naming the bad file."""
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jaxtune.data import DataError, LoaderConfig
+from jaxtune.data.images import (
+    ImageSpec,
+    ToPixels,
+    image_loader,
+    read_image_folder,
+    read_image_jsonl,
+    read_images,
+)
+
+SPEC = ImageSpec(size=8, channels=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
+
+
+def _png(path, value, size=(6, 4)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((*size[::-1], 3), value, np.uint8)).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for c, name in enumerate(("boot", "coat", "shirt")):
+        for i in range(2):
+            _png(tmp_path / "imgs" / name / f"{i}.png", (40 * c + 10 * i, 100, 200))
+    return tmp_path / "imgs"
+
+
+def _idx(path, array: np.ndarray) -> None:
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_folder_batches_are_resized_normalised_channels_first(folder):
+    source = read_image_folder(folder)
+    assert source.label_names == ("boot", "coat", "shirt") and list(source.labels) == [0, 0, 1, 1, 2, 2]
+    batch = next(iter(image_loader(source, SPEC, LoaderConfig(batch_size=6), train=False)))
+    assert batch["pixel_values"].shape == (6, 3, 8, 8) and batch["pixel_values"].dtype == np.float32
+    # A constant image stays constant through the resize: (value / 255 - mean) / std per channel.
+    rgb = np.array([40 * 2 + 10, 100, 200], np.float32) / 255
+    expected = (rgb - np.array(SPEC.mean)) / np.array(SPEC.std)
+    np.testing.assert_allclose(batch["pixel_values"][5], np.broadcast_to(expected[:, None, None], (3, 8, 8)),
+                               atol=1e-6)
+    np.testing.assert_array_equal(batch["labels"], [0, 0, 1, 1, 2, 2])
+
+
+def test_evaluation_fills_the_last_batch_and_training_resumes_exactly(folder):
+    source = read_image_folder(folder)
+    batches = list(image_loader(source, SPEC, LoaderConfig(batch_size=4), train=False))
+    np.testing.assert_array_equal(batches[1]["example_weights"], [1, 1, 0, 0])
+    loader = image_loader(source, SPEC, LoaderConfig(batch_size=2, seed=3), train=True, augment=("flip", "crop"))
+    it = iter(loader)
+    next(it)
+    state = it.get_state()
+    after = [next(it) for _ in range(3)]
+    again = iter(loader)
+    again.set_state(state)
+    for a, b in zip(after, [next(again) for _ in range(3)], strict=True):
+        np.testing.assert_array_equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_flip_mirrors_the_image():
+    image = np.random.default_rng(0).integers(0, 255, (8, 8, 3)).astype(np.uint8)
+    plain = ToPixels(SPEC).pixels({"image": image, "label": 0})["pixel_values"]
+    flips = ToPixels(SPEC, ("flip",))
+    seen = {flips.random_map({"image": image, "label": 0}, np.random.default_rng(s))["pixel_values"][0, 0, 0]
+            for s in range(8)}
+    assert seen == {plain[0, 0, 0], plain[0, 0, -1]}
+
+
+def test_npz_idx_and_jsonl_layouts(tmp_path):
+    images = np.random.default_rng(1).integers(0, 255, (5, 4, 4)).astype(np.uint8)
+    labels = np.array([3, 1, 3, 0, 1], np.uint8)
+    np.savez(tmp_path / "a.npz", images=images, labels=labels)
+    _idx(tmp_path / "train-images-idx3-ubyte.gz", images)
+    _idx(tmp_path / "train-labels-idx1-ubyte.gz", labels)
+    for source in (read_images(tmp_path / "a.npz"), read_images(tmp_path / "train-images-idx3-ubyte.gz")):
+        assert source.label_names == ("0", "1", "3") and list(source.labels) == [2, 1, 2, 0, 1]
+        np.testing.assert_array_equal(source[4]["image"][..., 0], images[4])
+    _png(tmp_path / "j" / "a.png", 7)
+    (tmp_path / "j" / "rows.jsonl").write_text('{"image": "a.png", "label": 2.5}\n{"image": "a.png", "label": -1}\n')
+    source = read_image_jsonl(tmp_path / "j" / "rows.jsonl", "regression")
+    assert source.labels.dtype == np.float32 and list(source.labels) == [2.5, -1.0]
+
+
+@pytest.mark.parametrize("case", ["corrupt_png", "text_in_folder", "missing_image", "bad_json", "bad_label",
+                                  "truncated_idx", "label_count", "npz_keys", "float_pixels"])
+def test_bad_images_and_label_files_fail_in_one_line_naming_the_file(case, folder, tmp_path):
+    if case == "corrupt_png":
+        (folder / "coat" / "2.png").write_bytes(b"\x89PNG not really")
+        where, call = folder / "coat" / "2.png", lambda: read_image_folder(folder)
+    elif case == "text_in_folder":
+        (folder / "coat" / "notes.txt").write_text("hi")
+        where, call = folder / "coat" / "notes.txt", lambda: read_image_folder(folder)
+    elif case in ("missing_image", "bad_json", "bad_label"):
+        row = {"missing_image": '{"image": "nope.png", "label": 1}', "bad_json": '{"image": ',
+               "bad_label": '{"image": "imgs/boot/0.png", "label": [1]}'}[case]
+        (tmp_path / "rows.jsonl").write_text('{"image": "imgs/boot/0.png", "label": 1}\n' + row + "\n")
+        where, call = f"{tmp_path / 'rows.jsonl'}:2", lambda: read_image_jsonl(tmp_path / "rows.jsonl")
+    elif case == "truncated_idx":
+        _idx(tmp_path / "x-images-idx3-ubyte.gz", np.zeros((3, 4, 4)))
+        with gzip.open(tmp_path / "x-images-idx3-ubyte.gz") as f:
+            data = f.read()
+        with gzip.open(tmp_path / "x-images-idx3-ubyte.gz", "wb") as f:
+            f.write(data[:-5])
+        where, call = tmp_path / "x-images-idx3-ubyte.gz", lambda: read_images(tmp_path / "x-images-idx3-ubyte.gz")
+    elif case == "label_count":
+        _idx(tmp_path / "x-images-idx3-ubyte.gz", np.zeros((3, 4, 4)))
+        _idx(tmp_path / "x-labels-idx1-ubyte.gz", np.zeros(2))
+        where, call = tmp_path / "x-labels-idx1-ubyte.gz", lambda: read_images(tmp_path / "x-images-idx3-ubyte.gz")
+    else:
+        arrays = {"npz_keys": {"pics": np.zeros((2, 4, 4), np.uint8)},
+                  "float_pixels": {"images": np.zeros((2, 4, 4)), "labels": np.zeros(2)}}[case]
+        np.savez(tmp_path / "a.npz", **arrays)
+        where, call = tmp_path / "a.npz", lambda: read_images(tmp_path / "a.npz")
+    with pytest.raises(DataError) as err:
+        call()
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{where}: ") and " — " in message, message
+
+
+def test_an_image_broken_after_the_door_fails_naming_it_when_read(folder):
+    source = read_image_folder(folder)
+    (folder / "boot" / "1.png").write_bytes((folder / "boot" / "1.png").read_bytes()[:40])  # header intact
+    with pytest.raises(DataError, match=rf"^{folder / 'boot' / '1.png'}: not a readable image"):
+        source[1]
+    with pytest.raises(ValueError, match="data.augment: unknown"):
+        ToPixels(SPEC, ("rotate",))
+    assert json.dumps(ImageSpec.from_model_dir(8, 3, None).mean) == "[0.5, 0.5, 0.5]"

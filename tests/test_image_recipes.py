@@ -1,0 +1,52 @@
+"""The image recipes (configs/images_*.yaml) run through ``jaxtune train``'s code path: tiny, with
+a tiny random ViT and tiny image files of each task (2 steps); the real model and data are the
+benchmark's (benchmarks/quality.py)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import ViTConfig, ViTModel
+
+from jaxtune import config
+from jaxtune.recipe import finetune
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+RECIPES = sorted(p.name for p in CONFIGS.glob("images_*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("image_recipes")
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                       num_attention_heads=2, intermediate_size=32)).save_pretrained(root / "vit")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("valid", 8)):
+        images = rng.integers(0, 255, (n, 20, 20)).astype(np.uint8)
+        np.savez(root / f"{split}.classification.npz", images=images, labels=np.arange(n) % 3)
+        np.savez(root / f"{split}.regression.npz", images=images, labels=(np.arange(n) % 4).astype(np.float32))
+    return root
+
+
+def test_both_image_recipes_are_here():
+    assert RECIPES == ["images_count.yaml", "images_fashion_mnist.yaml"]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_image_recipe_runs_tiny(recipe, tiny, tmp_path):
+    kind = config.load(CONFIGS / recipe).data.source_kind
+    cfg = config.load(CONFIGS / recipe, [
+        f"model.path={tiny / 'vit'}", "plan=[{preset: freeze_all_but, last_n_blocks: 1}, "
+        f"{{action: head, task: {kind}}}]", "data.dataset=null", f"data.kind={kind}", "data.images=true",
+        f"data.train={tiny / f'train.{kind}.npz'}", f"data.validation={tiny / f'valid.{kind}.npz'}",
+        "data.train_size=null", "data.validation_size=null", "data.batch_size=8", "train.epochs=null",
+        "train.steps=2", "train.progress=false", "eval.every=2", f"output.dir={tmp_path / 'run'}"])
+    result = finetune(cfg)
+    assert result.state == "finished" and result.step == 2 and np.isfinite(result.after["loss"])
+    metric = "accuracy" if kind == "classification" else "mae"
+    assert metric in result.after and metric in result.report
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
