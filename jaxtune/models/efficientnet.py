@@ -82,6 +82,11 @@ class EfficientNetConfig:
         return cls(**fields)
 
     @property
+    def classifier_dropout(self) -> float:
+        """The dropout before ``fc``, as the reference applies it."""
+        return self.hidden_dropout
+
+    @property
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
 

@@ -107,6 +107,11 @@ class ViTConfig:
         return cls(**fields)
 
     @property
+    def classifier_dropout(self) -> float:
+        """A fresh head's dropout between its layers (HF's classifier has none before it)."""
+        return self.hidden_dropout
+
+    @property
     def compute_dtype(self) -> Any:
         return jnp.dtype(self.dtype)
 
