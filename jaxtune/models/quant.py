@@ -201,7 +201,9 @@ def dot(x: Array, w: Any, dtype: Any, transpose: bool = False) -> Array:
 
     A quantized kernel is dequantized inside the product and again in the backward pass
     (a custom VJP whose residual is the quantized weight itself), so autodiff never saves a
-    full-precision copy of a frozen weight between the forward and backward passes.
+    full-precision copy of a frozen weight between the forward and backward passes; each
+    dequantization depends on the matmul's input (:func:`_tied`), so it runs next to its matmul
+    (checked by the compiled program's temporaries in tests/test_quant.py).
     """
     if not is_quantized(w):
         w = w.astype(dtype)
@@ -209,18 +211,33 @@ def dot(x: Array, w: Any, dtype: Any, transpose: bool = False) -> Array:
     return _qdot(x.astype(dtype), w, transpose)
 
 
+def _tied(q: QuantizedArray, x: Array) -> QuantizedArray:
+    """``q`` with its codes made to depend on ``x`` (``+ int(0 * x[0, 0])``; XLA does not fold a
+    float times zero). Without a data dependency XLA computes every dequantization as soon as the
+    params exist (they depend on nothing else), holding all of them at once, and merges (CSE) the
+    backward pass's dequantization with the forward's, keeping it alive in between: a float copy of
+    the model. ``jax.lax.optimization_barrier`` prevents neither on XLA:CPU (it is expanded away
+    before CSE)."""
+    tie = (x.reshape(-1)[0] * 0).astype(q.codes.dtype)
+    return dataclasses.replace(q, codes=q.codes + tie)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _qdot(x: Array, q: QuantizedArray, transpose: bool) -> Array:
-    w = dequantize(q, x.dtype)
+    return _qdot_value(x, q, transpose)
+
+
+def _qdot_value(x: Array, q: QuantizedArray, transpose: bool) -> Array:
+    w = dequantize(_tied(q, x), x.dtype)
     return x @ (w.T if transpose else w)
 
 
 def _qdot_fwd(x: Array, q: QuantizedArray, transpose: bool) -> tuple[Array, QuantizedArray]:
-    return _qdot(x, q, transpose), q
+    return _qdot_value(x, q, transpose), q
 
 
 def _qdot_bwd(transpose: bool, q: QuantizedArray, g: Array) -> tuple[Array, QuantizedArray]:
-    w = dequantize(q, g.dtype)
+    w = dequantize(_tied(q, g), g.dtype)
     dx = g @ (w if transpose else w.T)
     # A quantized weight is frozen: its cotangent is zero (float0 for integer codes).
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.inexact)
