@@ -25,16 +25,15 @@ import os
 import sys
 import time
 
-from common import ROOT, machine, now, versions  # noqa: F401 - puts this checkout on the path
+import jax
+import jax.numpy as jnp
+from common import ROOT, machine, now, versions  # puts this checkout on the path
+from flax.traverse_util import flatten_dict
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-from flax.traverse_util import flatten_dict  # noqa: E402
-
-from jaxtune import tuning  # noqa: E402
-from jaxtune.models import hf, quant  # noqa: E402
-from jaxtune.train.optim import OptimizerConfig, build_optimizer  # noqa: E402
-from jaxtune.train.step import make_loss_fn, make_train_step  # noqa: E402
+from jaxtune import tuning
+from jaxtune.models import hf, quant
+from jaxtune.train.optim import OptimizerConfig, build_optimizer
+from jaxtune.train.step import make_loss_fn, make_train_step
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -46,7 +45,8 @@ LLAMA_31_8B = {
 GB = 2 ** 30
 
 
-def step_memory(quantize: str | None, *, layers: int, seq: int, batch: int, rank: int, remat: str) -> dict:
+def step_memory(quantize: str | None, *, layers: int, seq: int, batch: int, rank: int, remat: str,
+                chunk_tokens: int) -> dict:
     """Compile the LoRA step on abstract params; its memory analysis in bytes and GiB."""
     hf_config = {**LLAMA_31_8B, "num_hidden_layers": layers}
     arch, cfg, module = hf.build(hf_config, dtype="bfloat16", param_dtype="bfloat16", remat=remat)
@@ -55,7 +55,9 @@ def step_memory(quantize: str | None, *, layers: int, seq: int, batch: int, rank
     made = {}
 
     def planned(params):
-        tuned = tuning.apply_plan(dataclasses.replace(pretrained, params=params), plan)
+        # The weights are abstract; the LoRA A draw is concrete (add_adapters reads it on the host).
+        with jax.ensure_compile_time_eval():
+            tuned = tuning.apply_plan(dataclasses.replace(pretrained, params=params), plan)
         made["tuned"] = tuned
         return tuned.params
 
@@ -65,7 +67,7 @@ def step_memory(quantize: str | None, *, layers: int, seq: int, batch: int, rank
     groups, _ = tuning.partition(tuned.labels, tuned.labels)
     optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-4), 1000, groups)
     opt_state = jax.eval_shape(optimizer.init, trainable)
-    step = make_train_step(make_loss_fn(tuned.module, "lm"), optimizer)
+    step = make_train_step(make_loss_fn(tuned.module, "lm", chunk_tokens=chunk_tokens), optimizer)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     batch_spec = {"input_ids": tokens, "targets": tokens, "segment_ids": tokens, "positions": tokens,
                   "loss_weights": jax.ShapeDtypeStruct((batch, seq), jnp.float32)}
@@ -78,6 +80,7 @@ def step_memory(quantize: str | None, *, layers: int, seq: int, batch: int, rank
     peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes
     return {
         "base": quantize or "bf16", "layers": layers, "seq": seq, "batch": batch, "lora_rank": rank, "remat": remat,
+        "chunk_tokens": chunk_tokens,
         "frozen_GiB": frozen_bytes / GB, "trainable_params": tuning.count(trainable),
         "arguments_GiB": mem.argument_size_in_bytes / GB, "temporaries_GiB": mem.temp_size_in_bytes / GB,
         "outputs_GiB": mem.output_size_in_bytes / GB, "aliased_GiB": mem.alias_size_in_bytes / GB,
@@ -92,6 +95,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--remat", default="block", choices=["none", "block", "dots"])
+    parser.add_argument("--chunk-tokens", type=int, default=2048, help="train.chunk_tokens: tokens per logits chunk")
     parser.add_argument("--bases", default="nf4,bf16", help="comma-separated: nf4, nf4_dq, int8, fp8, bf16")
     parser.add_argument("--backend", default="cpu", choices=["cpu", "gpu", "tpu"])
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "qlora-memory.json"))
@@ -100,7 +104,7 @@ def main() -> None:
     rows = []
     for base in args.bases.split(","):
         row = step_memory(None if base == "bf16" else base, layers=args.layers, seq=args.seq, batch=args.batch,
-                          rank=args.rank, remat=args.remat)
+                          rank=args.rank, remat=args.remat, chunk_tokens=args.chunk_tokens)
         rows.append(row)
         print(json.dumps(row), flush=True)
     record = {"command": " ".join([os.path.basename(sys.executable), *sys.argv]), "date": now(),

@@ -128,7 +128,7 @@ def test_gguf_blocks_decode_exactly_as_the_gguf_package(kind):
     expected = gguf_dequantize(data, qtype)
     q = jax.tree.map(jnp.asarray, gguf.quantized_tensor(_Tensor(qtype, data)))
     np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), expected)
-    kernel = jax.tree.map(jnp.asarray, gguf._transposed(gguf.quantized_tensor(_Tensor(qtype, data))))
+    kernel = quant.transpose(q)
     np.testing.assert_array_equal(np.asarray(quant.dequantize(kernel)), expected.T)
 
 
@@ -154,6 +154,19 @@ def test_quantized_forward_equals_the_dequantized_weight_forward(base, case):
     quantized = [p for p, x in flatten_dict(params).items() if quant.is_quantized(x)]
     assert ("embed_tokens", "embedding") in quantized and ("layers_1", "mlp", "down_proj", "kernel") in quantized
     got, want = _logits(tuned, params), _logits(tuned, quant.dequantize_tree(params))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_an_int8_encoder_body_reads_like_its_dequantized_weights(tmp_path):
+    """MiniLM-style BERT: word, position and token-type embeddings and every linear in int8."""
+    tiny_hf_model("BertModel", tmp_path)
+    tuned = tuning.apply_plan(hf.load_pretrained(tmp_path), tuning.freeze(quantize="int8") + tuning.lora(4)
+                              + tuning.head("classification", 2, pooling="mean"))
+    params = randomize_adapters(tuned.params)
+    assert quant.is_quantized(params["embeddings"]["position_embeddings"]["embedding"])
+    ids, segments = jnp.asarray(IDS % 90 + 1), jnp.ones(IDS.shape, jnp.int32)
+    got, want = (np.asarray(tuned.module.apply({"params": p}, input_ids=ids, segment_ids=segments))
+                 for p in (params, quant.dequantize_tree(params)))
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
@@ -190,6 +203,13 @@ def test_only_frozen_leaves_may_be_quantized(base):
         tuning.apply_plan(loaded, tuning.full())
     assert tuning.Plan.from_data([{"action": "freeze", "quantize": "nf4"}, {"preset": "lora"}]).to_data()[0] == \
         {"action": "freeze", "quantize": "nf4"}
+
+
+def test_keep_quantized_needs_a_gguf_model(llama):
+    from jaxtune.models.load import LoadError, load
+
+    with pytest.raises(LoadError, match="model.keep_quantized: .* is not a GGUF model.*quantize: nf4"):
+        load(str(llama), keep_quantized=True)
 
 
 def test_qlora_exports_a_peft_adapter_and_a_dequantized_merge(base, llama, tmp_path):

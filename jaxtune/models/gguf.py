@@ -38,7 +38,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import Q4_K, dequantize
 
-from jaxtune.models.quant import QuantizedArray
+from jaxtune.models.quant import QuantizedArray, transpose
 
 # transformers is imported inside the functions that need it: importing this module (e.g. for
 # the CLI's model list) should not cost the seconds the transformers import takes.
@@ -493,17 +493,6 @@ def quantized_tensor(tensor: ReaderTensor) -> QuantizedArray:
     return QuantizedArray(flat(codes), scale, block=16, axis=-1, name="q6_k")
 
 
-def _transposed(q: QuantizedArray) -> QuantizedArray:
-    """``(out, in)`` blocks along -1 -> a kernel ``(in, out)`` blocks along -2 (every component)."""
-    def swap(x: Any) -> Any:
-        if isinstance(x, QuantizedArray):
-            return _transposed(x)
-        return None if x is None else np.ascontiguousarray(np.swapaxes(x, -1, -2))
-
-    return QuantizedArray(swap(q.codes), swap(q.scale), swap(q.offset), q.kind, q.block, q.pack, q.zero, -2,
-                          q.dtype, q.name)
-
-
 def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = jnp.float32,
                    compute_dtype: Any | None = None, **config_overrides: Any) -> Any:
     """A :class:`jaxtune.models.hf.Pretrained` whose linear kernels and embeddings stay in the GGUF
@@ -534,7 +523,7 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = jn
             q = quantized_tensor(tensor)
             if n_heads is not None:
                 q = jax.tree.map(lambda a, n=n_heads: np.ascontiguousarray(unpermute_qk(a, n)), q)
-            q = _transposed(q) if path[-1] == "kernel" else q
+            q = transpose(q) if path[-1] == "kernel" else q
             leaf = jax.tree.map(jnp.asarray, dataclasses.replace(q, dtype=dtype))
         else:
             shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))

@@ -132,7 +132,12 @@ def format_name(x: Any) -> str:
 
 def _levels(q: QuantizedArray, codes: Array) -> Array:
     if q.kind == "nf4":
-        return jnp.asarray(NF4_LEVELS)[codes.astype(jnp.int32)]
+        # Selects, not a table gather: elementwise, they fuse into the dequantization (a gather on
+        # XLA:CPU materialises int32 indices and its float output, 8 bytes per weight).
+        values = jnp.zeros(codes.shape, jnp.float32)
+        for code, level in enumerate(NF4_LEVELS.tolist()):
+            values = jnp.where(codes == code, jnp.float32(level), values)
+        return values
     values = codes.astype(jnp.float32)
     return values - q.zero if q.zero else values
 
@@ -182,6 +187,18 @@ def as_float(w: Any, dtype: Any) -> Array:
 def dequantize_tree(tree: Any, dtype: Any = None) -> Any:
     """``tree`` with every :class:`QuantizedArray` dequantized (to ``dtype``, default its own)."""
     return jax.tree.map(lambda x: dequantize(x, dtype) if is_quantized(x) else x, tree, is_leaf=is_quantized)
+
+
+def transpose(q: QuantizedArray) -> QuantizedArray:
+    """The transpose of a 2-D quantized weight (every component, nested ones too): ``(out, in)``
+    with blocks along -1 becomes a kernel ``(in, out)`` with blocks along -2, and back."""
+    def swap(x: Any) -> Any:
+        if is_quantized(x):
+            return transpose(x)
+        return None if x is None else x.swapaxes(-1, -2)
+
+    return dataclasses.replace(q, codes=swap(q.codes), scale=swap(q.scale), offset=swap(q.offset),
+                               axis=-1 if q.axis == -2 else -2)
 
 
 def take(w: Any, ids: Array, dtype: Any) -> Array:
