@@ -296,7 +296,7 @@ def test_packaged_smollm2_gguf_trains_quantized_and_its_adapter_loads_in_peft(tm
     from transformers import AutoModelForCausalLM
 
     import jaxtune
-    from jaxtune.data import LoaderConfig
+    from jaxtune.data import LoaderConfig, read_source
     from jaxtune.train.config import TrainConfig
     from jaxtune.train.optim import OptimizerConfig
     from jaxtune.train.sharding import MeshConfig, make_mesh
@@ -307,7 +307,7 @@ def test_packaged_smollm2_gguf_trains_quantized_and_its_adapter_loads_in_peft(tm
     assert quant.is_quantized(up) and up.name == "q4_1" and up.codes.dtype == jnp.uint8
     assert up.scale.dtype == up.offset.dtype == jnp.float16
     tuned = tuning.apply_plan(base, tuning.lora(4, alpha=8, targets=["q_proj", "v_proj"]))
-    data = jaxtune.read(write_chat(tmp_path / "train.jsonl", 16), "chat")
+    data = read_source(write_chat(tmp_path / "train.jsonl", 16), "chat")
     trainer = Trainer(tuned, train_data=data, data=LoaderConfig(batch_size=2, max_length=48),
                       optimizer=OptimizerConfig(learning_rate=1e-2), config=TrainConfig(steps=3, progress=False),
                       run_dir=tmp_path / "run", mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
