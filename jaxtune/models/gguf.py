@@ -30,18 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
 from gguf.quants import Q4_K, dequantize
 
-from jaxtune.models.quant import QuantizedArray, transpose
-
-# transformers is imported inside the functions that need it: importing this module (e.g. for
-# the CLI's model list) should not cost the seconds the transformers import takes.
+# transformers and jax are imported inside the functions that need them: importing this module
+# (e.g. for the CLI's model list) should not cost the seconds their imports take.
 
 logger = logging.getLogger(__name__)
 
@@ -445,13 +440,15 @@ def _write_tokenizer(gguf_path: Path, meta: _Metadata, out_dir: Path, model_max_
 QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # read into QuantizedArray leaves as they are
 
 
-def quantized_tensor(tensor: ReaderTensor) -> QuantizedArray:
+def quantized_tensor(tensor: ReaderTensor) -> Any:
     """A GGUF tensor of a :data:`QUANTIZED_TYPES` type as a :class:`QuantizedArray` of numpy
     arrays in GGUF's own layout: ``(rows, features)`` (PyTorch's ``(out, in)``), blocks along the
     last axis (``axis=-1``). Its :func:`jaxtune.models.quant.dequantize` equals
     ``gguf.quants.dequantize`` bit for bit: the scales are llama.cpp's fp16 ``d`` (and 6/8-bit
     sub-block scales under it for the K-quants), the codes its integers, unpacked without floats.
     """
+    from jaxtune.models.quant import QuantizedArray
+
     kind = tensor.tensor_type.name
     if kind not in QUANTIZED_TYPES:
         raise GGUFError(f"tensor {tensor.name!r} has type {kind}; quantized leaves are read from "
@@ -493,7 +490,7 @@ def quantized_tensor(tensor: ReaderTensor) -> QuantizedArray:
     return QuantizedArray(flat(codes), scale, block=16, axis=-1, name="q6_k")
 
 
-def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = jnp.float32,
+def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "float32",
                    compute_dtype: Any | None = None, **config_overrides: Any) -> Any:
     """A :class:`jaxtune.models.hf.Pretrained` whose linear kernels and embeddings stay in the GGUF
     file's quantization where it is one of :data:`QUANTIZED_TYPES` (other tensors: ``dtype``).
@@ -501,7 +498,12 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = jn
     ``hf_dir``: the file's converted directory (:func:`gguf_to_hf`), for ``config.json`` and the
     tokenizer. Quantized leaves must stay frozen (a plan that trains one fails, naming it).
     """
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
     from jaxtune.models import hf
+    from jaxtune.models.quant import transpose
 
     gguf_path = Path(gguf_path)
     reader = _open(gguf_path)
