@@ -11,6 +11,10 @@ A :class:`Linear` also reads the optional adapter leaves that ``jaxtune.tuning``
 ``kernel``: ``lora_a`` ``(in, r)``, ``lora_b`` ``(r, out)``, ``lora_scale`` ``()`` and, for DoRA,
 ``magnitude`` ``(out,)``. The arithmetic lives here because it is part of evaluating the layer;
 creating, labelling, merging and exporting adapters is the tuning layer's job.
+
+A frozen ``kernel`` or ``embedding`` may be a :class:`jaxtune.models.quant.QuantizedArray`
+(QLoRA); :class:`Linear` and :class:`Embed` read it through :mod:`jaxtune.models.quant`, which
+dequantizes inside the matmul or the row gather.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from jaxtune.models import quant
 
 Array = jax.Array
 Dtype = Any
@@ -51,13 +57,13 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        kernel = self.param("kernel", default_kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        kernel = _param(self, "kernel", (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         # Matmuls on (tokens, features): XLA:CPU runs rank-3 dots with a small contraction (the
         # LoRA factors) about 2x slower than the same work flattened; GPUs do not care.
         lead = x.shape[:-1]
         x = x.astype(self.dtype).reshape(-1, x.shape[-1])
-        y = x @ kernel.astype(self.dtype)
+        y = quant.dot(x, kernel, self.dtype)
         if self.has_variable("params", LORA_A):
             y = y + self._adapter_delta(x, kernel, y, deterministic)
         if bias is not None:
@@ -76,16 +82,26 @@ class Linear(nn.Module):
         if not self.has_variable("params", MAGNITUDE):
             return low_rank
         if dropped:  # PEFT's DoRA rescales the base output of the *dropped* input when dropout is active
-            base = x @ kernel.astype(self.dtype)
+            base = quant.dot(x, kernel, self.dtype)
         # DoRA (Liu et al. 2024), as PEFT computes it: the column norm of the adapted weight is
         # treated as a constant in the backward pass, and without dropout the base output is
         # rescaled rather than recomputed, so the update costs one extra norm and no second matmul.
         magnitude = self.get_variable("params", MAGNITUDE).astype(jnp.float32)
-        adapted = (kernel.astype(jnp.float32)
+        adapted = (quant.as_float(kernel, jnp.float32)
                    + (a.astype(jnp.float32) @ b.astype(jnp.float32)) * scale.astype(jnp.float32))
         norm = jax.lax.stop_gradient(jnp.linalg.norm(adapted, axis=0))
         ratio = (magnitude / norm).astype(self.dtype)
         return base * (ratio - 1) + low_rank * ratio
+
+
+def _param(module: nn.Module, name: str, shape: tuple[int, ...]) -> Any:
+    """``module.param(name, ...)``, except that a quantized weight is read as it is: flax's own
+    check would compare the shape of its codes (4-bit codes are packed two per byte) with ``shape``."""
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if quant.is_quantized(value):
+            return value
+    return module.param(name, default_kernel_init, shape, module.param_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -134,15 +150,15 @@ class Embed(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
-        self.embedding = self.param(
-            "embedding", default_kernel_init, (self.num_embeddings, self.features), self.param_dtype
-        )
+        self.embedding = _param(self, "embedding", (self.num_embeddings, self.features))
 
     def __call__(self, ids: Array) -> Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.dtype)
+        return quant.take(self.embedding, ids, self.dtype)
 
     def attend(self, x: Array) -> Array:
-        return x.astype(self.dtype) @ self.embedding.astype(self.dtype).T
+        lead = x.shape[:-1]
+        out = quant.dot(x.reshape(-1, x.shape[-1]), self.embedding, self.dtype, transpose=True)
+        return out.reshape(*lead, self.num_embeddings)
 
 
 def softcap(x: Array, cap: float | None) -> Array:
@@ -172,6 +188,9 @@ def remat_block(block: type[nn.Module], policy: str) -> type[nn.Module]:
 # ----------------------------------------------------------------------------- sharding
 
 PartitionRules = tuple[tuple[str, tuple[str | None, ...]], ...]
+# The path suffix of a QuantizedArray's components below its leaf (``kernel/.codes``,
+# ``kernel/.scale/.codes``), for partition patterns that should also place quantized weights.
+QUANTIZED_PARTS = r"(/\.\w+)*"
 
 
 def partition_rules(column: tuple[str, ...], row: tuple[str, ...]) -> PartitionRules:
@@ -183,9 +202,10 @@ def partition_rules(column: tuple[str, ...], row: tuple[str, ...]) -> PartitionR
     Patterns are searched in the ``/``-joined param path; the first match wins.
     """
     col, rw = "|".join(column), "|".join(row)
+    # A quantized kernel's components (codes, scales: same rank, same axes) follow the kernel.
     return (
-        (rf"({col})/kernel$", ("fsdp", "tensor")),
-        (rf"({rw})/kernel$", ("tensor", "fsdp")),
+        (rf"({col})/kernel{QUANTIZED_PARTS}$", ("fsdp", "tensor")),
+        (rf"({rw})/kernel{QUANTIZED_PARTS}$", ("tensor", "fsdp")),
         (rf"({col})/{LORA_A}$", ("fsdp", None)),
         (rf"({col})/{LORA_B}$", (None, "tensor")),
         (rf"({rw})/{LORA_A}$", ("tensor", None)),

@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
-from jaxtune.assets import cache_dir
+from jaxtune.assets import cache_dir, fetch_package
 from jaxtune.models import assets, hf
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
@@ -33,7 +33,8 @@ class ModelConfig:
     float32). ``compute_dtype``: activations (default: ``dtype``). ``remat``: recompute
     activations in the backward pass (decoders): ``block`` keeps only each block's input,
     ``dots`` keeps matmul outputs. ``tokenizer``: a directory or hub id, when the model's own
-    directory has none.
+    directory has none. ``keep_quantized``: a GGUF model's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights load as
+    quantized frozen leaves (``jaxtune.models.gguf.load_quantized``) instead of dequantized.
     """
 
     path: str
@@ -41,6 +42,7 @@ class ModelConfig:
     compute_dtype: DTYPES | None = None
     remat: Literal["none", "block", "dots"] = "none"
     tokenizer: str | None = None
+    keep_quantized: bool = False
 
     def __post_init__(self) -> None:
         for name in ("path", "tokenizer"):
@@ -91,6 +93,22 @@ def _gguf_dir(path: Path) -> Path:
     return out
 
 
+def _gguf_file(path: str) -> Path:
+    """The GGUF file behind ``path`` (a ``.gguf`` file or a packaged GGUF model), for keep_quantized."""
+    local = Path(path).expanduser()
+    if local.is_file() and local.suffix == ".gguf":
+        return local
+    try:
+        asset = assets.resolve_model(str(path))
+    except ValueError:
+        asset = None
+    if asset is None or not asset.path.endswith(".gguf"):
+        raise LoadError(f"model.keep_quantized: {path!r} is not a GGUF model (only GGUF weights are stored "
+                        "quantized); drop keep_quantized, and quantize a float model with a plan rule such as "
+                        "{action: freeze, quantize: nf4}")
+    return fetch_package(asset.package) / asset.path
+
+
 def load_tokenizer(directory: Path, override: str | None = None) -> Any:
     """The transformers tokenizer of a model directory (or of ``override``)."""
     from transformers import AutoTokenizer
@@ -124,7 +142,13 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
     directory = model_dir(cfg.path)
     overrides = {"remat": cfg.remat} if cfg.remat != "none" else {}
     try:
-        pretrained = hf.load_pretrained(directory, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, **overrides)
+        if cfg.keep_quantized:
+            from jaxtune.models.gguf import load_quantized
+
+            pretrained = load_quantized(_gguf_file(cfg.path), directory, dtype=cfg.dtype,
+                                        compute_dtype=cfg.compute_dtype, **overrides)
+        else:
+            pretrained = hf.load_pretrained(directory, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, **overrides)
     except TypeError as err:
         if overrides:
             raise LoadError(f"model.remat: {cfg.remat!r} is not supported by this model ({err})") from None

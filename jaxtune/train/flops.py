@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from jaxtune.models.layers import LORA_A, LORA_B
+from jaxtune.models.quant import is_quantized
 
 # Dense bf16 tensor-core peaks (fp32 runs on TF32 units on NVIDIA, so half of these).
 _PEAK_BF16 = (
@@ -37,7 +38,7 @@ def matmul_params(params: Any, labels: Any | None = None) -> tuple[int, int]:
     tables count only when they are also the output projection (tied)."""
     total = trainable = 0
     flat_labels = dict(jax.tree_util.tree_leaves_with_path(labels)) if labels is not None else {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_quantized):  # a quantized kernel is one
         name = str(getattr(path[-1], "key", path[-1]))
         if name not in ("kernel", LORA_A, LORA_B):
             continue

@@ -14,7 +14,7 @@ Typical use::
 from jaxtune.tuning.heads import HeadSpec
 from jaxtune.tuning.labels import FROZEN, GROUPS
 from jaxtune.tuning.lora import AdapterSpec, merge, unmerge
-from jaxtune.tuning.partition import cast_by_label, combine, count, partition, summary
+from jaxtune.tuning.partition import cast_by_label, combine, count, nbytes, partition, quantize_leaves, summary
 from jaxtune.tuning.peft_io import (
     ExportError,
     export,
@@ -44,6 +44,6 @@ __all__ = [
     "AdapterSpec", "ExportError", "export", "export_format", "FROZEN", "GROUPS", "HeadSpec", "Plan", "PlanError",
     "Rule", "Tuned", "TunedModel",
     "apply_plan", "as_plan", "cast_by_label", "combine", "count", "dora", "export_merged", "export_peft", "freeze",
-    "freeze_all_but", "full", "head", "hf_module_name", "load_peft", "lora", "merge", "partition", "prompt_tuning",
-    "summary", "train", "unmerge",
+    "freeze_all_but", "full", "head", "hf_module_name", "load_peft", "lora", "merge", "nbytes", "partition",
+    "prompt_tuning", "quantize_leaves", "summary", "train", "unmerge",
 ]

@@ -85,12 +85,6 @@ def hf_head_modules(spec: HeadSpec, body_cfg: Any) -> dict[str, str] | None:
     return layout.hf_names() if plain and same else None
 
 
-def hf_head_name(spec: HeadSpec, body_cfg: Any) -> str | None:
-    """The transformers module that ``head/out`` is, when the head is exactly HF's; else None."""
-    names = hf_head_modules(spec, body_cfg)
-    return None if names is None else names["out"]
-
-
 class Head(nn.Module):
     """The head's layers. :meth:`transform` runs the extra blocks on ``(B, T, D)`` token states;
     ``__call__`` maps pooled features ``(B, D)`` to ``(B, num_outputs)``."""

@@ -200,3 +200,42 @@ def resolve_labels(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict[P
                 labels[p] = natural_label(p)
     return labels
 
+
+
+QUANTIZABLE = ("kernel", "embedding")  # the matrices a quantize option applies to
+
+
+def resolve_quantize(plan: Plan, labels: dict[Path, str], num_blocks: int,
+                     quantized: Iterable[Path] = ()) -> dict[Path, str]:
+    """The format (``nf4``, ...) of each leaf that freeze rules with ``quantize`` select.
+
+    ``labels``: :func:`resolve_labels`' result; ``quantized``: paths already stored quantized
+    (a GGUF base). The last quantize rule selecting a matrix decides its format; plain freeze
+    rules leave it. Raises :class:`PlanError` for a quantize rule that selects no matrix, and for a
+    quantized leaf that the plan trains (naming the rule, or the loaded leaf).
+    """
+    paths = list(labels)
+    formats: dict[Path, str] = {}
+    owner: dict[Path, int] = {}
+    for i, rule in enumerate(plan.rules):
+        if rule.action != "freeze" or rule.quantize is None:
+            continue
+        blocks = _rule_blocks(plan, i, num_blocks)
+        chosen = [p for p in paths if p[-1] in QUANTIZABLE and p[0] not in (HEAD_KEY, PROMPT_LEAF)
+                  and _selects(rule, p, blocks)]
+        if not chosen:
+            raise PlanError(f"{plan.describe(i)} quantizes no matrix (it applies to kernel and embedding leaves); "
+                            f"some real paths: {example_paths(paths)}")
+        formats.update({p: rule.quantize for p in chosen})
+        owner.update({p: i for p in chosen})
+    for p in formats:
+        if labels[p] != FROZEN:
+            raise PlanError(f"{plan.describe(owner[p])} quantizes {path_str(p)} as {formats[p]}, but a later rule "
+                            "trains it; only frozen leaves can be quantized: narrow this rule's match/blocks/kinds "
+                            "or move it after the rules that train")
+    for p in quantized:
+        if labels.get(p, FROZEN) != FROZEN:
+            raise PlanError(f"{path_str(p)} is loaded quantized (a GGUF model with keep_quantized), so the plan "
+                            "cannot train it; freeze it, or load the model with keep_quantized false")
+    return formats
+

@@ -27,6 +27,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, MAGNITUDE
+from jaxtune.models.quant import as_float
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -56,7 +57,7 @@ def init_adapter(kernel: Array, spec: AdapterSpec, unit: Array) -> dict[str, Arr
         LORA_SCALE: jnp.asarray(spec.scale, jnp.float32),
     }
     if spec.kind == "dora":
-        leaves[MAGNITUDE] = column_norm(kernel.astype(jnp.float32))
+        leaves[MAGNITUDE] = column_norm(as_float(kernel, jnp.float32))
     return leaves
 
 
@@ -98,7 +99,7 @@ def adapted_modules(params: Params) -> dict[tuple[str, ...], dict[str, Array]]:
 def _merge_one(leaves: dict[str, Array]) -> tuple[Array, Array | None]:
     """(merged kernel in the kernel's dtype, DoRA column norm or None) for one module's leaves."""
     kernel = leaves["kernel"]
-    adapted = kernel.astype(jnp.float32) + adapter_delta(leaves)
+    adapted = as_float(kernel, jnp.float32) + adapter_delta(leaves)  # a quantized base is dequantized
     if MAGNITUDE not in leaves:
         return adapted.astype(kernel.dtype), None
     norm = column_norm(adapted)

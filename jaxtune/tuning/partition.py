@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxtune.models import quant
 from jaxtune.models.layers import LORA_SCALE
 from jaxtune.tuning.labels import FROZEN, GROUPS
 
@@ -54,6 +55,9 @@ def cast_by_label(params: Params, labels: Labels, frozen_dtype: Any | None) -> P
     whose rounding would change the model."""
     out = {}
     for path, leaf, label in _flat_pairs(params, labels):
+        if quant.is_quantized(leaf):  # stored as loaded (a GGUF base); never trainable
+            out[path] = leaf
+            continue
         if not jnp.issubdtype(leaf.dtype, jnp.floating):
             want = leaf.dtype
         elif label != FROZEN or path[-1] == LORA_SCALE:
@@ -65,8 +69,27 @@ def cast_by_label(params: Params, labels: Labels, frozen_dtype: Any | None) -> P
 
 
 def count(params: Params) -> int:
-    """Number of scalars in a param tree."""
-    return sum(int(x.size) for x in jax.tree.leaves(params))
+    """Number of scalars in a param tree (a quantized weight counts the scalars it stands for)."""
+    return sum(int(x.size) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
+
+
+def quantize_leaves(params: Params, formats: dict[tuple[str, ...], str]) -> Params:
+    """``params`` with the leaf at each path of ``formats`` quantized in that format
+    (:func:`jaxtune.models.quant.quantize`; blocks along the input features of a ``kernel``, the
+    features of an ``embedding``). Errors name the param path."""
+    flat = flatten_dict(params)
+    for path, fmt in formats.items():
+        try:
+            flat[path] = quant.quantize(flat[path], fmt, quant.block_axis(path[-1]))
+        except ValueError as err:
+            raise ValueError(f"quantize {'/'.join(path)}: {err}") from None
+        # the full-precision leaf is dropped here, so only one weight is held twice at a time
+    return unflatten_dict(flat)
+
+
+def nbytes(params: Params) -> int:
+    """Bytes held by a param tree (quantized weights count their codes and scales)."""
+    return sum(quant.nbytes(x) for x in jax.tree.leaves(params, is_leaf=quant.is_quantized))
 
 
 _DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "float64": "fp64"}
@@ -81,7 +104,8 @@ def _human(n: float, units: tuple[str, ...], base: float = 1000.0) -> str:
 
 
 def _dtypes(leaves: list[Any]) -> str:
-    names = sorted({_DTYPE_NAMES.get(str(x.dtype), str(x.dtype)) for x in leaves})
+    names = sorted({x.name if quant.is_quantized(x) else _DTYPE_NAMES.get(str(x.dtype), str(x.dtype))
+                    for x in leaves})
     return "/".join(names) if names else "-"
 
 
@@ -97,8 +121,7 @@ def summary(params: Params, labels: Labels) -> str:
 
     def part(leaves: list[Any]) -> str:
         n = sum(int(x.size) for x in leaves)
-        nbytes = sum(int(x.size) * x.dtype.itemsize for x in leaves)
-        size = _human(nbytes, (" B", " KB", " MB", " GB", " TB"))
+        size = _human(sum(quant.nbytes(x) for x in leaves), (" B", " KB", " MB", " GB", " TB"))
         return f"{_human(n, ('', 'K', 'M', 'B'))} ({size} {_dtypes(leaves)})"
 
     per_group = ", ".join(f"{g} {_human(sum(int(x.size) for x in groups[g]), ('', 'K', 'M', 'B'))}" for g in order)

@@ -33,6 +33,7 @@ from safetensors.numpy import save_file
 
 from jaxtune.models import hf
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
+from jaxtune.models.quant import dequantize_tree
 from jaxtune.tuning.heads import hf_head_modules
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
 from jaxtune.tuning.lora import merge
@@ -200,6 +201,7 @@ def export_merged(
     if arch is None:
         hf_module_name(tuned, (HEAD_KEY, "out"))  # raises the explanation
     merged, _ = merge(tuned.params if params is None else params)
+    merged = dequantize_tree(merged)  # a quantized base is written dequantized, in its original dtype
     body = {k: v for k, v in merged.items() if k != HEAD_KEY}
     source = Path(tuned.source)
     tokenizer_from = tokenizer_from if tokenizer_from is not None else (source if source.is_dir() else None)

@@ -20,6 +20,12 @@ Selectors (all optional, combined with AND; a rule without any selects every lea
 ``targets`` (lora/dora only) module names as PEFT writes them (``["q_proj", "v_proj"]``) or
 ``"all-linear"`` (every linear except the output layer and heads, as PEFT defines it).
 
+A ``freeze`` rule may also ``quantize`` the matrices it selects (``kernel`` and ``embedding``
+leaves; vectors stay in the frozen dtype): ``int8``, ``fp8``, ``nf4`` or ``nf4_dq`` (see
+:mod:`jaxtune.models.quant`). QLoRA is ``[{"action": "freeze", "quantize": "nf4"}, {"preset":
+"lora"}]``: the lora rule freezes its base kernels again, so they stay quantized. A quantized
+leaf that a later rule trains is an error naming the rule.
+
 Every leaf starts frozen and rules apply in order, so later rules override earlier ones. A rule
 is plain YAML-able data, e.g. ``{"match": "layers_(\\\\d+)/self_attn/(q|v)_proj", "action": "lora",
 "rank": 8, "alpha": 16}``; :meth:`Plan.from_data` and :meth:`Plan.to_data` convert, and the
@@ -36,6 +42,8 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from jaxtune.models.quant import QUANTIZE
+
 ACTIONS = ("train", "freeze", "lora", "dora", "prompt", "head")
 # Module kinds a rule can select (see jaxtune.tuning.labels.leaf_kinds for how paths map to them).
 MODULE_KINDS = ("embeddings", "norms", "attention", "mlp", "output", "pooler", "head", "prompt")
@@ -47,7 +55,7 @@ _SELECTORS = ("match", "blocks", "kinds")
 _ADAPTER_OPTIONS = ("targets", "rank", "alpha", "dropout", "rslora")
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "train": _SELECTORS,
-    "freeze": _SELECTORS,
+    "freeze": _SELECTORS + ("quantize",),
     "lora": _SELECTORS + _ADAPTER_OPTIONS,
     "dora": _SELECTORS + _ADAPTER_OPTIONS,
     "prompt": ("n_tokens", "init", "text"),
@@ -92,6 +100,7 @@ class Rule:
     hidden: tuple[int, ...] | None = None
     extra_blocks: int | None = None
     bias: bool | None = None
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         # YAML gives lists; rules keep tuples so that they stay hashable and compare by value.
@@ -131,6 +140,8 @@ class Rule:
         return self._action_problem()
 
     def _action_problem(self) -> str | None:
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            return f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}"
         if self.action in ("lora", "dora"):
             if self.rank is not None and (not _is_int(self.rank) or self.rank <= 0):
                 return f"rank must be a positive integer, got {self.rank!r}"
@@ -273,9 +284,12 @@ def train(match: str | None = None, *, blocks: Any = None, kinds: Sequence[str] 
     return Plan((Rule("train", match=match, blocks=blocks, kinds=kinds),))
 
 
-def freeze(match: str | None = None, *, blocks: Any = None, kinds: Sequence[str] | None = None) -> Plan:
-    """Freeze the selected leaves (on top of whatever came before)."""
-    return Plan((Rule("freeze", match=match, blocks=blocks, kinds=kinds),))
+def freeze(match: str | None = None, *, blocks: Any = None, kinds: Sequence[str] | None = None,
+           quantize: str | None = None) -> Plan:
+    """Freeze the selected leaves (on top of whatever came before); with ``quantize`` (``int8``,
+    ``fp8``, ``nf4``, ``nf4_dq``) their matrices are stored quantized: ``freeze(quantize="nf4") +
+    lora(8)`` is QLoRA."""
+    return Plan((Rule("freeze", match=match, blocks=blocks, kinds=kinds, quantize=quantize),))
 
 
 def freeze_all_but(last_n_blocks: int = 0, *, kinds: Sequence[str] = (), train_output: bool = True) -> Plan:

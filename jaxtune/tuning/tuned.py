@@ -32,11 +32,12 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxtune.models import decoder, efficientnet, vit
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
+from jaxtune.models.quant import is_quantized
 from jaxtune.tuning import labels as labels_lib
 from jaxtune.tuning.heads import Head, HeadSpec, head_spec, hf_head_modules, init_head
 from jaxtune.tuning.labels import HEAD_KEY, PROMPT_LEAF
 from jaxtune.tuning.lora import AdapterSpec, add_adapters
-from jaxtune.tuning.partition import cast_by_label
+from jaxtune.tuning.partition import cast_by_label, quantize_leaves
 from jaxtune.tuning.plan import Plan, PlanError, Rule, as_plan
 from jaxtune.tuning.prompt import Tokenizer, init_prompt, prepend
 
@@ -271,6 +272,8 @@ def apply_plan(
     flat_labels = labels_lib.resolve_labels(plan, flatten_dict(params), cfg.num_layers)
     labels = unflatten_dict(flat_labels)
     params = cast_by_label(params, labels, frozen_dtype)
+    loaded_quantized = [p for p, leaf in flatten_dict(params).items() if is_quantized(leaf)]
+    params = quantize_leaves(params, labels_lib.resolve_quantize(plan, flat_labels, cfg.num_layers, loaded_quantized))
 
     body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
     body = FAMILIES[pretrained.architecture].body_module(body_cfg)  # the family's own body (Decoder, Gemma...)
