@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxtune.data.sources import PREFERENCE
-from jaxtune.models.layers import ADAPTER_LEAVES
+from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B
 from jaxtune.train.losses import _chunks
 
 Array = jax.Array
@@ -313,22 +313,36 @@ def orpo_loss(chosen_mean_logps: Array, rejected_mean_logps: Array, chosen_nll: 
 
 def reference_params(params: Params, starting: Params | None = None) -> Params:
     """The reference model's params: ``params`` without adapter leaves (LoRA/DoRA switched off),
-    with ``starting`` (the starting values of trained non-adapter leaves, if any) laid over them.
+    with ``starting`` (the starting values of trained leaves, if any) laid over them. Modules whose
+    adapters ``starting`` holds (a run that starts from trained adapters) keep their other adapter
+    leaves (``lora_scale``): their reference is the starting adapter, not the bare base.
 
     Builds a new nested dict of the same leaf arrays: nothing is copied, so the reference shares
     every base weight with the policy, inside or outside ``jit``.
     """
-    flat = {path: leaf for path, leaf in flatten_dict(params).items() if path[-1] not in ADAPTER_LEAVES}
-    flat.update(flatten_dict(starting or {}))
+    start = flatten_dict(starting or {})
+    restarted = {path[:-1] for path in start if path[-1] in ADAPTER_LEAVES}
+    flat = {path: leaf for path, leaf in flatten_dict(params).items()
+            if path[-1] not in ADAPTER_LEAVES or path[:-1] in restarted}
+    flat.update(start)
     return unflatten_dict(flat)
 
 
+def adapters_trained(trainable: Params) -> bool:
+    """Whether any adapter has left its initial state: ``lora_b`` starts at zero (LoRA and DoRA), so
+    an adapter with an all-zero ``lora_b`` adds nothing and the model is its base there."""
+    return any(bool(jnp.any(leaf != 0)) for path, leaf in flatten_dict(trainable).items() if path[-1] == LORA_B)
+
+
 def starting_weights(trainable: Params, dtype: Any | None = None) -> Params:
-    """What a reference model needs besides the frozen part: a copy of the trainable leaves that are
-    not adapter leaves (full or partial fine-tuning, trained norms, prompt embeddings), in
-    ``dtype`` (e.g. the compute dtype) or their own. Empty for pure LoRA/DoRA plans."""
+    """What the reference model (the starting model) needs besides the frozen part: a copy of the
+    trainable leaves in ``dtype`` (e.g. the compute dtype) or their own. Adapter leaves are copied
+    only when the adapters are trained (:func:`adapters_trained`: a run that starts from SFT
+    adapters); fresh ones are the base itself, which the frozen part already is. Empty for a plan of
+    fresh LoRA/DoRA adapters only."""
+    keep_adapters = adapters_trained(trainable)
     flat = {path: jnp.array(leaf, dtype=dtype or leaf.dtype, copy=True)
-            for path, leaf in flatten_dict(trainable).items() if path[-1] not in ADAPTER_LEAVES}
+            for path, leaf in flatten_dict(trainable).items() if keep_adapters or path[-1] not in ADAPTER_LEAVES}
     return unflatten_dict(flat)
 
 
@@ -518,11 +532,12 @@ def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task
 
 
 def with_reference_start(trainable: Params, frozen: Params, dtype: Any = None) -> Params:
-    """``frozen`` plus, under :data:`REFERENCE_KEY`, the starting values of the trained leaves that
-    are not adapters (full or partial plans), in ``dtype``: the DPO/IPO reference model. Adapter
-    plans add nothing (the reference is the frozen base with adapters off). It rides with the
-    frozen part, so checkpoints (trainable + optimizer state) never hold it, and the Trainer's
-    params leave it out of exports."""
+    """``frozen`` plus, under :data:`REFERENCE_KEY`, :func:`starting_weights` in ``dtype``: the
+    DPO/IPO reference model is the starting model. Fresh adapter plans add nothing (the reference is
+    the frozen base with adapters off); full or partial plans add their trained leaves, and a run
+    that starts from trained adapters (SFT) adds those adapters. It rides with the frozen part, so
+    checkpoints (trainable + optimizer state) never hold it, and the Trainer's params leave it out
+    of exports."""
     start = starting_weights(trainable, dtype=dtype)
     if not start:
         return frozen
