@@ -228,6 +228,50 @@ def test_lora_dpo_holds_one_copy_of_the_base_and_full_dpo_a_starting_copy(files,
     assert full_args >= 2 * base  # trainable + the reference's starting copy
 
 
+def test_a_cached_reference_run_equals_the_in_step_reference_run_without_its_frozen_copy(files, tmp_path):
+    """Full-parameter DPO with the reference log-probs computed once before training (by example,
+    found again through pair_ids in shuffled, packed batches) trains exactly as the run whose step
+    runs the reference model, and its step holds no starting copy of the weights."""
+    model = jt.load(str(files["model"]))
+    train, _ = jt.read(files["train"], kind="preference")
+    valid, _ = jt.read(files["valid"], kind="preference")
+    one = make_mesh(MeshConfig(), jax.devices()[:1])
+    data = jt.DataConfig(batch_size=4, max_length=LENGTH)
+    batch = next(iter(training_loader(train, model.tokenizer, data)))
+    args, trainers = {}, {}
+    for reference in ("model", "cached"):
+        start = jt.apply_plan(jt.load(str(files["model"])), jt.full())  # its own arrays: fit donates them
+        trainer = jt.Trainer(start, train, valid, run_dir=tmp_path / reference, data=data,
+                             mesh=one, preference=jt.PreferenceConfig(**DPO, reference=reference),
+                             config=jt.TrainConfig(steps=3, log_every=1, progress=False),
+                             optimizer=jt.OptimizerConfig(learning_rate=1e-3, schedule="constant"))
+        step_args = (trainer.trainable, trainer.frozen, trainer.opt_state,
+                     trainer._to_device(batch, trainer._references.get("train")), jax.random.key(0))
+        memory = trainer.train_step.lower(*step_args).compile().memory_analysis()
+        assert memory.argument_size_in_bytes == _nbytes(step_args[:4])
+        args[reference], trainers[reference] = step_args, trainer
+    assert "reference_logps" in args["cached"][3] and pref.PAIR_IDS not in args["cached"][3]
+    assert pref.REFERENCE_KEY not in trainers["cached"].frozen  # no starting copy in the step ...
+    assert _nbytes(trainers["model"].frozen[pref.REFERENCE_KEY]) == _nbytes(model.params)  # ... which the other has
+    # The cache's numbers are the in-step reference's (here at the start, where the policy is the reference).
+    np.testing.assert_allclose(np.asarray(args["cached"][3]["reference_logps"]),
+                               _answer_logps(model.module, model.params, batch), rtol=1e-6, atol=1e-5)
+    results = {name: trainer.fit() for name, trainer in trainers.items()}
+    steps = {name: [r for r in _records(tmp_path / name) if "loss" in r] for name in results}
+    assert [r["step"] for r in steps["cached"]] == [r["step"] for r in steps["model"]] == [1, 2, 3]
+    for ours, theirs in zip(steps["cached"], steps["model"], strict=True):
+        for key in ("loss", "rewards/margin", "rewards/chosen", "logps/chosen"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-5), (ours["step"], key)
+    assert steps["model"][-1]["loss"] < steps["model"][0]["loss"]  # it trains, so the reference matters
+    assert results["cached"].after == pytest.approx(results["model"].after, rel=1e-5, abs=1e-5)
+    with pytest.raises(ValueError) as err:
+        trainers["cached"].evaluate(valid)
+    assert _one_line(err).startswith("preference.reference: cached holds reference log-probs of the training")
+    with pytest.raises(ValueError) as err:
+        jt.PreferenceConfig("simpo", reference="cached")
+    assert _one_line(err).startswith("preference.reference: simpo needs no reference model")
+
+
 # ----------------------------------------------------------------------------- SFT then DPO
 
 

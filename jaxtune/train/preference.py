@@ -41,17 +41,20 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B
 from jaxtune.train.losses import _chunks
+from jaxtune.tuning.partition import combine
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -334,13 +337,14 @@ def adapters_trained(trainable: Params) -> bool:
     return any(bool(jnp.any(leaf != 0)) for path, leaf in flatten_dict(trainable).items() if path[-1] == LORA_B)
 
 
-def starting_weights(trainable: Params, dtype: Any | None = None) -> Params:
+def starting_weights(trainable: Params, dtype: Any | None = None, *, keep_adapters: bool | None = None) -> Params:
     """What the reference model (the starting model) needs besides the frozen part: a copy of the
     trainable leaves in ``dtype`` (e.g. the compute dtype) or their own. Adapter leaves are copied
-    only when the adapters are trained (:func:`adapters_trained`: a run that starts from SFT
-    adapters); fresh ones are the base itself, which the frozen part already is. Empty for a plan of
-    fresh LoRA/DoRA adapters only."""
-    keep_adapters = adapters_trained(trainable)
+    only when the adapters are trained (``keep_adapters``, default :func:`adapters_trained`, which
+    reads values, so pass it inside ``jit``: a run that starts from SFT adapters); fresh ones are
+    the base itself, which the frozen part already is. Empty for a plan of fresh LoRA/DoRA adapters
+    only."""
+    keep_adapters = adapters_trained(trainable) if keep_adapters is None else keep_adapters
     flat = {path: jnp.array(leaf, dtype=dtype or leaf.dtype, copy=True)
             for path, leaf in flatten_dict(trainable).items() if keep_adapters or path[-1] not in ADAPTER_LEAVES}
     return unflatten_dict(flat)
@@ -359,6 +363,11 @@ class PreferenceConfig:
       label_smoothing: ε for ``dpo`` (conservative DPO) and ``simpo``; 0 otherwise.
       gamma: SimPO's target reward margin.
       max_segments: pairs per packed row (static); None: ``L // 2``.
+      reference: where DPO/IPO's reference log-probs come from: ``model`` (the reference model runs
+        in every step: no copy for fresh adapters, a frozen copy of the trained leaves otherwise)
+        or ``cached`` (computed once per example before training and carried in the batch: no
+        copy and no reference forward in the step, a pre-pass over the training and validation
+        data instead). See :class:`ReferenceCache`.
     """
 
     method: str = "dpo"
@@ -366,6 +375,7 @@ class PreferenceConfig:
     label_smoothing: float = 0.0
     gamma: float = 0.5
     max_segments: int | None = None
+    reference: Literal["model", "cached"] = "model"
 
     def __post_init__(self) -> None:
         # Messages name the field as a recipe writes it (the preference: section).
@@ -379,6 +389,11 @@ class PreferenceConfig:
             raise ValueError(f"preference.label_smoothing: applies to dpo and simpo, not {self.method}; set it to 0")
         if self.max_segments is not None and self.max_segments < 1:
             raise ValueError(f"preference.max_segments: expected an integer >= 1 or null, got {self.max_segments}")
+        if self.reference not in ("model", "cached"):
+            raise ValueError(f"preference.reference: expected model or cached, got {self.reference!r}")
+        if self.reference == "cached" and not self.needs_reference:
+            raise ValueError(f"preference.reference: {self.method} needs no reference model; set reference: model "
+                             "(the default)")
 
     @property
     def beta_value(self) -> float:
@@ -510,6 +525,87 @@ def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chun
         return preference_objective(config, token_lp, rows, (b, s), reference)
 
     return loss_fn
+
+
+# ----------------------------------------------------------------------------- cached reference
+
+
+def segment_pair_ids(pair_ids: np.ndarray, segment_ids: np.ndarray, num_segments: int) -> np.ndarray:
+    """Host-side: int ``(..., S)`` from per-token ``pair_ids`` and ``segment_ids`` ``(..., T)``: the
+    pair id (source index + 1) of segment ``s + 1`` of each row, 0 where the row has no such segment."""
+    t = segment_ids.shape[-1]
+    seg, ids = segment_ids.reshape(-1, t), pair_ids.reshape(-1, t)
+    out = np.zeros((seg.shape[0], num_segments), np.int64)
+    rows, cols = np.nonzero((seg >= 1) & (seg <= num_segments))
+    out[rows, seg[rows, cols] - 1] = ids[rows, cols]  # every token of a segment carries its pair's id
+    return out.reshape(*segment_ids.shape[:-1], num_segments)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in its local batch order."""
+    shards = {(s.index[0].start or 0): s for s in x.addressable_shards}  # replicas share a start
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+@dataclasses.dataclass
+class ReferenceCache:
+    """The reference model's log-probs of every pair of one source, computed once before training.
+
+    ``table`` float32 ``(N, 2)``: row ``i`` holds source example ``i``'s summed answer log-probs
+    (chosen, rejected) under the reference model, NaN if the pre-pass did not see it (a pair
+    dropped by truncation is in no batch either). Batches find their pairs by ``pair_ids``, so
+    shuffling, packing and resuming change nothing. :meth:`lookup` gives a host batch the
+    ``reference_logps`` ``(B, 2, S)`` the loss reads instead of running the reference model: the
+    step then holds no frozen copy of the starting weights and does one forward pass less.
+    """
+
+    table: np.ndarray
+    max_segments: int | None = None
+
+    @classmethod
+    def build(cls, module: nn.Module, trainable: Params, frozen: Params, batches: Iterable[Batch], size: int,
+              to_device: Callable[[Batch], Batch], *, dtype: Any = None, max_segments: int | None = None,
+              chunk_tokens: int = 2048) -> ReferenceCache:
+        """One pass over ``batches`` (host paired batches of a source of ``size`` examples, with
+        ``pair_ids``) with the starting model ``trainable`` + ``frozen`` as the reference (the same
+        :func:`starting_weights` in ``dtype`` as the in-step reference, so both give the same
+        numbers). ``to_device`` places a batch on the mesh (without its ``pair_ids``)."""
+
+        keep_adapters = adapters_trained(trainable)
+
+        def compute(trainable: Params, frozen: Params, batch: Batch) -> Array:
+            starting = starting_weights(trainable, dtype, keep_adapters=keep_adapters)
+            # S = L // 2: every pair of any row, whatever max_segments the loss takes
+            return reference_logprobs(module, combine(trainable, frozen), batch, starting=starting,
+                                      chunk_tokens=chunk_tokens)
+
+        compute = jax.jit(compute)
+        table = np.full((size, 2), np.nan, np.float32)
+        for batch in batches:
+            ref = _local_rows(compute(trainable, frozen, to_device(batch)))  # (B, 2, L // 2)
+            ids = segment_pair_ids(batch[PAIR_IDS], batch["segment_ids"], ref.shape[-1])[:, 0]
+            real = ids > 0
+            table[ids[real] - 1] = ref.transpose(0, 2, 1)[real]
+        return cls(table, max_segments)
+
+    def lookup(self, batch: Batch) -> np.ndarray:
+        """float32 ``(B, 2, S)`` reference log-probs for the host batch ``batch`` (``S`` as the
+        loss takes it: ``max_segments`` or ``L // 2``); 0 where a row has no pair."""
+        segments = batch["segment_ids"]
+        b, length = segments.shape[0], segments.shape[-1]
+        s = length // 2 if self.max_segments is None else self.max_segments
+        ids = segment_pair_ids(batch[PAIR_IDS], segments, s)[:, 0]
+        present = segment_pair_ids(np.ones_like(segments), segments, s)[:, 0] > 0
+        if (present & (ids == 0)).any():
+            raise ValueError("preference.reference: cached needs pair_ids in every batch (paired rows from "
+                             "jaxtune.read data); use reference: model for other data")
+        values = self.table[ids[present] - 1]
+        if np.isnan(values).any():
+            raise ValueError("preference.reference: cached: a batch holds a pair the pre-pass did not score (its "
+                             "data differs from the data the cache was built from); use reference: model")
+        out = np.zeros((b, s, 2), np.float32)
+        out[present] = values
+        return out.transpose(0, 2, 1)
 
 
 # ----------------------------------------------------------------------------- the Trainer's wiring
