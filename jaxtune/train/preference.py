@@ -26,15 +26,17 @@ shaped ``(B, 2, L)``: ``[:, 0]`` holds chosen answers, ``[:, 1]`` the rejected o
 several pairs (segments 1, 2, ...); ``loss_weights`` mark the answer tokens. Keeping the pair on
 axis 1 means data sharding and micro-batching (both split axis 0) never separate a pair.
 
-The reference model of DPO/IPO is the policy's own module evaluated on :func:`reference_params`:
-the same param tree without adapter leaves (LoRA/DoRA off), with the starting values of any
-other trained leaves laid over it. Dropping leaves builds a new dict of the *same* arrays, so
+The reference model of DPO/IPO is the run's starting model: the policy's own module evaluated on
+:func:`reference_params`, the same param tree without adapter leaves (LoRA/DoRA off), with the
+starting values of whatever started trained laid over it (full or partial plans; adapters a run
+starts from, e.g. SFT's). Dropping leaves builds a new dict of the *same* arrays, so
 for adapter plans the reference costs no memory beyond activations: one copy of the base
 weights serves both passes. (Zeroing ``lora_scale`` would also share the base, but still runs
 the adapter matmuls and leaves DoRA's magnitude rescaling on, so it is not the base for DoRA.)
 For full or partial fine-tuning the reference needs the starting values of the trained leaves
 (:func:`starting_weights`, one extra copy of those leaves, in the compute dtype), or reference
-log-probs computed once ahead of training and carried in the batch as ``reference_logps``.
+log-probs computed once ahead of training and carried in the batch as ``reference_logps``
+(:class:`ReferenceCache`, ``PreferenceConfig(reference="cached")``).
 """
 
 from __future__ import annotations
@@ -564,12 +566,13 @@ class ReferenceCache:
 
     @classmethod
     def build(cls, module: nn.Module, trainable: Params, frozen: Params, batches: Iterable[Batch], size: int,
-              to_device: Callable[[Batch], Batch], *, dtype: Any = None, max_segments: int | None = None,
-              chunk_tokens: int = 2048) -> ReferenceCache:
+              to_device: Callable[[Batch], Batch], *, sharding: Any = None, dtype: Any = None,
+              max_segments: int | None = None, chunk_tokens: int = 2048) -> ReferenceCache:
         """One pass over ``batches`` (host paired batches of a source of ``size`` examples, with
         ``pair_ids``) with the starting model ``trainable`` + ``frozen`` as the reference (the same
         :func:`starting_weights` in ``dtype`` as the in-step reference, so both give the same
-        numbers). ``to_device`` places a batch on the mesh (without its ``pair_ids``)."""
+        numbers). ``to_device`` places a batch on the mesh (without its ``pair_ids``); ``sharding``
+        is the batch's (the result is laid out like it, so each process reads back its own rows)."""
 
         keep_adapters = adapters_trained(trainable)
 
@@ -579,7 +582,7 @@ class ReferenceCache:
             return reference_logprobs(module, combine(trainable, frozen), batch, starting=starting,
                                       chunk_tokens=chunk_tokens)
 
-        compute = jax.jit(compute)
+        compute = jax.jit(compute, out_shardings=sharding)
         table = np.full((size, 2), np.nan, np.float32)
         for batch in batches:
             ref = _local_rows(compute(trainable, frozen, to_device(batch)))  # (B, 2, L // 2)

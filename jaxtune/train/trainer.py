@@ -50,7 +50,15 @@ from jaxtune.train.preference import (
     with_reference_start,
 )
 from jaxtune.train.rundir import RunDir
-from jaxtune.train.sharding import MeshConfig, data_parallel_size, global_batch, make_mesh, param_shardings, shard
+from jaxtune.train.sharding import (
+    MeshConfig,
+    batch_sharding,
+    data_parallel_size,
+    global_batch,
+    make_mesh,
+    param_shardings,
+    shard,
+)
 from jaxtune.train.step import make_eval_step, make_loss_fn, make_train_step
 from jaxtune.tuning.partition import combine, partition
 from jaxtune.tuning.tuned import Tuned
@@ -362,8 +370,8 @@ class Trainer:
             passes = evaluation_loader(data.source, data.tokenizer, data.config)
             caches[name] = ReferenceCache.build(
                 self.tuned.module, self.trainable, self.frozen, passes, len(data.source), self._to_device,
-                dtype=getattr(self.tuned.config, "dtype", None), max_segments=self.preference.max_segments,
-                chunk_tokens=self.config.chunk_tokens)
+                sharding=batch_sharding(self.mesh), dtype=getattr(self.tuned.config, "dtype", None),
+                max_segments=self.preference.max_segments, chunk_tokens=self.config.chunk_tokens)
         return caches
 
     def _evaluate_base(self) -> dict[str, float] | None:
