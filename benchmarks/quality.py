@@ -378,7 +378,8 @@ def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
                          per_device_eval_batch_size=task.batch_size, max_steps=len(learning_rates),
                          learning_rate=task.learning_rate, beta=task.beta, max_length=task.max_length,
                          max_grad_norm=1.0, logging_steps=10, report_to=[], seed=seed, data_seed=seed,
-                         save_strategy="no", eval_strategy="no", use_cpu=True, dataloader_num_workers=0)
+                         save_strategy="no", eval_strategy="no", use_cpu=True, dataloader_num_workers=0,
+                         gradient_checkpointing=False)  # jaxtune's run keeps activations too (remat: none)
     trainer = trl.DPOTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["test"],
                              processing_class=tokenizer, optimizers=(optimizer, schedule))
     names = {"eval_loss": "loss", "eval_rewards/accuracies": "rewards/accuracy", "eval_rewards/margins":
