@@ -4,6 +4,7 @@ install from PyPI (jaxtune.assets).
     python benchmarks/quality.py                       # all four tasks, ~1 hour on 2 CPU cores
     python benchmarks/quality.py --tasks minilm-full   # one task
     python benchmarks/quality.py --smoke               # seconds per side: checks that it works
+    python benchmarks/quality.py --tasks smollm2-dpo-lora   # preference tuning vs TRL's DPOTrainer
 
 Each task runs end to end twice, each side in its own process: jaxtune through its public run
 API (:func:`jaxtune.finetune`, what ``jaxtune train`` runs) and an equivalent PyTorch script
@@ -38,6 +39,14 @@ the same plan, and a third side, ``baseline``, fits logistic regression (classif
 regression (counting) on the frozen pretrained features (mean-pooled, from the PyTorch model).
   fashion-mnist-lite0  Fashion-MNIST, 2,000 train / 1,000 test (stratified), 224x224, accuracy.
   count-lite0          84x84 canvases with 0-5 Fashion-MNIST items, regress the count, MAE.
+
+  smollm2-dpo-lora   SmolLM2-135M-Instruct + rotten_tomatoes_preference (the chat task's reviews,
+                     the true sentiment word preferred over the wrong one; 800 / 400 pairs):
+                     LoRA-DPO (r8 on q,k,v,o, beta 0.1) against TRL's DPOTrainer (reference: the
+                     model with adapters off, as jaxtune's), 3 seeds per side for TRL's
+                     run-to-run spread. Held-out rewards/accuracy (0 for the base model on both
+                     sides: policy == reference) and logps/accuracy (how often the model itself
+                     prefers the true word; comparable between base and tuned).
 """
 
 from __future__ import annotations
@@ -79,6 +88,8 @@ class Task:
     regression_loss: str = "mse"
     choices: tuple[str, ...] = ()
     pad_to_multiple_of: int | None = 16  # jaxtune's dynamic padding (PyTorch pads each batch to its longest row)
+    beta: float = 0.1  # preference tasks: DPO's beta
+    seeds: tuple[int, ...] = (0,)  # preference tasks: one run per seed and side (the run-to-run spread)
 
 
 TASKS: dict[str, Task] = {
@@ -91,6 +102,9 @@ TASKS: dict[str, Task] = {
                               choices=("positive", "negative"), pad_to_multiple_of=32),
     "vader-lora-head": Task("all-MiniLM-L6-v2", "vader", "regression", "lora-head", 4000, 1000, 64, 32, 1e-3,
                             head_lr=3.0, hidden=(128,), regression_loss="huber"),
+    "smollm2-dpo-lora": Task("SmolLM2-135M-Instruct", "rotten_tomatoes_preference", "preference", "lora", 800, 400,
+                             160, 8, 1e-4, weight_decay=0.0, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+                             pad_to_multiple_of=32, beta=0.1, seeds=(0, 1, 2)),
 }
 
 
@@ -123,7 +137,7 @@ IMAGE_TASKS: dict[str, ImageTask] = {
 
 def smoke(task: Task) -> Task:
     """The task at a size that only checks the script works: 2 steps of 8 rows, 16 test rows."""
-    return dataclasses.replace(task, train=16, test=16, batch_size=8)
+    return dataclasses.replace(task, train=16, test=16, batch_size=8, seeds=task.seeds[:1])
 
 
 # ----------------------------------------------------------------------------- data (driver)
@@ -140,6 +154,8 @@ def write_rows(task: Task, folder: Path) -> dict[str, Path]:
         prepared = datasets.prepare_rotten_tomatoes(train_size=task.train, test_size=task.test)
     elif task.dataset == "rotten_tomatoes_chat":
         prepared = datasets.prepare_rotten_tomatoes_chat(train_size=task.train, test_size=task.test)
+    elif task.dataset == "rotten_tomatoes_preference":
+        prepared = datasets.prepare_rotten_tomatoes_preference(train_size=task.train, test_size=task.test)
     else:
         prepared = datasets.prepare_vader()
     folder.mkdir(parents=True, exist_ok=True)
@@ -199,6 +215,8 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
     }
+    if task.kind == "preference":
+        data = preference_recipe(task, data)
     return timed_finetune(data)
 
 
@@ -225,6 +243,14 @@ def timed_finetune(data: dict[str, Any]) -> dict[str, Any]:
     result = finetune(config_lib.validate(config_lib.from_data(config_lib.Config, data)))
     return {"before": result.before, "after": result.after, "steps": result.step,
             "train_s": marks["train_end"] - marks["train_start"]}
+
+
+def preference_recipe(task: Task, data: dict[str, Any]) -> dict[str, Any]:
+    """The recipe of a preference task: DPO on unpacked pairs (``batch_size`` pairs a step, as TRL
+    counts them), the seed of this run."""
+    return {**data, "data": {**data["data"], "kind": "preference"},
+            "preference": {"method": "dpo", "beta": task.beta},
+            "train": {**data["train"], "seed": task.seeds[0]}}
 
 
 # ----------------------------------------------------------------------------- PyTorch side (worker)
@@ -356,6 +382,88 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
     return {"before_outputs": before[0].tolist(), "after_outputs": after[0].tolist(), "labels": before[1].tolist(),
             "steps": total, "train_s": train_s, "eval_and_train_s": time.perf_counter() - start,
             "last_losses": losses[-5:]}
+
+
+def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
+    """A preference task with TRL's ``DPOTrainer`` on a PEFT LoRA model (the reference is the model
+    with the adapter off, TRL's default for a PEFT model), jaxtune's learning rates step by step;
+    returns TRL's evaluation metrics before and after training (renamed to jaxtune's keys) and
+    logps/accuracy from the same evaluation's per-pair log-probs."""
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    seed = task.seeds[0]
+    torch.manual_seed(seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    directory = files["model"]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=task.rank, lora_alpha=task.alpha, lora_dropout=0.0,
+                                                       target_modules=list(task.lora_targets)))
+    splits = {}
+    for split in ("train", "test"):
+        rows = [json.loads(line) for line in Path(files[split]).read_text(encoding="utf-8").splitlines()]
+        splits[split] = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                                                    for r in rows])
+    learning_rates = json.loads(Path(files["learning_rates"]).read_text())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.learning_rate,
+                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=task.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: learning_rates[min(step, len(learning_rates) - 1)] / task.learning_rate)
+    args = trl.DPOConfig(output_dir=run_dir, per_device_train_batch_size=task.batch_size,
+                         per_device_eval_batch_size=task.batch_size, max_steps=len(learning_rates),
+                         learning_rate=task.learning_rate, beta=task.beta, max_length=task.max_length,
+                         max_grad_norm=1.0, logging_steps=10, report_to=[], seed=seed, data_seed=seed,
+                         save_strategy="no", eval_strategy="no", use_cpu=True, dataloader_num_workers=0,
+                         gradient_checkpointing=False)  # jaxtune's run keeps activations too (remat: none)
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["test"],
+                             processing_class=tokenizer, optimizers=(optimizer, schedule))
+    names = {"eval_loss": "loss", "eval_rewards/accuracies": "rewards/accuracy", "eval_rewards/margins":
+             "rewards/margin", "eval_logps/chosen": "logps/chosen", "eval_logps/rejected": "logps/rejected"}
+
+    def evaluate() -> dict[str, float]:
+        metrics = trainer.evaluate()
+        out = {ours: float(metrics[theirs]) for theirs, ours in names.items() if theirs in metrics}
+        out["logps/accuracy"] = preference_logps_accuracy(model, tokenizer, splits["test"], task.max_length)
+        return out
+
+    start = time.perf_counter()
+    before = evaluate()
+    train_start = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - train_start
+    after = evaluate()
+    return {"before": before, "after": after, "steps": len(learning_rates), "train_s": train_s,
+            "eval_and_train_s": time.perf_counter() - start}
+
+
+def preference_logps_accuracy(model: Any, tokenizer: Any, pairs: Any, max_length: int) -> float:
+    """The share of pairs whose chosen answer ``model`` finds more likely (summed answer log-probs
+    under the chat template), jaxtune's ``logps/accuracy``; TRL reports only means of log-probs."""
+    import torch
+
+    wins = []
+    model.eval()
+    with torch.no_grad():
+        for pair in pairs:
+            prompt = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
+            p = tokenizer(prompt, add_special_tokens=False).input_ids
+            scores = []
+            for side in ("chosen", "rejected"):
+                full = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
+                a = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False).input_ids
+                ids = torch.tensor([(p + a)[:max_length]])
+                logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+                picked = logps.gather(-1, ids[0, 1:, None])[:, 0]
+                scores.append(float(picked[len(p) - 1:].sum()))
+            wins.append(scores[0] > scores[1])
+    model.train()
+    return sum(wins) / max(len(wins), 1)
 
 
 def mean_pool_model(body: Any, outputs: int, hidden: tuple[int, ...], dropout: float) -> Any:
@@ -578,10 +686,59 @@ def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Pat
     return {**result, "wall_s": wall}
 
 
+def run_preference(name: str, task: Task, files: dict[str, Path], work: Path, env: dict[str, str],
+                   sides: list[str]) -> dict[str, Any]:
+    """A preference task: each side (``pytorch`` means TRL here) once per seed; per side the runs
+    and, per metric, the mean and the min..max spread over seeds."""
+    import numpy as np
+
+    record: dict[str, Any] = {"task": name, "kind": "preference", "setup": dataclasses.asdict(task),
+                              "metric": "rewards/accuracy", "sides": {}}
+    for side in sides:
+        side = "trl" if side == "pytorch" else side
+        runs = []
+        for seed in task.seeds:
+            run = run_side(name, dataclasses.replace(task, seeds=(seed,)), side, files, work / f"seed{seed}", env)
+            runs.append({"seed": seed, **run})
+            print(f"{name} / {side} / seed {seed}: rewards/accuracy {run['before']['rewards/accuracy']:.3f} -> "
+                  f"{run['after']['rewards/accuracy']:.3f}, logps/accuracy {run['before']['logps/accuracy']:.3f} -> "
+                  f"{run['after']['logps/accuracy']:.3f}, train {run['train_s']:.0f} s", file=sys.stderr, flush=True)
+        summary = {}
+        for when in ("before", "after"):
+            for key in runs[0][when]:
+                values = np.asarray([r[when][key] for r in runs], np.float64)
+                summary[f"{when}/{key}"] = {"mean": float(values.mean()), "min": float(values.min()),
+                                            "max": float(values.max())}
+        for key in ("train_s", "wall_s"):
+            summary[key] = {"mean": float(np.mean([r[key] for r in runs]))}
+        record["sides"][side] = {"runs": runs, "summary": summary}
+    return record
+
+
+def preference_rows(record: dict[str, Any]) -> list[str]:
+    """Table rows of a preference task: means over seeds with the min..max spread."""
+    rows = []
+    for side, result in record["sides"].items():
+        summary = result["summary"]
+        for metric in ("rewards/accuracy", "logps/accuracy", "rewards/margin"):
+            before, after = summary.get(f"before/{metric}"), summary.get(f"after/{metric}")
+            if before is None or after is None:
+                continue
+            runs = len(result["runs"])
+            rows.append(f"| {record['task']} | {side} ({runs} seeds) | {metric} | {before['mean']:.3f} | "
+                        f"{after['mean']:.3f} ({after['min']:.3f}..{after['max']:.3f}) | "
+                        f"{result['runs'][0]['steps']} | {summary['train_s']['mean']:.0f} s | "
+                        f"{summary['wall_s']['mean']:.0f} s |")
+    return rows
+
+
 def table(records: list[dict[str, Any]]) -> str:
     rows = ["| task | side | metric | base | fine-tuned | steps | train wall | whole run |",
             "|---|---|---|---|---|---|---|---|"]
     for r in records:
+        if r.get("kind") == "preference":
+            rows += preference_rows(r)
+            continue
         metric = r["metric"]
         for side, s in r["sides"].items():
             rows.append(f"| {r['task']} | {side} | {metric} | {s['before'][metric]:.3f} | {s['after'][metric]:.3f} | "
@@ -619,7 +776,9 @@ def main() -> None:
         image = fields["kind"].startswith("image-")
         task = (ImageTask if image else Task)(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         files = json.loads(args.files)
-        if image:
+        if args.worker == "trl":
+            result = trl_side(task, files, args.run_dir)
+        elif image:
             side = {"jaxtune": lambda: jaxtune_image_side(task, files, args.run_dir),
                     "pytorch": lambda: torch_image_side(task, files),
                     "baseline": lambda: baseline_image_side(task, files)}
@@ -638,6 +797,9 @@ def main() -> None:
     for name, task in tasks.items():
         image = isinstance(task, ImageTask)
         files = write_image_data(task, work / name) if image else write_rows(task, work / name)
+        if task.kind == "preference":
+            record["tasks"].append(run_preference(name, task, files, work / name, env, args.sides.split(",")))
+            continue
         sides = {}
         for side in args.sides.split(",") + (["baseline"] if image else []):
             sides[side] = run_side(name, task, side, files, work / name, env)

@@ -446,7 +446,9 @@ def test_lora_dpo_step_holds_one_copy_of_the_base_weights(tmp_path):
     tuned = tuning.apply_plan(hf.load_pretrained(tmp_path), tuning.lora(rank=4, alpha=8))
     trainable, frozen = tuning.partition(_with_trained_adapters(tuned, 2), tuned.labels)
     base_bytes = _nbytes(pref.reference_params(frozen))  # the base weights (frozen minus lora_scale)
-    assert pref.starting_weights(trainable) == {}  # a LoRA plan needs nothing besides the frozen base
+    fresh, _ = tuning.partition(tuned.params, tuned.labels)
+    assert pref.starting_weights(fresh) == {}  # fresh LoRA needs nothing besides the frozen base
+    assert _nbytes(pref.starting_weights(trainable)) == _nbytes(trainable)  # trained (SFT) ones: the adapters alone
 
     # Building the reference params copies nothing: every base leaf is the frozen array itself.
     before = _live_bytes()
@@ -634,7 +636,9 @@ def test_truncation_keeps_the_prompt_shared_and_drops_cut_answers():
     tokenizer = tiny_tokenizer()
     record = {"prompt": "a long prompt", "chosen": "yes indeed", "rejected": "no", "where": "f:1"}
     (pair,), status, length = TokenizePairs(tokenizer, 16).encode(record)
-    assert status == "truncated" and length == 24 and all(len(e["input_ids"]) == 16 for e in pair.values())
+    assert status == "truncated" and length == 24
+    assert all(len(pair[k]["input_ids"]) == 16 for k in ("chosen", "rejected"))
+    assert pair["index"] == -1  # a record without a source index (pair_ids 0)
     assert TokenizePairs(tokenizer, 13).encode(record)[:2] == ([], "dropped")  # the rejected answer is cut off
     assert TokenizePairs(tokenizer, 16, truncation="drop").encode(record)[:2] == ([], "dropped")
     with pytest.raises(DataError, match="f:1: 24 tokens is longer than max_length=16"):
@@ -650,5 +654,6 @@ def test_source_and_tokenizer_work_in_a_grain_pipeline(tmp_path):
     dataset = grain.MapDataset.source(source).shuffle(seed=0).map(tokenize)
     out = list(dataset.to_iter_dataset(grain.ReadOptions(num_threads=3)))
     assert len(out) == 12 and all(len(pairs) == 1 for pairs in out)
+    assert sorted(p[0]["index"] for p in out) == list(range(12))  # each pair knows its source index
     texts = sorted(tiny_tokenizer().decode(p[0]["chosen"]["input_ids"]) for p in out)
     assert texts == sorted(f"q{i}?answer {i}</s>" for i in range(12))

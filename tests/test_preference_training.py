@@ -4,6 +4,7 @@ LoRA-DPO, a frozen starting copy for full-DPO kept out of the model, and SFT the
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from jaxtune.data.testing import synthetic_chat_rows, synthetic_preference_rows,
 from jaxtune.train import preference as pref
 from jaxtune.train.sharding import MeshConfig, make_mesh
 from jaxtune.train.step import make_loss_fn, make_train_step
-from jaxtune.tuning import partition
+from jaxtune.tuning import combine, partition
+from jaxtune.tuning import tuned as tuned_lib
 
 DPO = dict(method="dpo", beta=0.5)
 STEPS, BATCH, LENGTH = 8, 8, 48
@@ -226,38 +228,124 @@ def test_lora_dpo_holds_one_copy_of_the_base_and_full_dpo_a_starting_copy(files,
     assert full_args >= 2 * base  # trainable + the reference's starting copy
 
 
+def test_a_cached_reference_run_equals_the_in_step_reference_run_without_its_frozen_copy(files, tmp_path):
+    """Full-parameter DPO with the reference log-probs computed once before training (by example,
+    found again through pair_ids in shuffled, packed batches) trains exactly as the run whose step
+    runs the reference model, and its step holds no starting copy of the weights."""
+    model = jt.load(str(files["model"]))
+    train, _ = jt.read(files["train"], kind="preference")
+    valid, _ = jt.read(files["valid"], kind="preference")
+    one = make_mesh(MeshConfig(), jax.devices()[:1])
+    data = jt.DataConfig(batch_size=4, max_length=LENGTH)
+    batch = next(iter(training_loader(train, model.tokenizer, data)))
+    args, trainers = {}, {}
+    for reference in ("model", "cached"):
+        start = jt.apply_plan(jt.load(str(files["model"])), jt.full())  # its own arrays: fit donates them
+        trainer = jt.Trainer(start, train, valid, run_dir=tmp_path / reference, data=data,
+                             mesh=one, preference=jt.PreferenceConfig(**DPO, reference=reference),
+                             config=jt.TrainConfig(steps=3, log_every=1, progress=False),
+                             optimizer=jt.OptimizerConfig(learning_rate=1e-3, schedule="constant"))
+        step_args = (trainer.trainable, trainer.frozen, trainer.opt_state,
+                     trainer._to_device(batch, trainer._references.get("train")), jax.random.key(0))
+        memory = trainer.train_step.lower(*step_args).compile().memory_analysis()
+        assert memory.argument_size_in_bytes == _nbytes(step_args[:4])
+        args[reference], trainers[reference] = step_args, trainer
+    assert "reference_logps" in args["cached"][3] and pref.PAIR_IDS not in args["cached"][3]
+    assert pref.REFERENCE_KEY not in trainers["cached"].frozen  # no starting copy in the step ...
+    assert _nbytes(trainers["model"].frozen[pref.REFERENCE_KEY]) == _nbytes(model.params)  # ... which the other has
+    # The cache's numbers are the in-step reference's (here at the start, where the policy is the reference).
+    np.testing.assert_allclose(np.asarray(args["cached"][3]["reference_logps"]),
+                               _answer_logps(model.module, model.params, batch), rtol=1e-6, atol=1e-5)
+    results = {name: trainer.fit() for name, trainer in trainers.items()}
+    steps = {name: [r for r in _records(tmp_path / name) if "loss" in r] for name in results}
+    assert [r["step"] for r in steps["cached"]] == [r["step"] for r in steps["model"]] == [1, 2, 3]
+    for ours, theirs in zip(steps["cached"], steps["model"], strict=True):
+        for key in ("loss", "rewards/margin", "rewards/chosen", "logps/chosen"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-5), (ours["step"], key)
+    assert steps["model"][-1]["loss"] < steps["model"][0]["loss"]  # it trains, so the reference matters
+    assert results["cached"].after == pytest.approx(results["model"].after, rel=1e-5, abs=1e-5)
+    with pytest.raises(ValueError) as err:
+        trainers["cached"].evaluate(valid)
+    assert _one_line(err).startswith("preference.reference: cached holds reference log-probs of the training")
+    with pytest.raises(ValueError) as err:
+        jt.PreferenceConfig("simpo", reference="cached")
+    assert _one_line(err).startswith("preference.reference: simpo needs no reference model")
+
+
 # ----------------------------------------------------------------------------- SFT then DPO
 
 
-def test_sft_then_dpo_from_its_adapters_with_the_base_as_reference(files, tmp_path):
-    model = jt.load(str(files["model"]))
-    chat, _ = jt.read(files["chat"], kind="chat")
-    pairs, _ = jt.read(files["train"], kind="preference")
-    data = jt.DataConfig(batch_size=BATCH, max_length=LENGTH)
-    sft = jt.Trainer(jt.apply_plan(model, jt.lora(rank=4, alpha=8)), chat, run_dir=tmp_path / "sft", data=data,
-                     config=jt.TrainConfig(steps=2), optimizer=jt.OptimizerConfig(**OPTIMIZER)).fit()
-    assert sft.model.step == 2
-    dpo = jt.Trainer(sft.model, pairs, pairs, run_dir=tmp_path / "dpo", data=data,
-                     preference=jt.PreferenceConfig(**DPO), config=jt.TrainConfig(steps=2),
-                     optimizer=jt.OptimizerConfig(**OPTIMIZER))
+def _answer_logps(module, params, batch) -> np.ndarray:
+    """Summed answer log-probs per pair and side, ``(B, 2, S)``, of the model ``module``/``params``."""
+    rows = pref._rows(batch)
+    lp = pref.policy_token_logprobs(module, params, rows)
+    sums = pref.segment_sums(lp * rows["loss_weights"], rows["segment_ids"], LENGTH // 2)
+    return np.asarray(sums).reshape(batch["targets"].shape[0], 2, -1)
+
+
+def test_sft_then_dpo_as_two_recipes_with_the_sft_model_as_reference(files, tmp_path):
+    """SFT (chat, LoRA, PEFT export), then DPO from ``model.adapter: <the SFT run>``: DPO starts
+    from the SFT adapters and its reference model is the SFT model (base + SFT adapters, frozen):
+    the reference log-probs equal the SFT model's own, so the DPO loss starts at exactly log 2."""
+    sft_recipe = {**_recipe(files, tmp_path / "sft"), "preference": None, "train": {"steps": 2},
+                  "data": {"train": str(files["chat"]), "kind": "chat", "batch_size": BATCH, "max_length": LENGTH}}
+    (tmp_path / "sft.yaml").write_text(yaml.safe_dump(sft_recipe))
+    sft = jt.finetune(jt.load_config(tmp_path / "sft.yaml"))
+    assert sft.export == tmp_path / "sft" / "export"
+    dpo_recipe = _recipe(files, tmp_path / "dpo")
+    dpo_recipe.update(model={"path": str(files["model"]), "adapter": str(tmp_path / "sft")},
+                      train={"steps": 2, "log_every": 1})
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(dpo_recipe))
+    trainer = jt.open_run(tmp_path / "dpo.yaml", restore=False)  # the DPO run's trainer, before training
     # It starts from the SFT adapters ...
     sft_adapters, _ = partition(sft.model.params, sft.model.labels)
-    for a, b in zip(jax.tree.leaves(dpo.trainable), jax.tree.leaves(sft_adapters), strict=True):
+    for a, b in zip(jax.tree.leaves(trainer.trainable), jax.tree.leaves(sft_adapters), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # ... and its reference is the base with adapters off (TRL's choice for a PEFT model): the
-    # reference log-probs equal the pretrained model's, while the policy's (the SFT model) differ.
-    batch = jax.tree.map(jax.numpy.asarray, next(iter(evaluation_loader(pairs, model.tokenizer, data))))
-    reference = pref.reference_logprobs(sft.model.module, sft.model.params, batch)
-    rows = pref._rows(batch)
-    base_lp = pref.policy_token_logprobs(model.module, model.params, rows)
-    sft_lp = pref.policy_token_logprobs(sft.model.module, sft.model.params, rows)
-    base = pref.segment_sums(base_lp * rows["loss_weights"], rows["segment_ids"], LENGTH // 2)
-    sft_sums = pref.segment_sums(sft_lp * rows["loss_weights"], rows["segment_ids"], LENGTH // 2)
-    np.testing.assert_allclose(np.asarray(reference).reshape(base.shape), np.asarray(base), rtol=1e-5, atol=1e-4)
-    assert np.abs(np.asarray(sft_sums - base)).max() > 1e-3
-    result = dpo.fit()
-    assert result.state == "finished" and result.model.step == 2
-    assert abs(result.before["loss"] - np.log(2)) > 1e-4  # the SFT policy already differs from its reference
+    # ... and its reference is the SFT model: the frozen starting adapters over the shared base.
+    pairs, _ = jt.read(files["train"], kind="preference")
+    data = jt.DataConfig(batch_size=BATCH, max_length=LENGTH)
+    batch = jax.tree.map(jax.numpy.asarray, next(iter(evaluation_loader(pairs, sft.model.tokenizer, data))))
+    policy = combine(trainer.trainable, {k: v for k, v in trainer.frozen.items() if k != pref.REFERENCE_KEY})
+    starting = trainer.frozen[pref.REFERENCE_KEY]
+    reference = pref.reference_logprobs(trainer.tuned.module, policy, batch, starting=starting)
+    np.testing.assert_allclose(np.asarray(reference), _answer_logps(sft.model.module, sft.model.params, batch),
+                               rtol=1e-6, atol=1e-5)
+    base = jt.load(str(files["model"]))
+    assert np.abs(_answer_logps(base.module, base.params, batch) - np.asarray(reference)).max() > 1e-3
+    assert _nbytes(starting) == _nbytes(trainer.trainable) < _nbytes(base.params) / 10  # adapters only, no base copy
+    trainer.close()
+    dpo = jt.finetune(jt.load_config(tmp_path / "dpo.yaml"))
+    assert dpo.before["loss"] == pytest.approx(np.log(2), abs=1e-6)  # policy == reference at the start
+    assert dpo.state == "finished" and _records(tmp_path / "dpo")[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    # Python says the same: a trained model passed on, or jt.load(..., adapter=) with the SFT plan.
+    python = jt.Trainer(sft.model, pairs, run_dir=tmp_path / "py", data=data, preference=jt.PreferenceConfig(**DPO))
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(python.frozen[pref.REFERENCE_KEY])[0]),
+                                  np.asarray(jax.tree.leaves(trainer.frozen[pref.REFERENCE_KEY])[0]))
+    loaded = jt.apply_plan(jt.load(str(files["model"]), adapter=tmp_path / "sft" / "export"), jt.lora(rank=4, alpha=8))
+    for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(sft.model.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_starting_adapter_that_the_plan_cannot_hold_gets_a_one_line_error(files, tmp_path):
+    model = jt.load(str(files["model"]))
+    jt.export(dataclasses.replace(jt.apply_plan(model, jt.lora(rank=4, alpha=8, targets=["q_proj"])), step=1),
+              tmp_path / "adapter")
+    cases = [(jt.lora(rank=8, alpha=16, targets=["q_proj"]), "as lora rank 4 alpha 8, but the plan gives it lora "
+              "rank 8 alpha 16; give the plan the adapter was trained with"),
+             (jt.full(), "as lora rank 4 alpha 8, but the plan gives it no adapter"),
+             (jt.lora(rank=4, alpha=8, targets=["v_proj"]), "but the plan gives it no adapter")]
+    for plan, expected in cases:
+        with pytest.raises(ValueError) as err:
+            jt.apply_plan(jt.load(str(files["model"]), adapter=tmp_path / "adapter"), plan)
+        assert expected in _one_line(err) and "model.adapter: " in str(err.value), str(err.value)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text("{}")
+    for where, expected in ((tmp_path, "has no adapter_config.json"), (tmp_path / "run", "without a PEFT adapter")):
+        with pytest.raises(ValueError) as err:
+            jt.load(str(files["model"]), adapter=where)
+        assert _one_line(err).startswith(f"model.adapter: {where}") and expected in str(err.value)
+    with pytest.raises(ValueError, match="apply the plan with jaxtune.apply_plan"):
+        tuned_lib.apply_plan(jt.load(str(files["model"]), adapter=tmp_path / "adapter"), jt.lora())
 
 
 def test_metric_sums_add_up_over_micro_batches(files):

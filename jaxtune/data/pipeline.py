@@ -32,7 +32,7 @@ import grain
 import numpy as np
 
 from jaxtune.data import packing
-from jaxtune.data.preference import TokenizePairs, pair_rows
+from jaxtune.data.preference import PAIR_IDS, TokenizePairs, pair_rows
 from jaxtune.data.sources import LM_KINDS, PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import Tokenize, TokenStats, scan
 
@@ -237,7 +237,8 @@ class Loader:
     LM kinds yield ``input_ids``, ``targets``, ``segment_ids``, ``positions`` (int32
     [B, L]) and ``loss_weights`` (float32 [B, L]); preference pairs yield the same keys shaped
     [B, 2, L] (``[:, 0]`` chosen, ``[:, 1]`` rejected; packed pairs share segment ids across the
-    two sides, see :func:`jaxtune.data.preference.pair_rows`); classification/regression yield
+    two sides, see :func:`jaxtune.data.preference.pair_rows`) plus ``pair_ids`` (each token's
+    source index + 1, 0 on padding); classification/regression yield
     ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids`` (int32 [B, L]) and
     ``labels`` (int32 or float32 [B]). ``B`` is the per-process batch (``batch_size``).
     """
@@ -365,7 +366,8 @@ class Loader:
         if self.pairs:
             shape = (self.batch_size, 2, self.config.max_length)
         if self.lm:
-            return {k: (shape, np.dtype(np.float32 if k == "loss_weights" else np.int32)) for k in packing.LM_KEYS}
+            keys = packing.LM_KEYS + ((PAIR_IDS,) if self.pairs else ())
+            return {k: (shape, np.dtype(np.float32 if k == "loss_weights" else np.int32)) for k in keys}
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
         spec["labels"] = ((self.batch_size,),
                           np.dtype(np.int32 if self.source.kind == "classification" else np.float32))

@@ -24,7 +24,9 @@ rejected example that share the prompt's tokens: conversations go through the ch
 the answer turns supervised (:func:`jaxtune.data.tokenize.encode_chat`), plain rows as prompt and
 completion (:func:`jaxtune.data.tokenize.encode_prompt_completion`). :func:`pair_rows` packs pairs
 into paired LM rows ``(2, L)``, the layout :mod:`jaxtune.train.preference` reads: row 0 chosen,
-row 1 rejected, pair ``s`` in segment ``s`` of both.
+row 1 rejected, pair ``s`` in segment ``s`` of both. Rows also carry ``pair_ids`` ``(2, L)``: the
+source index + 1 of the pair each token belongs to (0 on padding), so anything computed per
+example (a cached reference model's log-probs) can be found again in any shuffled, packed batch.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ from jaxtune.data.tokenize import (
 
 KIND = PREFERENCE  # the source kind (one of jaxtune.data.sources.KINDS)
 TRUNCATION = ("right", "drop", "error")
-Pair = dict[str, Example]  # {"chosen": Example, "rejected": Example}
+Pair = dict[str, Any]  # {"chosen": Example, "rejected": Example, "index": source index or -1}
+PAIR_IDS = "pair_ids"  # the rows' key for source index + 1 per token (0: padding or unknown)
 
 _OPENAI_HINT = ('write each line as {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", '
                 '"content": ...}], "non_preferred_output": [...]} or {"prompt": ..., "chosen": ..., "rejected": ...}')
@@ -214,6 +217,7 @@ class PreferenceSource(FileSource):
         raw = os.pread(self._fd(int(self._file_ids[index])), int(self._lengths[index]), int(self._offsets[index]))
         record = check_preference(json.loads(raw))
         record["where"] = self.where(index)
+        record["index"] = index
         return record
 
     def select(self, indices: Sequence[int]) -> PreferenceSource:
@@ -312,8 +316,9 @@ class TokenizePairs:
                             "set tokenizer.chat_template or write plain-text prompt/chosen/rejected strings")
         pair = encode_pair(self.tokenizer, record, prefix=self.prefix, eos=self.eos)
         length = max(len(e["input_ids"]) for e in pair.values())
+        index = int(record.get("index", -1))
         if length <= self.max_length:
-            return [pair], "ok", length
+            return [{**pair, "index": index}], "ok", length
         if self.truncation == "error":
             raise DataError(where, f"{length} tokens is longer than max_length={self.max_length}",
                             "raise max_length, shorten the pair, or set truncation")
@@ -322,7 +327,7 @@ class TokenizePairs:
         cut = {side: {k: v[:self.max_length] for k, v in e.items()} for side, e in pair.items()}
         if not all(e["loss_mask"][1:].any() for e in cut.values()):
             return [], "dropped", length  # truncation cut off a whole answer
-        return [cut], "truncated", length
+        return [{**cut, "index": index}], "truncated", length
 
     def __call__(self, record: dict) -> list[Pair]:
         return self.encode(record)[0]
@@ -332,11 +337,15 @@ class TokenizePairs:
 
 
 def pair_row(pairs: Sequence[Pair], max_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """One paired row: each LM key (:data:`jaxtune.data.packing.LM_KEYS`) shaped ``(2, max_length)``,
-    ``[0]`` the chosen answers and ``[1]`` the rejected ones, pair ``s`` in segment ``s`` of both."""
+    """One paired row: each LM key (:data:`jaxtune.data.packing.LM_KEYS`) and :data:`PAIR_IDS` shaped
+    ``(2, max_length)``, ``[0]`` the chosen answers and ``[1]`` the rejected ones, pair ``s`` in
+    segment ``s`` of both."""
     chosen = packing.lm_row([p["chosen"] for p in pairs], max_length, pad_id)
     rejected = packing.lm_row([p["rejected"] for p in pairs], max_length, pad_id)
-    return {k: np.stack([chosen[k], rejected[k]]) for k in packing.LM_KEYS}
+    row = {k: np.stack([chosen[k], rejected[k]]) for k in packing.LM_KEYS}
+    ids = np.asarray([0] + [p.get("index", -1) + 1 for p in pairs], np.int32)  # segment s -> its pair's id
+    row[PAIR_IDS] = ids[row["segment_ids"]]
+    return row
 
 
 def pair_rows(pairs: Sequence[Pair], max_length: int, pad_id: int = 0, *, pack: bool = True

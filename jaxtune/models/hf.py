@@ -148,6 +148,7 @@ class Pretrained:
     source: str
     architecture: str
     tokenizer: Any = None  # a transformers tokenizer, when loaded with jaxtune.load
+    adapter: Path | None = None  # a PEFT adapter to start from (ModelConfig.adapter); jaxtune.apply_plan loads it
 
 
 # ----------------------------------------------------------------------------- locating files

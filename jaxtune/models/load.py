@@ -7,6 +7,7 @@ arguments of :func:`load` alike, so YAML and Python say the same thing::
 
     model = load("SmolLM2-135M-Instruct", dtype="bfloat16")
     model = load(ModelConfig(path="runs/base-model", remat="block"))
+    model = load("SmolLM2-135M-Instruct", adapter="runs/sft")   # start from an SFT run's adapters
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ class ModelConfig:
     ``dots`` keeps matmul outputs. ``tokenizer``: a directory or hub id, when the model's own
     directory has none. ``keep_quantized``: a GGUF model's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights load as
     quantized frozen leaves (``jaxtune.models.gguf.load_quantized``) instead of dequantized.
+    ``adapter``: trained adapters to start from (e.g. SFT before DPO): a PEFT
+    adapter directory, or a jaxtune run directory whose final export is one (``<run>/export``);
+    :func:`jaxtune.apply_plan` puts its tensors into the plan's leaves.
     """
 
     path: str
@@ -43,8 +47,12 @@ class ModelConfig:
     remat: Literal["none", "block", "dots"] = "none"
     tokenizer: str | None = None
     keep_quantized: bool = False
+    adapter: str | None = None
 
     def __post_init__(self) -> None:
+        if self.adapter is not None and not str(self.adapter).strip():
+            raise ValueError("model.adapter: empty; give a PEFT adapter directory or a jaxtune run directory, or "
+                             "leave it out")
         for name in ("path", "tokenizer"):
             value = getattr(self, name)
             if value is not None and not str(value).strip():
@@ -74,6 +82,25 @@ def model_dir(path: str | os.PathLike[str]) -> Path:
             raise LoadError(f"model {str(path)!r} is not a directory, a .gguf file, a packaged model ({names}) or a "
                             f"reachable hub id ({type(err).__name__}: {str(err).splitlines()[0][:200]})") from None
     return assets.fetch_model(str(path))
+
+
+ADAPTER_CONFIG = "adapter_config.json"  # what makes a directory a PEFT adapter
+
+
+def adapter_dir(path: str | os.PathLike[str]) -> Path:
+    """The PEFT adapter directory ``path`` names: the directory itself, or a jaxtune run's final
+    export (``<run>/export``). Raises :class:`LoadError` naming ``model.adapter`` and the fix."""
+    local = Path(path).expanduser()
+    if (local / ADAPTER_CONFIG).is_file():
+        return local
+    if (local / "export" / ADAPTER_CONFIG).is_file():
+        return local / "export"
+    if (local / "config.yaml").is_file():  # a run directory without a PEFT export
+        raise LoadError(f"model.adapter: {local} is a jaxtune run without a PEFT adapter in {local / 'export'} (it "
+                        "has not finished, or exported merged/none); finish it with output.export: peft, or give "
+                        "its merged export as model.path instead")
+    raise LoadError(f"model.adapter: {local} has no {ADAPTER_CONFIG}; give a PEFT adapter directory or a jaxtune run "
+                    "directory that exported one")
 
 
 def _gguf_dir(path: Path) -> Path:
@@ -139,6 +166,7 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
     except TypeError as err:
         fields = ", ".join(f.name for f in dataclasses.fields(ModelConfig) if f.name != "path")
         raise TypeError(f"load(): {err}; options are {fields}") from None
+    adapter = adapter_dir(cfg.adapter) if cfg.adapter is not None else None  # before the (slow) weights
     directory = model_dir(cfg.path)
     overrides = {"remat": cfg.remat} if cfg.remat != "none" else {}
     try:
@@ -155,4 +183,5 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
         raise
     if getattr(pretrained.config, "modality", "text") != "image" or cfg.tokenizer:  # image models read pixels
         pretrained.tokenizer = load_tokenizer(directory, cfg.tokenizer)
+    pretrained.adapter = adapter
     return pretrained

@@ -26,32 +26,37 @@ shaped ``(B, 2, L)``: ``[:, 0]`` holds chosen answers, ``[:, 1]`` the rejected o
 several pairs (segments 1, 2, ...); ``loss_weights`` mark the answer tokens. Keeping the pair on
 axis 1 means data sharding and micro-batching (both split axis 0) never separate a pair.
 
-The reference model of DPO/IPO is the policy's own module evaluated on :func:`reference_params`:
-the same param tree without adapter leaves (LoRA/DoRA off), with the starting values of any
-other trained leaves laid over it. Dropping leaves builds a new dict of the *same* arrays, so
+The reference model of DPO/IPO is the run's starting model: the policy's own module evaluated on
+:func:`reference_params`, the same param tree without adapter leaves (LoRA/DoRA off), with the
+starting values of whatever started trained laid over it (full or partial plans; adapters a run
+starts from, e.g. SFT's). Dropping leaves builds a new dict of the *same* arrays, so
 for adapter plans the reference costs no memory beyond activations: one copy of the base
 weights serves both passes. (Zeroing ``lora_scale`` would also share the base, but still runs
 the adapter matmuls and leaves DoRA's magnitude rescaling on, so it is not the base for DoRA.)
 For full or partial fine-tuning the reference needs the starting values of the trained leaves
 (:func:`starting_weights`, one extra copy of those leaves, in the compute dtype), or reference
-log-probs computed once ahead of training and carried in the batch as ``reference_logps``.
+log-probs computed once ahead of training and carried in the batch as ``reference_logps``
+(:class:`ReferenceCache`, ``PreferenceConfig(reference="cached")``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
-from jaxtune.models.layers import ADAPTER_LEAVES
+from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B
 from jaxtune.train.losses import _chunks
+from jaxtune.tuning.partition import combine
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -313,22 +318,37 @@ def orpo_loss(chosen_mean_logps: Array, rejected_mean_logps: Array, chosen_nll: 
 
 def reference_params(params: Params, starting: Params | None = None) -> Params:
     """The reference model's params: ``params`` without adapter leaves (LoRA/DoRA switched off),
-    with ``starting`` (the starting values of trained non-adapter leaves, if any) laid over them.
+    with ``starting`` (the starting values of trained leaves, if any) laid over them. Modules whose
+    adapters ``starting`` holds (a run that starts from trained adapters) keep their other adapter
+    leaves (``lora_scale``): their reference is the starting adapter, not the bare base.
 
     Builds a new nested dict of the same leaf arrays: nothing is copied, so the reference shares
     every base weight with the policy, inside or outside ``jit``.
     """
-    flat = {path: leaf for path, leaf in flatten_dict(params).items() if path[-1] not in ADAPTER_LEAVES}
-    flat.update(flatten_dict(starting or {}))
+    start = flatten_dict(starting or {})
+    restarted = {path[:-1] for path in start if path[-1] in ADAPTER_LEAVES}
+    flat = {path: leaf for path, leaf in flatten_dict(params).items()
+            if path[-1] not in ADAPTER_LEAVES or path[:-1] in restarted}
+    flat.update(start)
     return unflatten_dict(flat)
 
 
-def starting_weights(trainable: Params, dtype: Any | None = None) -> Params:
-    """What a reference model needs besides the frozen part: a copy of the trainable leaves that are
-    not adapter leaves (full or partial fine-tuning, trained norms, prompt embeddings), in
-    ``dtype`` (e.g. the compute dtype) or their own. Empty for pure LoRA/DoRA plans."""
+def adapters_trained(trainable: Params) -> bool:
+    """Whether any adapter has left its initial state: ``lora_b`` starts at zero (LoRA and DoRA), so
+    an adapter with an all-zero ``lora_b`` adds nothing and the model is its base there."""
+    return any(bool(jnp.any(leaf != 0)) for path, leaf in flatten_dict(trainable).items() if path[-1] == LORA_B)
+
+
+def starting_weights(trainable: Params, dtype: Any | None = None, *, keep_adapters: bool | None = None) -> Params:
+    """What the reference model (the starting model) needs besides the frozen part: a copy of the
+    trainable leaves in ``dtype`` (e.g. the compute dtype) or their own. Adapter leaves are copied
+    only when the adapters are trained (``keep_adapters``, default :func:`adapters_trained`, which
+    reads values, so pass it inside ``jit``: a run that starts from SFT adapters); fresh ones are
+    the base itself, which the frozen part already is. Empty for a plan of fresh LoRA/DoRA adapters
+    only."""
+    keep_adapters = adapters_trained(trainable) if keep_adapters is None else keep_adapters
     flat = {path: jnp.array(leaf, dtype=dtype or leaf.dtype, copy=True)
-            for path, leaf in flatten_dict(trainable).items() if path[-1] not in ADAPTER_LEAVES}
+            for path, leaf in flatten_dict(trainable).items() if keep_adapters or path[-1] not in ADAPTER_LEAVES}
     return unflatten_dict(flat)
 
 
@@ -345,6 +365,11 @@ class PreferenceConfig:
       label_smoothing: ε for ``dpo`` (conservative DPO) and ``simpo``; 0 otherwise.
       gamma: SimPO's target reward margin.
       max_segments: pairs per packed row (static); None: ``L // 2``.
+      reference: where DPO/IPO's reference log-probs come from: ``model`` (the reference model runs
+        in every step: no copy for fresh adapters, a frozen copy of the trained leaves otherwise)
+        or ``cached`` (computed once per example before training and carried in the batch: no
+        copy and no reference forward in the step, a pre-pass over the training and validation
+        data instead). See :class:`ReferenceCache`.
     """
 
     method: str = "dpo"
@@ -352,6 +377,7 @@ class PreferenceConfig:
     label_smoothing: float = 0.0
     gamma: float = 0.5
     max_segments: int | None = None
+    reference: Literal["model", "cached"] = "model"
 
     def __post_init__(self) -> None:
         # Messages name the field as a recipe writes it (the preference: section).
@@ -365,6 +391,11 @@ class PreferenceConfig:
             raise ValueError(f"preference.label_smoothing: applies to dpo and simpo, not {self.method}; set it to 0")
         if self.max_segments is not None and self.max_segments < 1:
             raise ValueError(f"preference.max_segments: expected an integer >= 1 or null, got {self.max_segments}")
+        if self.reference not in ("model", "cached"):
+            raise ValueError(f"preference.reference: expected model or cached, got {self.reference!r}")
+        if self.reference == "cached" and not self.needs_reference:
+            raise ValueError(f"preference.reference: {self.method} needs no reference model; set reference: model "
+                             "(the default)")
 
     @property
     def beta_value(self) -> float:
@@ -498,6 +529,88 @@ def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chun
     return loss_fn
 
 
+# ----------------------------------------------------------------------------- cached reference
+
+
+def segment_pair_ids(pair_ids: np.ndarray, segment_ids: np.ndarray, num_segments: int) -> np.ndarray:
+    """Host-side: int ``(..., S)`` from per-token ``pair_ids`` and ``segment_ids`` ``(..., T)``: the
+    pair id (source index + 1) of segment ``s + 1`` of each row, 0 where the row has no such segment."""
+    t = segment_ids.shape[-1]
+    seg, ids = segment_ids.reshape(-1, t), pair_ids.reshape(-1, t)
+    out = np.zeros((seg.shape[0], num_segments), np.int64)
+    rows, cols = np.nonzero((seg >= 1) & (seg <= num_segments))
+    out[rows, seg[rows, cols] - 1] = ids[rows, cols]  # every token of a segment carries its pair's id
+    return out.reshape(*segment_ids.shape[:-1], num_segments)
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in its local batch order."""
+    shards = {(s.index[0].start or 0): s for s in x.addressable_shards}  # replicas share a start
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
+
+
+@dataclasses.dataclass
+class ReferenceCache:
+    """The reference model's log-probs of every pair of one source, computed once before training.
+
+    ``table`` float32 ``(N, 2)``: row ``i`` holds source example ``i``'s summed answer log-probs
+    (chosen, rejected) under the reference model, NaN if the pre-pass did not see it (a pair
+    dropped by truncation is in no batch either). Batches find their pairs by ``pair_ids``, so
+    shuffling, packing and resuming change nothing. :meth:`lookup` gives a host batch the
+    ``reference_logps`` ``(B, 2, S)`` the loss reads instead of running the reference model: the
+    step then holds no frozen copy of the starting weights and does one forward pass less.
+    """
+
+    table: np.ndarray
+    max_segments: int | None = None
+
+    @classmethod
+    def build(cls, module: nn.Module, trainable: Params, frozen: Params, batches: Iterable[Batch], size: int,
+              to_device: Callable[[Batch], Batch], *, sharding: Any = None, dtype: Any = None,
+              max_segments: int | None = None, chunk_tokens: int = 2048) -> ReferenceCache:
+        """One pass over ``batches`` (host paired batches of a source of ``size`` examples, with
+        ``pair_ids``) with the starting model ``trainable`` + ``frozen`` as the reference (the same
+        :func:`starting_weights` in ``dtype`` as the in-step reference, so both give the same
+        numbers). ``to_device`` places a batch on the mesh (without its ``pair_ids``); ``sharding``
+        is the batch's (the result is laid out like it, so each process reads back its own rows)."""
+
+        keep_adapters = adapters_trained(trainable)
+
+        def compute(trainable: Params, frozen: Params, batch: Batch) -> Array:
+            starting = starting_weights(trainable, dtype, keep_adapters=keep_adapters)
+            # S = L // 2: every pair of any row, whatever max_segments the loss takes
+            return reference_logprobs(module, combine(trainable, frozen), batch, starting=starting,
+                                      chunk_tokens=chunk_tokens)
+
+        compute = jax.jit(compute, out_shardings=sharding)
+        table = np.full((size, 2), np.nan, np.float32)
+        for batch in batches:
+            ref = _local_rows(compute(trainable, frozen, to_device(batch)))  # (B, 2, L // 2)
+            ids = segment_pair_ids(batch[PAIR_IDS], batch["segment_ids"], ref.shape[-1])[:, 0]
+            real = ids > 0
+            table[ids[real] - 1] = ref.transpose(0, 2, 1)[real]
+        return cls(table, max_segments)
+
+    def lookup(self, batch: Batch) -> np.ndarray:
+        """float32 ``(B, 2, S)`` reference log-probs for the host batch ``batch`` (``S`` as the
+        loss takes it: ``max_segments`` or ``L // 2``); 0 where a row has no pair."""
+        segments = batch["segment_ids"]
+        b, length = segments.shape[0], segments.shape[-1]
+        s = length // 2 if self.max_segments is None else self.max_segments
+        ids = segment_pair_ids(batch[PAIR_IDS], segments, s)[:, 0]
+        present = segment_pair_ids(np.ones_like(segments), segments, s)[:, 0] > 0
+        if (present & (ids == 0)).any():
+            raise ValueError("preference.reference: cached needs pair_ids in every batch (paired rows from "
+                             "jaxtune.read data); use reference: model for other data")
+        values = self.table[ids[present] - 1]
+        if np.isnan(values).any():
+            raise ValueError("preference.reference: cached: a batch holds a pair the pre-pass did not score (its "
+                             "data differs from the data the cache was built from); use reference: model")
+        out = np.zeros((b, s, 2), np.float32)
+        out[present] = values
+        return out.transpose(0, 2, 1)
+
+
 # ----------------------------------------------------------------------------- the Trainer's wiring
 
 
@@ -518,11 +631,12 @@ def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task
 
 
 def with_reference_start(trainable: Params, frozen: Params, dtype: Any = None) -> Params:
-    """``frozen`` plus, under :data:`REFERENCE_KEY`, the starting values of the trained leaves that
-    are not adapters (full or partial plans), in ``dtype``: the DPO/IPO reference model. Adapter
-    plans add nothing (the reference is the frozen base with adapters off). It rides with the
-    frozen part, so checkpoints (trainable + optimizer state) never hold it, and the Trainer's
-    params leave it out of exports."""
+    """``frozen`` plus, under :data:`REFERENCE_KEY`, :func:`starting_weights` in ``dtype``: the
+    DPO/IPO reference model is the starting model. Fresh adapter plans add nothing (the reference is
+    the frozen base with adapters off); full or partial plans add their trained leaves, and a run
+    that starts from trained adapters (SFT) adds those adapters. It rides with the frozen part, so
+    checkpoints (trainable + optimizer state) never hold it, and the Trainer's params leave it out
+    of exports."""
     start = starting_weights(trainable, dtype=dtype)
     if not start:
         return frozen

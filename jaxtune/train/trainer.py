@@ -17,6 +17,7 @@ running ``fit`` again on the same directory resumes exactly, and a finished run 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import logging
 import math
@@ -32,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.data.images import ImageSource, ImageSpec, image_loader
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
+from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE, Source
 from jaxtune.data.tokenize import choice_token_ids
 from jaxtune.train import compile_cache, flops
@@ -44,12 +46,21 @@ from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.preference import (
     REFERENCE_KEY,
     PreferenceConfig,
+    ReferenceCache,
     check_preference,
     make_preference_loss_fn,
     with_reference_start,
 )
 from jaxtune.train.rundir import RunDir
-from jaxtune.train.sharding import MeshConfig, data_parallel_size, global_batch, make_mesh, param_shardings, shard
+from jaxtune.train.sharding import (
+    MeshConfig,
+    batch_sharding,
+    data_parallel_size,
+    global_batch,
+    make_mesh,
+    param_shardings,
+    shard,
+)
 from jaxtune.train.step import make_eval_step, make_loss_fn, make_train_step
 from jaxtune.tuning.partition import combine, partition
 from jaxtune.tuning.tuned import Tuned
@@ -103,9 +114,10 @@ class Trainer:
       mesh: a ``(data, fsdp, tensor)`` mesh or :class:`MeshConfig` (default: every device on ``data``).
       preference: train on preference pairs (``data.kind: preference``) with DPO, IPO, SimPO or ORPO
         (:class:`~jaxtune.train.preference.PreferenceConfig`); None for every other task. The
-        reference model of DPO/IPO is the starting model with adapters off: for adapter plans the
-        frozen base itself (no copy), otherwise plus a copy of the starting trained leaves in the
-        compute dtype, kept out of checkpoints and exports.
+        reference model of DPO/IPO is the starting model: for fresh adapters the frozen base itself
+        (no copy), otherwise plus a copy of the starting trained leaves (or trained adapters) in
+        the compute dtype, kept out of checkpoints and exports; with ``reference="cached"`` its
+        log-probs are computed once before training instead (no copy in the step).
       callbacks: ``f(trainer, step, metrics)`` called after each logged step.
       resolved_config: the run's full config as plain data, saved in ``run_dir`` and each checkpoint.
     """
@@ -157,9 +169,12 @@ class Trainer:
         rules = model.partition_rules
         self._trainable_shardings = param_shardings(trainable, self.mesh, rules)
         self.trainable = shard(trainable, self._trainable_shardings)
-        if preference is not None and preference.needs_reference:
+        cached = preference is not None and preference.reference == "cached"
+        if preference is not None and preference.needs_reference and not cached:
             frozen = with_reference_start(trainable, frozen, getattr(model.config, "dtype", None))
         self.frozen = shard(frozen, param_shardings(frozen, self.mesh, rules))
+        # Before any step: the cache's reference is the starting model (also when a run resumes).
+        self._references = self._reference_caches() if cached else {}
         # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
         # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
         # zeros_like come out replicated: a full copy of Adam's state on every FSDP device.
@@ -322,7 +337,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _to_device(self, batch: Batch) -> dict[str, jax.Array]:
+    def _to_device(self, batch: Batch, reference: ReferenceCache | None = None) -> dict[str, jax.Array]:
+        if reference is not None:
+            batch = {**batch, "reference_logps": reference.lookup(batch)}
+        batch = {k: v for k, v in batch.items() if k != PAIR_IDS}  # the host's bookkeeping, not a model input
         rows = len(next(iter(batch.values()))) * jax.process_count()
         if rows % data_parallel_size(self.mesh):
             raise ValueError(f"the global batch has {rows} rows, which the mesh's {data_parallel_size(self.mesh)}-way "
@@ -333,11 +351,33 @@ class Trainer:
     def evaluate(self, data: Source | Loader | Iterable[Batch] | None = None,
                  trainable: Any = None) -> dict[str, float]:
         """Metrics of the current (or given) trainable params on ``data`` (default: eval_data)."""
+        if self._references and data is not None:
+            raise ValueError("preference.reference: cached holds reference log-probs of the training and validation "
+                             "data only; evaluate other data in a trainer with reference: model")
         data = self.eval_data if data is None else self._batches(data, train=False)
         if data is None:
             raise ValueError("no evaluation data: pass eval_data to the Trainer or data to evaluate()")
+        to_device = functools.partial(self._to_device, reference=self._references.get("eval"))
         return evaluate(self.eval_step, self.trainable if trainable is None else trainable, self.frozen, data,
-                        self.task, to_device=self._to_device)
+                        self.task, to_device=to_device)
+
+    def _reference_caches(self) -> dict[str, ReferenceCache]:
+        """``preference.reference: cached``: the starting model's log-probs of every pair of the
+        training and validation data, one pre-pass each (see :class:`ReferenceCache`)."""
+        caches = {}
+        for name, data in (("train", self.train_data), ("eval", self.eval_data)):
+            if data is None:
+                continue
+            if not isinstance(data, Loader):
+                raise ValueError("preference.reference: cached finds each pair's reference log-probs by its index in "
+                                 "the source, so the data must come from jaxtune.read; use reference: model")
+            log.info("preference: reference log-probs of the %s data (%d pairs), computed once", name, len(data.source))
+            passes = evaluation_loader(data.source, data.tokenizer, data.config)
+            caches[name] = ReferenceCache.build(
+                self.tuned.module, self.trainable, self.frozen, passes, len(data.source), self._to_device,
+                sharding=batch_sharding(self.mesh), dtype=getattr(self.tuned.config, "dtype", None),
+                max_segments=self.preference.max_segments, chunk_tokens=self.config.chunk_tokens)
+        return caches
 
     def _evaluate_base(self) -> dict[str, float] | None:
         """The base model's metrics (the plan's fresh adapters/head), computed once per run directory."""
@@ -498,8 +538,9 @@ class Trainer:
             self._flops_per_token = self._flops(batch["input_ids"].shape[-1]) if "input_ids" in batch else 0.0
         step_rng = jax.random.fold_in(self.rng, self.step)
         hits = compile_cache.hits()  # the first call compiles (or loads) the step before dispatching it
-        self.trainable, self.opt_state, metrics = self.train_step(
-            self.trainable, self.frozen, self.opt_state, self._to_device(batch), step_rng)
+        batch = self._to_device(batch, self._references.get("train"))
+        self.trainable, self.opt_state, metrics = self.train_step(self.trainable, self.frozen, self.opt_state, batch,
+                                                                  step_rng)
         self.step += 1
         if window.first_step_s is None:
             seconds = window.first_step(float(jax.device_get(metrics["tokens"])))  # waits for the step

@@ -17,6 +17,7 @@ from jaxtune.tuning.lora import AdapterSpec, merge, unmerge
 from jaxtune.tuning.partition import cast_by_label, combine, count, nbytes, partition, quantize_leaves, summary
 from jaxtune.tuning.peft_io import (
     ExportError,
+    apply_plan,
     export,
     export_format,
     export_merged,
@@ -38,7 +39,7 @@ from jaxtune.tuning.plan import (
     prompt_tuning,
     train,
 )
-from jaxtune.tuning.tuned import Tuned, TunedModel, apply_plan
+from jaxtune.tuning.tuned import Tuned, TunedModel
 
 __all__ = [
     "AdapterSpec", "ExportError", "export", "export_format", "FROZEN", "GROUPS", "HeadSpec", "Plan", "PlanError",

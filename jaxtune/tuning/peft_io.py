@@ -8,6 +8,8 @@
   ``(out, r)``, ``lora_magnitude_vector`` ``(out,)``, ``prompt_embeddings`` ``(P, D)``); trained
   non-adapter modules (and a new head) are saved whole as ``modules_to_save``.
 - :func:`load_peft`: an existing PEFT adapter onto a loaded base model, ready to train further.
+- :func:`apply_plan`: a plan applied to a loaded model, its trainable leaves starting from the
+  adapter ``jaxtune.load(..., adapter=)`` names (``model.adapter``: SFT, then DPO from its adapters).
 
 On a tied model (SmolLM2, Qwen2.5) PEFT keeps ``embed_tokens`` and ``lm_head`` one matrix only with
 ``ensure_weight_tying``; otherwise a trained or adapted end leaves the other as it was, so import
@@ -17,6 +19,7 @@ reproduce (PiSSA/OLoRA-style inits, LoRA on an embedding, pickle files) are refu
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -33,18 +36,19 @@ from safetensors.numpy import save_file
 
 from jaxtune.models import hf
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
+from jaxtune.models.load import ADAPTER_CONFIG
 from jaxtune.models.quant import dequantize_tree
+from jaxtune.tuning import tuned as planning
 from jaxtune.tuning.heads import hf_head_modules
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
 from jaxtune.tuning.lora import merge
 from jaxtune.tuning.partition import cast_by_label
 from jaxtune.tuning.plan import Plan, Rule
-from jaxtune.tuning.tuned import Tuned, apply_plan, is_image
+from jaxtune.tuning.tuned import Tuned, is_image
 
 Params = dict[str, Any]
 Module = tuple[str, ...]
 PREFIX = "base_model.model."
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapter leaf -> (PEFT key suffix, transpose to PyTorch layout)
 _PEFT_LEAVES = {LORA_A: ("lora_A.weight", True), LORA_B: ("lora_B.weight", True),
@@ -398,7 +402,7 @@ def load_peft(
         num = reader.shape(f"{PREFIX}{head_out}.weight")[0]
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
                           bias=f"{head_out}.bias" in keys))
-    layout = apply_plan(pretrained, Plan(tuple(rules)))  # the tree the adapter will be laid onto
+    layout = planning.apply_plan(pretrained, Plan(tuple(rules)))  # the tree the adapter will be laid onto
     layout_modules = _modules(layout.params)
     by_name = _hf_names(layout, list(layout_modules))
     unknown = sorted(saved - set(by_name))
@@ -415,9 +419,62 @@ def load_peft(
     trained = [by_name[n] for n in sorted(saved) if not (by_name[n][0] == HEAD_KEY and layout.head_is_new)]
     if trained:
         rules.append(Rule("train", match=_exact(trained)))
-    tuned = apply_plan(pretrained, Plan(tuple(rules)), rng)
+    tuned = planning.apply_plan(pretrained, Plan(tuple(rules)), rng)
     tuned.params = cast_by_label(_fill(tuned, reader, keys, by_name, adapter_dir), tuned.labels, frozen_dtype)
     return tuned
+
+
+def apply_plan(pretrained: hf.Pretrained, plan: Any, rng: jax.Array | None = None, **options: Any) -> Tuned:
+    """Apply ``plan`` to ``pretrained`` (:func:`jaxtune.tuning.tuned.apply_plan`, same arguments);
+    when ``pretrained.adapter`` is set (``jaxtune.load(..., adapter=)``, ``model.adapter``), the
+    trainable leaves then start from that PEFT adapter.
+
+    The plan still says what trains; the adapter says where it starts. Every tensor of the adapter
+    must land on a leaf the plan trains, with the same adapter kind, rank, alpha and rsLoRA flag
+    (so give the plan the adapter was trained with); trained leaves the adapter lacks keep the
+    plan's initial values. Nothing of the adapter is dropped: a tensor with no such leaf is an
+    :class:`ExportError` naming its param path.
+    """
+    adapter = pretrained.adapter
+    pretrained = dataclasses.replace(pretrained, adapter=None)
+    planned = planning.apply_plan(pretrained, plan, rng, **options)
+    if adapter is None:
+        return planned
+    return start_from(planned, load_peft(pretrained, adapter, frozen_dtype=options.get("frozen_dtype")), adapter)
+
+
+def _describe_adapter(tuned: Tuned, module: Module) -> str:
+    spec = tuned.adapters.get(module)
+    if spec is None:
+        return "no adapter"
+    return f"{spec.kind} rank {spec.rank} alpha {spec.alpha:g}" + (" rslora" if spec.rslora else "")
+
+
+def start_from(planned: Tuned, loaded: Tuned, adapter_dir: str | Path) -> Tuned:
+    """``planned`` with every trainable leaf of ``loaded`` (a :func:`load_peft` result) copied in.
+
+    Raises :class:`ExportError` (one line, naming ``model.adapter``, the param path and the fix)
+    when a loaded leaf has no trainable leaf of the same shape and adapter spec in ``planned``.
+    """
+    flat, labels, values = flatten_dict(planned.params), flatten_dict(planned.labels), flatten_dict(loaded.params)
+    fix = "give the plan the adapter was trained with (the SFT run's plan)"
+    for path, label in flatten_dict(loaded.labels).items():
+        if label == FROZEN:
+            continue
+        where = f"model.adapter: {adapter_dir} trains {path_str(path)}"
+        module = path[:-1]
+        if path[-1] in ADAPTER_LEAVES and loaded.adapters.get(module) != planned.adapters.get(module):
+            raise ExportError(f"{where} as {_describe_adapter(loaded, module)}, but the plan gives it "
+                              f"{_describe_adapter(planned, module)}; {fix}")
+        if labels.get(path, FROZEN) == FROZEN:
+            raise ExportError(f"{where}, which the plan {'freezes' if path in labels else 'does not have'}; {fix}")
+        value = values[path]
+        if value.shape != flat[path].shape:
+            raise ExportError(f"{where} with shape {tuple(value.shape)}, but the plan's leaf has "
+                              f"{tuple(flat[path].shape)}; {fix}")
+        flat[path] = jnp.asarray(value, flat[path].dtype)
+    log.info("model.adapter: the plan's trainable leaves start from %s", adapter_dir)
+    return dataclasses.replace(planned, params=unflatten_dict(flat))
 
 
 def _weights_file(adapter_dir: Path) -> Path:

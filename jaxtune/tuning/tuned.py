@@ -224,7 +224,13 @@ def apply_plan(
       tokenizer: default ``pretrained.tokenizer``; prompt init ``text`` needs one.
       data: the training source (``jaxtune.read``): a classification head without ``num_labels``
         gets one output per label of the data (at least 2), and the labels' names are kept.
+
+    ``pretrained.adapter`` (``jaxtune.load(..., adapter=)``) is read by
+    :func:`jaxtune.tuning.peft_io.apply_plan` (``jaxtune.apply_plan``), not here.
     """
+    if pretrained.adapter is not None:
+        raise PlanError(f"this model starts from the adapter {pretrained.adapter}: apply the plan with "
+                        "jaxtune.apply_plan, which loads it")
     plan = _sized_head(as_plan(plan), getattr(data, "label_names", None))
     tokenizer = tokenizer if tokenizer is not None else pretrained.tokenizer
     if frozen_dtype is None and jnp.dtype(pretrained.config.param_dtype) != jnp.float32:
