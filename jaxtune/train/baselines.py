@@ -35,7 +35,7 @@ from jaxtune.data.pipeline import Loader, evaluation_loader
 from jaxtune.models.layers import pool
 from jaxtune.train.evaluate import classification_metrics, regression_metrics
 from jaxtune.tuning.partition import combine
-from jaxtune.tuning.tuned import Tuned
+from jaxtune.tuning.tuned import Tuned, is_image
 
 log = logging.getLogger(__name__)
 # scikit-learn settings (the test's independent computation uses the same).
@@ -135,6 +135,9 @@ def baseline_metrics(model: Tuned, trainable: Any, frozen: Any, train: Any, vali
     """
     if not (isinstance(train, Loader) and isinstance(validation, Loader)):
         return {}  # batches without their rows (an iterable of arrays): no texts to fit on
+    if is_image(model.config):
+        log.info("baselines: text models only so far (benchmarks/quality.py fits the image baseline)")
+        return {}
     log.info("fitting the baselines (linear probe, TF-IDF) on the training split ...")
     step = make_features_step(model.module, mesh)
 
