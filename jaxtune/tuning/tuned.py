@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxtune.models import decoder
+from jaxtune.models import decoder, stacking
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
 from jaxtune.tuning import labels as labels_lib
@@ -162,7 +162,7 @@ class Tuned:
 
 def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, HeadSpec | None, Params | None]:
     """The body config and params, and the checkpoint's own head (``*ForSequenceClassification``)."""
-    cfg, params = pretrained.config, pretrained.params
+    cfg, params = pretrained.config, stacking.unstack(pretrained.params)  # plans address layers one by one
     if pretrained.architecture in decoder.CLASSIFIERS:  # DecoderClassifier = body + score on the last token
         spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
                         pooling="last", dropout=0.0, bias=False)
@@ -248,6 +248,10 @@ def apply_plan(
     params = cast_by_label(params, labels, frozen_dtype)
 
     body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
+    if getattr(cfg, "scan_layers", False):
+        # Runs of identically planned layers, each one scan: a frozen run gets no gradient or optimizer state.
+        body_cfg = dataclasses.replace(body_cfg, layer_groups=stacking.plan_groups(cfg, labels, params))
+        params, labels = stacking.to_physical(params, body_cfg), stacking.to_physical(labels, body_cfg)
     body = FAMILIES[pretrained.architecture].body_module(body_cfg)  # the family's own body (Decoder, Gemma...)
     return Tuned(
         module=TunedModel(body, task, prompt_tokens, head),
