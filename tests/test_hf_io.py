@@ -77,14 +77,15 @@ def test_leaves_are_placed_on_the_given_sharding(tmp_path):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     replicated = hf.load_pretrained(tmp_path)
 
-    def spec(path, leaf):  # shard every matrix's last axis over "model", vectors replicated
-        return NamedSharding(mesh, PartitionSpec(None, "model") if leaf.ndim == 2 else PartitionSpec())
+    def spec(path, leaf):  # shard every matrix's last axis over "model" (a scanned run's too), vectors replicated
+        return NamedSharding(mesh, PartitionSpec(*(None,) * (leaf.ndim - 1), "model") if leaf.ndim >= 2
+                             else PartitionSpec())
 
     shardings = jax.tree_util.tree_map_with_path(spec, replicated.params)
     sharded = hf.load_pretrained(tmp_path, shardings=shardings)
-    kernel = sharded.params["layers_0"]["mlp"]["up_proj"]["kernel"]
-    assert kernel.sharding == shardings["layers_0"]["mlp"]["up_proj"]["kernel"]
-    assert kernel.addressable_shards[0].data.shape == (64, 96 // 4)
+    kernel = sharded.params["layers_0-1"]["mlp"]["up_proj"]["kernel"]  # both layers, stacked
+    assert kernel.sharding == shardings["layers_0-1"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape == (2, 64, 96 // 4)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  sharded.params, replicated.params)
 
@@ -169,6 +170,6 @@ def test_adapter_leaves_cannot_be_saved_as_hf(tmp_path):
     tiny_hf_model("LlamaForCausalLM", tmp_path / "src")
     model = hf.load_pretrained(tmp_path / "src")
     params = jax.tree.map(lambda x: x, model.params)
-    params["layers_0"]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((64, 2))
+    params["layers_0-1"]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((2, 64, 2))
     _expect(r"layers_0/self_attn/q_proj/lora_a is an adapter leaf.*merge adapters first",
             hf.save_pretrained, params, model.hf_config, tmp_path / "out")

@@ -86,6 +86,9 @@ class DecoderConfig:
     layer_groups: tuple[int, ...] = ()  # run lengths; () = runs of equal attention window
     adapter_dropout: float = 0.0  # dropout on the input of LoRA/DoRA updates, set by tuning
 
+    def __post_init__(self) -> None:
+        self.layer_runs  # noqa: B018 - fail at the door on run lengths that do not fit the layers
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
