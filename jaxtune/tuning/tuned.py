@@ -1,9 +1,11 @@
 """Applying a plan to a pretrained model: the tuned module, its params and their labels.
 
 :func:`apply_plan` turns a :class:`jaxtune.models.hf.Pretrained` and a :class:`Plan` into a
-:class:`Tuned`: the body's params (paths unchanged: ``layers_0/...`` for decoders, ``layer_0/...``
-for BERT bodies, also when loaded from ``BertForSequenceClassification``) plus adapter leaves,
-``head/...`` and ``prompt_embeddings`` as the plan asks, and one label per leaf.
+:class:`Tuned`: the body's params (paths unchanged: ``layer_0/...`` for BERT bodies, also when
+loaded from ``BertForSequenceClassification``) plus adapter leaves, ``head/...`` and
+``prompt_embeddings`` as the plan asks, and one label per leaf. The plan is resolved on the
+logical per-layer paths (``layers_3/...``); a scanned decoder's params and labels then hold each
+run of identically planned layers stacked (``layers_0-1/...``, :mod:`jaxtune.models.stacking`).
 
 Call convention of :class:`TunedModel` (keyword arguments; ``segment_ids`` nonzero = real token):
 
@@ -113,7 +115,9 @@ class TunedModel(nn.Module):
 class Tuned:
     """A pretrained model with a plan applied.
 
-    ``params``/``labels`` are same-shaped trees; ``labels`` leaves are ``"freeze"`` or a group
+    ``params``/``labels`` are same-shaped trees in the layout the module runs on (a scanned
+    decoder's runs stacked; ``jaxtune.models.stacking.unstack`` gives the per-layer view, and
+    ``config.layer_groups`` the runs); ``labels`` leaves are ``"freeze"`` or a group
     (``train``, ``lora``, ``dora``, ``prompt``, ``head``). ``config``/``hf_config``/``source``/
     ``architecture`` describe the base checkpoint, for export. ``head_is_new`` is True when the
     plan created the head (it is then always exported with a PEFT adapter). ``label_names``:
