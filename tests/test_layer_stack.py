@@ -4,6 +4,7 @@ free (no gradient, no optimizer state), and the scanned model computes what the 
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,13 @@ import pytest
 from jaxtune import tuning
 from jaxtune.models import stacking
 from jaxtune.models.decoder import Decoder, DecoderConfig
-from jaxtune.models.hf import Pretrained
+from jaxtune.models.hf import FAMILIES, Pretrained
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
-from jaxtune.train.step import make_loss_fn
+from jaxtune.train.sharding import MeshConfig, make_mesh, param_shardings, param_specs
+from jaxtune.train.step import make_loss_fn, make_train_step
+
+P = jax.sharding.PartitionSpec
+NamedSharding = jax.sharding.NamedSharding
 
 CFG = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=2,
                     head_dim=8)
@@ -92,3 +97,36 @@ def test_stacking_round_trip_and_mismatched_runs():
     with pytest.raises(ValueError, match=r"layer_groups \(1, 2\) must be positive run lengths adding up to "
                                          r"num_layers 4"):
         dataclasses.replace(CFG, layer_groups=(1, 2))
+
+
+def test_fsdp_never_gathers_a_whole_run_of_layers():
+    """With params and Adam state sharded over 8 simulated devices (fsdp), the compiled step of a
+    scanned model holds no all-gathered stacked weight: a layer's weights are gathered (if at all)
+    inside the loop, one layer at a time, and the optimizer state stays sharded."""
+    cfg = dataclasses.replace(CFG, num_layers=2)
+    module = Decoder(cfg)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    tuned = tuning.apply_plan(Pretrained(cfg, module, params, {}, "random", "LlamaForCausalLM"), tuning.full())
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    rules = FAMILIES["LlamaForCausalLM"].partition_rules
+    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
+    shardings = param_shardings(trainable, mesh, rules)
+    optimizer, _ = build_optimizer(OptimizerConfig(), 10)
+    state = jax.eval_shape(optimizer.init, trainable)
+    state_specs = param_specs(state, mesh, rules)
+    # Adam's moments of a stacked kernel keep the layer axis whole and split the weight like the param.
+    flat = jax.tree_util.tree_flatten_with_path(state_specs, is_leaf=lambda x: isinstance(x, P))[0]
+    moments = [spec for path, spec in flat if jax.tree_util.keystr(path).endswith(
+        "['layers_0-1']['mlp']['up_proj']['kernel']")]
+    assert len(moments) == 2 and set(moments) == {P(None, "fsdp", "tensor")}  # mu and nu
+    step = jax.jit(make_train_step(make_loss_fn(tuned.module, "lm"), optimizer))
+    rows = {k: np.tile(v, (4, 1)) for k, v in BATCH.items()}
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P("fsdp"))),
+                         rows)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainable, shardings)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)), state,
+                         state_specs)
+    hlo = step.lower(abstract, frozen, state, batch, jax.random.key(0)).compile().as_text()
+    stacked = [tuple(x.shape) for x in jax.tree.leaves(trainable) if x.ndim == 3]
+    gathered = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather", hlo)
+    assert stacked and not {tuple(int(d) for d in g.split(",")) for g in gathered} & set(stacked)

@@ -104,8 +104,9 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules = ()) -> Any:
         keys = [str(getattr(k, "key", k)) for k in path]
         name = "/".join(keys)
         # A scanned run's leaves carry a leading layer axis, never split: the scan slices it, and
-        # FSDP then gathers one layer's weights per iteration.
-        lead = 1 if keys and stacking.stack_range(keys[0]) is not None else 0
+        # FSDP then gathers one layer's weights per iteration. Optimizer state nests the param
+        # paths (``0/mu/layers_0-31/...``), so the run's key may sit anywhere in the path.
+        lead = 1 if any(stacking.stack_range(k) is not None for k in keys) else 0
         shape = tuple(getattr(leaf, "shape", ()))[lead:]
         if len(shape) < 2:
             return PartitionSpec()
