@@ -13,7 +13,7 @@ import transformers
 from helpers import tiny_hf_model, torch_logits
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtune.models import hf
+from jaxtune.models import hf, stacking
 
 IDS = np.random.RandomState(0).randint(0, 96, (2, 9)).astype(np.int32)
 
@@ -94,7 +94,8 @@ def test_param_paths_map_one_to_one_to_hf_names(tmp_path):
     ref = tiny_hf_model("Qwen3ForCausalLM", tmp_path)
     model = hf.load_pretrained(tmp_path)
     family = hf.FAMILIES["Qwen3ForCausalLM"]
-    paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(model.params)[0]]
+    logical = stacking.unstack(model.params)  # HF names one tensor per layer
+    paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(logical)[0]]
     names = [hf.hf_name(family, p) for p in paths]
     assert len(set(names)) == len(names)
     assert set(names) == set(ref.state_dict())  # Qwen3 here is untied: every tensor is a param

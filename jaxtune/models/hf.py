@@ -260,6 +260,9 @@ def abstract_params(module: nn.Module, cfg: FamilyConfig) -> Params:
 def hf_name(family: Family, path: tuple[str, ...]) -> str:
     """HF tensor name of a base param leaf path."""
     leaf = path[-1]
+    if stacking.stack_range(path[0]) is not None:
+        raise CheckpointError(f"param {'/'.join(path)} holds a scanned run of layers, one HF tensor per layer; "
+                              "name the layers' paths (jaxtune.models.stacking.unstack)")
     if leaf not in BASE_LEAVES:
         raise CheckpointError(
             f"param {'/'.join(path)} is an adapter leaf with no Hugging Face tensor; merge adapters first "
