@@ -137,7 +137,9 @@ def test_each_feature_changes_the_logits(pair):
     theirs = _torch_logits(ref, ids)
     variants = {"norm (1 + w)": None}
     if any(cfg.layer_windows):
-        variants["sliding windows"] = dataclasses.replace(cfg, layer_windows=(None,) * cfg.num_layers)
+        # The same runs of scanned layers (the params' layout), all with full attention.
+        variants["sliding windows"] = dataclasses.replace(cfg, layer_windows=(None,) * cfg.num_layers,
+                                                          layer_groups=tuple(b - a for a, b in cfg.layer_runs))
     if cfg.attn_logit_softcapping:
         variants["attention soft-cap"] = dataclasses.replace(cfg, attn_logit_softcapping=None)
     if cfg.final_logit_softcapping:

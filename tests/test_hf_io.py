@@ -13,7 +13,7 @@ import transformers
 from helpers import tiny_hf_model, torch_logits
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtune.models import hf
+from jaxtune.models import hf, stacking
 
 IDS = np.random.RandomState(0).randint(0, 96, (2, 9)).astype(np.int32)
 
@@ -77,14 +77,15 @@ def test_leaves_are_placed_on_the_given_sharding(tmp_path):
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
     replicated = hf.load_pretrained(tmp_path)
 
-    def spec(path, leaf):  # shard every matrix's last axis over "model", vectors replicated
-        return NamedSharding(mesh, PartitionSpec(None, "model") if leaf.ndim == 2 else PartitionSpec())
+    def spec(path, leaf):  # shard every matrix's last axis over "model" (a scanned run's too), vectors replicated
+        return NamedSharding(mesh, PartitionSpec(*(None,) * (leaf.ndim - 1), "model") if leaf.ndim >= 2
+                             else PartitionSpec())
 
     shardings = jax.tree_util.tree_map_with_path(spec, replicated.params)
     sharded = hf.load_pretrained(tmp_path, shardings=shardings)
-    kernel = sharded.params["layers_0"]["mlp"]["up_proj"]["kernel"]
-    assert kernel.sharding == shardings["layers_0"]["mlp"]["up_proj"]["kernel"]
-    assert kernel.addressable_shards[0].data.shape == (64, 96 // 4)
+    kernel = sharded.params["layers_0-1"]["mlp"]["up_proj"]["kernel"]  # both layers, stacked
+    assert kernel.sharding == shardings["layers_0-1"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.addressable_shards[0].data.shape == (2, 64, 96 // 4)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  sharded.params, replicated.params)
 
@@ -93,7 +94,8 @@ def test_param_paths_map_one_to_one_to_hf_names(tmp_path):
     ref = tiny_hf_model("Qwen3ForCausalLM", tmp_path)
     model = hf.load_pretrained(tmp_path)
     family = hf.FAMILIES["Qwen3ForCausalLM"]
-    paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(model.params)[0]]
+    logical = stacking.unstack(model.params)  # HF names one tensor per layer
+    paths = [tuple(k.key for k in path) for path, _ in jax.tree_util.tree_flatten_with_path(logical)[0]]
     names = [hf.hf_name(family, p) for p in paths]
     assert len(set(names)) == len(names)
     assert set(names) == set(ref.state_dict())  # Qwen3 here is untied: every tensor is a param
@@ -169,6 +171,6 @@ def test_adapter_leaves_cannot_be_saved_as_hf(tmp_path):
     tiny_hf_model("LlamaForCausalLM", tmp_path / "src")
     model = hf.load_pretrained(tmp_path / "src")
     params = jax.tree.map(lambda x: x, model.params)
-    params["layers_0"]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((64, 2))
+    params["layers_0-1"]["self_attn"]["q_proj"]["lora_a"] = jnp.zeros((2, 64, 2))
     _expect(r"layers_0/self_attn/q_proj/lora_a is an adapter leaf.*merge adapters first",
             hf.save_pretrained, params, model.hf_config, tmp_path / "out")

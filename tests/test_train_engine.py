@@ -102,8 +102,8 @@ def test_sharded_run_equals_single_device(llama, single_device_losses, axes):
     trainable, losses, _ = _run(planned, batches, mesh=mesh)
     np.testing.assert_allclose(losses, reference, rtol=2e-5)  # fp32 all-reduce order differs
     if axes.get("tensor", 1) > 1:
-        kernel = trainable["layers_0"]["mlp"]["up_proj"]["kernel"]
-        assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+        kernel = trainable["layers_0-1"]["mlp"]["up_proj"]["kernel"]  # a scanned run: the layer axis stays whole
+        assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
         assert len({str(s.index) for s in kernel.addressable_shards}) == axes["fsdp"] * axes["tensor"]
 
 
@@ -112,8 +112,9 @@ def test_partition_rules_cover_every_family(llama, tmp_path):
     rules = hf.FAMILIES["LlamaForCausalLM"].partition_rules  # each family declares its own
     specs = param_specs(llama.params, mesh, rules)
     P = jax.sharding.PartitionSpec
-    assert specs["layers_0"]["self_attn"]["q_proj"]["kernel"] == P("fsdp", "tensor")
-    assert specs["layers_0"]["self_attn"]["o_proj"]["kernel"] == P("tensor", "fsdp")
+    assert specs["layers_0-1"]["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor")
+    assert specs["layers_0-1"]["self_attn"]["o_proj"]["kernel"] == P(None, "tensor", "fsdp")
+    assert specs["layers_0-1"]["input_layernorm"]["scale"] == P()
     assert specs["embed_tokens"]["embedding"] == P("tensor", "fsdp")
     assert specs["lm_head"]["kernel"] == P("fsdp", "tensor")
     assert specs["norm"]["scale"] == P()

@@ -20,7 +20,7 @@ from helpers import tiny_hf_model
 from jaxtune import tuning
 from jaxtune.data import LoaderConfig, make_loader, read_source
 from jaxtune.data.testing import tiny_tokenizer
-from jaxtune.models import hf
+from jaxtune.models import hf, stacking
 from jaxtune.train.config import EvalConfig, TrainConfig
 from jaxtune.train.optim import OptimizerConfig
 from jaxtune.train.sharding import MeshConfig, make_mesh
@@ -181,14 +181,18 @@ def test_optimizer_state_is_sharded_like_the_params(setup, tmp_path):
     specs = {jax.tree_util.keystr(p): x.sharding.spec
              for p, x in jax.tree_util.tree_leaves_with_path(trainer.trainable)}
     leaves = jax.tree_util.tree_leaves_with_path(trainer.opt_state)
+
+    def is_matrix(path, leaf) -> bool:  # per layer: a scanned run's leaves carry a layer axis too
+        return leaf.ndim - any(stacking.stack_range(str(getattr(k, "key", ""))) for k in path) >= 2
+
     matrices = 0
     for path, leaf in leaves:
         assert isinstance(leaf.sharding, NamedSharding) and leaf.sharding.mesh == trainer.mesh
-        if leaf.ndim >= 2:
+        if is_matrix(path, leaf):
             name = next(k for k in specs if jax.tree_util.keystr(path).endswith(k))
             assert leaf.sharding.spec == specs[name] and "fsdp" in leaf.sharding.spec, name
             matrices += 1
-    assert matrices == 2 * sum(x.ndim >= 2 for x in jax.tree.leaves(trainer.trainable))  # mu and nu
+    assert matrices == 2 * sum(is_matrix(p, x) for p, x in jax.tree_util.tree_leaves_with_path(trainer.trainable))
     total = sum(x.nbytes for _, x in leaves)
     on_one_device = sum(x.addressable_shards[0].data.nbytes for _, x in leaves)
     assert on_one_device < total / 6

@@ -12,7 +12,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import tiny_hf_model
 
 from jaxtune import tuning
-from jaxtune.models import hf
+from jaxtune.models import hf, stacking
 from jaxtune.models.layers import Linear
 from jaxtune.tuning.lora import init_adapter
 
@@ -93,17 +93,17 @@ def test_zero_b_linear_is_bitwise_the_base(kind):
 def test_adapter_leaves_init_and_scale(llama):
     tuned = tuning.apply_plan(llama, tuning.lora(rank=4, alpha=8, targets=["q_proj"], rslora=True)
                               + tuning.dora(rank=2, alpha=3, targets=["up_proj"]))
-    q = tuned.params["layers_0"]["self_attn"]["q_proj"]
-    up = tuned.params["layers_1"]["mlp"]["up_proj"]
+    params, labels = stacking.unstack(tuned.params), stacking.unstack(tuned.labels)  # per-layer view
+    q = params["layers_0"]["self_attn"]["q_proj"]
+    up = params["layers_1"]["mlp"]["up_proj"]
     assert q["lora_a"].shape == (64, 4) and q["lora_b"].shape == (4, 64) and "magnitude" not in q
     assert float(q["lora_scale"]) == pytest.approx(8 / 2.0)  # rsLoRA: alpha / sqrt(r)
     assert float(up["lora_scale"]) == pytest.approx(1.5)  # alpha / r
     bound = 1 / np.sqrt(64)  # PEFT's kaiming-uniform(a=sqrt 5) bound is 1/sqrt(fan_in)
     assert np.abs(np.asarray(q["lora_a"])).max() <= bound and np.all(np.asarray(q["lora_b"]) == 0)
-    np.testing.assert_allclose(np.asarray(up["magnitude"]),
-                               np.linalg.norm(np.asarray(llama.params["layers_1"]["mlp"]["up_proj"]["kernel"]), axis=0),
-                               rtol=1e-6)
-    assert {k: tuned.labels["layers_1"]["mlp"]["up_proj"][k] for k in up} == {
+    base_up = stacking.unstack(llama.params)["layers_1"]["mlp"]["up_proj"]["kernel"]
+    np.testing.assert_allclose(np.asarray(up["magnitude"]), np.linalg.norm(np.asarray(base_up), axis=0), rtol=1e-6)
+    assert {k: labels["layers_1"]["mlp"]["up_proj"][k] for k in up} == {
         "kernel": "freeze", "lora_a": "lora", "lora_b": "lora", "lora_scale": "freeze", "magnitude": "dora"}
 
 
@@ -167,7 +167,9 @@ def test_merge_equals_adapter_and_unmerge_restores(plan, llama):
     params = randomize_adapters(tuned.params)
     merged, saved = tuning.merge(params)
     assert not any(p[-1] in ("lora_a", "lora_b", "lora_scale", "magnitude") for p in flatten_dict(merged))
-    assert set(saved) == set(tuned.adapters)
+    # saved is keyed like the tree merged (a scanned run's modules once, for all its layers)
+    assert set(saved) == {p[:-1] for p in flatten_dict(params) if p[-1] == "lora_a"}
+    assert {m[1:] for m in saved} == {m[1:] for m in tuned.adapters}
     adapter_out = _out(tuned, params)
     base_tuned = tuning.apply_plan(llama, tuning.full())
     np.testing.assert_allclose(_out(base_tuned, merged), adapter_out, atol=1e-5, rtol=0)
@@ -182,5 +184,5 @@ def test_merge_equals_adapter_and_unmerge_restores(plan, llama):
 def test_merge_keeps_kernel_dtype(llama):
     tuned = tuning.apply_plan(llama, tuning.lora(rank=2, targets=["q_proj"]), frozen_dtype=jnp.bfloat16)
     merged, _ = tuning.merge(randomize_adapters(tuned.params))
-    assert merged["layers_0"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+    assert merged["layers_0-1"]["self_attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
 

@@ -11,7 +11,7 @@ from flax.traverse_util import flatten_dict
 from helpers import tiny_hf_model
 
 from jaxtune import tuning
-from jaxtune.models import hf
+from jaxtune.models import hf, stacking
 from jaxtune.tuning import PlanError
 
 
@@ -31,7 +31,8 @@ def bert(tmp_path_factory):
 
 
 def trainable(tuned: tuning.Tuned) -> dict[str, str]:
-    return {"/".join(p): label for p, label in flatten_dict(tuned.labels).items() if label != "freeze"}
+    labels = stacking.unstack(tuned.labels)  # the per-layer view plans are written in
+    return {"/".join(p): label for p, label in flatten_dict(labels).items() if label != "freeze"}
 
 
 def test_plan_is_plain_data_and_round_trips_through_yaml():
@@ -49,14 +50,15 @@ def test_plan_is_plain_data_and_round_trips_through_yaml():
 def test_freeze_all_but_last_blocks_trains_the_output_end(llama4):
     tuned = tuning.apply_plan(llama4, tuning.freeze_all_but(last_n_blocks=2))
     names = set(trainable(tuned))
-    every = {"/".join(p) for p in flatten_dict(llama4.params)}
+    every = {"/".join(p) for p in flatten_dict(stacking.unstack(llama4.params))}
     assert names == {p for p in every if p.startswith(("layers_2/", "layers_3/", "norm/", "lm_head/"))}
     assert set(trainable(tuned).values()) == {"train"}
 
 
 def test_kinds_select_module_families(llama4, bert):
     norms = tuning.apply_plan(llama4, tuning.train(kinds=["norms"]))
-    assert set(trainable(norms)) == {"/".join(p) for p in flatten_dict(llama4.params) if p[-1] == "scale"}
+    assert set(trainable(norms)) == {"/".join(p) for p in flatten_dict(stacking.unstack(llama4.params))
+                                     if p[-1] == "scale"}
     attention = tuning.apply_plan(llama4, tuning.train(kinds=["attention"]) + tuning.freeze(kinds=["norms"]))
     assert set(trainable(attention)) == {
         f"layers_{i}/self_attn/{m}/kernel" for i in range(4) for m in ("q_proj", "k_proj", "v_proj", "o_proj")}
@@ -73,7 +75,7 @@ def test_kinds_select_module_families(llama4, bert):
 def test_later_rules_override_earlier_ones(llama4):
     plan = tuning.full() + tuning.freeze("layers_0") + tuning.train("layers_0/mlp/") + tuning.freeze(blocks="2:4")
     names = set(trainable(tuning.apply_plan(llama4, plan)))
-    every = {"/".join(p) for p in flatten_dict(llama4.params)}
+    every = {"/".join(p) for p in flatten_dict(stacking.unstack(llama4.params))}
     assert names == {p for p in every if not p.startswith(("layers_0/", "layers_2/", "layers_3/"))
                      or p.startswith("layers_0/mlp/")}
 
@@ -128,7 +130,7 @@ def test_partition_and_combine_are_pure_inverses(llama4):
 def test_summary_line(llama4):
     tuned = tuning.apply_plan(llama4, tuning.lora(rank=2, targets=["q_proj"]) + tuning.train("^norm/"),
                               frozen_dtype=jnp.bfloat16)
-    assert llama4.params["layers_0"]["self_attn"]["q_proj"]["kernel"].shape == (64, 512)  # Qwen3 head_dim 128
+    assert llama4.params["layers_0-3"]["self_attn"]["q_proj"]["kernel"].shape == (4, 64, 512)  # Qwen3 head_dim 128
     lora = 4 * (64 * 2 + 2 * 512)  # 4 blocks x (A + B) of rank 2
     total_base = tuning.count(llama4.params)
     frozen_n = total_base - 64 + 4  # all base leaves but the final norm, plus 4 scalar lora_scale

@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtune.models import stacking
 from jaxtune.models.layers import (
     SUPPORTED_ROPE_TYPES,
     Array,
@@ -80,7 +81,13 @@ class DecoderConfig:
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # dtype of freshly initialised params
     remat: str = "none"  # none | block (save block inputs only) | dots (save matmul outputs)
+    # The layer stack: scanned runs of layers (jaxtune.models.stacking), or one module per layer.
+    scan_layers: bool = True
+    layer_groups: tuple[int, ...] = ()  # run lengths; () = runs of equal attention window
     adapter_dropout: float = 0.0  # dropout on the input of LoRA/DoRA updates, set by tuning
+
+    def __post_init__(self) -> None:
+        self.layer_runs  # noqa: B018 - fail at the door on run lengths that do not fit the layers
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
@@ -131,6 +138,16 @@ class DecoderConfig:
         """The gate's activation: silu (SwiGLU) in the Llama family."""
         return nn.silu(x)
 
+    @property
+    def windows(self) -> tuple[int | None, ...]:
+        """Each layer's sliding window (None: full attention)."""
+        return self.layer_windows or (None,) * self.num_layers
+
+    @property
+    def layer_runs(self) -> tuple[tuple[int, int], ...]:
+        """``(start, stop)`` of each run of layers the model scans as one (see :mod:`jaxtune.models.stacking`)."""
+        return stacking.layer_runs(self.num_layers, self.layer_groups, self.windows)
+
 
 def _architecture(hf: dict[str, Any]) -> str:
     for arch in hf.get("architectures") or []:
@@ -169,10 +186,11 @@ class LayerCache(NamedTuple):
 class KVCache(NamedTuple):
     """Keys and values of every layer for incremental decoding with :meth:`Decoder.decode` (a pytree).
 
-    ``k``/``v``: one ``(B, S, num_kv_heads, head_dim)`` array per layer in the compute dtype, ``S``
-    the maximum total length; keys are stored after RoPE. ``index`` ``()`` int32: the slot the next
-    token goes to, the same for every row because batched prompts are left-padded. ``start``
-    ``(B,)`` int32: each row's first real slot; the left padding before it is never attended to.
+    ``k``/``v``: one ``(L, B, S, num_kv_heads, head_dim)`` array per run of layers the model scans
+    (``cfg.layer_runs``, ``L`` layers each), in the compute dtype, ``S`` the maximum total length;
+    keys are stored after RoPE. ``index`` ``()`` int32: the slot the next token goes to, the same
+    for every row because batched prompts are left-padded. ``start`` ``(B,)`` int32: each row's
+    first real slot; the left padding before it is never attended to.
     """
 
     k: tuple[Array, ...]
@@ -180,16 +198,18 @@ class KVCache(NamedTuple):
     index: Array
     start: Array
 
-    def layer(self, i: int) -> LayerCache:
-        return LayerCache(self.k[i], self.v[i], self.index, self.start)
+    @property
+    def max_length(self) -> int:
+        """Cache slots per row (``S``)."""
+        return self.k[0].shape[2]
 
 
 def init_cache(cfg: DecoderConfig, batch: int, max_length: int, start: Array | None = None) -> KVCache:
     """An empty cache of ``max_length`` slots per row; ``start`` ``(B,)`` is each row's left-padding length."""
-    shape = (batch, max_length, cfg.num_kv_heads, cfg.head_dim)
 
     def zeros() -> tuple[Array, ...]:  # distinct buffers, so that a jitted step may donate them
-        return tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.num_layers))
+        return tuple(jnp.zeros((stop - first, batch, max_length, cfg.num_kv_heads, cfg.head_dim), cfg.compute_dtype)
+                     for first, stop in cfg.layer_runs)
 
     start = jnp.zeros((batch,), jnp.int32) if start is None else jnp.asarray(start, jnp.int32)
     return KVCache(zeros(), zeros(), jnp.zeros((), jnp.int32), start)
@@ -316,6 +336,39 @@ class DecoderBlock(nn.Module):
         return x if cache is None else (x, kv)
 
 
+class LayerStep(nn.Module):
+    """One layer of a scanned run, as ``nn.scan`` calls it: ``(x, positions, segment_ids, deterministic,
+    index, start, kv) -> (x, kv')`` where ``kv`` is this layer's ``(k, v)`` cache slice or None.
+
+    The block shares this module's scope, so a run's params are the block's params with a leading
+    layer axis (``layers_0-31/self_attn/q_proj/kernel``), nothing in between.
+    """
+
+    cfg: DecoderConfig
+    window: int | None
+    block_class: Any
+
+    def setup(self) -> None:
+        self.block = remat_block(self.block_class, self.cfg.remat)(self.cfg, self.window)
+        nn.share_scope(self, self.block)
+
+    def __call__(
+        self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool, index: Array | None,
+        start: Array | None, kv: tuple[Array, Array] | None,
+    ) -> tuple[Array, tuple[Array, Array] | None]:
+        if kv is None:
+            return self.block(x, positions, segment_ids, deterministic), None
+        return self.block(x, positions, None, deterministic, LayerCache(kv[0], kv[1], index, start))
+
+
+def scanned_run(cfg: DecoderConfig, block_class: type[nn.Module], start: int, stop: int) -> nn.Module:
+    """Layers ``start..stop-1`` as one ``nn.scan`` over :class:`LayerStep` (params stacked on axis 0;
+    dropout and init keys split per layer; the cache slices scanned, everything else broadcast)."""
+    scan = nn.scan(LayerStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(nn.broadcast,) * 5 + (0,), length=stop - start)
+    return scan(cfg, cfg.windows[start], block_class)
+
+
 class Decoder(nn.Module):
     """A causal language model.
 
@@ -326,6 +379,10 @@ class Decoder(nn.Module):
     :meth:`hidden` and :meth:`logits` split the same computation so a loss can chunk the vocab
     projection, and :meth:`hidden` accepts ``inputs_embeds`` for prompt tuning. :meth:`decode` is
     :meth:`hidden` with a :class:`KVCache`, for generation.
+
+    With ``cfg.scan_layers`` (the default) each run of layers (``cfg.layer_runs``) is one scan over
+    stacked params ``layers_a-b/...`` (the physical tree of :mod:`jaxtune.models.stacking`);
+    otherwise each layer is its own module ``layers_i/...`` (the logical tree, HF's layout).
     """
 
     cfg: DecoderConfig
@@ -336,8 +393,12 @@ class Decoder(nn.Module):
     def setup(self) -> None:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
-        block = remat_block(self.block_class, cfg.remat)
-        self.layers = [block(cfg, cfg.layer_windows[i] if cfg.layer_windows else None) for i in range(cfg.num_layers)]
+        if cfg.scan_layers:  # a dict attribute names its modules layers_<key>: the physical keys
+            self.layers = {stacking.stack_key(a, b)[len("layers_"):]: scanned_run(cfg, self.block_class, a, b)
+                           for a, b in cfg.layer_runs}
+        else:
+            block = remat_block(self.block_class, cfg.remat)
+            self.layers = [block(cfg, w) for w in cfg.windows]
         self.norm = self.norm_class(cfg.rms_norm_eps, dt, cfg.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, dtype=dt, param_dtype=cfg.param_dtype,
@@ -346,6 +407,32 @@ class Decoder(nn.Module):
     def embed(self, input_ids: Array) -> Array:
         """Token embeddings ``(B, T, D)``."""
         return self.embed_tokens(input_ids)
+
+    def _stack(self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool,
+               cache: KVCache | None) -> tuple[Array, KVCache | None]:
+        """Every layer in order, with or without a cache; returns the output and the updated cache."""
+        ks, vs = [], []
+        index, start = (None, None) if cache is None else (cache.index, cache.start)
+        for r, (a, b) in enumerate(self.cfg.layer_runs):
+            kv = None if cache is None else (cache.k[r], cache.v[r])
+            if self.cfg.scan_layers:
+                x, kv = self.layers[stacking.stack_key(a, b)[len("layers_"):]](
+                    x, positions, segment_ids, deterministic, index, start, kv)
+            else:
+                outs = []
+                for j, layer in enumerate(self.layers[a:b]):
+                    if kv is None:
+                        x = layer(x, positions, segment_ids, deterministic)
+                    else:
+                        x, out = layer(x, positions, None, deterministic, LayerCache(kv[0][j], kv[1][j], index, start))
+                        outs.append(out)
+                kv = None if kv is None else (jnp.stack([o[0] for o in outs]), jnp.stack([o[1] for o in outs]))
+            if kv is not None:
+                ks.append(kv[0])
+                vs.append(kv[1])
+        if cache is None:
+            return x, None
+        return x, KVCache(tuple(ks), tuple(vs), cache.index + x.shape[1], cache.start)
 
     def hidden(
         self,
@@ -359,8 +446,7 @@ class Decoder(nn.Module):
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
-        for layer in self.layers:
-            x = layer(x, positions, segment_ids, deterministic)
+        x, _ = self._stack(x, positions, segment_ids, deterministic, None)
         return self.norm(x)
 
     def decode(
@@ -379,12 +465,8 @@ class Decoder(nn.Module):
         the new keys/values written at ``cache.index`` and ``index`` advanced by ``T``.
         """
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, positions, None, True, cache.layer(i))
-            ks.append(k)
-            vs.append(v)
-        return self.norm(x), KVCache(tuple(ks), tuple(vs), cache.index + x.shape[1], cache.start)
+        x, cache = self._stack(x, positions, None, True, cache)
+        return self.norm(x), cache
 
     def logits(self, hidden: Array) -> Array:
         """Vocabulary logits ``(..., vocab)`` for hidden states ``(..., D)``."""

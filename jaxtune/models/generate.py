@@ -124,7 +124,7 @@ def _decode_loop(model: Decoder, params: Params, cache: KVCache, logits: Array, 
     pick = functools.partial(_pick, key=key, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                              filtered=filtered)
     first = pick(logits, step=0)
-    out = jnp.zeros((logits.shape[0], cache.k[0].shape[1]), jnp.int32).at[:, 0].set(first)
+    out = jnp.zeros((logits.shape[0], cache.max_length), jnp.int32).at[:, 0].set(first)
 
     def running(state: tuple) -> Array:
         step, _, done, _, _ = state

@@ -29,7 +29,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, vit
+from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, stacking, vit
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
@@ -310,6 +310,9 @@ def abstract_params(module: nn.Module, cfg: FamilyConfig) -> Params:
 def hf_name(family: Family, path: tuple[str, ...]) -> str:
     """HF tensor name of a base param leaf path."""
     leaf = path[-1]
+    if stacking.stack_range(path[0]) is not None:
+        raise CheckpointError(f"param {'/'.join(path)} holds a scanned run of layers, one HF tensor per layer; "
+                              "name the layers' paths (jaxtune.models.stacking.unstack)")
     if leaf not in BASE_LEAVES:
         raise CheckpointError(
             f"param {'/'.join(path)} is an adapter leaf with no Hugging Face tensor; merge adapters first "
@@ -380,23 +383,28 @@ def load_pretrained(
     leaf_shardings = _leaf_shardings(shardings, abstract)
     params, used = {}, set()
     for path, spec in abstract.items():
-        want = hf_name(family, path)
-        found = _find(reader, want)
-        if found is None and family.checkpoint_name is not None:
-            found = _find(reader, family.checkpoint_name(want))
-        if found is None:
-            raise CheckpointError(f"{model_dir}: missing tensor {want!r} (param {'/'.join(path)}) for {arch}")
-        view = reader[found]
-        transposed = stored_transposed(family, path)
-        if transposed:
-            view = view.T
-        if view.shape != spec.shape:
-            raise CheckpointError(
-                f"{model_dir}: tensor {found!r} has shape {tuple(reader.shape(found))}, but {arch} with this "
-                f"config.json expects {spec.shape[::-1] if transposed else spec.shape}"
-            )
-        params[path] = _place(view, dtype, leaf_shardings.get(path))
-        used.add(found)
+        layers = stacking.stack_range(path[0])  # a scanned run: one tensor per layer, stacked
+        views = []
+        for logical, shape in ([(stacking.logical_path(path, i), spec.shape[1:]) for i in layers] if layers
+                               else [(path, spec.shape)]):
+            want = hf_name(family, logical)
+            found = _find(reader, want)
+            if found is None and family.checkpoint_name is not None:
+                found = _find(reader, family.checkpoint_name(want))
+            if found is None:
+                raise CheckpointError(f"{model_dir}: missing tensor {want!r} (param {'/'.join(logical)}) for {arch}")
+            view = reader[found]
+            transposed = stored_transposed(family, logical)
+            if transposed:
+                view = view.T
+            if view.shape != shape:
+                raise CheckpointError(
+                    f"{model_dir}: tensor {found!r} has shape {tuple(reader.shape(found))}, but {arch} with this "
+                    f"config.json expects {shape[::-1] if transposed else shape}"
+                )
+            views.append(view)
+            used.add(found)
+        params[path] = _place(_Stacked(views) if layers else views[0], dtype, leaf_shardings.get(path))
     unused = [n for n in reader.names() if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
     if getattr(cfg, "tie_word_embeddings", False) and unused == ["lm_head.weight"]:
         unused = []  # some writers store the tied output matrix twice
@@ -433,6 +441,22 @@ def _leaf_shardings(shardings: Any, abstract: dict[tuple[str, ...], Any]) -> dic
     if missing:
         raise CheckpointError(f"shardings: no sharding for param {'/'.join(missing[0])} (and {len(missing) - 1} more)")
     return flat
+
+
+class _Stacked:
+    """Per-layer tensor views read as one ``(L, ...)`` array; a slice reads only the layers and rows it needs."""
+
+    def __init__(self, views: list[np.ndarray]):
+        self.views = views
+        self.shape = (len(views), *views[0].shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return np.stack([np.asarray(v, dtype=dtype) for v in self.views])
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        index = index if isinstance(index, tuple) else (index,)
+        rest = index[1:]
+        return np.stack([np.asarray(v[rest]) for v in self.views[index[0] if index else slice(None)]])
 
 
 def _place(view: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
@@ -480,7 +504,7 @@ def save_pretrained(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     arch, family = family_for(hf_config, architecture)
-    flat = flatten_dict(params)
+    flat = flatten_dict(stacking.unstack(params))  # HF stores one tensor per layer
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for path, leaf in flat.items():

@@ -4,7 +4,8 @@ The mesh has three named axes: ``data`` (pure data parallelism), ``fsdp`` (data 
 with params and optimizer state sharded) and ``tensor`` (Megatron-style: attention heads and MLP
 columns split). The batch is split over ``data`` x ``fsdp``. Parameters are placed by rules on
 their paths; an axis that does not divide a dimension is dropped for that leaf (tiny models on
-many devices still work), never silently for big ones: :func:`param_specs` reports it.
+many devices still work), never silently for big ones: :func:`param_specs` reports it. The
+leading layer axis of a scanned run of layers (:mod:`jaxtune.models.stacking`) is never split.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import jax
 import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxtune.models import stacking
 
 AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
@@ -98,12 +101,18 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules = ()) -> Any:
     compiled = [(re.compile(pattern), spec) for pattern, spec in (*rules, *DEFAULT_RULES)]
 
     def spec_for(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
-        if len(getattr(leaf, "shape", ())) < 2:
+        keys = [str(getattr(k, "key", k)) for k in path]
+        name = "/".join(keys)
+        # A scanned run's leaves carry a leading layer axis, never split: the scan slices it, and
+        # FSDP then gathers one layer's weights per iteration. Optimizer state nests the param
+        # paths (``0/mu/layers_0-31/...``), so the run's key may sit anywhere in the path.
+        lead = 1 if any(stacking.stack_range(k) is not None for k in keys) else 0
+        shape = tuple(getattr(leaf, "shape", ()))[lead:]
+        if len(shape) < 2:
             return PartitionSpec()
         for pattern, spec in compiled:
             if pattern.search(name):
-                return _fit(spec, tuple(leaf.shape), mesh)
+                return PartitionSpec(*(None,) * lead, *_fit(spec, shape, mesh))
         return PartitionSpec()
 
     return jax.tree_util.tree_map_with_path(spec_for, params)

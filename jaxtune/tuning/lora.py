@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxtune.models import stacking
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, MAGNITUDE
 from jaxtune.models.quant import as_float
 
@@ -118,7 +119,8 @@ def merge(params: Params) -> tuple[Params, dict[tuple[str, ...], dict[str, Array
     """Fold every adapter into its kernel; returns ``(merged params without adapter leaves, saved)``.
 
     LoRA: ``W' = W + s A B``. DoRA: ``W' = m / ||W + s A B|| * (W + s A B)`` per output column.
-    Arithmetic is float32; the merged kernel keeps the kernel's dtype. ``saved`` holds each
+    Arithmetic is float32; the merged kernel keeps the kernel's dtype. Works on either layout
+    (:mod:`jaxtune.models.stacking`): a scanned run's modules merge layer by layer. ``saved`` holds each
     module's adapter leaves (and, for DoRA, the column norm ``weight_norm`` that the merge used,
     which :func:`unmerge` needs: it cannot be recovered from the merged weight, as PEFT notes).
     """
@@ -126,7 +128,8 @@ def merge(params: Params) -> tuple[Params, dict[tuple[str, ...], dict[str, Array
     saved = {}
     for module, leaves in adapted_modules(params).items():
         record = {name: leaves[name] for name in ADAPTER_LEAVES if name in leaves}
-        flat[module + ("kernel",)], norm = _merge_one({k: v for k, v in leaves.items() if k != "bias"})
+        merge_one = jax.vmap(_merge_one) if stacking.stack_range(module[0]) else _merge_one  # a scanned run
+        flat[module + ("kernel",)], norm = merge_one({k: v for k, v in leaves.items() if k != "bias"})
         if norm is not None:
             record["weight_norm"] = norm
         for name in ADAPTER_LEAVES:
@@ -139,6 +142,7 @@ def unmerge(merged: Params, saved: dict[tuple[str, ...], dict[str, Array]]) -> P
     """Inverse of :func:`merge`: subtract the folded update and restore the adapter leaves."""
     flat = flatten_dict(merged)
     for module, record in saved.items():
-        flat[module + ("kernel",)] = _unmerge_one(flat[module + ("kernel",)], record)
+        unmerge_one = jax.vmap(_unmerge_one) if stacking.stack_range(module[0]) else _unmerge_one
+        flat[module + ("kernel",)] = unmerge_one(flat[module + ("kernel",)], record)
         flat.update({module + (name,): record[name] for name in ADAPTER_LEAVES if name in record})
     return unflatten_dict(flat)

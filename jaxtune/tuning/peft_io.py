@@ -34,7 +34,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import hf
+from jaxtune.models import hf, stacking
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
 from jaxtune.models.load import ADAPTER_CONFIG
 from jaxtune.models.quant import dequantize_tree
@@ -204,7 +204,7 @@ def export_merged(
     arch = tuned.hf_architecture
     if arch is None:
         hf_module_name(tuned, (HEAD_KEY, "out"))  # raises the explanation
-    merged, _ = merge(tuned.params if params is None else params)
+    merged, _ = merge(stacking.unstack(tuned.params if params is None else params))  # HF's per-layer layout
     merged = dequantize_tree(merged)  # a quantized base is written dequantized, in its original dtype
     body = {k: v for k, v in merged.items() if k != HEAD_KEY}
     source = Path(tuned.source)
@@ -235,7 +235,7 @@ def export_merged(
 def _modules_to_save(tuned: Tuned, params: Params) -> list[Module]:
     """Modules holding trained base leaves, plus the head (PEFT saves modules whole). A head is saved even
     when frozen: PEFT's SEQ_CLS adapters always wrap the classifier and expect its weights in the file."""
-    flat_labels = flatten_dict(tuned.labels)
+    flat_labels = flatten_dict(stacking.unstack(tuned.labels))
     chosen = {path[:-1] for path, label in flat_labels.items()
               if label != FROZEN and path[-1] not in ADAPTER_LEAVES and path != (PROMPT_LEAF,)}
     if tuned.head is not None:
@@ -283,7 +283,7 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
     (with the right ``num_labels``, and ``pad_token_id`` when the base config has none: transformers'
     decoder classifiers need it for batches > 1) for heads. Tensors are written float32.
     """
-    params = tuned.params if params is None else params
+    params = stacking.unstack(tuned.params if params is None else params)  # PEFT names layers one by one
     if tuned.adapters and tuned.prompt_tokens:
         raise ExportError("a PEFT adapter is either LoRA/DoRA or prompt tuning; this plan has both")
     if tuned.head is not None and tuned.hf_architecture is None:
@@ -403,7 +403,7 @@ def load_peft(
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
                           bias=f"{head_out}.bias" in keys))
     layout = planning.apply_plan(pretrained, Plan(tuple(rules)))  # the tree the adapter will be laid onto
-    layout_modules = _modules(layout.params)
+    layout_modules = _modules(stacking.unstack(layout.params))
     by_name = _hf_names(layout, list(layout_modules))
     unknown = sorted(saved - set(by_name))
     if unknown:
@@ -564,7 +564,7 @@ def _lora_rules(config: dict[str, Any], linears: dict[str, Module], saved: set[s
 def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_name: dict[str, Module],
           adapter_dir: Path) -> Params:
     """``tuned.params`` with every tensor of the adapter file put in its leaf (shapes checked)."""
-    flat = flatten_dict(tuned.params)
+    flat = flatten_dict(stacking.unstack(tuned.params))
     wanted = {}  # leaf path -> (key, transpose)
     for module in tuned.adapters:
         name = hf_module_name(tuned, module)
@@ -595,7 +595,7 @@ def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_n
                               f"{path_str(path)} needs {need}")
         value = value.T if transpose else value
         flat[path] = jnp.asarray(value, dtype=flat[path].dtype)
-    return unflatten_dict(flat)
+    return stacking.to_physical(unflatten_dict(flat), tuned.config)
 
 
 # ----------------------------------------------------------------------------- the one export call

@@ -1,9 +1,11 @@
 """Applying a plan to a pretrained model: the tuned module, its params and their labels.
 
 :func:`apply_plan` turns a :class:`jaxtune.models.hf.Pretrained` and a :class:`Plan` into a
-:class:`Tuned`: the body's params (paths unchanged: ``layers_0/...`` for decoders, ``layer_0/...``
-for BERT bodies, also when loaded from ``BertForSequenceClassification``) plus adapter leaves,
-``head/...`` and ``prompt_embeddings`` as the plan asks, and one label per leaf.
+:class:`Tuned`: the body's params (paths unchanged: ``layer_0/...`` for BERT bodies, also when
+loaded from ``BertForSequenceClassification``) plus adapter leaves, ``head/...`` and
+``prompt_embeddings`` as the plan asks, and one label per leaf. The plan is resolved on the
+logical per-layer paths (``layers_3/...``); a scanned decoder's params and labels then hold each
+run of identically planned layers stacked (``layers_0-1/...``, :mod:`jaxtune.models.stacking`).
 
 Call convention of :class:`TunedModel` (keyword arguments; ``segment_ids`` nonzero = real token):
 
@@ -29,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxtune.models import decoder, efficientnet, vit
+from jaxtune.models import decoder, efficientnet, stacking, vit
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
 from jaxtune.models.quant import is_quantized
@@ -121,7 +123,9 @@ class TunedModel(nn.Module):
 class Tuned:
     """A pretrained model with a plan applied.
 
-    ``params``/``labels`` are same-shaped trees; ``labels`` leaves are ``"freeze"`` or a group
+    ``params``/``labels`` are same-shaped trees in the layout the module runs on (a scanned
+    decoder's runs stacked; ``jaxtune.models.stacking.unstack`` gives the per-layer view, and
+    ``config.layer_groups`` the runs); ``labels`` leaves are ``"freeze"`` or a group
     (``train``, ``lora``, ``dora``, ``prompt``, ``head``). ``config``/``hf_config``/``source``/
     ``architecture`` describe the base checkpoint, for export. ``head_is_new`` is True when the
     plan created the head (it is then always exported with a PEFT adapter). ``label_names``:
@@ -174,7 +178,7 @@ def is_image(cfg: Any) -> bool:
 
 def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, HeadSpec | None, Params | None]:
     """The body config and params, and the checkpoint's own head (``*ForSequenceClassification``)."""
-    cfg, params = pretrained.config, pretrained.params
+    cfg, params = pretrained.config, stacking.unstack(pretrained.params)  # plans address layers one by one
     if pretrained.architecture in efficientnet.CLASSIFIERS:  # the ImageNet classifier: mean pool -> dropout -> fc
         spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
                         pooling="mean", dropout=cfg.hidden_dropout, bias=True)
@@ -282,6 +286,10 @@ def apply_plan(
     params = quantize_leaves(params, labels_lib.resolve_quantize(plan, flat_labels, cfg.num_layers, loaded_quantized))
 
     body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
+    if getattr(cfg, "scan_layers", False):
+        # Runs of identically planned layers, each one scan: a frozen run gets no gradient or optimizer state.
+        body_cfg = dataclasses.replace(body_cfg, layer_groups=stacking.plan_groups(cfg, labels, params))
+        params, labels = stacking.to_physical(params, body_cfg), stacking.to_physical(labels, body_cfg)
     body = FAMILIES[pretrained.architecture].body_module(body_cfg)  # the family's own body (Decoder, Gemma...)
     return Tuned(
         module=TunedModel(body, task, prompt_tokens, head),

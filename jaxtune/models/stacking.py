@@ -1,0 +1,191 @@
+"""The layer stack's two param layouts: logical (one subtree per layer) and physical (stacked runs).
+
+A decoder's *logical* tree has one subtree per block, ``layers_3/self_attn/q_proj/kernel``: the
+names Hugging Face checkpoints, tuning plans, labels and PEFT adapters use. The *physical* tree
+that the model runs on holds each run of consecutive layers as one subtree whose leaves carry a
+leading layer axis, keyed by the run's first and last layer: ``layers_0-31/self_attn/q_proj/kernel``
+``(32, D, N*H)``. The model scans each run (``nn.scan``), so compile time and program size do not
+grow with depth, and FSDP can gather one layer at a time.
+
+A run is a maximal stretch of layers that a scan can treat alike: the same attention window (a
+static flag of the attention kernel), and, once a plan is applied, the same leaves with the same
+labels, shapes and dtypes, so a frozen run is its own scan and gets no gradient and no optimizer
+state while its neighbours train. The config carries the run lengths (``layer_groups``).
+
+Everything here is pure tree manipulation on nested dicts, applied where a tree crosses the
+boundary (loading, applying a plan, export, merge), never inside a step. Leaves may be arrays,
+``jax.ShapeDtypeStruct``, or strings (labels: one label per run, checked to agree), and any pytree
+node whose array components carry the weight's leading axes (they stack component by component).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Hashable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Params = dict[str, Any]
+PREFIX = "layers"
+_LAYER = re.compile(r"^layers_(\d+)$")
+_STACK = re.compile(r"^layers_(\d+)-(\d+)$")
+
+
+def stack_key(start: int, stop: int) -> str:
+    """The physical key of layers ``start..stop-1``, e.g. ``layers_0-31``."""
+    return f"{PREFIX}_{start}-{stop - 1}"
+
+
+def stack_range(key: str) -> range | None:
+    """The layers a physical key holds (``layers_4-7`` -> ``range(4, 8)``), or None for any other key."""
+    m = _STACK.match(key)
+    return range(int(m.group(1)), int(m.group(2)) + 1) if m else None
+
+
+def runs(sizes: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """``(start, stop)`` of consecutive runs of the given lengths: ``(2, 3)`` -> ``((0, 2), (2, 5))``."""
+    out, start = [], 0
+    for size in sizes:
+        out.append((start, start + size))
+        start += size
+    return tuple(out)
+
+
+def run_lengths(signatures: Sequence[Hashable]) -> tuple[int, ...]:
+    """Lengths of the maximal runs of equal consecutive values: ``(a, a, b, a)`` -> ``(2, 1, 1)``."""
+    sizes: list[int] = []
+    for i, sig in enumerate(signatures):
+        if i and sig == signatures[i - 1]:
+            sizes[-1] += 1
+        else:
+            sizes.append(1)
+    return tuple(sizes)
+
+
+def layer_runs(num_layers: int, layer_groups: Sequence[int], windows: Sequence[int | None]) -> tuple[
+        tuple[int, int], ...]:
+    """The runs a model scans: ``layer_groups`` (run lengths) if given, else the runs of equal
+    ``windows``. Raises ValueError when the lengths do not cover the layers or a run mixes windows."""
+    windows = tuple(windows) or (None,) * num_layers
+    sizes = tuple(layer_groups) or run_lengths(windows)
+    if sum(sizes) != num_layers or any(s <= 0 for s in sizes):
+        raise ValueError(f"layer_groups {tuple(layer_groups)} must be positive run lengths adding up to "
+                         f"num_layers {num_layers}")
+    for start, stop in runs(sizes):
+        if len(set(windows[start:stop])) > 1:
+            raise ValueError(f"layer_groups: layers {start}..{stop - 1} mix attention windows "
+                             f"{sorted(set(windows[start:stop]), key=str)}; split the run where the window changes")
+    return runs(sizes)
+
+
+def _is_leaf(x: Any) -> bool:
+    return isinstance(x, str) or x is None
+
+
+def _stack_leaves(path: str, *leaves: Any) -> Any:
+    first = leaves[0]
+    if isinstance(first, str):
+        if any(x != first for x in leaves):
+            raise ValueError(f"{path}: layers of one run have different labels {sorted(set(leaves))}; "
+                             "split the run (layer_groups) where the plan changes")
+        return first
+    if any(x.shape != first.shape or x.dtype != first.dtype for x in leaves):
+        raise ValueError(f"{path}: layers of one run have different shapes/dtypes "
+                         f"{sorted({(tuple(x.shape), str(x.dtype)) for x in leaves})}; split the run (layer_groups)")
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
+    if all(isinstance(x, np.ndarray) for x in leaves):
+        return np.stack(leaves)
+    return jnp.stack(leaves)
+
+
+def stack(tree: Params, layer_runs_: Sequence[tuple[int, int]]) -> Params:
+    """Logical -> physical: the subtrees ``layers_i`` of each run become one ``layers_a-b`` subtree whose
+    leaves have a leading layer axis. Other keys are kept as they are. A tree without layer keys
+    (e.g. an optimizer's empty part) comes back unchanged. Raises ValueError naming the layer and
+    leaf when the layers of a run differ in structure, shape, dtype or label."""
+    if not any(_LAYER.match(k) for k in tree):
+        return dict(tree)
+    out = {k: v for k, v in tree.items() if not _LAYER.match(k)}
+    for start, stop in layer_runs_:
+        layers = [tree.get(f"{PREFIX}_{i}") for i in range(start, stop)]
+        present = [x is not None for x in layers]
+        if not any(present):
+            continue  # this run has no leaves in this tree (e.g. a frozen run in the trainable part)
+        if not all(present):
+            missing = [start + i for i, p in enumerate(present) if not p]
+            raise ValueError(f"layers {missing} have no leaves in this tree while layers {start}..{stop - 1} form "
+                             "one run; split the run (layer_groups) where the plan changes")
+        structure = jax.tree.structure(layers[0], is_leaf=_is_leaf)
+        for i, layer in enumerate(layers[1:], start + 1):
+            if jax.tree.structure(layer, is_leaf=_is_leaf) != structure:
+                raise ValueError(f"layers_{i} has other leaves than layers_{start} ({_leaf_names(layer)} vs "
+                                 f"{_leaf_names(layers[0])}); split the run (layer_groups) where the plan changes")
+        key = stack_key(start, stop)
+        out[key] = jax.tree_util.tree_map_with_path(
+            lambda p, *xs, key=key: _stack_leaves(f"{key}/{jax.tree_util.keystr(p, simple=True, separator='/')}",
+                                                  *xs),
+            *layers, is_leaf=_is_leaf)
+    return out
+
+
+def _leaf_names(tree: Any) -> list[str]:
+    return sorted(jax.tree_util.keystr(p, simple=True, separator="/")
+                  for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0])
+
+
+def _unstack_leaf(leaf: Any, i: int) -> Any:
+    if isinstance(leaf, str):
+        return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+    return leaf[i]
+
+
+def unstack(tree: Params) -> Params:
+    """Physical -> logical: each ``layers_a-b`` subtree becomes ``layers_a`` .. ``layers_b``.
+    A logical tree comes back unchanged (as a new top-level dict)."""
+    out = {}
+    for key, value in tree.items():
+        layers = stack_range(key)
+        if layers is None:
+            out[key] = value
+            continue
+        for j, i in enumerate(layers):
+            out[f"{PREFIX}_{i}"] = jax.tree.map(lambda x, j=j: _unstack_leaf(x, j), value, is_leaf=_is_leaf)
+    return out
+
+
+def is_stacked(tree: Params) -> bool:
+    """Whether ``tree`` holds any physical (stacked) run."""
+    return any(stack_range(k) is not None for k in tree)
+
+
+def logical_path(path: tuple[str, ...], layer: int) -> tuple[str, ...]:
+    """The logical path of ``layer`` within a physical ``path`` (``layers_0-3/mlp/...``, 2 -> ``layers_2/mlp/...``)."""
+    return (f"{PREFIX}_{layer}", *path[1:])
+
+
+def to_physical(tree: Params, cfg: Any) -> Params:
+    """``tree`` in the layout ``cfg``'s model runs on: stacked runs when it scans its layers (a
+    decoder with ``scan_layers``), else unchanged. A tree that is already physical is returned as is."""
+    if not getattr(cfg, "scan_layers", False) or is_stacked(tree):
+        return tree
+    return stack(tree, cfg.layer_runs)
+
+
+def plan_groups(cfg: Any, labels: Params, params: Params) -> tuple[int, ...]:
+    """Run lengths for a logical tree with a plan applied: maximal runs of layers with the same
+    attention window and the same leaves, labels, shapes and dtypes, so that each run stacks and
+    a frozen run is a scan apart from its trained neighbours."""
+    def signature(i: int) -> Hashable:
+        key = f"{PREFIX}_{i}"
+        leaves = jax.tree_util.tree_flatten_with_path(params.get(key, {}))[0]
+        flat_labels = dict(jax.tree_util.tree_flatten_with_path(labels.get(key, {}), is_leaf=_is_leaf)[0])
+        return cfg.windows[i], tuple((jax.tree_util.keystr(p), flat_labels.get(p), tuple(x.shape), str(x.dtype))
+                                     for p, x in leaves)
+
+    return run_lengths([signature(i) for i in range(cfg.num_layers)])

@@ -1,0 +1,132 @@
+"""The scanned layer stack: runs of identically planned layers are scans apart, frozen runs stay
+free (no gradient, no optimizer state), and the scanned model computes what the unrolled one does."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune import tuning
+from jaxtune.models import stacking
+from jaxtune.models.decoder import Decoder, DecoderConfig
+from jaxtune.models.hf import FAMILIES, Pretrained
+from jaxtune.train.optim import OptimizerConfig, build_optimizer
+from jaxtune.train.sharding import MeshConfig, make_mesh, param_shardings, param_specs
+from jaxtune.train.step import make_loss_fn, make_train_step
+
+P = jax.sharding.PartitionSpec
+NamedSharding = jax.sharding.NamedSharding
+
+CFG = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=2,
+                    head_dim=8)
+RANK = 4
+IDS = np.random.RandomState(0).randint(1, 64, (2, 8)).astype(np.int32)
+BATCH = {"input_ids": IDS, "targets": np.roll(IDS, -1, axis=1), "loss_weights": np.ones((2, 8), np.float32),
+         "segment_ids": np.array([[1] * 8, [1] * 5 + [0] * 3], np.int32)}
+
+
+@pytest.fixture(scope="module")
+def unrolled_and_scanned():
+    """The same random weights as an unrolled (per-layer) and a scanned model."""
+    cfg = dataclasses.replace(CFG, scan_layers=False)
+    module = Decoder(cfg)
+    logical = module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    scanned = Decoder(CFG)
+    return (Pretrained(cfg, module, logical, {}, "random", "LlamaForCausalLM"),
+            Pretrained(CFG, scanned, stacking.stack(logical, CFG.layer_runs), {}, "random", "LlamaForCausalLM"))
+
+
+def _grads(tuned: tuning.Tuned) -> tuple[jax.Array, dict]:
+    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
+    loss = make_loss_fn(tuned.module, "lm")
+
+    def mean_loss(t: dict) -> jax.Array:
+        total, weight, _ = loss(tuning.combine(t, frozen), BATCH, jax.random.key(0), True)
+        return total / weight
+
+    return jax.value_and_grad(mean_loss)(trainable)
+
+
+def test_partly_frozen_stack_keeps_frozen_layers_free(unrolled_and_scanned):
+    unrolled, scanned = unrolled_and_scanned
+    plan = tuning.lora(rank=RANK, blocks="last:2") + tuning.train(kinds=["norms"], blocks=[3])
+    tuned = tuning.apply_plan(scanned, plan)
+    # Three runs: frozen layers 0-1, LoRA layer 2, LoRA + trained norms layer 3.
+    assert tuned.config.layer_groups == (2, 1, 1)
+    assert {k for k in tuned.params if k.startswith("layers")} == {"layers_0-1", "layers_2-2", "layers_3-3"}
+    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
+    assert "layers_0-1" not in trainable and "layers_0-1" in frozen
+
+    # Optimizer state (AdamW: two float32 moments per trainable scalar) counted against the closed form.
+    c = CFG
+    linears = [(c.hidden_size, c.num_heads * c.head_dim), (c.hidden_size, c.num_kv_heads * c.head_dim),
+               (c.hidden_size, c.num_kv_heads * c.head_dim), (c.num_heads * c.head_dim, c.hidden_size),
+               (c.hidden_size, c.intermediate_size), (c.hidden_size, c.intermediate_size),
+               (c.intermediate_size, c.hidden_size)]
+    n_trainable = 2 * sum(RANK * (i + o) for i, o in linears) + 2 * c.hidden_size  # + layer 3's two norms
+    assert tuning.count(trainable) == n_trainable
+    optimizer, _ = build_optimizer(OptimizerConfig(), 10)
+    state = jax.eval_shape(optimizer.init, trainable)
+    moment_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state) if x.ndim)
+    assert moment_bytes == 2 * 4 * n_trainable
+
+    # Gradients of the scanned model equal the unrolled model's, layer by layer.
+    loss, grads = _grads(tuned)
+    ref_loss, ref_grads = _grads(tuning.apply_plan(unrolled, plan))
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-6)
+    assert set(stacking.unstack(grads)) == set(ref_grads) == {"layers_2", "layers_3"}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5),
+                 stacking.unstack(grads), ref_grads)
+
+
+def test_stacking_round_trip_and_mismatched_runs():
+    logical = {"layers_0": {"w": np.ones((2, 3))}, "layers_1": {"w": np.zeros((2, 3))}, "norm": {"scale": np.ones(2)}}
+    physical = stacking.stack(logical, ((0, 2),))
+    assert physical["layers_0-1"]["w"].shape == (2, 2, 3) and physical["norm"] is logical["norm"]
+    back = stacking.unstack(physical)
+    assert set(back) == set(logical) and all(np.array_equal(back[k]["w"], logical[k]["w"]) for k in ("layers_0",
+                                                                                                     "layers_1"))
+    labels = {"layers_0": {"w": "train"}, "layers_1": {"w": "freeze"}}
+    with pytest.raises(ValueError, match=r"layers_0-1/w: layers of one run have different labels"):
+        stacking.stack(labels, ((0, 2),))
+    with pytest.raises(ValueError, match=r"layer_groups \(1, 2\) must be positive run lengths adding up to "
+                                         r"num_layers 4"):
+        dataclasses.replace(CFG, layer_groups=(1, 2))
+
+
+def test_fsdp_never_gathers_a_whole_run_of_layers():
+    """With params and Adam state sharded over 8 simulated devices (fsdp), the compiled step of a
+    scanned model holds no all-gathered stacked weight: a layer's weights are gathered (if at all)
+    inside the loop, one layer at a time, and the optimizer state stays sharded."""
+    cfg = dataclasses.replace(CFG, num_layers=2)
+    module = Decoder(cfg)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"]
+    tuned = tuning.apply_plan(Pretrained(cfg, module, params, {}, "random", "LlamaForCausalLM"), tuning.full())
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    rules = FAMILIES["LlamaForCausalLM"].partition_rules
+    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
+    shardings = param_shardings(trainable, mesh, rules)
+    optimizer, _ = build_optimizer(OptimizerConfig(), 10)
+    state = jax.eval_shape(optimizer.init, trainable)
+    state_specs = param_specs(state, mesh, rules)
+    # Adam's moments of a stacked kernel keep the layer axis whole and split the weight like the param.
+    flat = jax.tree_util.tree_flatten_with_path(state_specs, is_leaf=lambda x: isinstance(x, P))[0]
+    moments = [spec for path, spec in flat if jax.tree_util.keystr(path).endswith(
+        "['layers_0-1']['mlp']['up_proj']['kernel']")]
+    assert len(moments) == 2 and set(moments) == {P(None, "fsdp", "tensor")}  # mu and nu
+    step = jax.jit(make_train_step(make_loss_fn(tuned.module, "lm"), optimizer))
+    rows = {k: np.tile(v, (4, 1)) for k, v in BATCH.items()}
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, P("fsdp"))),
+                         rows)
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainable, shardings)
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)), state,
+                         state_specs)
+    hlo = step.lower(abstract, frozen, state, batch, jax.random.key(0)).compile().as_text()
+    stacked = [tuple(x.shape) for x in jax.tree.leaves(trainable) if x.ndim == 3]
+    gathered = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather", hlo)
+    assert stacked and not {tuple(int(d) for d in g.split(",")) for g in gathered} & set(stacked)
