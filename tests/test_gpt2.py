@@ -20,7 +20,7 @@ from test_tuning_lora import forward
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
 
 from jaxtune import tuning
-from jaxtune.models import hf
+from jaxtune.models import hf, stacking
 from jaxtune.models.generate import generate
 from jaxtune.models.gpt2 import GPT2, GPT2Config
 
@@ -65,7 +65,8 @@ def test_loads_as_a_decoder(pair):
     assert isinstance(model.module, GPT2) and isinstance(model.config, GPT2Config)
     assert model.config.tie_word_embeddings == ref.config.tie_word_embeddings
     assert ("lm_head" in model.params) != model.config.tie_word_embeddings
-    assert model.params["layers_0"]["attn"]["c_attn"]["kernel"].shape == (32, 96)  # Conv1D's (in, out), as stored
+    # Conv1D's (in, out), as stored
+    assert stacking.unstack(model.params)["layers_0"]["attn"]["c_attn"]["kernel"].shape == (32, 96)
 
 
 def test_logits_match_transformers_with_padding(pair):

@@ -393,16 +393,20 @@ class Decoder(nn.Module):
     def setup(self) -> None:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
-        if cfg.scan_layers:  # a dict attribute names its modules layers_<key>: the physical keys
-            self.layers = {stacking.stack_key(a, b)[len("layers_"):]: scanned_run(cfg, self.block_class, a, b)
-                           for a, b in cfg.layer_runs}
-        else:
-            block = remat_block(self.block_class, cfg.remat)
-            self.layers = [block(cfg, w) for w in cfg.windows]
+        self.layers = self._layer_modules()
         self.norm = self.norm_class(cfg.rms_norm_eps, dt, cfg.param_dtype)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.vocab_size, dtype=dt, param_dtype=cfg.param_dtype,
                                   adapter_dropout=cfg.adapter_dropout)
+
+    def _layer_modules(self) -> dict[str, nn.Module] | list[nn.Module]:
+        """The blocks (``block_class``), for :meth:`_stack`: one scan per run of layers, or one module per layer."""
+        cfg = self.cfg
+        if cfg.scan_layers:  # a dict attribute names its modules layers_<key>: the physical keys
+            return {stacking.stack_key(a, b)[len("layers_"):]: scanned_run(cfg, self.block_class, a, b)
+                    for a, b in cfg.layer_runs}
+        block = remat_block(self.block_class, cfg.remat)
+        return [block(cfg, w) for w in cfg.windows]
 
     def embed(self, input_ids: Array) -> Array:
         """Token embeddings ``(B, T, D)``."""

@@ -25,14 +25,14 @@ PEFT's LoRA on the ``c_attn`` module (``fan_in_fan_out``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, KVCache, LayerCache, attend
 from jaxtune.models.encoder import ACTIVATIONS
-from jaxtune.models.layers import Array, Embed, LayerNorm, Linear, PartitionRules, partition_rules, remat_block
+from jaxtune.models.layers import Array, Embed, LayerNorm, Linear, PartitionRules, partition_rules
 
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
 MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
@@ -152,13 +152,13 @@ class GPT2(Decoder):
     """``GPT2LMHeadModel``: :class:`~jaxtune.models.decoder.Decoder`'s interface (see the module docstring)."""
 
     cfg: GPT2Config
+    block_class: ClassVar[type[nn.Module]] = GPT2Block
 
     def setup(self) -> None:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
         self.wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, dt, cfg.param_dtype)
-        block = remat_block(GPT2Block, cfg.remat)
-        self.layers = [block(cfg) for _ in range(cfg.num_layers)]
+        self.layers = self._layer_modules()  # scanned runs, as every decoder's
         self.norm = cfg.layer_norm()
         self.drop = nn.Dropout(cfg.dropout)
         if not cfg.tie_word_embeddings:
@@ -182,8 +182,7 @@ class GPT2(Decoder):
     ) -> Array:
         """Final normed hidden states ``(B, T, D)``; give ``input_ids`` or ``inputs_embeds`` (without positions)."""
         x, positions = self._inputs(input_ids, inputs_embeds, positions, deterministic)
-        for layer in self.layers:
-            x = layer(x, positions, segment_ids, deterministic)
+        x, _ = self._stack(x, positions, segment_ids, deterministic, None)
         return self.norm(x)
 
     def decode(
@@ -196,12 +195,8 @@ class GPT2(Decoder):
         """:meth:`Decoder.decode <jaxtune.models.decoder.Decoder.decode>` for GPT-2: ``T`` new tokens at
         ``positions`` ``(B, T)`` -> hidden states ``(B, T, D)`` and the advanced cache."""
         x, _ = self._inputs(input_ids, inputs_embeds, positions, True)
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            x, (k, v) = layer(x, positions, None, True, cache.layer(i))
-            ks.append(k)
-            vs.append(v)
-        return self.norm(x), KVCache(tuple(ks), tuple(vs), cache.index + x.shape[1], cache.start)
+        x, cache = self._stack(x, positions, None, True, cache)
+        return self.norm(x), cache
 
 
 class GPT2Classifier(DecoderClassifier):
