@@ -87,6 +87,8 @@ def _is_leaf(x: Any) -> bool:
 
 def _stack_leaves(path: str, *leaves: Any) -> Any:
     first = leaves[0]
+    if first is None:  # an absent optional component (a quantized weight without offsets): absent in all
+        return None
     if isinstance(first, str):
         if any(x != first for x in leaves):
             raise ValueError(f"{path}: layers of one run have different labels {sorted(set(leaves))}; "
@@ -138,7 +140,7 @@ def _leaf_names(tree: Any) -> list[str]:
 
 
 def _unstack_leaf(leaf: Any, i: int) -> Any:
-    if isinstance(leaf, str):
+    if isinstance(leaf, str) or leaf is None:
         return leaf
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
