@@ -251,7 +251,7 @@ DATA_FILES = [
               "train.jsonl:2", "save the file as UTF-8"),
     data_case("lone surrogate", "train.jsonl", '{"messages": [{"role": "user", "content": "a\\ud800b"}, '
               '{"role": "assistant", "content": "B"}]}\n', "train.jsonl:1", "surrogate pair"),
-    data_case("no messages key", "train.jsonl", [{"turns": []}], "train.jsonl:1", "write each line as"),
+    data_case("no messages key", "train.jsonl", [{"turns": []}], "train.jsonl:1", "data.messages_field=turns"),
     data_case("unknown role", "train.jsonl", [{"messages": [{"role": "robot", "content": "x"}, REPLY]}],
               "train.jsonl:1", "use one of"),
     data_case("no assistant turn", "train.jsonl", [{"messages": [USER]}], "train.jsonl:1",

@@ -3,6 +3,7 @@ adapters-off reference model (values and memory), and preference data validation
 
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 from collections import defaultdict
@@ -435,6 +436,7 @@ def _nbytes(tree) -> int:
 
 
 def _live_bytes() -> int:
+    gc.collect()  # arrays of earlier tests in this process are freed now, not between two readings
     unique = {x.unsafe_buffer_pointer(): x.nbytes for x in jax.live_arrays() if not x.is_deleted()}
     return sum(unique.values())
 
@@ -470,7 +472,9 @@ def test_lora_dpo_step_holds_one_copy_of_the_base_weights(tmp_path):
 
     dpo, simpo = memory("dpo", *args), memory("simpo", *args)
     assert dpo.argument_size_in_bytes == _nbytes(args[:4])
-    assert dpo.temp_size_in_bytes < base_bytes / 2
+    # No second copy of the base: a copy would be base_bytes on its own. (The scanned layer stack keeps
+    # a layer's slice of the weights per loop; on this 2-layer model that alone is half the base.)
+    assert dpo.temp_size_in_bytes < base_bytes
     assert dpo.temp_size_in_bytes - simpo.temp_size_in_bytes < base_bytes / 20
     # The measurement sees a copy when there is one: a full-model starting copy (what full
     # fine-tuning's reference needs) adds the base's bytes again.

@@ -502,7 +502,7 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     import jax.numpy as jnp
     from flax.traverse_util import flatten_dict, unflatten_dict
 
-    from jaxtune.models import hf
+    from jaxtune.models import hf, stacking
     from jaxtune.models.quant import transpose
 
     gguf_path = Path(gguf_path)
@@ -515,7 +515,8 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     by_name = {_hf_name(t.name): t for t in reader.tensors}
     heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
     params = {}
-    for path, spec in flatten_dict(hf.abstract_params(module, cfg)).items():
+    # Per layer (the logical tree, one GGUF tensor each), stacked at the end as the model scans them.
+    for path, spec in flatten_dict(stacking.unstack(hf.abstract_params(module, cfg))).items():
         want = hf.hf_name(family, path)
         tensor = by_name.get(want)
         if tensor is None:
@@ -535,4 +536,4 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
             raise GGUFError(f"{gguf_path}: tensor {tensor.name!r} gives {'/'.join(path)} shape {tuple(leaf.shape)}, "
                             f"expected {tuple(spec.shape)}")
         params[path] = leaf
-    return hf.Pretrained(cfg, module, unflatten_dict(params), hf_config, str(hf_dir), arch)
+    return hf.Pretrained(cfg, module, stacking.to_physical(unflatten_dict(params), cfg), hf_config, str(hf_dir), arch)

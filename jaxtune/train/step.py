@@ -61,9 +61,10 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
                 logits = projected_columns(hidden, project, choice_ids, chunk_tokens=chunk_tokens)
                 return total, weight, answer_choices(logits, batch, choice_ids)
             return total, weight, batch["loss_weights"].sum(-1)
+        images = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}  # image models only
         outputs = module.apply(variables, input_ids=batch.get("input_ids"), segment_ids=batch.get("segment_ids"),
                                positions=batch.get("positions"), token_type_ids=batch.get("token_type_ids"),
-                               pixel_values=batch.get("pixel_values"), deterministic=deterministic, rngs=rngs)
+                               deterministic=deterministic, rngs=rngs, **images)
         weights = example_weights(batch)
         if task == "classification":
             total, weight = classification_loss(outputs, batch["labels"], weights)

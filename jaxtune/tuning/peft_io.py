@@ -456,9 +456,11 @@ def start_from(planned: Tuned, loaded: Tuned, adapter_dir: str | Path) -> Tuned:
     Raises :class:`ExportError` (one line, naming ``model.adapter``, the param path and the fix)
     when a loaded leaf has no trainable leaf of the same shape and adapter spec in ``planned``.
     """
-    flat, labels, values = flatten_dict(planned.params), flatten_dict(planned.labels), flatten_dict(loaded.params)
+    # Compared layer by layer (the logical tree: adapters are planned per layer), then stacked back.
+    flat, labels = flatten_dict(stacking.unstack(planned.params)), flatten_dict(stacking.unstack(planned.labels))
+    values = flatten_dict(stacking.unstack(loaded.params))
     fix = "give the plan the adapter was trained with (the SFT run's plan)"
-    for path, label in flatten_dict(loaded.labels).items():
+    for path, label in flatten_dict(stacking.unstack(loaded.labels)).items():
         if label == FROZEN:
             continue
         where = f"model.adapter: {adapter_dir} trains {path_str(path)}"
@@ -474,7 +476,7 @@ def start_from(planned: Tuned, loaded: Tuned, adapter_dir: str | Path) -> Tuned:
                               f"{tuple(flat[path].shape)}; {fix}")
         flat[path] = jnp.asarray(value, flat[path].dtype)
     log.info("model.adapter: the plan's trainable leaves start from %s", adapter_dir)
-    return dataclasses.replace(planned, params=unflatten_dict(flat))
+    return dataclasses.replace(planned, params=stacking.to_physical(unflatten_dict(flat), planned.config))
 
 
 def _weights_file(adapter_dir: Path) -> Path:
