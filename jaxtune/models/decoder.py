@@ -438,6 +438,15 @@ class Decoder(nn.Module):
             return x, None
         return x, KVCache(tuple(ks), tuple(vs), cache.index + x.shape[1], cache.start)
 
+    def _inputs(self, input_ids: Array | None, inputs_embeds: Array | None, positions: Array | None,
+                deterministic: bool) -> tuple[Array, Array]:
+        """The first block's input ``(B, T, D)`` and the positions ``(B, T)`` (default ``0..T-1``); a
+        family with learned positions (GPT-2) adds them here."""
+        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        return x, positions
+
     def hidden(
         self,
         input_ids: Array | None = None,
@@ -447,9 +456,7 @@ class Decoder(nn.Module):
         inputs_embeds: Array | None = None,
     ) -> Array:
         """Final normed hidden states ``(B, T, D)``; give ``input_ids`` or ``inputs_embeds``."""
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        x, positions = self._inputs(input_ids, inputs_embeds, positions, deterministic)
         x, _ = self._stack(x, positions, segment_ids, deterministic, None)
         return self.norm(x)
 
@@ -468,7 +475,7 @@ class Decoder(nn.Module):
         final normed hidden states ``(B, T, D)`` (logits via :meth:`logits`) and the cache with
         the new keys/values written at ``cache.index`` and ``index`` advanced by ``T``.
         """
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
+        x, positions = self._inputs(input_ids, inputs_embeds, positions, True)
         x, cache = self._stack(x, positions, None, True, cache)
         return self.norm(x), cache
 

@@ -28,9 +28,8 @@ import dataclasses
 from typing import Any, ClassVar
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, KVCache, LayerCache, attend
+from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, LayerCache, attend
 from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.layers import Array, Embed, LayerNorm, Linear, PartitionRules, partition_rules
 
@@ -167,36 +166,8 @@ class GPT2(Decoder):
     def _inputs(self, input_ids: Array | None, inputs_embeds: Array | None, positions: Array | None,
                 deterministic: bool) -> tuple[Array, Array]:
         """Token plus position embeddings ``(B, T, D)`` (after dropout) and the positions ``(B, T)``."""
-        x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(self.cfg.compute_dtype)
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+        x, positions = super()._inputs(input_ids, inputs_embeds, positions, deterministic)
         return self.drop(x + self.wpe(positions), deterministic=deterministic), positions
-
-    def hidden(
-        self,
-        input_ids: Array | None = None,
-        segment_ids: Array | None = None,
-        positions: Array | None = None,
-        deterministic: bool = True,
-        inputs_embeds: Array | None = None,
-    ) -> Array:
-        """Final normed hidden states ``(B, T, D)``; give ``input_ids`` or ``inputs_embeds`` (without positions)."""
-        x, positions = self._inputs(input_ids, inputs_embeds, positions, deterministic)
-        x, _ = self._stack(x, positions, segment_ids, deterministic, None)
-        return self.norm(x)
-
-    def decode(
-        self,
-        input_ids: Array | None,
-        positions: Array,
-        cache: KVCache,
-        inputs_embeds: Array | None = None,
-    ) -> tuple[Array, KVCache]:
-        """:meth:`Decoder.decode <jaxtune.models.decoder.Decoder.decode>` for GPT-2: ``T`` new tokens at
-        ``positions`` ``(B, T)`` -> hidden states ``(B, T, D)`` and the advanced cache."""
-        x, _ = self._inputs(input_ids, inputs_embeds, positions, True)
-        x, cache = self._stack(x, positions, None, True, cache)
-        return self.norm(x), cache
 
 
 class GPT2Classifier(DecoderClassifier):
