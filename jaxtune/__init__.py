@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -66,6 +67,19 @@ def __dir__() -> list[str]:
     return __all__
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes each record to ``sys.stderr`` as it is at that moment, not as it was at import:
+    notebooks and test runners replace (and close) their streams after jaxtune is imported."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def _default_logging() -> None:
     """Progress and notes as plain lines on stderr, unless the application configures the
     ``jaxtune`` logger itself (any handler of its own replaces this one). Records still
@@ -74,7 +88,7 @@ def _default_logging() -> None:
     logger = logging.getLogger("jaxtune")
     if logger.handlers:
         return
-    handler = logging.StreamHandler()
+    handler = _CurrentStderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     # Once the application logs through the root logger (basicConfig, absl...), records reach it by
     # propagation: this handler then stays quiet, so no line is printed twice.

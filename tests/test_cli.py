@@ -187,6 +187,16 @@ def test_fetch_lists_the_offline_assets():
     assert code == 0 and "all-MiniLM-L6-v2" in out and "SmolLM2-135M-Instruct" in out and "chatterbot" in out
 
 
+def test_a_stderr_closed_after_an_earlier_call_does_not_break_the_next():
+    """pytest closes each test's captured stderr; the CLI's log handler must not touch it again."""
+    earlier = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # like pytest's capture (flush raises once closed)
+    with contextlib.redirect_stderr(earlier), contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fetch"]) == 0
+    earlier.close()
+    code, out, err = cli("fetch")
+    assert code == 0 and "all-MiniLM-L6-v2" in out, err
+
+
 def test_ctrl_c_leaves_a_stopped_resumable_run(assets, tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}

@@ -261,7 +261,9 @@ def _log_to_stderr() -> bool:
         handler._jaxtune_cli = True  # type: ignore[attr-defined]
         logger.handlers = [h for h in logger.handlers if not getattr(h, "_jaxtune_default", False)] + [handler]
     handler = next(h for h in logger.handlers if getattr(h, "_jaxtune_cli", False))
-    handler.setStream(sys.stderr)  # tests swap sys.stderr per call
+    # Tests and notebooks swap sys.stderr per call. Plain assignment, not setStream: setStream
+    # flushes the previous stream, which its owner may have closed since (pytest's capture does).
+    handler.stream = sys.stderr
     logger.setLevel(logging.INFO)
     previous, logger.propagate = logger.propagate, False
     return previous
