@@ -192,6 +192,38 @@ def test_own_field_names_train_predict_and_export_with_the_data_label_names(fmt,
     np.testing.assert_allclose(hf_probs, probs, atol=1e-4)
 
 
+def test_a_rerun_reuses_the_base_report_and_any_change_in_the_data_scores_it_again(bert, files, tmp_path):
+    """A second run of the same recipe reads the base report (evaluation and baselines) instead of
+    scoring again, equal to what scoring gives (a run with eval.cache_base off); other evaluation
+    rows are another key."""
+    fields = {"text_field": "body", "label_field": "category"}
+
+    def train(name: str, test: Path, **eval_fields: object) -> tuple[dict[str, float], str]:
+        recipe = _recipe(bert, files["train.jsonl"], test, fields, tmp_path / name, "none", baselines=True)
+        config = yaml.safe_load(recipe.read_text())
+        config["eval"].update(eval_fields)
+        recipe.write_text(yaml.safe_dump(config))
+        code, _, err = cli("train", recipe)
+        assert code == 0, err
+        return json.loads((tmp_path / name / "report.json").read_text())["before"], err
+
+    first, err = train("first", files["test.jsonl"])
+    assert "evaluating the base model" in err and "probe/accuracy" in first
+    again, err = train("again", files["test.jsonl"])
+    assert "scored by an earlier run" in err and "evaluating the base model" not in err
+    assert again == first
+    fresh, err = train("fresh", files["test.jsonl"], cache_base=False)
+    assert "evaluating the base model" in err
+    assert fresh.keys() == first.keys()
+    for name, value in fresh.items():
+        if not name.endswith("/seconds"):
+            assert value == pytest.approx(first[name], abs=1e-6), name
+    fewer = tmp_path / "fewer.jsonl"
+    fewer.write_text("".join(files["test.jsonl"].read_text().splitlines(keepends=True)[:-1]))
+    _, err = train("fewer", fewer)
+    assert "evaluating the base model" in err
+
+
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("llama")

@@ -122,6 +122,16 @@ def tfidf_scores(train_texts: list[str], y_train: np.ndarray, val_texts: list[st
     return _score(model, train_texts, y_train, val_texts, y_val, task, num_classes)
 
 
+def applies(model: Tuned, train: Any, validation: Any) -> bool:
+    """Whether :func:`baseline_metrics` fits anything for this model and data."""
+    return isinstance(train, Loader) and isinstance(validation, Loader) and not is_image(model.config)
+
+
+def training_pass(train: Loader, validation: Loader) -> Loader:
+    """The training split once, in order, in evaluation-sized batches: what the probe's features come from."""
+    return evaluation_loader(train.source, train.tokenizer, train.config, validation.config.batch_size)
+
+
 def baseline_metrics(model: Tuned, trainable: Any, frozen: Any, train: Any, validation: Any, *, mesh: Any,
                      to_device: Callable[[dict[str, Any]], dict[str, Any]] = lambda b: b) -> dict[str, float]:
     """Both baselines as flat metrics (``probe/accuracy``, ``tfidf/seconds``...).
@@ -147,8 +157,7 @@ def baseline_metrics(model: Tuned, trainable: Any, frozen: Any, train: Any, vali
     task, num_classes = model.task, model.num_outputs
     out: dict[str, float] = {}
     start = time.perf_counter()
-    in_order = evaluation_loader(train.source, train.tokenizer, train.config, validation.config.batch_size)
-    x_train, y_train = features(in_order)
+    x_train, y_train = features(training_pass(train, validation))
     x_val, y_val = features(validation)
     scores = probe_scores(x_train, y_train, x_val, y_val, task, num_classes)
     out.update({f"probe/{k}": v for k, v in scores.items()}, **{"probe/seconds": time.perf_counter() - start})

@@ -64,6 +64,8 @@ class EvalConfig:
     ``baselines`` (classification and regression): the base report also scores a linear probe on
     the frozen model's features and TF-IDF + a linear model on the same split
     (:mod:`jaxtune.train.baselines`; seconds for small data, turn it off for huge data).
+    ``cache_base``: keep the base report on disk, so a later run of the same model, plan,
+    data and evaluation settings reads it instead of scoring again (:mod:`jaxtune.train.base_cache`).
     """
 
     every: int | None = None
@@ -74,6 +76,7 @@ class EvalConfig:
     after: bool = True
     choices: tuple[str, ...] | None = None
     baselines: bool = True
+    cache_base: bool = True
 
     def __post_init__(self) -> None:
         _at_least("eval", "every", self.every, 1)

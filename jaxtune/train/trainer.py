@@ -36,8 +36,9 @@ from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loa
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE, Source
 from jaxtune.data.tokenize import choice_token_ids
-from jaxtune.train import compile_cache, flops
-from jaxtune.train.baselines import baseline_metrics
+from jaxtune.train import base_cache, compile_cache, flops
+from jaxtune.train.baselines import applies as baselines_apply
+from jaxtune.train.baselines import baseline_metrics, training_pass
 from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.train.evaluate import HIGHER_IS_BETTER, METRICS, comparison_table, evaluate
@@ -385,14 +386,35 @@ class Trainer:
             return None
         before = self.run.report()["before"]
         if before is None:
-            log.info("evaluating the base model ...")
-            before = self.evaluate()
-            if self.eval_config.baselines and self.task in ("classification", "regression"):
-                before.update(baseline_metrics(self.tuned, self.trainable, self.frozen, self.train_data,
-                                               self.eval_data, mesh=self.mesh, to_device=self._to_device))
+            baselines = (self.eval_config.baselines and self.task in ("classification", "regression")
+                         and baselines_apply(self.tuned, self.train_data, self.eval_data))
+            digest = self._base_digest(baselines)
+            before = base_cache.load(digest)
+            if before is not None:
+                log.info("base: scored by an earlier run of the same model, plan, data and evaluation "
+                         "(eval.cache_base; kept in %s)", base_cache.directory())
+            else:
+                log.info("evaluating the base model ...")
+                before = self.evaluate()
+                if baselines:
+                    before.update(baseline_metrics(self.tuned, self.trainable, self.frozen, self.train_data,
+                                                   self.eval_data, mesh=self.mesh, to_device=self._to_device))
+                base_cache.store(digest, before)
             self.run.write_report(before, None, 0)
         log.info("base: %s", _fmt(before))
         return before
+
+    def _base_digest(self, baselines: bool) -> str | None:
+        """The key of this run's base report in the machine-wide cache (``eval.cache_base``), or None."""
+        if not self.eval_config.cache_base or not isinstance(self.eval_data, Loader):
+            return None
+        settings = {"model": self.resolved_config.get("model"), "plan": self.tuned.plan.to_data(),
+                    "task": self.task, "labels": self.tuned.label_names, "choices": self.eval_config.choices,
+                    "baselines": baselines, "devices": [jax.default_backend(), jax.device_count()]}
+        train = self.train_data if baselines else None
+        return base_cache.key(source=self.tuned.source, settings=settings, trainable=self.trainable,
+                              eval_batches=self.eval_data, train_rows=train.source if train else None,
+                              train_batches=training_pass(train, self.eval_data) if train else None)
 
     # ------------------------------------------------------------------ the loop
 
