@@ -37,7 +37,7 @@ Image tasks (``IMAGE_TASKS``; not in the default list, run them with ``--tasks``
 statistics frozen; the PyTorch side is the reference package ``efficientnet-lite-pytorch`` with
 the same plan, and a third side, ``baseline``, fits logistic regression (classification) or ridge
 regression (counting) on the frozen pretrained features (mean-pooled, from the PyTorch model).
-  fashion-mnist-lite0  Fashion-MNIST, 2,000 train / 1,000 test (stratified), 224x224, accuracy.
+  fashion-mnist-lite0  Fashion-MNIST, 2,000 train / 1,000 test (stratified), 224x224, 3 epochs, accuracy.
   count-lite0          84x84 canvases with 0-5 Fashion-MNIST items, regress the count, MAE.
 
   smollm2-dpo-lora   SmolLM2-135M-Instruct + rotten_tomatoes_preference (the chat task's reviews,
@@ -129,7 +129,7 @@ class ImageTask:
 
 IMAGE_TASKS: dict[str, ImageTask] = {
     "fashion-mnist-lite0": ImageTask("efficientnet-lite0", "fashion_mnist", "image-classification", 2000, 1000, 32,
-                                     1e-3),
+                                     1e-3, epochs=3),
     "count-lite0": ImageTask("efficientnet-lite0", "fashion_mnist_count", "image-regression", 2000, 1000, 32, 1e-3,
                              epochs=2, regression_loss="huber"),
 }

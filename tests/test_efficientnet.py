@@ -97,3 +97,28 @@ def test_batchnorm_statistics_are_frozen_state_in_every_plan(tiny):
     changed = {p[0] for p in new if p[-1] == "scale" and not np.array_equal(np.asarray(new[p]), np.asarray(old[p]))}
     # The last block and what follows it train (BatchNorm scale/bias included); earlier stages stay frozen.
     assert changed == {f"layers_{tiny.config.num_layers - 1}", "bn1"}
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (5, 2, 11), (3, 2, 8)])
+def test_depthwise_by_shifts_equals_the_grouped_convolution_forward_and_backward(kernel, stride, size):
+    """The CPU depthwise path against XLA's grouped convolution (``feature_group_count = C``)."""
+    import jax.numpy as jnp
+
+    from jaxtune.models.efficientnet import depthwise_by_shifts
+
+    x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 6))
+    w = jax.random.normal(jax.random.key(1), (kernel, kernel, 6))
+    pads = [(kernel // 2, kernel // 2 - (size % stride == 0)), (kernel // 2 - 1, kernel // 2)]
+
+    def grouped(x, w):
+        return jax.lax.conv_general_dilated(x, w[:, :, None, :], (stride, stride), pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=6)
+
+    def shifts(x, w):
+        return depthwise_by_shifts(x, w, stride, pads)
+
+    np.testing.assert_allclose(shifts(x, w), grouped(x, w), rtol=1e-5, atol=1e-5)
+    probe = jax.random.normal(jax.random.key(2), grouped(x, w).shape)
+    grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * probe), argnums=(0, 1))(x, w) for f in (shifts, grouped)]
+    for ours, reference in zip(*grads):
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)

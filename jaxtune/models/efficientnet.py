@@ -139,14 +139,48 @@ class Conv(nn.Module):
         # Stored (kw, kh, in/groups, out): the full transpose of PyTorch's layout.
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, cin // self.groups, self.features),
                             self.cfg.param_dtype)
+        dt = self.cfg.compute_dtype
+        x, kernel = x.astype(dt), kernel.transpose(1, 0, 2, 3).astype(dt)  # (kh, kw, in/groups, out)
+        if k == 1 and s == 1 and self.groups == 1:  # pointwise: a matmul over pixels
+            return jnp.einsum("bhwi,io->bhwo", x, kernel[0, 0])
         pads = []
         for size in x.shape[1:3]:
             total = max((math.ceil(size / s) - 1) * s + k - size, 0)
             pads.append((total // 2, total - total // 2))
-        dt = self.cfg.compute_dtype
-        return jax.lax.conv_general_dilated(x.astype(dt), kernel.transpose(1, 0, 2, 3).astype(dt), (s, s), pads,
-                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        if self.groups == cin == self.features and jax.default_backend() == "cpu":
+            return depthwise_by_shifts(x, kernel[:, :, 0, :], s, pads)
+        return jax.lax.conv_general_dilated(x, kernel, (s, s), pads, dimension_numbers=("NHWC", "HWIO", "NHWC"),
                                             feature_group_count=self.groups)
+
+
+def depthwise_by_shifts(x: Array, kernel: Array, stride: int, pads: list[tuple[int, int]]) -> Array:
+    """A depthwise convolution as the sum of ``k * k`` strided windows of the padded input, each
+    scaled by its per-channel weight.
+
+    Equal to ``conv_general_dilated`` with ``feature_group_count = C``; on XLA:CPU, which runs a
+    grouped convolution generically, this fuses into one elementwise loop and is 2.5-5x faster
+    forward and backward at EfficientNet's shapes (GPUs and TPUs keep their convolution kernels).
+
+    Args:
+      x: ``(B, H, W, C)``.
+      kernel: ``(kh, kw, C)``.
+      stride: the same along height and width.
+      pads: ``[(top, bottom), (left, right)]``.
+
+    Returns:
+      ``(B, H', W', C)`` with ``H' = (H + top + bottom - kh) // stride + 1`` (likewise ``W'``).
+    """
+    kh, kw, _ = kernel.shape
+    padded = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    b, h, w, c = padded.shape
+    out_h, out_w = (h - kh) // stride + 1, (w - kw) // stride + 1
+    out = jnp.zeros((b, out_h, out_w, c), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            window = jax.lax.slice(padded, (0, i, j, 0), (b, i + (out_h - 1) * stride + 1,
+                                                         j + (out_w - 1) * stride + 1, c), (1, stride, stride, 1))
+            out = out + window * kernel[i, j]
+    return out
 
 
 class BatchNorm(nn.Module):
