@@ -11,7 +11,7 @@ Qwen2ForCausalLM   yes         no                      no       per ``layer_type
 Qwen3ForCausalLM   attention_bias  attention_bias      yes      per ``layer_types``
 =================  ==========  ======================  =======  ==============
 
-All share grouped-query attention, RoPE (default, ``linear`` and ``llama3`` scaling), RMSNorm,
+All share grouped-query attention, RoPE (default; ``linear``, ``llama3``, ``yarn``, ``dynamic`` scaling), RMSNorm,
 a SwiGLU MLP and optionally tied input/output embeddings.
 Their ``*ForSequenceClassification`` checkpoints load as :class:`DecoderClassifier` (the same
 body with HF's bias-free ``score`` on the last real token).
@@ -44,6 +44,7 @@ from jaxtune.models.layers import (
     pool,
     remat_block,
     rope_inverse_frequencies,
+    rope_parameters,
 )
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -96,7 +97,7 @@ class DecoderConfig:
         heads = hf["num_attention_heads"]
         head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         # v5 writes rope_parameters (theta inside); v4 wrote rope_theta + rope_scaling.
-        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+        rope = rope_parameters(hf)  # with the config-level fields some scalings read
         theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind not in SUPPORTED_ROPE_TYPES:

@@ -29,7 +29,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, stacking, vit
+from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, phi3, stacking, vit
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
@@ -120,6 +120,11 @@ FAMILIES: dict[str, Family] = {
                  name="GPT-2", base="GPT2LMHeadModel", classifier="GPT2ForSequenceClassification",
                  kernel_out_in=gpt2.kernel_out_in)
        for a in gpt2.ARCHITECTURES},
+    # Phi-3's tensor names are Llama's (with fused qkv_proj / gate_up_proj), so the decoder's name map serves it.
+    **{a: Family(phi3.Phi3Config.from_hf, phi3.Phi3 if a == "Phi3ForCausalLM" else phi3.Phi3Classifier,
+                 decoder.hf_module, phi3.PARTITION_RULES, body=None if a == "Phi3ForCausalLM" else phi3.Phi3,
+                 name="Phi-3", base="Phi3ForCausalLM", classifier="Phi3ForSequenceClassification")
+       for a in phi3.ARCHITECTURES},
     **{a: _encoder(a) for a in encoder.ARCHITECTURES},
     **{a: Family(vit.ViTConfig.from_hf, vit.ViTClassifier if a in vit.CLASSIFIERS else vit.ViT, vit.hf_module,
                  vit.PARTITION_RULES, body=vit.ViT if a in vit.CLASSIFIERS else None, name="ViT", base="ViTModel",
@@ -276,7 +281,7 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         if architecture is None:
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                        "qwen3": "Qwen3ForCausalLM", **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
-                       **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES}
+                       **phi3.MODEL_TYPES, **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
