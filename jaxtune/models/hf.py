@@ -30,6 +30,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
 from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, olmo2, stacking, vit
+from jaxtune.models.gguf import ARCHITECTURES as GGUF_ARCHITECTURES
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
@@ -103,30 +104,34 @@ def _encoder(arch: str) -> Family:
                   body=encoder.Encoder if arch == classifier else None, name=name, base=base, classifier=classifier)
 
 
+# The HF architecture each llama.cpp architecture converts to (jaxtune.models.gguf's table), for Family.gguf.
+_GGUF = {row.hf_architecture: name for name, row in GGUF_ARCHITECTURES.items()}
+
 FAMILIES: dict[str, Family] = {
     **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module, decoder.PARTITION_RULES,
                  name=_LLAMA_NAMES[a], classifier=a.replace("ForCausalLM", "ForSequenceClassification"),
-                 gguf="llama" if a == "LlamaForCausalLM" else None)
+                 gguf=_GGUF.get(a))
        for a in decoder.ARCHITECTURES},
     **{a: Family(decoder.DecoderConfig.from_hf, decoder.DecoderClassifier, decoder.hf_module, decoder.PARTITION_RULES,
                  body=decoder.Decoder, name=_LLAMA_NAMES[lm], base=lm, classifier=a)
        for a, lm in decoder.CLASSIFIERS.items()},
     # Gemma's and OLMo 2's tensor names are Llama's, so the decoder's name map serves them.
     **{a: Family(gemma.GemmaConfig.from_hf, gemma.Gemma, decoder.hf_module, gemma.PARTITION_RULES, name=_LLAMA_NAMES[a],
-                 classifier=next(c for c, lm in gemma.CLASSIFIERS.items() if lm == a))
+                 classifier=next(c for c, lm in gemma.CLASSIFIERS.items() if lm == a), gguf=_GGUF.get(a))
        for a in gemma.ARCHITECTURES},
     **{a: Family(gemma.GemmaConfig.from_hf, gemma.GemmaClassifier, decoder.hf_module, gemma.PARTITION_RULES,
                  body=gemma.Gemma, name=_LLAMA_NAMES[lm], base=lm, classifier=a)
        for a, lm in gemma.CLASSIFIERS.items()},
     "Olmo2ForCausalLM": Family(olmo2.config_from_hf, olmo2.Olmo2, decoder.hf_module, decoder.PARTITION_RULES,
-                               name="OLMo 2", classifier="Olmo2ForSequenceClassification"),
+                               name="OLMo 2", classifier="Olmo2ForSequenceClassification",
+                               gguf=_GGUF.get("Olmo2ForCausalLM")),
     "Olmo2ForSequenceClassification": Family(olmo2.config_from_hf, olmo2.Olmo2Classifier, decoder.hf_module,
                                              decoder.PARTITION_RULES, body=olmo2.Olmo2, name="OLMo 2",
                                              base="Olmo2ForCausalLM", classifier="Olmo2ForSequenceClassification"),
     **{a: Family(gpt2.GPT2Config.from_hf, gpt2.GPT2 if a == "GPT2LMHeadModel" else gpt2.GPT2Classifier,
                  gpt2.hf_module, gpt2.PARTITION_RULES, body=None if a == "GPT2LMHeadModel" else gpt2.GPT2,
                  name="GPT-2", base="GPT2LMHeadModel", classifier="GPT2ForSequenceClassification",
-                 kernel_out_in=gpt2.kernel_out_in)
+                 kernel_out_in=gpt2.kernel_out_in, gguf=_GGUF.get(a))
        for a in gpt2.ARCHITECTURES},
     **{a: _encoder(a) for a in encoder.ARCHITECTURES},
     **{a: Family(vit.ViTConfig.from_hf, vit.ViTClassifier if a in vit.CLASSIFIERS else vit.ViT, vit.hf_module,
