@@ -80,10 +80,12 @@ def write_gguf(model: torch.nn.Module, name: str, path) -> None:
         writer.add_head_count_kv(cfg.num_key_value_heads)
         writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if name.startswith("gemma"):  # Gemma's converters state the head size, and Gemma 1/2 no RoPE base
+        # The converter states the head size wherever the config has head_dim (every case here but Qwen2/OLMo 2),
+        # and the rotary dimensions except for Gemma.
+        if getattr(cfg, "head_dim", None) is not None and "head_dim" in cfg.to_diff_dict():
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
-        else:
+        if not name.startswith("gemma"):
             writer.add_rope_dimension_count(head_dim)
         if name not in ("gemma", "gemma2"):
             rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
