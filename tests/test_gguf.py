@@ -172,13 +172,13 @@ def test_tokenizer(converted):
 
 
 def test_unsupported_architecture(tmp_path):
-    writer = gguf.GGUFWriter(str(tmp_path / "q.gguf"), "qwen2")
+    writer = gguf.GGUFWriter(str(tmp_path / "f.gguf"), "falcon")
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(GGUFError, match=r"architecture 'qwen2' is not supported.*supported: llama"):
-        gguf_to_hf(tmp_path / "q.gguf", tmp_path / "out")
+    with pytest.raises(GGUFError, match=r"architecture 'falcon' is not supported.*supported: llama, qwen2"):
+        gguf_to_hf(tmp_path / "f.gguf", tmp_path / "out")
 
 
 def test_unsupported_tensor_type(tmp_path):

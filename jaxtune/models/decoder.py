@@ -1,18 +1,23 @@
-"""Decoder-only language models: Llama, Mistral, Qwen2 and Qwen3 in one family.
+"""Decoder-only language models: Llama, Mistral, Qwen2, Qwen3 and SmolLM3 in one family.
 
-The four Hugging Face architectures differ only by switches in :class:`DecoderConfig`:
+The five Hugging Face architectures differ only by switches in :class:`DecoderConfig`:
 
-=================  ==========  ======================  =======  ==============
-architecture       q/k/v bias  o bias                  q/k norm sliding window
-=================  ==========  ======================  =======  ==============
-LlamaForCausalLM   attention_bias  attention_bias      no       no
-MistralForCausalLM no          no                      no       ``sliding_window``
-Qwen2ForCausalLM   yes         no                      no       per ``layer_types``
-Qwen3ForCausalLM   attention_bias  attention_bias      yes      per ``layer_types``
-=================  ==========  ======================  =======  ==============
+===================  ==============  ==============  ========  ======================  ==================
+architecture         q/k/v bias      o bias          q/k norm  sliding window          RoPE
+===================  ==============  ==============  ========  ======================  ==================
+LlamaForCausalLM     attention_bias  attention_bias  no        no                      every layer
+MistralForCausalLM   no              no              no        ``sliding_window``      every layer
+Qwen2ForCausalLM     yes             no              no        per ``layer_types``     every layer
+Qwen3ForCausalLM     attention_bias  attention_bias  per head  per ``layer_types``     every layer
+SmolLM3ForCausalLM   attention_bias  attention_bias  no        per ``layer_types``     per ``no_rope_layers``
+===================  ==============  ==============  ========  ======================  ==================
 
 All share grouped-query attention, RoPE (default; ``linear``, ``llama3``, ``yarn``, ``dynamic`` scaling), RMSNorm,
-a SwiGLU MLP and optionally tied input/output embeddings.
+a SwiGLU MLP and optionally tied input/output embeddings. SmolLM3 leaves RoPE out of some layers
+("NoPE", by default every 4th): those layers' blocks get a config with ``rope=False``
+(:meth:`DecoderConfig.layer_config`), and the scanned runs split where RoPE changes. OLMo 2
+(:mod:`jaxtune.models.olmo2`) reuses this config (its q/k norm spans the whole projection,
+``qk_norm="projection"``) with its own block.
 Their ``*ForSequenceClassification`` checkpoints load as :class:`DecoderClassifier` (the same
 body with HF's bias-free ``score`` on the last real token).
 
@@ -47,11 +52,16 @@ from jaxtune.models.layers import (
     rope_parameters,
 )
 
-ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                 "SmolLM3ForCausalLM")
 # Sequence classifiers: the same body (its switches are its causal-LM sibling's) with a ``score`` head.
 CLASSIFIERS = {a.replace("ForCausalLM", "ForSequenceClassification"): a for a in ARCHITECTURES}
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}
+MODEL_TYPES = _MODEL_TYPES
+# Defaults of the transformers config classes for keys a config.json may leave out.
+_TIED_BY_DEFAULT = ("SmolLM3ForCausalLM",)
+_DEFAULT_THETA = {"SmolLM3ForCausalLM": 2_000_000.0}
 PARTITION_RULES: PartitionRules = partition_rules(
     column=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), row=("o_proj", "down_proj")
 ) + ((r"lm_head/kernel$", ("fsdp", "tensor")),)
@@ -74,9 +84,11 @@ class DecoderConfig:
     qkv_bias: bool = False
     o_bias: bool = False
     mlp_bias: bool = False
-    qk_norm: bool = False
+    qk_norm: bool | str = False  # False, True / "head" (Qwen3: per head) or "projection" (OLMo 2: whole q/k)
     tie_word_embeddings: bool = False
     layer_windows: tuple[int | None, ...] = ()
+    layer_rope: tuple[bool, ...] = ()  # whether each layer applies RoPE (SmolLM3's NoPE layers); () = every one
+    rope: bool = True  # whether this block applies RoPE: set per layer from layer_rope by layer_config
     num_labels: int = 2  # DecoderClassifier only
     architecture: str = "LlamaForCausalLM"
     dtype: str = "float32"  # compute dtype
@@ -94,39 +106,14 @@ class DecoderConfig:
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
         arch = _architecture(hf)
-        heads = hf["num_attention_heads"]
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
-        # v5 writes rope_parameters (theta inside); v4 wrote rope_theta + rope_scaling.
-        rope = rope_parameters(hf)  # with the config-level fields some scalings read
-        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"config.json: rope type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-            )
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} "
-                             "is not supported by the decoder family (silu)")
         attention_bias = bool(hf.get("attention_bias", False))
         fields = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            rope_theta=float(theta),
-            rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
+            common_fields(hf, arch),
             qkv_bias=arch == "Qwen2ForCausalLM" or (attention_bias and arch != "MistralForCausalLM"),
-            o_bias=attention_bias and arch in ("LlamaForCausalLM", "Qwen3ForCausalLM"),
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            o_bias=attention_bias and arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM"),
             qk_norm=arch == "Qwen3ForCausalLM",
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             layer_windows=_layer_windows(hf, arch),
-            num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
-            architecture=arch,
+            layer_rope=_layer_rope(hf) if arch == "SmolLM3ForCausalLM" else (),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -145,9 +132,64 @@ class DecoderConfig:
         return self.layer_windows or (None,) * self.num_layers
 
     @property
+    def layer_kinds(self) -> tuple[tuple[int | None, bool], ...]:
+        """Each layer's static shape of attention, ``(window, rope)``: a scanned run holds one kind."""
+        return tuple(zip(self.windows, self.layer_rope or (True,) * self.num_layers, strict=True))
+
+    def layer_config(self, layer: int) -> DecoderConfig:
+        """The config that layer ``layer``'s block is built with: this one, with ``rope=False`` on a NoPE layer."""
+        return self if self.layer_kinds[layer][1] else dataclasses.replace(self, rope=False)
+
+    @property
     def layer_runs(self) -> tuple[tuple[int, int], ...]:
         """``(start, stop)`` of each run of layers the model scans as one (see :mod:`jaxtune.models.stacking`)."""
-        return stacking.layer_runs(self.num_layers, self.layer_groups, self.windows)
+        return stacking.layer_runs(self.num_layers, self.layer_groups, self.layer_kinds)
+
+
+def common_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+    """The :class:`DecoderConfig` fields that every Llama-style ``config.json`` states the same way
+    (sizes, heads, RoPE, norm epsilon, tying, labels); a family adds its own switches."""
+    heads = hf["num_attention_heads"]
+    # v5 writes rope_parameters (theta inside); v4 wrote rope_theta + rope_scaling.
+    rope = rope_parameters(hf)  # with the config-level fields some scalings read
+    theta = rope.pop("rope_theta", hf.get("rope_theta", _DEFAULT_THETA.get(arch, 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"config.json: rope type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} "
+                         "is not supported by the decoder family (silu)")
+    return dict(
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_layers=hf["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rope_theta=float(theta),
+        rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
+        mlp_bias=bool(hf.get("mlp_bias", False)),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch in _TIED_BY_DEFAULT)),
+        num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
+        architecture=arch,
+    )
+
+
+def _layer_rope(hf: dict[str, Any]) -> tuple[bool, ...]:
+    """SmolLM3's per-layer RoPE flags: ``no_rope_layers`` (1 = RoPE, 0 = NoPE), else NoPE on every
+    ``no_rope_layer_interval``-th layer (transformers' default: every 4th)."""
+    n = hf["num_hidden_layers"]
+    flags = hf.get("no_rope_layers")
+    if flags is None:
+        interval = hf.get("no_rope_layer_interval") or 4
+        flags = [int((i + 1) % interval != 0) for i in range(n)]
+    if len(flags) < n:
+        raise ValueError(f"config.json: no_rope_layers has {len(flags)} entries for {n} layers; give one per layer")
+    return tuple(bool(f) for f in flags[:n])
 
 
 def _architecture(hf: dict[str, Any]) -> str:
@@ -167,7 +209,8 @@ def _layer_windows(hf: dict[str, Any], arch: str) -> tuple[int | None, ...]:
     n, window = hf["num_hidden_layers"], hf.get("sliding_window")
     if arch == "MistralForCausalLM":
         return (window,) * n
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM") and hf.get("use_sliding_window") and window:
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM") and hf.get("use_sliding_window") \
+            and window:
         types = hf.get("layer_types") or [
             "sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention" for i in range(n)
         ]
@@ -284,10 +327,15 @@ class Attention(nn.Module):
         v = proj("v_proj", cfg.num_kv_heads, cfg.qkv_bias)(x, deterministic).reshape(
             b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
-            q = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="q_norm")(q)
-            k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="k_norm")(k)
-        inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+            # Per head (Qwen3: a (head_dim,) gain) or over the whole projection (OLMo 2: (heads * head_dim,)).
+            whole = cfg.qk_norm == "projection"
+            q = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="q_norm")(
+                q.reshape(b, t, -1) if whole else q).reshape(q.shape)
+            k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="k_norm")(
+                k.reshape(b, t, -1) if whole else k).reshape(k.shape)
+        if cfg.rope:
+            inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
+            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out, kv = attend(q, k, v, segment_ids, self.window, cache)
         out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, dtype=dt, param_dtype=cfg.param_dtype,
                      adapter_dropout=cfg.adapter_dropout, name="o_proj")(out.reshape(b, t, -1), deterministic)
@@ -367,7 +415,7 @@ def scanned_run(cfg: DecoderConfig, block_class: type[nn.Module], start: int, st
     dropout and init keys split per layer; the cache slices scanned, everything else broadcast)."""
     scan = nn.scan(LayerStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,) * 5 + (0,), length=stop - start)
-    return scan(cfg, cfg.windows[start], block_class)
+    return scan(cfg.layer_config(start), cfg.windows[start], block_class)
 
 
 class Decoder(nn.Module):
@@ -407,7 +455,7 @@ class Decoder(nn.Module):
             return {stacking.stack_key(a, b)[len("layers_"):]: scanned_run(cfg, self.block_class, a, b)
                     for a, b in cfg.layer_runs}
         block = remat_block(self.block_class, cfg.remat)
-        return [block(cfg, w) for w in cfg.windows]
+        return [block(cfg.layer_config(i), w) for i, w in enumerate(cfg.windows)]
 
     def embed(self, input_ids: Array) -> Array:
         """Token embeddings ``(B, T, D)``."""
@@ -507,9 +555,10 @@ class DecoderClassifier(nn.Module):
     """
 
     cfg: DecoderConfig
+    body_class: ClassVar[type[Decoder]] = Decoder  # a family with its own body (Gemma, OLMo 2) overrides it
 
     def setup(self) -> None:
-        self.body = Decoder(self.cfg)
+        self.body = self.body_class(self.cfg)
         nn.share_scope(self, self.body)
         self.score = Linear(self.cfg.num_labels, dtype=self.cfg.compute_dtype, param_dtype=self.cfg.param_dtype,
                             adapter_dropout=self.cfg.adapter_dropout)

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.decoder import MLP, Decoder, DecoderConfig, LayerCache, attend
+from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfig, LayerCache, attend
 from jaxtune.models.layers import (
     SUPPORTED_ROPE_TYPES,
     Array,
@@ -50,6 +50,11 @@ from jaxtune.models.layers import (
 
 ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 MODEL_TYPES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+# Sequence classifiers -> their causal LM. Gemma 3's text-only one is Gemma3TextForSequenceClassification
+# (Gemma3ForSequenceClassification wraps the image-text model, whose tensors sit under model.language_model).
+CLASSIFIERS = {"GemmaForSequenceClassification": "GemmaForCausalLM",
+               "Gemma2ForSequenceClassification": "Gemma2ForCausalLM",
+               "Gemma3TextForSequenceClassification": "Gemma3ForCausalLM"}
 PARTITION_RULES: PartitionRules = partition_rules(
     column=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), row=("o_proj", "down_proj")
 ) + ((r"lm_head/kernel$", ("fsdp", "tensor")),)
@@ -127,12 +132,12 @@ class GemmaConfig(DecoderConfig):
 
 def _architecture(hf: dict[str, Any]) -> str:
     for arch in hf.get("architectures") or []:
-        if arch in ARCHITECTURES:
-            return arch
+        if arch in ARCHITECTURES or arch in CLASSIFIERS:
+            return CLASSIFIERS.get(arch, arch)
     if hf.get("model_type") in MODEL_TYPES:
         return MODEL_TYPES[hf["model_type"]]
     raise ValueError(f"config.json: architecture {hf.get('architectures') or hf.get('model_type')!r} is not a "
-                     f"Gemma model jaxtune supports; supported: {', '.join(ARCHITECTURES)}")
+                     f"Gemma model jaxtune supports; supported: {', '.join(ARCHITECTURES + tuple(CLASSIFIERS))}")
 
 
 def _rope_entry(entry: dict[str, Any] | None, theta: float) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
@@ -293,3 +298,11 @@ class Gemma(Decoder):
         """Vocabulary logits ``(..., vocab)`` for hidden states ``(..., D)``, soft-capped (Gemma 2/3)."""
         out = self.embed_tokens.attend(hidden) if self.cfg.tie_word_embeddings else self.lm_head(hidden)
         return softcap(out, self.cfg.final_logit_softcapping)
+
+
+class GemmaClassifier(DecoderClassifier):
+    """``Gemma*ForSequenceClassification`` (Gemma 3: ``Gemma3TextForSequenceClassification``): the Gemma
+    body and a bias-free ``score`` on the last real token. transformers' head reads the body's final
+    normed states, so the causal LM's final logit soft-cap does not apply here."""
+
+    body_class = Gemma

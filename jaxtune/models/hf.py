@@ -29,7 +29,8 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, phi3, stacking, vit
+from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, olmo2, phi3, stacking, vit
+from jaxtune.models.gguf import ARCHITECTURES as GGUF_ARCHITECTURES
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
@@ -89,7 +90,7 @@ class Family:
 
 _LLAMA_NAMES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2",
                 "Qwen3ForCausalLM": "Qwen3", "GemmaForCausalLM": "Gemma", "Gemma2ForCausalLM": "Gemma 2",
-                "Gemma3ForCausalLM": "Gemma 3 (text)"}
+                "Gemma3ForCausalLM": "Gemma 3 (text)", "SmolLM3ForCausalLM": "SmolLM3", "Olmo2ForCausalLM": "OLMo 2"}
 _ENCODER_NAMES = {"bert": "BERT", "roberta": "RoBERTa", "distilbert": "DistilBERT"}
 
 
@@ -103,22 +104,34 @@ def _encoder(arch: str) -> Family:
                   body=encoder.Encoder if arch == classifier else None, name=name, base=base, classifier=classifier)
 
 
+# The HF architecture each llama.cpp architecture converts to (jaxtune.models.gguf's table), for Family.gguf.
+_GGUF = {row.hf_architecture: name for name, row in GGUF_ARCHITECTURES.items()}
+
 FAMILIES: dict[str, Family] = {
     **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module, decoder.PARTITION_RULES,
                  name=_LLAMA_NAMES[a], classifier=a.replace("ForCausalLM", "ForSequenceClassification"),
-                 gguf="llama" if a == "LlamaForCausalLM" else None)
+                 gguf=_GGUF.get(a))
        for a in decoder.ARCHITECTURES},
     **{a: Family(decoder.DecoderConfig.from_hf, decoder.DecoderClassifier, decoder.hf_module, decoder.PARTITION_RULES,
                  body=decoder.Decoder, name=_LLAMA_NAMES[lm], base=lm, classifier=a)
        for a, lm in decoder.CLASSIFIERS.items()},
-    # Gemma's tensor names are Llama's, so the decoder's name map serves it.
+    # Gemma's and OLMo 2's tensor names are Llama's, so the decoder's name map serves them.
     **{a: Family(gemma.GemmaConfig.from_hf, gemma.Gemma, decoder.hf_module, gemma.PARTITION_RULES, name=_LLAMA_NAMES[a],
-                 classifier=a.replace("ForCausalLM", "ForSequenceClassification"))
+                 classifier=next(c for c, lm in gemma.CLASSIFIERS.items() if lm == a), gguf=_GGUF.get(a))
        for a in gemma.ARCHITECTURES},
+    **{a: Family(gemma.GemmaConfig.from_hf, gemma.GemmaClassifier, decoder.hf_module, gemma.PARTITION_RULES,
+                 body=gemma.Gemma, name=_LLAMA_NAMES[lm], base=lm, classifier=a)
+       for a, lm in gemma.CLASSIFIERS.items()},
+    "Olmo2ForCausalLM": Family(olmo2.config_from_hf, olmo2.Olmo2, decoder.hf_module, decoder.PARTITION_RULES,
+                               name="OLMo 2", classifier="Olmo2ForSequenceClassification",
+                               gguf=_GGUF.get("Olmo2ForCausalLM")),
+    "Olmo2ForSequenceClassification": Family(olmo2.config_from_hf, olmo2.Olmo2Classifier, decoder.hf_module,
+                                             decoder.PARTITION_RULES, body=olmo2.Olmo2, name="OLMo 2",
+                                             base="Olmo2ForCausalLM", classifier="Olmo2ForSequenceClassification"),
     **{a: Family(gpt2.GPT2Config.from_hf, gpt2.GPT2 if a == "GPT2LMHeadModel" else gpt2.GPT2Classifier,
                  gpt2.hf_module, gpt2.PARTITION_RULES, body=None if a == "GPT2LMHeadModel" else gpt2.GPT2,
                  name="GPT-2", base="GPT2LMHeadModel", classifier="GPT2ForSequenceClassification",
-                 kernel_out_in=gpt2.kernel_out_in)
+                 kernel_out_in=gpt2.kernel_out_in, gguf=_GGUF.get(a))
        for a in gpt2.ARCHITECTURES},
     # Phi-3's tensor names are Llama's (with fused qkv_proj / gate_up_proj), so the decoder's name map serves it.
     **{a: Family(phi3.Phi3Config.from_hf, phi3.Phi3 if a == "Phi3ForCausalLM" else phi3.Phi3Classifier,
@@ -279,9 +292,8 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         declared = hf_config.get("architectures") or []
         architecture = next((a for a in declared if a in FAMILIES), None)
         if architecture is None:
-            by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                       "qwen3": "Qwen3ForCausalLM", **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
-                       **phi3.MODEL_TYPES, **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES}
+            by_type = {**decoder.MODEL_TYPES, **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
+                       **olmo2.MODEL_TYPES, **phi3.MODEL_TYPES, **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(

@@ -65,19 +65,20 @@ def run_lengths(signatures: Sequence[Hashable]) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def layer_runs(num_layers: int, layer_groups: Sequence[int], windows: Sequence[int | None]) -> tuple[
+def layer_runs(num_layers: int, layer_groups: Sequence[int], kinds: Sequence[Hashable]) -> tuple[
         tuple[int, int], ...]:
     """The runs a model scans: ``layer_groups`` (run lengths) if given, else the runs of equal
-    ``windows``. Raises ValueError when the lengths do not cover the layers or a run mixes windows."""
-    windows = tuple(windows) or (None,) * num_layers
-    sizes = tuple(layer_groups) or run_lengths(windows)
+    ``kinds`` (each layer's static attention shape: its window, or a decoder's ``(window, rope)``).
+    Raises ValueError when the lengths do not cover the layers or a run mixes kinds."""
+    kinds = tuple(kinds) or (None,) * num_layers
+    sizes = tuple(layer_groups) or run_lengths(kinds)
     if sum(sizes) != num_layers or any(s <= 0 for s in sizes):
         raise ValueError(f"layer_groups {tuple(layer_groups)} must be positive run lengths adding up to "
                          f"num_layers {num_layers}")
     for start, stop in runs(sizes):
-        if len(set(windows[start:stop])) > 1:
-            raise ValueError(f"layer_groups: layers {start}..{stop - 1} mix attention windows "
-                             f"{sorted(set(windows[start:stop]), key=str)}; split the run where the window changes")
+        if len(set(kinds[start:stop])) > 1:
+            raise ValueError(f"layer_groups: layers {start}..{stop - 1} mix attention kinds "
+                             f"{sorted(set(kinds[start:stop]), key=str)}; split the run where the kind changes")
     return runs(sizes)
 
 
@@ -181,13 +182,13 @@ def to_physical(tree: Params, cfg: Any) -> Params:
 
 def plan_groups(cfg: Any, labels: Params, params: Params) -> tuple[int, ...]:
     """Run lengths for a logical tree with a plan applied: maximal runs of layers with the same
-    attention window and the same leaves, labels, shapes and dtypes, so that each run stacks and
+    attention kind (window, RoPE) and the same leaves, labels, shapes and dtypes, so that each run stacks and
     a frozen run is a scan apart from its trained neighbours."""
     def signature(i: int) -> Hashable:
         key = f"{PREFIX}_{i}"
         leaves = jax.tree_util.tree_flatten_with_path(params.get(key, {}))[0]
         flat_labels = dict(jax.tree_util.tree_flatten_with_path(labels.get(key, {}), is_leaf=_is_leaf)[0])
-        return cfg.windows[i], tuple((jax.tree_util.keystr(p), flat_labels.get(p), tuple(x.shape), str(x.dtype))
+        return cfg.layer_kinds[i], tuple((jax.tree_util.keystr(p), flat_labels.get(p), tuple(x.shape), str(x.dtype))
                                      for p, x in leaves)
 
     return run_lengths([signature(i) for i in range(cfg.num_layers)])

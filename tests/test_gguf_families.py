@@ -1,0 +1,132 @@
+"""gguf_to_hf on every llama.cpp architecture jaxtune reads besides llama (test_gguf): a tiny random
+transformers model written as GGUF the way llama.cpp's converter (`convert_hf_to_gguf.py`) writes
+it, converted back, loads into jaxtune with the original model's logits (fp32, within 1e-4).
+
+The GGUF side follows llama.cpp's conventions, taken from the `gguf` package and the converter
+rather than from the code under test: tensor names from `gguf.get_tensor_name_map`, metadata through
+`GGUFWriter`'s own keys, Gemma's norm weights stored plus one, GPT-2's Conv1D weights transposed and
+its embedding copied to `output.weight`, no Q/K permutation outside llama.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from helpers import torch_logits
+
+from jaxtune.models import hf
+from jaxtune.models.gguf import gguf_to_hf
+
+gguf = pytest.importorskip("gguf")
+
+TOL = 1e-4
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+WINDOW = 4  # shorter than the input, so sliding layers differ from global ones
+# llama.cpp architecture -> (transformers class, config overrides). Gemma 2/3 use query_pre_attn_scalar =
+# head_dim, the scale llama.cpp applies below 27B (the file does not store it).
+CASES = {
+    "qwen2": ("Qwen2ForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 50000.0})),
+    "qwen3": ("Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=32, attention_bias=True)),
+    "gemma": ("GemmaForCausalLM", dict(num_key_value_heads=1, head_dim=32)),
+    "gemma2": ("Gemma2ForCausalLM", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
+                                         attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3ForCausalLM", dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=WINDOW,
+                                         layer_types=["sliding_attention"] * 2, rope_local_base_freq=10000.0,
+                                         tie_word_embeddings=False)),
+    "olmo2": ("Olmo2ForCausalLM", dict()),
+    "gpt2": ("GPT2LMHeadModel", dict()),
+}
+CONFIGS = {"Gemma3ForCausalLM": "Gemma3TextConfig", "GPT2LMHeadModel": "GPT2Config"}
+GPT2 = dict(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=96)
+GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+
+
+def tiny_model(name: str) -> torch.nn.Module:
+    """A random transformers model of the case, with norm weights off their init and projections of std 0.1."""
+    architecture, overrides = CASES[name]
+    kwargs = GPT2 if name == "gpt2" else {**TINY, **overrides}
+    config = getattr(transformers, CONFIGS.get(architecture, architecture.replace("ForCausalLM", "Config")))(**kwargs)
+    torch.manual_seed(0)
+    model = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "norm" in param_name or ".ln_" in param_name:
+                param.copy_(torch.rand_like(param) + (-0.5 if name.startswith("gemma") else 0.5))
+            else:
+                param.normal_(0.0, 0.1)
+    return model
+
+
+def write_gguf(model: torch.nn.Module, name: str, path) -> None:
+    """Write ``model`` as an F32 GGUF of llama.cpp architecture ``name``, as its converter would."""
+    cfg = model.config
+    writer = gguf.GGUFWriter(str(path), name)
+    if name == "gpt2":
+        writer.add_block_count(cfg.n_layer)
+        writer.add_context_length(cfg.n_positions)
+        writer.add_embedding_length(cfg.n_embd)
+        writer.add_feed_forward_length(cfg.n_inner)
+        writer.add_head_count(cfg.n_head)
+        writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    else:
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        # The converter states the head size wherever the config has head_dim (every case here but Qwen2/OLMo 2),
+        # and the rotary dimensions except for Gemma.
+        if getattr(cfg, "head_dim", None) is not None and "head_dim" in cfg.to_diff_dict():
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        if not name.startswith("gemma"):
+            writer.add_rope_dimension_count(head_dim)
+        if name not in ("gemma", "gemma2"):
+            rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
+            writer.add_rope_freq_base(rope["rope_theta"])
+        if name in ("gemma2", "gemma3"):
+            writer.add_sliding_window(cfg.sliding_window)
+        if name == "gemma2":
+            writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
+            writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, name.upper()), model.config.num_hidden_layers)
+    tied = model.config.tie_word_embeddings
+    for hf_name, tensor in model.state_dict().items():
+        if hf_name == "lm_head.weight" and (tied or name == "gpt2"):
+            continue  # no output tensor for tied embeddings (GPT-2's is the embedding's copy, below)
+        stem, suffix = hf_name.rsplit(".", 1)
+        gguf_name = names.get_name(stem)
+        assert gguf_name is not None, hf_name
+        data = tensor.numpy().astype(np.float32)
+        if name.startswith("gemma") and hf_name.endswith("norm.weight"):
+            data = data + 1  # llama.cpp stores Gemma's (1 + w) gain
+        if name == "gpt2" and hf_name.endswith(GPT2_CONV1D):
+            data = np.ascontiguousarray(data.T)  # Conv1D (in, out) -> llama.cpp's (out, in)
+        writer.add_tensor(f"{gguf_name}.{suffix}", data)
+        if name == "gpt2" and gguf_name == "token_embd":
+            writer.add_tensor("output.weight", data)  # the converter copies the tied embedding
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_converted_model_has_the_original_logits(name, tmp_path):
+    model = tiny_model(name)
+    write_gguf(model, name, tmp_path / "tiny.gguf")
+    out = gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    loaded = hf.load_pretrained(out)
+    assert loaded.architecture == CASES[name][0]
+    assert loaded.config.tie_word_embeddings == model.config.tie_word_embeddings
+    ids = np.random.RandomState(1).randint(0, 128, (2, 12)).astype(np.int32)
+    ours = np.asarray(loaded.module.apply({"params": loaded.params}, ids))
+    np.testing.assert_allclose(ours, torch_logits(model, ids), atol=TOL, rtol=0)
