@@ -45,16 +45,18 @@ SELECTION = [
     ("gpu", dict(head_dim=80 + 4), XLA, "multiple of 8"),
     ("gpu", dict(head_dim=256, gpu_capability=A100, segments=False), XLA, "at most 128"),
     ("gpu", dict(causal=False, window=128), XLA, "only with causal"),
+    ("gpu", dict(causal=False, window=(64, 64)), XLA, "only with causal"),
     ("gpu", dict(softcap=50.0), GROUPED, "soft-capping"),  # Gemma 2 on a GPU
     ("gpu", dict(gpu_capability=None), XLA, "CUDA GPU"),  # ROCm: no cuDNN
-    ("gpu", dict(dense_mask=True, segments=False), XLA, "KV-cache"),
+    ("gpu", dict(dense_mask=True, segments=False), XLA, "dense mask"),
     ("tpu", {}, SPLASH, None),
     ("tpu", dict(window=4096, softcap=50.0), SPLASH, None),  # Gemma 2 on a TPU: capped inside splash
     ("tpu", dict(causal=False, segments=True), SPLASH, None),
     ("tpu", dict(dtype=F32, head_dim=64), SPLASH, None),
     ("tpu", dict(seq_len=100), XLA, "multiple"),
     ("tpu", dict(seq_len=100, softcap=30.0), GROUPED, "multiple"),
-    ("tpu", dict(dense_mask=True), XLA, "KV-cache"),
+    ("tpu", dict(dense_mask=True), XLA, "dense mask"),
+    ("tpu", dict(causal=False, window=(64, 64)), SPLASH, None),  # ModernBERT's local layers
 ]
 
 
@@ -127,10 +129,11 @@ T = 128  # splash tiles by 128; interpret mode is slow, so one block
 PACKED = np.array([[1] * 40 + [2] * 50 + [3] * 20 + [0] * 18, [1] * 128], np.int32)
 
 # causal, window, softcap, (heads, kv heads): a packed decoder with GQA, a sliding window and Gemma 2's
-# soft-cap; a bidirectional encoder (padding and packing). Plain causal attention: the model test below.
+# soft-cap; a bidirectional encoder (padding and packing) with ModernBERT's two-sided local window. Plain
+# causal attention: the model test below.
 SPLASH_CASES = {
     "causal-window-softcap-gqa": (True, 24, 5.0, (4, 2)),
-    "bidirectional": (False, None, None, (2, 2)),
+    "bidirectional-local": (False, (20, 12), None, (2, 2)),
 }
 
 

@@ -32,6 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
+# A sliding window: ``w`` is the query itself and the ``w - 1`` keys before it (Mistral, Gemma 2);
+# ``(left, right)`` the keys at most ``left`` before and ``right`` after it (ModernBERT's local layers).
+Window = int | tuple[int, int] | None
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,7 @@ class KernelChoice:
 
 
 def attention_kernel(
-    backend: str, *, causal: bool, window: int | None, segments: bool, softcap: float | None, dtype: Any,
+    backend: str, *, causal: bool, window: Window, segments: bool, softcap: float | None, dtype: Any,
     head_dim: int, seq_len: int, dense_mask: bool = False, gpu_capability: tuple[int, int] | None = None,
 ) -> KernelChoice:
     """Which attention kernel runs for these inputs; pure, so it can be tested on any machine.
@@ -70,7 +73,7 @@ def attention_kernel(
     if backend == "cpu":
         return KernelChoice(GROUPED)
     if dense_mask:
-        return _fallback(softcap, "a dense mask was given (KV-cache decoding)")
+        return _fallback(softcap, "the caller gave a dense mask (KV-cache decoding; otherwise pass segment_ids)")
     if backend == "gpu":
         return _gpu_kernel(causal, window, segments, softcap, jnp.dtype(dtype), head_dim, gpu_capability)
     if backend == "tpu":
@@ -81,7 +84,7 @@ def attention_kernel(
     return _fallback(softcap, f"no fused kernel for backend {backend!r}")
 
 
-def _gpu_kernel(causal: bool, window: int | None, segments: bool, softcap: float | None, dtype: np.dtype,
+def _gpu_kernel(causal: bool, window: Window, segments: bool, softcap: float | None, dtype: np.dtype,
                 head_dim: int, capability: tuple[int, int] | None) -> KernelChoice:
     if capability is None:
         return _fallback(softcap, "cuDNN attention needs a CUDA GPU")
@@ -136,15 +139,15 @@ def _gpu_capability() -> tuple[int, int] | None:
 
 def dot_product_attention(
     q: Array, k: Array, v: Array, mask: Array | None = None, *, segment_ids: Array | None = None,
-    causal: bool, window: int | None = None, scale: float | None = None, logit_cap: float | None = None,
+    causal: bool, window: Window = None, scale: float | None = None, logit_cap: float | None = None,
 ) -> Array:
     """Multi-head attention with grouped-query heads, on the backend's kernel.
 
     Shapes: ``q`` ``(B, T, N, H)``, ``k``/``v`` ``(B, S, K, H)`` with ``N % K == 0`` (GQA) ->
     ``(B, T, N, H)``. Either ``segment_ids`` ``(B, T)`` int (packed documents, 0 on padding: no
     query attends to a padding key; self-attention, so ``S == T``) or a ready boolean ``mask``
-    broadcastable to ``(B, 1, T, S)`` (KV-cache decoding), or neither. ``window`` restricts a query to
-    itself and the ``window - 1`` keys before it. Scores are ``q . k * scale`` (default ``H ** -0.5``),
+    broadcastable to ``(B, 1, T, S)`` (KV-cache decoding), or neither. ``window`` (:data:`Window`) restricts the keys
+    a query sees around itself. Scores are ``q . k * scale`` (default ``H ** -0.5``),
     soft-capped by ``logit_cap`` (:func:`softcap`) before masking. Outputs at padding queries are not
     defined (no loss or pooling reads them). Segments must be contiguous runs, as packing writes them.
     """
@@ -171,8 +174,8 @@ def dot_product_attention(
     if choice.kernel == GROUPED:
         return grouped_attention(q, k, v, mask, scale=scale, logit_cap=logit_cap)
     if mask is None:  # plain causality and windows as flags
-        local = (window - 1, 0) if window is not None else None
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, local_window_size=local,
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            local_window_size=_local_window(window, causal, k.shape[1]),
                                             implementation="xla")
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="xla")
 
@@ -188,12 +191,12 @@ def softcap(x: Array, cap: float | None) -> Array:
     return (jnp.tanh(x / cap) * cap).astype(x.dtype)
 
 
-def attention_mask(segment_ids: Array | None, *, causal: bool, window: int | None = None) -> Array | None:
+def attention_mask(segment_ids: Array | None, *, causal: bool, window: Window = None) -> Array | None:
     """Boolean mask ``(B, 1, T, T)``: True where a query may attend to a key.
 
     ``segment_ids`` ``(B, T)`` int: tokens attend only within their own segment (packed
-    documents), and segment 0 marks padding, which no query attends to. ``window`` restricts a
-    query to itself and the ``window - 1`` keys before it (sliding-window attention). Returns None
+    documents), and segment 0 marks padding, which no query attends to. ``window`` (:data:`Window`)
+    restricts the keys a query sees around itself (sliding-window attention). Returns None
     when there are no segment ids.
     """
     if segment_ids is None:
@@ -206,8 +209,25 @@ def attention_mask(segment_ids: Array | None, *, causal: bool, window: int | Non
     if causal:
         mask = mask & (k <= q)[None, None]
     if window is not None:
-        mask = mask & (q - k < window)[None, None]
+        left, right = window_bounds(window, causal)
+        mask = mask & (q - k <= left)[None, None]
+        if right is not None:
+            mask = mask & (k - q <= right)[None, None]
     return mask
+
+
+def window_bounds(window: Window, causal: bool) -> tuple[int, int | None]:
+    """A window as ``(left, right)``: how many keys before and after a query it sees (right None: all)."""
+    left, right = window if isinstance(window, tuple) else (window - 1, None)
+    return left, 0 if causal else right
+
+
+def _local_window(window: Window, causal: bool, length: int) -> tuple[int, int] | None:
+    """``window`` as ``jax.nn.dot_product_attention``'s ``local_window_size``."""
+    if window is None:
+        return None
+    left, right = window_bounds(window, causal)
+    return left, length if right is None else right
 
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
@@ -263,7 +283,7 @@ def packed_segments(segment_ids: Array, max_segments: int | None = None) -> tupl
 
 
 def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal: bool,
-                    window: int | None, scale: float | None) -> Array:
+                    window: Window, scale: float | None) -> Array:
     """cuDNN fused attention (GPU only; shapes and arguments as :func:`dot_product_attention`).
 
     Without segment ids this is ``jax.nn.dot_product_attention(implementation="cudnn")``. With them,
@@ -273,8 +293,8 @@ def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, 
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if segment_ids is None:
-        local = (window - 1, 0) if window is not None else None
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, local_window_size=local,
+        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
+                                            local_window_size=_local_window(window, causal, k.shape[1]),
                                             implementation="cudnn")
     # Private (jax 0.10): the only entry that takes per-segment offsets; pinned by its tests.
     from jax._src.cudnn.fused_attention_stablehlo import MaskType
@@ -283,7 +303,7 @@ def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, 
     lengths, offsets = packed_segments(segment_ids)
     out = cudnn_sdpa(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets, kv_offsets=offsets,
                      scale=scale, mask_type=MaskType.PADDING_CAUSAL if causal else MaskType.PADDING,
-                     sliding_window_length=window)
+                     sliding_window_length=None if window is None else window_bounds(window, causal)[0] + 1)
     return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(q.dtype)
 
 
@@ -291,7 +311,7 @@ def cudnn_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, 
 
 
 def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal: bool,
-                     window: int | None, scale: float | None, logit_cap: float | None = None,
+                     window: Window, scale: float | None, logit_cap: float | None = None,
                      interpret: bool | None = None) -> Array:
     """Pallas splash attention (arguments and shapes as :func:`dot_product_attention`; ``T`` and ``S``
     multiples of 128). Segment ids and the causal / sliding-window mask are applied inside the kernel
@@ -309,7 +329,7 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
                          f"not {t} (queries) and {s} (keys); pad the rows (data.max_length)")
     shape = (t, s)
     if window is not None:
-        head_mask = splash.LocalMask(shape, (window - 1, 0 if causal else None), offset=0)
+        head_mask = splash.LocalMask(shape, window_bounds(window, causal), offset=0)
     elif causal:
         head_mask = splash.CausalMask(shape)
     else:
