@@ -43,7 +43,6 @@ from jaxtune.models.layers import (
     PartitionRules,
     RMSNorm,
     apply_rope,
-    attention_mask,
     dot_product_attention,
     partition_rules,
     pool,
@@ -288,8 +287,8 @@ def attend(
     ``scale``/``logit_cap`` as :func:`~jaxtune.models.layers.dot_product_attention`.
     """
     if cache is None:
-        mask = attention_mask(segment_ids, causal=True, window=window)
-        return dot_product_attention(q, k, v, mask, causal=True, window=window, scale=scale, logit_cap=logit_cap), None
+        return dot_product_attention(q, k, v, segment_ids=segment_ids, causal=True, window=window, scale=scale,
+                                     logit_cap=logit_cap), None
     at = (0, cache.index, 0, 0)
     k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
     v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)

@@ -41,7 +41,6 @@ from jaxtune.models.layers import (
     LayerNorm,
     Linear,
     PartitionRules,
-    attention_mask,
     dot_product_attention,
     partition_rules,
 )
@@ -199,12 +198,12 @@ class Embeddings(nn.Module):
         return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
 
 
-def multi_head_attention(cfg: EncoderConfig, x: Array, mask: Array | None, query: Linear, key: Linear,
+def multi_head_attention(cfg: EncoderConfig, x: Array, segment_ids: Array | None, query: Linear, key: Linear,
                          value: Linear, deterministic: bool) -> Array:
     """Bidirectional attention of ``x`` ``(B, T, D)`` through the three projections -> ``(B, T, D)``."""
     b, t, d = x.shape
     heads = [p(x, deterministic).reshape(b, t, cfg.num_heads, d // cfg.num_heads) for p in (query, key, value)]
-    return dot_product_attention(*heads, mask, causal=False).reshape(b, t, d)
+    return dot_product_attention(*heads, segment_ids=segment_ids, causal=False).reshape(b, t, d)
 
 
 class SelfAttention(nn.Module):
@@ -213,10 +212,10 @@ class SelfAttention(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, deterministic: bool) -> Array:
+    def __call__(self, x: Array, segment_ids: Array | None, deterministic: bool) -> Array:
         cfg = self.cfg
         d = x.shape[-1]
-        return multi_head_attention(cfg, x, mask, cfg.linear(d, "query"), cfg.linear(d, "key"),
+        return multi_head_attention(cfg, x, segment_ids, cfg.linear(d, "query"), cfg.linear(d, "key"),
                                     cfg.linear(d, "value"), deterministic)
 
 
@@ -236,8 +235,8 @@ class Attention(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, deterministic: bool) -> Array:
-        h = SelfAttention(self.cfg, name="self")(x, mask, deterministic)
+    def __call__(self, x: Array, segment_ids: Array | None, deterministic: bool) -> Array:
+        h = SelfAttention(self.cfg, name="self")(x, segment_ids, deterministic)
         return Output(self.cfg, name="output")(h, x, deterministic)
 
 
@@ -256,8 +255,8 @@ class EncoderBlock(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, deterministic: bool = True) -> Array:
-        x = Attention(self.cfg, name="attention")(x, mask, deterministic)
+    def __call__(self, x: Array, segment_ids: Array | None, deterministic: bool = True) -> Array:
+        x = Attention(self.cfg, name="attention")(x, segment_ids, deterministic)
         h = Intermediate(self.cfg, name="intermediate")(x, deterministic)
         return Output(self.cfg, name="output")(h, x, deterministic)
 
@@ -268,11 +267,11 @@ class DistilBertAttention(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, deterministic: bool) -> Array:
+    def __call__(self, x: Array, segment_ids: Array | None, deterministic: bool) -> Array:
         cfg = self.cfg
         d = x.shape[-1]
-        h = multi_head_attention(cfg, x, mask, cfg.linear(d, "q_lin"), cfg.linear(d, "k_lin"), cfg.linear(d, "v_lin"),
-                                 deterministic)
+        h = multi_head_attention(cfg, x, segment_ids, cfg.linear(d, "q_lin"), cfg.linear(d, "k_lin"),
+                                 cfg.linear(d, "v_lin"), deterministic)
         return cfg.linear(d, "out_lin")(h, deterministic)
 
 
@@ -295,9 +294,9 @@ class DistilBertBlock(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, x: Array, mask: Array | None, deterministic: bool = True) -> Array:
-        x = self.cfg.layer_norm("sa_layer_norm")(DistilBertAttention(self.cfg, name="attention")(x, mask, deterministic)
-                                                 + x)
+    def __call__(self, x: Array, segment_ids: Array | None, deterministic: bool = True) -> Array:
+        attn = DistilBertAttention(self.cfg, name="attention")(x, segment_ids, deterministic)
+        x = self.cfg.layer_norm("sa_layer_norm")(attn + x)
         return self.cfg.layer_norm("output_layer_norm")(DistilBertFFN(self.cfg, name="ffn")(x, deterministic) + x)
 
 
@@ -343,9 +342,8 @@ class Encoder(nn.Module):
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
         x = self.embeddings(input_ids, positions, token_type_ids, deterministic)
-        mask = attention_mask(segment_ids, causal=False)
         for block in self.layer:
-            x = block(x, mask, deterministic)
+            x = block(x, segment_ids, deterministic)
         if self.cfg.use_pooler and self.is_initializing():
             self.pooler(x)  # create the pooler's params at init
         return x

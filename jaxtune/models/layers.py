@@ -1,6 +1,6 @@
 """Building blocks shared by the model families: linear (with optional adapter leaves),
-norms, soft-capping, block rematerialisation, rotary embeddings, attention masks, attention
-(with an optional score scale and soft-cap) and pooling.
+norms, block rematerialisation, rotary embeddings and pooling. Attention (masks, soft-capping,
+the kernels by backend) is :mod:`jaxtune.models.attention`, re-exported here.
 
 Every block is a Flax linen module or a pure function, so a model is a pure function of a
 parameter pytree. Parameter leaf names follow one rule that the checkpoint I/O relies on:
@@ -28,6 +28,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models import quant
+from jaxtune.models.attention import attention_mask as attention_mask  # re-exported: attention moved there
+from jaxtune.models.attention import dot_product_attention as dot_product_attention
+from jaxtune.models.attention import grouped_attention as grouped_attention
+from jaxtune.models.attention import softcap as softcap
 
 Array = jax.Array
 Dtype = Any
@@ -159,14 +163,6 @@ class Embed(nn.Module):
         lead = x.shape[:-1]
         out = quant.dot(x.reshape(-1, x.shape[-1]), self.embedding, self.dtype, transpose=True)
         return out.reshape(*lead, self.num_embeddings)
-
-
-def softcap(x: Array, cap: float | None) -> Array:
-    """Soft-capping ``cap * tanh(x / cap)`` (Gemma 2's attention scores and final logits): smooth,
-    and bounded to ``(-cap, cap)``. ``cap`` None returns ``x`` unchanged; shape and dtype are kept."""
-    if cap is None:
-        return x
-    return (jnp.tanh(x / cap) * cap).astype(x.dtype)
 
 
 REMAT_POLICIES = ("none", "block", "dots")
@@ -430,85 +426,6 @@ def apply_rope(x: Array, positions: Array, freqs: RopeFrequencies | Array) -> Ar
     x1, x2 = jnp.split(x32[..., :rot], 2, axis=-1)
     rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, x32[..., rot:]], axis=-1)
     return rotated.astype(x.dtype)
-
-
-# ----------------------------------------------------------------------------- attention
-
-
-def attention_mask(segment_ids: Array | None, *, causal: bool, window: int | None = None) -> Array | None:
-    """Boolean mask ``(B, 1, T, T)``: True where a query may attend to a key.
-
-    ``segment_ids`` ``(B, T)`` int: tokens attend only within their own segment (packed
-    documents), and segment 0 marks padding, which no query attends to. ``window`` restricts a
-    query to itself and the ``window - 1`` keys before it (sliding-window attention). Returns None
-    when there are no segment ids: plain causality and windows then go to the attention kernel as
-    flags, which lets cuDNN skip the masked blocks instead of reading a dense mask.
-    """
-    if segment_ids is None:
-        return None
-    mask = segment_ids[:, None, :, None] == segment_ids[:, None, None, :]
-    mask = mask & (segment_ids[:, None, None, :] != 0)
-    t = segment_ids.shape[1]
-    q = jnp.arange(t)[:, None]
-    k = jnp.arange(t)[None, :]
-    if causal:
-        mask = mask & (k <= q)[None, None]
-    if window is not None:
-        mask = mask & (q - k < window)[None, None]
-    return mask
-
-
-def dot_product_attention(
-    q: Array, k: Array, v: Array, mask: Array | None, *, causal: bool, window: int | None = None,
-    scale: float | None = None, logit_cap: float | None = None,
-) -> Array:
-    """Multi-head attention with grouped-query heads.
-
-    Shapes: ``q`` ``(B, T, N, H)``, ``k``/``v`` ``(B, S, K, H)`` with ``N % K == 0`` (GQA),
-    ``mask`` broadcastable to ``(B, 1, T, S)`` or None -> ``(B, T, N, H)``. Scores are
-    ``q . k * scale`` (default ``H ** -0.5``), soft-capped by ``logit_cap`` (:func:`softcap`)
-    before masking when given.
-
-    On GPU/TPU this is ``jax.nn.dot_product_attention`` (cuDNN flash attention where it
-    applies). On CPU it is :func:`grouped_attention`: XLA:CPU runs the rank-5 batched dots of
-    the generic path about 2x slower, forward and backward, than the same work as rank-3 dots.
-    Soft-capped attention is :func:`grouped_attention` everywhere, because
-    ``jax.nn.dot_product_attention`` has no logit soft-capping.
-    """
-    if jax.default_backend() == "cpu" or logit_cap is not None:
-        if mask is None and (causal or window is not None):
-            mask = attention_mask(jnp.ones((1, q.shape[1]), jnp.int32), causal=causal, window=window)
-        return grouped_attention(q, k, v, mask, scale=scale, logit_cap=logit_cap)
-    if mask is None:
-        local = (window - 1, 0) if window is not None else None
-        return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal, local_window_size=local)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
-
-
-def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
-                      logit_cap: float | None = None) -> Array:
-    """Softmax attention as two rank-3 batched matmuls over ``B*K`` (batch x KV head) groups.
-
-    The ``G = N / K`` query heads that share a KV head are stacked along the query axis, so
-    keys and values are never repeated. Scores and softmax are float32 (whatever the input
-    dtype); masked scores get the float32 minimum, so a fully masked row (padding) averages
-    the values instead of producing NaN. Shapes, ``scale`` and ``logit_cap`` as
-    :func:`dot_product_attention`.
-    """
-    b, t, n, h = q.shape
-    s, kv = k.shape[1], k.shape[2]
-    g = n // kv
-    qg = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, h)
-    kf = k.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
-    vf = v.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
-    scale = h ** -0.5 if scale is None else scale
-    scores = softcap(jnp.einsum("xqh,xsh->xqs", qg, kf, preferred_element_type=jnp.float32) * scale, logit_cap)
-    if mask is not None:
-        scores = scores.reshape(b, kv, g, t, s)
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min).reshape(b * kv, g * t, s)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("xqs,xsh->xqh", probs, vf)
-    return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 # ----------------------------------------------------------------------------- pooling

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 
 from jaxtune.models.decoder import DecoderBlock, DecoderConfig
 from jaxtune.models.encoder import ACTIVATIONS, EncoderBlock
-from jaxtune.models.layers import Array, Linear, attention_mask
+from jaxtune.models.layers import Array, Linear
 from jaxtune.tuning.plan import PlanError, Rule
 
 
@@ -112,9 +112,8 @@ class Head(nn.Module):
             for block in self.block:
                 hidden = block(hidden, positions, segment_ids, deterministic)
             return hidden
-        mask = attention_mask(segment_ids, causal=False)
         for block in self.block:
-            hidden = block(hidden, mask, deterministic)
+            hidden = block(hidden, segment_ids, deterministic)
         return hidden
 
     def __call__(self, features: Array, deterministic: bool = True) -> Array:

@@ -1,0 +1,209 @@
+"""Attention kernels by backend: which kernel runs for which inputs (a table, checked on any
+machine), the fallback notice, cuDNN's packed layout built from segment ids, and Pallas splash
+attention (the TPU kernel, run here in Pallas interpret mode) against the reference attention on
+packed rows, forward and gradients, alone and inside a model."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxtune.models import attention
+from jaxtune.models.attention import (
+    CUDNN,
+    GROUPED,
+    SPLASH,
+    XLA,
+    attention_kernel,
+    attention_mask,
+    grouped_attention,
+    packed_segments,
+    splash_attention,
+)
+from jaxtune.models.decoder import Decoder, DecoderConfig
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+H100, A100 = (9, 0), (8, 0)
+BASE = dict(causal=True, window=None, segments=True, softcap=None, dtype=BF16, head_dim=128, seq_len=4096,
+            gpu_capability=H100)
+
+# (backend, changes to BASE) -> (kernel, words of the notice, or None: the backend's own kernel, no notice)
+SELECTION = [
+    ("cpu", {}, GROUPED, None),
+    ("cpu", dict(softcap=50.0, dtype=F32, dense_mask=True), GROUPED, None),
+    ("gpu", {}, CUDNN, None),  # packed causal bf16 on Hopper: cuDNN's packed layout
+    ("gpu", dict(segments=False, window=4096), CUDNN, None),
+    ("gpu", dict(causal=False), CUDNN, None),  # a padded / packed encoder
+    ("gpu", dict(dtype=jnp.float16, head_dim=256), CUDNN, None),
+    ("gpu", dict(segments=False, gpu_capability=A100), CUDNN, None),
+    ("gpu", dict(gpu_capability=A100), XLA, "Hopper"),  # packed layout needs Hopper
+    ("gpu", dict(dtype=F32), XLA, "bfloat16/float16"),
+    ("gpu", dict(head_dim=80 + 4), XLA, "multiple of 8"),
+    ("gpu", dict(head_dim=256, gpu_capability=A100, segments=False), XLA, "at most 128"),
+    ("gpu", dict(causal=False, window=128), XLA, "only with causal"),
+    ("gpu", dict(causal=False, window=(64, 64)), XLA, "only with causal"),
+    ("gpu", dict(softcap=50.0), GROUPED, "soft-capping"),  # Gemma 2 on a GPU
+    ("gpu", dict(gpu_capability=None), XLA, "CUDA GPU"),  # ROCm: no cuDNN
+    ("gpu", dict(dense_mask=True, segments=False), XLA, "dense mask"),
+    ("tpu", {}, SPLASH, None),
+    ("tpu", dict(window=4096, softcap=50.0), SPLASH, None),  # Gemma 2 on a TPU: capped inside splash
+    ("tpu", dict(causal=False, segments=True), SPLASH, None),
+    ("tpu", dict(dtype=F32, head_dim=64), SPLASH, None),
+    ("tpu", dict(seq_len=100), XLA, "multiple"),
+    ("tpu", dict(seq_len=100, softcap=30.0), GROUPED, "multiple"),
+    ("tpu", dict(dense_mask=True), XLA, "dense mask"),
+    ("tpu", dict(causal=False, window=(64, 64)), SPLASH, None),  # ModernBERT's local layers
+]
+
+
+@pytest.mark.parametrize(("backend", "changes", "kernel", "notice"), SELECTION)
+def test_kernel_selection(backend, changes, kernel, notice):
+    choice = attention_kernel(backend, **{**BASE, **changes})
+    assert choice.kernel == kernel
+    if notice is None:
+        assert choice.notice is None
+    else:
+        assert notice in choice.notice and f"using the {kernel} attention" in choice.notice
+
+
+def _qkv(key: int, b: int, t: int, n: int, kv: int, h: int, dtype=F32) -> tuple[jax.Array, ...]:
+    ks = jax.random.split(jax.random.key(key), 3)
+    return tuple(jax.random.normal(k, (b, t, heads, h), dtype) for k, heads in zip(ks, (n, kv, kv), strict=True))
+
+
+def test_a_fallback_is_never_silent(monkeypatch, caplog):
+    """On a GPU, float32 inputs leave cuDNN: the XLA path runs (matching the reference) and says so,
+    once per reason however many layers trace it."""
+    monkeypatch.setattr(attention, "_backend", lambda: "gpu")
+    monkeypatch.setattr(attention, "_gpu_capability", lambda: H100)
+    monkeypatch.setattr(attention, "_NOTICED", set())
+    q, k, v = _qkv(0, 2, 8, 4, 2, 8)
+    ids = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0], [1] * 8], jnp.int32)
+    with caplog.at_level(logging.WARNING, logger="jaxtune"):  # two traces, as two layers would give
+        outs = [jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, segment_ids=ids, causal=True))(q, k, v)
+                for _ in range(2)]
+    lines = [r.getMessage() for r in caplog.records if "bfloat16/float16" in r.getMessage()]
+    assert len(lines) == 1 and "using the xla attention with a dense mask" in lines[0]
+    expected = grouped_attention(q, k, v, attention_mask(ids, causal=True))
+    real = np.asarray(ids != 0)
+    for out in outs:
+        np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=1e-5)
+
+
+def test_packed_segments_give_cudnn_the_same_mask():
+    """Segment ids -> per-segment (lengths, offsets), cuDNN's packed layout: a closed-form row, and
+    the mask those segments define equals the dense segment mask on real tokens."""
+    ids = np.array([[1, 1, 1, 2, 2, 0, 0, 0], [3, 3, 3, 3, 3, 3, 3, 3], [1, 2, 3, 4, 5, 6, 7, 8]], np.int32)
+    lengths, offsets = map(np.asarray, jax.jit(packed_segments)(jnp.asarray(ids)))
+    assert lengths.shape == (3, 8) and offsets.shape == (3, 9)
+    np.testing.assert_array_equal(lengths[0], [3, 2, -1, -1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(offsets[0], [0, 3, -1, -1, -1, -1, -1, -1, -1])
+    np.testing.assert_array_equal(lengths[1, :2], [8, -1])
+    np.testing.assert_array_equal(offsets[2, :8], np.arange(8))
+
+    rng = np.random.RandomState(0)
+    rows = []
+    for _ in range(6):  # random packings: segment lengths, then padding
+        cuts = np.sort(rng.choice(np.arange(1, 32), rng.randint(0, 5), replace=False))
+        row = np.zeros(32, np.int32)
+        for i, (a, b) in enumerate(zip([0, *cuts], [*cuts, rng.randint(max([0, *cuts]) + 1, 33)], strict=True)):
+            row[a:b] = i + 1
+        rows.append(row)
+    ids = np.stack(rows)
+    lengths, offsets = map(np.asarray, jax.jit(packed_segments)(jnp.asarray(ids)))
+    segment_of = np.full(ids.shape, -1)
+    for b in range(len(ids)):
+        for j in range(ids.shape[1]):
+            if offsets[b, j] >= 0:
+                segment_of[b, offsets[b, j]:offsets[b, j] + lengths[b, j]] = j
+    ours = (segment_of[:, :, None] == segment_of[:, None, :]) & (segment_of[:, None, :] >= 0)
+    dense = np.asarray(attention_mask(jnp.asarray(ids), causal=False))[:, 0]
+    np.testing.assert_array_equal(ours, dense)
+
+
+T = 128  # splash tiles by 128; interpret mode is slow, so one block
+PACKED = np.array([[1] * 40 + [2] * 50 + [3] * 20 + [0] * 18, [1] * 128], np.int32)
+
+# causal, window, softcap, (heads, kv heads): a packed decoder with GQA, a sliding window and Gemma 2's
+# soft-cap; a bidirectional encoder (padding and packing) with ModernBERT's two-sided local window. Plain
+# causal attention: the model test below.
+SPLASH_CASES = {
+    "causal-window-softcap-gqa": (True, 24, 5.0, (4, 2)),
+    "bidirectional-local": (False, (20, 12), None, (2, 2)),
+}
+
+
+@pytest.mark.parametrize("case", SPLASH_CASES)
+def test_splash_matches_reference_forward_and_gradients(case):
+    causal, window, cap, (n, kv) = SPLASH_CASES[case]
+    q, k, v = _qkv(1, 2, T, n, kv, 16)
+    ids = jnp.asarray(PACKED)
+    # A loss that reads real tokens only (as the LM and pooling losses do): padding outputs are undefined.
+    weights = jax.random.normal(jax.random.key(2), q.shape) * (ids != 0)[:, :, None, None]
+
+    def reference(q, k, v):
+        mask = attention_mask(ids, causal=causal, window=window)
+        out = grouped_attention(q, k, v, mask, scale=0.3, logit_cap=cap)
+        return jnp.sum(out * weights), out
+
+    def splash(q, k, v):
+        out = splash_attention(q, k, v, ids, causal=causal, window=window, scale=0.3, logit_cap=cap)
+        return jnp.sum(out * weights), out
+
+    (_, expected), expected_grads = jax.jit(jax.value_and_grad(reference, (0, 1, 2), has_aux=True))(q, k, v)
+    (_, out), grads = jax.jit(jax.value_and_grad(splash, (0, 1, 2), has_aux=True))(q, k, v)
+    real = np.asarray(ids != 0)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=2e-5)
+    for name, ours, theirs in zip("qkv", grads, expected_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-4, err_msg=f"d{name}")
+
+
+def test_a_model_runs_splash_through_the_dispatch(monkeypatch):
+    """A packed decoder with a full and a sliding-window layer, with the backend reported as a TPU: its
+    attention goes to splash (interpreted here) and its logits match the CPU run on real tokens."""
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8, layer_windows=(None, 20))
+    module = Decoder(cfg)
+    ids = jnp.asarray(np.random.RandomState(3).randint(1, 64, PACKED.shape), jnp.int32)
+    segments = jnp.asarray(PACKED)
+    positions = jnp.asarray(np.stack([np.concatenate([np.arange(40), np.arange(50), np.arange(20), np.zeros(18)]),
+                                      np.arange(128)]), jnp.int32)  # restarting in each segment
+    params = module.init(jax.random.key(0), ids[:, :2])["params"]
+    expected = jax.jit(module.apply)({"params": params}, ids, segments, positions)
+    called = []
+    monkeypatch.setattr(attention, "_backend", lambda: "tpu")
+    monkeypatch.setattr(attention, "splash_attention",
+                        lambda *a, **kw: called.append(kw["window"]) or splash_attention(*a, **kw))
+    ours = jax.jit(lambda p, *batch: module.apply(p, *batch))({"params": params}, ids, segments, positions)
+    assert set(called) == {20, None}  # each run of layers (a full one, a windowed one) went to splash
+    real = np.asarray(segments != 0)
+    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(expected)[real], atol=2e-5)
+
+
+def test_splash_runs_per_shard_under_a_mesh():
+    """Under a (data, fsdp, tensor) mesh in context, splash runs in a shard_map (rows over the batch
+    axes, heads over tensor: XLA cannot split a Pallas call itself) and still matches the reference."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
+    q, k, v = _qkv(4, 4, T, 4, 2, 16)
+    ids = jnp.asarray(np.concatenate([PACKED, PACKED[::-1]]))
+    weights = jax.random.normal(jax.random.key(5), q.shape) * (ids != 0)[:, :, None, None]
+
+    def loss(q, k, v):
+        return jnp.sum(splash_attention(q, k, v, ids, causal=True, window=None, scale=None) * weights)
+
+    def reference(q, k, v):
+        return jnp.sum(grouped_attention(q, k, v, attention_mask(ids, causal=True)) * weights)
+
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(loss)(q, k, v))
+        value, grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+    expected, expected_grads = jax.jit(jax.value_and_grad(reference, (0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    for ours, theirs in zip(grads, expected_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-4)
