@@ -29,11 +29,12 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, stacking, vit
+from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbert, stacking, vit
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
-FamilyConfig = decoder.DecoderConfig | encoder.EncoderConfig | vit.ViTConfig | efficientnet.EfficientNetConfig
+FamilyConfig = (decoder.DecoderConfig | encoder.EncoderConfig | modernbert.ModernBertConfig | vit.ViTConfig
+                | efficientnet.EfficientNetConfig)
 
 BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF, *efficientnet.STATE_LEAVES)
 # Buffers that checkpoints carry but that are not parameters.
@@ -121,6 +122,12 @@ FAMILIES: dict[str, Family] = {
                  kernel_out_in=gpt2.kernel_out_in)
        for a in gpt2.ARCHITECTURES},
     **{a: _encoder(a) for a in encoder.ARCHITECTURES},
+    **{a: Family(modernbert.ModernBertConfig.from_hf,
+                 modernbert.ModernBertClassifier if a in modernbert.CLASSIFIERS else modernbert.ModernBert,
+                 modernbert.hf_module, modernbert.PARTITION_RULES,
+                 body=modernbert.ModernBert if a in modernbert.CLASSIFIERS else None, name="ModernBERT",
+                 base="ModernBertModel", classifier="ModernBertForSequenceClassification")
+       for a in modernbert.ARCHITECTURES},
     **{a: Family(vit.ViTConfig.from_hf, vit.ViTClassifier if a in vit.CLASSIFIERS else vit.ViT, vit.hf_module,
                  vit.PARTITION_RULES, body=vit.ViT if a in vit.CLASSIFIERS else None, name="ViT", base="ViTModel",
                  classifier="ViTForImageClassification", checkpoint_name=vit.checkpoint_name, modality="image")
@@ -276,7 +283,7 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         if architecture is None:
             by_type = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                        "qwen3": "Qwen3ForCausalLM", **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
-                       **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES}
+                       **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES, **modernbert.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
