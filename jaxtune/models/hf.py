@@ -29,12 +29,13 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, olmo2, phi3, stacking, vit
+from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbert, olmo2, phi3, stacking, vit
 from jaxtune.models.gguf import ARCHITECTURES as GGUF_ARCHITECTURES
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
-FamilyConfig = decoder.DecoderConfig | encoder.EncoderConfig | vit.ViTConfig | efficientnet.EfficientNetConfig
+FamilyConfig = (decoder.DecoderConfig | encoder.EncoderConfig | modernbert.ModernBertConfig | vit.ViTConfig
+                | efficientnet.EfficientNetConfig)
 
 BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF, *efficientnet.STATE_LEAVES)
 # Buffers that checkpoints carry but that are not parameters.
@@ -139,6 +140,12 @@ FAMILIES: dict[str, Family] = {
                  name="Phi-3", base="Phi3ForCausalLM", classifier="Phi3ForSequenceClassification")
        for a in phi3.ARCHITECTURES},
     **{a: _encoder(a) for a in encoder.ARCHITECTURES},
+    **{a: Family(modernbert.ModernBertConfig.from_hf,
+                 modernbert.ModernBertClassifier if a in modernbert.CLASSIFIERS else modernbert.ModernBert,
+                 modernbert.hf_module, modernbert.PARTITION_RULES,
+                 body=modernbert.ModernBert if a in modernbert.CLASSIFIERS else None, name="ModernBERT",
+                 base="ModernBertModel", classifier="ModernBertForSequenceClassification")
+       for a in modernbert.ARCHITECTURES},
     **{a: Family(vit.ViTConfig.from_hf, vit.ViTClassifier if a in vit.CLASSIFIERS else vit.ViT, vit.hf_module,
                  vit.PARTITION_RULES, body=vit.ViT if a in vit.CLASSIFIERS else None, name="ViT", base="ViTModel",
                  classifier="ViTForImageClassification", checkpoint_name=vit.checkpoint_name, modality="image")
@@ -293,7 +300,8 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         architecture = next((a for a in declared if a in FAMILIES), None)
         if architecture is None:
             by_type = {**decoder.MODEL_TYPES, **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
-                       **olmo2.MODEL_TYPES, **phi3.MODEL_TYPES, **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES}
+                       **olmo2.MODEL_TYPES, **phi3.MODEL_TYPES, **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES,
+                       **modernbert.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(

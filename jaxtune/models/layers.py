@@ -127,22 +127,25 @@ class RMSNorm(nn.Module):
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with ``scale``/``bias``, statistics in float32 (BERT-style, ``eps`` 1e-12)."""
+    """LayerNorm with ``scale``/``bias``, statistics in float32 (BERT-style, ``eps`` 1e-12).
+    ``use_bias=False`` has no ``bias`` param (ModernBERT's ``norm_bias: false`` norms)."""
 
     eps: float = 1e-12
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    use_bias: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), self.param_dtype)
-        bias = self.param("bias", nn.initializers.zeros, (d,), self.param_dtype)
         x32 = x.astype(jnp.float32)
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale.astype(jnp.float32)
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (d,), self.param_dtype).astype(jnp.float32)
+        return y.astype(self.dtype)
 
 
 class Embed(nn.Module):
@@ -454,17 +457,24 @@ def pool(hidden: Array, segment_ids: Array, how: str) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class ClassifierLayout:
-    """A family's ``*ForSequenceClassification`` head: pool (BERT's ``pooler`` or the first token,
-    ``cls``), then each of ``dense`` followed by ``activation``, then ``out``; dropout before every
-    layer except, where ``input_dropout`` is False, the first."""
+    """A family's ``*ForSequenceClassification`` head: pool (BERT's ``pooler``, the first token
+    ``cls``, or ``mean``), then each of ``dense`` followed by ``activation``, then ``norm`` if any,
+    then ``out``; dropout before every layer except, where ``input_dropout`` is False, the first."""
 
     body: str  # the body's prefix in the checkpoint
-    pooling: str  # pooler | cls
+    pooling: str  # pooler | cls | mean
     dense: tuple[str, ...]  # HF module names of the layers between pooling and ``out`` (head/dense_i)
     activation: str
     out: str  # HF module name of the output layer (head/out)
     input_dropout: bool = True
+    dense_bias: bool = True  # whether the ``dense`` layers have a bias (ModernBERT's ``classifier_bias``)
+    # HF module name of a LayerNorm after the dense layers (ModernBERT's ``head.norm``; head/norm), its
+    # epsilon and whether it has a bias.
+    norm: str | None = None
+    norm_eps: float = 1e-5
+    norm_bias: bool = True
 
     def hf_names(self) -> dict[str, str]:
-        """jaxtune head module (``dense_0``, ``out``) -> HF module name."""
-        return {**{f"dense_{i}": n for i, n in enumerate(self.dense)}, "out": self.out}
+        """jaxtune head module (``dense_0``, ``norm``, ``out``) -> HF module name."""
+        return {**{f"dense_{i}": n for i, n in enumerate(self.dense)}, **({"norm": self.norm} if self.norm else {}),
+                "out": self.out}

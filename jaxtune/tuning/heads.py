@@ -10,8 +10,9 @@ The heads that are exactly Hugging Face's export to transformers and PEFT: last-
 a bias-free ``out`` on a decoder (``*ForSequenceClassification.score``), and on an encoder its
 family's classifier (:class:`jaxtune.models.layers.ClassifierLayout`: BERT's pooler into
 ``classifier``; RoBERTa's first token through ``classifier.dense`` + tanh into
-``classifier.out_proj``; DistilBERT's through ``pre_classifier`` + ReLU into ``classifier``). An
-encoder head's defaults are its family's classifier.
+``classifier.out_proj``; DistilBERT's through ``pre_classifier`` + ReLU into ``classifier``; ModernBERT's
+first token or mean through ``head.dense`` + GELU + ``head.norm`` into ``classifier``). An encoder head's
+defaults are its family's classifier.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 
 from jaxtune.models.decoder import DecoderBlock, DecoderConfig
 from jaxtune.models.encoder import ACTIVATIONS, EncoderBlock
-from jaxtune.models.layers import Array, Linear
+from jaxtune.models.layers import Array, ClassifierLayout, LayerNorm, Linear
+from jaxtune.models.modernbert import ModernBertConfig
 from jaxtune.tuning.plan import PlanError, Rule
 
 
@@ -42,6 +44,9 @@ class HeadSpec:
     bias: bool = True
     activation: str = "gelu"  # after each hidden layer
     input_dropout: bool = True  # dropout on the pooled features too (DistilBERT's classifier has none there)
+    dense_bias: bool = True  # a bias on the hidden layers (ModernBERT's head.dense has none by default)
+    norm_eps: float | None = None  # a LayerNorm after the hidden layers (ModernBERT's head.norm), or None
+    norm_bias: bool = True  # whether that LayerNorm has a bias
 
 
 def head_spec(rule: Rule, body_cfg: Any, has_pooler: bool, where: str) -> HeadSpec:
@@ -54,6 +59,9 @@ def head_spec(rule: Rule, body_cfg: Any, has_pooler: bool, where: str) -> HeadSp
     if pooling == "pooler" and not has_pooler:
         raise PlanError(f"{where}: pooling 'pooler' needs a BERT pooler, which this model has not; "
                         "use mean, cls or last")
+    if rule.extra_blocks and isinstance(body_cfg, ModernBertConfig):
+        raise PlanError(f"{where}: extra_blocks is not supported on ModernBERT (its blocks need RoPE positions and "
+                        "a layer type); drop extra_blocks, or add LoRA/train rules on the body's last layers instead")
     # The encoder family's own classifier, unless the rule changes its pooling or hidden layers.
     family = layout is not None and pooling == layout.pooling and rule.hidden is None
     hidden = tuple(rule.hidden) if rule.hidden is not None else \
@@ -69,7 +77,22 @@ def head_spec(rule: Rule, body_cfg: Any, has_pooler: bool, where: str) -> HeadSp
         bias=bool(rule.bias if rule.bias is not None else not decoder),
         activation=layout.activation if family and layout.dense else "gelu",
         input_dropout=layout.input_dropout if family else True,
+        **(_layout_extras(layout) if family else {}),
     )
+
+
+def _layout_extras(layout: ClassifierLayout) -> dict[str, Any]:
+    """The :class:`HeadSpec` fields of a family classifier's hidden-layer bias and trailing norm."""
+    return dict(dense_bias=layout.dense_bias, norm_eps=layout.norm_eps if layout.norm else None,
+                norm_bias=layout.norm_bias)
+
+
+def family_head(layout: ClassifierLayout, task: str, num_outputs: int, hidden_size: int, dropout: float) -> HeadSpec:
+    """The :class:`HeadSpec` that is exactly an encoder family's ``*ForSequenceClassification`` head."""
+    return HeadSpec(task=task, num_outputs=num_outputs, pooling=layout.pooling,
+                    hidden=(hidden_size,) * len(layout.dense), dropout=dropout, bias=True,
+                    activation=layout.activation if layout.dense else "gelu", input_dropout=layout.input_dropout,
+                    **_layout_extras(layout))
 
 
 def hf_head_modules(spec: HeadSpec, body_cfg: Any) -> dict[str, str] | None:
@@ -81,7 +104,10 @@ def hf_head_modules(spec: HeadSpec, body_cfg: Any) -> dict[str, str] | None:
     layout = body_cfg.classifier_layout
     same = (spec.pooling == layout.pooling and spec.hidden == (body_cfg.hidden_size,) * len(layout.dense)
             and spec.bias and (not layout.dense or spec.activation == layout.activation)
-            and spec.input_dropout == layout.input_dropout)
+            and spec.input_dropout == layout.input_dropout
+            and (not layout.dense or spec.dense_bias == layout.dense_bias)
+            and spec.norm_eps == (layout.norm_eps if layout.norm else None)
+            and (layout.norm is None or spec.norm_bias == layout.norm_bias))
     return layout.hf_names() if plain and same else None
 
 
@@ -98,7 +124,9 @@ class Head(nn.Module):
         # Fresh blocks of the body's family (causal for decoders), initialised like HF's.
         self.block = [DecoderBlock(cfg, None) if decoder else EncoderBlock(cfg) for _ in range(spec.extra_blocks)]
         dt = cfg.compute_dtype
-        self.dense = [Linear(w, use_bias=True, dtype=dt, param_dtype=jnp.float32) for w in spec.hidden]
+        self.dense = [Linear(w, use_bias=spec.dense_bias, dtype=dt, param_dtype=jnp.float32) for w in spec.hidden]
+        self.norm = (None if spec.norm_eps is None
+                     else LayerNorm(spec.norm_eps, dt, jnp.float32, use_bias=spec.norm_bias))
         self.out = Linear(spec.num_outputs, use_bias=spec.bias, dtype=dt, param_dtype=jnp.float32)
         self.drop = nn.Dropout(spec.dropout)
 
@@ -122,6 +150,8 @@ class Head(nn.Module):
             if i or self.spec.input_dropout:
                 x = self.drop(x, deterministic=deterministic)
             x = ACTIVATIONS[self.spec.activation](dense(x))
+        if self.norm is not None:
+            x = self.norm(x)
         return self.out(self.drop(x, deterministic=deterministic))
 
     def _init_all(self, hidden: Array) -> Array:

@@ -86,10 +86,12 @@ def unexportable_head(tuned: Tuned) -> str:
     if tuned.is_decoder:
         exports = ("pooling last into a bias-free layer, no hidden layers or extra blocks "
                    "(*ForSequenceClassification): {action: head, pooling: last, bias: false}")
-    elif tuned.config.classifier_layout.pooling != "pooler":  # RoBERTa, DistilBERT: the first token
+    elif tuned.config.classifier_layout.pooling != "pooler":  # RoBERTa, DistilBERT, ModernBERT: cls or mean
         layout, classifier = tuned.config.classifier_layout, _family(tuned).classifier
-        exports = (f"the family's classifier ({classifier}: the first token through {', '.join(layout.dense)} into "
-                   f"{layout.out}): {{action: head}} with its defaults")
+        pooled = "the first token" if layout.pooling == "cls" else f"the {layout.pooling} of the tokens"
+        exports = (f"the family's classifier ({classifier}: {pooled} through "
+                   f"{', '.join(layout.dense + ((layout.norm,) if layout.norm else ()))} into {layout.out}): "
+                   "{action: head} with its defaults")
     elif "pooler" in tuned.params:
         exports = ("BERT's pooler into a layer with bias, no hidden layers or extra blocks "
                    "(BertForSequenceClassification): {action: head, pooling: pooler}")

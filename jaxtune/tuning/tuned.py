@@ -36,7 +36,7 @@ from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
 from jaxtune.models.quant import is_quantized
 from jaxtune.tuning import labels as labels_lib
-from jaxtune.tuning.heads import Head, HeadSpec, head_spec, hf_head_modules, init_head
+from jaxtune.tuning.heads import Head, HeadSpec, family_head, head_spec, hf_head_modules, init_head
 from jaxtune.tuning.labels import HEAD_KEY, PROMPT_LEAF
 from jaxtune.tuning.lora import AdapterSpec, add_adapters
 from jaxtune.tuning.partition import cast_by_label, quantize_leaves
@@ -196,10 +196,8 @@ def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, Hea
         return cfg, {k: v for k, v in params.items() if k != "score"}, spec, {"out": params["score"]}
     # EncoderClassifier = the body under its prefix + the family's classifier, already laid out as a head.
     layout = cfg.classifier_layout
-    spec = HeadSpec(task=task, num_outputs=cfg.num_labels, pooling=layout.pooling,
-                    hidden=(cfg.hidden_size,) * len(layout.dense), dropout=cfg.classifier_dropout, bias=True,
-                    activation=layout.activation if layout.dense else "gelu", input_dropout=layout.input_dropout)
-    body_cfg = dataclasses.replace(cfg, use_pooler=layout.pooling == "pooler")
+    spec = family_head(layout, task, cfg.num_labels, cfg.hidden_size, cfg.classifier_dropout)
+    body_cfg = dataclasses.replace(cfg, use_pooler=layout.pooling == "pooler") if hasattr(cfg, "use_pooler") else cfg
     return body_cfg, dict(params[layout.body]), spec, dict(params[HEAD_KEY])
 
 
