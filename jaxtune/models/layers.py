@@ -169,20 +169,34 @@ def softcap(x: Array, cap: float | None) -> Array:
     return (jnp.tanh(x / cap) * cap).astype(x.dtype)
 
 
-REMAT_POLICIES = ("none", "block", "dots")
+REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch", "offload")
+
+
+def remat_policy(policy: str) -> Any:
+    """The ``jax.checkpoint`` policy of a ``remat`` name (None for ``block``: save nothing but the
+    block's input). ``dots`` saves every matmul output; ``dots_no_batch`` only those without batch
+    dimensions (the projections, not attention's batched score and value products); ``offload``
+    saves the same matmul outputs as ``dots_no_batch`` in pinned host memory and copies them back
+    for the backward pass (GPU/TPU; the CPU backend's device memory is host memory already)."""
+    policies = {
+        "block": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    }
+    if policy not in policies:
+        raise ValueError(f"remat {policy!r} is not a policy; choose one of {', '.join(REMAT_POLICIES)}")
+    return policies[policy]
 
 
 def remat_block(block: type[nn.Module], policy: str) -> type[nn.Module]:
     """``block`` (a transformer block called ``(x, positions, segment_ids, deterministic, cache)``)
-    wrapped for rematerialisation: ``none`` keeps every activation for the backward pass, ``block``
-    keeps only each block's input, ``dots`` keeps the matmul outputs. ``deterministic`` is static."""
+    wrapped for rematerialisation with :func:`remat_policy` (``none`` keeps every activation for
+    the backward pass and returns ``block`` itself). Under a scanned layer stack the wrapped block
+    is the scan's body, so the policy applies per layer. ``deterministic`` is static."""
     if policy == "none":
         return block
-    if policy == "block":
-        return nn.remat(block, static_argnums=(4,))
-    if policy == "dots":
-        return nn.remat(block, static_argnums=(4,), policy=jax.checkpoint_policies.checkpoint_dots)
-    raise ValueError(f"remat {policy!r} is not a policy; choose one of {', '.join(REMAT_POLICIES)}")
+    return nn.remat(block, static_argnums=(4,), policy=remat_policy(policy))
 
 
 # ----------------------------------------------------------------------------- sharding
