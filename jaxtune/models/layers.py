@@ -227,6 +227,26 @@ def partition_rules(column: tuple[str, ...], row: tuple[str, ...]) -> PartitionR
     )
 
 
+# The mesh axes that split a batch's rows: plain and fully sharded data parallelism.
+BATCH_AXES = ("data", "fsdp")
+
+
+def shard_rows(x: Array) -> Array:
+    """``x`` ``(B, ...)`` constrained to rows split over :data:`BATCH_AXES` of the mesh the step is
+    traced under (``jax.sharding.use_abstract_mesh``, which the train step sets), else unchanged.
+
+    Applied to each layer's input, it keeps activations data-parallel, so XLA gathers a layer's
+    FSDP-sharded weights where the layer runs (inside the layer scan: one layer at a time)
+    instead of moving activations between devices, which its cost model prefers at small widths.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return x  # rows that do not split evenly stay where XLA puts them
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
+
+
 # ----------------------------------------------------------------------------- rotary embeddings
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
