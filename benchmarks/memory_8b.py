@@ -63,12 +63,12 @@ def main() -> None:
         return
     rows = []
     for n in args.devices:
-        env = {"JAX_PLATFORMS": args.backend}
-        if args.backend == "cpu":
+        env = common.worker_env(JAX_PLATFORMS=args.backend)
+        if args.backend == "cpu":  # after worker_env, which drops any XLA_FLAGS
             env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
         proc = subprocess.run([sys.executable, __file__, "--one", str(n), "--seq", str(args.seq), "--remat",
                                args.remat, "--rank", str(args.rank), "--base", args.base],
-                              capture_output=True, text=True, env=common.worker_env(**env), check=False)
+                              capture_output=True, text=True, env=env, check=False)
         if proc.returncode:
             sys.exit(f"memory_8b.py worker ({n} devices) failed:\n{proc.stderr[-3000:]}")
         rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
