@@ -19,7 +19,6 @@ figure predicts the program's footprint, not a GPU allocator's peak (run ``--bac
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -32,8 +31,10 @@ from flax.traverse_util import flatten_dict
 
 from jaxtune import tuning
 from jaxtune.models import hf, quant
+from jaxtune.models.layers import REMAT_POLICIES
+from jaxtune.train.memory import abstract_plan
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
-from jaxtune.train.step import make_loss_fn, make_train_step
+from jaxtune.train.step import jit_train_step, make_loss_fn
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,
@@ -52,27 +53,17 @@ def step_memory(quantize: str | None, *, layers: int, seq: int, batch: int, rank
     arch, cfg, module = hf.build(hf_config, dtype="bfloat16", param_dtype="bfloat16", remat=remat)
     pretrained = hf.Pretrained(cfg, module, hf.abstract_params(module, cfg), hf_config, "llama-3.1-8b-shape", arch)
     plan = (tuning.freeze(quantize=quantize) if quantize else tuning.Plan()) + tuning.lora(rank, alpha=2 * rank)
-    made = {}
-
-    def planned(params):
-        # The weights are abstract; the LoRA A draw is concrete (add_adapters reads it on the host).
-        with jax.ensure_compile_time_eval():
-            tuned = tuning.apply_plan(dataclasses.replace(pretrained, params=params), plan)
-        made["tuned"] = tuned
-        return tuned.params
-
-    params = jax.eval_shape(planned, pretrained.params)
-    tuned = made["tuned"]
-    trainable, frozen = tuning.partition(params, tuned.labels)
+    tuned = abstract_plan(pretrained, plan)
+    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
     groups, _ = tuning.partition(tuned.labels, tuned.labels)
     optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-4), 1000, groups)
     opt_state = jax.eval_shape(optimizer.init, trainable)
-    step = make_train_step(make_loss_fn(tuned.module, "lm", chunk_tokens=chunk_tokens), optimizer)
+    step = jit_train_step(make_loss_fn(tuned.module, "lm", chunk_tokens=chunk_tokens), optimizer)
     tokens = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     batch_spec = {"input_ids": tokens, "targets": tokens, "segment_ids": tokens, "positions": tokens,
                   "loss_weights": jax.ShapeDtypeStruct((batch, seq), jnp.float32)}
     started = time.perf_counter()
-    compiled = jax.jit(step, donate_argnums=(0, 2)).lower(
+    compiled = step.lower(
         trainable, frozen, opt_state, batch_spec, jax.eval_shape(lambda: jax.random.key(0))).compile()
     seconds = time.perf_counter() - started
     mem = compiled.memory_analysis()
@@ -94,7 +85,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--remat", default="block", choices=["none", "block", "dots"])
+    parser.add_argument("--remat", default="block", choices=REMAT_POLICIES)
     parser.add_argument("--chunk-tokens", type=int, default=2048, help="train.chunk_tokens: tokens per logits chunk")
     parser.add_argument("--bases", default="nf4,bf16", help="comma-separated: nf4, nf4_dq, int8, fp8, bf16")
     parser.add_argument("--backend", default="cpu", choices=["cpu", "gpu", "tpu"])

@@ -23,6 +23,7 @@ from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data
 from jaxtune.data.config import read_data
 from jaxtune.data.sources import DataError
 from jaxtune.models.load import load as load_model
+from jaxtune.train.memory import StepMemory, plan_step_memory
 from jaxtune.train.rundir import RunDir
 from jaxtune.train.sharding import MeshConfig
 from jaxtune.train.trainer import FitResult, Trainer
@@ -98,6 +99,24 @@ def finetune(config: Config, *, restart: bool = False) -> FitResult:
     if fmt is not None and result.state in ("finished", "early_stopped"):
         result.export = export(result.model, Path(out.dir) / "export", format=fmt, dtype=out.export_dtype)
     return result
+
+
+def plan_memory(config: Config) -> StepMemory:
+    """The memory per device of the train step ``config`` describes, compiled ahead of time for
+    abstract shapes (``data.batch_size`` rows of ``data.max_length`` tokens) on the recipe's mesh
+    (``mesh.simulate_devices`` CPU devices when set), without loading weights or data: only the
+    model's ``config.json`` is read. See :mod:`jaxtune.train.memory`."""
+    validate(config)
+    if config.preference is not None:
+        raise ConfigError("preference: memory planning covers lm, classification and regression recipes; plan the "
+                          "SFT step of the same model (remove the preference section and use chat data)")
+    setup_runtime(config.mesh, DistributedConfig(initialize="never"))  # simulated devices; one process
+    try:
+        return plan_step_memory(config.model, config.build_plan(), batch_size=config.data.batch_size,
+                                seq_len=config.data.max_length, train=config.train, optimizer=config.optimizer,
+                                mesh=config.mesh)
+    except ValueError as err:  # the mesh, plan or model against the recipe: config errors
+        raise ConfigError(str(err)) from None
 
 
 def run_config(target: str | os.PathLike[str], overrides: Sequence[str] = ()) -> Config:

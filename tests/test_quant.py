@@ -170,12 +170,7 @@ def test_an_int8_encoder_body_reads_like_its_dequantized_weights(tmp_path):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
-@pytest.mark.parametrize("scan_layers", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, reason=(
-        "known regression: under the scanned layer stack the LoRA gradient of an NF4 base compiles to "
-        "25 MB of temporaries against 9.7 MB of dense weights (3.2 MB for a float base; unrolled: 1.8 MB)"))),
-])
+@pytest.mark.parametrize("scan_layers", [False, True])
 def test_backward_keeps_no_float_copy_of_the_quantized_weights(tmp_path, scan_layers):
     """The LoRA gradient of a quantized base compiles to temporaries far below the dense weights:
     autodiff would otherwise keep every dequantized kernel from the forward for the backward."""

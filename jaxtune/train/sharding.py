@@ -21,10 +21,10 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.models import stacking
+from jaxtune.models.layers import BATCH_AXES
 
 AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
-BATCH_AXES = ("data", "fsdp")
 
 # Placement of what no model family names (each family's own rules come first, see
 # jaxtune.models.layers.partition_rules): embeddings split vocab rows over "tensor" and

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
 from jaxtune.train.losses import causal_lm_loss, classification_loss, projected_columns, regression_loss
 from jaxtune.tuning.partition import combine
@@ -184,6 +185,25 @@ def make_train_step(
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
 
     return step
+
+
+def jit_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,
+                   mesh: Mesh | None = None, trainable_shardings: Any = None, opt_shardings: Any = None) -> Any:
+    """The train step jitted as the Trainer runs it: trainable params and optimizer state donated
+    (their outputs reuse the buffers) and placed back on their shardings. Traced under ``mesh``
+    (its abstract form), so the model can keep its activations' rows split over the batch axes
+    (``layers.shard_rows``). The one definition of the program, so a memory plan
+    (:mod:`jaxtune.train.memory`) compiles what training runs."""
+    step = make_train_step(loss_fn, optimizer, grad_accum_steps=grad_accum_steps)
+    if mesh is not None:
+        unplaced = step
+
+        def step(*args: Any) -> tuple[Any, Any, dict[str, Array]]:
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                return unplaced(*args)
+
+    placement = {} if trainable_shardings is None else {"out_shardings": (trainable_shardings, opt_shardings, None)}
+    return jax.jit(step, donate_argnums=(0, 2), **placement)
 
 
 def all_finite(tree: Any) -> Array:

@@ -36,7 +36,7 @@ from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loa
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE, Source
 from jaxtune.data.tokenize import choice_token_ids
-from jaxtune.train import base_cache, compile_cache, flops
+from jaxtune.train import base_cache, compile_cache, flops, memory
 from jaxtune.train.baselines import applies as baselines_apply
 from jaxtune.train.baselines import baseline_metrics, training_pass
 from jaxtune.train.checkpoint import Checkpointer
@@ -62,7 +62,7 @@ from jaxtune.train.sharding import (
     param_shardings,
     shard,
 )
-from jaxtune.train.step import make_eval_step, make_loss_fn, make_train_step
+from jaxtune.train.step import jit_train_step, make_eval_step, make_loss_fn
 from jaxtune.tuning.partition import combine, partition
 from jaxtune.tuning.tuned import Tuned
 
@@ -189,9 +189,9 @@ class Trainer:
                                    regression=config.regression_loss)
             eval_loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
                                         regression=config.regression_loss, choice_ids=self.choice_token_ids)
-        self.train_step = jax.jit(make_train_step(loss_fn, self.optimizer, grad_accum_steps=config.grad_accum_steps),
-                                  donate_argnums=(0, 2),
-                                  out_shardings=(self._trainable_shardings, opt_shardings, None))
+        self.train_step = jit_train_step(loss_fn, self.optimizer, grad_accum_steps=config.grad_accum_steps,
+                                         mesh=self.mesh, trainable_shardings=self._trainable_shardings,
+                                         opt_shardings=opt_shardings)
         # Replicated outputs: every process can read the whole global batch's predictions.
         self.eval_step = jax.jit(make_eval_step(eval_loss_fn), out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         self.rng = jax.random.key(config.seed)
@@ -199,6 +199,7 @@ class Trainer:
         self._checkpointer: Checkpointer | None = None
         self._resumable_data = False
         self.compile_cache_hit: bool | None = None  # whether the first step's executable came from the disk cache
+        self.memory: memory.StepMemory | None = None  # the compiled train step's bytes per device (first step)
         model_cfg = model.config
         self._peak_flops = flops.peak_flops(dtype=getattr(model_cfg, "dtype", "float32"))
         self._matmul_params = flops.matmul_params(model.params, model.labels)
@@ -442,7 +443,7 @@ class Trainer:
         finally:
             self.close()
         if state not in ("failed",):
-            self.run.write_status(state, step=self.step, total_steps=self.steps, train=train_metrics,
+            self._write_status(state, step=self.step, total_steps=self.steps, train=train_metrics,
                                   eval=eval_metrics, best_step=best.step, best_value=best.value)
         result = FitResult(self.model, self.step, self.steps, state, train_metrics, eval_metrics,
                            {"step": best.step, "value": best.value, "metric": self.eval_config.best_metric}
@@ -500,7 +501,7 @@ class Trainer:
         tensorboard = SummaryWriter(str(self.run_dir / "tensorboard")) if self.run.main else None
         state, train_metrics, eval_metrics, pending = "finished", {}, {}, []
         window = Throughput()
-        self.run.write_status("running", step=self.step, total_steps=self.steps)
+        self._write_status("running", step=self.step, total_steps=self.steps)
         try:
             with StopOnInterrupt() as interrupt:
                 while self.step < self.steps:
@@ -521,7 +522,7 @@ class Trainer:
                         window.add(sum(float(m["tokens"]) for m in host), len(host))
                         train_metrics = self._train_record(host, *window.read())
                         self._log(train_metrics, tensorboard)
-                        self.run.write_status("running", step=self.step, total_steps=self.steps, train=train_metrics,
+                        self._write_status("running", step=self.step, total_steps=self.steps, train=train_metrics,
                                               eval=eval_metrics, best_step=best.step)
                         for callback in self.callbacks:
                             callback(self, self.step, train_metrics)
@@ -561,6 +562,8 @@ class Trainer:
         step_rng = jax.random.fold_in(self.rng, self.step)
         hits = compile_cache.hits()  # the first call compiles (or loads) the step before dispatching it
         batch = self._to_device(batch, self._references.get("train"))
+        if self.memory is None:
+            self._report_memory(batch, step_rng)
         self.trainable, self.opt_state, metrics = self.train_step(self.trainable, self.frozen, self.opt_state, batch,
                                                                   step_rng)
         self.step += 1
@@ -572,6 +575,21 @@ class Trainer:
                          if self.compile_cache_hit else "compilation included")
         return metrics
 
+    def _report_memory(self, batch: dict[str, jax.Array], rng: jax.Array) -> None:
+        """Compile the step (jit keeps the executable, so the step's first call does not compile
+        again) and log its memory per device; the run's status keeps it (``memory``)."""
+        args = (self.trainable, self.frozen, self.opt_state, batch, rng)
+        self.memory = memory.step_memory(self.train_step.lower(*args).compile(), *args[:3])
+        note = memory.offload_note(getattr(self.tuned.config, "remat", "none"), self.memory.backend)
+        if note:
+            log.warning("%s", note)
+        log.info("%s", self.memory.line())
+
+    def _write_status(self, state: str, **fields: Any) -> None:
+        """``status.json`` with the compiled step's memory (:attr:`memory`, or the run's earlier one)."""
+        report = self.memory.as_dict() if self.memory is not None else (self.run.status() or {}).get("memory")
+        self.run.write_status(state, **fields, **({"memory": report} if report else {}))
+
     def _failed(self, bad_step: int, metrics: dict[str, Any]) -> str:
         good = self.checkpointer.latest_good_step()
         what = ("the loss or gradient is not finite (nan/inf)" if not metrics["grad_finite"] else
@@ -579,7 +597,7 @@ class Trainer:
         message = (f"step {bad_step}: {what}; the update was skipped and training stopped. Last good checkpoint: "
                    f"{good if good is not None else 'none'}. Lower the learning rate or check the data.")
         log.error("%s", message)
-        self.run.write_status("failed", step=self.step, total_steps=self.steps, error=message)
+        self._write_status("failed", step=self.step, total_steps=self.steps, error=message)
         return "failed"
 
     def _evaluate_and_track(self, best: Best, tensorboard: Any) -> dict[str, float]:
