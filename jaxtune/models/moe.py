@@ -288,6 +288,11 @@ class MoeDecoder(Decoder):
         return out
 
 
+def is_expert_kernel(path: tuple[str, ...]) -> bool:
+    """Whether a (logical) param path is a stacked expert projection's ``kernel`` ``(E, in, out)``."""
+    return len(path) >= 4 and path[-3] == "experts" and path[-2] in EXPERT_PROJECTIONS and path[-1] == "kernel"
+
+
 def expert_tensor(architecture: str):
     """``(param path, expert) -> checkpoint tensor name`` for the expert stacks of ``architecture``
     (None for any other leaf): the checkpoint I/O reads and writes such a leaf one expert at a time."""
@@ -295,7 +300,7 @@ def expert_tensor(architecture: str):
     names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if mixtral else {}
 
     def name(path: tuple[str, ...], expert: int) -> str | None:
-        if len(path) < 4 or path[-3] != "experts" or path[-2] not in EXPERT_PROJECTIONS or path[-1] != "kernel":
+        if not is_expert_kernel(path):
             return None
         module = decoder.hf_module(path[:-3])
         if mixtral:

@@ -94,7 +94,8 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: list[Any] | None = None) 
 
 def _fit(spec: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     dims = list(spec[: len(shape)]) + [None] * (len(shape) - len(spec))
-    fitted = [axis if axis is not None and shape[i] % mesh.shape[axis] == 0 else None for i, axis in enumerate(dims)]
+    # An axis the mesh lacks (a hand-made mesh without ``expert``) is dropped like one that does not divide.
+    fitted = [axis if axis in mesh.shape and shape[i] % mesh.shape[axis] == 0 else None for i, axis in enumerate(dims)]
     return PartitionSpec(*fitted)
 
 
