@@ -57,12 +57,12 @@ def _planned(model, freeze: str = "embed_tokens") -> Planned:
     return Planned(model.module, model.params, labels)
 
 
-def _run(planned: Planned, batches, *, accum: int = 1, mesh=None, lr: float = 1e-2, name: str = "adamw"):
+def _run(planned: Planned, batches, *, accum: int = 1, mesh=None, lr: float = 1e-2, name: str = "adamw",
+         rules=decoder.PARTITION_RULES + encoder.PARTITION_RULES):  # default: whichever family the test uses
     trainable, frozen = partition(planned.params, planned.labels)
     optimizer, _ = build_optimizer(OptimizerConfig(name=name, learning_rate=lr, schedule="constant", b1=0.0), 10)
     step = jax.jit(make_train_step(make_loss_fn(planned.module, planned.task), optimizer, grad_accum_steps=accum))
     if mesh is not None:
-        rules = decoder.PARTITION_RULES + encoder.PARTITION_RULES  # whichever family the test uses
         trainable = shard(trainable, param_shardings(trainable, mesh, rules))
         frozen = shard(frozen, param_shardings(frozen, mesh, rules))
     opt_state = optimizer.init(trainable)
@@ -136,7 +136,7 @@ def test_mesh_config_errors():
         MeshConfig(data=-1, fsdp=-1).shape(8)
     with pytest.raises(ValueError, match="does not divide the 8 devices"):
         MeshConfig(data=-1, tensor=3).shape(8)
-    assert MeshConfig(data=-1, tensor=2).shape(8) == (4, 1, 2)
+    assert MeshConfig(data=-1, tensor=2).shape(8) == (4, 1, 1, 2)
 
 
 def test_frozen_leaves_get_no_update_and_no_optimizer_state(llama):

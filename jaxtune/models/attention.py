@@ -356,7 +356,7 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
 
 
 # The mesh axes jaxtune shards the batch and the heads over (jaxtune.train.sharding, layers.partition_rules).
-BATCH_AXES, HEAD_AXIS = ("data", "fsdp"), "tensor"
+BATCH_AXES, HEAD_AXIS = ("data", "fsdp", "expert"), "tensor"
 
 
 def _per_shard(rows: Any, batch: int, kv_heads: int) -> Any:

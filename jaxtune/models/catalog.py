@@ -53,7 +53,9 @@ def _row(architecture: str, family: Family) -> tuple[str, ...]:
         f"`{architecture}`", family.name, kind, yes, yes if not classifier else "—",
         f"`{family.classifier}`" if family.classifier else "—",
         f"`{architecture if classifier else family.base or architecture}`" if exports else "—",
-        "LoRA, DoRA" + (", prompt" if causal else "") if exports else "—",
+        "LoRA, DoRA" + (", prompt" if causal else "")
+        # transformers 5 fuses a MoE layer's experts into 3-D parameters that PEFT's target_modules cannot name
+        + (" (not on experts or router)" if family.expert_tensor else "") if exports else "—",
         f"`{gguf_arch}`" if gguf_arch else "—",
     )
 

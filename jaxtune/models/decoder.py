@@ -411,10 +411,17 @@ class LayerStep(nn.Module):
         return self.block(x, positions, None, deterministic, LayerCache(kv[0], kv[1], index, start))
 
 
+# Auxiliary outputs a model may sow while training (flax ``sow``): values named AUX_LOSS anywhere in
+# this collection are losses the train step adds to the task loss (jaxtune.train.losses.auxiliary_loss);
+# anything else there is the model's own bookkeeping (e.g. the MoE router's statistics).
+AUX, AUX_LOSS = "aux", "loss"
+
+
 def scanned_run(cfg: DecoderConfig, block_class: type[nn.Module], start: int, stop: int) -> nn.Module:
-    """Layers ``start..stop-1`` as one ``nn.scan`` over :class:`LayerStep` (params stacked on axis 0;
-    dropout and init keys split per layer; the cache slices scanned, everything else broadcast)."""
-    scan = nn.scan(LayerStep, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+    """Layers ``start..stop-1`` as one ``nn.scan`` over :class:`LayerStep` (params and sown :data:`AUX`
+    values stacked on axis 0; dropout and init keys split per layer; the cache slices scanned, everything
+    else broadcast)."""
+    scan = nn.scan(LayerStep, variable_axes={"params": 0, AUX: 0}, split_rngs={"params": True, "dropout": True},
                    in_axes=(nn.broadcast,) * 5 + (0,), length=stop - start)
     return scan(cfg.layer_config(start), cfg.windows[start], block_class)
 

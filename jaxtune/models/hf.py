@@ -29,7 +29,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbert, olmo2, phi3, stacking, vit
+from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbert, moe, olmo2, phi3, stacking, vit
 from jaxtune.models.gguf import ARCHITECTURES as GGUF_ARCHITECTURES
 from jaxtune.models.layers import PartitionRules
 
@@ -81,6 +81,9 @@ class Family:
     checkpoint_name: Callable[[str], str] | None = None
     modality: str = "text"  # what the model reads: token ids (text) or pixel_values (image)
     transformers: bool = True  # whether transformers has the architecture (else no HF or PEFT export)
+    # A leaf stored as one checkpoint tensor per slice of its leading axis (a MoE layer's stacked experts):
+    # ``(param path, index) -> tensor name``, None for every other leaf.
+    expert_tensor: Callable[[tuple[str, ...], int], str | None] | None = None
 
     @property
     def body_module(self) -> type[nn.Module]:
@@ -91,7 +94,8 @@ class Family:
 
 _LLAMA_NAMES = {"LlamaForCausalLM": "Llama", "MistralForCausalLM": "Mistral", "Qwen2ForCausalLM": "Qwen2",
                 "Qwen3ForCausalLM": "Qwen3", "GemmaForCausalLM": "Gemma", "Gemma2ForCausalLM": "Gemma 2",
-                "Gemma3ForCausalLM": "Gemma 3 (text)", "SmolLM3ForCausalLM": "SmolLM3", "Olmo2ForCausalLM": "OLMo 2"}
+                "Gemma3ForCausalLM": "Gemma 3 (text)", "SmolLM3ForCausalLM": "SmolLM3", "Olmo2ForCausalLM": "OLMo 2",
+                "MixtralForCausalLM": "Mixtral", "Qwen2MoeForCausalLM": "Qwen2-MoE", "Qwen3MoeForCausalLM": "Qwen3-MoE"}
 _ENCODER_NAMES = {"bert": "BERT", "roberta": "RoBERTa", "distilbert": "DistilBERT"}
 
 
@@ -129,6 +133,9 @@ FAMILIES: dict[str, Family] = {
     "Olmo2ForSequenceClassification": Family(olmo2.config_from_hf, olmo2.Olmo2Classifier, decoder.hf_module,
                                              decoder.PARTITION_RULES, body=olmo2.Olmo2, name="OLMo 2",
                                              base="Olmo2ForCausalLM", classifier="Olmo2ForSequenceClassification"),
+    **{a: Family(moe.MoeConfig.from_hf, moe.MoeDecoder, decoder.hf_module, moe.PARTITION_RULES, name=_LLAMA_NAMES[a],
+                 checkpoint_name=moe.checkpoint_name, expert_tensor=moe.expert_tensor(a))
+       for a in moe.ARCHITECTURES},
     **{a: Family(gpt2.GPT2Config.from_hf, gpt2.GPT2 if a == "GPT2LMHeadModel" else gpt2.GPT2Classifier,
                  gpt2.hf_module, gpt2.PARTITION_RULES, body=None if a == "GPT2LMHeadModel" else gpt2.GPT2,
                  name="GPT-2", base="GPT2LMHeadModel", classifier="GPT2ForSequenceClassification",
@@ -301,7 +308,7 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         if architecture is None:
             by_type = {**decoder.MODEL_TYPES, **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
                        **olmo2.MODEL_TYPES, **phi3.MODEL_TYPES, **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES,
-                       **modernbert.MODEL_TYPES}
+                       **modernbert.MODEL_TYPES, **moe.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
@@ -412,23 +419,28 @@ def load_pretrained(
         views = []
         for logical, shape in ([(stacking.logical_path(path, i), spec.shape[1:]) for i in layers] if layers
                                else [(path, spec.shape)]):
-            want = hf_name(family, logical)
-            found = _find(reader, want)
-            if found is None and family.checkpoint_name is not None:
-                found = _find(reader, family.checkpoint_name(want))
-            if found is None:
-                raise CheckpointError(f"{model_dir}: missing tensor {want!r} (param {'/'.join(logical)}) for {arch}")
-            view = reader[found]
-            transposed = stored_transposed(family, logical)
-            if transposed:
-                view = view.T
-            if view.shape != shape:
-                raise CheckpointError(
-                    f"{model_dir}: tensor {found!r} has shape {tuple(reader.shape(found))}, but {arch} with this "
-                    f"config.json expects {shape[::-1] if transposed else shape}"
-                )
-            views.append(view)
-            used.add(found)
+            split = family.expert_tensor and family.expert_tensor(logical, 0)
+            parts = []
+            for want, part_shape in ([(family.expert_tensor(logical, e), shape[1:]) for e in range(shape[0])]
+                                     if split else [(hf_name(family, logical), shape)]):
+                found = _find(reader, want)
+                if found is None and family.checkpoint_name is not None:
+                    found = _find(reader, family.checkpoint_name(want))
+                if found is None:
+                    raise CheckpointError(f"{model_dir}: missing tensor {want!r} (param {'/'.join(logical)}) "
+                                          f"for {arch}")
+                view = reader[found]
+                transposed = stored_transposed(family, logical)
+                if transposed:
+                    view = view.T
+                if view.shape != part_shape:
+                    raise CheckpointError(
+                        f"{model_dir}: tensor {found!r} has shape {tuple(reader.shape(found))}, but {arch} with "
+                        f"this config.json expects {part_shape[::-1] if transposed else part_shape}"
+                    )
+                parts.append(view)
+                used.add(found)
+            views.append(_Stacked(parts) if split else parts[0])
         params[path] = _place(_Stacked(views) if layers else views[0], dtype, leaf_shardings.get(path))
     unused = [n for n in reader.names() if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
     if getattr(cfg, "tie_word_embeddings", False) and unused == ["lm_head.weight"]:
@@ -536,7 +548,12 @@ def save_pretrained(
             array = np.asarray(jax.device_get(leaf))
             if dtype is not None:
                 array = array.astype(jnp.dtype(dtype))
-            yield hf_name(family, path), np.ascontiguousarray(array.T if stored_transposed(family, path) else array)
+            if family.expert_tensor and family.expert_tensor(path, 0):  # one tensor per expert
+                named = [(family.expert_tensor(path, e), part) for e, part in enumerate(array)]
+            else:
+                named = [(hf_name(family, path), array)]
+            for name, part in named:
+                yield name, np.ascontiguousarray(part.T if stored_transposed(family, path) else part)
 
     for old in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
         old.unlink()

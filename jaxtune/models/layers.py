@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models import quant
+from jaxtune.models.attention import BATCH_AXES as BATCH_AXES  # the mesh axes rows split over
 from jaxtune.models.attention import attention_mask as attention_mask  # re-exported: attention moved there
 from jaxtune.models.attention import dot_product_attention as dot_product_attention
 from jaxtune.models.attention import grouped_attention as grouped_attention
@@ -227,7 +228,6 @@ def partition_rules(column: tuple[str, ...], row: tuple[str, ...]) -> PartitionR
 
 
 # The mesh axes that split a batch's rows: plain and fully sharded data parallelism.
-BATCH_AXES = ("data", "fsdp")
 
 
 def shard_rows(x: Array) -> Array:
@@ -239,11 +239,12 @@ def shard_rows(x: Array) -> Array:
     instead of moving activations between devices, which its cost model prefers at small widths.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or not set(BATCH_AXES) <= set(mesh.axis_names):
+    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    if mesh.empty or not axes:
         return x
-    if x.shape[0] % math.prod(mesh.shape[a] for a in BATCH_AXES):
+    if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
         return x  # rows that do not split evenly stay where XLA puts them
-    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(BATCH_AXES))
+    return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
 # ----------------------------------------------------------------------------- rotary embeddings

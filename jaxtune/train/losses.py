@@ -11,6 +11,9 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+from flax.traverse_util import flatten_dict
+
+from jaxtune.models.decoder import AUX, AUX_LOSS
 
 Array = jax.Array
 
@@ -109,3 +112,15 @@ def regression_loss(
         raise ValueError(f"regression loss {kind!r} is unknown; choose 'mse' or 'huber'")
     w = jnp.ones(targets.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     return jnp.sum(per * w), w.sum()
+
+
+def auxiliary_loss(state: dict) -> Array:
+    """The sum of the auxiliary losses a model sowed while training (flax ``sow`` into the
+    :data:`~jaxtune.models.decoder.AUX` collection under the name ``AUX_LOSS``, at any depth; e.g. the
+    MoE router's load-balancing loss): a float32 scalar, 0 when the model sowed none.
+
+    Each is a *mean* over the forward's batch, like transformers' ``aux_loss``; the loss fn adds it to
+    the task loss's weighted sum times the batch's weight, so the step's mean is ``task + aux``.
+    """
+    values = [v for path, leaf in flatten_dict(state.get(AUX, {})).items() if path[-1] == AUX_LOSS for v in leaf]
+    return sum((jnp.asarray(v, jnp.float32).sum() for v in values), jnp.zeros((), jnp.float32))

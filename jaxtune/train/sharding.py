@@ -1,8 +1,10 @@
 """Meshes, partition rules and batch placement: one code path from 1 device to a pod.
 
-The mesh has three named axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism
-with params and optimizer state sharded) and ``tensor`` (Megatron-style: attention heads and MLP
-columns split). The batch is split over ``data`` x ``fsdp``. Parameters are placed by rules on
+The mesh has four named axes: ``data`` (pure data parallelism), ``fsdp`` (data parallelism
+with params and optimizer state sharded), ``expert`` (expert parallelism: a mixture-of-experts
+layer's stacked experts split over it, everything else data-parallel over it) and ``tensor``
+(Megatron-style: attention heads and MLP columns split). The batch is split over ``data`` x
+``fsdp`` x ``expert``. Parameters are placed by rules on
 their paths; an axis that does not divide a dimension is dropped for that leaf (tiny models on
 many devices still work), never silently for big ones: :func:`param_specs` reports it. The
 leading layer axis of a scanned run of layers (:mod:`jaxtune.models.stacking`) is never split.
@@ -23,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune.models import stacking
 from jaxtune.models.layers import BATCH_AXES
 
-AXES = ("data", "fsdp", "tensor")
+AXES = ("data", "fsdp", "expert", "tensor")
 Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
 
 # Placement of what no model family names (each family's own rules come first, see
@@ -47,10 +49,11 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
     simulate_devices: int | None = None
 
     def __post_init__(self) -> None:
-        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        sizes = {"data": self.data, "fsdp": self.fsdp, "expert": self.expert, "tensor": self.tensor}
         bad = {k: v for k, v in sizes.items() if v == 0 or v < -1}
         if bad:
             name, value = next(iter(bad.items()))
@@ -58,8 +61,8 @@ class MeshConfig:
         if self.simulate_devices is not None and self.simulate_devices < 1:
             raise ValueError(f"mesh.simulate_devices: expected an integer >= 1 or null, got {self.simulate_devices}")
 
-    def shape(self, n_devices: int) -> tuple[int, int, int]:
-        sizes = [self.data, self.fsdp, self.tensor]
+    def shape(self, n_devices: int) -> tuple[int, int, int, int]:
+        sizes = [self.data, self.fsdp, self.expert, self.tensor]
         if sizes.count(-1) > 1:
             raise ValueError(f"mesh: only one axis may be -1, got {dict(zip(AXES, sizes))}")
         if any(s == 0 or s < -1 for s in sizes):
@@ -75,7 +78,7 @@ class MeshConfig:
 
 
 def make_mesh(cfg: MeshConfig = MeshConfig(), devices: list[Any] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all, across processes).
+    """A ``(data, fsdp, expert, tensor)`` mesh over ``devices`` (default: all, across processes).
 
     ``jax.sharding.Mesh`` uses automatic axis types, so XLA propagates shardings through the step
     (``jax.make_mesh`` would default to explicit axes, which need every sharding spelled out).
@@ -91,7 +94,8 @@ def make_mesh(cfg: MeshConfig = MeshConfig(), devices: list[Any] | None = None) 
 
 def _fit(spec: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
     dims = list(spec[: len(shape)]) + [None] * (len(shape) - len(spec))
-    fitted = [axis if axis is not None and shape[i] % mesh.shape[axis] == 0 else None for i, axis in enumerate(dims)]
+    # An axis the mesh lacks (a hand-made mesh without ``expert``) is dropped like one that does not divide.
+    fitted = [axis if axis in mesh.shape and shape[i] % mesh.shape[axis] == 0 else None for i, axis in enumerate(dims)]
     return PartitionSpec(*fitted)
 
 
@@ -130,8 +134,8 @@ def shard(tree: Any, shardings: Any) -> Any:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows split over ``data`` x ``fsdp``, everything else replicated."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+    """Rows split over ``data`` x ``fsdp`` x ``expert``, everything else replicated."""
+    return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -146,4 +150,4 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split; the global batch must be a multiple of it."""
-    return mesh.shape["data"] * mesh.shape["fsdp"]
+    return math.prod(mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.axis_names)

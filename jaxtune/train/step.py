@@ -20,7 +20,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
-from jaxtune.train.losses import causal_lm_loss, classification_loss, projected_columns, regression_loss
+from jaxtune.models.decoder import AUX
+from jaxtune.train.losses import (
+    auxiliary_loss,
+    causal_lm_loss,
+    classification_loss,
+    projected_columns,
+    regression_loss,
+)
 from jaxtune.tuning.partition import combine
 from jaxtune.tuning.tuned import TASKS
 
@@ -49,29 +56,32 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
     def loss_fn(params: Any, batch: Batch, rng: Array, deterministic: bool) -> tuple[Array, Array, Array]:
         variables, rngs = {"params": params}, {"dropout": rng}
         if task == "lm":
-            hidden = module.apply(variables, input_ids=batch["input_ids"], positions=batch.get("positions"),
-                                  segment_ids=batch.get("segment_ids"), deterministic=deterministic,
-                                  method="hidden", rngs=rngs)
+            # The AUX collection is mutable so that a model may report auxiliary losses (auxiliary_loss).
+            hidden, state = module.apply(variables, input_ids=batch["input_ids"], positions=batch.get("positions"),
+                                         segment_ids=batch.get("segment_ids"), deterministic=deterministic,
+                                         method="hidden", rngs=rngs, mutable=[AUX])
 
             def project(h: Array) -> Array:
                 return module.apply(variables, h, method="logits")
 
             total, weight = causal_lm_loss(hidden, batch["targets"], batch["loss_weights"], project,
                                            chunk_tokens=chunk_tokens)
+            total = total + auxiliary_loss(state) * weight
             if choice_ids:
                 logits = projected_columns(hidden, project, choice_ids, chunk_tokens=chunk_tokens)
                 return total, weight, answer_choices(logits, batch, choice_ids)
             return total, weight, batch["loss_weights"].sum(-1)
         images = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}  # image models only
-        outputs = module.apply(variables, input_ids=batch.get("input_ids"), segment_ids=batch.get("segment_ids"),
-                               positions=batch.get("positions"), token_type_ids=batch.get("token_type_ids"),
-                               deterministic=deterministic, rngs=rngs, **images)
+        outputs, state = module.apply(variables, input_ids=batch.get("input_ids"),
+                                      segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
+                                      token_type_ids=batch.get("token_type_ids"), deterministic=deterministic,
+                                      rngs=rngs, mutable=[AUX], **images)
         weights = example_weights(batch)
         if task == "classification":
             total, weight = classification_loss(outputs, batch["labels"], weights)
-            return total, weight, outputs
+            return total + auxiliary_loss(state) * weight, weight, outputs
         total, weight = regression_loss(outputs, batch["labels"], weights, kind=regression)
-        return total, weight, outputs.reshape(batch["labels"].shape)
+        return total + auxiliary_loss(state) * weight, weight, outputs.reshape(batch["labels"].shape)
 
     return loss_fn
 

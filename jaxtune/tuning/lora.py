@@ -50,13 +50,17 @@ class AdapterSpec:
 
 def init_adapter(kernel: Array, spec: AdapterSpec, unit: Array) -> dict[str, Array]:
     """Adapter leaves for one linear with ``kernel`` ``(in, out)`` (any float dtype), from
-    ``unit`` ``(in, r)`` uniform samples in [-1, 1)."""
-    fan_in, fan_out = kernel.shape
+    ``unit`` ``(in, r)`` uniform samples in [-1, 1). A stack of linears ``(E, in, out)`` (a MoE
+    layer's experts) gets one adapter per linear: ``lora_a`` ``(E, in, r)``, ``lora_b`` ``(E, r, out)``."""
+    *lead, fan_in, fan_out = kernel.shape
     leaves = {
         LORA_A: jnp.asarray(unit, jnp.float32) / math.sqrt(fan_in),
-        LORA_B: jnp.zeros((spec.rank, fan_out), jnp.float32),
+        LORA_B: jnp.zeros((*lead, spec.rank, fan_out), jnp.float32),
         LORA_SCALE: jnp.asarray(spec.scale, jnp.float32),
     }
+    if spec.kind == "dora" and lead:
+        raise ValueError(f"DoRA on a stack of {lead[0]} linears (MoE experts) is not supported; use LoRA there "
+                         "(a lora rule on the experts, dora elsewhere)")
     if spec.kind == "dora":
         leaves[MAGNITUDE] = column_norm(as_float(kernel, jnp.float32))
     return leaves
@@ -71,19 +75,19 @@ def add_adapters(params: Params, adapters: dict[tuple[str, ...], AdapterSpec], r
     """``params`` with adapter leaves added to each module path in ``adapters`` (one key per module)."""
     flat = flatten_dict(params)
     modules = sorted(adapters.items())
-    sizes = [flat[m + ("kernel",)].shape[0] * spec.rank for m, spec in modules]
+    sizes = [math.prod(flat[m + ("kernel",)].shape[:-1]) * spec.rank for m, spec in modules]
     # One draw for all A matrices: a random op compiles once instead of once per kernel shape.
     unit = np.asarray(jax.random.uniform(rng, (max(sum(sizes), 1),), jnp.float32, -1.0, 1.0))
     offsets = np.cumsum([0] + sizes)
     for (module, spec), start, size in zip(modules, offsets, sizes):
         kernel = flat[module + ("kernel",)]
-        a = unit[start:start + size].reshape(kernel.shape[0], spec.rank)
+        a = unit[start:start + size].reshape(*kernel.shape[:-1], spec.rank)
         flat.update({module + (name,): leaf for name, leaf in init_adapter(kernel, spec, a).items()})
     return unflatten_dict(flat)
 
 
 def adapter_delta(leaves: dict[str, Array]) -> Array:
-    """The LoRA update ``s * lora_a @ lora_b`` ``(in, out)`` float32."""
+    """The LoRA update ``s * lora_a @ lora_b`` ``(in, out)`` float32 (``(E, in, out)`` for stacked experts)."""
     return (leaves[LORA_A].astype(jnp.float32) @ leaves[LORA_B].astype(jnp.float32)) * leaves[LORA_SCALE]
 
 

@@ -277,6 +277,21 @@ def _lora_config(tuned: Tuned) -> dict[str, Any]:
     }
 
 
+def _refuse_moe_adapters(tuned: Tuned) -> None:
+    """transformers 5 keeps a MoE layer's experts as fused 3-D parameters (``experts.gate_up_proj``) and its
+    router as a bare parameter, not ``nn.Linear`` modules, so PEFT's ``target_modules`` cannot name them
+    (its ``target_parameters`` adapters share one A per fused gate/up pair): refuse rather than write an
+    adapter that loads wrong."""
+    family = _family(tuned)
+    if family.expert_tensor is None:
+        return
+    bad = [m for m in tuned.adapters if family.expert_tensor(m + ("kernel",), 0) or m[-2:] == ("mlp", "gate")]
+    if bad:
+        raise ExportError(f"{path_str(bad[0])} (and {len(bad) - 1} more) carries LoRA on a MoE layer's experts or "
+                          "router, which a PEFT adapter for transformers' fused expert parameters cannot express; "
+                          "use export_merged, or LoRA only the attention (and train the router whole)")
+
+
 def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = None) -> Path:
     """Write ``tuned``'s adapter (LoRA, DoRA or prompt tuning) as a PEFT adapter directory.
 
@@ -291,6 +306,7 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
     if tuned.head is not None and tuned.hf_architecture is None:
         hf_module_name(tuned, (HEAD_KEY, "out"))  # raises the explanation
     modules = _modules(params)
+    _refuse_moe_adapters(tuned)
     tensors: dict[str, np.ndarray] = {}
     for module in tuned.adapters:
         name = PREFIX + hf_module_name(tuned, module)

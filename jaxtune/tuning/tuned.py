@@ -34,6 +34,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxtune.models import decoder, efficientnet, stacking, vit
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
+from jaxtune.models.moe import is_expert_kernel
 from jaxtune.models.quant import is_quantized
 from jaxtune.tuning import labels as labels_lib
 from jaxtune.tuning.heads import Head, HeadSpec, family_head, head_spec, hf_head_modules, init_head
@@ -273,8 +274,10 @@ def apply_plan(
         params[PROMPT_LEAF] = init_prompt(params["embed_tokens"]["embedding"], prompt_tokens, init, k_prompt,
                                           text=prompt_rule.text, tokenizer=tokenizer)
 
-    # Adapters go on linear layers only: a convolution's kernel (ViT's patch projection) is 4-D.
-    linear_or_other = [p for p, v in flatten_dict(params).items() if p[-1] != "kernel" or v.ndim == 2]
+    # Adapters go on linear layers only: a convolution's kernel (ViT's patch projection) is 4-D; a MoE
+    # layer's stacked experts (E, in, out) are linears, one adapter each.
+    linear_or_other = [p for p, v in flatten_dict(params).items()
+                       if p[-1] != "kernel" or v.ndim == 2 or is_expert_kernel(p)]
     adapters = labels_lib.resolve_adapters(plan, linear_or_other, cfg.num_layers)
     params = add_adapters(params, adapters, k_adapters)
     flat_labels = labels_lib.resolve_labels(plan, flatten_dict(params), cfg.num_layers)

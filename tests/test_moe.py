@@ -1,0 +1,224 @@
+"""Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE) against transformers, fp32, within 1e-4:
+logits on padded and packed inputs, greedy KV-cache generation, the router's load-balancing loss in the
+train loss, plans on the router and experts with their exports, and expert parallelism on 8 devices.
+
+The tiny random models get weights far from HF's init (projections and routers of std 0.1, norm gains
+1 +- 0.5), so that routing differs token by token and the top-k choice is never a tie.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from flax.traverse_util import flatten_dict, unflatten_dict
+from test_train_engine import Planned, _run, lm_batch
+from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
+
+from jaxtune import tuning
+from jaxtune.models import hf, moe
+from jaxtune.models.decoder import AUX
+from jaxtune.models.generate import generate
+from jaxtune.train.losses import auxiliary_loss
+from jaxtune.train.sharding import MeshConfig, make_mesh
+from jaxtune.train.step import make_loss_fn
+from jaxtune.tuning import ExportError
+
+TOL = 1e-4
+TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+WINDOW = 4
+CASES = {
+    # Mistral attention with a sliding window, softmax -> top-2 -> renormalised.
+    "mixtral-window": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW)),
+    # Shared expert with its sigmoid gate, a dense layer (mlp_only_layers), top-k weights not renormalised.
+    "qwen2moe-shared-dense": ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                          moe_intermediate_size=24, shared_expert_intermediate_size=40,
+                                                          mlp_only_layers=[1], norm_topk_prob=False)),
+    # q/k norm, attention bias, MQA, tied embeddings, top-3 renormalised.
+    "qwen3moe-mqa-tied": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=3, moe_intermediate_size=24,
+                                                      norm_topk_prob=True, num_key_value_heads=1,
+                                                      tie_word_embeddings=True, attention_bias=True)),
+}
+
+
+def tiny_moe(architecture: str, out_dir, seed: int = 0, **overrides):
+    """A random transformers MoE model saved to ``out_dir``, weights moved off HF's init (see module doc)."""
+    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(**{**TINY, **overrides})
+    config.architectures = [architecture]
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1 + torch.rand_like(param) - 0.5)
+            else:
+                param.normal_(0.0, 0.1)
+    model.save_pretrained(out_dir)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def pair(request, tmp_path_factory):
+    arch, overrides = CASES[request.param]
+    path = tmp_path_factory.mktemp(request.param)
+    ref = tiny_moe(arch, path, **overrides)
+    return ref, hf.load_pretrained(path), path
+
+
+def _logits(model: hf.Pretrained, ids, segment_ids=None, positions=None) -> np.ndarray:
+    return np.asarray(model.module.apply({"params": model.params}, ids, segment_ids, positions))
+
+
+def _torch_logits(ref, ids: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return ref(torch.as_tensor(np.asarray(ids))).logits.float().numpy()
+
+
+def _ids(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
+    return np.random.RandomState(seed).randint(0, 128, shape).astype(np.int32)
+
+
+def test_loads_the_family_with_its_switches(pair):
+    ref, model, _ = pair
+    cfg, hf_cfg = model.config, ref.config
+    assert isinstance(cfg, moe.MoeConfig) and isinstance(model.module, moe.MoeDecoder)
+    assert cfg.num_experts == 4 and cfg.experts_per_token == hf_cfg.num_experts_per_tok
+    dense = getattr(hf_cfg, "mlp_only_layers", [])
+    assert cfg.sparse == tuple(i not in dense for i in range(2))
+    assert len(cfg.layer_runs) == (2 if dense else 1)  # a dense layer is a scan apart
+    run = model.params[f"layers_0-{0 if dense else 1}"]["mlp"]
+    e, d, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+    assert run["experts"]["gate_proj"]["kernel"].shape[1:] == (e, d, i)
+    assert run["experts"]["down_proj"]["kernel"].shape[1:] == (e, i, d)
+    assert ("shared_expert" in run) == bool(cfg.shared_expert_intermediate_size)
+
+
+def test_logits_match_transformers_padded_and_packed(pair):
+    ref, model, _ = pair
+    ids = _ids((2, 12), seed=1)
+    # row 0 right-padded to 9 real tokens, row 1 left-padded by 3.
+    mask = np.array([[1] * 9 + [0] * 3, [0] * 3 + [1] * 9], np.int32)
+    positions = np.array([list(range(12)), [0, 0, 0] + list(range(9))], np.int32)
+    ours = _logits(model, ids, mask, positions)
+    for row, (lo, hi) in enumerate([(0, 9), (3, 12)]):
+        np.testing.assert_allclose(ours[row, lo:hi], _torch_logits(ref, ids[row:row + 1, lo:hi])[0], atol=TOL, rtol=0)
+    assert np.isfinite(ours).all()
+    packed = _ids((1, 16), seed=2)
+    bounds = [(0, 7), (7, 12), (12, 14)]  # three documents, then two padding slots
+    segments, positions = np.zeros((1, 16), np.int32), np.zeros((1, 16), np.int32)
+    for doc, (lo, hi) in enumerate(bounds, 1):
+        segments[0, lo:hi], positions[0, lo:hi] = doc, np.arange(hi - lo)
+    ours = _logits(model, packed, segments, positions)
+    for lo, hi in bounds:
+        np.testing.assert_allclose(ours[0, lo:hi], _torch_logits(ref, packed[:, lo:hi])[0], atol=TOL, rtol=0)
+    # Not vacuous: the experts matter (zeroing one expert everywhere moves the logits).
+    flat = flatten_dict(model.params)
+    for path in [p for p in flat if p[-3:] == ("experts", "down_proj", "kernel")]:
+        flat[path] = flat[path].at[:, 0].set(0.0)
+    cut = np.asarray(model.module.apply({"params": unflatten_dict(flat)}, packed))
+    assert np.abs(cut - _logits(model, packed)).max() > 100 * TOL
+
+
+PROMPTS = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 11, 12, 13], [100]]
+NEW = 8
+
+
+def test_greedy_generation_matches_transformers(pair):
+    ref, model, _ = pair
+    ours = generate(model.module, model.params, PROMPTS, max_new_tokens=NEW, stop_token_ids=[], max_length=32)
+    for prompt, got in zip(PROMPTS, ours):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)[0, len(prompt):].tolist()
+        assert got == out
+
+
+def test_router_loss_in_the_train_loss_equals_transformers(pair):
+    """The LM loss fn (the train step's) gives CE + router_aux_loss_coef * transformers' ``aux_loss`` with
+    ``output_router_logits=True``, its attention mask excluding the padding from the router statistics."""
+    ref, model, _ = pair
+    ids = _ids((2, 10), seed=5)
+    mask = np.array([[1] * 10, [1] * 6 + [0] * 4], np.int32)
+    labels = np.where(mask == 1, ids, -100)
+    with torch.no_grad():
+        out = ref(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), labels=torch.as_tensor(labels),
+                  output_router_logits=True)
+    coef = model.config.router_aux_loss_coef
+    assert coef == ref.config.router_aux_loss_coef > 0
+    _, state = model.module.apply({"params": model.params}, ids, mask, method="hidden", mutable=[AUX])
+    np.testing.assert_allclose(float(auxiliary_loss(state)), coef * out.aux_loss.item(), rtol=1e-5)
+    targets = np.concatenate([ids[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
+    weights = (np.concatenate([mask[:, 1:], np.zeros((2, 1), np.int32)], axis=1) * mask).astype(np.float32)
+    batch = {"input_ids": ids, "targets": targets, "loss_weights": weights, "segment_ids": mask,
+             "positions": np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10))}
+    total, weight, _ = make_loss_fn(model.module, "lm")(model.params, batch, jax.random.key(0), True)
+    np.testing.assert_allclose(float(total / weight), out.loss.item(), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plans")
+    arch, overrides = CASES["mixtral-window"]
+    return tiny_moe(arch, path / "mixtral", **overrides), path
+
+
+def _hf_logits(model: torch.nn.Module) -> np.ndarray:
+    with torch.no_grad():
+        return model(input_ids=torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK)).logits.float().numpy()
+
+
+def test_plans_on_router_and_experts_and_their_exports(mixtral, tmp_path):
+    """LoRA on attention + router trained + per-expert LoRA: the labels say so, the merged export loads in
+    transformers with equal logits; a PEFT adapter of attention LoRA + trained router loads in peft with equal
+    logits, and expert LoRA, which PEFT cannot express for transformers' fused experts, is refused."""
+    ref, root = mixtral
+    plan = tuning.lora(rank=2, kinds=["attention"]) + tuning.train(r"mlp/gate/") + tuning.lora(rank=2, match="experts")
+    tuned, params = trained(root, "mixtral", plan)
+    labels = flatten_dict(tuned.labels)
+    by_leaf = {"/".join(p): v for p, v in labels.items()}
+    run = next(iter(k for k in tuned.params if k.startswith("layers_")))
+    assert by_leaf[f"{run}/mlp/gate/kernel"] == "train"
+    assert by_leaf[f"{run}/mlp/experts/gate_proj/kernel"] == "freeze"
+    assert by_leaf[f"{run}/mlp/experts/gate_proj/lora_a"] == "lora"
+    assert tuned.params[run]["mlp"]["experts"]["up_proj"]["lora_a"].shape[1:] == (4, 32, 2)  # one A per expert
+    ours = np.asarray(tuned.module.apply({"params": params}, input_ids=IDS, segment_ids=MASK))
+    assert not np.allclose(ours, _hf_logits(ref), atol=1e-2)  # the adapters change the model
+    out = tuning.export_merged(tuned, tmp_path / "merged", params=params)
+    assert_real_tokens_close(ours, _hf_logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval()))
+    again = hf.load_pretrained(out)
+    np.testing.assert_allclose(_logits(again, IDS, MASK)[MASK == 1], ours[MASK == 1], atol=TOL, rtol=0)
+    with pytest.raises(ExportError, match="experts or router.*export_merged"):
+        tuning.export_peft(tuned, tmp_path / "refused", params=params)
+
+    tuned, params = trained(root, "mixtral", tuning.lora(rank=2, kinds=["attention"]) + tuning.train(r"mlp/gate/"))
+    adapter = tuning.export_peft(tuned, tmp_path / "peft", params=params)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == [f"model.layers.{i}.mlp.gate" for i in range(2)]
+    ours = np.asarray(tuned.module.apply({"params": params}, input_ids=IDS, segment_ids=MASK))
+    base = transformers.AutoModelForCausalLM.from_pretrained(root / "mixtral").eval()
+    assert_real_tokens_close(ours, _hf_logits(peft.PeftModel.from_pretrained(base, adapter).eval()))
+
+
+def test_expert_parallel_run_equals_one_device(mixtral):
+    """Two train steps (experts LoRA'd, router trained) on 8 devices as data x expert = 2 x 4, the expert
+    stacks split over the expert axis, equal the same steps on one device."""
+    _, root = mixtral
+    tuned = tuning.apply_plan(hf.load_pretrained(root / "mixtral"), tuning.lora(rank=2, match="experts")
+                              + tuning.train(r"mlp/gate/|self_attn"))
+    planned = Planned(tuned.module, tuned.params, tuned.labels)
+    batches = [lm_batch(8, 16, seed=s) for s in range(2)]
+    _, reference, _ = _run(planned, batches, mesh=make_mesh(MeshConfig(data=1), jax.devices()[:1]),
+                           rules=moe.PARTITION_RULES)
+    trainable, losses, _ = _run(planned, batches, mesh=make_mesh(MeshConfig(data=2, expert=4)),
+                                rules=moe.PARTITION_RULES)
+    np.testing.assert_allclose(losses, reference, rtol=2e-5)
+    lora_b = trainable["layers_0-1"]["mlp"]["experts"]["down_proj"]["lora_b"]
+    assert tuple(lora_b.sharding.spec)[:2] == (None, "expert")  # the layer axis whole, the experts split
+    assert len({str(s.index) for s in lora_b.addressable_shards}) == 4
