@@ -29,11 +29,12 @@ FIRST_STEP = re.compile(r"step 1 took ([\d.]+) s \((.*)\)")
 
 
 def shared_cache(root: Path) -> None:
-    """``root`` as a jaxtune cache that shares the user's fetched assets but not compiled steps."""
+    """``root`` as a jaxtune cache that shares the user's fetched assets but neither compiled steps
+    nor base reports (the two things a second run reuses)."""
     from jaxtune.assets import cache_dir
 
     for entry in cache_dir().iterdir():
-        if entry.name != "xla":
+        if entry.name not in ("xla", "base-metrics"):
             (root / entry.name).symlink_to(entry)
 
 

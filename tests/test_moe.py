@@ -146,7 +146,7 @@ def test_router_loss_in_the_train_loss_equals_transformers(pair):
     ref, model, _ = pair
     ids = _ids((2, 10), seed=5)
     mask = np.array([[1] * 10, [1] * 6 + [0] * 4], np.int32)
-    labels = np.where(mask == 1, ids, -100)
+    labels = np.where(mask == 1, ids, -100).astype(np.int64)  # torch's cross-entropy takes int64 targets
     with torch.no_grad():
         out = ref(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), labels=torch.as_tensor(labels),
                   output_router_logits=True)

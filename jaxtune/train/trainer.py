@@ -562,7 +562,7 @@ class Trainer:
         step_rng = jax.random.fold_in(self.rng, self.step)
         hits = compile_cache.hits()  # the first call compiles (or loads) the step before dispatching it
         batch = self._to_device(batch, self._references.get("train"))
-        if self.memory is None:
+        if self.memory is None and hasattr(self.train_step, "lower"):  # a jitted step (not a caller's wrapper)
             self._report_memory(batch, step_rng)
         self.trainable, self.opt_state, metrics = self.train_step(self.trainable, self.frozen, self.opt_state, batch,
                                                                   step_rng)
