@@ -381,8 +381,12 @@ class DecoderBlock(nn.Module):
         attn, kv = (attn, None) if cache is None else attn
         x = x + attn
         h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="post_attention_layernorm")(x)
-        x = x + MLP(cfg, name="mlp")(h, deterministic)
+        x = x + self.mlp(h, segment_ids, deterministic)
         return x if cache is None else (x, kv)
+
+    def mlp(self, h: Array, segment_ids: Array | None, deterministic: bool) -> Array:
+        """The block's feed-forward part on the normed ``h`` ``(B, T, D)`` (a family's block swaps it)."""
+        return MLP(self.cfg, name="mlp")(h, deterministic)
 
 
 class LayerStep(nn.Module):

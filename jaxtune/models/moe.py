@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
 from jaxtune.models import decoder, quant, stacking
-from jaxtune.models.decoder import AUX, AUX_LOSS, MLP, Attention, Decoder, DecoderBlock, DecoderConfig, LayerCache
+from jaxtune.models.decoder import AUX, AUX_LOSS, MLP, Decoder, DecoderBlock, DecoderConfig
 from jaxtune.models.layers import (
     LORA_A,
     LORA_B,
@@ -48,7 +48,6 @@ from jaxtune.models.layers import (
     Array,
     Linear,
     PartitionRules,
-    RMSNorm,
     default_kernel_init,
     remat_block,
 )
@@ -225,19 +224,8 @@ class SparseMoe(nn.Module):
 class MoeBlock(DecoderBlock):
     """:class:`~jaxtune.models.decoder.DecoderBlock` with :class:`SparseMoe` as its MLP."""
 
-    @nn.compact
-    def __call__(
-        self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool = True,
-        cache: LayerCache | None = None,
-    ) -> Array | tuple[Array, tuple[Array, Array]]:
-        cfg, dt = self.cfg, self.cfg.compute_dtype
-        h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="input_layernorm")(x)
-        attn = Attention(cfg, self.window, name="self_attn")(h, positions, segment_ids, deterministic, cache)
-        attn, kv = (attn, None) if cache is None else attn
-        x = x + attn
-        h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="post_attention_layernorm")(x)
-        x = x + SparseMoe(cfg, name="mlp")(h, segment_ids, deterministic)
-        return x if cache is None else (x, kv)
+    def mlp(self, h: Array, segment_ids: Array | None, deterministic: bool) -> Array:
+        return SparseMoe(self.cfg, name="mlp")(h, segment_ids, deterministic)
 
 
 def load_balancing_loss(stats: dict[str, Any], num_experts: int) -> Array:
