@@ -43,6 +43,20 @@ def tiny_hf_model(architecture: str, out_dir: Path | None = None, seed: int = 0,
     return model
 
 
+def randomize_weights(model, norm_offset: float = 0.5, is_norm=lambda name: "norm" in name) -> None:
+    """Draw every weight of a torch ``model`` afresh, in place: norm gains uniform in
+    ``[norm_offset, norm_offset + 1)`` (Gemma's ``1 + w`` gains take -0.5), everything else N(0, 0.1).
+    transformers' init leaves gains at 1 and some weights at 0; a parity test must exercise them all."""
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if is_norm(name):
+                param.copy_(torch.rand_like(param) + norm_offset)
+            else:
+                param.normal_(0.0, 0.1)
+
+
 def torch_logits(model, input_ids: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:
     """float32 numpy logits (or last hidden state for a bare encoder) of a transformers model."""
     import torch

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import randomize_weights
 from test_tuning_lora import forward, randomize_adapters
 from test_tuning_peft import IDS, MASK, torch_out
 
@@ -48,12 +49,7 @@ def tiny_classifier(architecture: str, out_dir) -> torch.nn.Module:
     config.architectures = [architecture]
     torch.manual_seed(0)
     model = getattr(transformers, architecture)(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:  # Gemma's gain is 1 + w: either way gains land in [0.5, 1.5)
-                param.copy_(torch.rand_like(param) - (0.5 if "Gemma" in architecture else -0.5))
-            else:
-                param.normal_(0.0, 0.1)
+    randomize_weights(model, norm_offset=-0.5 if "Gemma" in architecture else 0.5)  # Gemma's gain is 1 + w
     model.save_pretrained(out_dir)
     return model
 

@@ -18,6 +18,7 @@ import peft
 import pytest
 import torch
 import transformers
+from helpers import randomize_weights
 from test_tuning_lora import randomize_adapters
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
 
@@ -58,12 +59,7 @@ def tiny_gemma(architecture: str, out_dir, seed: int = 0, **overrides):
     config.architectures = [architecture]
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(torch.rand_like(param) - 0.5)
-            else:
-                param.normal_(0.0, 0.1)
+    randomize_weights(model, norm_offset=-0.5)
     model.save_pretrained(out_dir)
     return model
 

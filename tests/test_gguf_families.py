@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import torch_logits
+from helpers import randomize_weights, torch_logits
 
 from jaxtune.models import hf
 from jaxtune.models.gguf import gguf_to_hf
@@ -51,12 +51,8 @@ def tiny_model(name: str) -> torch.nn.Module:
     config = getattr(transformers, CONFIGS.get(architecture, architecture.replace("ForCausalLM", "Config")))(**kwargs)
     torch.manual_seed(0)
     model = getattr(transformers, architecture)(config).eval()
-    with torch.no_grad():
-        for param_name, param in model.named_parameters():
-            if "norm" in param_name or ".ln_" in param_name:
-                param.copy_(torch.rand_like(param) + (-0.5 if name.startswith("gemma") else 0.5))
-            else:
-                param.normal_(0.0, 0.1)
+    randomize_weights(model, norm_offset=-0.5 if name.startswith("gemma") else 0.5,
+                      is_norm=lambda param: "norm" in param or ".ln_" in param)
     return model
 
 

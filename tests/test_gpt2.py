@@ -15,7 +15,7 @@ import peft
 import pytest
 import torch
 import transformers
-from helpers import torch_logits
+from helpers import randomize_weights, torch_logits
 from test_tuning_lora import forward
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
 
@@ -39,12 +39,7 @@ def tiny_gpt2(out_dir, seed: int = 0, **overrides) -> transformers.GPT2LMHeadMod
     config.architectures = ["GPT2LMHeadModel"]
     torch.manual_seed(seed)
     model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".ln_" in name and name.endswith("weight"):
-                param.copy_(torch.rand_like(param) + 0.5)
-            else:
-                param.normal_(0.0, 0.1)
+    randomize_weights(model, is_norm=lambda name: ".ln_" in name and name.endswith("weight"))
     model.save_pretrained(out_dir)
     return model
 

@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 from flax.traverse_util import flatten_dict, unflatten_dict
+from helpers import randomize_weights
 from test_train_engine import Planned, _run, lm_batch
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
 
@@ -53,12 +54,7 @@ def tiny_moe(architecture: str, out_dir, seed: int = 0, **overrides):
     config.architectures = [architecture]
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1 + torch.rand_like(param) - 0.5)
-            else:
-                param.normal_(0.0, 0.1)
+    randomize_weights(model)
     model.save_pretrained(out_dir)
     return model
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from helpers import randomize_weights
 from test_gemma import (  # noqa: F401 - the family-generic tests and their fixture, run on this module's pair
     _ids,
     _logits,
@@ -54,12 +55,7 @@ def tiny_model(architecture: str, out_dir, seed: int = 0, **overrides):
     config.architectures = [architecture]
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(torch.rand_like(param) + 0.5)
-            else:
-                param.normal_(0.0, 0.1)
+    randomize_weights(model)
     model.save_pretrained(out_dir)
     return model
 

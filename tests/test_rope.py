@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from helpers import TINY_DECODER
+from helpers import TINY_DECODER, randomize_weights
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from jaxtune.models import hf
@@ -122,9 +122,7 @@ def randomized(model: torch.nn.Module) -> torch.nn.Module:
     """Weights moved far off transformers' init (norm gains 0.5..1.5, projections of std 0.1), so that the
     rotation's details move the logits well beyond the tolerance."""
     torch.manual_seed(1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            param.copy_(torch.rand_like(param) + 0.5) if "norm" in name else param.normal_(0.0, 0.1)
+    randomize_weights(model)
     return model.eval()
 
 
