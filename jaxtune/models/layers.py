@@ -42,6 +42,11 @@ Dtype = Any
 LORA_A, LORA_B, LORA_SCALE, MAGNITUDE = "lora_a", "lora_b", "lora_scale", "magnitude"
 ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_SCALE, MAGNITUDE)
 
+# Model state that training updates from the batches rather than by gradient (BatchNorm's running
+# statistics): a module that trains such state puts each leaf's new value into this collection,
+# under the leaf's own param path, and the train step writes it into the params.
+STATE_UPDATES = "state_updates"
+
 # PyTorch's default Linear/Embedding initialisations are irrelevant for pretrained weights;
 # these only matter for freshly added layers and random test models.
 default_kernel_init = nn.initializers.normal(stddev=0.02)

@@ -21,6 +21,7 @@ import optax
 from jax.sharding import Mesh
 
 from jaxtune.models.decoder import AUX
+from jaxtune.models.layers import STATE_UPDATES
 from jaxtune.train.losses import (
     auxiliary_loss,
     causal_lm_loss,
@@ -33,7 +34,7 @@ from jaxtune.tuning.tuned import TASKS
 
 Array = jax.Array
 Batch = dict[str, Array]
-# (params, batch, rng, deterministic) -> (loss_sum, weight_sum, outputs)
+# (params, batch, rng, deterministic) -> (loss_sum, weight_sum, outputs); see make_loss_fn.
 LossFn = Callable[[Any, Batch, Array, bool], tuple[Array, Array, Array]]
 
 
@@ -48,7 +49,9 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
     (0 on fill rows) and ``labels``.
     The third output is per-example predictions for metrics (class logits, regression values)
     or, for LMs, the per-row token counts. With ``choice_ids`` (LM only: the first token of each
-    allowed answer) it is instead :func:`answer_choices` of the batch, for choice accuracy.
+    allowed answer) it is instead :func:`answer_choices` of the batch, for choice accuracy. In
+    training, a model that updates state from its batches (BatchNorm statistics the plan trains)
+    makes it ``{"predictions": ..., "state": new values}`` (:func:`state_updates`).
     """
     if task not in TASKS:
         raise ValueError(f"task {task!r} is unknown; choose one of {', '.join(TASKS)}")
@@ -75,13 +78,16 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
         outputs, state = module.apply(variables, input_ids=batch.get("input_ids"),
                                       segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                                       token_type_ids=batch.get("token_type_ids"), deterministic=deterministic,
-                                      rngs=rngs, mutable=[AUX], **images)
+                                      rngs=rngs, mutable=[AUX, STATE_UPDATES], **images)
         weights = example_weights(batch)
         if task == "classification":
             total, weight = classification_loss(outputs, batch["labels"], weights)
-            return total + auxiliary_loss(state) * weight, weight, outputs
-        total, weight = regression_loss(outputs, batch["labels"], weights, kind=regression)
-        return total + auxiliary_loss(state) * weight, weight, outputs.reshape(batch["labels"].shape)
+        else:
+            total, weight = regression_loss(outputs, batch["labels"], weights, kind=regression)
+            outputs = outputs.reshape(batch["labels"].shape)
+        if state.get(STATE_UPDATES):
+            outputs = {"predictions": outputs, "state": state[STATE_UPDATES]}
+        return total + auxiliary_loss(state) * weight, weight, outputs
 
     return loss_fn
 
@@ -134,6 +140,25 @@ def metric_sums(outputs: Any) -> dict[str, Array]:
     return dict(outputs["metrics"]) if isinstance(outputs, dict) and "metrics" in outputs else {}
 
 
+def state_updates(outputs: Any) -> dict[str, Any]:
+    """The new values of model-state leaves (params paths, nested) that a loss fn reports in
+    training (``outputs["state"]``), else {}. Like :func:`metric_sums`, decided at trace time."""
+    return dict(outputs["state"]) if isinstance(outputs, dict) and "state" in outputs else {}
+
+
+def with_state(params: Any, updates: dict[str, Any]) -> Any:
+    """``params`` (nested dicts) with the leaves that ``updates`` names replaced by its values."""
+    if not updates:
+        return params
+    out = dict(params)
+    for key, value in updates.items():
+        if key not in params:
+            raise ValueError(f"the model updates state {key!r}, which is not among the trained params; "
+                             "its statistics must be labelled 'state' by the plan")
+        out[key] = with_state(params[key], value) if isinstance(value, dict) else value.astype(params[key].dtype)
+    return out
+
+
 def make_train_step(
     loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1
 ) -> Callable[[Any, Any, Any, Batch, Array], tuple[Any, Any, dict[str, Array]]]:
@@ -145,39 +170,45 @@ def make_train_step(
     skipped: loss, gradient, new params or new optimizer state not finite), ``grad_finite``
     (loss and gradient alone: ``finite`` False with this True means the update overflowed); and
     ``metric_sums``, the loss fn's own metric sums (:func:`metric_sums`) added over the
-    micro-batches, when it reports any.
+    micro-batches, when it reports any. Model state the loss fn updates (:func:`state_updates`)
+    is written into the new trainable params, micro-batch after micro-batch as PyTorch's
+    forward passes would update it.
     """
     k = grad_accum_steps
 
-    def grads_of(trainable: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[Any, Array, Array, dict]:
-        def objective(tr: Any) -> tuple[Array, tuple[Array, dict]]:
+    def grads_of(trainable: Any, frozen: Any, batch: Batch, rng: Array) -> tuple[tuple[Any, Array, Array, dict], dict]:
+        def objective(tr: Any) -> tuple[Array, tuple[Array, dict, dict]]:
             total, weight, outputs = loss_fn(combine(tr, frozen), batch, rng, False)
-            return total, (weight, metric_sums(outputs))
+            return total, (weight, metric_sums(outputs), state_updates(outputs))
 
-        (total, (weight, sums)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
-        return grads, total, weight, sums
+        (total, (weight, sums, state)), grads = jax.value_and_grad(objective, has_aux=True)(trainable)
+        return (grads, total, weight, sums), state
 
     def step(trainable: Any, frozen: Any, opt_state: Any, batch: Batch,
              rng: Array) -> tuple[Any, Any, dict[str, Array]]:
         if k == 1:
-            grads, total, weight, sums = grads_of(trainable, frozen, batch, rng)
+            (grads, total, weight, sums), state = grads_of(trainable, frozen, batch, rng)
         else:
             micro, rngs = _micro_batches(batch, k), jax.random.split(rng, k)
 
-            def accumulate(carry: tuple[Any, Array, Array, dict],
-                           xs: tuple[Batch, Array]) -> tuple[tuple[Any, Array, Array, dict], None]:
-                return jax.tree.map(jnp.add, carry, grads_of(trainable, frozen, *xs)), None
+            def accumulate(carry: tuple[tuple[Any, Array, Array, dict], dict],
+                           xs: tuple[Batch, Array]) -> tuple[tuple[tuple[Any, Array, Array, dict], dict], None]:
+                added, state = carry  # sums over the micro-batches so far; the state after the last one
+                new, state = grads_of(with_state(trainable, state), frozen, *xs)
+                return (jax.tree.map(jnp.add, added, new), state), None
 
             # The carry's shapes, from a trace of one micro-batch (no compute): grads in float32.
-            shapes = jax.eval_shape(grads_of, trainable, frozen, jax.tree.map(lambda x: x[0], micro), rngs[0])
+            shapes, state_shapes = jax.eval_shape(grads_of, trainable, frozen,
+                                                  jax.tree.map(lambda x: x[0], micro), rngs[0])
             init = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), shapes)
-            (grads, total, weight, sums), _ = jax.lax.scan(accumulate, init, (micro, rngs))
+            state0 = _select(trainable, state_shapes)
+            ((grads, total, weight, sums), state), _ = jax.lax.scan(accumulate, (init, state0), (micro, rngs))
         denom = jnp.maximum(weight, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, trainable)
         grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g.astype(jnp.float32))) for g in jax.tree.leaves(grads)))
         grad_finite = jnp.isfinite(total) & jnp.isfinite(grad_norm)
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
-        new_trainable = optax.apply_updates(trainable, updates)
+        new_trainable = with_state(optax.apply_updates(trainable, updates), state)
         # Finite loss and gradient do not make a finite update: a learning rate that overflows
         # the params does it alone. Checked on the results, so non-finite state never gets out.
         finite = grad_finite & all_finite((new_trainable, new_opt_state))
@@ -195,6 +226,11 @@ def make_train_step(
         return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
 
     return step
+
+
+def _select(params: Any, like: dict[str, Any]) -> dict[str, Any]:
+    """The sub-tree of ``params`` with the keys of ``like`` (nested)."""
+    return {k: _select(params[k], v) if isinstance(v, dict) else params[k] for k, v in like.items()}
 
 
 def jit_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum_steps: int = 1,

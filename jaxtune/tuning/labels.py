@@ -4,6 +4,8 @@ Paths are tuples of keys (``("layers_0", "mlp", "up_proj", "kernel")``), shown j
 Labels are strings: ``freeze`` or a trainable group (``train``, ``lora``, ``dora``, ``prompt``,
 ``head``). The label of a trainable leaf follows what the leaf *is* (its "natural" group), so a
 ``train`` rule over an adapter keeps it in the ``lora`` group and per-group learning rates work.
+Model state (BatchNorm statistics) is never selected by a rule: it is ``state`` where its module's
+``scale`` trains (the train step updates it from the batches) and ``freeze`` elsewhere.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from jaxtune.tuning.plan import Plan, PlanError, Rule, block_indices
 
 Path = tuple[str, ...]
 FROZEN = "freeze"
-GROUPS = ("train", "lora", "dora", "prompt", "head")
+STATE = "state"  # model state a training stage updates from its batches, not by gradient
+GROUPS = ("train", "lora", "dora", "prompt", "head", STATE)
 PROMPT_LEAF = "prompt_embeddings"
 HEAD_KEY = "head"
 # Output layers that "all-linear" leaves alone, as PEFT does (it never adapts the output embedding
@@ -198,6 +201,9 @@ def resolve_labels(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict[P
                 labels[p] = FROZEN
             else:
                 labels[p] = natural_label(p)
+    for p in paths:  # statistics follow their BatchNorm: updated where it trains
+        if p[-1] in STATE_LEAVES and labels.get(p[:-1] + ("scale",), FROZEN) != FROZEN:
+            labels[p] = STATE
     return labels
 
 

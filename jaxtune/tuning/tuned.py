@@ -287,6 +287,10 @@ def apply_plan(
     params = quantize_leaves(params, labels_lib.resolve_quantize(plan, flat_labels, cfg.num_layers, loaded_quantized))
 
     body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
+    if hasattr(body_cfg, "training_batch_norms"):  # the BatchNorms whose statistics this plan trains
+        body_cfg = dataclasses.replace(body_cfg, training_batch_norms=tuple(sorted(
+            labels_lib.path_str(p[:-1]) for p, label in flat_labels.items()
+            if label == labels_lib.STATE and p[-1] == "running_mean")))
     if getattr(cfg, "scan_layers", False):
         # Runs of identically planned layers, each one scan: a frozen run gets no gradient or optimizer state.
         body_cfg = dataclasses.replace(body_cfg, layer_groups=stacking.plan_groups(cfg, labels, params))
