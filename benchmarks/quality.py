@@ -33,11 +33,14 @@ Tasks:
                      layer, Huber loss.
 
 Image tasks (``IMAGE_TASKS``; not in the default list, run them with ``--tasks``): EfficientNet-Lite0
-(real ImageNet weights) with its last 6 blocks, head conv and a new head trained, BatchNorm
-statistics frozen; the PyTorch side is the reference package ``efficientnet-lite-pytorch`` with
-the same plan, and a third side, ``baseline``, fits logistic regression (classification) or ridge
-regression (counting) on the frozen pretrained features (mean-pooled, from the PyTorch model).
-  fashion-mnist-lite0  Fashion-MNIST, 2,000 train / 1,000 test (stratified), 224x224, 3 epochs, accuracy.
+(real ImageNet weights) with its last 6 blocks, head conv and a new head trained; the BatchNorms of
+the trained modules normalise with batch statistics and update their running ones (PyTorch's
+``model.train()`` on them), the frozen stages' stay as pretrained. The PyTorch side is the
+reference package ``efficientnet-lite-pytorch`` with the same plan, and a third side,
+``baseline``, fits logistic regression (classification) or ridge regression (counting) on the
+frozen pretrained features (mean-pooled, from the PyTorch model).
+  fashion-mnist-lite0  Fashion-MNIST, 2,000 train / 1,000 test (stratified), 224x224, 3 epochs, accuracy;
+                       3 seeds per side (head init, dropout and row order), for the run-to-run spread.
   count-lite0          84x84 canvases with 0-5 Fashion-MNIST items, regress the count, MAE.
 
   smollm2-dpo-lora   SmolLM2-135M-Instruct + rotten_tomatoes_preference (the chat task's reviews,
@@ -125,11 +128,12 @@ class ImageTask:
     warmup_ratio: float = 0.1
     epochs: int = 1
     regression_loss: str = "mse"
+    seeds: tuple[int, ...] = (0,)  # one run per seed and side (head init, dropout, row order)
 
 
 IMAGE_TASKS: dict[str, ImageTask] = {
     "fashion-mnist-lite0": ImageTask("efficientnet-lite0", "fashion_mnist", "image-classification", 2000, 1000, 32,
-                                     1e-3, epochs=3),
+                                     1e-3, epochs=3, seeds=(0, 1, 2)),
     "count-lite0": ImageTask("efficientnet-lite0", "fashion_mnist_count", "image-regression", 2000, 1000, 32, 1e-3,
                              epochs=2, regression_loss="huber"),
 }
@@ -210,7 +214,8 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
         "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
                       "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
                       **({"group_lr": {"head": task.head_lr}} if task.head_lr != 1.0 else {})},
-        "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss},
+        "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss,
+                  "seed": task.seeds[0]},
         "eval": {"choices": list(task.choices)} if task.choices else {},
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
@@ -562,11 +567,13 @@ def _reference_lite0(task: ImageTask) -> Any:
 
 def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
     """The same plan on the reference PyTorch EfficientNet-Lite0: the last blocks, head conv and
-    a new linear head train, BatchNorm layers stay in eval mode (frozen statistics)."""
+    a new linear head train; the BatchNorms of those modules run in train mode (batch statistics,
+    running ones updated), the frozen stages' in eval mode."""
     import numpy as np
     import torch
 
-    torch.manual_seed(0)
+    seed = task.seeds[0]
+    torch.manual_seed(seed)
     kind = task.kind.removeprefix("image-")
     train, test, pixels = _image_inputs(task, files)
     model = _reference_lite0(task)
@@ -588,8 +595,8 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
     def train_mode() -> None:
         model.train()
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.eval()
+            if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad:
+                m.eval()  # a frozen stage computes the pretrained features
 
     def predict() -> np.ndarray:
         model.eval()
@@ -600,7 +607,7 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
     before = predict()
     train_start = time.perf_counter()
     train_mode()
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(task.epochs)]).tolist()
     for step, lr in enumerate(learning_rates):
         idx = order[step * task.batch_size:(step + 1) * task.batch_size]
@@ -686,23 +693,34 @@ def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Pat
     return {**result, "wall_s": wall}
 
 
-def run_preference(name: str, task: Task, files: dict[str, Path], work: Path, env: dict[str, str],
-                   sides: list[str]) -> dict[str, Any]:
-    """A preference task: each side (``pytorch`` means TRL here) once per seed; per side the runs
-    and, per metric, the mean and the min..max spread over seeds."""
+def seed_metrics(task: Task | ImageTask) -> tuple[str, ...]:
+    """The metrics a task's seeded runs are summarised by (the headline first)."""
+    if task.kind == "preference":
+        return ("rewards/accuracy", "logps/accuracy", "rewards/margin")
+    return (headline(task),)
+
+
+def run_seeds(name: str, task: Task | ImageTask, files: dict[str, Path], work: Path, env: dict[str, str],
+              sides: list[str]) -> dict[str, Any]:
+    """A task run once per seed and side (``pytorch`` means TRL for a preference task; the image
+    baseline is deterministic and runs once); per side the runs and, per metric, the mean and the
+    min..max spread over seeds."""
     import numpy as np
 
-    record: dict[str, Any] = {"task": name, "kind": "preference", "setup": dataclasses.asdict(task),
-                              "metric": "rewards/accuracy", "sides": {}}
+    metrics = seed_metrics(task)
+    record: dict[str, Any] = {"task": name, "kind": "seeded", "setup": dataclasses.asdict(task),
+                              "metric": metrics[0], "metrics": list(metrics), "sides": {}}
+    if task.kind.startswith("image-"):
+        sides = [*sides, "baseline"]
     for side in sides:
-        side = "trl" if side == "pytorch" else side
+        side = "trl" if side == "pytorch" and task.kind == "preference" else side
         runs = []
-        for seed in task.seeds:
+        for seed in task.seeds[:1] if side == "baseline" else task.seeds:
             run = run_side(name, dataclasses.replace(task, seeds=(seed,)), side, files, work / f"seed{seed}", env)
             runs.append({"seed": seed, **run})
-            print(f"{name} / {side} / seed {seed}: rewards/accuracy {run['before']['rewards/accuracy']:.3f} -> "
-                  f"{run['after']['rewards/accuracy']:.3f}, logps/accuracy {run['before']['logps/accuracy']:.3f} -> "
-                  f"{run['after']['logps/accuracy']:.3f}, train {run['train_s']:.0f} s", file=sys.stderr, flush=True)
+            shown = ", ".join(f"{m} {run['before'][m]:.3f} -> {run['after'][m]:.3f}" for m in metrics)
+            print(f"{name} / {side} / seed {seed}: {shown}, train {run['train_s']:.0f} s, run {run['wall_s']:.0f} s",
+                  file=sys.stderr, flush=True)
         summary = {}
         for when in ("before", "after"):
             for key in runs[0][when]:
@@ -715,18 +733,18 @@ def run_preference(name: str, task: Task, files: dict[str, Path], work: Path, en
     return record
 
 
-def preference_rows(record: dict[str, Any]) -> list[str]:
-    """Table rows of a preference task: means over seeds with the min..max spread."""
+def seeded_rows(record: dict[str, Any]) -> list[str]:
+    """Table rows of a seeded task: means over seeds with the min..max spread."""
     rows = []
     for side, result in record["sides"].items():
         summary = result["summary"]
-        for metric in ("rewards/accuracy", "logps/accuracy", "rewards/margin"):
+        for metric in record["metrics"]:
             before, after = summary.get(f"before/{metric}"), summary.get(f"after/{metric}")
             if before is None or after is None:
                 continue
             runs = len(result["runs"])
-            rows.append(f"| {record['task']} | {side} ({runs} seeds) | {metric} | {before['mean']:.3f} | "
-                        f"{after['mean']:.3f} ({after['min']:.3f}..{after['max']:.3f}) | "
+            rows.append(f"| {record['task']} | {side} ({runs} seed{'s' if runs > 1 else ''}) | {metric} | "
+                        f"{before['mean']:.3f} | {after['mean']:.3f} ({after['min']:.3f}..{after['max']:.3f}) | "
                         f"{result['runs'][0]['steps']} | {summary['train_s']['mean']:.0f} s | "
                         f"{summary['wall_s']['mean']:.0f} s |")
     return rows
@@ -736,8 +754,8 @@ def table(records: list[dict[str, Any]]) -> str:
     rows = ["| task | side | metric | base | fine-tuned | steps | train wall | whole run |",
             "|---|---|---|---|---|---|---|---|"]
     for r in records:
-        if r.get("kind") == "preference":
-            rows += preference_rows(r)
+        if r.get("kind") == "seeded":
+            rows += seeded_rows(r)
             continue
         metric = r["metric"]
         for side, s in r["sides"].items():
@@ -797,8 +815,8 @@ def main() -> None:
     for name, task in tasks.items():
         image = isinstance(task, ImageTask)
         files = write_image_data(task, work / name) if image else write_rows(task, work / name)
-        if task.kind == "preference":
-            record["tasks"].append(run_preference(name, task, files, work / name, env, args.sides.split(",")))
+        if len(task.seeds) > 1 or task.kind == "preference":
+            record["tasks"].append(run_seeds(name, task, files, work / name, env, args.sides.split(",")))
             continue
         sides = {}
         for side in args.sides.split(",") + (["baseline"] if image else []):
