@@ -22,6 +22,7 @@ import peft
 import pytest
 import torch
 import transformers
+from flax.traverse_util import flatten_dict
 from helpers import torch_logits
 from test_tuning_lora import forward
 from test_tuning_peft import trained
@@ -226,6 +227,13 @@ def test_extra_blocks_are_refused_with_the_fix(pair):
         pytest.skip("one body is enough")
     with pytest.raises(PlanError, match="extra_blocks is not supported on ModernBERT"):
         tuning.apply_plan(model, tuning.head("classification", extra_blocks=1))
+
+
+def test_a_partial_plan_trains_the_final_norm_after_the_last_blocks(pair):
+    _, model, _ = pair
+    labels = flatten_dict(tuning.apply_plan(model, tuning.freeze_all_but(1) + tuning.head("classification", 2)).labels)
+    assert {p[0] for p, label in labels.items() if label != tuning.FROZEN} == {
+        f"layers_{model.config.num_layers - 1}", "final_norm", "head"}
 
 
 def test_recipe_trains_and_exports_a_classifier(pair, tmp_path):

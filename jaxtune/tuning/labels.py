@@ -76,8 +76,8 @@ def leaf_kinds(path: Path) -> frozenset[str]:
     if ("mlp" in modules or "ffn" in modules or "intermediate" in modules
             or (block_of(path) is not None and modules[1:2] == ("output",))):
         kinds.add("mlp")
-    # layernorm: ViT's final norm; conv_head/bn1: what follows EfficientNet's last block
-    if path[0] in ("lm_head", "norm", "pooler", "layernorm", "conv_head", "bn1"):
+    # layernorm: ViT's final norm; final_norm: ModernBERT's; conv_head/bn1: what follows EfficientNet's last block
+    if path[0] in ("lm_head", "norm", "pooler", "layernorm", "final_norm", "conv_head", "bn1"):
         kinds.add("output")
     if path[0] == "pooler":
         kinds.add("pooler")
