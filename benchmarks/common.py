@@ -17,12 +17,16 @@ if str(ROOT) not in sys.path:  # benchmark this checkout, whichever jaxtune is i
 
 def worker_env(**extra: str) -> dict[str, str]:
     """The environment for a benchmark's worker processes: this checkout first on PYTHONPATH,
-    one CPU device (no test-suite XLA_FLAGS), quiet tokenizers, no GPU memory preallocation."""
+    one CPU device (the test suite's simulated device count is dropped; a caller's other
+    ``XLA_FLAGS`` pass through), quiet tokenizers, no GPU memory preallocation."""
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-           "TOKENIZERS_PARALLELISM": "false", "XLA_PYTHON_CLIENT_PREALLOCATE": "false", **extra}
+           "TOKENIZERS_PARALLELISM": "false", "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
     env.pop("XLA_FLAGS", None)
-    return env
+    if flags:
+        env["XLA_FLAGS"] = " ".join(flags)
+    return {**env, **extra}
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "tokenizers")
 
