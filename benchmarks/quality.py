@@ -528,11 +528,12 @@ def jaxtune_image_side(task: ImageTask, files: dict[str, str], run_dir: str) -> 
         "model": {"path": files["model"]},
         "plan": [{"preset": "freeze_all_but", "last_n_blocks": task.last_blocks}, {"action": "head", "task": kind}],
         "data": {"train": files["train"], "validation": files["test"], "kind": kind, "images": True,
-                 "batch_size": task.batch_size},
+                 "batch_size": task.batch_size, "seed": task.seeds[0]},
         "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
                       "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
                       "group_lr": {"head": task.head_lr}},
-        "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss},
+        "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss,
+                  "seed": task.seeds[0]},
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
     })
@@ -769,6 +770,7 @@ def main() -> None:
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     ap.add_argument("--smoke", action="store_true", help="16 train / 16 test rows per task")
     ap.add_argument("--sides", default="jaxtune,pytorch")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds for every task (default: each task's own)")
     ap.add_argument("--static-padding", action="store_true",
                     help="jaxtune pads every row to max_length (one compilation) instead of per batch")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json)")
@@ -784,6 +786,9 @@ def main() -> None:
         ap.error(f"unknown task(s) {unknown}; choose from {', '.join([*TASKS, *IMAGE_TASKS])}")
     chosen = {n: TASKS.get(n) or IMAGE_TASKS[n] for n in names}
     tasks = {n: smoke(t) if args.smoke else t for n, t in chosen.items()}
+    if args.seeds:
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+        tasks = {n: dataclasses.replace(t, seeds=seeds) for n, t in tasks.items()}
     if args.static_padding:
         tasks = {n: dataclasses.replace(t, pad_to_multiple_of=None) for n, t in tasks.items()}
     if args.worker:
