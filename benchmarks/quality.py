@@ -216,7 +216,8 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
                       **({"group_lr": {"head": task.head_lr}} if task.head_lr != 1.0 else {})},
         "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss,
                   "seed": task.seeds[0]},
-        "eval": {"choices": list(task.choices)} if task.choices else {},
+        # The PyTorch side scores its base model in every run: no base report from an earlier run here.
+        "eval": {"cache_base": False, **({"choices": list(task.choices)} if task.choices else {})},
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
     }
@@ -534,6 +535,7 @@ def jaxtune_image_side(task: ImageTask, files: dict[str, str], run_dir: str) -> 
                       "group_lr": {"head": task.head_lr}},
         "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss,
                   "seed": task.seeds[0]},
+        "eval": {"cache_base": False},  # the PyTorch side scores its base model in every run too
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
     })
