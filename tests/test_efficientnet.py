@@ -217,3 +217,41 @@ def test_depthwise_by_shifts_equals_the_grouped_convolution_forward_and_backward
     grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * probe), argnums=(0, 1))(x, w) for f in (shifts, grouped)]
     for ours, reference in zip(*grads):
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_trained_statistics_resume_exactly_on_a_batch_sharded_mesh(tiny, tmp_path):
+    """The statistics a stage trains travel with the trainable params: on 8 data-parallel devices
+    (one row of the batch each, the statistics reduced over all of them), 2 + 2 resumed steps equal
+    4 uninterrupted ones bit for bit, and the statistics have moved from the pretrained ones."""
+    from jaxtune.data import LoaderConfig
+    from jaxtune.data.images import ImageSpec, image_loader, read_images
+    from jaxtune.train.config import CheckpointConfig, TrainConfig
+    from jaxtune.train.optim import OptimizerConfig
+    from jaxtune.train.sharding import MeshConfig, make_mesh
+    from jaxtune.train.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", images=rng.integers(0, 255, (16, 20, 20)).astype(np.uint8),
+             labels=np.arange(16) % 3)
+    source = read_images(tmp_path / "train.npz", "classification")
+
+    def run(run_dir, steps):
+        tuned = tuning.apply_plan(tiny, tuning.freeze_all_but(1) + tuning.head("classification", 3))
+        loader = image_loader(source, ImageSpec(size=32), LoaderConfig(batch_size=8, seed=0), train=True)
+        trainer = Trainer(tuned, train_data=loader, optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+                          config=TrainConfig(steps=steps, progress=False, log_every=1), run_dir=run_dir,
+                          checkpoint=CheckpointConfig(every=2), mesh=make_mesh(MeshConfig(data=8)))
+        return trainer.fit()
+
+    whole = run(tmp_path / "whole", 4)
+    run(tmp_path / "resumed", 2)
+    resumed = run(tmp_path / "resumed", 4)
+    assert resumed.step == whole.step == 4
+    ours, theirs = flatten_dict(whole.model.params), flatten_dict(resumed.model.params)
+    for path in ours:
+        np.testing.assert_array_equal(np.asarray(ours[path]), np.asarray(theirs[path]), err_msg="/".join(path))
+    pretrained = flatten_dict(tiny.params)
+    last = f"layers_{tiny.config.num_layers - 1}"
+    assert not np.allclose(np.asarray(ours[(last, "bn1", "running_var")]), pretrained[(last, "bn1", "running_var")])
+    np.testing.assert_array_equal(np.asarray(ours[("layers_0", "bn1", "running_var")]),
+                                  pretrained[("layers_0", "bn1", "running_var")])
