@@ -161,11 +161,13 @@ def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_pa
         return out
 
     trainer.train_step = step_then_interrupt
+    # What the trainer must put back: default_int_handler, or SIG_IGN when pytest runs in the background.
+    previous = signal.getsignal(signal.SIGINT)
     result = trainer.fit()
     assert result.state == "stopped" and result.step == 3
     assert trainer.checkpointer.steps() == [3]
     assert "stopping after this step" in caplog.text
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert signal.getsignal(signal.SIGINT) is previous  # restored
 
 
 def test_optimizer_state_is_sharded_like_the_params(setup, tmp_path):
