@@ -93,6 +93,13 @@ def test_batchnorm_statistics_follow_the_plan(tiny):
     stats = {p: label for p, label in labels.items() if p[-1] in STATE_LEAVES}
     assert {p[0] for p, label in stats.items() if label == STATE} == {last, "bn1"}
     assert tuned.config.training_batch_norms == ("bn1", f"{last}/bn0", f"{last}/bn1", f"{last}/bn2")
+    # A freeze rule that names the statistics keeps them frozen where their BatchNorm trains.
+    pinned = tuning.apply_plan(tiny, tuning.freeze_all_but(1) + tuning.freeze("running_(mean|var)$")
+                               + tuning.head("classification", 3))
+    assert STATE not in flatten_dict(pinned.labels).values() and pinned.config.training_batch_norms == ()
+    assert flatten_dict(pinned.labels)[(last, "bn1", "scale")] == "train"
+    again = tuning.apply_plan(tiny, tuning.freeze("running_(mean|var)$") + tuning.full())  # a later rule wins
+    assert {p[-1] for p, label in flatten_dict(again.labels).items() if label == STATE} == set(STATE_LEAVES)
     trainable, frozen = tuning.partition(tuned.params, tuned.labels)
     optimizer = optax.adamw(1e-2, weight_decay=0.1)
     batch = _image_batch(4)

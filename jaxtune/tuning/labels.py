@@ -4,8 +4,9 @@ Paths are tuples of keys (``("layers_0", "mlp", "up_proj", "kernel")``), shown j
 Labels are strings: ``freeze`` or a trainable group (``train``, ``lora``, ``dora``, ``prompt``,
 ``head``). The label of a trainable leaf follows what the leaf *is* (its "natural" group), so a
 ``train`` rule over an adapter keeps it in the ``lora`` group and per-group learning rates work.
-Model state (BatchNorm statistics) is never selected by a rule: it is ``state`` where its module's
-``scale`` trains (the train step updates it from the batches) and ``freeze`` elsewhere.
+Model state (BatchNorm statistics) is ``state`` where its module's ``scale`` trains (the train step
+updates it from the batches) and ``freeze`` elsewhere; a ``freeze`` rule that selects statistics
+(``match: running_``) keeps them frozen where their BatchNorm trains (frozen-statistics fine-tuning).
 """
 
 from __future__ import annotations
@@ -182,6 +183,7 @@ def resolve_labels(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict[P
     """
     paths = list(paths)
     labels = {p: FROZEN for p in paths}
+    pinned: set[Path] = set()  # statistics a freeze rule names: they stay frozen where their BatchNorm trains
     base = [p for p in paths if p[-1] not in ADAPTER_LEAVES]  # the tree adapters were resolved on
     for i, rule in enumerate(plan.rules):
         if rule.action == "prompt":
@@ -197,12 +199,16 @@ def resolve_labels(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict[P
             if not chosen:
                 raise PlanError(f"{plan.describe(i)} matches no parameter; some real paths: {example_paths(paths)}")
         for p in chosen:
+            if rule.action == "freeze" and p[-1] in STATE_LEAVES:
+                pinned.add(p)
+            elif p[-1] in STATE_LEAVES:
+                pinned.discard(p)
             if rule.action == "freeze" or (rule.action in ("lora", "dora") and p[-1] not in ADAPTER_LEAVES):
                 labels[p] = FROZEN
             else:
                 labels[p] = natural_label(p)
-    for p in paths:  # statistics follow their BatchNorm: updated where it trains
-        if p[-1] in STATE_LEAVES and labels.get(p[:-1] + ("scale",), FROZEN) != FROZEN:
+    for p in paths:  # statistics follow their BatchNorm (updated where it trains), unless a freeze rule named them
+        if p[-1] in STATE_LEAVES and p not in pinned and labels.get(p[:-1] + ("scale",), FROZEN) != FROZEN:
             labels[p] = STATE
     return labels
 
