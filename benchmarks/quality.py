@@ -41,7 +41,9 @@ reference package ``efficientnet-lite-pytorch`` with the same plan, and a third 
 frozen pretrained features (mean-pooled, from the PyTorch model).
   fashion-mnist-lite0  Fashion-MNIST, 2,000 train / 1,000 test (stratified), 224x224, 3 epochs, accuracy;
                        3 seeds per side (head init, dropout and row order), for the run-to-run spread.
-  count-lite0          84x84 canvases with 0-5 Fashion-MNIST items, regress the count, MAE.
+  count-lite0          84x84 canvases with 0-5 Fashion-MNIST items, regress the count, MAE; BatchNorm
+                       statistics stay pretrained everywhere (updated ones lag the weights over 125
+                       steps and cost the regression: benchmarks/RESULTS.md).
 
   smollm2-dpo-lora   SmolLM2-135M-Instruct + rotten_tomatoes_preference (the chat task's reviews,
                      the true sentiment word preferred over the wrong one; 800 / 400 pairs):
@@ -129,13 +131,14 @@ class ImageTask:
     epochs: int = 1
     regression_loss: str = "mse"
     seeds: tuple[int, ...] = (0,)  # one run per seed and side (head init, dropout, row order)
+    frozen_statistics: bool = False  # BatchNorm statistics stay pretrained in the trained blocks too
 
 
 IMAGE_TASKS: dict[str, ImageTask] = {
     "fashion-mnist-lite0": ImageTask("efficientnet-lite0", "fashion_mnist", "image-classification", 2000, 1000, 32,
                                      1e-3, epochs=3, seeds=(0, 1, 2)),
     "count-lite0": ImageTask("efficientnet-lite0", "fashion_mnist_count", "image-regression", 2000, 1000, 32, 1e-3,
-                             epochs=2, regression_loss="huber"),
+                             epochs=2, regression_loss="huber", frozen_statistics=True),
 }
 
 
@@ -527,7 +530,9 @@ def jaxtune_image_side(task: ImageTask, files: dict[str, str], run_dir: str) -> 
     kind = task.kind.removeprefix("image-")
     return timed_finetune({
         "model": {"path": files["model"]},
-        "plan": [{"preset": "freeze_all_but", "last_n_blocks": task.last_blocks}, {"action": "head", "task": kind}],
+        "plan": [{"preset": "freeze_all_but", "last_n_blocks": task.last_blocks},
+                 *([{"action": "freeze", "match": "running_(mean|var)$"}] if task.frozen_statistics else []),
+                 {"action": "head", "task": kind}],
         "data": {"train": files["train"], "validation": files["test"], "kind": kind, "images": True,
                  "batch_size": task.batch_size, "seed": task.seeds[0]},
         "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
@@ -598,8 +603,8 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
     def train_mode() -> None:
         model.train()
         for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad:
-                m.eval()  # a frozen stage computes the pretrained features
+            if isinstance(m, torch.nn.BatchNorm2d) and (task.frozen_statistics or not m.weight.requires_grad):
+                m.eval()  # pretrained statistics (a frozen stage computes the pretrained features)
 
     def predict() -> np.ndarray:
         model.eval()
