@@ -24,9 +24,11 @@ PyTorch:
   moves its running statistics toward them, ``running = m * running + (1 - m) * batch`` with the
   reference's ``batch_norm_momentum`` m = 0.99 and the unbiased batch variance, as
   ``torch.nn.BatchNorm2d(momentum=0.01)`` does. Evaluation always uses the running statistics.
+- a ``freeze`` rule that names the statistics (``match: "running_(mean|var)$"``) keeps them as
+  pretrained where their BatchNorm trains (frozen-statistics fine-tuning).
 
-The batch statistics are those of the whole (global) batch, also on a mesh: XLA reduces over the
-devices' rows, so a sharded run equals a one-device run ("sync BatchNorm"). Training batches are
+The batch statistics are those of the whole (global) batch, also on a mesh: the mean over the
+batch axis of a sharded array reduces over every device's rows ("sync BatchNorm"). Training batches are
 always full (fill rows exist only in evaluation batches), so no row dilutes them.
 
 Param paths mirror the reference's state dict: ``_blocks.3._depthwise_conv.weight`` is
