@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,24 @@ def randomize_weights(model, norm_offset: float = 0.5, is_norm=lambda name: "nor
                 param.copy_(torch.rand_like(param) + norm_offset)
             else:
                 param.normal_(0.0, 0.1)
+
+
+def tiny_random_model(architecture: str, out_dir: Path, config: dict[str, Any], seed: int = 0,
+                      config_class: str | None = None, norm_offset: float = 0.5):
+    """A transformers ``architecture`` of ``config`` (class ``config_class``, by default the
+    architecture's ``...Config``), its weights drawn by :func:`randomize_weights` from ``seed``,
+    saved to ``out_dir``; returned in eval mode."""
+    import torch
+    import transformers
+
+    config_class = config_class or re.sub(r"For\w+$", "Config", architecture)
+    hf_config = getattr(transformers, config_class)(**config)
+    hf_config.architectures = [architecture]
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(hf_config).eval()
+    randomize_weights(model, norm_offset=norm_offset)
+    model.save_pretrained(out_dir)
+    return model
 
 
 def torch_logits(model, input_ids: np.ndarray, **kwargs: np.ndarray) -> np.ndarray:

@@ -144,8 +144,8 @@ def test_gradient_accumulation_updates_statistics_micro_batch_after_micro_batch(
         micro = {k: v[rows] for k, v in batch.items()}
         params = with_state(params, loss_fn(params, micro, jax.random.key(0), False)[2]["state"])
     expected, got = flatten_dict(params), flatten_dict(new_trainable)
-    for path in flatten_dict(tuned.labels):
-        if flatten_dict(tuned.labels)[path] == STATE:
+    for path, label in flatten_dict(tuned.labels).items():
+        if label == STATE:
             np.testing.assert_allclose(np.asarray(got[path]), np.asarray(expected[path]), rtol=1e-4, atol=1e-5)
 
 

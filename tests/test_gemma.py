@@ -18,7 +18,7 @@ import peft
 import pytest
 import torch
 import transformers
-from helpers import randomize_weights
+from helpers import tiny_random_model
 from test_tuning_lora import randomize_adapters
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
 
@@ -55,13 +55,8 @@ CONFIGS = {"GemmaForCausalLM": "GemmaConfig", "Gemma2ForCausalLM": "Gemma2Config
 
 def tiny_gemma(architecture: str, out_dir, seed: int = 0, **overrides):
     """A random transformers Gemma model saved to ``out_dir``, weights moved off HF's init (see module doc)."""
-    config = getattr(transformers, CONFIGS[architecture])(**{**TINY, **overrides})
-    config.architectures = [architecture]
-    torch.manual_seed(seed)
-    model = getattr(transformers, architecture)(config).eval()
-    randomize_weights(model, norm_offset=-0.5)
-    model.save_pretrained(out_dir)
-    return model
+    return tiny_random_model(architecture, out_dir, {**TINY, **overrides}, seed, config_class=CONFIGS[architecture],
+                             norm_offset=-0.5)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 from flax.traverse_util import flatten_dict, unflatten_dict
-from helpers import randomize_weights
+from helpers import tiny_random_model
 from test_train_engine import Planned, _run, lm_batch
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
 
@@ -50,13 +50,7 @@ CASES = {
 
 def tiny_moe(architecture: str, out_dir, seed: int = 0, **overrides):
     """A random transformers MoE model saved to ``out_dir``, weights moved off HF's init (see module doc)."""
-    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(**{**TINY, **overrides})
-    config.architectures = [architecture]
-    torch.manual_seed(seed)
-    model = getattr(transformers, architecture)(config).eval()
-    randomize_weights(model)
-    model.save_pretrained(out_dir)
-    return model
+    return tiny_random_model(architecture, out_dir, {**TINY, **overrides}, seed)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))

@@ -13,9 +13,8 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-import torch
 import transformers
-from helpers import randomize_weights
+from helpers import tiny_random_model
 from test_gemma import (  # noqa: F401 - the family-generic tests and their fixture, run on this module's pair
     _ids,
     _logits,
@@ -51,13 +50,7 @@ CASES = {
 def tiny_model(architecture: str, out_dir, seed: int = 0, **overrides):
     """A random transformers model saved to ``out_dir``, norm gains in [0.5, 1.5) and projections of std
     0.1, so that every norm and the NoPE/RoPE split change the outputs."""
-    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(**{**TINY, **overrides})
-    config.architectures = [architecture]
-    torch.manual_seed(seed)
-    model = getattr(transformers, architecture)(config).eval()
-    randomize_weights(model)
-    model.save_pretrained(out_dir)
-    return model
+    return tiny_random_model(architecture, out_dir, {**TINY, **overrides}, seed)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
