@@ -321,7 +321,16 @@ MODEL_DIRS = [
     Case("chat data, no chat template", lambda root, d: train(f"model.path={root / 'plain'}")(root, d),
          "model.tokenizer", "prompt_completion data", code=2,
          setup=lambda root, d: _plain_model(root)),
+    Case("tokenizer ids beyond the model's vocabulary", lambda root, d: train(f"model.path={d / 'small'}")(root, d),
+         "train.jsonl:", "tokenizer saved with the model", code=1,
+         setup=lambda root, d: _small_vocab_model(d / "small")),
 ]
+
+
+def _small_vocab_model(path: Path) -> None:
+    """A model of 64 embedding rows saved with a 105-token tokenizer: the data's ids run past them."""
+    tiny_hf_model("LlamaForCausalLM", path, vocab_size=64)
+    tiny_tokenizer().save_pretrained(path)
 
 
 def _plain_model(root: Path) -> None:

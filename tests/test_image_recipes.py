@@ -50,3 +50,8 @@ def test_image_recipe_runs_tiny(recipe, tiny, tmp_path):
     metric = "accuracy" if kind == "classification" else "mae"
     assert metric in result.after and metric in result.report
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
+    # the work of an image step is counted in examples: 2 steps of 8 images, none padded
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert train and all("tokens_per_s" not in r for r in train)
+    assert all(r["examples_per_s"] / r["steps_per_s"] == pytest.approx(8) for r in train)

@@ -40,13 +40,15 @@ def format_status(info: dict[str, Any]) -> str:
     if info["updated"]:
         lines.append(f"updated:     {_hms(time.time() - info['updated'])} ago")
     if info["train"]:
-        lines.append(f"train:       {_fmt(info['train'], ('tokens_per_s', 'steps_per_s'))}"
+        lines.append(f"train:       {_fmt(info['train'], ('tokens_per_s', 'examples_per_s', 'steps_per_s'))}"
                      + (f" (step {info['train_step']})" if info.get("train_step") else ""))
     if info["eval"]:
         lines.append(f"validation:  {_fmt(info['eval'], ('tokens',))}")
-    if info["tokens_per_s"]:
+    if info["tokens_per_s"] or info.get("examples_per_s"):
         speed = info["train"].get("steps_per_s")
-        lines.append(f"speed:       {info['tokens_per_s']:.0f} tokens/s (real input tokens, padding excluded)"
+        rate = (f"{info['tokens_per_s']:.0f} tokens/s (real input tokens, padding excluded)" if info["tokens_per_s"]
+                else f"{info['examples_per_s']:.1f} images/s (real examples, padding excluded)")
+        lines.append(f"speed:       {rate}"
                      + (f", {speed:.3f} steps/s" if speed else ""))
     if info["eta_s"] is not None:
         lines.append(f"ETA:         {_hms(info['eta_s'])}")

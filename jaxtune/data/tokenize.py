@@ -49,6 +49,8 @@ class TokenStats:
     tokens: int = 0
     target_tokens: int = 0
     longest: int = 0
+    largest_id: int = -1  # the largest token id of any example (checked against the model's vocabulary)
+    largest_id_where: str | None = None  # the record that has it (``path:line`` where the source knows it)
     labels: Counter = dataclasses.field(default_factory=Counter)  # records per label (see record_label)
     dropped_labels: Counter = dataclasses.field(default_factory=Counter)  # dropped records per label
 
@@ -398,5 +400,8 @@ def scan(source: Source, tokenize: Tokenize) -> TokenStats:
             sides = [example["chosen"], example["rejected"]] if "chosen" in example else [example]
             # A pair's two sides share one paired row: the row space is the longer side.
             stats.tokens += max(len(e["input_ids"]) for e in sides)
+            largest = max(int(np.max(e["input_ids"], initial=-1)) for e in sides)
+            if largest > stats.largest_id:
+                stats.largest_id, stats.largest_id_where = largest, record.get("where")
             stats.target_tokens += sum(int(e["loss_mask"][1:].sum()) for e in sides if "loss_mask" in e)
     return stats

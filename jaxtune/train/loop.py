@@ -85,7 +85,7 @@ class Best:
 
 
 def progress_line(record: dict[str, Any], steps: int) -> str:
-    """One progress line from a train record: step, loss, rewards (preference), lr, tokens/s, MFU, ETA."""
+    """One progress line from a train record: step, loss, rewards (preference), lr, tokens/s (images/s), MFU, ETA."""
     remaining = (steps - record['step']) / max(record["steps_per_s"], 1e-9)
     parts = [f"step {record['step']}/{steps}", f"loss {record['loss']:.4f}"]
     if "rewards/accuracy" in record:
@@ -94,7 +94,8 @@ def progress_line(record: dict[str, Any], steps: int) -> str:
                      f"logps {record['logps/chosen']:.2f} / {record['logps/rejected']:.2f})")
     if "learning_rate" in record:
         parts.append(f"lr {record['learning_rate']:.2e}")
-    parts.append(f"{record['tokens_per_s']:.0f} tok/s")
+    parts.append(f"{record['examples_per_s']:.1f} images/s" if "examples_per_s" in record
+                 else f"{record['tokens_per_s']:.0f} tok/s")
     if "mfu" in record:
         parts.append(f"MFU {100 * record['mfu']:.1f}%")
     parts.append(f"ETA {time.strftime('%H:%M:%S', time.gmtime(remaining))}")

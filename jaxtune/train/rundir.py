@@ -266,8 +266,9 @@ class RunDir:
 
     def summary(self) -> dict[str, Any]:
         """The run's state as one dict: ``state, step, total_steps, train, eval, tokens_per_s,
-        eta_s, best, checkpoints, updated, stale, error, memory`` (the compiled step's bytes per
-        device, :class:`jaxtune.train.memory.StepMemory` as plain data, once training started)."""
+        examples_per_s`` (image runs; the other is None), ``eta_s, best, checkpoints, updated, stale,
+        error, memory`` (the compiled step's bytes per device, :class:`jaxtune.train.memory.StepMemory`
+        as plain data, once training started)."""
         if not self.path.is_dir():
             what = "a file, not a run directory" if self.path.exists() else "no such run directory"
             raise RunDirError(f"{self.path}: {what}; give the output.dir of a jaxtune train run")
@@ -295,6 +296,7 @@ class RunDir:
         return {"run_dir": str(self.path), "state": state, "step": step, "total_steps": total,
                 "train": {k: v for k, v in train.items() if k != "step"}, "train_step": train.get("step"),
                 "eval": {k.removeprefix("eval/"): v for k, v in evaluation.items() if k != "step"},
-                "tokens_per_s": train.get("tokens_per_s"), "eta_s": eta, "best": best,
+                "tokens_per_s": train.get("tokens_per_s"), "examples_per_s": train.get("examples_per_s"),
+                "eta_s": eta, "best": best,
                 "checkpoints": self.checkpoint_steps(), "updated": updated, "stale": stale,
                 "error": status.get("error"), "memory": status.get("memory")}

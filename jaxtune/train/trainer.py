@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune.data.images import ImageSource, ImageSpec, image_loader
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.preference import PAIR_IDS
-from jaxtune.data.sources import PREFERENCE, Source
+from jaxtune.data.sources import PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import choice_token_ids
 from jaxtune.train import base_cache, compile_cache, flops, memory
 from jaxtune.train.baselines import applies as baselines_apply
@@ -64,7 +64,7 @@ from jaxtune.train.sharding import (
 )
 from jaxtune.train.step import jit_train_step, make_eval_step, make_loss_fn
 from jaxtune.tuning.partition import combine, partition
-from jaxtune.tuning.tuned import Tuned
+from jaxtune.tuning.tuned import Tuned, is_image
 
 log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
@@ -247,10 +247,25 @@ class Trainer:
                 raise ValueError(f"data.max_length: {data.config.max_length} is more than the model's {positions} "
                                  "position embeddings (max_position_embeddings in its config.json); set "
                                  f"data.max_length to {positions} or less")
+        self._check_token_ids()
         labels = getattr(self.train_data, "source", None) and self.train_data.source.label_names
         if task == "classification" and labels and len(labels) > self.tuned.num_outputs:
             raise ValueError(f"the data has {len(labels)} labels but the head has {self.tuned.num_outputs} outputs; "
                              "pass data=train to apply_plan to size the head from the data")
+
+    def _check_token_ids(self) -> None:
+        """Every token id of the data must have an embedding row: out of range, a gather would
+        clamp it to the last row (or fill it) without a word, and the run would train on nonsense."""
+        vocab = getattr(self.tuned.config, "vocab_size", None)
+        for data in (self.train_data, self.eval_data):
+            if not vocab or not isinstance(data, Loader):
+                continue
+            stats = data.scan()
+            if stats.largest_id >= vocab:
+                raise DataError(stats.largest_id_where or "data",
+                                f"the tokenizer gives token id {stats.largest_id}, but the model has only {vocab} "
+                                "embedding rows (vocab_size in its config.json)",
+                                "use the tokenizer saved with the model, or one whose ids stay below vocab_size")
 
     def _count_steps(self) -> int:
         """``config.steps``, or ``epochs x rows // (batch_size x grad_accum_steps)``."""
@@ -665,7 +680,8 @@ class Trainer:
             "step": self.step,
             "loss": float(np.mean([float(m["loss"]) for m in host])),
             "grad_norm": float(np.mean([float(m["grad_norm"]) for m in host])),
-            "tokens_per_s": tokens / max(elapsed, 1e-9),
+            # an image step's work is counted in examples (step.py's "tokens" metric), a text step's in tokens
+            ("examples_per_s" if is_image(self.tuned.config) else "tokens_per_s"): tokens / max(elapsed, 1e-9),
             "steps_per_s": steps / max(elapsed, 1e-9),
         }
         if "metric_sums" in host[0]:  # the loss's own metrics (preference rewards), means over the window's pairs
