@@ -591,6 +591,8 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
         for p in module.parameters():
             p.requires_grad = True
     model._fc = torch.nn.Linear(1280, len(train.label_names) if kind == "classification" else 1)
+    torch.nn.init.normal_(model._fc.weight, std=0.02)  # jaxtune's head init, as the text side's heads
+    torch.nn.init.zeros_(model._fc.bias)
     head = {id(p) for p in model._fc.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": ps, "weight_decay": task.weight_decay if decay else 0.0,
