@@ -87,6 +87,10 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     meta = json.loads((tmp_path / "checkpoints" / "12" / "meta" / "metadata").read_text())
     assert meta["config"]["base_model"] == str(model_dir)  # the frozen base is referenced, not copied
     assert not list((tmp_path / "checkpoints" / "12").glob("frozen*"))
+    # the step donated the adapters it trained: a second run from the same object is refused, by name
+    with pytest.raises(ValueError, match=r"model: parameter .*lora_a.* was consumed by an earlier fit .*result.model"):
+        Trainer(tuned, train_data=_loader(train, train=True), run_dir=tmp_path / "again", mesh=ONE_DEVICE())
+    Trainer(result.model, train_data=_loader(train, train=True), run_dir=tmp_path / "on", mesh=ONE_DEVICE())
 
 
 def test_choice_accuracy_matches_transformers_logits_packed_or_not(setup, tmp_path):

@@ -98,7 +98,8 @@ class Trainer:
     """Fine-tune a planned model.
 
     Args:
-      model: the model after a plan (:func:`jaxtune.apply_plan`).
+      model: the model after a plan (:func:`jaxtune.apply_plan`). Training consumes its trainable
+        arrays (the step donates them, so a run holds one copy); train on from ``fit().model``.
       train_data: a :class:`~jaxtune.data.Source` (from :func:`jaxtune.read`; batched by
         ``data``), a :class:`~jaxtune.data.Loader`, or any iterable of per-process numpy
         batches (the data contract; with grain's ``get_state``/``set_state`` for exact resume).
@@ -140,6 +141,7 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         resolved_config: dict[str, Any] | None = None,
     ):
+        _check_not_consumed(model)
         self.tuned, self.config, self.eval_config, self.checkpoint_config = model, config, eval, checkpoint
         if config.compile_cache:
             compile_cache.enable()
@@ -694,6 +696,17 @@ class Trainer:
         if self.config.progress:
             log.info("%s", progress_line(record, self.steps))
         return record
+
+
+def _check_not_consumed(model: Tuned) -> None:
+    """Refuse a model whose trainable arrays an earlier ``fit`` consumed: the step donates them, so
+    that a run holds one copy of what it trains rather than two."""
+    leaves = jax.tree_util.tree_flatten_with_path(model.params)[0]
+    gone = next((path for path, x in leaves if isinstance(x, jax.Array) and x.is_deleted()), None)
+    if gone is not None:
+        raise ValueError(f"model: parameter {jax.tree_util.keystr(gone)} was consumed by an earlier fit (training "
+                         "donates the trainable arrays to hold one copy of them); train the fit's result.model, or "
+                         "load and apply_plan again for a second run from the start")
 
 
 def _fmt(metrics: dict[str, float]) -> str:
