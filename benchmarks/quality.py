@@ -697,7 +697,7 @@ def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Pat
     if proc.returncode:
         raise RuntimeError(f"{name} / {side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    if side != "jaxtune":  # raw predictions, scored here
+    if "before_outputs" in result:  # raw predictions (PyTorch, baselines), scored here; jaxtune and TRL score their own
         result = {"before": score(task, result.pop("before_outputs"), result["labels"]),
                   "after": score(task, result.pop("after_outputs"), result.pop("labels")), **result}
     return {**result, "wall_s": wall}

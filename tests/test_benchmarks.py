@@ -66,3 +66,30 @@ def test_quality_benchmark_smoke(tmp_path):
             before = [task["sides"][side]["before"][metric] for side in ("jaxtune", "pytorch")]
             assert abs(before[0] - before[1]) <= 1 / 16 + 1e-9
     assert "| task | side | metric |" in proc.stdout
+
+
+def test_quality_run_side_scores_raw_predictions_and_passes_scored_sides_through(monkeypatch, tmp_path):
+    """A side that returns raw predictions (PyTorch) is scored by the driver; one that scores itself
+    (jaxtune, TRL's DPOTrainer) passes through: the full DPO run once lost TRL's 30-minute result
+    to a KeyError here."""
+    import importlib.util
+
+    monkeypatch.syspath_prepend(str(BENCH))  # quality.py imports its sibling common.py, as a script does
+    spec = importlib.util.spec_from_file_location("quality_bench", BENCH / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, quality)  # its dataclasses look their module up there
+    spec.loader.exec_module(quality)
+    outputs = {
+        "pytorch": {"before_outputs": [[0.0, 1.0], [1.0, 0.0]], "after_outputs": [[1.0, 0.0], [1.0, 0.0]],
+                    "labels": [0, 0], "steps": 2, "train_s": 1.0},
+        "trl": {"before": {"rewards/accuracy": 0.0}, "after": {"rewards/accuracy": 0.75}, "steps": 2,
+                "train_s": 1.0},
+    }
+    monkeypatch.setattr(quality.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(
+        cmd, 0, stdout=json.dumps(outputs[cmd[cmd.index("--worker") + 1]]) + "\n", stderr=""))
+    task = quality.TASKS["minilm-full"]
+    scored = quality.run_side("t", task, "pytorch", {}, tmp_path, {})
+    assert scored["before"]["accuracy"] == 0.5 and scored["after"]["accuracy"] == 1.0 and scored["steps"] == 2
+    assert "before_outputs" not in scored and scored["wall_s"] >= 0
+    passed = quality.run_side("t", quality.TASKS["smollm2-dpo-lora"], "trl", {}, tmp_path, {})
+    assert passed["after"] == {"rewards/accuracy": 0.75} and passed["before"] == {"rewards/accuracy": 0.0}
