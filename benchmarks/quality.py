@@ -711,10 +711,11 @@ def seed_metrics(task: Task | ImageTask) -> tuple[str, ...]:
 
 
 def run_seeds(name: str, task: Task | ImageTask, files: dict[str, Path], work: Path, env: dict[str, str],
-              sides: list[str]) -> dict[str, Any]:
+              sides: list[str], log: Path | None = None) -> dict[str, Any]:
     """A task run once per seed and side (``pytorch`` means TRL for a preference task; the image
     baseline is deterministic and runs once); per side the runs and, per metric, the mean and the
-    min..max spread over seeds."""
+    min..max spread over seeds. Each finished run is also appended to ``log`` (JSON lines) at once,
+    so that a stopped run of hours keeps the seeds it finished."""
     import numpy as np
 
     metrics = seed_metrics(task)
@@ -728,6 +729,9 @@ def run_seeds(name: str, task: Task | ImageTask, files: dict[str, Path], work: P
         for seed in task.seeds[:1] if side == "baseline" else task.seeds:
             run = run_side(name, dataclasses.replace(task, seeds=(seed,)), side, files, work / f"seed{seed}", env)
             runs.append({"seed": seed, **run})
+            if log is not None:
+                with log.open("a") as fh:
+                    fh.write(json.dumps({"date": now(), "task": name, "side": side, **runs[-1]}) + "\n")
             shown = ", ".join(f"{m} {run['before'][m]:.3f} -> {run['after'][m]:.3f}" for m in metrics)
             print(f"{name} / {side} / seed {seed}: {shown}, train {run['train_s']:.0f} s, run {run['wall_s']:.0f} s",
                   file=sys.stderr, flush=True)
@@ -782,7 +786,8 @@ def main() -> None:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds for every task (default: each task's own)")
     ap.add_argument("--static-padding", action="store_true",
                     help="jaxtune pads every row to max_length (one compilation) instead of per batch")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json)")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json); seeded tasks "
+                    "also append each finished run to its .runs.jsonl sibling as it ends")
     ap.add_argument("--work", default=None, help="folder for rows and runs (default: a temporary one)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one side of one task
     ap.add_argument("--task-json", default=None, help=argparse.SUPPRESS)
@@ -826,11 +831,14 @@ def main() -> None:
     env = worker_env()
     record = {"date": now(), "command": " ".join(sys.argv), "machine": machine(), "versions": versions(),
               "load_average_at_start": load_average(), "tasks": []}
+    out = Path(args.out or ROOT / "benchmarks" / "results" / ("quality-smoke.json" if args.smoke else "quality.json"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name, task in tasks.items():
         image = isinstance(task, ImageTask)
         files = write_image_data(task, work / name) if image else write_rows(task, work / name)
         if len(task.seeds) > 1 or task.kind == "preference":
-            record["tasks"].append(run_seeds(name, task, files, work / name, env, args.sides.split(",")))
+            record["tasks"].append(run_seeds(name, task, files, work / name, env, args.sides.split(","),
+                                             log=out.with_suffix(".runs.jsonl")))
             continue
         sides = {}
         for side in args.sides.split(",") + (["baseline"] if image else []):
@@ -841,8 +849,6 @@ def main() -> None:
                   file=sys.stderr, flush=True)
         record["tasks"].append({"task": name, "setup": dataclasses.asdict(task), "metric": headline(task),
                                 "sides": sides})
-    out = Path(args.out or ROOT / "benchmarks" / "results" / ("quality-smoke.json" if args.smoke else "quality.json"))
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2))
     print(table(record["tasks"]))
     print(f"\n{record['date']}, {record['machine']}; JSON {out}")

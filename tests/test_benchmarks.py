@@ -68,10 +68,9 @@ def test_quality_benchmark_smoke(tmp_path):
     assert "| task | side | metric |" in proc.stdout
 
 
-def test_quality_run_side_scores_raw_predictions_and_passes_scored_sides_through(monkeypatch, tmp_path):
-    """A side that returns raw predictions (PyTorch) is scored by the driver; one that scores itself
-    (jaxtune, TRL's DPOTrainer) passes through: the full DPO run once lost TRL's 30-minute result
-    to a KeyError here."""
+@pytest.fixture
+def quality(monkeypatch):
+    """benchmarks/quality.py as a module, its workers replaced by canned results (``quality.outputs``)."""
     import importlib.util
 
     monkeypatch.syspath_prepend(str(BENCH))  # quality.py imports its sibling common.py, as a script does
@@ -79,17 +78,44 @@ def test_quality_run_side_scores_raw_predictions_and_passes_scored_sides_through
     quality = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, spec.name, quality)  # its dataclasses look their module up there
     spec.loader.exec_module(quality)
-    outputs = {
+    quality.outputs = {
         "pytorch": {"before_outputs": [[0.0, 1.0], [1.0, 0.0]], "after_outputs": [[1.0, 0.0], [1.0, 0.0]],
                     "labels": [0, 0], "steps": 2, "train_s": 1.0},
-        "trl": {"before": {"rewards/accuracy": 0.0}, "after": {"rewards/accuracy": 0.75}, "steps": 2,
+        "trl": {"before": {"rewards/accuracy": 0.0, "logps/accuracy": 0.7, "rewards/margin": 0.0},
+                "after": {"rewards/accuracy": 0.75, "logps/accuracy": 0.8, "rewards/margin": 0.4}, "steps": 2,
                 "train_s": 1.0},
+        "jaxtune": {"before": {"rewards/accuracy": 0.0, "logps/accuracy": 0.7, "rewards/margin": 0.0},
+                    "after": {"rewards/accuracy": 0.8, "logps/accuracy": 0.8, "rewards/margin": 0.5}, "steps": 2,
+                    "train_s": 1.0},
     }
     monkeypatch.setattr(quality.subprocess, "run", lambda cmd, **_: subprocess.CompletedProcess(
-        cmd, 0, stdout=json.dumps(outputs[cmd[cmd.index("--worker") + 1]]) + "\n", stderr=""))
+        cmd, 0, stdout=json.dumps(quality.outputs[cmd[cmd.index("--worker") + 1]]) + "\n", stderr=""))
+    return quality
+
+
+def test_quality_run_side_scores_raw_predictions_and_passes_scored_sides_through(quality, tmp_path):
+    """A side that returns raw predictions (PyTorch) is scored by the driver; one that scores itself
+    (jaxtune, TRL's DPOTrainer) passes through: the full DPO run once lost TRL's 30-minute result
+    to a KeyError here."""
     task = quality.TASKS["minilm-full"]
     scored = quality.run_side("t", task, "pytorch", {}, tmp_path, {})
     assert scored["before"]["accuracy"] == 0.5 and scored["after"]["accuracy"] == 1.0 and scored["steps"] == 2
     assert "before_outputs" not in scored and scored["wall_s"] >= 0
     passed = quality.run_side("t", quality.TASKS["smollm2-dpo-lora"], "trl", {}, tmp_path, {})
-    assert passed["after"] == {"rewards/accuracy": 0.75} and passed["before"] == {"rewards/accuracy": 0.0}
+    assert passed["after"] == quality.outputs["trl"]["after"] and passed["before"] == quality.outputs["trl"]["before"]
+
+
+def test_quality_seeded_runs_are_logged_as_each_ends(quality, tmp_path):
+    """Each finished seed is appended to the log at once (a stopped run of hours keeps it), and the
+    summary is the mean and min..max over the seeds."""
+    import dataclasses
+
+    task = dataclasses.replace(quality.TASKS["smollm2-dpo-lora"], seeds=(0, 1))
+    log = tmp_path / "q.runs.jsonl"
+    record = quality.run_seeds("dpo", task, {}, tmp_path, {}, ["jaxtune", "pytorch"], log=log)
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [(r["side"], r["seed"]) for r in lines] == [("jaxtune", 0), ("jaxtune", 1), ("trl", 0), ("trl", 1)]
+    assert lines[0]["after"]["rewards/accuracy"] == 0.8 and all(r["task"] == "dpo" for r in lines)
+    summary = record["sides"]["jaxtune"]["summary"]["after/rewards/accuracy"]
+    assert summary == {"mean": 0.8, "min": 0.8, "max": 0.8}
+    assert set(record["sides"]) == {"jaxtune", "trl"}
