@@ -1,6 +1,6 @@
 """EfficientNet-Lite: the real ImageNet weights against the reference PyTorch package on real
-images (slow), what BatchNorm statistics do in each plan (tiny random network), and a training
-BatchNorm against PyTorch's."""
+images, forward and train step for step (slow), what BatchNorm statistics do in each plan (tiny
+random network), and a training BatchNorm against PyTorch's."""
 from __future__ import annotations
 
 import dataclasses
@@ -48,6 +48,116 @@ def test_real_efficientnet_lite0_features_and_logits_match_the_reference_package
         their_logits = ref(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(features, theirs.transpose(0, 2, 3, 1).reshape(2, 49, 1280), atol=1e-4, rtol=0)
     np.testing.assert_allclose(logits, their_logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.slow
+def test_real_train_step_equals_the_reference_package_step_for_step():
+    """The quality benchmark's plan (last 6 blocks, head conv and a new head train; their
+    BatchNorms use and update batch statistics) on the real weights and real images, against
+    the reference PyTorch package trained as ``benchmarks/quality.py`` trains it: the same head
+    init, batches and AdamW settings (decay on matrices, head lr x3, clip 1.0), dropout and
+    drop-connect off. The first step's loss, gradients and running statistics agree; three more
+    steps keep the losses together (Adam then amplifies float noise in near-zero gradients, so
+    the params are not compared late)."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from jaxtune.assets import ASSETS, package_path
+    from jaxtune.data import read
+    from jaxtune.data.images import ImageSpec, ToPixels
+    from jaxtune.models.assets import fetch_model
+    from jaxtune.models.efficientnet import hf_module
+    from jaxtune.train.optim import OptimizerConfig, build_optimizer
+
+    try:
+        path = fetch_model("efficientnet-lite0")
+        images, _ = read("fashion_mnist", train_size=100, validation_size=10)
+    except FetchError as err:
+        skip_or_fail(f"EfficientNet-Lite0 or Fashion-MNIST could not be fetched here: {err}")
+    pretrained = hf.load_pretrained(path, hidden_dropout=0.0, drop_connect_rate=0.0)
+    tuned = tuning.apply_plan(pretrained, tuning.freeze_all_but(6) + tuning.head("classification", 10))
+    to_pixels = ToPixels(ImageSpec.from_model_dir(96, 3, path))  # 96x96 keeps the test cheap
+    rng = np.random.default_rng(0)
+    batches = []
+    for _ in range(4):
+        idx = rng.choice(len(images), 8, replace=False)
+        batches.append({"pixel_values": np.stack([to_pixels.pixels(images[int(i)])["pixel_values"] for i in idx]),
+                        "labels": np.asarray([images[int(i)]["label"] for i in idx], np.int32),
+                        "example_weights": np.ones(8, np.float32)})
+
+    weights = str(package_path(ASSETS["efficientnet-lite0"]))
+    ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+    ref._global_params = ref._global_params._replace(drop_connect_rate=0.0)
+    ref._dropout.p = 0.0
+    for p in ref.parameters():
+        p.requires_grad = False
+    for module in (*ref._blocks[-6:], ref._conv_head, ref._bn1):
+        for p in module.parameters():
+            p.requires_grad = True
+    flat, labels = flatten_dict(tuned.params), flatten_dict(tuned.labels)
+    ref._fc = torch.nn.Linear(1280, 10)
+    with torch.no_grad():
+        ref._fc.weight.copy_(torch.from_numpy(np.asarray(flat[("head", "out", "kernel")]).T))
+        ref._fc.bias.copy_(torch.from_numpy(np.asarray(flat[("head", "out", "bias")])))
+    theirs = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+
+    def torch_of(path):
+        if path[0] == "head":
+            return theirs["_fc.weight" if path[-1] == "kernel" else "_fc.bias"]
+        return theirs[f"{hf_module(path[:-1])}.{ {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])}"]
+
+    def ours(path, tensor):  # PyTorch's layout -> jaxtune's
+        t = tensor.detach().numpy()
+        return t.transpose(3, 2, 1, 0) if t.ndim == 4 else t.T if path[-1] == "kernel" else t
+
+    trained = {p for p, label in labels.items() if label in ("train", "head")}
+    assert {id(torch_of(p)) for p in trained} == {id(p) for p in ref.parameters() if p.requires_grad}
+    for p in flat:
+        np.testing.assert_array_equal(ours(p, torch_of(p)), np.asarray(flat[p]), err_msg=str(p))
+
+    config = OptimizerConfig(learning_rate=1e-3, weight_decay=0.01, warmup_ratio=0.0, schedule="constant",
+                             clip_grad_norm=1.0, group_lr={"head": 3.0})
+    groups, _ = tuning.partition(tuned.labels, tuned.labels)
+    optimizer, _ = build_optimizer(config, 4, groups)
+    loss_fn = make_loss_fn(tuned.module, "classification")
+    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
+    grads = jax.jit(jax.grad(lambda tr, b: loss_fn(tuning.combine(tr, frozen), b, jax.random.key(0), False)[0] / 8))(
+        trainable, batches[0])
+    step = jax.jit(make_train_step(loss_fn, optimizer))
+    opt_state = optimizer.init(trainable)
+
+    head = {id(p) for p in ref._fc.parameters()}
+    params = [p for p in ref.parameters() if p.requires_grad]
+    torch_optimizer = torch.optim.AdamW(
+        [{"params": ps, "weight_decay": 0.01 if decay else 0.0, "lr": 1e-3 * (3.0 if is_head else 1.0)}
+         for is_head in (False, True) for decay in (True, False)
+         if (ps := [p for p in params if (id(p) in head) == is_head and (p.ndim >= 2) == decay])], lr=1e-3)
+    ref.train()
+    for m in ref.modules():
+        if isinstance(m, torch.nn.BatchNorm2d) and not m.weight.requires_grad:
+            m.eval()  # the frozen stages normalise with the pretrained statistics
+    for i, batch in enumerate(batches):
+        loss = torch.nn.functional.cross_entropy(ref(torch.from_numpy(batch["pixel_values"])),
+                                                 torch.from_numpy(batch["labels"]).long())
+        loss.backward()
+        if i == 0:
+            scale = max(float(p.grad.abs().max()) for p in params)
+            for path, g in flatten_dict(grads).items():
+                if path in trained:
+                    np.testing.assert_allclose(np.asarray(g), ours(path, torch_of(path).grad), rtol=0,
+                                               atol=1e-4 * scale, err_msg=str(path))
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch_optimizer.step()
+        torch_optimizer.zero_grad(set_to_none=True)
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(i))
+        np.testing.assert_allclose(float(metrics["loss"]), float(loss), rtol=2e-3, err_msg=f"step {i}")
+        if i == 0:
+            new = flatten_dict(trainable)
+            stats = [p for p, label in labels.items() if label == STATE]
+            assert stats
+            for path in stats:
+                np.testing.assert_allclose(np.asarray(new[path]), ours(path, torch_of(path)), rtol=1e-3, atol=1e-4,
+                                           err_msg=str(path))
 
 
 @pytest.fixture(scope="module")
