@@ -5,6 +5,8 @@ install from PyPI (jaxtune.assets).
     python benchmarks/quality.py --tasks minilm-full   # one task
     python benchmarks/quality.py --smoke               # seconds per side: checks that it works
     python benchmarks/quality.py --tasks smollm2-dpo-lora   # preference tuning vs TRL's DPOTrainer
+    python benchmarks/quality.py --tasks smollm2-dpo-lora --seeds 1 --sides jaxtune --out a.json
+    python benchmarks/quality.py --merge a.json b.json ... --out all.json   # one table of such runs
 
 Each task runs end to end twice, each side in its own process: jaxtune through its public run
 API (:func:`jaxtune.finetune`, what ``jaxtune train`` runs) and an equivalent PyTorch script
@@ -716,8 +718,6 @@ def run_seeds(name: str, task: Task | ImageTask, files: dict[str, Path], work: P
     baseline is deterministic and runs once); per side the runs and, per metric, the mean and the
     min..max spread over seeds. Each finished run is also appended to ``log`` (JSON lines) at once,
     so that a stopped run of hours keeps the seeds it finished."""
-    import numpy as np
-
     metrics = seed_metrics(task)
     record: dict[str, Any] = {"task": name, "kind": "seeded", "setup": dataclasses.asdict(task),
                               "metric": metrics[0], "metrics": list(metrics), "sides": {}}
@@ -735,16 +735,63 @@ def run_seeds(name: str, task: Task | ImageTask, files: dict[str, Path], work: P
             shown = ", ".join(f"{m} {run['before'][m]:.3f} -> {run['after'][m]:.3f}" for m in metrics)
             print(f"{name} / {side} / seed {seed}: {shown}, train {run['train_s']:.0f} s, run {run['wall_s']:.0f} s",
                   file=sys.stderr, flush=True)
-        summary = {}
-        for when in ("before", "after"):
-            for key in runs[0][when]:
-                values = np.asarray([r[when][key] for r in runs], np.float64)
-                summary[f"{when}/{key}"] = {"mean": float(values.mean()), "min": float(values.min()),
-                                            "max": float(values.max())}
-        for key in ("train_s", "wall_s"):
-            summary[key] = {"mean": float(np.mean([r[key] for r in runs]))}
-        record["sides"][side] = {"runs": runs, "summary": summary}
+        record["sides"][side] = {"runs": runs, "summary": summarise(runs)}
     return record
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per metric, before and after, the mean and min..max over a side's seeded runs; the mean
+    training and whole-run seconds."""
+    import numpy as np
+
+    summary = {}
+    for when in ("before", "after"):
+        for key in runs[0][when]:
+            values = np.asarray([r[when][key] for r in runs], np.float64)
+            summary[f"{when}/{key}"] = {"mean": float(values.mean()), "min": float(values.min()),
+                                        "max": float(values.max())}
+    for key in ("train_s", "wall_s"):
+        summary[key] = {"mean": float(np.mean([r[key] for r in runs]))}
+    return summary
+
+
+def merge_records(paths: list[Path]) -> dict[str, Any]:
+    """One record from the seeded records of separate runs (one side or a few seeds each, as
+    the hours-long tasks are run): per task and side, the runs of every file by seed, and the
+    summary over them. A task whose setup differs between files (other than its seeds), or a
+    seed of one side found twice, is an error naming both files."""
+    tasks: dict[str, dict[str, Any]] = {}
+    seen: dict[tuple[str, str, int], Path] = {}
+    sources = []
+    for path in paths:
+        record = json.loads(path.read_text())
+        sources.append({"file": str(path), **{k: record.get(k) for k in ("date", "command", "machine", "versions",
+                                                                         "load_average_at_start")}})
+        for task in record["tasks"]:
+            if task.get("kind") != "seeded":
+                raise ValueError(f"{path}: task {task['task']!r} is not a seeded record; --merge takes seeded "
+                                 "tasks (those run with several --seeds, and preference tasks)")
+            setup = {k: v for k, v in task["setup"].items() if k != "seeds"}
+            merged = tasks.setdefault(task["task"], {**task, "setup": {**setup, "seeds": []}, "sides": {},
+                                                     "file": path})
+            if {k: v for k, v in merged["setup"].items() if k != "seeds"} != setup:
+                raise ValueError(f"{path}: task {task['task']!r} was run with another setup than in "
+                                 f"{merged['file']}; merge only runs of one setup")
+            for side, result in task["sides"].items():
+                for run in result["runs"]:
+                    key = (task["task"], side, run["seed"])
+                    if key in seen:
+                        raise ValueError(f"{path}: {side} seed {run['seed']} of {task['task']!r} is also in "
+                                         f"{seen[key]}; leave one of the files out")
+                    seen[key] = path
+                    merged["sides"].setdefault(side, {"runs": []})["runs"].append(run)
+    for task in tasks.values():
+        del task["file"]
+        for result in task["sides"].values():
+            result["runs"].sort(key=lambda r: r["seed"])
+            result["summary"] = summarise(result["runs"])
+        task["setup"]["seeds"] = sorted({r["seed"] for res in task["sides"].values() for r in res["runs"]})
+    return {"date": now(), "command": " ".join(sys.argv), "merged_from": sources, "tasks": list(tasks.values())}
 
 
 def seeded_rows(record: dict[str, Any]) -> list[str]:
@@ -789,11 +836,24 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json); seeded tasks "
                     "also append each finished run to its .runs.jsonl sibling as it ends")
     ap.add_argument("--work", default=None, help="folder for rows and runs (default: a temporary one)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="combine the seeded records of separate runs (per side, per seed) into one record at "
+                    "--out and print its table; runs nothing")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one side of one task
     ap.add_argument("--task-json", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--files", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.merge:
+        if not args.out:
+            ap.error("--merge writes the combined record to --out; give its path")
+        try:
+            merged = merge_records([Path(p) for p in args.merge])
+        except (OSError, ValueError, KeyError) as err:
+            ap.error(f"--merge: {err}")
+        Path(args.out).write_text(json.dumps(merged, indent=2))
+        print(table(merged["tasks"]))
+        return
     names = args.tasks.split(",")
     unknown = [n for n in names if n not in TASKS and n not in IMAGE_TASKS]
     if unknown:

@@ -119,3 +119,35 @@ def test_quality_seeded_runs_are_logged_as_each_ends(quality, tmp_path):
     summary = record["sides"]["jaxtune"]["summary"]["after/rewards/accuracy"]
     assert summary == {"mean": 0.8, "min": 0.8, "max": 0.8}
     assert set(record["sides"]) == {"jaxtune", "trl"}
+
+
+def test_quality_merge_combines_seeded_records_of_separate_runs(quality, tmp_path):
+    """Records of one side or a few seeds each (how the hours-long DPO task is run) merge into one
+    table: runs by seed per side, the summary over all of them; a seed found twice, or a task run
+    with another setup, is an error naming the files."""
+    import dataclasses
+
+    base = quality.TASKS["smollm2-dpo-lora"]
+    paths = []
+    for seed, side, accuracy in ((0, "jaxtune", 0.8), (1, "jaxtune", 0.9), (1, "pytorch", 0.7)):
+        quality.outputs["jaxtune"]["after"]["rewards/accuracy"] = accuracy
+        quality.outputs["trl"]["after"]["rewards/accuracy"] = accuracy
+        record = quality.run_seeds("dpo", dataclasses.replace(base, seeds=(seed,)), {}, tmp_path, {}, [side])
+        paths.append(tmp_path / f"{side}{seed}.json")
+        paths[-1].write_text(json.dumps({"date": "d", "tasks": [record]}))
+    merged = quality.merge_records(paths)
+    (task,) = merged["tasks"]
+    assert task["setup"]["seeds"] == [0, 1] and [s["file"] for s in merged["merged_from"]] == list(map(str, paths))
+    jax_side = task["sides"]["jaxtune"]
+    assert [r["seed"] for r in jax_side["runs"]] == [0, 1]
+    assert jax_side["summary"]["after/rewards/accuracy"] == pytest.approx({"mean": 0.85, "min": 0.8, "max": 0.9})
+    assert task["sides"]["trl"]["summary"]["after/rewards/accuracy"]["mean"] == 0.7
+    assert "| dpo | jaxtune (2 seeds) | rewards/accuracy |" in quality.table(merged["tasks"])
+
+    with pytest.raises(ValueError, match=r"jaxtune seed 0 of 'dpo' is also in .*jaxtune0\.json"):
+        quality.merge_records([paths[0], paths[0]])
+    other = json.loads(paths[2].read_text())
+    other["tasks"][0]["setup"]["beta"] = 0.5
+    paths[2].write_text(json.dumps(other))
+    with pytest.raises(ValueError, match=r"pytorch1\.json: task 'dpo' was run with another setup"):
+        quality.merge_records(paths)
