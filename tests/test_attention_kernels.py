@@ -57,6 +57,9 @@ SELECTION = [
     ("tpu", dict(seq_len=100, softcap=30.0), GROUPED, "multiple"),
     ("tpu", dict(dense_mask=True), XLA, "dense mask"),
     ("tpu", dict(causal=False, window=(64, 64)), SPLASH, None),  # ModernBERT's local layers
+    ("cpu", dict(dropout=True), GROUPED, None),
+    ("gpu", dict(causal=False, dropout=True), GROUPED, "dropout"),  # BERT in training
+    ("tpu", dict(causal=False, dropout=True), GROUPED, "dropout"),
 ]
 
 
@@ -73,6 +76,30 @@ def test_kernel_selection(backend, changes, kernel, notice):
 def _qkv(key: int, b: int, t: int, n: int, kv: int, h: int, dtype=F32) -> tuple[jax.Array, ...]:
     ks = jax.random.split(jax.random.key(key), 3)
     return tuple(jax.random.normal(k, (b, t, heads, h), dtype) for k, heads in zip(ks, (n, kv, kv), strict=True))
+
+
+def test_probability_dropout_with_grouped_query_heads_equals_the_closed_form():
+    """Dropout on the probabilities with 2 query heads per KV head: softmax, then each probability
+    kept with its bit from ``(B, N, T, S)`` bits of the key (query-head order) and scaled by
+    1 / (1 - rate), against numpy with the KV heads repeated."""
+    q, k, v = _qkv(0, 2, 6, 4, 2, 8)
+    ids = jnp.array([[1, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 0]], jnp.int32)
+    mask = attention_mask(ids, causal=False)
+    key, rate = jax.random.key(7), 0.25
+    out = np.asarray(grouped_attention(q, k, v, mask, dropout_rate=rate, dropout_rng=key))
+    keep = np.asarray(jax.random.bernoulli(key, 1 - rate, (2, 4, 6, 6)))
+    qn, kn, vn = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, heads, T, H)
+    kn, vn = np.repeat(kn, 2, axis=1), np.repeat(vn, 2, axis=1)
+    scores = np.where(np.asarray(mask), qn @ kn.transpose(0, 1, 3, 2) / np.sqrt(8), -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs = probs / probs.sum(-1, keepdims=True) * keep / (1 - rate)
+    expected = (probs @ vn).transpose(0, 2, 1, 3)
+    real = np.asarray(ids != 0)
+    np.testing.assert_allclose(out[real], expected[real], atol=1e-5)
+    plain = np.asarray(grouped_attention(q, k, v, mask))
+    assert not np.allclose(out[real], plain[real], atol=1e-3)
+    np.testing.assert_array_equal(np.asarray(grouped_attention(q, k, v, mask, dropout_rate=0.0, dropout_rng=key)),
+                                  plain)
 
 
 def test_a_fallback_is_never_silent(monkeypatch, caplog):

@@ -175,3 +175,64 @@ def test_adapter_made_by_peft_imports_exactly(pair, tmp_path):
     assert tuned.head is not None and tuned.hf_architecture == family.classifier
     np.testing.assert_allclose(np.asarray(forward(tuned.module, tuned.params, ids, mask)),
                                torch_logits(made.eval(), ids, attention_mask=mask), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert"])
+def test_attention_probability_dropout_is_transformers_in_training(family, tmp_path, monkeypatch):
+    """``attention_probs_dropout_prob`` (DistilBERT: ``attention_dropout``) drops attention
+    probabilities in training as transformers' eager attention does: with jaxtune's own dropout
+    bits fed to transformers' dropout, the token states of a train-mode forward agree within
+    1e-4; evaluation draws nothing, and a rate of 0 is the deterministic forward."""
+    import jax
+
+    rate = 0.3
+    if family == "bert":
+        config = transformers.BertConfig(**TINY, hidden_dropout_prob=0.0, attention_probs_dropout_prob=rate)
+        config.architectures = ["BertModel"]
+        model_cls = transformers.BertModel
+    else:
+        config = transformers.DistilBertConfig(vocab_size=96, dim=32, hidden_dim=64, n_layers=2, n_heads=4,
+                                               max_position_embeddings=40, dropout=0.0, attention_dropout=rate,
+                                               pad_token_id=0)
+        config.architectures = ["DistilBertModel"]
+        model_cls = transformers.DistilBertModel
+    config._attn_implementation = "eager"  # the path that drops probabilities with torch's dropout
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(tmp_path)
+    ref = model_cls.from_pretrained(tmp_path, attn_implementation="eager").train()
+    model = hf.load_pretrained(tmp_path)
+    assert model.config.attention_dropout == rate and model.config.hidden_dropout == 0.0
+
+    ids, mask = _padded(0)
+    drawn = []  # jaxtune's keep masks (B, N, T, S), in layer order
+    bernoulli = jax.random.bernoulli
+    monkeypatch.setattr(jax.random, "bernoulli", lambda *a, **k: drawn.append(np.asarray(bernoulli(*a, **k)))
+                        or jax.numpy.asarray(drawn[-1]))
+    ours = np.asarray(model.module.apply({"params": model.params}, ids, mask, None, deterministic=False,
+                                         rngs={"dropout": jax.random.key(3)}))
+    assert len(drawn) == 2 and drawn[0].shape == (2, 4, 9, 9) and 0.5 < drawn[0].mean() < 0.9
+
+    fed = iter(drawn)
+
+    def dropout(x, p=0.5, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        assert p == rate
+        return x * torch.from_numpy(next(fed).astype(np.float32)) / (1 - p)
+
+    monkeypatch.setattr(torch.nn.functional, "dropout", dropout)
+    theirs = torch_logits(ref, ids, attention_mask=mask)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(ours[real], theirs[real], atol=TOL, rtol=0)
+
+    deterministic = _ours(model, ids, mask)
+    assert not np.allclose(ours[real], deterministic[real], atol=1e-3)  # the dropout did something
+    drawn.clear()
+    evaluated = np.asarray(model.module.apply({"params": model.params}, ids, mask, None, deterministic=True))
+    np.testing.assert_array_equal(evaluated, deterministic)
+    assert not drawn
+    off = hf.load_pretrained(tmp_path, attention_dropout=0.0)
+    trained = np.asarray(off.module.apply({"params": off.params}, ids, mask, None, deterministic=False,
+                                          rngs={"dropout": jax.random.key(3)}))
+    np.testing.assert_allclose(trained, deterministic, atol=1e-6)
+    assert not drawn

@@ -19,6 +19,9 @@ TPU         Pallas splash attention with segment ids and a causal / local (slidi
 Where the backend's kernel cannot take the inputs (float32 on a GPU, a head dim cuDNN refuses,
 soft-capping on a GPU, a sequence length splash cannot tile, a dense mask given by the caller),
 the XLA path with a dense mask runs instead and a one-line notice says why, once per reason.
+Dropout on the attention probabilities (BERT's ``attention_probs_dropout_prob`` in training)
+always runs :func:`grouped_attention`, the one path that materialises the probabilities; its
+bits come from the caller's key (threefry, as the rest of a model's dropout).
 """
 
 from __future__ import annotations
@@ -62,16 +65,20 @@ class KernelChoice:
 def attention_kernel(
     backend: str, *, causal: bool, window: Window, segments: bool, softcap: float | None, dtype: Any,
     head_dim: int, seq_len: int, dense_mask: bool = False, gpu_capability: tuple[int, int] | None = None,
+    dropout: bool = False,
 ) -> KernelChoice:
     """Which attention kernel runs for these inputs; pure, so it can be tested on any machine.
 
     ``backend`` is ``jax.default_backend()`` (``cpu``, ``gpu``, ``tpu``); ``segments`` says the rows
     carry segment ids (packing or padding); ``dense_mask`` that the caller passes a ready mask
     (KV-cache decoding); ``seq_len`` is the key length; ``gpu_capability`` the CUDA compute
-    capability (None: not a CUDA GPU, so no cuDNN).
+    capability (None: not a CUDA GPU, so no cuDNN); ``dropout`` that the probabilities get dropout.
     """
     if backend == "cpu":
         return KernelChoice(GROUPED)
+    if dropout:
+        return KernelChoice(GROUPED, "attention: dropout on the attention probabilities (training) has no fused "
+                                     "kernel here; using the grouped attention with a dense mask")
     if dense_mask:
         return _fallback(softcap, "the caller gave a dense mask (KV-cache decoding; otherwise pass segment_ids)")
     if backend == "gpu":
@@ -140,6 +147,7 @@ def _gpu_capability() -> tuple[int, int] | None:
 def dot_product_attention(
     q: Array, k: Array, v: Array, mask: Array | None = None, *, segment_ids: Array | None = None,
     causal: bool, window: Window = None, scale: float | None = None, logit_cap: float | None = None,
+    dropout_rate: float = 0.0, dropout_rng: Array | None = None,
 ) -> Array:
     """Multi-head attention with grouped-query heads, on the backend's kernel.
 
@@ -150,14 +158,17 @@ def dot_product_attention(
     a query sees around itself. Scores are ``q . k * scale`` (default ``H ** -0.5``),
     soft-capped by ``logit_cap`` (:func:`softcap`) before masking. Outputs at padding queries are not
     defined (no loss or pooling reads them). Segments must be contiguous runs, as packing writes them.
+    ``dropout_rate`` > 0 with a ``dropout_rng`` key drops attention probabilities (training), as
+    :func:`grouped_attention` does.
     """
     if mask is not None and segment_ids is not None:
         raise ValueError("dot_product_attention: pass segment_ids or a dense mask, not both")
+    dropout = dropout_rate > 0 and dropout_rng is not None
     backend = _backend()
     choice = attention_kernel(
         backend, causal=causal, window=window, segments=segment_ids is not None, softcap=logit_cap,
         dtype=q.dtype, head_dim=q.shape[-1], seq_len=k.shape[1], dense_mask=mask is not None,
-        gpu_capability=_gpu_capability() if backend == "gpu" else None)
+        gpu_capability=_gpu_capability() if backend == "gpu" else None, dropout=dropout)
     if choice.notice:
         _notice(choice.notice)
     if choice.kernel == CUDNN:
@@ -172,7 +183,8 @@ def dot_product_attention(
         ids = segment_ids if segment_ids is not None else jnp.ones((1, q.shape[1]), jnp.int32)
         mask = attention_mask(ids, causal=causal, window=window)
     if choice.kernel == GROUPED:
-        return grouped_attention(q, k, v, mask, scale=scale, logit_cap=logit_cap)
+        return grouped_attention(q, k, v, mask, scale=scale, logit_cap=logit_cap,
+                                 dropout_rate=dropout_rate if dropout else 0.0, dropout_rng=dropout_rng)
     if mask is None:  # plain causality and windows as flags
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                             local_window_size=_local_window(window, causal, k.shape[1]),
@@ -231,7 +243,8 @@ def _local_window(window: Window, causal: bool, length: int) -> tuple[int, int] 
 
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
-                      logit_cap: float | None = None) -> Array:
+                      logit_cap: float | None = None, dropout_rate: float = 0.0,
+                      dropout_rng: Array | None = None) -> Array:
     """Softmax attention as two rank-3 batched matmuls over ``B*K`` (batch x KV head) groups.
 
     The ``G = N / K`` query heads that share a KV head are stacked along the query axis, so
@@ -239,6 +252,11 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale
     dtype); masked scores get the float32 minimum, so a fully masked row (padding) averages
     the values instead of producing NaN. Shapes, ``scale`` and ``logit_cap`` as
     :func:`dot_product_attention`.
+
+    ``dropout_rate`` > 0 (with ``dropout_rng``) zeroes each probability with that chance and
+    scales the rest by ``1 / (1 - rate)``, as ``torch.nn.functional.dropout`` on BERT's
+    attention probabilities; the bits are drawn as ``(B, N, T, S)`` (heads in query-head order),
+    so they do not depend on how the heads are grouped.
     """
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
@@ -251,8 +269,12 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale
     if mask is not None:
         scores = scores.reshape(b, kv, g, t, s)
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min).reshape(b * kv, g * t, s)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("xqs,xsh->xqh", probs, vf)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate > 0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, n, t, s))
+        keep = keep.reshape(b, kv, g, t, s).reshape(b * kv, g * t, s)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("xqs,xsh->xqh", probs.astype(v.dtype), vf)
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 

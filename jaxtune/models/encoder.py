@@ -23,6 +23,10 @@ Param paths mirror HF names below the block level: ``encoder.layer.2.attention.s
 is ``params["layer_2"]["attention"]["self"]["query"]["kernel"]`` (transposed), DistilBERT's
 ``transformer.layer.2.attention.q_lin.weight`` is ``layer_2/attention/q_lin/kernel``; see
 :func:`hf_module`.
+
+Dropout in training is transformers': ``hidden_dropout_prob`` after the embeddings and each
+sub-layer, ``attention_probs_dropout_prob`` (DistilBERT's ``attention_dropout``) on the attention
+probabilities, and the classifier head's own.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1  # on the attention probabilities (HF's attention_probs_dropout_prob)
     use_pooler: bool = True
     num_labels: int = 2  # EncoderClassifier only
     classifier_dropout: float = 0.1  # dropout of the *ForSequenceClassification head
@@ -141,6 +146,7 @@ class EncoderConfig:
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
             hidden_act=hf.get("hidden_act", "gelu"),
             hidden_dropout=hidden_dropout,
+            attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
             num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
             classifier_dropout=hf.get("classifier_dropout") if hf.get("classifier_dropout") is not None
             else hidden_dropout,
@@ -176,7 +182,7 @@ def _distilbert_keys(hf: dict[str, Any]) -> dict[str, Any]:
     """DistilBERT's ``config.json`` in BERT's key names (its LayerNorms are fixed at eps 1e-12)."""
     renamed = {"dim": "hidden_size", "hidden_dim": "intermediate_size", "n_layers": "num_hidden_layers",
                "n_heads": "num_attention_heads", "activation": "hidden_act", "dropout": "hidden_dropout_prob",
-               "seq_classif_dropout": "classifier_dropout"}
+               "attention_dropout": "attention_probs_dropout_prob", "seq_classif_dropout": "classifier_dropout"}
     out = {k: v for k, v in hf.items() if k not in renamed}
     out.update({new: hf[old] for old, new in renamed.items() if old in hf})
     return out
@@ -199,11 +205,14 @@ class Embeddings(nn.Module):
 
 
 def multi_head_attention(cfg: EncoderConfig, x: Array, segment_ids: Array | None, query: Linear, key: Linear,
-                         value: Linear, deterministic: bool) -> Array:
-    """Bidirectional attention of ``x`` ``(B, T, D)`` through the three projections -> ``(B, T, D)``."""
+                         value: Linear, deterministic: bool, module: nn.Module) -> Array:
+    """Bidirectional attention of ``x`` ``(B, T, D)`` through the three projections -> ``(B, T, D)``;
+    in training, dropout on the probabilities with bits from ``module``'s ``dropout`` stream."""
     b, t, d = x.shape
     heads = [p(x, deterministic).reshape(b, t, cfg.num_heads, d // cfg.num_heads) for p in (query, key, value)]
-    return dot_product_attention(*heads, segment_ids=segment_ids, causal=False).reshape(b, t, d)
+    rng = None if deterministic or not cfg.attention_dropout else module.make_rng("dropout")
+    return dot_product_attention(*heads, segment_ids=segment_ids, causal=False, dropout_rate=cfg.attention_dropout,
+                                 dropout_rng=rng).reshape(b, t, d)
 
 
 class SelfAttention(nn.Module):
@@ -216,7 +225,7 @@ class SelfAttention(nn.Module):
         cfg = self.cfg
         d = x.shape[-1]
         return multi_head_attention(cfg, x, segment_ids, cfg.linear(d, "query"), cfg.linear(d, "key"),
-                                    cfg.linear(d, "value"), deterministic)
+                                    cfg.linear(d, "value"), deterministic, self)
 
 
 class Output(nn.Module):
@@ -271,7 +280,7 @@ class DistilBertAttention(nn.Module):
         cfg = self.cfg
         d = x.shape[-1]
         h = multi_head_attention(cfg, x, segment_ids, cfg.linear(d, "q_lin"), cfg.linear(d, "k_lin"),
-                                 cfg.linear(d, "v_lin"), deterministic)
+                                 cfg.linear(d, "v_lin"), deterministic, self)
         return cfg.linear(d, "out_lin")(h, deterministic)
 
 
