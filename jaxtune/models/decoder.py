@@ -43,6 +43,7 @@ from jaxtune.models.layers import (
     PartitionRules,
     RMSNorm,
     apply_rope,
+    attention_dropout_key,
     dot_product_attention,
     partition_rules,
     pool,
@@ -98,6 +99,7 @@ class DecoderConfig:
     scan_layers: bool = True
     layer_groups: tuple[int, ...] = ()  # run lengths; () = runs of equal attention window
     adapter_dropout: float = 0.0  # dropout on the input of LoRA/DoRA updates, set by tuning
+    attention_dropout: float = 0.0  # on the attention probabilities in training (HF's attention_dropout)
 
     def __post_init__(self) -> None:
         self.layer_runs  # noqa: B018 - fail at the door on run lengths that do not fit the layers
@@ -176,6 +178,7 @@ def common_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch in _TIED_BY_DEFAULT)),
         num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
         architecture=arch,
+        attention_dropout=float(hf.get("attention_dropout", 0.0)),
     )
 
 
@@ -277,7 +280,8 @@ def cache_attention_mask(index: Array, start: Array, t: int, s: int, window: int
 
 def attend(
     q: Array, k: Array, v: Array, segment_ids: Array | None, window: int | None, cache: LayerCache | None, *,
-    scale: float | None = None, logit_cap: float | None = None,
+    scale: float | None = None, logit_cap: float | None = None, dropout_rate: float = 0.0,
+    dropout_rng: Array | None = None,
 ) -> tuple[Array, tuple[Array, Array] | None]:
     """Causal self-attention of RoPE'd ``q`` ``(B, T, N, H)`` over ``k``/``v`` ``(B, T, K, H)``, with or
     without a KV cache: the step every decoder family's attention shares.
@@ -285,11 +289,12 @@ def attend(
     Without a cache, ``segment_ids`` (or None) give the packing/padding mask; returns ``(out, None)``.
     With one, the new keys/values are written at ``cache.index`` and the queries attend to the whole
     cache; returns ``(out, (k, v))`` with the updated cache arrays. ``out`` is ``(B, T, N, H)``;
-    ``scale``/``logit_cap`` as :func:`~jaxtune.models.layers.dot_product_attention`.
+    ``scale``/``logit_cap``/``dropout_rate``/``dropout_rng`` as
+    :func:`~jaxtune.models.layers.dot_product_attention` (dropout only without a cache: training).
     """
     if cache is None:
         return dot_product_attention(q, k, v, segment_ids=segment_ids, causal=True, window=window, scale=scale,
-                                     logit_cap=logit_cap), None
+                                     logit_cap=logit_cap, dropout_rate=dropout_rate, dropout_rng=dropout_rng), None
     at = (0, cache.index, 0, 0)
     k = jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), at)
     v = jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), at)
@@ -336,7 +341,8 @@ class Attention(nn.Module):
         if cfg.rope:
             inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
             q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        out, kv = attend(q, k, v, segment_ids, self.window, cache)
+        key = attention_dropout_key(self, cfg.attention_dropout, deterministic or cache is not None)
+        out, kv = attend(q, k, v, segment_ids, self.window, cache, dropout_rate=cfg.attention_dropout, dropout_rng=key)
         out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, dtype=dt, param_dtype=cfg.param_dtype,
                      adapter_dropout=cfg.adapter_dropout, name="o_proj")(out.reshape(b, t, -1), deterministic)
         return out if cache is None else (out, kv)

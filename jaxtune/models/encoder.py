@@ -45,6 +45,7 @@ from jaxtune.models.layers import (
     LayerNorm,
     Linear,
     PartitionRules,
+    attention_dropout_key,
     dot_product_attention,
     partition_rules,
 )
@@ -210,9 +211,9 @@ def multi_head_attention(cfg: EncoderConfig, x: Array, segment_ids: Array | None
     in training, dropout on the probabilities with bits from ``module``'s ``dropout`` stream."""
     b, t, d = x.shape
     heads = [p(x, deterministic).reshape(b, t, cfg.num_heads, d // cfg.num_heads) for p in (query, key, value)]
-    rng = None if deterministic or not cfg.attention_dropout else module.make_rng("dropout")
     return dot_product_attention(*heads, segment_ids=segment_ids, causal=False, dropout_rate=cfg.attention_dropout,
-                                 dropout_rng=rng).reshape(b, t, d)
+                                 dropout_rng=attention_dropout_key(module, cfg.attention_dropout, deterministic)
+                                 ).reshape(b, t, d)
 
 
 class SelfAttention(nn.Module):

@@ -43,6 +43,7 @@ from jaxtune.models.layers import (
     Linear,
     PartitionRules,
     apply_rope,
+    attention_dropout_key,
     partition_rules,
     rope_inverse_frequencies,
     softcap,
@@ -125,6 +126,7 @@ class GemmaConfig(DecoderConfig):
             local_rope_theta=local[0] if local else None,
             local_rope_scaling=local[1] if local else None,
             gelu_approximate=gemma1 or _GELU_APPROXIMATE[act],
+            attention_dropout=float(hf.get("attention_dropout", 0.0)),
         )
         fields.update(overrides)
         return cls(**fields)
@@ -236,7 +238,9 @@ class GemmaAttention(nn.Module):
         inv_freq = rope_inverse_frequencies(cfg.head_dim, theta, dict(scaling or ()))
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-        out, kv = attend(q, k, v, segment_ids, self.window, cache, scale=scale, logit_cap=cfg.attn_logit_softcapping)
+        key = attention_dropout_key(self, cfg.attention_dropout, deterministic or cache is not None)
+        out, kv = attend(q, k, v, segment_ids, self.window, cache, scale=scale, logit_cap=cfg.attn_logit_softcapping,
+                         dropout_rate=cfg.attention_dropout, dropout_rng=key)
         out = proj("o_proj", cfg.hidden_size, cfg.o_bias)(out.reshape(b, t, -1), deterministic)
         return out if cache is None else (out, kv)
 

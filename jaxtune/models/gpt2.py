@@ -31,7 +31,15 @@ import flax.linen as nn
 
 from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, LayerCache, attend
 from jaxtune.models.encoder import ACTIVATIONS
-from jaxtune.models.layers import Array, Embed, LayerNorm, Linear, PartitionRules, partition_rules
+from jaxtune.models.layers import (
+    Array,
+    Embed,
+    LayerNorm,
+    Linear,
+    PartitionRules,
+    attention_dropout_key,
+    partition_rules,
+)
 
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
 MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
@@ -85,6 +93,7 @@ class GPT2Config(DecoderConfig):
             max_position_embeddings=hf.get("n_positions", 1024),
             activation=act,
             dropout=hf.get("resid_pdrop", 0.1),
+            attention_dropout=float(hf.get("attn_pdrop", 0.1)),
             scale_attn_weights=bool(hf.get("scale_attn_weights", True)),
         )
         fields.update(overrides)
@@ -111,7 +120,9 @@ class GPT2Attention(nn.Module):
         b, t, d = x.shape
         qkv = cfg.linear(3 * d, "c_attn")(x, deterministic).reshape(b, t, 3, cfg.num_heads, cfg.head_dim)
         scale = None if cfg.scale_attn_weights else 1.0
-        out, kv = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids, None, cache, scale=scale)
+        key = attention_dropout_key(self, cfg.attention_dropout, deterministic or cache is not None)
+        out, kv = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids, None, cache, scale=scale,
+                         dropout_rate=cfg.attention_dropout, dropout_rng=key)
         out = cfg.linear(d, "c_proj")(out.reshape(b, t, d), deterministic)
         out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
         return out if cache is None else (out, kv)

@@ -252,6 +252,12 @@ def shard_rows(x: Array) -> Array:
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 
 
+def attention_dropout_key(module: nn.Module, rate: float, deterministic: bool) -> Array | None:
+    """The key for dropout on attention probabilities, from ``module``'s ``dropout`` stream; None
+    (nothing drawn) in evaluation, in cached decoding (pass ``deterministic=True``) or at rate 0."""
+    return None if deterministic or not rate else module.make_rng("dropout")
+
+
 # ----------------------------------------------------------------------------- rotary embeddings
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic", "longrope")

@@ -22,10 +22,9 @@ as it, without its prediction head); :class:`ModernBertClassifier` is the classi
 ``out``). Param paths mirror HF names: ``layers.2.attn.Wqkv.weight`` is
 ``params["layers_2"]["attn"]["Wqkv"]["kernel"]`` (transposed); see :func:`hf_module`.
 
-Dropout: ``embedding_dropout``, ``mlp_dropout``, ``attention_dropout`` after ``Wo`` (HF's ``out_drop``)
-and ``classifier_dropout`` as transformers applies them; ``attention_dropout`` on the attention
-probabilities is not applied (the shared attention kernel has no dropout). The released models set
-all of them to 0.
+Dropout: ``embedding_dropout``, ``mlp_dropout``, ``attention_dropout`` (on the attention
+probabilities and after ``Wo``, HF's ``out_drop``) and ``classifier_dropout`` as transformers applies
+them. The released models set all of them to 0.
 """
 
 from __future__ import annotations
@@ -46,6 +45,7 @@ from jaxtune.models.layers import (
     Linear,
     PartitionRules,
     apply_rope,
+    attention_dropout_key,
     attention_mask,
     dot_product_attention,
     partition_rules,
@@ -238,7 +238,9 @@ class Attention(nn.Module):
         q, k, v = (qkv.reshape(b, t, 3, cfg.num_heads, d // cfg.num_heads)[:, :, i] for i in range(3))
         inv_freq = cfg.rope(local=self.window is not None)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        out = dot_product_attention(q, k, v, mask, causal=False).reshape(b, t, d)
+        out = dot_product_attention(q, k, v, mask, causal=False, dropout_rate=cfg.attention_dropout,
+                                    dropout_rng=attention_dropout_key(self, cfg.attention_dropout, deterministic)
+                                    ).reshape(b, t, d)
         out = cfg.linear(d, "Wo", cfg.attention_bias)(out, deterministic)
         return nn.Dropout(cfg.attention_dropout)(out, deterministic=deterministic)
 

@@ -43,6 +43,7 @@ from jaxtune.models.layers import (
     PartitionRules,
     RMSNorm,
     apply_rope,
+    attention_dropout_key,
     partition_rules,
     rope_inverse_frequencies,
     rope_parameters,
@@ -105,6 +106,7 @@ class Phi3Config(DecoderConfig):
             num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
             architecture=arch,
             dropout=float(hf.get("resid_pdrop", 0.0)),
+            attention_dropout=float(hf.get("attention_dropout", 0.0)),
         )
         fields.update(overrides)
         cfg = cls(**fields)
@@ -134,8 +136,9 @@ class Phi3Attention(nn.Module):
         k = qkv[..., n * h:(n + kv) * h].reshape(b, t, kv, h)
         v = qkv[..., (n + kv) * h:].reshape(b, t, kv, h)
         freqs = rope_inverse_frequencies(h, cfg.rope_theta, dict(cfg.rope_scaling or ()))
+        key = attention_dropout_key(self, cfg.attention_dropout, deterministic or cache is not None)
         out, new_kv = attend(apply_rope(q, positions, freqs), apply_rope(k, positions, freqs), v, segment_ids,
-                             self.window, cache)
+                             self.window, cache, dropout_rate=cfg.attention_dropout, dropout_rng=key)
         out = cfg.linear(cfg.hidden_size, "o_proj")(out.reshape(b, t, n * h), deterministic)
         return out if cache is None else (out, new_kv)
 

@@ -33,6 +33,7 @@ from jaxtune.models.layers import (
     LayerNorm,
     Linear,
     PartitionRules,
+    attention_dropout_key,
     dot_product_attention,
     partition_rules,
 )
@@ -64,6 +65,7 @@ class ViTConfig:
     layer_norm_eps: float = 1e-12
     hidden_act: str = "gelu"
     hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0  # on the attention probabilities in training (attention_probs_dropout_prob)
     qkv_bias: bool = True
     use_pooler: bool = True
     pooler_output_size: int | None = None
@@ -97,6 +99,7 @@ class ViTConfig:
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
             hidden_act=hf.get("hidden_act", "gelu"),
             hidden_dropout=hf.get("hidden_dropout_prob", 0.0),
+            attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
             qkv_bias=hf.get("qkv_bias", True),
             use_pooler=arch == "ViTModel",
             pooler_output_size=hf.get("pooler_output_size"),
@@ -206,7 +209,9 @@ class Attention(nn.Module):
         def heads(name: str) -> Array:
             return cfg.linear(d, name, cfg.qkv_bias)(x, deterministic).reshape(b, t, cfg.num_heads, d // cfg.num_heads)
 
-        out = dot_product_attention(heads("q_proj"), heads("k_proj"), heads("v_proj"), None, causal=False)
+        out = dot_product_attention(heads("q_proj"), heads("k_proj"), heads("v_proj"), None, causal=False,
+                                    dropout_rate=cfg.attention_dropout,
+                                    dropout_rng=attention_dropout_key(self, cfg.attention_dropout, deterministic))
         return cfg.linear(d, "o_proj")(out.reshape(b, t, d), deterministic)
 
 
