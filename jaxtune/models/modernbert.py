@@ -46,7 +46,6 @@ from jaxtune.models.layers import (
     PartitionRules,
     apply_rope,
     attention_dropout_key,
-    attention_mask,
     dot_product_attention,
     partition_rules,
     pool,
@@ -200,18 +199,6 @@ def _layer_windows(hf: dict[str, Any]) -> tuple[int | None, ...]:
     return tuple(half if t == _LOCAL else None for t in types)
 
 
-def window_mask(segment_ids: Array | None, length: int, window: int | None) -> Array | None:
-    """Boolean mask ``(B or 1, 1, T, T)`` of a layer, or None (every key, no padding): tokens attend
-    within their segment (:func:`jaxtune.models.layers.attention_mask`) and, on a local layer, to
-    keys at most ``window`` positions away on either side."""
-    mask = attention_mask(segment_ids, causal=False)
-    if window is None:
-        return mask
-    index = jnp.arange(length)
-    band = (jnp.abs(index[:, None] - index[None, :]) <= window)[None, None]
-    return band if mask is None else mask & band
-
-
 class Embeddings(nn.Module):
     """HF's ``embeddings``: token embedding -> LayerNorm -> dropout (no positions, no token types)."""
 
@@ -231,14 +218,18 @@ class Attention(nn.Module):
     window: int | None
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool) -> Array:
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool) -> Array:
         cfg = self.cfg
         b, t, d = x.shape
         qkv = cfg.linear(3 * d, "Wqkv", cfg.attention_bias)(x, deterministic)
         q, k, v = (qkv.reshape(b, t, 3, cfg.num_heads, d // cfg.num_heads)[:, :, i] for i in range(3))
         inv_freq = cfg.rope(local=self.window is not None)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        out = dot_product_attention(q, k, v, mask, causal=False, dropout_rate=cfg.attention_dropout,
+        # Tokens attend within their segment and, on a local layer, to keys at most ``window``
+        # positions away on either side: the kernel's two-sided window (splash's local mask on a TPU).
+        window = None if self.window is None else (self.window, self.window)
+        out = dot_product_attention(q, k, v, segment_ids=segment_ids, causal=False, window=window,
+                                    dropout_rate=cfg.attention_dropout,
                                     dropout_rng=attention_dropout_key(self, cfg.attention_dropout, deterministic)
                                     ).reshape(b, t, d)
         out = cfg.linear(d, "Wo", cfg.attention_bias)(out, deterministic)
@@ -266,10 +257,10 @@ class Block(nn.Module):
     first: bool
 
     @nn.compact
-    def __call__(self, x: Array, positions: Array, mask: Array | None, deterministic: bool = True) -> Array:
+    def __call__(self, x: Array, positions: Array, segment_ids: Array | None, deterministic: bool = True) -> Array:
         cfg = self.cfg
         h = x if self.first else cfg.layer_norm("attn_norm")(x)
-        x = x + Attention(cfg, self.window, name="attn")(h, positions, mask, deterministic)
+        x = x + Attention(cfg, self.window, name="attn")(h, positions, segment_ids, deterministic)
         return x + MLP(cfg, name="mlp")(cfg.layer_norm("mlp_norm")(x), deterministic)
 
 
@@ -303,10 +294,9 @@ class ModernBert(nn.Module):
         t = input_ids.shape[1]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), input_ids.shape)
-        masks = {w: window_mask(segment_ids, t, w) for w in set(self.cfg.layer_windows)}
         x = self.embeddings(input_ids, deterministic)
         for layer in self.layers:
-            x = layer(x, positions, masks[layer.window], deterministic)
+            x = layer(x, positions, segment_ids, deterministic)
         return self.final_norm(x)
 
 
