@@ -771,7 +771,11 @@ def merge_records(paths: list[Path]) -> dict[str, Any]:
             if task.get("kind") != "seeded":
                 raise ValueError(f"{path}: task {task['task']!r} is not a seeded record; --merge takes seeded "
                                  "tasks (those run with several --seeds, and preference tasks)")
-            setup = {k: v for k, v in task["setup"].items() if k != "seeds"}
+            # A record written before a field existed lacks it: it ran with that field's default.
+            kind = ImageTask if task["setup"]["kind"].startswith("image-") else Task
+            setup = {**{f.name: f.default for f in dataclasses.fields(kind) if f.default is not dataclasses.MISSING},
+                     **task["setup"]}
+            setup = {k: list(v) if isinstance(v, tuple) else v for k, v in setup.items() if k != "seeds"}
             merged = tasks.setdefault(task["task"], {**task, "setup": {**setup, "seeds": []}, "sides": {},
                                                      "file": path})
             if {k: v for k, v in merged["setup"].items() if k != "seeds"} != setup:

@@ -144,6 +144,11 @@ def test_quality_merge_combines_seeded_records_of_separate_runs(quality, tmp_pat
     assert task["sides"]["trl"]["summary"]["after/rewards/accuracy"]["mean"] == 0.7
     assert "| dpo | jaxtune (2 seeds) | rewards/accuracy |" in quality.table(merged["tasks"])
 
+    older = json.loads(paths[1].read_text())
+    del older["tasks"][0]["setup"]["beta"]  # a record from before a field existed ran with its default (0.1)
+    paths[1].write_text(json.dumps(older))
+    assert quality.merge_records(paths)["tasks"][0]["setup"]["beta"] == base.beta == 0.1
+
     with pytest.raises(ValueError, match=r"jaxtune seed 0 of 'dpo' is also in .*jaxtune0\.json"):
         quality.merge_records([paths[0], paths[0]])
     other = json.loads(paths[2].read_text())
