@@ -272,7 +272,7 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, n, t, s))
-        keep = keep.reshape(b, kv, g, t, s).reshape(b * kv, g * t, s)
+        keep = keep.reshape(b * kv, g * t, s)  # (B, K*G, T, S) in memory order is (B*K, G*T, S)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("xqs,xsh->xqh", probs.astype(v.dtype), vf)
     return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
