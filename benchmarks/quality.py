@@ -4,6 +4,7 @@ install from PyPI (jaxtune.assets).
     python benchmarks/quality.py                       # all four tasks, ~1 hour on 2 CPU cores
     python benchmarks/quality.py --tasks minilm-full   # one task
     python benchmarks/quality.py --smoke               # seconds per side: checks that it works
+    python benchmarks/quality.py --packing             # jaxtune packs the MiniLM tasks' reviews, several per row
     python benchmarks/quality.py --tasks smollm2-dpo-lora   # preference tuning vs TRL's DPOTrainer
     python benchmarks/quality.py --tasks smollm2-dpo-lora --seeds 1 --sides jaxtune --out a.json
     python benchmarks/quality.py --merge a.json b.json ... --out all.json   # one table of such runs
@@ -95,6 +96,9 @@ class Task:
     regression_loss: str = "mse"
     choices: tuple[str, ...] = ()
     pad_to_multiple_of: int | None = 16  # jaxtune's dynamic padding (PyTorch pads each batch to its longest row)
+    # jaxtune packs several examples per row (classification/regression; ``--packing``) and trains the same
+    # epochs in the fewer, fuller rows that gives: each side sees every training example once per epoch.
+    packing: bool = False
     beta: float = 0.1  # preference tasks: DPO's beta
     seeds: tuple[int, ...] = (0,)  # preference tasks: one run per seed and side (the run-to-run spread)
 
@@ -214,13 +218,13 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
         "model": {"path": files["model"]},
         "plan": plan,
         "data": {"train": files["train"], "validation": files["test"], "kind": task.kind,
-                 "max_length": task.max_length, "batch_size": task.batch_size, "packing": False,
+                 "max_length": task.max_length, "batch_size": task.batch_size, "packing": task.packing,
                  "pad_to_multiple_of": task.pad_to_multiple_of},
         "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
                       "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
                       **({"group_lr": {"head": task.head_lr}} if task.head_lr != 1.0 else {})},
-        "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss,
-                  "seed": task.seeds[0]},
+        "train": {**({"epochs": task.epochs} if task.packing else {"steps": steps_of(task)}), "progress": False,
+                  "log_every": 10, "regression_loss": task.regression_loss, "seed": task.seeds[0]},
         # The PyTorch side scores its base model in every run: no base report from an earlier run here.
         "eval": {"cache_base": False, **({"choices": list(task.choices)} if task.choices else {})},
         "checkpoint": {"every": 10**9, "keep": 1},
@@ -837,6 +841,9 @@ def main() -> None:
     ap.add_argument("--seeds", default=None, help="comma-separated seeds for every task (default: each task's own)")
     ap.add_argument("--static-padding", action="store_true",
                     help="jaxtune pads every row to max_length (one compilation) instead of per batch")
+    ap.add_argument("--packing", action="store_true",
+                    help="jaxtune packs the classification/regression examples several per row (one epoch in "
+                    "fewer, fuller rows; PyTorch pads each batch to its longest row)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json); seeded tasks "
                     "also append each finished run to its .runs.jsonl sibling as it ends")
     ap.add_argument("--work", default=None, help="folder for rows and runs (default: a temporary one)")
@@ -869,6 +876,9 @@ def main() -> None:
         tasks = {n: dataclasses.replace(t, seeds=seeds) for n, t in tasks.items()}
     if args.static_padding:
         tasks = {n: dataclasses.replace(t, pad_to_multiple_of=None) for n, t in tasks.items()}
+    if args.packing:
+        tasks = {n: dataclasses.replace(t, packing=True) if t.kind in ("classification", "regression") else t
+                 for n, t in tasks.items()}
     if args.worker:
         from absl import flags
 

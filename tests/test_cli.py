@@ -75,7 +75,7 @@ def test_train_prints_plan_data_table_and_exports(trained):
     assert "| loss |" in out and "better" in out  # the before/after table, the loss went down
     assert (run_dir / "config.yaml").is_file() and (run_dir / "export" / "adapter_config.json").is_file()
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert saved["optimizer"]["learning_rate"] == 3e-2 and saved["data"]["packing"] is True  # resolved, defaults in
+    assert saved["optimizer"]["learning_rate"] == 3e-2 and saved["data"]["packing"] is None  # defaults in
 
 
 def test_status_reports_a_finished_run_and_plots(trained, tmp_path):

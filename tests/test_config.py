@@ -55,7 +55,7 @@ def test_yaml_1_1_exponents_are_numbers(tmp_path):
 @pytest.mark.parametrize("overrides, expected", [
     (["optimizer.learning_rate=fast"], "optimizer.learning_rate: expected a number, got 'fast'"),
     (["train.steps=2.5"], "train.steps: expected an integer or null, got 2.5"),
-    (["data.packing=maybe"], "data.packing: expected true or false, got 'maybe'"),
+    (["data.packing=maybe"], "data.packing: expected true or false or null, got 'maybe'"),
     (["model.dtype=bf16"], "model.dtype: expected one of float32, bfloat16, float16, got 'bf16'"),
     (["data.kind=chatt"], "did you mean 'chat'?"),
     (["optimizer.name=adamx"], "optimizer.name 'adamx' is unknown; choose one of adamw, adam, sgd, lion, adafactor"),

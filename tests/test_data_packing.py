@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxtune.data import Tokenize, first_fit, lm_row, pack, pad
-from jaxtune.data.packing import classifier_row
+from jaxtune.data.packing import classifier_row, max_segments, next_fit, pack_classifiers, packed_classifier_row
 from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer
 
 
@@ -34,6 +34,9 @@ def test_lm_row_layout():
 def test_first_fit():
     assert first_fit([5, 4, 3, 2, 6, 1], 8) == [[0, 2], [1, 3, 5], [4]]
     assert first_fit([], 8) == []
+    assert first_fit([1, 1, 1, 1, 1], 8, max_items=2) == [[0, 1], [2, 3], [4]]  # full of items, not of tokens
+    assert next_fit([5, 4, 3, 2, 6, 1], 8) == [[0], [1, 2], [3, 4], [5]]  # in order, less full
+    assert next_fit([1, 1, 1, 1, 1], 8, max_items=2) == [[0, 1], [2, 3], [4]]
     with pytest.raises(ValueError, match="truncate first"):
         first_fit([9], 8)
 
@@ -59,6 +62,38 @@ def test_classifier_row():
     assert row["input_ids"].tolist() == [4, 5, 6, 0, 0] and row["segment_ids"].tolist() == [1, 1, 1, 0, 0]
     assert row["positions"].tolist() == [0, 1, 2, 0, 0] and row["token_type_ids"].tolist() == [0, 1, 1, 0, 0]
     assert row["labels"] == 2
+
+
+def labeled(ids, label):
+    return {"input_ids": np.asarray(ids, np.int32), "token_type_ids": np.zeros(len(ids), np.int32), "label": label}
+
+
+def test_packed_classifier_row():
+    row = packed_classifier_row([labeled([4, 5, 6], np.int32(2)), labeled([7, 8], np.int32(0))], 16, pad_id=1)
+    assert row["input_ids"].tolist() == [4, 5, 6, 7, 8] + [1] * 11
+    assert row["segment_ids"].tolist() == [1, 1, 1, 2, 2] + [0] * 11
+    assert row["positions"].tolist() == [0, 1, 2, 0, 1] + [0] * 11
+    assert max_segments(16) == 2 and row["labels"].tolist() == [2, 0] and row["example_weights"].tolist() == [1, 1]
+    assert row["labels"].dtype == np.int32 and row["example_weights"].dtype == np.float32
+    regression = packed_classifier_row([labeled([4], np.float32(0.5))], 64)
+    assert regression["labels"].dtype == np.float32 and regression["labels"].tolist() == [0.5] + [0.0] * 7
+    assert regression["example_weights"].tolist() == [1] + [0] * 7
+
+
+def test_pack_classifiers_keeps_every_example_and_label_once():
+    rng = np.random.RandomState(0)
+    examples = [labeled(rng.randint(1, 50, rng.randint(1, 12)), np.int32(i)) for i in range(40)]
+    rows = pack_classifiers(examples, 32)
+    assert len(rows) < 40 and all(r["example_weights"].sum() <= max_segments(32) == 4 for r in rows)
+    seen = {}
+    for row in rows:
+        for s in range(int(row["example_weights"].sum())):
+            seen[int(row["labels"][s])] = row["input_ids"][row["segment_ids"] == s + 1].tolist()
+    assert seen == {i: e["input_ids"].tolist() for i, e in enumerate(examples)}
+    in_order = pack_classifiers(examples, 32, in_order=True)
+    assert [int(label) for r in in_order for label in r["labels"][:int(r["example_weights"].sum())]] == list(range(40))
+    # Many one-token examples: the label slots, not the tokens, bound a row.
+    assert [int(r["example_weights"].sum()) for r in pack_classifiers([labeled([3], np.int32(0))] * 9, 32)] == [4, 4, 1]
 
 
 def summed_loss(apply, params, rows) -> float:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from jaxtune.data import LoaderConfig, make_loader, read_source, to_global
+from jaxtune.data.pipeline import evaluation_loader
 from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
 
 N_DOCS = 60
@@ -168,10 +169,41 @@ def check_resume(data, stops):
     return full
 
 
-@pytest.mark.parametrize("mode", ["packed", "padded", "classifier"])
+def test_packed_classifier_batches_hold_every_example_once_with_its_label(labeled, tokenizer):
+    data = loader(labeled, tokenizer, packing=True, num_epochs=1, drop_remainder=False, max_length=32)
+    spec = data.batch_spec()
+    assert spec["labels"] == ((4, 4), np.int32) and spec["example_weights"] == ((4, 4), np.float32)
+    batches = collect(iter(data))
+    seen = []
+    for batch in batches:
+        assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
+        for row in range(4):
+            count = int(batch["example_weights"][row].sum())
+            assert batch["segment_ids"][row].max() == count and not batch["example_weights"][row][count:].any()
+            for s in range(count):
+                text = tokenizer.decode(batch["input_ids"][row][batch["segment_ids"][row] == s + 1],
+                                        skip_special_tokens=True)
+                seen.append((int(text.split()[0][1:]), labeled.label_names[batch["labels"][row][s]]))
+    assert sorted(seen) == [(i, ["neg", "pos", "mid"][i % 3]) for i in range(30)]
+    assert sum(len(b["input_ids"]) for b in batches) < 30 / 2  # rows hold several examples
+    # Dynamic padding cuts the token columns only.
+    cut = next(iter(loader(labeled, tokenizer, packing=True, max_length=64, pad_to_multiple_of=8)))
+    assert cut["labels"].shape == (4, 8) and cut["input_ids"].shape[1] % 8 == 0
+    # Evaluation packs in file order: its segments, row by row, are the file's rows.
+    in_order = []
+    for batch in collect(iter(evaluation_loader(labeled, tokenizer, data.config))):
+        for row in range(4):
+            for s in range(int(batch["example_weights"][row].sum())):
+                ids = batch["input_ids"][row][batch["segment_ids"][row] == s + 1]
+                in_order.append(int(tokenizer.decode(ids, skip_special_tokens=True).split()[0][1:]))
+    assert in_order == list(range(30))
+
+
+@pytest.mark.parametrize("mode", ["packed", "padded", "classifier", "classifier-packed"])
 def test_resume_is_exact_with_threads(mode, docs, chat, labeled, tokenizer):
-    if mode == "classifier":
-        data = loader(labeled, tokenizer, num_epochs=2)
+    if mode.startswith("classifier"):
+        packed = mode == "classifier-packed"  # short rows: two examples each, so that there are 6 batches
+        data = loader(labeled, tokenizer, num_epochs=2, packing=packed, **({"max_length": 16} if packed else {}))
     else:
         data = loader(chat, tokenizer, num_epochs=2, packing=mode == "packed", max_length=128, read_threads=2)
     full = check_resume(data, stops=(1, 3, 5))

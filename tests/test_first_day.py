@@ -116,11 +116,12 @@ def cli(*argv: object) -> tuple[int, str, str]:
 
 def _recipe(bert: Path, train: Path, test: Path, fields: dict[str, str], out: Path, export: str,
             baselines: bool) -> Path:
-    """The quickstart's plan (LoRA + a fresh head with its pooling) on the user's files, by field mapping alone."""
+    """The quickstart's plan (LoRA + a fresh head with its pooling) and packing on the user's files, by field
+    mapping alone."""
     quickstart = yaml.safe_load(Path("configs/quickstart.yaml").read_text())
     config = {"model": {"path": str(bert)}, "plan": quickstart["plan"],
               "data": {"train": str(train), "validation": str(test), "kind": "classification", **fields,
-                       "max_length": 48, "batch_size": 8},
+                       "max_length": 48, "batch_size": 8, "packing": quickstart["data"]["packing"]},
               "train": {"steps": 3, "log_every": 3}, "optimizer": {"learning_rate": 0.05},
               "eval": {"baselines": baselines}, "output": {"dir": str(out), "export": export}}
     path = out.with_suffix(".yaml")

@@ -100,3 +100,52 @@ def test_plain_head_is_pooling_then_linear(pooling, models):
     np.testing.assert_allclose(np.asarray(run(tuned.module, tuned.params, ids, positions, segments)),
                                np.asarray(expected), atol=1e-6, rtol=0)
     assert tuned.task == "regression" and tuned.num_outputs == 2 and tuned.hf_architecture is None
+
+
+def labeled_examples(n: int, task: str, seed: int = 0) -> list[dict]:
+    """``n`` tokenized classification/regression examples of 3..13 tokens (ids and token types random)."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(3, 14)
+        label = np.int32(rng.randint(3)) if task == "classification" else np.float32(rng.randn())
+        out.append({"input_ids": rng.randint(1, 96, length).astype(np.int32),
+                    "token_type_ids": rng.randint(0, 2, length).astype(np.int32), "label": label})
+    return out
+
+
+@pytest.mark.parametrize(("name", "task"), [(name, "classification") for name in sorted(HEADS)]
+                         + [("encoder-pooler", "regression")])
+def test_packed_rows_give_the_loss_and_gradients_of_one_example_per_row(name, task, models):
+    """Several examples per row (segments, restarting positions, per-segment pooling and labels)
+    against the same examples one per row: the same summed loss, weight and LoRA/head gradients."""
+    from jaxtune.data.packing import classifier_rows, pack_classifiers
+    from jaxtune.train.step import make_loss_fn
+    from jaxtune.tuning.partition import combine, partition
+
+    model, options = HEADS[name]
+    plan = tuning.lora(rank=4, alpha=8) + tuning.head(task, num_labels=3 if task == "classification" else 1,
+                                                      **options)
+    tuned = tuning.apply_plan(models[model], plan, jax.random.key(1))
+    trainable, frozen = partition(tuned.params, tuned.labels)
+    trainable = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(2), x.shape, x.dtype), trainable)
+    examples = labeled_examples(11, task)
+    packed, padded = pack_classifiers(examples, 32), classifier_rows(examples, 32)
+    assert len(packed) < len(padded) and sorted(int(r["example_weights"].sum()) for r in packed)[-1] > 1
+    loss_fn = make_loss_fn(tuned.module, tuned.task, regression="huber")
+
+    def summed(rows):
+        batch = {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0]}
+
+        def total(tr):
+            loss, weight, _ = loss_fn(combine(tr, frozen), batch, jax.random.key(0), True)
+            return loss, weight
+
+        return jax.value_and_grad(total, has_aux=True)(trainable)
+
+    (packed_total, packed_weight), packed_grads = summed(packed)
+    (padded_total, padded_weight), padded_grads = summed(padded)
+    assert float(packed_weight) == float(padded_weight) == len(examples)
+    np.testing.assert_allclose(float(packed_total), float(padded_total), rtol=2e-5)
+    for a, b in zip(jax.tree.leaves(packed_grads), jax.tree.leaves(padded_grads), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5 * float(np.abs(b).max()) + 1e-7)

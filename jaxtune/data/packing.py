@@ -1,4 +1,4 @@
-"""Rows from examples: packing several LM examples into one fixed-length row, or padding.
+"""Rows from examples: packing several examples into one fixed-length row, or padding.
 
 Pure functions of their inputs (so a resumed iterator rebuilds the same rows). An LM row is a
 dict of arrays of length ``L = max_length``:
@@ -12,6 +12,12 @@ dict of arrays of length ``L = max_length``:
 
 Every supervised token of every example is a target exactly once, whether packed or padded,
 so a summed loss does not depend on packing.
+
+A classifier row (classification or regression) holds the same token arrays (``targets`` and
+``loss_weights`` aside) plus ``token_type_ids``, and ``labels``: the example's label, or in a
+packed row ``labels`` ``(S,)`` and ``example_weights`` float32 ``(S,)``: segment ``s + 1``'s label
+at index ``s`` and 1.0 there, zeros after the last segment. ``S`` (:func:`max_segments`) is
+static so the step compiles once.
 """
 
 from __future__ import annotations
@@ -24,26 +30,57 @@ from jaxtune.data.tokenize import Example
 
 LM_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
 CLASSIFIER_KEYS = ("input_ids", "segment_ids", "positions", "token_type_ids", "labels")
+PACKED_CLASSIFIER_KEYS = CLASSIFIER_KEYS + ("example_weights",)
+# A packed classifier row holds at most one example per this many tokens: bounds S, the label
+# slots per row, and only binds when examples average fewer tokens (rows are then less full).
+MIN_SEGMENT_TOKENS = 8
 
 
-def first_fit(lengths: Sequence[int], max_length: int) -> list[list[int]]:
-    """Assign items to rows of capacity ``max_length``, each to the first row it fits in.
+def max_segments(max_length: int) -> int:
+    """``S``: the examples a packed classifier row of ``max_length`` tokens holds at most."""
+    return max(1, max_length // MIN_SEGMENT_TOKENS)
+
+
+def first_fit(lengths: Sequence[int], max_length: int, max_items: int | None = None) -> list[list[int]]:
+    """Assign items to rows of capacity ``max_length`` (and at most ``max_items`` items), each
+    to the first row it fits in.
 
     Returns the item indices of each row, rows in the order they were opened and items in
     input order within a row.
     """
+    cap = len(lengths) if max_items is None else max_items
     room = np.empty(len(lengths), np.int64)
+    slots = np.empty(len(lengths), np.int64)
     rows: list[list[int]] = []
     for i, n in enumerate(lengths):
         if n > max_length:
             raise ValueError(f"item {i} has length {n} > max_length={max_length}; truncate first")
-        fits = np.flatnonzero(room[:len(rows)] >= n)
+        fits = np.flatnonzero((room[:len(rows)] >= n) & (slots[:len(rows)] > 0))
         if len(fits):
             rows[fits[0]].append(i)
             room[fits[0]] -= n
+            slots[fits[0]] -= 1
         else:
             room[len(rows)] = max_length - n
+            slots[len(rows)] = cap - 1
             rows.append([i])
+    return rows
+
+
+def next_fit(lengths: Sequence[int], max_length: int, max_items: int | None = None) -> list[list[int]]:
+    """Like :func:`first_fit`, but each item goes to the last row opened or a new one, so the
+    items stay in input order across rows (rows are less full)."""
+    rows: list[list[int]] = []
+    room = 0
+    for i, n in enumerate(lengths):
+        if n > max_length:
+            raise ValueError(f"item {i} has length {n} > max_length={max_length}; truncate first")
+        if rows and n <= room and (max_items is None or len(rows[-1]) < max_items):
+            rows[-1].append(i)
+            room -= n
+        else:
+            rows.append([i])
+            room = max_length - n
     return rows
 
 
@@ -82,28 +119,60 @@ def pad(examples: Sequence[Example], max_length: int, pad_id: int = 0) -> list[d
     return [lm_row([e], max_length, pad_id) for e in examples]
 
 
-def classifier_row(example: Example, max_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """One classification/regression row: tokens padded to ``max_length`` and a scalar label."""
-    n = len(example["input_ids"])
-    if n > max_length:
-        raise ValueError(f"example has {n} tokens > max_length={max_length}; truncate first")
+def _classifier_tokens(examples: Sequence[Example], max_length: int, pad_id: int) -> dict[str, np.ndarray]:
+    """The token arrays of a classifier row holding ``examples`` as segments 1, 2, ..."""
     row = {
         "input_ids": np.full(max_length, pad_id, np.int32),
         "segment_ids": np.zeros(max_length, np.int32),
         "positions": np.zeros(max_length, np.int32),
         "token_type_ids": np.zeros(max_length, np.int32),
-        "labels": example["label"],
     }
-    row["input_ids"][:n] = example["input_ids"]
-    row["segment_ids"][:n] = 1
-    row["positions"][:n] = np.arange(n, dtype=np.int32)
-    row["token_type_ids"][:n] = example["token_type_ids"]
+    start = 0
+    for segment, example in enumerate(examples, start=1):
+        n = len(example["input_ids"])
+        if start + n > max_length:
+            raise ValueError(f"example has {n} tokens, more than the {max_length - start} left of max_length="
+                             f"{max_length}; truncate first")
+        row["input_ids"][start:start + n] = example["input_ids"]
+        row["segment_ids"][start:start + n] = segment
+        row["positions"][start:start + n] = np.arange(n, dtype=np.int32)
+        row["token_type_ids"][start:start + n] = example["token_type_ids"]
+        start += n
     return row
+
+
+def classifier_row(example: Example, max_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """One classification/regression row: tokens padded to ``max_length`` and a scalar label."""
+    return {**_classifier_tokens([example], max_length, pad_id), "labels": example["label"]}
 
 
 def classifier_rows(examples: Sequence[Example], max_length: int, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
     """One classifier row per example."""
     return [classifier_row(e, max_length, pad_id) for e in examples]
+
+
+def packed_classifier_row(examples: Sequence[Example], max_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
+    """One classifier row holding ``examples`` (at most :func:`max_segments`) as segments, with
+    ``labels`` and ``example_weights`` ``(S,)`` (see the module docstring)."""
+    slots = max_segments(max_length)
+    if len(examples) > slots:
+        raise ValueError(f"{len(examples)} examples do not fit the {slots} label slots of a row of {max_length} tokens")
+    labels = np.asarray([e["label"] for e in examples])
+    dtype = np.float32 if np.issubdtype(labels.dtype, np.floating) else np.int32
+    row = {**_classifier_tokens(examples, max_length, pad_id),
+           "labels": np.zeros(slots, dtype), "example_weights": np.zeros(slots, np.float32)}
+    row["labels"][:len(examples)] = labels
+    row["example_weights"][:len(examples)] = 1.0
+    return row
+
+
+def pack_classifiers(examples: Sequence[Example], max_length: int, pad_id: int = 0, *,
+                     in_order: bool = False) -> list[dict[str, np.ndarray]]:
+    """Packing of classifier ``examples``: first fit into as few rows as it finds, or with
+    ``in_order`` next fit, whose segments, read row by row, are the examples in order."""
+    fit = next_fit if in_order else first_fit
+    rows = fit([len(e["input_ids"]) for e in examples], max_length, max_segments(max_length))
+    return [packed_classifier_row([examples[i] for i in row], max_length, pad_id) for row in rows]
 
 
 def padding_rows(like: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:

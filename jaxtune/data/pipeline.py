@@ -55,7 +55,11 @@ class LoaderConfig:
         ``batch_size // shard_count`` rows per batch).
       max_length: row length ``L`` in tokens.
       seed: shuffle seed (the permutation changes each epoch, reproducibly).
-      packing: LM kinds: pack several examples per row; ``False`` pads one example per row.
+      packing: pack several examples per row (first fit, each a segment of its own: attention,
+        positions and pooling stay within it) or, ``False``, pad one example per row. ``None``
+        (default): LM kinds and preference pairs pack, classification and regression pad. A packed
+        classification/regression batch carries ``labels`` and ``example_weights`` ``(B, S)``
+        (:mod:`jaxtune.data.packing`), so a step sees more examples than ``batch_size`` rows.
       pack_window: records packed together (larger packs tighter, buffers more).
       truncation: what an example longer than ``max_length`` becomes: ``right`` (keep its start),
         ``left`` (chat and prompt/completion: keep the last answer whole, cut the oldest turns and
@@ -78,6 +82,8 @@ class LoaderConfig:
         steps; with packing, processes may otherwise run out at different steps). Set by the role.
       drop_remainder: drop the last partial batch; ``False`` fills it with empty rows (all
         ``segment_ids`` 0, weights 0) so shapes stay static. Set by the role.
+      pack_in_order: packed classification/regression rows keep the examples in order (next fit:
+        less full rows) instead of filling rows first fit. Set by the role (evaluation).
       shard_index, shard_count: this process's shard; ``None`` means
         ``grain.sharding.ShardByJaxProcess`` (``jax.process_index()`` / ``process_count()``).
     """
@@ -85,7 +91,7 @@ class LoaderConfig:
     batch_size: int = 8
     max_length: int = 128
     seed: int = 0
-    packing: bool = True
+    packing: bool | None = None
     pack_window: int = 128
     truncation: Literal["right", "left", "drop", "error", "split"] = "right"
     add_eos: bool = True
@@ -98,6 +104,7 @@ class LoaderConfig:
     shuffle: bool = dataclasses.field(default=True, metadata=ROLE)
     num_epochs: int | None = dataclasses.field(default=1, metadata=ROLE)
     drop_remainder: bool = dataclasses.field(default=True, metadata=ROLE)
+    pack_in_order: bool = dataclasses.field(default=False, metadata=ROLE)
     shard_index: int | None = dataclasses.field(default=None, metadata=ROLE)
     shard_count: int | None = dataclasses.field(default=None, metadata=ROLE)
 
@@ -193,10 +200,14 @@ class _FillBatch:
         return {k: np.concatenate([v, fill[k]]) for k, v in batch.items()}
 
 
+TOKEN_KEYS = frozenset(packing.LM_KEYS + packing.CLASSIFIER_KEYS[:-1] + (PAIR_IDS,))  # arrays with a token axis
+
+
 class _TrimBatch:
     """Cuts the token columns (the last axis) of a batch to its longest real row, rounded up to
     ``multiple``. Token arrays are ``(B, L)``, or ``(B, 2, L)`` for preference pairs, where the
-    longest of either side sets the width; per-row arrays (labels, ``(B,)``) are left alone."""
+    longest of either side sets the width; the others (labels ``(B,)`` or, packed, ``(B, S)``) are
+    left alone."""
 
     def __init__(self, multiple: int, max_length: int):
         self.multiple, self.max_length = multiple, max_length
@@ -206,7 +217,7 @@ class _TrimBatch:
         used = np.flatnonzero(segments.reshape(-1, segments.shape[-1]).any(axis=0))
         longest = int(used[-1]) + 1 if len(used) else 1
         width = min(-(-longest // self.multiple) * self.multiple, self.max_length)
-        return {k: v[..., :width] if v.ndim >= 2 else v for k, v in batch.items()}
+        return {k: v[..., :width] if k in TOKEN_KEYS else v for k, v in batch.items()}
 
 
 def _mark_absl_flags_parsed() -> None:
@@ -240,7 +251,8 @@ class Loader:
     two sides, see :func:`jaxtune.data.preference.pair_rows`) plus ``pair_ids`` (each token's
     source index + 1, 0 on padding); classification/regression yield
     ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids`` (int32 [B, L]) and
-    ``labels`` (int32 or float32 [B]). ``B`` is the per-process batch (``batch_size``).
+    ``labels`` (int32 or float32 [B]), or packed (``packing: true``) ``labels`` and
+    ``example_weights`` (float32) [B, S]. ``B`` is the per-process batch (``batch_size``).
     """
 
     def __init__(self, source: Source, tokenizer: Any, config: LoaderConfig):
@@ -261,6 +273,7 @@ class Loader:
                              "each would cut its batches to a different width; pad to max_length instead (None)")
         self.batch_size = config.batch_size // self.shard_count
         self.lm = source.kind in LM_KINDS or self.pairs  # LM rows (packed or padded), single or paired
+        self.packs = self.lm if config.packing is None else config.packing
         self.dataset = self._build()
         self._stats: TokenStats | None = None
 
@@ -268,12 +281,12 @@ class Loader:
         pad_id = self.tokenizer.pad_token_id
         pad_id = 0 if pad_id is None else int(pad_id)
         if self.pairs:
-            return functools.partial(pair_rows, max_length=self.config.max_length, pad_id=pad_id,
-                                     pack=self.config.packing)
+            return functools.partial(pair_rows, max_length=self.config.max_length, pad_id=pad_id, pack=self.packs)
         if not self.lm:
-            fn = packing.classifier_rows
+            fn = (functools.partial(packing.pack_classifiers, in_order=self.config.pack_in_order) if self.packs
+                  else packing.classifier_rows)
         else:
-            fn = packing.pack if self.config.packing else packing.pad
+            fn = packing.pack if self.packs else packing.pad
         return functools.partial(fn, max_length=self.config.max_length, pad_id=pad_id)
 
     def _build(self) -> grain.IterDataset:
@@ -284,7 +297,7 @@ class Loader:
         ds = ds.repeat(cfg.num_epochs)[self.shard_index::self.shard_count].map(self.tokenize)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                   prefetch_buffer_size=cfg.read_buffer_size))
-        window = cfg.pack_window if self.lm and cfg.packing else 1
+        window = cfg.pack_window if self.packs else 1
         give_up = len(self.source) // self.shard_count + window  # a whole pass over this shard
         it = _RowsIterDataset(it, self._to_rows(), window, give_up)
         if cfg.worker_count:
@@ -350,11 +363,11 @@ class Loader:
 
     def rows_per_epoch(self) -> tuple[int, str]:
         """Rows one pass over the source fills, and how that was counted: examples after
-        truncation, or for packed LM data ``ceil(tokens / max_length)`` (the packer fills rows
+        truncation, or for packed data ``ceil(tokens / max_length)`` (the packer fills rows
         nearly full, so this is a close lower bound on the packed rows; a pair counts its
         longer side, the space it takes in a paired row)."""
         stats = self.scan()
-        if self.lm and self.config.packing:
+        if self.packs:
             rows = math.ceil(stats.tokens / self.config.max_length)
             return rows, f"~{rows} packed rows"
         return stats.examples, f"{stats.examples} examples"
@@ -369,8 +382,10 @@ class Loader:
             keys = packing.LM_KEYS + ((PAIR_IDS,) if self.pairs else ())
             return {k: (shape, np.dtype(np.float32 if k == "loss_weights" else np.int32)) for k in keys}
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
-        spec["labels"] = ((self.batch_size,),
-                          np.dtype(np.int32 if self.source.kind == "classification" else np.float32))
+        per_row = (self.batch_size, packing.max_segments(self.config.max_length)) if self.packs else (self.batch_size,)
+        spec["labels"] = (per_row, np.dtype(np.int32 if self.source.kind == "classification" else np.float32))
+        if self.packs:
+            spec["example_weights"] = (per_row, np.dtype(np.float32))
         return spec
 
 
@@ -382,9 +397,11 @@ def training_loader(source: Source, tokenizer: Any, config: LoaderConfig) -> Loa
 
 
 def evaluation_loader(source: Source, tokenizer: Any, config: LoaderConfig, batch_size: int | None = None) -> Loader:
-    """The loader an evaluation reads: one pass in file order, the last batch filled with empty rows."""
+    """The loader an evaluation reads: one pass in file order, the last batch filled with empty
+    rows; packed classification/regression rows hold the examples in file order (next fit), so
+    their outputs, row by row and segment by segment, line up with the file."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
-    return Loader(source, tokenizer, LoaderConfig(**{**fields, "shuffle": False, "num_epochs": 1,
+    return Loader(source, tokenizer, LoaderConfig(**{**fields, "shuffle": False, "num_epochs": 1, "pack_in_order": True,
                                                      "drop_remainder": False,
                                                      "batch_size": batch_size or config.batch_size}))
 

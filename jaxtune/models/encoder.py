@@ -358,17 +358,17 @@ class Encoder(nn.Module):
             self.pooler(x)  # create the pooler's params at init
         return x
 
-    def pooled(self, hidden: Array, deterministic: bool = True) -> Array:
-        """BERT's pooler: ``tanh(dense(hidden[:, 0]))`` ``(B, D)``."""
-        return self.pooler(hidden, deterministic)
+    def pooled(self, first: Array, deterministic: bool = True) -> Array:
+        """BERT's pooler on the first token's states ``first`` ``(..., D)``: ``tanh(dense(first))``."""
+        return self.pooler(first, deterministic)
 
 
 class _Pooler(nn.Module):
     cfg: EncoderConfig
 
     @nn.compact
-    def __call__(self, hidden: Array, deterministic: bool = True) -> Array:
-        return jnp.tanh(self.cfg.linear(hidden.shape[-1], "dense")(hidden[:, 0], deterministic))
+    def __call__(self, first: Array, deterministic: bool = True) -> Array:
+        return jnp.tanh(self.cfg.linear(first.shape[-1], "dense")(first, deterministic))
 
 
 class _ClassifierHead(nn.Module):
@@ -405,7 +405,7 @@ class EncoderClassifier(nn.Module):
         layout = self.cfg.classifier_layout
         body = Encoder(dataclasses.replace(self.cfg, use_pooler=layout.pooling == "pooler"), name=layout.body)
         hidden = body(input_ids, segment_ids, positions, token_type_ids, deterministic)
-        pooled = body.pooled(hidden, deterministic) if layout.pooling == "pooler" else hidden[:, 0]
+        pooled = body.pooled(hidden[:, 0], deterministic) if layout.pooling == "pooler" else hidden[:, 0]
         return _ClassifierHead(self.cfg, name="head")(pooled, deterministic)
 
 

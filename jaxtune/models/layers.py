@@ -482,23 +482,33 @@ def apply_rope(x: Array, positions: Array, freqs: RopeFrequencies | Array) -> Ar
 POOLING = ("mean", "cls", "last")
 
 
-def pool(hidden: Array, segment_ids: Array, how: str) -> Array:
-    """Pool token states ``(B, T, D)`` into ``(B, D)`` over real tokens (``segment_ids != 0``).
+def pool(hidden: Array, segment_ids: Array, how: str, segments: int | None = None) -> Array:
+    """Pool token states ``(B, T, D)`` into ``(B, D)`` over real tokens (``segment_ids != 0``), or
+    with ``segments=S`` each packed row's segments ``1..S`` apart into ``(B, S, D)`` (a segment
+    absent from a row pools to zeros for ``mean``, to an arbitrary token otherwise).
 
-    ``mean``: average of real tokens (sentence-transformers style); ``cls``: the first token;
-    ``last``: the last real token (the pooling of decoder classifiers, padding on either side).
+    ``mean``: average of real tokens (sentence-transformers style); ``cls``: the first token (of
+    each segment); ``last``: the last real token (the pooling of decoder classifiers, padding on
+    either side).
     """
-    real = (segment_ids != 0).astype(jnp.float32)
+    if how not in POOLING:
+        raise ValueError(f"unknown pooling {how!r}; choose one of {', '.join(POOLING)}")
+    if segments is None:
+        member = (segment_ids != 0)[:, None, :]  # one segment: every real token
+    else:
+        member = segment_ids[:, None, :] == jnp.arange(1, segments + 1, dtype=segment_ids.dtype)[None, :, None]
     if how == "mean":
-        summed = jnp.einsum("btd,bt->bd", hidden.astype(jnp.float32), real)
-        return (summed / jnp.maximum(real.sum(-1, keepdims=True), 1.0)).astype(hidden.dtype)
-    if how == "cls":
-        return hidden[:, 0]
-    if how == "last":
-        t = hidden.shape[1]
-        last = jnp.max(jnp.where(real > 0, jnp.arange(t)[None, :], -1), axis=-1)
-        return jnp.take_along_axis(hidden, jnp.maximum(last, 0)[:, None, None], axis=1)[:, 0]
-    raise ValueError(f"unknown pooling {how!r}; choose one of {', '.join(POOLING)}")
+        real = member.astype(jnp.float32)
+        summed = jnp.einsum("bst,btd->bsd", real, hidden.astype(jnp.float32))
+        pooled = (summed / jnp.maximum(real.sum(-1)[..., None], 1.0)).astype(hidden.dtype)
+    else:
+        t = jnp.arange(hidden.shape[1])
+        if how == "cls":  # an unpacked row's first token, also under left padding (as transformers)
+            index = jnp.zeros(member.shape[:2], jnp.int32) if segments is None else jnp.argmax(member, axis=-1)
+        else:
+            index = jnp.maximum(jnp.max(jnp.where(member, t, -1), axis=-1), 0)
+        pooled = jnp.take_along_axis(hidden, index[..., None], axis=1)
+    return pooled[:, 0] if segments is None else pooled
 
 
 @dataclasses.dataclass(frozen=True)

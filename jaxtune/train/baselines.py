@@ -47,13 +47,15 @@ TFIDF = {"ngram_range": (1, 2), "sublinear_tf": True}
 
 def make_features_step(module: Any, mesh: Any) -> Callable[[Any, Any, dict[str, Any]], jax.Array]:
     """A jitted ``(trainable, frozen, batch) -> (B, D)`` float32 step: the body's last hidden
-    states mean-pooled over real tokens (``segment_ids != 0``), replicated on ``mesh``."""
+    states mean-pooled over real tokens (``segment_ids != 0``), or for packed rows (``labels``
+    ``(B, S)``) over each segment, ``(B, S, D)``; replicated on ``mesh``."""
 
     def step(trainable: Any, frozen: Any, batch: dict[str, Any]) -> jax.Array:
         hidden = module.apply({"params": combine(trainable, frozen)}, input_ids=batch["input_ids"],
                               segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                               token_type_ids=batch.get("token_type_ids"), method="hidden")
-        return pool(hidden, batch["segment_ids"], "mean").astype(jnp.float32)
+        segments = batch["labels"].shape[1] if batch["labels"].ndim == 2 else None
+        return pool(hidden, batch["segment_ids"], "mean", segments).astype(jnp.float32)
 
     return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
@@ -62,11 +64,12 @@ def pooled_features(features_step: Callable[[Any, Any, dict[str, Any]], jax.Arra
                     batches: Iterable[dict[str, Any]], *,
                     to_device: Callable[[dict[str, Any]], dict[str, Any]] = lambda b: b,
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Features ``(N, D)`` float32 and labels ``(N,)`` of every real row of ``batches`` (fill rows
-    of a last partial batch are left out)."""
+    """Features ``(N, D)`` float32 and labels ``(N,)`` of every real example of ``batches`` (fill
+    rows of a last partial batch and a packed row's empty label slots are left out)."""
     features, labels = [], []
     for batch in batches:
-        keep = np.asarray(batch["segment_ids"]).any(axis=-1)
+        keep = (np.asarray(batch["example_weights"]) > 0 if "example_weights" in batch
+                else np.asarray(batch["segment_ids"]).any(axis=-1))
         out = np.asarray(jax.device_get(features_step(trainable, frozen, to_device(batch))))
         features.append(out[keep])
         labels.append(np.asarray(batch["labels"])[keep])
@@ -128,7 +131,8 @@ def applies(model: Tuned, train: Any, validation: Any) -> bool:
 
 
 def training_pass(train: Loader, validation: Loader) -> Loader:
-    """The training split once, in order, in evaluation-sized batches: what the probe's features come from."""
+    """The training split once, in order, in evaluation-sized batches (packed as training packs it,
+    a row giving each of its examples' features): what the probe's features come from."""
     return evaluation_loader(train.source, train.tokenizer, train.config, validation.config.batch_size)
 
 

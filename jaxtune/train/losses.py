@@ -90,17 +90,19 @@ def projected_columns(hidden: Array, project: Callable[[Array], Array], columns:
 
 
 def classification_loss(logits: Array, labels: Array, weights: Array | None = None) -> tuple[Array, Array]:
-    """Cross-entropy of ``logits`` ``(B, C)`` against int ``labels`` ``(B,)``; returns (sum, count)."""
+    """Cross-entropy of ``logits`` ``(..., C)`` against int ``labels`` ``(...)`` (``(B,)``, or
+    ``(B, S)`` for packed rows), weighted by ``weights`` shaped like ``labels``; returns (sum, weight)."""
     w = jnp.ones(labels.shape, jnp.float32) if weights is None else weights.astype(jnp.float32)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    nll = -jnp.take_along_axis(logp, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return jnp.sum(nll * w), w.sum()
 
 
 def regression_loss(
     predictions: Array, targets: Array, weights: Array | None = None, *, kind: str = "mse", delta: float = 1.0
 ) -> tuple[Array, Array]:
-    """Squared (``mse``) or Huber error of ``predictions`` ``(B,)`` or ``(B, 1)`` against float ``targets`` ``(B,)``."""
+    """Squared (``mse``) or Huber error of ``predictions`` ``(B,)`` or ``(B, 1)`` against float ``targets`` ``(B,)``
+    (packed rows: ``(B, S)`` or ``(B, S, 1)`` against ``(B, S)``), weighted by ``weights`` shaped like ``targets``."""
     pred = predictions.reshape(targets.shape).astype(jnp.float32)
     err = pred - targets.astype(jnp.float32)
     if kind == "mse":

@@ -41,11 +41,13 @@ class RunMismatchError(ValueError):
 # What a run directory is bound to: resuming with any of these changed is refused (see
 # :func:`fixed_fields`). Everything else (steps, epochs, evaluation, logging, checkpoint
 # frequency, the mesh, validation data, the optimizer's hyperparameters) may change on resume.
+# ``data.packing`` is checked as resolved (the trainer's identity: packed or not), so the default
+# (None: by kind) and an explicit equal value match.
 FIXED_ON_RESUME: dict[str, tuple[str, ...] | None] = {
     "model": ("path", "dtype", "tokenizer"),
     "plan": None,
     "data": ("dataset", "train", "kind", "train_size", "validation_fraction", "max_length", "batch_size", "seed",
-             "packing", "pack_window", "truncation", "add_eos", "pad_to_multiple_of", "text_unit", "skip_bad_rows",
+             "pack_window", "truncation", "add_eos", "pad_to_multiple_of", "text_unit", "skip_bad_rows",
              "worker_count", "text_field", "pair_field", "label_field", "messages_field", "prompt_field",
              "completion_field"),
     "optimizer": ("name",),

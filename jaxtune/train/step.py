@@ -44,7 +44,8 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
 
     Batches follow the data contract (``jaxtune.data``): LM batches carry ``input_ids``,
     ``targets``, ``loss_weights``, ``segment_ids``, ``positions``; classification/regression
-    batches carry ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids``, ``labels``; image
+    batches carry ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids``, ``labels`` (``(B,)``, or
+    packed ``(B, S)`` with ``example_weights`` ``(B, S)``: outputs and losses per segment); image
     batches carry ``pixel_values`` ``(B, C, H, W)`` in place of the token fields, ``example_weights``
     (0 on fill rows) and ``labels``.
     The third output is per-example predictions for metrics (class logits, regression values)
@@ -75,10 +76,12 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
                 return total, weight, answer_choices(logits, batch, choice_ids)
             return total, weight, batch["loss_weights"].sum(-1)
         images = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}  # image models only
+        # Packed rows: S label slots per row, one output per segment (a TunedModel's ``segments``).
+        packed = {"segments": batch["labels"].shape[1]} if batch["labels"].ndim == 2 else {}
         outputs, state = module.apply(variables, input_ids=batch.get("input_ids"),
                                       segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                                       token_type_ids=batch.get("token_type_ids"), deterministic=deterministic,
-                                      rngs=rngs, mutable=[AUX, STATE_UPDATES], **images)
+                                      rngs=rngs, mutable=[AUX, STATE_UPDATES], **packed, **images)
         weights = example_weights(batch)
         if task == "classification":
             total, weight = classification_loss(outputs, batch["labels"], weights)
@@ -116,7 +119,8 @@ def answer_choices(choice_logits: Array, batch: Batch, choice_ids: Sequence[int]
 
 
 def example_weights(batch: Batch) -> Array:
-    """1.0 for real rows, 0.0 for the empty rows that fill a last partial batch (no real tokens)."""
+    """1.0 for real rows, 0.0 for the empty rows that fill a last partial batch (no real tokens);
+    a batch's own ``example_weights`` where it has them (images; packed rows: ``(B, S)``, 0 on empty slots)."""
     if "example_weights" in batch:
         return batch["example_weights"].astype(jnp.float32)
     return (batch["segment_ids"] != 0).any(axis=-1).astype(jnp.float32)

@@ -249,6 +249,9 @@ class Trainer:
                 raise ValueError(f"data.max_length: {data.config.max_length} is more than the model's {positions} "
                                  "position embeddings (max_position_embeddings in its config.json); set "
                                  f"data.max_length to {positions} or less")
+        if self.tuned.prompt_tokens and isinstance(self.train_data, Loader) and self.train_data.packs:
+            raise ValueError("data.packing: prompt tuning prepends its virtual tokens to a row's first example only; "
+                             "set data.packing: false (one example per row) with a prompt rule in the plan")
         self._check_token_ids()
         labels = getattr(self.train_data, "source", None) and self.train_data.source.label_names
         if task == "classification" and labels and len(labels) > self.tuned.num_outputs:
@@ -487,7 +490,7 @@ class Trainer:
         if isinstance(self.train_data, Loader):
             cfg = self.train_data.config
             identity.update({"data.kind": self.train_data.source.kind, "data.max_length": cfg.max_length,
-                             "data.batch_size": cfg.batch_size, "data.packing": cfg.packing})
+                             "data.batch_size": cfg.batch_size, "data.packing": self.train_data.packs})
         return identity
 
     def check_resume(self) -> None:

@@ -113,7 +113,8 @@ def hf_head_modules(spec: HeadSpec, body_cfg: Any) -> dict[str, str] | None:
 
 class Head(nn.Module):
     """The head's layers. :meth:`transform` runs the extra blocks on ``(B, T, D)`` token states;
-    ``__call__`` maps pooled features ``(B, D)`` to ``(B, num_outputs)``."""
+    ``__call__`` maps pooled features ``(..., D)`` (``(B, D)``, or ``(B, S, D)`` for packed rows) to
+    ``(..., num_outputs)``."""
 
     spec: HeadSpec
     body_cfg: Any  # DecoderConfig | EncoderConfig

@@ -13,7 +13,8 @@ Call convention of :class:`TunedModel` (keyword arguments; ``segment_ids`` nonze
   -> ``(B, T, D)`` aligned to the input tokens (virtual prompt tokens removed), then
   ``apply(v, hidden, method="logits")`` -> ``(B, T, V)``; ``apply(v, input_ids=...)`` does both.
 - tasks ``classification``/``regression``: ``apply(v, input_ids=, segment_ids=, positions=,
-  token_type_ids=, deterministic=)`` -> ``(B, num_outputs)`` (decoders ignore token types).
+  token_type_ids=, deterministic=)`` -> ``(B, num_outputs)`` (decoders ignore token types); packed
+  rows (``segments=S``) -> ``(B, S, num_outputs)``, one output per segment.
   An image body (``cfg.modality == "image"``: ViT) takes ``pixel_values=`` float ``(B, C, H, W)``
   instead of the token fields, and its token states are the patch states.
 
@@ -105,18 +106,21 @@ class TunedModel(nn.Module):
         token_type_ids: Array | None = None,
         deterministic: bool = True,
         pixel_values: Array | None = None,
+        segments: int | None = None,
     ) -> Array:
-        """LM logits ``(B, T, V)``, or head outputs ``(B, num_outputs)`` in the compute dtype."""
+        """LM logits ``(B, T, V)``, or head outputs ``(B, num_outputs)`` in the compute dtype; for
+        packed rows (``segments=S``: segment ids ``1..S``, positions restarting in each) one output
+        per segment, ``(B, S, num_outputs)``."""
         hidden = self.hidden(input_ids, segment_ids, positions, token_type_ids, deterministic, pixel_values)
         if self.task == "lm":
             return self.logits(hidden)
         spec = self.head_spec
         hidden = self.head.transform(hidden, positions, segment_ids, deterministic)
+        real = segment_ids if segment_ids is not None else jnp.ones(hidden.shape[:2], jnp.int32)
         if spec.pooling == "pooler":
-            features = self.body.pooled(hidden, deterministic)
+            features = self.body.pooled(pool(hidden, real, "cls", segments), deterministic)
         else:
-            real = segment_ids if segment_ids is not None else jnp.ones(hidden.shape[:2], jnp.int32)
-            features = pool(hidden, real, spec.pooling)
+            features = pool(hidden, real, spec.pooling, segments)
         return self.head(features, deterministic)
 
 
