@@ -225,8 +225,9 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
                       **({"group_lr": {"head": task.head_lr}} if task.head_lr != 1.0 else {})},
         "train": {**({"epochs": task.epochs} if task.packing else {"steps": steps_of(task)}), "progress": False,
                   "log_every": 10, "regression_loss": task.regression_loss, "seed": task.seeds[0]},
-        # The PyTorch side scores its base model in every run: no base report from an earlier run here.
-        "eval": {"cache_base": False, **({"choices": list(task.choices)} if task.choices else {})},
+        # The PyTorch side scores its base model in every run (no base report from an earlier run here) and fits
+        # no baselines (jaxtune's linear probe and TF-IDF would add their time to its whole run only).
+        "eval": {"cache_base": False, "baselines": False, **({"choices": list(task.choices)} if task.choices else {})},
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
     }
