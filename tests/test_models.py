@@ -135,7 +135,7 @@ def test_encoder_pooler_matches(bert_pair):
 
     ids = _ids((2, 7), vocab=96)
     hidden = model.module.apply({"params": model.params}, ids)
-    pooled = model.module.apply({"params": model.params}, hidden, method="pooled")
+    pooled = model.module.apply({"params": model.params}, hidden[:, 0], method="pooled")  # the [CLS] states
     with torch.no_grad():
         theirs = ref(torch.as_tensor(ids)).pooler_output.numpy()
     np.testing.assert_allclose(np.asarray(pooled), theirs, atol=TOL, rtol=0)

@@ -392,7 +392,7 @@ class ImageLoader(Loader):
         self.source, self.config, self.spec, self.tokenizer = source, config, spec, None
         self.shard_index, self.shard_count = _shard(config)
         self.batch_size = config.batch_size // self.shard_count
-        self.lm = self.pairs = False
+        self.lm = self.pairs = self.packs = False  # one image per row
         self.to_pixels = ToPixels(spec, augment if config.shuffle else ())
         self.dataset = self._build()
 

@@ -41,7 +41,7 @@ class RunMismatchError(ValueError):
 # What a run directory is bound to: resuming with any of these changed is refused (see
 # :func:`fixed_fields`). Everything else (steps, epochs, evaluation, logging, checkpoint
 # frequency, the mesh, validation data, the optimizer's hyperparameters) may change on resume.
-# ``data.packing`` is checked as resolved (the trainer's identity: packed or not), so the default
+# ``data.packing`` is checked as resolved (the trainer's identity, ``data.packed``), so the default
 # (None: by kind) and an explicit equal value match.
 FIXED_ON_RESUME: dict[str, tuple[str, ...] | None] = {
     "model": ("path", "dtype", "tokenizer"),

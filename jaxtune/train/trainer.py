@@ -490,7 +490,10 @@ class Trainer:
         if isinstance(self.train_data, Loader):
             cfg = self.train_data.config
             identity.update({"data.kind": self.train_data.source.kind, "data.max_length": cfg.max_length,
-                             "data.batch_size": cfg.batch_size, "data.packing": self.train_data.packs})
+                             "data.batch_size": cfg.batch_size,
+                             # resolved (data.packing null packs by kind); a new key, which run directories
+                             # written before it was resolved (their "data.packing") are not compared on
+                             "data.packed": self.train_data.packs})
         return identity
 
     def check_resume(self) -> None:
