@@ -30,7 +30,6 @@ from jaxtune.data.tokenize import Example
 
 LM_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
 CLASSIFIER_KEYS = ("input_ids", "segment_ids", "positions", "token_type_ids", "labels")
-PACKED_CLASSIFIER_KEYS = CLASSIFIER_KEYS + ("example_weights",)
 # A packed classifier row holds at most one example per this many tokens: bounds S, the label
 # slots per row, and only binds when examples average fewer tokens (rows are then less full).
 MIN_SEGMENT_TOKENS = 8

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtune.data.pipeline import Loader, evaluation_loader
 from jaxtune.models.layers import pool
 from jaxtune.train.evaluate import classification_metrics, regression_metrics
+from jaxtune.train.step import packed_segments
 from jaxtune.tuning.partition import combine
 from jaxtune.tuning.tuned import Tuned, is_image
 
@@ -54,8 +55,7 @@ def make_features_step(module: Any, mesh: Any) -> Callable[[Any, Any, dict[str, 
         hidden = module.apply({"params": combine(trainable, frozen)}, input_ids=batch["input_ids"],
                               segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                               token_type_ids=batch.get("token_type_ids"), method="hidden")
-        segments = batch["labels"].shape[1] if batch["labels"].ndim == 2 else None
-        return pool(hidden, batch["segment_ids"], "mean", segments).astype(jnp.float32)
+        return pool(hidden, batch["segment_ids"], "mean", packed_segments(batch)).astype(jnp.float32)
 
     return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()))
 

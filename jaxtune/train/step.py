@@ -76,8 +76,9 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
                 return total, weight, answer_choices(logits, batch, choice_ids)
             return total, weight, batch["loss_weights"].sum(-1)
         images = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}  # image models only
-        # Packed rows: S label slots per row, one output per segment (a TunedModel's ``segments``).
-        packed = {"segments": batch["labels"].shape[1]} if batch["labels"].ndim == 2 else {}
+        # Packed rows: one output per segment (a TunedModel's ``segments``).
+        segments = packed_segments(batch)
+        packed = {"segments": segments} if segments else {}
         outputs, state = module.apply(variables, input_ids=batch.get("input_ids"),
                                       segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
                                       token_type_ids=batch.get("token_type_ids"), deterministic=deterministic,
@@ -116,6 +117,12 @@ def answer_choices(choice_logits: Array, batch: Batch, choice_ids: Sequence[int]
     matches = batch["targets"][..., None] == jnp.asarray(choice_ids, batch["targets"].dtype)
     choice = jnp.where(matches.any(-1), jnp.argmax(matches, axis=-1), -1).astype(jnp.int32)
     return {"logits": choice_logits, "start": start, "choice": choice}
+
+
+def packed_segments(batch: Batch) -> int | None:
+    """``S``, the label slots per row of a packed classification/regression batch (``labels``
+    ``(B, S)``), or None for one example per row."""
+    return batch["labels"].shape[1] if batch["labels"].ndim == 2 else None
 
 
 def example_weights(batch: Batch) -> Array:
