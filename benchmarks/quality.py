@@ -4,7 +4,7 @@ install from PyPI (jaxtune.assets).
     python benchmarks/quality.py                       # all four tasks, ~1 hour on 2 CPU cores
     python benchmarks/quality.py --tasks minilm-full   # one task
     python benchmarks/quality.py --smoke               # seconds per side: checks that it works
-    python benchmarks/quality.py --packing             # jaxtune packs the MiniLM tasks' reviews, several per row
+    python benchmarks/quality.py --packing             # jaxtune packs the examples, several per row
     python benchmarks/quality.py --tasks smollm2-dpo-lora   # preference tuning vs TRL's DPOTrainer
     python benchmarks/quality.py --tasks smollm2-dpo-lora --seeds 1 --sides jaxtune --out a.json
     python benchmarks/quality.py --merge a.json b.json ... --out all.json   # one table of such runs
@@ -96,23 +96,27 @@ class Task:
     regression_loss: str = "mse"
     choices: tuple[str, ...] = ()
     pad_to_multiple_of: int | None = 16  # jaxtune's dynamic padding (PyTorch pads each batch to its longest row)
-    # jaxtune packs several examples per row (classification/regression; ``--packing``) and trains the same
-    # epochs in the fewer, fuller rows that gives: each side sees every training example once per epoch.
+    # ``--packing``: jaxtune packs several examples per row, each its own segment, and trains the same epochs.
+    # ``packed_rows`` rows a step then hold about ``batch_size`` examples, so that both sides take about the
+    # same number of optimizer steps of the same number of examples (the optimisation is the same, only
+    # the padding is gone); None keeps ``batch_size`` rows (fewer, larger steps).
     packing: bool = False
+    packed_rows: int | None = None
     beta: float = 0.1  # preference tasks: DPO's beta
     seeds: tuple[int, ...] = (0,)  # preference tasks: one run per seed and side (the run-to-run spread)
 
 
 TASKS: dict[str, Task] = {
+    # 64-token rows hold 2.4 reviews on average (2.6 VADER texts; first fit), 160-token rows 2 chats.
     "minilm-lora-head": Task("all-MiniLM-L6-v2", "rotten_tomatoes", "classification", "lora-head", 4000, 2000, 64, 32,
-                             1e-3, head_lr=5.0),
+                             1e-3, head_lr=5.0, packed_rows=13),
     "minilm-full": Task("all-MiniLM-L6-v2", "rotten_tomatoes", "classification", "full-pooler", 4000, 2000, 64, 32,
-                        5e-5, head_lr=20.0),
+                        5e-5, head_lr=20.0, packed_rows=13),
     "smollm2-chat-lora": Task("SmolLM2-135M-Instruct", "rotten_tomatoes_chat", "chat", "lora", 800, 400, 160, 8, 2e-4,
                               weight_decay=0.0, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                              choices=("positive", "negative"), pad_to_multiple_of=32),
+                              choices=("positive", "negative"), pad_to_multiple_of=32, packed_rows=4),
     "vader-lora-head": Task("all-MiniLM-L6-v2", "vader", "regression", "lora-head", 4000, 1000, 64, 32, 1e-3,
-                            head_lr=3.0, hidden=(128,), regression_loss="huber"),
+                            head_lr=3.0, hidden=(128,), regression_loss="huber", packed_rows=12),
     "smollm2-dpo-lora": Task("SmolLM2-135M-Instruct", "rotten_tomatoes_preference", "preference", "lora", 800, 400,
                              160, 8, 1e-4, weight_decay=0.0, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"),
                              pad_to_multiple_of=32, beta=0.1, seeds=(0, 1, 2)),
@@ -218,7 +222,9 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
         "model": {"path": files["model"]},
         "plan": plan,
         "data": {"train": files["train"], "validation": files["test"], "kind": task.kind,
-                 "max_length": task.max_length, "batch_size": task.batch_size, "packing": task.packing,
+                 "max_length": task.max_length, "packing": task.packing,
+                 "batch_size": task.packed_rows if task.packing and task.packed_rows else task.batch_size,
+                 "eval_batch_size": task.batch_size,
                  "pad_to_multiple_of": task.pad_to_multiple_of},
         "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
                       "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
@@ -843,8 +849,10 @@ def main() -> None:
     ap.add_argument("--static-padding", action="store_true",
                     help="jaxtune pads every row to max_length (one compilation) instead of per batch")
     ap.add_argument("--packing", action="store_true",
-                    help="jaxtune packs the classification/regression examples several per row (one epoch in "
-                    "fewer, fuller rows; PyTorch pads each batch to its longest row)")
+                    help="jaxtune packs the examples several per row, each task's packed_rows rows a step (about "
+                    "its batch_size examples; PyTorch pads each batch to its longest row)")
+    ap.add_argument("--packed-rows", type=int, default=None,
+                    help="with --packing: rows per step for every task (default: each task's packed_rows)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json); seeded tasks "
                     "also append each finished run to its .runs.jsonl sibling as it ends")
     ap.add_argument("--work", default=None, help="folder for rows and runs (default: a temporary one)")
@@ -878,8 +886,8 @@ def main() -> None:
     if args.static_padding:
         tasks = {n: dataclasses.replace(t, pad_to_multiple_of=None) for n, t in tasks.items()}
     if args.packing:
-        tasks = {n: dataclasses.replace(t, packing=True) if t.kind in ("classification", "regression") else t
-                 for n, t in tasks.items()}
+        tasks = {n: dataclasses.replace(t, packing=True, packed_rows=args.packed_rows or t.packed_rows)
+                 if t.kind in ("classification", "regression", "chat") else t for n, t in tasks.items()}
     if args.worker:
         from absl import flags
 
