@@ -13,7 +13,7 @@ import torch
 import transformers
 from helpers import torch_logits
 
-from jaxtune.models import hf
+from jaxtune.models import attention, hf
 
 RATE = 0.3
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -57,14 +57,14 @@ def test_attention_dropout_is_transformers_in_training(family, tmp_path, monkeyp
                                          rngs={"dropout": jax.random.key(3)}))
 
     drawn = []  # jaxtune's keep bits (B, N, T, S), in layer order
-    bernoulli = jax.random.bernoulli
+    keep_mask = attention.keep_mask
 
     def recording(*args, **kwargs):  # the decoders scan their layers: the bits come out by callback
-        bits = bernoulli(*args, **kwargs)
+        bits = keep_mask(*args, **kwargs)
         jax.debug.callback(lambda b: drawn.append(np.asarray(b)), bits, ordered=True)
         return bits
 
-    monkeypatch.setattr(jax.random, "bernoulli", recording)
+    monkeypatch.setattr(attention, "keep_mask", recording)
     trained = ours(model, False)
     assert len(drawn) == 2 and drawn[0].shape == (2, 4, 9, 9) and 0.5 < drawn[0].mean() < 0.9
     fed = iter(drawn)

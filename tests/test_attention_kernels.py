@@ -25,6 +25,7 @@ from jaxtune.models.attention import (
     splash_attention,
 )
 from jaxtune.models.decoder import Decoder, DecoderConfig
+from jaxtune.models.dropout import keep_mask
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 H100, A100 = (9, 0), (8, 0)
@@ -87,7 +88,7 @@ def test_probability_dropout_with_grouped_query_heads_equals_the_closed_form():
     mask = attention_mask(ids, causal=False)
     key, rate = jax.random.key(7), 0.25
     out = np.asarray(grouped_attention(q, k, v, mask, dropout_rate=rate, dropout_rng=key))
-    keep = np.asarray(jax.random.bernoulli(key, 1 - rate, (2, 4, 6, 6)))
+    keep = np.asarray(keep_mask(key, rate, (2, 4, 6, 6)))
     qn, kn, vn = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, heads, T, H)
     kn, vn = np.repeat(kn, 2, axis=1), np.repeat(vn, 2, axis=1)
     scores = np.where(np.asarray(mask), qn @ kn.transpose(0, 1, 3, 2) / np.sqrt(8), -np.inf)
@@ -231,6 +232,7 @@ def test_splash_runs_per_shard_under_a_mesh():
         assert "shard_map" in str(jax.make_jaxpr(loss)(q, k, v))
         value, grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
     expected, expected_grads = jax.jit(jax.value_and_grad(reference, (0, 1, 2)))(q, k, v)
-    np.testing.assert_allclose(value, expected, rtol=1e-5)
+    # A float32 sum of ~4k terms of order 1, added in another order per shard: 6e-5 apart on some CPUs.
+    np.testing.assert_allclose(value, expected, rtol=1e-5, atol=2e-4)
     for ours, theirs in zip(grads, expected_grads, strict=True):
         np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-4)

@@ -21,7 +21,7 @@ soft-capping on a GPU, a sequence length splash cannot tile, a dense mask given 
 the XLA path with a dense mask runs instead and a one-line notice says why, once per reason.
 Dropout on the attention probabilities (BERT's ``attention_probs_dropout_prob`` in training)
 always runs :func:`grouped_attention`, the one path that materialises the probabilities; its
-bits come from the caller's key (threefry, as the rest of a model's dropout).
+bits come from the caller's key (:func:`jaxtune.models.dropout.keep_mask`, as the rest of a model's dropout).
 """
 
 from __future__ import annotations
@@ -33,6 +33,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxtune.models.dropout import keep_mask
 
 Array = jax.Array
 # A sliding window: ``w`` is the query itself and the ``w - 1`` keys before it (Mistral, Gemma 2);
@@ -271,7 +273,7 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min).reshape(b * kv, g * t, s)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, (b, n, t, s))
+        keep = keep_mask(dropout_rng, dropout_rate, (b, n, t, s))
         keep = keep.reshape(b * kv, g * t, s)  # (B, K*G, T, S) in memory order is (B*K, G*T, S)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
     out = jnp.einsum("xqs,xsh->xqh", probs.astype(v.dtype), vf)

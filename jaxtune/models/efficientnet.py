@@ -47,6 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtune.models.dropout import Dropout, keep_mask
 from jaxtune.models.layers import STATE_UPDATES, Array, ClassifierLayout, Linear, PartitionRules, partition_rules
 
 ARCHITECTURES = ("EfficientNetLiteForImageClassification", "EfficientNetLiteModel")
@@ -258,7 +259,7 @@ class MBConvBlock(nn.Module):
         x = BatchNorm(cfg, name="bn2")(Conv(self.cout, 1, cfg=cfg, name="project_conv")(x), deterministic)
         if self.stride == 1 and self.cin == self.cout:
             if self.drop_rate and not deterministic:  # stochastic depth: drop the residual branch per example
-                keep = jax.random.bernoulli(self.make_rng("dropout"), 1 - self.drop_rate, (x.shape[0], 1, 1, 1))
+                keep = keep_mask(self.make_rng("dropout"), self.drop_rate, (x.shape[0], 1, 1, 1))
                 x = jnp.where(keep, x / (1 - self.drop_rate), 0).astype(x.dtype)
             x = x + inputs
         return x
@@ -286,7 +287,7 @@ class EfficientNetLite(nn.Module):
         tokens = x.reshape(x.shape[0], -1, x.shape[-1])
         if not cfg.include_top:
             return tokens
-        pooled = nn.Dropout(cfg.hidden_dropout)(tokens.mean(axis=1), deterministic=deterministic)
+        pooled = Dropout(cfg.hidden_dropout)(tokens.mean(axis=1), deterministic=deterministic)
         return Linear(cfg.num_labels, use_bias=True, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
                       name="fc")(pooled, deterministic)
 

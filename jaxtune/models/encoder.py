@@ -38,6 +38,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxtune.models.dropout import Dropout
 from jaxtune.models.layers import (
     Array,
     ClassifierLayout,
@@ -202,7 +203,7 @@ class Embeddings(nn.Module):
             x = x + Embed(cfg.type_vocab_size, cfg.hidden_size, dt, cfg.param_dtype,
                           name="token_type_embeddings")(token_type_ids)
         x = cfg.layer_norm("LayerNorm")(x)
-        return nn.Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout)(x, deterministic=deterministic)
 
 
 def multi_head_attention(cfg: EncoderConfig, x: Array, segment_ids: Array | None, query: Linear, key: Linear,
@@ -237,7 +238,7 @@ class Output(nn.Module):
     @nn.compact
     def __call__(self, x: Array, residual: Array, deterministic: bool) -> Array:
         x = self.cfg.linear(residual.shape[-1], "dense")(x, deterministic)
-        x = nn.Dropout(self.cfg.hidden_dropout)(x, deterministic=deterministic)
+        x = Dropout(self.cfg.hidden_dropout)(x, deterministic=deterministic)
         return self.cfg.layer_norm("LayerNorm")(x + residual)
 
 
@@ -295,7 +296,7 @@ class DistilBertFFN(nn.Module):
         cfg = self.cfg
         h = ACTIVATIONS[cfg.hidden_act](cfg.linear(cfg.intermediate_size, "lin1")(x, deterministic))
         h = cfg.linear(x.shape[-1], "lin2")(h, deterministic)
-        return nn.Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
+        return Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
 
 
 class DistilBertBlock(nn.Module):
@@ -379,7 +380,7 @@ class _ClassifierHead(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg, layout = self.cfg, self.cfg.classifier_layout
-        drop = nn.Dropout(cfg.classifier_dropout)
+        drop = Dropout(cfg.classifier_dropout)
         for i in range(len(layout.dense)):
             if i or layout.input_dropout:
                 x = drop(x, deterministic=deterministic)

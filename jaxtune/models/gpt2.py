@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 
 from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, LayerCache, attend
+from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.layers import (
     Array,
@@ -124,7 +125,7 @@ class GPT2Attention(nn.Module):
         out, kv = attend(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], segment_ids, None, cache, scale=scale,
                          dropout_rate=cfg.attention_dropout, dropout_rng=key)
         out = cfg.linear(d, "c_proj")(out.reshape(b, t, d), deterministic)
-        out = nn.Dropout(cfg.dropout)(out, deterministic=deterministic)
+        out = Dropout(cfg.dropout)(out, deterministic=deterministic)
         return out if cache is None else (out, kv)
 
 
@@ -138,7 +139,7 @@ class GPT2MLP(nn.Module):
         cfg = self.cfg
         h = ACTIVATIONS[cfg.activation](cfg.linear(cfg.intermediate_size, "c_fc")(x, deterministic))
         h = cfg.linear(x.shape[-1], "c_proj")(h, deterministic)
-        return nn.Dropout(cfg.dropout)(h, deterministic=deterministic)
+        return Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 
 class GPT2Block(nn.Module):
@@ -170,7 +171,7 @@ class GPT2(Decoder):
         self.wpe = Embed(cfg.max_position_embeddings, cfg.hidden_size, dt, cfg.param_dtype)
         self.layers = self._layer_modules()  # scanned runs, as every decoder's
         self.norm = cfg.layer_norm()
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         if not cfg.tie_word_embeddings:
             self.lm_head = cfg.linear(cfg.vocab_size, bias=False)
 

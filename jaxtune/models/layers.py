@@ -33,6 +33,7 @@ from jaxtune.models.attention import attention_mask as attention_mask  # re-expo
 from jaxtune.models.attention import dot_product_attention as dot_product_attention
 from jaxtune.models.attention import grouped_attention as grouped_attention
 from jaxtune.models.attention import softcap as softcap
+from jaxtune.models.dropout import Dropout
 
 Array = jax.Array
 Dtype = Any
@@ -87,7 +88,7 @@ class Linear(nn.Module):
         scale = self.get_variable("params", LORA_SCALE).astype(self.dtype)
         dropped = self.adapter_dropout > 0.0 and not deterministic
         if dropped:
-            x = nn.Dropout(self.adapter_dropout, deterministic=False)(x)
+            x = Dropout(self.adapter_dropout, deterministic=False)(x)
         low_rank = ((x @ a) @ b) * scale
         if not self.has_variable("params", MAGNITUDE):
             return low_rank

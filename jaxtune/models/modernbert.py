@@ -35,6 +35,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.layers import (
     SUPPORTED_ROPE_TYPES,
@@ -208,7 +209,7 @@ class Embeddings(nn.Module):
     def __call__(self, input_ids: Array, deterministic: bool) -> Array:
         cfg = self.cfg
         x = Embed(cfg.vocab_size, cfg.hidden_size, cfg.compute_dtype, cfg.param_dtype, name="tok_embeddings")(input_ids)
-        return nn.Dropout(cfg.embedding_dropout)(cfg.layer_norm("norm")(x), deterministic=deterministic)
+        return Dropout(cfg.embedding_dropout)(cfg.layer_norm("norm")(x), deterministic=deterministic)
 
 
 class Attention(nn.Module):
@@ -233,7 +234,7 @@ class Attention(nn.Module):
                                     dropout_rng=attention_dropout_key(self, cfg.attention_dropout, deterministic)
                                     ).reshape(b, t, d)
         out = cfg.linear(d, "Wo", cfg.attention_bias)(out, deterministic)
-        return nn.Dropout(cfg.attention_dropout)(out, deterministic=deterministic)
+        return Dropout(cfg.attention_dropout)(out, deterministic=deterministic)
 
 
 class MLP(nn.Module):
@@ -245,7 +246,7 @@ class MLP(nn.Module):
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.cfg
         h, gate = jnp.split(cfg.linear(2 * cfg.intermediate_size, "Wi", cfg.mlp_bias)(x, deterministic), 2, axis=-1)
-        h = nn.Dropout(cfg.mlp_dropout)(ACTIVATIONS[cfg.hidden_act](h) * gate, deterministic=deterministic)
+        h = Dropout(cfg.mlp_dropout)(ACTIVATIONS[cfg.hidden_act](h) * gate, deterministic=deterministic)
         return cfg.linear(x.shape[-1], "Wo", cfg.mlp_bias)(h, deterministic)
 
 
@@ -310,7 +311,7 @@ class _ClassifierHead(nn.Module):
         cfg = self.cfg
         x = ACTIVATIONS[cfg.classifier_activation](cfg.linear(cfg.hidden_size, "dense_0", cfg.classifier_bias)(
             x, deterministic))
-        x = nn.Dropout(cfg.classifier_dropout)(cfg.layer_norm("norm")(x), deterministic=deterministic)
+        x = Dropout(cfg.classifier_dropout)(cfg.layer_norm("norm")(x), deterministic=deterministic)
         return cfg.linear(cfg.num_labels, "out", True)(x, deterministic)
 
 

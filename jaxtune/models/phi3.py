@@ -37,6 +37,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, LayerCache, attend
+from jaxtune.models.dropout import Dropout
 from jaxtune.models.layers import (
     Array,
     Linear,
@@ -169,9 +170,9 @@ class Phi3Block(nn.Module):
         h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="input_layernorm")(x)
         attn = Phi3Attention(cfg, self.window, name="self_attn")(h, positions, segment_ids, deterministic, cache)
         attn, kv = (attn, None) if cache is None else attn
-        x = x + nn.Dropout(cfg.dropout)(attn, deterministic=deterministic)
+        x = x + Dropout(cfg.dropout)(attn, deterministic=deterministic)
         h = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="post_attention_layernorm")(x)
-        x = x + nn.Dropout(cfg.dropout)(Phi3MLP(cfg, name="mlp")(h, deterministic), deterministic=deterministic)
+        x = x + Dropout(cfg.dropout)(Phi3MLP(cfg, name="mlp")(h, deterministic), deterministic=deterministic)
         return x if cache is None else (x, kv)
 
 

@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.layers import (
     Array,
@@ -174,7 +175,7 @@ class Embeddings(nn.Module):
         self.cls_token = _Tensor((1, 1, cfg.hidden_size), cfg.param_dtype)
         self.position_embeddings = _Tensor((1, cfg.num_patches + 1, cfg.hidden_size), cfg.param_dtype)
         self.patch_embeddings = _PatchEmbeddings(cfg)
-        self.dropout = nn.Dropout(cfg.hidden_dropout)
+        self.dropout = Dropout(cfg.hidden_dropout)
 
     def __call__(self, pixel_values: Array, deterministic: bool) -> Array:
         cfg = self.cfg
@@ -233,7 +234,7 @@ class ViTBlock(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
         cfg = self.cfg
-        drop = nn.Dropout(cfg.hidden_dropout)
+        drop = Dropout(cfg.hidden_dropout)
         h = Attention(cfg, name="attention")(cfg.layer_norm("layernorm_before")(x), deterministic)
         x = x + drop(h, deterministic=deterministic)
         h = MLP(cfg, name="mlp")(cfg.layer_norm("layernorm_after")(x), deterministic)

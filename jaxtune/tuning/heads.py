@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models.decoder import DecoderBlock, DecoderConfig
+from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS, EncoderBlock
 from jaxtune.models.layers import Array, ClassifierLayout, LayerNorm, Linear
 from jaxtune.models.modernbert import ModernBertConfig
@@ -129,7 +130,7 @@ class Head(nn.Module):
         self.norm = (None if spec.norm_eps is None
                      else LayerNorm(spec.norm_eps, dt, jnp.float32, use_bias=spec.norm_bias))
         self.out = Linear(spec.num_outputs, use_bias=spec.bias, dtype=dt, param_dtype=jnp.float32)
-        self.drop = nn.Dropout(spec.dropout)
+        self.drop = Dropout(spec.dropout)
 
     def transform(self, hidden: Array, positions: Array | None, segment_ids: Array | None,
                   deterministic: bool = True) -> Array:
