@@ -38,11 +38,13 @@ def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
     return (halves >= jnp.uint32(round(rate * _UNITS))).reshape(shape)
 
 
-def dropout(x: Array, rate: float, key: Array) -> Array:
-    """``x`` with each element zeroed with probability ``rate`` and the rest scaled by ``1 / (1 - rate)``."""
+def dropout(x: Array, rate: float, key: Array, shape: tuple[int, ...] | None = None) -> Array:
+    """``x`` with each element zeroed with probability ``rate`` and the rest scaled by ``1 / (1 - rate)``;
+    ``shape`` (default ``x.shape``) is the mask's, broadcast against ``x`` (``(B, 1, 1, 1)``: whole examples)."""
     if rate == 0.0:
         return x
-    return jnp.where(keep_mask(key, rate, x.shape), x / (1.0 - rate), 0.0).astype(x.dtype)
+    keep = keep_mask(key, rate, x.shape if shape is None else shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 class Dropout(nn.Module):

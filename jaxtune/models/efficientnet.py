@@ -47,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.dropout import Dropout, keep_mask
+from jaxtune.models.dropout import Dropout, dropout
 from jaxtune.models.layers import STATE_UPDATES, Array, ClassifierLayout, Linear, PartitionRules, partition_rules
 
 ARCHITECTURES = ("EfficientNetLiteForImageClassification", "EfficientNetLiteModel")
@@ -259,8 +259,7 @@ class MBConvBlock(nn.Module):
         x = BatchNorm(cfg, name="bn2")(Conv(self.cout, 1, cfg=cfg, name="project_conv")(x), deterministic)
         if self.stride == 1 and self.cin == self.cout:
             if self.drop_rate and not deterministic:  # stochastic depth: drop the residual branch per example
-                keep = keep_mask(self.make_rng("dropout"), self.drop_rate, (x.shape[0], 1, 1, 1))
-                x = jnp.where(keep, x / (1 - self.drop_rate), 0).astype(x.dtype)
+                x = dropout(x, self.drop_rate, self.make_rng("dropout"), shape=(x.shape[0], 1, 1, 1))
             x = x + inputs
         return x
 
