@@ -18,3 +18,11 @@ def test_every_architecture_has_a_row_with_its_facts():
     assert "`llama`" in rows["LlamaForCausalLM"] and "`llama`" not in rows["GPT2LMHeadModel"]
     assert "`RobertaForSequenceClassification`" in rows["RobertaModel"] and "| encoder |" in rows["RobertaModel"]
     assert "| causal LM | yes | yes |" in rows["GPT2LMHeadModel"]
+
+
+def test_help_prints_the_usage_and_writes_no_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert catalog.main(["--help"]) == 0
+    assert catalog.main(["-x"]) == 2
+    assert list(tmp_path.iterdir()) == []
+    assert catalog.COMMAND in capsys.readouterr().err

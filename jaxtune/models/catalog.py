@@ -68,9 +68,9 @@ def render() -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1:
+    if len(argv) != 1 or argv[0].startswith("-"):  # `--help` is a request, not a file to write
         print(f"usage: {COMMAND}", file=sys.stderr)
-        return 2
+        return 0 if argv in (["-h"], ["--help"]) else 2
     Path(argv[0]).write_text(render())
     return 0
 
