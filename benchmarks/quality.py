@@ -704,6 +704,8 @@ def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Pat
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--task-json",
            json.dumps(dataclasses.asdict(task)), "--files", json.dumps({k: str(v) for k, v in files.items()}),
            "--run-dir", str(work / side)]
+    if side != "jaxtune":  # the reference runs as its users run it: glibc's malloc (it imports jaxtune for data)
+        env = {**env, "JAXTUNE_HOST_MALLOC": "system"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start

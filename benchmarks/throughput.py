@@ -18,6 +18,11 @@ additionally honours document boundaries: each row packs two documents), causal-
 AdamW; LoRA r16 alpha 32 on all linear layers, or full fine-tuning. Precision: fp32 on CPU;
 on GPU bf16 compute with fp32 trainable weights on both sides (jaxtune: frozen base in bf16;
 torch: base in bf16 for LoRA, fp32 master + autocast for full fine-tuning).
+
+Host memory (CPU mode): jaxtune keeps freed host memory for the next step (``jaxtune.host_memory``,
+on by default where JAX computes on the CPU); HF+PEFT runs with glibc's defaults, as its users run
+it, and once more with jaxtune's settings (``hf+peft+keep``), so that the comparison is fair in both
+directions. Speed-ups are against plain ``hf+peft``.
 """
 
 from __future__ import annotations
@@ -59,6 +64,12 @@ MODES: dict[str, list[dict[str, Any]]] = {
             dict(shape="llama3-1b", method="full", seq=2048, batch=8),
             dict(shape="llama3-8b", method="lora", seq=2048, batch=2, remat="block")],
 }
+
+
+# Each side's host malloc (jaxtune.host_memory): jaxtune as it ships ("auto": on the CPU it keeps freed
+# memory for the next step), HF+PEFT as its users run it (glibc's defaults), and, so that the comparison
+# is fair in both directions, HF+PEFT again with jaxtune's settings ("hf+peft+keep", CPU mode).
+HOST_MALLOC = {"jaxtune": "auto", "hf+peft": "system", "hf+peft+keep": "keep", "hf+peft+compile": "system"}
 
 
 # ----------------------------------------------------------------------------- one workload (subprocess)
@@ -180,6 +191,10 @@ def serve_side(side: str, work: dict[str, Any], threads: int) -> None:
     """Worker loop: build one side, then answer ``run N`` with the seconds N steps took and
     ``stats`` with its counters, one JSON line each, until ``quit``."""
     gpu = work.get("gpu", False)
+    if side.endswith("+keep"):  # before torch's threads allocate: see HOST_MALLOC
+        import jaxtune.host_memory
+
+        assert jaxtune.host_memory.configure(), "JAXTUNE_HOST_MALLOC=keep did not apply"
     import torch
 
     torch.set_num_threads(threads)
@@ -225,14 +240,15 @@ class _Worker:
 
 
 def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, compile_: bool,
-                 env: dict[str, str]) -> dict[str, Any]:
+                 env: dict[str, str], jaxtune_malloc: str = "auto") -> dict[str, Any]:
     """Both sides of one workload, in alternating timed rounds; returns the record."""
     from jaxtune.train import flops
 
     gpu = work.get("gpu", False)
     hf_config = _hf_config(work)
-    names = ["jaxtune", "hf+peft"] + (["hf+peft+compile"] if compile_ else [])
-    workers = {name: _Worker(name, work, threads, env) for name in names}
+    names = ["jaxtune", "hf+peft"] + ([] if gpu else ["hf+peft+keep"]) + (["hf+peft+compile"] if compile_ else [])
+    malloc = {**HOST_MALLOC, "jaxtune": jaxtune_malloc}
+    workers = {name: _Worker(name, work, threads, {**env, "JAXTUNE_HOST_MALLOC": malloc[name]}) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
         for name, worker in workers.items():
@@ -309,6 +325,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=None, help="steps per round")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for each side")
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile'd HF+PEFT")
+    ap.add_argument("--jaxtune-host-malloc", choices=("auto", "keep", "system"), default="auto",
+                    help="JAXTUNE_HOST_MALLOC for jaxtune (system: glibc's defaults, as before it kept freed memory)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-MODE.json)")
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # internal: worker mode
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
@@ -324,11 +342,12 @@ def main() -> None:
     results = []
     for work in MODES[mode]:
         results.append(run_workload({**work, "gpu": mode == "gpu"}, rounds, steps, args.threads,
-                                    args.torch_compile, env))
+                                    args.torch_compile, env, args.jaxtune_host_malloc))
         print(f"done {work['shape']} {work['method']}", file=sys.stderr)
     record = {"date": now(), "command": " ".join(sys.argv), "mode": mode, "machine": machine(),
               "load_average_at_start": load_at_start,
               "threads_per_side": args.threads, "rounds": rounds, "steps_per_round": steps,
+              "host_malloc": {**HOST_MALLOC, "jaxtune": args.jaxtune_host_malloc},
               "versions": versions(), "shapes": {w["shape"]: SHAPES[w["shape"]] for w in MODES[mode]},
               "results": results}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"throughput-{mode}.json")

@@ -25,6 +25,8 @@ import logging
 import sys
 from typing import Any
 
+from jaxtune import host_memory
+
 __version__ = "0.1.0"
 
 # name -> module that defines it
@@ -99,3 +101,5 @@ def _default_logging() -> None:
 
 
 _default_logging()
+# Before JAX starts its thread pools (a thread's malloc arena is fixed at its first allocation).
+host_memory.configure()

@@ -5,10 +5,13 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# glibc's malloc, so that a test worker's memory shrinks after its big tests (two workers share the
+# machine); tests/test_host_memory.py runs the default in processes of its own.
+os.environ.setdefault("JAXTUNE_HOST_MALLOC", "system")
 
 from absl import flags  # noqa: E402
 
-# grain worker processes read absl flags; unparsed flags crash them (NOTES.md).
+# grain worker processes read absl flags; unparsed flags crash them.
 flags.FLAGS.mark_as_parsed()
 
 import pytest  # noqa: E402

@@ -1,0 +1,69 @@
+"""Host memory when JAX computes on the CPU: freed blocks stay in the process for the next step.
+
+XLA:CPU mallocs each step's buffers (the activations kept for the backward pass, gradients, the
+outputs) and frees them when the step ends. glibc gives large blocks straight back to the kernel:
+a block over its mmap threshold (at most 32 MiB) is unmapped on ``free``, and a per-thread arena's
+heap is unmapped as soon as it empties. The next step then faults the same memory back in, a page
+at a time, and the kernel zeroes every page first. On the tiny-Llama LoRA step of
+``benchmarks/throughput.py`` that is 240 MiB of page faults per step and about a fifth of the
+step's CPU time spent in the kernel.
+
+:func:`keep_freed_memory` sets three ``mallopt(3)`` options: one arena for every thread (the
+main one, which grows with ``brk``), no mmap'd blocks, and no trimming of the heap's top. Freed
+memory then stays in the process and the next step reuses it without a fault. The cost is that
+the process's resident memory does not shrink after a peak.
+
+An arena is bound to a thread at its first allocation, so the options must be set before XLA
+starts its thread pools: ``import jaxtune`` calls :func:`configure`, which sets them where they
+pay (Linux with glibc, and JAX computing on the CPU) unless ``JAXTUNE_HOST_MALLOC`` says
+otherwise: ``auto`` (the default), ``keep`` (always) or ``system`` (never: glibc's defaults). On a
+GPU or TPU the step's buffers live on the device, and a host that keeps freed memory would hold
+on to what loading a large checkpoint freed, so ``auto`` leaves glibc alone there.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import platform
+import sys
+from collections.abc import Mapping
+
+ENV = "JAXTUNE_HOST_MALLOC"
+MODES = ("auto", "keep", "system")
+# mallopt(3) parameter numbers (glibc's malloc.h).
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# Packages through which JAX finds a GPU or TPU: with one installed, JAX computes there by default.
+ACCELERATOR_PLUGINS = ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm6_plugin", "jax_rocm7_plugin", "libtpu")
+
+
+def computes_on_cpu(env: Mapping[str, str] = os.environ) -> bool:
+    """Whether JAX will compute on the CPU, decided without importing it: ``JAX_PLATFORMS`` when
+    set (its first entry), else whether no GPU or TPU plugin package is installed."""
+    platforms = env.get("JAX_PLATFORMS", "").strip()
+    if platforms:
+        return platforms.split(",")[0].strip().lower() == "cpu"
+    return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc's malloc to keep freed memory for reuse (see the module docstring); returns
+    whether every option was accepted (False off glibc, where nothing is changed)."""
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL(None)
+    options = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    return all(libc.mallopt(option, value) == 1 for option, value in options)
+
+
+def configure(env: Mapping[str, str] = os.environ) -> bool:
+    """Apply ``JAXTUNE_HOST_MALLOC`` (``auto``, ``keep`` or ``system``); returns whether the
+    options were set. ``auto`` keeps freed memory when :func:`computes_on_cpu`."""
+    mode = env.get(ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{ENV}={env[ENV]!r}: expected one of {', '.join(MODES)} "
+                         f"(auto keeps freed host memory when JAX computes on the CPU)")
+    if mode == "system" or (mode == "auto" and not computes_on_cpu(env)):
+        return False
+    return keep_freed_memory()
