@@ -26,7 +26,11 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert {r["workload"]["method"] for r in record["results"]} == {"lora", "full"}
     assert any(r["workload"].get("bf16") for r in record["results"])  # GPU mode's precision, on the CPU
     for r in record["results"]:
-        assert set(r["sides"]) == {"jaxtune", "hf+peft"} and all(s["tokens_per_s"] > 0 for s in r["sides"].values())
+        # HF+PEFT twice: glibc's malloc, and jaxtune's host-memory settings (fair in both directions)
+        assert set(r["sides"]) == {"jaxtune", "hf+peft", "hf+peft+keep"}
+        assert all(s["tokens_per_s"] > 0 for s in r["sides"].values())
+    assert record["host_malloc"] == {"jaxtune": "auto", "hf+peft": "system", "hf+peft+keep": "keep",
+                                     "hf+peft+compile": "system"}
     assert (tmp_path / "t.png").stat().st_size > 0 and "| workload | side |" in proc.stdout
 
 
