@@ -240,14 +240,13 @@ class _Worker:
 
 
 def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, compile_: bool,
-                 env: dict[str, str], jaxtune_malloc: str = "auto") -> dict[str, Any]:
+                 env: dict[str, str], malloc: dict[str, str] = HOST_MALLOC) -> dict[str, Any]:
     """Both sides of one workload, in alternating timed rounds; returns the record."""
     from jaxtune.train import flops
 
     gpu = work.get("gpu", False)
     hf_config = _hf_config(work)
     names = ["jaxtune", "hf+peft"] + ([] if gpu else ["hf+peft+keep"]) + (["hf+peft+compile"] if compile_ else [])
-    malloc = {**HOST_MALLOC, "jaxtune": jaxtune_malloc}
     workers = {name: _Worker(name, work, threads, {**env, "JAXTUNE_HOST_MALLOC": malloc[name]}) for name in names}
     times: dict[str, list[float]] = {name: [] for name in names}
     for _ in range(rounds):
@@ -339,15 +338,16 @@ def main() -> None:
         return
     env = worker_env()
     load_at_start = load_average()
+    malloc = {**HOST_MALLOC, "jaxtune": args.jaxtune_host_malloc}
     results = []
     for work in MODES[mode]:
         results.append(run_workload({**work, "gpu": mode == "gpu"}, rounds, steps, args.threads,
-                                    args.torch_compile, env, args.jaxtune_host_malloc))
+                                    args.torch_compile, env, malloc))
         print(f"done {work['shape']} {work['method']}", file=sys.stderr)
     record = {"date": now(), "command": " ".join(sys.argv), "mode": mode, "machine": machine(),
               "load_average_at_start": load_at_start,
               "threads_per_side": args.threads, "rounds": rounds, "steps_per_round": steps,
-              "host_malloc": {**HOST_MALLOC, "jaxtune": args.jaxtune_host_malloc},
+              "host_malloc": malloc,
               "versions": versions(), "shapes": {w["shape"]: SHAPES[w["shape"]] for w in MODES[mode]},
               "results": results}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"throughput-{mode}.json")

@@ -26,7 +26,6 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-import platform
 import sys
 from collections.abc import Mapping
 
@@ -47,10 +46,18 @@ def computes_on_cpu(env: Mapping[str, str] = os.environ) -> bool:
     return not any(importlib.util.find_spec(name) is not None for name in ACCELERATOR_PLUGINS)
 
 
+def _glibc() -> bool:
+    # confstr answers from the running libc; platform.libc_ver() would read the interpreter's binary.
+    try:
+        return (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc")
+    except (ValueError, OSError):
+        return False
+
+
 def keep_freed_memory() -> bool:
     """Set glibc's malloc to keep freed memory for reuse (see the module docstring); returns
     whether every option was accepted (False off glibc, where nothing is changed)."""
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+    if sys.platform != "linux" or not _glibc():
         return False
     libc = ctypes.CDLL(None)
     options = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
