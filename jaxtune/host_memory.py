@@ -60,7 +60,10 @@ def keep_freed_memory() -> bool:
     if sys.platform != "linux" or not _glibc():
         return False
     libc = ctypes.CDLL(None)
-    options = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+    # A trim threshold of -1 turns trimming off (mallopt(3)); mallopt takes an int, so the largest
+    # positive one, 2**31 - 1, would still trim a top of 2 GiB or more, which the MiniLM quickstart's
+    # step frees every step, and the kernel would zero it all again.
+    options = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1))
     return all(libc.mallopt(option, value) == 1 for option, value in options)
 
 

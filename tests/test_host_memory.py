@@ -72,3 +72,28 @@ def test_auto_applies_only_where_jax_computes_on_the_cpu(monkeypatch):
 def test_a_bad_mode_names_the_variable_and_the_choices():
     with pytest.raises(ValueError, match=r"JAXTUNE_HOST_MALLOC='always': expected one of auto, keep, system"):
         host_memory.configure({host_memory.ENV: "always"})
+
+
+# A block of 2.25 GiB from the heap (brk; its pages are never touched, so nothing is resident),
+# freed: kept memory must leave it in the process. mallopt's trim threshold is an int, and its
+# largest positive value (2 GiB - 1) would still trim this top; -1 turns trimming off.
+TRIM = """
+import ctypes, json
+import jaxtune
+libc = ctypes.CDLL(None)
+libc.sbrk.restype = libc.malloc.restype = ctypes.c_void_p
+libc.sbrk.argtypes, libc.malloc.argtypes, libc.free.argtypes = [ctypes.c_long], [ctypes.c_size_t], [ctypes.c_void_p]
+before = libc.sbrk(0)
+block = libc.malloc(9 << 28)
+assert block, "malloc failed"
+libc.free(block)
+print(json.dumps({"kept_bytes": libc.sbrk(0) - before}))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc options")
+def test_kept_memory_keeps_a_top_over_two_gib():
+    env = {**os.environ, host_memory.ENV: "keep"}
+    out = subprocess.run([sys.executable, "-c", TRIM], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["kept_bytes"] >= 1 << 31
