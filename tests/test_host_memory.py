@@ -35,12 +35,17 @@ print(json.dumps({"faults_per_call": (resource.getrusage(resource.RUSAGE_SELF).r
 """
 
 
+def _report(script: str, env: dict[str, str]) -> dict:
+    """Run ``script`` in a fresh process; the JSON object of its last output line."""
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _faults_per_call(mode: str) -> float:
     env = {**os.environ, host_memory.ENV: mode, "JAX_PLATFORMS": "cpu"}
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user's process
-    out = subprocess.run([sys.executable, "-c", STEP], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])["faults_per_call"]
+    return _report(STEP, env)["faults_per_call"]
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc options")
@@ -93,7 +98,4 @@ print(json.dumps({"kept_bytes": libc.sbrk(0) - before}))
 
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc options")
 def test_kept_memory_keeps_a_top_over_two_gib():
-    env = {**os.environ, host_memory.ENV: "keep"}
-    out = subprocess.run([sys.executable, "-c", TRIM], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["kept_bytes"] >= 1 << 31
+    assert _report(TRIM, {**os.environ, host_memory.ENV: "keep"})["kept_bytes"] >= 1 << 31
