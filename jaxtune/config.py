@@ -80,8 +80,8 @@ class DistributedConfig:
 class OutputConfig:
     """Where the run lives, and what ``jaxtune train`` exports at the end.
 
-    ``export``: ``auto`` (a PEFT adapter when the plan has adapters, else a merged HF
-    directory; skipped with a note when the model has no transformers equivalent), ``peft``,
+    ``export``: ``auto`` (a PEFT adapter when the plan has adapters that PEFT can express, else a
+    merged HF directory; skipped with a note when the model has no transformers equivalent), ``peft``,
     ``merged`` or ``none``. It is written to ``<dir>/export``; ``export_dtype``: dtype of merged
     weights.
     """

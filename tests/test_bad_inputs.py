@@ -498,6 +498,22 @@ def test_restart_moves_the_old_run_aside_and_trains_afresh(root: Path, trained: 
     assert saved["plan"][0]["rank"] == 8 and json.loads((run / "status.json").read_text())["step"] == 2
 
 
+def test_an_export_peft_cannot_write_fails_before_training(root: Path, tmp_path: Path) -> None:
+    """A plan that trains a module whole and adapts it has no PEFT form: ``output.export=peft`` says so
+    before any step (no checkpoint), and ``auto`` trains and writes a merged directory instead."""
+    plan = ("plan=[{preset: lora, rank: 4, targets: [q_proj]}, "
+            "{action: train, match: layers_0/self_attn/q_proj/kernel}]")
+    code, _, err = cli("train", root / "chat.yaml", f"output.dir={tmp_path / 'peft'}", plan, "output.export=peft")
+    last = err.rstrip().splitlines()[-1]
+    assert code == 2 and last.startswith("jaxtune: error: config error: output.export: cannot export peft"), err
+    assert "trained directly and carry an adapter" in err
+    assert not list(tmp_path.glob("peft/checkpoints/*")), "the refused run trained"
+    code, _, err = cli("train", root / "chat.yaml", f"output.dir={tmp_path / 'auto'}", plan, "output.export=auto")
+    assert code == 0, err
+    assert (tmp_path / "auto" / "export" / "config.json").is_file(), "auto did not write a merged HF directory"
+    assert not (tmp_path / "auto" / "export" / "adapter_config.json").exists()
+
+
 def test_free_fields_may_change_on_resume(root: Path, trained: Path, tmp_path: Path) -> None:
     """Steps, logging, evaluation, checkpoint frequency and the learning rate may change."""
     import shutil

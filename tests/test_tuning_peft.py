@@ -192,6 +192,11 @@ def test_export_errors(sources, tmp_path):
     both = tuning.apply_plan(llama, tuning.lora(rank=2) + tuning.train("layers_0/self_attn/q_proj/kernel"))
     with pytest.raises(ExportError, match=r"\['layers_0/self_attn/q_proj'\] are trained directly and carry an adapter"):
         tuning.export_peft(both, tmp_path)
+    # Decided from the plan, so that a run fails (peft) or picks merged (auto) before it trains.
+    with pytest.raises(ExportError, match="trained directly and carry an adapter"):
+        tuning.export_format(both, "peft")
+    assert tuning.export_format(both, "auto") == "merged"
+    assert tuning.export_format(tuning.apply_plan(llama, tuning.lora(rank=2)), "auto") == "peft"
     with pytest.raises(ExportError, match="prompt tuning has no merged form"):
         tuning.export_merged(tuning.apply_plan(llama, tuning.prompt_tuning(2)), tmp_path)
     with pytest.raises(ExportError, match="no LoRA, DoRA or prompt adapter"):

@@ -234,19 +234,43 @@ def export_merged(
 # ----------------------------------------------------------------------------- PEFT export
 
 
+def _trained_base_modules(tuned: Tuned) -> set[Module]:
+    """Modules whose base leaves (not adapter leaves) train."""
+    flat_labels = flatten_dict(stacking.unstack(tuned.labels))
+    return {path[:-1] for path, label in flat_labels.items()
+            if label != FROZEN and path[-1] not in ADAPTER_LEAVES and path != (PROMPT_LEAF,)}
+
+
+def _refuse_trained_and_adapted(tuned: Tuned) -> None:
+    both = sorted(path_str(m) for m in _trained_base_modules(tuned) if m in tuned.adapters)
+    if both:
+        raise ExportError(f"module(s) {both[:5]} are trained directly and carry an adapter; PEFT cannot express "
+                          "both for one module. Freeze their base weights, or export merged")
+
+
 def _modules_to_save(tuned: Tuned, params: Params) -> list[Module]:
     """Modules holding trained base leaves, plus the head (PEFT saves modules whole). A head is saved even
     when frozen: PEFT's SEQ_CLS adapters always wrap the classifier and expect its weights in the file."""
-    flat_labels = flatten_dict(stacking.unstack(tuned.labels))
-    chosen = {path[:-1] for path, label in flat_labels.items()
-              if label != FROZEN and path[-1] not in ADAPTER_LEAVES and path != (PROMPT_LEAF,)}
+    _refuse_trained_and_adapted(tuned)
+    chosen = _trained_base_modules(tuned)
     if tuned.head is not None:
         chosen |= {p[:-1] for p in flatten_dict(params) if p[0] == HEAD_KEY and p[:-1] not in tuned.adapters}
-    both = sorted(path_str(m) for m in chosen if m in tuned.adapters)
-    if both:
-        raise ExportError(f"module(s) {both[:5]} are trained directly and carry an adapter; PEFT cannot express "
-                          "both for one module. Freeze their base weights or use export_merged")
     return sorted(chosen)
+
+
+def check_peft(tuned: Tuned) -> None:
+    """Raise :class:`ExportError` (saying why) when ``tuned``'s plan has no PEFT adapter form: what
+    :func:`export_peft` would refuse, decided from the plan alone, so before any training."""
+    if not (tuned.adapters or tuned.prompt_tokens):
+        raise ExportError("the plan has no LoRA, DoRA or prompt adapter, so there is no PEFT adapter to write; "
+                          "export format merged")
+    if tuned.adapters and tuned.prompt_tokens:
+        raise ExportError("a PEFT adapter is either LoRA/DoRA or prompt tuning; this plan has both, and a merged "
+                          "export cannot hold prompt tuning: train them in two runs (model.adapter starts the second)")
+    if tuned.adapters:
+        _refuse_moe_adapters(tuned)
+        _refuse_trained_and_adapted(tuned)
+        _lora_config(tuned)  # one use_dora / use_rslora setting per adapter
 
 
 def _lora_config(tuned: Tuned) -> dict[str, Any]:
@@ -301,12 +325,10 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
     decoder classifiers need it for batches > 1) for heads. Tensors are written float32.
     """
     params = stacking.unstack(tuned.params if params is None else params)  # PEFT names layers one by one
-    if tuned.adapters and tuned.prompt_tokens:
-        raise ExportError("a PEFT adapter is either LoRA/DoRA or prompt tuning; this plan has both")
     if tuned.head is not None and tuned.hf_architecture is None:
         hf_module_name(tuned, (HEAD_KEY, "out"))  # raises the explanation
+    check_peft(tuned)
     modules = _modules(params)
-    _refuse_moe_adapters(tuned)
     tensors: dict[str, np.ndarray] = {}
     for module in tuned.adapters:
         name = PREFIX + hf_module_name(tuned, module)
@@ -327,16 +349,13 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
             embedding = PREFIX + hf_module_name(tuned, ("embed_tokens",)) + ".weight"
             tensors[PREFIX + hf_module_name(tuned, ("lm_head",)) + ".weight"] = tensors[embedding]
             config["ensure_weight_tying"] = True
-    elif tuned.prompt_tokens:
+    else:  # prompt tuning (check_peft refused a plan with neither)
         cfg = tuned.config
         tensors["prompt_embeddings"] = _to_torch(params[PROMPT_LEAF], False)
         # RANDOM init: PEFT then builds the embedding without a tokenizer and loads our weights.
         config = {"peft_type": "PROMPT_TUNING", "num_virtual_tokens": tuned.prompt_tokens,
                   "token_dim": cfg.hidden_size, "num_transformer_submodules": 1, "num_attention_heads": cfg.num_heads,
                   "num_layers": cfg.num_layers, "prompt_tuning_init": "RANDOM"}
-    else:
-        raise ExportError("the plan has no LoRA, DoRA or prompt adapter, so there is no PEFT adapter to write; "
-                          "use export_merged for full or partial fine-tuning")
     config.update({
         # PEFT's SEQ_CLS wrapper feeds input_ids; an image model is wrapped as a plain PeftModel.
         "task_type": "CAUSAL_LM" if tuned.task == "lm" else None if is_image(tuned.config) else "SEQ_CLS",
@@ -627,21 +646,24 @@ def export_format(tuned: Tuned, format: str = "auto") -> str:  # noqa: A002 - th
     """The format ``format`` resolves to for ``tuned`` (``peft`` or ``merged``); raises
     :class:`ExportError` saying why when the model has no such form.
 
-    ``auto`` is a PEFT adapter when the plan has adapters (LoRA, DoRA, prompt), else a merged
-    HF directory.
+    ``auto`` is a PEFT adapter when the plan has adapters (LoRA, DoRA, prompt) that PEFT can
+    express (:func:`check_peft`), else a merged HF directory.
     """
     if format not in EXPORT_FORMATS:
         raise ExportError(f"export format {format!r} is unknown; choose one of {', '.join(EXPORT_FORMATS)}")
     fmt = format if format != "auto" else ("peft" if (tuned.adapters or tuned.prompt_tokens) else "merged")
     if tuned.head is not None and tuned.hf_architecture is None:
         raise ExportError(unexportable_head(tuned))
+    if fmt == "peft":
+        try:
+            check_peft(tuned)
+        except ExportError as err:
+            if format != "auto" or tuned.prompt_tokens:
+                raise
+            log.info("export: %s; auto writes a merged HF directory instead", err)
+            fmt = "merged"
     if fmt == "merged" and tuned.prompt_tokens:
         raise ExportError("prompt tuning has no merged form (virtual tokens are not weights); export format peft")
-    if fmt == "peft" and not (tuned.adapters or tuned.prompt_tokens):
-        raise ExportError("the plan has no LoRA, DoRA or prompt adapter, so there is no PEFT adapter to write; "
-                          "export format merged")
-    if fmt == "peft" and tuned.adapters and tuned.prompt_tokens:
-        raise ExportError("a PEFT adapter holds LoRA/DoRA or prompt tuning, not both; export format merged")
     return fmt
 
 
