@@ -174,6 +174,34 @@ def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_pa
     assert signal.getsignal(signal.SIGINT) is previous  # restored
 
 
+def test_ctrl_c_just_after_a_periodic_checkpoint_stops_cleanly(setup, tmp_path):
+    """SIGINT during the step that a periodic checkpoint then saves: the stop's own save finds that
+    step already on disk (Orbax refuses a step twice), so it must keep it, not fail the run with
+    its status left at "running" (what ``jaxtune serve``'s cancel test caught under load)."""
+    import signal
+
+    from jaxtune.train.config import CheckpointConfig
+
+    model_dir, train, _ = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+    trainer = Trainer(tuned, train_data=_loader(train, train=True), optimizer=OptimizerConfig(learning_rate=1e-3),
+                      config=TrainConfig(steps=50, log_every=1, progress=False), checkpoint=CheckpointConfig(every=3),
+                      run_dir=tmp_path, mesh=ONE_DEVICE())
+    step = trainer.train_step
+
+    def step_then_interrupt(*args):
+        out = step(*args)
+        if trainer.step == 2:  # the call that makes step 3, which the periodic checkpoint saves
+            os.kill(os.getpid(), signal.SIGINT)
+        return out
+
+    trainer.train_step = step_then_interrupt
+    result = trainer.fit()
+    assert result.state == "stopped" and result.step == 3
+    assert trainer.checkpointer.steps() == [3]
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "stopped"
+
+
 def test_optimizer_state_is_sharded_like_the_params(setup, tmp_path):
     """Under FSDP, Adam's moments are split like their params, not replicated on every device
     (jit left them replicated: a full copy of the optimizer state per device)."""

@@ -198,6 +198,7 @@ class Trainer:
         self.eval_step = jax.jit(make_eval_step(eval_loss_fn), out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         self.rng = jax.random.key(config.seed)
         self.step = 0
+        self._saved_step: int | None = None  # the step whose state the latest checkpoint holds
         self._checkpointer: Checkpointer | None = None
         self._resumable_data = False
         self.compile_cache_hit: bool | None = None  # whether the first step's executable came from the disk cache
@@ -355,6 +356,7 @@ class Trainer:
         if restored is None:
             return None
         self.step, self.trainable = restored[0], restored[1]
+        self._saved_step = None  # the optimizer state and rng were not restored with it
         return self.step
 
     # ------------------------------------------------------------------ evaluation
@@ -506,15 +508,21 @@ class Trainer:
         if restored is None:
             return Best()
         self.step, self.trainable, self.opt_state, self.rng, meta = restored
+        self._saved_step = self.step
         saved = meta.get("metrics", {})
         log.info("resumed from %s at step %d", self.run_dir / "checkpoints" / str(self.step), self.step)
         return Best(saved.get("best_value"), saved.get("best_step"), int(saved.get("bad_evals", 0)))
 
     def _save(self, iterator: Any, best: Best, metrics: dict[str, Any]) -> None:
+        if self.step == self._saved_step:
+            # This very state is on disk (a periodic save just before a Ctrl-C or the end of the
+            # data, or the checkpoint the run resumed from), and Orbax refuses a step twice.
+            return
         # The frozen base is not in the checkpoint: its source is, so resuming re-reads it.
         config = {"base_model": self.tuned.source, **self.resolved_config}
         self.checkpointer.save(self.step, self.trainable, self.opt_state, self.rng, data_iterator=iterator,
                                config=config, metrics={**best.as_metadata(), **metrics})
+        self._saved_step = self.step
 
     def _train(self, iterator: Any, best: Best) -> tuple[str, dict[str, float], dict[str, float]]:
         """The step loop; returns ``(state, last train metrics, last eval metrics)``."""
