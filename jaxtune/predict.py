@@ -29,6 +29,7 @@ from jaxtune.data.config import FIELD_OPTIONS
 from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
 from jaxtune.data.sources import PYTHON, Source, Syntax, read_labeled
 from jaxtune.train.evaluate import classification_metrics, regression_metrics
+from jaxtune.train.step import packed_segments
 from jaxtune.tuning import Tuned, apply_plan
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ _LABELED = {k for k, kinds in FIELD_OPTIONS.items() if "classification" in kinds
 
 def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False) -> tuple[Tuned, dict[str, Any]]:
     """The model to predict with, and the data options its run was trained with (field names,
-    ``max_length``, ``batch_size``; empty for an export)."""
+    ``max_length``, ``batch_size``, ``packing``; empty for an export)."""
     if isinstance(target, Tuned):
         return target, {}
     path = Path(target)
@@ -49,7 +50,7 @@ def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False
             raise ConfigError(f"{path}: no checkpoint yet, so there is nothing trained to predict with; train it "
                               "first (jaxtune train CONFIG)")
         data = trainer.loader_config
-        options = {k: getattr(data, k) for k in (*_LABELED, "max_length", "batch_size")
+        options = {k: getattr(data, k) for k in (*_LABELED, "max_length", "batch_size", "packing")
                    if getattr(data, k, None) is not None}
         return trainer.model, options
     if (path / "adapter_config.json").is_file():
@@ -69,8 +70,8 @@ def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False
 
 def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] | Source,
             out: str | os.PathLike[str] | None = None, *, best: bool = False, batch_size: int | None = None,
-            max_length: int | None = None, skip_bad_rows: bool = False, syntax: Syntax = PYTHON,
-            **fields: str) -> list[dict[str, Any]]:
+            max_length: int | None = None, packing: bool | None = None, skip_bad_rows: bool = False,
+            syntax: Syntax = PYTHON, **fields: str) -> list[dict[str, Any]]:
     """Predict every row of ``data`` with ``model``; write them to ``out`` (JSONL, or CSV/TSV by suffix).
 
     Args:
@@ -78,6 +79,9 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
       data: a JSONL or CSV/TSV file of rows (a label column is optional), or a source.
       best: a run's best checkpoint instead of its latest.
       batch_size, max_length: default the run's (else 32 and 128); longer texts are cut at the right.
+      packing: several rows per ``max_length`` sequence, each its own segment (attention, pooling),
+        as training packs them: the same outputs for less compute on short texts. Default: as the
+        run trained (an export or a model in memory: one row per sequence).
       fields: ``text_field``, ``pair_field``, ``label_field``: default the run's field mapping.
 
     Returns:
@@ -100,7 +104,8 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
         data, tuned.task, labels=tuned.label_names, text_field=text_field, pair_field=pair_field,
         label_field=label_field, skip_bad_rows=skip_bad_rows, syntax=syntax, require_label=False)
     config = LoaderConfig(batch_size=batch_size or run_options.get("batch_size", 32),
-                          max_length=max_length or run_options.get("max_length", 128), truncation="right")
+                          max_length=max_length or run_options.get("max_length", 128), truncation="right",
+                          packing=bool(run_options.get("packing")) if packing is None else packing)
     outputs = _outputs(tuned, source, config)
     rows = _records(tuned, source, outputs, text_field, pair_field, label_field)
     if out is not None:
@@ -109,15 +114,21 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
 
 
 def _outputs(tuned: Tuned, source: Source, config: LoaderConfig) -> np.ndarray:
-    """Head outputs ``(N, num_outputs)`` float32 of every row, in order."""
+    """Head outputs ``(N, num_outputs)`` float32 of every row, in order (packed rows hold them in
+    file order, slot by slot: ``example_weights`` marks the filled slots)."""
     if tuned.tokenizer is None:
         raise ValueError("the model has no tokenizer: load it with jaxtune.load")
-    forward = jax.jit(lambda params, batch: tuned.module.apply(
-        {"params": params}, input_ids=batch["input_ids"], segment_ids=batch["segment_ids"],
-        positions=batch["positions"], token_type_ids=batch["token_type_ids"]))
+
+    @jax.jit
+    def forward(params: Any, batch: dict[str, Any]) -> jax.Array:
+        segments = packed_segments(batch)  # from the batch's shape: static under jit
+        return tuned.module.apply({"params": params}, input_ids=batch["input_ids"], segment_ids=batch["segment_ids"],
+                                  positions=batch["positions"], token_type_ids=batch["token_type_ids"],
+                                  **({"segments": segments} if segments else {}))
+
     chunks = []
     for batch in evaluation_loader(source, tuned.tokenizer, config):
-        keep = batch["segment_ids"].any(axis=-1)
+        keep = batch["example_weights"] > 0 if packed_segments(batch) else batch["segment_ids"].any(axis=-1)
         chunks.append(np.asarray(forward(tuned.params, batch), np.float32)[keep])
     return np.concatenate(chunks)
 

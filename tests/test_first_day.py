@@ -174,6 +174,9 @@ def test_own_field_names_train_predict_and_export_with_the_data_label_names(fmt,
         probs = np.array([[r["probabilities"][n] for n in names] for r in rows])
     texts = [r[fields["text_field"]] for r in rows]
     assert len(rows) == 24 and {r["prediction"] for r in rows} <= set(names)
+    # The run packed its rows, so predict packs them too: the same outputs as one row per sequence.
+    one_per_row = jt.predict(run, files[f"test.{fmt}"], packing=False)
+    np.testing.assert_allclose([[r["probabilities"][n] for n in names] for r in one_per_row], probs, atol=1e-5)
     assert [r[fields["label_field"]] for r in rows] == [c if fmt == "jsonl" else PARTY[c] for _, c in _rows(24, 1)]
 
     # The export (the quickstart's head exports) predicts the same labels in transformers / PEFT.
