@@ -266,7 +266,7 @@ def check_peft(tuned: Tuned) -> None:
                           "export format merged")
     if tuned.adapters and tuned.prompt_tokens:
         raise ExportError("a PEFT adapter is either LoRA/DoRA or prompt tuning; this plan has both, and a merged "
-                          "export cannot hold prompt tuning: train them in two runs (model.adapter starts the second)")
+                          "export cannot hold prompt tuning: train LoRA first, export it merged, then prompt-tune that")
     if tuned.adapters:
         _refuse_moe_adapters(tuned)
         _refuse_trained_and_adapted(tuned)
