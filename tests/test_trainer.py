@@ -259,6 +259,29 @@ def test_non_finite_loss_stops_with_the_step_named(setup, tmp_path, caplog):
     assert status["state"] == "failed" and "step 1" in status["error"]
 
 
+def test_an_error_mid_training_leaves_the_run_marked_failed(setup, tmp_path):
+    """An exception out of the step loop (a data or device error) propagates, and status.json says
+    "failed" with the error, not "running" (which `jaxtune status` and the job server would show for a
+    run that is gone)."""
+    model_dir, train, _ = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+    trainer = Trainer(tuned, train_data=_loader(train, train=True), optimizer=OptimizerConfig(learning_rate=1e-3),
+                      config=TrainConfig(steps=5, log_every=1, progress=False), run_dir=tmp_path, mesh=ONE_DEVICE())
+    step = trainer.train_step
+
+    def step_then_break(*args):
+        if trainer.step == 2:
+            raise RuntimeError("the device went away")
+        return step(*args)
+
+    trainer.train_step = step_then_break
+    with pytest.raises(RuntimeError, match="the device went away"):
+        trainer.fit()
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert status["state"] == "failed" and status["step"] == 2
+    assert status["error"] == "RuntimeError: the device went away"
+
+
 def _script(*args: str, env: dict | None = None) -> subprocess.Popen:
     full_env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", **(env or {})}
     return subprocess.Popen([sys.executable, str(SCRIPT), *args], env=full_env, stderr=subprocess.PIPE, text=True)

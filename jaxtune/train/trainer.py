@@ -462,6 +462,9 @@ class Trainer:
                 train_metrics, eval_metrics = {}, {}
             else:
                 state, train_metrics, eval_metrics = self._train(iterator, best)
+        except Exception as err:  # the run is gone: say so where status readers look, then raise
+            self._write_status("failed", step=self.step, total_steps=self.steps, error=f"{type(err).__name__}: {err}")
+            raise
         finally:
             self.close()
         if state not in ("failed",):
