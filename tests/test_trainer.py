@@ -147,15 +147,19 @@ def test_choice_accuracy_matches_transformers_logits_packed_or_not(setup, tmp_pa
                 mesh=ONE_DEVICE())
 
 
-def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_path, caplog):
-    """SIGINT landing just as the jitted step returns (its inputs already donated) must not lose
-    the params: the trainer finishes the step, stops, and saves a checkpoint that resumes."""
-    import signal
-
+def _lora_trainer(setup, tmp_path, steps: int, **options) -> Trainer:
+    """A LoRA trainer on the tiny model, logging every step."""
     model_dir, train, _ = setup
     tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
-    trainer = Trainer(tuned, train_data=_loader(train, train=True), optimizer=OptimizerConfig(learning_rate=1e-3),
-                      config=TrainConfig(steps=50, log_every=1, progress=False), run_dir=tmp_path, mesh=ONE_DEVICE())
+    return Trainer(tuned, train_data=_loader(train, train=True), optimizer=OptimizerConfig(learning_rate=1e-3),
+                   config=TrainConfig(steps=steps, log_every=1, progress=False), run_dir=tmp_path, mesh=ONE_DEVICE(),
+                   **options)
+
+
+def _sigint_in_step_3(trainer: Trainer) -> None:
+    """Make the call that computes step 3 send SIGINT just as the jitted step returns."""
+    import signal
+
     step = trainer.train_step
 
     def step_then_interrupt(*args):
@@ -165,6 +169,15 @@ def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_pa
         return out
 
     trainer.train_step = step_then_interrupt
+
+
+def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_path, caplog):
+    """SIGINT landing just as the jitted step returns (its inputs already donated) must not lose
+    the params: the trainer finishes the step, stops, and saves a checkpoint that resumes."""
+    import signal
+
+    trainer = _lora_trainer(setup, tmp_path, steps=50)
+    _sigint_in_step_3(trainer)
     # What the trainer must put back: default_int_handler, or SIG_IGN when pytest runs in the background.
     previous = signal.getsignal(signal.SIGINT)
     result = trainer.fit()
@@ -178,24 +191,10 @@ def test_ctrl_c_just_after_a_periodic_checkpoint_stops_cleanly(setup, tmp_path):
     """SIGINT during the step that a periodic checkpoint then saves: the stop's own save finds that
     step already on disk (Orbax refuses a step twice), so it must keep it, not fail the run with
     its status left at "running" (what ``jaxtune serve``'s cancel test caught under load)."""
-    import signal
-
     from jaxtune.train.config import CheckpointConfig
 
-    model_dir, train, _ = setup
-    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
-    trainer = Trainer(tuned, train_data=_loader(train, train=True), optimizer=OptimizerConfig(learning_rate=1e-3),
-                      config=TrainConfig(steps=50, log_every=1, progress=False), checkpoint=CheckpointConfig(every=3),
-                      run_dir=tmp_path, mesh=ONE_DEVICE())
-    step = trainer.train_step
-
-    def step_then_interrupt(*args):
-        out = step(*args)
-        if trainer.step == 2:  # the call that makes step 3, which the periodic checkpoint saves
-            os.kill(os.getpid(), signal.SIGINT)
-        return out
-
-    trainer.train_step = step_then_interrupt
+    trainer = _lora_trainer(setup, tmp_path, steps=50, checkpoint=CheckpointConfig(every=3))
+    _sigint_in_step_3(trainer)  # step 3 is also the periodic checkpoint's
     result = trainer.fit()
     assert result.state == "stopped" and result.step == 3
     assert trainer.checkpointer.steps() == [3]
@@ -263,10 +262,7 @@ def test_an_error_mid_training_leaves_the_run_marked_failed(setup, tmp_path):
     """An exception out of the step loop (a data or device error) propagates, and status.json says
     "failed" with the error, not "running" (which `jaxtune status` and the job server would show for a
     run that is gone)."""
-    model_dir, train, _ = setup
-    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
-    trainer = Trainer(tuned, train_data=_loader(train, train=True), optimizer=OptimizerConfig(learning_rate=1e-3),
-                      config=TrainConfig(steps=5, log_every=1, progress=False), run_dir=tmp_path, mesh=ONE_DEVICE())
+    trainer = _lora_trainer(setup, tmp_path, steps=5)
     step = trainer.train_step
 
     def step_then_break(*args):

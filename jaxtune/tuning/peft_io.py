@@ -241,17 +241,10 @@ def _trained_base_modules(tuned: Tuned) -> set[Module]:
             if label != FROZEN and path[-1] not in ADAPTER_LEAVES and path != (PROMPT_LEAF,)}
 
 
-def _refuse_trained_and_adapted(tuned: Tuned) -> None:
-    both = sorted(path_str(m) for m in _trained_base_modules(tuned) if m in tuned.adapters)
-    if both:
-        raise ExportError(f"module(s) {both[:5]} are trained directly and carry an adapter; PEFT cannot express "
-                          "both for one module. Freeze their base weights, or export merged")
-
-
 def _modules_to_save(tuned: Tuned, params: Params) -> list[Module]:
     """Modules holding trained base leaves, plus the head (PEFT saves modules whole). A head is saved even
-    when frozen: PEFT's SEQ_CLS adapters always wrap the classifier and expect its weights in the file."""
-    _refuse_trained_and_adapted(tuned)
+    when frozen: PEFT's SEQ_CLS adapters always wrap the classifier and expect its weights in the file.
+    (:func:`check_peft` has refused modules that are both saved whole and adapted.)"""
     chosen = _trained_base_modules(tuned)
     if tuned.head is not None:
         chosen |= {p[:-1] for p in flatten_dict(params) if p[0] == HEAD_KEY and p[:-1] not in tuned.adapters}
@@ -269,7 +262,10 @@ def check_peft(tuned: Tuned) -> None:
                           "export cannot hold prompt tuning: train LoRA first, export it merged, then prompt-tune that")
     if tuned.adapters:
         _refuse_moe_adapters(tuned)
-        _refuse_trained_and_adapted(tuned)
+        both = sorted(path_str(m) for m in _trained_base_modules(tuned) if m in tuned.adapters)
+        if both:
+            raise ExportError(f"module(s) {both[:5]} are trained directly and carry an adapter; PEFT cannot express "
+                              "both for one module. Freeze their base weights, or export merged")
         _lora_config(tuned)  # one use_dora / use_rslora setting per adapter
 
 
