@@ -103,6 +103,67 @@ def test_probability_dropout_with_grouped_query_heads_equals_the_closed_form():
                                   plain)
 
 
+def _plain_attention(q, k, v, mask, *, cap=None, rate=0.0, rng=None):
+    """Softmax attention as plainly as it is written (KV heads repeated, jax.nn.softmax, autodiff): the
+    reference for the CPU kernel's query blocks and its recomputing backward."""
+    b, t, n, h = q.shape
+    g = n // k.shape[2]
+    scores = attention.softcap(jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, g, 2)) * h ** -0.5, cap)
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
+    if rate:
+        probs = jnp.where(keep_mask(rng, rate, probs.shape), probs / (1 - rate), 0.0)
+    return jnp.einsum("bnts,bsnh->btnh", probs, jnp.repeat(v, g, 2))
+
+
+# (causal, window, soft-cap, dropout rate): decoders (full, sliding window, Gemma 2's cap) and encoders
+BLOCK_CASES = [(True, None, None, 0.0), (True, 21, None, 0.0), (True, None, 5.0, 0.0), (True, None, None, 0.2),
+               (False, None, None, 0.1), (False, (9, 12), 3.0, 0.0)]
+
+
+@pytest.mark.parametrize(("causal", "window", "cap", "rate"), BLOCK_CASES)
+def test_cpu_attention_blocks_and_backward_equal_plain_attention(monkeypatch, causal, window, cap, rate):
+    """The CPU kernel in query blocks of 16 (a row of 70: four full blocks and a short one; each block
+    reads only the keys it can see) with its own backward (probabilities recomputed from each row's
+    maximum and sum) gives plain softmax attention's outputs and gradients, on packed rows with padding."""
+    monkeypatch.setattr(attention, "QUERY_BLOCK", 16)
+    q, k, v = _qkv(5, 2, 70, 4, 2, 8)
+    ids = jnp.asarray(np.stack([np.r_[np.ones(25), 2 * np.ones(35), np.zeros(10)], np.ones(70)]), jnp.int32)
+    mask = attention_mask(ids, causal=causal, window=window)
+    weights = jax.random.normal(jax.random.key(6), q.shape) * (ids != 0)[:, :, None, None]  # padding is not read
+    rng = jax.random.key(7)
+
+    def ours(q, k, v):
+        out = grouped_attention(q, k, v, mask, logit_cap=cap, dropout_rate=rate, dropout_rng=rng, causal=causal,
+                                window=window if causal else None)
+        return jnp.sum(out * weights), out
+
+    def plain(q, k, v):
+        out = _plain_attention(q, k, v, mask, cap=cap, rate=rate, rng=rng)
+        return jnp.sum(out * weights), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(q, k, v)
+    (_, expected), expected_grads = jax.jit(jax.value_and_grad(plain, (0, 1, 2), has_aux=True))(q, k, v)
+    real = np.asarray(ids != 0)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=1e-5)
+    for name, a, b in zip("qkv", grads, expected_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=f"d{name}")
+
+
+def test_cpu_attention_backward_keeps_no_probabilities():
+    """What causal attention over 1,024 tokens keeps for its backward pass (the residuals ``jax.vjp``
+    closes over) is each block's queries, keys, values and mask, the output and each row's maximum and
+    sum: under a fifth of one ``(B, N, T, T)`` float32 probability array, which plain autodiff keeps."""
+    q, k, v = _qkv(0, 1, 1024, 4, 2, 16)
+    mask = attention_mask(jnp.ones((1, 1024), jnp.int32), causal=True)
+    probabilities = 4 * 1024 * 1024 * 4
+
+    def kept_bytes(fn):
+        return sum(x.nbytes for x in jax.tree.leaves(jax.vjp(fn, q, k, v)[1]))
+
+    assert kept_bytes(lambda q, k, v: grouped_attention(q, k, v, mask, causal=True)) < 0.2 * probabilities
+    assert kept_bytes(lambda q, k, v: _plain_attention(q, k, v, mask)) > probabilities
+
+
 def test_a_fallback_is_never_silent(monkeypatch, caplog):
     """On a GPU, float32 inputs leave cuDNN: the XLA path runs (matching the reference) and says so,
     once per reason however many layers trace it."""

@@ -7,8 +7,9 @@ dtype, the mask's form), so the choice is testable anywhere:
 ==========  =================================================================================
 backend     kernel
 ==========  =================================================================================
-CPU         :func:`grouped_attention`: two rank-3 batched matmuls per (batch x KV head) group
-            (XLA:CPU runs the rank-5 dots of the generic path about 2x slower).
+CPU         :func:`grouped_attention`: rank-3 batched matmuls per (batch x KV head) group
+            (XLA:CPU runs the rank-5 dots of the generic path about 2x slower); causal rows in
+            query blocks that skip the masked keys, and flash attention's backward.
 GPU         cuDNN fused (flash) attention. Packed rows reach it as per-segment lengths and
             offsets (cuDNN's packed layout: no ``T x T`` mask is built); causality and a causal
             sliding window are kernel flags.
@@ -20,13 +21,14 @@ Where the backend's kernel cannot take the inputs (float32 on a GPU, a head dim 
 soft-capping on a GPU, a sequence length splash cannot tile, a dense mask given by the caller),
 the XLA path with a dense mask runs instead and a one-line notice says why, once per reason.
 Dropout on the attention probabilities (BERT's ``attention_probs_dropout_prob`` in training)
-always runs :func:`grouped_attention`, the one path that materialises the probabilities; its
+always runs :func:`grouped_attention`, the one path with a dropout of its own; its
 bits come from the caller's key (:func:`jaxtune.models.dropout.keep_mask`, as the rest of a model's dropout).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Any
 
@@ -181,12 +183,15 @@ def dot_product_attention(
             choice = KernelChoice(XLA)
     if choice.kernel == SPLASH:
         return splash_attention(q, k, v, segment_ids, causal=causal, window=window, scale=scale, logit_cap=logit_cap)
+    own_mask = mask is None  # built here from segment ids, causality and window: self-attention
     if mask is None and (segment_ids is not None or (choice.kernel == GROUPED and (causal or window is not None))):
         ids = segment_ids if segment_ids is not None else jnp.ones((1, q.shape[1]), jnp.int32)
         mask = attention_mask(ids, causal=causal, window=window)
     if choice.kernel == GROUPED:
+        blocks = own_mask and causal  # a caller's mask (KV-cache decoding) has no causal structure to skip
         return grouped_attention(q, k, v, mask, scale=scale, logit_cap=logit_cap,
-                                 dropout_rate=dropout_rate if dropout else 0.0, dropout_rng=dropout_rng)
+                                 dropout_rate=dropout_rate if dropout else 0.0, dropout_rng=dropout_rng,
+                                 causal=blocks, window=window if blocks else None)
     if mask is None:  # plain causality and windows as flags
         return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=causal,
                                             local_window_size=_local_window(window, causal, k.shape[1]),
@@ -246,38 +251,115 @@ def _local_window(window: Window, causal: bool, length: int) -> tuple[int, int] 
 
 def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale: float | None = None,
                       logit_cap: float | None = None, dropout_rate: float = 0.0,
-                      dropout_rng: Array | None = None) -> Array:
-    """Softmax attention as two rank-3 batched matmuls over ``B*K`` (batch x KV head) groups.
+                      dropout_rng: Array | None = None, causal: bool = False, window: Window = None) -> Array:
+    """Softmax attention as rank-3 batched matmuls over ``B*K`` (batch x KV head) groups.
 
     The ``G = N / K`` query heads that share a KV head are stacked along the query axis, so
     keys and values are never repeated. Scores and softmax are float32 (whatever the input
     dtype); masked scores get the float32 minimum, so a fully masked row (padding) averages
     the values instead of producing NaN. Shapes, ``scale`` and ``logit_cap`` as
-    :func:`dot_product_attention`.
+    :func:`dot_product_attention`; ``mask`` broadcastable to ``(B, 1, T, S)``.
+
+    ``causal`` (self-attention whose ``mask`` is already causal, ``window`` its causal sliding
+    window): queries go in blocks of :data:`QUERY_BLOCK`, and each block reads only the keys it can
+    see (up to its last query; from its first query's window start), so the masked triangle is
+    not computed: at 1,024 tokens that is ~45 % of the scores. The gradient is flash attention's
+    (:func:`_attend`): the probabilities are recomputed from each row's saved maximum and sum
+    instead of being kept for the backward pass, which halves the step's temporaries.
 
     ``dropout_rate`` > 0 (with ``dropout_rng``) zeroes each probability with that chance and
     scales the rest by ``1 / (1 - rate)``, as ``torch.nn.functional.dropout`` on BERT's
     attention probabilities; the bits are drawn as ``(B, N, T, S)`` (heads in query-head order),
-    so they do not depend on how the heads are grouped.
+    so they do not depend on how the heads are grouped or blocked.
     """
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
     g = n // kv
-    qg = q.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv, g * t, h)
-    kf = k.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
-    vf = v.transpose(0, 2, 1, 3).reshape(b * kv, s, h)
     scale = h ** -0.5 if scale is None else scale
-    scores = softcap(jnp.einsum("xqh,xsh->xqs", qg, kf, preferred_element_type=jnp.float32) * scale, logit_cap)
+    keep = keep_mask(dropout_rng, dropout_rate, (b, n, t, s)) if dropout_rate > 0 else None
+    if causal and s != t:
+        raise ValueError(f"grouped_attention: causal blocks need self-attention (T == S), got T={t}, S={s}")
+    left = window_bounds(window, True)[0] if causal and window is not None else None
+    outs = []
+    for start in range(0, t, QUERY_BLOCK if causal else t):
+        stop = min(t, start + QUERY_BLOCK) if causal else t
+        first, last = (max(0, start - left) if left is not None else 0, stop) if causal else (0, s)
+        rows, keys = slice(start, stop), slice(first, last)
+        qg = q[:, rows].reshape(b, stop - start, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv, -1, h)
+        kf, vf = (x[:, keys].transpose(0, 2, 1, 3).reshape(b * kv, last - first, h) for x in (k, v))
+        block_mask = None if mask is None else _rows_and_keys(mask, rows, keys)[:, :, None]  # (B|1, 1, 1, Tb, Sb)
+        block_keep = None if keep is None else keep[:, :, rows, keys].reshape(b * kv, g * (stop - start), -1)
+        out = _attend(qg, kf, vf, block_mask, block_keep, scale, logit_cap, dropout_rate, (b, kv, g))
+        outs.append(out.reshape(b, kv, g, stop - start, h).transpose(0, 3, 1, 2, 4).reshape(b, stop - start, n, h))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+# Queries per block of the causal CPU attention. The tiny-Llama LoRA step (2 cores, rows of 1,024 tokens)
+# took 0.71x the unblocked step's time with blocks of 128, 0.73x with 256, 0.80x with 64.
+QUERY_BLOCK = 128
+
+
+def _rows_and_keys(mask: Array, rows: slice, keys: slice) -> Array:
+    """``mask[:, :, rows, keys]`` where those axes are full size; a broadcast (size-1) axis stays."""
+    return mask[:, :, rows if mask.shape[2] > 1 else slice(None), keys if mask.shape[3] > 1 else slice(None)]
+
+
+def _scores(qg: Array, kf: Array, mask: Array | None, scale: float, cap: float | None,
+            groups: tuple[int, int, int]) -> tuple[Array, Array]:
+    """Masked float32 scores ``(B*K, G*T, S)``, and the scaled ones before capping (for its gradient)."""
+    raw = jnp.einsum("xqh,xsh->xqs", qg, kf, preferred_element_type=jnp.float32) * scale
+    scores = softcap(raw, cap)
     if mask is not None:
-        scores = scores.reshape(b, kv, g, t, s)
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min).reshape(b * kv, g * t, s)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if dropout_rate > 0:
-        keep = keep_mask(dropout_rng, dropout_rate, (b, n, t, s))
-        keep = keep.reshape(b * kv, g * t, s)  # (B, K*G, T, S) in memory order is (B*K, G*T, S)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("xqs,xsh->xqh", probs.astype(v.dtype), vf)
-    return out.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+        x, q, s = scores.shape
+        scores = jnp.where(mask, scores.reshape(*groups, q // groups[2], s), jnp.finfo(jnp.float32).min)
+        scores = scores.reshape(x, q, s)
+    return scores, raw
+
+
+def _dropped(p: Array, keep: Array | None, rate: float) -> Array:
+    return p if keep is None else jnp.where(keep, p / (1.0 - rate), 0.0)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _attend(qg: Array, kf: Array, vf: Array, mask: Array | None, keep: Array | None, scale: float,
+            cap: float | None, rate: float, groups: tuple[int, int, int]) -> Array:
+    """One block of grouped attention: ``qg`` ``(B*K, G*Tb, H)``, ``kf``/``vf`` ``(B*K, Sb, H)``, ``mask``
+    broadcastable to ``(B, K, G, Tb, Sb)``, ``keep`` ``(B*K, G*Tb, Sb)`` bool or None -> ``(B*K, G*Tb, H)``
+    in ``vf``'s dtype; ``groups`` is ``(B, K, G)``."""
+    return _attend_forward(qg, kf, vf, mask, keep, scale, cap, rate, groups)[0]
+
+
+def _attend_forward(qg: Array, kf: Array, vf: Array, mask: Array | None, keep: Array | None, scale: float,
+                    cap: float | None, rate: float, groups: tuple[int, int, int]) -> tuple[Array, tuple]:
+    scores, _ = _scores(qg, kf, mask, scale, cap, groups)
+    top = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.exp(scores - top)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    out = jnp.einsum("xqs,xsh->xqh", _dropped(e, keep, rate).astype(vf.dtype), vf,
+                     preferred_element_type=jnp.float32) / total
+    out = out.astype(vf.dtype)
+    return out, (qg, kf, vf, mask, keep, out, top, total)
+
+
+def _attend_backward(scale: float, cap: float | None, rate: float, groups: tuple[int, int, int],
+                     residuals: tuple, d_out: Array) -> tuple[Array, Array, Array, None, None]:
+    qg, kf, vf, mask, keep, out, top, total = residuals
+    scores, raw = _scores(qg, kf, mask, scale, cap, groups)
+    p = jnp.exp(scores - top) / total  # the forward's probabilities, recomputed
+    dv = jnp.einsum("xqs,xqh->xsh", _dropped(p, keep, rate).astype(vf.dtype), d_out.astype(vf.dtype))
+    dp = _dropped(jnp.einsum("xqh,xsh->xqs", d_out, vf, preferred_element_type=jnp.float32), keep, rate)
+    # Softmax's backward: sum_j p_j dp_j is the row's d_out . out (dropout included).
+    row = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    ds = p * (dp - row) * scale
+    if cap is not None:  # d/dx cap * tanh(x / cap); from the uncapped scores (masked entries have p = 0)
+        ds = ds * (1.0 - jnp.square(jnp.tanh(raw / cap)))
+    ds = ds.astype(qg.dtype)
+    dq = jnp.einsum("xqs,xsh->xqh", ds, kf).astype(qg.dtype)
+    dk = jnp.einsum("xqs,xqh->xsh", ds, qg)
+    return dq, dk.astype(kf.dtype), dv.astype(vf.dtype), None, None
+
+
+_attend.defvjp(_attend_forward, _attend_backward)
 
 
 # ----------------------------------------------------------------------------- GPU: cuDNN
