@@ -115,6 +115,24 @@ def _plain_attention(q, k, v, mask, *, cap=None, rate=0.0, rng=None):
     return jnp.einsum("bnts,bsnh->btnh", probs, jnp.repeat(v, g, 2))
 
 
+def _assert_same_attention(ours, reference, qkv, ids, weights, *, out_atol: float, grad_atol: float) -> None:
+    """``ours(q, k, v)`` equals ``reference(q, k, v)`` on real tokens (padding outputs are undefined), and so
+    do the gradients of ``sum(out * weights)`` (weights zero on padding, as the losses read it)."""
+    def loss(fn):
+        def value(*x):
+            out = fn(*x)
+            return jnp.sum(out * weights), out
+
+        return jax.jit(jax.value_and_grad(value, (0, 1, 2), has_aux=True))
+
+    (_, out), grads = loss(ours)(*qkv)
+    (_, expected), expected_grads = loss(reference)(*qkv)
+    real = np.asarray(ids != 0)
+    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=out_atol)
+    for name, a, b in zip("qkv", grads, expected_grads, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=grad_atol, err_msg=f"d{name}")
+
+
 # (causal, window, soft-cap, dropout rate): decoders (full, sliding window, Gemma 2's cap) and encoders
 BLOCK_CASES = [(True, None, None, 0.0), (True, 21, None, 0.0), (True, None, 5.0, 0.0), (True, None, None, 0.2),
                (False, None, None, 0.1), (False, (9, 12), 3.0, 0.0)]
@@ -133,20 +151,11 @@ def test_cpu_attention_blocks_and_backward_equal_plain_attention(monkeypatch, ca
     rng = jax.random.key(7)
 
     def ours(q, k, v):
-        out = grouped_attention(q, k, v, mask, logit_cap=cap, dropout_rate=rate, dropout_rng=rng, causal=causal,
-                                window=window if causal else None)
-        return jnp.sum(out * weights), out
+        return grouped_attention(q, k, v, mask, logit_cap=cap, dropout_rate=rate, dropout_rng=rng, causal=causal,
+                                 window=window if causal else None)
 
-    def plain(q, k, v):
-        out = _plain_attention(q, k, v, mask, cap=cap, rate=rate, rng=rng)
-        return jnp.sum(out * weights), out
-
-    (_, out), grads = jax.jit(jax.value_and_grad(ours, (0, 1, 2), has_aux=True))(q, k, v)
-    (_, expected), expected_grads = jax.jit(jax.value_and_grad(plain, (0, 1, 2), has_aux=True))(q, k, v)
-    real = np.asarray(ids != 0)
-    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=1e-5)
-    for name, a, b in zip("qkv", grads, expected_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, err_msg=f"d{name}")
+    _assert_same_attention(ours, lambda q, k, v: _plain_attention(q, k, v, mask, cap=cap, rate=rate, rng=rng),
+                           (q, k, v), ids, weights, out_atol=1e-5, grad_atol=1e-5)
 
 
 def test_cpu_attention_backward_keeps_no_probabilities():
@@ -235,20 +244,12 @@ def test_splash_matches_reference_forward_and_gradients(case):
     weights = jax.random.normal(jax.random.key(2), q.shape) * (ids != 0)[:, :, None, None]
 
     def reference(q, k, v):
-        mask = attention_mask(ids, causal=causal, window=window)
-        out = grouped_attention(q, k, v, mask, scale=0.3, logit_cap=cap)
-        return jnp.sum(out * weights), out
+        return grouped_attention(q, k, v, attention_mask(ids, causal=causal, window=window), scale=0.3, logit_cap=cap)
 
     def splash(q, k, v):
-        out = splash_attention(q, k, v, ids, causal=causal, window=window, scale=0.3, logit_cap=cap)
-        return jnp.sum(out * weights), out
+        return splash_attention(q, k, v, ids, causal=causal, window=window, scale=0.3, logit_cap=cap)
 
-    (_, expected), expected_grads = jax.jit(jax.value_and_grad(reference, (0, 1, 2), has_aux=True))(q, k, v)
-    (_, out), grads = jax.jit(jax.value_and_grad(splash, (0, 1, 2), has_aux=True))(q, k, v)
-    real = np.asarray(ids != 0)
-    np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=2e-5)
-    for name, ours, theirs in zip("qkv", grads, expected_grads, strict=True):
-        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), atol=1e-4, err_msg=f"d{name}")
+    _assert_same_attention(splash, reference, (q, k, v), ids, weights, out_atol=2e-5, grad_atol=1e-4)
 
 
 def test_a_model_runs_splash_through_the_dispatch(monkeypatch):
