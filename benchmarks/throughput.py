@@ -100,7 +100,9 @@ def _jax_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool) -> dic
 
     bf16 = work.get("bf16", gpu)
     compute = "bfloat16" if bf16 else "float32"
-    arch, cfg, module = hf.build(hf_config, dtype=compute, param_dtype=compute, remat=work.get("remat", "none"))
+    unroll = {"auto": "auto", "true": True, "false": False}[work.get("unroll_layers", "auto")]
+    arch, cfg, module = hf.build(hf_config, dtype=compute, param_dtype=compute, remat=work.get("remat", "none"),
+                                 unroll_layers=unroll)
     params = jax.jit(module.init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
     plan = tuning.lora(rank=16, alpha=32) if work["method"] == "lora" else tuning.full()
     tuned = tuning.apply_plan(hf.Pretrained(cfg, module, params, hf_config, "random", arch), plan,
@@ -330,6 +332,8 @@ def main() -> None:
     ap.add_argument("--torch-compile", action="store_true", help="also time torch.compile'd HF+PEFT")
     ap.add_argument("--jaxtune-host-malloc", choices=("auto", "keep", "system"), default="auto",
                     help="JAXTUNE_HOST_MALLOC for jaxtune (system: glibc's defaults, as before it kept freed memory)")
+    ap.add_argument("--jaxtune-unroll-layers", choices=("auto", "true", "false"), default="auto",
+                    help="jaxtune's model.unroll_layers (auto: as it ships; false: the layer loop, as before it)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-MODE.json)")
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # internal: worker mode
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
@@ -345,13 +349,14 @@ def main() -> None:
     malloc = {**HOST_MALLOC, "jaxtune": args.jaxtune_host_malloc}
     results = []
     for work in MODES[mode]:
-        results.append(run_workload({**work, "gpu": mode == "gpu"}, rounds, steps, args.threads,
+        results.append(run_workload({**work, "gpu": mode == "gpu", "unroll_layers": args.jaxtune_unroll_layers},
+                                    rounds, steps, args.threads,
                                     args.torch_compile, env, malloc))
         print(f"done {work['shape']} {work['method']}", file=sys.stderr)
     record = {"date": now(), "command": " ".join(sys.argv), "mode": mode, "machine": machine(),
               "load_average_at_start": load_at_start,
               "threads_per_side": args.threads, "rounds": rounds, "steps_per_round": steps,
-              "host_malloc": malloc,
+              "host_malloc": malloc, "jaxtune_unroll_layers": args.jaxtune_unroll_layers,
               "versions": versions(), "shapes": {w["shape"]: SHAPES[w["shape"]] for w in MODES[mode]},
               "results": results}
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"throughput-{mode}.json")

@@ -13,7 +13,7 @@ import pytest
 
 from jaxtune import tuning
 from jaxtune.models import stacking
-from jaxtune.models.decoder import Decoder, DecoderConfig
+from jaxtune.models.decoder import UNROLL_AUTO_LAYERS, Decoder, DecoderConfig, init_cache
 from jaxtune.models.hf import FAMILIES, Pretrained
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.sharding import MeshConfig, make_mesh, param_shardings, param_specs
@@ -23,7 +23,7 @@ P = jax.sharding.PartitionSpec
 NamedSharding = jax.sharding.NamedSharding
 
 CFG = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=4, num_heads=4, num_kv_heads=2,
-                    head_dim=8)
+                    head_dim=8, unroll_layers=False)
 RANK = 4
 IDS = np.random.RandomState(0).randint(1, 64, (2, 8)).astype(np.int32)
 BATCH = {"input_ids": IDS, "targets": np.roll(IDS, -1, axis=1), "loss_weights": np.ones((2, 8), np.float32),
@@ -82,6 +82,44 @@ def test_partly_frozen_stack_keeps_frozen_layers_free(unrolled_and_scanned):
     assert set(stacking.unstack(grads)) == set(ref_grads) == {"layers_2", "layers_3"}
     jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5),
                  stacking.unstack(grads), ref_grads)
+
+
+def test_unrolled_program_computes_what_the_loop_does(unrolled_and_scanned):
+    """``unroll_layers``: the same stacked params run as a loop or unrolled give the same loss and
+    gradients (a partly planned stack of three runs) and the same cached decoding; only the loop
+    compiles to a while loop, and "auto" unrolls a shallow stack on a single CPU device only."""
+    _, scanned = unrolled_and_scanned
+    plan = tuning.lora(rank=RANK, blocks="last:2") + tuning.train(kinds=["norms"], blocks=[3])
+    out = {}
+    for unroll in (False, True):
+        cfg = dataclasses.replace(CFG, unroll_layers=unroll)
+        whole = Pretrained(cfg, Decoder(cfg), scanned.params, {}, "random", "LlamaForCausalLM")  # one run of 4
+        hlo = jax.jit(whole.module.apply).lower({"params": whole.params}, IDS).as_text()
+        tuned = tuning.apply_plan(whole, plan)
+        assert tuned.config.unrolls() is unroll and tuned.config.layer_groups == (2, 1, 1)
+        trainable, frozen = tuning.partition(tuned.params, tuned.labels)
+        module = Decoder(tuned.config)
+        variables = {"params": tuning.combine(trainable, frozen)}
+        cache = init_cache(tuned.config, 2, 12)
+        positions = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+        prefill, cache = module.apply(variables, IDS, positions, cache, method=Decoder.decode)
+        step, _ = module.apply(variables, IDS[:, :1], positions[:, :1] + 8, cache, method=Decoder.decode)
+        out[unroll] = (_grads(tuned), prefill, step, hlo.count("stablehlo.while"))
+    (loss, grads), prefill, step, loops = out[False]
+    (loss_u, grads_u), prefill_u, step_u, loops_u = out[True]
+    assert (loops, loops_u) == (1, 0)
+    np.testing.assert_allclose(float(loss_u), float(loss), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5),
+                 grads_u, grads)
+    np.testing.assert_allclose(np.asarray(prefill_u), np.asarray(prefill), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(step_u), np.asarray(step), atol=1e-5)
+
+    auto = dataclasses.replace(CFG, unroll_layers="auto")
+    single_cpu = jax.default_backend() == "cpu" and jax.device_count() == 1
+    assert auto.unrolls() is single_cpu  # the suite simulates 8 devices: a mesh keeps the loop
+    assert not dataclasses.replace(auto, num_layers=UNROLL_AUTO_LAYERS + 1).unrolls()
+    with pytest.raises(ValueError, match=r"model.unroll_layers: expected true, false or auto, got 'yes'"):
+        dataclasses.replace(CFG, unroll_layers="yes")
 
 
 def test_stacking_round_trip_and_mismatched_runs():

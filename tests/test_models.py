@@ -101,6 +101,22 @@ def test_remat_policies_give_same_logits_and_grads(remat, tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g_plain, g_remat)
 
 
+def test_unroll_layers_reaches_a_decoder_and_is_refused_by_an_encoder(tmp_path):
+    """``model.unroll_layers`` from a recipe or ``load()``: a decoder's config carries it; a family
+    without a scanned stack (BERT) gets a one-line error naming the field, not a TypeError."""
+    from jaxtune.data.testing import tiny_tokenizer
+    from jaxtune.models.load import LoadError, load
+
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    tiny_hf_model("BertModel", tmp_path / "bert")
+    assert load(str(tmp_path / "llama"), unroll_layers=True).config.unrolls()
+    assert not load(str(tmp_path / "llama"), unroll_layers=False).config.unrolls()
+    with pytest.raises(LoadError, match=r"model.unroll_layers: False is not supported by the model in .*bert.*; "
+                                        r"leave model.unroll_layers out"):
+        load(str(tmp_path / "bert"), unroll_layers=False)
+
+
 # ----------------------------------------------------------------------------- encoder
 
 
