@@ -47,6 +47,9 @@ frozen pretrained features (mean-pooled, from the PyTorch model).
   count-lite0          84x84 canvases with 0-5 Fashion-MNIST items, regress the count, MAE; BatchNorm
                        statistics stay pretrained everywhere (updated ones lag the weights over 125
                        steps and cost the regression: benchmarks/RESULTS.md).
+  --paired             (image tasks) the same run on both sides but for float drift: no dropout or
+                       drop-connect, and PyTorch reads grain's row order and starts its new head from
+                       jaxtune's initial head, so a difference in the result is one of method, not of seed.
 
   smollm2-dpo-lora   SmolLM2-135M-Instruct + rotten_tomatoes_preference (the chat task's reviews,
                      the true sentiment word preferred over the wrong one; 800 / 400 pairs):
@@ -63,6 +66,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -142,6 +146,7 @@ class ImageTask:
     regression_loss: str = "mse"
     seeds: tuple[int, ...] = (0,)  # one run per seed and side (head init, dropout, row order)
     frozen_statistics: bool = False  # BatchNorm statistics stay pretrained in the trained blocks too
+    paired: bool = False  # --paired: no random parts; PyTorch takes jaxtune's row order and head init
 
 
 IMAGE_TASKS: dict[str, ImageTask] = {
@@ -534,14 +539,55 @@ def write_image_data(task: ImageTask, folder: Path) -> dict[str, Path]:
                "fashion_mnist_count": image_datasets.prepare_fashion_mnist_count}[task.dataset]
     prepared = prepare(train_size=task.train, test_size=task.test)
     folder.mkdir(parents=True, exist_ok=True)
-    return {"train": prepared.train, "test": prepared.test, "model": fetch_model(task.model),
+    model = fetch_model(task.model)
+    if task.paired:  # the model directory with its dropout and drop-connect rates at 0
+        quiet = folder / "model-without-random-parts"
+        shutil.copytree(model, quiet, dirs_exist_ok=True)
+        config = json.loads((model / "config.json").read_text())
+        (quiet / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.0, "drop_connect_rate": 0.0}))
+        model = quiet
+    return {"train": prepared.train, "test": prepared.test, "model": model,
             "learning_rates": write_learning_rates(task, folder)}
+
+
+def _jaxtune_start(task: ImageTask, files: dict[str, str], train: Any) -> tuple[Any, Any]:
+    """What ``--paired`` gives PyTorch from jaxtune's run: the row order of each epoch (grain's, as
+    jaxtune's image loader shuffles; checked against that loader's first batch) and the new head's
+    initial ``(kernel (1280, K), bias (K,))`` (``apply_plan`` with the run's key, as the recipe does)."""
+    import grain
+    import jax
+    import numpy as np
+    from flax.traverse_util import flatten_dict
+
+    from jaxtune import tuning
+    from jaxtune.data import LoaderConfig
+    from jaxtune.data.images import ImageSpec, image_loader
+    from jaxtune.models import hf
+
+    seed, n = task.seeds[0], len(train)
+    shuffled = grain.MapDataset.range(n).seed(seed).shuffle().repeat(None)
+    order = np.concatenate([[shuffled[e * n + i] for i in range(n)] for e in range(task.epochs)])
+    first = next(iter(image_loader(train, ImageSpec.from_model_dir(224, 3, files["model"]),
+                                   LoaderConfig(batch_size=task.batch_size, seed=seed), train=True)))
+    if not np.array_equal(first["labels"], train.labels[order[:task.batch_size]]):
+        raise RuntimeError("--paired: grain's row order here is not the one jaxtune's image loader reads")
+    kind = task.kind.removeprefix("image-")
+    tuned = tuning.apply_plan(hf.load_pretrained(files["model"]), tuning.Plan.from_data(
+        [{"preset": "freeze_all_but", "last_n_blocks": task.last_blocks}, {"action": "head", "task": kind}]),
+        jax.random.key(seed), data=train)
+    flat = flatten_dict(tuned.params)
+    return order, (np.asarray(flat[("head", "out", "kernel")]), np.asarray(flat[("head", "out", "bias")]))
 
 
 def jaxtune_image_side(task: ImageTask, files: dict[str, str], run_dir: str) -> dict[str, Any]:
     """The image task through ``jaxtune.finetune``."""
+    return timed_finetune(jaxtune_image_recipe(task, files, run_dir))
+
+
+def jaxtune_image_recipe(task: ImageTask, files: dict[str, str], run_dir: str) -> dict[str, Any]:
+    """The image task as a jaxtune recipe (the data of a YAML file)."""
     kind = task.kind.removeprefix("image-")
-    return timed_finetune({
+    return {
         "model": {"path": files["model"]},
         "plan": [{"preset": "freeze_all_but", "last_n_blocks": task.last_blocks},
                  *([{"action": "freeze", "match": "running_(mean|var)$"}] if task.frozen_statistics else []),
@@ -556,7 +602,7 @@ def jaxtune_image_side(task: ImageTask, files: dict[str, str], run_dir: str) -> 
         "eval": {"cache_base": False},  # the PyTorch side scores its base model in every run too
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
-    })
+    }
 
 
 def _image_inputs(task: ImageTask, files: dict[str, str]) -> tuple[Any, Any, Any]:
@@ -606,6 +652,16 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
     model._fc = torch.nn.Linear(1280, len(train.label_names) if kind == "classification" else 1)
     torch.nn.init.normal_(model._fc.weight, std=0.02)  # jaxtune's head init, as the text side's heads
     torch.nn.init.zeros_(model._fc.bias)
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(task.epochs)]).tolist()
+    if task.paired:
+        model._dropout.p = 0.0
+        model._global_params = model._global_params._replace(drop_connect_rate=0.0)
+        order, (kernel, bias) = _jaxtune_start(task, files, train)
+        order = order.tolist()
+        with torch.no_grad():
+            model._fc.weight.copy_(torch.from_numpy(kernel.T.copy()))
+            model._fc.bias.copy_(torch.from_numpy(bias.copy()))
     head = {id(p) for p in model._fc.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": ps, "weight_decay": task.weight_decay if decay else 0.0,
@@ -630,8 +686,6 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
     before = predict()
     train_start = time.perf_counter()
     train_mode()
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(task.epochs)]).tolist()
     for step, lr in enumerate(learning_rates):
         idx = order[step * task.batch_size:(step + 1) * task.batch_size]
         out = model(pixels(train, idx)).float()
@@ -855,6 +909,9 @@ def main() -> None:
                     "its batch_size examples; PyTorch pads each batch to its longest row)")
     ap.add_argument("--packed-rows", type=int, default=None,
                     help="with --packing: rows per step for every task (default: each task's packed_rows)")
+    ap.add_argument("--paired", action="store_true",
+                    help="image tasks: no dropout or drop-connect on either side; PyTorch reads jaxtune's row order "
+                    "and starts from its head init (differences are of method, not seed)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json); seeded tasks "
                     "also append each finished run to its .runs.jsonl sibling as it ends")
     ap.add_argument("--work", default=None, help="folder for rows and runs (default: a temporary one)")
@@ -887,6 +944,10 @@ def main() -> None:
         tasks = {n: dataclasses.replace(t, seeds=seeds) for n, t in tasks.items()}
     if args.static_padding:
         tasks = {n: dataclasses.replace(t, pad_to_multiple_of=None) for n, t in tasks.items()}
+    if args.paired:
+        if not any(isinstance(t, ImageTask) for t in tasks.values()):
+            ap.error("--paired applies to the image tasks (fashion-mnist-lite0, count-lite0); choose one with --tasks")
+        tasks = {n: dataclasses.replace(t, paired=True) if isinstance(t, ImageTask) else t for n, t in tasks.items()}
     if args.packing:
         tasks = {n: dataclasses.replace(t, packing=True, packed_rows=args.packed_rows or t.packed_rows)
                  if t.kind in ("classification", "regression", "chat") else t for n, t in tasks.items()}

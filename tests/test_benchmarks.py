@@ -160,3 +160,41 @@ def test_quality_merge_combines_seeded_records_of_separate_runs(quality, tmp_pat
     paths[2].write_text(json.dumps(other))
     with pytest.raises(ValueError, match=r"pytorch1\.json: task 'dpo' was run with another setup"):
         quality.merge_records(paths)
+
+
+@pytest.mark.slow
+def test_paired_image_runs_give_pytorch_jaxtunes_row_order_and_head_init(quality, tmp_path):
+    """``quality.py --paired``: the PyTorch side reads the rows in the order jaxtune's run reads them
+    (its trainer's loader: a whole epoch and the next epoch's first batch) and starts its head from
+    the run's initial head; the model directory has no random parts."""
+    import dataclasses
+
+    import numpy as np
+    from flax.traverse_util import flatten_dict
+    from helpers import skip_or_fail
+
+    from jaxtune import config as config_lib
+    from jaxtune.assets import FetchError
+    from jaxtune.data.images import read_images
+    from jaxtune.recipe import trainer_for
+
+    task = dataclasses.replace(quality.IMAGE_TASKS["fashion-mnist-lite0"], train=64, test=16, batch_size=16, epochs=2,
+                               seeds=(3,), paired=True)
+    try:
+        files = {k: str(v) for k, v in quality.write_image_data(task, tmp_path).items()}
+    except FetchError as err:
+        skip_or_fail(f"EfficientNet-Lite0 or Fashion-MNIST could not be fetched here: {err}")
+    config = json.loads((Path(files["model"]) / "config.json").read_text())
+    assert config["dropout_rate"] == config["drop_connect_rate"] == 0.0
+    train = read_images(files["train"], "classification")
+    order, (kernel, bias) = quality._jaxtune_start(task, files, train)
+    assert sorted(order[:64]) == list(range(64)) and not np.array_equal(order[:64], order[64:128])
+
+    recipe = quality.jaxtune_image_recipe(task, files, str(tmp_path / "run"))
+    trainer = trainer_for(config_lib.validate(config_lib.from_data(config_lib.Config, recipe)))
+    labels = [batch["labels"] for _, batch in zip(range(5), trainer.train_data)]  # 4 batches an epoch, then 1
+    np.testing.assert_array_equal(np.concatenate(labels), train.labels[order[:80]])
+    head = flatten_dict(trainer.tuned.params)
+    np.testing.assert_array_equal(kernel, np.asarray(head[("head", "out", "kernel")]))
+    np.testing.assert_array_equal(bias, np.asarray(head[("head", "out", "bias")]))
+    assert kernel.shape == (1280, 10) and np.abs(kernel).max() > 0
