@@ -571,10 +571,8 @@ def _jaxtune_start(task: ImageTask, files: dict[str, str], train: Any) -> tuple[
                                    LoaderConfig(batch_size=task.batch_size, seed=seed), train=True)))
     if not np.array_equal(first["labels"], train.labels[order[:task.batch_size]]):
         raise RuntimeError("--paired: grain's row order here is not the one jaxtune's image loader reads")
-    kind = task.kind.removeprefix("image-")
-    tuned = tuning.apply_plan(hf.load_pretrained(files["model"]), tuning.Plan.from_data(
-        [{"preset": "freeze_all_but", "last_n_blocks": task.last_blocks}, {"action": "head", "task": kind}]),
-        jax.random.key(seed), data=train)
+    plan = tuning.Plan.from_data(jaxtune_image_recipe(task, files, "")["plan"])
+    tuned = tuning.apply_plan(hf.load_pretrained(files["model"]), plan, jax.random.key(seed), data=train)
     flat = flatten_dict(tuned.params)
     return order, (np.asarray(flat[("head", "out", "kernel")]), np.asarray(flat[("head", "out", "bias")]))
 
@@ -652,8 +650,6 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
     model._fc = torch.nn.Linear(1280, len(train.label_names) if kind == "classification" else 1)
     torch.nn.init.normal_(model._fc.weight, std=0.02)  # jaxtune's head init, as the text side's heads
     torch.nn.init.zeros_(model._fc.bias)
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(task.epochs)]).tolist()
     if task.paired:
         model._dropout.p = 0.0
         model._global_params = model._global_params._replace(drop_connect_rate=0.0)
@@ -662,6 +658,9 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
         with torch.no_grad():
             model._fc.weight.copy_(torch.from_numpy(kernel.T.copy()))
             model._fc.bias.copy_(torch.from_numpy(bias.copy()))
+    else:
+        generator = torch.Generator().manual_seed(seed)
+        order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(task.epochs)]).tolist()
     head = {id(p) for p in model._fc.parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": ps, "weight_decay": task.weight_decay if decay else 0.0,

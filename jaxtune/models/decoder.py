@@ -455,9 +455,8 @@ def scanned_run(cfg: DecoderConfig, block_class: type[nn.Module], start: int, st
     """Layers ``start..stop-1`` as one ``nn.scan`` over :class:`LayerStep` (params and sown :data:`AUX`
     values stacked on axis 0; dropout and init keys split per layer; the cache slices scanned, everything
     else broadcast), unrolled in the compiled program where :meth:`DecoderConfig.unrolls`."""
-    length = stop - start
     scan = nn.scan(LayerStep, variable_axes={"params": 0, AUX: 0}, split_rngs={"params": True, "dropout": True},
-                   in_axes=(nn.broadcast,) * 5 + (0,), length=length, unroll=True if cfg.unrolls() else 1)
+                   in_axes=(nn.broadcast,) * 5 + (0,), length=stop - start, unroll=cfg.unrolls())
     return scan(cfg.layer_config(start), cfg.windows[start], block_class)
 
 

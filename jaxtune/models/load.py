@@ -187,7 +187,8 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
         else:
             pretrained = hf.load_pretrained(directory, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, **overrides)
     except TypeError as err:
-        name = next((name for name in overrides if repr(name) in str(err)), None)
+        # The field the family refused (its name is in the message), else the only one set.
+        name = next((name for name in overrides if repr(name) in str(err)), next(iter(overrides), None))
         if name is not None:
             raise LoadError(f"model.{name}: {overrides[name]!r} is not supported by the model in {directory} "
                             f"({err}); leave model.{name} out") from None
