@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -29,6 +30,11 @@ def test_throughput_benchmark_smoke(tmp_path):
         # HF+PEFT twice: glibc's malloc, and jaxtune's host-memory settings (fair in both directions)
         assert set(r["sides"]) == {"jaxtune", "hf+peft", "hf+peft+keep"}
         assert all(s["tokens_per_s"] > 0 for s in r["sides"].values())
+        hf = r["sides"]["hf+peft"]["all_step_s"]  # the speed-up is paired by round: each round's ratio, their median
+        for s in r["sides"].values():
+            assert s["round_speedups_vs_hf"] == [a / b for a, b in zip(hf, s["all_step_s"])]
+            assert s["speedup_vs_hf"] == statistics.median(s["round_speedups_vs_hf"])
+        assert r["sides"]["hf+peft"]["speedup_vs_hf"] == 1.0
     assert record["host_malloc"] == {"jaxtune": "auto", "hf+peft": "system", "hf+peft+keep": "keep",
                                      "hf+peft+compile": "system"}
     assert (tmp_path / "t.png").stat().st_size > 0 and "| workload | side |" in proc.stdout

@@ -14,7 +14,7 @@ from helpers import tiny_hf_model
 from jaxtune.models import decoder, encoder, hf
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh, param_shardings, param_specs, shard
-from jaxtune.train.step import make_loss_fn, make_train_step
+from jaxtune.train.step import all_finite, make_loss_fn, make_train_step
 from jaxtune.tuning.partition import partition
 
 
@@ -160,6 +160,21 @@ def test_non_finite_loss_skips_the_update(llama):
     new, _, metrics = step(trainable, frozen, optimizer.init(trainable), lm_batch(2, 8), jax.random.key(0))
     assert not bool(metrics["finite"])
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new, trainable)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_all_finite_finds_every_non_finite_value_and_nothing_else(dtype):
+    """The update guard's check (max magnitude per leaf), against numpy's isfinite on each element."""
+    big = float(jnp.finfo(dtype).max)
+    ok = {"w": jnp.full((3, 5), big, dtype), "b": -jnp.full((7,), big, dtype), "steps": jnp.arange(4),
+          "empty": jnp.zeros((0, 3), dtype), "tiny": jnp.full((2,), jnp.finfo(dtype).tiny, dtype)}
+    check = jax.jit(all_finite)
+    assert bool(check(ok)) and bool(check({})) and bool(check({"n": jnp.arange(3)}))
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        for leaf, at in (("w", (2, 4)), ("b", (0,)), ("tiny", (1,))):
+            tree = {**ok, leaf: ok[leaf].at[at].set(bad)}
+            assert not np.isfinite(np.asarray(tree[leaf], np.float32)).all()
+            assert not bool(check(tree)), (bad, leaf)
 
 
 def test_classification_loss_ignores_fill_rows(tmp_path):

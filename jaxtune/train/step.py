@@ -264,11 +264,15 @@ def jit_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, 
 
 
 def all_finite(tree: Any) -> Array:
-    """True when every float element of ``tree`` is finite. Each leaf's check fuses into one
-    reduction (no mask is materialised); ``isfinite`` rather than a sum of the values, which
-    overflows on large but finite params, or ``x * 0`` tricks, which fast-math may fold away."""
-    checks = [jnp.isfinite(x).all() for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.stack(checks).all() if checks else jnp.asarray(True)
+    """True when every float element of ``tree`` is finite: each leaf's largest magnitude is finite
+    (XLA's ``max`` propagates NaN, and |-inf| is inf). One reduction per leaf, which XLA fuses with
+    the values' producer. Not ``isfinite(x).all()``: XLA:CPU materialises its boolean mask, and the
+    check took twice as long (11 vs 5.6 ms over 7M float32 params, next to AdamW's 15-18 ms); not a
+    sum of the values, which overflows on large but finite ones; not ``x * 0``, which fast-math may
+    fold away."""
+    peaks = [jnp.max(jnp.abs(x)).astype(jnp.float32) for x in jax.tree.leaves(tree)
+             if jnp.issubdtype(x.dtype, jnp.inexact) and x.size]
+    return jnp.isfinite(jnp.stack(peaks)).all() if peaks else jnp.asarray(True)
 
 
 def make_eval_step(loss_fn: LossFn) -> Callable[[Any, Any, Batch], dict[str, Array]]:
