@@ -62,11 +62,14 @@ from jaxtune.train.sharding import (
     param_shardings,
     shard,
 )
-from jaxtune.train.step import jit_train_step, make_eval_step, make_loss_fn
+from jaxtune.train.step import all_finite, jit_train_step, make_eval_step, make_loss_fn
 from jaxtune.tuning.partition import combine, partition
 from jaxtune.tuning.tuned import Tuned, is_image
 
 log = logging.getLogger(__name__)
+
+# The state's finiteness, checked before each save (one jitted read of the params and optimizer state).
+_all_finite = jax.jit(all_finite)
 Batch = dict[str, np.ndarray]
 Callback = Callable[["Trainer", int, dict[str, float]], None]
 
@@ -521,6 +524,13 @@ class Trainer:
             # This very state is on disk (a periodic save just before a Ctrl-C or the end of the
             # data, or the checkpoint the run resumed from), and Orbax refuses a step twice.
             return
+        if not bool(_all_finite((self.trainable, self.opt_state))):
+            # Steps run ahead of the host's reading of their metrics: a Ctrl-C can come between a
+            # non-finite step and that reading. Its state is never written.
+            good = self.checkpointer.latest_good_step()
+            log.error("step %d: the params or optimizer state are not finite (nan/inf); not saved. Last good "
+                      "checkpoint: %s.", self.step, good if good is not None else "none")
+            return
         # The frozen base is not in the checkpoint: its source is, so resuming re-reads it.
         config = {"base_model": self.tuned.source, **self.resolved_config}
         self.checkpointer.save(self.step, self.trainable, self.opt_state, self.rng, data_iterator=iterator,
@@ -548,11 +558,16 @@ class Trainer:
                         break
                     pending.append(self._one_step(batch, window))
                     last = self.step == self.steps
-                    if self.step % cfg.log_every == 0 or last:
-                        host, pending = jax.device_get(pending), []  # the one place the host waits for the device
-                        bad = next((i for i, m in enumerate(host) if not m["finite"]), None)
-                        if bad is not None:
-                            return self._failed(self.step - len(host) + bad + 1, host[bad]), train_metrics, eval_metrics
+                    evaluates = self.eval_data is not None and self.eval_config.every and (
+                        self.step % self.eval_config.every == 0 or last)
+                    saves = ck.every and self.step % ck.every == 0
+                    logs = self.step % cfg.log_every == 0 or last
+                    # The host reads whether the steps so far were finite before it logs, evaluates or
+                    # saves, so that a non-finite step stops the run before its state is used or written.
+                    if (logs or evaluates or saves) and (failed := self._non_finite(pending)):
+                        return failed, train_metrics, eval_metrics
+                    if logs:
+                        host, pending = jax.device_get(pending), []
                         window.add(sum(float(m["tokens"]) for m in host), len(host))
                         train_metrics = self._train_record(host, *window.read())
                         self._log(train_metrics, tensorboard)
@@ -560,8 +575,7 @@ class Trainer:
                                               eval=eval_metrics, best_step=best.step)
                         for callback in self.callbacks:
                             callback(self, self.step, train_metrics)
-                    if self.eval_data is not None and self.eval_config.every and (
-                            self.step % self.eval_config.every == 0 or last):
+                    if evaluates:
                         started = time.perf_counter()
                         eval_metrics = self._evaluate_and_track(best, tensorboard)
                         window.pause(time.perf_counter() - started)
@@ -572,8 +586,10 @@ class Trainer:
                                      best.step)
                             state = "early_stopped"
                             break
-                    if ck.every and self.step % ck.every == 0 and not last:
+                    if saves and not last:
                         self._save(iterator, best, eval_metrics)
+                if failed := self._non_finite(pending):  # steps since the last reading (the data ran out)
+                    return failed, train_metrics, eval_metrics
                 self._save(iterator, best, eval_metrics)
         except KeyboardInterrupt:
             state = "stopped"
@@ -624,12 +640,20 @@ class Trainer:
         report = self.memory.as_dict() if self.memory is not None else (self.run.status() or {}).get("memory")
         self.run.write_status(state, **fields, **({"memory": report} if report else {}))
 
+    def _non_finite(self, pending: list[dict[str, jax.Array]]) -> str | None:
+        """``"failed"`` (logged, and written to the status) when one of the ``pending`` steps (the
+        last ``len(pending)`` ones) was not finite; None otherwise. The host waits for them."""
+        finite = jax.device_get([m["finite"] for m in pending])
+        bad = next((i for i, ok in enumerate(finite) if not ok), None)
+        return None if bad is None else self._failed(self.step - len(pending) + bad + 1, jax.device_get(pending[bad]))
+
     def _failed(self, bad_step: int, metrics: dict[str, Any]) -> str:
         good = self.checkpointer.latest_good_step()
         what = ("the loss or gradient is not finite (nan/inf)" if not metrics["grad_finite"] else
                 "the update made the params or optimizer state non-finite (nan/inf)")
-        message = (f"step {bad_step}: {what}; the update was skipped and training stopped. Last good checkpoint: "
-                   f"{good if good is not None else 'none'}. Lower the learning rate or check the data.")
+        message = (f"step {bad_step}: {what}; training stopped, and no state from that step on was saved or "
+                   f"evaluated. Last good checkpoint: {good if good is not None else 'none'}. Lower the learning "
+                   "rate or check the data.")
         log.error("%s", message)
         self._write_status("failed", step=self.step, total_steps=self.steps, error=message)
         return "failed"
