@@ -186,10 +186,9 @@ def make_train_step(
     forward passes would update it.
 
     The update is applied whether ``finite`` or not: the caller stops at a non-finite step and
-    never saves its state (the Trainer does). Keeping the old state instead would hold the old and
-    the new params and optimizer state at once (one more copy of both at the step's peak: 82 MiB
-    of temporaries for 7M params, ~96 GB for an 8B model's full fine-tuning) and costs a select
-    over all of them (~5 % of a full fine-tuning step on CPU).
+    never saves its state (the Trainer does). Keeping the old state instead holds the old and the
+    new params and optimizer state at once: a Llama-3 1B shape's full fine-tuning step (AOT, fp32,
+    1 x 512 tokens) needed 13.8 GiB of temporaries that way against 9.2 GiB now.
     """
     k = grad_accum_steps
 
