@@ -525,8 +525,7 @@ class Trainer:
             # data, or the checkpoint the run resumed from), and Orbax refuses a step twice.
             return
         if not bool(_all_finite((self.trainable, self.opt_state))):
-            # Steps run ahead of the host's reading of their metrics: a Ctrl-C can come between a
-            # non-finite step and that reading. Its state is never written.
+            # Every caller has read the finite flags of the steps so far; this is the last line.
             good = self.checkpointer.latest_good_step()
             log.error("step %d: the params or optimizer state are not finite (nan/inf); not saved. Last good "
                       "checkpoint: %s.", self.step, good if good is not None else "none")
@@ -597,6 +596,8 @@ class Trainer:
                 good = self.checkpointer.latest_good_step()
                 log.warning("interrupted during step %d; nothing saved, resume from checkpoint %s", self.step + 1,
                             good if good is not None else "(none: starts over)")
+            elif failed := self._non_finite(pending):  # a step since the host last read them was not finite
+                state = failed
             else:
                 log.warning("interrupted at step %d; saving a checkpoint to resume from", self.step)
                 self._save(iterator, best, eval_metrics)
