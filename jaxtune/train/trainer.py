@@ -62,14 +62,11 @@ from jaxtune.train.sharding import (
     param_shardings,
     shard,
 )
-from jaxtune.train.step import all_finite, jit_train_step, make_eval_step, make_loss_fn
+from jaxtune.train.step import jit_train_step, make_eval_step, make_loss_fn
 from jaxtune.tuning.partition import combine, partition
 from jaxtune.tuning.tuned import Tuned, is_image
 
 log = logging.getLogger(__name__)
-
-# The state's finiteness, checked before each save (one jitted read of the params and optimizer state).
-_all_finite = jax.jit(all_finite)
 Batch = dict[str, np.ndarray]
 Callback = Callable[["Trainer", int, dict[str, float]], None]
 
@@ -520,15 +517,10 @@ class Trainer:
         return Best(saved.get("best_value"), saved.get("best_step"), int(saved.get("bad_evals", 0)))
 
     def _save(self, iterator: Any, best: Best, metrics: dict[str, Any]) -> None:
+        """Checkpoint the current state; every caller has first read the steps' finite flags (_non_finite)."""
         if self.step == self._saved_step:
             # This very state is on disk (a periodic save just before a Ctrl-C or the end of the
             # data, or the checkpoint the run resumed from), and Orbax refuses a step twice.
-            return
-        if not bool(_all_finite((self.trainable, self.opt_state))):
-            # Every caller has read the finite flags of the steps so far; this is the last line.
-            good = self.checkpointer.latest_good_step()
-            log.error("step %d: the params or optimizer state are not finite (nan/inf); not saved. Last good "
-                      "checkpoint: %s.", self.step, good if good is not None else "none")
             return
         # The frozen base is not in the checkpoint: its source is, so resuming re-reads it.
         config = {"base_model": self.tuned.source, **self.resolved_config}
