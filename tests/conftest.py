@@ -9,6 +9,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine); tests/test_host_memory.py runs the default in processes of its own.
 os.environ.setdefault("JAXTUNE_HOST_MALLOC", "system")
 
+from jaxtune.recipe import threads_for_simulated_devices  # noqa: E402
+
+threads_for_simulated_devices(os.environ)  # and so for the `jaxtune` processes the tests start
+
 from absl import flags  # noqa: E402
 
 # grain worker processes read absl flags; unparsed flags crash them.

@@ -73,13 +73,13 @@ class _Run:
     step_fn: Callable | None = None
 
     def trainer(self, run_dir: Path, *, steps: int = STEPS, optimizer=None, save_every: int = SAVE_EVERY,
-                callbacks=(), keep: int = 3) -> Trainer:
+                callbacks=(), keep: int = 3, log_every: int = 1) -> Trainer:
         # Fresh device buffers per trainer: the step donates them.
         tuned = dataclasses.replace(self.tuned, params=jax.tree.map(np.array, self.host_params))
         loader = make_loader(read_source(self.data, "chat"), tiny_tokenizer(),
                              LoaderConfig(batch_size=4, max_length=64, num_epochs=None, seed=0), scan_first=False)
         trainer = Trainer(tuned, train_data=loader, optimizer=optimizer or optax.adam(1e-2),
-                          config=TrainConfig(steps=steps, log_every=1, progress=False),
+                          config=TrainConfig(steps=steps, log_every=log_every, progress=False),
                           checkpoint=CheckpointConfig(every=save_every, keep=keep),
                           run_dir=run_dir, mesh=make_mesh(MeshConfig(), jax.devices()[:1]), callbacks=list(callbacks))
         if optimizer is None:  # the same computation every time: compile it once for the whole file
@@ -321,17 +321,19 @@ def test_leftover_temporary_dirs_are_removed_once_and_never_raced(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
-def test_overflowing_learning_rate_stops_before_non_finite_params_reach_disk(run, tmp_path, caplog):
+@pytest.mark.parametrize("log_every", [1, 3])
+def test_overflowing_learning_rate_stops_before_non_finite_params_reach_disk(run, tmp_path, caplog, log_every):
     """Loss and gradient stay finite; the update alone overflows (an lr beyond float32's range
-    from step 4 on). The step is skipped and named, and every checkpoint holds finite values."""
+    from step 4 on). The run stops at that step, names it, and every checkpoint holds finite
+    values, also when the host reads the steps' metrics only every 3 steps (saves every step)."""
     schedule = lambda count: jnp.where(count < 3, 1e-3, 1e39)
-    trainer = run.trainer(tmp_path, steps=8, save_every=1, keep=10, optimizer=optax.sgd(schedule))
+    trainer = run.trainer(tmp_path, steps=8, save_every=1, keep=10, optimizer=optax.sgd(schedule),
+                          log_every=log_every)
     result = trainer.fit()
     err = caplog.text
     assert result.state == "failed" and result.step == 4
-    assert ("step 4: the update made the params or optimizer state non-finite (nan/inf); the update was skipped "
-            "and training stopped. Last good checkpoint: 3.") in err
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(trainer.trainable))  # kept step 3's
+    assert ("step 4: the update made the params or optimizer state non-finite (nan/inf); training stopped, and no "
+            "state from that step on was saved or evaluated. Last good checkpoint: 3.") in err
     steps = Checkpointer(tmp_path).steps()
     assert steps == [1, 2, 3]
     for step in steps:
@@ -340,10 +342,11 @@ def test_overflowing_learning_rate_stops_before_non_finite_params_reach_disk(run
             assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(tree)), (step, item)
 
 
-def test_an_optimizer_state_that_overflows_is_not_kept():
+def test_an_optimizer_state_that_overflows_is_reported():
     """float16 params: Adam's second moment g² overflows (g = 300 > sqrt(65504)) while the loss,
     the gradient (its norm is taken in float32) and the update (m / sqrt(inf) = 0) stay finite.
-    The old guard let that state through, and it silently stopped all learning."""
+    A guard on the loss and gradient alone let that state through, and it silently stopped all
+    learning; the step's ``finite`` covers the new optimizer state."""
     def loss_fn(params, batch, rng, deterministic):
         return jnp.sum(params["w"].astype(jnp.float32) * 300.0), jnp.asarray(1.0), jnp.zeros(())
 
@@ -352,12 +355,11 @@ def test_an_optimizer_state_that_overflows_is_not_kept():
     opt_state = optimizer.init(params)
     batch = {"input_ids": jnp.zeros((1, 1), jnp.int32)}
     unguarded = optimizer.update({"w": jnp.full(3, 300.0, jnp.float16)}, opt_state, params)
-    assert not np.isfinite(np.asarray(unguarded[1][0].nu["w"])).all()  # what the guard is for
-    new_params, new_opt, metrics = jax.jit(make_train_step(loss_fn, optimizer))(params, {}, opt_state, batch,
-                                                                              jax.random.key(0))
+    assert not np.isfinite(np.asarray(unguarded[1][0].nu["w"])).all()  # what the check is for
+    _, new_opt, metrics = jax.jit(make_train_step(loss_fn, optimizer))(params, {}, opt_state, batch,
+                                                                     jax.random.key(0))
+    assert not np.isfinite(np.asarray(new_opt[0].nu["w"])).all()
     assert bool(metrics["grad_finite"]) and not bool(metrics["finite"])
-    _assert_bitwise_equal(jax.device_get(new_opt), jax.device_get(opt_state))
-    _assert_bitwise_equal(jax.device_get(new_params), jax.device_get(params))
 
 
 # ------------------------------------------------------------------ SIGKILL during saves

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -12,6 +13,7 @@ import pytest
 from helpers import tiny_hf_model
 
 from jaxtune.models import decoder, encoder, hf
+from jaxtune.recipe import threads_for_simulated_devices
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh, param_shardings, param_specs, shard
 from jaxtune.train.step import all_finite, make_loss_fn, make_train_step
@@ -139,6 +141,23 @@ def test_mesh_config_errors():
     assert MeshConfig(data=-1, tensor=2).shape(8) == (4, 1, 1, 2)
 
 
+def test_simulated_devices_get_threads_for_concurrent_collectives():
+    """Eight simulated devices on a small machine: the CPU client's pool gets four threads a device
+    (with one a device, a step running two all-reduces at once aborted the 8-device chat recipe
+    test in a rendezvous); a user's PJRT_NPROC, one device or no flag leave the environment alone."""
+    env = {"XLA_FLAGS": "--foo=1 --xla_force_host_platform_device_count=8"}
+    threads_for_simulated_devices(env)
+    assert env["PJRT_NPROC"] == str(max(os.cpu_count() or 1, 32))
+    mine = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "PJRT_NPROC": "12"}
+    threads_for_simulated_devices(mine)
+    assert mine["PJRT_NPROC"] == "12"
+    for flags in ("--xla_force_host_platform_device_count=1", "", None):
+        env = {} if flags is None else {"XLA_FLAGS": flags}
+        threads_for_simulated_devices(env)
+        assert "PJRT_NPROC" not in env
+    assert int(os.environ["PJRT_NPROC"]) >= 4 * jax.device_count()  # this test process (conftest)
+
+
 def test_frozen_leaves_get_no_update_and_no_optimizer_state(llama):
     planned = _planned(llama)
     trainable, frozen = partition(planned.params, planned.labels)
@@ -149,7 +168,7 @@ def test_frozen_leaves_get_no_update_and_no_optimizer_state(llama):
     assert sum(x.size for x in state) == 2 * sum(x.size for x in jax.tree.leaves(trainable))
 
 
-def test_non_finite_loss_skips_the_update(llama):
+def test_non_finite_loss_is_reported(llama):
     planned = _planned(llama, freeze="nothing-frozen")
     params = jax.tree.map(lambda x: x, planned.params)
     params["norm"]["scale"] = params["norm"]["scale"].at[0].set(jnp.nan)
@@ -157,9 +176,8 @@ def test_non_finite_loss_skips_the_update(llama):
     trainable, frozen = partition(planned.params, planned.labels)
     optimizer, _ = build_optimizer(OptimizerConfig(learning_rate=1e-2), 10)
     step = jax.jit(make_train_step(make_loss_fn(planned.module, "lm"), optimizer))
-    new, _, metrics = step(trainable, frozen, optimizer.init(trainable), lm_batch(2, 8), jax.random.key(0))
-    assert not bool(metrics["finite"])
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new, trainable)
+    _, _, metrics = step(trainable, frozen, optimizer.init(trainable), lm_batch(2, 8), jax.random.key(0))
+    assert not bool(metrics["finite"]) and not bool(metrics["grad_finite"])
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])

@@ -201,6 +201,24 @@ def test_ctrl_c_just_after_a_periodic_checkpoint_stops_cleanly(setup, tmp_path):
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "stopped"
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_ctrl_c_after_a_non_finite_step_reports_it_and_saves_nothing(setup, tmp_path, caplog):
+    """The host reads the steps' finite flags only every 10 steps here; SIGINT after step 3, whose
+    update overflowed (an lr beyond float32's range), must fail the run naming step 3, not save that
+    state as the stop's checkpoint."""
+    model_dir, train, _ = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+    schedule = lambda count: jnp.where(count < 2, 1e-3, 1e39)  # noqa: E731
+    trainer = Trainer(tuned, train_data=_loader(train, train=True), optimizer=optax.sgd(schedule),
+                      config=TrainConfig(steps=50, log_every=10, progress=False), run_dir=tmp_path, mesh=ONE_DEVICE())
+    _sigint_in_step_3(trainer)
+    result = trainer.fit()
+    assert result.state == "failed" and result.step == 3
+    assert "step 3: the update made the params or optimizer state non-finite (nan/inf); training stopped" in caplog.text
+    assert trainer.checkpointer.steps() == []
+    assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
+
+
 def test_optimizer_state_is_sharded_like_the_params(setup, tmp_path):
     """Under FSDP, Adam's moments are split like their params, not replicated on every device
     (jit left them replicated: a full copy of the optimizer state per device)."""

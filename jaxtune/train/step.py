@@ -177,13 +177,18 @@ def make_train_step(
 
     Metrics: ``loss`` (mean over the batch's weight), ``weight`` (tokens or examples that
     counted), ``tokens`` (real, non-pad input tokens: the work done, for tokens/s and MFU),
-    ``grad_norm`` (after averaging, before clipping), ``finite`` (False when the update was
-    skipped: loss, gradient, new params or new optimizer state not finite), ``grad_finite``
-    (loss and gradient alone: ``finite`` False with this True means the update overflowed); and
+    ``grad_norm`` (after averaging, before clipping), ``finite`` (False when the loss, the
+    gradient, the new params or the new optimizer state is not finite), ``grad_finite`` (loss and
+    gradient alone: ``finite`` False with this True means the update overflowed); and
     ``metric_sums``, the loss fn's own metric sums (:func:`metric_sums`) added over the
     micro-batches, when it reports any. Model state the loss fn updates (:func:`state_updates`)
     is written into the new trainable params, micro-batch after micro-batch as PyTorch's
     forward passes would update it.
+
+    The update is applied whether ``finite`` or not: the caller stops at a non-finite step and
+    never saves its state (the Trainer does). Keeping the old state instead holds the old and the
+    new params and optimizer state at once: a Llama-3 1B shape's full fine-tuning step (AOT, fp32,
+    1 x 512 tokens) needed 13.8 GiB of temporaries that way against 9.2 GiB now.
     """
     k = grad_accum_steps
 
@@ -221,9 +226,8 @@ def make_train_step(
         updates, new_opt_state = optimizer.update(grads, opt_state, trainable)
         new_trainable = with_state(optax.apply_updates(trainable, updates), state)
         # Finite loss and gradient do not make a finite update: a learning rate that overflows
-        # the params does it alone. Checked on the results, so non-finite state never gets out.
+        # the params does it alone, and so does Adam's g² in float16. Checked on the results.
         finite = grad_finite & all_finite((new_trainable, new_opt_state))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
         if "segment_ids" in batch:
             real = (batch["segment_ids"] != 0).sum()
         elif "input_ids" in batch:
@@ -234,7 +238,7 @@ def make_train_step(
                    "finite": finite, "grad_finite": grad_finite}
         if sums:
             metrics["metric_sums"] = sums
-        return keep(new_trainable, trainable), keep(new_opt_state, opt_state), metrics
+        return new_trainable, new_opt_state, metrics
 
     return step
 

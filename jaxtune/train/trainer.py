@@ -517,6 +517,7 @@ class Trainer:
         return Best(saved.get("best_value"), saved.get("best_step"), int(saved.get("bad_evals", 0)))
 
     def _save(self, iterator: Any, best: Best, metrics: dict[str, Any]) -> None:
+        """Checkpoint the current state; every caller has first read the steps' finite flags (_non_finite)."""
         if self.step == self._saved_step:
             # This very state is on disk (a periodic save just before a Ctrl-C or the end of the
             # data, or the checkpoint the run resumed from), and Orbax refuses a step twice.
@@ -548,11 +549,16 @@ class Trainer:
                         break
                     pending.append(self._one_step(batch, window))
                     last = self.step == self.steps
-                    if self.step % cfg.log_every == 0 or last:
-                        host, pending = jax.device_get(pending), []  # the one place the host waits for the device
-                        bad = next((i for i, m in enumerate(host) if not m["finite"]), None)
-                        if bad is not None:
-                            return self._failed(self.step - len(host) + bad + 1, host[bad]), train_metrics, eval_metrics
+                    evaluates = self.eval_data is not None and self.eval_config.every and (
+                        self.step % self.eval_config.every == 0 or last)
+                    saves = ck.every and self.step % ck.every == 0
+                    logs = self.step % cfg.log_every == 0 or last
+                    # The host reads whether the steps so far were finite before it logs, evaluates or
+                    # saves, so that a non-finite step stops the run before its state is used or written.
+                    if (logs or evaluates or saves) and (failed := self._non_finite(pending)):
+                        return failed, train_metrics, eval_metrics
+                    if logs:
+                        host, pending = jax.device_get(pending), []
                         window.add(sum(float(m["tokens"]) for m in host), len(host))
                         train_metrics = self._train_record(host, *window.read())
                         self._log(train_metrics, tensorboard)
@@ -560,8 +566,7 @@ class Trainer:
                                               eval=eval_metrics, best_step=best.step)
                         for callback in self.callbacks:
                             callback(self, self.step, train_metrics)
-                    if self.eval_data is not None and self.eval_config.every and (
-                            self.step % self.eval_config.every == 0 or last):
+                    if evaluates:
                         started = time.perf_counter()
                         eval_metrics = self._evaluate_and_track(best, tensorboard)
                         window.pause(time.perf_counter() - started)
@@ -572,8 +577,10 @@ class Trainer:
                                      best.step)
                             state = "early_stopped"
                             break
-                    if ck.every and self.step % ck.every == 0 and not last:
+                    if saves and not last:
                         self._save(iterator, best, eval_metrics)
+                if failed := self._non_finite(pending):  # steps since the last reading (the data ran out)
+                    return failed, train_metrics, eval_metrics
                 self._save(iterator, best, eval_metrics)
         except KeyboardInterrupt:
             state = "stopped"
@@ -581,6 +588,8 @@ class Trainer:
                 good = self.checkpointer.latest_good_step()
                 log.warning("interrupted during step %d; nothing saved, resume from checkpoint %s", self.step + 1,
                             good if good is not None else "(none: starts over)")
+            elif failed := self._non_finite(pending):  # a step since the host last read them was not finite
+                state = failed
             else:
                 log.warning("interrupted at step %d; saving a checkpoint to resume from", self.step)
                 self._save(iterator, best, eval_metrics)
@@ -624,12 +633,20 @@ class Trainer:
         report = self.memory.as_dict() if self.memory is not None else (self.run.status() or {}).get("memory")
         self.run.write_status(state, **fields, **({"memory": report} if report else {}))
 
+    def _non_finite(self, pending: list[dict[str, jax.Array]]) -> str | None:
+        """``"failed"`` (logged, and written to the status) when one of the ``pending`` steps (the
+        last ``len(pending)`` ones) was not finite; None otherwise. The host waits for them."""
+        finite = jax.device_get([m["finite"] for m in pending])
+        bad = next((i for i, ok in enumerate(finite) if not ok), None)
+        return None if bad is None else self._failed(self.step - len(pending) + bad + 1, jax.device_get(pending[bad]))
+
     def _failed(self, bad_step: int, metrics: dict[str, Any]) -> str:
         good = self.checkpointer.latest_good_step()
         what = ("the loss or gradient is not finite (nan/inf)" if not metrics["grad_finite"] else
                 "the update made the params or optimizer state non-finite (nan/inf)")
-        message = (f"step {bad_step}: {what}; the update was skipped and training stopped. Last good checkpoint: "
-                   f"{good if good is not None else 'none'}. Lower the learning rate or check the data.")
+        message = (f"step {bad_step}: {what}; training stopped, and no state from that step on was saved or "
+                   f"evaluated. Last good checkpoint: {good if good is not None else 'none'}. Lower the learning "
+                   "rate or check the data.")
         log.error("%s", message)
         self._write_status("failed", step=self.step, total_steps=self.steps, error=message)
         return "failed"
