@@ -25,7 +25,7 @@ import logging
 import sys
 from typing import Any
 
-from jaxtune import host_memory
+from jaxtune import host_memory, host_threads
 
 __version__ = "0.1.0"
 
@@ -103,3 +103,4 @@ def _default_logging() -> None:
 _default_logging()
 # Before JAX starts its thread pools (a thread's malloc arena is fixed at its first allocation).
 host_memory.configure()
+host_threads.threads_for_simulated_devices()

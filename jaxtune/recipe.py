@@ -14,8 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
-from collections.abc import MutableMapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -23,6 +22,7 @@ import jax
 from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data, validate
 from jaxtune.data.config import read_data
 from jaxtune.data.sources import DataError
+from jaxtune.host_threads import threads_for_simulated_devices
 from jaxtune.models.load import load as load_model
 from jaxtune.train.memory import StepMemory, plan_step_memory
 from jaxtune.train.rundir import RunDir
@@ -48,24 +48,6 @@ def setup_runtime(mesh: MeshConfig, distributed: DistributedConfig) -> None:
     if (distributed.initialize == "always" or cluster) and not jax.distributed.is_initialized():
         jax.distributed.initialize(coordinator_address=distributed.coordinator_address,
                                    num_processes=distributed.num_processes, process_id=distributed.process_id)
-
-
-# XLA:CPU runs simulated devices' programs on one thread pool of max(cores, devices) threads (the
-# PjRt CPU client's, sized by PJRT_NPROC), and a collective holds its thread until every device has
-# joined it. A program with two independent collectives runs them at once, so eight devices can
-# hold all eight threads while a ninth party waits for one: the process aborts after 40 s ("only
-# 1 of 8 arrived"). Seen with 8 devices on 2 cores; four threads a device leave room.
-THREADS_PER_SIMULATED_DEVICE = 4
-
-
-def threads_for_simulated_devices(environ: MutableMapping[str, str]) -> None:
-    """Size the CPU client's thread pool for the simulated devices ``XLA_FLAGS`` asks for
-    (``--xla_force_host_platform_device_count``, more than one), unless ``PJRT_NPROC`` is set.
-    Must run before JAX starts its CPU backend."""
-    found = re.search(r"xla_force_host_platform_device_count=(\d+)", environ.get("XLA_FLAGS", ""))
-    devices = int(found.group(1)) if found else 1
-    if devices > 1 and not environ.get("PJRT_NPROC"):
-        environ["PJRT_NPROC"] = str(max(os.cpu_count() or 1, devices * THREADS_PER_SIMULATED_DEVICE))
 
 
 def trainer_for(config: Config, *, train: bool = True) -> Trainer:

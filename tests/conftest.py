@@ -9,7 +9,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine); tests/test_host_memory.py runs the default in processes of its own.
 os.environ.setdefault("JAXTUNE_HOST_MALLOC", "system")
 
-from jaxtune.recipe import threads_for_simulated_devices  # noqa: E402
+from jaxtune.host_threads import threads_for_simulated_devices  # noqa: E402
 
 threads_for_simulated_devices(os.environ)  # and so for the `jaxtune` processes the tests start
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from helpers import tiny_hf_model
 
+from jaxtune.host_threads import threads_for_simulated_devices
 from jaxtune.models import decoder, encoder, hf
-from jaxtune.recipe import threads_for_simulated_devices
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh, param_shardings, param_specs, shard
 from jaxtune.train.step import all_finite, make_loss_fn, make_train_step

@@ -1,0 +1,32 @@
+"""Host threads for simulated CPU devices (``--xla_force_host_platform_device_count``).
+
+XLA:CPU runs the programs of all simulated devices on one thread pool, the PjRt CPU client's, of
+``max(cores, devices)`` threads (``PJRT_NPROC`` overrides the core count), and a collective holds
+its thread until every device has joined it. XLA's thunk executor starts independent collectives
+of one program at once, so with one thread a device, the devices can hold every thread in some
+collective while one device waits for a thread to reach it: the process aborts after 40 s
+("only 1 of 8 arrived"). jaxtune's train step has such a pair (the gradient's all-reduce and the
+finiteness check of the update); it aborted the 8-device chat recipe test on 2 cores. Four
+threads a device leave room, cost nothing measurable (idle threads), and are set by
+``import jaxtune`` (and by the recipe runner once it has set ``mesh.simulate_devices``) before JAX
+starts its CPU backend. A ``PJRT_NPROC`` set by the user stands.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import MutableMapping
+
+THREADS_PER_SIMULATED_DEVICE = 4
+_DEVICE_COUNT = re.compile(r"xla_force_host_platform_device_count=(\d+)")
+
+
+def threads_for_simulated_devices(environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set ``PJRT_NPROC`` to :data:`THREADS_PER_SIMULATED_DEVICE` threads a simulated device (at
+    least the core count) when ``XLA_FLAGS`` asks for more than one device and ``PJRT_NPROC`` is
+    unset. Takes effect only before JAX starts its CPU backend."""
+    found = _DEVICE_COUNT.search(environ.get("XLA_FLAGS", ""))
+    devices = int(found.group(1)) if found else 1
+    if devices > 1 and not environ.get("PJRT_NPROC"):
+        environ["PJRT_NPROC"] = str(max(os.cpu_count() or 1, devices * THREADS_PER_SIMULATED_DEVICE))
