@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import tiny_hf_model
 
-from jaxtune.host_threads import threads_for_simulated_devices
+from jaxtune.host_threads import SET_BY_JAXTUNE, threads_for_simulated_devices
 from jaxtune.models import decoder, encoder, hf
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh, param_shardings, param_specs, shard
@@ -155,6 +155,18 @@ def test_simulated_devices_get_threads_for_concurrent_collectives():
         env = {} if flags is None else {"XLA_FLAGS": flags}
         threads_for_simulated_devices(env)
         assert "PJRT_NPROC" not in env
+    # A child of an 8-device process that asks for one device: jaxtune's value goes, the user's stays.
+    parent = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    threads_for_simulated_devices(parent)
+    child = {**parent, "XLA_FLAGS": ""}
+    threads_for_simulated_devices(child)
+    assert "PJRT_NPROC" not in child and SET_BY_JAXTUNE not in child
+    child = {**parent, "XLA_FLAGS": "", "PJRT_NPROC": "3"}
+    threads_for_simulated_devices(child)
+    assert child["PJRT_NPROC"] == "3"
+    grandchild = dict(parent)  # the same 8 devices: sized again, as for the parent
+    threads_for_simulated_devices(grandchild)
+    assert grandchild == parent
     assert int(os.environ["PJRT_NPROC"]) >= 4 * jax.device_count()  # this test process (conftest)
 
 
