@@ -32,9 +32,9 @@ def threads_for_simulated_devices(environ: MutableMapping[str, str] = os.environ
     least the core count) when ``XLA_FLAGS`` asks for more than one device and ``PJRT_NPROC`` is
     unset or was set by jaxtune (for a parent process); drop a jaxtune-set one otherwise. Takes
     effect only before JAX starts its CPU backend."""
-    if environ.get("PJRT_NPROC") is not None and environ.get("PJRT_NPROC") == environ.get(SET_BY_JAXTUNE):
+    ours = environ.pop(SET_BY_JAXTUNE, None)
+    if ours is not None and environ.get("PJRT_NPROC") == ours:
         del environ["PJRT_NPROC"]
-    environ.pop(SET_BY_JAXTUNE, None)
     found = _DEVICE_COUNT.search(environ.get("XLA_FLAGS", ""))
     devices = int(found.group(1)) if found else 1
     if devices > 1 and not environ.get("PJRT_NPROC"):

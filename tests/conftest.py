@@ -9,11 +9,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # machine); tests/test_host_memory.py runs the default in processes of its own.
 os.environ.setdefault("JAXTUNE_HOST_MALLOC", "system")
 
-from jaxtune.host_threads import threads_for_simulated_devices  # noqa: E402
-
-threads_for_simulated_devices(os.environ)  # and so for the `jaxtune` processes the tests start
-
 from absl import flags  # noqa: E402
+
+# At import, sizes the CPU thread pool for the 8 devices (jaxtune.host_threads); the `jaxtune`
+# processes the tests start inherit it.
+import jaxtune  # noqa: E402,F401
 
 # grain worker processes read absl flags; unparsed flags crash them.
 flags.FLAGS.mark_as_parsed()
