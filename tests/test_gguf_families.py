@@ -5,28 +5,35 @@ it, converted back, loads into jaxtune with the original model's logits (fp32, w
 The GGUF side follows llama.cpp's conventions, taken from the `gguf` package and the converter
 rather than from the code under test: tensor names from `gguf.get_tensor_name_map`, metadata through
 `GGUFWriter`'s own keys, Gemma's norm weights stored plus one, GPT-2's Conv1D weights transposed and
-its embedding copied to `output.weight`, no Q/K permutation outside llama.
+its embedding copied to `output.weight`, no Q/K permutation outside llama, Phi-3's LongRoPE factors as
+the `rope_factors_long`/`rope_factors_short` tensors and its sliding window 0 when it has none.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
 import torch
 import transformers
+from flax.core import unfreeze
+from flax.traverse_util import flatten_dict
 from helpers import randomize_weights, torch_logits
 
-from jaxtune.models import hf
-from jaxtune.models.gguf import gguf_to_hf
+from jaxtune.models import hf, quant
+from jaxtune.models.gguf import GGUFError, gguf_to_hf
+from jaxtune.models.gguf_quantized import load_quantized
 
 gguf = pytest.importorskip("gguf")
 
 TOL = 1e-4
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+PHI3_IDS = dict(eos_token_id=2, pad_token_id=0)  # Phi3Config's defaults (32000) lie outside the tiny vocabulary
 WINDOW = 4  # shorter than the input, so sliding layers differ from global ones
-# llama.cpp architecture -> (transformers class, config overrides). Gemma 2/3 use query_pre_attn_scalar =
-# head_dim, the scale llama.cpp applies below 27B (the file does not store it).
+# case ("arch" or "arch-variant", arch a llama.cpp architecture) -> (transformers class, config overrides).
+# Gemma 2/3 use query_pre_attn_scalar = head_dim, the scale llama.cpp applies below 27B (the file does not store it).
 CASES = {
     "qwen2": ("Qwen2ForCausalLM", dict(rope_parameters={"rope_type": "default", "rope_theta": 50000.0})),
     "qwen3": ("Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=32, attention_bias=True)),
@@ -38,10 +45,18 @@ CASES = {
                                          tie_word_embeddings=False)),
     "olmo2": ("Olmo2ForCausalLM", dict()),
     "gpt2": ("GPT2LMHeadModel", dict()),
+    # Phi-3-mini-4k's shape (a sliding window, full rotary, untied) and Phi-4-mini's (partial rotary, tied,
+    # no window) with LongRoPE whose original length (8) is below the input's, so the long factors apply.
+    "phi3": ("Phi3ForCausalLM", dict(sliding_window=WINDOW, **PHI3_IDS)),
+    "phi3-longrope": ("Phi3ForCausalLM", dict(**PHI3_IDS,
+        tie_word_embeddings=True, original_max_position_embeddings=8,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                         "long_factor": [1.5, 2.0, 3.0, 5.0], "short_factor": [1.0, 1.1, 1.2, 1.4]})),
 }
 CONFIGS = {"Gemma3ForCausalLM": "Gemma3TextConfig", "GPT2LMHeadModel": "GPT2Config"}
 GPT2 = dict(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=96)
 GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
 def tiny_model(name: str) -> torch.nn.Module:
@@ -56,9 +71,11 @@ def tiny_model(name: str) -> torch.nn.Module:
     return model
 
 
-def write_gguf(model: torch.nn.Module, name: str, path) -> None:
-    """Write ``model`` as an F32 GGUF of llama.cpp architecture ``name``, as its converter would."""
+def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False) -> None:
+    """Write ``model`` as an F32 GGUF of case ``case``'s llama.cpp architecture, as its converter would;
+    ``quantized``: its matrices (weights of 2 dims) as Q8_0 blocks instead."""
     cfg = model.config
+    name = case.split("-")[0]
     writer = gguf.GGUFWriter(str(path), name)
     if name == "gpt2":
         writer.add_block_count(cfg.n_layer)
@@ -81,11 +98,20 @@ def write_gguf(model: torch.nn.Module, name: str, path) -> None:
         if getattr(cfg, "head_dim", None) is not None and "head_dim" in cfg.to_diff_dict():
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
+        rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
         if not name.startswith("gemma"):
-            writer.add_rope_dimension_count(head_dim)
+            writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
         if name not in ("gemma", "gemma2"):
-            rope = cfg.rope_parameters.get("full_attention", cfg.rope_parameters)
             writer.add_rope_freq_base(rope["rope_theta"])
+        if name == "phi3":
+            writer.add_sliding_window(cfg.sliding_window or 0)  # the converter's 0: no window (Phi-4)
+            writer.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+            if rope["rope_type"] == "longrope":
+                scale = cfg.max_position_embeddings / cfg.original_max_position_embeddings
+                writer.add_rope_scaling_attn_factors(math.sqrt(1 + math.log(scale) / math.log(
+                    cfg.original_max_position_embeddings)))
+                writer.add_tensor("rope_factors_long.weight", np.asarray(rope["long_factor"], np.float32))
+                writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
         if name in ("gemma2", "gemma3"):
             writer.add_sliding_window(cfg.sliding_window)
         if name == "gemma2":
@@ -106,7 +132,10 @@ def write_gguf(model: torch.nn.Module, name: str, path) -> None:
             data = data + 1  # llama.cpp stores Gemma's (1 + w) gain
         if name == "gpt2" and hf_name.endswith(GPT2_CONV1D):
             data = np.ascontiguousarray(data.T)  # Conv1D (in, out) -> llama.cpp's (out, in)
-        writer.add_tensor(f"{gguf_name}.{suffix}", data)
+        if quantized and data.ndim == 2:
+            writer.add_tensor(f"{gguf_name}.{suffix}", gguf.quants.quantize(data, Q8_0), raw_dtype=Q8_0)
+        else:
+            writer.add_tensor(f"{gguf_name}.{suffix}", data)
         if name == "gpt2" and gguf_name == "token_embd":
             writer.add_tensor("output.weight", data)  # the converter copies the tied embedding
     writer.write_header_to_file()
@@ -126,3 +155,39 @@ def test_converted_model_has_the_original_logits(name, tmp_path):
     ids = np.random.RandomState(1).randint(0, 128, (2, 12)).astype(np.int32)
     ours = np.asarray(loaded.module.apply({"params": loaded.params}, ids))
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["phi3", "phi3-longrope", "qwen3"])
+def test_quantized_load_keeps_the_blocks_and_equals_the_dequantized_model(name, tmp_path):
+    """``load_quantized`` reads the Q8_0 matrices as quantized leaves (Phi-3's fused qkv_proj and gate_up_proj
+    too), and the model's logits equal the dequantized conversion's (fp32)."""
+    write_gguf(tiny_model(name), name, tmp_path / "tiny.gguf", quantized=True)
+    out = gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    dense = hf.load_pretrained(out)
+    kept = load_quantized(tmp_path / "tiny.gguf", out)
+    leaves = flatten_dict(unfreeze(kept.params))
+    fused = [k for k in leaves if k[-2:] in [(m, "kernel") for m in ("qkv_proj", "gate_up_proj", "q_proj")]]
+    assert fused and all(quant.is_quantized(leaves[k]) for k in fused)
+    ids = np.random.RandomState(1).randint(0, 128, (2, 12)).astype(np.int32)
+    ours = np.asarray(kept.module.apply({"params": kept.params}, ids))
+    ref = np.asarray(dense.module.apply({"params": dense.params}, ids))
+    np.testing.assert_allclose(ours, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_phi3_with_one_longrope_factor_tensor_is_refused(tmp_path):
+    model = tiny_model("phi3-longrope")
+    write_gguf(model, "phi3-longrope", tmp_path / "full.gguf")
+    reader = gguf.GGUFReader(str(tmp_path / "full.gguf"))
+    writer = gguf.GGUFWriter(str(tmp_path / "one.gguf"), "phi3")
+    for field in reader.fields.values():
+        if field.name.startswith("phi3.") and field.types[0] != gguf.GGUFValueType.ARRAY:
+            writer.add_key_value(field.name, field.contents(), field.types[0])
+    for tensor in reader.tensors:
+        if tensor.name != "rope_factors_short.weight":
+            writer.add_tensor(tensor.name, np.asarray(tensor.data), raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(GGUFError, match="one.gguf: LongRoPE needs both 'rope_factors_long.weight' and"):
+        gguf_to_hf(tmp_path / "one.gguf", tmp_path / "hf")

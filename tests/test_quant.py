@@ -19,7 +19,7 @@ from helpers import tiny_hf_model, torch_logits
 from test_tuning_lora import randomize_adapters
 
 from jaxtune import tuning
-from jaxtune.models import gguf, hf, quant, stacking
+from jaxtune.models import gguf_quantized, hf, quant, stacking
 from jaxtune.tuning.plan import PlanError
 
 IDS = np.random.RandomState(0).randint(1, 120, (2, 9)).astype(np.int32)
@@ -113,7 +113,7 @@ class _Tensor:
         self.tensor_type, self.data, self.name = kind, data, "blk.0.ffn_up.weight"
 
 
-@pytest.mark.parametrize("kind", gguf.QUANTIZED_TYPES)
+@pytest.mark.parametrize("kind", gguf_quantized.QUANTIZED_TYPES)
 def test_gguf_blocks_decode_exactly_as_the_gguf_package(kind):
     """Random block bytes (finite fp16 scales) decode to what ``gguf.quants.dequantize`` gives,
     bit for bit, in the GGUF (out, in) layout and transposed into a kernel (in, out)."""
@@ -126,7 +126,7 @@ def test_gguf_blocks_decode_exactly_as_the_gguf_package(kind):
         data[..., at:at + 2] = (rng.uniform(-0.05, 0.05, (4, 2, 1)).astype(np.float16)).view(np.uint8)
     data = data.reshape(4, -1)
     expected = gguf_dequantize(data, qtype)
-    q = jax.tree.map(jnp.asarray, gguf.quantized_tensor(_Tensor(qtype, data)))
+    q = jax.tree.map(jnp.asarray, gguf_quantized.quantized_tensor(_Tensor(qtype, data)))
     np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), expected)
     kernel = quant.transpose(q)
     np.testing.assert_array_equal(np.asarray(quant.dequantize(kernel)), expected.T)

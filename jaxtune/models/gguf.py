@@ -19,20 +19,17 @@ the tensors on the way in, which the import undoes: the rotary row permutation o
 the `+ 1` it adds to Gemma's RMSNorm weights, the transpose of GPT-2's Conv1D weights. A family
 added to jaxtune becomes readable from GGUF by adding its row (and its config function).
 
-:func:`load_quantized` reads a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors straight into
-:class:`jaxtune.models.quant.QuantizedArray` leaves (integer unpacking of the blocks only, no
-float copy of a weight), so a model is fine-tuned on the quantization it was shared in.
+:mod:`jaxtune.models.gguf_quantized` reads the same files' quantized tensors into quantized leaves
+instead, with this module's name tables.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import re
 import struct
-import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,8 +37,8 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
-from gguf.quants import Q4_K, dequantize
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, ReaderTensor
+from gguf.quants import dequantize
 
 # transformers and jax are imported inside the functions that need them: importing this module
 # (e.g. for the CLI's model list) should not cost the seconds their imports take.
@@ -84,6 +81,9 @@ _GPT2_GLOBAL_NAMES = {"token_embd": "transformer.wte", "position_embd": "transfo
                       "output_norm": "transformer.ln_f", "output": "lm_head"}
 _GPT2_BLOCK_NAMES = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
                      "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+# Phi-3 keeps its checkpoint's fused projections: llama.cpp's ffn_up is the whole gate_up_proj.
+_PHI3_NAMES = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+               "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,8 @@ class Arch:
     ``norm_shift`` (subtracted from every ``*norm.weight``: Gemma computes ``x * (1 + w)`` and
     llama.cpp stores ``w + 1``), ``transposed`` (block parts whose GGUF rows are the transpose of
     the HF tensor: GPT-2's Conv1D weights, which llama.cpp stores as ``(out, in)``).
+    ``config_tensors``: tensors outside the blocks that are configuration, not weights (Phi-3's LongRoPE
+    factors, which ``config`` reads into the rope dict). ``partial_rotary``: RoPE may rotate part of a head.
     """
 
     hf_architecture: str
@@ -109,6 +111,8 @@ class Arch:
     norm_shift: float = 0.0
     transposed: tuple[str, ...] = ()
     rms_norm: bool = True  # else LayerNorm (its epsilon key differs)
+    config_tensors: tuple[str, ...] = ()
+    partial_rotary: bool = False
 
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -255,7 +259,7 @@ def _config(meta: _Metadata, reader: GGUFReader, arch: Arch) -> Any:
     hidden = meta.get(f"{name}.embedding_length")
     heads = meta.get(f"{name}.attention.head_count")
     head_dim = meta.get(f"{name}.attention.key_length", hidden // heads)
-    if arch.rms_norm:
+    if arch.rms_norm and not arch.partial_rotary:
         rope_dims = meta.get(f"{name}.rope.dimension_count", head_dim)
         if rope_dims != head_dim:
             raise GGUFError(
@@ -361,8 +365,40 @@ def _gpt2_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, 
                 layer_norm_epsilon=meta.get(f"{name}.attention.layer_norm_epsilon"))
 
 
+def _phi3_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3 / Phi-4-mini: partial rotary, LongRoPE from the file's factor tensors, the sliding window
+    (llama.cpp's converter writes 0 for none)."""
+    head_dim = found["head_dim"]
+    if head_dim * found["num_attention_heads"] != found["hidden_size"]:
+        raise GGUFError(f"{meta.path}: head size {head_dim} ({name}.attention.key_length) times "
+                        f"{found['num_attention_heads']} heads is not the hidden size {found['hidden_size']}, "
+                        "which Phi-3 requires")
+    rope = dict(found["rope_parameters"])
+    rope_dims = meta.get(f"{name}.rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        rope["partial_rotary_factor"] = rope_dims / head_dim
+    tensors = found["tensors"]
+    long, short = tensors.get("rope_factors_long.weight"), tensors.get("rope_factors_short.weight")
+    if (long is None) != (short is None):
+        raise GGUFError(f"{meta.path}: LongRoPE needs both 'rope_factors_long.weight' and "
+                        "'rope_factors_short.weight'; the file has one of them")
+    original = meta.get(f"{name}.rope.scaling.original_context_length", None)
+    if long is not None:
+        if original is None:
+            raise GGUFError(f"{meta.path}: LongRoPE factors without {name}.rope.scaling.original_context_length")
+        rope.update(rope_type="longrope", long_factor=[float(v) for v in np.asarray(long.data, np.float32)],
+                    short_factor=[float(v) for v in np.asarray(short.data, np.float32)],
+                    original_max_position_embeddings=original)
+        attn_factor = meta.get(f"{name}.rope.scaling.attn_factor", None)
+        if attn_factor is not None:  # what llama.cpp scales cos/sin by; transformers' default when absent
+            rope["attention_factor"] = float(attn_factor)
+    window = meta.get(f"{name}.attention.sliding_window", 0)
+    extra = dict(rope_parameters=rope, sliding_window=window or None)
+    return extra | ({"original_max_position_embeddings": original} if original is not None else {})
+
+
 # One row per llama.cpp architecture jaxtune reads (`general.architecture` -> Arch). A family that lands
-# in jaxtune (phi3, MoE...) adds its row here with its config function.
+# in jaxtune (MoE...) adds its row here with its config function.
 ARCHITECTURES: dict[str, Arch] = {
     "llama": Arch("LlamaForCausalLM", "LlamaConfig", _llama_extra, permute_qk=True),
     "qwen2": Arch("Qwen2ForCausalLM", "Qwen2Config", _qwen2_extra),
@@ -375,6 +411,8 @@ ARCHITECTURES: dict[str, Arch] = {
     "gpt2": Arch("GPT2LMHeadModel", "GPT2Config", _gpt2_extra, blocks=_GPT2_BLOCK_NAMES, globals=_GPT2_GLOBAL_NAMES,
                  block_prefix="transformer.h", transposed=("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
                  rms_norm=False),
+    "phi3": Arch("Phi3ForCausalLM", "Phi3Config", _phi3_extra, blocks=_PHI3_NAMES,
+                 config_tensors=("rope_factors_long", "rope_factors_short"), partial_rotary=True),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
@@ -441,6 +479,8 @@ def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> li
     entries = []
     for tensor in reader.tensors:
         entry = _entry(tensor, arch, config)
+        if entry is None and tensor.name.rpartition(".")[0] in arch.config_tensors:
+            continue  # read into the config by arch.config
         if entry is None:
             raise GGUFError(
                 f"{path}: tensor {tensor.name!r} has no {arch.hf_architecture} counterpart; "
@@ -587,107 +627,3 @@ def _write_tokenizer(gguf_path: Path, meta: _Metadata, out_dir: Path, model_max_
     config = {k: v for k, v in config.items() if v is not None}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
-
-# ----------------------------------------------------------------------------- quantized leaves
-
-QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # read into QuantizedArray leaves as they are
-
-
-def quantized_tensor(tensor: ReaderTensor) -> Any:
-    """A GGUF tensor of a :data:`QUANTIZED_TYPES` type as a :class:`QuantizedArray` of numpy
-    arrays in GGUF's own layout: ``(rows, features)`` (PyTorch's ``(out, in)``), blocks along the
-    last axis (``axis=-1``). Its :func:`jaxtune.models.quant.dequantize` equals
-    ``gguf.quants.dequantize`` bit for bit: the scales are llama.cpp's fp16 ``d`` (and 6/8-bit
-    sub-block scales under it for the K-quants), the codes its integers, unpacked without floats.
-    """
-    from jaxtune.models.quant import QuantizedArray
-
-    kind = tensor.tensor_type.name
-    if kind not in QUANTIZED_TYPES:
-        raise GGUFError(f"tensor {tensor.name!r} has type {kind}; quantized leaves are read from "
-                        f"{', '.join(QUANTIZED_TYPES)}")
-    block, size = GGML_QUANT_SIZES[tensor.tensor_type]
-    data = np.asarray(tensor.data)
-    rows = data.shape[0] if data.ndim > 1 else 1
-    blocks = data.reshape(rows, -1, size)
-
-    def f16(b: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(b).view(np.float16)[..., 0]
-
-    def flat(x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x).reshape(rows, -1)
-
-    if kind == "Q8_0":  # d, 32 x int8
-        return QuantizedArray(flat(blocks[..., 2:].view(np.int8)), f16(blocks[..., :2]), block=32, axis=-1,
-                              name="q8_0")
-    if kind in ("Q4_0", "Q4_1"):  # d, [m,] 16 bytes: element j low nibble, j + 16 high
-        start = 2 if kind == "Q4_0" else 4
-        offset = None if kind == "Q4_0" else f16(blocks[..., 2:4])
-        return QuantizedArray(flat(blocks[..., start:]), f16(blocks[..., :2]), offset, block=32, pack=32,
-                              zero=8 if kind == "Q4_0" else 0, axis=-1, name=kind.lower())
-    if kind == "Q4_K":  # d, dmin, 12 bytes of 6-bit scales/mins for 8 x 32, 128 bytes (groups of 64)
-        sc, mins = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
-        scale = QuantizedArray(flat(sc), f16(blocks[..., :2]), block=8, axis=-1, name="q4_k scales")
-        offset = QuantizedArray(flat(mins), -f16(blocks[..., 2:4]), block=8, axis=-1, name="q4_k mins")
-        return QuantizedArray(flat(blocks[..., 16:]), scale, offset, block=32, pack=64, axis=-1, name="q4_k")
-    # Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, d; per 128 elements
-    # byte j of ql holds element j (low) and j + 64 (high); byte j of qh holds the top bits of
-    # elements j, j + 32, j + 64, j + 96.
-    ql = blocks[..., :128].reshape(rows, -1, 2, 1, 64)
-    qh = blocks[..., 128:192].reshape(rows, -1, 2, 1, 32)
-    low = np.concatenate([ql & 0xF, ql >> 4], axis=-2).reshape(rows, -1, 2, 128)
-    high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
-    codes = (low | (high.reshape(rows, -1, 2, 128) << 4)).astype(np.int8) - np.int8(32)
-    scale = QuantizedArray(flat(blocks[..., 192:208].view(np.int8)), f16(blocks[..., 208:210]), block=16, axis=-1,
-                           name="q6_k scales")
-    return QuantizedArray(flat(codes), scale, block=16, axis=-1, name="q6_k")
-
-
-def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "float32",
-                   compute_dtype: Any | None = None, **config_overrides: Any) -> Any:
-    """A :class:`jaxtune.models.hf.Pretrained` whose linear kernels and embeddings stay in the GGUF
-    file's quantization where it is one of :data:`QUANTIZED_TYPES` (other tensors: ``dtype``).
-
-    ``hf_dir``: the file's converted directory (:func:`gguf_to_hf`), for ``config.json`` and the
-    tokenizer. Quantized leaves must stay frozen (a plan that trains one fails, naming it).
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    from jaxtune.models import hf, stacking
-    from jaxtune.models.quant import transpose
-
-    gguf_path = Path(gguf_path)
-    reader = _open(gguf_path)
-    hf_config = hf.read_config(Path(hf_dir))
-    dtype = jnp.dtype(dtype)
-    arch, cfg, module = hf.build(hf_config, None, dtype=str(jnp.dtype(compute_dtype or dtype)),
-                                 param_dtype=str(dtype), **config_overrides)
-    family = hf.FAMILIES[arch]
-    heads = types.SimpleNamespace(num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads)
-    entries = (_entry(t, _arch(_Metadata(reader, gguf_path)), heads) for t in reader.tensors)
-    by_name = {e.hf_name: e for e in entries if e is not None}
-    params = {}
-    # Per layer (the logical tree, one GGUF tensor each), stacked at the end as the model scans them.
-    for path, spec in flatten_dict(stacking.unstack(hf.abstract_params(module, cfg))).items():
-        want = hf.hf_name(family, path)
-        entry = by_name.get(want)
-        if entry is None:
-            raise GGUFError(f"{gguf_path}: no tensor for {want!r} (param {'/'.join(path)})")
-        tensor = entry.tensor
-        if tensor.tensor_type.name in QUANTIZED_TYPES and path[-1] in ("kernel", "embedding"):
-            q = quantized_tensor(tensor)
-            if entry.unpermute_heads is not None:
-                q = jax.tree.map(lambda a, n=entry.unpermute_heads: np.ascontiguousarray(unpermute_qk(a, n)), q)
-            # GGUF rows are (out, in) for every linear (GPT-2's too, transposed by llama.cpp); kernels are (in, out).
-            q = transpose(q) if path[-1] == "kernel" else q
-            leaf = jax.tree.map(jnp.asarray, dataclasses.replace(q, dtype=dtype))
-        else:
-            array = _dequantized(entry, np.dtype(np.float32), gguf_path)  # the HF tensor
-            leaf = jnp.asarray(array.T if hf.stored_transposed(family, path) else array, dtype)
-        if tuple(leaf.shape) != tuple(spec.shape):
-            raise GGUFError(f"{gguf_path}: tensor {tensor.name!r} gives {'/'.join(path)} shape {tuple(leaf.shape)}, "
-                            f"expected {tuple(spec.shape)}")
-        params[path] = leaf
-    return hf.Pretrained(cfg, module, stacking.to_physical(unflatten_dict(params), cfg), hf_config, str(hf_dir), arch)

@@ -144,7 +144,8 @@ FAMILIES: dict[str, Family] = {
     # Phi-3's tensor names are Llama's (with fused qkv_proj / gate_up_proj), so the decoder's name map serves it.
     **{a: Family(phi3.Phi3Config.from_hf, phi3.Phi3 if a == "Phi3ForCausalLM" else phi3.Phi3Classifier,
                  decoder.hf_module, phi3.PARTITION_RULES, body=None if a == "Phi3ForCausalLM" else phi3.Phi3,
-                 name="Phi-3", base="Phi3ForCausalLM", classifier="Phi3ForSequenceClassification")
+                 name="Phi-3", base="Phi3ForCausalLM", classifier="Phi3ForSequenceClassification",
+                 gguf=_GGUF.get(a))
        for a in phi3.ARCHITECTURES},
     **{a: _encoder(a) for a in encoder.ARCHITECTURES},
     **{a: Family(modernbert.ModernBertConfig.from_hf,

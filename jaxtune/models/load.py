@@ -41,7 +41,7 @@ class ModelConfig:
     unrolled and gain less; see ``DecoderConfig.unrolls``). Params and checkpoints are the same either way.
     ``tokenizer``: a directory or hub id, when the model's own directory has none.
     ``keep_quantized``: a GGUF model's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights load as
-    quantized frozen leaves (``jaxtune.models.gguf.load_quantized``) instead of dequantized.
+    quantized frozen leaves (``jaxtune.models.gguf_quantized.load_quantized``) instead of dequantized.
     ``adapter``: trained adapters to start from (e.g. SFT before DPO): a PEFT
     adapter directory, or a jaxtune run directory whose final export is one (``<run>/export``);
     :func:`jaxtune.apply_plan` puts its tensors into the plan's leaves.
@@ -180,7 +180,7 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
                  if getattr(cfg, name) != default}
     try:
         if cfg.keep_quantized:
-            from jaxtune.models.gguf import load_quantized
+            from jaxtune.models.gguf_quantized import load_quantized
 
             pretrained = load_quantized(_gguf_file(cfg.path), directory, dtype=cfg.dtype,
                                         compute_dtype=cfg.compute_dtype, **overrides)

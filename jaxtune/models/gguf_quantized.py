@@ -1,0 +1,122 @@
+"""GGUF's quantized tensors read as they are: :class:`jaxtune.models.quant.QuantizedArray` leaves.
+
+:func:`load_quantized` reads a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors straight into quantized
+leaves (integer unpacking of the blocks only, no float copy of a weight), so a model is fine-tuned
+on the quantization it was shared in; every other tensor is dequantized as :mod:`jaxtune.models.gguf`
+does, and that module's architecture table says which HF tensor each GGUF tensor is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES, ReaderTensor
+from gguf.quants import Q4_K
+
+from jaxtune.models.gguf import GGUFError, _arch, _dequantized, _entry, _Metadata, _open, unpermute_qk
+
+QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # read into QuantizedArray leaves as they are
+
+
+def quantized_tensor(tensor: ReaderTensor) -> Any:
+    """A GGUF tensor of a :data:`QUANTIZED_TYPES` type as a :class:`QuantizedArray` of numpy
+    arrays in GGUF's own layout: ``(rows, features)`` (PyTorch's ``(out, in)``), blocks along the
+    last axis (``axis=-1``). Its :func:`jaxtune.models.quant.dequantize` equals
+    ``gguf.quants.dequantize`` bit for bit: the scales are llama.cpp's fp16 ``d`` (and 6/8-bit
+    sub-block scales under it for the K-quants), the codes its integers, unpacked without floats.
+    """
+    from jaxtune.models.quant import QuantizedArray
+
+    kind = tensor.tensor_type.name
+    if kind not in QUANTIZED_TYPES:
+        raise GGUFError(f"tensor {tensor.name!r} has type {kind}; quantized leaves are read from "
+                        f"{', '.join(QUANTIZED_TYPES)}")
+    block, size = GGML_QUANT_SIZES[tensor.tensor_type]
+    data = np.asarray(tensor.data)
+    rows = data.shape[0] if data.ndim > 1 else 1
+    blocks = data.reshape(rows, -1, size)
+
+    def f16(b: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(b).view(np.float16)[..., 0]
+
+    def flat(x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(x).reshape(rows, -1)
+
+    if kind == "Q8_0":  # d, 32 x int8
+        return QuantizedArray(flat(blocks[..., 2:].view(np.int8)), f16(blocks[..., :2]), block=32, axis=-1,
+                              name="q8_0")
+    if kind in ("Q4_0", "Q4_1"):  # d, [m,] 16 bytes: element j low nibble, j + 16 high
+        start = 2 if kind == "Q4_0" else 4
+        offset = None if kind == "Q4_0" else f16(blocks[..., 2:4])
+        return QuantizedArray(flat(blocks[..., start:]), f16(blocks[..., :2]), offset, block=32, pack=32,
+                              zero=8 if kind == "Q4_0" else 0, axis=-1, name=kind.lower())
+    if kind == "Q4_K":  # d, dmin, 12 bytes of 6-bit scales/mins for 8 x 32, 128 bytes (groups of 64)
+        sc, mins = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
+        scale = QuantizedArray(flat(sc), f16(blocks[..., :2]), block=8, axis=-1, name="q4_k scales")
+        offset = QuantizedArray(flat(mins), -f16(blocks[..., 2:4]), block=8, axis=-1, name="q4_k mins")
+        return QuantizedArray(flat(blocks[..., 16:]), scale, offset, block=32, pack=64, axis=-1, name="q4_k")
+    # Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, d; per 128 elements
+    # byte j of ql holds element j (low) and j + 64 (high); byte j of qh holds the top bits of
+    # elements j, j + 32, j + 64, j + 96.
+    ql = blocks[..., :128].reshape(rows, -1, 2, 1, 64)
+    qh = blocks[..., 128:192].reshape(rows, -1, 2, 1, 32)
+    low = np.concatenate([ql & 0xF, ql >> 4], axis=-2).reshape(rows, -1, 2, 128)
+    high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
+    codes = (low | (high.reshape(rows, -1, 2, 128) << 4)).astype(np.int8) - np.int8(32)
+    scale = QuantizedArray(flat(blocks[..., 192:208].view(np.int8)), f16(blocks[..., 208:210]), block=16, axis=-1,
+                           name="q6_k scales")
+    return QuantizedArray(flat(codes), scale, block=16, axis=-1, name="q6_k")
+
+
+def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "float32",
+                   compute_dtype: Any | None = None, **config_overrides: Any) -> Any:
+    """A :class:`jaxtune.models.hf.Pretrained` whose linear kernels and embeddings stay in the GGUF
+    file's quantization where it is one of :data:`QUANTIZED_TYPES` (other tensors: ``dtype``).
+
+    ``hf_dir``: the file's converted directory (:func:`jaxtune.models.gguf.gguf_to_hf`), for ``config.json`` and the
+    tokenizer. Quantized leaves must stay frozen (a plan that trains one fails, naming it).
+    """
+    import jax
+    import jax.numpy as jnp
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from jaxtune.models import hf, stacking
+    from jaxtune.models.quant import transpose
+
+    gguf_path = Path(gguf_path)
+    reader = _open(gguf_path)
+    hf_config = hf.read_config(Path(hf_dir))
+    dtype = jnp.dtype(dtype)
+    arch, cfg, module = hf.build(hf_config, None, dtype=str(jnp.dtype(compute_dtype or dtype)),
+                                 param_dtype=str(dtype), **config_overrides)
+    family = hf.FAMILIES[arch]
+    heads = types.SimpleNamespace(num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads)
+    entries = (_entry(t, _arch(_Metadata(reader, gguf_path)), heads) for t in reader.tensors)
+    by_name = {e.hf_name: e for e in entries if e is not None}
+    params = {}
+    # Per layer (the logical tree, one GGUF tensor each), stacked at the end as the model scans them.
+    for path, spec in flatten_dict(stacking.unstack(hf.abstract_params(module, cfg))).items():
+        want = hf.hf_name(family, path)
+        entry = by_name.get(want)
+        if entry is None:
+            raise GGUFError(f"{gguf_path}: no tensor for {want!r} (param {'/'.join(path)})")
+        tensor = entry.tensor
+        if tensor.tensor_type.name in QUANTIZED_TYPES and path[-1] in ("kernel", "embedding"):
+            q = quantized_tensor(tensor)
+            if entry.unpermute_heads is not None:
+                q = jax.tree.map(lambda a, n=entry.unpermute_heads: np.ascontiguousarray(unpermute_qk(a, n)), q)
+            # GGUF rows are (out, in) for every linear (GPT-2's too, transposed by llama.cpp); kernels are (in, out).
+            q = transpose(q) if path[-1] == "kernel" else q
+            leaf = jax.tree.map(jnp.asarray, dataclasses.replace(q, dtype=dtype))
+        else:
+            array = _dequantized(entry, np.dtype(np.float32), gguf_path)  # the HF tensor
+            leaf = jnp.asarray(array.T if hf.stored_transposed(family, path) else array, dtype)
+        if tuple(leaf.shape) != tuple(spec.shape):
+            raise GGUFError(f"{gguf_path}: tensor {tensor.name!r} gives {'/'.join(path)} shape {tuple(leaf.shape)}, "
+                            f"expected {tuple(spec.shape)}")
+        params[path] = leaf
+    return hf.Pretrained(cfg, module, stacking.to_physical(unflatten_dict(params), cfg), hf_config, str(hf_dir), arch)
