@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from helpers import llama_cpp_permute
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -45,12 +46,6 @@ def tiny_llama(tie: bool) -> LlamaForCausalLM:
             if "norm" in name:
                 param.add_(torch.randn_like(param) * 0.1)
     return model
-
-
-def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp `convert_hf_to_gguf.py` `LlamaModel.permute` (HF rotate-half -> interleaved)."""
-    half = weight.shape[0] // n_heads // 2
-    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
 def write_gguf(model: LlamaForCausalLM, path: Path, *, architecture: str = "llama",

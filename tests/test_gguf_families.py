@@ -5,8 +5,9 @@ it, converted back, loads into jaxtune with the original model's logits (fp32, w
 The GGUF side follows llama.cpp's conventions, taken from the `gguf` package and the converter
 rather than from the code under test: tensor names from `gguf.get_tensor_name_map`, metadata through
 `GGUFWriter`'s own keys, Gemma's norm weights stored plus one, GPT-2's Conv1D weights transposed and
-its embedding copied to `output.weight`, no Q/K permutation outside llama, Phi-3's LongRoPE factors as
-the `rope_factors_long`/`rope_factors_short` tensors and its sliding window 0 when it has none.
+its embedding copied to `output.weight`, no Q/K permutation outside llama's converter (SmolLM3 uses it),
+Phi-3's LongRoPE factors as the `rope_factors_long`/`rope_factors_short` tensors and its sliding window
+0 when it has none.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import transformers
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict
-from helpers import randomize_weights, torch_logits
+from helpers import llama_cpp_permute, randomize_weights, torch_logits
 
 from jaxtune.models import hf, quant
 from jaxtune.models.gguf import GGUFError, gguf_to_hf
@@ -44,6 +45,8 @@ CASES = {
                                          layer_types=["sliding_attention"] * 2, rope_local_base_freq=10000.0,
                                          tie_word_embeddings=False)),
     "olmo2": ("Olmo2ForCausalLM", dict()),
+    # 4 layers: the 4th skips RoPE (llama.cpp's fixed NoPE interval, transformers' default one)
+    "smollm3": ("SmolLM3ForCausalLM", dict(num_hidden_layers=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "gpt2": ("GPT2LMHeadModel", dict()),
     # Phi-3-mini-4k's shape (a sliding window, full rotary, untied) and Phi-4-mini's (partial rotary, tied,
     # no window) with LongRoPE whose original length (8) is below the input's, so the long factors apply.
@@ -130,6 +133,9 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False)
         data = tensor.numpy().astype(np.float32)
         if name.startswith("gemma") and hf_name.endswith("norm.weight"):
             data = data + 1  # llama.cpp stores Gemma's (1 + w) gain
+        if name == "smollm3" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):  # llama's converter
+            heads = cfg.num_attention_heads if "q_proj" in hf_name else cfg.num_key_value_heads
+            data = llama_cpp_permute(data, heads)
         if name == "gpt2" and hf_name.endswith(GPT2_CONV1D):
             data = np.ascontiguousarray(data.T)  # Conv1D (in, out) -> llama.cpp's (out, in)
         if quantized and data.ndim == 2:
@@ -157,7 +163,7 @@ def test_converted_model_has_the_original_logits(name, tmp_path):
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["phi3", "phi3-longrope", "qwen3"])
+@pytest.mark.parametrize("name", ["phi3", "phi3-longrope", "qwen3", "smollm3"])
 def test_quantized_load_keeps_the_blocks_and_equals_the_dequantized_model(name, tmp_path):
     """``load_quantized`` reads the Q8_0 matrices as quantized leaves (Phi-3's fused qkv_proj and gate_up_proj
     too), and the model's logits equal the dequantized conversion's (fp32)."""

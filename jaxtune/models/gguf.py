@@ -313,6 +313,12 @@ def _llama_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str,
                 mlp_bias=any(n.endswith(("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias")) for n in tensors))
 
 
+def _smollm3_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    # llama.cpp skips RoPE in every 4th layer of SmolLM3 (a constant there, not in the file), as
+    # transformers' SmolLM3Config does from no_rope_layer_interval when no_rope_layers is not given.
+    return {**_llama_extra(meta, name, found), "no_rope_layer_interval": 4}
+
+
 def _qwen2_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     return {}  # Qwen2 always has q/k/v biases and never an o bias or MLP bias
 
@@ -403,6 +409,8 @@ ARCHITECTURES: dict[str, Arch] = {
     "llama": Arch("LlamaForCausalLM", "LlamaConfig", _llama_extra, permute_qk=True),
     "qwen2": Arch("Qwen2ForCausalLM", "Qwen2Config", _qwen2_extra),
     "qwen3": Arch("Qwen3ForCausalLM", "Qwen3Config", _attention_bias_extra, blocks={**_BLOCK_NAMES, **_QK_NORMS}),
+    # SmolLM3's converter is llama's (Q/K permuted); the NoPE layers are _smollm3_extra's.
+    "smollm3": Arch("SmolLM3ForCausalLM", "SmolLM3Config", _smollm3_extra, permute_qk=True),
     "gemma": Arch("GemmaForCausalLM", "GemmaConfig", _gemma_extra, norm_shift=1.0),
     "gemma2": Arch("Gemma2ForCausalLM", "Gemma2Config", _gemma_extra, blocks=_SANDWICH_NAMES, norm_shift=1.0),
     "gemma3": Arch("Gemma3ForCausalLM", "Gemma3TextConfig", _gemma_extra, blocks={**_SANDWICH_NAMES, **_QK_NORMS},
