@@ -45,6 +45,11 @@ CASES = {
                                          layer_types=["sliding_attention"] * 2, rope_local_base_freq=10000.0,
                                          tie_word_embeddings=False)),
     "olmo2": ("Olmo2ForCausalLM", dict()),
+    # top-2 of 4 experts; Qwen2-MoE with its sigmoid-gated shared expert, without renormalised weights
+    "qwen2moe": ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                             shared_expert_intermediate_size=48, norm_topk_prob=False)),
+    "qwen3moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                             norm_topk_prob=True)),
     # 4 layers: the 4th skips RoPE (llama.cpp's fixed NoPE interval, transformers' default one)
     "smollm3": ("SmolLM3ForCausalLM", dict(num_hidden_layers=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "gpt2": ("GPT2LMHeadModel", dict()),
@@ -117,16 +122,36 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False)
                 writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
         if name in ("gemma2", "gemma3"):
             writer.add_sliding_window(cfg.sliding_window)
+        if name.endswith("moe"):
+            writer.add_expert_count(cfg.num_experts)
+            writer.add_expert_used_count(cfg.num_experts_per_tok)
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+            if name == "qwen2moe":
+                writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
         if name == "gemma2":
             writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
             writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+
+    def add(tensor_name: str, data: np.ndarray) -> None:
+        if quantized and data.ndim >= 2:
+            writer.add_tensor(tensor_name, gguf.quants.quantize(data, Q8_0), raw_dtype=Q8_0)
+        else:
+            writer.add_tensor(tensor_name, data)
 
     names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, name.upper()), model.config.num_hidden_layers)
     tied = model.config.tie_word_embeddings
     for hf_name, tensor in model.state_dict().items():
         if hf_name == "lm_head.weight" and (tied or name == "gpt2"):
             continue  # no output tensor for tied embeddings (GPT-2's is the embedding's copy, below)
+        if ".mlp.experts." in hf_name:  # transformers' (experts, out, in) stacks, as llama.cpp stacks them
+            layer = hf_name.split(".")[2]
+            data = tensor.numpy().astype(np.float32)
+            parts = ({"gate": data[:, :cfg.moe_intermediate_size], "up": data[:, cfg.moe_intermediate_size:]}
+                     if hf_name.endswith("gate_up_proj") else {"down": data})
+            for part, stack in parts.items():
+                add(f"blk.{layer}.ffn_{part}_exps.weight", np.ascontiguousarray(stack))
+            continue
         stem, suffix = hf_name.rsplit(".", 1)
         gguf_name = names.get_name(stem)
         assert gguf_name is not None, hf_name
@@ -138,10 +163,9 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False)
             data = llama_cpp_permute(data, heads)
         if name == "gpt2" and hf_name.endswith(GPT2_CONV1D):
             data = np.ascontiguousarray(data.T)  # Conv1D (in, out) -> llama.cpp's (out, in)
-        if quantized and data.ndim == 2:
-            writer.add_tensor(f"{gguf_name}.{suffix}", gguf.quants.quantize(data, Q8_0), raw_dtype=Q8_0)
-        else:
-            writer.add_tensor(f"{gguf_name}.{suffix}", data)
+        if gguf_name.endswith("ffn_gate_inp_shexp"):
+            data = data.reshape(-1)  # llama.cpp's shape for it: (hidden,)
+        add(f"{gguf_name}.{suffix}", data)
         if name == "gpt2" and gguf_name == "token_embd":
             writer.add_tensor("output.weight", data)  # the converter copies the tied embedding
     writer.write_header_to_file()
@@ -197,3 +221,12 @@ def test_phi3_with_one_longrope_factor_tensor_is_refused(tmp_path):
     writer.close()
     with pytest.raises(GGUFError, match="one.gguf: LongRoPE needs both 'rope_factors_long.weight' and"):
         gguf_to_hf(tmp_path / "one.gguf", tmp_path / "hf")
+
+
+def test_quantized_load_of_a_mixture_of_experts_file_is_refused_with_the_way_out(tmp_path):
+    write_gguf(tiny_model("qwen3moe"), "qwen3moe", tmp_path / "moe.gguf", quantized=True)
+    out = gguf_to_hf(tmp_path / "moe.gguf", tmp_path / "hf")  # the dequantized conversion reads it
+    assert hf.load_pretrained(out).architecture == "Qwen3MoeForCausalLM"
+    with pytest.raises(GGUFError, match=r"moe.gguf: keep_quantized does not read mixture-of-experts files yet.*"
+                                        r"without keep_quantized"):
+        load_quantized(tmp_path / "moe.gguf", out)

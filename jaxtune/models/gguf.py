@@ -16,7 +16,8 @@ directory that any loader reads.
 Each llama.cpp architecture jaxtune reads is one row of :data:`ARCHITECTURES` (an :class:`Arch`):
 its HF class, its tensor-name tables and how llama.cpp's converter (`convert_hf_to_gguf.py`) changed
 the tensors on the way in, which the import undoes: the rotary row permutation of Q/K (llama only),
-the `+ 1` it adds to Gemma's RMSNorm weights, the transpose of GPT-2's Conv1D weights. A family
+the `+ 1` it adds to Gemma's RMSNorm weights, the transpose of GPT-2's Conv1D weights, the stacking of
+a mixture-of-experts layer's experts into one tensor (split back into HF's one tensor per expert). A family
 added to jaxtune becomes readable from GGUF by adding its row (and its config function).
 
 :mod:`jaxtune.models.gguf_quantized` reads the same files' quantized tensors into quantized leaves
@@ -81,6 +82,15 @@ _GPT2_GLOBAL_NAMES = {"token_embd": "transformer.wte", "position_embd": "transfo
                       "output_norm": "transformer.ln_f", "output": "lm_head"}
 _GPT2_BLOCK_NAMES = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
                      "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+# Qwen2/Qwen3-MoE: the router and Qwen2-MoE's shared expert; the experts are stacked (_MOE_EXPERTS).
+_MOE_NAMES = {**{k: v for k, v in _BLOCK_NAMES.items() if not k.startswith("ffn_") or k == "ffn_norm"},
+              "ffn_gate_inp": "mlp.gate"}
+_SHARED_EXPERT_NAMES = {"ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up_shexp": "mlp.shared_expert.up_proj",
+                        "ffn_down_shexp": "mlp.shared_expert.down_proj", "ffn_gate_inp_shexp": "mlp.shared_expert_gate"}
+# llama.cpp stacks every expert of a layer into one (experts, out, in) tensor; HF checkpoints keep one
+# tensor per expert ({e} is its index).
+_MOE_EXPERTS = {"ffn_gate_exps": "mlp.experts.{e}.gate_proj", "ffn_up_exps": "mlp.experts.{e}.up_proj",
+                "ffn_down_exps": "mlp.experts.{e}.down_proj"}
 # Phi-3 keeps its checkpoint's fused projections: llama.cpp's ffn_up is the whole gate_up_proj.
 _PHI3_NAMES = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
                "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
@@ -99,6 +109,8 @@ class Arch:
     the HF tensor: GPT-2's Conv1D weights, which llama.cpp stores as ``(out, in)``).
     ``config_tensors``: tensors outside the blocks that are configuration, not weights (Phi-3's LongRoPE
     factors, which ``config`` reads into the rope dict). ``partial_rotary``: RoPE may rotate part of a head.
+    ``experts``: block parts that stack every expert (split into one HF tensor per expert); ``row_vectors``:
+    block parts that are ``(1, n)`` in HF and may be ``(n,)`` in the file (Qwen2-MoE's shared expert gate).
     """
 
     hf_architecture: str
@@ -113,6 +125,8 @@ class Arch:
     rms_norm: bool = True  # else LayerNorm (its epsilon key differs)
     config_tensors: tuple[str, ...] = ()
     partial_rotary: bool = False
+    experts: dict[str, str] = field(default_factory=dict)
+    row_vectors: tuple[str, ...] = ()
 
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
@@ -132,6 +146,7 @@ class _Entry:
     unpermute_heads: int | None = None  # set for Q/K: undo llama.cpp's rotary row permutation
     shift: float = 0.0  # subtracted (Gemma's norm weights)
     transpose: bool = False  # the GGUF rows are the HF tensor's transpose (GPT-2's Conv1D)
+    expert: int | None = None  # one expert's slice (axis 0) of a stacked expert tensor
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
@@ -319,6 +334,21 @@ def _smollm3_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[st
     return {**_llama_extra(meta, name, found), "no_rope_layer_interval": 4}
 
 
+def _moe_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    """Qwen2-MoE / Qwen3-MoE: expert counts and sizes; llama.cpp renormalises the top-k routing weights
+    of qwen3moe and not of qwen2moe unless the file says otherwise (``expert_weights_norm``)."""
+    extra = dict(num_experts=meta.get(f"{name}.expert_count"),
+                 num_experts_per_tok=meta.get(f"{name}.expert_used_count"),
+                 moe_intermediate_size=meta.get(f"{name}.expert_feed_forward_length"),
+                 norm_topk_prob=bool(meta.get(f"{name}.expert_weights_norm", name == "qwen3moe")))
+    if name == "qwen3moe":
+        return extra | {"attention_bias": found["attention_bias"]}
+    shared = meta.get(f"{name}.expert_shared_feed_forward_length", 0)
+    if not shared and "blk.0.ffn_gate_shexp.weight" in found["tensors"]:
+        shared = int(found["tensors"]["blk.0.ffn_gate_shexp.weight"].shape[1])
+    return extra | {"shared_expert_intermediate_size": shared}
+
+
 def _qwen2_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     return {}  # Qwen2 always has q/k/v biases and never an o bias or MLP bias
 
@@ -404,13 +434,17 @@ def _phi3_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, 
 
 
 # One row per llama.cpp architecture jaxtune reads (`general.architecture` -> Arch). A family that lands
-# in jaxtune (MoE...) adds its row here with its config function.
+# in jaxtune adds its row here with its config function.
 ARCHITECTURES: dict[str, Arch] = {
     "llama": Arch("LlamaForCausalLM", "LlamaConfig", _llama_extra, permute_qk=True),
     "qwen2": Arch("Qwen2ForCausalLM", "Qwen2Config", _qwen2_extra),
     "qwen3": Arch("Qwen3ForCausalLM", "Qwen3Config", _attention_bias_extra, blocks={**_BLOCK_NAMES, **_QK_NORMS}),
     # SmolLM3's converter is llama's (Q/K permuted); the NoPE layers are _smollm3_extra's.
     "smollm3": Arch("SmolLM3ForCausalLM", "SmolLM3Config", _smollm3_extra, permute_qk=True),
+    "qwen2moe": Arch("Qwen2MoeForCausalLM", "Qwen2MoeConfig", _moe_extra, blocks={**_MOE_NAMES, **_SHARED_EXPERT_NAMES},
+                     experts=_MOE_EXPERTS, row_vectors=("ffn_gate_inp_shexp",)),
+    "qwen3moe": Arch("Qwen3MoeForCausalLM", "Qwen3MoeConfig", _moe_extra, blocks={**_MOE_NAMES, **_QK_NORMS},
+                     experts=_MOE_EXPERTS),
     "gemma": Arch("GemmaForCausalLM", "GemmaConfig", _gemma_extra, norm_shift=1.0),
     "gemma2": Arch("Gemma2ForCausalLM", "Gemma2Config", _gemma_extra, blocks=_SANDWICH_NAMES, norm_shift=1.0),
     "gemma3": Arch("Gemma3ForCausalLM", "Gemma3TextConfig", _gemma_extra, blocks={**_SANDWICH_NAMES, **_QK_NORMS},
@@ -478,8 +512,21 @@ def _entry(tensor: ReaderTensor, arch: Arch, config: Any) -> _Entry | None:
     transpose = part in arch.transposed and suffix == "weight"
     # GGUF lists dimensions fastest-first (ne0 = in features); PyTorch is (out, in)
     shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    if part in arch.row_vectors and len(shape) == 1:
+        shape = (1, shape[0])
     shift = arch.norm_shift if stem.endswith("norm") and suffix == "weight" else 0.0
     return _Entry(hf_name, tensor, shape[::-1] if transpose else shape, heads, shift, transpose)
+
+
+def _expert_entries(tensor: ReaderTensor, arch: Arch) -> list[_Entry]:
+    """One entry per expert of a stacked expert tensor (``blk.N.ffn_*_exps``), or [] if it is not one."""
+    match = _BLOCK_RE.match(tensor.name)
+    if not match or match.group(2) not in arch.experts or match.group(3) != "weight":
+        return []
+    layer, part, _ = match.groups()
+    experts, *shape = (int(d) for d in reversed(tensor.shape.tolist()))
+    template = f"{arch.block_prefix}.{layer}.{arch.experts[part]}.weight"
+    return [_Entry(template.format(e=e), tensor, tuple(shape), expert=e) for e in range(experts)]
 
 
 def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> list[_Entry]:
@@ -489,6 +536,9 @@ def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> li
         entry = _entry(tensor, arch, config)
         if entry is None and tensor.name.rpartition(".")[0] in arch.config_tensors:
             continue  # read into the config by arch.config
+        if entry is None and (per_expert := _expert_entries(tensor, arch)):
+            entries += per_expert
+            continue
         if entry is None:
             raise GGUFError(
                 f"{path}: tensor {tensor.name!r} has no {arch.hf_architecture} counterpart; "
@@ -503,6 +553,8 @@ def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> li
     expected += [] if config.tie_word_embeddings else ["lm_head.weight"]
     for layer in range(config.num_hidden_layers):
         expected += [f"{arch.block_prefix}.{layer}.{part}.weight" for part in arch.blocks.values()]
+        expected += [f"{arch.block_prefix}.{layer}.{part.format(e=e)}.weight" for part in arch.experts.values()
+                     for e in range(getattr(config, "num_experts", 0))]
     missing = [name for name in expected if name not in present]
     if missing:
         raise GGUFError(
@@ -540,7 +592,10 @@ def _check_dequantizable(entries: list[_Entry], path: Path) -> None:
 
 def _dequantized(entry: _Entry, dtype: np.dtype, path: Path) -> np.ndarray:
     """The HF tensor for one entry: dequantized, un-permuted, cast; C-contiguous, `entry.shape`."""
-    weight = dequantize(entry.tensor.data, entry.tensor.tensor_type)
+    data = entry.tensor.data if entry.expert is None else entry.tensor.data[entry.expert]
+    weight = dequantize(data, entry.tensor.tensor_type)
+    if weight.size == math.prod(entry.shape) and weight.ndim != len(entry.shape):
+        weight = weight.reshape(entry.shape)  # a row vector stored flat (Arch.row_vectors)
     if (weight.T if entry.transpose else weight).shape != entry.shape:
         raise GGUFError(
             f"{path}: tensor {entry.tensor.name!r} dequantized to shape {weight.shape}, "

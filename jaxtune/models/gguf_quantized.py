@@ -94,6 +94,10 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     arch, cfg, module = hf.build(hf_config, None, dtype=str(jnp.dtype(compute_dtype or dtype)),
                                  param_dtype=str(dtype), **config_overrides)
     family = hf.FAMILIES[arch]
+    if family.expert_tensor is not None:
+        raise GGUFError(f"{gguf_path}: keep_quantized does not read mixture-of-experts files yet (their experts "
+                        "are stacked per layer); load it without keep_quantized (dequantized), then "
+                        "quantize: nf4 or int8 in the plan")
     heads = types.SimpleNamespace(num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads)
     entries = (_entry(t, _arch(_Metadata(reader, gguf_path)), heads) for t in reader.tensors)
     by_name = {e.hf_name: e for e in entries if e is not None}

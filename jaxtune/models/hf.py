@@ -134,7 +134,7 @@ FAMILIES: dict[str, Family] = {
                                              decoder.PARTITION_RULES, body=olmo2.Olmo2, name="OLMo 2",
                                              base="Olmo2ForCausalLM", classifier="Olmo2ForSequenceClassification"),
     **{a: Family(moe.MoeConfig.from_hf, moe.MoeDecoder, decoder.hf_module, moe.PARTITION_RULES, name=_LLAMA_NAMES[a],
-                 checkpoint_name=moe.checkpoint_name, expert_tensor=moe.expert_tensor(a))
+                 checkpoint_name=moe.checkpoint_name, expert_tensor=moe.expert_tensor(a), gguf=_GGUF.get(a))
        for a in moe.ARCHITECTURES},
     **{a: Family(gpt2.GPT2Config.from_hf, gpt2.GPT2 if a == "GPT2LMHeadModel" else gpt2.GPT2Classifier,
                  gpt2.hf_module, gpt2.PARTITION_RULES, body=None if a == "GPT2LMHeadModel" else gpt2.GPT2,
