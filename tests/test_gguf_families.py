@@ -1,4 +1,4 @@
-"""gguf_to_hf on every llama.cpp architecture jaxtune reads besides llama (test_gguf): a tiny random
+"""gguf_to_hf on every llama.cpp architecture jaxtune reads besides dense llama (test_gguf): a tiny random
 transformers model written as GGUF the way llama.cpp's converter (`convert_hf_to_gguf.py`) writes
 it, converted back, loads into jaxtune with the original model's logits (fp32, within 1e-4).
 
@@ -50,6 +50,8 @@ CASES = {
                                              shared_expert_intermediate_size=48, norm_topk_prob=False)),
     "qwen3moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                              norm_topk_prob=True)),
+    # Mixtral: llama.cpp's `llama` architecture with experts (Q/K permuted as for llama)
+    "llama-moe": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     # 4 layers: the 4th skips RoPE (llama.cpp's fixed NoPE interval, transformers' default one)
     "smollm3": ("SmolLM3ForCausalLM", dict(num_hidden_layers=4, bos_token_id=1, eos_token_id=2, pad_token_id=0)),
     "gpt2": ("GPT2LMHeadModel", dict()),
@@ -122,9 +124,10 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False)
                 writer.add_tensor("rope_factors_short.weight", np.asarray(rope["short_factor"], np.float32))
         if name in ("gemma2", "gemma3"):
             writer.add_sliding_window(cfg.sliding_window)
-        if name.endswith("moe"):
-            writer.add_expert_count(cfg.num_experts)
+        if case.endswith("moe"):
+            writer.add_expert_count(getattr(cfg, "num_experts", None) or cfg.num_local_experts)
             writer.add_expert_used_count(cfg.num_experts_per_tok)
+        if name.endswith("moe"):  # Mixtral's experts are feed_forward_length wide
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
             if name == "qwen2moe":
                 writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
@@ -147,7 +150,8 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False)
         if ".mlp.experts." in hf_name:  # transformers' (experts, out, in) stacks, as llama.cpp stacks them
             layer = hf_name.split(".")[2]
             data = tensor.numpy().astype(np.float32)
-            parts = ({"gate": data[:, :cfg.moe_intermediate_size], "up": data[:, cfg.moe_intermediate_size:]}
+            ff = getattr(cfg, "moe_intermediate_size", None) or cfg.intermediate_size
+            parts = ({"gate": data[:, :ff], "up": data[:, ff:]}
                      if hf_name.endswith("gate_up_proj") else {"down": data})
             for part, stack in parts.items():
                 add(f"blk.{layer}.ffn_{part}_exps.weight", np.ascontiguousarray(stack))
@@ -158,7 +162,7 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False)
         data = tensor.numpy().astype(np.float32)
         if name.startswith("gemma") and hf_name.endswith("norm.weight"):
             data = data + 1  # llama.cpp stores Gemma's (1 + w) gain
-        if name == "smollm3" and hf_name.endswith(("q_proj.weight", "k_proj.weight")):  # llama's converter
+        if name in ("llama", "smollm3") and hf_name.endswith(("q_proj.weight", "k_proj.weight")):  # llama's converter
             heads = cfg.num_attention_heads if "q_proj" in hf_name else cfg.num_key_value_heads
             data = llama_cpp_permute(data, heads)
         if name == "gpt2" and hf_name.endswith(GPT2_CONV1D):

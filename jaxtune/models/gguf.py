@@ -91,6 +91,10 @@ _SHARED_EXPERT_NAMES = {"ffn_gate_shexp": "mlp.shared_expert.gate_proj", "ffn_up
 # tensor per expert ({e} is its index).
 _MOE_EXPERTS = {"ffn_gate_exps": "mlp.experts.{e}.gate_proj", "ffn_up_exps": "mlp.experts.{e}.up_proj",
                 "ffn_down_exps": "mlp.experts.{e}.down_proj"}
+# Mixtral's checkpoint names for the same router and experts (w1 gate, w3 up, w2 down).
+_MIXTRAL_NAMES = {**_MOE_NAMES, "ffn_gate_inp": "block_sparse_moe.gate"}
+_MIXTRAL_EXPERTS = {f"ffn_{part}_exps": f"block_sparse_moe.experts.{{e}}.{w}"
+                    for part, w in (("gate", "w1"), ("up", "w3"), ("down", "w2"))}
 # Phi-3 keeps its checkpoint's fused projections: llama.cpp's ffn_up is the whole gate_up_proj.
 _PHI3_NAMES = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
                "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
@@ -261,6 +265,8 @@ def _arch(meta: _Metadata) -> Arch:
             f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}. Load it with transformers "
             f"(`from_pretrained(dir, gguf_file=...)`) and `save_pretrained` instead."
         )
+    if name == "llama" and meta.get("llama.expert_count", 0):
+        return LLAMA_MOE
     return ARCHITECTURES[name]
 
 
@@ -347,6 +353,12 @@ def _moe_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, A
     if not shared and "blk.0.ffn_gate_shexp.weight" in found["tensors"]:
         shared = int(found["tensors"]["blk.0.ffn_gate_shexp.weight"].shape[1])
     return extra | {"shared_expert_intermediate_size": shared}
+
+
+def _mixtral_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    # Mixtral's experts are feed_forward_length wide; llama.cpp renormalises its top-k weights, as Mixtral does.
+    return dict(num_local_experts=meta.get(f"{name}.expert_count"),
+                num_experts_per_tok=meta.get(f"{name}.expert_used_count"))
 
 
 def _qwen2_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
@@ -457,6 +469,9 @@ ARCHITECTURES: dict[str, Arch] = {
                  config_tensors=("rope_factors_long", "rope_factors_short"), partial_rotary=True),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
+# llama.cpp writes Mixtral as `llama` with experts (`llama.expert_count`); _arch picks this row for such files.
+LLAMA_MOE = Arch("MixtralForCausalLM", "MixtralConfig", _mixtral_extra, blocks=_MIXTRAL_NAMES,
+                 experts=_MIXTRAL_EXPERTS, permute_qk=True)
 
 
 def _rope_parameters(meta: _Metadata, arch: str) -> dict[str, Any]:
@@ -554,7 +569,7 @@ def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> li
     for layer in range(config.num_hidden_layers):
         expected += [f"{arch.block_prefix}.{layer}.{part}.weight" for part in arch.blocks.values()]
         expected += [f"{arch.block_prefix}.{layer}.{part.format(e=e)}.weight" for part in arch.experts.values()
-                     for e in range(getattr(config, "num_experts", 0))]
+                     for e in range(getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 0))]
     missing = [name for name in expected if name not in present]
     if missing:
         raise GGUFError(

@@ -31,6 +31,7 @@ from safetensors.numpy import save_file
 
 from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbert, moe, olmo2, phi3, stacking, vit
 from jaxtune.models.gguf import ARCHITECTURES as GGUF_ARCHITECTURES
+from jaxtune.models.gguf import LLAMA_MOE
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
@@ -110,7 +111,7 @@ def _encoder(arch: str) -> Family:
 
 
 # The HF architecture each llama.cpp architecture converts to (jaxtune.models.gguf's table), for Family.gguf.
-_GGUF = {row.hf_architecture: name for name, row in GGUF_ARCHITECTURES.items()}
+_GGUF = {row.hf_architecture: name for name, row in GGUF_ARCHITECTURES.items()} | {LLAMA_MOE.hf_architecture: "llama"}
 
 FAMILIES: dict[str, Family] = {
     **{a: Family(decoder.DecoderConfig.from_hf, decoder.Decoder, decoder.hf_module, decoder.PARTITION_RULES,
