@@ -47,7 +47,7 @@ CASES = {
     "olmo2": ("Olmo2ForCausalLM", dict()),
     # top-2 of 4 experts; Qwen2-MoE with its sigmoid-gated shared expert, without renormalised weights
     "qwen2moe": ("Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                                             shared_expert_intermediate_size=48, norm_topk_prob=False)),
+                                             shared_expert_intermediate_size=64, norm_topk_prob=False)),
     "qwen3moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                              norm_topk_prob=True)),
     # Mixtral: llama.cpp's `llama` architecture with experts (Q/K permuted as for llama)
@@ -191,17 +191,19 @@ def test_converted_model_has_the_original_logits(name, tmp_path):
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["phi3", "phi3-longrope", "qwen3", "smollm3"])
+@pytest.mark.parametrize("name", ["phi3", "phi3-longrope", "qwen3", "smollm3", "qwen2moe", "qwen3moe", "llama-moe"])
 def test_quantized_load_keeps_the_blocks_and_equals_the_dequantized_model(name, tmp_path):
-    """``load_quantized`` reads the Q8_0 matrices as quantized leaves (Phi-3's fused qkv_proj and gate_up_proj
-    too), and the model's logits equal the dequantized conversion's (fp32)."""
+    """``load_quantized`` reads the Q8_0 matrices as quantized leaves (Phi-3's fused qkv_proj and gate_up_proj,
+    and every layer's stack of experts, too), and the model's logits equal the dequantized conversion's (fp32)."""
     write_gguf(tiny_model(name), name, tmp_path / "tiny.gguf", quantized=True)
     out = gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
     dense = hf.load_pretrained(out)
     kept = load_quantized(tmp_path / "tiny.gguf", out)
     leaves = flatten_dict(unfreeze(kept.params))
     fused = [k for k in leaves if k[-2:] in [(m, "kernel") for m in ("qkv_proj", "gate_up_proj", "q_proj")]]
-    assert fused and all(quant.is_quantized(leaves[k]) for k in fused)
+    experts = [k for k in leaves if "experts" in k and k[-1] == "kernel"]
+    assert fused and all(quant.is_quantized(leaves[k]) for k in fused + experts)
+    assert len(experts) == (3 if name.endswith("moe") else 0)
     ids = np.random.RandomState(1).randint(0, 128, (2, 12)).astype(np.int32)
     ours = np.asarray(kept.module.apply({"params": kept.params}, ids))
     ref = np.asarray(dense.module.apply({"params": dense.params}, ids))
@@ -225,12 +227,3 @@ def test_phi3_with_one_longrope_factor_tensor_is_refused(tmp_path):
     writer.close()
     with pytest.raises(GGUFError, match="one.gguf: LongRoPE needs both 'rope_factors_long.weight' and"):
         gguf_to_hf(tmp_path / "one.gguf", tmp_path / "hf")
-
-
-def test_quantized_load_of_a_mixture_of_experts_file_is_refused_with_the_way_out(tmp_path):
-    write_gguf(tiny_model("qwen3moe"), "qwen3moe", tmp_path / "moe.gguf", quantized=True)
-    out = gguf_to_hf(tmp_path / "moe.gguf", tmp_path / "hf")  # the dequantized conversion reads it
-    assert hf.load_pretrained(out).architecture == "Qwen3MoeForCausalLM"
-    with pytest.raises(GGUFError, match=r"moe.gguf: keep_quantized does not read mixture-of-experts files yet.*"
-                                        r"without keep_quantized"):
-        load_quantized(tmp_path / "moe.gguf", out)

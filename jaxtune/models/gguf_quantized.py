@@ -17,15 +17,25 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, ReaderTensor
 from gguf.quants import Q4_K
 
-from jaxtune.models.gguf import GGUFError, _arch, _dequantized, _entry, _Metadata, _open, unpermute_qk
+from jaxtune.models.gguf import (
+    GGUFError,
+    _arch,
+    _dequantized,
+    _entry,
+    _expert_entries,
+    _Metadata,
+    _open,
+    unpermute_qk,
+)
 
 QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # read into QuantizedArray leaves as they are
 
 
 def quantized_tensor(tensor: ReaderTensor) -> Any:
     """A GGUF tensor of a :data:`QUANTIZED_TYPES` type as a :class:`QuantizedArray` of numpy
-    arrays in GGUF's own layout: ``(rows, features)`` (PyTorch's ``(out, in)``), blocks along the
-    last axis (``axis=-1``). Its :func:`jaxtune.models.quant.dequantize` equals
+    arrays in GGUF's own layout: ``(rows, features)`` (PyTorch's ``(out, in)``; a stack of experts
+    ``(experts, rows, features)``), blocks along the last axis (``axis=-1``). Its
+    :func:`jaxtune.models.quant.dequantize` equals
     ``gguf.quants.dequantize`` bit for bit: the scales are llama.cpp's fp16 ``d`` (and 6/8-bit
     sub-block scales under it for the K-quants), the codes its integers, unpacked without floats.
     """
@@ -37,14 +47,14 @@ def quantized_tensor(tensor: ReaderTensor) -> Any:
                         f"{', '.join(QUANTIZED_TYPES)}")
     block, size = GGML_QUANT_SIZES[tensor.tensor_type]
     data = np.asarray(tensor.data)
-    rows = data.shape[0] if data.ndim > 1 else 1
-    blocks = data.reshape(rows, -1, size)
+    lead = data.shape[:-1] if data.ndim > 1 else (1,)  # (rows,) or (experts, rows)
+    blocks = data.reshape(*lead, -1, size)
 
     def f16(b: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(b).view(np.float16)[..., 0]
 
     def flat(x: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(x).reshape(rows, -1)
+        return np.ascontiguousarray(x).reshape(*lead, -1)
 
     if kind == "Q8_0":  # d, 32 x int8
         return QuantizedArray(flat(blocks[..., 2:].view(np.int8)), f16(blocks[..., :2]), block=32, axis=-1,
@@ -62,11 +72,11 @@ def quantized_tensor(tensor: ReaderTensor) -> Any:
     # Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, d; per 128 elements
     # byte j of ql holds element j (low) and j + 64 (high); byte j of qh holds the top bits of
     # elements j, j + 32, j + 64, j + 96.
-    ql = blocks[..., :128].reshape(rows, -1, 2, 1, 64)
-    qh = blocks[..., 128:192].reshape(rows, -1, 2, 1, 32)
-    low = np.concatenate([ql & 0xF, ql >> 4], axis=-2).reshape(rows, -1, 2, 128)
+    ql = blocks[..., :128].reshape(*lead, -1, 2, 1, 64)
+    qh = blocks[..., 128:192].reshape(*lead, -1, 2, 1, 32)
+    low = np.concatenate([ql & 0xF, ql >> 4], axis=-2).reshape(*lead, -1, 2, 128)
     high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 3
-    codes = (low | (high.reshape(rows, -1, 2, 128) << 4)).astype(np.int8) - np.int8(32)
+    codes = (low | (high.reshape(*lead, -1, 2, 128) << 4)).astype(np.int8) - np.int8(32)
     scale = QuantizedArray(flat(blocks[..., 192:208].view(np.int8)), f16(blocks[..., 208:210]), block=16, axis=-1,
                            name="q6_k scales")
     return QuantizedArray(flat(codes), scale, block=16, axis=-1, name="q6_k")
@@ -77,8 +87,9 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     """A :class:`jaxtune.models.hf.Pretrained` whose linear kernels and embeddings stay in the GGUF
     file's quantization where it is one of :data:`QUANTIZED_TYPES` (other tensors: ``dtype``).
 
-    ``hf_dir``: the file's converted directory (:func:`jaxtune.models.gguf.gguf_to_hf`), for ``config.json`` and the
-    tokenizer. Quantized leaves must stay frozen (a plan that trains one fails, naming it).
+    ``hf_dir``: the file's converted directory (:func:`jaxtune.models.gguf.gguf_to_hf`), for ``config.json``
+    and the tokenizer. A mixture-of-experts layer's experts stay one quantized stack ``(experts, in, out)``.
+    Quantized leaves must stay frozen (a plan that trains one fails, naming it).
     """
     import jax
     import jax.numpy as jnp
@@ -94,18 +105,21 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     arch, cfg, module = hf.build(hf_config, None, dtype=str(jnp.dtype(compute_dtype or dtype)),
                                  param_dtype=str(dtype), **config_overrides)
     family = hf.FAMILIES[arch]
-    if family.expert_tensor is not None:
-        raise GGUFError(f"{gguf_path}: keep_quantized does not read mixture-of-experts files yet (their experts "
-                        "are stacked per layer); load it without keep_quantized (dequantized), then "
-                        "quantize: nf4 or int8 in the plan")
     heads = types.SimpleNamespace(num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads)
-    entries = (_entry(t, _arch(_Metadata(reader, gguf_path)), heads) for t in reader.tensors)
-    by_name = {e.hf_name: e for e in entries if e is not None}
+    gguf_arch = _arch(_Metadata(reader, gguf_path))
+    by_name = {}
+    for tensor in reader.tensors:
+        entry = _entry(tensor, gguf_arch, heads)
+        by_name.update({e.hf_name: e for e in ([entry] if entry else _expert_entries(tensor, gguf_arch))})
     params = {}
     # Per layer (the logical tree, one GGUF tensor each), stacked at the end as the model scans them.
     for path, spec in flatten_dict(stacking.unstack(hf.abstract_params(module, cfg))).items():
-        want = hf.hf_name(family, path)
+        # an expert stack is found by its first expert's name, and read whole
+        first_expert = family.expert_tensor(path, 0) if family.expert_tensor else None
+        want = first_expert or hf.hf_name(family, path)
         entry = by_name.get(want)
+        if entry is None and family.checkpoint_name is not None:  # Mixtral's router: block_sparse_moe.gate
+            entry = by_name.get(family.checkpoint_name(want))
         if entry is None:
             raise GGUFError(f"{gguf_path}: no tensor for {want!r} (param {'/'.join(path)})")
         tensor = entry.tensor
@@ -116,6 +130,9 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
             # GGUF rows are (out, in) for every linear (GPT-2's too, transposed by llama.cpp); kernels are (in, out).
             q = transpose(q) if path[-1] == "kernel" else q
             leaf = jax.tree.map(jnp.asarray, dataclasses.replace(q, dtype=dtype))
+        elif first_expert:  # (experts, out, in) -> (experts, in, out)
+            whole = dataclasses.replace(entry, expert=None, shape=(spec.shape[0], *entry.shape))
+            leaf = jnp.asarray(_dequantized(whole, np.dtype(np.float32), gguf_path).swapaxes(-1, -2), dtype)
         else:
             array = _dequantized(entry, np.dtype(np.float32), gguf_path)  # the HF tensor
             leaf = jnp.asarray(array.T if hf.stored_transposed(family, path) else array, dtype)
