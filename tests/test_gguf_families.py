@@ -50,6 +50,11 @@ CASES = {
                                              shared_expert_intermediate_size=64, norm_topk_prob=False)),
     "qwen3moe": ("Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                              norm_topk_prob=True)),
+    # Llama 3.1/3.2's rope scaling, which llama.cpp's converter writes as per-frequency divisors (rope_freqs);
+    # its 8 frequencies fall below, inside and above the smoothed band
+    "llama-rope3": ("LlamaForCausalLM", dict(max_position_embeddings=1024, rope_parameters={
+        "rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 256})),
     # Mixtral: llama.cpp's `llama` architecture with experts (Q/K permuted as for llama)
     "llama-moe": ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
     # 4 layers: the 4th skips RoPE (llama.cpp's fixed NoPE interval, transformers' default one)
@@ -79,6 +84,25 @@ def tiny_model(name: str) -> torch.nn.Module:
     randomize_weights(model, norm_offset=-0.5 if name.startswith("gemma") else 0.5,
                       is_norm=lambda param: "norm" in param or ".ln_" in param)
     return model
+
+
+def llama3_frequency_divisors(rope: dict, head_dim: int) -> np.ndarray:
+    """llama.cpp's converter (`LlamaModel.generate_extra_tensors`): each rotary frequency's divisor under
+    `llama3` rope scaling, float32."""
+    orig, low, high, factor = (rope[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                 "high_freq_factor", "factor"))
+    freqs = 1.0 / (rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    out = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < orig / high:
+            out.append(1.0)
+        elif wavelen > orig / low:
+            out.append(factor)
+        else:
+            smooth = (orig / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
 
 
 def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False) -> None:
@@ -113,6 +137,8 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False)
             writer.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
         if name not in ("gemma", "gemma2"):
             writer.add_rope_freq_base(rope["rope_theta"])
+        if rope["rope_type"] == "llama3":
+            writer.add_tensor("rope_freqs.weight", llama3_frequency_divisors(rope, head_dim))
         if name == "phi3":
             writer.add_sliding_window(cfg.sliding_window or 0)  # the converter's 0: no window (Phi-4)
             writer.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
@@ -227,3 +253,15 @@ def test_phi3_with_one_longrope_factor_tensor_is_refused(tmp_path):
     writer.close()
     with pytest.raises(GGUFError, match="one.gguf: LongRoPE needs both 'rope_factors_long.weight' and"):
         gguf_to_hf(tmp_path / "one.gguf", tmp_path / "hf")
+
+
+def test_llama3_rope_file_converts_to_a_directory_transformers_reads_with_the_original_logits(tmp_path):
+    """The per-frequency divisors become transformers' longrope with equal factor lists and attention
+    factor 1, which transformers itself computes as the original llama3 rope (at lengths past the
+    original context as well)."""
+    model = tiny_model("llama-rope3")
+    write_gguf(model, "llama-rope3", tmp_path / "rope3.gguf")
+    out = gguf_to_hf(tmp_path / "rope3.gguf", tmp_path / "hf")
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = np.random.RandomState(2).randint(0, 128, (1, 300)).astype(np.int32)  # past the original 256
+    np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(model, ids), atol=TOL, rtol=0)

@@ -111,8 +111,9 @@ class Arch:
     ``norm_shift`` (subtracted from every ``*norm.weight``: Gemma computes ``x * (1 + w)`` and
     llama.cpp stores ``w + 1``), ``transposed`` (block parts whose GGUF rows are the transpose of
     the HF tensor: GPT-2's Conv1D weights, which llama.cpp stores as ``(out, in)``).
-    ``config_tensors``: tensors outside the blocks that are configuration, not weights (Phi-3's LongRoPE
-    factors, which ``config`` reads into the rope dict). ``partial_rotary``: RoPE may rotate part of a head.
+    ``config_tensors``: tensors outside the blocks that are configuration, not weights (``rope_freqs``:
+    Llama 3.1's per-frequency RoPE divisors; Phi-3's LongRoPE factors, which ``config`` reads).
+    ``partial_rotary``: RoPE may rotate part of a head.
     ``experts``: block parts that stack every expert (split into one HF tensor per expert); ``row_vectors``:
     block parts that are ``(1, n)`` in HF and may be ``(n,)`` in the file (Qwen2-MoE's shared expert gate).
     """
@@ -127,7 +128,7 @@ class Arch:
     norm_shift: float = 0.0
     transposed: tuple[str, ...] = ()
     rms_norm: bool = True  # else LayerNorm (its epsilon key differs)
-    config_tensors: tuple[str, ...] = ()
+    config_tensors: tuple[str, ...] = ("rope_freqs",)
     partial_rotary: bool = False
     experts: dict[str, str] = field(default_factory=dict)
     row_vectors: tuple[str, ...] = ()
@@ -287,12 +288,6 @@ def _config(meta: _Metadata, reader: GGUFReader, arch: Arch) -> Any:
                 f"{meta.path}: partial rotary embedding ({rope_dims} of {head_dim} head dims) "
                 f"does not fit {arch.hf_architecture}; this file is not a plain {name} model"
             )
-    if "rope_freqs.weight" in tensors:
-        raise GGUFError(
-            f"{meta.path}: tensor 'rope_freqs.weight' holds per-frequency RoPE factors "
-            "(Llama-3.1-style rope scaling), which gguf_to_hf does not translate; load the file "
-            "with transformers (`gguf_file=`) or use the original HF checkpoint"
-        )
     embed = tensors.get("token_embd.weight")
     if embed is None:
         raise GGUFError(f"{meta.path}: tensor 'token_embd.weight' is missing")
@@ -324,8 +319,29 @@ def _config(meta: _Metadata, reader: GGUFReader, arch: Arch) -> Any:
     )
     bias = any(n.endswith(("attn_q.bias", "attn_k.bias", "attn_v.bias")) for n in tensors)
     extra = arch.config(meta, name, {**common, "attention_bias": bias, "tensors": tensors})
-    return getattr(transformers, arch.config_class)(architectures=[arch.hf_architecture], **shared,
-                                                    **{**common, **extra})
+    fields = {**common, **extra}
+    if "rope_freqs.weight" in tensors:
+        fields["rope_parameters"] = _frequency_factors(meta, tensors["rope_freqs.weight"], fields)
+    return getattr(transformers, arch.config_class)(architectures=[arch.hf_architecture], **shared, **fields)
+
+
+def _frequency_factors(meta: _Metadata, tensor: ReaderTensor, fields: dict[str, Any]) -> dict[str, Any]:
+    """The rope dict for a file with ``rope_freqs.weight``: one divisor per rotary frequency, which
+    llama.cpp's converter computes from Llama 3.1/3.2's ``llama3`` rope scaling (and applies as
+    ``theta_i / factor_i``). transformers' ``longrope`` with both factor lists equal to it and an
+    attention factor of 1 is that exact computation at every length; the ``llama3`` parameters
+    themselves cannot be recovered from the divisors (a family of them gives the same ones)."""
+    rope = fields["rope_parameters"]
+    if rope.get("rope_type") != "default":
+        raise GGUFError(f"{meta.path}: tensor 'rope_freqs.weight' and rope scaling {rope.get('rope_type')!r} "
+                        "together; a file has one or the other")
+    factors = [float(v) for v in np.asarray(tensor.data, np.float32).reshape(-1)]
+    if len(factors) * 2 != fields["head_dim"]:
+        raise GGUFError(f"{meta.path}: tensor 'rope_freqs.weight' has {len(factors)} factors; a head of "
+                        f"{fields['head_dim']} rotates {fields['head_dim'] // 2} frequencies")
+    return {"rope_type": "longrope", "rope_theta": rope["rope_theta"], "short_factor": factors,
+            "long_factor": factors, "attention_factor": 1.0,
+            "original_max_position_embeddings": fields["max_position_embeddings"]}
 
 
 def _llama_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
@@ -466,7 +482,8 @@ ARCHITECTURES: dict[str, Arch] = {
                  block_prefix="transformer.h", transposed=("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
                  rms_norm=False),
     "phi3": Arch("Phi3ForCausalLM", "Phi3Config", _phi3_extra, blocks=_PHI3_NAMES,
-                 config_tensors=("rope_factors_long", "rope_factors_short"), partial_rotary=True),
+                 config_tensors=("rope_factors_long", "rope_factors_short", "rope_freqs"),
+                 partial_rotary=True),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 # llama.cpp writes Mixtral as `llama` with experts (`llama.expert_count`); _arch picks this row for such files.
