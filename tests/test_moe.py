@@ -212,3 +212,19 @@ def test_expert_parallel_run_equals_one_device(mixtral):
     lora_b = trainable["layers_0-1"]["mlp"]["experts"]["down_proj"]["lora_b"]
     assert tuple(lora_b.sharding.spec)[:2] == (None, "expert")  # the layer axis whole, the experts split
     assert len({str(s.index) for s in lora_b.addressable_shards}) == 4
+
+
+def test_nf4_expert_stacks_read_like_their_dequantized_weights(tmp_path):
+    """QLoRA on a MoE: the plan quantizes every expert stack (NF4 codes packed two a byte, so the leaf's
+    arrays are not the kernel's shape) and the forward equals the dequantized weights' within 1e-5."""
+    from jaxtune.models import quant
+
+    tiny_moe("Qwen3MoeForCausalLM", tmp_path, hidden_size=64, num_experts=4, num_experts_per_tok=2,
+             moe_intermediate_size=64)
+    tuned = tuning.apply_plan(hf.load_pretrained(tmp_path), tuning.freeze(quantize="nf4") + tuning.lora(4))
+    experts = {path: leaf for path, leaf in flatten_dict(tuned.params).items()
+               if "experts" in path and path[-1] == "kernel"}
+    assert experts and all(quant.is_quantized(leaf) for leaf in experts.values())
+    apply = jax.jit(lambda p: tuned.module.apply({"params": p}, IDS))
+    got, want = np.asarray(apply(tuned.params)), np.asarray(apply(quant.dequantize_tree(tuned.params)))
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()

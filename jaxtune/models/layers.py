@@ -68,7 +68,7 @@ class Linear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool = True) -> Array:
-        kernel = _param(self, "kernel", (x.shape[-1], self.features))
+        kernel = weight_param(self, "kernel", (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype) if self.use_bias else None
         # Matmuls on (tokens, features): XLA:CPU runs rank-3 dots with a small contraction (the
         # LoRA factors) about 2x slower than the same work flattened; GPUs do not care.
@@ -105,9 +105,11 @@ class Linear(nn.Module):
         return base * (ratio - 1) + low_rank * ratio
 
 
-def _param(module: nn.Module, name: str, shape: tuple[int, ...]) -> Any:
-    """``module.param(name, ...)``, except that a quantized weight is read as it is: flax's own
-    check would compare the shape of its codes (4-bit codes are packed two per byte) with ``shape``."""
+def weight_param(module: nn.Module, name: str, shape: tuple[int, ...]) -> Any:
+    """``module.param(name, default_kernel_init, shape, module.param_dtype)``, except that a quantized
+    weight is read as it is: flax's own check would compare the shape of its codes (4-bit codes are
+    packed two per byte) with ``shape``. For any weight a plan may quantize (kernels, embeddings,
+    expert stacks)."""
     if module.has_variable("params", name):
         value = module.get_variable("params", name)
         if quant.is_quantized(value):
@@ -164,7 +166,7 @@ class Embed(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def setup(self) -> None:
-        self.embedding = _param(self, "embedding", (self.num_embeddings, self.features))
+        self.embedding = weight_param(self, "embedding", (self.num_embeddings, self.features))
 
     def __call__(self, ids: Array) -> Array:
         return quant.take(self.embedding, ids, self.dtype)

@@ -48,8 +48,8 @@ from jaxtune.models.layers import (
     Array,
     Linear,
     PartitionRules,
-    default_kernel_init,
     remat_block,
+    weight_param,
 )
 
 ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
@@ -147,8 +147,7 @@ class ExpertLinear(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, group_sizes: Array) -> Array:
-        kernel = self.param("kernel", default_kernel_init, (self.num_experts, x.shape[-1], self.features),
-                            self.param_dtype)
+        kernel = weight_param(self, "kernel", (self.num_experts, x.shape[-1], self.features))
         x = x.astype(self.dtype)
         y = jax.lax.ragged_dot(x, quant.as_float(kernel, self.dtype), group_sizes)
         if self.has_variable("params", LORA_A):
