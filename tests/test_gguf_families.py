@@ -71,7 +71,6 @@ CASES = {
 CONFIGS = {"Gemma3ForCausalLM": "Gemma3TextConfig", "GPT2LMHeadModel": "GPT2Config"}
 GPT2 = dict(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=96)
 GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
-Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
 def tiny_model(name: str) -> torch.nn.Module:
@@ -105,9 +104,9 @@ def llama3_frequency_divisors(rope: dict, head_dim: int) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False) -> None:
+def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = None) -> None:
     """Write ``model`` as an F32 GGUF of case ``case``'s llama.cpp architecture, as its converter would;
-    ``quantized``: its matrices (weights of 2 dims) as Q8_0 blocks instead."""
+    ``quantized`` (a GGML type name, e.g. ``Q8_0``): its matrices (and expert stacks) in that type instead."""
     cfg = model.config
     name = case.split("-")[0]
     writer = gguf.GGUFWriter(str(path), name)
@@ -164,7 +163,8 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: bool = False)
 
     def add(tensor_name: str, data: np.ndarray) -> None:
         if quantized and data.ndim >= 2:
-            writer.add_tensor(tensor_name, gguf.quants.quantize(data, Q8_0), raw_dtype=Q8_0)
+            qtype = getattr(gguf.GGMLQuantizationType, quantized)
+            writer.add_tensor(tensor_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(tensor_name, data)
 
@@ -217,11 +217,18 @@ def test_converted_model_has_the_original_logits(name, tmp_path):
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["phi3", "phi3-longrope", "qwen3", "smollm3", "qwen2moe", "qwen3moe", "llama-moe"])
-def test_quantized_load_keeps_the_blocks_and_equals_the_dequantized_model(name, tmp_path):
-    """``load_quantized`` reads the Q8_0 matrices as quantized leaves (Phi-3's fused qkv_proj and gate_up_proj,
-    and every layer's stack of experts, too), and the model's logits equal the dequantized conversion's (fp32)."""
-    write_gguf(tiny_model(name), name, tmp_path / "tiny.gguf", quantized=True)
+# (case, the type its matrices are written in): gguf-py quantizes the legacy types only (the K-quants'
+# block decoding is tested bit for bit in test_quant)
+QUANTIZED_CASES = [("phi3", "Q8_0"), ("phi3-longrope", "Q4_1"), ("qwen3", "Q5_0"), ("smollm3", "Q5_1"),
+                   ("qwen2moe", "Q8_0"), ("qwen3moe", "Q4_0"), ("llama-moe", "Q5_1")]
+
+
+@pytest.mark.parametrize("name,qtype", QUANTIZED_CASES)
+def test_quantized_load_keeps_the_blocks_and_equals_the_dequantized_model(name, qtype, tmp_path):
+    """``load_quantized`` reads the quantized matrices as quantized leaves (Phi-3's fused qkv_proj and
+    gate_up_proj, and every layer's stack of experts, too), and the model's logits equal the dequantized
+    conversion's (fp32)."""
+    write_gguf(tiny_model(name), name, tmp_path / "tiny.gguf", quantized=qtype)
     out = gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
     dense = hf.load_pretrained(out)
     kept = load_quantized(tmp_path / "tiny.gguf", out)

@@ -116,12 +116,14 @@ class _Tensor:
 @pytest.mark.parametrize("kind", gguf_quantized.QUANTIZED_TYPES)
 def test_gguf_blocks_decode_exactly_as_the_gguf_package(kind):
     """Random block bytes (finite fp16 scales) decode to what ``gguf.quants.dequantize`` gives,
-    bit for bit, in the GGUF (out, in) layout and transposed into a kernel (in, out)."""
+    bit for bit, in the GGUF (out, in) layout, transposed into a kernel (in, out), and as a stack of
+    experts (experts, out, in)."""
     qtype = getattr(GGMLQuantizationType, kind)
     _, size = GGML_QUANT_SIZES[qtype]
     rng = np.random.RandomState(3)
     data = rng.randint(0, 256, (4, 2, size)).astype(np.uint8)
-    fp16_fields = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [size - 2]}[kind]
+    fp16_fields = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2],
+                   "Q5_K": [0, 2], "Q6_K": [size - 2]}[kind]
     for at in fp16_fields:
         data[..., at:at + 2] = (rng.uniform(-0.05, 0.05, (4, 2, 1)).astype(np.float16)).view(np.uint8)
     data = data.reshape(4, -1)
@@ -130,6 +132,8 @@ def test_gguf_blocks_decode_exactly_as_the_gguf_package(kind):
     np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), expected)
     kernel = quant.transpose(q)
     np.testing.assert_array_equal(np.asarray(quant.dequantize(kernel)), expected.T)
+    stack = jax.tree.map(jnp.asarray, gguf_quantized.quantized_tensor(_Tensor(qtype, data.reshape(2, 2, -1))))
+    np.testing.assert_array_equal(np.asarray(quant.dequantize(stack)), expected.reshape(2, 2, -1))
 
 
 # ----------------------------------------------------------------------------- on a model

@@ -1,6 +1,6 @@
 """GGUF's quantized tensors read as they are: :class:`jaxtune.models.quant.QuantizedArray` leaves.
 
-:func:`load_quantized` reads a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K tensors straight into quantized
+:func:`load_quantized` reads a GGUF's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K tensors straight into quantized
 leaves (integer unpacking of the blocks only, no float copy of a weight), so a model is fine-tuned
 on the quantization it was shared in; every other tensor is dequantized as :mod:`jaxtune.models.gguf`
 does, and that module's architecture table says which HF tensor each GGUF tensor is.
@@ -28,7 +28,8 @@ from jaxtune.models.gguf import (
     unpermute_qk,
 )
 
-QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")  # read into QuantizedArray leaves as they are
+# read into QuantizedArray leaves as they are (others: dequantized)
+QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 
 
 def quantized_tensor(tensor: ReaderTensor) -> Any:
@@ -64,6 +65,23 @@ def quantized_tensor(tensor: ReaderTensor) -> Any:
         offset = None if kind == "Q4_0" else f16(blocks[..., 2:4])
         return QuantizedArray(flat(blocks[..., start:]), f16(blocks[..., :2]), offset, block=32, pack=32,
                               zero=8 if kind == "Q4_0" else 0, axis=-1, name=kind.lower())
+    if kind in ("Q5_0", "Q5_1"):  # d, [m,] 4 bytes of fifth bits (bit j: element j), 16 bytes as Q4_0's
+        start = 2 if kind == "Q5_0" else 4
+        bits = np.ascontiguousarray(blocks[..., start:start + 4]).view(np.uint32)
+        high = (bits >> np.arange(32, dtype=np.uint32)) & 1
+        qs = blocks[..., start + 4:]
+        codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1) | (high.astype(np.uint8) << 4)  # one 5-bit code a byte
+        offset = None if kind == "Q5_0" else f16(blocks[..., 2:4])
+        return QuantizedArray(flat(codes), f16(blocks[..., :2]), offset, block=32, zero=16 if kind == "Q5_0" else 0,
+                              axis=-1, name=kind.lower())
+    if kind == "Q5_K":  # as Q4_K, with 32 bytes of fifth bits (bit i of byte j: element j of sub-block i)
+        sc, mins = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
+        scale = QuantizedArray(flat(sc), f16(blocks[..., :2]), block=8, axis=-1, name="q5_k scales")
+        offset = QuantizedArray(flat(mins), -f16(blocks[..., 2:4]), block=8, axis=-1, name="q5_k mins")
+        qs = blocks[..., 48:].reshape(*blocks.shape[:-1], 4, 1, 32)
+        low = np.concatenate([qs & 0xF, qs >> 4], axis=-2).reshape(*blocks.shape[:-1], 8, 32)
+        high = (blocks[..., 16:48].reshape(*blocks.shape[:-1], 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1
+        return QuantizedArray(flat(low | (high << 4)), scale, offset, block=32, axis=-1, name="q5_k")
     if kind == "Q4_K":  # d, dmin, 12 bytes of 6-bit scales/mins for 8 x 32, 128 bytes (groups of 64)
         sc, mins = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
         scale = QuantizedArray(flat(sc), f16(blocks[..., :2]), block=8, axis=-1, name="q4_k scales")

@@ -40,7 +40,7 @@ class ModelConfig:
     single CPU device, whose steps it makes ~6-12 % faster (deeper stacks compile for longer
     unrolled and gain less; see ``DecoderConfig.unrolls``). Params and checkpoints are the same either way.
     ``tokenizer``: a directory or hub id, when the model's own directory has none.
-    ``keep_quantized``: a GGUF model's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K weights load as
+    ``keep_quantized``: a GGUF model's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K weights load as
     quantized frozen leaves (``jaxtune.models.gguf_quantized.load_quantized``) instead of dequantized.
     ``adapter``: trained adapters to start from (e.g. SFT before DPO): a PEFT
     adapter directory, or a jaxtune run directory whose final export is one (``<run>/export``);

@@ -18,7 +18,7 @@ Formats made here (``QUANTIZE``): ``int8`` (symmetric, one scale per output chan
 (float8 e4m3 codes, one scale per output channel), ``nf4`` (QLoRA's NormalFloat-4 levels,
 absmax blocks of 64, two codes per byte) and ``nf4_dq`` (the same with the block scales
 themselves quantized to int8 around their mean, groups of up to 256). ``jaxtune.models.gguf_quantized``
-builds llama.cpp's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K blocks in the same form, bit for bit.
+builds llama.cpp's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K blocks in the same form, bit for bit.
 
 Why our own module rather than ``qwix`` (Google's JAX quantization library): qwix's ``QArray``
 is close (codes shaped like the weight, sub-channel scales), but it has no double quantisation,
