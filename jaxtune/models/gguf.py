@@ -335,13 +335,18 @@ def _frequency_factors(meta: _Metadata, tensor: ReaderTensor, fields: dict[str, 
     if rope.get("rope_type") != "default":
         raise GGUFError(f"{meta.path}: tensor 'rope_freqs.weight' and rope scaling {rope.get('rope_type')!r} "
                         "together; a file has one or the other")
-    factors = [float(v) for v in np.asarray(tensor.data, np.float32).reshape(-1)]
+    factors = _floats(tensor)
     if len(factors) * 2 != fields["head_dim"]:
         raise GGUFError(f"{meta.path}: tensor 'rope_freqs.weight' has {len(factors)} factors; a head of "
                         f"{fields['head_dim']} rotates {fields['head_dim'] // 2} frequencies")
     return {"rope_type": "longrope", "rope_theta": rope["rope_theta"], "short_factor": factors,
             "long_factor": factors, "attention_factor": 1.0,
             "original_max_position_embeddings": fields["max_position_embeddings"]}
+
+
+def _floats(tensor: ReaderTensor) -> list[float]:
+    """A small float tensor of the file (RoPE factors) as a list, as transformers' config holds it."""
+    return [float(v) for v in np.asarray(tensor.data, np.float32).reshape(-1)]
 
 
 def _llama_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
@@ -450,8 +455,7 @@ def _phi3_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, 
     if long is not None:
         if original is None:
             raise GGUFError(f"{meta.path}: LongRoPE factors without {name}.rope.scaling.original_context_length")
-        rope.update(rope_type="longrope", long_factor=[float(v) for v in np.asarray(long.data, np.float32)],
-                    short_factor=[float(v) for v in np.asarray(short.data, np.float32)],
+        rope.update(rope_type="longrope", long_factor=_floats(long), short_factor=_floats(short),
                     original_max_position_embeddings=original)
         attn_factor = meta.get(f"{name}.rope.scaling.attn_factor", None)
         if attn_factor is not None:  # what llama.cpp scales cos/sin by; transformers' default when absent
@@ -561,32 +565,34 @@ def _expert_entries(tensor: ReaderTensor, arch: Arch) -> list[_Entry]:
     return [_Entry(template.format(e=e), tensor, tuple(shape), expert=e) for e in range(experts)]
 
 
+def _entries(tensor: ReaderTensor, arch: Arch, config: Any) -> list[_Entry]:
+    """The HF tensors one GGUF tensor becomes: itself, one per expert of a stacked expert tensor, or
+    none (a tensor ``arch`` does not have, or one of its ``config_tensors``)."""
+    entry = _entry(tensor, arch, config)
+    return [entry] if entry is not None else _expert_entries(tensor, arch)
+
+
 def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> list[_Entry]:
     """Map every GGUF tensor to its HF tensor; fail on unknown names or missing weights."""
     entries = []
     for tensor in reader.tensors:
-        entry = _entry(tensor, arch, config)
-        if entry is None and tensor.name.rpartition(".")[0] in arch.config_tensors:
-            continue  # read into the config by arch.config
-        if entry is None and (per_expert := _expert_entries(tensor, arch)):
-            entries += per_expert
-            continue
-        if entry is None:
+        found = _entries(tensor, arch, config)
+        if not found and tensor.name.rpartition(".")[0] not in arch.config_tensors:  # those are read by _config
             raise GGUFError(
                 f"{path}: tensor {tensor.name!r} has no {arch.hf_architecture} counterpart; "
                 f"this file is not a plain {config.model_type} model"
             )
-        if entry.hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue  # GPT-2's copy of the embedding (_config ties it)
-        entries.append(entry)
+        # GPT-2's copy of the embedding is left out (_config ties it)
+        entries += [e for e in found if not (e.hf_name == "lm_head.weight" and config.tie_word_embeddings)]
 
     present = {e.hf_name for e in entries}
     expected = [f"{arch.globals['token_embd']}.weight", f"{arch.globals['output_norm']}.weight"]
     expected += [] if config.tie_word_embeddings else ["lm_head.weight"]
+    experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 0)
     for layer in range(config.num_hidden_layers):
         expected += [f"{arch.block_prefix}.{layer}.{part}.weight" for part in arch.blocks.values()]
         expected += [f"{arch.block_prefix}.{layer}.{part.format(e=e)}.weight" for part in arch.experts.values()
-                     for e in range(getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 0))]
+                     for e in range(experts)]
     missing = [name for name in expected if name not in present]
     if missing:
         raise GGUFError(

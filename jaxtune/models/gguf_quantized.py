@@ -21,8 +21,7 @@ from jaxtune.models.gguf import (
     GGUFError,
     _arch,
     _dequantized,
-    _entry,
-    _expert_entries,
+    _entries,
     _Metadata,
     _open,
     unpermute_qk,
@@ -60,33 +59,30 @@ def quantized_tensor(tensor: ReaderTensor) -> Any:
     if kind == "Q8_0":  # d, 32 x int8
         return QuantizedArray(flat(blocks[..., 2:].view(np.int8)), f16(blocks[..., :2]), block=32, axis=-1,
                               name="q8_0")
-    if kind in ("Q4_0", "Q4_1"):  # d, [m,] 16 bytes: element j low nibble, j + 16 high
-        start = 2 if kind == "Q4_0" else 4
-        offset = None if kind == "Q4_0" else f16(blocks[..., 2:4])
-        return QuantizedArray(flat(blocks[..., start:]), f16(blocks[..., :2]), offset, block=32, pack=32,
-                              zero=8 if kind == "Q4_0" else 0, axis=-1, name=kind.lower())
-    if kind in ("Q5_0", "Q5_1"):  # d, [m,] 4 bytes of fifth bits (bit j: element j), 16 bytes as Q4_0's
-        start = 2 if kind == "Q5_0" else 4
+    if kind in ("Q4_0", "Q4_1", "Q5_0", "Q5_1"):  # d, [m,] [4 bytes of fifth bits,] 16 bytes of nibbles
+        start = 2 if kind.endswith("_0") else 4
+        scale, offset = f16(blocks[..., :2]), None if kind.endswith("_0") else f16(blocks[..., 2:4])
+        if kind.startswith("Q4"):  # element j in the low nibble of byte j, j + 16 in its high one
+            return QuantizedArray(flat(blocks[..., start:]), scale, offset, block=32, pack=32,
+                                  zero=8 if kind == "Q4_0" else 0, axis=-1, name=kind.lower())
         bits = np.ascontiguousarray(blocks[..., start:start + 4]).view(np.uint32)
-        high = (bits >> np.arange(32, dtype=np.uint32)) & 1
+        high = (bits >> np.arange(32, dtype=np.uint32)) & 1  # bit j: element j's fifth bit
         qs = blocks[..., start + 4:]
         codes = np.concatenate([qs & 0xF, qs >> 4], axis=-1) | (high.astype(np.uint8) << 4)  # one 5-bit code a byte
-        offset = None if kind == "Q5_0" else f16(blocks[..., 2:4])
-        return QuantizedArray(flat(codes), f16(blocks[..., :2]), offset, block=32, zero=16 if kind == "Q5_0" else 0,
-                              axis=-1, name=kind.lower())
-    if kind == "Q5_K":  # as Q4_K, with 32 bytes of fifth bits (bit i of byte j: element j of sub-block i)
+        return QuantizedArray(flat(codes), scale, offset, block=32, zero=16 if kind == "Q5_0" else 0, axis=-1,
+                              name=kind.lower())
+    if kind in ("Q4_K", "Q5_K"):  # d, dmin, 12 bytes of 6-bit scales/mins for 8 sub-blocks of 32, [qh,] qs
         sc, mins = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
-        scale = QuantizedArray(flat(sc), f16(blocks[..., :2]), block=8, axis=-1, name="q5_k scales")
-        offset = QuantizedArray(flat(mins), -f16(blocks[..., 2:4]), block=8, axis=-1, name="q5_k mins")
+        name = kind.lower()
+        scale = QuantizedArray(flat(sc), f16(blocks[..., :2]), block=8, axis=-1, name=f"{name} scales")
+        offset = QuantizedArray(flat(mins), -f16(blocks[..., 2:4]), block=8, axis=-1, name=f"{name} mins")
+        if kind == "Q4_K":  # 128 bytes, packed in groups of 64
+            return QuantizedArray(flat(blocks[..., 16:]), scale, offset, block=32, pack=64, axis=-1, name=name)
+        # Q5_K: 32 bytes of fifth bits (bit i of byte j: element j of sub-block i), then Q4_K's 128 bytes
         qs = blocks[..., 48:].reshape(*blocks.shape[:-1], 4, 1, 32)
         low = np.concatenate([qs & 0xF, qs >> 4], axis=-2).reshape(*blocks.shape[:-1], 8, 32)
         high = (blocks[..., 16:48].reshape(*blocks.shape[:-1], 1, 32) >> np.arange(8, dtype=np.uint8)[:, None]) & 1
-        return QuantizedArray(flat(low | (high << 4)), scale, offset, block=32, axis=-1, name="q5_k")
-    if kind == "Q4_K":  # d, dmin, 12 bytes of 6-bit scales/mins for 8 x 32, 128 bytes (groups of 64)
-        sc, mins = Q4_K.get_scale_min(np.ascontiguousarray(blocks[..., 4:16]).reshape(-1, 12))
-        scale = QuantizedArray(flat(sc), f16(blocks[..., :2]), block=8, axis=-1, name="q4_k scales")
-        offset = QuantizedArray(flat(mins), -f16(blocks[..., 2:4]), block=8, axis=-1, name="q4_k mins")
-        return QuantizedArray(flat(blocks[..., 16:]), scale, offset, block=32, pack=64, axis=-1, name="q4_k")
+        return QuantizedArray(flat(low | (high << 4)), scale, offset, block=32, axis=-1, name=name)
     # Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, d; per 128 elements
     # byte j of ql holds element j (low) and j + 64 (high); byte j of qh holds the top bits of
     # elements j, j + 32, j + 64, j + 96.
@@ -125,10 +121,7 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     family = hf.FAMILIES[arch]
     heads = types.SimpleNamespace(num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads)
     gguf_arch = _arch(_Metadata(reader, gguf_path))
-    by_name = {}
-    for tensor in reader.tensors:
-        entry = _entry(tensor, gguf_arch, heads)
-        by_name.update({e.hf_name: e for e in ([entry] if entry else _expert_entries(tensor, gguf_arch))})
+    by_name = {e.hf_name: e for tensor in reader.tensors for e in _entries(tensor, gguf_arch, heads)}
     params = {}
     # Per layer (the logical tree, one GGUF tensor each), stacked at the end as the model scans them.
     for path, spec in flatten_dict(stacking.unstack(hf.abstract_params(module, cfg))).items():
