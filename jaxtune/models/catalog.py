@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from jaxtune.models import gguf
+from jaxtune.models import gguf_architectures
 from jaxtune.models.decoder import Decoder
 from jaxtune.models.hf import FAMILIES, Family
 
@@ -47,7 +47,7 @@ def _row(architecture: str, family: Family) -> tuple[str, ...]:
     if family.modality == "image":
         kind = "image classifier" if classifier else "image encoder"
     exports = family.transformers
-    gguf_arch = family.gguf if family.gguf in gguf.SUPPORTED_ARCHITECTURES else None
+    gguf_arch = family.gguf if family.gguf in gguf_architectures.SUPPORTED_ARCHITECTURES else None
     yes = "yes" if causal else "—"
     return (
         f"`{architecture}`", family.name, kind, yes, yes if not classifier else "—",

@@ -3,7 +3,8 @@
 :func:`load_quantized` reads a GGUF's Q8_0/Q4_0/Q4_1/Q5_0/Q5_1/Q4_K/Q5_K/Q6_K tensors straight into quantized
 leaves (integer unpacking of the blocks only, no float copy of a weight), so a model is fine-tuned
 on the quantization it was shared in; every other tensor is dequantized as :mod:`jaxtune.models.gguf`
-does, and that module's architecture table says which HF tensor each GGUF tensor is.
+does, and that module's tensor mapping, with :mod:`jaxtune.models.gguf_architectures`' table, says which
+HF tensor each GGUF tensor is.
 """
 
 from __future__ import annotations
@@ -17,15 +18,8 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, ReaderTensor
 from gguf.quants import Q4_K
 
-from jaxtune.models.gguf import (
-    GGUFError,
-    _arch,
-    _dequantized,
-    _entries,
-    _Metadata,
-    _open,
-    unpermute_qk,
-)
+from jaxtune.models.gguf import _dequantized, _entries, _open, unpermute_qk
+from jaxtune.models.gguf_architectures import GGUFError, _arch, _Metadata
 
 # read into QuantizedArray leaves as they are (others: dequantized)
 QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")

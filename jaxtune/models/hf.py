@@ -30,8 +30,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
 from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbert, moe, olmo2, phi3, stacking, vit
-from jaxtune.models.gguf import ARCHITECTURES as GGUF_ARCHITECTURES
-from jaxtune.models.gguf import LLAMA_MOE
+from jaxtune.models.gguf_architectures import ARCHITECTURES as GGUF_ARCHITECTURES
+from jaxtune.models.gguf_architectures import LLAMA_MOE
 from jaxtune.models.layers import PartitionRules
 
 Params = dict[str, Any]
@@ -110,7 +110,7 @@ def _encoder(arch: str) -> Family:
                   body=encoder.Encoder if arch == classifier else None, name=name, base=base, classifier=classifier)
 
 
-# The HF architecture each llama.cpp architecture converts to (jaxtune.models.gguf's table), for Family.gguf.
+# The HF architecture each llama.cpp architecture converts to (gguf_architectures' table), for Family.gguf.
 _GGUF = {row.hf_architecture: name for name, row in GGUF_ARCHITECTURES.items()} | {LLAMA_MOE.hf_architecture: "llama"}
 
 FAMILIES: dict[str, Family] = {
