@@ -11,7 +11,9 @@
 from the latest checkpoint, train (jit once, donate buffers, read metrics only every
 ``log_every`` steps), evaluate and keep the best, stop early, checkpoint, then score the
 fine-tuned model. Everything it writes lives in ``run_dir`` (see :mod:`jaxtune.train.rundir`);
-running ``fit`` again on the same directory resumes exactly, and a finished run is a no-op.
+running ``fit`` again on the same directory resumes exactly, and a finished run is a no-op. What
+the constructor settles before any compute (loaders, the number of steps, the checks that refuse
+data, a mesh or an evaluation that does not fit the model) is :mod:`jaxtune.train.preflight`.
 """
 
 from __future__ import annotations
@@ -31,24 +33,21 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtune.data.images import ImageSource, ImageSpec, image_loader
-from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
+from jaxtune.data.pipeline import Loader, LoaderConfig, evaluation_loader
 from jaxtune.data.preference import PAIR_IDS
-from jaxtune.data.sources import PREFERENCE, DataError, Source
-from jaxtune.data.tokenize import choice_token_ids
-from jaxtune.train import base_cache, compile_cache, flops, memory
+from jaxtune.data.sources import Source
+from jaxtune.train import base_cache, compile_cache, flops, memory, preflight
 from jaxtune.train.baselines import applies as baselines_apply
 from jaxtune.train.baselines import baseline_metrics, training_pass
 from jaxtune.train.checkpoint import Checkpointer
 from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
-from jaxtune.train.evaluate import HIGHER_IS_BETTER, METRICS, comparison_table, evaluate
+from jaxtune.train.evaluate import HIGHER_IS_BETTER, comparison_table, evaluate
 from jaxtune.train.loop import Best, StopOnInterrupt, Throughput, progress_line
 from jaxtune.train.optim import OptimizerConfig, build_optimizer
 from jaxtune.train.preference import (
     REFERENCE_KEY,
     PreferenceConfig,
     ReferenceCache,
-    check_preference,
     make_preference_loss_fn,
     with_reference_start,
 )
@@ -141,25 +140,25 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         resolved_config: dict[str, Any] | None = None,
     ):
-        _check_not_consumed(model)
+        preflight.check_not_consumed(model)
         self.tuned, self.config, self.eval_config, self.checkpoint_config = model, config, eval, checkpoint
         if config.compile_cache:
             compile_cache.enable()
         self.loader_config = data or LoaderConfig()
         self.preference = preference
         self.task = "preference" if preference is not None else model.task  # what evaluation reports
-        self.train_data = self._batches(train_data, train=True)
-        self.eval_data = self._batches(eval_data, train=False)
+        self.train_data = preflight.loader_for(train_data, model, self.loader_config, train=True)
+        self.eval_data = preflight.loader_for(eval_data, model, self.loader_config, train=False)
         self.run = RunDir(run_dir, main=jax.process_index() == 0)  # one process writes logs and status
         self.run.check()
         self.run_dir = self.run.path
         self.resolved_config = resolved_config or {}
         self.callbacks = list(callbacks or [])
         self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh or MeshConfig())
-        self._check_data()
-        self.steps = self._count_steps()
-        self.choice_token_ids = self._choice_token_ids()
-        self._check_best_metric()
+        preflight.check_data(model, self.train_data, self.eval_data, self.mesh, preference)
+        self.steps = preflight.count_steps(config, self.train_data)
+        self.choice_token_ids = preflight.choice_ids(model, eval, preflight.data_kinds(self.train_data, self.eval_data))
+        preflight.check_best_metric(eval, self.task, bool(self.choice_token_ids))
 
         trainable, frozen = partition(model.params, model.labels)
         if not jax.tree.leaves(trainable):
@@ -207,111 +206,6 @@ class Trainer:
         self._peak_flops = flops.peak_flops(dtype=getattr(model_cfg, "dtype", "float32"))
         self._matmul_params = flops.matmul_params(model.params, model.labels)
         self._flops_per_token: float | None = None
-
-    # ------------------------------------------------------------------ set-up checks
-
-    def _batches(self, data: Any, *, train: bool) -> Any:
-        """A loader for a source (batched by ``data``), anything else as it is."""
-        if not isinstance(data, Source):
-            return data
-        if isinstance(data, ImageSource):  # sized and normalised as the model expects
-            return image_loader(data, ImageSpec.for_model(self.tuned.config, self.tuned.source), self.loader_config,
-                                train=train)
-        if self.tuned.tokenizer is None:
-            raise ValueError("the model has no tokenizer to encode the data: load it with jaxtune.load, or pass "
-                             "tokenizer= to apply_plan")
-        if train:
-            loader = training_loader(data, self.tuned.tokenizer, self.loader_config)
-        else:
-            loader = evaluation_loader(data, self.tuned.tokenizer, self.loader_config,
-                                       getattr(self.loader_config, "eval_batch_size", None))
-        # Tokenize everything once before any compute: bad rows and over-long examples fail here.
-        log.info("data: %s %s; %s", "train" if train else "validation", data.report.summary(), loader.scan().summary())
-        return loader
-
-    def _kinds(self) -> set[str]:
-        return {d.source.kind for d in (self.train_data, self.eval_data) if isinstance(d, Loader)}
-
-    def _check_data(self) -> None:
-        task = self.tuned.task
-        check_preference(self.preference, self._kinds(), self.tuned.task)
-        for kind in self._kinds() - {PREFERENCE}:
-            if (kind in LM_KINDS) != (task == "lm") or (task != "lm" and kind != task):
-                fix = "remove the head rule from the plan" if kind in LM_KINDS else f"add a {kind} head to the plan"
-                raise ValueError(f"the data is {kind} but the model is a {task} model; {fix}")
-        ways = data_parallel_size(self.mesh)
-        for data in (self.train_data, self.eval_data):
-            if isinstance(data, Loader) and (data.batch_size * data.shard_count) % ways:
-                raise ValueError(f"data.batch_size: {data.batch_size * data.shard_count} rows do not split over the "
-                                 f"mesh's {ways}-way data parallelism (mesh data x fsdp); use a multiple of {ways}")
-        positions = getattr(self.tuned.config, "max_position_embeddings", None)
-        for data in (self.train_data, self.eval_data):
-            if positions and isinstance(data, Loader) and data.config.max_length > positions:
-                raise ValueError(f"data.max_length: {data.config.max_length} is more than the model's {positions} "
-                                 "position embeddings (max_position_embeddings in its config.json); set "
-                                 f"data.max_length to {positions} or less")
-        if self.tuned.prompt_tokens and isinstance(self.train_data, Loader) and self.train_data.packs:
-            raise ValueError("data.packing: prompt tuning prepends its virtual tokens to a row's first example only; "
-                             "set data.packing: false (one example per row) with a prompt rule in the plan")
-        self._check_token_ids()
-        labels = getattr(self.train_data, "source", None) and self.train_data.source.label_names
-        if task == "classification" and labels and len(labels) > self.tuned.num_outputs:
-            raise ValueError(f"the data has {len(labels)} labels but the head has {self.tuned.num_outputs} outputs; "
-                             "pass data=train to apply_plan to size the head from the data")
-
-    def _check_token_ids(self) -> None:
-        """Every token id of the data must have an embedding row: out of range, a gather would
-        clamp it to the last row (or fill it) without a word, and the run would train on nonsense."""
-        vocab = getattr(self.tuned.config, "vocab_size", None)
-        for data in (self.train_data, self.eval_data):
-            if not vocab or not isinstance(data, Loader):
-                continue
-            stats = data.scan()
-            if stats.largest_id >= vocab:
-                raise DataError(stats.largest_id_where or "data",
-                                f"the tokenizer gives token id {stats.largest_id}, but the model has only {vocab} "
-                                "embedding rows (vocab_size in its config.json)",
-                                "use the tokenizer saved with the model, or one whose ids stay below vocab_size")
-
-    def _count_steps(self) -> int:
-        """``config.steps``, or ``epochs x rows // (batch_size x grad_accum_steps)``."""
-        cfg = self.config
-        if cfg.steps is not None:
-            return cfg.steps
-        if self.train_data is None:
-            return 1  # evaluation only
-        if not isinstance(self.train_data, Loader):
-            raise ValueError("train.epochs needs train data from jaxtune.read (a source) or a Loader; give "
-                             "train.steps for other iterables")
-        rows, how = self.train_data.rows_per_epoch()
-        epochs = cfg.epochs or 1.0
-        batch = self.train_data.config.batch_size * cfg.grad_accum_steps
-        steps = int(rows * epochs) // batch
-        if steps < 1:
-            raise ValueError(f"train.epochs: {epochs:g} epoch(s) of {how} is less than one batch of {batch} rows; use "
-                             "more data or a smaller data.batch_size")
-        log.info("steps: %d (%g epoch(s) of %s / batch %d)", steps, epochs, how, batch)
-        return steps
-
-    def _choice_token_ids(self) -> tuple[int, ...]:
-        """The first token of each ``eval.choices`` answer, as the training data encodes it."""
-        choices = self.eval_config.choices or ()
-        if not choices:
-            return ()
-        kinds = self._kinds()
-        if self.tuned.task != "lm" or not kinds <= {"chat", "prompt_completion"}:
-            raise ValueError(f"eval.choices: scores the answers of chat or prompt_completion data, not "
-                             f"{', '.join(sorted(kinds)) or self.tuned.task} data; remove eval.choices")
-        return choice_token_ids(self.tuned.tokenizer, next(iter(kinds), "chat"), choices)
-
-    def _check_best_metric(self) -> None:
-        metric = self.eval_config.best_metric
-        if metric is None:
-            return
-        allowed = METRICS[self.task] + (("choice_accuracy", "choice_macro_f1") if self.choice_token_ids else ())
-        if metric.removeprefix("eval/") not in allowed:
-            raise ValueError(f"eval.best_metric: expected one of {', '.join(allowed)} for a {self.task} model, "
-                             f"got {metric!r}")
 
     # ------------------------------------------------------------------ state
 
@@ -378,7 +272,9 @@ class Trainer:
         if self._references and data is not None:
             raise ValueError("preference.reference: cached holds reference log-probs of the training and validation "
                              "data only; evaluate other data in a trainer with reference: model")
-        data = self.eval_data if data is None else self._batches(data, train=False)
+        if data is not None:
+            data = preflight.loader_for(data, self.tuned, self.loader_config, train=False)
+        data = self.eval_data if data is None else data
         if data is None:
             raise ValueError("no evaluation data: pass eval_data to the Trainer or data to evaluate()")
         to_device = functools.partial(self._to_device, reference=self._references.get("eval"))
@@ -730,17 +626,6 @@ class Trainer:
         if self.config.progress:
             log.info("%s", progress_line(record, self.steps))
         return record
-
-
-def _check_not_consumed(model: Tuned) -> None:
-    """Refuse a model whose trainable arrays an earlier ``fit`` consumed: the step donates them, so
-    that a run holds one copy of what it trains rather than two."""
-    leaves = jax.tree_util.tree_flatten_with_path(model.params)[0]
-    gone = next((path for path, x in leaves if isinstance(x, jax.Array) and x.is_deleted()), None)
-    if gone is not None:
-        raise ValueError(f"model: parameter {jax.tree_util.keystr(gone)} was consumed by an earlier fit (training "
-                         "donates the trainable arrays to hold one copy of them); train the fit's result.model, or "
-                         "load and apply_plan again for a second run from the start")
 
 
 def _fmt(metrics: dict[str, float]) -> str:

@@ -1,0 +1,158 @@
+"""What a Trainer settles before its first step: loaders for its data, the number of steps, and
+the checks that refuse a mismatch of data, model, mesh and evaluation with a one-line error.
+
+Each function is pure over its arguments (no trainer state), so the Trainer's constructor reads as
+a list of calls and every refusal can be tested on its own. Everything here runs before any
+compute: a bad run fails in seconds, naming the config field to change.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from jaxtune.data.images import ImageSource, ImageSpec, image_loader
+from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
+from jaxtune.data.sources import PREFERENCE, DataError, Source
+from jaxtune.data.tokenize import choice_token_ids
+from jaxtune.train.config import EvalConfig, TrainConfig
+from jaxtune.train.evaluate import METRICS
+from jaxtune.train.preference import PreferenceConfig, check_preference
+from jaxtune.train.sharding import data_parallel_size
+from jaxtune.tuning.tuned import Tuned
+
+log = logging.getLogger("jaxtune.train.trainer")
+
+
+def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool) -> Any:
+    """A loader for a :class:`~jaxtune.data.Source` (batched by ``config``: training order and
+    packing with ``train``, the evaluation pass without), anything else (a Loader, an iterable of
+    batches, None) as it is. Text is tokenized once here, so bad rows and over-long examples fail
+    before any compute; images are sized and normalised as ``model`` expects."""
+    if not isinstance(data, Source):
+        return data
+    if isinstance(data, ImageSource):
+        return image_loader(data, ImageSpec.for_model(model.config, model.source), config, train=train)
+    if model.tokenizer is None:
+        raise ValueError("the model has no tokenizer to encode the data: load it with jaxtune.load, or pass "
+                         "tokenizer= to apply_plan")
+    if train:
+        loader = training_loader(data, model.tokenizer, config)
+    else:
+        loader = evaluation_loader(data, model.tokenizer, config, getattr(config, "eval_batch_size", None))
+    log.info("data: %s %s; %s", "train" if train else "validation", data.report.summary(), loader.scan().summary())
+    return loader
+
+
+def data_kinds(*datas: Any) -> set[str]:
+    """The ``data.kind`` of each loader among ``datas`` (other iterables have none to read)."""
+    return {d.source.kind for d in datas if isinstance(d, Loader)}
+
+
+def check_data(model: Tuned, train_data: Any, eval_data: Any, mesh: Mesh,
+               preference: PreferenceConfig | None) -> None:
+    """Refuse data that does not fit the model, the plan or the mesh: its kind against the model's
+    task (and the preference loss), batch rows against the data parallelism, ``max_length``
+    against the position embeddings, packing with prompt tuning, token ids against the
+    vocabulary, and more labels than the classification head has outputs."""
+    task = model.task
+    kinds = data_kinds(train_data, eval_data)
+    check_preference(preference, kinds, task)
+    for kind in kinds - {PREFERENCE}:
+        if (kind in LM_KINDS) != (task == "lm") or (task != "lm" and kind != task):
+            fix = "remove the head rule from the plan" if kind in LM_KINDS else f"add a {kind} head to the plan"
+            raise ValueError(f"the data is {kind} but the model is a {task} model; {fix}")
+    loaders = [d for d in (train_data, eval_data) if isinstance(d, Loader)]
+    ways = data_parallel_size(mesh)
+    for data in loaders:
+        if (data.batch_size * data.shard_count) % ways:
+            raise ValueError(f"data.batch_size: {data.batch_size * data.shard_count} rows do not split over the "
+                             f"mesh's {ways}-way data parallelism (mesh data x fsdp); use a multiple of {ways}")
+    positions = getattr(model.config, "max_position_embeddings", None)
+    for data in loaders:
+        if positions and data.config.max_length > positions:
+            raise ValueError(f"data.max_length: {data.config.max_length} is more than the model's {positions} "
+                             "position embeddings (max_position_embeddings in its config.json); set "
+                             f"data.max_length to {positions} or less")
+    if model.prompt_tokens and isinstance(train_data, Loader) and train_data.packs:
+        raise ValueError("data.packing: prompt tuning prepends its virtual tokens to a row's first example only; "
+                         "set data.packing: false (one example per row) with a prompt rule in the plan")
+    check_token_ids(model, loaders)
+    labels = getattr(train_data, "source", None) and train_data.source.label_names
+    if task == "classification" and labels and len(labels) > model.num_outputs:
+        raise ValueError(f"the data has {len(labels)} labels but the head has {model.num_outputs} outputs; "
+                         "pass data=train to apply_plan to size the head from the data")
+
+
+def check_token_ids(model: Tuned, loaders: list[Loader]) -> None:
+    """Every token id of the data must have an embedding row: out of range, a gather would clamp it
+    to the last row (or fill it) without a word, and the run would train on nonsense."""
+    vocab = getattr(model.config, "vocab_size", None)
+    if not vocab:
+        return
+    for data in loaders:
+        stats = data.scan()
+        if stats.largest_id >= vocab:
+            raise DataError(stats.largest_id_where or "data",
+                            f"the tokenizer gives token id {stats.largest_id}, but the model has only {vocab} "
+                            "embedding rows (vocab_size in its config.json)",
+                            "use the tokenizer saved with the model, or one whose ids stay below vocab_size")
+
+
+def count_steps(config: TrainConfig, train_data: Any) -> int:
+    """``config.steps``, or ``epochs x rows // (batch_size x grad_accum_steps)`` (1 with no train data:
+    a trainer that only evaluates)."""
+    if config.steps is not None:
+        return config.steps
+    if train_data is None:
+        return 1
+    if not isinstance(train_data, Loader):
+        raise ValueError("train.epochs needs train data from jaxtune.read (a source) or a Loader; give "
+                         "train.steps for other iterables")
+    rows, how = train_data.rows_per_epoch()
+    epochs = config.epochs or 1.0
+    batch = train_data.config.batch_size * config.grad_accum_steps
+    steps = int(rows * epochs) // batch
+    if steps < 1:
+        raise ValueError(f"train.epochs: {epochs:g} epoch(s) of {how} is less than one batch of {batch} rows; use "
+                         "more data or a smaller data.batch_size")
+    log.info("steps: %d (%g epoch(s) of %s / batch %d)", steps, epochs, how, batch)
+    return steps
+
+
+def choice_ids(model: Tuned, config: EvalConfig, kinds: set[str]) -> tuple[int, ...]:
+    """The first token of each ``eval.choices`` answer, as the training data encodes it (empty
+    without choices)."""
+    choices = config.choices or ()
+    if not choices:
+        return ()
+    if model.task != "lm" or not kinds <= {"chat", "prompt_completion"}:
+        raise ValueError(f"eval.choices: scores the answers of chat or prompt_completion data, not "
+                         f"{', '.join(sorted(kinds)) or model.task} data; remove eval.choices")
+    return choice_token_ids(model.tokenizer, next(iter(kinds), "chat"), choices)
+
+
+def check_best_metric(config: EvalConfig, task: str, with_choices: bool) -> None:
+    """``eval.best_metric`` must be one that evaluation reports for ``task`` (the choice metrics
+    only with ``eval.choices``)."""
+    metric = config.best_metric
+    if metric is None:
+        return
+    allowed = METRICS[task] + (("choice_accuracy", "choice_macro_f1") if with_choices else ())
+    if metric.removeprefix("eval/") not in allowed:
+        raise ValueError(f"eval.best_metric: expected one of {', '.join(allowed)} for a {task} model, "
+                         f"got {metric!r}")
+
+
+def check_not_consumed(model: Tuned) -> None:
+    """Refuse a model whose trainable arrays an earlier ``fit`` consumed: the step donates them, so
+    that a run holds one copy of what it trains rather than two."""
+    leaves = jax.tree_util.tree_flatten_with_path(model.params)[0]
+    gone = next((path for path, x in leaves if isinstance(x, jax.Array) and x.is_deleted()), None)
+    if gone is not None:
+        raise ValueError(f"model: parameter {jax.tree_util.keystr(gone)} was consumed by an earlier fit (training "
+                         "donates the trainable arrays to hold one copy of them); train the fit's result.model, or "
+                         "load and apply_plan again for a second run from the start")
