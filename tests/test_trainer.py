@@ -21,6 +21,8 @@ from jaxtune import tuning
 from jaxtune.data import LoaderConfig, make_loader, read_source
 from jaxtune.data.testing import tiny_tokenizer
 from jaxtune.models import hf, stacking
+from jaxtune.models.attention import splash_attention
+from jaxtune.train.baselines import make_features_step
 from jaxtune.train.config import EvalConfig, TrainConfig
 from jaxtune.train.optim import OptimizerConfig
 from jaxtune.train.sharding import MeshConfig, make_mesh
@@ -247,6 +249,50 @@ def test_optimizer_state_is_sharded_like_the_params(setup, tmp_path):
     total = sum(x.nbytes for _, x in leaves)
     on_one_device = sum(x.addressable_shards[0].data.nbytes for _, x in leaves)
     assert on_one_device < total / 6
+
+
+def test_evaluation_and_training_trace_the_model_under_the_run_mesh(setup, tmp_path, monkeypatch):
+    """On a multi-device mesh, the evaluation step traces the model under the run's mesh as the train
+    step does: what splash attention (a TPU's kernel, run here in Pallas' interpreter) needs to run
+    per shard in a shard_map, instead of XLA gathering the whole batch onto every device's Pallas
+    call; likewise the linear-probe baseline's feature pass. Evaluated on splash, the loss is the CPU
+    kernel's."""
+    from jaxtune.models import attention
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    model_dir, train, valid = setup
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+
+    def loader(path: Path, *, train: bool):  # rows of 128 tokens: splash tiles by 128
+        cfg = LoaderConfig(batch_size=4, max_length=128, num_epochs=None if train else 1, shuffle=train,
+                           drop_remainder=train, seed=0)
+        return make_loader(read_source(path, "chat"), tiny_tokenizer(), cfg, scan_first=False)
+
+    def trainer(run_dir: Path) -> Trainer:
+        tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=4, alpha=8))
+        return Trainer(tuned, train_data=loader(train, train=True), eval_data=loader(valid, train=False),
+                       config=TrainConfig(steps=1, progress=False), eval=EvalConfig(before=False, after=False),
+                       run_dir=run_dir, mesh=mesh)
+
+    expected = trainer(tmp_path / "grouped").evaluate()
+    under_mesh = []
+    monkeypatch.setattr(attention, "_backend", lambda: "tpu")
+    monkeypatch.setattr(attention, "splash_attention", lambda *a, **kw: under_mesh.append(
+        not jax.sharding.get_abstract_mesh().empty) or splash_attention(*a, **kw))
+    on_splash = trainer(tmp_path / "splash")
+    got = on_splash.evaluate()
+    assert under_mesh and all(under_mesh), under_mesh
+    np.testing.assert_allclose(got["loss"], expected["loss"], rtol=1e-5)
+    for program in ("the linear probe's features", "training"):
+        under_mesh.clear()
+        if program == "training":
+            assert on_splash.fit().state == "finished"
+        else:
+            rows = next(iter(loader(valid, train=False)))  # as a classifier's rows: one label each
+            batch = on_splash._to_device({**rows, "labels": np.zeros(len(rows["input_ids"]), np.int32)})
+            make_features_step(on_splash.tuned.module, mesh)(on_splash.trainable, on_splash.frozen, batch)
+        assert under_mesh and all(under_mesh), (program, under_mesh)
 
 
 def test_early_stopping_on_a_metric_that_stops_improving(setup, tmp_path):

@@ -34,6 +34,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxtune.data.pipeline import Loader, evaluation_loader
 from jaxtune.models.layers import pool
 from jaxtune.train.evaluate import classification_metrics, regression_metrics
+from jaxtune.train.sharding import jit_on_mesh
 from jaxtune.train.step import packed_segments
 from jaxtune.tuning.partition import combine
 from jaxtune.tuning.tuned import Tuned, is_image
@@ -57,7 +58,7 @@ def make_features_step(module: Any, mesh: Any) -> Callable[[Any, Any, dict[str, 
                               token_type_ids=batch.get("token_type_ids"), method="hidden")
         return pool(hidden, batch["segment_ids"], "mean", packed_segments(batch)).astype(jnp.float32)
 
-    return jax.jit(step, out_shardings=NamedSharding(mesh, PartitionSpec()))
+    return jit_on_mesh(step, mesh, out_shardings=NamedSharding(mesh, PartitionSpec()))
 
 
 def pooled_features(features_step: Callable[[Any, Any, dict[str, Any]], jax.Array], trainable: Any, frozen: Any,

@@ -56,6 +56,7 @@ from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B
 from jaxtune.train.losses import _chunks
+from jaxtune.train.sharding import jit_on_mesh
 from jaxtune.tuning.partition import combine
 
 Array = jax.Array
@@ -582,7 +583,7 @@ class ReferenceCache:
             return reference_logprobs(module, combine(trainable, frozen), batch, starting=starting,
                                       chunk_tokens=chunk_tokens)
 
-        compute = jax.jit(compute, out_shardings=sharding)
+        compute = jit_on_mesh(compute, getattr(sharding, "mesh", None), out_shardings=sharding)
         table = np.full((size, 2), np.nan, np.float32)
         for batch in batches:
             ref = _local_rows(compute(trainable, frozen, to_device(batch)))  # (B, 2, L // 2)

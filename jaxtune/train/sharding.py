@@ -13,8 +13,10 @@ leading layer axis of a scanned run of layers (:mod:`jaxtune.models.stacking`) i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -151,3 +153,22 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split; the global batch must be a multiple of it."""
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.axis_names)
+
+
+def jit_on_mesh(fn: Callable[..., Any], mesh: Mesh | None, **jit_kwargs: Any) -> Any:
+    """``jax.jit(fn, **jit_kwargs)`` with ``fn`` traced under ``mesh``'s abstract form
+    (``jax.sharding.use_abstract_mesh``), for every program that runs the model on the run's mesh
+    (the train and evaluation steps, the baselines' features, a preference run's reference pass).
+    The model's mesh-aware pieces read it while tracing: splash attention runs per shard in a
+    ``shard_map`` (XLA cannot partition a Pallas call: without the mesh it gathers the whole batch
+    onto every device), and ``layers.shard_rows`` keeps the activations' rows split over the batch
+    axes. ``mesh`` None: plain ``jax.jit``."""
+    if mesh is None:
+        return jax.jit(fn, **jit_kwargs)
+
+    @functools.wraps(fn)
+    def traced(*args: Any, **kwargs: Any) -> Any:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+
+    return jax.jit(traced, **jit_kwargs)

@@ -29,6 +29,7 @@ from jaxtune.train.losses import (
     projected_columns,
     regression_loss,
 )
+from jaxtune.train.sharding import jit_on_mesh
 from jaxtune.tuning.partition import combine
 from jaxtune.tuning.tuned import TASKS
 
@@ -252,19 +253,13 @@ def jit_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, 
                    mesh: Mesh | None = None, trainable_shardings: Any = None, opt_shardings: Any = None) -> Any:
     """The train step jitted as the Trainer runs it: trainable params and optimizer state donated
     (their outputs reuse the buffers) and placed back on their shardings. Traced under ``mesh``
-    (its abstract form), so the model can keep its activations' rows split over the batch axes
-    (``layers.shard_rows``). The one definition of the program, so a memory plan
-    (:mod:`jaxtune.train.memory`) compiles what training runs."""
+    (its abstract form: :func:`~jaxtune.train.sharding.jit_on_mesh`), so the model can keep its
+    activations' rows split over the batch axes and run splash attention per shard. The one
+    definition of the program, so a memory plan (:mod:`jaxtune.train.memory`) compiles what
+    training runs."""
     step = make_train_step(loss_fn, optimizer, grad_accum_steps=grad_accum_steps)
-    if mesh is not None:
-        unplaced = step
-
-        def step(*args: Any) -> tuple[Any, Any, dict[str, Array]]:
-            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-                return unplaced(*args)
-
     placement = {} if trainable_shardings is None else {"out_shardings": (trainable_shardings, opt_shardings, None)}
-    return jax.jit(step, donate_argnums=(0, 2), **placement)
+    return jit_on_mesh(step, mesh, donate_argnums=(0, 2), **placement)
 
 
 def all_finite(tree: Any) -> Array:

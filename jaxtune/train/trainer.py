@@ -57,6 +57,7 @@ from jaxtune.train.sharding import (
     batch_sharding,
     data_parallel_size,
     global_batch,
+    jit_on_mesh,
     make_mesh,
     param_shardings,
     shard,
@@ -194,7 +195,8 @@ class Trainer:
                                          mesh=self.mesh, trainable_shardings=self._trainable_shardings,
                                          opt_shardings=opt_shardings)
         # Replicated outputs: every process can read the whole global batch's predictions.
-        self.eval_step = jax.jit(make_eval_step(eval_loss_fn), out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        self.eval_step = jit_on_mesh(make_eval_step(eval_loss_fn), self.mesh,
+                                     out_shardings=NamedSharding(self.mesh, PartitionSpec()))
         self.rng = jax.random.key(config.seed)
         self.step = 0
         self._saved_step: int | None = None  # the step whose state the latest checkpoint holds
