@@ -25,6 +25,7 @@ from jaxtune import tuning
 from jaxtune.models import hf, moe
 from jaxtune.models.decoder import AUX
 from jaxtune.models.generate import generate
+from jaxtune.train import preference as pref
 from jaxtune.train.losses import auxiliary_loss
 from jaxtune.train.sharding import MeshConfig, make_mesh
 from jaxtune.train.step import make_loss_fn
@@ -150,6 +151,36 @@ def test_router_loss_in_the_train_loss_equals_transformers(pair):
              "positions": np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10))}
     total, weight, _ = make_loss_fn(model.module, "lm")(model.params, batch, jax.random.key(0), True)
     np.testing.assert_allclose(float(total / weight), out.loss.item(), atol=1e-5, rtol=0)
+
+
+def test_router_loss_in_the_preference_loss_equals_transformers(pair):
+    """A preference loss on a MoE policy adds router_aux_loss_coef * transformers' ``aux_loss`` over the
+    pair's chosen and rejected rows (padding masked), as TRL's DPOTrainer does for a model with router
+    logits; the reference pass adds none. Without the router term the loss is the plain DPO loss."""
+    import dataclasses
+
+    ref, model, _ = pair
+    length = 10
+    ids = _ids((2, length), seed=7)  # chosen, rejected
+    mask = np.array([[1] * length, [1] * 7 + [0] * 3], np.int32)
+    with torch.no_grad():
+        aux = ref(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), output_router_logits=True).aux_loss
+    prompt = 4  # the answers' tokens (targets after the prompt) carry the loss
+    weights = np.zeros((2, length), np.float32)
+    weights[0, prompt - 1:length - 1] = 1
+    weights[1, prompt - 1:6] = 1
+    batch = {"input_ids": ids, "targets": np.concatenate([ids[:, 1:], np.zeros((2, 1), np.int32)], axis=1),
+             "loss_weights": weights, "segment_ids": mask,
+             "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (2, length))}
+    batch = {k: v[None] for k, v in batch.items()}  # (B=1, 2, L): one pair
+    config = pref.PreferenceConfig(method="dpo")
+    without = type(model.module)(dataclasses.replace(model.config, router_aux_loss_coef=0.0))
+    args = (model.params, batch, jax.random.key(0), True)
+    total, pairs, _ = pref.make_preference_loss_fn(model.module, config)(*args)
+    plain, _, _ = pref.make_preference_loss_fn(without, config)(*args)
+    assert float(pairs) == 1
+    np.testing.assert_allclose(float(plain), np.log(2), rtol=1e-6)  # policy == reference at the start
+    np.testing.assert_allclose(float(total - plain), model.config.router_aux_loss_coef * aux.item(), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

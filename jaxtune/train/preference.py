@@ -37,6 +37,11 @@ For full or partial fine-tuning the reference needs the starting values of the t
 (:func:`starting_weights`, one extra copy of those leaves, in the compute dtype), or reference
 log-probs computed once ahead of training and carried in the batch as ``reference_logps``
 (:class:`ReferenceCache`, ``PreferenceConfig(reference="cached")``).
+
+A mixture-of-experts policy adds its router's load-balancing loss over the pairs' chosen and
+rejected rows (``router_aux_loss_coef`` times transformers' ``aux_loss``), as the LM loss does and
+as TRL's DPOTrainer does for a model with router logits: the step's mean is the preference loss
+plus that term. The reference pass adds nothing.
 """
 
 from __future__ import annotations
@@ -54,8 +59,9 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
+from jaxtune.models.decoder import AUX
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B
-from jaxtune.train.losses import _chunks
+from jaxtune.train.losses import _chunks, auxiliary_loss
 from jaxtune.train.sharding import jit_on_mesh
 from jaxtune.tuning.partition import combine
 
@@ -413,18 +419,24 @@ def _rows(batch: Batch) -> Batch:
 
 
 def policy_token_logprobs(module: nn.Module, params: Params, rows: Batch, *, deterministic: bool = True,
-                          rng: Array | None = None, chunk_tokens: int = 2048) -> Array:
+                          rng: Array | None = None, chunk_tokens: int = 2048, with_aux: bool = False
+                          ) -> Array | tuple[Array, Array]:
     """float32 ``(R, T)`` log-probs of ``rows["targets"]`` under ``module`` with ``params``: an LM
-    module with ``hidden``/``logits`` methods (a jaxtune ``Decoder`` or ``TunedModel``)."""
+    module with ``hidden``/``logits`` methods (a jaxtune ``Decoder`` or ``TunedModel``). With
+    ``with_aux``, also the float32 scalar sum of the auxiliary losses the forward sowed (a
+    mixture-of-experts router's load-balancing loss over these rows: :func:`auxiliary_loss`)."""
     variables = {"params": params}
     rngs = {"dropout": rng} if rng is not None else {}
-    hidden = module.apply(variables, input_ids=rows["input_ids"], positions=rows.get("positions"),
-                          segment_ids=rows.get("segment_ids"), deterministic=deterministic, method="hidden", rngs=rngs)
+    out = module.apply(variables, input_ids=rows["input_ids"], positions=rows.get("positions"),
+                       segment_ids=rows.get("segment_ids"), deterministic=deterministic, method="hidden", rngs=rngs,
+                       mutable=[AUX] if with_aux else False)
+    hidden, state = out if with_aux else (out, {})
 
     def project(h: Array) -> Array:
         return module.apply(variables, h, method="logits")
 
-    return token_logprobs(hidden, rows["targets"], project, chunk_tokens=chunk_tokens)
+    lp = token_logprobs(hidden, rows["targets"], project, chunk_tokens=chunk_tokens)
+    return (lp, auxiliary_loss(state)) if with_aux else lp
 
 
 def reference_logprobs(module: nn.Module, params: Params, batch: Batch, *, starting: Params | None = None,
@@ -517,15 +529,17 @@ def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chun
         rows = _rows(batch)
         b, length = batch["targets"].shape[0], batch["targets"].shape[-1]
         s = length // 2 if config.max_segments is None else config.max_segments
-        token_lp = policy_token_logprobs(module, params, rows, deterministic=deterministic, rng=rng,
-                                         chunk_tokens=chunk_tokens)
+        token_lp, aux = policy_token_logprobs(module, params, rows, deterministic=deterministic, rng=rng,
+                                              chunk_tokens=chunk_tokens, with_aux=True)
         reference = None
         if config.needs_reference:
             reference = batch.get("reference_logps")
             if reference is None:
                 reference = reference_logprobs(module, params, batch, starting=starting, max_segments=s,
                                                chunk_tokens=chunk_tokens)
-        return preference_objective(config, token_lp, rows, (b, s), reference)
+        total, pairs, outputs = preference_objective(config, token_lp, rows, (b, s), reference)
+        # As the LM loss (and TRL's DPOTrainer with a router loss): the step's mean is loss + aux.
+        return total + aux * pairs, pairs, outputs
 
     return loss_fn
 
