@@ -15,15 +15,14 @@ from jaxtune.tuning.heads import HeadSpec
 from jaxtune.tuning.labels import FROZEN, GROUPS
 from jaxtune.tuning.lora import AdapterSpec, merge, unmerge
 from jaxtune.tuning.partition import cast_by_label, combine, count, nbytes, partition, quantize_leaves, summary
+from jaxtune.tuning.peft_import import apply_plan, load_peft
 from jaxtune.tuning.peft_io import (
     ExportError,
-    apply_plan,
     export,
     export_format,
     export_merged,
     export_peft,
     hf_module_name,
-    load_peft,
 )
 from jaxtune.tuning.plan import (
     Plan,

@@ -233,7 +233,7 @@ def apply_plan(
         gets one output per label of the data (at least 2), and the labels' names are kept.
 
     ``pretrained.adapter`` (``jaxtune.load(..., adapter=)``) is read by
-    :func:`jaxtune.tuning.peft_io.apply_plan` (``jaxtune.apply_plan``), not here.
+    :func:`jaxtune.tuning.peft_import.apply_plan` (``jaxtune.apply_plan``), not here.
     """
     if pretrained.adapter is not None:
         raise PlanError(f"this model starts from the adapter {pretrained.adapter}: apply the plan with "
