@@ -27,7 +27,8 @@ import numpy as np
 from jaxtune.config import ConfigError
 from jaxtune.data.config import FIELD_OPTIONS
 from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
-from jaxtune.data.sources import PYTHON, Source, Syntax, read_labeled
+from jaxtune.data.rows import PYTHON, Syntax
+from jaxtune.data.sources import Source, read_labeled
 from jaxtune.train.evaluate import classification_metrics, regression_metrics
 from jaxtune.train.step import packed_segments
 from jaxtune.tuning import Tuned, apply_plan

@@ -85,7 +85,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import jaxtune as jt
-    from jaxtune.data.sources import Syntax
+    from jaxtune.data.rows import Syntax
 
     fields = {k: v for k, v in (("text_field", args.text_field), ("pair_field", args.pair_field),
                                 ("label_field", args.label_field)) if v is not None}

@@ -23,7 +23,8 @@ import numpy as np
 from jaxtune import assets
 from jaxtune.data.images import AUGMENTATIONS, read_images
 from jaxtune.data.pipeline import LoaderConfig
-from jaxtune.data.sources import KINDS, PYTHON, RECIPE, Source, Syntax, read_source, split_source
+from jaxtune.data.rows import PYTHON, RECIPE, Syntax
+from jaxtune.data.sources import KINDS, Source, read_source, split_source
 
 Kind = Literal["chat", "prompt_completion", "text", "classification", "regression", "preference"]
 

@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data import packing
+from jaxtune.data.rows import ROLES, RowError, string_field
 from jaxtune.data.sources import (
     PREFERENCE,
-    ROLES,
     DataError,
     FileSource,
     SourceReport,
@@ -49,8 +49,6 @@ from jaxtune.data.sources import (
     _finish,
     _jsonl_lines,
     _reject,
-    _RowError,
-    _string,
 )
 from jaxtune.data.tokenize import (
     Example,
@@ -75,31 +73,31 @@ _OPENAI_HINT = ('write each line as {"input": {"messages": [...]}, "preferred_ou
 def _message(msg: Any, at: str) -> dict:
     """One ``{"role", "content"[, "name"]}`` turn, checked."""
     if not isinstance(msg, dict):
-        raise _RowError(f"{at} is a JSON {type(msg).__name__}, not an object",
+        raise RowError(f"{at} is a JSON {type(msg).__name__}, not an object",
                         'write each turn as {"role": ..., "content": ...}')
     unknown = set(msg) - {"role", "content", "name"}
     if unknown:
-        raise _RowError(f"{at} has unsupported keys {sorted(unknown)}",
+        raise RowError(f"{at} has unsupported keys {sorted(unknown)}",
                         "only role, content and name are supported (no tool calls)")
     role = msg.get("role")
     if role not in ROLES:
-        raise _RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
+        raise RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
     try:
-        content = _string(msg, "content", nonempty=role == "assistant")
-    except _RowError as err:
-        raise _RowError(f"{at} ({role}): {err.problem}", err.fix) from None
+        content = string_field(msg, "content", nonempty=role == "assistant")
+    except RowError as err:
+        raise RowError(f"{at} ({role}): {err.problem}", err.fix) from None
     return {k: v for k, v in (("role", role), ("content", content), ("name", msg.get("name"))) if v is not None}
 
 
 def _messages(value: Any, field: str) -> list[dict]:
     if not isinstance(value, list) or not value:
-        raise _RowError(f"{field!r} must be a non-empty list of messages", f"list the turns of {field!r} in order")
+        raise RowError(f"{field!r} must be a non-empty list of messages", f"list the turns of {field!r} in order")
     return [_message(m, f"{field}[{n}]") for n, m in enumerate(value)]
 
 
 def _prompt(messages: list[dict], field: str) -> list[dict]:
     if messages[-1]["role"] == "assistant":
-        raise _RowError(f"the prompt ends with an assistant turn ({field}[{len(messages) - 1}]), so the answers do not "
+        raise RowError(f"the prompt ends with an assistant turn ({field}[{len(messages) - 1}]), so the answers do not "
                         "follow a request", "end the prompt with the user turn the answers reply to, and move "
                         "assistant replies into the answers")
     return messages
@@ -109,14 +107,14 @@ def _answer(value: Any, field: str) -> list[dict]:
     messages = _messages(value, field)
     for n, m in enumerate(messages):
         if m["role"] != "assistant":
-            raise _RowError(f"{field}[{n}] has role {m['role']!r}, but answers are assistant turns",
+            raise RowError(f"{field}[{n}] has role {m['role']!r}, but answers are assistant turns",
                             f"give {field!r} only assistant messages and put other turns in the prompt")
     return messages
 
 
 def _distinct(record: dict, chosen: str, rejected: str) -> dict:
     if record["chosen"] == record["rejected"]:
-        raise _RowError(f"{chosen!r} and {rejected!r} are identical, so the pair prefers nothing",
+        raise RowError(f"{chosen!r} and {rejected!r} are identical, so the pair prefers nothing",
                         "give two different answers or remove the row")
     return record
 
@@ -125,13 +123,13 @@ def check_openai_preference(obj: dict) -> dict:
     """Validate one row of OpenAI's preference format; return ``{"prompt", "chosen", "rejected"}`` messages."""
     for key in ("input", "preferred_output", "non_preferred_output"):
         if key not in obj:
-            raise _RowError(f"missing {key!r} key", _OPENAI_HINT)
+            raise RowError(f"missing {key!r} key", _OPENAI_HINT)
     source = obj["input"]
     if not isinstance(source, dict) or "messages" not in source:
-        raise _RowError("'input' has no 'messages' list",
+        raise RowError("'input' has no 'messages' list",
                         'write "input": {"messages": [{"role": "user", "content": ...}]}')
     if source.get("tools") or source.get("parallel_tool_calls"):
-        raise _RowError("'input' declares tools, which are not supported", "remove tools and tool calls from the row")
+        raise RowError("'input' declares tools, which are not supported", "remove tools and tool calls from the row")
     prompt = _prompt(_messages(source["messages"], "input.messages"), "input.messages")
     record = {"prompt": prompt, "chosen": _answer(obj["preferred_output"], "preferred_output"),
               "rejected": _answer(obj["non_preferred_output"], "non_preferred_output")}
@@ -144,10 +142,10 @@ def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dic
     while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
         shared += 1
     if shared == 0:
-        raise _RowError("'chosen' and 'rejected' share no opening turns and there is no 'prompt'",
+        raise RowError("'chosen' and 'rejected' share no opening turns and there is no 'prompt'",
                         "add a 'prompt' message list, or start both conversations with the same prompt turns")
     if shared == len(chosen) or shared == len(rejected):
-        raise _RowError("'chosen' and 'rejected' are identical or one is a prefix of the other, so an answer is empty",
+        raise RowError("'chosen' and 'rejected' are identical or one is a prefix of the other, so an answer is empty",
                         "end each conversation with its own assistant answer")
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
@@ -156,24 +154,24 @@ def check_trl_preference(obj: dict) -> dict:
     """Validate one TRL row (``prompt``/``chosen``/``rejected``, plain or conversational)."""
     for key in ("chosen", "rejected"):
         if key not in obj or obj[key] is None:
-            raise _RowError(f"missing {key!r} key",
+            raise RowError(f"missing {key!r} key",
                             'write each line as {"prompt": ..., "chosen": ..., "rejected": ...}')
     fields = [k for k in ("prompt", "chosen", "rejected") if obj.get(k) is not None]
     kinds = {k: "string" if isinstance(obj[k], str) else "message list" if isinstance(obj[k], list) else
              type(obj[k]).__name__ for k in fields}
     bad = [k for k in fields if kinds[k] not in ("string", "message list")]
     if bad:
-        raise _RowError(f"{bad[0]!r} is a {kinds[bad[0]]}, not a string or a message list",
+        raise RowError(f"{bad[0]!r} is a {kinds[bad[0]]}, not a string or a message list",
                         "use plain strings or lists of {\"role\", \"content\"} messages")
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{k} is a {v}" for k, v in kinds.items())
-        raise _RowError(f"mixed plain and conversational fields ({listing})",
+        raise RowError(f"mixed plain and conversational fields ({listing})",
                         "use strings for all of prompt, chosen and rejected, or message lists for all")
     if kinds["chosen"] == "string":
         if "prompt" not in kinds:
-            raise _RowError("missing 'prompt' key", "plain-text pairs need the prompt the answers continue")
-        record = {"prompt": obj["prompt"], "chosen": _string(obj, "chosen", nonempty=True),
-                  "rejected": _string(obj, "rejected", nonempty=True)}
+            raise RowError("missing 'prompt' key", "plain-text pairs need the prompt the answers continue")
+        record = {"prompt": obj["prompt"], "chosen": string_field(obj, "chosen", nonempty=True),
+                  "rejected": string_field(obj, "rejected", nonempty=True)}
         return _distinct(record, "chosen", "rejected")
     if "prompt" in kinds:
         record = {"prompt": _prompt(_messages(obj["prompt"], "prompt"), "prompt"),
@@ -185,7 +183,7 @@ def check_trl_preference(obj: dict) -> dict:
     for field, answer in (("chosen", chosen), ("rejected", rejected)):
         for n, m in enumerate(answer, start=len(prompt)):
             if m["role"] != "assistant":
-                raise _RowError(f"{field}[{n}] has role {m['role']!r} after the shared prompt, but answers are "
+                raise RowError(f"{field}[{n}] has role {m['role']!r} after the shared prompt, but answers are "
                                 "assistant turns", "make the conversations differ only in their final assistant turns")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
@@ -193,12 +191,12 @@ def check_trl_preference(obj: dict) -> dict:
 def check_preference(obj: Any) -> dict:
     """Validate one preference row in either format (detected by its keys); return the record."""
     if not isinstance(obj, dict):
-        raise _RowError(f"row is a JSON {type(obj).__name__}, not an object", _OPENAI_HINT)
+        raise RowError(f"row is a JSON {type(obj).__name__}, not an object", _OPENAI_HINT)
     if {"input", "preferred_output", "non_preferred_output"} & obj.keys():
         return check_openai_preference(obj)
     if {"chosen", "rejected"} & obj.keys():
         return check_trl_preference(obj)
-    raise _RowError(f"row has neither OpenAI's nor TRL's preference keys (keys: {sorted(obj)[:6]})", _OPENAI_HINT)
+    raise RowError(f"row has neither OpenAI's nor TRL's preference keys (keys: {sorted(obj)[:6]})", _OPENAI_HINT)
 
 
 # ----------------------------------------------------------------------------- source
@@ -240,7 +238,7 @@ def read_preference(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> 
     for line_no, start, length, parsed in _jsonl_lines(path, report, skip_bad_rows):
         try:
             check_preference(parsed)
-        except _RowError as err:
+        except RowError as err:
             _reject(report, f"{path}:{line_no}", err, skip_bad_rows)
             continue
         lines.append(line_no), offsets.append(start), lengths.append(length)

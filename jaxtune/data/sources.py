@@ -42,6 +42,16 @@ from typing import Any
 
 import numpy as np
 
+from jaxtune.data.rows import (
+    PYTHON,
+    RowError,
+    Syntax,
+    as_object,
+    check_chat,
+    check_labeled,
+    check_prompt_completion,
+)
+
 log = logging.getLogger("jaxtune.data")
 
 KINDS = ("chat", "prompt_completion", "text", "classification", "regression", "preference")
@@ -49,7 +59,6 @@ KINDS = ("chat", "prompt_completion", "text", "classification", "regression", "p
 # model, but as two rows per record (chosen, rejected): they have their own tokenizer and row layout.
 LM_KINDS = ("chat", "prompt_completion", "text")
 PREFERENCE = "preference"
-ROLES = ("system", "user", "assistant")
 TEXT_UNITS = ("file", "paragraph", "line")
 
 
@@ -59,14 +68,6 @@ class DataError(ValueError):
     def __init__(self, where: str, problem: str, fix: str = ""):
         self.where, self.problem, self.fix = where, problem, fix
         super().__init__(f"{where}: {problem}" + (f" — {fix}" if fix else ""))
-
-
-class _RowError(Exception):
-    """One bad row; the reader adds the ``path:line`` and raises or skips."""
-
-    def __init__(self, problem: str, fix: str = ""):
-        super().__init__(problem)
-        self.problem, self.fix = problem, fix
 
 
 @dataclasses.dataclass
@@ -84,34 +85,7 @@ class SourceReport:
         return text
 
 
-@dataclasses.dataclass(frozen=True)
-class Syntax:
-    """How an error message spells a data option: as a Python argument (``jaxtune.read``) or as
-    a recipe key (``data.skip_bad_rows=true``), so the fix can be pasted where the user wrote it."""
-
-    prefix: str
-    true: str
-    verb: str  # "pass" an argument, "set" a key
-
-    def option(self, name: str, value: Any) -> str:
-        if self.prefix == "--":  # command-line flags (jaxtune predict)
-            flag = "--" + name.replace("_", "-")
-            return flag if value is True else f"{flag} {value}"
-        if value is True:
-            value = self.true
-        elif self.prefix == "":
-            value = repr(value)
-        return f"{self.prefix}{name}={value}"
-
-    def skip_hint(self) -> str:
-        return f"or {self.verb} {self.option('skip_bad_rows', True)} to skip and count such rows"
-
-
-PYTHON = Syntax("", "True", "pass")
-RECIPE = Syntax("data.", "true", "set")
-
-
-def _reject(report: SourceReport, where: str, err: _RowError, skip: bool, syntax: Syntax = PYTHON) -> None:
+def _reject(report: SourceReport, where: str, err: RowError, skip: bool, syntax: Syntax = PYTHON) -> None:
     if not skip:
         raise DataError(where, err.problem, f"{err.fix}; {syntax.skip_hint()}")
     report.skipped.append((where, err.problem))
@@ -127,131 +101,6 @@ def _finish(report: SourceReport, kept: int, what: str) -> None:
         raise DataError(where,
                         "no usable rows" + (" (all were bad and skipped)" if report.skipped else " (empty file)"),
                         "check that this is the right file and that it is not empty")
-
-
-# --- row checks: each returns the normalized record or raises _RowError -------------------
-
-def _string(obj: dict, key: str, *, nonempty: bool) -> str:
-    if obj.get(key) is None:
-        raise _RowError(f"missing {key!r} key", f"every row needs a {key!r} string")
-    value = obj[key]
-    if not isinstance(value, str):
-        raise _RowError(f"{key!r} is {type(value).__name__}, not a string", f"make {key!r} a JSON string")
-    if nonempty and not value.strip():
-        raise _RowError(f"{key!r} is empty", f"give {key!r} some text or remove the row")
-    _encodable(value, repr(key))
-    return value
-
-
-def _encodable(text: str, what: str) -> None:
-    """Text must be valid Unicode: a lone surrogate (e.g. ``"\\ud800"`` in JSON) cannot be tokenized."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as err:
-        raise _RowError(f"{what} has a lone surrogate {text[err.start]!r} at character {err.start}",
-                        "write the character as a valid surrogate pair or remove it") from None
-
-
-def _as_object(obj: Any, hint: str) -> dict:
-    if not isinstance(obj, dict):
-        raise _RowError(f"row is a JSON {type(obj).__name__}, not an object", hint)
-    return obj
-
-
-def _missing(obj: dict, key: str, option: str, syntax: Syntax) -> _RowError:
-    """The error for a row without ``key``: it lists the row's keys and names the option that maps another."""
-    others = [k for k in obj if isinstance(k, str)][:8]
-    fix = f"every row needs a {key!r} value"
-    if others:
-        fix += f"; this row has {others}: to read another of them, {syntax.verb} {syntax.option(option, others[0])}"
-    return _RowError(f"missing {key!r} key", fix)
-
-
-def check_chat(obj: Any, messages_field: str = "messages", syntax: Syntax = PYTHON) -> dict:
-    """Validate one OpenAI fine-tuning chat row (the turns under ``messages_field``); return
-    ``{"messages", "weights"}``."""
-    obj = _as_object(obj, f'write each line as {{"{messages_field}": [{{"role": ..., "content": ...}}, ...]}}')
-    if messages_field not in obj:
-        raise _missing(obj, messages_field, "messages_field", syntax)
-    messages = obj[messages_field]
-    if not isinstance(messages, list) or not messages:
-        raise _RowError(f"{messages_field!r} must be a non-empty list", "list the turns of the conversation in order")
-    out, weights = [], []
-    for n, msg in enumerate(messages):
-        at = f"messages[{n}]"
-        if not isinstance(msg, dict):
-            raise _RowError(f"{at} is not an object", 'write each turn as {"role": ..., "content": ...}')
-        unknown = set(msg) - {"role", "content", "weight", "name"}
-        if unknown:
-            raise _RowError(f"{at} has unsupported keys {sorted(unknown)}",
-                            "only role, content, weight and name are supported (no tool calls)")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise _RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
-        try:
-            content = _string(msg, "content", nonempty=role == "assistant")
-            if msg.get("name") is not None:
-                _encodable(_string(msg, "name", nonempty=False), "'name'")
-        except _RowError as err:
-            raise _RowError(f"{at} ({role}): {err.problem}", err.fix) from None
-        weight = msg.get("weight", 1 if role == "assistant" else 0)
-        if "weight" in msg:
-            if role != "assistant":
-                raise _RowError(f"{at}: 'weight' is only allowed on assistant turns", "remove it from this turn")
-            if isinstance(weight, bool) or weight not in (0, 1):
-                raise _RowError(f"{at}: weight {weight!r} is not 0 or 1", "use 1 to learn the turn, 0 to skip it")
-        out.append({k: v for k, v in (("role", role), ("content", content), ("name", msg.get("name")))
-                    if v is not None})
-        weights.append(int(weight))
-    if not any(w and m["role"] == "assistant" for m, w in zip(out, weights)):
-        raise _RowError("no assistant turn with weight 1, so nothing to learn",
-                        "add an assistant reply or set its weight to 1")
-    return {"messages": out, "weights": weights}
-
-
-def check_prompt_completion(obj: Any, prompt_field: str = "prompt", completion_field: str = "completion",
-                            syntax: Syntax = PYTHON) -> dict:
-    """Validate one ``{"prompt": str, "completion": str}`` row (completion non-empty; the keys are
-    ``prompt_field`` and ``completion_field``)."""
-    obj = _as_object(obj, f'write each line as {{"{prompt_field}": ..., "{completion_field}": ...}}')
-    for key, option in ((prompt_field, "prompt_field"), (completion_field, "completion_field")):
-        if obj.get(key) is None:
-            raise _missing(obj, key, option, syntax)
-    return {"prompt": _string(obj, prompt_field, nonempty=False),
-            "completion": _string(obj, completion_field, nonempty=True)}
-
-
-def _check_labeled(obj: dict, *, task: str, text_field: str, pair_field: str | None, label_field: str,
-                   syntax: Syntax = PYTHON, require_label: bool = True) -> dict:
-    if text_field not in obj:
-        raise _missing(obj, text_field, "text_field", syntax)
-    record = {"text": _string(obj, text_field, nonempty=True)}
-    if pair_field is not None:
-        record["text_pair"] = _string(obj, pair_field, nonempty=True)
-    if label_field not in obj or obj[label_field] is None or obj[label_field] == "":
-        if not require_label:  # rows to predict: the label is what is asked for
-            record["label"] = None
-            return record
-        if label_field not in obj:
-            raise _missing(obj, label_field, "label_field", syntax)
-        raise _RowError(f"missing {label_field!r}", f"give every row a {label_field!r}")
-    value = obj[label_field]
-    if task == "regression":
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            target = float(value)
-        except (TypeError, ValueError):
-            raise _RowError(f"regression target {label_field}={value!r} is not a number",
-                            "use a plain number such as 3.5") from None
-        if not math.isfinite(target):
-            raise _RowError(f"regression target {label_field}={value!r} is not finite", "use a finite number")
-        record["label"] = target
-    else:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise _RowError(f"label {value!r} is a {type(value).__name__}", "use a string or an integer label")
-        record["label"] = str(value).strip()
-    return record
 
 
 # --- random-access sources ------------------------------------------------------------------
@@ -379,12 +228,12 @@ def _jsonl_lines(path: str, report: SourceReport, skip: bool,
             try:
                 parsed = json.loads(line)
             except UnicodeDecodeError as err:
-                _reject(report, f"{path}:{line_no}", _RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
+                _reject(report, f"{path}:{line_no}", RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
                         skip, syntax)
                 continue
             except json.JSONDecodeError as err:
                 _reject(report, f"{path}:{line_no}",
-                        _RowError(f"malformed JSON at column {err.colno}: {err.msg}",
+                        RowError(f"malformed JSON at column {err.colno}: {err.msg}",
                                   "each line must be one complete JSON object"), skip, syntax)
                 continue
             yield line_no, start, len(line), parsed
@@ -412,7 +261,7 @@ def read_jsonl(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = Fals
     for line_no, start, length, parsed in _jsonl_lines(path, report, skip_bad_rows, syntax):
         try:
             _CHECKS[kind](parsed, **fields, syntax=syntax)
-        except _RowError as err:
+        except RowError as err:
             _reject(report, f"{path}:{line_no}", err, skip_bad_rows, syntax)
             continue
         lines.append(line_no), offsets.append(start), lengths.append(length)
@@ -449,7 +298,7 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
         with open(name, "rb") as f:
             data = f.read()
         if not data.strip():
-            _reject(report, f"{name}:1", _RowError("file is empty", "remove it or add text"), skip_bad_rows, syntax)
+            _reject(report, f"{name}:1", RowError("file is empty", "remove it or add text"), skip_bad_rows, syntax)
             continue
         spans = ([(0, len(data))] if unit == "file"
                  else [m.span() for m in _UNIT_PATTERNS[unit].finditer(data)])
@@ -461,7 +310,7 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
                 data[start:end].decode("utf-8")
             except UnicodeDecodeError as err:
                 bad_line = line + data.count(b"\n", start, start + err.start)
-                _reject(report, f"{name}:{bad_line}", _RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
+                _reject(report, f"{name}:{bad_line}", RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
                         skip_bad_rows, syntax)
                 continue
             for col, value in zip(cols, (file_id, start, end - start, line)):
@@ -516,15 +365,15 @@ def _utf8_text(path: str) -> str:
                         "save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
 
 
-def _csv_fields(row: dict, header: Sequence[str], delimiter: str) -> dict | _RowError:
+def _csv_fields(row: dict, header: Sequence[str], delimiter: str) -> dict | RowError:
     """A CSV row, or the error of a row whose field count differs from the header's."""
     name = "tab" if delimiter == "\t" else "comma"
     if None in row:  # more fields than columns: csv puts the extras under the key None
-        return _RowError(f"{len(header) + len(row[None])} fields but the header has {len(header)} columns",
+        return RowError(f"{len(header) + len(row[None])} fields but the header has {len(header)} columns",
                          f"quote a field that contains a {name}, e.g. \"a{delimiter} b\"")
     if any(value is None for value in row.values()):
         given = sum(value is not None for value in row.values())
-        return _RowError(f"{given} field{'' if given == 1 else 's'} but the header has {len(header)} columns",
+        return RowError(f"{given} field{'' if given == 1 else 's'} but the header has {len(header)} columns",
                          "give every column a value (an empty one between two delimiters)")
     return row
 
@@ -562,17 +411,17 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
     for line_no, row in _labeled_rows(path, report, skip_bad_rows, fields, syntax):
         where = f"{path}:{line_no}"
         try:
-            if isinstance(row, _RowError):
+            if isinstance(row, RowError):
                 raise row
-            record = _check_labeled(_as_object(row, f"write each line as {{{text_field!r}: ..., "
+            record = check_labeled(as_object(row, f"write each line as {{{text_field!r}: ..., "
                                                     f"{label_field!r}: ...}}"),
                                     task=task, text_field=text_field, pair_field=pair_field, label_field=label_field,
                                     syntax=syntax, require_label=require_label)
             if (task == "classification" and labels is not None and record["label"] is not None
                     and record["label"] not in {str(x) for x in labels}):
-                raise _RowError(f"label {record['label']!r} is not in the label vocabulary {list(labels)}",
+                raise RowError(f"label {record['label']!r} is not in the label vocabulary {list(labels)}",
                                 "fix the label, or build the vocabulary from data that contains it")
-        except _RowError as err:
+        except RowError as err:
             _reject(report, where, err, skip_bad_rows, syntax)
             continue
         record["where"] = where
