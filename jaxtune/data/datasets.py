@@ -51,12 +51,12 @@ def _prepare(name: str, options: dict[str, Any], kind: str,
     if not (folder / "info.json").exists():
         with cache_lock(folder):
             if not (folder / "info.json").exists():  # not prepared by another process meanwhile
-                _write_splits(folder, name, kind, options, *build())
+                write_splits(folder, name, kind, options, *build())
     info = json.loads((folder / "info.json").read_text())
     return PreparedData(folder / "train.jsonl", folder / "test.jsonl", info["kind"], info)
 
 
-def _write_splits(folder: Path, name: str, kind: str, options: dict[str, Any], train: list[dict],
+def write_splits(folder: Path, name: str, kind: str, options: dict[str, Any], train: list[dict],
                   test: list[dict], info: dict[str, Any]) -> None:
     """Write the splits and ``info.json`` beside ``folder``, then rename into place (atomic)."""
     tmp = folder.with_name(folder.name + ".tmp")

@@ -34,12 +34,12 @@ def _prepare(name: str, options: dict[str, Any], kind: str, build) -> PreparedDa
     folder = cache_dir() / "datasets" / name / key
     with cache_lock(folder):
         if not (folder / "info.json").exists():  # not prepared by another process meanwhile
-            _write_splits(folder, name, kind, options, *build())
+            write_splits(folder, name, kind, options, *build())
     info = json.loads((folder / "info.json").read_text())
     return PreparedData(folder / "train.npz", folder / "test.npz", kind, info)
 
 
-def _write_splits(folder: Path, name: str, kind: str, options: dict[str, Any],
+def write_splits(folder: Path, name: str, kind: str, options: dict[str, Any],
                   splits: dict[str, dict[str, np.ndarray]], info: dict[str, Any]) -> None:
     """Write the splits as .npz and ``info.json`` beside ``folder``, then rename into place (atomic)."""
     tmp = folder.with_name(folder.name + ".tmp")

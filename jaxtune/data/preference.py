@@ -45,10 +45,10 @@ from jaxtune.data.sources import (
     DataError,
     FileSource,
     SourceReport,
-    _existing_file,
-    _finish,
-    _jsonl_lines,
-    _reject,
+    existing_file,
+    finish_report,
+    jsonl_lines,
+    reject_row,
 )
 from jaxtune.data.tokenize import (
     Example,
@@ -232,17 +232,17 @@ def read_preference(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> 
     Raises :class:`DataError` (``path:line``) on the first bad row unless ``skip_bad_rows``, in
     which case bad rows are counted in ``source.report.skipped``.
     """
-    path = _existing_file(path)
+    path = existing_file(path)
     report = SourceReport([path])
     lines, offsets, lengths = [], [], []
-    for line_no, start, length, parsed in _jsonl_lines(path, report, skip_bad_rows):
+    for line_no, start, length, parsed in jsonl_lines(path, report, skip_bad_rows):
         try:
             check_preference(parsed)
         except RowError as err:
-            _reject(report, f"{path}:{line_no}", err, skip_bad_rows)
+            reject_row(report, f"{path}:{line_no}", err, skip_bad_rows)
             continue
         lines.append(line_no), offsets.append(start), lengths.append(length)
-    _finish(report, len(offsets), "rows")
+    finish_report(report, len(offsets), "rows")
     return PreferenceSource([path], np.zeros(len(offsets), np.int32), np.asarray(offsets, np.int64),
                             np.asarray(lengths, np.int64), np.asarray(lines, np.int64), report)
 

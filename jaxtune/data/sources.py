@@ -85,13 +85,17 @@ class SourceReport:
         return text
 
 
-def _reject(report: SourceReport, where: str, err: RowError, skip: bool, syntax: Syntax = PYTHON) -> None:
+def reject_row(report: SourceReport, where: str, err: RowError, skip: bool, syntax: Syntax = PYTHON) -> None:
+    """A bad row at ``where`` (``path:line``): a :class:`DataError` with the fix and the skip hint, or
+    with ``skip`` a count in ``report``."""
     if not skip:
         raise DataError(where, err.problem, f"{err.fix}; {syntax.skip_hint()}")
     report.skipped.append((where, err.problem))
 
 
-def _finish(report: SourceReport, kept: int, what: str) -> None:
+def finish_report(report: SourceReport, kept: int, what: str) -> None:
+    """Record the ``kept`` rows, log the skipped ones (``what``: rows, pairs...), and refuse a source
+    with none."""
     report.rows = kept
     if report.skipped:
         log.warning("%s: skipped %d bad %s; first: %s: %s", ", ".join(report.paths), len(report.skipped),
@@ -209,14 +213,15 @@ def _stamp(path: str, fd: int | None = None) -> tuple[int, int]:
     return st.st_size, st.st_mtime_ns
 
 
-def _existing_file(path: str | os.PathLike) -> str:
+def existing_file(path: str | os.PathLike) -> str:
+    """``path`` as a string, or a :class:`DataError` when it is not a file."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise DataError(path, "no such file", "check the path")
     return path
 
 
-def _jsonl_lines(path: str, report: SourceReport, skip: bool,
+def jsonl_lines(path: str, report: SourceReport, skip: bool,
                  syntax: Syntax = PYTHON) -> Iterator[tuple[int, int, int, Any]]:
     """Yield ``(line, offset, length, parsed)`` for each JSON line; blank lines hold no data."""
     offset = 0
@@ -228,11 +233,11 @@ def _jsonl_lines(path: str, report: SourceReport, skip: bool,
             try:
                 parsed = json.loads(line)
             except UnicodeDecodeError as err:
-                _reject(report, f"{path}:{line_no}", RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
+                reject_row(report, f"{path}:{line_no}", RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
                         skip, syntax)
                 continue
             except json.JSONDecodeError as err:
-                _reject(report, f"{path}:{line_no}",
+                reject_row(report, f"{path}:{line_no}",
                         RowError(f"malformed JSON at column {err.colno}: {err.msg}",
                                   "each line must be one complete JSON object"), skip, syntax)
                 continue
@@ -255,17 +260,17 @@ def read_jsonl(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = Fals
         raise ValueError(f"read_jsonl reads kinds {sorted(_CHECKS)}, not {kind!r}")
     fields: dict[str, Any] = ({"messages_field": messages_field} if kind == "chat"
                               else {"prompt_field": prompt_field, "completion_field": completion_field})
-    path = _existing_file(path)
+    path = existing_file(path)
     report = SourceReport([path])
     lines, offsets, lengths = [], [], []
-    for line_no, start, length, parsed in _jsonl_lines(path, report, skip_bad_rows, syntax):
+    for line_no, start, length, parsed in jsonl_lines(path, report, skip_bad_rows, syntax):
         try:
             _CHECKS[kind](parsed, **fields, syntax=syntax)
         except RowError as err:
-            _reject(report, f"{path}:{line_no}", err, skip_bad_rows, syntax)
+            reject_row(report, f"{path}:{line_no}", err, skip_bad_rows, syntax)
             continue
         lines.append(line_no), offsets.append(start), lengths.append(length)
-    _finish(report, len(offsets), "rows")
+    finish_report(report, len(offsets), "rows")
     return FileSource(kind, [path], np.zeros(len(offsets), np.int32), np.asarray(offsets, np.int64),
                       np.asarray(lengths, np.int64), np.asarray(lines, np.int64), report, fields)
 
@@ -289,7 +294,7 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
         if not files:
             raise DataError(root, f"folder has no {'/'.join(suffixes)} files", "point at text files or set suffixes")
     else:
-        files = [_existing_file(root)]
+        files = [existing_file(root)]
     if unit not in TEXT_UNITS:
         raise ValueError(f"unit must be one of {TEXT_UNITS}, got {unit!r}")
     report = SourceReport(files if len(files) == 1 else [root])
@@ -298,7 +303,7 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
         with open(name, "rb") as f:
             data = f.read()
         if not data.strip():
-            _reject(report, f"{name}:1", RowError("file is empty", "remove it or add text"), skip_bad_rows, syntax)
+            reject_row(report, f"{name}:1", RowError("file is empty", "remove it or add text"), skip_bad_rows, syntax)
             continue
         spans = ([(0, len(data))] if unit == "file"
                  else [m.span() for m in _UNIT_PATTERNS[unit].finditer(data)])
@@ -310,12 +315,12 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
                 data[start:end].decode("utf-8")
             except UnicodeDecodeError as err:
                 bad_line = line + data.count(b"\n", start, start + err.start)
-                _reject(report, f"{name}:{bad_line}", RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"),
-                        skip_bad_rows, syntax)
+                reject_row(report, f"{name}:{bad_line}",
+                           RowError(f"not UTF-8 ({err.reason})", "save the file as UTF-8"), skip_bad_rows, syntax)
                 continue
             for col, value in zip(cols, (file_id, start, end - start, line)):
                 col.append(value)
-    _finish(report, len(cols[0]), "documents")
+    finish_report(report, len(cols[0]), "documents")
     return FileSource("text", files, np.asarray(cols[0], np.int32), np.asarray(cols[1], np.int64),
                       np.asarray(cols[2], np.int64), np.asarray(cols[3], np.int64), report)
 
@@ -350,7 +355,7 @@ def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: dict[str,
                                 "quote fields that hold quotes, delimiters or line breaks") from None
             yield reader.line_num, _csv_fields(row, header, delimiter)
     else:
-        for line_no, _, _, parsed in _jsonl_lines(path, report, skip, syntax):
+        for line_no, _, _, parsed in jsonl_lines(path, report, skip, syntax):
             yield line_no, parsed
 
 
@@ -403,7 +408,7 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
     if task not in ("classification", "regression"):
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     label_field = label_field or ("label" if task == "classification" else "target")
-    path = _existing_file(path)
+    path = existing_file(path)
     report = SourceReport([path])
     fields = {"text_field": text_field, **({"label_field": label_field} if require_label else {}),
               **({"pair_field": pair_field} if pair_field else {})}
@@ -422,11 +427,11 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
                 raise RowError(f"label {record['label']!r} is not in the label vocabulary {list(labels)}",
                                 "fix the label, or build the vocabulary from data that contains it")
         except RowError as err:
-            _reject(report, where, err, skip_bad_rows, syntax)
+            reject_row(report, where, err, skip_bad_rows, syntax)
             continue
         record["where"] = where
         records.append(record)
-    _finish(report, len(records), "rows")
+    finish_report(report, len(records), "rows")
     names = None
     if not require_label and labels is None and task == "classification":
         raise ValueError("require_label=False needs labels= (the vocabulary the model was trained with)")

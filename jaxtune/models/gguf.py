@@ -42,9 +42,9 @@ from gguf.quants import dequantize
 from jaxtune.models.gguf_architectures import (  # GGUFError is re-exported: the error users catch
     Arch,
     GGUFError,
-    _arch,
-    _config,
-    _Metadata,
+    Metadata,
+    architecture_of,
+    hf_config_of,
 )
 
 # transformers and jax are imported inside the functions that need them: importing this module
@@ -102,9 +102,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
     reader = _open(gguf_path)
-    meta = _Metadata(reader, gguf_path)
-    arch = _arch(meta)
-    config = _config(meta, reader, arch)
+    meta = Metadata(reader, gguf_path)
+    arch = architecture_of(meta)
+    config = hf_config_of(meta, reader, arch)
     entries = _plan_tensors(reader, config, arch, gguf_path)
     _check_dequantizable(entries, gguf_path)
 
@@ -215,12 +215,12 @@ def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> li
     entries = []
     for tensor in reader.tensors:
         found = _entries(tensor, arch, config)
-        if not found and tensor.name.rpartition(".")[0] not in arch.config_tensors:  # those are read by _config
+        if not found and tensor.name.rpartition(".")[0] not in arch.config_tensors:  # those are read by hf_config_of
             raise GGUFError(
                 f"{path}: tensor {tensor.name!r} has no {arch.hf_architecture} counterpart; "
                 f"this file is not a plain {config.model_type} model"
             )
-        # GPT-2's copy of the embedding is left out (_config ties it)
+        # GPT-2's copy of the embedding is left out (hf_config_of ties it)
         entries += [e for e in found if not (e.hf_name == "lm_head.weight" and config.tie_word_embeddings)]
 
     present = {e.hf_name for e in entries}
@@ -323,7 +323,7 @@ def _write_safetensors(
 _PRE_TOKENIZER_SPLITS = {"smollm": r"\p{N}"}
 
 
-def _write_tokenizer(gguf_path: Path, meta: _Metadata, out_dir: Path, model_max_length: int) -> None:
+def _write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_length: int) -> None:
     """Write `tokenizer.json` and `tokenizer_config.json` from the file's tokenizer metadata.
 
     The vocabulary, merges and special tokens are turned into a fast tokenizer by transformers'

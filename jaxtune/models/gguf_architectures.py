@@ -6,9 +6,9 @@ the tensors on the way in, which the import undoes: the rotary row permutation o
 the `+ 1` it adds to Gemma's RMSNorm weights, the transpose of GPT-2's Conv1D weights, the stacking of
 a mixture-of-experts layer's experts into one tensor (split back into HF's one tensor per expert). A family
 added to jaxtune becomes readable from GGUF by adding its row (and its config function, which turns the
-file's metadata into the transformers config's arguments: :func:`_config`).
+file's metadata into the transformers config's arguments: :func:`hf_config_of`).
 
-The metadata reader (:class:`_Metadata`) and :class:`GGUFError` live here too. This module converts no tensors:
+The metadata reader (:class:`Metadata`) and :class:`GGUFError` live here too. This module converts no tensors:
 :mod:`jaxtune.models.gguf` converts a file's tensors with it (dequantized), :mod:`jaxtune.models.gguf_quantized`
 reads them as quantized leaves with the same name tables, and :mod:`jaxtune.models.hf` maps families to rows.
 """
@@ -78,7 +78,7 @@ class Arch:
     """How llama.cpp writes one architecture, and what :func:`jaxtune.models.gguf.gguf_to_hf` makes of it.
 
     ``config`` turns the file's metadata into the transformers config's keyword arguments beyond
-    the shared ones (:func:`_config`). The tensor changes llama.cpp's converter made, which the conversion undoes:
+    the shared ones (:func:`hf_config_of`). The tensor changes llama.cpp's converter made, which the conversion undoes:
     ``permute_qk`` (its rotary row permutation of Q/K weights and biases: llama only, because its
     llama kernel rotates adjacent pairs while the other architectures' kernels use HF's halves),
     ``norm_shift`` (subtracted from every ``*norm.weight``: Gemma computes ``x * (1 + w)`` and
@@ -93,7 +93,7 @@ class Arch:
 
     hf_architecture: str
     config_class: str  # the transformers config class that writes config.json
-    config: Callable[[_Metadata, str, dict[str, Any]], dict[str, Any]]
+    config: Callable[[Metadata, str, dict[str, Any]], dict[str, Any]]
     blocks: dict[str, str] = field(default_factory=lambda: _BLOCK_NAMES)
     globals: dict[str, str] = field(default_factory=lambda: _GLOBAL_NAMES)
     block_prefix: str = "model.layers"
@@ -116,7 +116,7 @@ class GGUFError(ValueError):
 _REQUIRED = object()
 
 
-class _Metadata:
+class Metadata:
     """Typed access to a GGUF file's key/value metadata, with errors that name the file and key."""
 
     def __init__(self, reader: GGUFReader, path: Path):
@@ -140,7 +140,7 @@ class _Metadata:
         return key in self.reader.fields
 
 
-def _arch(meta: _Metadata) -> Arch:
+def architecture_of(meta: Metadata) -> Arch:
     """The :data:`ARCHITECTURES` row of the file's ``general.architecture``."""
     name = meta.get("general.architecture")
     if name not in ARCHITECTURES:
@@ -154,7 +154,7 @@ def _arch(meta: _Metadata) -> Arch:
     return ARCHITECTURES[name]
 
 
-def _config(meta: _Metadata, reader: GGUFReader, arch: Arch) -> Any:
+def hf_config_of(meta: Metadata, reader: GGUFReader, arch: Arch) -> Any:
     """The transformers config (``arch.config_class``) from llama.cpp's metadata keys
     (``{name}.*``, ``tokenizer.ggml.*``) and the tensors present."""
     import transformers
@@ -208,7 +208,7 @@ def _config(meta: _Metadata, reader: GGUFReader, arch: Arch) -> Any:
     return getattr(transformers, arch.config_class)(architectures=[arch.hf_architecture], **shared, **fields)
 
 
-def _frequency_factors(meta: _Metadata, tensor: ReaderTensor, fields: dict[str, Any]) -> dict[str, Any]:
+def _frequency_factors(meta: Metadata, tensor: ReaderTensor, fields: dict[str, Any]) -> dict[str, Any]:
     """The rope dict for a file with ``rope_freqs.weight``: one divisor per rotary frequency, which
     llama.cpp's converter computes from Llama 3.1/3.2's ``llama3`` rope scaling (and applies as
     ``theta_i / factor_i``). transformers' ``longrope`` with both factor lists equal to it and an
@@ -232,19 +232,19 @@ def _floats(tensor: ReaderTensor) -> list[float]:
     return [float(v) for v in np.asarray(tensor.data, np.float32).reshape(-1)]
 
 
-def _llama_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+def _llama_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     tensors = found["tensors"]
     return dict(attention_bias=found["attention_bias"],
                 mlp_bias=any(n.endswith(("ffn_up.bias", "ffn_gate.bias", "ffn_down.bias")) for n in tensors))
 
 
-def _smollm3_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+def _smollm3_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     # llama.cpp skips RoPE in every 4th layer of SmolLM3 (a constant there, not in the file), as
     # transformers' SmolLM3Config does from no_rope_layer_interval when no_rope_layers is not given.
     return {**_llama_extra(meta, name, found), "no_rope_layer_interval": 4}
 
 
-def _moe_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+def _moe_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     """Qwen2-MoE / Qwen3-MoE: expert counts and sizes; llama.cpp renormalises the top-k routing weights
     of qwen3moe and not of qwen2moe unless the file says otherwise (``expert_weights_norm``)."""
     extra = dict(num_experts=meta.get(f"{name}.expert_count"),
@@ -259,17 +259,17 @@ def _moe_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, A
     return extra | {"shared_expert_intermediate_size": shared}
 
 
-def _mixtral_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+def _mixtral_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     # Mixtral's experts are feed_forward_length wide; llama.cpp renormalises its top-k weights, as Mixtral does.
     return dict(num_local_experts=meta.get(f"{name}.expert_count"),
                 num_experts_per_tok=meta.get(f"{name}.expert_used_count"))
 
 
-def _qwen2_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+def _qwen2_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     return {}  # Qwen2 always has q/k/v biases and never an o bias or MLP bias
 
 
-def _attention_bias_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+def _attention_bias_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     return dict(attention_bias=found["attention_bias"])
 
 
@@ -280,7 +280,7 @@ def _attention_bias_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> 
 _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
-def _gemma_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+def _gemma_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     extra: dict[str, Any] = dict(attention_bias=found["attention_bias"])
     if name == "gemma":
         return extra
@@ -311,13 +311,13 @@ def _gemma_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str,
     return extra
 
 
-def _gpt2_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+def _gpt2_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     return dict(n_embd=found["hidden"], n_head=found["heads"], n_layer=meta.get(f"{name}.block_count"),
                 n_inner=meta.get(f"{name}.feed_forward_length"), n_positions=meta.get(f"{name}.context_length"),
                 layer_norm_epsilon=meta.get(f"{name}.attention.layer_norm_epsilon"))
 
 
-def _phi3_extra(meta: _Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+def _phi3_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     """Phi-3 / Phi-4-mini: partial rotary, LongRoPE from the file's factor tensors, the sliding window
     (llama.cpp's converter writes 0 for none)."""
     head_dim = found["head_dim"]
@@ -373,12 +373,13 @@ ARCHITECTURES: dict[str, Arch] = {
                  partial_rotary=True),
 }
 SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
-# llama.cpp writes Mixtral as `llama` with experts (`llama.expert_count`); _arch picks this row for such files.
+# llama.cpp writes Mixtral as `llama` with experts (`llama.expert_count`); architecture_of picks this row for
+# such files.
 LLAMA_MOE = Arch("MixtralForCausalLM", "MixtralConfig", _mixtral_extra, blocks=_MIXTRAL_NAMES,
                  experts=_MIXTRAL_EXPERTS, permute_qk=True)
 
 
-def _rope_parameters(meta: _Metadata, arch: str) -> dict[str, Any]:
+def _rope_parameters(meta: Metadata, arch: str) -> dict[str, Any]:
     """transformers' `rope_parameters` from llama.cpp's `{arch}.rope.*` keys."""
     # 10000 is llama.cpp's default when a file states no base
     theta = float(meta.get(f"{arch}.rope.freq_base", 10000.0))

@@ -19,7 +19,7 @@ from gguf import GGML_QUANT_SIZES, ReaderTensor
 from gguf.quants import Q4_K
 
 from jaxtune.models.gguf import _dequantized, _entries, _open, unpermute_qk
-from jaxtune.models.gguf_architectures import GGUFError, _arch, _Metadata
+from jaxtune.models.gguf_architectures import GGUFError, Metadata, architecture_of
 
 # read into QuantizedArray leaves as they are (others: dequantized)
 QUANTIZED_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
@@ -114,7 +114,7 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
                                  param_dtype=str(dtype), **config_overrides)
     family = hf.FAMILIES[arch]
     heads = types.SimpleNamespace(num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads)
-    gguf_arch = _arch(_Metadata(reader, gguf_path))
+    gguf_arch = architecture_of(Metadata(reader, gguf_path))
     by_name = {e.hf_name: e for tensor in reader.tensors for e in _entries(tensor, gguf_arch, heads)}
     params = {}
     # Per layer (the logical tree, one GGUF tensor each), stacked at the end as the model scans them.

@@ -34,16 +34,16 @@ from jaxtune.tuning import tuned as planning
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
 from jaxtune.tuning.partition import cast_by_label
 from jaxtune.tuning.peft_io import (
-    _PEFT_LEAVES,
     ADAPTER_WEIGHTS,
+    PEFT_LEAVES,
     PREFIX,
     ExportError,
     Module,
     Params,
-    _family,
-    _hf_names,
-    _modules,
+    family_of,
     hf_module_name,
+    hf_module_names,
+    modules_of,
 )
 from jaxtune.tuning.plan import Plan, Rule
 from jaxtune.tuning.tuned import Tuned
@@ -131,8 +131,8 @@ def load_peft(
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
                           bias=f"{head_out}.bias" in keys))
     layout = planning.apply_plan(pretrained, Plan(tuple(rules)))  # the tree the adapter will be laid onto
-    layout_modules = _modules(stacking.unstack(layout.params))
-    by_name = _hf_names(layout, list(layout_modules))
+    layout_modules = modules_of(stacking.unstack(layout.params))
+    by_name = hf_module_names(layout, list(layout_modules))
     unknown = sorted(saved - set(by_name))
     if unknown:
         raise ExportError(f"{adapter_dir}: modules_to_save {unknown[:5]} are not modules of {pretrained.architecture}")
@@ -298,7 +298,7 @@ def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_n
     wanted = {}  # leaf path -> (key, transpose)
     for module in tuned.adapters:
         name = hf_module_name(tuned, module)
-        for leaf, (suffix, transpose) in _PEFT_LEAVES.items():
+        for leaf, (suffix, transpose) in PEFT_LEAVES.items():
             if module + (leaf,) in flat:
                 key = f"{name}.{suffix}"
                 key = key if key in keys or leaf != MAGNITUDE else key + ".weight"
@@ -311,7 +311,7 @@ def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_n
             base_leaf = "bias" if leaf == "bias" else next(
                 k for k in ("kernel", "embedding", "scale") if by_name[module] + (k,) in flat)
             path = by_name[module] + (base_leaf,)
-            wanted[path] = (name, hf.stored_transposed(_family(tuned), path))
+            wanted[path] = (name, hf.stored_transposed(family_of(tuned), path))
     used = {key for key, _ in wanted.values()}
     missing, unused = sorted(used - set(keys)), sorted(set(keys) - used)
     if missing or unused:

@@ -44,7 +44,7 @@ Module = tuple[str, ...]
 PREFIX = "base_model.model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapter leaf -> (PEFT key suffix, transpose to PyTorch layout)
-_PEFT_LEAVES = {LORA_A: ("lora_A.weight", True), LORA_B: ("lora_B.weight", True),
+PEFT_LEAVES = {LORA_A: ("lora_A.weight", True), LORA_B: ("lora_B.weight", True),
                 MAGNITUDE: ("lora_magnitude_vector", False)}
 
 
@@ -67,7 +67,7 @@ def unexportable_head(tuned: Tuned) -> str:
         exports = ("pooling last into a bias-free layer, no hidden layers or extra blocks "
                    "(*ForSequenceClassification): {action: head, pooling: last, bias: false}")
     elif tuned.config.classifier_layout.pooling != "pooler":  # RoBERTa, DistilBERT, ModernBERT: cls or mean
-        layout, classifier = tuned.config.classifier_layout, _family(tuned).classifier
+        layout, classifier = tuned.config.classifier_layout, family_of(tuned).classifier
         pooled = "the first token" if layout.pooling == "cls" else f"the {layout.pooling} of the tokens"
         exports = (f"the family's classifier ({classifier}: {pooled} through "
                    f"{', '.join(layout.dense + ((layout.norm,) if layout.norm else ()))} into {layout.out}): "
@@ -93,21 +93,23 @@ def hf_module_name(tuned: Tuned, module: Module) -> str:
         return names[module[1]]
     if not tuned.is_decoder and tuned.head is not None and tuned.hf_architecture is not None:
         module = (tuned.config.classifier_layout.body,) + module
-    return _family(tuned).hf_module(module)
+    return family_of(tuned).hf_module(module)
 
 
-def _family(tuned: Tuned) -> hf.Family:
+def family_of(tuned: Tuned) -> hf.Family:
+    """The HF family (:data:`jaxtune.models.hf.FAMILIES` row) of ``tuned``'s architecture."""
     return hf.FAMILIES[tuned.architecture]
 
 
-def _hf_names(tuned: Tuned, modules: Sequence[Module]) -> dict[str, Module]:
+def hf_module_names(tuned: Tuned, modules: Sequence[Module]) -> dict[str, Module]:
     """HF module name -> module, for the modules of ``tuned`` that have one (a jaxtune-only head has none)."""
     names = hf_head_modules(tuned.head, tuned.config) if tuned.head is not None else {}
     return {hf_module_name(tuned, m): m for m in modules
             if m[0] != HEAD_KEY or (names and len(m) == 2 and m[1] in names)}
 
 
-def _modules(params: Params) -> dict[Module, dict[str, Any]]:
+def modules_of(params: Params) -> dict[Module, dict[str, Any]]:
+    """Module path -> its leaves (name -> array) of a nested param tree (a prompt's virtual tokens aside)."""
     modules: dict[Module, dict[str, Any]] = {}
     for path, leaf in flatten_dict(params).items():
         if path != (PROMPT_LEAF,):
@@ -272,7 +274,7 @@ def _lora_config(tuned: Tuned) -> dict[str, Any]:
         "use_rslora": rslora == {True},
         "bias": "none",
         # GPT-2's Conv1D stores (in, out); PEFT applies this per layer (and resets it on nn.Linear layers).
-        "fan_in_fan_out": any(not _family(tuned).kernel_out_in(m) for m in specs),
+        "fan_in_fan_out": any(not family_of(tuned).kernel_out_in(m) for m in specs),
         "init_lora_weights": True,
     }
 
@@ -282,7 +284,7 @@ def _refuse_moe_adapters(tuned: Tuned) -> None:
     router as a bare parameter, not ``nn.Linear`` modules, so PEFT's ``target_modules`` cannot name them
     (its ``target_parameters`` adapters share one A per fused gate/up pair): refuse rather than write an
     adapter that loads wrong."""
-    family = _family(tuned)
+    family = family_of(tuned)
     if family.expert_tensor is None:
         return
     bad = [m for m in tuned.adapters if family.expert_tensor(m + ("kernel",), 0) or m[-2:] == ("mlp", "gate")]
@@ -304,18 +306,18 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
     if tuned.head is not None and tuned.hf_architecture is None:
         hf_module_name(tuned, (HEAD_KEY, "out"))  # raises the explanation
     check_peft(tuned)
-    modules = _modules(params)
+    modules = modules_of(params)
     tensors: dict[str, np.ndarray] = {}
     for module in tuned.adapters:
         name = PREFIX + hf_module_name(tuned, module)
-        for leaf, (suffix, transpose) in _PEFT_LEAVES.items():
+        for leaf, (suffix, transpose) in PEFT_LEAVES.items():
             if leaf in modules[module]:
                 tensors[f"{name}.{suffix}"] = _to_torch(modules[module][leaf], transpose)
     to_save = _modules_to_save(tuned, params)
     for module in to_save:
         name = PREFIX + hf_module_name(tuned, module)
         for leaf, value in modules[module].items():
-            tensors[f"{name}.{_torch_name(leaf)}"] = _to_torch(value, hf.stored_transposed(_family(tuned),
+            tensors[f"{name}.{_torch_name(leaf)}"] = _to_torch(value, hf.stored_transposed(family_of(tuned),
                                                                                            module + (leaf,)))
     if tuned.adapters:
         config = _lora_config(tuned)
