@@ -74,11 +74,11 @@ def _message(msg: Any, at: str) -> dict:
     """One ``{"role", "content"[, "name"]}`` turn, checked."""
     if not isinstance(msg, dict):
         raise RowError(f"{at} is a JSON {type(msg).__name__}, not an object",
-                        'write each turn as {"role": ..., "content": ...}')
+                       'write each turn as {"role": ..., "content": ...}')
     unknown = set(msg) - {"role", "content", "name"}
     if unknown:
         raise RowError(f"{at} has unsupported keys {sorted(unknown)}",
-                        "only role, content and name are supported (no tool calls)")
+                       "only role, content and name are supported (no tool calls)")
     role = msg.get("role")
     if role not in ROLES:
         raise RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
@@ -98,8 +98,8 @@ def _messages(value: Any, field: str) -> list[dict]:
 def _prompt(messages: list[dict], field: str) -> list[dict]:
     if messages[-1]["role"] == "assistant":
         raise RowError(f"the prompt ends with an assistant turn ({field}[{len(messages) - 1}]), so the answers do not "
-                        "follow a request", "end the prompt with the user turn the answers reply to, and move "
-                        "assistant replies into the answers")
+                       "follow a request", "end the prompt with the user turn the answers reply to, and move "
+                       "assistant replies into the answers")
     return messages
 
 
@@ -108,14 +108,14 @@ def _answer(value: Any, field: str) -> list[dict]:
     for n, m in enumerate(messages):
         if m["role"] != "assistant":
             raise RowError(f"{field}[{n}] has role {m['role']!r}, but answers are assistant turns",
-                            f"give {field!r} only assistant messages and put other turns in the prompt")
+                           f"give {field!r} only assistant messages and put other turns in the prompt")
     return messages
 
 
 def _distinct(record: dict, chosen: str, rejected: str) -> dict:
     if record["chosen"] == record["rejected"]:
         raise RowError(f"{chosen!r} and {rejected!r} are identical, so the pair prefers nothing",
-                        "give two different answers or remove the row")
+                       "give two different answers or remove the row")
     return record
 
 
@@ -127,7 +127,7 @@ def check_openai_preference(obj: dict) -> dict:
     source = obj["input"]
     if not isinstance(source, dict) or "messages" not in source:
         raise RowError("'input' has no 'messages' list",
-                        'write "input": {"messages": [{"role": "user", "content": ...}]}')
+                       'write "input": {"messages": [{"role": "user", "content": ...}]}')
     if source.get("tools") or source.get("parallel_tool_calls"):
         raise RowError("'input' declares tools, which are not supported", "remove tools and tool calls from the row")
     prompt = _prompt(_messages(source["messages"], "input.messages"), "input.messages")
@@ -143,10 +143,10 @@ def _implicit_prompt(chosen: list[dict], rejected: list[dict]) -> tuple[list[dic
         shared += 1
     if shared == 0:
         raise RowError("'chosen' and 'rejected' share no opening turns and there is no 'prompt'",
-                        "add a 'prompt' message list, or start both conversations with the same prompt turns")
+                       "add a 'prompt' message list, or start both conversations with the same prompt turns")
     if shared == len(chosen) or shared == len(rejected):
         raise RowError("'chosen' and 'rejected' are identical or one is a prefix of the other, so an answer is empty",
-                        "end each conversation with its own assistant answer")
+                       "end each conversation with its own assistant answer")
     return chosen[:shared], chosen[shared:], rejected[shared:]
 
 
@@ -155,18 +155,18 @@ def check_trl_preference(obj: dict) -> dict:
     for key in ("chosen", "rejected"):
         if key not in obj or obj[key] is None:
             raise RowError(f"missing {key!r} key",
-                            'write each line as {"prompt": ..., "chosen": ..., "rejected": ...}')
+                           'write each line as {"prompt": ..., "chosen": ..., "rejected": ...}')
     fields = [k for k in ("prompt", "chosen", "rejected") if obj.get(k) is not None]
     kinds = {k: "string" if isinstance(obj[k], str) else "message list" if isinstance(obj[k], list) else
              type(obj[k]).__name__ for k in fields}
     bad = [k for k in fields if kinds[k] not in ("string", "message list")]
     if bad:
         raise RowError(f"{bad[0]!r} is a {kinds[bad[0]]}, not a string or a message list",
-                        "use plain strings or lists of {\"role\", \"content\"} messages")
+                       "use plain strings or lists of {\"role\", \"content\"} messages")
     if len(set(kinds.values())) > 1:
         listing = ", ".join(f"{k} is a {v}" for k, v in kinds.items())
         raise RowError(f"mixed plain and conversational fields ({listing})",
-                        "use strings for all of prompt, chosen and rejected, or message lists for all")
+                       "use strings for all of prompt, chosen and rejected, or message lists for all")
     if kinds["chosen"] == "string":
         if "prompt" not in kinds:
             raise RowError("missing 'prompt' key", "plain-text pairs need the prompt the answers continue")
@@ -184,7 +184,7 @@ def check_trl_preference(obj: dict) -> dict:
         for n, m in enumerate(answer, start=len(prompt)):
             if m["role"] != "assistant":
                 raise RowError(f"{field}[{n}] has role {m['role']!r} after the shared prompt, but answers are "
-                                "assistant turns", "make the conversations differ only in their final assistant turns")
+                               "assistant turns", "make the conversations differ only in their final assistant turns")
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 

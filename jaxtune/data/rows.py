@@ -70,7 +70,7 @@ def check_encodable(text: str, what: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         raise RowError(f"{what} has a lone surrogate {text[err.start]!r} at character {err.start}",
-                        "write the character as a valid surrogate pair or remove it") from None
+                       "write the character as a valid surrogate pair or remove it") from None
 
 
 def as_object(obj: Any, hint: str) -> dict:
@@ -106,7 +106,7 @@ def check_chat(obj: Any, messages_field: str = "messages", syntax: Syntax = PYTH
         unknown = set(msg) - {"role", "content", "weight", "name"}
         if unknown:
             raise RowError(f"{at} has unsupported keys {sorted(unknown)}",
-                            "only role, content, weight and name are supported (no tool calls)")
+                           "only role, content, weight and name are supported (no tool calls)")
         role = msg.get("role")
         if role not in ROLES:
             raise RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
@@ -127,7 +127,7 @@ def check_chat(obj: Any, messages_field: str = "messages", syntax: Syntax = PYTH
         weights.append(int(weight))
     if not any(w and m["role"] == "assistant" for m, w in zip(out, weights)):
         raise RowError("no assistant turn with weight 1, so nothing to learn",
-                        "add an assistant reply or set its weight to 1")
+                       "add an assistant reply or set its weight to 1")
     return {"messages": out, "weights": weights}
 
 
@@ -168,7 +168,7 @@ def check_labeled(obj: dict, *, task: str, text_field: str, pair_field: str | No
             target = float(value)
         except (TypeError, ValueError):
             raise RowError(f"regression target {label_field}={value!r} is not a number",
-                            "use a plain number such as 3.5") from None
+                           "use a plain number such as 3.5") from None
         if not math.isfinite(target):
             raise RowError(f"regression target {label_field}={value!r} is not finite", "use a finite number")
         record["label"] = target

@@ -239,7 +239,7 @@ def jsonl_lines(path: str, report: SourceReport, skip: bool,
             except json.JSONDecodeError as err:
                 reject_row(report, f"{path}:{line_no}",
                         RowError(f"malformed JSON at column {err.colno}: {err.msg}",
-                                  "each line must be one complete JSON object"), skip, syntax)
+                                 "each line must be one complete JSON object"), skip, syntax)
                 continue
             yield line_no, start, len(line), parsed
 
@@ -375,11 +375,11 @@ def _csv_fields(row: dict, header: Sequence[str], delimiter: str) -> dict | RowE
     name = "tab" if delimiter == "\t" else "comma"
     if None in row:  # more fields than columns: csv puts the extras under the key None
         return RowError(f"{len(header) + len(row[None])} fields but the header has {len(header)} columns",
-                         f"quote a field that contains a {name}, e.g. \"a{delimiter} b\"")
+                        f"quote a field that contains a {name}, e.g. \"a{delimiter} b\"")
     if any(value is None for value in row.values()):
         given = sum(value is not None for value in row.values())
         return RowError(f"{given} field{'' if given == 1 else 's'} but the header has {len(header)} columns",
-                         "give every column a value (an empty one between two delimiters)")
+                        "give every column a value (an empty one between two delimiters)")
     return row
 
 
@@ -425,7 +425,7 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
             if (task == "classification" and labels is not None and record["label"] is not None
                     and record["label"] not in {str(x) for x in labels}):
                 raise RowError(f"label {record['label']!r} is not in the label vocabulary {list(labels)}",
-                                "fix the label, or build the vocabulary from data that contains it")
+                               "fix the label, or build the vocabulary from data that contains it")
         except RowError as err:
             reject_row(report, where, err, skip_bad_rows, syntax)
             continue

@@ -101,7 +101,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
         raise GGUFError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
-    reader = _open(gguf_path)
+    reader = open_gguf(gguf_path)
     meta = Metadata(reader, gguf_path)
     arch = architecture_of(meta)
     config = hf_config_of(meta, reader, arch)
@@ -142,7 +142,9 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _open(path: Path) -> GGUFReader:
+def open_gguf(path: Path) -> GGUFReader:
+    """The ``gguf`` package's reader of ``path`` (memory-mapped: tensors are read when used); a
+    :class:`GGUFError` naming the file when it is missing or not GGUF."""
     if not path.is_file():
         raise GGUFError(f"GGUF file {path} does not exist (or is not a file)")
     try:
@@ -203,7 +205,7 @@ def _expert_entries(tensor: ReaderTensor, arch: Arch) -> list[_Entry]:
     return [_Entry(template.format(e=e), tensor, tuple(shape), expert=e) for e in range(experts)]
 
 
-def _entries(tensor: ReaderTensor, arch: Arch, config: Any) -> list[_Entry]:
+def tensor_entries(tensor: ReaderTensor, arch: Arch, config: Any) -> list[_Entry]:
     """The HF tensors one GGUF tensor becomes: itself, one per expert of a stacked expert tensor, or
     none (a tensor ``arch`` does not have, or one of its ``config_tensors``)."""
     entry = _entry(tensor, arch, config)
@@ -214,7 +216,7 @@ def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> li
     """Map every GGUF tensor to its HF tensor; fail on unknown names or missing weights."""
     entries = []
     for tensor in reader.tensors:
-        found = _entries(tensor, arch, config)
+        found = tensor_entries(tensor, arch, config)
         if not found and tensor.name.rpartition(".")[0] not in arch.config_tensors:  # those are read by hf_config_of
             raise GGUFError(
                 f"{path}: tensor {tensor.name!r} has no {arch.hf_architecture} counterpart; "
@@ -266,7 +268,7 @@ def _check_dequantizable(entries: list[_Entry], path: Path) -> None:
             )
 
 
-def _dequantized(entry: _Entry, dtype: np.dtype, path: Path) -> np.ndarray:
+def dequantized(entry: _Entry, dtype: np.dtype, path: Path) -> np.ndarray:
     """The HF tensor for one entry: dequantized, un-permuted, cast; C-contiguous, `entry.shape`."""
     data = entry.tensor.data if entry.expert is None else entry.tensor.data[entry.expert]
     weight = dequantize(data, entry.tensor.tensor_type)
@@ -313,7 +315,7 @@ def _write_safetensors(
         f.write(blob)
         for entry in entries:
             # native order is little-endian on every platform jax supports
-            f.write(_dequantized(entry, dtype, gguf_path).tobytes())
+            f.write(dequantized(entry, dtype, gguf_path).tobytes())
 
 
 # llama.cpp pre-tokenizers that transformers' GGUF tokenizer does not reproduce.

@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, ReaderTensor
 from gguf.quants import Q4_K
 
-from jaxtune.models.gguf import _dequantized, _entries, _open, unpermute_qk
+from jaxtune.models.gguf import dequantized, open_gguf, tensor_entries, unpermute_qk
 from jaxtune.models.gguf_architectures import GGUFError, Metadata, architecture_of
 
 # read into QuantizedArray leaves as they are (others: dequantized)
@@ -107,7 +107,7 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     from jaxtune.models.quant import transpose
 
     gguf_path = Path(gguf_path)
-    reader = _open(gguf_path)
+    reader = open_gguf(gguf_path)
     hf_config = hf.read_config(Path(hf_dir))
     dtype = jnp.dtype(dtype)
     arch, cfg, module = hf.build(hf_config, None, dtype=str(jnp.dtype(compute_dtype or dtype)),
@@ -115,7 +115,7 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     family = hf.FAMILIES[arch]
     heads = types.SimpleNamespace(num_attention_heads=cfg.num_heads, num_key_value_heads=cfg.num_kv_heads)
     gguf_arch = architecture_of(Metadata(reader, gguf_path))
-    by_name = {e.hf_name: e for tensor in reader.tensors for e in _entries(tensor, gguf_arch, heads)}
+    by_name = {e.hf_name: e for tensor in reader.tensors for e in tensor_entries(tensor, gguf_arch, heads)}
     params = {}
     # Per layer (the logical tree, one GGUF tensor each), stacked at the end as the model scans them.
     for path, spec in flatten_dict(stacking.unstack(hf.abstract_params(module, cfg))).items():
@@ -137,9 +137,9 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
             leaf = jax.tree.map(jnp.asarray, dataclasses.replace(q, dtype=dtype))
         elif first_expert:  # (experts, out, in) -> (experts, in, out)
             whole = dataclasses.replace(entry, expert=None, shape=(spec.shape[0], *entry.shape))
-            leaf = jnp.asarray(_dequantized(whole, np.dtype(np.float32), gguf_path).swapaxes(-1, -2), dtype)
+            leaf = jnp.asarray(dequantized(whole, np.dtype(np.float32), gguf_path).swapaxes(-1, -2), dtype)
         else:
-            array = _dequantized(entry, np.dtype(np.float32), gguf_path)  # the HF tensor
+            array = dequantized(entry, np.dtype(np.float32), gguf_path)  # the HF tensor
             leaf = jnp.asarray(array.T if hf.stored_transposed(family, path) else array, dtype)
         if tuple(leaf.shape) != tuple(spec.shape):
             raise GGUFError(f"{gguf_path}: tensor {tensor.name!r} gives {'/'.join(path)} shape {tuple(leaf.shape)}, "

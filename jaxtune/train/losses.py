@@ -41,7 +41,7 @@ def causal_lm_loss(
       ``(sum of weight * CE, sum of weights)``, float32 scalars.
     """
     d = hidden.shape[-1]
-    h, y, w = _chunks((hidden.reshape(-1, d), targets.reshape(-1), weights.reshape(-1).astype(jnp.float32)),
+    h, y, w = token_chunks((hidden.reshape(-1, d), targets.reshape(-1), weights.reshape(-1).astype(jnp.float32)),
                       chunk_tokens)
 
     def chunk_loss(args: tuple[Array, Array, Array]) -> Array:
@@ -58,7 +58,7 @@ def causal_lm_loss(
     return jax.lax.map(jax.checkpoint(chunk_loss), (h, y, w)).sum(), w.sum()
 
 
-def _chunks(flat: tuple[Array, ...], chunk_tokens: int) -> tuple[Array, ...]:
+def token_chunks(flat: tuple[Array, ...], chunk_tokens: int) -> tuple[Array, ...]:
     """Each ``(N, ...)`` array zero-padded to a multiple of the chunk size and reshaped to
     ``(chunks, chunk, ...)``; the chunk is ``min(chunk_tokens, N)``."""
     n = flat[0].shape[0]
@@ -83,7 +83,7 @@ def projected_columns(hidden: Array, project: Callable[[Array], Array], columns:
       rematerialised.
     """
     b, t, d = hidden.shape
-    (h,) = _chunks((hidden.reshape(-1, d),), chunk_tokens)
+    (h,) = token_chunks((hidden.reshape(-1, d),), chunk_tokens)
     cols = jnp.asarray(columns, jnp.int32)
     picked = jax.lax.map(lambda h_c: project(h_c).astype(jnp.float32)[:, cols], h)
     return picked.reshape(-1, len(columns))[:b * t].reshape(b, t, len(columns))

@@ -61,7 +61,7 @@ from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models.decoder import AUX
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B
-from jaxtune.train.losses import _chunks, auxiliary_loss
+from jaxtune.train.losses import auxiliary_loss, token_chunks
 from jaxtune.train.sharding import jit_on_mesh
 from jaxtune.tuning.partition import combine
 
@@ -104,7 +104,7 @@ def token_logprobs(hidden: Array, targets: Array, project: Callable[[Array], Arr
 
     if project is None:
         return picked(hidden, targets)
-    h, y = _chunks((hidden.reshape(b * t, -1), targets.reshape(-1)), chunk_tokens)
+    h, y = token_chunks((hidden.reshape(b * t, -1), targets.reshape(-1)), chunk_tokens)
 
     def chunk(args: tuple[Array, Array]) -> Array:
         return picked(project(args[0]), args[1])
