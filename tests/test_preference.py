@@ -24,6 +24,7 @@ from jaxtune.data.sources import DataError
 from jaxtune.data.testing import tiny_tokenizer, write_jsonl
 from jaxtune.models import hf
 from jaxtune.train import preference as pref
+from jaxtune.train import preference_losses as pref_losses
 from jaxtune.train.step import make_train_step
 from tests.helpers import tiny_hf_model
 
@@ -85,7 +86,7 @@ def _jaxtune(config, d):
 
     (value, sums), grad = jax.value_and_grad(loss, has_aux=True)(token_lp)
     grad = np.swapaxes(np.asarray(grad).reshape(B, 2, T), 0, 1)
-    return float(value), {k: float(v) for k, v in pref.mean_metrics(sums).items()}, grad
+    return float(value), {k: float(v) for k, v in pref_losses.mean_metrics(sums).items()}, grad
 
 
 class _Accelerator:
@@ -264,7 +265,7 @@ def test_orpo_equals_trl_from_the_same_logits():
     _close(float(value), trl_loss, "loss")
     grad = np.swapaxes(np.asarray(grad).reshape(B, 2, T, v), 0, 1).reshape(2 * B, T, v)
     _close(grad, trl_grad, "gradient")
-    means = pref.mean_metrics(sums)
+    means = pref_losses.mean_metrics(sums)
     for k in ("rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected"):
         _close(float(means[k]), trl_metrics[k], k)
 
@@ -276,22 +277,22 @@ def test_pure_loss_functions_match_the_batch_objective():
     lengths = d["completion"].sum(-1)
     means = sums / lengths
     cases = [
-        ("dpo", pref.dpo_loss(sums[0], sums[1], d["ref"][0], d["ref"][1], beta=0.2, label_smoothing=0.1),
+        ("dpo", pref_losses.dpo_loss(sums[0], sums[1], d["ref"][0], d["ref"][1], beta=0.2, label_smoothing=0.1),
          dict(beta=0.2, label_smoothing=0.1)),
-        ("ipo", pref.ipo_loss(sums[0], sums[1], d["ref"][0], d["ref"][1], lengths[0], lengths[1], beta=0.2),
+        ("ipo", pref_losses.ipo_loss(sums[0], sums[1], d["ref"][0], d["ref"][1], lengths[0], lengths[1], beta=0.2),
          dict(beta=0.2)),
-        ("simpo", pref.simpo_loss(means[0], means[1], beta=2.0, gamma=0.5), dict(beta=2.0, gamma=0.5)),
+        ("simpo", pref_losses.simpo_loss(means[0], means[1], beta=2.0, gamma=0.5), dict(beta=2.0, gamma=0.5)),
     ]
     for method, (loss, metrics), options in cases:
         expected, expected_metrics, _ = _jaxtune(pref.PreferenceConfig(method, **options), d)
         _close(float(loss), expected, method)
         _close(float(metrics["rewards/margin"]), expected_metrics["rewards/margin"], method)
-    loss, metrics = pref.orpo_loss(means[0], means[1], jnp.float32(1.5), beta=0.3)
+    loss, metrics = pref_losses.orpo_loss(means[0], means[1], jnp.float32(1.5), beta=0.3)
     log_odds = (means[0] - means[1]) - (np.log1p(-np.exp(means[0])) - np.log1p(-np.exp(means[1])))
     _close(float(loss), 1.5 - 0.3 * np.mean(np.log(1 / (1 + np.exp(-log_odds)))), "orpo")
     mask = jnp.asarray([1.0, 0.0, 1.0])
-    masked, _ = pref.simpo_loss(means[0], means[1], mask=mask)
-    full, _ = pref.simpo_loss(means[0][[0, 2]], means[1][[0, 2]])
+    masked, _ = pref_losses.simpo_loss(means[0], means[1], mask=mask)
+    full, _ = pref_losses.simpo_loss(means[0][[0, 2]], means[1][[0, 2]])
     _close(float(masked), float(full), "mask")
 
 

@@ -20,6 +20,7 @@ from jaxtune.config import ConfigError
 from jaxtune.data import LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.testing import synthetic_chat_rows, synthetic_preference_rows, tiny_tokenizer, write_jsonl
 from jaxtune.train import preference as pref
+from jaxtune.train import preference_losses as pref_losses
 from jaxtune.train.sharding import MeshConfig, make_mesh
 from jaxtune.train.step import make_loss_fn, make_train_step
 from jaxtune.tuning import combine, partition
@@ -360,7 +361,7 @@ def test_metric_sums_add_up_over_micro_batches(files):
     optimizer = optax.sgd(0.1)
     out = [jax.jit(make_train_step(loss_fn, optimizer, grad_accum_steps=k))(
         trainable, frozen, optimizer.init(trainable), batch, jax.random.key(0))[2] for k in (1, 2)]
-    assert set(out[0]["metric_sums"]) == set(pref.mean_metrics(out[0]["metric_sums"]))
+    assert set(out[0]["metric_sums"]) == set(pref_losses.mean_metrics(out[0]["metric_sums"]))
     assert float(out[0]["metric_sums"]["pairs"]) == 4
     for key, value in out[0]["metric_sums"].items():
         np.testing.assert_allclose(float(out[1]["metric_sums"][key]), float(value), rtol=1e-5, err_msg=key)
