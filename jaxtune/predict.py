@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.config import ConfigError
 from jaxtune.data.config import FIELD_OPTIONS
@@ -30,6 +31,7 @@ from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
 from jaxtune.data.rows import PYTHON, Syntax
 from jaxtune.data.sources import Source, read_labeled
 from jaxtune.train.evaluate import classification_metrics, regression_metrics
+from jaxtune.train.sharding import batch_sharding, data_parallel_size, jit_on_mesh
 from jaxtune.train.step import packed_segments
 from jaxtune.tuning import Tuned, apply_plan
 
@@ -37,11 +39,13 @@ log = logging.getLogger(__name__)
 _LABELED = {k for k, kinds in FIELD_OPTIONS.items() if "classification" in kinds}  # text/pair/label fields
 
 
-def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False) -> tuple[Tuned, dict[str, Any]]:
-    """The model to predict with, and the data options its run was trained with (field names,
-    ``max_length``, ``batch_size``, ``packing``; empty for an export)."""
+def load_predictor(target: str | os.PathLike[str] | Tuned, *,
+                   best: bool = False) -> tuple[Tuned, dict[str, Any], Mesh | None]:
+    """The model to predict with, the data options its run was trained with (field names,
+    ``max_length``, ``batch_size``, ``packing``; empty for an export), and the mesh its params are
+    on (a run directory: the run's, its params sharded as training shards them; else None)."""
     if isinstance(target, Tuned):
-        return target, {}
+        return target, {}, None
     path = Path(target)
     if (path / "config.yaml").is_file():  # a run directory
         from jaxtune.recipe import open_run
@@ -53,7 +57,7 @@ def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False
         data = trainer.loader_config
         options = {k: getattr(data, k) for k in (*_LABELED, "max_length", "batch_size", "packing")
                    if getattr(data, k, None) is not None}
-        return trainer.model, options
+        return trainer.model, options, trainer.mesh
     if (path / "adapter_config.json").is_file():
         raise ConfigError(f"{path}: a PEFT adapter; predict with its run directory, or export the run with "
                           "jaxtune export RUN_DIR --merge --to DIR and predict with DIR")
@@ -66,7 +70,7 @@ def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False
                           "regressors (*ForSequenceClassification); generate with jaxtune generate")
     id2label = pretrained.hf_config.get("id2label") or {}
     names = tuple(id2label.get(str(i), f"LABEL_{i}") for i in range(tuned.num_outputs))
-    return dataclasses.replace(tuned, label_names=names if tuned.task == "classification" else None), {}
+    return dataclasses.replace(tuned, label_names=names if tuned.task == "classification" else None), {}, None
 
 
 def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] | Source,
@@ -93,7 +97,7 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     unknown = set(fields) - _LABELED
     if unknown:
         raise TypeError(f"predict() got unexpected field options {sorted(unknown)}; use {sorted(_LABELED)}")
-    tuned, run_options = load_predictor(model, best=best)
+    tuned, run_options, mesh = load_predictor(model, best=best)
     if tuned.task not in ("classification", "regression"):
         raise ValueError("predict needs a classification or regression head; for language models use "
                          "jaxtune.complete (jaxtune generate)")
@@ -104,33 +108,53 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     source = data if isinstance(data, Source) else read_labeled(
         data, tuned.task, labels=tuned.label_names, text_field=text_field, pair_field=pair_field,
         label_field=label_field, skip_bad_rows=skip_bad_rows, syntax=syntax, require_label=False)
+    # Every process reads every row (shard 0 of 1): the outputs come back in file order on each.
     config = LoaderConfig(batch_size=batch_size or run_options.get("batch_size", 32),
                           max_length=max_length or run_options.get("max_length", 128), truncation="right",
-                          packing=bool(run_options.get("packing")) if packing is None else packing)
-    outputs = _outputs(tuned, source, config)
+                          packing=bool(run_options.get("packing")) if packing is None else packing,
+                          shard_index=0, shard_count=1)
+    if mesh is not None and config.batch_size % data_parallel_size(mesh):
+        raise ValueError(f"predict: batch_size {config.batch_size} does not split over the run's mesh "
+                         f"({data_parallel_size(mesh)}-way data parallelism: data x fsdp); give a multiple of it")
+    outputs = _outputs(tuned, source, config, mesh)
     rows = _records(tuned, source, outputs, text_field, pair_field, label_field)
     if out is not None:
         write(rows, out)
     return rows
 
 
-def _outputs(tuned: Tuned, source: Source, config: LoaderConfig) -> np.ndarray:
+def _outputs(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | None = None) -> np.ndarray:
     """Head outputs ``(N, num_outputs)`` float32 of every row, in order (packed rows hold them in
-    file order, slot by slot: ``example_weights`` marks the filled slots)."""
+    file order, slot by slot: ``example_weights`` marks the filled slots).
+
+    With a ``mesh`` (the run's: ``tuned.params`` are on it), each batch is split over its batch
+    axes and the forward runs there as the run's evaluation does (:func:`jit_on_mesh`), so a model
+    sharded for training predicts without being gathered onto one device; the outputs come back
+    replicated. ``config`` must give every process all the rows (one shard)."""
     if tuned.tokenizer is None:
         raise ValueError("the model has no tokenizer: load it with jaxtune.load")
 
-    @jax.jit
     def forward(params: Any, batch: dict[str, Any]) -> jax.Array:
         segments = packed_segments(batch)  # from the batch's shape: static under jit
         return tuned.module.apply({"params": params}, input_ids=batch["input_ids"], segment_ids=batch["segment_ids"],
                                   positions=batch["positions"], token_type_ids=batch["token_type_ids"],
                                   **({"segments": segments} if segments else {}))
 
+    if mesh is None:
+        step, place = jax.jit(forward), lambda batch: batch
+    else:
+        step = jit_on_mesh(forward, mesh, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        rows = batch_sharding(mesh)
+
+        def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+            # Each process holds the whole batch and hands each of its devices that device's rows.
+            return {k: jax.make_array_from_callback(v.shape, rows, lambda index, v=v: v[index])
+                    for k, v in batch.items()}
+
     chunks = []
     for batch in evaluation_loader(source, tuned.tokenizer, config):
         keep = batch["example_weights"] > 0 if packed_segments(batch) else batch["segment_ids"].any(axis=-1)
-        chunks.append(np.asarray(forward(tuned.params, batch), np.float32)[keep])
+        chunks.append(np.asarray(jax.device_get(step(tuned.params, place(batch))), np.float32)[keep])
     return np.concatenate(chunks)
 
 

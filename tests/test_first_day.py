@@ -196,6 +196,55 @@ def test_own_field_names_train_predict_and_export_with_the_data_label_names(fmt,
     np.testing.assert_allclose(hf_probs, probs, atol=1e-4)
 
 
+
+def test_predict_from_a_run_on_a_mesh_splits_each_batch_over_it_and_equals_one_device(bert, files, tmp_path,
+                                                                                   monkeypatch):
+    """A run trained on 8 devices (data 2 x fsdp 4) predicts on its own mesh: the params stay as training
+    sharded them, each batch's rows are split over the batch axes, and the outputs equal the same
+    params' on one device."""
+    import dataclasses
+    import sys
+
+    import jax
+
+    from jaxtune.recipe import open_run
+
+    run = tmp_path / "run"
+    recipe = _recipe(bert, files["train.jsonl"], files["test.jsonl"], {"text_field": "body", "label_field": "category"},
+                     run, "none", baselines=False)
+    config = yaml.safe_load(recipe.read_text())
+    recipe.write_text(yaml.safe_dump({**config, "mesh": {"data": 2, "fsdp": 4}}))
+    code, _, err = cli("train", recipe)
+    assert code == 0, err
+    module = sys.modules[jt.predict.__module__]  # (``import jaxtune.predict`` would shadow the function)
+    seen = []
+    on_mesh = module.jit_on_mesh
+
+    def spy(fn, mesh, **kwargs):
+        jitted = on_mesh(fn, mesh, **kwargs)
+
+        def call(params, batch):
+            kernels = [tuple(leaf.sharding.spec) for leaf in jax.tree.leaves(params) if leaf.ndim == 2]
+            seen.append((tuple(batch["input_ids"].sharding.spec), kernels))
+            return jitted(params, batch)
+        return call
+
+    monkeypatch.setattr(module, "jit_on_mesh", spy)
+    rows = jt.predict(run, files["test.jsonl"])
+    assert seen and all({"data", "fsdp"} <= set(batch[0]) for batch, _ in seen), seen  # rows split 8 ways
+    assert all(any("fsdp" in spec for spec in kernels) for _, kernels in seen), seen  # kernels split as trained
+
+    trained = open_run(run, evaluation=False).model
+    one_device = dataclasses.replace(trained, params=jax.device_get(trained.params))
+    alone = jt.predict(one_device, files["test.jsonl"], text_field="body", label_field="category", packing=True,
+                       batch_size=8, max_length=48)
+    assert [r["prediction"] for r in alone] == [r["prediction"] for r in rows]
+    names = ["ham", "spam"]
+    np.testing.assert_allclose([[r["probabilities"][n] for n in names] for r in alone],
+                               [[r["probabilities"][n] for n in names] for r in rows], atol=1e-5)
+    with pytest.raises(ValueError, match=r"batch_size 12 does not split over the run's mesh \(8-way"):
+        jt.predict(run, files["test.jsonl"], batch_size=12)
+
 def test_a_rerun_reuses_the_base_report_and_any_change_in_the_data_scores_it_again(bert, files, tmp_path):
     """A second run of the same recipe reads the base report (evaluation and baselines) instead of
     scoring again, equal to what scoring gives (a run with eval.cache_base off); other evaluation
