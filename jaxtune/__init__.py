@@ -47,7 +47,7 @@ _API = {
     "PreferenceConfig": "jaxtune.train.preference",
     # recipes
     "Config": "jaxtune.config", "ConfigError": "jaxtune.config", "finetune": "jaxtune.recipe",
-    "open_run": "jaxtune.recipe", "fetch": "jaxtune.recipe", "predict": "jaxtune.predict",
+    "open_run": "jaxtune.recipe", "fetch": "jaxtune.recipe", "predict": "jaxtune.prediction",
 }
 _RENAMED = {"load_config": ("jaxtune.config", "load")}
 __all__ = sorted([*_API, *_RENAMED])

@@ -216,7 +216,7 @@ def test_predict_from_a_run_on_a_mesh_splits_each_batch_over_it_and_equals_one_d
     recipe.write_text(yaml.safe_dump({**config, "mesh": {"data": 2, "fsdp": 4}}))
     code, _, err = cli("train", recipe)
     assert code == 0, err
-    module = sys.modules[jt.predict.__module__]  # (``import jaxtune.predict`` would shadow the function)
+    module = sys.modules[jt.predict.__module__]
     seen = []
     on_mesh = module.jit_on_mesh
 

@@ -9,6 +9,10 @@ written with the data's own label names::
 
     rows = jt.predict("runs/debates", "test.csv", out="predictions.csv")
     rows[0]  # {"statement": "...", "party": "dem", "prediction": "dem", "probabilities": {"dem": 0.91, ...}}
+
+The module is ``prediction``, not ``predict``: a submodule named like the function would take its
+place as the package's attribute once imported (``import jaxtune.predict`` then
+``jaxtune.predict(...)`` would call a module).
 """
 
 from __future__ import annotations
