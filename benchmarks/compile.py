@@ -3,7 +3,7 @@
     python benchmarks/compile.py [--layers 4 32] [--out benchmarks/results/compile.json] [--smoke]
 
 A tiny-width Llama (random weights, no download) with LoRA r8 on every linear; the train step
-(loss, gradients, AdamW update: ``jaxtune.train.step``) is traced, lowered and compiled for one
+(loss, gradients, AdamW update: ``jaxtune.training.step``) is traced, lowered and compiled for one
 batch shape, once per (depth, stack). With the scanned stack (the default, ``scan_layers``) each
 run of identically planned layers is one loop body, so the program does not grow with depth;
 the unrolled stack (``scan_layers: false``) repeats every layer. Each figure is measured in a
@@ -31,8 +31,8 @@ def measure(layers: int, scan: bool, seq: int = 64, batch: int = 2) -> dict[str,
     from jaxtune import tuning
     from jaxtune.models.decoder import Decoder, DecoderConfig
     from jaxtune.models.hf import Pretrained
-    from jaxtune.train.optim import OptimizerConfig, build_optimizer
-    from jaxtune.train.step import make_loss_fn, make_train_step
+    from jaxtune.training.optim import OptimizerConfig, build_optimizer
+    from jaxtune.training.step import make_loss_fn, make_train_step
 
     cfg = DecoderConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=layers, num_heads=4,
                         num_kv_heads=2, head_dim=16, scan_layers=scan)

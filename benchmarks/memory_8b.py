@@ -5,7 +5,7 @@
 Each row is what ``jaxtune plan-memory`` prints for a recipe with ``model.path`` a directory
 holding only Llama-3.1-8B's ``config.json`` (no weights are made or read), ``model.dtype:
 bfloat16``, LoRA r16 (alpha 32) on every linear, AdamW, ``seq`` tokens per row and one row per
-device: the train step (``jaxtune.train.memory.compile_planned_step``) compiled ahead of time on
+device: the train step (``jaxtune.training.memory.compile_planned_step``) compiled ahead of time on
 simulated CPU devices, its ``memory_analysis()`` split into params, optimizer state and
 temporaries. One fresh process per row (the device count is fixed when JAX starts). On the CPU
 backend the figures are XLA:CPU's program, a prediction of a GPU's; ``--backend gpu`` on a GPU
@@ -30,8 +30,8 @@ def plan(devices: int, seq: int, remat: str, rank: int, base: str) -> dict:
     """One row: compile and report (runs in a process whose JAX sees ``devices`` devices)."""
     from jaxtune import tuning
     from jaxtune.models.load import ModelConfig
-    from jaxtune.train.memory import GiB, plan_step_memory
-    from jaxtune.train.sharding import MeshConfig
+    from jaxtune.training.memory import GiB, plan_step_memory
+    from jaxtune.training.sharding import MeshConfig
 
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(LLAMA_31_8B))

@@ -32,9 +32,9 @@ from flax.traverse_util import flatten_dict
 from jaxtune import tuning
 from jaxtune.models import hf, quant
 from jaxtune.models.layers import REMAT_POLICIES
-from jaxtune.train.memory import abstract_plan
-from jaxtune.train.optim import OptimizerConfig, build_optimizer
-from jaxtune.train.step import jit_train_step, make_loss_fn
+from jaxtune.training.memory import abstract_plan
+from jaxtune.training.optim import OptimizerConfig, build_optimizer
+from jaxtune.training.step import jit_train_step, make_loss_fn
 
 LLAMA_31_8B = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336,

@@ -18,7 +18,7 @@ from ``lr/warmup`` to ``lr``, cosine decay to 0), per-group learning-rate multip
 heads, gradient clipping at 1.0, the same batch size, max length and epochs. Row order
 differs (each side shuffles with its own seeded generator).
 
-Metrics come from one place, :mod:`jaxtune.train.evaluate`: the PyTorch worker returns raw
+Metrics come from one place, :mod:`jaxtune.training.evaluate`: the PyTorch worker returns raw
 predictions and the driver scores them with the functions jaxtune itself uses. Per side: base
 (pretrained body + fresh head/adapters) and fine-tuned metrics, training wall time (first step
 and compile included) and the whole run's wall time (loading, both evaluations, training).
@@ -197,7 +197,7 @@ def write_rows(task: Task, folder: Path) -> dict[str, Path]:
 def write_learning_rates(task: Task, folder: Path) -> Path:
     """jaxtune's learning-rate schedule for ``task``, step by step, as JSON: the PyTorch side
     follows these values, so both sides run one schedule function."""
-    from jaxtune.train.optim import OptimizerConfig, make_schedule
+    from jaxtune.training.optim import OptimizerConfig, make_schedule
 
     total = steps_of(task)
     schedule = make_schedule(OptimizerConfig(learning_rate=task.learning_rate, warmup_ratio=task.warmup_ratio,
@@ -737,7 +737,7 @@ def score(task: Task, outputs: list, labels: list) -> dict[str, float]:
     """Metrics of raw predictions with jaxtune's own metric functions."""
     import numpy as np
 
-    from jaxtune.train.evaluate import classification_metrics, regression_metrics
+    from jaxtune.training.evaluate import classification_metrics, regression_metrics
 
     out, y = np.asarray(outputs, np.float64), np.asarray(labels)
     if task.kind.removeprefix("image-") == "regression":

@@ -40,10 +40,10 @@ def main() -> None:
     from jaxtune.data.sources import read_source
     from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
     from jaxtune.models import hf
-    from jaxtune.train.config import TrainConfig
-    from jaxtune.train.optim import OptimizerConfig
-    from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh
-    from jaxtune.train.trainer import Trainer
+    from jaxtune.training.config import TrainConfig
+    from jaxtune.training.optim import OptimizerConfig
+    from jaxtune.training.sharding import MeshConfig, global_batch, make_mesh
+    from jaxtune.training.trainer import Trainer
 
     work = Path(tempfile.mkdtemp(prefix="jaxtune-overhead-"))
     tiny_hf_model("LlamaForCausalLM", work / "model")

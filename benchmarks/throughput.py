@@ -11,7 +11,7 @@ process that also holds JAX ran 3.6x slower). The driver alternates timed rounds
 workers (every other round in reverse order), which wait idle on a pipe while the other side runs. Per
 side: non-pad tokens/s from its median round, the speed-up over HF+PEFT as the median of the
 rounds' ratios (each round's sides ran back to back, so the machine's drift between rounds
-cancels), MFU (model FLOPs from jaxtune.train.flops: 6N full / ~4N LoRA + causal attention,
+cancels), MFU (model FLOPs from jaxtune.training.flops: 6N full / ~4N LoRA + causal attention,
 against the device peak), peak device memory (JAX ``peak_bytes_in_use`` vs
 ``torch.cuda.max_memory_allocated``; not measured on CPU) and the first step's time (compile
 included). Outputs: a markdown table on stdout, ``--out`` JSON with the full setup, and a PNG.
@@ -99,9 +99,9 @@ def _jax_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool) -> dic
 
     from jaxtune import tuning
     from jaxtune.models import hf
-    from jaxtune.train import flops
-    from jaxtune.train.optim import OptimizerConfig, build_optimizer
-    from jaxtune.train.step import make_loss_fn, make_train_step
+    from jaxtune.training import flops
+    from jaxtune.training.optim import OptimizerConfig, build_optimizer
+    from jaxtune.training.step import make_loss_fn, make_train_step
     from jaxtune.tuning.partition import partition
 
     bf16 = work.get("bf16", gpu)
@@ -256,7 +256,7 @@ class _Worker:
 def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, compile_: bool,
                  env: dict[str, str], malloc: dict[str, str] = HOST_MALLOC) -> dict[str, Any]:
     """Both sides of one workload, in alternating timed rounds; returns the record."""
-    from jaxtune.train import flops
+    from jaxtune.training import flops
 
     gpu = work.get("gpu", False)
     hf_config = _hf_config(work)

@@ -41,10 +41,11 @@ _API = {
     # data
     "read": "jaxtune.data.config", "DataConfig": "jaxtune.data.config",
     # training
-    "Trainer": "jaxtune.train.trainer", "FitResult": "jaxtune.train.trainer", "TrainConfig": "jaxtune.train.config",
-    "EvalConfig": "jaxtune.train.config", "CheckpointConfig": "jaxtune.train.config",
-    "OptimizerConfig": "jaxtune.train.optim", "MeshConfig": "jaxtune.train.sharding",
-    "PreferenceConfig": "jaxtune.train.preference",
+    "Trainer": "jaxtune.training.trainer", "FitResult": "jaxtune.training.trainer",
+    "TrainConfig": "jaxtune.training.config", "EvalConfig": "jaxtune.training.config",
+    "CheckpointConfig": "jaxtune.training.config",
+    "OptimizerConfig": "jaxtune.training.optim", "MeshConfig": "jaxtune.training.sharding",
+    "PreferenceConfig": "jaxtune.training.preference",
     # recipes
     "Config": "jaxtune.config", "ConfigError": "jaxtune.config", "finetune": "jaxtune.recipe",
     "open_run": "jaxtune.recipe", "fetch": "jaxtune.recipe", "predict": "jaxtune.prediction",

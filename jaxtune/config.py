@@ -9,12 +9,12 @@ section          dataclass                                                used b
 ``model``        :class:`jaxtune.models.load.ModelConfig`                 ``jaxtune.load``
 ``plan``         a preset name or rules (:meth:`jaxtune.tuning.Plan.from_data`)  ``jaxtune.apply_plan``
 ``data``         :class:`jaxtune.data.DataConfig`                         ``jaxtune.read``, ``Trainer(data=)``
-``optimizer``    :class:`jaxtune.train.optim.OptimizerConfig`             ``Trainer(optimizer=)``
-``train``        :class:`jaxtune.train.config.TrainConfig`                ``Trainer(config=)``
-``eval``         :class:`jaxtune.train.config.EvalConfig`                 ``Trainer(eval=)``
-``checkpoint``   :class:`jaxtune.train.config.CheckpointConfig`           ``Trainer(checkpoint=)``
-``mesh``         :class:`jaxtune.train.sharding.MeshConfig`               ``Trainer(mesh=)``
-``preference``   :class:`jaxtune.train.preference.PreferenceConfig`       ``Trainer(preference=)``
+``optimizer``    :class:`jaxtune.training.optim.OptimizerConfig`             ``Trainer(optimizer=)``
+``train``        :class:`jaxtune.training.config.TrainConfig`                ``Trainer(config=)``
+``eval``         :class:`jaxtune.training.config.EvalConfig`                 ``Trainer(eval=)``
+``checkpoint``   :class:`jaxtune.training.config.CheckpointConfig`           ``Trainer(checkpoint=)``
+``mesh``         :class:`jaxtune.training.sharding.MeshConfig`               ``Trainer(mesh=)``
+``preference``   :class:`jaxtune.training.preference.PreferenceConfig`       ``Trainer(preference=)``
 ``distributed``  :class:`DistributedConfig`                               ``jaxtune.finetune``
 ``output``       :class:`OutputConfig`                                    ``jaxtune.finetune``
 ===============  =======================================================  ======================
@@ -46,10 +46,10 @@ import yaml
 
 from jaxtune.data.config import DataConfig
 from jaxtune.models.load import ModelConfig
-from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
-from jaxtune.train.optim import OptimizerConfig
-from jaxtune.train.preference import PreferenceConfig
-from jaxtune.train.sharding import MeshConfig
+from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
+from jaxtune.training.optim import OptimizerConfig
+from jaxtune.training.preference import PreferenceConfig
+from jaxtune.training.sharding import MeshConfig
 from jaxtune.tuning.plan import Plan, PlanError
 
 

@@ -34,9 +34,9 @@ from jaxtune.data.config import FIELD_OPTIONS
 from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
 from jaxtune.data.rows import PYTHON, Syntax
 from jaxtune.data.sources import Source, read_labeled
-from jaxtune.train.evaluate import classification_metrics, regression_metrics
-from jaxtune.train.sharding import batch_sharding, data_parallel_size, jit_on_mesh
-from jaxtune.train.step import packed_segments
+from jaxtune.training.evaluate import classification_metrics, regression_metrics
+from jaxtune.training.sharding import batch_sharding, data_parallel_size, jit_on_mesh
+from jaxtune.training.step import packed_segments
 from jaxtune.tuning import Tuned, apply_plan
 
 log = logging.getLogger(__name__)

@@ -24,10 +24,10 @@ from jaxtune.data.config import read_data
 from jaxtune.data.sources import DataError
 from jaxtune.host_threads import threads_for_simulated_devices
 from jaxtune.models.load import load as load_model
-from jaxtune.train.memory import StepMemory, plan_step_memory
-from jaxtune.train.rundir import RunDir
-from jaxtune.train.sharding import MeshConfig
-from jaxtune.train.trainer import FitResult, Trainer
+from jaxtune.training.memory import StepMemory, plan_step_memory
+from jaxtune.training.rundir import RunDir
+from jaxtune.training.sharding import MeshConfig
+from jaxtune.training.trainer import FitResult, Trainer
 from jaxtune.tuning import ExportError, apply_plan, export, export_format, summary
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def finetune(config: Config, *, restart: bool = False) -> FitResult:
     differences; ``restart=True`` first moves an existing ``output.dir`` aside (to
     ``<dir>.old-<time>``, never deleted) and starts afresh.
 
-    Returns the :class:`~jaxtune.train.trainer.FitResult`; its ``export`` is the exported
+    Returns the :class:`~jaxtune.training.trainer.FitResult`; its ``export`` is the exported
     directory (None when ``output.export`` is ``none`` or the model has no exportable form,
     which ``auto`` reports instead of failing).
     """
@@ -107,7 +107,7 @@ def plan_memory(config: Config) -> StepMemory:
     """The memory per device of the train step ``config`` describes, compiled ahead of time for
     abstract shapes (``data.batch_size`` rows of ``data.max_length`` tokens) on the recipe's mesh
     (``mesh.simulate_devices`` CPU devices when set), without loading weights or data: only the
-    model's ``config.json`` is read. See :mod:`jaxtune.train.memory`."""
+    model's ``config.json`` is read. See :mod:`jaxtune.training.memory`."""
     validate(config)
     if config.preference is not None:
         raise ConfigError("preference: memory planning covers lm, classification and regression recipes; plan the "

@@ -59,6 +59,21 @@ def test_readme_example_has_at_most_three_imports():
     assert 1 <= len(imports) <= 3, imports
 
 
+
+def test_no_submodule_is_named_like_a_function_of_the_api():
+    """A submodule ``jaxtune.X`` would replace the API's ``jaxtune.X`` as the package attribute once
+    anything imports it (``import jaxtune.predict`` then ``jaxtune.predict(...)`` called a module)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    clashes = [name for name in jt.__all__ if importlib.util.find_spec(f"jaxtune.{name}") is not None]
+    assert not clashes, f"submodules named like API functions: {clashes}"
+    # Importing the module that holds jt.predict leaves jt.predict the function (a fresh interpreter:
+    # this one has resolved it already).
+    code = f"import {jt.predict.__module__}, jaxtune; assert callable(jaxtune.predict), jaxtune.predict"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
 def test_readme_example_runs_verbatim_and_again_as_a_no_op(tiny_packages, caplog):
     code = readme_example()
     namespace: dict = {}

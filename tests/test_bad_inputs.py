@@ -533,8 +533,8 @@ def test_python_trainer_without_a_config_refuses_another_plan(root: Path, tmp_pa
 
     import jaxtune as jt
     from jaxtune.data.pipeline import LoaderConfig
-    from jaxtune.train.config import TrainConfig
-    from jaxtune.train.rundir import RunMismatchError
+    from jaxtune.training.config import TrainConfig
+    from jaxtune.training.rundir import RunMismatchError
     from jaxtune.tuning.plan import lora
 
     model = jt.load(root / "llama")

@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from jaxtune.models import decoder
-from jaxtune.train.checkpoint import Checkpointer
-from jaxtune.train.sharding import MeshConfig, make_mesh, param_shardings, shard
+from jaxtune.training.checkpoint import Checkpointer
+from jaxtune.training.sharding import MeshConfig, make_mesh, param_shardings, shard
 
 
 def _state(mesh):

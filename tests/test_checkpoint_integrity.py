@@ -34,12 +34,12 @@ from jaxtune import tuning
 from jaxtune.data import LoaderConfig, make_loader, read_source
 from jaxtune.data.testing import tiny_tokenizer
 from jaxtune.models import hf
-from jaxtune.train.checkpoint import MANIFEST, SET_ASIDE, Checkpointer, verify
-from jaxtune.train.checkpoint import write_manifest as _original_write_manifest
-from jaxtune.train.config import CheckpointConfig, TrainConfig
-from jaxtune.train.sharding import MeshConfig, make_mesh
-from jaxtune.train.step import make_train_step
-from jaxtune.train.trainer import Trainer
+from jaxtune.training.checkpoint import MANIFEST, SET_ASIDE, Checkpointer, verify
+from jaxtune.training.checkpoint import write_manifest as _original_write_manifest
+from jaxtune.training.config import CheckpointConfig, TrainConfig
+from jaxtune.training.sharding import MeshConfig, make_mesh
+from jaxtune.training.step import make_train_step
+from jaxtune.training.trainer import Trainer
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 ITEMS = ("trainable", "opt_state", "meta", "data")
@@ -284,7 +284,7 @@ def test_the_manifest_is_written_before_the_step_appears(tmp_path, monkeypatch, 
     """Asynchronous saves write it into Orbax's temporary directory, so the rename that makes the
     step appear also publishes its manifest: a kill can never leave a step without one. (A
     synchronous save writes it just after; a step left without one is then set aside.)"""
-    from jaxtune.train import checkpoint
+    from jaxtune.training import checkpoint
 
     written = []
 

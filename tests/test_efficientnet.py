@@ -16,7 +16,7 @@ from jaxtune import tuning
 from jaxtune.assets import FetchError
 from jaxtune.models import hf
 from jaxtune.models.efficientnet import STATE_LEAVES, EfficientNetConfig, EfficientNetLite
-from jaxtune.train.step import make_loss_fn, make_train_step, with_state
+from jaxtune.training.step import make_loss_fn, make_train_step, with_state
 from jaxtune.tuning.labels import STATE
 
 
@@ -67,7 +67,7 @@ def test_real_train_step_equals_the_reference_package_step_for_step():
     from jaxtune.data.images import ImageSpec, ToPixels
     from jaxtune.models.assets import fetch_model
     from jaxtune.models.efficientnet import hf_module
-    from jaxtune.train.optim import OptimizerConfig, build_optimizer
+    from jaxtune.training.optim import OptimizerConfig, build_optimizer
 
     try:
         path = fetch_model("efficientnet-lite0")
@@ -342,10 +342,10 @@ def test_trained_statistics_resume_exactly_on_a_batch_sharded_mesh(tiny, tmp_pat
     4 uninterrupted ones bit for bit, and the statistics have moved from the pretrained ones."""
     from jaxtune.data import LoaderConfig
     from jaxtune.data.images import ImageSpec, image_loader, read_images
-    from jaxtune.train.config import CheckpointConfig, TrainConfig
-    from jaxtune.train.optim import OptimizerConfig
-    from jaxtune.train.sharding import MeshConfig, make_mesh
-    from jaxtune.train.trainer import Trainer
+    from jaxtune.training.config import CheckpointConfig, TrainConfig
+    from jaxtune.training.optim import OptimizerConfig
+    from jaxtune.training.sharding import MeshConfig, make_mesh
+    from jaxtune.training.trainer import Trainer
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "train.npz", images=rng.integers(0, 255, (16, 20, 20)).astype(np.uint8),

@@ -249,7 +249,7 @@ def test_peft_adapter_training_a_tied_embedding_imports_exactly(gemma3, tmp_path
 def test_chunked_lm_loss_equals_transformers_loss(gemma3):
     """The training loss projects hidden states chunk by chunk through :meth:`Gemma.logits`, so the final
     soft-cap is in it: jaxtune's chunked loss equals transformers' ``labels=`` loss."""
-    from jaxtune.train.losses import causal_lm_loss
+    from jaxtune.training.losses import causal_lm_loss
 
     ref, path = gemma3
     model = hf.load_pretrained(path)

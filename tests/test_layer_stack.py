@@ -15,9 +15,9 @@ from jaxtune import tuning
 from jaxtune.models import stacking
 from jaxtune.models.decoder import UNROLL_AUTO_LAYERS, Decoder, DecoderConfig, init_cache
 from jaxtune.models.hf import FAMILIES, Pretrained
-from jaxtune.train.optim import OptimizerConfig, build_optimizer
-from jaxtune.train.sharding import MeshConfig, make_mesh, param_shardings, param_specs
-from jaxtune.train.step import make_loss_fn, make_train_step
+from jaxtune.training.optim import OptimizerConfig, build_optimizer
+from jaxtune.training.sharding import MeshConfig, make_mesh, param_shardings, param_specs
+from jaxtune.training.step import make_loss_fn, make_train_step
 
 P = jax.sharding.PartitionSpec
 NamedSharding = jax.sharding.NamedSharding

@@ -25,8 +25,8 @@ from jaxtune import tuning
 from jaxtune.models.decoder import Decoder, DecoderConfig
 from jaxtune.models.layers import REMAT_POLICIES
 from jaxtune.models.load import ModelConfig
-from jaxtune.train import memory
-from jaxtune.train.sharding import MeshConfig
+from jaxtune.training import memory
+from jaxtune.training.sharding import MeshConfig
 
 TINY = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, num_kv_heads=2,
             head_dim=8)

@@ -25,10 +25,10 @@ from jaxtune import tuning
 from jaxtune.models import hf, moe
 from jaxtune.models.decoder import AUX
 from jaxtune.models.generate import generate
-from jaxtune.train import preference as pref
-from jaxtune.train.losses import auxiliary_loss
-from jaxtune.train.sharding import MeshConfig, make_mesh
-from jaxtune.train.step import make_loss_fn
+from jaxtune.training import preference as pref
+from jaxtune.training.losses import auxiliary_loss
+from jaxtune.training.sharding import MeshConfig, make_mesh
+from jaxtune.training.step import make_loss_fn
 from jaxtune.tuning import ExportError
 
 TOL = 1e-4

@@ -23,9 +23,9 @@ from jaxtune.data.preference import KIND, TokenizePairs, pair_rows, read_prefere
 from jaxtune.data.sources import DataError
 from jaxtune.data.testing import tiny_tokenizer, write_jsonl
 from jaxtune.models import hf
-from jaxtune.train import preference as pref
-from jaxtune.train import preference_losses as pref_losses
-from jaxtune.train.step import make_train_step
+from jaxtune.training import preference as pref
+from jaxtune.training import preference_losses as pref_losses
+from jaxtune.training.step import make_train_step
 from tests.helpers import tiny_hf_model
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # CPO and ORPO live in trl.experimental in TRL 1.x

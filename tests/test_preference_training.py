@@ -19,10 +19,10 @@ import jaxtune as jt
 from jaxtune.config import ConfigError
 from jaxtune.data import LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.testing import synthetic_chat_rows, synthetic_preference_rows, tiny_tokenizer, write_jsonl
-from jaxtune.train import preference as pref
-from jaxtune.train import preference_losses as pref_losses
-from jaxtune.train.sharding import MeshConfig, make_mesh
-from jaxtune.train.step import make_loss_fn, make_train_step
+from jaxtune.training import preference as pref
+from jaxtune.training import preference_losses as pref_losses
+from jaxtune.training.sharding import MeshConfig, make_mesh
+from jaxtune.training.step import make_loss_fn, make_train_step
 from jaxtune.tuning import combine, partition
 from jaxtune.tuning import tuned as tuned_lib
 

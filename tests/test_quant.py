@@ -246,10 +246,10 @@ def test_qlora_trains_under_fsdp_and_resumes_exactly(llama, tmp_path):
     kernel, the LoRA run learns, and 2 + 2 resumed steps equal 4 uninterrupted ones."""
     from test_trainer import _loader, write_chat
 
-    from jaxtune.train.config import CheckpointConfig, TrainConfig
-    from jaxtune.train.optim import OptimizerConfig
-    from jaxtune.train.sharding import MeshConfig, make_mesh
-    from jaxtune.train.trainer import Trainer
+    from jaxtune.training.config import CheckpointConfig, TrainConfig
+    from jaxtune.training.optim import OptimizerConfig
+    from jaxtune.training.sharding import MeshConfig, make_mesh
+    from jaxtune.training.trainer import Trainer
 
     data = write_chat(tmp_path / "train.jsonl", 32)
     base = hf.load_pretrained(llama)
@@ -305,10 +305,10 @@ def test_packaged_smollm2_gguf_trains_quantized_and_its_adapter_loads_in_peft(tm
 
     import jaxtune
     from jaxtune.data import LoaderConfig, read_source
-    from jaxtune.train.config import TrainConfig
-    from jaxtune.train.optim import OptimizerConfig
-    from jaxtune.train.sharding import MeshConfig, make_mesh
-    from jaxtune.train.trainer import Trainer
+    from jaxtune.training.config import TrainConfig
+    from jaxtune.training.optim import OptimizerConfig
+    from jaxtune.training.sharding import MeshConfig, make_mesh
+    from jaxtune.training.trainer import Trainer
 
     base = jaxtune.load("SmolLM2-135M-Instruct", keep_quantized=True)
     up = stacking.unstack(base.params)["layers_0"]["mlp"]["up_proj"]["kernel"]

@@ -14,9 +14,9 @@ from helpers import tiny_hf_model
 
 from jaxtune.host_threads import SET_BY_JAXTUNE, threads_for_simulated_devices
 from jaxtune.models import decoder, encoder, hf
-from jaxtune.train.optim import OptimizerConfig, build_optimizer
-from jaxtune.train.sharding import MeshConfig, global_batch, make_mesh, param_shardings, param_specs, shard
-from jaxtune.train.step import all_finite, make_loss_fn, make_train_step
+from jaxtune.training.optim import OptimizerConfig, build_optimizer
+from jaxtune.training.sharding import MeshConfig, global_batch, make_mesh, param_shardings, param_specs, shard
+from jaxtune.training.step import all_finite, make_loss_fn, make_train_step
 from jaxtune.tuning.partition import partition
 
 

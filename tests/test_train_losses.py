@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxtune.train.losses import causal_lm_loss, classification_loss, regression_loss
-from jaxtune.train.optim import OptimizerConfig, build_optimizer, decay_mask, make_schedule
+from jaxtune.training.losses import causal_lm_loss, classification_loss, regression_loss
+from jaxtune.training.optim import OptimizerConfig, build_optimizer, decay_mask, make_schedule
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])

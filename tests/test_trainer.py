@@ -22,11 +22,11 @@ from jaxtune.data import LoaderConfig, make_loader, read_source
 from jaxtune.data.testing import tiny_tokenizer
 from jaxtune.models import hf, stacking
 from jaxtune.models.attention import splash_attention
-from jaxtune.train.baselines import make_features_step
-from jaxtune.train.config import EvalConfig, TrainConfig
-from jaxtune.train.optim import OptimizerConfig
-from jaxtune.train.sharding import MeshConfig, make_mesh
-from jaxtune.train.trainer import Trainer
+from jaxtune.training.baselines import make_features_step
+from jaxtune.training.config import EvalConfig, TrainConfig
+from jaxtune.training.optim import OptimizerConfig
+from jaxtune.training.sharding import MeshConfig, make_mesh
+from jaxtune.training.trainer import Trainer
 
 SCRIPT = Path(__file__).with_name("train_script.py")
 
@@ -193,7 +193,7 @@ def test_ctrl_c_just_after_a_periodic_checkpoint_stops_cleanly(setup, tmp_path):
     """SIGINT during the step that a periodic checkpoint then saves: the stop's own save finds that
     step already on disk (Orbax refuses a step twice), so it must keep it, not fail the run with
     its status left at "running" (what ``jaxtune serve``'s cancel test caught under load)."""
-    from jaxtune.train.config import CheckpointConfig
+    from jaxtune.training.config import CheckpointConfig
 
     trainer = _lora_trainer(setup, tmp_path, steps=50, checkpoint=CheckpointConfig(every=3))
     _sigint_in_step_3(trainer)  # step 3 is also the periodic checkpoint's

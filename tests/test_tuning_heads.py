@@ -120,7 +120,7 @@ def test_packed_rows_give_the_loss_and_gradients_of_one_example_per_row(name, ta
     """Several examples per row (segments, restarting positions, per-segment pooling and labels)
     against the same examples one per row: the same summed loss, weight and LoRA/head gradients."""
     from jaxtune.data.packing import classifier_rows, pack_classifiers
-    from jaxtune.train.step import make_loss_fn
+    from jaxtune.training.step import make_loss_fn
     from jaxtune.tuning.partition import combine, partition
 
     model, options = HEADS[name]

@@ -74,7 +74,7 @@ def _fit(tuned, batch: dict, steps: int = 3, lr: float = 1e-2):
     import optax
 
     from jaxtune import tuning
-    from jaxtune.train.step import make_loss_fn, make_train_step
+    from jaxtune.training.step import make_loss_fn, make_train_step
 
     trainable, frozen = tuning.partition(tuned.params, tuned.labels)
     optimizer = optax.adam(lr)
@@ -131,7 +131,7 @@ def test_regression_head_loss_is_the_mean_squared_error(vit_dirs):
     import jax
 
     from jaxtune import tuning
-    from jaxtune.train.step import make_loss_fn
+    from jaxtune.training.step import make_loss_fn
 
     tuned = tuning.apply_plan(hf.load_pretrained(vit_dirs / "model"), tuning.head("regression"))
     batch = _image_batch(task="regression")

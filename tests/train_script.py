@@ -47,9 +47,9 @@ def main() -> None:
     from jaxtune.data import LoaderConfig, make_loader, read_source
     from jaxtune.data.testing import tiny_tokenizer
     from jaxtune.models import hf
-    from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
-    from jaxtune.train.optim import OptimizerConfig
-    from jaxtune.train.trainer import Trainer
+    from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
+    from jaxtune.training.optim import OptimizerConfig
+    from jaxtune.training.trainer import Trainer
 
     model = hf.load_pretrained(args.model)
     tuned = tuning.apply_plan(model, tuning.lora(rank=4, alpha=8) + tuning.train("norm"), tokenizer=tiny_tokenizer())

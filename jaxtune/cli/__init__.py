@@ -130,7 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from jaxtune.cli import status
-    from jaxtune.train.rundir import RunDir
+    from jaxtune.training.rundir import RunDir
 
     info = RunDir(args.run_dir).summary()
     print(json.dumps(info) if args.json else status.format_status(info))
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _exit_code(err: BaseException) -> int:
     from jaxtune.config import ConfigError
-    from jaxtune.train.rundir import RunMismatchError
+    from jaxtune.training.rundir import RunMismatchError
     from jaxtune.tuning.plan import PlanError
 
     return 2 if isinstance(err, (ConfigError, UsageError, PlanError, RunMismatchError)) else 1

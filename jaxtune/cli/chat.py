@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from jaxtune.train.rundir import RunDir
+from jaxtune.training.rundir import RunDir
 
 
 def load_model(target: str, *, best: bool = False) -> Any:

@@ -1,4 +1,4 @@
-"""What ``jaxtune status RUN_DIR`` shows, from :meth:`jaxtune.train.rundir.RunDir.summary`
+"""What ``jaxtune status RUN_DIR`` shows, from :meth:`jaxtune.training.rundir.RunDir.summary`
 (no JAX import: instant). A ``running`` run whose status has not changed for a long time is
 flagged: the process may have been killed (it resumes from its last checkpoint when started again).
 """
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from jaxtune.train.rundir import RunDir, RunDirError
+from jaxtune.training.rundir import RunDir, RunDirError
 
 
 def _hms(seconds: float) -> str:

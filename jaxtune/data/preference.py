@@ -23,7 +23,7 @@ A record (``source[i]``) is ``{"prompt", "chosen", "rejected", "where"}``: three
 rejected example that share the prompt's tokens: conversations go through the chat template with
 the answer turns supervised (:func:`jaxtune.data.tokenize.encode_chat`), plain rows as prompt and
 completion (:func:`jaxtune.data.tokenize.encode_prompt_completion`). :func:`pair_rows` packs pairs
-into paired LM rows ``(2, L)``, the layout :mod:`jaxtune.train.preference` reads: row 0 chosen,
+into paired LM rows ``(2, L)``, the layout :mod:`jaxtune.training.preference` reads: row 0 chosen,
 row 1 rejected, pair ``s`` in segment ``s`` of both. Rows also carry ``pair_ids`` ``(2, L)``: the
 source index + 1 of the pair each token belongs to (0 on padding), so anything computed per
 example (a cached reference model's log-probs) can be found again in any shuffled, packed batch.
@@ -350,7 +350,7 @@ def pair_rows(pairs: Sequence[Pair], max_length: int, pad_id: int = 0, *, pack: 
               ) -> list[dict[str, np.ndarray]]:
     """Paired rows for ``pairs``: first-fit packing by the longer side of each pair, or one pair per
     row (``pack=False``). Batching ``B`` rows gives the ``(B, 2, L)`` layout of
-    :mod:`jaxtune.train.preference`."""
+    :mod:`jaxtune.training.preference`."""
     if not pack:
         return [pair_row([p], max_length, pad_id) for p in pairs]
     lengths = [max(len(p["chosen"]["input_ids"]), len(p["rejected"]["input_ids"])) for p in pairs]

@@ -461,7 +461,7 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
     return _per_shard(rows, b, k.shape[2])(qh, kh, vh, ids).transpose(0, 2, 1, 3)
 
 
-# The mesh axes jaxtune shards the batch and the heads over (jaxtune.train.sharding, layers.partition_rules).
+# The mesh axes jaxtune shards the batch and the heads over (jaxtune.training.sharding, layers.partition_rules).
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp", "expert"), "tensor"
 
 

@@ -446,7 +446,7 @@ class LayerStep(nn.Module):
 
 
 # Auxiliary outputs a model may sow while training (flax ``sow``): values named AUX_LOSS anywhere in
-# this collection are losses the train step adds to the task loss (jaxtune.train.losses.auxiliary_loss);
+# this collection are losses the train step adds to the task loss (jaxtune.training.losses.auxiliary_loss);
 # anything else there is the model's own bookkeeping (e.g. the MoE router's statistics).
 AUX, AUX_LOSS = "aux", "loss"
 

@@ -26,7 +26,7 @@ tensor per expert (``model.layers.i.mlp.experts.e.gate_proj.weight``; Mixtral's
 and router probabilities per expert, over real tokens) into the :data:`~jaxtune.models.decoder.AUX`
 collection; :meth:`MoeDecoder.hidden` combines them as transformers' ``load_balancing_loss_func``
 (with its attention mask) and sows ``router_aux_loss_coef`` times it as an auxiliary loss, which the
-train step adds to the task loss (:func:`jaxtune.train.losses.auxiliary_loss`).
+train step adds to the task loss (:func:`jaxtune.training.losses.auxiliary_loss`).
 """
 
 from __future__ import annotations

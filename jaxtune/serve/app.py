@@ -31,7 +31,7 @@ from jaxtune.serve import inference
 from jaxtune.serve.jobs import BaseModel, RequestError, check_upload, job_recipe, method_of
 from jaxtune.serve.runner import ACTIVE, Runner
 from jaxtune.serve.store import Store, new_id
-from jaxtune.train.rundir import RunDir
+from jaxtune.training.rundir import RunDir
 
 PAST = {"cancel": "cancelled", "pause": "paused", "resume": "resumed"}
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ class Models:
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
-        from jaxtune.train import compile_cache
+        from jaxtune.training import compile_cache
 
         compile_cache.enable()  # generation programs load from disk after a restart, as train steps do
         model = load()

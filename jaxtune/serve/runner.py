@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxtune.serve.store import Store
-from jaxtune.train.rundir import RunDir
+from jaxtune.training.rundir import RunDir
 
 log = logging.getLogger(__name__)
 ACTIVE = ("validating_files", "queued", "running", "paused")

@@ -10,10 +10,10 @@
 ``fit`` is a short loop of named steps: score the base model (once per run directory), resume
 from the latest checkpoint, train (jit once, donate buffers, read metrics only every
 ``log_every`` steps), evaluate and keep the best, stop early, checkpoint, then score the
-fine-tuned model. Everything it writes lives in ``run_dir`` (see :mod:`jaxtune.train.rundir`);
+fine-tuned model. Everything it writes lives in ``run_dir`` (see :mod:`jaxtune.training.rundir`);
 running ``fit`` again on the same directory resumes exactly, and a finished run is a no-op. What
 the constructor settles before any compute (loaders, the number of steps, the checks that refuse
-data, a mesh or an evaluation that does not fit the model) is :mod:`jaxtune.train.preflight`.
+data, a mesh or an evaluation that does not fit the model) is :mod:`jaxtune.training.preflight`.
 """
 
 from __future__ import annotations
@@ -36,23 +36,23 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune.data.pipeline import Loader, LoaderConfig, evaluation_loader
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import Source
-from jaxtune.train import base_cache, compile_cache, flops, memory, preflight
-from jaxtune.train.baselines import applies as baselines_apply
-from jaxtune.train.baselines import baseline_metrics, training_pass
-from jaxtune.train.checkpoint import Checkpointer
-from jaxtune.train.config import CheckpointConfig, EvalConfig, TrainConfig
-from jaxtune.train.evaluate import HIGHER_IS_BETTER, comparison_table, evaluate
-from jaxtune.train.loop import Best, StopOnInterrupt, Throughput, progress_line
-from jaxtune.train.optim import OptimizerConfig, build_optimizer
-from jaxtune.train.preference import (
+from jaxtune.training import base_cache, compile_cache, flops, memory, preflight
+from jaxtune.training.baselines import applies as baselines_apply
+from jaxtune.training.baselines import baseline_metrics, training_pass
+from jaxtune.training.checkpoint import Checkpointer
+from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
+from jaxtune.training.evaluate import HIGHER_IS_BETTER, comparison_table, evaluate
+from jaxtune.training.loop import Best, StopOnInterrupt, Throughput, progress_line
+from jaxtune.training.optim import OptimizerConfig, build_optimizer
+from jaxtune.training.preference import (
     REFERENCE_KEY,
     PreferenceConfig,
     ReferenceCache,
     make_preference_loss_fn,
     with_reference_start,
 )
-from jaxtune.train.rundir import RunDir
-from jaxtune.train.sharding import (
+from jaxtune.training.rundir import RunDir
+from jaxtune.training.sharding import (
     MeshConfig,
     batch_sharding,
     data_parallel_size,
@@ -62,7 +62,7 @@ from jaxtune.train.sharding import (
     param_shardings,
     shard,
 )
-from jaxtune.train.step import jit_train_step, make_eval_step, make_loss_fn
+from jaxtune.training.step import jit_train_step, make_eval_step, make_loss_fn
 from jaxtune.tuning.partition import combine, partition
 from jaxtune.tuning.tuned import Tuned, is_image
 
@@ -115,7 +115,7 @@ class Trainer:
       checkpoint: how often to save (:class:`CheckpointConfig`).
       mesh: a ``(data, fsdp, tensor)`` mesh or :class:`MeshConfig` (default: every device on ``data``).
       preference: train on preference pairs (``data.kind: preference``) with DPO, IPO, SimPO or ORPO
-        (:class:`~jaxtune.train.preference.PreferenceConfig`); None for every other task. The
+        (:class:`~jaxtune.training.preference.PreferenceConfig`); None for every other task. The
         reference model of DPO/IPO is the starting model: for fresh adapters the frozen base itself
         (no copy), otherwise plus a copy of the starting trained leaves (or trained adapters) in
         the compute dtype, kept out of checkpoints and exports; with ``reference="cached"`` its
@@ -401,7 +401,7 @@ class Trainer:
 
     def check_resume(self) -> None:
         """Refuse a run directory made by another model, plan, data or shapes, naming every difference
-        (see :meth:`~jaxtune.train.rundir.RunDir.check_resume`)."""
+        (see :meth:`~jaxtune.training.rundir.RunDir.check_resume`)."""
         self.run.check_resume(self.resolved_config, self.identity())
 
     def _resume(self, iterator: Any) -> Best:

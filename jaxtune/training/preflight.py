@@ -18,13 +18,13 @@ from jaxtune.data.images import ImageSource, ImageSpec, image_loader
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.sources import PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import choice_token_ids
-from jaxtune.train.config import EvalConfig, TrainConfig
-from jaxtune.train.evaluate import METRICS
-from jaxtune.train.preference import PreferenceConfig, check_preference
-from jaxtune.train.sharding import data_parallel_size
+from jaxtune.training.config import EvalConfig, TrainConfig
+from jaxtune.training.evaluate import METRICS
+from jaxtune.training.preference import PreferenceConfig, check_preference
+from jaxtune.training.sharding import data_parallel_size
 from jaxtune.tuning.tuned import Tuned
 
-log = logging.getLogger("jaxtune.train.trainer")
+log = logging.getLogger("jaxtune.training.trainer")
 
 
 def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool) -> Any:

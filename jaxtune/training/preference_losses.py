@@ -20,7 +20,7 @@ Rewards are ``β`` times what the loss compares (log-ratios for DPO/IPO, mean lo
 SimPO/ORPO), as TRL reports them; accuracy is the share of pairs whose chosen reward is higher.
 
 No model here: the log-probabilities these losses read, the reference model and the loss of a paired
-batch are :mod:`jaxtune.train.preference`.
+batch are :mod:`jaxtune.training.preference`.
 """
 
 from __future__ import annotations

@@ -22,14 +22,14 @@ from jax.sharding import Mesh
 
 from jaxtune.models.decoder import AUX
 from jaxtune.models.layers import STATE_UPDATES
-from jaxtune.train.losses import (
+from jaxtune.training.losses import (
     auxiliary_loss,
     causal_lm_loss,
     classification_loss,
     projected_columns,
     regression_loss,
 )
-from jaxtune.train.sharding import jit_on_mesh
+from jaxtune.training.sharding import jit_on_mesh
 from jaxtune.tuning.partition import combine
 from jaxtune.tuning.tuned import TASKS
 
@@ -253,9 +253,9 @@ def jit_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, 
                    mesh: Mesh | None = None, trainable_shardings: Any = None, opt_shardings: Any = None) -> Any:
     """The train step jitted as the Trainer runs it: trainable params and optimizer state donated
     (their outputs reuse the buffers) and placed back on their shardings. Traced under ``mesh``
-    (its abstract form: :func:`~jaxtune.train.sharding.jit_on_mesh`), so the model can keep its
+    (its abstract form: :func:`~jaxtune.training.sharding.jit_on_mesh`), so the model can keep its
     activations' rows split over the batch axes and run splash attention per shard. The one
-    definition of the program, so a memory plan (:mod:`jaxtune.train.memory`) compiles what
+    definition of the program, so a memory plan (:mod:`jaxtune.training.memory`) compiles what
     training runs."""
     step = make_train_step(loss_fn, optimizer, grad_accum_steps=grad_accum_steps)
     placement = {} if trainable_shardings is None else {"out_shardings": (trainable_shardings, opt_shardings, None)}

@@ -8,7 +8,7 @@
       metrics.jsonl    one record per logged step ({"step", "loss", ...}) or evaluation ({"step", "eval/...": ...})
       report.json      base vs fine-tuned metrics ({"before", "after", "step"}), the final report
       run.json         what made the run (model, plan, trainable param shapes, data shapes), checked on resume
-      checkpoints/<step>/   Orbax checkpoints (see jaxtune.train.checkpoint)
+      checkpoints/<step>/   Orbax checkpoints (see jaxtune.training.checkpoint)
       best/<step>/          the best checkpoint by eval.best_metric
       tensorboard/          TensorBoard events
 
@@ -269,7 +269,7 @@ class RunDir:
     def summary(self) -> dict[str, Any]:
         """The run's state as one dict: ``state, step, total_steps, train, eval, tokens_per_s,
         examples_per_s`` (image runs; the other is None), ``eta_s, best, checkpoints, updated, stale,
-        error, memory`` (the compiled step's bytes per device, :class:`jaxtune.train.memory.StepMemory`
+        error, memory`` (the compiled step's bytes per device, :class:`jaxtune.training.memory.StepMemory`
         as plain data, once training started)."""
         if not self.path.is_dir():
             what = "a file, not a run directory" if self.path.exists() else "no such run directory"

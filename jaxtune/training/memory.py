@@ -25,10 +25,10 @@ import numpy as np
 
 from jaxtune.models import hf
 from jaxtune.models.load import ModelConfig, model_dir
-from jaxtune.train.config import TrainConfig
-from jaxtune.train.optim import OptimizerConfig, build_optimizer
-from jaxtune.train.sharding import MeshConfig, batch_sharding, data_parallel_size, make_mesh, param_shardings
-from jaxtune.train.step import jit_train_step, make_loss_fn
+from jaxtune.training.config import TrainConfig
+from jaxtune.training.optim import OptimizerConfig, build_optimizer
+from jaxtune.training.sharding import MeshConfig, batch_sharding, data_parallel_size, make_mesh, param_shardings
+from jaxtune.training.step import jit_train_step, make_loss_fn
 from jaxtune.tuning import apply_plan
 from jaxtune.tuning.partition import partition
 from jaxtune.tuning.tuned import Tuned
@@ -145,7 +145,7 @@ def abstract_plan(pretrained: hf.Pretrained, plan: Any, rng: jax.Array | None = 
 
 def batch_spec(task: str, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of one token batch of ``task`` (``lm``, ``classification``, ``regression``), as
-    the data pipeline yields it (see :func:`jaxtune.train.step.make_loss_fn`)."""
+    the data pipeline yields it (see :func:`jaxtune.training.step.make_loss_fn`)."""
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     spec = {"input_ids": tokens, "segment_ids": tokens, "positions": tokens}
     if task == "lm":

@@ -13,7 +13,7 @@ and scored on the held-out split the fine-tuned model is scored on:
 scikit-learn fits both (:data:`CLASSIFIER` and :data:`REGRESSOR` are their settings). The
 regularisation strength is chosen by 3-fold cross-validation on the training split: a fixed
 one over-fits hundreds of features on a thousand rows (a weak baseline flatters fine-tuning). Metrics
-are :mod:`jaxtune.train.evaluate`'s, under ``probe/<metric>`` and ``tfidf/<metric>``, with the
+are :mod:`jaxtune.training.evaluate`'s, under ``probe/<metric>`` and ``tfidf/<metric>``, with the
 seconds each took (features included) under ``probe/seconds`` and ``tfidf/seconds``.
 Classification also reports ``loss``: the mean cross-entropy of the predicted probabilities,
 comparable to the fine-tuned model's.
@@ -33,9 +33,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune.data.pipeline import Loader, evaluation_loader
 from jaxtune.models.layers import pool
-from jaxtune.train.evaluate import classification_metrics, regression_metrics
-from jaxtune.train.sharding import jit_on_mesh
-from jaxtune.train.step import packed_segments
+from jaxtune.training.evaluate import classification_metrics, regression_metrics
+from jaxtune.training.sharding import jit_on_mesh
+from jaxtune.training.step import packed_segments
 from jaxtune.tuning.partition import combine
 from jaxtune.tuning.tuned import Tuned, is_image
 

@@ -2,7 +2,7 @@
 the losses read, the reference model, and the loss of a paired batch.
 
 The losses themselves, pure functions of per-pair sequence log-probabilities (the methods' formulas,
-their rewards and the metrics TRL logs), are :mod:`jaxtune.train.preference_losses`.
+their rewards and the metrics TRL logs), are :mod:`jaxtune.training.preference_losses`.
 
 The model side (:func:`make_preference_loss_fn`) reads a *paired batch*: the LM batch contract
 (``input_ids``, ``targets``, ``loss_weights``, ``segment_ids``, ``positions``) with every array
@@ -46,9 +46,9 @@ from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models.decoder import AUX
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B
-from jaxtune.train.losses import auxiliary_loss, token_chunks
-from jaxtune.train.preference_losses import dpo_terms, ipo_terms, orpo_terms, pair_metrics, simpo_terms
-from jaxtune.train.sharding import jit_on_mesh
+from jaxtune.training.losses import auxiliary_loss, token_chunks
+from jaxtune.training.preference_losses import dpo_terms, ipo_terms, orpo_terms, pair_metrics, simpo_terms
+from jaxtune.training.sharding import jit_on_mesh
 from jaxtune.tuning.partition import combine
 
 Array = jax.Array
@@ -79,7 +79,7 @@ def token_logprobs(hidden: Array, targets: Array, project: Callable[[Array], Arr
         that predict nothing may hold any valid id (weigh them out afterwards).
       chunk_tokens: with a ``project``, only one chunk's float32 logits ``(chunk, V)`` exist at a
         time, forward and backward (each chunk is rematerialised), as in
-        :func:`jaxtune.train.losses.causal_lm_loss`.
+        :func:`jaxtune.training.losses.causal_lm_loss`.
     """
     b, t = targets.shape
 
@@ -339,7 +339,7 @@ def preference_objective(config: PreferenceConfig, token_lp: Array, rows: Batch,
 
 def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chunk_tokens: int = 2048
                             ) -> Callable[[Params, Batch, Array, bool], tuple[Array, Array, dict[str, Array]]]:
-    """The preference loss as a :data:`jaxtune.train.step.LossFn` of the full params.
+    """The preference loss as a :data:`jaxtune.training.step.LossFn` of the full params.
 
     ``loss_fn(params, batch, rng, deterministic) -> (loss_sum, pairs, outputs)`` for a paired batch
     (module docstring); see :func:`preference_objective` for the outputs. DPO/IPO read the

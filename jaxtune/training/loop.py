@@ -10,7 +10,7 @@ import threading
 import time
 from typing import Any
 
-log = logging.getLogger("jaxtune.train.trainer")
+log = logging.getLogger("jaxtune.training.trainer")
 
 
 class StopOnInterrupt:

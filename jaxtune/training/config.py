@@ -1,5 +1,5 @@
 """What a training run is told: how long (``train``), how it is judged (``eval``) and how often
-it is saved (``checkpoint``). Each is a recipe section and a :class:`~jaxtune.train.trainer.Trainer`
+it is saved (``checkpoint``). Each is a recipe section and a :class:`~jaxtune.training.trainer.Trainer`
 argument alike, checked when it is built (errors name the field as a recipe writes it)."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class TrainConfig:
     host waits for the device). ``chunk_tokens``: tokens per chunk of the LM head + loss (bounds
     the logits' memory). ``regression_loss``: ``mse`` or ``huber``. ``progress``: print progress.
     ``compile_cache``: keep compiled steps on disk, so the next run of the same shapes starts
-    without compiling (see :mod:`jaxtune.train.compile_cache`).
+    without compiling (see :mod:`jaxtune.training.compile_cache`).
     """
 
     steps: int | None = None
@@ -63,9 +63,9 @@ class EvalConfig:
     each validation answer is predicted by the choice whose first token has the highest logit.
     ``baselines`` (classification and regression): the base report also scores a linear probe on
     the frozen model's features and TF-IDF + a linear model on the same split
-    (:mod:`jaxtune.train.baselines`; seconds for small data, turn it off for huge data).
+    (:mod:`jaxtune.training.baselines`; seconds for small data, turn it off for huge data).
     ``cache_base``: keep the base report on disk, so a later run of the same model, plan,
-    data and evaluation settings reads it instead of scoring again (:mod:`jaxtune.train.base_cache`).
+    data and evaluation settings reads it instead of scoring again (:mod:`jaxtune.training.base_cache`).
     """
 
     every: int | None = None

@@ -117,7 +117,7 @@ def evaluate(
     return metrics
 
 
-# Baselines the base report may carry (``<key>/<metric>``, see jaxtune.train.baselines), by column title.
+# Baselines the base report may carry (``<key>/<metric>``, see jaxtune.training.baselines), by column title.
 BASELINE_COLUMNS = {"probe": "linear probe", "tfidf": "TF-IDF"}
 BASELINE_DESCRIPTIONS = {"probe": "logistic/ridge regression on the frozen model's mean-pooled features",
                          "tfidf": "word 1-2-gram TF-IDF + logistic/ridge regression; strengths by 3-fold CV"}

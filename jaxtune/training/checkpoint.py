@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxtune.train.sharding import shard
+from jaxtune.training.sharding import shard
 
 MANIFEST = "jaxtune_checksums.json"
 SET_ASIDE = ".set_aside"
