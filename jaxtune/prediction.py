@@ -35,7 +35,7 @@ from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
 from jaxtune.data.rows import PYTHON, Syntax
 from jaxtune.data.sources import Source, read_labeled
 from jaxtune.training.evaluate import classification_metrics, regression_metrics
-from jaxtune.training.sharding import batch_sharding, data_parallel_size, jit_on_mesh
+from jaxtune.training.sharding import data_parallel_size, jit_on_mesh, whole_batch
 from jaxtune.training.step import packed_segments
 from jaxtune.tuning import Tuned, apply_plan
 
@@ -144,21 +144,13 @@ def _outputs(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | No
                                   positions=batch["positions"], token_type_ids=batch["token_type_ids"],
                                   **({"segments": segments} if segments else {}))
 
-    if mesh is None:
-        step, place = jax.jit(forward), lambda batch: batch
-    else:
-        step = jit_on_mesh(forward, mesh, out_shardings=NamedSharding(mesh, PartitionSpec()))
-        rows = batch_sharding(mesh)
-
-        def place(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-            # Each process holds the whole batch and hands each of its devices that device's rows.
-            return {k: jax.make_array_from_callback(v.shape, rows, lambda index, v=v: v[index])
-                    for k, v in batch.items()}
-
+    step = jax.jit(forward) if mesh is None else jit_on_mesh(forward, mesh,
+                                                             out_shardings=NamedSharding(mesh, PartitionSpec()))
     chunks = []
     for batch in evaluation_loader(source, tuned.tokenizer, config):
         keep = batch["example_weights"] > 0 if packed_segments(batch) else batch["segment_ids"].any(axis=-1)
-        chunks.append(np.asarray(jax.device_get(step(tuned.params, place(batch))), np.float32)[keep])
+        placed = batch if mesh is None else whole_batch(batch, mesh)
+        chunks.append(np.asarray(jax.device_get(step(tuned.params, placed)), np.float32)[keep])
     return np.concatenate(chunks)
 
 

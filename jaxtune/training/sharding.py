@@ -150,6 +150,13 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+def whole_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays split over the batch axes from a batch that every process holds whole (each
+    device takes its rows from it); :func:`global_batch` is the form for per-process rows."""
+    sharding = batch_sharding(mesh)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
+
+
 def data_parallel_size(mesh: Mesh) -> int:
     """How many ways the batch is split; the global batch must be a multiple of it."""
     return math.prod(mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.axis_names)
