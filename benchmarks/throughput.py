@@ -16,8 +16,9 @@ against the device peak), peak device memory (JAX ``peak_bytes_in_use`` vs
 ``torch.cuda.max_memory_allocated``; not measured on CPU) and the first step's time (compile
 included). Outputs: a markdown table on stdout, ``--out`` JSON with the full setup, and a PNG.
 
-Same work on both sides: a random-initialised Llama, rows of ``seq`` real tokens (jaxtune
-additionally honours document boundaries: each row packs two documents), causal-LM loss,
+Same work on both sides: a random-initialised Llama, rows of ``seq`` real tokens, one document a row
+(jaxtune reads them as packed rows of one segment, with segment ids and positions: its packed path,
+without the work that several documents a row would save it), causal-LM loss,
 AdamW with the gradient clipped to global norm 1.0; LoRA r16 alpha 32 on all linear layers, or full
 fine-tuning. Precision: fp32 on CPU; on GPU bf16 compute with fp32 trainable weights on both sides
 (jaxtune: frozen base in bf16; torch: base in bf16 for LoRA, fp32 master + autocast for full
@@ -121,14 +122,13 @@ def _jax_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool) -> dic
     opt_state = optimizer.init(trainable)
     b, t = work["batch"], work["seq"]
     ids = _tokens(b, t, hf_config["vocab_size"])
-    half = t // 2  # two packed documents per row
-    segment = np.where(np.arange(t) < half, 1, 2).astype(np.int32)
-    positions = np.where(np.arange(t) < half, np.arange(t), np.arange(t) - half).astype(np.int32)
+    # One document a row, as PyTorch's side reads them: jaxtune's attention skips the key blocks a packed
+    # row's other documents hold, so two documents a row would be less attention work than PyTorch's.
     weights = np.ones((b, t), np.float32)
-    weights[:, [half - 1, t - 1]] = 0
+    weights[:, t - 1] = 0
     batch = jax.device_put({"input_ids": ids, "targets": np.roll(ids, -1, 1), "loss_weights": weights,
-                            "segment_ids": np.broadcast_to(segment, (b, t)).copy(),
-                            "positions": np.broadcast_to(positions, (b, t)).copy()})
+                            "segment_ids": np.ones((b, t), np.int32),
+                            "positions": np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy()})
     state = {"trainable": trainable, "opt": opt_state}
 
     def run(n: int) -> float:
@@ -274,7 +274,7 @@ def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, co
     head_dim = hf_config.get("head_dim", hf_config["hidden_size"] // hf_config["num_attention_heads"])
     model_flops = flops.train_flops_per_token(
         stats["jaxtune"]["n_matmul"], stats["jaxtune"]["n_trainable"], layers=hf_config["num_hidden_layers"],
-        attn_width=hf_config["num_attention_heads"] * head_dim, seq_len=work["seq"] // 2)  # one packed document
+        attn_width=hf_config["num_attention_heads"] * head_dim, seq_len=work["seq"])
     device = stats["jaxtune"]["device"]
     peak = flops.peak_flops(device, dtype="bfloat16" if work.get("bf16", gpu) else "float32")
     result = {"workload": work, "device": device, "tokens_per_step": tokens, "flops_per_token": model_flops,

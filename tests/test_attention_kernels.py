@@ -1,7 +1,7 @@
 """Attention kernels by backend: which kernel runs for which inputs (a table, checked on any
-machine), the fallback notice, cuDNN's packed layout built from segment ids, and Pallas splash
-attention (the TPU kernel, run here in Pallas interpret mode) against the reference attention on
-packed rows, forward and gradients, alone and inside a model."""
+machine), the fallback notice, cuDNN's packed layout built from segment ids, the fused CPU kernel
+(built here) and Pallas splash attention (the TPU kernel, run here in Pallas interpret mode) against
+the reference attention on packed rows, forward and gradients, alone, per shard and inside a model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.models import attention
+from jaxtune.models import attention, cpu_attention
 from jaxtune.models.attention import (
+    CPU_FUSED,
     CUDNN,
     GROUPED,
     SPLASH,
@@ -34,8 +35,16 @@ BASE = dict(causal=True, window=None, segments=True, softcap=None, dtype=BF16, h
 
 # (backend, changes to BASE) -> (kernel, words of the notice, or None: the backend's own kernel, no notice)
 SELECTION = [
-    ("cpu", {}, GROUPED, None),
+    ("cpu", {}, GROUPED, None),  # the fused kernel not built
     ("cpu", dict(softcap=50.0, dtype=F32, dense_mask=True), GROUPED, None),
+    ("cpu", dict(cpu_kernel=True), CPU_FUSED, None),
+    ("cpu", dict(cpu_kernel=True, causal=False, dtype=F32, head_dim=24), CPU_FUSED, None),
+    ("cpu", dict(cpu_kernel=True, dropout=True), GROUPED, None),  # BERT in training
+    ("cpu", dict(cpu_kernel=True, softcap=50.0), GROUPED, None),
+    ("cpu", dict(cpu_kernel=True, window=4096), GROUPED, None),
+    ("cpu", dict(cpu_kernel=True, dense_mask=True), GROUPED, None),  # KV-cache decoding
+    ("cpu", dict(cpu_kernel=True, head_dim=12), GROUPED, None),
+    ("cpu", dict(cpu_kernel=True, self_attention=False), GROUPED, None),
     ("gpu", {}, CUDNN, None),  # packed causal bf16 on Hopper: cuDNN's packed layout
     ("gpu", dict(segments=False, window=4096), CUDNN, None),
     ("gpu", dict(causal=False), CUDNN, None),  # a padded / packed encoder
@@ -156,6 +165,129 @@ def test_cpu_attention_blocks_and_backward_equal_plain_attention(monkeypatch, ca
 
     _assert_same_attention(ours, lambda q, k, v: _plain_attention(q, k, v, mask, cap=cap, rate=rate, rng=rng),
                            (q, k, v), ids, weights, out_atol=1e-5, grad_atol=1e-5)
+
+
+needs_cpu_kernel = pytest.mark.skipif(not cpu_attention.available() and not __import__("os").environ.get("CI"),
+                                      reason="no C++ compiler here to build the fused CPU attention kernel")
+
+# (batch, tokens, query heads, KV heads, head dim, causal, rows): rows "packed" = two documents then
+# padding in row 0, one document in the others; "padded" = padding at the end of row 0; "one" = no ids;
+# "split" = a segment on both sides of padding (prompt tuning's virtual tokens before a left-padded text).
+FUSED_CASES = [(2, 70, 4, 2, 8, True, "packed"), (3, 45, 6, 3, 24, False, "padded"), (1, 100, 4, 1, 64, True, "one"),
+               (2, 33, 2, 2, 16, False, "packed"), (1, 96, 8, 4, 32, True, "packed"), (2, 50, 4, 2, 8, True, "split"),
+               (2, 70, 2, 1, 16, False, "split")]
+
+
+def _rows(kind: str, b: int, t: int) -> jax.Array:
+    ids = np.ones((b, t), np.int32)
+    if kind == "packed":
+        ids[0, t // 3:] = 2
+        ids[0, t - t // 5:] = 0
+    elif kind == "padded":
+        ids[0, t - t // 4:] = 0
+    elif kind == "split":
+        ids[:, 3:40] = 0
+        ids[1, 45:] = 2
+    return jnp.asarray(ids)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(("b", "t", "n", "kv", "h", "causal", "rows"), FUSED_CASES)
+def test_fused_cpu_attention_equals_plain_attention(b, t, n, kv, h, causal, rows):
+    """The C++ kernel (query tiles and key blocks that do not divide the row, grouped query heads, MQA,
+    head dims with and without a 16-wide remainder, packed documents whose other blocks it skips) gives
+    plain softmax attention's outputs and gradients on real tokens."""
+    q, k, v = _qkv(t, b, t, n, kv, h)
+    ids = _rows(rows, b, t)
+    mask = attention_mask(ids, causal=causal)
+    weights = jax.random.normal(jax.random.key(1), q.shape) * (ids != 0)[:, :, None, None]
+
+    def ours(q, k, v):
+        return cpu_attention.attention(q, k, v, None if rows == "one" else ids, causal=causal)
+
+    _assert_same_attention(ours, lambda q, k, v: _plain_attention(q, k, v, mask), (q, k, v), ids, weights,
+                           out_atol=2e-6, grad_atol=1e-5)
+
+
+@needs_cpu_kernel
+def test_fused_cpu_attention_is_finite_on_padding_and_keeps_the_dtype():
+    """A row of padding sees no key: its outputs are zeros and no gradient reaches it (plain softmax
+    over all-masked scores would average the values instead). bfloat16 inputs come back bfloat16, computed
+    in float32: within bfloat16 rounding of the float32 result."""
+    q, k, v = _qkv(3, 2, 40, 4, 2, 16)
+    ids = jnp.asarray(np.stack([np.ones(40), np.zeros(40)]), jnp.int32)
+    out, grads = jax.value_and_grad(lambda q, k, v: cpu_attention.attention(q, k, v, ids, causal=True).sum(),
+                                    (0, 1, 2))(q, k, v)
+    assert np.all(np.isfinite(np.asarray(out)))
+    full = cpu_attention.attention(q, k, v, ids, causal=True)
+    np.testing.assert_array_equal(np.asarray(full[1]), 0.0)
+    for g in grads:
+        np.testing.assert_array_equal(np.asarray(g[1]), 0.0)
+    half = cpu_attention.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), ids, causal=True)
+    assert half.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(half[0], np.float32), np.asarray(full[0]), atol=3e-2)
+
+
+@needs_cpu_kernel
+def test_the_dispatch_runs_the_fused_kernel_and_can_be_turned_off(monkeypatch):
+    """On a CPU, :func:`dot_product_attention` of a packed causal row runs the FFI kernel (its call is in
+    the compiled program); ``JAXTUNE_CPU_ATTENTION=0`` gives the XLA path, with the same outputs."""
+    q, k, v = _qkv(0, 2, 50, 4, 2, 16)
+    ids = _rows("packed", 2, 50)
+
+    def run():
+        fn = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, segment_ids=ids, causal=True))
+        return fn(q, k, v), fn.lower(q, k, v).as_text()
+
+    fused, program = run()
+    assert "jaxtune_cpu_attention_forward" in program
+    monkeypatch.setenv("JAXTUNE_CPU_ATTENTION", "0")
+    plain, program = run()
+    assert "jaxtune_cpu_attention" not in program
+    real = np.asarray(ids != 0)
+    np.testing.assert_allclose(np.asarray(fused)[real], np.asarray(plain)[real], atol=2e-6)
+
+
+@needs_cpu_kernel
+def test_fused_cpu_attention_runs_per_shard_under_a_mesh():
+    """Under a data 4 x tensor 2 mesh (8 simulated devices) the kernel runs on each device's rows and KV
+    heads (a ``shard_map``: XLA cannot split an FFI call) and gives the single-device outputs and
+    gradients."""
+    q, k, v = _qkv(2, 4, 40, 4, 2, 16)
+    ids = jnp.asarray(np.stack([np.r_[np.ones(15), 2 * np.ones(20), np.zeros(5)]] * 4), jnp.int32)
+
+    def loss(q, k, v):
+        return jnp.sum(attention.dot_product_attention(q, k, v, segment_ids=ids, causal=True) * q)
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    expected = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "tensor"))
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(loss)(q, k, v))
+        got = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
+@needs_cpu_kernel
+def test_a_failed_build_falls_back_to_the_xla_path_and_says_so(monkeypatch, tmp_path, caplog):
+    """A compiler that fails leaves the kernel unbuilt: ``available()`` is False with one warning naming
+    the compiler, and attention runs the grouped XLA path."""
+    monkeypatch.setenv("JAXTUNE_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")
+    cpu_attention._library.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="jaxtune"):
+            assert not cpu_attention.available()
+        assert any("building the fused CPU attention kernel with false failed" in r.getMessage()
+                   for r in caplog.records)
+        assert attention_kernel("cpu", **{**BASE, "cpu_kernel": cpu_attention.available()}).kernel == GROUPED
+        assert not list(tmp_path.glob("kernels/*.so"))
+    finally:
+        monkeypatch.undo()
+        cpu_attention._library.cache_clear()
+    assert cpu_attention.available()
 
 
 def test_cpu_attention_backward_keeps_no_probabilities():

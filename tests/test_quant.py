@@ -326,4 +326,6 @@ def test_packaged_smollm2_gguf_trains_quantized_and_its_adapter_loads_in_peft(tm
     tuning.export_peft(model, tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base.source),
                                            tmp_path / "adapter").eval()
-    np.testing.assert_allclose(torch_logits(peft_model, IDS), ours, atol=1e-4, rtol=0)
+    # float32 drift over 30 layers: torch's own float32 logits of this base are 9.5e-5 from its float64 ones,
+    # jaxtune's 1.4e-4 (logits up to ~20), so an absolute 1e-4 alone sits on the edge; 1e-5 of the logit more.
+    np.testing.assert_allclose(torch_logits(peft_model, IDS), ours, atol=1e-4, rtol=1e-5)

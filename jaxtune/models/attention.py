@@ -7,9 +7,12 @@ dtype, the mask's form), so the choice is testable anywhere:
 ==========  =================================================================================
 backend     kernel
 ==========  =================================================================================
-CPU         :func:`grouped_attention`: rank-3 batched matmuls per (batch x KV head) group
-            (XLA:CPU runs the rank-5 dots of the generic path about 2x slower); causal rows in
-            query blocks that skip the masked keys, and flash attention's backward.
+CPU         the fused kernel of :mod:`jaxtune.models.cpu_attention` (flash attention in C++ through
+            XLA's FFI, built at first use; per shard on a mesh) for self-attention from segment ids
+            without dropout, soft-capping or a sliding window; otherwise :func:`grouped_attention`:
+            rank-3 batched matmuls per (batch x KV head) group (XLA:CPU runs the rank-5 dots of the
+            generic path about 2x slower); causal rows in query blocks that skip the masked keys,
+            and flash attention's backward.
 GPU         cuDNN fused (flash) attention. Packed rows reach it as per-segment lengths and
             offsets (cuDNN's packed layout: no ``T x T`` mask is built); causality and a causal
             sliding window are kernel flags.
@@ -36,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.models import cpu_attention
 from jaxtune.models.dropout import keep_mask
 
 Array = jax.Array
@@ -45,8 +49,8 @@ Window = int | tuple[int, int] | None
 
 log = logging.getLogger(__name__)
 
-GROUPED, XLA, CUDNN, SPLASH = "grouped", "xla", "cudnn", "splash"
-KERNELS = (GROUPED, XLA, CUDNN, SPLASH)
+GROUPED, XLA, CUDNN, SPLASH, CPU_FUSED = "grouped", "xla", "cudnn", "splash", "cpu-fused"
+KERNELS = (GROUPED, XLA, CUDNN, SPLASH, CPU_FUSED)
 
 # cuDNN flash attention (jax._src.cudnn.fused_attention_stablehlo.check_is_flash_attention): 16-bit
 # inputs; head dim a multiple of 8, at most 256 on Hopper and later, 128 before; the packed layout
@@ -69,17 +73,22 @@ class KernelChoice:
 def attention_kernel(
     backend: str, *, causal: bool, window: Window, segments: bool, softcap: float | None, dtype: Any,
     head_dim: int, seq_len: int, dense_mask: bool = False, gpu_capability: tuple[int, int] | None = None,
-    dropout: bool = False,
+    dropout: bool = False, self_attention: bool = True, cpu_kernel: bool = False,
 ) -> KernelChoice:
     """Which attention kernel runs for these inputs; pure, so it can be tested on any machine.
 
     ``backend`` is ``jax.default_backend()`` (``cpu``, ``gpu``, ``tpu``); ``segments`` says the rows
     carry segment ids (packing or padding); ``dense_mask`` that the caller passes a ready mask
     (KV-cache decoding); ``seq_len`` is the key length; ``gpu_capability`` the CUDA compute
-    capability (None: not a CUDA GPU, so no cuDNN); ``dropout`` that the probabilities get dropout.
+    capability (None: not a CUDA GPU, so no cuDNN); ``dropout`` that the probabilities get dropout;
+    ``self_attention`` that queries and keys are the same tokens; ``cpu_kernel`` that the fused CPU
+    kernel is built here (:func:`jaxtune.models.cpu_attention.available`).
     """
     if backend == "cpu":
-        return KernelChoice(GROUPED)
+        fused = cpu_kernel and cpu_attention.supports(head_dim=head_dim, self_attention=self_attention,
+                                                      dropout=dropout, softcap=softcap, window=window,
+                                                      dense_mask=dense_mask)
+        return KernelChoice(CPU_FUSED if fused else GROUPED)
     if dropout:
         return KernelChoice(GROUPED, "attention: dropout on the attention probabilities (training) has no fused "
                                      "kernel here; using the grouped attention with a dense mask")
@@ -172,7 +181,8 @@ def dot_product_attention(
     choice = attention_kernel(
         backend, causal=causal, window=window, segments=segment_ids is not None, softcap=logit_cap,
         dtype=q.dtype, head_dim=q.shape[-1], seq_len=k.shape[1], dense_mask=mask is not None,
-        gpu_capability=_gpu_capability() if backend == "gpu" else None, dropout=dropout)
+        gpu_capability=_gpu_capability() if backend == "gpu" else None, dropout=dropout,
+        self_attention=q.shape[1] == k.shape[1], cpu_kernel=backend == "cpu" and cpu_attention.available())
     if choice.notice:
         _notice(choice.notice)
     if choice.kernel == CUDNN:
@@ -181,6 +191,10 @@ def dot_product_attention(
         except (NotImplementedError, RuntimeError) as refusal:  # jax's own checks, raised while tracing
             _notice(f"attention: cuDNN refused these inputs ({refusal}); using the xla attention with a dense mask")
             choice = KernelChoice(XLA)
+    if choice.kernel == CPU_FUSED:
+        ids = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+        rows = functools.partial(cpu_attention.attention, causal=causal, scale=scale)
+        return _per_shard(rows, q.shape[0], k.shape[2], heads_axis=2)(q, k, v, ids)
     if choice.kernel == SPLASH:
         return splash_attention(q, k, v, segment_ids, causal=causal, window=window, scale=scale, logit_cap=logit_cap)
     own_mask = mask is None  # built here from segment ids, causality and window: self-attention
@@ -465,10 +479,11 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp", "expert"), "tensor"
 
 
-def _per_shard(rows: Any, batch: int, kv_heads: int) -> Any:
+def _per_shard(rows: Any, batch: int, kv_heads: int, heads_axis: int = 1) -> Any:
     """``rows`` run on each device's shard of a multi-device mesh in context (``jax.set_mesh``): a
-    Pallas kernel is opaque to XLA's partitioner, which would otherwise gather the whole batch onto
-    every device. Rows split over the batch axes and heads over the tensor axis, where they divide."""
+    Pallas kernel or an FFI call is opaque to XLA's partitioner, which would otherwise gather the whole
+    batch onto every device. Rows (axis 0) split over the batch axes and heads (``heads_axis`` of q, k,
+    v and the output) over the tensor axis, where they divide."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return rows
@@ -477,7 +492,7 @@ def _per_shard(rows: Any, batch: int, kv_heads: int) -> Any:
     if batch % max(1, int(np.prod([sizes[a] for a in batch_axes]))):
         batch_axes = ()
     heads = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 and kv_heads % sizes[HEAD_AXIS] == 0 else None
-    qkv = jax.sharding.PartitionSpec(batch_axes or None, heads)
+    qkv = jax.sharding.PartitionSpec(batch_axes or None, *[None] * (heads_axis - 1), heads)
     ids = jax.sharding.PartitionSpec(batch_axes or None)
     return jax.shard_map(rows, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)
 

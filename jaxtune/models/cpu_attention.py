@@ -1,0 +1,155 @@
+"""Fused attention for XLA:CPU: ``cpu_attention.cc`` built at first use, called through XLA's FFI.
+
+XLA:CPU has no fused attention: :func:`~jaxtune.models.attention.grouped_attention` runs the scores,
+softmax and their gradients as separate ops over whole score arrays, and its backward's
+query-contracting products as slow generic dots. The kernel here does flash attention per (batch,
+KV head) group instead: query tiles against key blocks whose scores stay in the cache, an online
+softmax that keeps each row's log-sum-exp, a backward that recomputes the probabilities from it,
+and no work on the keys a causal tile cannot see. Its groups run on XLA's own CPU thread pool.
+
+No PyPI package ships a CPU attention kernel for JAX, so this one is ours; it is built with the
+machine's C++ compiler (``$CXX``, else ``c++``/``g++``) for the machine's CPU (``-march=native``)
+into ``$JAXTUNE_CACHE/kernels``, once per source, compiler, jaxlib and CPU, and loaded from there
+afterwards. Without a compiler, or with ``JAXTUNE_CPU_ATTENTION=0``, :func:`available` is False and
+attention takes the XLA path (``grouped_attention``); a failed build says so once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_attention.cc")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
+_FORWARD, _BACKWARD = "jaxtune_cpu_attention_forward", "jaxtune_cpu_attention_backward"
+
+
+def enabled() -> bool:
+    """False when ``JAXTUNE_CPU_ATTENTION`` is ``0`` (or ``false``/``no``/``off``): use the XLA path."""
+    return os.environ.get("JAXTUNE_CPU_ATTENTION", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the kernel is enabled, built and registered with XLA (builds it on the first call)."""
+    return enabled() and _library() is not None
+
+
+def supports(*, head_dim: int, self_attention: bool, dropout: bool, softcap: float | None, window: object,
+             dense_mask: bool) -> bool:
+    """Whether the kernel computes this attention: self-attention from segment ids (or none), no
+    dropout on the probabilities, no soft-capping, no sliding window, a head dim that is a multiple of 8."""
+    return self_attention and not dropout and softcap is None and window is None and not dense_mask \
+        and head_dim % 8 == 0
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` compiles for: the CPU's model and feature flags."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    wanted = [line for line in lines if line.startswith(("model name", "flags", "Features", "CPU part"))]
+    return "\n".join(dict.fromkeys(wanted))
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """Build (once per machine) and load the kernel, and register its two FFI targets; None if it
+    cannot be built here (logged once, with the compiler's last line)."""
+    from jaxtune.assets import cache_dir, cache_lock
+
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("attention: no C++ compiler found ($CXX, c++, g++, clang++), so the fused CPU attention "
+                    "kernel is not built; using the XLA attention (install g++ for the faster one)")
+        return None
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, importlib.metadata.version("jaxlib"),
+                                    _cpu_signature()]).encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with cache_lock(target):
+            if not target.exists():
+                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                    built = Path(tmp) / target.name
+                    done = subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(built)],
+                                          capture_output=True, text=True)
+                    if done.returncode != 0:
+                        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+                        log.warning("attention: building the fused CPU attention kernel with %s failed (%s); "
+                                    "using the XLA attention", compiler, last)
+                        return None
+                    os.replace(built, target)
+    library = ctypes.cdll.LoadLibrary(str(target))
+    jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.JaxtuneAttentionForward), platform="cpu")
+    jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.JaxtuneAttentionBackward), platform="cpu")
+    return library
+
+
+def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal: bool,
+              scale: float | None = None) -> Array:
+    """Softmax self-attention on the fused CPU kernel (:func:`available` must be True).
+
+    Shapes: ``q`` ``(B, T, N, H)``, ``k``/``v`` ``(B, T, K, H)`` with ``N % K == 0`` and ``H % 8 == 0``
+    -> ``(B, T, N, H)`` in ``q``'s dtype (computed in float32). ``segment_ids`` ``(B, T)`` int, as
+    :func:`~jaxtune.models.attention.attention_mask` reads them (a query sees its own segment's keys;
+    0 is padding, which no query sees), or None (one segment). Scores are ``q . k * scale`` (default ``H ** -0.5``). A
+    query that sees no key (padding) gets zeros. Differentiable in ``q``, ``k`` and ``v``.
+    """
+    if not available():
+        raise RuntimeError("cpu_attention.attention: the fused CPU attention kernel is not available here "
+                           "(JAXTUNE_CPU_ATTENTION=0, or no C++ compiler); use grouped_attention")
+    b, t, _, h = q.shape
+    ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    f32 = (x.astype(jnp.float32) for x in (q, k, v))
+    return _attention(*f32, ids, h ** -0.5 if scale is None else float(scale), bool(causal)).astype(q.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _attention(q: Array, k: Array, v: Array, ids: Array, scale: float, causal: bool) -> Array:
+    return _forward(q, k, v, ids, scale, causal)[0]
+
+
+def _call(target: str, outputs: tuple[jax.ShapeDtypeStruct, ...], *args: Array, scale: float,
+          causal: bool) -> tuple[Array, ...]:
+    return jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(
+        *args, scale=np.float32(scale), causal=np.int32(causal))
+
+
+def _forward(q: Array, k: Array, v: Array, ids: Array, scale: float, causal: bool) -> tuple[Array, tuple]:
+    b, t, n, _ = q.shape
+    out, lse = _call(_FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
+                     q, k, v, ids, scale=scale, causal=causal)
+    return out, (q, k, v, ids, out, lse)
+
+
+def _backward(scale: float, causal: bool, residuals: tuple, d_out: Array) -> tuple[Array, Array, Array, None]:
+    q, k, v, ids, out, lse = residuals
+    dq, dk, dv = _call(_BACKWARD, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
+                       q, k, v, ids, out, lse, d_out.astype(jnp.float32), scale=scale, causal=causal)
+    return dq, dk, dv, None
+
+
+_attention.defvjp(_forward, _backward)
