@@ -143,8 +143,8 @@ struct Shape {
   bool causal;
 };
 
-// One group's inputs, packed: queries (G, tp, h) pre-scaled, keys (sp, h) and transposed (h, sp),
-// values likewise, the segment ids (0 past t), and for each query the keys [lo, hi) that hold its
+// One group's inputs, packed as its pass reads them: queries (G, tp, h) pre-scaled, keys transposed
+// (h, sp); for the forward values (sp, h), for the backward keys (sp, h) and values transposed; the segment ids (0 past t), and for each query the keys [lo, hi) that hold its
 // segment (from its first to its last token, cut after the query when causal; empty for padding and
 // past t). `runs`: every segment is one run, so every key in [lo, hi) is the query's segment's.
 struct Packed {
@@ -155,13 +155,16 @@ struct Packed {
 };
 
 void pack(const Shape& s, int64_t group, const float* q, const float* k, const float* v, const int32_t* seg,
-          bool values_t, Packed* p) {
+          bool backward, Packed* p) {
   const int64_t b = group / s.kv, head = group % s.kv, h = s.h;
   p->q.assign(s.g * s.tp * h, 0.0f);
-  p->k.assign(s.sp * h, 0.0f);
   p->kt.assign(h * s.sp, 0.0f);
-  p->v.assign(s.sp * h, 0.0f);
-  if (values_t) p->vt.assign(h * s.sp, 0.0f);
+  if (backward) {
+    p->k.assign(s.sp * h, 0.0f);
+    p->vt.assign(h * s.sp, 0.0f);
+  } else {
+    p->v.assign(s.sp * h, 0.0f);
+  }
   p->lo.assign(s.tp, 0);
   p->hi.assign(s.tp, 0);
   p->seg.assign(std::max(s.tp, s.sp), 0);
@@ -189,11 +192,12 @@ void pack(const Shape& s, int64_t group, const float* q, const float* k, const f
     }
     const float* ks = k + ((b * s.t + t) * s.kv + head) * h;
     const float* vs = v + ((b * s.t + t) * s.kv + head) * h;
-    std::memcpy(p->k.data() + t * h, ks, h * sizeof(float));
-    std::memcpy(p->v.data() + t * h, vs, h * sizeof(float));
-    for (int64_t d = 0; d < h; ++d) {
-      p->kt[d * s.sp + t] = ks[d];
-      if (values_t) p->vt[d * s.sp + t] = vs[d];
+    for (int64_t d = 0; d < h; ++d) p->kt[d * s.sp + t] = ks[d];
+    if (backward) {
+      std::memcpy(p->k.data() + t * h, ks, h * sizeof(float));
+      for (int64_t d = 0; d < h; ++d) p->vt[d * s.sp + t] = vs[d];
+    } else {
+      std::memcpy(p->v.data() + t * h, vs, h * sizeof(float));
     }
   }
 }

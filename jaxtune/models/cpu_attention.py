@@ -5,7 +5,8 @@ softmax and their gradients as separate ops over whole score arrays, and its bac
 query-contracting products as slow generic dots. The kernel here does flash attention per (batch,
 KV head) group instead: query tiles against key blocks whose scores stay in the cache, an online
 softmax that keeps each row's log-sum-exp, a backward that recomputes the probabilities from it,
-and no work on the keys a causal tile cannot see. Its groups run on XLA's own CPU thread pool.
+and no work on the key blocks a tile cannot see (after a causal tile, in other packed
+documents). Its groups run on XLA's own CPU thread pool.
 
 No PyPI package ships a CPU attention kernel for JAX, so this one is ours; it is built with the
 machine's C++ compiler (``$CXX``, else ``c++``/``g++``) for the machine's CPU (``-march=native``)
