@@ -28,7 +28,18 @@ dataclasses with one generic walker; errors name the field, the value and what i
     cfg = load("configs/quickstart.yaml", ["train.steps=4", "optimizer.learning_rate=3e-4"])
     save(cfg, run_dir / "config.yaml")           # the resolved config, with every default
 
-Relative paths are relative to the working directory.
+A recipe may start from another with ``base: other.yaml`` (a path relative to the recipe's own
+file): the other recipe's sections are read first and this one's are laid over them, key by key
+inside a section; a list (the plan, ``eval.choices``) or a value replaces the base's whole. Only
+``output.dir`` is never inherited: a recipe's runs go to its own directory (``runs/<its name>``
+unless it sets one), so a variant never resumes or overwrites its base's run::
+
+    base: chat_sentiment.yaml          # configs/chat_sentiment_qlora.yaml: only what differs
+    plan:
+      - {action: freeze, quantize: nf4}
+      - {preset: lora, rank: 8, alpha: 16, targets: [q_proj, k_proj, v_proj, o_proj]}
+
+Other relative paths (data files, model directories) are relative to the working directory.
 """
 
 from __future__ import annotations
@@ -51,6 +62,8 @@ from jaxtune.training.optim import OptimizerConfig
 from jaxtune.training.preference import PreferenceConfig
 from jaxtune.training.sharding import MeshConfig
 from jaxtune.tuning.plan import Plan, PlanError
+
+BASE = "base"  # the recipe key naming the recipe a recipe starts from
 
 
 class ConfigError(ValueError):
@@ -336,11 +349,58 @@ def _index(part: str, node: list, where: str) -> int:
     return int(part)
 
 
+def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: mappings merge key by key, at any depth; anything else in ``over``
+    (a list such as the plan, a value, ``null``) replaces what ``base`` has there."""
+    out = dict(base)
+    for key, value in over.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = merge(out[key], value) if both else value
+    return out
+
+
+def read_recipe(path: str | Path) -> dict[str, Any]:
+    """A recipe file's data with its ``base:`` chain resolved (see the module docstring); errors
+    name the file and the line of its ``base:``."""
+    return _read_recipe(Path(path), ())
+
+
+def _read_recipe(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
+    data = read_yaml(path)
+    if BASE not in data:
+        return data
+    base = data.pop(BASE)
+    where = f"{path}:{_line_of(path, BASE)}: {BASE}"
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{where}: expected the path of the recipe this one starts from, relative to "
+                          f"{path.parent} (e.g. base: quickstart.yaml), got {base!r}")
+    base_path = path.parent / base
+    if not base_path.is_file():
+        raise ConfigError(f"{where}: no recipe {base_path}; give a path relative to this file's directory")
+    chain = (*children, path)
+    if base_path.resolve() in {p.resolve() for p in chain}:
+        cycle = " -> ".join(str(p) for p in (*chain, base_path))
+        raise ConfigError(f"{where}: the recipes start from each other in a circle ({cycle}); remove one base")
+    inherited = _read_recipe(base_path, chain)
+    if isinstance(inherited.get("output"), Mapping):  # a run directory belongs to one recipe
+        inherited["output"] = {k: v for k, v in inherited["output"].items() if k != "dir"}
+    return merge(inherited, data)
+
+
+def _line_of(path: Path, key: str) -> int | str:
+    """The line of a top-level ``key:`` in a YAML file (``?`` if it is written another way)."""
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if re.match(rf"{re.escape(key)}\s*:", line):
+            return number
+    return "?"
+
+
 def load(path: str | Path | None, overrides: Sequence[str] = (), *, base: Mapping[str, Any] | None = None) -> Config:
-    """Read a YAML config (or start from ``base`` data), apply overrides, validate."""
-    data = read_yaml(path) if path is not None else {}
+    """Read a YAML recipe (its ``base:`` chain resolved) or start from ``base`` data, lay the
+    recipe over ``base`` when both are given, apply overrides, validate."""
+    data = read_recipe(path) if path is not None else {}
     if base is not None:
-        data = {**_deepcopy(base), **data}
+        data = merge(_deepcopy(base), data)
     data = _deepcopy(data)
     for override in overrides:
         apply_override(data, override)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,60 @@ def test_file_errors(tmp_path):
         config.load(tmp_path / "missing.yaml")
     assert "classification needs a head" in error(tmp_path, {"model": {"path": "m"}, "data": {"dataset":
                                                                                             "rotten_tomatoes"}})
+
+
+def test_a_recipe_starts_from_its_base(tmp_path):
+    """``base:`` lays a recipe over another (a chain, paths relative to each file): mappings merge key
+    by key, lists and values replace, overrides come last, and the run directory is never inherited."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "root.yaml").write_text(yaml.safe_dump({
+        **MINIMAL, "optimizer": {"learning_rate": 1e-3, "group_lr": {"head": 5.0}}, "train": {"steps": 9},
+        "eval": {"choices": ["yes", "no"], "every": 3}, "output": {"dir": "runs/root", "export": "merged"}}))
+    (tmp_path / "shared" / "middle.yaml").write_text(
+        "base: root.yaml\noptimizer: {warmup_ratio: 0.2, group_lr: {lora: 2.0}}\neval: {choices: [a, b, c]}\n")
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("# a variant\nbase: shared/middle.yaml\nplan: [{preset: lora, rank: 4}]\n"
+                       "train: {steps: null, epochs: 2}\n")
+    cfg = config.load(variant, ["eval.every=5"])
+    assert cfg.model.path == "m" and cfg.data.train == "t.jsonl"            # untouched sections inherited
+    assert cfg.optimizer.learning_rate == 1e-3 and cfg.optimizer.warmup_ratio == 0.2
+    assert cfg.optimizer.group_lr == {"head": 5.0, "lora": 2.0}           # mappings merge at any depth
+    assert cfg.eval.choices == ("a", "b", "c") and cfg.plan == ({"preset": "lora", "rank": 4},)  # lists replace
+    assert cfg.train.steps is None and cfg.train.epochs == 2               # null replaces too
+    assert cfg.eval.every == 5                                             # overrides last
+    assert cfg.output.dir == "runs/variant" and cfg.output.export == "merged"  # its own run directory
+    # The resolved config stands alone: saved and loaded again it is the same, without its bases.
+    assert config.load(config.save(cfg, tmp_path / "resolved.yaml")) == cfg
+    # The same as writing the whole recipe out by hand.
+    (tmp_path / "whole.yaml").write_text(yaml.safe_dump({
+        **MINIMAL, "plan": [{"preset": "lora", "rank": 4}],
+        "optimizer": {"learning_rate": 1e-3, "warmup_ratio": 0.2, "group_lr": {"head": 5.0, "lora": 2.0}},
+        "train": {"epochs": 2}, "eval": {"choices": ["a", "b", "c"], "every": 5},
+        "output": {"dir": "runs/variant", "export": "merged"}}))
+    assert config.load(tmp_path / "whole.yaml") == cfg
+
+
+def test_base_errors_name_the_file_and_line(tmp_path):
+    assert error(tmp_path, "# c\nbase: nowhere.yaml\n") == (
+        f"{tmp_path / 'run.yaml'}:2: base: no recipe {tmp_path / 'nowhere.yaml'}; give a path relative to this "
+        "file's directory")
+    assert "run.yaml:1: base: expected the path of the recipe this one starts from" in error(tmp_path, "base: [a]\n")
+    (tmp_path / "a.yaml").write_text("base: run.yaml\n")
+    assert f"a.yaml:1: base: the recipes start from each other in a circle ({tmp_path / 'run.yaml'} -> " \
+        f"{tmp_path / 'a.yaml'} -> {tmp_path / 'run.yaml'})" in error(tmp_path, "base: a.yaml\n")
+    assert "in a circle" in error(tmp_path, "base: run.yaml\n")
+    (tmp_path / "broken.yaml").write_text("model: [\n")
+    assert "broken.yaml:2: not valid YAML" in error(tmp_path, "base: broken.yaml\n")
+    # A base's own mistakes are still reported against the field, after the merge.
+    (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**MINIMAL, "optimizr": {}}))
+    assert "unknown key 'optimizr'" in error(tmp_path, "base: typo.yaml\n")
+
+
+def test_the_qlora_recipe_is_the_chat_recipe_with_another_plan():
+    qlora, chat = config.load(CONFIGS / "chat_sentiment_qlora.yaml"), config.load(CONFIGS / "chat_sentiment.yaml")
+    assert qlora.plan[0] == {"action": "freeze", "quantize": "nf4"} and qlora.plan[1:] == chat.plan
+    assert qlora.output.dir == "runs/chat_sentiment_qlora" and chat.output.dir == "runs/chat_sentiment"
+    assert dataclasses.replace(qlora, plan=chat.plan, output=chat.output) == chat
 
 
 def test_overrides_reach_into_plan_lists(tmp_path):

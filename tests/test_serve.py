@@ -394,6 +394,10 @@ def test_serve_keys_command(tmp_path, capsys):
     (tmp_path / "recipe.yaml").write_text("optimizr: {learning_rate: 0.1}\n")
     assert main(["serve", "--recipe", str(tmp_path / "recipe.yaml"), "--data-dir", str(tmp_path)]) == 2
     assert "unknown key 'optimizr'" in capsys.readouterr().err
+    # An operator recipe may start from another (base:), resolved and checked like a training recipe.
+    (tmp_path / "operator.yaml").write_text("base: recipe.yaml\n")
+    assert main(["serve", "--recipe", str(tmp_path / "operator.yaml"), "--data-dir", str(tmp_path)]) == 2
+    assert "unknown key 'optimizr'" in capsys.readouterr().err
 
 
 def test_uploads_are_capped_and_stored_under_server_names(tmp_path):

@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ImportError:
         raise UsageError("jaxtune serve needs the serve extra: pip install 'jaxtune[serve]'") from None
     from jaxtune import serve
-    from jaxtune.config import read_yaml
+    from jaxtune.config import read_recipe
     from jaxtune.serve.app import Settings
     from jaxtune.serve.jobs import RequestError, base_models, check_operator_recipe
 
@@ -83,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not eq or not name or not path:
             raise UsageError(f"--model {item!r}: expected NAME=DIR")
         local[name] = path
-    recipe = read_yaml(args.recipe) if args.recipe else {}
+    recipe = read_recipe(args.recipe) if args.recipe else {}
     try:
         check_operator_recipe(recipe, args.recipe or "")
         models = base_models(local)

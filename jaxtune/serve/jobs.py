@@ -39,19 +39,10 @@ class RequestError(ValueError):
         self.param, self.code, self.status = param, code, status
 
 
-def merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``, section by section (a list, e.g. the plan, replaces)."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
-            else value
-    return out
-
-
 def check_operator_recipe(recipe: Mapping[str, Any], where: str) -> None:
     """An operator recipe sets how jobs train, never what they train on; it is checked at start
     (keys, types, ranges) as the recipe of a chat job, so a typo fails the server, not every job."""
-    from jaxtune.config import ConfigError, load
+    from jaxtune.config import ConfigError, load, merge
 
     for section, fields in JOB_OWNED.items():
         given = recipe.get(section) or {}
@@ -163,7 +154,7 @@ def job_recipe(*, model_path: str, method: str, hyperparameters: Mapping[str, An
                operator: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The recipe of a job as plain config data, validated by the same code as ``jaxtune train``,
     and the resolved hyperparameters to report. Raises :class:`RequestError` naming the param."""
-    from jaxtune.config import ConfigError, load, to_data
+    from jaxtune.config import ConfigError, load, merge, to_data
 
     recipe = merge(DEFAULTS, operator or {})
     known = {"batch_size", "learning_rate_multiplier", "n_epochs"} | ({"beta"} if method == "dpo" else set())
