@@ -1,19 +1,24 @@
 """Dropout on attention probabilities in training, against transformers' eager attention: each
 family reads its config's rate (BERT ``attention_probs_dropout_prob``, DistilBERT and the Llama
-family ``attention_dropout``, GPT-2 ``attn_pdrop``), and with jaxtune's own dropout bits fed to
-transformers' dropout a train-mode forward agrees within 1e-4. Evaluation and cached decoding draw
-nothing, and a rate of 0 is the deterministic forward."""
+family ``attention_dropout``, GPT-2 ``attn_pdrop``), and with jaxtune's own dropout mask fed to
+transformers' dropout a train-mode forward agrees within 1e-4, on both CPU paths: the fused kernel
+(its mask a hash of the layer's key, ``cpu_attention.dropout_keep``) and the grouped XLA attention
+(``keep_mask``'s bits). Evaluation and cached decoding draw nothing, and a rate of 0 is the
+deterministic forward."""
 
 from __future__ import annotations
 
+import os
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 import transformers
 from helpers import torch_logits
 
-from jaxtune.models import attention, hf
+from jaxtune.models import attention, cpu_attention, hf
 
 RATE = 0.3
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -37,8 +42,38 @@ def _reference(family: str):
                                     tie_word_embeddings=False), transformers.LlamaForCausalLM
 
 
+def _record_masks(kernel: str, drawn: list, monkeypatch) -> None:
+    """Append each layer's keep mask (B, N, T, S) to ``drawn`` as the forward runs on ``kernel``. The
+    decoders scan their layers, so the masks come out by callback."""
+    if kernel == "grouped":
+        monkeypatch.setenv("JAXTUNE_CPU_ATTENTION", "0")
+        keep_mask = attention.keep_mask
+
+        def recording(*args, **kwargs):
+            bits = keep_mask(*args, **kwargs)
+            jax.debug.callback(lambda b: drawn.append(np.asarray(b)), bits, ordered=True)
+            return bits
+
+        monkeypatch.setattr(attention, "keep_mask", recording)
+        return
+    if not cpu_attention.available() and not os.environ.get("CI"):
+        pytest.skip("no C++ compiler here to build the fused CPU attention kernel")
+    fused = cpu_attention.attention
+
+    def recording(q, k, v, segment_ids, *, dropout_rate=0.0, dropout_rng=None, **kwargs):
+        if dropout_rate and dropout_rng is not None:
+            b, t, n, _ = q.shape
+            where = np.meshgrid(np.arange(b), np.arange(n), np.arange(t), np.arange(t), indexing="ij")
+            jax.debug.callback(lambda seed: drawn.append(cpu_attention.dropout_keep(seed, *where, dropout_rate)),
+                               jax.random.bits(dropout_rng, (2,), jnp.uint32), ordered=True)
+        return fused(q, k, v, segment_ids, dropout_rate=dropout_rate, dropout_rng=dropout_rng, **kwargs)
+
+    monkeypatch.setattr(cpu_attention, "attention", recording)
+
+
+@pytest.mark.parametrize("kernel", ["fused", "grouped"])
 @pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama"])
-def test_attention_dropout_is_transformers_in_training(family, tmp_path, monkeypatch):
+def test_attention_dropout_is_transformers_in_training(family, kernel, tmp_path, monkeypatch):
     config, model_cls = _reference(family)
     config.architectures = [model_cls.__name__]
     torch.manual_seed(0)
@@ -56,15 +91,8 @@ def test_attention_dropout_is_transformers_in_training(family, tmp_path, monkeyp
         return np.asarray(m.module.apply({"params": m.params}, ids, mask, positions, deterministic=deterministic,
                                          rngs={"dropout": jax.random.key(3)}))
 
-    drawn = []  # jaxtune's keep bits (B, N, T, S), in layer order
-    keep_mask = attention.keep_mask
-
-    def recording(*args, **kwargs):  # the decoders scan their layers: the bits come out by callback
-        bits = keep_mask(*args, **kwargs)
-        jax.debug.callback(lambda b: drawn.append(np.asarray(b)), bits, ordered=True)
-        return bits
-
-    monkeypatch.setattr(attention, "keep_mask", recording)
+    drawn = []  # jaxtune's keep masks (B, N, T, S), in layer order
+    _record_masks(kernel, drawn, monkeypatch)
     trained = ours(model, False)
     assert len(drawn) == 2 and drawn[0].shape == (2, 4, 9, 9) and 0.5 < drawn[0].mean() < 0.9
     fed = iter(drawn)

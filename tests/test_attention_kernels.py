@@ -39,7 +39,7 @@ SELECTION = [
     ("cpu", dict(softcap=50.0, dtype=F32, dense_mask=True), GROUPED, None),
     ("cpu", dict(cpu_kernel=True), CPU_FUSED, None),
     ("cpu", dict(cpu_kernel=True, causal=False, dtype=F32, head_dim=24), CPU_FUSED, None),
-    ("cpu", dict(cpu_kernel=True, dropout=True), GROUPED, None),  # BERT in training
+    ("cpu", dict(cpu_kernel=True, dropout=True, causal=False), CPU_FUSED, None),  # BERT in training
     ("cpu", dict(cpu_kernel=True, softcap=50.0), GROUPED, None),
     ("cpu", dict(cpu_kernel=True, window=4096), GROUPED, None),
     ("cpu", dict(cpu_kernel=True, dense_mask=True), GROUPED, None),  # KV-cache decoding
@@ -112,15 +112,17 @@ def test_probability_dropout_with_grouped_query_heads_equals_the_closed_form():
                                   plain)
 
 
-def _plain_attention(q, k, v, mask, *, cap=None, rate=0.0, rng=None):
+def _plain_attention(q, k, v, mask, *, cap=None, rate=0.0, rng=None, keep=None):
     """Softmax attention as plainly as it is written (KV heads repeated, jax.nn.softmax, autodiff): the
-    reference for the CPU kernel's query blocks and its recomputing backward."""
+    reference for the CPU kernels' query blocks and recomputing backwards. Dropout keeps ``keep``
+    ``(B, N, T, S)`` if given, else ``keep_mask``'s bits of ``rng``."""
     b, t, n, h = q.shape
     g = n // k.shape[2]
     scores = attention.softcap(jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, g, 2)) * h ** -0.5, cap)
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
     if rate:
-        probs = jnp.where(keep_mask(rng, rate, probs.shape), probs / (1 - rate), 0.0)
+        keep = keep_mask(rng, rate, probs.shape) if keep is None else keep
+        probs = jnp.where(keep, probs / (1 - rate), 0.0)
     return jnp.einsum("bnts,bsnh->btnh", probs, jnp.repeat(v, g, 2))
 
 
@@ -209,6 +211,59 @@ def test_fused_cpu_attention_equals_plain_attention(b, t, n, kv, h, causal, rows
                            out_atol=2e-6, grad_atol=1e-5)
 
 
+def _fused_keep(rng: jax.Array, rate: float, b: int, n: int, t: int, first_row: int = 0) -> np.ndarray:
+    """The fused kernel's dropout mask, (B, N, T, T), from its documented hash."""
+    seed = np.asarray(jax.random.bits(rng, (2,), jnp.uint32))
+    rows, heads, queries, keys = np.meshgrid(np.arange(b) + first_row, np.arange(n), np.arange(t), np.arange(t),
+                                             indexing="ij")
+    return cpu_attention.dropout_keep(seed, rows, heads, queries, keys, rate)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(("b", "t", "n", "kv", "h", "causal", "rows"), [FUSED_CASES[i] for i in (0, 1, 3, 5)])
+def test_fused_cpu_attention_with_dropout_equals_plain_attention_with_its_mask(b, t, n, kv, h, causal, rows):
+    """Dropout inside the kernel (BERT's attention dropout, 0.1; 0.3 here): outputs and gradients equal
+    plain softmax attention whose probabilities are dropped with :func:`cpu_attention.dropout_keep`'s
+    mask after the softmax and scaled by 1 / (1 - rate); the backward recomputes the same mask."""
+    q, k, v = _qkv(t + 1, b, t, n, kv, h)
+    ids = _rows(rows, b, t)
+    mask = attention_mask(ids, causal=causal)
+    weights = jax.random.normal(jax.random.key(2), q.shape) * (ids != 0)[:, :, None, None]
+    rng, rate = jax.random.key(11), 0.3
+    keep = jnp.asarray(_fused_keep(rng, rate, b, n, t))
+
+    def ours(q, k, v):
+        return cpu_attention.attention(q, k, v, ids, causal=causal, dropout_rate=rate, dropout_rng=rng)
+
+    _assert_same_attention(ours, lambda q, k, v: _plain_attention(q, k, v, mask, rate=rate, keep=keep),
+                           (q, k, v), ids, weights, out_atol=2e-6, grad_atol=1e-5)
+
+
+def test_the_fused_dropout_mask_drops_at_the_rate_and_differs_by_key_and_position():
+    """The hash mask as dropout needs it: each probability dropped with the rate's chance (to 2^-16,
+    0.1 -> 0.100006), independently of its neighbours, and another key, batch row, head, query or key
+    gives another draw."""
+    seed = np.array([12345, 678], np.uint32)
+    rows, heads, queries, keys = np.meshgrid(np.arange(4), np.arange(12), np.arange(64), np.arange(64),
+                                             indexing="ij")  # MiniLM's packed quickstart rows: 196,608 draws
+    for rate in (0.1, 0.5):
+        keep = cpu_attention.dropout_keep(seed, rows, heads, queries, keys, rate)
+        p = round(rate * 65536) / 65536
+        assert abs((1 - keep.mean()) - p) < 4 * np.sqrt(p * (1 - p) / keep.size)
+        # neighbours along each axis agree as often as independent draws would
+        for axis in range(4):
+            a, b = np.moveaxis(keep, axis, 0)[:-1], np.moveaxis(keep, axis, 0)[1:]
+            both = (a & b).mean()
+            assert abs(both - (1 - p) ** 2) < 4 * np.sqrt((1 - p) ** 2 / a.size) + 1e-3, (rate, axis)
+    base = cpu_attention.dropout_keep(seed, rows, heads, queries, keys, 0.5)
+    for other in (cpu_attention.dropout_keep(seed + 1, rows, heads, queries, keys, 0.5),
+                  cpu_attention.dropout_keep(seed, rows + 4, heads, queries, keys, 0.5),
+                  cpu_attention.dropout_keep(seed, rows, heads + 12, queries, keys, 0.5),
+                  cpu_attention.dropout_keep(seed, rows, heads, queries + 64, keys, 0.5),
+                  cpu_attention.dropout_keep(seed, rows, heads, queries, keys + 64, 0.5)):
+        assert abs((base == other).mean() - 0.5) < 0.01
+
+
 @needs_cpu_kernel
 def test_fused_cpu_attention_is_finite_on_padding_and_keeps_the_dtype():
     """A row of padding sees no key: its outputs are zeros and no gradient reaches it (plain softmax
@@ -246,18 +301,29 @@ def test_the_dispatch_runs_the_fused_kernel_and_can_be_turned_off(monkeypatch):
     assert "jaxtune_cpu_attention" not in program
     real = np.asarray(ids != 0)
     np.testing.assert_allclose(np.asarray(fused)[real], np.asarray(plain)[real], atol=2e-6)
+    # An encoder in training (attention dropout) runs the kernel too, with the kernel's mask.
+    monkeypatch.delenv("JAXTUNE_CPU_ATTENTION")
+    rng = jax.random.key(3)
+    fn = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, segment_ids=ids, causal=False,
+                                                                 dropout_rate=0.1, dropout_rng=rng))
+    assert "jaxtune_cpu_attention_forward" in fn.lower(q, k, v).as_text()
+    keep = jnp.asarray(_fused_keep(rng, 0.1, 2, 4, 50))
+    expected = _plain_attention(q, k, v, attention_mask(ids, causal=False), rate=0.1, keep=keep)
+    np.testing.assert_allclose(np.asarray(fn(q, k, v))[real], np.asarray(expected)[real], atol=2e-6)
 
 
 @needs_cpu_kernel
 def test_fused_cpu_attention_runs_per_shard_under_a_mesh():
     """Under a data 4 x tensor 2 mesh (8 simulated devices) the kernel runs on each device's rows and KV
     heads (a ``shard_map``: XLA cannot split an FFI call) and gives the single-device outputs and
-    gradients."""
+    gradients, attention dropout included (each shard is told where its rows and heads start)."""
     q, k, v = _qkv(2, 4, 40, 4, 2, 16)
     ids = jnp.asarray(np.stack([np.r_[np.ones(15), 2 * np.ones(20), np.zeros(5)]] * 4), jnp.int32)
+    rng = jax.random.key(5)
 
-    def loss(q, k, v):
-        return jnp.sum(attention.dot_product_attention(q, k, v, segment_ids=ids, causal=True) * q)
+    def loss(q, k, v):  # with attention dropout: each shard draws its part of the whole batch's mask
+        return jnp.sum(attention.dot_product_attention(q, k, v, segment_ids=ids, causal=True, dropout_rate=0.2,
+                                                       dropout_rng=rng) * q)
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
@@ -266,8 +332,8 @@ def test_fused_cpu_attention_runs_per_shard_under_a_mesh():
     with jax.set_mesh(mesh):
         assert "shard_map" in str(jax.make_jaxpr(loss)(q, k, v))
         got = jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):  # the loss: a sum of ~100
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-6)
 
 
 @needs_cpu_kernel

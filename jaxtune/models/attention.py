@@ -8,8 +8,8 @@ dtype, the mask's form), so the choice is testable anywhere:
 backend     kernel
 ==========  =================================================================================
 CPU         the fused kernel of :mod:`jaxtune.models.cpu_attention` (flash attention in C++ through
-            XLA's FFI, built at first use; per shard on a mesh) for self-attention from segment ids
-            without dropout, soft-capping or a sliding window; otherwise :func:`grouped_attention`:
+            XLA's FFI, built at first use; per shard on a mesh) for self-attention from segment ids,
+            with dropout or without, and no soft-capping or sliding window; otherwise :func:`grouped_attention`:
             rank-3 batched matmuls per (batch x KV head) group (XLA:CPU runs the rank-5 dots of the
             generic path about 2x slower); causal rows in query blocks that skip the masked keys,
             and flash attention's backward.
@@ -23,9 +23,11 @@ TPU         Pallas splash attention with segment ids and a causal / local (slidi
 Where the backend's kernel cannot take the inputs (float32 on a GPU, a head dim cuDNN refuses,
 soft-capping on a GPU, a sequence length splash cannot tile, a dense mask given by the caller),
 the XLA path with a dense mask runs instead and a one-line notice says why, once per reason.
-Dropout on the attention probabilities (BERT's ``attention_probs_dropout_prob`` in training)
-always runs :func:`grouped_attention`, the one path with a dropout of its own; its
-bits come from the caller's key (:func:`jaxtune.models.dropout.keep_mask`, as the rest of a model's dropout).
+Dropout on the attention probabilities (BERT's ``attention_probs_dropout_prob`` in training) runs
+in the fused CPU kernel (its mask a hash of the caller's key and the positions,
+:func:`jaxtune.models.cpu_attention.dropout_keep`) or else in :func:`grouped_attention` (bits from
+the caller's key, :func:`jaxtune.models.dropout.keep_mask`, as the rest of a model's dropout); the
+GPU and TPU kernels take none, so there it runs the grouped attention.
 """
 
 from __future__ import annotations
@@ -86,8 +88,7 @@ def attention_kernel(
     """
     if backend == "cpu":
         fused = cpu_kernel and cpu_attention.supports(head_dim=head_dim, self_attention=self_attention,
-                                                      dropout=dropout, softcap=softcap, window=window,
-                                                      dense_mask=dense_mask)
+                                                      softcap=softcap, window=window, dense_mask=dense_mask)
         return KernelChoice(CPU_FUSED if fused else GROUPED)
     if dropout:
         return KernelChoice(GROUPED, "attention: dropout on the attention probabilities (training) has no fused "
@@ -193,8 +194,9 @@ def dot_product_attention(
             choice = KernelChoice(XLA)
     if choice.kernel == CPU_FUSED:
         ids = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
-        rows = functools.partial(cpu_attention.attention, causal=causal, scale=scale)
-        return _per_shard(rows, q.shape[0], k.shape[2], heads_axis=2)(q, k, v, ids)
+        rows = functools.partial(cpu_attention.attention, causal=causal, scale=scale,
+                                 dropout_rate=dropout_rate if dropout else 0.0, dropout_rng=dropout_rng)
+        return _per_shard(rows, q.shape[0], k.shape[2], heads_axis=2, offsets=True)(q, k, v, ids)
     if choice.kernel == SPLASH:
         return splash_attention(q, k, v, segment_ids, causal=causal, window=window, scale=scale, logit_cap=logit_cap)
     own_mask = mask is None  # built here from segment ids, causality and window: self-attention
@@ -479,11 +481,13 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp", "expert"), "tensor"
 
 
-def _per_shard(rows: Any, batch: int, kv_heads: int, heads_axis: int = 1) -> Any:
+def _per_shard(rows: Any, batch: int, kv_heads: int, heads_axis: int = 1, offsets: bool = False) -> Any:
     """``rows`` run on each device's shard of a multi-device mesh in context (``jax.set_mesh``): a
     Pallas kernel or an FFI call is opaque to XLA's partitioner, which would otherwise gather the whole
     batch onto every device. Rows (axis 0) split over the batch axes and heads (``heads_axis`` of q, k,
-    v and the output) over the tensor axis, where they divide."""
+    v and the output) over the tensor axis, where they divide. With ``offsets``, ``rows`` is also
+    called with ``first_row=`` and ``first_head=``: where its shard's rows and query heads start in
+    the whole batch (0 and 0 without a mesh)."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or mesh.size == 1:
         return rows
@@ -494,7 +498,15 @@ def _per_shard(rows: Any, batch: int, kv_heads: int, heads_axis: int = 1) -> Any
     heads = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 and kv_heads % sizes[HEAD_AXIS] == 0 else None
     qkv = jax.sharding.PartitionSpec(batch_axes or None, *[None] * (heads_axis - 1), heads)
     ids = jax.sharding.PartitionSpec(batch_axes or None)
-    return jax.shard_map(rows, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)
+    body = rows
+    if offsets:
+        def body(q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
+            # axis_index over several axes is the shard's index in the row-major order that
+            # PartitionSpec((a, b)) splits a dimension in.
+            row = jax.lax.axis_index(batch_axes) * q.shape[0] if batch_axes else 0
+            head = jax.lax.axis_index(heads) * q.shape[heads_axis] if heads else 0
+            return rows(q, k, v, segment_ids, first_row=row, first_head=head)
+    return jax.shard_map(body, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)
 
 
 def _splash_block(length: int) -> int:

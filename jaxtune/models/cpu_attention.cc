@@ -14,6 +14,15 @@
 // need not be one run: prompt tuning's virtual tokens share the text's segment across padding), out
 // (B, T, N, H), lse (B, N, T). A row with no key to see gives zeros (and lse 0). H % 8 == 0.
 //
+// Dropout on the probabilities (`drop` > 0: each probability dropped with chance drop / 65536, the
+// rest scaled by `kept`, 1 / (1 - rate) for the rate drop stands for) draws no random numbers: whether query i of head n in
+// batch row b keeps key j is a hash of (seed, b, n, i, j) (`row_key`, `drop_row` below; the same function is
+// `dropout_keep` in cpu_attention.py), so the backward recomputes the forward's mask, and a shard
+// of a mesh, told its first batch row and head, draws the mask of the whole batch. The normaliser
+// sums the kept and dropped probabilities alike (dropout follows the softmax), and the backward is
+// flash attention's with dropout: dV from the dropped probabilities, dS = P (Z dP - D) with Z the
+// mask's scale and D the row's dO . O of the dropped output.
+//
 // Built at first use by jaxtune/models/cpu_attention.py with the machine's C++ compiler.
 
 #include <algorithm>
@@ -35,6 +44,7 @@ namespace {
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));
 typedef int32_t i8v __attribute__((vector_size(32)));
+typedef uint32_t u8v __attribute__((vector_size(32)));
 
 constexpr int64_t kRows = 32;  // queries per tile
 constexpr int64_t kKeys = 32;  // keys per block
@@ -68,6 +78,37 @@ inline v8 vexp(v8 x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   y = y * scale;
   return zero ? splat(0.0f) : y;
+}
+
+// murmur3's 32-bit finaliser: a bijection whose every output bit depends on every input bit.
+template <typename T>
+inline T fmix(T h) {
+  h ^= h >> 16;
+  h *= 0x85EBCA6Bu;
+  h ^= h >> 13;
+  h *= 0xC2B2AE35u;
+  h ^= h >> 16;
+  return h;
+}
+
+// The dropout hash of one query row: (seed, batch row, query head, query position) mixed in turn.
+inline uint32_t row_key(const uint32_t* seed, uint32_t b, uint32_t n, uint32_t i) {
+  uint32_t x = fmix(seed[0] ^ fmix(b * 0x9E3779B9u + seed[1]));
+  x = fmix(x ^ (n * 0x85EBCA6Bu + 0x165667B1u));
+  return fmix(x + i * 0xC2B2AE35u);
+}
+
+// Multiplies row[j] (keys j0 + j, j < kKeys) by the row's dropout scale: 0 where dropped, else
+// `kept` (1 / keep probability). Key j is kept when the top 16 bits of fmix(key ^ j * golden) are at
+// least `drop`.
+inline void drop_row(uint32_t key, int64_t j0, uint32_t drop, float kept, float* row) {
+  const u8v lanes = {0, 1, 2, 3, 4, 5, 6, 7};
+  for (int64_t j = 0; j < kKeys; j += 8) {
+    const u8v idx = lanes + static_cast<uint32_t>(j0 + j);
+    const u8v bits = fmix((idx * 0x9E3779B9u) ^ key) >> 16;
+    const i8v keep = bits >= drop;
+    store(row + j, keep ? load(row + j) * splat(kept) : splat(0.0f));
+  }
 }
 
 // Keeps x in a register: without it GCC folds the load into each FMA that reads x, and the
@@ -141,6 +182,9 @@ struct Shape {
   int64_t b, t, n, kv, h, g, tp, sp;  // tp, sp: t rounded up to kRows, kKeys
   float scale;
   bool causal;
+  uint32_t drop;        // dropout: probabilities dropped with chance drop / 65536 (0: none)
+  float kept;           // the kept probabilities' scale, 1 / (1 - rate)
+  const uint32_t* rng;  // seed[2], then the shard's first batch row and first query head
 };
 
 // One group's inputs, packed as its pass reads them: queries (G, tp, h) pre-scaled, keys transposed
@@ -279,6 +323,7 @@ void forward_group(const Shape& s, int64_t group, const float* q, const float* k
           total[r] = total[r] * keep + added;
           if (keep != 1.0f)
             for (int64_t d = 0; d < h; ++d) acc[r * h + d] *= keep;
+          if (s.drop) drop_row(row_key(s.rng, s.rng[2] + b, s.rng[3] + head * s.g + g, i0 + r), j0, s.drop, s.kept, row);
         }
         accumulate(acc.data(), kRows, sc.data(), kKeys, 1, kKeys, p.v.data() + j0 * h, h);
       }
@@ -335,15 +380,26 @@ void backward_group(const Shape& s, int64_t group, const float* q, const float* 
           const v8 top = splat(row_lse[r]);
           for (int64_t j = 0; j < kKeys; j += 8) store(row + j, vexp(load(row + j) - top));
         }
-        // dV[j] += sum_r P[r, j] dO[r]
-        accumulate(dvp.data() + j0 * h, kKeys, pr.data(), 1, kKeys, kRows, dot.data(), h);
         scores_tile(dot.data(), h, p.vt.data() + j0, s.sp, dp.data());  // dP = dO V^T
         for (int64_t r = 0; r < kRows; ++r) {
           float* dpr = dp.data() + r * kKeys;
-          const float* prr = pr.data() + r * kKeys;
+          float* prr = pr.data() + r * kKeys;
           const v8 dr = splat(delta[r]);
-          for (int64_t j = 0; j < kKeys; j += 8) store(dpr + j, load(prr + j) * (load(dpr + j) - dr));
+          if (s.drop) {  // dS = P (Z dP - D); P becomes Z P, the probabilities the forward used
+            float z[kKeys];
+            std::fill(z, z + kKeys, 1.0f);
+            drop_row(row_key(s.rng, s.rng[2] + b, s.rng[3] + n, i0 + r), j0, s.drop, s.kept, z);
+            for (int64_t j = 0; j < kKeys; j += 8) {
+              const v8 pj = load(prr + j), zj = load(z + j);
+              store(dpr + j, pj * (zj * load(dpr + j) - dr));
+              store(prr + j, pj * zj);
+            }
+          } else {
+            for (int64_t j = 0; j < kKeys; j += 8) store(dpr + j, load(prr + j) * (load(dpr + j) - dr));
+          }
         }
+        // dV[j] += sum_r (Z P)[r, j] dO[r]
+        accumulate(dvp.data() + j0 * h, kKeys, pr.data(), 1, kKeys, kRows, dot.data(), h);
         // dS now in dp: dQ += dS K (scaled at the end), dK += dS^T (scale * Q)
         accumulate(dqt.data(), kRows, dp.data(), kKeys, 1, kKeys, p.k.data() + j0 * h, h);
         accumulate(dkp.data() + j0 * h, kKeys, dp.data(), 1, kKeys, kRows, qt, h);
@@ -385,11 +441,16 @@ void parallel_for(ffi::ThreadPool& pool, int64_t count, F work) {
 }
 
 ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                    const ffi::Buffer<ffi::S32>& seg, float scale, int32_t causal, Shape* s) {
+                    const ffi::Buffer<ffi::S32>& seg, const ffi::Buffer<ffi::U32>& rng, float scale, int32_t causal,
+                    int32_t drop, float kept, Shape* s) {
   auto qd = q.dimensions(), kd = k.dimensions(), sd = seg.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || sd.size() != 2)
     return ffi::Error::InvalidArgument("jaxtune attention: q, k must be rank 4 and segment ids rank 2");
-  *s = Shape{qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, scale, causal != 0};
+  if (rng.element_count() != 4 || drop < 0 || drop >= 65536)
+    return ffi::Error::InvalidArgument("jaxtune attention: dropout needs 4 uint32 (seed, first row, first head) "
+                                       "and 0 <= drop < 65536");
+  *s = Shape{qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, scale, causal != 0, static_cast<uint32_t>(drop), kept,
+             rng.typed_data()};
   if (kd[0] != s->b || kd[1] != s->t || kd[3] != s->h || sd[0] != s->b || sd[1] != s->t || s->kv == 0 ||
       s->n % s->kv != 0 || s->h % 8 != 0)
     return ffi::Error::InvalidArgument("jaxtune attention: shapes do not fit (B, T, N, H) / (B, T, K, H) / (B, T)");
@@ -400,10 +461,11 @@ ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
 }
 
 ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::ResultBuffer<ffi::F32> out,
-                   ffi::ResultBuffer<ffi::F32> lse, float scale, int32_t causal) {
+                   ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::U32> rng,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale, int32_t causal,
+                   int32_t drop, float kept) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, scale, causal, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, drop, kept, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     forward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out->typed_data(),
                   lse->typed_data());
@@ -412,12 +474,12 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 }
 
 ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
-                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::F32> out,
-                    ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout, ffi::ResultBuffer<ffi::F32> dq,
-                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv, float scale,
-                    int32_t causal) {
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::U32> rng,
+                    ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    float scale, int32_t causal, int32_t drop, float kept) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, scale, causal, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, drop, kept, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     backward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out.typed_data(),
                    lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
@@ -434,10 +496,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionForward, forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int32_t>("causal"));
+                                  .Attr<int32_t>("causal")
+                                  .Attr<int32_t>("drop")
+                                  .Attr<float>("kept"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, backward,
                               ffi::Ffi::Bind()
@@ -446,6 +511,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::U32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
@@ -453,4 +519,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int32_t>("causal"));
+                                  .Attr<int32_t>("causal")
+                                  .Attr<int32_t>("drop")
+                                  .Attr<float>("kept"));

@@ -6,7 +6,10 @@ query-contracting products as slow generic dots. The kernel here does flash atte
 KV head) group instead: query tiles against key blocks whose scores stay in the cache, an online
 softmax that keeps each row's log-sum-exp, a backward that recomputes the probabilities from it,
 and no work on the key blocks a tile cannot see (after a causal tile, in other packed
-documents). Its groups run on XLA's own CPU thread pool.
+documents). Its groups run on XLA's own CPU thread pool. Dropout on the probabilities (BERT's
+``attention_probs_dropout_prob`` in training) happens inside it, its mask a hash of the key and the
+position (:func:`dropout_keep`), not an array of random bits: nothing of size ``T x T`` is drawn,
+stored or read.
 
 No PyPI package ships a CPU attention kernel for JAX, so this one is ours; it is built with the
 machine's C++ compiler (``$CXX``, else ``c++``/``g++``) for the machine's CPU (``-march=native``)
@@ -51,12 +54,11 @@ def available() -> bool:
     return enabled() and _library() is not None
 
 
-def supports(*, head_dim: int, self_attention: bool, dropout: bool, softcap: float | None, window: object,
+def supports(*, head_dim: int, self_attention: bool, softcap: float | None, window: object,
              dense_mask: bool) -> bool:
-    """Whether the kernel computes this attention: self-attention from segment ids (or none), no
-    dropout on the probabilities, no soft-capping, no sliding window, a head dim that is a multiple of 8."""
-    return self_attention and not dropout and softcap is None and window is None and not dense_mask \
-        and head_dim % 8 == 0
+    """Whether the kernel computes this attention: self-attention from segment ids (or none), with or
+    without dropout, no soft-capping, no sliding window, a head dim that is a multiple of 8."""
+    return self_attention and softcap is None and window is None and not dense_mask and head_dim % 8 == 0
 
 
 def _cpu_signature() -> str:
@@ -109,7 +111,8 @@ def _library() -> ctypes.CDLL | None:
 
 
 def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal: bool,
-              scale: float | None = None) -> Array:
+              scale: float | None = None, dropout_rate: float = 0.0, dropout_rng: Array | None = None,
+              first_row: Array | int = 0, first_head: Array | int = 0) -> Array:
     """Softmax self-attention on the fused CPU kernel (:func:`available` must be True).
 
     Shapes: ``q`` ``(B, T, N, H)``, ``k``/``v`` ``(B, T, K, H)`` with ``N % K == 0`` and ``H % 8 == 0``
@@ -117,40 +120,89 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     :func:`~jaxtune.models.attention.attention_mask` reads them (a query sees its own segment's keys;
     0 is padding, which no query sees), or None (one segment). Scores are ``q . k * scale`` (default ``H ** -0.5``). A
     query that sees no key (padding) gets zeros. Differentiable in ``q``, ``k`` and ``v``.
+
+    ``dropout_rate`` > 0 with a ``dropout_rng`` key drops each probability with that chance (to
+    2^-16, as :func:`jaxtune.models.dropout.keep_mask`) and scales the rest by ``1 / (1 - rate)``,
+    after the softmax, as ``torch.nn.functional.dropout`` on BERT's probabilities; which are kept is
+    :func:`dropout_keep` of the key's seed. ``first_row``, ``first_head``: the batch row and query
+    head this call's first ones are in the whole batch (a shard of a mesh), so that every shard
+    draws its part of one mask, the same on any mesh.
     """
     if not available():
         raise RuntimeError("cpu_attention.attention: the fused CPU attention kernel is not available here "
                            "(JAXTUNE_CPU_ATTENTION=0, or no C++ compiler); use grouped_attention")
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"cpu_attention.attention: dropout_rate must be in [0, 1), got {dropout_rate}")
     b, t, _, h = q.shape
     ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    drop = round(dropout_rate * _UNITS) if dropout_rng is not None else 0
+    seed = jax.random.bits(dropout_rng, (2,), jnp.uint32) if drop else jnp.zeros((2,), jnp.uint32)
+    rng = jnp.concatenate([seed, jnp.stack([jnp.asarray(first_row), jnp.asarray(first_head)]).astype(jnp.uint32)])
     f32 = (x.astype(jnp.float32) for x in (q, k, v))
-    return _attention(*f32, ids, h ** -0.5 if scale is None else float(scale), bool(causal)).astype(q.dtype)
+    kept = 1.0 / (1.0 - dropout_rate) if drop else 1.0  # the nominal rate's, as torch and keep_mask's users
+    return _attention(*f32, ids, rng, h ** -0.5 if scale is None else float(scale), bool(causal), (drop, kept)
+                      ).astype(q.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q: Array, k: Array, v: Array, ids: Array, scale: float, causal: bool) -> Array:
-    return _forward(q, k, v, ids, scale, causal)[0]
+_UNITS = 1 << 16  # a dropout decision's resolution, as jaxtune.models.dropout's
+
+
+def dropout_keep(seed: np.ndarray, rows: np.ndarray, heads: np.ndarray, queries: np.ndarray, keys: np.ndarray,
+                 rate: float) -> np.ndarray:
+    """Whether the kernel keeps the probability of ``keys`` for ``queries`` of query head ``heads`` in
+    batch row ``rows`` (integer arrays, broadcast together; positions in the whole batch), with
+    ``seed`` the two uint32 the kernel draws from its key: murmur3's finaliser over (seed, row,
+    head, query), then over (that, key); kept when its top 16 bits are at least ``round(rate * 2^16)``.
+    The kernel's ``row_key`` and ``drop_row``, in numpy, for tests and for reproducing a mask."""
+    def fmix(h: np.ndarray) -> np.ndarray:
+        h = h ^ (h >> 16)
+        h = h * np.uint32(0x85EBCA6B)
+        h = h ^ (h >> 13)
+        h = h * np.uint32(0xC2B2AE35)
+        return h ^ (h >> 16)
+
+    def u32(x: object) -> np.ndarray:
+        return np.asarray(x).astype(np.uint32)
+
+    seed = u32(seed)
+    with np.errstate(over="ignore"):
+        x = fmix(seed[0] ^ fmix(u32(rows) * np.uint32(0x9E3779B9) + seed[1]))
+        x = fmix(x ^ (u32(heads) * np.uint32(0x85EBCA6B) + np.uint32(0x165667B1)))
+        key = fmix(x + u32(queries) * np.uint32(0xC2B2AE35))
+        bits = fmix((u32(keys) * np.uint32(0x9E3779B9)) ^ key) >> 16
+    return bits >= np.uint32(round(rate * _UNITS))
+
+
+# dropout: (drop, kept), the threshold in 2^-16 and the kept probabilities' scale (0 and 1: none).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _attention(q: Array, k: Array, v: Array, ids: Array, rng: Array, scale: float, causal: bool,
+               dropout: tuple[int, float]) -> Array:
+    return _forward(q, k, v, ids, rng, scale, causal, dropout)[0]
 
 
 def _call(target: str, outputs: tuple[jax.ShapeDtypeStruct, ...], *args: Array, scale: float,
-          causal: bool) -> tuple[Array, ...]:
+          causal: bool, dropout: tuple[int, float]) -> tuple[Array, ...]:
+    drop, kept = dropout
     return jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(
-        *args, scale=np.float32(scale), causal=np.int32(causal))
+        *args, scale=np.float32(scale), causal=np.int32(causal), drop=np.int32(drop), kept=np.float32(kept))
 
 
-def _forward(q: Array, k: Array, v: Array, ids: Array, scale: float, causal: bool) -> tuple[Array, tuple]:
+def _forward(q: Array, k: Array, v: Array, ids: Array, rng: Array, scale: float, causal: bool,
+             dropout: tuple[int, float]) -> tuple[Array, tuple]:
     b, t, n, _ = q.shape
     out, lse = _call(_FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                 jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
-                     q, k, v, ids, scale=scale, causal=causal)
-    return out, (q, k, v, ids, out, lse)
+                     q, k, v, ids, rng, scale=scale, causal=causal, dropout=dropout)
+    return out, (q, k, v, ids, rng, out, lse)
 
 
-def _backward(scale: float, causal: bool, residuals: tuple, d_out: Array) -> tuple[Array, Array, Array, None]:
-    q, k, v, ids, out, lse = residuals
+def _backward(scale: float, causal: bool, dropout: tuple[int, float], residuals: tuple,
+              d_out: Array) -> tuple[Array, Array, Array, None, None]:
+    q, k, v, ids, rng, out, lse = residuals
     dq, dk, dv = _call(_BACKWARD, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
-                       q, k, v, ids, out, lse, d_out.astype(jnp.float32), scale=scale, causal=causal)
-    return dq, dk, dv, None
+                       q, k, v, ids, rng, out, lse, d_out.astype(jnp.float32), scale=scale, causal=causal,
+                       dropout=dropout)
+    return dq, dk, dv, None, None
 
 
 _attention.defvjp(_forward, _backward)
