@@ -41,7 +41,8 @@ SELECTION = [
     ("cpu", dict(cpu_kernel=True, causal=False, dtype=F32, head_dim=24), CPU_FUSED, None),
     ("cpu", dict(cpu_kernel=True, dropout=True, causal=False), CPU_FUSED, None),  # BERT in training
     ("cpu", dict(cpu_kernel=True, softcap=50.0), GROUPED, None),
-    ("cpu", dict(cpu_kernel=True, window=4096), GROUPED, None),
+    ("cpu", dict(cpu_kernel=True, window=4096), CPU_FUSED, None),  # Mistral
+    ("cpu", dict(cpu_kernel=True, causal=False, window=(64, 64), dropout=True), CPU_FUSED, None),  # ModernBERT
     ("cpu", dict(cpu_kernel=True, dense_mask=True), GROUPED, None),  # KV-cache decoding
     ("cpu", dict(cpu_kernel=True, head_dim=12), GROUPED, None),
     ("cpu", dict(cpu_kernel=True, self_attention=False), GROUPED, None),
@@ -237,6 +238,34 @@ def test_fused_cpu_attention_with_dropout_equals_plain_attention_with_its_mask(b
 
     _assert_same_attention(ours, lambda q, k, v: _plain_attention(q, k, v, mask, rate=rate, keep=keep),
                            (q, k, v), ids, weights, out_atol=2e-6, grad_atol=1e-5)
+
+
+# (tokens, causal, window, rows, dropout rate): Mistral's causal window, ModernBERT's two-sided local
+# layers, a one-sided window without causality, windows across packed and split segments.
+WINDOW_CASES = [(70, True, 21, "packed", 0.0), (90, False, (9, 12), "padded", 0.0), (64, False, 8, "one", 0.0),
+                (50, False, (5, 5), "split", 0.2), (100, True, 40, "packed", 0.1)]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(("t", "causal", "window", "rows", "rate"), WINDOW_CASES)
+def test_fused_cpu_attention_with_a_sliding_window_equals_plain_attention(t, causal, window, rows, rate):
+    """A sliding window inside the kernel (each query's keys cut to its window; key blocks outside every
+    window of a tile skipped): plain softmax attention's outputs and gradients under the same window
+    mask, with dropout too."""
+    q, k, v = _qkv(t + 2, 2, t, 4, 2, 16)
+    ids = _rows(rows, 2, t)
+    mask = attention_mask(ids, causal=causal, window=window)
+    weights = jax.random.normal(jax.random.key(3), q.shape) * (ids != 0)[:, :, None, None]
+    rng = jax.random.key(4)
+    keep = jnp.asarray(_fused_keep(rng, rate, 2, 4, t)) if rate else None
+
+    def ours(q, k, v):
+        return attention.dot_product_attention(q, k, v, segment_ids=None if rows == "one" else ids, causal=causal,
+                                               window=window, dropout_rate=rate, dropout_rng=rng)
+
+    assert "jaxtune_cpu_attention_forward" in jax.jit(ours).lower(q, k, v).as_text()
+    _assert_same_attention(ours, lambda q, k, v: _plain_attention(q, k, v, mask, rate=rate, keep=keep), (q, k, v),
+                           ids, weights, out_atol=2e-6, grad_atol=1e-5)
 
 
 def test_the_fused_dropout_mask_drops_at_the_rate_and_differs_by_key_and_position():

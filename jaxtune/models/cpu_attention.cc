@@ -11,7 +11,8 @@
 // Layouts (row-major, float32): q (B, T, N, H), k and v (B, T, K, H) with N % K == 0 (the G = N / K
 // query heads of a group share its KV head), segment ids (B, T) int32 (0: padding, which no query
 // sees; a query sees the keys of its own segment, and with `causal` none after itself; a segment
-// need not be one run: prompt tuning's virtual tokens share the text's segment across padding), out
+// need not be one run: prompt tuning's virtual tokens share the text's segment across padding; a
+// sliding window (`left`, `right` >= 0) keeps to keys at most that many before / after the query), out
 // (B, T, N, H), lse (B, N, T). A row with no key to see gives zeros (and lse 0). H % 8 == 0.
 //
 // Dropout on the probabilities (`drop` > 0: each probability dropped with chance drop / 65536, the
@@ -182,6 +183,7 @@ struct Shape {
   int64_t b, t, n, kv, h, g, tp, sp;  // tp, sp: t rounded up to kRows, kKeys
   float scale;
   bool causal;
+  int64_t left, right;  // a sliding window: keys at most left before, right after the query (-1: no bound)
   uint32_t drop;        // dropout: probabilities dropped with chance drop / 65536 (0: none)
   float kept;           // the kept probabilities' scale, 1 / (1 - rate)
   const uint32_t* rng;  // seed[2], then the shard's first batch row and first query head
@@ -189,8 +191,8 @@ struct Shape {
 
 // One group's inputs, packed as its pass reads them: queries (G, tp, h) pre-scaled, keys transposed
 // (h, sp); for the forward values (sp, h), for the backward keys (sp, h) and values transposed; the segment ids (0 past t), and for each query the keys [lo, hi) that hold its
-// segment (from its first to its last token, cut after the query when causal; empty for padding and
-// past t). `runs`: every segment is one run, so every key in [lo, hi) is the query's segment's.
+// segment (from its first to its last token, cut after the query when causal and to the window's
+// keys; empty for padding and past t). `runs`: every segment is one run, so every key in [lo, hi) is the query's segment's.
 struct Packed {
   std::vector<float> q, k, kt, v, vt;
   std::vector<int32_t> seg;
@@ -225,8 +227,8 @@ void pack(const Shape& s, int64_t group, const float* q, const float* k, const f
   for (int64_t t = 0; t < s.t; ++t) {
     if (ids[t] == 0) continue;
     const auto& [first, last] = span[ids[t]];
-    p->lo[t] = first;
-    p->hi[t] = s.causal ? t + 1 : last + 1;
+    p->lo[t] = s.left >= 0 ? std::max(first, t - s.left) : first;
+    p->hi[t] = std::min(s.causal ? t + 1 : last + 1, s.right >= 0 ? t + s.right + 1 : last + 1);
   }
   for (int64_t t = 0; t < s.t; ++t) {
     for (int64_t g = 0; g < s.g; ++g) {
@@ -247,7 +249,8 @@ void pack(const Shape& s, int64_t group, const float* q, const float* k, const f
 }
 
 // The key blocks [*first, *end) that some query of the tile starting at i0 sees (none: first == end):
-// a causal tile sees no keys after its last query, a tile inside one packed document none outside it.
+// a causal tile sees no keys after its last query, a tile inside one packed document none outside it,
+// a windowed tile none outside its queries' windows.
 void key_blocks(const Shape& s, const Packed& p, int64_t i0, int64_t* first, int64_t* end) {
   int64_t lo = s.sp, hi = 0;
   for (int64_t i = i0; i < std::min(i0 + kRows, s.t); ++i) {
@@ -442,15 +445,15 @@ void parallel_for(ffi::ThreadPool& pool, int64_t count, F work) {
 
 ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
                     const ffi::Buffer<ffi::S32>& seg, const ffi::Buffer<ffi::U32>& rng, float scale, int32_t causal,
-                    int32_t drop, float kept, Shape* s) {
+                    int32_t left, int32_t right, int32_t drop, float kept, Shape* s) {
   auto qd = q.dimensions(), kd = k.dimensions(), sd = seg.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || sd.size() != 2)
     return ffi::Error::InvalidArgument("jaxtune attention: q, k must be rank 4 and segment ids rank 2");
   if (rng.element_count() != 4 || drop < 0 || drop >= 65536)
     return ffi::Error::InvalidArgument("jaxtune attention: dropout needs 4 uint32 (seed, first row, first head) "
                                        "and 0 <= drop < 65536");
-  *s = Shape{qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, scale, causal != 0, static_cast<uint32_t>(drop), kept,
-             rng.typed_data()};
+  *s = Shape{qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, scale, causal != 0, left, right,
+             static_cast<uint32_t>(drop), kept, rng.typed_data()};
   if (kd[0] != s->b || kd[1] != s->t || kd[3] != s->h || sd[0] != s->b || sd[1] != s->t || s->kv == 0 ||
       s->n % s->kv != 0 || s->h % 8 != 0)
     return ffi::Error::InvalidArgument("jaxtune attention: shapes do not fit (B, T, N, H) / (B, T, K, H) / (B, T)");
@@ -463,9 +466,9 @@ ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
 ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::U32> rng,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale, int32_t causal,
-                   int32_t drop, float kept) {
+                   int32_t left, int32_t right, int32_t drop, float kept) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, drop, kept, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, left, right, drop, kept, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     forward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out->typed_data(),
                   lse->typed_data());
@@ -477,9 +480,9 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::U32> rng,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                    float scale, int32_t causal, int32_t drop, float kept) {
+                    float scale, int32_t causal, int32_t left, int32_t right, int32_t drop, float kept) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, drop, kept, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, left, right, drop, kept, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     backward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out.typed_data(),
                    lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
@@ -501,6 +504,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionForward, forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("causal")
+                                  .Attr<int32_t>("left")
+                                  .Attr<int32_t>("right")
                                   .Attr<int32_t>("drop")
                                   .Attr<float>("kept"));
 
@@ -520,5 +525,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int32_t>("causal")
+                                  .Attr<int32_t>("left")
+                                  .Attr<int32_t>("right")
                                   .Attr<int32_t>("drop")
                                   .Attr<float>("kept"));

@@ -6,7 +6,7 @@ query-contracting products as slow generic dots. The kernel here does flash atte
 KV head) group instead: query tiles against key blocks whose scores stay in the cache, an online
 softmax that keeps each row's log-sum-exp, a backward that recomputes the probabilities from it,
 and no work on the key blocks a tile cannot see (after a causal tile, in other packed
-documents). Its groups run on XLA's own CPU thread pool. Dropout on the probabilities (BERT's
+documents, outside a sliding window). Its groups run on XLA's own CPU thread pool. Dropout on the probabilities (BERT's
 ``attention_probs_dropout_prob`` in training) happens inside it, its mask a hash of the key and the
 position (:func:`dropout_keep`), not an array of random bits: nothing of size ``T x T`` is drawn,
 stored or read.
@@ -54,11 +54,10 @@ def available() -> bool:
     return enabled() and _library() is not None
 
 
-def supports(*, head_dim: int, self_attention: bool, softcap: float | None, window: object,
-             dense_mask: bool) -> bool:
+def supports(*, head_dim: int, self_attention: bool, softcap: float | None, dense_mask: bool) -> bool:
     """Whether the kernel computes this attention: self-attention from segment ids (or none), with or
-    without dropout, no soft-capping, no sliding window, a head dim that is a multiple of 8."""
-    return self_attention and softcap is None and window is None and not dense_mask and head_dim % 8 == 0
+    without a sliding window or dropout, no soft-capping, a head dim that is a multiple of 8."""
+    return self_attention and softcap is None and not dense_mask and head_dim % 8 == 0
 
 
 def _cpu_signature() -> str:
@@ -111,15 +110,17 @@ def _library() -> ctypes.CDLL | None:
 
 
 def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal: bool,
-              scale: float | None = None, dropout_rate: float = 0.0, dropout_rng: Array | None = None,
-              first_row: Array | int = 0, first_head: Array | int = 0) -> Array:
+              scale: float | None = None, window: tuple[int, int | None] | None = None, dropout_rate: float = 0.0,
+              dropout_rng: Array | None = None, first_row: Array | int = 0, first_head: Array | int = 0) -> Array:
     """Softmax self-attention on the fused CPU kernel (:func:`available` must be True).
 
     Shapes: ``q`` ``(B, T, N, H)``, ``k``/``v`` ``(B, T, K, H)`` with ``N % K == 0`` and ``H % 8 == 0``
     -> ``(B, T, N, H)`` in ``q``'s dtype (computed in float32). ``segment_ids`` ``(B, T)`` int, as
     :func:`~jaxtune.models.attention.attention_mask` reads them (a query sees its own segment's keys;
     0 is padding, which no query sees), or None (one segment). Scores are ``q . k * scale`` (default ``H ** -0.5``). A
-    query that sees no key (padding) gets zeros. Differentiable in ``q``, ``k`` and ``v``.
+    query that sees no key (padding) gets zeros. Differentiable in ``q``, ``k`` and ``v``. ``window``
+    ``(left, right)``: a query sees keys at most ``left`` before and ``right`` after it (None: no
+    bound on that side), as :func:`~jaxtune.models.attention.window_bounds` gives a sliding window.
 
     ``dropout_rate`` > 0 with a ``dropout_rng`` key drops each probability with that chance (to
     2^-16, as :func:`jaxtune.models.dropout.keep_mask`) and scales the rest by ``1 / (1 - rate)``,
@@ -140,8 +141,12 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     rng = jnp.concatenate([seed, jnp.stack([jnp.asarray(first_row), jnp.asarray(first_head)]).astype(jnp.uint32)])
     f32 = (x.astype(jnp.float32) for x in (q, k, v))
     kept = 1.0 / (1.0 - dropout_rate) if drop else 1.0  # the nominal rate's, as torch and keep_mask's users
-    return _attention(*f32, ids, rng, h ** -0.5 if scale is None else float(scale), bool(causal), (drop, kept)
-                      ).astype(q.dtype)
+    left, right = window or (None, None)
+    bounds = (-1 if left is None else int(left), -1 if right is None else int(right))
+    if min(x for x in (left, right, 0) if x is not None) < 0:
+        raise ValueError(f"cpu_attention.attention: window bounds must be >= 0 or None, got {window}")
+    return _attention(*f32, ids, rng, h ** -0.5 if scale is None else float(scale), bool(causal),
+                      (*bounds, drop, kept)).astype(q.dtype)
 
 
 _UNITS = 1 << 16  # a dropout decision's resolution, as jaxtune.models.dropout's
@@ -173,35 +178,37 @@ def dropout_keep(seed: np.ndarray, rows: np.ndarray, heads: np.ndarray, queries:
     return bits >= np.uint32(round(rate * _UNITS))
 
 
-# dropout: (drop, kept), the threshold in 2^-16 and the kept probabilities' scale (0 and 1: none).
+# options: (left, right, drop, kept): the window's bounds (-1: none), the dropout threshold in 2^-16
+# and the kept probabilities' scale (0 and 1: no dropout).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _attention(q: Array, k: Array, v: Array, ids: Array, rng: Array, scale: float, causal: bool,
-               dropout: tuple[int, float]) -> Array:
-    return _forward(q, k, v, ids, rng, scale, causal, dropout)[0]
+               options: tuple[int, int, int, float]) -> Array:
+    return _forward(q, k, v, ids, rng, scale, causal, options)[0]
 
 
 def _call(target: str, outputs: tuple[jax.ShapeDtypeStruct, ...], *args: Array, scale: float,
-          causal: bool, dropout: tuple[int, float]) -> tuple[Array, ...]:
-    drop, kept = dropout
+          causal: bool, options: tuple[int, int, int, float]) -> tuple[Array, ...]:
+    left, right, drop, kept = options
     return jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(
-        *args, scale=np.float32(scale), causal=np.int32(causal), drop=np.int32(drop), kept=np.float32(kept))
+        *args, scale=np.float32(scale), causal=np.int32(causal), left=np.int32(left), right=np.int32(right),
+        drop=np.int32(drop), kept=np.float32(kept))
 
 
 def _forward(q: Array, k: Array, v: Array, ids: Array, rng: Array, scale: float, causal: bool,
-             dropout: tuple[int, float]) -> tuple[Array, tuple]:
+             options: tuple[int, int, int, float]) -> tuple[Array, tuple]:
     b, t, n, _ = q.shape
     out, lse = _call(_FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                 jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
-                     q, k, v, ids, rng, scale=scale, causal=causal, dropout=dropout)
+                     q, k, v, ids, rng, scale=scale, causal=causal, options=options)
     return out, (q, k, v, ids, rng, out, lse)
 
 
-def _backward(scale: float, causal: bool, dropout: tuple[int, float], residuals: tuple,
+def _backward(scale: float, causal: bool, options: tuple[int, int, int, float], residuals: tuple,
               d_out: Array) -> tuple[Array, Array, Array, None, None]:
     q, k, v, ids, rng, out, lse = residuals
     dq, dk, dv = _call(_BACKWARD, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
                        q, k, v, ids, rng, out, lse, d_out.astype(jnp.float32), scale=scale, causal=causal,
-                       dropout=dropout)
+                       options=options)
     return dq, dk, dv, None, None
 
 
