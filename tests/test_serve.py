@@ -1,8 +1,9 @@
 """``jaxtune serve`` driven by the official OpenAI clients against a server process: a whole
 job with the Python SDK (under 50 concurrent polls and 20 chat completions), the TypeScript
 client's README steps, cancel, key isolation, and a SIGKILLed server whose job resumes to the
-same weights as an uninterrupted job. One server, one tiny model, shared across the tests (they
-run in file order: later ones use the earlier ones' jobs)."""
+same weights as an uninterrupted job. One server, one tiny model, shared across the tests: later
+ones reuse the earlier ones' upload and jobs, and make their own when run alone (``training_file``,
+``finished_job``, ``running_job``)."""
 
 from __future__ import annotations
 
@@ -122,6 +123,33 @@ def adapter(server: Server, job_id: str) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(server.data / "jobs" / job_id / "run" / "export" / "adapter_model.safetensors")
+
+
+def training_file(server) -> str:
+    """The id of alice's upload of train.jsonl: the load test's, else a new one."""
+    if "file" not in server.jobs:
+        upload = server.client(server.keys["alice"]).files.create(file=open(server.root / "train.jsonl", "rb"),
+                                                                 purpose="fine-tune")
+        server.jobs["file"] = upload.id
+    return server.jobs["file"]
+
+
+def finished_job(server) -> str:
+    """The id of alice's succeeded job of ``JOB``: the load test's, else one run here to the end."""
+    if "sdk" not in server.jobs:
+        client = server.client(server.keys["alice"])
+        server.jobs["sdk"] = client.fine_tuning.jobs.create(training_file=training_file(server), **JOB).id
+    job = wait_for(server.client(server.keys["alice"]), server.jobs["sdk"], FINAL)
+    assert job.status == "succeeded", job.error
+    return job.id
+
+
+def running_job(server) -> str:
+    """The id of a job of alice's still queued or running: the TypeScript test's, else a new one."""
+    if "ts" not in server.jobs:
+        client = server.client(server.keys["alice"])
+        server.jobs["ts"] = client.fine_tuning.jobs.create(training_file=training_file(server), **JOB).id
+    return server.jobs["ts"]
 
 
 def test_requests_without_a_valid_key_are_refused(server):
@@ -251,7 +279,7 @@ def test_python_sdk_whole_job_under_load(server, note):
 
 def test_keys_see_only_their_own_objects(server):
     alice, bob = server.client(server.keys["alice"]), server.client(server.keys["bob"])
-    file_id, job_id = server.jobs["file"], server.jobs["sdk"]
+    file_id, job_id = training_file(server), finished_job(server)
     model = alice.fine_tuning.jobs.retrieve(job_id).fine_tuned_model
     checkpoint = alice.fine_tuning.jobs.checkpoints.list(job_id).data[0].fine_tuned_model_checkpoint
     refused = [
@@ -308,14 +336,14 @@ console.log(JSON.stringify({{ file, job, again }}));
 
 def test_cancel_stops_a_running_job_within_seconds(server, note):
     client = server.client(server.keys["alice"])
-    job_id = server.jobs["ts"]
+    job_id = running_job(server)
     metrics = server.data / "jobs" / job_id / "run" / "metrics.jsonl"
     deadline = time.time() + 400
     while not (metrics.is_file() and metrics.read_text().strip()):  # training has begun
         assert time.time() < deadline and client.fine_tuning.jobs.retrieve(job_id).status in ("queued", "running")
         time.sleep(0.1)
     # A job queued behind it pauses, resumes (queued again) and cancels without ever starting.
-    queued = client.fine_tuning.jobs.create(training_file=server.jobs["file"], **JOB)
+    queued = client.fine_tuning.jobs.create(training_file=training_file(server), **JOB)
     assert client.fine_tuning.jobs.pause(queued.id).status == "paused"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.pause(queued.id)
@@ -347,7 +375,8 @@ def test_sigkilled_server_resumes_its_job_to_the_uninterrupted_weights(server):
     from jaxtune.serve.store import Store
 
     client = server.client(server.keys["alice"])
-    job = client.fine_tuning.jobs.create(training_file=server.jobs["file"], **JOB)
+    reference = adapter(server, finished_job(server))
+    job = client.fine_tuning.jobs.create(training_file=training_file(server), **JOB)
     first = server.data / "jobs" / job.id / "run" / "checkpoints" / "10"
     deadline = time.time() + 400
     while not first.is_dir():
@@ -368,7 +397,7 @@ def test_sigkilled_server_resumes_its_job_to_the_uninterrupted_weights(server):
     assert job.status == "succeeded", job.error
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=1000)]
     assert any(m.startswith("The server restarted; the job resumes from its checkpoint at step") for m in messages)
-    reference, resumed = adapter(server, server.jobs["sdk"]), adapter(server, job.id)
+    resumed = adapter(server, job.id)
     assert reference.keys() == resumed.keys()
     for key in reference:
         np.testing.assert_array_equal(resumed[key], reference[key], err_msg=key)  # bitwise

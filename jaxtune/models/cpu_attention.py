@@ -6,10 +6,10 @@ query-contracting products as slow generic dots. The kernel here does flash atte
 KV head) group instead: query tiles against key blocks whose scores stay in the cache, an online
 softmax that keeps each row's log-sum-exp, a backward that recomputes the probabilities from it,
 and no work on the key blocks a tile cannot see (after a causal tile, in other packed
-documents, outside a sliding window). Its groups run on XLA's own CPU thread pool. Dropout on the probabilities (BERT's
-``attention_probs_dropout_prob`` in training) happens inside it, its mask a hash of the key and the
-position (:func:`dropout_keep`), not an array of random bits: nothing of size ``T x T`` is drawn,
-stored or read.
+documents, outside a sliding window). Its groups run on XLA's own CPU thread pool. Dropout on
+the probabilities (BERT's ``attention_probs_dropout_prob`` in training) happens inside it, its mask
+a hash of the key and the position (:func:`dropout_keep`), not an array of random bits: nothing of
+size ``T x T`` is drawn, stored or read.
 
 No PyPI package ships a CPU attention kernel for JAX, so this one is ours; it is built with the
 machine's C++ compiler (``$CXX``, else ``c++``/``g++``) for the machine's CPU (``-march=native``)
@@ -35,6 +35,8 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxtune.models.dropout import drop_threshold
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -134,22 +136,19 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
                            "(JAXTUNE_CPU_ATTENTION=0, or no C++ compiler); use grouped_attention")
     if not 0.0 <= dropout_rate < 1.0:
         raise ValueError(f"cpu_attention.attention: dropout_rate must be in [0, 1), got {dropout_rate}")
+    left, right = window or (None, None)
+    if any(x is not None and x < 0 for x in (left, right)):
+        raise ValueError(f"cpu_attention.attention: window bounds must be >= 0 or None, got {window}")
     b, t, _, h = q.shape
     ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
-    drop = round(dropout_rate * _UNITS) if dropout_rng is not None else 0
+    drop = drop_threshold(dropout_rate) if dropout_rng is not None else 0
     seed = jax.random.bits(dropout_rng, (2,), jnp.uint32) if drop else jnp.zeros((2,), jnp.uint32)
     rng = jnp.concatenate([seed, jnp.stack([jnp.asarray(first_row), jnp.asarray(first_head)]).astype(jnp.uint32)])
     f32 = (x.astype(jnp.float32) for x in (q, k, v))
     kept = 1.0 / (1.0 - dropout_rate) if drop else 1.0  # the nominal rate's, as torch and keep_mask's users
-    left, right = window or (None, None)
     bounds = (-1 if left is None else int(left), -1 if right is None else int(right))
-    if min(x for x in (left, right, 0) if x is not None) < 0:
-        raise ValueError(f"cpu_attention.attention: window bounds must be >= 0 or None, got {window}")
     return _attention(*f32, ids, rng, h ** -0.5 if scale is None else float(scale), bool(causal),
                       (*bounds, drop, kept)).astype(q.dtype)
-
-
-_UNITS = 1 << 16  # a dropout decision's resolution, as jaxtune.models.dropout's
 
 
 def dropout_keep(seed: np.ndarray, rows: np.ndarray, heads: np.ndarray, queries: np.ndarray, keys: np.ndarray,
@@ -157,7 +156,7 @@ def dropout_keep(seed: np.ndarray, rows: np.ndarray, heads: np.ndarray, queries:
     """Whether the kernel keeps the probability of ``keys`` for ``queries`` of query head ``heads`` in
     batch row ``rows`` (integer arrays, broadcast together; positions in the whole batch), with
     ``seed`` the two uint32 the kernel draws from its key: murmur3's finaliser over (seed, row,
-    head, query), then over (that, key); kept when its top 16 bits are at least ``round(rate * 2^16)``.
+    head, query), then over (that, key); kept when its top 16 bits are at least ``drop_threshold(rate)``.
     The kernel's ``row_key`` and ``drop_row``, in numpy, for tests and for reproducing a mask."""
     def fmix(h: np.ndarray) -> np.ndarray:
         h = h ^ (h >> 16)
@@ -175,7 +174,7 @@ def dropout_keep(seed: np.ndarray, rows: np.ndarray, heads: np.ndarray, queries:
         x = fmix(x ^ (u32(heads) * np.uint32(0x85EBCA6B) + np.uint32(0x165667B1)))
         key = fmix(x + u32(queries) * np.uint32(0xC2B2AE35))
         bits = fmix((u32(keys) * np.uint32(0x9E3779B9)) ^ key) >> 16
-    return bits >= np.uint32(round(rate * _UNITS))
+    return bits >= np.uint32(drop_threshold(rate))
 
 
 # options: (left, right, drop, kept): the window's bounds (-1: none), the dropout threshold in 2^-16

@@ -22,6 +22,12 @@ Array = jax.Array
 _UNITS = 1 << 16  # the resolution of a keep decision
 
 
+def drop_threshold(rate: float) -> int:
+    """``rate`` in units of 2^-16: a 16-bit draw below it drops its element. Every dropout of jaxtune
+    (these masks and the fused CPU attention kernel's) decides at this resolution."""
+    return round(rate * _UNITS)
+
+
 def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
     """Booleans of ``shape``, each True (kept) with probability ``1 - rate`` (to 2^-16), from
     ``ceil(last / 2)`` threefry words per row of the last axis.
@@ -35,7 +41,7 @@ def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
     *lead, last = full
     words = jax.random.bits(key, (*lead, (last + 1) // 2), jnp.uint32)
     halves = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :last]
-    return (halves >= jnp.uint32(round(rate * _UNITS))).reshape(shape)
+    return (halves >= jnp.uint32(drop_threshold(rate))).reshape(shape)
 
 
 def dropout(x: Array, rate: float, key: Array, shape: tuple[int, ...] | None = None) -> Array:
