@@ -40,7 +40,7 @@ SELECTION = [
     ("cpu", dict(cpu_kernel=True), CPU_FUSED, None),
     ("cpu", dict(cpu_kernel=True, causal=False, dtype=F32, head_dim=24), CPU_FUSED, None),
     ("cpu", dict(cpu_kernel=True, dropout=True, causal=False), CPU_FUSED, None),  # BERT in training
-    ("cpu", dict(cpu_kernel=True, softcap=50.0), GROUPED, None),
+    ("cpu", dict(cpu_kernel=True, softcap=50.0, window=4096), CPU_FUSED, None),  # Gemma 2
     ("cpu", dict(cpu_kernel=True, window=4096), CPU_FUSED, None),  # Mistral
     ("cpu", dict(cpu_kernel=True, causal=False, window=(64, 64), dropout=True), CPU_FUSED, None),  # ModernBERT
     ("cpu", dict(cpu_kernel=True, dense_mask=True), GROUPED, None),  # KV-cache decoding
@@ -266,6 +266,40 @@ def test_fused_cpu_attention_with_a_sliding_window_equals_plain_attention(t, cau
     assert "jaxtune_cpu_attention_forward" in jax.jit(ours).lower(q, k, v).as_text()
     _assert_same_attention(ours, lambda q, k, v: _plain_attention(q, k, v, mask, rate=rate, keep=keep), (q, k, v),
                            ids, weights, out_atol=2e-6, grad_atol=1e-5)
+
+
+# (tokens, causal, window, rows, dropout rate, soft-cap): Gemma 2's capped scores (the caps small
+# enough here that tanh bends most scores), alone and with its sliding window, dropout and padding.
+SOFTCAP_CASES = [(70, True, None, "packed", 0.0, 2.0), (100, True, 40, "packed", 0.0, 1.0),
+                 (90, False, None, "padded", 0.1, 0.5), (50, False, (5, 5), "split", 0.2, 3.0)]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(("t", "causal", "window", "rows", "rate", "cap"), SOFTCAP_CASES)
+def test_fused_cpu_attention_with_a_soft_cap_equals_plain_attention(t, causal, window, rows, rate, cap):
+    """Soft-capping inside the kernel (cap * tanh(score / cap) before masking; the backward through the
+    cap's derivative): plain softmax attention's outputs and gradients with the same cap, through the
+    dispatch, which now sends Gemma 2's attention to the kernel."""
+    q, k, v = _qkv(t + 3, 2, t, 4, 2, 16)
+    q = q * 3.0  # scores of a few units, so that the cap bends them
+    ids = _rows(rows, 2, t)
+    mask = attention_mask(ids, causal=causal, window=window)
+    weights = jax.random.normal(jax.random.key(5), q.shape) * (ids != 0)[:, :, None, None]
+    rng = jax.random.key(6)
+    keep = jnp.asarray(_fused_keep(rng, rate, 2, 4, t)) if rate else None
+
+    def ours(q, k, v):
+        return attention.dot_product_attention(q, k, v, segment_ids=ids, causal=causal, window=window,
+                                               logit_cap=cap, dropout_rate=rate, dropout_rng=rng)
+
+    def reference(q, k, v):
+        return _plain_attention(q, k, v, mask, cap=cap, rate=rate, keep=keep)
+
+    assert "jaxtune_cpu_attention_forward" in jax.jit(ours).lower(q, k, v).as_text()
+    _assert_same_attention(ours, reference, (q, k, v), ids, weights, out_atol=2e-6, grad_atol=1e-5)
+    uncapped = np.asarray(_plain_attention(q, k, v, mask, rate=rate, keep=keep))
+    assert not np.allclose(np.asarray(jax.jit(ours)(q, k, v))[np.asarray(ids != 0)],
+                           uncapped[np.asarray(ids != 0)], atol=1e-2)  # the cap does bend these scores
 
 
 def test_the_fused_dropout_mask_drops_at_the_rate_and_differs_by_key_and_position():

@@ -9,7 +9,7 @@ backend     kernel
 ==========  =================================================================================
 CPU         the fused kernel of :mod:`jaxtune.models.cpu_attention` (flash attention in C++ through
             XLA's FFI, built at first use; per shard on a mesh) for self-attention from segment ids,
-            with or without a sliding window or dropout, without soft-capping; otherwise :func:`grouped_attention`:
+            with or without a sliding window, soft-capping or dropout; otherwise :func:`grouped_attention`:
             rank-3 batched matmuls per (batch x KV head) group (XLA:CPU runs the rank-5 dots of the
             generic path about 2x slower); causal rows in query blocks that skip the masked keys,
             and flash attention's backward.
@@ -88,7 +88,7 @@ def attention_kernel(
     """
     if backend == "cpu":
         fused = cpu_kernel and cpu_attention.supports(head_dim=head_dim, self_attention=self_attention,
-                                                      softcap=softcap, dense_mask=dense_mask)
+                                                      dense_mask=dense_mask)
         return KernelChoice(CPU_FUSED if fused else GROUPED)
     if dropout:
         return KernelChoice(GROUPED, "attention: dropout on the attention probabilities (training) has no fused "
@@ -196,7 +196,8 @@ def dot_product_attention(
         ids = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
         rows = functools.partial(cpu_attention.attention, causal=causal, scale=scale,
                                  window=None if window is None else window_bounds(window, causal),
-                                 dropout_rate=dropout_rate if dropout else 0.0, dropout_rng=dropout_rng)
+                                 logit_cap=logit_cap, dropout_rate=dropout_rate if dropout else 0.0,
+                                 dropout_rng=dropout_rng)
         return _per_shard(rows, q.shape[0], k.shape[2], heads_axis=2, offsets=True)(q, k, v, ids)
     if choice.kernel == SPLASH:
         return splash_attention(q, k, v, segment_ids, causal=causal, window=window, scale=scale, logit_cap=logit_cap)

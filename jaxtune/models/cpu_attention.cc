@@ -13,7 +13,9 @@
 // sees; a query sees the keys of its own segment, and with `causal` none after itself; a segment
 // need not be one run: prompt tuning's virtual tokens share the text's segment across padding; a
 // sliding window (`left`, `right` >= 0) keeps to keys at most that many before / after the query), out
-// (B, T, N, H), lse (B, N, T). A row with no key to see gives zeros (and lse 0). H % 8 == 0.
+// (B, T, N, H), lse (B, N, T). A row with no key to see gives zeros (and lse 0). H % 8 == 0. With
+// `cap` > 0 the scores are soft-capped, cap * tanh(score / cap) (Gemma 2), before masking; the
+// backward multiplies dS by the cap's derivative, 1 - tanh^2, recomputed with the scores.
 //
 // Dropout on the probabilities (`drop` > 0: each probability dropped with chance drop / 65536, the
 // rest scaled by `kept`, 1 / (1 - rate) for the rate drop stands for) draws no random numbers: whether query i of head n in
@@ -79,6 +81,27 @@ inline v8 vexp(v8 x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   y = y * scale;
   return zero ? splat(0.0f) : y;
+}
+
+// tanh(x) for a vector: an odd Taylor polynomial below |x| = 1/16 (error < 1e-12 relative), else
+// (1 - e) / (1 + e) with e = exp(-2|x|) (within 1e-6 relative; 0 past |x| = 43, so tanh = +-1).
+inline v8 vtanh(v8 x) {
+  const v8 a = x < 0.0f ? -x : x;
+  const v8 a2 = a * a;
+  const v8 small = a * (splat(1.0f) + a2 * (splat(-1.0f / 3) + a2 * (splat(2.0f / 15) + a2 * splat(-17.0f / 315))));
+  const v8 e = vexp(splat(-2.0f) * a);
+  const v8 t = (a < 0.0625f) ? small : (splat(1.0f) - e) / (splat(1.0f) + e);
+  return x < 0.0f ? -t : t;
+}
+
+// Soft-caps a tile of scores in place, cap * tanh(x / cap); with `slope`, stores 1 - tanh^2 there.
+inline void cap_tile(float cap, float* tile, float* slope) {
+  const v8 c = splat(cap), inv = splat(1.0f / cap);
+  for (int64_t j = 0; j < kRows * kKeys; j += 8) {
+    const v8 t = vtanh(load(tile + j) * inv);
+    store(tile + j, c * t);
+    if (slope) store(slope + j, splat(1.0f) - t * t);
+  }
 }
 
 // murmur3's 32-bit finaliser: a bijection whose every output bit depends on every input bit.
@@ -186,6 +209,7 @@ struct Shape {
   int64_t left, right;  // a sliding window: keys at most left before, right after the query (-1: no bound)
   uint32_t drop;        // dropout: probabilities dropped with chance drop / 65536 (0: none)
   float kept;           // the kept probabilities' scale, 1 / (1 - rate)
+  float cap;            // soft-capping of the scores (0: none)
   const uint32_t* rng;  // seed[2], then the shard's first batch row and first query head
 };
 
@@ -295,6 +319,7 @@ void forward_group(const Shape& s, int64_t group, const float* q, const float* k
       key_blocks(s, p, i0, &first, &end);
       for (int64_t j0 = first; j0 < end; j0 += kKeys) {
         scores_tile(qt, h, p.kt.data() + j0, s.sp, sc.data());
+        if (s.cap > 0.0f) cap_tile(s.cap, sc.data(), nullptr);
         for (int64_t r = 0; r < kRows; ++r) {
           float* row = sc.data() + r * kKeys;
           if (!mask_row(p, i0 + r, j0, row)) {  // nothing to see in this block
@@ -346,7 +371,8 @@ void backward_group(const Shape& s, int64_t group, const float* q, const float* 
   Packed p;
   pack(s, group, q, k, v, seg, true, &p);
   const int64_t b = group / s.kv, head = group % s.kv, h = s.h;
-  std::vector<float> pr(kRows * kKeys), dp(kRows * kKeys), dot(kRows * h), dqt(kRows * h);
+  std::vector<float> pr(kRows * kKeys), dp(kRows * kKeys), slope(s.cap > 0.0f ? kRows * kKeys : 0), dot(kRows * h),
+      dqt(kRows * h);
   std::vector<float> dkp(s.sp * h, 0.0f), dvp(s.sp * h, 0.0f);
   float row_lse[kRows], delta[kRows];
   for (int64_t g = 0; g < s.g; ++g) {
@@ -374,6 +400,7 @@ void backward_group(const Shape& s, int64_t group, const float* q, const float* 
       key_blocks(s, p, i0, &first, &end);
       for (int64_t j0 = first; j0 < end; j0 += kKeys) {
         scores_tile(qt, h, p.kt.data() + j0, s.sp, pr.data());
+        if (s.cap > 0.0f) cap_tile(s.cap, pr.data(), slope.data());
         for (int64_t r = 0; r < kRows; ++r) {
           float* row = pr.data() + r * kKeys;
           if (!mask_row(p, i0 + r, j0, row)) {
@@ -400,6 +427,8 @@ void backward_group(const Shape& s, int64_t group, const float* q, const float* 
           } else {
             for (int64_t j = 0; j < kKeys; j += 8) store(dpr + j, load(prr + j) * (load(dpr + j) - dr));
           }
+          if (s.cap > 0.0f)  // through the cap: d(cap tanh(x / cap)) / dx = 1 - tanh^2
+            for (int64_t j = 0; j < kKeys; j += 8) store(dpr + j, load(dpr + j) * load(slope.data() + r * kKeys + j));
         }
         // dV[j] += sum_r (Z P)[r, j] dO[r]
         accumulate(dvp.data() + j0 * h, kKeys, pr.data(), 1, kKeys, kRows, dot.data(), h);
@@ -445,7 +474,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t count, F work) {
 
 ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
                     const ffi::Buffer<ffi::S32>& seg, const ffi::Buffer<ffi::U32>& rng, float scale, int32_t causal,
-                    int32_t left, int32_t right, int32_t drop, float kept, Shape* s) {
+                    int32_t left, int32_t right, int32_t drop, float kept, float softcap, Shape* s) {
   auto qd = q.dimensions(), kd = k.dimensions(), sd = seg.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || sd.size() != 2)
     return ffi::Error::InvalidArgument("jaxtune attention: q, k must be rank 4 and segment ids rank 2");
@@ -453,7 +482,7 @@ ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
     return ffi::Error::InvalidArgument("jaxtune attention: dropout needs 4 uint32 (seed, first row, first head) "
                                        "and 0 <= drop < 65536");
   *s = Shape{qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, scale, causal != 0, left, right,
-             static_cast<uint32_t>(drop), kept, rng.typed_data()};
+             static_cast<uint32_t>(drop), kept, softcap, rng.typed_data()};
   if (kd[0] != s->b || kd[1] != s->t || kd[3] != s->h || sd[0] != s->b || sd[1] != s->t || s->kv == 0 ||
       s->n % s->kv != 0 || s->h % 8 != 0)
     return ffi::Error::InvalidArgument("jaxtune attention: shapes do not fit (B, T, N, H) / (B, T, K, H) / (B, T)");
@@ -466,9 +495,9 @@ ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
 ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::U32> rng,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale, int32_t causal,
-                   int32_t left, int32_t right, int32_t drop, float kept) {
+                   int32_t left, int32_t right, int32_t drop, float kept, float softcap) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, left, right, drop, kept, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, left, right, drop, kept, softcap, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     forward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out->typed_data(),
                   lse->typed_data());
@@ -480,9 +509,10 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::U32> rng,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                    float scale, int32_t causal, int32_t left, int32_t right, int32_t drop, float kept) {
+                    float scale, int32_t causal, int32_t left, int32_t right, int32_t drop, float kept,
+                    float softcap) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, left, right, drop, kept, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, left, right, drop, kept, softcap, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     backward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out.typed_data(),
                    lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
@@ -507,7 +537,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionForward, forward,
                                   .Attr<int32_t>("left")
                                   .Attr<int32_t>("right")
                                   .Attr<int32_t>("drop")
-                                  .Attr<float>("kept"));
+                                  .Attr<float>("kept")
+                                  .Attr<float>("softcap"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, backward,
                               ffi::Ffi::Bind()
@@ -528,4 +559,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, backward,
                                   .Attr<int32_t>("left")
                                   .Attr<int32_t>("right")
                                   .Attr<int32_t>("drop")
-                                  .Attr<float>("kept"));
+                                  .Attr<float>("kept")
+                                  .Attr<float>("softcap"));

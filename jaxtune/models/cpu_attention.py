@@ -5,11 +5,11 @@ softmax and their gradients as separate ops over whole score arrays, and its bac
 query-contracting products as slow generic dots. The kernel here does flash attention per (batch,
 KV head) group instead: query tiles against key blocks whose scores stay in the cache, an online
 softmax that keeps each row's log-sum-exp, a backward that recomputes the probabilities from it,
-and no work on the key blocks a tile cannot see (after a causal tile, in other packed
-documents, outside a sliding window). Its groups run on XLA's own CPU thread pool. Dropout on
-the probabilities (BERT's ``attention_probs_dropout_prob`` in training) happens inside it, its mask
-a hash of the key and the position (:func:`dropout_keep`), not an array of random bits: nothing of
-size ``T x T`` is drawn, stored or read.
+and no work on the key blocks a tile cannot see (after a causal tile, in other packed documents,
+outside a sliding window). It soft-caps the scores where the model does (Gemma 2). Its groups run
+on XLA's own CPU thread pool. Dropout on the probabilities (BERT's ``attention_probs_dropout_prob``
+in training) happens inside it, its mask a hash of the key and the position (:func:`dropout_keep`),
+not an array of random bits: nothing of size ``T x T`` is drawn, stored or read.
 
 No PyPI package ships a CPU attention kernel for JAX, so this one is ours; it is built with the
 machine's C++ compiler (``$CXX``, else ``c++``/``g++``) for the machine's CPU (``-march=native``)
@@ -56,10 +56,10 @@ def available() -> bool:
     return enabled() and _library() is not None
 
 
-def supports(*, head_dim: int, self_attention: bool, softcap: float | None, dense_mask: bool) -> bool:
+def supports(*, head_dim: int, self_attention: bool, dense_mask: bool) -> bool:
     """Whether the kernel computes this attention: self-attention from segment ids (or none), with or
-    without a sliding window or dropout, no soft-capping, a head dim that is a multiple of 8."""
-    return self_attention and softcap is None and not dense_mask and head_dim % 8 == 0
+    without a sliding window, soft-capping or dropout, a head dim that is a multiple of 8."""
+    return self_attention and not dense_mask and head_dim % 8 == 0
 
 
 def _cpu_signature() -> str:
@@ -112,8 +112,9 @@ def _library() -> ctypes.CDLL | None:
 
 
 def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal: bool,
-              scale: float | None = None, window: tuple[int, int | None] | None = None, dropout_rate: float = 0.0,
-              dropout_rng: Array | None = None, first_row: Array | int = 0, first_head: Array | int = 0) -> Array:
+              scale: float | None = None, window: tuple[int, int | None] | None = None, logit_cap: float | None = None,
+              dropout_rate: float = 0.0, dropout_rng: Array | None = None, first_row: Array | int = 0,
+              first_head: Array | int = 0) -> Array:
     """Softmax self-attention on the fused CPU kernel (:func:`available` must be True).
 
     Shapes: ``q`` ``(B, T, N, H)``, ``k``/``v`` ``(B, T, K, H)`` with ``N % K == 0`` and ``H % 8 == 0``
@@ -123,6 +124,8 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     query that sees no key (padding) gets zeros. Differentiable in ``q``, ``k`` and ``v``. ``window``
     ``(left, right)``: a query sees keys at most ``left`` before and ``right`` after it (None: no
     bound on that side), as :func:`~jaxtune.models.attention.window_bounds` gives a sliding window.
+    ``logit_cap``: scores are soft-capped, ``cap * tanh(score / cap)`` (Gemma 2), before masking, as
+    :func:`~jaxtune.models.attention.softcap`.
 
     ``dropout_rate`` > 0 with a ``dropout_rng`` key drops each probability with that chance (to
     2^-16, as :func:`jaxtune.models.dropout.keep_mask`) and scales the rest by ``1 / (1 - rate)``,
@@ -139,6 +142,8 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     left, right = window or (None, None)
     if any(x is not None and x < 0 for x in (left, right)):
         raise ValueError(f"cpu_attention.attention: window bounds must be >= 0 or None, got {window}")
+    if logit_cap is not None and not logit_cap > 0:
+        raise ValueError(f"cpu_attention.attention: logit_cap must be > 0 or None, got {logit_cap}")
     b, t, _, h = q.shape
     ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     drop = drop_threshold(dropout_rate) if dropout_rng is not None else 0
@@ -148,7 +153,7 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     kept = 1.0 / (1.0 - dropout_rate) if drop else 1.0  # the nominal rate's, as torch and keep_mask's users
     bounds = (-1 if left is None else int(left), -1 if right is None else int(right))
     return _attention(*f32, ids, rng, h ** -0.5 if scale is None else float(scale), bool(causal),
-                      (*bounds, drop, kept)).astype(q.dtype)
+                      (*bounds, drop, kept, float(logit_cap or 0.0))).astype(q.dtype)
 
 
 def dropout_keep(seed: np.ndarray, rows: np.ndarray, heads: np.ndarray, queries: np.ndarray, keys: np.ndarray,
@@ -177,24 +182,24 @@ def dropout_keep(seed: np.ndarray, rows: np.ndarray, heads: np.ndarray, queries:
     return bits >= np.uint32(drop_threshold(rate))
 
 
-# options: (left, right, drop, kept): the window's bounds (-1: none), the dropout threshold in 2^-16
-# and the kept probabilities' scale (0 and 1: no dropout).
+# options: (left, right, drop, kept, cap): the window's bounds (-1: none), the dropout threshold in
+# 2^-16 and the kept probabilities' scale (0 and 1: no dropout), the scores' soft-cap (0: none).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
 def _attention(q: Array, k: Array, v: Array, ids: Array, rng: Array, scale: float, causal: bool,
-               options: tuple[int, int, int, float]) -> Array:
+               options: tuple[int, int, int, float, float]) -> Array:
     return _forward(q, k, v, ids, rng, scale, causal, options)[0]
 
 
 def _call(target: str, outputs: tuple[jax.ShapeDtypeStruct, ...], *args: Array, scale: float,
-          causal: bool, options: tuple[int, int, int, float]) -> tuple[Array, ...]:
-    left, right, drop, kept = options
+          causal: bool, options: tuple[int, int, int, float, float]) -> tuple[Array, ...]:
+    left, right, drop, kept, cap = options
     return jax.ffi.ffi_call(target, outputs, vmap_method="sequential")(
         *args, scale=np.float32(scale), causal=np.int32(causal), left=np.int32(left), right=np.int32(right),
-        drop=np.int32(drop), kept=np.float32(kept))
+        drop=np.int32(drop), kept=np.float32(kept), softcap=np.float32(cap))
 
 
 def _forward(q: Array, k: Array, v: Array, ids: Array, rng: Array, scale: float, causal: bool,
-             options: tuple[int, int, int, float]) -> tuple[Array, tuple]:
+             options: tuple[int, int, int, float, float]) -> tuple[Array, tuple]:
     b, t, n, _ = q.shape
     out, lse = _call(_FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                 jax.ShapeDtypeStruct((b, n, t), jnp.float32)),
@@ -202,7 +207,7 @@ def _forward(q: Array, k: Array, v: Array, ids: Array, rng: Array, scale: float,
     return out, (q, k, v, ids, rng, out, lse)
 
 
-def _backward(scale: float, causal: bool, options: tuple[int, int, int, float], residuals: tuple,
+def _backward(scale: float, causal: bool, options: tuple[int, int, int, float, float], residuals: tuple,
               d_out: Array) -> tuple[Array, Array, Array, None, None]:
     q, k, v, ids, rng, out, lse = residuals
     dq, dk, dv = _call(_BACKWARD, tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v)),
