@@ -2,16 +2,15 @@
 family reads its config's rate (BERT ``attention_probs_dropout_prob``, DistilBERT and the Llama
 family ``attention_dropout``, GPT-2 ``attn_pdrop``), and with jaxtune's own dropout mask fed to
 transformers' dropout a train-mode forward agrees within 1e-4, on both CPU paths: the fused kernel
-(its mask a hash of the layer's key, ``cpu_attention.dropout_keep``) and the grouped XLA attention
-(``keep_mask``'s bits). Evaluation and cached decoding draw nothing, and a rate of 0 is the
-deterministic forward."""
+and the grouped XLA attention, whose masks are one function of the layer's key
+(``dropout.attention_keep``), so the two paths' train-mode forwards agree too. Evaluation and
+cached decoding draw nothing, and a rate of 0 is the deterministic forward."""
 
 from __future__ import annotations
 
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -19,6 +18,7 @@ import transformers
 from helpers import torch_logits
 
 from jaxtune.models import attention, cpu_attention, hf
+from jaxtune.models.dropout import attention_keep
 
 RATE = 0.3
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -42,33 +42,31 @@ def _reference(family: str):
                                     tie_word_embeddings=False), transformers.LlamaForCausalLM
 
 
-def _record_masks(kernel: str, drawn: list, monkeypatch) -> None:
-    """Append each layer's keep mask (B, N, T, S) to ``drawn`` as the forward runs on ``kernel``. The
-    decoders scan their layers, so the masks come out by callback."""
+def _use(kernel: str, monkeypatch) -> None:
+    """Run attention on ``kernel`` ("fused": the C++ kernel, "grouped": the XLA attention)."""
     if kernel == "grouped":
         monkeypatch.setenv("JAXTUNE_CPU_ATTENTION", "0")
-        keep_mask = attention.keep_mask
-
-        def recording(*args, **kwargs):
-            bits = keep_mask(*args, **kwargs)
-            jax.debug.callback(lambda b: drawn.append(np.asarray(b)), bits, ordered=True)
-            return bits
-
-        monkeypatch.setattr(attention, "keep_mask", recording)
-        return
-    if not cpu_attention.available() and not os.environ.get("CI"):
+    elif not cpu_attention.available() and not os.environ.get("CI"):
         pytest.skip("no C++ compiler here to build the fused CPU attention kernel")
-    fused = cpu_attention.attention
+    else:
+        monkeypatch.setenv("JAXTUNE_CPU_ATTENTION", "1")
 
-    def recording(q, k, v, segment_ids, *, dropout_rate=0.0, dropout_rng=None, **kwargs):
-        if dropout_rate and dropout_rng is not None:
-            b, t, n, _ = q.shape
-            where = np.meshgrid(np.arange(b), np.arange(n), np.arange(t), np.arange(t), indexing="ij")
-            jax.debug.callback(lambda seed: drawn.append(cpu_attention.dropout_keep(seed, *where, dropout_rate)),
-                               jax.random.bits(dropout_rng, (2,), jnp.uint32), ordered=True)
-        return fused(q, k, v, segment_ids, dropout_rate=dropout_rate, dropout_rng=dropout_rng, **kwargs)
 
-    monkeypatch.setattr(cpu_attention, "attention", recording)
+def _record_masks(drawn: list, monkeypatch) -> None:
+    """Append each layer's keep mask (B, N, T, S), ``attention_keep`` of the key the layer passes to
+    either attention path, to ``drawn`` as the forward runs. The decoders scan their layers, so the
+    masks come out by callback."""
+    def recording(attend):
+        def run(q, k, v, *args, dropout_rate=0.0, dropout_rng=None, **kwargs):
+            if dropout_rate and dropout_rng is not None:
+                keep = attention_keep(dropout_rng, dropout_rate, (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+                jax.debug.callback(lambda b: drawn.append(np.asarray(b)), keep, ordered=True)
+            return attend(q, k, v, *args, dropout_rate=dropout_rate, dropout_rng=dropout_rng, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(attention, "grouped_attention", recording(attention.grouped_attention))
+    monkeypatch.setattr(cpu_attention, "attention", recording(cpu_attention.attention))
 
 
 @pytest.mark.parametrize("kernel", ["fused", "grouped"])
@@ -92,7 +90,8 @@ def test_attention_dropout_is_transformers_in_training(family, kernel, tmp_path,
                                          rngs={"dropout": jax.random.key(3)}))
 
     drawn = []  # jaxtune's keep masks (B, N, T, S), in layer order
-    _record_masks(kernel, drawn, monkeypatch)
+    _use(kernel, monkeypatch)
+    _record_masks(drawn, monkeypatch)
     trained = ours(model, False)
     assert len(drawn) == 2 and drawn[0].shape == (2, 4, 9, 9) and 0.5 < drawn[0].mean() < 0.9
     fed = iter(drawn)
@@ -115,3 +114,26 @@ def test_attention_dropout_is_transformers_in_training(family, kernel, tmp_path,
     off = hf.load_pretrained(tmp_path, attention_dropout=0.0)
     np.testing.assert_allclose(ours(off, False), evaluated, atol=1e-6)
     assert not drawn
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_both_cpu_paths_drop_the_same_probabilities(family, tmp_path, monkeypatch):
+    """One dropout key, one mask: a train-mode forward on the fused kernel equals the grouped XLA
+    attention's (what lets a run resume on the other path, or on a machine without a compiler)."""
+    config, model_cls = _reference(family)
+    config.architectures = [model_cls.__name__]
+    torch.manual_seed(0)
+    model_cls(config).save_pretrained(tmp_path)
+    model = hf.load_pretrained(tmp_path)
+    ids = np.random.RandomState(2).randint(4, 96, (2, 9)).astype(np.int32)
+    mask = np.array([[1] * 9, [1] * 5 + [0] * 4], np.int32)
+    positions = np.broadcast_to(np.arange(9, dtype=np.int32), ids.shape)
+    outputs = {}
+    for kernel in ("fused", "grouped"):
+        _use(kernel, monkeypatch)
+        outputs[kernel] = np.asarray(model.module.apply({"params": model.params}, ids, mask, positions,
+                                                        deterministic=False, rngs={"dropout": jax.random.key(8)}))
+    evaluated = np.asarray(model.module.apply({"params": model.params}, ids, mask, positions, deterministic=True))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(outputs["fused"][real], outputs["grouped"][real], atol=1e-5, rtol=0)
+    assert not np.allclose(outputs["fused"][real], evaluated[real], atol=1e-3)  # dropout did drop

@@ -26,7 +26,7 @@ from jaxtune.models.attention import (
     splash_attention,
 )
 from jaxtune.models.decoder import Decoder, DecoderConfig
-from jaxtune.models.dropout import keep_mask
+from jaxtune.models.dropout import attention_keep
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 H100, A100 = (9, 0), (8, 0)
@@ -91,14 +91,14 @@ def _qkv(key: int, b: int, t: int, n: int, kv: int, h: int, dtype=F32) -> tuple[
 
 def test_probability_dropout_with_grouped_query_heads_equals_the_closed_form():
     """Dropout on the probabilities with 2 query heads per KV head: softmax, then each probability
-    kept with its bit from ``(B, N, T, S)`` bits of the key (query-head order) and scaled by
-    1 / (1 - rate), against numpy with the KV heads repeated."""
+    kept as ``attention_keep`` of the key says (query-head order) and scaled by 1 / (1 - rate), against
+    numpy with the KV heads repeated."""
     q, k, v = _qkv(0, 2, 6, 4, 2, 8)
     ids = jnp.array([[1, 1, 1, 1, 2, 2], [1, 1, 1, 1, 1, 0]], jnp.int32)
     mask = attention_mask(ids, causal=False)
     key, rate = jax.random.key(7), 0.25
     out = np.asarray(grouped_attention(q, k, v, mask, dropout_rate=rate, dropout_rng=key))
-    keep = np.asarray(keep_mask(key, rate, (2, 4, 6, 6)))
+    keep = np.asarray(attention_keep(key, rate, (2, 4, 6, 6)))
     qn, kn, vn = (np.asarray(x, np.float64).transpose(0, 2, 1, 3) for x in (q, k, v))  # (B, heads, T, H)
     kn, vn = np.repeat(kn, 2, axis=1), np.repeat(vn, 2, axis=1)
     scores = np.where(np.asarray(mask), qn @ kn.transpose(0, 1, 3, 2) / np.sqrt(8), -np.inf)
@@ -116,13 +116,13 @@ def test_probability_dropout_with_grouped_query_heads_equals_the_closed_form():
 def _plain_attention(q, k, v, mask, *, cap=None, rate=0.0, rng=None, keep=None):
     """Softmax attention as plainly as it is written (KV heads repeated, jax.nn.softmax, autodiff): the
     reference for the CPU kernels' query blocks and recomputing backwards. Dropout keeps ``keep``
-    ``(B, N, T, S)`` if given, else ``keep_mask``'s bits of ``rng``."""
+    ``(B, N, T, S)`` if given, else ``attention_keep`` of ``rng``."""
     b, t, n, h = q.shape
     g = n // k.shape[2]
     scores = attention.softcap(jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, g, 2)) * h ** -0.5, cap)
     probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1)
     if rate:
-        keep = keep_mask(rng, rate, probs.shape) if keep is None else keep
+        keep = attention_keep(rng, rate, probs.shape) if keep is None else keep
         probs = jnp.where(keep, probs / (1 - rate), 0.0)
     return jnp.einsum("bnts,bsnh->btnh", probs, jnp.repeat(v, g, 2))
 
@@ -212,26 +212,18 @@ def test_fused_cpu_attention_equals_plain_attention(b, t, n, kv, h, causal, rows
                            out_atol=2e-6, grad_atol=1e-5)
 
 
-def _fused_keep(rng: jax.Array, rate: float, b: int, n: int, t: int, first_row: int = 0) -> np.ndarray:
-    """The fused kernel's dropout mask, (B, N, T, T), from its documented hash."""
-    seed = np.asarray(jax.random.bits(rng, (2,), jnp.uint32))
-    rows, heads, queries, keys = np.meshgrid(np.arange(b) + first_row, np.arange(n), np.arange(t), np.arange(t),
-                                             indexing="ij")
-    return cpu_attention.dropout_keep(seed, rows, heads, queries, keys, rate)
-
-
 @needs_cpu_kernel
 @pytest.mark.parametrize(("b", "t", "n", "kv", "h", "causal", "rows"), [FUSED_CASES[i] for i in (0, 1, 3, 5)])
 def test_fused_cpu_attention_with_dropout_equals_plain_attention_with_its_mask(b, t, n, kv, h, causal, rows):
     """Dropout inside the kernel (BERT's attention dropout, 0.1; 0.3 here): outputs and gradients equal
-    plain softmax attention whose probabilities are dropped with :func:`cpu_attention.dropout_keep`'s
-    mask after the softmax and scaled by 1 / (1 - rate); the backward recomputes the same mask."""
+    plain softmax attention whose probabilities are dropped with ``attention_keep``'s mask after the
+    softmax and scaled by 1 / (1 - rate); the backward recomputes the same mask."""
     q, k, v = _qkv(t + 1, b, t, n, kv, h)
     ids = _rows(rows, b, t)
     mask = attention_mask(ids, causal=causal)
     weights = jax.random.normal(jax.random.key(2), q.shape) * (ids != 0)[:, :, None, None]
     rng, rate = jax.random.key(11), 0.3
-    keep = jnp.asarray(_fused_keep(rng, rate, b, n, t))
+    keep = attention_keep(rng, rate, (b, n, t, t))
 
     def ours(q, k, v):
         return cpu_attention.attention(q, k, v, ids, causal=causal, dropout_rate=rate, dropout_rng=rng)
@@ -257,7 +249,7 @@ def test_fused_cpu_attention_with_a_sliding_window_equals_plain_attention(t, cau
     mask = attention_mask(ids, causal=causal, window=window)
     weights = jax.random.normal(jax.random.key(3), q.shape) * (ids != 0)[:, :, None, None]
     rng = jax.random.key(4)
-    keep = jnp.asarray(_fused_keep(rng, rate, 2, 4, t)) if rate else None
+    keep = attention_keep(rng, rate, (2, 4, t, t)) if rate else None
 
     def ours(q, k, v):
         return attention.dot_product_attention(q, k, v, segment_ids=None if rows == "one" else ids, causal=causal,
@@ -286,7 +278,7 @@ def test_fused_cpu_attention_with_a_soft_cap_equals_plain_attention(t, causal, w
     mask = attention_mask(ids, causal=causal, window=window)
     weights = jax.random.normal(jax.random.key(5), q.shape) * (ids != 0)[:, :, None, None]
     rng = jax.random.key(6)
-    keep = jnp.asarray(_fused_keep(rng, rate, 2, 4, t)) if rate else None
+    keep = attention_keep(rng, rate, (2, 4, t, t)) if rate else None
 
     def ours(q, k, v):
         return attention.dot_product_attention(q, k, v, segment_ids=ids, causal=causal, window=window,
@@ -300,31 +292,6 @@ def test_fused_cpu_attention_with_a_soft_cap_equals_plain_attention(t, causal, w
     uncapped = np.asarray(_plain_attention(q, k, v, mask, rate=rate, keep=keep))
     assert not np.allclose(np.asarray(jax.jit(ours)(q, k, v))[np.asarray(ids != 0)],
                            uncapped[np.asarray(ids != 0)], atol=1e-2)  # the cap does bend these scores
-
-
-def test_the_fused_dropout_mask_drops_at_the_rate_and_differs_by_key_and_position():
-    """The hash mask as dropout needs it: each probability dropped with the rate's chance (to 2^-16,
-    0.1 -> 0.100006), independently of its neighbours, and another key, batch row, head, query or key
-    gives another draw."""
-    seed = np.array([12345, 678], np.uint32)
-    rows, heads, queries, keys = np.meshgrid(np.arange(4), np.arange(12), np.arange(64), np.arange(64),
-                                             indexing="ij")  # MiniLM's packed quickstart rows: 196,608 draws
-    for rate in (0.1, 0.5):
-        keep = cpu_attention.dropout_keep(seed, rows, heads, queries, keys, rate)
-        p = round(rate * 65536) / 65536
-        assert abs((1 - keep.mean()) - p) < 4 * np.sqrt(p * (1 - p) / keep.size)
-        # neighbours along each axis agree as often as independent draws would
-        for axis in range(4):
-            a, b = np.moveaxis(keep, axis, 0)[:-1], np.moveaxis(keep, axis, 0)[1:]
-            both = (a & b).mean()
-            assert abs(both - (1 - p) ** 2) < 4 * np.sqrt((1 - p) ** 2 / a.size) + 1e-3, (rate, axis)
-    base = cpu_attention.dropout_keep(seed, rows, heads, queries, keys, 0.5)
-    for other in (cpu_attention.dropout_keep(seed + 1, rows, heads, queries, keys, 0.5),
-                  cpu_attention.dropout_keep(seed, rows + 4, heads, queries, keys, 0.5),
-                  cpu_attention.dropout_keep(seed, rows, heads + 12, queries, keys, 0.5),
-                  cpu_attention.dropout_keep(seed, rows, heads, queries + 64, keys, 0.5),
-                  cpu_attention.dropout_keep(seed, rows, heads, queries, keys + 64, 0.5)):
-        assert abs((base == other).mean() - 0.5) < 0.01
 
 
 @needs_cpu_kernel
@@ -370,7 +337,7 @@ def test_the_dispatch_runs_the_fused_kernel_and_can_be_turned_off(monkeypatch):
     fn = jax.jit(lambda q, k, v: attention.dot_product_attention(q, k, v, segment_ids=ids, causal=False,
                                                                  dropout_rate=0.1, dropout_rng=rng))
     assert "jaxtune_cpu_attention_forward" in fn.lower(q, k, v).as_text()
-    keep = jnp.asarray(_fused_keep(rng, 0.1, 2, 4, 50))
+    keep = attention_keep(rng, 0.1, (2, 4, 50, 50))
     expected = _plain_attention(q, k, v, attention_mask(ids, causal=False), rate=0.1, keep=keep)
     np.testing.assert_allclose(np.asarray(fn(q, k, v))[real], np.asarray(expected)[real], atol=2e-6)
 

@@ -24,10 +24,9 @@ Where the backend's kernel cannot take the inputs (float32 on a GPU, a head dim 
 soft-capping on a GPU, a sequence length splash cannot tile, a dense mask given by the caller),
 the XLA path with a dense mask runs instead and a one-line notice says why, once per reason.
 Dropout on the attention probabilities (BERT's ``attention_probs_dropout_prob`` in training) runs
-in the fused CPU kernel (its mask a hash of the caller's key and the positions,
-:func:`jaxtune.models.cpu_attention.dropout_keep`) or else in :func:`grouped_attention` (bits from
-the caller's key, :func:`jaxtune.models.dropout.keep_mask`, as the rest of a model's dropout); the
-GPU and TPU kernels take none, so there it runs the grouped attention.
+in the fused CPU kernel or else in :func:`grouped_attention`, both with one mask, a hash of the
+caller's key and the positions (:func:`jaxtune.models.dropout.attention_keep`); the GPU and TPU
+kernels take none, so there it runs the grouped attention.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtune.models import cpu_attention
-from jaxtune.models.dropout import keep_mask
+from jaxtune.models.dropout import attention_keep
 
 Array = jax.Array
 # A sliding window: ``w`` is the query itself and the ``w - 1`` keys before it (Mistral, Gemma 2);
@@ -287,14 +286,14 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale
 
     ``dropout_rate`` > 0 (with ``dropout_rng``) zeroes each probability with that chance and
     scales the rest by ``1 / (1 - rate)``, as ``torch.nn.functional.dropout`` on BERT's
-    attention probabilities; the bits are drawn as ``(B, N, T, S)`` (heads in query-head order),
-    so they do not depend on how the heads are grouped or blocked.
+    attention probabilities; which are kept is :func:`~jaxtune.models.dropout.attention_keep` of
+    the positions (heads in query-head order), computed per block, so it does not depend on how the
+    heads are grouped or the queries blocked, and equals the fused CPU kernel's.
     """
     b, t, n, h = q.shape
     s, kv = k.shape[1], k.shape[2]
     g = n // kv
     scale = h ** -0.5 if scale is None else scale
-    keep = keep_mask(dropout_rng, dropout_rate, (b, n, t, s)) if dropout_rate > 0 else None
     if causal and s != t:
         raise ValueError(f"grouped_attention: causal blocks need self-attention (T == S), got T={t}, S={s}")
     left = window_bounds(window, True)[0] if causal and window is not None else None
@@ -306,7 +305,9 @@ def grouped_attention(q: Array, k: Array, v: Array, mask: Array | None, *, scale
         qg = q[:, rows].reshape(b, stop - start, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b * kv, -1, h)
         kf, vf = (x[:, keys].transpose(0, 2, 1, 3).reshape(b * kv, last - first, h) for x in (k, v))
         block_mask = None if mask is None else _rows_and_keys(mask, rows, keys)[:, :, None]  # (B|1, 1, 1, Tb, Sb)
-        block_keep = None if keep is None else keep[:, :, rows, keys].reshape(b * kv, g * (stop - start), -1)
+        block_keep = None if not dropout_rate > 0 else attention_keep(
+            dropout_rng, dropout_rate, (b, n, stop - start, last - first), first=(0, 0, start, first)
+        ).reshape(b * kv, g * (stop - start), -1)
         out = _attend(qg, kf, vf, block_mask, block_keep, scale, logit_cap, dropout_rate, (b, kv, g))
         outs.append(out.reshape(b, kv, g, stop - start, h).transpose(0, 3, 1, 2, 4).reshape(b, stop - start, n, h))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)

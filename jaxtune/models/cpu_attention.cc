@@ -20,7 +20,7 @@
 // Dropout on the probabilities (`drop` > 0: each probability dropped with chance drop / 65536, the
 // rest scaled by `kept`, 1 / (1 - rate) for the rate drop stands for) draws no random numbers: whether query i of head n in
 // batch row b keeps key j is a hash of (seed, b, n, i, j) (`row_key`, `drop_row` below; the same function is
-// `dropout_keep` in cpu_attention.py), so the backward recomputes the forward's mask, and a shard
+// `attention_keep` in jaxtune/models/dropout.py), so the backward recomputes the forward's mask, and a shard
 // of a mesh, told its first batch row and head, draws the mask of the whole batch. The normaliser
 // sums the kept and dropped probabilities alike (dropout follows the softmax), and the backward is
 // flash attention's with dropout: dV from the dropped probabilities, dS = P (Z dP - D) with Z the

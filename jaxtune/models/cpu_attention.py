@@ -8,8 +8,9 @@ softmax that keeps each row's log-sum-exp, a backward that recomputes the probab
 and no work on the key blocks a tile cannot see (after a causal tile, in other packed documents,
 outside a sliding window). It soft-caps the scores where the model does (Gemma 2). Its groups run
 on XLA's own CPU thread pool. Dropout on the probabilities (BERT's ``attention_probs_dropout_prob``
-in training) happens inside it, its mask a hash of the key and the position (:func:`dropout_keep`),
-not an array of random bits: nothing of size ``T x T`` is drawn, stored or read.
+in training) happens inside it, its mask a hash of the key and the position
+(:func:`jaxtune.models.dropout.attention_keep`, the XLA path's mask too), not an array of random
+bits: nothing of size ``T x T`` is drawn, stored or read.
 
 No PyPI package ships a CPU attention kernel for JAX, so this one is ours; it is built with the
 machine's C++ compiler (``$CXX``, else ``c++``/``g++``) for the machine's CPU (``-march=native``)
@@ -130,7 +131,7 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     ``dropout_rate`` > 0 with a ``dropout_rng`` key drops each probability with that chance (to
     2^-16, as :func:`jaxtune.models.dropout.keep_mask`) and scales the rest by ``1 / (1 - rate)``,
     after the softmax, as ``torch.nn.functional.dropout`` on BERT's probabilities; which are kept is
-    :func:`dropout_keep` of the key's seed. ``first_row``, ``first_head``: the batch row and query
+    :func:`~jaxtune.models.dropout.attention_keep` of the key. ``first_row``, ``first_head``: the batch row and query
     head this call's first ones are in the whole batch (a shard of a mesh), so that every shard
     draws its part of one mask, the same on any mesh.
     """
@@ -154,32 +155,6 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     bounds = (-1 if left is None else int(left), -1 if right is None else int(right))
     return _attention(*f32, ids, rng, h ** -0.5 if scale is None else float(scale), bool(causal),
                       (*bounds, drop, kept, float(logit_cap or 0.0))).astype(q.dtype)
-
-
-def dropout_keep(seed: np.ndarray, rows: np.ndarray, heads: np.ndarray, queries: np.ndarray, keys: np.ndarray,
-                 rate: float) -> np.ndarray:
-    """Whether the kernel keeps the probability of ``keys`` for ``queries`` of query head ``heads`` in
-    batch row ``rows`` (integer arrays, broadcast together; positions in the whole batch), with
-    ``seed`` the two uint32 the kernel draws from its key: murmur3's finaliser over (seed, row,
-    head, query), then over (that, key); kept when its top 16 bits are at least ``drop_threshold(rate)``.
-    The kernel's ``row_key`` and ``drop_row``, in numpy, for tests and for reproducing a mask."""
-    def fmix(h: np.ndarray) -> np.ndarray:
-        h = h ^ (h >> 16)
-        h = h * np.uint32(0x85EBCA6B)
-        h = h ^ (h >> 13)
-        h = h * np.uint32(0xC2B2AE35)
-        return h ^ (h >> 16)
-
-    def u32(x: object) -> np.ndarray:
-        return np.asarray(x).astype(np.uint32)
-
-    seed = u32(seed)
-    with np.errstate(over="ignore"):
-        x = fmix(seed[0] ^ fmix(u32(rows) * np.uint32(0x9E3779B9) + seed[1]))
-        x = fmix(x ^ (u32(heads) * np.uint32(0x85EBCA6B) + np.uint32(0x165667B1)))
-        key = fmix(x + u32(queries) * np.uint32(0xC2B2AE35))
-        bits = fmix((u32(keys) * np.uint32(0x9E3779B9)) ^ key) >> 16
-    return bits >= np.uint32(drop_threshold(rate))
 
 
 # options: (left, right, drop, kept, cap): the window's bounds (-1: none), the dropout threshold in

@@ -10,13 +10,21 @@ each 32-bit word gives two elements, its low and high halves, compared with ``ra
 The bits stay threefry's, so a mask is a pure function of the key and the shape: the same on any
 mesh and any number of devices (what exact resume and the sharding tests rely on). Halves go to
 neighbouring elements of the last axis, so a mask sharded along any axis is drawn where it is used.
+
+Attention probabilities (``(B, N, T, S)`` per layer, the largest masks by far) are dropped by
+:func:`attention_keep` instead: a hash of each probability's position, so any block of the mask (a
+query tile in a kernel, a shard of a mesh) is computed where it is used, nothing of size ``T x S`` is
+drawn or kept for the backward, and the fused CPU kernel and the XLA attention drop the same ones.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 Array = jax.Array
 _UNITS = 1 << 16  # the resolution of a keep decision
@@ -42,6 +50,39 @@ def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
     words = jax.random.bits(key, (*lead, (last + 1) // 2), jnp.uint32)
     halves = jnp.stack([words & 0xFFFF, words >> 16], axis=-1).reshape(*lead, -1)[..., :last]
     return (halves >= jnp.uint32(drop_threshold(rate))).reshape(shape)
+
+
+def _fmix(h: Array) -> Array:
+    """murmur3's 32-bit finaliser: a bijection of uint32 whose every output bit depends on every input bit."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def attention_keep(key: Array, rate: float, shape: tuple[int, int, int, int],
+                   first: Sequence[Array | int] = (0, 0, 0, 0)) -> Array:
+    """Which attention probabilities dropout keeps: booleans ``shape`` = ``(B, N, T, S)`` (batch row,
+    query head, query, key), the block of the whole batch's mask that starts at ``first`` on those axes.
+
+    Probability ``(b, n, i, j)`` is kept when the top 16 bits of ``fmix(j * 0x9E3779B9 ^ r)`` are at
+    least :func:`drop_threshold` of ``rate``, where ``r`` mixes two words drawn from ``key`` with ``b``,
+    ``n`` and ``i`` in turn (murmur3's finaliser ``fmix`` each time; the constants are the fused CPU
+    kernel's, which computes this function in C++). Each probability is kept with chance ``1 - rate``
+    (to 2^-16) independently of its neighbours (tested); the mask is the same on every path, block
+    and shard, so a resumed run drops the same probabilities whichever attention runs."""
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    u32 = jnp.uint32
+
+    def positions(axis: int) -> Array:
+        return lax.broadcasted_iota(u32, shape, axis) + jnp.asarray(first[axis]).astype(u32)
+
+    rows, heads, queries, keys = (positions(axis) for axis in range(4))
+    x = _fmix(seed[0] ^ _fmix(rows * u32(0x9E3779B9) + seed[1]))
+    x = _fmix(x ^ (heads * u32(0x85EBCA6B) + u32(0x165667B1)))
+    row = _fmix(x + queries * u32(0xC2B2AE35))
+    return (_fmix((keys * u32(0x9E3779B9)) ^ row) >> 16) >= u32(drop_threshold(rate))
 
 
 def dropout(x: Array, rate: float, key: Array, shape: tuple[int, ...] | None = None) -> Array:
