@@ -75,8 +75,9 @@ def attention_keep(key: Array, rate: float, shape: tuple[int, int, int, int],
     seed = jax.random.bits(key, (2,), jnp.uint32)
     u32 = jnp.uint32
 
-    def positions(axis: int) -> Array:
-        return lax.broadcasted_iota(u32, shape, axis) + jnp.asarray(first[axis]).astype(u32)
+    def positions(axis: int) -> Array:  # (1, .., size, .., 1): the row hashes are computed once per row
+        along = tuple(size if a == axis else 1 for a, size in enumerate(shape))
+        return lax.broadcasted_iota(u32, along, axis) + jnp.asarray(first[axis]).astype(u32)
 
     rows, heads, queries, keys = (positions(axis) for axis in range(4))
     x = _fmix(seed[0] ^ _fmix(rows * u32(0x9E3779B9) + seed[1]))
