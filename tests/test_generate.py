@@ -177,6 +177,23 @@ def test_prompt_tuned_model_generates_its_greedy_tokens(llama):
         assert logits[row, len(p) - 1:len(p) + len(n) - 1].argmax(-1).tolist() == n
 
 
+@pytest.mark.parametrize("axes", [dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)])
+def test_params_sharded_as_training_shards_them_generate_the_same_tokens(llama, axes):
+    """A run trained on a mesh generates with its params where they are (FSDP / tensor-parallel over 8
+    simulated devices; the jitted prefill and loop take them as sharded inputs and XLA partitions the
+    rest), and the tokens are the unsharded ones."""
+    from jaxtune.training.sharding import MeshConfig, make_mesh, param_shardings, shard
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    _, model = llama
+    mesh = make_mesh(MeshConfig(**axes))
+    rules = hf.FAMILIES[model.architecture].partition_rules  # as a Tuned model of this family has them
+    params = shard(model.params, param_shardings(model.params, mesh, rules))
+    assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
+    assert _greedy(model, params) == _greedy(model)
+
+
 def test_complete_applies_the_chat_template(llama):
     from jaxtune.data.testing import tiny_tokenizer
 

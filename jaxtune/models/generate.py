@@ -19,6 +19,10 @@ too, so similar requests share compiled code. The loop compiles once per (module
 ``max_length``, greedy or sampled, filtered or not); temperature, top-k, top-p, stop tokens,
 ``max_new_tokens`` and the seed are traced values, so changing them does not recompile.
 
+Params sharded over a mesh (a run trained with FSDP or tensor parallelism, as ``jaxtune.open_run``
+restores it) stay where they are: the jitted prefill and loop take them as sharded inputs and XLA
+partitions the rest, so a model too large for one device generates, with the same tokens (tested).
+
 The module is a :class:`~jaxtune.models.decoder.Decoder`, or a wrapper that holds one as
 ``.body`` with the body's params at the root of ``params`` and ``task == "lm"`` (e.g.
 ``jaxtune.tuning.TunedModel``, which this layer must not import). Adapter leaves (LoRA/DoRA) are
