@@ -12,7 +12,6 @@ from helpers import skip_or_fail, tiny_hf_model
 
 from jaxtune import tuning
 from jaxtune.models import hf
-from jaxtune.models.decoder import init_cache
 from jaxtune.models.generate import (
     PROMPT_LEAF,
     complete,
@@ -21,6 +20,7 @@ from jaxtune.models.generate import (
     filter_logits,
     generate,
 )
+from jaxtune.models.kv_cache import init_cache
 
 CASES = {
     "llama": ("LlamaForCausalLM", {}),

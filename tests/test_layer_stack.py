@@ -13,8 +13,9 @@ import pytest
 
 from jaxtune import tuning
 from jaxtune.models import stacking
-from jaxtune.models.decoder import UNROLL_AUTO_LAYERS, Decoder, DecoderConfig, init_cache
+from jaxtune.models.decoder import UNROLL_AUTO_LAYERS, Decoder, DecoderConfig
 from jaxtune.models.hf import FAMILIES, Pretrained
+from jaxtune.models.kv_cache import init_cache
 from jaxtune.training.optim import OptimizerConfig, build_optimizer
 from jaxtune.training.sharding import MeshConfig, make_mesh, param_shardings, param_specs
 from jaxtune.training.step import make_loss_fn, make_train_step

@@ -35,7 +35,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfig, LayerCache, attend
+from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfig
+from jaxtune.models.kv_cache import LayerCache, attend
 from jaxtune.models.layers import (
     SUPPORTED_ROPE_TYPES,
     Array,

@@ -9,7 +9,7 @@ batches of prompts of different lengths, and chat templates.
 
 How a batch runs: the prompts are left-padded to one length ``T``, so every row's next token
 goes to the same cache slot and no row's tokens move. One jitted prefill writes the prompts into
-a :class:`~jaxtune.models.decoder.KVCache` of ``max_length`` slots and gives the first logits;
+a :class:`~jaxtune.models.kv_cache.KVCache` of ``max_length`` slots and gives the first logits;
 one jitted ``lax.while_loop`` then adds a token per step until ``max_new_tokens`` or until every
 row has met a stop token. Padding is masked, so a prompt gives the same tokens alone or in a batch
 (greedy; a sampled row's draws depend on the seed, its row index and the step only).
@@ -44,7 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.models.decoder import Decoder, KVCache, init_cache
+from jaxtune.models.decoder import Decoder
+from jaxtune.models.kv_cache import KVCache, init_cache
 from jaxtune.models.layers import Array
 
 Params = dict[str, Any]

@@ -3,7 +3,7 @@ query/key/value projection, a GELU MLP and tied input/output embeddings.
 
 :class:`GPT2` is a :class:`~jaxtune.models.decoder.Decoder` in everything the rest of jaxtune relies
 on (``embed``/``hidden``/``decode``/``logits``, the calling convention ``(input_ids, segment_ids,
-positions, deterministic)``, the :class:`~jaxtune.models.decoder.KVCache`), so training, packing,
+positions, deterministic)``, the :class:`~jaxtune.models.kv_cache.KVCache`), so training, packing,
 chunked losses, prompt tuning, heads and generation need nothing GPT-2-specific. Its own are the
 blocks and the position embeddings: ``hidden`` adds ``wpe[positions]`` to the token embeddings, so
 packed documents (positions restarting at 0) and virtual prompt tokens are placed as transformers
@@ -29,9 +29,10 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 
-from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, LayerCache, attend
+from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig
 from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS
+from jaxtune.models.kv_cache import LayerCache, attend
 from jaxtune.models.layers import (
     Array,
     Embed,

@@ -23,9 +23,9 @@ from jaxtune.models.decoder import (
     Decoder,
     DecoderClassifier,
     DecoderConfig,
-    LayerCache,
     common_fields,
 )
+from jaxtune.models.kv_cache import LayerCache
 from jaxtune.models.layers import Array, RMSNorm
 
 ARCHITECTURES = ("Olmo2ForCausalLM",)

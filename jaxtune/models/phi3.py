@@ -36,8 +36,9 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, LayerCache, attend
+from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig
 from jaxtune.models.dropout import Dropout
+from jaxtune.models.kv_cache import LayerCache, attend
 from jaxtune.models.layers import (
     Array,
     Linear,
