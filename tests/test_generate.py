@@ -178,11 +178,12 @@ def test_prompt_tuned_model_generates_its_greedy_tokens(llama):
 
 
 @pytest.mark.parametrize("axes", [dict(data=1, fsdp=8), dict(data=2, fsdp=2, tensor=2)])
-def test_params_sharded_as_training_shards_them_generate_the_same_tokens(llama, axes):
-    """A run trained on a mesh generates with its params where they are (FSDP / tensor-parallel over 8
-    simulated devices; the jitted prefill and loop take them as sharded inputs and XLA partitions the
-    rest), and the tokens are the unsharded ones."""
-    from jaxtune.training.sharding import MeshConfig, make_mesh, param_shardings, shard
+def test_params_sharded_as_training_shards_them_generate_the_same_tokens(llama, axes, monkeypatch):
+    """A run trained on a mesh generates there (FSDP / tensor parallelism over 8 simulated devices): the
+    params stay sharded, the prompts' rows are split over the mesh's batch axes (3 prompts: filler rows
+    make them a multiple), and the greedy and sampled tokens are the ones one device gives."""
+    from jaxtune.models import generate as generation
+    from jaxtune.training.sharding import MeshConfig, data_parallel_size, make_mesh, param_shardings, shard
 
     if jax.device_count() < 8:
         pytest.skip("needs 8 (simulated) devices")
@@ -191,7 +192,19 @@ def test_params_sharded_as_training_shards_them_generate_the_same_tokens(llama, 
     rules = hf.FAMILIES[model.architecture].partition_rules  # as a Tuned model of this family has them
     params = shard(model.params, param_shardings(model.params, mesh, rules))
     assert any(len(x.sharding.device_set) == 8 and not x.sharding.is_fully_replicated for x in jax.tree.leaves(params))
+    placed = []
+    prefill = generation._prefill
+
+    def spy(module, params, ids, *args, **kwargs):
+        placed.append(ids.sharding)
+        return prefill(module, params, ids, *args, **kwargs)
+
+    monkeypatch.setattr(generation, "_prefill", spy)
     assert _greedy(model, params) == _greedy(model)
+    rows = data_parallel_size(mesh)
+    assert placed[0].mesh == mesh and placed[0].shard_shape((rows, 1))[0] == 1  # each data shard has its rows
+    sampled = dict(temperature=0.9, top_k=20, seed=3)
+    assert _greedy(model, params, **sampled) == _greedy(model, **sampled)
 
 
 def test_complete_applies_the_chat_template(llama):

@@ -20,8 +20,11 @@ too, so similar requests share compiled code. The loop compiles once per (module
 ``max_new_tokens`` and the seed are traced values, so changing them does not recompile.
 
 Params sharded over a mesh (a run trained with FSDP or tensor parallelism, as ``jaxtune.open_run``
-restores it) stay where they are: the jitted prefill and loop take them as sharded inputs and XLA
-partitions the rest, so a model too large for one device generates, with the same tokens (tested).
+restores it) stay where they are, and the batch runs data-parallel on that mesh: the rows are split
+over its batch axes (filler rows make their number a multiple; they are dropped), each layer's
+activations stay split as in training (the programs are traced under the mesh), and XLA gathers
+each layer's weights where its rows are. A model too large for one device generates, with the
+tokens it gives on one device (tested).
 
 The module is a :class:`~jaxtune.models.decoder.Decoder`, or a wrapper that holds one as
 ``.body`` with the body's params at the root of ``params`` and ``task == "lm"`` (e.g.
@@ -33,6 +36,7 @@ virtual tokens (``prompt_embeddings`` ``(P, D)``) are put before each prompt, at
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -43,7 +47,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune.models.attention import BATCH_AXES
 from jaxtune.models.decoder import Decoder
 from jaxtune.models.kv_cache import KVCache, init_cache
 from jaxtune.models.layers import Array
@@ -224,17 +231,35 @@ def generate(
         raise ValueError(f"max_length {max_length} is too short for a prompt of {longest} tokens"
                          f"{' (with virtual tokens)' if virtual_tokens else ''} plus max_new_tokens {max_new_tokens}")
     width = min(_round_up(longest, BUCKET), max_length - max_new_tokens)
-    ids, virtual, start = _left_pad(prompts, virtual_tokens, width)
+    mesh = _mesh_of(params)
+    axes = () if mesh is None else tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+    split = math.prod(mesh.shape[a] for a in axes) if mesh is not None else 1
+    rows = prompts + [prompts[0]] * (-len(prompts) % split)  # fillers: the rows split evenly
+    ids, virtual, start = _left_pad(rows, virtual_tokens, width)
+    if mesh is not None:
+        ids, virtual, start = jax.device_put((ids, virtual, start), NamedSharding(mesh, PartitionSpec(axes)))
 
-    logits, cache = _prefill(decoder, params, ids, virtual, start, prompt, max_length=max_length)
     sampled = temperature > 0
-    out, _ = _decode_loop(
-        decoder, params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
-        jnp.asarray(list(stop_token_ids) or [-1], jnp.int32), jnp.float32(temperature if sampled else 1.0),
-        jnp.int32(top_k or vocab), jnp.float32(top_p or 1.0),
-        greedy=not sampled, filtered=sampled and (top_k is not None or top_p is not None),
-    )
-    return [_until_stop(row[:max_new_tokens], stop_token_ids) for row in np.asarray(out).tolist()]
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
+        logits, cache = _prefill(decoder, params, ids, virtual, start, prompt, max_length=max_length)
+        out, _ = _decode_loop(
+            decoder, params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
+            jnp.asarray(list(stop_token_ids) or [-1], jnp.int32), jnp.float32(temperature if sampled else 1.0),
+            jnp.int32(top_k or vocab), jnp.float32(top_p or 1.0),
+            greedy=not sampled, filtered=sampled and (top_k is not None or top_p is not None),
+        )
+    if not out.is_fully_addressable:  # rows on other processes' devices: every process gets every row
+        out = multihost_utils.process_allgather(out, tiled=True)
+    return [_until_stop(row[:max_new_tokens], stop_token_ids) for row in np.asarray(out)[:len(prompts)].tolist()]
+
+
+def _mesh_of(params: Params) -> Mesh | None:
+    """The mesh ``params`` are sharded over (a run's, restored), or None on one device."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
 
 
 def _check_request(prompts: list[list[int]], virtual_tokens: int, vocab: int, max_new_tokens: int,
