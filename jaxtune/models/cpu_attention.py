@@ -129,7 +129,7 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     :func:`~jaxtune.models.attention.softcap`.
 
     ``dropout_rate`` > 0 with a ``dropout_rng`` key drops each probability with that chance (to
-    2^-16, as :func:`jaxtune.models.dropout.keep_mask`) and scales the rest by ``1 / (1 - rate)``,
+    2^-16, :func:`jaxtune.models.dropout.drop_threshold`) and scales the rest by ``1 / (1 - rate)``,
     after the softmax, as ``torch.nn.functional.dropout`` on BERT's probabilities; which are kept is
     :func:`~jaxtune.models.dropout.attention_keep` of the key. ``first_row``, ``first_head``: the batch row and query
     head this call's first ones are in the whole batch (a shard of a mesh), so that every shard
@@ -151,7 +151,7 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     seed = jax.random.bits(dropout_rng, (2,), jnp.uint32) if drop else jnp.zeros((2,), jnp.uint32)
     rng = jnp.concatenate([seed, jnp.stack([jnp.asarray(first_row), jnp.asarray(first_head)]).astype(jnp.uint32)])
     f32 = (x.astype(jnp.float32) for x in (q, k, v))
-    kept = 1.0 / (1.0 - dropout_rate) if drop else 1.0  # the nominal rate's, as torch and keep_mask's users
+    kept = 1.0 / (1.0 - dropout_rate) if drop else 1.0  # the nominal rate's, as torch and jaxtune's other dropout
     bounds = (-1 if left is None else int(left), -1 if right is None else int(right))
     return _attention(*f32, ids, rng, h ** -0.5 if scale is None else float(scale), bool(causal),
                       (*bounds, drop, kept, float(logit_cap or 0.0))).astype(q.dtype)
