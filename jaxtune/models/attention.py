@@ -34,6 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import math
 from typing import Any
 
 import jax
@@ -482,6 +483,17 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
 
 # The mesh axes jaxtune shards the batch and the heads over (jaxtune.training.sharding, layers.partition_rules).
 BATCH_AXES, HEAD_AXIS = ("data", "fsdp", "expert"), "tensor"
+
+
+def batch_axes(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> tuple[str, ...]:
+    """The axes of ``mesh`` (concrete or abstract) a batch's rows split over, in :data:`BATCH_AXES` order."""
+    return tuple(a for a in BATCH_AXES if a in mesh.axis_names)
+
+
+def data_parallel_size(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh) -> int:
+    """How many ways ``mesh`` splits a batch's rows (the product of :func:`batch_axes`' sizes); a
+    global batch must be a multiple of it."""
+    return math.prod(mesh.shape[a] for a in batch_axes(mesh))
 
 
 def _per_shard(rows: Any, batch: int, kv_heads: int, heads_axis: int = 1, offsets: bool = False) -> Any:

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.models.dropout import drop_threshold
+from jaxtune.models.dropout import attention_seed, drop_threshold
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     b, t, _, h = q.shape
     ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     drop = drop_threshold(dropout_rate) if dropout_rng is not None else 0
-    seed = jax.random.bits(dropout_rng, (2,), jnp.uint32) if drop else jnp.zeros((2,), jnp.uint32)
+    seed = attention_seed(dropout_rng) if drop else jnp.zeros((2,), jnp.uint32)
     rng = jnp.concatenate([seed, jnp.stack([jnp.asarray(first_row), jnp.asarray(first_head)]).astype(jnp.uint32)])
     f32 = (x.astype(jnp.float32) for x in (q, k, v))
     kept = 1.0 / (1.0 - dropout_rate) if drop else 1.0  # the nominal rate's, as torch and jaxtune's other dropout

@@ -61,6 +61,12 @@ def _fmix(h: Array) -> Array:
     return h ^ (h >> 16)
 
 
+def attention_seed(key: Array) -> Array:
+    """The two ``uint32`` words ``(2,)`` drawn from ``key`` that :func:`attention_keep`'s hash starts
+    from; the fused CPU kernel is handed the same words, so both paths drop the same probabilities."""
+    return jax.random.bits(key, (2,), jnp.uint32)
+
+
 def attention_keep(key: Array, rate: float, shape: tuple[int, int, int, int],
                    first: Sequence[Array | int] = (0, 0, 0, 0)) -> Array:
     """Which attention probabilities dropout keeps: booleans ``shape`` = ``(B, N, T, S)`` (batch row,
@@ -72,7 +78,7 @@ def attention_keep(key: Array, rate: float, shape: tuple[int, int, int, int],
     kernel's, which computes this function in C++). Each probability is kept with chance ``1 - rate``
     (to 2^-16) independently of its neighbours (tested); the mask is the same on every path, block
     and shard, so a resumed run drops the same probabilities whichever attention runs."""
-    seed = jax.random.bits(key, (2,), jnp.uint32)
+    seed = attention_seed(key)
     u32 = jnp.uint32
 
     def positions(axis: int) -> Array:  # (1, .., size, .., 1): the row hashes are computed once per row

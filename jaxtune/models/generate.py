@@ -50,7 +50,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtune.models.attention import BATCH_AXES
+from jaxtune.models.attention import batch_axes, data_parallel_size
 from jaxtune.models.decoder import Decoder
 from jaxtune.models.kv_cache import KVCache, init_cache
 from jaxtune.models.layers import Array
@@ -232,12 +232,12 @@ def generate(
                          f"{' (with virtual tokens)' if virtual_tokens else ''} plus max_new_tokens {max_new_tokens}")
     width = min(_round_up(longest, BUCKET), max_length - max_new_tokens)
     mesh = _mesh_of(params)
-    axes = () if mesh is None else tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    split = math.prod(mesh.shape[a] for a in axes) if mesh is not None else 1
+    split = 1 if mesh is None else data_parallel_size(mesh)
     rows = prompts + [prompts[0]] * (-len(prompts) % split)  # fillers: the rows split evenly
     ids, virtual, start = _left_pad(rows, virtual_tokens, width)
     if mesh is not None:
-        ids, virtual, start = jax.device_put((ids, virtual, start), NamedSharding(mesh, PartitionSpec(axes)))
+        rows_split = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
+        ids, virtual, start = jax.device_put((ids, virtual, start), rows_split)
 
     sampled = temperature > 0
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():

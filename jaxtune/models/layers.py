@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models import quant
-from jaxtune.models.attention import BATCH_AXES as BATCH_AXES  # the mesh axes rows split over
 from jaxtune.models.attention import attention_mask as attention_mask  # re-exported: attention moved there
+from jaxtune.models.attention import batch_axes, data_parallel_size
 from jaxtune.models.attention import dot_product_attention as dot_product_attention
 from jaxtune.models.attention import grouped_attention as grouped_attention
 from jaxtune.models.attention import softcap as softcap
@@ -235,22 +235,20 @@ def partition_rules(column: tuple[str, ...], row: tuple[str, ...]) -> PartitionR
     )
 
 
-# The mesh axes that split a batch's rows: plain and fully sharded data parallelism.
-
-
 def shard_rows(x: Array) -> Array:
-    """``x`` ``(B, ...)`` constrained to rows split over :data:`BATCH_AXES` of the mesh the step is
-    traced under (``jax.sharding.use_abstract_mesh``, which the train step sets), else unchanged.
+    """``x`` ``(B, ...)`` constrained to rows split over the batch axes (:func:`attention.batch_axes`)
+    of the mesh the step is traced under (``jax.sharding.use_abstract_mesh``, which the train step
+    sets), else unchanged.
 
     Applied to each layer's input, it keeps activations data-parallel, so XLA gathers a layer's
     FSDP-sharded weights where the layer runs (inside the layer scan: one layer at a time)
     instead of moving activations between devices, which its cost model prefers at small widths.
     """
     mesh = jax.sharding.get_abstract_mesh()
-    axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names)
-    if mesh.empty or not axes:
+    axes = () if mesh.empty else batch_axes(mesh)
+    if not axes:
         return x
-    if x.shape[0] % math.prod(mesh.shape[a] for a in axes):
+    if x.shape[0] % data_parallel_size(mesh):
         return x  # rows that do not split evenly stay where XLA puts them
     return jax.lax.with_sharding_constraint(x, jax.sharding.PartitionSpec(axes))
 

@@ -25,7 +25,8 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.models import stacking
-from jaxtune.models.layers import BATCH_AXES
+from jaxtune.models.attention import batch_axes
+from jaxtune.models.attention import data_parallel_size as data_parallel_size  # training's name for it too
 
 AXES = ("data", "fsdp", "expert", "tensor")
 Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
@@ -137,7 +138,7 @@ def shard(tree: Any, shardings: Any) -> Any:
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows split over ``data`` x ``fsdp`` x ``expert``, everything else replicated."""
-    return NamedSharding(mesh, PartitionSpec(tuple(a for a in BATCH_AXES if a in mesh.axis_names)))
+    return NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
@@ -155,11 +156,6 @@ def whole_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array
     device takes its rows from it); :func:`global_batch` is the form for per-process rows."""
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
-
-
-def data_parallel_size(mesh: Mesh) -> int:
-    """How many ways the batch is split; the global batch must be a multiple of it."""
-    return math.prod(mesh.shape[axis] for axis in BATCH_AXES if axis in mesh.axis_names)
 
 
 def jit_on_mesh(fn: Callable[..., Any], mesh: Mesh | None, **jit_kwargs: Any) -> Any:
