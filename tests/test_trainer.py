@@ -387,12 +387,13 @@ def test_two_processes_train_together_like_one(setup, tmp_path):
     # reads them or two processes read alternate ones (packing would pack each shard apart).
     common = ["--model", str(model_dir), "--data", str(train), "--steps", "4", "--batch", "4", "--no-packing"]
     single = _script(*common, "--run", str(tmp_path / "one"), "--out", str(tmp_path / "one.npz"),
-                     "--eval-out", str(tmp_path / "one.json"),
+                     "--eval-out", str(tmp_path / "one.json"), "--generate-out", str(tmp_path / "one-new.json"),
                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.wait(timeout=600) == 0, single.stderr.read()[-2000:]
     address = f"127.0.0.1:{_free_port()}"
     procs = [_script(*common, "--run", str(tmp_path / "two"), "--out", str(tmp_path / "two.npz"),
-                     "--eval-out", str(tmp_path / "two.json"), "--coordinator", address,
+                     "--eval-out", str(tmp_path / "two.json"), "--generate-out", str(tmp_path / "two-new.json"),
+                     "--coordinator", address,
                      "--num-processes", "2", "--process-id", str(i)) for i in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
@@ -409,3 +410,8 @@ def test_two_processes_train_together_like_one(setup, tmp_path):
     assert m1["tokens"] == m2["tokens"] and 0 < m1["choice_accuracy"] <= 1
     assert m2["choice_accuracy"] == pytest.approx(m1["choice_accuracy"], abs=1e-9)
     assert m2["loss"] == pytest.approx(m1["loss"], rel=1e-5)
+    # Generation splits the prompts' rows over both processes' devices (3 prompts: a filler row)
+    # and gathers them: each process gets every row, the tokens one process generates.
+    g1, g2 = (json.loads((tmp_path / f"{n}-new.json").read_text()) for n in ("one", "two"))
+    assert [len(row) for row in g1["greedy"]] == [6, 6, 6] and g1["sampled"] != g1["greedy"]
+    assert g2 == g1

@@ -2,10 +2,11 @@
 
 python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
     [--kill-at S] [--batch B] [--out FILE.npz] [--no-packing] [--eval-out FILE.json]
-    [--coordinator HOST:PORT --process-id I --num-processes P]
+    [--generate-out FILE.json] [--coordinator HOST:PORT --process-id I --num-processes P]
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
-answers' first letters) and writes the metrics.
+answers' first letters) and writes the metrics; ``--generate-out`` writes the trained model's greedy
+and sampled continuations of three fixed prompts (generated where the run's params are sharded).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-packing", action="store_true", help="one example per row (padding mode)")
     ap.add_argument("--eval-out", default=None)
+    ap.add_argument("--generate-out", default=None)
     ap.add_argument("--coordinator", default=None)
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--num-processes", type=int, default=1)
@@ -84,6 +86,17 @@ def main() -> None:
 
             with open(args.eval_out, "w") as fh:
                 json.dump(metrics, fh)
+    if args.generate_out:
+        import json
+
+        from jaxtune.models.generate import generate
+
+        prompts = [tiny_tokenizer()(text)["input_ids"] for text in ("alpha beta", "omega", "kappa delta gamma")]
+        tokens = {mode: generate(trainer.tuned.module, trainer.params, prompts, max_new_tokens=6, **kwargs)
+                  for mode, kwargs in (("greedy", {}), ("sampled", dict(temperature=1.0, top_k=20, seed=1)))}
+        if jax.process_index() == 0:
+            with open(args.generate_out, "w") as fh:
+                json.dump(tokens, fh)
     print(f"done step={result.step} state={result.state}", file=sys.stderr)
 
 
