@@ -45,6 +45,7 @@ from jaxtune.models.layers import (
     RMSNorm,
     apply_rope,
     attention_dropout_key,
+    hf_architecture,
     partition_rules,
     pool,
     remat_block,
@@ -116,7 +117,7 @@ class DecoderConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
-        arch = _architecture(hf)
+        arch = hf_architecture(hf, ARCHITECTURES, _MODEL_TYPES, "a decoder jaxtune supports", CLASSIFIERS)
         attention_bias = bool(hf.get("attention_bias", False))
         fields = dict(
             common_fields(hf, arch),
@@ -217,18 +218,6 @@ def _layer_rope(hf: dict[str, Any]) -> tuple[bool, ...]:
     if len(flags) < n:
         raise ValueError(f"config.json: no_rope_layers has {len(flags)} entries for {n} layers; give one per layer")
     return tuple(bool(f) for f in flags[:n])
-
-
-def _architecture(hf: dict[str, Any]) -> str:
-    for arch in hf.get("architectures") or []:
-        if arch in ARCHITECTURES or arch in CLASSIFIERS:
-            return CLASSIFIERS.get(arch, arch)
-    if hf.get("model_type") in _MODEL_TYPES:
-        return _MODEL_TYPES[hf["model_type"]]
-    raise ValueError(
-        f"config.json: architecture {hf.get('architectures') or hf.get('model_type')!r} is not a decoder "
-        f"jaxtune supports; supported: {', '.join(ARCHITECTURES + tuple(CLASSIFIERS))}"
-    )
 
 
 def _layer_windows(hf: dict[str, Any], arch: str) -> tuple[int | None, ...]:

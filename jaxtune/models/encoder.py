@@ -48,6 +48,7 @@ from jaxtune.models.layers import (
     PartitionRules,
     attention_dropout_key,
     dot_product_attention,
+    hf_architecture,
     partition_rules,
 )
 
@@ -118,13 +119,7 @@ class EncoderConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> EncoderConfig:
         """Build from a Hugging Face ``config.json`` dict."""
-        archs = hf.get("architectures") or []
-        arch = next((a for a in archs if a in _ARCHITECTURES), None) or MODEL_TYPES.get(hf.get("model_type", ""))
-        if arch is None:
-            raise ValueError(
-                f"config.json: architecture {archs or hf.get('model_type')!r} is not an encoder jaxtune supports; "
-                f"supported: {', '.join(ARCHITECTURES)}"
-            )
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "an encoder jaxtune supports")
         layout = layout_of(arch)
         hf = _distilbert_keys(hf) if layout == "distilbert" else hf
         if hf.get("hidden_act", "gelu") not in ACTIVATIONS:

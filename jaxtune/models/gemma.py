@@ -45,6 +45,7 @@ from jaxtune.models.layers import (
     PartitionRules,
     apply_rope,
     attention_dropout_key,
+    hf_architecture,
     partition_rules,
     rope_inverse_frequencies,
     softcap,
@@ -86,7 +87,7 @@ class GemmaConfig(DecoderConfig):
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> GemmaConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
-        arch = _architecture(hf)
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "a Gemma model jaxtune supports", CLASSIFIERS)
         if hf.get("use_bidirectional_attention"):
             raise ValueError("config.json: use_bidirectional_attention is set (an EmbeddingGemma-style encoder); "
                              "jaxtune's Gemma family is causal: load a *ForCausalLM checkpoint")
@@ -131,16 +132,6 @@ class GemmaConfig(DecoderConfig):
         )
         fields.update(overrides)
         return cls(**fields)
-
-
-def _architecture(hf: dict[str, Any]) -> str:
-    for arch in hf.get("architectures") or []:
-        if arch in ARCHITECTURES or arch in CLASSIFIERS:
-            return CLASSIFIERS.get(arch, arch)
-    if hf.get("model_type") in MODEL_TYPES:
-        return MODEL_TYPES[hf["model_type"]]
-    raise ValueError(f"config.json: architecture {hf.get('architectures') or hf.get('model_type')!r} is not a "
-                     f"Gemma model jaxtune supports; supported: {', '.join(ARCHITECTURES + tuple(CLASSIFIERS))}")
 
 
 def _rope_entry(entry: dict[str, Any] | None, theta: float) -> tuple[float, tuple[tuple[str, Any], ...] | None]:

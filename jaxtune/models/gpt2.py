@@ -40,6 +40,7 @@ from jaxtune.models.layers import (
     Linear,
     PartitionRules,
     attention_dropout_key,
+    hf_architecture,
     partition_rules,
 )
 
@@ -63,11 +64,7 @@ class GPT2Config(DecoderConfig):
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> GPT2Config:
         """Build from a Hugging Face GPT-2 ``config.json`` dict."""
-        archs = hf.get("architectures") or []
-        arch = next((a for a in archs if a in ARCHITECTURES), None) or MODEL_TYPES.get(hf.get("model_type", ""))
-        if arch is None:
-            raise ValueError(f"config.json: architecture {archs or hf.get('model_type')!r} is not GPT-2; "
-                             f"supported: {', '.join(ARCHITECTURES)}")
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "GPT-2")
         for flag in ("scale_attn_by_inverse_layer_idx", "add_cross_attention"):
             if hf.get(flag):
                 raise ValueError(f"config.json: {flag} is set, which jaxtune's GPT-2 does not implement; "

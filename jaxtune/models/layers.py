@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -269,6 +270,22 @@ _REQUIRED = {"default": (), "linear": ("factor",), "dynamic": ("factor", "max_po
              "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
              "yarn": ("original_max_position_embeddings",),
              "longrope": ("short_factor", "long_factor", "original_max_position_embeddings")}
+
+
+def hf_architecture(hf: dict[str, Any], architectures: Sequence[str], model_types: Mapping[str, str], family: str,
+                    classifiers: Mapping[str, str] | None = None) -> str:
+    """The architecture a Hugging Face ``config.json`` dict declares among ``architectures`` (one of
+    ``classifiers`` maps to the model it wraps), else the one its ``model_type`` maps to; a ValueError
+    naming the field and what ``family`` supports when neither is."""
+    classifiers = classifiers or {}
+    declared = hf.get("architectures") or []
+    for arch in declared:
+        if arch in architectures or arch in classifiers:
+            return classifiers.get(arch, arch)
+    if hf.get("model_type") in model_types:
+        return model_types[hf["model_type"]]
+    raise ValueError(f"config.json: architecture {declared or hf.get('model_type')!r} is not {family}; "
+                     f"supported: {', '.join([*architectures, *classifiers])}")
 
 
 def rope_parameters(hf: dict[str, Any], entry: dict[str, Any] | None = None) -> dict[str, Any]:

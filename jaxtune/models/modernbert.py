@@ -48,6 +48,7 @@ from jaxtune.models.layers import (
     apply_rope,
     attention_dropout_key,
     dot_product_attention,
+    hf_architecture,
     partition_rules,
     pool,
     rope_inverse_frequencies,
@@ -106,11 +107,7 @@ class ModernBertConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ModernBertConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v5, or v4 as on the hub)."""
-        archs = hf.get("architectures") or []
-        arch = next((a for a in archs if a in ARCHITECTURES), None) or MODEL_TYPES.get(hf.get("model_type", ""))
-        if arch is None:
-            raise ValueError(f"config.json: architecture {archs or hf.get('model_type')!r} is not a ModernBERT "
-                             f"jaxtune supports; supported: {', '.join(ARCHITECTURES)}")
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "a ModernBERT jaxtune supports")
         for key in ("hidden_activation", "classifier_activation"):
             if hf.get(key, "gelu") not in ACTIVATIONS:
                 raise ValueError(f"config.json: {key} {hf[key]!r} is not supported; "

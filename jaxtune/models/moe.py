@@ -48,6 +48,7 @@ from jaxtune.models.layers import (
     Array,
     Linear,
     PartitionRules,
+    hf_architecture,
     remat_block,
     weight_param,
 )
@@ -96,7 +97,7 @@ class MoeConfig(DecoderConfig):
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> MoeConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
-        arch = _architecture(hf)
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "a mixture-of-experts model jaxtune supports")
         n = hf["num_hidden_layers"]
         experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
         if experts <= 0:
@@ -120,16 +121,6 @@ class MoeConfig(DecoderConfig):
             window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
             fields["layer_windows"] = (window or None,) * n
         return super().from_hf({**hf, "architectures": [_DENSE[arch]]}, **{**fields, **overrides})
-
-
-def _architecture(hf: dict[str, Any]) -> str:
-    for arch in hf.get("architectures") or []:
-        if arch in ARCHITECTURES:
-            return arch
-    if hf.get("model_type") in MODEL_TYPES:
-        return MODEL_TYPES[hf["model_type"]]
-    raise ValueError(f"config.json: architecture {hf.get('architectures') or hf.get('model_type')!r} is not a "
-                     f"mixture-of-experts model jaxtune supports; supported: {', '.join(ARCHITECTURES)}")
 
 
 class ExpertLinear(nn.Module):

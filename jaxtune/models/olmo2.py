@@ -26,7 +26,7 @@ from jaxtune.models.decoder import (
     common_fields,
 )
 from jaxtune.models.kv_cache import LayerCache
-from jaxtune.models.layers import Array, RMSNorm
+from jaxtune.models.layers import Array, RMSNorm, hf_architecture
 
 ARCHITECTURES = ("Olmo2ForCausalLM",)
 CLASSIFIERS = {"Olmo2ForSequenceClassification": "Olmo2ForCausalLM"}
@@ -35,10 +35,7 @@ MODEL_TYPES = {"olmo2": "Olmo2ForCausalLM"}
 
 def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
     """A :class:`DecoderConfig` for an OLMo 2 ``config.json`` dict (causal LM or sequence classifier)."""
-    declared = hf.get("architectures") or []
-    if not any(a in ARCHITECTURES or a in CLASSIFIERS for a in declared) and hf.get("model_type") not in MODEL_TYPES:
-        raise ValueError(f"config.json: architecture {declared or hf.get('model_type')!r} is not OLMo 2; "
-                         f"supported: {', '.join(ARCHITECTURES + tuple(CLASSIFIERS))}")
+    hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "OLMo 2", CLASSIFIERS)  # raises on another family's config
     bias = bool(hf.get("attention_bias", False))
     fields = dict(common_fields(hf, "Olmo2ForCausalLM"), qkv_bias=bias, o_bias=bias, qk_norm="projection")
     return DecoderConfig(**{**fields, **overrides})

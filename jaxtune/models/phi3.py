@@ -46,6 +46,7 @@ from jaxtune.models.layers import (
     RMSNorm,
     apply_rope,
     attention_dropout_key,
+    hf_architecture,
     partition_rules,
     rope_inverse_frequencies,
     rope_parameters,
@@ -69,11 +70,7 @@ class Phi3Config(DecoderConfig):
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> Phi3Config:
         """Build from a Hugging Face Phi-3 ``config.json`` dict (transformers v4 or v5 layout)."""
-        archs = hf.get("architectures") or []
-        arch = next((a for a in archs if a in ARCHITECTURES), None) or MODEL_TYPES.get(hf.get("model_type", ""))
-        if arch is None:
-            raise ValueError(f"config.json: architecture {archs or hf.get('model_type')!r} is not Phi-3; "
-                             f"supported: {', '.join(ARCHITECTURES)}")
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "Phi-3")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported by Phi-3 (silu)")
         heads = hf["num_attention_heads"]
