@@ -4,8 +4,10 @@ exact resume after SIGKILL, and two processes training together."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -53,10 +55,41 @@ def setup(tmp_path_factory):
     return root / "model", write_chat(root / "train.jsonl", 64), write_chat(root / "valid.jsonl", 16, seed=1)
 
 
+def _tensorboard_scalars(folder: Path) -> list[tuple[str, int, float]]:
+    """``(tag, step, value)`` of every scalar in ``folder``'s TensorBoard events files, in order: TFRecords
+    of ``Event`` protos (a little-endian uint64 length and its CRC, the data and its CRC)."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = []
+    for path in sorted(folder.iterdir()):
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack_from("<Q", data, at)
+            event = Event.FromString(data[at + 12:at + 12 + length])
+            scalars += [(value.tag, event.step, value.simple_value) for value in event.summary.value]
+            at += 12 + length + 4
+    return scalars
+
+
 def _loader(path: Path, *, train: bool, batch: int = 4):
     cfg = LoaderConfig(batch_size=batch, max_length=64, num_epochs=None if train else 1, shuffle=train,
                        drop_remainder=train, seed=0)
     return make_loader(read_source(path, "chat"), tiny_tokenizer(), cfg, scan_first=False)
+
+
+def test_the_final_evaluation_reaches_tensorboard(setup, tmp_path):
+    """Without evaluations in the loop, the fine-tuned model is scored after it: that record is in
+    metrics.jsonl and in the TensorBoard events, flushed when fit returns."""
+    model_dir, train, valid = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=4, alpha=8))
+    result = Trainer(tuned, train_data=_loader(train, train=True), eval_data=_loader(valid, train=False),
+                     config=TrainConfig(steps=2, log_every=1, progress=False), eval=EvalConfig(before=False),
+                     run_dir=tmp_path, mesh=ONE_DEVICE()).fit()
+    final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["step"] == 2 and final["eval/loss"] == result.after["loss"]
+    scalars = {(tag, step): value for tag, step, value in _tensorboard_scalars(tmp_path / "tensorboard")}
+    assert scalars[("eval/loss", 2)] == pytest.approx(result.after["loss"], rel=1e-6)
+    assert {("loss", 1), ("loss", 2)} <= scalars.keys()
 
 
 def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
@@ -84,7 +117,12 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 12
     assert (tmp_path / "best").exists() and result.best["step"] in (6, 12)
-    assert list((tmp_path / "tensorboard").iterdir())
+    # TensorBoard has every number metrics.jsonl has (the final evaluation's included), at its step
+    logged = [(k, r["step"], v) for r in records for k, v in r.items()
+              if k != "step" and isinstance(v, int | float) and math.isfinite(v)]
+    events = _tensorboard_scalars(tmp_path / "tensorboard")
+    assert [e[:2] for e in events] == [x[:2] for x in logged] and {"loss", "eval/loss"} <= {x[0] for x in logged}
+    np.testing.assert_allclose([e[2] for e in events], [x[2] for x in logged], rtol=1e-6)
     assert trainer.checkpointer.steps() == [12]
     meta = json.loads((tmp_path / "checkpoints" / "12" / "meta" / "metadata").read_text())
     assert meta["config"]["base_model"] == str(model_dir)  # the frozen base is referenced, not copied

@@ -20,6 +20,8 @@ process writes (``main=False`` makes every write a no-op).
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -121,11 +123,13 @@ class RunDir:
     """A run directory's files (see the module docstring)."""
 
     CONFIG, STATUS, METRICS, REPORT = "config.yaml", "status.json", "metrics.jsonl", "report.json"
-    IDENTITY = "run.json"
+    IDENTITY, TENSORBOARD = "run.json", "tensorboard"
 
     def __init__(self, path: str | Path, *, main: bool = True):
         self.path = Path(path)
         self.main = main
+        self._events: Any = None  # the TensorBoard writer, opened by the first log
+        self._opened = 0
 
     def check(self) -> None:
         """The path can be a run directory: it and its nearest existing parent are directories."""
@@ -232,10 +236,29 @@ class RunDir:
         return None
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append one record to ``metrics.jsonl``."""
-        if self.main:
-            with open(self.path / self.METRICS, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
+        """Append one record (``{"step", ...}``) to ``metrics.jsonl``, and its finite numbers to the
+        TensorBoard events in ``tensorboard/``: a scalar per key, at the record's step."""
+        if not self.main:
+            return
+        with open(self.path / self.METRICS, "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._events is None:
+            from tensorboardX import SummaryWriter  # only where a run logs: it imports torch if installed
+
+            # Its files are named by the second they were opened in: the process and a count tell apart
+            # the ones a resume or a reopening opens within one second, which would overwrite each other.
+            self._opened += 1
+            self._events = SummaryWriter(str(self.path / self.TENSORBOARD),
+                                         filename_suffix=f".{os.getpid()}.{self._opened}")
+        for key, value in record.items():
+            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                self._events.add_scalar(key, value, record["step"])
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard events (a later :meth:`log` opens another events file)."""
+        if self._events is not None:
+            self._events.close()
+            self._events = None
 
     def metrics(self) -> list[dict[str, Any]]:
         """The records of ``metrics.jsonl`` (train records have ``loss``; eval ones ``eval/...``)."""

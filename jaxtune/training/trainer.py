@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -232,10 +231,11 @@ class Trainer:
         return self._checkpointer
 
     def close(self) -> None:
-        """Wait for pending saves and close the checkpoint manager."""
+        """Wait for pending saves, close the checkpoint manager and flush the TensorBoard events."""
         if self._checkpointer is not None:
             self._checkpointer.close()
             self._checkpointer = None
+        self.run.close()
 
     def restore(self, *, best: bool = False) -> int | None:
         """Load the run's latest (or, with ``best``, best) trained params into this trainer;
@@ -373,6 +373,7 @@ class Trainer:
                            if best.step is not None else None, before=before)
         if state in ("finished", "early_stopped"):
             self._finish(result)
+            self.run.close()  # the final evaluation's record
         return result
 
     def identity(self) -> dict[str, Any]:
@@ -429,9 +430,6 @@ class Trainer:
     def _train(self, iterator: Any, best: Best) -> tuple[str, dict[str, float], dict[str, float]]:
         """The step loop; returns ``(state, last train metrics, last eval metrics)``."""
         cfg, ck = self.config, self.checkpoint_config
-        from tensorboardX import SummaryWriter
-
-        tensorboard = SummaryWriter(str(self.run_dir / "tensorboard")) if self.run.main else None
         state, train_metrics, eval_metrics, pending = "finished", {}, {}, []
         window = Throughput()
         self._write_status("running", step=self.step, total_steps=self.steps)
@@ -459,14 +457,14 @@ class Trainer:
                         host, pending = jax.device_get(pending), []
                         window.add(sum(float(m["tokens"]) for m in host), len(host))
                         train_metrics = self._train_record(host, *window.read())
-                        self._log(train_metrics, tensorboard)
+                        self.run.log(train_metrics)
                         self._write_status("running", step=self.step, total_steps=self.steps, train=train_metrics,
                                               eval=eval_metrics, best_step=best.step)
                         for callback in self.callbacks:
                             callback(self, self.step, train_metrics)
                     if evaluates:
                         started = time.perf_counter()
-                        eval_metrics = self._evaluate_and_track(best, tensorboard)
+                        eval_metrics = self._evaluate_and_track(best)
                         window.pause(time.perf_counter() - started)
                         patience = self.eval_config.early_stopping_patience
                         if patience is not None and best.bad_evals >= patience:
@@ -493,8 +491,6 @@ class Trainer:
                 self._save(iterator, best, eval_metrics)
         finally:
             self.checkpointer.wait()
-            if tensorboard is not None:
-                tensorboard.close()
         return state, train_metrics, eval_metrics
 
     def _one_step(self, batch: Batch, window: Throughput) -> dict[str, jax.Array]:
@@ -549,9 +545,9 @@ class Trainer:
         self._write_status("failed", step=self.step, total_steps=self.steps, error=message)
         return "failed"
 
-    def _evaluate_and_track(self, best: Best, tensorboard: Any) -> dict[str, float]:
+    def _evaluate_and_track(self, best: Best) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in self.evaluate().items()}
-        self._log({"step": self.step, **metrics}, tensorboard)
+        self.run.log({"step": self.step, **metrics})
         log.info("step %d validation: %s", self.step, _fmt(metrics))
         name = self.eval_config.best_metric
         if name:
@@ -595,13 +591,6 @@ class Trainer:
             log.info("fine-tuned: %s", _fmt(result.after))
 
     # ------------------------------------------------------------------ logging
-
-    def _log(self, record: dict[str, Any], tensorboard: Any) -> None:
-        self.run.log(record)
-        if tensorboard is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
-                    tensorboard.add_scalar(key, value, record["step"])
 
     def _flops(self, seq_len: int) -> float:
         cfg = self.tuned.config
