@@ -507,18 +507,16 @@ def _per_shard(rows: Any, batch: int, kv_heads: int, heads_axis: int = 1, offset
     if mesh.empty or mesh.size == 1:
         return rows
     sizes = dict(mesh.shape)
-    batch_axes = tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
-    if batch % max(1, int(np.prod([sizes[a] for a in batch_axes]))):
-        batch_axes = ()
+    rows_over = () if batch % data_parallel_size(mesh) else tuple(a for a in batch_axes(mesh) if sizes[a] > 1)
     heads = HEAD_AXIS if sizes.get(HEAD_AXIS, 1) > 1 and kv_heads % sizes[HEAD_AXIS] == 0 else None
-    qkv = jax.sharding.PartitionSpec(batch_axes or None, *[None] * (heads_axis - 1), heads)
-    ids = jax.sharding.PartitionSpec(batch_axes or None)
+    qkv = jax.sharding.PartitionSpec(rows_over or None, *[None] * (heads_axis - 1), heads)
+    ids = jax.sharding.PartitionSpec(rows_over or None)
     body = rows
     if offsets:
         def body(q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
             # axis_index over several axes is the shard's index in the row-major order that
             # PartitionSpec((a, b)) splits a dimension in.
-            row = jax.lax.axis_index(batch_axes) * q.shape[0] if batch_axes else 0
+            row = jax.lax.axis_index(rows_over) * q.shape[0] if rows_over else 0
             head = jax.lax.axis_index(heads) * q.shape[heads_axis] if heads else 0
             return rows(q, k, v, segment_ids, first_row=row, first_head=head)
     return jax.shard_map(body, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)
