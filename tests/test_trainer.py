@@ -452,4 +452,6 @@ def test_two_processes_train_together_like_one(setup, tmp_path):
     # and gathers them: each process gets every row, the tokens one process generates.
     g1, g2 = (json.loads((tmp_path / f"{n}-new.json").read_text()) for n in ("one", "two"))
     assert [len(row) for row in g1["greedy"]] == [6, 6, 6] and g1["sampled"] != g1["greedy"]
+    assert "different_requests" not in g1  # one process: nothing to compare
+    assert "passed other prompts or settings than the rest" in g2.pop("different_requests")
     assert g2 == g1

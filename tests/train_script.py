@@ -92,8 +92,12 @@ def main() -> None:
         from jaxtune.models.generate import generate
 
         prompts = [tiny_tokenizer()(text)["input_ids"] for text in ("alpha beta", "omega", "kappa delta gamma")]
-        tokens = {mode: generate(trainer.tuned.module, trainer.params, prompts, max_new_tokens=6, **kwargs)
-                  for mode, kwargs in (("greedy", {}), ("sampled", dict(temperature=1.0, top_k=20, seed=1)))}
+        tokens: dict = {mode: generate(trainer.tuned.module, trainer.params, prompts, max_new_tokens=6, **kwargs)
+                        for mode, kwargs in (("greedy", {}), ("sampled", dict(temperature=1.0, top_k=20, seed=1)))}
+        try:  # each process asks for another number of tokens: refused on every process, by name
+            generate(trainer.tuned.module, trainer.params, prompts, max_new_tokens=2 + jax.process_index())
+        except ValueError as err:
+            tokens["different_requests"] = str(err)
         if jax.process_index() == 0:
             with open(args.generate_out, "w") as fh:
                 json.dump(tokens, fh)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -215,6 +216,10 @@ def generate(
 
     Returns:
       The new tokens of each prompt, in order, without the stop token.
+
+    With ``params`` sharded over a mesh (a run's), the prompts' rows are split over its batch axes
+    and the params stay where they are. On a mesh over several processes every process calls this
+    with the same request and gets every row back (a different request is a ValueError on each).
     """
     decoder, prompt = _decoder_and_prompt(module, params)
     virtual_tokens = 0 if prompt is None else prompt.shape[0]
@@ -232,6 +237,9 @@ def generate(
                          f"{' (with virtual tokens)' if virtual_tokens else ''} plus max_new_tokens {max_new_tokens}")
     width = min(_round_up(longest, BUCKET), max_length - max_new_tokens)
     mesh = _mesh_of(params)
+    if mesh is not None and jax.process_count() > 1:
+        _check_every_process_asks_the_same([prompts, max_new_tokens, temperature, top_k, top_p,
+                                            list(stop_token_ids), seed, max_length])
     split = 1 if mesh is None else data_parallel_size(mesh)
     rows = prompts + [prompts[0]] * (-len(prompts) % split)  # fillers: the rows split evenly
     ids, virtual, start = _left_pad(rows, virtual_tokens, width)
@@ -251,6 +259,20 @@ def generate(
     if not out.is_fully_addressable:  # rows on other processes' devices: every process gets every row
         out = multihost_utils.process_allgather(out, tiled=True)
     return [_until_stop(row[:max_new_tokens], stop_token_ids) for row in np.asarray(out)[:len(prompts)].tolist()]
+
+
+def _check_every_process_asks_the_same(request: list[Any]) -> None:
+    """The rows of one generation are split over every process's devices, so every process must pass
+    the same prompts and settings (as :func:`complete` does); a ValueError on every process when
+    they differ (compared by digest: one small all-gather)."""
+    digest = np.frombuffer(hashlib.sha256(json.dumps(request).encode()).digest(), np.uint32)
+    try:
+        multihost_utils.assert_equal(digest)
+    except AssertionError:
+        raise ValueError(f"generate: process {jax.process_index()} of {jax.process_count()} passed other prompts or "
+                         "settings than the rest; on a mesh over several processes every process passes the same "
+                         "request (the rows are split over all their devices), or generate on one process's devices"
+                         ) from None
 
 
 def _mesh_of(params: Params) -> Mesh | None:
