@@ -38,6 +38,11 @@ BAD_CHAT_ROWS = {
                                        {"role": "assistant", "content": "a", "weight": 0}]}, "nothing to learn"),
     "content not a string": ({"messages": [{"role": "user", "content": 3},
                                            {"role": "assistant", "content": "a"}]}, "not a string"),
+    "turn not an object": ({"messages": [["user", "q"], {"role": "assistant", "content": "a"}]},
+                           "messages[0] is a JSON list, not an object"),
+    "name not a string": ({"messages": [{"role": "user", "content": "q", "name": 5},
+                                        {"role": "assistant", "content": "a"}]},
+                          "messages[0] (user): 'name' is int, not a string"),
     "tool calls": ({"messages": [{"role": "user", "content": "q"},
                                  {"role": "assistant", "content": "a", "tool_calls": []}]}, "unsupported keys"),
 }

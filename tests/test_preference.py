@@ -584,6 +584,11 @@ BAD_ROWS = [
     ({"chosen": [USER, *_ans("a")], "rejected": [USER, *_ans("a")]}, "identical or one is a prefix"),
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' is a int"),
     ({"text": "hello"}, "neither OpenAI's nor TRL's preference keys"),
+    # a turn is checked as a chat file's turn is (rows.check_message): a name that is not text too
+    ({"prompt": [{"role": "user", "content": "q", "name": 5}], "chosen": _ans("a"), "rejected": _ans("b")},
+     "prompt[0] (user): 'name' is int, not a string"),
+    ({"prompt": [USER], "chosen": [{"role": "assistant", "content": "a", "weight": 1}], "rejected": _ans("b")},
+     "chosen[0] has unsupported keys ['weight']"),
     (["a", "b"], "row is a JSON list"),
 ]
 

@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data import packing
-from jaxtune.data.rows import ROLES, RowError, string_field
+from jaxtune.data.rows import RowError, check_message, string_field
 from jaxtune.data.sources import (
     PREFERENCE,
     DataError,
@@ -70,29 +70,10 @@ _OPENAI_HINT = ('write each line as {"input": {"messages": [...]}, "preferred_ou
 # ----------------------------------------------------------------------------- validation
 
 
-def _message(msg: Any, at: str) -> dict:
-    """One ``{"role", "content"[, "name"]}`` turn, checked."""
-    if not isinstance(msg, dict):
-        raise RowError(f"{at} is a JSON {type(msg).__name__}, not an object",
-                       'write each turn as {"role": ..., "content": ...}')
-    unknown = set(msg) - {"role", "content", "name"}
-    if unknown:
-        raise RowError(f"{at} has unsupported keys {sorted(unknown)}",
-                       "only role, content and name are supported (no tool calls)")
-    role = msg.get("role")
-    if role not in ROLES:
-        raise RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
-    try:
-        content = string_field(msg, "content", nonempty=role == "assistant")
-    except RowError as err:
-        raise RowError(f"{at} ({role}): {err.problem}", err.fix) from None
-    return {k: v for k, v in (("role", role), ("content", content), ("name", msg.get("name"))) if v is not None}
-
-
 def _messages(value: Any, field: str) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise RowError(f"{field!r} must be a non-empty list of messages", f"list the turns of {field!r} in order")
-    return [_message(m, f"{field}[{n}]") for n, m in enumerate(value)]
+    return [check_message(m, f"{field}[{n}]") for n, m in enumerate(value)]
 
 
 def _prompt(messages: list[dict], field: str) -> list[dict]:

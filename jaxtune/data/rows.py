@@ -89,6 +89,28 @@ def missing_key(obj: dict, key: str, option: str, syntax: Syntax) -> RowError:
     return RowError(f"missing {key!r} key", fix)
 
 
+def check_message(msg: Any, at: str, *, weighted: bool = False) -> dict:
+    """One chat turn ``{"role", "content"[, "name"]}`` (and ``"weight"`` where ``weighted``, which the
+    caller reads) checked, ``at`` naming it in errors; returned as ``{"role", "content"[, "name"]}``."""
+    if not isinstance(msg, dict):
+        raise RowError(f"{at} is a JSON {type(msg).__name__}, not an object",
+                       'write each turn as {"role": ..., "content": ...}')
+    unknown = set(msg) - {"role", "content", "name", *(("weight",) if weighted else ())}
+    if unknown:
+        keys = "role, content, weight and name" if weighted else "role, content and name"
+        raise RowError(f"{at} has unsupported keys {sorted(unknown)}", f"only {keys} are supported (no tool calls)")
+    role = msg.get("role")
+    if role not in ROLES:
+        raise RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
+    try:
+        content = string_field(msg, "content", nonempty=role == "assistant")
+        if msg.get("name") is not None:
+            check_encodable(string_field(msg, "name", nonempty=False), "'name'")
+    except RowError as err:
+        raise RowError(f"{at} ({role}): {err.problem}", err.fix) from None
+    return {k: v for k, v in (("role", role), ("content", content), ("name", msg.get("name"))) if v is not None}
+
+
 def check_chat(obj: Any, messages_field: str = "messages", syntax: Syntax = PYTHON) -> dict:
     """Validate one OpenAI fine-tuning chat row (the turns under ``messages_field``); return
     ``{"messages", "weights"}``."""
@@ -101,29 +123,13 @@ def check_chat(obj: Any, messages_field: str = "messages", syntax: Syntax = PYTH
     out, weights = [], []
     for n, msg in enumerate(messages):
         at = f"messages[{n}]"
-        if not isinstance(msg, dict):
-            raise RowError(f"{at} is not an object", 'write each turn as {"role": ..., "content": ...}')
-        unknown = set(msg) - {"role", "content", "weight", "name"}
-        if unknown:
-            raise RowError(f"{at} has unsupported keys {sorted(unknown)}",
-                           "only role, content, weight and name are supported (no tool calls)")
-        role = msg.get("role")
-        if role not in ROLES:
-            raise RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
-        try:
-            content = string_field(msg, "content", nonempty=role == "assistant")
-            if msg.get("name") is not None:
-                check_encodable(string_field(msg, "name", nonempty=False), "'name'")
-        except RowError as err:
-            raise RowError(f"{at} ({role}): {err.problem}", err.fix) from None
-        weight = msg.get("weight", 1 if role == "assistant" else 0)
+        out.append(turn := check_message(msg, at, weighted=True))
+        weight = msg.get("weight", 1 if turn["role"] == "assistant" else 0)
         if "weight" in msg:
-            if role != "assistant":
+            if turn["role"] != "assistant":
                 raise RowError(f"{at}: 'weight' is only allowed on assistant turns", "remove it from this turn")
             if isinstance(weight, bool) or weight not in (0, 1):
                 raise RowError(f"{at}: weight {weight!r} is not 0 or 1", "use 1 to learn the turn, 0 to skip it")
-        out.append({k: v for k, v in (("role", role), ("content", content), ("name", msg.get("name")))
-                    if v is not None})
         weights.append(int(weight))
     if not any(w and m["role"] == "assistant" for m, w in zip(out, weights)):
         raise RowError("no assistant turn with weight 1, so nothing to learn",
