@@ -180,21 +180,18 @@ def test_encoder_dropout_is_active_only_when_training(bert_pair):
 def test_every_family_names_a_config_it_cannot_read_and_what_it_supports():
     """Each family's ``config_from_hf`` reads its own architectures (a sequence classifier as the model
     it wraps, or by ``model_type`` alone) and refuses another family's config in one line that names
-    the declared architecture and the supported ones. (The image families read any config as their
-    base architecture: jaxtune.models.hf picks the family first.)"""
+    the declared architecture and the supported ones."""
     from jaxtune.models.decoder import DecoderConfig
 
     alien = {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper"}
     refused = set()
     for name, family in hf.FAMILIES.items():
-        if name.startswith(("ViT", "EfficientNet")):
-            continue
         with pytest.raises(ValueError, match=r"^config\.json: architecture \['WhisperForConditionalGeneration'\] "
                                              r"is not .*; supported: .*" + name) as error:
             family.config_from_hf(alien)
         assert "\n" not in str(error.value)
         refused.add(family.config_from_hf)
-    assert len(refused) >= 8  # every family's reader, not one shared by all
+    assert len(refused) >= 10  # every family's reader, not one shared by all
     minimal = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=64)
     wrapped = DecoderConfig.from_hf({**minimal, "architectures": ["Qwen2ForSequenceClassification"]})

@@ -48,7 +48,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models.dropout import Dropout, dropout
-from jaxtune.models.layers import STATE_UPDATES, Array, ClassifierLayout, Linear, PartitionRules, partition_rules
+from jaxtune.models.layers import (
+    STATE_UPDATES,
+    Array,
+    ClassifierLayout,
+    Linear,
+    PartitionRules,
+    hf_architecture,
+    partition_rules,
+)
 
 ARCHITECTURES = ("EfficientNetLiteForImageClassification", "EfficientNetLiteModel")
 CLASSIFIERS = ("EfficientNetLiteForImageClassification",)
@@ -88,8 +96,7 @@ class EfficientNetConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> EfficientNetConfig:
         """Build from the ``config.json`` that jaxtune's converter writes (``model_type: efficientnet_lite``)."""
-        archs = hf.get("architectures") or []
-        arch = next((a for a in archs if a in ARCHITECTURES), ARCHITECTURES[0])
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "an EfficientNet-Lite jaxtune supports")
         fields = {k: hf[k] for k in ("width_coefficient", "depth_coefficient", "image_size", "num_channels",
                                      "drop_connect_rate", "batch_norm_epsilon", "batch_norm_momentum") if k in hf}
         fields.update(hidden_dropout=hf.get("dropout_rate", 0.2), architecture=arch, include_top=arch in CLASSIFIERS,

@@ -36,6 +36,7 @@ from jaxtune.models.layers import (
     PartitionRules,
     attention_dropout_key,
     dot_product_attention,
+    hf_architecture,
     partition_rules,
 )
 
@@ -79,8 +80,7 @@ class ViTConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> ViTConfig:
         """Build from a Hugging Face ``config.json`` dict (``model_type: vit``)."""
-        archs = hf.get("architectures") or []
-        arch = next((a for a in archs if a in ARCHITECTURES), "ViTModel")
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "a ViT jaxtune supports")
         for key, allowed in (("hidden_act", tuple(ACTIVATIONS)), ("pooler_act", ("tanh",))):
             if hf.get(key, allowed[0]) not in allowed:
                 raise ValueError(f"config.json: {key} {hf[key]!r} is not supported; supported: {', '.join(allowed)}")
