@@ -237,7 +237,9 @@ def generate(
                          f"{' (with virtual tokens)' if virtual_tokens else ''} plus max_new_tokens {max_new_tokens}")
     width = min(_round_up(longest, BUCKET), max_length - max_new_tokens)
     mesh = _mesh_of(params)
-    if mesh is not None and jax.process_count() > 1:
+    # On a mesh over several processes' devices every process runs this call (its rows are split over
+    # all of them); one process generating on its own devices has nothing to compare.
+    if mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1:
         _check_every_process_asks_the_same([prompts, max_new_tokens, temperature, top_k, top_p,
                                             list(stop_token_ids), seed, max_length])
     split = 1 if mesh is None else data_parallel_size(mesh)
