@@ -19,6 +19,7 @@ process writes (``main=False`` makes every write a no-op).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from typing import Any
 
 import yaml
 
+_EVENTS_FILES = itertools.count(1)  # TensorBoard events files this process has opened
 STATES = ("running", "finished", "failed", "stopped", "early_stopped")
 STALE_AFTER_S = 600.0
 
@@ -129,7 +131,6 @@ class RunDir:
         self.path = Path(path)
         self.main = main
         self._events: Any = None  # the TensorBoard writer, opened by the first log
-        self._opened = 0
 
     def check(self) -> None:
         """The path can be a run directory: it and its nearest existing parent are directories."""
@@ -245,11 +246,11 @@ class RunDir:
         if self._events is None:
             from tensorboardX import SummaryWriter  # only where a run logs: it imports torch if installed
 
-            # Its files are named by the second they were opened in: the process and a count tell apart
-            # the ones a resume or a reopening opens within one second, which would overwrite each other.
-            self._opened += 1
+            # Its files are named by the second they were opened in: the process and a count over all of
+            # the process's run directories tell apart the ones opened within one second (a reopening, or
+            # another RunDir of the same path), which would overwrite each other.
             self._events = SummaryWriter(str(self.path / self.TENSORBOARD),
-                                         filename_suffix=f".{os.getpid()}.{self._opened}")
+                                         filename_suffix=f".{os.getpid()}.{next(_EVENTS_FILES)}")
         for key, value in record.items():
             if key != "step" and isinstance(value, int | float) and math.isfinite(value):
                 self._events.add_scalar(key, value, record["step"])
