@@ -36,7 +36,7 @@ from jaxtune.data.rows import PYTHON, Syntax
 from jaxtune.data.sources import Source, read_labeled
 from jaxtune.training.evaluate import classification_metrics, regression_metrics
 from jaxtune.training.sharding import data_parallel_size, jit_on_mesh, whole_batch
-from jaxtune.training.step import packed_segments
+from jaxtune.training.step import model_inputs, packed_segments
 from jaxtune.tuning import Tuned, apply_plan
 
 log = logging.getLogger(__name__)
@@ -139,10 +139,7 @@ def _outputs(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | No
         raise ValueError("the model has no tokenizer: load it with jaxtune.load")
 
     def forward(params: Any, batch: dict[str, Any]) -> jax.Array:
-        segments = packed_segments(batch)  # from the batch's shape: static under jit
-        return tuned.module.apply({"params": params}, input_ids=batch["input_ids"], segment_ids=batch["segment_ids"],
-                                  positions=batch["positions"], token_type_ids=batch["token_type_ids"],
-                                  **({"segments": segments} if segments else {}))
+        return tuned.module.apply({"params": params}, **model_inputs(batch))  # packing: from the shapes, static
 
     step = jax.jit(forward) if mesh is None else jit_on_mesh(forward, mesh,
                                                              out_shardings=NamedSharding(mesh, PartitionSpec()))

@@ -372,3 +372,143 @@ def test_trained_statistics_resume_exactly_on_a_batch_sharded_mesh(tiny, tmp_pat
     assert not np.allclose(np.asarray(ours[(last, "bn1", "running_var")]), pretrained[(last, "bn1", "running_var")])
     np.testing.assert_array_equal(np.asarray(ours[("layers_0", "bn1", "running_var")]),
                                   pretrained[("layers_0", "bn1", "running_var")])
+
+
+def _reference_of(pretrained):
+    """The reference package's EfficientNet-Lite0 holding ``pretrained``'s params and statistics
+    (no stochastic depth: the statistics pass is deterministic), and its module name of a path."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from jaxtune.models.efficientnet import hf_module
+
+    ref = EfficientNet.from_name("efficientnet-lite0", image_size=32, num_classes=3, drop_connect_rate=0.0)
+    theirs = {**dict(ref.named_parameters()), **dict(ref.named_buffers())}
+
+    def name(path):
+        return f"{hf_module(path[:-1])}.{ {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])}"
+
+    with torch.no_grad():
+        for path, value in flatten_dict(pretrained.params).items():
+            v = np.asarray(value)
+            theirs[name(path)].copy_(torch.from_numpy(v.transpose(3, 2, 1, 0) if v.ndim == 4 else v.T.copy()
+                                                      if path[-1] == "kernel" else v))
+    return ref, theirs, name
+
+
+def test_recalibration_equals_torch_cumulative_batch_norm_statistics(tiny):
+    """Re-estimating the trained BatchNorms' statistics over three batches equals PyTorch's
+    ``BatchNorm2d(momentum=None)`` cumulative average (what ``torch.optim.swa_utils.update_bn``
+    runs) on the reference package holding the same params, with only those BatchNorms in train
+    mode; the frozen stages' statistics and every other leaf stay exactly as they were."""
+    import torch
+
+    from jaxtune.training.batch_norm import make_statistics_fn, recalibrate
+
+    tuned = tuning.apply_plan(tiny, tuning.freeze_all_but(2) + tuning.head("classification", 3))
+    # 64x64 (the last stages see 2x2 pixels) and unequal batch sizes, which still weigh the same.
+    batches = [{"pixel_values": np.random.default_rng(seed).normal(size=(n, 3, 64, 64)).astype(np.float32)}
+               for n, seed in ((8, 3), (12, 4), (8, 5))]
+    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
+    new = recalibrate(trainable, batches, jax.jit(make_statistics_fn(tuned.module)),
+                      lambda tr: tuning.combine(tr, frozen))
+
+    ref, theirs, name = _reference_of(tiny)
+    trained = set(tuned.config.training_batch_norms)
+    assert len(trained) == 7  # two blocks' three BatchNorms and the head conv's
+    ref.eval()
+    for path in trained:
+        bn = ref.get_submodule(name(tuple(path.split("/")) + ("scale",)).removesuffix(".weight"))
+        bn.reset_running_stats()
+        bn.momentum = None  # the cumulative average
+        bn.train()
+    with torch.no_grad():
+        for batch in batches:
+            ref(torch.from_numpy(batch["pixel_values"]))
+    ours, before = flatten_dict(tuning.combine(new, frozen)), flatten_dict(tuned.params)
+    for path, value in ours.items():
+        if "/".join(path[:-1]) in trained and path[-1] in STATE_LEAVES:
+            # A biased variance (n = 32 values at 2x2 pixels: 3% off), a weight per row instead of per
+            # batch, or a running average instead of the plain one are far outside 1e-4.
+            expected = theirs[name(path)].numpy()
+            np.testing.assert_allclose(np.asarray(value), expected, rtol=0, atol=1e-4 * np.abs(expected).max(),
+                                       err_msg=str(path))
+            assert not np.allclose(np.asarray(value), np.asarray(before[path]))
+        else:
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(before[path]), err_msg=str(path))
+    # Evaluation then reads the re-estimated statistics: the reference in eval mode gives the same features.
+    body = {k: v for k, v in tuning.combine(new, frozen).items() if k != "head"}
+    features = EfficientNetLite(dataclasses.replace(tiny.config, include_top=False)).apply(
+        {"params": body}, batches[0]["pixel_values"])
+    ref.eval()
+    with torch.no_grad():
+        expected = ref.extract_features(torch.from_numpy(batches[0]["pixel_values"])).numpy()
+    expected = expected.transpose(0, 2, 3, 1).reshape(expected.shape[0], -1)
+    np.testing.assert_allclose(np.asarray(features).reshape(expected.shape), expected, rtol=0,
+                               atol=1e-4 * np.abs(expected).max())
+
+
+def test_a_run_recalibrates_before_it_evaluates_and_saves_and_resumes_exactly(tiny, tmp_path):
+    """``train.recalibrate_batch_norm``: the trained weights are those of the same run without it
+    (the running statistics never enter a gradient), the final statistics are the re-estimate from
+    the training data's first batches with those weights, a run stopped at an evaluation and
+    resumed ends bit for bit where the uninterrupted one does, and the final checkpoint holds the
+    re-estimated statistics (a finished run reopened returns them)."""
+    import itertools
+
+    from jaxtune.data import LoaderConfig
+    from jaxtune.data.images import ImageSpec, image_loader, read_images
+    from jaxtune.training.batch_norm import make_statistics_fn, recalibrate
+    from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
+    from jaxtune.training.optim import OptimizerConfig
+    from jaxtune.training.trainer import Trainer
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("val", 8)):
+        np.savez(tmp_path / f"{split}.npz", images=rng.integers(0, 255, (n, 20, 20)).astype(np.uint8),
+                 labels=np.arange(n) % 3)
+    train, val = (read_images(tmp_path / f"{split}.npz", "classification") for split in ("train", "val"))
+    spec, data = ImageSpec(size=64), LoaderConfig(batch_size=8, seed=0)
+    plan = tuning.freeze_all_but(2) + tuning.head("classification", 3)
+
+    def run(run_dir, steps, recalibrate_batches=2, plan=plan, train_data=None):
+        trainer = Trainer(tuning.apply_plan(tiny, plan),
+                          train_data=train_data or image_loader(train, spec, data, train=True),
+                          eval_data=image_loader(val, spec, data, train=False),
+                          optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+                          config=TrainConfig(steps=steps, progress=False, recalibrate_batch_norm=recalibrate_batches),
+                          eval=EvalConfig(every=2, before=False), checkpoint=CheckpointConfig(every=2), run_dir=run_dir)
+        return trainer.fit()
+
+    whole = run(tmp_path / "whole", 4)
+    plain = run(tmp_path / "plain", 4, recalibrate_batches=0)
+    tuned = tuning.apply_plan(tiny, plan)
+    trainable, frozen = tuning.partition(plain.model.params, tuned.labels)
+    first = list(itertools.islice(iter(image_loader(train, spec, data, train=True)), 2))
+    expected = flatten_dict(tuning.combine(recalibrate(trainable, first, jax.jit(make_statistics_fn(tuned.module)),
+                                                       lambda tr: tuning.combine(tr, frozen)), frozen))
+    ours, theirs = flatten_dict(whole.model.params), flatten_dict(plain.model.params)
+    stats = {p for p, label in flatten_dict(tuned.labels).items() if label == STATE}
+    assert stats
+    for path in ours:
+        if path in stats:  # re-estimated, not the running averages of the run without it
+            np.testing.assert_allclose(np.asarray(ours[path]), np.asarray(expected[path]), rtol=1e-5,
+                                       atol=1e-6 * np.abs(expected[path]).max(), err_msg=str(path))
+            assert not np.allclose(np.asarray(ours[path]), np.asarray(theirs[path]))
+        else:
+            np.testing.assert_array_equal(np.asarray(ours[path]), np.asarray(theirs[path]), err_msg=str(path))
+    assert whole.after["loss"] != plain.after["loss"]  # evaluation read the re-estimated statistics
+
+    run(tmp_path / "resumed", 2)
+    for result in (run(tmp_path / "resumed", 4), run(tmp_path / "whole", 4)):  # resumed; reopened when finished
+        again = flatten_dict(result.model.params)
+        for path in ours:
+            np.testing.assert_array_equal(np.asarray(again[path]), np.asarray(ours[path]), err_msg=str(path))
+
+    frozen_statistics = (tuning.freeze_all_but(2) + tuning.freeze("running_(mean|var)$")
+                         + tuning.head("classification", 3))
+    with pytest.raises(ValueError, match=r"^train.recalibrate_batch_norm: 2, but the plan trains no BatchNorm"):
+        run(tmp_path / "refused", 4, plan=frozen_statistics)
+    one_pass = iter(list(itertools.islice(iter(image_loader(train, spec, data, train=True)), 4)))
+    with pytest.raises(ValueError, match=r"^train.recalibrate_batch_norm re-reads .* not a one-pass iterable"):
+        run(tmp_path / "refused", 4, train_data=one_pass)

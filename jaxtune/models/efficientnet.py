@@ -26,6 +26,11 @@ PyTorch:
   ``torch.nn.BatchNorm2d(momentum=0.01)`` does. Evaluation always uses the running statistics.
 - a ``freeze`` rule that names the statistics (``match: "running_(mean|var)$"``) keeps them as
   pretrained where their BatchNorm trains (frozen-statistics fine-tuning).
+- a statistics pass (the ``BATCH_STATISTICS`` collection mutable, ``deterministic``: no dropout or
+  stochastic depth) normalises the trained BatchNorms with the batch's statistics and reports them,
+  mean and unbiased variance, without updating anything: ``train.recalibrate_batch_norm`` averages
+  them over training batches to re-estimate the running statistics for the final weights
+  (:mod:`jaxtune.training.batch_norm`).
 
 The batch statistics are those of the whole (global) batch, also on a mesh: the mean over the
 batch axis of a sharded array reduces over every device's rows ("sync BatchNorm"). Training batches are
@@ -49,6 +54,7 @@ import jax.numpy as jnp
 
 from jaxtune.models.dropout import Dropout, dropout
 from jaxtune.models.layers import (
+    BATCH_STATISTICS,
     STATE_UPDATES,
     Array,
     ClassifierLayout,
@@ -222,19 +228,26 @@ class BatchNorm(nn.Module):
         running_mean = jax.lax.stop_gradient(self.param("running_mean", nn.initializers.zeros, (d,), dt))
         running_var = jax.lax.stop_gradient(self.param("running_var", nn.initializers.ones, (d,), dt))
         x32 = x.astype(jnp.float32)
-        if deterministic or "/".join(self.path) not in cfg.training_batch_norms:
+        trains = "/".join(self.path) in cfg.training_batch_norms
+        # A statistics pass (BATCH_STATISTICS mutable) is deterministic otherwise: no dropout, no update.
+        if not trains or (deterministic and not self.is_mutable_collection(BATCH_STATISTICS)):
             mean, var = running_mean.astype(jnp.float32), running_var.astype(jnp.float32)
         else:
             axes = tuple(range(x.ndim - 1))
             mean = x32.mean(axes)
             var = jnp.square(x32 - mean).mean(axes)
-            if self.is_mutable_collection(STATE_UPDATES):
-                n = math.prod(x.shape[:-1])
-                m = cfg.batch_norm_momentum
-                unbiased = jax.lax.stop_gradient(var) * (n / max(n - 1, 1))
-                for name, old, new in (("running_mean", running_mean, jax.lax.stop_gradient(mean)),
-                                       ("running_var", running_var, unbiased)):
-                    self.put_variable(STATE_UPDATES, name, (m * old.astype(jnp.float32) + (1 - m) * new).astype(dt))
+            n = math.prod(x.shape[:-1])
+            # The running variance estimates the population's: the batch's unbiased variance, as PyTorch's.
+            stats = (("running_mean", jax.lax.stop_gradient(mean)),
+                     ("running_var", jax.lax.stop_gradient(var) * (n / max(n - 1, 1))))
+            if self.is_mutable_collection(BATCH_STATISTICS):
+                for name, value in stats:
+                    self.put_variable(BATCH_STATISTICS, name, value)
+            if not deterministic and self.is_mutable_collection(STATE_UPDATES):
+                m, old = cfg.batch_norm_momentum, {"running_mean": running_mean, "running_var": running_var}
+                for name, value in stats:
+                    updated = m * old[name].astype(jnp.float32) + (1 - m) * value
+                    self.put_variable(STATE_UPDATES, name, updated.astype(dt))
         inv = jax.lax.rsqrt(var + cfg.batch_norm_epsilon) * scale.astype(jnp.float32)
         y = (x32 - mean) * inv + bias.astype(jnp.float32)
         return y.astype(cfg.compute_dtype)

@@ -48,6 +48,10 @@ ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_SCALE, MAGNITUDE)
 # statistics): a module that trains such state puts each leaf's new value into this collection,
 # under the leaf's own param path, and the train step writes it into the params.
 STATE_UPDATES = "state_updates"
+# Asked for (made mutable) by a forward pass that re-estimates such state: each module that trains
+# statistics computes them from the batch, also in a deterministic pass, and puts this batch's values
+# here under the same paths (jaxtune.training.batch_norm averages them over batches).
+BATCH_STATISTICS = "batch_statistics"
 
 # PyTorch's default Linear/Embedding initialisations are irrelevant for pretrained weights;
 # these only matter for freshly added layers and random test models.

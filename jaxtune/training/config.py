@@ -24,7 +24,10 @@ class TrainConfig:
     host waits for the device). ``chunk_tokens``: tokens per chunk of the LM head + loss (bounds
     the logits' memory). ``regression_loss``: ``mse`` or ``huber``. ``progress``: print progress.
     ``compile_cache``: keep compiled steps on disk, so the next run of the same shapes starts
-    without compiling (see :mod:`jaxtune.training.compile_cache`).
+    without compiling (see :mod:`jaxtune.training.compile_cache`). ``recalibrate_batch_norm``:
+    training batches over which the running statistics of the BatchNorms the plan trains are
+    re-estimated with the current weights before each evaluation and the final checkpoint (0: keep
+    the running averages; see :mod:`jaxtune.training.batch_norm`).
     """
 
     steps: int | None = None
@@ -36,6 +39,7 @@ class TrainConfig:
     regression_loss: Literal["mse", "huber"] = "mse"
     progress: bool = True
     compile_cache: bool = True
+    recalibrate_batch_norm: int = 0
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.epochs is not None:
@@ -47,6 +51,7 @@ class TrainConfig:
             raise ValueError(f"train.seed: expected an integer in [0, 2**32), got {self.seed}")
         for name in ("grad_accum_steps", "log_every", "chunk_tokens"):
             _at_least("train", name, getattr(self, name), 1)
+        _at_least("train", "recalibrate_batch_norm", self.recalibrate_batch_norm, 0)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -123,6 +123,20 @@ def count_steps(config: TrainConfig, train_data: Any) -> int:
     return steps
 
 
+def check_recalibration(config: TrainConfig, model: Tuned, train_data: Any) -> None:
+    """``train.recalibrate_batch_norm`` needs BatchNorm statistics that the plan trains and training
+    data that can be read again from its start (a source or a Loader, not a one-pass iterable)."""
+    if not config.recalibrate_batch_norm:
+        return
+    if not getattr(model.config, "training_batch_norms", ()):
+        raise ValueError(f"train.recalibrate_batch_norm: {config.recalibrate_batch_norm}, but the plan trains no "
+                         "BatchNorm statistics (the model has none, its BatchNorms are frozen, or a freeze rule "
+                         "names running_mean/var); remove it or train a stage with BatchNorms")
+    if not isinstance(train_data, Loader):
+        raise ValueError("train.recalibrate_batch_norm re-reads the first training batches, so it needs train data "
+                         "from jaxtune.read (a source) or a Loader, not a one-pass iterable")
+
+
 def choice_ids(model: Tuned, config: EvalConfig, kinds: set[str]) -> tuple[int, ...]:
     """The first token of each ``eval.choices`` answer, as the training data encodes it (empty
     without choices)."""

@@ -76,14 +76,8 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
                 logits = projected_columns(hidden, project, choice_ids, chunk_tokens=chunk_tokens)
                 return total, weight, answer_choices(logits, batch, choice_ids)
             return total, weight, batch["loss_weights"].sum(-1)
-        images = {"pixel_values": batch["pixel_values"]} if "pixel_values" in batch else {}  # image models only
-        # Packed rows: one output per segment (a TunedModel's ``segments``).
-        segments = packed_segments(batch)
-        packed = {"segments": segments} if segments else {}
-        outputs, state = module.apply(variables, input_ids=batch.get("input_ids"),
-                                      segment_ids=batch.get("segment_ids"), positions=batch.get("positions"),
-                                      token_type_ids=batch.get("token_type_ids"), deterministic=deterministic,
-                                      rngs=rngs, mutable=[AUX, STATE_UPDATES], **packed, **images)
+        outputs, state = module.apply(variables, **model_inputs(batch), deterministic=deterministic,
+                                      rngs=rngs, mutable=[AUX, STATE_UPDATES])
         weights = example_weights(batch)
         if task == "classification":
             total, weight = classification_loss(outputs, batch["labels"], weights)
@@ -95,6 +89,18 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
         return total + auxiliary_loss(state) * weight, weight, outputs
 
     return loss_fn
+
+
+def model_inputs(batch: Batch) -> dict[str, Any]:
+    """The keyword arguments of a classification/regression/image batch's forward pass: the token
+    fields (None where absent), ``pixel_values`` for image models, ``segments`` for packed rows (a
+    TunedModel's one output per segment)."""
+    inputs = {name: batch.get(name) for name in ("input_ids", "segment_ids", "positions", "token_type_ids")}
+    if "pixel_values" in batch:
+        inputs["pixel_values"] = batch["pixel_values"]
+    if segments := packed_segments(batch):
+        inputs["segments"] = segments
+    return inputs
 
 
 def answer_choices(choice_logits: Array, batch: Batch, choice_ids: Sequence[int]) -> dict[str, Array]:
@@ -122,8 +128,9 @@ def answer_choices(choice_logits: Array, batch: Batch, choice_ids: Sequence[int]
 
 def packed_segments(batch: Batch) -> int | None:
     """``S``, the label slots per row of a packed classification/regression batch (``labels``
-    ``(B, S)``), or None for one example per row."""
-    return batch["labels"].shape[1] if batch["labels"].ndim == 2 else None
+    ``(B, S)``), or None for one example per row (or a batch without labels)."""
+    labels = batch.get("labels")
+    return labels.shape[1] if labels is not None and labels.ndim == 2 else None
 
 
 def example_weights(batch: Batch) -> Array:

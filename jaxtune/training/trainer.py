@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -38,6 +39,7 @@ from jaxtune.data.sources import Source
 from jaxtune.training import base_cache, compile_cache, flops, memory, preflight
 from jaxtune.training.baselines import applies as baselines_apply
 from jaxtune.training.baselines import baseline_metrics, training_pass
+from jaxtune.training.batch_norm import make_statistics_fn, recalibrate
 from jaxtune.training.checkpoint import Checkpointer
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import HIGHER_IS_BETTER, comparison_table, evaluate
@@ -157,6 +159,7 @@ class Trainer:
         self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh or MeshConfig())
         preflight.check_data(model, self.train_data, self.eval_data, self.mesh, preference)
         self.steps = preflight.count_steps(config, self.train_data)
+        preflight.check_recalibration(config, model, self.train_data)
         self.choice_token_ids = preflight.choice_ids(model, eval, preflight.data_kinds(self.train_data, self.eval_data))
         preflight.check_best_metric(eval, self.task, bool(self.choice_token_ids))
 
@@ -196,6 +199,9 @@ class Trainer:
         # Replicated outputs: every process can read the whole global batch's predictions.
         self.eval_step = jit_on_mesh(make_eval_step(eval_loss_fn), self.mesh,
                                      out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        self._statistics_step = jit_on_mesh(make_statistics_fn(model.module), self.mesh,
+                                            out_shardings=NamedSharding(self.mesh, PartitionSpec()))
+        self._recalibrated_step: int | None = None
         self.rng = jax.random.key(config.seed)
         self.step = 0
         self._saved_step: int | None = None  # the step whose state the latest checkpoint holds
@@ -464,6 +470,7 @@ class Trainer:
                             callback(self, self.step, train_metrics)
                     if evaluates:
                         started = time.perf_counter()
+                        self._recalibrate()
                         eval_metrics = self._evaluate_and_track(best)
                         window.pause(time.perf_counter() - started)
                         patience = self.eval_config.early_stopping_patience
@@ -477,6 +484,7 @@ class Trainer:
                         self._save(iterator, best, eval_metrics)
                 if failed := self._non_finite(pending):  # steps since the last reading (the data ran out)
                     return failed, train_metrics, eval_metrics
+                self._recalibrate()
                 self._save(iterator, best, eval_metrics)
         except KeyboardInterrupt:
             state = "stopped"
@@ -492,6 +500,17 @@ class Trainer:
         finally:
             self.checkpointer.wait()
         return state, train_metrics, eval_metrics
+
+    def _recalibrate(self) -> None:
+        """Re-estimate the trained BatchNorms' statistics for these weights (``train.recalibrate_batch_norm``
+        batches from the start of the training data), once per step: before an evaluation and the final save."""
+        n = self.config.recalibrate_batch_norm
+        if not n or self._recalibrated_step == self.step:
+            return
+        batches = (self._to_device(batch) for batch in itertools.islice(iter(self.train_data), n))
+        new = recalibrate(self.trainable, batches, self._statistics_step, lambda tr: combine(tr, self.frozen))
+        self.trainable = shard(new, self._trainable_shardings)
+        self._recalibrated_step = self.step
 
     def _one_step(self, batch: Batch, window: Throughput) -> dict[str, jax.Array]:
         if self._flops_per_token is None:
