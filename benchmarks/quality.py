@@ -50,6 +50,10 @@ frozen pretrained features (mean-pooled, from the PyTorch model).
   --paired             (image tasks) the same run on both sides but for float drift: no dropout or
                        drop-connect, and PyTorch reads grain's row order and starts its new head from
                        jaxtune's initial head, so a difference in the result is one of method, not of seed.
+  --recalibrate N      (image tasks) the trained blocks' BatchNorm statistics train (also counting's) and
+                       are re-estimated for the final weights over the first N batches of each side's
+                       epoch-1 order before the final evaluation: jaxtune's train.recalibrate_batch_norm,
+                       PyTorch's BatchNorm2d(momentum=None) over the same pass (swa_utils.update_bn's method).
 
   smollm2-dpo-lora   SmolLM2-135M-Instruct + rotten_tomatoes_preference (the chat task's reviews,
                      the true sentiment word preferred over the wrong one; 800 / 400 pairs):
@@ -147,6 +151,7 @@ class ImageTask:
     seeds: tuple[int, ...] = (0,)  # one run per seed and side (head init, dropout, row order)
     frozen_statistics: bool = False  # BatchNorm statistics stay pretrained in the trained blocks too
     paired: bool = False  # --paired: no random parts; PyTorch takes jaxtune's row order and head init
+    recalibrate: int = 0  # --recalibrate N: re-estimate the trained statistics over N batches after training
 
 
 IMAGE_TASKS: dict[str, ImageTask] = {
@@ -596,7 +601,7 @@ def jaxtune_image_recipe(task: ImageTask, files: dict[str, str], run_dir: str) -
                       "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
                       "group_lr": {"head": task.head_lr}},
         "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss,
-                  "seed": task.seeds[0]},
+                  "seed": task.seeds[0], "recalibrate_batch_norm": task.recalibrate},
         "eval": {"cache_base": False},  # the PyTorch side scores its base model in every run too
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
@@ -700,6 +705,16 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
             group["lr"] = lr * group["lr_scale"]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    if task.recalibrate:  # the trained BatchNorms average the statistics of the epoch's first batches
+        model.eval()  # no dropout or drop-connect: the network evaluation runs
+        trained = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.weight.requires_grad]
+        for m in trained:
+            m.reset_running_stats()
+            m.momentum = None  # the cumulative average
+            m.train()
+        with torch.no_grad():
+            for step in range(task.recalibrate):
+                model(pixels(train, order[step * task.batch_size:(step + 1) * task.batch_size]))
     train_s = time.perf_counter() - train_start
     return {"before_outputs": before.tolist(), "after_outputs": predict().tolist(), "labels": test.labels.tolist(),
             "steps": len(learning_rates), "train_s": train_s}
@@ -911,6 +926,9 @@ def main() -> None:
     ap.add_argument("--paired", action="store_true",
                     help="image tasks: no dropout or drop-connect on either side; PyTorch reads jaxtune's row order "
                     "and starts from its head init (differences are of method, not seed)")
+    ap.add_argument("--recalibrate", type=int, default=0, metavar="N",
+                    help="image tasks: the trained blocks' BatchNorm statistics train and are re-estimated over N "
+                    "training batches after training, on both sides")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json); seeded tasks "
                     "also append each finished run to its .runs.jsonl sibling as it ends")
     ap.add_argument("--work", default=None, help="folder for rows and runs (default: a temporary one)")
@@ -947,6 +965,12 @@ def main() -> None:
         if not any(isinstance(t, ImageTask) for t in tasks.values()):
             ap.error("--paired applies to the image tasks (fashion-mnist-lite0, count-lite0); choose one with --tasks")
         tasks = {n: dataclasses.replace(t, paired=True) if isinstance(t, ImageTask) else t for n, t in tasks.items()}
+    if args.recalibrate:
+        if not any(isinstance(t, ImageTask) for t in tasks.values()):
+            ap.error("--recalibrate applies to the image tasks (fashion-mnist-lite0, count-lite0); choose one with "
+                     "--tasks")
+        tasks = {n: dataclasses.replace(t, recalibrate=args.recalibrate, frozen_statistics=False)
+                 if isinstance(t, ImageTask) else t for n, t in tasks.items()}
     if args.packing:
         tasks = {n: dataclasses.replace(t, packing=True, packed_rows=args.packed_rows or t.packed_rows)
                  if t.kind in ("classification", "regression", "chat") else t for n, t in tasks.items()}

@@ -172,7 +172,7 @@ def test_quality_merge_combines_seeded_records_of_separate_runs(quality, tmp_pat
 def test_paired_image_runs_give_pytorch_jaxtunes_row_order_and_head_init(quality, tmp_path):
     """``quality.py --paired``: the PyTorch side reads the rows in the order jaxtune's run reads them
     (its trainer's loader: a whole epoch and the next epoch's first batch) and starts its head from
-    the run's initial head; the model directory has no random parts."""
+    the run's initial head; the model directory has no random parts. ``--recalibrate`` reaches the run."""
     import dataclasses
 
     import numpy as np
@@ -185,7 +185,7 @@ def test_paired_image_runs_give_pytorch_jaxtunes_row_order_and_head_init(quality
     from jaxtune.recipe import trainer_for
 
     task = dataclasses.replace(quality.IMAGE_TASKS["fashion-mnist-lite0"], train=64, test=16, batch_size=16, epochs=2,
-                               seeds=(3,), paired=True)
+                               seeds=(3,), paired=True, recalibrate=2)
     try:
         files = {k: str(v) for k, v in quality.write_image_data(task, tmp_path).items()}
     except FetchError as err:
@@ -200,6 +200,8 @@ def test_paired_image_runs_give_pytorch_jaxtunes_row_order_and_head_init(quality
     trainer = trainer_for(config_lib.validate(config_lib.from_data(config_lib.Config, recipe)))
     labels = [batch["labels"] for _, batch in zip(range(5), trainer.train_data)]  # 4 batches an epoch, then 1
     np.testing.assert_array_equal(np.concatenate(labels), train.labels[order[:80]])
+    # --recalibrate: both sides re-estimate from the first batches of this order (a fresh pass on jaxtune's side).
+    assert trainer.config.recalibrate_batch_norm == 2
     head = flatten_dict(trainer.tuned.params)
     np.testing.assert_array_equal(kernel, np.asarray(head[("head", "out", "kernel")]))
     np.testing.assert_array_equal(bias, np.asarray(head[("head", "out", "bias")]))
