@@ -202,6 +202,14 @@ void accumulate(float* out, int64_t rows, const float* p, int64_t prs, int64_t p
   }
 }
 
+// A call's attributes, as jaxtune/models/cpu_attention.py passes them (see Shape for their meaning;
+// `drop` arrives signed and is checked before it becomes Shape's).
+struct Settings {
+  float scale;
+  int32_t causal, left, right, drop;
+  float kept, softcap;
+};
+
 struct Shape {
   int64_t b, t, n, kv, h, g, tp, sp;  // tp, sp: t rounded up to kRows, kKeys
   float scale;
@@ -473,16 +481,15 @@ void parallel_for(ffi::ThreadPool& pool, int64_t count, F work) {
 }
 
 ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
-                    const ffi::Buffer<ffi::S32>& seg, const ffi::Buffer<ffi::U32>& rng, float scale, int32_t causal,
-                    int32_t left, int32_t right, int32_t drop, float kept, float softcap, Shape* s) {
+                    const ffi::Buffer<ffi::S32>& seg, const ffi::Buffer<ffi::U32>& rng, const Settings& a, Shape* s) {
   auto qd = q.dimensions(), kd = k.dimensions(), sd = seg.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || sd.size() != 2)
     return ffi::Error::InvalidArgument("jaxtune attention: q, k must be rank 4 and segment ids rank 2");
-  if (rng.element_count() != 4 || drop < 0 || drop >= 65536)
+  if (rng.element_count() != 4 || a.drop < 0 || a.drop >= 65536)
     return ffi::Error::InvalidArgument("jaxtune attention: dropout needs 4 uint32 (seed, first row, first head) "
                                        "and 0 <= drop < 65536");
-  *s = Shape{qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, scale, causal != 0, left, right,
-             static_cast<uint32_t>(drop), kept, softcap, rng.typed_data()};
+  *s = Shape{qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, a.scale, a.causal != 0, a.left, a.right,
+             static_cast<uint32_t>(a.drop), a.kept, a.softcap, rng.typed_data()};
   if (kd[0] != s->b || kd[1] != s->t || kd[3] != s->h || sd[0] != s->b || sd[1] != s->t || s->kv == 0 ||
       s->n % s->kv != 0 || s->h % 8 != 0)
     return ffi::Error::InvalidArgument("jaxtune attention: shapes do not fit (B, T, N, H) / (B, T, K, H) / (B, T)");
@@ -494,10 +501,9 @@ ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
 
 ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::U32> rng,
-                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, float scale, int32_t causal,
-                   int32_t left, int32_t right, int32_t drop, float kept, float softcap) {
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, Settings settings) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, left, right, drop, kept, softcap, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, seg, rng, settings, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     forward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out->typed_data(),
                   lse->typed_data());
@@ -509,10 +515,9 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::U32> rng,
                     ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse, ffi::Buffer<ffi::F32> dout,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                    float scale, int32_t causal, int32_t left, int32_t right, int32_t drop, float kept,
-                    float softcap) {
+                    Settings settings) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, rng, scale, causal, left, right, drop, kept, softcap, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, seg, rng, settings, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     backward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out.typed_data(),
                    lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());
@@ -520,44 +525,37 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// q, k, v, the segment ids and the dropout words: the arguments both entry points start with.
+auto attention_inputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Arg<ffi::Buffer<ffi::U32>>();
+}
+
 }  // namespace
 
+// Both entry points take the call's attributes as one Settings, decoded by name.
+XLA_FFI_REGISTER_STRUCT_ATTR_DECODING(Settings, ffi::StructMember<float>("scale"),
+                                      ffi::StructMember<int32_t>("causal"), ffi::StructMember<int32_t>("left"),
+                                      ffi::StructMember<int32_t>("right"), ffi::StructMember<int32_t>("drop"),
+                                      ffi::StructMember<float>("kept"), ffi::StructMember<float>("softcap"));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionForward, forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int32_t>("causal")
-                                  .Attr<int32_t>("left")
-                                  .Attr<int32_t>("right")
-                                  .Attr<int32_t>("drop")
-                                  .Attr<float>("kept")
-                                  .Attr<float>("softcap"));
+                              attention_inputs()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // out
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Attrs<Settings>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxtuneAttentionBackward, backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::U32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale")
-                                  .Attr<int32_t>("causal")
-                                  .Attr<int32_t>("left")
-                                  .Attr<int32_t>("right")
-                                  .Attr<int32_t>("drop")
-                                  .Attr<float>("kept")
-                                  .Attr<float>("softcap"));
+                              attention_inputs()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dv
+                                  .Attrs<Settings>());
