@@ -238,16 +238,14 @@ class BatchNorm(nn.Module):
             var = jnp.square(x32 - mean).mean(axes)
             n = math.prod(x.shape[:-1])
             # The running variance estimates the population's: the batch's unbiased variance, as PyTorch's.
-            stats = (("running_mean", jax.lax.stop_gradient(mean)),
-                     ("running_var", jax.lax.stop_gradient(var) * (n / max(n - 1, 1))))
-            if self.is_mutable_collection(BATCH_STATISTICS):
-                for name, value in stats:
+            stats = (("running_mean", running_mean, jax.lax.stop_gradient(mean)),
+                     ("running_var", running_var, jax.lax.stop_gradient(var) * (n / max(n - 1, 1))))
+            m = cfg.batch_norm_momentum
+            for name, old, value in stats:
+                if self.is_mutable_collection(BATCH_STATISTICS):
                     self.put_variable(BATCH_STATISTICS, name, value)
-            if not deterministic and self.is_mutable_collection(STATE_UPDATES):
-                m, old = cfg.batch_norm_momentum, {"running_mean": running_mean, "running_var": running_var}
-                for name, value in stats:
-                    updated = m * old[name].astype(jnp.float32) + (1 - m) * value
-                    self.put_variable(STATE_UPDATES, name, updated.astype(dt))
+                if not deterministic and self.is_mutable_collection(STATE_UPDATES):
+                    self.put_variable(STATE_UPDATES, name, (m * old.astype(jnp.float32) + (1 - m) * value).astype(dt))
         inv = jax.lax.rsqrt(var + cfg.batch_norm_epsilon) * scale.astype(jnp.float32)
         y = (x32 - mean) * inv + bias.astype(jnp.float32)
         return y.astype(cfg.compute_dtype)
