@@ -5,6 +5,7 @@ LoRA-DPO, a frozen starting copy for full-DPO kept out of the model, and SFT the
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -174,6 +175,12 @@ def test_mismatched_preference_configs_get_one_line_errors(files, tmp_path):
     with pytest.raises(ValueError) as err:
         jt.PreferenceConfig("ipo", label_smoothing=0.1)
     assert _one_line(err).startswith("preference.label_smoothing: applies to dpo and simpo, not ipo")
+    batches = list(itertools.islice(training_loader(pairs, model.tokenizer, jt.DataConfig(batch_size=BATCH)), 2))
+    with pytest.raises(ValueError) as err:  # a cached pair is found by its index in a jaxtune.read source
+        jt.Trainer(model, batches, run_dir=tmp_path, mesh=mesh, preference=jt.PreferenceConfig(reference="cached"),
+                   config=jt.TrainConfig(steps=2))
+    assert _one_line(err).startswith("preference.reference: cached finds each pair's reference log-probs by its "
+                                     "index in the source, so the data must come from jaxtune.read")
 
     recipe = _recipe(files, tmp_path / "run")
     cases = [({"preference": {"method": "kto"}}, "preference.method: 'kto' is unknown; choose one of dpo, ipo"),

@@ -1,5 +1,6 @@
 """The training loop's small concerns, each an object with a one-line call: Ctrl-C handling,
-the throughput window, the best evaluation so far, and the progress line."""
+the throughput window, the best evaluation so far, and the record (and progress line) of each
+log window."""
 
 from __future__ import annotations
 
@@ -9,6 +10,13 @@ import signal
 import threading
 import time
 from typing import Any
+
+import jax
+import numpy as np
+import optax
+
+from jaxtune.training import flops
+from jaxtune.tuning.tuned import Tuned, is_image
 
 log = logging.getLogger("jaxtune.training.trainer")
 
@@ -82,6 +90,60 @@ class Best:
 
     def as_metadata(self) -> dict[str, Any]:
         return {"best_value": self.value, "best_step": self.step, "bad_evals": self.bad_evals}
+
+
+class TrainRecords:
+    """The record of each log window: mean loss and gradient norm of its steps, throughput (tokens/s,
+    or examples/s for an image model), the learning rate, MFU (language models on a device with a
+    known peak), a preference loss's own metrics; with ``progress`` also logged as one line.
+
+    Args:
+      tuned: the planned model (its config sizes the FLOPs; its labels say which matmuls train).
+      schedule: the learning-rate schedule, or None for a caller's own optimizer.
+      steps: the run's total steps (the ETA).
+      progress: log each record as a progress line.
+    """
+
+    def __init__(self, tuned: Tuned, schedule: optax.Schedule | None, steps: int, *, progress: bool):
+        cfg = tuned.config
+        self.schedule, self.steps, self.progress = schedule, steps, progress
+        self._throughput_key = "examples_per_s" if is_image(cfg) else "tokens_per_s"
+        self._mfu = tuned.task == "lm"
+        self._peak_flops = flops.peak_flops(dtype=getattr(cfg, "dtype", "float32"))
+        self._matmul_params = flops.matmul_params(tuned.params, tuned.labels)
+        self._layers = getattr(cfg, "num_layers", 0)
+        self._attn_width = getattr(cfg, "num_heads", 0) * getattr(cfg, "head_dim", 0) or getattr(cfg, "hidden_size", 0)
+        self._flops_per_token: float | None = None
+
+    def observe(self, batch: dict[str, Any]) -> None:
+        """Read the sequence length (what attention costs per token) from the run's first batch."""
+        if self._flops_per_token is None:
+            self._flops_per_token = flops.train_flops_per_token(
+                *self._matmul_params, layers=self._layers, attn_width=self._attn_width,
+                seq_len=batch["input_ids"].shape[-1]) if "input_ids" in batch else 0.0
+
+    def record(self, host: list[dict[str, Any]], step: int, tokens: float, steps: int,
+               elapsed: float) -> dict[str, Any]:
+        """The record of the window's ``host`` metrics (one dict per step, on the host) ending at
+        ``step``, from the window's ``tokens``, ``steps`` and ``elapsed`` seconds (:meth:`Throughput.read`)."""
+        record: dict[str, Any] = {
+            "step": step,
+            "loss": float(np.mean([float(m["loss"]) for m in host])),
+            "grad_norm": float(np.mean([float(m["grad_norm"]) for m in host])),
+            # an image step's work is counted in examples (step.py's "tokens" metric), a text step's in tokens
+            self._throughput_key: tokens / max(elapsed, 1e-9),
+            "steps_per_s": steps / max(elapsed, 1e-9),
+        }
+        if "metric_sums" in host[0]:  # the loss's own metrics (preference rewards), means over the window's pairs
+            sums = {k: sum(float(m["metric_sums"][k]) for m in host) for k in host[0]["metric_sums"]}
+            record.update({k: v / max(sums["pairs"], 1.0) for k, v in sums.items() if k != "pairs"})
+        if self.schedule is not None:
+            record["learning_rate"] = float(self.schedule(step - 1))
+        if self._mfu and self._flops_per_token and self._peak_flops:
+            record["mfu"] = record["tokens_per_s"] * self._flops_per_token / (self._peak_flops * jax.device_count())
+        if self.progress:
+            log.info("%s", progress_line(record, self.steps))
+        return record
 
 
 def progress_line(record: dict[str, Any], steps: int) -> str:

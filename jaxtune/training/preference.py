@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxtune.data.pipeline import Loader, evaluation_loader
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models.decoder import AUX
@@ -453,6 +454,28 @@ class ReferenceCache:
 
 
 # ----------------------------------------------------------------------------- the Trainer's wiring
+
+
+def reference_caches(module: nn.Module, trainable: Params, frozen: Params, splits: dict[str, Any],
+                     to_device: Callable[[Batch], Batch], config: PreferenceConfig, *, sharding: Any = None,
+                     dtype: Any = None, chunk_tokens: int = 2048) -> dict[str, ReferenceCache]:
+    """``preference.reference: cached``: a :class:`ReferenceCache` of the starting model's log-probs of
+    every pair of each split (``{"train": loader, "eval": loader}``, None for a split the run lacks), one
+    pre-pass each. Each split must be a :class:`~jaxtune.data.Loader` (the cache finds a pair by its
+    index in the loader's source)."""
+    caches = {}
+    for name, data in splits.items():
+        if data is None:
+            continue
+        if not isinstance(data, Loader):
+            raise ValueError("preference.reference: cached finds each pair's reference log-probs by its index in "
+                             "the source, so the data must come from jaxtune.read; use reference: model")
+        log.info("preference: reference log-probs of the %s data (%d pairs), computed once", name, len(data.source))
+        passes = evaluation_loader(data.source, data.tokenizer, data.config)
+        caches[name] = ReferenceCache.build(module, trainable, frozen, passes, len(data.source), to_device,
+                                            sharding=sharding, dtype=dtype, max_segments=config.max_segments,
+                                            chunk_tokens=chunk_tokens)
+    return caches
 
 
 def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task: str) -> None:

@@ -33,23 +33,24 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtune.data.pipeline import Loader, LoaderConfig, evaluation_loader
+from jaxtune.data.pipeline import Loader, LoaderConfig
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import Source
-from jaxtune.training import base_cache, compile_cache, flops, memory, preflight
+from jaxtune.training import base_cache, compile_cache, memory, preflight
 from jaxtune.training.baselines import applies as baselines_apply
 from jaxtune.training.baselines import baseline_metrics, training_pass
 from jaxtune.training.batch_norm import make_statistics_fn, recalibrate
 from jaxtune.training.checkpoint import Checkpointer
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import HIGHER_IS_BETTER, comparison_table, evaluate
-from jaxtune.training.loop import Best, StopOnInterrupt, Throughput, progress_line
+from jaxtune.training.loop import Best, StopOnInterrupt, Throughput, TrainRecords
 from jaxtune.training.optim import OptimizerConfig, build_optimizer
 from jaxtune.training.preference import (
     REFERENCE_KEY,
     PreferenceConfig,
     ReferenceCache,
     make_preference_loss_fn,
+    reference_caches,
     with_reference_start,
 )
 from jaxtune.training.rundir import RunDir
@@ -65,7 +66,7 @@ from jaxtune.training.sharding import (
 )
 from jaxtune.training.step import jit_train_step, make_eval_step, make_loss_fn
 from jaxtune.tuning.partition import combine, partition
-from jaxtune.tuning.tuned import Tuned, is_image
+from jaxtune.tuning.tuned import Tuned
 
 log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
@@ -179,7 +180,10 @@ class Trainer:
             frozen = with_reference_start(trainable, frozen, getattr(model.config, "dtype", None))
         self.frozen = shard(frozen, param_shardings(frozen, self.mesh, rules))
         # Before any step: the cache's reference is the starting model (also when a run resumes).
-        self._references = self._reference_caches() if cached else {}
+        self._references = reference_caches(
+            model.module, self.trainable, self.frozen, {"train": self.train_data, "eval": self.eval_data},
+            self._to_device, preference, sharding=batch_sharding(self.mesh), dtype=getattr(model.config, "dtype", None),
+            chunk_tokens=config.chunk_tokens) if cached else {}
         # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
         # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
         # zeros_like come out replicated: a full copy of Adam's state on every FSDP device.
@@ -209,10 +213,7 @@ class Trainer:
         self._resumable_data = False
         self.compile_cache_hit: bool | None = None  # whether the first step's executable came from the disk cache
         self.memory: memory.StepMemory | None = None  # the compiled train step's bytes per device (first step)
-        model_cfg = model.config
-        self._peak_flops = flops.peak_flops(dtype=getattr(model_cfg, "dtype", "float32"))
-        self._matmul_params = flops.matmul_params(model.params, model.labels)
-        self._flops_per_token: float | None = None
+        self.records = TrainRecords(model, self.schedule, self.steps, progress=config.progress)
 
     # ------------------------------------------------------------------ state
 
@@ -288,24 +289,6 @@ class Trainer:
         to_device = functools.partial(self._to_device, reference=self._references.get("eval"))
         return evaluate(self.eval_step, self.trainable if trainable is None else trainable, self.frozen, data,
                         self.task, to_device=to_device)
-
-    def _reference_caches(self) -> dict[str, ReferenceCache]:
-        """``preference.reference: cached``: the starting model's log-probs of every pair of the
-        training and validation data, one pre-pass each (see :class:`ReferenceCache`)."""
-        caches = {}
-        for name, data in (("train", self.train_data), ("eval", self.eval_data)):
-            if data is None:
-                continue
-            if not isinstance(data, Loader):
-                raise ValueError("preference.reference: cached finds each pair's reference log-probs by its index in "
-                                 "the source, so the data must come from jaxtune.read; use reference: model")
-            log.info("preference: reference log-probs of the %s data (%d pairs), computed once", name, len(data.source))
-            passes = evaluation_loader(data.source, data.tokenizer, data.config)
-            caches[name] = ReferenceCache.build(
-                self.tuned.module, self.trainable, self.frozen, passes, len(data.source), self._to_device,
-                sharding=batch_sharding(self.mesh), dtype=getattr(self.tuned.config, "dtype", None),
-                max_segments=self.preference.max_segments, chunk_tokens=self.config.chunk_tokens)
-        return caches
 
     def _evaluate_base(self) -> dict[str, float] | None:
         """The base model's metrics (the plan's fresh adapters/head), computed once per run directory."""
@@ -462,7 +445,7 @@ class Trainer:
                     if logs:
                         host, pending = jax.device_get(pending), []
                         window.add(sum(float(m["tokens"]) for m in host), len(host))
-                        train_metrics = self._train_record(host, *window.read())
+                        train_metrics = self.records.record(host, self.step, *window.read())
                         self.run.log(train_metrics)
                         self._write_status("running", step=self.step, total_steps=self.steps, train=train_metrics,
                                               eval=eval_metrics, best_step=best.step)
@@ -513,8 +496,7 @@ class Trainer:
         self._recalibrated_step = self.step
 
     def _one_step(self, batch: Batch, window: Throughput) -> dict[str, jax.Array]:
-        if self._flops_per_token is None:
-            self._flops_per_token = self._flops(batch["input_ids"].shape[-1]) if "input_ids" in batch else 0.0
+        self.records.observe(batch)
         step_rng = jax.random.fold_in(self.rng, self.step)
         hits = compile_cache.hits()  # the first call compiles (or loads) the step before dispatching it
         batch = self._to_device(batch, self._references.get("train"))
@@ -608,34 +590,6 @@ class Trainer:
             result.report = comparison_table(result.before, result.after, before_note=note)
         else:
             log.info("fine-tuned: %s", _fmt(result.after))
-
-    # ------------------------------------------------------------------ logging
-
-    def _flops(self, seq_len: int) -> float:
-        cfg = self.tuned.config
-        width = getattr(cfg, "num_heads", 0) * getattr(cfg, "head_dim", 0) or getattr(cfg, "hidden_size", 0)
-        return flops.train_flops_per_token(*self._matmul_params, layers=getattr(cfg, "num_layers", 0),
-                                           attn_width=width, seq_len=seq_len)
-
-    def _train_record(self, host: list[dict[str, Any]], tokens: float, steps: int, elapsed: float) -> dict[str, Any]:
-        record: dict[str, Any] = {
-            "step": self.step,
-            "loss": float(np.mean([float(m["loss"]) for m in host])),
-            "grad_norm": float(np.mean([float(m["grad_norm"]) for m in host])),
-            # an image step's work is counted in examples (step.py's "tokens" metric), a text step's in tokens
-            ("examples_per_s" if is_image(self.tuned.config) else "tokens_per_s"): tokens / max(elapsed, 1e-9),
-            "steps_per_s": steps / max(elapsed, 1e-9),
-        }
-        if "metric_sums" in host[0]:  # the loss's own metrics (preference rewards), means over the window's pairs
-            sums = {k: sum(float(m["metric_sums"][k]) for m in host) for k in host[0]["metric_sums"]}
-            record.update({k: v / max(sums["pairs"], 1.0) for k, v in sums.items() if k != "pairs"})
-        if self.schedule is not None:
-            record["learning_rate"] = float(self.schedule(self.step - 1))
-        if self.tuned.task == "lm" and self._flops_per_token and self._peak_flops:
-            record["mfu"] = record["tokens_per_s"] * self._flops_per_token / (self._peak_flops * jax.device_count())
-        if self.config.progress:
-            log.info("%s", progress_line(record, self.steps))
-        return record
 
 
 def _fmt(metrics: dict[str, float]) -> str:
