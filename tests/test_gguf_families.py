@@ -13,6 +13,7 @@ Phi-3's LongRoPE factors as the `rope_factors_long`/`rope_factors_short` tensors
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -73,10 +74,11 @@ GPT2 = dict(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_i
 GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
 
-def tiny_model(name: str) -> torch.nn.Module:
-    """A random transformers model of the case, with norm weights off their init and projections of std 0.1."""
+def tiny_model(name: str, **sizes: int) -> torch.nn.Module:
+    """A random transformers model of the case (``sizes`` override its config), with norm weights off
+    their init and projections of std 0.1."""
     architecture, overrides = CASES[name]
-    kwargs = GPT2 if name == "gpt2" else {**TINY, **overrides}
+    kwargs = GPT2 if name == "gpt2" else {**TINY, **overrides, **sizes}
     config = getattr(transformers, CONFIGS.get(architecture, architecture.replace("ForCausalLM", "Config")))(**kwargs)
     torch.manual_seed(0)
     model = getattr(transformers, architecture)(config).eval()
@@ -104,9 +106,31 @@ def llama3_frequency_divisors(rope: dict, head_dim: int) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
+# llama.cpp's Q4_K_M mix: Q6_K for the output layer and the MLP's down projections, Q4_K elsewhere
+Q4_K_M = {"output": "Q6_K", "ffn_down": "Q6_K"}
+# where each K-quant block keeps its fp16 super-block scales (d, and dmin where it has one)
+K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2,)}
+
+
+def random_k_blocks(rows: int, columns: int, qtype: gguf.GGMLQuantizationType, seed: int) -> np.ndarray:
+    """A ``(rows, columns)`` matrix as random K-quant blocks, uint8 ``(rows, bytes per row)``: gguf-py
+    encodes only the legacy types, and any block bytes are a valid K-quant matrix. Every byte is drawn,
+    then the super-block scales are set to small finite fp16 values (|w| stays below ~0.1)."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.RandomState(seed)
+    data = rng.randint(0, 256, (rows, columns // block, size)).astype(np.uint8)
+    largest = {"Q6_K": 2e-5}.get(qtype.name, 1e-4)  # d x 6-bit scale x quant: Q6_K's int8 scales reach 127 x 32
+    for at in K_SCALES[qtype.name]:
+        at = at % size
+        data[..., at:at + 2] = rng.uniform(0, largest, (rows, columns // block, 1)).astype(np.float16).view(np.uint8)
+    return data.reshape(rows, -1)
+
+
 def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = None) -> None:
     """Write ``model`` as an F32 GGUF of case ``case``'s llama.cpp architecture, as its converter would;
-    ``quantized`` (a GGML type name, e.g. ``Q8_0``): its matrices (and expert stacks) in that type instead."""
+    ``quantized`` (a GGML type name, e.g. ``Q8_0``): its matrices (and expert stacks) in that type instead.
+    The K-quants (``Q4_K``, ``Q5_K``, ``Q6_K``, and ``Q4_K_M``: :data:`Q4_K_M`'s mix) write random blocks
+    (:func:`random_k_blocks`) of each matrix's shape, not the model's weights."""
     cfg = model.config
     name = case.split("-")[0]
     writer = gguf.GGUFWriter(str(path), name)
@@ -163,8 +187,15 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = 
 
     def add(tensor_name: str, data: np.ndarray) -> None:
         if quantized and data.ndim >= 2:
-            qtype = getattr(gguf.GGMLQuantizationType, quantized)
-            writer.add_tensor(tensor_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+            # "blk.0.ffn_down.weight" -> "ffn_down", "output.weight" -> "output"
+            kind = Q4_K_M.get(tensor_name.split(".")[-2], "Q4_K") if quantized == "Q4_K_M" else quantized
+            qtype = getattr(gguf.GGMLQuantizationType, kind)
+            if kind in K_SCALES:
+                blocks = random_k_blocks(math.prod(data.shape[:-1]), data.shape[-1], qtype,
+                                         seed=zlib.crc32(tensor_name.encode()))
+                writer.add_tensor(tensor_name, blocks.reshape(*data.shape[:-1], -1), raw_dtype=qtype)
+            else:
+                writer.add_tensor(tensor_name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(tensor_name, data)
 
@@ -217,8 +248,8 @@ def test_converted_model_has_the_original_logits(name, tmp_path):
     np.testing.assert_allclose(ours, torch_logits(model, ids), atol=TOL, rtol=0)
 
 
-# (case, the type its matrices are written in): gguf-py quantizes the legacy types only (the K-quants'
-# block decoding is tested bit for bit in test_quant)
+# (case, the type its matrices are written in): gguf-py quantizes the legacy types only (the K-quants:
+# random blocks, further below)
 QUANTIZED_CASES = [("phi3", "Q8_0"), ("phi3-longrope", "Q4_1"), ("qwen3", "Q5_0"), ("smollm3", "Q5_1"),
                    ("qwen2moe", "Q8_0"), ("qwen3moe", "Q4_0"), ("llama-moe", "Q5_1")]
 
@@ -240,6 +271,36 @@ def test_quantized_load_keeps_the_blocks_and_equals_the_dequantized_model(name, 
     ids = np.random.RandomState(1).randint(0, 128, (2, 12)).astype(np.int32)
     ours = np.asarray(kept.module.apply({"params": kept.params}, ids))
     ref = np.asarray(dense.module.apply({"params": dense.params}, ids))
+    np.testing.assert_allclose(ours, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+# K-quant blocks hold 256 weights: matrices whose rows (hidden, MLP width, heads x head_dim) are whole blocks
+K_SIZES = dict(hidden_size=256, intermediate_size=256)
+K_CASES = [("qwen3", "Q4_K_M"), ("phi3", "Q4_K_M"), ("smollm3", "Q6_K"), ("olmo2", "Q5_K")]
+
+
+@pytest.mark.parametrize("name,qtype", K_CASES)
+def test_k_quant_files_load_as_blocks_and_equal_the_dequantized_model(name, qtype, tmp_path):
+    """A file in llama.cpp's K-quants (the Q4_K_M mix: Q6_K output and down projections, Q4_K
+    elsewhere) loads every matrix as a quantized leaf in its own type, through Phi-3's fused qkv and
+    SmolLM3's permuted Q/K too, with the logits of the conversion the gguf package dequantizes (fp32)."""
+    sizes = {**K_SIZES, "head_dim": 64} if name == "qwen3" else K_SIZES  # its case's head_dim 32 makes o_proj 128 wide
+    write_gguf(tiny_model(name, **sizes), name, tmp_path / "tiny.gguf", quantized=qtype)
+    out = gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    dense = hf.load_pretrained(out)
+    kept = load_quantized(tmp_path / "tiny.gguf", out)
+    leaves = flatten_dict(unfreeze(kept.params))
+    matrices = [k for k in leaves if k[-1] in ("kernel", "embedding")]
+    assert matrices and all(quant.is_quantized(leaves[k]) for k in matrices)
+    kinds = {k: leaves[k].name for k in matrices}
+    down = [k for k in kinds if "down_proj" in k or k[0] == "lm_head"]
+    expected = {"Q4_K_M": ("q4_k", "q6_k"), "Q6_K": ("q6_k",) * 2, "Q5_K": ("q5_k",) * 2}[qtype]
+    assert {kinds[k] for k in kinds if k not in down} == {expected[0]}
+    assert {kinds[k] for k in down} == {expected[1]}
+    ids = np.random.RandomState(1).randint(0, 128, (2, 12)).astype(np.int32)
+    ours = np.asarray(kept.module.apply({"params": kept.params}, ids))
+    ref = np.asarray(dense.module.apply({"params": dense.params}, ids))
+    assert np.isfinite(ref).all() and np.abs(ref).max() > 1e-3
     np.testing.assert_allclose(ours, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
 
 
