@@ -1,14 +1,18 @@
 """What every benchmark shares: this checkout's jaxtune on the path (for the driver and its
-worker processes), and what each record holds beside its numbers (versions, machine, date)."""
+worker processes), and what each record holds beside its numbers (versions, machine, date); and
+what the quality benchmark's text and image tasks (``quality.py``, ``quality_images.py``) share:
+the step count, the one learning-rate schedule both sides follow, a timed ``jaxtune.finetune``."""
 
 from __future__ import annotations
 
 import importlib.metadata as md
+import json
 import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # benchmark this checkout, whichever jaxtune is installed
@@ -58,3 +62,50 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
+
+
+# ----------------------------------------------------------------------------- quality tasks
+
+
+def write_learning_rates(task: Any, folder: Path) -> Path:
+    """jaxtune's learning-rate schedule for ``task``, step by step, as JSON: the PyTorch side
+    follows these values, so both sides run one schedule function."""
+    from jaxtune.training.optim import OptimizerConfig, make_schedule
+
+    total = steps_of(task)
+    schedule = make_schedule(OptimizerConfig(learning_rate=task.learning_rate, warmup_ratio=task.warmup_ratio,
+                                             schedule="cosine"), total)
+    path = folder / "learning_rates.json"
+    path.write_text(json.dumps([float(schedule(step)) for step in range(total)]))
+    return path
+
+
+def steps_of(task: Any) -> int:
+    """Optimizer steps of a quality task (``quality.Task`` or ``quality_images.ImageTask``): whole batches
+    over its epochs."""
+    return task.train * task.epochs // task.batch_size
+
+
+def timed_finetune(data: dict[str, Any]) -> dict[str, Any]:
+    """``jaxtune.finetune`` of a recipe written as data; its metrics, steps and training time."""
+    import logging
+
+    from jaxtune import config as config_lib
+    from jaxtune.recipe import finetune
+
+    marks: dict[str, float] = {}
+
+    class Marks(logging.Handler):
+        """Training time: from the base model's score to the start of the final evaluation."""
+
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if message.startswith("base:"):
+                marks["train_start"] = time.perf_counter()
+            elif message.startswith("evaluating the fine-tuned"):
+                marks["train_end"] = time.perf_counter()
+
+    logging.getLogger("jaxtune").addHandler(Marks())
+    result = finetune(config_lib.validate(config_lib.from_data(config_lib.Config, data)))
+    return {"before": result.before, "after": result.after, "steps": result.step,
+            "train_s": marks["train_end"] - marks["train_start"]}

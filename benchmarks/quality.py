@@ -35,26 +35,6 @@ Tasks:
                      subsets: LoRA r8 + a mean-pooled regression head with a 128-wide GELU
                      layer, Huber loss.
 
-Image tasks (``IMAGE_TASKS``; not in the default list, run them with ``--tasks``): EfficientNet-Lite0
-(real ImageNet weights) with its last 6 blocks, head conv and a new head trained; the BatchNorms of
-the trained modules normalise with batch statistics and update their running ones (PyTorch's
-``model.train()`` on them), the frozen stages' stay as pretrained. The PyTorch side is the
-reference package ``efficientnet-lite-pytorch`` with the same plan, and a third side,
-``baseline``, fits logistic regression (classification) or ridge regression (counting) on the
-frozen pretrained features (mean-pooled, from the PyTorch model).
-  fashion-mnist-lite0  Fashion-MNIST, 2,000 train / 1,000 test (stratified), 224x224, 3 epochs, accuracy;
-                       3 seeds per side (head init, dropout and row order), for the run-to-run spread.
-  count-lite0          84x84 canvases with 0-5 Fashion-MNIST items, regress the count, MAE; BatchNorm
-                       statistics stay pretrained everywhere (updated ones lag the weights over 125
-                       steps and cost the regression: benchmarks/RESULTS.md).
-  --paired             (image tasks) the same run on both sides but for float drift: no dropout or
-                       drop-connect, and PyTorch reads grain's row order and starts its new head from
-                       jaxtune's initial head, so a difference in the result is one of method, not of seed.
-  --recalibrate N      (image tasks) the trained blocks' BatchNorm statistics train (also counting's) and
-                       are re-estimated for the final weights over the first N batches of each side's
-                       epoch-1 order before the final evaluation: jaxtune's train.recalibrate_batch_norm,
-                       PyTorch's BatchNorm2d(momentum=None) over the same pass (swa_utils.update_bn's method).
-
   smollm2-dpo-lora   SmolLM2-135M-Instruct + rotten_tomatoes_preference (the chat task's reviews,
                      the true sentiment word preferred over the wrong one; 800 / 400 pairs):
                      LoRA-DPO (r8 on q,k,v,o, beta 0.1) against TRL's DPOTrainer (reference: the
@@ -62,6 +42,10 @@ frozen pretrained features (mean-pooled, from the PyTorch model).
                      run-to-run spread. Held-out rewards/accuracy (0 for the base model on both
                      sides: policy == reference) and logps/accuracy (how often the model itself
                      prefers the true word; comparable between base and tuned).
+
+The PyTorch and TRL sides of these tasks are in ``quality_reference.py``. Image tasks
+(``fashion-mnist-lite0``, ``count-lite0``, and ``--paired`` / ``--recalibrate N`` for them) are
+not in the default list; run them with ``--tasks``: ``quality_images.py`` holds them, every side.
 """
 
 from __future__ import annotations
@@ -69,15 +53,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, load_average, machine, now, versions, worker_env
+from common import (
+    ROOT,
+    load_average,
+    machine,
+    now,
+    steps_of,
+    timed_finetune,
+    versions,
+    worker_env,
+    write_learning_rates,
+)
+from quality_images import IMAGE_TASKS, ImageTask, image_worker, write_image_data
+from quality_reference import torch_side, trl_side
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,37 +125,6 @@ TASKS: dict[str, Task] = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class ImageTask:
-    """One image fine-tuning task (see the module docstring), as every side runs it."""
-
-    model: str  # a packaged image model (efficientnet-lite0)
-    dataset: str  # fashion_mnist | fashion_mnist_count
-    kind: str  # image-classification | image-regression
-    train: int
-    test: int
-    batch_size: int
-    learning_rate: float
-    last_blocks: int = 6  # blocks that train (with the head conv and the new head)
-    head_lr: float = 3.0
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.1
-    epochs: int = 1
-    regression_loss: str = "mse"
-    seeds: tuple[int, ...] = (0,)  # one run per seed and side (head init, dropout, row order)
-    frozen_statistics: bool = False  # BatchNorm statistics stay pretrained in the trained blocks too
-    paired: bool = False  # --paired: no random parts; PyTorch takes jaxtune's row order and head init
-    recalibrate: int = 0  # --recalibrate N: re-estimate the trained statistics over N batches after training
-
-
-IMAGE_TASKS: dict[str, ImageTask] = {
-    "fashion-mnist-lite0": ImageTask("efficientnet-lite0", "fashion_mnist", "image-classification", 2000, 1000, 32,
-                                     1e-3, epochs=3, seeds=(0, 1, 2)),
-    "count-lite0": ImageTask("efficientnet-lite0", "fashion_mnist_count", "image-regression", 2000, 1000, 32, 1e-3,
-                             epochs=2, regression_loss="huber", frozen_statistics=True),
-}
-
-
 def smoke(task: Task) -> Task:
     """The task at a size that only checks the script works: 2 steps of 8 rows, 16 test rows."""
     return dataclasses.replace(task, train=16, test=16, batch_size=8, seeds=task.seeds[:1])
@@ -197,23 +160,6 @@ def write_rows(task: Task, folder: Path) -> dict[str, Path]:
     out["model"] = fetch_model(task.model)
     out["learning_rates"] = write_learning_rates(task, folder)
     return out
-
-
-def write_learning_rates(task: Task, folder: Path) -> Path:
-    """jaxtune's learning-rate schedule for ``task``, step by step, as JSON: the PyTorch side
-    follows these values, so both sides run one schedule function."""
-    from jaxtune.training.optim import OptimizerConfig, make_schedule
-
-    total = steps_of(task)
-    schedule = make_schedule(OptimizerConfig(learning_rate=task.learning_rate, warmup_ratio=task.warmup_ratio,
-                                             schedule="cosine"), total)
-    path = folder / "learning_rates.json"
-    path.write_text(json.dumps([float(schedule(step)) for step in range(total)]))
-    return path
-
-
-def steps_of(task: Task) -> int:
-    return task.train * task.epochs // task.batch_size
 
 
 # ----------------------------------------------------------------------------- jaxtune side (worker)
@@ -252,497 +198,12 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
     return timed_finetune(data)
 
 
-def timed_finetune(data: dict[str, Any]) -> dict[str, Any]:
-    """``jaxtune.finetune`` of a recipe written as data; its metrics, steps and training time."""
-    import logging
-
-    from jaxtune import config as config_lib
-    from jaxtune.recipe import finetune
-
-    marks: dict[str, float] = {}
-
-    class Marks(logging.Handler):
-        """Training time: from the base model's score to the start of the final evaluation."""
-
-        def emit(self, record: logging.LogRecord) -> None:
-            message = record.getMessage()
-            if message.startswith("base:"):
-                marks["train_start"] = time.perf_counter()
-            elif message.startswith("evaluating the fine-tuned"):
-                marks["train_end"] = time.perf_counter()
-
-    logging.getLogger("jaxtune").addHandler(Marks())
-    result = finetune(config_lib.validate(config_lib.from_data(config_lib.Config, data)))
-    return {"before": result.before, "after": result.after, "steps": result.step,
-            "train_s": marks["train_end"] - marks["train_start"]}
-
-
 def preference_recipe(task: Task, data: dict[str, Any]) -> dict[str, Any]:
     """The recipe of a preference task: DPO on unpacked pairs (``batch_size`` pairs a step, as TRL
     counts them), the seed of this run."""
     return {**data, "data": {**data["data"], "kind": "preference"},
             "preference": {"method": "dpo", "beta": task.beta},
             "train": {**data["train"], "seed": task.seeds[0]}}
-
-
-# ----------------------------------------------------------------------------- PyTorch side (worker)
-
-
-def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
-    """The same task written the usual way with transformers + PEFT; returns raw predictions."""
-    import numpy as np
-    import peft
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    torch.set_num_threads(os.cpu_count() or 1)
-    directory = files["model"]  # no jaxtune import here: JAX's thread pool in the process slows torch
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    rows = {split: [json.loads(line) for line in Path(files[split]).read_text(encoding="utf-8").splitlines()]
-            for split in ("train", "test")}
-    labels = sorted({r["label"] for r in rows["train"]}) if task.kind == "classification" else None
-
-    if task.kind == "chat":
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-        model = peft.get_peft_model(model, peft.LoraConfig(r=task.rank, lora_alpha=task.alpha, lora_dropout=0.0,
-                                                           target_modules=list(task.lora_targets)))
-        head_params: list[torch.nn.Parameter] = []
-    elif task.method == "full-pooler":
-        model = transformers.BertForSequenceClassification.from_pretrained(directory, num_labels=len(labels))
-        head_params = list(model.classifier.parameters())
-    else:
-        body = transformers.BertModel.from_pretrained(directory, add_pooling_layer=False)
-        body = peft.get_peft_model(body, peft.LoraConfig(r=task.rank, lora_alpha=task.alpha, lora_dropout=0.0,
-                                                         target_modules=["query", "key", "value", "dense"]))
-        model = mean_pool_model(body, len(labels) if labels else 1, task.hidden, body.config.hidden_dropout_prob)
-        head_params = list(model.head.parameters())
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    head_ids = {id(p) for p in head_params}
-    groups = []
-    for is_head in (False, True):
-        for decay in (True, False):
-            params = [p for p in trainable if (id(p) in head_ids) == is_head and (p.ndim >= 2) == decay]
-            if params:
-                groups.append({"params": params, "weight_decay": task.weight_decay if decay else 0.0,
-                               "lr_scale": task.head_lr if is_head else 1.0})
-    optimizer = torch.optim.AdamW(groups, lr=task.learning_rate, betas=(0.9, 0.999), eps=1e-8)
-    learning_rates = json.loads(Path(files["learning_rates"]).read_text())
-    total = len(learning_rates)
-
-    def encode(batch_rows: list[dict], *, for_eval: bool) -> dict[str, torch.Tensor]:
-        if task.kind != "chat":
-            enc = tokenizer([r["text"] for r in batch_rows], truncation=True, max_length=task.max_length,
-                            padding=True, return_tensors="pt")
-            if task.kind == "classification":
-                enc["labels"] = torch.tensor([labels.index(r["label"]) for r in batch_rows])
-            else:
-                enc["labels"] = torch.tensor([float(r["target"]) for r in batch_rows])
-            return enc
-        if for_eval:  # the prompt only, left-padded: the next token's logits are at the end
-            prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-                       for r in batch_rows]
-            tokenizer.padding_side = "left"
-            enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-            enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            return enc
-        ids, targets = [], []
-        for r in batch_rows:  # prompt tokens get label -100: loss on the assistant's answer only
-            prompt = tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(r["messages"], tokenize=False)
-            p = tokenizer(prompt, add_special_tokens=False).input_ids
-            a = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False).input_ids
-            ids.append((p + a)[:task.max_length])
-            targets.append(([-100] * len(p) + a)[:task.max_length])
-        width = max(map(len, ids))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-                "labels": torch.tensor([y + [-100] * (width - len(y)) for y in targets])}
-
-    choice_ids = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in task.choices]
-
-    @torch.no_grad()
-    def predict() -> tuple[np.ndarray, np.ndarray]:
-        model.eval()
-        outputs, truth = [], []
-        for i in range(0, len(rows["test"]), task.batch_size):
-            batch_rows = rows["test"][i:i + task.batch_size]
-            enc = encode(batch_rows, for_eval=True)
-            if task.kind == "chat":
-                logits = model(**enc).logits[:, -1, choice_ids]
-                truth += [task.choices.index(r["messages"][-1]["content"]) for r in batch_rows]
-            else:
-                target = enc.pop("labels")
-                logits = model(**enc).logits
-                truth += target.tolist()
-            outputs.append(logits.float().numpy())
-        model.train()
-        return np.concatenate(outputs), np.asarray(truth)
-
-    start = time.perf_counter()
-    before = predict()
-    train_start = time.perf_counter()
-    model.train()
-    order = torch.randperm(len(rows["train"]), generator=torch.Generator().manual_seed(0)).tolist()
-    losses = []
-    for step in range(total):
-        idx = order[step * task.batch_size:(step + 1) * task.batch_size]
-        enc = encode([rows["train"][i] for i in idx], for_eval=False)
-        target = enc.pop("labels")
-        logits = model(**enc).logits
-        if task.kind == "chat":
-            loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), target[:, 1:].flatten(),
-                                                     ignore_index=-100)
-        elif task.kind == "classification":
-            loss = torch.nn.functional.cross_entropy(logits.float(), target)
-        else:
-            pred = logits.float().reshape(-1)
-            loss = (torch.nn.functional.huber_loss(pred, target, delta=1.0) if task.regression_loss == "huber"
-                    else torch.nn.functional.mse_loss(pred, target))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rates[step] * group["lr_scale"]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
-    train_s = time.perf_counter() - train_start
-    after = predict()
-    return {"before_outputs": before[0].tolist(), "after_outputs": after[0].tolist(), "labels": before[1].tolist(),
-            "steps": total, "train_s": train_s, "eval_and_train_s": time.perf_counter() - start,
-            "last_losses": losses[-5:]}
-
-
-def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
-    """A preference task with TRL's ``DPOTrainer`` on a PEFT LoRA model (the reference is the model
-    with the adapter off, TRL's default for a PEFT model), jaxtune's learning rates step by step;
-    returns TRL's evaluation metrics before and after training (renamed to jaxtune's keys) and
-    logps/accuracy from the same evaluation's per-pair log-probs."""
-    import datasets
-    import peft
-    import torch
-    import transformers
-    import trl
-
-    seed = task.seeds[0]
-    torch.manual_seed(seed)
-    torch.set_num_threads(os.cpu_count() or 1)
-    directory = files["model"]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=task.rank, lora_alpha=task.alpha, lora_dropout=0.0,
-                                                       target_modules=list(task.lora_targets)))
-    splits = {}
-    for split in ("train", "test"):
-        rows = [json.loads(line) for line in Path(files[split]).read_text(encoding="utf-8").splitlines()]
-        splits[split] = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
-                                                    for r in rows])
-    learning_rates = json.loads(Path(files["learning_rates"]).read_text())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.learning_rate,
-                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=task.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: learning_rates[min(step, len(learning_rates) - 1)] / task.learning_rate)
-    args = trl.DPOConfig(output_dir=run_dir, per_device_train_batch_size=task.batch_size,
-                         per_device_eval_batch_size=task.batch_size, max_steps=len(learning_rates),
-                         learning_rate=task.learning_rate, beta=task.beta, max_length=task.max_length,
-                         max_grad_norm=1.0, logging_steps=10, report_to=[], seed=seed, data_seed=seed,
-                         save_strategy="no", eval_strategy="no", use_cpu=True, dataloader_num_workers=0,
-                         gradient_checkpointing=False)  # jaxtune's run keeps activations too (remat: none)
-    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["test"],
-                             processing_class=tokenizer, optimizers=(optimizer, schedule))
-    names = {"eval_loss": "loss", "eval_rewards/accuracies": "rewards/accuracy", "eval_rewards/margins":
-             "rewards/margin", "eval_logps/chosen": "logps/chosen", "eval_logps/rejected": "logps/rejected"}
-
-    def evaluate() -> dict[str, float]:
-        metrics = trainer.evaluate()
-        out = {ours: float(metrics[theirs]) for theirs, ours in names.items() if theirs in metrics}
-        out["logps/accuracy"] = preference_logps_accuracy(model, tokenizer, splits["test"], task.max_length)
-        return out
-
-    start = time.perf_counter()
-    before = evaluate()
-    train_start = time.perf_counter()
-    trainer.train()
-    train_s = time.perf_counter() - train_start
-    after = evaluate()
-    return {"before": before, "after": after, "steps": len(learning_rates), "train_s": train_s,
-            "eval_and_train_s": time.perf_counter() - start}
-
-
-def preference_logps_accuracy(model: Any, tokenizer: Any, pairs: Any, max_length: int) -> float:
-    """The share of pairs whose chosen answer ``model`` finds more likely (summed answer log-probs
-    under the chat template), jaxtune's ``logps/accuracy``; TRL reports only means of log-probs."""
-    import torch
-
-    wins = []
-    model.eval()
-    with torch.no_grad():
-        for pair in pairs:
-            prompt = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
-            p = tokenizer(prompt, add_special_tokens=False).input_ids
-            scores = []
-            for side in ("chosen", "rejected"):
-                full = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
-                a = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False).input_ids
-                ids = torch.tensor([(p + a)[:max_length]])
-                logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-                picked = logps.gather(-1, ids[0, 1:, None])[:, 0]
-                scores.append(float(picked[len(p) - 1:].sum()))
-            wins.append(scores[0] > scores[1])
-    model.train()
-    return sum(wins) / max(len(wins), 1)
-
-
-def mean_pool_model(body: Any, outputs: int, hidden: tuple[int, ...], dropout: float) -> Any:
-    """A BERT body + masked mean pooling + (dropout, Linear, GELU)* + dropout + Linear: the
-    module jaxtune's ``{action: head, pooling: mean, hidden: [...]}`` builds, initialised the
-    same way (normal(0.02) weights, zero biases). Returns an ``nn.Module`` whose output has
-    ``.logits`` ``(B, outputs)``."""
-    import torch
-    from transformers.modeling_outputs import SequenceClassifierOutput
-
-    class MeanPoolModel(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.body = body
-            layers: list[torch.nn.Module] = []
-            width = body.config.hidden_size
-            for w in hidden:
-                layers += [torch.nn.Dropout(dropout), torch.nn.Linear(width, w), torch.nn.GELU()]
-                width = w
-            layers += [torch.nn.Dropout(dropout), torch.nn.Linear(width, outputs)]
-            self.head = torch.nn.Sequential(*layers)
-            for m in self.head:
-                if isinstance(m, torch.nn.Linear):
-                    torch.nn.init.normal_(m.weight, std=0.02)
-                    torch.nn.init.zeros_(m.bias)
-
-        def forward(self, input_ids: Any, attention_mask: Any, token_type_ids: Any = None) -> Any:
-            states = self.body(input_ids=input_ids, attention_mask=attention_mask,
-                               token_type_ids=token_type_ids).last_hidden_state
-            mask = attention_mask[..., None].to(states.dtype)
-            pooled = (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            return SequenceClassifierOutput(logits=self.head(pooled))
-
-    return MeanPoolModel()
-
-
-# ----------------------------------------------------------------------------- image tasks
-
-
-def write_image_data(task: ImageTask, folder: Path) -> dict[str, Path]:
-    """The prepared image splits (.npz) every side reads, the model directory, the schedule."""
-    from jaxtune.data import image_datasets
-    from jaxtune.models.assets import fetch_model
-
-    prepare = {"fashion_mnist": image_datasets.prepare_fashion_mnist,
-               "fashion_mnist_count": image_datasets.prepare_fashion_mnist_count}[task.dataset]
-    prepared = prepare(train_size=task.train, test_size=task.test)
-    folder.mkdir(parents=True, exist_ok=True)
-    model = fetch_model(task.model)
-    if task.paired:  # the model directory with its dropout and drop-connect rates at 0
-        quiet = folder / "model-without-random-parts"
-        shutil.copytree(model, quiet, dirs_exist_ok=True)
-        config = json.loads((model / "config.json").read_text())
-        (quiet / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.0, "drop_connect_rate": 0.0}))
-        model = quiet
-    return {"train": prepared.train, "test": prepared.test, "model": model,
-            "learning_rates": write_learning_rates(task, folder)}
-
-
-def _jaxtune_start(task: ImageTask, files: dict[str, str], train: Any) -> tuple[Any, Any]:
-    """What ``--paired`` gives PyTorch from jaxtune's run: the row order of each epoch (grain's, as
-    jaxtune's image loader shuffles; checked against that loader's first batch) and the new head's
-    initial ``(kernel (1280, K), bias (K,))`` (``apply_plan`` with the run's key, as the recipe does)."""
-    import grain
-    import jax
-    import numpy as np
-    from flax.traverse_util import flatten_dict
-
-    from jaxtune import tuning
-    from jaxtune.data import LoaderConfig
-    from jaxtune.data.images import ImageSpec, image_loader
-    from jaxtune.models import hf
-
-    seed, n = task.seeds[0], len(train)
-    shuffled = grain.MapDataset.range(n).seed(seed).shuffle().repeat(None)
-    order = np.concatenate([[shuffled[e * n + i] for i in range(n)] for e in range(task.epochs)])
-    first = next(iter(image_loader(train, ImageSpec.from_model_dir(224, 3, files["model"]),
-                                   LoaderConfig(batch_size=task.batch_size, seed=seed), train=True)))
-    if not np.array_equal(first["labels"], train.labels[order[:task.batch_size]]):
-        raise RuntimeError("--paired: grain's row order here is not the one jaxtune's image loader reads")
-    plan = tuning.Plan.from_data(jaxtune_image_recipe(task, files, "")["plan"])
-    tuned = tuning.apply_plan(hf.load_pretrained(files["model"]), plan, jax.random.key(seed), data=train)
-    flat = flatten_dict(tuned.params)
-    return order, (np.asarray(flat[("head", "out", "kernel")]), np.asarray(flat[("head", "out", "bias")]))
-
-
-def jaxtune_image_side(task: ImageTask, files: dict[str, str], run_dir: str) -> dict[str, Any]:
-    """The image task through ``jaxtune.finetune``."""
-    return timed_finetune(jaxtune_image_recipe(task, files, run_dir))
-
-
-def jaxtune_image_recipe(task: ImageTask, files: dict[str, str], run_dir: str) -> dict[str, Any]:
-    """The image task as a jaxtune recipe (the data of a YAML file)."""
-    kind = task.kind.removeprefix("image-")
-    return {
-        "model": {"path": files["model"]},
-        "plan": [{"preset": "freeze_all_but", "last_n_blocks": task.last_blocks},
-                 *([{"action": "freeze", "match": "running_(mean|var)$"}] if task.frozen_statistics else []),
-                 {"action": "head", "task": kind}],
-        "data": {"train": files["train"], "validation": files["test"], "kind": kind, "images": True,
-                 "batch_size": task.batch_size, "seed": task.seeds[0]},
-        "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
-                      "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
-                      "group_lr": {"head": task.head_lr}},
-        "train": {"steps": steps_of(task), "progress": False, "log_every": 10, "regression_loss": task.regression_loss,
-                  "seed": task.seeds[0], "recalibrate_batch_norm": task.recalibrate},
-        "eval": {"cache_base": False},  # the PyTorch side scores its base model in every run too
-        "checkpoint": {"every": 10**9, "keep": 1},
-        "output": {"dir": run_dir, "export": "none"},
-    }
-
-
-def _image_inputs(task: ImageTask, files: dict[str, str]) -> tuple[Any, Any, Any]:
-    """Both splits (jaxtune's readers) and a function of indices -> pixel tensors (jaxtune's
-    ``ToPixels``: the same resize and normalisation for every side)."""
-    import numpy as np
-    import torch
-
-    from jaxtune.data.images import ImageSpec, ToPixels, read_images
-
-    kind = task.kind.removeprefix("image-")
-    train = read_images(files["train"], kind)
-    test = read_images(files["test"], kind, labels=train.label_names)
-    to_pixels = ToPixels(ImageSpec.from_model_dir(224, 3, files["model"]))
-
-    def pixels(source: Any, idx: Any) -> Any:
-        return torch.from_numpy(np.stack([to_pixels.pixels(source[int(i)])["pixel_values"] for i in idx]))
-
-    return train, test, pixels
-
-
-def _reference_lite0(task: ImageTask) -> Any:
-    from efficientnet_lite_pytorch import EfficientNet
-
-    from jaxtune.assets import ASSETS, package_path
-
-    return EfficientNet.from_pretrained(task.model, weights_path=str(package_path(ASSETS[task.model])))
-
-
-def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
-    """The same plan on the reference PyTorch EfficientNet-Lite0: the last blocks, head conv and
-    a new linear head train; the BatchNorms of those modules run in train mode (batch statistics,
-    running ones updated), the frozen stages' in eval mode."""
-    import numpy as np
-    import torch
-
-    seed = task.seeds[0]
-    torch.manual_seed(seed)
-    kind = task.kind.removeprefix("image-")
-    train, test, pixels = _image_inputs(task, files)
-    model = _reference_lite0(task)
-    for p in model.parameters():
-        p.requires_grad = False
-    for module in (*model._blocks[-task.last_blocks:], model._conv_head, model._bn1):
-        for p in module.parameters():
-            p.requires_grad = True
-    model._fc = torch.nn.Linear(1280, len(train.label_names) if kind == "classification" else 1)
-    torch.nn.init.normal_(model._fc.weight, std=0.02)  # jaxtune's head init, as the text side's heads
-    torch.nn.init.zeros_(model._fc.bias)
-    if task.paired:
-        model._dropout.p = 0.0
-        model._global_params = model._global_params._replace(drop_connect_rate=0.0)
-        order, (kernel, bias) = _jaxtune_start(task, files, train)
-        order = order.tolist()
-        with torch.no_grad():
-            model._fc.weight.copy_(torch.from_numpy(kernel.T.copy()))
-            model._fc.bias.copy_(torch.from_numpy(bias.copy()))
-    else:
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.cat([torch.randperm(len(train), generator=generator) for _ in range(task.epochs)]).tolist()
-    head = {id(p) for p in model._fc.parameters()}
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": ps, "weight_decay": task.weight_decay if decay else 0.0,
-               "lr_scale": task.head_lr if is_head else 1.0}
-              for is_head in (False, True) for decay in (True, False)
-              if (ps := [p for p in trainable if (id(p) in head) == is_head and (p.ndim >= 2) == decay])]
-    optimizer = torch.optim.AdamW(groups, lr=task.learning_rate)
-    learning_rates = json.loads(Path(files["learning_rates"]).read_text())
-
-    def train_mode() -> None:
-        model.train()
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d) and (task.frozen_statistics or not m.weight.requires_grad):
-                m.eval()  # pretrained statistics (a frozen stage computes the pretrained features)
-
-    def predict() -> np.ndarray:
-        model.eval()
-        with torch.no_grad():
-            return np.concatenate([model(pixels(test, range(i, min(i + 64, len(test))))).numpy()
-                                   for i in range(0, len(test), 64)])
-
-    before = predict()
-    train_start = time.perf_counter()
-    train_mode()
-    for step, lr in enumerate(learning_rates):
-        idx = order[step * task.batch_size:(step + 1) * task.batch_size]
-        out = model(pixels(train, idx)).float()
-        target = torch.from_numpy(train.labels[idx])
-        if kind == "classification":
-            loss = torch.nn.functional.cross_entropy(out, target.long())
-        else:
-            loss = (torch.nn.functional.huber_loss(out.reshape(-1), target, delta=1.0)
-                    if task.regression_loss == "huber" else torch.nn.functional.mse_loss(out.reshape(-1), target))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    if task.recalibrate:  # the trained BatchNorms average the statistics of the epoch's first batches
-        model.eval()  # no dropout or drop-connect: the network evaluation runs
-        trained = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.weight.requires_grad]
-        for m in trained:
-            m.reset_running_stats()
-            m.momentum = None  # the cumulative average
-            m.train()
-        with torch.no_grad():
-            for step in range(task.recalibrate):
-                model(pixels(train, order[step * task.batch_size:(step + 1) * task.batch_size]))
-    train_s = time.perf_counter() - train_start
-    return {"before_outputs": before.tolist(), "after_outputs": predict().tolist(), "labels": test.labels.tolist(),
-            "steps": len(learning_rates), "train_s": train_s}
-
-
-def baseline_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
-    """Frozen pretrained features (mean-pooled, PyTorch reference) + logistic / ridge regression."""
-    import numpy as np
-    import torch
-    from sklearn.linear_model import LogisticRegression, Ridge
-
-    train, test, pixels = _image_inputs(task, files)
-    model = _reference_lite0(task).eval()
-
-    def features(source: Any) -> np.ndarray:
-        with torch.no_grad():
-            return np.concatenate([model.extract_features(pixels(source, range(i, min(i + 64, len(source)))))
-                                   .mean(dim=(2, 3)).numpy() for i in range(0, len(source), 64)])
-
-    start = time.perf_counter()
-    x_train, x_test = features(train), features(test)
-    if task.kind == "image-classification":
-        fit = LogisticRegression(max_iter=2000).fit(x_train, train.labels)
-        outputs = fit.predict_log_proba(x_test)
-    else:
-        outputs = Ridge(alpha=1.0).fit(x_train, train.labels).predict(x_test)[:, None]
-    return {"before_outputs": outputs.tolist(), "after_outputs": outputs.tolist(), "labels": test.labels.tolist(),
-            "steps": 0, "train_s": time.perf_counter() - start}
 
 
 # ----------------------------------------------------------------------------- driver
@@ -985,10 +446,7 @@ def main() -> None:
         if args.worker == "trl":
             result = trl_side(task, files, args.run_dir)
         elif image:
-            side = {"jaxtune": lambda: jaxtune_image_side(task, files, args.run_dir),
-                    "pytorch": lambda: torch_image_side(task, files),
-                    "baseline": lambda: baseline_image_side(task, files)}
-            result = side[args.worker]()
+            result = image_worker(args.worker, task, files, args.run_dir)
         else:
             result = jaxtune_side(task, files, args.run_dir) if args.worker == "jaxtune" else torch_side(task, files)
         print(json.dumps(result))

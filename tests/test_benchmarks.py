@@ -176,6 +176,7 @@ def test_paired_image_runs_give_pytorch_jaxtunes_row_order_and_head_init(quality
     import dataclasses
 
     import numpy as np
+    import quality_images as images  # quality.py's sibling (the fixture put benchmarks/ on the path)
     from flax.traverse_util import flatten_dict
     from helpers import skip_or_fail
 
@@ -184,19 +185,19 @@ def test_paired_image_runs_give_pytorch_jaxtunes_row_order_and_head_init(quality
     from jaxtune.data.images import read_images
     from jaxtune.recipe import trainer_for
 
-    task = dataclasses.replace(quality.IMAGE_TASKS["fashion-mnist-lite0"], train=64, test=16, batch_size=16, epochs=2,
+    task = dataclasses.replace(images.IMAGE_TASKS["fashion-mnist-lite0"], train=64, test=16, batch_size=16, epochs=2,
                                seeds=(3,), paired=True, recalibrate=2)
     try:
-        files = {k: str(v) for k, v in quality.write_image_data(task, tmp_path).items()}
+        files = {k: str(v) for k, v in images.write_image_data(task, tmp_path).items()}
     except FetchError as err:
         skip_or_fail(f"EfficientNet-Lite0 or Fashion-MNIST could not be fetched here: {err}")
     config = json.loads((Path(files["model"]) / "config.json").read_text())
     assert config["dropout_rate"] == config["drop_connect_rate"] == 0.0
     train = read_images(files["train"], "classification")
-    order, (kernel, bias) = quality._jaxtune_start(task, files, train)
+    order, (kernel, bias) = images._jaxtune_start(task, files, train)
     assert sorted(order[:64]) == list(range(64)) and not np.array_equal(order[:64], order[64:128])
 
-    recipe = quality.jaxtune_image_recipe(task, files, str(tmp_path / "run"))
+    recipe = images.jaxtune_image_recipe(task, files, str(tmp_path / "run"))
     trainer = trainer_for(config_lib.validate(config_lib.from_data(config_lib.Config, recipe)))
     labels = [batch["labels"] for _, batch in zip(range(5), trainer.train_data)]  # 4 batches an epoch, then 1
     np.testing.assert_array_equal(np.concatenate(labels), train.labels[order[:80]])

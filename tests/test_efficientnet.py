@@ -54,7 +54,7 @@ def test_real_efficientnet_lite0_features_and_logits_match_the_reference_package
 def test_real_train_step_equals_the_reference_package_step_for_step():
     """The quality benchmark's plan (last 6 blocks, head conv and a new head train; their
     BatchNorms use and update batch statistics) on the real weights and real images, against
-    the reference PyTorch package trained as ``benchmarks/quality.py`` trains it: the same head
+    the reference PyTorch package trained as ``benchmarks/quality_images.py`` trains it: the same head
     init, batches and AdamW settings (decay on matrices, head lr x3, clip 1.0), dropout and
     drop-connect off. The first step's loss, gradients and running statistics agree; three more
     steps keep the losses together (Adam then amplifies float noise in near-zero gradients, so
