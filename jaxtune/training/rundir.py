@@ -29,6 +29,8 @@ from typing import Any
 
 import yaml
 
+from jaxtune.training.events import ScalarWriter
+
 _EVENTS_FILES = itertools.count(1)  # TensorBoard events files this process has opened
 STATES = ("running", "finished", "failed", "stopped", "early_stopped")
 STALE_AFTER_S = 600.0
@@ -130,7 +132,7 @@ class RunDir:
     def __init__(self, path: str | Path, *, main: bool = True):
         self.path = Path(path)
         self.main = main
-        self._events: Any = None  # the TensorBoard writer, opened by the first log
+        self._events: ScalarWriter | None = None  # the TensorBoard events, opened by the first log
 
     def check(self) -> None:
         """The path can be a run directory: it and its nearest existing parent are directories."""
@@ -244,16 +246,12 @@ class RunDir:
         with open(self.path / self.METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self._events is None:
-            from tensorboardX import SummaryWriter  # only where a run logs: it imports torch if installed
-
-            # Its files are named by the second they were opened in: the process and a count over all of
+            # Events files are named by the second they were opened in: the process and a count over all of
             # the process's run directories tell apart the ones opened within one second (a reopening, or
             # another RunDir of the same path), which would overwrite each other.
-            self._events = SummaryWriter(str(self.path / self.TENSORBOARD),
-                                         filename_suffix=f".{os.getpid()}.{next(_EVENTS_FILES)}")
-        for key, value in record.items():
-            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                self._events.add_scalar(key, value, record["step"])
+            self._events = ScalarWriter(self.path / self.TENSORBOARD, suffix=f".{os.getpid()}.{next(_EVENTS_FILES)}")
+        self._events.add(record["step"], {key: value for key, value in record.items() if key != "step"
+                                          and isinstance(value, int | float) and math.isfinite(value)})
 
     def close(self) -> None:
         """Flush and close the TensorBoard events (a later :meth:`log` opens another events file)."""
