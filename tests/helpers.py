@@ -110,3 +110,55 @@ def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp `convert_hf_to_gguf.py` `LlamaModel.permute` (HF rotate-half -> interleaved)."""
     half = weight.shape[0] // n_heads // 2
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+# Byte offsets of the fp16 scales (and Q4_1/Q5_1/K-quant mins) inside one GGML block of each type; a
+# negative offset counts from the block's end (Q6_K keeps its super-block scale last). Any other block
+# bytes decode to finite weights, so random bytes with these fields set to small fp16 values are a valid
+# quantized matrix.
+GGUF_FP16_FIELDS = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2),
+                    "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2,)}
+
+
+def set_gguf_fp16_fields(blocks: np.ndarray, kind: str, values) -> np.ndarray:
+    """Write ``values`` (a callable ``shape -> float array``) as fp16 into every :data:`GGUF_FP16_FIELDS`
+    field of ``blocks`` (uint8 ``(..., block bytes)``), in place; returns ``blocks``."""
+    size = blocks.shape[-1]
+    for at in GGUF_FP16_FIELDS[kind]:
+        at %= size
+        blocks[..., at:at + 2] = np.asarray(values((*blocks.shape[:-1], 1))).astype(np.float16).view(np.uint8)
+    return blocks
+
+
+def tfrecords(path: Path) -> list[bytes]:
+    """The data of every TFRecord in ``path`` (a little-endian uint64 length and its CRC, the data and its
+    CRC), each frame's two CRCs checked with tensorboardX's masked CRC-32C."""
+    import struct
+
+    from tensorboardX.record_writer import masked_crc32c
+
+    data, at, out = Path(path).read_bytes(), 0, []
+    while at < len(data):
+        header = data[at:at + 8]
+        (length,) = struct.unpack("<Q", header)
+        (header_crc,) = struct.unpack_from("<I", data, at + 8)
+        payload = data[at + 12:at + 12 + length]
+        (payload_crc,) = struct.unpack_from("<I", data, at + 12 + length)
+        assert header_crc == masked_crc32c(header) and payload_crc == masked_crc32c(payload), (path, at)
+        out.append(payload)
+        at += 12 + length + 4
+    assert at == len(data), f"{path}: a truncated record at byte {at}"
+    return out
+
+
+def tensorboard_scalars(folder: Path) -> list[tuple[str, int, float]]:
+    """``(tag, step, value)`` of every scalar in ``folder``'s TensorBoard events files, in order, each
+    record parsed with tensorboardX's ``Event`` proto."""
+    from tensorboardX.proto.event_pb2 import Event
+
+    scalars = []
+    for path in sorted(Path(folder).iterdir()):
+        for record in tfrecords(path):
+            event = Event.FromString(record)
+            scalars += [(value.tag, event.step, value.simple_value) for value in event.summary.value]
+    return scalars

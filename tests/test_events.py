@@ -3,33 +3,17 @@ proto parses every record, and its masked CRC-32C equals the one each record car
 
 from __future__ import annotations
 
-import struct
 import time
 
 import numpy as np
 import pytest
+from helpers import tfrecords
 
 from jaxtune.training.events import ScalarWriter, masked_crc32c
 
 tensorboardX = pytest.importorskip("tensorboardX")  # a test dependency: the reference reader
 from tensorboardX.proto.event_pb2 import Event  # noqa: E402
 from tensorboardX.record_writer import masked_crc32c as reference_crc  # noqa: E402
-
-
-def _records(path) -> list[bytes]:
-    """The data of every TFRecord in ``path``, each frame's two CRCs checked with tensorboardX's."""
-    data, at, out = path.read_bytes(), 0, []
-    while at < len(data):
-        header = data[at:at + 8]
-        (length,) = struct.unpack("<Q", header)
-        (header_crc,) = struct.unpack_from("<I", data, at + 8)
-        payload = data[at + 12:at + 12 + length]
-        (payload_crc,) = struct.unpack_from("<I", data, at + 12 + length)
-        assert header_crc == reference_crc(header) and payload_crc == reference_crc(payload)
-        out.append(payload)
-        at += 12 + length + 4
-    assert at == len(data)
-    return out
 
 
 def test_scalars_read_back_with_tensorboardx_protos_and_crcs(tmp_path):
@@ -42,7 +26,7 @@ def test_scalars_read_back_with_tensorboardx_protos_and_crcs(tmp_path):
     writer.close()
     (path,) = (tmp_path / "tb").iterdir()
     assert path.name.startswith(f"events.out.tfevents.{int(start)}") and path.name.endswith(".7.1")
-    events = [Event.FromString(r) for r in _records(path)]
+    events = [Event.FromString(r) for r in tfrecords(path)]
     assert events[0].file_version == "brain.Event:2"
     assert len(events) == 1 + 3
     for (step, scalars), ev in zip(logged, events[1:], strict=False):

@@ -21,7 +21,7 @@ import torch
 import transformers
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict
-from helpers import llama_cpp_permute, randomize_weights, torch_logits
+from helpers import llama_cpp_permute, randomize_weights, set_gguf_fp16_fields, torch_logits
 
 from jaxtune.models import hf, quant
 from jaxtune.models.gguf import GGUFError, gguf_to_hf
@@ -109,7 +109,7 @@ def llama3_frequency_divisors(rope: dict, head_dim: int) -> np.ndarray:
 # llama.cpp's Q4_K_M mix: Q6_K for the output layer and the MLP's down projections, Q4_K elsewhere
 Q4_K_M = {"output": "Q6_K", "ffn_down": "Q6_K"}
 # where each K-quant block keeps its fp16 super-block scales (d, and dmin where it has one)
-K_SCALES = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (-2,)}
+K_QUANTS = ("Q4_K", "Q5_K", "Q6_K")  # written as random blocks: gguf-py encodes only the legacy types
 
 
 def random_k_blocks(rows: int, columns: int, qtype: gguf.GGMLQuantizationType, seed: int) -> np.ndarray:
@@ -120,10 +120,7 @@ def random_k_blocks(rows: int, columns: int, qtype: gguf.GGMLQuantizationType, s
     rng = np.random.RandomState(seed)
     data = rng.randint(0, 256, (rows, columns // block, size)).astype(np.uint8)
     largest = {"Q6_K": 2e-5}.get(qtype.name, 1e-4)  # d x 6-bit scale x quant: Q6_K's int8 scales reach 127 x 32
-    for at in K_SCALES[qtype.name]:
-        at = at % size
-        data[..., at:at + 2] = rng.uniform(0, largest, (rows, columns // block, 1)).astype(np.float16).view(np.uint8)
-    return data.reshape(rows, -1)
+    return set_gguf_fp16_fields(data, qtype.name, lambda shape: rng.uniform(0, largest, shape)).reshape(rows, -1)
 
 
 def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = None) -> None:
@@ -190,7 +187,7 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = 
             # "blk.0.ffn_down.weight" -> "ffn_down", "output.weight" -> "output"
             kind = Q4_K_M.get(tensor_name.split(".")[-2], "Q4_K") if quantized == "Q4_K_M" else quantized
             qtype = getattr(gguf.GGMLQuantizationType, kind)
-            if kind in K_SCALES:
+            if kind in K_QUANTS:
                 blocks = random_k_blocks(math.prod(data.shape[:-1]), data.shape[-1], qtype,
                                          seed=zlib.crc32(tensor_name.encode()))
                 writer.add_tensor(tensor_name, blocks.reshape(*data.shape[:-1], -1), raw_dtype=qtype)

@@ -15,7 +15,7 @@ import torch
 from flax.traverse_util import flatten_dict, unflatten_dict
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
-from helpers import tiny_hf_model, torch_logits
+from helpers import set_gguf_fp16_fields, tiny_hf_model, torch_logits
 from test_tuning_lora import randomize_adapters
 
 from jaxtune import tuning
@@ -122,11 +122,7 @@ def test_gguf_blocks_decode_exactly_as_the_gguf_package(kind):
     _, size = GGML_QUANT_SIZES[qtype]
     rng = np.random.RandomState(3)
     data = rng.randint(0, 256, (4, 2, size)).astype(np.uint8)
-    fp16_fields = {"Q8_0": [0], "Q4_0": [0], "Q4_1": [0, 2], "Q5_0": [0], "Q5_1": [0, 2], "Q4_K": [0, 2],
-                   "Q5_K": [0, 2], "Q6_K": [size - 2]}[kind]
-    for at in fp16_fields:
-        data[..., at:at + 2] = (rng.uniform(-0.05, 0.05, (4, 2, 1)).astype(np.float16)).view(np.uint8)
-    data = data.reshape(4, -1)
+    data = set_gguf_fp16_fields(data, kind, lambda shape: rng.uniform(-0.05, 0.05, shape)).reshape(4, -1)
     expected = gguf_dequantize(data, qtype)
     q = jax.tree.map(jnp.asarray, gguf_quantized.quantized_tensor(_Tensor(qtype, data)))
     np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), expected)

@@ -7,7 +7,6 @@ import json
 import math
 import os
 import socket
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import tiny_hf_model
+from helpers import tensorboard_scalars, tiny_hf_model
 
 from jaxtune import tuning
 from jaxtune.data import LoaderConfig, make_loader, read_source
@@ -55,22 +54,6 @@ def setup(tmp_path_factory):
     return root / "model", write_chat(root / "train.jsonl", 64), write_chat(root / "valid.jsonl", 16, seed=1)
 
 
-def _tensorboard_scalars(folder: Path) -> list[tuple[str, int, float]]:
-    """``(tag, step, value)`` of every scalar in ``folder``'s TensorBoard events files, in order: TFRecords
-    of ``Event`` protos (a little-endian uint64 length and its CRC, the data and its CRC)."""
-    from tensorboardX.proto.event_pb2 import Event
-
-    scalars = []
-    for path in sorted(folder.iterdir()):
-        data, at = path.read_bytes(), 0
-        while at < len(data):
-            (length,) = struct.unpack_from("<Q", data, at)
-            event = Event.FromString(data[at + 12:at + 12 + length])
-            scalars += [(value.tag, event.step, value.simple_value) for value in event.summary.value]
-            at += 12 + length + 4
-    return scalars
-
-
 def _loader(path: Path, *, train: bool, batch: int = 4):
     cfg = LoaderConfig(batch_size=batch, max_length=64, num_epochs=None if train else 1, shuffle=train,
                        drop_remainder=train, seed=0)
@@ -87,7 +70,7 @@ def test_the_final_evaluation_reaches_tensorboard(setup, tmp_path):
                      run_dir=tmp_path, mesh=ONE_DEVICE()).fit()
     final = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
     assert final["step"] == 2 and final["eval/loss"] == result.after["loss"]
-    scalars = {(tag, step): value for tag, step, value in _tensorboard_scalars(tmp_path / "tensorboard")}
+    scalars = {(tag, step): value for tag, step, value in tensorboard_scalars(tmp_path / "tensorboard")}
     assert scalars[("eval/loss", 2)] == pytest.approx(result.after["loss"], rel=1e-6)
     assert {("loss", 1), ("loss", 2)} <= scalars.keys()
 
@@ -120,7 +103,7 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     # TensorBoard has every number metrics.jsonl has (the final evaluation's included), at its step
     logged = [(k, r["step"], v) for r in records for k, v in r.items()
               if k != "step" and isinstance(v, int | float) and math.isfinite(v)]
-    events = _tensorboard_scalars(tmp_path / "tensorboard")
+    events = tensorboard_scalars(tmp_path / "tensorboard")
     assert [e[:2] for e in events] == [x[:2] for x in logged] and {"loss", "eval/loss"} <= {x[0] for x in logged}
     np.testing.assert_allclose([e[2] for e in events], [x[2] for x in logged], rtol=1e-6)
     assert trainer.checkpointer.steps() == [12]
