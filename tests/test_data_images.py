@@ -94,8 +94,9 @@ def test_npz_idx_and_jsonl_layouts(tmp_path):
     assert source.labels.dtype == np.float32 and list(source.labels) == [2.5, -1.0]
 
 
-@pytest.mark.parametrize("case", ["corrupt_png", "text_in_folder", "missing_image", "bad_json", "bad_label",
-                                  "truncated_idx", "label_count", "npz_keys", "float_pixels"])
+@pytest.mark.parametrize("case", ["corrupt_png", "text_in_folder", "image_beside_the_classes", "missing_image",
+                                  "bad_json", "bad_label", "blank_label", "unreadable_row_image", "truncated_idx",
+                                  "label_count", "npz_keys", "float_pixels"])
 def test_bad_images_and_label_files_fail_in_one_line_naming_the_file(case, folder, tmp_path):
     if case == "corrupt_png":
         (folder / "coat" / "2.png").write_bytes(b"\x89PNG not really")
@@ -103,9 +104,15 @@ def test_bad_images_and_label_files_fail_in_one_line_naming_the_file(case, folde
     elif case == "text_in_folder":
         (folder / "coat" / "notes.txt").write_text("hi")
         where, call = folder / "coat" / "notes.txt", lambda: read_image_folder(folder)
-    elif case in ("missing_image", "bad_json", "bad_label"):
+    elif case == "image_beside_the_classes":
+        _png(folder / "stray.png", 0)
+        where, call = folder / "stray.png", lambda: read_image_folder(folder)
+    elif case in ("missing_image", "bad_json", "bad_label", "blank_label", "unreadable_row_image"):
+        (tmp_path / "notes.png").write_text("not an image")
         row = {"missing_image": '{"image": "nope.png", "label": 1}', "bad_json": '{"image": ',
-               "bad_label": '{"image": "imgs/boot/0.png", "label": [1]}'}[case]
+               "bad_label": '{"image": "imgs/boot/0.png", "label": [1]}',
+               "blank_label": '{"image": "imgs/boot/0.png", "label": "  "}',
+               "unreadable_row_image": '{"image": "notes.png", "label": 1}'}[case]
         (tmp_path / "rows.jsonl").write_text('{"image": "imgs/boot/0.png", "label": 1}\n' + row + "\n")
         where, call = f"{tmp_path / 'rows.jsonl'}:2", lambda: read_image_jsonl(tmp_path / "rows.jsonl")
     elif case == "truncated_idx":
@@ -138,3 +145,23 @@ def test_an_image_broken_after_the_door_fails_naming_it_when_read(folder):
     with pytest.raises(ValueError, match="data.augment: unknown"):
         ToPixels(SPEC, ("rotate",))
     assert json.dumps(ImageSpec.from_model_dir(8, 3, None).mean) == "[0.5, 0.5, 0.5]"
+
+
+def test_jsonl_rows_with_a_bom_a_line_separator_in_a_label_and_their_own_label_key(folder, tmp_path):
+    """A BOM is no row, a label may hold U+2028 (JSON allows it raw; rows end at "\\n" alone), and
+    ``label_field`` names the label's key; text options are refused for images, naming the field."""
+    import jaxtune as jt
+
+    rows = ['{"image": "imgs/boot/0.png", "kind": "a\u2028b"}', '{"image": "imgs/coat/0.png", "kind": "c"}']
+    (tmp_path / "rows.jsonl").write_text("\ufeff" + "\n".join(rows) + "\n", encoding="utf-8")
+    source = read_images(tmp_path / "rows.jsonl", label_field="kind")
+    assert len(source) == 2 and source.label_names == ("a\u2028b", "c")
+    train, _ = jt.read(tmp_path / "rows.jsonl", kind="classification", images=True, label_field="kind")
+    assert train.label_names == ("a\u2028b", "c")
+    with pytest.raises(DataError, match="a row needs \"image\" \\(a file path\\) and 'label'.*label_field"):
+        read_images(tmp_path / "rows.jsonl")
+    for option, value in (("text_field", "caption"), ("skip_bad_rows", True)):
+        with pytest.raises(ValueError, match=f"^data.{option}: image data has no"):
+            jt.read(tmp_path / "rows.jsonl", kind="classification", images=True, **{option: value})
+    with pytest.raises(DataError, match="label_field 'kind' names a JSONL key.*class-folder tree"):
+        read_images(folder, label_field="kind")

@@ -120,6 +120,32 @@ def test_labeled_jsonl_string_and_integer_labels(tmp_path):
     source = read_labeled(ints)
     assert source.label_names == (0, 2, 10)  # numeric order, not "10" < "2"
     assert [source[i]["label"] for i in range(3)] == [2, 1, 0]
+    # Integers not written as Python writes them stay strings, each its own label, as written.
+    padded = write_jsonl(tmp_path / "p.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": "01"},
+                                                {"text": "c", "label": "-0"}, {"text": "d", "label": " 2 "}])
+    source = read_labeled(padded)
+    assert source.label_names == ("-0", "01", "1", "2")
+    assert [source[i]["label"] for i in range(4)] == [2, 1, 0, 3]
+
+
+def test_csv_oddities_are_read_or_refused_naming_the_line(tmp_path):
+    """A document longer than csv's 128 KiB field limit is read; an upper-case suffix is still CSV; a
+    header naming a column twice, a blank label and a stray quote that swallows TSV rows are refused
+    at the line where the row starts."""
+    long = "w " * 70_000
+    (tmp_path / "long.CSV").write_text(f"text,label\n{long},pos\nb,neg\n")
+    source = read_labeled(tmp_path / "long.CSV")
+    assert source[0]["text"] == long and source.label_names == ("neg", "pos")
+    cases = {"twice.csv": ("text,label,label\na,pos,neg\n", 1, "names column 'label' more than once"),
+             "blank.csv": ('text,label\na,pos\nb,"  "\n', 3, "missing 'label'"),
+             "multiline.csv": ('text,label\na,pos\n"b\nc",\n', 3, "missing 'label'"),
+             "quote.tsv": ('text\tlabel\na\tpos\n"oops\tpos\nnext\tneg\nend"\tneg\nlast\tpos\n', 3,
+                           "a quote opens a field that runs over lines 3-5")}
+    for name, (text, line, problem) in cases.items():
+        (tmp_path / name).write_text(text)
+        with pytest.raises(DataError) as err:
+            read_labeled(tmp_path / name)
+        assert err.value.where == f"{tmp_path / name}:{line}" and problem in str(err.value), str(err.value)
 
 
 def test_labeled_csv_with_pairs_and_fixed_vocabulary(tmp_path):
@@ -140,6 +166,18 @@ def test_csv_missing_column(tmp_path):
         read_labeled(path)
 
 
+def test_a_missing_key_suggests_a_key_no_other_option_reads(tmp_path):
+    rows = write_jsonl(tmp_path / "r.jsonl", [{"text": "x", "score": 1.5}])
+    with pytest.raises(DataError, match="has \\['text', 'score'\\]: to read another of them, pass label_field='score'"):
+        read_labeled(rows, "regression")
+    pairs = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "x", "answer": "y"}])
+    with pytest.raises(DataError, match="pass completion_field='answer'"):
+        read_source(pairs, "prompt_completion")
+    only = write_jsonl(tmp_path / "o.jsonl", [{"text": "x"}])
+    with pytest.raises(DataError, match="has only \\['text'\\], which other options read"):
+        read_labeled(only)
+
+
 def test_regression_targets(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("text,target\ngood,3.5\nbad,-2\nodd,high\nnan,nan\n")
@@ -152,6 +190,9 @@ def test_regression_targets(tmp_path):
     jsonl = write_jsonl(tmp_path / "r.jsonl", [{"text": "a", "target": True}])
     with pytest.raises(DataError, match="not a number"):
         read_labeled(jsonl, "regression")
+    (tmp_path / "big.jsonl").write_text('{"text": "a", "target": 1%s}\n' % ("0" * 400))
+    with pytest.raises(DataError, match="big.jsonl:1: regression target 'target' is a number too large"):
+        read_labeled(tmp_path / "big.jsonl", "regression")
 
 
 def test_text_units_and_folders(tmp_path):
@@ -165,6 +206,12 @@ def test_text_units_and_folders(tmp_path):
     assert [r["text"] for r in paragraphs] == ["first para\nline two\n", "second para\n", "only one\n"]
     assert [r["where"].rsplit("/", 1)[1] for r in paragraphs] == ["a.txt:1", "a.txt:5", "b.md:1"]
     assert [r["text"] for r in read_text(folder / "a.txt", unit="line")] == ["first para", "line two", "second para"]
+    # A BOM and Windows line ends are not text: every unit reads as the same file with "\n" would.
+    (tmp_path / "win.txt").write_bytes("\ufeffone\r\ntwo\r\n\r\nthree\r\n".encode())
+    (tmp_path / "unix.txt").write_bytes(b"one\ntwo\n\nthree\n")
+    for unit in ("file", "paragraph", "line"):
+        win, unix = read_text(tmp_path / "win.txt", unit=unit), read_text(tmp_path / "unix.txt", unit=unit)
+        assert [r["text"] for r in win] == [r["text"] for r in unix], unit
 
 
 def test_text_errors(tmp_path):
@@ -215,6 +262,12 @@ def test_split_indices_stratified_and_seeded():
     assert np.array_equal(val, again[1])
     assert not np.array_equal(val, split_indices(100, 0.2, seed=4, labels=labels)[1])
     assert len(split_indices(7, 3, seed=0, labels=[0, 0, 0, 1, 1, 2, 2])[1]) == 3
+    # The rounding's extra rows never take a label's only training row: ten single-row labels and
+    # 90 of one label, 10 % held out: all ten from the large label (the largest remainders were the
+    # single rows, and the first of them went to validation).
+    labels = ["common"] * 90 + [f"rare{i}" for i in range(10)]
+    train, val = split_indices(100, 0.1, seed=0, labels=labels)
+    assert len(val) == 10 and {labels[i] for i in val} == {"common"} and len({labels[i] for i in train}) == 11
     with pytest.raises(ValueError, match="leaves a part empty"):
         split_indices(3, 0.01)
 
@@ -234,3 +287,7 @@ def test_read_splits_by_fraction_and_by_file(tmp_path):
     chat = write_jsonl(tmp_path / "chat.jsonl", [GOOD_CHAT] * 10)
     train, val = split_source(read_source(chat, "chat"), 0.3, seed=1)
     assert (len(train), len(val)) == (7, 3) and train.select([0])[0]["messages"] == GOOD_CHAT["messages"]
+    import jaxtune as jt
+
+    with pytest.raises(ValueError, match="^validation=10: give a fraction of the rows to hold out"):
+        jt.read(path, kind="classification", validation=10)  # not a file named "10"

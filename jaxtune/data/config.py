@@ -49,7 +49,7 @@ class DataConfig(LoaderConfig):
     Field mapping, for files whose keys (JSONL) or columns (CSV/TSV) have other names:
     ``text_field`` (default ``text``), ``pair_field`` (an optional second text),
     ``label_field`` (default ``label``; ``target`` for regression) for classification and
-    regression; ``messages_field`` (default ``messages``) for chat; ``prompt_field`` /
+    regression (for images: the label's key in JSONL rows, default ``label``); ``messages_field`` (default ``messages``) for chat; ``prompt_field`` /
     ``completion_field`` for prompt/completion. A CSV with columns ``statement,party`` trains
     with ``text_field: statement`` and ``label_field: party``.
     """
@@ -109,6 +109,11 @@ class DataConfig(LoaderConfig):
             raise ValueError(f"data.augment: unknown {unknown}; choose from {', '.join(AUGMENTATIONS)}")
         if self.augment and not self.is_images:
             raise ValueError("data.augment: augmentations apply to images; set data.images: true (or remove them)")
+        if self.is_images:  # image rows have an image and a label (label_field: its JSONL key), nothing else
+            for name in ("text_field", "pair_field", "skip_bad_rows"):
+                if getattr(self, name):
+                    what = "text" if name != "skip_bad_rows" else "bad rows to skip (an unreadable image stops it)"
+                    raise ValueError(f"data.{name}: image data has no {what}; remove it")
 
     @property
     def is_images(self) -> bool:
@@ -179,7 +184,7 @@ def read_data(config: DataConfig, *, train: bool = True,
 
     def read_one(path: Path, **labels: Any) -> Source:
         if config.is_images:
-            return read_images(path, kind, **labels)
+            return read_images(path, kind, label_field=config.label_field, **labels)
         return read_source(path, kind, skip_bad_rows=config.skip_bad_rows, **options, **labels)
 
     train_source = read_one(train_path) if need_train else None
@@ -218,6 +223,9 @@ def read(data: str | os.PathLike[str] | DataConfig, *, kind: Kind | None = None,
         is_dataset = not Path(name).exists() and name in assets.DATASETS
         where = {"dataset": name} if is_dataset else {"train": name}
         config = DataConfig(**where, kind=kind, **fields)
+    if isinstance(validation, int | bool):
+        raise ValueError(f"validation={validation!r}: give a fraction of the rows to hold out (e.g. 0.1) or a "
+                         "validation file; validation_size= caps the held-out rows")
     if isinstance(validation, float):
         config = dataclasses.replace(config, validation_fraction=validation, validation=None)
     elif validation is not None:

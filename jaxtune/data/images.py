@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
-import math
 import os
 import struct
 import zipfile
@@ -38,6 +37,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 AUGMENTATIONS = ("flip", "crop")
 IMAGE_KINDS = ("classification", "regression")
 _IMAGE_KEYS, _LABEL_KEYS = ("images", "x", "image", "X"), ("labels", "y", "label", "Y")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)  # regression targets are stored as float32
 _FIX_IMAGE = "replace the file with a readable PNG/JPEG or remove it"
 
 
@@ -105,17 +105,19 @@ def decode_image(path: str) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def _check_header(path: str) -> None:
-    """Open the image's header only (cheap): a non-image or empty file fails at the door."""
+def _check_header(path: str, row: str | None = None) -> None:
+    """Open the image's header only (cheap): a non-image or empty file fails at the door, its error
+    naming ``row`` (``file:line`` of the row that names the image) where there is one."""
     from PIL import Image, UnidentifiedImageError
 
+    where, image = (row, f"image {path}: ") if row else (path, "")
     try:
         with Image.open(path):
             pass
     except FileNotFoundError:
-        raise DataError(path, "image file not found", "restore it or remove the row that names it") from None
+        raise DataError(where, f"{image}image file not found", "restore it or remove the row that names it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(path, f"not a readable image ({type(err).__name__}: {err})", _FIX_IMAGE) from None
+        raise DataError(where, f"{image}not a readable image ({type(err).__name__}: {err})", _FIX_IMAGE) from None
 
 
 class ToPixels(grain.transforms.RandomMap):
@@ -190,13 +192,15 @@ def _labels(values: Sequence[Any], kind: str, where: Sequence[str], vocabulary: 
         out = np.empty(len(values), np.float32)
         for i, value in enumerate(values):
             if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
-                    or not math.isfinite(float(value)):
+                    or not (-_FLOAT32_MAX <= value <= _FLOAT32_MAX):  # NaN and inf fail too
                 raise DataError(where[i], f"label {value!r} is not a finite number", "regression labels are numbers")
             out[i] = value
         return out, None
     for i, value in enumerate(values):
         if isinstance(value, bool) or not isinstance(value, str | int | np.integer):
             raise DataError(where[i], f"label {value!r} is a {type(value).__name__}", "use a string or integer label")
+        if isinstance(value, str) and not value.strip():
+            raise DataError(where[i], "the label is empty", "give every image a label")
     keys = [str(v).strip() for v in values]
     if vocabulary is not None:
         names = tuple(str(v) for v in vocabulary)
@@ -219,6 +223,10 @@ def read_image_folder(root: str | os.PathLike, kind: str = "classification", *,
     classes = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(str(root), "no class folders", "put the images of each class in root/<class name>/")
+    loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if loose:  # an image beside the class folders has no class: training without it would drop it unseen
+        raise DataError(str(loose[0]), f"an image outside the class folders ({len(loose)} in {root})",
+                        "move each into its class's folder, or out of the tree")
     if kind != "classification":
         raise DataError(str(root), "an image folder gives class labels", "use data.kind classification, or JSONL "
                         "rows {\"image\": ..., \"label\": <number>} for regression")
@@ -319,12 +327,13 @@ def _idx_labels_name(images_path: str) -> str:
 
 
 def read_image_jsonl(path: str | os.PathLike, kind: str = "classification", *,
-                     labels: Sequence | None = None) -> ImageSource:
-    """JSONL rows ``{"image": <path, relative to the JSONL file's folder>, "label": ...}``."""
+                     labels: Sequence | None = None, label_field: str = "label") -> ImageSource:
+    """JSONL rows ``{"image": <path, relative to the JSONL file's folder>, "label": ...}`` (the label
+    under ``label_field``)."""
     path = Path(path)
     paths, values, where = [], [], []
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+    try:  # a BOM is no row; rows end at "\n" alone (JSON strings may hold U+2028, which splitlines splits at)
+        lines = path.read_text(encoding="utf-8-sig").split("\n")
     except UnicodeDecodeError as err:
         raise DataError(str(path), f"not UTF-8 ({err})", "save the file as UTF-8") from None
     for number, line in enumerate(lines, 1):
@@ -335,15 +344,17 @@ def read_image_jsonl(path: str | os.PathLike, kind: str = "classification", *,
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(here, f"not valid JSON ({err.msg})", "one JSON object per line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or "label" not in row:
-            raise DataError(here, "a row needs \"image\" (a file path) and \"label\"",
-                            'write {"image": "cats/1.png", "label": "cat"}')
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or label_field not in row:
+            raise DataError(here, f"a row needs \"image\" (a file path) and {label_field!r}",
+                            f'write {{"image": "cats/1.png", "{label_field}": "cat"}}'
+                            + ("" if label_field != "label" or not isinstance(row, dict) else
+                               ", or name the label's key with label_field"))
         image = row["image"] if os.path.isabs(row["image"]) else str(path.parent / row["image"])
         if not os.path.isfile(image):
             raise DataError(here, f"image {image} not found", "fix the path (relative to the JSONL file's folder)")
-        _check_header(image)
+        _check_header(image, here)
         paths.append(image)
-        values.append(row["label"])
+        values.append(row[label_field])
         where.append(here)
     if not paths:
         raise DataError(str(path), "no rows", "add one JSON object per image")
@@ -352,15 +363,19 @@ def read_image_jsonl(path: str | os.PathLike, kind: str = "classification", *,
 
 
 def read_images(path: str | os.PathLike, kind: str = "classification", *, labels: Sequence | None = None,
-                labels_file: str | None = None) -> ImageSource:
-    """Any image source by its layout: a folder, an ``.npz``, IDX files, or JSONL rows."""
+                labels_file: str | None = None, label_field: str | None = None) -> ImageSource:
+    """Any image source by its layout: a folder, an ``.npz``, IDX files, or JSONL rows (whose label is
+    under ``label_field``, default ``label``)."""
     p = Path(path)
+    if not p.exists():
+        raise DataError(str(p), "no such file or folder", "give an image folder, .npz, IDX or JSONL file")
+    if p.suffix.lower() == ".jsonl":
+        return read_image_jsonl(p, kind, labels=labels, label_field=label_field or "label")
+    if label_field is not None:
+        raise DataError(str(p), f"label_field {label_field!r} names a JSONL key, and this is "
+                        f"{'a class-folder tree' if p.is_dir() else 'an array file'}", "remove label_field")
     if p.is_dir():
         return read_image_folder(p, kind, labels=labels)
-    if not p.is_file():
-        raise DataError(str(p), "no such file or folder", "give an image folder, .npz, IDX or JSONL file")
-    if p.suffix == ".jsonl":
-        return read_image_jsonl(p, kind, labels=labels)
     return read_image_arrays(p, kind, labels_file=labels_file, labels=labels)
 
 

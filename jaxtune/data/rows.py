@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
@@ -80,12 +81,16 @@ def as_object(obj: Any, hint: str) -> dict:
     return obj
 
 
-def missing_key(obj: dict, key: str, option: str, syntax: Syntax) -> RowError:
-    """The error for a row without ``key``: it lists the row's keys and names the option that maps another."""
-    others = [k for k in obj if isinstance(k, str)][:8]
+def missing_key(obj: dict, key: str, option: str, syntax: Syntax, mapped: Sequence[str | None] = ()) -> RowError:
+    """The error for a row without ``key``: it lists the row's keys and names the option that maps another
+    of them (not one of ``mapped``, the keys other options already read)."""
+    keys = [k for k in obj if isinstance(k, str)]
+    others = [k for k in keys if k not in mapped]
     fix = f"every row needs a {key!r} value"
     if others:
-        fix += f"; this row has {others}: to read another of them, {syntax.verb} {syntax.option(option, others[0])}"
+        fix += f"; this row has {keys[:8]}: to read another of them, {syntax.verb} {syntax.option(option, others[0])}"
+    elif keys:
+        fix += f"; this row has only {keys[:8]}, which other options read"
     return RowError(f"missing {key!r} key", fix)
 
 
@@ -144,7 +149,7 @@ def check_prompt_completion(obj: Any, prompt_field: str = "prompt", completion_f
     obj = as_object(obj, f'write each line as {{"{prompt_field}": ..., "{completion_field}": ...}}')
     for key, option in ((prompt_field, "prompt_field"), (completion_field, "completion_field")):
         if obj.get(key) is None:
-            raise missing_key(obj, key, option, syntax)
+            raise missing_key(obj, key, option, syntax, mapped=(prompt_field, completion_field))
     return {"prompt": string_field(obj, prompt_field, nonempty=False),
             "completion": string_field(obj, completion_field, nonempty=True)}
 
@@ -154,17 +159,19 @@ def check_labeled(obj: dict, *, task: str, text_field: str, pair_field: str | No
     """Validate one labeled row: ``text`` (and ``text_pair`` with a ``pair_field``) and its label, a
     string or integer class for ``task`` classification, a finite number for regression; return the
     record (``label`` None for a row to predict when ``require_label`` is False)."""
+    mapped = (text_field, pair_field, label_field)
     if text_field not in obj:
-        raise missing_key(obj, text_field, "text_field", syntax)
+        raise missing_key(obj, text_field, "text_field", syntax, mapped)
     record = {"text": string_field(obj, text_field, nonempty=True)}
     if pair_field is not None:
         record["text_pair"] = string_field(obj, pair_field, nonempty=True)
-    if label_field not in obj or obj[label_field] is None or obj[label_field] == "":
+    if label_field not in obj or obj[label_field] is None or (isinstance(obj[label_field], str)
+                                                                and not obj[label_field].strip()):
         if not require_label:  # rows to predict: the label is what is asked for
             record["label"] = None
             return record
         if label_field not in obj:
-            raise missing_key(obj, label_field, "label_field", syntax)
+            raise missing_key(obj, label_field, "label_field", syntax, mapped)
         raise RowError(f"missing {label_field!r}", f"give every row a {label_field!r}")
     value = obj[label_field]
     if task == "regression":
@@ -172,6 +179,9 @@ def check_labeled(obj: dict, *, task: str, text_field: str, pair_field: str | No
             if isinstance(value, bool):
                 raise ValueError
             target = float(value)
+        except OverflowError:
+            raise RowError(f"regression target {label_field!r} is a number too large for a float",
+                           "use a finite number") from None
         except (TypeError, ValueError):
             raise RowError(f"regression target {label_field}={value!r} is not a number",
                            "use a plain number such as 3.5") from None

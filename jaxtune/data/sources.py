@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -174,8 +175,8 @@ class FileSource(Source):
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         raw = os.pread(self._fd(int(self._file_ids[index])), int(self._lengths[index]), int(self._offsets[index]))
-        if self.kind == "text":
-            record = {"text": raw.decode("utf-8")}
+        if self.kind == "text":  # a file's BOM and Windows line ends are not text to train on
+            record = {"text": raw.decode("utf-8").removeprefix("\ufeff").replace("\r\n", "\n").rstrip("\r")}
         else:
             record = _CHECKS[self.kind](json.loads(raw), **self.fields)
         record["where"] = self.where(index)
@@ -329,9 +330,20 @@ def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: dict[str,
                   syntax: Syntax) -> Iterator[tuple[int, Any]]:
     """Rows of a JSONL or CSV/TSV file; ``fields`` maps each option (``text_field``...) to the
     column a CSV header must have."""
-    if path.endswith((".csv", ".tsv")):
-        delimiter = "\t" if path.endswith(".tsv") else ","
-        reader = csv.DictReader(io.StringIO(_utf8_text(path), newline=""), delimiter=delimiter)
+    if path.lower().endswith((".csv", ".tsv")):
+        yield from _csv_rows(path, fields, syntax)
+    else:
+        for line_no, _, _, parsed in jsonl_lines(path, report, skip, syntax):
+            yield line_no, parsed
+
+
+def _csv_rows(path: str, fields: dict[str, str], syntax: Syntax) -> Iterator[tuple[int, dict | RowError]]:
+    """``(first line, row)`` of a CSV/TSV file with a header naming ``fields``' columns."""
+    tsv = path.lower().endswith(".tsv")
+    delimiter = "\t" if tsv else ","
+    reader = csv.DictReader(io.StringIO(_utf8_text(path), newline=""), delimiter=delimiter)
+    limit = csv.field_size_limit(sys.maxsize)  # a document may be longer than csv's 128 KiB default
+    try:
         try:
             header = reader.fieldnames or []
         except csv.Error as err:
@@ -345,18 +357,29 @@ def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: dict[str,
             raise DataError(f"{path}:1", f"header has no column {column!r} (columns: {header})",
                             f"rename the column, or {syntax.verb} {syntax.option(option, others[0])} to read "
                             "another column")
+        twice = sorted({c for c in header if header.count(c) > 1})
+        if twice:  # csv would keep only the last column of a name
+            raise DataError(f"{path}:1", f"the header names column {twice[0]!r} more than once",
+                            "give every column its own name")
         while True:
+            first = reader.line_num + 1
             try:
                 row = next(reader)
             except StopIteration:
                 return
             except csv.Error as err:
-                raise DataError(f"{path}:{reader.line_num}", f"not valid CSV ({err})",
+                raise DataError(f"{path}:{first}", f"not valid CSV ({err})",
                                 "quote fields that hold quotes, delimiters or line breaks") from None
-            yield reader.line_num, _csv_fields(row, header, delimiter)
-    else:
-        for line_no, _, _, parsed in jsonl_lines(path, report, skip, syntax):
-            yield line_no, parsed
+            if tsv and reader.line_num > first and any(value and "\t" in value and "\n" in value
+                                                      for value in row.values() if isinstance(value, str)):
+                # TSV fields hold no tabs or line breaks unless quoted: this is a quote that was not
+                # meant to open a field, and it swallowed the rows up to its partner
+                raise DataError(f"{path}:{first}", f"a quote opens a field that runs over lines {first}-"
+                                f"{reader.line_num}, across tabs", "remove the stray quote, or double it "
+                                "inside a quoted field (\"a \"\"b\"\" c\")")
+            yield first, _csv_fields(row, header, delimiter)
+    finally:
+        csv.field_size_limit(limit)
 
 
 def _utf8_text(path: str) -> str:
@@ -384,9 +407,10 @@ def _csv_fields(row: dict, header: Sequence[str], delimiter: str) -> dict | RowE
 
 
 def _vocabulary(keys: Sequence[str]) -> tuple:
-    """Label names sorted numerically when all are integers (so 0..K-1 map to themselves)."""
+    """Label names sorted numerically when all are integers written as Python writes them (so 0..K-1
+    map to themselves); otherwise strings, sorted (``01`` and ``1`` stay two labels, as written)."""
     unique = set(keys)
-    if all(re.fullmatch(r"-?\d+", k) for k in unique):
+    if all(re.fullmatch(r"-?\d+", k) and str(int(k)) == k for k in unique):
         return tuple(sorted(int(k) for k in unique))
     return tuple(sorted(unique))
 
@@ -483,8 +507,13 @@ def split_indices(n: int, validation: float | int, *, seed: int = 0,
     groups = [np.arange(n)] if labels is None else [np.flatnonzero(np.asarray(labels) == c) for c in
                                                     sorted(set(labels), key=str)]
     share = np.array([len(g) * count / n for g in groups])
-    take = np.floor(share).astype(int)
-    take[np.argsort(-(share - take), kind="stable")[: count - take.sum()]] += 1
+    take = np.floor(share).astype(int)  # below each group's size: every label keeps a training row
+    room = np.array([len(g) for g in groups]) - 1 - take
+    order = np.argsort(-(share - take), kind="stable")
+    # The rounding's extra rows go by largest remainder, first to the groups that keep a training row
+    # after it (a label seen only in validation is a class the model never trained on).
+    for i in [*order[room[order] > 0], *order[room[order] <= 0]][: count - take.sum()]:
+        take[i] += 1
     val = np.concatenate([rng.permutation(g)[:k] for g, k in zip(groups, take)])
     is_val = np.zeros(n, bool)
     is_val[val] = True
