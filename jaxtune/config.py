@@ -406,8 +406,28 @@ def load(path: str | Path | None, overrides: Sequence[str] = (), *, base: Mappin
         apply_override(data, override)
     if "output" not in data or not isinstance(data["output"], dict) or "dir" not in data["output"]:
         if path is not None and isinstance(data.get("output", {}), (dict, type(None))):
-            data["output"] = {**(data.get("output") or {}), "dir": f"runs/{Path(path).stem}"}
+            default = f"runs/{Path(path).stem}"
+            for base_path in _bases(Path(path)):
+                if _own_dir(base_path) == default:
+                    raise ConfigError(f"{path}: its run directory would be {default}, which is also that of its base "
+                                      f"{base_path} (the same file name); set output.dir")
+            data["output"] = {**(data.get("output") or {}), "dir": default}
     return validate(from_data(Config, data))
+
+
+def _bases(path: Path) -> list[Path]:
+    """The recipes ``path`` starts from, nearest first (the chain :func:`read_recipe` checked)."""
+    out = []
+    while isinstance(base := read_yaml(path).get(BASE), str):
+        path = path.parent / base
+        out.append(path)
+    return out
+
+
+def _own_dir(path: Path) -> str:
+    """The run directory a recipe file runs in by itself: its ``output.dir``, else ``runs/<file name>``."""
+    output = read_yaml(path).get("output")
+    return output["dir"] if isinstance(output, dict) and isinstance(output.get("dir"), str) else f"runs/{path.stem}"
 
 
 def _deepcopy(data: Any) -> Any:

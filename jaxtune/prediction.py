@@ -51,6 +51,9 @@ def load_predictor(target: str | os.PathLike[str] | Tuned, *,
     if isinstance(target, Tuned):
         return target, {}, None
     path = Path(target)
+    if best and not (path / "config.yaml").is_file():
+        raise ConfigError(f"{path}: best picks a run directory's best checkpoint, and this is not a run directory; "
+                          "drop it (--best)")
     if (path / "config.yaml").is_file():  # a run directory
         from jaxtune.recipe import open_run
 
@@ -101,11 +104,16 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     unknown = set(fields) - _LABELED
     if unknown:
         raise TypeError(f"predict() got unexpected field options {sorted(unknown)}; use {sorted(_LABELED)}")
+    for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{syntax.option(name, value)}: expected an integer >= 1")
+    if out is not None and not isinstance(data, Source) and Path(out).resolve() == Path(data).resolve():
+        raise ConfigError(f"{out}: the file being predicted; write the predictions to another file")
     tuned, run_options, mesh = load_predictor(model, best=best)
     if tuned.task not in ("classification", "regression"):
         raise ValueError("predict needs a classification or regression head; for language models use "
                          "jaxtune.complete (jaxtune generate)")
-    names = fields or {k: v for k, v in run_options.items() if k in _LABELED}
+    names = {**{k: v for k, v in run_options.items() if k in _LABELED}, **fields}  # each given one replaces the run's
     text_field = names.get("text_field", "text")
     label_field = names.get("label_field") or ("label" if tuned.task == "classification" else "target")
     pair_field = names.get("pair_field")
@@ -113,8 +121,9 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
         data, tuned.task, labels=tuned.label_names, text_field=text_field, pair_field=pair_field,
         label_field=label_field, skip_bad_rows=skip_bad_rows, syntax=syntax, require_label=False)
     # Every process reads every row (shard 0 of 1): the outputs come back in file order on each.
-    config = LoaderConfig(batch_size=batch_size or run_options.get("batch_size", 32),
-                          max_length=max_length or run_options.get("max_length", 128), truncation="right",
+    config = LoaderConfig(batch_size=batch_size if batch_size is not None else run_options.get("batch_size", 32),
+                          max_length=max_length if max_length is not None else run_options.get("max_length", 128),
+                          truncation="right",
                           packing=bool(run_options.get("packing")) if packing is None else packing,
                           shard_index=0, shard_count=1)
     if mesh is not None and config.batch_size % data_parallel_size(mesh):

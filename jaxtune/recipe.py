@@ -93,13 +93,18 @@ def finetune(config: Config, *, restart: bool = False) -> FitResult:
             if out.export != "auto":
                 raise ConfigError(f"output.export: cannot export {out.export}: {err}") from None
             log.info("export: skipped (%s)", err)
+    if fmt == "peft" and out.export_dtype is not None:
+        raise ConfigError(f"output.export_dtype: {out.export_dtype} applies to merged exports, and this run exports "
+                          "a PEFT adapter (float32 tensors); set output.export: merged, or remove export_dtype")
     if restart:
         moved = RunDir(out.dir, main=jax.process_index() == 0).move_aside()
         if moved is not None:
             log.info("restart: moved the old run to %s", moved)
     result = trainer.fit()
     if fmt is not None and result.state in ("finished", "early_stopped"):
-        result.export = export(result.model, Path(out.dir) / "export", format=fmt, dtype=out.export_dtype)
+        # <output.dir>/export is the run's own: each finish writes it afresh
+        result.export = export(result.model, Path(out.dir) / "export", format=fmt, dtype=out.export_dtype,
+                               overwrite=True)
     return result
 
 
@@ -129,7 +134,17 @@ def run_config(target: str | os.PathLike[str], overrides: Sequence[str] = ()) ->
         if not (path / RunDir.CONFIG).is_file():
             raise ConfigError(f"{path}: not a run directory (no {RunDir.CONFIG}); give a config file or a run "
                               "directory written by jaxtune train")
-        return load(path / RunDir.CONFIG, [*overrides, f"output.dir={path}"])
+        # A validation file given now replaces the run's held-out fraction, and the other way round.
+        given = {o.split("=", 1)[0].strip() for o in overrides}
+        implied = [f"data.{other}=null" for name, other in (("validation", "validation_fraction"),
+                                                             ("validation_fraction", "validation"))
+                   if f"data.{name}" in given and f"data.{other}" not in given]
+        config = load(path / RunDir.CONFIG, [*overrides, *implied])
+        # The directory is where the run is now (set as a value: an override string is YAML, and a
+        # name such as "run #2" or "2024" would read as another value)
+        return dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(path)))
+    if not path.exists():
+        raise ConfigError(f"{path}: no such run directory or config file")
     return load(path, overrides)
 
 

@@ -63,6 +63,26 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, trainable)
 
 
+def test_an_intact_checkpoint_that_does_not_fit_is_an_error_and_stays(tmp_path):
+    """Files that match their checksums are not damage: asked for other shapes (another plan opening
+    the run), the restore raises and moves nothing, where a damaged step would be set aside."""
+    from jaxtune.training.checkpoint import CheckpointMismatchError
+
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    trainable, opt_state = _state(mesh)
+    ckpt = Checkpointer(tmp_path, with_data=False)
+    ckpt.save(1, trainable, opt_state, jax.random.key(0))
+    ckpt.save_best(1, trainable, {"eval/loss": 1.0})
+    ckpt.close()
+    other = jax.tree.map(lambda x: jnp.zeros((*x.shape[:-1], x.shape[-1] + 1), x.dtype), trainable)
+    listing = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for restore in (lambda c: c.restore(other, opt_state), lambda c: c.restore_best(other)):
+        with pytest.raises(CheckpointMismatchError, match=r"checkpoints/1: the checkpoint is intact .* does not "
+                                                          r"restore into this run's params|best/1: the checkpoint"):
+            restore(Checkpointer(tmp_path, with_data=False))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
+
+
 def test_no_checkpoint_means_a_fresh_start(tmp_path):
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     trainable, opt_state = _state(mesh)

@@ -101,6 +101,71 @@ def test_eval_compares_base_and_tuned(trained):
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["step"] == 6 and result["tuned"]["loss"] < result["base"]["loss"]
+    code, out, err = cli("eval", run_dir, "--best", "data.max_length=48")  # an override after a flag
+    assert code == 0, err
+    assert f"checkpoint step {json.loads(cli('status', run_dir, '--json')[1])['best']['step']}" in out
+    assert "| loss |" in out and "better" in out  # the table, as train prints it
+
+
+def test_opening_a_run_with_another_plan_is_refused_and_moves_nothing(trained):
+    """The run's checkpoints are intact: a plan that does not fit them is the opener's error, not
+    damage (they used to be moved aside as corrupt, and the next train started from step 0)."""
+    run_dir, _, _ = trained
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    saved["plan"][0]["rank"] = 2
+    (run_dir.parent / "rank2.yaml").write_text(yaml.safe_dump(saved))  # a recipe whose output.dir is the run
+    for command in (("eval", run_dir, "plan.0.rank=2"), ("eval", run_dir.parent / "rank2.yaml")):
+        code, _, err = cli(*command)
+        assert code == 2 and "trained with another plan or labels" in err and "lora_a" in err, err
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+
+
+def test_run_directory_names_are_paths_not_yaml(trained, tmp_path):
+    """'run #2' is not 'run' (YAML reads " #2" as a comment) and '2024' is not a number."""
+    import shutil
+
+    run_dir, _, _ = trained
+    for name in ("run #2", "2024"):
+        copy = tmp_path / name
+        shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("checkpoints", "best"))
+        code, out, err = cli("eval", copy, "--json")
+        assert code == 0, err
+        assert json.loads(out.strip().splitlines()[-1])["step"] is None  # its own (empty) checkpoints, not run's
+
+
+def test_export_never_mixes_two_exports_and_refuses_options_it_cannot_apply(trained, tmp_path):
+    run_dir, _, _ = trained
+    assert cli("export", run_dir, "--to", tmp_path / "out")[0] == 0
+    assert cli("export", run_dir, "--to", tmp_path / "out")[0] == 0  # the same export again replaces it
+    code, _, err = cli("export", run_dir, "--to", tmp_path / "out", "--merge")
+    assert code == 1 and "holds an earlier peft export, and this one is merged" in err, err
+    assert cli("export", run_dir, "--to", tmp_path / "out", "--merge", "--overwrite")[0] == 0
+    assert (tmp_path / "out" / "config.json").is_file() and not (tmp_path / "out" / "adapter_config.json").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    code, _, err = cli("export", run_dir, "--to", tmp_path / "mine", "--overwrite")
+    assert code == 1 and "not empty and not an earlier export" in err and (tmp_path / "mine" / "notes.txt").is_file()
+    code, _, err = cli("export", run_dir, "--to", tmp_path / "half", "--dtype", "float16")
+    assert code == 1 and "applies to merged exports" in err and not (tmp_path / "half").exists(), err
+
+
+def test_best_is_refused_where_there_is_no_best_checkpoint(assets, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = cli("train", assets / "lora.yaml", f"output.dir={run_dir}", "train.steps=2", "eval.every=null",
+                       "eval.best_metric=null", "output.export=none")
+    assert code == 0, err
+    code, _, err = cli("export", run_dir, "--best", "--to", tmp_path / "x")
+    assert code == 1 and "no best checkpoint" in err and not (tmp_path / "x").exists(), err
+    code, _, err = cli("generate", assets / "llama", "--prompt", "a", "--best")
+    assert code == 2 and "not a run directory; drop --best" in err, err
+
+
+def test_debug_after_the_command_shows_the_traceback(tmp_path):
+    from jaxtune.training.rundir import RunDirError
+
+    with pytest.raises(RunDirError, match="no such run directory"):
+        main(["status", str(tmp_path / "nope"), "--debug"])
 
 
 def _hf_greedy(model, ids: list[int], n: int, stops: list[int]) -> list[int]:
@@ -168,6 +233,8 @@ def test_exports_load_in_peft_and_transformers_and_generate_the_same(trained, tm
     (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
     (["generate", "{root}/llama"], 2, "give --prompt"),
     (["generate", "{root}/llama", "--prompt", "x", "--top-p", "2"], 1, "top_p must be in (0, 1]"),
+    (["generate", "{root}/llama", "--prompt", "x", "--system", "be brief"], 2, "--system is the chat template's"),
+    (["eval", "{root}/nope"], 2, "nope: no such run directory or config file"),
     (["status", "{root}"], 1, "not a run directory"),
     (["export", "{root}/llama", "--to", "{root}/x"], 2, "not a run directory"),
     (["fetch", "gpt2"], 2, "unknown asset 'gpt2'"),

@@ -125,6 +125,16 @@ def test_a_recipe_starts_from_its_base(tmp_path):
         "train": {"epochs": 2}, "eval": {"choices": ["a", "b", "c"], "every": 5},
         "output": {"dir": "runs/variant", "export": "merged"}}))
     assert config.load(tmp_path / "whole.yaml") == cfg
+    # A variant named as its base would run in the base's directory (runs/<file name>): refused.
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "exp" / "root.yaml").write_text("base: ../shared/middle.yaml\n")  # root.yaml runs in runs/root
+    with pytest.raises(config.ConfigError, match="would be runs/root, which is also that of its base .*root.yaml"):
+        config.load(tmp_path / "exp" / "root.yaml")
+    (tmp_path / "exp" / "middle.yaml").write_text("base: ../shared/middle.yaml\n")
+    with pytest.raises(config.ConfigError, match="its run directory would be runs/middle, which is also that of its "
+                                                   "base .*middle.yaml .the same file name.; set output.dir"):
+        config.load(tmp_path / "exp" / "middle.yaml")
+    assert config.load(tmp_path / "exp" / "middle.yaml", ["output.dir=runs/exp-middle"]).output.dir == "runs/exp-middle"
 
 
 def test_base_errors_name_the_file_and_line(tmp_path):

@@ -178,6 +178,15 @@ def test_own_field_names_train_predict_and_export_with_the_data_label_names(fmt,
     one_per_row = jt.predict(run, files[f"test.{fmt}"], packing=False)
     np.testing.assert_allclose([[r["probabilities"][n] for n in names] for r in one_per_row], probs, atol=1e-5)
     assert [r[fields["label_field"]] for r in rows] == [c if fmt == "jsonl" else PARTY[c] for _, c in _rows(24, 1)]
+    # One field given keeps the run's others (the text field here); a size of 0 and the input as
+    # the output are refused, naming the flag and the file.
+    code, out, err = cli("predict", run, files[f"test.{fmt}"], "--label-field", fields["label_field"])
+    assert code == 0 and [json.loads(line)["prediction"] for line in out.splitlines()] == [r["prediction"]
+                                                                                          for r in rows], err
+    for flags, expected in ((["--batch-size", "0"], "--batch-size 0: expected an integer >= 1"),
+                            (["--to", files[f"test.{fmt}"]], "the file being predicted")):
+        code, _, err = cli("predict", run, files[f"test.{fmt}"], *flags)
+        assert code == 2 and expected in err, err
 
     # The export (the quickstart's head exports) predicts the same labels in transformers / PEFT.
     if fmt == "csv":  # the quickstart's own export: a PEFT adapter on BertForSequenceClassification

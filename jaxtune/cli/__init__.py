@@ -62,6 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     import jaxtune as jt
+    from jaxtune.training.evaluate import comparison_table
 
     trainer = jt.open_run(args.target, args.overrides, restore=False)
     if trainer.eval_data is None:
@@ -79,7 +80,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
     else:
         note = "pretrained model with the plan's fresh (untrained) adapters/head"
-        print(f"\ncheckpoint step {step}\n\n{jt.comparison_table(base, tuned, before_note=note)}")
+        print(f"\ncheckpoint step {step}\n\n{comparison_table(base, tuned, before_note=note)}")
     return 0
 
 
@@ -106,6 +107,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.chat:
         raise UsageError("give --prompt TEXT (repeatable) and/or --chat (see jaxtune generate --help)")
+    if args.system is not None and not args.chat:
+        raise UsageError("--system is the chat template's system message: add --chat, or put it in the prompt")
     model = chat.load_model(args.model, best=args.best)
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                    top_p=args.top_p, stop=args.stop, seed=args.seed)
@@ -123,7 +126,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if trainer.step == 0:
         raise jt.ConfigError(f"{args.run_dir}: no checkpoint to export yet; train it first (jaxtune train CONFIG "
                              f"with output.dir={args.run_dir})")
-    out = jt.export(trainer.model, args.to, format="merged" if args.merge else "auto", dtype=args.dtype)
+    out = jt.export(trainer.model, args.to, format="merged" if args.merge else "auto", dtype=args.dtype,
+                    overwrite=args.overwrite)
     logging.getLogger("jaxtune").info("exported step %d: %s", trainer.step, out)
     return 0
 
@@ -221,7 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", action="store_true", help="fold adapters into the weights: an HF directory")
     p.add_argument("--best", action="store_true", help="the best checkpoint instead of the latest")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="dtype of merged weights (default: as trained)")
+                   help="dtype of merged weights (default: as trained; adapters are float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export of the other format in --to "
+                                                              "(one of the same format is replaced anyway)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("status", help="state, step, latest metrics, speed, ETA and best checkpoint of a run")
@@ -290,10 +296,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (the console script exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    debug = "--debug" in argv
+    debug = "--debug" in argv  # anywhere on the line: after the command too
+    argv = [a for a in argv if a != "--debug"]
     propagate = logging.getLogger("jaxtune").propagate
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        # KEY=VALUE overrides may follow a flag (argparse takes positionals only before the first one)
+        if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+            args.overrides = [*args.overrides, *extra]
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.command is None:
             parser.print_help()
             return 2

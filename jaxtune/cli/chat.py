@@ -15,6 +15,9 @@ def load_model(target: str, *, best: bool = False) -> Any:
     import jaxtune as jt
 
     if not (Path(target) / RunDir.CONFIG).is_file():
+        if best:
+            raise jt.ConfigError(f"{target}: --best picks a run directory's best checkpoint, and this is not a run "
+                                 "directory; drop --best")
         return jt.load(target)
     trainer = jt.open_run(target, best=best, evaluation=False)
     if trainer.tuned.task != "lm":

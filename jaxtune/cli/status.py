@@ -76,6 +76,8 @@ def plot(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     run_dir = Path(run_dir)
+    if out and Path(out).suffix.lower() not in (".png", ".svg", ".pdf"):
+        raise ValueError(f"--plot {out}: give a .png (or .svg, .pdf) file name")
     records = RunDir(run_dir).metrics()
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval/loss"]) for r in records if "eval/loss" in r]

@@ -49,9 +49,10 @@ class DataConfig(LoaderConfig):
     Field mapping, for files whose keys (JSONL) or columns (CSV/TSV) have other names:
     ``text_field`` (default ``text``), ``pair_field`` (an optional second text),
     ``label_field`` (default ``label``; ``target`` for regression) for classification and
-    regression (for images: the label's key in JSONL rows, default ``label``); ``messages_field`` (default ``messages``) for chat; ``prompt_field`` /
-    ``completion_field`` for prompt/completion. A CSV with columns ``statement,party`` trains
-    with ``text_field: statement`` and ``label_field: party``.
+    regression (for images: the label's key in JSONL rows, default ``label``); ``messages_field``
+    (default ``messages``) for chat; ``prompt_field`` / ``completion_field`` for prompt/completion.
+    A CSV with columns ``statement,party`` trains with ``text_field: statement`` and
+    ``label_field: party``.
     """
 
     dataset: str | None = None

@@ -9,9 +9,11 @@ when complete, so an interrupted save never appears as a step. Just before that 
 checksum manifest (:data:`MANIFEST`: size and sha256 of every file) is written into the step, so
 a step exists only together with its manifest. Orbax 0.12.8 itself checks nothing that catches
 a flipped bit (its only checksum, zarr3's crc32c, covers the shard index, not the data), hence
-our own. A restore verifies the manifest first; a step that fails verification or fails to
-restore is moved aside to ``<dir>/.set_aside/<step>-<time>`` (never deleted), reported in one
-line, and the next older step is tried. The same holds for ``best/``.
+our own. A restore verifies the manifest first; a step that fails verification is moved aside to
+``<dir>/.set_aside/<step>-<time>`` (never deleted), reported in one line, and the next older step
+is tried. The same holds for ``best/``. A step whose files verify but that does not restore into
+the trees asked for is not damaged: whoever opens it has another plan or optimizer, so that is
+an error (:class:`CheckpointMismatchError`) and the step stays.
 
 One :class:`Checkpointer` opens one Orbax ``CheckpointManager`` per directory, once, and
 :meth:`Checkpointer.close` (or ``with``) closes it. Leftover temporary directories of killed
@@ -152,6 +154,18 @@ def verify(step_dir: Path) -> str | None:
         if _sha256(actual[rel]) != digest:
             return f"{rel} does not match its sha256 (changed on disk)"
     return None
+
+
+class CheckpointMismatchError(ValueError):
+    """An intact checkpoint (every file matches its checksum) that does not restore into the trees
+    asked for: another plan, model or optimizer is opening it. It is left where it is."""
+
+
+def _does_not_fit(step_dir: Path, err: Exception) -> CheckpointMismatchError:
+    return CheckpointMismatchError(
+        f"{step_dir}: the checkpoint is intact (its files match their checksums) but does not restore into this "
+        f"run's params and optimizer state ({type(err).__name__}: {_one_line(str(err))[:300]}); open it with the "
+        "configuration it was trained with. Nothing was moved")
 
 
 def move_aside(directory: Path, step: int, reason: str) -> Path:
@@ -349,8 +363,10 @@ class Checkpointer:
             if reason is None:
                 try:
                     return self._restore_step(step, trainable_like, opt_state_like, data_iterator)
-                except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
-                    reason = f"restore failed: {type(err).__name__}: {_one_line(str(err))}"
+                except Exception as err:  # noqa: BLE001 - its files are intact: what was asked does not fit
+                    if initial is not None:
+                        data_iterator.set_state(initial)
+                    raise _does_not_fit(self.run_dir / "checkpoints" / str(step), err) from err
             self._set_aside_latest(step, reason)
         if initial is not None:
             data_iterator.set_state(initial)  # a failed attempt may have set part of it
@@ -391,8 +407,8 @@ class Checkpointer:
                     restored = best.manager.restore(step, args=ocp.args.Composite(
                         trainable=ocp.args.StandardRestore(_abstract(trainable_like)), meta=ocp.args.JsonRestore()))
                     return restored["trainable"], restored["meta"]
-                except Exception as err:  # noqa: BLE001 - any failure means this step is unusable
-                    reason = f"restore failed: {type(err).__name__}: {_one_line(str(err))}"
+                except Exception as err:  # noqa: BLE001 - its files are intact: what was asked does not fit
+                    raise _does_not_fit(best.path / str(step), err) from err
             self._set_aside(best.path, best, step, f"checkpoint is incomplete or corrupt ({reason})",
                             "no best checkpoint left")
         return None

@@ -53,7 +53,7 @@ from jaxtune.training.preference import (
     reference_caches,
     with_reference_start,
 )
-from jaxtune.training.rundir import RunDir
+from jaxtune.training.rundir import RunDir, RunDirError, RunMismatchError, differences
 from jaxtune.training.sharding import (
     MeshConfig,
     batch_sharding,
@@ -246,13 +246,25 @@ class Trainer:
 
     def restore(self, *, best: bool = False) -> int | None:
         """Load the run's latest (or, with ``best``, best) trained params into this trainer;
-        returns the step, or None when the run has no checkpoint."""
+        returns the step, or None when the run has no checkpoint.
+
+        Refused, naming the differences, when this trainer's plan, labels or trainable shapes are
+        not the run's (its params would not be the run's model); with ``best``, when the run kept
+        no best checkpoint."""
+        saved = {k: v for k, v in (self.run.identity() or {}).items() if k in ("plan rules", "labels", "params")}
+        changed = differences(saved, self.identity())
+        if changed:
+            raise RunMismatchError(f"{self.run_dir}: the run was trained with another plan or labels, so its "
+                                   f"checkpoints are not this model's: {'; '.join(changed)}; open it with the "
+                                   "configuration it was trained with (drop the overrides that change these)")
         if best:
             restored = self.checkpointer.restore_best(self.trainable)
-            if restored is not None:
-                self.trainable, meta = restored
-                self.step = int(meta.get("step", self.step))
-                return self.step
+            if restored is None:
+                raise RunDirError(f"{self.run_dir}: no best checkpoint (a run keeps one when it evaluates during "
+                                  "training, eval.every, and eval.best_metric is set); use the latest (drop --best)")
+            self.trainable, meta = restored
+            self.step = int(meta.get("step", self.step))
+            return self.step
         if self.checkpointer.latest_good_step() is None:
             return None
         restored = self.checkpointer.restore(self.trainable, self.opt_state)

@@ -380,18 +380,51 @@ def export_format(tuned: Tuned, format: str = "auto") -> str:  # noqa: A002 - th
     return fmt
 
 
-def export(model: Tuned, out_dir: str | Path, *, format: str = "auto", dtype: Any | None = None) -> Path:  # noqa: A002
+def export(model: Tuned, out_dir: str | Path, *, format: str = "auto", dtype: Any | None = None,  # noqa: A002
+           overwrite: bool = False) -> Path:
     """Write a tuned model in a standard format: a PEFT adapter that ``peft`` loads onto the
     transformers base model, or (``format="merged"``) an HF directory with the adapters folded
     in that ``transformers`` loads. ``dtype`` (merged only) of the stored weights.
+
+    ``out_dir`` is new, empty, or an earlier export of the same format, which this one replaces;
+    ``overwrite=True`` replaces an earlier export of the other format too. A directory holding
+    anything else is refused: files of two exports side by side would load as neither.
 
     Pass the trained model (``Trainer.fit().model``): a model straight from ``apply_plan`` has
     its fresh, untrained adapters, and exporting it says so in a warning.
     """
     fmt = export_format(model, format)
+    if fmt == "peft" and dtype is not None:
+        raise ExportError(f"dtype {dtype}: applies to merged exports; a PEFT adapter is written float32 (drop the "
+                          "dtype, or export merged)")
+    _clear_for_export(Path(out_dir), fmt, overwrite)
     if model.step == 0:
         log.warning("exporting %s at step 0: these are the plan's untrained weights (export the model that "
                     "Trainer.fit() returns)", out_dir)
     if fmt == "peft":
         return export_peft(model, out_dir)
     return export_merged(model, out_dir, dtype=dtype)
+
+
+def _clear_for_export(out: Path, fmt: str, overwrite: bool) -> None:
+    """Make ``out`` ready for an export of format ``fmt``: absent or empty as it is; an earlier export
+    of the same format (a run exported again), or of either format with ``overwrite``, loses its
+    config and weight files (a new export may have fewer shards). Anything else is refused, naming
+    what is there: files of two exports side by side load as neither."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: a file, not a directory; export into a new or empty directory")
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not held:
+        return
+    earlier = "peft" if ADAPTER_CONFIG in held else "merged" if "config.json" in held else None
+    if earlier is None:
+        raise ExportError(f"{out}: not empty and not an earlier export (holds {', '.join(held[:3])}"
+                          f"{', ...' if len(held) > 3 else ''}); export into a new or empty directory")
+    if earlier != fmt and not overwrite:
+        raise ExportError(f"{out}: holds an earlier {earlier} export, and this one is {fmt}: their files side by side "
+                          "would load as neither; export into a new or empty directory, or replace it with "
+                          "overwrite=True (jaxtune export --overwrite)")
+    for path in out.iterdir():
+        if path.is_file() and (path.name.endswith((".safetensors", ".safetensors.index.json"))
+                               or path.name in ("config.json", ADAPTER_CONFIG, "generation_config.json")):
+            path.unlink()
