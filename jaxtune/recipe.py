@@ -159,6 +159,7 @@ def open_run(target: str | os.PathLike[str], overrides: Sequence[str] = (), *, b
         config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, choices=None),
                                      data=dataclasses.replace(config.data, validation=None, validation_fraction=None))
     trainer = trainer_for(config, train=False)
+    trainer.check_plan()  # before anything is computed with a plan the run did not train
     if restore and (Path(config.output.dir) / "checkpoints").is_dir():
         step = trainer.restore(best=best)
         trainer.close()

@@ -251,12 +251,7 @@ class Trainer:
         Refused, naming the differences, when this trainer's plan, labels or trainable shapes are
         not the run's (its params would not be the run's model); with ``best``, when the run kept
         no best checkpoint."""
-        saved = {k: v for k, v in (self.run.identity() or {}).items() if k in ("plan rules", "labels", "params")}
-        changed = differences(saved, self.identity())
-        if changed:
-            raise RunMismatchError(f"{self.run_dir}: the run was trained with another plan or labels, so its "
-                                   f"checkpoints are not this model's: {'; '.join(changed)}; open it with the "
-                                   "configuration it was trained with (drop the overrides that change these)")
+        self.check_plan()
         if best:
             restored = self.checkpointer.restore_best(self.trainable)
             if restored is None:
@@ -400,6 +395,17 @@ class Trainer:
                              # written before it was resolved (their "data.packing") are not compared on
                              "data.packed": self.train_data.packs})
         return identity
+
+    def check_plan(self) -> None:
+        """Refuse a run directory whose checkpoints hold another plan's params: its plan rules, labels
+        or trainable shapes differ from this trainer's (what opening a run for its weights needs;
+        :meth:`check_resume` is the whole identity, for training on)."""
+        saved = {k: v for k, v in (self.run.identity() or {}).items() if k in ("plan rules", "labels", "params")}
+        changed = differences(saved, self.identity())
+        if changed:
+            raise RunMismatchError(f"{self.run_dir}: the run was trained with another plan or labels, so its "
+                                   f"checkpoints are not this model's: {'; '.join(changed)}; open it with the "
+                                   "configuration it was trained with (drop the overrides that change these)")
 
     def check_resume(self) -> None:
         """Refuse a run directory made by another model, plan, data or shapes, naming every difference
