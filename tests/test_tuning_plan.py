@@ -164,6 +164,11 @@ ERRORS = {
                             r"pooling 'pooler' needs a BERT pooler"),
     "text without text": ([{"action": "prompt", "n_tokens": 2, "init": "text"}], r"init 'text' needs the option text"),
     "bad regex": ([{"action": "freeze", "match": "layers_("}], r"not a valid regular expression"),
+    "a range past the end": ([{"action": "train", "blocks": "0:100"}], r"blocks '0:100': the model has only 4 blocks"),
+    "two heads": ([{"action": "head", "task": "classification", "num_labels": 3}, {"action": "head",
+                   "task": "regression"}], r"plan rule #0 .* and plan rule #1 .* each add a head; a model has one"),
+    "two prompts": ([{"action": "prompt", "n_tokens": 2}, {"action": "prompt", "n_tokens": 4}],
+                    r"each add a prompt"),
 }
 
 
@@ -179,3 +184,15 @@ def test_encoder_needs_a_head_and_no_prompt(bert):
         tuning.apply_plan(bert, tuning.lora(rank=2))
     with pytest.raises(PlanError, match="prompt tuning is supported for decoder models only"):
         tuning.apply_plan(bert, tuning.prompt_tuning(2) + tuning.head("regression"))
+
+
+def test_a_rule_that_ends_with_no_effect_is_said_and_data_must_be_a_source(llama4, caplog):
+    with caplog.at_level("WARNING", logger="jaxtune"):
+        tuned = tuning.apply_plan(llama4, tuning.lora(targets=["q_proj"]) + tuning.lora(rank=4, targets=["q_proj"]))
+    assert {spec.rank for spec in tuned.adapters.values()} == {4}
+    assert "plan rule #0 {'action': 'lora', 'targets': ['q_proj']" in caplog.text and "has no effect" in caplog.text
+    with pytest.raises(PlanError, match="data: the training source .* got a tuple"):
+        tuning.apply_plan(llama4, tuning.head("classification"), data=(1, 2))
+    # Strings where a list is asked: one kind, one hidden width.
+    assert tuning.freeze_all_but(1, kinds="norms") == tuning.freeze_all_but(1, kinds=["norms"])
+    assert tuning.head("regression", hidden=64) == tuning.head("regression", hidden=[64])

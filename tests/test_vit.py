@@ -127,6 +127,26 @@ def test_partial_plan_trains_only_the_last_block_and_the_final_norm(vit_dirs):
     assert changed and all(p.startswith(("layers_1/", "layernorm/")) for p in changed), sorted(changed)
 
 
+def test_a_plan_over_every_kernel_leaves_the_patch_convolution_alone(vit_dirs):
+    """The patch projection is a convolution: no adapter, no quantized matmul reads it, so a
+    quantize rule or a lora rule over every module leaves it as the rest of the plan says."""
+    from flax.traverse_util import flatten_dict
+
+    from jaxtune import tuning
+    from jaxtune.models.quant import is_quantized
+
+    pretrained = hf.load_pretrained(vit_dirs / "model")
+    conv = ("embeddings", "patch_embeddings", "projection", "kernel")
+    tuned = tuning.apply_plan(pretrained, tuning.full() + tuning.lora(rank=2) + tuning.head("classification", 3))
+    assert flatten_dict(tuned.labels)[conv] == "train" and conv[:-1] not in tuned.adapters
+    tuned = tuning.apply_plan(pretrained, tuning.freeze(quantize="int8") + tuning.lora(rank=2)
+                              + tuning.head("classification", 3))
+    flat = flatten_dict(tuned.params, is_leaf=lambda _, x: is_quantized(x))
+    assert not is_quantized(flat[conv]) and any(is_quantized(v) for v in flat.values())
+    x = pixels(2, seed=1)
+    assert np.isfinite(np.asarray(tuned.module.apply({"params": tuned.params}, pixel_values=x))).all()
+
+
 def test_regression_head_loss_is_the_mean_squared_error(vit_dirs):
     import jax
 

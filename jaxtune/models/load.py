@@ -17,7 +17,7 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from jaxtune.assets import cache_dir, fetch_package
 from jaxtune.models import assets, hf
@@ -57,6 +57,14 @@ class ModelConfig:
     adapter: str | None = None
 
     def __post_init__(self) -> None:
+        # YAML recipes are checked against the Literal types by the config reader; Python callers here.
+        choices = get_args(DTYPES)
+        for name in ("dtype", "compute_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in choices:
+                raise ValueError(f"model.{name}: expected one of {', '.join(choices)}, got {value!r}")
+        if not isinstance(self.keep_quantized, bool):
+            raise ValueError(f"model.keep_quantized: expected true or false, got {self.keep_quantized!r}")
         if self.adapter is not None and not str(self.adapter).strip():
             raise ValueError("model.adapter: empty; give a PEFT adapter directory or a jaxtune run directory, or "
                              "leave it out")

@@ -26,7 +26,9 @@ _NO_DECAY_LEAVES = ("bias", "scale", MAGNITUDE, LORA_SCALE)
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
     """What a recipe says about optimisation. ``group_lr`` multiplies the learning rate of a
-    plan label group, e.g. ``{"head": 10.0}`` trains a new head 10x faster than the body."""
+    plan label group, e.g. ``{"head": 10.0}`` trains a new head 10x faster than the body. The
+    groups are ``train``, ``lora`` (LoRA's and DoRA's A and B), ``dora`` (DoRA's magnitude vectors
+    only), ``prompt`` and ``head``."""
 
     name: str = "adamw"
     learning_rate: float = 1e-4

@@ -11,6 +11,7 @@ updates it from the batches) and ``freeze`` elsewhere; a ``freeze`` rule that se
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -18,6 +19,8 @@ from jaxtune.models.efficientnet import STATE_LEAVES
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, LORA_SCALE, MAGNITUDE
 from jaxtune.tuning.lora import AdapterSpec
 from jaxtune.tuning.plan import Plan, PlanError, Rule, block_indices
+
+log = logging.getLogger(__name__)
 
 Path = tuple[str, ...]
 FROZEN = "freeze"
@@ -153,11 +156,13 @@ def resolve_adapters(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict
     """
     paths = list(paths)
     adapters: dict[Path, AdapterSpec] = {}
+    owner: dict[Path, int] = {}
     dropouts: dict[float, int] = {}
     for i, rule in enumerate(plan.rules):
         if rule.action not in ("lora", "dora"):
             continue
         chosen = _adapter_modules(plan, i, paths, num_blocks)
+        owner.update({m: i for m in chosen})
         dropouts.setdefault(float(rule.dropout or 0.0), i)
         if len(dropouts) > 1:
             (a, ia), (b, ib) = list(dropouts.items())[:2]
@@ -166,6 +171,9 @@ def resolve_adapters(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict
         rank = rule.rank or 8
         spec = AdapterSpec(rule.action, rank, float(rule.alpha if rule.alpha is not None else rank), bool(rule.rslora))
         adapters.update({m: spec for m in chosen})
+    for i, rule in enumerate(plan.rules):
+        if rule.action in ("lora", "dora") and i not in owner.values():
+            log.warning("%s has no effect: later adapter rules re-plan every module it adapts", plan.describe(i))
     return adapters
 
 
@@ -185,13 +193,14 @@ def resolve_labels(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict[P
     labels = {p: FROZEN for p in paths}
     pinned: set[Path] = set()  # statistics a freeze rule names: they stay frozen where their BatchNorm trains
     base = [p for p in paths if p[-1] not in ADAPTER_LEAVES]  # the tree adapters were resolved on
+    adapted = {p[:-1] for p in paths if p[-1] == LORA_A}  # a rule's modules that are not linears got none
     for i, rule in enumerate(plan.rules):
         if rule.action == "prompt":
             chosen = [p for p in paths if p[0] == PROMPT_LEAF]
         elif rule.action == "head":
             chosen = [p for p in paths if p[0] == HEAD_KEY]
         elif rule.action in ("lora", "dora"):
-            modules = set(_adapter_modules(plan, i, base, num_blocks))
+            modules = set(_adapter_modules(plan, i, base, num_blocks)) & adapted
             chosen = [p for p in paths if p[:-1] in modules]
         else:
             blocks = _rule_blocks(plan, i, num_blocks)
@@ -218,13 +227,15 @@ QUANTIZABLE = ("kernel", "embedding")  # the matrices a quantize option applies 
 
 
 def resolve_quantize(plan: Plan, labels: dict[Path, str], num_blocks: int,
-                     quantized: Iterable[Path] = ()) -> dict[Path, str]:
+                     quantized: Iterable[Path] = (), matrices: Iterable[Path] | None = None) -> dict[Path, str]:
     """The format (``nf4``, ...) of each leaf that freeze rules with ``quantize`` select.
 
     ``labels``: :func:`resolve_labels`' result; ``quantized``: paths already stored quantized
-    (a GGUF base). The last quantize rule selecting a matrix decides its format; plain freeze
-    rules leave it. Raises :class:`PlanError` for a quantize rule that selects no matrix, and for a
-    quantized leaf that the plan trains (naming the rule, or the loaded leaf).
+    (a GGUF base); ``matrices``: the kernel and embedding leaves the quantized matmul reads
+    (default: every one; a convolution's kernel is not among them). The last quantize rule
+    selecting a matrix decides its format; plain freeze rules leave it. Raises
+    :class:`PlanError` for a quantize rule that selects no matrix, and for a quantized leaf that
+    the plan trains (naming the rule, or the loaded leaf).
     """
     paths = list(labels)
     formats: dict[Path, str] = {}
@@ -234,7 +245,7 @@ def resolve_quantize(plan: Plan, labels: dict[Path, str], num_blocks: int,
             continue
         blocks = _rule_blocks(plan, i, num_blocks)
         chosen = [p for p in paths if p[-1] in QUANTIZABLE and p[0] not in (HEAD_KEY, PROMPT_LEAF)
-                  and _selects(rule, p, blocks)]
+                  and (matrices is None or p in matrices) and _selects(rule, p, blocks)]
         if not chosen:
             raise PlanError(f"{plan.describe(i)} quantizes no matrix (it applies to kernel and embedding leaves); "
                             f"some real paths: {example_paths(paths)}")

@@ -292,16 +292,20 @@ def freeze(match: str | None = None, *, blocks: Any = None, kinds: Sequence[str]
     return Plan((Rule("freeze", match=match, blocks=blocks, kinds=kinds, quantize=quantize),))
 
 
-def freeze_all_but(last_n_blocks: int = 0, *, kinds: Sequence[str] = (), train_output: bool = True) -> Plan:
+def freeze_all_but(last_n_blocks: int = 0, *, kinds: str | Sequence[str] = (), train_output: bool = True) -> Plan:
     """Layer-wise partial fine-tuning: the blocks closest to the input stay frozen.
 
     Trains the last ``last_n_blocks`` transformer blocks, the modules of ``kinds`` (e.g.
-    ``["norms"]``) anywhere, and with ``train_output`` what follows the last block (final norm and
+    ``"norms"``) anywhere, and with ``train_output`` what follows the last block (final norm and
     LM head of a decoder, pooler of an encoder). Every leaf starts frozen, so the plan needs no
-    blanket ``freeze`` rule, and it composes with adapters, prompts and heads in any order.
+    blanket ``freeze`` rule, and it composes with prompts and heads in any order. With adapters,
+    rules apply in order as always: a ``lora`` rule after it freezes the base weights of the
+    modules it adapts in those blocks (an adapter-only plan, exportable as PEFT); before it, those
+    base weights train beside their adapters (exportable merged).
     """
     if not isinstance(last_n_blocks, int) or last_n_blocks < 0:
         raise PlanError(f"freeze_all_but: last_n_blocks must be a non-negative integer, got {last_n_blocks!r}")
+    kinds = (kinds,) if isinstance(kinds, str) else kinds
     rules = []
     if last_n_blocks:
         rules.append(Rule("train", blocks=f"last:{last_n_blocks}"))
@@ -348,12 +352,13 @@ def head(
     num_labels: int | None = None,
     *,
     pooling: str | None = None,
-    hidden: Sequence[int] = (),
+    hidden: int | Sequence[int] = (),
     extra_blocks: int = 0,
     dropout: float | None = None,
     bias: bool | None = None,
 ) -> Plan:
     """A fresh classification or regression head on the body (see :class:`Rule` for defaults)."""
+    hidden = (hidden,) if isinstance(hidden, int) else hidden
     return Plan((Rule("head", task=task, num_labels=num_labels, pooling=pooling, hidden=tuple(hidden) or None,
                       extra_blocks=extra_blocks or None, dropout=dropout, bias=bias),))
 
@@ -420,7 +425,10 @@ def block_indices(blocks: str | int | tuple[int, ...], num_blocks: int) -> list[
             if n > num_blocks:
                 raise PlanError(f"blocks {blocks!r}: the model has only {num_blocks} blocks")
             return list(range(num_blocks))[:n] if m.group(1) == "first" else list(range(num_blocks - n, num_blocks))
-        wanted = list(range(num_blocks))[int(m.group(3)):int(m.group(4))]
+        start, stop = int(m.group(3)), int(m.group(4))
+        if max(start, stop) > num_blocks:  # a slice would clamp it silently
+            raise PlanError(f"blocks {blocks!r}: the model has only {num_blocks} blocks (0:{num_blocks} is all)")
+        wanted = list(range(num_blocks))[start:stop]
         if not wanted:
             raise PlanError(f"blocks {blocks!r} selects no block of {num_blocks}")
         return wanted

@@ -238,7 +238,16 @@ def apply_plan(
     if pretrained.adapter is not None:
         raise PlanError(f"this model starts from the adapter {pretrained.adapter}: apply the plan with "
                         "jaxtune.apply_plan, which loads it")
-    plan = _sized_head(as_plan(plan), getattr(data, "label_names", None))
+    if data is not None and not hasattr(data, "label_names"):
+        raise PlanError(f"data: the training source (jaxtune.read(...)[0]) sizes a head from its labels; got a "
+                        f"{type(data).__name__}")
+    plan = as_plan(plan)
+    for action in ("head", "prompt"):  # one of each per model: a second would silently replace the first
+        found = [i for i, r in enumerate(plan.rules) if r.action == action]
+        if len(found) > 1:
+            raise PlanError(f"{plan.describe(found[0])} and {plan.describe(found[1])} each add a {action}; a model "
+                            "has one: keep one rule")
+    plan = _sized_head(plan, getattr(data, "label_names", None))
     tokenizer = tokenizer if tokenizer is not None else pretrained.tokenizer
     if frozen_dtype is None and jnp.dtype(pretrained.config.param_dtype) != jnp.float32:
         frozen_dtype = pretrained.config.param_dtype
@@ -288,7 +297,10 @@ def apply_plan(
     labels = unflatten_dict(flat_labels)
     params = cast_by_label(params, labels, frozen_dtype)
     loaded_quantized = [p for p, leaf in flatten_dict(params).items() if is_quantized(leaf)]
-    params = quantize_leaves(params, labels_lib.resolve_quantize(plan, flat_labels, cfg.num_layers, loaded_quantized))
+    matrices = {p for p, v in flatten_dict(params).items()  # not a convolution's kernel: no quantized conv here
+                if p[-1] != "kernel" or getattr(v, "ndim", 2) == 2 or is_expert_kernel(p)}
+    params = quantize_leaves(params, labels_lib.resolve_quantize(plan, flat_labels, cfg.num_layers, loaded_quantized,
+                                                                 matrices))
 
     body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
     if hasattr(body_cfg, "training_batch_norms"):  # the BatchNorms whose statistics this plan trains
