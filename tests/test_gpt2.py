@@ -102,6 +102,15 @@ def test_greedy_generation_matches_transformers(pair):
         assert got == out[0, len(prompt):].tolist()
 
 
+def test_generation_past_the_learned_positions_is_refused(pair):
+    """GPT-2 has a row of position embeddings per position and no more (transformers raises an
+    IndexError past them; the cache would otherwise read NaN logits and emit token 0)."""
+    _, model, _ = pair
+    assert len(generate(model.module, model.params, [[5] * 54], max_new_tokens=10)[0]) == 10  # 64: the last slot
+    with pytest.raises(ValueError, match="prompt of 55 tokens plus max_new_tokens 10 passes the model's 64 positions"):
+        generate(model.module, model.params, [[5] * 55], max_new_tokens=10)
+
+
 @pytest.fixture(scope="module")
 def tied(tmp_path_factory):
     """GPT-2 as published (tied embeddings): the exports are checked on this one only, to keep CI short."""

@@ -449,3 +449,56 @@ def test_uploads_are_capped_and_stored_under_server_names(tmp_path):
         assert not (tmp_path / "x").exists()
     assert device_set("CUDA_VISIBLE_DEVICES=0,1,XLA_FLAGS=--a=b") == {"CUDA_VISIBLE_DEVICES": "0,1",
                                                                       "XLA_FLAGS": "--a=b"}
+
+
+def test_chat_completion_options_are_read_as_openai_reads_them(tmp_path):
+    """Null means the default (n, max_completion_tokens); no seed samples afresh; top_p 0 is greedy;
+    usage counts the tokens of the text returned; a model without a chat template, a list as a
+    model and malformed sections are 400s naming the field, not 500s."""
+    from starlette.testclient import TestClient
+
+    from jaxtune.serve.app import Settings, create_app
+    from jaxtune.serve.jobs import BaseModel
+    from jaxtune.serve.store import Store
+
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "tiny")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny")
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "plain")
+    tiny_tokenizer(chat_template=None).save_pretrained(tmp_path / "plain")
+    key = Store(tmp_path / "data" / "serve.sqlite").create_key("erin")[1]
+    models = {name: BaseModel(name, str(tmp_path / name)) for name in ("tiny", "plain")}
+    app = create_app(Settings(data_dir=tmp_path / "data", models=models))
+    messages = [{"role": "user", "content": "alpha beta"}]
+    with TestClient(app, headers={"Authorization": f"Bearer {key}"}) as client:
+        def chat(**body):
+            return client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, **body})
+
+        reply = chat(n=None, max_completion_tokens=None, max_tokens=3, temperature=0)
+        assert reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] == 3, reply.text
+        texts = {chat(max_tokens=12, temperature=1.5).json()["choices"][0]["message"]["content"] for _ in range(4)}
+        assert len(texts) > 1  # no seed: not the same sample each time
+        seeded = {chat(max_tokens=12, temperature=1.5, seed=7).json()["choices"][0]["message"]["content"]
+                  for _ in range(2)}
+        assert len(seeded) == 1
+        greedy = chat(max_tokens=12, temperature=0).json()["choices"][0]["message"]["content"]
+        assert chat(max_tokens=12, temperature=1.5, top_p=0).json()["choices"][0]["message"]["content"] == greedy
+        for seed in range(20):  # a sampled reply with a character first seen past its start, to stop at
+            full = chat(max_tokens=12, temperature=1.5, seed=seed).json()
+            content = full["choices"][0]["message"]["content"]
+            stop = next((c for i, c in enumerate(content) if i > 0 and content.find(c) == i), None)
+            if stop is not None and full["usage"]["completion_tokens"] == 12:
+                break
+        cut = chat(max_tokens=12, temperature=1.5, seed=seed, stop=stop).json()
+        assert cut["choices"][0]["message"]["content"] == content.split(stop)[0], (content, stop)
+        assert 0 < cut["usage"]["completion_tokens"] < 12
+        for body, param in (({"model": "plain"}, "messages"), ({"stream": "false"}, "stream"),
+                            ({"stream": True, "stream_options": "x"}, "stream_options")):
+            bad = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, **body})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+        upload = client.post("/v1/files", data={"purpose": "fine-tune"},
+                             files={"file": ("a.jsonl", "".join(json.dumps(r) + "\n" for r in chat_rows(4)).encode())})
+        supervised = {"type": "supervised", "supervised": "x"}
+        for body, param in (({"model": ["tiny"]}, "model"),
+                            ({"model": "tiny", "method": supervised}, "method.supervised")):
+            bad = client.post("/v1/fine_tuning/jobs", json={"training_file": upload.json()["id"], **body})
+            assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text

@@ -230,6 +230,11 @@ def generate(
         return [[] for _ in prompts]
 
     longest = max(len(p) for p in prompts) + virtual_tokens
+    positions = getattr(decoder.cfg, "max_position_embeddings", None)  # learned positions (GPT-2): a table's rows
+    if positions is not None and longest + max_new_tokens > positions:
+        raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} passes the model's "
+                         f"{positions} positions (learned position embeddings have no more); shorten the prompt or "
+                         "ask for fewer tokens")
     if max_length is None:
         max_length = _round_up(longest + max_new_tokens, BUCKET)
     elif longest + max_new_tokens > max_length:

@@ -252,7 +252,7 @@ async def create_job(request: Request, owner: str) -> Response:
     if body.get("integrations"):
         raise RequestError("integrations: not supported by this server; remove them", "integrations")
     model = body.get("model")
-    if model not in settings.models:
+    if not isinstance(model, str) or model not in settings.models:
         raise RequestError(f"model: '{model}' cannot be fine-tuned here (available: {', '.join(settings.models)})",
                            "model", "model_not_available")
     suffix = body.get("suffix")
@@ -419,6 +419,11 @@ async def chat_completions(request: Request, owner: str) -> Response:
     body = await _json(request)
     messages = inference.chat_messages(body.get("messages"))
     opts = inference.options(body)
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, Mapping):  # checked before the generation runs, not after
+        raise RequestError("stream_options: expected an object such as {\"include_usage\": true}", "stream_options")
+    if not isinstance(body.get("stream", False), bool):
+        raise RequestError(f"stream: expected true or false, got {body['stream']!r}", "stream")
     key, load = _resolve_model(request, owner, body.get("model"))
     models: inference.Models = request.app.state.models
 
@@ -445,7 +450,7 @@ async def chat_completions(request: Request, owner: str) -> Response:
     parts = [chunk({"role": "assistant", "content": ""})]
     parts += [chunk({"content": p}) for p in inference.pieces(model.tokenizer, result["ids"], result["text"])]
     parts.append(chunk({}, result["finish_reason"]))
-    if (body.get("stream_options") or {}).get("include_usage"):
+    if stream_options.get("include_usage"):
         parts.append("data: " + json.dumps({**head, "object": "chat.completion.chunk", "choices": [],
                                             "usage": usage}) + "\n\n")
     parts.append("data: [DONE]\n\n")

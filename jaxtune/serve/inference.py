@@ -8,6 +8,7 @@ only compete for the same cores, and one lock keeps model loading and compilatio
 
 from __future__ import annotations
 
+import secrets
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -75,18 +76,20 @@ def _number(body: Mapping[str, Any], name: str, default: Any, low: float, high: 
 
 def options(body: Mapping[str, Any]) -> dict[str, Any]:
     """Sampling options of a chat completion request, checked."""
-    if body.get("n", 1) != 1:
+    if body.get("n") not in (None, 1):  # null is the default, as OpenAI reads it
         raise RequestError("n: only n=1 is supported", "n")
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
         raise RequestError("stop: expected a string or up to 4 non-empty strings", "stop")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = body.get("max_completion_tokens")
+    max_tokens = body.get("max_tokens") if max_tokens is None else max_tokens
     return {
         "max_new_tokens": _number({"max_tokens": max_tokens}, "max_tokens", 256, 1, 32768, integer=True),
         "temperature": _number(body, "temperature", 1.0, 0, 2),
         "top_p": _number(body, "top_p", 1.0, 0, 1),
-        "seed": _number(body, "seed", 0, 0, 2**31 - 1, integer=True),
+        # No seed: a fresh one each request (as OpenAI samples), not the same reply every time.
+        "seed": _number(body, "seed", None, 0, 2**31 - 1, integer=True),
         "stop": stop,
     }
 
@@ -96,11 +99,14 @@ def complete(model: Any, messages: list[dict[str, str]], opts: Mapping[str, Any]
     import jaxtune as jt
     from jaxtune.models.generate import encode_prompts
 
-    [prompt] = encode_prompts(model.tokenizer, [messages], chat=True)
-    top_p = opts["top_p"] if opts["top_p"] < 1.0 else None
+    # top_p 0 keeps only the most likely token: greedy, as OpenAI reads it.
+    top_p = opts["top_p"] if 0 < opts["top_p"] < 1.0 else None
+    temperature = 0.0 if opts["top_p"] == 0 else opts["temperature"]
+    seed = secrets.randbelow(2**31) if opts["seed"] is None else opts["seed"]
     try:
+        [prompt] = encode_prompts(model.tokenizer, [messages], chat=True)  # no chat template: a ValueError
         [item] = jt.complete(model, [messages], chat=True, max_new_tokens=opts["max_new_tokens"],
-                             temperature=opts["temperature"], top_p=top_p, seed=opts["seed"])
+                             temperature=temperature, top_p=top_p, seed=seed)
     except ValueError as err:  # prompt too long for the model, and the like: the request's fault
         raise RequestError(str(err), "messages") from None
     text, ids = item["text"], item["ids"]
@@ -108,6 +114,9 @@ def complete(model: Any, messages: list[dict[str, str]], opts: Mapping[str, Any]
     cut = min((text.find(s) for s in opts["stop"] if s in text), default=-1)
     if cut >= 0:
         text, finish = text[:cut], "stop"
+        # Usage counts the tokens that make the text returned, not those generated past the stop string.
+        ids = ids[:next((n for n in range(len(ids) + 1)
+                         if len(model.tokenizer.decode(ids[:n], skip_special_tokens=True)) >= len(text)), len(ids))]
     return {"text": text, "finish_reason": finish, "prompt_tokens": len(prompt), "completion_tokens": len(ids),
             "ids": ids}
 

@@ -141,7 +141,11 @@ def method_of(request: Mapping[str, Any]) -> tuple[str, dict[str, Any]]:
     kind = method.get("type")
     if kind not in ("supervised", "dpo"):
         raise RequestError(f"method.type: {kind!r} is not supported here; use supervised or dpo", "method.type")
-    hp = (method.get(kind) or {}).get("hyperparameters") or request.get("hyperparameters") or {}
+    section = method.get(kind) or {}
+    if not isinstance(section, Mapping):
+        raise RequestError(f"method.{kind}: expected an object such as {{\"hyperparameters\": {{...}}}}",
+                           f"method.{kind}")
+    hp = section.get("hyperparameters") or request.get("hyperparameters") or {}
     return kind, dict(hp) if isinstance(hp, Mapping) else _bad_hp(f"method.{kind}.hyperparameters")
 
 
