@@ -256,6 +256,36 @@ def test_damaged_best_checkpoint_is_set_aside(run, tmp_path, capsys):
         assert checkpointer.restore_best(trainable) is not None
 
 
+def test_a_best_checkpoint_damaged_before_the_end_leaves_the_run_its_latest_params(run, tmp_path, caplog):
+    """eval.use_best ends a run with its best checkpoint; one damaged on disk is set aside, and the
+    run still finishes, with its latest params (it must not fail at its last line, nor again on resume)."""
+    tuned = dataclasses.replace(run.tuned, params=jax.tree.map(np.array, run.host_params))
+    config = LoaderConfig(batch_size=4, max_length=64, num_epochs=None, seed=0)
+    loader = make_loader(read_source(run.data, "chat"), tiny_tokenizer(), config, scan_first=False)
+    valid = make_loader(read_source(run.data, "chat"), tiny_tokenizer(),
+                        dataclasses.replace(config, num_epochs=1, shuffle=False), scan_first=False)
+
+    from jaxtune.training.config import EvalConfig
+
+    trainer = Trainer(tuned, loader, valid, run_dir=tmp_path, config=TrainConfig(steps=4, log_every=1, progress=False),
+                      optimizer=optax.adam(1e-2), eval=EvalConfig(every=2, best_metric="loss", use_best=True),
+                      checkpoint=CheckpointConfig(every=2), mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
+    finish = trainer._finish
+
+    def damage_best_then_finish(result):  # after the loop, before the run restores its best
+        trainer.checkpointer.wait()
+        for step_dir in (tmp_path / "best").iterdir():
+            if step_dir.name.isdigit():
+                damage(step_dir / "trainable", "flipped_bit")
+        finish(result)
+
+    trainer._finish = damage_best_then_finish
+    with caplog.at_level("WARNING", logger="jaxtune"):
+        result = trainer.fit()
+    assert result.state == "finished" and result.model.step == 4, caplog.text
+    assert "was damaged and set aside; the run ends with its latest params (step 4)" in caplog.text
+
+
 def test_a_best_checkpoint_from_beyond_the_resume_point_makes_way(tmp_path, capsys):
     """A run that kept step 8 as best, died, and resumed from 4 must be able to keep 6 (or 8) as
     best: Orbax would refuse 8 (exists) and, keeping one, drop 6 for the stale 8."""

@@ -256,7 +256,8 @@ class Trainer:
             restored = self.checkpointer.restore_best(self.trainable)
             if restored is None:
                 raise RunDirError(f"{self.run_dir}: no best checkpoint (a run keeps one when it evaluates during "
-                                  "training, eval.every, and eval.best_metric is set); use the latest (drop --best)")
+                                  "training, eval.every, and eval.best_metric is set; a damaged one is set aside, as "
+                                  "reported); use the latest (drop --best)")
             self.trainable, meta = restored
             self.step = int(meta.get("step", self.step))
             return self.step
@@ -583,11 +584,16 @@ class Trainer:
     def _finish(self, result: FitResult) -> None:
         """The final model (best or last), its evaluation and the report."""
         if self.eval_config.use_best and result.best is not None:
-            self.restore(best=True)
+            try:
+                self.restore(best=True)
+            except RunDirError:  # it failed verification and was set aside (reported): the latest params stay
+                log.warning("the best checkpoint (step %d) was damaged and set aside; the run ends with its latest "
+                            "params (step %d)", result.best["step"], self.step)
+            else:
+                log.info("using the best checkpoint (step %d, %s %.4f)", result.best["step"], result.best["metric"],
+                         result.best["value"])
+                result.model = dataclasses.replace(self.model, step=result.best["step"])
             self.close()
-            log.info("using the best checkpoint (step %d, %s %.4f)", result.best["step"], result.best["metric"],
-                     result.best["value"])
-            result.model = dataclasses.replace(self.model, step=result.best["step"])
         if self.eval_data is None or not self.eval_config.after:
             return
         last_eval = {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()}
