@@ -427,4 +427,4 @@ def _clear_for_export(out: Path, fmt: str, overwrite: bool) -> None:
     for path in out.iterdir():
         if path.is_file() and (path.name.endswith((".safetensors", ".safetensors.index.json"))
                                or path.name in ("config.json", ADAPTER_CONFIG, "generation_config.json")):
-            path.unlink()
+            path.unlink(missing_ok=True)  # every process of a multi-host run exports the same files
