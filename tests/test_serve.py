@@ -454,7 +454,8 @@ def test_uploads_are_capped_and_stored_under_server_names(tmp_path):
 def test_chat_completion_options_are_read_as_openai_reads_them(tmp_path):
     """Null means the default (n, max_completion_tokens); no seed samples afresh; top_p 0 is greedy;
     usage counts the tokens of the text returned; a model without a chat template, a list as a
-    model and malformed sections are 400s naming the field, not 500s."""
+    model, malformed sections, options this server does not implement (logprobs, penalties) and
+    absurd hyperparameters are 400s naming the field, not 500s or silently other answers."""
     from starlette.testclient import TestClient
 
     from jaxtune.serve.app import Settings, create_app
@@ -492,13 +493,17 @@ def test_chat_completion_options_are_read_as_openai_reads_them(tmp_path):
         assert cut["choices"][0]["message"]["content"] == content.split(stop)[0], (content, stop)
         assert 0 < cut["usage"]["completion_tokens"] < 12
         for body, param in (({"model": "plain"}, "messages"), ({"stream": "false"}, "stream"),
-                            ({"stream": True, "stream_options": "x"}, "stream_options")):
+                            ({"stream": True, "stream_options": "x"}, "stream_options"),
+                            ({"logprobs": True}, "logprobs"), ({"frequency_penalty": 0.5}, "frequency_penalty")):
             bad = client.post("/v1/chat/completions", json={"model": "tiny", "messages": messages, **body})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
         upload = client.post("/v1/files", data={"purpose": "fine-tune"},
                              files={"file": ("a.jsonl", "".join(json.dumps(r) + "\n" for r in chat_rows(4)).encode())})
         supervised = {"type": "supervised", "supervised": "x"}
+        huge = {"type": "supervised", "supervised": {"hyperparameters": {"learning_rate_multiplier": 1e308}}}
         for body, param in (({"model": ["tiny"]}, "model"),
-                            ({"model": "tiny", "method": supervised}, "method.supervised")):
+                            ({"model": "tiny", "method": supervised}, "method.supervised"),
+                            ({"model": "tiny", "method": huge}, "method.supervised.hyperparameters."
+                                                                "learning_rate_multiplier")):
             bad = client.post("/v1/fine_tuning/jobs", json={"training_file": upload.json()["id"], **body})
             assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text

@@ -74,8 +74,20 @@ def _number(body: Mapping[str, Any], name: str, default: Any, low: float, high: 
     return value
 
 
+# Request fields this server does not implement: refused when they ask for anything but their default,
+# since answering without them would silently be another answer than the one asked for.
+UNSUPPORTED = {"logprobs": (None, False), "top_logprobs": (None,), "frequency_penalty": (None, 0, 0.0),
+               "presence_penalty": (None, 0, 0.0), "logit_bias": (None, {}), "tools": (None, []),
+               "tool_choice": (None, "none"), "functions": (None, []), "function_call": (None, "none"),
+               "response_format": (None, {"type": "text"}), "audio": (None,), "modalities": (None, ["text"]),
+               "prediction": (None,)}
+
+
 def options(body: Mapping[str, Any]) -> dict[str, Any]:
     """Sampling options of a chat completion request, checked."""
+    for name, defaults in UNSUPPORTED.items():
+        if name in body and body[name] not in defaults:
+            raise RequestError(f"{name}: not supported by this server; remove it", name)
     if body.get("n") not in (None, 1):  # null is the default, as OpenAI reads it
         raise RequestError("n: only n=1 is supported", "n")
     stop = body.get("stop") or []

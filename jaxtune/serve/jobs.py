@@ -118,14 +118,14 @@ def check_upload(path: Path, filename: str) -> tuple[str, int]:
 # ----------------------------------------------------------------------------- jobs
 
 
-def _choice(value: Any, name: str, *, integer: bool, auto: Any) -> Any:
-    """An OpenAI hyperparameter: ``"auto"`` (or absent) takes ``auto``; numbers must be positive."""
+def _choice(value: Any, name: str, *, integer: bool, auto: Any, high: float) -> Any:
+    """An OpenAI hyperparameter: ``"auto"`` (or absent) takes ``auto``; numbers must be in (0, ``high``]."""
     if value is None or value == "auto":
         return auto
     ok = (isinstance(value, int) if integer else isinstance(value, (int, float))) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        kind = "a positive integer" if integer else "a positive number"
-        raise RequestError(f"{name}: expected \"auto\" or {kind}, got {value!r}", name)
+    if not ok or not math.isfinite(value) or not 0 < value <= high:
+        kind = "an integer" if integer else "a number"
+        raise RequestError(f"{name}: expected \"auto\" or {kind} in (0, {high:g}], got {value!r}", name)
     return value
 
 
@@ -167,12 +167,13 @@ def job_recipe(*, model_path: str, method: str, hyperparameters: Mapping[str, An
         raise RequestError(f"hyperparameters: {unknown[0]!r} is not supported (supported: {', '.join(sorted(known))})",
                            f"hyperparameters.{unknown[0]}")
     param = f"method.{method}.hyperparameters."
+    # Upper bounds: OpenAI's batch size (256), and epochs and a multiplier past any useful value.
     batch = _choice(hyperparameters.get("batch_size"), param + "batch_size", integer=True,
-                    auto=recipe["data"]["batch_size"])
+                    auto=recipe["data"]["batch_size"], high=256)
     epochs = _choice(hyperparameters.get("n_epochs"), param + "n_epochs", integer=True,
-                     auto=recipe["train"].get("epochs") or 1)
+                     auto=recipe["train"].get("epochs") or 1, high=10_000)
     multiplier = _choice(hyperparameters.get("learning_rate_multiplier"), param + "learning_rate_multiplier",
-                         integer=False, auto=1.0)
+                         integer=False, auto=1.0, high=10)
     try:  # YAML 1.1 reads 1e-2 as a string; the config walker takes it, so must this
         base_lr = float(recipe["optimizer"]["learning_rate"])
     except (TypeError, ValueError):
@@ -190,7 +191,7 @@ def job_recipe(*, model_path: str, method: str, hyperparameters: Mapping[str, An
     if validation_file is not None:
         job["data"]["validation"] = str(validation_file)
     if method == "dpo":
-        beta = _choice(hyperparameters.get("beta"), param + "beta", integer=False, auto=None)
+        beta = _choice(hyperparameters.get("beta"), param + "beta", integer=False, auto=None, high=10)
         job["preference"] = {**(recipe.get("preference") or {"method": "dpo"}), "beta": beta}
         resolved["beta"] = beta if beta is not None else "auto"
     if not 0 <= seed < 2**32:
