@@ -172,6 +172,17 @@ class RunDir:
         if self.main:
             _write_json(self.path / self.IDENTITY, identity)
 
+    def check_plan(self, identity: dict[str, Any]) -> None:
+        """Refuse a directory whose checkpoints hold another plan's params: the plan rules, labels or
+        trainable shapes of ``run.json`` differ from ``identity``'s (what opening a run for its weights
+        needs; :meth:`check_resume` compares everything that makes a run, for training on)."""
+        saved = {k: v for k, v in (self.identity() or {}).items() if k in ("plan rules", "labels", "params")}
+        changed = differences(saved, identity)
+        if changed:
+            raise RunMismatchError(f"{self.path}: the run was trained with another plan or labels, so its "
+                                   f"checkpoints are not this model's: {'; '.join(changed)}; open it with the "
+                                   "configuration it was trained with (drop the overrides that change these)")
+
     def check_resume(self, resolved_config: dict[str, Any], identity: dict[str, Any]) -> None:
         """Refuse to resume a directory made by another model, plan, data or shapes: the fixed fields
         of ``config.yaml`` (:data:`FIXED_ON_RESUME`), or without them ``run.json`` (what a Trainer

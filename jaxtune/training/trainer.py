@@ -53,7 +53,7 @@ from jaxtune.training.preference import (
     reference_caches,
     with_reference_start,
 )
-from jaxtune.training.rundir import RunDir, RunDirError, RunMismatchError, differences
+from jaxtune.training.rundir import RunDir, RunDirError
 from jaxtune.training.sharding import (
     MeshConfig,
     batch_sharding,
@@ -398,15 +398,9 @@ class Trainer:
         return identity
 
     def check_plan(self) -> None:
-        """Refuse a run directory whose checkpoints hold another plan's params: its plan rules, labels
-        or trainable shapes differ from this trainer's (what opening a run for its weights needs;
-        :meth:`check_resume` is the whole identity, for training on)."""
-        saved = {k: v for k, v in (self.run.identity() or {}).items() if k in ("plan rules", "labels", "params")}
-        changed = differences(saved, self.identity())
-        if changed:
-            raise RunMismatchError(f"{self.run_dir}: the run was trained with another plan or labels, so its "
-                                   f"checkpoints are not this model's: {'; '.join(changed)}; open it with the "
-                                   "configuration it was trained with (drop the overrides that change these)")
+        """Refuse a run directory whose checkpoints hold another plan's params
+        (see :meth:`~jaxtune.training.rundir.RunDir.check_plan`)."""
+        self.run.check_plan(self.identity())
 
     def check_resume(self) -> None:
         """Refuse a run directory made by another model, plan, data or shapes, naming every difference

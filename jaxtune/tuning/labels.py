@@ -171,8 +171,9 @@ def resolve_adapters(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict
         rank = rule.rank or 8
         spec = AdapterSpec(rule.action, rank, float(rule.alpha if rule.alpha is not None else rank), bool(rule.rslora))
         adapters.update({m: spec for m in chosen})
+    owners = set(owner.values())
     for i, rule in enumerate(plan.rules):
-        if rule.action in ("lora", "dora") and i not in owner.values():
+        if rule.action in ("lora", "dora") and i not in owners:
             log.warning("%s has no effect: later adapter rules re-plan every module it adapts", plan.describe(i))
     return adapters
 

@@ -287,8 +287,8 @@ def apply_plan(
         params[PROMPT_LEAF] = init_prompt(params["embed_tokens"]["embedding"], prompt_tokens, init, k_prompt,
                                           text=prompt_rule.text, tokenizer=tokenizer)
 
-    # Adapters go on linear layers only: a convolution's kernel (ViT's patch projection) is 4-D; a MoE
-    # layer's stacked experts (E, in, out) are linears, one adapter each.
+    # Adapters and quantized matmuls go on linear layers only: a convolution's kernel (ViT's patch
+    # projection) is 4-D; a MoE layer's stacked experts (E, in, out) are linears, one adapter each.
     linear_or_other = [p for p, v in flatten_dict(params).items()
                        if p[-1] != "kernel" or v.ndim == 2 or is_expert_kernel(p)]
     adapters = labels_lib.resolve_adapters(plan, linear_or_other, cfg.num_layers)
@@ -297,10 +297,8 @@ def apply_plan(
     labels = unflatten_dict(flat_labels)
     params = cast_by_label(params, labels, frozen_dtype)
     loaded_quantized = [p for p, leaf in flatten_dict(params).items() if is_quantized(leaf)]
-    matrices = {p for p, v in flatten_dict(params).items()  # not a convolution's kernel: no quantized conv here
-                if p[-1] != "kernel" or getattr(v, "ndim", 2) == 2 or is_expert_kernel(p)}
     params = quantize_leaves(params, labels_lib.resolve_quantize(plan, flat_labels, cfg.num_layers, loaded_quantized,
-                                                                 matrices))
+                                                                 set(linear_or_other)))
 
     body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
     if hasattr(body_cfg, "training_batch_norms"):  # the BatchNorms whose statistics this plan trains
