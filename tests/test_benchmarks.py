@@ -115,6 +115,21 @@ def test_quality_run_side_scores_raw_predictions_and_passes_scored_sides_through
     assert passed["after"] == quality.outputs["trl"]["after"] and passed["before"] == quality.outputs["trl"]["before"]
 
 
+def test_quality_scores_an_image_classification_with_the_test_cross_entropy(quality):
+    """The PyTorch side's raw logits get the test loss jaxtune's evaluation reports (a continuous
+    metric that paired runs compare beside the accuracy), equal to torch's cross-entropy."""
+    import numpy as np
+    import torch
+
+    logits = np.random.default_rng(0).normal(size=(50, 10)) * 5
+    labels = np.random.default_rng(1).integers(0, 10, 50)
+    metrics = quality.score(quality.IMAGE_TASKS["fashion-mnist-lite0"], logits.tolist(), labels.tolist())
+    reference = torch.nn.functional.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)).item()
+    assert metrics["loss"] == pytest.approx(reference, rel=1e-12)
+    assert metrics["accuracy"] == np.mean(logits.argmax(-1) == labels)
+    assert "loss" not in quality.score(quality.TASKS["minilm-full"], logits.tolist(), labels.tolist())
+
+
 def test_quality_seeded_runs_are_logged_as_each_ends(quality, tmp_path):
     """Each finished seed is appended to the log at once (a stopped run of hours keeps it), and the
     summary is the mean and min..max over the seeds."""
