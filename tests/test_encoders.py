@@ -20,6 +20,7 @@ from helpers import torch_logits
 from test_tuning_lora import forward
 from test_tuning_peft import trained
 
+import jaxtune
 from jaxtune import tuning
 from jaxtune.models import hf
 
@@ -176,3 +177,32 @@ def test_adapter_made_by_peft_imports_exactly(pair, tmp_path):
     np.testing.assert_allclose(np.asarray(forward(tuned.module, tuned.params, ids, mask)),
                                torch_logits(made.eval(), ids, attention_mask=mask), atol=TOL, rtol=0)
 
+
+
+def test_bare_encoder_adapter_starts_a_run_with_a_new_head(pair, tmp_path):
+    """PEFT's FEATURE_EXTRACTION adapter on the bare encoder (no head saved) under a plan that adds
+    LoRA and a head: the adapter is laid out under the plan's head (the bare model has no output layer
+    of its own), its tensors land where peft put them (the logits equal those of peft's own merge of
+    it, under the same new head), and the head starts as the plan initialises it."""
+    _, model, path = pair
+    family = hf.FAMILIES[model.architecture]
+    if family.body is not None:
+        pytest.skip("a classifier checkpoint has its own head; the bare checkpoints cover this")
+    targets = ["q_lin", "v_lin"] if model.config.layout == "distilbert" else ["query", "value"]
+    bare = getattr(transformers, model.architecture).from_pretrained(path).eval()
+    torch.manual_seed(0)
+    made = peft.get_peft_model(bare, peft.LoraConfig(task_type="FEATURE_EXTRACTION", r=4, lora_alpha=8,
+                                                     target_modules=targets, init_lora_weights=False))
+    made.save_pretrained(tmp_path / "adapter")
+    made.merge_and_unload().save_pretrained(tmp_path / "merged")
+    head = tuning.head("classification", num_labels=3)
+    tuned = tuning.apply_plan(jaxtune.load(str(path), adapter=str(tmp_path / "adapter")),
+                              tuning.lora(rank=4, alpha=8, targets=targets) + head)
+    planned = tuning.apply_plan(model, tuning.lora(rank=4, alpha=8, targets=targets) + head)
+    merged = tuning.apply_plan(hf.load_pretrained(tmp_path / "merged"), head)
+    np.testing.assert_array_equal(np.asarray(tuned.params["head"]["out"]["kernel"]),
+                                  np.asarray(planned.params["head"]["out"]["kernel"]))
+    ids, mask = _padded(model.hf_config["pad_token_id"])
+    ours = np.asarray(forward(tuned.module, tuned.params, ids, mask))
+    np.testing.assert_allclose(ours, np.asarray(forward(merged.module, merged.params, ids, mask)), atol=TOL, rtol=0)
+    assert not np.allclose(ours, np.asarray(forward(planned.module, planned.params, ids, mask)), atol=1e-3)

@@ -91,12 +91,24 @@ def load_peft(
     rng: jax.Array | None = None,
     *,
     frozen_dtype: Any | None = None,
+    head: Rule | None = None,
 ) -> Tuned:
     """Load a PEFT LoRA/DoRA or prompt-tuning adapter onto ``pretrained`` to continue training.
 
     The returned :class:`Tuned` has the adapter's leaves (and ``modules_to_save`` modules)
     trainable and everything else frozen; its ``plan`` spells that out as rules.
+
+    Args:
+      head: a head rule for an adapter that saves no head of its own: a bare encoder's adapter
+        (PEFT's ``FEATURE_EXTRACTION``) has no output layer to train on otherwise. The head is new
+        (initialised from ``rng``); a head the adapter saves is read instead and this rule is unused.
     """
+    return _load_peft(pretrained, adapter_dir, rng, frozen_dtype, head)[0]
+
+
+def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Array | None, frozen_dtype: Any | None,
+               head: Rule | None) -> tuple[Tuned, bool]:
+    """:func:`load_peft`'s result, and whether its head is the ``head`` rule's (new, not the adapter's)."""
     adapter_dir = Path(adapter_dir)
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.exists():
@@ -130,9 +142,16 @@ def load_peft(
         num = reader.shape(f"{PREFIX}{head_out}.weight")[0]
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
                           bias=f"{head_out}.bias" in keys))
+    head_is_given = head is not None and not rules
+    if head_is_given:
+        rules.append(head)
     layout = planning.apply_plan(pretrained, Plan(tuple(rules)))  # the tree the adapter will be laid onto
+    # The adapter of a bare encoder names modules as the bare model does, whatever head the plan adds.
+    def named(t: Tuned) -> Tuned:
+        return dataclasses.replace(t, head=None) if head_is_given else t
+
     layout_modules = modules_of(stacking.unstack(layout.params))
-    by_name = hf_module_names(layout, list(layout_modules))
+    by_name = hf_module_names(named(layout), list(layout_modules))
     unknown = sorted(saved - set(by_name))
     if unknown:
         raise ExportError(f"{adapter_dir}: modules_to_save {unknown[:5]} are not modules of {pretrained.architecture}")
@@ -148,8 +167,8 @@ def load_peft(
     if trained:
         rules.append(Rule("train", match=_exact(trained)))
     tuned = planning.apply_plan(pretrained, Plan(tuple(rules)), rng)
-    tuned.params = cast_by_label(_fill(tuned, reader, keys, by_name, adapter_dir), tuned.labels, frozen_dtype)
-    return tuned
+    tuned.params = cast_by_label(_fill(named(tuned), reader, keys, by_name, adapter_dir), tuned.labels, frozen_dtype)
+    return tuned, head_is_given
 
 
 def apply_plan(pretrained: hf.Pretrained, plan: Any, rng: jax.Array | None = None, **options: Any) -> Tuned:
@@ -168,7 +187,11 @@ def apply_plan(pretrained: hf.Pretrained, plan: Any, rng: jax.Array | None = Non
     planned = planning.apply_plan(pretrained, plan, rng, **options)
     if adapter is None:
         return planned
-    return start_from(planned, load_peft(pretrained, adapter, frozen_dtype=options.get("frozen_dtype")), adapter)
+    # An adapter without a head is laid out under the plan's head (a bare encoder has no output layer
+    # otherwise); that head then starts as the plan initialises it, not from the adapter.
+    head = next((r for r in reversed(planned.plan.rules) if r.action == "head"), None)
+    loaded, head_is_planned = _load_peft(pretrained, adapter, None, options.get("frozen_dtype"), head)
+    return start_from(planned, loaded, adapter, head=not head_is_planned)
 
 
 def _describe_adapter(tuned: Tuned, module: Module) -> str:
@@ -178,8 +201,9 @@ def _describe_adapter(tuned: Tuned, module: Module) -> str:
     return f"{spec.kind} rank {spec.rank} alpha {spec.alpha:g}" + (" rslora" if spec.rslora else "")
 
 
-def start_from(planned: Tuned, loaded: Tuned, adapter_dir: str | Path) -> Tuned:
-    """``planned`` with every trainable leaf of ``loaded`` (a :func:`load_peft` result) copied in.
+def start_from(planned: Tuned, loaded: Tuned, adapter_dir: str | Path, *, head: bool = True) -> Tuned:
+    """``planned`` with every trainable leaf of ``loaded`` (a :func:`load_peft` result) copied in;
+    with ``head=False`` the head's leaves keep ``planned``'s values (``loaded``'s head is not the adapter's).
 
     Raises :class:`ExportError` (one line, naming ``model.adapter``, the param path and the fix)
     when a loaded leaf has no trainable leaf of the same shape and adapter spec in ``planned``.
@@ -189,7 +213,7 @@ def start_from(planned: Tuned, loaded: Tuned, adapter_dir: str | Path) -> Tuned:
     values = flatten_dict(stacking.unstack(loaded.params))
     fix = "give the plan the adapter was trained with (the SFT run's plan)"
     for path, label in flatten_dict(stacking.unstack(loaded.labels)).items():
-        if label == FROZEN:
+        if label == FROZEN or (not head and path[0] == HEAD_KEY):
             continue
         where = f"model.adapter: {adapter_dir} trains {path_str(path)}"
         module = path[:-1]

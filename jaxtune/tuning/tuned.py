@@ -206,6 +206,12 @@ def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, Hea
     return body_cfg, dict(params[layout.body]), spec, dict(params[HEAD_KEY])
 
 
+def has_output_layer(pretrained: Pretrained) -> bool:
+    """Whether ``pretrained`` trains without a head rule: a decoder (its LM head) or a checkpoint with its
+    own classifier; a bare encoder (``BertModel``, ``ViTModel``) has none."""
+    return isinstance(pretrained.config, decoder.DecoderConfig) or _split_pretrained(pretrained)[2] is not None
+
+
 def _last(plan: Plan, action: str) -> tuple[int, Rule] | tuple[None, None]:
     found = [(i, r) for i, r in enumerate(plan.rules) if r.action == action]
     return found[-1] if found else (None, None)
