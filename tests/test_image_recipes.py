@@ -55,3 +55,25 @@ def test_image_recipe_runs_tiny(recipe, tiny, tmp_path):
     train = [r for r in records if "loss" in r]
     assert train and all("tokens_per_s" not in r for r in train)
     assert all(r["examples_per_s"] / r["steps_per_s"] == pytest.approx(8) for r in train)
+
+
+
+def test_a_truncated_image_file_stops_the_run_before_its_first_step(tiny, tmp_path):
+    """Reading checks each file's header only; the Trainer decodes every file once as it starts, so
+    a file cut short after its header fails naming it before training, not when its batch comes up."""
+    from PIL import Image
+
+    import jaxtune as jt
+    from jaxtune.data import DataError, LoaderConfig
+    from jaxtune.data.images import read_images
+
+    folder = tmp_path / "images"
+    for i in range(8):
+        (folder / "ab"[i % 2]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 20, 3), 30 * i, np.uint8)).save(folder / "ab"[i % 2] / f"{i}.png")
+    broken = folder / "b" / "5.png"
+    broken.write_bytes(broken.read_bytes()[:60])  # the header (size, mode) intact, the pixels cut off
+    source = read_images(folder, "classification")  # passes: the header is whole
+    model = jt.apply_plan(jt.load(str(tiny / "vit")), jt.head("classification"), data=source)
+    with pytest.raises(DataError, match=rf"^{broken}: not a readable image"):
+        jt.Trainer(model, source, run_dir=tmp_path / "run", data=LoaderConfig(batch_size=8))

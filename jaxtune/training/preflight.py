@@ -31,11 +31,13 @@ def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool) ->
     """A loader for a :class:`~jaxtune.data.Source` (batched by ``config``: training order and
     packing with ``train``, the evaluation pass without), anything else (a Loader, an iterable of
     batches, None) as it is. Text is tokenized once here, so bad rows and over-long examples fail
-    before any compute; images are sized and normalised as ``model`` expects."""
+    before any compute; images are decoded once (the same check), sized and normalised as ``model`` expects."""
     if not isinstance(data, Source):
         return data
     if isinstance(data, ImageSource):
-        return image_loader(data, ImageSpec.for_model(model.config, model.source), config, train=train)
+        loader = image_loader(data, ImageSpec.for_model(model.config, model.source), config, train=train)
+        loader.scan()  # every image file decodes: a corrupt one fails here, not at its batch
+        return loader
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer to encode the data: load it with jaxtune.load, or pass "
                          "tokenizer= to apply_plan")
