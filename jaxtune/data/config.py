@@ -160,12 +160,14 @@ def _packaged(config: DataConfig) -> tuple[Path, Path, bool]:
     return prepared.train, prepared.test, sized
 
 
-def read_data(config: DataConfig, *, train: bool = True,
+def read_data(config: DataConfig, *, train: bool = True, validation: bool = True,
               syntax: Syntax = RECIPE) -> tuple[Source | None, Source | None]:
     """The config's sources, read and validated (no tokenization yet): ``(train, validation)``.
 
     ``train=False`` reads only what evaluation needs (a validation file, or the split of
     ``train`` when validation is a fraction); ``validation`` is None when the data has none.
+    ``validation=False`` reads no validation data at all (a packaged dataset's own split neither);
+    with ``train=False`` only a classification's training labels are read (they order the head).
     ``syntax``: errors suggest fixes as recipe keys (``data.skip_bad_rows=true``, the default) or
     Python arguments (``jaxtune.read``).
     """
@@ -181,6 +183,8 @@ def read_data(config: DataConfig, *, train: bool = True,
         val_path = Path(config.validation) if config.validation else val_path
     else:
         train_path, val_path, sized = Path(config.train), config.validation and Path(config.validation), False
+    if not validation:
+        config, val_path = dataclasses.replace(config, validation_fraction=None), None
     need_train = train or config.validation_fraction is not None or kind == "classification"
 
     def read_one(path: Path, **labels: Any) -> Source:
