@@ -56,6 +56,19 @@ def test_data_throughput_benchmark_smoke():
 
 
 @pytest.mark.slow
+def test_gradient_precision_benchmark_smoke(tmp_path):
+    """One small batch: both float32 gradients are close to the float64 one (the real weights; their
+    BatchNorms keep float32's error near 1e-3 of the gradient's norm), and the record holds both sides."""
+    proc = _run(str(BENCH / "gradient_precision.py"), "--batches", "1", "--batch-size", "4", "--size", "64",
+                "--out", str(tmp_path / "g.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [row] = json.loads((tmp_path / "g.json").read_text())["rows"]
+    for side in ("jaxtune_fp32", "pytorch_fp32"):
+        assert row[side]["loss"] < 1e-5 and row[side]["gradient"] < 2e-2 and row[side]["leaves"] == 53
+    assert "| batch | side |" in proc.stdout
+
+
+@pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
     """Both sides of three tasks (full + pooler head, chat LoRA with choice accuracy, LoRA +
     regression head) run end to end on the real assets; the base metrics of the chat task are
