@@ -86,6 +86,38 @@ def test_weight_decay_skips_biases_norms_and_magnitudes():
     assert float(updates["q"]["bias"][0]) == 0.0
 
 
+def test_adam_weight_decay_is_torch_adams_l2_and_no_optimizer_changes_state_with_it():
+    """``adam`` with ``weight_decay`` steps as ``torch.optim.Adam(weight_decay=)`` (L2 added to the
+    gradient before the moments; it was silently ignored); for every optimizer a weight decay changed
+    on resume fits the saved state (adafactor's state lost a chain element at 0)."""
+    w0 = np.array([[0.5, -1.0], [2.0, 0.25]], np.float32)
+    grads = [np.array([[0.1, 0.2], [-0.3, 0.05]], np.float32), np.array([[-0.2, 0.1], [0.4, 0.0]], np.float32)]
+    opt, _ = build_optimizer(OptimizerConfig(name="adam", learning_rate=0.1, weight_decay=0.5, clip_grad_norm=None,
+                                             schedule="constant"), 10)
+    params = {"w": {"kernel": jnp.asarray(w0)}}
+    state = opt.init(params)
+    ref = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    torch_opt = torch.optim.Adam([ref], lr=0.1, weight_decay=0.5)
+    for g in grads:
+        updates, state = opt.update({"w": {"kernel": jnp.asarray(g)}}, state, params)
+        params = jax.tree.map(lambda p, u: p + u, params, updates)
+        ref.grad = torch.from_numpy(g.copy())
+        torch_opt.step()
+    # (optax computes Adam's bias correction 1 - b2**t in float32, torch in Python floats: ~1e-5 apart)
+    np.testing.assert_allclose(np.asarray(params["w"]["kernel"]), ref.detach().numpy(), rtol=1e-4)
+    for name in ("adamw", "adam", "sgd", "lion", "adafactor"):
+        states = [jax.tree.structure(build_optimizer(OptimizerConfig(name=name, weight_decay=wd), 10)[0].init(params))
+                  for wd in (0.0, 0.1)]
+        assert states[0] == states[1], name
+
+
+def test_a_warmup_as_long_as_the_run_is_cut_with_a_warning(caplog):
+    with caplog.at_level("WARNING"):
+        lr = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_steps=10), total_steps=4)
+    assert "optimizer.warmup_steps 10 is not shorter than the run's 4 steps" in caplog.text
+    assert [float(lr(i)) for i in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
+
+
 def test_group_learning_rates_scale_updates_and_reject_unknown_groups():
     params = {"body": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
     groups = {"body": {"kernel": "train"}, "head": {"kernel": "head"}}

@@ -328,6 +328,52 @@ def test_early_stopping_on_a_metric_that_stops_improving(setup, tmp_path):
     assert result.state == "early_stopped" and result.step == 3  # best at 1, then 2 evaluations without gain
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "early_stopped"
 
+    def again(patience: int):
+        tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+        return Trainer(tuned, train_data=_loader(train, train=True), eval_data=_loader(valid, train=False),
+                       optimizer=optax.set_to_zero(), config=TrainConfig(steps=50, log_every=1, progress=False),
+                       eval=EvalConfig(every=1, best_metric="loss", early_stopping_patience=patience),
+                       run_dir=tmp_path, mesh=ONE_DEVICE()).fit()
+
+    # The same run again stays stopped (it trained 2 more steps and stopped anew); more patience trains on.
+    assert (again(2).state, again(2).step) == ("early_stopped", 3)
+    assert (again(3).state, again(3).step) == ("early_stopped", 4)
+
+
+def test_best_tracking_skips_undefined_values_and_restarts_for_another_metric():
+    """A NaN (Pearson's r of constant targets) was stored as the best, after which no evaluation could
+    beat it and early stopping ended a run whose loss still fell; a best metric changed on resume was
+    compared with the old metric's best value."""
+    from jaxtune.training.loop import Best
+
+    best = Best("pearson")
+    assert not best.update(math.nan, 1, higher_is_better=True) and (best.value, best.bad_evals) == (None, 0)
+    assert best.update(0.3, 2, higher_is_better=True) and (best.value, best.step) == (0.3, 2)
+    assert not best.update(math.nan, 3, higher_is_better=True) and best.bad_evals == 0
+    assert not best.update(0.2, 4, higher_is_better=True) and best.bad_evals == 1 and best.out_of_patience(1)
+    assert not Best("pearson").out_of_patience(0)  # nothing tracked yet: no best to be patient about
+    saved = {"best_metric": "loss", "best_value": 2.06, "best_step": 2, "bad_evals": 1}
+    assert Best.restored(saved, "pearson") == Best("pearson")
+    assert Best.restored(saved, "loss") == Best("loss", 2.06, 2, 1)
+    assert Best.restored({k: v for k, v in saved.items() if k != "best_metric"}, "loss") == Best("loss", 2.06, 2, 1)
+    assert Best.restored({**saved, "best_value": math.nan}, "loss") == Best("loss")
+
+
+def test_epochs_count_batches_of_the_batch_size_whatever_the_accumulation(setup, tmp_path):
+    """``grad_accum_steps`` splits each batch into micro-batches, so an epoch of N rows in batches of 4
+    is N // 4 updates with any accumulation (it was N // (4 x k): 1/k of the epoch)."""
+    from jaxtune.training import preflight
+
+    model_dir, train, _ = setup
+    loader = _loader(train, train=True)
+    rows = loader.rows_per_epoch()[0]
+    assert [preflight.count_steps(TrainConfig(epochs=1, grad_accum_steps=k), loader) for k in (1, 2, 4)] == [
+        rows // 4] * 3
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+    with pytest.raises(ValueError, match=r"^train.grad_accum_steps: 3 does not divide data.batch_size 4; "):
+        Trainer(tuned, train_data=loader, config=TrainConfig(steps=2, grad_accum_steps=3), run_dir=tmp_path,
+                mesh=ONE_DEVICE())
+
 
 def test_non_finite_loss_stops_with_the_step_named(setup, tmp_path, caplog):
     model_dir, train, _ = setup

@@ -19,7 +19,9 @@ class TrainConfig:
     """How long and how to train.
 
     ``steps`` (optimizer updates) or ``epochs`` (passes over the training data; the default is
-    one epoch when neither is given), each update averaging ``grad_accum_steps`` micro-batches.
+    one epoch when neither is given). Each update is one batch of ``data.batch_size`` rows;
+    ``grad_accum_steps`` computes its gradient in that many micro-batches (the same update, a
+    micro-batch's activations in memory at a time), so it must divide the batch size.
     ``log_every``: steps between progress lines and ``metrics.jsonl`` records (the only time the
     host waits for the device). ``chunk_tokens``: tokens per chunk of the LM head + loss (bounds
     the logits' memory). ``regression_loss``: ``mse`` or ``huber``. ``progress``: print progress.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -82,14 +83,49 @@ class Throughput:
 
 @dataclasses.dataclass
 class Best:
-    """The best evaluation so far by ``eval.best_metric``, and evaluations since it improved."""
+    """The best evaluation so far by ``metric`` (``eval.best_metric``), and evaluations since it improved."""
 
+    metric: str | None = None
     value: float | None = None
     step: int | None = None
     bad_evals: int = 0
 
     def as_metadata(self) -> dict[str, Any]:
-        return {"best_value": self.value, "best_step": self.step, "bad_evals": self.bad_evals}
+        return {"best_metric": self.metric, "best_value": self.value, "best_step": self.step,
+                "bad_evals": self.bad_evals}
+
+    @classmethod
+    def restored(cls, saved: dict[str, Any], metric: str | None) -> Best:
+        """The tracker a checkpoint's metadata (``as_metadata``) holds, for ``metric``; a fresh one where
+        it tracked another metric (its best is not comparable) or holds a non-finite best."""
+        was = saved.get("best_metric", metric)  # checkpoints written before it was recorded: the same
+        if was != metric:
+            if saved.get("best_step") is not None:
+                log.info("eval.best_metric is %s, was %s: the best checkpoint is chosen anew from this run's "
+                         "evaluations", metric, was)
+            return cls(metric)
+        value = saved.get("best_value")
+        if value is not None and not math.isfinite(value):
+            return cls(metric)
+        return cls(metric, value, saved.get("best_step"), int(saved.get("bad_evals", 0)))
+
+    def update(self, value: float | None, step: int, higher_is_better: bool) -> bool:
+        """Track an evaluation's ``value`` at ``step``; True when it is the new best. A missing or
+        non-finite value (Pearson's r of constant predictions, say) is neither a best nor a step
+        toward early stopping, which would otherwise end a run whose loss still falls."""
+        if value is None or not math.isfinite(value):
+            log.warning("step %d: %s is %s, so it is not compared for the best checkpoint or early stopping "
+                        "(choose another eval.best_metric if it stays so)", step, self.metric, value)
+            return False
+        if self.value is None or (value > self.value if higher_is_better else value < self.value):
+            self.value, self.step, self.bad_evals = value, step, 0
+            return True
+        self.bad_evals += 1
+        return False
+
+    def out_of_patience(self, patience: int | None) -> bool:
+        """Whether ``patience`` evaluations have passed without improving on a best."""
+        return patience is not None and self.step is not None and self.bad_evals >= patience
 
 
 class TrainRecords:

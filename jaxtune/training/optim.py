@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
 # Leaves that are scales or offsets, not weight matrices: decaying them toward 0 hurts.
 _NO_DECAY_LEAVES = ("bias", "scale", MAGNITUDE, LORA_SCALE)
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,10 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to ``learning_rate``, then constant, cosine or linear decay to ``min_lr_ratio``."""
     total = max(int(total_steps), 1)
     warmup = min(cfg.warmup_steps or int(cfg.warmup_ratio * total), total - 1) if total > 1 else 0
+    if cfg.warmup_steps >= total > 1:
+        log.warning("optimizer.warmup_steps %d is not shorter than the run's %d steps: the warmup is cut to %d steps "
+                    "and the learning rate does not decay; use fewer warmup steps or more steps",
+                    cfg.warmup_steps, total, warmup)
     peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     decay_steps = max(total - warmup, 1)
     if cfg.schedule == "constant":
@@ -117,12 +124,15 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int,
     schedule = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
         core = optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-    elif cfg.name == "adam":
-        core = optax.adam(schedule, cfg.b1, cfg.b2, cfg.eps)
+    elif cfg.name == "adam":  # weight decay as torch.optim.Adam's: L2, added to the gradient before Adam
+        core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                           optax.adam(schedule, cfg.b1, cfg.b2, cfg.eps))
     elif cfg.name == "lion":
         core = optax.lion(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
     elif cfg.name == "adafactor":
-        core = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
+        # Always a rate (0.0 too): None would drop a chain element, and a weight_decay changed on resume
+        # would then not fit the saved optimizer state.
+        core = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay, weight_decay_mask=decay_mask)
     else:
         core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask),
                            optax.sgd(schedule, momentum=cfg.b1))

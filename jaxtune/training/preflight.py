@@ -105,8 +105,9 @@ def check_token_ids(model: Tuned, loaders: list[Loader]) -> None:
 
 
 def count_steps(config: TrainConfig, train_data: Any) -> int:
-    """``config.steps``, or ``epochs x rows // (batch_size x grad_accum_steps)`` (1 with no train data:
-    a trainer that only evaluates)."""
+    """``config.steps``, or ``epochs x rows // batch_size`` (1 with no train data: a trainer that only
+    evaluates). Each step reads one batch of ``data.batch_size`` rows, whatever ``grad_accum_steps``
+    (which splits that batch into micro-batches, see :func:`check_accumulation`)."""
     if config.steps is not None:
         return config.steps
     if train_data is None:
@@ -116,13 +117,23 @@ def count_steps(config: TrainConfig, train_data: Any) -> int:
                          "train.steps for other iterables")
     rows, how = train_data.rows_per_epoch()
     epochs = config.epochs or 1.0
-    batch = train_data.config.batch_size * config.grad_accum_steps
+    batch = train_data.config.batch_size
     steps = int(rows * epochs) // batch
     if steps < 1:
         raise ValueError(f"train.epochs: {epochs:g} epoch(s) of {how} is less than one batch of {batch} rows; use "
                          "more data or a smaller data.batch_size")
     log.info("steps: %d (%g epoch(s) of %s / batch %d)", steps, epochs, how, batch)
     return steps
+
+
+def check_accumulation(config: TrainConfig, train_data: Any) -> None:
+    """``grad_accum_steps`` splits each batch of ``data.batch_size`` rows into that many micro-batches
+    (one update per batch, a micro-batch's activations in memory at a time), so it must divide the batch."""
+    k = config.grad_accum_steps
+    if k > 1 and isinstance(train_data, Loader) and train_data.config.batch_size % k:
+        raise ValueError(f"train.grad_accum_steps: {k} does not divide data.batch_size {train_data.config.batch_size}; "
+                         "each update splits its batch into that many micro-batches: choose a divisor of the batch "
+                         "size (raise data.batch_size for a larger update)")
 
 
 def check_recalibration(config: TrainConfig, model: Tuned, train_data: Any) -> None:

@@ -160,6 +160,7 @@ class Trainer:
         self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh or MeshConfig())
         preflight.check_data(model, self.train_data, self.eval_data, self.mesh, preference)
         self.steps = preflight.count_steps(config, self.train_data)
+        preflight.check_accumulation(config, self.train_data)
         preflight.check_recalibration(config, model, self.train_data)
         self.choice_token_ids = preflight.choice_ids(model, eval, preflight.data_kinds(self.train_data, self.eval_data))
         preflight.check_best_metric(eval, self.task, bool(self.choice_token_ids))
@@ -351,7 +352,12 @@ class Trainer:
         best = self._resume(iterator)
         previous = (self.run.status() or {}).get("state")
         try:
-            if self.step >= self.steps:
+            if best.out_of_patience(self.eval_config.early_stopping_patience):  # stopped early: stays stopped
+                log.info("stopped early at step %d (%s has not improved for %d evaluations): nothing to train; "
+                         "raise eval.early_stopping_patience to train on", self.step, self.eval_config.best_metric,
+                         best.bad_evals)
+                state, train_metrics, eval_metrics = "early_stopped", {}, {}
+            elif self.step >= self.steps:
                 log.info("already trained to step %d of %d: nothing to train", self.step, self.steps)
                 state = previous if previous in ("finished", "early_stopped") else "finished"
                 train_metrics, eval_metrics = {}, {}
@@ -410,12 +416,12 @@ class Trainer:
     def _resume(self, iterator: Any) -> Best:
         restored = self.checkpointer.restore(self.trainable, self.opt_state, data_iterator=iterator)
         if restored is None:
-            return Best()
+            return Best(self.eval_config.best_metric)
         self.step, self.trainable, self.opt_state, self.rng, meta = restored
         self._saved_step = self.step
         saved = meta.get("metrics", {})
         log.info("resumed from %s at step %d", self.run_dir / "checkpoints" / str(self.step), self.step)
-        return Best(saved.get("best_value"), saved.get("best_step"), int(saved.get("bad_evals", 0)))
+        return Best.restored(saved, self.eval_config.best_metric)
 
     def _save(self, iterator: Any, best: Best, metrics: dict[str, Any]) -> None:
         """Checkpoint the current state; every caller has first read the steps' finite flags (_non_finite)."""
@@ -469,8 +475,7 @@ class Trainer:
                         self._recalibrate()
                         eval_metrics = self._evaluate_and_track(best)
                         window.pause(time.perf_counter() - started)
-                        patience = self.eval_config.early_stopping_patience
-                        if patience is not None and best.bad_evals >= patience:
+                        if best.out_of_patience(self.eval_config.early_stopping_patience):
                             log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at "
                                      "step %d)", self.step, self.eval_config.best_metric, best.bad_evals, best.value,
                                      best.step)
@@ -568,11 +573,8 @@ class Trainer:
             value = metrics.get(f"eval/{name.removeprefix('eval/')}")
             bare = name.removeprefix("eval/")
             higher = HIGHER_IS_BETTER.get(bare, HIGHER_IS_BETTER.get(bare.split("/")[-1], False))
-            if best.value is None or (value > best.value if higher else value < best.value):
-                best.value, best.step, best.bad_evals = value, self.step, 0
+            if best.update(value, self.step, higher):
                 self.checkpointer.save_best(self.step, self.trainable, metrics)
-            else:
-                best.bad_evals += 1
         return metrics
 
     def _finish(self, result: FitResult) -> None:
