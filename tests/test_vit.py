@@ -114,6 +114,35 @@ def test_lora_on_vit_exports_a_peft_adapter_with_equal_logits(vit_dirs, tmp_path
     np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
 
 
+@pytest.mark.parametrize("base", ["model", "classifier"])
+def test_trained_vit_exports_merged_and_as_peft_with_equal_logits(vit_dirs, base, tmp_path):
+    """A ViTModel with a new head, and a ViTForImageClassification with its own classifier: the
+    merged export is a ViTForImageClassification with jaxtune's logits (its head was written as
+    ``head.out.*``, so transformers loaded a random classifier), and the checkpoint's own classifier
+    exports at all (its head was taken for one with no transformers class) and PEFT reads it back."""
+    import peft
+
+    from jaxtune import tuning
+
+    plan = tuning.lora(rank=4, alpha=8) + (tuning.head("classification", 3) if base == "model" else tuning.Plan(()))
+    tuned = tuning.apply_plan(hf.load_pretrained(vit_dirs / base), plan)
+    assert tuned.hf_architecture == "ViTForImageClassification"
+    params, _ = _fit(tuned, _image_batch())
+    x = pixels(3, seed=6)
+    ours = np.asarray(tuned.module.apply({"params": params}, pixel_values=x))
+    tuning.export_merged(tuned, tmp_path / "merged", params=params)
+    tuning.export_peft(tuned, tmp_path / "peft", params=params)
+    with torch.no_grad():
+        merged = ViTForImageClassification.from_pretrained(tmp_path / "merged").eval()
+        np.testing.assert_allclose(merged(pixel_values=torch.from_numpy(x)).logits.numpy(), ours, atol=TOL, rtol=0)
+        start = ViTForImageClassification.from_pretrained(vit_dirs / base, num_labels=3)
+        adapted = peft.PeftModel.from_pretrained(start, tmp_path / "peft").eval()
+        np.testing.assert_allclose(adapted(pixel_values=torch.from_numpy(x)).logits.numpy(), ours, atol=TOL, rtol=0)
+    back = tuning.load_peft(hf.load_pretrained(vit_dirs / base), tmp_path / "peft")
+    np.testing.assert_allclose(np.asarray(back.module.apply({"params": back.params}, pixel_values=x)), ours,
+                               atol=TOL, rtol=0)
+
+
 def test_partial_plan_trains_only_the_last_block_and_the_final_norm(vit_dirs):
     from flax.traverse_util import flatten_dict
 

@@ -293,7 +293,10 @@ class ViTClassifier(nn.Module):
 
 def hf_module(modules: tuple[str, ...]) -> str:
     """transformers module name of a param path's modules: ``('layers_2', 'attention', 'q_proj')``
-    -> ``'layers.2.attention.q_proj'``; ``('vit', ...)`` keeps its ``vit.``."""
+    -> ``'layers.2.attention.q_proj'``; ``('vit', ...)`` keeps its ``vit.``; a head's ``('head', 'out')``
+    is ``ViTForImageClassification``'s ``classifier``."""
+    if modules[0] == "head":
+        return ViTConfig.classifier_layout.hf_names()[modules[1]]
     return ".".join(m.replace("layers_", "layers.", 1) if m.startswith("layers_") else m for m in modules)
 
 

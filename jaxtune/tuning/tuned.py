@@ -191,7 +191,7 @@ def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, Hea
                 {"out": params["fc"]})
     if pretrained.architecture in vit.CLASSIFIERS:  # ViTClassifier = ViT + classifier on the final [CLS] state
         spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
-                        pooling="cls", dropout=0.0, bias=True)
+                        pooling="cls", dropout=0.0, bias=True, input_dropout=cfg.classifier_layout.input_dropout)
         return cfg, dict(params["vit"]), spec, {"out": params["classifier"]}
     if FAMILIES[pretrained.architecture].body is None:
         return cfg, dict(params), None, None
