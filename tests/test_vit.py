@@ -143,6 +143,29 @@ def test_trained_vit_exports_merged_and_as_peft_with_equal_logits(vit_dirs, base
                                atol=TOL, rtol=0)
 
 
+def test_trained_class_token_and_positions_are_refused_as_peft_and_export_merged(vit_dirs, tmp_path):
+    """transformers keeps ViT's cls_token and position_embeddings as bare parameters, which PEFT's
+    modules_to_save cannot hold (the adapter named them and PEFT dropped them without a word: other
+    logits); ``auto`` writes the merged model, with jaxtune's logits."""
+    import dataclasses
+
+    import jaxtune as jt
+    from jaxtune import tuning
+
+    plan = (tuning.lora(rank=4, alpha=8, targets=["q_proj"]) + tuning.train("cls_token|position_embeddings")
+            + tuning.head("classification", 3))
+    tuned = tuning.apply_plan(hf.load_pretrained(vit_dirs / "model"), plan)
+    params, _ = _fit(tuned, _image_batch())
+    with pytest.raises(tuning.ExportError, match=r"^embeddings/cls_token \(and 1 more\) trains as a bare tensor"):
+        tuning.export_peft(tuned, tmp_path / "peft", params=params)
+    out = jt.export(dataclasses.replace(tuned, params=params, step=3), tmp_path / "auto")
+    x = pixels(3, seed=7)
+    with torch.no_grad():
+        theirs = ViTForImageClassification.from_pretrained(out).eval()(pixel_values=torch.from_numpy(x)).logits
+    np.testing.assert_allclose(theirs.numpy(), np.asarray(tuned.module.apply({"params": params}, pixel_values=x)),
+                               atol=TOL, rtol=0)
+
+
 def test_partial_plan_trains_only_the_last_block_and_the_final_norm(vit_dirs):
     from flax.traverse_util import flatten_dict
 

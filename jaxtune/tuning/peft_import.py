@@ -333,7 +333,11 @@ def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_n
         elif not _ADAPTER_KEY.search(name):
             module, leaf = name.replace(_BASE_LAYER, ".").rsplit(".", 1)
             base_leaf = "bias" if leaf == "bias" else next(
-                k for k in ("kernel", "embedding", "scale") if by_name[module] + (k,) in flat)
+                (k for k in ("kernel", "embedding", "scale") if by_name[module] + (k,) in flat), None)
+            if base_leaf is None:
+                raise ExportError(f"{adapter_dir / ADAPTER_WEIGHTS}: tensor {name} is no module's weight in "
+                                  f"{tuned.architecture} (a bare parameter PEFT cannot save); remove it from the "
+                                  "adapter")
             path = by_name[module] + (base_leaf,)
             wanted[path] = (name, hf.stored_transposed(family_of(tuned), path))
     used = {key for key, _ in wanted.values()}

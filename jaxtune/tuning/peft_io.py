@@ -30,7 +30,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import hf, stacking
+from jaxtune.models import hf, stacking, vit
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
 from jaxtune.models.load import ADAPTER_CONFIG
 from jaxtune.models.quant import dequantize_tree
@@ -242,6 +242,14 @@ def check_peft(tuned: Tuned) -> None:
     if tuned.adapters and tuned.prompt_tokens:
         raise ExportError("a PEFT adapter is either LoRA/DoRA or prompt tuning; this plan has both, and a merged "
                           "export cannot hold prompt tuning: train LoRA first, export it merged, then prompt-tune that")
+    # transformers keeps ViT's cls_token and position_embeddings as parameters of no module of their own,
+    # and PEFT's modules_to_save saves whole modules: an adapter would name them and PEFT would drop them.
+    bare = sorted(path_str(path[:-1]) for path, label in flatten_dict(stacking.unstack(tuned.labels)).items()
+                  if label != FROZEN and path[-1] == vit.TENSOR_LEAF)
+    if bare:
+        raise ExportError(f"{bare[0]} (and {len(bare) - 1} more) trains as a bare tensor, which transformers keeps as "
+                          "a parameter of no module of its own, so a PEFT adapter cannot carry it (PEFT loads it "
+                          "without a word and drops it): export format merged, or freeze it")
     if tuned.adapters:
         _refuse_moe_adapters(tuned)
         both = sorted(path_str(m) for m in _trained_base_modules(tuned) if m in tuned.adapters)
