@@ -104,6 +104,31 @@ def test_prompt_tuning_matches_peft(sources, tmp_path):
     assert_real_tokens_close(np.asarray(forward(tuned.module, params, IDS, MASK)), theirs[:, 5:])
 
 
+def test_prompt_tuning_with_saved_modules_matches_peft_both_ways(sources, tmp_path):
+    """A prompt-learning PeftModel wraps the transformers model directly, so its saved modules are keyed
+    ``base_model.<module>`` (a LoRA one's ``base_model.model.<module>``): jaxtune's export of prompt
+    tuning + head + trained norm loads in PEFT (KeyError before), and PEFT's own prompt-tuning
+    classifier adapter imports (refused before), each with PEFT's logits. (Rows without padding: PEFT
+    feeds a prompt-tuned classifier inputs_embeds, so transformers cannot find the padding and pools
+    the last position, where jaxtune pools the last real token.)"""
+    ids, mask = IDS[:1], MASK[:1]
+    plan = tuning.prompt_tuning(4) + tuning.head("classification", num_labels=3) + tuning.train("^norm/")
+    tuned, params = trained(sources, "llama", plan)
+    tuning.export_peft(tuned, tmp_path / "ours", params=params)
+    base = transformers.LlamaForSequenceClassification.from_pretrained(sources / "llama", num_labels=3).eval()
+    theirs = torch_out(peft.PeftModel.from_pretrained(base, tmp_path / "ours").eval(), input_ids=ids,
+                       attention_mask=mask)
+    np.testing.assert_allclose(np.asarray(forward(tuned.module, params, ids, mask)), theirs, atol=TOL, rtol=0)
+    torch.manual_seed(0)
+    base = transformers.LlamaForSequenceClassification.from_pretrained(sources / "llama", num_labels=3).eval()
+    made = peft.get_peft_model(base, peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
+    made.save_pretrained(tmp_path / "theirs")
+    imported = tuning.load_peft(load(sources, "llama"), tmp_path / "theirs")
+    assert imported.prompt_tokens == 3 and imported.head is not None
+    np.testing.assert_allclose(np.asarray(forward(imported.module, imported.params, ids, mask)),
+                               torch_out(made.eval(), input_ids=ids, attention_mask=mask), atol=TOL, rtol=0)
+
+
 def test_decoder_classification_head_matches_peft_modules_to_save(sources, tmp_path):
     plan = tuning.lora(rank=4, targets=["q_proj", "v_proj"]) + tuning.head("classification", num_labels=3)
     tuned, params = trained(sources, "llama", plan)

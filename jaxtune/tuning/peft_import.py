@@ -37,6 +37,7 @@ from jaxtune.tuning.peft_io import (
     ADAPTER_WEIGHTS,
     PEFT_LEAVES,
     PREFIX,
+    PROMPT_PREFIX,
     ExportError,
     Module,
     Params,
@@ -123,7 +124,8 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
     if kind == "LORA":
         _check_init(config, config_path)
     reader = hf.SafetensorsReader([_weights_file(adapter_dir)])
-    keys = {k.removeprefix(PREFIX): k for k in reader.names()}
+    prefix = PREFIX if kind == "LORA" else PROMPT_PREFIX
+    keys = {k.removeprefix(prefix): k for k in reader.names()}
     _refuse_embedding_lora(keys, adapter_dir)
 
     # modules_to_save tensors are the base-layout tensors: anything that is no adapter leaf (PEFT also
@@ -139,7 +141,7 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
     classifier = getattr(pretrained.config, "classifier_layout", None)
     head_out = classifier.out if classifier is not None else "score"
     if head_out in saved and hf.FAMILIES[pretrained.architecture].body is None:
-        num = reader.shape(f"{PREFIX}{head_out}.weight")[0]
+        num = reader.shape(f"{prefix}{head_out}.weight")[0]
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
                           bias=f"{head_out}.bias" in keys))
     head_is_given = head is not None and not rules

@@ -41,7 +41,10 @@ from jaxtune.tuning.tuned import Tuned, is_image
 
 Params = dict[str, Any]
 Module = tuple[str, ...]
+# Key prefixes of an adapter's base-model tensors: PEFT's PeftModel wraps a LoRA model in a LoraModel
+# ("base_model.model.<module>"), a prompt-learning one directly ("base_model.<module>").
 PREFIX = "base_model.model."
+PROMPT_PREFIX = "base_model."
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Adapter leaf -> (PEFT key suffix, transpose to PyTorch layout)
 PEFT_LEAVES = {LORA_A: ("lora_A.weight", True), LORA_B: ("lora_B.weight", True),
@@ -316,14 +319,15 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
     check_peft(tuned)
     modules = modules_of(params)
     tensors: dict[str, np.ndarray] = {}
+    prefix = PREFIX if tuned.adapters else PROMPT_PREFIX
     for module in tuned.adapters:
-        name = PREFIX + hf_module_name(tuned, module)
+        name = prefix + hf_module_name(tuned, module)
         for leaf, (suffix, transpose) in PEFT_LEAVES.items():
             if leaf in modules[module]:
                 tensors[f"{name}.{suffix}"] = _to_torch(modules[module][leaf], transpose)
     to_save = _modules_to_save(tuned, params)
     for module in to_save:
-        name = PREFIX + hf_module_name(tuned, module)
+        name = prefix + hf_module_name(tuned, module)
         for leaf, value in modules[module].items():
             tensors[f"{name}.{_torch_name(leaf)}"] = _to_torch(value, hf.stored_transposed(family_of(tuned),
                                                                                            module + (leaf,)))
@@ -332,8 +336,8 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
         if tuned.is_decoder and tuned.config.tie_word_embeddings and ("embed_tokens",) in to_save:
             # Without ensure_weight_tying PEFT trains a tied embed_tokens alone and keeps the old output
             # matrix; with it, lm_head's copy is tied to the embedding's (PEFT writes that copy too).
-            embedding = PREFIX + hf_module_name(tuned, ("embed_tokens",)) + ".weight"
-            tensors[PREFIX + hf_module_name(tuned, ("lm_head",)) + ".weight"] = tensors[embedding]
+            embedding = prefix + hf_module_name(tuned, ("embed_tokens",)) + ".weight"
+            tensors[prefix + hf_module_name(tuned, ("lm_head",)) + ".weight"] = tensors[embedding]
             config["ensure_weight_tying"] = True
     else:  # prompt tuning (check_peft refused a plan with neither)
         cfg = tuned.config
