@@ -159,7 +159,7 @@ def test_lora_adapter_with_head_loads_in_peft(pair, adapted, tmp_path):
 
 
 def test_adapter_made_by_peft_imports_exactly(pair, tmp_path):
-    """PEFT's own SEQ_CLS adapter (on RoBERTa's query/value, DistilBERT's q_lin/v_lin; the classifier saved
+    """PEFT's own SEQ_CLS adapter (on RoBERTa's query/value/dense, DistilBERT's q_lin/v_lin; the classifier saved
     whole, and DistilBERT's pre_classifier with it) onto the bare checkpoint gives peft's logits."""
     _, model, path = pair
     family = hf.FAMILIES[model.architecture]
@@ -167,7 +167,9 @@ def test_adapter_made_by_peft_imports_exactly(pair, tmp_path):
         pytest.skip("a classifier checkpoint brings its own head; the bare checkpoints cover the import")
     base = getattr(transformers, family.classifier).from_pretrained(path, num_labels=2).eval()
     torch.manual_seed(0)
-    targets = ["q_lin", "v_lin"] if model.config.layout == "distilbert" else ["query", "value"]
+    # "dense" also names the bare checkpoint's pooler, which RoBERTa's classifier model has not: PEFT adapts
+    # no pooler there, and the import must not look for one (it refused the file for lacking its tensors).
+    targets = ["q_lin", "v_lin"] if model.config.layout == "distilbert" else ["query", "value", "dense"]
     made = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets,
                                                      init_lora_weights=False))
     made.save_pretrained(tmp_path)

@@ -259,3 +259,24 @@ def test_nf4_expert_stacks_read_like_their_dequantized_weights(tmp_path):
     apply = jax.jit(lambda p: tuned.module.apply({"params": p}, IDS))
     got, want = np.asarray(apply(tuned.params)), np.asarray(apply(quant.dequantize_tree(tuned.params)))
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+
+def test_peft_adapter_with_the_usual_mlp_targets_imports(pair, tmp_path):
+    """PEFT's LoRA with the usual target list (q, k, v, o, gate_proj, up_proj, down_proj) on a
+    transformers MoE model adapts only what are nn.Linear there (attention, a shared expert), not
+    the fused experts: jaxtune reads that adapter with PEFT's logits (it mapped the names onto the
+    experts and refused the file for lacking their tensors)."""
+    ref, model, path = pair
+    torch.manual_seed(0)
+    made = peft.get_peft_model(ref, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    made.save_pretrained(tmp_path)
+    if json.loads((tmp_path / "adapter_config.json").read_text()).get("target_parameters"):
+        # PEFT adapts Qwen3-MoE's fused experts as parameters (one A per fused pair): refused, saying so
+        with pytest.raises(ExportError, match=r"option\(s\) \['target_parameters'\] are not supported"):
+            tuning.load_peft(model, tmp_path)
+        return
+    tuned = tuning.load_peft(model, tmp_path)
+    assert tuned.adapters and not any("experts" in m for module in tuned.adapters for m in module)
+    ours = np.asarray(tuned.module.apply({"params": tuned.params}, input_ids=IDS, segment_ids=MASK))
+    assert_real_tokens_close(ours, _hf_logits(made.eval()))

@@ -226,3 +226,32 @@ def test_export_errors(sources, tmp_path):
         tuning.export_merged(tuning.apply_plan(llama, tuning.prompt_tuning(2)), tmp_path)
     with pytest.raises(ExportError, match="no LoRA, DoRA or prompt adapter"):
         tuning.export_peft(tuning.apply_plan(llama, tuning.full()), tmp_path)
+
+
+@pytest.mark.parametrize("text, error", [
+    ('{"peft_type": "LORA",', r"adapter_config.json:1: not valid JSON \("),
+    ('["LORA"]', r"adapter_config.json: expected a JSON object \(PEFT's adapter config\), got a list$"),
+    ('{"peft_type": "LORA", "target_modules": ["q_proj"], "rank_pattern": {"q_proj(": 2}}',
+     r"rank_pattern key 'q_proj\(' is not a valid regular expression"),
+    ('{"peft_type": "PROMPT_TUNING"}', r"num_virtual_tokens must be a positive integer .*got None$"),
+])
+def test_a_malformed_adapter_config_is_one_line_naming_it(sources, tmp_path, text, error):
+    """(Each was a bare JSONDecodeError, AttributeError, re.error or KeyError.)"""
+    tuned, params = trained(sources, "llama", tuning.lora(rank=2, targets=["q_proj"]))
+    tuning.export_peft(tuned, tmp_path, params=params)
+    (tmp_path / "adapter_config.json").write_text(text)
+    with pytest.raises(ExportError, match=error):
+        tuning.load_peft(load(sources, "llama"), tmp_path)
+
+
+def test_an_adapter_config_without_rank_or_alpha_reads_peft_defaults(sources, tmp_path):
+    """PEFT's LoraConfig defaults r and lora_alpha to 8 where a file leaves them out; so does the import."""
+    tuned, params = trained(sources, "llama", tuning.lora(rank=8, alpha=8, targets=["q_proj"]))
+    tuning.export_peft(tuned, tmp_path, params=params)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({k: v for k, v in config.items()
+                                                              if k not in ("r", "lora_alpha")}))
+    base = transformers.LlamaForCausalLM.from_pretrained(sources / "llama").eval()
+    again = tuning.load_peft(load(sources, "llama"), tmp_path)
+    assert {(s.rank, s.alpha) for s in again.adapters.values()} == {(8, 8.0)}
+    assert_real_tokens_close(np.asarray(forward(again.module, again.params, IDS, MASK)), peft_out(base, tmp_path))

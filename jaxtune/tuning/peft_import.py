@@ -45,6 +45,7 @@ from jaxtune.tuning.peft_io import (
     hf_module_name,
     hf_module_names,
     modules_of,
+    not_a_peft_linear,
 )
 from jaxtune.tuning.plan import Plan, Rule
 from jaxtune.tuning.tuned import Tuned
@@ -67,11 +68,16 @@ _UNSUPPORTED = ("layers_to_transform", "layers_pattern", "exclude_modules", "tar
 log = logging.getLogger(__name__)
 
 
-def _pattern_value(patterns: dict[str, Any], name: str, default: Any) -> Any:
-    """PEFT's ``rank_pattern``/``alpha_pattern`` lookup (``peft.utils.other.get_pattern_key``)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
-            return value
+def _pattern_value(config: dict[str, Any], field: str, name: str, default: Any) -> Any:
+    """PEFT's ``rank_pattern``/``alpha_pattern`` (``field``) lookup for module ``name``
+    (``peft.utils.other.get_pattern_key``)."""
+    for key, value in (config.get(field) or {}).items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", name):
+                return value
+        except re.error as err:
+            raise ExportError(f"{ADAPTER_CONFIG}: {field} key {key!r} is not a valid regular expression "
+                              f"({err})") from None
     return default
 
 
@@ -114,7 +120,14 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
     config_path = adapter_dir / ADAPTER_CONFIG
     if not config_path.exists():
         raise ExportError(f"{adapter_dir}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ExportError(f"{config_path}:{err.lineno}: not valid JSON ({err.msg}); save the adapter again with "
+                          "PEFT's save_pretrained") from None
+    if not isinstance(config, dict):
+        raise ExportError(f"{config_path}: expected a JSON object (PEFT's adapter config), got a "
+                          f"{type(config).__name__}")
     kind = config.get("peft_type")
     if kind not in ("LORA", "PROMPT_TUNING"):
         raise ExportError(f"{config_path}: peft_type {kind!r} is not supported; jaxtune reads LORA and PROMPT_TUNING")
@@ -158,12 +171,19 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
     if unknown:
         raise ExportError(f"{adapter_dir}: modules_to_save {unknown[:5]} are not modules of {pretrained.architecture}")
     if kind == "LORA":
-        linears = {n: m for n, m in by_name.items() if "kernel" in layout_modules[m]}
+        # What PEFT's target_modules can match in the transformers model: no fused MoE experts or router,
+        # and no pooler where the classifier has none (RoBERTa's reads the first token; jaxtune keeps it).
+        no_pooler = layout.head is not None and not layout.is_decoder and layout.head.pooling != "pooler"
+        linears = {n: m for n, m in by_name.items() if "kernel" in layout_modules[m]
+                   and not not_a_peft_linear(family_of(layout), m) and not (no_pooler and m[0] == "pooler")}
         rules += _lora_rules(config, linears, saved, pretrained)
     else:
         if config.get("num_transformer_submodules", 1) != 1:
             raise ExportError(f"{config_path}: num_transformer_submodules must be 1 for a decoder")
-        rules.append(Rule("prompt", n_tokens=int(config["num_virtual_tokens"])))
+        if not isinstance(config.get("num_virtual_tokens"), int) or config["num_virtual_tokens"] < 1:
+            raise ExportError(f"{config_path}: num_virtual_tokens must be a positive integer (the prompt's length), "
+                              f"got {config.get('num_virtual_tokens')!r}")
+        rules.append(Rule("prompt", n_tokens=config["num_virtual_tokens"]))
     # A head the adapter brings is created (trainable) by its head rule; other saved modules train.
     trained = [by_name[n] for n in sorted(saved) if not (by_name[n][0] == HEAD_KEY and layout.head_is_new)]
     if trained:
@@ -306,8 +326,9 @@ def _lora_rules(config: dict[str, Any], linears: dict[str, Module], saved: set[s
     for name, module in linears.items():
         if name in saved or not _targeted(targets, name):
             continue
-        rank = int(_pattern_value(config.get("rank_pattern") or {}, name, config["r"]))
-        alpha = float(_pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+        # PEFT's LoraConfig defaults (r=8, lora_alpha=8) where the file leaves them out, as PEFT reads it.
+        rank = int(_pattern_value(config, "rank_pattern", name, config.get("r", 8)))
+        alpha = float(_pattern_value(config, "alpha_pattern", name, config.get("lora_alpha", 8)))
         groups.setdefault((rank, alpha), []).append(module)
     if not groups:
         raise ExportError(f"adapter target_modules {targets!r} match no linear module of {pretrained.architecture}")

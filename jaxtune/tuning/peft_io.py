@@ -290,15 +290,19 @@ def _lora_config(tuned: Tuned) -> dict[str, Any]:
     }
 
 
+def not_a_peft_linear(family: hf.Family, module: Module) -> bool:
+    """Whether transformers holds ``module`` (a jaxtune linear) as no ``nn.Linear`` that PEFT's LoRA can
+    target: a MoE layer's experts (fused 3-D parameters) or its router."""
+    return family.expert_tensor is not None and (bool(family.expert_tensor(module + ("kernel",), 0))
+                                                 or module[-2:] == ("mlp", "gate"))
+
+
 def _refuse_moe_adapters(tuned: Tuned) -> None:
     """transformers 5 keeps a MoE layer's experts as fused 3-D parameters (``experts.gate_up_proj``) and its
     router as a bare parameter, not ``nn.Linear`` modules, so PEFT's ``target_modules`` cannot name them
     (its ``target_parameters`` adapters share one A per fused gate/up pair): refuse rather than write an
     adapter that loads wrong."""
-    family = family_of(tuned)
-    if family.expert_tensor is None:
-        return
-    bad = [m for m in tuned.adapters if family.expert_tensor(m + ("kernel",), 0) or m[-2:] == ("mlp", "gate")]
+    bad = [m for m in tuned.adapters if not_a_peft_linear(family_of(tuned), m)]
     if bad:
         raise ExportError(f"{path_str(bad[0])} (and {len(bad) - 1} more) carries LoRA on a MoE layer's experts or "
                           "router, which a PEFT adapter for transformers' fused expert parameters cannot express; "
