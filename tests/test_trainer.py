@@ -484,3 +484,17 @@ def test_two_processes_train_together_like_one(setup, tmp_path):
     assert "different_requests" not in g1  # one process: nothing to compare
     assert "passed other prompts or settings than the rest" in g2.pop("different_requests")
     assert g2 == g1
+
+
+def test_a_resumed_run_with_other_validation_data_scores_its_base_on_that_data(setup, tmp_path):
+    """The report compared the base scored on the first validation set with the fine-tuned model scored
+    on the new one (data.validation may change on resume): the base is scored again on the new data."""
+    other = write_chat(tmp_path / "other.jsonl", 8, seed=5)
+    eval_off_cache = EvalConfig(cache_base=False)
+    first = _lora_trainer(setup, tmp_path / "run", 2, eval_data=_loader(setup[2], train=False), eval=eval_off_cache)
+    scored_first = first.fit().before
+    resumed = _lora_trainer(setup, tmp_path / "run", 4, eval_data=_loader(other, train=False), eval=eval_off_cache)
+    fresh = _lora_trainer(setup, tmp_path / "fresh", 1, eval_data=_loader(other, train=False), eval=eval_off_cache)
+    result = resumed.fit()
+    assert result.before == fresh.fit().before != scored_first
+    assert json.loads((tmp_path / "run" / "report.json").read_text())["evaluated_on"]["rows"] == 8

@@ -285,14 +285,18 @@ class RunDir:
 
     # ------------------------------------------------------------------ the report
 
-    def write_report(self, before: dict[str, float] | None, after: dict[str, float] | None, step: int) -> None:
+    def write_report(self, before: dict[str, float] | None, after: dict[str, float] | None, step: int,
+                     evaluated_on: dict[str, Any] | None = None) -> None:
+        """``evaluated_on``: what identifies the validation data the metrics were computed on."""
         if self.main:
-            _write_json(self.path / self.REPORT, {"before": before, "after": after, "step": step})
+            _write_json(self.path / self.REPORT, {"before": before, "after": after, "step": step,
+                                                  "evaluated_on": evaluated_on})
 
     def report(self) -> dict[str, Any]:
-        """``{"before", "after", "step"}``; missing parts are None (``before`` is cached here
-        after the first evaluation of the base model, so a resumed run does not redo it)."""
-        return {"before": None, "after": None, "step": None, **(_read_json(self.path / self.REPORT) or {})}
+        """``{"before", "after", "step", "evaluated_on"}``; missing parts are None (``before`` is cached
+        here after the first evaluation of the base model, so a resumed run does not redo it)."""
+        return {"before": None, "after": None, "step": None, "evaluated_on": None,
+                **(_read_json(self.path / self.REPORT) or {})}
 
     # ------------------------------------------------------------------ what jaxtune status shows
 

@@ -303,7 +303,11 @@ class Trainer:
         """The base model's metrics (the plan's fresh adapters/head), computed once per run directory."""
         if self.eval_data is None or not self.eval_config.before:
             return None
-        before = self.run.report()["before"]
+        report = self.run.report()
+        before = report["before"]
+        if before is not None and report["evaluated_on"] not in (None, self._evaluated_on()):
+            log.info("the validation data changed since the base model was scored: scoring it again")
+            before = None
         if before is None:
             baselines = (self.eval_config.baselines and self.task in ("classification", "regression")
                          and baselines_apply(self.tuned, self.train_data, self.eval_data))
@@ -319,9 +323,20 @@ class Trainer:
                     before.update(baseline_metrics(self.tuned, self.trainable, self.frozen, self.train_data,
                                                    self.eval_data, mesh=self.mesh, to_device=self._to_device))
                 base_cache.store(digest, before)
-            self.run.write_report(before, None, 0)
+            self.run.write_report(before, None, 0, self._evaluated_on())
         log.info("base: %s", _fmt(before))
         return before
+
+    def _evaluated_on(self) -> dict[str, Any] | None:
+        """What identifies the validation data (its files, rows, length and choices): a resumed run whose
+        data changed scores the base again rather than compare it with scores on other data."""
+        if not isinstance(self.eval_data, Loader):
+            return None
+        source = self.eval_data.source
+        report = getattr(source, "report", None)
+        return {"paths": list(report.paths) if report is not None else None, "rows": len(source),
+                "max_length": self.eval_data.config.max_length,
+                "choices": list(self.eval_config.choices) if self.eval_config.choices else None}  # as JSON reads it
 
     def _base_digest(self, baselines: bool) -> str | None:
         """The key of this run's base report in the machine-wide cache (``eval.cache_base``), or None."""
@@ -599,7 +614,7 @@ class Trainer:
             log.info("evaluating the fine-tuned model ...")
             result.after = self.evaluate()
             self.run.log({"step": result.model.step, **{f"eval/{k}": v for k, v in result.after.items()}})
-        self.run.write_report(result.before, result.after, result.model.step)
+        self.run.write_report(result.before, result.after, result.model.step, self._evaluated_on())
         status = self.run.status() or {}
         self.run.write_status(status.pop("state", result.state), **{**status, "eval": result.after})
         if result.before is not None:
