@@ -193,6 +193,10 @@ def test_regression_targets(tmp_path):
     (tmp_path / "big.jsonl").write_text('{"text": "a", "target": 1%s}\n' % ("0" * 400))
     with pytest.raises(DataError, match="big.jsonl:1: regression target 'target' is a number too large"):
         read_labeled(tmp_path / "big.jsonl", "regression")
+    # finite as a Python float but inf as float32, which training uses: the run failed at a non-finite step
+    (tmp_path / "f32.jsonl").write_text('{"text": "a", "target": 1}\n{"text": "b", "target": -1e39}\n')
+    with pytest.raises(DataError, match=r"f32.jsonl:2: regression target target=-1e\+39 is beyond float32's range"):
+        read_labeled(tmp_path / "f32.jsonl", "regression")
 
 
 def test_text_units_and_folders(tmp_path):

@@ -375,6 +375,16 @@ def test_epochs_count_batches_of_the_batch_size_whatever_the_accumulation(setup,
                 mesh=ONE_DEVICE())
 
 
+def test_evaluation_settings_without_validation_data_are_refused_or_warned(setup, tmp_path, caplog):
+    """Without validation data, best_metric (with use_best and early stopping) was dropped without a word."""
+    with pytest.raises(ValueError, match=r"^eval.best_metric: 'loss' is chosen from evaluations, but the run has "
+                                         r"no validation data; give validation data \(data.validation"):
+        _lora_trainer(setup, tmp_path / "a", 2, eval=EvalConfig(every=1, best_metric="loss", use_best=True))
+    with caplog.at_level("WARNING"):
+        _lora_trainer(setup, tmp_path / "b", 2, eval=EvalConfig(every=1))
+    assert "eval.every: 1, but the run has no validation data, so it evaluates nothing" in caplog.text
+
+
 def test_non_finite_loss_stops_with_the_step_named(setup, tmp_path, caplog):
     model_dir, train, _ = setup
     tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.train("norm"))

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 ROLES = ("system", "user", "assistant")
+_FLOAT32_MAX = 3.4028234663852886e38  # regression targets train as float32
 
 
 class RowError(Exception):
@@ -187,6 +188,9 @@ def check_labeled(obj: dict, *, task: str, text_field: str, pair_field: str | No
                            "use a plain number such as 3.5") from None
         if not math.isfinite(target):
             raise RowError(f"regression target {label_field}={value!r} is not finite", "use a finite number")
+        if abs(target) > _FLOAT32_MAX:
+            raise RowError(f"regression target {label_field}={value!r} is beyond float32's range (3.4e38)",
+                           "rescale the targets (e.g. to their logarithm or to units of their spread)")
         record["label"] = target
     else:
         if isinstance(value, bool) or not isinstance(value, (int, str)):

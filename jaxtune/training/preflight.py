@@ -174,6 +174,21 @@ def check_best_metric(config: EvalConfig, task: str, with_choices: bool) -> None
                          f"got {metric!r}")
 
 
+def check_evaluation(config: EvalConfig, train_data: Any, eval_data: Any) -> None:
+    """A training run's evaluation settings need validation data: without it ``best_metric`` (and
+    ``use_best``, early stopping) would be dropped without a word; ``every`` alone is warned about."""
+    if train_data is None or eval_data is not None:
+        return
+    fix = ("give validation data (data.validation, data.validation_fraction, or a packaged dataset's test "
+           "split; eval_data= for the Trainer)")
+    if config.best_metric:
+        raise ValueError(f"eval.best_metric: {config.best_metric!r} is chosen from evaluations, but the run has no "
+                         f"validation data; {fix}, or remove eval.best_metric")
+    if config.every:
+        log.warning("eval.every: %d, but the run has no validation data, so it evaluates nothing; %s",
+                    config.every, fix)
+
+
 def check_not_consumed(model: Tuned) -> None:
     """Refuse a model whose trainable arrays an earlier ``fit`` consumed: the step donates them, so
     that a run holds one copy of what it trains rather than two."""

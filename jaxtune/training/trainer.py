@@ -164,6 +164,7 @@ class Trainer:
         preflight.check_recalibration(config, model, self.train_data)
         self.choice_token_ids = preflight.choice_ids(model, eval, preflight.data_kinds(self.train_data, self.eval_data))
         preflight.check_best_metric(eval, self.task, bool(self.choice_token_ids))
+        preflight.check_evaluation(eval, self.train_data, self.eval_data)
 
         trainable, frozen = partition(model.params, model.labels)
         if not jax.tree.leaves(trainable):
