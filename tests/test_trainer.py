@@ -417,6 +417,16 @@ def test_an_error_mid_training_leaves_the_run_marked_failed(setup, tmp_path):
     status = json.loads((tmp_path / "status.json").read_text())
     assert status["state"] == "failed" and status["step"] == 2
     assert status["error"] == "RuntimeError: the device went away"
+    # Run again: it starts over from step 0 (no checkpoint yet), and the records of the failed attempt's
+    # steps are forgotten, in metrics.jsonl and for TensorBoard (a SessionLog START at step 1), not doubled.
+    assert _lora_trainer(setup, tmp_path, steps=5).fit().state == "finished"
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps == [1, 2, 3, 4, 5]
+    from helpers import tfrecords
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    events = [Event.FromString(r) for path in sorted((tmp_path / "tensorboard").iterdir()) for r in tfrecords(path)]
+    assert [e.step for e in events if e.session_log.status == SessionLog.START] == [1]
 
 
 def _script(*args: str, env: dict | None = None) -> subprocess.Popen:

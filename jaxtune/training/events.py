@@ -56,12 +56,16 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def event(wall_time: float, *, step: int = 0, scalars: dict[str, float] | None = None,
-          file_version: str | None = None) -> bytes:
+          file_version: str | None = None, session_start: bool = False) -> bytes:
     """One serialized ``Event``: ``wall_time`` (seconds), ``step``, and either a ``Summary`` of
-    ``scalars`` (tag -> float32 ``simple_value``) or the ``file_version`` mark."""
+    ``scalars`` (tag -> float32 ``simple_value``), the ``file_version`` mark, or a ``SessionLog``
+    ``START`` (``session_start``: TensorBoard then drops the events at this step and after that
+    earlier files hold, as it does for a restarted TensorFlow program)."""
     out = b"\x09" + struct.pack("<d", wall_time) + b"\x10" + _varint(step)  # fields 1 (double), 2 (int64)
     if file_version is not None:
         out += _field(3, file_version.encode())
+    if session_start:
+        out += _field(7, b"\x08\x01")  # session_log = 7: SessionLog{status = 1: START}
     if scalars:
         values = b"".join(_field(1, _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value))  # Value
                           for tag, value in scalars.items())
@@ -95,6 +99,10 @@ class ScalarWriter:
         """One event at ``step`` holding every scalar of ``scalars`` (tag -> value)."""
         if scalars:
             self._write(event(time.time(), step=step, scalars=scalars))
+
+    def restart(self, step: int) -> None:
+        """Mark a resumed run: TensorBoard forgets the earlier files' events from ``step`` on."""
+        self._write(event(time.time(), step=step, session_start=True))
 
     def close(self) -> None:
         self._file.close()

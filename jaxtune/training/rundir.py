@@ -5,8 +5,9 @@
     <run_dir>/
       config.yaml      the resolved config of the run (every default filled in)
       status.json      state, step, total steps, latest train/eval metrics, best step, error
-      metrics.jsonl    one record per logged step ({"step", "loss", ...}) or evaluation ({"step", "eval/...": ...})
-      report.json      base vs fine-tuned metrics ({"before", "after", "step"}), the final report
+      metrics.jsonl    one record per logged step ({"step", "loss", ...}) or evaluation ({"step", "eval/...": ...});
+                       a resumed run forgets those after its checkpoint's step (it logs them again)
+      report.json      base vs fine-tuned metrics ({"before", "after", "step", "evaluated_on"}), the final report
       run.json         what made the run (model, plan, trainable param shapes, data shapes), checked on resume
       checkpoints/<step>/   Orbax checkpoints (see jaxtune.training.checkpoint)
       best/<step>/          the best checkpoint by eval.best_metric
@@ -256,13 +257,28 @@ class RunDir:
             return
         with open(self.path / self.METRICS, "a") as fh:
             fh.write(json.dumps(record) + "\n")
+        self._open_events().add(record["step"], {key: value for key, value in record.items() if key != "step"
+                                          and isinstance(value, int | float) and math.isfinite(value)})
+
+    def rewind(self, step: int) -> None:
+        """Forget the records after ``step`` (a run resumed from its checkpoint at ``step`` logs those steps
+        again): ``metrics.jsonl`` keeps the earlier ones, and TensorBoard is told the run restarted."""
+        records = self.metrics()
+        kept = [r for r in records if r.get("step", 0) <= step]
+        if not self.main or len(kept) == len(records):
+            return
+        tmp = self.path / (self.METRICS + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path / self.METRICS)
+        self._open_events().restart(step + 1)
+
+    def _open_events(self) -> ScalarWriter:
         if self._events is None:
             # Events files are named by the second they were opened in: the process and a count over all of
             # the process's run directories tell apart the ones opened within one second (a reopening, or
             # another RunDir of the same path), which would overwrite each other.
             self._events = ScalarWriter(self.path / self.TENSORBOARD, suffix=f".{os.getpid()}.{next(_EVENTS_FILES)}")
-        self._events.add(record["step"], {key: value for key, value in record.items() if key != "step"
-                                          and isinstance(value, int | float) and math.isfinite(value)})
+        return self._events
 
     def close(self) -> None:
         """Flush and close the TensorBoard events (a later :meth:`log` opens another events file)."""

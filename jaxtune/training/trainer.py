@@ -431,6 +431,7 @@ class Trainer:
 
     def _resume(self, iterator: Any) -> Best:
         restored = self.checkpointer.restore(self.trainable, self.opt_state, data_iterator=iterator)
+        self.run.rewind(restored[0] if restored is not None else 0)  # the steps after it are trained again
         if restored is None:
             return Best(self.eval_config.best_metric)
         self.step, self.trainable, self.opt_state, self.rng, meta = restored
