@@ -172,10 +172,12 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
         raise ExportError(f"{adapter_dir}: modules_to_save {unknown[:5]} are not modules of {pretrained.architecture}")
     if kind == "LORA":
         # What PEFT's target_modules can match in the transformers model: no fused MoE experts or router,
-        # and no pooler where the classifier has none (RoBERTa's reads the first token; jaxtune keeps it).
+        # and no pooler where the classifier has none (RoBERTa's reads the first token; jaxtune keeps it),
+        # unless the file adapts it (jaxtune's own export of a plan that adapted the unused pooler).
         no_pooler = layout.head is not None and not layout.is_decoder and layout.head.pooling != "pooler"
         linears = {n: m for n, m in by_name.items() if "kernel" in layout_modules[m]
-                   and not not_a_peft_linear(family_of(layout), m) and not (no_pooler and m[0] == "pooler")}
+                   and not not_a_peft_linear(family_of(layout), m)
+                   and not (no_pooler and m[0] == "pooler" and f"{n}.lora_A.weight" not in keys)}
         rules += _lora_rules(config, linears, saved, pretrained)
     else:
         if config.get("num_transformer_submodules", 1) != 1:
