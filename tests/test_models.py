@@ -197,3 +197,53 @@ def test_every_family_names_a_config_it_cannot_read_and_what_it_supports():
     wrapped = DecoderConfig.from_hf({**minimal, "architectures": ["Qwen2ForSequenceClassification"]})
     by_type = DecoderConfig.from_hf({**minimal, "model_type": "qwen2"})
     assert wrapped.architecture == by_type.architecture == "Qwen2ForCausalLM"
+
+
+TINY_WINDOWED = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                     use_sliding_window=True, sliding_window=4)
+LAYER_TYPES_CASES = {  # config.json without layer_types (as transformers v4 wrote them): each class's own rule
+    "qwen2-default-max-window-layers": ("Qwen2ForCausalLM", dict(num_hidden_layers=30), "max_window_layers"),
+    "qwen2moe-every-other-layer": ("Qwen2MoeForCausalLM", dict(num_hidden_layers=4, max_window_layers=2, num_experts=4,
+                                                              num_experts_per_tok=2, moe_intermediate_size=24,
+                                                              shared_expert_intermediate_size=40), None),
+    "smollm3-nope-layers-slide": ("SmolLM3ForCausalLM", dict(num_hidden_layers=4, no_rope_layer_interval=2,
+                                                             pad_token_id=0), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LAYER_TYPES_CASES))
+def test_sliding_layers_without_layer_types_follow_transformers(case, tmp_path):
+    """Which layers slide, when config.json has no layer_types, is each config class's rule: Qwen2's
+    max_window_layers defaults to 28 (jaxtune: every layer full), Qwen2-MoE slides every other layer
+    below it (jaxtune used Qwen2's rule), SmolLM3 slides its NoPE layers (jaxtune: none)."""
+    import json
+
+    from helpers import tiny_random_model
+
+    arch, config, drop = LAYER_TYPES_CASES[case]
+    tiny_random_model(arch, tmp_path, {**TINY_WINDOWED, **config})
+    saved = json.loads((tmp_path / "config.json").read_text())
+    kept = {k: v for k, v in saved.items() if k not in ("layer_types", drop)}
+    (tmp_path / "config.json").write_text(json.dumps(kept))
+    import transformers
+
+    ref = getattr(transformers, arch).from_pretrained(tmp_path).eval()
+    assert any(t == "sliding_attention" for t in ref.config.layer_types)
+    ids = np.random.default_rng(1).integers(3, 128, (1, 24)).astype(np.int32)
+    ours = hf.load_pretrained(tmp_path)
+    np.testing.assert_allclose(np.asarray(ours.module.apply({"params": ours.params}, jnp.asarray(ids))),
+                               torch_logits(ref, ids), atol=TOL, rtol=0)
+
+
+def test_a_tied_config_with_another_stored_output_layer_is_refused(tmp_path):
+    """tie_word_embeddings: true beside an lm_head.weight that is not the embedding: transformers uses the
+    stored matrix, jaxtune silently used the embedding (other logits); now it says which field to change."""
+    import json
+
+    tiny_hf_model("Qwen2ForCausalLM", tmp_path)  # untied: lm_head.weight stored, another matrix
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(hf.CheckpointError, match=r"config.json says tie_word_embeddings: true, but the checkpoint "
+                                                 r"stores an lm_head.weight other than the embedding; set "
+                                                 r"tie_word_embeddings: false"):
+        hf.load_pretrained(tmp_path)

@@ -124,7 +124,7 @@ class DecoderConfig:
             qkv_bias=arch == "Qwen2ForCausalLM" or (attention_bias and arch != "MistralForCausalLM"),
             o_bias=attention_bias and arch in ("LlamaForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM"),
             qk_norm=arch == "Qwen3ForCausalLM",
-            layer_windows=_layer_windows(hf, arch),
+            layer_windows=layer_windows(hf, arch),
             layer_rope=_layer_rope(hf) if arch == "SmolLM3ForCausalLM" else (),
         )
         fields.update(overrides)
@@ -220,18 +220,26 @@ def _layer_rope(hf: dict[str, Any]) -> tuple[bool, ...]:
     return tuple(bool(f) for f in flags[:n])
 
 
-def _layer_windows(hf: dict[str, Any], arch: str) -> tuple[int | None, ...]:
-    """Per-layer sliding window (None = full attention), as each architecture declares it."""
+def layer_windows(hf: dict[str, Any], arch: str) -> tuple[int | None, ...]:
+    """Per-layer sliding window (None = full attention), as each architecture declares it: its
+    ``layer_types``, else the rule (and defaults) its transformers config class fills them in by."""
     n, window = hf["num_hidden_layers"], hf.get("sliding_window")
     if arch == "MistralForCausalLM":
         return (window,) * n
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "SmolLM3ForCausalLM") and hf.get("use_sliding_window") \
-            and window:
-        types = hf.get("layer_types") or [
-            "sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention" for i in range(n)
-        ]
-        return tuple(window if t == "sliding_attention" else None for t in types)
-    return (None,) * n
+    if arch not in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen2MoeForCausalLM", "SmolLM3ForCausalLM") \
+            or not (hf.get("use_sliding_window") and window):
+        return (None,) * n
+    types = hf.get("layer_types")
+    if not types:
+        last_full = hf.get("max_window_layers", 28)  # transformers' default for the Qwen configs
+        if arch == "SmolLM3ForCausalLM":  # the NoPE layers slide
+            slides = [not rope for rope in _layer_rope(hf)]
+        elif arch == "Qwen2MoeForCausalLM":  # every other layer below max_window_layers
+            slides = [bool((i + 1) % 2) and i < last_full for i in range(n)]
+        else:
+            slides = [i >= last_full for i in range(n)]
+        types = ["sliding_attention" if s else "full_attention" for s in slides]
+    return tuple(window if t == "sliding_attention" else None for t in types)
 
 
 class Attention(nn.Module):

@@ -446,7 +446,15 @@ def load_pretrained(
         params[path] = _place(_Stacked(views) if layers else views[0], dtype, leaf_shardings.get(path))
     unused = [n for n in reader.names() if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
     if getattr(cfg, "tie_word_embeddings", False) and unused == ["lm_head.weight"]:
-        unused = []  # some writers store the tied output matrix twice
+        # Some writers store the tied output matrix twice; another matrix there is not the tied one, and
+        # transformers then uses the stored one: refuse rather than silently use the embedding.
+        embedding = params[("embed_tokens", "embedding")]
+        stored = np.asarray(jnp.asarray(reader["lm_head.weight"], embedding.dtype))
+        if not np.array_equal(stored, np.asarray(embedding)):
+            raise CheckpointError(f"{model_dir}: config.json says tie_word_embeddings: true, but the checkpoint stores "
+                                  "an lm_head.weight other than the embedding; set tie_word_embeddings: false in "
+                                  "config.json to use the stored output layer (as transformers does)")
+        unused = []
     if unused:
         warnings.warn(f"{model_dir}: {len(unused)} tensor(s) not used by {arch}: {', '.join(unused[:8])}"
                       + (" ..." if len(unused) > 8 else ""), stacklevel=2)

@@ -117,6 +117,7 @@ class MoeConfig(DecoderConfig):
         )
         if arch == "Qwen2MoeForCausalLM":  # Qwen2's q/k/v bias is a config switch in Qwen2-MoE
             fields["qkv_bias"] = bool(hf.get("qkv_bias", True))
+            fields["layer_windows"] = decoder.layer_windows(hf, arch)  # its own rule, not Qwen2's
         if arch == "Qwen3MoeForCausalLM":  # every layer slides when use_sliding_window (no layer_types)
             window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
             fields["layer_windows"] = (window or None,) * n
