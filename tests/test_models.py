@@ -247,3 +247,29 @@ def test_a_tied_config_with_another_stored_output_layer_is_refused(tmp_path):
                                                  r"stores an lm_head.weight other than the embedding; set "
                                                  r"tie_word_embeddings: false"):
         hf.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("arch, extra", [
+    ("Olmo2ForCausalLM", {}),
+    ("MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+])
+def test_fields_a_config_leaves_out_take_the_architectures_defaults(arch, extra, tmp_path):
+    """Without rms_norm_eps (and rope_theta), transformers uses each class's own default (OLMo 2: 1e-5;
+    Mixtral: 1e-5 and 1e6); jaxtune used Llama's (1e-6, 1e4), Mixtral being read as Mistral."""
+    import json
+
+    import transformers
+    from helpers import tiny_random_model
+
+    config = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, **extra)
+    tiny_random_model(arch, tmp_path, config)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    trimmed = {k: v for k, v in saved.items() if k not in ("rms_norm_eps", "rope_theta", "rope_parameters")}
+    (tmp_path / "config.json").write_text(json.dumps(trimmed))
+    ref = getattr(transformers, arch).from_pretrained(tmp_path).eval()
+    ids = np.random.default_rng(2).integers(3, 128, (1, 12)).astype(np.int32)
+    ours = hf.load_pretrained(tmp_path)
+    assert ours.config.rms_norm_eps == ref.config.rms_norm_eps
+    np.testing.assert_allclose(np.asarray(ours.module.apply({"params": ours.params}, jnp.asarray(ids))),
+                               torch_logits(ref, ids), atol=TOL, rtol=0)

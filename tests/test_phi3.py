@@ -194,3 +194,13 @@ def test_config_layouts_and_refusals():
         Phi3Config.from_hf({**v5, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
     with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported by Phi-3"):
         Phi3Config.from_hf({**v5, "hidden_act": "gelu"})
+
+
+def test_a_head_dim_set_in_config_json_is_read(tmp_path):
+    """Phi3Config has no head_dim field, but transformers' attention reads one a config.json sets (here
+    32, not 64 / 4); jaxtune assumed hidden / heads and failed on the fused projection's shape."""
+    ref = tiny_phi3(tmp_path, num_key_value_heads=2, head_dim=32)
+    model = hf.load_pretrained(tmp_path)
+    assert model.config.head_dim == 32
+    ids = np.random.default_rng(3).integers(3, 128, (1, 12)).astype(np.int32)
+    np.testing.assert_allclose(apply(model, ids), hf_logits(ref, ids), atol=TOL, rtol=0)

@@ -63,7 +63,9 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
 MODEL_TYPES = _MODEL_TYPES
 # Defaults of the transformers config classes for keys a config.json may leave out.
 _TIED_BY_DEFAULT = ("SmolLM3ForCausalLM",)
-_DEFAULT_THETA = {"SmolLM3ForCausalLM": 2_000_000.0}
+# What each transformers config class assumes where config.json leaves a field out (else 1e4 and 1e-6).
+DEFAULT_ROPE_THETA = {"SmolLM3ForCausalLM": 2_000_000.0, "MixtralForCausalLM": 1_000_000.0}
+DEFAULT_RMS_NORM_EPS = {"Olmo2ForCausalLM": 1e-5, "MixtralForCausalLM": 1e-5}
 PARTITION_RULES: PartitionRules = partition_rules(
     column=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), row=("o_proj", "down_proj")
 ) + ((r"lm_head/kernel$", ("fsdp", "tensor")),)
@@ -179,7 +181,7 @@ def common_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
     heads = hf["num_attention_heads"]
     # v5 writes rope_parameters (theta inside); v4 wrote rope_theta + rope_scaling.
     rope = rope_parameters(hf)  # with the config-level fields some scalings read
-    theta = rope.pop("rope_theta", hf.get("rope_theta", _DEFAULT_THETA.get(arch, 10000.0)))
+    theta = rope.pop("rope_theta", hf.get("rope_theta", DEFAULT_ROPE_THETA.get(arch, 10000.0)))
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind not in SUPPORTED_ROPE_TYPES:
         raise ValueError(
@@ -196,7 +198,7 @@ def common_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
         num_heads=heads,
         num_kv_heads=hf.get("num_key_value_heads") or heads,
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+        rms_norm_eps=hf.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS.get(arch, 1e-6)),
         rope_theta=float(theta),
         rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
         mlp_bias=bool(hf.get("mlp_bias", False)),

@@ -121,7 +121,10 @@ class MoeConfig(DecoderConfig):
         if arch == "Qwen3MoeForCausalLM":  # every layer slides when use_sliding_window (no layer_types)
             window = hf.get("sliding_window") if hf.get("use_sliding_window") else None
             fields["layer_windows"] = (window or None,) * n
-        return super().from_hf({**hf, "architectures": [_DENSE[arch]]}, **{**fields, **overrides})
+        # Read as its dense sibling, with its own class's defaults for the fields a config.json may leave out.
+        defaults = {"rms_norm_eps": decoder.DEFAULT_RMS_NORM_EPS.get(arch, 1e-6),
+                    "rope_theta": decoder.DEFAULT_ROPE_THETA.get(arch, 10_000.0)}
+        return super().from_hf({**defaults, **hf, "architectures": [_DENSE[arch]]}, **{**fields, **overrides})
 
 
 class ExpertLinear(nn.Module):

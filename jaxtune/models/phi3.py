@@ -74,8 +74,8 @@ class Phi3Config(DecoderConfig):
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported by Phi-3 (silu)")
         heads = hf["num_attention_heads"]
-        # transformers' Phi3Config has no head_dim: heads always split hidden_size evenly.
-        head_dim = hf["hidden_size"] // heads
+        # Phi3Config has no head_dim field, but transformers' attention reads one a config.json sets.
+        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind in _LEGACY_LONGROPE:
