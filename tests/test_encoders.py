@@ -208,3 +208,25 @@ def test_bare_encoder_adapter_starts_a_run_with_a_new_head(pair, tmp_path):
     ours = np.asarray(forward(tuned.module, tuned.params, ids, mask))
     np.testing.assert_allclose(ours, np.asarray(forward(merged.module, merged.params, ids, mask)), atol=TOL, rtol=0)
     assert not np.allclose(ours, np.asarray(forward(planned.module, planned.params, ids, mask)), atol=1e-3)
+
+
+def test_classifier_checkpoint_adapter_without_a_head_starts_a_run_with_a_new_head(pair, tmp_path):
+    """A LoRA adapter saved without the classifier (no task_type) on a *ForSequenceClassification
+    checkpoint, under a plan with a new head: its names are the classifier model's (``roberta.``
+    prefix), so it is laid out on the checkpoint's own head, not the plan's (a bare encoder's case)."""
+    _, model, path = pair
+    family = hf.FAMILIES[model.architecture]
+    if family.body is None:
+        pytest.skip("the bare checkpoints are covered by the FEATURE_EXTRACTION test above")
+    torch.manual_seed(0)
+    base = getattr(transformers, model.architecture).from_pretrained(path).eval()
+    made = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"],
+                                                     init_lora_weights=False))
+    made.save_pretrained(tmp_path / "adapter")
+    made.merge_and_unload().save_pretrained(tmp_path / "merged")
+    plan = tuning.lora(rank=4, alpha=8, targets=["query", "value"]) + tuning.head("classification", num_labels=5)
+    tuned = tuning.apply_plan(jaxtune.load(str(path), adapter=str(tmp_path / "adapter")), plan)
+    merged = tuning.apply_plan(hf.load_pretrained(tmp_path / "merged"), tuning.head("classification", num_labels=5))
+    ids, mask = _padded(model.hf_config["pad_token_id"])
+    np.testing.assert_allclose(np.asarray(forward(tuned.module, tuned.params, ids, mask)),
+                               np.asarray(forward(merged.module, merged.params, ids, mask)), atol=TOL, rtol=0)

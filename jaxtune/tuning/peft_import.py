@@ -106,9 +106,10 @@ def load_peft(
     trainable and everything else frozen; its ``plan`` spells that out as rules.
 
     Args:
-      head: a head rule for an adapter that saves no head of its own: a bare encoder's adapter
-        (PEFT's ``FEATURE_EXTRACTION``) has no output layer to train on otherwise. The head is new
-        (initialised from ``rng``); a head the adapter saves is read instead and this rule is unused.
+      head: a head rule for a bare encoder (``BertModel``) whose adapter saves no head of its own
+        (PEFT's ``FEATURE_EXTRACTION``): the model has no output layer to train otherwise. The head
+        is new (initialised from ``rng``). Unused where the adapter saves a head or the model has
+        an output layer (a decoder's LM head, a classifier checkpoint's own).
     """
     return _load_peft(pretrained, adapter_dir, rng, frozen_dtype, head)[0]
 
@@ -157,7 +158,7 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
         num = reader.shape(f"{prefix}{head_out}.weight")[0]
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
                           bias=f"{head_out}.bias" in keys))
-    head_is_given = head is not None and not rules
+    head_is_given = head is not None and not rules and not planning.has_output_layer(pretrained)
     if head_is_given:
         rules.append(head)
     layout = planning.apply_plan(pretrained, Plan(tuple(rules)))  # the tree the adapter will be laid onto
