@@ -449,7 +449,7 @@ class ImageLoader(Loader):
             if not isinstance(items, np.ndarray) and len(items):
                 start = time.perf_counter()
                 with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-                    for _ in pool.map(_check_decodes, items, chunksize=64):  # in order: the first bad file
+                    for _ in pool.map(_check_decodes, items):  # in order: the first bad file
                         pass
                 log.info("data: %d image files decode (checked in %.1f s)", len(items), time.perf_counter() - start)
             self._stats = ImageStats(len(self.source), len(self.source))

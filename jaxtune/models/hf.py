@@ -449,8 +449,7 @@ def load_pretrained(
         # Some writers store the tied output matrix twice; another matrix there is not the tied one, and
         # transformers then uses the stored one: refuse rather than silently use the embedding.
         embedding = params[("embed_tokens", "embedding")]
-        stored = np.asarray(jnp.asarray(reader["lm_head.weight"], embedding.dtype))
-        if not np.array_equal(stored, np.asarray(embedding)):
+        if not np.array_equal(np.asarray(jnp.asarray(reader["lm_head.weight"], embedding.dtype)), embedding):
             raise CheckpointError(f"{model_dir}: config.json says tie_word_embeddings: true, but the checkpoint stores "
                                   "an lm_head.weight other than the embedding; set tie_word_embeddings: false in "
                                   "config.json to use the stored output layer (as transformers does)")
