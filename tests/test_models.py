@@ -273,3 +273,19 @@ def test_fields_a_config_leaves_out_take_the_architectures_defaults(arch, extra,
     assert ours.config.rms_norm_eps == ref.config.rms_norm_eps
     np.testing.assert_allclose(np.asarray(ours.module.apply({"params": ours.params}, jnp.asarray(ids))),
                                torch_logits(ref, ids), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Olmo2ForCausalLM"])
+def test_mlp_bias_is_read_only_where_the_architecture_reads_it(arch, tmp_path):
+    """transformers' Mistral, Qwen2, Qwen3 and OLMo 2 MLPs are bias-free whatever ``mlp_bias`` says (Llama's
+    and SmolLM3's read it); jaxtune expected the biases and refused the checkpoint as missing tensors."""
+    from helpers import tiny_random_model
+
+    config = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, mlp_bias=True)
+    ref = tiny_random_model(arch, tmp_path, config)
+    ids = np.random.default_rng(3).integers(3, 128, (1, 10)).astype(np.int32)
+    ours = hf.load_pretrained(tmp_path)
+    assert not ours.config.mlp_bias
+    np.testing.assert_allclose(np.asarray(ours.module.apply({"params": ours.params}, jnp.asarray(ids))),
+                               torch_logits(ref, ids), atol=TOL, rtol=0)

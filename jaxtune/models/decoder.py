@@ -66,6 +66,8 @@ _TIED_BY_DEFAULT = ("SmolLM3ForCausalLM",)
 # What each transformers config class assumes where config.json leaves a field out (else 1e4 and 1e-6).
 DEFAULT_ROPE_THETA = {"SmolLM3ForCausalLM": 2_000_000.0, "MixtralForCausalLM": 1_000_000.0}
 DEFAULT_RMS_NORM_EPS = {"Olmo2ForCausalLM": 1e-5, "MixtralForCausalLM": 1e-5}
+# The MLPs that read ``mlp_bias``; the others build bias-free projections whatever config.json says.
+_MLP_BIAS_ARCHS = ("LlamaForCausalLM", "SmolLM3ForCausalLM")
 PARTITION_RULES: PartitionRules = partition_rules(
     column=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), row=("o_proj", "down_proj")
 ) + ((r"lm_head/kernel$", ("fsdp", "tensor")),)
@@ -201,7 +203,7 @@ def common_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
         rms_norm_eps=hf.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS.get(arch, 1e-6)),
         rope_theta=float(theta),
         rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
-        mlp_bias=bool(hf.get("mlp_bias", False)),
+        mlp_bias=bool(hf.get("mlp_bias", False)) and arch in _MLP_BIAS_ARCHS,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch in _TIED_BY_DEFAULT)),
         num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
         architecture=arch,
