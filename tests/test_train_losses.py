@@ -72,6 +72,17 @@ def test_schedule_warmup_then_cosine_to_floor():
     assert float(linear(5)) == pytest.approx(1.0)
 
 
+def test_a_warmup_ratio_rounds_up_as_transformers_does():
+    """transformers' warmup of ``ratio * steps`` steps rounds up (ceil); jaxtune rounded down, one step short."""
+    import transformers
+
+    for ratio, steps in ((0.1, 25), (0.05, 30), (0.2, 10)):
+        expected = transformers.TrainingArguments(output_dir="unused", warmup_steps=ratio).get_warmup_steps(steps)
+        lr = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_ratio=ratio, schedule="constant"), steps)
+        # the peak comes on the warmup's last step and not before
+        assert float(lr(expected - 1)) == pytest.approx(1.0) and float(lr(expected - 2)) < 1.0, (ratio, steps)
+
+
 def test_weight_decay_skips_biases_norms_and_magnitudes():
     params = {"q": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2), "lora_a": jnp.ones((2, 1)),
                     "magnitude": jnp.ones(2)},

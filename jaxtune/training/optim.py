@@ -77,7 +77,8 @@ def _check(name: str, value: float, expected: str, ok: Callable[[float], bool]) 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to ``learning_rate``, then constant, cosine or linear decay to ``min_lr_ratio``."""
     total = max(int(total_steps), 1)
-    warmup = min(cfg.warmup_steps or int(cfg.warmup_ratio * total), total - 1) if total > 1 else 0
+    # A ratio rounds up, as transformers' TrainingArguments.get_warmup_steps: a short run keeps some warmup.
+    warmup = min(cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total), total - 1) if total > 1 else 0
     if cfg.warmup_steps >= total > 1:
         log.warning("optimizer.warmup_steps %d is not shorter than the run's %d steps: the warmup is cut to %d steps "
                     "and the learning rate does not decay; use fewer warmup steps or more steps",
