@@ -95,6 +95,19 @@ def test_rerunning_a_finished_run_trains_nothing(trained, assets):
     assert code == 0 and "already trained to step 6" in err
 
 
+def test_rerunning_a_finished_run_keeps_its_records(trained, assets):
+    """The run's records stay as the run left them: metrics.jsonl gained a second final evaluation at
+    step 6 on every rerun, and status.json lost its last training metrics (``train: {}``)."""
+    run_dir = trained[0]
+    records, status = (run_dir / "metrics.jsonl").read_text(), json.loads((run_dir / "status.json").read_text())
+    code, out, err = cli("train", assets / "lora.yaml", "output.export=none")
+    assert code == 0 and "already trained to step 6" in err and "| loss |" in out, err
+    assert "evaluating the fine-tuned model" not in err  # scored on this data already (report.json)
+    assert (run_dir / "metrics.jsonl").read_text() == records
+    again = json.loads((run_dir / "status.json").read_text())
+    assert {**again, "updated": None} == {**status, "updated": None} and again["train"]["loss"] > 0
+
+
 def test_eval_compares_base_and_tuned(trained):
     run_dir, _, _ = trained
     code, out, err = cli("eval", run_dir, "--json")

@@ -366,7 +366,8 @@ class Trainer:
         self.close()
         self._resumable_data = hasattr(iterator, "get_state")
         best = self._resume(iterator)
-        previous = (self.run.status() or {}).get("state")
+        previous_status = self.run.status() or {}
+        previous = previous_status.get("state")
         try:
             if best.out_of_patience(self.eval_config.early_stopping_patience):  # stopped early: stays stopped
                 log.info("stopped early at step %d (%s has not improved for %d evaluations): nothing to train; "
@@ -385,8 +386,11 @@ class Trainer:
         finally:
             self.close()
         if state not in ("failed",):
-            self._write_status(state, step=self.step, total_steps=self.steps, train=train_metrics,
-                                  eval=eval_metrics, best_step=best.step, best_value=best.value)
+            # a run with nothing left to train keeps the last training and evaluation it reported
+            self._write_status(state, step=self.step, total_steps=self.steps,
+                               train=train_metrics or previous_status.get("train", {}),
+                               eval=eval_metrics or previous_status.get("eval", {}), best_step=best.step,
+                               best_value=best.value)
         result = FitResult(self.model, self.step, self.steps, state, train_metrics, eval_metrics,
                            {"step": best.step, "value": best.value, "metric": self.eval_config.best_metric}
                            if best.step is not None else None, before=before)
@@ -610,8 +614,12 @@ class Trainer:
         if self.eval_data is None or not self.eval_config.after:
             return
         last_eval = {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()}
+        report = self.run.report()
         if last_eval and result.model.step == self.step and self.step == result.step:
             result.after = last_eval  # the loop's last evaluation already scored these very params
+        elif (report["after"] is not None and report["step"] == result.model.step
+              and report["evaluated_on"] is not None and report["evaluated_on"] == self._evaluated_on()):
+            result.after = report["after"]  # a run run again: these params were scored on this data already
         else:
             log.info("evaluating the fine-tuned model ...")
             result.after = self.evaluate()
