@@ -377,3 +377,26 @@ def test_metric_sums_add_up_over_micro_batches(files):
     lm_step = jax.jit(make_train_step(make_loss_fn(model.module, "lm"), optimizer, grad_accum_steps=2))
     lm_metrics = lm_step(trainable, frozen, optimizer.init(trainable), lm_batch, jax.random.key(0))[2]
     assert set(lm_metrics) == {"loss", "weight", "tokens", "grad_norm", "finite", "grad_finite"}
+
+
+def test_max_segments_caps_the_pairs_a_row_packs_and_every_pair_counts(files, tmp_path):
+    """``preference.max_segments`` is how many pairs of a row the loss sees; the loader packed as many as fit,
+    and the pairs beyond it were left out of the loss and the metrics without a word. Now a row packs at most
+    that many, and the evaluation equals the uncapped one (every pair counted)."""
+    model = jt.load(str(files["model"]))
+    valid, _ = jt.read(files["valid"], kind="preference")
+    scores = {}
+    for cap in (None, 2):
+        tuned = jt.apply_plan(model, jt.lora(rank=4, alpha=8))
+        trainer = jt.Trainer(tuned, None, valid, run_dir=tmp_path / str(cap), config=jt.TrainConfig(steps=1),
+                             data=jt.DataConfig(batch_size=8, max_length=128),
+                             preference=jt.PreferenceConfig(**DPO, max_segments=cap))
+        most = max(int(b["segment_ids"].max()) for b in trainer.eval_data)
+        assert most > 2 if cap is None else most == 2  # uncapped, rows hold more pairs than the cap
+        scores[cap] = trainer.evaluate()
+    assert scores[2] == pytest.approx(scores[None], rel=1e-5)
+    packed = evaluation_loader(valid, tiny_tokenizer(), LoaderConfig(batch_size=8, max_length=128))
+    with pytest.raises(ValueError, match="^preference.max_segments: the loss sees 2 pairs a row, but the loader packs "
+                                         "as many as fit; build it with max_pairs=2"):
+        jt.Trainer(jt.apply_plan(model, jt.lora(rank=4, alpha=8)), None, packed, run_dir=tmp_path / "own",
+                   preference=jt.PreferenceConfig(**DPO, max_segments=2))

@@ -518,3 +518,36 @@ def test_a_resumed_run_with_other_validation_data_scores_its_base_on_that_data(s
     result = resumed.fit()
     assert result.before == fresh.fit().before != scored_first
     assert json.loads((tmp_path / "run" / "report.json").read_text())["evaluated_on"]["rows"] == 8
+
+
+def test_prompt_tuning_rows_must_fit_the_positions_and_stay_unpacked_in_evaluation(tmp_path):
+    """Prompt tuning puts its virtual tokens before every row, so a row of data.max_length takes that many
+    positions more (GPT-2's learned table read NaN past its end), and a packed row's later examples would be
+    scored without them: both were refused for training data only, or not at all."""
+    import torch
+    import transformers
+
+    config = transformers.GPT2Config(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=32, pad_token_id=0)
+    config.architectures = ["GPT2LMHeadModel"]
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(tmp_path / "gpt2")
+    rows = "".join(json.dumps({"prompt": "x" * 20, "completion": "y" * n}) + "\n" for n in (4, 6, 8, 10))
+    (tmp_path / "val.jsonl").write_text(rows)
+    valid = read_source(tmp_path / "val.jsonl", "prompt_completion")
+    tuned = tuning.apply_plan(hf.load_pretrained(tmp_path / "gpt2"), tuning.prompt_tuning(4),
+                              tokenizer=tiny_tokenizer())
+
+    def trainer(**data):
+        return Trainer(tuned, None, valid, run_dir=tmp_path / "run", mesh=ONE_DEVICE(),
+                       data=LoaderConfig(batch_size=2, **data), config=TrainConfig(steps=1, progress=False))
+
+    with pytest.raises(ValueError, match=r"^data.max_length: 32 \+ 4 virtual tokens is more than the model's 32 "
+                                         r"position embeddings .*; set data.max_length to 28 or less \(the plan's 4"):
+        trainer(max_length=32, packing=False)
+    with pytest.raises(ValueError, match="^data.packing: prompt tuning prepends its virtual tokens"):
+        trainer(max_length=28)  # an LM source packs by default, in evaluation too
+    fits = trainer(max_length=28, packing=False)
+    assert math.isfinite(fits.evaluate()["loss"])
+    with pytest.raises(ValueError, match="^data.packing: prompt tuning"):
+        Trainer(tuned, None, None, run_dir=tmp_path / "run2", mesh=ONE_DEVICE(), config=TrainConfig(steps=1),
+                data=LoaderConfig(batch_size=2, max_length=28)).evaluate(valid)

@@ -255,9 +255,12 @@ class Loader:
     ``example_weights`` (float32) [B, S]. ``B`` is the per-process batch (``batch_size``).
     """
 
-    def __init__(self, source: Source, tokenizer: Any, config: LoaderConfig):
+    def __init__(self, source: Source, tokenizer: Any, config: LoaderConfig, *, max_pairs: int | None = None):
+        """``max_pairs``: the most preference pairs a packed row holds (the loss's ``preference.max_segments``,
+        beyond which it would not see them); None: as many as fit."""
         self.source, self.tokenizer, self.config = source, tokenizer, config
         self.pairs = source.kind == PREFERENCE
+        self.max_pairs = max_pairs
         if self.pairs:
             if config.truncation == "split":
                 raise ValueError("data.truncation: 'split' cuts raw text into chunks; preference pairs take right, "
@@ -281,7 +284,8 @@ class Loader:
         pad_id = self.tokenizer.pad_token_id
         pad_id = 0 if pad_id is None else int(pad_id)
         if self.pairs:
-            return functools.partial(pair_rows, max_length=self.config.max_length, pad_id=pad_id, pack=self.packs)
+            return functools.partial(pair_rows, max_length=self.config.max_length, pad_id=pad_id, pack=self.packs,
+                                     max_pairs=self.max_pairs)
         if not self.lm:
             fn = (functools.partial(packing.pack_classifiers, in_order=self.config.pack_in_order) if self.packs
                   else packing.classifier_rows)
@@ -365,10 +369,12 @@ class Loader:
         """Rows one pass over the source fills, and how that was counted: examples after
         truncation, or for packed data ``ceil(tokens / max_length)`` (the packer fills rows
         nearly full, so this is a close lower bound on the packed rows; a pair counts its
-        longer side, the space it takes in a paired row)."""
+        longer side, the space it takes in a paired row, and at most ``max_pairs`` share one)."""
         stats = self.scan()
         if self.packs:
             rows = math.ceil(stats.tokens / self.config.max_length)
+            if self.pairs and self.max_pairs:
+                rows = max(rows, math.ceil(stats.examples / self.max_pairs))
             return rows, f"~{rows} packed rows"
         return stats.examples, f"{stats.examples} examples"
 
@@ -389,21 +395,23 @@ class Loader:
         return spec
 
 
-def training_loader(source: Source, tokenizer: Any, config: LoaderConfig) -> Loader:
+def training_loader(source: Source, tokenizer: Any, config: LoaderConfig, *, max_pairs: int | None = None) -> Loader:
     """The loader a training run reads: shuffled, repeated forever, full batches only."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
     return Loader(source, tokenizer, LoaderConfig(**{**fields, "shuffle": True, "num_epochs": None,
-                                                     "drop_remainder": True}))
+                                                     "drop_remainder": True}), max_pairs=max_pairs)
 
 
-def evaluation_loader(source: Source, tokenizer: Any, config: LoaderConfig, batch_size: int | None = None) -> Loader:
+def evaluation_loader(source: Source, tokenizer: Any, config: LoaderConfig, batch_size: int | None = None, *,
+                      max_pairs: int | None = None) -> Loader:
     """The loader an evaluation reads: one pass in file order, the last batch filled with empty
     rows; packed classification/regression rows hold the examples in file order (next fit), so
     their outputs, row by row and segment by segment, line up with the file."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
     return Loader(source, tokenizer, LoaderConfig(**{**fields, "shuffle": False, "num_epochs": 1, "pack_in_order": True,
                                                      "drop_remainder": False,
-                                                     "batch_size": batch_size or config.batch_size}))
+                                                     "batch_size": batch_size or config.batch_size}),
+                  max_pairs=max_pairs)
 
 
 def make_loader(source: Source, tokenizer: Any, config: LoaderConfig, *, scan_first: bool = True) -> Loader:

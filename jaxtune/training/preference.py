@@ -198,7 +198,8 @@ class PreferenceConfig:
       beta: β; None takes the method's usual default (:data:`DEFAULT_BETA`).
       label_smoothing: ε for ``dpo`` (conservative DPO) and ``simpo``; 0 otherwise.
       gamma: SimPO's target reward margin.
-      max_segments: pairs per packed row (static); None: ``L // 2``.
+      max_segments: pairs per packed row (static; the Trainer's loaders pack at most that many a row);
+        None: ``L // 2``.
       reference: where DPO/IPO's reference log-probs come from: ``model`` (the reference model runs
         in every step: no copy for fresh adapters, a frozen copy of the trained leaves otherwise)
         or ``cached`` (computed once per example before training and carried in the batch: no

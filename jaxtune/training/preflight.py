@@ -27,11 +27,12 @@ from jaxtune.tuning.tuned import Tuned
 log = logging.getLogger("jaxtune.training.trainer")
 
 
-def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool) -> Any:
+def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool, max_pairs: int | None = None) -> Any:
     """A loader for a :class:`~jaxtune.data.Source` (batched by ``config``: training order and
-    packing with ``train``, the evaluation pass without), anything else (a Loader, an iterable of
-    batches, None) as it is. Text is tokenized once here, so bad rows and over-long examples fail
-    before any compute; images are decoded once (the same check), sized and normalised as ``model`` expects."""
+    packing with ``train``, the evaluation pass without; at most ``max_pairs`` preference pairs a
+    packed row), anything else (a Loader, an iterable of batches, None) as it is. Text is tokenized
+    once here, so bad rows and over-long examples fail before any compute; images are decoded once
+    (the same check), sized and normalised as ``model`` expects."""
     if not isinstance(data, Source):
         return data
     if isinstance(data, ImageSource):
@@ -42,9 +43,10 @@ def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool) ->
         raise ValueError("the model has no tokenizer to encode the data: load it with jaxtune.load, or pass "
                          "tokenizer= to apply_plan")
     if train:
-        loader = training_loader(data, model.tokenizer, config)
+        loader = training_loader(data, model.tokenizer, config, max_pairs=max_pairs)
     else:
-        loader = evaluation_loader(data, model.tokenizer, config, getattr(config, "eval_batch_size", None))
+        loader = evaluation_loader(data, model.tokenizer, config, getattr(config, "eval_batch_size", None),
+                                   max_pairs=max_pairs)
     log.info("data: %s %s; %s", "train" if train else "validation", data.report.summary(), loader.scan().summary())
     return loader
 
@@ -63,6 +65,12 @@ def check_data(model: Tuned, train_data: Any, eval_data: Any, mesh: Mesh,
     task = model.task
     kinds = data_kinds(train_data, eval_data)
     check_preference(preference, kinds, task)
+    cap = preference.max_segments if preference is not None else None
+    for data in (train_data, eval_data):
+        if cap and isinstance(data, Loader) and data.pairs and data.packs and (data.max_pairs or cap + 1) > cap:
+            raise ValueError(f"preference.max_segments: the loss sees {cap} pairs a row, but the loader packs "
+                             f"{data.max_pairs or 'as many as fit'}; build it with max_pairs={cap} (or pass the "
+                             "source and let the Trainer build it)")
     for kind in kinds - {PREFERENCE}:
         if (kind in LM_KINDS) != (task == "lm") or (task != "lm" and kind != task):
             fix = "remove the head rule from the plan" if kind in LM_KINDS else f"add a {kind} head to the plan"
@@ -73,20 +81,31 @@ def check_data(model: Tuned, train_data: Any, eval_data: Any, mesh: Mesh,
         if (data.batch_size * data.shard_count) % ways:
             raise ValueError(f"data.batch_size: {data.batch_size * data.shard_count} rows do not split over the "
                              f"mesh's {ways}-way data parallelism (mesh data x fsdp); use a multiple of {ways}")
-    positions = getattr(model.config, "max_position_embeddings", None)
-    for data in loaders:
-        if positions and data.config.max_length > positions:
-            raise ValueError(f"data.max_length: {data.config.max_length} is more than the model's {positions} "
-                             "position embeddings (max_position_embeddings in its config.json); set "
-                             f"data.max_length to {positions} or less")
-    if model.prompt_tokens and isinstance(train_data, Loader) and train_data.packs:
-        raise ValueError("data.packing: prompt tuning prepends its virtual tokens to a row's first example only; "
-                         "set data.packing: false (one example per row) with a prompt rule in the plan")
+    check_rows_fit(model, loaders)
     check_token_ids(model, loaders)
     labels = getattr(train_data, "source", None) and train_data.source.label_names
     if task == "classification" and labels and len(labels) > model.num_outputs:
         raise ValueError(f"the data has {len(labels)} labels but the head has {model.num_outputs} outputs; "
                          "pass data=train to apply_plan to size the head from the data")
+
+
+def check_rows_fit(model: Tuned, loaders: list[Loader]) -> None:
+    """A row, with prompt tuning's virtual tokens before it, must fit the model's position embeddings
+    (past them a learned table reads nothing: NaN), and prompt tuning takes one example a row (it
+    prepends its tokens to a row's first example only), in evaluation as in training."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    virtual = model.prompt_tokens
+    for data in loaders:
+        if positions and data.config.max_length + virtual > positions:
+            room = f"{positions - virtual} or less (the plan's {virtual} virtual tokens come first)" if virtual else \
+                f"{positions} or less"
+            raise ValueError(f"data.max_length: {data.config.max_length}"
+                             + (f" + {virtual} virtual tokens" if virtual else "")
+                             + f" is more than the model's {positions} position embeddings (max_position_embeddings "
+                             f"in its config.json); set data.max_length to {room}")
+        if virtual and data.packs:
+            raise ValueError("data.packing: prompt tuning prepends its virtual tokens to a row's first example only; "
+                             "set data.packing: false (one example per row) with a prompt rule in the plan")
 
 
 def check_token_ids(model: Tuned, loaders: list[Loader]) -> None:

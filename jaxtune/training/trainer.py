@@ -150,8 +150,9 @@ class Trainer:
         self.loader_config = data or LoaderConfig()
         self.preference = preference
         self.task = "preference" if preference is not None else model.task  # what evaluation reports
-        self.train_data = preflight.loader_for(train_data, model, self.loader_config, train=True)
-        self.eval_data = preflight.loader_for(eval_data, model, self.loader_config, train=False)
+        pairs = preference.max_segments if preference is not None else None  # what the loss sees of a row
+        self.train_data = preflight.loader_for(train_data, model, self.loader_config, train=True, max_pairs=pairs)
+        self.eval_data = preflight.loader_for(eval_data, model, self.loader_config, train=False, max_pairs=pairs)
         self.run = RunDir(run_dir, main=jax.process_index() == 0)  # one process writes logs and status
         self.run.check()
         self.run_dir = self.run.path
@@ -292,7 +293,10 @@ class Trainer:
             raise ValueError("preference.reference: cached holds reference log-probs of the training and validation "
                              "data only; evaluate other data in a trainer with reference: model")
         if data is not None:
-            data = preflight.loader_for(data, self.tuned, self.loader_config, train=False)
+            data = preflight.loader_for(data, self.tuned, self.loader_config, train=False,
+                                        max_pairs=self.preference.max_segments if self.preference else None)
+            if isinstance(data, Loader):
+                preflight.check_rows_fit(self.tuned, [data])
         data = self.eval_data if data is None else data
         if data is None:
             raise ValueError("no evaluation data: pass eval_data to the Trainer or data to evaluate()")
