@@ -550,3 +550,32 @@ def test_python_trainer_without_a_config_refuses_another_plan(root: Path, tmp_pa
     with pytest.raises(RunMismatchError, match=r"plan rules: .*\"rank\": 2.* -> .*\"rank\": 4"):
         trainer(4).fit()
     assert _tree(tmp_path / "run") == before
+
+
+def test_a_resume_on_other_training_rows_is_refused(root: Path, tmp_path: Path) -> None:
+    """A packaged dataset draws its training rows from what its validation rows leave, so another
+    data.validation_size trains on other rows (393 of 400 differed): the resume was accepted and the data
+    iterator's position pointed into another dataset. run.json now records which rows."""
+    import jax
+
+    import jaxtune as jt
+    from jaxtune.data.pipeline import LoaderConfig
+    from jaxtune.training.config import TrainConfig
+    from jaxtune.training.rundir import RunMismatchError
+    from jaxtune.tuning.plan import lora
+
+    model = jt.load(root / "llama")
+
+    def trainer(validation_size: int) -> jt.Trainer:
+        train_data, _ = jt.read("rotten_tomatoes_chat", train_size=32, validation_size=validation_size)
+        tuned = jt.apply_plan(model, lora(rank=2, targets=["q_proj"]), jax.random.key(0))
+        return jt.Trainer(tuned, train_data, run_dir=tmp_path / "run", data=LoaderConfig(batch_size=8, max_length=48,
+                                                                                           truncation="left"),
+                          config=TrainConfig(steps=1, progress=False, compile_cache=False))
+
+    assert trainer(50).fit().state == "finished"
+    before = _tree(tmp_path / "run")
+    with pytest.raises(RunMismatchError, match=r"data.rows: '32 rows #\w+' -> '32 rows #\w+' \(other training rows"):
+        trainer(60).fit()
+    assert _tree(tmp_path / "run") == before
+    assert trainer(50).fit().state == "finished"  # the same rows resume

@@ -34,7 +34,7 @@ import grain
 import numpy as np
 
 from jaxtune.data.pipeline import Loader, LoaderConfig, _mark_absl_flags_parsed, _shard
-from jaxtune.data.sources import DataError, Source, SourceReport
+from jaxtune.data.sources import DataError, Source, SourceReport, digest_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 AUGMENTATIONS = ("flip", "crop")
@@ -186,6 +186,11 @@ class ImageSource(Source):
         item = self.items[index]
         image = decode_image(item) if isinstance(item, str) else (item[..., None] if item.ndim == 2 else item)
         return {"image": image, "label": self.labels[index], "where": self.where(index)}
+
+    def digest(self) -> str:
+        """The images (array bytes, or file paths: decoding every file is the loader's scan) and labels."""
+        items = self.items.tobytes() if isinstance(self.items, np.ndarray) else json.dumps(list(self.items)).encode()
+        return digest_bytes(items, np.asarray(self.labels).tobytes())
 
     def select(self, indices: Sequence[int]) -> ImageSource:
         idx = np.asarray(indices, dtype=np.int64)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import abc
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -122,6 +123,11 @@ class Source(Sequence):
     def select(self, indices: Sequence[int]) -> Source:
         """A source of the rows at ``indices`` (same files, same report)."""
 
+    def digest(self) -> str:
+        """A short hash of which rows this is, in order: a resumed run must read the rows it started
+        with (its data iterator's position points into them). This default hashes every row."""
+        return digest_bytes(json.dumps([self[i] for i in range(len(self))], sort_keys=True, default=str).encode())
+
 
 class FileSource(Source):
     """Rows as byte ranges of files, read with ``os.pread`` (one fd per file per process)."""
@@ -182,6 +188,11 @@ class FileSource(Source):
         record["where"] = self.where(index)
         return record
 
+    def digest(self) -> str:
+        """The files and the lines of them that are rows (not their bytes: an edit of a row resumes)."""
+        return digest_bytes(json.dumps(self.paths).encode(), self._file_ids.astype(np.int64).tobytes(),
+                       self._lines.astype(np.int64).tobytes())
+
     def select(self, indices: Sequence[int]) -> FileSource:
         idx = np.asarray(indices, dtype=np.int64)
         out = FileSource(self.kind, self.paths, self._file_ids[idx], self._offsets[idx], self._lengths[idx],
@@ -204,6 +215,14 @@ class ListSource(Source):
 
     def select(self, indices: Sequence[int]) -> ListSource:
         return ListSource(self.kind, [self.records[int(i)] for i in indices], self.report, self.label_names)
+
+
+def digest_bytes(*parts: bytes) -> str:
+    """A 16-hex-digit sha256 of ``parts`` (each length-prefixed, so the split between them counts)."""
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(len(part).to_bytes(8, "little") + part)
+    return h.hexdigest()[:16]
 
 
 _CHECKS: dict[str, Callable[[Any], dict]] = {"chat": check_chat, "prompt_completion": check_prompt_completion}

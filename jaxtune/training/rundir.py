@@ -97,7 +97,9 @@ def fixed_fields(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_WHY = {"optimizer state": "another optimizer, clip_grad_norm switched on or off, or other group_lr groups"}
+_WHY = {"optimizer state": "another optimizer, clip_grad_norm switched on or off, or other group_lr groups",
+        "data.rows": "other training rows: other files or lines of them, or another data.validation_size of a "
+                     "packaged dataset, which draws its training rows from what the validation rows leave"}
 
 
 def _brief(value: Any, limit: int = 80) -> str:

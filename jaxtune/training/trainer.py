@@ -424,7 +424,9 @@ class Trainer:
                              "data.batch_size": cfg.batch_size,
                              # resolved (data.packing null packs by kind); a new key, which run directories
                              # written before it was resolved (their "data.packing") are not compared on
-                             "data.packed": self.train_data.packs})
+                             "data.packed": self.train_data.packs,
+                             # which rows (a packaged dataset's data.validation_size draws other training rows)
+                             "data.rows": f"{len(self.train_data.source)} rows #{self.train_data.source.digest()}"})
         return identity
 
     def check_plan(self) -> None:
