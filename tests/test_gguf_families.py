@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import zlib
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -23,9 +24,12 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict
 from helpers import llama_cpp_permute, randomize_weights, set_gguf_fp16_fields, torch_logits
 
-from jaxtune.models import hf, quant
+from jaxtune import tuning
+from jaxtune.data.testing import tiny_tokenizer
+from jaxtune.models import hf, quant, stacking
 from jaxtune.models.gguf import GGUFError, gguf_to_hf
 from jaxtune.models.gguf_quantized import load_quantized
+from jaxtune.tuning.labels import PROMPT_LEAF
 
 gguf = pytest.importorskip("gguf")
 
@@ -330,3 +334,41 @@ def test_llama3_rope_file_converts_to_a_directory_transformers_reads_with_the_or
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids = np.random.RandomState(2).randint(0, 128, (1, 300)).astype(np.int32)  # past the original 256
     np.testing.assert_allclose(torch_logits(reloaded, ids), torch_logits(model, ids), atol=TOL, rtol=0)
+
+
+def test_plans_on_a_kept_quantized_base_prompt_requantize_and_untie(tmp_path):
+    """On a GGUF base loaded with keep_quantized: prompt tuning starts from the quantized embedding's rows
+    (it failed on the QuantizedArray); a quantize rule keeps the file's own format where a matrix is loaded
+    quantized (it failed with an AttributeError naming nothing); and a PEFT adapter that trains the tied
+    lm_head (modules_to_save) imports with peft's logits on the dequantized model (``.T`` of a QuantizedArray)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from jaxtune.tuning.peft_import import load_peft
+
+    write_gguf(tiny_model("qwen3"), "qwen3", tmp_path / "tiny.gguf", quantized="Q8_0")
+    out = gguf_to_hf(tmp_path / "tiny.gguf", tmp_path / "hf")
+    kept = load_quantized(tmp_path / "tiny.gguf", out)
+    ids = np.random.RandomState(1).randint(0, 128, (2, 12)).astype(np.int32)
+    base = np.asarray(kept.module.apply({"params": kept.params}, ids))
+
+    prompted = tuning.apply_plan(kept, tuning.prompt_tuning(4, init="text", text="a b"), tokenizer=tiny_tokenizer())
+    embedding = quant.dequantize(kept.params["embed_tokens"]["embedding"], jnp.float32)
+    text_ids = tiny_tokenizer()("a b")["input_ids"]
+    np.testing.assert_array_equal(np.asarray(prompted.params[PROMPT_LEAF]),
+                                  np.asarray(embedding)[(text_ids * 4)[:4]])
+
+    requantized = tuning.apply_plan(kept, tuning.freeze(quantize="nf4") + tuning.lora(4))
+    leaves = flatten_dict(unfreeze(stacking.unstack(requantized.params)))
+    assert leaves[("layers_0", "mlp", "down_proj", "kernel")].name == "q8_0"
+    np.testing.assert_allclose(np.asarray(requantized.module.apply({"params": requantized.params}, ids)), base,
+                               atol=1e-5 * np.abs(base).max(), rtol=0)  # lora_b = 0: the base as loaded
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"],
+                        init_lora_weights=False)
+    reference = get_peft_model(AutoModelForCausalLM.from_pretrained(out), config).eval()
+    reference.save_pretrained(tmp_path / "adapter")
+    imported = load_peft(kept, tmp_path / "adapter")
+    ours = np.asarray(imported.module.apply({"params": imported.params}, ids))
+    np.testing.assert_allclose(ours, torch_logits(reference, ids), atol=1e-4, rtol=0)

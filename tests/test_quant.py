@@ -157,6 +157,21 @@ def test_quantized_forward_equals_the_dequantized_weight_forward(base, case):
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
 
 
+def test_dora_on_a_quantized_base_starts_equal_to_that_base(base):
+    """DoRA's magnitude is the quantized kernel's column norm, as PEFT's DoRA on a bitsandbytes base takes it
+    from the dequantized weight: at init the model is the base it trains on. It was the float32 kernel's norm
+    (computed before the plan quantized it), about 3 % off the quantized base's logits."""
+    quantized = tuning.apply_plan(base, tuning.freeze(quantize="nf4") + tuning.lora(4))  # lora_b = 0: the base
+    dora = tuning.apply_plan(base, tuning.freeze(quantize="nf4") + tuning.dora(4))
+    want = _logits(quantized, quantized.params)
+    assert np.abs(_logits(dora, dora.params) - want).max() <= 1e-5 * np.abs(want).max()
+    leaves = flatten_dict(stacking.unstack(dora.params))
+    module = ("layers_0", "mlp", "down_proj")
+    kernel = quant.dequantize(leaves[module + ("kernel",)], jnp.float32)
+    np.testing.assert_allclose(np.asarray(leaves[module + ("magnitude",)]), np.linalg.norm(np.asarray(kernel), axis=0),
+                               rtol=1e-6)
+
+
 def test_an_int8_encoder_body_reads_like_its_dequantized_weights(tmp_path):
     """MiniLM-style BERT: word, position and token-type embeddings and every linear in int8."""
     tiny_hf_model("BertModel", tmp_path)

@@ -33,6 +33,8 @@ from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbe
 from jaxtune.models.gguf_architectures import ARCHITECTURES as GGUF_ARCHITECTURES
 from jaxtune.models.gguf_architectures import LLAMA_MOE
 from jaxtune.models.layers import PartitionRules
+from jaxtune.models.quant import dequantize_tree, is_quantized
+from jaxtune.models.quant import transpose as transpose_quantized
 
 Params = dict[str, Any]
 FamilyConfig = (decoder.DecoderConfig | encoder.EncoderConfig | modernbert.ModernBertConfig | vit.ViTConfig
@@ -460,9 +462,10 @@ def load_pretrained(
     return Pretrained(cfg, module, unflatten_dict(params), hf_config, str(model_dir), arch)
 
 
-def untie_embeddings(pretrained: Pretrained) -> Pretrained:
+def untie_embeddings(pretrained: Pretrained, *, trained_head: bool = False) -> Pretrained:
     """``pretrained`` with its tied output layer made a separate ``lm_head`` whose kernel is the
-    embedding's transpose; a model that is not tied comes back unchanged.
+    embedding's transpose (a quantized embedding's stays quantized unless ``trained_head``: a trained
+    leaf is float); a model that is not tied comes back unchanged.
 
     Why: PEFT adapts or trains ``embed_tokens`` and ``lm_head`` of a tied model apart (unless
     ``ensure_weight_tying`` is set), so the two stop being one matrix. ``hf_config`` still says
@@ -472,7 +475,10 @@ def untie_embeddings(pretrained: Pretrained) -> Pretrained:
     if FAMILIES[pretrained.architecture].body is not None or not getattr(cfg, "tie_word_embeddings", False):
         return pretrained  # a sequence classifier has no lm_head to untie
     cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
-    params = {**pretrained.params, "lm_head": {"kernel": pretrained.params["embed_tokens"]["embedding"].T}}
+    embedding = pretrained.params["embed_tokens"]["embedding"]  # quantized: a GGUF base with keep_quantized
+    kernel = (transpose_quantized(embedding) if is_quantized(embedding) and not trained_head
+              else dequantize_tree(embedding).T)
+    params = {**pretrained.params, "lm_head": {"kernel": kernel}}
     return dataclasses.replace(pretrained, config=cfg, module=FAMILIES[pretrained.architecture].module(cfg),
                                params=params)
 

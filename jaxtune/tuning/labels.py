@@ -239,6 +239,7 @@ def resolve_quantize(plan: Plan, labels: dict[Path, str], num_blocks: int,
     the plan trains (naming the rule, or the loaded leaf).
     """
     paths = list(labels)
+    quantized = set(quantized)
     formats: dict[Path, str] = {}
     owner: dict[Path, int] = {}
     for i, rule in enumerate(plan.rules):
@@ -250,7 +251,11 @@ def resolve_quantize(plan: Plan, labels: dict[Path, str], num_blocks: int,
         if not chosen:
             raise PlanError(f"{plan.describe(i)} quantizes no matrix (it applies to kernel and embedding leaves); "
                             f"some real paths: {example_paths(paths)}")
-        formats.update({p: rule.quantize for p in chosen})
+        kept = [p for p in chosen if p in quantized]
+        if kept:  # a GGUF base's own quantization is what the user asked to keep
+            log.info("%s: %d of its %d matrices are loaded quantized (keep_quantized) and keep their own format",
+                     plan.describe(i), len(kept), len(chosen))
+        formats.update({p: rule.quantize for p in chosen if p not in quantized})
         owner.update({p: i for p in chosen})
     for p in formats:
         if labels[p] != FROZEN:

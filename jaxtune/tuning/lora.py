@@ -66,6 +66,18 @@ def init_adapter(kernel: Array, spec: AdapterSpec, unit: Array) -> dict[str, Arr
     return leaves
 
 
+def quantized_magnitudes(params: Params, quantized: Any) -> Params:
+    """``params`` with each DoRA magnitude beside a kernel at a path in ``quantized`` set to the
+    quantized kernel's column norms: the adapted model starts equal to the base it trains on, as
+    PEFT's DoRA on a bitsandbytes base (which takes the norm of the dequantized weight)."""
+    flat = flatten_dict(params)
+    for path in quantized:
+        module = path[:-1]
+        if path[-1] == "kernel" and module + (MAGNITUDE,) in flat:
+            flat[module + (MAGNITUDE,)] = column_norm(as_float(flat[path], jnp.float32))
+    return unflatten_dict(flat)
+
+
 def column_norm(kernel: Array) -> Array:
     """L2 norm of each output feature's weights: ``(in, out) -> (out,)`` (PyTorch's row norm)."""
     return jnp.linalg.norm(kernel, axis=0)

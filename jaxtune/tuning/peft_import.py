@@ -318,7 +318,7 @@ def _tying(pretrained: hf.Pretrained, config: dict[str, Any], saved: set[str],
         return pretrained, None
     if config.get("ensure_weight_tying") and embedding in saved and not lm_head_lora:
         return pretrained, f"{lm_head}.weight" if f"{lm_head}.weight" in keys else None
-    return hf.untie_embeddings(pretrained), None
+    return hf.untie_embeddings(pretrained, trained_head=lm_head in saved), None
 
 
 def _lora_rules(config: dict[str, Any], linears: dict[str, Module], saved: set[str],

@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.models import quant
+
 Array = jax.Array
 Tokenizer = Callable[[str], Any]
 
@@ -49,7 +51,7 @@ def init_prompt(
         ids = jnp.asarray((ids * math.ceil(n_tokens / len(ids)))[:n_tokens], jnp.int32)
     else:
         raise ValueError(f"unknown prompt init {init!r}; choose vocab or text")
-    return jnp.take(jnp.asarray(embedding), ids, axis=0).astype(jnp.float32)
+    return quant.take(embedding, jnp.asarray(ids), jnp.float32)  # a quantized table: only these rows dequantized
 
 
 def prepend(

@@ -40,7 +40,7 @@ from jaxtune.models.quant import is_quantized
 from jaxtune.tuning import labels as labels_lib
 from jaxtune.tuning.heads import Head, HeadSpec, family_head, head_spec, hf_head_modules, init_head
 from jaxtune.tuning.labels import HEAD_KEY, PROMPT_LEAF
-from jaxtune.tuning.lora import AdapterSpec, add_adapters
+from jaxtune.tuning.lora import AdapterSpec, add_adapters, quantized_magnitudes
 from jaxtune.tuning.partition import cast_by_label, quantize_leaves
 from jaxtune.tuning.plan import Plan, PlanError, Rule, as_plan
 from jaxtune.tuning.prompt import Tokenizer, init_prompt, prepend
@@ -303,8 +303,8 @@ def apply_plan(
     labels = unflatten_dict(flat_labels)
     params = cast_by_label(params, labels, frozen_dtype)
     loaded_quantized = [p for p, leaf in flatten_dict(params).items() if is_quantized(leaf)]
-    params = quantize_leaves(params, labels_lib.resolve_quantize(plan, flat_labels, cfg.num_layers, loaded_quantized,
-                                                                 set(linear_or_other)))
+    formats = labels_lib.resolve_quantize(plan, flat_labels, cfg.num_layers, loaded_quantized, set(linear_or_other))
+    params = quantized_magnitudes(quantize_leaves(params, formats), formats)
 
     body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
     if hasattr(body_cfg, "training_batch_norms"):  # the BatchNorms whose statistics this plan trains
