@@ -148,3 +148,13 @@ def test_bad_optimizer_config_is_named():
         OptimizerConfig(name="adamx")
     with pytest.raises(ValueError, match="optimizer.schedule"):
         OptimizerConfig(schedule="exp")
+
+
+def test_every_reported_metric_has_a_direction_for_the_best_checkpoint():
+    """A best_metric without a known direction was taken as lower-is-better: eval.best_metric
+    rewards/chosen or logps/chosen kept the checkpoint whose chosen answers scored lowest."""
+    from jaxtune.training.evaluate import HIGHER_IS_BETTER, METRICS
+
+    assert [m for names in METRICS.values() for m in names if m not in HIGHER_IS_BETTER] == []
+    assert HIGHER_IS_BETTER["rewards/chosen"] and HIGHER_IS_BETTER["logps/chosen"]
+    assert not HIGHER_IS_BETTER["rewards/rejected"] and not HIGHER_IS_BETTER["logps/rejected"]

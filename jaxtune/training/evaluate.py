@@ -23,7 +23,9 @@ METRICS = {"lm": ("loss", "perplexity"), "classification": ("loss", "accuracy", 
 # Which direction is better, for choosing the best checkpoint and for the report's arrows.
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "choice_accuracy": True, "choice_macro_f1": True,
                     "pearson": True, "loss": False, "perplexity": False, "mae": False, "rmse": False,
-                    "rewards/accuracy": True, "rewards/margin": True, "logps/accuracy": True}
+                    "rewards/accuracy": True, "rewards/margin": True, "logps/accuracy": True,
+                    # the chosen answer's reward and log-prob up, the rejected one's down
+                    "rewards/chosen": True, "logps/chosen": True, "rewards/rejected": False, "logps/rejected": False}
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_classes: int | None = None) -> dict[str, float]:
