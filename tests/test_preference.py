@@ -642,6 +642,27 @@ def test_both_formats_read_tokenize_and_share_the_prompt(tmp_path):
         assert sum(r["loss_weights"][side].sum() for r in packed) == sum(r["loss_weights"][side].sum() for r in padded)
 
 
+def test_plain_answers_end_with_one_eos_as_trl_tokenizes_them():
+    """TRL adds EOS to a plain answer only when it does not end with it already (data prepared for older
+    recipes often does); jaxtune appended a second one and trained p(EOS | EOS) into both answers."""
+    pytest.importorskip("trl")
+    from trl.data_utils import _tokenize
+
+    tokenizer = tiny_tokenizer(bos=True)
+    for chosen, rejected in (("4", "5"), ("4</s>", "5</s>")):
+        (pair,), status, _ = TokenizePairs(tokenizer, 64).encode({"prompt": "2+2=", "chosen": chosen,
+                                                                   "rejected": rejected})
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            text = text if text.endswith(tokenizer.eos_token) else text + tokenizer.eos_token  # TRL's add_eos
+            assert pair[side]["input_ids"].tolist() == _tokenize(tokenizer, "2+2=" + text)["input_ids"], (side, text)
+    # SFT's prompt/completion rows likewise (TRL's SFTTrainer adds EOS the same way)
+    from jaxtune.data.tokenize import encode_prompt_completion, special_prefix
+
+    example = encode_prompt_completion(tokenizer, "2+2=", "4</s>", prefix=special_prefix(tokenizer),
+                                       eos=tokenizer.eos_token_id)
+    assert example["input_ids"].tolist() == _tokenize(tokenizer, "2+2=4</s>")["input_ids"]
+
+
 def test_truncation_keeps_the_prompt_shared_and_drops_cut_answers():
     tokenizer = tiny_tokenizer()
     record = {"prompt": "a long prompt", "chosen": "yes indeed", "rejected": "no", "where": "f:1"}

@@ -56,6 +56,7 @@ from jaxtune.data.tokenize import (
     encode_chat,
     encode_pieces,
     special_prefix,
+    with_eos,
 )
 
 KIND = PREFERENCE  # the source kind (one of jaxtune.data.sources.KINDS)
@@ -254,7 +255,7 @@ def encode_pair(tokenizer: Any, record: dict, *, prefix: Sequence[int] = (), eos
             pair[side] = encode_chat(tokenizer, messages, weights, where)
         else:
             ids = encode_pieces(tokenizer, [record["prompt"], record[side]])
-            answer = ids[1] + ([eos] if eos is not None else [])
+            answer = with_eos(ids[1], eos)
             tokens = list(prefix) + ids[0] + answer
             mask = [False] * (len(prefix) + len(ids[0])) + [True] * len(answer)
             pair[side] = {"input_ids": np.asarray(tokens, np.int32), "loss_mask": np.asarray(mask, bool)}

@@ -193,17 +193,23 @@ def special_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
+def with_eos(ids: list[int], eos: int | None) -> list[int]:
+    """``ids`` ending in ``eos`` once: a text that already ends with the EOS token (data prepared for
+    an older recipe) gets no second one, as TRL's ``add_eos``; ``eos`` None adds nothing."""
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
 def encode_prompt_completion(tokenizer: Any, prompt: str, completion: str, *, prefix: Sequence[int] = (),
                              eos: int | None = None) -> Example:
     """``prefix + prompt + completion + [eos]``; mask = completion and EOS."""
     ids = encode_pieces(tokenizer, [prompt, completion])
-    return _example([list(prefix), ids[0], ids[1] + ([eos] if eos is not None else [])], [False, False, True])
+    return _example([list(prefix), ids[0], with_eos(ids[1], eos)], [False, False, True])
 
 
 def encode_text(tokenizer: Any, text: str, *, prefix: Sequence[int] = (), eos: int | None = None) -> Example:
     """``prefix + text + [eos]``; every token after the prefix is a target."""
     ids = encode_pieces(tokenizer, [text])[0]
-    return _example([list(prefix), ids + ([eos] if eos is not None else [])], [False, True])
+    return _example([list(prefix), with_eos(ids, eos)], [False, True])
 
 
 def answer_first_token(tokenizer: Any, kind: str, answer: str) -> int:
