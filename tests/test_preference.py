@@ -504,6 +504,24 @@ def test_dpo_starts_at_log2_with_fresh_adapters_and_learns(llama):
     assert float(out["metrics"]["rewards/accuracy"]) / float(pairs) > 0.5
 
 
+def test_the_policy_runs_without_dropout_as_trls_disable_dropout(tmp_path):
+    """TRL's DPOConfig(disable_dropout=True) (its default) turns dropout off in the policy as in the reference;
+    jaxtune's training step ran the policy with GPT-2's dropout, so a fresh adapter's first loss was not log 2
+    and the log-ratios carried dropout noise. ``disable_dropout: false`` keeps it."""
+    from helpers import tiny_random_model
+
+    tiny_random_model("GPT2LMHeadModel", tmp_path, dict(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                        n_positions=128), config_class="GPT2Config")
+    pre = hf.load_pretrained(tmp_path)
+    assert pre.config.dropout == 0.1
+    tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))
+    batch, _ = _paired_batch(4)
+    for disable in (True, False):
+        loss_fn = pref.make_preference_loss_fn(tuned.module, pref.PreferenceConfig("dpo", disable_dropout=disable))
+        total, pairs, _ = loss_fn(tuned.params, batch, jax.random.key(1), False)  # a training step's call
+        assert (float(total / pairs) == pytest.approx(np.log(2), abs=1e-6)) == disable
+
+
 def test_micro_batches_equal_one_batch(llama):
     _, pre = llama
     tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))

@@ -205,6 +205,10 @@ class PreferenceConfig:
         or ``cached`` (computed once per example before training and carried in the batch: no
         copy and no reference forward in the step, a pre-pass over the training and validation
         data instead). See :class:`ReferenceCache`.
+      disable_dropout: the policy's forward runs without dropout (the model's and the adapters'), as
+        TRL's ``DPOConfig(disable_dropout=True)``: the reference runs without it, so with it on the
+        log-ratios carry dropout noise and the run does not start at DPO's log 2. False keeps the
+        model's dropout in the policy.
     """
 
     method: str = "dpo"
@@ -213,6 +217,7 @@ class PreferenceConfig:
     gamma: float = 0.5
     max_segments: int | None = None
     reference: Literal["model", "cached"] = "model"
+    disable_dropout: bool = True
 
     def __post_init__(self) -> None:
         # Messages name the field as a recipe writes it (the preference: section).
@@ -357,7 +362,8 @@ def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chun
         rows = _rows(batch)
         b, length = batch["targets"].shape[0], batch["targets"].shape[-1]
         s = length // 2 if config.max_segments is None else config.max_segments
-        token_lp, aux = policy_token_logprobs(module, params, rows, deterministic=deterministic, rng=rng,
+        token_lp, aux = policy_token_logprobs(module, params, rows, rng=rng,
+                                              deterministic=deterministic or config.disable_dropout,
                                               chunk_tokens=chunk_tokens, with_aux=True)
         reference = None
         if config.needs_reference:
