@@ -193,6 +193,23 @@ def special_prefix(tokenizer: Any) -> list[int]:
     return []
 
 
+def longest_first(lengths: list[int], room: int) -> list[int]:
+    """How many tokens of one text, or of each of a pair, fit ``room``: the ``tokenizers`` library's
+    ``LongestFirst`` truncation (what ``tokenizer(a, b, truncation=True)`` does), so a pair trains on
+    the tokens transformers gives it at inference: the shorter text stays whole and the longer keeps
+    what is left, unless that is less than the shorter; then each keeps half, the second the odd one
+    (or the longer, when the first is longer)."""
+    if len(lengths) == 1:
+        return [min(lengths[0], room)]
+    short, long = sorted(lengths)
+    keep_long = short if short > room else max(short, room - short)
+    keep_short = short
+    if keep_short + keep_long > room:
+        keep_short, keep_long = room // 2, room // 2 + room % 2
+    kept = [keep_long, keep_short] if lengths[0] > lengths[1] else [keep_short, keep_long]
+    return [min(n, k) for n, k in zip(lengths, kept)]
+
+
 def with_eos(ids: list[int], eos: int | None) -> list[int]:
     """``ids`` ending in ``eos`` once: a text that already ends with the EOS token (data prepared for
     an older recipe) gets no second one, as TRL's ``add_eos``; ``eos`` None adds nothing."""
@@ -350,9 +367,7 @@ class Tokenize:
                                 "raise data.max_length, shorten the text, or set data.truncation to right or drop")
             if self.truncation == "drop":
                 return [], "dropped", length
-            while sum(lengths) > room:  # longest first, as Hugging Face truncates pairs
-                lengths[int(np.argmax(lengths))] -= 1
-            for part, n in zip(parts, lengths):
+            for part, n in zip(parts, longest_first(lengths, room)):
                 part.truncate(n)
             status = "truncated"
         enc = tok.post_process(parts[0], parts[1] if len(parts) > 1 else None, add_special_tokens=True)
