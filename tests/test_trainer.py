@@ -551,3 +551,35 @@ def test_prompt_tuning_rows_must_fit_the_positions_and_stay_unpacked_in_evaluati
     with pytest.raises(ValueError, match="^data.packing: prompt tuning"):
         Trainer(tuned, None, None, run_dir=tmp_path / "run2", mesh=ONE_DEVICE(), config=TrainConfig(steps=1),
                 data=LoaderConfig(batch_size=2, max_length=28)).evaluate(valid)
+
+
+def test_a_resumed_run_does_not_end_with_a_best_checkpoint_it_never_made(setup, tmp_path):
+    """An attempt killed after saving best/4 but before its step-4 checkpoint resumes from step 2. Only one best
+    is kept, so best/4 had replaced best/2; the resumed run (here: nothing left to train, or another eval.every
+    that never scores step 4) ended with best/4's weights under step 2's name. Now later bests are set aside and
+    the resumed step's own best is saved again: the result equals the uninterrupted 2-step run's."""
+    import shutil
+
+    from flax.traverse_util import flatten_dict
+
+    from jaxtune.training.config import CheckpointConfig
+
+    model_dir, train, valid = setup
+
+    def run(run_dir, steps):
+        tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=4))
+        return Trainer(tuned, train_data=_loader(train, train=True), eval_data=_loader(valid, train=False),
+                       optimizer=OptimizerConfig(learning_rate=3e-2, warmup_steps=1, schedule="constant"),
+                       config=TrainConfig(steps=steps, log_every=1, progress=False, compile_cache=False),
+                       eval=EvalConfig(every=1, best_metric="loss", use_best=True, before=False),
+                       checkpoint=CheckpointConfig(every=2), run_dir=run_dir, mesh=ONE_DEVICE()).fit()
+
+    attempt = run(tmp_path / "run", 4)
+    assert attempt.best["step"] > 2 and [p.name for p in (tmp_path / "run" / "best").iterdir() if p.name.isdigit()] \
+        == [str(attempt.best["step"])]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")  # killed before the step-4 checkpoint
+    reference = run(tmp_path / "reference", 2)
+    resumed = run(tmp_path / "run", 2)
+    assert resumed.best["step"] == reference.best["step"] == 2
+    ours, theirs = flatten_dict(resumed.model.params), flatten_dict(reference.model.params)
+    assert all(np.array_equal(np.asarray(ours[k]), np.asarray(theirs[k])) for k in theirs)

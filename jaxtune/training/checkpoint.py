@@ -324,6 +324,16 @@ class Checkpointer:
         best.save(int(step), ocp.args.Composite(trainable=ocp.args.StandardSave(trainable),
                                                 meta=ocp.args.JsonSave({"step": step, "metrics": metrics})))
 
+    def forget_best_after(self, step: int) -> list[int]:
+        """Set aside best checkpoints later than ``step``, the step a run resumes from: an attempt that
+        got further saved them, and the resumed run may never score those steps again (another
+        ``eval.every``, or nothing better), so ``use_best`` would end with weights it never made.
+        Returns the best steps left."""
+        for stale in [s for s in _step_dirs(self.run_dir / "best") if s > step]:
+            self._set_aside(self.run_dir / "best", self._best, stale, "best checkpoint of an earlier attempt that "
+                            "reached a later step before the run resumed", "")
+        return _step_dirs(self.run_dir / "best")
+
     # ------------------------------------------------------------------ restore
 
     def steps(self) -> list[int]:

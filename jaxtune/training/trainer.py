@@ -442,13 +442,22 @@ class Trainer:
     def _resume(self, iterator: Any) -> Best:
         restored = self.checkpointer.restore(self.trainable, self.opt_state, data_iterator=iterator)
         self.run.rewind(restored[0] if restored is not None else 0)  # the steps after it are trained again
+        kept = self.checkpointer.forget_best_after(restored[0] if restored is not None else 0)
         if restored is None:
             return Best(self.eval_config.best_metric)
         self.step, self.trainable, self.opt_state, self.rng, meta = restored
         self._saved_step = self.step
         saved = meta.get("metrics", {})
         log.info("resumed from %s at step %d", self.run_dir / "checkpoints" / str(self.step), self.step)
-        return Best.restored(saved, self.eval_config.best_metric)
+        best = Best.restored(saved, self.eval_config.best_metric)
+        if best.step is not None and best.step not in kept:  # a later attempt's best replaced it (one is kept)
+            if best.step == self.step:  # these are its weights
+                self.checkpointer.save_best(self.step, self.trainable, saved)
+            else:
+                log.warning("the best checkpoint (step %d) was replaced by an attempt that got further and is gone; "
+                            "a better evaluation saves a new one, else the run ends with its last params",
+                            best.step)
+        return best
 
     def _save(self, iterator: Any, best: Best, metrics: dict[str, Any]) -> None:
         """Checkpoint the current state; every caller has first read the steps' finite flags (_non_finite)."""
