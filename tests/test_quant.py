@@ -222,6 +222,33 @@ def test_only_frozen_leaves_may_be_quantized(base):
         {"action": "freeze", "quantize": "nf4"}
 
 
+def test_quantized_matrices_are_sharded_as_their_float_selves(tmp_path):
+    """Under FSDP a quantized embedding, lm_head and MoE expert stack were replicated on every device (their
+    codes matched no rule) or split on the dense MLP's axes: the rules for these matrices lacked the
+    quantized parts that the family's q/k/v/MLP rules have."""
+    from jaxtune.models import moe
+    from jaxtune.training.sharding import MeshConfig, make_mesh, param_specs
+
+    tiny_hf_model("LlamaForCausalLM", tmp_path, intermediate_size=128, tie_word_embeddings=False)
+    pre = hf.load_pretrained(tmp_path)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=8))
+    is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)  # noqa: E731
+
+    def specs(tuned):
+        tree = param_specs(tuned.params, mesh, tuned.partition_rules)
+        return {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_spec)[0]}
+
+    dense = specs(tuning.apply_plan(pre, tuning.lora(4)))
+    quantized = specs(tuning.apply_plan(pre, tuning.freeze(quantize="int8") + tuning.lora(4)))
+    codes = {k.removesuffix(".codes"): v for k, v in quantized.items() if k.endswith(".codes")}
+    assert {"['embed_tokens']['embedding']", "['lm_head']['kernel']"} <= set(codes)
+    assert codes == {k: dense[k] for k in codes}
+    experts = {"experts": {"gate_proj": {"kernel": quant.quantize(jnp.ones((8, 64, 128)), "int8", -2)}}}
+    expert_mesh = make_mesh(MeshConfig(data=1, expert=8))
+    assert jax.tree.leaves(param_specs(experts, expert_mesh, moe.PARTITION_RULES), is_leaf=is_spec)[0] == \
+        jax.sharding.PartitionSpec("expert", "fsdp", "tensor")
+
+
 def test_keep_quantized_needs_a_gguf_model(llama):
     from jaxtune.models.load import LoadError, load
 

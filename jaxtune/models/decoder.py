@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from jaxtune.models import stacking
 from jaxtune.models.kv_cache import KVCache, LayerCache, attend
 from jaxtune.models.layers import (
+    QUANTIZED_PARTS,
     SUPPORTED_ROPE_TYPES,
     Array,
     Embed,
@@ -70,7 +71,7 @@ DEFAULT_RMS_NORM_EPS = {"Olmo2ForCausalLM": 1e-5, "MixtralForCausalLM": 1e-5}
 _MLP_BIAS_ARCHS = ("LlamaForCausalLM", "SmolLM3ForCausalLM")
 PARTITION_RULES: PartitionRules = partition_rules(
     column=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), row=("o_proj", "down_proj")
-) + ((r"lm_head/kernel$", ("fsdp", "tensor")),)
+) + ((rf"lm_head/kernel{QUANTIZED_PARTS}$", ("fsdp", "tensor")),)
 
 
 # The deepest stack that ``unroll_layers: auto`` unrolls (on CPU).

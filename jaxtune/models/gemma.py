@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfig
 from jaxtune.models.kv_cache import LayerCache, attend
 from jaxtune.models.layers import (
+    QUANTIZED_PARTS,
     SUPPORTED_ROPE_TYPES,
     Array,
     Dtype,
@@ -60,7 +61,7 @@ CLASSIFIERS = {"GemmaForSequenceClassification": "GemmaForCausalLM",
                "Gemma3TextForSequenceClassification": "Gemma3ForCausalLM"}
 PARTITION_RULES: PartitionRules = partition_rules(
     column=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), row=("o_proj", "down_proj")
-) + ((r"lm_head/kernel$", ("fsdp", "tensor")),)
+) + ((rf"lm_head/kernel{QUANTIZED_PARTS}$", ("fsdp", "tensor")),)
 # HF's activation names -> jax.nn.gelu's ``approximate``. Gemma (1) checkpoints say "gelu" but mean the
 # tanh approximation, and transformers rewrites it so (GemmaConfig.__post_init__); Gemma 2/3 take it literally.
 _GELU_APPROXIMATE = {"gelu_pytorch_tanh": True, "gelu_new": True, "gelu": False}

@@ -34,6 +34,7 @@ from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.kv_cache import LayerCache, attend
 from jaxtune.models.layers import (
+    QUANTIZED_PARTS,
     Array,
     Embed,
     LayerNorm,
@@ -47,7 +48,7 @@ from jaxtune.models.layers import (
 ARCHITECTURES = ("GPT2LMHeadModel", "GPT2ForSequenceClassification")
 MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
 PARTITION_RULES: PartitionRules = partition_rules(column=("c_attn", "c_fc"), row=("c_proj",)) + (
-    (r"lm_head/kernel$", ("fsdp", "tensor")),)
+    (rf"lm_head/kernel{QUANTIZED_PARTS}$", ("fsdp", "tensor")),)
 _CONV1D = ("c_attn", "c_proj", "c_fc")
 
 

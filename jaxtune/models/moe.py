@@ -45,6 +45,7 @@ from jaxtune.models.layers import (
     LORA_A,
     LORA_B,
     LORA_SCALE,
+    QUANTIZED_PARTS,
     Array,
     Linear,
     PartitionRules,
@@ -62,8 +63,8 @@ EXPERT_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 # Expert stacks split their leading (expert) axis over the ``expert`` mesh axis, then as the dense MLP's
 # projections; these come before the decoder's rules, whose ``gate_proj``/``up_proj`` patterns would match too.
 PARTITION_RULES: PartitionRules = (
-    (r"experts/(gate_proj|up_proj)/kernel$", ("expert", "fsdp", "tensor")),
-    (r"experts/down_proj/kernel$", ("expert", "tensor", "fsdp")),
+    (rf"experts/(gate_proj|up_proj)/kernel{QUANTIZED_PARTS}$", ("expert", "fsdp", "tensor")),
+    (rf"experts/down_proj/kernel{QUANTIZED_PARTS}$", ("expert", "tensor", "fsdp")),
     (r"experts/(gate_proj|up_proj|down_proj)/lora_[ab]$", ("expert", None, None)),
     (r"mlp/gate/kernel$", ("fsdp", None)),
 ) + decoder.PARTITION_RULES

@@ -27,6 +27,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune.models import stacking
 from jaxtune.models.attention import batch_axes
 from jaxtune.models.attention import data_parallel_size as data_parallel_size  # training's name for it too
+from jaxtune.models.layers import QUANTIZED_PARTS
 
 AXES = ("data", "fsdp", "expert", "tensor")
 Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
@@ -34,9 +35,10 @@ Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
 # Placement of what no model family names (each family's own rules come first, see
 # jaxtune.models.layers.partition_rules): embeddings split vocab rows over "tensor" and
 # features over "fsdp"; any other matrix (heads, fresh layers) splits its input over "fsdp".
+# A quantized matrix's codes and scales (same rank, same axes) follow it.
 DEFAULT_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"embedding$", ("tensor", "fsdp")),
-    (r"kernel$", ("fsdp", None)),
+    (rf"embedding{QUANTIZED_PARTS}$", ("tensor", "fsdp")),
+    (rf"kernel{QUANTIZED_PARTS}$", ("fsdp", None)),
 )
 
 
