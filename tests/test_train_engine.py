@@ -241,3 +241,19 @@ def test_mixed_precision_keeps_trainable_fp32_and_frozen_bf16(tmp_path):
         assert all(x.dtype == (jnp.bfloat16 if compute == "bfloat16" else jnp.float32) for x in kernels)
     assert losses["bfloat16"][-1] < losses["bfloat16"][0]  # it trains
     np.testing.assert_allclose(losses["bfloat16"], losses["float32"], rtol=2e-2)  # bf16 matmuls: ~1% of fp32
+
+
+def test_a_large_leaf_a_mesh_axis_does_not_divide_is_reported(caplog):
+    """The module promised that an axis dropped for a big leaf is reported, not done silently: GPT-2's
+    50257-row embedding on tensor=8 was held whole on every device without a word."""
+    from jaxtune.training import sharding
+
+    mesh = sharding.make_mesh(sharding.MeshConfig(data=1, tensor=8))
+    params = {"wte": {"embedding": jax.ShapeDtypeStruct((50257, 768), jnp.float32)},
+              "small": {"embedding": jax.ShapeDtypeStruct((129, 64), jnp.float32)}}
+    with caplog.at_level("WARNING"):
+        specs = sharding.param_specs(params, mesh)
+    assert specs["wte"]["embedding"] == jax.sharding.PartitionSpec(None, "fsdp")  # fsdp=1 here: whole
+    assert "wte/embedding [50257, 768] is not split over mesh axis tensor: 50257 is not a multiple of tensor=8" \
+        in caplog.text
+    assert "small" not in caplog.text  # tiny leaves on many devices are expected

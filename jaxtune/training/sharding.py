@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 import re
 from collections.abc import Callable
@@ -28,6 +29,8 @@ from jaxtune.models import stacking
 from jaxtune.models.attention import batch_axes
 from jaxtune.models.attention import data_parallel_size as data_parallel_size  # training's name for it too
 from jaxtune.models.layers import QUANTIZED_PARTS
+
+log = logging.getLogger(__name__)
 
 AXES = ("data", "fsdp", "expert", "tensor")
 Rules = tuple[tuple[str, tuple[str | None, ...]], ...]
@@ -104,9 +107,16 @@ def _fit(spec: tuple[str | None, ...], shape: tuple[int, ...], mesh: Mesh) -> Pa
     return PartitionSpec(*fitted)
 
 
+# A leaf this large whose rule's mesh axis does not divide it is reported: it is held whole on that axis.
+REPORT_UNSPLIT_ELEMENTS = 1 << 20
+_reported: set[tuple[Any, ...]] = set()
+
+
 def param_specs(params: Any, mesh: Mesh, rules: Rules = ()) -> Any:
     """A tree of ``PartitionSpec`` for ``params`` (or any tree of arrays / ShapeDtypeStructs):
-    the model family's ``rules`` first, then :data:`DEFAULT_RULES`."""
+    the model family's ``rules`` first, then :data:`DEFAULT_RULES`. A leaf of at least
+    :data:`REPORT_UNSPLIT_ELEMENTS` whose rule names a mesh axis (of more than one device) that
+    does not divide its dimension keeps that dimension whole: logged once as a warning."""
     compiled = [(re.compile(pattern), spec) for pattern, spec in (*rules, *DEFAULT_RULES)]
 
     def spec_for(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
@@ -121,7 +131,15 @@ def param_specs(params: Any, mesh: Mesh, rules: Rules = ()) -> Any:
             return PartitionSpec()
         for pattern, spec in compiled:
             if pattern.search(name):
-                return PartitionSpec(*(None,) * lead, *_fit(spec, shape, mesh))
+                fitted = _fit(spec, shape, mesh)
+                dropped = [(axis, shape[i]) for i, (axis, got) in enumerate(zip(spec, fitted))
+                           if axis is not None and got is None and mesh.shape.get(axis, 1) > 1]
+                if dropped and math.prod(shape) >= REPORT_UNSPLIT_ELEMENTS and (shape, tuple(dropped)) not in _reported:
+                    _reported.add((shape, tuple(dropped)))
+                    log.warning("%s %s is not split over mesh axis %s: %s; it is held whole there (pick a mesh "
+                                "axis size that divides it)", name, list(shape), ", ".join(a for a, _ in dropped),
+                                ", ".join(f"{n} is not a multiple of {a}={mesh.shape[a]}" for a, n in dropped))
+                return PartitionSpec(*(None,) * lead, *fitted)
         return PartitionSpec()
 
     return jax.tree_util.tree_map_with_path(spec_for, params)
