@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -19,6 +20,7 @@ import transformers
 from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import tiny_random_model
 from test_train_engine import Planned, _run, lm_batch
+from test_tuning_lora import randomize_adapters
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
 
 from jaxtune import tuning
@@ -259,6 +261,21 @@ def test_nf4_expert_stacks_read_like_their_dequantized_weights(tmp_path):
     apply = jax.jit(lambda p: tuned.module.apply({"params": p}, IDS))
     got, want = np.asarray(apply(tuned.params)), np.asarray(apply(quant.dequantize_tree(tuned.params)))
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+
+    # The backward pass keeps the quantized stacks, not float copies (the residuals of jax.vjp), with the
+    # dequantized weights' gradient: the experts are most of a MoE's bytes.
+    trainable, frozen = tuning.partition(randomize_adapters(tuned.params), tuned.labels)
+
+    def loss(t, f):
+        return tuned.module.apply({"params": tuning.combine(t, f)}, IDS).astype(jnp.float32).std()
+
+    _, backward = jax.vjp(lambda t: loss(t, frozen), trainable)
+    expert_shapes = {leaf.shape[-3:] for leaf in experts.values()}  # (E, in, out), scanned or not
+    assert not [x for x in jax.tree.leaves(backward) if x.shape[-3:] in expert_shapes
+                and jnp.issubdtype(x.dtype, jnp.floating)]
+    got, want = (jax.grad(loss)(trainable, f) for f in (frozen, quant.dequantize_tree(frozen)))
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6 * float(np.abs(w).max()))
 
 
 def test_peft_adapter_with_the_usual_mlp_targets_imports(pair, tmp_path):

@@ -145,7 +145,7 @@ class ExpertLinear(nn.Module):
     def __call__(self, x: Array, group_sizes: Array) -> Array:
         kernel = weight_param(self, "kernel", (self.num_experts, x.shape[-1], self.features))
         x = x.astype(self.dtype)
-        y = jax.lax.ragged_dot(x, quant.as_float(kernel, self.dtype), group_sizes)
+        y = quant.ragged_dot(x, kernel, group_sizes, self.dtype)
         if self.has_variable("params", LORA_A):
             a = self.get_variable("params", LORA_A).astype(self.dtype)
             b = self.get_variable("params", LORA_B).astype(self.dtype)

@@ -257,13 +257,45 @@ def _qdot_fwd(x: Array, q: QuantizedArray, transpose: bool) -> tuple[Array, Quan
 def _qdot_bwd(transpose: bool, q: QuantizedArray, g: Array) -> tuple[Array, QuantizedArray]:
     w = dequantize(_tied(q, g), g.dtype)
     dx = g @ (w if transpose else w.T)
-    # A quantized weight is frozen: its cotangent is zero (float0 for integer codes).
-    zeros = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.inexact)
-                         else jnp.zeros_like(a), q)
-    return dx, zeros
+    return dx, _frozen_cotangent(q)
 
 
 _qdot.defvjp(_qdot_fwd, _qdot_bwd)
+
+
+def ragged_dot(x: Array, w: Any, group_sizes: Array, dtype: Any) -> Array:
+    """``jax.lax.ragged_dot`` of rows ``x`` ``(N, in)`` sorted by group and a stack of kernels
+    ``(E, in, out)`` (a mixture-of-experts layer's), plain or quantized, in ``dtype``: a quantized
+    stack is dequantized inside the product and again in the backward pass, as :func:`dot`, so the
+    experts (most of such a model's bytes) are not held in full precision between the passes."""
+    if not is_quantized(w):
+        return jax.lax.ragged_dot(x.astype(dtype), w.astype(dtype), group_sizes)
+    return _qragged(x.astype(dtype), w, group_sizes)
+
+
+@jax.custom_vjp
+def _qragged(x: Array, q: QuantizedArray, group_sizes: Array) -> Array:
+    return jax.lax.ragged_dot(x, dequantize(_tied(q, x), x.dtype), group_sizes)
+
+
+def _qragged_fwd(x: Array, q: QuantizedArray, group_sizes: Array) -> tuple[Array, tuple[QuantizedArray, Array]]:
+    return _qragged(x, q, group_sizes), (q, group_sizes)
+
+
+def _qragged_bwd(res: tuple[QuantizedArray, Array], g: Array) -> tuple[Array, QuantizedArray, np.ndarray]:
+    q, group_sizes = res
+    w = dequantize(_tied(q, g), g.dtype)
+    dx = jax.lax.ragged_dot(g, jnp.swapaxes(w, -1, -2), group_sizes)
+    return dx, _frozen_cotangent(q), np.zeros(group_sizes.shape, jax.dtypes.float0)
+
+
+_qragged.defvjp(_qragged_fwd, _qragged_bwd)
+
+
+def _frozen_cotangent(q: QuantizedArray) -> QuantizedArray:
+    """A quantized weight is frozen: its cotangent is zero (float0 for integer codes)."""
+    return jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0) if not jnp.issubdtype(a.dtype, jnp.inexact)
+                        else jnp.zeros_like(a), q)
 
 
 # ----------------------------------------------------------------------------- making
