@@ -88,6 +88,16 @@ def test_int8_and_fp8_are_per_channel_absmax_closed_forms():
     assert np.abs(np.asarray(quant.dequantize(f)) - w).max() <= 2 ** -4 * np.abs(w).max()  # e4m3: 3 mantissa bits
 
 
+def test_a_non_finite_input_row_stays_its_own_row_in_a_float8_product():
+    """The dequantization is tied to the matmul's first input element (``0 * x[0, 0]``); an inf there made
+    every float8 code NaN, so every output row, where the dense product has only its own row non-finite."""
+    w = quant.quantize(jnp.asarray(np.random.RandomState(0).randn(64, 8).astype(np.float32)), "fp8")
+    x = jnp.ones((2, 64)).at[0, 0].set(jnp.inf)
+    got, want = np.asarray(quant.dot(x, w, jnp.float32)), np.asarray(x @ quant.dequantize(w))
+    assert np.isfinite(got).all(axis=1).tolist() == np.isfinite(want).all(axis=1).tolist() == [False, True]
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-6)
+
+
 def test_double_quantisation_keeps_scales_within_half_an_int8_step():
     w = jnp.asarray(np.random.RandomState(2).randn(2, 1024, 64).astype(np.float32))  # a stack of 2 layers
     single, double = quant.quantize(w, "nf4"), quant.quantize(w, "nf4_dq")

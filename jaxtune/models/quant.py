@@ -236,7 +236,9 @@ def _tied(q: QuantizedArray, x: Array) -> QuantizedArray:
     backward pass's dequantization with the forward's, keeping it alive in between: a float copy of
     the model. ``jax.lax.optimization_barrier`` prevents neither on XLA:CPU (it is expanded away
     before CSE)."""
-    tie = (x.reshape(-1)[0] * 0).astype(q.codes.dtype)
+    first = x.reshape(-1)[0]
+    # 0 * inf is NaN: a non-finite first input would make every float8 code NaN (every row), not its own row
+    tie = (jnp.where(jnp.isfinite(first), first, 0) * 0).astype(q.codes.dtype)
     return dataclasses.replace(q, codes=q.codes + tie)
 
 
