@@ -188,6 +188,14 @@ def test_a_job_is_the_jaxtune_recipe_it_maps_to(server, tmp_path):
     assert config["train"]["epochs"] == 2 and config["train"]["seed"] == 5 and config["output"]["dir"] == "run"
     assert config["optimizer"]["learning_rate"] == pytest.approx(0.005) and config["checkpoint"]["every"] == 10
     assert config["plan"] == [{"preset": "lora", "rank": 8, "alpha": 16}]
+    # A job without a validation file (optional in OpenAI's API) under a recipe that picks the best checkpoint
+    # trains without evaluations: jaxtune refuses best_metric on a run with no validation data.
+    tracking = {**RECIPE, "eval": {"every": 5, "best_metric": "loss", "use_best": True, "early_stopping_patience": 2}}
+    config, _ = job_recipe(model_path="m", method="supervised", seed=5, training_file=Path("t.jsonl"),
+                           validation_file=None, run_dir=Path("run"), hyperparameters={}, operator=tracking)
+    assert "validation" not in config["data"] or config["data"]["validation"] is None
+    assert (config["eval"]["every"], config["eval"]["best_metric"], config["eval"]["use_best"],
+            config["eval"]["early_stopping_patience"]) == (None, None, False, None)
 
     client = server.client(server.keys["bob"])
     pairs = write_jsonl(tmp_path / "pairs.jsonl", synthetic_preference_rows(4))

@@ -9,11 +9,16 @@ defaults below, then the operator's recipe (``jaxtune serve --recipe``), then th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
+# An operator recipe's evaluation-tracking fields: a job without a validation file has nothing they track.
+TRACKING = {"every": None, "best_metric": None, "use_best": False, "early_stopping_patience": None}
 
 # What a job runs when neither the operator's recipe nor the request says otherwise: LoRA on
 # every linear layer, as OpenAI's service is an adapter service in effect.
@@ -190,6 +195,12 @@ def job_recipe(*, model_path: str, method: str, hyperparameters: Mapping[str, An
     }
     if validation_file is not None:
         job["data"]["validation"] = str(validation_file)
+    elif any((recipe.get("eval") or {}).get(k) not in (None, False) for k in TRACKING):
+        # OpenAI's validation_file is optional: without it the job trains without evaluations, as jaxtune
+        # would refuse best_metric (use_best, early stopping) on a run with no validation data.
+        log.info("job %s has no validation_file: the recipe's eval.%s do not apply", run_dir.name,
+                 ", eval.".join(k for k in TRACKING if (recipe.get("eval") or {}).get(k) not in (None, False)))
+        job["eval"] = dict(TRACKING)
     if method == "dpo":
         beta = _choice(hyperparameters.get("beta"), param + "beta", integer=False, auto=None, high=10)
         job["preference"] = {**(recipe.get("preference") or {"method": "dpo"}), "beta": beta}
