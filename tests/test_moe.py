@@ -135,7 +135,9 @@ def test_greedy_generation_matches_transformers(pair):
 
 def test_router_loss_in_the_train_loss_equals_transformers(pair):
     """The LM loss fn (the train step's) gives CE + router_aux_loss_coef * transformers' ``aux_loss`` with
-    ``output_router_logits=True``, its attention mask excluding the padding from the router statistics."""
+    ``output_router_logits=True``, its attention mask excluding the padding from the router statistics; an
+    evaluation (deterministic) reports the CE alone (it reported the sum: a perplexity ~4% high that moved
+    with the batching)."""
     ref, model, _ = pair
     ids = _ids((2, 10), seed=5)
     mask = np.array([[1] * 10, [1] * 6 + [0] * 4], np.int32)
@@ -151,8 +153,10 @@ def test_router_loss_in_the_train_loss_equals_transformers(pair):
     weights = (np.concatenate([mask[:, 1:], np.zeros((2, 1), np.int32)], axis=1) * mask).astype(np.float32)
     batch = {"input_ids": ids, "targets": targets, "loss_weights": weights, "segment_ids": mask,
              "positions": np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10))}
-    total, weight, _ = make_loss_fn(model.module, "lm")(model.params, batch, jax.random.key(0), True)
+    total, weight, _ = make_loss_fn(model.module, "lm")(model.params, batch, jax.random.key(0), False)
     np.testing.assert_allclose(float(total / weight), out.loss.item(), atol=1e-5, rtol=0)
+    evaluated, weight, _ = make_loss_fn(model.module, "lm")(model.params, batch, jax.random.key(0), True)
+    np.testing.assert_allclose(float(evaluated / weight), out.loss.item() - coef * out.aux_loss.item(), atol=1e-5)
 
 
 def test_router_loss_in_the_preference_loss_equals_transformers(pair):
@@ -177,9 +181,11 @@ def test_router_loss_in_the_preference_loss_equals_transformers(pair):
     batch = {k: v[None] for k, v in batch.items()}  # (B=1, 2, L): one pair
     config = pref.PreferenceConfig(method="dpo")
     without = type(model.module)(dataclasses.replace(model.config, router_aux_loss_coef=0.0))
-    args = (model.params, batch, jax.random.key(0), True)
+    args = (model.params, batch, jax.random.key(0), False)  # a training step (the policy runs without dropout)
     total, pairs, _ = pref.make_preference_loss_fn(model.module, config)(*args)
     plain, _, _ = pref.make_preference_loss_fn(without, config)(*args)
+    evaluated, _, _ = pref.make_preference_loss_fn(model.module, config)(*args[:-1], True)
+    assert float(evaluated) == float(plain)  # an evaluation reports the preference loss alone
     assert float(pairs) == 1
     np.testing.assert_allclose(float(plain), np.log(2), rtol=1e-6)  # policy == reference at the start
     np.testing.assert_allclose(float(total - plain), model.config.router_aux_loss_coef * aux.item(), rtol=1e-5)

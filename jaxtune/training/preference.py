@@ -372,8 +372,9 @@ def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chun
                 reference = reference_logprobs(module, params, batch, starting=starting, max_segments=s,
                                                chunk_tokens=chunk_tokens)
         total, pairs, outputs = preference_objective(config, token_lp, rows, (b, s), reference)
-        # As the LM loss (and TRL's DPOTrainer with a router loss): the step's mean is loss + aux.
-        return total + aux * pairs, pairs, outputs
+        # As the LM loss (and TRL's DPOTrainer with a router loss): a training step's mean is loss + aux;
+        # an evaluation reports the preference loss alone.
+        return (total if deterministic else total + aux * pairs), pairs, outputs
 
     return loss_fn
 

@@ -71,7 +71,8 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
 
             total, weight = causal_lm_loss(hidden, batch["targets"], batch["loss_weights"], project,
                                            chunk_tokens=chunk_tokens)
-            total = total + auxiliary_loss(state) * weight
+            if not deterministic:  # a router's balancing loss trains; an evaluation reports the model's loss
+                total = total + auxiliary_loss(state) * weight
             if choice_ids:
                 logits = projected_columns(hidden, project, choice_ids, chunk_tokens=chunk_tokens)
                 return total, weight, answer_choices(logits, batch, choice_ids)
@@ -86,7 +87,9 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
             outputs = outputs.reshape(batch["labels"].shape)
         if state.get(STATE_UPDATES):
             outputs = {"predictions": outputs, "state": state[STATE_UPDATES]}
-        return total + auxiliary_loss(state) * weight, weight, outputs
+        if not deterministic:
+            total = total + auxiliary_loss(state) * weight
+        return total, weight, outputs
 
     return loss_fn
 
