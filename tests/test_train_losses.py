@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 
@@ -132,7 +133,7 @@ def test_a_warmup_as_long_as_the_run_is_cut_with_a_warning(caplog):
 def test_group_learning_rates_scale_updates_and_reject_unknown_groups():
     params = {"body": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
     groups = {"body": {"kernel": "train"}, "head": {"kernel": "head"}}
-    cfg = OptimizerConfig(name="sgd", learning_rate=0.1, b1=0.0, clip_grad_norm=None, schedule="constant",
+    cfg = OptimizerConfig(name="sgd", learning_rate=0.1, clip_grad_norm=None, schedule="constant",
                           group_lr={"head": 10.0})
     opt, _ = build_optimizer(cfg, 10, groups)
     grads = jax.tree.map(jnp.ones_like, params)
@@ -158,3 +159,59 @@ def test_every_reported_metric_has_a_direction_for_the_best_checkpoint():
     assert [m for names in METRICS.values() for m in names if m not in HIGHER_IS_BETTER] == []
     assert HIGHER_IS_BETTER["rewards/chosen"] and HIGHER_IS_BETTER["logps/chosen"]
     assert not HIGHER_IS_BETTER["rewards/rejected"] and not HIGHER_IS_BETTER["logps/rejected"]
+
+
+def test_adafactor_steps_as_transformers_adafactor_layer_by_layer():
+    """``adafactor`` is transformers' ``Adafactor(scale_parameter=False, relative_step=False, weight_decay=)``
+    (what its Trainer builds): optax's multiplied each step by the weight's RMS (a zero LoRA B barely moved),
+    added the decay after the learning rate (1/lr times too strong), and clipped a scanned run of layers as
+    one tensor. A stacked leaf here steps as its layers do, each a torch parameter of its own."""
+    from transformers.optimization import Adafactor
+
+    rng = np.random.default_rng(0)
+    w0 = {"layers_0-1": {"kernel": (0.02 * rng.standard_normal((2, 8, 16))).astype(np.float32)},
+          "lora_b": {"kernel": np.zeros((4, 16), np.float32)}, "norm": {"bias": np.ones(16, np.float32)}}
+    grads = [jax.tree.map(lambda w: (0.01 * rng.standard_normal(w.shape)).astype(np.float32), w0) for _ in range(4)]
+    grads[1]["layers_0-1"]["kernel"][0, 0, 0] = 5.0  # a spike in layer 0 must not shrink layer 1's step
+    opt, _ = build_optimizer(OptimizerConfig(name="adafactor", learning_rate=1e-3, weight_decay=0.1,
+                                             schedule="constant", clip_grad_norm=None), 10)
+    params = jax.tree.map(jnp.asarray, w0)
+    state = opt.init(params)
+    torch_params = {"layer0": torch.nn.Parameter(torch.from_numpy(w0["layers_0-1"]["kernel"][0].copy())),
+                    "layer1": torch.nn.Parameter(torch.from_numpy(w0["layers_0-1"]["kernel"][1].copy())),
+                    "lora_b": torch.nn.Parameter(torch.from_numpy(w0["lora_b"]["kernel"].copy())),
+                    "bias": torch.nn.Parameter(torch.from_numpy(w0["norm"]["bias"].copy()))}
+    decayed = [torch_params[k] for k in ("layer0", "layer1", "lora_b")]
+    torch_opt = Adafactor([{"params": decayed, "weight_decay": 0.1}, {"params": [torch_params["bias"]],
+                          "weight_decay": 0.0}], lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
+    for g in grads:
+        updates, state = opt.update(jax.tree.map(jnp.asarray, g), state, params)
+        params = optax.apply_updates(params, updates)
+        for name, grad in (("layer0", g["layers_0-1"]["kernel"][0]), ("layer1", g["layers_0-1"]["kernel"][1]),
+                           ("lora_b", g["lora_b"]["kernel"]), ("bias", g["norm"]["bias"])):
+            torch_params[name].grad = torch.from_numpy(grad.copy())
+        torch_opt.step()
+    ours = {"layer0": params["layers_0-1"]["kernel"][0], "layer1": params["layers_0-1"]["kernel"][1],
+            "lora_b": params["lora_b"]["kernel"], "bias": params["norm"]["bias"]}
+    for name, p in torch_params.items():
+        np.testing.assert_allclose(np.asarray(ours[name]), p.detach().numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_sgd_steps_as_torch_sgd(momentum):
+    """``sgd`` took ``b1`` (0.9 by default) as its momentum, where torch.optim.SGD (and transformers' Trainer)
+    use none unless asked; ``momentum`` is its own field now, 0 by default."""
+    w0, grads = np.array([0.5, -1.0], np.float32), [np.array([1.0, -0.5], np.float32)] * 3
+    config = {"momentum": momentum} if momentum else {}
+    opt, _ = build_optimizer(OptimizerConfig(name="sgd", learning_rate=0.1, clip_grad_norm=None, schedule="constant",
+                                             **config), 10)
+    params = {"w": jnp.asarray(w0)}
+    state = opt.init(params)
+    ref = torch.nn.Parameter(torch.from_numpy(w0.copy()))
+    torch_opt = torch.optim.SGD([ref], lr=0.1, momentum=momentum)
+    for g in grads:
+        updates, state = opt.update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+        ref.grad = torch.from_numpy(g.copy())
+        torch_opt.step()
+    np.testing.assert_allclose(np.asarray(params["w"]), ref.detach().numpy(), rtol=1e-6)

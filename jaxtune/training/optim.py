@@ -10,12 +10,13 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxtune.models import stacking
 from jaxtune.models.layers import LORA_SCALE, MAGNITUDE
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
@@ -36,9 +37,10 @@ class OptimizerConfig:
     name: str = "adamw"
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
-    b1: float = 0.9
+    b1: float = 0.9  # adamw, adam, lion
     b2: float = 0.999
     eps: float = 1e-8
+    momentum: float = 0.0  # sgd (torch.optim.SGD's default: none)
     schedule: str = "cosine"
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
@@ -53,7 +55,7 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.schedule {self.schedule!r} is unknown; choose one of {', '.join(SCHEDULES)}")
         _check("learning_rate", self.learning_rate, "a number > 0, e.g. 1e-4", lambda v: v > 0)
         _check("weight_decay", self.weight_decay, "a number >= 0 (0 turns decay off), e.g. 0.01", lambda v: v >= 0)
-        for name, typical in (("b1", 0.9), ("b2", 0.999)):
+        for name, typical in (("b1", 0.9), ("b2", 0.999), ("momentum", 0.9)):
             _check(name, getattr(self, name), f"a number in [0, 1), e.g. {typical}", lambda v: 0 <= v < 1)
         _check("eps", self.eps, "a number > 0, e.g. 1e-8", lambda v: v > 0)
         _check("warmup_steps", self.warmup_steps, "an integer >= 0", lambda v: v >= 0)
@@ -114,6 +116,68 @@ def scale_by_group(multipliers: Any) -> optax.GradientTransformation:
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+class AdafactorState(NamedTuple):
+    count: jax.Array  # steps taken, int32
+    row: Any  # per leaf: the factored second moment's row means (..., in), or the full one for a vector
+    col: Any  # per leaf: its column means (..., out), or an empty array for a vector
+
+
+def _stacked(path: tuple[Any, ...]) -> int:
+    """1 for a leaf of a scanned run of layers (its leading axis is the layer), else 0."""
+    return int(any(stacking.stack_range(str(getattr(k, "key", k))) is not None for k in path))
+
+
+def scale_by_adafactor(decay_rate: float = 0.8, eps: float = 1e-30, clip_threshold: float = 1.0
+                       ) -> optax.GradientTransformation:
+    """The update direction of transformers' ``Adafactor(scale_parameter=False, relative_step=False)``
+    (what ``Trainer(optim="adafactor")`` builds), before the learning rate: a second moment factored
+    into row and column means for every matrix (``1 - t^-0.8`` decay), the update clipped to RMS 1.
+
+    Why not ``optax.adafactor``: it multiplies the step by each weight's RMS (a zero-initialised LoRA
+    B would barely move), adds weight decay after the learning rate (1/lr times too strong), factors
+    only dimensions of 128 or more, and takes a scanned run of layers as one tensor; here each layer
+    of a stacked leaf (leading axis) gets its own moments and clipping, as its own torch parameter.
+    """
+
+    def init(params: Any) -> AdafactorState:
+        def row(path: tuple[Any, ...], p: Any) -> jax.Array:
+            factored = p.ndim - _stacked(path) >= 2
+            return jnp.zeros(p.shape[:-1] if factored else p.shape, jnp.float32)
+
+        def col(path: tuple[Any, ...], p: Any) -> jax.Array:
+            factored = p.ndim - _stacked(path) >= 2
+            return jnp.zeros(p.shape[:-2] + p.shape[-1:] if factored else (0,), jnp.float32)
+
+        return AdafactorState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map_with_path(row, params),
+                              jax.tree_util.tree_map_with_path(col, params))
+
+    def update(updates: Any, state: AdafactorState, params: Any = None) -> tuple[Any, AdafactorState]:
+        count = state.count + 1
+        beta = 1.0 - count.astype(jnp.float32) ** -decay_rate
+
+        def one(path: tuple[Any, ...], g: jax.Array, row: jax.Array, col: jax.Array) -> tuple[jax.Array, ...]:
+            lead = _stacked(path)
+            g32 = g.astype(jnp.float32)
+            sq = g32 * g32 + eps
+            if g.ndim - lead >= 2:
+                row = beta * row + (1 - beta) * sq.mean(-1)
+                col = beta * col + (1 - beta) * sq.mean(-2)
+                r = jax.lax.rsqrt(row / row.mean(-1, keepdims=True))
+                u = g32 * r[..., None] * jax.lax.rsqrt(col)[..., None, :]
+            else:
+                row = beta * row + (1 - beta) * sq
+                u = g32 * jax.lax.rsqrt(row)
+            axes = tuple(range(lead, u.ndim))
+            rms = jnp.sqrt(jnp.mean(u * u, axis=axes, keepdims=True)) if axes else jnp.abs(u)
+            return (u / jnp.maximum(rms / clip_threshold, 1.0)).astype(g.dtype), row, col
+
+        out = jax.tree_util.tree_map_with_path(one, updates, state.row, state.col)
+        pick = lambda i: jax.tree.map(lambda t: t[i], out, is_leaf=lambda t: isinstance(t, tuple))  # noqa: E731
+        return pick(0), AdafactorState(count, pick(1), pick(2))
+
+    return optax.GradientTransformation(init, update)
+
+
 def build_optimizer(cfg: OptimizerConfig, total_steps: int,
                     groups: Any | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for ``total_steps`` steps and its learning-rate schedule.
@@ -130,13 +194,12 @@ def build_optimizer(cfg: OptimizerConfig, total_steps: int,
                            optax.adam(schedule, cfg.b1, cfg.b2, cfg.eps))
     elif cfg.name == "lion":
         core = optax.lion(schedule, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
-    elif cfg.name == "adafactor":
-        # Always a rate (0.0 too): None would drop a chain element, and a weight_decay changed on resume
-        # would then not fit the saved optimizer state.
-        core = optax.adafactor(schedule, weight_decay_rate=cfg.weight_decay, weight_decay_mask=decay_mask)
+    elif cfg.name == "adafactor":  # transformers' Adafactor as its Trainer builds it; decay scaled by the lr
+        core = optax.chain(scale_by_adafactor(), optax.add_decayed_weights(cfg.weight_decay, decay_mask),
+                           optax.scale_by_learning_rate(schedule))
     else:
         core = optax.chain(optax.add_decayed_weights(cfg.weight_decay, decay_mask),
-                           optax.sgd(schedule, momentum=cfg.b1))
+                           optax.sgd(schedule, momentum=cfg.momentum))  # a trace at 0 too: one state layout
     parts = [optax.clip_by_global_norm(cfg.clip_grad_norm)] if cfg.clip_grad_norm else []
     parts.append(core)
     if cfg.group_lr:
