@@ -203,7 +203,9 @@ def write(rows: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
     flat = [{**{k: v for k, v in row.items() if k != "probabilities"},
              **{f"p({name})": p for name, p in row.get("probabilities", {}).items()}} for row in rows]
     with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(flat[0]), delimiter="\t" if path.suffix == ".tsv" else ",")
+        # every row's columns, in order of first appearance: a label may be missing from the first rows only
+        columns = list(dict.fromkeys(key for row in flat for key in row))
+        writer = csv.DictWriter(f, fieldnames=columns, delimiter="\t" if path.suffix == ".tsv" else ",")
         writer.writeheader()
         writer.writerows(flat)
     return path

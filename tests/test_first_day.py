@@ -368,3 +368,18 @@ def test_a_head_that_cannot_export_names_the_one_that_does(bert):
     with pytest.raises(ExportError, match=r"pooling mean\) has no transformers class.*the head that exports is "
                                           r"BERT's pooler into a layer with bias.*\{action: head, pooling: pooler\}"):
         jt.export(model, "unused")
+
+
+def test_predictions_write_to_csv_when_only_later_rows_have_a_label(tmp_path):
+    """A label is optional per row; the CSV's columns came from the first row only, so a later row's label
+    failed the whole write ("dict contains fields not in fieldnames") after the predictions were made."""
+    import csv
+
+    from jaxtune.prediction import write
+
+    rows = [{"text": "win cash now", "prediction": "a", "probabilities": {"a": 0.75, "b": 0.25}},
+            {"text": "lunch meeting", "label": "b", "prediction": "b", "probabilities": {"a": 0.125, "b": 0.875}}]
+    with open(write(rows, tmp_path / "out.csv"), newline="") as f:
+        written = list(csv.DictReader(f))
+    assert written == [{"text": "win cash now", "prediction": "a", "p(a)": "0.75", "p(b)": "0.25", "label": ""},
+                       {"text": "lunch meeting", "prediction": "b", "p(a)": "0.125", "p(b)": "0.875", "label": "b"}]
