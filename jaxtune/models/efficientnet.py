@@ -7,10 +7,10 @@ depthwise kxk, 1x1 project, residual where shapes allow, stochastic depth in tra
 head conv to 1280 channels; every conv is followed by BatchNorm (eps 1e-3). Convolutions pad like
 TensorFlow's ``SAME`` (extra padding bottom/right), as the reference does.
 
-:class:`EfficientNetLite` maps ``pixel_values`` ``(B, 3, H, W)`` (channels first, ImageNet
-mean/std) to its final feature map as tokens ``(B, H/32 * W/32, 1280)``; mean pooling over them
-is the reference's global average pool, and with ``include_top`` a dropout + linear ``fc`` gives
-the ImageNet logits.
+:class:`EfficientNetLite` maps ``pixel_values`` ``(B, 3, H, W)`` (channels first, normalised as
+TF-Lite's ``(x - 127) / 128``: the packaged ``preprocessor_config.json``) to its final feature map as
+tokens ``(B, H/32 * W/32, 1280)``; mean pooling over them is the reference's global average pool,
+and with ``include_top`` a dropout + linear ``fc`` gives the ImageNet logits.
 
 **BatchNorm statistics** are leaves ``running_mean``/``running_var`` beside each BatchNorm's
 ``scale``/``bias``. They are model state, not parameters: no gradient flows into them. What they do
