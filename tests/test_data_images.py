@@ -79,6 +79,35 @@ def test_flip_mirrors_the_image():
     assert seen == {plain[0, 0, 0], plain[0, 0, -1]}
 
 
+def test_deep_grey_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    """PIL's convert("L") clips 16-bit and float grey values at 255: a 16-bit scan decoded nearly all white
+    (99.6 % of a full-range ramp), a float image in [0, 1] to {0, 1}."""
+    from jaxtune.data.images import decode_image
+
+    ramp = np.linspace(0, 65535, 64 * 4).astype(np.uint16).reshape(4, 64)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "deep.png"))[..., 0], (ramp >> 8).astype(np.uint8))
+    unit = np.linspace(0, 1, 32, dtype=np.float32).reshape(4, 8)
+    Image.fromarray(unit, mode="F").save(tmp_path / "unit.tif")
+    expected = np.rint(unit * 255).astype(np.uint8)
+    np.testing.assert_array_equal(decode_image(str(tmp_path / "unit.tif"))[..., 0], expected)
+
+
+def test_pixels_follow_the_image_processor_config_as_transformers_does(tmp_path):
+    """The processor's resampling filter and do_normalize were ignored (always bilinear, always normalised
+    with 0.5): a bicubic or unnormalised checkpoint got other pixels than transformers gives it."""
+    from transformers import ViTImageProcessor
+
+    image = np.random.default_rng(0).integers(0, 256, (37, 53, 3)).astype(np.uint8)
+    for config in ({"resample": 3}, {"do_normalize": False}, {"resample": 2, "image_mean": [0.2, 0.3, 0.4]}):
+        processor = ViTImageProcessor(size={"height": 24, "width": 24}, **config)
+        processor.save_pretrained(tmp_path)
+        spec = ImageSpec.from_model_dir(24, 3, tmp_path)
+        ours = ToPixels(spec).pixels({"image": image, "label": 0})["pixel_values"]
+        theirs = processor(Image.fromarray(image), return_tensors="np")["pixel_values"][0]
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, err_msg=str(config))
+
+
 def test_npz_idx_and_jsonl_layouts(tmp_path):
     images = np.random.default_rng(1).integers(0, 255, (5, 4, 4)).astype(np.uint8)
     labels = np.array([3, 1, 3, 0, 1], np.uint8)

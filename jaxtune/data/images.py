@@ -49,12 +49,15 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
     """What the model takes: square ``size``, ``channels`` (1 or 3), per-channel ``mean``/``std``
-    applied to pixels scaled to [0, 1]."""
+    applied to pixels scaled by ``rescale`` (1/255: to [0, 1]), resized with PIL's ``resample``
+    filter (2: bilinear; transformers' processors name theirs by the same numbers)."""
 
     size: int
     channels: int = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    resample: int = 2
+    rescale: float = 1 / 255
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -74,9 +77,10 @@ class ImageSpec:
 
     @classmethod
     def from_model_dir(cls, size: int, channels: int, model_dir: str | os.PathLike | None) -> ImageSpec:
-        """The spec of a model of square ``size`` and ``channels``, with the mean/std of its
-        ``preprocessor_config.json`` (transformers' image processor) when it has one, else 0.5."""
-        mean, std = (0.5,) * channels, (0.5,) * channels
+        """The spec of a model of square ``size`` and ``channels``, with the mean/std, resampling filter
+        and rescale of its ``preprocessor_config.json`` (transformers' image processor) when it has one
+        (``do_normalize``/``do_rescale`` false: none), else mean and std 0.5, bilinear, 1/255."""
+        mean, std, resample, rescale = (0.5,) * channels, (0.5,) * channels, 2, 1 / 255
         path = Path(model_dir) / "preprocessor_config.json" if model_dir else None
         if path is not None and path.is_file():
             try:
@@ -87,7 +91,11 @@ class ImageSpec:
             if processor.get("do_normalize", True):
                 mean = tuple(float(v) for v in processor.get("image_mean", mean))
                 std = tuple(float(v) for v in processor.get("image_std", std))
-        return cls(size, channels, mean, std)
+            else:
+                mean, std = (0.0,) * channels, (1.0,) * channels
+            resample = int(processor.get("resample", resample))
+            rescale = float(processor.get("rescale_factor", rescale)) if processor.get("do_rescale", True) else 1.0
+        return cls(size, channels, mean, std, resample, rescale)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -101,13 +109,25 @@ def decode_image(path: str) -> np.ndarray:
     try:
         with Image.open(path) as image:
             image.load()
-            mode = "L" if image.mode in ("1", "L", "I;16", "I") else "RGB"
-            array = np.asarray(image.convert(mode))
+            array = _deep_grey(image) if image.mode.startswith(("I", "F")) else \
+                np.asarray(image.convert("L" if image.mode in ("1", "L") else "RGB"))
     except FileNotFoundError:
         raise DataError(path, "image file not found", "restore it or remove the row/file that names it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise DataError(path, f"not a readable image ({type(err).__name__}: {err})", _FIX_IMAGE) from None
     return array[..., None] if array.ndim == 2 else array
+
+
+def _deep_grey(image: Any) -> np.ndarray:
+    """A 16-bit, 32-bit integer or float grey image as uint8: PIL's ``convert("L")`` clips such values
+    at 255 (a 16-bit scan came out nearly all white) where they need scaling: 16-bit (and 32-bit
+    integers past 255) by their top 8 bits, floats in [0, 1] by 255."""
+    values = np.asarray(image)
+    if image.mode.startswith("F"):
+        values = values.astype(np.float64) * (255.0 if values.size and values.max() <= 1.0 else 1.0)
+    elif image.mode.startswith("I;16") or (values.size and values.max() > 255):
+        values = values.astype(np.int64) >> 8
+    return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def _check_decodes(path: str) -> None:
@@ -151,11 +171,12 @@ class ToPixels(grain.transforms.RandomMap):
         box = None
         if rng is not None and "crop" in self.augment:
             w, h = picture.size
-            side = int(min(w, h) * rng.uniform(0.7, 1.0))
+            side = int(round(min(w, h) * rng.uniform(0.7, 1.0)))  # 70-100% of the shorter side
             left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
             box = (left, top, left + side, top + side)
-        picture = picture.resize((spec.size, spec.size), Image.Resampling.BILINEAR, box=box)
-        x = np.asarray(picture, np.float32).reshape(spec.size, spec.size, spec.channels) / 255.0
+        picture = picture.resize((spec.size, spec.size), Image.Resampling(spec.resample), box=box)
+        x = np.asarray(picture, np.float32).reshape(spec.size, spec.size, spec.channels)
+        x = x / np.float32(255.0) if spec.rescale == 1 / 255 else x * np.float32(spec.rescale)
         if rng is not None and "flip" in self.augment and rng.random() < 0.5:
             x = x[:, ::-1]
         x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
