@@ -383,3 +383,18 @@ def test_predictions_write_to_csv_when_only_later_rows_have_a_label(tmp_path):
         written = list(csv.DictReader(f))
     assert written == [{"text": "win cash now", "prediction": "a", "p(a)": "0.75", "p(b)": "0.25", "label": ""},
                        {"text": "lunch meeting", "prediction": "b", "p(a)": "0.125", "p(b)": "0.875", "label": "b"}]
+
+
+def test_the_text_baseline_reads_the_rows_the_model_reads(tmp_path):
+    """With data.truncation: drop, TF-IDF was fit and scored on every row of the files, the model and the
+    probe on the rows that survive tokenization: the table's "vs best baseline" compared other rows."""
+    from jaxtune.data import LoaderConfig, evaluation_loader, read_source
+    from jaxtune.data.testing import tiny_tokenizer, write_jsonl
+    from jaxtune.training.baselines import texts
+
+    rows = [{"text": "a b" if i % 3 else "a b " * 12, "label": "xy"[i % 2]} for i in range(12)]
+    source = read_source(write_jsonl(tmp_path / "rows.jsonl", rows), "classification")
+    loader = evaluation_loader(source, tiny_tokenizer(), LoaderConfig(batch_size=4, max_length=16, truncation="drop"))
+    kept, labels = texts(loader)
+    assert len(kept) == len(labels) == loader.scan().examples == 8
+    assert kept == [r["text"] for r in rows if len(r["text"]) < 10]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import jax
@@ -77,9 +77,11 @@ def pooled_features(features_step: Callable[[Any, Any, dict[str, Any]], jax.Arra
     return np.concatenate(features), np.concatenate(labels)
 
 
-def texts(source: Sequence[dict[str, Any]]) -> tuple[list[str], np.ndarray]:
-    """The texts (a pair joined by a space) and labels of a labeled source's rows."""
-    rows = [source[i] for i in range(len(source))]
+def texts(loader: Loader) -> tuple[list[str], np.ndarray]:
+    """The texts (a pair joined by a space) and labels of the rows a labeled loader keeps: a row that
+    ``data.truncation: drop`` leaves out is left out here too, so that the baselines are fit and
+    scored on the rows the model is."""
+    rows = [row for row in (loader.source[i] for i in range(len(loader.source))) if loader.tokenize(row)]
     joined = [r["text"] if r.get("text_pair") is None else f"{r['text']} {r['text_pair']}" for r in rows]
     return joined, np.asarray([r["label"] for r in rows])
 
@@ -167,7 +169,7 @@ def baseline_metrics(model: Tuned, trainable: Any, frozen: Any, train: Any, vali
     scores = probe_scores(x_train, y_train, x_val, y_val, task, num_classes)
     out.update({f"probe/{k}": v for k, v in scores.items()}, **{"probe/seconds": time.perf_counter() - start})
     start = time.perf_counter()
-    (t_train, y_train), (t_val, y_val) = texts(train.source), texts(validation.source)
+    (t_train, y_train), (t_val, y_val) = texts(train), texts(validation)
     scores = tfidf_scores(t_train, y_train, t_val, y_val, task, num_classes)
     out.update({f"tfidf/{k}": v for k, v in scores.items()}, **{"tfidf/seconds": time.perf_counter() - start})
     return out
