@@ -472,7 +472,11 @@ def test_two_processes_train_together_like_one(setup, tmp_path):
     model_dir, train, _ = setup
     # One example per row: a global batch of 4 is then the same 4 records whether one process
     # reads them or two processes read alternate ones (packing would pack each shard apart).
-    common = ["--model", str(model_dir), "--data", str(train), "--steps", "4", "--batch", "4", "--no-packing"]
+    # 9 evaluation rows, 2 a process a batch: one process has 3 batches, the other 2 (each step a collective:
+    # the one with fewer used to leave the other waiting forever)
+    valid = write_chat(tmp_path / "valid9.jsonl", 9, seed=3)
+    common = ["--model", str(model_dir), "--data", str(train), "--steps", "4", "--batch", "4", "--no-packing",
+              "--eval-data", str(valid)]
     single = _script(*common, "--run", str(tmp_path / "one"), "--out", str(tmp_path / "one.npz"),
                      "--eval-out", str(tmp_path / "one.json"), "--generate-out", str(tmp_path / "one-new.json"),
                      env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})

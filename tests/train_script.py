@@ -1,7 +1,7 @@
 """A small LoRA training run as a script: the resume (SIGKILL) and multi-process tests run it.
 
 python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
-    [--kill-at S] [--batch B] [--out FILE.npz] [--no-packing] [--eval-out FILE.json]
+    [--kill-at S] [--batch B] [--out FILE.npz] [--no-packing] [--eval-out FILE.json] [--eval-data FILE]
     [--generate-out FILE.json] [--coordinator HOST:PORT --process-id I --num-processes P]
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-packing", action="store_true", help="one example per row (padding mode)")
     ap.add_argument("--eval-out", default=None)
+    ap.add_argument("--eval-data", default=None, help="the evaluation's rows (default: --data)")
     ap.add_argument("--generate-out", default=None)
     ap.add_argument("--coordinator", default=None)
     ap.add_argument("--process-id", type=int, default=0)
@@ -64,7 +65,7 @@ def main() -> None:
             trainer.checkpointer.wait()  # the save of an earlier step is on disk; now die hard
             os.kill(os.getpid(), signal.SIGKILL)
 
-    eval_loader = make_loader(read_source(args.data, "chat"), tiny_tokenizer(),
+    eval_loader = make_loader(read_source(args.eval_data or args.data, "chat"), tiny_tokenizer(),
                               LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=1, shuffle=False,
                                            drop_remainder=False, packing=not args.no_packing), scan_first=False)
     # The answers are upper-cased words; their first letters tell them apart.

@@ -9,7 +9,7 @@ preference pairs the pair-weighted loss and the means of the loss's reward and l
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
@@ -60,6 +60,32 @@ def regression_metrics(pred: np.ndarray, target: np.ndarray) -> dict[str, float]
     return {"mae": float(np.mean(np.abs(err))), "rmse": float(np.sqrt(np.mean(err**2))), "pearson": pearson}
 
 
+def in_lockstep(batches: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """``batches``, and on several processes as many as the process with the most has: each eval step
+    is a collective, and a process whose shard of the rows fills one batch fewer (9 rows, 2 a process
+    a batch: 3 and 2) would leave the others waiting in it forever. A process out of batches steps on
+    empty ones (every row padding: no weight, no example), so the metrics are unchanged."""
+    if jax.process_count() == 1:
+        yield from batches
+        return
+    from jax.experimental import multihost_utils
+
+    spec = getattr(batches, "batch_spec", None)
+    rows, template = iter(batches), None
+    while True:
+        batch = next(rows, None)
+        template = batch if template is None else template
+        if not np.any(multihost_utils.process_allgather(np.int32(batch is not None))):
+            return
+        if batch is None:
+            if template is None and spec is None:
+                raise ValueError("evaluation: this process has no rows where others have some; give each process "
+                                 "at least one batch, or evaluate with a Loader (it knows its batch shapes)")
+            batch = ({k: np.zeros_like(v) for k, v in template.items()} if template is not None
+                     else {k: np.zeros(shape, dtype) for k, (shape, dtype) in spec().items()})
+        yield batch
+
+
 def evaluate(
     eval_step: Callable[[Any, Any, dict[str, Any]], dict[str, Any]],
     trainable: Any,
@@ -80,7 +106,7 @@ def evaluate(
     """
     loss_sum, weight, outputs, labels = 0.0, 0.0, [], []
     sums: dict[str, float] = {}
-    for batch in batches:
+    for batch in in_lockstep(batches):
         result = jax.device_get(eval_step(trainable, frozen, to_device(batch)))
         loss_sum += float(result["loss_sum"])
         weight += float(result["weight"])
