@@ -33,7 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtune.data.pipeline import Loader, evaluation_loader
 from jaxtune.models.layers import pool
-from jaxtune.training.evaluate import classification_metrics, regression_metrics
+from jaxtune.training.evaluate import classification_metrics, in_lockstep, regression_metrics
 from jaxtune.training.sharding import jit_on_mesh
 from jaxtune.training.step import packed_segments
 from jaxtune.tuning.partition import combine
@@ -68,7 +68,7 @@ def pooled_features(features_step: Callable[[Any, Any, dict[str, Any]], jax.Arra
     """Features ``(N, D)`` float32 and labels ``(N,)`` of every real example of ``batches`` (fill
     rows of a last partial batch and a packed row's empty label slots are left out)."""
     features, labels = [], []
-    for batch in batches:
+    for batch in in_lockstep(batches):  # each process as many steps (empty rows fill: weight 0)
         keep = (np.asarray(batch["example_weights"]) > 0 if "example_weights" in batch
                 else np.asarray(batch["segment_ids"]).any(axis=-1))
         out = np.asarray(jax.device_get(features_step(trainable, frozen, to_device(batch))))

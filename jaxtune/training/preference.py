@@ -47,6 +47,7 @@ from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models.decoder import AUX
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B
+from jaxtune.training.evaluate import in_lockstep
 from jaxtune.training.losses import auxiliary_loss, token_chunks
 from jaxtune.training.preference_losses import dpo_terms, ipo_terms, orpo_terms, pair_metrics, simpo_terms
 from jaxtune.training.sharding import jit_on_mesh
@@ -434,7 +435,7 @@ class ReferenceCache:
 
         compute = jit_on_mesh(compute, getattr(sharding, "mesh", None), out_shardings=sharding)
         table = np.full((size, 2), np.nan, np.float32)
-        for batch in batches:
+        for batch in in_lockstep(batches):  # each process as many steps (empty pairs fill: ids 0)
             ref = _local_rows(compute(trainable, frozen, to_device(batch)))  # (B, 2, L // 2)
             ids = segment_pair_ids(batch[PAIR_IDS], batch["segment_ids"], ref.shape[-1])[:, 0]
             real = ids > 0
