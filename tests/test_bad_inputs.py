@@ -534,7 +534,6 @@ def test_python_trainer_without_a_config_refuses_another_plan(root: Path, tmp_pa
     import jaxtune as jt
     from jaxtune.data.pipeline import LoaderConfig
     from jaxtune.training.config import TrainConfig
-    from jaxtune.training.rundir import RunMismatchError
     from jaxtune.tuning.plan import lora
 
     model = jt.load(root / "llama")
@@ -545,11 +544,19 @@ def test_python_trainer_without_a_config_refuses_another_plan(root: Path, tmp_pa
         return jt.Trainer(tuned, train_data, run_dir=tmp_path / "run", data=LoaderConfig(batch_size=8, max_length=32),
                           config=TrainConfig(steps=1, progress=False, compile_cache=False))
 
-    assert trainer(2).fit().state == "finished"
-    before = _tree(tmp_path / "run")
-    with pytest.raises(RunMismatchError, match=r"plan rules: .*\"rank\": 2.* -> .*\"rank\": 4"):
-        trainer(4).fit()
-    assert _tree(tmp_path / "run") == before
+    _refused_and_untouched(tmp_path / "run", trainer, 2, 4, r"plan rules: .*\"rank\": 2.* -> .*\"rank\": 4")
+
+
+def _refused_and_untouched(run: Path, trainer, first: object, second: object, match: str) -> None:
+    """``trainer(first)`` trains ``run``; resuming it as ``trainer(second)`` is refused (``match``) and
+    changes nothing in it."""
+    from jaxtune.training.rundir import RunMismatchError
+
+    assert trainer(first).fit().state == "finished"
+    before = _tree(run)
+    with pytest.raises(RunMismatchError, match=match):
+        trainer(second).fit()
+    assert _tree(run) == before
 
 
 def test_a_resume_on_other_training_rows_is_refused(root: Path, tmp_path: Path) -> None:
@@ -561,7 +568,6 @@ def test_a_resume_on_other_training_rows_is_refused(root: Path, tmp_path: Path) 
     import jaxtune as jt
     from jaxtune.data.pipeline import LoaderConfig
     from jaxtune.training.config import TrainConfig
-    from jaxtune.training.rundir import RunMismatchError
     from jaxtune.tuning.plan import lora
 
     model = jt.load(root / "llama")
@@ -573,9 +579,6 @@ def test_a_resume_on_other_training_rows_is_refused(root: Path, tmp_path: Path) 
                                                                                            truncation="left"),
                           config=TrainConfig(steps=1, progress=False, compile_cache=False))
 
-    assert trainer(50).fit().state == "finished"
-    before = _tree(tmp_path / "run")
-    with pytest.raises(RunMismatchError, match=r"data.rows: '32 rows #\w+' -> '32 rows #\w+' \(other training rows"):
-        trainer(60).fit()
-    assert _tree(tmp_path / "run") == before
+    _refused_and_untouched(tmp_path / "run", trainer, 50, 60,
+                           r"data.rows: '32 rows #\w+' -> '32 rows #\w+' \(other training rows")
     assert trainer(50).fit().state == "finished"  # the same rows resume
