@@ -12,7 +12,9 @@ goes to the same cache slot and no row's tokens move. One jitted prefill writes 
 a :class:`~jaxtune.models.kv_cache.KVCache` of ``max_length`` slots and gives the first logits;
 one jitted ``lax.while_loop`` then adds a token per step until ``max_new_tokens`` or until every
 row has met a stop token. Padding is masked, so a prompt gives the same tokens alone or in a batch
-(greedy; a sampled row's draws depend on the seed, its row index and the step only).
+(greedy; a sampled row's draws depend on the seed, its row index and the step only), except under a
+RoPE scaling that depends on the length (Phi-3's ``longrope``, ``dynamic``): the batch's longest
+row chooses it for every row, as in transformers' batched ``generate``.
 
 Compilation: ``T`` is rounded up to a multiple of :data:`BUCKET` and the default ``max_length``
 too, so similar requests share compiled code. The loop compiles once per (module, batch,

@@ -511,7 +511,9 @@ def pool(hidden: Array, segment_ids: Array, how: str, segments: int | None = Non
 
     ``mean``: average of real tokens (sentence-transformers style); ``cls``: the first token (of
     each segment); ``last``: the last real token (the pooling of decoder classifiers, padding on
-    either side).
+    either side). ``cls`` of an unpacked row reads position 0 as transformers does, but a left-padded
+    row's position 0 is padding, which attends to nothing here and to every real token in transformers:
+    encoder classifiers want right padding (as jaxtune's loaders give them).
     """
     if how not in POOLING:
         raise ValueError(f"unknown pooling {how!r}; choose one of {', '.join(POOLING)}")
@@ -525,7 +527,7 @@ def pool(hidden: Array, segment_ids: Array, how: str, segments: int | None = Non
         pooled = (summed / jnp.maximum(real.sum(-1)[..., None], 1.0)).astype(hidden.dtype)
     else:
         t = jnp.arange(hidden.shape[1])
-        if how == "cls":  # an unpacked row's first token, also under left padding (as transformers)
+        if how == "cls":  # an unpacked row's first token (position 0, as transformers reads it)
             index = jnp.zeros(member.shape[:2], jnp.int32) if segments is None else jnp.argmax(member, axis=-1)
         else:
             index = jnp.maximum(jnp.max(jnp.where(member, t, -1), axis=-1), 0)
