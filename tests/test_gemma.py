@@ -228,6 +228,28 @@ def test_prompt_tuning_matches_peft(gemma3, tmp_path):
     assert_real_tokens_close(ours, theirs[:, 3:])
 
 
+def test_prompt_tuning_starts_from_the_embeddings_as_peft_reads_them(gemma3):
+    """PEFT initialises virtual tokens from text through Gemma's embedding module, which scales the rows by
+    sqrt(hidden_size); jaxtune took the raw rows, 16x (here; 48x at hidden 2304) smaller than the tokens the
+    model sees."""
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    from jaxtune.data.testing import tiny_tokenizer
+    from jaxtune.tuning.labels import PROMPT_LEAF
+
+    _, path = gemma3
+    tokenizer = tiny_tokenizer()
+    tuned = tuning.apply_plan(hf.load_pretrained(path), tuning.prompt_tuning(4, init="text", text="alpha beta"),
+                              tokenizer=tokenizer)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4, prompt_tuning_init=PromptTuningInit.TEXT,
+                                prompt_tuning_init_text="alpha beta", tokenizer_name_or_path="tiny")
+    import unittest.mock
+
+    with unittest.mock.patch("transformers.AutoTokenizer.from_pretrained", return_value=tokenizer):
+        theirs = get_peft_model(_hf(path), config).prompt_encoder["default"].embedding.weight.detach().numpy()
+    np.testing.assert_allclose(np.asarray(tuned.params[PROMPT_LEAF]), theirs, rtol=1e-6, atol=1e-6)
+
+
 def test_peft_adapter_training_a_tied_embedding_imports_exactly(gemma3, tmp_path):
     """Without ensure_weight_tying PEFT trains a tied Gemma's embed_tokens alone and lm_head keeps the old
     matrix: load_peft must untie Gemma too (it used to untie the Llama-family decoders only)."""

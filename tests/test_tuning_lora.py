@@ -127,6 +127,20 @@ def test_linear_adapter_matches_closed_form(dora):
     np.testing.assert_allclose(np.asarray(ours), x @ adapted, atol=1e-5, rtol=1e-5)
 
 
+def test_a_small_dora_magnitude_change_moves_a_bf16_output():
+    """In bf16 the DoRA ratio m / ||W|| was rounded before ``- 1``: a ratio near 1 moves in steps of 0.4-0.8 %,
+    so a 0.3 % larger magnitude changed nothing (PEFT keeps the ratio in float32 and rounds the output)."""
+    rng = np.random.RandomState(0)
+    kernel = rng.randn(16, 8).astype(np.float32)
+    p = {"kernel": kernel, "lora_a": rng.randn(16, 2).astype(np.float32), "lora_b": np.zeros((2, 8), np.float32),
+         "lora_scale": np.float32(1.0), "magnitude": 1.003 * np.linalg.norm(kernel, axis=0)}
+    x = rng.randn(4, 16).astype(np.float32)
+    base = np.asarray(Linear(8, dtype=jnp.bfloat16).apply({"params": {"kernel": kernel}}, x), np.float32)
+    dora = np.asarray(Linear(8, dtype=jnp.bfloat16).apply({"params": p}, x), np.float32)
+    slope = np.sum((dora - base) * base) / np.sum(base * base)  # the output's relative change
+    assert slope == pytest.approx(0.003, rel=0.1)
+
+
 def test_dora_dropout_rescales_the_dropped_base_output_as_peft_does():
     # PEFT (DoraLinearVariant.forward) with active dropout: y = xW + (r-1)·(d(x)W) + r·s·d(x)AB,
     # r = m/||W+sAB||. With B = 0, W = I and m = 2||W||: y - x = d(x), entries 0 or x/(1-p).

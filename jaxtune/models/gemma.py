@@ -85,6 +85,11 @@ class GemmaConfig(DecoderConfig):
         """GeGLU's gate: gelu, with the tanh approximation unless the checkpoint says exact."""
         return nn.gelu(x, approximate=self.gelu_approximate)
 
+    @property
+    def embedding_scale(self) -> float:
+        """What the token embeddings are multiplied by: ``sqrt(hidden_size)``."""
+        return math.sqrt(self.hidden_size)
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> GemmaConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
@@ -288,7 +293,7 @@ class Gemma(Decoder):
     def embed(self, input_ids: Array) -> Array:
         """Token embeddings times ``sqrt(hidden_size)`` ``(B, T, D)``, in the compute dtype. Prompt
         tuning's virtual tokens (``inputs_embeds``) are not scaled, as in PEFT."""
-        normalizer = jnp.asarray(math.sqrt(self.cfg.hidden_size), self.cfg.compute_dtype)
+        normalizer = jnp.asarray(self.cfg.embedding_scale, self.cfg.compute_dtype)
         return self.embed_tokens(input_ids) * normalizer
 
     def logits(self, hidden: Array) -> Array:

@@ -290,8 +290,11 @@ def apply_plan(
 
             tokenizer = AutoTokenizer.from_pretrained(pretrained.source)
         prompt_tokens = prompt_rule.n_tokens
-        params[PROMPT_LEAF] = init_prompt(params["embed_tokens"]["embedding"], prompt_tokens, init, k_prompt,
-                                          text=prompt_rule.text, tokenizer=tokenizer)
+        # From the embeddings as the model scales them (Gemma: x sqrt(hidden)), as PEFT reads the rows
+        # through the embedding module; the forward does not scale the virtual tokens.
+        rows = init_prompt(params["embed_tokens"]["embedding"], prompt_tokens, init, k_prompt,
+                           text=prompt_rule.text, tokenizer=tokenizer)
+        params[PROMPT_LEAF] = rows * getattr(cfg, "embedding_scale", 1.0)
 
     # Adapters and quantized matmuls go on linear layers only: a convolution's kernel (ViT's patch
     # projection) is 4-D; a MoE layer's stacked experts (E, in, out) are linears, one adapter each.
