@@ -150,9 +150,12 @@ class Trainer:
         self.loader_config = data or LoaderConfig()
         self.preference = preference
         self.task = "preference" if preference is not None else model.task  # what evaluation reports
-        pairs = preference.max_segments if preference is not None else None  # what the loss sees of a row
-        self.train_data = preflight.loader_for(train_data, model, self.loader_config, train=True, max_pairs=pairs)
-        self.eval_data = preflight.loader_for(eval_data, model, self.loader_config, train=False, max_pairs=pairs)
+        # the most preference pairs a packed row may hold: what the loss sees of a row
+        self._max_pairs = preference.max_segments if preference is not None else None
+        self.train_data = preflight.loader_for(train_data, model, self.loader_config, train=True,
+                                               max_pairs=self._max_pairs)
+        self.eval_data = preflight.loader_for(eval_data, model, self.loader_config, train=False,
+                                              max_pairs=self._max_pairs)
         self.run = RunDir(run_dir, main=jax.process_index() == 0)  # one process writes logs and status
         self.run.check()
         self.run_dir = self.run.path
@@ -293,8 +296,7 @@ class Trainer:
             raise ValueError("preference.reference: cached holds reference log-probs of the training and validation "
                              "data only; evaluate other data in a trainer with reference: model")
         if data is not None:
-            data = preflight.loader_for(data, self.tuned, self.loader_config, train=False,
-                                        max_pairs=self.preference.max_segments if self.preference else None)
+            data = preflight.loader_for(data, self.tuned, self.loader_config, train=False, max_pairs=self._max_pairs)
             if isinstance(data, Loader):
                 preflight.check_rows_fit(self.tuned, [data])
         data = self.eval_data if data is None else data
