@@ -67,7 +67,8 @@ def check_data(model: Tuned, train_data: Any, eval_data: Any, mesh: Mesh,
     check_preference(preference, kinds, task)
     cap = preference.max_segments if preference is not None else None
     for data in (train_data, eval_data):
-        if cap and isinstance(data, Loader) and data.pairs and data.packs and (data.max_pairs or cap + 1) > cap:
+        if (cap and isinstance(data, Loader) and data.pairs and data.packs
+                and (data.max_pairs is None or data.max_pairs > cap)):
             raise ValueError(f"preference.max_segments: the loss sees {cap} pairs a row, but the loader packs "
                              f"{data.max_pairs or 'as many as fit'}; build it with max_pairs={cap} (or pass the "
                              "source and let the Trainer build it)")
