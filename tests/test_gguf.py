@@ -166,6 +166,38 @@ def test_tokenizer(converted):
     assert reference.tokenize("a  2") == ["a", "\u0120", "\u0120", "2"]
 
 
+def test_keep_quantized_file_writes_no_weights_and_its_adapter_loads_on_the_file(tmp_path, monkeypatch):
+    """A .gguf file loaded keep_quantized converts only its configs and tokenizer (an 8B file's float32
+    weights would be 32 GB on disk, read by nothing), and the PEFT adapter names the file as its base:
+    peft on transformers' own GGUF load of it gives jaxtune's logits."""
+    from peft import PeftModel
+    from test_tuning_lora import forward, randomize_adapters
+    from transformers import AutoModelForCausalLM
+
+    import jaxtune
+    from jaxtune import tuning
+
+    model = tiny_llama(tie=True)
+    path = write_gguf(model, tmp_path / "tiny.gguf")
+    monkeypatch.setenv("JAXTUNE_CACHE", str(tmp_path / "cache"))
+    base = jaxtune.load(str(path), keep_quantized=True)
+    (folder,) = (tmp_path / "cache" / "gguf").iterdir()
+    assert sorted(p.name for p in folder.iterdir() if p.suffix in (".safetensors", ".bin")) == []
+    assert base.source == str(folder) and base.tokenizer is not None
+    tuned = jaxtune.apply_plan(base, jaxtune.lora(4, alpha=8, targets=["q_proj", "v_proj"]))
+    params = randomize_adapters(tuned.params)
+    adapter = tuning.export_peft(tuned, tmp_path / "adapter", params=params)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(path.resolve())
+    reference = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
+    peft_model = PeftModel.from_pretrained(reference, adapter).eval()
+    ids = np.random.RandomState(1).randint(0, model.config.vocab_size, (2, 12)).astype(np.int32)
+    ours = np.asarray(forward(tuned.module, params, ids, np.ones_like(ids)))
+    with torch.no_grad():
+        theirs = peft_model(torch.from_numpy(ids).long()).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4, rtol=0)
+    assert jaxtune.load(str(path), keep_quantized=True).source == str(folder)  # converted once
+
+
 def test_unsupported_architecture(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "f.gguf"), "falcon")
     writer.write_header_to_file()

@@ -76,7 +76,7 @@ class _Entry:
     expert: int | None = None  # one expert's slice (axis 0) of a stacked expert tensor
 
 
-def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", *, weights: bool = True) -> Path:
     """Convert a GGUF file of one of the
     :data:`~jaxtune.models.gguf_architectures.ARCHITECTURES` into a Hugging Face directory
     (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Gemma2ForCausalLM``, ``GPT2LMHeadModel``...).
@@ -87,10 +87,12 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
       out_dir: directory to write; created if missing, files in it are overwritten.
       dtype: weight dtype in `model.safetensors`: "float32", "bfloat16" or "float16".
         Quantized weights are dequantized to float32 first, so float32 is exact.
+      weights: False writes the configs and tokenizer only (what ``keep_quantized`` needs beside
+        the file itself: an 8B model's float32 weights are 32 GB on disk).
 
     Returns:
       `out_dir` as a Path, holding `config.json`, `generation_config.json`, `model.safetensors`
-      and, when the file carries a vocabulary, `tokenizer.json` + `tokenizer_config.json`.
+      (with ``weights``) and, when the file carries a vocabulary, `tokenizer.json` + `tokenizer_config.json`.
 
     Raises:
       GGUFError: unreadable file, an architecture not in
@@ -109,15 +111,16 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
     _check_dequantizable(entries, gguf_path)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    np_dtype, st_dtype = _DTYPES[dtype]
-    _write_safetensors(
-        out_dir / "model.safetensors",
-        entries,
-        np_dtype,
-        st_dtype,
-        metadata={"format": "pt", "source": gguf_path.name},
-        gguf_path=gguf_path,
-    )
+    if weights:
+        np_dtype, st_dtype = _DTYPES[dtype]
+        _write_safetensors(
+            out_dir / "model.safetensors",
+            entries,
+            np_dtype,
+            st_dtype,
+            metadata={"format": "pt", "source": gguf_path.name},
+            gguf_path=gguf_path,
+        )
     config.dtype = dtype
     _write_configs(config, out_dir)
     if "tokenizer.ggml.tokens" in reader.fields:

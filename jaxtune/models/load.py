@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -118,21 +119,46 @@ def adapter_dir(path: str | os.PathLike[str]) -> Path:
                     "directory that exported one")
 
 
-def _gguf_dir(path: Path) -> Path:
-    """An HF directory converted from a GGUF file once, keyed by the file's path, size and time."""
+GGUF_SOURCE = "gguf_source.json"  # in a converted directory without weights: {"gguf": the file}
+
+
+def _gguf_dir(path: Path, *, weights: bool = True) -> Path:
+    """An HF directory converted from a GGUF file once, keyed by the file's path, size and time.
+
+    Without ``weights`` (``keep_quantized``, which reads the tensors from the file itself) only its
+    configs and tokenizer are written, and :data:`GGUF_SOURCE` names the file; a full conversion
+    made earlier serves as well."""
     from jaxtune.models.gguf import gguf_to_hf
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    full = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    out = full if weights or (full / "config.json").is_file() else full.with_name(full.name + "-meta")
     if not (out / "config.json").is_file():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        gguf_to_hf(path, tmp)
+        gguf_to_hf(path, tmp, weights=weights)
+        if not weights:
+            (tmp / GGUF_SOURCE).write_text(json.dumps({"gguf": str(path.resolve())}))
         try:
             tmp.rename(out)  # atomic: the directory appears complete or not at all
         except OSError:  # another process converted it first
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def base_model_name(source: str) -> str:
+    """What an exported adapter names as its base (PEFT's ``base_model_name_or_path``): the model's
+    directory, or for a GGUF model loaded ``keep_quantized`` from a file, that file (its directory
+    holds no weights; transformers loads it with ``from_pretrained(folder, gguf_file=name)``)."""
+    marker = Path(source) / GGUF_SOURCE
+    return json.loads(marker.read_text())["gguf"] if marker.is_file() else source
+
+
+def _quantized_dir(path: str) -> Path:
+    """The configs and tokenizer of a GGUF model loaded ``keep_quantized``: a packaged model's
+    directory, or a ``.gguf`` file's conversion without its (float32) weights."""
+    local = Path(path).expanduser()
+    return _gguf_dir(local, weights=False) if local.is_file() and local.suffix == ".gguf" else model_dir(path)
 
 
 def _gguf_file(path: str) -> Path:
@@ -182,7 +208,7 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
         fields = ", ".join(f.name for f in dataclasses.fields(ModelConfig) if f.name != "path")
         raise TypeError(f"load(): {err}; options are {fields}") from None
     adapter = adapter_dir(cfg.adapter) if cfg.adapter is not None else None  # before the (slow) weights
-    directory = model_dir(cfg.path)
+    directory = _quantized_dir(cfg.path) if cfg.keep_quantized else model_dir(cfg.path)
     # Fields of the family's own config, passed only where set, so that a family without them loads as before.
     overrides = {name: getattr(cfg, name) for name, default in (("remat", "none"), ("unroll_layers", "auto"))
                  if getattr(cfg, name) != default}

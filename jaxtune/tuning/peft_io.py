@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 
 from jaxtune.models import hf, stacking, vit
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
-from jaxtune.models.load import ADAPTER_CONFIG
+from jaxtune.models.load import ADAPTER_CONFIG, base_model_name
 from jaxtune.models.quant import dequantize_tree
 from jaxtune.tuning.heads import hf_head_modules
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
@@ -353,7 +353,7 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
     config.update({
         # PEFT's SEQ_CLS wrapper feeds input_ids; an image model is wrapped as a plain PeftModel.
         "task_type": "CAUSAL_LM" if tuned.task == "lm" else None if is_image(tuned.config) else "SEQ_CLS",
-        "base_model_name_or_path": tuned.source,
+        "base_model_name_or_path": base_model_name(tuned.source),
         # A head is saved as its top module (RoBERTa's whole "classifier"), as PEFT's SEQ_CLS does.
         "modules_to_save": list(dict.fromkeys(hf_module_name(tuned, m).split(".")[0] if m[0] == HEAD_KEY
                                               else hf_module_name(tuned, m) for m in to_save)) or None,
