@@ -3,13 +3,16 @@ truncation policies and their counts."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 from helpers import skip_or_fail
 
 from jaxtune.assets import FetchError
 from jaxtune.data import DataError, Tokenize, chat_pieces, encode_chat, lm_row, read_source, scan
-from jaxtune.data.testing import smollm2_tokenizer, tiny_tokenizer, write_jsonl
+from jaxtune.data.testing import TINY_CHAT_TEMPLATE, smollm2_tokenizer, tiny_tokenizer, write_jsonl
 
 # A template written here, unlike the one in jaxtune.data.testing: BOS, role headers, trimmed content.
 HEADER_TEMPLATE = (
@@ -196,3 +199,103 @@ def test_a_truncated_text_pair_keeps_the_tokens_transformers_keeps():
                 [example] = Tokenize(tokenizer, "classification", max_length)(record)
                 expected = tokenizer("a" * a, "b" * b, truncation=True, max_length=max_length)
                 assert example["input_ids"].tolist() == expected["input_ids"], (a, b, max_length)
+
+
+# Mistral-7B-Instruct v0.1's chat template, and the same with transformers' {% generation %} marks
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+           "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{{ m['content'] + eos_token }}{% endif %}{% endfor %}")
+MISTRAL_MARKED = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}"
+                  "{{ '[INST] ' + m['content'] + ' [/INST]' }}{% else %}{% generation %}{{ m['content'] + eos_token }}"
+                  "{% endgeneration %}{% endif %}{% endfor %}")
+
+
+def sentencepiece_tokenizer(style: str):
+    """A Llama 2 / Mistral-style tokenizer over a BPE vocabulary trained here: transformers' own
+    ``LlamaTokenizer`` (``legacy=False``: "▁" at the text's start; ``legacy=True``: also after each
+    special token), or an older tokenizer.json that writes it with a ``Prepend`` normalizer."""
+    import string
+
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer, PreTrainedTokenizerFast
+
+    corpus = ["Hello there! How are you? I am fine, thank you.", "Translate to French: cat. Sure, a chat."] * 10
+    base = Tokenizer(models.BPE(unk_token="<unk>"))
+    base.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    base.train_from_iterator(corpus, trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
+        initial_alphabet=sorted(set(string.printable) | {"\u2581"})))
+    if style == "prepend-normalizer":
+        base.pre_tokenizer = None
+        base.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=base, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    else:
+        model = json.loads(base.to_str())["model"]
+        merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+        tokenizer = LlamaTokenizer(vocab=model["vocab"], merges=merges, legacy=style == "legacy")
+    tokenizer.chat_template = MISTRAL
+    return tokenizer
+
+
+@pytest.mark.parametrize("style", ["llama", "legacy", "prepend-normalizer"])
+def test_sentencepiece_pieces_tokenize_as_the_whole_text(style):
+    """A reply, the text between turns and a completion continue the text before them: no "▁" (a
+    space) at each piece's start. Ids and masks equal transformers' ``return_assistant_tokens_mask``
+    over the marked template, and TRL's one encode of prompt + completion."""
+    tokenizer = sentencepiece_tokenizer(style)
+    conversation = [{"role": "user", "content": "Hello there!"},
+                    {"role": "assistant", "content": "Hello! How are you?"},
+                    {"role": "user", "content": "I am fine."}, {"role": "assistant", "content": "Sure, thank you."}]
+    example = encode_chat(tokenizer, conversation, [0, 1, 0, 1])
+    reference = tokenizer.apply_chat_template(conversation, chat_template=MISTRAL_MARKED, tokenize=True,
+                                              return_dict=True, return_assistant_tokens_mask=True)
+    assert example["input_ids"].tolist() == list(reference["input_ids"])
+    assert example["loss_mask"].astype(int).tolist() == list(reference["assistant_masks"])
+    row = Tokenize(tokenizer, "prompt_completion", 64)({"prompt": "Translate to French: cat.\n",
+                                                       "completion": "a chat"})
+    whole = tokenizer("Translate to French: cat.\na chat")["input_ids"] + [tokenizer.eos_token_id]
+    assert row[0]["input_ids"].tolist() == whole
+
+
+def trl_template(name: str) -> str:
+    """One of the chat templates TRL ships (the families' own, and their training variants with
+    transformers' {% generation %} marks)."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
+
+
+def test_phi3_template_closing_eos_does_not_hide_earlier_turns():
+    """Phi-3's template ends every rendering without a generation prompt with EOS, so the first turns'
+    rendering is not a prefix of the conversation's; the turns are still found. Ids equal the rendered
+    text's; the supervised tokens are TRL's training template's but for the newline after each
+    <|end|> (never generated: the model stops at <|end|>)."""
+    tokenizer = tiny_tokenizer(trl_template("phi3"))
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "And?"}, {"role": "assistant", "content": "Fine."}]
+    example = encode_chat(tokenizer, conversation, [0, 1, 0, 1])
+    reference = tokenizer.apply_chat_template(conversation, chat_template=trl_template("phi3_training"),
+                                              tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    assert example["input_ids"].tolist() == list(reference["input_ids"])
+    ours, theirs = example["loss_mask"].astype(bool), np.asarray(reference["assistant_masks"], bool)
+    assert not (ours & ~theirs).any()
+    assert tokenizer.decode(example["input_ids"][theirs & ~ours]) == "\n"  # the first reply's; the last keeps its
+    assert row_runs(tokenizer, example) == ["Hello!<|end|>", "Fine.<|end|>\n</s>"]
+
+
+def test_opening_assistant_turn_quoted_by_the_default_system_prompt():
+    """The reply is found where the template writes it, not inside a default system prompt that
+    contains the same words."""
+    system = "{% if messages[0]['role'] != 'system' %}<|user|>You are Hugging Face's bot.<|end|>{% endif %}"
+    template = system + TINY_CHAT_TEMPLATE
+    tokenizer = tiny_tokenizer(template)
+    example = encode_chat(tokenizer, [{"role": "assistant", "content": "Hugging Face"},
+                                      {"role": "user", "content": "ok"}], [1, 0])
+    assert row_runs(tokenizer, example) == ["Hugging Face<|end|>"]
+
+
+def test_a_chat_template_that_does_not_compile_is_named_not_the_row(tmp_path):
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": CONVERSATION}])
+    tokenize = Tokenize(tiny_tokenizer("{% for m in messages %}{{ m['content'] }}}{% endfor %"), "chat", 256)
+    with pytest.raises(ValueError, match=r"^the tokenizer's chat template is not valid Jinja \(line 1") as caught:
+        tokenize(read_source(path, "chat")[0])
+    assert not isinstance(caught.value, DataError)  # not a bad row: skip_bad_rows must not skip every row

@@ -601,6 +601,7 @@ BAD_ROWS = [
      "share no opening turns"),
     ({"chosen": [USER, *_ans("a")], "rejected": [USER, *_ans("a")]}, "identical or one is a prefix"),
     ({"prompt": 3, "chosen": "a", "rejected": "b"}, "'prompt' is a int"),
+    ({"prompt": "a\ud800b", "chosen": "a", "rejected": "b"}, "'prompt' has a lone surrogate"),
     ({"text": "hello"}, "neither OpenAI's nor TRL's preference keys"),
     # a turn is checked as a chat file's turn is (rows.check_message): a name that is not text too
     ({"prompt": [{"role": "user", "content": "q", "name": 5}], "chosen": _ans("a"), "rejected": _ans("b")},

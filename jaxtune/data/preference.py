@@ -152,7 +152,8 @@ def check_trl_preference(obj: dict) -> dict:
     if kinds["chosen"] == "string":
         if "prompt" not in kinds:
             raise RowError("missing 'prompt' key", "plain-text pairs need the prompt the answers continue")
-        record = {"prompt": obj["prompt"], "chosen": string_field(obj, "chosen", nonempty=True),
+        record = {"prompt": string_field(obj, "prompt", nonempty=False),
+                  "chosen": string_field(obj, "chosen", nonempty=True),
                   "rejected": string_field(obj, "rejected", nonempty=True)}
         return _distinct(record, "chosen", "rejected")
     if "prompt" in kinds:

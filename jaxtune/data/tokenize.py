@@ -20,6 +20,7 @@ tokenized before the reply is generated.
 from __future__ import annotations
 
 import dataclasses
+import json
 import weakref
 from collections import Counter
 from collections.abc import Sequence
@@ -109,16 +110,92 @@ def backend(tokenizer: Any) -> Tokenizer:
     return copy
 
 
+# A SentencePiece-style tokenizer's word-start marker, which it writes in front of the text.
+_SPACE = "\u2581"
+_CONTINUATIONS: weakref.WeakKeyDictionary[Any, tuple[Tokenizer, bool] | None] = weakref.WeakKeyDictionary()
+
+
+def _without_prepend(component: dict | None) -> tuple[dict | None, str | None]:
+    """A normalizer or pre-tokenizer (JSON) that no longer writes ``_SPACE`` in front of a text, and
+    where the original wrote it: ``"first"`` (the text's start only), ``"always"`` (each stretch of
+    text between special tokens), or None where it writes none."""
+    if component is None:
+        return None, None
+    kind = component.get("type")
+    if kind == "Sequence":
+        key = "normalizers" if "normalizers" in component else "pretokenizers"
+        parts, scheme = [], None
+        for part in component[key]:
+            changed, found = _without_prepend(part)
+            scheme = scheme or found
+            if changed is not None:
+                parts.append(changed)
+        return {**component, key: parts}, scheme
+    if kind == "Prepend" and component.get("prepend") == _SPACE:  # older Llama tokenizer.json files
+        return None, "always"
+    if kind == "Metaspace":
+        if component.get("prepend_scheme", "always") in ("first", "always") and "add_prefix_space" not in component:
+            return {**component, "prepend_scheme": "never"}, component.get("prepend_scheme", "always")
+        if component.get("add_prefix_space"):
+            return {**component, "add_prefix_space": False}, "always"
+    return component, None
+
+
+def _continuation(tokenizer: Any) -> tuple[Tokenizer, bool] | None:
+    """For a tokenizer that writes ``_SPACE`` in front of a text (Llama 2, Mistral, Phi-3's
+    SentencePiece vocabularies): a copy of :func:`backend` that does not, and whether the original
+    writes it after every special token too (``always``) or only at the text's start; else None."""
+    try:
+        return _CONTINUATIONS[tokenizer]
+    except KeyError:
+        pass
+    spec = json.loads(backend(tokenizer).to_str())
+    normalizer, by_normalizer = _without_prepend(spec.get("normalizer"))
+    pre_tokenizer, by_pre_tokenizer = _without_prepend(spec.get("pre_tokenizer"))
+    scheme = by_normalizer or by_pre_tokenizer
+    found = None
+    if scheme is not None:
+        copy = Tokenizer.from_str(json.dumps({**spec, "normalizer": normalizer, "pre_tokenizer": pre_tokenizer}))
+        found = (copy, scheme == "always")
+    _CONTINUATIONS[tokenizer] = found
+    return found
+
+
 def encode_pieces(tokenizer: Any, pieces: Sequence[str]) -> list[list[int]]:
-    """Token ids of each piece, without special tokens added by the tokenizer."""
+    """Token ids of each piece of one text, without special tokens added by the tokenizer.
+
+    Each piece is tokenized on its own (as at inference, where the prompt is tokenized before the
+    reply is generated), but as a continuation of the pieces before it: a SentencePiece-style
+    tokenizer writes its word-start marker where one call on the whole text would (at the text's
+    start, and after a special token where it does so after each), not at every piece.
+    """
     if not pieces:
         return []
-    return [e.ids for e in backend(tokenizer).encode_batch(list(pieces), add_special_tokens=False)]
+    first = backend(tokenizer)
+    continuation = _continuation(tokenizer)
+    if continuation is None:
+        return [e.ids for e in first.encode_batch(list(pieces), add_special_tokens=False)]
+    rest, always = continuation
+    added = set(first.get_added_tokens_decoder())
+    out: list[list[int]] = []
+    last: int | None = None  # the text's last token so far
+    for piece in pieces:
+        starts_stretch = last is None or (always and last in added)
+        ids = (first if starts_stretch else rest).encode(piece, add_special_tokens=False).ids
+        out.append(ids)
+        last = ids[-1] if ids else last
+    return out
 
 
 def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, where: str) -> str:
+    from jinja2 import TemplateSyntaxError
+
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except TemplateSyntaxError as err:  # the template, not this row: no row renders
+        raise ValueError(f"the tokenizer's chat template is not valid Jinja (line {err.lineno} of the template: "
+                         f"{err.message}); fix chat_template in its tokenizer_config.json or chat_template.jinja, "
+                         "or give another tokenizer as model.tokenizer") from None
     except Exception as err:  # jinja raises TemplateError and template-authored exceptions
         raise DataError(where, f"the chat template failed on this conversation: {err}",
                         "check the roles and order of the turns against the model's chat template") from err
@@ -137,7 +214,7 @@ def chat_pieces(tokenizer: Any, messages: list[dict], weights: Sequence[int], wh
     for i, (message, weight) in enumerate(zip(messages, weights)):
         if message["role"] != "assistant" or not weight:
             continue
-        upto = _render(tokenizer, messages[: i + 1], False, where)
+        upto = _before_closing(tokenizer, _render(tokenizer, messages[: i + 1], False, where), full)
         before = (_render(tokenizer, messages[:i], True, where) if i
                   else _opening_prompt(tokenizer, message, upto, where))
         if not (upto.startswith(before) and full.startswith(upto) and len(before) >= done):
@@ -155,6 +232,22 @@ def chat_pieces(tokenizer: Any, messages: list[dict], weights: Sequence[int], wh
     return [(text, supervised) for text, supervised in pieces if text]
 
 
+def _before_closing(tokenizer: Any, upto: str, full: str) -> str:
+    """``upto`` (a rendering of the conversation's first turns) without the closing text that the
+    template writes only after a conversation's last turn (Phi-3's EOS), where what is left is a
+    prefix of the whole conversation's rendering ``full`` and the closing text ends ``full`` too;
+    else ``upto`` as it is. The two part where their tokens do (their characters may agree a little
+    further: ``</s>`` and ``<|user|>`` both start with ``<``)."""
+    if full.startswith(upto):
+        return upto
+    ours, whole = (backend(tokenizer).encode(text, add_special_tokens=False) for text in (upto, full))
+    same = next((n for n, (a, b) in enumerate(zip(ours.ids, whole.ids)) if a != b), min(len(ours), len(whole)))
+    if same >= len(ours):
+        return upto
+    kept = upto[:ours.offsets[same][0]]
+    return kept if full.startswith(kept) and full.endswith(upto[len(kept):]) else upto
+
+
 def _opening_prompt(tokenizer: Any, first: dict, upto: str, where: str) -> str:
     """What precedes the reply when the conversation opens with an assistant turn.
 
@@ -164,7 +257,8 @@ def _opening_prompt(tokenizer: Any, first: dict, upto: str, where: str) -> str:
     probe = [{"role": "user", "content": "?"}]
     with_prompt, without = _render(tokenizer, probe, True, where), _render(tokenizer, probe, False, where)
     generation_prompt = with_prompt[len(without):] if with_prompt.startswith(without) else ""
-    cut = upto.rfind(generation_prompt, 0, max(upto.find(first["content"].strip()), 0)) if generation_prompt else -1
+    reply = upto.rfind(first["content"].strip())  # the last: a default system prompt may contain the same words
+    cut = upto.rfind(generation_prompt, 0, max(reply, 0)) if generation_prompt else -1
     if cut < 0:
         raise DataError(where, "cannot find the chat template's generation prompt before the opening assistant turn",
                         "start the conversation with a system or user turn")
