@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import math
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -367,16 +366,28 @@ class Loader:
 
     def rows_per_epoch(self) -> tuple[int, str]:
         """Rows one pass over the source fills, and how that was counted: examples after
-        truncation, or for packed data ``ceil(tokens / max_length)`` (the packer fills rows
-        nearly full, so this is a close lower bound on the packed rows; a pair counts its
-        longer side, the space it takes in a paired row, and at most ``max_pairs`` share one)."""
+        truncation, or for packed data the rows this loader's packer makes of the first pass's
+        shuffled records, window by window, over every process's shard (later passes are shuffled
+        otherwise and may differ by a few rows)."""
         stats = self.scan()
-        if self.packs:
-            rows = math.ceil(stats.tokens / self.config.max_length)
-            if self.pairs and self.max_pairs:
-                rows = max(rows, math.ceil(stats.examples / self.max_pairs))
-            return rows, f"~{rows} packed rows"
-        return stats.examples, f"{stats.examples} examples"
+        if not self.packs:
+            return stats.examples, f"{stats.examples} examples"
+        cfg, n = self.config, len(self.source)
+        order = grain.MapDataset.range(n)
+        if cfg.shuffle:
+            order = order.shuffle(seed=cfg.seed)
+        fit = (functools.partial(packing.first_fit, max_length=cfg.max_length, max_items=self.max_pairs) if self.pairs
+               else functools.partial(packing.first_fit, max_length=cfg.max_length) if self.lm
+               else functools.partial(packing.next_fit if cfg.pack_in_order else packing.first_fit,
+                                      max_length=cfg.max_length, max_items=packing.max_segments(cfg.max_length)))
+        rows = 0
+        for shard in range(self.shard_count):
+            records = [order[i] for i in range(shard, n, self.shard_count)]
+            for start in range(0, len(records), cfg.pack_window):
+                window = [length for r in records[start:start + cfg.pack_window]
+                          for length in stats.lengths[stats.starts[r]:stats.starts[r + 1]]]
+                rows += len(fit(window)) if window else 0
+        return rows, f"{rows} packed rows"
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
         """Shape and dtype of each array in a (per-process) batch, without reading data (the

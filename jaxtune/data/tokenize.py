@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import weakref
+from array import array
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +53,10 @@ class TokenStats:
     longest: int = 0
     largest_id: int = -1  # the largest token id of any example (checked against the model's vocabulary)
     largest_id_where: str | None = None  # the record that has it (``path:line`` where the source knows it)
+    # the row space of each example (a pair's longer side), record after record, and where each record's
+    # examples start (``starts[i]:starts[i + 1]``): what packing needs to count a pass's rows
+    lengths: array = dataclasses.field(default_factory=lambda: array("i"), repr=False)
+    starts: array = dataclasses.field(default_factory=lambda: array("q", [0]), repr=False)
     labels: Counter = dataclasses.field(default_factory=Counter)  # records per label (see record_label)
     dropped_labels: Counter = dataclasses.field(default_factory=Counter)  # dropped records per label
 
@@ -514,9 +519,12 @@ def scan(source: Source, tokenize: Tokenize) -> TokenStats:
         for example in examples:
             sides = [example["chosen"], example["rejected"]] if "chosen" in example else [example]
             # A pair's two sides share one paired row: the row space is the longer side.
-            stats.tokens += max(len(e["input_ids"]) for e in sides)
+            space = max(len(e["input_ids"]) for e in sides)
+            stats.tokens += space
+            stats.lengths.append(space)
             largest = max(int(np.max(e["input_ids"], initial=-1)) for e in sides)
             if largest > stats.largest_id:
                 stats.largest_id, stats.largest_id_where = largest, record.get("where")
             stats.target_tokens += sum(int(e["loss_mask"][1:].sum()) for e in sides if "loss_mask" in e)
+        stats.starts.append(len(stats.lengths))
     return stats
