@@ -121,8 +121,8 @@ def plan_memory(config: Config) -> StepMemory:
     setup_runtime(config.mesh, DistributedConfig(initialize="never"))  # simulated devices; one process
     try:
         return plan_step_memory(config.model, config.build_plan(), batch_size=config.data.batch_size,
-                                seq_len=config.data.max_length, train=config.train, optimizer=config.optimizer,
-                                mesh=config.mesh)
+                                seq_len=config.data.max_length, packing=config.data.packing, train=config.train,
+                                optimizer=config.optimizer, mesh=config.mesh)
     except ValueError as err:  # the mesh, plan or model against the recipe: config errors
         raise ConfigError(str(err)) from None
 

@@ -57,6 +57,12 @@ class ModelConfig:
     keep_quantized: bool = False
     adapter: str | None = None
 
+    def family_fields(self) -> dict[str, Any]:
+        """The fields of the family's own config this one sets (``remat``, ``unroll_layers``), for
+        :func:`hf.build`: only where set, so that a family without them loads as before."""
+        return {name: getattr(self, name) for name, default in (("remat", "none"), ("unroll_layers", "auto"))
+                if getattr(self, name) != default}
+
     def __post_init__(self) -> None:
         # YAML recipes are checked against the Literal types by the config reader; Python callers here.
         choices = get_args(DTYPES)
@@ -209,9 +215,7 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
         raise TypeError(f"load(): {err}; options are {fields}") from None
     adapter = adapter_dir(cfg.adapter) if cfg.adapter is not None else None  # before the (slow) weights
     directory = _quantized_dir(cfg.path) if cfg.keep_quantized else model_dir(cfg.path)
-    # Fields of the family's own config, passed only where set, so that a family without them loads as before.
-    overrides = {name: getattr(cfg, name) for name, default in (("remat", "none"), ("unroll_layers", "auto"))
-                 if getattr(cfg, name) != default}
+    overrides = cfg.family_fields()
     try:
         if cfg.keep_quantized:
             from jaxtune.models.gguf_quantized import load_quantized

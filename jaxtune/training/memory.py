@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxtune.data.packing import max_segments
 from jaxtune.models import hf
 from jaxtune.models.load import ModelConfig, model_dir
 from jaxtune.training.config import TrainConfig
@@ -57,6 +58,7 @@ class StepMemory:
     host: int
     backend: str
     devices: int
+    tokens: int | None = None  # the batch rows' width the step was compiled for
 
     @property
     def total(self) -> int:
@@ -70,8 +72,9 @@ class StepMemory:
             parts.append(("host (offloaded)", self.host))
         text = ", ".join(f"{name} {size / GiB:.3g} GiB" for name, size in parts)
         what = "a prediction of the CPU compiler" if self.backend == "cpu" else "as compiled"
+        width = f", for rows of {self.tokens} tokens" if self.tokens else ""
         return (f"memory per device ({self.devices} device{'s' if self.devices > 1 else ''}): {text}; "
-                f"total {self.total / GiB:.3g} GiB ({self.backend}, {what})")
+                f"total {self.total / GiB:.3g} GiB ({self.backend}, {what}{width})")
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for ``status.json``: the fields in bytes, ``total`` and ``GiB`` (the total)."""
@@ -89,9 +92,10 @@ def device_bytes(tree: Any) -> int:
     return total
 
 
-def step_memory(compiled: Any, trainable: Any, frozen: Any, opt_state: Any) -> StepMemory:
+def step_memory(compiled: Any, trainable: Any, frozen: Any, opt_state: Any, *, tokens: int | None = None
+                ) -> StepMemory:
     """The memory report of a compiled train step (``jax.jit(step).lower(...).compile()``) whose
-    arguments were ``trainable, frozen, opt_state, batch, rng``."""
+    arguments were ``trainable, frozen, opt_state, batch, rng``; ``tokens``: the batch rows' width."""
     stats = compiled.memory_analysis()
     params, optimizer = device_bytes((trainable, frozen)), device_bytes(opt_state)
     device_set = jax.tree.leaves(compiled.input_shardings)[0].device_set
@@ -100,7 +104,8 @@ def step_memory(compiled: Any, trainable: Any, frozen: Any, opt_state: Any) -> S
                       batch=max(stats.argument_size_in_bytes - params - optimizer, 0),
                       temporaries=stats.temp_size_in_bytes,
                       outputs=max(stats.output_size_in_bytes - stats.alias_size_in_bytes, 0),
-                      host=host, backend=next(iter(device_set)).platform, devices=len(device_set))
+                      host=host, backend=next(iter(device_set)).platform, devices=len(device_set),
+                      tokens=tokens)
 
 
 def offload_note(remat: str, backend: str) -> str | None:
@@ -122,9 +127,8 @@ def abstract_model(model: ModelConfig) -> hf.Pretrained:
                          "{action: freeze, quantize: nf4}) instead")
     directory = model_dir(model.path)
     hf_config = hf.read_config(directory)
-    overrides = {"remat": model.remat} if model.remat != "none" else {}
     arch, cfg, module = hf.build(hf_config, dtype=model.compute_dtype or model.dtype, param_dtype=model.dtype,
-                                 **overrides)
+                                 **model.family_fields())  # as jaxtune.load builds it: the same program
     return hf.Pretrained(cfg, module, hf.abstract_params(module, cfg), hf_config, str(directory), arch)
 
 
@@ -143,31 +147,37 @@ def abstract_plan(pretrained: hf.Pretrained, plan: Any, rng: jax.Array | None = 
     return dataclasses.replace(made["tuned"], params=params)
 
 
-def batch_spec(task: str, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+def batch_spec(task: str, batch_size: int, seq_len: int, *, packing: bool = False
+               ) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of one token batch of ``task`` (``lm``, ``classification``, ``regression``), as
-    the data pipeline yields it (see :func:`jaxtune.training.step.make_loss_fn`)."""
+    the data pipeline yields it (see :func:`jaxtune.training.step.make_loss_fn`): a packed
+    classifier row holds up to ``max_segments(seq_len)`` labels and example weights."""
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     spec = {"input_ids": tokens, "segment_ids": tokens, "positions": tokens}
     if task == "lm":
         return {**spec, "targets": tokens, "loss_weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
     if task in ("classification", "regression"):
-        labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32 if task == "classification" else jnp.float32)
-        return {**spec, "token_type_ids": tokens, "labels": labels}
+        per_row = (batch_size, max_segments(seq_len)) if packing else (batch_size,)
+        labels = jax.ShapeDtypeStruct(per_row, jnp.int32 if task == "classification" else jnp.float32)
+        weights = {"example_weights": jax.ShapeDtypeStruct(per_row, jnp.float32)} if packing else {}
+        return {**spec, "token_type_ids": tokens, "labels": labels, **weights}
     raise ValueError(f"memory planning covers token models (lm, classification, regression), not a {task} model")
 
 
-def plan_step_memory(model: ModelConfig, plan: Any, *, batch_size: int, seq_len: int,
+def plan_step_memory(model: ModelConfig, plan: Any, *, batch_size: int, seq_len: int, packing: bool | None = None,
                      train: TrainConfig = TrainConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
                      mesh: MeshConfig = MeshConfig()) -> StepMemory:
     """The memory report of :func:`compile_planned_step` (same arguments)."""
     compiled, trainable, frozen, opt_state = compile_planned_step(
-        model, plan, batch_size=batch_size, seq_len=seq_len, train=train, optimizer=optimizer, mesh=mesh)
-    return step_memory(compiled, trainable, frozen, opt_state)
+        model, plan, batch_size=batch_size, seq_len=seq_len, packing=packing, train=train, optimizer=optimizer,
+        mesh=mesh)
+    return step_memory(compiled, trainable, frozen, opt_state, tokens=seq_len)
 
 
 def compile_planned_step(model: ModelConfig, plan: Any, *, batch_size: int, seq_len: int,
-                         train: TrainConfig = TrainConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
-                         mesh: MeshConfig = MeshConfig()) -> tuple[Any, Any, Any, Any]:
+                         packing: bool | None = None, train: TrainConfig = TrainConfig(),
+                         optimizer: OptimizerConfig = OptimizerConfig(), mesh: MeshConfig = MeshConfig()
+                         ) -> tuple[Any, Any, Any, Any]:
     """Compile the train step a recipe would run, for abstract shapes; returns the compiled step
     and its abstract ``trainable, frozen, opt_state`` arguments (``jax.ShapeDtypeStruct`` with
     their shardings).
@@ -177,6 +187,8 @@ def compile_planned_step(model: ModelConfig, plan: Any, *, batch_size: int, seq_
         ``train.chunk_tokens`` and ``train.regression_loss`` shape the step).
       batch_size, seq_len: the global batch's rows and tokens per row (``data.batch_size``,
         ``data.max_length``).
+      packing: ``data.packing`` (None: language models pack, classifiers do not): a packed
+        classifier batch carries a label per segment.
 
     The mesh spans this process's devices (``mesh.simulate_devices`` must have taken effect
     before JAX started: the CLI sets it). Nothing is allocated and nothing runs.
@@ -211,6 +223,6 @@ def compile_planned_step(model: ModelConfig, plan: Any, *, batch_size: int, seq_
     opt_state = placed(opt_state, opt_shardings)
     rows = batch_sharding(device_mesh)
     batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows)
-             for k, v in batch_spec(tuned.task, batch_size, seq_len).items()}
+             for k, v in batch_spec(tuned.task, batch_size, seq_len, packing=bool(packing)).items()}
     rng = jax.eval_shape(lambda: jax.random.key(0))
     return step.lower(trainable, frozen, opt_state, batch, rng).compile(), trainable, frozen, opt_state

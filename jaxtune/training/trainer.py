@@ -573,11 +573,17 @@ class Trainer:
         """Compile the step (jit keeps the executable, so the step's first call does not compile
         again) and log its memory per device; the run's status keeps it (``memory``)."""
         args = (self.trainable, self.frozen, self.opt_state, batch, rng)
-        self.memory = memory.step_memory(self.train_step.lower(*args).compile(), *args[:3])
+        width = batch["input_ids"].shape[-1] if "input_ids" in batch else None
+        self.memory = memory.step_memory(self.train_step.lower(*args).compile(), *args[:3], tokens=width)
         note = memory.offload_note(getattr(self.tuned.config, "remat", "none"), self.memory.backend)
         if note:
             log.warning("%s", note)
         log.info("%s", self.memory.line())
+        data = getattr(self.train_data, "config", None)
+        if getattr(data, "pad_to_multiple_of", None) is not None and width is not None and width < data.max_length:
+            log.info("data.pad_to_multiple_of cuts each batch to its longest row: wider batches compile again and "
+                     "need more (jaxtune plan-memory gives the step for rows of data.max_length=%d tokens)",
+                     data.max_length)
 
     def _write_status(self, state: str, **fields: Any) -> None:
         """``status.json`` with the compiled step's memory (:attr:`memory`, or the run's earlier one)."""
