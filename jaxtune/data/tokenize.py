@@ -226,7 +226,9 @@ def chat_pieces(tokenizer: Any, messages: list[dict], weights: Sequence[int], wh
             raise DataError(where,
                             f"the chat template does not render turn {i} as an extension of the turns before it, "
                             "so the assistant tokens cannot be located",
-                            "use a template whose output for a conversation prefix is a prefix of the full output")
+                            "use a template whose output for a conversation prefix is a prefix of the full output "
+                            "(Qwen3's writes a think block into the last assistant turn only), or give the earlier "
+                            "assistant turns \"weight\": 0 so that only the last one trains")
         reply = upto[len(before):].rstrip()
         if message["content"].strip() not in reply:
             raise DataError(where, f"the chat template does not reproduce the content of assistant turn {i}",
