@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
@@ -112,3 +113,25 @@ def test_config_defaults_without_the_optional_keys():
     with pytest.raises(ValueError, match=r"layers 0\.\.3 mix attention kinds"):
         dataclasses.replace(cfg, layer_groups=(4, 4))
     assert not olmo2.config_from_hf({**TINY, "model_type": "olmo2"}).tie_word_embeddings
+
+
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_bf16_rms_norm_rounds_as_its_family_does(family):
+    """Llama's norm rounds the normalised input to bf16 and then the product (``weight * x.to(dtype)``);
+    OLMo 2's multiplies in float32 and rounds once (``(weight * x).to(dtype)``): bitwise transformers'."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+    from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm as Reference
+
+    from jaxtune.models.layers import RMSNorm
+
+    rng = np.random.RandomState(0)
+    x, gain = rng.normal(size=(8, 64)).astype(np.float32), rng.normal(1, 0.3, 64).astype(np.float32)
+    reference = (LlamaRMSNorm if family == "llama" else Reference)(64, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        reference.weight.copy_(torch.from_numpy(gain))
+        theirs = reference(torch.from_numpy(x).to(torch.bfloat16)).float().numpy()
+    norm = olmo2.Olmo2RMSNorm if family == "olmo2" else RMSNorm
+    ours = norm(1e-6, jnp.bfloat16, jnp.bfloat16).apply(
+        {"params": {"scale": jnp.asarray(gain, jnp.bfloat16)}}, jnp.asarray(x, jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(ours, np.float32), theirs)

@@ -141,6 +141,19 @@ def test_a_small_dora_magnitude_change_moves_a_bf16_output():
     assert slope == pytest.approx(0.003, rel=0.1)
 
 
+def test_a_bf16_adapter_output_has_the_float_scale():
+    """The LoRA scale multiplies in float32 and the product is rounded once, as PEFT's Python-float
+    scaling under autocast: rounded to bf16 first, alpha / r = 16 / 6 became 2.672 and every adapter
+    output was 0.18 % too large. Reference: the float64 closed form; the fitted gain is 1 within bf16 noise."""
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.normal(size=(4096, 64)), jnp.bfloat16)
+    a, b = rng.normal(0, 0.1, (64, 6)).astype(np.float32), rng.normal(0, 0.1, (6, 64)).astype(np.float32)
+    p = {"kernel": jnp.zeros((64, 64), jnp.bfloat16), "lora_a": a, "lora_b": b, "lora_scale": np.float32(16 / 6)}
+    ours = np.asarray(Linear(64, dtype=jnp.bfloat16).apply({"params": p}, x), np.float64)
+    truth = np.asarray(x, np.float64) @ a.astype(np.float64) @ b.astype(np.float64) * (16 / 6)
+    assert float((ours * truth).sum() / (truth * truth).sum()) == pytest.approx(1.0, abs=2e-4)
+
+
 def test_dora_dropout_rescales_the_dropped_base_output_as_peft_does():
     # PEFT (DoraLinearVariant.forward) with active dropout: y = xW + (r-1)·(d(x)W) + r·s·d(x)AB,
     # r = m/||W+sAB||. With B = 0, W = I and m = 2||W||: y - x = d(x), entries 0 or x/(1-p).

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
@@ -14,11 +15,13 @@ import torch
 import transformers
 from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import tiny_hf_model
+from safetensors import safe_open
 from test_tuning_lora import forward, randomize_adapters
 
 from jaxtune import tuning
 from jaxtune.models import hf, stacking
 from jaxtune.tuning import ExportError
+from jaxtune.tuning.lora import adapter_delta
 
 TOL = 1e-4
 # Right padding with pad id 0 (and no 0 inside the text), so that HF's sequence classifiers find
@@ -255,3 +258,23 @@ def test_an_adapter_config_without_rank_or_alpha_reads_peft_defaults(sources, tm
     again = tuning.load_peft(load(sources, "llama"), tmp_path)
     assert {(s.rank, s.alpha) for s in again.adapters.values()} == {(8, 8.0)}
     assert_real_tokens_close(np.asarray(forward(again.module, again.params, IDS, MASK)), peft_out(base, tmp_path))
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_merged_float32_export_of_a_bfloat16_base_keeps_the_whole_update(sources, tmp_path, dora):
+    """``export(format="merged", dtype="float32")`` of a base loaded in bfloat16 writes W + s A B (DoRA:
+    rescaled) rounded once, to float32: 46% of a small update's entries used to vanish in a rounding to
+    the kernel's bfloat16 first. The reference is the closed form over the bfloat16 kernel, in float32."""
+    plan = (tuning.dora if dora else tuning.lora)(rank=4, alpha=8, targets=["q_proj"])
+    tuned = tuning.apply_plan(hf.load_pretrained(sources / "llama", dtype=jnp.bfloat16), plan)
+    params = randomize_adapters(tuned.params, scale=1e-3)
+    out = tuning.export_merged(tuned, tmp_path / "merged", params=params, dtype="float32")
+    with safe_open(out / "model.safetensors", framework="np") as f:
+        written = f.get_tensor("model.layers.0.self_attn.q_proj.weight").T
+    leaves = {k[-1]: v for k, v in flatten_dict(stacking.unstack(params)).items()
+              if k[:-1] == ("layers_0", "self_attn", "q_proj")}
+    adapted = np.asarray(leaves["kernel"], np.float32) + np.asarray(adapter_delta(leaves))
+    if dora:
+        adapted = adapted * np.asarray(leaves["magnitude"], np.float32) / np.linalg.norm(adapted, axis=0)
+    assert written.dtype == np.float32
+    np.testing.assert_allclose(written, adapted, rtol=1e-6, atol=1e-7)

@@ -276,10 +276,11 @@ class Attention(nn.Module):
             b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             # Per head (Qwen3: a (head_dim,) gain) or over the whole projection (OLMo 2: (heads * head_dim,)).
+            # OLMo 2's norms also multiply their gain in float32 (RMSNorm.gain_in_float32).
             whole = cfg.qk_norm == "projection"
-            q = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="q_norm")(
+            q = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, gain_in_float32=whole, name="q_norm")(
                 q.reshape(b, t, -1) if whole else q).reshape(q.shape)
-            k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="k_norm")(
+            k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, gain_in_float32=whole, name="k_norm")(
                 k.reshape(b, t, -1) if whole else k).reshape(k.shape)
         if cfg.rope:
             inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))

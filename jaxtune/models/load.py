@@ -31,8 +31,10 @@ class ModelConfig:
     """The pretrained model and how it is held in memory.
 
     ``path``: an HF directory, a packaged model name (``jaxtune fetch`` lists them), a ``.gguf``
-    file or a hub id. ``dtype``: storage of the frozen weights (trainable ones are always
-    float32). ``compute_dtype``: activations (default: ``dtype``). ``remat``: recompute
+    file or a hub id. ``dtype``: the weights are read in it and the frozen ones stay in it;
+    trainable ones are float32 from the values read (so a float32 checkpoint read in bfloat16
+    starts its trained weights from bfloat16-rounded values). ``compute_dtype``: activations
+    (default: ``dtype``). ``remat``: recompute
     activations in the backward pass (decoders): ``block`` keeps only each block's input,
     ``dots`` keeps matmul outputs, ``dots_no_batch`` those without batch dimensions (not
     attention's), ``offload`` keeps those in host memory (GPU/TPU; see ``layers.remat_policy``).

@@ -41,6 +41,12 @@ def config_from_hf(hf: dict[str, Any], **overrides: Any) -> DecoderConfig:
     return DecoderConfig(**{**fields, **overrides})
 
 
+class Olmo2RMSNorm(RMSNorm):
+    """transformers' ``Olmo2RMSNorm``: ``(weight * x).to(dtype)``, one rounding where Llama's rounds twice."""
+
+    gain_in_float32: bool = True
+
+
 class Olmo2Block(nn.Module):
     """``x + post_attention_layernorm(attn(x))``, then ``x + post_feedforward_layernorm(mlp(x))``.
 
@@ -58,9 +64,9 @@ class Olmo2Block(nn.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         attn = Attention(cfg, self.window, name="self_attn")(x, positions, segment_ids, deterministic, cache)
         attn, kv = (attn, None) if cache is None else attn
-        x = x + RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="post_attention_layernorm")(attn)
+        x = x + Olmo2RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="post_attention_layernorm")(attn)
         h = MLP(cfg, name="mlp")(x, deterministic)
-        x = x + RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="post_feedforward_layernorm")(h)
+        x = x + Olmo2RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="post_feedforward_layernorm")(h)
         return x if cache is None else (x, kv)
 
 
@@ -69,6 +75,7 @@ class Olmo2(Decoder):
     :class:`Olmo2Block` blocks (same calling convention, methods and KV cache)."""
 
     block_class = Olmo2Block
+    norm_class = Olmo2RMSNorm
 
 
 class Olmo2Classifier(DecoderClassifier):

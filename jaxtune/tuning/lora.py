@@ -18,6 +18,7 @@ leaf            shape       dtype     initial value
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -112,15 +113,16 @@ def adapted_modules(params: Params) -> dict[tuple[str, ...], dict[str, Array]]:
     return {m: leaves for m, leaves in modules.items() if LORA_A in leaves}
 
 
-@jax.jit
-def _merge_one(leaves: dict[str, Array]) -> tuple[Array, Array | None]:
-    """(merged kernel in the kernel's dtype, DoRA column norm or None) for one module's leaves."""
+@functools.partial(jax.jit, static_argnames="dtype")
+def _merge_one(leaves: dict[str, Array], dtype: Any = None) -> tuple[Array, Array | None]:
+    """(merged kernel in ``dtype``, default the kernel's, DoRA column norm or None) for one module's leaves."""
     kernel = leaves["kernel"]
+    dtype = kernel.dtype if dtype is None else dtype
     adapted = as_float(kernel, jnp.float32) + adapter_delta(leaves)  # a quantized base is dequantized
     if MAGNITUDE not in leaves:
-        return adapted.astype(kernel.dtype), None
+        return adapted.astype(dtype), None
     norm = column_norm(adapted)
-    return (adapted * (leaves[MAGNITUDE].astype(jnp.float32) / norm)).astype(kernel.dtype), norm
+    return (adapted * (leaves[MAGNITUDE].astype(jnp.float32) / norm)).astype(dtype), norm
 
 
 @jax.jit
@@ -131,11 +133,12 @@ def _unmerge_one(kernel: Array, record: dict[str, Array]) -> Array:
     return (weight - adapter_delta(record)).astype(kernel.dtype)
 
 
-def merge(params: Params) -> tuple[Params, dict[tuple[str, ...], dict[str, Array]]]:
+def merge(params: Params, dtype: Any = None) -> tuple[Params, dict[tuple[str, ...], dict[str, Array]]]:
     """Fold every adapter into its kernel; returns ``(merged params without adapter leaves, saved)``.
 
     LoRA: ``W' = W + s A B``. DoRA: ``W' = m / ||W + s A B|| * (W + s A B)`` per output column.
-    Arithmetic is float32; the merged kernel keeps the kernel's dtype. Works on either layout
+    Arithmetic is float32; the merged kernel is rounded once, to ``dtype`` (default: the kernel's
+    own, as PEFT's merge; an export to float32 of a bfloat16 base keeps the whole update). Works on either layout
     (:mod:`jaxtune.models.stacking`): a scanned run's modules merge layer by layer. ``saved`` holds each
     module's adapter leaves (and, for DoRA, the column norm ``weight_norm`` that the merge used,
     which :func:`unmerge` needs: it cannot be recovered from the merged weight, as PEFT notes).
@@ -144,7 +147,8 @@ def merge(params: Params) -> tuple[Params, dict[tuple[str, ...], dict[str, Array
     saved = {}
     for module, leaves in adapted_modules(params).items():
         record = {name: leaves[name] for name in ADAPTER_LEAVES if name in leaves}
-        merge_one = jax.vmap(_merge_one) if stacking.stack_range(module[0]) else _merge_one  # a scanned run
+        merge_one = functools.partial(_merge_one, dtype=None if dtype is None else jnp.dtype(dtype))
+        merge_one = jax.vmap(merge_one) if stacking.stack_range(module[0]) else merge_one  # a scanned run
         flat[module + ("kernel",)], norm = merge_one({k: v for k, v in leaves.items() if k != "bias"})
         if norm is not None:
             record["weight_norm"] = norm

@@ -191,7 +191,8 @@ def export_merged(
     arch = tuned.hf_architecture
     if arch is None:
         hf_module_name(tuned, (HEAD_KEY, "out"))  # raises the explanation
-    merged, _ = merge(stacking.unstack(tuned.params if params is None else params))  # HF's per-layer layout
+    # HF's per-layer layout; each merged kernel rounded once, to the export's dtype
+    merged, _ = merge(stacking.unstack(tuned.params if params is None else params), dtype)
     merged = dequantize_tree(merged)  # a quantized base is written dequantized, in its original dtype
     body = {k: v for k, v in merged.items() if k != HEAD_KEY}
     source = Path(tuned.source)
