@@ -226,6 +226,22 @@ def test_complete_applies_the_chat_template(llama):
         encode_prompts(tokenizer, chats[0], chat=True)
 
 
+def test_complete_refuses_prompts_it_would_misread(llama):
+    from jaxtune.data.testing import tiny_tokenizer
+
+    model = dataclasses.replace(llama[1], tokenizer=tiny_tokenizer())
+    chat = [{"role": "user", "content": "hi"}]
+    for single in ("good plot", chat):  # else one prompt per character, or per message
+        with pytest.raises(TypeError, match="prompts: a list of prompts, not a single one: wrap it in a list"):
+            complete(model, single, chat=True)
+    with pytest.raises(TypeError, match="these prompts are chats: pass chat=True"):
+        complete(model, [chat])
+    with pytest.raises(ValueError, match="system= applies with chat=True"):
+        complete(model, ["x"], system="be brief")
+    with pytest.raises(TypeError, match="prompt 1 is a int"):
+        complete(model, ["x", 3])
+
+
 def test_bad_requests_fail_before_compiling(llama):
     _, model = llama
     with pytest.raises(ValueError, match="max_length 8 is too short"):

@@ -349,13 +349,28 @@ def default_stop_token_ids(tokenizer: Any, model_dir: str | Path | None = None) 
     return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
+def prompt_list(prompts: Sequence[str] | Sequence[Chat], *, chat: bool) -> list[Any]:
+    """``prompts`` as a list, refused before anything iterates it: a bare string would be read as
+    one prompt per character, and a single chat as one prompt per message."""
+    if isinstance(prompts, (str, Mapping)):
+        raise TypeError("prompts: a list of prompts, not a single one: wrap it in a list")
+    items = list(prompts)
+    if items and isinstance(items[0], Mapping):
+        raise TypeError("prompts: a list of prompts, not a single one: wrap it in a list")
+    for i, p in enumerate(items):
+        is_chat = isinstance(p, Sequence) and not isinstance(p, str) and all(isinstance(m, Mapping) for m in p)
+        if is_chat and not chat:  # else it reaches the tokenizer as a list of dicts and fails inside transformers
+            raise TypeError("prompts: these prompts are chats: pass chat=True")
+        if not (is_chat or isinstance(p, str)):
+            raise TypeError(f"prompts: prompt {i} is a {type(p).__name__}; give strings or chats (lists of messages)")
+    return items
+
+
 def encode_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Chat], *, chat: bool) -> list[list[int]]:
     """Token ids of plain prompts (with the tokenizer's special tokens, e.g. BOS), or of chats
     rendered by the tokenizer's chat template with the assistant turn opened
     (``add_generation_prompt=True``; the template writes any BOS itself)."""
-    if isinstance(prompts, (str, Mapping)) or (prompts and isinstance(prompts[0], Mapping)):
-        raise TypeError("prompts must be a list of prompts (strings) or of chats (lists of messages), "
-                        "not a single one: wrap it in a list")
+    prompts = prompt_list(prompts, chat=chat)
     if not chat:
         return [list(tokenizer(p)["input_ids"]) for p in prompts]
     if getattr(tokenizer, "chat_template", None) is None:
@@ -396,7 +411,10 @@ def complete(model: Any, prompts: Sequence[str] | Sequence[Chat], *, chat: bool 
     """
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer: load it with jaxtune.load")
-    items: list[Any] = list(prompts)
+    prompts = prompt_list(prompts, chat=chat)
+    if system is not None and not chat:
+        raise ValueError("system: system= applies with chat=True (it is the chat's first message)")
+    items: list[Any] = prompts
     if chat:
         prefix = [{"role": "system", "content": system}] if system else []
         items = [prefix + [{"role": "user", "content": p}] if isinstance(p, str) else list(p) for p in prompts]
