@@ -359,6 +359,14 @@ def test_best_tracking_skips_undefined_values_and_restarts_for_another_metric():
     assert Best.restored({**saved, "best_value": math.nan}, "loss") == Best("loss")
 
 
+def test_eval_choices_must_be_a_list_of_answers():
+    """A bare string became its characters; numbers failed only when the answers were tokenized."""
+    for bad in ("yes", [1, 2], ["yes", ""]):
+        with pytest.raises(ValueError, match=r"^eval.choices: expected a list of non-empty strings"):
+            EvalConfig(choices=bad)
+    assert EvalConfig(choices=["yes", "no"]).choices == ("yes", "no")
+
+
 def test_epochs_count_batches_of_the_batch_size_whatever_the_accumulation(setup, tmp_path):
     """``grad_accum_steps`` splits each batch into micro-batches, so an epoch of N rows in batches of 4
     is N // 4 updates with any accumulation (it was N // (4 x k): 1/k of the epoch)."""

@@ -96,6 +96,10 @@ class EvalConfig:
             raise ValueError(f"eval.best_metric: {self.best_metric!r} is tracked at each evaluation during training; "
                              "set eval.every (steps between evaluations)")
         if self.choices is not None:
+            # a bare string would become its characters; a non-string fails only when the answers are tokenized
+            if isinstance(self.choices, str) or not all(isinstance(c, str) and c for c in self.choices):
+                raise ValueError(f"eval.choices: expected a list of non-empty strings (the answers), got "
+                                 f"{self.choices!r}; e.g. choices=['yes', 'no']")
             object.__setattr__(self, "choices", tuple(self.choices))
             if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices):
                 raise ValueError(f"eval.choices: expected two or more different answers, got {self.choices}")
