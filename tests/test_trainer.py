@@ -367,6 +367,22 @@ def test_eval_choices_must_be_a_list_of_answers():
     assert EvalConfig(choices=["yes", "no"]).choices == ("yes", "no")
 
 
+def test_arguments_of_the_wrong_type_are_named(setup, tmp_path):
+    """A dict for a config section (or a model without a plan) failed deep inside, on an attribute."""
+    model_dir, train, _ = setup
+    pretrained = hf.load_pretrained(model_dir)
+    with pytest.raises(TypeError, match=r"^model: expected a planned model \(jt.Tuned\), got Pretrained; apply a plan "
+                                        r"first: jt.apply_plan\(model, plan\)$"):
+        Trainer(pretrained, run_dir=tmp_path)
+    tuned = tuning.apply_plan(pretrained, tuning.lora(rank=2, alpha=2))
+    for name in ("config", "data", "optimizer", "eval", "checkpoint", "mesh", "preference"):
+        with pytest.raises(TypeError, match=rf"^{name}: expected .*, got dict; use jt\.\w+Config\(\*\*\{{\.\.\.\}}\)$"):
+            Trainer(tuned, run_dir=tmp_path, **{name: {"steps": 2}})
+    with pytest.raises(TypeError, match=r"^optimizer: expected jt.OptimizerConfig or an optax GradientTransformation, "
+                                        r"got str$"):
+        Trainer(tuned, run_dir=tmp_path, optimizer="adamw")
+
+
 def test_epochs_count_batches_of_the_batch_size_whatever_the_accumulation(setup, tmp_path):
     """``grad_accum_steps`` splits each batch into micro-batches, so an epoch of N rows in batches of 4
     is N // 4 updates with any accumulation (it was N // (4 x k): 1/k of the epoch)."""

@@ -9,7 +9,7 @@ compute: a bad run fails in seconds, naming the config field to change.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import jax
 from jax.sharding import Mesh
@@ -18,13 +18,51 @@ from jaxtune.data.images import ImageSource, ImageSpec, image_loader
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.sources import PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import choice_token_ids
-from jaxtune.training.config import EvalConfig, TrainConfig
+from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import METRICS
+from jaxtune.training.optim import OptimizerConfig
 from jaxtune.training.preference import PreferenceConfig, check_preference
-from jaxtune.training.sharding import data_parallel_size
+from jaxtune.training.sharding import MeshConfig, data_parallel_size
 from jaxtune.tuning.tuned import Tuned
 
 log = logging.getLogger("jaxtune.training.trainer")
+
+
+@runtime_checkable
+class Transformation(Protocol):
+    """What the Trainer uses of an optax optimizer: a GradientTransformation, or any object with its
+    ``init`` and ``update`` (optax.MultiSteps)."""
+
+    def init(self, params: Any) -> Any: ...
+
+    def update(self, updates: Any, state: Any, params: Any = None) -> Any: ...
+
+
+# Trainer's keyword arguments: the types each accepts (None where the argument is optional), what to
+# call them in an error, and the constructor a dict of fields goes through. Without this check a dict
+# (a recipe section read by hand) fails deep inside, on its first attribute.
+ARGUMENTS: dict[str, tuple[tuple[type, ...], str, str]] = {
+    "config": ((TrainConfig,), "jt.TrainConfig", "jt.TrainConfig"),
+    "data": ((LoaderConfig, type(None)), "jt.DataConfig (or a LoaderConfig) or None", "jt.DataConfig"),
+    "optimizer": ((OptimizerConfig, Transformation),
+                  "jt.OptimizerConfig or an optax GradientTransformation", "jt.OptimizerConfig"),
+    "eval": ((EvalConfig,), "jt.EvalConfig", "jt.EvalConfig"),
+    "checkpoint": ((CheckpointConfig,), "jt.CheckpointConfig", "jt.CheckpointConfig"),
+    "mesh": ((Mesh, MeshConfig, type(None)), "jt.MeshConfig, a jax Mesh or None", "jt.MeshConfig"),
+    "preference": ((PreferenceConfig, type(None)), "jt.PreferenceConfig or None", "jt.PreferenceConfig"),
+}
+
+
+def check_arguments(model: Any, **arguments: Any) -> None:
+    """Refuse a model that is not planned and a Trainer argument of the wrong type (see ``ARGUMENTS``)."""
+    if not isinstance(model, Tuned):
+        raise TypeError(f"model: expected a planned model (jt.Tuned), got {type(model).__name__}; apply a plan "
+                        "first: jt.apply_plan(model, plan)")
+    for name, value in arguments.items():
+        types, expected, make = ARGUMENTS[name]
+        if not isinstance(value, types):
+            fix = f"; use {make}(**{{...}})" if isinstance(value, dict) else ""
+            raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}{fix}")
 
 
 def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool, max_pairs: int | None = None) -> Any:

@@ -143,6 +143,8 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         resolved_config: dict[str, Any] | None = None,
     ):
+        preflight.check_arguments(model, config=config, data=data, optimizer=optimizer, eval=eval,
+                                  checkpoint=checkpoint, mesh=mesh, preference=preference)
         preflight.check_not_consumed(model)
         self.tuned, self.config, self.eval_config, self.checkpoint_config = model, config, eval, checkpoint
         if config.compile_cache:
