@@ -20,7 +20,7 @@ from helpers import tensorboard_scalars, tiny_hf_model
 
 from jaxtune import tuning
 from jaxtune.data import LoaderConfig, make_loader, read_source
-from jaxtune.data.testing import tiny_tokenizer
+from jaxtune.data.testing import tiny_tokenizer, write_jsonl
 from jaxtune.models import hf, stacking
 from jaxtune.models.attention import splash_attention
 from jaxtune.training.baselines import make_features_step
@@ -381,6 +381,27 @@ def test_arguments_of_the_wrong_type_are_named(setup, tmp_path):
     with pytest.raises(TypeError, match=r"^optimizer: expected jt.OptimizerConfig or an optax GradientTransformation, "
                                         r"got str$"):
         Trainer(tuned, run_dir=tmp_path, optimizer="adamw")
+
+
+def test_data_that_is_not_batches_is_refused_before_it_is_iterated(setup, tmp_path):
+    """jt.read's (train, val) pair was iterated as two batches, a path as its characters; evaluate(data=)
+    skipped the checks of eval_data, so classification rows reached a language model (KeyError 'labels')."""
+    model_dir, train, valid = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2), tokenizer=tiny_tokenizer())
+    pair = read_source(train, "chat"), read_source(valid, "chat")
+    with pytest.raises(TypeError, match=r"^train_data: a \(train, validation\) pair; pass them apart: "
+                                        r"Trainer\(model, train, val\)$"):
+        Trainer(tuned, pair, run_dir=tmp_path)
+    for path in (str(valid), valid):
+        with pytest.raises(TypeError, match=r"^eval_data: a path: read it first with jt.read\(path, kind=...\)$"):
+            Trainer(tuned, None, path, run_dir=tmp_path)
+    trainer = Trainer(tuned, _loader(train, train=True), config=TrainConfig(steps=1, progress=False),
+                      run_dir=tmp_path, mesh=ONE_DEVICE())
+    with pytest.raises(TypeError, match=r"^data: a \(train, validation\) pair"):
+        trainer.evaluate(data=pair)
+    rows = write_jsonl(tmp_path / "labels.jsonl", [{"text": "a b", "label": "pos"}, {"text": "c", "label": "neg"}])
+    with pytest.raises(ValueError, match="the data is classification but the model is a lm model"):
+        trainer.evaluate(data=read_source(rows, "classification"))
 
 
 def test_epochs_count_batches_of_the_batch_size_whatever_the_accumulation(setup, tmp_path):

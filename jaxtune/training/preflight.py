@@ -9,6 +9,7 @@ compute: a bad run fails in seconds, naming the config field to change.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -65,12 +66,20 @@ def check_arguments(model: Any, **arguments: Any) -> None:
             raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}{fix}")
 
 
-def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool, max_pairs: int | None = None) -> Any:
+def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool, max_pairs: int | None = None,
+               name: str | None = None) -> Any:
     """A loader for a :class:`~jaxtune.data.Source` (batched by ``config``: training order and
     packing with ``train``, the evaluation pass without; at most ``max_pairs`` preference pairs a
     packed row), anything else (a Loader, an iterable of batches, None) as it is. Text is tokenized
     once here, so bad rows and over-long examples fail before any compute; images are decoded once
-    (the same check), sized and normalised as ``model`` expects."""
+    (the same check), sized and normalised as ``model`` expects. ``name`` is the argument errors
+    name (default: ``train_data`` or ``eval_data``)."""
+    name = name or ("train_data" if train else "eval_data")
+    # Both iterate, but not as batches: a pair of sources as two "batches", a path as its characters.
+    if isinstance(data, tuple) and data and all(isinstance(d, Source | None) for d in data):
+        raise TypeError(f"{name}: a (train, validation) pair; pass them apart: Trainer(model, train, val)")
+    if isinstance(data, str | os.PathLike):
+        raise TypeError(f"{name}: a path: read it first with jt.read(path, kind=...)")
     if not isinstance(data, Source):
         return data
     if isinstance(data, ImageSource):

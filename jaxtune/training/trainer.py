@@ -298,9 +298,9 @@ class Trainer:
             raise ValueError("preference.reference: cached holds reference log-probs of the training and validation "
                              "data only; evaluate other data in a trainer with reference: model")
         if data is not None:
-            data = preflight.loader_for(data, self.tuned, self.loader_config, train=False, max_pairs=self._max_pairs)
-            if isinstance(data, Loader):
-                preflight.check_rows_fit(self.tuned, [data])
+            data = preflight.loader_for(data, self.tuned, self.loader_config, train=False, max_pairs=self._max_pairs,
+                                        name="data")
+            preflight.check_data(self.tuned, None, data, self.mesh, self.preference)  # as __init__ checks eval_data
         data = self.eval_data if data is None else data
         if data is None:
             raise ValueError("no evaluation data: pass eval_data to the Trainer or data to evaluate()")
