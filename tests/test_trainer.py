@@ -404,6 +404,19 @@ def test_data_that_is_not_batches_is_refused_before_it_is_iterated(setup, tmp_pa
         trainer.evaluate(data=read_source(rows, "classification"))
 
 
+def test_fit_without_train_data_is_refused(setup, tmp_path):
+    """It reported "finished" at step 0 of train.steps; such a trainer still evaluates."""
+    model_dir, _, valid = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+    with pytest.raises(ValueError, match=r"^train_data: the Trainer has no train_data and no eval_data, so fit\(\) "):
+        Trainer(tuned, run_dir=tmp_path / "a", mesh=ONE_DEVICE()).fit()
+    trainer = Trainer(tuned, None, _loader(valid, train=False), config=TrainConfig(steps=3, progress=False),
+                      run_dir=tmp_path / "b", mesh=ONE_DEVICE())
+    with pytest.raises(ValueError, match=r"^train.steps: there is no train_data to train on; evaluate\(\) scores "):
+        trainer.fit()
+    assert not (tmp_path / "b").exists()  # refused before the run directory is made
+
+
 def test_epochs_count_batches_of_the_batch_size_whatever_the_accumulation(setup, tmp_path):
     """``grad_accum_steps`` splits each batch into micro-batches, so an epoch of N rows in batches of 4
     is N // 4 updates with any accumulation (it was N // (4 x k): 1/k of the epoch)."""

@@ -193,6 +193,19 @@ def count_steps(config: TrainConfig, train_data: Any) -> int:
     return steps
 
 
+def check_fit(config: TrainConfig, train_data: Any, eval_data: Any) -> None:
+    """Refuse a ``fit`` with nothing to train: it reported "finished" at step 0 of ``train.steps``.
+    Checked by ``fit``, not the constructor: a trainer without data still evaluates data passed to
+    ``evaluate`` and exports (``jaxtune.open_run`` rebuilds a run without its training data)."""
+    if train_data is not None:
+        return
+    if eval_data is None:
+        raise ValueError("train_data: the Trainer has no train_data and no eval_data, so fit() has nothing to do; "
+                         "pass train_data to the Trainer (or call evaluate(data=...) to score data)")
+    if config.steps is not None:
+        raise ValueError("train.steps: there is no train_data to train on; evaluate() scores eval_data")
+
+
 def check_accumulation(config: TrainConfig, train_data: Any) -> None:
     """``grad_accum_steps`` splits each batch of ``data.batch_size`` rows into that many micro-batches
     (one update per batch, a micro-batch's activations in memory at a time), so it must divide the batch."""

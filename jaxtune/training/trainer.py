@@ -366,6 +366,7 @@ class Trainer:
 
         A run directory made by another model, plan, data or shapes is refused (:meth:`check_resume`)
         before anything in it changes."""
+        preflight.check_fit(self.config, self.train_data, self.eval_data)
         self.check_resume()
         self.run.create().write_config(self.resolved_config)
         self.run.write_identity(self.identity())
