@@ -47,6 +47,16 @@ def test_plan_is_plain_data_and_round_trips_through_yaml():
     assert tuning.Plan.from_data({"rules": data}) == plan
 
 
+def test_a_list_of_plans_is_their_sum():
+    """A list of rules or rule dicts is a plan, but a list of plans failed with the list's repr."""
+    from jaxtune.tuning.plan import as_plan
+
+    lora, norms = tuning.lora(4), tuning.train("norm")
+    assert as_plan([lora, norms]) == lora + norms
+    assert as_plan([lora, *norms.rules]) == lora + norms
+    assert lora + [norms] == lora + norms
+
+
 def test_freeze_all_but_last_blocks_trains_the_output_end(llama4):
     tuned = tuning.apply_plan(llama4, tuning.freeze_all_but(last_n_blocks=2))
     names = set(trainable(tuned))

@@ -260,14 +260,16 @@ class Plan:
         return f"plan rule #{index} {self.rules[index].describe()}"
 
 
-def as_plan(plan: Plan | Rule | Sequence[Rule | Mapping[str, Any]] | Mapping[str, Any]) -> Plan:
-    """Accept a :class:`Plan`, a rule, or plain data."""
+def as_plan(plan: Plan | Rule | Sequence[Plan | Rule] | Sequence[Mapping[str, Any]] | Mapping[str, Any]) -> Plan:
+    """Accept a :class:`Plan`, a rule, a list of plans and rules (appended in order, as ``+`` does:
+    a list of rules or rule dicts is a plan too), or plain data."""
     if isinstance(plan, Plan):
         return plan
     if isinstance(plan, Rule):
         return Plan((plan,))
-    if isinstance(plan, Sequence) and not isinstance(plan, (str, bytes)) and all(isinstance(r, Rule) for r in plan):
-        return Plan(tuple(plan))
+    if isinstance(plan, Sequence) and not isinstance(plan, (str, bytes)) and all(
+            isinstance(r, Plan | Rule) for r in plan):
+        return Plan(tuple(rule for item in plan for rule in as_plan(item).rules))
     return Plan.from_data(plan)  # type: ignore[arg-type]
 
 
