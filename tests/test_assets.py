@@ -65,6 +65,15 @@ def test_fetch_builds_once(fake_asset, tmp_path, monkeypatch):
     assert sorted(p.name for p in (cache / "models").iterdir()) == ["tiny"]  # no temp dirs left
 
 
+def test_jt_fetch_takes_one_name_or_a_list(tmp_path, monkeypatch):
+    """A bare name was iterated as its characters (each an unknown asset)."""
+    import jaxtune as jt
+
+    monkeypatch.setattr(assets, "fetch_model", lambda name: tmp_path / name)
+    name = "all-MiniLM-L6-v2"
+    assert jt.fetch(name) == jt.fetch([name]) == [(name, tmp_path / name)]
+
+
 def test_failed_build_leaves_nothing(fake_asset, tmp_path):
     _, package, builds = fake_asset
     (package / "weights" / "fail").touch()
