@@ -68,6 +68,9 @@ def load_predictor(target: str | os.PathLike[str] | Tuned, *,
     if (path / "adapter_config.json").is_file():
         raise ConfigError(f"{path}: a PEFT adapter; predict with its run directory, or export the run with "
                           "jaxtune export RUN_DIR --merge --to DIR and predict with DIR")
+    if (path / "run.json").is_file() or (path / "checkpoints").is_dir():  # else: "no config.json", about HF dirs
+        raise ConfigError(f"{path}: a Trainer's run directory has no config.yaml to rebuild it from; predict with "
+                          "result.model (jt.predict(model, file)) or a merged export")
     from jaxtune.models.load import load
 
     pretrained = load(str(path))

@@ -370,6 +370,19 @@ def test_a_head_that_cannot_export_names_the_one_that_does(bert):
         jt.export(model, "unused")
 
 
+def test_predict_from_a_python_trainers_run_directory_says_what_to_use(tmp_path):
+    """A run directory made by a Python Trainer (no config.yaml) was read as a Hugging Face model
+    directory: "no config.json"."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "good"}) + "\n")
+    with pytest.raises(jt.ConfigError, match=r"run: a Trainer's run directory has no config.yaml to rebuild it from; "
+                                             r"predict with result.model \(jt.predict\(model, file\)\) or a merged"):
+        jt.predict(run, rows)
+
+
 def test_predictions_write_to_csv_when_only_later_rows_have_a_label(tmp_path):
     """A label is optional per row; the CSV's columns came from the first row only, so a later row's label
     failed the whole write ("dict contains fields not in fieldnames") after the predictions were made."""
