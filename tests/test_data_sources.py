@@ -295,3 +295,8 @@ def test_read_splits_by_fraction_and_by_file(tmp_path):
 
     with pytest.raises(ValueError, match="^validation=10: give a fraction of the rows to hold out"):
         jt.read(path, kind="classification", validation=10)  # not a file named "10"
+    # validation_size with no validation data capped nothing, without a word
+    with pytest.raises(ValueError, match=r"^validation_size=5: there is no validation data to cap; pass "
+                                         r"validation=0.1 \(a fraction of the rows to hold out\) or validation=FILE$"):
+        jt.read(chat, kind="chat", validation_size=5)
+    assert len(jt.read(chat, kind="chat", validation=0.5, validation_size=2)[1]) == 2

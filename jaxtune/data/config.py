@@ -183,6 +183,12 @@ def read_data(config: DataConfig, *, train: bool = True, validation: bool = True
         val_path = Path(config.validation) if config.validation else val_path
     else:
         train_path, val_path, sized = Path(config.train), config.validation and Path(config.validation), False
+    if validation and config.validation_size is not None and val_path is None and config.validation_fraction is None:
+        # else it would cap nothing, without a word
+        fix = ("pass validation=0.1 (a fraction of the rows to hold out) or validation=FILE" if syntax == PYTHON
+               else "set data.validation_fraction=0.1 (a fraction of the rows to hold out) or data.validation=FILE")
+        raise ValueError(f"{syntax.option('validation_size', config.validation_size)}: there is no validation data "
+                         f"to cap; {fix}")
     if not validation:
         config, val_path = dataclasses.replace(config, validation_fraction=None), None
     need_train = train or config.validation_fraction is not None or kind == "classification"
