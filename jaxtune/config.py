@@ -19,8 +19,9 @@ section          dataclass                                                used b
 ``output``       :class:`OutputConfig`                                    ``jaxtune.finetune``
 ===============  =======================================================  ======================
 
-:func:`from_data` checks plain data (what YAML gives) against the type hints of those
-dataclasses with one generic walker; errors name the field, the value and what is allowed::
+:func:`from_data` (:mod:`jaxtune.schema`) checks plain data (what YAML gives) against the type hints
+of those dataclasses with one generic walker (the one their ``__post_init__`` runs for Python
+callers); errors name the field, the value and what is allowed::
 
     config error: optimizer.learning_rate: expected a number, got 'fast'
     config error: unknown key 'optimizr' (allowed: model, plan, data, ...); did you mean 'optimizer'?
@@ -45,10 +46,7 @@ Other relative paths (data files, model directories) are relative to the working
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -57,6 +55,7 @@ import yaml
 
 from jaxtune.data.config import DataConfig
 from jaxtune.models.load import ModelConfig
+from jaxtune.schema import ConfigError, from_data
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.optim import OptimizerConfig
 from jaxtune.training.preference import PreferenceConfig
@@ -64,10 +63,6 @@ from jaxtune.training.sharding import MeshConfig
 from jaxtune.tuning.plan import Plan, PlanError
 
 BASE = "base"  # the recipe key naming the recipe a recipe starts from
-
-
-class ConfigError(ValueError):
-    """A config (file, override or value) is invalid; the message names the field and the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,137 +123,7 @@ class Config:
         return build_plan(self.plan)
 
 
-# ----------------------------------------------------------------------------- the generic walker
-
-
-def _suggest(value: str, allowed: Sequence[str]) -> str:
-    close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else ""
-
-
-def _describe(hint: Any) -> str:
-    """What a type hint accepts, in words."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is type(None):
-        return "null"
-    if origin is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if hint is bool:
-        return "true or false"
-    if hint is int:
-        return "an integer"
-    if hint is float:
-        return "a number"
-    if hint is str:
-        return "a string"
-    if origin in (list, tuple, Sequence):
-        return "a list"
-    if origin in (dict, Mapping) or dataclasses.is_dataclass(hint):
-        return "a mapping"
-    return str(hint)
-
-
-def _show(value: Any) -> str:
-    return "null" if value is None else repr(value)
-
-
-_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """``value`` checked against ``hint`` (and normalised: lists -> tuples, ints -> floats)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arm in (a for a in args if a is not type(None)):
-            try:
-                return _coerce(value, arm, where)
-            except ConfigError as err:
-                errors.append(err)
-        if len(errors) == 1 and not str(errors[0]).startswith(f"{where}: "):
-            raise errors[0]  # X | None failing inside X (a list item, a nested field): name that spot
-        literal = next((a for a in args if typing.get_origin(a) is Literal), None)
-        if literal is not None and isinstance(value, str):
-            raise errors[[a for a in args if a is not type(None)].index(literal)]
-        raise ConfigError(f"{where}: expected {_describe(hint)}, got {_show(value)}")
-    if origin is Literal:
-        if value in args and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected one of {', '.join(str(a) for a in args)}, got {_show(value)}"
-                          + _suggest(value, args))
-    if dataclasses.is_dataclass(hint):
-        return from_data(hint, value, where)
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and _NUMBER.match(value.strip()) and float(value).is_integer():
-            return int(float(value))  # YAML 1.1 reads 1e3 as a string
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _NUMBER.match(value.strip()):
-            return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
-    elif hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {_show(value)} (YAML reads unquoted yes/no/on/off "
-                              f"as booleans: quote the word, e.g. 'yes')")
-    elif origin in (tuple, list, Sequence):
-        if isinstance(value, (list, tuple)):
-            item = args[0] if args else Any
-            return tuple(_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value))
-    elif origin in (dict, Mapping):
-        if isinstance(value, Mapping):
-            key_t, val_t = args if args else (Any, Any)
-            return {_coerce(k, key_t, f"{where}"): _coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
-    else:
-        raise TypeError(f"config schema: unsupported type {hint!r} at {where}")
-    raise ConfigError(f"{where}: expected {_describe(hint)}, got {_show(value)}")
-
-
-def from_data(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from plain data, checking every key and value by type hint."""
-    name = where or "config"
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hidden = {name: f.metadata["config"] for name, f in fields.items() if "config" in f.metadata}
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{name}: expected a mapping with keys {', '.join(fields)}, got {_show(data)}")
-    for key in data:
-        if key in hidden:
-            raise ConfigError(f"{where}.{key}: not a config field: {hidden[key]}" if where else f"{key}: {hidden[key]}")
-        if key not in fields:
-            inside = f" in {where}" if where else ""
-            raise ConfigError(f"unknown key {key!r}{inside} "
-                              f"(allowed: {', '.join(k for k in fields if k not in hidden)})"
-                              + _suggest(key, list(fields)))
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, f in fields.items():
-        path = f"{where}.{key}" if where else key
-        if key not in data or key in hidden:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{path}: required ({_describe(hints[key])}), but missing")
-            continue
-        kwargs[key] = _coerce(data[key], hints[key], path)
-    try:
-        return cls(**kwargs)
-    except (ValueError, TypeError) as err:  # a dataclass's own checks (e.g. OptimizerConfig)
-        message = str(err)
-        raise ConfigError(message if where and message.startswith(where) else f"{name}: {message}") from None
+# ----------------------------------------------------------------------------- plain data (the walker: jaxtune.schema)
 
 
 def to_data(obj: Any) -> Any:

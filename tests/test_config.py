@@ -197,13 +197,15 @@ def test_generic_walker_covers_every_section():
     import dataclasses
     import typing
 
+    from jaxtune.schema import coerce
+
     def walk(cls):
         for f in dataclasses.fields(cls):
             hint = typing.get_type_hints(cls)[f.name]
             if dataclasses.is_dataclass(hint):
                 walk(hint)
             elif f.default is not dataclasses.MISSING:
-                assert config._coerce(config.to_data(f.default), hint, f.name) == f.default, f.name
+                assert coerce(config.to_data(f.default), hint, f.name) == f.default, f.name
 
     walk(Config)
 

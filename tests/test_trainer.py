@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,12 +20,12 @@ import pytest
 from helpers import tensorboard_scalars, tiny_hf_model
 
 from jaxtune import tuning
-from jaxtune.data import LoaderConfig, make_loader, read_source
+from jaxtune.data import DataConfig, LoaderConfig, make_loader, read_source
 from jaxtune.data.testing import tiny_tokenizer, write_jsonl
 from jaxtune.models import hf, stacking
 from jaxtune.models.attention import splash_attention
 from jaxtune.training.baselines import make_features_step
-from jaxtune.training.config import EvalConfig, TrainConfig
+from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.optim import OptimizerConfig
 from jaxtune.training.sharding import MeshConfig, make_mesh
 from jaxtune.training.trainer import Trainer
@@ -359,12 +360,28 @@ def test_best_tracking_skips_undefined_values_and_restarts_for_another_metric():
     assert Best.restored({**saved, "best_value": math.nan}, "loss") == Best("loss")
 
 
-def test_eval_choices_must_be_a_list_of_answers():
-    """A bare string became its characters; numbers failed only when the answers were tokenized."""
-    for bad in ("yes", [1, 2], ["yes", ""]):
-        with pytest.raises(ValueError, match=r"^eval.choices: expected a list of non-empty strings"):
+def test_config_sections_built_in_python_are_checked_like_a_recipe():
+    """A bare string of choices became its characters, numbers failed only when the answers were
+    tokenized; TrainConfig(steps=2.5) trained 3 steps, DataConfig(packing="yes") packed."""
+    for bad, message in (("yes", "eval.choices: expected a list or null, got 'yes'"),
+                         ([1, 2], "eval.choices[0]: expected a string, got 1"),
+                         (["yes", ""], "eval.choices: expected non-empty answers")):
+        with pytest.raises(ValueError, match=rf"^{re.escape(message)}"):
             EvalConfig(choices=bad)
     assert EvalConfig(choices=["yes", "no"]).choices == ("yes", "no")
+    for build, message in ((lambda: TrainConfig(steps=2.5), "train.steps: expected an integer or null, got 2.5"),
+                           (lambda: TrainConfig(regression_loss="l1"), "train.regression_loss: expected one of mse, "
+                                                                       "huber, got 'l1'"),
+                           (lambda: CheckpointConfig(keep=None), "checkpoint.keep: expected an integer, got null"),
+                           (lambda: DataConfig(packing="yes"), "data.packing: expected true or false or null, got "
+                                                               "'yes'"),
+                           (lambda: LoaderConfig(batch_size="8"), None)):
+        if message is None:
+            assert build().batch_size == 8  # numbers written as strings are numbers, as YAML 1.1 reads 1e3
+            continue
+        with pytest.raises(ValueError, match=rf"^{re.escape(message)}$"):
+            build()
+    assert TrainConfig(epochs=1, seed=np.int64(3)) == TrainConfig(epochs=1.0, seed=3)
 
 
 def test_arguments_of_the_wrong_type_are_named(setup, tmp_path):

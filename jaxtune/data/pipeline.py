@@ -34,6 +34,7 @@ from jaxtune.data import packing
 from jaxtune.data.preference import PAIR_IDS, TokenizePairs, pair_rows
 from jaxtune.data.sources import LM_KINDS, PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import Tokenize, TokenStats, scan
+from jaxtune.schema import check_fields
 
 Batch = dict[str, np.ndarray]
 log = logging.getLogger("jaxtune.data")
@@ -108,6 +109,8 @@ class LoaderConfig:
     shard_count: int | None = dataclasses.field(default=None, metadata=ROLE)
 
     def __post_init__(self) -> None:
+        # the types a recipe's values are held to (these fields only: a DataConfig checks its own)
+        check_fields(self, "data", LoaderConfig)
         for name in ("batch_size", "max_length", "pack_window", "read_threads", "read_buffer_size",
                      "worker_buffer_size"):
             if getattr(self, name) < 1:

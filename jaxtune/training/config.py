@@ -8,6 +8,8 @@ import dataclasses
 import math
 from typing import Literal
 
+from jaxtune.schema import check_fields
+
 
 def _at_least(section: str, name: str, value: int | float | None, least: int) -> None:
     if value is not None and value < least:
@@ -44,6 +46,7 @@ class TrainConfig:
     recalibrate_batch_norm: int = 0
 
     def __post_init__(self) -> None:
+        check_fields(self, "train")  # the types a recipe's values are held to, before the ranges below
         if self.steps is not None and self.epochs is not None:
             raise ValueError(f"train: give train.steps ({self.steps}) or train.epochs ({self.epochs}), not both")
         _at_least("train", "steps", self.steps, 1)
@@ -86,6 +89,7 @@ class EvalConfig:
     cache_base: bool = True
 
     def __post_init__(self) -> None:
+        check_fields(self, "eval")  # the types a recipe's values are held to, before the ranges below
         _at_least("eval", "every", self.every, 1)
         _at_least("eval", "early_stopping_patience", self.early_stopping_patience, 1)
         if self.early_stopping_patience is not None and not self.best_metric:
@@ -96,11 +100,8 @@ class EvalConfig:
             raise ValueError(f"eval.best_metric: {self.best_metric!r} is tracked at each evaluation during training; "
                              "set eval.every (steps between evaluations)")
         if self.choices is not None:
-            # a bare string would become its characters; a non-string fails only when the answers are tokenized
-            if isinstance(self.choices, str) or not all(isinstance(c, str) and c for c in self.choices):
-                raise ValueError(f"eval.choices: expected a list of non-empty strings (the answers), got "
-                                 f"{self.choices!r}; e.g. choices=['yes', 'no']")
-            object.__setattr__(self, "choices", tuple(self.choices))
+            if not all(self.choices):  # check_fields made them a tuple of strings; an empty one has no token
+                raise ValueError(f"eval.choices: expected non-empty answers, got {self.choices}")
             if len(self.choices) < 2 or len(set(self.choices)) != len(self.choices):
                 raise ValueError(f"eval.choices: expected two or more different answers, got {self.choices}")
 
@@ -114,5 +115,6 @@ class CheckpointConfig:
     keep: int = 3
 
     def __post_init__(self) -> None:
+        check_fields(self, "checkpoint")  # the types a recipe's values are held to, before the ranges below
         _at_least("checkpoint", "every", self.every, 1)
         _at_least("checkpoint", "keep", self.keep, 1)
