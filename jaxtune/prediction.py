@@ -123,9 +123,16 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     source = data if isinstance(data, Source) else read_labeled(
         data, tuned.task, labels=tuned.label_names, text_field=text_field, pair_field=pair_field,
         label_field=label_field, skip_bad_rows=skip_bad_rows, syntax=syntax, require_label=False)
+    # Past a learned position table the model reads clamped positions without a word (the Trainer refuses
+    # such rows too): the default length stays inside it, and a longer one given is refused.
+    positions = getattr(tuned.config, "max_position_embeddings", None)
+    if positions and max_length is not None and max_length > positions:
+        raise ConfigError(f"{syntax.option('max_length', max_length)}: more than the model's {positions} position "
+                          f"embeddings (max_position_embeddings in its config.json); give {positions} or less")
+    length = max_length if max_length is not None else run_options.get("max_length", min(128, positions or 128))
     # Every process reads every row (shard 0 of 1): the outputs come back in file order on each.
     config = LoaderConfig(batch_size=batch_size if batch_size is not None else run_options.get("batch_size", 32),
-                          max_length=max_length if max_length is not None else run_options.get("max_length", 128),
+                          max_length=length,
                           truncation="right",
                           packing=bool(run_options.get("packing")) if packing is None else packing,
                           shard_index=0, shard_count=1)

@@ -411,3 +411,17 @@ def test_the_text_baseline_reads_the_rows_the_model_reads(tmp_path):
     kept, labels = texts(loader)
     assert len(kept) == len(labels) == loader.scan().examples == 8
     assert kept == [r["text"] for r in rows if len(r["text"]) < 10]
+
+
+def test_predict_stays_inside_the_learned_position_table(bert, files):
+    """The tiny BERT has 64 positions: predict's default length (128) read rows past them with clamped
+    positions and no word; the default now stays inside, and a longer max_length is refused."""
+    train, _ = jt.read(files["train.jsonl"], kind="classification", text_field="body", label_field="category")
+    model = jt.apply_plan(jt.load(str(bert)), jt.lora(rank=2) + jt.head("classification"), data=train)
+    long_row = files["test.jsonl"].with_name("long.jsonl")
+    long_row.write_text(json.dumps({"body": "word " * 40}) + "\n")
+    with pytest.raises(jt.ConfigError, match=r"^max_length=100: more than the model's 64 position embeddings .*"
+                                             r"give 64 or less"):
+        jt.predict(model, long_row, max_length=100, text_field="body", label_field="category")
+    cut = jt.predict(model, long_row, text_field="body", label_field="category")
+    assert cut == jt.predict(model, long_row, max_length=64, text_field="body", label_field="category")
