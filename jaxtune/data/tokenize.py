@@ -117,7 +117,8 @@ def backend(tokenizer: Any) -> Tokenizer:
 
 # A SentencePiece-style tokenizer's word-start marker, which it writes in front of the text.
 _SPACE = "\u2581"
-_CONTINUATIONS: weakref.WeakKeyDictionary[Any, tuple[Tokenizer, bool] | None] = weakref.WeakKeyDictionary()
+_CONTINUATIONS: weakref.WeakKeyDictionary[Any, tuple[Tokenizer, bool, frozenset[int]] | None] = (
+    weakref.WeakKeyDictionary())
 
 
 def _without_prepend(component: dict | None) -> tuple[dict | None, str | None]:
@@ -146,10 +147,11 @@ def _without_prepend(component: dict | None) -> tuple[dict | None, str | None]:
     return component, None
 
 
-def _continuation(tokenizer: Any) -> tuple[Tokenizer, bool] | None:
+def _continuation(tokenizer: Any) -> tuple[Tokenizer, bool, frozenset[int]] | None:
     """For a tokenizer that writes ``_SPACE`` in front of a text (Llama 2, Mistral, Phi-3's
-    SentencePiece vocabularies): a copy of :func:`backend` that does not, and whether the original
-    writes it after every special token too (``always``) or only at the text's start; else None."""
+    SentencePiece vocabularies): a copy of :func:`backend` that does not, whether the original
+    writes it after every special token too (``always``) or only at the text's start, and the ids of
+    its added tokens (what starts a stretch); else None. Made once per tokenizer."""
     try:
         return _CONTINUATIONS[tokenizer]
     except KeyError:
@@ -161,7 +163,7 @@ def _continuation(tokenizer: Any) -> tuple[Tokenizer, bool] | None:
     found = None
     if scheme is not None:
         copy = Tokenizer.from_str(json.dumps({**spec, "normalizer": normalizer, "pre_tokenizer": pre_tokenizer}))
-        found = (copy, scheme == "always")
+        found = (copy, scheme == "always", frozenset(backend(tokenizer).get_added_tokens_decoder()))
     _CONTINUATIONS[tokenizer] = found
     return found
 
@@ -180,8 +182,7 @@ def encode_pieces(tokenizer: Any, pieces: Sequence[str]) -> list[list[int]]:
     continuation = _continuation(tokenizer)
     if continuation is None:
         return [e.ids for e in first.encode_batch(list(pieces), add_special_tokens=False)]
-    rest, always = continuation
-    added = set(first.get_added_tokens_decoder())
+    rest, always, added = continuation
     out: list[list[int]] = []
     last: int | None = None  # the text's last token so far
     for piece in pieces:
