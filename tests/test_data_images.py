@@ -93,6 +93,23 @@ def test_deep_grey_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     np.testing.assert_array_equal(decode_image(str(tmp_path / "unit.tif"))[..., 0], expected)
 
 
+def test_images_are_turned_upright_by_their_exif_orientation_as_transformers_loads_them(tmp_path):
+    """A photo stored sideways with an EXIF orientation tag (as phones store portrait shots) was read
+    sideways: transformers' load_image (what its pipelines and examples read) turns it upright."""
+    from transformers.image_utils import load_image
+
+    from jaxtune.data.images import decode_image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 9, 3)).astype(np.uint8)
+    for orientation in (3, 6, 8):  # 180 degrees, 90 clockwise, 90 counter-clockwise
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(pixels).save(tmp_path / f"o{orientation}.png", exif=exif)
+        got = decode_image(str(tmp_path / f"o{orientation}.png"))
+        np.testing.assert_array_equal(got, np.asarray(load_image(str(tmp_path / f"o{orientation}.png"))))
+        assert got.shape == ((5, 9, 3) if orientation == 3 else (9, 5, 3))
+
+
 def test_pixels_follow_the_image_processor_config_as_transformers_does(tmp_path):
     """The processor's resampling filter and do_normalize were ignored (always bilinear, always normalised
     with 0.5): a bicubic or unnormalised checkpoint got other pixels than transformers gives it."""

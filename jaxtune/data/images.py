@@ -103,12 +103,15 @@ class ImageSpec:
 
 def decode_image(path: str) -> np.ndarray:
     """The image at ``path`` as uint8 ``(H, W, C)`` (C = 1 grey or 3 RGB; alpha and palettes
-    converted). Raises :class:`DataError` naming the file when it is missing or unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    converted), turned upright by its EXIF orientation as transformers' ``load_image`` turns it (a
+    phone's portrait photo is stored sideways with an orientation tag). Raises :class:`DataError`
+    naming the file when it is missing or unreadable."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
+        with Image.open(path) as opened:
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
             array = _deep_grey(image) if image.mode.startswith(("I", "F")) else \
                 np.asarray(image.convert("L" if image.mode in ("1", "L") else "RGB"))
     except FileNotFoundError:
