@@ -79,6 +79,21 @@ def test_flip_mirrors_the_image():
     assert seen == {plain[0, 0, 0], plain[0, 0, -1]}
 
 
+def test_a_crop_keeps_the_image_aspect_so_it_is_squashed_as_evaluation_squashes_it():
+    """Evaluation resizes a whole 3:1 image to the model's square, squashing it; the crop was a square
+    box (unsquashed shapes in training). On linear ramps (red along x, green along y) the resized
+    crop's slopes give the box's width and height: their ratio is the image's 3."""
+    spec = ImageSpec(size=8, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3, resample=2)
+    y, x = np.mgrid[0:20, 0:60]
+    image = np.stack([x * 4, y * 12, np.zeros_like(x)], -1).astype(np.uint8)
+    crops = ToPixels(spec, ("crop",))
+    for seed in range(6):
+        pixels = crops.random_map({"image": image, "label": 0}, np.random.default_rng(seed))["pixel_values"] * 255
+        width = np.diff(pixels[0, 4, 2:6]).mean() / 4 * 8  # the ramp's rise per output pixel, back to input pixels
+        height = np.diff(pixels[1, 2:6, 4]).mean() / 12 * 8
+        assert 0.7 * 60 - 1 <= width <= 60 and width / height == pytest.approx(3, rel=0.05), (seed, width, height)
+
+
 def test_deep_grey_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     """PIL's convert("L") clips 16-bit and float grey values at 255: a 16-bit scan decoded nearly all white
     (99.6 % of a full-range ramp), a float image in [0, 1] to {0, 1}."""

@@ -10,9 +10,10 @@ Sources (all validated at the door; a bad file or row fails in one line naming i
 A record is decoded (Pillow) where grain reads it, in its threads or worker processes, then made
 the model's input by :class:`ToPixels`: resized to the model's square ``size``, scaled to [0, 1],
 normalised with the model's mean/std, channels first: float32 ``(C, H, W)``. Training may add
-``augment``: ``flip`` (horizontal, p=0.5) and ``crop`` (a random square of 70-100% of the side,
-resized back). Batches are ``{"pixel_values": (B, C, H, W) f32, "labels": (B,) int32 | f32,
-"example_weights": (B,) f32}`` (weight 0 on the rows that fill a last partial evaluation batch).
+``augment``: ``flip`` (horizontal, p=0.5) and ``crop`` (a random box of 70-100% of each side, the
+image's own aspect, resized back as evaluation resizes the whole image). Batches are
+``{"pixel_values": (B, C, H, W) f32, "labels": (B,) int32 | f32, "example_weights": (B,) f32}``
+(weight 0 on the rows that fill a last partial evaluation batch).
 """
 
 from __future__ import annotations
@@ -173,10 +174,13 @@ class ToPixels(grain.transforms.RandomMap):
         picture = picture.convert("L" if spec.channels == 1 else "RGB")
         box = None
         if rng is not None and "crop" in self.augment:
+            # 70-100% of each side: the box keeps the image's aspect, so the resize squashes a crop as
+            # evaluation squashes the whole image (a square box would train on unsquashed shapes).
             w, h = picture.size
-            side = int(round(min(w, h) * rng.uniform(0.7, 1.0)))  # 70-100% of the shorter side
-            left, top = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
-            box = (left, top, left + side, top + side)
+            fraction = rng.uniform(0.7, 1.0)
+            width, height = max(1, int(round(w * fraction))), max(1, int(round(h * fraction)))
+            left, top = int(rng.integers(0, w - width + 1)), int(rng.integers(0, h - height + 1))
+            box = (left, top, left + width, top + height)
         picture = picture.resize((spec.size, spec.size), Image.Resampling(spec.resample), box=box)
         x = np.asarray(picture, np.float32).reshape(spec.size, spec.size, spec.channels)
         x = x / np.float32(255.0) if spec.rescale == 1 / 255 else x * np.float32(spec.rescale)
