@@ -77,3 +77,10 @@ def test_a_truncated_image_file_stops_the_run_before_its_first_step(tiny, tmp_pa
     model = jt.apply_plan(jt.load(str(tiny / "vit")), jt.head("classification"), data=source)
     with pytest.raises(DataError, match=rf"^{broken}: not a readable image"):
         jt.Trainer(model, source, run_dir=tmp_path / "run", data=LoaderConfig(batch_size=8))
+    # data.verify_images: false skips the pass (a huge folder): the file fails when its batch is read
+    trainer = jt.Trainer(model, source, run_dir=tmp_path / "unverified",
+                         data=jt.DataConfig(batch_size=8, images=True, verify_images=False))
+    with pytest.raises(DataError, match=rf"^{broken}: not a readable image"):
+        trainer.fit()
+    with pytest.raises(ValueError, match="^data.verify_images: applies to images; set data.images: true"):
+        jt.DataConfig(verify_images=False)

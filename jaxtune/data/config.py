@@ -44,7 +44,10 @@ class DataConfig(LoaderConfig):
     instead of stopping at the first. ``images``: the files are labeled images
     (:mod:`jaxtune.data.images`: a class-folder tree, ``.npz``, IDX or JSONL rows with an
     ``image`` path; packaged image datasets set it themselves), ``kind`` classification or
-    regression; ``augment``: training augmentations (``flip``, ``crop``).
+    regression; ``augment``: training augmentations (``flip``, ``crop``); ``verify_images``
+    (default true): the Trainer decodes every image file once as it starts, so a corrupt file fails
+    before step 1; false skips that pass (a folder of millions of files), and a corrupt file then
+    fails when its batch is read, naming it.
 
     Field mapping, for files whose keys (JSONL) or columns (CSV/TSV) have other names:
     ``text_field`` (default ``text``), ``pair_field`` (an optional second text),
@@ -73,6 +76,7 @@ class DataConfig(LoaderConfig):
     completion_field: str | None = None
     images: bool = False
     augment: tuple[str, ...] = ()
+    verify_images: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,6 +114,8 @@ class DataConfig(LoaderConfig):
             raise ValueError(f"data.augment: unknown {unknown}; choose from {', '.join(AUGMENTATIONS)}")
         if self.augment and not self.is_images:
             raise ValueError("data.augment: augmentations apply to images; set data.images: true (or remove them)")
+        if not self.verify_images and not self.is_images:
+            raise ValueError("data.verify_images: applies to images; set data.images: true (or remove it)")
         if self.is_images:  # image rows have an image and a label (label_field: its JSONL key), nothing else
             for name in ("text_field", "pair_field", "skip_bad_rows"):
                 if getattr(self, name):

@@ -84,7 +84,8 @@ def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool, ma
         return data
     if isinstance(data, ImageSource):
         loader = image_loader(data, ImageSpec.for_model(model.config, model.source), config, train=train)
-        loader.scan()  # every image file decodes: a corrupt one fails here, not at its batch
+        if getattr(config, "verify_images", True):
+            loader.scan()  # every image file decodes: a corrupt one fails here, not at its batch
         return loader
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer to encode the data: load it with jaxtune.load, or pass "
