@@ -47,6 +47,22 @@ def test_plan_is_plain_data_and_round_trips_through_yaml():
     assert tuning.Plan.from_data({"rules": data}) == plan
 
 
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: tuning.lora(match=5), r"match: expected a string or null, got 5$"),
+    (lambda: tuning.train(["q"]), r"match: expected a string or null, got \['q'\]$"),
+    (lambda: tuning.lora(alpha="x"), r"alpha: expected a number or null, got 'x'$"),
+    (lambda: tuning.prompt_tuning(4, init="text", text=5), r"text: expected a string or null, got 5$"),
+    (lambda: tuning.head(hidden=["wide"]), r"hidden\[0\]: expected an integer, got 'wide'$"),
+    (lambda: tuning.Plan.from_data([{"action": "lora", "rslora": "yes"}]),
+     r"^plan rule #0 .*rslora: expected true or false or null, got 'yes'$"),
+])
+def test_a_rule_option_of_the_wrong_type_is_named(make, message):
+    """Options are type-checked as a recipe's values are: a wrong type failed deep inside (``re``,
+    ``float()``, a set of kinds) or, for a prompt's text, not at all."""
+    with pytest.raises(PlanError, match=message):
+        make()
+
+
 def test_a_list_of_plans_is_their_sum():
     """A list of rules or rule dicts is a plan, but a list of plans failed with the list's repr."""
     from jaxtune.tuning.plan import as_plan

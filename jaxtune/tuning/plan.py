@@ -43,6 +43,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from jaxtune.models.quant import QUANTIZE
+from jaxtune.schema import ConfigError, coerce, type_hints
 
 ACTIONS = ("train", "freeze", "lora", "dora", "prompt", "head")
 # Module kinds a rule can select (see jaxtune.tuning.labels.leaf_kinds for how paths map to them).
@@ -103,12 +104,8 @@ class Rule:
     quantize: str | None = None
 
     def __post_init__(self) -> None:
-        # YAML gives lists; rules keep tuples so that they stay hashable and compare by value.
         if isinstance(self.kinds, str):
             object.__setattr__(self, "kinds", (self.kinds,))
-        for name in ("kinds", "hidden", "blocks", "targets"):
-            if isinstance(getattr(self, name), list):
-                object.__setattr__(self, name, tuple(getattr(self, name)))
         problem = self._problem()
         if problem:
             raise PlanError(f"rule {self.describe()}: {problem}")
@@ -125,6 +122,9 @@ class Rule:
         if extra:
             return (f"option(s) {', '.join(extra)} do not apply to action {self.action!r} "
                     f"(its options: {', '.join(allowed)})")
+        wrong_type = self._check_types()
+        if wrong_type:
+            return wrong_type
         if self.match is not None:
             try:
                 re.compile(self.match)
@@ -134,27 +134,39 @@ class Rule:
             return (f"blocks {self.blocks!r} is not a block selection; use an index, a list of indices, "
                     "'first:N', 'last:N' or 'A:B'")
         if self.kinds is not None:
-            bad = [k for k in self.kinds if k not in MODULE_KINDS] if isinstance(self.kinds, tuple) else [self.kinds]
+            bad = [k for k in self.kinds if k not in MODULE_KINDS]
             if bad or not self.kinds:
                 return f"unknown kind(s) {bad or '[]'}; choose from {', '.join(MODULE_KINDS)}"
         return self._action_problem()
+
+    def _check_types(self) -> str | None:
+        """The first option whose value is not of its field's type, checked as a recipe's values
+        are (:mod:`jaxtune.schema`), or None; keeps the normalised values (YAML's lists as tuples,
+        so that rules stay hashable and compare by value; ints as floats). Without it
+        ``lora(match=5)`` failed inside ``re``."""
+        hints = type_hints(Rule)
+        for f in dataclasses.fields(self):
+            try:
+                object.__setattr__(self, f.name, coerce(getattr(self, f.name), hints[f.name], f.name))
+            except ConfigError as err:
+                return str(err)
+        return None
 
     def _action_problem(self) -> str | None:
         if self.quantize is not None and self.quantize not in QUANTIZE:
             return f"quantize must be one of {', '.join(QUANTIZE)}, got {self.quantize!r}"
         if self.action in ("lora", "dora"):
-            if self.rank is not None and (not _is_int(self.rank) or self.rank <= 0):
+            if self.rank is not None and self.rank <= 0:
                 return f"rank must be a positive integer, got {self.rank!r}"
-            if self.alpha is not None and (not _is_number(self.alpha) or self.alpha <= 0):
+            if self.alpha is not None and self.alpha <= 0:
                 return f"alpha must be a positive number, got {self.alpha!r}"
             targets = self.targets
-            if targets is not None and not (targets == "all-linear" or (
-                    isinstance(targets, tuple) and targets and all(isinstance(t, str) for t in targets))):
+            if targets is not None and (targets == () or isinstance(targets, str) and targets != "all-linear"):
                 return f"targets must be 'all-linear' or a non-empty list of module names, got {self.targets!r}"
-        if self.dropout is not None and (not _is_number(self.dropout) or not 0 <= self.dropout < 1):
+        if self.dropout is not None and not 0 <= self.dropout < 1:
             return f"dropout must be in [0, 1), got {self.dropout!r}"
         if self.action == "prompt":
-            if self.n_tokens is None or not _is_int(self.n_tokens) or self.n_tokens <= 0:
+            if self.n_tokens is None or self.n_tokens <= 0:
                 return f"n_tokens must be a positive integer, got {self.n_tokens!r}"
             if self.init is not None and self.init not in PROMPT_INIT:
                 return f"init must be one of {', '.join(PROMPT_INIT)}, got {self.init!r}"
@@ -169,14 +181,13 @@ class Rule:
             return f"task must be one of {', '.join(HEAD_TASKS)}, got {self.task!r}"
         if self.num_labels is not None:
             least = 2 if self.task == "classification" else 1
-            if not _is_int(self.num_labels) or self.num_labels < least:
+            if self.num_labels < least:
                 return f"num_labels must be an integer >= {least} for {self.task}, got {self.num_labels!r}"
         if self.pooling is not None and self.pooling not in HEAD_POOLING:
             return f"pooling must be one of {', '.join(HEAD_POOLING)}, got {self.pooling!r}"
-        if self.hidden is not None and not (isinstance(self.hidden, tuple) and all(_is_int(w) and w > 0
-                                                                                   for w in self.hidden)):
+        if self.hidden is not None and not all(w > 0 for w in self.hidden):
             return f"hidden must be a list of positive widths, got {self.hidden!r}"
-        if self.extra_blocks is not None and (not _is_int(self.extra_blocks) or self.extra_blocks < 0):
+        if self.extra_blocks is not None and self.extra_blocks < 0:
             return f"extra_blocks must be a non-negative integer, got {self.extra_blocks!r}"
         return None
 
@@ -335,7 +346,7 @@ def lora(
     and ``alpha`` to ``rank`` (scale 1)."""
     return Plan((Rule("dora" if dora else "lora", match=match, blocks=blocks, kinds=kinds,
                       targets=targets if targets is None or isinstance(targets, str) else tuple(targets),
-                      rank=rank, alpha=float(rank if alpha is None else alpha), dropout=dropout, rslora=rslora),))
+                      rank=rank, alpha=rank if alpha is None else alpha, dropout=dropout, rslora=rslora),))
 
 
 def dora(rank: int = 8, alpha: float | None = None, dropout: float = 0.0,
