@@ -149,6 +149,8 @@ def test_bad_optimizer_config_is_named():
         OptimizerConfig(name="adamx")
     with pytest.raises(ValueError, match="optimizer.schedule"):
         OptimizerConfig(schedule="exp")
+    with pytest.raises(ValueError, match=r"^optimizer.group_lr: expected a mapping, got \[\('head', 5.0\)\]$"):
+        OptimizerConfig(group_lr=[("head", 5.0)])
 
 
 def test_every_reported_metric_has_a_direction_for_the_best_checkpoint():

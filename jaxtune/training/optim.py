@@ -18,6 +18,7 @@ import optax
 
 from jaxtune.models import stacking
 from jaxtune.models.layers import LORA_SCALE, MAGNITUDE
+from jaxtune.schema import check_fields
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
@@ -49,6 +50,8 @@ class OptimizerConfig:
     group_lr: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # The types a recipe's values are held to, before the ranges below (group_lr=[...] failed on .items()).
+        check_fields(self, "optimizer")
         if self.name not in OPTIMIZERS:
             raise ValueError(f"optimizer.name {self.name!r} is unknown; choose one of {', '.join(OPTIMIZERS)}")
         if self.schedule not in SCHEDULES:
