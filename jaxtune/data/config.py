@@ -13,6 +13,7 @@ sources; the Python API says the same thing in one call::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import inspect
 import os
 from pathlib import Path
@@ -216,6 +217,22 @@ def read_data(config: DataConfig, *, train: bool = True, validation: bool = True
     return train_source, validation
 
 
+def _source_field(name: str) -> dict[str, str]:
+    """The :class:`DataConfig` field that ``read``'s ``data`` names: ``train`` for a file or folder,
+    ``dataset`` for a packaged dataset (or its alias). Neither is refused here, suggesting a close
+    packaged name: as a file that does not exist it failed for want of a data.kind."""
+    if Path(name).exists():
+        return {"train": name}
+    try:
+        assets.resolve(name, "dataset")
+    except KeyError:
+        close = difflib.get_close_matches(name, assets.DATASETS, n=1)
+        raise ValueError(f"data: {name!r} is neither a file or folder nor a packaged dataset "
+                         f"({', '.join(assets.DATASETS)}); "
+                         + (f"did you mean {close[0]!r}?" if close else "check the path")) from None
+    return {"dataset": name}
+
+
 def read(data: str | os.PathLike[str] | DataConfig, *, kind: Kind | None = None,
          validation: float | str | os.PathLike[str] | None = None, **fields: Any) -> tuple[Source, Source | None]:
     """Read training (and validation) examples, validated at the door.
@@ -236,10 +253,7 @@ def read(data: str | os.PathLike[str] | DataConfig, *, kind: Kind | None = None,
     if isinstance(data, DataConfig):
         config = dataclasses.replace(data, **({"kind": kind} if kind else {}), **fields)
     else:
-        name = str(data)
-        is_dataset = not Path(name).exists() and name in assets.DATASETS
-        where = {"dataset": name} if is_dataset else {"train": name}
-        config = DataConfig(**where, kind=kind, **fields)
+        config = DataConfig(**_source_field(str(data)), kind=kind, **fields)
     if isinstance(validation, int | bool):
         raise ValueError(f"validation={validation!r}: give a fraction of the rows to hold out (e.g. 0.1) or a "
                          "validation file; validation_size= caps the held-out rows")
