@@ -14,8 +14,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -70,8 +71,11 @@ def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) 
         raise ConfigError(str(err)) from None
 
 
-def finetune(config: Config, *, restart: bool = False) -> FitResult:
+def finetune(config: Config | str | os.PathLike[str] | Mapping[str, Any], *, restart: bool = False) -> FitResult:
     """Run a recipe: train (or resume) in ``output.dir``, report, and export to ``<output.dir>/export``.
+
+    ``config``: a :class:`~jaxtune.config.Config` (``jaxtune.load_config``), or what that reads: a
+    recipe's YAML file, or its sections as plain data (``{"model": {"path": ...}, "plan": ...}``).
 
     Resuming a directory made by another model, plan, data or shapes is refused, naming the
     differences; ``restart=True`` first moves an existing ``output.dir`` aside (to
@@ -81,7 +85,7 @@ def finetune(config: Config, *, restart: bool = False) -> FitResult:
     directory (None when ``output.export`` is ``none`` or the model has no exportable form,
     which ``auto`` reports instead of failing).
     """
-    validate(config)
+    config = validate(_as_config(config))
     out = config.output
     RunDir(out.dir).check()  # before loading anything: an output.dir that is a file fails at once
     trainer = trainer_for(config)
@@ -107,6 +111,18 @@ def finetune(config: Config, *, restart: bool = False) -> FitResult:
         result.export = export(result.model, Path(out.dir) / "export", format=fmt, dtype=out.export_dtype,
                                overwrite=True)
     return result
+
+
+def _as_config(config: Any) -> Config:
+    """``config`` as a :class:`Config`: a recipe file read, plain data checked, as ``jaxtune.load_config`` does."""
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, (str, os.PathLike)):
+        return load(config)
+    if isinstance(config, Mapping):
+        return load(None, base=config)
+    raise TypeError(f"config: expected a jaxtune.Config (jaxtune.load_config('recipe.yaml')), a recipe file or its "
+                    f"sections as a dict, got {type(config).__name__}")
 
 
 def plan_memory(config: Config) -> StepMemory:

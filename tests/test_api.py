@@ -114,3 +114,45 @@ def test_a_recipe_is_the_same_run_as_the_python_code(tiny_packages):
     assert from_yaml.after == pytest.approx(python.after, rel=1e-6, abs=1e-7)
     for a, b in zip(jax.tree.leaves(from_yaml.model.params), jax.tree.leaves(python.model.params), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def test_a_wrong_object_is_named_with_what_to_pass(tmp_path):
+    """A path or an already planned model where a loaded one goes, a string where a tuned one goes:
+    each failed on a missing attribute deep inside."""
+    with pytest.raises(TypeError, match=r"^pretrained: got the path 'models/bert'; load the model first: "
+                                        r"jaxtune.apply_plan\(jaxtune.load\('models/bert'\), plan\)$"):
+        jt.apply_plan("models/bert", jt.full())
+    with pytest.raises(TypeError, match=r"^pretrained: this model already has a plan .*joined with \+"):
+        jt.apply_plan(object.__new__(jt.Tuned), jt.full())
+    with pytest.raises(TypeError, match=r"^model: expected a tuned model \(Trainer.fit\(\).model, .*got str$"):
+        jt.export("runs/x", tmp_path / "out")
+    with pytest.raises(TypeError, match=r"^model: expected a model from jaxtune.load, .*got str: load it first, "
+                                        r"jaxtune.load\('models/x'\)$"):
+        jt.complete("models/x", ["hi"])
+    with pytest.raises(TypeError, match=r"^config: expected a jaxtune.Config .*got int$"):
+        jt.finetune(5)
+
+
+def fit_result(model) -> jt.FitResult:
+    return jt.FitResult(model=model, step=1, steps=1, state="finished", train_metrics={}, eval_metrics={}, best=None)
+
+
+def test_a_fit_result_exports_and_generates_with_its_model(tmp_path):
+    bert = tmp_path / "bert"
+    tiny_hf_model("BertModel", bert)
+    tuned = jt.apply_plan(jt.load(str(bert)), jt.lora(rank=2) + jt.head("regression"))
+    out = jt.export(fit_result(dataclasses.replace(tuned, step=1)), tmp_path / "adapter")
+    assert (out / "adapter_config.json").is_file()
+    # complete reads the result's model: here one without a tokenizer, which it names
+    untokenized = type("Model", (), {"module": None, "params": None, "tokenizer": None, "source": str(bert)})()
+    with pytest.raises(ValueError, match="the model has no tokenizer"):
+        jt.complete(fit_result(untokenized), ["hi"])
+
+
+def test_finetune_reads_a_recipe_file_or_its_sections(tmp_path):
+    """``finetune`` took only a Config: a dict failed on ``config.data``."""
+    recipe = {"model": {"path": "models/x"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    for config in (recipe, tmp_path / "recipe.yaml", str(tmp_path / "recipe.yaml")):
+        with pytest.raises(jt.ConfigError, match=r"^data: give a packaged dataset"):
+            jt.finetune(config)

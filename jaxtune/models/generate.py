@@ -43,6 +43,7 @@ import functools
 import hashlib
 import json
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -398,6 +399,22 @@ def stop_token_ids(tokenizer: Any, model_dir: str | Path | None, stop: Sequence[
     return tuple(dict.fromkeys(ids))
 
 
+_MODEL_FIELDS = ("module", "params", "tokenizer", "source")  # what complete reads of a model
+
+
+def _generator(model: Any) -> Any:
+    """``model``, or a ``Trainer.fit()`` result's trained ``model``; anything without the fields
+    :func:`complete` reads is refused, naming what to pass (a path failed on a missing attribute)."""
+    inner = getattr(model, "model", None)
+    if not hasattr(model, "module") and all(hasattr(inner, f) for f in _MODEL_FIELDS):
+        return inner
+    if not all(hasattr(model, f) for f in _MODEL_FIELDS):
+        hint = f": load it first, jaxtune.load({str(model)!r})" if isinstance(model, (str, os.PathLike)) else ""
+        raise TypeError(f"model: expected a model from jaxtune.load, jaxtune.apply_plan or Trainer.fit(), got "
+                        f"{type(model).__name__}{hint}")
+    return model
+
+
 def complete(model: Any, prompts: Sequence[str] | Sequence[Chat], *, chat: bool = False, system: str | None = None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, stop: Sequence[str | int] = (), seed: int = 0,
@@ -408,7 +425,9 @@ def complete(model: Any, prompts: Sequence[str] | Sequence[Chat], *, chat: bool 
     ``prompts`` are strings (with ``chat=True`` each is a user turn, after an optional
     ``system`` message) or chats (lists of messages). Greedy unless ``temperature > 0``.
     Returns ``[{"prompt", "text", "ids"}]``: the new text and token ids, without the stop token.
+    A ``Trainer.fit()`` result generates with its trained ``model``.
     """
+    model = _generator(model)
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer: load it with jaxtune.load")
     prompts = prompt_list(prompts, chat=chat)

@@ -207,6 +207,7 @@ def apply_plan(pretrained: hf.Pretrained, plan: Any, rng: jax.Array | None = Non
     plan's initial values. Nothing of the adapter is dropped: a tensor with no such leaf is an
     :class:`ExportError` naming its param path.
     """
+    planning.check_pretrained(pretrained)  # before reading its adapter
     adapter = pretrained.adapter
     pretrained = dataclasses.replace(pretrained, adapter=None)
     planned = planning.apply_plan(pretrained, plan, rng, **options)

@@ -397,7 +397,7 @@ def export_format(tuned: Tuned, format: str = "auto") -> str:  # noqa: A002 - th
     return fmt
 
 
-def export(model: Tuned, out_dir: str | Path, *, format: str = "auto", dtype: Any | None = None,  # noqa: A002
+def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any | None = None,  # noqa: A002
            overwrite: bool = False) -> Path:
     """Write a tuned model in a standard format: a PEFT adapter that ``peft`` loads onto the
     transformers base model, or (``format="merged"``) an HF directory with the adapters folded
@@ -407,9 +407,10 @@ def export(model: Tuned, out_dir: str | Path, *, format: str = "auto", dtype: An
     ``overwrite=True`` replaces an earlier export of the other format too. A directory holding
     anything else is refused: files of two exports side by side would load as neither.
 
-    Pass the trained model (``Trainer.fit().model``): a model straight from ``apply_plan`` has
-    its fresh, untrained adapters, and exporting it says so in a warning.
+    Pass the trained model (``Trainer.fit().model``, or the ``fit()`` result itself): a model
+    straight from ``apply_plan`` has its fresh, untrained adapters, and exporting it says so in a warning.
     """
+    model = _trained(model)
     fmt = export_format(model, format)
     if fmt == "peft" and dtype is not None:
         raise ExportError(f"dtype {dtype}: applies to merged exports; a PEFT adapter is written float32 (drop the "
@@ -421,6 +422,17 @@ def export(model: Tuned, out_dir: str | Path, *, format: str = "auto", dtype: An
     if fmt == "peft":
         return export_peft(model, out_dir)
     return export_merged(model, out_dir, dtype=dtype)
+
+
+def _trained(model: Any) -> Tuned:
+    """``model``, or the trained model of a ``Trainer.fit()`` result (its ``model``: the one thing it
+    holds that export writes); anything else is refused, naming what to pass."""
+    if isinstance(model, Tuned):
+        return model
+    if isinstance(getattr(model, "model", None), Tuned):
+        return model.model
+    raise TypeError(f"model: expected a tuned model (Trainer.fit().model, or jaxtune.apply_plan(...) of a loaded "
+                    f"model), got {type(model).__name__}")
 
 
 def _clear_for_export(out: Path, fmt: str, overwrite: bool) -> None:

@@ -24,6 +24,7 @@ Dropout (body, adapters, head) is active with ``deterministic=False`` and ``rngs
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -212,6 +213,20 @@ def has_output_layer(pretrained: Pretrained) -> bool:
     return isinstance(pretrained.config, decoder.DecoderConfig) or _split_pretrained(pretrained)[2] is not None
 
 
+def check_pretrained(pretrained: Any) -> None:
+    """Refuse anything but a model from :func:`jaxtune.load`, naming what to pass instead (a path
+    or a planned model failed on a missing attribute)."""
+    if isinstance(pretrained, Pretrained):
+        return
+    if isinstance(pretrained, Tuned):
+        raise TypeError("pretrained: this model already has a plan (apply_plan returned it); apply one plan to the "
+                        "model jaxtune.load returns, its rules joined with + (e.g. jaxtune.lora() + jaxtune.head())")
+    if isinstance(pretrained, (str, os.PathLike)):
+        raise TypeError(f"pretrained: got the path {str(pretrained)!r}; load the model first: "
+                        f"jaxtune.apply_plan(jaxtune.load({str(pretrained)!r}), plan)")
+    raise TypeError(f"pretrained: expected a model from jaxtune.load, got {type(pretrained).__name__}")
+
+
 def _last(plan: Plan, action: str) -> tuple[int, Rule] | tuple[None, None]:
     found = [(i, r) for i, r in enumerate(plan.rules) if r.action == action]
     return found[-1] if found else (None, None)
@@ -241,6 +256,7 @@ def apply_plan(
     ``pretrained.adapter`` (``jaxtune.load(..., adapter=)``) is read by
     :func:`jaxtune.tuning.peft_import.apply_plan` (``jaxtune.apply_plan``), not here.
     """
+    check_pretrained(pretrained)
     if pretrained.adapter is not None:
         raise PlanError(f"this model starts from the adapter {pretrained.adapter}: apply the plan with "
                         "jaxtune.apply_plan, which loads it")
