@@ -54,7 +54,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxtune.data.config import DataConfig
-from jaxtune.models.load import ModelConfig
+from jaxtune.models.load import ModelConfig, dtype_name
 from jaxtune.schema import ConfigError, from_data
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.optim import OptimizerConfig
@@ -101,6 +101,8 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if not self.dir.strip():
             raise ValueError("output.dir: empty; give the run directory's path, e.g. runs/my-run")
+        if self.export_dtype is not None:  # from Python, else checked only by the export after training
+            object.__setattr__(self, "export_dtype", dtype_name(self.export_dtype, "output.export_dtype"))
 
 
 @dataclasses.dataclass(frozen=True)

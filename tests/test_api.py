@@ -143,6 +143,8 @@ def test_a_fit_result_exports_and_generates_with_its_model(tmp_path):
     tuned = jt.apply_plan(jt.load(str(bert)), jt.lora(rank=2) + jt.head("regression"))
     out = jt.export(fit_result(dataclasses.replace(tuned, step=1)), tmp_path / "adapter")
     assert (out / "adapter_config.json").is_file()
+    with pytest.raises(ValueError, match=r"^dtype: expected one of float32, bfloat16, float16, got 'bf16'"):
+        jt.export(tuned, tmp_path / "merged", format="merged", dtype="bf16")
     # complete reads the result's model: here one without a tokenizer, which it names
     untokenized = type("Model", (), {"module": None, "params": None, "tokenizer": None, "source": str(bert)})()
     with pytest.raises(ValueError, match="the model has no tokenizer"):

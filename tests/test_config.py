@@ -85,6 +85,21 @@ def test_errors_name_the_field_the_value_and_what_is_allowed(tmp_path, overrides
     assert expected in error(tmp_path, {**MINIMAL, "train": {"steps": 3}}, tuple(overrides))
 
 
+def test_a_dtype_is_its_name_or_the_dtype_itself_everywhere():
+    """Every dtype the API takes is read by one check (jaxtune.models.load.dtype_name): the names or
+    the dtype itself, and another spelling is refused naming the field; output.export_dtype built in
+    Python was not checked until the export after training."""
+    import jax.numpy as jnp
+
+    assert config.ModelConfig(path="m", dtype=jnp.bfloat16, compute_dtype="float16").dtype == "bfloat16"
+    with pytest.raises(ValueError, match=r"^model.dtype: expected one of float32, bfloat16, float16, got 'bf16'; "
+                                         r"did you mean 'bfloat16'\?$"):
+        config.ModelConfig(path="m", dtype="bf16")
+    with pytest.raises(ValueError, match=r"^output.export_dtype: expected one of float32, bfloat16, float16, "
+                                         r"got 'bf16'"):
+        config.OutputConfig(export_dtype="bf16")
+
+
 def test_file_errors(tmp_path):
     assert "not valid YAML" in error(tmp_path, "model: [unclosed\n") and "run.yaml:" in error(tmp_path, "a: [\n")
     assert "run.yaml:3: not valid YAML (duplicate key 'lr')" in error(tmp_path, "a:\n  lr: 1\n  lr: 2\n")

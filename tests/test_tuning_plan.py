@@ -205,6 +205,17 @@ def test_plan_errors_are_clear(case, llama4):
         tuning.apply_plan(llama4, data)
 
 
+def test_apply_plan_takes_an_int_seed_and_names_a_bad_dtype(llama4):
+    """``rng=0`` failed inside ``jax.random.split``; ``frozen_dtype="bf16"`` inside ``jnp.dtype``."""
+    plan = tuning.lora(rank=2, targets=["q_proj"])
+    seeded, keyed = tuning.apply_plan(llama4, plan, rng=3), tuning.apply_plan(llama4, plan, jax.random.key(3))
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), seeded.params, keyed.params))
+    with pytest.raises(TypeError, match=r"^rng: expected a key \(jax.random.key\(0\)\) or an int seed, got str$"):
+        tuning.apply_plan(llama4, plan, rng="0")
+    with pytest.raises(ValueError, match=r"^frozen_dtype: expected one of float32, bfloat16, float16, got 'bf16'"):
+        tuning.apply_plan(llama4, plan, frozen_dtype="bf16")
+
+
 def test_encoder_needs_a_head_and_no_prompt(bert):
     with pytest.raises(PlanError, match="BertModel has no output layer to train; add a head rule"):
         tuning.apply_plan(bert, tuning.lora(rank=2))

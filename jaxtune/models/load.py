@@ -18,12 +18,27 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
+
+import numpy as np
 
 from jaxtune.assets import cache_dir, fetch_package
 from jaxtune.models import assets, hf
+from jaxtune.schema import coerce
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
+
+
+def dtype_name(value: Any, where: str) -> str:
+    """The name in :data:`DTYPES` of a dtype given by that name or as the dtype itself
+    (``jnp.bfloat16``, ``np.float16``): the one check of every dtype the API takes, so that each
+    refuses other spellings (``"bf16"``) alike, naming ``where`` and the names accepted."""
+    if not isinstance(value, str):
+        try:
+            value = np.dtype(value).name
+        except TypeError:
+            pass  # not a dtype: refused below, as given
+    return coerce(value, DTYPES, where)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +82,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         # YAML recipes are checked against the Literal types by the config reader; Python callers here.
-        choices = get_args(DTYPES)
         for name in ("dtype", "compute_dtype"):
-            value = getattr(self, name)
-            if value is not None and value not in choices:
-                raise ValueError(f"model.{name}: expected one of {', '.join(choices)}, got {value!r}")
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, dtype_name(getattr(self, name), f"model.{name}"))
         if not isinstance(self.keep_quantized, bool):
             raise ValueError(f"model.keep_quantized: expected true or false, got {self.keep_quantized!r}")
         if self.adapter is not None and not str(self.adapter).strip():

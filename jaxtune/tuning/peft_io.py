@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 
 from jaxtune.models import hf, stacking, vit
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
-from jaxtune.models.load import ADAPTER_CONFIG, base_model_name
+from jaxtune.models.load import ADAPTER_CONFIG, base_model_name, dtype_name
 from jaxtune.models.quant import dequantize_tree
 from jaxtune.tuning.heads import hf_head_modules
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
@@ -411,6 +411,7 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
     straight from ``apply_plan`` has its fresh, untrained adapters, and exporting it says so in a warning.
     """
     model = _trained(model)
+    dtype = None if dtype is None else dtype_name(dtype, "dtype")
     fmt = export_format(model, format)
     if fmt == "peft" and dtype is not None:
         raise ExportError(f"dtype {dtype}: applies to merged exports; a PEFT adapter is written float32 (drop the "

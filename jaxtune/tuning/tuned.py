@@ -24,6 +24,7 @@ Dropout (body, adapters, head) is active with ``deterministic=False`` and ``rngs
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -36,6 +37,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxtune.models import decoder, efficientnet, stacking, vit
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
+from jaxtune.models.load import dtype_name
 from jaxtune.models.moe import is_expert_kernel
 from jaxtune.models.quant import is_quantized
 from jaxtune.tuning import labels as labels_lib
@@ -227,6 +229,18 @@ def check_pretrained(pretrained: Any) -> None:
     raise TypeError(f"pretrained: expected a model from jaxtune.load, got {type(pretrained).__name__}")
 
 
+def _key(rng: Any) -> jax.Array:
+    """``rng`` as a key: None is key 0, an int a seed (as ``TrainConfig.seed`` and ``complete(seed=)``
+    are; ``jax.random.split`` failed on it)."""
+    if rng is None:
+        return jax.random.key(0)
+    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool):
+        return jax.random.key(int(rng))
+    if isinstance(rng, jax.Array):
+        return rng
+    raise TypeError(f"rng: expected a key (jax.random.key(0)) or an int seed, got {type(rng).__name__}")
+
+
 def _last(plan: Plan, action: str) -> tuple[int, Rule] | tuple[None, None]:
     found = [(i, r) for i, r in enumerate(plan.rules) if r.action == action]
     return found[-1] if found else (None, None)
@@ -246,9 +260,10 @@ def apply_plan(
     Args:
       pretrained: from :func:`jaxtune.load` (its params are not modified).
       plan: a :class:`Plan` or plain rule data.
-      rng: key for new leaves (LoRA A, head, prompt); default ``jax.random.key(0)``.
-      frozen_dtype: dtype for frozen float leaves (e.g. ``jnp.bfloat16``); default: the dtype
-        the model was loaded in. Trainable leaves are always float32.
+      rng: key for new leaves (LoRA A, head, prompt), or an int seed; default ``jax.random.key(0)``.
+      frozen_dtype: dtype for frozen float leaves (``"bfloat16"`` or ``jnp.bfloat16``; see
+        :data:`jaxtune.models.load.DTYPES`); default: the dtype the model was loaded in. Trainable
+        leaves are always float32.
       tokenizer: default ``pretrained.tokenizer``; prompt init ``text`` needs one.
       data: the training source (``jaxtune.read``): a classification head without ``num_labels``
         gets one output per label of the data (at least 2), and the labels' names are kept.
@@ -271,10 +286,11 @@ def apply_plan(
                             "has one: keep one rule")
     plan = _sized_head(plan, getattr(data, "label_names", None))
     tokenizer = tokenizer if tokenizer is not None else pretrained.tokenizer
-    if frozen_dtype is None and jnp.dtype(pretrained.config.param_dtype) != jnp.float32:
+    if frozen_dtype is not None:
+        frozen_dtype = dtype_name(frozen_dtype, "frozen_dtype")
+    elif jnp.dtype(pretrained.config.param_dtype) != jnp.float32:
         frozen_dtype = pretrained.config.param_dtype
-    rng = jax.random.key(0) if rng is None else rng
-    k_head, k_prompt, k_adapters = jax.random.split(rng, 3)
+    k_head, k_prompt, k_adapters = jax.random.split(_key(rng), 3)
     cfg, params, head, head_params = _split_pretrained(pretrained)
     is_decoder = isinstance(cfg, decoder.DecoderConfig)
 
