@@ -43,17 +43,18 @@ log = logging.getLogger(__name__)
 _LABELED = {k for k, kinds in FIELD_OPTIONS.items() if "classification" in kinds}  # text/pair/label fields
 
 
-def load_predictor(target: str | os.PathLike[str] | Tuned, *,
-                   best: bool = False) -> tuple[Tuned, dict[str, Any], Mesh | None]:
+def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False,
+                   syntax: Syntax = PYTHON) -> tuple[Tuned, dict[str, Any], Mesh | None]:
     """The model to predict with, the data options its run was trained with (field names,
     ``max_length``, ``batch_size``, ``packing``; empty for an export), and the mesh its params are
-    on (a run directory: the run's, its params sharded as training shards them; else None)."""
+    on (a run directory: the run's, its params sharded as training shards them; else None).
+    ``syntax``: how errors spell ``best`` (the argument, or the command's flag)."""
     if isinstance(target, Tuned):
         return target, {}, None
     path = Path(target)
     if best and not (path / "config.yaml").is_file():
-        raise ConfigError(f"{path}: best picks a run directory's best checkpoint, and this is not a run directory; "
-                          "drop it (--best)")
+        raise ConfigError(f"{path}: {syntax.option('best', True)} picks a run directory's best checkpoint, and this "
+                          "is not a run directory; drop it")
     if (path / "config.yaml").is_file():  # a run directory
         from jaxtune.recipe import open_run
 
@@ -112,7 +113,7 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
             raise ConfigError(f"{syntax.option(name, value)}: expected an integer >= 1")
     if out is not None and not isinstance(data, Source) and Path(out).resolve() == Path(data).resolve():
         raise ConfigError(f"{out}: the file being predicted; write the predictions to another file")
-    tuned, run_options, mesh = load_predictor(model, best=best)
+    tuned, run_options, mesh = load_predictor(model, best=best, syntax=syntax)
     if tuned.task not in ("classification", "regression"):
         raise ValueError("predict needs a classification or regression head; for language models use "
                          "jaxtune.complete (jaxtune generate)")

@@ -383,6 +383,23 @@ def test_predict_from_a_python_trainers_run_directory_says_what_to_use(tmp_path)
         jt.predict(run, rows)
 
 
+def test_errors_a_python_call_reaches_name_the_python_way_too(tmp_path):
+    """``jt.predict(best=True)`` was told to "drop --best", and a damaged run directory to use
+    "--restart or another output.dir" only, which a Trainer's user has neither of."""
+    from jaxtune.training.rundir import RunDir, RunDirError
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"text": "good"}) + "\n")
+    with pytest.raises(jt.ConfigError, match=r": best=True picks a run directory's best checkpoint, and this is not a "
+                                             r"run directory; drop it$"):
+        jt.predict(tmp_path, rows, best=True)
+    (tmp_path / "config.yaml").write_text("model: [")
+    with pytest.raises(RunDirError, match=r"config.yaml:1: not valid YAML; restore the run's config, or start afresh: "
+                                          r"jaxtune train CONFIG --restart, or finetune\(config, restart=True\) in "
+                                          r"Python .*, or another output.dir \(a Trainer's run_dir\)$"):
+        RunDir(tmp_path).config()
+
+
 def test_predictions_write_to_csv_when_only_later_rows_have_a_label(tmp_path):
     """A label is optional per row; the CSV's columns came from the first row only, so a later row's label
     failed the whole write ("dict contains fields not in fieldnames") after the predictions were made."""

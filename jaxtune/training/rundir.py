@@ -37,6 +37,11 @@ STATES = ("running", "finished", "failed", "stopped", "early_stopped")
 STALE_AFTER_S = 600.0
 
 
+# How to start a run afresh, for the command line and Python alike: these errors reach both.
+AFRESH = ("start afresh: jaxtune train CONFIG --restart, or finetune(config, restart=True) in Python (either moves "
+          "the old run aside), or another output.dir (a Trainer's run_dir)")
+
+
 class RunDirError(FileNotFoundError):
     """The path is not a run directory (or has nothing to show yet, or a file in it is unreadable)."""
 
@@ -198,10 +203,8 @@ class RunDir:
         if changed:
             raise RunMismatchError(
                 f"{self.path}: this run directory was made by another configuration, so it cannot be resumed: "
-                f"{'; '.join(changed)}. Change these back to resume, or start afresh: jaxtune train CONFIG --restart "
-                "(moves the old run aside; finetune(config, restart=True) in Python) or another output.dir. Steps, "
-                "epochs, evaluation, logging, checkpoint frequency, the mesh and the optimizer's hyperparameters may "
-                "change on resume.")
+                f"{'; '.join(changed)}. Change these back to resume, or {AFRESH}. Steps, epochs, evaluation, "
+                "logging, checkpoint frequency, the mesh and the optimizer's hyperparameters may change on resume.")
 
     def identity(self) -> dict[str, Any] | None:
         path = self.path / self.IDENTITY
@@ -209,8 +212,7 @@ class RunDir:
             return None
         identity = _read_json(path)
         if not isinstance(identity, dict):
-            raise RunDirError(f"{path}: not valid JSON; it records what made this run: restore it, or start afresh "
-                              "with --restart (moves the run aside) or another output.dir")
+            raise RunDirError(f"{path}: not valid JSON; it records what made this run: restore it, or {AFRESH}")
         return identity
 
     # ------------------------------------------------------------------ config
@@ -229,10 +231,9 @@ class RunDir:
         except (yaml.YAMLError, UnicodeDecodeError) as err:
             mark = getattr(err, "problem_mark", None)
             raise RunDirError(f"{path}{f':{mark.line + 1}' if mark else ''}: not valid YAML; restore the run's "
-                              "config, or start afresh with --restart or another output.dir") from None
+                              f"config, or {AFRESH}") from None
         if not isinstance(data, dict):
-            raise RunDirError(f"{path}: not a config (a mapping of sections); restore the run's config, or start "
-                              "afresh with --restart or another output.dir")
+            raise RunDirError(f"{path}: not a config (a mapping of sections); restore the run's config, or {AFRESH}")
         return data
 
     # ------------------------------------------------------------------ status and metrics
