@@ -61,14 +61,15 @@ def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False
         trainer = open_run(path, best=best, evaluation=False)
         if trainer.step == 0:
             raise ConfigError(f"{path}: no checkpoint yet, so there is nothing trained to predict with; train it "
-                              "first (jaxtune train CONFIG)")
+                              "first (jaxtune train CONFIG, or jaxtune.finetune(config) in Python)")
         data = trainer.loader_config
         options = {k: getattr(data, k) for k in (*_LABELED, "max_length", "batch_size", "packing")
                    if getattr(data, k, None) is not None}
         return trainer.model, options, trainer.mesh
     if (path / "adapter_config.json").is_file():
-        raise ConfigError(f"{path}: a PEFT adapter; predict with its run directory, or export the run with "
-                          "jaxtune export RUN_DIR --merge --to DIR and predict with DIR")
+        raise ConfigError(f"{path}: a PEFT adapter; predict with its run directory, or export the run merged (jaxtune "
+                          "export RUN_DIR --merge --to DIR, or jaxtune.export(jaxtune.open_run(RUN_DIR).model, DIR, "
+                          "format='merged') in Python) and predict with DIR")
     if (path / "run.json").is_file() or (path / "checkpoints").is_dir():  # else: "no config.json", about HF dirs
         raise ConfigError(f"{path}: a Trainer's run directory has no config.yaml to rebuild it from; predict with "
                           "result.model (jt.predict(model, file)) or a merged export")

@@ -150,7 +150,7 @@ def run_config(target: str | os.PathLike[str], overrides: Sequence[str] = ()) ->
     if path.is_dir():
         if not (path / RunDir.CONFIG).is_file():
             raise ConfigError(f"{path}: not a run directory (no {RunDir.CONFIG}); give a config file or a run "
-                              "directory written by jaxtune train")
+                              "directory written by jaxtune train (or jaxtune.finetune)")
         # A validation file given now replaces the run's held-out fraction, and the other way round.
         given = {o.split("=", 1)[0].strip() for o in overrides}
         implied = [f"data.{other}=null" for name, other in (("validation", "validation_fraction"),

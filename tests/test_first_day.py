@@ -393,6 +393,12 @@ def test_errors_a_python_call_reaches_name_the_python_way_too(tmp_path):
     with pytest.raises(jt.ConfigError, match=r": best=True picks a run directory's best checkpoint, and this is not a "
                                              r"run directory; drop it$"):
         jt.predict(tmp_path, rows, best=True)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    with pytest.raises(jt.ConfigError, match=r"adapter: a PEFT adapter; .* or jaxtune.export\(jaxtune.open_run\("
+                                             r"RUN_DIR\).model, DIR, format='merged'\) in Python\) and predict"):
+        jt.predict(adapter, rows)
     (tmp_path / "config.yaml").write_text("model: [")
     with pytest.raises(RunDirError, match=r"config.yaml:1: not valid YAML; restore the run's config, or start afresh: "
                                           r"jaxtune train CONFIG --restart, or finetune\(config, restart=True\) in "

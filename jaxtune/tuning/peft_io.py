@@ -82,7 +82,7 @@ def unexportable_head(tuned: Tuned) -> str:
         exports = "none on this model: it has no BERT pooler, which BertForSequenceClassification reads"
     return (f"the {head.task} head (pooling {head.pooling}{extras}) has no transformers class, so it cannot be "
             f"exported; the head that exports is {exports}. Change the plan's head rule and train again, or keep "
-            "this run: its checkpoints predict (jaxtune predict RUN_DIR FILE)")
+            "this run: its checkpoints predict (jaxtune predict RUN_DIR FILE, or jaxtune.predict(RUN_DIR, FILE))")
 
 
 def hf_module_name(tuned: Tuned, module: Module) -> str:
