@@ -539,6 +539,32 @@ def test_micro_batches_equal_one_batch(llama):
         _close(np.asarray(a), np.asarray(b), "updated adapters")
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gemma"])
+def test_a_full_plans_reference_is_its_starting_policy_under_bfloat16_compute(family, tmp_path):
+    """Float32 weights, bfloat16 compute: the in-step reference (the starting copy of the trained
+    leaves, in the compute dtype) is the starting policy, so DPO's first loss is exactly log 2. The
+    copy rounded every leaf to bf16, and families whose norms read the float32 gain (GPT-2's and
+    BERT's LayerNorm, Gemma's 1 + w, OLMo 2) gave another model: first logits ~1e-4 off."""
+    from tests.helpers import tiny_random_model
+
+    config = ({"vocab_size": 128, "n_embd": 32, "n_layer": 2, "n_head": 2, "n_positions": 64}
+              if family == "gpt2" else
+              {"vocab_size": 128, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16})
+    architecture = {"gpt2": "GPT2LMHeadModel", "gemma": "GemmaForCausalLM"}[family]
+    tiny_random_model(architecture, tmp_path, config, config_class={"gpt2": "GPT2Config"}.get(family),
+                      norm_offset=0.5 if family == "gpt2" else -0.5)
+    pre = hf.load_pretrained(tmp_path, compute_dtype=jnp.bfloat16)
+    full = tuning.apply_plan(pre, tuning.full())
+    trainable, frozen = tuning.partition(full.params, full.labels)
+    frozen = pref.with_reference_start(trainable, frozen, full.config.dtype)
+    batch, _ = _paired_batch(3)
+    loss_fn = pref.make_preference_loss_fn(full.module, pref.PreferenceConfig("dpo", beta=0.5))
+    loss, pairs, out = loss_fn(tuning.combine(trainable, frozen), batch, jax.random.key(0), True)
+    assert float(loss) / float(pairs) == pytest.approx(np.log(2), abs=1e-7)
+    assert float(out["metrics"]["rewards/chosen"]) == 0.0
+
+
 def test_cached_reference_logps_give_the_same_loss(llama):
     _, pre = llama
     tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))

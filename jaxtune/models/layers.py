@@ -43,6 +43,9 @@ Dtype = Any
 # part of the layer; jaxtune.tuning creates, labels, merges and exports them by these names.
 LORA_A, LORA_B, LORA_SCALE, MAGNITUDE = "lora_a", "lora_b", "lora_scale", "magnitude"
 ADAPTER_LEAVES = (LORA_A, LORA_B, LORA_SCALE, MAGNITUDE)
+# Leaves that are scales or offsets, not weight matrices: the optimizer does not decay them toward 0,
+# and a rounded copy of the model keeps them in their own dtype (norms read their float32 gain).
+VECTOR_LEAVES = ("bias", "scale", MAGNITUDE, LORA_SCALE)
 
 # Model state that training updates from the batches rather than by gradient (BatchNorm's running
 # statistics): a module that trains such state puts each leaf's new value into this collection,

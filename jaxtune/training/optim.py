@@ -17,13 +17,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxtune.models import stacking
-from jaxtune.models.layers import LORA_SCALE, MAGNITUDE
+from jaxtune.models.layers import VECTOR_LEAVES
 from jaxtune.schema import check_fields
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
 SCHEDULES = ("constant", "cosine", "linear")
-# Leaves that are scales or offsets, not weight matrices: decaying them toward 0 hurts.
-_NO_DECAY_LEAVES = ("bias", "scale", MAGNITUDE, LORA_SCALE)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +103,7 @@ def decay_mask(params: Any) -> Any:
     """True for leaves that get weight decay: matrices, not biases, norm scales or magnitudes."""
     def decays(path: tuple[Any, ...], leaf: Any) -> bool:
         name = getattr(path[-1], "key", str(path[-1]))
-        return name not in _NO_DECAY_LEAVES and jnp.ndim(leaf) >= 2
+        return name not in VECTOR_LEAVES and jnp.ndim(leaf) >= 2
 
     return jax.tree_util.tree_map_with_path(decays, params)
 

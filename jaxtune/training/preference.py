@@ -19,7 +19,7 @@ for adapter plans the reference costs no memory beyond activations: one copy of 
 weights serves both passes. (Zeroing ``lora_scale`` would also share the base, but still runs
 the adapter matmuls and leaves DoRA's magnitude rescaling on, so it is not the base for DoRA.)
 For full or partial fine-tuning the reference needs the starting values of the trained leaves
-(:func:`starting_weights`, one extra copy of those leaves, in the compute dtype), or reference
+(:func:`starting_weights`, one extra copy of those leaves, matrices in the compute dtype), or reference
 log-probs computed once ahead of training and carried in the batch as ``reference_logps``
 (:class:`ReferenceCache`, ``PreferenceConfig(reference="cached")``).
 
@@ -46,7 +46,7 @@ from jaxtune.data.pipeline import Loader, evaluation_loader
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models.decoder import AUX
-from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B
+from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B, VECTOR_LEAVES
 from jaxtune.training.evaluate import in_lockstep
 from jaxtune.training.losses import auxiliary_loss, token_chunks
 from jaxtune.training.preference_losses import dpo_terms, ipo_terms, orpo_terms, pair_metrics, simpo_terms
@@ -176,14 +176,20 @@ def adapters_trained(trainable: Params) -> bool:
 
 def starting_weights(trainable: Params, dtype: Any | None = None, *, keep_adapters: bool | None = None) -> Params:
     """What the reference model (the starting model) needs besides the frozen part: a copy of the
-    trainable leaves in ``dtype`` (e.g. the compute dtype) or their own. Adapter leaves are copied
+    trainable leaves, the weight matrices in ``dtype`` (e.g. the compute dtype, which every layer rounds
+    them to before use) or their own, the :data:`~jaxtune.models.layers.VECTOR_LEAVES` (gains, biases)
+    in their own: norms read their float32 gain (GPT-2's LayerNorm, Gemma's ``1 + w``), so a rounded
+    gain would make the reference another model than the starting policy. Adapter leaves are copied
     only when the adapters are trained (``keep_adapters``, default :func:`adapters_trained`, which
-    reads values, so pass it inside ``jit``: a run that starts from SFT adapters); fresh ones are
-    the base itself, which the frozen part already is. Empty for a plan of fresh LoRA/DoRA adapters
-    only."""
+    reads values, so pass it inside ``jit``: a run that starts from SFT adapters); fresh ones are the
+    base itself, which the frozen part already is. Empty for a plan of fresh LoRA/DoRA adapters only."""
     keep_adapters = adapters_trained(trainable) if keep_adapters is None else keep_adapters
-    flat = {path: jnp.array(leaf, dtype=dtype or leaf.dtype, copy=True)
-            for path, leaf in flatten_dict(trainable).items() if keep_adapters or path[-1] not in ADAPTER_LEAVES}
+
+    def copy(path: tuple[str, ...], leaf: Array) -> Array:
+        return jnp.array(leaf, dtype=leaf.dtype if path[-1] in VECTOR_LEAVES else dtype or leaf.dtype, copy=True)
+
+    flat = {path: copy(path, leaf) for path, leaf in flatten_dict(trainable).items()
+            if keep_adapters or path[-1] not in ADAPTER_LEAVES}
     return unflatten_dict(flat)
 
 
