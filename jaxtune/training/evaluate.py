@@ -185,3 +185,9 @@ def comparison_table(before: dict[str, float], after: dict[str, float], *, befor
                                  f"{before.get(f'{b}/seconds', float('nan')):.1f} s)" for b in baselines))
     return "\n".join(rows) + "".join(f"\n{n}" for n in notes)
 
+
+
+def metrics_line(metrics: dict[str, float]) -> str:
+    """``metrics`` as one log line (``loss 0.5000, accuracy 0.9000``), token counts left out."""
+    return ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items()
+                     if not k.endswith("tokens") and isinstance(v, (int, float)))

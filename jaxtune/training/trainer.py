@@ -13,7 +13,8 @@ from the latest checkpoint, train (jit once, donate buffers, read metrics only e
 fine-tuned model. Everything it writes lives in ``run_dir`` (see :mod:`jaxtune.training.rundir`);
 running ``fit`` again on the same directory resumes exactly, and a finished run is a no-op. What
 the constructor settles before any compute (loaders, the number of steps, the checks that refuse
-data, a mesh or an evaluation that does not fit the model) is :mod:`jaxtune.training.preflight`.
+data, a mesh or an evaluation that does not fit the model) is :mod:`jaxtune.training.preflight`; the
+base and fine-tuned scores, each computed once, are :mod:`jaxtune.training.scores`.
 """
 
 from __future__ import annotations
@@ -36,13 +37,11 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune.data.pipeline import Loader, LoaderConfig
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import Source
-from jaxtune.training import base_cache, compile_cache, memory, preflight
-from jaxtune.training.baselines import applies as baselines_apply
-from jaxtune.training.baselines import baseline_metrics, training_pass
+from jaxtune.training import compile_cache, memory, preflight, scores
 from jaxtune.training.batch_norm import make_statistics_fn, recalibrate
 from jaxtune.training.checkpoint import Checkpointer
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
-from jaxtune.training.evaluate import HIGHER_IS_BETTER, comparison_table, evaluate
+from jaxtune.training.evaluate import HIGHER_IS_BETTER, evaluate, metrics_line
 from jaxtune.training.loop import Best, StopOnInterrupt, Throughput, TrainRecords
 from jaxtune.training.optim import OptimizerConfig, build_optimizer
 from jaxtune.training.preference import (
@@ -308,57 +307,6 @@ class Trainer:
         return evaluate(self.eval_step, self.trainable if trainable is None else trainable, self.frozen, data,
                         self.task, to_device=to_device)
 
-    def _evaluate_base(self) -> dict[str, float] | None:
-        """The base model's metrics (the plan's fresh adapters/head), computed once per run directory."""
-        if self.eval_data is None or not self.eval_config.before:
-            return None
-        report = self.run.report()
-        before = report["before"]
-        if before is not None and report["evaluated_on"] not in (None, self._evaluated_on()):
-            log.info("the validation data changed since the base model was scored: scoring it again")
-            before = None
-        if before is None:
-            baselines = (self.eval_config.baselines and self.task in ("classification", "regression")
-                         and baselines_apply(self.tuned, self.train_data, self.eval_data))
-            digest = self._base_digest(baselines)
-            before = base_cache.load(digest)
-            if before is not None:
-                log.info("base: scored by an earlier run of the same model, plan, data and evaluation "
-                         "(eval.cache_base; kept in %s)", base_cache.directory())
-            else:
-                log.info("evaluating the base model ...")
-                before = self.evaluate()
-                if baselines:
-                    before.update(baseline_metrics(self.tuned, self.trainable, self.frozen, self.train_data,
-                                                   self.eval_data, mesh=self.mesh, to_device=self._to_device))
-                base_cache.store(digest, before)
-            self.run.write_report(before, None, 0, self._evaluated_on())
-        log.info("base: %s", _fmt(before))
-        return before
-
-    def _evaluated_on(self) -> dict[str, Any] | None:
-        """What identifies the validation data (its files, rows, length and choices): a resumed run whose
-        data changed scores the base again rather than compare it with scores on other data."""
-        if not isinstance(self.eval_data, Loader):
-            return None
-        source = self.eval_data.source
-        report = getattr(source, "report", None)
-        return {"paths": list(report.paths) if report is not None else None, "rows": len(source),
-                "max_length": self.eval_data.config.max_length,
-                "choices": list(self.eval_config.choices) if self.eval_config.choices else None}  # as JSON reads it
-
-    def _base_digest(self, baselines: bool) -> str | None:
-        """The key of this run's base report in the machine-wide cache (``eval.cache_base``), or None."""
-        if not self.eval_config.cache_base or not isinstance(self.eval_data, Loader):
-            return None
-        settings = {"model": self.resolved_config.get("model"), "plan": self.tuned.plan.to_data(),
-                    "task": self.task, "labels": self.tuned.label_names, "choices": self.eval_config.choices,
-                    "baselines": baselines, "devices": [jax.default_backend(), jax.device_count()]}
-        train = self.train_data if baselines else None
-        return base_cache.key(source=self.tuned.source, settings=settings, trainable=self.trainable,
-                              eval_batches=self.eval_data, train_rows=train.source if train else None,
-                              train_batches=training_pass(train, self.eval_data) if train else None)
-
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
@@ -370,7 +318,7 @@ class Trainer:
         self.check_resume()
         self.run.create().write_config(self.resolved_config)
         self.run.write_identity(self.identity())
-        before = self._evaluate_base()
+        before = scores.score_base(self)
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
         self.close()
         self._resumable_data = hasattr(iterator, "get_state")
@@ -614,7 +562,7 @@ class Trainer:
     def _evaluate_and_track(self, best: Best) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in self.evaluate().items()}
         self.run.log({"step": self.step, **metrics})
-        log.info("step %d validation: %s", self.step, _fmt(metrics))
+        log.info("step %d validation: %s", self.step, metrics_line(metrics))
         name = self.eval_config.best_metric
         if name:
             value = metrics.get(f"eval/{name.removeprefix('eval/')}")
@@ -637,32 +585,4 @@ class Trainer:
                          result.best["value"])
                 result.model = dataclasses.replace(self.model, step=result.best["step"])
             self.close()
-        if self.eval_data is None or not self.eval_config.after:
-            return
-        last_eval = {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()}
-        report = self.run.report()
-        if last_eval and result.model.step == self.step and self.step == result.step:
-            result.after = last_eval  # the loop's last evaluation already scored these very params
-        elif (report["after"] is not None and report["step"] == result.model.step
-              and report["evaluated_on"] is not None and report["evaluated_on"] == self._evaluated_on()):
-            result.after = report["after"]  # a run run again: these params were scored on this data already
-        else:
-            log.info("evaluating the fine-tuned model ...")
-            result.after = self.evaluate()
-            self.run.log({"step": result.model.step, **{f"eval/{k}": v for k, v in result.after.items()}})
-        self.run.write_report(result.before, result.after, result.model.step, self._evaluated_on())
-        status = self.run.status() or {}
-        self.run.write_status(status.pop("state", result.state), **{**status, "eval": result.after})
-        if result.before is not None:
-            note = "pretrained model with the plan's fresh (untrained) adapters/head"
-            if self.preference is not None and self.preference.needs_reference:
-                note += ("; policy == reference there, so its DPO loss is log 2 and its rewards 0: logps/accuracy "
-                         "(the model's own preference) is the comparable score")
-            result.report = comparison_table(result.before, result.after, before_note=note)
-        else:
-            log.info("fine-tuned: %s", _fmt(result.after))
-
-
-def _fmt(metrics: dict[str, float]) -> str:
-    return ", ".join(f"{k.removeprefix('eval/')} {v:.4f}" for k, v in metrics.items()
-                     if not k.endswith("tokens") and isinstance(v, (int, float)))
+        scores.score_final(self, result)
