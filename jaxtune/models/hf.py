@@ -7,6 +7,7 @@ never holds a second full copy of the model; with a sharding, each device reads 
 
 Saving writes ``config.json`` and ``*.safetensors`` shards (+ index) that ``transformers`` loads.
 Pickle checkpoints (``*.bin``, ``*.pt``) are refused: unpickling runs arbitrary code.
+Finding the directory and reading its files, tensor by tensor, is :mod:`jaxtune.models.hf_files`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import dataclasses
 import json
 import os
 import shutil
-import struct
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +24,6 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
@@ -32,6 +31,7 @@ from safetensors.numpy import save_file
 from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbert, moe, olmo2, phi3, stacking, vit
 from jaxtune.models.gguf_architectures import ARCHITECTURES as GGUF_ARCHITECTURES
 from jaxtune.models.gguf_architectures import LLAMA_MOE
+from jaxtune.models.hf_files import CheckpointError, SafetensorsReader, read_config, resolve, weight_files
 from jaxtune.models.layers import PartitionRules
 from jaxtune.models.quant import dequantize_tree, is_quantized
 from jaxtune.models.quant import transpose as transpose_quantized
@@ -48,16 +48,6 @@ _BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
-
-_SAFETENSORS_DTYPES: dict[str, Any] = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
-}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or written; the message names the file/tensor and the fix."""
-
 
 def _linear_layout(modules: tuple[str, ...]) -> bool:
     return True
@@ -187,120 +177,6 @@ class Pretrained:
     adapter: Path | None = None  # a PEFT adapter to start from (ModelConfig.adapter); jaxtune.apply_plan loads it
 
 
-# ----------------------------------------------------------------------------- locating files
-
-
-def resolve(path_or_id: str | os.PathLike[str]) -> Path:
-    """A local model directory for ``path_or_id``: an existing folder, or a hub id downloaded
-    (safetensors, configs and tokenizer files only) when a hub is reachable."""
-    path = Path(path_or_id).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path}: expected a model directory (config.json + *.safetensors), got a file")
-    text = str(path_or_id)
-    if text.count("/") != 1 or text.startswith((".", "/")):
-        raise CheckpointError(f"{text}: no such directory (and not a hub id of the form 'org/name')")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-    except Exception as err:  # noqa: BLE001 - any hub failure means the same thing to the user
-        raise CheckpointError(
-            f"{text}: not a local directory, and the Hugging Face hub could not provide it ({type(err).__name__}: "
-            f"{str(err)[:200]}). Download it where a hub is reachable, or use jaxtune.models.assets.fetch_model."
-        ) from None
-
-
-def read_config(model_dir: Path) -> dict[str, Any]:
-    """``config.json`` of a model directory, with clear errors for missing or broken files."""
-    path = model_dir / "config.json"
-    if not path.exists():
-        raise CheckpointError(f"{model_dir}: no config.json; a Hugging Face model directory needs one")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: not valid JSON ({err}); restore the model's config.json (re-download or "
-                              "save_pretrained the model again)") from None
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as err:
-            raise CheckpointError(f"{index}: not a safetensors index ({err}); re-download the model or remove the "
-                                  "index") from None
-        files = [model_dir / name for name in sorted(set(weight_map.values()))]
-        missing = [f.name for f in files if not f.exists()]
-        if missing:
-            raise CheckpointError(f"{index}: lists shard(s) {missing} that are not in {model_dir}; download the "
-                                  "missing shards")
-        return files
-    files = sorted(model_dir.glob("*.safetensors"))
-    if files:
-        return files
-    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    if pickles:
-        raise CheckpointError(
-            f"{model_dir}: only pickle checkpoints ({', '.join(pickles)}); jaxtune refuses them because unpickling "
-            "runs arbitrary code. Convert once where you trust the file: python -c \"from transformers import "
-            f"AutoModel; AutoModel.from_pretrained('{model_dir}').save_pretrained('{model_dir}')\" (writes safetensors)"
-        )
-    raise CheckpointError(f"{model_dir}: no *.safetensors weights found; put the model's weights there (e.g. "
-                          "model.save_pretrained(dir) writes model.safetensors) or point model.path at the full model")
-
-
-# ----------------------------------------------------------------------------- safetensors reading
-
-
-class SafetensorsReader:
-    """Zero-copy views of the tensors in one or more ``.safetensors`` files (memory-mapped).
-
-    ``reader[name]`` is a read-only numpy view (bf16 as ``ml_dtypes.bfloat16``); nothing is
-    read from disk until a view's bytes are touched.
-    """
-
-    def __init__(self, files: list[Path]):
-        self._where: dict[str, tuple[Path, int, str, list[int], tuple[int, int]]] = {}
-        self._maps: dict[Path, np.memmap] = {}
-        for file in files:
-            try:
-                with open(file, "rb") as fh:
-                    (n,) = struct.unpack("<Q", fh.read(8))
-                    if n > os.fstat(fh.fileno()).st_size - 8:
-                        raise OSError(f"header length {n} exceeds the file size")
-                    header = json.loads(fh.read(n))
-            except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise CheckpointError(f"{file}: unreadable safetensors file ({type(err).__name__}: {err})") from None
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                self._where[name] = (file, 8 + n, info["dtype"], info["shape"], tuple(info["data_offsets"]))
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._where
-
-    def names(self) -> list[str]:
-        return list(self._where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._where[name][3])
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        file, base, dtype, shape, (start, end) = self._where[name]
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
-        if file not in self._maps:
-            self._maps[file] = np.memmap(file, mode="r")
-        np_dtype = np.dtype(_SAFETENSORS_DTYPES[dtype])
-        count = int(np.prod(shape)) if shape else 1
-        if end - start != count * np_dtype.itemsize or base + end > self._maps[file].size:
-            raise CheckpointError(f"{file}: tensor {name} is truncated or its header is corrupt")
-        return np.frombuffer(self._maps[file], np_dtype, count, base + start).reshape(shape)
-
-
 # ----------------------------------------------------------------------------- loading
 
 
@@ -406,7 +282,7 @@ def load_pretrained(
     dtype = jnp.dtype(dtype)
     arch, cfg, module = build(hf_config, architecture, dtype=str(jnp.dtype(compute_dtype or dtype)),
                               param_dtype=str(dtype), **config_overrides)
-    reader = SafetensorsReader(_weight_files(model_dir))
+    reader = SafetensorsReader(weight_files(model_dir))
     if getattr(cfg, "use_pooler", False) and arch in (*encoder.BASES, "ViTModel") \
             and _find(reader, "pooler.dense.weight") is None:
         warnings.warn(f"{model_dir}: no pooler tensors ({', '.join(hf_config.get('architectures') or ['?'])}); "
