@@ -22,7 +22,8 @@ static so the step compiles once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -33,6 +34,8 @@ CLASSIFIER_KEYS = ("input_ids", "segment_ids", "positions", "token_type_ids", "l
 # A packed classifier row holds at most one example per this many tokens: bounds S, the label
 # slots per row, and only binds when examples average fewer tokens (rows are then less full).
 MIN_SEGMENT_TOKENS = 8
+# A packer: the items' lengths in, each row's item indices out (first_fit or next_fit, bound to a row's size).
+Fit = Callable[[Sequence[int]], list[list[int]]]
 
 
 def max_segments(max_length: int) -> int:
@@ -107,9 +110,11 @@ def lm_row(examples: Sequence[Example], max_length: int, pad_id: int = 0) -> dic
     return row
 
 
-def pack(examples: Sequence[Example], max_length: int, pad_id: int = 0) -> list[dict[str, np.ndarray]]:
-    """First-fit packing of ``examples`` into as few LM rows as it finds."""
-    rows = first_fit([len(e["input_ids"]) for e in examples], max_length)
+def pack(examples: Sequence[Example], max_length: int, pad_id: int = 0, *,
+         fit: Fit | None = None) -> list[dict[str, np.ndarray]]:
+    """Packing of ``examples`` into LM rows: first fit into as few as it finds, or ``fit``'s rows."""
+    fit = fit or functools.partial(first_fit, max_length=max_length)
+    rows = fit([len(e["input_ids"]) for e in examples])
     return [lm_row([examples[i] for i in row], max_length, pad_id) for row in rows]
 
 
@@ -166,11 +171,13 @@ def packed_classifier_row(examples: Sequence[Example], max_length: int, pad_id: 
 
 
 def pack_classifiers(examples: Sequence[Example], max_length: int, pad_id: int = 0, *,
-                     in_order: bool = False) -> list[dict[str, np.ndarray]]:
+                     in_order: bool = False, fit: Fit | None = None) -> list[dict[str, np.ndarray]]:
     """Packing of classifier ``examples``: first fit into as few rows as it finds, or with
-    ``in_order`` next fit, whose segments, read row by row, are the examples in order."""
-    fit = next_fit if in_order else first_fit
-    rows = fit([len(e["input_ids"]) for e in examples], max_length, max_segments(max_length))
+    ``in_order`` next fit, whose segments, read row by row, are the examples in order; at most
+    :func:`max_segments` a row. ``fit``, when given, is the packer instead (of the same bound)."""
+    fit = fit or functools.partial(next_fit if in_order else first_fit, max_length=max_length,
+                                   max_items=max_segments(max_length))
+    rows = fit([len(e["input_ids"]) for e in examples])
     return [packed_classifier_row([examples[i] for i in row], max_length, pad_id) for row in rows]
 
 

@@ -282,17 +282,30 @@ class Loader:
         self.dataset = self._build()
         self._stats: TokenStats | None = None
 
+    def _fit(self) -> packing.Fit:
+        """The packer of this loader's packed rows: first fit, at most ``max_pairs`` pairs a row, for
+        preference pairs; first fit for LM rows; for classifier rows next fit (``pack_in_order``) or
+        first fit, at most :func:`~jaxtune.data.packing.max_segments` examples a row. The one place
+        that chooses it: :meth:`_to_rows` packs with it and :meth:`rows_per_epoch` counts with it,
+        so the epoch's step count cannot drift from the rows training reads."""
+        cfg = self.config
+        if self.pairs:
+            return functools.partial(packing.first_fit, max_length=cfg.max_length, max_items=self.max_pairs)
+        if self.lm:
+            return functools.partial(packing.first_fit, max_length=cfg.max_length)
+        return functools.partial(packing.next_fit if cfg.pack_in_order else packing.first_fit,
+                                 max_length=cfg.max_length, max_items=packing.max_segments(cfg.max_length))
+
     def _to_rows(self) -> Callable[[list], list]:
         pad_id = self.tokenizer.pad_token_id
         pad_id = 0 if pad_id is None else int(pad_id)
         if self.pairs:
             return functools.partial(pair_rows, max_length=self.config.max_length, pad_id=pad_id, pack=self.packs,
-                                     max_pairs=self.max_pairs)
-        if not self.lm:
-            fn = (functools.partial(packing.pack_classifiers, in_order=self.config.pack_in_order) if self.packs
-                  else packing.classifier_rows)
+                                     fit=self._fit() if self.packs else None)
+        if not self.packs:
+            fn = packing.pad if self.lm else packing.classifier_rows
         else:
-            fn = packing.pack if self.packs else packing.pad
+            fn = functools.partial(packing.pack if self.lm else packing.pack_classifiers, fit=self._fit())
         return functools.partial(fn, max_length=self.config.max_length, pad_id=pad_id)
 
     def _build(self) -> grain.IterDataset:
@@ -379,10 +392,7 @@ class Loader:
         order = grain.MapDataset.range(n)
         if cfg.shuffle:
             order = order.shuffle(seed=cfg.seed)
-        fit = (functools.partial(packing.first_fit, max_length=cfg.max_length, max_items=self.max_pairs) if self.pairs
-               else functools.partial(packing.first_fit, max_length=cfg.max_length) if self.lm
-               else functools.partial(packing.next_fit if cfg.pack_in_order else packing.first_fit,
-                                      max_length=cfg.max_length, max_items=packing.max_segments(cfg.max_length)))
+        fit = self._fit()
         rows = 0
         for shard in range(self.shard_count):
             records = [order[i] for i in range(shard, n, self.shard_count)]

@@ -31,6 +31,7 @@ example (a cached reference model's log-probs) can be found again in any shuffle
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -330,12 +331,14 @@ def pair_row(pairs: Sequence[Pair], max_length: int, pad_id: int = 0) -> dict[st
 
 
 def pair_rows(pairs: Sequence[Pair], max_length: int, pad_id: int = 0, *, pack: bool = True,
-              max_pairs: int | None = None) -> list[dict[str, np.ndarray]]:
+              max_pairs: int | None = None, fit: packing.Fit | None = None) -> list[dict[str, np.ndarray]]:
     """Paired rows for ``pairs``: first-fit packing by the longer side of each pair (at most
-    ``max_pairs`` a row: the loss's ``preference.max_segments``), or one pair per row (``pack=False``).
-    Batching ``B`` rows gives the ``(B, 2, L)`` layout of :mod:`jaxtune.training.preference`."""
+    ``max_pairs`` a row: the loss's ``preference.max_segments``), or ``fit``'s rows when given, or
+    one pair per row (``pack=False``). Batching ``B`` rows gives the ``(B, 2, L)`` layout of
+    :mod:`jaxtune.training.preference`."""
     if not pack:
         return [pair_row([p], max_length, pad_id) for p in pairs]
     lengths = [max(len(p["chosen"]["input_ids"]), len(p["rejected"]["input_ids"])) for p in pairs]
-    rows = packing.first_fit(lengths, max_length, max_items=max_pairs)
+    fit = fit or functools.partial(packing.first_fit, max_length=max_length, max_items=max_pairs)
+    rows = fit(lengths)
     return [pair_row([pairs[i] for i in row], max_length, pad_id) for row in rows]
