@@ -62,9 +62,9 @@ def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False
         if trainer.step == 0:
             raise ConfigError(f"{path}: no checkpoint yet, so there is nothing trained to predict with; train it "
                               "first (jaxtune train CONFIG, or jaxtune.finetune(config) in Python)")
-        data = trainer.loader_config
-        options = {k: getattr(data, k) for k in (*_LABELED, "max_length", "batch_size", "packing")
-                   if getattr(data, k, None) is not None}
+        # the run's data section (the trainer's own data config leaves out the field mapping, which read the rows)
+        data = trainer.resolved_config.get("data", {})
+        options = {k: data[k] for k in (*_LABELED, "max_length", "batch_size", "packing") if data.get(k) is not None}
         return trainer.model, options, trainer.mesh
     if (path / "adapter_config.json").is_file():
         raise ConfigError(f"{path}: a PEFT adapter; predict with its run directory, or export the run merged (jaxtune "

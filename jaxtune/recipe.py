@@ -21,7 +21,7 @@ from typing import Any
 import jax
 
 from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data, validate
-from jaxtune.data.config import read_data
+from jaxtune.data.config import batching, read_data
 from jaxtune.data.sources import DataError
 from jaxtune.host_threads import threads_for_simulated_devices
 from jaxtune.models.load import load as load_model
@@ -62,7 +62,7 @@ def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) 
     log.info("model: %s (%s); task %s", model.source, model.architecture, tuned.task)
     try:
         return Trainer(tuned, train_source if train else None, validation, run_dir=config.output.dir,
-                       config=config.train, data=config.data, optimizer=config.optimizer, eval=config.eval,
+                       config=config.train, data=batching(config.data), optimizer=config.optimizer, eval=config.eval,
                        checkpoint=config.checkpoint, mesh=config.mesh, preference=config.preference,
                        resolved_config=to_data(config))
     except DataError:

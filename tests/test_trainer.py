@@ -400,6 +400,23 @@ def test_arguments_of_the_wrong_type_are_named(setup, tmp_path):
         Trainer(tuned, run_dir=tmp_path, optimizer="adamw")
 
 
+def test_data_fields_that_read_the_examples_are_refused(setup, tmp_path):
+    """DataConfig(train=..., train_size=...) given to the Trainer chose nothing: the Trainer is handed
+    the examples already read, and it ignored the fields that choose and read them without a word."""
+    model_dir, train, _ = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2), tokenizer=tiny_tokenizer())
+    source = read_source(train, "chat")
+    for fields in ({"train_size": 8}, {"train": str(train), "kind": "chat"}, {"validation_fraction": 0.1},
+                   {"skip_bad_rows": True}, {"messages_field": "turns"}, {"text_unit": "line"}):
+        name = next(iter(fields))
+        with pytest.raises(ValueError, match=rf"^data\.{name}: the Trainer .* pass it to jaxtune\.read"):
+            Trainer(tuned, source, run_dir=tmp_path, data=DataConfig(**fields))
+    # the fields that batch the examples (and eval_batch_size) are the Trainer's own
+    trainer = Trainer(tuned, source, run_dir=tmp_path, mesh=ONE_DEVICE(),
+                      data=DataConfig(batch_size=4, max_length=64, eval_batch_size=2))
+    assert trainer.train_data.config.batch_size == 4
+
+
 def test_data_that_is_not_batches_is_refused_before_it_is_iterated(setup, tmp_path):
     """jt.read's (train, val) pair was iterated as two batches, a path as its characters; evaluate(data=)
     skipped the checks of eval_data, so classification rows reached a language model (KeyError 'labels')."""

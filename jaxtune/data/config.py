@@ -138,6 +138,26 @@ class DataConfig(LoaderConfig):
         return self.kind or assets.resolve(self.dataset, "dataset").data_kind
 
 
+# The fields that choose and read the examples: jaxtune.read and a recipe use them, a Trainer (handed the
+# examples already read) would ignore them, so it refuses them. The others batch the examples; images stays
+# with them because augment, which the Trainer applies, is allowed only with it.
+_BATCHING = {f.name for f in dataclasses.fields(LoaderConfig)} | {"eval_batch_size", "augment", "images"}
+SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name not in _BATCHING)
+
+
+def source_fields(config: DataConfig) -> list[str]:
+    """The :data:`SOURCE_FIELDS` that ``config`` sets (to other than their defaults)."""
+    defaults = DataConfig()
+    return [name for name in SOURCE_FIELDS if getattr(config, name) != getattr(defaults, name)]
+
+
+def batching(config: DataConfig) -> DataConfig:
+    """``config`` without its source fields (all at their defaults): the part a Trainer given the
+    examples read from it takes."""
+    return dataclasses.replace(config, **{name: getattr(DataConfig(), name) for name in SOURCE_FIELDS},
+                               images=config.is_images)
+
+
 # Field-mapping options and the kinds whose rows they name.
 FIELD_OPTIONS = {"text_field": ("classification", "regression"), "pair_field": ("classification", "regression"),
                  "label_field": ("classification", "regression"), "messages_field": ("chat",),

@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import jax
 from jax.sharding import Mesh
 
+from jaxtune.data.config import DataConfig, source_fields
 from jaxtune.data.images import ImageSource, ImageSpec, image_loader
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.sources import PREFERENCE, DataError, Source
@@ -55,7 +56,8 @@ ARGUMENTS: dict[str, tuple[tuple[type, ...], str, str]] = {
 
 
 def check_arguments(model: Any, **arguments: Any) -> None:
-    """Refuse a model that is not planned and a Trainer argument of the wrong type (see ``ARGUMENTS``)."""
+    """Refuse a model that is not planned, a Trainer argument of the wrong type (see ``ARGUMENTS``) and a
+    ``DataConfig`` that sets a field choosing or reading the examples (``train``, ``train_size``...)."""
     if not isinstance(model, Tuned):
         raise TypeError(f"model: expected a planned model (jt.Tuned), got {type(model).__name__}; apply a plan "
                         "first: jt.apply_plan(model, plan)")
@@ -64,6 +66,10 @@ def check_arguments(model: Any, **arguments: Any) -> None:
         if not isinstance(value, types):
             fix = f"; use {make}(**{{...}})" if isinstance(value, dict) else ""
             raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}{fix}")
+    data = arguments.get("data")
+    if isinstance(data, DataConfig) and (unread := source_fields(data)):
+        raise ValueError(f"data.{unread[0]}: the Trainer is handed the examples already read and would ignore it; "
+                         "pass it to jaxtune.read, which reads them, and give the Trainer the sources it returns")
 
 
 def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool, max_pairs: int | None = None,

@@ -110,7 +110,9 @@ class Trainer:
         resumed.
       config: how long to train (:class:`TrainConfig`).
       data: how sources are batched (:class:`~jaxtune.data.LoaderConfig`, or a recipe's
-        ``DataConfig``; its ``eval_batch_size`` sizes evaluation batches).
+        ``DataConfig``; its ``eval_batch_size`` sizes evaluation batches). The fields that choose and
+        read the examples (``train``, ``train_size``, ``skip_bad_rows``...) are :func:`jaxtune.read`'s,
+        refused here.
       optimizer: an :class:`OptimizerConfig`, or any optax ``GradientTransformation`` (used as is).
       eval: evaluation, best checkpoint, early stopping, choices (:class:`EvalConfig`).
       checkpoint: how often to save (:class:`CheckpointConfig`).
