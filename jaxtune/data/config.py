@@ -139,9 +139,10 @@ class DataConfig(LoaderConfig):
 
 
 # The fields that choose and read the examples: jaxtune.read and a recipe use them, a Trainer (handed the
-# examples already read) would ignore them, so it refuses them. The others batch the examples; images stays
-# with them because augment, which the Trainer applies, is allowed only with it.
-_BATCHING = {f.name for f in dataclasses.fields(LoaderConfig)} | {"eval_batch_size", "augment", "images"}
+# examples already read) would ignore them, so it refuses them. The others batch (or check) the examples;
+# images stays with them because augment and verify_images, which the Trainer applies, need it.
+_BATCHING = {f.name for f in dataclasses.fields(LoaderConfig)} | {"eval_batch_size", "augment", "images",
+                                                                  "verify_images"}
 SOURCE_FIELDS = tuple(f.name for f in dataclasses.fields(DataConfig) if f.name not in _BATCHING)
 
 
