@@ -266,7 +266,7 @@ class Trainer:
             if restored is None:
                 raise RunDirError(f"{self.run_dir}: no best checkpoint (a run keeps one when it evaluates during "
                                   "training, eval.every, and eval.best_metric is set; a damaged one is set aside, as "
-                                  "reported); use the latest (drop --best)")
+                                  "reported); use the latest (drop best=True, or --best on the command line)")
             self.trainable, meta = restored
             self.step = int(meta.get("step", self.step))
             return self.step
