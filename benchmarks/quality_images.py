@@ -216,6 +216,7 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
                                    for i in range(0, len(test), 64)])
 
     before = predict()
+    losses, grad_norms = [], []  # per step, as jaxtune's metrics.jsonl logs them (benchmarks/paired_drift.py)
     train_start = time.perf_counter()
     train_mode()
     for step, lr in enumerate(learning_rates):
@@ -228,7 +229,8 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
             loss = (torch.nn.functional.huber_loss(out.reshape(-1), target, delta=1.0)
                     if task.regression_loss == "huber" else torch.nn.functional.mse_loss(out.reshape(-1), target))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        grad_norms.append(float(torch.nn.utils.clip_grad_norm_(trainable, 1.0)))
+        losses.append(float(loss.detach()))
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_scale"]
         optimizer.step()
@@ -245,7 +247,7 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
                 model(pixels(train, order[step * task.batch_size:(step + 1) * task.batch_size]))
     train_s = time.perf_counter() - train_start
     return {"before_outputs": before.tolist(), "after_outputs": predict().tolist(), "labels": test.labels.tolist(),
-            "steps": len(learning_rates), "train_s": train_s}
+            "steps": len(learning_rates), "train_s": train_s, "losses": losses, "grad_norms": grad_norms}
 
 
 def baseline_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:

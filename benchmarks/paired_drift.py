@@ -1,0 +1,134 @@
+"""Where a paired Fashion-MNIST run's two sides part: one seed of
+
+    python benchmarks/quality.py --tasks fashion-mnist-lite0 --paired --recalibrate 32 --seeds N
+
+with each side's training loss and gradient norm at every step, and jaxtune's final weights (its
+recalibrated BatchNorm statistics included) evaluated by the reference PyTorch model, so that a
+difference of evaluation would show apart from one of training:
+
+    python benchmarks/paired_drift.py --seed 11 --out benchmarks/results/paired-drift-seed11.json
+
+A difference of method (schedule, optimizer, BatchNorm, loss) shows as the two loss curves parting
+at a step, by more than float noise; float noise starts near 1e-7 and grows as Adam's first steps
+amplify it (elements whose gradient is near zero take either sign on either side).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from common import load_average, machine, now, worker_env
+from quality_images import (
+    IMAGE_TASKS,
+    ImageTask,
+    _image_inputs,
+    _reference_lite0,
+    jaxtune_image_recipe,
+    torch_image_side,
+    write_image_data,
+)
+
+
+def jaxtune_worker(task: ImageTask, files: dict[str, str], work: Path) -> dict[str, Any]:
+    """The quality benchmark's jaxtune run, logging every step; its final params saved for the PyTorch worker."""
+    import jax
+    from flax.traverse_util import flatten_dict
+
+    from jaxtune import config as config_lib
+    from jaxtune.recipe import trainer_for
+    from jaxtune.tuning import combine
+
+    recipe = jaxtune_image_recipe(task, files, str(work / "run"))
+    recipe["train"]["log_every"] = 1
+    trainer = trainer_for(config_lib.validate(config_lib.from_data(config_lib.Config, recipe)))
+    result = trainer.fit()
+    flat = flatten_dict(jax.device_get(combine(trainer.trainable, trainer.frozen)))
+    np.savez(work / "jaxtune-params.npz", **{"/".join(map(str, k)): np.asarray(v) for k, v in flat.items()})
+    steps = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in steps if "grad_norm" in r]
+    return {"after": result.after, "losses": [r["loss"] for r in steps], "grad_norms": [r["grad_norm"] for r in steps]}
+
+
+def pytorch_worker(task: ImageTask, files: dict[str, str], work: Path) -> dict[str, Any]:
+    """The quality benchmark's PyTorch run (its per-step losses), then jaxtune's saved final params
+    evaluated by a fresh reference model (PyTorch's layout: kernels transposed)."""
+    import torch
+
+    from jaxtune.models.efficientnet import hf_module
+
+    run = torch_image_side(task, files)
+    _, test, pixels = _image_inputs(task, files)
+    model = _reference_lite0(task)
+    model._fc = torch.nn.Linear(1280, 10)
+    theirs = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    saved = np.load(work / "jaxtune-params.npz")
+    with torch.no_grad():
+        for key in saved.files:
+            path, value = tuple(key.split("/")), saved[key]
+            name = ("_fc." + ("weight" if path[-1] == "kernel" else "bias") if path[0] == "head" else
+                    f"{hf_module(path[:-1])}.{ {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])}")
+            value = value.transpose(3, 2, 1, 0) if value.ndim == 4 else value.T if path[-1] == "kernel" else value
+            theirs[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+    model.eval()
+    with torch.no_grad():
+        logits = np.concatenate([model(pixels(test, range(i, min(i + 64, len(test))))).numpy()
+                                 for i in range(0, len(test), 64)])
+    labels = np.asarray(run["labels"])
+    ours = np.asarray(run["after_outputs"])
+    return {"losses": run["losses"], "grad_norms": run["grad_norms"],
+            "accuracy": float((ours.argmax(-1) == labels).mean()),
+            "jaxtune_weights_accuracy": float((logits.argmax(-1) == labels).mean())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/paired-drift-seedN.json)")
+    ap.add_argument("--smoke", action="store_true", help="64 train / 32 test images, 4 steps (checks the script only)")
+    ap.add_argument("--worker", choices=("jaxtune", "pytorch"), help=argparse.SUPPRESS)
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    task = dataclasses.replace(IMAGE_TASKS["fashion-mnist-lite0"], paired=True, recalibrate=32, seeds=(args.seed,))
+    if args.smoke:
+        task = dataclasses.replace(task, train=64, test=32, batch_size=16, epochs=1, recalibrate=2)
+    if args.worker:
+        work = Path(args.work)
+        files = json.loads((work / "files.json").read_text())
+        result = (jaxtune_worker if args.worker == "jaxtune" else pytorch_worker)(task, files, work)
+        print(json.dumps(result))
+        return
+    work = Path(tempfile.mkdtemp(prefix="jaxtune-drift-"))
+    files = {k: str(v) for k, v in write_image_data(task, work).items()}
+    (work / "files.json").write_text(json.dumps(files))
+    record: dict[str, Any] = {"date": now(), "command": " ".join(sys.argv), "machine": machine(),
+                              "load_average_at_start": load_average(), "seed": args.seed}
+    for side in ("jaxtune", "pytorch"):  # jaxtune first: the PyTorch worker evaluates its saved weights
+        proc = subprocess.run([sys.executable, __file__, "--seed", str(args.seed), "--worker", side, "--work",
+                               str(work), *(["--smoke"] if args.smoke else [])], env=worker_env(),
+                              capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        record[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    ours, theirs = np.asarray(record["jaxtune"]["losses"]), np.asarray(record["pytorch"]["losses"])
+    gap = ours - theirs
+    print("step  loss jaxtune  loss PyTorch  difference  grad norm jaxtune / PyTorch")
+    for i in sorted({0, 1, 2, 3, 4, 5, 9, 14, 19, 29, 49, 61, 62, 99, 149, len(gap) - 1} & set(range(len(gap)))):
+        print(f"{i + 1:4d}  {ours[i]:12.5f}  {theirs[i]:12.5f}  {gap[i]:+10.2e}  "
+              f"{record['jaxtune']['grad_norms'][i]:.4f} / {record['pytorch']['grad_norms'][i]:.4f}")
+    print(f"accuracy: jaxtune {record['jaxtune']['after']['accuracy']:.3f}, PyTorch {record['pytorch']['accuracy']:.3f}"
+          f"; jaxtune's weights evaluated by PyTorch {record['pytorch']['jaxtune_weights_accuracy']:.3f}")
+    out = Path(args.out or Path(__file__).parent / "results" / f"paired-drift-seed{args.seed}.json")
+    out.write_text(json.dumps(record, indent=1))
+    print(f"{record['date']}, {record['machine']}; JSON {out}")
+
+
+if __name__ == "__main__":
+    main()
