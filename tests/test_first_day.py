@@ -337,7 +337,13 @@ def test_chat_truncation_policies_train_and_report_drops_per_label(policy, llama
     else:  # right cuts the four long ones' answers off, drop drops them: either way said, per label
         assert "0 split, 4 dropped (positive 4 of 8, negative 0 of 8)" in report
         assert len(warnings) == 1
-        assert "4 of 16 examples dropped" in warnings[0]
+        assert "(training data): 4 of 16 examples dropped" in warnings[0]
+        from jaxtune.data.pipeline import evaluation_loader
+
+        caplog.clear()  # a validation split of the same file names the same file: the pass is said
+        with caplog.at_level("INFO", logger="jaxtune"):
+            evaluation_loader(train, model.tokenizer, data).scan()
+        assert any("(validation data): 4 of 16 examples dropped" in r.getMessage() for r in caplog.records)
         assert "dropping changes the label mix: positive 50% -> 33%, negative 50% -> 67%" in warnings[0]
         assert "data.truncation=left" in warnings[0]
 

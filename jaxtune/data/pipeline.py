@@ -364,8 +364,10 @@ class Loader:
         keep = (f"raise data.max_length (the longest record has {stats.longest} tokens)"
                 + (" or set data.truncation=left (keeps the answer, cuts the oldest turns)"
                    if self.source.kind in ("chat", "prompt_completion") and cfg.truncation != "left" else ""))
-        log.warning("%s: %d of %d examples dropped: %s%s%s; to keep them, %s", where, stats.dropped, stats.records,
-                    why, f" (per label: {by_label})" if by_label else "",
+        # A validation split of the training file names the same file: say which pass drops them.
+        role = "training data" if cfg.shuffle else "validation data"
+        log.warning("%s (%s): %d of %d examples dropped: %s%s%s; to keep them, %s", where, role, stats.dropped,
+                    stats.records, why, f" (per label: {by_label})" if by_label else "",
                     f"; dropping changes the label mix: {mix}" if mix else "", keep)
 
     def _nothing_left(self, stats: TokenStats) -> DataError:
