@@ -616,6 +616,21 @@ def test_a_resumed_run_with_other_validation_data_scores_its_base_on_that_data(s
     assert json.loads((tmp_path / "run" / "report.json").read_text())["evaluated_on"]["rows"] == 8
 
 
+def test_rows_longer_than_the_trained_context_of_a_rotary_model_are_warned_of(setup, tmp_path, caplog):
+    """A rotary model has no position table to run out of (transformers trains past its context without a
+    word), but positions past its config's max_position_embeddings (256 here) are new to it: said once."""
+    model_dir, train, valid = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2), tokenizer=tiny_tokenizer())
+    for max_length, warned in ((256, False), (512, True)):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="jaxtune"):
+            Trainer(tuned, read_source(train, "chat"), read_source(valid, "chat"), run_dir=tmp_path / str(max_length),
+                    mesh=ONE_DEVICE(), data=LoaderConfig(batch_size=4, max_length=max_length))
+        said = [r.getMessage() for r in caplog.records if "trained for" in r.getMessage()]
+        assert len(said) == warned, said
+    assert said[0].startswith("data.max_length: rows of 512 positions are longer than the 256 the model was trained")
+
+
 def test_prompt_tuning_rows_must_fit_the_positions_and_stay_unpacked_in_evaluation(tmp_path):
     """Prompt tuning puts its virtual tokens before every row, so a row of data.max_length takes that many
     positions more (GPT-2's learned table read NaN past its end), and a packed row's later examples would be

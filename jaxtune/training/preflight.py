@@ -150,6 +150,15 @@ def check_rows_fit(model: Tuned, loaders: list[Loader]) -> None:
     prepends its tokens to a row's first example only), in evaluation as in training."""
     positions = getattr(model.config, "max_position_embeddings", None)
     virtual = model.prompt_tokens
+    # Rotary positions have no table to run out of, but past the context the checkpoint was trained for
+    # (its config.json's max_position_embeddings, any rope_scaling included) the model has seen none.
+    trained = None if positions else model.hf_config.get("max_position_embeddings")
+    longest = max((data.config.max_length + virtual for data in loaders), default=0)
+    if isinstance(trained, int) and longest > trained:
+        log.warning("data.max_length: rows of %d positions are longer than the %d the model was trained for "
+                    "(max_position_embeddings in its config.json): positions past it are new to it; set "
+                    "data.max_length to %d or less, or extend the context with rope_scaling in its config.json",
+                    longest, trained, trained - virtual)
     for data in loaders:
         if positions and data.config.max_length + virtual > positions:
             room = f"{positions - virtual} or less (the plan's {virtual} virtual tokens come first)" if virtual else \
