@@ -15,8 +15,13 @@ TINY_ENCODER = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hid
                     num_attention_heads=4, max_position_embeddings=64)
 
 
-def tiny_hf_model(architecture: str, out_dir: Path | None = None, seed: int = 0, **overrides: Any):
-    """A random transformers model of ``architecture`` (eval mode), optionally saved to ``out_dir``."""
+def tiny_hf_model(architecture: str, out_dir: Path | None = None, seed: int = 0, randomize: bool = False,
+                  **overrides: Any):
+    """A random transformers model of ``architecture`` (eval mode), optionally saved to ``out_dir``.
+
+    transformers' init leaves every norm gain at 1 and every bias at 0, so a parity test against it
+    cannot see a dropped gain or bias: ``randomize=True`` draws every weight afresh
+    (:func:`randomize_weights`, norm gains by :func:`is_norm_gain`) before saving."""
     import torch
     import transformers
 
@@ -39,9 +44,18 @@ def tiny_hf_model(architecture: str, out_dir: Path | None = None, seed: int = 0,
     config.architectures = [architecture]
     torch.manual_seed(seed)
     model = getattr(transformers, architecture)(config).eval()
+    if randomize:
+        randomize_weights(model, is_norm=is_norm_gain)
     if out_dir is not None:
         model.save_pretrained(out_dir)
     return model
+
+
+def is_norm_gain(name: str) -> bool:
+    """A norm's gain by its parameter name, in every naming here: Llama's ``input_layernorm.weight``,
+    Qwen3's ``q_norm.weight``, BERT's ``LayerNorm.weight``, ViT's ``layernorm_before.weight`` (a
+    LayerNorm's bias is not a gain: it is drawn as any other weight)."""
+    return "norm" in name.lower() and name.endswith(".weight")
 
 
 def randomize_weights(model, norm_offset: float = 0.5, is_norm=lambda name: "norm" in name) -> None:

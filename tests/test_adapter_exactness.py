@@ -24,8 +24,9 @@ from jaxtune.tuning import ExportError, PlanError
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("exact")
-    tiny_hf_model("Qwen2ForCausalLM", root / "tied", tie_word_embeddings=True)  # SmolLM2 / Qwen2.5 are tied
-    tiny_hf_model("LlamaForCausalLM", root / "untied")
+    # Weights drawn afresh (no norm gain at 1, no bias at 0: Qwen2's qkv biases count too).
+    tiny_hf_model("Qwen2ForCausalLM", root / "tied", randomize=True, tie_word_embeddings=True)  # as SmolLM2 / Qwen2.5
+    tiny_hf_model("LlamaForCausalLM", root / "untied", randomize=True)
     return root
 
 
@@ -137,7 +138,7 @@ def test_lora_on_embedding_is_refused_clearly(sources, tmp_path):
 
 @pytest.mark.parametrize("arch", ["LlamaForSequenceClassification", "Qwen2ForSequenceClassification"])
 def test_transformers_decoder_classifier_checkpoint_loads(arch, tmp_path):
-    ref = tiny_hf_model(arch, tmp_path, num_labels=3, pad_token_id=0)
+    ref = tiny_hf_model(arch, tmp_path, randomize=True, num_labels=3, pad_token_id=0)
     pretrained = hf.load_pretrained(tmp_path)
     theirs = torch_out(ref, input_ids=IDS, attention_mask=MASK)
     np.testing.assert_allclose(np.asarray(pretrained.module.apply({"params": pretrained.params},
@@ -168,7 +169,7 @@ def test_merged_classifier_round_trips_and_runs_padded_in_transformers(sources, 
 
 
 def test_bert_for_masked_lm_loads_without_pooler(tmp_path):
-    ref = tiny_hf_model("BertForMaskedLM", tmp_path)
+    ref = tiny_hf_model("BertForMaskedLM", tmp_path, randomize=True)
     with pytest.warns(UserWarning, match="no pooler tensors.*'cls' .*or 'mean'"):
         body = hf.load_pretrained(tmp_path)
     assert "pooler" not in body.params and not body.config.use_pooler

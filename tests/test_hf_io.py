@@ -18,11 +18,24 @@ from jaxtune.models import hf, stacking
 IDS = np.random.RandomState(0).randint(0, 96, (2, 9)).astype(np.int32)
 
 
+def _tensors(folder) -> dict[str, np.ndarray]:
+    """Every tensor of the safetensors files in ``folder``, by name."""
+    from safetensors.numpy import load_file
+
+    return {k: v for path in sorted(folder.glob("*.safetensors")) for k, v in load_file(path).items()}
+
+
 @pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "LlamaForCausalLM", "BertForSequenceClassification"])
 def test_round_trip_through_transformers(arch, tmp_path):
-    ref = tiny_hf_model(arch, tmp_path / "src", tie_word_embeddings=arch == "LlamaForCausalLM")
+    ref = tiny_hf_model(arch, tmp_path / "src", randomize=True, tie_word_embeddings=arch == "LlamaForCausalLM")
     model = hf.load_pretrained(tmp_path / "src")
     hf.save_pretrained(model.params, model.hf_config, tmp_path / "out")
+    # Every tensor transformers itself stores (its state_dict less tied copies), each unchanged:
+    # from_pretrained would fill a missing norm gain or bias with 1 or 0 without a word.
+    theirs, ours_saved = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
+    assert set(ours_saved) == set(theirs) and set(theirs) <= set(ref.state_dict())
+    for name, tensor in theirs.items():
+        np.testing.assert_array_equal(ours_saved[name], tensor, err_msg=name)
     reloaded = getattr(transformers, arch).from_pretrained(tmp_path / "out").eval()
     np.testing.assert_allclose(torch_logits(reloaded, IDS), torch_logits(ref, IDS), atol=1e-6, rtol=0)
     ours = model.module.apply({"params": model.params}, IDS)
@@ -47,7 +60,7 @@ def test_bf16_checkpoint_loads(tmp_path):
 
 
 def test_save_bf16_and_sharded_checkpoints(tmp_path):
-    ref = tiny_hf_model("Qwen2ForCausalLM", tmp_path / "src")
+    ref = tiny_hf_model("Qwen2ForCausalLM", tmp_path / "src", randomize=True)  # biases not all 0 either
     model = hf.load_pretrained(tmp_path / "src")
     hf.save_pretrained(model.params, model.hf_config, tmp_path / "sharded", max_shard_bytes=40_000)
     shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
@@ -61,6 +74,13 @@ def test_save_bf16_and_sharded_checkpoints(tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     theirs16 = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "bf16").eval()
     assert next(theirs16.parameters()).dtype == torch.bfloat16
+    # Each stored tensor is the fp32 one rounded to bfloat16 (round-to-nearest-even, as torch rounds).
+    stored, fp32 = _tensors(tmp_path / "bf16"), _tensors(tmp_path / "src")
+    assert set(stored) == set(fp32)
+    for name, tensor in fp32.items():
+        assert stored[name].dtype == jnp.bfloat16, name
+        expected = torch.from_numpy(tensor).to(torch.bfloat16).view(torch.int16).numpy()
+        np.testing.assert_array_equal(stored[name].view(np.int16), expected, err_msg=name)
 
 
 def test_transformers_sharded_checkpoint_loads(tmp_path):

@@ -36,7 +36,7 @@ DECODER_CASES = {
 def decoder_pair(request, tmp_path_factory):
     arch, overrides = DECODER_CASES[request.param]
     path = tmp_path_factory.mktemp(request.param)
-    ref = tiny_hf_model(arch, path, **overrides)
+    ref = tiny_hf_model(arch, path, randomize=True, **overrides)  # no gain 1, no bias 0
     return ref, hf.load_pretrained(path), path
 
 
@@ -123,7 +123,7 @@ def test_unroll_layers_reaches_a_decoder_and_is_refused_by_an_encoder(tmp_path):
 @pytest.fixture(scope="module")
 def bert_pair(tmp_path_factory):
     path = tmp_path_factory.mktemp("bert")
-    ref = tiny_hf_model("BertModel", path)
+    ref = tiny_hf_model("BertModel", path, randomize=True)  # LayerNorm gains and every bias drawn
     return ref, hf.load_pretrained(path)
 
 
@@ -159,7 +159,7 @@ def test_encoder_pooler_matches(bert_pair):
 
 @pytest.mark.parametrize("num_labels", [3, 1])
 def test_sequence_classifier_matches(num_labels, tmp_path):
-    ref = tiny_hf_model("BertForSequenceClassification", tmp_path, num_labels=num_labels)
+    ref = tiny_hf_model("BertForSequenceClassification", tmp_path, randomize=True, num_labels=num_labels)
     model = hf.load_pretrained(tmp_path)
     ids = _ids((3, 8), vocab=96)
     mask = np.array([[1] * 8, [1] * 6 + [0] * 2, [1] * 3 + [0] * 5], np.int32)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import is_norm_gain, randomize_weights
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
 from jaxtune.models import hf
@@ -23,8 +24,12 @@ def vit_dirs(tmp_path_factory):
     """Tiny random ViTModel (with pooler) and ViTForImageClassification directories."""
     root = tmp_path_factory.mktemp("vit")
     torch.manual_seed(0)
-    ViTModel(_config(hidden_act="gelu_new")).save_pretrained(root / "model")
-    ViTForImageClassification(_config()).save_pretrained(root / "classifier")
+    for model, name in ((ViTModel(_config(hidden_act="gelu_new")), "model"), (ViTForImageClassification(_config()),
+                                                                                "classifier")):
+        # Every weight drawn afresh: transformers' init leaves LayerNorm gains at 1 and every bias
+        # (the patch projection's too) at 0, which a dropped gain or bias would still match.
+        randomize_weights(model, is_norm=is_norm_gain)
+        model.save_pretrained(root / name)
     return root
 
 
