@@ -21,7 +21,6 @@ from test_tuning_lora import forward, randomize_adapters
 from jaxtune import tuning
 from jaxtune.models import hf, stacking
 from jaxtune.tuning import ExportError
-from jaxtune.tuning.lora import adapter_delta
 
 TOL = 1e-4
 # Right padding with pad id 0 (and no 0 inside the text), so that HF's sequence classifiers find
@@ -34,7 +33,10 @@ IDS = np.random.RandomState(0).randint(1, 96, MASK.shape).astype(np.int32) * MAS
 def sources(tmp_path_factory):
     root = tmp_path_factory.mktemp("sources")
     tiny_hf_model("LlamaForCausalLM", root / "llama", pad_token_id=0)
-    tiny_hf_model("Qwen3ForCausalLM", root / "qwen3", attention_bias=True, tie_word_embeddings=True, head_dim=16)
+    # Drawn afresh: nonzero biases (PEFT's DoRA takes the bias out before its magnitude rescale) and
+    # q_norm / k_norm gains other than 1.
+    tiny_hf_model("Qwen3ForCausalLM", root / "qwen3", randomize=True, attention_bias=True, tie_word_embeddings=True,
+                  head_dim=16)
     tiny_hf_model("BertModel", root / "bert")
     return root
 
@@ -264,17 +266,20 @@ def test_an_adapter_config_without_rank_or_alpha_reads_peft_defaults(sources, tm
 def test_merged_float32_export_of_a_bfloat16_base_keeps_the_whole_update(sources, tmp_path, dora):
     """``export(format="merged", dtype="float32")`` of a base loaded in bfloat16 writes W + s A B (DoRA:
     rescaled) rounded once, to float32: 46% of a small update's entries used to vanish in a rounding to
-    the kernel's bfloat16 first. The reference is the closed form over the bfloat16 kernel, in float32."""
-    plan = (tuning.dora if dora else tuning.lora)(rank=4, alpha=8, targets=["q_proj"])
+    the kernel's bfloat16 first. The reference is the closed form over the bfloat16 kernel, in float64
+    numpy from the plan's rank and alpha (s = alpha / rank; the DoRA case is rsLoRA: alpha / sqrt(rank))."""
+    rank, alpha, rslora = 4, 8.0, dora
+    plan = (tuning.dora if dora else tuning.lora)(rank=rank, alpha=alpha, rslora=rslora, targets=["q_proj"])
     tuned = tuning.apply_plan(hf.load_pretrained(sources / "llama", dtype=jnp.bfloat16), plan)
     params = randomize_adapters(tuned.params, scale=1e-3)
     out = tuning.export_merged(tuned, tmp_path / "merged", params=params, dtype="float32")
     with safe_open(out / "model.safetensors", framework="np") as f:
         written = f.get_tensor("model.layers.0.self_attn.q_proj.weight").T
-    leaves = {k[-1]: v for k, v in flatten_dict(stacking.unstack(params)).items()
+    leaves = {k[-1]: np.asarray(v, np.float64) for k, v in flatten_dict(stacking.unstack(params)).items()
               if k[:-1] == ("layers_0", "self_attn", "q_proj")}
-    adapted = np.asarray(leaves["kernel"], np.float32) + np.asarray(adapter_delta(leaves))
-    if dora:
-        adapted = adapted * np.asarray(leaves["magnitude"], np.float32) / np.linalg.norm(adapted, axis=0)
+    scale = alpha / (np.sqrt(rank) if rslora else rank)
+    adapted = leaves["kernel"] + leaves["lora_a"] @ leaves["lora_b"] * scale
+    if dora:  # W' = m * (W + s A B) / ||W + s A B||, the norm per output feature (a column here)
+        adapted = adapted * leaves["magnitude"] / np.linalg.norm(adapted, axis=0)
     assert written.dtype == np.float32
     np.testing.assert_allclose(written, adapted, rtol=1e-6, atol=1e-7)
