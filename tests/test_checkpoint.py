@@ -15,13 +15,35 @@ from jaxtune.training.checkpoint import Checkpointer
 from jaxtune.training.sharding import MeshConfig, make_mesh, param_shardings, shard
 
 
-def _state(mesh):
+def _state(mesh, updates: int = 1):
+    """Sharded params and Adam state after ``updates`` real steps (nonzero mu, nu and count): a
+    restore that handed back its template, or a fresh init, differs from them."""
     rng = np.random.RandomState(0)
     trainable = {"layers_0": {"mlp": {"up_proj": {"kernel": jnp.asarray(rng.randn(16, 32), jnp.float32)}}},
                  "norm": {"scale": jnp.asarray(rng.randn(16), jnp.float32)}}
     trainable = shard(trainable, param_shardings(trainable, mesh, decoder.PARTITION_RULES))
     opt = optax.adam(1e-3)
-    return trainable, jax.jit(opt.init)(trainable)
+    opt_state = jax.jit(opt.init)(trainable)
+
+    @jax.jit
+    def step(params, state, grads):
+        change, state = opt.update(grads, state, params)
+        return optax.apply_updates(params, change), state
+
+    for _ in range(updates):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.randn(*x.shape), x.dtype), trainable)
+        trainable, opt_state = step(trainable, opt_state, grads)
+    return trainable, opt_state
+
+
+def _zeros_like(tree):
+    """A restore template of zeros on ``tree``'s shardings: only its shapes and placement may count."""
+    return jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding), tree)
+
+
+def _assert_tree_equal(got, expected):
+    assert jax.tree.structure(got) == jax.tree.structure(expected)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, expected)
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
@@ -29,12 +51,16 @@ def test_restore_onto_a_different_mesh(tmp_path):
     trainable, opt_state = _state(big)
     assert (trainable["layers_0"]["mlp"]["up_proj"]["kernel"].sharding.spec
             == jax.sharding.PartitionSpec("fsdp", "tensor"))
+    assert int(opt_state[0].count) == 1 and np.abs(np.asarray(opt_state[0].nu["norm"]["scale"])).min() > 0
+    saved_trainable, saved_opt = jax.device_get((trainable, opt_state))  # host copies, taken before saving
     ckpt = Checkpointer(tmp_path, with_data=False)
     ckpt.save(7, trainable, opt_state, jax.random.key(3), config={"model": "x"})
     ckpt.close()
 
     small = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    like_trainable, like_opt = _state(small)
+    # Templates as a fresh run builds them: abstract shapes on the new mesh, nothing of the saved values.
+    like_trainable, like_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                            _zeros_like(_state(small, updates=0)))
     restored = Checkpointer(tmp_path, with_data=False).restore(like_trainable, like_opt)
     assert restored is not None
     step, new_trainable, new_opt, rng, meta = restored
@@ -43,24 +69,25 @@ def test_restore_onto_a_different_mesh(tmp_path):
                                   np.asarray(jax.random.key_data(jax.random.key(3))))
     kernel = new_trainable["layers_0"]["mlp"]["up_proj"]["kernel"]
     assert kernel.sharding.mesh.devices.size == 1  # resharded onto the new, smaller mesh
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new_trainable, trainable)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), new_opt, opt_state)
+    _assert_tree_equal(new_trainable, saved_trainable)
+    _assert_tree_equal(new_opt, saved_opt)
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     trainable, opt_state = _state(mesh)
+    saved = jax.device_get((trainable, opt_state))  # step 1's values, copied before saving
     ckpt = Checkpointer(tmp_path, with_data=False)
     ckpt.save(1, trainable, opt_state, jax.random.key(0))
-    later = jax.tree.map(lambda x: x + 1, trainable)
-    ckpt.save(2, later, opt_state, jax.random.key(0))
+    later, later_opt = _state(mesh, updates=2)
+    ckpt.save(2, later, later_opt, jax.random.key(0))
     ckpt.close()
     shutil.rmtree(tmp_path / "checkpoints" / "2" / "trainable")  # a step whose files are gone
     with pytest.warns(UserWarning, match=r"checkpoints/2: checkpoint is incomplete or corrupt.*falling back to step 1"):
-        restored = Checkpointer(tmp_path, with_data=False).restore(trainable, opt_state)
-    step, got, _, _, _ = restored
+        restored = Checkpointer(tmp_path, with_data=False).restore(_zeros_like(trainable), _zeros_like(opt_state))
+    step, got, got_opt, _, _ = restored
     assert step == 1
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, trainable)
+    _assert_tree_equal((got, got_opt), saved)
 
 
 def test_an_intact_checkpoint_that_does_not_fit_is_an_error_and_stays(tmp_path):
@@ -93,11 +120,12 @@ def test_stateless_optimizer_saves_and_restores(tmp_path):
     """Plain SGD keeps no optimizer state (no leaves); its checkpoints still save and restore."""
     mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     trainable, _ = _state(mesh)
+    saved = jax.device_get(trainable)
     empty = optax.sgd(1e-2).init(trainable)
     assert not jax.tree.leaves(empty)
     ckpt = Checkpointer(tmp_path, with_data=False)
     ckpt.save(3, trainable, empty, jax.random.key(0))
     ckpt.close()
-    step, got, opt_state, _, _ = Checkpointer(tmp_path, with_data=False).restore(trainable, empty)
+    step, got, opt_state, _, _ = Checkpointer(tmp_path, with_data=False).restore(_zeros_like(trainable), empty)
     assert step == 3 and jax.tree.structure(opt_state) == jax.tree.structure(empty)
-    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, trainable)
+    _assert_tree_equal(got, saved)
