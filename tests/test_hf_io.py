@@ -27,15 +27,17 @@ def _tensors(folder) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "LlamaForCausalLM", "BertForSequenceClassification"])
 def test_round_trip_through_transformers(arch, tmp_path):
-    ref = tiny_hf_model(arch, tmp_path / "src", randomize=True, tie_word_embeddings=arch == "LlamaForCausalLM")
+    tied = arch == "LlamaForCausalLM"
+    ref = tiny_hf_model(arch, tmp_path / "src", randomize=True, tie_word_embeddings=tied)
     model = hf.load_pretrained(tmp_path / "src")
     hf.save_pretrained(model.params, model.hf_config, tmp_path / "out")
-    # Every tensor transformers itself stores (its state_dict less tied copies), each unchanged:
-    # from_pretrained would fill a missing norm gain or bias with 1 or 0 without a word.
-    theirs, ours_saved = _tensors(tmp_path / "src"), _tensors(tmp_path / "out")
-    assert set(ours_saved) == set(theirs) and set(theirs) <= set(ref.state_dict())
-    for name, tensor in theirs.items():
-        np.testing.assert_array_equal(ours_saved[name], tensor, err_msg=name)
+    # Every tensor of the state_dict (a tied lm_head is the embedding: not stored, as transformers
+    # saves it), each unchanged: from_pretrained fills a missing norm gain or bias with 1 or 0 silently.
+    saved, state = _tensors(tmp_path / "out"), ref.state_dict()
+    assert set(state) - set(saved) == ({"lm_head.weight"} if tied else set()) and set(saved) <= set(state)
+    assert set(saved) == set(_tensors(tmp_path / "src"))  # what transformers itself writes
+    for name, tensor in saved.items():
+        np.testing.assert_array_equal(tensor, state[name].numpy(), err_msg=name)
     reloaded = getattr(transformers, arch).from_pretrained(tmp_path / "out").eval()
     np.testing.assert_allclose(torch_logits(reloaded, IDS), torch_logits(ref, IDS), atol=1e-6, rtol=0)
     ours = model.module.apply({"params": model.params}, IDS)
