@@ -60,7 +60,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     small = make_mesh(MeshConfig(data=1), jax.devices()[:1])
     # Templates as a fresh run builds them: abstract shapes on the new mesh, nothing of the saved values.
     like_trainable, like_opt = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                            _zeros_like(_state(small, updates=0)))
+                                            _state(small, updates=0))
     restored = Checkpointer(tmp_path, with_data=False).restore(like_trainable, like_opt)
     assert restored is not None
     step, new_trainable, new_opt, rng, meta = restored
