@@ -411,6 +411,8 @@ def test_data_fields_that_read_the_examples_are_refused(setup, tmp_path):
         name = next(iter(fields))
         with pytest.raises(ValueError, match=rf"^data\.{name}: the Trainer .* pass it to jaxtune\.read"):
             Trainer(tuned, source, run_dir=tmp_path, data=DataConfig(**fields))
+    with pytest.raises(ValueError, match="^data.images: true, but train_data is chat text, not images; remove"):
+        Trainer(tuned, source, run_dir=tmp_path, mesh=ONE_DEVICE(), data=DataConfig(batch_size=4, images=True))
     # the fields that batch the examples (and eval_batch_size) are the Trainer's own
     trainer = Trainer(tuned, source, run_dir=tmp_path, mesh=ONE_DEVICE(),
                       data=DataConfig(batch_size=4, max_length=64, eval_batch_size=2))

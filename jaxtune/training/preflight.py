@@ -93,6 +93,9 @@ def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool, ma
         if getattr(config, "verify_images", True):
             loader.scan()  # every image file decodes: a corrupt one fails here, not at its batch
         return loader
+    if getattr(config, "images", False):  # would be ignored: the data says what it is
+        raise ValueError(f"data.images: true, but {name} is {data.kind} text, not images; remove data.images (and "
+                         "the image options augment, verify_images)")
     if model.tokenizer is None:
         raise ValueError("the model has no tokenizer to encode the data: load it with jaxtune.load, or pass "
                          "tokenizer= to apply_plan")
