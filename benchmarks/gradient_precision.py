@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common import machine, now, versions
+from quality_images import reference_name, swap_layout
 
 
 def _batches(size: int, batch_size: int, count: int) -> list[dict[str, Any]]:
@@ -88,7 +89,6 @@ def torch_gradients(tuned: Any, batches: list[dict[str, Any]], dtype: Any) -> li
     from flax.traverse_util import flatten_dict
 
     from jaxtune.assets import ASSETS, package_path
-    from jaxtune.models.efficientnet import hf_module
 
     flat, labels = flatten_dict(tuned.params), flatten_dict(tuned.labels)
     model = EfficientNet.from_pretrained("efficientnet-lite0",
@@ -112,13 +112,10 @@ def torch_gradients(tuned: Any, batches: list[dict[str, Any]], dtype: Any) -> li
     trained = [p for p, label in labels.items() if label in ("train", "head")]
 
     def theirs(path: tuple[str, ...]) -> torch.Tensor:
-        if path[0] == "head":
-            return named["_fc.weight" if path[-1] == "kernel" else "_fc.bias"]
-        return named[f"{hf_module(path[:-1])}.{ {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])}"]
+        return named[reference_name(path)]
 
     def ours(tensor: torch.Tensor) -> np.ndarray:  # PyTorch's layout -> jaxtune's
-        t = tensor.detach().double().numpy()
-        return t.transpose(3, 2, 1, 0) if t.ndim == 4 else t.T if t.ndim == 2 else t
+        return swap_layout(tensor.detach().double().numpy())
 
     out = []
     for batch in batches:

@@ -32,6 +32,8 @@ from quality_images import (
     _image_inputs,
     _reference_lite0,
     jaxtune_image_recipe,
+    reference_name,
+    swap_layout,
     torch_image_side,
     write_image_data,
 )
@@ -62,8 +64,6 @@ def pytorch_worker(task: ImageTask, files: dict[str, str], work: Path) -> dict[s
     evaluated by a fresh reference model (PyTorch's layout: kernels transposed)."""
     import torch
 
-    from jaxtune.models.efficientnet import hf_module
-
     run = torch_image_side(task, files)
     _, test, pixels = _image_inputs(task, files)
     model = _reference_lite0(task)
@@ -72,11 +72,8 @@ def pytorch_worker(task: ImageTask, files: dict[str, str], work: Path) -> dict[s
     saved = np.load(work / "jaxtune-params.npz")
     with torch.no_grad():
         for key in saved.files:
-            path, value = tuple(key.split("/")), saved[key]
-            name = ("_fc." + ("weight" if path[-1] == "kernel" else "bias") if path[0] == "head" else
-                    f"{hf_module(path[:-1])}.{ {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])}")
-            value = value.transpose(3, 2, 1, 0) if value.ndim == 4 else value.T if path[-1] == "kernel" else value
-            theirs[name].copy_(torch.from_numpy(np.ascontiguousarray(value)))
+            value = np.ascontiguousarray(swap_layout(saved[key]))
+            theirs[reference_name(tuple(key.split("/")))].copy_(torch.from_numpy(value))
     model.eval()
     with torch.no_grad():
         logits = np.concatenate([model(pixels(test, range(i, min(i + 64, len(test))))).numpy()

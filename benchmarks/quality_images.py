@@ -163,6 +163,22 @@ def _reference_lite0(task: ImageTask) -> Any:
     return EfficientNet.from_pretrained(task.model, weights_path=str(package_path(ASSETS[task.model])))
 
 
+def reference_name(path: tuple[str, ...]) -> str:
+    """The reference package's name of jaxtune's EfficientNet-Lite0 param (or statistic) at ``path``;
+    a new head is its ``_fc``."""
+    from jaxtune.models.efficientnet import hf_module
+
+    if path[0] == "head":
+        return "_fc.weight" if path[-1] == "kernel" else "_fc.bias"
+    return f"{hf_module(path[:-1])}.{ {'kernel': 'weight', 'scale': 'weight'}.get(path[-1], path[-1])}"
+
+
+def swap_layout(array: Any) -> Any:
+    """jaxtune's layout <-> PyTorch's, the same transpose both ways: a conv kernel (H, W, in, out) <->
+    (out, in, H, W), a linear kernel (in, out) <-> (out, in); vectors as they are."""
+    return array.transpose(3, 2, 1, 0) if array.ndim == 4 else array.T if array.ndim == 2 else array
+
+
 def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
     """The same plan on the reference PyTorch EfficientNet-Lite0: the last blocks, head conv and
     a new linear head train; the BatchNorms of those modules run in train mode (batch statistics,
