@@ -155,7 +155,8 @@ def source_fields(config: DataConfig) -> list[str]:
 def batching(config: DataConfig) -> DataConfig:
     """``config`` without its source fields (all at their defaults): the part a Trainer given the
     examples read from it takes."""
-    return dataclasses.replace(config, **{name: getattr(DataConfig(), name) for name in SOURCE_FIELDS},
+    defaults = DataConfig()
+    return dataclasses.replace(config, **{name: getattr(defaults, name) for name in SOURCE_FIELDS},
                                images=config.is_images)
 
 
