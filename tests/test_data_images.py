@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -226,3 +227,62 @@ def test_jsonl_rows_with_a_bom_a_line_separator_in_a_label_and_their_own_label_k
             jt.read(tmp_path / "rows.jsonl", kind="classification", images=True, **{option: value})
     with pytest.raises(DataError, match="label_field 'kind' names a JSONL key.*class-folder tree"):
         read_images(folder, label_field="kind")
+
+
+_SCAN_SCRIPT = """
+import json, sys
+import jax
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from jaxtune.data import DataError, LoaderConfig
+from jaxtune.data import images
+decoded, real = [], images._check_decodes
+images._check_decodes = lambda path: (decoded.append(path), real(path))[1]
+spec = images.ImageSpec(size=8, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3)
+loader = images.image_loader(images.read_image_folder(sys.argv[3]), spec, LoaderConfig(batch_size=2), train=True)
+try:
+    loader.scan()
+    error = None
+except DataError as err:
+    error = str(err)
+json.dump({"decoded": decoded, "error": error}, open(sys.argv[4], "w"))
+"""
+
+
+@pytest.mark.slow
+def test_processes_split_the_image_check_and_all_fail_on_the_first_bad_file(tmp_path):
+    """Each JAX process decodes every other file, and every process raises the error of the first bad
+    one in order, also when another process's share holds it (one going on alone would hang)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    for name in ("a", "b"):
+        for i in range(4):
+            _png(tmp_path / "imgs" / name / f"{i}.png", (30 * i, 60, 90))
+    files = sorted(str(p) for p in (tmp_path / "imgs").rglob("*.png"))
+    script = tmp_path / "scan.py"
+    script.write_text(_SCAN_SCRIPT)
+
+    def run(tag: str) -> list[dict]:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{s.getsockname()[1]}"
+        env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+        procs = [subprocess.Popen([sys.executable, str(script), address, str(i), str(tmp_path / "imgs"),
+                                   str(tmp_path / f"{tag}{i}.json")], env=env, stderr=subprocess.PIPE, text=True)
+                 for i in range(2)]
+        for p in procs:
+            assert p.wait(timeout=300) == 0, p.stderr.read()[-3000:]
+        return [json.loads((tmp_path / f"{tag}{i}.json").read_text()) for i in range(2)]
+
+    good = run("good")
+    assert [r["error"] for r in good] == [None, None]
+    assert [r["decoded"] for r in good] == [files[0::2], files[1::2]]
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), np.uint8)
+    for position in (6, 7):  # process 0's share, then process 1's: cut in half, the header readable
+        Image.fromarray(noise).save(files[position])
+        Path(files[position]).write_bytes(Path(files[position]).read_bytes()[:1500])
+    bad = run("bad")
+    assert bad[0]["error"] == bad[1]["error"] and bad[0]["error"].startswith(files[6] + ": ")
+    assert files[6] in bad[1]["decoded"]  # process 1 decodes process 0's bad file to raise its error too

@@ -138,6 +138,29 @@ def _check_decodes(path: str) -> None:
     decode_image(path)  # the pixels are dropped: a scan keeps no images in memory
 
 
+def _first_undecodable(items: Sequence[str], index: int, count: int) -> int:
+    """The position in ``items`` of the first of ``items[index::count]`` that does not decode, or
+    ``len(items)`` when all do. The files decode on threads; the rest are cancelled at the first
+    failure."""
+    positions = range(index, len(items), count)
+    pool = concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
+    try:
+        for position, decoded in zip(positions, pool.map(_decodes, (items[i] for i in positions))):
+            if not decoded:
+                return position
+        return len(items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _decodes(path: str) -> bool:
+    try:
+        _check_decodes(path)
+    except DataError:
+        return False
+    return True
+
+
 def _check_header(path: str, row: str | None = None) -> None:
     """Open the image's header only (cheap): a non-image or empty file fails at the door, its error
     naming ``row`` (``file:line`` of the row that names the image) where there is one."""
@@ -476,15 +499,27 @@ class ImageLoader(Loader):
         """Decode every image file of the source once (cached): raises the first :class:`DataError`
         a record would raise during training, so a truncated or corrupt file fails before the first
         step rather than when its batch comes up (reading checked headers only). Array sources are
-        checked whole when read. Decoding runs on threads (Pillow releases the GIL)."""
+        checked whole when read. Decoding runs on threads (Pillow releases the GIL).
+
+        Where JAX processes share the data (each reads its shard), each decodes only every
+        ``shard_count``-th file and the processes agree on the first bad one, so that every process
+        raises the same error (one that went on alone would wait at the first step's collective)."""
         if self._stats is None:
             items = self.source.items
             if not isinstance(items, np.ndarray) and len(items):
                 start = time.perf_counter()
-                with concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
-                    for _ in pool.map(_check_decodes, items):  # in order: the first bad file
-                        pass
-                log.info("data: %d image files decode (checked in %.1f s)", len(items), time.perf_counter() - start)
+                split = self.config.shard_index is None and self.shard_count > 1  # the processes', not a caller's
+                index, count = (self.shard_index, self.shard_count) if split else (0, 1)
+                bad = _first_undecodable(items, index, count)
+                if split:
+                    from jax.experimental import multihost_utils
+
+                    bad = int(np.min(multihost_utils.process_allgather(np.int32(bad))))
+                if bad < len(items):
+                    _check_decodes(items[bad])  # raises, naming the file, on every process
+                log.info("data: %d image files decode (%s checked in %.1f s)", len(items),
+                         f"{len(range(index, len(items), count))} by this process," if split else "all",
+                         time.perf_counter() - start)
             self._stats = ImageStats(len(self.source), len(self.source))
         return self._stats
 
