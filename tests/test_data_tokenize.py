@@ -299,3 +299,109 @@ def test_a_chat_template_that_does_not_compile_is_named_not_the_row(tmp_path):
     with pytest.raises(ValueError, match=r"^the tokenizer's chat template is not valid Jinja \(line 1") as caught:
         tokenize(read_source(path, "chat")[0])
     assert not isinstance(caught.value, DataError)  # not a bad row: skip_bad_rows must not skip every row
+
+
+def qwen3_tokenizer():
+    """A character-level tokenizer with Qwen3's chat template and its chat tokens as single tokens
+    (``<|im_start|>``/``<|im_end|>`` special, ``<think>``/``</think>`` added, as in Qwen3's vocabulary)."""
+    tokenizer = tiny_tokenizer(trl_template("qwen3"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer
+
+
+def qwen3_conversation(system: bool, reasoning: bool | str) -> list[dict]:
+    """Three exchanges; ``reasoning`` gives the first and last replies reasoning, in the
+    ``reasoning_content`` field or (``"inline"``) as a think block written into the content."""
+
+    def reply(content: str, thought: str) -> dict:
+        if reasoning == "inline":
+            return {"role": "assistant", "content": f"<think>\n{thought}\n</think>\n\n{content}"}
+        return {"role": "assistant", "content": content, **({"reasoning_content": thought} if reasoning else {})}
+
+    turns = [{"role": "user", "content": "What is 2+2?"}, reply("It is 4.", "Two and two."),
+             {"role": "user", "content": "And 3+3?"}, {"role": "assistant", "content": "Six."},
+             {"role": "user", "content": "Sure?"}, reply("Yes: 6.", "3 * 2 = 6.")]
+    return [{"role": "system", "content": "You answer briefly."}] * system + turns
+
+
+def trl_training_reference(tokenizer, conversation: list[dict]) -> tuple[list[int], np.ndarray]:
+    """Ids and assistant mask of TRL's Qwen3 training template (every turn keeps its think block;
+    {% generation %} marks each assistant turn's output and the newline after its <|im_end|>)."""
+    reference = tokenizer.apply_chat_template(conversation, chat_template=trl_template("qwen3_training"),
+                                              tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    return list(reference["input_ids"]), np.asarray(reference["assistant_masks"], bool)
+
+
+@pytest.mark.parametrize("reasoning", [False, True, "inline"], ids=["no-reasoning", "reasoning", "inline-reasoning"])
+@pytest.mark.parametrize("system", [False, True], ids=["no-system", "system"])
+def test_qwen3_trains_every_weighted_turn_as_trls_training_template(system, reasoning):
+    """Qwen3's template writes a think block only into turns after the last user query, so no
+    prefix rendering is a prefix of the whole. Every weighted turn is then trained as the template
+    renders a last turn (what the model generates): ids equal TRL's training template's, and so does
+    the mask but for the newline after each <|im_end|>, which jaxtune never supervises (the model
+    stops at <|im_end|>)."""
+    tokenizer = qwen3_tokenizer()
+    conversation = qwen3_conversation(system, reasoning)
+    example = encode_chat(tokenizer, conversation, [0] * system + [0, 1, 0, 1, 0, 1])
+    ids, theirs = trl_training_reference(tokenizer, conversation)
+    assert example["input_ids"].tolist() == ids
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    after_end = np.flatnonzero(theirs & (np.asarray(ids) == end)) + 1
+    assert tokenizer.decode([ids[i] for i in after_end]) == "\n" * 3
+    expected = theirs.copy()
+    expected[after_end] = False
+    assert example["loss_mask"].tolist() == expected.tolist()
+
+
+def test_qwen3_weight_0_turns_stay_as_rendered_and_unsupervised():
+    """A weight-0 turn is not trained: it keeps the template's rendering in the prompt of the next
+    turn (no think block, as at inference), the one place the ids differ from TRL's training template."""
+    tokenizer = qwen3_tokenizer()
+    conversation = qwen3_conversation(system=True, reasoning=True)
+    example = encode_chat(tokenizer, conversation, [0, 0, 1, 0, 0, 0, 1])
+    ids, _ = trl_training_reference(tokenizer, conversation)
+    reference = tokenizer.decode(ids, skip_special_tokens=False)
+    assert reference.count("<think>\n\n</think>\n\nSix.") == 1
+    assert tokenizer.decode(example["input_ids"], skip_special_tokens=False) == reference.replace(
+        "<think>\n\n</think>\n\nSix.", "Six.")
+    assert row_runs(tokenizer, example) == ["<think>\nTwo and two.\n</think>\n\nIt is 4.<|im_end|>",
+                                            "<think>\n3 * 2 = 6.\n</think>\n\nYes: 6.<|im_end|>"]
+
+
+@pytest.mark.parametrize("weights", [[0, 1], [0, 0, 0, 0, 0, 1]], ids=["single-turn", "last-turn-only"])
+def test_qwen3_conversation_that_trains_its_last_turn_only_is_the_templates_rendering(weights, caplog):
+    """Unchanged behaviour: where only the last turn trains, the ids are Qwen3's own rendering of the
+    conversation (earlier turns without think blocks, as at inference) and nothing is logged."""
+    tokenizer = qwen3_tokenizer()
+    conversation = qwen3_conversation(system=False, reasoning=True)[-len(weights):]
+    with caplog.at_level("INFO", logger="jaxtune.data"):
+        pieces = chat_pieces(tokenizer, conversation, weights)
+        example = encode_chat(tokenizer, conversation, weights)
+    prompt = tokenizer.apply_chat_template(conversation[:-1], tokenize=False, add_generation_prompt=True)
+    assert pieces == [(prompt, False), ("<think>\n3 * 2 = 6.\n</think>\n\nYes: 6.<|im_end|>", True), ("\n", False)]
+    rendered = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
+    assert example["input_ids"].tolist() == list(rendered)
+    assert not caplog.records
+
+
+def test_template_rewriting_earlier_turns_is_logged_once(caplog):
+    tokenizer = qwen3_tokenizer()
+    with caplog.at_level("INFO", logger="jaxtune.data"):
+        encode_chat(tiny_tokenizer(), CONVERSATION, WEIGHTS)  # prefix-preserving: nothing to say
+        for _ in range(3):
+            encode_chat(tokenizer, qwen3_conversation(True, False), [0, 0, 1, 0, 1, 0, 1])
+    notes = [r.getMessage() for r in caplog.records if "renders an assistant turn differently" in r.getMessage()]
+    assert len(notes) == 1 and "as the template renders a last turn" in notes[0]
+
+
+def test_template_that_rewrites_an_earlier_turns_content_is_rejected():
+    """Where an earlier turn's content is rewritten and no end-of-turn marker closes it, the turn
+    cannot be found in the later prompt: a one-line error naming the row and the turn."""
+    shouts = ("{% for m in messages %}{{ m['role'] }}: {% if m['role'] == 'assistant' and not loop.last %}"
+              "{{ m['content'] | upper }}{% else %}{{ m['content'] }}{% endif %}\n{% endfor %}"
+              "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(DataError, match=r"^row.jsonl:3: assistant turn 2 is not found in the chat template's rendering "
+                                        r"once turn 4 follows.*weight\": 0") as caught:
+        encode_chat(tiny_tokenizer(shouts), CONVERSATION, [0, 0, 1, 0, 1, 0, 1], where="row.jsonl:3")
+    assert "\n" not in str(caught.value)

