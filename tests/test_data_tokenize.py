@@ -405,3 +405,25 @@ def test_template_that_rewrites_an_earlier_turns_content_is_rejected():
                                         r"once turn 4 follows.*weight\": 0") as caught:
         encode_chat(tiny_tokenizer(shouts), CONVERSATION, [0, 0, 1, 0, 1, 0, 1], where="row.jsonl:3")
     assert "\n" not in str(caught.value)
+
+
+def test_chat_rows_carry_reasoning_content_to_the_template(tmp_path):
+    """A chat file's assistant turns may give ``reasoning_content`` (as Qwen3's template reads it): it
+    trains inside the turn's think block, as TRL's training template renders it. A template that does
+    not write it is refused rather than silently dropping the reasoning; other roles may not have it."""
+    conversation = qwen3_conversation(system=True, reasoning=True)
+    path = write_jsonl(tmp_path / "c.jsonl", [{"messages": conversation}])
+    tokenizer = qwen3_tokenizer()
+    [example] = Tokenize(tokenizer, "chat", 512)(read_source(path, "chat")[0])
+    assert example["input_ids"].tolist() == trl_training_reference(tokenizer, conversation)[0]
+    with pytest.raises(DataError, match=r"c.jsonl:1: the chat template does not write the reasoning_content of "
+                                        r"assistant turn 2"):
+        Tokenize(tiny_tokenizer(), "chat", 512)(read_source(path, "chat")[0])
+    user_reasons = write_jsonl(tmp_path / "u.jsonl", [{"messages": [
+        {"role": "user", "content": "Hi", "reasoning_content": "hm"}, {"role": "assistant", "content": "Hello"}]}])
+    with pytest.raises(DataError, match=r"u.jsonl:1: messages\[0\]: 'reasoning_content' is only allowed on assistant"):
+        read_source(user_reasons, "chat")
+    not_text = write_jsonl(tmp_path / "n.jsonl", [{"messages": [
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": 3}]}])
+    with pytest.raises(DataError, match=r"n.jsonl:1: messages\[1\] \(assistant\): 'reasoning_content' is int"):
+        read_source(not_text, "chat")

@@ -101,6 +101,10 @@ def _reply(tokenizer: Any, messages: list[dict], i: int, full: str, where: str) 
     if content not in text:
         raise DataError(where, f"the chat template does not reproduce the content of assistant turn {i}",
                         "use a template that writes assistant content verbatim")
+    if (messages[i].get("reasoning_content") or "").strip() not in text:  # else the reasoning would silently not train
+        raise DataError(where, f"the chat template does not write the reasoning_content of assistant turn {i}",
+                        "use a template that renders reasoning_content (Qwen3's does), or write the reasoning into "
+                        "the content")
     return _Reply(i, prompt, text, content)
 
 

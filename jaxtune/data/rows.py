@@ -96,25 +96,31 @@ def missing_key(obj: dict, key: str, option: str, syntax: Syntax, mapped: Sequen
 
 
 def check_message(msg: Any, at: str, *, weighted: bool = False) -> dict:
-    """One chat turn ``{"role", "content"[, "name"]}`` (and ``"weight"`` where ``weighted``, which the
-    caller reads) checked, ``at`` naming it in errors; returned as ``{"role", "content"[, "name"]}``."""
+    """One chat turn ``{"role", "content"[, "reasoning_content"][, "name"]}`` (and ``"weight"`` where
+    ``weighted``, which the caller reads) checked, ``at`` naming it in errors; returned without the
+    weight. ``reasoning_content`` (an assistant turn's reasoning, as Qwen3's template reads it) is
+    rendered by the chat template, which must write it (see :mod:`jaxtune.data.chat_turns`)."""
     if not isinstance(msg, dict):
         raise RowError(f"{at} is a JSON {type(msg).__name__}, not an object",
                        'write each turn as {"role": ..., "content": ...}')
-    unknown = set(msg) - {"role", "content", "name", *(("weight",) if weighted else ())}
+    unknown = set(msg) - {"role", "content", "reasoning_content", "name", *(("weight",) if weighted else ())}
     if unknown:
-        keys = "role, content, weight and name" if weighted else "role, content and name"
+        keys = f"role, content, reasoning_content{', weight' if weighted else ''} and name"
         raise RowError(f"{at} has unsupported keys {sorted(unknown)}", f"only {keys} are supported (no tool calls)")
     role = msg.get("role")
     if role not in ROLES:
         raise RowError(f"{at} has unknown role {role!r}", f"use one of {', '.join(ROLES)}")
+    if msg.get("reasoning_content") is not None and role != "assistant":
+        raise RowError(f"{at}: 'reasoning_content' is only allowed on assistant turns", "remove it from this turn")
     try:
         content = string_field(msg, "content", nonempty=role == "assistant")
-        if msg.get("name") is not None:
-            check_encodable(string_field(msg, "name", nonempty=False), "'name'")
+        for key in ("reasoning_content", "name"):
+            if msg.get(key) is not None:
+                string_field(msg, key, nonempty=False)
     except RowError as err:
         raise RowError(f"{at} ({role}): {err.problem}", err.fix) from None
-    return {k: v for k, v in (("role", role), ("content", content), ("name", msg.get("name"))) if v is not None}
+    return {k: v for k, v in (("role", role), ("content", content), ("reasoning_content", msg.get("reasoning_content")),
+                              ("name", msg.get("name"))) if v is not None}
 
 
 def check_chat(obj: Any, messages_field: str = "messages", syntax: Syntax = PYTHON) -> dict:

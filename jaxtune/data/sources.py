@@ -270,7 +270,8 @@ def read_jsonl(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = Fals
     """Read a chat (``kind="chat"``) or ``"prompt_completion"`` JSONL file.
 
     Chat rows follow the OpenAI fine-tuning format: ``{"messages": [{"role":
-    "system"|"user"|"assistant", "content": str, "weight": 0|1 (assistant only, optional)},
+    "system"|"user"|"assistant", "content": str, "weight": 0|1 (assistant only, optional),
+    "reasoning_content": str (assistant only, optional: for templates that render it, as Qwen3's)},
     ...]}``; ``messages_field`` (``prompt_field``, ``completion_field``) name the keys when a
     file uses others. Raises :class:`DataError` (``path:line``) on the first bad row unless
     ``skip_bad_rows``, in which case bad rows are counted in ``source.report.skipped``.
