@@ -176,3 +176,22 @@ def tensorboard_scalars(folder: Path) -> list[tuple[str, int, float]]:
             event = Event.FromString(record)
             scalars += [(value.tag, event.step, value.simple_value) for value in event.summary.value]
     return scalars
+
+
+def trl_template(name: str) -> str:
+    """One of the chat templates TRL ships (the families' own, and their training variants with
+    transformers' {% generation %} marks)."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
+
+
+def qwen3_tokenizer() -> Any:
+    """A character-level tokenizer with Qwen3's chat template and its chat tokens as single tokens
+    (``<|im_start|>``/``<|im_end|>`` special, ``<think>``/``</think>`` added, as in Qwen3's vocabulary)."""
+    from jaxtune.data.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(trl_template("qwen3"))
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.add_tokens(["<think>", "</think>"])
+    return tokenizer

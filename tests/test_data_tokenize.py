@@ -4,11 +4,10 @@ truncation policies and their counts."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import skip_or_fail
+from helpers import qwen3_tokenizer, skip_or_fail, trl_template
 
 from jaxtune.assets import FetchError
 from jaxtune.data import DataError, Tokenize, chat_pieces, encode_chat, lm_row, read_source, scan
@@ -256,14 +255,6 @@ def test_sentencepiece_pieces_tokenize_as_the_whole_text(style):
     assert row[0]["input_ids"].tolist() == whole
 
 
-def trl_template(name: str) -> str:
-    """One of the chat templates TRL ships (the families' own, and their training variants with
-    transformers' {% generation %} marks)."""
-    import trl
-
-    return (Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja").read_text()
-
-
 def test_phi3_template_closing_eos_does_not_hide_earlier_turns():
     """Phi-3's template ends every rendering without a generation prompt with EOS, so the first turns'
     rendering is not a prefix of the conversation's; the turns are still found. Ids equal the rendered
@@ -299,15 +290,6 @@ def test_a_chat_template_that_does_not_compile_is_named_not_the_row(tmp_path):
     with pytest.raises(ValueError, match=r"^the tokenizer's chat template is not valid Jinja \(line 1") as caught:
         tokenize(read_source(path, "chat")[0])
     assert not isinstance(caught.value, DataError)  # not a bad row: skip_bad_rows must not skip every row
-
-
-def qwen3_tokenizer():
-    """A character-level tokenizer with Qwen3's chat template and its chat tokens as single tokens
-    (``<|im_start|>``/``<|im_end|>`` special, ``<think>``/``</think>`` added, as in Qwen3's vocabulary)."""
-    tokenizer = tiny_tokenizer(trl_template("qwen3"))
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    tokenizer.add_tokens(["<think>", "</think>"])
-    return tokenizer
 
 
 def qwen3_conversation(system: bool, reasoning: bool | str) -> list[dict]:
@@ -427,3 +409,22 @@ def test_chat_rows_carry_reasoning_content_to_the_template(tmp_path):
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello", "reasoning_content": 3}]}])
     with pytest.raises(DataError, match=r"n.jsonl:1: messages\[1\] \(assistant\): 'reasoning_content' is int"):
         read_source(not_text, "chat")
+
+
+def test_answer_choices_are_told_apart_after_the_templates_own_opening():
+    """Qwen3's template opens every reply with an empty think block, so the choices' first supervised
+    tokens are all ``<think>``: they are told apart by their first content token, after that opening.
+    A template without an opening keeps the first token; content that begins alike is refused."""
+    from jaxtune.data.tokenize import answer_tokens, choice_token_ids
+
+    qwen3 = qwen3_tokenizer()
+    choices = choice_token_ids(qwen3, "chat", ["yes", "no", "maybe"])
+    assert qwen3.decode(list(choices.prefix), skip_special_tokens=False) == "<think>\n\n</think>\n\n"
+    assert choices.ids == tuple(qwen3.convert_tokens_to_ids(c) for c in "ynm")
+    assert answer_tokens(qwen3, "chat", "yes")[:len(choices.prefix) + 1] == [*choices.prefix, choices.ids[0]]
+    tiny = tiny_tokenizer()
+    plain = choice_token_ids(tiny, "chat", ["yes", "no"])
+    assert plain.prefix == () and plain.ids == tuple(tiny.convert_tokens_to_ids(c) for c in "yn")
+    for tokenizer in (qwen3, tiny):
+        with pytest.raises(ValueError, match="'yes' and 'yup' begin with the same token \\('y'\\)"):
+            choice_token_ids(tokenizer, "chat", ["yes", "yup"])

@@ -117,31 +117,36 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     Trainer(result.model, train_data=_loader(train, train=True), run_dir=tmp_path / "on", mesh=ONE_DEVICE())
 
 
-def test_choice_accuracy_matches_transformers_logits_packed_or_not(setup, tmp_path):
+@pytest.mark.parametrize("template", ["plain", "qwen3"])
+def test_choice_accuracy_matches_transformers_logits_packed_or_not(setup, tmp_path, template):
     """Choice accuracy = argmax over the choices' first-token logits at each answer start,
     checked against transformers' logits; packed rows (several conversations each) and
-    one-per-row give the same result."""
+    one-per-row give the same result. Qwen3's template opens every reply with an empty think
+    block: the choices are scored at their first content token, after it."""
     import torch
-    from helpers import tiny_hf_model
+    from helpers import qwen3_tokenizer, tiny_hf_model
 
     from jaxtune.data import answer_first_token, encode_chat
 
     model_dir, _, _ = setup
-    tok = tiny_tokenizer()
+    tok = tiny_tokenizer() if template == "plain" else qwen3_tokenizer()
+    opening = len(tok("<think>\n\n</think>\n\n", add_special_tokens=False)["input_ids"]) if template == "qwen3" else 0
     rng = np.random.RandomState(3)
     convs = [[{"role": "user", "content": " ".join(rng.choice(["up", "down", "left"], 3))},
               {"role": "assistant", "content": str(rng.choice(["yes", "no", "maybe"]))}] for _ in range(24)]
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in convs))
     choices = ("yes", "no", "maybe")
-    ids = tuple(answer_first_token(tok, "chat", c) for c in choices)
-    assert ids == tuple(tok.convert_tokens_to_ids(c[0]) for c in choices)
+    ids = tuple(tok.convert_tokens_to_ids(c[0]) for c in choices)
+    if template == "plain":
+        assert ids == tuple(answer_first_token(tok, "chat", c) for c in choices)
 
     torch_model = tiny_hf_model("LlamaForCausalLM")  # the same seed as the saved model
     want_logits, want_label = [], []
     for conv in convs:
         ex = encode_chat(tok, conv, [0, 1])
-        start = int(np.argmax(ex["loss_mask"]))  # the first answer token; its logit comes from start - 1
+        start = int(np.argmax(ex["loss_mask"])) + opening  # the first content token; its logit comes from start - 1
+        assert tok.convert_ids_to_tokens(int(ex["input_ids"][start])) == conv[1]["content"][0]
         with torch.no_grad():
             logits = torch_model(torch.as_tensor(ex["input_ids"][None, :start])).logits[0, -1].numpy()
         want_logits.append(logits[list(ids)])

@@ -223,10 +223,10 @@ def encode_text(tokenizer: Any, text: str, *, prefix: Sequence[int] = (), eos: i
     return _example([list(prefix), with_eos(ids, eos)], [False, True])
 
 
-def answer_first_token(tokenizer: Any, kind: str, answer: str) -> int:
-    """The first supervised token of ``answer`` when it is a reply (``chat``: the assistant turn
-    after a user turn; ``prompt_completion``: the completion), encoded exactly as training
-    data is. Used to score answer choices by their first token's logit."""
+def answer_tokens(tokenizer: Any, kind: str, answer: str) -> list[int]:
+    """The supervised tokens of ``answer`` when it is a reply (``chat``: the assistant turn after a
+    user turn, end-of-turn marker included; ``prompt_completion``: the completion), encoded exactly
+    as training data is."""
     if kind == "chat":
         example = encode_chat(tokenizer, [{"role": "user", "content": "?"}, {"role": "assistant", "content": answer}],
                               [0, 1], where=f"<answer {answer!r}>")
@@ -237,20 +237,52 @@ def answer_first_token(tokenizer: Any, kind: str, answer: str) -> int:
     ids = example["input_ids"][example["loss_mask"]]
     if not len(ids):
         raise ValueError(f"the answer {answer!r} encodes to no tokens")
-    return int(ids[0])
+    return [int(t) for t in ids]
 
 
-def choice_token_ids(tokenizer: Any, kind: str, choices: Sequence[str]) -> tuple[int, ...]:
-    """The first token of each answer in ``choices`` as ``kind`` data encodes it (choice accuracy
-    compares these logits); answers that begin with the same token are refused."""
-    ids = tuple(answer_first_token(tokenizer, kind, c) for c in choices)
+def answer_first_token(tokenizer: Any, kind: str, answer: str) -> int:
+    """The first supervised token of ``answer`` as a reply (see :func:`answer_tokens`)."""
+    return answer_tokens(tokenizer, kind, answer)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerChoices:
+    """How choice accuracy tells a fixed set of answers apart: each reply starts with ``prefix``,
+    the tokens the chat template writes before any answer's content (Qwen3's empty think block;
+    usually none), and then ``ids[c]`` for choice ``c``: the logits of ``ids`` at that position are
+    compared."""
+
+    prefix: tuple[int, ...]
+    ids: tuple[int, ...]
+
+
+def choice_token_ids(tokenizer: Any, kind: str, choices: Sequence[str]) -> AnswerChoices:
+    """The tokens that tell the answers in ``choices`` apart as ``kind`` data encodes them (see
+    :class:`AnswerChoices`); answers whose content begins with the same token are refused."""
+    answers = [answer_tokens(tokenizer, kind, c) for c in choices]
+    # The template's own opening: what every reply starts with before the content (the content
+    # itself may begin with the same token for two choices, which is refused below, not skipped).
+    opening = _template_opening(tokenizer, kind, answers)
+    ids = tuple(a[len(opening)] if len(a) > len(opening) else -1 for a in answers)
     for i, a in enumerate(choices):
         for j in range(i):
             if ids[i] == ids[j]:
-                raise ValueError(f"eval.choices: {choices[j]!r} and {a!r} begin with the same token "
-                                 f"({tokenizer.convert_ids_to_tokens(ids[i])!r}); choice accuracy compares first "
-                                 "tokens, so use answers that begin differently")
-    return ids
+                name = tokenizer.convert_ids_to_tokens(ids[i]) if ids[i] >= 0 else "nothing"
+                raise ValueError(f"eval.choices: {choices[j]!r} and {a!r} begin with the same token ({name!r}); "
+                                 "choice accuracy compares first tokens, so use answers that begin differently")
+    return AnswerChoices(tuple(opening), ids)
+
+
+def _template_opening(tokenizer: Any, kind: str, answers: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens every one of ``answers`` starts with that a reply of other content starts with too:
+    what the chat template writes before the content, not the content's own first tokens."""
+    common = list(answers[0])
+    for a in answers[1:]:
+        common = common[:next((n for n, (x, y) in enumerate(zip(common, a)) if x != y), min(len(common), len(a)))]
+    if not common or kind != "chat":
+        return []
+    probe = answer_tokens(tokenizer, kind, "\u2063")  # an invisible character no answer starts with
+    return common[:next((n for n, (x, y) in enumerate(zip(common, probe)) if x != y), min(len(common), len(probe)))]
 
 
 def truncate(example: Example, max_length: int, policy: str) -> tuple[list[Example], str]:

@@ -70,7 +70,8 @@ class EvalConfig:
     the base model (once per run directory, then cached) and the fine-tuned one for the report.
     ``choices`` (chat / prompt-completion data whose answers come from a fixed set, e.g.
     ``[positive, negative]``): also report ``choice_accuracy`` and ``choice_macro_f1``, where
-    each validation answer is predicted by the choice whose first token has the highest logit.
+    each validation answer is predicted by the choice whose first token has the highest logit
+    (the first token after the template's own opening of every reply: Qwen3's empty think block).
     ``baselines`` (classification and regression): the base report also scores a linear probe on
     the frozen model's features and TF-IDF + a linear model on the same split
     (:mod:`jaxtune.training.baselines`; seconds for small data, turn it off for huge data).

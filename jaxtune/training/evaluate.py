@@ -99,7 +99,7 @@ def evaluate(
 
     Empty rows (no real token; they fill a last partial batch) are excluded from
     classification/regression metrics; LM padding carries zero token weight. When the LM eval
-    step scores answer choices (``make_loss_fn(choice_ids=...)``), every answer start counts
+    step scores answer choices (``make_loss_fn(choices=...)``), every answer start counts
     as one example: ``choice_accuracy`` and ``choice_macro_f1`` compare the choices' logits.
     ``task="preference"`` (a preference loss: weight = pairs) reports the loss per pair and the
     means over all pairs of the metric sums in ``outputs["metrics"]`` (:data:`METRICS`).

@@ -19,7 +19,7 @@ from jaxtune.data.config import DataConfig, source_fields
 from jaxtune.data.images import ImageSource, ImageSpec, image_loader
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.sources import PREFERENCE, DataError, Source
-from jaxtune.data.tokenize import choice_token_ids
+from jaxtune.data.tokenize import AnswerChoices, choice_token_ids
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import METRICS
 from jaxtune.training.optim import OptimizerConfig
@@ -249,12 +249,12 @@ def check_recalibration(config: TrainConfig, model: Tuned, train_data: Any) -> N
                          "from jaxtune.read (a source) or a Loader, not a one-pass iterable")
 
 
-def choice_ids(model: Tuned, config: EvalConfig, kinds: set[str]) -> tuple[int, ...]:
-    """The first token of each ``eval.choices`` answer, as the training data encodes it (empty
-    without choices)."""
+def choice_ids(model: Tuned, config: EvalConfig, kinds: set[str]) -> AnswerChoices | None:
+    """The tokens that tell the ``eval.choices`` answers apart, as the training data encodes them
+    (None without choices)."""
     choices = config.choices or ()
     if not choices:
-        return ()
+        return None
     if model.task != "lm" or not kinds <= {"chat", "prompt_completion"}:
         raise ValueError(f"eval.choices: scores the answers of chat or prompt_completion data, not "
                          f"{', '.join(sorted(kinds)) or model.task} data; remove eval.choices")

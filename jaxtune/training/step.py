@@ -11,7 +11,7 @@ non-finite (a learning rate that overflows them), so no bad state ever reaches a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh
 
+from jaxtune.data.tokenize import AnswerChoices
 from jaxtune.models.decoder import AUX
 from jaxtune.models.layers import STATE_UPDATES
 from jaxtune.training.losses import (
@@ -40,7 +41,7 @@ LossFn = Callable[[Any, Batch, Array, bool], tuple[Array, Array, Array]]
 
 
 def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regression: str = "mse",
-                 choice_ids: Sequence[int] = ()) -> LossFn:
+                 choices: AnswerChoices | None = None) -> LossFn:
     """The task's loss as a function of the full params.
 
     Batches follow the data contract (``jaxtune.data``): LM batches carry ``input_ids``,
@@ -50,8 +51,8 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
     batches carry ``pixel_values`` ``(B, C, H, W)`` in place of the token fields, ``example_weights``
     (0 on fill rows) and ``labels``.
     The third output is per-example predictions for metrics (class logits, regression values)
-    or, for LMs, the per-row token counts. With ``choice_ids`` (LM only: the first token of each
-    allowed answer) it is instead :func:`answer_choices` of the batch, for choice accuracy. In
+    or, for LMs, the per-row token counts. With ``choices`` (LM only: the tokens that tell the
+    allowed answers apart) it is instead :func:`answer_choices` of the batch, for choice accuracy. In
     training, a model that updates state from its batches (BatchNorm statistics the plan trains)
     makes it ``{"predictions": ..., "state": new values}`` (:func:`state_updates`).
     """
@@ -73,9 +74,9 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
                                            chunk_tokens=chunk_tokens)
             if not deterministic:  # a router's balancing loss trains; an evaluation reports the model's loss
                 total = total + auxiliary_loss(state) * weight
-            if choice_ids:
-                logits = projected_columns(hidden, project, choice_ids, chunk_tokens=chunk_tokens)
-                return total, weight, answer_choices(logits, batch, choice_ids)
+            if choices is not None:
+                logits = projected_columns(hidden, project, choices.ids, chunk_tokens=chunk_tokens)
+                return total, weight, answer_choices(logits, batch, choices)
             return total, weight, batch["loss_weights"].sum(-1)
         outputs, state = module.apply(variables, **model_inputs(batch), deterministic=deterministic,
                                       rngs=rngs, mutable=[AUX, STATE_UPDATES])
@@ -106,27 +107,41 @@ def model_inputs(batch: Batch) -> dict[str, Any]:
     return inputs
 
 
-def answer_choices(choice_logits: Array, batch: Batch, choice_ids: Sequence[int]) -> dict[str, Array]:
+def answer_choices(choice_logits: Array, batch: Batch, choices: AnswerChoices) -> dict[str, Array]:
     """Where each supervised span (an answer) starts, and which choice it is.
 
     Args:
-      choice_logits: float ``(B, T, C)``, the logits of the choices' first tokens.
+      choice_logits: float ``(B, T, C)``, the logits of the choices' telling tokens (``choices.ids``).
       batch: an LM batch (``targets``, ``loss_weights``, ``segment_ids``).
-      choice_ids: the ``C`` first-token ids.
+      choices: each answer is ``choices.prefix`` (the template's opening, usually empty) and then
+        one of ``choices.ids``.
 
     Returns:
       ``{"logits": (B, T, C), "start": bool (B, T), "choice": int32 (B, T)}``: ``start`` marks
       the first target of every supervised span (one per assistant turn or completion, also
-      in packed rows); ``choice`` is the index of that target among ``choice_ids``, or -1.
+      in packed rows); ``choice`` is the index among ``choices.ids`` of the span's target after the
+      prefix, or -1 (also where the span does not start with the prefix); ``logits`` at a start are
+      those of that target's position.
     """
     supervised = batch["loss_weights"] > 0
     segments = batch.get("segment_ids", jnp.ones_like(batch["targets"]))
     previous = jnp.pad(supervised[:, :-1], ((0, 0), (1, 0)))
     same_segment = jnp.pad(segments[:, 1:] == segments[:, :-1], ((0, 0), (1, 0)))
     start = supervised & ~(previous & same_segment)
-    matches = batch["targets"][..., None] == jnp.asarray(choice_ids, batch["targets"].dtype)
-    choice = jnp.where(matches.any(-1), jnp.argmax(matches, axis=-1), -1).astype(jnp.int32)
-    return {"logits": choice_logits, "start": start, "choice": choice}
+
+    def ahead(x: Array, k: int, fill: Any) -> Array:  # x[:, t + k] at t
+        return x if not k else jnp.pad(x[:, k:], ((0, 0), (0, k)) + ((0, 0),) * (x.ndim - 2), constant_values=fill)
+
+    # The k-th target of a span is k positions on when the k targets before it are the span's too.
+    k = len(choices.prefix)
+    opens = jnp.ones_like(start)
+    for j, token in enumerate(choices.prefix):
+        opens &= (ahead(batch["targets"], j, -1) == token) & ahead(supervised, j, False)
+    opens &= ahead(supervised, k, False) & (ahead(segments, k, -1) == segments)
+    target = ahead(batch["targets"], k, -1)
+    matches = target[..., None] == jnp.asarray(choices.ids, batch["targets"].dtype)
+    choice = jnp.where(opens & matches.any(-1), jnp.argmax(matches, axis=-1), -1).astype(jnp.int32)
+    return {"logits": ahead(choice_logits, k, 0.0), "start": start, "choice": choice}
 
 
 def packed_segments(batch: Batch) -> int | None:

@@ -169,8 +169,8 @@ class Trainer:
         self.steps = preflight.count_steps(config, self.train_data)
         preflight.check_accumulation(config, self.train_data)
         preflight.check_recalibration(config, model, self.train_data)
-        self.choice_token_ids = preflight.choice_ids(model, eval, preflight.data_kinds(self.train_data, self.eval_data))
-        preflight.check_best_metric(eval, self.task, bool(self.choice_token_ids))
+        self.choices = preflight.choice_ids(model, eval, preflight.data_kinds(self.train_data, self.eval_data))
+        preflight.check_best_metric(eval, self.task, self.choices is not None)
         preflight.check_evaluation(eval, self.train_data, self.eval_data)
 
         trainable, frozen = partition(model.params, model.labels)
@@ -205,7 +205,7 @@ class Trainer:
             loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
                                    regression=config.regression_loss)
             eval_loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
-                                        regression=config.regression_loss, choice_ids=self.choice_token_ids)
+                                        regression=config.regression_loss, choices=self.choices)
         self.train_step = jit_train_step(loss_fn, self.optimizer, grad_accum_steps=config.grad_accum_steps,
                                          mesh=self.mesh, trainable_shardings=self._trainable_shardings,
                                          opt_shardings=opt_shardings)
