@@ -110,6 +110,10 @@ class Runner:
     def run_dir(self, job_id: str) -> Path:
         return self.job_dir(job_id) / "run"
 
+    def command(self, config: Path) -> list[str]:
+        """The process a job runs (the runner's tests stand a fake trainer in for it)."""
+        return [sys.executable, "-m", "jaxtune", "train", str(config)]
+
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
@@ -217,7 +221,7 @@ class Runner:
                              else "Fine-tuning job started")
         with open(self.job_dir(job_id) / "train.log", "ab") as logfile:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "jaxtune", "train", str(config)], stdout=logfile, stderr=subprocess.STDOUT,
+                self.command(config), stdout=logfile, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,  # the server's own Ctrl-C must not reach it; close() signals it
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)

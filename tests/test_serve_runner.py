@@ -1,0 +1,159 @@
+"""The jobs service's queue (:mod:`jaxtune.serve.runner`) against a fake ``jaxtune train``: a
+small script that writes what a run directory records (``status.json``, ``metrics.jsonl``,
+``checkpoints/``, its log) in milliseconds, told what to do by ``<job dir>/fake.json``. Fast and
+deterministic where tests/test_serve.py trains real models: pause and resume, failures, database
+errors and restarts, each in a second or two."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jaxtune.serve.runner import Runner, process_alive
+from jaxtune.serve.store import Store
+
+pytestmark = pytest.mark.timeout(120)
+
+FAKE_TRAIN = r'''
+"""A stand-in for `jaxtune train CONFIG`, as <job dir>/fake.json says: steps, step_s, save_s (the
+checkpoint a SIGINT saves takes that long), fail_at/fail_message (a non-finite step), loss."""
+import fcntl, json, os, signal, sys, time
+from pathlib import Path
+
+job = Path(sys.argv[-1]).parent
+run = job / "run"
+run.mkdir(exist_ok=True)
+spec = json.loads((job / "fake.json").read_text())
+journal = open(job.parent.parent / "journal.log", "a")
+
+
+def note(what):
+    journal.write(f"{time.time():.3f} {what} {job.name} {os.getpid()}\n")
+    journal.flush()
+
+
+lock = open(job / "active", "w")  # two processes training one run directory at once: an "overlap"
+try:
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+except OSError:
+    note("overlap")
+note("start")
+stop = []
+signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+
+
+def status(state, step, **fields):
+    tmp = run / "status.json.tmp"
+    tmp.write_text(json.dumps({"state": state, "step": step, "total_steps": spec["steps"], **fields}))
+    tmp.replace(run / "status.json")
+
+
+saved = sorted(int(p.name) for p in (run / "checkpoints").glob("*")) if (run / "checkpoints").is_dir() else []
+for step in range((saved or [0])[-1] + 1, spec["steps"] + 1):
+    if stop:
+        time.sleep(spec.get("save_s", 0))
+        (run / "checkpoints" / str(step - 1)).mkdir(parents=True, exist_ok=True)
+        status("stopped", step - 1)
+        print(f"training stopped at step {step - 1}; run the same command again to resume", flush=True)
+        note("exit")
+        sys.exit(130)
+    if step == spec.get("fail_at"):
+        print(spec["fail_message"], file=sys.stderr, flush=True)
+        status("failed", step - 1, error=spec["fail_message"])
+        print(f"training failed at step {step - 1} (see above)", flush=True)
+        note("exit")
+        sys.exit(1)
+    with open(run / "metrics.jsonl", "a") as fh:
+        fh.write(json.dumps({"step": step, "loss": spec.get("loss", 1.0 / step), "steps_per_s": 2.0,
+                             "tokens_per_s": 100.0}) + "\n")
+    status("running", step)
+    print(f"step {step}/{spec['steps']}", flush=True)
+    time.sleep(spec.get("step_s", 0.01))
+status("finished", spec["steps"])
+print(f"trained {spec['steps']} steps (finished)", flush=True)
+note("exit")
+'''
+
+
+class FakeRunner(Runner):
+    """A :class:`Runner` whose jobs run the fake trainer."""
+
+    fake: Path
+
+    def command(self, config: Path) -> list[str]:
+        return [sys.executable, str(self.fake), str(config)]
+
+
+@pytest.fixture
+def make_runner(tmp_path) -> Callable[..., FakeRunner]:
+    """``make_runner(device_sets=..., data_dir=...)``: a runner over a fresh store, stopped (and
+    its job processes killed) at the end of the test."""
+    fake = tmp_path / "fake_train.py"
+    fake.write_text(FAKE_TRAIN)
+    made: list[FakeRunner] = []
+
+    def make(device_sets=({},), data_dir: Path | None = None, **kwargs: Any) -> FakeRunner:
+        data = data_dir or tmp_path / "data"
+        runner = FakeRunner(Store(data / "serve.sqlite"), data, device_sets, poll_s=0.02, grace_s=5, **kwargs)
+        runner.fake = fake
+        made.append(runner)
+        return runner
+
+    yield make
+    for runner in made:
+        runner.close(timeout=10)
+        for job in runner.store.jobs():
+            if job["pid"] and process_alive(job["pid"]):
+                os.kill(job["pid"], signal.SIGKILL)
+        runner.store.close()
+
+
+def add_job(runner: Runner, job_id: str, **spec: Any) -> None:
+    """A queued job whose process does what ``spec`` says (see ``FAKE_TRAIN``)."""
+    folder = runner.job_dir(job_id)
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text("{}\n")
+    (folder / "fake.json").write_text(json.dumps({"steps": 10, **spec}))
+    runner.store.add_job("key-test", job_id, {"fine_tuned_model": f"ft:tiny:key-test::{job_id}"})
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "") -> Any:
+    deadline = time.time() + timeout
+    while not (result := condition()):
+        assert time.time() < deadline, f"timed out waiting for {what or condition}"
+        time.sleep(0.02)
+    return result
+
+
+def status_of(runner: Runner, job_id: str, statuses: tuple[str, ...]) -> Callable[[], dict | None]:
+    def check() -> dict | None:
+        job = runner.store.job(job_id)
+        return job if job["status"] in statuses else None
+
+    return check
+
+
+def journal(runner: Runner) -> list[list[str]]:
+    """The fake trainer's ``time what job pid`` lines."""
+    path = runner.data_dir / "journal.log"
+    return [line.split() for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_a_job_runs_to_success_with_its_events(make_runner):
+    runner = make_runner()
+    add_job(runner, "ftjob-ok", steps=5)
+    runner.start()
+    job = wait_until(status_of(runner, "ftjob-ok", ("succeeded", "failed")), what="the job to end")
+    assert job["status"] == "succeeded", job["error"]
+    assert job["pid"] is None and job["trained_tokens"] == 250
+    events = runner.store.events("ftjob-ok")
+    assert events[0]["message"] == "The job has successfully completed"
+    assert [e["data"]["step"] for e in events if e["type"] == "metrics"][::-1] == [1, 2, 3, 4, 5]
