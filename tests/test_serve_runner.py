@@ -141,6 +141,13 @@ def status_of(runner: Runner, job_id: str, statuses: tuple[str, ...]) -> Callabl
     return check
 
 
+def last_event(runner: Runner, job_id: str, prefix: str) -> list[dict] | None:
+    """The job's events (newest first) once the newest starts with ``prefix`` (the event comes
+    after the status change it reports)."""
+    events = runner.store.events(job_id)
+    return events if events and events[0]["message"].startswith(prefix) else None
+
+
 def journal(runner: Runner) -> list[list[str]]:
     """The fake trainer's ``time what job pid`` lines."""
     path = runner.data_dir / "journal.log"
@@ -151,9 +158,40 @@ def test_a_job_runs_to_success_with_its_events(make_runner):
     runner = make_runner()
     add_job(runner, "ftjob-ok", steps=5)
     runner.start()
-    job = wait_until(status_of(runner, "ftjob-ok", ("succeeded", "failed")), what="the job to end")
-    assert job["status"] == "succeeded", job["error"]
-    assert job["pid"] is None and job["trained_tokens"] == 250
-    events = runner.store.events("ftjob-ok")
+    events = wait_until(lambda: last_event(runner, "ftjob-ok", "The job"), what="the job to end")
     assert events[0]["message"] == "The job has successfully completed"
+    job = runner.store.job("ftjob-ok")
+    assert job["status"] == "succeeded" and job["pid"] is None and job["trained_tokens"] == 250
     assert [e["data"]["step"] for e in events if e["type"] == "metrics"][::-1] == [1, 2, 3, 4, 5]
+
+
+def test_resume_waits_for_the_paused_process_with_two_device_sets(make_runner):
+    """Resumed while its paused process still saves the checkpoint, a job is not started again on
+    the other device set until that process has ended: one process per run directory."""
+    runner = make_runner(device_sets=[{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}])
+    add_job(runner, "ftjob-a", steps=400, step_s=0.02, save_s=1.0)
+    runner.start()
+    wait_until(lambda: (runner.run_dir("ftjob-a") / "metrics.jsonl").exists(), what="training to begin")
+    assert runner.pause("ftjob-a") and runner.resume("ftjob-a")
+    wait_until(lambda: [e for e in journal(runner) if e[1] == "start"][1:], what="the second start")
+    events = journal(runner)
+    assert "overlap" not in [e[1] for e in events], events
+    starts, exits = [e for e in events if e[1] == "start"], [e for e in events if e[1] == "exit"]
+    assert exits and float(exits[0][0]) <= float(starts[1][0]), events
+    job = wait_until(status_of(runner, "ftjob-a", ("running",)))
+    assert job["pid"] == int(starts[1][3])
+    assert runner.cancel("ftjob-a")
+
+
+def test_a_claimed_job_is_claimed_once_until_its_process_ends(make_runner):
+    """Paused and resumed between its claim and its process's start, a job is not claimed again;
+    a restart in that window frees it (no process ever started: pid 0 is never signalled)."""
+    runner = make_runner()
+    add_job(runner, "ftjob-a")
+    assert runner.store.claim_next()["pid"] == 0
+    assert runner.pause("ftjob-a") and runner.resume("ftjob-a")
+    assert runner.store.claim_next() is None
+    runner.recover()
+    job = runner.store.job("ftjob-a")
+    assert job["status"] == "queued" and job["pid"] is None
+    assert runner.store.claim_next()["id"] == "ftjob-a"

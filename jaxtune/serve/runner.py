@@ -127,18 +127,24 @@ class Runner:
         """After a restart: stop any job process the last server left behind, and queue its
         running jobs first again (they resume from their last checkpoint)."""
         for job in self.store.jobs():
-            if job["pid"] and job["status"] in ACTIVE:
-                marker = str(self.job_dir(job["id"]) / "config.yaml")
-                if process_alive(job["pid"], marker):
-                    os.kill(job["pid"], signal.SIGKILL)
-                    while process_alive(job["pid"], marker):
-                        time.sleep(0.05)
+            if job["pid"] is not None:
+                if job["status"] in ACTIVE:
+                    self._kill_leftover(job["id"], job["pid"])
                 self.store.update_job(job["id"], pid=None)
             if job["status"] == "running":
                 self.store.update_job(job["id"], status="queued", priority=1)
                 steps = RunDir(self.run_dir(job["id"])).checkpoint_steps()
                 self.store.add_event(job["id"], "The server restarted; the job resumes from "
                                      + (f"its checkpoint at step {steps[-1]}" if steps else "the start"))
+
+    def _kill_leftover(self, job_id: str, pid: int) -> None:
+        """SIGKILL the last server's process of a job, if it still runs; pid 0 (claimed, never
+        started) is no process, and must never reach os.kill (0 is our own process group)."""
+        marker = str(self.job_dir(job_id) / "config.yaml")
+        if pid > 0 and process_alive(pid, marker):
+            os.kill(pid, signal.SIGKILL)
+            while process_alive(pid, marker):
+                time.sleep(0.05)
 
     def close(self, timeout: float = 60.0) -> None:
         """Stop the workers; running jobs get SIGINT (a checkpoint) and stay ``running`` in the
@@ -211,6 +217,7 @@ class Runner:
                 self._run(job, env)
             except Exception as err:  # noqa: BLE001 - a broken job must not stop the queue
                 log.exception("job %s", job["id"])
+                self.store.update_job(job["id"], pid=None)  # claimed (pid 0) or started: no process now
                 self._fail(job["id"], f"the server could not run this job: {type(err).__name__}: {err}")
 
     def _run(self, job: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -237,6 +244,7 @@ class Runner:
         finally:
             with self._lock:
                 self._procs.pop(job_id, None)
+        self.store.update_job(job_id, pid=None)  # the process has ended: a resumed job may be claimed again
         self._ingest(job_id)
         self._finish(job_id, proc.returncode)
 
@@ -244,9 +252,8 @@ class Runner:
         job = self.store.job(job_id)
         if job is None or self._closing.is_set() and job["status"] == "running":
             return  # the server is stopping: the next one resumes this job
-        self.store.update_job(job_id, pid=None)
         run = RunDir(self.run_dir(job_id))
-        if job["status"] in ("cancelled", "paused"):
+        if job["status"] in ("cancelled", "paused", "queued"):  # queued: resumed before its process ended
             step = (run.status() or {}).get("step")
             self.store.add_event(job_id, f"Training stopped at step {step}" if step is not None else "Training stopped")
             return

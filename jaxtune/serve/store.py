@@ -164,14 +164,19 @@ class Store:
             return db.execute(sql, args).rowcount > 0
 
     def claim_next(self) -> dict[str, Any] | None:
-        """Atomically take the next queued job (resumed ones first, then oldest) and mark it running."""
+        """Atomically take the next queued job (resumed ones first, then oldest) and mark it running.
+
+        Only a job without a process: one resumed while its paused process still saves its
+        checkpoint waits for that process to end (the runner clears ``pid`` then), or two processes
+        would train one run directory. The claimed job's ``pid`` is 0 until its process starts, so
+        a pause and resume in between cannot hand it to a second device set either."""
         with self._tx() as db:
-            row = db.execute("SELECT id FROM jobs WHERE status = 'queued' ORDER BY priority DESC, created_at, rowid "
-                             "LIMIT 1").fetchone()
+            row = db.execute("SELECT id FROM jobs WHERE status = 'queued' AND pid IS NULL "
+                             "ORDER BY priority DESC, created_at, rowid LIMIT 1").fetchone()
             if row is None:
                 return None
-            db.execute("UPDATE jobs SET status = 'running', started_at = COALESCE(started_at, ?) WHERE id = ?",
-                       (int(time.time()), row["id"]))
+            db.execute("UPDATE jobs SET status = 'running', pid = 0, started_at = COALESCE(started_at, ?) "
+                       "WHERE id = ?", (int(time.time()), row["id"]))
         return self.job(row["id"])
 
     # ------------------------------------------------------------------ events
