@@ -195,3 +195,23 @@ def test_a_claimed_job_is_claimed_once_until_its_process_ends(make_runner):
     job = runner.store.job("ftjob-a")
     assert job["status"] == "queued" and job["pid"] is None
     assert runner.store.claim_next()["id"] == "ftjob-a"
+
+
+def test_a_failed_job_says_why(make_runner):
+    """A non-finite step's error is the run's status.json error, not the log's last line ('training
+    failed at step N (see above)'); a process killed by a signal (the OOM killer) says so."""
+    runner = make_runner()
+    message = "step 3: the loss or gradient is not finite (nan/inf); training stopped. Lower the learning rate."
+    add_job(runner, "ftjob-nan", fail_at=3, fail_message=message)
+    add_job(runner, "ftjob-oom", steps=400, step_s=0.02)
+    runner.start()
+    job = wait_until(status_of(runner, "ftjob-nan", ("failed", "succeeded")), what="the non-finite job to fail")
+    assert job["error"] == {"code": "training_failed", "message": message, "param": None}
+    pid = wait_until(lambda: (runner.store.job("ftjob-oom")["pid"] or 0) > 0
+                     and (runner.run_dir("ftjob-oom") / "metrics.jsonl").exists()
+                     and runner.store.job("ftjob-oom")["pid"], what="the second job to train")
+    os.kill(pid, signal.SIGKILL)
+    job = wait_until(status_of(runner, "ftjob-oom", ("failed", "succeeded")), what="the killed job to fail")
+    error = job["error"]["message"]
+    assert error.startswith("jaxtune train was killed by signal SIGKILL (out of memory?)"), error
+    assert "step " in error  # its last log line, for context

@@ -257,21 +257,38 @@ class Runner:
             step = (run.status() or {}).get("step")
             self.store.add_event(job_id, f"Training stopped at step {step}" if step is not None else "Training stopped")
             return
-        state = (run.status() or {}).get("state")
-        if code == 0 and state in ("finished", "early_stopped"):
+        status = run.status() or {}
+        if code == 0 and status.get("state") in ("finished", "early_stopped"):
             self.store.update_job(job_id, only_if=("running",), status="succeeded", finished_at=int(time.time()),
                                   fine_tuned_model=job["data"]["fine_tuned_model"],
                                   trained_tokens=trained_tokens(run.metrics()))
             self.store.add_event(job_id, "The job has successfully completed")
             return
-        self._fail(job_id, self._last_error(job_id) or f"jaxtune train exited with code {code}")
+        self._fail(job_id, self._failure(job_id, code, status))
 
     def _fail(self, job_id: str, message: str) -> None:
         if self.store.update_job(job_id, only_if=("running",), status="failed", finished_at=int(time.time()),
                                  error={"code": "training_failed", "message": message, "param": None}):
             self.store.add_event(job_id, f"The job failed: {message}", level="error")
 
+    def _failure(self, job_id: str, code: int, status: Mapping[str, Any]) -> str:
+        """Why a job's process failed, in one message: the run's own error when it recorded one
+        (a non-finite step's, whose log ends 'training failed at step N (see above)'), the signal
+        that killed it (the OOM killer's SIGKILL leaves only a progress line), else its log's error."""
+        if status.get("state") == "failed" and status.get("error"):
+            return str(status["error"])[:1000]
+        last = self._last_error(job_id)
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = str(-code)
+            hint = " (out of memory?)" if -code == signal.SIGKILL else ""
+            return f"jaxtune train was killed by signal {name}{hint}" + (f"; its last output: {last}" if last else "")
+        return last or f"jaxtune train exited with code {code}"
+
     def _last_error(self, job_id: str) -> str | None:
+        """The log's last ``jaxtune: error:`` line, else its last line."""
         path = self.job_dir(job_id) / "train.log"
         lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
         errors = [ln.removeprefix("jaxtune: error: ") for ln in lines if ln.startswith("jaxtune: error:")]
