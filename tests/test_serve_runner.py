@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import sys
 import time
 from collections.abc import Callable
@@ -215,3 +216,58 @@ def test_a_failed_job_says_why(make_runner):
     error = job["error"]["message"]
     assert error.startswith("jaxtune train was killed by signal SIGKILL (out of memory?)"), error
     assert "step " in error  # its last log line, for context
+
+
+class FullDisk:
+    """Makes every database write of a store fail while ``on`` (sqlite's 'database or disk is full')."""
+
+    def __init__(self, store: Store):
+        self.on, self._tx = False, store._tx
+        store._tx = self
+
+    def __call__(self):
+        if self.on:
+            raise sqlite3.OperationalError("database or disk is full")
+        return self._tx()
+
+
+def test_a_failed_database_write_is_retried_not_fatal(make_runner):
+    """Writes failing for a while (a full disk) neither kill the running job (its monitor thread
+    dying would: PR_SET_PDEATHSIG) nor stop the queue, and lose or repeat no event."""
+    runner = make_runner()
+    add_job(runner, "ftjob-a", steps=60, step_s=0.02)
+    add_job(runner, "ftjob-b", steps=3)
+    disk = FullDisk(runner.store)
+    runner.start()
+    wait_until(lambda: (runner.run_dir("ftjob-a") / "metrics.jsonl").exists(), what="training to begin")
+    disk.on = True
+    time.sleep(0.3)
+    disk.on = False
+    for job_id, steps in (("ftjob-a", 60), ("ftjob-b", 3)):
+        job = wait_until(status_of(runner, job_id, ("succeeded", "failed")), timeout=20, what=f"{job_id} to end")
+        assert job["status"] == "succeeded", job["error"]
+        metrics = [e["data"]["step"] for e in runner.store.events(job_id) if e["type"] == "metrics"]
+        assert metrics[::-1] == list(range(1, steps + 1))
+    assert all(thread.is_alive() for thread in runner._threads)
+
+
+def test_a_job_whose_process_cannot_be_recorded_is_stopped(make_runner, monkeypatch):
+    """A write failing once the process has started fails the job and kills its process (nothing
+    would watch it train on); the queue goes on."""
+    runner = make_runner()
+    add_job(runner, "ftjob-a", steps=400, step_s=0.02)
+    add_job(runner, "ftjob-b", steps=3)
+    update, started = runner.store.update_job, []
+
+    def refuse_pid(job_id: str, **fields: Any) -> bool:
+        if job_id == "ftjob-a" and fields.get("pid"):
+            started.append(fields["pid"])
+            raise sqlite3.OperationalError("database or disk is full")
+        return update(job_id, **fields)
+
+    monkeypatch.setattr(runner.store, "update_job", refuse_pid)
+    runner.start()
+    job = wait_until(status_of(runner, "ftjob-a", ("failed",)), what="the job to fail")
+    assert "the server could not run this job: OperationalError" in job["error"]["message"]
+    assert started and not process_alive(started[0])
+    assert wait_until(status_of(runner, "ftjob-b", ("succeeded", "failed")))["status"] == "succeeded"

@@ -101,6 +101,7 @@ class Runner:
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
+        self._failing: set[str] = set()  # jobs whose last progress could not be written to the database
 
     # ------------------------------------------------------------------ paths
 
@@ -208,7 +209,11 @@ class Runner:
 
     def _worker(self, env: Mapping[str, str]) -> None:
         while not self._closing.is_set():
-            job = self.store.claim_next()
+            try:
+                job = self.store.claim_next()
+            except Exception:  # noqa: BLE001 - the database may recover (disk space freed): keep polling
+                log.exception("could not claim the next job")
+                job = None
             if job is None:
                 self._wake.wait(self.poll_s * 4)
                 self._wake.clear()
@@ -217,8 +222,16 @@ class Runner:
                 self._run(job, env)
             except Exception as err:  # noqa: BLE001 - a broken job must not stop the queue
                 log.exception("job %s", job["id"])
-                self.store.update_job(job["id"], pid=None)  # claimed (pid 0) or started: no process now
-                self._fail(job["id"], f"the server could not run this job: {type(err).__name__}: {err}")
+                self._give_up(job["id"], f"the server could not run this job: {type(err).__name__}: {err}")
+
+    def _give_up(self, job_id: str, message: str) -> None:
+        """Fail a job the server could not run; if even that write fails, the job stays running
+        in the database (the next server's recovery queues it again) and the worker goes on."""
+        try:
+            self.store.update_job(job_id, pid=None)  # claimed (pid 0) or started: no process now
+            self._fail(job_id, message)
+        except Exception:  # noqa: BLE001 - this worker's thread must survive
+            log.exception("job %s: could not record its failure", job_id)
 
     def _run(self, job: dict[str, Any], env: Mapping[str, str]) -> None:
         job_id = job["id"]
@@ -232,21 +245,28 @@ class Runner:
                 stdin=subprocess.DEVNULL, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
                 start_new_session=True,  # the server's own Ctrl-C must not reach it; close() signals it
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        try:
+            self._watch(job_id, proc)
+        except BaseException:
+            _kill(proc)  # nothing watches it any more: it must not train on, unrecorded
+            raise
+        finally:
+            with self._lock:
+                self._procs.pop(job_id, None)
+        self.store.update_job(job_id, pid=None)  # the process has ended: a resumed job may be claimed again
+        self._ingest_or_log(job_id)
+        self._finish(job_id, proc.returncode)
+
+    def _watch(self, job_id: str, proc: subprocess.Popen) -> None:
+        """Record the job's process and turn its progress into events until it exits."""
         with self._lock:
             self._procs[job_id] = proc
         self.store.update_job(job_id, pid=proc.pid)
         if (self.store.job(job_id) or {}).get("status") != "running":
             self._stop(job_id)  # cancelled or paused between the claim and the start
-        try:
-            while proc.poll() is None:
-                self._ingest(job_id)
-                time.sleep(self.poll_s)
-        finally:
-            with self._lock:
-                self._procs.pop(job_id, None)
-        self.store.update_job(job_id, pid=None)  # the process has ended: a resumed job may be claimed again
-        self._ingest(job_id)
-        self._finish(job_id, proc.returncode)
+        while proc.poll() is None:
+            self._ingest_or_log(job_id)
+            time.sleep(self.poll_s)
 
     def _finish(self, job_id: str, code: int) -> None:
         job = self.store.job(job_id)
@@ -297,15 +317,14 @@ class Runner:
     # ------------------------------------------------------------------ events
 
     def _ingest(self, job_id: str) -> None:
-        """New log lines, metrics records and checkpoints of a job become its events."""
+        """New log lines, metrics records and checkpoints of a job become its events, written with
+        the new offsets in one transaction (a failed write is retried whole by the next poll)."""
         job = self.store.job(job_id)
         if job is None:
             return
         run = RunDir(self.run_dir(job_id))
         log_offset, lines = _new_lines(self.job_dir(job_id) / "train.log", job["log_offset"])
-        for line in lines:
-            if line.strip():
-                self.store.add_event(job_id, line.strip()[:1000], level=_level(line))
+        events = [{"message": line.strip()[:1000], "level": _level(line)} for line in lines if line.strip()]
         metrics_offset, records = _new_lines(run.path / RunDir.METRICS, job["metrics_offset"])
         total = (run.status() or {}).get("total_steps")
         for line in records:
@@ -314,7 +333,7 @@ class Runner:
             except ValueError:
                 continue
             text, data = _metrics_event(record, total)
-            self.store.add_event(job_id, text, type="metrics", data=data)
+            events.append({"message": text, "type": "metrics", "data": data})
         known = {c["step"] for c in job["checkpoints"]}
         new = [s for s in run.checkpoint_steps() if s not in known]
         checkpoints = list(job["checkpoints"])
@@ -325,8 +344,30 @@ class Runner:
             for step in new:
                 checkpoints.append({"step": step, "created_at": int(time.time()),
                                     "metrics": checkpoint_metrics(by_step.get(step, {}), step)})
-                self.store.add_event(job_id, f"Checkpoint created at step {step}")
-        self.store.update_job(job_id, log_offset=log_offset, metrics_offset=metrics_offset, checkpoints=checkpoints)
+                events.append({"message": f"Checkpoint created at step {step}"})
+        self.store.record(job_id, events, log_offset=log_offset, metrics_offset=metrics_offset,
+                          checkpoints=checkpoints)
+
+    def _ingest_or_log(self, job_id: str) -> None:
+        """:meth:`_ingest`, an error logged rather than raised: a database write that fails (a full
+        disk) must not end the job's monitor, which would kill the job (PR_SET_PDEATHSIG fires when
+        the thread that started it exits) and stop the queue. The next poll retries."""
+        try:
+            self._ingest(job_id)
+        except Exception:  # noqa: BLE001
+            if job_id not in self._failing:  # once per outage, not once per poll
+                log.exception("job %s: could not record its progress; retrying at each poll", job_id)
+            self._failing.add(job_id)
+            return
+        if job_id in self._failing:
+            self._failing.discard(job_id)
+            log.warning("job %s: recording its progress again", job_id)
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    """SIGKILL a job's process and reap it."""
+    _signal(proc, signal.SIGKILL)
+    proc.wait()
 
 
 def _signal(proc: subprocess.Popen, signum: int) -> None:

@@ -151,17 +151,17 @@ class Store:
 
     def update_job(self, job_id: str, *, only_if: tuple[str, ...] | None = None, **fields: Any) -> bool:
         """Set columns of a job (``only_if``: only while its status is one of these); True if it changed."""
-        if "error" in fields and fields["error"] is not None:
-            fields["error"] = json.dumps(fields["error"])
-        if "checkpoints" in fields:
-            fields["checkpoints"] = json.dumps(fields["checkpoints"])
-        sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
-        args: tuple = (*fields.values(), job_id)
-        if only_if:
-            sql += f" AND status IN ({', '.join('?' * len(only_if))})"
-            args += only_if
         with self._tx() as db:
-            return db.execute(sql, args).rowcount > 0
+            return _update_job(db, job_id, only_if, fields)
+
+    def record(self, job_id: str, events: list[dict[str, Any]], **fields: Any) -> None:
+        """Add events (:meth:`add_event`'s arguments) and set a job's columns in one transaction:
+        a write that fails (a full disk) leaves neither, so the runner's next poll retries both
+        without duplicating events."""
+        with self._tx() as db:
+            for event in events:
+                _insert_event(db, job_id, **event)
+            _update_job(db, job_id, None, fields)
 
     def claim_next(self) -> dict[str, Any] | None:
         """Atomically take the next queued job (resumed ones first, then oldest) and mark it running.
@@ -184,10 +184,7 @@ class Store:
     def add_event(self, job_id: str, message: str, *, level: str = "info", type: str = "message",
                   data: dict[str, Any] | None = None) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO events (id, job_id, created_at, level, message, type, data) "
-                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (new_id("ftevent"), job_id, int(time.time()), level, message, type,
-                        json.dumps(data) if data is not None else None))
+            _insert_event(db, job_id, message, level=level, type=type, data=data)
 
     def events(self, job_id: str) -> list[dict[str, Any]]:
         """A job's events, newest first (as OpenAI lists them)."""
@@ -202,3 +199,23 @@ def _decode_job(row: dict[str, Any]) -> dict[str, Any]:
     row["error"] = json.loads(row["error"]) if row["error"] else None
     row["checkpoints"] = json.loads(row["checkpoints"])
     return row
+
+
+def _update_job(db: sqlite3.Connection, job_id: str, only_if: tuple[str, ...] | None, fields: dict[str, Any]) -> bool:
+    if "error" in fields and fields["error"] is not None:
+        fields["error"] = json.dumps(fields["error"])
+    if "checkpoints" in fields:
+        fields["checkpoints"] = json.dumps(fields["checkpoints"])
+    sql = f"UPDATE jobs SET {', '.join(f'{k} = ?' for k in fields)} WHERE id = ?"
+    args: tuple = (*fields.values(), job_id)
+    if only_if:
+        sql += f" AND status IN ({', '.join('?' * len(only_if))})"
+        args += only_if
+    return db.execute(sql, args).rowcount > 0
+
+
+def _insert_event(db: sqlite3.Connection, job_id: str, message: str, *, level: str = "info", type: str = "message",
+                  data: dict[str, Any] | None = None) -> None:
+    db.execute("INSERT INTO events (id, job_id, created_at, level, message, type, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+               (new_id("ftevent"), job_id, int(time.time()), level, message, type,
+                json.dumps(data) if data is not None else None))
