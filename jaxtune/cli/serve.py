@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from jaxtune.cli import UsageError
     from jaxtune.serve.store import Store
 
-    data_dir = Path(args.data_dir)
+    data_dir = Path(args.data_dir).resolve()  # jobs store paths under it: a restart may run elsewhere
     if args.action:
         store = Store(data_dir / "serve.sqlite")
         match args.action:

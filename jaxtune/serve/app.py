@@ -466,6 +466,9 @@ async def health(request: Request) -> Response:
 
 def create_app(settings: Settings) -> Starlette:
     """The ASGI app; its lifespan opens the store and starts (and on shutdown stops) the job queue."""
+    # Absolute once, here: job recipes store paths under it, and a server restarted from another
+    # working directory must still find them.
+    settings = dataclasses.replace(settings, data_dir=settings.data_dir.resolve())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
 
     @asynccontextmanager

@@ -93,7 +93,7 @@ class Runner:
 
     def __init__(self, store: Store, data_dir: Path, device_sets: Sequence[Mapping[str, str]] = ({},), *,
                  poll_s: float = 0.5, grace_s: float = 30.0):
-        self.store, self.data_dir = store, Path(data_dir)
+        self.store, self.data_dir = store, Path(data_dir).resolve()  # job recipes hold paths under it
         self.device_sets = [dict(d) for d in device_sets] or [{}]
         self.poll_s, self.grace_s = poll_s, grace_s
         self._procs: dict[str, subprocess.Popen] = {}

@@ -1,0 +1,116 @@
+"""The jobs service's HTTP layer (:mod:`jaxtune.serve.app`) in a uvicorn server thread, asked
+with the standard library's HTTP client, with job processes that exit at once: request limits,
+error objects and what the API returns, without training anything (tests/test_serve.py drives a
+real server with the OpenAI clients)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import sys
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+pytest.importorskip("starlette")
+uvicorn = pytest.importorskip("uvicorn")
+
+from jaxtune.serve.app import Settings, create_app  # noqa: E402
+from jaxtune.serve.jobs import BaseModel  # noqa: E402
+from jaxtune.serve.runner import Runner  # noqa: E402
+from jaxtune.serve.store import Store  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+ROWS = "".join(json.dumps({"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}]})
+               + "\n" for w in ("alpha", "beta gamma", "delta", "omega kappa"))
+BOUNDARY = "jaxtune-test-boundary"
+
+
+class Client:
+    """Requests to a server on ``port`` with a key's Authorization header; replies as
+    ``(status, JSON body or text)``."""
+
+    def __init__(self, port: int, key: str):
+        self.port, self.headers = port, {"Authorization": f"Bearer {key}"}
+
+    def request(self, method: str, path: str, body: bytes | Iterable[bytes] | None = None,
+                headers: dict[str, str] | None = None, chunked: bool = False) -> tuple[int, Any]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
+        try:
+            conn.request(method, path, body=body, headers={**self.headers, **(headers or {})}, encode_chunked=chunked)
+            reply = conn.getresponse()
+            text = reply.read().decode()
+        finally:
+            conn.close()
+        try:
+            return reply.status, json.loads(text)
+        except ValueError:
+            return reply.status, text
+
+    def post_json(self, path: str, body: Any) -> tuple[int, Any]:
+        return self.request("POST", path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+
+    def upload(self, rows: str = ROWS) -> tuple[int, Any]:
+        return self.request("POST", "/v1/files", multipart(rows.encode()),
+                            {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
+
+
+def multipart(content: bytes) -> bytes:
+    """A ``purpose=fine-tune`` form with ``content`` as its file."""
+    head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--{BOUNDARY}\r\n'
+            f'Content-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n")
+    return head.encode() + content + f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+@pytest.fixture
+def api(tmp_path, monkeypatch):
+    """``api(data_dir=..., **settings)``: a server over a data directory (default in ``tmp_path``)
+    with a model ``tiny`` (never loaded) and a :class:`Client` with a key; stopped at the end."""
+    monkeypatch.setattr(Runner, "command", lambda self, config: [sys.executable, "-c", "pass"])
+    servers = []
+
+    def make(data_dir: Path | None = None, **settings: Any) -> Client:
+        data = data_dir or tmp_path / "data"
+        store = Store(data / "serve.sqlite")
+        key = store.create_key("test")[1]
+        store.close()
+        app = create_app(Settings(data_dir=data, models={"tiny": BaseModel("tiny", str(tmp_path / "tiny"))},
+                                  **settings))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        servers.append((server, thread))
+        deadline = time.time() + 30
+        while not server.started:
+            assert thread.is_alive() and time.time() < deadline, "the server did not start"
+            time.sleep(0.02)
+        return Client(port, key)
+
+    yield make
+    for server, thread in servers:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_relative_data_dir_is_resolved_at_start(api, tmp_path, monkeypatch):
+    """A job's recipe names its files and run directory absolutely: a server restarted from another
+    working directory finds them."""
+    monkeypatch.chdir(tmp_path)
+    client = api(data_dir=Path("data"))
+    status, file = client.upload()
+    assert status == 200, file
+    status, job = client.post_json("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": file["id"]})
+    assert status == 200, job
+    config = yaml.safe_load((tmp_path / "data" / "jobs" / job["id"] / "config.yaml").read_text())
+    assert Path(config["data"]["train"]).is_absolute() and Path(config["output"]["dir"]).is_absolute(), config
+    assert Path(config["data"]["train"]).is_file()
