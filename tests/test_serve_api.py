@@ -36,8 +36,9 @@ class Client:
     """Requests to a server on ``port`` with a key's Authorization header; replies as
     ``(status, JSON body or text)``."""
 
-    def __init__(self, port: int, key: str):
+    def __init__(self, port: int, key: str, owner: str, data_dir: Path):
         self.port, self.headers = port, {"Authorization": f"Bearer {key}"}
+        self.owner, self.data_dir = owner, data_dir
 
     def request(self, method: str, path: str, body: bytes | Iterable[bytes] | None = None,
                 headers: dict[str, str] | None = None, chunked: bool = False) -> tuple[int, Any]:
@@ -80,6 +81,7 @@ def api(tmp_path, monkeypatch):
         data = data_dir or tmp_path / "data"
         store = Store(data / "serve.sqlite")
         key = store.create_key("test")[1]
+        owner = store.key_owner(key)
         store.close()
         app = create_app(Settings(data_dir=data, models={"tiny": BaseModel("tiny", str(tmp_path / "tiny"))},
                                   **settings))
@@ -94,7 +96,7 @@ def api(tmp_path, monkeypatch):
         while not server.started:
             assert thread.is_alive() and time.time() < deadline, "the server did not start"
             time.sleep(0.02)
-        return Client(port, key)
+        return Client(port, key, owner, data.resolve())
 
     yield make
     for server, thread in servers:
@@ -114,3 +116,22 @@ def test_a_relative_data_dir_is_resolved_at_start(api, tmp_path, monkeypatch):
     config = yaml.safe_load((tmp_path / "data" / "jobs" / job["id"] / "config.yaml").read_text())
     assert Path(config["data"]["train"]).is_absolute() and Path(config["output"]["dir"]).is_absolute(), config
     assert Path(config["data"]["train"]).is_file()
+
+
+def test_non_finite_metrics_are_null_in_events_and_checkpoints(api):
+    """A NaN loss (a diverged run) is JSON's null where the API returns it, not a 500 forever after."""
+    client = api()
+    store = Store(client.data_dir / "serve.sqlite")
+    store.add_job(client.owner, "ftjob-nan", {"fine_tuned_model": "ft:tiny:x::nan"}, status="failed")
+    store.add_event("ftjob-nan", "Step 5/10: training loss=nan", type="metrics",
+                    data={"step": 5, "train_loss": float("nan"), "grad_norm": float("inf")})
+    store.update_job("ftjob-nan", checkpoints=[{"step": 5, "created_at": 0,
+                                                "metrics": {"step": 5, "train_loss": float("nan")}}])
+    store.close()
+    (client.data_dir / "jobs" / "ftjob-nan" / "run" / "checkpoints" / "5").mkdir(parents=True)
+    status, events = client.request("GET", "/v1/fine_tuning/jobs/ftjob-nan/events")
+    assert status == 200, events
+    assert events["data"][0]["data"] == {"step": 5, "train_loss": None, "grad_norm": None}
+    status, checkpoints = client.request("GET", "/v1/fine_tuning/jobs/ftjob-nan/checkpoints")
+    assert status == 200, checkpoints
+    assert checkpoints["data"][0]["metrics"] == {"step": 5, "train_loss": None}

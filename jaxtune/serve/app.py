@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -98,6 +99,18 @@ async def _json(request: Request) -> dict[str, Any]:
     return body
 
 
+def finite(value: Any) -> Any:
+    """``value`` with its non-finite floats (a diverged run's NaN loss) as None: JSON has no NaN,
+    and a response holding one fails to render."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    return value
+
+
 def page(items: list[dict[str, Any]], request: Request, *, default_limit: int = 20,
          max_limit: int = 100) -> dict[str, Any]:
     """OpenAI's list object: the items after ``after`` (an id), at most ``limit``, and ``has_more``."""
@@ -155,7 +168,7 @@ def checkpoint_objects(job: Mapping[str, Any], runner: Runner) -> list[dict[str,
     on_disk = set(RunDir(runner.run_dir(job["id"])).checkpoint_steps())
     return [{"id": f"ftckpt-{job['id'].removeprefix('ftjob-')}-{c['step']}", "object": "fine_tuning.job.checkpoint",
              "created_at": c["created_at"], "fine_tuning_job_id": job["id"], "step_number": c["step"],
-             "metrics": c["metrics"],
+             "metrics": finite(c["metrics"]),
              "fine_tuned_model_checkpoint": f"{job['data']['fine_tuned_model']}:ckpt-step-{c['step']}"}
             for c in sorted(job["checkpoints"], key=lambda c: -c["step"]) if c["step"] in on_disk]
 
@@ -343,7 +356,7 @@ def _transition(action: str, allowed: tuple[str, ...]) -> Handler:
 async def job_events(request: Request, owner: str) -> Response:
     job = _job(request, owner)
     events = [{"id": e["id"], "object": "fine_tuning.job.event", "created_at": e["created_at"], "level": e["level"],
-               "message": e["message"], "data": e["data"], "type": e["type"]}
+               "message": e["message"], "data": finite(e["data"]), "type": e["type"]}
               for e in request.app.state.store.events(job["id"])]
     return JSONResponse(page(events, request, max_limit=10000))
 
