@@ -135,3 +135,14 @@ def test_non_finite_metrics_are_null_in_events_and_checkpoints(api):
     status, checkpoints = client.request("GET", "/v1/fine_tuning/jobs/ftjob-nan/checkpoints")
     assert status == 200, checkpoints
     assert checkpoints["data"][0]["metrics"] == {"step": 5, "train_loss": None}
+
+
+def test_a_checkpoint_model_name_with_a_non_ascii_digit_is_not_found(api):
+    client = api()
+    store = Store(client.data_dir / "serve.sqlite")
+    store.add_job(client.owner, "ftjob-ck", {"fine_tuned_model": "ft:tiny:x::ck"}, status="running")
+    store.close()
+    for step in ("²", "٣", "x"):
+        status, reply = client.post_json("/v1/chat/completions", {
+            "model": f"ft:tiny:x::ck:ckpt-step-{step}", "messages": [{"role": "user", "content": "hi"}]})
+        assert status == 404 and reply["error"]["code"] == "model_not_found", reply

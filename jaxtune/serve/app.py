@@ -412,7 +412,7 @@ def _resolve_model(request: Request, owner: str, name: Any) -> tuple[Any, Callab
     run_dir = runner.run_dir(job["id"])
     steps = RunDir(run_dir).checkpoint_steps()
     if step:
-        if not step.isdigit() or int(step) not in steps:
+        if not (step.isascii() and step.isdigit()) or int(step) not in steps:  # int("²") raises
             raise not_found("model", name, "model")
         if int(step) != steps[-1]:
             raise RequestError(f"model: {name} is an earlier checkpoint; this server serves a job's latest checkpoint "
