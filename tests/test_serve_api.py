@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import select
 import socket
 import sys
 import threading
@@ -64,10 +65,39 @@ class Client:
 
 def multipart(content: bytes) -> bytes:
     """A ``purpose=fine-tune`` form with ``content`` as its file."""
+    head, tail = form_parts()
+    return head + content + tail
+
+
+def form_parts() -> tuple[bytes, bytes]:
+    """What comes before and after the file's bytes in a ``purpose=fine-tune`` form."""
     head = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--{BOUNDARY}\r\n'
-            f'Content-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
+            'Content-Disposition: form-data; name="file"; filename="a.jsonl"\r\n'
             "Content-Type: application/octet-stream\r\n\r\n")
-    return head.encode() + content + f"\r\n--{BOUNDARY}--\r\n".encode()
+    return head.encode(), f"\r\n--{BOUNDARY}--\r\n".encode()
+
+
+def chunked_upload(client: Client, size: int) -> tuple[int, int]:
+    """A chunked upload (no Content-Length) of ``size`` bytes, sent until the server answers:
+    ``(status, file bytes sent by then)``."""
+    head, tail = form_parts()
+    sent, block = 0, b"x" * 65536
+    with socket.create_connection(("127.0.0.1", client.port), timeout=30) as sock:
+        headers = {**client.headers, "Host": "test", "Transfer-Encoding": "chunked",
+                   "Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}
+        sock.sendall(("POST /v1/files HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                      + "\r\n").encode())
+        sock.sendall(b"%x\r\n%s\r\n" % (len(head), head))
+        try:
+            while sent < size and not select.select([sock], [], [], 0)[0]:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(block), block))
+                sent += len(block)
+            if sent >= size:
+                sock.sendall(b"%x\r\n%s\r\n0\r\n\r\n" % (len(tail), tail))
+        except OSError:  # the server answered and closed the connection while we sent
+            pass
+        reply = sock.recv(65536)
+    return int(reply.split()[1]), sent
 
 
 @pytest.fixture
@@ -146,3 +176,18 @@ def test_a_checkpoint_model_name_with_a_non_ascii_digit_is_not_found(api):
         status, reply = client.post_json("/v1/chat/completions", {
             "model": f"ft:tiny:x::ck:ckpt-step-{step}", "messages": [{"role": "user", "content": "hi"}]})
         assert status == 404 and reply["error"]["code"] == "model_not_found", reply
+
+
+def test_request_bodies_are_capped_as_they_arrive(api):
+    """An upload sent chunked (no Content-Length to check first) is refused once past the cap, not
+    spooled whole first; a JSON body past its cap is a 413 too, declared or chunked."""
+    client = api(max_upload_bytes=1 << 20, max_json_bytes=4096)
+    status, sent = chunked_upload(client, 64 << 20)
+    assert status == 413 and sent < 16 << 20, (status, sent >> 20)
+    body = json.dumps({"model": "tiny", "training_file": "file-x", "metadata": {"pad": "x" * 8192}}).encode()
+    for chunked in (False, True):
+        status, reply = client.request("POST", "/v1/fine_tuning/jobs", iter([body]) if chunked else body,
+                                       {"Content-Type": "application/json"}, chunked=chunked)
+        assert status == 413 and reply["error"]["code"] == "request_too_large", reply
+    status, file = client.upload()
+    assert status == 200, file

@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from starlette.types import Message
 
 from jaxtune.serve import inference
 from jaxtune.serve.jobs import BaseModel, RequestError, check_upload, job_recipe, method_of
@@ -49,6 +50,7 @@ class Settings:
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)  # the operator's recipe defaults
     device_sets: list[dict[str, str]] = dataclasses.field(default_factory=lambda: [{}])
     max_upload_bytes: int = 512 * 2**20
+    max_json_bytes: int = 16 * 2**20  # a JSON request body (a job, a chat completion's messages)
     loaded_models: int = 2
 
 
@@ -89,9 +91,42 @@ def authed(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
+def capped(request: Request, limit: int, too_large: Callable[[], RequestError]) -> Request:
+    """``request``, its body read refused with ``too_large()`` (a 413) past ``limit`` bytes: a
+    Content-Length over it at once, and any body as its bytes arrive (a chunked one declares no
+    length), before Starlette buffers or spools it."""
+    length = request.headers.get("content-length", "")
+    if length.isascii() and length.isdigit() and int(length) > limit:
+        raise too_large()
+    received = 0
+
+    async def receive() -> Message:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise too_large()
+        return message
+
+    return Request(request.scope, receive)
+
+
+def upload_too_large(limit: int) -> RequestError:
+    return RequestError(f"file: larger than this server's upload limit of {limit} bytes (jaxtune serve "
+                        "--max-upload-mb)", "file", "file_too_large", status=413)
+
+
+def json_too_large(limit: int) -> RequestError:
+    return RequestError(f"the request body is larger than this server's limit of {limit} bytes for a JSON request",
+                        None, "request_too_large", status=413)
+
+
 async def _json(request: Request) -> dict[str, Any]:
+    limit = request.app.state.settings.max_json_bytes
     try:
-        body = await request.json()
+        body = await capped(request, limit, lambda: json_too_large(limit)).json()
+    except RequestError:
+        raise
     except ValueError:
         raise RequestError("the request body is not valid JSON") from None
     if not isinstance(body, dict):
@@ -178,12 +213,12 @@ def checkpoint_objects(job: Mapping[str, Any], runner: Runner) -> list[dict[str,
 
 async def create_file(request: Request, owner: str) -> Response:
     settings: Settings = request.app.state.settings
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > settings.max_upload_bytes + 65536:
-        raise RequestError(f"file: larger than this server's upload limit of {settings.max_upload_bytes} bytes "
-                           "(jaxtune serve --max-upload-mb)", "file", "file_too_large", status=413)
+    # The form's other fields and framing get 64 KiB on top of the file's limit, checked exactly below.
+    body = capped(request, settings.max_upload_bytes + 65536, lambda: upload_too_large(settings.max_upload_bytes))
     try:
-        form = await request.form(max_files=1, max_fields=8)
+        form = await body.form(max_files=1, max_fields=8)
+    except RequestError:
+        raise
     except Exception as err:  # noqa: BLE001 - starlette raises several kinds for a malformed body
         raise RequestError(f"expected a multipart form with 'file' and 'purpose': {err}", "file") from None
     purpose, upload = form.get("purpose"), form.get("file")
@@ -203,8 +238,7 @@ async def create_file(request: Request, owner: str) -> Response:
             while chunk := upload.file.read(1 << 20):
                 size += len(chunk)
                 if size > settings.max_upload_bytes:
-                    raise RequestError(f"file: larger than this server's upload limit of "
-                                       f"{settings.max_upload_bytes} bytes", "file", "file_too_large", status=413)
+                    raise upload_too_large(settings.max_upload_bytes)
                 out.write(chunk)
         kind, rows = check_upload(path, filename)
         return size, kind, rows
