@@ -271,3 +271,25 @@ def test_a_job_whose_process_cannot_be_recorded_is_stopped(make_runner, monkeypa
     assert "the server could not run this job: OperationalError" in job["error"]["message"]
     assert started and not process_alive(started[0])
     assert wait_until(status_of(runner, "ftjob-b", ("succeeded", "failed")))["status"] == "succeeded"
+
+
+def test_a_second_server_on_one_data_directory_is_refused(make_runner, tmp_path, capsys):
+    """It would take the first's running job for a leftover of its own, SIGKILL it and run it again."""
+    first = make_runner()
+    add_job(first, "ftjob-a", steps=400, step_s=0.02)
+    first.start()
+    pid = int(wait_until(lambda: [e for e in journal(first) if e[1] == "start"], what="the job to start")[0][3])
+    second = make_runner()
+    with pytest.raises(RuntimeError, match=f"{tmp_path / 'data'} is in use by another jaxtune serve"):
+        second.start()
+    assert process_alive(pid) and first.store.job("ftjob-a")["status"] == "running"
+    assert len([e for e in journal(first) if e[1] == "start"]) == 1
+
+    from jaxtune.cli import main
+
+    assert main(["serve", "--data-dir", str(tmp_path / "data")]) == 2
+    assert f"{tmp_path / 'data'} is in use by another jaxtune serve" in capsys.readouterr().err
+    first.close(timeout=10)
+    second.start()  # the first has let go
+    job = wait_until(status_of(second, "ftjob-a", ("running",)))
+    assert job["error"] is None

@@ -76,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from jaxtune.config import read_recipe
     from jaxtune.serve.app import Settings
     from jaxtune.serve.jobs import RequestError, base_models, check_operator_recipe
+    from jaxtune.serve.runner import DataDirBusy, lock_data_dir
 
     local = {}
     for item in args.model:
@@ -92,6 +93,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings(data_dir=data_dir, models=models, recipe=recipe,
                         device_sets=[device_set(d) for d in args.device_set] or [{}],
                         max_upload_bytes=int(args.max_upload_mb * 2**20))
+    try:  # fail fast, in one line; the server's job queue holds the lock for its lifetime
+        lock_data_dir(data_dir).close()
+    except DataDirBusy as err:
+        raise UsageError(str(err)) from None
     if not Store(data_dir / "serve.sqlite").keys():
         print(f"no API keys yet: create one with jaxtune serve keys create NAME --data-dir {data_dir}")
     print(f"jaxtune serve: http://{args.host}:{args.port}/v1 (data in {data_dir}; Ctrl-C stops, jobs resume on the "

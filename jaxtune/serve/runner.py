@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from jaxtune.serve.store import Store
 from jaxtune.training.rundir import RunDir
@@ -42,6 +42,27 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
     except OSError:
         pass
+
+
+class DataDirBusy(RuntimeError):
+    """Another server holds this data directory."""
+
+
+def lock_data_dir(data_dir: Path) -> IO[str]:
+    """An exclusive lock on ``<data_dir>/serve.lock``, held while the returned file is open: a
+    second server on one data directory would take the first's jobs for its own leftovers
+    (recovery SIGKILLs them) and run its queue twice. Raises :class:`DataDirBusy`."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(data_dir / "serve.lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DataDirBusy(f"{data_dir} is in use by another jaxtune serve (it holds serve.lock there); stop that "
+                          "server first, or give this one another --data-dir") from None
+    return handle
 
 
 def process_alive(pid: int, marker: str | None = None) -> bool:
@@ -100,6 +121,7 @@ class Runner:
         self._wake = threading.Event()
         self._closing = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._data_lock: IO[str] | None = None
         self._lock = threading.Lock()
         self._failing: set[str] = set()  # jobs whose last progress could not be written to the database
 
@@ -118,6 +140,9 @@ class Runner:
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> None:
+        """Lock the data directory (:class:`DataDirBusy` if another server has it), recover, and
+        start a worker per device set."""
+        self._data_lock = lock_data_dir(self.data_dir)
         self.recover()
         for index, env in enumerate(self.device_sets):
             thread = threading.Thread(target=self._worker, args=(env,), name=f"jaxtune-jobs-{index}", daemon=True)
@@ -133,7 +158,7 @@ class Runner:
                     self._kill_leftover(job["id"], job["pid"])
                 self.store.update_job(job["id"], pid=None)
             if job["status"] == "running":
-                self.store.update_job(job["id"], status="queued", priority=1)
+                self.store.update_job(job["id"], status="queued", priority=1, error=None)
                 steps = RunDir(self.run_dir(job["id"])).checkpoint_steps()
                 self.store.add_event(job["id"], "The server restarted; the job resumes from "
                                      + (f"its checkpoint at step {steps[-1]}" if steps else "the start"))
@@ -162,6 +187,9 @@ class Runner:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
+        if self._data_lock is not None:
+            self._data_lock.close()  # releases the data directory to the next server
+            self._data_lock = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -184,7 +212,7 @@ class Runner:
         return True
 
     def resume(self, job_id: str) -> bool:
-        if not self.store.update_job(job_id, only_if=("paused",), status="queued", priority=1):
+        if not self.store.update_job(job_id, only_if=("paused",), status="queued", priority=1, error=None):
             return False
         self.store.add_event(job_id, "Fine-tuning job resumed; queued")
         self.wake()
