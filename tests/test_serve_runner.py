@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -293,3 +294,28 @@ def test_a_second_server_on_one_data_directory_is_refused(make_runner, tmp_path,
     second.start()  # the first has let go
     job = wait_until(status_of(second, "ftjob-a", ("running",)))
     assert job["error"] is None
+
+
+def test_close_stops_a_job_whose_process_is_just_starting(make_runner, monkeypatch):
+    """A server stopping while a job's process starts (claimed, not yet watched) sends it SIGINT like
+    any running job's, instead of waiting for it to train to the end."""
+    runner = make_runner()
+    add_job(runner, "ftjob-a", steps=1000, step_s=0.02)
+    closed: list[float] = []
+
+    def close() -> None:
+        start = time.time()
+        runner.close(timeout=15)
+        closed.append(time.time() - start)
+
+    def command(config: Path) -> list[str]:
+        threading.Thread(target=close).start()
+        wait_until(runner._closing.is_set)
+        return FakeRunner.command(runner, config)
+
+    monkeypatch.setattr(runner, "command", command)
+    runner.start()
+    wait_until(lambda: closed, timeout=30, what="close() to return")
+    assert closed[0] < 5, closed
+    job = runner.store.job("ftjob-a")
+    assert job["status"] == "running" and job["pid"] is None  # stopped; the next server resumes it

@@ -289,6 +289,9 @@ class Runner:
         """Record the job's process and turn its progress into events until it exits."""
         with self._lock:
             self._procs[job_id] = proc
+            closing = self._closing.is_set()  # close() may have listed the processes before this one
+        if closing:
+            _signal(proc, signal.SIGINT)  # as close() does: a checkpoint, and the next server resumes it
         self.store.update_job(job_id, pid=proc.pid)
         if (self.store.job(job_id) or {}).get("status") != "running":
             self._stop(job_id)  # cancelled or paused between the claim and the start
