@@ -26,7 +26,7 @@ pytestmark = pytest.mark.timeout(120)
 
 FAKE_TRAIN = r'''
 """A stand-in for `jaxtune train CONFIG`, as <job dir>/fake.json says: steps, step_s, save_s (the
-checkpoint a SIGINT saves takes that long), fail_at/fail_message (a non-finite step), loss."""
+checkpoint a SIGINT saves takes that long), fail_at/fail_message (a non-finite step), loss, deaf."""
 import fcntl, json, os, signal, sys, time
 from pathlib import Path
 
@@ -49,7 +49,13 @@ except OSError:
     note("overlap")
 note("start")
 stop = []
-signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+if spec.get("deaf"):  # hangs on SIGINT (a stuck collective), and has a data-loader worker of its own
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import subprocess
+    worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    (job / "worker.pid").write_text(str(worker.pid))
+else:
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
 
 
 def status(state, step, **fields):
@@ -104,7 +110,8 @@ def make_runner(tmp_path) -> Callable[..., FakeRunner]:
 
     def make(device_sets=({},), data_dir: Path | None = None, **kwargs: Any) -> FakeRunner:
         data = data_dir or tmp_path / "data"
-        runner = FakeRunner(Store(data / "serve.sqlite"), data, device_sets, poll_s=0.02, grace_s=5, **kwargs)
+        kwargs.setdefault("grace_s", 5)
+        runner = FakeRunner(Store(data / "serve.sqlite"), data, device_sets, poll_s=0.02, **kwargs)
         runner.fake = fake
         made.append(runner)
         return runner
@@ -319,3 +326,16 @@ def test_close_stops_a_job_whose_process_is_just_starting(make_runner, monkeypat
     assert closed[0] < 5, closed
     job = runner.store.job("ftjob-a")
     assert job["status"] == "running" and job["pid"] is None  # stopped; the next server resumes it
+
+
+def test_a_job_deaf_to_sigint_is_killed_with_its_workers(make_runner):
+    """Past the grace period a cancelled job's whole process group is killed: its data loader's
+    worker processes do not outlive it."""
+    runner = make_runner(grace_s=0.5)
+    add_job(runner, "ftjob-a", steps=1000, step_s=0.02, deaf=True)
+    runner.start()
+    worker = int(wait_until(lambda: (runner.job_dir("ftjob-a") / "worker.pid").exists()
+                            and (runner.job_dir("ftjob-a") / "worker.pid").read_text(), what="the worker"))
+    assert runner.cancel("ftjob-a")
+    wait_until(lambda: last_event(runner, "ftjob-a", "Training stopped"), what="the job to stop")
+    wait_until(lambda: not process_alive(worker), timeout=5, what="its worker to die")

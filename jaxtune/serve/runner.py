@@ -186,7 +186,7 @@ class Runner:
             thread.join(max(0.0, deadline - time.time()))
         for proc in procs:
             if proc.poll() is None:
-                proc.kill()
+                _kill(proc)
         if self._data_lock is not None:
             self._data_lock.close()  # releases the data directory to the next server
             self._data_lock = None
@@ -229,7 +229,7 @@ class Runner:
             try:
                 proc.wait(self.grace_s)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                _kill(proc)
 
         threading.Thread(target=kill_late, daemon=True).start()
 
@@ -396,8 +396,13 @@ class Runner:
 
 
 def _kill(proc: subprocess.Popen) -> None:
-    """SIGKILL a job's process and reap it."""
-    _signal(proc, signal.SIGKILL)
+    """SIGKILL a job's process group and reap the process: it leads a session of its own, and its
+    data loader's worker processes (grain) in that group must not outlive it."""
+    if proc.poll() is None:  # not reaped: its pid is still its own
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            proc.kill()
     proc.wait()
 
 
