@@ -339,3 +339,27 @@ def test_a_job_deaf_to_sigint_is_killed_with_its_workers(make_runner):
     assert runner.cancel("ftjob-a")
     wait_until(lambda: last_event(runner, "ftjob-a", "Training stopped"), what="the job to stop")
     wait_until(lambda: not process_alive(worker), timeout=5, what="its worker to die")
+
+
+def test_metrics_rewound_by_a_resume_lose_no_record(make_runner):
+    """A resumed run rewinds metrics.jsonl to its checkpoint (RunDir.rewind rewrites it) and logs
+    the later steps again: the byte offset into the old file means nothing in the new one."""
+    from jaxtune.training.rundir import RunDir
+
+    runner = make_runner()
+    add_job(runner, "ftjob-a")
+    run = RunDir(runner.run_dir("ftjob-a")).create()
+    (runner.job_dir("ftjob-a") / "train.log").write_text("")
+
+    def log(steps: range, tokens_per_s: float) -> None:
+        for step in steps:
+            run.log({"step": step, "loss": 1.0 / step, "steps_per_s": 2.0, "tokens_per_s": tokens_per_s})
+
+    log(range(1, 11), 1234.56789)  # a first process logs steps 1-10, with a checkpoint at 5
+    runner._ingest("ftjob-a")
+    run.rewind(5)  # the resumed process drops 6-10 ...
+    log(range(6, 16), 100.0)  # ... and logs them again, then more (other throughput digits: shorter lines)
+    runner._ingest("ftjob-a")
+    run.close()
+    steps = [e["data"]["step"] for e in runner.store.events("ftjob-a") if e["type"] == "metrics"]
+    assert steps[::-1] == list(range(1, 16))

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 from jaxtune.serve.store import Store
 from jaxtune.training.rundir import RunDir
@@ -124,6 +124,7 @@ class Runner:
         self._data_lock: IO[str] | None = None
         self._lock = threading.Lock()
         self._failing: set[str] = set()  # jobs whose last progress could not be written to the database
+        self._metrics_inodes: dict[str, int | None] = {}  # of each job's metrics.jsonl when last read
 
     # ------------------------------------------------------------------ paths
 
@@ -267,6 +268,8 @@ class Runner:
         steps = RunDir(self.run_dir(job_id)).checkpoint_steps()
         self.store.add_event(job_id, f"Fine-tuning job resumed from step {steps[-1]}" if steps
                              else "Fine-tuning job started")
+        # Before the process can rewind metrics.jsonl: what the last one left, and the file's inode.
+        self._ingest_or_log(job_id)
         with open(self.job_dir(job_id) / "train.log", "ab") as logfile:
             proc = subprocess.Popen(
                 self.command(config), stdout=logfile, stderr=subprocess.STDOUT,
@@ -354,15 +357,14 @@ class Runner:
         if job is None:
             return
         run = RunDir(self.run_dir(job_id))
-        log_offset, lines = _new_lines(self.job_dir(job_id) / "train.log", job["log_offset"])
-        events = [{"message": line.strip()[:1000], "level": _level(line)} for line in lines if line.strip()]
-        metrics_offset, records = _new_lines(run.path / RunDir.METRICS, job["metrics_offset"])
+        output = _new_lines(self.job_dir(job_id) / "train.log", job["log_offset"])
+        events = [{"message": line.strip()[:1000], "level": _level(line)} for line in output.lines if line.strip()]
+        metrics = _new_lines(run.path / RunDir.METRICS, job["metrics_offset"], self._metrics_inodes.get(job_id))
+        records = _records(metrics.lines)
+        if metrics.rewritten:  # rewound: the records it kept are events already
+            records = self._not_yet_events(job_id, records)
         total = (run.status() or {}).get("total_steps")
-        for line in records:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
+        for record in records:
             text, data = _metrics_event(record, total)
             events.append({"message": text, "type": "metrics", "data": data})
         known = {c["step"] for c in job["checkpoints"]}
@@ -376,8 +378,15 @@ class Runner:
                 checkpoints.append({"step": step, "created_at": int(time.time()),
                                     "metrics": checkpoint_metrics(by_step.get(step, {}), step)})
                 events.append({"message": f"Checkpoint created at step {step}"})
-        self.store.record(job_id, events, log_offset=log_offset, metrics_offset=metrics_offset,
+        self.store.record(job_id, events, log_offset=output.offset, metrics_offset=metrics.offset,
                           checkpoints=checkpoints)
+        self._metrics_inodes[job_id] = metrics.inode  # only once the offset that goes with it is stored
+
+    def _not_yet_events(self, job_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``records`` less those whose step (train or validation) already has a metrics event."""
+        done = {(e["data"].get("step"), "train_loss" in e["data"]) for e in self.store.events(job_id)
+                if e["type"] == "metrics" and e["data"]}
+        return [r for r in records if (int(r.get("step", 0)), "loss" in r) not in done]
 
     def _ingest_or_log(self, job_id: str) -> None:
         """:meth:`_ingest`, an error logged rather than raised: a database write that fails (a full
@@ -413,16 +422,43 @@ def _signal(proc: subprocess.Popen, signum: int) -> None:
         pass
 
 
-def _new_lines(path: Path, offset: int) -> tuple[int, list[str]]:
-    """Complete lines appended to ``path`` after byte ``offset``, and the new offset."""
+class Tail(NamedTuple):
+    """What :func:`_new_lines` read."""
+
+    offset: int  # where the next read starts
+    lines: list[str]
+    inode: int | None  # the file's, to tell a rewritten file at the next read
+    rewritten: bool  # read from the start: the file was rewritten since ``offset`` was taken
+
+
+def _new_lines(path: Path, offset: int, inode: int | None = None) -> Tail:
+    """Complete lines appended to ``path`` after byte ``offset``. A file rewritten since (shorter
+    than ``offset``, or another inode than ``inode``: RunDir.rewind replaces metrics.jsonl when a
+    resumed run drops its records past the checkpoint) is read from its start."""
     try:
         with open(path, "rb") as fh:
-            fh.seek(offset)
+            stat = os.fstat(fh.fileno())
+            rewritten = stat.st_size < offset or inode not in (None, stat.st_ino)
+            start = 0 if rewritten else offset
+            fh.seek(start)
             chunk = fh.read()
     except OSError:
-        return offset, []
+        return Tail(offset, [], inode, False)
     end = chunk.rfind(b"\n") + 1  # a line still being written waits for the next poll
-    return offset + end, chunk[:end].decode("utf-8", errors="replace").splitlines()
+    return Tail(start + end, chunk[:end].decode("utf-8", errors="replace").splitlines(), stat.st_ino, rewritten)
+
+
+def _records(lines: Sequence[str]) -> list[dict[str, Any]]:
+    """The metrics records among ``lines`` (a torn or foreign line is skipped)."""
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def checkpoint_metrics(record: Mapping[str, Any], step: int) -> dict[str, Any]:
