@@ -191,3 +191,20 @@ def test_request_bodies_are_capped_as_they_arrive(api):
         assert status == 413 and reply["error"]["code"] == "request_too_large", reply
     status, file = client.upload()
     assert status == 200, file
+
+
+def test_less_than_one_batch_is_refused_at_create(api):
+    """As jaxtune train refuses it at its start, but naming the request's field."""
+    client = api()
+    status, file = client.upload()  # 4 rows
+    assert status == 200, file
+    method = {"type": "supervised", "supervised": {"hyperparameters": {"batch_size": 16, "n_epochs": 2}}}
+    status, reply = client.post_json("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": file["id"],
+                                                             "method": method})
+    assert status == 400, reply
+    assert reply["error"]["param"] == "method.supervised.hyperparameters.batch_size", reply
+    assert "2 epoch(s) of the training file's 4 rows is less than one batch of 16 rows" in reply["error"]["message"]
+    method["supervised"]["hyperparameters"]["n_epochs"] = 4  # 16 rows: one batch
+    status, reply = client.post_json("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": file["id"],
+                                                             "method": method})
+    assert status == 200, reply

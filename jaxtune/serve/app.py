@@ -338,7 +338,7 @@ async def create_job(request: Request, owner: str) -> Response:
         return job_recipe(model_path=settings.models[model].local_path(), method=method,
                           hyperparameters=hyperparameters, seed=seed, training_file=folder(files["training_file"]),
                           validation_file=folder(valid) if valid else None, run_dir=runner.run_dir(job_id),
-                          operator=settings.recipe)
+                          operator=settings.recipe, training_rows=files["training_file"]["rows"])
 
     config, resolved = await run_in_threadpool(recipe)
     job_dir = runner.job_dir(job_id)

@@ -158,11 +158,28 @@ def _bad_hp(param: str) -> dict:
     raise RequestError(f"{param}: expected an object", param)
 
 
+def check_batches(config: Mapping[str, Any], rows: int, param: str) -> None:
+    """Refuse a job whose training file's ``rows`` make less than one batch in its epochs, as
+    ``jaxtune train`` would at its start. The file's rows are an upper bound on the rows an epoch
+    fills (one example a row; packing, ``train_size`` and truncation's drop make fewer), so this
+    never refuses a job the run would take; a packed epoch's rows only the run can count."""
+    data, epochs = config["data"], config["train"].get("epochs") or 1
+    if data.get("truncation") == "split" or config["train"].get("steps") is not None:
+        return  # split makes several examples of a row; steps: no epochs to count
+    batch = data["batch_size"]
+    if int(rows * epochs) // batch < 1:
+        raise RequestError(f"{param}batch_size: {epochs:g} epoch(s) of the training file's {rows} rows is less than "
+                           f"one batch of {batch} rows; use a smaller batch_size, more n_epochs or more rows",
+                           param + "batch_size")
+
+
 def job_recipe(*, model_path: str, method: str, hyperparameters: Mapping[str, Any], seed: int,
                training_file: Path, validation_file: Path | None, run_dir: Path,
-               operator: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+               operator: Mapping[str, Any] | None = None,
+               training_rows: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """The recipe of a job as plain config data, validated by the same code as ``jaxtune train``,
-    and the resolved hyperparameters to report. Raises :class:`RequestError` naming the param."""
+    and the resolved hyperparameters to report. ``training_rows``: the training file's, to refuse
+    less than one batch now (:func:`check_batches`). Raises :class:`RequestError` naming the param."""
     from jaxtune.config import ConfigError, load, merge, to_data
 
     recipe = merge(DEFAULTS, operator or {})
@@ -212,5 +229,7 @@ def job_recipe(*, model_path: str, method: str, hyperparameters: Mapping[str, An
         config = load(None, base=data)
     except (ConfigError, ValueError) as err:
         raise RequestError(f"this job's recipe is invalid: {err}", "hyperparameters") from None
-
-    return to_data(config), resolved
+    data = to_data(config)
+    if training_rows is not None:
+        check_batches(data, training_rows, param)
+    return data, resolved
