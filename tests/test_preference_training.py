@@ -217,7 +217,7 @@ def test_lora_dpo_holds_one_copy_of_the_base_and_full_dpo_a_starting_copy(files,
         trainer = jt.Trainer(jt.apply_plan(model, plan), pairs, run_dir=tmp_path / name, data=data, mesh=one,
                              preference=jt.PreferenceConfig(**DPO), config=jt.TrainConfig(steps=1, progress=False),
                              optimizer=optax.sgd(0.1))
-        step_args = (trainer.trainable, trainer.frozen, trainer.opt_state, trainer._to_device(batch),
+        step_args = (trainer.trainable, trainer.frozen, trainer.opt_state, trainer.to_device(batch),
                      jax.random.key(0))
         memory = trainer.train_step.lower(*step_args).compile().memory_analysis()
         assert memory.argument_size_in_bytes == _nbytes(step_args[:4])
@@ -254,7 +254,7 @@ def test_a_cached_reference_run_equals_the_in_step_reference_run_without_its_fro
                              config=jt.TrainConfig(steps=3, log_every=1, progress=False),
                              optimizer=jt.OptimizerConfig(learning_rate=1e-3, schedule="constant"))
         step_args = (trainer.trainable, trainer.frozen, trainer.opt_state,
-                     trainer._to_device(batch, trainer._references.get("train")), jax.random.key(0))
+                     trainer.to_device(batch, "train"), jax.random.key(0))
         memory = trainer.train_step.lower(*step_args).compile().memory_analysis()
         assert memory.argument_size_in_bytes == _nbytes(step_args[:4])
         args[reference], trainers[reference] = step_args, trainer

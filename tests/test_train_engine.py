@@ -141,6 +141,16 @@ def test_mesh_config_errors():
     assert MeshConfig(data=-1, tensor=2).shape(8) == (4, 1, 1, 2)
 
 
+def test_a_batch_the_mesh_cannot_split_is_refused_naming_the_fix():
+    """global_batch (what Trainer.to_device places every batch with) refuses rows that the data
+    parallelism does not divide, in one line saying what to change (jax's own error named neither)."""
+    mesh = make_mesh(MeshConfig(data=4, fsdp=2))
+    with pytest.raises(ValueError, match=r"^the global batch has 6 rows, which the mesh's 8-way data parallelism "
+                                         r"\(data x fsdp\) cannot split evenly; make data.batch_size a multiple"):
+        global_batch({"input_ids": np.zeros((6, 4), np.int32)}, mesh)
+    assert global_batch({"input_ids": np.zeros((8, 4), np.int32)}, mesh)["input_ids"].shape == (8, 4)
+
+
 def test_simulated_devices_get_threads_for_concurrent_collectives():
     """Eight simulated devices on a small machine: the CPU client's pool gets four threads a device
     (with one a device, a step running two all-reduces at once aborted the 8-device chat recipe

@@ -317,7 +317,7 @@ def test_evaluation_and_training_trace_the_model_under_the_run_mesh(setup, tmp_p
             assert on_splash.fit().state == "finished"
         else:
             rows = next(iter(loader(valid, train=False)))  # as a classifier's rows: one label each
-            batch = on_splash._to_device({**rows, "labels": np.zeros(len(rows["input_ids"]), np.int32)})
+            batch = on_splash.to_device({**rows, "labels": np.zeros(len(rows["input_ids"]), np.int32)})
             make_features_step(on_splash.tuned.module, mesh)(on_splash.trainable, on_splash.frozen, batch)
         assert under_mesh and all(under_mesh), (program, under_mesh)
 

@@ -48,7 +48,7 @@ def score_base(trainer: Any) -> dict[str, float] | None:
             before = trainer.evaluate()
             if baselines:
                 before.update(baseline_metrics(trainer.tuned, trainer.trainable, trainer.frozen, trainer.train_data,
-                                               trainer.eval_data, mesh=trainer.mesh, to_device=trainer._to_device))
+                                               trainer.eval_data, mesh=trainer.mesh, to_device=trainer.to_device))
             base_cache.store(digest, before)
         trainer.run.write_report(before, None, 0, evaluated_on(trainer))
     log.info("base: %s", metrics_line(before))

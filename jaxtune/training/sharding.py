@@ -165,8 +165,14 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     """Assemble each process's rows into global arrays sharded over the batch axes.
 
     ``local`` holds this process's ``B / process_count`` rows (what a per-process data loader
-    yields); on one process this is simply a sharded ``device_put``.
+    yields); on one process this is simply a sharded ``device_put``. Refused when the global rows do
+    not split evenly over the mesh's data parallelism.
     """
+    rows = len(next(iter(local.values()))) * jax.process_count()
+    if rows % data_parallel_size(mesh):
+        raise ValueError(f"the global batch has {rows} rows, which the mesh's {data_parallel_size(mesh)}-way "
+                         "data parallelism (data x fsdp) cannot split evenly; make data.batch_size a multiple "
+                         "of it or change the mesh")
     sharding = batch_sharding(mesh)
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 

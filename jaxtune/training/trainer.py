@@ -47,7 +47,6 @@ from jaxtune.training.optim import OptimizerConfig, build_optimizer
 from jaxtune.training.preference import (
     REFERENCE_KEY,
     PreferenceConfig,
-    ReferenceCache,
     make_preference_loss_fn,
     reference_caches,
     with_reference_start,
@@ -56,7 +55,6 @@ from jaxtune.training.rundir import RunDir, RunDirError
 from jaxtune.training.sharding import (
     MeshConfig,
     batch_sharding,
-    data_parallel_size,
     global_batch,
     jit_on_mesh,
     make_mesh,
@@ -191,7 +189,7 @@ class Trainer:
         # Before any step: the cache's reference is the starting model (also when a run resumes).
         self._references = reference_caches(
             model.module, self.trainable, self.frozen, {"train": self.train_data, "eval": self.eval_data},
-            self._to_device, preference, sharding=batch_sharding(self.mesh), dtype=getattr(model.config, "dtype", None),
+            self.to_device, preference, sharding=batch_sharding(self.mesh), dtype=getattr(model.config, "dtype", None),
             chunk_tokens=config.chunk_tokens) if cached else {}
         # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
         # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
@@ -281,16 +279,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    def _to_device(self, batch: Batch, reference: ReferenceCache | None = None) -> dict[str, jax.Array]:
+    def to_device(self, batch: Batch, split: str | None = None) -> dict[str, jax.Array]:
+        """A host batch (this process's rows) as the compiled steps take it: global arrays on the mesh, without
+        the host's pair bookkeeping, plus the ``split``'s (``"train"``, ``"eval"``) cached reference log-probs
+        in a ``preference.reference: cached`` run."""
+        reference = self._references.get(split) if split else None  # None also while the caches are built
         if reference is not None:
             batch = {**batch, "reference_logps": reference.lookup(batch)}
-        batch = {k: v for k, v in batch.items() if k != PAIR_IDS}  # the host's bookkeeping, not a model input
-        rows = len(next(iter(batch.values()))) * jax.process_count()
-        if rows % data_parallel_size(self.mesh):
-            raise ValueError(f"the global batch has {rows} rows, which the mesh's {data_parallel_size(self.mesh)}-way "
-                             "data parallelism (data x fsdp) cannot split evenly; make data.batch_size a multiple "
-                             "of it or change the mesh")
-        return global_batch(batch, self.mesh)
+        return global_batch({k: v for k, v in batch.items() if k != PAIR_IDS}, self.mesh)
 
     def evaluate(self, data: Source | Loader | Iterable[Batch] | None = None,
                  trainable: Any = None) -> dict[str, float]:
@@ -305,7 +301,7 @@ class Trainer:
         data = self.eval_data if data is None else data
         if data is None:
             raise ValueError("no evaluation data: pass eval_data to the Trainer or data to evaluate()")
-        to_device = functools.partial(self._to_device, reference=self._references.get("eval"))
+        to_device = functools.partial(self.to_device, split="eval")
         return evaluate(self.eval_step, self.trainable if trainable is None else trainable, self.frozen, data,
                         self.task, to_device=to_device)
 
@@ -499,7 +495,7 @@ class Trainer:
         n = self.config.recalibrate_batch_norm
         if not n or self._recalibrated_step == self.step:
             return
-        batches = (self._to_device(batch) for batch in itertools.islice(iter(self.train_data), n))
+        batches = (self.to_device(batch) for batch in itertools.islice(iter(self.train_data), n))
         new = recalibrate(self.trainable, batches, self._statistics_step, lambda tr: combine(tr, self.frozen))
         self.trainable = shard(new, self._trainable_shardings)
         self._recalibrated_step = self.step
@@ -508,7 +504,7 @@ class Trainer:
         self.records.observe(batch)
         step_rng = jax.random.fold_in(self.rng, self.step)
         hits = compile_cache.hits()  # the first call compiles (or loads) the step before dispatching it
-        batch = self._to_device(batch, self._references.get("train"))
+        batch = self.to_device(batch, "train")
         if self.memory is None and hasattr(self.train_step, "lower"):  # a jitted step (not a caller's wrapper)
             self._report_memory(batch, step_rng)
         self.trainable, self.opt_state, metrics = self.train_step(self.trainable, self.frozen, self.opt_state, batch,
