@@ -248,6 +248,28 @@ def test_ctrl_c_after_a_non_finite_step_reports_it_and_saves_nothing(setup, tmp_
     assert json.loads((tmp_path / "status.json").read_text())["state"] == "failed"
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_non_finite_step_noticed_later_is_the_one_the_status_names(setup, tmp_path, caplog):
+    """The update of step 3 overflows (an lr beyond float32's range) and the host reads the finite flags
+    only at step 5 (log_every): status.json said step 5, the step it noticed at, so `jaxtune status`
+    showed 5 steps trained. It names step 3 as failed and step 2 as the last good one."""
+    from jaxtune.cli.status import format_status
+    from jaxtune.training.rundir import RunDir
+
+    model_dir, train, _ = setup
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+    schedule = lambda count: jnp.where(count < 2, 1e-3, 1e39)  # noqa: E731
+    trainer = Trainer(tuned, train_data=_loader(train, train=True), optimizer=optax.sgd(schedule),
+                      config=TrainConfig(steps=8, log_every=5, progress=False), run_dir=tmp_path, mesh=ONE_DEVICE())
+    assert trainer.fit().state == "failed"
+    assert "step 3: the update made the params or optimizer state non-finite" in caplog.text
+    status = json.loads((tmp_path / "status.json").read_text())
+    assert (status["state"], status["step"], status["failed_step"]) == ("failed", 2, 3)
+    info = RunDir(tmp_path).summary()
+    assert (info["step"], info["failed_step"]) == (2, 3)
+    assert "step:        2/8 (25%), the last good step: step 3 was not finite" in format_status(info)
+
+
 def test_optimizer_state_is_sharded_like_the_params(setup, tmp_path):
     """Under FSDP, Adam's moments are split like their params, not replicated on every device
     (jit left them replicated: a full copy of the optimizer state per device)."""

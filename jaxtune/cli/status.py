@@ -30,6 +30,8 @@ def format_status(info: dict[str, Any]) -> str:
     """Human-readable lines for :func:`read`'s dict."""
     total = info["total_steps"]
     progress = f"{info['step']}/{total}" + (f" ({100 * info['step'] / total:.0f}%)" if total else "")
+    if info.get("failed_step") is not None:  # the step is the last good one, before the one that failed
+        progress += f", the last good step: step {info['failed_step']} was not finite"
     state = info["state"]
     if info["stale"]:
         state += f" (no update for {_hms(time.time() - info['updated'])}: the process may have died; " \

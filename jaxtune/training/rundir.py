@@ -4,7 +4,8 @@
 
     <run_dir>/
       config.yaml      the resolved config of the run (every default filled in)
-      status.json      state, step, total steps, latest train/eval metrics, best step, error
+      status.json      state, step, total steps, latest train/eval metrics, best step, error; a run stopped by
+                       a non-finite step: failed_step (that step) and step (the last good one before it)
       metrics.jsonl    one record per logged step ({"step", "loss", ...}) or evaluation ({"step", "eval/...": ...});
                        a resumed run forgets those after its checkpoint's step (it logs them again)
       report.json      base vs fine-tuned metrics ({"before", "after", "step", "evaluated_on"}), the final report
@@ -325,8 +326,9 @@ class RunDir:
     def summary(self) -> dict[str, Any]:
         """The run's state as one dict: ``state, step, total_steps, train, eval, tokens_per_s,
         examples_per_s`` (image runs; the other is None), ``eta_s, best, checkpoints, updated, stale,
-        error, memory`` (the compiled step's bytes per device, :class:`jaxtune.training.memory.StepMemory`
-        as plain data, once training started)."""
+        error, failed_step`` (the non-finite step that failed the run, ``step`` then the last good one;
+        else None), ``memory`` (the compiled step's bytes per device,
+        :class:`jaxtune.training.memory.StepMemory` as plain data, once training started)."""
         if not self.path.is_dir():
             what = "a file, not a run directory" if self.path.exists() else "no such run directory"
             raise RunDirError(f"{self.path}: {what}; give the output.dir of a jaxtune train run")
@@ -357,4 +359,4 @@ class RunDir:
                 "tokens_per_s": train.get("tokens_per_s"), "examples_per_s": train.get("examples_per_s"),
                 "eta_s": eta, "best": best,
                 "checkpoints": self.checkpoint_steps(), "updated": updated, "stale": stale,
-                "error": status.get("error"), "memory": status.get("memory")}
+                "error": status.get("error"), "failed_step": status.get("failed_step"), "memory": status.get("memory")}

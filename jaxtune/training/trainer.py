@@ -554,7 +554,9 @@ class Trainer:
                    f"evaluated. Last good checkpoint: {good if good is not None else 'none'}. Lower the learning "
                    "rate or check the data.")
         log.error("%s", message)
-        self._write_status("failed", step=self.step, total_steps=self.steps, error=message)
+        # The host reads the finite flags only to log, evaluate or save, so self.step may be past bad_step:
+        # the status gives the failed step and the last good one, not the step the host read them at.
+        self._write_status("failed", step=bad_step - 1, failed_step=bad_step, total_steps=self.steps, error=message)
         return "failed"
 
     def _evaluate_and_track(self, best: Best) -> dict[str, float]:
