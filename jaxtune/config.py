@@ -33,7 +33,8 @@ A recipe may start from another with ``base: other.yaml`` (a path relative to th
 file): the other recipe's sections are read first and this one's are laid over them, key by key
 inside a section; a list (the plan, ``eval.choices``) or a value replaces the base's whole. Only
 ``output.dir`` is never inherited: a recipe's runs go to its own directory (``runs/<its name>``
-unless it sets one), so a variant never resumes or overwrites its base's run::
+unless it sets one), so a variant never resumes or overwrites its base's run (a recipe given as
+data, with no file name, must set ``output.dir``)::
 
     base: chat_sentiment.yaml          # configs/chat_sentiment_qlora.yaml: only what differs
     plan:
@@ -88,18 +89,21 @@ class DistributedConfig:
 class OutputConfig:
     """Where the run lives, and what ``jaxtune train`` exports at the end.
 
+    ``dir``: the run directory; a recipe file without one runs in ``runs/<file name>``, and a recipe
+    given as data (a dict or Config, which has no file name) must set it.
+
     ``export``: ``auto`` (a PEFT adapter when the plan has adapters that PEFT can express, else a
     merged HF directory; skipped with a note when the model has no transformers equivalent), ``peft``,
     ``merged`` or ``none``. It is written to ``<dir>/export``; ``export_dtype``: dtype of merged
     weights.
     """
 
-    dir: str = "runs/run"
+    dir: str | None = None  # load() fills in runs/<file name> for a recipe file; finetune refuses None
     export: Literal["auto", "peft", "merged", "none"] = "auto"
     export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
 
     def __post_init__(self) -> None:
-        if not self.dir.strip():
+        if self.dir is not None and not self.dir.strip():
             raise ValueError("output.dir: empty; give the run directory's path, e.g. runs/my-run")
         if self.export_dtype is not None:  # from Python, else checked only by the export after training
             object.__setattr__(self, "export_dtype", dtype_name(self.export_dtype, "output.export_dtype"))
@@ -271,7 +275,7 @@ def load(path: str | Path | None, overrides: Sequence[str] = (), *, base: Mappin
     data = _deepcopy(data)
     for override in overrides:
         apply_override(data, override)
-    if "output" not in data or not isinstance(data["output"], dict) or "dir" not in data["output"]:
+    if "output" not in data or not isinstance(data["output"], dict) or data["output"].get("dir") is None:
         if path is not None and isinstance(data.get("output", {}), (dict, type(None))):
             default = f"runs/{Path(path).stem}"
             for base_path in _bases(Path(path)):

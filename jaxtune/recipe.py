@@ -51,6 +51,15 @@ def setup_runtime(mesh: MeshConfig, distributed: DistributedConfig) -> None:
                                    num_processes=distributed.num_processes, process_id=distributed.process_id)
 
 
+def _run_dir(config: Config) -> str:
+    """The recipe's ``output.dir``. A recipe file gets ``runs/<file name>`` when it sets none; one given
+    as data has no name to give, and a shared default would resume one recipe's run with another's."""
+    if config.output.dir is None:
+        raise ConfigError("output.dir: not set, and a recipe given as a dict or Config has no file name to name its "
+                          "run directory after; set it, e.g. {'output': {'dir': 'runs/my-run'}}")
+    return config.output.dir
+
+
 def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) -> Trainer:
     """The Trainer a recipe describes: the model loaded and planned, the data read (sources are
     batched by the trainer), the sections passed as they are. ``train=False``: no training data;
@@ -61,7 +70,7 @@ def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) 
     tuned = apply_plan(model, config.build_plan(), jax.random.key(config.train.seed), data=train_source)
     log.info("model: %s (%s); task %s", model.source, model.architecture, tuned.task)
     try:
-        return Trainer(tuned, train_source if train else None, validation, run_dir=config.output.dir,
+        return Trainer(tuned, train_source if train else None, validation, run_dir=_run_dir(config),
                        config=config.train, data=batching(config.data), optimizer=config.optimizer, eval=config.eval,
                        checkpoint=config.checkpoint, mesh=config.mesh, preference=config.preference,
                        resolved_config=to_data(config))
@@ -75,7 +84,8 @@ def finetune(config: Config | str | os.PathLike[str] | Mapping[str, Any], *, res
     """Run a recipe: train (or resume) in ``output.dir``, report, and export to ``<output.dir>/export``.
 
     ``config``: a :class:`~jaxtune.config.Config` (``jaxtune.load_config``), or what that reads: a
-    recipe's YAML file, or its sections as plain data (``{"model": {"path": ...}, "plan": ...}``).
+    recipe's YAML file, or its sections as plain data (``{"model": {"path": ...}, "plan": ...}``). A
+    YAML file without ``output.dir`` runs in ``runs/<file name>``; plain data or a Config must set it.
 
     Resuming a directory made by another model, plan, data or shapes is refused, naming the
     differences; ``restart=True`` first moves an existing ``output.dir`` aside (to
@@ -86,8 +96,8 @@ def finetune(config: Config | str | os.PathLike[str] | Mapping[str, Any], *, res
     which ``auto`` reports instead of failing).
     """
     config = validate(_as_config(config))
-    out = config.output
-    RunDir(out.dir).check()  # before loading anything: an output.dir that is a file fails at once
+    out, directory = config.output, _run_dir(config)
+    RunDir(directory).check()  # before loading anything: an output.dir that is a file fails at once
     trainer = trainer_for(config)
     log.info("plan: %s", summary(trainer.tuned.params, trainer.tuned.labels))
     fmt = None
@@ -102,13 +112,13 @@ def finetune(config: Config | str | os.PathLike[str] | Mapping[str, Any], *, res
         raise ConfigError(f"output.export_dtype: {out.export_dtype} applies to merged exports, and this run exports "
                           "a PEFT adapter (float32 tensors); set output.export: merged, or remove export_dtype")
     if restart:
-        moved = RunDir(out.dir, main=jax.process_index() == 0).move_aside()
+        moved = RunDir(directory, main=jax.process_index() == 0).move_aside()
         if moved is not None:
             log.info("restart: moved the old run to %s", moved)
     result = trainer.fit()
     if fmt is not None and result.state in ("finished", "early_stopped"):
         # <output.dir>/export is the run's own: each finish writes it afresh
-        result.export = export(result.model, Path(out.dir) / "export", format=fmt, dtype=out.export_dtype,
+        result.export = export(result.model, Path(directory) / "export", format=fmt, dtype=out.export_dtype,
                                overwrite=True)
     return result
 

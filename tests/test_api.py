@@ -151,6 +151,21 @@ def test_a_fit_result_exports_and_generates_with_its_model(tmp_path):
         jt.complete(fit_result(untokenized), ["hi"])
 
 
+def test_a_recipe_given_as_data_must_name_its_run_directory(tmp_path, monkeypatch):
+    """A recipe file runs in runs/<its name>; a dict (or Config) has no name, and ran in runs/run:
+    two dicts for different tasks shared, and resumed, one directory. It must set output.dir."""
+    monkeypatch.chdir(tmp_path)
+    recipe = {"model": {"path": "models/x"}, "data": {"train": "train.jsonl", "kind": "chat"}}
+    for config in (recipe, jt.load_config(None, base=recipe)):
+        with pytest.raises(jt.ConfigError, match=r"^output.dir: not set, and a recipe given as a dict or Config has no "
+                                                 r"file name .*; set it, e.g. \{'output': \{'dir': 'runs/my-run'\}\}$"):
+            jt.finetune(config)
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "chat.yaml").write_text(yaml.safe_dump(recipe))
+    assert jt.load_config(tmp_path / "chat.yaml").output.dir == "runs/chat"  # a file still names its own
+    assert jt.load_config(tmp_path / "chat.yaml", ["output.dir=null"]).output.dir == "runs/chat"  # null: the default
+
+
 def test_finetune_reads_a_recipe_file_or_its_sections(tmp_path):
     """``finetune`` took only a Config: a dict failed on ``config.data``."""
     recipe = {"model": {"path": "models/x"}}
