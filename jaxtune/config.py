@@ -55,7 +55,7 @@ from typing import Any, Literal
 import yaml
 
 from jaxtune.data.config import DataConfig
-from jaxtune.models.load import ModelConfig, dtype_name
+from jaxtune.models.load import DTYPES, ModelConfig, dtype_name
 from jaxtune.schema import ConfigError, from_data
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.optim import OptimizerConfig
@@ -100,7 +100,7 @@ class OutputConfig:
 
     dir: str | None = None  # load() fills in runs/<file name> for a recipe file; finetune refuses None
     export: Literal["auto", "peft", "merged", "none"] = "auto"
-    export_dtype: Literal["float32", "bfloat16", "float16"] | None = None
+    export_dtype: DTYPES | None = None
 
     def __post_init__(self) -> None:
         if self.dir is not None and not self.dir.strip():

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -308,3 +309,28 @@ def test_ctrl_c_leaves_a_stopped_resumable_run(assets, tmp_path):
     assert code == 0, err
     assert f"resumed from {run_dir / 'checkpoints' / str(stopped_at)}" in err
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
+def test_export_dtype_choices_are_the_librarys_list_and_parsing_imports_no_jax(tmp_path):
+    """`jaxtune export --dtype` spelled the names out again (to keep jax out of the parser); it offers
+    the one list the library checks dtypes against (jaxtune.dtypes), and parsing still imports no jax."""
+    import argparse
+    import typing
+
+    import jaxtune
+    from jaxtune.cli import build_parser
+    from jaxtune.config import OutputConfig
+    from jaxtune.dtypes import DTYPE_NAMES
+    from jaxtune.models.load import DTYPES, dtype_name
+
+    commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    choices = next(a for a in commands.choices["export"]._actions if a.dest == "dtype").choices
+    assert choices is DTYPE_NAMES and DTYPE_NAMES == typing.get_args(DTYPES)
+    assert [dtype_name(name, "dtype") for name in DTYPE_NAMES] == list(DTYPE_NAMES)
+    assert OutputConfig(export_dtype="float16").export_dtype == "float16"
+    script = ("import sys; from jaxtune.cli import main; code = main(['export', '--help']); "
+              "sys.exit(code or ('jax' in sys.modules and 'jax imported while parsing'))")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(jaxtune.__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert "{float32,bfloat16,float16}" in done.stdout

