@@ -137,6 +137,22 @@ def fit_result(model) -> jt.FitResult:
     return jt.FitResult(model=model, step=1, steps=1, state="finished", train_metrics={}, eval_metrics={}, best=None)
 
 
+def test_one_rule_takes_a_fit_results_model_for_export_and_complete(tmp_path):
+    """export and complete each unwrapped a FitResult with a rule of their own (one by type, one by
+    fields); models.load.model_of is the one rule both use: a result gives its model, a model is itself,
+    and anything else is left for the caller's check to name (a result holding a path is no model)."""
+    from jaxtune.models.load import model_of
+
+    model = type("Model", (), {"module": None, "params": None, "tokenizer": None, "source": "x"})()
+    assert model_of(fit_result(model)) is model and model_of(model) is model
+    holder = fit_result("runs/x")
+    assert model_of(holder) is holder and model_of("runs/x") == "runs/x"
+    with pytest.raises(TypeError, match=r"^model: expected a tuned model .*got FitResult$"):
+        jt.export(holder, tmp_path / "out")
+    with pytest.raises(TypeError, match=r"^model: expected a model from jaxtune.load, .*got FitResult$"):
+        jt.complete(holder, ["hi"])
+
+
 def test_a_fit_result_exports_and_generates_with_its_model(tmp_path):
     bert = tmp_path / "bert"
     tiny_hf_model("BertModel", bert)

@@ -58,6 +58,7 @@ from jaxtune.models.attention import batch_axes, data_parallel_size
 from jaxtune.models.decoder import Decoder
 from jaxtune.models.kv_cache import KVCache, init_cache
 from jaxtune.models.layers import Array
+from jaxtune.models.load import model_of
 
 Params = dict[str, Any]
 Chat = Sequence[Mapping[str, Any]]  # [{"role": "user", "content": "..."}, ...]
@@ -403,11 +404,10 @@ _MODEL_FIELDS = ("module", "params", "tokenizer", "source")  # what complete rea
 
 
 def _generator(model: Any) -> Any:
-    """``model``, or a ``Trainer.fit()`` result's trained ``model``; anything without the fields
-    :func:`complete` reads is refused, naming what to pass (a path failed on a missing attribute)."""
-    inner = getattr(model, "model", None)
-    if not hasattr(model, "module") and all(hasattr(inner, f) for f in _MODEL_FIELDS):
-        return inner
+    """``model``, or a ``Trainer.fit()`` result's trained ``model`` (:func:`~jaxtune.models.load.model_of`);
+    anything without the fields :func:`complete` reads is refused, naming what to pass (a path failed on a
+    missing attribute)."""
+    model = model_of(model)
     if not all(hasattr(model, f) for f in _MODEL_FIELDS):
         hint = f": load it first, jaxtune.load({str(model)!r})" if isinstance(model, (str, os.PathLike)) else ""
         raise TypeError(f"model: expected a model from jaxtune.load, jaxtune.apply_plan or Trainer.fit(), got "

@@ -40,6 +40,15 @@ def dtype_name(value: Any, where: str) -> str:
     return coerce(value, DTYPES, where)
 
 
+def model_of(model: Any) -> Any:
+    """``model`` itself, or the trained ``model`` of a ``Trainer.fit()`` result, which the API functions
+    that take a model (:func:`jaxtune.export`, :func:`jaxtune.complete`) take as well. The result is the
+    training layer's, which this one may not import: a model has a ``module``, a result holds one. Anything
+    else comes back as it is, for the caller's check to name."""
+    inner = getattr(model, "model", None)
+    return inner if not hasattr(model, "module") and hasattr(inner, "module") else model
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The pretrained model and how it is held in memory.

@@ -32,7 +32,7 @@ from safetensors.numpy import save_file
 
 from jaxtune.models import hf, stacking, vit
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
-from jaxtune.models.load import ADAPTER_CONFIG, base_model_name, dtype_name
+from jaxtune.models.load import ADAPTER_CONFIG, base_model_name, dtype_name, model_of
 from jaxtune.models.quant import dequantize_tree
 from jaxtune.tuning.heads import hf_head_modules
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
@@ -426,12 +426,11 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
 
 
 def _trained(model: Any) -> Tuned:
-    """``model``, or the trained model of a ``Trainer.fit()`` result (its ``model``: the one thing it
-    holds that export writes); anything else is refused, naming what to pass."""
+    """``model``, or the trained model of a ``Trainer.fit()`` result (:func:`~jaxtune.models.load.model_of`);
+    anything but a tuned model is refused, naming what to pass."""
+    model = model_of(model)
     if isinstance(model, Tuned):
         return model
-    if isinstance(getattr(model, "model", None), Tuned):
-        return model.model
     raise TypeError(f"model: expected a tuned model (Trainer.fit().model, or jaxtune.apply_plan(...) of a loaded "
                     f"model), got {type(model).__name__}")
 
