@@ -41,7 +41,7 @@ _API = {
     # data
     "read": "jaxtune.data.config", "DataConfig": "jaxtune.data.config",
     # training
-    "Trainer": "jaxtune.training.trainer", "FitResult": "jaxtune.training.trainer",
+    "Trainer": "jaxtune.training.trainer", "FitResult": "jaxtune.training.result",
     "TrainConfig": "jaxtune.training.config", "EvalConfig": "jaxtune.training.config",
     "CheckpointConfig": "jaxtune.training.config",
     "OptimizerConfig": "jaxtune.training.optim", "MeshConfig": "jaxtune.training.sharding",

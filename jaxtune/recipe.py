@@ -26,9 +26,10 @@ from jaxtune.data.sources import DataError
 from jaxtune.host_threads import threads_for_simulated_devices
 from jaxtune.models.load import load as load_model
 from jaxtune.training.memory import StepMemory, plan_step_memory
+from jaxtune.training.result import FitResult
 from jaxtune.training.rundir import RunDir
 from jaxtune.training.sharding import MeshConfig
-from jaxtune.training.trainer import FitResult, Trainer
+from jaxtune.training.trainer import Trainer
 from jaxtune.tuning import ExportError, apply_plan, export, export_format, summary
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,7 @@ def finetune(config: Config | str | os.PathLike[str] | Mapping[str, Any], *, res
     differences; ``restart=True`` first moves an existing ``output.dir`` aside (to
     ``<dir>.old-<time>``, never deleted) and starts afresh.
 
-    Returns the :class:`~jaxtune.training.trainer.FitResult`; its ``export`` is the exported
+    Returns the :class:`~jaxtune.training.result.FitResult`; its ``export`` is the exported
     directory (None when ``output.export`` is ``none`` or the model has no exportable form,
     which ``auto`` reports instead of failing).
     """

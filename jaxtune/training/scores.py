@@ -58,7 +58,7 @@ def score_base(trainer: Any) -> dict[str, float] | None:
 def score_final(trainer: Any, result: Any) -> None:
     """Set ``result.after`` (the fine-tuned model's metrics) and ``result.report`` (base vs
     fine-tuned), and write them to the run directory; nothing without validation data or with
-    ``eval.after`` off. ``result`` is the :class:`~jaxtune.training.trainer.FitResult` of ``fit``."""
+    ``eval.after`` off. ``result`` is the :class:`~jaxtune.training.result.FitResult` of ``fit``."""
     if trainer.eval_data is None or not trainer.eval_config.after:
         return
     last_eval = {k.removeprefix("eval/"): v for k, v in result.eval_metrics.items()}

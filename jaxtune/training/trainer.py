@@ -51,6 +51,7 @@ from jaxtune.training.preference import (
     reference_caches,
     with_reference_start,
 )
+from jaxtune.training.result import FitResult
 from jaxtune.training.rundir import RunDir, RunDirError
 from jaxtune.training.sharding import (
     MeshConfig,
@@ -68,29 +69,6 @@ from jaxtune.tuning.tuned import Tuned
 log = logging.getLogger(__name__)
 Batch = dict[str, np.ndarray]
 Callback = Callable[["Trainer", int, dict[str, float]], None]
-
-
-@dataclasses.dataclass
-class FitResult:
-    """What ``fit`` ended with.
-
-    ``model``: the trained :class:`~jaxtune.tuning.Tuned` (the best checkpoint's with
-    ``eval.use_best``). ``state``: ``finished``, ``stopped`` (Ctrl-C; run again to resume),
-    ``early_stopped`` or ``failed``. ``before``/``after``: base and fine-tuned validation
-    metrics; ``report``: both as a markdown table. ``export``: set by ``jaxtune.finetune``.
-    """
-
-    model: Tuned
-    step: int
-    steps: int
-    state: str
-    train_metrics: dict[str, float]
-    eval_metrics: dict[str, float]
-    best: dict[str, Any] | None
-    before: dict[str, float] | None = None
-    after: dict[str, float] | None = None
-    report: str | None = None
-    export: Path | None = None
 
 
 class Trainer:
