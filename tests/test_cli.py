@@ -175,6 +175,24 @@ def test_best_is_refused_where_there_is_no_best_checkpoint(assets, tmp_path):
     assert code == 2 and "not a run directory; drop --best" in err, err
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+def test_a_non_finite_step_is_the_step_train_and_status_name(assets, tmp_path):
+    """An lr beyond float32's range makes step 1's update non-finite; the host reads the finite flags at
+    step 5 (log_every), and train printed "training failed at step 5", status "step: 5/6". Both name
+    step 1; status gives 0 as the last good step."""
+    run_dir = tmp_path / "run"
+    code, out, err = cli("train", assets / "lora.yaml", f"output.dir={run_dir}", "optimizer.learning_rate=1e39",
+                         "train.log_every=5", "eval.every=null", "eval.best_metric=null", "eval.before=false",
+                         "output.export=none")
+    assert code == 1 and "step 1: the update made the params or optimizer state non-finite" in err, err
+    assert "training failed at step 1 (see above)" in out, out
+    code, out, _ = cli("status", run_dir)
+    assert code == 0 and "step:        0/6 (0%), the last good step: step 1 was not finite" in out, out
+    code, out, _ = cli("status", run_dir, "--json")
+    assert {k: json.loads(out)[k] for k in ("state", "step", "failed_step")} == {"state": "failed", "step": 0,
+                                                                                 "failed_step": 1}
+
+
 def test_debug_after_the_command_shows_the_traceback(tmp_path):
     from jaxtune.training.rundir import RunDirError
 

@@ -252,7 +252,7 @@ def test_ctrl_c_after_a_non_finite_step_reports_it_and_saves_nothing(setup, tmp_
 def test_a_non_finite_step_noticed_later_is_the_one_the_status_names(setup, tmp_path, caplog):
     """The update of step 3 overflows (an lr beyond float32's range) and the host reads the finite flags
     only at step 5 (log_every): status.json said step 5, the step it noticed at, so `jaxtune status`
-    showed 5 steps trained. It names step 3 as failed and step 2 as the last good one."""
+    showed 5 steps trained. It names step 3 as failed and step 2 as the last good one; so does the result."""
     from jaxtune.cli.status import format_status
     from jaxtune.training.rundir import RunDir
 
@@ -261,7 +261,8 @@ def test_a_non_finite_step_noticed_later_is_the_one_the_status_names(setup, tmp_
     schedule = lambda count: jnp.where(count < 2, 1e-3, 1e39)  # noqa: E731
     trainer = Trainer(tuned, train_data=_loader(train, train=True), optimizer=optax.sgd(schedule),
                       config=TrainConfig(steps=8, log_every=5, progress=False), run_dir=tmp_path, mesh=ONE_DEVICE())
-    assert trainer.fit().state == "failed"
+    result = trainer.fit()
+    assert (result.state, result.failed_step, result.step) == ("failed", 3, 5)  # step: where the host stopped
     assert "step 3: the update made the params or optimizer state non-finite" in caplog.text
     status = json.loads((tmp_path / "status.json").read_text())
     assert (status["state"], status["step"], status["failed_step"]) == ("failed", 2, 3)

@@ -51,7 +51,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = jt.finetune(config, restart=args.restart)
     if result.state in ("stopped", "failed"):
         print(f"training {result.state} at step {result.step}/{result.steps}; run the same command again to resume"
-              if result.state == "stopped" else f"training failed at step {result.step} (see above)")
+              if result.state == "stopped" else f"training failed at step {result.failed_step} (see above)")
         return 130 if result.state == "stopped" else 1
     print(f"\ntrained {result.step}/{result.steps} steps ({result.state})")
     if result.report:

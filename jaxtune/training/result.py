@@ -15,8 +15,10 @@ class FitResult:
 
     ``model``: the trained :class:`~jaxtune.tuning.Tuned` (the best checkpoint's with
     ``eval.use_best``). ``state``: ``finished``, ``stopped`` (Ctrl-C; run again to resume),
-    ``early_stopped`` or ``failed``. ``before``/``after``: base and fine-tuned validation
-    metrics; ``report``: both as a markdown table. ``export``: set by ``jaxtune.finetune``.
+    ``early_stopped`` or ``failed``. ``failed_step``: a ``failed`` run's non-finite step (the host
+    notices one when it next logs, evaluates or saves, so ``step``, where it stopped, may be later; the
+    last good step is the one before). ``before``/``after``: base and fine-tuned validation metrics;
+    ``report``: both as a markdown table. ``export``: set by ``jaxtune.finetune``.
     """
 
     model: Tuned
@@ -30,3 +32,4 @@ class FitResult:
     after: dict[str, float] | None = None
     report: str | None = None
     export: Path | None = None
+    failed_step: int | None = None

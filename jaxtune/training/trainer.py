@@ -194,6 +194,7 @@ class Trainer:
         self.rng = jax.random.key(config.seed)
         self.step = 0
         self._saved_step: int | None = None  # the step whose state the latest checkpoint holds
+        self.failed_step: int | None = None  # the non-finite step that failed the run (set by _failed)
         self._checkpointer: Checkpointer | None = None
         self._resumable_data = False
         self.compile_cache_hit: bool | None = None  # whether the first step's executable came from the disk cache
@@ -326,7 +327,8 @@ class Trainer:
                                best_value=best.value)
         result = FitResult(self.model, self.step, self.steps, state, train_metrics, eval_metrics,
                            {"step": best.step, "value": best.value, "metric": self.eval_config.best_metric}
-                           if best.step is not None else None, before=before)
+                           if best.step is not None else None, before=before,
+                           failed_step=self.failed_step if state == "failed" else None)
         if state in ("finished", "early_stopped"):
             self._finish(result)
             self.run.close()  # the final evaluation's record
@@ -525,6 +527,7 @@ class Trainer:
         return None if bad is None else self._failed(self.step - len(pending) + bad + 1, jax.device_get(pending[bad]))
 
     def _failed(self, bad_step: int, metrics: dict[str, Any]) -> str:
+        self.failed_step = bad_step
         good = self.checkpointer.latest_good_step()
         what = ("the loss or gradient is not finite (nan/inf)" if not metrics["grad_finite"] else
                 "the update made the params or optimizer state non-finite (nan/inf)")
