@@ -34,6 +34,7 @@ from jaxtune.data.config import FIELD_OPTIONS
 from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
 from jaxtune.data.rows import PYTHON, Syntax
 from jaxtune.data.sources import Source, read_labeled
+from jaxtune.models.load import model_of
 from jaxtune.training.evaluate import classification_metrics, regression_metrics
 from jaxtune.training.sharding import data_parallel_size, jit_on_mesh, whole_batch
 from jaxtune.training.step import model_inputs, packed_segments
@@ -48,7 +49,9 @@ def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False
     """The model to predict with, the data options its run was trained with (field names,
     ``max_length``, ``batch_size``, ``packing``; empty for an export), and the mesh its params are
     on (a run directory: the run's, its params sharded as training shards them; else None).
-    ``syntax``: how errors spell ``best`` (the argument, or the command's flag)."""
+    ``syntax``: how errors spell ``best`` (the argument, or the command's flag). A ``fit()`` result
+    predicts with its trained model, as :func:`jaxtune.export` takes it."""
+    target = model_of(target)
     if isinstance(target, Tuned):
         return target, {}, None
     path = Path(target)
@@ -92,7 +95,8 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     """Predict every row of ``data`` with ``model``; write them to ``out`` (JSONL, or CSV/TSV by suffix).
 
     Args:
-      model: a run directory, a merged export directory, or a :class:`~jaxtune.tuning.Tuned`.
+      model: a run directory, a merged export directory, a :class:`~jaxtune.tuning.Tuned`, or a
+        ``Trainer.fit()`` result (its trained model).
       data: a JSONL or CSV/TSV file of rows (a label column is optional), or a source.
       best: a run's best checkpoint instead of its latest.
       batch_size, max_length: default the run's (else 32 and 128); longer texts are cut at the right.

@@ -454,3 +454,15 @@ def test_predict_stays_inside_the_learned_position_table(bert, files):
         jt.predict(model, long_row, max_length=100, text_field="body", label_field="category")
     cut = jt.predict(model, long_row, text_field="body", label_field="category")
     assert cut == jt.predict(model, long_row, max_length=64, text_field="body", label_field="category")
+
+
+def test_predict_takes_a_fit_result_as_export_does(bert, files):
+    """``jt.export`` and ``jt.complete`` take a ``fit()`` result; ``jt.predict`` failed on it with a
+    TypeError from Path (a FitResult is no path)."""
+    from jaxtune.training.result import FitResult
+
+    train, _ = jt.read(files["train.jsonl"], kind="classification", text_field="body", label_field="category")
+    model = jt.apply_plan(jt.load(str(bert)), jt.lora(rank=2) + jt.head("classification"), data=train)
+    result = FitResult(model=model, step=0, steps=0, state="finished", train_metrics={}, eval_metrics={}, best=None)
+    fields = dict(text_field="body", label_field="category")
+    assert jt.predict(result, files["test.jsonl"], **fields) == jt.predict(model, files["test.jsonl"], **fields)
