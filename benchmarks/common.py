@@ -109,3 +109,22 @@ def timed_finetune(data: dict[str, Any]) -> dict[str, Any]:
     result = finetune(config_lib.validate(config_lib.from_data(config_lib.Config, data)))
     return {"before": result.before, "after": result.after, "steps": result.step,
             "train_s": marks["train_end"] - marks["train_start"]}
+
+
+def torch_adamw(params: Any, **kwargs: Any) -> Any:
+    """``torch.optim.AdamW`` as a competent PyTorch user runs it: fused (one kernel over every
+    tensor, on the CPU as on CUDA; torch's default leaves it off and is slower), or ``foreach``
+    where the fused kernel refuses the params (a device or dtype it lacks). Which one ran:
+    :func:`adamw_kind`."""
+    import torch
+
+    params = list(params)  # a generator would be spent by the first try
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(params, foreach=True, **kwargs)
+
+
+def adamw_kind(optimizer: Any) -> str:
+    """``fused`` or ``foreach``: which AdamW implementation a PyTorch side ran (for its record)."""
+    return "fused" if optimizer.defaults.get("fused") else "foreach"

@@ -8,26 +8,29 @@
 Each side of each workload runs in its own long-lived worker process (so peak-memory counters
 are its own, and the two runtimes' thread pools never compete: measured here, PyTorch in a
 process that also holds JAX ran 3.6x slower). The driver alternates timed rounds between the
-workers (every other round in reverse order), which wait idle on a pipe while the other side runs. Per
-side: non-pad tokens/s from its median round, the speed-up over HF+PEFT as the median of the
+workers (every other round in reverse order), which wait idle on a pipe while the other side runs.
+Per side: non-pad tokens/s from its median round, the speed-up over HF+PEFT as the median of the
 rounds' ratios (each round's sides ran back to back, so the machine's drift between rounds
-cancels), MFU (model FLOPs from jaxtune.training.flops: 6N full / ~4N LoRA + causal attention,
-against the device peak), peak device memory (JAX ``peak_bytes_in_use`` vs
-``torch.cuda.max_memory_allocated``; not measured on CPU) and the first step's time (compile
-included). Outputs: a markdown table on stdout, ``--out`` JSON with the full setup, and a PNG.
+cancels), in CPU mode also over HF+PEFT with jaxtune's host-memory settings (below), MFU (model
+FLOPs from jaxtune.training.flops: 6N full / ~4N LoRA + causal attention, against the device
+peak), peak device memory (JAX ``peak_bytes_in_use`` vs ``torch.cuda.max_memory_allocated``; not
+measured on CPU) and the first step's time (compile included). Outputs: a markdown table on
+stdout, ``--out`` JSON with the full setup, and a PNG.
 
 Same work on both sides: a random-initialised Llama, rows of ``seq`` real tokens, one document a row
 (jaxtune reads them as packed rows of one segment, with segment ids and positions: its packed path,
-without the work that several documents a row would save it), causal-LM loss,
-AdamW with the gradient clipped to global norm 1.0; LoRA r16 alpha 32 on all linear layers, or full
-fine-tuning. Precision: fp32 on CPU; on GPU bf16 compute with fp32 trainable weights on both sides
-(jaxtune: frozen base in bf16; torch: base in bf16 for LoRA, fp32 master + autocast for full
-fine-tuning).
+without the work that several documents a row would save it), causal-LM loss, AdamW with the
+gradient clipped to global norm 1.0 (PyTorch's fused AdamW, on the CPU too); LoRA r16 alpha 32 on
+all linear layers, or full fine-tuning. Precision: fp32 on CPU; on GPU bf16 compute with fp32
+trainable weights on both sides (jaxtune: frozen base in bf16; torch: base in bf16 for LoRA, fp32
+master + autocast for full fine-tuning).
 
 Host memory (CPU mode): jaxtune keeps freed host memory for the next step (``jaxtune.host_memory``,
 on by default where JAX computes on the CPU); HF+PEFT runs with glibc's defaults, as its users run
 it, and once more with jaxtune's settings (``hf+peft+keep``), so that the comparison is fair in both
-directions. Speed-ups are against plain ``hf+peft``.
+directions. Every side's speed-up is reported twice, side by side in the table, the JSON and the chart:
+over ``hf+peft`` (HF+PEFT as its users run it) and over ``hf+peft+keep`` (the same allocator settings
+as jaxtune: what jaxtune's own code gains, without its allocator choice).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, load_average, machine, now, versions, worker_env
+from common import ROOT, adamw_kind, load_average, machine, now, torch_adamw, versions, worker_env
 
 SHAPES: dict[str, dict[str, Any]] = {
     "smoke": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -81,6 +84,8 @@ CLIP_GRAD_NORM = 1.0
 # memory for the next step), HF+PEFT as its users run it (glibc's defaults), and, so that the comparison
 # is fair in both directions, HF+PEFT again with jaxtune's settings ("hf+peft+keep", CPU mode).
 HOST_MALLOC = {"jaxtune": "auto", "hf+peft": "system", "hf+peft+keep": "keep", "hf+peft+compile": "system"}
+# The two baselines every speed-up is reported against: (record key suffix, side, table heading).
+BASELINES = (("", "hf+peft", "vs HF+PEFT"), ("_same_malloc", "hf+peft+keep", "vs HF+PEFT, same malloc"))
 
 
 # ----------------------------------------------------------------------------- one workload (subprocess)
@@ -169,7 +174,7 @@ def _torch_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool, comp
     if compile_:
         model = torch.compile(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0, fused=gpu)
+    optimizer = torch_adamw(params, lr=1e-5, weight_decay=0.0)
     ids = torch.as_tensor(_tokens(work["batch"], work["seq"], hf_config["vocab_size"]), device=device).long()
 
     def sync() -> None:
@@ -192,7 +197,7 @@ def _torch_side(work: dict[str, Any], hf_config: dict[str, Any], gpu: bool, comp
     if gpu:
         torch.cuda.reset_peak_memory_stats()
     first = run(1)
-    return {"run": run, "first_step_s": first,
+    return {"run": run, "first_step_s": first, "adamw": adamw_kind(optimizer),
             "peak_memory": (lambda: torch.cuda.max_memory_allocated()) if gpu else (lambda: None)}
 
 
@@ -224,7 +229,7 @@ def serve_side(side: str, work: dict[str, Any], threads: int) -> None:
         if cmd[0] == "run":
             print(json.dumps({"seconds": impl["run"](int(cmd[1]))}), flush=True)
         elif cmd[0] == "stats":
-            print(json.dumps({k: impl.get(k) for k in ("first_step_s", "n_matmul", "n_trainable", "device")}
+            print(json.dumps({k: impl.get(k) for k in ("first_step_s", "n_matmul", "n_trainable", "device", "adamw")}
                              | {"peak_memory_bytes": impl["peak_memory"]()}), flush=True)
         else:
             return
@@ -286,28 +291,43 @@ def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, co
                                  "mfu": tps * model_flops / peak if peak else None,
                                  "peak_memory_bytes": stats[name]["peak_memory_bytes"],
                                  "first_step_s": stats[name]["first_step_s"]}
-    for name in names:
-        # Paired by round: both sides of a round ran within seconds of each other, so a drift of the
-        # machine's speed between rounds (this VM's moves by up to 1.5x within minutes) cancels in the ratio.
-        ratios = [hf / own for hf, own in zip(times["hf+peft"], times[name])]
-        result["sides"][name]["round_speedups_vs_hf"] = ratios
-        result["sides"][name]["speedup_vs_hf"] = statistics.median(ratios)
+        if stats[name].get("adamw"):
+            result["sides"][name]["adamw"] = stats[name]["adamw"]
+    for suffix, base, _ in BASELINES:
+        if base in times:  # hf+peft+keep: CPU mode only
+            for name in names:
+                result["sides"][name] |= paired_speedups(times[base], times[name], suffix)
     return result
+
+
+def paired_speedups(base: list[float], own: list[float], suffix: str) -> dict[str, Any]:
+    """A side's speed-up over ``base`` from their per-round step times: each round's ratio and their
+    median. Paired by round: both sides of a round ran within seconds of each other, so a drift of the
+    machine's speed between rounds (this VM's moves by up to 1.5x within minutes) cancels in the ratio."""
+    ratios = [b / o for b, o in zip(base, own)]
+    return {f"round_speedups_vs_hf{suffix}": ratios, f"speedup_vs_hf{suffix}": statistics.median(ratios)}
+
+
+def speedups_text(side: dict[str, Any], sep: str = " | ") -> str:
+    """A side's speed-ups over both baselines (``n/a`` where a mode has no ``hf+peft+keep`` arm)."""
+    return sep.join(f"{side[f'speedup_vs_hf{suffix}']:.2f}x" if f"speedup_vs_hf{suffix}" in side else "n/a"
+                    for suffix, _, _ in BASELINES)
 
 
 # ----------------------------------------------------------------------------- driver
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    rows = ["| workload | side | tokens/s | vs HF+PEFT | MFU | peak memory | first step |",
-            "|---|---|---|---|---|---|---|"]
+    headings = " | ".join(h for _, _, h in BASELINES)
+    rows = [f"| workload | side | tokens/s | {headings} | MFU | peak memory | first step |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in results:
         w = r["workload"]
         name = f"{w['shape']} {w['method']} b{w['batch']}x{w['seq']}" + (" bf16" if w.get("bf16") else "")
         for side, s in r["sides"].items():
             mfu = f"{100 * s['mfu']:.1f}%" if s["mfu"] else "n/a"
             mem = f"{s['peak_memory_bytes'] / 2**30:.2f} GiB" if s["peak_memory_bytes"] else "n/a"
-            rows.append(f"| {name} | {side} | {s['tokens_per_s']:.0f} | {s['speedup_vs_hf']:.2f}x | {mfu} | {mem} | "
+            rows.append(f"| {name} | {side} | {s['tokens_per_s']:.0f} | {speedups_text(s)} | {mfu} | {mem} | "
                         f"{s['first_step_s']:.1f} s |")
     return "\n".join(rows)
 
@@ -318,8 +338,9 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    # Both of jaxtune's speed-ups under each workload, neither hidden (the bars show tokens/s).
     labels = [f"{r['workload']['shape']}\n{r['workload']['method']}" + (" bf16" if r['workload'].get('bf16') else "")
-              for r in results]
+              + "\njaxtune " + speedups_text(r["sides"]["jaxtune"], " / ") for r in results]
     sides = list(results[0]["sides"])
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(results), 3.6))
     width = 0.8 / len(sides)
@@ -328,7 +349,8 @@ def chart(results: list[dict[str, Any]], path: Path) -> None:
                width, label=side)
     ax.set_xticks([x + width * (len(sides) - 1) / 2 for x in range(len(results))], labels)
     ax.set_ylabel("training tokens / s")
-    ax.set_title(f"jaxtune vs HF+PEFT on {results[0]['device']}")
+    ax.set_title(f"jaxtune vs HF+PEFT on {results[0]['device']}\n(speed-ups: {' / '.join(h for _, _, h in BASELINES)})",
+                 fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
