@@ -21,7 +21,14 @@ differs (each side shuffles with its own seeded generator).
 Metrics come from one place, :mod:`jaxtune.training.evaluate`: the PyTorch worker returns raw
 predictions and the driver scores them with the functions jaxtune itself uses. Per side: base
 (pretrained body + fresh head/adapters) and fine-tuned metrics, training wall time (first step
-and compile included) and the whole run's wall time (loading, both evaluations, training).
+and compile included) and the whole run's wall time (loading, both evaluations, training; for TRL
+less the driver's own logps/accuracy passes, which TRL's users would not run: ``excluded_s`` in the
+record).
+
+Host memory: jaxtune runs as it ships (``JAXTUNE_HOST_MALLOC=auto``: on the CPU it keeps freed memory
+for the next step, ``jaxtune.host_memory``); the other sides run with glibc's defaults, as their users
+run them, unless ``--reference-host-malloc keep`` gives them jaxtune's settings (the equal-settings
+arm). The record's ``host_malloc`` and the last line of the output say which ran.
 
 Tasks:
   minilm-lora-head   all-MiniLM-L6-v2 + Rotten Tomatoes (4k train / 2k test): LoRA r8 on all
@@ -53,6 +60,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -209,6 +217,16 @@ def preference_recipe(task: Task, data: dict[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- driver
 
 
+def keep_freed_memory() -> None:
+    """A reference worker's equal-settings arm (``--reference-host-malloc keep``): jaxtune's host-memory
+    settings, set before torch starts its threads (an arena binds to a thread at its first allocation);
+    the text sides import no jaxtune otherwise, so nothing else would apply them."""
+    import jaxtune.host_memory
+
+    if not jaxtune.host_memory.configure():
+        raise RuntimeError("JAXTUNE_HOST_MALLOC=keep did not apply (not glibc?)")
+
+
 def score(task: Task, outputs: list, labels: list) -> dict[str, float]:
     """Metrics of raw predictions with jaxtune's own metric functions."""
     import numpy as np
@@ -226,19 +244,30 @@ def score(task: Task, outputs: list, labels: list) -> dict[str, float]:
     return {f"choice_{k}": v for k, v in metrics.items()} if task.kind == "chat" else metrics
 
 
+def malloc_note(malloc: dict[str, str]) -> str:
+    """The host-memory settings a run's sides had, for its output: the comparison is at equal settings
+    only with ``--reference-host-malloc keep`` (jaxtune's ``auto`` keeps freed memory on the CPU)."""
+    note = f"host malloc (JAXTUNE_HOST_MALLOC): jaxtune {malloc['jaxtune']}, other sides {malloc['other sides']}"
+    if malloc["other sides"] == "system":
+        note += " (glibc's defaults, not jaxtune's settings: --reference-host-malloc keep compares at equal settings)"
+    return note
+
+
 def headline(task: Task) -> str:
     return {"classification": "accuracy", "regression": "pearson", "chat": "choice_accuracy",
             "image-classification": "accuracy", "image-regression": "mae"}[task.kind]
 
 
-def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Path, env: dict[str, str]
-             ) -> dict[str, Any]:
-    """One side of one task in a fresh process (the task travels as JSON); its result and wall time."""
+def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Path, env: dict[str, str],
+             reference_malloc: str = "system") -> dict[str, Any]:
+    """One side of one task in a fresh process (the task travels as JSON); its result and wall time
+    (less the seconds a side reports as ``excluded_s``: work it did only for this benchmark's record).
+    ``reference_malloc``: the non-jaxtune sides' ``JAXTUNE_HOST_MALLOC`` (``--reference-host-malloc``)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--task-json",
            json.dumps(dataclasses.asdict(task)), "--files", json.dumps({k: str(v) for k, v in files.items()}),
            "--run-dir", str(work / side)]
-    if side != "jaxtune":  # the reference runs as its users run it: glibc's malloc (it imports jaxtune for data)
-        env = {**env, "JAXTUNE_HOST_MALLOC": "system"}
+    if side != "jaxtune":  # as its users run it (glibc's malloc), or with jaxtune's settings (equal-settings arm)
+        env = {**env, "JAXTUNE_HOST_MALLOC": reference_malloc}
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -248,6 +277,9 @@ def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Pat
     if "before_outputs" in result:  # raw predictions (PyTorch, baselines), scored here; jaxtune and TRL score their own
         result = {"before": score(task, result.pop("before_outputs"), result["labels"]),
                   "after": score(task, result.pop("after_outputs"), result.pop("labels")), **result}
+    if result.get("excluded_s"):  # e.g. TRL's side: the driver's logps/accuracy passes
+        result["wall_s_with_excluded"] = wall
+        wall -= result["excluded_s"]
     return {**result, "wall_s": wall}
 
 
@@ -259,7 +291,7 @@ def seed_metrics(task: Task | ImageTask) -> tuple[str, ...]:
 
 
 def run_seeds(name: str, task: Task | ImageTask, files: dict[str, Path], work: Path, env: dict[str, str],
-              sides: list[str], log: Path | None = None) -> dict[str, Any]:
+              sides: list[str], log: Path | None = None, reference_malloc: str = "system") -> dict[str, Any]:
     """A task run once per seed and side (``pytorch`` means TRL for a preference task; the image
     baseline is deterministic and runs once); per side the runs and, per metric, the mean and the
     min..max spread over seeds. Each finished run is also appended to ``log`` (JSON lines) at once,
@@ -273,7 +305,8 @@ def run_seeds(name: str, task: Task | ImageTask, files: dict[str, Path], work: P
         side = "trl" if side == "pytorch" and task.kind == "preference" else side
         runs = []
         for seed in task.seeds[:1] if side == "baseline" else task.seeds:
-            run = run_side(name, dataclasses.replace(task, seeds=(seed,)), side, files, work / f"seed{seed}", env)
+            run = run_side(name, dataclasses.replace(task, seeds=(seed,)), side, files, work / f"seed{seed}", env,
+                           reference_malloc)
             runs.append({"seed": seed, **run})
             if log is not None:
                 with log.open("a") as fh:
@@ -394,6 +427,9 @@ def main() -> None:
     ap.add_argument("--recalibrate", type=int, default=0, metavar="N",
                     help="image tasks: the trained blocks' BatchNorm statistics train and are re-estimated over N "
                     "training batches after training, on both sides")
+    ap.add_argument("--reference-host-malloc", choices=("system", "keep"), default="system",
+                    help="JAXTUNE_HOST_MALLOC of the PyTorch, TRL and baseline sides: system (glibc's defaults, as "
+                    "their users run them) or keep (jaxtune's settings on the CPU: the comparison at equal settings)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/quality.json); seeded tasks "
                     "also append each finished run to its .runs.jsonl sibling as it ends")
     ap.add_argument("--work", default=None, help="folder for rows and runs (default: a temporary one)")
@@ -440,6 +476,8 @@ def main() -> None:
         tasks = {n: dataclasses.replace(t, packing=True, packed_rows=args.packed_rows or t.packed_rows)
                  if t.kind in ("classification", "regression", "chat") else t for n, t in tasks.items()}
     if args.worker:
+        if args.worker != "jaxtune" and os.environ.get("JAXTUNE_HOST_MALLOC") == "keep":
+            keep_freed_memory()
         from absl import flags
 
         flags.FLAGS.mark_as_parsed()  # grain reads absl flags
@@ -460,8 +498,9 @@ def main() -> None:
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="jaxtune-quality-"))
     env = worker_env()
+    malloc = {"jaxtune": os.environ.get("JAXTUNE_HOST_MALLOC", "auto"), "other sides": args.reference_host_malloc}
     record = {"date": now(), "command": " ".join(sys.argv), "machine": machine(), "versions": versions(),
-              "load_average_at_start": load_average(), "tasks": []}
+              "load_average_at_start": load_average(), "host_malloc": malloc, "tasks": []}
     out = Path(args.out or ROOT / "benchmarks" / "results" / ("quality-smoke.json" if args.smoke else "quality.json"))
     out.parent.mkdir(parents=True, exist_ok=True)
     for name, task in tasks.items():
@@ -469,11 +508,12 @@ def main() -> None:
         files = write_image_data(task, work / name) if image else write_rows(task, work / name)
         if len(task.seeds) > 1 or task.kind == "preference":
             record["tasks"].append(run_seeds(name, task, files, work / name, env, args.sides.split(","),
-                                             log=out.with_suffix(".runs.jsonl")))
+                                             log=out.with_suffix(".runs.jsonl"),
+                                             reference_malloc=args.reference_host_malloc))
             continue
         sides = {}
         for side in args.sides.split(",") + (["baseline"] if image else []):
-            sides[side] = run_side(name, task, side, files, work / name, env)
+            sides[side] = run_side(name, task, side, files, work / name, env, args.reference_host_malloc)
             s = sides[side]
             print(f"{name} / {side}: {headline(task)} {s['before'][headline(task)]:.3f} -> "
                   f"{s['after'][headline(task)]:.3f}, train {s['train_s']:.0f} s, run {s['wall_s']:.0f} s",
@@ -482,7 +522,7 @@ def main() -> None:
                                 "sides": sides})
     out.write_text(json.dumps(record, indent=2))
     print(table(record["tasks"]))
-    print(f"\n{record['date']}, {record['machine']}; JSON {out}")
+    print(f"\n{record['date']}, {record['machine']}; {malloc_note(malloc)}; JSON {out}")
 
 
 if __name__ == "__main__":

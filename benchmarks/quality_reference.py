@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common import adamw_kind, torch_adamw
+
 if TYPE_CHECKING:
     from quality import Task
 
@@ -56,7 +58,7 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
             if params:
                 groups.append({"params": params, "weight_decay": task.weight_decay if decay else 0.0,
                                "lr_scale": task.head_lr if is_head else 1.0})
-    optimizer = torch.optim.AdamW(groups, lr=task.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch_adamw(groups, lr=task.learning_rate, betas=(0.9, 0.999), eps=1e-8)
     learning_rates = json.loads(Path(files["learning_rates"]).read_text())
     total = len(learning_rates)
 
@@ -141,14 +143,17 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
     after = predict()
     return {"before_outputs": before[0].tolist(), "after_outputs": after[0].tolist(), "labels": before[1].tolist(),
             "steps": total, "train_s": train_s, "eval_and_train_s": time.perf_counter() - start,
-            "last_losses": losses[-5:]}
+            "last_losses": losses[-5:], "adamw": adamw_kind(optimizer)}
 
 
 def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
     """A preference task with TRL's ``DPOTrainer`` on a PEFT LoRA model (the reference is the model
     with the adapter off, TRL's default for a PEFT model), jaxtune's learning rates step by step;
     returns TRL's evaluation metrics before and after training (renamed to jaxtune's keys) and
-    logps/accuracy from the same evaluation's per-pair log-probs."""
+    logps/accuracy, which TRL does not report: :func:`preference_logps_accuracy` computes it after each
+    evaluation, one forward per sequence. That pass is not TRL's work (it is not what TRL's users run,
+    and it is not how jaxtune computes the metric), so its seconds are returned as ``excluded_s`` and
+    left out of ``eval_and_train_s`` here and of the whole-run time by the driver."""
     import datasets
     import peft
     import torch
@@ -171,8 +176,8 @@ def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
         splits[split] = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")}
                                                     for r in rows])
     learning_rates = json.loads(Path(files["learning_rates"]).read_text())
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=task.learning_rate,
-                                  betas=(0.9, 0.999), eps=1e-8, weight_decay=task.weight_decay)
+    optimizer = torch_adamw([p for p in model.parameters() if p.requires_grad], lr=task.learning_rate,
+                            betas=(0.9, 0.999), eps=1e-8, weight_decay=task.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rates[min(step, len(learning_rates) - 1)] / task.learning_rate)
     args = trl.DPOConfig(output_dir=run_dir, per_device_train_batch_size=task.batch_size,
@@ -186,10 +191,14 @@ def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
     names = {"eval_loss": "loss", "eval_rewards/accuracies": "rewards/accuracy", "eval_rewards/margins":
              "rewards/margin", "eval_logps/chosen": "logps/chosen", "eval_logps/rejected": "logps/rejected"}
 
+    excluded = [0.0]  # seconds of the driver's own logps/accuracy passes
+
     def evaluate() -> dict[str, float]:
         metrics = trainer.evaluate()
         out = {ours: float(metrics[theirs]) for theirs, ours in names.items() if theirs in metrics}
+        extra_start = time.perf_counter()
         out["logps/accuracy"] = preference_logps_accuracy(model, tokenizer, splits["test"], task.max_length)
+        excluded[0] += time.perf_counter() - extra_start
         return out
 
     start = time.perf_counter()
@@ -199,7 +208,8 @@ def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
     train_s = time.perf_counter() - train_start
     after = evaluate()
     return {"before": before, "after": after, "steps": len(learning_rates), "train_s": train_s,
-            "eval_and_train_s": time.perf_counter() - start}
+            "eval_and_train_s": time.perf_counter() - start - excluded[0], "excluded_s": excluded[0],
+            "excluded": "logps/accuracy's extra forward passes (not TRL's evaluation)", "adamw": adamw_kind(optimizer)}
 
 
 def preference_logps_accuracy(model: Any, tokenizer: Any, pairs: Any, max_length: int) -> float:
