@@ -29,12 +29,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from common import steps_of, timed_finetune, write_learning_rates
+from common import adamw_kind, steps_of, timed_finetune, torch_adamw, worker_env, write_learning_rates
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +64,11 @@ class ImageTask:
     frozen_statistics: bool = False  # BatchNorm statistics stay pretrained in the trained blocks too
     paired: bool = False  # --paired: no random parts; PyTorch takes jaxtune's row order and head init
     recalibrate: int = 0  # --recalibrate N: re-estimate the trained statistics over N batches after training
+
+    @classmethod
+    def from_json(cls, text: str) -> ImageTask:
+        """The task ``json.dumps(dataclasses.asdict(task))`` wrote (its lists back to tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(text).items()})
 
 
 IMAGE_TASKS: dict[str, ImageTask] = {
@@ -113,6 +124,37 @@ def _jaxtune_start(task: ImageTask, files: dict[str, str], train: Any) -> tuple[
     tuned = tuning.apply_plan(hf.load_pretrained(files["model"]), plan, jax.random.key(seed), data=train)
     flat = flatten_dict(tuned.params)
     return order, (np.asarray(flat[("head", "out", "kernel")]), np.asarray(flat[("head", "out", "bias")]))
+
+
+def paired_start(task: ImageTask, files: dict[str, str]) -> tuple[list[int], tuple[Any, Any]]:
+    """:func:`_jaxtune_start` in a process of its own, its result passed back in an .npz file: JAX
+    started in the PyTorch worker would leave its thread pool there, and PyTorch in a process that
+    also holds JAX ran 3.6x slower (``benchmarks/throughput.py``'s docstring)."""
+    import numpy as np
+
+    with tempfile.TemporaryDirectory(prefix="paired-start-") as folder:
+        out = Path(folder) / "start.npz"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--paired-start", json.dumps(dataclasses.asdict(task)),
+               json.dumps(files), str(out)]
+        proc = subprocess.run(cmd, env=worker_env(), capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"--paired: jaxtune's row order and head init failed:\n{proc.stderr[-4000:]}")
+        with np.load(out) as start:
+            return start["order"].tolist(), (start["kernel"], start["bias"])
+
+
+def _write_paired_start(task_json: str, files_json: str, out: str) -> None:
+    """The ``--paired-start`` process: :func:`_jaxtune_start` of the task, saved to ``out`` (.npz)."""
+    import numpy as np
+    from absl import flags
+
+    from jaxtune.data.images import read_images
+
+    flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+    task, files = ImageTask.from_json(task_json), json.loads(files_json)
+    train = read_images(files["train"], task.kind.removeprefix("image-"))
+    order, (kernel, bias) = _jaxtune_start(task, files, train)
+    np.savez(out, order=order, kernel=kernel, bias=bias)
 
 
 def jaxtune_image_recipe(task: ImageTask, files: dict[str, str], run_dir: str) -> dict[str, Any]:
@@ -179,31 +221,70 @@ def swap_layout(array: Any) -> Any:
     return array.transpose(3, 2, 1, 0) if array.ndim == 4 else array.T if array.ndim == 2 else array
 
 
-def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
-    """The same plan on the reference PyTorch EfficientNet-Lite0: the last blocks, head conv and
-    a new linear head train; the BatchNorms of those modules run in train mode (batch statistics,
-    running ones updated), the frozen stages' in eval mode."""
-    import numpy as np
+def prefetched(load: Callable[[Any], Any], keys: Iterable[Any], ahead: int = 2) -> Iterator[Any]:
+    """``load(key)`` for each key in order, each computed in a background thread up to ``ahead`` keys
+    before it is asked for: the pixel conversion (PIL resize, normalisation) runs beside the step,
+    as jaxtune's image loader prefetches its batches in grain's threads, not inside the timed step."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pixels") as pool:
+        pending: deque[Any] = deque()
+        for key in keys:
+            pending.append(pool.submit(load, key))
+            if len(pending) > ahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def reference_model(task: ImageTask, outputs: int, channels_last: bool = True) -> Any:
+    """The reference EfficientNet-Lite0 with the task's plan: the last blocks, head conv and a new
+    linear head (jaxtune's init: normal(0.02), zero bias) trainable, the rest frozen. In PyTorch's
+    ``channels_last`` memory format by default, as a PyTorch user runs a CNN on the CPU (oneDNN's
+    convolutions prefer it; the inputs must be converted too: :func:`to_model_layout`)."""
     import torch
 
-    seed = task.seeds[0]
-    torch.manual_seed(seed)
-    kind = task.kind.removeprefix("image-")
-    train, test, pixels = _image_inputs(task, files)
     model = _reference_lite0(task)
     for p in model.parameters():
         p.requires_grad = False
     for module in (*model._blocks[-task.last_blocks:], model._conv_head, model._bn1):
         for p in module.parameters():
             p.requires_grad = True
-    model._fc = torch.nn.Linear(1280, len(train.label_names) if kind == "classification" else 1)
+    model._fc = torch.nn.Linear(1280, outputs)
     torch.nn.init.normal_(model._fc.weight, std=0.02)  # jaxtune's head init, as the text side's heads
     torch.nn.init.zeros_(model._fc.bias)
-    if task.paired:
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def to_model_layout(pixels: Any) -> Any:
+    """A batch of NCHW pixels in the channels_last memory format :func:`reference_model` runs in
+    (same shape and values; only the strides change)."""
+    import torch
+
+    return pixels.contiguous(memory_format=torch.channels_last)
+
+
+def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
+    """The same plan on the reference PyTorch EfficientNet-Lite0 (:func:`reference_model`); the
+    BatchNorms of the trained modules run in train mode (batch statistics, running ones updated),
+    the frozen stages' in eval mode. Run as a PyTorch user runs it on the CPU: every core's thread
+    (as the text side), channels_last, fused AdamW, and the next batches' pixels prepared in a
+    background thread while the step runs (:func:`prefetched`)."""
+    import numpy as np
+    import torch
+
+    # --paired: jaxtune's row order and head init, from a process of its own, before torch starts threads.
+    start = paired_start(task, files) if task.paired else None
+    seed = task.seeds[0]
+    torch.manual_seed(seed)
+    torch.set_num_threads(os.cpu_count() or 1)
+    kind = task.kind.removeprefix("image-")
+    train, test, pixels = _image_inputs(task, files)
+    model = reference_model(task, len(train.label_names) if kind == "classification" else 1)
+    if start is not None:
         model._dropout.p = 0.0
         model._global_params = model._global_params._replace(drop_connect_rate=0.0)
-        order, (kernel, bias) = _jaxtune_start(task, files, train)
-        order = order.tolist()
+        order, (kernel, bias) = start
         with torch.no_grad():
             model._fc.weight.copy_(torch.from_numpy(kernel.T.copy()))
             model._fc.bias.copy_(torch.from_numpy(bias.copy()))
@@ -216,8 +297,14 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
                "lr_scale": task.head_lr if is_head else 1.0}
               for is_head in (False, True) for decay in (True, False)
               if (ps := [p for p in trainable if (id(p) in head) == is_head and (p.ndim >= 2) == decay])]
-    optimizer = torch.optim.AdamW(groups, lr=task.learning_rate)
+    optimizer = torch_adamw(groups, lr=task.learning_rate)
     learning_rates = json.loads(Path(files["learning_rates"]).read_text())
+
+    def batches(source: Any, index_lists: Iterable[Any]) -> Iterator[Any]:
+        return prefetched(lambda idx: to_model_layout(pixels(source, idx)), index_lists)
+
+    def epoch_batches(steps: int) -> list[list[int]]:
+        return [order[step * task.batch_size:(step + 1) * task.batch_size] for step in range(steps)]
 
     def train_mode() -> None:
         model.train()
@@ -228,16 +315,16 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
     def predict() -> np.ndarray:
         model.eval()
         with torch.no_grad():
-            return np.concatenate([model(pixels(test, range(i, min(i + 64, len(test))))).numpy()
-                                   for i in range(0, len(test), 64)])
+            return np.concatenate([model(x).numpy() for x in batches(
+                test, [range(i, min(i + 64, len(test))) for i in range(0, len(test), 64)])])
 
     before = predict()
     losses, grad_norms = [], []  # per step, as jaxtune's metrics.jsonl logs them (benchmarks/paired_drift.py)
     train_start = time.perf_counter()
     train_mode()
-    for step, lr in enumerate(learning_rates):
-        idx = order[step * task.batch_size:(step + 1) * task.batch_size]
-        out = model(pixels(train, idx)).float()
+    steps = epoch_batches(len(learning_rates))
+    for idx, lr, x in zip(steps, learning_rates, batches(train, steps), strict=True):
+        out = model(x).float()
         target = torch.from_numpy(train.labels[idx])
         if kind == "classification":
             loss = torch.nn.functional.cross_entropy(out, target.long())
@@ -259,11 +346,12 @@ def torch_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
             m.momentum = None  # the cumulative average
             m.train()
         with torch.no_grad():
-            for step in range(task.recalibrate):
-                model(pixels(train, order[step * task.batch_size:(step + 1) * task.batch_size]))
+            for x in batches(train, epoch_batches(task.recalibrate)):
+                model(x)
     train_s = time.perf_counter() - train_start
     return {"before_outputs": before.tolist(), "after_outputs": predict().tolist(), "labels": test.labels.tolist(),
-            "steps": len(learning_rates), "train_s": train_s, "losses": losses, "grad_norms": grad_norms}
+            "steps": len(learning_rates), "train_s": train_s, "losses": losses, "grad_norms": grad_norms,
+            "adamw": adamw_kind(optimizer), "memory_format": "channels_last", "torch_threads": torch.get_num_threads()}
 
 
 def baseline_image_side(task: ImageTask, files: dict[str, str]) -> dict[str, Any]:
@@ -301,3 +389,9 @@ def image_worker(side: str, task: ImageTask, files: dict[str, str], run_dir: str
     if side == "baseline":
         return baseline_image_side(task, files)
     raise ValueError(f"image tasks run on the sides jaxtune, pytorch and baseline, not {side!r}")
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["--paired-start"] or len(sys.argv) != 5:
+        sys.exit("usage (internal, from paired_start): quality_images.py --paired-start TASK_JSON FILES_JSON OUT.npz")
+    _write_paired_start(*sys.argv[2:])
