@@ -4,6 +4,7 @@
     python benchmarks/throughput.py --mode cpu-long  # the same in rows of 1,024 tokens
     python benchmarks/throughput.py --mode gpu     # Llama-3 1B/8B shapes, seq 2048, bf16 (H100)
     python benchmarks/throughput.py --smoke        # seconds: checks that the script works
+    python benchmarks/throughput.py --rescore benchmarks/results/throughput-cpu-long.json  # both speed-ups of a record
 
 Each side of each workload runs in its own long-lived worker process (so peak-memory counters
 are its own, and the two runtimes' thread pools never compete: measured here, PyTorch in a
@@ -300,6 +301,18 @@ def run_workload(work: dict[str, Any], rounds: int, steps: int, threads: int, co
     return result
 
 
+def rescore(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """A recorded run's results with every side's speed-ups recomputed from its rounds' step times, over
+    both baselines (records written before both were reported hold only the one over plain HF+PEFT)."""
+    for result in record["results"]:
+        times = {name: side["all_step_s"] for name, side in result["sides"].items()}
+        for suffix, base, _ in BASELINES:
+            if base in times:
+                for name, side in result["sides"].items():
+                    side |= paired_speedups(times[base], times[name], suffix)
+    return record["results"]
+
+
 def paired_speedups(base: list[float], own: list[float], suffix: str) -> dict[str, Any]:
     """A side's speed-up over ``base`` from their per-round step times: each round's ratio and their
     median. Paired by round: both sides of a round ran within seconds of each other, so a drift of the
@@ -369,9 +382,22 @@ def main() -> None:
     ap.add_argument("--jaxtune-unroll-layers", choices=("auto", "true", "false"), default="auto",
                     help="jaxtune's model.unroll_layers (auto: as it ships; false: the layer loop, as before it)")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput-MODE.json)")
+    ap.add_argument("--rescore", nargs="+", default=None, metavar="JSON",
+                    help="print both speed-ups of recorded runs (a record, or a file of them under 'runs'), "
+                    "recomputed from their rounds; runs nothing")
     ap.add_argument("--workload", default=None, help=argparse.SUPPRESS)  # internal: worker mode
     ap.add_argument("--serve", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rescore:
+        for path in args.rescore:
+            data = json.loads(Path(path).read_text())
+            for record in data.get("runs", [data]):
+                if not all("sides" in result for result in record["results"]):  # an older summary, no rounds
+                    print(f"\n{path}: {record.get('name') or record.get('date')}: no per-round record; skipped")
+                    continue
+                print(f"\n{path}: {record.get('date')} (load {record.get('load_average_at_start')})\n"
+                      f"{table(rescore(record))}")
+        return
     mode = "smoke" if args.smoke else args.mode
     rounds = args.rounds or (1 if mode == "smoke" else 9)
     steps = args.steps or (1 if mode == "smoke" else 3)
