@@ -21,9 +21,7 @@ differs (each side shuffles with its own seeded generator).
 Metrics come from one place, :mod:`jaxtune.training.evaluate`: the PyTorch worker returns raw
 predictions and the driver scores them with the functions jaxtune itself uses. Per side: base
 (pretrained body + fresh head/adapters) and fine-tuned metrics, training wall time (first step
-and compile included) and the whole run's wall time (loading, both evaluations, training; for TRL
-less the driver's own logps/accuracy passes, which TRL's users would not run: ``excluded_s`` in the
-record).
+and compile included) and the whole run's wall time (loading, both evaluations, training).
 
 Host memory: jaxtune runs as it ships (``JAXTUNE_HOST_MALLOC=auto``: on the CPU it keeps freed memory
 for the next step, ``jaxtune.host_memory``); the other sides run with glibc's defaults, as their users
@@ -175,6 +173,11 @@ def write_rows(task: Task, folder: Path) -> dict[str, Path]:
 
 def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
     """The task through ``jaxtune.finetune``; returns metrics and timings."""
+    return timed_finetune(jaxtune_recipe(task, files, run_dir))
+
+
+def jaxtune_recipe(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
+    """The task as a jaxtune recipe (the data of a YAML file)."""
     if task.method == "full-pooler":
         plan = [{"preset": "full"}, {"action": "head", "task": "classification", "pooling": "pooler"}]
     else:
@@ -201,9 +204,7 @@ def jaxtune_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, A
         "checkpoint": {"every": 10**9, "keep": 1},
         "output": {"dir": run_dir, "export": "none"},
     }
-    if task.kind == "preference":
-        data = preference_recipe(task, data)
-    return timed_finetune(data)
+    return preference_recipe(task, data) if task.kind == "preference" else data
 
 
 def preference_recipe(task: Task, data: dict[str, Any]) -> dict[str, Any]:
@@ -260,8 +261,7 @@ def headline(task: Task) -> str:
 
 def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Path, env: dict[str, str],
              reference_malloc: str = "system") -> dict[str, Any]:
-    """One side of one task in a fresh process (the task travels as JSON); its result and wall time
-    (less the seconds a side reports as ``excluded_s``: work it did only for this benchmark's record).
+    """One side of one task in a fresh process (the task travels as JSON); its result and wall time.
     ``reference_malloc``: the non-jaxtune sides' ``JAXTUNE_HOST_MALLOC`` (``--reference-host-malloc``)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", side, "--task-json",
            json.dumps(dataclasses.asdict(task)), "--files", json.dumps({k: str(v) for k, v in files.items()}),
@@ -277,9 +277,6 @@ def run_side(name: str, task: Task, side: str, files: dict[str, Path], work: Pat
     if "before_outputs" in result:  # raw predictions (PyTorch, baselines), scored here; jaxtune and TRL score their own
         result = {"before": score(task, result.pop("before_outputs"), result["labels"]),
                   "after": score(task, result.pop("after_outputs"), result.pop("labels")), **result}
-    if result.get("excluded_s"):  # e.g. TRL's side: the driver's logps/accuracy passes
-        result["wall_s_with_excluded"] = wall
-        wall -= result["excluded_s"]
     return {**result, "wall_s": wall}
 
 

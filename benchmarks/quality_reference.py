@@ -63,34 +63,7 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
     total = len(learning_rates)
 
     def encode(batch_rows: list[dict], *, for_eval: bool) -> dict[str, torch.Tensor]:
-        if task.kind != "chat":
-            enc = tokenizer([r["text"] for r in batch_rows], truncation=True, max_length=task.max_length,
-                            padding=True, return_tensors="pt")
-            if task.kind == "classification":
-                enc["labels"] = torch.tensor([labels.index(r["label"]) for r in batch_rows])
-            else:
-                enc["labels"] = torch.tensor([float(r["target"]) for r in batch_rows])
-            return enc
-        if for_eval:  # the prompt only, left-padded: the next token's logits are at the end
-            prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-                       for r in batch_rows]
-            tokenizer.padding_side = "left"
-            enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-            enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
-            return enc
-        ids, targets = [], []
-        for r in batch_rows:  # prompt tokens get label -100: loss on the assistant's answer only
-            prompt = tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
-            full = tokenizer.apply_chat_template(r["messages"], tokenize=False)
-            p = tokenizer(prompt, add_special_tokens=False).input_ids
-            a = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False).input_ids
-            ids.append((p + a)[:task.max_length])
-            targets.append(([-100] * len(p) + a)[:task.max_length])
-        width = max(map(len, ids))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-                "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-                "labels": torch.tensor([y + [-100] * (width - len(y)) for y in targets])}
+        return encode_rows(task, tokenizer, labels, batch_rows, for_eval=for_eval)
 
     choice_ids = [tokenizer(c, add_special_tokens=False).input_ids[0] for c in task.choices]
 
@@ -116,7 +89,7 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
     before = predict()
     train_start = time.perf_counter()
     model.train()
-    order = torch.randperm(len(rows["train"]), generator=torch.Generator().manual_seed(0)).tolist()
+    order = train_order(len(rows["train"]))
     losses = []
     for step in range(total):
         idx = order[step * task.batch_size:(step + 1) * task.batch_size]
@@ -146,14 +119,56 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
             "last_losses": losses[-5:], "adamw": adamw_kind(optimizer)}
 
 
+def train_order(n: int) -> list[int]:
+    """The PyTorch text side's row order: one seeded permutation of the ``n`` training rows."""
+    import torch
+
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def encode_rows(task: Task, tokenizer: Any, labels: list | None, batch_rows: list[dict], *, for_eval: bool
+                ) -> dict[str, Any]:
+    """One batch as the PyTorch text side feeds it: padded to its longest row (``attention_mask`` marks the
+    real tokens); chat rows for training with labels on the answer only, for evaluation the left-padded
+    prompt."""
+    import torch
+
+    if task.kind != "chat":
+        enc = tokenizer([r["text"] for r in batch_rows], truncation=True, max_length=task.max_length,
+                        padding=True, return_tensors="pt")
+        if task.kind == "classification":
+            enc["labels"] = torch.tensor([labels.index(r["label"]) for r in batch_rows])
+        else:
+            enc["labels"] = torch.tensor([float(r["target"]) for r in batch_rows])
+        return enc
+    if for_eval:  # the prompt only, left-padded: the next token's logits are at the end
+        prompts = [tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+                   for r in batch_rows]
+        tokenizer.padding_side = "left"
+        enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+        enc["position_ids"] = (enc["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        return enc
+    ids, targets = [], []
+    for r in batch_rows:  # prompt tokens get label -100: loss on the assistant's answer only
+        prompt = tokenizer.apply_chat_template(r["messages"][:-1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(r["messages"], tokenize=False)
+        p = tokenizer(prompt, add_special_tokens=False).input_ids
+        a = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False).input_ids
+        ids.append((p + a)[:task.max_length])
+        targets.append(([-100] * len(p) + a)[:task.max_length])
+    width = max(map(len, ids))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return {"input_ids": torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
+            "attention_mask": torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
+            "labels": torch.tensor([y + [-100] * (width - len(y)) for y in targets])}
+
+
 def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
     """A preference task with TRL's ``DPOTrainer`` on a PEFT LoRA model (the reference is the model
     with the adapter off, TRL's default for a PEFT model), jaxtune's learning rates step by step;
     returns TRL's evaluation metrics before and after training (renamed to jaxtune's keys) and
-    logps/accuracy, which TRL does not report: :func:`preference_logps_accuracy` computes it after each
-    evaluation, one forward per sequence. That pass is not TRL's work (it is not what TRL's users run,
-    and it is not how jaxtune computes the metric), so its seconds are returned as ``excluded_s`` and
-    left out of ``eval_and_train_s`` here and of the whole-run time by the driver."""
+    logps/accuracy, which TRL does not report, from the per-pair log-probs of TRL's own evaluation
+    forwards (:func:`policy_logps_accuracy`): no extra pass, so TRL's timed run holds TRL's work only."""
     import datasets
     import peft
     import torch
@@ -191,14 +206,17 @@ def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
     names = {"eval_loss": "loss", "eval_rewards/accuracies": "rewards/accuracy", "eval_rewards/margins":
              "rewards/margin", "eval_logps/chosen": "logps/chosen", "eval_logps/rejected": "logps/rejected"}
 
-    excluded = [0.0]  # seconds of the driver's own logps/accuracy passes
-
     def evaluate() -> dict[str, float]:
-        metrics = trainer.evaluate()
+        sums: list[Any] = []  # each fused forward's per-sequence summed answer log-probs, in call order
+        hook = model.get_base_model().register_forward_hook(
+            lambda _module, _args, output: sums.append(output.log_probs.detach().sum(-1))
+            if getattr(output, "log_probs", None) is not None else None)
+        try:
+            metrics = trainer.evaluate()
+        finally:
+            hook.remove()
         out = {ours: float(metrics[theirs]) for theirs, ours in names.items() if theirs in metrics}
-        extra_start = time.perf_counter()
-        out["logps/accuracy"] = preference_logps_accuracy(model, tokenizer, splits["test"], task.max_length)
-        excluded[0] += time.perf_counter() - extra_start
+        out["logps/accuracy"] = policy_logps_accuracy(sums, len(splits["test"]), metrics["eval_logps/chosen"])
         return out
 
     start = time.perf_counter()
@@ -208,32 +226,27 @@ def trl_side(task: Task, files: dict[str, str], run_dir: str) -> dict[str, Any]:
     train_s = time.perf_counter() - train_start
     after = evaluate()
     return {"before": before, "after": after, "steps": len(learning_rates), "train_s": train_s,
-            "eval_and_train_s": time.perf_counter() - start - excluded[0], "excluded_s": excluded[0],
-            "excluded": "logps/accuracy's extra forward passes (not TRL's evaluation)", "adamw": adamw_kind(optimizer)}
+            "eval_and_train_s": time.perf_counter() - start, "adamw": adamw_kind(optimizer)}
 
 
-def preference_logps_accuracy(model: Any, tokenizer: Any, pairs: Any, max_length: int) -> float:
-    """The share of pairs whose chosen answer ``model`` finds more likely (summed answer log-probs
-    under the chat template), jaxtune's ``logps/accuracy``; TRL reports only means of log-probs."""
+def policy_logps_accuracy(sums: list[Any], pairs: int, mean_chosen: float) -> float:
+    """jaxtune's ``logps/accuracy`` (the share of pairs whose chosen answer the policy finds more likely,
+    by summed answer log-probs) from TRL's own DPO evaluation, which reports only batch means. For each
+    batch of pairs TRL 1.16 runs the policy's fused forward, then the reference's (adapters off), each
+    over the chosen sequences stacked on the rejected ones; ``sums`` holds every such forward's
+    per-sequence sums (TRL sums exactly these for its ``logps``), so the policy's are every other one.
+    ``mean_chosen`` is TRL's reported ``eval_logps/chosen``, which the capture must reproduce: a TRL
+    that evaluates otherwise (e.g. precomputed reference log-probs) is refused, not misread."""
     import torch
 
-    wins = []
-    model.eval()
-    with torch.no_grad():
-        for pair in pairs:
-            prompt = tokenizer.apply_chat_template(pair["prompt"], tokenize=False, add_generation_prompt=True)
-            p = tokenizer(prompt, add_special_tokens=False).input_ids
-            scores = []
-            for side in ("chosen", "rejected"):
-                full = tokenizer.apply_chat_template(pair["prompt"] + pair[side], tokenize=False)
-                a = tokenizer(full[len(prompt):].rstrip(), add_special_tokens=False).input_ids
-                ids = torch.tensor([(p + a)[:max_length]])
-                logps = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
-                picked = logps.gather(-1, ids[0, 1:, None])[:, 0]
-                scores.append(float(picked[len(p) - 1:].sum()))
-            wins.append(scores[0] > scores[1])
-    model.train()
-    return sum(wins) / max(len(wins), 1)
+    policy = sums[0::2]
+    counted = sum(len(s) for s in policy) // 2
+    recomputed = float(torch.stack([s.chunk(2)[0].mean() for s in policy]).mean()) if policy else float("nan")
+    if len(sums) % 2 or counted != pairs or abs(recomputed - mean_chosen) > 1e-3 * max(1.0, abs(mean_chosen)):
+        raise RuntimeError(f"TRL's evaluation forwards were not read as expected: {len(sums)} forwards, {counted} of "
+                           f"{pairs} pairs, chosen log-prob mean {recomputed} against TRL's {mean_chosen}")
+    wins = sum(int((c > r).sum()) for c, r in (s.chunk(2) for s in policy))
+    return wins / pairs
 
 
 def mean_pool_model(body: Any, outputs: int, hidden: tuple[int, ...], dropout: float) -> Any:

@@ -74,6 +74,20 @@ def test_gradient_precision_benchmark_smoke(tmp_path):
 
 
 @pytest.mark.slow
+def test_packing_audit_smoke(tmp_path):
+    """packing_audit.py counts each packed task's epoch both ways and PyTorch's padded token slots."""
+    proc = _run(str(BENCH / "packing_audit.py"), "--smoke", "--out", str(tmp_path / "p.json"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert [t["task"] for t in record["tasks"]] == ["minilm-lora-head", "vader-lora-head", "smollm2-chat-lora"]
+    for task in record["tasks"]:
+        for counts in task["packed"].values():  # the packer never fills fewer rows than the token count allows
+            assert counts["new_rows"] >= counts["old_rows"] > 0
+        assert task["pytorch"]["token_slots"] >= task["pytorch"]["real_tokens"] > 0
+    assert "| task | rows a step |" in proc.stdout
+
+
+@pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
     """Both sides of three tasks (full + pooler head, chat LoRA with choice accuracy, LoRA +
     regression head) run end to end on the real assets; the base metrics of the chat task are
@@ -295,9 +309,19 @@ def test_image_reference_in_channels_last_computes_what_nchw_does(quality):
     assert error(last_grads) <= 2 * error(nchw_grads) + 1e-6, (error(last_grads), error(nchw_grads))
 
 
-def test_quality_whole_run_leaves_out_the_seconds_a_side_excludes(quality, tmp_path):
-    """TRL's side reports the seconds of the driver's own logps/accuracy passes (not TRL's work) as
-    ``excluded_s``; the whole-run time leaves them out and the record keeps the time with them."""
-    quality.outputs["trl"]["excluded_s"] = 5.0
-    run = quality.run_side("t", quality.TASKS["smollm2-dpo-lora"], "trl", {}, tmp_path, {})
-    assert run["wall_s"] == pytest.approx(run["wall_s_with_excluded"] - 5.0)
+def test_trl_logps_accuracy_is_read_from_trls_own_evaluation_forwards(quality):
+    """TRL's side takes logps/accuracy from the per-sequence log-prob sums of TRL's evaluation forwards
+    (policy, then reference, per batch of [chosen; rejected]): the policy's, every other forward. A capture
+    that does not reproduce TRL's reported chosen mean, or miscounts the pairs, is refused."""
+    import quality_reference
+    import torch
+
+    policy = [torch.tensor([-1.0, -5.0, -2.0, -3.0]), torch.tensor([-1.0, -4.0])]  # chosen half, then rejected
+    reference = [torch.tensor([-9.0, 0.0, 0.0, -9.0]), torch.tensor([0.0, -9.0])]  # would score the opposite
+    sums = [policy[0], reference[0], policy[1], reference[1]]
+    mean_chosen = (-3.0 + -1.0) / 2  # TRL's mean of the batches' means
+    assert quality_reference.policy_logps_accuracy(sums, 3, mean_chosen) == pytest.approx(2 / 3)
+    with pytest.raises(RuntimeError, match="not read as expected"):
+        quality_reference.policy_logps_accuracy(sums, 3, -1.0)
+    with pytest.raises(RuntimeError, match="not read as expected"):
+        quality_reference.policy_logps_accuracy(sums[:3], 3, mean_chosen)
