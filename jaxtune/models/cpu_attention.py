@@ -13,14 +13,18 @@ in training) happens inside it, its mask a hash of the key and the position
 bits: nothing of size ``T x T`` is drawn, stored or read.
 
 No PyPI package ships a CPU attention kernel for JAX, so this one is ours; it is built with the
-machine's C++ compiler (``$CXX``, else ``c++``/``g++``) for the machine's CPU (``-march=native``)
-into ``$JAXTUNE_CACHE/kernels``, once per source, compiler, jaxlib and CPU, and loaded from there
-afterwards. Without a compiler, or with ``JAXTUNE_CPU_ATTENTION=0``, :func:`available` is False and
-attention takes the XLA path (``grouped_attention``); a failed build says so once.
+machine's C++ compiler (``$CXX``, split as a shell splits it, else ``c++``/``g++``) for the machine's
+CPU (``-march=native``) into ``$JAXTUNE_CACHE/kernels``, once per source, compiler, jaxlib and CPU,
+and loaded from there afterwards (into a private temporary folder where that cache cannot be
+written). Without a compiler, or with ``JAXTUNE_CPU_ATTENTION=0``, :func:`available` is False and
+attention takes the XLA path (``grouped_attention``); a build or load that fails (or a compiler
+that hangs) says so once, and is not retried in that process.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -28,6 +32,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -45,6 +50,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_attention.cc")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-w")
 _FORWARD, _BACKWARD = "jaxtune_cpu_attention_forward", "jaxtune_cpu_attention_backward"
+COMPILE_TIMEOUT = 600  # seconds: the kernel builds in ~10 s; far more means a hung compiler
 
 
 def enabled() -> bool:
@@ -73,43 +79,99 @@ def _cpu_signature() -> str:
     return "\n".join(dict.fromkeys(wanted))
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+def _compiler() -> list[str] | None:
+    """The C++ compiler's command: ``$CXX`` split as a shell splits it (``ccache g++`` is two words), else
+    the first of ``c++``, ``g++``, ``clang++`` on the PATH; None where its program is not found here."""
+    try:
+        words = shlex.split(os.environ.get("CXX", ""))
+    except ValueError:  # unbalanced quotes: no command a shell would run either
+        return None
+    if words:
+        return words if shutil.which(words[0]) else None
+    found = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    return [found] if found else None
 
 
-@functools.cache
-def _library() -> ctypes.CDLL | None:
-    """Build (once per machine) and load the kernel, and register its two FFI targets; None if it
-    cannot be built here (logged once, with the compiler's last line)."""
+def _first_error(stderr: str) -> str:
+    """The compiler's first error lines (at most two), not its last line, which is usually only
+    "compilation terminated."; its first line where none says "error"."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()] or lines[:1]
+    return "; ".join(line[:300] for line in errors[:2]) or "no output"
+
+
+def _compile(compiler: list[str], target: Path) -> Path | None:
+    """Compile the kernel into ``target`` (through a temporary file beside it, so that no other process
+    loads half a library); None, with a warning naming the compiler's first error, where it fails."""
+    command = [*compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o"]
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        try:  # a timeout: a hung compiler would otherwise hold the cache's lock, and every other process
+            done = subprocess.run([*command, str(built)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            log.warning("attention: building the fused CPU attention kernel with %s took over %d s and was "
+                        "stopped; using the XLA attention", shlex.join(compiler), COMPILE_TIMEOUT)
+            return None
+        if done.returncode != 0:
+            log.warning("attention: building the fused CPU attention kernel with %s failed (%s); "
+                        "using the XLA attention", shlex.join(compiler), _first_error(done.stderr))
+            return None
+        os.replace(built, target)
+    return target
+
+
+def _build(compiler: list[str], name: str) -> Path | None:
+    """The kernel library ``name``: from the cache, else compiled into it under its lock; compiled into a
+    private temporary folder (removed at exit) where the cache cannot be written, e.g. read-only."""
     from jaxtune.assets import cache_dir, cache_lock
 
-    compiler = _compiler()
-    if compiler is None:
-        log.warning("attention: no C++ compiler found ($CXX, c++, g++, clang++), so the fused CPU attention "
-                    "kernel is not built; using the XLA attention (install g++ for the faster one)")
-        return None
-    include = jax.ffi.include_dir()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, importlib.metadata.version("jaxlib"),
-                                    _cpu_signature()]).encode()).hexdigest()[:16]
-    target = cache_dir() / "kernels" / f"cpu_attention-{key}.so"
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with cache_lock(target):
-            if not target.exists():
-                with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                    built = Path(tmp) / target.name
-                    done = subprocess.run([compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(built)],
-                                          capture_output=True, text=True)
-                    if done.returncode != 0:
-                        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                        log.warning("attention: building the fused CPU attention kernel with %s failed (%s); "
-                                    "using the XLA attention", compiler, last)
-                        return None
-                    os.replace(built, target)
+    with contextlib.ExitStack() as held:
+        try:
+            target = cache_dir() / "kernels" / name
+            if target.exists():
+                return target
+            target.parent.mkdir(parents=True, exist_ok=True)
+            held.enter_context(cache_lock(target))  # another process may be building the same library
+        except OSError as error:
+            private = Path(tempfile.mkdtemp(prefix="jaxtune-kernels-"))
+            atexit.register(shutil.rmtree, private, ignore_errors=True)
+            log.warning("attention: the kernel cache cannot be written (%s); building the fused CPU attention "
+                        "kernel into %s for this process only (set $JAXTUNE_CACHE to a writable folder)",
+                        error, private)
+            target = private / name
+        return target if target.exists() else _compile(compiler, target)
+
+
+def _load(target: Path) -> ctypes.CDLL:
+    """Load the built kernel and register its two FFI targets with XLA."""
     library = ctypes.cdll.LoadLibrary(str(target))
     jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.JaxtuneAttentionForward), platform="cpu")
     jax.ffi.register_ffi_target(_BACKWARD, jax.ffi.pycapsule(library.JaxtuneAttentionBackward), platform="cpu")
     return library
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """Build (once per machine) and load the kernel, and register its two FFI targets; None, with one
+    warning, where it cannot be built or loaded here. Every failure is caught and the None cached:
+    :func:`available` runs while tracing each attention call, and an exception is not cached."""
+    compiler = _compiler()
+    if compiler is None:
+        log.warning("attention: no C++ compiler to build the fused CPU attention kernel ($CXX=%r, else c++, g++, "
+                    "clang++ on the PATH); using the XLA attention (install g++, or set $CXX to a compiler "
+                    "found here)", os.environ.get("CXX", ""))
+        return None
+    try:
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), shlex.join(compiler), *FLAGS,
+                                        importlib.metadata.version("jaxlib"), _cpu_signature()]).encode())
+        target = _build(compiler, f"cpu_attention-{key.hexdigest()[:16]}.so")
+        return None if target is None else _load(target)
+    except (OSError, AttributeError, subprocess.SubprocessError, jax.errors.JaxRuntimeError) as error:
+        # a compiler that cannot start, a library that does not load or lacks the entry points, or
+        # XLA refusing the targets (another copy of the library registered them already)
+        log.warning("attention: the fused CPU attention kernel could not be built or loaded (%s: %s); using the "
+                    "XLA attention", type(error).__name__, error)
+        return None
 
 
 def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal: bool,
