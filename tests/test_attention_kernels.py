@@ -6,6 +6,7 @@ the reference attention on packed rows, forward and gradients, alone, per shard 
 from __future__ import annotations
 
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -290,6 +291,39 @@ def test_fused_cpu_attention_is_finite_on_padding_and_keeps_the_dtype():
     half = cpu_attention.attention(*(x.astype(jnp.bfloat16) for x in (q, k, v)), ids, causal=True)
     assert half.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(half[0], np.float32), np.asarray(full[0]), atol=3e-2)
+
+
+# (change to k's shape for v, or segment ids' shape, words of the error): each v here is at least k's size,
+# so that the unchecked kernel (before this check) read garbage but nothing past an array's end.
+SHAPE_MISMATCHES = [(dict(v=(2, 45, 2, 16)), "k (2, 40, 2, 16), v (2, 45, 2, 16)"),  # another length
+                    (dict(v=(2, 40, 2, 24)), "k (2, 40, 2, 16), v (2, 40, 2, 24)"),  # another head dim
+                    (dict(v=(2, 40, 4, 16)), "k (2, 40, 2, 16), v (2, 40, 4, 16)"),  # other KV heads
+                    (dict(k=(2, 40, 2, 24), v=(2, 40, 2, 24)), "share q's (2, 40, 4, 16) batch, length and head dim"),
+                    (dict(ids=(2, 41)), "segment_ids must be (B, T) = (2, 40)")]
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(("shapes", "words"), SHAPE_MISMATCHES)
+def test_fused_cpu_attention_rejects_shapes_that_do_not_fit(shapes, words):
+    """The kernel reads v with k's shape and segment ids with q's: any other shape is a ValueError that
+    names the shapes, before the kernel runs."""
+    q = jnp.ones((2, 40, 4, 16))
+    k, v = jnp.ones(shapes.get("k", (2, 40, 2, 16))), jnp.ones(shapes.get("v", (2, 40, 2, 16)))
+    ids = jnp.ones(shapes.get("ids", (2, 40)), jnp.int32)
+    with pytest.raises(ValueError, match=re.escape(words)):
+        cpu_attention.attention(q, k, v, ids, causal=True)
+
+
+@needs_cpu_kernel
+def test_the_kernel_itself_rejects_a_v_that_is_not_ks_shape():
+    """The C++ kernel checks v against k too (a caller past :func:`cpu_attention.attention`'s checks):
+    an error, not a read past v's end."""
+    q, k, _ = _qkv(0, 1, 16, 2, 1, 8)
+    v = jnp.ones((1, 24, 1, 8))
+    rng = jnp.zeros((4,), jnp.uint32)
+    with pytest.raises(Exception, match="shapes do not fit"):
+        jax.block_until_ready(cpu_attention._attention(q, k, v, jnp.ones((1, 16), jnp.int32), rng, 0.5, True,
+                                                       (-1, -1, 0, 1.0, 0.0)))
 
 
 @needs_cpu_kernel

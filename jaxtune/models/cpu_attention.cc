@@ -480,9 +480,9 @@ void parallel_for(ffi::ThreadPool& pool, int64_t count, F work) {
   while (counters->active.load() > 0) std::this_thread::yield();
 }
 
-ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k,
+ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>& k, const ffi::Buffer<ffi::F32>& v,
                     const ffi::Buffer<ffi::S32>& seg, const ffi::Buffer<ffi::U32>& rng, const Settings& a, Shape* s) {
-  auto qd = q.dimensions(), kd = k.dimensions(), sd = seg.dimensions();
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), sd = seg.dimensions();
   if (qd.size() != 4 || kd.size() != 4 || sd.size() != 2)
     return ffi::Error::InvalidArgument("jaxtune attention: q, k must be rank 4 and segment ids rank 2");
   if (rng.element_count() != 4 || a.drop < 0 || a.drop >= 65536)
@@ -490,9 +490,12 @@ ffi::Error shape_of(const ffi::Buffer<ffi::F32>& q, const ffi::Buffer<ffi::F32>&
                                        "and 0 <= drop < 65536");
   *s = Shape{qd[0], qd[1], qd[2], kd[2], qd[3], 0, 0, 0, a.scale, a.causal != 0, a.left, a.right,
              static_cast<uint32_t>(a.drop), a.kept, a.softcap, rng.typed_data()};
+  // v is read with k's strides: another length would read past its end, another head dim garbage.
   if (kd[0] != s->b || kd[1] != s->t || kd[3] != s->h || sd[0] != s->b || sd[1] != s->t || s->kv == 0 ||
-      s->n % s->kv != 0 || s->h % 8 != 0)
-    return ffi::Error::InvalidArgument("jaxtune attention: shapes do not fit (B, T, N, H) / (B, T, K, H) / (B, T)");
+      s->n % s->kv != 0 || s->h % 8 != 0 || vd.size() != kd.size() ||
+      !std::equal(vd.begin(), vd.end(), kd.begin()))
+    return ffi::Error::InvalidArgument("jaxtune attention: shapes do not fit q (B, T, N, H), k and v (B, T, K, H), "
+                                       "segment ids (B, T)");
   s->g = s->n / s->kv;
   s->tp = (s->t + kRows - 1) / kRows * kRows;
   s->sp = (s->t + kKeys - 1) / kKeys * kKeys;
@@ -503,7 +506,7 @@ ffi::Error forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> seg, ffi::Buffer<ffi::U32> rng,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse, Settings settings) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, rng, settings, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, v, seg, rng, settings, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     forward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out->typed_data(),
                   lse->typed_data());
@@ -517,7 +520,7 @@ ffi::Error backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
                     Settings settings) {
   Shape s;
-  if (ffi::Error e = shape_of(q, k, seg, rng, settings, &s); e.failure()) return e;
+  if (ffi::Error e = shape_of(q, k, v, seg, rng, settings, &s); e.failure()) return e;
   parallel_for(pool, s.b * s.kv, [&](int64_t group) {
     backward_group(s, group, q.typed_data(), k.typed_data(), v.typed_data(), seg.typed_data(), out.typed_data(),
                    lse.typed_data(), dout.typed_data(), dq->typed_data(), dk->typed_data(), dv->typed_data());

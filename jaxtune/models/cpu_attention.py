@@ -181,7 +181,8 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     """Softmax self-attention on the fused CPU kernel (:func:`available` must be True).
 
     Shapes: ``q`` ``(B, T, N, H)``, ``k``/``v`` ``(B, T, K, H)`` with ``N % K == 0`` and ``H % 8 == 0``
-    -> ``(B, T, N, H)`` in ``q``'s dtype (computed in float32). ``segment_ids`` ``(B, T)`` int, as
+    (other shapes: a ValueError) -> ``(B, T, N, H)`` in ``q``'s dtype (computed in float32).
+    ``segment_ids`` ``(B, T)`` int, as
     :func:`~jaxtune.models.attention.attention_mask` reads them (a query sees its own segment's keys;
     0 is padding, which no query sees), or None (one segment). Scores are ``q . k * scale`` (default ``H ** -0.5``). A
     query that sees no key (padding) gets zeros. Differentiable in ``q``, ``k`` and ``v``. ``window``
@@ -207,6 +208,7 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
         raise ValueError(f"cpu_attention.attention: window bounds must be >= 0 or None, got {window}")
     if logit_cap is not None and not logit_cap > 0:
         raise ValueError(f"cpu_attention.attention: logit_cap must be > 0 or None, got {logit_cap}")
+    _check_shapes(q, k, v, segment_ids)
     b, t, _, h = q.shape
     ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     drop = drop_threshold(dropout_rate) if dropout_rng is not None else 0
@@ -217,6 +219,21 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     bounds = (-1 if left is None else int(left), -1 if right is None else int(right))
     return _attention(*f32, ids, rng, h ** -0.5 if scale is None else float(scale), bool(causal),
                       (*bounds, drop, kept, float(logit_cap or 0.0))).astype(q.dtype)
+
+
+def _check_shapes(q: Array, k: Array, v: Array, segment_ids: Array | None) -> None:
+    """A ValueError naming the shapes where they do not fit: the kernel reads ``v`` with ``k``'s strides
+    and the segment ids with ``q``'s, so another shape would read past an array's end or mix its axes."""
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"cpu_attention.attention: q must be (B, T, N, H) and k, v both (B, T, K, H); "
+                         f"got q {q.shape}, k {k.shape}, v {v.shape}")
+    b, t, n, h = q.shape
+    if k.shape[:2] != (b, t) or k.shape[3] != h or n % k.shape[2] or h % 8:
+        raise ValueError(f"cpu_attention.attention: k and v {k.shape} must share q's {q.shape} batch, length and "
+                         "head dim (a multiple of 8), with KV heads that divide its heads")
+    if segment_ids is not None and segment_ids.shape != (b, t):
+        raise ValueError(f"cpu_attention.attention: segment_ids must be (B, T) = {(b, t)} for q {q.shape}, "
+                         f"got {segment_ids.shape}")
 
 
 # options: (left, right, drop, kept, cap): the window's bounds (-1: none), the dropout threshold in
