@@ -327,6 +327,31 @@ def test_the_kernel_itself_rejects_a_v_that_is_not_ks_shape():
 
 
 @needs_cpu_kernel
+@pytest.mark.parametrize("rate", [0.99999, 1 - 2 ** -17, 0.999995, 1 - 1e-9])
+def test_fused_cpu_attention_with_dropout_near_one_equals_the_xla_path(rate):
+    """A rate within 2^-17 of 1 rounds to dropping every probability (the kernel's 16-bit threshold has
+    no such value): zeros and zero gradients, as the grouped XLA path gives, through the dispatch too;
+    just below that the kernel runs and still matches."""
+    q, k, v = _qkv(8, 2, 30, 4, 2, 8)
+    ids = _rows("packed", 2, 30)
+    rng = jax.random.key(12)
+    weights = jax.random.normal(jax.random.key(13), q.shape) * (ids != 0)[:, :, None, None]
+
+    def grouped(q, k, v):
+        return grouped_attention(q, k, v, attention_mask(ids, causal=False), dropout_rate=rate, dropout_rng=rng)
+
+    def kernel(q, k, v):
+        return cpu_attention.attention(q, k, v, ids, causal=False, dropout_rate=rate, dropout_rng=rng)
+
+    def dispatched(q, k, v):
+        return attention.dot_product_attention(q, k, v, segment_ids=ids, causal=False, dropout_rate=rate,
+                                               dropout_rng=rng)
+
+    for ours in (kernel, dispatched):
+        _assert_same_attention(ours, grouped, (q, k, v), ids, weights, out_atol=2e-6, grad_atol=1e-5)
+
+
+@needs_cpu_kernel
 def test_the_dispatch_runs_the_fused_kernel_and_can_be_turned_off(monkeypatch):
     """On a CPU, :func:`dot_product_attention` of a packed causal row runs the FFI kernel (its call is in
     the compiled program); ``JAXTUNE_CPU_ATTENTION=0`` gives the XLA path, with the same outputs."""

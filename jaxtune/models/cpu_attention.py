@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.models.dropout import attention_seed, drop_threshold
+from jaxtune.models.dropout import attention_seed, drop_threshold, drops_all
 
 Array = jax.Array
 log = logging.getLogger(__name__)
@@ -209,6 +209,8 @@ def attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *, causal
     if logit_cap is not None and not logit_cap > 0:
         raise ValueError(f"cpu_attention.attention: logit_cap must be > 0 or None, got {logit_cap}")
     _check_shapes(q, k, v, segment_ids)
+    if dropout_rng is not None and drops_all(dropout_rate):  # the kernel's threshold cannot say "every one"
+        return jnp.zeros(q.shape, q.dtype)  # what the XLA path gives: no probability kept, no gradient
     b, t, _, h = q.shape
     ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
     drop = drop_threshold(dropout_rate) if dropout_rng is not None else 0

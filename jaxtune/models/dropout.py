@@ -36,6 +36,12 @@ def drop_threshold(rate: float) -> int:
     return round(rate * _UNITS)
 
 
+def drops_all(rate: float) -> bool:
+    """Whether ``rate`` drops every element: it rounds to 2^16 (``rate >= 1 - 2^-17``), which no 16-bit
+    draw is below. The fused CPU kernel's threshold stops at 2^16 - 1, so its caller handles this case."""
+    return drop_threshold(rate) >= _UNITS
+
+
 def keep_mask(key: Array, rate: float, shape: tuple[int, ...]) -> Array:
     """Booleans of ``shape``, each True (kept) with probability ``1 - rate`` (to 2^-16), from
     ``ceil(last / 2)`` threefry words per row of the last axis.
