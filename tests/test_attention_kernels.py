@@ -404,6 +404,44 @@ def test_fused_cpu_attention_runs_per_shard_under_a_mesh():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-6)
 
 
+EXPLICIT, AUTO = jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize("types", [(EXPLICIT, EXPLICIT), (AUTO, EXPLICIT), (EXPLICIT, AUTO)])
+@pytest.mark.parametrize("placed", [True, False])
+def test_fused_cpu_attention_runs_under_a_mesh_with_explicit_axes(monkeypatch, types, placed):
+    """``jax.make_mesh``'s default axes are Explicit, and shard_map takes such inputs only as its specs
+    shard them: the kernel's inputs are resharded to its specs (Explicit axes only, on a mixed mesh),
+    rows already split over data or not (``placed``), and the output comes back in q's sharding. Outputs
+    and gradients, attention dropout included, equal the single-device XLA path's."""
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices")
+    q, k, v = _qkv(2, 4, 40, 4, 2, 16)
+    ids = jnp.asarray(np.stack([np.r_[np.ones(15), 2 * np.ones(20), np.zeros(5)]] * 4), jnp.int32)
+    rng = jax.random.key(5)
+    real = (ids != 0)[:, :, None, None]  # outputs at padding are not defined, and differ between paths
+
+    def loss(q, k, v, ids):
+        out = attention.dot_product_attention(q, k, v, segment_ids=ids, causal=True, dropout_rate=0.2,
+                                              dropout_rng=rng)
+        return jnp.sum(out * q * real), jnp.where(real, out, 0.0)
+
+    run = jax.jit(jax.value_and_grad(loss, (0, 1, 2), has_aux=True))
+    with monkeypatch.context() as plain:
+        plain.setenv("JAXTUNE_CPU_ATTENTION", "0")
+        expected = run(q, k, v, ids)
+    mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=types, devices=jax.devices()[:8])
+    with jax.set_mesh(mesh):
+        if placed and types[0] == EXPLICIT:
+            q, k, v, ids = (jax.device_put(x, jax.sharding.PartitionSpec("data")) for x in (q, k, v, ids))
+        assert "jaxtune_cpu_attention_forward" in run.lower(q, k, v, ids).as_text()
+        got = run(q, k, v, ids)
+        assert jax.typeof(got[0][1]).sharding.spec == jax.typeof(q).sharding.spec
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-6)
+
+
 @needs_cpu_kernel
 def test_a_failed_build_falls_back_to_the_xla_path_and_says_so(monkeypatch, tmp_path, caplog):
     """A compiler that fails leaves the kernel unbuilt: ``available()`` is False with one warning naming

@@ -519,7 +519,29 @@ def _per_shard(rows: Any, batch: int, kv_heads: int, heads_axis: int = 1, offset
             row = jax.lax.axis_index(rows_over) * q.shape[0] if rows_over else 0
             head = jax.lax.axis_index(heads) * q.shape[heads_axis] if heads else 0
             return rows(q, k, v, segment_ids, first_row=row, first_head=head)
-    return jax.shard_map(body, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)
+    mapped = jax.shard_map(body, in_specs=(qkv, qkv, qkv, ids), out_specs=qkv, check_vma=False)
+    explicit = {a for a, kind in zip(mesh.axis_names, mesh.axis_types, strict=True)
+                if kind == jax.sharding.AxisType.Explicit}
+    if not explicit:
+        return mapped
+
+    def resharded(q: Array, k: Array, v: Array, segment_ids: Array) -> Array:
+        # Explicit axes (jax.make_mesh's default): shard_map takes inputs only as its in_specs shard
+        # them, so they move there first; the output goes back to q's sharding, as the XLA path leaves it.
+        inputs = (jax.sharding.reshard(x, _only_axes(spec, explicit))
+                  for x, spec in zip((q, k, v, segment_ids), (qkv, qkv, qkv, ids), strict=True))
+        return jax.sharding.reshard(mapped(*inputs), jax.typeof(q).sharding.spec)
+
+    return resharded
+
+
+def _only_axes(spec: jax.sharding.PartitionSpec, axes: set[str]) -> jax.sharding.PartitionSpec:
+    """``spec`` naming only the mesh axes in ``axes`` (``reshard`` takes no Auto axis of a mixed mesh)."""
+    def kept(entry: str | tuple[str, ...] | None) -> str | tuple[str, ...] | None:
+        names = tuple(a for a in ((entry,) if isinstance(entry, str) else entry or ()) if a in axes)
+        return names[0] if len(names) == 1 else names or None
+
+    return jax.sharding.PartitionSpec(*(kept(entry) for entry in spec))
 
 
 def _splash_block(length: int) -> int:
