@@ -136,6 +136,27 @@ def test_sampling_is_reproducible_by_seed_and_independent_of_the_batch(llama):
     assert _greedy(model, prompts=PROMPTS[:1], temperature=1.0, seed=0) == first[:1]
 
 
+def test_requests_in_one_bucket_share_compiled_code(llama):
+    """Without a max_length, other max_new_tokens, batch sizes and numbers of stop tokens within one
+    bucket (3 and 4 rows run as 4) reuse the compiled prefill and loop (a server passes each request's
+    max_tokens), and the filler rows change no real row's tokens."""
+    from jaxtune.models import generate as generation
+
+    _, model = llama
+
+    def compiled() -> tuple[int, int]:
+        return generation._prefill._cache_size(), generation._decode_loop._cache_size()
+
+    first = generate(model.module, model.params, PROMPTS, max_new_tokens=NEW)
+    assert first == _greedy(model)
+    before = compiled()
+    requests = [(3, PROMPTS, ()), (17, PROMPTS + [[9]], (1,)), (25, PROMPTS[:1] * 3, (1, 2))]
+    for max_new_tokens, prompts, stops in requests:
+        out = generate(model.module, model.params, prompts, max_new_tokens=max_new_tokens, stop_token_ids=stops)
+        assert len(out) == len(prompts)
+    assert compiled() == before
+
+
 def test_filter_logits_matches_transformers_warpers():
     import torch
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper

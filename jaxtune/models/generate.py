@@ -16,10 +16,14 @@ row has met a stop token. Padding is masked, so a prompt gives the same tokens a
 RoPE scaling that depends on the length (Phi-3's ``longrope``, ``dynamic``): the batch's longest
 row chooses it for every row, as in transformers' batched ``generate``.
 
-Compilation: ``T`` is rounded up to a multiple of :data:`BUCKET` and the default ``max_length``
-too, so similar requests share compiled code. The loop compiles once per (module, batch,
-``max_length``, greedy or sampled, filtered or not); temperature, top-k, top-p, stop tokens,
-``max_new_tokens`` and the seed are traced values, so changing them does not recompile.
+Compilation: ``T`` is rounded up to a multiple of :data:`BUCKET`, and the default ``max_length``
+is ``T + max_new_tokens`` rounded up the same way; the rows are padded with filler rows (copies of
+the first prompt, dropped) to a power of two (:func:`_batch_rows`), so similar requests share
+compiled code. The loop compiles once per (module, padded batch, ``max_length``, greedy or sampled,
+filtered or not); temperature, top-k, top-p, stop tokens (up to :data:`STOPS_BUCKET` of them),
+``max_new_tokens`` and the seed are traced values, so changing them does not recompile. A row's
+tokens do not depend on the fillers: greedy rows are computed independently, and a sampled row's
+draws are keyed by its own index.
 
 Params sharded over a mesh (a run trained with FSDP or tensor parallelism, as ``jaxtune.open_run``
 restores it) stay where they are, and the batch runs data-parallel on that mesh: the rows are split
@@ -64,6 +68,8 @@ Params = dict[str, Any]
 Chat = Sequence[Mapping[str, Any]]  # [{"role": "user", "content": "..."}, ...]
 
 BUCKET = 32  # prompt and cache lengths are rounded up to a multiple of this (fewer compilations)
+ROWS_BUCKET = 64  # batches run as a power of two rows up to this, a multiple of it above (see _batch_rows)
+STOPS_BUCKET = 8  # the stop ids are padded to a multiple of this
 PROMPT_LEAF = "prompt_embeddings"  # jaxtune.tuning.labels.PROMPT_LEAF (models may not import tuning)
 
 
@@ -128,12 +134,14 @@ def _prefill(model: Decoder, params: Params, ids: Array, virtual: Array, start: 
 
 @functools.partial(jax.jit, static_argnames=("model", "greedy", "filtered"), donate_argnames=("cache",))
 def _decode_loop(model: Decoder, params: Params, cache: KVCache, logits: Array, key: Array, max_new_tokens: Array,
-                 stop_ids: Array, temperature: Array, top_k: Array, top_p: Array, *, greedy: bool,
+                 real_rows: Array, stop_ids: Array, temperature: Array, top_k: Array, top_p: Array, *, greedy: bool,
                  filtered: bool) -> tuple[Array, KVCache]:
     """Generate up to ``max_new_tokens`` tokens after the prefill's ``logits`` ``(B, V)``.
 
     Returns ``(B, S)`` int32 (``S`` = cache length): the new tokens in ``[:, :max_new_tokens]``;
-    after a row's first stop token (``stop_ids`` ``(n,)``) its tokens are meaningless. Also
+    after a row's first stop token (``stop_ids`` ``(n,)``, -1 for none) its tokens are meaningless.
+    Rows from ``real_rows`` on are fillers: done from the start, so that their draws never keep
+    the loop running after the real rows have stopped. Also
     returns the final cache: an output the donated cache can alias, so the loop updates it in
     place instead of copying it first.
     """
@@ -154,7 +162,8 @@ def _decode_loop(model: Decoder, params: Params, cache: KVCache, logits: Array, 
         token = pick(model.apply(variables, hidden[:, 0], method="logits"), step=step)
         return step + 1, token, done | jnp.isin(token, stop_ids), out.at[:, step].set(token), cache
 
-    state = (jnp.int32(1), first, jnp.isin(first, stop_ids), out, cache)
+    fillers = jnp.arange(logits.shape[0]) >= real_rows
+    state = (jnp.int32(1), first, jnp.isin(first, stop_ids) | fillers, out, cache)
     _, _, _, out, cache = jax.lax.while_loop(running, advance, state)
     return out, cache
 
@@ -182,6 +191,33 @@ def _decoder_and_prompt(module: Any, params: Params) -> tuple[Decoder, Array | N
 
 def _round_up(n: int, multiple: int) -> int:
     return multiple * math.ceil(n / multiple)
+
+
+def _widths(longest: int, max_new_tokens: int, max_length: int | None) -> tuple[int, int]:
+    """The prompt width ``T`` and the cache length of a batch whose longest prompt has ``longest``
+    tokens. Both are multiples of :data:`BUCKET` unless the caller's ``max_length`` leaves no room
+    for the bucket: deriving ``T`` from ``max_length - max_new_tokens`` by default would give a
+    new shape, hence a compilation, for almost every ``max_new_tokens``."""
+    width = _round_up(longest, BUCKET)
+    if max_length is None:
+        return width, _round_up(width + max_new_tokens, BUCKET)
+    return min(width, max_length - max_new_tokens), max_length
+
+
+def _batch_rows(prompts: int, split: int) -> int:
+    """How many rows a batch of ``prompts`` runs as: a power of two up to :data:`ROWS_BUCKET`, a
+    multiple of it above (so that batch sizes share compiled code, wasting under half the rows),
+    and a multiple of ``split`` (the mesh's data-parallel size, so that the rows split evenly)."""
+    bucket = min(1 << (prompts - 1).bit_length(), ROWS_BUCKET)
+    return _round_up(_round_up(prompts, bucket), split)
+
+
+def _stop_ids(stop_token_ids: Sequence[int]) -> Array:
+    """The stop ids padded with -1 (no token) to a multiple of :data:`STOPS_BUCKET`: their number
+    is a shape, and each new one would compile the loop again."""
+    ids = np.full(_round_up(max(len(stop_token_ids), 1), STOPS_BUCKET), -1, np.int32)
+    ids[:len(stop_token_ids)] = stop_token_ids
+    return jnp.asarray(ids)
 
 
 def generate(
@@ -215,8 +251,8 @@ def generate(
         included in the result.
       seed: the sampling seed (same seed, same prompts, same settings: same tokens).
       max_length: cache slots per row (prompt + new tokens, virtual prompt-tuning tokens
-        included); fix it to compile once for many calls. Default: the longest prompt plus
-        ``max_new_tokens``, rounded up to a multiple of :data:`BUCKET`.
+        included); fix it to compile once for many calls. Default: the longest prompt rounded up
+        to a multiple of :data:`BUCKET`, plus ``max_new_tokens``, rounded up again.
 
     Returns:
       The new tokens of each prompt, in order, without the stop token.
@@ -239,12 +275,10 @@ def generate(
         raise ValueError(f"a prompt of {longest} tokens plus max_new_tokens {max_new_tokens} passes the model's "
                          f"{positions} positions (learned position embeddings have no more); shorten the prompt or "
                          "ask for fewer tokens")
-    if max_length is None:
-        max_length = _round_up(longest + max_new_tokens, BUCKET)
-    elif longest + max_new_tokens > max_length:
+    if max_length is not None and longest + max_new_tokens > max_length:
         raise ValueError(f"max_length {max_length} is too short for a prompt of {longest} tokens"
                          f"{' (with virtual tokens)' if virtual_tokens else ''} plus max_new_tokens {max_new_tokens}")
-    width = min(_round_up(longest, BUCKET), max_length - max_new_tokens)
+    width, max_length = _widths(longest, max_new_tokens, max_length)
     mesh = _mesh_of(params)
     # On a mesh over several processes' devices every process runs this call (its rows are split over
     # all of them); one process generating on its own devices has nothing to compare.
@@ -252,7 +286,7 @@ def generate(
         _check_every_process_asks_the_same([prompts, max_new_tokens, temperature, top_k, top_p,
                                             list(stop_token_ids), seed, max_length])
     split = 1 if mesh is None else data_parallel_size(mesh)
-    rows = prompts + [prompts[0]] * (-len(prompts) % split)  # fillers: the rows split evenly
+    rows = prompts + [prompts[0]] * (_batch_rows(len(prompts), split) - len(prompts))  # fillers, dropped at the end
     ids, virtual, start = _left_pad(rows, virtual_tokens, width)
     if mesh is not None:
         rows_split = NamedSharding(mesh, PartitionSpec(batch_axes(mesh)))
@@ -262,8 +296,8 @@ def generate(
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
         logits, cache = _prefill(decoder, params, ids, virtual, start, prompt, max_length=max_length)
         out, _ = _decode_loop(
-            decoder, params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens),
-            jnp.asarray(list(stop_token_ids) or [-1], jnp.int32), jnp.float32(temperature if sampled else 1.0),
+            decoder, params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens), jnp.int32(len(prompts)),
+            _stop_ids(stop_token_ids), jnp.float32(temperature if sampled else 1.0),
             jnp.int32(top_k or vocab), jnp.float32(top_p or 1.0),
             greedy=not sampled, filtered=sampled and (top_k is not None or top_p is not None),
         )
