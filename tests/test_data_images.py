@@ -56,6 +56,22 @@ def test_folder_batches_are_resized_normalised_channels_first(folder):
     np.testing.assert_array_equal(batch["labels"], [0, 0, 1, 1, 2, 2])
 
 
+def test_evaluation_reads_on_threads_whatever_the_worker_count(folder):
+    """Each evaluation iterates its loader afresh: worker processes would start anew every time."""
+    import multiprocessing
+
+    source = read_image_folder(folder)
+    on_threads = list(image_loader(source, SPEC, LoaderConfig(batch_size=4), train=False))
+    batches = []
+    for batch in image_loader(source, SPEC, LoaderConfig(batch_size=4, worker_count=2), train=False):
+        assert not multiprocessing.active_children()
+        batches.append(batch)
+    assert len(batches) == len(on_threads) == 2
+    for ours, theirs in zip(batches, on_threads):
+        assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    assert image_loader(source, SPEC, LoaderConfig(batch_size=4, worker_count=2), train=True).config.worker_count == 2
+
+
 def test_evaluation_fills_the_last_batch_and_training_resumes_exactly(folder):
     source = read_image_folder(folder)
     batches = list(image_loader(source, SPEC, LoaderConfig(batch_size=4), train=False))

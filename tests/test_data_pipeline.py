@@ -199,6 +199,23 @@ def test_packed_classifier_batches_hold_every_example_once_with_its_label(labele
     assert in_order == list(range(30))
 
 
+def test_evaluation_reads_on_threads_whatever_the_worker_count(docs, tokenizer):
+    """Each evaluation iterates its loader afresh: worker processes would start anew every time."""
+    import multiprocessing
+
+    config = LoaderConfig(batch_size=4, max_length=64, shard_index=0, shard_count=1, pack_window=8)
+    on_threads = collect(iter(evaluation_loader(docs[0], tokenizer, config)))
+    with_workers = evaluation_loader(docs[0], tokenizer, LoaderConfig(**{**vars(config), "worker_count": 2}))
+    assert with_workers.config.worker_count == 0
+    batches = []
+    for batch in with_workers:
+        assert not multiprocessing.active_children()
+        batches.append(batch)
+    assert len(batches) == len(on_threads)
+    for ours, theirs in zip(batches, on_threads):
+        assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
+
+
 @pytest.mark.parametrize("mode", ["packed", "padded", "classifier", "classifier-packed"])
 def test_resume_is_exact_with_threads(mode, docs, chat, labeled, tokenizer):
     if mode.startswith("classifier"):

@@ -464,7 +464,7 @@ class ImageStats:
 
 class ImageLoader(Loader):
     """Batches of images (see the module docstring) with the batching fields of ``config``
-    (``batch_size``, ``seed``, ``worker_count``, ``read_threads``...; token fields are unused),
+    (``batch_size``, ``seed``, ``worker_count`` (training only), ``read_threads``...; token fields are unused),
     resumable like every grain iterator. A :class:`~jaxtune.data.Loader`, so the Trainer
     counts epochs, checks shapes and checkpoints its state the same way."""
 
@@ -549,11 +549,12 @@ class _FillImages:
 def image_loader(source: ImageSource, spec: ImageSpec, config: LoaderConfig, *, train: bool,
                  augment: Sequence[str] | None = None, batch_size: int | None = None) -> ImageLoader:
     """The loader a run reads: training shuffles, repeats forever, keeps full batches and
-    augments; evaluation reads once in order and fills the last batch. ``augment`` and
+    augments; evaluation reads once in order, on threads (no worker processes started afresh for
+    every evaluation, as :func:`~jaxtune.data.pipeline.evaluation_loader`), and fills the last batch. ``augment`` and
     ``batch_size`` (evaluation) default to a ``DataConfig``'s ``augment`` and ``eval_batch_size``."""
     augment = getattr(config, "augment", ()) if augment is None else augment
     batch_size = batch_size or getattr(config, "eval_batch_size", None)
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
     role = dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else dict(
-        shuffle=False, num_epochs=1, drop_remainder=False, batch_size=batch_size or config.batch_size)
+        shuffle=False, num_epochs=1, drop_remainder=False, worker_count=0, batch_size=batch_size or config.batch_size)
     return ImageLoader(source, spec, LoaderConfig(**{**fields, **role}), augment)

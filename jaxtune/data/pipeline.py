@@ -15,7 +15,7 @@ the window, and how many of the window's rows were emitted", so ``get_state``/``
 resume exactly, with or without worker processes. The state is a small JSON-able dict (the
 checkpoint stores it with ``grain.checkpoint.CheckpointSave``).
 
-With ``worker_count > 0`` each worker packs its own slice of the records, so the rows depend
+With ``worker_count > 0`` each training worker packs its own slice of the records, so the rows depend
 on the number of workers (deterministically); keep it fixed across a resume.
 """
 
@@ -71,7 +71,8 @@ class LoaderConfig:
         ``max_length`` tokens; each distinct width compiles the step once (at most
         ``max_length / pad_to_multiple_of`` widths). ``None``: every row is ``max_length``.
         One process only (processes would choose different widths).
-      worker_count: grain worker processes that tokenize and pack (0: in-process threads).
+      worker_count: grain worker processes that tokenize and pack the training data (0:
+        in-process threads). Evaluation always reads on threads (:func:`evaluation_loader`).
       worker_buffer_size: rows buffered per worker.
       read_threads: threads tokenizing records in the process that packs.
       read_buffer_size: records tokenized ahead.
@@ -432,10 +433,12 @@ def evaluation_loader(source: Source, tokenizer: Any, config: LoaderConfig, batc
                       max_pairs: int | None = None) -> Loader:
     """The loader an evaluation reads: one pass in file order, the last batch filled with empty
     rows; packed classification/regression rows hold the examples in file order (next fit), so
-    their outputs, row by row and segment by segment, line up with the file."""
+    their outputs, row by row and segment by segment, line up with the file. It reads on threads
+    (``worker_count`` 0): every evaluation iterates afresh, and worker processes would start anew
+    each time (seconds per evaluation) and pack per worker, out of file order."""
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
     return Loader(source, tokenizer, LoaderConfig(**{**fields, "shuffle": False, "num_epochs": 1, "pack_in_order": True,
-                                                     "drop_remainder": False,
+                                                     "drop_remainder": False, "worker_count": 0,
                                                      "batch_size": batch_size or config.batch_size}),
                   max_pairs=max_pairs)
 
