@@ -200,6 +200,61 @@ def _sigint_in_step_3(trainer: Trainer) -> None:
     trainer.train_step = step_then_interrupt
 
 
+def _non_finite_in_step_3(trainer: Trainer) -> None:
+    step = trainer.train_step
+
+    def step_then_not_finite(*args):
+        trainable, opt_state, metrics = step(*args)
+        return trainable, opt_state, {**metrics, "finite": jnp.asarray(trainer.step != 2)}
+
+    trainer.train_step = step_then_not_finite
+
+
+def _raise_in_the_first_step(trainer: Trainer) -> None:
+    def step_then_break(*args):
+        raise RuntimeError("the device went away")
+
+    trainer.train_step = step_then_break
+
+
+@pytest.mark.parametrize("outcome, end", [("stopped", _sigint_in_step_3), ("failed", _non_finite_in_step_3),
+                                          ("raised", _raise_in_the_first_step)])
+def test_every_way_out_of_fit_closes_the_training_iterator_and_the_events(setup, tmp_path, monkeypatch, outcome, end):
+    """Else its prefetch threads (and worker processes) and the TensorBoard events file outlive the
+    run; a stopped run still resumes from the data position it saved."""
+    from jaxtune.data.pipeline import Loader
+
+    opened = []
+    read = Loader.__iter__
+    monkeypatch.setattr(Loader, "__iter__", lambda self: opened.append(read(self)) or opened[-1])
+    trainer = _lora_trainer(setup, tmp_path, steps=50)
+    end(trainer)
+    if outcome == "raised":
+        with pytest.raises(RuntimeError, match="the device went away"):
+            trainer.fit()
+    else:
+        assert trainer.fit().state == outcome
+    assert opened and trainer.run._events is None
+    for iterator in opened:
+        with pytest.raises(ValueError, match="closed"):
+            next(iterator)
+    if outcome == "stopped":
+        assert _lora_trainer(setup, tmp_path, steps=4).fit().step == 4
+
+
+def test_close_closes_the_events_when_the_checkpoint_manager_fails_to(setup, tmp_path):
+    class Broken:
+        def close(self):
+            raise OSError("disk full")
+
+    trainer = _lora_trainer(setup, tmp_path, steps=1)
+    trainer.run.log({"step": 1, "loss": 1.0})  # opens the events file
+    trainer._checkpointer = Broken()
+    with pytest.raises(OSError, match="disk full"):
+        trainer.close()
+    assert trainer.run._events is None
+
+
 def test_ctrl_c_right_after_a_step_stops_at_the_boundary_and_saves(setup, tmp_path, caplog):
     """SIGINT landing just as the jitted step returns (its inputs already donated) must not lose
     the params: the trainer finishes the step, stops, and saves a checkpoint that resumes."""

@@ -224,11 +224,14 @@ class Trainer:
         return self._checkpointer
 
     def close(self) -> None:
-        """Wait for pending saves, close the checkpoint manager and flush the TensorBoard events."""
-        if self._checkpointer is not None:
-            self._checkpointer.close()
-            self._checkpointer = None
-        self.run.close()
+        """Wait for pending saves, close the checkpoint manager and flush the TensorBoard events
+        (closed even when the checkpoint manager fails to close: the writer holds a file)."""
+        try:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
+        finally:
+            self.run.close()
 
     def restore(self, *, best: bool = False) -> int | None:
         """Load the run's latest (or, with ``best``, best) trained params into this trainer;
@@ -297,6 +300,15 @@ class Trainer:
         self.run.write_identity(self.identity())
         before = scores.score_base(self)
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
+        try:
+            return self._fit(iterator, before)
+        finally:  # every exit (finished, stopped, failed, raised): its prefetch threads and worker processes end
+            if iterator is not self.train_data and callable(getattr(iterator, "close", None)):  # ours, not a caller's
+                iterator.close()
+
+    def _fit(self, iterator: Any, before: dict[str, float] | None) -> FitResult:
+        """:meth:`fit` on the training ``iterator`` it opened, once the run directory is ready; ``before``:
+        the base model's scores. Any checkpoint (the iterator's position included) is written before this returns."""
         self.close()
         self._resumable_data = hasattr(iterator, "get_state")
         best = self._resume(iterator)
