@@ -303,26 +303,34 @@ def test_a_second_server_on_one_data_directory_is_refused(make_runner, tmp_path,
     assert job["error"] is None
 
 
-def test_close_stops_a_job_whose_process_is_just_starting(make_runner, monkeypatch):
+@pytest.mark.parametrize("server_sigint", ["handled", "ignored"])
+def test_close_stops_a_job_whose_process_is_just_starting(make_runner, monkeypatch, server_sigint):
     """A server stopping while a job's process starts (claimed, not yet watched) sends it SIGINT like
-    any running job's, instead of waiting for it to train to the end."""
-    runner = make_runner()
-    add_job(runner, "ftjob-a", steps=1000, step_s=0.02)
-    closed: list[float] = []
+    any running job's, instead of waiting for it to train to the end. Also from a server whose SIGINT
+    is ignored (a script's background job; pytest-xdist's workers): exec passed that on to the job,
+    and the SIGINT, sent before the job set its own handler, was lost."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if server_sigint == "ignored"
+                             else signal.default_int_handler)
+    try:
+        runner = make_runner()
+        add_job(runner, "ftjob-a", steps=1000, step_s=0.02)
+        closed: list[float] = []
 
-    def close() -> None:
-        start = time.time()
-        runner.close(timeout=15)
-        closed.append(time.time() - start)
+        def close() -> None:
+            start = time.time()
+            runner.close(timeout=15)
+            closed.append(time.time() - start)
 
-    def command(config: Path) -> list[str]:
-        threading.Thread(target=close).start()
-        wait_until(runner._closing.is_set)
-        return FakeRunner.command(runner, config)
+        def command(config: Path) -> list[str]:
+            threading.Thread(target=close).start()
+            wait_until(runner._closing.is_set)
+            return FakeRunner.command(runner, config)
 
-    monkeypatch.setattr(runner, "command", command)
-    runner.start()
-    wait_until(lambda: closed, timeout=30, what="close() to return")
+        monkeypatch.setattr(runner, "command", command)
+        runner.start()
+        wait_until(lambda: closed, timeout=30, what="close() to return")
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert closed[0] < 5, closed
     job = runner.store.job("ftjob-a")
     assert job["status"] == "running" and job["pid"] is None  # stopped; the next server resumes it

@@ -35,11 +35,19 @@ _PR_SET_PDEATHSIG = 1
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
     """Linux: the job is killed when the server dies, so a restarted server never finds two
-    processes training one run directory (elsewhere, recovery kills the orphan instead)."""
+    processes training one run directory (elsewhere, recovery kills the orphan instead).
+
+    Its SIGINT is reset to the default too: a server started with SIGINT ignored (a script's
+    background job, a test runner's worker) would pass that on through exec, and a SIGINT from
+    :meth:`Runner.close` before the job sets its own handler would be lost (close then waits out its
+    timeout). ``signal.signal`` cannot run here (not the main thread), so libc's is called."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        libc.signal.argtypes, libc.signal.restype = (ctypes.c_int, ctypes.c_void_p), ctypes.c_void_p
+        libc.signal(signal.SIGINT, None)  # SIG_DFL
     except OSError:
         pass
 
