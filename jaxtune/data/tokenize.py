@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import weakref
 from array import array
 from collections import Counter
@@ -276,13 +277,11 @@ def choice_token_ids(tokenizer: Any, kind: str, choices: Sequence[str]) -> Answe
 def _template_opening(tokenizer: Any, kind: str, answers: Sequence[Sequence[int]]) -> list[int]:
     """The tokens every one of ``answers`` starts with that a reply of other content starts with too:
     what the chat template writes before the content, not the content's own first tokens."""
-    common = list(answers[0])
-    for a in answers[1:]:
-        common = common[:next((n for n, (x, y) in enumerate(zip(common, a)) if x != y), min(len(common), len(a)))]
+    common = os.path.commonprefix([list(a) for a in answers])  # element-wise: any sequences, not only paths
     if not common or kind != "chat":
         return []
     probe = answer_tokens(tokenizer, kind, "\u2063")  # an invisible character no answer starts with
-    return common[:next((n for n, (x, y) in enumerate(zip(common, probe)) if x != y), min(len(common), len(probe)))]
+    return os.path.commonprefix([common, probe])
 
 
 def truncate(example: Example, max_length: int, policy: str) -> tuple[list[Example], str]:
