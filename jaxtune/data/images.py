@@ -34,7 +34,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxtune.data.pipeline import Loader, LoaderConfig, _mark_absl_flags_parsed, _shard
+from jaxtune.data.pipeline import Loader, LoaderConfig, _shard, in_workers, reading_config
 from jaxtune.data.sources import DataError, Source, SourceReport, digest_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -486,10 +486,7 @@ class ImageLoader(Loader):
         ds = ds.random_map(self.to_pixels) if self.to_pixels.augment else ds.map(self.to_pixels.pixels)
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                                   prefetch_buffer_size=cfg.read_buffer_size))
-        if cfg.worker_count:
-            _mark_absl_flags_parsed()
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
-                                                             per_worker_buffer_size=cfg.worker_buffer_size))
+        it = in_workers(it, cfg)
         it = it.batch(self.batch_size, drop_remainder=cfg.drop_remainder)
         if not cfg.drop_remainder:
             it = it.map(_FillImages(self.batch_size))
@@ -548,13 +545,10 @@ class _FillImages:
 
 def image_loader(source: ImageSource, spec: ImageSpec, config: LoaderConfig, *, train: bool,
                  augment: Sequence[str] | None = None, batch_size: int | None = None) -> ImageLoader:
-    """The loader a run reads: training shuffles, repeats forever, keeps full batches and
-    augments; evaluation reads once in order, on threads (no worker processes started afresh for
-    every evaluation, as :func:`~jaxtune.data.pipeline.evaluation_loader`), and fills the last batch. ``augment`` and
-    ``batch_size`` (evaluation) default to a ``DataConfig``'s ``augment`` and ``eval_batch_size``."""
+    """The loader a run reads, in the role of :func:`~jaxtune.data.pipeline.reading_config`
+    (training also augments; evaluation reads once in order on threads and fills the last batch).
+    ``augment`` and ``batch_size`` (evaluation) default to a ``DataConfig``'s ``augment`` and
+    ``eval_batch_size``."""
     augment = getattr(config, "augment", ()) if augment is None else augment
     batch_size = batch_size or getattr(config, "eval_batch_size", None)
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
-    role = dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else dict(
-        shuffle=False, num_epochs=1, drop_remainder=False, worker_count=0, batch_size=batch_size or config.batch_size)
-    return ImageLoader(source, spec, LoaderConfig(**{**fields, **role}), augment)
+    return ImageLoader(source, spec, reading_config(config, train=train, batch_size=batch_size), augment)

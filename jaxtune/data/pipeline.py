@@ -223,13 +223,20 @@ class _TrimBatch:
         return {k: v[..., :width] if k in TOKEN_KEYS else v for k, v in batch.items()}
 
 
-def _mark_absl_flags_parsed() -> None:
-    """grain reads absl flags when it starts workers; outside an absl app they are unparsed and
-    reading them raises ``UnparsedFlagAccessError``. Parsed flags are left alone."""
+def in_workers(it: grain.IterDataset, config: LoaderConfig) -> grain.IterDataset:
+    """``it`` computed in ``config.worker_count`` grain worker processes (``it`` itself for 0).
+
+    grain reads absl flags when it starts workers; outside an absl app they are unparsed and
+    reading them raises ``UnparsedFlagAccessError``, so they are marked parsed (parsed flags are
+    left alone)."""
+    if not config.worker_count:
+        return it
     from absl import flags
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+    return it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.worker_count,
+                                                       per_worker_buffer_size=config.worker_buffer_size))
 
 
 def _shard(config: LoaderConfig) -> tuple[int, int]:
@@ -320,10 +327,7 @@ class Loader:
         window = cfg.pack_window if self.packs else 1
         give_up = len(self.source) // self.shard_count + window  # a whole pass over this shard
         it = _RowsIterDataset(it, self._to_rows(), window, give_up)
-        if cfg.worker_count:
-            _mark_absl_flags_parsed()
-            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.worker_count,
-                                                             per_worker_buffer_size=cfg.worker_buffer_size))
+        it = in_workers(it, cfg)
         it = it.batch(self.batch_size, drop_remainder=cfg.drop_remainder)
         if not cfg.drop_remainder:
             it = it.map(_FillBatch(self.batch_size))
@@ -422,11 +426,23 @@ class Loader:
         return spec
 
 
+def reading_config(config: LoaderConfig, *, train: bool, batch_size: int | None = None) -> LoaderConfig:
+    """The :class:`LoaderConfig` (never a subclass: only the loader's fields) of ``config`` in one of
+    the two roles every loader, text or image, reads in. Training: shuffled, repeated forever, full
+    batches only. Evaluation: one pass in file order, packed rows in file order, the last batch
+    filled, ``batch_size`` (default ``config.batch_size``) rows a batch, and no worker processes
+    (``worker_count`` 0: an evaluation iterates afresh each time, and workers would start anew,
+    seconds each, and pack per worker, out of file order)."""
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
+    role = (dict(shuffle=True, num_epochs=None, drop_remainder=True) if train else
+            dict(shuffle=False, num_epochs=1, pack_in_order=True, drop_remainder=False, worker_count=0,
+                 batch_size=batch_size or config.batch_size))
+    return LoaderConfig(**{**fields, **role})
+
+
 def training_loader(source: Source, tokenizer: Any, config: LoaderConfig, *, max_pairs: int | None = None) -> Loader:
     """The loader a training run reads: shuffled, repeated forever, full batches only."""
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
-    return Loader(source, tokenizer, LoaderConfig(**{**fields, "shuffle": True, "num_epochs": None,
-                                                     "drop_remainder": True}), max_pairs=max_pairs)
+    return Loader(source, tokenizer, reading_config(config, train=True), max_pairs=max_pairs)
 
 
 def evaluation_loader(source: Source, tokenizer: Any, config: LoaderConfig, batch_size: int | None = None, *,
@@ -434,13 +450,8 @@ def evaluation_loader(source: Source, tokenizer: Any, config: LoaderConfig, batc
     """The loader an evaluation reads: one pass in file order, the last batch filled with empty
     rows; packed classification/regression rows hold the examples in file order (next fit), so
     their outputs, row by row and segment by segment, line up with the file. It reads on threads
-    (``worker_count`` 0): every evaluation iterates afresh, and worker processes would start anew
-    each time (seconds per evaluation) and pack per worker, out of file order."""
-    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoaderConfig)}
-    return Loader(source, tokenizer, LoaderConfig(**{**fields, "shuffle": False, "num_epochs": 1, "pack_in_order": True,
-                                                     "drop_remainder": False, "worker_count": 0,
-                                                     "batch_size": batch_size or config.batch_size}),
-                  max_pairs=max_pairs)
+    (:func:`reading_config`)."""
+    return Loader(source, tokenizer, reading_config(config, train=False, batch_size=batch_size), max_pairs=max_pairs)
 
 
 def make_loader(source: Source, tokenizer: Any, config: LoaderConfig, *, scan_first: bool = True) -> Loader:
