@@ -4,15 +4,18 @@ from the persistent cache instead of compiling it."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 
+import jax
 import pytest
 from helpers import tiny_hf_model
 
 from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
+from jaxtune.training import base_cache, compile_cache
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -46,3 +49,28 @@ def test_a_second_run_loads_the_compiled_step(tmp_path):
     assert run("first") is False  # an empty cache: the step compiles
     assert list((tmp_path / "xla").iterdir())  # and is written to disk
     assert run("second") is True  # another process, another run directory: loaded, not compiled
+
+
+def test_a_cache_that_cannot_be_created_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
+    """A cache root that cannot be created (a read-only or missing home; here a file in its way): the
+    compile cache stays off and the base report is not kept, each with one warning naming the folder
+    and the fix, where the Trainer used to stop with NotADirectoryError / PermissionError."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("JAXTUNE_CACHE", str(blocker / "cache"))
+    monkeypatch.setattr(compile_cache, "_warned", False, raising=False)
+    configured = jax.config.jax_compilation_cache_dir  # an earlier Trainer in this process may have set it
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="jaxtune"):
+            assert compile_cache.enable() is None
+            assert compile_cache.enable() is None  # each Trainer asks again; one warning a process
+            assert jax.config.jax_compilation_cache_dir is None
+            base_cache.store("0" * 64, {"accuracy": 0.5})
+    finally:
+        jax.config.update("jax_compilation_cache_dir", configured)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len([line for line in lines if line.startswith("compile cache: off")]) == 1, lines
+    assert len([line for line in lines if line.startswith("base report not kept")]) == 1, lines
+    assert all(str(blocker) in line and "JAXTUNE_CACHE" in line for line in lines), lines
+    assert base_cache.load("0" * 64) is None

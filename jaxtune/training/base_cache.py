@@ -143,11 +143,17 @@ def load(digest: str | None) -> dict[str, float] | None:
 
 
 def store(digest: str | None, metrics: Mapping[str, float]) -> None:
-    """Keep ``metrics`` under ``digest`` (atomically: a concurrent reader sees all of it or nothing)."""
+    """Keep ``metrics`` under ``digest`` (atomically: a concurrent reader sees all of it or nothing);
+    a cache that cannot be written (read-only, or its folder cannot be created) keeps nothing, with a
+    warning: the run goes on, and a later one scores its base model again."""
     if digest is None:
         return
-    path = _path(digest)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(dict(metrics)))
-    os.replace(partial, path)
+    try:
+        path = _path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(dict(metrics)))
+        os.replace(partial, path)
+    except OSError as error:
+        log.warning("base report not kept for later runs: %s (set $JAXTUNE_CACHE to a writable folder, or "
+                    "eval.cache_base: false)", error)
