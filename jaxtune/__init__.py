@@ -103,5 +103,8 @@ def _default_logging() -> None:
 
 _default_logging()
 # Before JAX starts its thread pools (a thread's malloc arena is fixed at its first allocation).
-host_memory.configure()
+try:
+    host_memory.configure()
+except ValueError as err:  # a typo in a speed setting must not stop `import jaxtune` (and the CLI) with a traceback
+    logging.getLogger("jaxtune").warning("%s; glibc's malloc is left as it is", err)
 host_threads.threads_for_simulated_devices()

@@ -85,6 +85,18 @@ def test_a_bad_mode_names_the_variable_and_the_choices():
         host_memory.configure({host_memory.ENV: "always"})
 
 
+def test_a_bad_mode_in_the_environment_is_one_line_not_a_traceback():
+    """`import jaxtune` (here by the CLI) warns in one line naming the variable and the choices, and
+    goes on with glibc's defaults; it used to stop every command with a traceback."""
+    env = {**os.environ, host_memory.ENV: "always"}
+    out = subprocess.run([sys.executable, "-m", "jaxtune", "--help"], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: "), out.stderr[-2000:]
+    assert out.stderr.splitlines() == ["JAXTUNE_HOST_MALLOC='always': expected one of auto, keep, system (auto keeps "
+                                       "freed host memory when JAX computes on the CPU); glibc's malloc is left as "
+                                       "it is"]
+
+
 # A block of 2.25 GiB from the heap (brk; its pages are never touched, so nothing is resident),
 # freed: kept memory must leave it in the process. mallopt's trim threshold is an int, and its
 # largest positive value (2 GiB - 1) would still trim this top; -1 turns trimming off.
