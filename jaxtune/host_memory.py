@@ -18,17 +18,22 @@ starts its thread pools: ``import jaxtune`` calls :func:`configure`, which sets 
 pay (Linux with glibc, and JAX computing on the CPU) unless ``JAXTUNE_HOST_MALLOC`` says
 otherwise: ``auto`` (the default), ``keep`` (always) or ``system`` (never: glibc's defaults). On a
 GPU or TPU the step's buffers live on the device, and a host that keeps freed memory would hold
-on to what loading a large checkpoint freed, so ``auto`` leaves glibc alone there.
+on to what loading a large checkpoint freed, so ``auto`` leaves glibc alone there. Where the
+options cannot help, a warning says so: ``keep`` off glibc (macOS, musl), and a program that ran
+JAX before ``import jaxtune`` (XLA's threads already have arenas of their own: the grad step of
+tests/test_host_memory.py then faults ~30,000 pages a call instead of none).
 """
 
 from __future__ import annotations
 
 import ctypes
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Mapping
 
+log = logging.getLogger(__name__)
 ENV = "JAXTUNE_HOST_MALLOC"
 MODES = ("auto", "keep", "system")
 # mallopt(3) parameter numbers (glibc's malloc.h).
@@ -76,4 +81,19 @@ def configure(env: Mapping[str, str] = os.environ) -> bool:
                          f"(auto keeps freed host memory when JAX computes on the CPU)")
     if mode == "system" or (mode == "auto" and not computes_on_cpu(env)):
         return False
-    return keep_freed_memory()
+    applied = keep_freed_memory()
+    if not applied and mode == "keep":
+        log.warning("%s=keep: not applied, glibc's malloc options need Linux with glibc (this is %s); "
+                    "the allocator keeps its defaults", ENV, sys.platform)
+    elif applied and _jax_started():
+        log.warning("host memory: JAX computed before `import jaxtune`, so XLA's threads keep malloc arenas of "
+                    "their own and still hand each step's freed memory back to the kernel; import jaxtune before "
+                    "the first JAX computation (%s=system silences this)", ENV)
+    return applied
+
+
+def _jax_started() -> bool:
+    """Whether JAX has started a backend (and so XLA its threads) in this process; JAX is not imported."""
+    bridge = sys.modules.get("jax._src.xla_bridge")
+    started = getattr(bridge, "backends_are_initialized", None)
+    return bool(started and started())

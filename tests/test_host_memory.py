@@ -4,6 +4,7 @@ faulting its buffers back in (page faults counted by the kernel, in fresh proces
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -117,3 +118,34 @@ print(json.dumps({"kept_bytes": libc.sbrk(0) - before}))
 @pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc options")
 def test_kept_memory_keeps_a_top_over_two_gib():
     assert _report(TRIM, {**os.environ, host_memory.ENV: "keep"})["kept_bytes"] >= 1 << 31
+
+
+def test_keep_where_glibc_is_missing_says_it_is_not_applied(monkeypatch, caplog):
+    monkeypatch.setattr(host_memory.sys, "platform", "darwin")
+    with caplog.at_level(logging.WARNING, logger="jaxtune"):
+        assert not host_memory.configure({host_memory.ENV: "keep"})
+    assert [r.getMessage() for r in caplog.records] == [
+        "JAXTUNE_HOST_MALLOC=keep: not applied, glibc's malloc options need Linux with glibc (this is darwin); "
+        "the allocator keeps its defaults"]
+
+
+# JAX computes, then jaxtune is imported: XLA's threads already have arenas of their own, and the
+# grad step of STEP faults ~30,000 pages a call (none with jaxtune imported first).
+LATE = """
+import jax, jax.numpy as jnp
+{first}
+jax.jit(lambda a: a @ a)(jnp.ones((64, 64))).block_until_ready()
+{then}
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc options")
+def test_jax_computing_before_import_jaxtune_is_named():
+    env = {**os.environ, host_memory.ENV: "keep", "JAX_PLATFORMS": "cpu"}
+    late = subprocess.run([sys.executable, "-c", LATE.format(first="", then="import jaxtune")], env=env,
+                          capture_output=True, text=True, timeout=120)
+    early = subprocess.run([sys.executable, "-c", LATE.format(first="import jaxtune", then="")], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert late.returncode == early.returncode == 0, late.stderr[-2000:] + early.stderr[-2000:]
+    assert "host memory: JAX computed before `import jaxtune`" in late.stderr
+    assert "host memory" not in early.stderr
