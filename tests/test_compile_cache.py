@@ -74,3 +74,20 @@ def test_a_cache_that_cannot_be_created_warns_and_the_run_goes_on(tmp_path, monk
     assert len([line for line in lines if line.startswith("base report not kept")]) == 1, lines
     assert all(str(blocker) in line and "JAXTUNE_CACHE" in line for line in lines), lines
     assert base_cache.load("0" * 64) is None
+
+
+@pytest.mark.parametrize("chosen", [None, 5.0])
+def test_the_applications_minimum_compile_time_stands(tmp_path, monkeypatch, chosen):
+    """jaxtune lowers JAX's default threshold (1 s) to 0.5 s when it turns the cache on; a threshold the
+    application chose (here through jax.config; JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS is read into
+    it) is its own, as a directory it chose is."""
+    monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0 if chosen is None else chosen)
+    try:
+        assert compile_cache.enable(tmp_path / "xla") == tmp_path / "xla"
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == (0.5 if chosen is None else chosen)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])

@@ -12,6 +12,7 @@ the cache off with one warning: compiling every run is slower, not wrong.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from jaxtune.assets import cache_dir
 
 log = logging.getLogger(__name__)
 _HIT = "/jax/compilation_cache/cache_hits"
+_MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
 _lock = threading.Lock()
 _hits = 0
 _listening = False
@@ -55,7 +57,8 @@ def enable(directory: str | Path | None = None) -> Path | None:
     """Turn the persistent compilation cache on (idempotent); returns its directory.
 
     A directory already configured (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept.
-    Programs that compile in under half a second are not worth a disk round trip and stay out.
+    Programs that compile in under half a second are not worth a disk round trip and stay out
+    (unless the application chose its own minimum compile time).
     None, and the cache stays off, where ``directory`` (default ``<jaxtune cache>/xla``) cannot
     be created.
     """
@@ -66,13 +69,21 @@ def enable(directory: str | Path | None = None) -> Path | None:
         if path is None:
             return None
         jax.config.update("jax_compilation_cache_dir", str(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        if _threshold_is_jax_default():
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
         current = str(path)
     with _lock:
         if not _listening:
             jax.monitoring.register_event_listener(_count)
             _listening = True
     return Path(current)
+
+
+def _threshold_is_jax_default() -> bool:
+    """Whether the minimum compile time of a cached program is still JAX's default (1 s): one the
+    application set (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` or ``jax.config``) is kept."""
+    return (_MIN_COMPILE_TIME_ENV not in os.environ
+            and jax.config.jax_persistent_cache_min_compile_time_secs == 1.0)
 
 
 def hits() -> int:
