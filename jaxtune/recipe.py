@@ -23,7 +23,7 @@ import jax
 from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data, validate
 from jaxtune.data.config import batching, read_data
 from jaxtune.data.sources import DataError
-from jaxtune.host_threads import threads_for_simulated_devices
+from jaxtune.host_threads import simulated_devices, threads_for_simulated_devices
 from jaxtune.models.load import load as load_model
 from jaxtune.training.memory import StepMemory, plan_step_memory
 from jaxtune.training.result import FitResult
@@ -38,18 +38,32 @@ _CLUSTER_VARIABLES = ("TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS", "
 
 
 def setup_runtime(mesh: MeshConfig, distributed: DistributedConfig) -> None:
-    """Simulated CPU devices and ``jax.distributed`` must be set up before JAX starts a backend."""
+    """Simulated CPU devices and ``jax.distributed`` must be set up before JAX starts a backend.
+
+    ``mesh.simulate_devices`` that cannot take effect is a :class:`ConfigError`, not a run on
+    another device count: the environment asks for another count (``XLA_FLAGS``'
+    ``--xla_force_host_platform_device_count``, ``JAX_NUM_CPU_DEVICES``), or JAX's CPU backend
+    had started before this call with another count (a Python session that computed first)."""
     if mesh.simulate_devices:
         flags = os.environ.get("XLA_FLAGS", "")
-        if "xla_force_host_platform_device_count" not in flags:
+        if "xla_force_host_platform_device_count" not in flags and "JAX_NUM_CPU_DEVICES" not in os.environ:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={mesh.simulate_devices}".strip()
+        asked = simulated_devices(os.environ)
+        if asked != mesh.simulate_devices:
+            raise ConfigError(f"mesh.simulate_devices: {mesh.simulate_devices}, but the environment asks for {asked} "
+                              "CPU devices (XLA_FLAGS' --xla_force_host_platform_device_count or JAX_NUM_CPU_DEVICES); "
+                              "make them agree or drop one")
     threads_for_simulated_devices(os.environ)
-    if distributed.initialize == "never":
-        return
-    cluster = distributed.coordinator_address or any(os.environ.get(k) for k in _CLUSTER_VARIABLES)
-    if (distributed.initialize == "always" or cluster) and not jax.distributed.is_initialized():
-        jax.distributed.initialize(coordinator_address=distributed.coordinator_address,
-                                   num_processes=distributed.num_processes, process_id=distributed.process_id)
+    if distributed.initialize != "never":
+        cluster = distributed.coordinator_address or any(os.environ.get(k) for k in _CLUSTER_VARIABLES)
+        if (distributed.initialize == "always" or cluster) and not jax.distributed.is_initialized():
+            jax.distributed.initialize(coordinator_address=distributed.coordinator_address,
+                                       num_processes=distributed.num_processes, process_id=distributed.process_id)
+    if mesh.simulate_devices and jax.default_backend() == "cpu" and jax.local_device_count() != mesh.simulate_devices:
+        raise ConfigError(f"mesh.simulate_devices: {mesh.simulate_devices}, but JAX's CPU backend started earlier in "
+                          f"this process with {jax.local_device_count()} devices (the count is read once, when JAX "
+                          "first computes); run the recipe in a fresh process, or set XLA_FLAGS="
+                          f"--xla_force_host_platform_device_count={mesh.simulate_devices} before anything runs JAX")
 
 
 def _run_dir(config: Config) -> str:

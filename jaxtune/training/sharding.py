@@ -51,7 +51,8 @@ class MeshConfig:
 
     ``simulate_devices`` (CPU only): pretend to have N devices, to try a mesh on a laptop. It
     must take effect before JAX starts (``jaxtune.finetune`` and the CLI set ``XLA_FLAGS``
-    first); :func:`make_mesh` itself ignores it.
+    first, and refuse a count that the environment or a started backend contradicts);
+    :func:`make_mesh` itself ignores it.
     """
 
     data: int = -1
