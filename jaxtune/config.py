@@ -25,6 +25,9 @@ callers); errors name the field, the value and what is allowed::
 
     config error: optimizer.learning_rate: expected a number, got 'fast'
     config error: unknown key 'optimizr' (allowed: model, plan, data, ...); did you mean 'optimizer'?
+    config error: my_recipe.yaml:12: unknown key 'learnig_rate' in optimizer (...); did you mean 'learning_rate'?
+
+(a mistake a recipe file wrote is reported at its file and line, the recipe's own or its base's)::
 
     cfg = load("configs/quickstart.yaml", ["train.steps=4", "optimizer.learning_rate=3e-4"])
     save(cfg, run_dir / "config.yaml")           # the resolved config, with every default
@@ -241,7 +244,7 @@ def _read_recipe(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
     if BASE not in data:
         return data
     base = data.pop(BASE)
-    where = f"{path}:{_line_of(path, BASE)}: {BASE}"
+    where = f"{path}:{_line_of(path, (BASE,)) or '?'}: {BASE}"
     if not isinstance(base, str) or not base.strip():
         raise ConfigError(f"{where}: expected the path of the recipe this one starts from, relative to "
                           f"{path.parent} (e.g. base: quickstart.yaml), got {base!r}")
@@ -258,17 +261,51 @@ def _read_recipe(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
     return merge(inherited, data)
 
 
-def _line_of(path: Path, key: str) -> int | str:
-    """The line of a top-level ``key:`` in a YAML file (``?`` if it is written another way)."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if re.match(rf"{re.escape(key)}\s*:", line):
-            return number
-    return "?"
+def _line_of(path: Path, field: Sequence[str | int]) -> int | None:
+    """The line on which the YAML file ``path`` writes the key ``field`` (``("optimizer", "lr")``;
+    an int indexes a list: ``("plan", 0)`` is the plan's first rule), or None where it does not."""
+    try:
+        node = yaml.compose(path.read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    line = None
+    for part in field:
+        if isinstance(node, yaml.MappingNode):
+            found = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(part)),
+                         None)
+            if found is None:
+                return None
+            line, node = found[0].start_mark.line + 1, found[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return None
+    return line
+
+
+def _located(err: ConfigError, path: Path, overrides: Sequence[str]) -> ConfigError:
+    """``err`` led by the file and line that write the key at fault (``err.field``): the recipe's own
+    file, else the nearest of its bases that does. An error in what an override wrote is left as it
+    is (the override names the key), and so is one that no single key of a file caused."""
+    field = tuple(str(part) for part in err.field or ())
+    if not field:
+        return err
+    for override in overrides:
+        key = tuple(override.partition("=")[0].strip().split("."))
+        if key[: len(field)] == field[: len(key)]:  # the override wrote the key, or what holds it
+            return err
+    for file in (path, *_bases(path)):
+        line = _line_of(file, err.field)
+        if line is not None:
+            return ConfigError(f"{file}:{line}: {err}", err.field)
+    return err
 
 
 def load(path: str | Path | None, overrides: Sequence[str] = (), *, base: Mapping[str, Any] | None = None) -> Config:
     """Read a YAML recipe (its ``base:`` chain resolved) or start from ``base`` data, lay the
-    recipe over ``base`` when both are given, apply overrides, validate."""
+    recipe over ``base`` when both are given, apply overrides, validate. Errors in what a recipe
+    file wrote name the file and line."""
     data = read_recipe(path) if path is not None else {}
     if base is not None:
         data = merge(_deepcopy(base), data)
@@ -283,7 +320,12 @@ def load(path: str | Path | None, overrides: Sequence[str] = (), *, base: Mappin
                     raise ConfigError(f"{path}: its run directory would be {default}, which is also that of its base "
                                       f"{base_path} (the same file name); set output.dir")
             data["output"] = {**(data.get("output") or {}), "dir": default}
-    return validate(from_data(Config, data))
+    try:
+        return validate(from_data(Config, data))
+    except ConfigError as err:
+        if path is None:
+            raise
+        raise _located(err, Path(path), overrides) from None
 
 
 def _bases(path: Path) -> list[Path]:
@@ -323,7 +365,9 @@ def build_plan(plan: str | Sequence[Mapping[str, Any]]) -> Plan:
         return Plan.from_data(plan if isinstance(plan, str) else list(plan))
     except PlanError as err:
         message = str(err)
-        raise ConfigError(message if message.startswith("plan") else f"plan: {message}") from None
+        rule = re.match(r"plan rule #(\d+)\b", message)  # Plan.from_data's name for the item at fault
+        raise ConfigError(message if message.startswith("plan") else f"plan: {message}",
+                          ("plan", int(rule[1])) if rule else ("plan",)) from None
 
 
 def validate(config: Config) -> Config:

@@ -19,7 +19,27 @@ from typing import Any, Literal
 
 
 class ConfigError(ValueError):
-    """A config (file, override or value) is invalid; the message names the field and the fix."""
+    """A config (file, override or value) is invalid; the message names the field and the fix.
+
+    ``field``: where the fault is, as a path of keys (``("optimizer", "learnig_rate")``; an int
+    indexes a list), when one key is at fault: the reader of a recipe file adds the file and line
+    that key is written on (:func:`jaxtune.config.load`)."""
+
+    def __init__(self, message: str, field: tuple[str | int, ...] | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def field_path(where: str) -> tuple[str | int, ...]:
+    """The keys of a dotted field name as the messages write it: ``eval.choices[0]`` ->
+    ``("eval", "choices", 0)``."""
+    return tuple(int(part[1:-1]) if part.startswith("[") else part
+                 for part in re.findall(r"\[\d+\]|[^.\[\]]+", where))
+
+
+def _error(where: str, message: str) -> ConfigError:
+    """The error ``where: message`` about the field ``where``."""
+    return ConfigError(f"{where}: {message}", field_path(where))
 
 
 def _suggest(value: str, allowed: Sequence[str]) -> str:
@@ -77,12 +97,12 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         literal = next((a for a in args if typing.get_origin(a) is Literal), None)
         if literal is not None and isinstance(value, str):
             raise errors[[a for a in args if a is not type(None)].index(literal)]
-        raise ConfigError(f"{where}: expected {describe(hint)}, got {_show(value)}")
+        raise _error(where, f"expected {describe(hint)}, got {_show(value)}")
     if origin is Literal:
         if value in args and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected one of {', '.join(str(a) for a in args)}, got {_show(value)}"
-                          + _suggest(value, args))
+        raise _error(where, f"expected one of {', '.join(str(a) for a in args)}, got {_show(value)}"
+                     + _suggest(value, args))
     if dataclasses.is_dataclass(hint):
         return value if isinstance(value, hint) else from_data(hint, value, where)  # built: checked itself
     if hint is bool:
@@ -104,8 +124,8 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         if isinstance(value, bool):
-            raise ConfigError(f"{where}: expected a string, got {_show(value)} (YAML reads unquoted yes/no/on/off "
-                              f"as booleans: quote the word, e.g. 'yes')")
+            raise _error(where, f"expected a string, got {_show(value)} (YAML reads unquoted yes/no/on/off as "
+                                "booleans: quote the word, e.g. 'yes')")
     elif origin in (tuple, list, Sequence):
         if isinstance(value, (list, tuple)):
             item = args[0] if args else Any
@@ -116,41 +136,45 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
             return {coerce(k, key_t, f"{where}"): coerce(v, val_t, f"{where}.{k}") for k, v in value.items()}
     else:
         raise TypeError(f"config schema: unsupported type {hint!r} at {where}")
-    raise ConfigError(f"{where}: expected {describe(hint)}, got {_show(value)}")
+    raise _error(where, f"expected {describe(hint)}, got {_show(value)}")
 
 
 def from_data(cls: type, data: Any, where: str = "") -> Any:
     """Build dataclass ``cls`` from plain data, checking every key and value by type hint."""
     name = where or "config"
+    here = field_path(where)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hidden = {name: f.metadata["config"] for name, f in fields.items() if "config" in f.metadata}
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{name}: expected a mapping with keys {', '.join(fields)}, got {_show(data)}")
+        raise ConfigError(f"{name}: expected a mapping with keys {', '.join(fields)}, got {_show(data)}", here or None)
     for key in data:
         if key in hidden:
-            raise ConfigError(f"{where}.{key}: not a config field: {hidden[key]}" if where else f"{key}: {hidden[key]}")
+            raise ConfigError(f"{where}.{key}: not a config field: {hidden[key]}" if where else f"{key}: {hidden[key]}",
+                              (*here, key))
         if key not in fields:
             inside = f" in {where}" if where else ""
             raise ConfigError(f"unknown key {key!r}{inside} "
                               f"(allowed: {', '.join(k for k in fields if k not in hidden)})"
-                              + _suggest(key, list(fields)))
+                              + _suggest(key, [k for k in fields if k not in hidden]), (*here, key))
     hints = type_hints(cls)
     kwargs = {}
     for key, f in fields.items():
         path = f"{where}.{key}" if where else key
         if key not in data or key in hidden:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{path}: required ({describe(hints[key])}), but missing")
+                raise ConfigError(f"{path}: required ({describe(hints[key])}), but missing", here or None)
             continue
         kwargs[key] = coerce(data[key], hints[key], path)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as err:  # a dataclass's own checks (e.g. OptimizerConfig)
         message = str(err)
-        raise ConfigError(message if where and message.startswith(where) else f"{name}: {message}") from None
-
+        # The field the message starts with ("optimizer.b2: ..."), else the section
+        at = next((key for key in kwargs if re.match(rf"{re.escape(where)}\.{key}\b", message)), None)
+        raise ConfigError(message if where and message.startswith(where) else f"{name}: {message}",
+                          (*here, at) if at else here or None) from None
 
 
 @functools.cache

@@ -163,9 +163,38 @@ def test_base_errors_name_the_file_and_line(tmp_path):
     assert "in a circle" in error(tmp_path, "base: run.yaml\n")
     (tmp_path / "broken.yaml").write_text("model: [\n")
     assert "broken.yaml:2: not valid YAML" in error(tmp_path, "base: broken.yaml\n")
-    # A base's own mistakes are still reported against the field, after the merge.
+    # A base's own mistakes are reported at the base's line that writes them, after the merge.
     (tmp_path / "typo.yaml").write_text(yaml.safe_dump({**MINIMAL, "optimizr": {}}))
-    assert "unknown key 'optimizr'" in error(tmp_path, "base: typo.yaml\n")
+    assert error(tmp_path, "base: typo.yaml\n").startswith(f"{tmp_path / 'typo.yaml'}:6: unknown key 'optimizr'")
+
+
+def test_a_mistake_in_a_recipe_file_names_its_file_and_line(tmp_path):
+    """A misspelled key, a value of the wrong type or range and a bad plan rule are reported at the
+    line that writes them: in the recipe, or in the base that wrote them (the nearest)."""
+    base, recipe = tmp_path / "base.yaml", tmp_path / "run.yaml"
+    base.write_text("model: {path: m}\ndata: {train: t.jsonl, kind: chat}\noptimizer:\n  learning_rate: 1e-3\n")
+
+    def message(text: str, overrides: tuple[str, ...] = ()) -> str:
+        return error(tmp_path, "# a recipe\nbase: base.yaml\n" + text, overrides)  # text starts at line 3
+
+    assert message("train:\n  steps: 3\n  log_evry: 2\n") == (
+        f"{recipe}:5: unknown key 'log_evry' in train (allowed: steps, epochs, grad_accum_steps, log_every, seed, "
+        "chunk_tokens, regression_loss, progress, compile_cache, recalibrate_batch_norm); did you mean 'log_every'?")
+    assert message("evl: {every: 2}\n").startswith(f"{recipe}:3: unknown key 'evl' (allowed: model, plan")
+    assert message("data:\n  shuffle: false\n").startswith(f"{recipe}:4: data.shuffle: not a config field")
+    assert message("eval:\n  every: 2\n  choices: [a, yes]\n") == (
+        f"{recipe}:5: eval.choices[1]: expected a string, got True (YAML reads unquoted yes/no/on/off as booleans: "
+        "quote the word, e.g. 'yes')")
+    assert message("optimizer:\n  b2: 1.5\n").startswith(f"{recipe}:4: optimizer.b2: expected a number in [0, 1)")
+    assert message("plan:\n  - {preset: lora}\n  - {action: train, kinds: [norms], rnak: 2}\n").startswith(
+        f"{recipe}:5: plan rule #1 {{'action': 'train', 'kinds': ['norms'], 'rnak': 2}}: unknown option(s) rnak")
+    # the base's line, where the recipe does not write the key itself
+    base.write_text("model: {path: m}\ndata: {train: t.jsonl, kind: chat}\noptimizer:\n  learning_rate: fast\n")
+    assert message("train: {steps: 3}\n") == f"{base}:4: optimizer.learning_rate: expected a number, got 'fast'"
+    # what an override wrote is named by the override's key, not by a line of the file
+    assert message("", ("optimizer.learning_rate=slow",)) == "optimizer.learning_rate: expected a number, got 'slow'"
+    assert message("", ("optimizer.learning_rate=1e-3", "train.log_evry=2")).startswith(
+        "unknown key 'log_evry' in train")
 
 
 def test_the_qlora_recipe_is_the_chat_recipe_with_another_plan():
@@ -231,3 +260,4 @@ def test_every_recipe_is_a_valid_config(recipe):
     assert cfg.output.dir.startswith("runs/")
     config.build_plan(cfg.plan)
     config.validate(cfg)
+
