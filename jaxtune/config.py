@@ -27,7 +27,8 @@ callers); errors name the field, the value and what is allowed::
     config error: unknown key 'optimizr' (allowed: model, plan, data, ...); did you mean 'optimizer'?
     config error: my_recipe.yaml:12: unknown key 'learnig_rate' in optimizer (...); did you mean 'learning_rate'?
 
-(a mistake a recipe file wrote is reported at its file and line, the recipe's own or its base's)::
+(a mistake a recipe file wrote is reported at its file and line, the recipe's own or its base's;
+``train.steps=4`` below replaces the quickstart's ``epochs: 1``, see :data:`ALTERNATIVES`)::
 
     cfg = load("configs/quickstart.yaml", ["train.steps=4", "optimizer.learning_rate=3e-4"])
     save(cfg, run_dir / "config.yaml")           # the resolved config, with every default
@@ -194,10 +195,7 @@ def apply_override(data: dict[str, Any], override: str) -> None:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {override!r}: expected key.path=value, e.g. train.steps=100")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+    value = _value(raw)
     parts = key.strip().split(".")
     node: Any = data
     for i, part in enumerate(parts[:-1]):
@@ -215,6 +213,15 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         node[last] = value
     else:
         raise ConfigError(f"override {override!r}: {'.'.join(parts[:-1])} is not a section")
+
+
+def _value(raw: str) -> Any:
+    """An override's value: YAML (3, 1e-4, true, null, [a, b]); empty is null, and text that is not
+    YAML is itself."""
+    try:
+        return yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        return raw
 
 
 def _index(part: str, node: list, where: str) -> int:
@@ -302,15 +309,30 @@ def _located(err: ConfigError, path: Path, overrides: Sequence[str]) -> ConfigEr
     return err
 
 
+# Fields that are each other's alternative (a section refuses both set): an override that gives one a
+# value replaces the other, so that ``train.steps=8`` on a recipe of ``epochs: 1`` trains 8 steps.
+ALTERNATIVES = (("train.steps", "train.epochs"), ("data.validation", "data.validation_fraction"))
+
+
+def with_alternatives(overrides: Sequence[str]) -> list[str]:
+    """``overrides``, then ``OTHER=null`` for each of :data:`ALTERNATIVES` that they give a value and
+    whose other they leave alone."""
+    given = {key.strip(): raw for key, _, raw in (o.partition("=") for o in overrides)}
+    implied = [f"{other}=null" for pair in ALTERNATIVES for name, other in (pair, pair[::-1])
+               if name in given and other not in given and _value(given[name]) is not None]
+    return [*overrides, *implied]
+
+
 def load(path: str | Path | None, overrides: Sequence[str] = (), *, base: Mapping[str, Any] | None = None) -> Config:
     """Read a YAML recipe (its ``base:`` chain resolved) or start from ``base`` data, lay the
-    recipe over ``base`` when both are given, apply overrides, validate. Errors in what a recipe
-    file wrote name the file and line."""
+    recipe over ``base`` when both are given, apply overrides, validate. An override that gives
+    one of :data:`ALTERNATIVES` a value replaces the other. Errors in what a recipe file wrote name
+    the file and line."""
     data = read_recipe(path) if path is not None else {}
     if base is not None:
         data = merge(_deepcopy(base), data)
     data = _deepcopy(data)
-    for override in overrides:
+    for override in with_alternatives(overrides):
         apply_override(data, override)
     if "output" not in data or not isinstance(data["output"], dict) or data["output"].get("dir") is None:
         if path is not None and isinstance(data.get("output", {}), (dict, type(None))):

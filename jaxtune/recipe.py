@@ -176,12 +176,9 @@ def run_config(target: str | os.PathLike[str], overrides: Sequence[str] = ()) ->
         if not (path / RunDir.CONFIG).is_file():
             raise ConfigError(f"{path}: not a run directory (no {RunDir.CONFIG}); give a config file or a run "
                               "directory written by jaxtune train (or jaxtune.finetune)")
-        # A validation file given now replaces the run's held-out fraction, and the other way round.
-        given = {o.split("=", 1)[0].strip() for o in overrides}
-        implied = [f"data.{other}=null" for name, other in (("validation", "validation_fraction"),
-                                                             ("validation_fraction", "validation"))
-                   if f"data.{name}" in given and f"data.{other}" not in given]
-        config = load(path / RunDir.CONFIG, [*overrides, *implied])
+        # A validation file given now replaces the run's held-out fraction, and the other way round
+        # (config.ALTERNATIVES).
+        config = load(path / RunDir.CONFIG, overrides)
         # The directory is where the run is now (set as a value: an override string is YAML, and a
         # name such as "run #2" or "2024" would read as another value)
         return dataclasses.replace(config, output=dataclasses.replace(config.output, dir=str(path)))

@@ -61,7 +61,7 @@ def test_yaml_1_1_exponents_are_numbers(tmp_path):
     (["data.kind=chatt"], "did you mean 'chat'?"),
     (["optimizer.name=adamx"], "optimizer.name 'adamx' is unknown; choose one of adamw, adam, sgd, lion, adafactor"),
     (["data.batch_size=0"], "data.batch_size: expected an integer >= 1, got 0"),
-    (["train.epochs=2"], "give train.steps"),
+    (["train.epochs=2", "train.steps=3"], "give train.steps (3) or train.epochs (2.0), not both"),
     (["model.path=null"], "model.path: expected a string, got null"),
     (["eval.best_metric=loss"],
      "eval.best_metric: 'loss' is tracked at each evaluation during training; set eval.every"),
@@ -195,6 +195,29 @@ def test_a_mistake_in_a_recipe_file_names_its_file_and_line(tmp_path):
     assert message("", ("optimizer.learning_rate=slow",)) == "optimizer.learning_rate: expected a number, got 'slow'"
     assert message("", ("optimizer.learning_rate=1e-3", "train.log_evry=2")).startswith(
         "unknown key 'log_evry' in train")
+
+
+def test_an_override_of_steps_or_epochs_replaces_the_other(tmp_path):
+    """``train.steps`` and ``train.epochs`` are alternatives (a recipe may not set both): an override
+    that gives one a value replaces the other, as ``jaxtune --help``'s ``train.steps=8`` on the
+    quickstart (``epochs: 1``) does; so do ``data.validation`` and ``data.validation_fraction``."""
+    cfg = config.load(CONFIGS / "quickstart.yaml", ["train.steps=8", "optimizer.learning_rate=3e-4"])
+    assert (cfg.train.steps, cfg.train.epochs) == (8, None)
+    cfg = config.load(CONFIGS / "chat_chatterbot.yaml", ["train.epochs=3"])  # its file: steps: 8
+    assert (cfg.train.steps, cfg.train.epochs) == (None, 3)
+    assert config.load(CONFIGS / "quickstart.yaml", ["train.steps=null"]).train.epochs == 1  # null gives nothing
+    with pytest.raises(ConfigError, match=r"give train.steps \(8\) or train.epochs \(2.0\), not both"):
+        config.load(CONFIGS / "quickstart.yaml", ["train.steps=8", "train.epochs=2"])
+    held_out = write(tmp_path, {**MINIMAL, "data": {**MINIMAL["data"], "validation_fraction": 0.1}})
+    cfg = config.load(held_out, ["data.validation=v.jsonl"])
+    assert (cfg.data.validation, cfg.data.validation_fraction) == ("v.jsonl", None)
+    # a run directory's config the same (jaxtune eval RUN_DIR data.validation=FILE)
+    from jaxtune.recipe import run_config
+
+    run = tmp_path / "run"
+    config.save(config.load(held_out), run / "config.yaml")
+    cfg = run_config(run, ["data.validation=v.jsonl"])
+    assert (cfg.data.validation, cfg.data.validation_fraction, cfg.output.dir) == ("v.jsonl", None, str(run))
 
 
 def test_the_qlora_recipe_is_the_chat_recipe_with_another_plan():
