@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -284,3 +285,25 @@ def test_every_recipe_is_a_valid_config(recipe):
     config.build_plan(cfg.plan)
     config.validate(cfg)
 
+
+def test_the_data_section_built_in_python_is_checked_like_a_recipe():
+    """DataConfig checked the types of its batching fields only: ``jt.read(..., train_size=2.5)``
+    failed with "validation fraction must be in (0, 1), got 2.5" and ``DataConfig(train_size="64")``
+    with a TypeError. A path given from Python is the string a recipe writes."""
+    import jaxtune as jt
+
+    for fields, message in (({"train_size": 2.5}, "data.train_size: expected an integer or null, got 2.5"),
+                            ({"validation_size": "many"}, "data.validation_size: expected an integer or null, "
+                                                          "got 'many'"),
+                            ({"images": True, "augment": "flip"}, "data.augment: expected a list, got 'flip'"),
+                            ({"kind": "chatt"}, "data.kind: expected one of chat, prompt_completion, text, "
+                                                "classification, regression, preference, got 'chatt'; did you "
+                                                "mean 'chat'?")):
+        with pytest.raises(ConfigError, match=rf"^{re.escape(message)}$"):
+            jt.DataConfig(**fields)
+    with pytest.raises(ConfigError, match=r"^data.train_size: expected an integer or null, got 2.5$"):
+        jt.read("rotten_tomatoes", train_size=2.5)
+    assert jt.DataConfig(train_size="64", images=True, augment=["flip"]) == jt.DataConfig(
+        train_size=64, images=True, augment=("flip",))
+    assert jt.DataConfig(train=Path("t.jsonl"), validation=Path("v.jsonl"), kind="chat") == jt.DataConfig(
+        train="t.jsonl", validation="v.jsonl", kind="chat")

@@ -80,7 +80,10 @@ class DataConfig(LoaderConfig):
     verify_images: bool = True
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        for name in ("train", "validation"):  # a path from Python is the string a recipe writes
+            if isinstance(getattr(self, name), os.PathLike):
+                object.__setattr__(self, name, os.fspath(getattr(self, name)))
+        super().__post_init__()  # the types of every field, this class's too, then the batching ranges
         for name, kinds in FIELD_OPTIONS.items():
             value = getattr(self, name)
             if value is None:

@@ -110,8 +110,8 @@ class LoaderConfig:
     shard_count: int | None = dataclasses.field(default=None, metadata=ROLE)
 
     def __post_init__(self) -> None:
-        # the types a recipe's values are held to (these fields only: a DataConfig checks its own)
-        check_fields(self, "data", LoaderConfig)
+        # the types a recipe's values are held to (a DataConfig's own fields too)
+        check_fields(self, "data")
         for name in ("batch_size", "max_length", "pack_window", "read_threads", "read_buffer_size",
                      "worker_buffer_size"):
             if getattr(self, name) < 1:
