@@ -1,6 +1,6 @@
 """The image recipes (configs/images_*.yaml) run through ``jaxtune train``'s code path: tiny, with
 a tiny random ViT and tiny image files of each task (2 steps); the real model and data are the
-benchmark's (benchmarks/quality_images.py)."""
+benchmark's (benchmarks/quality_images.py) and, one step as written, tests/test_recipes.py's slow test."""
 from __future__ import annotations
 
 import json
