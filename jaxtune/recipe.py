@@ -5,8 +5,8 @@ and nothing more: every step is a public function a Python user calls the same w
 :func:`open_run` rebuilds a finished (or running) run's trainer from its directory, for
 evaluation, export and generation::
 
-    result = finetune(config.load("configs/quickstart.yaml"))
-    trainer = open_run("runs/quickstart", best=True); trainer.evaluate()
+    result = finetune(config.load("configs/full.yaml"))
+    trainer = open_run("runs/full", best=True); trainer.evaluate()  # full.yaml keeps a best checkpoint
 """
 
 from __future__ import annotations
