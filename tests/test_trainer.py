@@ -114,6 +114,8 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     # the step donated the adapters it trained: a second run from the same object is refused, by name
     with pytest.raises(ValueError, match=r"model: parameter .*lora_a.* was consumed by an earlier fit .*result.model"):
         Trainer(tuned, train_data=_loader(train, train=True), run_dir=tmp_path / "again", mesh=ONE_DEVICE())
+    with pytest.raises(ValueError, match=r"model: parameter .*lora_a.* was consumed by an earlier fit .*result.model"):
+        tuning.export(tuned, tmp_path / "export")  # not JAX's "Array has been deleted", which names nothing
     Trainer(result.model, train_data=_loader(train, train=True), run_dir=tmp_path / "on", mesh=ONE_DEVICE())
 
 

@@ -46,7 +46,23 @@ def model_of(model: Any) -> Any:
     training layer's, which this one may not import: a model has a ``module``, a result holds one. Anything
     else comes back as it is, for the caller's check to name."""
     inner = getattr(model, "model", None)
-    return inner if not hasattr(model, "module") and hasattr(inner, "module") else model
+    model = inner if not hasattr(model, "module") and hasattr(inner, "module") else model
+    check_not_consumed(model)
+    return model
+
+
+def check_not_consumed(model: Any) -> None:
+    """Refuse a model (anything with ``params``) whose trainable arrays an earlier ``fit`` consumed:
+    the step donates them, so that a run holds one copy of what it trains rather than two. Without
+    this, the first use of a consumed array is JAX's "Array has been deleted", which names neither."""
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(getattr(model, "params", None))[0]
+    gone = next((path for path, x in leaves if isinstance(x, jax.Array) and x.is_deleted()), None)
+    if gone is not None:
+        raise ValueError(f"model: parameter {jax.tree_util.keystr(gone)} was consumed by an earlier fit (training "
+                         "donates the trainable arrays to hold one copy of them); pass that fit's result (or its "
+                         "result.model), or load and apply_plan again for a second run from the start")
 
 
 @dataclasses.dataclass(frozen=True)

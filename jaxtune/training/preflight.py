@@ -12,7 +12,6 @@ import logging
 import os
 from typing import Any, Protocol, runtime_checkable
 
-import jax
 from jax.sharding import Mesh
 
 from jaxtune.data.config import DataConfig, source_fields
@@ -288,12 +287,3 @@ def check_evaluation(config: EvalConfig, train_data: Any, eval_data: Any) -> Non
                     config.every, fix)
 
 
-def check_not_consumed(model: Tuned) -> None:
-    """Refuse a model whose trainable arrays an earlier ``fit`` consumed: the step donates them, so
-    that a run holds one copy of what it trains rather than two."""
-    leaves = jax.tree_util.tree_flatten_with_path(model.params)[0]
-    gone = next((path for path, x in leaves if isinstance(x, jax.Array) and x.is_deleted()), None)
-    if gone is not None:
-        raise ValueError(f"model: parameter {jax.tree_util.keystr(gone)} was consumed by an earlier fit (training "
-                         "donates the trainable arrays to hold one copy of them); train the fit's result.model, or "
-                         "load and apply_plan again for a second run from the start")

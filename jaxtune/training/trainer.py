@@ -37,6 +37,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune.data.pipeline import Loader, LoaderConfig
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import Source
+from jaxtune.models.load import check_not_consumed
 from jaxtune.training import compile_cache, memory, preflight, scores
 from jaxtune.training.batch_norm import make_statistics_fn, recalibrate
 from jaxtune.training.checkpoint import Checkpointer
@@ -122,7 +123,7 @@ class Trainer:
     ):
         preflight.check_arguments(model, config=config, data=data, optimizer=optimizer, eval=eval,
                                   checkpoint=checkpoint, mesh=mesh, preference=preference)
-        preflight.check_not_consumed(model)
+        check_not_consumed(model)
         self.tuned, self.config, self.eval_config, self.checkpoint_config = model, config, eval, checkpoint
         if config.compile_cache:
             compile_cache.enable()
