@@ -33,6 +33,7 @@ ROWS = "".join(json.dumps({"messages": [{"role": "user", "content": w}, {"role":
 BOUNDARY = "jaxtune-test-boundary"
 
 
+
 class Client:
     """Requests to a server on ``port`` with a key's Authorization header; replies as
     ``(status, JSON body or text)``."""
@@ -208,3 +209,44 @@ def test_less_than_one_batch_is_refused_at_create(api):
     status, reply = client.post_json("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": file["id"],
                                                              "method": method})
     assert status == 200, reply
+
+
+def test_events_are_paged_by_the_database_newest_first(api, monkeypatch):
+    """OpenAI's events list: newest first, ``limit`` of them after the event ``after``, ``has_more``
+    until the oldest; each page read as a page of the table, not the job's every event."""
+    client = api()
+    store = Store(client.data_dir / "serve.sqlite")
+    store.add_job(client.owner, "ftjob-ev", {"fine_tuned_model": "ft:tiny:x::ev"}, status="failed")
+    for n in range(150):
+        store.add_event("ftjob-ev", f"event {n}")
+    every = [e["id"] for e in store.events("ftjob-ev")]
+    store.close()
+    assert len(every) == 150
+    read: list[int] = []
+    all_rows = Store._all
+
+    def counted(self: Store, sql: str, args: tuple = ()) -> list[dict[str, Any]]:
+        rows = all_rows(self, sql, args)
+        if "FROM events" in sql:
+            read.append(len(rows))
+        return rows
+
+    monkeypatch.setattr(Store, "_all", counted)
+    pages, after = [], None
+    while True:
+        status, reply = client.request("GET", "/v1/fine_tuning/jobs/ftjob-ev/events?limit=40"
+                                       + (f"&after={after}" if after else ""))
+        assert status == 200, reply
+        pages.append(reply)
+        if not reply["has_more"]:
+            break
+        after = reply["data"][-1]["id"]
+    assert [len(p["data"]) for p in pages] == [40, 40, 40, 30]
+    assert [e["id"] for p in pages for e in p["data"]] == every
+    assert pages[0]["data"][0]["message"] == "event 149" and pages[-1]["data"][-1]["message"] == "event 0"
+    assert read and max(read) <= 41, read  # a page and one more (has_more), never all 150
+    status, reply = client.request("GET", "/v1/fine_tuning/jobs/ftjob-ev/events?after=ftevent-nope")
+    assert status == 400 and reply["error"]["param"] == "after", reply
+    status, reply = client.request("GET", "/v1/fine_tuning/jobs/ftjob-ev/events?limit=0")
+    assert status == 400 and reply["error"]["param"] == "limit", reply
+

@@ -146,10 +146,8 @@ def finite(value: Any) -> Any:
     return value
 
 
-def page(items: list[dict[str, Any]], request: Request, *, default_limit: int = 20,
-         max_limit: int = 100) -> dict[str, Any]:
-    """OpenAI's list object: the items after ``after`` (an id), at most ``limit``, and ``has_more``."""
-    after = request.query_params.get("after")
+def page_limit(request: Request, *, default_limit: int = 20, max_limit: int = 100) -> int:
+    """The request's ``limit`` query parameter, checked."""
     raw = request.query_params.get("limit")
     try:
         limit = default_limit if raw is None else int(raw)
@@ -157,14 +155,32 @@ def page(items: list[dict[str, Any]], request: Request, *, default_limit: int = 
         limit = 0
     if not 1 <= limit <= max_limit:
         raise RequestError(f"limit: expected an integer in [1, {max_limit}], got {raw!r}", "limit")
-    if after:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise RequestError(f"after: no such id in this list: '{after}'", "after")
-        items = items[ids.index(after) + 1:]
+    return limit
+
+
+def no_such_after(after: str) -> RequestError:
+    return RequestError(f"after: no such id in this list: '{after}'", "after")
+
+
+def list_object(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
+    """OpenAI's list object of the first ``limit`` of ``items`` (the page and at least one more
+    when there is more: ``has_more``)."""
     data = items[:limit]
     return {"object": "list", "data": data, "has_more": len(items) > limit,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
+
+
+def page(items: list[dict[str, Any]], request: Request, *, default_limit: int = 20,
+         max_limit: int = 100) -> dict[str, Any]:
+    """OpenAI's list object: the items after ``after`` (an id), at most ``limit``, and ``has_more``."""
+    limit = page_limit(request, default_limit=default_limit, max_limit=max_limit)
+    after = request.query_params.get("after")
+    if after:
+        ids = [item["id"] for item in items]
+        if after not in ids:
+            raise no_such_after(after)
+        items = items[ids.index(after) + 1:]
+    return list_object(items, limit)
 
 
 # ----------------------------------------------------------------------------- objects
@@ -389,10 +405,15 @@ def _transition(action: str, allowed: tuple[str, ...]) -> Handler:
 
 async def job_events(request: Request, owner: str) -> Response:
     job = _job(request, owner)
+    limit = page_limit(request, max_limit=10000)
+    after = request.query_params.get("after") or None
+    try:  # one more than the page: whether there is more
+        rows = request.app.state.store.events(job["id"], after=after, limit=limit + 1)
+    except KeyError:
+        raise no_such_after(str(after)) from None
     events = [{"id": e["id"], "object": "fine_tuning.job.event", "created_at": e["created_at"], "level": e["level"],
-               "message": e["message"], "data": finite(e["data"]), "type": e["type"]}
-              for e in request.app.state.store.events(job["id"])]
-    return JSONResponse(page(events, request, max_limit=10000))
+               "message": e["message"], "data": finite(e["data"]), "type": e["type"]} for e in rows]
+    return JSONResponse(list_object(events, limit))
 
 
 async def job_checkpoints(request: Request, owner: str) -> Response:

@@ -392,8 +392,8 @@ class Runner:
 
     def _not_yet_events(self, job_id: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``records`` less those whose step (train or validation) already has a metrics event."""
-        done = {(e["data"].get("step"), "train_loss" in e["data"]) for e in self.store.events(job_id)
-                if e["type"] == "metrics" and e["data"]}
+        done = {(e["data"].get("step"), "train_loss" in e["data"]) for e in self.store.events(job_id, type="metrics")
+                if e["data"]}
         return [r for r in records if (int(r.get("step", 0)), "loss" in r) not in done]
 
     def _ingest_or_log(self, job_id: str) -> None:

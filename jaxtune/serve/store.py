@@ -186,9 +186,25 @@ class Store:
         with self._tx() as db:
             _insert_event(db, job_id, message, level=level, type=type, data=data)
 
-    def events(self, job_id: str) -> list[dict[str, Any]]:
-        """A job's events, newest first (as OpenAI lists them)."""
-        rows = self._all("SELECT * FROM events WHERE job_id = ? ORDER BY seq DESC", (job_id,))
+    def events(self, job_id: str, *, after: str | None = None, limit: int | None = None,
+               type: str | None = None) -> list[dict[str, Any]]:
+        """A job's events, newest first (as OpenAI lists them): with ``after`` (an event id) only
+        those older than it, at most ``limit`` of them, only of ``type``; read as a page of the
+        table, so a long job's thousands of events are not all loaded to answer for a few.
+        Raises :class:`KeyError` when ``after`` is not one of this job's events."""
+        where, args = ["job_id = ?"], [job_id]
+        if after is not None:
+            mark = self._one("SELECT seq FROM events WHERE id = ? AND job_id = ?", (after, job_id))
+            if mark is None:
+                raise KeyError(after)
+            where.append("seq < ?"), args.append(mark["seq"])
+        if type is not None:
+            where.append("type = ?"), args.append(type)
+        sql = f"SELECT * FROM events WHERE {' AND '.join(where)} ORDER BY seq DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            args.append(limit)
+        rows = self._all(sql, tuple(args))
         for row in rows:
             row["data"] = json.loads(row["data"]) if row["data"] else None
         return rows
