@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import select
 import socket
 import sys
@@ -31,7 +32,7 @@ pytestmark = pytest.mark.timeout(120)
 ROWS = "".join(json.dumps({"messages": [{"role": "user", "content": w}, {"role": "assistant", "content": w.upper()}]})
                + "\n" for w in ("alpha", "beta gamma", "delta", "omega kappa"))
 BOUNDARY = "jaxtune-test-boundary"
-
+PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"  # JAX's: preallocate 75% of each GPU at the backend's start
 
 
 class Client:
@@ -106,6 +107,8 @@ def api(tmp_path, monkeypatch):
     """``api(data_dir=..., **settings)``: a server over a data directory (default in ``tmp_path``)
     with a model ``tiny`` (never loaded) and a :class:`Client` with a key; stopped at the end."""
     monkeypatch.setattr(Runner, "command", lambda self, config: [sys.executable, "-c", "pass"])
+    environ = dict(os.environ)  # create_app sets the server's own variables: put back as it was at the end
+    monkeypatch.delenv(PREALLOCATE, raising=False)
     servers = []
 
     def make(data_dir: Path | None = None, **settings: Any) -> Client:
@@ -133,6 +136,8 @@ def api(tmp_path, monkeypatch):
     for server, thread in servers:
         server.should_exit = True
         thread.join(30)
+    os.environ.clear()
+    os.environ.update(environ)
 
 
 def test_a_relative_data_dir_is_resolved_at_start(api, tmp_path, monkeypatch):
@@ -249,4 +254,28 @@ def test_events_are_paged_by_the_database_newest_first(api, monkeypatch):
     assert status == 400 and reply["error"]["param"] == "after", reply
     status, reply = client.request("GET", "/v1/fine_tuning/jobs/ftjob-ev/events?limit=0")
     assert status == 400 and reply["error"]["param"] == "limit", reply
+
+
+@pytest.mark.parametrize("user", [None, "true"])
+def test_the_server_allocates_on_demand_and_its_jobs_as_jax_does(api, monkeypatch, user):
+    """Chat completions' JAX shares the accelerator with the jobs: it does not preallocate 75% of
+    it, unless the user said otherwise; a job's process keeps JAX's default (or the user's value)."""
+    if user is not None:
+        monkeypatch.setenv(PREALLOCATE, user)
+    dump = "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+    monkeypatch.setattr(Runner, "command", lambda self, config: [sys.executable, "-c", dump,
+                                                                 str(config.parent / "env.json")])
+    client = api()
+    assert os.environ.get(PREALLOCATE) == (user or "false")
+    status, file = client.upload()
+    assert status == 200, file
+    status, job = client.post_json("/v1/fine_tuning/jobs", {"model": "tiny", "training_file": file["id"]})
+    assert status == 200, job
+    dumped = client.data_dir / "jobs" / job["id"] / "env.json"
+    deadline = time.time() + 30
+    while not (dumped.is_file() and dumped.read_text().endswith("}")):
+        assert time.time() < deadline, "the job did not start"
+        time.sleep(0.05)
+    env = json.loads(dumped.read_text())
+    assert env.get(PREALLOCATE) == user
 

@@ -538,6 +538,7 @@ def create_app(settings: Settings) -> Starlette:
     # working directory must still find them.
     settings = dataclasses.replace(settings, data_dir=settings.data_dir.resolve())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    inference.share_accelerator()  # before anything here starts JAX's backend
 
     @asynccontextmanager
     async def lifespan(app: Starlette):  # type: ignore[no-untyped-def]

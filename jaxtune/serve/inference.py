@@ -15,8 +15,19 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxtune.serve.jobs import RequestError
+from jaxtune.serve.runner import set_for_server
 
 ROLES = ("system", "user", "assistant", "developer")
+PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+
+
+def share_accelerator() -> None:
+    """Let the server's JAX allocate accelerator memory as it needs it: chat completions run in
+    the server's process, beside the jobs' processes on the same devices, and JAX's default
+    preallocation (75% of each GPU's memory at its start) would leave a job a quarter of it.
+    Sets ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` unless the user set it; the jobs do not inherit
+    it (they keep JAX's default). Takes effect only before this process's JAX starts its backend."""
+    set_for_server(PREALLOCATE, "false")
 
 
 class Models:

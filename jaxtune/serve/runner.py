@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple
 
@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 ACTIVE = ("validating_files", "queued", "running", "paused")
 FINAL = ("succeeded", "failed", "cancelled")
 _PR_SET_PDEATHSIG = 1
+# The variables the server set in its environment for its own process only (comma-separated names):
+# a job's process starts without them, with JAX's defaults, as ``jaxtune train`` run by hand would.
+SERVER_ONLY = "JAXTUNE_SERVE_OWN_ENV"
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -50,6 +53,24 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         libc.signal(signal.SIGINT, None)  # SIG_DFL
     except OSError:
         pass
+
+
+def set_for_server(name: str, value: str, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Set ``name`` to ``value`` for the server's own process, unless the user set it: job
+    processes do not inherit it (:func:`job_environment`)."""
+    if name in environ:
+        return
+    environ[name] = value
+    environ[SERVER_ONLY] = ",".join([n for n in environ.get(SERVER_ONLY, "").split(",") if n] + [name])
+
+
+def job_environment(environ: Mapping[str, str], device_set: Mapping[str, str]) -> dict[str, str]:
+    """A job process's environment: the server's less what :func:`set_for_server` set, then the
+    device set's variables."""
+    env = dict(environ)
+    for name in env.pop(SERVER_ONLY, "").split(","):
+        env.pop(name, None)
+    return {**env, **device_set, "PYTHONUNBUFFERED": "1"}
 
 
 class DataDirBusy(RuntimeError):
@@ -281,7 +302,7 @@ class Runner:
         with open(self.job_dir(job_id) / "train.log", "ab") as logfile:
             proc = subprocess.Popen(
                 self.command(config), stdout=logfile, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+                stdin=subprocess.DEVNULL, env=job_environment(os.environ, env),
                 start_new_session=True,  # the server's own Ctrl-C must not reach it; close() signals it
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
         try:
