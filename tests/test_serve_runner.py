@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -27,10 +28,16 @@ pytestmark = pytest.mark.timeout(120)
 FAKE_TRAIN = r'''
 """A stand-in for `jaxtune train CONFIG`, as <job dir>/fake.json says: steps, step_s, save_s (the
 checkpoint a SIGINT saves takes that long), fail_at/fail_message (a non-finite step), loss, deaf."""
-import fcntl, json, os, signal, sys, time
+import ctypes, fcntl, json, os, signal, sys, time
 from pathlib import Path
 
 job = Path(sys.argv[-1]).parent
+pdeathsig = ctypes.c_int(0)
+if sys.platform == "linux":
+    ctypes.CDLL(None).prctl(2, ctypes.byref(pdeathsig))  # PR_GET_PDEATHSIG
+sigint = signal.getsignal(signal.SIGINT)  # Python's own handler where the process started with SIGINT's default
+sigint = "default" if sigint is signal.default_int_handler else str(sigint)
+(job / "started.json").write_text(json.dumps({"pdeathsig": pdeathsig.value, "sigint": sigint}))
 run = job / "run"
 run.mkdir(exist_ok=True)
 spec = json.loads((job / "fake.json").read_text())
@@ -371,3 +378,26 @@ def test_metrics_rewound_by_a_resume_lose_no_record(make_runner):
     run.close()
     steps = [e["data"]["step"] for e in runner.store.events("ftjob-a") if e["type"] == "metrics"]
     assert steps[::-1] == list(range(1, 16))
+
+
+@pytest.mark.parametrize("server_sigint", ["handled", "ignored"])
+def test_a_job_starts_without_python_between_fork_and_exec(make_runner, monkeypatch, server_sigint):
+    """No preexec_fn: it runs Python in the forked child of the server's threaded process, where a
+    lock another thread held at the fork stays held (a deadlock). The job's process still starts
+    with SIGINT's default (close() reaches it) and dies with the server (PR_SET_PDEATHSIG)."""
+    popen, calls = subprocess.Popen, []
+    monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: calls.append(kwargs) or popen(*args, **kwargs))
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN if server_sigint == "ignored"
+                             else signal.default_int_handler)
+    try:
+        runner = make_runner()
+        add_job(runner, "ftjob-a", steps=3)
+        runner.start()
+        started = runner.job_dir("ftjob-a") / "started.json"
+        wait_until(lambda: started.is_file() and started.read_text().endswith("}"), what="the job to start")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert calls and all(kwargs.get("preexec_fn") is None for kwargs in calls), calls
+    assert json.loads(started.read_text()) == {"pdeathsig": signal.SIGKILL if sys.platform == "linux" else 0,
+                                               "sigint": "default"}
+    assert wait_until(status_of(runner, "ftjob-a", ("succeeded", "failed")))["status"] == "succeeded"

@@ -30,29 +30,37 @@ from jaxtune.training.rundir import RunDir
 log = logging.getLogger(__name__)
 ACTIVE = ("validating_files", "queued", "running", "paused")
 FINAL = ("succeeded", "failed", "cancelled")
-_PR_SET_PDEATHSIG = 1
 # The variables the server set in its environment for its own process only (comma-separated names):
 # a job's process starts without them, with JAX's defaults, as ``jaxtune train`` run by hand would.
 SERVER_ONLY = "JAXTUNE_SERVE_OWN_ENV"
 
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: the job is killed when the server dies, so a restarted server never finds two
-    processes training one run directory (elsewhere, recovery kills the orphan instead).
-
-    Its SIGINT is reset to the default too: a server started with SIGINT ignored (a script's
-    background job, a test runner's worker) would pass that on through exec, and a SIGINT from
-    :meth:`Runner.close` before the job sets its own handler would be lost (close then waits out its
-    timeout). ``signal.signal`` cannot run here (not the main thread), so libc's is called."""
+# The start of a job's process, run by a Python of its own, which then becomes the job (exec): on
+# Linux the job is killed when the server dies (PR_SET_PDEATHSIG), so a restarted server never finds
+# two processes training one run directory (elsewhere, recovery kills the orphan instead), and its
+# SIGINT is the default (a server started with SIGINT ignored, as a script's background job or a test
+# runner's worker is, would pass that on through exec, and a SIGINT from Runner.close before the job
+# sets its own handler would be lost). Not a preexec_fn: Python run between fork and exec in the
+# server's threaded process deadlocks on any lock another thread held at the fork. SIGINT arrives
+# blocked (Runner._run), so one sent before the default is set here waits for it, not ignored.
+_LAUNCH = """\
+import os, signal, sys
+signal.signal(signal.SIGINT, signal.SIG_DFL)
+if sys.platform == "linux":
+    import ctypes
     try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        libc.signal.argtypes, libc.signal.restype = (ctypes.c_int, ctypes.c_void_p), ctypes.c_void_p
-        libc.signal(signal.SIGINT, None)  # SIG_DFL
-    except OSError:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
         pass
+    if os.getppid() != int(sys.argv[1]):
+        os._exit(1)  # the server died before prctl: nobody would stop this job
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+os.execvp(sys.argv[2], sys.argv[2:])
+"""
+
+
+def launch(command: Sequence[str]) -> list[str]:
+    """``command`` started as :data:`_LAUNCH` says: it dies with this process, with SIGINT's default."""
+    return [sys.executable, "-I", "-S", "-c", _LAUNCH, str(os.getpid()), *command]
 
 
 def set_for_server(name: str, value: str, environ: MutableMapping[str, str] = os.environ) -> None:
@@ -299,12 +307,15 @@ class Runner:
                              else "Fine-tuning job started")
         # Before the process can rewind metrics.jsonl: what the last one left, and the file's inode.
         self._ingest_or_log(job_id)
-        with open(self.job_dir(job_id) / "train.log", "ab") as logfile:
-            proc = subprocess.Popen(
-                self.command(config), stdout=logfile, stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL, env=job_environment(os.environ, env),
-                start_new_session=True,  # the server's own Ctrl-C must not reach it; close() signals it
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # the child inherits it; launch unblocks
+        try:
+            with open(self.job_dir(job_id) / "train.log", "ab") as logfile:
+                proc = subprocess.Popen(
+                    launch(self.command(config)), stdout=logfile, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL, env=job_environment(os.environ, env),
+                    start_new_session=True)  # the server's own Ctrl-C must not reach it; close() signals it
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         try:
             self._watch(job_id, proc)
         except BaseException:
