@@ -279,3 +279,109 @@ def test_the_server_allocates_on_demand_and_its_jobs_as_jax_does(api, monkeypatc
     env = json.loads(dumped.read_text())
     assert env.get(PREALLOCATE) == user
 
+
+def test_a_checkpoint_rotated_away_while_it_loads_is_not_found(api, monkeypatch):
+    """A running job's rotation (checkpoint.keep) deletes its old checkpoints: one removed after the
+    request named it, as the server takes it to load, is a 404 that says so, not a 500."""
+    import shutil
+
+    client = api()
+    store = Store(client.data_dir / "serve.sqlite")
+    store.add_job(client.owner, "ftjob-rot", {"fine_tuned_model": "ft:tiny:x::rot"}, status="running")
+    store.close()
+    checkpoints = client.data_dir / "jobs" / "ftjob-rot" / "run" / "checkpoints"
+    (checkpoints / "10" / "trainable").mkdir(parents=True)
+    copytree = shutil.copytree
+
+    def rotated_meanwhile(source: Path, *args: Any, **kwargs: Any) -> Any:
+        shutil.rmtree(checkpoints / "10")
+        return copytree(source, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "copytree", rotated_meanwhile)
+    status, reply = client.post_json("/v1/chat/completions", {
+        "model": "ft:tiny:x::rot:ckpt-step-10", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404 and reply["error"]["code"] == "model_not_found", reply
+    assert "checkpoint.keep" in reply["error"]["message"], reply
+    status, reply = client.post_json("/v1/chat/completions", {
+        "model": "ft:tiny:x::rot:ckpt-step-10", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 404 and reply["error"]["code"] == "model_not_found", reply  # no longer listed
+
+
+def test_a_running_jobs_checkpoints_are_served_from_a_snapshot(api, tmp_path):
+    """A job's checkpoint, the latest or an earlier one, answers as that step's weights do, and
+    loading it leaves the job's run directory as it was: the save its trainer has in flight (an
+    opened checkpoint directory drops unfinished saves) and the checkpoints its rotation removes."""
+    import shutil
+
+    from helpers import tiny_hf_model
+
+    import jaxtune as jt
+    from jaxtune.data.testing import tiny_tokenizer, write_jsonl
+
+    client = api()
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": w},
+                                                         {"role": "assistant", "content": w.upper() * 3}]}
+                                           for w in ("alpha", "beta gamma", "delta", "omega kappa") * 4])
+    run = client.data_dir / "jobs" / "ftjob-run" / "run"
+    jt.finetune({"model": {"path": str(tmp_path / "llama")},
+                 "plan": [{"preset": "lora", "rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}],
+                 "data": {"train": str(tmp_path / "train.jsonl"), "kind": "chat", "max_length": 32, "batch_size": 8},
+                 "optimizer": {"learning_rate": 0.1, "warmup_steps": 0},
+                 "train": {"steps": 4, "progress": False}, "checkpoint": {"every": 2, "keep": 3},
+                 "eval": {"before": False, "after": False}, "output": {"dir": str(run), "export": "none"}})
+    store = Store(client.data_dir / "serve.sqlite")
+    store.add_job(client.owner, "ftjob-run", {"fine_tuned_model": "ft:tiny:x::run"}, status="running")
+    store.close()
+    messages = [{"role": "user", "content": "alpha"}]
+    expected = {}
+    for step in (2, 4):  # each step's weights, from a copy of the run holding that checkpoint alone
+        copy = tmp_path / f"at-{step}"
+        shutil.copytree(run, copy)
+        shutil.rmtree(copy / "checkpoints" / str(6 - step))
+        [item] = jt.complete(jt.open_run(copy, evaluation=False).model, [messages], chat=True, max_new_tokens=6)
+        expected[step] = item["text"]
+    assert expected[2] != expected[4]  # the two steps are told apart
+    in_flight = run / "checkpoints" / "6.orbax-checkpoint-tmp-1"  # the trainer's next save, being written
+    in_flight.mkdir()
+    (in_flight / "trainable").write_text("...")
+    for step in (4, 2):
+        status, reply = client.post_json("/v1/chat/completions", {
+            "model": f"ft:tiny:x::run:ckpt-step-{step}", "messages": messages, "max_tokens": 6, "temperature": 0})
+        assert status == 200, reply
+        assert reply["choices"][0]["message"]["content"] == expected[step], step
+        assert (in_flight / "trainable").read_text() == "..."
+    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # the snapshots are gone
+
+
+@pytest.mark.parametrize("best_checkpoint", ["kept", "damaged"])
+def test_a_fine_tuned_model_is_the_model_its_run_ended_with(api, monkeypatch, best_checkpoint):
+    """With eval.use_best a run ends with (and exports) its best checkpoint's params, while its
+    latest checkpoint holds the last step's: the ``ft:`` model is the best one; the latest where
+    the best was set aside as damaged, as the run then ended with its latest params."""
+    import jaxtune
+    from jaxtune.serve import inference
+    from jaxtune.training.rundir import RunDirError
+
+    client = api()
+    store = Store(client.data_dir / "serve.sqlite")
+    store.add_job(client.owner, "ftjob-best", {"fine_tuned_model": "ft:tiny:x::best"}, status="succeeded")
+    store.close()
+    run = client.data_dir / "jobs" / "ftjob-best" / "run"
+    (run / "checkpoints" / "6").mkdir(parents=True)
+    (run / "best" / "2").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"eval": {"every": 2, "best_metric": "loss", "use_best": True}}))
+
+    def open_run(run_dir: Path, evaluation: bool = True, best: bool = False) -> Any:
+        if best and best_checkpoint == "damaged":
+            raise RunDirError(f"{run_dir}: no best checkpoint")
+        return type("Trainer", (), {"model": f"{'best' if best else 'latest'} model", "close": lambda self: None})()
+
+    monkeypatch.setattr(jaxtune, "open_run", open_run, raising=False)
+    monkeypatch.setattr(inference, "complete", lambda model, messages, opts: {
+        "text": model, "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1, "ids": [1]})
+    status, reply = client.post_json("/v1/chat/completions", {
+        "model": "ft:tiny:x::best", "messages": [{"role": "user", "content": "hi"}]})
+    assert status == 200, reply
+    assert reply["choices"][0]["message"]["content"] == ("best model" if best_checkpoint == "kept" else "latest model")

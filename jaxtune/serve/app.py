@@ -446,7 +446,7 @@ async def retrieve_model(request: Request, owner: str) -> Response:
 
 def _resolve_model(request: Request, owner: str, name: Any) -> tuple[Any, Callable[[], Any]]:
     """``(cache key, loader)`` of a model a key may use: a base model, one of its fine-tuned
-    models, or the latest checkpoint of one of its jobs (``<ft model>:ckpt-step-N``)."""
+    models, or a checkpoint of one of its jobs (``<ft model>:ckpt-step-N``)."""
     settings: Settings = request.app.state.settings
     runner: Runner = request.app.state.runner
     if not isinstance(name, str):
@@ -465,22 +465,21 @@ def _resolve_model(request: Request, owner: str, name: Any) -> tuple[Any, Callab
     if job is None or (not step and job["status"] != "succeeded"):
         raise not_found("model", name, "model")
     run_dir = runner.run_dir(job["id"])
-    steps = RunDir(run_dir).checkpoint_steps()
-    if step:
-        if not (step.isascii() and step.isdigit()) or int(step) not in steps:  # int("²") raises
-            raise not_found("model", name, "model")
-        if int(step) != steps[-1]:
-            raise RequestError(f"model: {name} is an earlier checkpoint; this server serves a job's latest checkpoint "
-                               f"(step {steps[-1]}) and its final model", "model", "model_not_servable")
+    if not step:
+        return ("run", job["id"]), lambda: inference.load_final(run_dir)
+    # int("²") raises; a checkpoint the job's rotation (checkpoint.keep) removed is not listed either
+    if not (step.isascii() and step.isdigit()) or int(step) not in RunDir(run_dir).checkpoint_steps():
+        raise not_found("model", name, "model")
 
-    def load_run() -> Any:
-        import jaxtune as jt
+    def load_step() -> Any:
+        try:
+            return inference.load_checkpoint(run_dir, int(step))
+        except inference.CheckpointGone:
+            raise RequestError(f"No such model: '{name}' (the job's checkpoint rotation, checkpoint.keep, has just "
+                               "removed that checkpoint; its checkpoints list names those still there)", "model",
+                               "model_not_found", status=404) from None
 
-        trainer = jt.open_run(run_dir, evaluation=False)
-        trainer.close()
-        return trainer.model
-
-    return ("run", job["id"], steps[-1] if steps else 0), load_run
+    return ("checkpoint", job["id"], int(step)), load_step
 
 
 async def chat_completions(request: Request, owner: str) -> Response:

@@ -8,14 +8,19 @@ only compete for the same cores, and one lock keeps model loading and compilatio
 
 from __future__ import annotations
 
+import os
 import secrets
+import shutil
+import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from jaxtune.serve.jobs import RequestError
 from jaxtune.serve.runner import set_for_server
+from jaxtune.training.rundir import RunDir, RunDirError
 
 ROLES = ("system", "user", "assistant", "developer")
 PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
@@ -51,6 +56,68 @@ class Models:
         while len(self._models) > self.capacity:
             self._models.popitem(last=False)
         return model
+
+
+def load_final(run_dir: Path) -> Any:
+    """A finished run's model, the one it ended with and exported: its best checkpoint's where
+    ``eval.use_best`` made that its model (its latest checkpoint holds the last step's params),
+    else its latest checkpoint's; the latest too where no best checkpoint is left, as the run
+    itself then ended with its latest params."""
+    import jaxtune as jt
+
+    if ((RunDir(run_dir).config() or {}).get("eval") or {}).get("use_best"):
+        try:
+            trainer = jt.open_run(run_dir, evaluation=False, best=True)
+        except RunDirError:  # no best checkpoint (none kept, or set aside as damaged)
+            trainer = jt.open_run(run_dir, evaluation=False)
+    else:
+        trainer = jt.open_run(run_dir, evaluation=False)
+    trainer.close()
+    return trainer.model
+
+
+class CheckpointGone(LookupError):
+    """The checkpoint asked for is no longer in its run directory (the run's rotation removed it)."""
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links
+        shutil.copy2(source, target)
+
+
+def load_checkpoint(run_dir: Path, step: int) -> Any:
+    """The model of ``run_dir``'s checkpoint at ``step``, restored from a snapshot of it (hard links
+    in a private folder beside the run directory, removed once loaded), never from the run
+    directory itself: a job training there meanwhile saves newer checkpoints (a run restores its
+    latest), its rotation (``checkpoint.keep``) deletes old ones, and opening its checkpoints
+    would remove the save it has in flight (an opened checkpoint directory drops unfinished
+    saves). Raises :class:`CheckpointGone` when the rotation removed it before it was linked."""
+    import jaxtune as jt
+
+    scratch = Path(tempfile.mkdtemp(prefix=".serving-", dir=run_dir.parent))
+    try:
+        try:
+            for name in (RunDir.CONFIG, RunDir.IDENTITY):
+                if (run_dir / name).is_file():
+                    shutil.copy2(run_dir / name, scratch / name)
+            shutil.copytree(run_dir / "checkpoints" / str(step), scratch / "checkpoints" / str(step),
+                            copy_function=_link_or_copy)
+        except OSError:
+            if step not in RunDir(run_dir).checkpoint_steps():
+                raise CheckpointGone(step) from None
+            raise
+        trainer = jt.open_run(scratch, evaluation=False)
+        trainer.close()
+        if trainer.step != step:  # its snapshot did not verify (set aside there; the run's own stays)
+            if step not in RunDir(run_dir).checkpoint_steps():
+                raise CheckpointGone(step)  # linked while the rotation deleted it
+            raise RuntimeError(f"{run_dir / 'checkpoints' / str(step)}: the checkpoint does not verify (its files do "
+                               "not match their checksums)")
+        return trainer.model
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def chat_messages(messages: Any) -> list[dict[str, str]]:
