@@ -11,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -86,6 +87,28 @@ def test_a_hung_compiler_is_stopped(fresh_build, caplog, tmp_path):
     fresh_build.setattr(cpu_attention, "COMPILE_TIMEOUT", 1, raising=False)
     fresh_build.setenv("CXX", str(_fake_compiler(tmp_path, "exec sleep 20")))
     _assert_attention_falls_back(caplog, "took over 1 s and was stopped")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds the compiler's processes in /proc")
+def test_a_hung_compilers_own_processes_are_stopped_with_it(fresh_build, caplog, tmp_path):
+    """A compiler driver (g++) that hangs in a process of its own (cc1plus): that process is stopped
+    too, not left running, reparented, after the build gave up."""
+    fresh_build.setattr(cpu_attention, "COMPILE_TIMEOUT", 1, raising=False)
+    pid_file = tmp_path / "cc1plus.pid"
+    fresh_build.setenv("CXX", str(_fake_compiler(tmp_path, f'sleep 600 & echo $! > "{pid_file}"; wait')))
+    _assert_attention_falls_back(caplog, "took over 1 s and was stopped")
+    pid = int(pid_file.read_text())
+    for _ in range(100):  # its new parent (init, or a subreaper) reaps it
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break
+        if state in "ZX":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        pytest.fail(f"the compiler's process {pid} outlived the build")
 
 
 def test_a_read_only_cache_builds_privately_and_a_library_that_does_not_load_falls_back(

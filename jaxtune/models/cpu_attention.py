@@ -34,6 +34,7 @@ import os
 import platform
 import shlex
 import shutil
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -100,6 +101,43 @@ def _first_error(stderr: str) -> str:
     return "; ".join(line[:300] for line in errors[:2]) or "no output"
 
 
+def _descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (children, theirs, ...), read from ``/proc``; none where it is missing."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+            parent = int(text[text.rindex(")") + 2:].split()[1])  # the name in parentheses may hold spaces
+        except (OSError, ValueError, IndexError):
+            continue  # ended meanwhile
+        children.setdefault(parent, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _run_compiler(command: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run the compiler, stopped past :data:`COMPILE_TIMEOUT` (:class:`subprocess.TimeoutExpired`)
+    with the processes it started: a driver (``g++``) runs ``cc1plus``, ``as`` and ``ld`` as its
+    children, and killing the driver alone left a hung ``cc1plus`` running, a core busy, after
+    the build had given up."""
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=COMPILE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            below = _descendants(proc.pid)  # before the driver dies: then they are no longer its
+            proc.kill()
+            for pid in below:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
+
+
 def _compile(compiler: list[str], target: Path) -> Path | None:
     """Compile the kernel into ``target`` (through a temporary file beside it, so that no other process
     loads half a library); None, with a warning naming the compiler's first error, where it fails."""
@@ -107,7 +145,7 @@ def _compile(compiler: list[str], target: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
         try:  # a timeout: a hung compiler would otherwise hold the cache's lock, and every other process
-            done = subprocess.run([*command, str(built)], capture_output=True, text=True, timeout=COMPILE_TIMEOUT)
+            done = _run_compiler([*command, str(built)])
         except subprocess.TimeoutExpired:
             log.warning("attention: building the fused CPU attention kernel with %s took over %d s and was "
                         "stopped; using the XLA attention", shlex.join(compiler), COMPILE_TIMEOUT)
