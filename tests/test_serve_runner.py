@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from jaxtune.serve.runner import Runner, process_alive
+from jaxtune.serve.runner import Runner, job_environment, process_alive, set_for_server
 from jaxtune.serve.store import Store
 
 pytestmark = pytest.mark.timeout(120)
@@ -401,3 +401,17 @@ def test_a_job_starts_without_python_between_fork_and_exec(make_runner, monkeypa
     assert json.loads(started.read_text()) == {"pdeathsig": signal.SIGKILL if sys.platform == "linux" else 0,
                                                "sigint": "default"}
     assert wait_until(status_of(runner, "ftjob-a", ("succeeded", "failed")))["status"] == "succeeded"
+
+
+def test_a_job_keeps_a_value_set_after_the_server_set_its_own():
+    """What the server sets for its own process stays out of a job's environment, but only while it
+    has the server's value: one set since (the user's, for a second server in one process) is kept."""
+    environ: dict[str, str] = {"HOME": "/home/x"}
+    set_for_server("XLA_PYTHON_CLIENT_PREALLOCATE", "false", environ)
+    assert environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    assert job_environment(environ, {}) == {"HOME": "/home/x", "PYTHONUNBUFFERED": "1"}
+    environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "true"
+    set_for_server("XLA_PYTHON_CLIENT_PREALLOCATE", "false", environ)  # the user's value stands
+    assert job_environment(environ, {"CUDA_VISIBLE_DEVICES": "1"}) == {
+        "HOME": "/home/x", "XLA_PYTHON_CLIENT_PREALLOCATE": "true", "CUDA_VISIBLE_DEVICES": "1",
+        "PYTHONUNBUFFERED": "1"}

@@ -30,8 +30,9 @@ from jaxtune.training.rundir import RunDir
 log = logging.getLogger(__name__)
 ACTIVE = ("validating_files", "queued", "running", "paused")
 FINAL = ("succeeded", "failed", "cancelled")
-# The variables the server set in its environment for its own process only (comma-separated names):
-# a job's process starts without them, with JAX's defaults, as ``jaxtune train`` run by hand would.
+# The variables the server set in its environment for its own process only, with the values it set
+# (a JSON object): a job's process starts without them, with JAX's defaults, as ``jaxtune train`` run
+# by hand would. A variable whose value is no longer the server's has been set since by someone else.
 SERVER_ONLY = "JAXTUNE_SERVE_OWN_ENV"
 
 # The start of a job's process, run by a Python of its own, which then becomes the job (exec): on
@@ -69,15 +70,25 @@ def set_for_server(name: str, value: str, environ: MutableMapping[str, str] = os
     if name in environ:
         return
     environ[name] = value
-    environ[SERVER_ONLY] = ",".join([n for n in environ.get(SERVER_ONLY, "").split(",") if n] + [name])
+    environ[SERVER_ONLY] = json.dumps({**_server_only(environ), name: value})
+
+
+def _server_only(environ: Mapping[str, str]) -> dict[str, str]:
+    try:
+        own = json.loads(environ.get(SERVER_ONLY) or "{}")
+    except ValueError:
+        return {}
+    return own if isinstance(own, dict) else {}
 
 
 def job_environment(environ: Mapping[str, str], device_set: Mapping[str, str]) -> dict[str, str]:
-    """A job process's environment: the server's less what :func:`set_for_server` set, then the
-    device set's variables."""
+    """A job process's environment: the server's less what :func:`set_for_server` set (where it
+    still has the value set there), then the device set's variables."""
     env = dict(environ)
-    for name in env.pop(SERVER_ONLY, "").split(","):
-        env.pop(name, None)
+    for name, value in _server_only(env).items():
+        if env.get(name) == value:
+            del env[name]
+    env.pop(SERVER_ONLY, None)
     return {**env, **device_set, "PYTHONUNBUFFERED": "1"}
 
 
