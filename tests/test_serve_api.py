@@ -385,3 +385,16 @@ def test_a_fine_tuned_model_is_the_model_its_run_ended_with(api, monkeypatch, be
         "model": "ft:tiny:x::best", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 200, reply
     assert reply["choices"][0]["message"]["content"] == ("best model" if best_checkpoint == "kept" else "latest model")
+
+
+def test_a_checkpoint_snapshot_left_by_a_stopped_server_is_removed_at_start(api, tmp_path):
+    """A server killed while it loaded a checkpoint leaves the snapshot's hard links, which would keep
+    a checkpoint the job's rotation deleted on the disk for good: the next server removes them."""
+    data = tmp_path / "data"
+    left = data / "jobs" / "ftjob-old" / ".serving-k1ll3d" / "checkpoints" / "10"
+    left.mkdir(parents=True)
+    (left / "trainable").write_bytes(b"weights")
+    (data / "jobs" / "ftjob-old" / "run" / "checkpoints" / "10").mkdir(parents=True)
+    api()
+    assert sorted(p.name for p in (data / "jobs" / "ftjob-old").iterdir()) == ["run"]
+    assert (data / "jobs" / "ftjob-old" / "run" / "checkpoints" / "10").is_dir()

@@ -24,6 +24,7 @@ from jaxtune.training.rundir import RunDir, RunDirError
 
 ROLES = ("system", "user", "assistant", "developer")
 PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+SNAPSHOT = ".serving-"  # the prefix of a checkpoint snapshot's folder in its job's directory
 
 
 def share_accelerator() -> None:
@@ -76,6 +77,14 @@ def load_final(run_dir: Path) -> Any:
     return trainer.model
 
 
+def remove_snapshots(jobs_dir: Path) -> None:
+    """Remove the checkpoint snapshots (:func:`load_checkpoint`) a server stopped while loading
+    left in ``<jobs_dir>/<job>/``: their hard links would keep a checkpoint the job's rotation
+    deleted on the disk for good."""
+    for folder in jobs_dir.glob(f"*/{SNAPSHOT}*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 class CheckpointGone(LookupError):
     """The checkpoint asked for is no longer in its run directory (the run's rotation removed it)."""
 
@@ -96,7 +105,7 @@ def load_checkpoint(run_dir: Path, step: int) -> Any:
     saves). Raises :class:`CheckpointGone` when the rotation removed it before it was linked."""
     import jaxtune as jt
 
-    scratch = Path(tempfile.mkdtemp(prefix=".serving-", dir=run_dir.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=SNAPSHOT, dir=run_dir.parent))
     try:
         try:
             for name in (RunDir.CONFIG, RunDir.IDENTITY):
