@@ -445,3 +445,27 @@ def test_sigkill_during_saves_never_breaks_a_resume(run, tmp_path):
             np.testing.assert_array_equal(got[key], want[key], err_msg=f"trial {trial}: {key}")
     print(f"{mid_save} of 10 kills left a save unfinished; every resume finished bitwise equal")
     assert mid_save >= 5, f"only {mid_save} of 10 kills landed inside a save; the test no longer tests that"
+
+
+def test_a_reader_changes_nothing_on_disk_of_a_run_that_may_be_training(tmp_path, capsys):
+    """Evaluation, export and generation read a run that may be training in another process: its
+    save in flight (a temporary directory) stays, a damaged step is skipped, not moved (the trainer
+    sets it aside itself), and the next older step is read; a reader cannot save."""
+    trainable = {"w": jnp.arange(8.0)}
+    with Checkpointer(tmp_path, with_data=False) as writer:
+        for step in (4, 8):
+            writer.save(step, jax.tree.map(lambda x, s=step: x + s, trainable), {}, jax.random.key(0))
+        writer.save_best(4, trainable, {"loss": 1.0})
+    in_flight = tmp_path / "checkpoints" / "12.orbax-checkpoint-tmp-1733"
+    (in_flight / "trainable").mkdir(parents=True)
+    damage(tmp_path / "checkpoints" / "8" / "trainable", "flipped_bit")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    with Checkpointer(tmp_path, with_data=False, report=print, read_only=True) as reader:
+        step, got, *_ = reader.restore(trainable, {})
+        assert step == 4 and np.asarray(got["w"]).tolist() == (np.arange(8.0) + 4).tolist()
+        assert reader.restore_best(trainable) is not None
+        with pytest.raises(RuntimeError, match="reads only"):
+            reader.save(9, trainable, {}, jax.random.key(0))
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
+    assert re.search(r"checkpoints/8: checkpoint is incomplete or corrupt .*; skipped, left in place \(read-only\); "
+                     "falling back to step 4", capsys.readouterr().out)

@@ -117,6 +117,10 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     with pytest.raises(ValueError, match=r"model: parameter .*lora_a.* was consumed by an earlier fit .*result.model"):
         tuning.export(tuned, tmp_path / "export")  # not JAX's "Array has been deleted", which names nothing
     Trainer(result.model, train_data=_loader(train, train=True), run_dir=tmp_path / "on", mesh=ONE_DEVICE())
+    # a reader of the run (evaluation, export: open_run) leaves a save in flight, as a run still training has
+    in_flight = tmp_path / "checkpoints" / "16.orbax-checkpoint-tmp-1"
+    in_flight.mkdir()
+    assert Trainer(result.model, run_dir=tmp_path, mesh=ONE_DEVICE()).restore() == 12 and in_flight.is_dir()
 
 
 @pytest.mark.parametrize("template", ["plain", "qwen3"])

@@ -19,6 +19,11 @@ One :class:`Checkpointer` opens one Orbax ``CheckpointManager`` per directory, o
 :meth:`Checkpointer.close` (or ``with``) closes it. Leftover temporary directories of killed
 saves are removed synchronously when it opens: Orbax's own clean-up runs in a background
 thread per manager, and two of those on one directory raced (``FileNotFoundError``).
+
+A reader (``Checkpointer(read_only=True)``: evaluation, export, generation of a run that may still
+be training) changes nothing on disk: a temporary directory may be the trainer's save in flight,
+and a step that fails verification may be one the trainer is about to set aside itself, so the
+reader skips it (reported) and tries the next older one.
 """
 
 from __future__ import annotations
@@ -215,15 +220,17 @@ def _handlers(with_opt: bool, with_data: bool) -> dict[str, Any]:
 class _Directory:
     """One checkpoint directory (``checkpoints/`` or ``best/``) and its single Orbax manager."""
 
-    def __init__(self, directory: Path, handlers: dict[str, Any], max_to_keep: int | None, async_save: bool) -> None:
+    def __init__(self, directory: Path, handlers: dict[str, Any], max_to_keep: int | None, async_save: bool,
+                 read_only: bool = False) -> None:
         self.path = directory.absolute()
-        self.async_save = async_save
+        self.async_save = async_save and not read_only
         self.on_commit = _ManifestOnCommit(self.path)
-        _remove_unfinished(self.path)
+        if not read_only:
+            _remove_unfinished(self.path)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
-            cleanup_tmp_directories=False,  # done above, synchronously (see the module docstring)
-            async_options=ocp.AsyncOptions(post_finalization_callback=self.on_commit) if async_save else None)
+            max_to_keep=max_to_keep, enable_async_checkpointing=self.async_save, create=not read_only,
+            read_only=read_only, cleanup_tmp_directories=False,  # done above, synchronously (see the module docstring)
+            async_options=ocp.AsyncOptions(post_finalization_callback=self.on_commit) if self.async_save else None)
         self.manager = ocp.CheckpointManager(self.path, options=options, item_handlers=handlers)
 
     def save(self, step: int, args: ocp.args.Composite) -> None:
@@ -244,13 +251,15 @@ class Checkpointer:
     Use it as a context manager (or call :meth:`close`): it holds one Orbax manager per directory,
     and a second manager on the same directory must not be opened while it lives.
     ``report`` receives one line per step set aside (default: a ``UserWarning``); every one is
-    also kept in :attr:`set_aside`.
+    also kept in :attr:`set_aside`. ``read_only``: a reader of a run that may be training (see the
+    module docstring): it removes and moves nothing, and cannot save.
     """
 
     def __init__(self, run_dir: str | Path, *, max_to_keep: int = 3, with_data: bool = True, async_save: bool = True,
-                 report: Callable[[str], None] | None = None):
+                 report: Callable[[str], None] | None = None, read_only: bool = False):
         self.run_dir = Path(run_dir)
         self.with_data = with_data
+        self.read_only = read_only
         self.set_aside: list[SetAside] = []
         self._report = report or _warn
         self._async = async_save
@@ -272,18 +281,22 @@ class Checkpointer:
         if self._latest is None:
             # opt_state's handler is always registered: a stateless optimizer simply saves no such item
             self._latest = _Directory(self.run_dir / "checkpoints", _handlers(True, self.with_data),
-                                      self._max_to_keep, self._async)
+                                      self._max_to_keep, self._async, self.read_only)
         return self._latest
 
     def _open_best(self) -> _Directory:
         self._check_open()
         if self._best is None:
-            self._best = _Directory(self.run_dir / "best", _handlers(False, False), 1, self._async)
+            self._best = _Directory(self.run_dir / "best", _handlers(False, False), 1, self._async, self.read_only)
         return self._best
 
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError(f"the Checkpointer of {self.run_dir} is closed; open a new one to save or restore")
+
+    def _check_writable(self) -> None:
+        if self.read_only:
+            raise RuntimeError(f"the Checkpointer of {self.run_dir} reads only; open one without read_only to save")
 
     # ------------------------------------------------------------------ save
 
@@ -299,6 +312,7 @@ class Checkpointer:
         metrics: dict[str, float] | None = None,
     ) -> None:
         """Start saving ``step`` (asynchronously); returns once device buffers are copied."""
+        self._check_writable()
         meta = {"step": int(step), "rng": np.asarray(jax.random.key_data(rng)).tolist(),
                 "config": config or {}, "metrics": metrics or {}}
         items = {"trainable": ocp.args.StandardSave(trainable), "meta": ocp.args.JsonSave(meta)}
@@ -316,6 +330,7 @@ class Checkpointer:
         A best checkpoint at this or a later step was left by an earlier attempt that got further
         before the run resumed from an older step: it is set aside, or Orbax would refuse the step
         number (StepAlreadyExistsError) or keep the stale later step over the new one."""
+        self._check_writable()
         best = self._open_best()
         best.manager.wait_until_finished()
         for stale in [s for s in _step_dirs(best.path) if s >= step]:
@@ -329,6 +344,7 @@ class Checkpointer:
         got further saved them, and the resumed run may never score those steps again (another
         ``eval.every``, or nothing better), so ``use_best`` would end with weights it never made.
         Returns the best steps left."""
+        self._check_writable()
         for stale in [s for s in _step_dirs(self.run_dir / "best") if s > step]:
             self._set_aside(self.run_dir / "best", self._best, stale, "best checkpoint of an earlier attempt that "
                             "reached a later step before the run resumed", "")
@@ -433,7 +449,12 @@ class Checkpointer:
 
     def _set_aside(self, path: Path, directory: _Directory | None, step: int, what: str, then: str) -> None:
         """Move the step aside, make the open manager (if any) forget it so its number can be
-        saved again (else Orbax raises StepAlreadyExistsError), and report it in one line."""
+        saved again (else Orbax raises StepAlreadyExistsError), and report it in one line. A reader
+        moves nothing: it reports the step skipped."""
+        if self.read_only:
+            self._report(f"{path / str(step)}: {what}; skipped, left in place (read-only)"
+                         + (f"; {then}" if then else ""))
+            return
         dest = move_aside(path.absolute(), step, what)
         if directory is not None and not self._closed:
             directory.manager.reload()

@@ -240,10 +240,20 @@ class Trainer:
 
         Refused, naming the differences, when this trainer's plan, labels or trainable shapes are
         not the run's (its params would not be the run's model); with ``best``, when the run kept
-        no best checkpoint."""
+        no best checkpoint.
+
+        A trainer that has not opened its checkpoints to train reads them read-only: the run may be
+        training in another process, and its save in flight or a step it is about to set aside must
+        stay as they are (:class:`~jaxtune.training.checkpoint.Checkpointer`'s ``read_only``)."""
         self.check_plan()
+        if self._checkpointer is not None:
+            return self._restore_from(self._checkpointer, best)
+        with Checkpointer(self.run_dir, with_data=False, report=log.warning, read_only=True) as reader:
+            return self._restore_from(reader, best)
+
+    def _restore_from(self, checkpointer: Checkpointer, best: bool) -> int | None:
         if best:
-            restored = self.checkpointer.restore_best(self.trainable)
+            restored = checkpointer.restore_best(self.trainable)
             if restored is None:
                 raise RunDirError(f"{self.run_dir}: no best checkpoint (a run keeps one when it evaluates during "
                                   "training, eval.every, and eval.best_metric is set; a damaged one is set aside, as "
@@ -251,9 +261,9 @@ class Trainer:
             self.trainable, meta = restored
             self.step = int(meta.get("step", self.step))
             return self.step
-        if self.checkpointer.latest_good_step() is None:
+        if checkpointer.latest_good_step() is None:
             return None
-        restored = self.checkpointer.restore(self.trainable, self.opt_state)
+        restored = checkpointer.restore(self.trainable, self.opt_state)
         if restored is None:
             return None
         self.step, self.trainable = restored[0], restored[1]
