@@ -265,7 +265,7 @@ def _read_recipe(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
     inherited = _read_recipe(base_path, chain)
     if isinstance(inherited.get("output"), Mapping):  # a run directory belongs to one recipe
         inherited["output"] = {k: v for k, v in inherited["output"].items() if k != "dir"}
-    return merge(inherited, data)
+    return merge(_without_replaced(inherited, data), data)
 
 
 def _line_of(path: Path, field: Sequence[str | int]) -> int | None:
@@ -309,16 +309,30 @@ def _located(err: ConfigError, path: Path, overrides: Sequence[str]) -> ConfigEr
     return err
 
 
-# Fields that are each other's alternative (a section refuses both set): an override that gives one a
-# value replaces the other, so that ``train.steps=8`` on a recipe of ``epochs: 1`` trains 8 steps.
-ALTERNATIVES = (("train.steps", "train.epochs"), ("data.validation", "data.validation_fraction"))
+# Fields that are each other's alternative (a section refuses both set): an override, or a recipe laid
+# over a base, that gives one a value replaces the other, so that ``train.steps=8`` on a recipe of
+# ``epochs: 1`` trains 8 steps.
+ALTERNATIVES = ((("train", "steps"), ("train", "epochs")), (("data", "validation"), ("data", "validation_fraction")))
+
+
+def _without_replaced(base: dict[str, Any], data: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` without each field of :data:`ALTERNATIVES` whose other ``data`` gives a value (and
+    that ``data`` leaves alone), for ``data`` to be merged over it."""
+    for pair in ALTERNATIVES:
+        for (section, name), (_, other) in (pair, pair[::-1]):
+            ours, theirs = data.get(section), base.get(section)
+            if (isinstance(ours, Mapping) and ours.get(name) is not None and other not in ours
+                    and isinstance(theirs, Mapping) and other in theirs):
+                base = {**base, section: {k: v for k, v in theirs.items() if k != other}}
+    return base
 
 
 def with_alternatives(overrides: Sequence[str]) -> list[str]:
     """``overrides``, then ``OTHER=null`` for each of :data:`ALTERNATIVES` that they give a value and
     whose other they leave alone."""
     given = {key.strip(): raw for key, _, raw in (o.partition("=") for o in overrides)}
-    implied = [f"{other}=null" for pair in ALTERNATIVES for name, other in (pair, pair[::-1])
+    names = [tuple(".".join(field) for field in pair) for pair in ALTERNATIVES]
+    implied = [f"{other}=null" for pair in names for name, other in (pair, pair[::-1])
                if name in given and other not in given and _value(given[name]) is not None]
     return [*overrides, *implied]
 
@@ -330,7 +344,7 @@ def load(path: str | Path | None, overrides: Sequence[str] = (), *, base: Mappin
     the file and line."""
     data = read_recipe(path) if path is not None else {}
     if base is not None:
-        data = merge(_deepcopy(base), data)
+        data = merge(_without_replaced(_deepcopy(base), data), data)
     data = _deepcopy(data)
     for override in with_alternatives(overrides):
         apply_override(data, override)

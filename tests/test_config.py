@@ -221,6 +221,27 @@ def test_an_override_of_steps_or_epochs_replaces_the_other(tmp_path):
     assert (cfg.data.validation, cfg.data.validation_fraction, cfg.output.dir) == ("v.jsonl", None, str(run))
 
 
+def test_a_variant_that_sets_steps_replaces_its_bases_epochs(tmp_path):
+    """A recipe laid over a base follows the override rule: setting one of two alternatives replaces
+    the base's other (it was refused until the variant wrote ``epochs: null``); setting both is
+    still an error, and a base with neither keeps its own."""
+    (tmp_path / "base.yaml").write_text((CONFIGS / "quickstart.yaml").read_text())  # epochs: 1
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("base: base.yaml\ntrain: {steps: 5, seed: 3}\n")
+    cfg = config.load(variant)
+    assert (cfg.train.steps, cfg.train.epochs, cfg.train.seed) == (5, None, 3)
+    base = config.load(tmp_path / "base.yaml")
+    assert dataclasses.replace(cfg, train=base.train, output=base.output) == base  # nothing else moved
+    variant.write_text("base: base.yaml\ntrain: {steps: 5, epochs: 2}\n")
+    with pytest.raises(ConfigError, match=r"give train.steps \(5\) or train.epochs \(2.0\), not both"):
+        config.load(variant)
+    # a recipe laid over base data (as jaxtune serve lays a job's over its operator recipe) the same
+    recipe = yaml.safe_load((CONFIGS / "quickstart.yaml").read_text())
+    variant.write_text(yaml.safe_dump({**recipe, "train": {"steps": 5}}))
+    cfg = config.load(variant, base={"train": {"epochs": 2, "seed": 3}})
+    assert (cfg.train.steps, cfg.train.epochs, cfg.train.seed) == (5, None, 3)
+
+
 def test_the_qlora_recipe_is_the_chat_recipe_with_another_plan():
     qlora, chat = config.load(CONFIGS / "chat_sentiment_qlora.yaml"), config.load(CONFIGS / "chat_sentiment.yaml")
     assert qlora.plan[0] == {"action": "freeze", "quantize": "nf4"} and qlora.plan[1:] == chat.plan
