@@ -17,6 +17,7 @@ On a tied model (SmolLM2, Qwen2.5) PEFT keeps ``embed_tokens`` and ``lm_head`` o
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -30,6 +31,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
+from jaxtune import processes
 from jaxtune.models import hf, stacking, vit
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
 from jaxtune.models.load import ADAPTER_CONFIG, base_model_name, dtype_name, model_of
@@ -416,13 +418,24 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
     if fmt == "peft" and dtype is not None:
         raise ExportError(f"dtype {dtype}: applies to merged exports; a PEFT adapter is written float32 (drop the "
                           "dtype, or export merged)")
-    _clear_for_export(Path(out_dir), fmt, overwrite)
+    out = Path(out_dir)
+    earlier = _check_export_dir(out, fmt, overwrite)
     if model.step == 0:
         log.warning("exporting %s at step 0: these are the plan's untrained weights (export the model that "
                     "Trainer.fit() returns)", out_dir)
-    if fmt == "peft":
-        return export_peft(model, out_dir)
-    return export_merged(model, out_dir, dtype=dtype)
+    if processes.several():
+        # Every process of a multi-host run exports: all take part in gathering the params split over
+        # their devices, and once all have looked at the directory, process 0 alone writes it.
+        params = processes.on_host(model.params, keep=jax.process_index() == 0)
+        model = dataclasses.replace(model, params=params) if params is not None else model
+        processes.barrier(f"jaxtune_export_checked:{out.absolute()}")
+
+    def write() -> Path:
+        _clear_export_dir(out, earlier)
+        return export_peft(model, out) if fmt == "peft" else export_merged(model, out, dtype=dtype)
+
+    processes.write_once(write, f"the export to {out}")
+    return out
 
 
 def _trained(model: Any) -> Tuned:
@@ -435,16 +448,16 @@ def _trained(model: Any) -> Tuned:
                     f"model), got {type(model).__name__}")
 
 
-def _clear_for_export(out: Path, fmt: str, overwrite: bool) -> None:
-    """Make ``out`` ready for an export of format ``fmt``: absent or empty as it is; an earlier export
-    of the same format (a run exported again), or of either format with ``overwrite``, loses its
-    config and weight files (a new export may have fewer shards). Anything else is refused, naming
-    what is there: files of two exports side by side load as neither."""
+def _check_export_dir(out: Path, fmt: str, overwrite: bool) -> str | None:
+    """Whether ``out`` may take an export of format ``fmt``, reading only: absent or empty as it is
+    (returns None); an earlier export of the same format (a run exported again), or of either format
+    with ``overwrite`` (returns that format: :func:`_clear_export_dir` removes its files). Anything
+    else is refused, naming what is there: files of two exports side by side load as neither."""
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out}: a file, not a directory; export into a new or empty directory")
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not held:
-        return
+        return None
     earlier = "peft" if ADAPTER_CONFIG in held else "merged" if "config.json" in held else None
     if earlier is None:
         raise ExportError(f"{out}: not empty and not an earlier export (holds {', '.join(held[:3])}"
@@ -453,7 +466,15 @@ def _clear_for_export(out: Path, fmt: str, overwrite: bool) -> None:
         raise ExportError(f"{out}: holds an earlier {earlier} export, and this one is {fmt}: their files side by side "
                           "would load as neither; export into a new or empty directory, or replace it with "
                           "overwrite=True (jaxtune export --overwrite)")
+    return earlier
+
+
+def _clear_export_dir(out: Path, earlier: str | None) -> None:
+    """Remove the config and weight files of the ``earlier`` export in ``out`` (see :func:`_check_export_dir`):
+    a new export may have fewer shards."""
+    if earlier is None:
+        return
     for path in out.iterdir():
         if path.is_file() and (path.name.endswith((".safetensors", ".safetensors.index.json"))
                                or path.name in ("config.json", ADAPTER_CONFIG, "generation_config.json")):
-            path.unlink(missing_ok=True)  # every process of a multi-host run exports the same files
+            path.unlink()
