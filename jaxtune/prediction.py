@@ -29,19 +29,21 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune import processes
 from jaxtune.config import ConfigError
 from jaxtune.data.config import FIELD_OPTIONS
 from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
 from jaxtune.data.rows import PYTHON, Syntax
 from jaxtune.data.sources import Source, read_labeled
 from jaxtune.models.load import model_of
-from jaxtune.training.evaluate import classification_metrics, regression_metrics
-from jaxtune.training.sharding import data_parallel_size, jit_on_mesh, whole_batch
+from jaxtune.training.evaluate import classification_metrics, in_lockstep, regression_metrics
+from jaxtune.training.sharding import data_parallel_size, global_batch, jit_on_mesh
 from jaxtune.training.step import model_inputs, packed_segments
 from jaxtune.tuning import Tuned, apply_plan
 
 log = logging.getLogger(__name__)
 _LABELED = {k for k, kinds in FIELD_OPTIONS.items() if "classification" in kinds}  # text/pair/label fields
+_ROW = "row_numbers"  # predict's own batch key: each output's row in the file, + 1 (0: none)
 
 
 def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False,
@@ -136,44 +138,63 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
         raise ConfigError(f"{syntax.option('max_length', max_length)}: more than the model's {positions} position "
                           f"embeddings (max_position_embeddings in its config.json); give {positions} or less")
     length = max_length if max_length is not None else run_options.get("max_length", min(128, positions or 128))
-    # Every process reads every row (shard 0 of 1): the outputs come back in file order on each.
     config = LoaderConfig(batch_size=batch_size if batch_size is not None else run_options.get("batch_size", 32),
                           max_length=length,
                           truncation="right",
-                          packing=bool(run_options.get("packing")) if packing is None else packing,
-                          shard_index=0, shard_count=1)
+                          packing=bool(run_options.get("packing")) if packing is None else packing)
     if mesh is not None and config.batch_size % data_parallel_size(mesh):
         raise ValueError(f"predict: batch_size {config.batch_size} does not split over the run's mesh "
                          f"({data_parallel_size(mesh)}-way data parallelism: data x fsdp); give a multiple of it")
+    if out is not None:
+        _check_folder(Path(out))  # before the compute, on every process
     outputs = _outputs(tuned, source, config, mesh)
     rows = _records(tuned, source, outputs, text_field, pair_field, label_field)
-    if out is not None:
-        write(rows, out)
+    if out is not None:  # every process has every row; one writes them
+        processes.write_once(lambda: write(rows, out), f"the predictions {out}")
     return rows
 
 
 def _outputs(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | None = None) -> np.ndarray:
-    """Head outputs ``(N, num_outputs)`` float32 of every row, in order (packed rows hold them in
+    """Head outputs ``(N, num_outputs)`` float32 of every row, in file order (packed rows hold them in
     file order, slot by slot: ``example_weights`` marks the filled slots).
 
-    With a ``mesh`` (the run's: ``tuned.params`` are on it), each batch is split over its batch
-    axes and the forward runs there as the run's evaluation does (:func:`jit_on_mesh`), so a model
-    sharded for training predicts without being gathered onto one device; the outputs come back
-    replicated. ``config`` must give every process all the rows (one shard)."""
+    With a ``mesh`` (the run's: ``tuned.params`` are on it), each batch is split over its batch axes
+    and the forward runs there as the run's evaluation does (:func:`jit_on_mesh`), so a model sharded
+    for training predicts without being gathered onto one device. Each process reads, tokenizes and
+    packs its own share of the rows (every ``process_count``-th, as evaluation shares them), numbers
+    them by their place in the file, and every process gets each global batch's outputs back with
+    those numbers: the whole file's outputs, in order, on every process."""
     if tuned.tokenizer is None:
         raise ValueError("the model has no tokenizer: load it with jaxtune.load")
 
-    def forward(params: Any, batch: dict[str, Any]) -> jax.Array:
-        return tuned.module.apply({"params": params}, **model_inputs(batch))  # packing: from the shapes, static
+    def forward(params: Any, batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
+        # packing: from the shapes, static; the row numbers pass through, placed like the outputs
+        return tuned.module.apply({"params": params}, **model_inputs(batch)), batch[_ROW]
 
-    step = jax.jit(forward) if mesh is None else jit_on_mesh(forward, mesh,
-                                                             out_shardings=NamedSharding(mesh, PartitionSpec()))
-    chunks = []
-    for batch in evaluation_loader(source, tuned.tokenizer, config):
+    if mesh is None:
+        step, index, count = jax.jit(forward), 0, 1
+    else:
+        step = jit_on_mesh(forward, mesh, out_shardings=NamedSharding(mesh, PartitionSpec()))
+        index, count = jax.process_index(), jax.process_count()
+    loader = evaluation_loader(source, tuned.tokenizer, dataclasses.replace(config, shard_index=index,
+                                                                            shard_count=count))
+    outputs = np.full((len(source), tuned.num_outputs), np.nan, np.float32)
+    filled = np.zeros(len(source), bool)
+    mine = 0  # rows of this process's share numbered so far
+    for batch in in_lockstep(loader):  # a process out of rows steps on empty batches (no row numbers)
         keep = batch["example_weights"] > 0 if packed_segments(batch) else batch["segment_ids"].any(axis=-1)
-        placed = batch if mesh is None else whole_batch(batch, mesh)
-        chunks.append(np.asarray(jax.device_get(step(tuned.params, placed)), np.float32)[keep])
-    return np.concatenate(chunks)
+        numbers = np.zeros(keep.shape, np.int32)  # the row's index in the file + 1; 0: no row
+        numbers[keep] = index + count * np.arange(mine, mine + int(keep.sum())) + 1
+        mine += int(keep.sum())
+        batch = {**batch, _ROW: numbers}
+        out, rows = jax.device_get(step(tuned.params, batch if mesh is None else global_batch(batch, mesh)))
+        rows = np.asarray(rows)
+        outputs[rows[rows > 0] - 1] = np.asarray(out, np.float32)[rows > 0]
+        filled[rows[rows > 0] - 1] = True
+    if not filled.all():  # every row tokenizes to one example (truncation right): a bug if not
+        raise RuntimeError(f"predict: no output for row {int(np.argmin(filled))} of {len(source)}; this is a "
+                           "jaxtune bug")
+    return outputs
 
 
 def _records(tuned: Tuned, source: Source, outputs: np.ndarray, text_field: str, pair_field: str | None,
@@ -208,11 +229,15 @@ def _records(tuned: Tuned, source: Source, outputs: np.ndarray, text_field: str,
     return rows
 
 
+def _check_folder(path: Path) -> None:
+    if path.parent and not path.parent.is_dir():
+        raise ConfigError(f"{path}: the folder {path.parent} does not exist; create it or choose another path")
+
+
 def write(rows: list[dict[str, Any]], out: str | os.PathLike[str]) -> Path:
     """Write prediction rows as JSONL, or as CSV/TSV (by suffix; probabilities become ``p(<label>)`` columns)."""
     path = Path(out)
-    if path.parent and not path.parent.is_dir():
-        raise ConfigError(f"{path}: the folder {path.parent} does not exist; create it or choose another path")
+    _check_folder(path)
     if path.suffix not in (".csv", ".tsv"):
         path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
         return path

@@ -178,13 +178,6 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
-def whole_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Global arrays split over the batch axes from a batch that every process holds whole (each
-    device takes its rows from it); :func:`global_batch` is the form for per-process rows."""
-    sharding = batch_sharding(mesh)
-    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: v[index]) for k, v in batch.items()}
-
-
 def jit_on_mesh(fn: Callable[..., Any], mesh: Mesh | None, **jit_kwargs: Any) -> Any:
     """``jax.jit(fn, **jit_kwargs)`` with ``fn`` traced under ``mesh``'s abstract form
     (``jax.sharding.use_abstract_mesh``), for every program that runs the model on the run's mesh
