@@ -20,6 +20,7 @@ from typing import Any
 
 import jax
 
+from jaxtune import processes
 from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data, validate
 from jaxtune.data.config import batching, read_data
 from jaxtune.data.sources import DataError
@@ -130,6 +131,8 @@ def finetune(config: Config | str | os.PathLike[str] | Mapping[str, Any], *, res
         moved = RunDir(directory, main=jax.process_index() == 0).move_aside()
         if moved is not None:
             log.info("restart: moved the old run to %s", moved)
+        # The other processes read the directory next (to resume or refuse it): not before it is gone.
+        processes.barrier(f"jaxtune_restart:{Path(directory).absolute()}")
     result = trainer.fit()
     if fmt is not None and result.state in ("finished", "early_stopped"):
         # <output.dir>/export is the run's own: each finish writes it afresh
