@@ -16,6 +16,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxtune import processes
 from jaxtune.training import flops
 from jaxtune.tuning.tuned import Tuned, is_image
 
@@ -36,7 +37,8 @@ class StopOnInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        log.warning("Ctrl-C: stopping after this step and saving a checkpoint (press again to stop at once)")
+        when = "at the next log step, with the other processes," if processes.several() else "after this step"
+        log.warning("Ctrl-C: stopping %s and saving a checkpoint (press again to stop at once)", when)
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
@@ -47,6 +49,16 @@ class StopOnInterrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+    def stop_now(self, step: int, every: int) -> bool:
+        """Whether the loop stops before the step after ``step``. One process: once Ctrl-C was pressed.
+        Several JAX processes must stop at the same step (one stopping alone to save would leave the
+        others waiting in the next step's collectives), and the signal reaches each at another moment:
+        they agree every ``every`` steps (the log steps, where the host waits for the steps anyway), and
+        stop there when any of them was interrupted."""
+        if not processes.several():
+            return self.requested
+        return step % every == 0 and not processes.everyone(not self.requested)
 
 
 class Throughput:

@@ -434,7 +434,7 @@ class Trainer:
         try:
             with StopOnInterrupt() as interrupt:
                 while self.step < self.steps:
-                    if interrupt.requested:
+                    if interrupt.stop_now(self.step, cfg.log_every):
                         raise KeyboardInterrupt
                     try:
                         batch = next(iterator)
