@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from jaxtune import processes
 from jaxtune.data.pipeline import Loader, evaluation_loader
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
@@ -446,6 +447,10 @@ class ReferenceCache:
             ids = segment_pair_ids(batch[PAIR_IDS], batch["segment_ids"], ref.shape[-1])[:, 0]
             real = ids > 0
             table[ids[real] - 1] = ref.transpose(0, 2, 1)[real]
+        # Each process scored its own share of the rows (every process_count-th), and training shuffles every
+        # row to any process: each keeps every row's numbers (the shares are disjoint: one process has each).
+        tables = processes.stacked(table)
+        table = np.where((~np.isnan(tables)).any(axis=0), np.nansum(tables, axis=0), np.nan).astype(np.float32)
         return cls(table, max_segments)
 
     def lookup(self, batch: Batch) -> np.ndarray:
