@@ -1,8 +1,8 @@
 """A small LoRA training run as a script: the resume (SIGKILL) and multi-process tests run it.
 
 python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
-    [--kill-at S] [--batch B] [--out FILE.npz] [--no-packing] [--eval-out FILE.json] [--eval-data FILE]
-    [--generate-out FILE.json] [--coordinator HOST:PORT --process-id I --num-processes P]
+    [--kill-at S] [--interrupt-at S] [--batch B] [--out FILE.npz] [--no-packing] [--eval-out FILE.json]
+    [--eval-data FILE] [--generate-out FILE.json] [--coordinator HOST:PORT --process-id I --num-processes P]
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
 answers' first letters) and writes the metrics; ``--generate-out`` writes the trained model's greedy
@@ -25,6 +25,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--save-every", type=int, default=None)
     ap.add_argument("--kill-at", type=int, default=None)
+    ap.add_argument("--interrupt-at", type=int, default=None, help="process 0 alone gets a Ctrl-C after this step")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-packing", action="store_true", help="one example per row (padding mode)")
@@ -64,6 +65,8 @@ def main() -> None:
         if step == args.kill_at:
             trainer.checkpointer.wait()  # the save of an earlier step is on disk; now die hard
             os.kill(os.getpid(), signal.SIGKILL)
+        if step == args.interrupt_at and jax.process_index() == 0:
+            os.kill(os.getpid(), signal.SIGINT)
 
     eval_loader = make_loader(read_source(args.eval_data or args.data, "chat"), tiny_tokenizer(),
                               LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=1, shuffle=False,
@@ -75,7 +78,7 @@ def main() -> None:
                       config=TrainConfig(steps=args.steps, log_every=1, progress=False),
                       checkpoint=CheckpointConfig(every=args.save_every), eval=EvalConfig(choices=choices, before=False,
                                                                                          after=False),
-                      run_dir=args.run, callbacks=[kill] if args.kill_at else [])
+                      run_dir=args.run, callbacks=[kill] if args.kill_at or args.interrupt_at else [])
     result = trainer.fit()
     if args.out and jax.process_index() == 0:
         host = jax.device_get(trainer.trainable)  # gathers across processes for fully addressable arrays

@@ -1,0 +1,136 @@
+"""Jobs the multi-process tests (tests/test_processes.py) run as several JAX processes on one machine.
+
+python tests/processes_script.py JOB COORDINATOR PROCESS_ID NUM_PROCESSES ARGS_JSON
+
+export   {"model", "out"}: the tiny Llama's LoRA plan, its params (drawn with key 0, then scaled by
+         1.01 and shifted by 0.001, so that the adapters are not zero) split over the processes' devices
+         (an fsdp mesh), exported as a PEFT adapter to OUT/peft and merged to OUT/merged.
+predict  {"run", "data", "out"}: ``jaxtune.predict`` of the run directory on the file, packed as the run
+         trained (to OUT/predictions.jsonl) and one row per sequence.
+restart  {"recipe", "out", "delay"}: ``jaxtune.finetune(recipe, restart=True)``, process 0 moving the old
+         run aside ``delay`` seconds late.
+dpo      {"model", "train", "out"}: :func:`dpo_run` in OUT/run.
+
+Each process writes OUT/<job>-<process>.json: what the job returned on it, and the weights and
+prediction files it wrote (``written``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def export(args: dict[str, Any]) -> dict[str, Any]:
+    import jax
+    import numpy as np
+
+    import jaxtune as jt
+    from jaxtune import tuning
+    from jaxtune.models import hf
+    from jaxtune.training.sharding import MeshConfig, make_mesh, param_shardings, shard
+
+    tuned = tuning.apply_plan(hf.load_pretrained(args["model"]), tuning.lora(rank=4, alpha=8), jax.random.key(0))
+    params = jax.tree.map(lambda x: np.asarray(x) * np.asarray(1.01, x.dtype) + np.asarray(0.001, x.dtype),
+                          tuned.params)
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1))
+    params = shard(params, param_shardings(params, mesh, tuned.partition_rules))
+    split = [x for x in jax.tree.leaves(params) if not x.is_fully_addressable and not x.is_fully_replicated]
+    assert split, "no param is split over the processes: the job would not test gathering them"
+    model = dataclasses.replace(tuned, params=params, step=1)
+    out = Path(args["out"])
+    return {"peft": str(jt.export(model, out / "peft")),
+            "merged": str(jt.export(model, out / "merged", format="merged"))}
+
+
+def predict(args: dict[str, Any]) -> dict[str, Any]:
+    import jaxtune as jt
+    from jaxtune import prediction
+
+    shares = []
+    loader = prediction.evaluation_loader
+
+    def spy(*a: Any, **k: Any) -> Any:
+        made = loader(*a, **k)
+        shares.append([made.shard_index, made.shard_count])
+        return made
+
+    prediction.evaluation_loader = spy
+    packed = jt.predict(args["run"], args["data"], out=Path(args["out"]) / "predictions.jsonl")
+    unpacked = jt.predict(args["run"], args["data"], packing=False)
+    return {"packed": packed, "unpacked": unpacked, "shares": shares}
+
+
+def dpo(args: dict[str, Any]) -> dict[str, Any]:
+    return {"state": dpo_run(args).state}
+
+
+def dpo_run(args: dict[str, Any], mesh: Any = None) -> Any:
+    """3 steps of LoRA-DPO with the reference log-probs computed before training (`reference: cached`),
+    4 pairs a batch, one a row (packing packs each process's share apart); the test runs it on one process too."""
+    import jaxtune as jt
+
+    train, _ = jt.read(args["train"], kind="preference")
+    tuned = jt.apply_plan(jt.load(args["model"]), jt.lora(rank=4, alpha=8))
+    return jt.Trainer(tuned, train, run_dir=Path(args["out"]) / "run", mesh=mesh,
+                      config=jt.TrainConfig(steps=3, log_every=1, progress=False),
+                      data=jt.DataConfig(batch_size=4, max_length=48, packing=False),
+                      preference=jt.PreferenceConfig(method="dpo", beta=0.5, reference="cached"),
+                      optimizer=jt.OptimizerConfig(learning_rate=1e-2, schedule="constant")).fit()
+
+
+def restart(args: dict[str, Any]) -> dict[str, Any]:
+    import time
+
+    import jax
+
+    import jaxtune as jt
+    from jaxtune.training.rundir import RunDir
+
+    move_aside = RunDir.move_aside
+
+    def late(self: RunDir) -> Path | None:
+        if jax.process_index() == 0:
+            time.sleep(args["delay"])
+        return move_aside(self)
+
+    RunDir.move_aside = late
+    result = jt.finetune(args["recipe"], restart=True)
+    return {"state": result.state, "step": result.step}
+
+
+def main() -> None:
+    job, address, process, count, args = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    import jax
+
+    jax.distributed.initialize(address, num_processes=count, process_id=process)
+    from absl import flags
+
+    flags.FLAGS.mark_as_parsed()
+    from jaxtune import prediction
+    from jaxtune.models import hf
+    from jaxtune.tuning import peft_io
+
+    written: list[str] = []  # the weights and prediction files this process wrote
+
+    def record(module: Any, name: str) -> None:
+        real = getattr(module, name)
+
+        def spy(*a: Any, **k: Any) -> Any:
+            written.append(str(a[1]))  # save_file(tensors, path), write(rows, out)
+            return real(*a, **k)
+
+        setattr(module, name, spy)
+
+    for module, name in ((peft_io, "save_file"), (hf, "save_file"), (prediction, "write")):
+        record(module, name)
+    args = json.loads(args)
+    result = {"export": export, "predict": predict, "restart": restart, "dpo": dpo}[job](args)
+    (Path(args["out"]) / f"{job}-{process}.json").write_text(json.dumps({**result, "written": written}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Several JAX processes (one CPU device each, ``jax.distributed`` on localhost), as on a TPU pod: an
+export of params split over them, predictions, a restart, a Ctrl-C that reaches one process and DPO
+with cached reference log-probs. Each file is written once, by process 0, every process ends with what
+one process would, and no process is left waiting for another in a collective."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import yaml
+from helpers import tiny_hf_model
+
+import jaxtune as jt
+from jaxtune import tuning
+from jaxtune.cli import main as cli
+from jaxtune.data.testing import synthetic_preference_rows, tiny_tokenizer, write_jsonl
+from jaxtune.models import hf
+from jaxtune.training.sharding import MeshConfig, make_mesh
+
+SCRIPT = Path(__file__).with_name("processes_script.py")
+TRAIN_SCRIPT = Path(__file__).with_name("train_script.py")
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _processes(argv: list[str], logs: Path, timeout: float, count: int = 2) -> list[str]:
+    """Run ``argv + [coordinator, process id]``-style commands (``{address}`` and ``{process}`` in
+    ``argv`` are filled in) as ``count`` processes; their stderr. Fails when one exits with an error or
+    they do not all finish within ``timeout`` seconds (a process waiting for another in a collective)."""
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    procs = []
+    for i in range(count):
+        command = [a.replace("{address}", address).replace("{process}", str(i)).replace("{count}", str(count))
+                   for a in argv]
+        with open(logs / f"process-{i}.log", "w") as err:  # a file, not a pipe: a full pipe would block it
+            procs.append(subprocess.Popen([sys.executable, *command], env=env, stderr=err))
+    try:
+        for p in procs:
+            p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+            p.wait()
+        pytest.fail(f"the processes did not all finish in {timeout} s (one waits for another): "
+                    + " | ".join((logs / f"process-{i}.log").read_text()[-1500:] for i in range(count)))
+    errs = [(logs / f"process-{i}.log").read_text() for i in range(count)]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 0, err[-3000:]
+    return errs
+
+
+def _job(job: str, args: dict, timeout: float = 300) -> list[dict]:
+    out = Path(args["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    _processes([str(SCRIPT), job, "{address}", "{process}", "{count}", json.dumps(args)], out, timeout)
+    return [json.loads((out / f"{job}-{i}.json").read_text()) for i in range(2)]
+
+
+def _same_files(a: Path, b: Path) -> None:
+    """Two export directories hold the same files: equal tensors (bitwise), equal JSON."""
+    from safetensors.numpy import load_file
+
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in b.iterdir())
+    for path in a.iterdir():
+        if path.suffix == ".safetensors":
+            ours, theirs = load_file(path), load_file(b / path.name)
+            assert ours.keys() == theirs.keys()
+            for key in ours:
+                np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{path.name}: {key}")
+        elif path.suffix == ".json":
+            assert json.loads(path.read_text()) == json.loads((b / path.name).read_text()), path.name
+
+
+def test_an_export_of_params_split_over_processes_is_gathered_and_written_by_one(tmp_path):
+    """Every process exports (the recipes and ``jaxtune export`` run on each): a leaf split over
+    several processes' devices (fsdp) could not be read (``device_get`` of an array spanning
+    non-addressable devices), and with replicated params every process wrote and renamed the same
+    files. Now all gather, process 0 writes, and the files equal one process's export."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "model")
+    two = _job("export", {"model": str(tmp_path / "model"), "out": str(tmp_path / "two")})
+    assert two[1]["written"] == [] and len(two[0]["written"]) == 2, two  # the adapter and the merged weights
+    tuned = tuning.apply_plan(hf.load_pretrained(tmp_path / "model"), tuning.lora(rank=4, alpha=8), jax.random.key(0))
+    params = jax.tree.map(lambda x: np.asarray(x) * np.asarray(1.01, x.dtype) + np.asarray(0.001, x.dtype),
+                          tuned.params)
+    model = dataclasses.replace(tuned, params=params, step=1)
+    jt.export(model, tmp_path / "one" / "peft")
+    jt.export(model, tmp_path / "one" / "merged", format="merged")
+    for kind in ("peft", "merged"):
+        _same_files(tmp_path / "two" / kind, tmp_path / "one" / kind)
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory) -> dict[str, Path]:
+    """A tiny BERT (with its character tokenizer), a LoRA + head recipe on 16 labeled rows, trained 2 steps
+    on one process, and 9 rows to predict (5 for process 0, 4 for process 1)."""
+    root = tmp_path_factory.mktemp("classifier")
+    tiny_hf_model("BertModel", root / "bert", vocab_size=112, max_position_embeddings=64)
+    tiny_tokenizer(bos=True).save_pretrained(root / "bert")
+    rng = np.random.default_rng(0)
+    words = {"spam": ["win", "cash", "prize", "free"], "ham": ["lunch", "meeting", "notes", "today"]}
+
+    def rows(n: int) -> str:
+        labels = [("spam", "ham")[i % 2] for i in range(n)]
+        return "".join(json.dumps({"text": " ".join(rng.choice(words[c], int(rng.integers(2, 6)))), "label": c})
+                       + "\n" for c in labels)
+
+    (root / "train.jsonl").write_text(rows(16))
+    (root / "test.jsonl").write_text(rows(9))
+    config = {"model": {"path": str(root / "bert")},
+              "plan": [{"preset": "lora", "rank": 4, "alpha": 8}, {"action": "head", "task": "classification",
+                                                                    "pooling": "pooler"}],
+              "data": {"train": str(root / "train.jsonl"), "kind": "classification", "max_length": 48,
+                       "batch_size": 8, "packing": True, "seed": 0},
+              "train": {"steps": 2, "log_every": 1}, "optimizer": {"learning_rate": 0.05},
+              "eval": {"before": False, "after": False}, "output": {"dir": str(root / "run"), "export": "none"}}
+    (root / "recipe.yaml").write_text(yaml.safe_dump(config))
+    assert cli(["train", str(root / "recipe.yaml")]) == 0
+    return {"root": root, "run": root / "run", "test": root / "test.jsonl", "recipe": root / "recipe.yaml"}
+
+
+def test_predict_on_two_processes_shares_the_rows_out_and_writes_once(classifier, tmp_path):
+    """Each process read, tokenized and wrote every row (both writing one file); now each reads every
+    other row, every process gets every prediction in file order, equal to one process's, and process 0
+    writes the file. 9 rows: process 0 has one batch more unpacked (5 and 4 rows, 4 a batch)."""
+    two = _job("predict", {"run": str(classifier["run"]), "data": str(classifier["test"]), "out": str(tmp_path)})
+    one = {"packed": jt.predict(classifier["run"], classifier["test"]),
+           "unpacked": jt.predict(classifier["run"], classifier["test"], packing=False)}
+    names = sorted(one["packed"][0]["probabilities"])
+    for process, result in enumerate(two):
+        assert result["shares"] == [[process, 2], [process, 2]]
+        for how in ("packed", "unpacked"):
+            assert [r["text"] for r in result[how]] == [r["text"] for r in one[how]]
+            assert [r["prediction"] for r in result[how]] == [r["prediction"] for r in one[how]]
+            np.testing.assert_allclose([[r["probabilities"][n] for n in names] for r in result[how]],
+                                       [[r["probabilities"][n] for n in names] for r in one[how]], atol=1e-5)
+    assert two[0]["written"] == [str(tmp_path / "predictions.jsonl")] and two[1]["written"] == []
+    written = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in written] == [r["prediction"] for r in one["packed"]]
+
+
+def test_a_restart_on_two_processes_waits_until_the_old_run_is_moved_aside(classifier, tmp_path):
+    """``restart`` moves the old run aside on process 0; the other went on at once and read the old run
+    directory (here: another data.seed, so it refused to resume it, and process 0 was left waiting)."""
+    config = yaml.safe_load(classifier["recipe"].read_text())
+    run = tmp_path / "run"
+    first = {**config, "output": {"dir": str(run), "export": "none"}, "train": {"steps": 1, "log_every": 1}}
+    (tmp_path / "first.yaml").write_text(yaml.safe_dump(first))
+    assert cli(["train", str(tmp_path / "first.yaml")]) == 0
+    (tmp_path / "again.yaml").write_text(yaml.safe_dump({**first, "data": {**first["data"], "seed": 1}}))
+    two = _job("restart", {"recipe": str(tmp_path / "again.yaml"), "out": str(tmp_path / "logs"), "delay": 5},
+               timeout=180)
+    assert [r["state"] for r in two] == ["finished", "finished"]
+    assert len(list(tmp_path.glob("run.old-*"))) == 1
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["seed"] == 1
+
+
+def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """The signal reaches each process at another moment (here: process 0 only): the interrupted one
+    stopped alone and saved, and the others stepped on into the next step's collectives (both hung).
+    Now they agree at the log step, all stop there, save one checkpoint and report "stopped"."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "model")
+    words = ["alpha", "beta", "gamma", "delta"]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": " ".join(words[i % 4:] or words)},
+        {"role": "assistant", "content": words[i % 4].upper()}]}) + "\n" for i in range(32)))
+    errs = _processes([str(TRAIN_SCRIPT), "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
+                       "--run", str(tmp_path / "run"), "--steps", "6", "--batch", "4", "--no-packing",
+                       "--interrupt-at", "2", "--coordinator", "{address}", "--num-processes", "{count}",
+                       "--process-id", "{process}"], tmp_path, timeout=180)
+    assert all("done step=2 state=stopped" in err for err in errs), [err[-1500:] for err in errs]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "stopped"
+
+
+
+def test_a_cached_reference_on_two_processes_holds_every_row_on_each(tmp_path):
+    """``preference.reference: cached`` scores the pairs once before training, each process its share of
+    the file's rows (every other one); training shuffles every row to either process, which then found
+    no reference log-probs for the other's rows ("a batch holds a pair the pre-pass did not score"). Now
+    each keeps every row's: the losses equal one process's (the same global batches)."""
+    from processes_script import dpo_run
+
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    write_jsonl(tmp_path / "train.jsonl", synthetic_preference_rows(16, seed=0))
+    args = {"model": str(tmp_path / "llama"), "train": str(tmp_path / "train.jsonl")}
+    two = _job("dpo", {**args, "out": str(tmp_path / "two")})
+    assert [r["state"] for r in two] == ["finished", "finished"]
+    dpo_run({**args, "out": str(tmp_path / "one")}, mesh=make_mesh(MeshConfig(), jax.devices()[:2]))
+    losses = {name: [r["loss"] for r in map(json.loads, (tmp_path / name / "run" / "metrics.jsonl").read_text()
+                                            .splitlines()) if "loss" in r] for name in ("one", "two")}
+    assert len(losses["one"]) == 3
+    np.testing.assert_allclose(losses["two"], losses["one"], rtol=1e-5)
