@@ -140,7 +140,7 @@ CONFIG_VALUES = [
     option("train.steps", "0", "train.steps", ">= 1"),
     Case("train.epochs=-1", train("train.steps=null", "train.epochs=-1"), "train.epochs", "positive number"),
     Case("train.epochs=.inf", train("train.steps=null", "train.epochs=.inf"), "train.epochs", "positive number"),
-    Case("train.steps+epochs", train("train.epochs=1"), "train.steps", "not both"),
+    Case("train.steps+epochs", train("train.steps=3", "train.epochs=1"), "train.steps", "not both"),
     option("train.grad_accum_steps", "0", "train.grad_accum_steps", ">= 1"),
     option("train.log_every", "0", "train.log_every", ">= 1"),
     option("train.seed", "-1", "train.seed", "[0, 2**32)"),
