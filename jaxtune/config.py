@@ -291,7 +291,7 @@ def _line_of(path: Path, field: Sequence[str | int]) -> int | None:
     return line
 
 
-def _located(err: ConfigError, path: Path, overrides: Sequence[str]) -> ConfigError:
+def located(err: ConfigError, path: Path, overrides: Sequence[str] = ()) -> ConfigError:
     """``err`` led by the file and line that write the key at fault (``err.field``): the recipe's own
     file, else the nearest of its bases that does. An error in what an override wrote is left as it
     is (the override names the key), and so is one that no single key of a file caused."""
@@ -361,7 +361,7 @@ def load(path: str | Path | None, overrides: Sequence[str] = (), *, base: Mappin
     except ConfigError as err:
         if path is None:
             raise
-        raise _located(err, Path(path), overrides) from None
+        raise located(err, Path(path), overrides) from None
 
 
 def _bases(path: Path) -> list[Path]:

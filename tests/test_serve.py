@@ -428,13 +428,16 @@ def test_serve_keys_command(tmp_path, capsys):
     assert "no key 'key-nope'" in capsys.readouterr().err
     assert main(["serve", "--model", "broken", "--data-dir", str(tmp_path)]) == 2
     assert "--model 'broken': expected NAME=DIR" in capsys.readouterr().err
-    (tmp_path / "recipe.yaml").write_text("optimizr: {learning_rate: 0.1}\n")
+    (tmp_path / "recipe.yaml").write_text("# the operator's defaults\noptimizr: {learning_rate: 0.1}\n")
     assert main(["serve", "--recipe", str(tmp_path / "recipe.yaml"), "--data-dir", str(tmp_path)]) == 2
-    assert "unknown key 'optimizr'" in capsys.readouterr().err
+    assert f"{tmp_path / 'recipe.yaml'}:2: unknown key 'optimizr'" in capsys.readouterr().err  # its file and line
     # An operator recipe may start from another (base:), resolved and checked like a training recipe.
     (tmp_path / "operator.yaml").write_text("base: recipe.yaml\n")
     assert main(["serve", "--recipe", str(tmp_path / "operator.yaml"), "--data-dir", str(tmp_path)]) == 2
-    assert "unknown key 'optimizr'" in capsys.readouterr().err
+    assert f"{tmp_path / 'recipe.yaml'}:2: unknown key 'optimizr'" in capsys.readouterr().err  # the base's line
+    (tmp_path / "recipe.yaml").write_text("optimizer:\n  learning_rate: fast\n")
+    assert main(["serve", "--recipe", str(tmp_path / "recipe.yaml"), "--data-dir", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'recipe.yaml'}:2: optimizer.learning_rate: expected a number" in capsys.readouterr().err
 
 
 def test_uploads_are_capped_and_stored_under_server_names(tmp_path):

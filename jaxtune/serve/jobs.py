@@ -47,7 +47,7 @@ class RequestError(ValueError):
 def check_operator_recipe(recipe: Mapping[str, Any], where: str) -> None:
     """An operator recipe sets how jobs train, never what they train on; it is checked at start
     (keys, types, ranges) as the recipe of a chat job, so a typo fails the server, not every job."""
-    from jaxtune.config import ConfigError, load, merge
+    from jaxtune.config import ConfigError, load, located, merge
 
     for section, fields in JOB_OWNED.items():
         given = recipe.get(section) or {}
@@ -58,7 +58,10 @@ def check_operator_recipe(recipe: Mapping[str, Any], where: str) -> None:
     job = {"model": {"path": "base"}, "data": {"train": "train.jsonl", "kind": "chat"}, "output": {"dir": "run"}}
     try:
         load(None, base=merge(merge(DEFAULTS, recipe), job))
-    except (ConfigError, ValueError) as err:
+    except ConfigError as err:
+        found = located(err, Path(where)) if where and Path(where).is_file() else err
+        raise RequestError(str(found) if found is not err else f"{where}: {err}") from None
+    except ValueError as err:
         raise RequestError(f"{where}: {err}") from None
 
 
