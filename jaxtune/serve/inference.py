@@ -100,9 +100,9 @@ def load_checkpoint(run_dir: Path, step: int) -> Any:
     """The model of ``run_dir``'s checkpoint at ``step``, restored from a snapshot of it (hard links
     in a private folder beside the run directory, removed once loaded), never from the run
     directory itself: a job training there meanwhile saves newer checkpoints (a run restores its
-    latest), its rotation (``checkpoint.keep``) deletes old ones, and opening its checkpoints
-    would remove the save it has in flight (an opened checkpoint directory drops unfinished
-    saves). Raises :class:`CheckpointGone` when the rotation removed it before it was linked."""
+    latest), and its rotation (``checkpoint.keep``) deletes old ones, which the links keep whole
+    while they load. Raises :class:`CheckpointGone` when the rotation removed it before it was
+    linked."""
     import jaxtune as jt
 
     scratch = Path(tempfile.mkdtemp(prefix=SNAPSHOT, dir=run_dir.parent))
