@@ -469,3 +469,83 @@ def test_a_reader_changes_nothing_on_disk_of_a_run_that_may_be_training(tmp_path
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before
     assert re.search(r"checkpoints/8: checkpoint is incomplete or corrupt .*; skipped, left in place \(read-only\); "
                      "falling back to step 4", capsys.readouterr().out)
+
+
+def test_a_restore_hashes_each_file_of_the_step_it_restores_once(run, crashed, tmp_path, monkeypatch):
+    """Verifying reads every byte of a step: a reader (evaluation, export, serving) verified the
+    newest step to find it, then again to restore it. Each file of step 8 is hashed once; step 4,
+    older and not needed, not at all."""
+    from jaxtune.training import checkpoint
+
+    shutil.copytree(crashed, tmp_path / "run")
+    hashed: list[Path] = []
+    sha256 = checkpoint._sha256
+
+    def counted(path: Path) -> str:
+        hashed.append(path.relative_to(tmp_path / "run" / "checkpoints"))
+        return sha256(path)
+
+    monkeypatch.setattr(checkpoint, "_sha256", counted)
+    trainer = run.trainer(tmp_path / "run")
+    try:
+        assert trainer.restore() == 8
+    finally:
+        trainer.close()
+    in_manifest = json.loads((tmp_path / "run" / "checkpoints" / "8" / MANIFEST).read_text())["files"]
+    assert sorted(map(str, hashed)) == sorted(f"8/{rel}" for rel in in_manifest)
+
+
+def _two_steps(tmp_path: Path) -> dict:
+    trainable = {"w": jnp.arange(8.0)}
+    with Checkpointer(tmp_path, with_data=False) as writer:
+        for step in (4, 8):
+            writer.save(step, jax.tree.map(lambda x, s=step: x + s, trainable), {}, jax.random.key(0))
+    return trainable
+
+
+@pytest.mark.parametrize("when", ["verified", "read"])
+def test_a_step_the_runs_rotation_removes_while_a_reader_has_it_is_skipped(tmp_path, monkeypatch, capsys, when):
+    """A training run's rotation (checkpoint.keep) deletes its oldest step whenever it saves: a
+    reader verifying or reading that step saw a raw FileNotFoundError, or was told the intact step
+    "does not restore into this run's params". It skips it, says so, and reads the next older one."""
+    from jaxtune.training import checkpoint
+
+    trainable = _two_steps(tmp_path)
+    name, owner = ("_sha256", checkpoint) if when == "verified" else ("_restore_step", Checkpointer)
+    real = getattr(owner, name)
+
+    def rotated_then(*args, **kwargs):
+        if (tmp_path / "checkpoints" / "8").is_dir():
+            shutil.rmtree(tmp_path / "checkpoints" / "8")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, rotated_then)
+    with Checkpointer(tmp_path, with_data=False, report=print, read_only=True) as reader:
+        step, got, *_ = reader.restore(trainable, {})
+    assert step == 4 and np.asarray(got["w"]).tolist() == (np.arange(8.0) + 4).tolist()
+    assert re.search(r"checkpoints/8: checkpoint removed while it was read \(the run's rotation, checkpoint.keep, "
+                     r"removes old ones\); skipped; falling back to step 4", capsys.readouterr().out)
+    assert not (tmp_path / "checkpoints" / SET_ASIDE).exists()
+
+
+def test_a_step_asked_for_by_number_is_that_step_or_a_clear_error(tmp_path):
+    """Serving a job's checkpoint restores exactly that step, not the newest; one not (or no longer)
+    there, or damaged, is an error naming it, and nothing is moved, even by a writer."""
+    from jaxtune.training.checkpoint import CheckpointDamagedError, CheckpointGoneError
+
+    trainable = _two_steps(tmp_path)
+    for read_only in (True, False):
+        with Checkpointer(tmp_path, with_data=False, read_only=read_only) as reader:
+            step, got, *_ = reader.restore(trainable, {}, step=4)
+            assert step == 4 and np.asarray(got["w"]).tolist() == (np.arange(8.0) + 4).tolist()
+            with pytest.raises(CheckpointGoneError, match=r"checkpoints/6: no such checkpoint .*checkpoint.keep.*"
+                                                          r"those there: \[4, 8\]"):
+                reader.restore(trainable, {}, step=6)
+    damage(tmp_path / "checkpoints" / "8" / "trainable", "flipped_bit")
+    before = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    for read_only in (True, False):
+        with Checkpointer(tmp_path, with_data=False, read_only=read_only) as reader:
+            with pytest.raises(CheckpointDamagedError, match=r"checkpoints/8: the checkpoint does not verify "
+                                                             r"\(trainable/.* does not match its sha256"):
+                reader.restore(trainable, {}, step=8)
+    assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")) == before

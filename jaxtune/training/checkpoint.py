@@ -23,7 +23,15 @@ thread per manager, and two of those on one directory raced (``FileNotFoundError
 A reader (``Checkpointer(read_only=True)``: evaluation, export, generation of a run that may still
 be training) changes nothing on disk: a temporary directory may be the trainer's save in flight,
 and a step that fails verification may be one the trainer is about to set aside itself, so the
-reader skips it (reported) and tries the next older one.
+reader skips it (reported) and tries the next older one. A step the trainer's rotation removes
+while a reader verifies or reads it is skipped the same way (reported as gone); asked for by
+number (``restore(step=N)``), it is a :class:`CheckpointGoneError`.
+
+Several JAX processes (a pod, one shared file system): process 0 alone lists the steps and hashes a
+step's files, and every process learns its verdict (one small all-gather), so a multi-GB step is
+read once to verify it, not once per process; all then try the same step. A damaged step is moved
+aside by process 0 only after every process has learned the verdict and while they wait for the
+move, so no process reads a step that is being moved.
 """
 
 from __future__ import annotations
@@ -35,9 +43,9 @@ import os
 import shutil
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Self, TypeVar
 
 import grain
 import jax
@@ -45,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxtune.processes import barrier, stacked
 from jaxtune.training.sharding import shard
 
 MANIFEST = "jaxtune_checksums.json"
@@ -66,14 +75,6 @@ class SetAside:
 
 def _primary() -> bool:
     return jax.process_index() == 0
-
-
-def _sync(name: str) -> None:
-    """Other processes wait for process 0's file operations (renames, clean-ups) to finish."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(name)
 
 
 def _warn(line: str) -> None:
@@ -103,7 +104,7 @@ def _remove_unfinished(directory: Path) -> None:
     if _primary() and directory.is_dir():
         for tmp in directory.glob(f"*{_TMP_SUFFIX}*"):
             shutil.rmtree(tmp, onerror=ignore_missing)
-    _sync(f"jaxtune_cleanup:{directory}")
+    barrier(f"jaxtune_cleanup:{directory}")
 
 
 def _listing(step_dir: Path) -> dict[str, Path]:
@@ -145,6 +146,13 @@ def verify(step_dir: Path) -> str | None:
         expected = {rel: (int(v["bytes"]), str(v["sha256"])) for rel, v in expected.items()}
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
         return f"{MANIFEST} is unreadable ({type(err).__name__})"
+    try:
+        return _compare(step_dir, expected)
+    except FileNotFoundError as err:  # a reader's view of a step the training run's rotation removes
+        return f"{_GONE} ({Path(err.filename or step_dir).name} vanished while it was verified)"
+
+
+def _compare(step_dir: Path, expected: dict[str, tuple[int, str]]) -> str | None:
     actual = _listing(step_dir)
     missing = sorted(set(expected) - set(actual))
     if missing:
@@ -161,9 +169,21 @@ def verify(step_dir: Path) -> str | None:
     return None
 
 
+_GONE = "removed while it was read"  # starts the reason of a step that vanished under a reader
+
+
 class CheckpointMismatchError(ValueError):
     """An intact checkpoint (every file matches its checksum) that does not restore into the trees
     asked for: another plan, model or optimizer is opening it. It is left where it is."""
+
+
+class CheckpointGoneError(LookupError):
+    """The step asked for is not (or no longer) in the checkpoint directory: the run's rotation
+    (``checkpoint.keep``) removed it, or it never was there."""
+
+
+class CheckpointDamagedError(RuntimeError):
+    """The step asked for does not verify (its files do not match their checksums)."""
 
 
 def _does_not_fit(step_dir: Path, err: Exception) -> CheckpointMismatchError:
@@ -187,8 +207,72 @@ def move_aside(directory: Path, step: int, reason: str) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(directory / str(step), dest)
         dest.with_name(dest.name + ".why.txt").write_text(reason + "\n")
-    _sync(f"jaxtune_set_aside:{directory}:{step}")  # not dest: each process reads its own clock
+    barrier(f"jaxtune_set_aside:{directory}:{step}")  # not dest: each process reads its own clock
     return dest
+
+
+# ------------------------------------------------------------------ agreed on by every process
+
+_OK, _DAMAGED, _VANISHED, _FAILED = range(4)
+T = TypeVar("T")
+
+
+def _from_process_0(step: int, status: int) -> tuple[int, int]:
+    """Process 0's ``(step, status)`` on every process (one small all-gather all must join)."""
+    first = stacked(np.asarray([step, status], np.int32))[0]
+    return int(first[0]), int(first[1])
+
+
+def _verified_steps(directory: Path, only: int | None = None) -> Iterator[tuple[int, str | None, bool]]:
+    """The steps of ``directory``, newest first (``only`` that one), each as ``(step, why it cannot be
+    trusted or None, whether it vanished)``. Process 0 lists and hashes; every other process learns
+    its answer, so all try the same steps in the same order and none reads the files to verify them
+    again. The caller deals with a step (restores, sets aside or skips it) before asking for the next:
+    process 0 lists again then, without the steps it moved."""
+    below: int | None = None
+    while True:
+        step, status, reason, error = -1, _OK, None, None
+        if _primary():
+            try:
+                listed = [s for s in _step_dirs(directory) if (below is None or s < below) and only in (None, s)]
+                if listed:
+                    step, reason = listed[-1], verify(directory / str(listed[-1]))
+                    gone = reason is not None and (reason.startswith(_GONE) or not (directory / str(step)).is_dir())
+                    status = _OK if reason is None else _VANISHED if gone else _DAMAGED
+            except Exception as err:  # noqa: BLE001 - raised below, once every process knows
+                status, error = _FAILED, err
+        step, status = _from_process_0(step, status)
+        if status == _FAILED:
+            if error is not None:
+                raise error
+            raise RuntimeError(f"{directory}: process 0, which verifies the checkpoints, failed (its log has the "
+                               "error)")
+        if step < 0:
+            return
+        if status != _OK and reason is None:
+            reason = (_GONE if status == _VANISHED
+                      else "its files do not match their checksums; process 0's log says which")
+        yield step, reason, status == _VANISHED
+        below = step
+
+
+def _read_everywhere(step_dir: Path, read: Callable[[], T]) -> T | None:
+    """``read()`` of a verified step on every process, or None when the step vanished on some process
+    meanwhile (a training run's rotation, under a reader). Intact files that do not restore into the
+    trees asked for are a :class:`CheckpointMismatchError` on every process."""
+    try:
+        result, error = read(), None
+    except Exception as err:  # noqa: BLE001 - decided below, once every process knows
+        result, error = None, err
+    outcomes = stacked(np.int32(_OK if error is None else _FAILED if step_dir.is_dir() else _VANISHED))
+    if (outcomes == _OK).all():
+        return result
+    if (outcomes == _VANISHED).any():
+        return None
+    if error is not None:
+        raise _does_not_fit(step_dir, error) from error
+    raise CheckpointMismatchError(f"{step_dir}: another process could not restore the checkpoint (its log says why); "
+                                  "nothing was moved")
 
 
 class _ManifestOnCommit:
@@ -252,7 +336,9 @@ class Checkpointer:
     and a second manager on the same directory must not be opened while it lives.
     ``report`` receives one line per step set aside (default: a ``UserWarning``); every one is
     also kept in :attr:`set_aside`. ``read_only``: a reader of a run that may be training (see the
-    module docstring): it removes and moves nothing, and cannot save.
+    module docstring): it removes and moves nothing, and cannot save. On several processes every
+    process calls :meth:`restore`, :meth:`restore_best` and :meth:`latest_good_step` (they agree on
+    process 0's verdict of each step).
     """
 
     def __init__(self, run_dir: str | Path, *, max_to_keep: int = 3, with_data: bool = True, async_save: bool = True,
@@ -360,11 +446,10 @@ class Checkpointer:
         """The newest step whose files match their checksums, without restoring it; newer steps
         that fail are set aside (as a restore would). Waits for a save in flight to finish."""
         self.wait()
-        for step in reversed(self.steps()):
-            reason = verify(self.run_dir / "checkpoints" / str(step))
+        for step, reason, gone in _verified_steps(self.run_dir / "checkpoints"):
             if reason is None:
                 return step
-            self._set_aside_latest(step, reason)
+            self._set_aside_latest(step, reason, gone)
         return None
 
     def restore(
@@ -373,6 +458,7 @@ class Checkpointer:
         opt_state_like: Any,
         *,
         data_iterator: Any = None,
+        step: int | None = None,
     ) -> tuple[int, Any, Any, jax.Array, dict[str, Any]] | None:
         """Restore the newest good checkpoint, or None when there is none.
 
@@ -380,22 +466,37 @@ class Checkpointer:
         shardings) giving the structure and *target* placement: a checkpoint saved on one mesh
         restores onto another. ``data_iterator`` has its state set in place (and put back as it
         was when no step restores). Returns ``(step, trainable, opt_state, rng, meta)``.
+
+        ``step``: that step and no other; :class:`CheckpointGoneError` when it is not (or no
+        longer) there, :class:`CheckpointDamagedError` when it does not verify (it is not moved).
         """
         self.wait()  # a save in flight is the newest step
         data_iterator = data_iterator if self.with_data else None
         initial = data_iterator.get_state() if data_iterator is not None else None
-        for step in reversed(self.steps()):
-            reason = verify(self.run_dir / "checkpoints" / str(step))
-            if reason is None:
-                try:
-                    return self._restore_step(step, trainable_like, opt_state_like, data_iterator)
-                except Exception as err:  # noqa: BLE001 - its files are intact: what was asked does not fit
-                    if initial is not None:
-                        data_iterator.set_state(initial)
-                    raise _does_not_fit(self.run_dir / "checkpoints" / str(step), err) from err
-            self._set_aside_latest(step, reason)
+        path = self.run_dir / "checkpoints"
+        try:
+            for found, reason, gone in _verified_steps(path, only=step):
+                if reason is None:
+                    restored = _read_everywhere(path / str(found), lambda s=found: self._restore_step(
+                        s, trainable_like, opt_state_like, data_iterator))
+                    if restored is not None:
+                        return restored
+                    reason, gone = _GONE, True
+                if step is not None:
+                    if gone:
+                        break
+                    raise CheckpointDamagedError(f"{path / str(step)}: the checkpoint does not verify ({reason}); "
+                                                 "restore another step (its run's checkpoints/ lists them)")
+                self._set_aside_latest(found, reason, gone)
+        except BaseException:
+            if initial is not None:
+                data_iterator.set_state(initial)  # a failed attempt may have set part of it
+            raise
         if initial is not None:
-            data_iterator.set_state(initial)  # a failed attempt may have set part of it
+            data_iterator.set_state(initial)
+        if step is not None:
+            raise CheckpointGoneError(f"{path / str(step)}: no such checkpoint (the run's rotation, checkpoint.keep, "
+                                      f"removes old ones); those there: {self.steps() or 'none'}")
         return None
 
     def _restore_step(
@@ -422,35 +523,37 @@ class Checkpointer:
         """The best checkpoint's trainable params and metadata, or None (a damaged one is set
         aside, reported, and None returned: only one best is kept)."""
         self.wait()
-        best_dir = self.run_dir / "best"
-        if not _step_dirs(best_dir):
-            return None
-        best = self._open_best()
-        for step in reversed(_step_dirs(best.path)):
-            reason = verify(best.path / str(step))
+        path = (self.run_dir / "best").absolute()
+        for step, reason, gone in _verified_steps(path):  # agreed first: a manager is opened only for a step
             if reason is None:
-                try:
-                    restored = best.manager.restore(step, args=ocp.args.Composite(
-                        trainable=ocp.args.StandardRestore(_abstract(trainable_like)), meta=ocp.args.JsonRestore()))
+                best = self._open_best()
+                restored = _read_everywhere(path / str(step), lambda s=step, b=best: b.manager.restore(
+                    s, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(_abstract(trainable_like)),
+                                               meta=ocp.args.JsonRestore())))
+                if restored is not None:
                     return restored["trainable"], restored["meta"]
-                except Exception as err:  # noqa: BLE001 - its files are intact: what was asked does not fit
-                    raise _does_not_fit(best.path / str(step), err) from err
-            self._set_aside(best.path, best, step, f"checkpoint is incomplete or corrupt ({reason})",
-                            "no best checkpoint left")
+                reason, gone = _GONE, True
+            self._set_aside(path, self._best, step, f"checkpoint is incomplete or corrupt ({reason})",
+                            "no best checkpoint left", gone)
         return None
 
     # ------------------------------------------------------------------ setting aside
 
-    def _set_aside_latest(self, step: int, reason: str) -> None:
+    def _set_aside_latest(self, step: int, reason: str, gone: bool = False) -> None:
         older = [s for s in self.steps() if s < step]
         then = f"falling back to step {older[-1]}" if older else "no earlier checkpoint, starting fresh"
         self._set_aside(self.run_dir / "checkpoints", self._latest, step,
-                        f"checkpoint is incomplete or corrupt ({reason})", then)
+                        f"checkpoint is incomplete or corrupt ({reason})", then, gone)
 
-    def _set_aside(self, path: Path, directory: _Directory | None, step: int, what: str, then: str) -> None:
+    def _set_aside(self, path: Path, directory: _Directory | None, step: int, what: str, then: str,
+                   gone: bool = False) -> None:
         """Move the step aside, make the open manager (if any) forget it so its number can be
         saved again (else Orbax raises StepAlreadyExistsError), and report it in one line. A reader
-        moves nothing: it reports the step skipped."""
+        moves nothing: it reports the step skipped; nor does anyone move a step already gone."""
+        if gone:
+            self._report(f"{path / str(step)}: checkpoint {_GONE} (the run's rotation, checkpoint.keep, removes old "
+                         "ones); skipped" + (f"; {then}" if then else ""))
+            return
         if self.read_only:
             self._report(f"{path / str(step)}: {what}; skipped, left in place (read-only)"
                          + (f"; {then}" if then else ""))

@@ -234,9 +234,11 @@ class Trainer:
         finally:
             self.run.close()
 
-    def restore(self, *, best: bool = False) -> int | None:
-        """Load the run's latest (or, with ``best``, best) trained params into this trainer;
-        returns the step, or None when the run has no checkpoint.
+    def restore(self, *, best: bool = False, step: int | None = None) -> int | None:
+        """Load the run's latest (or, with ``best``, best; with ``step``, exactly that step's) trained
+        params into this trainer; returns the step, or None when the run has no checkpoint. A
+        ``step`` not (or no longer) there is a :class:`~jaxtune.training.checkpoint.CheckpointGoneError`,
+        one that does not verify a :class:`~jaxtune.training.checkpoint.CheckpointDamagedError`.
 
         Refused, naming the differences, when this trainer's plan, labels or trainable shapes are
         not the run's (its params would not be the run's model); with ``best``, when the run kept
@@ -245,13 +247,16 @@ class Trainer:
         A trainer that has not opened its checkpoints to train reads them read-only: the run may be
         training in another process, and its save in flight or a step it is about to set aside must
         stay as they are (:class:`~jaxtune.training.checkpoint.Checkpointer`'s ``read_only``)."""
+        if best and step is not None:
+            raise ValueError(f"restore(best=True, step={step}): the best checkpoint and step {step} are two "
+                             "checkpoints; give one")
         self.check_plan()
         if self._checkpointer is not None:
-            return self._restore_from(self._checkpointer, best)
+            return self._restore_from(self._checkpointer, best, step)
         with Checkpointer(self.run_dir, with_data=False, report=log.warning, read_only=True) as reader:
-            return self._restore_from(reader, best)
+            return self._restore_from(reader, best, step)
 
-    def _restore_from(self, checkpointer: Checkpointer, best: bool) -> int | None:
+    def _restore_from(self, checkpointer: Checkpointer, best: bool, step: int | None) -> int | None:
         if best:
             restored = checkpointer.restore_best(self.trainable)
             if restored is None:
@@ -261,9 +266,7 @@ class Trainer:
             self.trainable, meta = restored
             self.step = int(meta.get("step", self.step))
             return self.step
-        if checkpointer.latest_good_step() is None:
-            return None
-        restored = checkpointer.restore(self.trainable, self.opt_state)
+        restored = checkpointer.restore(self.trainable, self.opt_state, step=step)
         if restored is None:
             return None
         self.step, self.trainable = restored[0], restored[1]
