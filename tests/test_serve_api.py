@@ -280,37 +280,10 @@ def test_the_server_allocates_on_demand_and_its_jobs_as_jax_does(api, monkeypatc
     assert env.get(PREALLOCATE) == user
 
 
-def test_a_checkpoint_rotated_away_while_it_loads_is_not_found(api, monkeypatch):
-    """A running job's rotation (checkpoint.keep) deletes its old checkpoints: one removed after the
-    request named it, as the server takes it to load, is a 404 that says so, not a 500."""
-    import shutil
-
-    client = api()
-    store = Store(client.data_dir / "serve.sqlite")
-    store.add_job(client.owner, "ftjob-rot", {"fine_tuned_model": "ft:tiny:x::rot"}, status="running")
-    store.close()
-    checkpoints = client.data_dir / "jobs" / "ftjob-rot" / "run" / "checkpoints"
-    (checkpoints / "10" / "trainable").mkdir(parents=True)
-    copytree = shutil.copytree
-
-    def rotated_meanwhile(source: Path, *args: Any, **kwargs: Any) -> Any:
-        shutil.rmtree(checkpoints / "10")
-        return copytree(source, *args, **kwargs)
-
-    monkeypatch.setattr(shutil, "copytree", rotated_meanwhile)
-    status, reply = client.post_json("/v1/chat/completions", {
-        "model": "ft:tiny:x::rot:ckpt-step-10", "messages": [{"role": "user", "content": "hi"}]})
-    assert status == 404 and reply["error"]["code"] == "model_not_found", reply
-    assert "checkpoint.keep" in reply["error"]["message"], reply
-    status, reply = client.post_json("/v1/chat/completions", {
-        "model": "ft:tiny:x::rot:ckpt-step-10", "messages": [{"role": "user", "content": "hi"}]})
-    assert status == 404 and reply["error"]["code"] == "model_not_found", reply  # no longer listed
-
-
-def test_a_running_jobs_checkpoints_are_served_from_a_snapshot(api, tmp_path):
-    """A job's checkpoint, the latest or an earlier one, answers as that step's weights do, and
-    loading it leaves the job's run directory as it was: the save its trainer has in flight (an
-    opened checkpoint directory drops unfinished saves) and the checkpoints its rotation removes."""
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory) -> dict[str, Any]:
+    """A tiny LoRA run with checkpoints at steps 2 and 4 (``run``), and what each step's weights answer
+    to ``messages`` greedily (``expected``), from a copy of the run holding that checkpoint alone."""
     import shutil
 
     from helpers import tiny_hf_model
@@ -318,41 +291,108 @@ def test_a_running_jobs_checkpoints_are_served_from_a_snapshot(api, tmp_path):
     import jaxtune as jt
     from jaxtune.data.testing import tiny_tokenizer, write_jsonl
 
-    client = api()
-    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
-    tiny_tokenizer().save_pretrained(tmp_path / "llama")
-    write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": w},
-                                                         {"role": "assistant", "content": w.upper() * 3}]}
-                                           for w in ("alpha", "beta gamma", "delta", "omega kappa") * 4])
-    run = client.data_dir / "jobs" / "ftjob-run" / "run"
-    jt.finetune({"model": {"path": str(tmp_path / "llama")},
+    root = tmp_path_factory.mktemp("served")
+    tiny_hf_model("LlamaForCausalLM", root / "llama")
+    tiny_tokenizer().save_pretrained(root / "llama")
+    write_jsonl(root / "train.jsonl", [{"messages": [{"role": "user", "content": w},
+                                                     {"role": "assistant", "content": w.upper() * 3}]}
+                                       for w in ("alpha", "beta gamma", "delta", "omega kappa") * 4])
+    run = root / "run"
+    jt.finetune({"model": {"path": str(root / "llama")},
                  "plan": [{"preset": "lora", "rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}],
-                 "data": {"train": str(tmp_path / "train.jsonl"), "kind": "chat", "max_length": 32, "batch_size": 8},
+                 "data": {"train": str(root / "train.jsonl"), "kind": "chat", "max_length": 32, "batch_size": 8},
                  "optimizer": {"learning_rate": 0.1, "warmup_steps": 0},
                  "train": {"steps": 4, "progress": False}, "checkpoint": {"every": 2, "keep": 3},
                  "eval": {"before": False, "after": False}, "output": {"dir": str(run), "export": "none"}})
-    store = Store(client.data_dir / "serve.sqlite")
-    store.add_job(client.owner, "ftjob-run", {"fine_tuned_model": "ft:tiny:x::run"}, status="running")
-    store.close()
     messages = [{"role": "user", "content": "alpha"}]
     expected = {}
-    for step in (2, 4):  # each step's weights, from a copy of the run holding that checkpoint alone
-        copy = tmp_path / f"at-{step}"
+    for step in (2, 4):
+        copy = root / f"at-{step}"
         shutil.copytree(run, copy)
         shutil.rmtree(copy / "checkpoints" / str(6 - step))
         [item] = jt.complete(jt.open_run(copy, evaluation=False).model, [messages], chat=True, max_new_tokens=6)
         expected[step] = item["text"]
     assert expected[2] != expected[4]  # the two steps are told apart
+    return {"run": run, "messages": messages, "expected": expected}
+
+
+def _running_job(client: Client, trained_run: dict[str, Any]) -> Path:
+    """``trained_run``'s run as the run directory of the running job ``ft:tiny:x::run``."""
+    import shutil
+
+    run = client.data_dir / "jobs" / "ftjob-run" / "run"
+    shutil.copytree(trained_run["run"], run)
+    store = Store(client.data_dir / "serve.sqlite")
+    store.add_job(client.owner, "ftjob-run", {"fine_tuned_model": "ft:tiny:x::run"}, status="running")
+    store.close()
+    return run
+
+
+@pytest.mark.parametrize("when", ["before it is opened", "while it is verified", "while it is read"])
+def test_a_checkpoint_rotated_away_while_it_loads_is_not_found(api, trained_run, monkeypatch, when):
+    """A running job's rotation (checkpoint.keep) deletes its old checkpoints: one removed after the
+    request named it, as the server opens, verifies or reads it, is a 404 that says so, not a 500,
+    and the server goes on answering for the checkpoints still there."""
+    import shutil
+
+    import jaxtune
+    from jaxtune.training import checkpoint
+
+    client = api()
+    run = _running_job(client, trained_run)
+
+    def rotate_then(real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if (run / "checkpoints" / "2").is_dir():
+                shutil.rmtree(run / "checkpoints" / "2")
+            return real(*args, **kwargs)
+        return call
+
+    module, name = {"before it is opened": (jaxtune, "open_run"), "while it is verified": (checkpoint, "_sha256"),
+                    "while it is read": (checkpoint.Checkpointer, "_restore_step")}[when]
+    monkeypatch.setattr(module, name, rotate_then(getattr(module, name)))
+    for listed in (True, False):  # then no longer listed
+        status, reply = client.post_json("/v1/chat/completions", {
+            "model": "ft:tiny:x::run:ckpt-step-2", "messages": trained_run["messages"]})
+        assert status == 404 and reply["error"]["code"] == "model_not_found", reply
+        assert ("checkpoint.keep" in reply["error"]["message"]) == listed, reply
+    monkeypatch.undo()
+    status, reply = client.post_json("/v1/chat/completions", {
+        "model": "ft:tiny:x::run:ckpt-step-4", "messages": trained_run["messages"], "max_tokens": 6,
+        "temperature": 0})
+    assert status == 200 and reply["choices"][0]["message"]["content"] == trained_run["expected"][4], reply
+
+
+def test_a_running_jobs_checkpoints_are_read_in_place_and_change_nothing(api, trained_run, monkeypatch):
+    """A job's checkpoint, the latest or an earlier one, answers as that step's weights do; it is
+    verified and read where the job keeps it (no copy, nothing written beside it), and loading it
+    leaves the job's directory as it was: the save its trainer has in flight (an opened checkpoint
+    directory drops unfinished saves) stays."""
+    from jaxtune.training import checkpoint
+
+    client = api()
+    run = _running_job(client, trained_run)
     in_flight = run / "checkpoints" / "6.orbax-checkpoint-tmp-1"  # the trainer's next save, being written
     in_flight.mkdir()
     (in_flight / "trainable").write_text("...")
+    job_dir = sorted(str(p) for p in run.parent.rglob("*"))
+    verified = []
+    verify = checkpoint.verify
+
+    def spy(step_dir: Path) -> str | None:
+        verified.append(step_dir)
+        assert sorted(str(p) for p in run.parent.rglob("*")) == job_dir  # nothing added while it loads
+        return verify(step_dir)
+
+    monkeypatch.setattr(checkpoint, "verify", spy)
     for step in (4, 2):
         status, reply = client.post_json("/v1/chat/completions", {
-            "model": f"ft:tiny:x::run:ckpt-step-{step}", "messages": messages, "max_tokens": 6, "temperature": 0})
+            "model": f"ft:tiny:x::run:ckpt-step-{step}", "messages": trained_run["messages"], "max_tokens": 6,
+            "temperature": 0})
         assert status == 200, reply
-        assert reply["choices"][0]["message"]["content"] == expected[step], step
-        assert (in_flight / "trainable").read_text() == "..."
-    assert sorted(p.name for p in run.parent.iterdir()) == ["run"]  # the snapshots are gone
+        assert reply["choices"][0]["message"]["content"] == trained_run["expected"][step], step
+        assert verified[-1] == run / "checkpoints" / str(step)
+    assert sorted(str(p) for p in run.parent.rglob("*")) == job_dir
 
 
 @pytest.mark.parametrize("best_checkpoint", ["kept", "damaged"])
@@ -385,16 +425,3 @@ def test_a_fine_tuned_model_is_the_model_its_run_ended_with(api, monkeypatch, be
         "model": "ft:tiny:x::best", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 200, reply
     assert reply["choices"][0]["message"]["content"] == ("best model" if best_checkpoint == "kept" else "latest model")
-
-
-def test_a_checkpoint_snapshot_left_by_a_stopped_server_is_removed_at_start(api, tmp_path):
-    """A server killed while it loaded a checkpoint leaves the snapshot's hard links, which would keep
-    a checkpoint the job's rotation deleted on the disk for good: the next server removes them."""
-    data = tmp_path / "data"
-    left = data / "jobs" / "ftjob-old" / ".serving-k1ll3d" / "checkpoints" / "10"
-    left.mkdir(parents=True)
-    (left / "trainable").write_bytes(b"weights")
-    (data / "jobs" / "ftjob-old" / "run" / "checkpoints" / "10").mkdir(parents=True)
-    api()
-    assert sorted(p.name for p in (data / "jobs" / "ftjob-old").iterdir()) == ["run"]
-    assert (data / "jobs" / "ftjob-old" / "run" / "checkpoints" / "10").is_dir()

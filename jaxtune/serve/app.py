@@ -546,7 +546,6 @@ def create_app(settings: Settings) -> Starlette:
         app.state.models = inference.Models(settings.loaded_models)
         app.state.settings = settings
         app.state.runner.start()
-        inference.remove_snapshots(settings.data_dir / "jobs")  # once this server holds the data directory
         try:
             yield
         finally:

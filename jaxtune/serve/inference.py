@@ -8,10 +8,7 @@ only compete for the same cores, and one lock keeps model loading and compilatio
 
 from __future__ import annotations
 
-import os
 import secrets
-import shutil
-import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
@@ -24,7 +21,6 @@ from jaxtune.training.rundir import RunDir, RunDirError
 
 ROLES = ("system", "user", "assistant", "developer")
 PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
-SNAPSHOT = ".serving-"  # the prefix of a checkpoint snapshot's folder in its job's directory
 
 
 def share_accelerator() -> None:
@@ -77,56 +73,26 @@ def load_final(run_dir: Path) -> Any:
     return trainer.model
 
 
-def remove_snapshots(jobs_dir: Path) -> None:
-    """Remove the checkpoint snapshots (:func:`load_checkpoint`) a server stopped while loading
-    left in ``<jobs_dir>/<job>/``: their hard links would keep a checkpoint the job's rotation
-    deleted on the disk for good."""
-    for folder in jobs_dir.glob(f"*/{SNAPSHOT}*"):
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 class CheckpointGone(LookupError):
     """The checkpoint asked for is no longer in its run directory (the run's rotation removed it)."""
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:  # a file system without hard links
-        shutil.copy2(source, target)
-
-
 def load_checkpoint(run_dir: Path, step: int) -> Any:
-    """The model of ``run_dir``'s checkpoint at ``step``, restored from a snapshot of it (hard links
-    in a private folder beside the run directory, removed once loaded), never from the run
-    directory itself: a job training there meanwhile saves newer checkpoints (a run restores its
-    latest), and its rotation (``checkpoint.keep``) deletes old ones, which the links keep whole
-    while they load. Raises :class:`CheckpointGone` when the rotation removed it before it was
-    linked."""
+    """The model of ``run_dir``'s checkpoint at ``step``, read in place: a reader opens a run
+    read-only, so a job training there meanwhile keeps its save in flight, and exactly ``step`` is
+    restored, not the newest. Raises :class:`CheckpointGone` when the job's rotation
+    (``checkpoint.keep``) removed it before or while it was read."""
     import jaxtune as jt
+    from jaxtune.training.checkpoint import CheckpointGoneError
 
-    scratch = Path(tempfile.mkdtemp(prefix=SNAPSHOT, dir=run_dir.parent))
+    trainer = jt.open_run(run_dir, evaluation=False, restore=False)
     try:
-        try:
-            for name in (RunDir.CONFIG, RunDir.IDENTITY):
-                if (run_dir / name).is_file():
-                    shutil.copy2(run_dir / name, scratch / name)
-            shutil.copytree(run_dir / "checkpoints" / str(step), scratch / "checkpoints" / str(step),
-                            copy_function=_link_or_copy)
-        except OSError:
-            if step not in RunDir(run_dir).checkpoint_steps():
-                raise CheckpointGone(step) from None
-            raise
-        trainer = jt.open_run(scratch, evaluation=False)
-        trainer.close()
-        if trainer.step != step:  # its snapshot did not verify (set aside there; the run's own stays)
-            if step not in RunDir(run_dir).checkpoint_steps():
-                raise CheckpointGone(step)  # linked while the rotation deleted it
-            raise RuntimeError(f"{run_dir / 'checkpoints' / str(step)}: the checkpoint does not verify (its files do "
-                               "not match their checksums)")
-        return trainer.model
+        trainer.restore(step=step)
+    except CheckpointGoneError:
+        raise CheckpointGone(step) from None
     finally:
-        shutil.rmtree(scratch, ignore_errors=True)
+        trainer.close()
+    return trainer.model
 
 
 def chat_messages(messages: Any) -> list[dict[str, str]]:
