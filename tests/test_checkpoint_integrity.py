@@ -489,6 +489,9 @@ def test_a_restore_hashes_each_file_of_the_step_it_restores_once(run, crashed, t
     trainer = run.trainer(tmp_path / "run")
     try:
         assert trainer.restore() == 8
+        with pytest.raises(ValueError, match=r"restore\(best=True, step=4\): the best checkpoint and step 4 are two "
+                                             "checkpoints; give one"):
+            trainer.restore(best=True, step=4)
     finally:
         trainer.close()
     in_manifest = json.loads((tmp_path / "run" / "checkpoints" / "8" / MANIFEST).read_text())["files"]
