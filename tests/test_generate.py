@@ -157,6 +157,37 @@ def test_requests_in_one_bucket_share_compiled_code(llama):
     assert compiled() == before
 
 
+def test_prompt_lengths_share_compiled_code_by_geometric_bucket(llama):
+    """Prompts of 129 and 190 tokens (and their caches for 8 new tokens) fall in one bucket (192, then
+    256): the second reuses the first's compiled prefill and loop, and both continue as transformers'
+    greedy ``generate`` does, the longer padding masked out."""
+    from jaxtune.models import generate as generation
+
+    ref, model = llama
+    rng = np.random.default_rng(0)
+    short, long = ([int(t) for t in rng.integers(1, 128, n)] for n in (129, 190))
+
+    def compiled() -> tuple[int, int]:
+        return generation._prefill._cache_size(), generation._decode_loop._cache_size()
+
+    assert generate(model.module, model.params, [short], max_new_tokens=8) == [_hf_greedy(ref, short, [], 8)]
+    before = compiled()
+    assert generate(model.module, model.params, [long], max_new_tokens=8) == [_hf_greedy(ref, long, [], 8)]
+    assert compiled() == before
+
+
+def test_length_buckets_bound_padding_and_programs():
+    """A length is padded to at least 32, under twice itself, under 1.5 times above 64, and lengths up
+    to 4096 make 14 shapes."""
+    from jaxtune.models.generate import _bucket
+
+    sizes = np.arange(1, 4097)
+    buckets = np.array([_bucket(int(n)) for n in sizes])
+    assert (buckets >= sizes).all() and (buckets >= 32).all()
+    assert (buckets[32:] < 2 * sizes[32:]).all() and (buckets[64:] < 1.5 * sizes[64:]).all()
+    assert len(set(buckets.tolist())) == 14  # 32, 64, 96, 128, 192, 256, ..., 3072, 4096
+
+
 def test_filter_logits_matches_transformers_warpers():
     import torch
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper

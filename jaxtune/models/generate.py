@@ -16,14 +16,18 @@ row has met a stop token. Padding is masked, so a prompt gives the same tokens a
 RoPE scaling that depends on the length (Phi-3's ``longrope``, ``dynamic``): the batch's longest
 row chooses it for every row, as in transformers' batched ``generate``.
 
-Compilation: ``T`` is rounded up to a multiple of :data:`BUCKET`, and the default ``max_length``
-is ``T + max_new_tokens`` rounded up the same way; the rows are padded with filler rows (copies of
-the first prompt, dropped) to a power of two (:func:`_batch_rows`), so similar requests share
-compiled code. The loop compiles once per (module, padded batch, ``max_length``, greedy or sampled,
-filtered or not); temperature, top-k, top-p, stop tokens (up to :data:`STOPS_BUCKET` of them),
-``max_new_tokens`` and the seed are traced values, so changing them does not recompile. A row's
-tokens do not depend on the fillers: greedy rows are computed independently, and a sampled row's
-draws are keyed by its own index.
+Compilation: ``T`` and the default ``max_length`` (``T + max_new_tokens``) are rounded up to a
+length bucket (:func:`_bucket`: 32, 64, 96, 128, 192, 256, 384, ..., two per doubling, so a length
+is padded to under twice itself, and above 64 to under 1.5 times), and the rows are padded with
+filler rows (copies of the first prompt, dropped) to a power of two (:func:`_batch_rows`): a mix of
+lengths compiles a number of programs that grows with the logarithm of the longest length, not with
+the length. The prefill fills a cache of ``T`` slots and compiles once per (module, padded batch,
+``T``); a small copy (:func:`_grow`) widens that cache to ``max_length``; the loop compiles once per
+(module, padded batch, ``max_length``, greedy or sampled, filtered or not). Temperature, top-k,
+top-p, stop tokens (up to :data:`STOPS_BUCKET` of them), ``max_new_tokens`` and the seed are traced
+values, so changing them does not recompile. A row's tokens do not depend on the fillers or on the
+buckets: greedy rows are computed independently, a sampled row's draws are keyed by its own index,
+and the padding slots are masked out of attention.
 
 Params sharded over a mesh (a run trained with FSDP or tensor parallelism, as ``jaxtune.open_run``
 restores it) stay where they are, and the batch runs data-parallel on that mesh: the rows are split
@@ -67,7 +71,7 @@ from jaxtune.models.load import model_of
 Params = dict[str, Any]
 Chat = Sequence[Mapping[str, Any]]  # [{"role": "user", "content": "..."}, ...]
 
-BUCKET = 32  # prompt and cache lengths are rounded up to a multiple of this (fewer compilations)
+MIN_BUCKET = 32  # the shortest prompt width and cache length (see _bucket)
 ROWS_BUCKET = 64  # batches run as a power of two rows up to this, a multiple of it above (see _batch_rows)
 STOPS_BUCKET = 8  # the stop ids are padded to a multiple of this
 PROMPT_LEAF = "prompt_embeddings"  # jaxtune.tuning.labels.PROMPT_LEAF (models may not import tuning)
@@ -112,10 +116,11 @@ def _pick(logits: Array, key: Array, step: Array, temperature: Array, top_k: Arr
 # ----------------------------------------------------------------------------- compiled parts
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length"))
-def _prefill(model: Decoder, params: Params, ids: Array, virtual: Array, start: Array, prompt: Array | None,
-             *, max_length: int) -> tuple[Array, KVCache]:
-    """Run the left-padded prompts ``ids`` ``(B, T)`` int32 into a fresh cache of ``max_length`` slots.
+@functools.partial(jax.jit, static_argnames=("model",))
+def _prefill(model: Decoder, params: Params, ids: Array, virtual: Array, start: Array, prompt: Array | None
+             ) -> tuple[Array, KVCache]:
+    """Run the left-padded prompts ``ids`` ``(B, T)`` int32 into a fresh cache of ``T`` slots (its
+    program does not depend on the cache length the loop needs: :func:`_grow` widens it).
 
     ``virtual`` ``(B, T)`` int32 is the prompt-tuning token at each slot (-1: a token from
     ``ids``); ``prompt`` ``(P, D)`` or None. Returns the last slot's logits ``(B, V)`` float32
@@ -127,9 +132,19 @@ def _prefill(model: Decoder, params: Params, ids: Array, virtual: Array, start: 
         virtual_embeds = jnp.take(prompt.astype(embeds.dtype), jnp.maximum(virtual, 0), axis=0)
         embeds = jnp.where((virtual >= 0)[..., None], virtual_embeds, embeds)
     positions = jnp.maximum(jnp.arange(ids.shape[1], dtype=jnp.int32)[None] - start[:, None], 0)
-    cache = init_cache(model.cfg, ids.shape[0], max_length, start)
+    cache = init_cache(model.cfg, ids.shape[0], ids.shape[1], start)
     hidden, cache = model.apply(variables, None, positions, cache, embeds, method="decode")
     return model.apply(variables, hidden[:, -1], method="logits").astype(jnp.float32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("max_length",))
+def _grow(cache: KVCache, *, max_length: int) -> KVCache:
+    """``cache`` with empty slots added after its last to make ``max_length`` (a copy: a small program,
+    quick to compile for each pair of lengths, where the prefill and the loop compile for one each)."""
+    def wider(x: Array) -> Array:  # (L, B, S, K, H)
+        return jnp.pad(x, ((0, 0), (0, 0), (0, max_length - x.shape[2]), (0, 0), (0, 0)))
+
+    return cache._replace(k=tuple(map(wider, cache.k)), v=tuple(map(wider, cache.v)))
 
 
 @functools.partial(jax.jit, static_argnames=("model", "greedy", "filtered"), donate_argnames=("cache",))
@@ -193,14 +208,25 @@ def _round_up(n: int, multiple: int) -> int:
     return multiple * math.ceil(n / multiple)
 
 
+def _bucket(n: int) -> int:
+    """The least of 32, 64, 96, 128, 192, 256, 384, ... (above 64: ``2**k`` and ``3 * 2**k``, two
+    per doubling) that holds ``n``: lengths up to ``L`` compile about ``2 * log2(L / 32)`` shapes;
+    ``n`` is padded to under twice itself, and above 64 to under ``1.5 * n`` (the padding costs
+    compute, masked out). Below 128 these are the multiples of 32, as fine as buckets go here."""
+    if n <= MIN_BUCKET:
+        return MIN_BUCKET
+    power = 1 << (n - 1).bit_length()  # the least power of two >= n
+    return power * 3 // 4 if power * 3 // 4 >= n and power > 2 * MIN_BUCKET else power
+
+
 def _widths(longest: int, max_new_tokens: int, max_length: int | None) -> tuple[int, int]:
     """The prompt width ``T`` and the cache length of a batch whose longest prompt has ``longest``
-    tokens. Both are multiples of :data:`BUCKET` unless the caller's ``max_length`` leaves no room
-    for the bucket: deriving ``T`` from ``max_length - max_new_tokens`` by default would give a
-    new shape, hence a compilation, for almost every ``max_new_tokens``."""
-    width = _round_up(longest, BUCKET)
+    tokens: each a :func:`_bucket`, unless the caller's ``max_length`` leaves no room for ``T``'s
+    bucket (deriving ``T`` from ``max_length - max_new_tokens`` by default would give a new shape,
+    hence a compilation, for almost every ``max_new_tokens``)."""
+    width = _bucket(longest)
     if max_length is None:
-        return width, _round_up(width + max_new_tokens, BUCKET)
+        return width, _bucket(width + max_new_tokens)
     return min(width, max_length - max_new_tokens), max_length
 
 
@@ -251,8 +277,8 @@ def generate(
         included in the result.
       seed: the sampling seed (same seed, same prompts, same settings: same tokens).
       max_length: cache slots per row (prompt + new tokens, virtual prompt-tuning tokens
-        included); fix it to compile once for many calls. Default: the longest prompt rounded up
-        to a multiple of :data:`BUCKET`, plus ``max_new_tokens``, rounded up again.
+        included); fix it to compile the loop once for many calls. Default: the longest prompt
+        rounded up to a length bucket (:func:`_bucket`), plus ``max_new_tokens``, rounded up again.
 
     Returns:
       The new tokens of each prompt, in order, without the stop token.
@@ -294,7 +320,8 @@ def generate(
 
     sampled = temperature > 0
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh) if mesh is not None else contextlib.nullcontext():
-        logits, cache = _prefill(decoder, params, ids, virtual, start, prompt, max_length=max_length)
+        logits, cache = _prefill(decoder, params, ids, virtual, start, prompt)
+        cache = _grow(cache, max_length=max_length)
         out, _ = _decode_loop(
             decoder, params, cache, logits, jax.random.key(seed), jnp.int32(max_new_tokens), jnp.int32(len(prompts)),
             _stop_ids(stop_token_ids), jnp.float32(temperature if sampled else 1.0),
