@@ -336,6 +336,30 @@ def test_qwen3_trains_every_weighted_turn_as_trls_training_template(system, reas
     assert example["loss_mask"].tolist() == expected.tolist()
 
 
+@pytest.mark.parametrize("reasoning", [False, True], ids=["no-reasoning", "reasoning"])
+def test_qwen3_consecutive_assistant_turns_train_as_trls_training_template(reasoning):
+    """Qwen3's template writes the think block of an assistant turn right before another only while
+    that turn is the last, so the second turn's rendering does not extend its prompt. Both train as
+    the template renders a last turn: ids equal TRL's training template's, and so does the mask but
+    for the newline after each <|im_end|>."""
+    tokenizer = qwen3_tokenizer()
+    thought = {"reasoning_content": "Greet first."} if reasoning else {}
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello.", **thought},
+                    {"role": "assistant", "content": "How can I help?"}, {"role": "user", "content": "Bye"},
+                    {"role": "assistant", "content": "Bye.", **thought}]
+    example = encode_chat(tokenizer, conversation, [0, 1, 1, 0, 1])
+    ids, theirs = trl_training_reference(tokenizer, conversation)
+    assert example["input_ids"].tolist() == ids
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    after_end = np.flatnonzero(theirs & (np.asarray(ids) == end)) + 1
+    expected = theirs.copy()
+    expected[after_end] = False
+    assert example["loss_mask"].tolist() == expected.tolist()
+    assert row_runs(tokenizer, example)[1] == "<think>\n\n</think>\n\nHow can I help?<|im_end|>"
+    second_only = encode_chat(tokenizer, conversation, [0, 0, 1, 0, 1])  # the first as the second's prompt has it
+    assert second_only["input_ids"].tolist() == ids
+
+
 def test_qwen3_weight_0_turns_stay_as_rendered_and_unsupervised():
     """A weight-0 turn is not trained: it keeps the template's rendering in the prompt of the next
     turn (no think block, as at inference), the one place the ids differ from TRL's training template."""

@@ -15,9 +15,13 @@ reasoning. There each weighted turn is kept as the template renders it when it i
 (as the model generates it), the text between weighted turns is the template's rendering of
 the next one's prompt (weight-0 turns as the template writes them in a later prompt), and a
 note is logged once per tokenizer. For Qwen3 with every assistant turn weighted this is TRL's
-Qwen3 training template. The turns must still be locatable: a template that renders the turns
-*before* a weighted turn differently once later turns follow, or rewrites an earlier weighted
-turn's content with no end-of-turn marker to find it by, is refused naming the row and turn.
+Qwen3 training template. Qwen3's also rewrites the turns *before* a weighted turn: an assistant
+turn right before another keeps its think block only while it is the last. Such a turn is found
+after as many generation prompts as its own prompt holds, where the whole conversation opens it
+the same way; so consecutive assistant turns train as TRL's Qwen3 training template renders them.
+The turns must still be locatable: a template that renders the turns before a weighted turn
+otherwise with no generation prompt to count by, or rewrites an earlier weighted turn's content
+with no end-of-turn marker to find it by, is refused naming the row and turn.
 """
 
 from __future__ import annotations
@@ -67,9 +71,10 @@ def chat_pieces(tokenizer: Any, messages: list[dict], weights: Sequence[int], wh
         if message["role"] != "assistant" or not weight:
             continue
         reply = _reply(tokenizer, messages, i, full, where)
-        pieces += [(reply.prompt[_turn_end(reply.prompt, last, f"turn {i}", where):], False), (reply.text, True)]
+        between = reply.prompt[_turn_end(tokenizer, messages, reply.prompt, last, f"turn {i}", where):]
+        pieces += [(between, False), (reply.text, True)]
         last = reply
-    pieces.append((full[_turn_end(full, last, "the rest of the conversation", where):], False))
+    pieces.append((full[_turn_end(tokenizer, messages, full, last, "the rest of the conversation", where):], False))
     if "".join(text for text, _ in pieces) != full:
         _note_rewriting_template(tokenizer)
     return [(text, supervised) for text, supervised in pieces if text]
@@ -92,12 +97,13 @@ def _reply(tokenizer: Any, messages: list[dict], i: int, full: str, where: str) 
     upto = _before_closing(tokenizer, _render(tokenizer, messages[: i + 1], False, where), full)
     prompt = (_render(tokenizer, messages[:i], True, where) if i
               else _opening_prompt(tokenizer, messages[0], upto, where))
-    if not upto.startswith(prompt):
+    opened = len(prompt) if upto.startswith(prompt) else _reopened(tokenizer, messages, i, prompt, upto, full, where)
+    if opened is None:
         raise DataError(where, f"the chat template does not render turn {i} as an extension of the turns before it, "
                         "so the assistant tokens cannot be located",
                         "use a template whose output for a conversation ending in an assistant turn starts with its "
                         f"output for the turns before it and the generation prompt, or give turn {i} \"weight\": 0")
-    text, content = upto[len(prompt):].rstrip(), messages[i]["content"].strip()
+    text, content = upto[opened:].rstrip(), messages[i]["content"].strip()
     if content not in text:
         raise DataError(where, f"the chat template does not reproduce the content of assistant turn {i}",
                         "use a template that writes assistant content verbatim")
@@ -108,13 +114,49 @@ def _reply(tokenizer: Any, messages: list[dict], i: int, full: str, where: str) 
     return _Reply(i, prompt, text, content)
 
 
-def _turn_end(text: str, reply: _Reply | None, later: str, where: str) -> int:
+def _reopened(tokenizer: Any, messages: list[dict], i: int, prompt: str, upto: str, full: str,
+               where: str) -> int | None:
+    """Where assistant turn ``i`` opens in ``upto`` (the conversation rendered up to it) when the
+    template renders the turn before otherwise once turn ``i`` follows (Qwen3 writes the think block
+    of a conversation's last turn only, so a reply right after another drops the other's): after as
+    many generation prompts as ``prompt`` holds, where the whole conversation ``full`` opens the turn
+    the same way; else None."""
+    if not i:
+        return None
+    opened = _opened(upto, _generation_prompt(tokenizer, messages, i, where), prompt)
+    return opened if opened is not None and full.startswith(upto[:opened]) else None
+
+
+def _generation_prompt(tokenizer: Any, messages: list[dict], i: int, where: str) -> str:
+    """What the template writes to open assistant turn ``i`` (``i > 0``): its rendering of the turns
+    before with the generation prompt, less that without it; empty where that is no extension."""
+    before, prompt = (_render(tokenizer, messages[:i], opened, where) for opened in (False, True))
+    return prompt[len(before):] if prompt.startswith(before) else ""
+
+
+def _opened(text: str, generation_prompt: str, prompt: str) -> int | None:
+    """Where ``text`` (a rendering that holds a turn whose ``prompt`` renders the turns before it
+    otherwise) opens that turn: after as many ``generation_prompt`` as ``prompt`` holds; None where
+    ``text`` has fewer, or the generation prompt is only whitespace (nothing to count by)."""
+    if not generation_prompt.strip():
+        return None
+    at = -len(generation_prompt)
+    for _ in range(prompt.count(generation_prompt)):
+        at = text.find(generation_prompt, at + len(generation_prompt))
+        if at < 0:
+            return None
+    return at + len(generation_prompt)
+
+
+def _turn_end(tokenizer: Any, messages: list[dict], text: str, reply: _Reply | None, later: str, where: str) -> int:
     """Where ``reply``'s turn ends in ``text``, the template's rendering of the conversation with
     ``later`` (``"turn 5"``) after that turn; 0 for no reply."""
     if reply is None:
         return 0
-    start = len(reply.prompt)
-    if not text.startswith(reply.prompt):
+    start = len(reply.prompt) if text.startswith(reply.prompt) else None
+    if start is None and reply.index:  # the turns before it rendered otherwise once later ones follow (Qwen3)
+        start = _opened(text, _generation_prompt(tokenizer, messages, reply.index, where), reply.prompt)
+    if start is None:
         raise DataError(where, f"the chat template renders the turns before assistant turn {reply.index} differently "
                         f"once {later} follows, so the turns cannot be joined",
                         f"give assistant turn {reply.index} \"weight\": 0 so that only the later turns train")
