@@ -176,6 +176,21 @@ def test_prompt_lengths_share_compiled_code_by_geometric_bucket(llama):
     assert compiled() == before
 
 
+def test_a_fixed_max_length_compiles_a_prefill_per_prompt_width_not_per_max_new_tokens(llama):
+    """With ``max_length`` fixed and at times no room for the prompt's bucket, the prompt width does not
+    follow ``max_new_tokens``: two prefill programs (the bucket, 32, or the prompt rounded up to 16) for
+    five values, where ``max_length - max_new_tokens`` gave four, and transformers' greedy tokens."""
+    from jaxtune.models import generate as generation
+
+    ref, model = llama
+    prompt = list(range(1, 12))
+    before = generation._prefill._cache_size()
+    for new in (40, 38, 35, 30, 20):
+        assert generate(model.module, model.params, [prompt], max_new_tokens=new, max_length=64) == [
+            _hf_greedy(ref, prompt, [], new)]
+    assert generation._prefill._cache_size() <= before + 2
+
+
 def test_length_buckets_bound_padding_and_programs():
     """A length is padded to at least 32, under twice itself, under 1.5 times above 64, and lengths up
     to 4096 make 14 shapes."""

@@ -222,12 +222,15 @@ def _bucket(n: int) -> int:
 def _widths(longest: int, max_new_tokens: int, max_length: int | None) -> tuple[int, int]:
     """The prompt width ``T`` and the cache length of a batch whose longest prompt has ``longest``
     tokens: each a :func:`_bucket`, unless the caller's ``max_length`` leaves no room for ``T``'s
-    bucket (deriving ``T`` from ``max_length - max_new_tokens`` by default would give a new shape,
-    hence a compilation, for almost every ``max_new_tokens``)."""
-    width = _bucket(longest)
+    bucket; ``T`` is then ``longest`` rounded up to a multiple of 8 where that fits, else
+    ``longest``: three widths at most for a prompt length, whatever ``max_new_tokens`` (not
+    ``max_length - max_new_tokens``: a new shape, hence a compilation of the prefill, for almost
+    every ``max_new_tokens``)."""
     if max_length is None:
+        width = _bucket(longest)
         return width, _bucket(width + max_new_tokens)
-    return min(width, max_length - max_new_tokens), max_length
+    room = max_length - max_new_tokens
+    return next(w for w in (_bucket(longest), _round_up(longest, 8), longest) if w <= room), max_length
 
 
 def _batch_rows(prompts: int, split: int) -> int:
