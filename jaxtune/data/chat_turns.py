@@ -123,14 +123,15 @@ def _reopened(tokenizer: Any, messages: list[dict], i: int, prompt: str, upto: s
     the same way; else None."""
     if not i:
         return None
-    opened = _opened(upto, _generation_prompt(tokenizer, messages, i, where), prompt)
+    opened = _opened(upto, _generation_prompt(tokenizer, messages, i, prompt, where), prompt)
     return opened if opened is not None and full.startswith(upto[:opened]) else None
 
 
-def _generation_prompt(tokenizer: Any, messages: list[dict], i: int, where: str) -> str:
-    """What the template writes to open assistant turn ``i`` (``i > 0``): its rendering of the turns
-    before with the generation prompt, less that without it; empty where that is no extension."""
-    before, prompt = (_render(tokenizer, messages[:i], opened, where) for opened in (False, True))
+def _generation_prompt(tokenizer: Any, messages: list[dict], i: int, prompt: str, where: str) -> str:
+    """What the template writes to open assistant turn ``i`` (``i > 0``): its ``prompt`` (the turns
+    before, with the generation prompt) less its rendering of them without; empty where ``prompt`` is
+    no extension of that."""
+    before = _render(tokenizer, messages[:i], False, where)
     return prompt[len(before):] if prompt.startswith(before) else ""
 
 
@@ -155,7 +156,7 @@ def _turn_end(tokenizer: Any, messages: list[dict], text: str, reply: _Reply | N
         return 0
     start = len(reply.prompt) if text.startswith(reply.prompt) else None
     if start is None and reply.index:  # the turns before it rendered otherwise once later ones follow (Qwen3)
-        start = _opened(text, _generation_prompt(tokenizer, messages, reply.index, where), reply.prompt)
+        start = _opened(text, _generation_prompt(tokenizer, messages, reply.index, reply.prompt, where), reply.prompt)
     if start is None:
         raise DataError(where, f"the chat template renders the turns before assistant turn {reply.index} differently "
                         f"once {later} follows, so the turns cannot be joined",
