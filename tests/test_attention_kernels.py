@@ -569,9 +569,9 @@ def test_a_model_runs_splash_through_the_dispatch(monkeypatch):
     params = module.init(jax.random.key(0), ids[:, :2])["params"]
     expected = jax.jit(module.apply)({"params": params}, ids, segments, positions)
     called = []
-    monkeypatch.setattr(attention, "_backend", lambda: "tpu")
+    monkeypatch.setattr(attention, "_backend", lambda: "tpu")  # the kernel then runs uninterpreted: interpret it
     monkeypatch.setattr(attention, "splash_attention",
-                        lambda *a, **kw: called.append(kw["window"]) or splash_attention(*a, **kw))
+                        lambda *a, **kw: called.append(kw["window"]) or splash_attention(*a, **kw, interpret=True))
     ours = jax.jit(lambda p, *batch: module.apply(p, *batch))({"params": params}, ids, segments, positions)
     assert set(called) == {20, None}  # each run of layers (a full one, a windowed one) went to splash
     real = np.asarray(segments != 0)

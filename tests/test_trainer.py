@@ -388,9 +388,9 @@ def test_evaluation_and_training_trace_the_model_under_the_run_mesh(setup, tmp_p
 
     expected = trainer(tmp_path / "grouped").evaluate()
     under_mesh = []
-    monkeypatch.setattr(attention, "_backend", lambda: "tpu")
+    monkeypatch.setattr(attention, "_backend", lambda: "tpu")  # the kernel then runs uninterpreted: interpret it
     monkeypatch.setattr(attention, "splash_attention", lambda *a, **kw: under_mesh.append(
-        not jax.sharding.get_abstract_mesh().empty) or splash_attention(*a, **kw))
+        not jax.sharding.get_abstract_mesh().empty) or splash_attention(*a, **kw, interpret=True))
     on_splash = trainer(tmp_path / "splash")
     got = on_splash.evaluate()
     assert under_mesh and all(under_mesh), under_mesh

@@ -442,7 +442,8 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
     """Pallas splash attention (arguments and shapes as :func:`dot_product_attention`; ``T`` and ``S``
     multiples of 128). Segment ids and the causal / sliding-window mask are applied inside the kernel
     block by block, skipping fully masked blocks; GQA heads share their KV head without copies.
-    ``interpret`` (default: off a TPU) runs the kernel in Pallas' interpreter, on any backend.
+    ``interpret`` (default: when :func:`_backend` is not a TPU's) runs the kernel in Pallas' interpreter,
+    on any backend.
 
     Padding queries (id 0) attend to other padding keys here; their outputs are not defined.
     """
@@ -464,7 +465,7 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
     blocks = splash.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                                block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv,
                                block_q_dq=block_q, block_kv_dq=block_kv)
-    interpret = jax.devices()[0].platform != "tpu" if interpret is None else interpret
+    interpret = _backend() != "tpu" if interpret is None else interpret
     scale = h ** -0.5 if scale is None else scale
     # The kernel takes one row, heads first: (N, T, H) queries over (K, S, H) keys and values.
     qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)
