@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtune.models import attention, cpu_attention
+from jaxtune.models import attention, cpu_attention, hf
 from jaxtune.models.attention import (
     CPU_FUSED,
     CUDNN,
@@ -494,6 +494,27 @@ def test_a_fallback_is_never_silent(monkeypatch, caplog):
     real = np.asarray(ids != 0)
     for out in outs:
         np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=1e-5)
+
+
+def test_finding_a_models_shapes_gives_no_notice_and_its_rows_still_do(monkeypatch, caplog):
+    """On a TPU, the two-token row that finds a model's param shapes (every load, and plan-memory)
+    runs no attention: it must not warn that the rows are not a multiple of 128. Rows that are
+    (100 tokens) still get the notice, once, and the fallback's output."""
+    monkeypatch.setattr(attention, "_backend", lambda: "tpu")
+    monkeypatch.setattr(attention, "_NOTICED", set())
+    cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=8)
+    module = Decoder(cfg)
+    with caplog.at_level(logging.WARNING, logger="jaxtune"):
+        shapes = hf.abstract_params(module, cfg)
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    ids = jnp.ones((1, 100), jnp.int32)
+    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    with caplog.at_level(logging.WARNING, logger="jaxtune"):
+        jax.jit(module.apply)({"params": params}, ids, ids)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["attention: splash attention tiles by 128; sequence length 100 is not a multiple (pad rows to a "
+                     "multiple of 128); using the xla attention with a dense mask"]
 
 
 def test_packed_segments_give_cudnn_the_same_mask():

@@ -31,10 +31,13 @@ kernels take none, so there it runs the grouped attention.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -133,13 +136,26 @@ def _fallback(softcap: float | None, why: str) -> KernelChoice:
 
 
 _NOTICED: set[str] = set()
+_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxtune_attention_quiet", default=False)
 
 
 def _notice(line: str) -> None:
     """Log ``line`` the first time it comes up in this process (it comes up once per traced layer)."""
-    if line not in _NOTICED:
+    if line not in _NOTICED and not _QUIET.get():
         _NOTICED.add(line)
         log.warning(line)
+
+
+@contextlib.contextmanager
+def without_notices() -> Iterator[None]:
+    """No kernel notices while tracing a model on made-up inputs whose attention never runs (the
+    two-token row that finds its param shapes): a notice there would be about that row, not the
+    rows the model will run on, which still get theirs."""
+    token = _QUIET.set(True)
+    try:
+        yield
+    finally:
+        _QUIET.reset(token)
 
 
 def _backend() -> str:
