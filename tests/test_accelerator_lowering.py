@@ -39,8 +39,10 @@ from jaxtune.training.trainer import Trainer
 
 T, B = 256, 8  # splash tiles by 128; 8 rows split over the 8 simulated devices
 # No model dimension equals T, so a tensor type with two T axes is attention's T x T, nothing else.
-LLAMA = dict(vocab_size=128, hidden_size=128, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+LLAMA = dict(vocab_size=128, hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512)
+# A scanned run's stacked kernels (2 layers): q, o and the MLP's (128 x 128), k and v (128 x 2 heads of 32).
+STACKED_KERNELS = {(2, 128, 128), (2, 128, 64)}
 # Splash's kernels: the forward that keeps its residuals for a backward pass, and the backward's two.
 FORWARD, FORWARD_ONLY = "splash_mha_fwd_segmented_residuals", "splash_mha_fwd_segmented_no_residuals"
 SPLASH_KERNELS = {FORWARD, "splash_mha_dq_segmented_no_residuals", "splash_mha_dkv_segmented_no_residuals"}
@@ -50,10 +52,12 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulat
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
-    """Tiny random checkpoints: a Llama, a Gemma 2 (sliding window and soft-capped scores) and a
-    ModernBERT classifier (global and two-sided local attention)."""
+    """Tiny random checkpoints: a Llama, a Mixtral (the Llama with 4 experts), a Gemma 2 (sliding window
+    and soft-capped scores) and a ModernBERT classifier (global and two-sided local attention)."""
     root = tmp_path_factory.mktemp("accelerator")
     tiny_hf_model("LlamaForCausalLM", root / "llama", **LLAMA)
+    tiny_random_model("MixtralForCausalLM", root / "mixtral", {**LLAMA, "num_local_experts": 4,
+                                                               "num_experts_per_tok": 2})
     tiny_random_model("Gemma2ForCausalLM", root / "gemma2", {**LLAMA, "head_dim": 32, "sliding_window": 64,
                                                              "attn_logit_softcapping": 50.0,
                                                              "final_logit_softcapping": 30.0},
@@ -99,10 +103,13 @@ def classifier_rows() -> dict[str, np.ndarray]:
 
 
 def make_trainer(path: Path, batch: dict[str, np.ndarray], run_dir: Path, *, remat: str | None = "block",
-                 mesh: jax.sharding.Mesh | None = None, **trainer_options) -> Trainer:
-    """A Trainer of a LoRA plan on the bfloat16 model at ``path``, on ``mesh`` (default: fsdp over 8 devices)."""
+                 mesh: jax.sharding.Mesh | None = None, plan: tuning.Plan | None = None,
+                 **trainer_options) -> Trainer:
+    """A Trainer of ``plan`` (default: LoRA) on the bfloat16 model at ``path``, on ``mesh`` (default:
+    fsdp over 8 devices)."""
     options = {} if remat is None else {"remat": remat}
-    tuned = tuning.apply_plan(hf.load_pretrained(path, dtype=jnp.bfloat16, **options), tuning.lora(rank=4, alpha=8))
+    tuned = tuning.apply_plan(hf.load_pretrained(path, dtype=jnp.bfloat16, **options),
+                              plan or tuning.lora(rank=4, alpha=8))
     return Trainer(tuned, train_data=[batch], config=TrainConfig(steps=1, progress=False, compile_cache=False),
                    eval=EvalConfig(before=False, after=False), run_dir=run_dir,
                    mesh=mesh or make_mesh(MeshConfig(data=1, fsdp=8)), **trainer_options)
@@ -137,9 +144,13 @@ def float32_copies(text: str, shapes: set[tuple[int, ...]]) -> set[str]:
 
 
 def frozen_matrices(trainer: Trainer) -> set[tuple[int, ...]]:
-    """Shapes of the frozen bfloat16 matrices (stacked runs and one layer's slice)."""
-    shapes = {x.shape for x in jax.tree.leaves(trainer.frozen) if x.dtype == jnp.bfloat16 and x.ndim >= 2}
-    return shapes | {s[1:] for s in shapes if len(s) == 3}
+    """Shapes of the frozen bfloat16 matrices (stacked runs and one layer's slice) that no trained
+    leaf shares (a LoRA factor's bfloat16 gradient may be converted to float32)."""
+    def shapes(tree: object, kept: object = lambda x: True) -> set[tuple[int, ...]]:
+        stacked = {x.shape for x in jax.tree.leaves(tree) if x.ndim >= 2 and kept(x)}
+        return stacked | {s[1:] for s in stacked if len(s) == 3}
+
+    return shapes(trainer.frozen, lambda x: x.dtype == jnp.bfloat16) - shapes(trainer.trainable)
 
 
 def assert_plan_shardings(exported: export.Exported, trainer: Trainer) -> None:
@@ -188,6 +199,31 @@ def test_tpu_lm_step_runs_splash_and_keeps_the_plan(models, backend, tmp_path, r
     trainable, frozen, _, rows, _ = step_arguments(trainer, batch)
     evaluation = export.export(trainer.eval_step, platforms=["tpu"])(trainable, frozen, rows).mlir_module()
     assert kernels(evaluation) == [FORWARD_ONLY] and not square_tensors(evaluation)
+
+
+@pytest.mark.parametrize("case", ["qlora", "moe"])
+def test_tpu_qlora_and_moe_steps_run_splash(models, backend, tmp_path, case):
+    """QLoRA (nf4 frozen kernels, 4-bit codes) and a mixture of experts (grouped matmuls, experts split
+    over the mesh's expert axis) export for a TPU with splash and nothing T x T, and no float32 copy of
+    a frozen weight; QLoRA holds no float tensor of a whole run of layers' kernel (it dequantizes one
+    layer's weight beside its matmul)."""
+    backend("tpu")
+    batch = lm_rows(B)
+    if case == "qlora":
+        trainer = make_trainer(models / "llama", batch, tmp_path,
+                               plan=tuning.freeze(quantize="nf4") + tuning.lora(rank=4, alpha=8))
+    else:
+        trainer = make_trainer(models / "mixtral", batch, tmp_path,
+                               mesh=make_mesh(MeshConfig(data=1, fsdp=4, expert=2)))
+    text = export_step(trainer, batch, "tpu").mlir_module()
+    assert set(kernels(text)) == SPLASH_KERNELS
+    assert not square_tensors(text)
+    assert not float32_copies(text, frozen_matrices(trainer))
+    if case == "qlora":  # the frozen kernels arrive as codes: no float tensor has a whole run's shape
+        stacked = {f"tensor<{'x'.join(map(str, shape))}x{dtype}>" for shape in STACKED_KERNELS
+                   for dtype in ("bf16", "f32")}
+        assert not stacked & set(re.findall(r"tensor<[\dx]+x\w+>", text))
+    assert ("ragged_dot" in text) == (case == "moe")
 
 
 def test_tpu_dpo_step_runs_splash_for_policy_and_reference(models, backend, tmp_path):
