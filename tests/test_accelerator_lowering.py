@@ -132,9 +132,9 @@ def kernels(text: str) -> list[str]:
     return re.findall(r'custom_call @tpu_custom_call\([^\n]*?kernel_name = "(\w+)"', text)
 
 
-def square_tensors(text: str) -> set[str]:
-    """Tensor types with two axes of length T: attention scores, probabilities or a mask."""
-    return set(re.findall(rf"tensor<(?:\d+x)*{T}x{T}(?:x\d+)*x\w+>", text))
+def square_tensors(text: str, length: int = T) -> set[str]:
+    """Tensor types with two axes of the rows' ``length``: attention scores, probabilities or a mask."""
+    return set(re.findall(rf"tensor<(?:\d+x)*{length}x{length}(?:x\d+)*x\w+>", text))
 
 
 def float32_copies(text: str, shapes: set[tuple[int, ...]]) -> set[str]:
@@ -224,6 +224,19 @@ def test_tpu_qlora_and_moe_steps_run_splash(models, backend, tmp_path, case):
                    for dtype in ("bf16", "f32")}
         assert not stacked & set(re.findall(r"tensor<[\dx]+x\w+>", text))
     assert ("ragged_dot" in text) == (case == "moe")
+
+
+def test_tpu_prompt_tuning_step_runs_splash_on_its_longer_rows(models, backend, tmp_path, caplog):
+    """Prompt tuning puts 20 virtual tokens before rows of 256: rows of 276, which splash runs padded
+    to its tiles, not the dense-mask attention of a fallback (and no notice to pad rows already padded)."""
+    backend("tpu")
+    batch = lm_rows(B)
+    batch["segment_ids"] = (batch["segment_ids"] != 0).astype(np.int32)  # one document a row: no packing
+    with caplog.at_level(logging.WARNING, logger="jaxtune.models.attention"):
+        trainer = make_trainer(models / "llama", batch, tmp_path, plan=tuning.prompt_tuning(20))
+        text = export_step(trainer, batch, "tpu").mlir_module()
+    assert set(kernels(text)) == SPLASH_KERNELS
+    assert not square_tensors(text, T + 20) and not caplog.records
 
 
 def test_tpu_dpo_step_runs_splash_for_policy_and_reference(models, backend, tmp_path):

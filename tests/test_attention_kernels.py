@@ -65,8 +65,9 @@ SELECTION = [
     ("tpu", dict(window=4096, softcap=50.0), SPLASH, None),  # Gemma 2 on a TPU: capped inside splash
     ("tpu", dict(causal=False, segments=True), SPLASH, None),
     ("tpu", dict(dtype=F32, head_dim=64), SPLASH, None),
-    ("tpu", dict(seq_len=100), XLA, "multiple"),
-    ("tpu", dict(seq_len=100, softcap=30.0), GROUPED, "multiple"),
+    ("tpu", dict(seq_len=100), SPLASH, None),  # padded to 128 (a prompt-tuned row, a ViT's patches)
+    ("tpu", dict(seq_len=100, self_attention=False), XLA, "multiple"),
+    ("tpu", dict(seq_len=100, softcap=30.0, self_attention=False), GROUPED, "multiple"),
     ("tpu", dict(dense_mask=True), XLA, "dense mask"),
     ("tpu", dict(causal=False, window=(64, 64)), SPLASH, None),  # ModernBERT's local layers
     ("cpu", dict(dropout=True), GROUPED, None),
@@ -496,25 +497,25 @@ def test_a_fallback_is_never_silent(monkeypatch, caplog):
         np.testing.assert_allclose(np.asarray(out)[real], np.asarray(expected)[real], atol=1e-5)
 
 
-def test_finding_a_models_shapes_gives_no_notice_and_its_rows_still_do(monkeypatch, caplog):
-    """On a TPU, the two-token row that finds a model's param shapes (every load, and plan-memory)
-    runs no attention: it must not warn that the rows are not a multiple of 128. Rows that are
-    (100 tokens) still get the notice, once, and the fallback's output."""
-    monkeypatch.setattr(attention, "_backend", lambda: "tpu")
+def test_a_model_on_a_tpu_runs_splash_on_rows_of_any_length_without_a_notice(monkeypatch, caplog):
+    """On a TPU, the two-token row that finds a model's param shapes (every load, and plan-memory) and
+    rows of 100 tokens run splash, padded to its tiles: no warning that the rows are not a multiple of
+    128 (which a load gave every TPU user, about a row they never wrote)."""
+    monkeypatch.setattr(attention, "_backend", lambda: "tpu")  # the kernel then runs uninterpreted: interpret it
     monkeypatch.setattr(attention, "_NOTICED", set())
+    lengths = []
+    monkeypatch.setattr(attention, "splash_attention",
+                        lambda q, *a, **kw: lengths.append(q.shape[1]) or splash_attention(q, *a, **kw, interpret=True))
     cfg = DecoderConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4,
                         num_kv_heads=2, head_dim=8)
     module = Decoder(cfg)
+    ids = jnp.ones((1, 100), jnp.int32)
     with caplog.at_level(logging.WARNING, logger="jaxtune"):
         shapes = hf.abstract_params(module, cfg)
-    assert not caplog.records, [r.getMessage() for r in caplog.records]
-    ids = jnp.ones((1, 100), jnp.int32)
-    params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-    with caplog.at_level(logging.WARNING, logger="jaxtune"):
+        params = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         jax.jit(module.apply)({"params": params}, ids, ids)
-    lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["attention: splash attention tiles by 128; sequence length 100 is not a multiple (pad rows to a "
-                     "multiple of 128); using the xla attention with a dense mask"]
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert set(lengths) == {2, 100}
 
 
 def test_packed_segments_give_cudnn_the_same_mask():
@@ -575,6 +576,27 @@ def test_splash_matches_reference_forward_and_gradients(case):
         return splash_attention(q, k, v, ids, causal=causal, window=window, scale=0.3, logit_cap=cap)
 
     _assert_same_attention(splash, reference, (q, k, v), ids, weights, out_atol=2e-5, grad_atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", ["packed", "unsegmented"])
+def test_splash_pads_rows_that_are_not_a_multiple_of_its_tiles(rows):
+    """Rows of 100 tokens (a prompt-tuned row: 80 tokens and 20 virtual ones; a ViT's patches) run
+    splash padded to 128 with keys no real query sees: forward and gradients equal the reference's,
+    causal and packed, or bidirectional without segment ids."""
+    causal = rows == "packed"
+    q, k, v = _qkv(3, 2, 100, 4, 2, 16)
+    ids = jnp.asarray(PACKED[:, :100]) if causal else None
+    real = ids if ids is not None else jnp.ones((2, 100), jnp.int32)
+    weights = jax.random.normal(jax.random.key(4), q.shape) * (real != 0)[:, :, None, None]
+
+    def reference(q, k, v):
+        mask = attention_mask(ids, causal=causal) if ids is not None else None
+        return grouped_attention(q, k, v, mask, scale=0.3)
+
+    def splash(q, k, v):
+        return splash_attention(q, k, v, ids, causal=causal, window=None, scale=0.3)
+
+    _assert_same_attention(splash, reference, (q, k, v), real, weights, out_atol=2e-5, grad_atol=1e-4)
 
 
 def test_a_model_runs_splash_through_the_dispatch(monkeypatch):

@@ -17,11 +17,12 @@ GPU         cuDNN fused (flash) attention. Packed rows reach it as per-segment l
             offsets (cuDNN's packed layout: no ``T x T`` mask is built); causality and a causal
             sliding window are kernel flags.
 TPU         Pallas splash attention with segment ids and a causal / local (sliding-window)
-            mask; soft-capping inside the kernel.
+            mask; soft-capping inside the kernel; rows padded to its tiles of 128.
 ==========  =================================================================================
 
 Where the backend's kernel cannot take the inputs (float32 on a GPU, a head dim cuDNN refuses,
-soft-capping on a GPU, a sequence length splash cannot tile, a dense mask given by the caller),
+soft-capping on a GPU, keys of another length than the queries' that splash cannot tile, a dense
+mask given by the caller),
 the XLA path with a dense mask runs instead and a one-line notice says why, once per reason.
 Dropout on the attention probabilities (BERT's ``attention_probs_dropout_prob`` in training) runs
 in the fused CPU kernel or else in :func:`grouped_attention`, both with one mask, a hash of the
@@ -31,13 +32,10 @@ kernels take none, so there it runs the grouped attention.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -101,9 +99,9 @@ def attention_kernel(
     if backend == "gpu":
         return _gpu_kernel(causal, window, segments, softcap, jnp.dtype(dtype), head_dim, gpu_capability)
     if backend == "tpu":
-        if seq_len % SPLASH_BLOCK:
-            return _fallback(softcap, f"splash attention tiles by {SPLASH_BLOCK}; sequence length {seq_len} is "
-                                      f"not a multiple (pad rows to a multiple of {SPLASH_BLOCK})")
+        if seq_len % SPLASH_BLOCK and not self_attention:  # self-attention is padded to splash's tiles
+            return _fallback(softcap, f"splash attention tiles by {SPLASH_BLOCK}; key length {seq_len} is "
+                                      f"not a multiple")
         return KernelChoice(SPLASH)
     return _fallback(softcap, f"no fused kernel for backend {backend!r}")
 
@@ -136,26 +134,13 @@ def _fallback(softcap: float | None, why: str) -> KernelChoice:
 
 
 _NOTICED: set[str] = set()
-_QUIET: contextvars.ContextVar[bool] = contextvars.ContextVar("jaxtune_attention_quiet", default=False)
 
 
 def _notice(line: str) -> None:
     """Log ``line`` the first time it comes up in this process (it comes up once per traced layer)."""
-    if line not in _NOTICED and not _QUIET.get():
+    if line not in _NOTICED:
         _NOTICED.add(line)
         log.warning(line)
-
-
-@contextlib.contextmanager
-def without_notices() -> Iterator[None]:
-    """No kernel notices while tracing a model on made-up inputs whose attention never runs (the
-    two-token row that finds its param shapes): a notice there would be about that row, not the
-    rows the model will run on, which still get theirs."""
-    token = _QUIET.set(True)
-    try:
-        yield
-    finally:
-        _QUIET.reset(token)
 
 
 def _backend() -> str:
@@ -456,20 +441,29 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
                      window: Window, scale: float | None, logit_cap: float | None = None,
                      interpret: bool | None = None) -> Array:
     """Pallas splash attention (arguments and shapes as :func:`dot_product_attention`; ``T`` and ``S``
-    multiples of 128). Segment ids and the causal / sliding-window mask are applied inside the kernel
-    block by block, skipping fully masked blocks; GQA heads share their KV head without copies.
-    ``interpret`` (default: when :func:`_backend` is not a TPU's) runs the kernel in Pallas' interpreter,
-    on any backend.
+    multiples of 128, or ``T == S``: self-attention of any length runs padded to a multiple of 128,
+    the padding keys in segment 0, which no real query sees). Segment ids and the causal /
+    sliding-window mask are applied inside the kernel block by block, skipping fully masked blocks;
+    GQA heads share their KV head without copies. ``interpret`` (default: when :func:`_backend` is
+    not a TPU's) runs the kernel in Pallas' interpreter, on any backend.
 
     Padding queries (id 0) attend to other padding keys here; their outputs are not defined.
     """
     from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+    length = q.shape[1]
+    ids = jnp.ones(q.shape[:2], jnp.int32) if segment_ids is None else segment_ids
+    if length % SPLASH_BLOCK and length == k.shape[1]:
+        # A prompt-tuned row (virtual tokens + a multiple of 128) or a ViT's patches + [CLS]: a few
+        # padding keys cost far less than the dense-mask attention the kernel's tiles would otherwise force.
+        extra = ((0, 0), (0, -length % SPLASH_BLOCK))
+        q, k, v = (jnp.pad(x, (*extra, (0, 0), (0, 0))) for x in (q, k, v))
+        ids = jnp.pad(ids, extra)
     b, t, n, h = q.shape
     s = k.shape[1]
     if t % SPLASH_BLOCK or s % SPLASH_BLOCK:
-        raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCK}, "
-                         f"not {t} (queries) and {s} (keys); pad the rows (data.max_length)")
+        raise ValueError(f"splash attention needs sequence lengths that are multiples of {SPLASH_BLOCK}, or "
+                         f"self-attention, not {t} (queries) and {s} (keys)")
     shape = (t, s)
     if window is not None:
         head_mask = splash.LocalMask(shape, window_bounds(window, causal), offset=0)
@@ -486,7 +480,6 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
     # The kernel takes one row, heads first: (N, T, H) queries over (K, S, H) keys and values.
     qh = (q * jnp.asarray(scale, q.dtype)).transpose(0, 2, 1, 3)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    ids = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids
 
     def rows(qh: Array, kh: Array, vh: Array, ids: Array) -> Array:
         # Built here, for the heads this device holds (all of them unless a mesh splits the heads).
@@ -495,7 +488,7 @@ def splash_attention(q: Array, k: Array, v: Array, segment_ids: Array | None, *,
             attn_logits_soft_cap=logit_cap, interpret=interpret)
         return jax.vmap(lambda q_, k_, v_, i: kernel(q_, k_, v_, segment_ids=splash.SegmentIds(i, i)))(qh, kh, vh, ids)
 
-    return _per_shard(rows, b, k.shape[2])(qh, kh, vh, ids).transpose(0, 2, 1, 3)
+    return _per_shard(rows, b, k.shape[2])(qh, kh, vh, ids).transpose(0, 2, 1, 3)[:, :length]
 
 
 # The mesh axes jaxtune shards the batch and the heads over (jaxtune.training.sharding, layers.partition_rules).

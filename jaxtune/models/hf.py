@@ -29,7 +29,6 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
 from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbert, moe, olmo2, phi3, stacking, vit
-from jaxtune.models.attention import without_notices
 from jaxtune.models.gguf_architectures import ARCHITECTURES as GGUF_ARCHITECTURES
 from jaxtune.models.gguf_architectures import LLAMA_MOE
 from jaxtune.models.hf_files import CheckpointError, SafetensorsReader, read_config, resolve, weight_files
@@ -217,8 +216,7 @@ def abstract_params(module: nn.Module, cfg: FamilyConfig) -> Params:
     """The param tree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without memory."""
     # A family whose inputs are not token ids (images) says what its inputs look like.
     inputs = cfg.init_inputs() if hasattr(cfg, "init_inputs") else (jnp.zeros((1, 2), jnp.int32),)
-    with without_notices():  # the kernel chosen for this row is not the one the user's rows get
-        return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
 
 
 def hf_name(family: Family, path: tuple[str, ...]) -> str:
