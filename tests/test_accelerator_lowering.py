@@ -201,6 +201,21 @@ def test_tpu_lm_step_runs_splash_and_keeps_the_plan(models, backend, tmp_path, r
     assert kernels(evaluation) == [FORWARD_ONLY] and not square_tensors(evaluation)
 
 
+def test_tpu_step_on_a_tensor_parallel_mesh_runs_splash_per_shard_of_rows_and_heads(models, backend, tmp_path):
+    """On a data 2 x fsdp 2 x tensor 2 mesh, splash (which XLA cannot partition) runs in a shard_map
+    whose queries, keys and values are split by rows over data x fsdp and by heads over tensor."""
+    backend("tpu")
+    batch = lm_rows(B)
+    trainer = make_trainer(models / "llama", batch, tmp_path, mesh=make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))
+    exported = export_step(trainer, batch, "tpu")
+    text = exported.mlir_module()
+    assert set(kernels(text)) == SPLASH_KERNELS and not square_tensors(text)
+    per_shard = re.findall(r"sdy\.manual_computation\([^\n]*?in_shardings=\[([^\n]*?)\] out_shardings", text)
+    rows_and_heads = '<@mesh, [{"data", "fsdp"}, {"tensor"}, {}, {}]>'
+    assert any(shardings.count(rows_and_heads) == 3 for shardings in per_shard), per_shard
+    assert_plan_shardings(exported, trainer)
+
+
 @pytest.mark.parametrize("case", ["qlora", "moe"])
 def test_tpu_qlora_and_moe_steps_run_splash(models, backend, tmp_path, case):
     """QLoRA (nf4 frozen kernels, 4-bit codes) and a mixture of experts (grouped matmuls, experts split
