@@ -53,7 +53,8 @@ pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulat
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> Path:
     """Tiny random checkpoints: a Llama, a Mixtral (the Llama with 4 experts), a Gemma 2 (sliding window
-    and soft-capped scores) and a ModernBERT classifier (global and two-sided local attention)."""
+    and soft-capped scores), a ModernBERT classifier (global and two-sided local attention) and a ViT
+    classifier (rows of 10 x 10 patches and [CLS])."""
     root = tmp_path_factory.mktemp("accelerator")
     tiny_hf_model("LlamaForCausalLM", root / "llama", **LLAMA)
     tiny_random_model("MixtralForCausalLM", root / "mixtral", {**LLAMA, "num_local_experts": 4,
@@ -67,6 +68,9 @@ def models(tmp_path_factory) -> Path:
                            num_attention_heads=4, num_labels=3, global_attn_every_n_layers=2, local_attention=64,
                            max_position_embeddings=512, pad_token_id=0, bos_token_id=1, eos_token_id=2,
                            cls_token_id=1, sep_token_id=2))
+    tiny_random_model("ViTForImageClassification", root / "vit",
+                      dict(image_size=40, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                           num_attention_heads=4, intermediate_size=64, num_labels=3))
     return root
 
 
@@ -293,6 +297,18 @@ def test_tpu_encoder_classifier_step_runs_splash(models, backend, tmp_path):
     assert set(found) == SPLASH_KERNELS
     assert found.count(FORWARD) == 2  # one per (unscanned) layer
     assert not square_tensors(text)
+
+
+def test_tpu_image_classifier_step_runs_splash_on_rows_of_patches(models, backend, tmp_path):
+    """A ViT's rows are its patches and [CLS] (101 here, 197 at 224 x 224): splash runs them padded to
+    its tiles, with no 101 x 101 tensor of the dense attention a fallback would compute."""
+    backend("tpu")
+    batch = {"pixel_values": np.random.RandomState(0).rand(B, 3, 40, 40).astype(np.float32),
+             "labels": np.arange(B, dtype=np.int32) % 3, "example_weights": np.ones(B, np.float32)}
+    trainer = make_trainer(models / "vit", batch, tmp_path, remat=None)
+    text = export_step(trainer, batch, "tpu").mlir_module()
+    assert set(kernels(text)) == SPLASH_KERNELS
+    assert not square_tensors(text, 101)
 
 
 # ----------------------------------------------------------------------------- GPU
