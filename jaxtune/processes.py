@@ -6,20 +6,29 @@ over, half-written while another reads or renames them. The rules the writers fo
 every process checks (reading only) before any process writes (:func:`barrier`); process 0 alone
 writes (:func:`write_once`), and every process then learns whether that worked, so none waits on
 a process that failed. Arrays split over other processes' devices are gathered first
-(:func:`on_host`), as every process must take part in that. On one process these are plain calls.
+(:func:`on_host`), as every process must take part in that. An error on one process while the others
+compute together stops them too (:func:`stop_together`), rather than leaving them in a collective until
+JAX's distributed service times out. On one process these are plain calls.
 
 Beside the layers: imports no other part of jaxtune.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import itertools
+import logging
+import os
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import jax
 import numpy as np
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+_uses = itertools.count()  # numbers each stop_together: the same sequence on every process (one program)
 
 
 def several() -> bool:
@@ -89,3 +98,74 @@ def stacked(x: np.ndarray) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
+def _client() -> Any:
+    """The ``jax.distributed`` client (its key-value store), or None when JAX started without one."""
+    from jax._src import distributed  # the client is not public API; the key-value store is what we need
+
+    return getattr(distributed.global_state, "client", None)
+
+
+@contextlib.contextmanager
+def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | None = None) -> Iterator[None]:
+    """While active, an exception on one process stops every other within seconds.
+
+    The others cannot learn of it in their own code: they wait in the next collective of a step the
+    failing process will never join, until JAX's distributed service gives up on it (minutes later,
+    with a heartbeat error that hides the real one). So the failing process writes
+    ``process I failed <where()>: Type: message`` to the distributed service's key-value store, under
+    a key each other process's watcher thread is waiting on; the watcher logs it (``...; stopping``),
+    calls ``on_stop(message)`` (process 0 marks the run failed), leaves ``jax.distributed`` and ends
+    its process (exit status 1): its main thread is inside a collective, where no Python exception
+    reaches it. The failing process raises its own error as before. One process: nothing is started,
+    nothing is paid (no agreement per step either way)."""
+    client = _client() if several() else None
+    if client is None:
+        yield
+        return
+    use, me = next(_uses), jax.process_index()
+
+    def key(process: int) -> str:
+        return f"jaxtune/stop/{use}/{process}"
+
+    leaving = threading.Event()  # this process left the block (normally or with its own error): watch no more
+
+    def watch() -> None:
+        while True:
+            try:
+                message = client.blocking_key_value_get(key(me), 60_000)
+            except Exception as err:  # noqa: BLE001 - a timeout waits on; the service gone ends the watch
+                if "DEADLINE_EXCEEDED" in str(err) and not leaving.is_set():
+                    continue
+                return
+            if leaving.is_set() or not message:
+                return
+            log.error("%s; stopping", message)
+            try:
+                if on_stop is not None:
+                    on_stop(message)
+                jax.distributed.shutdown()  # its shutdown barrier: the failing process's own exit waits there
+            except Exception:  # noqa: BLE001 - the process ends below whatever these do
+                log.exception("while stopping after another process's error")
+            os._exit(1)
+
+    watcher = threading.Thread(target=watch, name="jaxtune-stop-together", daemon=True)
+    watcher.start()
+    try:
+        yield
+    except Exception as err:
+        leaving.set()
+        first_line = (str(err).strip().splitlines() or [""])[0]
+        message = f"process {me} failed {where()}: {type(err).__name__}: {first_line}"
+        for other in range(jax.process_count()):
+            if other != me:
+                with contextlib.suppress(Exception):  # another process failed first and told it already
+                    client.key_value_set(key(other), message)
+        raise
+    finally:
+        leaving.set()
+        with contextlib.suppress(Exception):  # wakes this process's watcher (unless another process's error did)
+            client.key_value_set(key(me), "")
+        watcher.join(timeout=5)
+

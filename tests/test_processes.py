@@ -41,6 +41,14 @@ def _processes(argv: list[str], logs: Path, timeout: float, count: int = 2) -> l
     """Run ``argv + [coordinator, process id]``-style commands (``{address}`` and ``{process}`` in
     ``argv`` are filled in) as ``count`` processes; their stderr. Fails when one exits with an error or
     they do not all finish within ``timeout`` seconds (a process waiting for another in a collective)."""
+    codes, errs = _run(argv, logs, timeout, count)
+    for code, err in zip(codes, errs):
+        assert code == 0, err[-3000:]
+    return errs
+
+
+def _run(argv: list[str], logs: Path, timeout: float, count: int = 2) -> tuple[list[int], list[str]]:
+    """:func:`_processes`' commands, run; their exit statuses and stderr (fails only on the timeout)."""
     address = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     procs = []
@@ -58,10 +66,7 @@ def _processes(argv: list[str], logs: Path, timeout: float, count: int = 2) -> l
             p.wait()
         pytest.fail(f"the processes did not all finish in {timeout} s (one waits for another): "
                     + " | ".join((logs / f"process-{i}.log").read_text()[-1500:] for i in range(count)))
-    errs = [(logs / f"process-{i}.log").read_text() for i in range(count)]
-    for p, err in zip(procs, errs):
-        assert p.returncode == 0, err[-3000:]
-    return errs
+    return [p.returncode for p in procs], [(logs / f"process-{i}.log").read_text() for i in range(count)]
 
 
 def _job(job: str, args: dict, timeout: float = 300) -> list[dict]:
@@ -169,23 +174,42 @@ def test_a_restart_on_two_processes_waits_until_the_old_run_is_moved_aside(class
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["seed"] == 1
 
 
-def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_same_step(tmp_path):
-    """The signal reaches each process at another moment (here: process 0 only): the interrupted one
-    stopped alone and saved, and the others stepped on into the next step's collectives (both hung).
-    Now they agree at the log step, all stop there, save one checkpoint and report "stopped"."""
+def _train_script(tmp_path: Path, *options: str) -> list[str]:
+    """tests/train_script.py's command for 6 steps of a tiny Llama's LoRA on 32 chat rows (written to
+    ``tmp_path``), 4 a batch, as :func:`_processes` runs it, with ``options``."""
     tiny_hf_model("LlamaForCausalLM", tmp_path / "model")
     words = ["alpha", "beta", "gamma", "delta"]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": " ".join(words[i % 4:] or words)},
         {"role": "assistant", "content": words[i % 4].upper()}]}) + "\n" for i in range(32)))
-    errs = _processes([str(TRAIN_SCRIPT), "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
-                       "--run", str(tmp_path / "run"), "--steps", "6", "--batch", "4", "--no-packing",
-                       "--interrupt-at", "2", "--coordinator", "{address}", "--num-processes", "{count}",
-                       "--process-id", "{process}"], tmp_path, timeout=180)
+    return [str(TRAIN_SCRIPT), "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
+            "--run", str(tmp_path / "run"), "--steps", "6", "--batch", "4", "--no-packing", *options,
+            "--coordinator", "{address}", "--num-processes", "{count}", "--process-id", "{process}"]
+
+
+def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_same_step(tmp_path):
+    """The signal reaches each process at another moment (here: process 0 only): the interrupted one
+    stopped alone and saved, and the others stepped on into the next step's collectives (both hung).
+    Now they agree at the log step, all stop there, save one checkpoint and report "stopped"."""
+    errs = _processes(_train_script(tmp_path, "--interrupt-at", "2"), tmp_path, timeout=180)
     assert all("done step=2 state=stopped" in err for err in errs), [err[-1500:] for err in errs]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "stopped"
 
+
+def test_an_error_on_one_process_stops_the_others_at_once_naming_it(tmp_path):
+    """A callback raises on process 1 alone after step 2 (as a corrupt image in its loader or a user's
+    source could): process 0 waited in step 3's collectives until JAX's distributed service gave up on
+    process 1, about 5 minutes later, with a heartbeat error instead of the real one. Now process 1
+    raises its own error and tells the others, which stop at once with a line naming it; the run's
+    status says failed, with that line."""
+    error = "ValueError: a callback's error on process 1 only, at step 2"
+    codes, errs = _run(_train_script(tmp_path, "--fail-at", "2"), tmp_path, timeout=120)
+    assert codes[1] == 1 and errs[1].rstrip().endswith(error), errs[1][-1500:]
+    assert codes[0] == 1 and f"process 1 failed after step 2 of 6: {error}; stopping" in errs[0], errs[0][-1500:]
+    assert "heartbeat" not in errs[0] + errs[1]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == f"process 1 failed after step 2 of 6: {error}", status
 
 
 def test_a_cached_reference_on_two_processes_holds_every_row_on_each(tmp_path):

@@ -248,6 +248,18 @@ def test_every_way_out_of_fit_closes_the_training_iterator_and_the_events(setup,
         assert _lora_trainer(setup, tmp_path, steps=4).fit().step == 4
 
 
+def test_another_processs_error_in_the_status_is_not_written_over_by_the_loop(setup, tmp_path):
+    """On several processes a watcher thread writes another process's error to the status
+    (``processes.stop_together``) while this process's loop may still log a step before the thread
+    ends the process: its "running" replaced the error (1 two-process run in 4)."""
+    trainer = _lora_trainer(setup, tmp_path, steps=3)
+    trainer.run.create()
+    trainer._stopped_by_another("process 1 failed after step 2 of 3: ValueError: boom")
+    trainer._write_status("running", step=2, total_steps=3)
+    status = trainer.run.status()
+    assert (status["state"], status["error"]) == ("failed", "process 1 failed after step 2 of 3: ValueError: boom")
+
+
 def test_close_closes_the_events_when_the_checkpoint_manager_fails_to(setup, tmp_path):
     class Broken:
         def close(self):

@@ -1,8 +1,9 @@
 """A small LoRA training run as a script: the resume (SIGKILL) and multi-process tests run it.
 
 python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
-    [--kill-at S] [--interrupt-at S] [--batch B] [--out FILE.npz] [--no-packing] [--eval-out FILE.json]
-    [--eval-data FILE] [--generate-out FILE.json] [--coordinator HOST:PORT --process-id I --num-processes P]
+    [--kill-at S] [--interrupt-at S] [--fail-at S [--fail-on P]] [--batch B] [--out FILE.npz] [--no-packing]
+    [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
+    [--coordinator HOST:PORT --process-id I --num-processes P]
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
 answers' first letters) and writes the metrics; ``--generate-out`` writes the trained model's greedy
@@ -26,6 +27,8 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=None)
     ap.add_argument("--kill-at", type=int, default=None)
     ap.add_argument("--interrupt-at", type=int, default=None, help="process 0 alone gets a Ctrl-C after this step")
+    ap.add_argument("--fail-at", type=int, default=None, help="one process alone raises in a callback after this step")
+    ap.add_argument("--fail-on", type=int, default=1, help="the process that --fail-at raises on")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-packing", action="store_true", help="one example per row (padding mode)")
@@ -67,6 +70,8 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         if step == args.interrupt_at and jax.process_index() == 0:
             os.kill(os.getpid(), signal.SIGINT)
+        if step == args.fail_at and jax.process_index() == args.fail_on:
+            raise ValueError(f"a callback's error on process {args.fail_on} only, at step {step}")
 
     eval_loader = make_loader(read_source(args.eval_data or args.data, "chat"), tiny_tokenizer(),
                               LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=1, shuffle=False,
@@ -78,7 +83,7 @@ def main() -> None:
                       config=TrainConfig(steps=args.steps, log_every=1, progress=False),
                       checkpoint=CheckpointConfig(every=args.save_every), eval=EvalConfig(choices=choices, before=False,
                                                                                          after=False),
-                      run_dir=args.run, callbacks=[kill] if args.kill_at or args.interrupt_at else [])
+                      run_dir=args.run, callbacks=[kill] if args.kill_at or args.interrupt_at or args.fail_at else [])
     result = trainer.fit()
     if args.out and jax.process_index() == 0:
         host = jax.device_get(trainer.trainable)  # gathers across processes for fully addressable arrays

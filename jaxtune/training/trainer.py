@@ -24,6 +24,7 @@ import functools
 import hashlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -34,6 +35,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtune import processes
 from jaxtune.data.pipeline import Loader, LoaderConfig
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import Source
@@ -196,6 +198,10 @@ class Trainer:
         self.step = 0
         self._saved_step: int | None = None  # the step whose state the latest checkpoint holds
         self.failed_step: int | None = None  # the non-finite step that failed the run (set by _failed)
+        # Another process's error, once its watcher thread wrote it to the status (_stopped_by_another):
+        # the loop, still running until that thread ends the process, writes no status over it.
+        self._stopped_by: str | None = None
+        self._status_lock = threading.Lock()
         self._checkpointer: Checkpointer | None = None
         self._resumable_data = False
         self.compile_cache_hit: bool | None = None  # whether the first step's executable came from the disk cache
@@ -435,7 +441,9 @@ class Trainer:
         window = Throughput()
         self._write_status("running", step=self.step, total_steps=self.steps)
         try:
-            with StopOnInterrupt() as interrupt:
+            # another process's error (its loader, a callback) stops this one, not a collective it never joins
+            with processes.stop_together(lambda: f"after step {self.step} of {self.steps}", self._stopped_by_another), \
+                    StopOnInterrupt() as interrupt:
                 while self.step < self.steps:
                     if interrupt.stop_now(self.step, cfg.log_every):
                         raise KeyboardInterrupt
@@ -495,6 +503,12 @@ class Trainer:
             self.checkpointer.wait()
         return state, train_metrics, eval_metrics
 
+    def _stopped_by_another(self, message: str) -> None:
+        """Another process failed (``message``, :func:`~jaxtune.processes.stop_together`): the run's status says so."""
+        with self._status_lock:
+            self._stopped_by = message
+            self._write_status_unlocked("failed", step=self.step, total_steps=self.steps, error=message)
+
     def _recalibrate(self) -> None:
         """Re-estimate the trained BatchNorms' statistics for these weights (``train.recalibrate_batch_norm``
         batches from the start of the training data), once per step: before an evaluation and the final save."""
@@ -541,7 +555,13 @@ class Trainer:
                      data.max_length)
 
     def _write_status(self, state: str, **fields: Any) -> None:
-        """``status.json`` with the compiled step's memory (:attr:`memory`, or the run's earlier one)."""
+        """``status.json`` with the compiled step's memory (:attr:`memory`, or the run's earlier one); not
+        once another process's error is there (:meth:`_stopped_by_another`)."""
+        with self._status_lock:
+            if self._stopped_by is None:
+                self._write_status_unlocked(state, **fields)
+
+    def _write_status_unlocked(self, state: str, **fields: Any) -> None:
         report = self.memory.as_dict() if self.memory is not None else (self.run.status() or {}).get("memory")
         self.run.write_status(state, **fields, **({"memory": report} if report else {}))
 
