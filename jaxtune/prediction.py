@@ -37,7 +37,7 @@ from jaxtune.data.rows import PYTHON, Syntax
 from jaxtune.data.sources import Source, read_labeled
 from jaxtune.models.load import model_of
 from jaxtune.training.evaluate import classification_metrics, in_lockstep, regression_metrics
-from jaxtune.training.sharding import data_parallel_size, global_batch, jit_on_mesh
+from jaxtune.training.sharding import MeshConfig, data_parallel_size, global_batch, jit_on_mesh, make_mesh
 from jaxtune.training.step import model_inputs, packed_segments
 from jaxtune.tuning import Tuned, apply_plan
 
@@ -138,27 +138,56 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
         raise ConfigError(f"{syntax.option('max_length', max_length)}: more than the model's {positions} position "
                           f"embeddings (max_position_embeddings in its config.json); give {positions} or less")
     length = max_length if max_length is not None else run_options.get("max_length", min(128, positions or 128))
-    config = LoaderConfig(batch_size=batch_size if batch_size is not None else run_options.get("batch_size", 32),
+    whose = "the run's mesh" if mesh is not None else "the mesh the model's params are on"
+    params, mesh = _placed(tuned.params, mesh)
+    split = data_parallel_size(mesh) if mesh is not None else 1
+    config = LoaderConfig(batch_size=batch_size if batch_size is not None
+                          else run_options.get("batch_size", -(-32 // split) * split),  # 32 or the next multiple
                           max_length=length,
                           truncation="right",
                           packing=bool(run_options.get("packing")) if packing is None else packing)
-    if mesh is not None and config.batch_size % data_parallel_size(mesh):
-        raise ValueError(f"predict: batch_size {config.batch_size} does not split over the run's mesh "
-                         f"({data_parallel_size(mesh)}-way data parallelism: data x fsdp); give a multiple of it")
+    if config.batch_size % split:
+        raise ValueError(f"predict: batch_size {config.batch_size} does not split over {whose} "
+                         f"({split}-way data parallelism: data x fsdp); give a multiple of it")
     if out is not None:
         _check_folder(Path(out))  # before the compute, on every process
-    outputs = _outputs(tuned, source, config, mesh)
+    outputs = _outputs(dataclasses.replace(tuned, params=params), source, config, mesh)
     rows = _records(tuned, source, outputs, text_field, pair_field, label_field)
     if out is not None:  # every process has every row; one writes them
         processes.write_once(lambda: write(rows, out), f"the predictions {out}")
     return rows
 
 
+def _placed(params: Any, mesh: Mesh | None) -> tuple[Any, Mesh | None]:
+    """The params and the mesh to predict on: a run directory's (its params are on it), else on several
+    processes the mesh the params span (a model trained there: ``fit().model``), else for params each
+    process holds whole (each loaded them) a mesh of one device a process, the params replicated on it;
+    so every process predicts its own share of the rows. One process, params of its own: no mesh."""
+    if mesh is not None or not processes.several():
+        return params, mesh
+    spread = [x.sharding for x in jax.tree.leaves(params) if isinstance(x, jax.Array) and not x.is_fully_addressable]
+    if spread:
+        if not all(isinstance(s, NamedSharding) and s.mesh == spread[0].mesh for s in spread):
+            raise ValueError("predict: the model's params span several processes' devices but not one mesh; "
+                             "predict with its run directory, or place every param on one mesh")
+        return params, spread[0].mesh
+    firsts = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+              for p in range(jax.process_count())]
+    mesh = make_mesh(MeshConfig(), firsts)
+    mine, replicated = firsts[jax.process_index()], NamedSharding(mesh, PartitionSpec())
+
+    def place(leaf: Any) -> jax.Array:
+        local = jax.device_put(leaf, mine)  # on this process's device of the mesh (a no-op where it is)
+        return jax.make_array_from_single_device_arrays(local.shape, replicated, [local])
+
+    return jax.tree.map(place, params), mesh
+
+
 def _outputs(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | None = None) -> np.ndarray:
     """Head outputs ``(N, num_outputs)`` float32 of every row, in file order (packed rows hold them in
     file order, slot by slot: ``example_weights`` marks the filled slots).
 
-    With a ``mesh`` (the run's: ``tuned.params`` are on it), each batch is split over its batch axes
+    With a ``mesh`` (``tuned.params`` are on it: :func:`_placed`), each batch is split over its batch axes
     and the forward runs there as the run's evaluation does (:func:`jit_on_mesh`), so a model sharded
     for training predicts without being gathered onto one device. Each process reads, tokenizes and
     packs its own share of the rows (every ``process_count``-th, as evaluation shares them), numbers

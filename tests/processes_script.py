@@ -6,7 +6,8 @@ export   {"model", "out"}: the tiny Llama's LoRA plan, its params (drawn with ke
          1.01 and shifted by 0.001, so that the adapters are not zero) split over the processes' devices
          (an fsdp mesh), exported as a PEFT adapter to OUT/peft and merged to OUT/merged.
 predict  {"run", "data", "out"}: ``jaxtune.predict`` of the run directory on the file, packed as the run
-         trained (to OUT/predictions.jsonl) and one row per sequence.
+         trained (to OUT/predictions.jsonl) and one row per sequence; then one row per sequence by the
+         run's model in memory, its params on the run's mesh ("on_mesh") and whole on each process ("held").
 restart  {"recipe", "out", "delay"}: ``jaxtune.finetune(recipe, restart=True)``, process 0 moving the old
          run aside ``delay`` seconds late.
 dpo      {"model", "train", "out"}: :func:`dpo_run` in OUT/run.
@@ -48,7 +49,7 @@ def export(args: dict[str, Any]) -> dict[str, Any]:
 
 def predict(args: dict[str, Any]) -> dict[str, Any]:
     import jaxtune as jt
-    from jaxtune import prediction
+    from jaxtune import prediction, processes
 
     shares = []
     loader = prediction.evaluation_loader
@@ -61,7 +62,10 @@ def predict(args: dict[str, Any]) -> dict[str, Any]:
     prediction.evaluation_loader = spy
     packed = jt.predict(args["run"], args["data"], out=Path(args["out"]) / "predictions.jsonl")
     unpacked = jt.predict(args["run"], args["data"], packing=False)
-    return {"packed": packed, "unpacked": unpacked, "shares": shares}
+    model = jt.open_run(args["run"]).model  # in memory, its params on the run's mesh (as fit().model's are)
+    on_mesh = jt.predict(model, args["data"], packing=False)
+    held = jt.predict(dataclasses.replace(model, params=processes.on_host(model.params)), args["data"], packing=False)
+    return {"packed": packed, "unpacked": unpacked, "on_mesh": on_mesh, "held": held, "shares": shares}
 
 
 def dpo(args: dict[str, Any]) -> dict[str, Any]:

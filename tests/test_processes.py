@@ -141,14 +141,17 @@ def classifier(tmp_path_factory) -> dict[str, Path]:
 def test_predict_on_two_processes_shares_the_rows_out_and_writes_once(classifier, tmp_path):
     """Each process read, tokenized and wrote every row (both writing one file); now each reads every
     other row, every process gets every prediction in file order, equal to one process's, and process 0
-    writes the file. 9 rows: process 0 has one batch more unpacked (5 and 4 rows, 4 a batch)."""
+    writes the file. 9 rows: process 0 has one batch more unpacked (5 and 4 rows, 4 a batch). A model in
+    memory (params on the run's mesh, or whole on each process) ran every row on every process; now
+    it shares them out as well."""
     two = _job("predict", {"run": str(classifier["run"]), "data": str(classifier["test"]), "out": str(tmp_path)})
     one = {"packed": jt.predict(classifier["run"], classifier["test"]),
            "unpacked": jt.predict(classifier["run"], classifier["test"], packing=False)}
+    one["on_mesh"] = one["held"] = one["unpacked"]
     names = sorted(one["packed"][0]["probabilities"])
     for process, result in enumerate(two):
-        assert result["shares"] == [[process, 2], [process, 2]]
-        for how in ("packed", "unpacked"):
+        assert result["shares"] == [[process, 2]] * 4
+        for how in ("packed", "unpacked", "on_mesh", "held"):
             assert [r["text"] for r in result[how]] == [r["text"] for r in one[how]]
             assert [r["prediction"] for r in result[how]] == [r["prediction"] for r in one[how]]
             np.testing.assert_allclose([[r["probabilities"][n] for n in names] for r in result[how]],
