@@ -11,6 +11,7 @@ predict  {"run", "data", "out"}: ``jaxtune.predict`` of the run directory on the
 restart  {"recipe", "out", "delay"}: ``jaxtune.finetune(recipe, restart=True)``, process 0 moving the old
          run aside ``delay`` seconds late.
 dpo      {"model", "train", "out"}: :func:`dpo_run` in OUT/run.
+base_fails {"model", "train", "out"}: :func:`base_fails`, which raises on process 1.
 
 Each process writes OUT/<job>-<process>.json: what the job returned on it, and the weights and
 prediction files it wrote (``written``).
@@ -86,6 +87,33 @@ def dpo_run(args: dict[str, Any], mesh: Any = None) -> Any:
                       optimizer=jt.OptimizerConfig(learning_rate=1e-2, schedule="constant")).fit()
 
 
+def base_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """LoRA on the tiny Llama in OUT/run, scoring the base model first on rows whose second batch raises
+    on process 1 alone (as a corrupt file could)."""
+    import jax
+
+    import jaxtune as jt
+    from jaxtune.data import LoaderConfig, make_loader, read_source
+    from jaxtune.data.testing import tiny_tokenizer
+
+    rows = make_loader(read_source(args["train"], "chat"), tiny_tokenizer(),
+                       LoaderConfig(batch_size=4, max_length=48, num_epochs=1, shuffle=False, drop_remainder=False),
+                       scan_first=False)
+
+    class Failing:
+        def __iter__(self) -> Any:
+            for i, batch in enumerate(rows):
+                if i == 1 and jax.process_index() == 1:
+                    raise OSError("rows.jsonl: a row process 1 cannot read")
+                yield batch
+
+    tuned = jt.apply_plan(jt.load(args["model"]), jt.lora(rank=4, alpha=8))
+    result = jt.Trainer(tuned, rows, Failing(), run_dir=Path(args["out"]) / "run",
+                        config=jt.TrainConfig(steps=2, progress=False),
+                        eval=jt.EvalConfig(before=True, cache_base=False)).fit()
+    return {"state": result.state}
+
+
 def restart(args: dict[str, Any]) -> dict[str, Any]:
     import time
 
@@ -132,7 +160,7 @@ def main() -> None:
     for module, name in ((peft_io, "save_file"), (hf, "save_file"), (prediction, "write")):
         record(module, name)
     args = json.loads(args)
-    result = {"export": export, "predict": predict, "restart": restart, "dpo": dpo}[job](args)
+    result = {"export": export, "predict": predict, "restart": restart, "dpo": dpo, "base_fails": base_fails}[job](args)
     (Path(args["out"]) / f"{job}-{process}.json").write_text(json.dumps({**result, "written": written}))
 
 

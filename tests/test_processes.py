@@ -177,15 +177,20 @@ def test_a_restart_on_two_processes_waits_until_the_old_run_is_moved_aside(class
     assert yaml.safe_load((run / "config.yaml").read_text())["data"]["seed"] == 1
 
 
+def _chat_rows(path: Path) -> Path:
+    """32 chat rows (a user's words, the assistant's first word upper-cased) at ``path``."""
+    words = ["alpha", "beta", "gamma", "delta"]
+    path.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": " ".join(words[i % 4:] or words)},
+        {"role": "assistant", "content": words[i % 4].upper()}]}) + "\n" for i in range(32)))
+    return path
+
+
 def _train_script(tmp_path: Path, *options: str) -> list[str]:
     """tests/train_script.py's command for 6 steps of a tiny Llama's LoRA on 32 chat rows (written to
     ``tmp_path``), 4 a batch, as :func:`_processes` runs it, with ``options``."""
     tiny_hf_model("LlamaForCausalLM", tmp_path / "model")
-    words = ["alpha", "beta", "gamma", "delta"]
-    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": " ".join(words[i % 4:] or words)},
-        {"role": "assistant", "content": words[i % 4].upper()}]}) + "\n" for i in range(32)))
-    return [str(TRAIN_SCRIPT), "--model", str(tmp_path / "model"), "--data", str(tmp_path / "train.jsonl"),
+    return [str(TRAIN_SCRIPT), "--model", str(tmp_path / "model"), "--data", str(_chat_rows(tmp_path / "train.jsonl")),
             "--run", str(tmp_path / "run"), "--steps", "6", "--batch", "4", "--no-packing", *options,
             "--coordinator", "{address}", "--num-processes", "{count}", "--process-id", "{process}"]
 
@@ -213,6 +218,20 @@ def test_an_error_on_one_process_stops_the_others_at_once_naming_it(tmp_path):
     assert "heartbeat" not in errs[0] + errs[1]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and status["error"] == f"process 1 failed after step 2 of 6: {error}", status
+
+
+def test_an_error_on_one_process_scoring_the_base_model_stops_the_others_too(tmp_path):
+    """The evaluation before training is a collective per batch too: process 1's error there left
+    process 0 waiting in it for 5 minutes."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    args = {"model": str(tmp_path / "llama"), "train": str(_chat_rows(tmp_path / "train.jsonl")), "out": str(tmp_path)}
+    codes, errs = _run([str(SCRIPT), "base_fails", "{address}", "{process}", "{count}", json.dumps(args)], tmp_path,
+                       timeout=120)
+    error = "OSError: rows.jsonl: a row process 1 cannot read"
+    assert codes[1] == 1 and errs[1].rstrip().endswith(error), errs[1][-1500:]
+    stopping = f"process 1 failed scoring the base model, before training: {error}; stopping"
+    assert codes[0] == 1 and stopping in errs[0], errs[0][-1500:]
 
 
 def test_a_cached_reference_on_two_processes_holds_every_row_on_each(tmp_path):

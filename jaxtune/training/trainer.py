@@ -318,7 +318,8 @@ class Trainer:
         self.check_resume()
         self.run.create().write_config(self.resolved_config)
         self.run.write_identity(self.identity())
-        before = scores.score_base(self)
+        with processes.stop_together(lambda: "scoring the base model, before training", self._stopped_by_another):
+            before = scores.score_base(self)
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
         try:
             return self._fit(iterator, before)
@@ -362,7 +363,9 @@ class Trainer:
                            if best.step is not None else None, before=before,
                            failed_step=self.failed_step if state == "failed" else None)
         if state in ("finished", "early_stopped"):
-            self._finish(result)
+            with processes.stop_together(lambda: f"scoring the trained model (step {self.step})",
+                                         self._stopped_by_another):
+                self._finish(result)
             self.run.close()  # the final evaluation's record
         return result
 
