@@ -260,6 +260,59 @@ def test_another_processs_error_in_the_status_is_not_written_over_by_the_loop(se
     assert (status["state"], status["error"]) == ("failed", "process 1 failed after step 2 of 3: ValueError: boom")
 
 
+def _two_sigints_in_step_5(trainer: Trainer, before_the_second=lambda: None) -> None:
+    """Make the call that computes step 5 consume its inputs, then get Ctrl-C twice (stop at once)."""
+    import signal
+
+    step = trainer.train_step
+
+    def step_interrupted_twice(*args):
+        out = step(*args)
+        if trainer.step == 4:
+            jax.tree.map(lambda x: x.is_deleted() or x.delete(), args[0])  # donated: the step's inputs are gone
+            os.kill(os.getpid(), signal.SIGINT)
+            before_the_second()
+            os.kill(os.getpid(), signal.SIGINT)  # raises KeyboardInterrupt here, mid-step
+        return out
+
+    trainer.train_step = step_interrupted_twice
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_second_ctrl_c_mid_step_names_the_checkpoint_to_resume_from(setup, tmp_path, caplog, monkeypatch, processes):
+    """One process verifies the checkpoints and names the newest good one (step 4 damaged: 2). With
+    several, verifying takes every process, and the others are still inside the step's collectives:
+    the newest step is named unverified, with no collective (that one waited for ever)."""
+    from jaxtune import processes as jt_processes
+    from jaxtune.training import checkpoint
+
+    trainer = _lora_trainer(setup, tmp_path, steps=8, checkpoint=CheckpointConfig(every=2, keep=3))
+    step = trainer.train_step
+
+    def damaging_step_4(*args):
+        if trainer.step == 4:  # the save of step 4 is on disk: damage it
+            trainer.checkpointer.wait()
+            largest = max((p for p in (tmp_path / "checkpoints" / "4").rglob("*") if p.is_file()),
+                          key=lambda p: p.stat().st_size)
+            data = largest.read_bytes()
+            largest.write_bytes(bytes([data[0] ^ 1]) + data[1:])
+        return step(*args)
+
+    trainer.train_step = damaging_step_4
+
+    def several_from_now():
+        if processes > 1:
+            monkeypatch.setattr(jt_processes, "several", lambda: True)
+            monkeypatch.setattr(checkpoint.Checkpointer, "latest_good_step",
+                                lambda self: pytest.fail("a collective on one interrupted process"))
+
+    _two_sigints_in_step_5(trainer, several_from_now)
+    result = trainer.fit()
+    assert result.state == "stopped"
+    expected = "2" if processes == 1 else "4 (if its files verify)"
+    assert f"interrupted during step 5; nothing saved, resume from checkpoint {expected}" in caplog.text
+
+
 def test_close_closes_the_events_when_the_checkpoint_manager_fails_to(setup, tmp_path):
     class Broken:
         def close(self):

@@ -494,9 +494,8 @@ class Trainer:
         except KeyboardInterrupt:
             state = "stopped"
             if any(x.is_deleted() for x in jax.tree.leaves(self.trainable)):  # a second Ctrl-C, mid-step
-                good = self.checkpointer.latest_good_step()
                 log.warning("interrupted during step %d; nothing saved, resume from checkpoint %s", self.step + 1,
-                            good if good is not None else "(none: starts over)")
+                            self._resume_point())
             elif failed := self._non_finite(pending):  # a step since the host last read them was not finite
                 state = failed
             else:
@@ -505,6 +504,17 @@ class Trainer:
         finally:
             self.checkpointer.wait()
         return state, train_metrics, eval_metrics
+
+    def _resume_point(self) -> str:
+        """The checkpoint a run stopped mid-step resumes from, for its last log line. Verifying it takes
+        every process (process 0 hashes, all learn the verdict): a process interrupted alone, the
+        others still inside the step's collectives, would wait there for ever, so with several
+        processes the newest step is named unverified."""
+        if processes.several():
+            steps = self.checkpointer.steps()
+            return f"{steps[-1]} (if its files verify)" if steps else "(none: starts over)"
+        good = self.checkpointer.latest_good_step()
+        return str(good) if good is not None else "(none: starts over)"
 
     def _stopped_by_another(self, message: str) -> None:
         """Another process failed (``message``, :func:`~jaxtune.processes.stop_together`): the run's status says so."""
