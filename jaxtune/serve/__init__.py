@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
+KEEP_ALIVE_S = 75  # seconds an idle HTTP connection stays open (nginx's default)
+
 
 def run(settings: Any, *, host: str = "127.0.0.1", port: int = 8000) -> None:
     """Serve until interrupted (Ctrl-C stops running jobs with a checkpoint; the next start resumes them)."""
@@ -25,4 +27,9 @@ def run(settings: Any, *, host: str = "127.0.0.1", port: int = 8000) -> None:
 
     from jaxtune.serve.app import create_app
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60)
+    # An idle connection is kept longer than clients keep theirs (the openai SDKs' httpx pools: 5 s), so
+    # a client never sends a request on a connection the server is closing at that moment. uvicorn's
+    # default is 5 s as well: such a request fails with a connection error (the likely cause of one
+    # failed request in 70 in the load test of tests/test_serve.py, once).
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", timeout_graceful_shutdown=60,
+                timeout_keep_alive=KEEP_ALIVE_S)
