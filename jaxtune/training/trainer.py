@@ -318,7 +318,7 @@ class Trainer:
         self.check_resume()
         self.run.create().write_config(self.resolved_config)
         self.run.write_identity(self.identity())
-        with processes.stop_together(lambda: "scoring the base model, before training", self._stopped_by_another):
+        with self._stop_together(lambda: "scoring the base model, before training"):
             before = scores.score_base(self)
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
         try:
@@ -363,8 +363,7 @@ class Trainer:
                            if best.step is not None else None, before=before,
                            failed_step=self.failed_step if state == "failed" else None)
         if state in ("finished", "early_stopped"):
-            with processes.stop_together(lambda: f"scoring the trained model (step {self.step})",
-                                         self._stopped_by_another):
+            with self._stop_together(lambda: f"scoring the trained model (step {self.step})"):
                 self._finish(result)
             self.run.close()  # the final evaluation's record
         return result
@@ -445,8 +444,7 @@ class Trainer:
         self._write_status("running", step=self.step, total_steps=self.steps)
         try:
             # another process's error (its loader, a callback) stops this one, not a collective it never joins
-            with processes.stop_together(lambda: f"after step {self.step} of {self.steps}", self._stopped_by_another), \
-                    StopOnInterrupt() as interrupt:
+            with self._stop_together(lambda: f"after step {self.step} of {self.steps}"), StopOnInterrupt() as interrupt:
                 while self.step < self.steps:
                     if interrupt.stop_now(self.step, cfg.log_every):
                         raise KeyboardInterrupt
@@ -515,6 +513,10 @@ class Trainer:
             return f"{steps[-1]} (if its files verify)" if steps else "(none: starts over)"
         good = self.checkpointer.latest_good_step()
         return str(good) if good is not None else "(none: starts over)"
+
+    def _stop_together(self, where: Callable[[], str]) -> Any:
+        """:func:`~jaxtune.processes.stop_together` for this run: another process's error marks its status."""
+        return processes.stop_together(where, self._stopped_by_another)
 
     def _stopped_by_another(self, message: str) -> None:
         """Another process failed (``message``, :func:`~jaxtune.processes.stop_together`): the run's status says so."""
