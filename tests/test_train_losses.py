@@ -199,6 +199,36 @@ def test_adafactor_steps_as_transformers_adafactor_layer_by_layer():
         np.testing.assert_allclose(np.asarray(ours[name]), p.detach().numpy(), rtol=1e-5, atol=1e-7, err_msg=name)
 
 
+def test_adafactor_factors_a_convolution_kernel_over_height_and_width_as_transformers():
+    """transformers factors a torch ``Conv2d.weight`` ``(out, in, kh, kw)`` over its last two axes, the
+    kernel's height and width; ours are the first two of the stored transpose ``(kw, kh, in, out)``.
+    Factored over the channels instead, a conv step was half a step away from transformers'."""
+    from transformers.optimization import Adafactor
+
+    rng = np.random.default_rng(0)
+    torch_shapes = {"conv": (8, 4, 3, 3), "depthwise": (6, 1, 3, 3)}  # (out, in / groups, kh, kw)
+    w0 = {name: (0.1 * rng.standard_normal(shape)).astype(np.float32) for name, shape in torch_shapes.items()}
+    # each input channel and kernel row its own gradient scale, so every factorisation gives another step
+    grads = [{name: (0.01 * rng.standard_normal(w.shape) * rng.uniform(0.1, 10, w.shape[1:3] + (1,))).astype(
+        np.float32) for name, w in w0.items()} for _ in range(4)]
+    opt, _ = build_optimizer(OptimizerConfig(name="adafactor", learning_rate=1e-2, schedule="constant",
+                                             clip_grad_norm=None), 10)
+    params = {name: {"kernel": jnp.asarray(w.T)} for name, w in w0.items()}
+    state = opt.init(params)
+    torch_params = {name: torch.nn.Parameter(torch.from_numpy(w.copy())) for name, w in w0.items()}
+    torch_opt = Adafactor(list(torch_params.values()), lr=1e-2, scale_parameter=False, relative_step=False,
+                          warmup_init=False)
+    for g in grads:
+        updates, state = opt.update({name: {"kernel": jnp.asarray(x.T)} for name, x in g.items()}, state, params)
+        params = optax.apply_updates(params, updates)
+        for name, p in torch_params.items():
+            p.grad = torch.from_numpy(g[name].copy())
+        torch_opt.step()
+    for name, p in torch_params.items():
+        np.testing.assert_allclose(np.asarray(params[name]["kernel"]), p.detach().numpy().T, rtol=1e-5, atol=1e-7,
+                                   err_msg=name)
+
+
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_sgd_steps_as_torch_sgd(momentum):
     """``sgd`` took ``b1`` (0.9 by default) as its momentum, where torch.optim.SGD (and transformers' Trainer)

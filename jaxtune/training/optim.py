@@ -128,6 +128,26 @@ def _stacked(path: tuple[Any, ...]) -> int:
     return int(any(stacking.stack_range(str(getattr(k, "key", k))) is not None for k in path))
 
 
+def _factored_axes(path: tuple[Any, ...], ndim: int) -> tuple[int, int] | None:
+    """The two axes Adafactor factors a leaf's second moment over, as transformers factors the
+    leaf's torch tensor over its last two; None for a vector (or a scalar), whose moment is kept whole.
+
+    A matrix's are its two axes (a transposed torch ``Linear.weight`` factors the same way: the
+    row-times-column estimate is symmetric). A convolution kernel (4 axes, stored as the full
+    transpose of torch's ``(out, in, kh, kw)``, see :mod:`jaxtune.models.efficientnet`) has torch's
+    ``kw`` and ``kh`` first: factoring its channels instead gave other steps than transformers'.
+    """
+    lead = _stacked(path)
+    if ndim - lead < 2:
+        return None
+    kernel = getattr(path[-1], "key", None) == "kernel"
+    return (lead, lead + 1) if kernel and ndim - lead == 4 else (ndim - 2, ndim - 1)
+
+
+def _without(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
+    return shape[:axis] + shape[axis + 1:]
+
+
 def scale_by_adafactor(decay_rate: float = 0.8, eps: float = 1e-30, clip_threshold: float = 1.0
                        ) -> optax.GradientTransformation:
     """The update direction of transformers' ``Adafactor(scale_parameter=False, relative_step=False)``
@@ -137,17 +157,19 @@ def scale_by_adafactor(decay_rate: float = 0.8, eps: float = 1e-30, clip_thresho
     Why not ``optax.adafactor``: it multiplies the step by each weight's RMS (a zero-initialised LoRA
     B would barely move), adds weight decay after the learning rate (1/lr times too strong), factors
     only dimensions of 128 or more, and takes a scanned run of layers as one tensor; here each layer
-    of a stacked leaf (leading axis) gets its own moments and clipping, as its own torch parameter.
+    of a stacked leaf (leading axis) gets its own moments and clipping, as its own torch parameter,
+    and a convolution kernel is factored over its height and width, as torch's ``(out, in, kh, kw)``
+    weight is (:func:`_factored_axes`).
     """
 
     def init(params: Any) -> AdafactorState:
         def row(path: tuple[Any, ...], p: Any) -> jax.Array:
-            factored = p.ndim - _stacked(path) >= 2
-            return jnp.zeros(p.shape[:-1] if factored else p.shape, jnp.float32)
+            axes = _factored_axes(path, p.ndim)
+            return jnp.zeros(_without(p.shape, axes[1]) if axes else p.shape, jnp.float32)
 
         def col(path: tuple[Any, ...], p: Any) -> jax.Array:
-            factored = p.ndim - _stacked(path) >= 2
-            return jnp.zeros(p.shape[:-2] + p.shape[-1:] if factored else (0,), jnp.float32)
+            axes = _factored_axes(path, p.ndim)
+            return jnp.zeros(_without(p.shape, axes[0]) if axes else (0,), jnp.float32)
 
         return AdafactorState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map_with_path(row, params),
                               jax.tree_util.tree_map_with_path(col, params))
@@ -157,14 +179,15 @@ def scale_by_adafactor(decay_rate: float = 0.8, eps: float = 1e-30, clip_thresho
         beta = 1.0 - count.astype(jnp.float32) ** -decay_rate
 
         def one(path: tuple[Any, ...], g: jax.Array, row: jax.Array, col: jax.Array) -> tuple[jax.Array, ...]:
-            lead = _stacked(path)
+            lead, factored = _stacked(path), _factored_axes(path, g.ndim)
             g32 = g.astype(jnp.float32)
             sq = g32 * g32 + eps
-            if g.ndim - lead >= 2:
-                row = beta * row + (1 - beta) * sq.mean(-1)
-                col = beta * col + (1 - beta) * sq.mean(-2)
-                r = jax.lax.rsqrt(row / row.mean(-1, keepdims=True))
-                u = g32 * r[..., None] * jax.lax.rsqrt(col)[..., None, :]
+            if factored:
+                a, b = factored  # row keeps a and averages b, col the reverse
+                row = beta * row + (1 - beta) * sq.mean(b)
+                col = beta * col + (1 - beta) * sq.mean(a)
+                r = jax.lax.rsqrt(row / row.mean(a, keepdims=True))
+                u = g32 * jnp.expand_dims(r, b) * jnp.expand_dims(jax.lax.rsqrt(col), a)
             else:
                 row = beta * row + (1 - beta) * sq
                 u = g32 * jax.lax.rsqrt(row)
