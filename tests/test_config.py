@@ -187,6 +187,8 @@ def test_a_mistake_in_a_recipe_file_names_its_file_and_line(tmp_path):
         f"{recipe}:5: eval.choices[1]: expected a string, got True (YAML reads unquoted yes/no/on/off as booleans: "
         "quote the word, e.g. 'yes')")
     assert message("optimizer:\n  b2: 1.5\n").startswith(f"{recipe}:4: optimizer.b2: expected a number in [0, 1)")
+    assert message("optimizer:\n  name: sgd\n  b1: 0.95\n").startswith(
+        f"{recipe}:5: optimizer.b1=0.95 is not used by optimizer 'sgd' (it reads momentum)")
     assert message("plan:\n  - {preset: lora}\n  - {action: train, kinds: [norms], rnak: 2}\n").startswith(
         f"{recipe}:5: plan rule #1 {{'action': 'train', 'kinds': ['norms'], 'rnak': 2}}: unknown option(s) rnak")
     # the base's line, where the recipe does not write the key itself

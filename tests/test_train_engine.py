@@ -14,7 +14,7 @@ from helpers import tiny_hf_model
 
 from jaxtune.host_threads import SET_BY_JAXTUNE, threads_for_simulated_devices
 from jaxtune.models import decoder, encoder, hf
-from jaxtune.training.optim import OptimizerConfig, build_optimizer
+from jaxtune.training.optim import READS, OptimizerConfig, build_optimizer
 from jaxtune.training.sharding import MeshConfig, global_batch, make_mesh, param_shardings, param_specs, shard
 from jaxtune.training.step import all_finite, make_loss_fn, make_train_step
 from jaxtune.tuning.partition import partition
@@ -62,7 +62,8 @@ def _planned(model, freeze: str = "embed_tokens") -> Planned:
 def _run(planned: Planned, batches, *, accum: int = 1, mesh=None, lr: float = 1e-2, name: str = "adamw",
          rules=decoder.PARTITION_RULES + encoder.PARTITION_RULES):  # default: whichever family the test uses
     trainable, frozen = partition(planned.params, planned.labels)
-    optimizer, _ = build_optimizer(OptimizerConfig(name=name, learning_rate=lr, schedule="constant", b1=0.0), 10)
+    betas = {"b1": 0.0} if "b1" in READS[name] else {}  # Adam without momentum
+    optimizer, _ = build_optimizer(OptimizerConfig(name=name, learning_rate=lr, schedule="constant", **betas), 10)
     step = jax.jit(make_train_step(make_loss_fn(planned.module, planned.task), optimizer, grad_accum_steps=accum))
     if mesh is not None:
         trainable = shard(trainable, param_shardings(trainable, mesh, rules))

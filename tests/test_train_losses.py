@@ -153,6 +153,25 @@ def test_bad_optimizer_config_is_named():
         OptimizerConfig(group_lr=[("head", 5.0)])
 
 
+@pytest.mark.parametrize("fields, field", [
+    (dict(name="sgd", b1=0.95), "b1"),  # sgd took b1 as its momentum once: now silently none
+    (dict(name="lion", eps=1e-6), "eps"),
+    (dict(name="adamw", momentum=0.9), "momentum"),
+    (dict(name="adafactor", b2=0.99), "b2"),
+    (dict(schedule="constant", min_lr_ratio=0.1), "min_lr_ratio"),
+])
+def test_a_hyperparameter_the_optimizer_does_not_read_is_refused(fields, field):
+    """A value set for a field the chosen optimizer or schedule never reads was dropped without a word."""
+    with pytest.raises(ValueError, match=rf"^optimizer.{field}=\S+ is not used by (optimizer|schedule) '\w+' .*; "
+                                         "remove it or choose"):
+        OptimizerConfig(**fields)
+    # each optimizer takes the fields it reads, and the defaults of those it ignores
+    for name, reads in (("adamw", dict(b1=0.5, b2=0.5, eps=1e-6)), ("adam", dict(b1=0.5, b2=0.5, eps=1e-6)),
+                        ("lion", dict(b1=0.5, b2=0.5)), ("sgd", dict(momentum=0.5)), ("adafactor", {})):
+        OptimizerConfig(name=name, **reads)
+    OptimizerConfig(schedule="linear", min_lr_ratio=0.1)
+
+
 def test_every_reported_metric_has_a_direction_for_the_best_checkpoint():
     """A best_metric without a known direction was taken as lower-is-better: eval.best_metric
     rewards/chosen or logps/chosen kept the checkpoint whose chosen answers scored lowest."""

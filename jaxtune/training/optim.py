@@ -21,6 +21,10 @@ from jaxtune.models.layers import VECTOR_LEAVES
 from jaxtune.schema import check_fields
 
 OPTIMIZERS = ("adamw", "adam", "sgd", "lion", "adafactor")
+# The hyperparameters beyond the learning rate, schedule, decay and clipping that each optimizer
+# reads: another one set (not left at its default) would be ignored, so it is refused instead.
+READS = {"adamw": ("b1", "b2", "eps"), "adam": ("b1", "b2", "eps"), "lion": ("b1", "b2"),
+         "sgd": ("momentum",), "adafactor": ()}
 SCHEDULES = ("constant", "cosine", "linear")
 
 log = logging.getLogger(__name__)
@@ -69,6 +73,15 @@ class OptimizerConfig:
         for group, multiplier in self.group_lr.items():
             _check(f"group_lr.{group}", multiplier, "a number > 0 (the group's learning-rate multiplier)",
                    lambda v: v > 0)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in ("b1", "b2", "eps", "momentum"):
+            if name not in READS[self.name] and getattr(self, name) != defaults[name]:
+                reads = ", ".join(READS[self.name]) or "none of b1, b2, eps, momentum"
+                raise ValueError(f"optimizer.{name}={getattr(self, name)!r} is not used by optimizer {self.name!r} "
+                                 f"(it reads {reads}); remove it or choose an optimizer that reads it")
+        if self.schedule == "constant" and self.min_lr_ratio != defaults["min_lr_ratio"]:
+            raise ValueError(f"optimizer.min_lr_ratio={self.min_lr_ratio!r} is not used by schedule 'constant' (it is "
+                             "the floor that cosine and linear decay to); remove it or choose one of those")
 
 
 def _check(name: str, value: float, expected: str, ok: Callable[[float], bool]) -> None:
