@@ -35,7 +35,8 @@ class OptimizerConfig:
     """What a recipe says about optimisation. ``group_lr`` multiplies the learning rate of a
     plan label group, e.g. ``{"head": 10.0}`` trains a new head 10x faster than the body. The
     groups are ``train``, ``lora`` (LoRA's and DoRA's A and B), ``dora`` (DoRA's magnitude vectors
-    only), ``prompt`` and ``head``."""
+    only), ``prompt`` and ``head``. Of ``b1``, ``b2``, ``eps`` and ``momentum`` each optimizer reads
+    its own (:data:`READS`): another one set is an error, as is ``min_lr_ratio`` with ``constant``."""
 
     name: str = "adamw"
     learning_rate: float = 1e-4
