@@ -24,10 +24,10 @@ def main() -> None:
     import numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    from jaxtune.training import checkpoint
+    from jaxtune.training import checkpoint, checkpoint_integrity
 
     hashed: list[str] = []
-    sha256 = checkpoint._sha256
+    sha256 = checkpoint_integrity._sha256
 
     def counted(path: Path) -> str:
         if process == 1 and not hashed:
@@ -35,7 +35,7 @@ def main() -> None:
         hashed.append(str(path.relative_to(Path(run_dir) / "checkpoints")))
         return sha256(path)
 
-    checkpoint._sha256 = counted
+    checkpoint_integrity._sha256 = counted
     replicated = NamedSharding(Mesh(np.asarray(jax.devices()), ("d",)), PartitionSpec())
     like = {"w": jax.ShapeDtypeStruct((8,), np.float32, sharding=replicated)}
     with checkpoint.Checkpointer(run_dir, with_data=False, report=print) as ckpt:

@@ -34,8 +34,9 @@ from jaxtune import tuning
 from jaxtune.data import LoaderConfig, make_loader, read_source
 from jaxtune.data.testing import tiny_tokenizer
 from jaxtune.models import hf
-from jaxtune.training.checkpoint import MANIFEST, SET_ASIDE, Checkpointer, verify
-from jaxtune.training.checkpoint import write_manifest as _original_write_manifest
+from jaxtune.training.checkpoint import Checkpointer
+from jaxtune.training.checkpoint_integrity import MANIFEST, SET_ASIDE, verify
+from jaxtune.training.checkpoint_integrity import write_manifest as _original_write_manifest
 from jaxtune.training.config import CheckpointConfig, TrainConfig
 from jaxtune.training.sharding import MeshConfig, make_mesh
 from jaxtune.training.step import make_train_step
@@ -475,17 +476,17 @@ def test_a_restore_hashes_each_file_of_the_step_it_restores_once(run, crashed, t
     """Verifying reads every byte of a step: a reader (evaluation, export, serving) verified the
     newest step to find it, then again to restore it. Each file of step 8 is hashed once; step 4,
     older and not needed, not at all."""
-    from jaxtune.training import checkpoint
+    from jaxtune.training import checkpoint_integrity
 
     shutil.copytree(crashed, tmp_path / "run")
     hashed: list[Path] = []
-    sha256 = checkpoint._sha256
+    sha256 = checkpoint_integrity._sha256
 
     def counted(path: Path) -> str:
         hashed.append(path.relative_to(tmp_path / "run" / "checkpoints"))
         return sha256(path)
 
-    monkeypatch.setattr(checkpoint, "_sha256", counted)
+    monkeypatch.setattr(checkpoint_integrity, "_sha256", counted)
     trainer = run.trainer(tmp_path / "run")
     try:
         assert trainer.restore() == 8
@@ -511,10 +512,10 @@ def test_a_step_the_runs_rotation_removes_while_a_reader_has_it_is_skipped(tmp_p
     """A training run's rotation (checkpoint.keep) deletes its oldest step whenever it saves: a
     reader verifying or reading that step saw a raw FileNotFoundError, or was told the intact step
     "does not restore into this run's params". It skips it, says so, and reads the next older one."""
-    from jaxtune.training import checkpoint
+    from jaxtune.training import checkpoint_integrity
 
     trainable = _two_steps(tmp_path)
-    name, owner = ("_sha256", checkpoint) if when == "verified" else ("_restore_step", Checkpointer)
+    name, owner = ("_sha256", checkpoint_integrity) if when == "verified" else ("_restore_step", Checkpointer)
     real = getattr(owner, name)
 
     def rotated_then(*args, **kwargs):

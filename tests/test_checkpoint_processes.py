@@ -13,7 +13,8 @@ import pytest
 from test_checkpoint_integrity import damage
 from test_processes import _processes
 
-from jaxtune.training.checkpoint import MANIFEST, SET_ASIDE, Checkpointer
+from jaxtune.training.checkpoint import Checkpointer
+from jaxtune.training.checkpoint_integrity import MANIFEST, SET_ASIDE
 
 SCRIPT = Path(__file__).with_name("checkpoint_processes_script.py")
 pytestmark = pytest.mark.slow

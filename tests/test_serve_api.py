@@ -336,7 +336,7 @@ def test_a_checkpoint_rotated_away_while_it_loads_is_not_found(api, trained_run,
     import shutil
 
     import jaxtune
-    from jaxtune.training import checkpoint
+    from jaxtune.training import checkpoint, checkpoint_integrity
 
     client = api()
     run = _running_job(client, trained_run)
@@ -348,7 +348,8 @@ def test_a_checkpoint_rotated_away_while_it_loads_is_not_found(api, trained_run,
             return real(*args, **kwargs)
         return call
 
-    module, name = {"before it is opened": (jaxtune, "open_run"), "while it is verified": (checkpoint, "_sha256"),
+    module, name = {"before it is opened": (jaxtune, "open_run"),
+                    "while it is verified": (checkpoint_integrity, "_sha256"),
                     "while it is read": (checkpoint.Checkpointer, "_restore_step")}[when]
     monkeypatch.setattr(module, name, rotate_then(getattr(module, name)))
     for listed in (True, False):  # then no longer listed
@@ -368,7 +369,7 @@ def test_a_running_jobs_checkpoints_are_read_in_place_and_change_nothing(api, tr
     verified and read where the job keeps it (no copy, nothing written beside it), and loading it
     leaves the job's directory as it was: the save its trainer has in flight (an opened checkpoint
     directory drops unfinished saves) stays."""
-    from jaxtune.training import checkpoint
+    from jaxtune.training import checkpoint_integrity
 
     client = api()
     run = _running_job(client, trained_run)
@@ -377,14 +378,14 @@ def test_a_running_jobs_checkpoints_are_read_in_place_and_change_nothing(api, tr
     (in_flight / "trainable").write_text("...")
     job_dir = sorted(str(p) for p in run.parent.rglob("*"))
     verified = []
-    verify = checkpoint.verify
+    verify = checkpoint_integrity.verify
 
     def spy(step_dir: Path) -> str | None:
         verified.append(step_dir)
         assert sorted(str(p) for p in run.parent.rglob("*")) == job_dir  # nothing added while it loads
         return verify(step_dir)
 
-    monkeypatch.setattr(checkpoint, "verify", spy)
+    monkeypatch.setattr(checkpoint_integrity, "verify", spy)
     for step in (4, 2):
         status, reply = client.post_json("/v1/chat/completions", {
             "model": f"ft:tiny:x::run:ckpt-step-{step}", "messages": trained_run["messages"], "max_tokens": 6,

@@ -5,15 +5,11 @@ base RNG key, the data iterator's state (grain's Orbax handler) and the resolved
 frozen base model is *not* copied: the config names its source, and resuming re-loads it.
 
 Saves are asynchronous. Orbax writes each step to ``<step>.orbax-checkpoint-tmp`` and renames it
-when complete, so an interrupted save never appears as a step. Just before that rename, a
-checksum manifest (:data:`MANIFEST`: size and sha256 of every file) is written into the step, so
-a step exists only together with its manifest. Orbax 0.12.8 itself checks nothing that catches
-a flipped bit (its only checksum, zarr3's crc32c, covers the shard index, not the data), hence
-our own. A restore verifies the manifest first; a step that fails verification is moved aside to
-``<dir>/.set_aside/<step>-<time>`` (never deleted), reported in one line, and the next older step
-is tried. The same holds for ``best/``. A step whose files verify but that does not restore into
-the trees asked for is not damaged: whoever opens it has another plan or optimizer, so that is
-an error (:class:`CheckpointMismatchError`) and the step stays.
+when complete, so an interrupted save never appears as a step; just before that rename the step's
+checksum manifest is written into it. A restore verifies the manifest first; a step that fails
+verification is moved aside to ``<dir>/.set_aside/<step>-<time>`` (never deleted), reported in one
+line, and the next older step is tried. The same holds for ``best/``. The manifest, the verdict
+every process agrees on and the move are :mod:`jaxtune.training.checkpoint_integrity`.
 
 One :class:`Checkpointer` opens one Orbax ``CheckpointManager`` per directory, once, and
 :meth:`Checkpointer.close` (or ``with``) closes it. Leftover temporary directories of killed
@@ -26,26 +22,15 @@ and a step that fails verification may be one the trainer is about to set aside 
 reader skips it (reported) and tries the next older one. A step the trainer's rotation removes
 while a reader verifies or reads it is skipped the same way (reported as gone); asked for by
 number (``restore(step=N)``), it is a :class:`CheckpointGoneError`.
-
-Several JAX processes (a pod, one shared file system): process 0 alone lists the steps and hashes a
-step's files, and every process learns its verdict (one small all-gather), so a multi-GB step is
-read once to verify it, not once per process; all then try the same step. A damaged step is moved
-aside by process 0 only after every process has learned the verdict and while they wait for the
-move, so no process reads a step that is being moved.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
-import os
 import shutil
-import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Self, TypeVar
+from typing import Any, Self
 
 import grain
 import jax
@@ -53,44 +38,30 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxtune.processes import barrier, stacked
+from jaxtune.processes import barrier
+from jaxtune.training.checkpoint_integrity import (
+    GONE,
+    CheckpointMismatchError,
+    SetAside,
+    move_aside,
+    primary,
+    read_everywhere,
+    step_dirs,
+    verified_steps,
+    write_manifest,
+)
 from jaxtune.training.sharding import shard
 
-MANIFEST = "jaxtune_checksums.json"
-SET_ASIDE = ".set_aside"
+# CheckpointMismatchError (raised by restore) and SetAside (Checkpointer.set_aside's items) live beside the
+# checksums; whoever restores meets them here.
+__all__ = ["CheckpointDamagedError", "CheckpointGoneError", "CheckpointMismatchError", "Checkpointer", "SetAside",
+           "place_like"]
+
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
-# Written (or rewritten, with the commit time) by Orbax at the rename, after the manifest: they
-# cannot be in it. Neither holds state; a damaged one fails the restore, which sets the step aside.
-_WRITTEN_AFTER_COMMIT = frozenset({"commit_success.txt", "_CHECKPOINT_METADATA"})
-
-
-@dataclasses.dataclass(frozen=True)
-class SetAside:
-    """A step moved out of the way: which, why, and where it went (kept for inspection)."""
-
-    step: int
-    reason: str
-    moved_to: Path
-
-
-def _primary() -> bool:
-    return jax.process_index() == 0
 
 
 def _warn(line: str) -> None:
     warnings.warn(line, stacklevel=3)
-
-
-# ------------------------------------------------------------------ files on disk
-
-
-def _step_dirs(directory: Path) -> list[int]:
-    """Committed steps, oldest first: directories named by an integer. Orbax's temporary
-    directories (``<step>.orbax-checkpoint-tmp``) and ``.set_aside`` never match. Read from the
-    disk, not a manager's cache, so it also works after :meth:`Checkpointer.close`."""
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir())
 
 
 def _remove_unfinished(directory: Path) -> None:
@@ -101,80 +72,10 @@ def _remove_unfinished(directory: Path) -> None:
         if not issubclass(exc_info[0], FileNotFoundError):
             raise exc_info[1]
 
-    if _primary() and directory.is_dir():
+    if primary() and directory.is_dir():
         for tmp in directory.glob(f"*{_TMP_SUFFIX}*"):
             shutil.rmtree(tmp, onerror=ignore_missing)
     barrier(f"jaxtune_cleanup:{directory}")
-
-
-def _listing(step_dir: Path) -> dict[str, Path]:
-    """Every file of a step the manifest covers, by path relative to the step."""
-    files = {}
-    for path in step_dir.rglob("*"):
-        rel = path.relative_to(step_dir).as_posix()
-        if path.is_file() and rel != MANIFEST and rel not in _WRITTEN_AFTER_COMMIT:
-            files[rel] = path
-    return files
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
-def write_manifest(step_dir: Path) -> None:
-    """Record the size and sha256 of every file of ``step_dir`` in :data:`MANIFEST` (atomically:
-    a half-written manifest must never look like a whole one)."""
-    files = {rel: {"bytes": path.stat().st_size, "sha256": _sha256(path)}
-             for rel, path in sorted(_listing(step_dir).items())}
-    tmp = step_dir / (MANIFEST + ".tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"format": 1, "files": files}, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, step_dir / MANIFEST)
-
-
-def verify(step_dir: Path) -> str | None:
-    """Why ``step_dir`` cannot be trusted (one short phrase), or None when every file matches
-    its manifest."""
-    manifest = step_dir / MANIFEST
-    if not manifest.is_file():
-        return f"no {MANIFEST}: the save did not complete"
-    try:
-        expected = json.loads(manifest.read_text())["files"]
-        expected = {rel: (int(v["bytes"]), str(v["sha256"])) for rel, v in expected.items()}
-    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as err:
-        return f"{MANIFEST} is unreadable ({type(err).__name__})"
-    try:
-        return _compare(step_dir, expected)
-    except FileNotFoundError as err:  # a reader's view of a step the training run's rotation removes
-        return f"{_GONE} ({Path(err.filename or step_dir).name} vanished while it was verified)"
-
-
-def _compare(step_dir: Path, expected: dict[str, tuple[int, str]]) -> str | None:
-    actual = _listing(step_dir)
-    missing = sorted(set(expected) - set(actual))
-    if missing:
-        return f"{len(missing)} file(s) missing, first {missing[0]}"
-    extra = sorted(set(actual) - set(expected))
-    if extra:
-        return f"{len(extra)} file(s) not in the manifest, first {extra[0]}"
-    for rel, (size, digest) in sorted(expected.items()):
-        got = actual[rel].stat().st_size
-        if got != size:
-            return f"{rel} has {got} bytes, {size} were written" + (" (truncated)" if got < size else "")
-        if _sha256(actual[rel]) != digest:
-            return f"{rel} does not match its sha256 (changed on disk)"
-    return None
-
-
-_GONE = "removed while it was read"  # starts the reason of a step that vanished under a reader
-
-
-class CheckpointMismatchError(ValueError):
-    """An intact checkpoint (every file matches its checksum) that does not restore into the trees
-    asked for: another plan, model or optimizer is opening it. It is left where it is."""
 
 
 class CheckpointGoneError(LookupError):
@@ -184,95 +85,6 @@ class CheckpointGoneError(LookupError):
 
 class CheckpointDamagedError(RuntimeError):
     """The step asked for does not verify (its files do not match their checksums)."""
-
-
-def _does_not_fit(step_dir: Path, err: Exception) -> CheckpointMismatchError:
-    return CheckpointMismatchError(
-        f"{step_dir}: the checkpoint is intact (its files match their checksums) but does not restore into this "
-        f"run's params and optimizer state ({type(err).__name__}: {_one_line(str(err))[:300]}); open it with the "
-        "configuration it was trained with. Nothing was moved")
-
-
-def move_aside(directory: Path, step: int, reason: str) -> Path:
-    """Move ``directory/<step>`` to ``directory/.set_aside/<step>-<time>``, with ``reason`` in a
-    ``.why.txt`` beside it. Never deletes: a damaged step is evidence, and may hold what is
-    needed to recover by hand."""
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    dest = directory / SET_ASIDE / f"{step}-{stamp}"
-    n = 1
-    while dest.exists():
-        n += 1
-        dest = directory / SET_ASIDE / f"{step}-{stamp}-{n}"
-    if _primary():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(directory / str(step), dest)
-        dest.with_name(dest.name + ".why.txt").write_text(reason + "\n")
-    barrier(f"jaxtune_set_aside:{directory}:{step}")  # not dest: each process reads its own clock
-    return dest
-
-
-# ------------------------------------------------------------------ agreed on by every process
-
-_OK, _DAMAGED, _VANISHED, _FAILED = range(4)
-T = TypeVar("T")
-
-
-def _from_process_0(step: int, status: int) -> tuple[int, int]:
-    """Process 0's ``(step, status)`` on every process (one small all-gather all must join)."""
-    first = stacked(np.asarray([step, status], np.int32))[0]
-    return int(first[0]), int(first[1])
-
-
-def _verified_steps(directory: Path, only: int | None = None) -> Iterator[tuple[int, str | None, bool]]:
-    """The steps of ``directory``, newest first (``only`` that one), each as ``(step, why it cannot be
-    trusted or None, whether it vanished)``. Process 0 lists and hashes; every other process learns
-    its answer, so all try the same steps in the same order and none reads the files to verify them
-    again. The caller deals with a step (restores, sets aside or skips it) before asking for the next:
-    process 0 lists again then, without the steps it moved."""
-    below: int | None = None
-    while True:
-        step, status, reason, error = -1, _OK, None, None
-        if _primary():
-            try:
-                listed = [s for s in _step_dirs(directory) if (below is None or s < below) and only in (None, s)]
-                if listed:
-                    step, reason = listed[-1], verify(directory / str(listed[-1]))
-                    gone = reason is not None and (reason.startswith(_GONE) or not (directory / str(step)).is_dir())
-                    status = _OK if reason is None else _VANISHED if gone else _DAMAGED
-            except Exception as err:  # noqa: BLE001 - raised below, once every process knows
-                status, error = _FAILED, err
-        step, status = _from_process_0(step, status)
-        if status == _FAILED:
-            if error is not None:
-                raise error
-            raise RuntimeError(f"{directory}: process 0, which verifies the checkpoints, failed (its log has the "
-                               "error)")
-        if step < 0:
-            return
-        if status != _OK and reason is None:
-            reason = (_GONE if status == _VANISHED
-                      else "its files do not match their checksums; process 0's log says which")
-        yield step, reason, status == _VANISHED
-        below = step
-
-
-def _read_everywhere(step_dir: Path, read: Callable[[], T]) -> T | None:
-    """``read()`` of a verified step on every process, or None when the step vanished on some process
-    meanwhile (a training run's rotation, under a reader). Intact files that do not restore into the
-    trees asked for are a :class:`CheckpointMismatchError` on every process."""
-    try:
-        result, error = read(), None
-    except Exception as err:  # noqa: BLE001 - decided below, once every process knows
-        result, error = None, err
-    outcomes = stacked(np.int32(_OK if error is None else _FAILED if step_dir.is_dir() else _VANISHED))
-    if (outcomes == _OK).all():
-        return result
-    if (outcomes == _VANISHED).any():
-        return None
-    if error is not None:
-        raise _does_not_fit(step_dir, error) from error
-    raise CheckpointMismatchError(f"{step_dir}: another process could not restore the checkpoint (its log says why); "
-                                  "nothing was moved")
 
 
 class _ManifestOnCommit:
@@ -321,7 +133,7 @@ class _Directory:
         self.manager.wait_until_finished()  # the previous save's commit callback reads on_commit.step
         self.on_commit.step = step
         self.manager.save(step, args=args, force=True)
-        if not self.async_save and _primary():
+        if not self.async_save and primary():
             write_manifest(self.path / str(step))
 
     def close(self) -> None:
@@ -419,7 +231,7 @@ class Checkpointer:
         self._check_writable()
         best = self._open_best()
         best.manager.wait_until_finished()
-        for stale in [s for s in _step_dirs(best.path) if s >= step]:
+        for stale in [s for s in step_dirs(best.path) if s >= step]:
             self._set_aside(best.path, best, stale, "best checkpoint of an earlier attempt that reached a later step "
                             "before the run resumed", "")
         best.save(int(step), ocp.args.Composite(trainable=ocp.args.StandardSave(trainable),
@@ -431,22 +243,22 @@ class Checkpointer:
         ``eval.every``, or nothing better), so ``use_best`` would end with weights it never made.
         Returns the best steps left."""
         self._check_writable()
-        for stale in [s for s in _step_dirs(self.run_dir / "best") if s > step]:
+        for stale in [s for s in step_dirs(self.run_dir / "best") if s > step]:
             self._set_aside(self.run_dir / "best", self._best, stale, "best checkpoint of an earlier attempt that "
                             "reached a later step before the run resumed", "")
-        return _step_dirs(self.run_dir / "best")
+        return step_dirs(self.run_dir / "best")
 
     # ------------------------------------------------------------------ restore
 
     def steps(self) -> list[int]:
         """Completed checkpoint steps, oldest first (not verified: see :meth:`latest_good_step`)."""
-        return _step_dirs(self.run_dir / "checkpoints")
+        return step_dirs(self.run_dir / "checkpoints")
 
     def latest_good_step(self) -> int | None:
         """The newest step whose files match their checksums, without restoring it; newer steps
         that fail are set aside (as a restore would). Waits for a save in flight to finish."""
         self.wait()
-        for step, reason, gone in _verified_steps(self.run_dir / "checkpoints"):
+        for step, reason, gone in verified_steps(self.run_dir / "checkpoints"):
             if reason is None:
                 return step
             self._set_aside_latest(step, reason, gone)
@@ -475,13 +287,13 @@ class Checkpointer:
         initial = data_iterator.get_state() if data_iterator is not None else None
         path = self.run_dir / "checkpoints"
         try:
-            for found, reason, gone in _verified_steps(path, only=step):
+            for found, reason, gone in verified_steps(path, only=step):
                 if reason is None:
-                    restored = _read_everywhere(path / str(found), lambda s=found: self._restore_step(
+                    restored = read_everywhere(path / str(found), lambda s=found: self._restore_step(
                         s, trainable_like, opt_state_like, data_iterator))
                     if restored is not None:
                         return restored
-                    reason, gone = _GONE, True
+                    reason, gone = GONE, True
                 if step is not None:
                     if gone:
                         break
@@ -524,15 +336,15 @@ class Checkpointer:
         aside, reported, and None returned: only one best is kept)."""
         self.wait()
         path = (self.run_dir / "best").absolute()
-        for step, reason, gone in _verified_steps(path):  # agreed first: a manager is opened only for a step
+        for step, reason, gone in verified_steps(path):  # agreed first: a manager is opened only for a step
             if reason is None:
                 best = self._open_best()
-                restored = _read_everywhere(path / str(step), lambda s=step, b=best: b.manager.restore(
+                restored = read_everywhere(path / str(step), lambda s=step, b=best: b.manager.restore(
                     s, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(_abstract(trainable_like)),
                                                meta=ocp.args.JsonRestore())))
                 if restored is not None:
                     return restored["trainable"], restored["meta"]
-                reason, gone = _GONE, True
+                reason, gone = GONE, True
             self._set_aside(path, self._best, step, f"checkpoint is incomplete or corrupt ({reason})",
                             "no best checkpoint left", gone)
         return None
@@ -551,7 +363,7 @@ class Checkpointer:
         saved again (else Orbax raises StepAlreadyExistsError), and report it in one line. A reader
         moves nothing: it reports the step skipped; nor does anyone move a step already gone."""
         if gone:
-            self._report(f"{path / str(step)}: checkpoint {_GONE} (the run's rotation, checkpoint.keep, removes old "
+            self._report(f"{path / str(step)}: checkpoint {GONE} (the run's rotation, checkpoint.keep, removes old "
                          "ones); skipped" + (f"; {then}" if then else ""))
             return
         if self.read_only:
@@ -583,11 +395,6 @@ class Checkpointer:
             for directory in (self._latest, self._best):
                 if directory is not None:
                     directory.close()
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _abstract(tree: Any) -> Any:
