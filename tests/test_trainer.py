@@ -254,10 +254,29 @@ def test_another_processs_error_in_the_status_is_not_written_over_by_the_loop(se
     ends the process: its "running" replaced the error (1 two-process run in 4)."""
     trainer = _lora_trainer(setup, tmp_path, steps=3)
     trainer.run.create()
-    trainer._stopped_by_another("process 1 failed after step 2 of 3: ValueError: boom")
-    trainer._write_status("running", step=2, total_steps=3)
+    trainer.status.stopped_by_another("process 1 failed after step 2 of 3: ValueError: boom", 2)
+    trainer.status.write("running", 2)
     status = trainer.run.status()
     assert (status["state"], status["error"]) == ("failed", "process 1 failed after step 2 of 3: ValueError: boom")
+
+
+def test_a_trainer_nobody_holds_frees_its_arrays_at_once(setup, tmp_path):
+    """The run's status (``Trainer.status``) holds nothing of the trainer: with a reference back to
+    it, a trainer a notebook drops kept its params and optimizer state on the device until the next
+    cyclic garbage collection."""
+    import gc
+    import weakref
+
+    trainer = _lora_trainer(setup, tmp_path, steps=2)
+    trainer.run.create()
+    trainer.status.write("running", 0)
+    dropped = weakref.ref(trainer)
+    gc.disable()
+    try:
+        del trainer
+        assert dropped() is None
+    finally:
+        gc.enable()
 
 
 def _two_sigints_in_step_5(trainer: Trainer, before_the_second=lambda: None) -> None:

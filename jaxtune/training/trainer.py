@@ -14,7 +14,9 @@ fine-tuned model. Everything it writes lives in ``run_dir`` (see :mod:`jaxtune.t
 running ``fit`` again on the same directory resumes exactly, and a finished run is a no-op. What
 the constructor settles before any compute (loaders, the number of steps, the checks that refuse
 data, a mesh or an evaluation that does not fit the model) is :mod:`jaxtune.training.preflight`; the
-base and fine-tuned scores, each computed once, are :mod:`jaxtune.training.scores`.
+base and fine-tuned scores, each computed once, are :mod:`jaxtune.training.scores`; the run's status
+and the ways a run fails (a non-finite step, another process's error) are
+:mod:`jaxtune.training.run_status`.
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -35,7 +36,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtune import processes
 from jaxtune.data.pipeline import Loader, LoaderConfig
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import Source
@@ -46,6 +46,7 @@ from jaxtune.training.checkpoint import Checkpointer
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import HIGHER_IS_BETTER, evaluate, metrics_line
 from jaxtune.training.loop import Best, StopOnInterrupt, Throughput, TrainRecords
+from jaxtune.training.memory import StepMemory
 from jaxtune.training.optim import OptimizerConfig, build_optimizer
 from jaxtune.training.preference import (
     REFERENCE_KEY,
@@ -55,6 +56,7 @@ from jaxtune.training.preference import (
     with_reference_start,
 )
 from jaxtune.training.result import FitResult
+from jaxtune.training.run_status import RunStatus
 from jaxtune.training.rundir import RunDir, RunDirError
 from jaxtune.training.sharding import (
     MeshConfig,
@@ -197,15 +199,10 @@ class Trainer:
         self.rng = jax.random.key(config.seed)
         self.step = 0
         self._saved_step: int | None = None  # the step whose state the latest checkpoint holds
-        self.failed_step: int | None = None  # the non-finite step that failed the run (set by _failed)
-        # Another process's error, once its watcher thread wrote it to the status (_stopped_by_another):
-        # the loop, still running until that thread ends the process, writes no status over it.
-        self._stopped_by: str | None = None
-        self._status_lock = threading.Lock()
         self._checkpointer: Checkpointer | None = None
         self._resumable_data = False
         self.compile_cache_hit: bool | None = None  # whether the first step's executable came from the disk cache
-        self.memory: memory.StepMemory | None = None  # the compiled train step's bytes per device (first step)
+        self.status = RunStatus(self.run, self.steps)
         self.records = TrainRecords(model, self.schedule, self.steps, progress=config.progress)
 
     # ------------------------------------------------------------------ state
@@ -220,6 +217,16 @@ class Trainer:
     def model(self) -> Tuned:
         """The model with the current params (what :func:`jaxtune.export` writes)."""
         return dataclasses.replace(self.tuned, params=self.params, step=self.step)
+
+    @property
+    def memory(self) -> StepMemory | None:
+        """The compiled train step's bytes per device, once the first step compiled (the status keeps it)."""
+        return self.status.memory
+
+    @property
+    def failed_step(self) -> int | None:
+        """The non-finite step that failed the run, if one did."""
+        return self.status.failed_step
 
     @property
     def checkpointer(self) -> Checkpointer:
@@ -318,7 +325,7 @@ class Trainer:
         self.check_resume()
         self.run.create().write_config(self.resolved_config)
         self.run.write_identity(self.identity())
-        with self._stop_together(lambda: "scoring the base model, before training"):
+        with self.status.stop_together(lambda: "scoring the base model, before training", lambda: self.step):
             before = scores.score_base(self)
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
         try:
@@ -348,22 +355,21 @@ class Trainer:
             else:
                 state, train_metrics, eval_metrics = self._train(iterator, best)
         except Exception as err:  # the run is gone: say so where status readers look, then raise
-            self._write_status("failed", step=self.step, total_steps=self.steps, error=f"{type(err).__name__}: {err}")
+            self.status.write("failed", self.step, error=f"{type(err).__name__}: {err}")
             raise
         finally:
             self.close()
         if state not in ("failed",):
             # a run with nothing left to train keeps the last training and evaluation it reported
-            self._write_status(state, step=self.step, total_steps=self.steps,
-                               train=train_metrics or previous_status.get("train", {}),
-                               eval=eval_metrics or previous_status.get("eval", {}), best_step=best.step,
-                               best_value=best.value)
+            self.status.write(state, self.step, train=train_metrics or previous_status.get("train", {}),
+                              eval=eval_metrics or previous_status.get("eval", {}), best_step=best.step,
+                              best_value=best.value)
         result = FitResult(self.model, self.step, self.steps, state, train_metrics, eval_metrics,
                            {"step": best.step, "value": best.value, "metric": self.eval_config.best_metric}
                            if best.step is not None else None, before=before,
                            failed_step=self.failed_step if state == "failed" else None)
         if state in ("finished", "early_stopped"):
-            with self._stop_together(lambda: f"scoring the trained model (step {self.step})"):
+            with self.status.stop_together(lambda: f"scoring the trained model (step {self.step})", lambda: self.step):
                 self._finish(result)
             self.run.close()  # the final evaluation's record
         return result
@@ -425,7 +431,7 @@ class Trainer:
         return best
 
     def _save(self, iterator: Any, best: Best, metrics: dict[str, Any]) -> None:
-        """Checkpoint the current state; every caller has first read the steps' finite flags (_non_finite)."""
+        """Checkpoint the current state; every caller has first read the steps' finite flags (status.non_finite)."""
         if self.step == self._saved_step:
             # This very state is on disk (a periodic save just before a Ctrl-C or the end of the
             # data, or the checkpoint the run resumed from), and Orbax refuses a step twice.
@@ -441,10 +447,12 @@ class Trainer:
         cfg, ck = self.config, self.checkpoint_config
         state, train_metrics, eval_metrics, pending = "finished", {}, {}, []
         window = Throughput()
-        self._write_status("running", step=self.step, total_steps=self.steps)
+        self.status.write("running", self.step)
         try:
             # another process's error (its loader, a callback) stops this one, not a collective it never joins
-            with self._stop_together(lambda: f"after step {self.step} of {self.steps}"), StopOnInterrupt() as interrupt:
+            stop_together = self.status.stop_together(lambda: f"after step {self.step} of {self.steps}",
+                                                      lambda: self.step)
+            with stop_together, StopOnInterrupt() as interrupt:
                 while self.step < self.steps:
                     if interrupt.stop_now(self.step, cfg.log_every):
                         raise KeyboardInterrupt
@@ -461,15 +469,16 @@ class Trainer:
                     logs = self.step % cfg.log_every == 0 or last
                     # The host reads whether the steps so far were finite before it logs, evaluates or
                     # saves, so that a non-finite step stops the run before its state is used or written.
-                    if (logs or evaluates or saves) and (failed := self._non_finite(pending)):
+                    if (logs or evaluates or saves) and (
+                            failed := self.status.non_finite(pending, self.step, self.checkpointer)):
                         return failed, train_metrics, eval_metrics
                     if logs:
                         host, pending = jax.device_get(pending), []
                         window.add(sum(float(m["tokens"]) for m in host), len(host))
                         train_metrics = self.records.record(host, self.step, *window.read())
                         self.run.log(train_metrics)
-                        self._write_status("running", step=self.step, total_steps=self.steps, train=train_metrics,
-                                              eval=eval_metrics, best_step=best.step)
+                        self.status.write("running", self.step, train=train_metrics, eval=eval_metrics,
+                                          best_step=best.step)
                         for callback in self.callbacks:
                             callback(self, self.step, train_metrics)
                     if evaluates:
@@ -485,7 +494,8 @@ class Trainer:
                             break
                     if saves and not last:
                         self._save(iterator, best, eval_metrics)
-                if failed := self._non_finite(pending):  # steps since the last reading (the data ran out)
+                # steps since the last reading (the data ran out)
+                if failed := self.status.non_finite(pending, self.step, self.checkpointer):
                     return failed, train_metrics, eval_metrics
                 self._recalibrate()
                 self._save(iterator, best, eval_metrics)
@@ -493,36 +503,15 @@ class Trainer:
             state = "stopped"
             if any(x.is_deleted() for x in jax.tree.leaves(self.trainable)):  # a second Ctrl-C, mid-step
                 log.warning("interrupted during step %d; nothing saved, resume from checkpoint %s", self.step + 1,
-                            self._resume_point())
-            elif failed := self._non_finite(pending):  # a step since the host last read them was not finite
-                state = failed
+                            self.status.resume_point(self.checkpointer))
+            elif failed := self.status.non_finite(pending, self.step, self.checkpointer):
+                state = failed  # a step since the host last read them was not finite
             else:
                 log.warning("interrupted at step %d; saving a checkpoint to resume from", self.step)
                 self._save(iterator, best, eval_metrics)
         finally:
             self.checkpointer.wait()
         return state, train_metrics, eval_metrics
-
-    def _resume_point(self) -> str:
-        """The checkpoint a run stopped mid-step resumes from, for its last log line. Verifying it takes
-        every process (process 0 hashes, all learn the verdict): a process interrupted alone, the
-        others still inside the step's collectives, would wait there for ever, so with several
-        processes the newest step is named unverified."""
-        if processes.several():
-            steps = self.checkpointer.steps()
-            return f"{steps[-1]} (if its files verify)" if steps else "(none: starts over)"
-        good = self.checkpointer.latest_good_step()
-        return str(good) if good is not None else "(none: starts over)"
-
-    def _stop_together(self, where: Callable[[], str]) -> Any:
-        """:func:`~jaxtune.processes.stop_together` for this run: another process's error marks its status."""
-        return processes.stop_together(where, self._stopped_by_another)
-
-    def _stopped_by_another(self, message: str) -> None:
-        """Another process failed (``message``, :func:`~jaxtune.processes.stop_together`): the run's status says so."""
-        with self._status_lock:
-            self._stopped_by = message
-            self._write_status_unlocked("failed", step=self.step, total_steps=self.steps, error=message)
 
     def _recalibrate(self) -> None:
         """Re-estimate the trained BatchNorms' statistics for these weights (``train.recalibrate_batch_norm``
@@ -558,48 +547,16 @@ class Trainer:
         again) and log its memory per device; the run's status keeps it (``memory``)."""
         args = (self.trainable, self.frozen, self.opt_state, batch, rng)
         width = batch["input_ids"].shape[-1] if "input_ids" in batch else None
-        self.memory = memory.step_memory(self.train_step.lower(*args).compile(), *args[:3], tokens=width)
-        note = memory.offload_note(getattr(self.tuned.config, "remat", "none"), self.memory.backend)
+        self.status.memory = memory.step_memory(self.train_step.lower(*args).compile(), *args[:3], tokens=width)
+        note = memory.offload_note(getattr(self.tuned.config, "remat", "none"), self.status.memory.backend)
         if note:
             log.warning("%s", note)
-        log.info("%s", self.memory.line())
+        log.info("%s", self.status.memory.line())
         data = getattr(self.train_data, "config", None)
         if getattr(data, "pad_to_multiple_of", None) is not None and width is not None and width < data.max_length:
             log.info("data.pad_to_multiple_of cuts each batch to its longest row: wider batches compile again and "
                      "need more (jaxtune plan-memory gives the step for rows of data.max_length=%d tokens)",
                      data.max_length)
-
-    def _write_status(self, state: str, **fields: Any) -> None:
-        """``status.json`` with the compiled step's memory (:attr:`memory`, or the run's earlier one); not
-        once another process's error is there (:meth:`_stopped_by_another`)."""
-        with self._status_lock:
-            if self._stopped_by is None:
-                self._write_status_unlocked(state, **fields)
-
-    def _write_status_unlocked(self, state: str, **fields: Any) -> None:
-        report = self.memory.as_dict() if self.memory is not None else (self.run.status() or {}).get("memory")
-        self.run.write_status(state, **fields, **({"memory": report} if report else {}))
-
-    def _non_finite(self, pending: list[dict[str, jax.Array]]) -> str | None:
-        """``"failed"`` (logged, and written to the status) when one of the ``pending`` steps (the
-        last ``len(pending)`` ones) was not finite; None otherwise. The host waits for them."""
-        finite = jax.device_get([m["finite"] for m in pending])
-        bad = next((i for i, ok in enumerate(finite) if not ok), None)
-        return None if bad is None else self._failed(self.step - len(pending) + bad + 1, jax.device_get(pending[bad]))
-
-    def _failed(self, bad_step: int, metrics: dict[str, Any]) -> str:
-        self.failed_step = bad_step
-        good = self.checkpointer.latest_good_step()
-        what = ("the loss or gradient is not finite (nan/inf)" if not metrics["grad_finite"] else
-                "the update made the params or optimizer state non-finite (nan/inf)")
-        message = (f"step {bad_step}: {what}; training stopped, and no state from that step on was saved or "
-                   f"evaluated. Last good checkpoint: {good if good is not None else 'none'}. Lower the learning "
-                   "rate or check the data.")
-        log.error("%s", message)
-        # The host reads the finite flags only to log, evaluate or save, so self.step may be past bad_step:
-        # the status gives the failed step and the last good one, not the step the host read them at.
-        self._write_status("failed", step=bad_step - 1, failed_step=bad_step, total_steps=self.steps, error=message)
-        return "failed"
 
     def _evaluate_and_track(self, best: Best) -> dict[str, float]:
         metrics = {f"eval/{k}": v for k, v in self.evaluate().items()}

@@ -1,0 +1,103 @@
+"""The run's status as it trains, and the ways a run ends badly.
+
+``status.json`` is written by the training loop and, on several processes, by the watcher thread
+that learns of another process's error (:func:`jaxtune.processes.stop_together`) while the loop may
+still log a step: one lock orders them, and once that error is written nothing the loop writes
+replaces it. A step whose loss, gradient or update is not finite fails the run, named in the log and
+the status with the last good checkpoint; a run stopped mid-step names the checkpoint it resumes from.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from jaxtune import processes
+from jaxtune.training.checkpoint import Checkpointer
+from jaxtune.training.memory import StepMemory
+from jaxtune.training.rundir import RunDir
+
+log = logging.getLogger("jaxtune.training.trainer")
+
+
+class RunStatus:
+    """One run's ``status.json`` and its failures, for the :class:`~jaxtune.training.trainer.Trainer`.
+
+    Args:
+      run: the run directory the status is written to.
+      total_steps: the steps the run trains to, in every status.
+
+    It holds nothing of the trainer (the step, the checkpointer come with each call): a trainer nobody
+    holds any more frees its arrays at once, not at the next cyclic garbage collection.
+    """
+
+    def __init__(self, run: RunDir, total_steps: int) -> None:
+        self.run = run
+        self.total_steps = total_steps
+        self.memory: StepMemory | None = None  # the compiled train step's bytes per device (first step)
+        self.failed_step: int | None = None  # the non-finite step that failed the run
+        # Another process's error, once its watcher thread wrote it (stopped_by_another): the loop, still
+        # running until that thread ends the process, writes no status over it.
+        self._stopped_by: str | None = None
+        self._lock = threading.Lock()
+
+    def write(self, state: str, step: int, **fields: Any) -> None:
+        """``status.json`` with the compiled step's memory (:attr:`memory`, or the run's earlier one); not
+        once another process's error is there (:meth:`stopped_by_another`)."""
+        with self._lock:
+            if self._stopped_by is None:
+                self._write_unlocked(state, step, **fields)
+
+    def _write_unlocked(self, state: str, step: int, **fields: Any) -> None:
+        report = self.memory.as_dict() if self.memory is not None else (self.run.status() or {}).get("memory")
+        self.run.write_status(state, step=step, total_steps=self.total_steps, **fields,
+                              **({"memory": report} if report else {}))
+
+    def stop_together(self, where: Callable[[], str], step: Callable[[], int]) -> Any:
+        """:func:`~jaxtune.processes.stop_together` for this run: another process's error marks its status,
+        at the trainer's ``step()`` then."""
+        return processes.stop_together(where, lambda message: self.stopped_by_another(message, step()))
+
+    def stopped_by_another(self, message: str, step: int) -> None:
+        """Another process failed (``message``, :func:`~jaxtune.processes.stop_together`): the run's status says so."""
+        with self._lock:
+            self._stopped_by = message
+            self._write_unlocked("failed", step, error=message)
+
+    def non_finite(self, pending: list[dict[str, jax.Array]], step: int, checkpointer: Checkpointer) -> str | None:
+        """``"failed"`` (logged, and written to the status) when one of the ``pending`` steps (the
+        last ``len(pending)`` ones up to ``step``) was not finite; None otherwise. The host waits for them."""
+        finite = jax.device_get([m["finite"] for m in pending])
+        bad = next((i for i, ok in enumerate(finite) if not ok), None)
+        if bad is None:
+            return None
+        return self._failed(step - len(pending) + bad + 1, jax.device_get(pending[bad]), checkpointer)
+
+    def _failed(self, bad_step: int, metrics: dict[str, Any], checkpointer: Checkpointer) -> str:
+        self.failed_step = bad_step
+        good = checkpointer.latest_good_step()
+        what = ("the loss or gradient is not finite (nan/inf)" if not metrics["grad_finite"] else
+                "the update made the params or optimizer state non-finite (nan/inf)")
+        message = (f"step {bad_step}: {what}; training stopped, and no state from that step on was saved or "
+                   f"evaluated. Last good checkpoint: {good if good is not None else 'none'}. Lower the learning "
+                   "rate or check the data.")
+        log.error("%s", message)
+        # The host reads the finite flags only to log, evaluate or save, so the trainer's step may be past
+        # bad_step: the status gives the failed step and the last good one, not the step it read them at.
+        self.write("failed", bad_step - 1, failed_step=bad_step, error=message)
+        return "failed"
+
+    def resume_point(self, checkpointer: Checkpointer) -> str:
+        """The checkpoint a run stopped mid-step resumes from, for its last log line. Verifying it takes
+        every process (process 0 hashes, all learn the verdict): a process interrupted alone, the
+        others still inside the step's collectives, would wait there for ever, so with several
+        processes the newest step is named unverified."""
+        if processes.several():
+            steps = checkpointer.steps()
+            return f"{steps[-1]} (if its files verify)" if steps else "(none: starts over)"
+        good = checkpointer.latest_good_step()
+        return str(good) if good is not None else "(none: starts over)"
