@@ -129,3 +129,38 @@ def test_stateless_optimizer_saves_and_restores(tmp_path):
     step, got, opt_state, _, _ = Checkpointer(tmp_path, with_data=False).restore(_zeros_like(trainable), empty)
     assert step == 3 and jax.tree.structure(opt_state) == jax.tree.structure(empty)
     _assert_tree_equal(got, saved)
+
+
+def test_a_read_only_restore_logs_none_of_orbaxs_read_only_notices(tmp_path, caplog, monkeypatch):
+    """Every reader of a run (serve, eval, export, generate) logged three absl warnings from Orbax
+    as it opened its read-only manager: that it set ``save_interval_steps=0`` and
+    ``max_to_keep=None`` for read-only, and that the directory is read only. None is logged; another
+    warning Orbax logs while the manager opens still is, and nothing is filtered after it."""
+    import logging
+
+    import orbax.checkpoint as ocp
+    from absl import logging as absl_logging
+
+    trainable = {"w": jnp.arange(4.0)}
+    with Checkpointer(tmp_path, with_data=False) as writer:
+        writer.save(1, trainable, {}, jax.random.key(0))
+        writer.save_best(1, trainable, {"eval/loss": 1.0})
+    opened = ocp.CheckpointManager.__init__
+
+    def open_with_a_warning(self, directory, *args, **kwargs):
+        absl_logging.warning("a genuine warning about %s", directory)
+        opened(self, directory, *args, **kwargs)
+
+    monkeypatch.setattr(ocp.CheckpointManager, "__init__", open_with_a_warning)
+    absl = logging.getLogger("absl")
+    filters = list(absl.filters)
+    caplog.set_level(logging.WARNING)
+    with Checkpointer(tmp_path, with_data=False, read_only=True) as reader:
+        assert reader.restore(trainable, {})[0] == 1
+        assert reader.restore_best(trainable)[1]["step"] == 1
+    absl_logging.warning("Given directory is read only=%s", "elsewhere")  # after the open: not ours to hide
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == [
+        f"a genuine warning about {tmp_path.absolute() / 'checkpoints'}",
+        f"a genuine warning about {tmp_path.absolute() / 'best'}",
+        "Given directory is read only=elsewhere"]
+    assert absl.filters == filters

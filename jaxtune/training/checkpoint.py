@@ -26,9 +26,11 @@ number (``restore(step=N)``), it is a :class:`CheckpointGoneError`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Self
 
@@ -58,6 +60,10 @@ __all__ = ["CheckpointDamagedError", "CheckpointGoneError", "CheckpointMismatchE
            "place_like"]
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
+# What Orbax 0.12.8 logs (absl, WARNING) whenever a read-only manager opens: a reader asked for read-only,
+# so the line tells it nothing. Orbax's other read-only warnings (options it resets) are avoided by passing
+# the values it would set (_Directory).
+_READ_ONLY_NOTICE = "Given directory is read only=%s"
 
 
 def _warn(line: str) -> None:
@@ -113,6 +119,23 @@ def _handlers(with_opt: bool, with_data: bool) -> dict[str, Any]:
     return handlers
 
 
+class _WithoutReadOnlyNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg != _READ_ONLY_NOTICE
+
+
+@contextlib.contextmanager
+def _quiet_read_only_notice() -> Iterator[None]:
+    """Drop Orbax's read-only notice while a read-only manager opens; every other line still gets through."""
+    absl = logging.getLogger("absl")  # absl.logging's logger, which Orbax logs to
+    quiet = _WithoutReadOnlyNotice()
+    absl.addFilter(quiet)
+    try:
+        yield
+    finally:
+        absl.removeFilter(quiet)
+
+
 class _Directory:
     """One checkpoint directory (``checkpoints/`` or ``best/``) and its single Orbax manager."""
 
@@ -124,10 +147,14 @@ class _Directory:
         if not read_only:
             _remove_unfinished(self.path)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=self.async_save, create=not read_only,
-            read_only=read_only, cleanup_tmp_directories=False,  # done above, synchronously (see the module docstring)
+            # a reader keeps and saves nothing: Orbax would reset these for read_only, with a warning each
+            # (1 is Orbax's default interval)
+            max_to_keep=None if read_only else max_to_keep, save_interval_steps=0 if read_only else 1,
+            enable_async_checkpointing=self.async_save, create=not read_only, read_only=read_only,
+            cleanup_tmp_directories=False,  # done above, synchronously (see the module docstring)
             async_options=ocp.AsyncOptions(post_finalization_callback=self.on_commit) if self.async_save else None)
-        self.manager = ocp.CheckpointManager(self.path, options=options, item_handlers=handlers)
+        with _quiet_read_only_notice() if read_only else contextlib.nullcontext():
+            self.manager = ocp.CheckpointManager(self.path, options=options, item_handlers=handlers)
 
     def save(self, step: int, args: ocp.args.Composite) -> None:
         self.manager.wait_until_finished()  # the previous save's commit callback reads on_commit.step
