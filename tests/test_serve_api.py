@@ -364,6 +364,30 @@ def test_a_checkpoint_rotated_away_while_it_loads_is_not_found(api, trained_run,
     assert status == 200 and reply["choices"][0]["message"]["content"] == trained_run["expected"][4], reply
 
 
+def test_a_damaged_checkpoint_is_refused_naming_the_step_and_the_ones_to_use(api, trained_run):
+    """A checkpoint whose files no longer match their checksums is the request's to change, not a
+    server error: a 400 (a 500 the OpenAI SDKs retry, reloading the damaged step each time) whose
+    one line names the step and the checkpoints to use instead; the others still answer."""
+    client = api()
+    run = _running_job(client, trained_run)
+    victim = max((p for p in (run / "checkpoints" / "2" / "trainable").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    status, reply = client.post_json("/v1/chat/completions", {
+        "model": "ft:tiny:x::run:ckpt-step-2", "messages": trained_run["messages"]})
+    assert status == 400, reply
+    assert reply["error"]["code"] == "model_damaged" and reply["error"]["param"] == "model", reply
+    message = reply["error"]["message"]
+    assert "\n" not in message and "step 2" in message and "ft:tiny:x::run:ckpt-step-4" in message, message
+    assert "/v1/fine_tuning/jobs/ftjob-run/checkpoints" in message, message
+    status, reply = client.post_json("/v1/chat/completions", {
+        "model": "ft:tiny:x::run:ckpt-step-4", "messages": trained_run["messages"], "max_tokens": 6,
+        "temperature": 0})
+    assert status == 200 and reply["choices"][0]["message"]["content"] == trained_run["expected"][4], reply
+
+
 def test_a_running_jobs_checkpoints_are_read_in_place_and_change_nothing(api, trained_run, monkeypatch):
     """A job's checkpoint, the latest or an earlier one, answers as that step's weights do; it is
     verified and read where the job keeps it (no copy, nothing written beside it), and loading it

@@ -478,8 +478,23 @@ def _resolve_model(request: Request, owner: str, name: Any) -> tuple[Any, Callab
             raise RequestError(f"No such model: '{name}' (the job's checkpoint rotation, checkpoint.keep, has just "
                                "removed that checkpoint; its checkpoints list names those still there)", "model",
                                "model_not_found", status=404) from None
+        except inference.CheckpointDamaged as err:
+            log.warning("model %s: %s", name, err)  # the operator's copy names the file that does not verify
+            raise damaged_checkpoint(job, ft, int(step), RunDir(run_dir).checkpoint_steps()) from None
 
     return ("checkpoint", job["id"], int(step)), load_step
+
+
+def damaged_checkpoint(job: Mapping[str, Any], ft: str, step: int, on_disk: list[int]) -> RequestError:
+    """The answer for a checkpoint model whose files no longer match their checksums: a 400, as
+    the client must ask for another model (a 500 or 409 the OpenAI SDKs would retry, loading the
+    damaged step again each time), naming the newest other checkpoint."""
+    others = sorted((s for s in on_disk if s != step), reverse=True)
+    instead = (f"use another of the job's checkpoints, such as the newest, '{ft}:ckpt-step-{others[0]}'" if others
+               else "the job has no other checkpoint on disk yet")
+    return RequestError(f"The model '{ft}:ckpt-step-{step}' cannot be loaded: the job's checkpoint at step {step} is "
+                        f"damaged (its files no longer match their checksums); {instead} (GET /v1/fine_tuning/jobs/"
+                        f"{job['id']}/checkpoints lists them)", "model", "model_damaged")
 
 
 async def chat_completions(request: Request, owner: str) -> Response:

@@ -77,19 +77,26 @@ class CheckpointGone(LookupError):
     """The checkpoint asked for is no longer in its run directory (the run's rotation removed it)."""
 
 
+class CheckpointDamaged(RuntimeError):
+    """The checkpoint asked for does not verify (its files no longer match their checksums)."""
+
+
 def load_checkpoint(run_dir: Path, step: int) -> Any:
     """The model of ``run_dir``'s checkpoint at ``step``, read in place: a reader opens a run
     read-only, so a job training there meanwhile keeps its save in flight, and exactly ``step`` is
     restored, not the newest. Raises :class:`CheckpointGone` when the job's rotation
-    (``checkpoint.keep``) removed it before or while it was read."""
+    (``checkpoint.keep``) removed it before or while it was read, :class:`CheckpointDamaged`
+    (the reason its message) when it does not verify."""
     import jaxtune as jt
-    from jaxtune.training.checkpoint import CheckpointGoneError
+    from jaxtune.training.checkpoint import CheckpointDamagedError, CheckpointGoneError
 
     trainer = jt.open_run(run_dir, evaluation=False, restore=False)
     try:
         trainer.restore(step=step)
     except CheckpointGoneError:
         raise CheckpointGone(step) from None
+    except CheckpointDamagedError as err:
+        raise CheckpointDamaged(str(err)) from None
     finally:
         trainer.close()
     return trainer.model
