@@ -17,6 +17,19 @@ from helpers import tiny_hf_model
 from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
 from jaxtune.training import base_cache, compile_cache
 
+# Compiles x -> sin(x) @ x.T at each size given, with the cache in argv[1] turned on as jaxtune does;
+# prints how many executables came from the cache. Every program is kept (no minimum compile time).
+PROGRAMS = textwrap.dedent("""
+    import json, sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    from jaxtune.training import compile_cache
+    compile_cache.enable(sys.argv[1])
+    for n in sys.argv[2:]:
+        jax.jit(lambda x: jnp.sin(x) @ x.T)(np.ones((int(n), 8), np.float32)).block_until_ready()
+    print(json.dumps({"hits": compile_cache.hits()}))
+""")
+
 SCRIPT = textwrap.dedent("""
     import json, sys
     from absl import flags
@@ -91,3 +104,36 @@ def test_the_applications_minimum_compile_time_stands(tmp_path, monkeypatch, cho
     finally:
         jax.config.update("jax_compilation_cache_dir", saved[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+
+
+def _programs(cache, sizes: list[int], **env: str) -> tuple[int, str]:
+    """Run :data:`PROGRAMS` in a fresh process (JAX sets its cache up once a process): ``(hits, stderr)``."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    proc = subprocess.run([sys.executable, "-c", PROGRAMS, str(cache), *map(str, sizes)], capture_output=True,
+                          text=True, env={**environ, "JAX_PLATFORMS": "cpu", **env}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])["hits"], proc.stderr
+
+
+def _executable(entry) -> bytes:
+    """An entry's compiled program, without the compile time JAX stores beside it."""
+    from jax._src.compilation_cache import decompress_executable, extract_executable_and_time
+
+    return extract_executable_and_time(decompress_executable(entry.read_bytes()))[0]
+
+
+def test_an_entry_cut_short_by_a_killed_writer_is_rewritten_whole(tmp_path):
+    """JAX writes an entry in place and never overwrites one: an entry left short (its writer
+    killed) failed to decompress in every later run, which compiled again with JAX's warning and
+    left it short. The run that reads it removes it, saying so, and its compile writes the entry
+    the uninterrupted run wrote; the run after loads it."""
+    cache = tmp_path / "xla"
+    assert _programs(cache, [16])[0] == 0
+    [entry] = cache.glob("*-cache")
+    whole = _executable(entry)
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    hits, err = _programs(cache, [16])
+    assert hits == 0 and _executable(entry) == whole
+    assert f"compile cache: removed {entry}, which does not decompress" in err, err[-3000:]
+    hits, err = _programs(cache, [16])
+    assert hits == 1 and "Error reading persistent compilation cache" not in err, err[-3000:]

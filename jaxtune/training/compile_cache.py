@@ -3,18 +3,25 @@
 The train and eval steps are the same program every time a recipe runs on the same shapes, so
 their compiled executables are kept on disk (``<jaxtune cache>/xla``, see
 :func:`jaxtune.assets.cache_dir`) and a second ``jaxtune train`` loads them instead of
-compiling. JAX's own cache does the work; this module only turns it on by default, leaves a
-directory the application chose alone, and counts hits so the trainer can say what happened.
-A cache directory that cannot be created (a read-only or missing home, a file in the way) leaves
-the cache off with one warning: compiling every run is slower, not wrong.
-"""
+compiling. JAX's own cache does the work; this module turns it on by default, leaves a
+directory or setting the application chose alone, repairs what JAX leaves broken (below), and counts hits so the
+trainer can say what happened. A cache directory that cannot be created (a read-only or missing
+home, a file in the way) leaves the cache off with one warning: compiling every run is slower,
+not wrong.
 
+JAX writes an entry in place, not atomically, and never replaces one: a process killed while
+writing leaves a short entry, which failed to decompress at every later read, so its program
+compiled again in every run (with JAX's warning) and was never rewritten. A read that fails here
+removes an entry that does not decompress, so the compile that follows writes it whole.
+"""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import jax
 
@@ -23,6 +30,9 @@ from jaxtune.assets import cache_dir
 log = logging.getLogger(__name__)
 _HIT = "/jax/compilation_cache/cache_hits"
 _MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+# JAX's LRUCache keeps an entry as <key>-cache and, where the cache is bounded, its last use as
+# <key>-atime; its readers and writers then hold <dir>/.lockfile (a filelock).
+_ENTRY, _USED, _LOCK = "-cache", "-atime", ".lockfile"
 _lock = threading.Lock()
 _hits = 0
 _listening = False
@@ -75,6 +85,7 @@ def enable(directory: str | Path | None = None) -> Path | None:
     with _lock:
         if not _listening:
             jax.monitoring.register_event_listener(_count)
+            _repair_failed_reads()
             _listening = True
     return Path(current)
 
@@ -84,6 +95,62 @@ def _threshold_is_jax_default() -> bool:
     application set (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` or ``jax.config``) is kept."""
     return (_MIN_COMPILE_TIME_ENV not in os.environ
             and jax.config.jax_persistent_cache_min_compile_time_secs == 1.0)
+
+
+def _folder_lock(directory: Path) -> contextlib.AbstractContextManager[Any]:
+    """JAX's lock on a bounded cache folder (its readers and writers hold it), taken within 10 s
+    or raising :class:`TimeoutError`; nothing to hold without ``filelock`` (JAX locks nothing then)."""
+    try:
+        import filelock
+    except ImportError:
+        return contextlib.nullcontext()
+    return filelock.FileLock(directory / _LOCK, timeout=10)
+
+
+def _repair_failed_reads() -> None:
+    """Make every failed read of the persistent cache remove its entry where it does not
+    decompress, before JAX compiles the program again and writes it (JAX skips an entry that
+    exists). JAX has no hook for this: its module function is wrapped, and a JAX without it is
+    left as it is."""
+    from jax._src import compilation_cache as jax_cache
+
+    read = getattr(jax_cache, "get_executable_and_time", None)
+    if read is None or getattr(read, "jaxtune_repairs", False):
+        return
+
+    def get_executable_and_time(cache_key: str, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return read(cache_key, *args, **kwargs)
+        except Exception:
+            _remove_if_damaged(cache_key)
+            raise  # JAX warns, compiles and writes the entry afresh
+
+    get_executable_and_time.jaxtune_repairs = True  # type: ignore[attr-defined]
+    jax_cache.get_executable_and_time = get_executable_and_time
+
+
+def _remove_if_damaged(key: str) -> None:
+    """Remove the entry ``key`` of the configured cache folder where it does not decompress (a
+    failed read for another cause, a lock held too long, leaves it)."""
+    from jax._src.compilation_cache import decompress_executable
+
+    folder = jax.config.jax_compilation_cache_dir
+    if not folder or "://" in folder:
+        return
+    entry = Path(folder) / (key + _ENTRY)
+    try:
+        with _folder_lock(Path(folder)):
+            try:
+                decompress_executable(entry.read_bytes())
+                return
+            except Exception:  # noqa: BLE001 - zlib.error, zstd's errors: unreadable either way
+                entry.unlink()
+                entry.with_name(key + _USED).unlink(missing_ok=True)
+    except OSError as error:
+        log.debug("compile cache: %s not checked (%s)", entry, error)
+        return
+    log.warning("compile cache: removed %s, which does not decompress (a process stopped while writing it); "
+                "its program compiles once more and is kept whole", entry)
 
 
 def hits() -> int:
