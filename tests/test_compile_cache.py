@@ -95,7 +95,8 @@ def test_the_applications_minimum_compile_time_stands(tmp_path, monkeypatch, cho
     application chose (here through jax.config; JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS is read into
     it) is its own, as a directory it chose is."""
     monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
-    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs,
+             jax.config.jax_compilation_cache_max_size)
     jax.config.update("jax_compilation_cache_dir", None)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0 if chosen is None else chosen)
     try:
@@ -104,6 +105,7 @@ def test_the_applications_minimum_compile_time_stands(tmp_path, monkeypatch, cho
     finally:
         jax.config.update("jax_compilation_cache_dir", saved[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+        jax.config.update("jax_compilation_cache_max_size", saved[2])
 
 
 def _programs(cache, sizes: list[int], **env: str) -> tuple[int, str]:
@@ -137,3 +139,39 @@ def test_an_entry_cut_short_by_a_killed_writer_is_rewritten_whole(tmp_path):
     assert f"compile cache: removed {entry}, which does not decompress" in err, err[-3000:]
     hits, err = _programs(cache, [16])
     assert hits == 1 and "Error reading persistent compilation cache" not in err, err[-3000:]
+
+
+def test_jaxtunes_folder_is_bounded_unless_the_application_chose(tmp_path, monkeypatch):
+    """The folder jaxtune picks is bounded (MAX_BYTES, least recently used entries evicted), where
+    it grew by every new jaxlib, device and shape; a bound the application set stands."""
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_MAX_SIZE", raising=False)
+    saved = jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size
+    try:
+        for chosen, expected in ((-1, compile_cache.MAX_BYTES), (2**20, 2**20)):
+            jax.config.update("jax_compilation_cache_dir", None)
+            jax.config.update("jax_compilation_cache_max_size", chosen)
+            compile_cache.enable(tmp_path / "xla")
+            assert jax.config.jax_compilation_cache_max_size == expected
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_compilation_cache_max_size", saved[1])
+
+
+def test_a_bound_holds_over_a_folder_filled_while_unbounded(tmp_path):
+    """JAX's eviction reads each entry's last use (``<key>-atime``), which an unbounded cache (every
+    cache before the bound) never wrote: every later write failed with FileNotFoundError and the
+    folder stayed over the bound. Entries without one get their write time: the least recently
+    used are evicted and the new program is written, the folder within the bound."""
+    cache = tmp_path / "xla"
+    _programs(cache, [16], JAX_COMPILATION_CACHE_MAX_SIZE="-1")
+    [first] = [p.name for p in cache.glob("*-cache")]
+    _programs(cache, [32, 48], JAX_COMPILATION_CACHE_MAX_SIZE="-1")
+    sizes = {p.name: p.stat().st_size for p in cache.glob("*-cache")}
+    assert len(sizes) == 3
+    bound = sum(sizes.values()) * 3 // 4  # room for two of them, not three
+    hits, err = _programs(cache, [16, 64], JAX_COMPILATION_CACHE_MAX_SIZE=str(bound))
+    assert hits == 1 and "Error writing persistent compilation cache" not in err, err[-3000:]
+    after = {p.name: p.stat().st_size for p in cache.glob("*-cache")}
+    assert sum(after.values()) <= bound, (after, bound)
+    [new] = set(after) - set(sizes)  # the new program was written
+    assert set(after) == {first, new}  # beside the one just used; the two unused since were evicted

@@ -3,8 +3,9 @@
 The train and eval steps are the same program every time a recipe runs on the same shapes, so
 their compiled executables are kept on disk (``<jaxtune cache>/xla``, see
 :func:`jaxtune.assets.cache_dir`) and a second ``jaxtune train`` loads them instead of
-compiling. JAX's own cache does the work; this module turns it on by default, leaves a
-directory or setting the application chose alone, repairs what JAX leaves broken (below), and counts hits so the
+compiling. JAX's own cache does the work; this module turns it on by default, bounds it
+(:data:`MAX_BYTES`, least recently used entries evicted first), leaves a directory or setting
+the application chose alone, repairs what JAX leaves broken (below), and counts hits so the
 trainer can say what happened. A cache directory that cannot be created (a read-only or missing
 home, a file in the way) leaves the cache off with one warning: compiling every run is slower,
 not wrong.
@@ -17,6 +18,7 @@ removes an entry that does not decompress, so the compile that follows writes it
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import threading
@@ -30,6 +32,10 @@ from jaxtune.assets import cache_dir
 log = logging.getLogger(__name__)
 _HIT = "/jax/compilation_cache/cache_hits"
 _MIN_COMPILE_TIME_ENV = "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"
+_MAX_SIZE_ENV = "JAX_COMPILATION_CACHE_MAX_SIZE"
+MAX_BYTES = 4 * 2**30
+"""The bound on the folder jaxtune chooses: a large model's compiled steps are tens of MB each, and
+every new jaxlib, device, XLA flag or shape compiles afresh beside the old entries."""
 # JAX's LRUCache keeps an entry as <key>-cache and, where the cache is bounded, its last use as
 # <key>-atime; its readers and writers then hold <dir>/.lockfile (a filelock).
 _ENTRY, _USED, _LOCK = "-cache", "-atime", ".lockfile"
@@ -37,6 +43,7 @@ _lock = threading.Lock()
 _hits = 0
 _listening = False
 _warned = False
+_dated: set[str] = set()
 
 
 def _count(event: str, **kwargs: object) -> None:
@@ -66,9 +73,11 @@ def _default_directory(directory: str | Path | None) -> Path | None:
 def enable(directory: str | Path | None = None) -> Path | None:
     """Turn the persistent compilation cache on (idempotent); returns its directory.
 
-    A directory already configured (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept.
-    Programs that compile in under half a second are not worth a disk round trip and stay out
-    (unless the application chose its own minimum compile time).
+    A directory already configured (``JAX_COMPILATION_CACHE_DIR`` or ``jax.config``) is kept, and
+    so are its settings. In the directory jaxtune chooses, programs that compile in under half a
+    second are not worth a disk round trip and stay out, and the folder is bounded to
+    :data:`MAX_BYTES` (unless the application chose its own minimum compile time, or bound:
+    ``JAX_COMPILATION_CACHE_MAX_SIZE``, -1 for none).
     None, and the cache stays off, where ``directory`` (default ``<jaxtune cache>/xla``) cannot
     be created.
     """
@@ -81,12 +90,20 @@ def enable(directory: str | Path | None = None) -> Path | None:
         jax.config.update("jax_compilation_cache_dir", str(path))
         if _threshold_is_jax_default():
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        if _bound_is_jax_default() and importlib.util.find_spec("filelock") is not None:  # JAX's eviction needs it
+            jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
         current = str(path)
     with _lock:
         if not _listening:
             jax.monitoring.register_event_listener(_count)
             _repair_failed_reads()
             _listening = True
+        # a remote folder (gs://...) is JAX's own business
+        undated = ("://" not in current and jax.config.jax_compilation_cache_max_size != -1
+                   and current not in _dated)
+        _dated.update([current] if undated else [])
+    if undated:
+        _date_entries(Path(current))
     return Path(current)
 
 
@@ -95,6 +112,30 @@ def _threshold_is_jax_default() -> bool:
     application set (``JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS`` or ``jax.config``) is kept."""
     return (_MIN_COMPILE_TIME_ENV not in os.environ
             and jax.config.jax_persistent_cache_min_compile_time_secs == 1.0)
+
+
+def _bound_is_jax_default() -> bool:
+    """Whether the cache's bound is still JAX's default (-1, none): one the application set
+    (``JAX_COMPILATION_CACHE_MAX_SIZE`` or ``jax.config``) is kept."""
+    return _MAX_SIZE_ENV not in os.environ and jax.config.jax_compilation_cache_max_size == -1
+
+
+def _date_entries(directory: Path) -> None:
+    """Give each entry of a bounded ``directory`` without a last use its write time as one.
+
+    JAX's eviction reads every entry's ``-atime`` and fails each write where one is missing (a
+    warning, and the program is not kept), as it is for every entry written while the cache was
+    unbounded, all caches before the bound: the bound would never hold. Held under JAX's lock
+    file, as its eviction is; skipped (until the next process) where that cannot be had in 10 s.
+    """
+    try:
+        with _folder_lock(directory):
+            for entry in directory.glob("*" + _ENTRY):
+                used = entry.with_name(entry.name.removesuffix(_ENTRY) + _USED)
+                if not used.exists():  # JAX's format: time.time_ns(), 8 bytes little-endian
+                    used.write_bytes(entry.stat().st_mtime_ns.to_bytes(8, "little"))
+    except OSError as error:  # filelock.Timeout is one
+        log.debug("compile cache: the entries of %s not dated (%s)", directory, error)
 
 
 def _folder_lock(directory: Path) -> contextlib.AbstractContextManager[Any]:
