@@ -175,3 +175,19 @@ def test_a_bound_holds_over_a_folder_filled_while_unbounded(tmp_path):
     assert sum(after.values()) <= bound, (after, bound)
     [new] = set(after) - set(sizes)  # the new program was written
     assert set(after) == {first, new}  # beside the one just used; the two unused since were evicted
+
+
+def test_a_folder_this_user_may_only_read_is_read_unbounded(tmp_path):
+    """A bounded cache locks its folder to read an entry (and dates its use): in a folder this
+    user cannot write (a shared $JAXTUNE_CACHE others filled) every read failed, where unbounded
+    it loads. Made read-only with ``chattr +i``, which holds for root too."""
+    cache = tmp_path / "xla"
+    _programs(cache, [16])
+    paths = [cache, *cache.iterdir()]
+    if subprocess.run(["chattr", "+i", *map(str, paths)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not available here")
+    try:
+        hits, err = _programs(cache, [16])
+    finally:
+        subprocess.run(["chattr", "-i", *map(str, paths)], check=True)
+    assert hits == 1 and "Error reading persistent compilation cache" not in err, err[-3000:]

@@ -90,7 +90,10 @@ def enable(directory: str | Path | None = None) -> Path | None:
         jax.config.update("jax_compilation_cache_dir", str(path))
         if _threshold_is_jax_default():
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-        if _bound_is_jax_default() and importlib.util.find_spec("filelock") is not None:  # JAX's eviction needs it
+        # JAX's eviction needs filelock, and its lock file: a folder others filled and this user only
+        # reads (a shared $JAXTUNE_CACHE) is read unbounded, as a bounded read would fail to lock
+        if (_bound_is_jax_default() and importlib.util.find_spec("filelock") is not None
+                and os.access(path, os.W_OK)):
             jax.config.update("jax_compilation_cache_max_size", MAX_BYTES)
         current = str(path)
     with _lock:
