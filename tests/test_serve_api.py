@@ -364,17 +364,22 @@ def test_a_checkpoint_rotated_away_while_it_loads_is_not_found(api, trained_run,
     assert status == 200 and reply["choices"][0]["message"]["content"] == trained_run["expected"][4], reply
 
 
+def _damage(run: Path, step: int) -> None:
+    """Flip a byte of the largest file of ``run``'s checkpoint at ``step``: it no longer verifies."""
+    victim = max((p for p in (run / "checkpoints" / str(step) / "trainable").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+
 def test_a_damaged_checkpoint_is_refused_naming_the_step_and_the_ones_to_use(api, trained_run):
     """A checkpoint whose files no longer match their checksums is the request's to change, not a
     server error: a 400 (a 500 the OpenAI SDKs retry, reloading the damaged step each time) whose
     one line names the step and the checkpoints to use instead; the others still answer."""
     client = api()
     run = _running_job(client, trained_run)
-    victim = max((p for p in (run / "checkpoints" / "2" / "trainable").rglob("*") if p.is_file()),
-                 key=lambda p: p.stat().st_size)
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    _damage(run, 2)
     status, reply = client.post_json("/v1/chat/completions", {
         "model": "ft:tiny:x::run:ckpt-step-2", "messages": trained_run["messages"]})
     assert status == 400, reply
@@ -386,6 +391,30 @@ def test_a_damaged_checkpoint_is_refused_naming_the_step_and_the_ones_to_use(api
         "model": "ft:tiny:x::run:ckpt-step-4", "messages": trained_run["messages"], "max_tokens": 6,
         "temperature": 0})
     assert status == 200 and reply["choices"][0]["message"]["content"] == trained_run["expected"][4], reply
+
+
+def test_a_fine_tuned_model_whose_last_checkpoint_is_damaged_is_refused_not_an_older_one(api, trained_run):
+    """The ``ft:`` model is the step its run ended with: where that checkpoint no longer verifies,
+    the server answered 200 with the step before's weights in its place (a warning in its log
+    only); now the same 400 as for the damaged checkpoint itself, naming the step to ask for."""
+    import shutil
+
+    client = api()
+    run = client.data_dir / "jobs" / "ftjob-run" / "run"
+    shutil.copytree(trained_run["run"], run)
+    store = Store(client.data_dir / "serve.sqlite")
+    store.add_job(client.owner, "ftjob-run", {"fine_tuned_model": "ft:tiny:x::run"}, status="succeeded")
+    store.close()
+    _damage(run, 4)
+    status, reply = client.post_json("/v1/chat/completions", {
+        "model": "ft:tiny:x::run", "messages": trained_run["messages"], "max_tokens": 6, "temperature": 0})
+    assert status == 400 and reply["error"]["code"] == "model_damaged", reply
+    message = reply["error"]["message"]
+    assert "'ft:tiny:x::run'" in message and "step 4" in message and "'ft:tiny:x::run:ckpt-step-2'" in message
+    status, reply = client.post_json("/v1/chat/completions", {
+        "model": "ft:tiny:x::run:ckpt-step-2", "messages": trained_run["messages"], "max_tokens": 6,
+        "temperature": 0})
+    assert status == 200 and reply["choices"][0]["message"]["content"] == trained_run["expected"][2], reply
 
 
 def test_a_running_jobs_checkpoints_are_read_in_place_and_change_nothing(api, trained_run, monkeypatch):
@@ -438,10 +467,11 @@ def test_a_fine_tuned_model_is_the_model_its_run_ended_with(api, monkeypatch, be
     (run / "best" / "2").mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"eval": {"every": 2, "best_metric": "loss", "use_best": True}}))
 
-    def open_run(run_dir: Path, evaluation: bool = True, best: bool = False) -> Any:
+    def open_run(run_dir: Path, evaluation: bool = True, best: bool = False, restore: bool = True) -> Any:
         if best and best_checkpoint == "damaged":
             raise RunDirError(f"{run_dir}: no best checkpoint")
-        return type("Trainer", (), {"model": f"{'best' if best else 'latest'} model", "close": lambda self: None})()
+        return type("Trainer", (), {"model": f"{'best' if best else 'latest'} model", "close": lambda self: None,
+                                    "restore": lambda self, step: step})()
 
     monkeypatch.setattr(jaxtune, "open_run", open_run, raising=False)
     monkeypatch.setattr(inference, "complete", lambda model, messages, opts: {

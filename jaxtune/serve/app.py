@@ -466,7 +466,7 @@ def _resolve_model(request: Request, owner: str, name: Any) -> tuple[Any, Callab
         raise not_found("model", name, "model")
     run_dir = runner.run_dir(job["id"])
     if not step:
-        return ("run", job["id"]), lambda: inference.load_final(run_dir)
+        return ("run", job["id"]), refusing_damaged(lambda: inference.load_final(run_dir), job, name, ft, run_dir)
     # int("²") raises; a checkpoint the job's rotation (checkpoint.keep) removed is not listed either
     if not (step.isascii() and step.isdigit()) or int(step) not in RunDir(run_dir).checkpoint_steps():
         raise not_found("model", name, "model")
@@ -478,23 +478,30 @@ def _resolve_model(request: Request, owner: str, name: Any) -> tuple[Any, Callab
             raise RequestError(f"No such model: '{name}' (the job's checkpoint rotation, checkpoint.keep, has just "
                                "removed that checkpoint; its checkpoints list names those still there)", "model",
                                "model_not_found", status=404) from None
+
+    return ("checkpoint", job["id"], int(step)), refusing_damaged(load_step, job, name, ft, run_dir)
+
+
+def refusing_damaged(load: Callable[[], Any], job: Mapping[str, Any], name: str, ft: str,
+                     run_dir: Path) -> Callable[[], Any]:
+    """``load``, its :class:`~jaxtune.serve.inference.CheckpointDamaged` the request's error:
+    a 400 (a 500 or 409 the OpenAI SDKs would retry, loading the damaged step again each time;
+    only asking for another model helps) naming the step and the newest other checkpoint."""
+
+    def call() -> Any:
+        try:
+            return load()
         except inference.CheckpointDamaged as err:
             log.warning("model %s: %s", name, err)  # the operator's copy names the file that does not verify
-            raise damaged_checkpoint(job, ft, int(step), RunDir(run_dir).checkpoint_steps()) from None
+            others = sorted((s for s in RunDir(run_dir).checkpoint_steps() if s != err.step), reverse=True)
+            instead = (f"use another of the job's checkpoints, such as the newest, '{ft}:ckpt-step-{others[0]}'"
+                       if others else "the job has no other checkpoint on disk")
+            raise RequestError(f"The model '{name}' cannot be loaded: the job's checkpoint at step {err.step} is "
+                               f"damaged (its files no longer match their checksums); {instead} (GET "
+                               f"/v1/fine_tuning/jobs/{job['id']}/checkpoints lists them)", "model",
+                               "model_damaged") from None
 
-    return ("checkpoint", job["id"], int(step)), load_step
-
-
-def damaged_checkpoint(job: Mapping[str, Any], ft: str, step: int, on_disk: list[int]) -> RequestError:
-    """The answer for a checkpoint model whose files no longer match their checksums: a 400, as
-    the client must ask for another model (a 500 or 409 the OpenAI SDKs would retry, loading the
-    damaged step again each time), naming the newest other checkpoint."""
-    others = sorted((s for s in on_disk if s != step), reverse=True)
-    instead = (f"use another of the job's checkpoints, such as the newest, '{ft}:ckpt-step-{others[0]}'" if others
-               else "the job has no other checkpoint on disk yet")
-    return RequestError(f"The model '{ft}:ckpt-step-{step}' cannot be loaded: the job's checkpoint at step {step} is "
-                        f"damaged (its files no longer match their checksums); {instead} (GET /v1/fine_tuning/jobs/"
-                        f"{job['id']}/checkpoints lists them)", "model", "model_damaged")
+    return call
 
 
 async def chat_completions(request: Request, owner: str) -> Response:

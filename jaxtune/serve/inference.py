@@ -59,16 +59,23 @@ def load_final(run_dir: Path) -> Any:
     """A finished run's model, the one it ended with and exported: its best checkpoint's where
     ``eval.use_best`` made that its model (its latest checkpoint holds the last step's params),
     else its latest checkpoint's; the latest too where no best checkpoint is left, as the run
-    itself then ended with its latest params."""
+    itself then ended with its latest params. Exactly that step, read as :func:`load_checkpoint`
+    reads one: a latest checkpoint that does not verify is :class:`CheckpointDamaged`, never an
+    older step's model answering as the fine-tuned one."""
     import jaxtune as jt
 
     if ((RunDir(run_dir).config() or {}).get("eval") or {}).get("use_best"):
         try:
             trainer = jt.open_run(run_dir, evaluation=False, best=True)
         except RunDirError:  # no best checkpoint (none kept, or set aside as damaged)
-            trainer = jt.open_run(run_dir, evaluation=False)
-    else:
-        trainer = jt.open_run(run_dir, evaluation=False)
+            pass
+        else:
+            trainer.close()
+            return trainer.model
+    steps = RunDir(run_dir).checkpoint_steps()
+    if steps:
+        return load_checkpoint(run_dir, max(steps))
+    trainer = jt.open_run(run_dir, evaluation=False)
     trainer.close()
     return trainer.model
 
@@ -78,7 +85,11 @@ class CheckpointGone(LookupError):
 
 
 class CheckpointDamaged(RuntimeError):
-    """The checkpoint asked for does not verify (its files no longer match their checksums)."""
+    """The checkpoint at ``step`` does not verify (its files no longer match their checksums)."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(reason)
+        self.step = step
 
 
 def load_checkpoint(run_dir: Path, step: int) -> Any:
@@ -96,7 +107,7 @@ def load_checkpoint(run_dir: Path, step: int) -> Any:
     except CheckpointGoneError:
         raise CheckpointGone(step) from None
     except CheckpointDamagedError as err:
-        raise CheckpointDamaged(str(err)) from None
+        raise CheckpointDamaged(step, str(err)) from None
     finally:
         trainer.close()
     return trainer.model
