@@ -15,6 +15,7 @@ writing leaves a short entry, which failed to decompress at every later read, so
 compiled again in every run (with JAX's warning) and was never rewritten. A read that fails here
 removes an entry that does not decompress, so the compile that follows writes it whole.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -104,7 +105,8 @@ def enable(directory: str | Path | None = None) -> Path | None:
         # a remote folder (gs://...) is JAX's own business
         undated = ("://" not in current and jax.config.jax_compilation_cache_max_size != -1
                    and current not in _dated)
-        _dated.update([current] if undated else [])
+        if undated:
+            _dated.add(current)
     if undated:
         _date_entries(Path(current))
     return Path(current)
@@ -143,7 +145,8 @@ def _date_entries(directory: Path) -> None:
 
 def _folder_lock(directory: Path) -> contextlib.AbstractContextManager[Any]:
     """JAX's lock on a bounded cache folder (its readers and writers hold it), taken within 10 s
-    or raising :class:`TimeoutError`; nothing to hold without ``filelock`` (JAX locks nothing then)."""
+    or raising ``filelock.Timeout`` (an OSError); nothing to hold without ``filelock``, as JAX then
+    locks nothing."""
     try:
         import filelock
     except ImportError:
@@ -184,8 +187,9 @@ def _remove_if_damaged(key: str) -> None:
     entry = Path(folder) / (key + _ENTRY)
     try:
         with _folder_lock(Path(folder)):
+            data = entry.read_bytes()
             try:
-                decompress_executable(entry.read_bytes())
+                decompress_executable(data)
                 return
             except Exception:  # noqa: BLE001 - zlib.error, zstd's errors: unreadable either way
                 entry.unlink()
