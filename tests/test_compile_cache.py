@@ -62,6 +62,10 @@ def test_a_second_run_loads_the_compiled_step(tmp_path):
     assert run("first") is False  # an empty cache: the step compiles
     assert list((tmp_path / "xla").iterdir())  # and is written to disk
     assert run("second") is True  # another process, another run directory: loaded, not compiled
+    [entry] = (tmp_path / "xla").glob("jit_step-*-cache")
+    entry.write_bytes(entry.read_bytes()[:1000])  # as a process killed while writing it leaves it
+    assert run("third") is False  # compiled again, and the entry written whole
+    assert run("fourth") is True
 
 
 def test_a_cache_that_cannot_be_created_warns_and_the_run_goes_on(tmp_path, monkeypatch, caplog):
