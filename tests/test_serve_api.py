@@ -449,11 +449,12 @@ def test_a_running_jobs_checkpoints_are_read_in_place_and_change_nothing(api, tr
     assert sorted(str(p) for p in run.parent.rglob("*")) == job_dir
 
 
-@pytest.mark.parametrize("best_checkpoint", ["kept", "damaged"])
+@pytest.mark.parametrize("best_checkpoint", ["kept", "set aside"])
 def test_a_fine_tuned_model_is_the_model_its_run_ended_with(api, monkeypatch, best_checkpoint):
     """With eval.use_best a run ends with (and exports) its best checkpoint's params, while its
     latest checkpoint holds the last step's: the ``ft:`` model is the best one; the latest where
-    the best was set aside as damaged, as the run then ended with its latest params."""
+    the run set the best aside as damaged (moved out of best/), as it then ended with its latest
+    params."""
     import jaxtune
     from jaxtune.serve import inference
     from jaxtune.training.rundir import RunDirError
@@ -464,11 +465,11 @@ def test_a_fine_tuned_model_is_the_model_its_run_ended_with(api, monkeypatch, be
     store.close()
     run = client.data_dir / "jobs" / "ftjob-best" / "run"
     (run / "checkpoints" / "6").mkdir(parents=True)
-    (run / "best" / "2").mkdir(parents=True)
+    (run / "best" / ("2" if best_checkpoint == "kept" else ".set_aside/2-20260101T000000")).mkdir(parents=True)
     (run / "config.yaml").write_text(yaml.safe_dump({"eval": {"every": 2, "best_metric": "loss", "use_best": True}}))
 
     def open_run(run_dir: Path, evaluation: bool = True, best: bool = False, restore: bool = True) -> Any:
-        if best and best_checkpoint == "damaged":
+        if best and best_checkpoint == "set aside":
             raise RunDirError(f"{run_dir}: no best checkpoint")
         return type("Trainer", (), {"model": f"{'best' if best else 'latest'} model", "close": lambda self: None,
                                     "restore": lambda self, step: step})()
@@ -480,3 +481,46 @@ def test_a_fine_tuned_model_is_the_model_its_run_ended_with(api, monkeypatch, be
         "model": "ft:tiny:x::best", "messages": [{"role": "user", "content": "hi"}]})
     assert status == 200, reply
     assert reply["choices"][0]["message"]["content"] == ("best model" if best_checkpoint == "kept" else "latest model")
+
+
+def test_a_fine_tuned_model_whose_best_checkpoint_is_damaged_is_refused_not_the_latest(api, tmp_path):
+    """With eval.use_best the ``ft:`` model is the best checkpoint's; one damaged since the run
+    ended (still in best/: a reader moves nothing) made the server answer 200 with the latest
+    step's weights in its place. Now a 400 naming the best step; the checkpoints still answer."""
+    from helpers import tiny_hf_model
+
+    import jaxtune as jt
+    from jaxtune.data.testing import tiny_tokenizer, write_jsonl
+    from jaxtune.training.rundir import RunDir
+
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    rows = write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": w}, {
+        "role": "assistant", "content": w.upper()}]} for w in ("alpha", "beta gamma", "delta", "omega kappa") * 4])
+    client = api()
+    run = client.data_dir / "jobs" / "ftjob-best" / "run"
+    jt.finetune({"model": {"path": str(tmp_path / "llama")},
+                 "plan": [{"preset": "lora", "rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}],
+                 "data": {"train": str(rows), "validation": str(rows), "kind": "chat", "max_length": 32,
+                          "batch_size": 8},
+                 "optimizer": {"learning_rate": 0.1, "warmup_steps": 0}, "train": {"steps": 4, "progress": False},
+                 "checkpoint": {"every": 2}, "output": {"dir": str(run), "export": "none"},
+                 "eval": {"before": False, "after": False, "every": 2, "use_best": True, "best_metric": "loss"}})
+    store = Store(client.data_dir / "serve.sqlite")
+    store.add_job(client.owner, "ftjob-best", {"fine_tuned_model": "ft:tiny:x::best"}, status="succeeded")
+    store.close()
+    [best] = RunDir(run).best_steps()
+    victim = max((p for p in (run / "best" / str(best) / "trainable").rglob("*") if p.is_file()),
+                 key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    messages = [{"role": "user", "content": "alpha"}]
+    status, reply = client.post_json("/v1/chat/completions", {"model": "ft:tiny:x::best", "messages": messages})
+    assert status == 400 and reply["error"]["code"] == "model_damaged", reply
+    message = reply["error"]["message"]
+    assert f"the job's best checkpoint at step {best} is damaged" in message, message
+    assert "'ft:tiny:x::best:ckpt-step-4'" in message, message  # its own copy under checkpoints/ is intact
+    status, reply = client.post_json("/v1/chat/completions", {"model": "ft:tiny:x::best:ckpt-step-4",
+                                                              "messages": messages, "max_tokens": 4})
+    assert status == 200, reply

@@ -493,10 +493,13 @@ def refusing_damaged(load: Callable[[], Any], job: Mapping[str, Any], name: str,
             return load()
         except inference.CheckpointDamaged as err:
             log.warning("model %s: %s", name, err)  # the operator's copy names the file that does not verify
-            others = sorted((s for s in RunDir(run_dir).checkpoint_steps() if s != err.step), reverse=True)
+            # the best checkpoint is a copy of its own: the step's checkpoint under checkpoints/ is another
+            others = sorted((s for s in RunDir(run_dir).checkpoint_steps() if err.best or s != err.step),
+                            reverse=True)
             instead = (f"use another of the job's checkpoints, such as the newest, '{ft}:ckpt-step-{others[0]}'"
                        if others else "the job has no other checkpoint on disk")
-            raise RequestError(f"The model '{name}' cannot be loaded: the job's checkpoint at step {err.step} is "
+            which = "best checkpoint" if err.best else "checkpoint"
+            raise RequestError(f"The model '{name}' cannot be loaded: the job's {which} at step {err.step} is "
                                f"damaged (its files no longer match their checksums); {instead} (GET "
                                f"/v1/fine_tuning/jobs/{job['id']}/checkpoints lists them)", "model",
                                "model_damaged") from None

@@ -60,15 +60,17 @@ def load_final(run_dir: Path) -> Any:
     ``eval.use_best`` made that its model (its latest checkpoint holds the last step's params),
     else its latest checkpoint's; the latest too where no best checkpoint is left, as the run
     itself then ended with its latest params. Exactly that step, read as :func:`load_checkpoint`
-    reads one: a latest checkpoint that does not verify is :class:`CheckpointDamaged`, never an
-    older step's model answering as the fine-tuned one."""
+    reads one: a best or latest checkpoint that does not verify is :class:`CheckpointDamaged`,
+    never another step's model answering as the fine-tuned one."""
     import jaxtune as jt
 
     if ((RunDir(run_dir).config() or {}).get("eval") or {}).get("use_best"):
+        kept = RunDir(run_dir).best_steps()
         try:
             trainer = jt.open_run(run_dir, evaluation=False, best=True)
-        except RunDirError:  # no best checkpoint (none kept, or set aside as damaged)
-            pass
+        except RunDirError as err:  # no best checkpoint: none kept, or the run set it aside as damaged
+            if kept:  # or one there that does not verify (a reader skips it, moving nothing)
+                raise CheckpointDamaged(kept[-1], str(err), best=True) from None
         else:
             trainer.close()
             return trainer.model
@@ -85,11 +87,12 @@ class CheckpointGone(LookupError):
 
 
 class CheckpointDamaged(RuntimeError):
-    """The checkpoint at ``step`` does not verify (its files no longer match their checksums)."""
+    """The checkpoint at ``step`` (the run's best one, under ``best/``, where ``best``) does not
+    verify (its files no longer match their checksums)."""
 
-    def __init__(self, step: int, reason: str):
+    def __init__(self, step: int, reason: str, best: bool = False):
         super().__init__(reason)
-        self.step = step
+        self.step, self.best = step, best
 
 
 def load_checkpoint(run_dir: Path, step: int) -> Any:

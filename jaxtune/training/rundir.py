@@ -323,6 +323,9 @@ class RunDir:
     def checkpoint_steps(self) -> list[int]:
         return _steps(self.path / "checkpoints")
 
+    def best_steps(self) -> list[int]:
+        return _steps(self.path / "best")
+
     def summary(self) -> dict[str, Any]:
         """The run's state as one dict: ``state, step, total_steps, train, eval, tokens_per_s,
         examples_per_s`` (image runs; the other is None), ``eta_s, best, checkpoints, updated, stale,
