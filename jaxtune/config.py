@@ -74,12 +74,21 @@ BASE = "base"  # the recipe key naming the recipe a recipe starts from
 class DistributedConfig:
     """Multi-host runs (``jax.distributed.initialize``). ``auto``: initialize when a cluster
     is detected (TPU pod, SLURM, or ``coordinator_address`` set); the other fields are passed
-    through (None lets JAX detect them)."""
+    through (None lets JAX detect them, or keeps JAX's default).
+
+    ``heartbeat_timeout_s``: how long a process may go without a heartbeat before JAX's distributed
+    service declares it dead and ends every other process. A process that dies without a Python
+    error (SIGKILL, the kernel's out-of-memory killer) is noticed only this way, so the others
+    wait this long (in a collective, or leaving ``jax.distributed``). None keeps JAX's default
+    (100 s): heartbeats come from a thread of their own, so a busy process (compiling, writing a
+    checkpoint) still sends them, but a short timeout ends the whole run for a live process whose
+    heartbeats are late (a loaded coordinator host, a network hiccup, a paused VM)."""
 
     initialize: Literal["auto", "always", "never"] = "auto"
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
+    heartbeat_timeout_s: int | None = None
 
     def __post_init__(self) -> None:
         if self.num_processes is not None and self.num_processes < 1:
@@ -87,6 +96,9 @@ class DistributedConfig:
         if self.process_id is not None and not 0 <= self.process_id < (self.num_processes or 2**31):
             raise ValueError(f"distributed.process_id: expected an integer in [0, num_processes), got "
                              f"{self.process_id}")
+        if self.heartbeat_timeout_s is not None and self.heartbeat_timeout_s < 1:
+            raise ValueError(f"distributed.heartbeat_timeout_s: expected whole seconds >= 1, got "
+                             f"{self.heartbeat_timeout_s}; null keeps JAX's default (100 s)")
 
 
 @dataclasses.dataclass(frozen=True)

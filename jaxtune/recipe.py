@@ -58,8 +58,11 @@ def setup_runtime(mesh: MeshConfig, distributed: DistributedConfig) -> None:
     if distributed.initialize != "never":
         cluster = distributed.coordinator_address or any(os.environ.get(k) for k in _CLUSTER_VARIABLES)
         if (distributed.initialize == "always" or cluster) and not jax.distributed.is_initialized():
+            timeout = ({} if distributed.heartbeat_timeout_s is None  # JAX's own default, whatever its version's is
+                       else {"heartbeat_timeout_seconds": distributed.heartbeat_timeout_s})
             jax.distributed.initialize(coordinator_address=distributed.coordinator_address,
-                                       num_processes=distributed.num_processes, process_id=distributed.process_id)
+                                       num_processes=distributed.num_processes, process_id=distributed.process_id,
+                                       **timeout)
     if mesh.simulate_devices and jax.default_backend() == "cpu" and jax.local_device_count() != mesh.simulate_devices:
         raise ConfigError(f"mesh.simulate_devices: {mesh.simulate_devices}, but JAX's CPU backend started earlier in "
                           f"this process with {jax.local_device_count()} devices (the count is read once, when JAX "

@@ -168,6 +168,7 @@ CONFIG_VALUES = [
     option("mesh.tensor", "-2", "mesh.tensor", ">= 1, or -1"),
     option("mesh.simulate_devices", "0", "mesh.simulate_devices", ">= 1 or null"),
     option("distributed.num_processes", "0", "distributed.num_processes", ">= 1"),
+    option("distributed.heartbeat_timeout_s", "0", "distributed.heartbeat_timeout_s", "null keeps JAX's default"),
     Case("distributed.process_id=2", train("distributed.num_processes=2", "distributed.process_id=2"),
          "distributed.process_id", "[0, num_processes)"),
     option("output.dir", "''", "output.dir", "e.g. runs/my-run"),

@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -252,3 +254,17 @@ def test_a_cached_reference_on_two_processes_holds_every_row_on_each(tmp_path):
                                             .splitlines()) if "loss" in r] for name in ("one", "two")}
     assert len(losses["one"]) == 3
     np.testing.assert_allclose(losses["two"], losses["one"], rtol=1e-5)
+
+
+def test_a_process_killed_without_an_error_ends_the_others_after_the_heartbeat_timeout(tmp_path):
+    """Process 1 is SIGKILLed after step 2 (as the kernel's out-of-memory killer would): no error of its
+    own tells the others, so JAX's distributed service notices it only by its missing heartbeats, and
+    process 0 waited JAX's default 100 s for that. ``distributed.heartbeat_timeout_s: 10`` ends it
+    within seconds of the timeout, with the service's line naming the process that stopped."""
+    codes, errs = _run(_train_script(tmp_path, "--kill-at", "2", "--kill-on", "1", "--heartbeat-timeout", "10"),
+                       tmp_path, timeout=240)
+    ended = time.time()
+    killed = [line for line in errs[1].splitlines() if line.startswith("killed at ")]
+    assert codes[1] == -signal.SIGKILL and len(killed) == 1, errs[1][-1500:]
+    assert codes[0] != 0 and "Task 1 heartbeat timeout" in errs[0], errs[0][-3000:]
+    assert ended - float(killed[0].split()[-1]) < 60  # JAX's default: over 100 s

@@ -1,9 +1,12 @@
 """A small LoRA training run as a script: the resume (SIGKILL) and multi-process tests run it.
 
 python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
-    [--kill-at S] [--interrupt-at S] [--fail-at S [--fail-on P]] [--batch B] [--out FILE.npz] [--no-packing]
-    [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
-    [--coordinator HOST:PORT --process-id I --num-processes P]
+    [--kill-at S [--kill-on P]] [--interrupt-at S] [--fail-at S [--fail-on P]] [--batch B] [--out FILE.npz]
+    [--no-packing] [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
+    [--coordinator HOST:PORT --process-id I --num-processes P [--heartbeat-timeout SECONDS]]
+
+``--kill-at`` SIGKILLs the process (``--kill-on``: that one alone) after that step, writing
+``killed at <time.time()>`` to stderr first.
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
 answers' first letters) and writes the metrics; ``--generate-out`` writes the trained model's greedy
@@ -16,6 +19,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 
 
 def main() -> None:
@@ -26,6 +30,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, required=True)
     ap.add_argument("--save-every", type=int, default=None)
     ap.add_argument("--kill-at", type=int, default=None)
+    ap.add_argument("--kill-on", type=int, default=None, help="the process that --kill-at kills (default: every one)")
     ap.add_argument("--interrupt-at", type=int, default=None, help="process 0 alone gets a Ctrl-C after this step")
     ap.add_argument("--fail-at", type=int, default=None, help="one process alone raises in a callback after this step")
     ap.add_argument("--fail-on", type=int, default=1, help="the process that --fail-at raises on")
@@ -38,12 +43,19 @@ def main() -> None:
     ap.add_argument("--coordinator", default=None)
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--num-processes", type=int, default=1)
+    ap.add_argument("--heartbeat-timeout", type=int, default=None, help="distributed.heartbeat_timeout_s")
     args = ap.parse_args()
 
     import jax
 
-    if args.coordinator:
-        jax.distributed.initialize(args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    if args.coordinator:  # as a recipe's distributed section would
+        from jaxtune.config import DistributedConfig
+        from jaxtune.recipe import setup_runtime
+        from jaxtune.training.sharding import MeshConfig
+
+        setup_runtime(MeshConfig(), DistributedConfig(coordinator_address=args.coordinator,
+                                                      num_processes=args.num_processes, process_id=args.process_id,
+                                                      heartbeat_timeout_s=args.heartbeat_timeout))
     from absl import flags
 
     flags.FLAGS.mark_as_parsed()
@@ -65,8 +77,9 @@ def main() -> None:
                                       packing=not args.no_packing), scan_first=False)
 
     def kill(trainer: Trainer, step: int, metrics: dict) -> None:
-        if step == args.kill_at:
+        if step == args.kill_at and args.kill_on in (None, jax.process_index()):
             trainer.checkpointer.wait()  # the save of an earlier step is on disk; now die hard
+            print(f"killed at {time.time()}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         if step == args.interrupt_at and jax.process_index() == 0:
             os.kill(os.getpid(), signal.SIGINT)
