@@ -151,7 +151,8 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
                          f"({split}-way data parallelism: data x fsdp); give a multiple of it")
     if out is not None:
         _check_folder(Path(out))  # before the compute, on every process
-    outputs = _outputs(dataclasses.replace(tuned, params=params), source, config, mesh)
+    with processes.stop_together(lambda: "predicting"):  # each process reads its own rows: an error is its own
+        outputs = _outputs(dataclasses.replace(tuned, params=params), source, config, mesh)
     rows = _records(tuned, source, outputs, text_field, pair_field, label_field)
     if out is not None:  # every process has every row; one writes them
         processes.write_once(lambda: write(rows, out), f"the predictions {out}")

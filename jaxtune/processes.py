@@ -16,6 +16,7 @@ Beside the layers: imports no other part of jaxtune.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import itertools
 import logging
 import os
@@ -29,6 +30,7 @@ import numpy as np
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _uses = itertools.count()  # numbers each stop_together: the same sequence on every process (one program)
+_watched = contextvars.ContextVar("jaxtune_stop_together", default=False)  # inside a stop_together already
 
 
 def several() -> bool:
@@ -119,8 +121,9 @@ def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | Non
     calls ``on_stop(message)`` (process 0 marks the run failed), leaves ``jax.distributed`` and ends
     its process (exit status 1): its main thread is inside a collective, where no Python exception
     reaches it. The failing process raises its own error as before. One process: nothing is started,
-    nothing is paid (no agreement per step either way)."""
-    client = _client() if several() else None
+    nothing is paid (no agreement per step either way). Inside another ``stop_together`` (an
+    evaluation during ``fit``) the outer one covers the block: its ``where`` and ``on_stop`` hold."""
+    client = _client() if several() and not _watched.get() else None
     if client is None:
         yield
         return
@@ -152,6 +155,7 @@ def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | Non
 
     watcher = threading.Thread(target=watch, name="jaxtune-stop-together", daemon=True)
     watcher.start()
+    outermost = _watched.set(True)
     try:
         yield
     except Exception as err:
@@ -164,6 +168,7 @@ def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | Non
                     client.key_value_set(key(other), message)
         raise
     finally:
+        _watched.reset(outermost)
         leaving.set()
         with contextlib.suppress(Exception):  # wakes this process's watcher (unless another process's error did)
             client.key_value_set(key(me), "")

@@ -12,6 +12,10 @@ restart  {"recipe", "out", "delay"}: ``jaxtune.finetune(recipe, restart=True)``,
          run aside ``delay`` seconds late.
 dpo      {"model", "train", "out"}: :func:`dpo_run` in OUT/run.
 base_fails {"model", "train", "out"}: :func:`base_fails`, which raises on process 1.
+export_fails {"model", "out"}: export's PEFT export, process 0 raising MemoryError in the second gather.
+predict_fails {"run", "data", "out"}: ``jaxtune.predict`` of the run directory on the file's rows, row 3
+         (process 1's second) raising when process 1 reads it (as a corrupt image file would).
+evaluate_fails {"run", "data", "out"}: the run's ``Trainer.evaluate`` (``jaxtune eval``) on those rows.
 
 Each process writes OUT/<job>-<process>.json: what the job returned on it, and the weights and
 prediction files it wrote (``written``).
@@ -27,10 +31,38 @@ from typing import Any
 
 
 def export(args: dict[str, Any]) -> dict[str, Any]:
+    import jaxtune as jt
+
+    model, out = _split_model(args), Path(args["out"])
+    return {"peft": str(jt.export(model, out / "peft")),
+            "merged": str(jt.export(model, out / "merged", format="merged"))}
+
+
+def export_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`export`'s PEFT export, process 0 running out of host memory gathering the second split param."""
+    import jax
+    from jax.experimental import multihost_utils
+
+    import jaxtune as jt
+
+    model = _split_model(args)
+    gather, calls = multihost_utils.process_allgather, []
+
+    def short_of_memory(*a: Any, **k: Any) -> Any:
+        calls.append(None)
+        if len(calls) == 2 and jax.process_index() == 0:
+            raise MemoryError("gathering a param on process 0")
+        return gather(*a, **k)
+
+    multihost_utils.process_allgather = short_of_memory
+    return {"peft": str(jt.export(model, Path(args["out"]) / "peft"))}
+
+
+def _split_model(args: dict[str, Any]) -> Any:
+    """The tiny Llama's LoRA model of :func:`export`, its params split over the processes' devices."""
     import jax
     import numpy as np
 
-    import jaxtune as jt
     from jaxtune import tuning
     from jaxtune.models import hf
     from jaxtune.training.sharding import MeshConfig, make_mesh, param_shardings, shard
@@ -42,10 +74,7 @@ def export(args: dict[str, Any]) -> dict[str, Any]:
     params = shard(params, param_shardings(params, mesh, tuned.partition_rules))
     split = [x for x in jax.tree.leaves(params) if not x.is_fully_addressable and not x.is_fully_replicated]
     assert split, "no param is split over the processes: the job would not test gathering them"
-    model = dataclasses.replace(tuned, params=params, step=1)
-    out = Path(args["out"])
-    return {"peft": str(jt.export(model, out / "peft")),
-            "merged": str(jt.export(model, out / "merged", format="merged"))}
+    return dataclasses.replace(tuned, params=params, step=1)
 
 
 def predict(args: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +143,35 @@ def base_fails(args: dict[str, Any]) -> dict[str, Any]:
     return {"state": result.state}
 
 
+def predict_fails(args: dict[str, Any]) -> dict[str, Any]:
+    import jaxtune as jt
+
+    return {"rows": len(jt.predict(args["run"], _failing_rows(args["data"]), packing=False, batch_size=2))}
+
+
+def evaluate_fails(args: dict[str, Any]) -> dict[str, Any]:
+    import jaxtune as jt
+
+    return jt.open_run(args["run"]).evaluate(_failing_rows(args["data"]))
+
+
+def _failing_rows(path: str) -> Any:
+    """The labeled rows of ``path``, row 3 raising when process 1 reads it (each process reads every other row)."""
+    import jax
+
+    import jaxtune as jt
+    from jaxtune.data.sources import ListSource
+
+    class Failing(ListSource):
+        def __getitem__(self, index: int) -> dict:
+            if index == 3 and jax.process_index() == 1:
+                raise OSError("row 3: a file process 1 cannot read")
+            return super().__getitem__(index)
+
+    read = jt.read(path, kind="classification")[0]
+    return Failing(read.kind, read.records, read.report, read.label_names)
+
+
 def restart(args: dict[str, Any]) -> dict[str, Any]:
     import time
 
@@ -160,7 +218,9 @@ def main() -> None:
     for module, name in ((peft_io, "save_file"), (hf, "save_file"), (prediction, "write")):
         record(module, name)
     args = json.loads(args)
-    result = {"export": export, "predict": predict, "restart": restart, "dpo": dpo, "base_fails": base_fails}[job](args)
+    jobs = {"export": export, "export_fails": export_fails, "predict": predict, "predict_fails": predict_fails,
+            "evaluate_fails": evaluate_fails,             "restart": restart, "dpo": dpo, "base_fails": base_fails}
+    result = jobs[job](args)
     (Path(args["out"]) / f"{job}-{process}.json").write_text(json.dumps({**result, "written": written}))
 
 

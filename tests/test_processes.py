@@ -268,3 +268,31 @@ def test_a_process_killed_without_an_error_ends_the_others_after_the_heartbeat_t
     assert codes[1] == -signal.SIGKILL and len(killed) == 1, errs[1][-1500:]
     assert codes[0] != 0 and "Task 1 heartbeat timeout" in errs[0], errs[0][-3000:]
     assert ended - float(killed[0].split()[-1]) < 60  # JAX's default: over 100 s
+
+
+@pytest.mark.parametrize(("job", "doing"), [("predict_fails", "predicting"), ("evaluate_fails", "evaluating")])
+def test_an_error_on_one_process_predicting_or_evaluating_stops_the_others_too(classifier, tmp_path, job, doing):
+    """Each process reads its own share of the rows, so a row only process 1 reads (a corrupt image) raised
+    there alone, mid-way (``jt.predict``, ``jaxtune eval``), and process 0 waited in the next batch's collective
+    for minutes, until JAX's distributed service gave up. Now process 1 raises its own error and process 0
+    stops at once, naming it."""
+    args = {"run": str(classifier["run"]), "data": str(classifier["test"]), "out": str(tmp_path)}
+    codes, errs = _run([str(SCRIPT), job, "{address}", "{process}", "{count}", json.dumps(args)], tmp_path,
+                       timeout=120)
+    error = "OSError: row 3: a file process 1 cannot read"
+    assert codes[1] == 1 and error in errs[1].splitlines(), errs[1][-1500:]  # then grain's note on its traceback
+    assert codes[0] == 1 and f"process 1 failed {doing}: {error}; stopping" in errs[0], errs[0][-1500:]
+
+
+def test_an_error_on_one_process_gathering_an_export_stops_the_others_too(tmp_path):
+    """The params split over the processes are gathered one by one, each gather a collective: process 0
+    running out of host memory in the second (it alone keeps them all) left process 1 waiting in the
+    third for minutes. Now process 0 raises its own error and process 1 stops at once, naming it."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "model")
+    args = {"model": str(tmp_path / "model"), "out": str(tmp_path)}
+    codes, errs = _run([str(SCRIPT), "export_fails", "{address}", "{process}", "{count}", json.dumps(args)],
+                       tmp_path, timeout=120)
+    error = "MemoryError: gathering a param on process 0"
+    assert codes[0] == 1 and errs[0].rstrip().endswith(error), errs[0][-1500:]
+    stopping = f"process 0 failed gathering the params to export to {tmp_path / 'peft'}: {error}; stopping"
+    assert codes[1] == 1 and stopping in errs[1], errs[1][-1500:]

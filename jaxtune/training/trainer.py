@@ -300,6 +300,12 @@ class Trainer:
     def evaluate(self, data: Source | Loader | Iterable[Batch] | None = None,
                  trainable: Any = None) -> dict[str, float]:
         """Metrics of the current (or given) trainable params on ``data`` (default: eval_data)."""
+        # Each process reads (and checks) its own share of the rows. The run's status is not this
+        # evaluation's (``jaxtune eval`` of a finished run); inside fit, fit's own stop_together holds.
+        with processes.stop_together(lambda: "evaluating"):
+            return self._evaluate(data, trainable)
+
+    def _evaluate(self, data: Source | Loader | Iterable[Batch] | None, trainable: Any) -> dict[str, float]:
         if self._references and data is not None:
             raise ValueError("preference.reference: cached holds reference log-probs of the training and validation "
                              "data only; evaluate other data in a trainer with reference: model")

@@ -425,8 +425,10 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
                     "Trainer.fit() returns)", out_dir)
     if processes.several():
         # Every process of a multi-host run exports: all take part in gathering the params split over
-        # their devices, and once all have looked at the directory, process 0 alone writes it.
-        params = processes.on_host(model.params, keep=jax.process_index() == 0)
+        # their devices (one collective a param: process 0, which keeps them all, may run out of memory
+        # between two), and once all have looked at the directory, process 0 alone writes it.
+        with processes.stop_together(lambda: f"gathering the params to export to {out}"):
+            params = processes.on_host(model.params, keep=jax.process_index() == 0)
         model = dataclasses.replace(model, params=params) if params is not None else model
         processes.barrier(f"jaxtune_export_checked:{out.absolute()}")
 
