@@ -1,6 +1,9 @@
 """Jobs the multi-process tests (tests/test_processes.py) run as several JAX processes on one machine.
 
-python tests/processes_script.py JOB COORDINATOR PROCESS_ID NUM_PROCESSES ARGS_JSON
+python tests/processes_script.py COORDINATOR PROCESS_ID NUM_PROCESSES JOBS_JSON
+
+JOBS_JSON maps each job to its ARGS, the jobs run in that order by the same processes (each
+launch imports JAX and jaxtune and connects, seconds the tests pay once for several jobs):
 
 export   {"model", "out"}: the tiny Llama's LoRA plan, its params (drawn with key 0, then scaled by
          1.01 and shifted by 0.001, so that the adapters are not zero) split over the processes' devices
@@ -17,8 +20,8 @@ predict_fails {"run", "data", "out"}: ``jaxtune.predict`` of the run directory o
          (process 1's second) raising when process 1 reads it (as a corrupt image file would).
 evaluate_fails {"run", "data", "out"}: the run's ``Trainer.evaluate`` (``jaxtune eval``) on those rows.
 
-Each process writes OUT/<job>-<process>.json: what the job returned on it, and the weights and
-prediction files it wrote (``written``).
+After each job, each process writes OUT/<job>-<process>.json: what the job returned on it, and the
+weights and prediction files it wrote (``written``).
 """
 
 from __future__ import annotations
@@ -193,7 +196,7 @@ def restart(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    job, address, process, count, args = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+    address, process, count, jobs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), json.loads(sys.argv[4])
     import jax
 
     jax.distributed.initialize(address, num_processes=count, process_id=process)
@@ -204,7 +207,7 @@ def main() -> None:
     from jaxtune.models import hf
     from jaxtune.tuning import peft_io
 
-    written: list[str] = []  # the weights and prediction files this process wrote
+    written: list[str] = []  # the weights and prediction files this process wrote in the job running
 
     def record(module: Any, name: str) -> None:
         real = getattr(module, name)
@@ -217,12 +220,12 @@ def main() -> None:
 
     for module, name in ((peft_io, "save_file"), (hf, "save_file"), (prediction, "write")):
         record(module, name)
-    args = json.loads(args)
-    jobs = {"export": export, "export_fails": export_fails, "predict": predict, "predict_fails": predict_fails,
-            "evaluate_fails": evaluate_fails,             "restart": restart, "dpo": dpo, "base_fails": base_fails}
-    result = jobs[job](args)
-    (Path(args["out"]) / f"{job}-{process}.json").write_text(json.dumps({**result, "written": written}))
-
+    known = {"export": export, "export_fails": export_fails, "predict": predict, "predict_fails": predict_fails,
+             "evaluate_fails": evaluate_fails, "restart": restart, "dpo": dpo, "base_fails": base_fails}
+    for job, args in jobs.items():
+        written.clear()
+        result = known[job](args)
+        (Path(args["out"]) / f"{job}-{process}.json").write_text(json.dumps({**result, "written": written}))
 
 if __name__ == "__main__":
     main()

@@ -71,11 +71,18 @@ def _run(argv: list[str], logs: Path, timeout: float, count: int = 2) -> tuple[l
     return [p.returncode for p in procs], [(logs / f"process-{i}.log").read_text() for i in range(count)]
 
 
-def _job(job: str, args: dict, timeout: float = 300) -> list[dict]:
-    out = Path(args["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    _processes([str(SCRIPT), job, "{address}", "{process}", "{count}", json.dumps(args)], out, timeout)
-    return [json.loads((out / f"{job}-{i}.json").read_text()) for i in range(2)]
+def _script(jobs: dict[str, dict]) -> list[str]:
+    """tests/processes_script.py's command for ``jobs`` ({job: args}, run in order by one pair of processes)."""
+    return [str(SCRIPT), "{address}", "{process}", "{count}", json.dumps(jobs)]
+
+
+def _jobs(jobs: dict[str, dict], logs: Path, timeout: float) -> dict[str, list[dict]]:
+    """Run ``jobs`` on two processes (:func:`_script`); what each job returned on each, by job."""
+    for args in jobs.values():
+        Path(args["out"]).mkdir(parents=True, exist_ok=True)
+    _processes(_script(jobs), logs, timeout)
+    return {job: [json.loads((Path(args["out"]) / f"{job}-{i}.json").read_text()) for i in range(2)]
+            for job, args in jobs.items()}
 
 
 def _same_files(a: Path, b: Path) -> None:
@@ -93,22 +100,21 @@ def _same_files(a: Path, b: Path) -> None:
             assert json.loads(path.read_text()) == json.loads((b / path.name).read_text()), path.name
 
 
-def test_an_export_of_params_split_over_processes_is_gathered_and_written_by_one(tmp_path):
+def test_an_export_of_params_split_over_processes_is_gathered_and_written_by_one(launched, tmp_path):
     """Every process exports (the recipes and ``jaxtune export`` run on each): a leaf split over
     several processes' devices (fsdp) could not be read (``device_get`` of an array spanning
     non-addressable devices), and with replicated params every process wrote and renamed the same
     files. Now all gather, process 0 writes, and the files equal one process's export."""
-    tiny_hf_model("LlamaForCausalLM", tmp_path / "model")
-    two = _job("export", {"model": str(tmp_path / "model"), "out": str(tmp_path / "two")})
+    two = launched["export"]
     assert two[1]["written"] == [] and len(two[0]["written"]) == 2, two  # the adapter and the merged weights
-    tuned = tuning.apply_plan(hf.load_pretrained(tmp_path / "model"), tuning.lora(rank=4, alpha=8), jax.random.key(0))
+    tuned = tuning.apply_plan(hf.load_pretrained(launched["model"]), tuning.lora(rank=4, alpha=8), jax.random.key(0))
     params = jax.tree.map(lambda x: np.asarray(x) * np.asarray(1.01, x.dtype) + np.asarray(0.001, x.dtype),
                           tuned.params)
     model = dataclasses.replace(tuned, params=params, step=1)
     jt.export(model, tmp_path / "one" / "peft")
     jt.export(model, tmp_path / "one" / "merged", format="merged")
     for kind in ("peft", "merged"):
-        _same_files(tmp_path / "two" / kind, tmp_path / "one" / kind)
+        _same_files(launched["root"] / "export" / kind, tmp_path / "one" / kind)
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +146,39 @@ def classifier(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "run": root / "run", "test": root / "test.jsonl", "recipe": root / "recipe.yaml"}
 
 
-def test_predict_on_two_processes_shares_the_rows_out_and_writes_once(classifier, tmp_path):
+@pytest.fixture(scope="module")
+def launched(classifier, tmp_path_factory) -> dict:
+    """The jobs that end well (an export, predictions, DPO, a restart), run in that order by one pair of
+    processes: each launch imports JAX and jaxtune and connects, seconds paid once. Each job's results
+    by its name (``[process 0's, process 1's]``), its files in ``root/<job>``; each test compares them
+    with one process's."""
+    root = tmp_path_factory.mktemp("launched")
+    tiny_hf_model("LlamaForCausalLM", root / "model")
+    tiny_hf_model("LlamaForCausalLM", root / "llama")  # DPO's: with a tokenizer
+    tiny_tokenizer().save_pretrained(root / "llama")
+    write_jsonl(root / "pairs.jsonl", synthetic_preference_rows(16, seed=0))
+    # restart: a first run of the classifier recipe (one process, 1 step), then the same with another data.seed
+    config = yaml.safe_load(classifier["recipe"].read_text())
+    first = {**config, "output": {"dir": str(root / "restart" / "run"), "export": "none"},
+             "train": {"steps": 1, "log_every": 1}}
+    (root / "first.yaml").write_text(yaml.safe_dump(first))
+    assert cli(["train", str(root / "first.yaml")]) == 0
+    (root / "again.yaml").write_text(yaml.safe_dump({**first, "data": {**first["data"], "seed": 1}}))
+    dpo = {"model": str(root / "llama"), "train": str(root / "pairs.jsonl")}
+    jobs = {"export": {"model": str(root / "model"), "out": str(root / "export")},
+            "predict": {"run": str(classifier["run"]), "data": str(classifier["test"]), "out": str(root / "predict")},
+            "dpo": {**dpo, "out": str(root / "dpo")},
+            "restart": {"recipe": str(root / "again.yaml"), "out": str(root / "restart"), "delay": 5}}
+    return {**_jobs(jobs, root, timeout=420), "root": root, "model": root / "model", "dpo_args": dpo}
+
+
+def test_predict_on_two_processes_shares_the_rows_out_and_writes_once(classifier, launched):
     """Each process read, tokenized and wrote every row (both writing one file); now each reads every
     other row, every process gets every prediction in file order, equal to one process's, and process 0
     writes the file. 9 rows: process 0 has one batch more unpacked (5 and 4 rows, 4 a batch). A model in
     memory (params on the run's mesh, or whole on each process) ran every row on every process; now
     it shares them out as well."""
-    two = _job("predict", {"run": str(classifier["run"]), "data": str(classifier["test"]), "out": str(tmp_path)})
+    two, out = launched["predict"], launched["root"] / "predict"
     one = {"packed": jt.predict(classifier["run"], classifier["test"]),
            "unpacked": jt.predict(classifier["run"], classifier["test"], packing=False)}
     one["on_mesh"] = one["held"] = one["unpacked"]
@@ -158,25 +190,18 @@ def test_predict_on_two_processes_shares_the_rows_out_and_writes_once(classifier
             assert [r["prediction"] for r in result[how]] == [r["prediction"] for r in one[how]]
             np.testing.assert_allclose([[r["probabilities"][n] for n in names] for r in result[how]],
                                        [[r["probabilities"][n] for n in names] for r in one[how]], atol=1e-5)
-    assert two[0]["written"] == [str(tmp_path / "predictions.jsonl")] and two[1]["written"] == []
-    written = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert two[0]["written"] == [str(out / "predictions.jsonl")] and two[1]["written"] == []
+    written = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["prediction"] for r in written] == [r["prediction"] for r in one["packed"]]
 
 
-def test_a_restart_on_two_processes_waits_until_the_old_run_is_moved_aside(classifier, tmp_path):
+def test_a_restart_on_two_processes_waits_until_the_old_run_is_moved_aside(launched):
     """``restart`` moves the old run aside on process 0; the other went on at once and read the old run
     directory (here: another data.seed, so it refused to resume it, and process 0 was left waiting)."""
-    config = yaml.safe_load(classifier["recipe"].read_text())
-    run = tmp_path / "run"
-    first = {**config, "output": {"dir": str(run), "export": "none"}, "train": {"steps": 1, "log_every": 1}}
-    (tmp_path / "first.yaml").write_text(yaml.safe_dump(first))
-    assert cli(["train", str(tmp_path / "first.yaml")]) == 0
-    (tmp_path / "again.yaml").write_text(yaml.safe_dump({**first, "data": {**first["data"], "seed": 1}}))
-    two = _job("restart", {"recipe": str(tmp_path / "again.yaml"), "out": str(tmp_path / "logs"), "delay": 5},
-               timeout=180)
-    assert [r["state"] for r in two] == ["finished", "finished"]
-    assert len(list(tmp_path.glob("run.old-*"))) == 1
-    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["seed"] == 1
+    root = launched["root"] / "restart"
+    assert [r["state"] for r in launched["restart"]] == ["finished", "finished"]
+    assert len(list(root.glob("run.old-*"))) == 1
+    assert yaml.safe_load((root / "run" / "config.yaml").read_text())["data"]["seed"] == 1
 
 
 def _chat_rows(path: Path) -> Path:
@@ -228,7 +253,7 @@ def test_an_error_on_one_process_scoring_the_base_model_stops_the_others_too(tmp
     tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
     tiny_tokenizer().save_pretrained(tmp_path / "llama")
     args = {"model": str(tmp_path / "llama"), "train": str(_chat_rows(tmp_path / "train.jsonl")), "out": str(tmp_path)}
-    codes, errs = _run([str(SCRIPT), "base_fails", "{address}", "{process}", "{count}", json.dumps(args)], tmp_path,
+    codes, errs = _run(_script({"base_fails": args}), tmp_path,
                        timeout=120)
     error = "OSError: rows.jsonl: a row process 1 cannot read"
     assert codes[1] == 1 and errs[1].rstrip().endswith(error), errs[1][-1500:]
@@ -236,22 +261,17 @@ def test_an_error_on_one_process_scoring_the_base_model_stops_the_others_too(tmp
     assert codes[0] == 1 and stopping in errs[0], errs[0][-1500:]
 
 
-def test_a_cached_reference_on_two_processes_holds_every_row_on_each(tmp_path):
+def test_a_cached_reference_on_two_processes_holds_every_row_on_each(launched, tmp_path):
     """``preference.reference: cached`` scores the pairs once before training, each process its share of
     the file's rows (every other one); training shuffles every row to either process, which then found
     no reference log-probs for the other's rows ("a batch holds a pair the pre-pass did not score"). Now
     each keeps every row's: the losses equal one process's (the same global batches)."""
     from processes_script import dpo_run
 
-    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
-    tiny_tokenizer().save_pretrained(tmp_path / "llama")
-    write_jsonl(tmp_path / "train.jsonl", synthetic_preference_rows(16, seed=0))
-    args = {"model": str(tmp_path / "llama"), "train": str(tmp_path / "train.jsonl")}
-    two = _job("dpo", {**args, "out": str(tmp_path / "two")})
-    assert [r["state"] for r in two] == ["finished", "finished"]
-    dpo_run({**args, "out": str(tmp_path / "one")}, mesh=make_mesh(MeshConfig(), jax.devices()[:2]))
-    losses = {name: [r["loss"] for r in map(json.loads, (tmp_path / name / "run" / "metrics.jsonl").read_text()
-                                            .splitlines()) if "loss" in r] for name in ("one", "two")}
+    assert [r["state"] for r in launched["dpo"]] == ["finished", "finished"]
+    dpo_run({**launched["dpo_args"], "out": str(tmp_path)}, mesh=make_mesh(MeshConfig(), jax.devices()[:2]))
+    losses = {name: [r["loss"] for r in map(json.loads, (out / "run" / "metrics.jsonl").read_text().splitlines())
+                     if "loss" in r] for name, out in (("one", tmp_path), ("two", launched["root"] / "dpo"))}
     assert len(losses["one"]) == 3
     np.testing.assert_allclose(losses["two"], losses["one"], rtol=1e-5)
 
@@ -277,8 +297,7 @@ def test_an_error_on_one_process_predicting_or_evaluating_stops_the_others_too(c
     for minutes, until JAX's distributed service gave up. Now process 1 raises its own error and process 0
     stops at once, naming it."""
     args = {"run": str(classifier["run"]), "data": str(classifier["test"]), "out": str(tmp_path)}
-    codes, errs = _run([str(SCRIPT), job, "{address}", "{process}", "{count}", json.dumps(args)], tmp_path,
-                       timeout=120)
+    codes, errs = _run(_script({job: args}), tmp_path, timeout=120)
     error = "OSError: row 3: a file process 1 cannot read"
     assert codes[1] == 1 and error in errs[1].splitlines(), errs[1][-1500:]  # then grain's note on its traceback
     assert codes[0] == 1 and f"process 1 failed {doing}: {error}; stopping" in errs[0], errs[0][-1500:]
@@ -290,8 +309,7 @@ def test_an_error_on_one_process_gathering_an_export_stops_the_others_too(tmp_pa
     third for minutes. Now process 0 raises its own error and process 1 stops at once, naming it."""
     tiny_hf_model("LlamaForCausalLM", tmp_path / "model")
     args = {"model": str(tmp_path / "model"), "out": str(tmp_path)}
-    codes, errs = _run([str(SCRIPT), "export_fails", "{address}", "{process}", "{count}", json.dumps(args)],
-                       tmp_path, timeout=120)
+    codes, errs = _run(_script({"export_fails": args}), tmp_path, timeout=120)
     error = "MemoryError: gathering a param on process 0"
     assert codes[0] == 1 and errs[0].rstrip().endswith(error), errs[0][-1500:]
     stopping = f"process 0 failed gathering the params to export to {tmp_path / 'peft'}: {error}; stopping"
