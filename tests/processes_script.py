@@ -14,6 +14,7 @@ predict  {"run", "data", "out"}: ``jaxtune.predict`` of the run directory on the
 restart  {"recipe", "out", "delay"}: ``jaxtune.finetune(recipe, restart=True)``, process 0 moving the old
          run aside ``delay`` seconds late.
 dpo      {"model", "train", "out"}: :func:`dpo_run` in OUT/run.
+dpo_fails {"model", "train", "out"}: :func:`dpo_fails`, which raises on process 1 computing the reference.
 base_fails {"model", "train", "out"}: :func:`base_fails`, which raises on process 1.
 export_fails {"model", "out"}: export's PEFT export, process 0 raising MemoryError in the second gather.
 predict_fails {"run", "data", "out"}: ``jaxtune.predict`` of the run directory on the file's rows, row 3
@@ -119,6 +120,26 @@ def dpo_run(args: dict[str, Any], mesh: Any = None) -> Any:
                       optimizer=jt.OptimizerConfig(learning_rate=1e-2, schedule="constant")).fit()
 
 
+def dpo_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`dpo_run`, pair 3 raising on process 1 when the reference pre-pass reads it (its second
+    read: the data check before reads every pair), as a flaky file system could."""
+    import jax
+
+    from jaxtune.data.preference import PreferenceSource
+
+    read, reads = PreferenceSource.__getitem__, []
+
+    def flaky(self: PreferenceSource, index: int) -> dict:
+        if index == 3 and jax.process_index() == 1:
+            reads.append(index)
+            if len(reads) == 2:
+                raise OSError("pair 3: a read that failed on process 1")
+        return read(self, index)
+
+    PreferenceSource.__getitem__ = flaky
+    return {"state": dpo_run(args).state}
+
+
 def base_fails(args: dict[str, Any]) -> dict[str, Any]:
     """LoRA on the tiny Llama in OUT/run, scoring the base model first on rows whose second batch raises
     on process 1 alone (as a corrupt file could)."""
@@ -221,7 +242,8 @@ def main() -> None:
     for module, name in ((peft_io, "save_file"), (hf, "save_file"), (prediction, "write")):
         record(module, name)
     known = {"export": export, "export_fails": export_fails, "predict": predict, "predict_fails": predict_fails,
-             "evaluate_fails": evaluate_fails, "restart": restart, "dpo": dpo, "base_fails": base_fails}
+             "evaluate_fails": evaluate_fails, "restart": restart, "dpo": dpo, "dpo_fails": dpo_fails,
+             "base_fails": base_fails}
     for job, args in jobs.items():
         written.clear()
         result = known[job](args)

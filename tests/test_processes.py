@@ -314,3 +314,18 @@ def test_an_error_on_one_process_gathering_an_export_stops_the_others_too(tmp_pa
     assert codes[0] == 1 and errs[0].rstrip().endswith(error), errs[0][-1500:]
     stopping = f"process 0 failed gathering the params to export to {tmp_path / 'peft'}: {error}; stopping"
     assert codes[1] == 1 and stopping in errs[1], errs[1][-1500:]
+
+
+def test_an_error_on_one_process_computing_cached_reference_log_probs_stops_the_others_too(tmp_path):
+    """``preference.reference: cached`` scores each process's share of the pairs before training (in the
+    Trainer, before fit), a collective a batch: process 1's error reading a pair there left process 0
+    waiting in it for minutes."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    write_jsonl(tmp_path / "train.jsonl", synthetic_preference_rows(16, seed=0))
+    args = {"model": str(tmp_path / "llama"), "train": str(tmp_path / "train.jsonl"), "out": str(tmp_path)}
+    codes, errs = _run(_script({"dpo_fails": args}), tmp_path, timeout=120)
+    error = "OSError: pair 3: a read that failed on process 1"
+    assert codes[1] == 1 and error in errs[1].splitlines(), errs[1][-1500:]
+    stopping = f"process 1 failed computing the reference log-probs (preference.reference: cached): {error}; stopping"
+    assert codes[0] == 1 and stopping in errs[0], errs[0][-1500:]

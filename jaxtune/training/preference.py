@@ -442,14 +442,16 @@ class ReferenceCache:
 
         compute = jit_on_mesh(compute, getattr(sharding, "mesh", None), out_shardings=sharding)
         table = np.full((size, 2), np.nan, np.float32)
-        for batch in in_lockstep(batches):  # each process as many steps (empty pairs fill: ids 0)
-            ref = _local_rows(compute(trainable, frozen, to_device(batch)))  # (B, 2, L // 2)
-            ids = segment_pair_ids(batch[PAIR_IDS], batch["segment_ids"], ref.shape[-1])[:, 0]
-            real = ids > 0
-            table[ids[real] - 1] = ref.transpose(0, 2, 1)[real]
-        # Each process scored its own share of the rows (every process_count-th), and training shuffles every
-        # row to any process: each keeps every row's numbers (the shares are disjoint: one process has each).
-        tables = processes.stacked(table)
+        # Each process reads its own share of the rows (every process_count-th): an error is its own.
+        with processes.stop_together(lambda: "computing the reference log-probs (preference.reference: cached)"):
+            for batch in in_lockstep(batches):  # each process as many steps (empty pairs fill: ids 0)
+                ref = _local_rows(compute(trainable, frozen, to_device(batch)))  # (B, 2, L // 2)
+                ids = segment_pair_ids(batch[PAIR_IDS], batch["segment_ids"], ref.shape[-1])[:, 0]
+                real = ids > 0
+                table[ids[real] - 1] = ref.transpose(0, 2, 1)[real]
+            # Training shuffles every row to any process: each keeps every row's numbers (the shares are
+            # disjoint: one process has each).
+            tables = processes.stacked(table)
         table = np.where((~np.isnan(tables)).any(axis=0), np.nansum(tables, axis=0), np.nan).astype(np.float32)
         return cls(table, max_segments)
 
