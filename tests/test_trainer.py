@@ -10,7 +10,10 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +27,9 @@ from jaxtune.data import DataConfig, LoaderConfig, make_loader, read_source
 from jaxtune.data.testing import tiny_tokenizer, write_jsonl
 from jaxtune.models import hf, stacking
 from jaxtune.models.attention import splash_attention
+from jaxtune.training import loop
 from jaxtune.training.baselines import make_features_step
+from jaxtune.training.checkpoint import Checkpointer
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.optim import OptimizerConfig
 from jaxtune.training.sharding import MeshConfig, make_mesh
@@ -121,6 +126,36 @@ def test_fit_logs_evaluates_and_compiles_once(setup, tmp_path):
     in_flight = tmp_path / "checkpoints" / "16.orbax-checkpoint-tmp-1"
     in_flight.mkdir()
     assert Trainer(result.model, run_dir=tmp_path, mesh=ONE_DEVICE()).restore() == 12 and in_flight.is_dir()
+
+
+def test_throughput_leaves_out_checkpoint_saves_and_evaluations(setup, tmp_path, monkeypatch):
+    """On a clock where a step takes 1 s and a save or an evaluation 100 s, every record's
+    steps_per_s is exactly 1: only the steps are training throughput (and so the ETA and MFU)."""
+    model_dir, train, valid = setup
+    clock, calls = [0.0], []
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def slow(seconds: float, f: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            clock[0] += seconds
+            calls.append(seconds)
+            return f(*args, **kwargs)
+        return timed
+
+    tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=4, alpha=8))
+    trainer = Trainer(tuned, train_data=_loader(train, train=True), eval_data=_loader(valid, train=False),
+                      config=TrainConfig(steps=8, log_every=2, progress=False),
+                      eval=EvalConfig(every=4, before=False), checkpoint=CheckpointConfig(every=2),
+                      run_dir=tmp_path, mesh=ONE_DEVICE())
+    trainer.train_step = slow(1.0, trainer.train_step)
+    monkeypatch.setattr(Checkpointer, "save", slow(100.0, Checkpointer.save))  # fit opens its own checkpointer
+    monkeypatch.setattr(trainer, "_evaluate_and_track", slow(100.0, trainer._evaluate_and_track))
+    assert trainer.fit().state == "finished"
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    train_records = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train_records] == [2, 4, 6, 8]
+    assert [r["steps_per_s"] for r in train_records] == pytest.approx([1.0] * 4)
+    assert calls.count(100.0) == 4 + 2  # saves at steps 2, 4, 6 and 8 (the last after the loop), evaluations at 4 and 8
 
 
 @pytest.mark.parametrize("template", ["plain", "qwen3"])

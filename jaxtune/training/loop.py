@@ -4,12 +4,14 @@ log window."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -63,7 +65,8 @@ class StopOnInterrupt:
 
 class Throughput:
     """Tokens and steps since the last log line. The first step (which compiles) is timed on its
-    own and kept out, so tokens/s, MFU and the ETA are the steady state."""
+    own and kept out, and so are evaluations and saves (:meth:`paused`), so tokens/s, MFU and the
+    ETA are the steady state."""
 
     def __init__(self) -> None:
         self.start, self.tokens, self.steps = time.perf_counter(), 0.0, 0
@@ -80,8 +83,15 @@ class Throughput:
         self.tokens += tokens
         self.steps += steps
 
-    def pause(self, seconds: float) -> None:
-        self.start += seconds  # evaluation is not training throughput
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time inside out of the window: an evaluation or a checkpoint save is not training
+        throughput (a save every N steps would otherwise lower the logged tokens/s, MFU and ETA)."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - started
 
     def read(self) -> tuple[float, int, float]:
         """(tokens, steps, seconds) of the window, then start a new one."""

@@ -26,7 +26,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -489,10 +488,9 @@ class Trainer:
                         for callback in self.callbacks:
                             callback(self, self.step, train_metrics)
                     if evaluates:
-                        started = time.perf_counter()
-                        self._recalibrate()
-                        eval_metrics = self._evaluate_and_track(best)
-                        window.pause(time.perf_counter() - started)
+                        with window.paused():
+                            self._recalibrate()
+                            eval_metrics = self._evaluate_and_track(best)
                         if best.out_of_patience(self.eval_config.early_stopping_patience):
                             log.info("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at "
                                      "step %d)", self.step, self.eval_config.best_metric, best.bad_evals, best.value,
@@ -500,7 +498,8 @@ class Trainer:
                             state = "early_stopped"
                             break
                     if saves and not last:
-                        self._save(iterator, best, eval_metrics)
+                        with window.paused():
+                            self._save(iterator, best, eval_metrics)
                 # steps since the last reading (the data ran out)
                 if failed := self.status.non_finite(pending, self.step, self.checkpointer):
                     return failed, train_metrics, eval_metrics
