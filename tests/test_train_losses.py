@@ -130,6 +130,21 @@ def test_a_warmup_as_long_as_the_run_is_cut_with_a_warning(caplog):
     assert [float(lr(i)) for i in range(4)] == pytest.approx([1 / 3, 2 / 3, 1.0, 1.0])
 
 
+@pytest.mark.parametrize(("ratio", "warned"), [(0.95, True), (0.85, False)])
+def test_a_warmup_ratio_that_rounds_up_to_the_whole_run_is_cut_with_the_same_warning(caplog, ratio, warned):
+    """0.95 of 10 steps rounds up (as transformers' get_warmup_steps) to all 10: cut to 9 as
+    warmup_steps 10 is, and said so (it was cut silently); 0.85 rounds to 9 and fits."""
+    import transformers
+
+    asked = transformers.TrainingArguments(output_dir="unused", warmup_steps=ratio).get_warmup_steps(10)
+    with caplog.at_level("WARNING"):
+        lr = make_schedule(OptimizerConfig(learning_rate=1.0, warmup_ratio=ratio), total_steps=10)
+    message = f"optimizer.warmup_ratio {ratio} ({asked} steps) is not shorter than the run's 10 steps"
+    assert (message in caplog.text) == warned and asked == (10 if warned else 9), caplog.text
+    # either way the peak comes on step 9 (index 8) and not before
+    assert float(lr(8)) == pytest.approx(1.0) and float(lr(7)) == pytest.approx(8 / 9)
+
+
 def test_group_learning_rates_scale_updates_and_reject_unknown_groups():
     params = {"body": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
     groups = {"body": {"kernel": "train"}, "head": {"kernel": "head"}}

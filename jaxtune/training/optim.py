@@ -95,11 +95,13 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     """Linear warmup to ``learning_rate``, then constant, cosine or linear decay to ``min_lr_ratio``."""
     total = max(int(total_steps), 1)
     # A ratio rounds up, as transformers' TrainingArguments.get_warmup_steps: a short run keeps some warmup.
-    warmup = min(cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total), total - 1) if total > 1 else 0
-    if cfg.warmup_steps >= total > 1:
-        log.warning("optimizer.warmup_steps %d is not shorter than the run's %d steps: the warmup is cut to %d steps "
-                    "and the learning rate does not decay; use fewer warmup steps or more steps",
-                    cfg.warmup_steps, total, warmup)
+    asked = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
+    warmup = min(asked, total - 1) if total > 1 else 0
+    if asked >= total > 1:  # the last step is at the peak, so a warmup of the whole run is cut by one
+        field = (f"warmup_steps {cfg.warmup_steps}" if cfg.warmup_steps
+                 else f"warmup_ratio {cfg.warmup_ratio} ({asked} steps)")
+        log.warning("optimizer.%s is not shorter than the run's %d steps: the warmup is cut to %d steps and the "
+                    "learning rate does not decay; use a shorter warmup or more steps", field, total, warmup)
     peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     decay_steps = max(total - warmup, 1)
     if cfg.schedule == "constant":
