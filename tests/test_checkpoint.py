@@ -164,3 +164,26 @@ def test_a_read_only_restore_logs_none_of_orbaxs_read_only_notices(tmp_path, cap
         f"a genuine warning about {tmp_path.absolute() / 'best'}",
         "Given directory is read only=elsewhere"]
     assert absl.filters == filters
+
+
+def test_an_adafactor_state_with_a_vectors_moment_is_saved_and_restored(tmp_path):
+    """A bias (or any vector) keeps its second moment whole and has no column factor; that factor
+    was a zero-size array, which Orbax refuses to save: no adafactor run training a bias could checkpoint."""
+    from jaxtune.training.optim import OptimizerConfig, build_optimizer
+
+    rng = np.random.default_rng(0)
+    params = {"conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32)},
+              "head": {"kernel": jnp.asarray(rng.standard_normal((4, 3)), jnp.float32), "bias": jnp.zeros(3)}}
+    opt, _ = build_optimizer(OptimizerConfig(name="adafactor", learning_rate=1e-2), 10)
+    opt_state = opt.init(params)
+    for _ in range(2):
+        grads = jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), x.dtype), params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    saved = jax.device_get((params, opt_state))
+    ckpt = Checkpointer(tmp_path, with_data=False)
+    ckpt.save(2, params, opt_state, jax.random.key(0))
+    ckpt.close()
+    restored = Checkpointer(tmp_path, with_data=False).restore(_zeros_like(params), _zeros_like(opt_state))
+    assert restored is not None and restored[0] == 2
+    _assert_tree_equal((restored[1], restored[2]), saved)

@@ -136,7 +136,7 @@ def scale_by_group(multipliers: Any) -> optax.GradientTransformation:
 class AdafactorState(NamedTuple):
     count: jax.Array  # steps taken, int32
     row: Any  # per leaf: the factored second moment's row means (..., in), or the full one for a vector
-    col: Any  # per leaf: its column means (..., out), or an empty array for a vector
+    col: Any  # per leaf: its column means (..., out), or an unused one-element array for a vector
 
 
 def _stacked(path: tuple[Any, ...]) -> int:
@@ -185,7 +185,9 @@ def scale_by_adafactor(decay_rate: float = 0.8, eps: float = 1e-30, clip_thresho
 
         def col(path: tuple[Any, ...], p: Any) -> jax.Array:
             axes = _factored_axes(path, p.ndim)
-            return jnp.zeros(_without(p.shape, axes[0]) if axes else (0,), jnp.float32)
+            # a vector's moment is whole (row) and its column factor unused: one element, not none,
+            # because Orbax refuses to save a zero-size array (a run training a bias could not checkpoint)
+            return jnp.zeros(_without(p.shape, axes[0]) if axes else (1,), jnp.float32)
 
         return AdafactorState(jnp.zeros([], jnp.int32), jax.tree_util.tree_map_with_path(row, params),
                               jax.tree_util.tree_map_with_path(col, params))
