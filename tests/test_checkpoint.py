@@ -104,8 +104,10 @@ def test_an_intact_checkpoint_that_does_not_fit_is_an_error_and_stays(tmp_path):
     other = jax.tree.map(lambda x: jnp.zeros((*x.shape[:-1], x.shape[-1] + 1), x.dtype), trainable)
     listing = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     for restore in (lambda c: c.restore(other, opt_state), lambda c: c.restore_best(other)):
-        with pytest.raises(CheckpointMismatchError, match=r"checkpoints/1: the checkpoint is intact .* does not "
-                                                          r"restore into this run's params|best/1: the checkpoint"):
+        # the leaf that differs is named (Orbax's own error names only the shapes)
+        with pytest.raises(CheckpointMismatchError, match=r"(checkpoints|best)/1: the checkpoint is intact .* "
+                                                          r"layers_0/mlp/up_proj/kernel of its params is \(16, 32\) "
+                                                          r"there and \(16, 33\) in this run; .*another model or plan"):
             restore(Checkpointer(tmp_path, with_data=False))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
 
@@ -187,3 +189,31 @@ def test_an_adafactor_state_with_a_vectors_moment_is_saved_and_restored(tmp_path
     restored = Checkpointer(tmp_path, with_data=False).restore(_zeros_like(params), _zeros_like(opt_state))
     assert restored is not None and restored[0] == 2
     _assert_tree_equal((restored[1], restored[2]), saved)
+
+
+def test_an_optimizer_state_another_version_laid_out_is_refused_naming_its_leaf_and_the_way_on(tmp_path,
+                                                                                                monkeypatch):
+    """An adafactor state saved before a conv kernel was factored over its height and width (then: over
+    its channels, the kernel's last two axes) is intact but does not fit: the error names the leaf,
+    says that another optimizer or jaxtune version saved it, and how to go on from its params;
+    those params still restore alone (export's read), equal to what was saved."""
+    from jaxtune.training import optim
+    from jaxtune.training.checkpoint import CheckpointMismatchError
+
+    params = {"conv": {"kernel": jnp.asarray(np.random.default_rng(0).standard_normal((3, 3, 2, 4)), jnp.float32)}}
+    opt, _ = optim.build_optimizer(optim.OptimizerConfig(name="adafactor", learning_rate=1e-2), 10)
+    with monkeypatch.context() as m:
+        m.setattr(optim, "_factored_axes", lambda path, ndim: (ndim - 2, ndim - 1) if ndim >= 2 else None)
+        old_state = opt.init(params)
+    ckpt = Checkpointer(tmp_path, with_data=False)
+    ckpt.save(3, params, old_state, jax.random.key(0))
+    ckpt.close()
+    new_state = opt.init(params)
+    assert jax.tree.map(jnp.shape, new_state) != jax.tree.map(jnp.shape, old_state)
+    with pytest.raises(CheckpointMismatchError, match=r"checkpoints/3: the checkpoint is intact .* 1/0/col/conv/kernel "
+                                                      r"of its optimizer state is \(3, 3, 4\) there and \(3, 2, 4\) "
+                                                      r"in this run; .*another jaxtune version.*jaxtune export"):
+        Checkpointer(tmp_path, with_data=False).restore(_zeros_like(params), _zeros_like(new_state))
+    restored = Checkpointer(tmp_path, with_data=False, read_only=True).restore(_zeros_like(params), None)
+    assert restored is not None and restored[0] == 3 and restored[2] is None
+    _assert_tree_equal(restored[1], jax.device_get(params))

@@ -84,3 +84,41 @@ def test_a_truncated_image_file_stops_the_run_before_its_first_step(tiny, tmp_pa
         trainer.fit()
     with pytest.raises(ValueError, match="^data.verify_images: applies to images; set data.images: true"):
         jt.DataConfig(verify_images=False)
+
+
+def test_an_adafactor_run_another_version_laid_out_is_refused_as_such_and_its_params_still_export(tiny, tmp_path,
+                                                                                                  monkeypatch):
+    """A ViT trained whole with adafactor (biases too: their unfactored moments once made every save fail),
+    saved while a conv kernel's moment was factored over its channels (before it was over its height and
+    width): resuming it names a jaxtune version as a cause, not only another optimizer, and says how to go
+    on; ``jaxtune export`` of its latest step still reads its params (not its optimizer state), the same
+    weights the run exported when it finished."""
+    from safetensors.numpy import load_file
+
+    from jaxtune.cli import main
+    from jaxtune.training import optim
+    from jaxtune.training.rundir import RunMismatchError
+
+    run = tmp_path / "run"
+
+    def recipe(steps: int) -> config.Config:
+        return config.load(CONFIGS / "images_fashion_mnist.yaml", [
+            f"model.path={tiny / 'vit'}", "plan=[{preset: full}, {action: head, task: classification}]",
+            "data.dataset=null", "data.kind=classification", "data.images=true",
+            f"data.train={tiny / 'train.classification.npz'}", "data.validation=null", "data.train_size=null",
+            "data.validation_size=null", "data.batch_size=8", "train.epochs=null", f"train.steps={steps}",
+            "train.progress=false", "eval.every=null", "eval.best_metric=null", "optimizer.name=adafactor",
+            f"output.dir={run}"])
+
+    with monkeypatch.context() as m:
+        m.setattr(optim, "_factored_axes",
+                  lambda path, ndim: None if ndim - optim._stacked(path) < 2 else (ndim - 2, ndim - 1))
+        assert finetune(recipe(2)).state == "finished"
+    with pytest.raises(RunMismatchError, match=r"optimizer state: .*another jaxtune version .*jaxtune export"):
+        finetune(recipe(4))
+    assert main(["export", str(run), "--to", str(tmp_path / "again")]) == 0
+    finished = load_file(run / "export" / "model.safetensors")
+    again = load_file(tmp_path / "again" / "model.safetensors")
+    assert finished.keys() == again.keys() and any("patch_embeddings" in k for k in again)
+    for name, value in finished.items():
+        np.testing.assert_array_equal(again[name], value, err_msg=name)

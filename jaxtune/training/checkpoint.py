@@ -44,6 +44,7 @@ from jaxtune.processes import barrier
 from jaxtune.training.checkpoint_integrity import (
     GONE,
     CheckpointMismatchError,
+    LeafMismatch,
     SetAside,
     move_aside,
     primary,
@@ -303,8 +304,9 @@ class Checkpointer:
 
         ``trainable_like``/``opt_state_like`` are trees of arrays (or ShapeDtypeStructs with
         shardings) giving the structure and *target* placement: a checkpoint saved on one mesh
-        restores onto another. ``data_iterator`` has its state set in place (and put back as it
-        was when no step restores). Returns ``(step, trainable, opt_state, rng, meta)``.
+        restores onto another; ``opt_state_like`` None reads no optimizer state (a reader of the params:
+        evaluation, export) and returns None for it. ``data_iterator`` has its state set in place (and
+        put back as it was when no step restores). Returns ``(step, trainable, opt_state, rng, meta)``.
 
         ``step``: that step and no other; :class:`CheckpointGoneError` when it is not (or no
         longer) there, :class:`CheckpointDamagedError` when it does not verify (it is not moved).
@@ -350,7 +352,8 @@ class Checkpointer:
             items["opt_state"] = ocp.args.StandardRestore(_abstract(opt_state_like))
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self._open_latest().manager.restore(step, args=ocp.args.Composite(**items))
+        restored = _restore(self._open_latest().manager, step, items,
+                            {"trainable": trainable_like, "opt_state": opt_state_like if stateful else None})
         meta = restored["meta"]
         if int(meta["step"]) != step:
             raise ValueError(f"its metadata says step {meta['step']}")
@@ -366,9 +369,10 @@ class Checkpointer:
         for step, reason, gone in verified_steps(path):  # agreed first: a manager is opened only for a step
             if reason is None:
                 best = self._open_best()
-                restored = read_everywhere(path / str(step), lambda s=step, b=best: b.manager.restore(
-                    s, args=ocp.args.Composite(trainable=ocp.args.StandardRestore(_abstract(trainable_like)),
-                                               meta=ocp.args.JsonRestore())))
+                items = {"trainable": ocp.args.StandardRestore(_abstract(trainable_like)),
+                         "meta": ocp.args.JsonRestore()}
+                restored = read_everywhere(path / str(step), lambda s=step, b=best, i=items: _restore(
+                    b.manager, s, i, {"trainable": trainable_like}))
                 if restored is not None:
                     return restored["trainable"], restored["meta"]
                 reason, gone = GONE, True
@@ -422,6 +426,38 @@ class Checkpointer:
             for directory in (self._latest, self._best):
                 if directory is not None:
                     directory.close()
+
+
+_PARTS = {"trainable": "params", "opt_state": "optimizer state"}
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, items: dict[str, Any], asked: dict[str, Any]) -> Any:
+    """``manager``'s ``step`` of ``items``; when that fails, the first leaf of the ``asked`` trees (by
+    item) whose shape the step's metadata does not hold is raised as a :class:`LeafMismatch`, as
+    Orbax's error names no leaf (it only says which shapes differ)."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as err:
+        try:
+            saved = manager.item_metadata(step)
+        except Exception:  # noqa: BLE001 - no metadata to compare with: Orbax's own error says what it can
+            raise err from None
+        for item, tree in asked.items():
+            if tree is not None and item in saved and (found := _first_difference(saved[item], tree)):
+                raise LeafMismatch(_PARTS[item], *found) from err
+        raise
+
+
+def _first_difference(saved: Any, asked: Any) -> tuple[str, tuple[int, ...] | None, tuple[int, ...] | None] | None:
+    """``(leaf, saved shape, asked shape)`` of the first leaf (in path order) whose shapes differ
+    between a saved item's Orbax metadata and the tree asked for (None: that side lacks the leaf)."""
+    def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+        return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(x.shape)
+                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    before, now = shapes(getattr(saved, "tree", saved)), shapes(asked)
+    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return (differ[0], before.get(differ[0]), now.get(differ[0])) if differ else None
 
 
 def _abstract(tree: Any) -> Any:

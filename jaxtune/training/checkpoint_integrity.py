@@ -58,6 +58,18 @@ class CheckpointMismatchError(ValueError):
     asked for: another plan, model or optimizer is opening it. It is left where it is."""
 
 
+@dataclasses.dataclass
+class LeafMismatch(Exception):
+    """The first leaf of a step's ``part`` (``"params"`` or ``"optimizer state"``) whose shape is not
+    the one asked for (``None``: that side has no such leaf), found by whoever read the step's
+    metadata after a restore failed; :func:`read_everywhere` reports it (:func:`_does_not_fit`)."""
+
+    part: str
+    leaf: str
+    saved: tuple[int, ...] | None
+    asked: tuple[int, ...] | None
+
+
 def primary() -> bool:
     """Whether this is process 0, the one that lists, hashes, writes and moves checkpoint files."""
     return jax.process_index() == 0
@@ -219,11 +231,29 @@ def read_everywhere(step_dir: Path, read: Callable[[], T]) -> T | None:
                                   "nothing was moved")
 
 
+# What a leaf of each part that differs says of the run that saved it, and what to do.
+_WHY_NOT = {
+    "params": "it was trained with another model or plan; open it with the model and plan it was trained with",
+    "optimizer state": (
+        "the optimizer that saved it lays its state out otherwise: another optimizer (or settings that shape its "
+        "state: clip_grad_norm, group_lr), or the same one in another jaxtune version; resume it with the optimizer "
+        "and jaxtune version that saved it, or train on from its params with a fresh optimizer: export them "
+        "(jaxtune export RUN_DIR --to DIR) and start a new run (another output.dir) from DIR (model.path, or "
+        "model.adapter for adapters)"),
+}
+
+
 def _does_not_fit(step_dir: Path, err: Exception) -> CheckpointMismatchError:
+    intact = f"{step_dir}: the checkpoint is intact (its files match their checksums) but"
+    if isinstance(err, LeafMismatch):
+        def shape(s: tuple[int, ...] | None) -> str:
+            return "absent" if s is None else str(tuple(s))
+        return CheckpointMismatchError(
+            f"{intact} {err.leaf} of its {err.part} is {shape(err.saved)} there and {shape(err.asked)} in this run; "
+            f"{_WHY_NOT[err.part]}. Nothing was moved")
     return CheckpointMismatchError(
-        f"{step_dir}: the checkpoint is intact (its files match their checksums) but does not restore into this "
-        f"run's params and optimizer state ({type(err).__name__}: {_one_line(str(err))[:300]}); open it with the "
-        "configuration it was trained with. Nothing was moved")
+        f"{intact} does not restore into this run's params and optimizer state ({type(err).__name__}: "
+        f"{_one_line(str(err))[:300]}); open it with the configuration it was trained with. Nothing was moved")
 
 
 def _one_line(text: str, limit: int = 200) -> str:

@@ -103,7 +103,10 @@ def fixed_fields(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-_WHY = {"optimizer state": "another optimizer, clip_grad_norm switched on or off, or other group_lr groups",
+_WHY = {"optimizer state": "another optimizer, clip_grad_norm switched on or off, other group_lr groups, or another "
+                           "jaxtune version that lays the same optimizer's state out otherwise: resume with that "
+                           "version, or train on from this run's params with a fresh optimizer, exported by "
+                           "jaxtune export RUN_DIR --to DIR, in a new run from DIR",
         "data.rows": "other training rows: other files or lines of them, or another data.validation_size of a "
                      "packaged dataset, which draws its training rows from what the validation rows leave"}
 

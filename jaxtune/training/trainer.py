@@ -279,7 +279,8 @@ class Trainer:
             self.trainable, meta = restored
             self.step = int(meta.get("step", self.step))
             return self.step
-        restored = checkpointer.restore(self.trainable, self.opt_state, step=step)
+        # the params only: a run whose optimizer state no longer fits (another jaxtune version's layout) still exports
+        restored = checkpointer.restore(self.trainable, None, step=step)
         if restored is None:
             return None
         self.step, self.trainable = restored[0], restored[1]
