@@ -9,7 +9,7 @@
     model = jt.apply_plan(model, jt.lora(rank=8) + jt.head("classification"), data=train)
     result = jt.Trainer(model, train, val, run_dir="runs/reviews", config=jt.TrainConfig(epochs=1)).fit()
     print(result.report)                                          # base vs fine-tuned
-    jt.export(result.model, "out/adapter")                        # PEFT adapter; format="merged": an HF dir
+    jt.export(result.model, "out/adapter")                        # PEFT adapter; format="merged"/"gguf"
 
 A recipe (``jaxtune train configs/quickstart.yaml``) is the same calls with the choices read
 from YAML: ``jt.finetune(jt.load_config("configs/quickstart.yaml"))``.

@@ -1,4 +1,4 @@
-"""The dtype names the API takes (a model's ``dtype``/``compute_dtype``, merged exports' weights).
+"""The dtype names the API takes (a model's ``dtype``/``compute_dtype``, merged and GGUF exports' weights).
 
 One list for the library and the command line: ``jaxtune export --dtype`` offers these choices
 while parsing, before anything imports JAX, so this module imports nothing of jaxtune's (or JAX).
@@ -9,3 +9,5 @@ from typing import Literal, get_args
 
 DTYPES = Literal["float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DTYPES)
+# A GGUF export's weights: these, or llama.cpp's 8-bit blocks (jaxtune.models.gguf_export)
+GGUF_DTYPE_NAMES: tuple[str, ...] = (*DTYPE_NAMES, "q8_0")

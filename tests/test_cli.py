@@ -164,6 +164,17 @@ def test_export_never_mixes_two_exports_and_refuses_options_it_cannot_apply(trai
     assert code == 1 and "applies to merged exports" in err and not (tmp_path / "half").exists(), err
 
 
+def test_export_gguf_refuses_a_tokenizer_llama_cpp_cannot_run_before_writing(trained, tmp_path):
+    """--gguf reaches the GGUF export (its success is tests/test_gguf_export.py's, on byte-level BPE
+    tokenizers): this run's character-level tokenizer has no GGUF form, and nothing is written."""
+    run_dir, _, _ = trained
+    code, _, err = cli("export", run_dir, "--to", tmp_path / "gguf", "--gguf", "--dtype", "q8_0")
+    assert code == 1 and "a WordLevel tokenizer; the GGUF export writes byte-level BPE" in err, err
+    assert not (tmp_path / "gguf").exists()
+    code, _, err = cli("export", run_dir, "--to", tmp_path / "x", "--merge", "--dtype", "q8_0")
+    assert code == 1 and "dtype q8_0: applies to GGUF exports" in err and not (tmp_path / "x").exists(), err
+
+
 def test_best_is_refused_where_there_is_no_best_checkpoint(assets, tmp_path):
     run_dir = tmp_path / "run"
     code, _, err = cli("train", assets / "lora.yaml", f"output.dir={run_dir}", "train.steps=2", "eval.every=null",
@@ -338,12 +349,13 @@ def test_export_dtype_choices_are_the_librarys_list_and_parsing_imports_no_jax(t
     import jaxtune
     from jaxtune.cli import build_parser
     from jaxtune.config import OutputConfig
-    from jaxtune.dtypes import DTYPE_NAMES
+    from jaxtune.dtypes import DTYPE_NAMES, GGUF_DTYPE_NAMES
     from jaxtune.models.load import DTYPES, dtype_name
 
     commands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     choices = next(a for a in commands.choices["export"]._actions if a.dest == "dtype").choices
-    assert choices is DTYPE_NAMES and DTYPE_NAMES == typing.get_args(DTYPES)
+    assert choices is GGUF_DTYPE_NAMES and GGUF_DTYPE_NAMES == (*DTYPE_NAMES, "q8_0")  # q8_0: --gguf only
+    assert DTYPE_NAMES == typing.get_args(DTYPES)
     assert [dtype_name(name, "dtype") for name in DTYPE_NAMES] == list(DTYPE_NAMES)
     assert OutputConfig(export_dtype="float16").export_dtype == "float16"
     script = ("import sys; from jaxtune.cli import main; code = main(['export', '--help']); "
@@ -351,4 +363,4 @@ def test_export_dtype_choices_are_the_librarys_list_and_parsing_imports_no_jax(t
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(Path(jaxtune.__file__).parents[1])})
     assert done.returncode == 0, done.stderr
-    assert "{float32,bfloat16,float16}" in done.stdout
+    assert "{float32,bfloat16,float16,q8_0}" in done.stdout

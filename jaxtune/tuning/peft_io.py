@@ -1,4 +1,4 @@
-"""Export at the edges: a tuned model written as a merged Hugging Face directory or a PEFT adapter.
+"""Export at the edges: a tuned model written as a merged Hugging Face directory, a PEFT adapter or a GGUF file.
 
 - :func:`export`: the one export call; :func:`export_format` resolves ``auto`` and says why a
   format is impossible, :func:`check_peft` does so from the plan alone, before training.
@@ -9,6 +9,8 @@
   names (``base_model.model.<hf module>.lora_A.weight`` ``(r, in)``, ``lora_B.weight``
   ``(out, r)``, ``lora_magnitude_vector`` ``(out,)``, ``prompt_embeddings`` ``(P, D)``); trained
   non-adapter modules (and a new head) are saved whole as ``modules_to_save``.
+- ``format="gguf"``: the merged directory (in a temporary folder beside the file) converted into
+  one ``.gguf`` file for llama.cpp / Ollama by :func:`jaxtune.models.gguf_export.hf_to_gguf`.
 
 The jaxtune path -> HF module name mapping (:func:`hf_module_name`), the PEFT key names and
 :class:`ExportError` live here too; :mod:`jaxtune.tuning.peft_import` reads adapters back with them.
@@ -20,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +36,7 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 from jaxtune import processes
-from jaxtune.models import hf, stacking, vit
+from jaxtune.models import gguf_export, hf, stacking, vit
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
 from jaxtune.models.load import ADAPTER_CONFIG, base_model_name, dtype_name, model_of
 from jaxtune.models.quant import dequantize_tree
@@ -371,18 +375,22 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
 
 # ----------------------------------------------------------------------------- the one export call
 
-EXPORT_FORMATS = ("auto", "peft", "merged")
+EXPORT_FORMATS = ("auto", "peft", "merged", "gguf")
+GGUF_FILE = "model.gguf"  # the file a GGUF export writes in a directory it is given
 
 
 def export_format(tuned: Tuned, format: str = "auto") -> str:  # noqa: A002 - the user-facing name
-    """The format ``format`` resolves to for ``tuned`` (``peft`` or ``merged``); raises
+    """The format ``format`` resolves to for ``tuned`` (``peft``, ``merged`` or ``gguf``); raises
     :class:`ExportError` saying why when the model has no such form.
 
     ``auto`` is a PEFT adapter when the plan has adapters (LoRA, DoRA, prompt) that PEFT can
-    express (:func:`check_peft`), else a merged HF directory.
+    express (:func:`check_peft`), else a merged HF directory. ``gguf`` is never chosen by ``auto``.
     """
     if format not in EXPORT_FORMATS:
         raise ExportError(f"export format {format!r} is unknown; choose one of {', '.join(EXPORT_FORMATS)}")
+    if format == "gguf":
+        _check_gguf(tuned)
+        return format
     fmt = format if format != "auto" else ("peft" if (tuned.adapters or tuned.prompt_tokens) else "merged")
     if tuned.head is not None and tuned.hf_architecture is None:
         raise ExportError(unexportable_head(tuned))
@@ -399,27 +407,55 @@ def export_format(tuned: Tuned, format: str = "auto") -> str:  # noqa: A002 - th
     return fmt
 
 
+def _check_gguf(tuned: Tuned) -> None:
+    """Why ``tuned`` has no GGUF form, if it has none: llama.cpp runs plain causal language models of
+    the families :mod:`jaxtune.models.gguf_export` writes, with their byte-level BPE tokenizer."""
+    if tuned.prompt_tokens:
+        raise ExportError("prompt tuning has no GGUF form (virtual tokens are not weights); export format peft")
+    if tuned.head is not None:
+        raise ExportError("a classifier head has no GGUF form (llama.cpp runs causal language models); export "
+                          "format merged")
+    config = {**tuned.hf_config, "architectures": [tuned.hf_architecture]}
+    try:
+        gguf_export.check_architecture(config, "export format gguf")
+        gguf_export.check_tokenizer(tuned.source, config.get("vocab_size", 0))
+    except ValueError as err:
+        raise ExportError(str(err)) from None
+
+
 def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any | None = None,  # noqa: A002
            overwrite: bool = False) -> Path:
     """Write a tuned model in a standard format: a PEFT adapter that ``peft`` loads onto the
-    transformers base model, or (``format="merged"``) an HF directory with the adapters folded
-    in that ``transformers`` loads. ``dtype`` (merged only) of the stored weights.
+    transformers base model, (``format="merged"``) an HF directory with the adapters folded
+    in that ``transformers`` loads, or (``format="gguf"``) those merged weights, the tokenizer and
+    the chat template as one GGUF file that llama.cpp and Ollama load (Llama, SmolLM2, Qwen2, Qwen3).
+    ``dtype`` (merged and GGUF only) of the stored weights; GGUF also takes ``"q8_0"``.
 
     ``out_dir`` is new, empty, or an earlier export of the same format, which this one replaces;
     ``overwrite=True`` replaces an earlier export of the other format too. A directory holding
-    anything else is refused: files of two exports side by side would load as neither.
+    anything else is refused: files of two exports side by side would load as neither. A GGUF
+    export writes ``out_dir`` itself when it ends in ``.gguf``, else ``out_dir/model.gguf``; an
+    existing file is replaced only with ``overwrite=True``.
 
     Pass the trained model (``Trainer.fit().model``, or the ``fit()`` result itself): a model
     straight from ``apply_plan`` has its fresh, untrained adapters, and exporting it says so in a warning.
     """
     model = _trained(model)
-    dtype = None if dtype is None else dtype_name(dtype, "dtype")
     fmt = export_format(model, format)
+    if dtype == "q8_0" and fmt != "gguf":
+        raise ExportError(f"dtype q8_0: applies to GGUF exports, and this one is {fmt} (format gguf: jaxtune export "
+                          "--gguf; or a float dtype)")
+    if dtype != "q8_0":
+        dtype = None if dtype is None else dtype_name(dtype, "dtype")
     if fmt == "peft" and dtype is not None:
         raise ExportError(f"dtype {dtype}: applies to merged exports; a PEFT adapter is written float32 (drop the "
                           "dtype, or export merged)")
     out = Path(out_dir)
-    earlier = _check_export_dir(out, fmt, overwrite)
+    if fmt == "gguf":
+        out = _gguf_file(out, overwrite)
+        earlier = None
+    else:
+        earlier = _check_export_dir(out, fmt, overwrite)
     if model.step == 0:
         log.warning("exporting %s at step 0: these are the plan's untrained weights (export the model that "
                     "Trainer.fit() returns)", out_dir)
@@ -433,11 +469,45 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
         processes.barrier(f"jaxtune_export_checked:{out.absolute()}")
 
     def write() -> Path:
+        if fmt == "gguf":
+            return export_gguf(model, out, dtype=dtype)
         _clear_export_dir(out, earlier)
         return export_peft(model, out) if fmt == "peft" else export_merged(model, out, dtype=dtype)
 
     processes.write_once(write, f"the export to {out}")
     return out
+
+
+def export_gguf(tuned: Tuned, out_file: str | Path, *, params: Params | None = None, dtype: str | None = None) -> Path:
+    """Fold adapters into the weights and write them, with the tokenizer and chat template, as the
+    GGUF file ``out_file`` (replaced if it exists); ``dtype``: ``float32``, ``float16``, ``bfloat16``,
+    ``q8_0`` or None (each weight's own). The merged HF directory is written first, in a temporary
+    folder beside ``out_file`` (as large as the model), and the file appears whole or not at all."""
+    _check_gguf(tuned)
+    out = Path(out_file)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        # Q8_0 blocks are quantized from float32: the merge is not rounded twice
+        merged = export_merged(tuned, Path(tmp) / "merged", params=params,
+                               dtype="float32" if dtype == "q8_0" else dtype)
+        partial = Path(tmp) / out.name
+        gguf_export.hf_to_gguf(merged, partial, dtype)
+        os.replace(partial, out)
+    return out
+
+
+def _gguf_file(out: Path, overwrite: bool) -> Path:
+    """The file a GGUF export to ``out`` writes (``out`` itself when it ends in ``.gguf``, else
+    ``out/model.gguf``), refused when it exists and ``overwrite`` is not given."""
+    path = out if out.suffix == ".gguf" else out / GGUF_FILE
+    if out.suffix != ".gguf" and out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: a file, not a directory or a .gguf path; export to DIR or DIR/NAME.gguf")
+    if path.is_dir():
+        raise ExportError(f"{path}: a directory; export to a .gguf file path")
+    if path.exists() and not overwrite:
+        raise ExportError(f"{path}: exists; export to another path, or replace it with overwrite=True "
+                          "(jaxtune export --overwrite)")
+    return path
 
 
 def _trained(model: Any) -> Tuned:

@@ -1,0 +1,243 @@
+"""Write a Hugging Face decoder directory as one GGUF file that llama.cpp, Ollama and transformers load.
+
+The inverse of :func:`jaxtune.models.gguf.gguf_to_hf` for the families both llama.cpp and transformers'
+GGUF loader read as plain decoders (:data:`GGUF_EXPORT_ARCHITECTURES`: Llama, SmolLM2 included,
+Qwen2, Qwen3)::
+
+    hf_to_gguf("out/merged", "out/model.gguf", dtype="float16")
+
+Tensors get llama.cpp's names from the ``gguf`` package's own tables (:func:`gguf.get_tensor_name_map`),
+Llama's Q/K rows are permuted into llama.cpp's interleaved rotary layout (its ``llama`` kernel rotates
+adjacent pairs; Qwen's kernels rotate HF's halves, so theirs stay), and the model's sizes become
+llama.cpp's ``{arch}.*`` metadata keys. The tokenizer (a byte-level BPE ``tokenizer.json``, as
+SmolLM2, Llama 3 and Qwen ship) is written as ``tokenizer.ggml.*``: its tokens by id, which are
+special (control) or added (user-defined), the merges, special token ids and the chat template
+(``gguf.SpecialVocab``). A file llama.cpp could not tokenize as the model was trained (another
+tokenizer model, or a pre-tokenizer it has no name for) is refused before anything is written.
+
+Norm gains and biases are stored float32 (llama.cpp keeps 1-D tensors so); the matrices in ``dtype``:
+``float32``, ``float16``, ``bfloat16`` or ``q8_0`` (llama.cpp's 8-bit blocks of 32; a matrix whose rows
+are not whole blocks stays float16, as llama.cpp's converter does). ``None`` keeps each tensor's own
+float dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, LlamaFileType, TokenType
+
+from jaxtune.dtypes import GGUF_DTYPE_NAMES
+from jaxtune.models.gguf_architectures import GGUFError
+
+# HF architecture -> llama.cpp architecture. The Q/K permutation is the llama row of the importer's
+# table (jaxtune.models.gguf_architectures.ARCHITECTURES), kept beside it so the two cannot disagree.
+GGUF_EXPORT_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+GGUF_DTYPES = GGUF_DTYPE_NAMES
+_GGML_TYPES = {"float32": GGMLQuantizationType.F32, "float16": GGMLQuantizationType.F16,
+               "bfloat16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
+_FILE_TYPES = {"float32": LlamaFileType.ALL_F32, "float16": LlamaFileType.MOSTLY_F16,
+               "bfloat16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
+
+# llama.cpp's names for the byte-level pre-tokenizers it implements (`tokenizer.ggml.pre`), by the
+# tokenizer.json pre-tokenizer that splits text the same way. Its converter names them by hashing
+# the tokenizer's output on a test text; a directory's own pre-tokenizer says the same directly.
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_SPLIT_PRE = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
+
+
+def check_architecture(hf_config: dict[str, Any], where: str = "model") -> str:
+    """llama.cpp's architecture name for an HF ``config.json`` dict; :class:`GGUFError` (one line,
+    naming what is supported) for a family, or a RoPE scaling, this module does not write."""
+    arch = (hf_config.get("architectures") or [None])[0]
+    if arch not in GGUF_EXPORT_ARCHITECTURES:
+        raise GGUFError(f"{where}: {arch} has no GGUF export; supported: {', '.join(GGUF_EXPORT_ARCHITECTURES)} "
+                        "(export it merged and convert that with llama.cpp's convert_hf_to_gguf.py)")
+    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    if kind != "default":
+        raise GGUFError(f"{where}: RoPE scaling {kind!r} has no GGUF export here; only unscaled RoPE is written "
+                        "(export it merged and convert that with llama.cpp's convert_hf_to_gguf.py)")
+    return GGUF_EXPORT_ARCHITECTURES[arch]
+
+
+def check_tokenizer(tokenizer_dir: str | os.PathLike[str], vocab_size: int) -> None:
+    """:class:`GGUFError` when ``tokenizer_dir``'s tokenizer has no GGUF form here (see :func:`hf_to_gguf`)."""
+    _vocabulary(Path(tokenizer_dir), vocab_size)
+
+
+def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """HF's "rotate half" rows of a Q or K projection (weight or bias) in llama.cpp's interleaved
+    order; :func:`jaxtune.models.gguf.unpermute_qk` is the inverse."""
+    half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str], dtype: str | None = None) -> Path:
+    """Write the HF decoder directory ``hf_dir`` (``config.json``, safetensors weights, a fast
+    tokenizer) as the GGUF file ``out_file`` (replaced if it exists); ``dtype`` of the matrices is
+    one of :data:`GGUF_DTYPES` (``None``: each tensor's own). Raises :class:`GGUFError` before
+    writing when the family, RoPE or tokenizer has no GGUF form here."""
+    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    if dtype is not None and dtype not in GGUF_DTYPES:
+        raise GGUFError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(GGUF_DTYPES)}")
+    config = json.loads((hf_dir / "config.json").read_text())
+    arch = check_architecture(config, str(hf_dir))
+    tokens, types, pre = _vocabulary(hf_dir, config["vocab_size"])
+    tensors = _tensors(hf_dir, config, arch, dtype)
+
+    writer = gguf.GGUFWriter(out_file, arch)
+    writer.add_name(config.get("_name_or_path") or hf_dir.name)
+    _add_hparams(writer, config, arch)
+    writer.add_file_type(_file_type(tensors, dtype))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_add_space_prefix(False)  # a byte-level BPE encodes the text's own spaces
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    _special_vocab(hf_dir, len(tokens)).add_to_gguf(writer, quiet=True)
+    for name, (data, kind) in tensors.items():
+        writer.add_tensor(name, data, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out_file
+
+
+def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: str) -> None:
+    """The sizes llama.cpp (and transformers' GGUF loader) build the model from."""
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    rope = config.get("rope_parameters") or {}
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    writer.add_vocab_size(config["vocab_size"])
+
+
+def _tensors(hf_dir: Path, config: dict[str, Any], arch: str,
+             dtype: str | None) -> dict[str, tuple[np.ndarray, GGMLQuantizationType]]:
+    """llama.cpp name -> (stored data, its GGML type) for every weight of ``hf_dir``."""
+    from safetensors import safe_open
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
+    heads = {"attn_q": config["num_attention_heads"],
+             "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    out: dict[str, tuple[np.ndarray, GGMLQuantizationType]] = {}
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                if key == "lm_head.weight" and config.get("tie_word_embeddings"):
+                    continue  # llama.cpp reads a missing output.weight as the embedding
+                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+                if name is None:
+                    raise GGUFError(f"{path}: tensor {key!r} has no llama.cpp {arch} name; "
+                                    f"this directory is not a plain {arch} model")
+                raw = f.get_tensor(key)
+                data = np.asarray(raw, np.float32)
+                part = name.split(".")[-2]
+                if arch == "llama" and part in heads:
+                    data = permute_qk(data, heads[part])
+                out[name] = _stored(data, dtype, raw.dtype.name)
+    return out
+
+
+def _stored(data: np.ndarray, dtype: str | None, own: str) -> tuple[np.ndarray, GGMLQuantizationType]:
+    """``data`` (float32) as llama.cpp stores it: 1-D tensors float32; a matrix in ``dtype`` (or its
+    ``own``), Q8_0 falling back to float16 for rows that are not whole 32-value blocks."""
+    kind = _GGML_TYPES.get(dtype or own, GGMLQuantizationType.F32)
+    if data.ndim < 2:
+        kind = GGMLQuantizationType.F32
+    elif kind == GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+        kind = GGMLQuantizationType.F16
+    return np.ascontiguousarray(gguf.quants.quantize(data, kind)), kind
+
+
+def _file_type(tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]], dtype: str | None) -> LlamaFileType:
+    """``general.file_type``: the export's dtype, or the matrices' own (the most common one)."""
+    if dtype is not None:
+        return _FILE_TYPES[dtype]
+    kinds = [kind for data, kind in tensors.values() if data.ndim > 1]
+    by_kind = {GGMLQuantizationType.F16: "float16", GGMLQuantizationType.BF16: "bfloat16"}
+    return _FILE_TYPES[by_kind.get(max(set(kinds), key=kinds.count), "float32")] if kinds else LlamaFileType.ALL_F32
+
+
+def _vocabulary(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
+    """(tokens by id, their llama.cpp token types, ``tokenizer.ggml.pre``) of the directory's
+    byte-level BPE tokenizer, padded with unused ``[PAD<id>]`` tokens to the model's ``vocab_size``."""
+    path = hf_dir / "tokenizer.json"
+    if not path.is_file():
+        raise GGUFError(f"{hf_dir}: no tokenizer.json; a GGUF carries its tokenizer (export from a model "
+                        "loaded with its tokenizer)")
+    spec = json.loads(path.read_text(encoding="utf-8"))
+    model = spec.get("model") or {}
+    decoder = (spec.get("decoder") or {}).get("type")
+    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
+        raise GGUFError(f"{path}: a {model.get('type')} tokenizer; the GGUF export writes byte-level BPE "
+                        "tokenizers (SmolLM2, Llama 3, Qwen) only")
+    pre = _pre_tokenizer(spec.get("pre_tokenizer"), path)
+    by_id: dict[int, tuple[str, int]] = {i: (tok, TokenType.NORMAL) for tok, i in model["vocab"].items()}
+    for added in spec.get("added_tokens", []):
+        by_id[added["id"]] = (added["content"], TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED)
+    if max(by_id) >= vocab_size:
+        raise GGUFError(f"{path}: token id {max(by_id)} is past the model's vocab_size {vocab_size}")
+    entries = [by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED)) for i in range(vocab_size)]
+    return [tok for tok, _ in entries], [int(kind) for _, kind in entries], pre
+
+
+def _special_vocab(hf_dir: Path, n_vocab: int) -> gguf.SpecialVocab:
+    """The merges, special token ids, whether a text gets BOS/EOS, and the chat template. ``gguf``'s
+    reader of the files fills ids the tokenizer leaves unset from ``config.json`` (as llama.cpp's
+    converter does); what the tokenizer itself says (as transformers loads it: a template saved as
+    ``chat_template.jinja``, BOS/EOS by what it adds to a text) takes precedence."""
+    from transformers import AutoTokenizer
+
+    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=n_vocab)
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    for kind in ("bos", "eos", "unk", "pad"):
+        token_id = getattr(tokenizer, f"{kind}_token_id", None)
+        if token_id is not None:
+            special.special_token_ids[kind] = int(token_id)
+    ids = tokenizer("a")["input_ids"]
+    special.add_special_token["bos"] = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    special.add_special_token["eos"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # named templates: gguf writes "default" as the main one
+        template = [{"name": name, "template": text} for name, text in template.items()]
+    special.chat_template = template or special.chat_template
+    return special
+
+
+def _pre_tokenizer(pre: dict[str, Any] | None, path: Path) -> str:
+    """llama.cpp's name for a tokenizer.json pre-tokenizer, or :class:`GGUFError` for one it does not implement."""
+    steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
+    kinds = [step.get("type") for step in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"
+    regex = (steps[0].get("pattern") or {}).get("Regex") if kinds == ["Split", "ByteLevel"] else None
+    if regex == r"\p{N}" and steps[1].get("use_regex", True):  # SmolLM's, as jaxtune's GGUF import writes it
+        return "smollm"
+    if regex in _SPLIT_PRE and not steps[1].get("use_regex", True):
+        return _SPLIT_PRE[regex]
+    raise GGUFError(f"{path}: pre-tokenizer {json.dumps(pre)[:120]} is not one llama.cpp implements "
+                    "(GPT-2's, SmolLM's, Llama 3's or Qwen2's split); a GGUF of it would tokenize differently")

@@ -1,0 +1,153 @@
+"""The GGUF export: a LoRA-tuned tiny Llama / Qwen2 / Qwen3 written as one .gguf file, which transformers'
+GGUF loader (the reference reader of llama.cpp's format) and jaxtune's own importer load with the merged
+model's logits and the original tokenizer's token ids, chat template included."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import gguf
+import ml_dtypes  # noqa: F401 - np.dtype("bfloat16")
+import numpy as np
+import pytest
+import torch
+import transformers
+from helpers import tiny_bpe_tokenizer, tiny_hf_model
+from safetensors.numpy import load_file
+from test_tuning_lora import forward, randomize_adapters
+
+from jaxtune import tuning
+from jaxtune.data.testing import tiny_tokenizer
+from jaxtune.models import hf
+from jaxtune.models.gguf import gguf_to_hf
+from jaxtune.tuning import ExportError
+
+TOL = 1e-4
+VOCAB = 320  # the tokenizer's 301 ids, then ids the model has and the tokenizer does not ([PAD<id>] in GGUF)
+IDS = np.random.RandomState(0).randint(0, VOCAB, (1, 11)).astype(np.int32)
+TEXTS = ["the quick brown fox 12345", "  hello   world\n\nok?", "don't <think> 7 x"]
+FAMILIES = {"llama": ("LlamaForCausalLM", "smollm", {}),
+            "qwen2": ("Qwen2ForCausalLM", "qwen2", dict(tie_word_embeddings=True)),
+            "qwen3": ("Qwen3ForCausalLM", "qwen2", {})}  # transformers reads a Qwen3 GGUF's heads as 128 wide
+
+
+def source(root, family: str):
+    architecture, pre, overrides = FAMILIES[family]
+    tiny_hf_model(architecture, root, randomize=True, vocab_size=VOCAB, **overrides)
+    tiny_bpe_tokenizer(pre).save_pretrained(root)
+    return root
+
+
+def tuned_model(root, plan=None) -> tuning.Tuned:
+    """LoRA on every linear layer, its B matrices moved off zero (a trained adapter), at step 1."""
+    tuned = tuning.apply_plan(hf.load_pretrained(root), plan or tuning.lora(rank=4, alpha=8))
+    return dataclasses.replace(tuned, params=randomize_adapters(tuned.params), step=1)
+
+
+def torch_logits(model) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.as_tensor(IDS)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_transformers_and_jaxtune_load_the_gguf_as_the_merged_model(family, tmp_path):
+    tuned = tuned_model(source(tmp_path / "base", family))
+    out = tuning.export(tuned, tmp_path / "gguf", format="gguf")
+    assert out == tmp_path / "gguf" / "model.gguf" and sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+
+    ours = np.asarray(forward(tuned.module, tuned.params, IDS, np.ones_like(IDS)))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    np.testing.assert_allclose(torch_logits(loaded), ours, atol=TOL, rtol=0)
+
+    original = transformers.AutoTokenizer.from_pretrained(tmp_path / "base")
+    chat = original.apply_chat_template([{"role": "user", "content": "hi 42 <think>"}], tokenize=False,
+                                        add_generation_prompt=True)
+    texts = [*TEXTS, chat]
+    gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    assert gguf_tokenizer.chat_template == original.chat_template
+    assert gguf_tokenizer.eos_token == original.eos_token and gguf_tokenizer.pad_token == original.pad_token
+    assert [gguf_tokenizer(t)["input_ids"] for t in texts] == [original(t)["input_ids"] for t in texts]
+
+    # jaxtune's importer gives back the merged export's tensors exactly (llama's Q/K permutation undone)
+    merged = tuning.export_merged(tuned, tmp_path / "merged", dtype="float32")
+    back = gguf_to_hf(out, tmp_path / "back")
+    expected, found = load_file(merged / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(found) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(found[name], value, err_msg=name)
+    imported = transformers.AutoTokenizer.from_pretrained(back)
+    assert imported.chat_template == original.chat_template
+    assert [imported(t)["input_ids"] for t in texts] == [original(t)["input_ids"] for t in texts]
+
+
+@pytest.mark.parametrize("dtype,kind", [("float16", "F16"), ("bfloat16", "BF16"), ("q8_0", "Q8_0")])
+def test_dtypes(dtype, kind, tmp_path):
+    """Matrices in the dtype asked for (the float32 merge rounded once; Q8_0: llama.cpp's 8-bit blocks of
+    it), norms float32, as llama.cpp stores them."""
+    tuned = tuned_model(source(tmp_path / "base", "llama"))
+    out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf", dtype=dtype)
+    reference = {t.name: t for t in gguf.GGUFReader(tuning.export(tuned, tmp_path / "f32.gguf", format="gguf",
+                                                                  dtype="float32")).tensors}
+    for tensor in gguf.GGUFReader(out).tensors:
+        want = np.asarray(reference[tensor.name].data, np.float32)
+        got = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(want.shape)
+        rounded = want if kind == "Q8_0" else want.astype(np.dtype(dtype)).astype(np.float32)
+        if want.ndim == 1:  # a norm's values in the dtype asked for, stored float32
+            assert tensor.tensor_type.name == "F32"
+            np.testing.assert_array_equal(got, rounded, err_msg=tensor.name)
+            continue
+        assert tensor.tensor_type.name == kind, tensor.name
+        if kind != "Q8_0":  # the float32 merge rounded once
+            np.testing.assert_array_equal(got, rounded, err_msg=tensor.name)
+        else:  # llama.cpp's blocks (the gguf package's reference quantizer) of the float32 merge
+            q8 = gguf.GGMLQuantizationType.Q8_0
+            np.testing.assert_array_equal(got, gguf.quants.dequantize(gguf.quants.quantize(want, q8), q8),
+                                          err_msg=tensor.name)
+    file_type = gguf.GGUFReader(out).fields["general.file_type"].contents()
+    assert file_type == {"F16": 1, "BF16": 32, "Q8_0": 7}[kind]
+
+
+def test_what_has_no_gguf_form_is_refused_before_writing(tmp_path):
+    base = source(tmp_path / "base", "llama")
+    cases = [
+        (tuned_model(base, tuning.prompt_tuning(2)), "prompt tuning has no GGUF form"),
+        (tuned_model(base, tuning.lora(rank=2) + tuning.head(num_labels=2)), "a classifier head has no GGUF form"),
+    ]
+    tiny_hf_model("MistralForCausalLM", tmp_path / "mistral")
+    tiny_bpe_tokenizer().save_pretrained(tmp_path / "mistral")
+    cases.append((tuned_model(tmp_path / "mistral"), "MistralForCausalLM has no GGUF export; supported: "
+                                                     "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"))
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "chars")
+    tiny_tokenizer().save_pretrained(tmp_path / "chars")
+    cases.append((tuned_model(tmp_path / "chars"), "a WordLevel tokenizer; the GGUF export writes byte-level BPE"))
+    for tuned, message in cases:
+        with pytest.raises(ExportError, match=message):
+            tuning.export(tuned, tmp_path / "out", format="gguf")
+        assert not (tmp_path / "out").exists()
+
+
+def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path):
+    tuned = tuned_model(source(tmp_path / "base", "qwen2"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "model.gguf").write_bytes(b"mine")
+    with pytest.raises(ExportError, match="model.gguf: exists; .* overwrite=True"):
+        tuning.export(tuned, tmp_path / "out", format="gguf")
+    assert (tmp_path / "out" / "model.gguf").read_bytes() == b"mine"
+    out = tuning.export(tuned, tmp_path / "out", format="gguf", overwrite=True)
+    assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "qwen2"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.gguf"]  # no temporary folder left
+
+
+def test_llama_attention_biases_round_trip_through_jaxtunes_importer(tmp_path):
+    """transformers' GGUF loader builds a Llama without biases, llama.cpp reads them: Q/K biases get the
+    rows' rotary permutation, which jaxtune's importer (llama.cpp's convention) undoes exactly."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "base", randomize=True, vocab_size=VOCAB, attention_bias=True)
+    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "base")
+    tuned = tuned_model(tmp_path / "base")
+    out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf")
+    assert "blk.0.attn_q.bias" in {t.name for t in gguf.GGUFReader(out).tensors}
+    expected = load_file(tuning.export_merged(tuned, tmp_path / "merged", dtype="float32") / "model.safetensors")
+    found = load_file(gguf_to_hf(out, tmp_path / "back") / "model.safetensors")
+    assert sorted(found) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(found[name], value, err_msg=name)
