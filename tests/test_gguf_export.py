@@ -54,6 +54,7 @@ def test_transformers_and_jaxtune_load_the_gguf_as_the_merged_model(family, tmp_
     tuned = tuned_model(source(tmp_path / "base", family))
     out = tuning.export(tuned, tmp_path / "gguf", format="gguf")
     assert out == tmp_path / "gguf" / "model.gguf" and sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+    assert gguf.GGUFReader(out).fields["general.name"].contents() == "base"  # the base model's name
 
     ours = np.asarray(forward(tuned.module, tuned.params, IDS, np.ones_like(IDS)))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
@@ -136,6 +137,10 @@ def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path):
     out = tuning.export(tuned, tmp_path / "out", format="gguf", overwrite=True)
     assert gguf.GGUFReader(out).fields["general.architecture"].contents() == "qwen2"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.gguf"]  # no temporary folder left
+    (tmp_path / "notes.txt").write_text("keep")
+    with pytest.raises(ExportError, match="notes.txt: a file, not a directory or a .gguf path"):
+        tuning.export(tuned, tmp_path / "notes.txt", format="gguf", overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep"
 
 
 def test_llama_attention_biases_round_trip_through_jaxtunes_importer(tmp_path):

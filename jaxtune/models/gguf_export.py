@@ -81,11 +81,13 @@ def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str], dtype: str | None = None) -> Path:
+def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str], dtype: str | None = None, *,
+               name: str | None = None) -> Path:
     """Write the HF decoder directory ``hf_dir`` (``config.json``, safetensors weights, a fast
     tokenizer) as the GGUF file ``out_file`` (replaced if it exists); ``dtype`` of the matrices is
-    one of :data:`GGUF_DTYPES` (``None``: each tensor's own). Raises :class:`GGUFError` before
-    writing when the family, RoPE or tokenizer has no GGUF form here."""
+    one of :data:`GGUF_DTYPES` (``None``: each tensor's own); ``name`` is ``general.name`` (default:
+    the directory's). Raises :class:`GGUFError` before writing when the family, RoPE or tokenizer
+    has no GGUF form here."""
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     if dtype is not None and dtype not in GGUF_DTYPES:
         raise GGUFError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(GGUF_DTYPES)}")
@@ -95,7 +97,7 @@ def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str],
     tensors = _tensors(hf_dir, config, arch, dtype)
 
     writer = gguf.GGUFWriter(out_file, arch)
-    writer.add_name(config.get("_name_or_path") or hf_dir.name)
+    writer.add_name(name or hf_dir.name)
     _add_hparams(writer, config, arch)
     writer.add_file_type(_file_type(tensors, dtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)

@@ -491,7 +491,7 @@ def export_gguf(tuned: Tuned, out_file: str | Path, *, params: Params | None = N
         merged = export_merged(tuned, Path(tmp) / "merged", params=params,
                                dtype="float32" if dtype == "q8_0" else dtype)
         partial = Path(tmp) / out.name
-        gguf_export.hf_to_gguf(merged, partial, dtype)
+        gguf_export.hf_to_gguf(merged, partial, dtype, name=Path(tuned.source).name)
         os.replace(partial, out)
     return out
 
@@ -499,8 +499,9 @@ def export_gguf(tuned: Tuned, out_file: str | Path, *, params: Params | None = N
 def _gguf_file(out: Path, overwrite: bool) -> Path:
     """The file a GGUF export to ``out`` writes (``out`` itself when it ends in ``.gguf``, else
     ``out/model.gguf``), refused when it exists and ``overwrite`` is not given."""
-    path = out if out.suffix == ".gguf" else out / GGUF_FILE
-    if out.suffix != ".gguf" and out.exists() and not out.is_dir():
+    named = out.suffix.lower() == ".gguf"
+    path = out if named else out / GGUF_FILE
+    if not named and out.exists() and not out.is_dir():
         raise ExportError(f"{out}: a file, not a directory or a .gguf path; export to DIR or DIR/NAME.gguf")
     if path.is_dir():
         raise ExportError(f"{path}: a directory; export to a .gguf file path")
