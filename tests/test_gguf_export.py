@@ -15,6 +15,7 @@ import transformers
 from helpers import tiny_bpe_tokenizer, tiny_hf_model
 from safetensors.numpy import load_file
 from test_tuning_lora import forward, randomize_adapters
+from tokenizers import Tokenizer, models
 
 from jaxtune import tuning
 from jaxtune.data.testing import tiny_tokenizer
@@ -121,6 +122,10 @@ def test_what_has_no_gguf_form_is_refused_before_writing(tmp_path):
     tiny_hf_model("LlamaForCausalLM", tmp_path / "chars")
     tiny_tokenizer().save_pretrained(tmp_path / "chars")
     cases.append((tuned_model(tmp_path / "chars"), "a WordLevel tokenizer; the GGUF export writes byte-level BPE"))
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "spm")  # Llama 2's tokenizer.json: BPE with byte fallback
+    spm = Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], unk_token="<unk>", byte_fallback=True))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=spm).save_pretrained(tmp_path / "spm")
+    cases.append((tuned_model(tmp_path / "spm"), "a SentencePiece-style BPE .byte fallback. tokenizer"))
     for tuned, message in cases:
         with pytest.raises(ExportError, match=message):
             tuning.export(tuned, tmp_path / "out", format="gguf")

@@ -193,7 +193,8 @@ def _vocabulary(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], st
     model = spec.get("model") or {}
     decoder = (spec.get("decoder") or {}).get("type")
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
-        raise GGUFError(f"{path}: a {model.get('type')} tokenizer; the GGUF export writes byte-level BPE "
+        kind = "SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else model.get("type")
+        raise GGUFError(f"{path}: a {kind} tokenizer; the GGUF export writes byte-level BPE "
                         "tokenizers (SmolLM2, Llama 3, Qwen) only")
     pre = _pre_tokenizer(spec.get("pre_tokenizer"), path)
     by_id: dict[int, tuple[str, int]] = {i: (tok, TokenType.NORMAL) for tok, i in model["vocab"].items()}
