@@ -161,3 +161,24 @@ def test_llama_attention_biases_round_trip_through_jaxtunes_importer(tmp_path):
     assert sorted(found) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(found[name], value, err_msg=name)
+
+
+def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path):
+    """Llama 3.1/3.2 scale RoPE (``llama3``); llama.cpp reads that as one divisor per frequency
+    (``rope_freqs.weight``). jaxtune's importer turns those back into a config transformers runs: its
+    logits are the tuned model's at every position (the scaling changes them all)."""
+    rope = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # short, medium and long wavelengths
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "base", randomize=True, vocab_size=VOCAB, rope_parameters=rope)
+    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "base")
+    tuned = tuned_model(tmp_path / "base")
+    out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf")
+    factors = next(t for t in gguf.GGUFReader(out).tensors if t.name == "rope_freqs.weight")
+    assert len({float(f) for f in factors.data}) > 2  # 1, 8 and blends between
+    back = gguf_to_hf(out, tmp_path / "back")
+    ours = np.asarray(forward(tuned.module, tuned.params, IDS, np.ones_like(IDS)))
+    np.testing.assert_allclose(torch_logits(transformers.AutoModelForCausalLM.from_pretrained(back).eval()), ours,
+                               atol=TOL, rtol=0)
+    unscaled = transformers.AutoModelForCausalLM.from_pretrained(
+        back, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).eval()
+    assert np.abs(torch_logits(unscaled) - ours).max() > 1e-2  # the same weights without the scaling differ

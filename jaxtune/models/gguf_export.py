@@ -8,10 +8,11 @@ Qwen2, Qwen3)::
 
 Tensors get llama.cpp's names from the ``gguf`` package's own tables (:func:`gguf.get_tensor_name_map`),
 Llama's Q/K rows are permuted into llama.cpp's interleaved rotary layout (its ``llama`` kernel rotates
-adjacent pairs; Qwen's kernels rotate HF's halves, so theirs stay), and the model's sizes become
-llama.cpp's ``{arch}.*`` metadata keys. The tokenizer (a byte-level BPE ``tokenizer.json``, as
-SmolLM2, Llama 3 and Qwen ship) is written as ``tokenizer.ggml.*``: its tokens by id, which are
-special (control) or added (user-defined), the merges, special token ids and the chat template
+adjacent pairs; Qwen's kernels rotate HF's halves, so theirs stay), Llama 3.1/3.2's ``llama3`` RoPE
+scaling becomes llama.cpp's per-frequency divisors (``rope_freqs.weight``; other scalings are refused),
+and the model's sizes become llama.cpp's ``{arch}.*`` metadata keys. The tokenizer (a byte-level BPE
+``tokenizer.json``, as SmolLM2, Llama 3 and Qwen ship) is written as ``tokenizer.ggml.*``: its tokens by
+id, which are special (control) or added (user-defined), the merges, special token ids and the chat template
 (``gguf.SpecialVocab``). A file llama.cpp could not tokenize as the model was trained (another
 tokenizer model, or a pre-tokenizer it has no name for) is refused before anything is written.
 
@@ -61,12 +62,37 @@ def check_architecture(hf_config: dict[str, Any], where: str = "model") -> str:
     if arch not in GGUF_EXPORT_ARCHITECTURES:
         raise GGUFError(f"{where}: {arch} has no GGUF export; supported: {', '.join(GGUF_EXPORT_ARCHITECTURES)} "
                         "(export it merged and convert that with llama.cpp's convert_hf_to_gguf.py)")
-    rope = hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {}
-    kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
-        raise GGUFError(f"{where}: RoPE scaling {kind!r} has no GGUF export here; only unscaled RoPE is written "
-                        "(export it merged and convert that with llama.cpp's convert_hf_to_gguf.py)")
+    kind = _rope(hf_config).get("rope_type", "default")
+    if kind != "default" and not (kind == "llama3" and arch == "LlamaForCausalLM"):
+        raise GGUFError(f"{where}: RoPE scaling {kind!r} has no GGUF export here; unscaled RoPE is written, and "
+                        "Llama 3.1/3.2's llama3 scaling (export it merged and convert that with llama.cpp's "
+                        "convert_hf_to_gguf.py)")
     return GGUF_EXPORT_ARCHITECTURES[arch]
+
+
+def _rope(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """The config's RoPE parameters (transformers 5's ``rope_parameters``, older ``rope_scaling``)."""
+    rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    rope.setdefault("rope_type", rope.get("type", "default"))
+    rope.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
+    return rope
+
+
+def llama3_rope_factors(hf_config: dict[str, Any]) -> np.ndarray:
+    """llama.cpp's ``rope_freqs.weight`` for Llama 3.1/3.2's ``llama3`` RoPE scaling: per rotary frequency,
+    the divisor that turns the unscaled frequency into the scaled one (1 for short wavelengths, ``factor``
+    for long ones, a smooth blend between), as transformers computes the scaled frequencies."""
+    rope = _rope(hf_config)
+    head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // hf_config["num_attention_heads"]
+    inv_freq = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)
+    factor, low, high = rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"]
+    old_context = rope["original_max_position_embeddings"]
+    wavelength = 2 * np.pi / inv_freq
+    smooth = (old_context / wavelength - low) / (high - low)
+    scaled = np.where(wavelength > old_context / low, inv_freq / factor,
+                      np.where(wavelength < old_context / high, inv_freq,
+                               (1 - smooth) * inv_freq / factor + smooth * inv_freq))
+    return (inv_freq / scaled).astype(np.float32)
 
 
 def check_tokenizer(tokenizer_dir: str | os.PathLike[str], vocab_size: int) -> None:
@@ -120,7 +146,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: str) -> 
     """The sizes llama.cpp (and transformers' GGUF loader) build the model from."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    rope = config.get("rope_parameters") or {}
+    rope = _rope(config)
     writer.add_context_length(config["max_position_embeddings"])
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
@@ -130,7 +156,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: str) -> 
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
 
@@ -144,6 +170,9 @@ def _tensors(hf_dir: Path, config: dict[str, Any], arch: str,
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
     out: dict[str, tuple[np.ndarray, GGMLQuantizationType]] = {}
+    if _rope(config)["rope_type"] == "llama3":  # llama.cpp divides each frequency by its factor
+        out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (llama3_rope_factors(config),
+                                                                           GGMLQuantizationType.F32)
     for path in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
