@@ -20,6 +20,9 @@ Norm gains and biases are stored float32 (llama.cpp keeps 1-D tensors so); the m
 ``float32``, ``float16``, ``bfloat16`` or ``q8_0`` (llama.cpp's 8-bit blocks of 32; a matrix whose rows
 are not whole blocks stays float16, as llama.cpp's converter does). ``None`` keeps each tensor's own
 float dtype.
+
+transformers' GGUF loader (5.x) ignores two things llama.cpp reads, as it does in llama.cpp's own
+files: a Llama's attention biases and the ``rope_freqs`` factors; jaxtune's importer reads both.
 """
 
 from __future__ import annotations
