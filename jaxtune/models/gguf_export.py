@@ -19,7 +19,8 @@ tokenizer model, or a pre-tokenizer it has no name for) is refused before anythi
 Norm gains and biases are stored float32 (llama.cpp keeps 1-D tensors so); the matrices in ``dtype``:
 ``float32``, ``float16``, ``bfloat16`` or ``q8_0`` (llama.cpp's 8-bit blocks of 32; a matrix whose rows
 are not whole blocks stays float16, as llama.cpp's converter does). ``None`` keeps each tensor's own
-float dtype.
+float dtype. The tensors are declared first and then read, converted and written one at a time: memory
+holds one tensor, not the model.
 
 transformers' GGUF loader (5.x) ignores two things llama.cpp reads, as it does in llama.cpp's own
 files: a Llama's attention biases and the ``rope_freqs`` factors; jaxtune's importer reads both.
@@ -28,7 +29,9 @@ files: a Llama's attention biases and the ``rope_freqs`` factors; jaxtune's impo
 from __future__ import annotations
 
 import json
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +48,7 @@ GGUF_EXPORT_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "q
 GGUF_DTYPES = GGUF_DTYPE_NAMES
 _GGML_TYPES = {"float32": GGMLQuantizationType.F32, "float16": GGMLQuantizationType.F16,
                "bfloat16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _FILE_TYPES = {"float32": LlamaFileType.ALL_F32, "float16": LlamaFileType.MOSTLY_F16,
                "bfloat16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
 
@@ -136,11 +140,13 @@ def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str],
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     _special_vocab(hf_dir, len(tokens)).add_to_gguf(writer, quiet=True)
-    for name, (data, kind) in tensors.items():
-        writer.add_tensor(name, data, raw_dtype=kind)
+    for tensor in tensors:
+        _add_tensor_info(writer, tensor)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    writer.write_ti_data_to_file()
+    for tensor in tensors:  # one tensor in memory at a time
+        writer.write_tensor_data(tensor.stored())
     writer.close()
     return out_file
 
@@ -164,18 +170,45 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: str) -> 
     writer.add_vocab_size(config["vocab_size"])
 
 
-def _tensors(hf_dir: Path, config: dict[str, Any], arch: str,
-             dtype: str | None) -> dict[str, tuple[np.ndarray, GGMLQuantizationType]]:
-    """llama.cpp name -> (stored data, its GGML type) for every weight of ``hf_dir``."""
+@dataclass(frozen=True)
+class _Tensor:
+    """One tensor of the file: its llama.cpp name and type, and where its values come from (a key of a
+    safetensors file, Q/K rows permuted for ``heads``; or ``values`` computed from the config)."""
+
+    name: str
+    kind: GGMLQuantizationType
+    shape: tuple[int, ...]  # HF (PyTorch) layout: (out, in)
+    path: Path | None = None
+    key: str = ""
+    heads: int | None = None
+    values: np.ndarray | None = None
+
+    def stored(self) -> np.ndarray:
+        """The bytes (as an array) llama.cpp reads: read now, one tensor at a time."""
+        from safetensors import safe_open
+
+        if self.values is None:
+            with safe_open(str(self.path), framework="numpy") as f:
+                data = np.asarray(f.get_tensor(self.key), np.float32)
+        else:
+            data = self.values
+        if self.heads is not None:
+            data = permute_qk(data, self.heads)
+        return np.ascontiguousarray(gguf.quants.quantize(data, self.kind))
+
+
+def _tensors(hf_dir: Path, config: dict[str, Any], arch: str, dtype: str | None) -> list[_Tensor]:
+    """Every tensor of the file, its type decided and nothing read yet: the writer takes one at a time."""
     from safetensors import safe_open
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
-    out: dict[str, tuple[np.ndarray, GGMLQuantizationType]] = {}
+    out = []
     if _rope(config)["rope_type"] == "llama3":  # llama.cpp divides each frequency by its factor
-        out[gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"] = (llama3_rope_factors(config),
-                                                                           GGMLQuantizationType.F32)
+        factors = llama3_rope_factors(config)
+        out.append(_Tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", GGMLQuantizationType.F32,
+                           factors.shape, values=factors))
     for path in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -185,31 +218,39 @@ def _tensors(hf_dir: Path, config: dict[str, Any], arch: str,
                 if name is None:
                     raise GGUFError(f"{path}: tensor {key!r} has no llama.cpp {arch} name; "
                                     f"this directory is not a plain {arch} model")
-                raw = f.get_tensor(key)
-                data = np.asarray(raw, np.float32)
                 part = name.split(".")[-2]
-                if arch == "llama" and part in heads:
-                    data = permute_qk(data, heads[part])
-                out[name] = _stored(data, dtype, raw.dtype.name)
+                tensor = f.get_slice(key)
+                shape = tuple(tensor.get_shape())
+                kind = _kind(shape, dtype or _SAFETENSORS_DTYPES.get(tensor.get_dtype(), "float32"))
+                out.append(_Tensor(name, kind, shape, path, key, heads[part] if arch == "llama" and part in heads
+                                   else None))
     return out
 
 
-def _stored(data: np.ndarray, dtype: str | None, own: str) -> tuple[np.ndarray, GGMLQuantizationType]:
-    """``data`` (float32) as llama.cpp stores it: 1-D tensors float32; a matrix in ``dtype`` (or its
-    ``own``), Q8_0 falling back to float16 for rows that are not whole 32-value blocks."""
-    kind = _GGML_TYPES.get(dtype or own, GGMLQuantizationType.F32)
-    if data.ndim < 2:
-        kind = GGMLQuantizationType.F32
-    elif kind == GGMLQuantizationType.Q8_0 and data.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
-        kind = GGMLQuantizationType.F16
-    return np.ascontiguousarray(gguf.quants.quantize(data, kind)), kind
+def _kind(shape: tuple[int, ...], dtype: str) -> GGMLQuantizationType:
+    """How llama.cpp stores a tensor of ``shape`` asked in ``dtype``: 1-D tensors float32; Q8_0 falls
+    back to float16 for rows that are not whole 32-value blocks."""
+    kind = _GGML_TYPES[dtype]
+    if len(shape) < 2:
+        return GGMLQuantizationType.F32
+    if kind == GGMLQuantizationType.Q8_0 and shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
+        return GGMLQuantizationType.F16
+    return kind
 
 
-def _file_type(tensors: dict[str, tuple[np.ndarray, GGMLQuantizationType]], dtype: str | None) -> LlamaFileType:
+def _add_tensor_info(writer: gguf.GGUFWriter, tensor: _Tensor) -> None:
+    """Declare ``tensor`` (its stored byte layout, learned from one quantized row) before any data is written."""
+    row = gguf.quants.quantize(np.zeros((1, tensor.shape[-1]), np.float32), tensor.kind)
+    rows = math.prod(tensor.shape[:-1])
+    writer.add_tensor_info(tensor.name, (*tensor.shape[:-1], row.shape[-1]), row.dtype, rows * row.nbytes,
+                           raw_dtype=tensor.kind)
+
+
+def _file_type(tensors: list[_Tensor], dtype: str | None) -> LlamaFileType:
     """``general.file_type``: the export's dtype, or the matrices' own (the most common one)."""
     if dtype is not None:
         return _FILE_TYPES[dtype]
-    kinds = [kind for data, kind in tensors.values() if data.ndim > 1]
+    kinds = [t.kind for t in tensors if len(t.shape) > 1]
     by_kind = {GGMLQuantizationType.F16: "float16", GGMLQuantizationType.BF16: "bfloat16"}
     return _FILE_TYPES[by_kind.get(max(set(kinds), key=kinds.count), "float32")] if kinds else LlamaFileType.ALL_F32
 
