@@ -182,3 +182,22 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
     unscaled = transformers.AutoModelForCausalLM.from_pretrained(
         back, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).eval()
     assert np.abs(torch_logits(unscaled) - ours).max() > 1e-2  # the same weights without the scaling differ
+
+
+def test_a_q8_0_gguf_fine_tuned_keep_quantized_exports_to_its_own_blocks(tmp_path, monkeypatch):
+    """The GGUF a user already has, loaded keep_quantized (Q8_0 leaves, frozen) and exported q8_0 with an
+    adapter that changes nothing: every tensor is the file's, byte for byte (Q8_0 of Q8_0 values is exact)."""
+    import jaxtune
+    from jaxtune.models.gguf_export import hf_to_gguf
+
+    source(tmp_path / "base", "llama")
+    original = hf_to_gguf(tmp_path / "base", tmp_path / "q8.gguf", "q8_0")
+    monkeypatch.setenv("JAXTUNE_CACHE", str(tmp_path / "cache"))
+    tuned = tuning.apply_plan(jaxtune.load(str(original), keep_quantized=True), tuning.lora(rank=2))
+    out = tuning.export(dataclasses.replace(tuned, step=1), tmp_path / "again.gguf", format="gguf", dtype="q8_0")
+    theirs = {t.name: t for t in gguf.GGUFReader(original).tensors}
+    ours = gguf.GGUFReader(out).tensors
+    assert sorted(t.name for t in ours) == sorted(theirs) and "Q8_0" in {t.tensor_type.name for t in ours}
+    for tensor in ours:
+        assert tensor.tensor_type == theirs[tensor.name].tensor_type, tensor.name
+        np.testing.assert_array_equal(tensor.data, theirs[tensor.name].data, err_msg=tensor.name)
