@@ -40,10 +40,10 @@ import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 
 from jaxtune.dtypes import GGUF_DTYPE_NAMES
-from jaxtune.models.gguf_architectures import GGUFError
+from jaxtune.models.gguf_architectures import ARCHITECTURES, GGUFError
 
-# HF architecture -> llama.cpp architecture. The Q/K permutation is the llama row of the importer's
-# table (jaxtune.models.gguf_architectures.ARCHITECTURES), kept beside it so the two cannot disagree.
+# HF architecture -> llama.cpp architecture. Whether Q/K rows are permuted is the importer's row of it
+# (ARCHITECTURES[name].permute_qk), which undoes the permutation: the two cannot disagree.
 GGUF_EXPORT_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 GGUF_DTYPES = GGUF_DTYPE_NAMES
 _GGML_TYPES = {"float32": GGMLQuantizationType.F32, "float16": GGMLQuantizationType.F16,
@@ -130,8 +130,19 @@ def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str],
     tensors = _tensors(hf_dir, config, arch, dtype)
 
     writer = gguf.GGUFWriter(out_file, arch)
-    writer.add_name(name or hf_dir.name)
-    _add_hparams(writer, config, arch)
+    try:
+        _write(writer, hf_dir, config, tensors, dtype, (tokens, types, pre), name or hf_dir.name)
+    finally:
+        writer.close()
+    return out_file
+
+
+def _write(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any], tensors: list[_Tensor], dtype: str | None,
+           vocabulary: tuple[list[str], list[int], str], name: str) -> None:
+    """The metadata, then the tensor table, then each tensor's data (one in memory at a time)."""
+    tokens, types, pre = vocabulary
+    writer.add_name(name)
+    _add_hparams(writer, config)
     writer.add_file_type(_file_type(tensors, dtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
@@ -145,13 +156,11 @@ def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str],
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    for tensor in tensors:  # one tensor in memory at a time
+    for tensor in tensors:
         writer.write_tensor_data(tensor.stored())
-    writer.close()
-    return out_file
 
 
-def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: str) -> None:
+def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
     """The sizes llama.cpp (and transformers' GGUF loader) build the model from."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
@@ -204,6 +213,7 @@ def _tensors(hf_dir: Path, config: dict[str, Any], arch: str, dtype: str | None)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    permute = ARCHITECTURES[arch].permute_qk
     out = []
     if _rope(config)["rope_type"] == "llama3":  # llama.cpp divides each frequency by its factor
         factors = llama3_rope_factors(config)
@@ -222,8 +232,7 @@ def _tensors(hf_dir: Path, config: dict[str, Any], arch: str, dtype: str | None)
                 tensor = f.get_slice(key)
                 shape = tuple(tensor.get_shape())
                 kind = _kind(shape, dtype or _SAFETENSORS_DTYPES.get(tensor.get_dtype(), "float32"))
-                out.append(_Tensor(name, kind, shape, path, key, heads[part] if arch == "llama" and part in heads
-                                   else None))
+                out.append(_Tensor(name, kind, shape, path, key, heads[part] if permute and part in heads else None))
     return out
 
 
