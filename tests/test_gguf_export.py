@@ -201,3 +201,33 @@ def test_a_q8_0_gguf_fine_tuned_keep_quantized_exports_to_its_own_blocks(tmp_pat
     for tensor in ours:
         assert tensor.tensor_type == theirs[tensor.name].tensor_type, tensor.name
         np.testing.assert_array_equal(tensor.data, theirs[tensor.name].data, err_msg=tensor.name)
+
+
+def test_jaxtune_export_gguf_of_a_trained_run(tmp_path):
+    """`jaxtune train` a few LoRA steps, `jaxtune export RUN --gguf`: transformers runs the file as the
+    run's trained model (which the training moved away from the base)."""
+    import yaml
+    from test_cli import chat_rows, cli
+
+    from jaxtune.data.testing import write_jsonl
+    from jaxtune.recipe import open_run
+
+    tiny_hf_model("Qwen2ForCausalLM", tmp_path / "qwen2", vocab_size=VOCAB)
+    tiny_bpe_tokenizer().save_pretrained(tmp_path / "qwen2")
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(16, 0))
+    config = {"model": {"path": str(tmp_path / "qwen2")}, "plan": [{"preset": "lora", "rank": 4, "alpha": 8}],
+              "data": {"train": str(tmp_path / "train.jsonl"), "kind": "chat", "max_length": 64, "batch_size": 8},
+              "optimizer": {"learning_rate": 3e-2}, "train": {"steps": 3, "progress": False},
+              "eval": {"after": False, "baselines": False}, "output": {"dir": str(tmp_path / "run"), "export": "none"}}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    code, _, err = cli("train", tmp_path / "run.yaml")
+    assert code == 0, err
+    code, _, err = cli("export", tmp_path / "run", "--gguf", "--to", tmp_path / "gguf")
+    assert code == 0 and "exported step 3" in err, err
+
+    model = open_run(tmp_path / "run", evaluation=False).model
+    ours = np.asarray(forward(model.module, model.params, IDS, np.ones_like(IDS)))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "gguf", gguf_file="model.gguf").eval()
+    np.testing.assert_allclose(torch_logits(loaded), ours, atol=TOL, rtol=0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2").eval()
+    assert np.abs(torch_logits(base) - ours).max() > 1e-2
