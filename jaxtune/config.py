@@ -59,7 +59,8 @@ from typing import Any, Literal
 import yaml
 
 from jaxtune.data.config import DataConfig
-from jaxtune.models.load import DTYPES, ModelConfig, dtype_name
+from jaxtune.dtypes import GGUF_DTYPES
+from jaxtune.models.load import ModelConfig, dtype_name
 from jaxtune.schema import ConfigError, from_data
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.optim import OptimizerConfig
@@ -110,18 +111,23 @@ class OutputConfig:
 
     ``export``: ``auto`` (a PEFT adapter when the plan has adapters that PEFT can express, else a
     merged HF directory; skipped with a note when the model has no transformers equivalent), ``peft``,
-    ``merged`` or ``none``. It is written to ``<dir>/export``; ``export_dtype``: dtype of merged
-    weights.
+    ``merged``, ``gguf`` (one ``model.gguf`` file for llama.cpp/Ollama) or ``none``. It is written to
+    ``<dir>/export``; ``export_dtype``: dtype of merged or GGUF weights (``q8_0``: GGUF only).
     """
 
     dir: str | None = None  # load() fills in runs/<file name> for a recipe file; finetune refuses None
-    export: Literal["auto", "peft", "merged", "none"] = "auto"
-    export_dtype: DTYPES | None = None
+    export: Literal["auto", "peft", "merged", "gguf", "none"] = "auto"
+    export_dtype: GGUF_DTYPES | None = None
 
     def __post_init__(self) -> None:
         if self.dir is not None and not self.dir.strip():
             raise ValueError("output.dir: empty; give the run directory's path, e.g. runs/my-run")
-        if self.export_dtype is not None:  # from Python, else checked only by the export after training
+        if self.export_dtype == "q8_0":  # a format of GGUF's own: refused before training, not after
+            if self.export != "gguf":
+                raise ValueError(f"output.export_dtype: q8_0 (llama.cpp's 8-bit blocks) applies to output.export: "
+                                 f"gguf, and this run exports {self.export}; set output.export: gguf, or a float "
+                                 "dtype")
+        elif self.export_dtype is not None:  # from Python, else checked only by the export after training
             object.__setattr__(self, "export_dtype", dtype_name(self.export_dtype, "output.export_dtype"))
 
 

@@ -10,4 +10,5 @@ from typing import Literal, get_args
 DTYPES = Literal["float32", "bfloat16", "float16"]
 DTYPE_NAMES: tuple[str, ...] = get_args(DTYPES)
 # A GGUF export's weights: these, or llama.cpp's 8-bit blocks (jaxtune.models.gguf_export)
-GGUF_DTYPE_NAMES: tuple[str, ...] = (*DTYPE_NAMES, "q8_0")
+GGUF_DTYPES = Literal[DTYPES, "q8_0"]
+GGUF_DTYPE_NAMES: tuple[str, ...] = get_args(GGUF_DTYPES)

@@ -128,8 +128,9 @@ def finetune(config: Config | str | os.PathLike[str] | Mapping[str, Any], *, res
                 raise ConfigError(f"output.export: cannot export {out.export}: {err}") from None
             log.info("export: skipped (%s)", err)
     if fmt == "peft" and out.export_dtype is not None:
-        raise ConfigError(f"output.export_dtype: {out.export_dtype} applies to merged exports, and this run exports "
-                          "a PEFT adapter (float32 tensors); set output.export: merged, or remove export_dtype")
+        raise ConfigError(f"output.export_dtype: {out.export_dtype} applies to merged and GGUF exports, and this run "
+                          "exports a PEFT adapter (float32 tensors); set output.export: merged or gguf, or remove "
+                          "export_dtype")
     if restart:
         moved = RunDir(directory, main=jax.process_index() == 0).move_aside()
         if moved is not None:

@@ -231,3 +231,69 @@ def test_jaxtune_export_gguf_of_a_trained_run(tmp_path):
     np.testing.assert_allclose(torch_logits(loaded), ours, atol=TOL, rtol=0)
     base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "qwen2").eval()
     assert np.abs(torch_logits(base) - ours).max() > 1e-2
+
+
+def _llama_recipe(tmp_path, plan, packing=True, **output) -> dict:
+    """A 2-step chat recipe on the tiny Llama of :func:`source` whose run exports per ``output``."""
+    from test_cli import chat_rows
+
+    from jaxtune.data.testing import write_jsonl
+
+    write_jsonl(tmp_path / "train.jsonl", chat_rows(16, 0))
+    return {"model": {"path": str(source(tmp_path / "llama", "llama"))}, "plan": plan,
+            "data": {"train": str(tmp_path / "train.jsonl"), "kind": "chat", "max_length": 64, "batch_size": 8,
+                     "packing": packing},
+            "optimizer": {"learning_rate": 3e-2}, "train": {"steps": 2, "progress": False},
+            "eval": {"after": False, "baselines": False}, "output": {"dir": str(tmp_path / "run"), **output}}
+
+
+def test_a_recipe_with_output_export_gguf_ends_with_a_gguf_of_the_trained_model(tmp_path):
+    """``output.export: gguf`` (with ``export_dtype``): the run's ``export/`` is one .gguf file that
+    transformers runs as the run's trained model, not its base."""
+    import jaxtune as jt
+
+    config = _llama_recipe(tmp_path, [{"preset": "lora", "rank": 4, "alpha": 8}], export="gguf",
+                           export_dtype="float32")
+    result = jt.finetune(config)
+    assert result.state == "finished" and result.model.step == 2
+    assert result.export == tmp_path / "run" / "export" / "model.gguf"
+    assert sorted(p.name for p in (tmp_path / "run" / "export").iterdir()) == ["model.gguf"]
+    ours = np.asarray(forward(result.model.module, result.model.params, IDS, np.ones_like(IDS)))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "export",
+                                                               gguf_file="model.gguf").eval()
+    np.testing.assert_allclose(torch_logits(loaded), ours, atol=TOL, rtol=0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    assert np.abs(torch_logits(base) - ours).max() > 1e-2
+
+
+def test_a_recipe_whose_model_has_no_gguf_form_is_refused_before_training(tmp_path):
+    """Prompt tuning has no GGUF form: ``output.export: gguf`` is refused naming the field before any
+    step runs (no checkpoint, no status), as an explicit ``peft`` that cannot be written is."""
+    import jaxtune as jt
+    from jaxtune.schema import ConfigError
+
+    config = _llama_recipe(tmp_path, [{"preset": "prompt_tuning", "n_tokens": 4}], packing=False,
+                           export="gguf")
+    with pytest.raises(ConfigError, match=r"^output.export: cannot export gguf: prompt tuning has no GGUF form") as err:
+        jt.finetune(config)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_export_dtype_q8_0_is_for_gguf_exports_only(tmp_path):
+    """q8_0 is llama.cpp's own block format: ``output.export_dtype: q8_0`` with another export is a
+    config error (naming the field) before anything loads; with ``gguf`` it is taken."""
+    from jaxtune.config import OutputConfig, load
+    from jaxtune.schema import ConfigError
+
+    assert OutputConfig(export="gguf", export_dtype="q8_0").export_dtype == "q8_0"
+    for export in ("auto", "peft", "merged", "none"):
+        with pytest.raises(ValueError, match=rf"^output.export_dtype: q8_0 .* applies to output.export: gguf, and "
+                                             rf"this run exports {export}; "):
+            OutputConfig(export=export, export_dtype="q8_0")
+    recipe = {"model": {"path": "m"}, "data": {"dataset": "chatterbot"},
+              "output": {"dir": str(tmp_path / "run"), "export": "merged", "export_dtype": "q8_0"}}
+    with pytest.raises(ConfigError, match=r"output.export_dtype: q8_0"):
+        load(None, base=recipe)
+    assert load(None, base={**recipe, "output": {**recipe["output"], "export": "gguf"}}).output.export == "gguf"
