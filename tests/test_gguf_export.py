@@ -297,3 +297,38 @@ def test_export_dtype_q8_0_is_for_gguf_exports_only(tmp_path):
     with pytest.raises(ConfigError, match=r"output.export_dtype: q8_0"):
         load(None, base=recipe)
     assert load(None, base={**recipe, "output": {**recipe["output"], "export": "gguf"}}).output.export == "gguf"
+
+
+def test_overwrite_replaces_an_export_of_another_format_in_the_directory_gguf_included(tmp_path):
+    """``overwrite=True`` replaces an earlier export of another format, GGUF included both ways, so a
+    directory never holds an older adapter or merged model beside a newer model.gguf (which
+    ``model.adapter: RUN`` or ``from_pretrained(DIR)`` would read); without it a .gguf still goes beside."""
+    tuned = tuned_model(source(tmp_path / "base", "llama"))
+    out = tmp_path / "out"
+    tuning.export(tuned, out, format="peft")
+    tuning.export(tuned, out, format="gguf", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.gguf"]
+    with pytest.raises(ExportError, match=r"out: holds an earlier gguf export, and this one is merged"):
+        tuning.export(tuned, out, format="merged")
+    tuning.export(tuned, out, format="merged", overwrite=True)
+    held = {p.name for p in out.iterdir()}
+    assert "config.json" in held and "model.gguf" not in held
+    tuning.export(tuned, out, format="gguf")  # beside, as before: only overwrite clears
+    assert {"config.json", "model.gguf"} <= {p.name for p in out.iterdir()}
+
+
+def test_a_run_resumed_with_another_output_export_replaces_its_export(tmp_path):
+    """``output.export`` may change on resume: a run that exported a PEFT adapter and then gguf holds
+    only the .gguf (not the older adapter beside it), and one that exported gguf and then merged
+    writes its merged directory instead of failing after training."""
+    import jaxtune as jt
+
+    config = _llama_recipe(tmp_path, [{"preset": "lora", "rank": 4, "alpha": 8}], export="peft")
+    jt.finetune(config)
+    export = tmp_path / "run" / "export"
+    for steps, fmt, held in ((3, "gguf", ["model.gguf"]), (4, "merged", ["config.json"])):
+        config["train"]["steps"], config["output"]["export"] = steps, fmt
+        result = jt.finetune(config)
+        assert result.state == "finished" and result.model.step == steps
+        names = {p.name for p in export.iterdir()}
+        assert set(held) <= names and not names & {"adapter_config.json", "model.gguf"} - set(held), names

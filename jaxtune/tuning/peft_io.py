@@ -432,10 +432,11 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
     ``dtype`` (merged and GGUF only) of the stored weights; GGUF also takes ``"q8_0"``.
 
     ``out_dir`` is new, empty, or an earlier export of the same format, which this one replaces;
-    ``overwrite=True`` replaces an earlier export of the other format too. A directory holding
+    ``overwrite=True`` replaces an earlier export of another format too. A directory holding
     anything else is refused: files of two exports side by side would load as neither. A GGUF
     export writes ``out_dir`` itself when it ends in ``.gguf``, else ``out_dir/model.gguf``; an
-    existing file is replaced only with ``overwrite=True``.
+    existing file is replaced only with ``overwrite=True``, which also removes an earlier PEFT or
+    merged export in ``out_dir`` (a run's ``export/`` whose ``output.export`` changed on resume).
 
     Pass the trained model (``Trainer.fit().model``, or the ``fit()`` result itself): a model
     straight from ``apply_plan`` has its fresh, untrained adapters, and exporting it says so in a warning.
@@ -452,8 +453,10 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
                           "dtype, or export merged)")
     out = Path(out_dir)
     if fmt == "gguf":
-        out = _gguf_file(out, overwrite)
-        earlier = None
+        file = _gguf_file(out, overwrite)
+        # Only overwrite clears the directory: without it a .gguf may sit beside other files, as it always could
+        earlier = _earlier_export(out) if overwrite and file != out else None
+        earlier, out = (None if earlier == "gguf" else earlier), file  # the file itself is replaced whole
     else:
         earlier = _check_export_dir(out, fmt, overwrite)
     if model.step == 0:
@@ -469,8 +472,10 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
         processes.barrier(f"jaxtune_export_checked:{out.absolute()}")
 
     def write() -> Path:
-        if fmt == "gguf":
-            return export_gguf(model, out, dtype=dtype)
+        if fmt == "gguf":  # the earlier export goes once the file is whole, not before
+            export_gguf(model, out, dtype=dtype)
+            _clear_export_dir(out.parent, earlier)
+            return out
         _clear_export_dir(out, earlier)
         return export_peft(model, out) if fmt == "peft" else export_merged(model, out, dtype=dtype)
 
@@ -531,7 +536,7 @@ def _check_export_dir(out: Path, fmt: str, overwrite: bool) -> str | None:
     held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     if not held:
         return None
-    earlier = "peft" if ADAPTER_CONFIG in held else "merged" if "config.json" in held else None
+    earlier = _earlier_export(out)
     if earlier is None:
         raise ExportError(f"{out}: not empty and not an earlier export (holds {', '.join(held[:3])}"
                           f"{', ...' if len(held) > 3 else ''}); export into a new or empty directory")
@@ -542,12 +547,22 @@ def _check_export_dir(out: Path, fmt: str, overwrite: bool) -> str | None:
     return earlier
 
 
+def _earlier_export(out: Path) -> str | None:
+    """The format of the export in directory ``out`` (``peft``, ``merged``, ``gguf``), None when it holds none."""
+    held = {p.name for p in out.iterdir()} if out.is_dir() else set()
+    return ("peft" if ADAPTER_CONFIG in held else "merged" if "config.json" in held
+            else "gguf" if GGUF_FILE in held else None)
+
+
 def _clear_export_dir(out: Path, earlier: str | None) -> None:
     """Remove the config and weight files of the ``earlier`` export in ``out`` (see :func:`_check_export_dir`):
     a new export may have fewer shards."""
     if earlier is None:
         return
     for path in out.iterdir():
-        if path.is_file() and (path.name.endswith((".safetensors", ".safetensors.index.json"))
-                               or path.name in ("config.json", ADAPTER_CONFIG, "generation_config.json")):
+        if not path.is_file():
+            continue
+        if (path.name == GGUF_FILE if earlier == "gguf" else
+                path.name.endswith((".safetensors", ".safetensors.index.json"))
+                or path.name in ("config.json", ADAPTER_CONFIG, "generation_config.json")):
             path.unlink()
