@@ -280,6 +280,15 @@ def test_a_recipe_whose_model_has_no_gguf_form_is_refused_before_training(tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
     assert not (tmp_path / "run" / "export").exists()
 
+    tiny_hf_model("MistralForCausalLM", tmp_path / "mistral", vocab_size=VOCAB)
+    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "mistral")
+    config = _llama_recipe(tmp_path, [{"preset": "lora", "rank": 4}], export="gguf")
+    config["model"]["path"] = str(tmp_path / "mistral")
+    with pytest.raises(ConfigError, match=r"^output.export: cannot export gguf: model: MistralForCausalLM has no GGUF "
+                                          r"export; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM "):
+        jt.finetune(config)
+    assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
+
 
 def test_export_dtype_q8_0_is_for_gguf_exports_only(tmp_path):
     """q8_0 is llama.cpp's own block format: ``output.export_dtype: q8_0`` with another export is a

@@ -417,7 +417,7 @@ def _check_gguf(tuned: Tuned) -> None:
                           "format merged")
     config = {**tuned.hf_config, "architectures": [tuned.hf_architecture]}
     try:
-        gguf_export.check_architecture(config, "export format gguf")
+        gguf_export.check_architecture(config, "model")
         gguf_export.check_tokenizer(tuned.source, config.get("vocab_size", 0))
     except ValueError as err:
         raise ExportError(str(err)) from None
