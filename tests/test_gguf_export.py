@@ -331,6 +331,7 @@ def test_a_run_resumed_with_another_output_export_replaces_its_export(tmp_path):
     only the .gguf (not the older adapter beside it), and one that exported gguf and then merged
     writes its merged directory instead of failing after training."""
     import jaxtune as jt
+    from jaxtune.models.load import LoadError, adapter_dir
 
     config = _llama_recipe(tmp_path, [{"preset": "lora", "rank": 4, "alpha": 8}], export="peft")
     jt.finetune(config)
@@ -341,3 +342,6 @@ def test_a_run_resumed_with_another_output_export_replaces_its_export(tmp_path):
         assert result.state == "finished" and result.model.step == steps
         names = {p.name for p in export.iterdir()}
         assert set(held) <= names and not names & {"adapter_config.json", "model.gguf"} - set(held), names
+        if fmt == "gguf":  # model.adapter: RUN (SFT before DPO) must not find the older adapter
+            with pytest.raises(LoadError, match=r"without a PEFT adapter .* exported merged/gguf/none\); "):
+                adapter_dir(tmp_path / "run")

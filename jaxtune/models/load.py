@@ -158,7 +158,7 @@ def adapter_dir(path: str | os.PathLike[str]) -> Path:
         return local / "export"
     if (local / "config.yaml").is_file():  # a run directory without a PEFT export
         raise LoadError(f"model.adapter: {local} is a jaxtune run without a PEFT adapter in {local / 'export'} (it "
-                        "has not finished, or exported merged/none); finish it with output.export: peft, or give "
+                        "has not finished, or exported merged/gguf/none); finish it with output.export: peft, or give "
                         "its merged export as model.path instead")
     raise LoadError(f"model.adapter: {local} has no {ADAPTER_CONFIG}; give a PEFT adapter directory or a jaxtune run "
                     "directory that exported one")
