@@ -111,7 +111,7 @@ def finetune(config: Config | str | os.PathLike[str] | Mapping[str, Any], *, res
     ``<dir>.old-<time>``, never deleted) and starts afresh.
 
     Returns the :class:`~jaxtune.training.result.FitResult`; its ``export`` is the exported
-    directory (None when ``output.export`` is ``none`` or the model has no exportable form,
+    directory, or file for ``gguf`` (None when ``output.export`` is ``none`` or the model has no exportable form,
     which ``auto`` reports instead of failing).
     """
     config = validate(_as_config(config))
