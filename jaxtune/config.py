@@ -61,7 +61,7 @@ import yaml
 from jaxtune.data.config import DataConfig
 from jaxtune.dtypes import GGUF_DTYPES
 from jaxtune.models.load import ModelConfig, dtype_name
-from jaxtune.schema import ConfigError, from_data
+from jaxtune.schema import ConfigError, coerce, from_data
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.optim import OptimizerConfig
 from jaxtune.training.preference import PreferenceConfig
@@ -122,13 +122,13 @@ class OutputConfig:
     def __post_init__(self) -> None:
         if self.dir is not None and not self.dir.strip():
             raise ValueError("output.dir: empty; give the run directory's path, e.g. runs/my-run")
-        if self.export_dtype == "q8_0":  # a format of GGUF's own: refused before training, not after
-            if self.export != "gguf":
-                raise ValueError(f"output.export_dtype: q8_0 (llama.cpp's 8-bit blocks) applies to output.export: "
-                                 f"gguf, and this run exports {self.export}; set output.export: gguf, or a float "
-                                 "dtype")
-        elif self.export_dtype is not None:  # from Python, else checked only by the export after training
-            object.__setattr__(self, "export_dtype", dtype_name(self.export_dtype, "output.export_dtype"))
+        if self.export_dtype is not None:  # from Python, else checked only by the export after training
+            where, dtype = "output.export_dtype", self.export_dtype
+            name = dtype if isinstance(dtype, str) else dtype_name(dtype, where)  # jnp.bfloat16 -> its name
+            object.__setattr__(self, "export_dtype", coerce(name, GGUF_DTYPES, where))  # the YAML path's message
+        if self.export_dtype == "q8_0" and self.export != "gguf":  # GGUF's own format: refused before training
+            raise ValueError(f"output.export_dtype: q8_0 (llama.cpp's 8-bit blocks) applies to output.export: gguf, "
+                             f"and this run exports {self.export}; set output.export: gguf, or a float dtype")
 
 
 @dataclasses.dataclass(frozen=True)

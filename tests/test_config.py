@@ -97,8 +97,9 @@ def test_a_dtype_is_its_name_or_the_dtype_itself_everywhere():
                                          r"did you mean 'bfloat16'\?$"):
         config.ModelConfig(path="m", dtype="bf16")
     with pytest.raises(ValueError, match=r"^output.export_dtype: expected one of float32, bfloat16, float16, "
-                                         r"got 'bf16'"):
+                                         r"q8_0, got 'bf16'; did you mean 'bfloat16'\?$"):  # as from a recipe file
         config.OutputConfig(export_dtype="bf16")
+    assert config.OutputConfig(export_dtype=jnp.float16).export_dtype == "float16"
 
 
 def test_file_errors(tmp_path):
