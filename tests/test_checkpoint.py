@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+import jaxtune
 from jaxtune.models import decoder
 from jaxtune.training.checkpoint import Checkpointer
 from jaxtune.training.sharding import MeshConfig, make_mesh, param_shardings, shard
@@ -110,6 +115,44 @@ def test_an_intact_checkpoint_that_does_not_fit_is_an_error_and_stays(tmp_path):
                                                           r"there and \(16, 33\) in this run; .*another model or plan"):
             restore(Checkpointer(tmp_path, with_data=False))
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == listing
+
+
+# Saves a run's step with 8 leaves, then asks for it (and its best) with one leaf of another shape,
+# three ways, twice each, printing each refusal: everything else on stderr is what the failed restores
+# left behind.
+_MISFIT_SCRIPT = """
+import sys, jax, jax.numpy as jnp, numpy as np, optax
+from jaxtune.training.checkpoint import Checkpointer, CheckpointMismatchError
+params = {f"l{i}": {"kernel": jnp.asarray(np.random.default_rng(i).standard_normal((2048, 32)), jnp.float32)}
+          for i in range(8)}
+adam = optax.adam(1e-3)
+ckpt = Checkpointer(sys.argv[1], with_data=False)
+ckpt.save(1, params, adam.init(params), jax.random.key(0))
+ckpt.save_best(1, params, {"eval/loss": 1.0})
+ckpt.close()
+wider = {**params, "l3": {"kernel": jnp.zeros((2048, 33), jnp.float32)}}
+for restore in [lambda c: c.restore(params, adam.init(wider)), lambda c: c.restore(wider, adam.init(params)),
+                lambda c: c.restore_best(wider)] * 2:
+    try:
+        restore(Checkpointer(sys.argv[1], with_data=False))
+    except CheckpointMismatchError as err:
+        print("REFUSED:", err, file=sys.stderr)
+"""
+
+
+def test_a_restore_that_does_not_fit_leaves_no_orbax_tracebacks_behind(tmp_path):
+    """A checkpoint whose leaf has another shape than this run's was refused in jaxtune's one line, but
+    Orbax found the leaf only once its reads of every leaf were running, and its error left the others
+    on an event loop it had closed: "Event loop is closed" and "Exception ignored in coroutine"
+    tracebacks on stderr as they ended, around the one line (``jaxtune export``, a resumed ``train``)."""
+    done = subprocess.run([sys.executable, "-c", _MISFIT_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(Path(jaxtune.__file__).parents[1])})
+    assert done.returncode == 0, done.stderr
+    refused = [line for line in done.stderr.splitlines() if line.startswith("REFUSED:")]
+    assert len(refused) == 6 and all("l3/kernel of its" in line and "is (2048, 32) there and (2048, 33) in this run"
+                                     in line for line in refused), done.stderr
+    for noise in ("Traceback", "Exception ignored", "Event loop is closed"):
+        assert noise not in done.stderr, done.stderr
 
 
 def test_no_checkpoint_means_a_fresh_start(tmp_path):

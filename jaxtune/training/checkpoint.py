@@ -432,32 +432,45 @@ _PARTS = {"trainable": "params", "opt_state": "optimizer state"}
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, items: dict[str, Any], asked: dict[str, Any]) -> Any:
-    """``manager``'s ``step`` of ``items``; when that fails, the first leaf of the ``asked`` trees (by
-    item) whose shape the step's metadata does not hold is raised as a :class:`LeafMismatch`, as
-    Orbax's error names no leaf (it only says which shapes differ)."""
+    """``manager``'s ``step`` of ``items``; a leaf of the ``asked`` trees (by item) that does not fit the
+    step's metadata is raised as a :class:`LeafMismatch`, as Orbax's error names no leaf (it only says
+    which shapes differ).
+
+    A leaf held there with another shape is refused before Orbax reads anything: Orbax finds it only
+    once its reads of every leaf are running, and its error leaves the others running on an event loop
+    it has closed ("Event loop is closed", "Exception ignored in coroutine" tracebacks on stderr when
+    they end). A leaf only one side has is looked for once Orbax has failed: Orbax refuses another tree
+    structure before reading, and its error stands when the names of the leaves do not compare."""
+    try:
+        saved = manager.item_metadata(step)
+    except Exception:  # noqa: BLE001 - no metadata to compare with: Orbax's restore says what it can
+        saved = None
+    if saved is not None and (misfit := _first_difference(saved, asked, both_sides=True)):
+        raise misfit
     try:
         return manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as err:
-        try:
-            saved = manager.item_metadata(step)
-        except Exception:  # noqa: BLE001 - no metadata to compare with: Orbax's own error says what it can
-            raise err from None
-        for item, tree in asked.items():
-            if tree is not None and item in saved and (found := _first_difference(saved[item], tree)):
-                raise LeafMismatch(_PARTS[item], *found) from err
+        if saved is not None and (misfit := _first_difference(saved, asked, both_sides=False)):
+            raise misfit from err
         raise
 
 
-def _first_difference(saved: Any, asked: Any) -> tuple[str, tuple[int, ...] | None, tuple[int, ...] | None] | None:
-    """``(leaf, saved shape, asked shape)`` of the first leaf (in path order) whose shapes differ
-    between a saved item's Orbax metadata and the tree asked for (None: that side lacks the leaf)."""
+def _first_difference(saved: Any, asked: dict[str, Any], both_sides: bool) -> LeafMismatch | None:
+    """The first leaf (by item, then path order) of the ``asked`` trees whose shape differs from the
+    one in a step's Orbax metadata ``saved`` (``both_sides``: only among leaves both sides hold; else
+    a leaf one side lacks counts too, its shape None there)."""
     def shapes(tree: Any) -> dict[str, tuple[int, ...]]:
         return {jax.tree_util.keystr(path, simple=True, separator="/"): tuple(x.shape)
-                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+                for path, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
 
-    before, now = shapes(getattr(saved, "tree", saved)), shapes(asked)
-    differ = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    return (differ[0], before.get(differ[0]), now.get(differ[0])) if differ else None
+    for item, tree in asked.items():
+        if tree is None or item not in saved:
+            continue
+        before, now = shapes(getattr(saved[item], "tree", saved[item])), shapes(tree)
+        leaves = before.keys() & now.keys() if both_sides else before.keys() | now.keys()
+        if differ := sorted(k for k in leaves if before.get(k) != now.get(k)):
+            return LeafMismatch(_PARTS[item], differ[0], before.get(differ[0]), now.get(differ[0]))
+    return None
 
 
 def _abstract(tree: Any) -> Any:

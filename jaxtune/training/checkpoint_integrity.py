@@ -61,8 +61,8 @@ class CheckpointMismatchError(ValueError):
 @dataclasses.dataclass
 class LeafMismatch(Exception):
     """The first leaf of a step's ``part`` (``"params"`` or ``"optimizer state"``) whose shape is not
-    the one asked for (``None``: that side has no such leaf), found by whoever read the step's
-    metadata after a restore failed; :func:`read_everywhere` reports it (:func:`_does_not_fit`)."""
+    the one asked for (``None``: that side has no such leaf), found by whoever compared the step's
+    metadata with the trees asked for; :func:`read_everywhere` reports it (:func:`_does_not_fit`)."""
 
     part: str
     leaf: str
