@@ -1,4 +1,4 @@
-"""The GGUF export: a LoRA-tuned tiny Llama / Qwen2 / Qwen3 written as one .gguf file, which transformers'
+"""The GGUF export: a LoRA-tuned tiny Llama / Mistral / Qwen2 / Qwen3 written as one .gguf file, which transformers'
 GGUF loader (the reference reader of llama.cpp's format) and jaxtune's own importer load with the merged
 model's logits and the original tokenizer's token ids, chat template included."""
 
@@ -14,6 +14,7 @@ import torch
 import transformers
 from helpers import tiny_bpe_tokenizer, tiny_hf_model
 from safetensors.numpy import load_file
+from test_gpt2 import tiny_gpt2
 from test_tuning_lora import forward, randomize_adapters
 from tokenizers import Tokenizer, models
 
@@ -28,6 +29,8 @@ VOCAB = 320  # the tokenizer's 301 ids, then ids the model has and the tokenizer
 IDS = np.random.RandomState(0).randint(0, VOCAB, (1, 11)).astype(np.int32)
 TEXTS = ["the quick brown fox 12345", "  hello   world\n\nok?", "don't <think> 7 x"]
 FAMILIES = {"llama": ("LlamaForCausalLM", "smollm", {}),
+            # Mistral v0.2+ (no window; v0.1's: test_a_mistral_window_is_the_files_context_length), llama.cpp's `llama`
+            "mistral": ("MistralForCausalLM", "smollm", dict(sliding_window=None)),
             "qwen2": ("Qwen2ForCausalLM", "qwen2", dict(tie_word_embeddings=True)),
             "qwen3": ("Qwen3ForCausalLM", "qwen2", {})}  # transformers reads a Qwen3 GGUF's heads as 128 wide
 
@@ -115,10 +118,10 @@ def test_what_has_no_gguf_form_is_refused_before_writing(tmp_path):
         (tuned_model(base, tuning.prompt_tuning(2)), "prompt tuning has no GGUF form"),
         (tuned_model(base, tuning.lora(rank=2) + tuning.head(num_labels=2)), "a classifier head has no GGUF form"),
     ]
-    tiny_hf_model("MistralForCausalLM", tmp_path / "mistral")
-    tiny_bpe_tokenizer().save_pretrained(tmp_path / "mistral")
-    cases.append((tuned_model(tmp_path / "mistral"), "MistralForCausalLM has no GGUF export; supported: "
-                                                     "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"))
+    tiny_gpt2(tmp_path / "gpt2")
+    tiny_bpe_tokenizer().save_pretrained(tmp_path / "gpt2")
+    cases.append((tuned_model(tmp_path / "gpt2"), "GPT2LMHeadModel has no GGUF export; supported: LlamaForCausalLM, "
+                                                  "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"))
     tiny_hf_model("LlamaForCausalLM", tmp_path / "chars")
     tiny_tokenizer().save_pretrained(tmp_path / "chars")
     cases.append((tuned_model(tmp_path / "chars"), "a WordLevel tokenizer; the GGUF export writes byte-level BPE"))
@@ -161,6 +164,23 @@ def test_llama_attention_biases_round_trip_through_jaxtunes_importer(tmp_path):
     assert sorted(found) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(found[name], value, err_msg=name)
+
+
+def test_a_mistral_window_is_the_files_context_length(tmp_path):
+    """llama.cpp's ``llama`` (which a Mistral is written as) attends to every earlier token: a Mistral whose
+    sliding window is shorter than its positions (7B v0.1) gets the window as its context length, over
+    which the file is the model it was."""
+    tiny_hf_model("MistralForCausalLM", tmp_path / "base", randomize=True, vocab_size=VOCAB, sliding_window=8)
+    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "base")
+    tuned = tuned_model(tmp_path / "base")
+    out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf")
+    assert gguf.GGUFReader(out).fields["llama.context_length"].contents() == 8
+    ids = IDS[:, :8]
+    ours = np.asarray(forward(tuned.module, tuned.params, ids, np.ones_like(ids)))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
+    with torch.no_grad():
+        theirs = loaded(torch.as_tensor(ids)).logits.float().numpy()
+    np.testing.assert_allclose(theirs, ours, atol=TOL, rtol=0)
 
 
 def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path):
@@ -280,12 +300,13 @@ def test_a_recipe_whose_model_has_no_gguf_form_is_refused_before_training(tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
     assert not (tmp_path / "run" / "export").exists()
 
-    tiny_hf_model("MistralForCausalLM", tmp_path / "mistral", vocab_size=VOCAB)
-    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "mistral")
+    tiny_gpt2(tmp_path / "gpt2", vocab_size=VOCAB)
+    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "gpt2")
     config = _llama_recipe(tmp_path, [{"preset": "lora", "rank": 4}], export="gguf")
-    config["model"]["path"] = str(tmp_path / "mistral")
-    with pytest.raises(ConfigError, match=r"^output.export: cannot export gguf: model: MistralForCausalLM has no GGUF "
-                                          r"export; supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM "):
+    config["model"]["path"] = str(tmp_path / "gpt2")
+    with pytest.raises(ConfigError, match=r"^output.export: cannot export gguf: model: GPT2LMHeadModel has no GGUF "
+                                          r"export; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                          r"Qwen3ForCausalLM "):
         jt.finetune(config)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
 

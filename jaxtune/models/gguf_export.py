@@ -2,7 +2,7 @@
 
 The inverse of :func:`jaxtune.models.gguf.gguf_to_hf` for the families both llama.cpp and transformers'
 GGUF loader read as plain decoders (:data:`GGUF_EXPORT_ARCHITECTURES`: Llama, SmolLM2 included,
-Qwen2, Qwen3)::
+Mistral, Qwen2, Qwen3)::
 
     hf_to_gguf("out/merged", "out/model.gguf", dtype="float16")
 
@@ -24,6 +24,10 @@ holds one tensor, not the model.
 
 transformers' GGUF loader (5.x) ignores two things llama.cpp reads, as it does in llama.cpp's own
 files: a Llama's attention biases and the ``rope_freqs`` factors; jaxtune's importer reads both.
+
+A Mistral is written as llama.cpp's ``llama`` (as its converter does), which has no sliding window: a
+Mistral whose ``sliding_window`` is shorter than its ``max_position_embeddings`` (Mistral 7B v0.1) gets
+the window as its context length, the span over which full attention and the window agree.
 """
 
 from __future__ import annotations
@@ -44,7 +48,10 @@ from jaxtune.models.gguf_architectures import ARCHITECTURES, GGUFError
 
 # HF architecture -> llama.cpp architecture. Whether Q/K rows are permuted is the importer's row of it
 # (ARCHITECTURES[name].permute_qk), which undoes the permutation: the two cannot disagree.
-GGUF_EXPORT_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+# Mistral is llama.cpp's `llama` (its converter writes it so; jaxtune's importer reads it back as Llama, the
+# same model without a sliding window: see _context_length).
+GGUF_EXPORT_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                             "Qwen3ForCausalLM": "qwen3"}
 GGUF_DTYPES = GGUF_DTYPE_NAMES
 _GGML_TYPES = {"float32": GGMLQuantizationType.F32, "float16": GGMLQuantizationType.F16,
                "bfloat16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -165,7 +172,7 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
     rope = _rope(config)
-    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_context_length(_context_length(config))
     writer.add_embedding_length(config["hidden_size"])
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
@@ -177,6 +184,13 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_vocab_size(config["vocab_size"])
+
+
+def _context_length(config: dict[str, Any]) -> int:
+    """The file's context length: ``max_position_embeddings``, or a Mistral's shorter sliding window, as
+    llama.cpp's ``llama`` attends to every earlier token and the two differ only past the window."""
+    window = config.get("sliding_window") if config["architectures"][0] == "MistralForCausalLM" else None
+    return min(config["max_position_embeddings"], window or config["max_position_embeddings"])
 
 
 @dataclass(frozen=True)

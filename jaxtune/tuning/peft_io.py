@@ -428,7 +428,8 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
     """Write a tuned model in a standard format: a PEFT adapter that ``peft`` loads onto the
     transformers base model, (``format="merged"``) an HF directory with the adapters folded
     in that ``transformers`` loads, or (``format="gguf"``) those merged weights, the tokenizer and
-    the chat template as one GGUF file that llama.cpp and Ollama load (Llama, SmolLM2, Qwen2, Qwen3).
+    the chat template as one GGUF file that llama.cpp and Ollama load (the families of
+    :data:`jaxtune.models.gguf_export.GGUF_EXPORT_ARCHITECTURES`).
     ``dtype`` (merged and GGUF only) of the stored weights; GGUF also takes ``"q8_0"``.
 
     ``out_dir`` is new, empty, or an earlier export of the same format, which this one replaces;
