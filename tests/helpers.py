@@ -206,8 +206,8 @@ CHATML_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['co
 
 def tiny_bpe_tokenizer(pre: str = "qwen2", vocab_size: int = 300) -> Any:
     """A byte-level BPE tokenizer shaped as a real family's (``pre``: ``qwen2``, Qwen's regex split; ``smollm``,
-    SmolLM2's digits then GPT-2's split), trained on a few sentences to ``vocab_size`` ids, with ChatML's
-    special tokens, an added non-special ``<think>`` and the ChatML chat template."""
+    SmolLM2's digits then GPT-2's split; ``gpt2``, GPT-2's split alone), trained on a few sentences to
+    ``vocab_size`` ids, with ChatML's special tokens, an added non-special ``<think>`` and the ChatML chat template."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -216,6 +216,8 @@ def tiny_bpe_tokenizer(pre: str = "qwen2", vocab_size: int = 300) -> Any:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    elif pre == "gpt2":
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     else:
         backend.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)])

@@ -1,5 +1,5 @@
-"""The GGUF export: a LoRA-tuned tiny Llama / Mistral / Qwen2 / Qwen3 written as one .gguf file, which transformers'
-GGUF loader (the reference reader of llama.cpp's format) and jaxtune's own importer load with the merged
+"""The GGUF export: a LoRA-tuned tiny Llama / Mistral / Qwen2 / Qwen3 / GPT-2 written as one .gguf file, which
+transformers' GGUF loader (the reference reader of llama.cpp's format) and jaxtune's own importer load with the merged
 model's logits and the original tokenizer's token ids, chat template included."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 import transformers
 from helpers import tiny_bpe_tokenizer, tiny_hf_model
 from safetensors.numpy import load_file
+from test_gemma import tiny_gemma
 from test_gpt2 import tiny_gpt2
 from test_tuning_lora import forward, randomize_adapters
 from tokenizers import Tokenizer, models
@@ -32,12 +33,18 @@ FAMILIES = {"llama": ("LlamaForCausalLM", "smollm", {}),
             # Mistral v0.2+ (no window; v0.1's: test_a_mistral_window_is_the_files_context_length), llama.cpp's `llama`
             "mistral": ("MistralForCausalLM", "smollm", dict(sliding_window=None)),
             "qwen2": ("Qwen2ForCausalLM", "qwen2", dict(tie_word_embeddings=True)),
-            "qwen3": ("Qwen3ForCausalLM", "qwen2", {})}  # transformers reads a Qwen3 GGUF's heads as 128 wide
+            "qwen3": ("Qwen3ForCausalLM", "qwen2", {}),  # transformers reads a Qwen3 GGUF's heads as 128 wide
+            # transformers reads a GPT-2 GGUF's positions as 1024, its MLP as 4 * n_embd
+            # (test_gpt2_sizes_transformers_does_not_read_round_trip)
+            "gpt2": ("GPT2LMHeadModel", "gpt2", dict(n_positions=1024))}
 
 
 def source(root, family: str):
     architecture, pre, overrides = FAMILIES[family]
-    tiny_hf_model(architecture, root, randomize=True, vocab_size=VOCAB, **overrides)
+    if architecture == "GPT2LMHeadModel":
+        tiny_gpt2(root, vocab_size=VOCAB, **overrides)  # its weights drawn afresh, as randomize=True does
+    else:
+        tiny_hf_model(architecture, root, randomize=True, vocab_size=VOCAB, **overrides)
     tiny_bpe_tokenizer(pre).save_pretrained(root)
     return root
 
@@ -118,10 +125,17 @@ def test_what_has_no_gguf_form_is_refused_before_writing(tmp_path):
         (tuned_model(base, tuning.prompt_tuning(2)), "prompt tuning has no GGUF form"),
         (tuned_model(base, tuning.lora(rank=2) + tuning.head(num_labels=2)), "a classifier head has no GGUF form"),
     ]
-    tiny_gpt2(tmp_path / "gpt2")
-    tiny_bpe_tokenizer().save_pretrained(tmp_path / "gpt2")
-    cases.append((tuned_model(tmp_path / "gpt2"), "GPT2LMHeadModel has no GGUF export; supported: LlamaForCausalLM, "
-                                                  "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"))
+    tiny_gemma("Gemma2ForCausalLM", tmp_path / "gemma2", vocab_size=VOCAB)
+    tiny_bpe_tokenizer().save_pretrained(tmp_path / "gemma2")
+    cases.append((tuned_model(tmp_path / "gemma2"), "Gemma2ForCausalLM has no GGUF export; supported: "
+                                                    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                                    "Qwen3ForCausalLM, GPT2LMHeadModel"))
+    for name, overrides, message in [
+            ("relu", dict(activation_function="relu"), "GPT-2 activation_function 'relu' has no GGUF export"),
+            ("unscaled", dict(scale_attn_weights=False), "GPT-2 attention scaled other than by 1/sqrt.head_dim.")]:
+        tiny_gpt2(tmp_path / name, vocab_size=VOCAB, **overrides)
+        tiny_bpe_tokenizer("gpt2").save_pretrained(tmp_path / name)
+        cases.append((tuned_model(tmp_path / name), message))
     tiny_hf_model("LlamaForCausalLM", tmp_path / "chars")
     tiny_tokenizer().save_pretrained(tmp_path / "chars")
     cases.append((tuned_model(tmp_path / "chars"), "a WordLevel tokenizer; the GGUF export writes byte-level BPE"))
@@ -164,6 +178,43 @@ def test_llama_attention_biases_round_trip_through_jaxtunes_importer(tmp_path):
     assert sorted(found) == sorted(expected)
     for name, value in expected.items():
         np.testing.assert_array_equal(found[name], value, err_msg=name)
+
+
+def test_gpt2_sizes_transformers_does_not_read_round_trip(tmp_path):
+    """transformers' GGUF loader builds a GPT-2 of 1024 positions and a 4 * n_embd MLP whatever the file
+    says (it reads ``gpt2.context_length`` as ``n_ctx``, ``feed_forward_length`` as nothing); llama.cpp and
+    jaxtune's importer read both: the Conv1D weights come back untransposed, the sizes as they were."""
+    tiny_gpt2(tmp_path / "base", vocab_size=VOCAB, n_inner=48, tie_word_embeddings=False)
+    tiny_bpe_tokenizer("gpt2").save_pretrained(tmp_path / "base")
+    tuned = tuned_model(tmp_path / "base")
+    out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf")
+    fields = gguf.GGUFReader(out).fields
+    assert (fields["gpt2.context_length"].contents(), fields["gpt2.feed_forward_length"].contents()) == (64, 48)
+    expected = load_file(tuning.export_merged(tuned, tmp_path / "merged", dtype="float32") / "model.safetensors")
+    back = gguf_to_hf(out, tmp_path / "back")
+    found = load_file(back / "model.safetensors")
+    assert sorted(found) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(found[name], value, err_msg=name)
+    config = transformers.AutoConfig.from_pretrained(back)
+    assert (config.n_positions, config.n_inner, config.tie_word_embeddings) == (64, 48, False)
+
+
+def test_a_gpt2_checkpoints_causal_mask_buffers_are_not_weights(tmp_path):
+    """Older GPT-2 checkpoints (the hub's ``gpt2`` among them) save each block's causal mask as
+    ``attn.bias`` / ``attn.masked_bias``; llama.cpp builds its own mask, so the export leaves them out."""
+    from safetensors.numpy import save_file
+
+    from jaxtune.models.gguf_export import hf_to_gguf
+
+    tiny_gpt2(tmp_path / "base", vocab_size=VOCAB)
+    tiny_bpe_tokenizer("gpt2").save_pretrained(tmp_path / "base")
+    weights = load_file(tmp_path / "base" / "model.safetensors")
+    masks = {"transformer.h.0.attn.bias": np.tril(np.ones((1, 1, 64, 64), np.float32)),
+             "transformer.h.0.attn.masked_bias": np.full((), -1e4, np.float32)}
+    save_file({**weights, **masks}, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
+    out = hf_to_gguf(tmp_path / "base", tmp_path / "model.gguf", dtype="float32")
+    assert len(gguf.GGUFReader(out).tensors) == len(weights) - ("lm_head.weight" in weights)
 
 
 def test_a_mistral_window_is_the_files_context_length(tmp_path):
@@ -300,13 +351,13 @@ def test_a_recipe_whose_model_has_no_gguf_form_is_refused_before_training(tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
     assert not (tmp_path / "run" / "export").exists()
 
-    tiny_gpt2(tmp_path / "gpt2", vocab_size=VOCAB)
-    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "gpt2")
+    tiny_gemma("Gemma2ForCausalLM", tmp_path / "gemma2", vocab_size=VOCAB)
+    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "gemma2")
     config = _llama_recipe(tmp_path, [{"preset": "lora", "rank": 4}], export="gguf")
-    config["model"]["path"] = str(tmp_path / "gpt2")
-    with pytest.raises(ConfigError, match=r"^output.export: cannot export gguf: model: GPT2LMHeadModel has no GGUF "
+    config["model"]["path"] = str(tmp_path / "gemma2")
+    with pytest.raises(ConfigError, match=r"^output.export: cannot export gguf: model: Gemma2ForCausalLM has no GGUF "
                                           r"export; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-                                          r"Qwen3ForCausalLM "):
+                                          r"Qwen3ForCausalLM, GPT2LMHeadModel "):
         jt.finetune(config)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
 

@@ -2,7 +2,7 @@
 
 The inverse of :func:`jaxtune.models.gguf.gguf_to_hf` for the families both llama.cpp and transformers'
 GGUF loader read as plain decoders (:data:`GGUF_EXPORT_ARCHITECTURES`: Llama, SmolLM2 included,
-Mistral, Qwen2, Qwen3)::
+Mistral, Qwen2, Qwen3, GPT-2)::
 
     hf_to_gguf("out/merged", "out/model.gguf", dtype="float16")
 
@@ -28,6 +28,12 @@ files: a Llama's attention biases and the ``rope_freqs`` factors; jaxtune's impo
 A Mistral is written as llama.cpp's ``llama`` (as its converter does), which has no sliding window: a
 Mistral whose ``sliding_window`` is shorter than its ``max_position_embeddings`` (Mistral 7B v0.1) gets
 the window as its context length, the span over which full attention and the window agree.
+
+GPT-2's Conv1D weights (``(in, out)``) are written transposed, as llama.cpp's rows. llama.cpp's ``gpt2``
+computes GELU's tanh form and attention scaled by 1/sqrt(head_dim), so a GPT-2 config asking another
+activation or scaling is refused. transformers' GGUF loader (5.x) builds a GPT-2 GGUF with 1024 positions
+and a ``4 * n_embd`` MLP whatever the file says (it reads ``gpt2.context_length`` as ``n_ctx``); a GPT-2
+of other sizes loads in llama.cpp and jaxtune's importer, which read them.
 """
 
 from __future__ import annotations
@@ -44,14 +50,14 @@ import numpy as np
 from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 
 from jaxtune.dtypes import GGUF_DTYPE_NAMES
-from jaxtune.models.gguf_architectures import ARCHITECTURES, GGUFError
+from jaxtune.models.gguf_architectures import ARCHITECTURES, Arch, GGUFError
 
-# HF architecture -> llama.cpp architecture. Whether Q/K rows are permuted is the importer's row of it
-# (ARCHITECTURES[name].permute_qk), which undoes the permutation: the two cannot disagree.
+# HF architecture -> llama.cpp architecture. Whether Q/K rows are permuted, and which weights are transposed, is
+# the importer's row of it (ARCHITECTURES[name].permute_qk, .transposed), which undoes them: the two cannot disagree.
 # Mistral is llama.cpp's `llama` (its converter writes it so; jaxtune's importer reads it back as Llama, the
 # same model without a sliding window: see _context_length).
 GGUF_EXPORT_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                             "Qwen3ForCausalLM": "qwen3"}
+                             "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2"}
 GGUF_DTYPES = GGUF_DTYPE_NAMES
 _GGML_TYPES = {"float32": GGMLQuantizationType.F32, "float16": GGMLQuantizationType.F16,
                "bfloat16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -81,7 +87,30 @@ def check_architecture(hf_config: dict[str, Any], where: str = "model") -> str:
         raise GGUFError(f"{where}: RoPE scaling {kind!r} has no GGUF export here; unscaled RoPE is written, and "
                         "Llama 3.1/3.2's llama3 scaling (export it merged and convert that with llama.cpp's "
                         "convert_hf_to_gguf.py)")
+    if arch == "GPT2LMHeadModel":
+        _check_gpt2(hf_config, where)
     return GGUF_EXPORT_ARCHITECTURES[arch]
+
+
+def _check_gpt2(hf_config: dict[str, Any], where: str) -> None:
+    """llama.cpp's gpt2 is GPT-2 as released: tanh-approximated GELU, attention scaled by 1/sqrt(head_dim)."""
+    activation = hf_config.get("activation_function", "gelu_new")
+    if activation not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise GGUFError(f"{where}: GPT-2 activation_function {activation!r} has no GGUF export; llama.cpp's gpt2 "
+                        "computes gelu_new (export it merged instead)")
+    if not hf_config.get("scale_attn_weights", True) or hf_config.get("scale_attn_by_inverse_layer_idx"):
+        raise GGUFError(f"{where}: GPT-2 attention scaled other than by 1/sqrt(head_dim) (scale_attn_weights, "
+                        "scale_attn_by_inverse_layer_idx) has no GGUF export (export it merged instead)")
+
+
+def _standard_names(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """``hf_config`` with the size names the Llama-like configs use, filled from GPT-2's own
+    (``n_embd``..., as ``GPT2Config.attribute_map`` reads them; ``n_inner`` unset is 4 * ``n_embd``)."""
+    if "n_embd" not in hf_config:
+        return hf_config
+    return {**hf_config, "hidden_size": hf_config["n_embd"], "num_hidden_layers": hf_config["n_layer"],
+            "num_attention_heads": hf_config["n_head"], "max_position_embeddings": hf_config["n_positions"],
+            "intermediate_size": hf_config.get("n_inner") or 4 * hf_config["n_embd"]}
 
 
 def _rope(hf_config: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +160,7 @@ def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str],
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     if dtype is not None and dtype not in GGUF_DTYPES:
         raise GGUFError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(GGUF_DTYPES)}")
-    config = json.loads((hf_dir / "config.json").read_text())
+    config = _standard_names(json.loads((hf_dir / "config.json").read_text()))
     arch = check_architecture(config, str(hf_dir))
     tokens, types, pre = _vocabulary(hf_dir, config["vocab_size"])
     tensors = _tensors(hf_dir, config, arch, dtype)
@@ -149,7 +178,7 @@ def _write(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any], tensor
     """The metadata, then the tensor table, then each tensor's data (one in memory at a time)."""
     tokens, types, pre = vocabulary
     writer.add_name(name)
-    _add_hparams(writer, config)
+    _add_hparams(writer, config, ARCHITECTURES[writer.arch])
     writer.add_file_type(_file_type(tensors, dtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_tokenizer_model("gpt2")
@@ -167,7 +196,7 @@ def _write(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any], tensor
         writer.write_tensor_data(tensor.stored())
 
 
-def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: Arch) -> None:
     """The sizes llama.cpp (and transformers' GGUF loader) build the model from."""
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads
@@ -177,13 +206,16 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
     writer.add_block_count(config["num_hidden_layers"])
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
+    writer.add_vocab_size(config["vocab_size"])
+    if not arch.rms_norm:  # GPT-2: LayerNorm, learned positions
+        writer.add_layer_norm_eps(config["layer_norm_epsilon"])
+        return
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
     writer.add_rope_dimension_count(head_dim)
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
-    writer.add_vocab_size(config["vocab_size"])
 
 
 def _context_length(config: dict[str, Any]) -> int:
@@ -196,15 +228,17 @@ def _context_length(config: dict[str, Any]) -> int:
 @dataclass(frozen=True)
 class _Tensor:
     """One tensor of the file: its llama.cpp name and type, and where its values come from (a key of a
-    safetensors file, Q/K rows permuted for ``heads``; or ``values`` computed from the config)."""
+    safetensors file, Q/K rows permuted for ``heads``, or transposed: GPT-2's Conv1D ``(in, out)``;
+    or ``values`` computed from the config)."""
 
     name: str
     kind: GGMLQuantizationType
-    shape: tuple[int, ...]  # HF (PyTorch) layout: (out, in)
+    shape: tuple[int, ...]  # as stored, llama.cpp's rows: (out, in)
     path: Path | None = None
     key: str = ""
     heads: int | None = None
     values: np.ndarray | None = None
+    transpose: bool = False
 
     def stored(self) -> np.ndarray:
         """The bytes (as an array) llama.cpp reads: read now, one tensor at a time."""
@@ -217,6 +251,8 @@ class _Tensor:
             data = self.values
         if self.heads is not None:
             data = permute_qk(data, self.heads)
+        if self.transpose:
+            data = data.T
         return np.ascontiguousarray(gguf.quants.quantize(data, self.kind))
 
 
@@ -227,7 +263,7 @@ def _tensors(hf_dir: Path, config: dict[str, Any], arch: str, dtype: str | None)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
-    permute = ARCHITECTURES[arch].permute_qk
+    permute, transposed = ARCHITECTURES[arch].permute_qk, ARCHITECTURES[arch].transposed
     out = []
     if _rope(config)["rope_type"] == "llama3":  # llama.cpp divides each frequency by its factor
         factors = llama3_rope_factors(config)
@@ -238,15 +274,19 @@ def _tensors(hf_dir: Path, config: dict[str, Any], arch: str, dtype: str | None)
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
                 if key == "lm_head.weight" and config.get("tie_word_embeddings"):
                     continue  # llama.cpp reads a missing output.weight as the embedding
+                if key.endswith((".attn.bias", ".attn.masked_bias")):
+                    continue  # GPT-2's causal-mask buffers, which older checkpoints saved
                 name = names.get_name(key, try_suffixes=(".weight", ".bias"))
                 if name is None:
                     raise GGUFError(f"{path}: tensor {key!r} has no llama.cpp {arch} name; "
                                     f"this directory is not a plain {arch} model")
                 part = name.split(".")[-2]
                 tensor = f.get_slice(key)
-                shape = tuple(tensor.get_shape())
+                transpose = part in transposed and name.endswith(".weight")
+                shape = tuple(tensor.get_shape())[::-1] if transpose else tuple(tensor.get_shape())
                 kind = _kind(shape, dtype or _SAFETENSORS_DTYPES.get(tensor.get_dtype(), "float32"))
-                out.append(_Tensor(name, kind, shape, path, key, heads[part] if permute and part in heads else None))
+                out.append(_Tensor(name, kind, shape, path, key, heads[part] if permute and part in heads else None,
+                                   transpose=transpose))
     return out
 
 
