@@ -5,6 +5,7 @@ model's logits and the original tokenizer's token ids, chat template included.""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import gguf
 import ml_dtypes  # noqa: F401 - np.dtype("bfloat16")
@@ -139,10 +140,15 @@ def test_what_has_no_gguf_form_is_refused_before_writing(tmp_path):
     tiny_hf_model("LlamaForCausalLM", tmp_path / "chars")
     tiny_tokenizer().save_pretrained(tmp_path / "chars")
     cases.append((tuned_model(tmp_path / "chars"), "a WordLevel tokenizer; the GGUF export writes byte-level BPE"))
-    tiny_hf_model("LlamaForCausalLM", tmp_path / "spm")  # Llama 2's tokenizer.json: BPE with byte fallback
+    # a BPE with byte fallback but no "▁" for spaces: llama.cpp's SentencePiece would prefix and replace them
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "spm")
     spm = Tokenizer(models.BPE({"<unk>": 0, "a": 1}, [], unk_token="<unk>", byte_fallback=True))
     transformers.PreTrainedTokenizerFast(tokenizer_object=spm).save_pretrained(tmp_path / "spm")
-    cases.append((tuned_model(tmp_path / "spm"), "a SentencePiece-style BPE .byte fallback. tokenizer"))
+    cases.append((tuned_model(tmp_path / "spm"), "a SentencePiece-style BPE whose normalizer null and pre-tokenizer"))
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "unigram")
+    unigram = Tokenizer(models.Unigram([("<unk>", 0.0), ("a", -1.0)], unk_id=0, byte_fallback=True))
+    transformers.PreTrainedTokenizerFast(tokenizer_object=unigram).save_pretrained(tmp_path / "unigram")
+    cases.append((tuned_model(tmp_path / "unigram"), "a Unigram tokenizer; the GGUF export writes byte-level BPE"))
     for tuned, message in cases:
         with pytest.raises(ExportError, match=message):
             tuning.export(tuned, tmp_path / "out", format="gguf")
@@ -417,3 +423,75 @@ def test_a_run_resumed_with_another_output_export_replaces_its_export(tmp_path):
         if fmt == "gguf":  # model.adapter: RUN (SFT before DPO) must not find the older adapter
             with pytest.raises(LoadError, match=r"without a PEFT adapter .* exported merged/gguf/none\); "):
                 adapter_dir(tmp_path / "run")
+
+
+def sentencepiece_style_tokenizer() -> transformers.PreTrainedTokenizerFast:
+    """Llama 2's tokenizer.json in little: a BPE with byte fallback (<unk>, <s>, </s>, the 256 <0xNN> bytes,
+    then characters and merges learned on a few sentences as SentencePiece learns them: within words),
+    spaces as "▁" with one before the text, BOS added, a chat template."""
+    from tokenizers import AddedToken, decoders, pre_tokenizers, processors, trainers
+
+    corpus = ["the quick brown fox jumps over the lazy dog", "hello world, hello there", "numbers 12345 and 678",
+              "user assistant: the answer is 42"] * 3
+    learner = Tokenizer(models.BPE())
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    learner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, show_progress=False))
+    learned = json.loads(learner.to_str())["model"]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
+    # the learned tokens by id backwards: ids out of merge order, so that only the scores give llama.cpp the order
+    for token, _ in sorted(learned["vocab"].items(), key=lambda item: -item[1]):
+        vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in ("<unk>", "<s>", "</s>")])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                          " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    return fast
+
+
+@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "MistralForCausalLM"])
+def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabulary(architecture, tmp_path):
+    """A tokenizer.json BPE with byte fallback (Llama 2, Mistral) becomes llama.cpp's ``llama`` vocabulary: scores
+    by merge rank (llama.cpp merges by score, with no merges in the file), <0xNN> as BYTE, the specials as CONTROL and
+    <unk> UNKNOWN. transformers' GGUF reader (which rebuilds the merges from the scores, as llama.cpp ranks them) and
+    jaxtune's importer tokenize as the original, text needing byte fallback and the chat template's output included."""
+    from jaxtune.models.gguf_export import hf_to_gguf
+
+    original = sentencepiece_style_tokenizer()
+    overrides = dict(sliding_window=None) if architecture == "MistralForCausalLM" else {}
+    tiny_hf_model(architecture, tmp_path / "base", randomize=True, vocab_size=len(original) + 3, **overrides)
+    original.save_pretrained(tmp_path / "base")
+    (tmp_path / "gguf").mkdir()
+    out = hf_to_gguf(tmp_path / "base", tmp_path / "gguf" / "model.gguf", dtype="float32")
+
+    fields = gguf.GGUFReader(out).fields
+    assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.merges" not in fields
+    types = fields["tokenizer.ggml.token_type"].contents()
+    assert types[:5] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
+                         gguf.TokenType.BYTE, gguf.TokenType.BYTE] and types[-1] == gguf.TokenType.UNUSED
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    assert fields["tokenizer.ggml.add_bos_token"].contents() is True
+
+    chat = original.apply_chat_template([{"role": "user", "content": "hello world 42"}], tokenize=False)
+    texts = ["the quick brown fox", "  hello   world\n\nok?", "numbers 1234567", "there the other",
+             "héllo wörld ✓ 日本", chat]
+    want = [original(t)["input_ids"] for t in texts]
+    assert 3 + ord("\n") in want[1] and original.unk_token_id not in sum(want, [])  # byte fallback, no <unk>
+    gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
+    assert gguf_tokenizer.chat_template == original.chat_template
+    assert [gguf_tokenizer(t)["input_ids"] for t in texts] == want
+
+    ids = torch.as_tensor(np.asarray(want[0])[None])
+    reference = getattr(transformers, architecture).from_pretrained(tmp_path / "base").eval()
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(ids).logits.numpy(), reference(ids).logits.numpy(), atol=TOL, rtol=0)
+
+    imported = transformers.AutoTokenizer.from_pretrained(gguf_to_hf(out, tmp_path / "back", weights=False))
+    assert [imported(t)["input_ids"] for t in texts] == want

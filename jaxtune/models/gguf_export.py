@@ -13,8 +13,16 @@ scaling becomes llama.cpp's per-frequency divisors (``rope_freqs.weight``; other
 and the model's sizes become llama.cpp's ``{arch}.*`` metadata keys. The tokenizer (a byte-level BPE
 ``tokenizer.json``, as SmolLM2, Llama 3 and Qwen ship) is written as ``tokenizer.ggml.*``: its tokens by
 id, which are special (control) or added (user-defined), the merges, special token ids and the chat template
-(``gguf.SpecialVocab``). A file llama.cpp could not tokenize as the model was trained (another
-tokenizer model, or a pre-tokenizer it has no name for) is refused before anything is written.
+(``gguf.SpecialVocab``). A SentencePiece-style ``tokenizer.json`` (Llama 2, TinyLlama, Mistral: BPE with
+byte fallback, spaces as "▁") is written as llama.cpp's ``llama`` vocabulary: no merges but a score per
+token (minus the rank of the merge that makes it, which llama.cpp's SentencePiece merges by), the
+``<0xNN>`` tokens as BYTE, ``<unk>`` as UNKNOWN, and ``add_space_prefix``. llama.cpp puts a "▁" before
+the text after every special token in it; a tokenizer whose Metaspace ``prepend_scheme`` is ``"first"``
+(Mistral v0.3's) puts one only at the start, so text right after a special token (``<s>[INST]``) gets
+one "▁" more in llama.cpp than in the original (transformers' GGUF reader, which rebuilds Llama's
+``"first"`` tokenizer, agrees with the original). A file llama.cpp could not tokenize as the model was
+trained (a Unigram tokenizer as Gemma's and Phi-3's ``tokenizer.model``, another tokenizer model, or
+a pre-tokenizer it has no name for) is refused before anything is written.
 
 Norm gains and biases are stored float32 (llama.cpp keeps 1-D tensors so); the matrices in ``dtype``:
 ``float32``, ``float16``, ``bfloat16`` or ``q8_0`` (llama.cpp's 8-bit blocks of 32; a matrix whose rows
@@ -162,31 +170,35 @@ def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str],
         raise GGUFError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(GGUF_DTYPES)}")
     config = _standard_names(json.loads((hf_dir / "config.json").read_text()))
     arch = check_architecture(config, str(hf_dir))
-    tokens, types, pre = _vocabulary(hf_dir, config["vocab_size"])
+    vocabulary = _vocabulary(hf_dir, config["vocab_size"])
     tensors = _tensors(hf_dir, config, arch, dtype)
 
     writer = gguf.GGUFWriter(out_file, arch)
     try:
-        _write(writer, hf_dir, config, tensors, dtype, (tokens, types, pre), name or hf_dir.name)
+        _write(writer, hf_dir, config, tensors, dtype, vocabulary, name or hf_dir.name)
     finally:
         writer.close()
     return out_file
 
 
 def _write(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any], tensors: list[_Tensor], dtype: str | None,
-           vocabulary: tuple[list[str], list[int], str], name: str) -> None:
+           vocabulary: _Vocabulary, name: str) -> None:
     """The metadata, then the tensor table, then each tensor's data (one in memory at a time)."""
-    tokens, types, pre = vocabulary
     writer.add_name(name)
     _add_hparams(writer, config, ARCHITECTURES[writer.arch])
     writer.add_file_type(_file_type(tensors, dtype))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre)
-    writer.add_add_space_prefix(False)  # a byte-level BPE encodes the text's own spaces
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    _special_vocab(hf_dir, len(tokens)).add_to_gguf(writer, quiet=True)
+    writer.add_tokenizer_model(vocabulary.model)
+    if vocabulary.pre is not None:
+        writer.add_tokenizer_pre(vocabulary.pre)
+    # a byte-level BPE encodes the text's own spaces; SentencePiece puts a "▁" before the text
+    writer.add_add_space_prefix(vocabulary.model == "llama")
+    writer.add_token_list(vocabulary.tokens)
+    if vocabulary.scores is not None:
+        writer.add_token_scores(vocabulary.scores)
+    writer.add_token_types(vocabulary.types)
+    # llama.cpp's SentencePiece merges by the scores, not merges (its converter writes none for it)
+    _special_vocab(hf_dir, len(vocabulary.tokens), merges=vocabulary.model == "gpt2").add_to_gguf(writer, quiet=True)
     for tensor in tensors:
         _add_tensor_info(writer, tensor)
     writer.write_header_to_file()
@@ -318,9 +330,21 @@ def _file_type(tensors: list[_Tensor], dtype: str | None) -> LlamaFileType:
     return _FILE_TYPES[by_kind.get(max(set(kinds), key=kinds.count), "float32")] if kinds else LlamaFileType.ALL_F32
 
 
-def _vocabulary(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], str]:
-    """(tokens by id, their llama.cpp token types, ``tokenizer.ggml.pre``) of the directory's
-    byte-level BPE tokenizer, padded with unused ``[PAD<id>]`` tokens to the model's ``vocab_size``."""
+@dataclass(frozen=True)
+class _Vocabulary:
+    """A tokenizer as llama.cpp reads it: ``model`` ``"gpt2"`` (byte-level BPE, split by ``pre``) or
+    ``"llama"`` (SentencePiece: merges by ``scores``, bytes as ``<0xNN>`` tokens, a space prefix)."""
+
+    model: str
+    tokens: list[str]
+    types: list[int]
+    pre: str | None = None
+    scores: list[float] | None = None
+
+
+def _vocabulary(hf_dir: Path, vocab_size: int) -> _Vocabulary:
+    """The directory's tokenizer (byte-level BPE, or SentencePiece-style BPE with byte fallback) as
+    llama.cpp reads it, padded with unused ``[PAD<id>]`` tokens to the model's ``vocab_size``."""
     path = hf_dir / "tokenizer.json"
     if not path.is_file():
         raise GGUFError(f"{hf_dir}: no tokenizer.json; a GGUF carries its tokenizer (export from a model "
@@ -328,28 +352,89 @@ def _vocabulary(hf_dir: Path, vocab_size: int) -> tuple[list[str], list[int], st
     spec = json.loads(path.read_text(encoding="utf-8"))
     model = spec.get("model") or {}
     decoder = (spec.get("decoder") or {}).get("type")
-    if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
-        kind = "SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else model.get("type")
-        raise GGUFError(f"{path}: a {kind} tokenizer; the GGUF export writes byte-level BPE "
-                        "tokenizers (SmolLM2, Llama 3, Qwen) only")
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        _check_metaspace(spec, path)
+        return _sentencepiece_vocabulary(spec, path, vocab_size)
+    if model.get("type") != "BPE" or decoder != "ByteLevel":
+        raise GGUFError(f"{path}: a {model.get('type')} tokenizer; the GGUF export writes byte-level BPE "
+                        "(SmolLM2, Llama 3, Qwen) and SentencePiece-style BPE with byte fallback (Llama 2, "
+                        "Mistral) tokenizers only")
     pre = _pre_tokenizer(spec.get("pre_tokenizer"), path)
+    tokens, types = _padded(_tokens_by_id(spec, model), path, vocab_size)
+    return _Vocabulary("gpt2", tokens, types, pre=pre)
+
+
+def _tokens_by_id(spec: dict[str, Any], model: dict[str, Any]) -> dict[int, tuple[str, int]]:
+    """Each id's token and llama.cpp type: the model's (NORMAL), then the added ones over them
+    (CONTROL when special, else USER_DEFINED)."""
     by_id: dict[int, tuple[str, int]] = {i: (tok, TokenType.NORMAL) for tok, i in model["vocab"].items()}
     for added in spec.get("added_tokens", []):
         by_id[added["id"]] = (added["content"], TokenType.CONTROL if added.get("special") else TokenType.USER_DEFINED)
+    return by_id
+
+
+def _padded(by_id: dict[int, tuple[str, int]], path: Path, vocab_size: int) -> tuple[list[str], list[int]]:
+    """(tokens, types) for ids 0..vocab_size-1, ids the tokenizer lacks as UNUSED ``[PAD<id>]``."""
     if max(by_id) >= vocab_size:
         raise GGUFError(f"{path}: token id {max(by_id)} is past the model's vocab_size {vocab_size}")
     entries = [by_id.get(i, (f"[PAD{i}]", TokenType.UNUSED)) for i in range(vocab_size)]
-    return [tok for tok, _ in entries], [int(kind) for _, kind in entries], pre
+    return [tok for tok, _ in entries], [int(kind) for _, kind in entries]
 
 
-def _special_vocab(hf_dir: Path, n_vocab: int) -> gguf.SpecialVocab:
+def _check_metaspace(spec: dict[str, Any], path: Path) -> None:
+    """:class:`GGUFError` unless the text reaches the model as SentencePiece gives it: spaces as "▁" and one
+    "▁" before the text (Llama 2's normalizer Prepend + Replace, or Mistral's Metaspace pre-tokenizer
+    without splitting), which is llama.cpp's ``add_space_prefix``."""
+    def steps(part: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
+        return (part or {}).get(key, [part] if part else [])
+
+    normalizer = steps(spec.get("normalizer"), "normalizers")
+    pre = steps(spec.get("pre_tokenizer"), "pretokenizers")
+    legacy = ([(s.get("type"), s.get("prepend") or s.get("content")) for s in normalizer]
+              == [("Prepend", "▁"), ("Replace", "▁")] and not pre
+              and normalizer[1].get("pattern", {}).get("String") == " ")
+    metaspace = (not normalizer and len(pre) == 1 and pre[0].get("type") == "Metaspace"
+                 and pre[0].get("replacement") == "▁" and pre[0].get("prepend_scheme", "always") != "never"
+                 and not pre[0].get("split", True))
+    if not (legacy or metaspace):
+        raise GGUFError(f"{path}: a SentencePiece-style BPE whose normalizer {json.dumps(spec.get('normalizer'))[:80]} "
+                        f"and pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:80]} are not SentencePiece's "
+                        "(spaces as ▁, one ▁ prefixed, no split); llama.cpp would tokenize it differently")
+
+
+def _sentencepiece_vocabulary(spec: dict[str, Any], path: Path, vocab_size: int) -> _Vocabulary:
+    """llama.cpp's SentencePiece vocabulary of a ``tokenizer.json`` BPE with byte fallback.
+
+    llama.cpp merges the adjacent pair whose joined token has the highest score, where the BPE
+    merges the pair of lowest rank: so a token's score is minus the rank of the merge that makes it
+    (as SentencePiece's own BPE scores are its merge order). Tokens no merge makes (characters,
+    ``<0xNN>`` bytes, special tokens) score 0, as in SentencePiece's files; llama.cpp never merges
+    into a character, and special tokens are matched whole before merging."""
+    model = spec["model"]
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+    scores_by_token = {}
+    for rank, (left, right) in enumerate(merges):
+        scores_by_token.setdefault(left + right, -float(rank))
+    by_id = _tokens_by_id(spec, model)
+    unk = model.get("unk_token")
+    for i, (tok, kind) in by_id.items():
+        if tok == unk:  # special or not, llama.cpp's type for what byte fallback does not cover
+            by_id[i] = (tok, TokenType.UNKNOWN)
+        elif kind == TokenType.NORMAL and len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            by_id[i] = (tok, TokenType.BYTE)
+    tokens, types = _padded(by_id, path, vocab_size)
+    scores = [scores_by_token.get(tok, 0.0) if kind == TokenType.NORMAL else 0.0 for tok, kind in zip(tokens, types)]
+    return _Vocabulary("llama", tokens, types, scores=scores)
+
+
+def _special_vocab(hf_dir: Path, n_vocab: int, merges: bool) -> gguf.SpecialVocab:
     """The merges, special token ids, whether a text gets BOS/EOS, and the chat template. ``gguf``'s
     reader of the files fills ids the tokenizer leaves unset from ``config.json`` (as llama.cpp's
     converter does); what the tokenizer itself says (as transformers loads it: a template saved as
     ``chat_template.jinja``, BOS/EOS by what it adds to a text) takes precedence."""
     from transformers import AutoTokenizer
 
-    special = gguf.SpecialVocab(hf_dir, load_merges=True, n_vocab=n_vocab)
+    special = gguf.SpecialVocab(hf_dir, load_merges=merges, n_vocab=n_vocab)
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     for kind in ("bos", "eos", "unk", "pad"):
         token_id = getattr(tokenizer, f"{kind}_token_id", None)
