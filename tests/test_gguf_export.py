@@ -425,11 +425,12 @@ def test_a_run_resumed_with_another_output_export_replaces_its_export(tmp_path):
                 adapter_dir(tmp_path / "run")
 
 
-def sentencepiece_style_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """Llama 2's tokenizer.json in little: a BPE with byte fallback (<unk>, <s>, </s>, the 256 <0xNN> bytes,
+def sentencepiece_style_tokenizer(legacy: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """Mistral's tokenizer.json in little: a BPE with byte fallback (<unk>, <s>, </s>, the 256 <0xNN> bytes,
     then characters and merges learned on a few sentences as SentencePiece learns them: within words),
-    spaces as "▁" with one before the text, BOS added, a chat template."""
-    from tokenizers import AddedToken, decoders, pre_tokenizers, processors, trainers
+    spaces as "▁" with one before the text (``legacy``: Llama 2's normalizer, else a Metaspace pre-tokenizer),
+    BOS added, a chat template."""
+    from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors, trainers
 
     corpus = ["the quick brown fox jumps over the lazy dog", "hello world, hello there", "numbers 12345 and 678",
               "user assistant: the answer is 42"] * 3
@@ -443,7 +444,10 @@ def sentencepiece_style_tokenizer() -> transformers.PreTrainedTokenizerFast:
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
     tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
     tok.add_special_tokens([AddedToken(t, normalized=False) for t in ("<unk>", "<s>", "</s>")])
@@ -455,15 +459,16 @@ def sentencepiece_style_tokenizer() -> transformers.PreTrainedTokenizerFast:
     return fast
 
 
-@pytest.mark.parametrize("architecture", ["LlamaForCausalLM", "MistralForCausalLM"])
-def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabulary(architecture, tmp_path):
+@pytest.mark.parametrize("architecture,legacy", [("LlamaForCausalLM", True), ("LlamaForCausalLM", False),
+                                                 ("MistralForCausalLM", False)])
+def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabulary(architecture, legacy, tmp_path):
     """A tokenizer.json BPE with byte fallback (Llama 2, Mistral) becomes llama.cpp's ``llama`` vocabulary: scores
     by merge rank (llama.cpp merges by score, with no merges in the file), <0xNN> as BYTE, the specials as CONTROL and
     <unk> UNKNOWN. transformers' GGUF reader (which rebuilds the merges from the scores, as llama.cpp ranks them) and
     jaxtune's importer tokenize as the original, text needing byte fallback and the chat template's output included."""
     from jaxtune.models.gguf_export import hf_to_gguf
 
-    original = sentencepiece_style_tokenizer()
+    original = sentencepiece_style_tokenizer(legacy)
     overrides = dict(sliding_window=None) if architecture == "MistralForCausalLM" else {}
     tiny_hf_model(architecture, tmp_path / "base", randomize=True, vocab_size=len(original) + 3, **overrides)
     original.save_pretrained(tmp_path / "base")
@@ -483,6 +488,12 @@ def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabula
              "héllo wörld ✓ 日本", chat]
     want = [original(t)["input_ids"] for t in texts]
     assert 3 + ord("\n") in want[1] and original.unk_token_id not in sum(want, [])  # byte fallback, no <unk>
+    if legacy:  # llama.cpp's rules (docs/cli.md); transformers rebuilds a Metaspace: no "▁" before text that
+        # starts with a space, nor after a special token (the chat's <s><s>[INST])
+        want[1] = original(texts[1][1:])["input_ids"]
+        assert len(want[1]) == len(original(texts[1])["input_ids"]) - 1
+        assert want[-1][2] == original.convert_tokens_to_ids("▁")
+        want[-1] = want[-1][:2] + want[-1][3:]
     gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     assert gguf_tokenizer.chat_template == original.chat_template
     assert [gguf_tokenizer(t)["input_ids"] for t in texts] == want

@@ -16,11 +16,13 @@ id, which are special (control) or added (user-defined), the merges, special tok
 (``gguf.SpecialVocab``). A SentencePiece-style ``tokenizer.json`` (Llama 2, TinyLlama, Mistral: BPE with
 byte fallback, spaces as "▁") is written as llama.cpp's ``llama`` vocabulary: no merges but a score per
 token (minus the rank of the merge that makes it, which llama.cpp's SentencePiece merges by), the
-``<0xNN>`` tokens as BYTE, ``<unk>`` as UNKNOWN, and ``add_space_prefix``. llama.cpp puts a "▁" before
-the text after every special token in it; a tokenizer whose Metaspace ``prepend_scheme`` is ``"first"``
-(Mistral v0.3's) puts one only at the start, so text right after a special token (``<s>[INST]``) gets
-one "▁" more in llama.cpp than in the original (transformers' GGUF reader, which rebuilds Llama's
-``"first"`` tokenizer, agrees with the original). A file llama.cpp could not tokenize as the model was
+``<0xNN>`` tokens as BYTE, ``<unk>`` as UNKNOWN, and ``add_space_prefix``. llama.cpp then puts a "▁"
+before the text and after every special token in it, as Llama 2's normalizer (Prepend "▁") does. A
+Metaspace with ``prepend_scheme: "first"`` (Mistral's tokenizer.json) puts one only at the start and
+not before a space, so text that starts with a space or follows a special token (``<s>[INST]``) gets
+one "▁" more in llama.cpp than in the original. transformers' GGUF reader (and jaxtune's importer,
+built on it) rebuilds that Metaspace: it agrees with Mistral's tokenizer there and with neither
+llama.cpp nor Llama 2's. A file llama.cpp could not tokenize as the model was
 trained (a Unigram tokenizer as Gemma's and Phi-3's ``tokenizer.model``, another tokenizer model, or
 a pre-tokenizer it has no name for) is refused before anything is written.
 
