@@ -13,10 +13,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -27,9 +26,22 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
-from starlette.types import Message
 
 from jaxtune.serve import inference
+from jaxtune.serve.http_api import (
+    Handler,
+    authed,
+    capped,
+    error,
+    finite,
+    json_body,
+    list_object,
+    no_such_after,
+    not_found,
+    page,
+    page_limit,
+    upload_too_large,
+)
 from jaxtune.serve.jobs import BaseModel, RequestError, check_upload, job_recipe, method_of
 from jaxtune.serve.runner import ACTIVE, Runner
 from jaxtune.serve.store import Store, new_id
@@ -52,135 +64,6 @@ class Settings:
     max_upload_bytes: int = 512 * 2**20
     max_json_bytes: int = 16 * 2**20  # a JSON request body (a job, a chat completion's messages)
     loaded_models: int = 2
-
-
-def error(status: int, message: str, *, param: str | None = None, code: str | None = None,
-          type: str = "invalid_request_error") -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": type, "param": param, "code": code}}, status)
-
-
-def not_found(what: str, name: str, param: str | None = None) -> RequestError:
-    return RequestError(f"No such {what}: '{name}'", param, f"{what}_not_found".replace(" ", "_"), status=404)
-
-
-Handler = Callable[[Request, str], Awaitable[Response]]
-
-
-def authed(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
-    """The key's owner id passed to ``handler``; a missing or unknown key is a 401, a
-    :class:`RequestError` its error object."""
-
-    async def endpoint(request: Request) -> Response:
-        header = request.headers.get("authorization", "")
-        scheme, _, secret = header.partition(" ")
-        if scheme.lower() != "bearer" or not secret.strip():
-            return error(401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' (keys are "
-                         "made by: jaxtune serve keys create NAME)", code="missing_api_key")
-        owner = request.app.state.store.key_owner(secret.strip())
-        if owner is None:
-            return error(401, "Incorrect API key provided.", code="invalid_api_key")
-        try:
-            return await handler(request, owner)
-        except RequestError as err:
-            return error(err.status, str(err), param=err.param, code=err.code)
-        except Exception as err:  # noqa: BLE001 - a client always gets an error object, never a bare 500
-            log.exception("%s %s", request.method, request.url.path)
-            return error(500, f"The server had an error processing this request: {type(err).__name__}: {err}",
-                         type="server_error")
-
-    return endpoint
-
-
-def capped(request: Request, limit: int, too_large: Callable[[], RequestError]) -> Request:
-    """``request``, its body read refused with ``too_large()`` (a 413) past ``limit`` bytes: a
-    Content-Length over it at once, and any body as its bytes arrive (a chunked one declares no
-    length), before Starlette buffers or spools it."""
-    length = request.headers.get("content-length", "")
-    if length.isascii() and length.isdigit() and int(length) > limit:
-        raise too_large()
-    received = 0
-
-    async def receive() -> Message:
-        nonlocal received
-        message = await request.receive()
-        received += len(message.get("body", b""))
-        if received > limit:
-            raise too_large()
-        return message
-
-    return Request(request.scope, receive)
-
-
-def upload_too_large(limit: int) -> RequestError:
-    return RequestError(f"file: larger than this server's upload limit of {limit} bytes (jaxtune serve "
-                        "--max-upload-mb)", "file", "file_too_large", status=413)
-
-
-def json_too_large(limit: int) -> RequestError:
-    return RequestError(f"the request body is larger than this server's limit of {limit} bytes for a JSON request",
-                        None, "request_too_large", status=413)
-
-
-async def _json(request: Request) -> dict[str, Any]:
-    limit = request.app.state.settings.max_json_bytes
-    try:
-        body = await capped(request, limit, lambda: json_too_large(limit)).json()
-    except RequestError:
-        raise
-    except ValueError:
-        raise RequestError("the request body is not valid JSON") from None
-    if not isinstance(body, dict):
-        raise RequestError("the request body must be a JSON object")
-    return body
-
-
-def finite(value: Any) -> Any:
-    """``value`` with its non-finite floats (a diverged run's NaN loss) as None: JSON has no NaN,
-    and a response holding one fails to render."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Mapping):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite(v) for v in value]
-    return value
-
-
-def page_limit(request: Request, *, default_limit: int = 20, max_limit: int = 100) -> int:
-    """The request's ``limit`` query parameter, checked."""
-    raw = request.query_params.get("limit")
-    try:
-        limit = default_limit if raw is None else int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= max_limit:
-        raise RequestError(f"limit: expected an integer in [1, {max_limit}], got {raw!r}", "limit")
-    return limit
-
-
-def no_such_after(after: str) -> RequestError:
-    return RequestError(f"after: no such id in this list: '{after}'", "after")
-
-
-def list_object(items: list[dict[str, Any]], limit: int) -> dict[str, Any]:
-    """OpenAI's list object of the first ``limit`` of ``items`` (the page and at least one more
-    when there is more: ``has_more``)."""
-    data = items[:limit]
-    return {"object": "list", "data": data, "has_more": len(items) > limit,
-            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
-
-
-def page(items: list[dict[str, Any]], request: Request, *, default_limit: int = 20,
-         max_limit: int = 100) -> dict[str, Any]:
-    """OpenAI's list object: the items after ``after`` (an id), at most ``limit``, and ``has_more``."""
-    limit = page_limit(request, default_limit=default_limit, max_limit=max_limit)
-    after = request.query_params.get("after")
-    if after:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise no_such_after(after)
-        items = items[ids.index(after) + 1:]
-    return list_object(items, limit)
 
 
 # ----------------------------------------------------------------------------- objects
@@ -307,7 +190,7 @@ async def delete_file(request: Request, owner: str) -> Response:
 async def create_job(request: Request, owner: str) -> Response:
     settings: Settings = request.app.state.settings
     runner: Runner = request.app.state.runner
-    body = await _json(request)
+    body = await json_body(request)
     unknown = sorted(set(body) - CREATE_FIELDS)
     if unknown:
         known = ", ".join(sorted(CREATE_FIELDS))
@@ -508,7 +391,7 @@ def refusing_damaged(load: Callable[[], Any], job: Mapping[str, Any], name: str,
 
 
 async def chat_completions(request: Request, owner: str) -> Response:
-    body = await _json(request)
+    body = await json_body(request)
     messages = inference.chat_messages(body.get("messages"))
     opts = inference.options(body)
     stream_options = body.get("stream_options") or {}
