@@ -99,7 +99,7 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     Args:
       model: a run directory, a merged export directory, a :class:`~jaxtune.tuning.Tuned`, or a
         ``Trainer.fit()`` result (its trained model).
-      data: a JSONL or CSV/TSV file of rows (a label column is optional), or a source.
+      data: a JSONL, CSV/TSV or Parquet file of rows (a label column is optional), or a source.
       best: a run's best checkpoint instead of its latest.
       batch_size, max_length: default the run's (else 32 and 128); longer texts are cut at the right.
       packing: several rows per ``max_length`` sequence, each its own segment (attention, pooling),

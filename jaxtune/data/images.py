@@ -5,7 +5,8 @@ Sources (all validated at the door; a bad file or row fails in one line naming i
 - an image folder: ``root/<class name>/*.png`` (classification; classes in sorted order);
 - arrays: an ``.npz`` with ``images`` (uint8 ``(N, H, W)`` or ``(N, H, W, C)``) and ``labels``,
   or IDX files (MNIST's format, ``.gz`` or raw) with the labels file beside the images file;
-- JSONL rows ``{"image": "path/rel/to/the/file.png", "label": "cat" | 3 | 2.5}``.
+- JSONL rows ``{"image": "path/rel/to/the/file.png", "label": "cat" | 3 | 2.5}``, or Parquet rows
+  (a file or a folder of shards) with those columns.
 
 A record is decoded (Pillow) where grain reads it, in its threads or worker processes, then made
 the model's input by :class:`ToPixels`: resized to the model's square ``size``, scaled to [0, 1],
@@ -34,6 +35,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxtune.data.parquet import is_parquet
 from jaxtune.data.pipeline import Loader, LoaderConfig, _shard, in_workers, reading_config
 from jaxtune.data.sources import DataError, Source, SourceReport, digest_bytes
 
@@ -409,16 +411,7 @@ def read_image_jsonl(path: str | os.PathLike, kind: str = "classification", *,
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(here, f"not valid JSON ({err.msg})", "one JSON object per line") from None
-        if not isinstance(row, dict) or not isinstance(row.get("image"), str) or label_field not in row:
-            raise DataError(here, f"a row needs \"image\" (a file path) and {label_field!r}",
-                            f'write {{"image": "cats/1.png", "{label_field}": "cat"}}'
-                            + ("" if label_field != "label" or not isinstance(row, dict) else
-                               ", or name the label's key with label_field"))
-        image = row["image"] if os.path.isabs(row["image"]) else str(path.parent / row["image"])
-        if not os.path.isfile(image):
-            raise DataError(here, f"image {image} not found", "fix the path (relative to the JSONL file's folder)")
-        _check_header(image, here)
-        paths.append(image)
+        paths.append(_image_row(row, here, path.parent, label_field))
         values.append(row[label_field])
         where.append(here)
     if not paths:
@@ -427,17 +420,52 @@ def read_image_jsonl(path: str | os.PathLike, kind: str = "classification", *,
     return ImageSource(kind, paths, ids, _report(path, len(paths)), names)
 
 
+def _image_row(row: Any, here: str, folder: Path, label_field: str) -> str:
+    """The checked image path of a row ``{"image": path, label_field: label}`` at ``here`` (a relative
+    path is relative to ``folder``, the rows file's)."""
+    if not isinstance(row, dict) or not isinstance(row.get("image"), str) or label_field not in row:
+        raise DataError(here, f"a row needs \"image\" (a file path) and {label_field!r}",
+                        f'write {{"image": "cats/1.png", "{label_field}": "cat"}}'
+                        + ("" if label_field != "label" or not isinstance(row, dict) else
+                           ", or name the label's key with label_field"))
+    image = row["image"] if os.path.isabs(row["image"]) else str(folder / row["image"])
+    if not os.path.isfile(image):
+        raise DataError(here, f"image {image} not found", "fix the path (relative to the rows file's folder)")
+    _check_header(image, here)
+    return image
+
+
+def read_image_parquet(path: str | os.PathLike, kind: str = "classification", *,
+                       labels: Sequence | None = None, label_field: str = "label") -> ImageSource:
+    """Parquet rows (a file or a folder of shards) with an ``image`` path column (relative to the
+    Parquet file's folder) and a label column ``label_field``: :func:`read_image_jsonl`'s rows."""
+    from jaxtune.data.parquet import parquet_rows
+
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent  # shards lie in the folder given
+    paths, values, where = [], [], []
+    for here, _, _, row in parquet_rows(path, {"label_field": label_field}, optional=["image"]):
+        paths.append(_image_row(row, here, folder, label_field))
+        values.append(row[label_field])
+        where.append(here)
+    if not paths:
+        raise DataError(str(path), "no rows", "add one row per image")
+    ids, names = _labels(values, kind, where, labels)
+    return ImageSource(kind, paths, ids, _report(Path(path), len(paths)), names)
+
+
 def read_images(path: str | os.PathLike, kind: str = "classification", *, labels: Sequence | None = None,
                 labels_file: str | None = None, label_field: str | None = None) -> ImageSource:
-    """Any image source by its layout: a folder, an ``.npz``, IDX files, or JSONL rows (whose label is
-    under ``label_field``, default ``label``)."""
+    """Any image source by its layout: a folder, an ``.npz``, IDX files, or JSONL or Parquet rows (whose
+    label is under ``label_field``, default ``label``)."""
     p = Path(path)
     if not p.exists():
         raise DataError(str(p), "no such file or folder", "give an image folder, .npz, IDX or JSONL file")
     if p.suffix.lower() == ".jsonl":
         return read_image_jsonl(p, kind, labels=labels, label_field=label_field or "label")
+    if is_parquet(p):
+        return read_image_parquet(p, kind, labels=labels, label_field=label_field or "label")
     if label_field is not None:
-        raise DataError(str(p), f"label_field {label_field!r} names a JSONL key, and this is "
+        raise DataError(str(p), f"label_field {label_field!r} names a JSONL key or Parquet column, and this is "
                         f"{'a class-folder tree' if p.is_dir() else 'an array file'}", "remove label_field")
     if p.is_dir():
         return read_image_folder(p, kind, labels=labels)

@@ -40,11 +40,13 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data import packing
+from jaxtune.data.parquet import is_parquet, read_parquet
 from jaxtune.data.rows import RowError, check_message, string_field
 from jaxtune.data.sources import (
     PREFERENCE,
     DataError,
     FileSource,
+    Source,
     SourceReport,
     existing_file,
     finish_report,
@@ -65,6 +67,7 @@ TRUNCATION = ("right", "drop", "error")
 Pair = dict[str, Any]  # {"chosen": Example, "rejected": Example, "index": source index or -1}
 PAIR_IDS = "pair_ids"  # the rows' key for source index + 1 per token (0: padding or unknown)
 
+PREFERENCE_COLUMNS = ("input", "preferred_output", "non_preferred_output", "prompt", "chosen", "rejected")
 _OPENAI_HINT = ('write each line as {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", '
                 '"content": ...}], "non_preferred_output": [...]} or {"prompt": ..., "chosen": ..., "rejected": ...}')
 
@@ -210,12 +213,16 @@ class PreferenceSource(FileSource):
         return out
 
 
-def read_preference(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> PreferenceSource:
-    """Read a preference JSONL file (OpenAI's or TRL's format, see the module docstring).
+def read_preference(path: str | os.PathLike, *, skip_bad_rows: bool = False) -> Source:
+    """Read a preference JSONL file (OpenAI's or TRL's format, see the module docstring), or a Parquet
+    file or folder of shards with those columns (:mod:`jaxtune.data.parquet`).
 
-    Raises :class:`DataError` (``path:line``) on the first bad row unless ``skip_bad_rows``, in
-    which case bad rows are counted in ``source.report.skipped``.
+    Raises :class:`DataError` (``path:line``, ``path[row]`` for Parquet) on the first bad row unless
+    ``skip_bad_rows``, in which case bad rows are counted in ``source.report.skipped``.
     """
+    if is_parquet(path):
+        return read_parquet(path, KIND, check_preference, optional=PREFERENCE_COLUMNS, skip_bad_rows=skip_bad_rows,
+                            indexed=True)
     path = existing_file(path)
     report = SourceReport([path])
     lines, offsets, lengths = [], [], []

@@ -10,6 +10,9 @@ A source is random-access (grain's ``RandomAccessDataSource`` protocol: ``len`` 
 sources keep only byte offsets and read rows with ``os.pread``, so a copy is small and the
 threads grain reads with never share a file position.
 
+Parquet files (and folders of shards) give every kind but ``text`` the same rows, checked the
+same way (:mod:`jaxtune.data.parquet`; ``where`` is then ``"path[row]"``, the row's index in the file).
+
 Records (what ``source[i]`` returns) are plain dicts, one per example, with ``"where"``
 (``"path:line"``, for later error messages) and, by kind:
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 import abc
 import csv
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -38,7 +42,7 @@ import os
 import re
 import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +141,7 @@ class FileSource(Source):
         self.kind, self.paths, self.report = kind, tuple(paths), report
         self.fields = dict(fields or {})  # the row check's field names (messages_field=...)
         self._file_ids, self._offsets, self._lengths, self._lines = file_ids, offsets, lengths, lines
-        self._stamps = [_stamp(p) for p in self.paths]
+        self._stamps = [file_stamp(p) for p in self.paths]
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -168,7 +172,7 @@ class FileSource(Source):
                 if fd is None:
                     path = self.paths[file_id]
                     fd = os.open(path, os.O_RDONLY)
-                    if _stamp(path, fd) != self._stamps[file_id]:
+                    if file_stamp(path, fd) != self._stamps[file_id]:
                         os.close(fd)
                         raise DataError(path, "file changed after it was validated",
                                         "rebuild the data loader after editing data files")
@@ -228,7 +232,8 @@ def digest_bytes(*parts: bytes) -> str:
 _CHECKS: dict[str, Callable[[Any], dict]] = {"chat": check_chat, "prompt_completion": check_prompt_completion}
 
 
-def _stamp(path: str, fd: int | None = None) -> tuple[int, int]:
+def file_stamp(path: str, fd: int | None = None) -> tuple[int, int]:
+    """``(size, mtime_ns)`` of ``path`` (of the open ``fd`` when given): a file edited since has others."""
     st = os.fstat(fd) if fd is not None else os.stat(path)
     return st.st_size, st.st_mtime_ns
 
@@ -277,10 +282,7 @@ def read_jsonl(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = Fals
     ``skip_bad_rows``, in which case bad rows are counted in ``source.report.skipped``.
     ``syntax`` spells the fixes errors suggest (Python arguments or recipe keys).
     """
-    if kind not in _CHECKS:
-        raise ValueError(f"read_jsonl reads kinds {sorted(_CHECKS)}, not {kind!r}")
-    fields: dict[str, Any] = ({"messages_field": messages_field} if kind == "chat"
-                              else {"prompt_field": prompt_field, "completion_field": completion_field})
+    fields = _row_fields(kind, messages_field, prompt_field, completion_field)
     path = existing_file(path)
     report = SourceReport([path])
     lines, offsets, lengths = [], [], []
@@ -294,6 +296,25 @@ def read_jsonl(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = Fals
     finish_report(report, len(offsets), "rows")
     return FileSource(kind, [path], np.zeros(len(offsets), np.int32), np.asarray(offsets, np.int64),
                       np.asarray(lengths, np.int64), np.asarray(lines, np.int64), report, fields)
+
+
+def _row_fields(kind: str, messages_field: str, prompt_field: str, completion_field: str) -> dict[str, str]:
+    """The field options (option -> key) of a chat or prompt/completion row check."""
+    if kind not in _CHECKS:
+        raise ValueError(f"rows of chat or prompt_completion are read here, not {kind!r}")
+    return ({"messages_field": messages_field} if kind == "chat"
+            else {"prompt_field": prompt_field, "completion_field": completion_field})
+
+
+def _read_parquet_rows(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = False,
+                       messages_field: str = "messages", prompt_field: str = "prompt",
+                       completion_field: str = "completion", syntax: Syntax = PYTHON) -> Source:
+    """:func:`read_jsonl`'s rows from a Parquet file or folder of shards (see :mod:`jaxtune.data.parquet`)."""
+    from jaxtune.data.parquet import read_parquet
+
+    fields = _row_fields(kind, messages_field, prompt_field, completion_field)
+    return read_parquet(path, kind, functools.partial(_CHECKS[kind], syntax=syntax), fields=fields,
+                        skip_bad_rows=skip_bad_rows, syntax=syntax)
 
 
 _UNIT_PATTERNS = {
@@ -316,6 +337,10 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
             raise DataError(root, f"folder has no {'/'.join(suffixes)} files", "point at text files or set suffixes")
     else:
         files = [existing_file(root)]
+        if _is_parquet(root):  # its bytes would read as text that is not UTF-8, at some line
+            raise DataError(root, "a Parquet file, but raw text (kind text) is read from text files",
+                            "read Parquet rows as chat, prompt_completion, classification, regression or "
+                            "preference, or write the documents to .txt files")
     if unit not in TEXT_UNITS:
         raise ValueError(f"unit must be one of {TEXT_UNITS}, got {unit!r}")
     report = SourceReport(files if len(files) == 1 else [root])
@@ -346,15 +371,39 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
                       np.asarray(cols[2], np.int64), np.asarray(cols[3], np.int64), report)
 
 
-def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: dict[str, str],
-                  syntax: Syntax) -> Iterator[tuple[int, Any]]:
-    """Rows of a JSONL or CSV/TSV file; ``fields`` maps each option (``text_field``...) to the
-    column a CSV header must have."""
+def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: dict[str, str], optional: Sequence[str],
+                  syntax: Syntax) -> Iterator[tuple[str, Any]]:
+    """``(where, row)`` of a JSONL, CSV/TSV or Parquet file; ``fields`` maps each option (``text_field``...)
+    to the column a CSV header or Parquet file must have (Parquet reads those and ``optional``)."""
     if path.lower().endswith((".csv", ".tsv")):
-        yield from _csv_rows(path, fields, syntax)
+        for line_no, row in _csv_rows(path, fields, syntax):
+            yield f"{path}:{line_no}", row
+    elif _is_parquet(path):
+        from jaxtune.data.parquet import parquet_rows
+
+        for where, _, _, row in parquet_rows(path, fields, optional, syntax):
+            yield where, row
     else:
         for line_no, _, _, parsed in jsonl_lines(path, report, skip, syntax):
-            yield line_no, parsed
+            yield f"{path}:{line_no}", parsed
+
+
+def _is_parquet(path: str | os.PathLike) -> bool:
+    from jaxtune.data.parquet import is_parquet  # it builds on this module, as preference does
+
+    return is_parquet(path)
+
+
+def check_columns(where: str, columns: Sequence[str], fields: Mapping[str, str], syntax: Syntax, whose: str) -> None:
+    """A :class:`DataError` at ``where`` (``whose``: "header has", "file has") when ``columns`` lack one that
+    ``fields`` (option -> column) maps; its fix names the option that would read another column."""
+    missing = [(option, column) for option, column in fields.items() if column not in columns]
+    if missing:
+        option, column = missing[0]
+        others = [c for c in columns if c not in fields.values()] or list(columns)
+        raise DataError(where, f"{whose} no column {column!r} (columns: {list(columns)})",
+                        f"rename the column, or {syntax.verb} {syntax.option(option, others[0])} to read "
+                        "another column")
 
 
 def _csv_rows(path: str, fields: dict[str, str], syntax: Syntax) -> Iterator[tuple[int, dict | RowError]]:
@@ -368,15 +417,9 @@ def _csv_rows(path: str, fields: dict[str, str], syntax: Syntax) -> Iterator[tup
             header = reader.fieldnames or []
         except csv.Error as err:
             raise DataError(f"{path}:1", f"the header is not valid CSV ({err})", "fix the header row") from None
-        missing = [(option, column) for option, column in fields.items() if column not in header]
         if not header:
             raise DataError(f"{path}:1", "file is empty", "write a header row and data rows")
-        if missing:
-            option, column = missing[0]
-            others = [c for c in header if c not in fields.values()] or header
-            raise DataError(f"{path}:1", f"header has no column {column!r} (columns: {header})",
-                            f"rename the column, or {syntax.verb} {syntax.option(option, others[0])} to read "
-                            "another column")
+        check_columns(f"{path}:1", header, fields, syntax, "header has")
         twice = sorted({c for c in header if header.count(c) > 1})
         if twice:  # csv would keep only the last column of a name
             raise DataError(f"{path}:1", f"the header names column {twice[0]!r} more than once",
@@ -452,13 +495,12 @@ def read_labeled(path: str | os.PathLike, task: str = "classification", *, label
     if task not in ("classification", "regression"):
         raise ValueError(f"task must be 'classification' or 'regression', got {task!r}")
     label_field = label_field or ("label" if task == "classification" else "target")
-    path = existing_file(path)
+    path = os.fspath(path) if _is_parquet(path) else existing_file(path)
     report = SourceReport([path])
     fields = {"text_field": text_field, **({"label_field": label_field} if require_label else {}),
               **({"pair_field": pair_field} if pair_field else {})}
     records = []
-    for line_no, row in _labeled_rows(path, report, skip_bad_rows, fields, syntax):
-        where = f"{path}:{line_no}"
+    for where, row in _labeled_rows(path, report, skip_bad_rows, fields, [label_field], syntax):
         try:
             if isinstance(row, RowError):
                 raise row
@@ -497,6 +539,8 @@ def read_source(path: str | os.PathLike, kind: str, *, skip_bad_rows: bool = Fal
     """Read ``path`` as one of :data:`KINDS`; ``options`` go to the kind's reader (field names,
     ``syntax``...)."""
     if kind in _CHECKS:
+        if _is_parquet(path):
+            return _read_parquet_rows(path, kind, skip_bad_rows=skip_bad_rows, **options)
         return read_jsonl(path, kind, skip_bad_rows=skip_bad_rows, **options)
     if kind == "text":
         return read_text(path, skip_bad_rows=skip_bad_rows, **options)

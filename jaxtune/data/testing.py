@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +77,18 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    return path
+
+
+def write_parquet(path: str | os.PathLike, rows: Sequence[dict], *, row_group_size: int | None = None) -> Path:
+    """Write ``rows`` (dicts; nested lists and dicts become Parquet lists and structs) as a Parquet file
+    with pyarrow, in row groups of ``row_group_size`` rows (default: pyarrow's); return the path."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(list(rows)), path, row_group_size=row_group_size)
     return path
 
 

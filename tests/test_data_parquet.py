@@ -1,0 +1,320 @@
+"""Parquet sources: the same rows as JSONL give the same records and batches; files written by
+``datasets`` and pandas; folders of shards; errors naming file, row and column; rows read by row
+group in any order; the digest a resumed run checks; a training run from Parquet resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+import threading
+
+import datasets
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+from helpers import tiny_hf_model
+from test_data_images import _png
+from test_data_pipeline import assert_same_batches, check_resume
+
+from jaxtune import tuning
+from jaxtune.data import DataConfig, DataError, LoaderConfig, make_loader, read_data, read_labeled, read_source
+from jaxtune.data import parquet as parquet_module
+from jaxtune.data.images import read_images
+from jaxtune.data.testing import (
+    synthetic_chat_rows,
+    synthetic_preference_rows,
+    tiny_tokenizer,
+    write_jsonl,
+    write_parquet,
+)
+from jaxtune.models import hf
+from jaxtune.training.config import CheckpointConfig, TrainConfig
+from jaxtune.training.optim import OptimizerConfig
+from jaxtune.training.rundir import RunMismatchError
+from jaxtune.training.sharding import MeshConfig, make_mesh
+from jaxtune.training.trainer import Trainer
+
+# Turns with keys only some turns have: a Parquet struct gives every turn every key, null where absent.
+CHAT = synthetic_chat_rows(22, max_words=6) + [
+    {"messages": [{"role": "user", "content": "a", "name": "ann"}, {"role": "assistant", "content": "b", "weight": 0},
+                  {"role": "user", "content": "c"}, {"role": "assistant", "content": "d", "weight": 1}]},
+    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "e"},
+                  {"role": "assistant", "content": "f"}]}]
+ROWS = {
+    "chat": CHAT,
+    "prompt_completion": [{"prompt": f"question {i} " + "x" * (i % 7), "completion": f"answer {i}"} for i in range(23)],
+    "preference": synthetic_preference_rows(17),
+    "classification": [{"text": f"text {i} " + "y" * (i % 5), "label": ["neg", "pos", "mid"][i % 3]}
+                       for i in range(21)],
+    "regression": [{"text": f"text {i}", "target": i / 4 - 2} for i in range(19)],
+}
+
+
+def without_where(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "where"}
+
+
+def records(source) -> list[dict]:
+    return [without_where(source[i]) for i in range(len(source))]
+
+
+def batches(source, *, shuffle: bool) -> list[dict]:
+    config = LoaderConfig(batch_size=4, max_length=64, num_epochs=2, shuffle=shuffle, drop_remainder=shuffle, seed=3,
+                          shard_index=0, shard_count=1)
+    return list(make_loader(source, tiny_tokenizer(), config, scan_first=False))
+
+
+@pytest.mark.parametrize("kind", sorted(ROWS))
+def test_the_same_rows_from_jsonl_and_parquet_give_the_same_records_and_batches(kind, tmp_path):
+    rows = ROWS[kind]
+    jsonl = read_source(write_jsonl(tmp_path / "rows.jsonl", rows), kind)
+    path = write_parquet(tmp_path / "rows.parquet", rows, row_group_size=5)  # 5 row groups or so
+    ours = read_source(path, kind)
+    assert len(ours) == len(jsonl) == len(rows) and ours.label_names == jsonl.label_names
+    assert records(ours) == records(jsonl)
+    assert ours[7]["where"] == f"{path}[7]"  # the row's index in the file, as pandas and datasets count
+    for shuffle in (True, False):
+        theirs, mine = batches(jsonl, shuffle=shuffle), batches(ours, shuffle=shuffle)
+        assert len(mine) == len(theirs) > 2
+        for a, b in zip(mine, theirs):
+            assert a.keys() == b.keys()
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_worker_processes_read_parquet_rows_and_resume_exactly(tmp_path):
+    """A grain worker process gets a pickled copy of the source (file names and row indices) and
+    opens the file itself; its batches are the JSONL file's, and they resume exactly."""
+    config = LoaderConfig(batch_size=4, max_length=64, num_epochs=2, shuffle=True, seed=0, worker_count=1,
+                          worker_buffer_size=2, shard_index=0, shard_count=1)
+    data = make_loader(read_source(write_parquet(tmp_path / "c.parquet", CHAT, row_group_size=5), "chat"),
+                       tiny_tokenizer(), config, scan_first=False)
+    full = check_resume(data, stops=(3,))
+    assert_same_batches(full, list(make_loader(read_source(write_jsonl(tmp_path / "c.jsonl", CHAT), "chat"),
+                                               tiny_tokenizer(), config, scan_first=False)))
+
+
+def test_files_written_by_datasets_and_pandas_read_as_their_rows(tmp_path):
+    expected = records(read_source(write_jsonl(tmp_path / "chat.jsonl", CHAT), "chat"))
+    datasets.Dataset.from_list(CHAT).to_parquet(tmp_path / "datasets.parquet")
+    pd.DataFrame(CHAT).to_parquet(tmp_path / "pandas.parquet")
+    for name in ("datasets.parquet", "pandas.parquet"):
+        assert records(read_source(tmp_path / name, "chat")) == expected, name
+
+    # pandas' own column types: a categorical label, an index column and a column no option reads
+    rows = ROWS["classification"]
+    frame = pd.DataFrame({"body": [r["text"] for r in rows], "category": pd.Categorical([r["label"] for r in rows]),
+                          "score": np.arange(len(rows), dtype=np.float64)}, index=pd.RangeIndex(100, 100 + len(rows)))
+    frame.to_parquet(tmp_path / "labeled.parquet")
+    datasets.Dataset.from_pandas(frame, preserve_index=False).to_parquet(tmp_path / "labeled_ds.parquet")
+    jsonl = read_source(write_jsonl(tmp_path / "l.jsonl", rows), "classification")
+    for name in ("labeled.parquet", "labeled_ds.parquet"):
+        source = read_source(tmp_path / name, "classification", text_field="body", label_field="category")
+        assert records(source) == records(jsonl) and source.label_names == ("mid", "neg", "pos"), name
+
+
+def test_a_folder_of_shards_reads_them_in_name_order(tmp_path):
+    rows = ROWS["prompt_completion"]
+    folder = tmp_path / "train"
+    write_parquet(folder / "part-00001.parquet", rows[10:])
+    write_parquet(folder / "part-00000.parquet", rows[:10], row_group_size=4)
+    (folder / "_SUCCESS").write_text("")  # what Spark leaves beside its shards
+    (folder / "_common_metadata.parquet").write_bytes(b"not rows")
+    source = read_source(folder, "prompt_completion")
+    assert records(source) == records(read_source(write_jsonl(tmp_path / "rows.jsonl", rows), "prompt_completion"))
+    assert source[12]["where"] == f"{folder / 'part-00001.parquet'}[2]"
+    labeled = [{"text": r["prompt"], "label": i % 2} for i, r in enumerate(rows)]
+    write_parquet(tmp_path / "lab" / "0000.parquet", labeled[:5])
+    write_parquet(tmp_path / "lab" / "0001.parquet", labeled[5:])
+    assert [r["label"] for r in records(read_source(tmp_path / "lab", "classification"))] == [i % 2 for i in
+                                                                                            range(len(rows))]
+
+
+BAD_CHAT = {  # a bad third row: (its messages, what the error says)
+    "unknown role": ([{"role": "bot", "content": "x"}], "messages[0] has unknown role 'bot'"),
+    "empty assistant": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": " "}],
+                        "messages[1] (assistant): 'content' is empty"),
+    "nothing to learn": ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "weight": 0}],
+                         "nothing to learn"),
+    "null content": ([{"role": "user", "content": None}, {"role": "assistant", "content": "a"}],
+                     "messages[0] (user): missing 'content' key"),
+    "no messages": (None, "missing 'messages' key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHAT))
+def test_a_bad_row_names_the_file_the_row_and_the_field(case, tmp_path):
+    messages, message = BAD_CHAT[case]
+    rows = [CHAT[0], CHAT[1], {"messages": messages}, CHAT[2]]
+    path = write_parquet(tmp_path / "chat.parquet", rows)
+    with pytest.raises(DataError) as err:
+        read_source(path, "chat")
+    assert err.value.where == f"{path}[2]"
+    assert message in str(err.value) and "skip_bad_rows=True" in str(err.value) and "\n" not in str(err.value)
+    source = read_source(path, "chat", skip_bad_rows=True)
+    assert len(source) == 3 and source.report.skipped == [(f"{path}[2]", err.value.problem)]
+    assert [source[i]["where"] for i in range(3)] == [f"{path}[{i}]" for i in (0, 1, 3)]
+
+
+def test_bad_labeled_rows_and_columns_name_the_file_row_and_field(tmp_path):
+    path = write_parquet(tmp_path / "l.parquet", [{"text": "a", "label": 1.0}, {"text": "b", "label": 1.5}])
+    with pytest.raises(DataError) as err:
+        read_source(path, "classification")
+    assert err.value.where == f"{path}[0]" and "label 1.0 is a float" in str(err.value)
+    path = write_parquet(tmp_path / "r.parquet", [{"text": "a", "target": "1"}, {"text": "b", "target": "many"}])
+    with pytest.raises(DataError) as err:
+        read_source(path, "regression")
+    assert err.value.where == f"{path}[1]" and "target='many' is not a number" in str(err.value)
+
+    path = write_parquet(tmp_path / "cols.parquet", [{"body": "a", "category": "x"}])
+    with pytest.raises(DataError) as err:
+        read_source(path, "classification")
+    assert str(err.value) == (f"{path}: file has no column 'text' (columns: ['body', 'category']) — rename the "
+                              "column, or pass text_field='body' to read another column")
+    with pytest.raises(DataError) as err:
+        read_source(path, "classification", text_field="body")
+    assert "no column 'label'" in str(err.value) and "pass label_field='category'" in str(err.value)
+
+
+def test_a_missing_column_names_the_option_as_the_recipe_spells_it(tmp_path):
+    path = write_parquet(tmp_path / "chat.parquet", [{"conversation": CHAT[0]["messages"]}])
+    with pytest.raises(DataError) as err:
+        read_data(DataConfig(train=str(path), kind="chat"))
+    assert err.value.where == str(path)
+    assert "no column 'messages' (columns: ['conversation'])" in str(err.value)
+    assert "set data.messages_field=conversation" in str(err.value)
+    assert records(read_source(path, "chat", messages_field="conversation")) == records(
+        read_source(write_jsonl(tmp_path / "c.jsonl", [CHAT[0]]), "chat"))
+    path = write_parquet(tmp_path / "pairs.parquet", [{"question": "q", "good": "a", "bad": "b"}])
+    with pytest.raises(DataError) as err:
+        read_source(path, "preference")
+    assert "none of the columns ['input', 'preferred_output', 'non_preferred_output', 'prompt', 'chosen', " \
+           "'rejected'] (columns: ['question', 'good', 'bad'])" in str(err.value)
+
+
+def test_a_file_that_is_not_parquet_an_empty_one_and_parquet_as_raw_text(tmp_path):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b'{"messages": []}\n')
+    with pytest.raises(DataError) as err:
+        read_source(path, "chat")
+    assert err.value.where == str(path) and "not a readable Parquet file" in str(err.value)
+    with pytest.raises(DataError) as err:
+        read_source(write_parquet(tmp_path / "text.parquet", [{"text": "a document"}]), "text")
+    assert "a Parquet file, but raw text (kind text) is read from text files" in str(err.value)
+    empty = write_parquet(tmp_path / "empty.parquet", [])
+    with pytest.raises(DataError, match="file has no columns — write the rows"):  # pyarrow's file of no dicts
+        read_source(empty, "prompt_completion")
+    empty = write_parquet(tmp_path / "empty_rows.parquet", ROWS["prompt_completion"][:1])
+    parquet_module.pyarrow_parquet(str(empty)).write_table(
+        parquet_module.open_parquet(str(empty)).read().slice(0, 0), empty)  # the columns, no rows
+    with pytest.raises(DataError) as err:
+        read_source(empty, "prompt_completion")
+    assert str(err.value).startswith(f"{empty}: no usable rows (empty file)")
+
+
+def test_without_pyarrow_a_parquet_path_says_what_to_install(tmp_path, monkeypatch):
+    chat = write_parquet(tmp_path / "chat.parquet", CHAT[:2])
+    images = write_parquet(tmp_path / "images.parquet", [{"image": "a.png", "label": "x"}])
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # import pyarrow raises ImportError
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    for path, read in ((chat, lambda p: read_source(p, "chat")), (chat, lambda p: read_source(p, "preference")),
+                       (chat, lambda p: read_labeled(p)), (images, read_images)):
+        with pytest.raises(DataError) as err:
+            read(path)
+        assert str(err.value) == (f"{path}: reading Parquet needs pyarrow, which is not installed — run pip install "
+                                  "'jaxtune[parquet]'")
+
+
+def test_rows_are_read_by_row_group_in_any_order_and_a_copy_holds_no_data(tmp_path, monkeypatch):
+    rows = [{"prompt": f"p{i}", "completion": f"{i}:" + "z" * 20_000} for i in range(40)]
+    path = write_parquet(tmp_path / "big.parquet", rows, row_group_size=6)
+    source = read_source(path, "prompt_completion")
+    assert not source._cache  # checking the rows kept none of them
+    assert len(pickle.dumps(source)) < 10_000  # 800 kB of rows: a copy for a worker process holds indices only
+    monkeypatch.setattr(parquet_module, "CACHE_BYTES", 1)  # one decoded group kept at a time
+    order = np.random.default_rng(0).permutation(len(rows))
+    assert [source[int(i)]["completion"] for i in order] == [rows[i]["completion"] for i in order]
+    assert list(source._cache) == [(0, int(order[-1]) // 6)]
+    copy = pickle.loads(pickle.dumps(source))
+    assert not copy._cache and copy[33] == source[33]
+    part = source.select([9, 2])
+    assert [part[0]["where"], part[1]["where"]] == [f"{path}[9]", f"{path}[2]"]
+
+    results: dict[int, list] = {}
+
+    def read_all(n: int) -> None:
+        results[n] = [source[int(i)]["completion"] for i in np.random.default_rng(n).permutation(len(rows))]
+
+    threads = [threading.Thread(target=read_all, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n, got in results.items():
+        assert got == [rows[i]["completion"] for i in np.random.default_rng(n).permutation(len(rows))]
+
+
+def test_the_digest_follows_the_file_and_a_file_changed_after_reading_is_refused(tmp_path):
+    rows = ROWS["prompt_completion"]
+    path = write_parquet(tmp_path / "pc.parquet", rows)
+    first = read_source(path, "prompt_completion")
+    assert read_source(path, "prompt_completion").digest() == first.digest()
+    assert first.select(range(5)).digest() != first.digest()
+    edited = [dict(r) for r in rows]
+    edited[4]["completion"] = "another answer"  # the same number of rows, one of them other
+    write_parquet(path, edited)
+    assert read_source(path, "prompt_completion").digest() != first.digest()
+    with pytest.raises(DataError, match="file changed after it was validated"):
+        first[0]
+
+
+def test_image_rows_and_rows_to_predict_read_from_parquet(tmp_path):
+    for name, value in (("a", 10), ("b", 90), ("c", 200)):
+        _png(tmp_path / "imgs" / f"{name}.png", value)
+    rows = [{"image": "imgs/a.png", "kind": "cat"}, {"image": "imgs/b.png", "kind": "dog"},
+            {"image": "imgs/c.png", "kind": "cat"}]
+    jsonl = read_images(write_jsonl(tmp_path / "rows.jsonl", rows), label_field="kind")
+    ours = read_images(write_parquet(tmp_path / "rows.parquet", rows), label_field="kind")
+    assert ours.items == jsonl.items and list(ours.labels) == list(jsonl.labels) and ours.label_names == ("cat", "dog")
+    bad = write_parquet(tmp_path / "bad.parquet", [rows[0], {"image": "imgs/gone.png", "kind": "dog"}])
+    with pytest.raises(DataError) as err:
+        read_images(bad, label_field="kind")
+    assert err.value.where == f"{bad}[1]" and "gone.png not found" in str(err.value)
+
+    unlabeled = [{"text": "good film"}, {"text": "dull"}]  # jaxtune predict's rows: no label column
+    source = read_labeled(write_parquet(tmp_path / "predict.parquet", unlabeled), labels=("neg", "pos"),
+                          require_label=False)
+    assert records(source) == [{"text": "good film", "label": -1}, {"text": "dull", "label": -1}]
+
+
+def test_a_training_run_from_parquet_resumes_exactly_and_refuses_a_rewritten_file(tmp_path):
+    """2 steps, then 2 more resumed, equal 4 uninterrupted steps; the resumed run's data iterator
+    reads the Parquet rows where it stopped. A file rewritten with other rows is other data."""
+    model_dir = tmp_path / "model"
+    tiny_hf_model("LlamaForCausalLM", model_dir)
+    path = write_parquet(tmp_path / "train.parquet", synthetic_chat_rows(32, max_words=5), row_group_size=8)
+    base = hf.load_pretrained(model_dir)
+
+    def trainer(run_dir, steps: int) -> Trainer:
+        config = LoaderConfig(batch_size=4, max_length=64, num_epochs=None, shuffle=True, drop_remainder=True, seed=0)
+        loader = make_loader(read_source(path, "chat"), tiny_tokenizer(), config, scan_first=False)
+        return Trainer(tuning.apply_plan(base, tuning.lora(rank=2, alpha=2)), train_data=loader,
+                       optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+                       config=TrainConfig(steps=steps, log_every=1, progress=False), run_dir=run_dir,
+                       checkpoint=CheckpointConfig(every=2), mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
+
+    whole = trainer(tmp_path / "whole", 4).fit()
+    assert trainer(tmp_path / "cut", 2).fit().step == 2
+    resumed = trainer(tmp_path / "cut", 4).fit()
+    assert resumed.step == whole.step == 4
+    for a, b in zip(jax.tree.leaves(resumed.model.params), jax.tree.leaves(whole.model.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    losses = [{r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
+               if "loss" in r} for d in (tmp_path / "cut", tmp_path / "whole")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 4
+
+    write_parquet(path, synthetic_chat_rows(32, seed=1, max_words=5), row_group_size=8)
+    with pytest.raises(RunMismatchError, match=r"data.rows: '32 rows #\w+' -> '32 rows #\w+'"):
+        trainer(tmp_path / "cut", 6).fit()
