@@ -256,6 +256,16 @@ def test_rows_are_read_by_row_group_in_any_order_and_a_copy_holds_no_data(tmp_pa
         assert got == [rows[i]["completion"] for i in np.random.default_rng(n).permutation(len(rows))]
 
 
+def test_row_groups_too_large_to_read_at_random_are_warned_of(tmp_path, monkeypatch, caplog):
+    rows = [{"prompt": f"question {i} " + "x" * (i % 7), "completion": f"answer {i}"} for i in range(92)]
+    monkeypatch.setattr(parquet_module, "CACHE_BYTES", 3000)  # 1-row groups: 16 kB, 46-row groups: 3.4 kB
+    read_source(write_parquet(tmp_path / "small.parquet", rows, row_group_size=1), "prompt_completion")
+    assert "row groups" not in caplog.text  # more data than the cache holds, in groups it holds many of
+    path = write_parquet(tmp_path / "large.parquet", rows, row_group_size=46)
+    read_source(path, "prompt_completion")
+    assert f"{path}: row groups of up to 46 rows" in caplog.text and "row_group_size=1000" in caplog.text
+
+
 def test_the_digest_follows_the_file_and_a_file_changed_after_reading_is_refused(tmp_path):
     rows = ROWS["prompt_completion"]
     path = write_parquet(tmp_path / "pc.parquet", rows)

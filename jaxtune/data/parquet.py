@@ -19,11 +19,14 @@ rows need is an error naming the column, the file's columns and the option that 
 index. ``source[i]`` reads the row group holding row ``i`` with pyarrow (only the columns the kind
 reads) and keeps the decoded groups of each process in a cache of at most :data:`CACHE_BYTES`
 (least recently used out first), so a file much larger than memory trains without being loaded,
-and one that fits is decoded once per process. Parquet's pages are compressed, so there is no
-zero-copy memory map of a ``.parquet`` file (an uncompressed Arrow copy would be one, at the cost
-of writing the data again, uncompressed, and keeping that copy in step with the file). Labeled rows
-and image rows are held in memory (as from JSONL: they are small, and their labels need a full
-pass anyway).
+and one that fits is decoded once per process. Threads decode groups at once, each on its own open
+file. Rows of a group the cache no longer holds cost the decoding of the whole group, so a file
+with more data than the cache, in groups so large that few fit in it (pandas writes up to a
+million rows a group), is warned of when read, with the way to write it in smaller groups.
+Parquet's pages are compressed, so there is no zero-copy memory map of a ``.parquet`` file (an
+uncompressed Arrow copy would be one, at the cost of writing the data again, uncompressed, and
+keeping that copy in step with the file). Labeled rows and image rows are held in memory (as from
+JSONL: they are small, and their labels need a full pass anyway).
 
 pyarrow is an optional dependency (``pip install 'jaxtune[parquet]'``); without it a Parquet path
 is a one-line error that says so.
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import logging
 import os
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -57,6 +61,8 @@ SUFFIX = ".parquet"
 CACHE_BYTES = 256 << 20  # decoded row groups a process keeps (each worker process its own)
 _BATCH_ROWS = 1024  # rows decoded at once while checking a file
 INSTALL = "pip install 'jaxtune[parquet]'"
+
+log = logging.getLogger("jaxtune.data")
 
 
 def is_parquet(path: str | os.PathLike) -> bool:
@@ -161,19 +167,19 @@ class ParquetSource(Source):
         self._group_starts = list(group_starts)  # per file: the first row of each row group
         self._stamps = [file_stamp(p) for p in self.paths]
         self._content: list[bytes] | None = None
-        self._files: dict[int, Any] = {}
+        self._local = threading.local()  # each thread's open files: {file index: ParquetFile}
         self._cache: collections.OrderedDict = collections.OrderedDict()
         self._cached_bytes = 0
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state.update(_files={}, _cache=collections.OrderedDict(), _cached_bytes=0, _lock=None)
+        state.update(_local=None, _cache=collections.OrderedDict(), _cached_bytes=0, _lock=None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
-        self._lock = threading.Lock()
+        self._lock, self._local = threading.Lock(), threading.local()
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -183,25 +189,26 @@ class ParquetSource(Source):
 
     def _group(self, file_id: int, group: int) -> Any:
         """Row group ``group`` of file ``file_id`` decoded (an Arrow table), from the cache or read."""
-        key = (file_id, group)
+        key, path = (file_id, group), self.paths[file_id]
         with self._lock:
             table = self._cache.get(key)
             if table is not None:
                 self._cache.move_to_end(key)
                 return table
-            pf = self._files.get(file_id)
-            if pf is None:
-                path = self.paths[file_id]
-                if file_stamp(path) != self._stamps[file_id]:
-                    raise DataError(path, "file changed after it was validated",
-                                    "rebuild the data loader after editing data files")
-                pf = self._files[file_id] = open_parquet(path)
-            table = pf.read_row_group(group, columns=self._columns[file_id])
-            self._cache[key] = table
-            self._cached_bytes += table.nbytes
-            while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
-                self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
-            return table
+        _unchanged(path, self._stamps[file_id])
+        # Decoded outside the lock, on this thread's own file object: grain's reading threads decode
+        # groups at once, as pyarrow lets go of the GIL to decode.
+        files = self._local.__dict__.setdefault("files", {})
+        if file_id not in files:
+            files[file_id] = open_parquet(path)
+        table = files[file_id].read_row_group(group, columns=self._columns[file_id])
+        with self._lock:
+            if key not in self._cache:  # another thread may have read it meanwhile
+                self._cache[key] = table
+                self._cached_bytes += table.nbytes
+                while self._cached_bytes > CACHE_BYTES and len(self._cache) > 1:
+                    self._cached_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return table
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
@@ -222,9 +229,7 @@ class ParquetSource(Source):
             content = []
             for path, stamp in zip(self.paths, self._stamps):
                 with open(path, "rb") as fh:
-                    if file_stamp(path, fh.fileno()) != stamp:
-                        raise DataError(path, "file changed after it was validated",
-                                        "rebuild the data loader after editing data files")
+                    _unchanged(path, stamp, fh.fileno())
                     content.append(hashlib.file_digest(fh, "sha256").digest())
             self._content = content
         return digest_bytes(*self._content, self._file_ids.astype(np.int64).tobytes(),
@@ -236,6 +241,12 @@ class ParquetSource(Source):
                             self.fields, self._columns, self._group_starts, self.indexed)
         out._stamps, out._content = self._stamps, self._content
         return out
+
+
+def _unchanged(path: str, stamp: tuple[int, int], fd: int | None = None) -> None:
+    """A :class:`DataError` when ``path`` (or the open ``fd``) is no longer the file that was checked."""
+    if file_stamp(path, fd) != stamp:
+        raise DataError(path, "file changed after it was validated", "rebuild the data loader after editing data files")
 
 
 def read_parquet(path: str | os.PathLike, kind: str, check: Callable[..., dict], *,
@@ -258,11 +269,34 @@ def read_parquet(path: str | os.PathLike, kind: str, check: Callable[..., dict],
         file_ids.append(file_id), rows.append(row)
     finish_report(report, len(rows), "rows")
     files = parquet_files(root)
-    columns, starts = [], []
+    columns, starts, groups = [], [], []
     for name in files:
         pf = open_parquet(name)
         columns.append(row_columns(name, pf.schema_arrow.names, fields, optional, syntax))
         sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)]
         starts.append(np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64) if sizes else np.zeros(0, np.int64))
+        groups += [(name, *_group_size(pf.metadata.row_group(g), columns[-1])) for g in range(pf.num_row_groups)]
+    _warn_of_large_groups(root, groups)
     return ParquetSource(kind, files, np.asarray(file_ids, np.int32), np.asarray(rows, np.int64), report, check,
                          fields, columns, starts, indexed)
+
+
+def _group_size(group: Any, columns: Sequence[str]) -> tuple[int, int]:
+    """``(rows, bytes)`` of a row group's metadata: its rows and the uncompressed bytes of ``columns``."""
+    chunks = (group.column(c) for c in range(group.num_columns))
+    return group.num_rows, sum(c.total_uncompressed_size for c in chunks if c.path_in_schema.split(".")[0] in columns)
+
+
+def _warn_of_large_groups(root: str, groups: Sequence[tuple[str, int, int]]) -> None:
+    """Log a warning when ``groups`` (``(file, rows, bytes)``) are too large to read rows at random:
+    more data than the cache holds, in groups so large that few fit in it, so that a shuffled
+    read decodes a whole large group for most rows it reads (pandas writes up to a million rows
+    a group)."""
+    total = sum(size for *_, size in groups)
+    name, rows, size = max(groups, key=lambda g: g[2], default=(root, 0, 0))
+    if total > CACHE_BYTES and size > CACHE_BYTES // 8:
+        log.warning("%s: row groups of up to %d rows (%.1f MiB decoded%s), %.1f MiB in all: more than the %.1f MiB "
+                    "of them a process keeps, so a shuffled read decodes a whole group for most rows it reads, "
+                    "slowly; write the file in smaller row groups (pyarrow.parquet.write_table(table, path, "
+                    "row_group_size=1000))", root, rows, size / 2**20, "" if name == root else f", in {name}",
+                    total / 2**20, CACHE_BYTES / 2**20)
