@@ -21,6 +21,7 @@ from test_data_pipeline import assert_same_batches, check_resume
 from jaxtune import tuning
 from jaxtune.data import DataConfig, DataError, LoaderConfig, make_loader, read_data, read_labeled, read_source
 from jaxtune.data import parquet as parquet_module
+from jaxtune.data import read as jt_read
 from jaxtune.data.images import read_images
 from jaxtune.data.testing import (
     synthetic_chat_rows,
@@ -130,6 +131,25 @@ def test_a_folder_of_shards_reads_them_in_name_order(tmp_path):
     write_parquet(tmp_path / "lab" / "0001.parquet", labeled[5:])
     assert [r["label"] for r in records(read_source(tmp_path / "lab", "classification"))] == [i % 2 for i in
                                                                                             range(len(rows))]
+
+
+def test_a_folder_of_several_splits_is_refused_and_a_pattern_reads_one(tmp_path):
+    """A hub dataset's data/ holds every split's shards; reading the folder would train on the test rows."""
+    rows = ROWS["classification"]
+    folder = tmp_path / "data"
+    write_parquet(folder / "train-00000-of-00002.parquet", rows[:8])
+    write_parquet(folder / "train-00001-of-00002.parquet", rows[8:16])
+    write_parquet(folder / "test-00000-of-00001.parquet", rows[16:])
+    with pytest.raises(DataError) as err:
+        read_source(folder, "classification")
+    assert str(err.value) == (f"{folder}: the folder holds the shards of several splits (test, train) — read one "
+                              f"split's shards with a pattern, e.g. {folder}/train-*.parquet")
+    train, test = jt_read(f"{folder}/train-*.parquet", kind="classification", validation=f"{folder}/test-*.parquet")
+    assert [r["text"] for r in records(train)] == [r["text"] for r in rows[:16]]
+    assert [r["text"] for r in records(test)] == [r["text"] for r in rows[16:]]
+    assert train[9]["where"] == f"{folder / 'train-00001-of-00002.parquet'}[1]"
+    with pytest.raises(DataError, match="no file matches the pattern"):
+        read_source(f"{folder}/valid-*.parquet", "classification")
 
 
 BAD_CHAT = {  # a bad third row: (its messages, what the error says)

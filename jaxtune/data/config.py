@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import inspect
 import os
 from pathlib import Path
@@ -247,7 +248,7 @@ def _source_field(name: str) -> dict[str, str]:
     """The :class:`DataConfig` field that ``read``'s ``data`` names: ``train`` for a file or folder,
     ``dataset`` for a packaged dataset (or its alias). Neither is refused here, suggesting a close
     packaged name: as a file that does not exist it failed for want of a data.kind."""
-    if Path(name).exists():
+    if Path(name).exists() or glob.has_magic(name):  # a pattern of Parquet shards (data/train-*.parquet)
         return {"train": name}
     try:
         assets.resolve(name, "dataset")

@@ -439,12 +439,12 @@ def read_image_parquet(path: str | os.PathLike, kind: str = "classification", *,
                        labels: Sequence | None = None, label_field: str = "label") -> ImageSource:
     """Parquet rows (a file or a folder of shards) with an ``image`` path column (relative to the
     Parquet file's folder) and a label column ``label_field``: :func:`read_image_jsonl`'s rows."""
-    from jaxtune.data.parquet import parquet_rows
+    from jaxtune.data.parquet import parquet_files, parquet_rows
 
-    folder = Path(path) if Path(path).is_dir() else Path(path).parent  # shards lie in the folder given
+    folders = [Path(f).parent for f in parquet_files(path)]
     paths, values, where = [], [], []
-    for here, _, _, row in parquet_rows(path, {"label_field": label_field}, optional=["image"]):
-        paths.append(_image_row(row, here, folder, label_field))
+    for here, file_id, _, row in parquet_rows(path, {"label_field": label_field}, optional=["image"]):
+        paths.append(_image_row(row, here, folders[file_id], label_field))
         values.append(row[label_field])
         where.append(here)
     if not paths:
@@ -458,12 +458,12 @@ def read_images(path: str | os.PathLike, kind: str = "classification", *, labels
     """Any image source by its layout: a folder, an ``.npz``, IDX files, or JSONL or Parquet rows (whose
     label is under ``label_field``, default ``label``)."""
     p = Path(path)
+    if is_parquet(p):  # a file, a folder of shards or a pattern of them
+        return read_image_parquet(p, kind, labels=labels, label_field=label_field or "label")
     if not p.exists():
-        raise DataError(str(p), "no such file or folder", "give an image folder, .npz, IDX or JSONL file")
+        raise DataError(str(p), "no such file or folder", "give an image folder, .npz, IDX, JSONL or Parquet file")
     if p.suffix.lower() == ".jsonl":
         return read_image_jsonl(p, kind, labels=labels, label_field=label_field or "label")
-    if is_parquet(p):
-        return read_image_parquet(p, kind, labels=labels, label_field=label_field or "label")
     if label_field is not None:
         raise DataError(str(p), f"label_field {label_field!r} names a JSONL key or Parquet column, and this is "
                         f"{'a class-folder tree' if p.is_dir() else 'an array file'}", "remove label_field")

@@ -4,10 +4,12 @@ Parquet is how the Hugging Face hub ships datasets (``refs/convert/parquet``), w
 ``datasets.Dataset.to_parquet`` and ``pandas.DataFrame.to_parquet`` write, and a folder of
 ``*.parquet`` shards is what ``datasets``, Spark and the hub's conversion write for a large split
 (the shards are read in name order; names starting with ``_`` or ``.``, Spark's ``_SUCCESS`` and
-checksums, are not data). Columns are the rows' keys and nested columns their nested values: a
-``messages`` list of structs reads as the JSONL row's list of ``{"role", "content"}`` objects. A
-struct has every field in every row, so a field a row leaves null (``weight`` on a user turn,
-``name`` where none was given) is dropped, as if the JSON object had not written it.
+checksums, are not data), or a pattern of files (``data/train-*.parquet``: a hub dataset's
+``data/`` holds every split's shards, so reading that folder is refused). Columns are the rows'
+keys and nested columns their nested values: a ``messages`` list of structs reads as the JSONL
+row's list of ``{"role", "content"}`` objects. A struct has every field in every row, so a field a
+row leaves null (``weight`` on a user turn, ``name`` where none was given) is dropped, as if the
+JSON object had not written it.
 
 Each row goes through the same check as a JSONL row (:mod:`jaxtune.data.rows`) when the source is
 built, and a bad one raises a one-line :class:`~jaxtune.data.sources.DataError` naming
@@ -35,9 +37,11 @@ is a one-line error that says so.
 from __future__ import annotations
 
 import collections
+import glob
 import hashlib
 import logging
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -59,6 +63,7 @@ from jaxtune.data.sources import (
 
 SUFFIX = ".parquet"
 CACHE_BYTES = 256 << 20  # decoded row groups a process keeps (each worker process its own)
+_SPLIT_SHARD = re.compile(r"(.+?)-\d+-of-\d+(?:-[0-9a-f]+)?\.parquet", re.IGNORECASE)  # the hub's shard names
 _BATCH_ROWS = 1024  # rows decoded at once while checking a file
 INSTALL = "pip install 'jaxtune[parquet]'"
 
@@ -66,7 +71,8 @@ log = logging.getLogger("jaxtune.data")
 
 
 def is_parquet(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a ``.parquet`` file (by its name) or a folder holding ``.parquet`` files."""
+    """Whether ``path`` is a ``.parquet`` file or pattern of them (by its name) or a folder holding
+    ``.parquet`` files."""
     path = Path(path)
     if path.is_dir():
         return bool(_shards(path))
@@ -74,12 +80,25 @@ def is_parquet(path: str | os.PathLike) -> bool:
 
 
 def parquet_files(path: str | os.PathLike) -> list[str]:
-    """The files of ``path``: itself, or a folder's ``*.parquet`` shards in name order."""
+    """The files of ``path``: itself, a folder's ``*.parquet`` shards, or those a pattern names
+    (``data/train-*.parquet``), in name order. A folder holding the shards of several splits, as a
+    hub dataset's ``data/`` holds ``train-00000-of-00002.parquet`` beside ``test-00000-of-00001.parquet``,
+    is an error (it would mix them) that gives the pattern of one split."""
     path = Path(path)
     if path.is_dir():
         files = _shards(path)
         if not files:
             raise DataError(str(path), "folder has no .parquet files", "point at a .parquet file or a folder of them")
+        splits = sorted({m[1] for m in (_SPLIT_SHARD.fullmatch(Path(f).name) for f in files) if m})
+        if len(splits) > 1:
+            split = "train" if "train" in splits else splits[0]
+            raise DataError(str(path), f"the folder holds the shards of several splits ({', '.join(splits)})",
+                            f"read one split's shards with a pattern, e.g. {path / f'{split}-*.parquet'}")
+        return files
+    if glob.has_magic(str(path)) and not path.exists():
+        files = sorted(f for f in glob.glob(str(path)) if os.path.isfile(f))
+        if not files:
+            raise DataError(str(path), "no file matches the pattern", "check the path and the pattern")
         return files
     if not path.is_file():
         raise DataError(str(path), "no such file", "check the path")
