@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from helpers import tiny_hf_model
+from PIL import Image
 from test_data_images import _png
 from test_data_pipeline import assert_same_batches, check_resume
 
@@ -312,6 +313,17 @@ def test_image_rows_and_rows_to_predict_read_from_parquet(tmp_path):
     with pytest.raises(DataError) as err:
         read_images(bad, label_field="kind")
     assert err.value.where == f"{bad}[1]" and "gone.png not found" in str(err.value)
+
+    # datasets' Image feature, a {"bytes", "path"} struct: the path of an image file, or the bytes of one in memory
+    files = {"image": [str(tmp_path / r["image"]) for r in rows], "kind": [r["kind"] for r in rows]}
+    datasets.Dataset.from_dict(files).cast_column("image", datasets.Image()).to_parquet(tmp_path / "files.parquet")
+    theirs = read_images(tmp_path / "files.parquet", label_field="kind")
+    assert theirs.items == jsonl.items and list(theirs.labels) == list(jsonl.labels)
+    embedded = tmp_path / "embedded.parquet"
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "kind": ["cat"]}).to_parquet(embedded)
+    with pytest.raises(DataError) as err:
+        read_images(embedded, label_field="kind")
+    assert err.value.where == f"{embedded}[0]" and "the image is stored in the file" in str(err.value)
 
     unlabeled = [{"text": "good film"}, {"text": "dull"}]  # jaxtune predict's rows: no label column
     source = read_labeled(write_parquet(tmp_path / "predict.parquet", unlabeled), labels=("neg", "pos"),

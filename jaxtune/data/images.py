@@ -438,12 +438,20 @@ def _image_row(row: Any, here: str, folder: Path, label_field: str) -> str:
 def read_image_parquet(path: str | os.PathLike, kind: str = "classification", *,
                        labels: Sequence | None = None, label_field: str = "label") -> ImageSource:
     """Parquet rows (a file or a folder of shards) with an ``image`` path column (relative to the
-    Parquet file's folder) and a label column ``label_field``: :func:`read_image_jsonl`'s rows."""
+    Parquet file's folder; or datasets' ``Image`` feature of image files, a ``{"bytes", "path"}`` struct
+    whose bytes are null) and a label column ``label_field``: :func:`read_image_jsonl`'s rows."""
     from jaxtune.data.parquet import parquet_files, parquet_rows
 
     folders = [Path(f).parent for f in parquet_files(path)]
     paths, values, where = [], [], []
     for here, file_id, _, row in parquet_rows(path, {"label_field": label_field}, optional=["image"]):
+        image = row.get("image")
+        if isinstance(image, dict):  # datasets' Image feature: {"bytes", "path"}, bytes null for a file's image
+            if "bytes" in image:
+                raise DataError(here, "the image is stored in the file (the bytes of datasets' Image feature), "
+                                "and jaxtune reads images from files named by path",
+                                "save the images as files and write their paths in the 'image' column")
+            row = {**row, "image": image.get("path")}
         paths.append(_image_row(row, here, folders[file_id], label_field))
         values.append(row[label_field])
         where.append(here)
