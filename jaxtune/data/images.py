@@ -35,7 +35,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxtune.data.parquet import is_parquet
+from jaxtune.data.parquet import is_parquet, parquet_files, parquet_rows
 from jaxtune.data.pipeline import Loader, LoaderConfig, _shard, in_workers, reading_config
 from jaxtune.data.sources import DataError, Source, SourceReport, digest_bytes
 
@@ -440,8 +440,6 @@ def read_image_parquet(path: str | os.PathLike, kind: str = "classification", *,
     """Parquet rows (a file or a folder of shards) with an ``image`` path column (relative to the
     Parquet file's folder; or datasets' ``Image`` feature of image files, a ``{"bytes", "path"}`` struct
     whose bytes are null) and a label column ``label_field``: :func:`read_image_jsonl`'s rows."""
-    from jaxtune.data.parquet import parquet_files, parquet_rows
-
     folders = [Path(f).parent for f in parquet_files(path)]
     paths, values, where = [], [], []
     for here, file_id, _, row in parquet_rows(path, {"label_field": label_field}, optional=["image"]):
