@@ -145,6 +145,38 @@ def test_a_warmup_ratio_that_rounds_up_to_the_whole_run_is_cut_with_the_same_war
     assert float(lr(8)) == pytest.approx(1.0) and float(lr(7)) == pytest.approx(8 / 9)
 
 
+@pytest.mark.parametrize("warmup", [{"warmup_steps": 3}, {"warmup_steps": 1}, {"warmup_ratio": 0.5}])
+def test_a_one_step_run_drops_its_warmup_with_the_warning_of_every_cut(caplog, warmup):
+    """``train.steps: 1`` with a warmup: transformers' get_warmup_steps asks for at least one warmup
+    step (a ratio rounds up) and its schedule takes the run's only step at a learning rate of 0; here,
+    as for every warmup of the whole run, the warmup is cut to one step less (none), and the step is at
+    the peak. The cut was silent for one step alone."""
+    import transformers
+
+    field = next(iter(warmup))
+    asked = transformers.TrainingArguments(output_dir="unused", warmup_steps=warmup[field]).get_warmup_steps(1)
+    param = torch.nn.Parameter(torch.zeros(1))
+    torch_schedule = transformers.get_scheduler("linear", torch.optim.SGD([param], lr=1.0), num_warmup_steps=asked,
+                                                num_training_steps=1)
+    assert asked >= 1 and torch_schedule.get_last_lr() == [0.0]  # where jaxtune differs (docs/cli.md)
+    with caplog.at_level("WARNING"):
+        lr = make_schedule(OptimizerConfig(learning_rate=1.0, schedule="linear", **warmup), total_steps=1)
+    assert float(lr(0)) == 1.0
+    shown = f"warmup_steps {asked}" if field == "warmup_steps" else f"warmup_ratio 0.5 ({asked} steps)"
+    assert f"optimizer.{shown} is not shorter than the run's 1 steps: the warmup is cut to 0 steps" in caplog.text
+
+
+def test_no_warning_of_a_cut_warmup_where_no_schedule_is_followed(caplog):
+    """A trainer without training data (evaluating, exporting) counts one step: its schedule is never
+    followed, so its warmup is not warned of (``warn=False``); a training run's is."""
+    with caplog.at_level("WARNING"):
+        build_optimizer(OptimizerConfig(warmup_ratio=0.1), 1, warn=False)
+    assert "warmup" not in caplog.text
+    with caplog.at_level("WARNING"):
+        build_optimizer(OptimizerConfig(warmup_ratio=0.1), 1)
+    assert "optimizer.warmup_ratio 0.1 (1 steps) is not shorter than the run's 1 steps" in caplog.text
+
+
 def test_group_learning_rates_scale_updates_and_reject_unknown_groups():
     params = {"body": {"kernel": jnp.ones((2, 2))}, "head": {"kernel": jnp.ones((2, 2))}}
     groups = {"body": {"kernel": "train"}, "head": {"kernel": "head"}}

@@ -205,7 +205,8 @@ def compile_planned_step(model: ModelConfig, plan: Any, *, batch_size: int, seq_
                          f"parallelism (mesh data x fsdp); use a multiple of {ways}")
     trainable, frozen = partition(tuned.params, tuned.labels)
     groups, _ = partition(tuned.labels, tuned.labels)
-    opt, _ = build_optimizer(optimizer, train.steps or 1000, groups)  # the schedule's length changes no shape
+    # the schedule's length changes no shape (and its warmup is the run's to warn of)
+    opt, _ = build_optimizer(optimizer, train.steps or 1000, groups, warn=False)
     rules = tuned.partition_rules
     trainable_shardings = param_shardings(trainable, device_mesh, rules)
     opt_state = jax.eval_shape(opt.init, trainable)

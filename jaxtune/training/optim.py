@@ -91,13 +91,18 @@ def _check(name: str, value: float, expected: str, ok: Callable[[float], bool]) 
         raise ValueError(f"optimizer.{name}: expected {expected}, got {value!r}")
 
 
-def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``learning_rate``, then constant, cosine or linear decay to ``min_lr_ratio``."""
+def make_schedule(cfg: OptimizerConfig, total_steps: int, *, warn: bool = True) -> optax.Schedule:
+    """Linear warmup to ``learning_rate``, then constant, cosine or linear decay to ``min_lr_ratio``.
+
+    A warmup as long as the run or longer is cut to ``total_steps - 1`` steps (none for a 1-step run),
+    with a warning unless ``warn`` is False (a trainer that only evaluates follows no schedule)."""
     total = max(int(total_steps), 1)
     # A ratio rounds up, as transformers' TrainingArguments.get_warmup_steps: a short run keeps some warmup.
     asked = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total)
-    warmup = min(asked, total - 1) if total > 1 else 0
-    if asked >= total > 1:  # the last step is at the peak, so a warmup of the whole run is cut by one
+    # The last step is at the peak, so a warmup of the whole run is cut by one: a 1-step run keeps none
+    # (transformers' would take its one step at a learning rate of 0), said so as every cut is.
+    warmup = min(asked, total - 1)
+    if warn and asked >= total:
         field = (f"warmup_steps {cfg.warmup_steps}" if cfg.warmup_steps
                  else f"warmup_ratio {cfg.warmup_ratio} ({asked} steps)")
         log.warning("optimizer.%s is not shorter than the run's %d steps: the warmup is cut to %d steps and the "
@@ -220,15 +225,16 @@ def scale_by_adafactor(decay_rate: float = 0.8, eps: float = 1e-30, clip_thresho
     return optax.GradientTransformation(init, update)
 
 
-def build_optimizer(cfg: OptimizerConfig, total_steps: int,
-                    groups: Any | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build_optimizer(cfg: OptimizerConfig, total_steps: int, groups: Any | None = None, *,
+                    warn: bool = True) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optimizer for ``total_steps`` steps and its learning-rate schedule.
 
     Args:
       groups: a tree of group labels with the trainable params' structure (from the plan), needed
         only when ``cfg.group_lr`` is set. An unknown group name is an error listing the groups.
+      warn: warn of a warmup cut to fit the run (:func:`make_schedule`).
     """
-    schedule = make_schedule(cfg, total_steps)
+    schedule = make_schedule(cfg, total_steps, warn=warn)
     if cfg.name == "adamw":
         core = optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
     elif cfg.name == "adam":  # weight decay as torch.optim.Adam's: L2, added to the gradient before Adam

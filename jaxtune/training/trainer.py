@@ -159,7 +159,9 @@ class Trainer:
             raise ValueError("the plan leaves nothing trainable; add a train, lora, prompt or head rule")
         if isinstance(optimizer, OptimizerConfig):
             groups, _ = partition(model.labels, model.labels)
-            self.optimizer, self.schedule = build_optimizer(optimizer, self.steps, groups)
+            # a trainer without training data (it evaluates, exports) follows no schedule: nothing to warn of
+            self.optimizer, self.schedule = build_optimizer(optimizer, self.steps, groups,
+                                                            warn=self.train_data is not None)
         else:
             self.optimizer, self.schedule = optimizer, None
         rules = model.partition_rules
