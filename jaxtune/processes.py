@@ -8,7 +8,8 @@ writes (:func:`write_once`), and every process then learns whether that worked, 
 a process that failed. Arrays split over other processes' devices are gathered first
 (:func:`on_host`), as every process must take part in that. An error on one process while the others
 compute together stops them too (:func:`stop_together`), rather than leaving them in a collective until
-JAX's distributed service times out. On one process these are plain calls.
+JAX's distributed service times out; so does one in the work each process does alone before such a
+collective (loading, reading, checking: :func:`ready_together`). On one process these are plain calls.
 
 Beside the layers: imports no other part of jaxtune.
 """
@@ -30,6 +31,7 @@ import numpy as np
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _uses = itertools.count()  # numbers each stop_together: the same sequence on every process (one program)
+_ready = itertools.count()  # numbers each ready_together's barrier (the same on every process)
 _watched = contextvars.ContextVar("jaxtune_stop_together", default=False)  # inside a stop_together already
 
 
@@ -174,3 +176,25 @@ def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | Non
             client.key_value_set(key(me), "")
         watcher.join(timeout=5)
 
+
+@contextlib.contextmanager
+def ready_together(where: Callable[[], str], on_stop: Callable[[str], None] | None = None) -> Iterator[None]:
+    """A block of work each process does on its own (loading a model, reading and checking data, a run
+    directory's files) before the processes compute together: it ends when every process has done it,
+    and an error on one stops every other, naming it, as :func:`stop_together` does (``on_stop`` as there).
+
+    Without the closing agreement a process that finished its share went on into the next collective
+    (or another ``stop_together``, watching another key) while a slower one failed: the failure could
+    not reach it, and it waited there until JAX's distributed service gave up on the failed process,
+    minutes later, with a heartbeat error that hides the real one. One process: a plain block."""
+    with stop_together(where, on_stop):
+        yield
+        # the key-value store's barrier, not a device collective: a process stopped in it is ended by its
+        # watcher thread, and it costs no compilation
+        name = f"jaxtune/ready/{next(_ready)}"
+        client = _client() if several() else None
+        if client is not None:
+            # a day: a slow host's loading may take long, and a failed one ends the wait through the watcher
+            client.wait_at_barrier(name, 24 * 3600 * 1000)
+        else:
+            barrier(name)

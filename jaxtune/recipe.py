@@ -84,9 +84,11 @@ def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) 
     batched by the trainer), the sections passed as they are. ``train=False``: no training data;
     ``evaluation=False``: no validation data (exports and predictions need neither)."""
     setup_runtime(config.mesh, config.distributed)
-    model = load_model(config.model)
-    train_source, validation = read_data(config.data, train=train, validation=evaluation)
-    tuned = apply_plan(model, config.build_plan(), jax.random.key(config.train.seed), data=train_source)
+    # each process reads the files on its own host: one missing there stops every process, naming it
+    with processes.ready_together(lambda: "loading the model and reading the data"):
+        model = load_model(config.model)
+        train_source, validation = read_data(config.data, train=train, validation=evaluation)
+        tuned = apply_plan(model, config.build_plan(), jax.random.key(config.train.seed), data=train_source)
     log.info("model: %s (%s); task %s", model.source, model.architecture, tuned.task)
     try:
         return Trainer(tuned, train_source if train else None, validation, run_dir=_run_dir(config),

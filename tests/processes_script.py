@@ -20,6 +20,9 @@ export_fails {"model", "out"}: export's PEFT export, process 0 raising MemoryErr
 predict_fails {"run", "data", "out"}: ``jaxtune.predict`` of the run directory on the file's rows, row 3
          (process 1's second) raising when process 1 reads it (as a corrupt image file would).
 evaluate_fails {"run", "data", "out"}: the run's ``Trainer.evaluate`` (``jaxtune eval``) on those rows.
+setup_fails {"model", "train", "out"}: :func:`setup_fails`, the run directory unreadable on process 1 alone.
+read_fails {"model", "train", "out"}: :func:`read_fails`, the recipe's training file missing on process 1's host.
+restore_fails {"model", "train", "out"}: :func:`restore_fails`, a checkpoint unreadable on process 1 alone.
 
 After each job, each process writes OUT/<job>-<process>.json: what the job returned on it, and the
 weights and prediction files it wrote (``written``).
@@ -167,6 +170,63 @@ def base_fails(args: dict[str, Any]) -> dict[str, Any]:
     return {"state": result.state}
 
 
+def _lora_run(args: dict[str, Any], steps: int) -> Any:
+    """``steps`` steps of LoRA on the tiny Llama in OUT/run, 4 chat rows a batch, without the base and final scores."""
+    import jaxtune as jt
+
+    train, _ = jt.read(args["train"], kind="chat")
+    tuned = jt.apply_plan(jt.load(args["model"]), jt.lora(rank=4, alpha=8))
+    return jt.Trainer(tuned, train, run_dir=Path(args["out"]) / "run",
+                      config=jt.TrainConfig(steps=steps, log_every=1, progress=False),
+                      data=jt.DataConfig(batch_size=4, max_length=48, packing=False),
+                      eval=jt.EvalConfig(before=False, after=False)).fit()
+
+
+def _fails_on_process_1(owner: Any, name: str, error: BaseException) -> None:
+    """``owner.name`` raises ``error`` on process 1 alone (as its host's file system could)."""
+    import jax
+
+    real = getattr(owner, name)
+
+    def failing(*a: Any, **k: Any) -> Any:
+        if jax.process_index() == 1:
+            raise error
+        return real(*a, **k)
+
+    setattr(owner, name, failing)
+
+
+def setup_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_lora_run`, its run directory unreadable on process 1 alone (checked in the Trainer's constructor)."""
+    from jaxtune.training.rundir import RunDir
+
+    _fails_on_process_1(RunDir, "check", PermissionError("run: a directory process 1 cannot read"))
+    return {"state": _lora_run(args, 2).state}
+
+
+def read_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """``jaxtune.finetune`` of a LoRA recipe whose training file is missing on process 1's host."""
+    import jax
+
+    import jaxtune as jt
+
+    train = args["train"] if jax.process_index() == 0 else str(Path(args["train"]).with_name("missing.jsonl"))
+    recipe = {"model": {"path": args["model"]}, "plan": [{"preset": "lora", "rank": 4, "alpha": 8}],
+              "data": {"train": train, "kind": "chat", "max_length": 48, "batch_size": 4, "packing": False},
+              "train": {"steps": 2, "progress": False}, "eval": {"before": False, "after": False},
+              "output": {"dir": str(Path(args["out"]) / "run"), "export": "none"}}
+    return {"state": jt.finetune(recipe).state}
+
+
+def restore_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_lora_run` for 2 steps, then on to 4 from its checkpoint, which process 1 alone cannot read."""
+    from jaxtune.training.checkpoint import Checkpointer
+
+    _lora_run(args, 2)
+    _fails_on_process_1(Checkpointer, "restore", PermissionError("checkpoints/2: a file process 1 cannot read"))
+    return {"state": _lora_run(args, 4).state}
+
+
 def predict_fails(args: dict[str, Any]) -> dict[str, Any]:
     import jaxtune as jt
 
@@ -243,7 +303,8 @@ def main() -> None:
         record(module, name)
     known = {"export": export, "export_fails": export_fails, "predict": predict, "predict_fails": predict_fails,
              "evaluate_fails": evaluate_fails, "restart": restart, "dpo": dpo, "dpo_fails": dpo_fails,
-             "base_fails": base_fails}
+             "base_fails": base_fails, "setup_fails": setup_fails, "read_fails": read_fails,
+             "restore_fails": restore_fails}
     for job, args in jobs.items():
         written.clear()
         result = known[job](args)

@@ -261,6 +261,31 @@ def test_an_error_on_one_process_scoring_the_base_model_stops_the_others_too(tmp
     assert codes[0] == 1 and stopping in errs[0], errs[0][-1500:]
 
 
+@pytest.mark.parametrize(("job", "error", "doing"), [
+    ("setup_fails", "PermissionError: run: a directory process 1 cannot read", "setting up the trainer"),
+    ("read_fails", "missing.jsonl", "loading the model and reading the data"),
+    ("restore_fails", "PermissionError: checkpoints/2: a file process 1 cannot read",
+     "restoring the latest checkpoint"),
+])
+def test_an_error_on_one_process_setting_up_stops_the_others_too(tmp_path, job, error, doing):
+    """What each process does alone before the processes compute together (each host reads its own
+    files): a recipe's training file missing on process 1's host, its run directory or its checkpoint
+    unreadable there. Process 1 raised alone; process 0 went on into the first collective (the first
+    step) and waited there for minutes, until JAX's distributed service gave up on process 1. Now
+    process 0 waits until every process is done with that work, and stops at once, naming the error."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    args = {"model": str(tmp_path / "llama"), "train": str(_chat_rows(tmp_path / "train.jsonl")), "out": str(tmp_path)}
+    codes, errs = _run(_script({job: args}), tmp_path, timeout=150)
+    assert codes[1] == 1 and error in errs[1].rstrip().splitlines()[-1], errs[1][-1500:]
+    stopping = [line for line in errs[0].splitlines() if line.endswith("; stopping")]
+    assert codes[0] == 1 and len(stopping) == 1 and f"process 1 failed {doing}: " in stopping[0], errs[0][-1500:]
+    assert error in stopping[0] and "heartbeat" not in errs[0] + errs[1]
+    if job == "restore_fails":  # the run's status (written by process 0) says why it stopped
+        status = json.loads((tmp_path / "run" / "status.json").read_text())
+        assert status["state"] == "failed" and status["error"] == f"process 1 failed {doing}: {error}", status
+
+
 def test_a_cached_reference_on_two_processes_holds_every_row_on_each(launched, tmp_path):
     """``preference.reference: cached`` scores the pairs once before training, each process its share of
     the file's rows (every other one); training shuffles every row to either process, which then found

@@ -125,52 +125,55 @@ class Trainer:
         callbacks: list[Callback] | None = None,
         resolved_config: dict[str, Any] | None = None,
     ):
-        preflight.check_arguments(model, config=config, data=data, optimizer=optimizer, eval=eval,
-                                  checkpoint=checkpoint, mesh=mesh, preference=preference)
-        check_not_consumed(model)
-        self.tuned, self.config, self.eval_config, self.checkpoint_config = model, config, eval, checkpoint
-        if config.compile_cache:
-            compile_cache.enable()
-        self.loader_config = data or LoaderConfig()
-        self.preference = preference
-        self.task = "preference" if preference is not None else model.task  # what evaluation reports
-        # the most preference pairs a packed row may hold: what the loss sees of a row
-        self._max_pairs = preference.max_segments if preference is not None else None
-        self.train_data = preflight.loader_for(train_data, model, self.loader_config, train=True,
-                                               max_pairs=self._max_pairs)
-        self.eval_data = preflight.loader_for(eval_data, model, self.loader_config, train=False,
-                                              max_pairs=self._max_pairs)
-        self.run = RunDir(run_dir, main=jax.process_index() == 0)  # one process writes logs and status
-        self.run.check()
-        self.run_dir = self.run.path
-        self.resolved_config = resolved_config or {}
-        self.callbacks = list(callbacks or [])
-        self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh or MeshConfig())
-        preflight.check_data(model, self.train_data, self.eval_data, self.mesh, preference)
-        self.steps = preflight.count_steps(config, self.train_data)
-        preflight.check_accumulation(config, self.train_data)
-        preflight.check_recalibration(config, model, self.train_data)
-        self.choices = preflight.choice_ids(model, eval, preflight.data_kinds(self.train_data, self.eval_data))
-        preflight.check_best_metric(eval, self.task, self.choices is not None)
-        preflight.check_evaluation(eval, self.train_data, self.eval_data)
+        # Each process reads and checks its own files and data here: one failing alone (a file missing on its
+        # host, a run directory it cannot read) stops the others, which would wait for it in a collective.
+        with processes.ready_together(lambda: "setting up the trainer"):
+            preflight.check_arguments(model, config=config, data=data, optimizer=optimizer, eval=eval,
+                                      checkpoint=checkpoint, mesh=mesh, preference=preference)
+            check_not_consumed(model)
+            self.tuned, self.config, self.eval_config, self.checkpoint_config = model, config, eval, checkpoint
+            if config.compile_cache:
+                compile_cache.enable()
+            self.loader_config = data or LoaderConfig()
+            self.preference = preference
+            self.task = "preference" if preference is not None else model.task  # what evaluation reports
+            # the most preference pairs a packed row may hold: what the loss sees of a row
+            self._max_pairs = preference.max_segments if preference is not None else None
+            self.train_data = preflight.loader_for(train_data, model, self.loader_config, train=True,
+                                                   max_pairs=self._max_pairs)
+            self.eval_data = preflight.loader_for(eval_data, model, self.loader_config, train=False,
+                                                  max_pairs=self._max_pairs)
+            self.run = RunDir(run_dir, main=jax.process_index() == 0)  # one process writes logs and status
+            self.run.check()
+            self.run_dir = self.run.path
+            self.resolved_config = resolved_config or {}
+            self.callbacks = list(callbacks or [])
+            self.mesh = mesh if isinstance(mesh, Mesh) else make_mesh(mesh or MeshConfig())
+            preflight.check_data(model, self.train_data, self.eval_data, self.mesh, preference)
+            self.steps = preflight.count_steps(config, self.train_data)
+            preflight.check_accumulation(config, self.train_data)
+            preflight.check_recalibration(config, model, self.train_data)
+            self.choices = preflight.choice_ids(model, eval, preflight.data_kinds(self.train_data, self.eval_data))
+            preflight.check_best_metric(eval, self.task, self.choices is not None)
+            preflight.check_evaluation(eval, self.train_data, self.eval_data)
 
-        trainable, frozen = partition(model.params, model.labels)
-        if not jax.tree.leaves(trainable):
-            raise ValueError("the plan leaves nothing trainable; add a train, lora, prompt or head rule")
-        if isinstance(optimizer, OptimizerConfig):
-            groups, _ = partition(model.labels, model.labels)
-            # a trainer without training data (it evaluates, exports) follows no schedule: nothing to warn of
-            self.optimizer, self.schedule = build_optimizer(optimizer, self.steps, groups,
-                                                            warn=self.train_data is not None)
-        else:
-            self.optimizer, self.schedule = optimizer, None
-        rules = model.partition_rules
-        self._trainable_shardings = param_shardings(trainable, self.mesh, rules)
-        self.trainable = shard(trainable, self._trainable_shardings)
-        cached = preference is not None and preference.reference == "cached"
-        if preference is not None and preference.needs_reference and not cached:
-            frozen = with_reference_start(trainable, frozen, getattr(model.config, "dtype", None))
-        self.frozen = shard(frozen, param_shardings(frozen, self.mesh, rules))
+            trainable, frozen = partition(model.params, model.labels)
+            if not jax.tree.leaves(trainable):
+                raise ValueError("the plan leaves nothing trainable; add a train, lora, prompt or head rule")
+            if isinstance(optimizer, OptimizerConfig):
+                groups, _ = partition(model.labels, model.labels)
+                # a trainer without training data (it evaluates, exports) follows no schedule: nothing to warn of
+                self.optimizer, self.schedule = build_optimizer(optimizer, self.steps, groups,
+                                                                warn=self.train_data is not None)
+            else:
+                self.optimizer, self.schedule = optimizer, None
+            rules = model.partition_rules
+            self._trainable_shardings = param_shardings(trainable, self.mesh, rules)
+            self.trainable = shard(trainable, self._trainable_shardings)
+            cached = preference is not None and preference.reference == "cached"
+            if preference is not None and preference.needs_reference and not cached:
+                frozen = with_reference_start(trainable, frozen, getattr(model.config, "dtype", None))
+            self.frozen = shard(frozen, param_shardings(frozen, self.mesh, rules))
         # Before any step: the cache's reference is the starting model (also when a run resumes).
         self._references = reference_caches(
             model.module, self.trainable, self.frozen, {"train": self.train_data, "eval": self.eval_data},
@@ -330,10 +333,12 @@ class Trainer:
 
         A run directory made by another model, plan, data or shapes is refused (:meth:`check_resume`)
         before anything in it changes."""
-        preflight.check_fit(self.config, self.train_data, self.eval_data)
-        self.check_resume()
-        self.run.create().write_config(self.resolved_config)
-        self.run.write_identity(self.identity())
+        # each process reads the run directory on its own (one that cannot, on its host, stops the others)
+        with processes.ready_together(lambda: "checking the run directory, before training"):
+            preflight.check_fit(self.config, self.train_data, self.eval_data)
+            self.check_resume()
+            self.run.create().write_config(self.resolved_config)
+            self.run.write_identity(self.identity())
         with self.status.stop_together(lambda: "scoring the base model, before training", lambda: self.step):
             before = scores.score_base(self)
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
@@ -348,7 +353,9 @@ class Trainer:
         the base model's scores. Any checkpoint (the iterator's position included) is written before this returns."""
         self.close()
         self._resumable_data = hasattr(iterator, "get_state")
-        best = self._resume(iterator)
+        with processes.ready_together(lambda: "restoring the latest checkpoint",
+                                      lambda message: self.status.stopped_by_another(message, self.step)):
+            best = self._resume(iterator)
         previous_status = self.run.status() or {}
         previous = previous_status.get("state")
         try:
