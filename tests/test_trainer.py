@@ -3,6 +3,7 @@ exact resume after SIGKILL, and two processes training together."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -281,6 +282,33 @@ def test_every_way_out_of_fit_closes_the_training_iterator_and_the_events(setup,
             next(iterator)
     if outcome == "stopped":
         assert _lora_trainer(setup, tmp_path, steps=4).fit().step == 4
+
+
+def test_data_that_runs_out_before_train_steps_is_read_again_as_transformers_takes_epochs(setup, tmp_path, caplog):
+    """A list of 2 batches and ``train.steps: 5``: the run stopped at step 2 yet said "finished", and fitting
+    the same directory again trained on (steps 3-4, replaying the batches), so a finished run was not a
+    no-op. transformers' Trainer takes as many epochs as ``max_steps`` needs: now a new pass starts where
+    one runs out, and the run equals one on the batches repeated by hand. A generator can be read once:
+    the run ends where it runs out, with a warning naming ``train.steps``."""
+    model_dir, train, _ = setup
+    batches = list(itertools.islice(_loader(train, train=True), 2))
+
+    def fit(data: Any, run: str) -> Any:
+        tuned = tuning.apply_plan(hf.load_pretrained(model_dir), tuning.lora(rank=2, alpha=2))
+        trainer = Trainer(tuned, train_data=data, optimizer=OptimizerConfig(learning_rate=1e-2),
+                          config=TrainConfig(steps=5, log_every=5, progress=False), eval=EvalConfig(before=False,
+                          after=False), run_dir=tmp_path / run, mesh=ONE_DEVICE())
+        return trainer.fit(), trainer
+
+    (passes, trainer), (by_hand, reference) = fit(batches, "passes"), fit([*batches, *batches, batches[0]], "by_hand")
+    assert (passes.state, passes.step, by_hand.step) == ("finished", 5, 5)
+    for ours, theirs in zip(jax.tree.leaves(trainer.trainable), jax.tree.leaves(reference.trainable), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    assert fit(batches, "passes")[0].step == 5  # finished: nothing more to train
+    with caplog.at_level("WARNING"):
+        once = fit((batch for batch in batches), "generator")[0]
+    assert (once.state, once.step) == ("finished", 2)
+    assert "the training data ran out at step 2 of train.steps 5" in caplog.text
 
 
 def test_another_processs_error_in_the_status_is_not_written_over_by_the_loop(setup, tmp_path):

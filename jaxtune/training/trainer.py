@@ -85,7 +85,9 @@ class Trainer:
       train_data: a :class:`~jaxtune.data.Source` (from :func:`jaxtune.read`; batched by
         ``data``), a :class:`~jaxtune.data.Loader`, or any iterable of per-process numpy
         batches (the data contract; with grain's ``get_state``/``set_state`` for exact resume).
-        None for a trainer that only evaluates.
+        Data that runs out before ``train.steps`` is read again from its start, as transformers'
+        Trainer takes another epoch, unless it can be read once only (an iterator or a generator: the
+        run ends there, warned of). None for a trainer that only evaluates.
       eval_data: the same kinds; re-iterated for each evaluation (one pass = the eval set).
       run_dir: where checkpoints, metrics, status and the report go; existing checkpoints are
         resumed.
@@ -204,6 +206,7 @@ class Trainer:
         self.rng = jax.random.key(config.seed)
         self.step = 0
         self._saved_step: int | None = None  # the step whose state the latest checkpoint holds
+        self._training_pass: Any = None  # the iterator over the training data that fit reads now
         self._checkpointer: Checkpointer | None = None
         self._resumable_data = False
         self.compile_cache_hit: bool | None = None  # whether the first step's executable came from the disk cache
@@ -342,11 +345,28 @@ class Trainer:
         with self.status.stop_together(lambda: "scoring the base model, before training", lambda: self.step):
             before = scores.score_base(self)
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
+        self._training_pass = iterator  # the pass training reads now (:meth:`_another_pass` opens the next)
         try:
             return self._fit(iterator, before)
         finally:  # every exit (finished, stopped, failed, raised): its prefetch threads and worker processes end
-            if iterator is not self.train_data and callable(getattr(iterator, "close", None)):  # ours, not a caller's
-                iterator.close()
+            self._close_pass(self._training_pass)
+
+    def _close_pass(self, iterator: Any) -> None:
+        """Close a pass over the training data that :meth:`fit` opened (not the caller's own iterator)."""
+        if iterator is not self.train_data and callable(getattr(iterator, "close", None)):
+            iterator.close()
+
+    def _another_pass(self, spent: Any) -> Any | None:
+        """The next pass over training data that ran out (``spent``) before ``train.steps``, as
+        transformers' Trainer takes as many epochs as its ``max_steps`` needs; None for data read once
+        (an iterator or a generator, whose ``iter()`` is itself) or a pass that holds no batch."""
+        fresh = iter(self.train_data)
+        if fresh is spent:
+            return None
+        self._close_pass(spent)
+        self._training_pass = fresh
+        log.info("training data: a new pass over it at step %d of %d", self.step, self.steps)
+        return fresh
 
     def _fit(self, iterator: Any, before: dict[str, float] | None) -> FitResult:
         """:meth:`fit` on the training ``iterator`` it opened, once the run directory is ready; ``before``:
@@ -472,10 +492,14 @@ class Trainer:
                 while self.step < self.steps:
                     if interrupt.stop_now(self.step, cfg.log_every):
                         raise KeyboardInterrupt
-                    try:
-                        batch = next(iterator)
-                    except StopIteration:
-                        log.warning("training data exhausted at step %d", self.step)
+                    batch = next(iterator, None)
+                    if batch is None and (again := self._another_pass(iterator)) is not None:
+                        iterator, batch = again, next(again, None)
+                    if batch is None:
+                        log.warning("the training data ran out at step %d of train.steps %d: it can be read once (an "
+                                    "iterator or a generator), or a pass over it holds no batch; give train.steps "
+                                    "%d, or data that can be read again (a list, a Loader)", self.step, self.steps,
+                                    self.step)
                         break
                     pending.append(self._one_step(batch, window))
                     last = self.step == self.steps
