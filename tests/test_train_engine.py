@@ -90,6 +90,16 @@ def test_gradient_accumulation_equals_one_big_batch(llama):
                  accumulated, one)
 
 
+def test_a_partial_batch_that_micro_batches_cannot_split_names_the_field_and_the_fix(llama):
+    """A caller's iterable may end in a partial batch (a Loader's batches are whole): with gradient
+    accumulation its rows must split into equal micro-batches, and the error said only "batch size 6 is
+    not divisible by grad_accum_steps=4", naming neither the recipe field nor what to do."""
+    with pytest.raises(ValueError, match=r"^train\.grad_accum_steps: a batch of 6 rows does not split into 4 "
+                                         r"micro-batches of equal rows; .*\(drop a last, partial batch\), or set "
+                                         r"train\.grad_accum_steps to a divisor of 6"):
+        _run(_planned(llama), [lm_batch(6, 16)], accum=4)
+
+
 @pytest.fixture(scope="module")
 def single_device_losses(llama):
     batches = [lm_batch(8, 16, seed=s) for s in range(2)]

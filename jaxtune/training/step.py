@@ -164,7 +164,11 @@ def _micro_batches(batch: Batch, k: int) -> Batch:
     micro-batch draws rows from every device's shard of the batch."""
     def split(x: Array) -> Array:
         if x.shape[0] % k:
-            raise ValueError(f"batch size {x.shape[0]} is not divisible by grad_accum_steps={k}")
+            # a Loader's batches are whole (data.batch_size, checked first): this is a caller's batch, often the
+            # last, partial one of an iterable
+            raise ValueError(f"train.grad_accum_steps: a batch of {x.shape[0]} rows does not split into {k} "
+                             f"micro-batches of equal rows; give batches whose rows are a multiple of {k} (drop a "
+                             f"last, partial batch), or set train.grad_accum_steps to a divisor of {x.shape[0]}")
         return x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1)
 
     return jax.tree.map(split, batch)
