@@ -186,7 +186,11 @@ def ready_together(where: Callable[[], str], on_stop: Callable[[str], None] | No
     Without the closing agreement a process that finished its share went on into the next collective
     (or another ``stop_together``, watching another key) while a slower one failed: the failure could
     not reach it, and it waited there until JAX's distributed service gave up on the failed process,
-    minutes later, with a heartbeat error that hides the real one. One process: a plain block."""
+    minutes later, with a heartbeat error that hides the real one. One process: a plain block.
+
+    For errors that end the program: an error every process raises alike (a config's) may end another
+    process from its watcher before it raises its own, and a caller that catches one inside an outer
+    ``stop_together`` leaves the others waiting at the closing barrier."""
     with stop_together(where, on_stop):
         yield
         # the key-value store's barrier, not a device collective: a process stopped in it is ended by its

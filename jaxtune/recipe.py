@@ -209,8 +209,10 @@ def open_run(target: str | os.PathLike[str], overrides: Sequence[str] = (), *, b
     trainer = trainer_for(config, train=False, evaluation=evaluation)
     trainer.check_plan()  # before anything is computed with a plan the run did not train
     if restore and (Path(config.output.dir) / "checkpoints").is_dir():
-        step = trainer.restore(best=best)
-        trainer.close()
+        # each process reads the checkpoint on its own host, then they compute together (an evaluation)
+        with processes.ready_together(lambda: "restoring the run's checkpoint"):
+            step = trainer.restore(best=best)
+            trainer.close()
         if step is not None:
             trainer.step = step
     return trainer

@@ -23,6 +23,8 @@ evaluate_fails {"run", "data", "out"}: the run's ``Trainer.evaluate`` (``jaxtune
 setup_fails {"model", "train", "out"}: :func:`setup_fails`, the run directory unreadable on process 1 alone.
 read_fails {"model", "train", "out"}: :func:`read_fails`, the recipe's training file missing on process 1's host.
 restore_fails {"model", "train", "out"}: :func:`restore_fails`, a checkpoint unreadable on process 1 alone.
+open_fails {"model", "train", "out"}: :func:`open_fails`, ``jaxtune.open_run`` of a run whose checkpoint
+         process 1 alone cannot read, then an evaluation.
 
 After each job, each process writes OUT/<job>-<process>.json: what the job returned on it, and the
 weights and prediction files it wrote (``written``).
@@ -204,18 +206,34 @@ def setup_fails(args: dict[str, Any]) -> dict[str, Any]:
     return {"state": _lora_run(args, 2).state}
 
 
+def _recipe(args: dict[str, Any], train: str) -> dict[str, Any]:
+    """2 steps of a LoRA recipe on the tiny Llama and the chat rows of ``train``, in OUT/run, exporting nothing."""
+    return {"model": {"path": args["model"]}, "plan": [{"preset": "lora", "rank": 4, "alpha": 8}],
+            "data": {"train": train, "kind": "chat", "max_length": 48, "batch_size": 4, "packing": False},
+            "train": {"steps": 2, "progress": False}, "eval": {"before": False, "after": False},
+            "output": {"dir": str(Path(args["out"]) / "run"), "export": "none"}}
+
+
 def read_fails(args: dict[str, Any]) -> dict[str, Any]:
-    """``jaxtune.finetune`` of a LoRA recipe whose training file is missing on process 1's host."""
+    """``jaxtune.finetune`` of :func:`_recipe`, its training file missing on process 1's host."""
     import jax
 
     import jaxtune as jt
 
     train = args["train"] if jax.process_index() == 0 else str(Path(args["train"]).with_name("missing.jsonl"))
-    recipe = {"model": {"path": args["model"]}, "plan": [{"preset": "lora", "rank": 4, "alpha": 8}],
-              "data": {"train": train, "kind": "chat", "max_length": 48, "batch_size": 4, "packing": False},
-              "train": {"steps": 2, "progress": False}, "eval": {"before": False, "after": False},
-              "output": {"dir": str(Path(args["out"]) / "run"), "export": "none"}}
-    return {"state": jt.finetune(recipe).state}
+    return {"state": jt.finetune(_recipe(args, train)).state}
+
+
+def open_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """``jaxtune.finetune`` of :func:`_recipe`, then ``jaxtune.open_run`` of its run (whose checkpoint process 1
+    alone cannot read) and an evaluation on the training rows, as ``jaxtune eval`` runs one."""
+    import jaxtune as jt
+    from jaxtune.training.checkpoint import Checkpointer
+
+    jt.finetune(_recipe(args, args["train"]))
+    _fails_on_process_1(Checkpointer, "restore", PermissionError("checkpoints/2: a file process 1 cannot read"))
+    trainer = jt.open_run(Path(args["out"]) / "run", evaluation=False)
+    return trainer.evaluate(jt.read(args["train"], kind="chat")[0])
 
 
 def restore_fails(args: dict[str, Any]) -> dict[str, Any]:
@@ -304,7 +322,7 @@ def main() -> None:
     known = {"export": export, "export_fails": export_fails, "predict": predict, "predict_fails": predict_fails,
              "evaluate_fails": evaluate_fails, "restart": restart, "dpo": dpo, "dpo_fails": dpo_fails,
              "base_fails": base_fails, "setup_fails": setup_fails, "read_fails": read_fails,
-             "restore_fails": restore_fails}
+             "restore_fails": restore_fails, "open_fails": open_fails}
     for job, args in jobs.items():
         written.clear()
         result = known[job](args)

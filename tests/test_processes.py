@@ -266,13 +266,15 @@ def test_an_error_on_one_process_scoring_the_base_model_stops_the_others_too(tmp
     ("read_fails", "missing.jsonl", "loading the model and reading the data"),
     ("restore_fails", "PermissionError: checkpoints/2: a file process 1 cannot read",
      "restoring the latest checkpoint"),
+    ("open_fails", "PermissionError: checkpoints/2: a file process 1 cannot read", "restoring the run's checkpoint"),
 ])
 def test_an_error_on_one_process_setting_up_stops_the_others_too(tmp_path, job, error, doing):
     """What each process does alone before the processes compute together (each host reads its own
     files): a recipe's training file missing on process 1's host, its run directory or its checkpoint
-    unreadable there. Process 1 raised alone; process 0 went on into the first collective (the first
-    step) and waited there for minutes, until JAX's distributed service gave up on process 1. Now
-    process 0 waits until every process is done with that work, and stops at once, naming the error."""
+    unreadable there (in training, or opening the run to evaluate it). Process 1 raised alone; process 0
+    went on into the first collective (a step, an evaluation's batch) and waited there until Gloo's set-up
+    or JAX's distributed service gave up on process 1, hiding its error. Now process 0 waits until every
+    process is done with that work, and stops at once, naming the error."""
     tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
     tiny_tokenizer().save_pretrained(tmp_path / "llama")
     args = {"model": str(tmp_path / "llama"), "train": str(_chat_rows(tmp_path / "train.jsonl")), "out": str(tmp_path)}
