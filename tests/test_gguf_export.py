@@ -1,4 +1,5 @@
-"""The GGUF export: a LoRA-tuned tiny Llama / Mistral / Qwen2 / Qwen3 / GPT-2 written as one .gguf file, which
+"""The GGUF export: a LoRA-tuned tiny Llama / Mistral / Qwen2 / Qwen3 / GPT-2 / Gemma 2 / Gemma 3 / Phi-3 written as
+one .gguf file, which
 transformers' GGUF loader (the reference reader of llama.cpp's format) and jaxtune's own importer load with the merged
 model's logits and the original tokenizer's token ids, chat template included."""
 
@@ -17,6 +18,7 @@ from helpers import tiny_bpe_tokenizer, tiny_hf_model
 from safetensors.numpy import load_file
 from test_gemma import tiny_gemma
 from test_gpt2 import tiny_gpt2
+from test_phi3 import longrope, tiny_phi3
 from test_tuning_lora import forward, randomize_adapters
 from tokenizers import Tokenizer, models
 
@@ -30,6 +32,11 @@ TOL = 1e-4
 VOCAB = 320  # the tokenizer's 301 ids, then ids the model has and the tokenizer does not ([PAD<id>] in GGUF)
 IDS = np.random.RandomState(0).randint(0, VOCAB, (1, 11)).astype(np.int32)
 TEXTS = ["the quick brown fox 12345", "  hello   world\n\nok?", "don't <think> 7 x"]
+# transformers' GGUF loader reads neither Gemma's attention scalar, soft-caps and local RoPE base nor Phi-3's window,
+# partial rotary and LongRoPE: these families keep its defaults here (heads 256 wide, as query_pre_attn_scalar's
+# default says; Gemma 2's caps 50 and 30; Gemma 3's every 6th layer global); the rest goes through jaxtune's
+# importer (test_gemma_and_phi3_settings_transformers_does_not_read_round_trip).
+GEMMA = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=4)
 FAMILIES = {"llama": ("LlamaForCausalLM", "smollm", {}),
             # Mistral v0.2+ (no window; v0.1's: test_a_mistral_window_is_the_files_context_length), llama.cpp's `llama`
             "mistral": ("MistralForCausalLM", "smollm", dict(sliding_window=None)),
@@ -37,17 +44,39 @@ FAMILIES = {"llama": ("LlamaForCausalLM", "smollm", {}),
             "qwen3": ("Qwen3ForCausalLM", "qwen2", {}),  # transformers reads a Qwen3 GGUF's heads as 128 wide
             # transformers reads a GPT-2 GGUF's positions as 1024, its MLP as 4 * n_embd
             # (test_gpt2_sizes_transformers_does_not_read_round_trip)
-            "gpt2": ("GPT2LMHeadModel", "gpt2", dict(n_positions=1024))}
+            "gpt2": ("GPT2LMHeadModel", "gpt2", dict(n_positions=1024)),
+            "gemma2": ("Gemma2ForCausalLM", "smollm", GEMMA),
+            "gemma3": ("Gemma3ForCausalLM", "smollm", dict(GEMMA, num_hidden_layers=6)),
+            "phi3": ("Phi3ForCausalLM", "smollm", dict(num_key_value_heads=2, tie_word_embeddings=False))}
 
 
 def source(root, family: str):
     architecture, pre, overrides = FAMILIES[family]
-    if architecture == "GPT2LMHeadModel":
-        tiny_gpt2(root, vocab_size=VOCAB, **overrides)  # its weights drawn afresh, as randomize=True does
-    else:
-        tiny_hf_model(architecture, root, randomize=True, vocab_size=VOCAB, **overrides)
+    tiny_model(architecture, root, VOCAB, **overrides)
     tiny_bpe_tokenizer(pre).save_pretrained(root)
     return root
+
+
+def tiny_model(architecture: str, root, vocab_size: int, **overrides):
+    """A tiny random transformers ``architecture`` saved to ``root``, every weight drawn afresh (norm gains too)."""
+    if architecture == "GPT2LMHeadModel":
+        return tiny_gpt2(root, vocab_size=vocab_size, **overrides)
+    if architecture.startswith("Gemma"):
+        return tiny_gemma(architecture, root, vocab_size=vocab_size, **overrides)
+    if architecture == "Phi3ForCausalLM":
+        return tiny_phi3(root, vocab_size=vocab_size, **overrides)
+    return tiny_hf_model(architecture, root, randomize=True, vocab_size=vocab_size, **overrides)
+
+
+def assert_read_back(back, merged, gemma: bool = False) -> None:
+    """jaxtune's importer gives back the merged export's tensors exactly (llama's Q/K permutation undone); Gemma's
+    norm gains as llama.cpp's converter stores them, ``w + 1`` in float32, minus 1."""
+    expected, found = load_file(merged / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(found) == sorted(expected)
+    for name, value in expected.items():
+        if gemma and name.endswith("norm.weight"):
+            value = (value + np.float32(1)) - np.float32(1)
+        np.testing.assert_array_equal(found[name], value, err_msg=name)
 
 
 def tuned_model(root, plan=None) -> tuning.Tuned:
@@ -81,13 +110,9 @@ def test_transformers_and_jaxtune_load_the_gguf_as_the_merged_model(family, tmp_
     assert gguf_tokenizer.eos_token == original.eos_token and gguf_tokenizer.pad_token == original.pad_token
     assert [gguf_tokenizer(t)["input_ids"] for t in texts] == [original(t)["input_ids"] for t in texts]
 
-    # jaxtune's importer gives back the merged export's tensors exactly (llama's Q/K permutation undone)
-    merged = tuning.export_merged(tuned, tmp_path / "merged", dtype="float32")
     back = gguf_to_hf(out, tmp_path / "back")
-    expected, found = load_file(merged / "model.safetensors"), load_file(back / "model.safetensors")
-    assert sorted(found) == sorted(expected)
-    for name, value in expected.items():
-        np.testing.assert_array_equal(found[name], value, err_msg=name)
+    merged = tuning.export_merged(tuned, tmp_path / "merged", dtype="float32")
+    assert_read_back(back, merged, gemma=family.startswith("gemma"))
     imported = transformers.AutoTokenizer.from_pretrained(back)
     assert imported.chat_template == original.chat_template
     assert [imported(t)["input_ids"] for t in texts] == [original(t)["input_ids"] for t in texts]
@@ -120,23 +145,48 @@ def test_dtypes(dtype, kind, tmp_path):
     assert file_type == {"F16": 1, "BF16": 32, "Q8_0": 7}[kind]
 
 
+# What llama.cpp's gemma2 / gemma3 / phi3 cannot compute (its converter writes such a model all the same).
+FAMILY_REFUSALS = [
+    ("Gemma2ForCausalLM", dict(GEMMA, attn_logit_softcapping=None),
+     "Gemma 2 without attn_logit_softcapping has no GGUF export; llama.cpp's gemma2 always soft-caps"),
+    ("Gemma2ForCausalLM", dict(GEMMA, tie_word_embeddings=False), "Gemma 2 with tie_word_embeddings false"),
+    ("Gemma2ForCausalLM", dict(sliding_window=4, query_pre_attn_scalar=24),
+     r"Gemma 2 query_pre_attn_scalar 24 has no GGUF export; llama.cpp scales attention by 32 \*\* -0.5 for 2 layers"),
+    ("Gemma3ForCausalLM", dict(GEMMA, layer_types=["sliding_attention", "full_attention"]),
+     r"layer_types \['sliding_attention', 'full_attention'\] has no GGUF export; llama.cpp's gemma3 slides every "
+     r"layer but each 6th \(sliding_attention at layers \[0, 1\]\)"),
+    ("Gemma3ForCausalLM", dict(GEMMA, rope_local_base_freq=100.0),
+     "Gemma 3 sliding-window layers' RoPE .* has no GGUF export; llama.cpp's gemma3 rotates them unscaled at base "
+     "10000"),
+    ("Gemma3ForCausalLM", dict(GEMMA, hidden_activation="gelu"),  # exact GELU: jaxtune trains it, llama.cpp has tanh's
+     "Gemma 3 hidden_activation 'gelu' has no GGUF export; llama.cpp computes gelu_pytorch_tanh"),
+    ("Gemma2ForCausalLM", dict(GEMMA, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
+     "RoPE scaling 'linear' has no GGUF export here"),
+]
+
+
 def test_what_has_no_gguf_form_is_refused_before_writing(tmp_path):
     base = source(tmp_path / "base", "llama")
     cases = [
         (tuned_model(base, tuning.prompt_tuning(2)), "prompt tuning has no GGUF form"),
         (tuned_model(base, tuning.lora(rank=2) + tuning.head(num_labels=2)), "a classifier head has no GGUF form"),
     ]
-    tiny_gemma("Gemma2ForCausalLM", tmp_path / "gemma2", vocab_size=VOCAB)
-    tiny_bpe_tokenizer().save_pretrained(tmp_path / "gemma2")
-    cases.append((tuned_model(tmp_path / "gemma2"), "Gemma2ForCausalLM has no GGUF export; supported: "
-                                                    "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-                                                    "Qwen3ForCausalLM, GPT2LMHeadModel"))
+    tiny_gemma("GemmaForCausalLM", tmp_path / "gemma", vocab_size=VOCAB)
+    tiny_bpe_tokenizer().save_pretrained(tmp_path / "gemma")
+    cases.append((tuned_model(tmp_path / "gemma"), "GemmaForCausalLM has no GGUF export; supported: "
+                                                   "LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                                                   "Qwen3ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, "
+                                                   "Gemma3ForCausalLM, Phi3ForCausalLM"))
     for name, overrides, message in [
             ("relu", dict(activation_function="relu"), "GPT-2 activation_function 'relu' has no GGUF export"),
             ("unscaled", dict(scale_attn_weights=False), "GPT-2 attention scaled other than by 1/sqrt.head_dim.")]:
         tiny_gpt2(tmp_path / name, vocab_size=VOCAB, **overrides)
         tiny_bpe_tokenizer("gpt2").save_pretrained(tmp_path / name)
         cases.append((tuned_model(tmp_path / name), message))
+    for i, (architecture, overrides, message) in enumerate(FAMILY_REFUSALS):
+        tiny_model(architecture, tmp_path / f"family{i}", VOCAB, **overrides)
+        tiny_bpe_tokenizer().save_pretrained(tmp_path / f"family{i}")
+        cases.append((tuned_model(tmp_path / f"family{i}"), message))
     tiny_hf_model("LlamaForCausalLM", tmp_path / "chars")
     tiny_tokenizer().save_pretrained(tmp_path / "chars")
     cases.append((tuned_model(tmp_path / "chars"), "a WordLevel tokenizer; the GGUF export writes byte-level BPE"))
@@ -179,11 +229,8 @@ def test_llama_attention_biases_round_trip_through_jaxtunes_importer(tmp_path):
     tuned = tuned_model(tmp_path / "base")
     out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf")
     assert "blk.0.attn_q.bias" in {t.name for t in gguf.GGUFReader(out).tensors}
-    expected = load_file(tuning.export_merged(tuned, tmp_path / "merged", dtype="float32") / "model.safetensors")
-    found = load_file(gguf_to_hf(out, tmp_path / "back") / "model.safetensors")
-    assert sorted(found) == sorted(expected)
-    for name, value in expected.items():
-        np.testing.assert_array_equal(found[name], value, err_msg=name)
+    assert_read_back(gguf_to_hf(out, tmp_path / "back"), tuning.export_merged(tuned, tmp_path / "merged",
+                                                                              dtype="float32"))
 
 
 def test_gpt2_sizes_transformers_does_not_read_round_trip(tmp_path):
@@ -196,12 +243,8 @@ def test_gpt2_sizes_transformers_does_not_read_round_trip(tmp_path):
     out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf")
     fields = gguf.GGUFReader(out).fields
     assert (fields["gpt2.context_length"].contents(), fields["gpt2.feed_forward_length"].contents()) == (64, 48)
-    expected = load_file(tuning.export_merged(tuned, tmp_path / "merged", dtype="float32") / "model.safetensors")
     back = gguf_to_hf(out, tmp_path / "back")
-    found = load_file(back / "model.safetensors")
-    assert sorted(found) == sorted(expected)
-    for name, value in expected.items():
-        np.testing.assert_array_equal(found[name], value, err_msg=name)
+    assert_read_back(back, tuning.export_merged(tuned, tmp_path / "merged", dtype="float32"))
     config = transformers.AutoConfig.from_pretrained(back)
     assert (config.n_positions, config.n_inner, config.tie_word_embeddings) == (64, 48, False)
 
@@ -259,6 +302,58 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
     unscaled = transformers.AutoModelForCausalLM.from_pretrained(
         back, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).eval()
     assert np.abs(torch_logits(unscaled) - ours).max() > 1e-2  # the same weights without the scaling differ
+
+
+# Settings transformers' GGUF loader does not read, as llama.cpp's converter writes them (the file's own keys).
+BEYOND_TRANSFORMERS = {
+    "gemma2": ("Gemma2ForCausalLM", dict(sliding_window=4, attn_logit_softcapping=1.0, final_logit_softcapping=2.0,
+                                         query_pre_attn_scalar=32),
+               {"gemma2.attn_logit_softcapping": 1.0, "gemma2.final_logit_softcapping": 2.0,
+                "gemma2.attention.sliding_window": 4, "gemma2.attention.key_length": 32, "gemma2.context_length": 256}),
+    # untied (llama.cpp's gemma3 reads an output.weight), a linear-scaled global layer (the 6th), another base
+    "gemma3": ("Gemma3ForCausalLM", dict(num_hidden_layers=6, sliding_window=4, query_pre_attn_scalar=32,
+                                         rope_scaling={"rope_type": "linear", "factor": 8.0, "rope_theta": 5e5},
+                                         final_logit_softcapping=2.0, attn_logit_softcapping=1.0,
+                                         tie_word_embeddings=False),
+               {"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0, "gemma3.rope.freq_base": 5e5,
+                "gemma3.final_logit_softcapping": 2.0, "gemma3.attention.sliding_window": 4}),
+    # LongRoPE rotating 3/4 of each head (12 of 16 dims: 6 factors each), a window on every layer
+    "phi3": ("Phi3ForCausalLM", dict(num_key_value_heads=2, sliding_window=5,
+                                     rope_parameters=longrope(6, partial=0.75)),
+             {"phi3.rope.dimension_count": 12, "phi3.rope.scaling.original_context_length": 16,
+              "phi3.rope.scaling.attn_factor": float(np.sqrt(1 + np.log(4) / np.log(16))),
+              "phi3.attention.sliding_window": 5, "phi3.context_length": 64}),
+}
+
+
+@pytest.mark.parametrize("family", list(BEYOND_TRANSFORMERS))
+def test_gemma_and_phi3_settings_transformers_does_not_read_round_trip(family, tmp_path):
+    """Gemma 2's soft-caps and attention scalar, Gemma 3's linear-scaled global RoPE and untied output, Phi-3's
+    LongRoPE (its factors as llama.cpp's rope_factors_long / _short tensors), partial rotary and window: the file
+    holds llama.cpp's keys for them, and jaxtune's importer reads it back as a model whose logits are the tuned
+    model's, on inputs within and (Phi-3's long factors) beyond the original context."""
+    architecture, overrides, keys = BEYOND_TRANSFORMERS[family]
+    tiny_model(architecture, tmp_path / "base", VOCAB, **overrides)
+    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "base")
+    tuned = tuned_model(tmp_path / "base")
+    out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf")
+    reader = gguf.GGUFReader(out)
+    assert {key: reader.fields[key].contents() for key in keys} == pytest.approx(keys, rel=1e-6)
+    tensors = {t.name: t for t in reader.tensors}
+    assert family != "gemma3" or ("output.weight" in tensors and "gemma3.attn_logit_softcapping" not in reader.fields)
+    if family == "phi3":
+        rope = overrides["rope_parameters"]
+        np.testing.assert_array_equal(tensors["rope_factors_long.weight"].data, np.float32(rope["long_factor"]))
+        np.testing.assert_array_equal(tensors["rope_factors_short.weight"].data, np.float32(rope["short_factor"]))
+        assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= set(tensors)
+
+    back = gguf_to_hf(out, tmp_path / "back")
+    assert_read_back(back, tuning.export_merged(tuned, tmp_path / "merged", dtype="float32"), family != "phi3")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(back).eval()
+    for ids in (IDS, np.random.RandomState(1).randint(0, VOCAB, (1, 24)).astype(np.int32)):
+        ours = np.asarray(forward(tuned.module, tuned.params, ids, np.ones_like(ids)))
+        with torch.no_grad():
+            np.testing.assert_allclose(loaded(torch.as_tensor(ids)).logits.numpy(), ours, atol=TOL, rtol=0)
 
 
 def test_a_q8_0_gguf_fine_tuned_keep_quantized_exports_to_its_own_blocks(tmp_path, monkeypatch):
@@ -357,13 +452,14 @@ def test_a_recipe_whose_model_has_no_gguf_form_is_refused_before_training(tmp_pa
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
     assert not (tmp_path / "run" / "export").exists()
 
-    tiny_gemma("Gemma2ForCausalLM", tmp_path / "gemma2", vocab_size=VOCAB)
-    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "gemma2")
+    tiny_gemma("GemmaForCausalLM", tmp_path / "gemma", vocab_size=VOCAB)
+    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "gemma")
     config = _llama_recipe(tmp_path, [{"preset": "lora", "rank": 4}], export="gguf")
-    config["model"]["path"] = str(tmp_path / "gemma2")
-    with pytest.raises(ConfigError, match=r"^output.export: cannot export gguf: model: Gemma2ForCausalLM has no GGUF "
+    config["model"]["path"] = str(tmp_path / "gemma")
+    with pytest.raises(ConfigError, match=r"^output.export: cannot export gguf: model: GemmaForCausalLM has no GGUF "
                                           r"export; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
-                                          r"Qwen3ForCausalLM, GPT2LMHeadModel "):
+                                          r"Qwen3ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, Gemma3ForCausalLM, "
+                                          r"Phi3ForCausalLM "):
         jt.finetune(config)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
 
@@ -425,46 +521,62 @@ def test_a_run_resumed_with_another_output_export_replaces_its_export(tmp_path):
                 adapter_dir(tmp_path / "run")
 
 
-def sentencepiece_style_tokenizer(legacy: bool = False) -> transformers.PreTrainedTokenizerFast:
+def sentencepiece_style_tokenizer(style: str = "metaspace") -> transformers.PreTrainedTokenizerFast:
     """Mistral's tokenizer.json in little: a BPE with byte fallback (<unk>, <s>, </s>, the 256 <0xNN> bytes,
     then characters and merges learned on a few sentences as SentencePiece learns them: within words),
-    spaces as "▁" with one before the text (``legacy``: Llama 2's normalizer, else a Metaspace pre-tokenizer),
-    BOS added, a chat template."""
+    spaces as "▁" with one before the text (``legacy``: Llama 2's and Phi-3's normalizer, ``metaspace``: a Metaspace
+    pre-tokenizer), BOS added, a chat template. ``gemma``: Gemma's instead: no "▁" before the text (a Replace
+    normalizer, a Split pre-tokenizer at spaces it leaves none of), its special tokens (<pad>, <eos>, <bos>, <unk>,
+    <start_of_turn>, <end_of_turn>) and its ids in merge order, as its tokenizer.model has them (which transformers'
+    GGUF reader of a Gemma relies on)."""
     from tokenizers import AddedToken, decoders, normalizers, pre_tokenizers, processors, trainers
 
+    gemma = style == "gemma"
     corpus = ["the quick brown fox jumps over the lazy dog", "hello world, hello there", "numbers 12345 and 678",
               "user assistant: the answer is 42"] * 3
     learner = Tokenizer(models.BPE())
-    learner.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=True)
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never" if gemma else "first", split=True)
     learner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, show_progress=False))
     learned = json.loads(learner.to_str())["model"]
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{b:02X}>": 3 + b for b in range(256)}}
-    # the learned tokens by id backwards: ids out of merge order, so that only the scores give llama.cpp the order
-    for token, _ in sorted(learned["vocab"].items(), key=lambda item: -item[1]):
+    specials = (["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"] if gemma
+                else ["<unk>", "<s>", "</s>"])
+    vocab = {token: i for i, token in enumerate(specials)}
+    vocab.update({f"<0x{b:02X}>": len(specials) + b for b in range(256)})
+    # Gemma's learned tokens in merge order (the trainer's ids); the others by id backwards: ids out of merge order,
+    # so that only the scores give llama.cpp the order
+    for token, _ in sorted(learned["vocab"].items(), key=lambda item: item[1] if gemma else -item[1]):
         vocab.setdefault(token, len(vocab))
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in learned["merges"]]
-    tok = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    if legacy:
+    unk, bos, eos = ("<unk>", "<bos>", "<eos>") if gemma else ("<unk>", "<s>", "</s>")
+    tok = Tokenizer(models.BPE(vocab, merges, unk_token=unk, byte_fallback=True, fuse_unk=True))
+    if style == "legacy":
         tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    elif gemma:
+        tok.normalizer = normalizers.Replace(" ", "▁")
+        tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
     else:
         tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    tok.add_special_tokens([AddedToken(t, normalized=False) for t in ("<unk>", "<s>", "</s>")])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                                unk_token="<unk>")
-    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
-                          " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps if gemma else [*steps, decoders.Strip(" ", 1, 0)])
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in specials])
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, vocab[bos])])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=eos, unk_token=unk,
+                                                pad_token="<pad>" if gemma else None)
+    fast.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n"
+        "{% endfor %}" if gemma else
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }}"
+        " [/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
     return fast
 
 
-def llama_cpp_spm(tokens: list[str], scores: list[float], text: str) -> list[int]:
+def llama_cpp_spm(tokens: list[str], scores: list[float], text: str, space_prefix: bool = True) -> list[int]:
     """llama.cpp's SentencePiece tokenizer (llm_tokenizer_spm) on text with no special tokens in it: a "▁" before
-    it and for each space, then, from its characters, merge the adjacent pair whose joined token scores highest
-    (the leftmost of equals) while any pair is a token; a character that is no token becomes its <0xNN> bytes."""
+    it (``space_prefix``) and for each space, then, from its characters, merge the adjacent pair whose joined token
+    scores highest (the leftmost of equals) while any pair is a token; a character that is no token becomes its
+    <0xNN> bytes."""
     ids = {token: i for i, token in enumerate(tokens)}
-    pieces = list(("▁" + text).replace(" ", "▁"))
+    pieces = list(("▁" * space_prefix + text).replace(" ", "▁"))
     while True:
         pairs = [(-scores[ids[a + b]], i) for i, (a, b) in enumerate(zip(pieces, pieces[1:])) if a + b in ids]
         if not pairs:
@@ -475,18 +587,21 @@ def llama_cpp_spm(tokens: list[str], scores: list[float], text: str) -> list[int
                                              else [ids[f"<0x{b:02X}>"] for b in piece.encode("utf-8")])]
 
 
-@pytest.mark.parametrize("architecture,legacy", [("LlamaForCausalLM", True), ("LlamaForCausalLM", False),
-                                                 ("MistralForCausalLM", False)])
-def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabulary(architecture, legacy, tmp_path):
-    """A tokenizer.json BPE with byte fallback (Llama 2, Mistral) becomes llama.cpp's ``llama`` vocabulary: scores
-    by merge rank (llama.cpp merges by score, with no merges in the file), <0xNN> as BYTE, the specials as CONTROL and
-    <unk> UNKNOWN. transformers' GGUF reader (which rebuilds the merges from the scores, as llama.cpp ranks them) and
-    jaxtune's importer tokenize as the original, text needing byte fallback and the chat template's output included."""
+@pytest.mark.parametrize("architecture,style", [("LlamaForCausalLM", "legacy"), ("LlamaForCausalLM", "metaspace"),
+                                                ("MistralForCausalLM", "metaspace"), ("Phi3ForCausalLM", "legacy"),
+                                                ("Gemma2ForCausalLM", "gemma"), ("Gemma3ForCausalLM", "gemma")])
+def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabulary(architecture, style, tmp_path):
+    """A tokenizer.json BPE with byte fallback (Llama 2, Mistral, Phi-3, Gemma) becomes llama.cpp's ``llama``
+    vocabulary: scores by merge rank (llama.cpp merges by score, with no merges in the file), <0xNN> as BYTE, the
+    specials as CONTROL and <unk> UNKNOWN, a "▁" before the text but for Gemma's. transformers' GGUF reader (which
+    rebuilds the merges from the scores, as llama.cpp ranks them; a Gemma's from the ids) and jaxtune's importer
+    tokenize as the original, text needing byte fallback and the chat template's output included."""
     from jaxtune.models.gguf_export import hf_to_gguf
 
-    original = sentencepiece_style_tokenizer(legacy)
-    overrides = dict(sliding_window=None) if architecture == "MistralForCausalLM" else {}
-    tiny_hf_model(architecture, tmp_path / "base", randomize=True, vocab_size=len(original) + 3, **overrides)
+    original = sentencepiece_style_tokenizer(style)
+    overrides = {"MistralForCausalLM": dict(sliding_window=None), "Gemma2ForCausalLM": GEMMA,
+                 "Gemma3ForCausalLM": dict(GEMMA, num_hidden_layers=6)}.get(architecture, {})
+    tiny_model(architecture, tmp_path / "base", len(original) + 3, **overrides)
     original.save_pretrained(tmp_path / "base")
     (tmp_path / "gguf").mkdir()
     out = hf_to_gguf(tmp_path / "base", tmp_path / "gguf" / "model.gguf", dtype="float32")
@@ -494,27 +609,31 @@ def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabula
     fields = gguf.GGUFReader(out).fields
     assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.merges" not in fields
     types = fields["tokenizer.ggml.token_type"].contents()
-    assert types[:5] == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL,
-                         gguf.TokenType.BYTE, gguf.TokenType.BYTE] and types[-1] == gguf.TokenType.UNUSED
-    assert fields["tokenizer.ggml.add_space_prefix"].contents() is True
+    unk = original.unk_token_id
+    assert types[unk] == gguf.TokenType.UNKNOWN and types[original.bos_token_id] == gguf.TokenType.CONTROL
+    assert types[original.convert_tokens_to_ids("<0x0A>")] == gguf.TokenType.BYTE
+    assert types[-1] == gguf.TokenType.UNUSED
+    assert fields["tokenizer.ggml.add_space_prefix"].contents() is (style != "gemma")
     assert fields["tokenizer.ggml.add_bos_token"].contents() is True
 
     chat = original.apply_chat_template([{"role": "user", "content": "hello world 42"}], tokenize=False)
     texts = ["the quick brown fox", "  hello   world\n\nok?", "numbers 1234567", "there the other",
              "héllo wörld ✓ 日本", chat]
     want = [original(t)["input_ids"] for t in texts]
-    assert 3 + ord("\n") in want[1] and original.unk_token_id not in sum(want, [])  # byte fallback, no <unk>
-    if legacy:  # llama.cpp's rules (docs/cli.md); transformers rebuilds a Metaspace: no "▁" before text that
-        # starts with a space, nor after a special token (the chat's <s><s>[INST])
-        want[1] = original(texts[1][1:])["input_ids"]
-        assert len(want[1]) == len(original(texts[1])["input_ids"]) - 1
-        assert want[-1][2] == original.convert_tokens_to_ids("▁")
-        want[-1] = want[-1][:2] + want[-1][3:]
+    assert original.convert_tokens_to_ids("<0x0A>") in want[1] and unk not in sum(want, [])  # byte fallback, no <unk>
+    if style == "legacy":  # llama.cpp's rules (docs/cli.md); transformers rebuilds a Metaspace: no "▁" before text
+        # that starts with a space, nor after a special token (the chat's <s><s>[INST]); its Phi-3 reader does not
+        if architecture != "Phi3ForCausalLM":
+            want[1] = original(texts[1][1:])["input_ids"]
+            assert len(want[1]) == len(original(texts[1])["input_ids"]) - 1
+            assert want[-1][2] == original.convert_tokens_to_ids("▁")
+            want[-1] = want[-1][:2] + want[-1][3:]
     # llama.cpp's tokenizer on the file gives the original ids (a Metaspace's: on text not starting with a space)
     tokens, scores = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.scores"].contents()
     for text in texts[:-1]:
-        if legacy or not text.startswith(" "):
-            assert llama_cpp_spm(tokens, scores, text) == original(text, add_special_tokens=False)["input_ids"], text
+        if style != "metaspace" or not text.startswith(" "):
+            assert (llama_cpp_spm(tokens, scores, text, space_prefix=style != "gemma")
+                    == original(text, add_special_tokens=False)["input_ids"]), text
     gguf_tokenizer = transformers.AutoTokenizer.from_pretrained(out.parent, gguf_file=out.name)
     assert gguf_tokenizer.chat_template == original.chat_template
     assert [gguf_tokenizer(t)["input_ids"] for t in texts] == want

@@ -304,7 +304,9 @@ def _gemma_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, 
         extra["attn_logit_softcapping"] = meta.get(f"{name}.attn_logit_softcapping", None)
         extra["final_logit_softcapping"] = meta.get(f"{name}.final_logit_softcapping", None)
         return extra
-    # Gemma 3: the global layers' RoPE from the file, the sliding layers' base 10000 unless stated.
+    # Gemma 3: its final soft-cap when the file states one (llama.cpp's gemma3 reads it; no attention soft-cap),
+    # the global layers' RoPE from the file, the sliding layers' base 10000 unless stated.
+    extra["final_logit_softcapping"] = meta.get(f"{name}.final_logit_softcapping", None)
     local = float(meta.get(f"{name}.rope.freq_base_swa", 10000.0))
     extra["rope_parameters"] = {"full_attention": found["rope_parameters"],
                                 "sliding_attention": {"rope_type": "default", "rope_theta": local}}

@@ -2,15 +2,17 @@
 
 The inverse of :func:`jaxtune.models.gguf.gguf_to_hf` for the families both llama.cpp and transformers'
 GGUF loader read as plain decoders (:data:`GGUF_EXPORT_ARCHITECTURES`: Llama, SmolLM2 included,
-Mistral, Qwen2, Qwen3, GPT-2)::
+Mistral, Qwen2, Qwen3, GPT-2, Gemma 2, Gemma 3 text, Phi-3)::
 
     hf_to_gguf("out/merged", "out/model.gguf", dtype="float16")
 
 Tensors get llama.cpp's names from the ``gguf`` package's own tables (:func:`gguf.get_tensor_name_map`),
 Llama's Q/K rows are permuted into llama.cpp's interleaved rotary layout (its ``llama`` kernel rotates
 adjacent pairs; Qwen's kernels rotate HF's halves, so theirs stay), Llama 3.1/3.2's ``llama3`` RoPE
-scaling becomes llama.cpp's per-frequency divisors (``rope_freqs.weight``; other scalings are refused),
-and the model's sizes become llama.cpp's ``{arch}.*`` metadata keys. The tokenizer (a byte-level BPE
+scaling becomes llama.cpp's per-frequency divisors (``rope_freqs.weight``; besides Gemma 3's linear scaling
+and Phi-3's LongRoPE below, other scalings are refused),
+and the model's sizes become llama.cpp's ``{arch}.*`` metadata keys (the config completed with its
+transformers class's defaults, which ``config.json`` leaves out). The tokenizer (a byte-level BPE
 ``tokenizer.json``, as SmolLM2, Llama 3 and Qwen ship) is written as ``tokenizer.ggml.*``: its tokens by
 id, which are special (control) or added (user-defined), the merges, special token ids and the chat template
 (``gguf.SpecialVocab``). A SentencePiece-style ``tokenizer.json`` (Llama 2, TinyLlama, Mistral: BPE with
@@ -22,9 +24,10 @@ Metaspace with ``prepend_scheme: "first"`` (Mistral's tokenizer.json) puts one o
 not before a space, so text that starts with a space or follows a special token (``<s>[INST]``) gets
 one "▁" more in llama.cpp than in the original. transformers' GGUF reader (and jaxtune's importer,
 built on it) rebuilds that Metaspace: it agrees with Mistral's tokenizer there and with neither
-llama.cpp nor Llama 2's. A file llama.cpp could not tokenize as the model was
-trained (a Unigram tokenizer as Gemma's and Phi-3's ``tokenizer.model``, another tokenizer model, or
-a pre-tokenizer it has no name for) is refused before anything is written.
+llama.cpp nor Llama 2's. Gemma's ``tokenizer.json`` (a Replace normalizer alone) puts no "▁" before the
+text: ``add_space_prefix`` false, as llama.cpp's converter writes Gemma. A file llama.cpp could not
+tokenize as the model was trained (a Unigram tokenizer, another tokenizer model, or a pre-tokenizer it
+has no name for) is refused before anything is written.
 
 Norm gains and biases are stored float32 (llama.cpp keeps 1-D tensors so); the matrices in ``dtype``:
 ``float32``, ``float16``, ``bfloat16`` or ``q8_0`` (llama.cpp's 8-bit blocks of 32; a matrix whose rows
@@ -34,6 +37,24 @@ holds one tensor, not the model.
 
 transformers' GGUF loader (5.x) ignores two things llama.cpp reads, as it does in llama.cpp's own
 files: a Llama's attention biases and the ``rope_freqs`` factors; jaxtune's importer reads both.
+
+Gemma 2/3 (llama.cpp's ``gemma2`` / ``gemma3``): the RMSNorm gains are stored ``w + 1`` (Gemma computes
+``x * (1 + w)``, llama.cpp ``x * w``; in float32, as its converter adds it), with the sliding window, Gemma
+2's two soft-caps, Gemma 3's final soft-cap and the linear RoPE scaling of its global layers. llama.cpp fixes
+what the file does not say, so a model it would compute otherwise is refused, naming the setting: the
+sliding layers (all but every 2nd / 6th from layer 0; a window no shorter than the context is full
+attention, written as the context length), attention scaled by ``query_pre_attn_scalar ** -0.5`` other
+than head_dim's (hidden / heads for the 27B layer counts), Gemma 3's local RoPE other than unscaled base
+10000, Gemma 2 without either soft-cap or with an untied output, biases, exact GELU.
+
+Phi-3 (llama.cpp's ``phi3``) keeps its fused ``qkv_proj`` / ``gate_up_proj`` (``attn_qkv``, ``ffn_up``),
+its partial rotary (``rope.dimension_count``), original context length and window (0: none), and its
+LongRoPE as ``rope_factors_long`` / ``rope_factors_short`` tensors with the attention factor transformers
+computes (``rope.scaling.attn_factor``). Which set applies, llama.cpp decides once per run by its context
+size (the long one above the original context length, as at the file's default context), transformers per
+input by its length: on an input longer than the original context both take the long one; on a shorter
+input they agree when llama.cpp runs with a context no longer than the original (``-c``). transformers'
+GGUF loader reads none of this (nor Gemma's scalar, soft-caps and local base): jaxtune's importer does.
 
 A Mistral is written as llama.cpp's ``llama`` (as its converter does), which has no sliding window: a
 Mistral whose ``sliding_window`` is shorter than its ``max_position_embeddings`` (Mistral 7B v0.1) gets
@@ -67,7 +88,18 @@ from jaxtune.models.gguf_architectures import ARCHITECTURES, Arch, GGUFError
 # Mistral is llama.cpp's `llama` (its converter writes it so; jaxtune's importer reads it back as Llama, the
 # same model without a sliding window: see _context_length).
 GGUF_EXPORT_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                             "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2"}
+                             "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2", "Gemma2ForCausalLM": "gemma2",
+                             "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
+# The RoPE scalings llama.cpp computes for a family (on Gemma 3's global layers): Llama 3.1's per-frequency
+# divisors, a linear position scale, Phi-3's LongRoPE ("su" is its older name); every family takes unscaled RoPE.
+_ROPE_KINDS = {"LlamaForCausalLM": ("llama3",), "Gemma3ForCausalLM": ("linear",), "Phi3ForCausalLM": ("longrope", "su")}
+# llama.cpp's sliding-window layers: all but every `period`-th one, counting from layer 0 (a constant of its gemma2
+# and gemma3 code, not read from the file); the local layers' RoPE base, Gemma 3's 10000, is another.
+_SLIDING_PERIOD = {"gemma2": 2, "gemma3": 6}
+_GEMMA3_LOCAL_BASE = 10000.0
+# The layer counts of the 27B models, for which llama.cpp scales attention by (hidden / heads) ** -0.5 instead of
+# head_dim ** -0.5; it infers the scale from the size (the importer's _GEMMA_27B_LAYERS reads the same).
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 GGUF_DTYPES = GGUF_DTYPE_NAMES
 _GGML_TYPES = {"float32": GGMLQuantizationType.F32, "float16": GGMLQuantizationType.F16,
                "bfloat16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
@@ -92,14 +124,108 @@ def check_architecture(hf_config: dict[str, Any], where: str = "model") -> str:
     if arch not in GGUF_EXPORT_ARCHITECTURES:
         raise GGUFError(f"{where}: {arch} has no GGUF export; supported: {', '.join(GGUF_EXPORT_ARCHITECTURES)} "
                         "(export it merged and convert that with llama.cpp's convert_hf_to_gguf.py)")
+    hf_config = _complete(hf_config)
     kind = _rope(hf_config).get("rope_type", "default")
-    if kind != "default" and not (kind == "llama3" and arch == "LlamaForCausalLM"):
+    if kind != "default" and kind not in _ROPE_KINDS.get(arch, ()):
         raise GGUFError(f"{where}: RoPE scaling {kind!r} has no GGUF export here; unscaled RoPE is written, and "
-                        "Llama 3.1/3.2's llama3 scaling (export it merged and convert that with llama.cpp's "
-                        "convert_hf_to_gguf.py)")
+                        "Llama 3.1/3.2's llama3 scaling, Gemma 3's linear one, Phi-3's longrope (export it merged and "
+                        "convert that with llama.cpp's convert_hf_to_gguf.py)")
     if arch == "GPT2LMHeadModel":
         _check_gpt2(hf_config, where)
+    elif arch.startswith("Gemma"):
+        _check_gemma(hf_config, where, GGUF_EXPORT_ARCHITECTURES[arch])
     return GGUF_EXPORT_ARCHITECTURES[arch]
+
+
+def _complete(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """``hf_config`` with every value its transformers config class fills in (``config.json`` leaves out
+    the defaults: Gemma 2's soft-caps, its ``query_pre_attn_scalar``...), as the model runs it."""
+    from transformers import CONFIG_MAPPING
+
+    model_type = hf_config.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        return hf_config
+    complete = CONFIG_MAPPING[model_type].from_dict(hf_config).to_dict()
+    return {**complete, "architectures": hf_config.get("architectures")}
+
+
+def _check_gemma(config: dict[str, Any], where: str, arch: str) -> None:
+    """What llama.cpp's gemma2 / gemma3 compute: tanh-GELU, no biases, attention scaled as its model sizes
+    say (:data:`_GEMMA_27B_LAYERS`), Gemma 2's two soft-caps always and its output tied to the embedding,
+    sliding-window layers in its fixed pattern (:func:`_sliding_window`), Gemma 3's local RoPE unscaled
+    at base 10000."""
+    name = "Gemma 2" if arch == "gemma2" else "Gemma 3"
+    activation = config.get("hidden_activation") or config.get("hidden_act")
+    if activation not in ("gelu_pytorch_tanh", "gelu_new"):
+        raise GGUFError(f"{where}: {name} hidden_activation {activation!r} has no GGUF export; llama.cpp computes "
+                        "gelu_pytorch_tanh (export it merged instead)")
+    if config.get("attention_bias"):
+        raise GGUFError(f"{where}: {name} with attention_bias has no GGUF export; llama.cpp's {arch} has no "
+                        "attention biases (export it merged instead)")
+    layers, heads = config["num_hidden_layers"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    scalar = config["hidden_size"] // heads if layers == _GEMMA_27B_LAYERS[arch] else head_dim
+    if config.get("query_pre_attn_scalar") != scalar:
+        raise GGUFError(f"{where}: {name} query_pre_attn_scalar {config.get('query_pre_attn_scalar')} has no GGUF "
+                        f"export; llama.cpp scales attention by {scalar} ** -0.5 for {layers} layers (head_dim, or "
+                        "hidden_size / num_attention_heads for the 27B's layer count)")
+    if arch == "gemma2":
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if config.get(key) is None:
+                raise GGUFError(f"{where}: Gemma 2 without {key} has no GGUF export; llama.cpp's gemma2 always "
+                                "soft-caps (50 and 30 when the file says none); export it merged instead")
+        if not config.get("tie_word_embeddings", True):
+            raise GGUFError(f"{where}: Gemma 2 with tie_word_embeddings false has no GGUF export; llama.cpp's "
+                            "gemma2 computes the logits with the embedding (export it merged instead)")
+    else:
+        local = _local_rope(config)
+        if local.get("rope_type", "default") != "default" or float(local["rope_theta"]) != _GEMMA3_LOCAL_BASE:
+            raise GGUFError(f"{where}: Gemma 3 sliding-window layers' RoPE {json.dumps(local)} has no GGUF export; "
+                            "llama.cpp's gemma3 rotates them unscaled at base 10000 (rope_local_base_freq)")
+    _sliding_window(config, arch, where)
+
+
+def _sliding_window(config: dict[str, Any], arch: str, where: str = "model") -> int:
+    """The window llama.cpp's gemma2 / gemma3 get: ``sliding_window`` when the layers that slide are the ones
+    its fixed pattern makes slide (:data:`_SLIDING_PERIOD`), the context length when no window is shorter
+    than the context (full attention everywhere, which a window that long is); else :class:`GGUFError`."""
+    layers, context, window = config["num_hidden_layers"], config["max_position_embeddings"], config["sliding_window"]
+    period = _SLIDING_PERIOD[arch]
+    types = config.get("layer_types") or ["sliding_attention" if (i + 1) % period else "full_attention"
+                                          for i in range(layers)]
+    binding = window is not None and window < context
+    sliding = [binding and kind == "sliding_attention" for kind in types]
+    if not any(sliding):
+        return context
+    expected = [i % period < period - 1 for i in range(layers)]
+    if sliding != expected:
+        raise GGUFError(f"{where}: layer_types {types} has no GGUF export; llama.cpp's {arch} slides every layer "
+                        f"but each {period}th (sliding_attention at layers "
+                        f"{[i for i, s in enumerate(expected) if s]})")
+    return window
+
+
+def _rotary_dims(config: dict[str, Any]) -> int:
+    """How many of each head's dims RoPE rotates (transformers' ``int(head_dim * partial_rotary_factor)``)."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    partial = _rope(config).get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0)) or 1.0
+    return int(head_dim * partial)
+
+
+def _original_context(config: dict[str, Any]) -> int:
+    """Phi-3's pre-training context length, where LongRoPE's short factors end."""
+    return _rope(config).get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+
+
+def longrope_attention_factor(config: dict[str, Any]) -> float:
+    """What LongRoPE scales cos/sin by, as transformers computes it: the config's ``attention_factor``, else
+    ``sqrt(1 + ln(factor) / ln(original))`` for the extension ``factor`` (``max_position_embeddings /
+    original_max_position_embeddings`` unless stated), 1 when it does not extend."""
+    rope, original = _rope(config), _original_context(config)
+    if rope.get("attention_factor") is not None:
+        return float(rope["attention_factor"])
+    factor = rope.get("factor") or config["max_position_embeddings"] / original
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
 
 
 def _check_gpt2(hf_config: dict[str, Any], where: str) -> None:
@@ -124,10 +250,20 @@ def _standard_names(hf_config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rope(hf_config: dict[str, Any]) -> dict[str, Any]:
-    """The config's RoPE parameters (transformers 5's ``rope_parameters``, older ``rope_scaling``)."""
+    """The config's RoPE parameters (transformers 5's ``rope_parameters``, older ``rope_scaling``); Gemma 3's
+    global layers' (its ``full_attention`` entry), which are the file's ``rope.*`` keys."""
     rope = dict(hf_config.get("rope_parameters") or hf_config.get("rope_scaling") or {})
+    rope = dict(rope.get("full_attention", rope))
     rope.setdefault("rope_type", rope.get("type", "default"))
     rope.setdefault("rope_theta", hf_config.get("rope_theta", 10000.0))
+    return rope
+
+
+def _local_rope(hf_config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3's sliding-window layers' RoPE parameters (``rope_parameters.sliding_attention``)."""
+    rope = dict((hf_config.get("rope_parameters") or {}).get("sliding_attention")
+                or {"rope_theta": hf_config.get("rope_local_base_freq", _GEMMA3_LOCAL_BASE)})
+    rope.setdefault("rope_type", rope.get("type", "default"))
     return rope
 
 
@@ -170,7 +306,7 @@ def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str],
     hf_dir, out_file = Path(hf_dir), Path(out_file)
     if dtype is not None and dtype not in GGUF_DTYPES:
         raise GGUFError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(GGUF_DTYPES)}")
-    config = _standard_names(json.loads((hf_dir / "config.json").read_text()))
+    config = _standard_names(_complete(json.loads((hf_dir / "config.json").read_text())))
     arch = check_architecture(config, str(hf_dir))
     vocabulary = _vocabulary(hf_dir, config["vocab_size"])
     tensors = _tensors(hf_dir, config, arch, dtype)
@@ -193,8 +329,8 @@ def _write(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any], tensor
     writer.add_tokenizer_model(vocabulary.model)
     if vocabulary.pre is not None:
         writer.add_tokenizer_pre(vocabulary.pre)
-    # a byte-level BPE encodes the text's own spaces; SentencePiece puts a "▁" before the text
-    writer.add_add_space_prefix(vocabulary.model == "llama")
+    # a byte-level BPE encodes the text's own spaces; SentencePiece puts a "▁" before the text (not Gemma's)
+    writer.add_add_space_prefix(vocabulary.space_prefix)
     writer.add_token_list(vocabulary.tokens)
     if vocabulary.scores is not None:
         writer.add_token_scores(vocabulary.scores)
@@ -227,9 +363,36 @@ def _add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: Arch) ->
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_key_length(head_dim)
     writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(_rotary_dims(config))
     writer.add_rope_freq_base(float(rope["rope_theta"]))
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    if writer.arch in _SLIDING_PERIOD:
+        _add_gemma_hparams(writer, config)
+    elif writer.arch == "phi3":
+        _add_phi3_hparams(writer, config)
+
+
+def _add_gemma_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    """Gemma 2/3's keys beyond the shared ones: the sliding window, the soft-caps (Gemma 3 computes no
+    attention soft-cap, whatever its config says), Gemma 3's linear RoPE scaling of its global layers."""
+    writer.add_sliding_window(_sliding_window(config, writer.arch))
+    if writer.arch == "gemma2":
+        writer.add_attn_logit_softcapping(config["attn_logit_softcapping"])
+    if config.get("final_logit_softcapping") is not None:
+        writer.add_final_logit_softcapping(config["final_logit_softcapping"])
+    rope = _rope(config)
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+
+
+def _add_phi3_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
+    """Phi-3's keys beyond the shared ones: its original context length, the sliding window (0: none, as
+    llama.cpp's converter writes it), LongRoPE's attention factor (its factors are tensors: :func:`_tensors`)."""
+    writer.add_rope_scaling_orig_ctx_len(_original_context(config))
+    writer.add_sliding_window(config.get("sliding_window") or 0)
+    if _rope(config)["rope_type"] != "default":
+        writer.add_rope_scaling_attn_factors(longrope_attention_factor(config))
 
 
 def _context_length(config: dict[str, Any]) -> int:
@@ -253,6 +416,7 @@ class _Tensor:
     heads: int | None = None
     values: np.ndarray | None = None
     transpose: bool = False
+    shift: float = 0.0  # added (Gemma's RMSNorm gains: llama.cpp computes x * w where Gemma computes x * (1 + w))
 
     def stored(self) -> np.ndarray:
         """The bytes (as an array) llama.cpp reads: read now, one tensor at a time."""
@@ -267,6 +431,8 @@ class _Tensor:
             data = permute_qk(data, self.heads)
         if self.transpose:
             data = data.T
+        if self.shift:
+            data = data + np.float32(self.shift)
         return np.ascontiguousarray(gguf.quants.quantize(data, self.kind))
 
 
@@ -278,11 +444,8 @@ def _tensors(hf_dir: Path, config: dict[str, Any], arch: str, dtype: str | None)
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
     permute, transposed = ARCHITECTURES[arch].permute_qk, ARCHITECTURES[arch].transposed
-    out = []
-    if _rope(config)["rope_type"] == "llama3":  # llama.cpp divides each frequency by its factor
-        factors = llama3_rope_factors(config)
-        out.append(_Tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", GGMLQuantizationType.F32,
-                           factors.shape, values=factors))
+    out = [_Tensor(gguf.TENSOR_NAMES[part] + ".weight", GGMLQuantizationType.F32, values.shape, values=values)
+           for part, values in _rope_tensors(config).items()]
     for path in sorted(hf_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as f:
             for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
@@ -299,9 +462,23 @@ def _tensors(hf_dir: Path, config: dict[str, Any], arch: str, dtype: str | None)
                 transpose = part in transposed and name.endswith(".weight")
                 shape = tuple(tensor.get_shape())[::-1] if transpose else tuple(tensor.get_shape())
                 kind = _kind(shape, dtype or _SAFETENSORS_DTYPES.get(tensor.get_dtype(), "float32"))
+                shift = ARCHITECTURES[arch].norm_shift if name.endswith("norm.weight") else 0.0
                 out.append(_Tensor(name, kind, shape, path, key, heads[part] if permute and part in heads else None,
-                                   transpose=transpose))
+                                   transpose=transpose, shift=shift))
     return out
+
+
+def _rope_tensors(config: dict[str, Any]) -> dict[gguf.MODEL_TENSOR, np.ndarray]:
+    """RoPE scaling llama.cpp reads as tensors: Llama 3.1's divisor per frequency (``rope_freqs``), Phi-3's
+    LongRoPE factors (``rope_factors_long`` / ``_short``: which one a run takes, llama.cpp decides by its
+    context size, transformers by each input's length)."""
+    rope = _rope(config)
+    if rope["rope_type"] == "llama3":
+        return {gguf.MODEL_TENSOR.ROPE_FREQS: llama3_rope_factors(config)}
+    if rope["rope_type"] in ("longrope", "su"):
+        return {gguf.MODEL_TENSOR.ROPE_FACTORS_LONG: np.asarray(rope["long_factor"], np.float32),
+                gguf.MODEL_TENSOR.ROPE_FACTORS_SHORT: np.asarray(rope["short_factor"], np.float32)}
+    return {}
 
 
 def _kind(shape: tuple[int, ...], dtype: str) -> GGMLQuantizationType:
@@ -342,6 +519,7 @@ class _Vocabulary:
     types: list[int]
     pre: str | None = None
     scores: list[float] | None = None
+    space_prefix: bool = False
 
 
 def _vocabulary(hf_dir: Path, vocab_size: int) -> _Vocabulary:
@@ -355,8 +533,7 @@ def _vocabulary(hf_dir: Path, vocab_size: int) -> _Vocabulary:
     model = spec.get("model") or {}
     decoder = (spec.get("decoder") or {}).get("type")
     if model.get("type") == "BPE" and model.get("byte_fallback"):
-        _check_metaspace(spec, path)
-        return _sentencepiece_vocabulary(spec, path, vocab_size)
+        return _sentencepiece_vocabulary(spec, path, vocab_size, _space_prefix(spec, path))
     if model.get("type") != "BPE" or decoder != "ByteLevel":
         raise GGUFError(f"{path}: a {model.get('type')} tokenizer; the GGUF export writes byte-level BPE "
                         "(SmolLM2, Llama 3, Qwen) and SentencePiece-style BPE with byte fallback (Llama 2, "
@@ -383,10 +560,12 @@ def _padded(by_id: dict[int, tuple[str, int]], path: Path, vocab_size: int) -> t
     return [tok for tok, _ in entries], [int(kind) for _, kind in entries]
 
 
-def _check_metaspace(spec: dict[str, Any], path: Path) -> None:
-    """:class:`GGUFError` unless the text reaches the model as SentencePiece gives it: spaces as "▁" and one
-    "▁" before the text (Llama 2's normalizer Prepend + Replace, or Mistral's Metaspace pre-tokenizer
-    without splitting), which is llama.cpp's ``add_space_prefix``."""
+def _space_prefix(spec: dict[str, Any], path: Path) -> bool:
+    """Whether SentencePiece puts a "▁" before the text (llama.cpp's ``add_space_prefix``): True for Llama 2's
+    normalizer (Prepend + Replace) and Mistral's Metaspace pre-tokenizer without splitting, False for Gemma's
+    normalizer (Replace alone; its pre-tokenizer, a split at " ", finds none left). Any other way the text
+    could reach the model is :class:`GGUFError`: llama.cpp only replaces spaces by "▁", with or without one
+    before the text."""
     def steps(part: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
         return (part or {}).get(key, [part] if part else [])
 
@@ -398,13 +577,17 @@ def _check_metaspace(spec: dict[str, Any], path: Path) -> None:
     metaspace = (not normalizer and len(pre) == 1 and pre[0].get("type") == "Metaspace"
                  and pre[0].get("replacement") == "▁" and pre[0].get("prepend_scheme", "always") != "never"
                  and not pre[0].get("split", True))
-    if not (legacy or metaspace):
+    gemma = ([(s.get("type"), s.get("content")) for s in normalizer] == [("Replace", "▁")]
+             and normalizer[0].get("pattern", {}).get("String") == " "
+             and all(s.get("type") == "Split" and s.get("pattern", {}).get("String") == " " for s in pre))
+    if not (legacy or metaspace or gemma):
         raise GGUFError(f"{path}: a SentencePiece-style BPE whose normalizer {json.dumps(spec.get('normalizer'))[:80]} "
                         f"and pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:80]} are not SentencePiece's "
-                        "(spaces as ▁, one ▁ prefixed, no split); llama.cpp would tokenize it differently")
+                        "(spaces as ▁, one ▁ prefixed or none, no split); llama.cpp would tokenize it differently")
+    return not gemma
 
 
-def _sentencepiece_vocabulary(spec: dict[str, Any], path: Path, vocab_size: int) -> _Vocabulary:
+def _sentencepiece_vocabulary(spec: dict[str, Any], path: Path, vocab_size: int, space_prefix: bool) -> _Vocabulary:
     """llama.cpp's SentencePiece vocabulary of a ``tokenizer.json`` BPE with byte fallback.
 
     llama.cpp merges the adjacent pair whose joined token has the highest score, where the BPE
@@ -426,7 +609,7 @@ def _sentencepiece_vocabulary(spec: dict[str, Any], path: Path, vocab_size: int)
             by_id[i] = (tok, TokenType.BYTE)
     tokens, types = _padded(by_id, path, vocab_size)
     scores = [scores_by_token.get(tok, 0.0) if kind == TokenType.NORMAL else 0.0 for tok, kind in zip(tokens, types)]
-    return _Vocabulary("llama", tokens, types, scores=scores)
+    return _Vocabulary("llama", tokens, types, scores=scores, space_prefix=space_prefix)
 
 
 def _special_vocab(hf_dir: Path, n_vocab: int, merges: bool) -> gguf.SpecialVocab:

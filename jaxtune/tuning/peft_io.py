@@ -409,7 +409,7 @@ def export_format(tuned: Tuned, format: str = "auto") -> str:  # noqa: A002 - th
 
 def _check_gguf(tuned: Tuned) -> None:
     """Why ``tuned`` has no GGUF form, if it has none: llama.cpp runs plain causal language models of
-    the families :mod:`jaxtune.models.gguf_export` writes, with their byte-level BPE tokenizer."""
+    the families :mod:`jaxtune.models.gguf_export` writes, with a tokenizer it writes."""
     if tuned.prompt_tokens:
         raise ExportError("prompt tuning has no GGUF form (virtual tokens are not weights); export format peft")
     if tuned.head is not None:
