@@ -205,6 +205,33 @@ def test_what_has_no_gguf_form_is_refused_before_writing(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("family,dtype", [("llama", None), ("gpt2", "bfloat16"), ("gemma3", "q8_0")])
+def test_the_export_converts_the_merged_params_in_memory(family, dtype, tmp_path, monkeypatch):
+    """The file holds what the merged export's directory converts to (Q8_0 from the float32 merge), the same
+    metadata and the same tensors bit for bit (in the params' order, not the directory's), written without
+    that directory: no merged copy of the model on disk beside the file."""
+    from jaxtune.models import hf
+    from jaxtune.models.gguf_export import hf_to_gguf
+
+    tuned = tuned_model(source(tmp_path / "base", family))
+    merged = tuning.export_merged(tuned, tmp_path / "merged", dtype="float32" if dtype == "q8_0" else dtype)
+    converted = hf_to_gguf(merged, tmp_path / "converted.gguf", dtype, name="base")
+
+    def no_directory(*args, **kwargs):
+        raise AssertionError("the GGUF export wrote a merged directory")
+
+    monkeypatch.setattr(hf, "save_pretrained", no_directory)
+    out = tuning.export(tuned, tmp_path / "out", format="gguf", dtype=dtype)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
+    ours, theirs = gguf.GGUFReader(out), gguf.GGUFReader(converted)
+    assert {k: f.contents() for k, f in ours.fields.items()} == {k: f.contents() for k, f in theirs.fields.items()}
+    expected = {t.name: t for t in theirs.tensors}
+    assert sorted(t.name for t in ours.tensors) == sorted(expected)
+    for tensor in ours.tensors:
+        assert tensor.tensor_type == expected[tensor.name].tensor_type, tensor.name
+        np.testing.assert_array_equal(tensor.data, expected[tensor.name].data, err_msg=tensor.name)
+
+
 def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path):
     tuned = tuned_model(source(tmp_path / "base", "qwen2"))
     (tmp_path / "out").mkdir()

@@ -6,6 +6,10 @@ Mistral, Qwen2, Qwen3, GPT-2, Gemma 2, Gemma 3 text, Phi-3)::
 
     hf_to_gguf("out/merged", "out/model.gguf", dtype="float16")
 
+:func:`write_gguf` does the same from tensors declared by name, shape and dtype and read when written
+(:func:`jaxtune.models.hf.hf_tensors` of merged params in memory: ``jt.export(format="gguf")`` writes no
+merged directory).
+
 Tensors get llama.cpp's names from the ``gguf`` package's own tables (:func:`gguf.get_tensor_name_map`),
 Llama's Q/K rows are permuted into llama.cpp's interleaved rotary layout (its ``llama`` kernel rotates
 adjacent pairs; Qwen's kernels rotate HF's halves, so theirs stay), Llama 3.1/3.2's ``llama3`` RoPE
@@ -69,9 +73,11 @@ of other sizes loads in llama.cpp and jaxtune's importer, which read them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +88,7 @@ from gguf import GGMLQuantizationType, LlamaFileType, TokenType
 
 from jaxtune.dtypes import GGUF_DTYPE_NAMES
 from jaxtune.models.gguf_architectures import ARCHITECTURES, Arch, GGUFError
+from jaxtune.models.hf import HFTensor
 
 # HF architecture -> llama.cpp architecture. Whether Q/K rows are permuted, and which weights are transposed, is
 # the importer's row of it (ARCHITECTURES[name].permute_qk, .transposed), which undoes them: the two cannot disagree.
@@ -103,7 +110,7 @@ _GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 GGUF_DTYPES = GGUF_DTYPE_NAMES
 _GGML_TYPES = {"float32": GGMLQuantizationType.F32, "float16": GGMLQuantizationType.F16,
                "bfloat16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
-_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # else read as float32
 _FILE_TYPES = {"float32": LlamaFileType.ALL_F32, "float16": LlamaFileType.MOSTLY_F16,
                "bfloat16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
 
@@ -303,24 +310,54 @@ def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str],
     one of :data:`GGUF_DTYPES` (``None``: each tensor's own); ``name`` is ``general.name`` (default:
     the directory's). Raises :class:`GGUFError` before writing when the family, RoPE or tokenizer
     has no GGUF form here."""
-    hf_dir, out_file = Path(hf_dir), Path(out_file)
+    hf_dir = Path(hf_dir)
+    config = json.loads((hf_dir / "config.json").read_text())
+    return write_gguf(_checkpoint_tensors(hf_dir), config, hf_dir, out_file, dtype, name=name or hf_dir.name,
+                      where=str(hf_dir))
+
+
+def write_gguf(tensors: list[HFTensor], hf_config: dict[str, Any], tokenizer_dir: str | os.PathLike[str],
+               out_file: str | os.PathLike[str], dtype: str | None = None, *, name: str, where: str = "model") -> Path:
+    """Write the HF decoder whose checkpoint tensors are ``tensors`` (:func:`jaxtune.models.hf.hf_tensors` of
+    params in memory, or a directory's files), ``config.json`` dict ``hf_config`` and tokenizer in
+    ``tokenizer_dir`` as the GGUF file ``out_file`` (see :func:`hf_to_gguf`); each tensor is read when the
+    writer reaches it. ``where`` names the model in errors."""
+    out_file = Path(out_file)
     if dtype is not None and dtype not in GGUF_DTYPES:
         raise GGUFError(f"GGUF dtype {dtype!r} is not supported; use one of {', '.join(GGUF_DTYPES)}")
-    config = _standard_names(_complete(json.loads((hf_dir / "config.json").read_text())))
-    arch = check_architecture(config, str(hf_dir))
-    vocabulary = _vocabulary(hf_dir, config["vocab_size"])
-    tensors = _tensors(hf_dir, config, arch, dtype)
+    config = _standard_names(_complete(hf_config))
+    arch = check_architecture(config, where)
+    vocabulary = _vocabulary(Path(tokenizer_dir), config["vocab_size"])
+    declared = _tensors(tensors, config, arch, dtype, where)
 
     writer = gguf.GGUFWriter(out_file, arch)
     try:
-        _write(writer, hf_dir, config, tensors, dtype, vocabulary, name or hf_dir.name)
+        _write(writer, Path(tokenizer_dir), config, declared, dtype, vocabulary, name)
     finally:
         writer.close()
     return out_file
 
 
-def _write(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any], tensors: list[_Tensor], dtype: str | None,
-           vocabulary: _Vocabulary, name: str) -> None:
+def _checkpoint_tensors(hf_dir: Path) -> list[HFTensor]:
+    """The tensors of ``hf_dir``'s safetensors files, each read from its file when asked."""
+    from safetensors import safe_open
+
+    def read(path: Path, key: str) -> np.ndarray:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.get_tensor(key)
+
+    out = []
+    for path in sorted(hf_dir.glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensor = f.get_slice(key)
+                dtype = np.dtype(_SAFETENSORS_DTYPES.get(tensor.get_dtype(), "float32"))
+                out.append(HFTensor(key, tuple(tensor.get_shape()), dtype, functools.partial(read, path, key)))
+    return out
+
+
+def _write(writer: gguf.GGUFWriter, tokenizer_dir: Path, config: dict[str, Any], tensors: list[_Tensor],
+           dtype: str | None, vocabulary: _Vocabulary, name: str) -> None:
     """The metadata, then the tensor table, then each tensor's data (one in memory at a time)."""
     writer.add_name(name)
     _add_hparams(writer, config, ARCHITECTURES[writer.arch])
@@ -336,7 +373,8 @@ def _write(writer: gguf.GGUFWriter, hf_dir: Path, config: dict[str, Any], tensor
         writer.add_token_scores(vocabulary.scores)
     writer.add_token_types(vocabulary.types)
     # llama.cpp's SentencePiece merges by the scores, not merges (its converter writes none for it)
-    _special_vocab(hf_dir, len(vocabulary.tokens), merges=vocabulary.model == "gpt2").add_to_gguf(writer, quiet=True)
+    _special_vocab(tokenizer_dir, len(vocabulary.tokens), merges=vocabulary.model == "gpt2").add_to_gguf(
+        writer, quiet=True)
     for tensor in tensors:
         _add_tensor_info(writer, tensor)
     writer.write_header_to_file()
@@ -404,15 +442,14 @@ def _context_length(config: dict[str, Any]) -> int:
 
 @dataclass(frozen=True)
 class _Tensor:
-    """One tensor of the file: its llama.cpp name and type, and where its values come from (a key of a
-    safetensors file, Q/K rows permuted for ``heads``, or transposed: GPT-2's Conv1D ``(in, out)``;
+    """One tensor of the file: its llama.cpp name and type, and where its values come from (``read``, a
+    checkpoint tensor's, Q/K rows permuted for ``heads``, or transposed: GPT-2's Conv1D ``(in, out)``;
     or ``values`` computed from the config)."""
 
     name: str
     kind: GGMLQuantizationType
     shape: tuple[int, ...]  # as stored, llama.cpp's rows: (out, in)
-    path: Path | None = None
-    key: str = ""
+    read: Callable[[], np.ndarray] | None = None
     heads: int | None = None
     values: np.ndarray | None = None
     transpose: bool = False
@@ -420,13 +457,7 @@ class _Tensor:
 
     def stored(self) -> np.ndarray:
         """The bytes (as an array) llama.cpp reads: read now, one tensor at a time."""
-        from safetensors import safe_open
-
-        if self.values is None:
-            with safe_open(str(self.path), framework="numpy") as f:
-                data = np.asarray(f.get_tensor(self.key), np.float32)
-        else:
-            data = self.values
+        data = np.asarray(self.read() if self.values is None else self.values, np.float32)
         if self.heads is not None:
             data = permute_qk(data, self.heads)
         if self.transpose:
@@ -436,35 +467,31 @@ class _Tensor:
         return np.ascontiguousarray(gguf.quants.quantize(data, self.kind))
 
 
-def _tensors(hf_dir: Path, config: dict[str, Any], arch: str, dtype: str | None) -> list[_Tensor]:
+def _tensors(tensors: list[HFTensor], config: dict[str, Any], arch: str, dtype: str | None,
+             where: str) -> list[_Tensor]:
     """Every tensor of the file, its type decided and nothing read yet: the writer takes one at a time."""
-    from safetensors import safe_open
-
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config["num_hidden_layers"])
     heads = {"attn_q": config["num_attention_heads"],
              "attn_k": config.get("num_key_value_heads") or config["num_attention_heads"]}
     permute, transposed = ARCHITECTURES[arch].permute_qk, ARCHITECTURES[arch].transposed
     out = [_Tensor(gguf.TENSOR_NAMES[part] + ".weight", GGMLQuantizationType.F32, values.shape, values=values)
            for part, values in _rope_tensors(config).items()]
-    for path in sorted(hf_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
-                if key == "lm_head.weight" and config.get("tie_word_embeddings"):
-                    continue  # llama.cpp reads a missing output.weight as the embedding
-                if key.endswith((".attn.bias", ".attn.masked_bias")):
-                    continue  # GPT-2's causal-mask buffers, which older checkpoints saved
-                name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-                if name is None:
-                    raise GGUFError(f"{path}: tensor {key!r} has no llama.cpp {arch} name; "
-                                    f"this directory is not a plain {arch} model")
-                part = name.split(".")[-2]
-                tensor = f.get_slice(key)
-                transpose = part in transposed and name.endswith(".weight")
-                shape = tuple(tensor.get_shape())[::-1] if transpose else tuple(tensor.get_shape())
-                kind = _kind(shape, dtype or _SAFETENSORS_DTYPES.get(tensor.get_dtype(), "float32"))
-                shift = ARCHITECTURES[arch].norm_shift if name.endswith("norm.weight") else 0.0
-                out.append(_Tensor(name, kind, shape, path, key, heads[part] if permute and part in heads else None,
-                                   transpose=transpose, shift=shift))
+    for tensor in tensors:
+        if tensor.name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue  # llama.cpp reads a missing output.weight as the embedding
+        if tensor.name.endswith((".attn.bias", ".attn.masked_bias")):
+            continue  # GPT-2's causal-mask buffers, which older checkpoints saved
+        name = names.get_name(tensor.name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise GGUFError(f"{where}: tensor {tensor.name!r} has no llama.cpp {arch} name; "
+                            f"this is not a plain {arch} model")
+        part = name.split(".")[-2]
+        transpose = part in transposed and name.endswith(".weight")
+        shape = tensor.shape[::-1] if transpose else tensor.shape
+        kind = _kind(shape, dtype or (tensor.dtype.name if tensor.dtype.name in _GGML_TYPES else "float32"))
+        shift = ARCHITECTURES[arch].norm_shift if name.endswith("norm.weight") else 0.0
+        out.append(_Tensor(name, kind, shape, tensor.read, heads[part] if permute and part in heads else None,
+                           transpose=transpose, shift=shift))
     return out
 
 

@@ -13,6 +13,7 @@ Finding the directory and reading its files, tensor by tensor, is :mod:`jaxtune.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -409,6 +410,43 @@ def _shards(tensors: Iterator[tuple[str, np.ndarray]], max_bytes: int) -> Iterat
         yield shard
 
 
+@dataclasses.dataclass(frozen=True)
+class HFTensor:
+    """One tensor of an HF checkpoint, declared before it is read: its name, shape and dtype as stored, and
+    ``read()``, which makes it (a host copy of one param leaf, or a checkpoint file's tensor)."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    read: Callable[[], np.ndarray]
+
+
+def hf_tensors(params: Params, hf_config: dict[str, Any], *, architecture: str | None = None,
+               dtype: Any | None = None) -> list[HFTensor]:
+    """The tensors :func:`save_pretrained` writes for ``params``, in its order: HF's names and layouts (one
+    tensor per layer and per expert, torch ``Linear`` kernels ``(out, in)``), in ``dtype`` (default: each
+    leaf's own). Nothing is copied to the host until a tensor's ``read()``: a consumer holds one at a time."""
+    _, family = family_for(hf_config, architecture)
+    out = []
+    for path, leaf in flatten_dict(stacking.unstack(params)).items():
+        stored = np.dtype(jnp.dtype(dtype if dtype is not None else leaf.dtype))
+        transpose = stored_transposed(family, path)
+        if family.expert_tensor and family.expert_tensor(path, 0):  # one tensor per expert
+            named = [(family.expert_tensor(path, e), tuple(leaf.shape[1:]), e) for e in range(leaf.shape[0])]
+        else:
+            named = [(hf_name(family, path), tuple(leaf.shape), None)]
+        for name, shape, expert in named:
+            out.append(HFTensor(name, shape[::-1] if transpose else shape, stored,
+                                functools.partial(_host_tensor, leaf, expert, stored, transpose)))
+    return out
+
+
+def _host_tensor(leaf: Any, expert: int | None, dtype: np.dtype, transpose: bool) -> np.ndarray:
+    """One param leaf (or one expert of it) on the host, in ``dtype``, transposed to the checkpoint's layout."""
+    array = np.asarray(jax.device_get(leaf if expert is None else leaf[expert])).astype(dtype)
+    return np.ascontiguousarray(array.T if transpose else array)
+
+
 def save_pretrained(
     params: Params,
     hf_config: dict[str, Any],
@@ -431,26 +469,14 @@ def save_pretrained(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    arch, family = family_for(hf_config, architecture)
-    flat = flatten_dict(stacking.unstack(params))  # HF stores one tensor per layer
-
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for path, leaf in flat.items():
-            array = np.asarray(jax.device_get(leaf))
-            if dtype is not None:
-                array = array.astype(jnp.dtype(dtype))
-            if family.expert_tensor and family.expert_tensor(path, 0):  # one tensor per expert
-                named = [(family.expert_tensor(path, e), part) for e, part in enumerate(array)]
-            else:
-                named = [(hf_name(family, path), array)]
-            for name, part in named:
-                yield name, np.ascontiguousarray(part.T if stored_transposed(family, path) else part)
-
+    arch, _ = family_for(hf_config, architecture)
+    declared = hf_tensors(params, hf_config, architecture=architecture, dtype=dtype)
+    tensors = ((tensor.name, tensor.read()) for tensor in declared)
     for old in list(out.glob("*.safetensors")) + list(out.glob("*.safetensors.index.json")):
         old.unlink()
     # Shards are written as they fill (one shard in memory at a time) and named once counted.
     written, weight_map, total = [], {}, 0
-    for i, shard in enumerate(_shards(tensors(), max_shard_bytes)):
+    for i, shard in enumerate(_shards(tensors, max_shard_bytes)):
         tmp = out / f"shard-{i}.tmp"
         save_file(shard, str(tmp), metadata={"format": "pt"})
         written.append((tmp, list(shard)))
@@ -463,7 +489,7 @@ def save_pretrained(
         (out / "model.safetensors.index.json").write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
     config = {**hf_config, "architectures": [arch]}
-    stored = {np.dtype(jnp.dtype(dtype))} if dtype is not None else {np.dtype(x.dtype) for x in flat.values()}
+    stored = {tensor.dtype for tensor in declared}
     if len(stored) == 1:
         config["dtype"] = str(next(iter(stored)))
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))

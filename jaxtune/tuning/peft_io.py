@@ -9,8 +9,8 @@
   names (``base_model.model.<hf module>.lora_A.weight`` ``(r, in)``, ``lora_B.weight``
   ``(out, r)``, ``lora_magnitude_vector`` ``(out,)``, ``prompt_embeddings`` ``(P, D)``); trained
   non-adapter modules (and a new head) are saved whole as ``modules_to_save``.
-- ``format="gguf"``: the merged directory (in a temporary folder beside the file) converted into
-  one ``.gguf`` file for llama.cpp / Ollama by :func:`jaxtune.models.gguf_export.hf_to_gguf`.
+- ``format="gguf"``: the merged weights, as the merged directory would hold them, written from memory
+  into one ``.gguf`` file for llama.cpp / Ollama by :func:`jaxtune.models.gguf_export.write_gguf`.
 
 The jaxtune path -> HF module name mapping (:func:`hf_module_name`), the PEFT key names and
 :class:`ExportError` live here too; :mod:`jaxtune.tuning.peft_import` reads adapters back with them.
@@ -178,6 +178,13 @@ def _pad_token_id(hf_config: dict[str, Any], tokenizer_from: str | Path | None) 
     return eos[0] if isinstance(eos, list) and eos else eos
 
 
+def _merged_params(tuned: Tuned, params: Params | None, dtype: Any | None) -> Params:
+    """The params with the adapters folded in, in HF's per-layer layout; each merged kernel rounded once, to
+    ``dtype``, and a quantized base dequantized (in its original dtype)."""
+    merged, _ = merge(stacking.unstack(tuned.params if params is None else params), dtype)
+    return dequantize_tree(merged)
+
+
 def export_merged(
     tuned: Tuned,
     out_dir: str | Path,
@@ -197,9 +204,7 @@ def export_merged(
     arch = tuned.hf_architecture
     if arch is None:
         hf_module_name(tuned, (HEAD_KEY, "out"))  # raises the explanation
-    # HF's per-layer layout; each merged kernel rounded once, to the export's dtype
-    merged, _ = merge(stacking.unstack(tuned.params if params is None else params), dtype)
-    merged = dequantize_tree(merged)  # a quantized base is written dequantized, in its original dtype
+    merged = _merged_params(tuned, params, dtype)
     body = {k: v for k, v in merged.items() if k != HEAD_KEY}
     source = Path(tuned.source)
     tokenizer_from = tokenizer_from if tokenizer_from is not None else (source if source.is_dir() else None)
@@ -487,17 +492,20 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
 def export_gguf(tuned: Tuned, out_file: str | Path, *, params: Params | None = None, dtype: str | None = None) -> Path:
     """Fold adapters into the weights and write them, with the tokenizer and chat template, as the
     GGUF file ``out_file`` (replaced if it exists); ``dtype``: ``float32``, ``float16``, ``bfloat16``,
-    ``q8_0`` or None (each weight's own). The merged HF directory is written first, in a temporary
-    folder beside ``out_file`` (as large as the model), and the file appears whole or not at all."""
+    ``q8_0`` or None (each weight's own). The file is the one :func:`export_merged`'s directory converts
+    to, written from the merged params in memory, one tensor at a time (no merged copy on disk), under a
+    temporary name beside ``out_file``: it appears whole or not at all."""
     _check_gguf(tuned)
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Q8_0 blocks are quantized from float32: the merge is not rounded twice
+    merged_dtype = "float32" if dtype == "q8_0" else dtype
+    body = {k: v for k, v in _merged_params(tuned, params, merged_dtype).items() if k != HEAD_KEY}
+    config = {**_export_config(tuned, tuned.source), "architectures": [tuned.hf_architecture]}
+    tensors = hf.hf_tensors(body, config, architecture=tuned.hf_architecture, dtype=merged_dtype)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-        # Q8_0 blocks are quantized from float32: the merge is not rounded twice
-        merged = export_merged(tuned, Path(tmp) / "merged", params=params,
-                               dtype="float32" if dtype == "q8_0" else dtype)
         partial = Path(tmp) / out.name
-        gguf_export.hf_to_gguf(merged, partial, dtype, name=Path(tuned.source).name)
+        gguf_export.write_gguf(tensors, config, tuned.source, partial, dtype, name=Path(tuned.source).name)
         os.replace(partial, out)
     return out
 
