@@ -635,6 +635,7 @@ def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabula
 
     fields = gguf.GGUFReader(out).fields
     assert fields["tokenizer.ggml.model"].contents() == "llama" and "tokenizer.ggml.merges" not in fields
+    assert fields["tokenizer.ggml.pre"].contents() == "default"  # as llama.cpp's converter writes it
     types = fields["tokenizer.ggml.token_type"].contents()
     unk = original.unk_token_id
     assert types[unk] == gguf.TokenType.UNKNOWN and types[original.bos_token_id] == gguf.TokenType.CONTROL

@@ -636,7 +636,8 @@ def _sentencepiece_vocabulary(spec: dict[str, Any], path: Path, vocab_size: int,
             by_id[i] = (tok, TokenType.BYTE)
     tokens, types = _padded(by_id, path, vocab_size)
     scores = [scores_by_token.get(tok, 0.0) if kind == TokenType.NORMAL else 0.0 for tok, kind in zip(tokens, types)]
-    return _Vocabulary("llama", tokens, types, scores=scores, space_prefix=space_prefix)
+    # llama.cpp's converter names no pre-tokenizer for a SentencePiece vocabulary ("default"), which it ignores
+    return _Vocabulary("llama", tokens, types, pre="default", scores=scores, space_prefix=space_prefix)
 
 
 def _special_vocab(hf_dir: Path, n_vocab: int, merges: bool) -> gguf.SpecialVocab:
