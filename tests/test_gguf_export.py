@@ -155,9 +155,13 @@ FAMILY_REFUSALS = [
     ("Gemma3ForCausalLM", dict(GEMMA, layer_types=["sliding_attention", "full_attention"]),
      r"layer_types \['sliding_attention', 'full_attention'\] has no GGUF export; llama.cpp's gemma3 slides every "
      r"layer but each 6th \(sliding_attention at layers \[0, 1\]\)"),
+    # a window no shorter than the context (256) binds no layer, but Gemma 3's layer types pick each one's RoPE base
+    ("Gemma3ForCausalLM", dict(GEMMA, sliding_window=256, layer_types=["full_attention", "sliding_attention"]),
+     r"layer_types \['full_attention', 'sliding_attention'\] has no GGUF export"),
     ("Gemma3ForCausalLM", dict(GEMMA, rope_local_base_freq=100.0),
      "Gemma 3 sliding-window layers' RoPE .* has no GGUF export; llama.cpp's gemma3 rotates them unscaled at base "
      "10000"),
+    ("Gemma3ForCausalLM", dict(GEMMA, attention_bias=True), "Gemma 3 with attention_bias has no GGUF export"),
     ("Gemma3ForCausalLM", dict(GEMMA, hidden_activation="gelu"),  # exact GELU: jaxtune trains it, llama.cpp has tanh's
      "Gemma 3 hidden_activation 'gelu' has no GGUF export; llama.cpp computes gelu_pytorch_tanh"),
     ("Gemma2ForCausalLM", dict(GEMMA, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
@@ -329,6 +333,37 @@ def test_llama3_rope_scaling_is_written_as_llama_cpps_frequency_factors(tmp_path
     unscaled = transformers.AutoModelForCausalLM.from_pretrained(
         back, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}).eval()
     assert np.abs(torch_logits(unscaled) - ours).max() > 1e-2  # the same weights without the scaling differ
+
+
+def test_gemma_attention_scale_is_llama_cpps_for_the_27b_layer_counts():
+    """llama.cpp infers Gemma's attention scale from the model size: (hidden / heads) ** -0.5 for the 27B models'
+    layer counts (46, 62), head_dim ** -0.5 otherwise; a config asking the other one is refused."""
+    from jaxtune.models.gguf_architectures import GGUFError
+    from jaxtune.models.gguf_export import check_architecture
+
+    for architecture, layers in (("Gemma2ForCausalLM", 46), ("Gemma3ForCausalLM", 62)):
+        config = dict(architectures=[architecture], model_type="gemma2" if layers == 46 else "gemma3_text",
+                      num_hidden_layers=layers, hidden_size=4608, num_attention_heads=32, head_dim=128)
+        assert check_architecture({**config, "query_pre_attn_scalar": 144}) in ("gemma2", "gemma3")
+        with pytest.raises(GGUFError, match=f"query_pre_attn_scalar 128 has no GGUF export; llama.cpp scales "
+                                            rf"attention by 144 \*\* -0.5 for {layers} layers"):
+            check_architecture({**config, "query_pre_attn_scalar": 128})
+
+
+def test_a_gemma_2_window_no_shorter_than_the_context_is_full_attention(tmp_path):
+    """A window as long as the context slides nothing: whichever layers Gemma 2 sets it on (here not llama.cpp's
+    pattern), the file gets the context length as its window, and transformers runs it as the tuned model. (Gemma
+    3's layer types also pick each layer's RoPE base: test_what_has_no_gguf_form_is_refused_before_writing.)"""
+    layer_types = ["full_attention", "sliding_attention"]
+    tiny_model("Gemma2ForCausalLM", tmp_path / "base", VOCAB, **{**GEMMA, "sliding_window": 300,
+                                                                 "layer_types": layer_types})
+    tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "base")
+    tuned = tuned_model(tmp_path / "base")
+    out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf")
+    assert gguf.GGUFReader(out).fields["gemma2.attention.sliding_window"].contents() == 256
+    ours = np.asarray(forward(tuned.module, tuned.params, IDS, np.ones_like(IDS)))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
+    np.testing.assert_allclose(torch_logits(loaded), ours, atol=TOL, rtol=0)
 
 
 # Settings transformers' GGUF loader does not read, as llama.cpp's converter writes them (the file's own keys).

@@ -46,8 +46,9 @@ Gemma 2/3 (llama.cpp's ``gemma2`` / ``gemma3``): the RMSNorm gains are stored ``
 ``x * (1 + w)``, llama.cpp ``x * w``; in float32, as its converter adds it), with the sliding window, Gemma
 2's two soft-caps, Gemma 3's final soft-cap and the linear RoPE scaling of its global layers. llama.cpp fixes
 what the file does not say, so a model it would compute otherwise is refused, naming the setting: the
-sliding layers (all but every 2nd / 6th from layer 0; a window no shorter than the context is full
-attention, written as the context length), attention scaled by ``query_pre_attn_scalar ** -0.5`` other
+sliding layers (all but every 2nd / 6th from layer 0; for Gemma 2 a window no shorter than the context
+is full attention, written as the context length; Gemma 3's layer types pick each layer's RoPE base too,
+so they are the pattern's whatever the window), attention scaled by ``query_pre_attn_scalar ** -0.5`` other
 than head_dim's (hidden / heads for the 27B layer counts), Gemma 3's local RoPE other than unscaled base
 10000, Gemma 2 without either soft-cap or with an untied output, biases, exact GELU.
 
@@ -195,21 +196,20 @@ def _check_gemma(config: dict[str, Any], where: str, arch: str) -> None:
 def _sliding_window(config: dict[str, Any], arch: str, where: str = "model") -> int:
     """The window llama.cpp's gemma2 / gemma3 get: ``sliding_window`` when the layers that slide are the ones
     its fixed pattern makes slide (:data:`_SLIDING_PERIOD`), the context length when no window is shorter
-    than the context (full attention everywhere, which a window that long is); else :class:`GGUFError`."""
+    than the context (full attention everywhere, which a window that long is); else :class:`GGUFError`.
+    Gemma 3's layer types also pick each layer's RoPE (local or global), so they must be the pattern's
+    whatever the window."""
     layers, context, window = config["num_hidden_layers"], config["max_position_embeddings"], config["sliding_window"]
     period = _SLIDING_PERIOD[arch]
     types = config.get("layer_types") or ["sliding_attention" if (i + 1) % period else "full_attention"
                                           for i in range(layers)]
     binding = window is not None and window < context
-    sliding = [binding and kind == "sliding_attention" for kind in types]
-    if not any(sliding):
-        return context
     expected = [i % period < period - 1 for i in range(layers)]
-    if sliding != expected:
+    if (binding or arch == "gemma3") and [kind == "sliding_attention" for kind in types] != expected:
         raise GGUFError(f"{where}: layer_types {types} has no GGUF export; llama.cpp's {arch} slides every layer "
                         f"but each {period}th (sliding_attention at layers "
                         f"{[i for i, s in enumerate(expected) if s]})")
-    return window
+    return window if binding else context
 
 
 def _rotary_dims(config: dict[str, Any]) -> int:
