@@ -68,6 +68,18 @@ def test_real_smollm2_loads_and_matches_transformers():
     assert tokenizer.decode(int(ours[0, -1].argmax())) == " Paris"
 
 
+def assert_same_dequantized_tensors(ours, theirs) -> None:
+    """Two GGUF files (``gguf.GGUFReader``) hold the same tensor names, each dequantizing to the same values."""
+    import gguf
+
+    reference = {t.name: t for t in theirs.tensors}
+    assert sorted(reference) == sorted(t.name for t in ours.tensors)
+    for tensor in ours.tensors:
+        want = reference[tensor.name]
+        np.testing.assert_array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                                      gguf.quants.dequantize(want.data, want.tensor_type), err_msg=tensor.name)
+
+
 @pytest.mark.slow
 def test_real_smollm2_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
     """The packaged SmolLM2 is the dequantization of a GGUF that llama.cpp's converter wrote: exported
@@ -88,12 +100,7 @@ def test_real_smollm2_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
     for key, field in theirs.fields.items():
         if key.startswith(("tokenizer.", "llama.")):
             assert ours.fields[key].contents() == field.contents(), key
-    reference = {t.name: t for t in theirs.tensors}
-    assert sorted(reference) == sorted(t.name for t in ours.tensors)
-    for tensor in ours.tensors:
-        want = reference[tensor.name]
-        np.testing.assert_array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
-                                      gguf.quants.dequantize(want.data, want.tensor_type), err_msg=tensor.name)
+    assert_same_dequantized_tensors(ours, theirs)
 
 
 # Gemma 3 270M as llama.cpp's converter wrote it (Q4_K_M), shipped in four chunk packages to concatenate.
@@ -136,9 +143,4 @@ def test_real_gemma3_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
     tokens = theirs.fields["tokenizer.ggml.tokens"].contents()
     assert ours.fields["tokenizer.ggml.tokens"].contents() == [("▁" * len(t) if t and not t.strip(" ") else t)
                                                                for t in tokens]
-    reference = {t.name: t for t in theirs.tensors}
-    assert sorted(reference) == sorted(t.name for t in ours.tensors)
-    for tensor in ours.tensors:
-        want = reference[tensor.name]
-        np.testing.assert_array_equal(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
-                                      gguf.quants.dequantize(want.data, want.tensor_type), err_msg=tensor.name)
+    assert_same_dequantized_tensors(ours, theirs)
