@@ -38,7 +38,7 @@ TEXTS = ["the quick brown fox 12345", "  hello   world\n\nok?", "don't <think> 7
 # importer (test_gemma_and_phi3_settings_transformers_does_not_read_round_trip).
 GEMMA = dict(num_attention_heads=2, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=4)
 FAMILIES = {"llama": ("LlamaForCausalLM", "smollm", {}),
-            # Mistral v0.2+ (no window; v0.1's: test_a_mistral_window_is_the_files_context_length), llama.cpp's `llama`
+            # Mistral v0.2+ (no window; v0.1's: test_a_window_llama_cpp_does_not_apply_...), llama.cpp's `llama`
             "mistral": ("MistralForCausalLM", "smollm", dict(sliding_window=None)),
             "qwen2": ("Qwen2ForCausalLM", "qwen2", dict(tie_word_embeddings=True)),
             "qwen3": ("Qwen3ForCausalLM", "qwen2", {}),  # transformers reads a Qwen3 GGUF's heads as 128 wide
@@ -162,6 +162,8 @@ FAMILY_REFUSALS = [
      "Gemma 3 sliding-window layers' RoPE .* has no GGUF export; llama.cpp's gemma3 rotates them unscaled at base "
      "10000"),
     ("Gemma3ForCausalLM", dict(GEMMA, attention_bias=True), "Gemma 3 with attention_bias has no GGUF export"),
+    ("Phi3ForCausalLM", dict(sliding_window=8, rope_parameters=longrope(8)),
+     r"Phi-3 with LongRoPE and a sliding_window \(8\) shorter than its max_position_embeddings has no GGUF export"),
     ("Gemma3ForCausalLM", dict(GEMMA, hidden_activation="gelu"),  # exact GELU: jaxtune trains it, llama.cpp has tanh's
      "Gemma 3 hidden_activation 'gelu' has no GGUF export; llama.cpp computes gelu_pytorch_tanh"),
     ("Gemma2ForCausalLM", dict(GEMMA, rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}),
@@ -297,15 +299,17 @@ def test_a_gpt2_checkpoints_causal_mask_buffers_are_not_weights(tmp_path):
     assert len(gguf.GGUFReader(out).tensors) == len(weights) - ("lm_head.weight" in weights)
 
 
-def test_a_mistral_window_is_the_files_context_length(tmp_path):
-    """llama.cpp's ``llama`` (which a Mistral is written as) attends to every earlier token: a Mistral whose
-    sliding window is shorter than its positions (7B v0.1) gets the window as its context length, over
-    which the file is the model it was."""
-    tiny_hf_model("MistralForCausalLM", tmp_path / "base", randomize=True, vocab_size=VOCAB, sliding_window=8)
+@pytest.mark.parametrize("architecture,arch", [("MistralForCausalLM", "llama"), ("Phi3ForCausalLM", "phi3")])
+def test_a_window_llama_cpp_does_not_apply_is_the_files_context_length(architecture, arch, tmp_path):
+    """llama.cpp's ``llama`` (which a Mistral is written as) attends to every earlier token, as its ``phi3`` does
+    (it reads Phi-3's window and disables it): a Mistral or Phi-3 whose sliding window is shorter than its
+    positions (Mistral 7B v0.1, Phi-3-mini-4k) gets the window as its context length, over which the file is
+    the model it was."""
+    tiny_model(architecture, tmp_path / "base", VOCAB, sliding_window=8)
     tiny_bpe_tokenizer("smollm").save_pretrained(tmp_path / "base")
     tuned = tuned_model(tmp_path / "base")
     out = tuning.export(tuned, tmp_path / "model.gguf", format="gguf")
-    assert gguf.GGUFReader(out).fields["llama.context_length"].contents() == 8
+    assert gguf.GGUFReader(out).fields[f"{arch}.context_length"].contents() == 8
     ids = IDS[:, :8]
     ours = np.asarray(forward(tuned.module, tuned.params, ids, np.ones_like(ids)))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name).eval()
@@ -379,12 +383,12 @@ BEYOND_TRANSFORMERS = {
                                          tie_word_embeddings=False),
                {"gemma3.rope.scaling.type": "linear", "gemma3.rope.scaling.factor": 8.0, "gemma3.rope.freq_base": 5e5,
                 "gemma3.final_logit_softcapping": 2.0, "gemma3.attention.sliding_window": 4}),
-    # LongRoPE rotating 3/4 of each head (12 of 16 dims: 6 factors each), a window on every layer
-    "phi3": ("Phi3ForCausalLM", dict(num_key_value_heads=2, sliding_window=5,
+    # LongRoPE rotating 3/4 of each head (12 of 16 dims: 6 factors each); a window as long as the context
+    "phi3": ("Phi3ForCausalLM", dict(num_key_value_heads=2, sliding_window=64,
                                      rope_parameters=longrope(6, partial=0.75)),
              {"phi3.rope.dimension_count": 12, "phi3.rope.scaling.original_context_length": 16,
               "phi3.rope.scaling.attn_factor": float(np.sqrt(1 + np.log(4) / np.log(16))),
-              "phi3.attention.sliding_window": 5, "phi3.context_length": 64}),
+              "phi3.attention.sliding_window": 64, "phi3.context_length": 64}),
 }
 
 

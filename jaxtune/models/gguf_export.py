@@ -53,7 +53,9 @@ than head_dim's (hidden / heads for the 27B layer counts), Gemma 3's local RoPE 
 10000, Gemma 2 without either soft-cap or with an untied output, biases, exact GELU.
 
 Phi-3 (llama.cpp's ``phi3``) keeps its fused ``qkv_proj`` / ``gate_up_proj`` (``attn_qkv``, ``ffn_up``),
-its partial rotary (``rope.dimension_count``), original context length and window (0: none), and its
+its partial rotary (``rope.dimension_count``), original context length and window (0: none; llama.cpp
+reads it and applies none, so a window shorter than the positions, Phi-3-mini-4k's, becomes the file's
+context length as a Mistral's does, and with LongRoPE is refused), and its
 LongRoPE as ``rope_factors_long`` / ``rope_factors_short`` tensors with the attention factor transformers
 computes (``rope.scaling.attn_factor``). Which set applies, llama.cpp decides once per run by its context
 size (the long one above the original context length, as at the file's default context), transformers per
@@ -104,6 +106,8 @@ _ROPE_KINDS = {"LlamaForCausalLM": ("llama3",), "Gemma3ForCausalLM": ("linear",)
 # llama.cpp's sliding-window layers: all but every `period`-th one, counting from layer 0 (a constant of its gemma2
 # and gemma3 code, not read from the file); the local layers' RoPE base, Gemma 3's 10000, is another.
 _SLIDING_PERIOD = {"gemma2": 2, "gemma3": 6}
+# Families whose sliding window llama.cpp does not apply (see _context_length).
+_WINDOW_IGNORED = ("MistralForCausalLM", "Phi3ForCausalLM")
 _GEMMA3_LOCAL_BASE = 10000.0
 # The layer counts of the 27B models, for which llama.cpp scales attention by (hidden / heads) ** -0.5 instead of
 # head_dim ** -0.5; it infers the scale from the size (the importer's _GEMMA_27B_LAYERS reads the same).
@@ -142,6 +146,10 @@ def check_architecture(hf_config: dict[str, Any], where: str = "model") -> str:
         _check_gpt2(hf_config, where)
     elif arch.startswith("Gemma"):
         _check_gemma(hf_config, where, GGUF_EXPORT_ARCHITECTURES[arch])
+    elif kind != "default" and _context_length(hf_config) < hf_config["max_position_embeddings"]:
+        raise GGUFError(f"{where}: Phi-3 with LongRoPE and a sliding_window ({hf_config['sliding_window']}) shorter "
+                        "than its max_position_embeddings has no GGUF export; llama.cpp's phi3 applies no window, "
+                        "and a shorter context would change which LongRoPE factors it takes (export it merged instead)")
     return GGUF_EXPORT_ARCHITECTURES[arch]
 
 
@@ -426,7 +434,8 @@ def _add_gemma_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
 
 def _add_phi3_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
     """Phi-3's keys beyond the shared ones: its original context length, the sliding window (0: none, as
-    llama.cpp's converter writes it), LongRoPE's attention factor (its factors are tensors: :func:`_tensors`)."""
+    llama.cpp's converter writes it; llama.cpp reads it and applies none: :func:`_context_length`), LongRoPE's
+    attention factor (its factors are tensors: :func:`_tensors`)."""
     writer.add_rope_scaling_orig_ctx_len(_original_context(config))
     writer.add_sliding_window(config.get("sliding_window") or 0)
     if _rope(config)["rope_type"] != "default":
@@ -434,9 +443,10 @@ def _add_phi3_hparams(writer: gguf.GGUFWriter, config: dict[str, Any]) -> None:
 
 
 def _context_length(config: dict[str, Any]) -> int:
-    """The file's context length: ``max_position_embeddings``, or a Mistral's shorter sliding window, as
-    llama.cpp's ``llama`` attends to every earlier token and the two differ only past the window."""
-    window = config.get("sliding_window") if config["architectures"][0] == "MistralForCausalLM" else None
+    """The file's context length: ``max_position_embeddings``, or the shorter sliding window of a Mistral or
+    a Phi-3, as llama.cpp attends to every earlier token there (its ``llama`` has no window; its ``phi3``
+    reads the window and disables it) and the two differ only past the window."""
+    window = config.get("sliding_window") if config["architectures"][0] in _WINDOW_IGNORED else None
     return min(config["max_position_embeddings"], window or config["max_position_embeddings"])
 
 
