@@ -436,6 +436,12 @@ def validate(config: Config) -> Config:
                           "dpo})" if kind == "preference" else f"preference: method {config.preference.method} trains "
                           f"on preference pairs, but data.kind is {kind}; use preference data or remove the section")
     heads = [r for r in build_plan(config.plan).rules if r.action == "head"]
+    if config.preference is not None and config.preference.method == "reward":
+        # A reward model is the pairs' one regression head (a decoder's last token into ``score``).
+        if not heads or heads[-1].task != "regression":
+            raise ConfigError("plan: preference.method reward trains a scalar head; add {action: head, task: "
+                              "regression} to the plan" + (f" (its head's task is {heads[-1].task})" if heads else ""))
+        return config
     if kind in ("classification", "regression") and not heads:
         raise ConfigError(f"plan: data of kind {kind} needs a head, "
                           f"e.g. add {{action: head, task: {kind}}} to the plan")

@@ -31,7 +31,7 @@ import grain
 import numpy as np
 
 from jaxtune.data import packing
-from jaxtune.data.preference import PAIR_IDS, TokenizePairs, pair_rows
+from jaxtune.data.preference import MARGINS, PAIR_IDS, TokenizePairs, pair_rows
 from jaxtune.data.sources import LM_KINDS, PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import Tokenize, TokenStats, scan
 from jaxtune.schema import check_fields
@@ -203,7 +203,7 @@ class _FillBatch:
         return {k: np.concatenate([v, fill[k]]) for k, v in batch.items()}
 
 
-TOKEN_KEYS = frozenset(packing.LM_KEYS + packing.CLASSIFIER_KEYS[:-1] + (PAIR_IDS,))  # arrays with a token axis
+TOKEN_KEYS = frozenset(packing.LM_KEYS + packing.CLASSIFIER_KEYS[:-1] + (PAIR_IDS, MARGINS))  # with a token axis
 
 
 class _TrimBatch:
@@ -259,7 +259,7 @@ class Loader:
     [B, L]) and ``loss_weights`` (float32 [B, L]); preference pairs yield the same keys shaped
     [B, 2, L] (``[:, 0]`` chosen, ``[:, 1]`` rejected; packed pairs share segment ids across the
     two sides, see :func:`jaxtune.data.preference.pair_rows`) plus ``pair_ids`` (each token's
-    source index + 1, 0 on padding); classification/regression yield
+    source index + 1, 0 on padding) and ``margins`` (float32, each token's pair margin); classification/regression yield
     ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids`` (int32 [B, L]) and
     ``labels`` (int32 or float32 [B]), or packed (``packing: true``) ``labels`` and
     ``example_weights`` (float32) [B, S]. ``B`` is the per-process batch (``batch_size``).
@@ -416,8 +416,8 @@ class Loader:
         if self.pairs:
             shape = (self.batch_size, 2, self.config.max_length)
         if self.lm:
-            keys = packing.LM_KEYS + ((PAIR_IDS,) if self.pairs else ())
-            return {k: (shape, np.dtype(np.float32 if k == "loss_weights" else np.int32)) for k in keys}
+            keys = packing.LM_KEYS + ((PAIR_IDS, MARGINS) if self.pairs else ())
+            return {k: (shape, np.dtype(np.float32 if k in ("loss_weights", MARGINS) else np.int32)) for k in keys}
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
         per_row = (self.batch_size, packing.max_segments(self.config.max_length)) if self.packs else (self.batch_size,)
         spec["labels"] = (per_row, np.dtype(np.int32 if self.source.kind == "classification" else np.float32))

@@ -26,7 +26,9 @@ completion (:func:`jaxtune.data.tokenize.encode_prompt_completion`). :func:`pair
 into paired LM rows ``(2, L)``, the layout :mod:`jaxtune.training.preference` reads: row 0 chosen,
 row 1 rejected, pair ``s`` in segment ``s`` of both. Rows also carry ``pair_ids`` ``(2, L)``: the
 source index + 1 of the pair each token belongs to (0 on padding), so anything computed per
-example (a cached reference model's log-probs) can be found again in any shuffled, packed batch.
+example (a cached reference model's log-probs) can be found again in any shuffled, packed batch,
+and ``margins`` ``(2, L)``: each token's pair ``margin`` (an optional number of a TRL row, which only
+a reward model's loss reads, as TRL's ``RewardTrainer``; 0 without one).
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ KIND = PREFERENCE  # the source kind (one of jaxtune.data.sources.KINDS)
 TRUNCATION = ("right", "drop", "error")
 Pair = dict[str, Any]  # {"chosen": Example, "rejected": Example, "index": source index or -1}
 PAIR_IDS = "pair_ids"  # the rows' key for source index + 1 per token (0: padding or unknown)
+MARGINS = "margins"  # the rows' key for each token's pair margin (a reward model's; 0: none given, or padding)
 
 PREFERENCE_COLUMNS = ("input", "preferred_output", "non_preferred_output", "prompt", "chosen", "rejected")
 _OPENAI_HINT = ('write each line as {"input": {"messages": [...]}, "preferred_output": [{"role": "assistant", '
@@ -175,15 +178,27 @@ def check_trl_preference(obj: dict) -> dict:
     return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
+def _margin(obj: dict) -> float:
+    """The row's optional ``margin`` (TRL's reward data: how much higher the chosen answer's reward
+    should be), 0 without one."""
+    value = obj.get("margin", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
+        raise RowError(f"'margin' is {value!r}, not a finite number", "give the margin as a number, or remove it")
+    return float(value)
+
+
 def check_preference(obj: Any) -> dict:
-    """Validate one preference row in either format (detected by its keys); return the record."""
+    """Validate one preference row in either format (detected by its keys); return the record, with
+    its ``margin`` (0 when the row has none)."""
     if not isinstance(obj, dict):
         raise RowError(f"row is a JSON {type(obj).__name__}, not an object", _OPENAI_HINT)
     if {"input", "preferred_output", "non_preferred_output"} & obj.keys():
-        return check_openai_preference(obj)
-    if {"chosen", "rejected"} & obj.keys():
-        return check_trl_preference(obj)
-    raise RowError(f"row has neither OpenAI's nor TRL's preference keys (keys: {sorted(obj)[:6]})", _OPENAI_HINT)
+        record = check_openai_preference(obj)
+    elif {"chosen", "rejected"} & obj.keys():
+        record = check_trl_preference(obj)
+    else:
+        raise RowError(f"row has neither OpenAI's nor TRL's preference keys (keys: {sorted(obj)[:6]})", _OPENAI_HINT)
+    return {**record, "margin": _margin(obj)}
 
 
 # ----------------------------------------------------------------------------- source
@@ -305,9 +320,9 @@ class TokenizePairs:
                             "set tokenizer.chat_template or write plain-text prompt/chosen/rejected strings")
         pair = encode_pair(self.tokenizer, record, prefix=self.prefix, eos=self.eos)
         length = max(len(e["input_ids"]) for e in pair.values())
-        index = int(record.get("index", -1))
+        extra = {"index": int(record.get("index", -1)), "margin": float(record.get("margin", 0.0))}
         if length <= self.max_length:
-            return [{**pair, "index": index}], "ok", length
+            return [{**pair, **extra}], "ok", length
         if self.truncation == "error":
             raise DataError(where, f"{length} tokens is longer than max_length={self.max_length}",
                             "raise max_length, shorten the pair, or set truncation")
@@ -316,7 +331,7 @@ class TokenizePairs:
         cut = {side: {k: v[:self.max_length] for k, v in e.items()} for side, e in pair.items()}
         if not all(e["loss_mask"][1:].any() for e in cut.values()):
             return [], "dropped", length  # truncation cut off a whole answer
-        return [{**cut, "index": index}], "truncated", length
+        return [{**cut, **extra}], "truncated", length
 
     def __call__(self, record: dict) -> list[Pair]:
         return self.encode(record)[0]
@@ -326,14 +341,16 @@ class TokenizePairs:
 
 
 def pair_row(pairs: Sequence[Pair], max_length: int, pad_id: int = 0) -> dict[str, np.ndarray]:
-    """One paired row: each LM key (:data:`jaxtune.data.packing.LM_KEYS`) and :data:`PAIR_IDS` shaped
-    ``(2, max_length)``, ``[0]`` the chosen answers and ``[1]`` the rejected ones, pair ``s`` in
-    segment ``s`` of both."""
+    """One paired row: each LM key (:data:`jaxtune.data.packing.LM_KEYS`), :data:`PAIR_IDS` and
+    :data:`MARGINS` (float32) shaped ``(2, max_length)``, ``[0]`` the chosen answers and ``[1]`` the
+    rejected ones, pair ``s`` in segment ``s`` of both."""
     chosen = packing.lm_row([p["chosen"] for p in pairs], max_length, pad_id)
     rejected = packing.lm_row([p["rejected"] for p in pairs], max_length, pad_id)
     row = {k: np.stack([chosen[k], rejected[k]]) for k in packing.LM_KEYS}
     ids = np.asarray([0] + [p.get("index", -1) + 1 for p in pairs], np.int32)  # segment s -> its pair's id
     row[PAIR_IDS] = ids[row["segment_ids"]]
+    margins = np.asarray([0.0] + [p.get("margin", 0.0) for p in pairs], np.float32)
+    row[MARGINS] = margins[row["segment_ids"]]
     return row
 
 

@@ -126,7 +126,8 @@ def evaluate(
         raise ValueError("evaluation saw no examples (or no supervised tokens): check the validation data")
     metrics = {"loss": loss_sum / weight}
     if task == "preference":
-        metrics.update({k: sums[k] / sums["pairs"] for k in METRICS["preference"][1:]})
+        # a reward model's loss sums its scores only (no log-probs)
+        metrics.update({k: sums[k] / sums["pairs"] for k in METRICS["preference"][1:] if k in sums})
     elif task == "lm":
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         metrics["tokens"] = weight

@@ -209,9 +209,10 @@ def progress_line(record: dict[str, Any], steps: int) -> str:
     remaining = (steps - record['step']) / max(record["steps_per_s"], 1e-9)
     parts = [f"step {record['step']}/{steps}", f"loss {record['loss']:.4f}"]
     if "rewards/accuracy" in record:
+        logps = f"; logps {record['logps/chosen']:.2f} / {record['logps/rejected']:.2f}" \
+            if "logps/chosen" in record else ""  # a reward model has no log-probs
         parts.append(f"reward acc {record['rewards/accuracy']:.2f} margin {record['rewards/margin']:.3f} "
-                     f"(chosen {record['rewards/chosen']:.3f} rejected {record['rewards/rejected']:.3f}; "
-                     f"logps {record['logps/chosen']:.2f} / {record['logps/rejected']:.2f})")
+                     f"(chosen {record['rewards/chosen']:.3f} rejected {record['rewards/rejected']:.3f}{logps})")
     if "learning_rate" in record:
         parts.append(f"lr {record['learning_rate']:.2e}")
     parts.append(f"{record['examples_per_s']:.1f} images/s" if "examples_per_s" in record

@@ -1,5 +1,6 @@
-"""Preference training of a language model (DPO, conservative DPO, IPO, SimPO, ORPO): the log-probabilities
-the losses read, the reference model, and the loss of a paired batch.
+"""Preference training of a language model (DPO, conservative DPO, IPO, SimPO, ORPO), and of a reward model
+(``reward``: Bradley-Terry on a scalar head's scores, TRL's ``RewardTrainer``): the log-probabilities the
+losses read, the reference model, and the loss of a paired batch.
 
 The losses themselves, pure functions of per-pair sequence log-probabilities (the methods' formulas,
 their rewards and the metrics TRL logs), are :mod:`jaxtune.training.preference_losses`.
@@ -23,6 +24,13 @@ For full or partial fine-tuning the reference needs the starting values of the t
 log-probs computed once ahead of training and carried in the batch as ``reference_logps``
 (:class:`ReferenceCache`, ``PreferenceConfig(reference="cached")``).
 
+A reward model (``method="reward"``) is the same paired batch through a model with a scalar head
+(``{action: head, task: regression}``: a decoder's last token into a bias-free ``score``, exactly
+transformers' ``*ForSequenceClassification`` with ``num_labels=1``, as TRL trains it): each packed
+segment's last token is pooled and scored, and the chosen answer's score should exceed the
+rejected one's by the pair's ``margins`` (optional, per token, 0 by default). It needs no
+reference and no log-probabilities.
+
 A mixture-of-experts policy adds its router's load-balancing loss over the pairs' chosen and
 rejected rows (``router_aux_loss_coef`` times transformers' ``aux_loss``), as the LM loss does and
 as TRL's DPOTrainer does for a model with router logits: the step's mean is the preference loss
@@ -34,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import flax.linen as nn
@@ -44,23 +53,34 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxtune import processes
 from jaxtune.data.pipeline import Loader, evaluation_loader
-from jaxtune.data.preference import PAIR_IDS
+from jaxtune.data.preference import MARGINS, PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models.decoder import AUX
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B, VECTOR_LEAVES
 from jaxtune.training.evaluate import in_lockstep
 from jaxtune.training.losses import auxiliary_loss, token_chunks
-from jaxtune.training.preference_losses import dpo_terms, ipo_terms, orpo_terms, pair_metrics, simpo_terms
+from jaxtune.training.preference_losses import (
+    dpo_terms,
+    ipo_terms,
+    orpo_terms,
+    pair_metrics,
+    reward_terms,
+    simpo_terms,
+)
 from jaxtune.training.sharding import jit_on_mesh
 from jaxtune.tuning.partition import combine
+from jaxtune.tuning.peft_io import pad_token_id
+from jaxtune.tuning.tuned import Tuned
 
 Array = jax.Array
 Batch = dict[str, Array]
 Params = dict[str, Any]
 log = logging.getLogger(__name__)
 
-METHODS = ("dpo", "ipo", "simpo", "orpo")
-REFERENCE_FREE = ("simpo", "orpo")
+METHODS = ("dpo", "ipo", "simpo", "orpo", "reward")
+REFERENCE_FREE = ("simpo", "orpo", "reward")
+REWARD = "reward"  # the method that trains a reward model (a scalar head) rather than a language model
+
 # Where a loss function finds the starting values of trained non-adapter leaves inside ``params``
 # (the trainer puts them in the frozen part; the loss pops them before applying the module).
 REFERENCE_KEY = "reference_start"
@@ -202,8 +222,10 @@ class PreferenceConfig:
     """Which preference loss, and its constants.
 
     Attributes:
-      method: ``dpo``, ``ipo``, ``simpo`` or ``orpo`` (see the module docstring).
-      beta: β; None takes the method's usual default (:data:`DEFAULT_BETA`).
+      method: ``dpo``, ``ipo``, ``simpo`` or ``orpo`` (see the module docstring), or ``reward``: a
+        reward model, the plan's scalar head (``{action: head, task: regression}``) trained with
+        the Bradley-Terry loss.
+      beta: β; None takes the method's usual default (:data:`DEFAULT_BETA`); ``reward`` has none.
       label_smoothing: ε for ``dpo`` (conservative DPO) and ``simpo``; 0 otherwise.
       gamma: SimPO's target reward margin.
       max_segments: pairs per packed row (static; the Trainer's loaders pack at most that many a row);
@@ -217,6 +239,9 @@ class PreferenceConfig:
         TRL's ``DPOConfig(disable_dropout=True)``: the reference runs without it, so with it on the
         log-ratios carry dropout noise and the run does not start at DPO's log 2. False keeps the
         model's dropout in the policy.
+      center_rewards_coefficient: ``reward`` only: the weight ``c`` of ``c * mean((r_c + r_r)²)``
+        added to the loss, which keeps the scores centred on 0 (TRL's ``RewardConfig`` field of the
+        same name); None for none.
     """
 
     method: str = "dpo"
@@ -226,6 +251,7 @@ class PreferenceConfig:
     max_segments: int | None = None
     reference: Literal["model", "cached"] = "model"
     disable_dropout: bool = True
+    center_rewards_coefficient: float | None = None
 
     def __post_init__(self) -> None:
         # Messages name the field as a recipe writes it (the preference: section).
@@ -241,13 +267,23 @@ class PreferenceConfig:
             raise ValueError(f"preference.max_segments: expected an integer >= 1 or null, got {self.max_segments}")
         if self.reference not in ("model", "cached"):
             raise ValueError(f"preference.reference: expected model or cached, got {self.reference!r}")
+        if self.method == REWARD and self.beta is not None:
+            raise ValueError("preference.beta: the reward method has no beta (its loss compares the scores "
+                             "themselves); remove beta")
+        if self.center_rewards_coefficient is not None:
+            if self.method != REWARD:
+                raise ValueError(f"preference.center_rewards_coefficient: applies to method reward, not "
+                                 f"{self.method}; remove it")
+            if not self.center_rewards_coefficient >= 0:
+                raise ValueError(f"preference.center_rewards_coefficient: must be >= 0 or null, got "
+                                 f"{self.center_rewards_coefficient}")
         if self.reference == "cached" and not self.needs_reference:
             raise ValueError(f"preference.reference: {self.method} needs no reference model; set reference: model "
                              "(the default)")
 
     @property
     def beta_value(self) -> float:
-        return DEFAULT_BETA[self.method] if self.beta is None else self.beta
+        return DEFAULT_BETA.get(self.method, 0.0) if self.beta is None else self.beta
 
     @property
     def needs_reference(self) -> bool:
@@ -352,7 +388,67 @@ def preference_objective(config: PreferenceConfig, token_lp: Array, rows: Batch,
     return total, n_pairs, outputs
 
 
-def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chunk_tokens: int = 2048
+def reward_pad_id(model: Tuned) -> int | None:
+    """The token a decoder reward model's pooling skips at the end of an answer: the ``pad_token_id``
+    its export writes (:func:`jaxtune.tuning.peft_io.pad_token_id`), which transformers'
+    ``*ForSequenceClassification`` (and so TRL's ``RewardTrainer``) pools before. A plain answer ends
+    with EOS, often that id: the score is then the last answer token's. None for an encoder (its
+    classifier reads the first token or the pooler)."""
+    if not model.is_decoder:
+        return None
+    source = Path(model.source)
+    return pad_token_id(model.hf_config, source if source.is_dir() else None)
+
+
+def reward_scores(module: nn.Module, params: Params, rows: Batch, segments: int, *, pad_id: int | None = None,
+                  deterministic: bool = True, rng: Array | None = None) -> Array:
+    """float32 ``(R, S)``: the scalar head's score of each packed segment ``1..S`` of ``rows`` ``(R, L)``,
+    arbitrary where a row has no such segment. ``pad_id``: tokens with this id are left out of the
+    pooling (not of attention), as transformers pools the last token that is not ``pad_token_id``."""
+    seg = rows["segment_ids"]
+    pool_ids = None if pad_id is None else jnp.where(rows["input_ids"] == pad_id, 0, seg)
+    out = module.apply({"params": params}, input_ids=rows["input_ids"], segment_ids=seg,
+                       positions=rows.get("positions"), deterministic=deterministic, segments=segments,
+                       pool_ids=pool_ids, rngs={"dropout": rng} if rng is not None else {})
+    return out[..., 0].astype(jnp.float32)
+
+
+def reward_objective(config: PreferenceConfig, scores: Array, rows: Batch, pairs_shape: tuple[int, int],
+                     margins: Array | None) -> tuple[Array, Array, dict[str, Array]]:
+    """The reward model's loss of a paired batch from its scores.
+
+    Args:
+      config: the method (``reward``) and its ``center_rewards_coefficient``.
+      scores: float32 ``(2B, S)``, each segment's score (rows interleaved chosen, rejected, ...).
+      rows: the paired batch reshaped to ``(2B, L)``.
+      pairs_shape: ``(B, S)``.
+      margins: float ``(2B, L)``, each token's pair margin (read on the chosen row), or None (0).
+
+    Returns:
+      ``(loss_sum, pairs, outputs)`` as :func:`preference_objective`: ``outputs`` holds per-pair
+      ``(B, S)`` ``chosen_rewards``, ``rejected_rewards`` (the scores), ``pair`` and the
+      :func:`pair_metrics` sums under ``metrics``.
+    """
+    b, s = pairs_shape
+    seg = rows["segment_ids"]
+    real = (seg > 0).astype(jnp.float32)
+    counts = segment_sums(real, seg, s).reshape(b, 2, s)
+    pair = ((counts[:, 0] > 0) & (counts[:, 1] > 0)).astype(jnp.float32)
+    both = scores.reshape(b, 2, s)
+    chosen, rejected = both[:, 0], both[:, 1]
+    margin = None
+    if margins is not None:  # every token of a segment carries its pair's margin: their mean is it
+        sums = segment_sums(margins.astype(jnp.float32) * real, seg, s).reshape(b, 2, s)
+        margin = sums[:, 0] / jnp.maximum(counts[:, 0], 1.0)
+    # Absent pairs pool an arbitrary (finite) token: weighed out here, they add nothing, gradient included.
+    losses = reward_terms(chosen, rejected, margin, center_rewards_coefficient=config.center_rewards_coefficient)
+    outputs = {"chosen_rewards": chosen, "rejected_rewards": rejected, "pair": pair,
+               "metrics": pair_metrics(chosen, rejected, None, None, pair)}
+    return jnp.sum(losses * pair), pair.sum(), outputs
+
+
+def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chunk_tokens: int = 2048,
+                            pad_id: int | None = None
                             ) -> Callable[[Params, Batch, Array, bool], tuple[Array, Array, dict[str, Array]]]:
     """The preference loss as a :data:`jaxtune.training.step.LossFn` of the full params.
 
@@ -362,6 +458,9 @@ def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chun
     else compute them in the same step with :func:`reference_params` (adapters off; starting values
     of other trained leaves from ``params[REFERENCE_KEY]`` when present), deterministically and
     without gradient. ``params[REFERENCE_KEY]`` is removed before the module sees the params.
+    ``reward`` scores the pairs with the module's scalar head instead (:func:`reward_objective`;
+    the margins from ``batch["margins"]`` when present; ``pad_id`` as :func:`reward_scores`, the
+    model's :func:`reward_pad_id`).
     """
 
     def loss_fn(params: Params, batch: Batch, rng: Array, deterministic: bool) -> tuple[Array, Array, dict[str, Array]]:
@@ -370,6 +469,12 @@ def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chun
         rows = _rows(batch)
         b, length = batch["targets"].shape[0], batch["targets"].shape[-1]
         s = length // 2 if config.max_segments is None else config.max_segments
+        if config.method == REWARD:
+            scores = reward_scores(module, params, rows, s, pad_id=pad_id, rng=rng,
+                                   deterministic=deterministic or config.disable_dropout)
+            margins = batch.get(MARGINS)
+            margins = None if margins is None else margins.reshape(-1, length)
+            return reward_objective(config, scores, rows, (b, s), margins)
         token_lp, aux = policy_token_logprobs(module, params, rows, rng=rng,
                                               deterministic=deterministic or config.disable_dropout,
                                               chunk_tokens=chunk_tokens, with_aux=True)
@@ -500,9 +605,15 @@ def reference_caches(module: nn.Module, trainable: Params, frozen: Params, split
     return caches
 
 
-def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task: str) -> None:
-    """Preference data and a preference method come together, on a language model (one-line
-    errors that name the field)."""
+def host_keys(config: PreferenceConfig | None) -> frozenset[str]:
+    """The keys of a paired host batch that stay on the host: ``pair_ids`` (the cached reference's
+    lookup), and ``margins`` but for a reward model, the one loss that reads them."""
+    return frozenset({PAIR_IDS} if config is not None and config.method == REWARD else {PAIR_IDS, MARGINS})
+
+
+def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task: str, outputs: int = 1) -> None:
+    """Preference data and a preference method come together, on a language model, or for ``reward``
+    on a model with one regression output (``outputs``: the head's) (one-line errors that name the field)."""
     pairs = PREFERENCE in data_kinds
     if config is None and pairs:
         raise ValueError("the data is preference pairs but no preference method is set; pass "
@@ -511,6 +622,15 @@ def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task
     if config is not None and others:
         raise ValueError(f"preference.method: {config.method} trains on preference pairs, but the data is "
                          f"{', '.join(sorted(others))}; use data.kind: preference or drop the preference section")
+    if config is not None and config.method == REWARD:
+        if task != "regression":
+            made = "a language model (no head)" if task == "lm" else f"a {task} model"
+            raise ValueError(f"preference.method: reward scores each answer with a scalar head, but the plan makes "
+                             f"{made}; add {{action: head, task: regression}} to the plan")
+        if outputs != 1:
+            raise ValueError(f"plan: the reward model's head has {outputs} outputs, but a reward is one number; "
+                             "drop num_labels from the head rule")
+        return
     if config is not None and task != "lm":
         raise ValueError(f"preference.method: {config.method} tunes a language model, but the plan makes a {task} "
                          "model; remove the head rule from the plan")

@@ -1,9 +1,11 @@
-"""Preference losses (DPO, conservative DPO, IPO, SimPO, ORPO) on sequence log-probabilities.
+"""Preference losses (DPO, conservative DPO, IPO, SimPO, ORPO) on sequence log-probabilities, and
+the Bradley-Terry loss of a reward model on its scores.
 
-Pure loss functions take per-pair sequence log-probabilities of any shape (one entry per pair of
-answers) and return ``(loss, metrics)``: the mean loss over the pairs ``mask`` keeps, and the
-means TRL logs (``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``,
-``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``). The formulas are TRL 1.x's:
+Pure loss functions take per-pair sequence log-probabilities (or, ``reward``, the reward model's
+scores) of any shape (one entry per pair of answers) and return ``(loss, metrics)``: the mean
+loss over the pairs ``mask`` keeps, and the means TRL logs (``rewards/chosen``,
+``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``, ``logps/chosen``, ``logps/rejected``).
+The formulas are TRL 1.x's:
 
 =========  ==========================================================================  ===========
 method     loss per pair (``Δ`` = chosen minus rejected)                               reference
@@ -14,10 +16,13 @@ method     loss per pair (``Δ`` = chosen minus rejected)                       
 ``simpo``  ``-(1-ε) logσ(βΔ - γ) - ε logσ(-(βΔ - γ))``, ``Δ`` of mean log-probs         no
 ``orpo``   ``NLL(chosen) - β logσ(log odds(chosen) - log odds(rejected))``,           no
            odds of mean log-probs ``p``: ``log p - log(1 - e^p)``
+``reward`` ``-logσ(r_c - r_r - m) + c (r_c + r_r)²``, ``r`` the reward model's scores,  no
+           ``m`` the pair's margin (0 without one), ``c`` ``center_rewards_coefficient``
 =========  ==========================================================================  ===========
 
 Rewards are ``β`` times what the loss compares (log-ratios for DPO/IPO, mean log-probs for
-SimPO/ORPO), as TRL reports them; accuracy is the share of pairs whose chosen reward is higher.
+SimPO/ORPO), as TRL reports them, and a reward model's scores themselves (TRL's
+``RewardTrainer``); accuracy is the share of pairs whose chosen reward is higher.
 
 No model here: the log-probabilities these losses read, the reference model and the loss of a paired
 batch are :mod:`jaxtune.training.preference`.
@@ -50,10 +55,11 @@ def _masked_mean(x: Array, mask: Array) -> Array:
     return jnp.sum(x * mask) / jnp.maximum(mask.sum(), 1.0)
 
 
-def pair_metrics(chosen_rewards: Array, rejected_rewards: Array, chosen_logps: Array, rejected_logps: Array,
-                 mask: Array) -> Metrics:
+def pair_metrics(chosen_rewards: Array, rejected_rewards: Array, chosen_logps: Array | None,
+                 rejected_logps: Array | None, mask: Array) -> Metrics:
     """Sums over the pairs in ``mask`` (float ``(...)``) of the quantities TRL logs, plus ``pairs``
-    (their count); divide by ``pairs`` for means. Sums, so micro-batches and hosts add up.
+    (their count); divide by ``pairs`` for means. Sums, so micro-batches and hosts add up. A reward
+    model has no log-probs (``chosen_logps`` None): its sums are the ``rewards/`` ones alone.
 
     ``logps/accuracy`` (not a TRL metric) counts the pairs whose chosen answer the model itself
     finds more likely (higher ``chosen_logps``): unlike ``rewards/accuracy``, which is 0 for the
@@ -61,10 +67,12 @@ def pair_metrics(chosen_rewards: Array, rejected_rewards: Array, chosen_logps: A
     """
     cr, rr = jax.lax.stop_gradient(chosen_rewards), jax.lax.stop_gradient(rejected_rewards)
     total = lambda x: jnp.sum(jax.lax.stop_gradient(x).astype(jnp.float32) * mask)  # noqa: E731
-    return {"pairs": mask.sum(), "rewards/chosen": total(cr), "rewards/rejected": total(rr),
-            "rewards/margin": total(cr - rr), "rewards/accuracy": total((cr > rr).astype(jnp.float32)),
-            "logps/chosen": total(chosen_logps), "logps/rejected": total(rejected_logps),
-            "logps/accuracy": total((chosen_logps > rejected_logps).astype(jnp.float32))}
+    sums = {"pairs": mask.sum(), "rewards/chosen": total(cr), "rewards/rejected": total(rr),
+            "rewards/margin": total(cr - rr), "rewards/accuracy": total((cr > rr).astype(jnp.float32))}
+    if chosen_logps is not None:
+        sums.update({"logps/chosen": total(chosen_logps), "logps/rejected": total(rejected_logps),
+                     "logps/accuracy": total((chosen_logps > rejected_logps).astype(jnp.float32))})
+    return sums
 
 
 def mean_metrics(sums: Metrics) -> Metrics:
@@ -73,7 +81,7 @@ def mean_metrics(sums: Metrics) -> Metrics:
     return {k: v if k == "pairs" else v / n for k, v in sums.items()}
 
 
-def _result(losses: Array, rewards: tuple[Array, Array], logps: tuple[Array, Array], mask: Array | None,
+def _result(losses: Array, rewards: tuple[Array, Array], logps: tuple[Array | None, Array | None], mask: Array | None,
             extra: Metrics | None = None) -> tuple[Array, Metrics]:
     m = _pair_mask(losses, mask)
     metrics = mean_metrics(pair_metrics(*rewards, *logps, m))
@@ -186,3 +194,36 @@ def orpo_loss(chosen_mean_logps: Array, rejected_mean_logps: Array, chosen_nll: 
              "log_odds_chosen": _masked_mean(log_odds, m), "nll_loss": jnp.asarray(chosen_nll, jnp.float32)}
     loss, metrics = _result(losses, (cr, rr), (chosen_mean_logps, rejected_mean_logps), mask, extra)
     return chosen_nll + loss, metrics
+
+
+def reward_terms(chosen_rewards: Array, rejected_rewards: Array, margin: Array | None = None, *,
+                 center_rewards_coefficient: float | None = None) -> Array:
+    """Per-pair Bradley-Terry losses of a reward model, any shape, float32: TRL's ``RewardTrainer``
+    loss ``-logσ(r_c - r_r - margin)`` plus ``c (r_c + r_r)²`` (its batch mean is TRL's
+    ``c * mean((r_c + r_r)**2)``, which keeps the scores centred on 0)."""
+    c, r = chosen_rewards.astype(jnp.float32), rejected_rewards.astype(jnp.float32)
+    z = c - r if margin is None else c - r - margin.astype(jnp.float32)
+    losses = -jax.nn.log_sigmoid(z)
+    if center_rewards_coefficient is not None:
+        losses = losses + center_rewards_coefficient * (c + r) ** 2
+    return losses
+
+
+def reward_loss(chosen_rewards: Array, rejected_rewards: Array, *, margin: Array | None = None,
+                center_rewards_coefficient: float | None = None, mask: Array | None = None) -> tuple[Array, Metrics]:
+    """The reward model's loss (Bradley-Terry, as TRL's ``RewardTrainer``) on its scores.
+
+    Args:
+      chosen_rewards, rejected_rewards: float ``(...)``, the scalar head's score of each answer.
+      margin: float ``(...)``, how much higher the chosen score should be (TRL's ``margin`` column);
+        None: 0.
+      center_rewards_coefficient: weight of the centring term (TRL's ``center_rewards_coefficient``),
+        or None for none.
+      mask: as :func:`dpo_loss`.
+
+    Metrics: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``
+    (TRL's ``accuracy`` and ``margin``), the scores' means over the pairs.
+    """
+    losses = reward_terms(chosen_rewards, rejected_rewards, margin,
+                          center_rewards_coefficient=center_rewards_coefficient)
+    return _result(losses, (chosen_rewards, rejected_rewards), (None, None), mask)

@@ -37,7 +37,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune import processes
 from jaxtune.data.pipeline import Loader, LoaderConfig
-from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.sources import Source
 from jaxtune.models.load import check_not_consumed
 from jaxtune.training import compile_cache, memory, preflight, scores
@@ -51,8 +50,10 @@ from jaxtune.training.optim import OptimizerConfig, build_optimizer
 from jaxtune.training.preference import (
     REFERENCE_KEY,
     PreferenceConfig,
+    host_keys,
     make_preference_loss_fn,
     reference_caches,
+    reward_pad_id,
     with_reference_start,
 )
 from jaxtune.training.result import FitResult
@@ -188,7 +189,8 @@ class Trainer:
         opt_shardings = param_shardings(jax.eval_shape(self.optimizer.init, self.trainable), self.mesh, rules)
         self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.trainable)
         if preference is not None:
-            loss_fn = eval_loss_fn = make_preference_loss_fn(model.module, preference, chunk_tokens=config.chunk_tokens)
+            loss_fn = eval_loss_fn = make_preference_loss_fn(model.module, preference, chunk_tokens=config.chunk_tokens,
+                                                             pad_id=reward_pad_id(model))
         else:
             loss_fn = make_loss_fn(model.module, model.task, chunk_tokens=config.chunk_tokens,
                                    regression=config.regression_loss)
@@ -304,7 +306,7 @@ class Trainer:
         reference = self._references.get(split) if split else None  # None also while the caches are built
         if reference is not None:
             batch = {**batch, "reference_logps": reference.lookup(batch)}
-        return global_batch({k: v for k, v in batch.items() if k != PAIR_IDS}, self.mesh)
+        return global_batch({k: v for k, v in batch.items() if k not in host_keys(self.preference)}, self.mesh)
 
     def evaluate(self, data: Source | Loader | Iterable[Batch] | None = None,
                  trainable: Any = None) -> dict[str, float]:

@@ -156,15 +156,19 @@ def _export_config(tuned: Tuned, tokenizer_from: str | Path | None) -> dict[str,
     config = dict(tuned.hf_config)
     if tuned.is_decoder and bool(config.get("tie_word_embeddings")) and not tuned.config.tie_word_embeddings:
         config["tie_word_embeddings"] = False
-    if tuned.is_decoder and tuned.head is not None and config.get("pad_token_id") is None:
-        config["pad_token_id"] = _pad_token_id(config, tokenizer_from)
+    if tuned.is_decoder and tuned.head is not None:
+        config["pad_token_id"] = pad_token_id(config, tokenizer_from)
     return config
 
 
-def _pad_token_id(hf_config: dict[str, Any], tokenizer_from: str | Path | None) -> int | None:
-    """The tokenizer's pad token id, else the config's (first) eos id (what tokenizers without a pad
-    token are usually padded with). transformers pools the last token that is not this id, jaxtune
-    the last real one: the two agree unless an input itself ends with that id."""
+def pad_token_id(hf_config: dict[str, Any], tokenizer_from: str | Path | None) -> int | None:
+    """The ``pad_token_id`` a decoder head's export writes: the config's, else the tokenizer's pad
+    token id, else the config's (first) eos id (what tokenizers without a pad token are usually padded
+    with). transformers pools the last token that is not this id, jaxtune the last real one: the two
+    agree unless an input itself ends with that id (a reward model's plain answers end with EOS, so
+    its loss pools as transformers does, :func:`jaxtune.training.preference.reward_pad_id`)."""
+    if hf_config.get("pad_token_id") is not None:
+        return hf_config["pad_token_id"]
     if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer_config.json").exists():
         from transformers import AutoTokenizer
 

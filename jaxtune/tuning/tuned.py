@@ -110,16 +110,20 @@ class TunedModel(nn.Module):
         deterministic: bool = True,
         pixel_values: Array | None = None,
         segments: int | None = None,
+        pool_ids: Array | None = None,
     ) -> Array:
         """LM logits ``(B, T, V)``, or head outputs ``(B, num_outputs)`` in the compute dtype; for
         packed rows (``segments=S``: segment ids ``1..S``, positions restarting in each) one output
-        per segment, ``(B, S, num_outputs)``."""
+        per segment, ``(B, S, num_outputs)``. ``pool_ids`` ``(B, T)``: the segment ids the head pools
+        over, where they differ from those attention reads (a reward model leaves out trailing pad
+        tokens, as transformers does); default ``segment_ids``."""
         hidden = self.hidden(input_ids, segment_ids, positions, token_type_ids, deterministic, pixel_values)
         if self.task == "lm":
             return self.logits(hidden)
         spec = self.head_spec
         hidden = self.head.transform(hidden, positions, segment_ids, deterministic)
-        real = segment_ids if segment_ids is not None else jnp.ones(hidden.shape[:2], jnp.int32)
+        real = pool_ids if pool_ids is not None else segment_ids
+        real = real if real is not None else jnp.ones(hidden.shape[:2], jnp.int32)
         if spec.pooling == "pooler":
             features = self.body.pooled(pool(hidden, real, "cls", segments), deterministic)
         else:

@@ -1,0 +1,357 @@
+"""Reward models (``preference.method: reward``): the Bradley-Terry loss and its gradients against TRL's
+``RewardTrainer`` on the same tiny Llama, margins from the data, training and exact resume, evaluation,
+the HF and PEFT exports that transformers and peft score as jaxtune does, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import yaml
+from flax.traverse_util import flatten_dict
+
+import jaxtune as jt
+from jaxtune.config import ConfigError
+from jaxtune.data import LoaderConfig, training_loader
+from jaxtune.data.preference import MARGINS, PAIR_IDS, TokenizePairs, pair_rows
+from jaxtune.data.sources import DataError
+from jaxtune.data.testing import synthetic_preference_rows, tiny_tokenizer, write_jsonl
+from jaxtune.training import preference as pref
+from jaxtune.training.sharding import MeshConfig
+from tests.helpers import tiny_hf_model
+
+EOS = 3  # tiny_tokenizer's </s>; the reward model's pad_token_id, as TRL sets it when a tokenizer pads with EOS
+
+
+@pytest.fixture(scope="module")
+def reward_llama(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    """A random LlamaForSequenceClassification with one output whose pad token is EOS (TRL's default
+    when the tokenizer has no pad token), saved with a tokenizer."""
+    root = tmp_path_factory.mktemp("reward_llama")
+    model = tiny_hf_model("LlamaForSequenceClassification", root, num_labels=1, pad_token_id=EOS,
+                          eos_token_id=EOS, randomize=True)
+    tiny_tokenizer().save_pretrained(root)
+    return root, model
+
+
+def _pairs(seed: int = 0, n: int = 5) -> list[dict]:
+    """Token-id pairs sharing a prompt: most answers end with EOS (the pad id: TRL's reward model then
+    scores the token before it), one pair does not; ids above the specials."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for i in range(n):
+        prompt = rng.integers(8, 100, rng.integers(2, 6)).tolist()
+        sides = {}
+        for side in ("chosen", "rejected"):
+            answer = rng.integers(8, 100, rng.integers(1, 5)).tolist() + ([EOS] if i != 2 else [])
+            ids = np.asarray(prompt + answer, np.int32)
+            sides[side] = {"input_ids": ids, "loss_mask": np.arange(len(ids)) >= len(prompt)}
+        pairs.append({**sides, "index": i, "margin": float(rng.uniform(-1, 2))})
+    return pairs
+
+
+def _batch(pairs: list[dict], length: int = 32, margins: bool = False) -> dict[str, jax.Array]:
+    """The pairs packed into paired rows ``(B, 2, L)`` (several pairs a row), with their margins or
+    without (no ``margins`` key: the loss's default, 0)."""
+    rows = pair_rows(pairs, length)
+    drop = {PAIR_IDS} | (set() if margins else {MARGINS})
+    return {k: jnp.asarray(np.stack([r[k] for r in rows])) for k in rows[0] if k not in drop}
+
+
+class _Accelerator:
+    @staticmethod
+    def gather(x):
+        return x
+
+    gather_for_metrics = gather
+
+
+def _trl_reward(model: torch.nn.Module, pairs: list[dict], margins: bool, center: float | None):
+    """TRL's RewardTrainer.compute_loss itself, on a bare trainer, with TRL's own collator."""
+    pytest.importorskip("trl")
+    from trl.trainer.reward_trainer import DataCollatorForPreference, RewardTrainer
+
+    trainer = object.__new__(RewardTrainer)
+    trainer.__dict__.update(model=model, args=SimpleNamespace(center_rewards_coefficient=center),
+                            accelerator=_Accelerator(), _total_train_tokens=0, _tp_size=1,
+                            _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
+    examples = [{"chosen_ids": p["chosen"]["input_ids"].tolist(), "rejected_ids": p["rejected"]["input_ids"].tolist(),
+                 **({"margin": p["margin"]} if margins else {})} for p in pairs]
+    inputs = DataCollatorForPreference(pad_token_id=EOS)(examples)
+    model.zero_grad()
+    loss = trainer.compute_loss(model, inputs)
+    loss.backward()
+    metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
+    grads = {"score": model.score.weight.grad.numpy().T, "embed": model.model.embed_tokens.weight.grad.numpy()}
+    return float(loss.detach()), metrics, grads
+
+
+@pytest.mark.parametrize("margins,center", [(False, None), (True, None), (False, 0.05), (True, 0.05)])
+def test_reward_loss_and_gradients_equal_trls_reward_trainer(reward_llama, margins, center):
+    """The same weights in both: jaxtune's loss of packed pairs equals TRL's RewardTrainer loss (with
+    and without the data's margins and the centring term), its gradients too, and the metrics TRL logs."""
+    root, hf_model = reward_llama
+    hf_model.train()  # TRL's training mode (the tiny Llama has no dropout)
+    pairs = _pairs()
+    trl_loss, trl_metrics, trl_grads = _trl_reward(hf_model, pairs, margins, center)
+
+    tuned = jt.apply_plan(jt.load(str(root)), jt.full())
+    config = jt.PreferenceConfig(method="reward", center_rewards_coefficient=center)
+    loss_fn = pref.make_preference_loss_fn(tuned.module, config, pad_id=pref.reward_pad_id(tuned))
+    batch = _batch(pairs, margins=margins)
+    assert batch["segment_ids"].max() > 1  # packed: several pairs a row
+
+    def mean_loss(params):
+        total, n, out = loss_fn(params, batch, jax.random.key(0), False)
+        return total / n, out["metrics"]
+
+    (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(tuned.params)
+    np.testing.assert_allclose(float(loss), trl_loss, rtol=1e-5, atol=1e-6)
+    grads = flatten_dict(grads)
+    for ours, theirs in ((("head", "out", "kernel"), "score"), (("embed_tokens", "embedding"), "embed")):
+        assert np.abs(trl_grads[theirs]).max() > 1e-4
+        np.testing.assert_allclose(np.asarray(grads[ours]), trl_grads[theirs], rtol=1e-4, atol=1e-6,
+                                   err_msg="/".join(ours))
+    if not margins and center is None:
+        # Pooling the trailing EOS itself (the pad id here) would be another model than TRL's and the export's.
+        plain = pref.make_preference_loss_fn(tuned.module, config)
+        total, n, _ = plain(tuned.params, batch, jax.random.key(0), False)
+        assert abs(float(total / n) - trl_loss) > 1e-3
+    assert float(sums["pairs"]) == len(pairs)
+    np.testing.assert_allclose(float(sums["rewards/accuracy"]) / len(pairs), trl_metrics["accuracy"], atol=1e-6)
+    np.testing.assert_allclose(float(sums["rewards/margin"]) / len(pairs), trl_metrics["margin"], rtol=1e-5,
+                               atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- runs
+
+STEPS, BATCH, LENGTH = 8, 8, 64
+OPTIMIZER = dict(learning_rate=1e-2, schedule="constant")  # constant: a run cut at step 2 has the same lr
+REWARD = dict(method="reward", center_rewards_coefficient=0.01)
+
+
+def _plain_rows(n: int, seed: int) -> list[dict]:
+    """Plain-text pairs (answers end with EOS, which this tokenizer also pads with) with a pattern a
+    tiny model learns, every other one with a margin."""
+    rows = []
+    for i, row in enumerate(synthetic_preference_rows(n, seed=seed)):
+        rows.append({"prompt": row["prompt"][0]["content"] + " ->", "chosen": " " + row["chosen"][0]["content"],
+                     "rejected": " " + row["rejected"][0]["content"], **({"margin": 0.5} if i % 2 else {})})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("reward")
+    tiny_hf_model("LlamaForCausalLM", root / "llama")
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # as many chat models' tokenizers: the reward pools before it
+    tokenizer.save_pretrained(root / "llama")
+    return {"model": root / "llama",
+            "train": write_jsonl(root / "train.jsonl", _plain_rows(32, seed=0)),
+            "valid": write_jsonl(root / "valid.jsonl", _plain_rows(16, seed=1))}
+
+
+def _plan() -> jt.Plan:
+    return jt.lora(rank=4, alpha=8) + jt.head("regression")
+
+
+def _python_run(files: dict[str, Path], run_dir: Path, steps: int = STEPS) -> jt.FitResult:
+    """The Python API's reward-model run."""
+    train, _ = jt.read(files["train"], kind="preference")
+    valid, _ = jt.read(files["valid"], kind="preference")
+    tuned = jt.apply_plan(jt.load(str(files["model"])), _plan())
+    return jt.Trainer(tuned, train, valid, run_dir=run_dir, config=jt.TrainConfig(steps=steps, log_every=2),
+                      data=jt.DataConfig(batch_size=BATCH, max_length=LENGTH),
+                      optimizer=jt.OptimizerConfig(**OPTIMIZER), preference=jt.PreferenceConfig(**REWARD)).fit()
+
+
+@pytest.fixture(scope="module")
+def python_run(files, tmp_path_factory) -> tuple[jt.FitResult, Path]:
+    run_dir = tmp_path_factory.mktemp("python") / "run"
+    return _python_run(files, run_dir), run_dir
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_reward_run_learns_and_reports_reward_accuracy_and_margin(python_run):
+    result, run_dir = python_run
+    before, after = result.before, result.after
+    assert set(before) >= {"loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected"}
+    assert not any(k.startswith("logps/") for k in after)  # a reward model has no log-probs
+    # (the base's fresh head may already order these easy pairs; the loss and the margin show the learning)
+    assert after["loss"] < before["loss"] / 2 and after["rewards/accuracy"] >= 0.9
+    assert after["rewards/margin"] > before["rewards/margin"] + 1
+    train = [r for r in _records(run_dir) if "loss" in r and "step" in r and "grad_norm" in r]
+    assert [r["step"] for r in train] == [2, 4, 6, 8]
+    assert all({"rewards/accuracy", "rewards/margin"} <= set(r) for r in train)
+    assert "rewards/accuracy" in result.report
+    assert result.model.task == "regression" and result.model.hf_architecture == "LlamaForSequenceClassification"
+
+
+def test_a_stopped_reward_run_continues_exactly(files, python_run, tmp_path):
+    """Stopped at step 2, then continued: the same params and metrics as the uninterrupted run."""
+    straight, straight_dir = python_run
+    assert _python_run(files, tmp_path / "cut", steps=2).step == 2
+    resumed = _python_run(files, tmp_path / "cut")
+    assert resumed.step == straight.step == STEPS
+    assert resumed.after == pytest.approx(straight.after, rel=1e-6, abs=1e-7)
+    for a, b in zip(jax.tree.leaves(resumed.model.params), jax.tree.leaves(straight.model.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+
+
+def _validation_ids(files: dict[str, Path]) -> list[tuple[list[int], list[int]]]:
+    """Each validation pair's (chosen, rejected) token ids, as the run tokenized them."""
+    valid, _ = jt.read(files["valid"], kind="preference")
+    encode = TokenizePairs(jt.load(str(files["model"])).tokenizer, LENGTH)
+    return [tuple(p[s]["input_ids"].tolist() for s in ("chosen", "rejected")) for i in range(len(valid))
+            for p in encode(valid[i])]
+
+
+def _hf_scores(model: torch.nn.Module, sequences: list[list[int]], pad: int) -> np.ndarray:
+    """transformers' scores of right-padded sequences (the last token that is not ``pad`` pooled)."""
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [pad] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits[:, 0].numpy()
+
+
+def test_the_merged_export_scores_as_jaxtune_evaluates(files, python_run, tmp_path):
+    """The export is a LlamaForSequenceClassification with num_labels=1; transformers' scores of the
+    held-out pairs give the reward accuracy and margin jaxtune's evaluation reported."""
+    import transformers
+
+    result, _ = python_run
+    out = jt.export(result.model, tmp_path / "merged", format="merged")
+    config = json.loads((Path(out) / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForSequenceClassification"] and len(config["id2label"]) == 1
+    assert config["pad_token_id"] == EOS  # the tokenizer pads with EOS: transformers pools the token before it
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    pairs = _validation_ids(files)
+    assert all(c[-1] == EOS for c, _ in pairs)
+    scores = _hf_scores(model, [s for pair in pairs for s in pair], EOS).reshape(-1, 2)
+    np.testing.assert_allclose(np.mean(scores[:, 0] > scores[:, 1]), result.after["rewards/accuracy"], atol=1e-6)
+    np.testing.assert_allclose(np.mean(scores[:, 0] - scores[:, 1]), result.after["rewards/margin"], atol=1e-4)
+    np.testing.assert_allclose(np.mean(scores[:, 0]), result.after["rewards/chosen"], atol=1e-4)
+
+
+def test_the_peft_export_keeps_the_score_head_and_scores_as_jaxtune(files, python_run, tmp_path):
+    """A LoRA plan's export: a PEFT adapter with the score head in modules_to_save, which peft loads
+    on the base's LlamaForSequenceClassification (num_labels=1) with jaxtune's scores."""
+    import peft
+    import transformers
+
+    result, _ = python_run
+    out = Path(jt.export(result.model, tmp_path / "adapter", format="peft"))
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["modules_to_save"] == ["score"] and adapter["task_type"] == "SEQ_CLS"
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(files["model"], num_labels=1,
+                                                                           pad_token_id=EOS)
+    model = peft.PeftModel.from_pretrained(base, out).eval()
+    sequences = [s for pair in _validation_ids(files) for s in pair]
+    theirs = _hf_scores(model, sequences, EOS)
+    rows = pair_rows([{"chosen": {"input_ids": np.asarray(s, np.int32), "loss_mask": np.ones(len(s), bool)},
+                       "rejected": {"input_ids": np.asarray(s, np.int32), "loss_mask": np.ones(len(s), bool)}}
+                      for s in sequences], LENGTH, EOS, pack=False)
+    batch = {k: jnp.asarray(np.stack([r[k][0] for r in rows])) for k in ("input_ids", "segment_ids", "positions")}
+    ours = pref.reward_scores(result.model.module, result.model.params, batch, 1, pad_id=EOS)[:, 0]
+    np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def test_margins_ride_with_their_pairs_through_packed_batches(files):
+    """Each row's margin (TRL's optional column; 0 without) reaches every token of its pair's segments,
+    on both sides, in shuffled packed training batches."""
+    source, _ = jt.read(files["train"], kind="preference")
+    assert [source[i]["margin"] for i in range(4)] == [0.0, 0.5, 0.0, 0.5]
+    loader = training_loader(source, jt.load(str(files["model"])).tokenizer,
+                             LoaderConfig(batch_size=4, max_length=LENGTH, pad_to_multiple_of=16))
+    batch = next(iter(loader))
+    assert batch[MARGINS].shape == batch["segment_ids"].shape and batch[MARGINS].dtype == np.float32
+    assert set(loader.batch_spec()) == set(batch)
+    expected = np.where(batch[PAIR_IDS] > 0, np.where(batch[PAIR_IDS] % 2 == 0, 0.5, 0.0), 0.0)  # row i: id i + 1
+    np.testing.assert_array_equal(batch[MARGINS], expected)
+    assert batch["segment_ids"].max() > 1 and (batch[MARGINS] > 0).any()
+
+
+@pytest.mark.parametrize("margin", ['"high"', "true", "NaN", "[1]"])
+def test_a_bad_margin_names_its_line(tmp_path, margin):
+    path = tmp_path / "pairs.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+                    f'{{"prompt": "a", "chosen": "b", "rejected": "c", "margin": {margin}}}\n')
+    with pytest.raises(DataError) as err:
+        jt.read(path, kind="preference")
+    message = str(err.value)
+    assert "\n" not in message and f"{path}:2:" in message
+    assert "'margin' is" in message and "not a finite number" in message
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    message = str(err.value)
+    assert "\n" not in message
+    return message
+
+
+def test_a_reward_method_without_a_scalar_head_gets_one_line_errors(files, tmp_path):
+    pairs, _ = jt.read(files["train"], kind="preference")
+    base = jt.load(str(files["model"]))
+    reward = jt.PreferenceConfig("reward")
+    cases = [(jt.lora(rank=4, alpha=8), "preference.method: reward scores each answer with a scalar head, but the "
+              "plan makes a language model (no head); add {action: head, task: regression} to the plan"),
+             (jt.lora(rank=4, alpha=8) + jt.head("classification", num_labels=2),
+              "preference.method: reward scores each answer with a scalar head, but the plan makes a classification "
+              "model"),
+             (jt.lora(rank=4, alpha=8) + jt.head("regression", num_labels=2),
+              "plan: the reward model's head has 2 outputs, but a reward is one number; drop num_labels")]
+    for plan, expected in cases:
+        with pytest.raises(ValueError) as err:
+            jt.Trainer(jt.apply_plan(base, plan), pairs, run_dir=tmp_path / "run", preference=reward,
+                       data=jt.DataConfig(batch_size=BATCH, max_length=LENGTH), mesh=MeshConfig())
+        assert _one_line(err).startswith(expected), str(err.value)
+    for kwargs, expected in ((dict(beta=0.1), "preference.beta: the reward method has no beta"),
+                             (dict(center_rewards_coefficient=-1.0), "preference.center_rewards_coefficient: must be "
+                              ">= 0"),
+                             (dict(reference="cached"), "preference.reference: reward needs no reference model")):
+        with pytest.raises(ValueError) as err:
+            jt.PreferenceConfig("reward", **kwargs)
+        assert _one_line(err).startswith(expected), str(err.value)
+    with pytest.raises(ValueError) as err:
+        jt.PreferenceConfig("dpo", center_rewards_coefficient=0.1)
+    assert _one_line(err).startswith("preference.center_rewards_coefficient: applies to method reward, not dpo")
+
+
+def test_reward_recipes_without_a_scalar_head_get_one_line_errors(files, tmp_path):
+    recipe = {"model": {"path": str(files["model"])},
+              "plan": [{"preset": "lora", "rank": 4, "alpha": 8}, {"action": "head", "task": "regression"}],
+              "data": {"train": str(files["train"]), "kind": "preference", "batch_size": BATCH,
+                       "max_length": LENGTH},
+              "preference": REWARD, "train": {"steps": 1}, "output": {"dir": str(tmp_path / "run")}}
+    cases = [({"plan": [{"preset": "lora", "rank": 4, "alpha": 8}]},
+              "plan: preference.method reward trains a scalar head; add {action: head, task: regression} to the plan"),
+             ({"plan": [{"action": "head", "task": "classification"}]},
+              "plan: preference.method reward trains a scalar head; add {action: head, task: regression} to the plan "
+              "(its head's task is classification)"),
+             ({"preference": {"method": "reward", "center_rewards_coeficient": 0.1}},
+              "unknown key 'center_rewards_coeficient' in preference"),
+             ({"preference": {"method": "reward", "beta": 0.1}}, "preference.beta: the reward method has no beta")]
+    for change, expected in cases:
+        (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**recipe, **change}))
+        with pytest.raises(ConfigError) as err:
+            jt.finetune(jt.load_config(tmp_path / "bad.yaml"))
+        assert expected in _one_line(err), (change, str(err.value))
+
