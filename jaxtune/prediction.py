@@ -1,4 +1,5 @@
-"""``jaxtune.predict``: a trained classifier or regressor and a file in, one prediction per row out.
+"""``jaxtune.predict``: a trained classifier or regressor and a file in, one prediction per row out (a reward
+model and a file of preference pairs: each answer's reward).
 
 The model is a run directory (its latest or best checkpoint, with the run's label names and
 field mapping), a merged export (an HF ``*ForSequenceClassification`` directory, whose
@@ -33,11 +34,20 @@ from jaxtune import processes
 from jaxtune.config import ConfigError
 from jaxtune.data.config import FIELD_OPTIONS
 from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
+from jaxtune.data.preference import read_preference
 from jaxtune.data.rows import PYTHON, Syntax
-from jaxtune.data.sources import Source, read_labeled
+from jaxtune.data.sources import PREFERENCE, Source, read_labeled
 from jaxtune.models.load import model_of
 from jaxtune.training.evaluate import classification_metrics, in_lockstep, regression_metrics
-from jaxtune.training.sharding import MeshConfig, data_parallel_size, global_batch, jit_on_mesh, make_mesh
+from jaxtune.training.preference import host_keys, pair_rewards
+from jaxtune.training.sharding import (
+    MeshConfig,
+    batch_sharding,
+    data_parallel_size,
+    global_batch,
+    jit_on_mesh,
+    make_mesh,
+)
 from jaxtune.training.step import model_inputs, packed_segments
 from jaxtune.tuning import Tuned, apply_plan
 
@@ -110,7 +120,11 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     Returns:
       One dict per row, in file order: the text(s) and any given label under the file's own
       field names, then ``prediction`` (the label's name, or a number for regression) and, for
-      classification, ``probabilities`` (``{label name: probability}``).
+      classification, ``probabilities`` (``{label name: probability}``). A JSONL file of preference
+      pairs (OpenAI's or TRL's keys, :mod:`jaxtune.data.preference`) with a reward model (one
+      regression output, ``preference.method: reward``): one dict per pair, its ``prompt``,
+      ``chosen`` and ``rejected`` as given and each answer's reward, ``chosen_reward`` and
+      ``rejected_reward`` (the score of the conversation prompt + answer, pooled as the run pooled).
     """
     unknown = set(fields) - _LABELED
     if unknown:
@@ -124,13 +138,21 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     if tuned.task not in ("classification", "regression"):
         raise ValueError("predict needs a classification or regression head; for language models use "
                          "jaxtune.complete (jaxtune generate)")
+    pairs = data.kind == PREFERENCE if isinstance(data, Source) else holds_pairs(data)
+    if pairs:
+        _check_reward_model(tuned, data, fields, syntax)
     names = {**{k: v for k, v in run_options.items() if k in _LABELED}, **fields}  # each given one replaces the run's
     text_field = names.get("text_field", "text")
     label_field = names.get("label_field") or ("label" if tuned.task == "classification" else "target")
     pair_field = names.get("pair_field")
-    source = data if isinstance(data, Source) else read_labeled(
-        data, tuned.task, labels=tuned.label_names, text_field=text_field, pair_field=pair_field,
-        label_field=label_field, skip_bad_rows=skip_bad_rows, syntax=syntax, require_label=False)
+    if isinstance(data, Source):
+        source = data
+    elif pairs:
+        source = read_preference(data, skip_bad_rows=skip_bad_rows)
+    else:
+        source = read_labeled(data, tuned.task, labels=tuned.label_names, text_field=text_field,
+                              pair_field=pair_field, label_field=label_field, skip_bad_rows=skip_bad_rows,
+                              syntax=syntax, require_label=False)
     # Past a learned position table the model reads clamped positions without a word (the Trainer refuses
     # such rows too): the default length stays inside it, and a longer one given is refused.
     positions = getattr(tuned.config, "max_position_embeddings", None)
@@ -151,9 +173,13 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
                          f"({split}-way data parallelism: data x fsdp); give a multiple of it")
     if out is not None:
         _check_folder(Path(out))  # before the compute, on every process
-    with processes.stop_together(lambda: "predicting"):  # each process reads its own rows: an error is its own
-        outputs = _outputs(dataclasses.replace(tuned, params=params), source, config, mesh)
-    rows = _records(tuned, source, outputs, text_field, pair_field, label_field)
+    if pairs:  # a reward model: each answer's score (pair_table's pass guards the processes itself)
+        rows = _pair_records(source, _pair_rewards(dataclasses.replace(tuned, params=params), source, config, mesh),
+                             syntax.option("max_length", length))
+    else:
+        with processes.stop_together(lambda: "predicting"):  # each process reads its own rows: an error is its own
+            outputs = _outputs(dataclasses.replace(tuned, params=params), source, config, mesh)
+        rows = _records(tuned, source, outputs, text_field, pair_field, label_field)
     if out is not None:  # every process has every row; one writes them
         processes.write_once(lambda: write(rows, out), f"the predictions {out}")
     return rows
@@ -225,6 +251,67 @@ def _outputs(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | No
         raise RuntimeError(f"predict: no output for row {int(np.argmin(filled))} of {len(source)}; this is a "
                            "jaxtune bug")
     return outputs
+
+
+def holds_pairs(path: str | os.PathLike[str]) -> bool:
+    """Whether a JSONL file's first row is a preference pair (OpenAI's or TRL's keys), which a reward
+    model scores answer by answer; anything else is read as labeled rows."""
+    path = Path(path)
+    if path.suffix not in (".jsonl", ".json") or not path.is_file():
+        return False
+    with path.open(encoding="utf-8", errors="replace") as f:
+        first = next((line for line in f if line.strip()), "")
+    try:
+        row = json.loads(first)
+    except json.JSONDecodeError:
+        return False  # reading it as rows reports the line
+    keys = {"chosen", "rejected", "preferred_output", "non_preferred_output"}
+    return isinstance(row, dict) and bool(keys & row.keys())
+
+
+def _check_reward_model(tuned: Tuned, data: Any, fields: dict[str, str], syntax: Syntax) -> None:
+    """Preference pairs are scored by a reward model (one regression output), with no field mapping."""
+    if tuned.task != "regression" or tuned.num_outputs != 1:
+        what = f"a {tuned.task} model" if tuned.task != "regression" else \
+            f"a regression model of {tuned.num_outputs} outputs"
+        raise ConfigError(f"{data}: preference pairs, which a reward model (one regression output: preference.method "
+                          f"reward) scores; this is {what}; give a file of labeled rows")
+    if fields:
+        name = sorted(fields)[0]
+        raise ConfigError(f"{syntax.option(name, fields[name])}: names a field of labeled rows, but {data} holds "
+                          "preference pairs (prompt, chosen, rejected); drop it")
+
+
+def _pair_rewards(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | None) -> np.ndarray:
+    """float32 ``(N, 2)``: each pair's (chosen, rejected) reward, in file order (NaN: a pair cut off by
+    ``max_length``). Each process reads its own share of the pairs, as :func:`_outputs` does."""
+    index, count = (jax.process_index(), jax.process_count()) if mesh is not None else (0, 1)
+    loader = evaluation_loader(source, tuned.tokenizer, dataclasses.replace(config, shard_index=index,
+                                                                            shard_count=count))
+    host = host_keys(None)  # pair_ids and margins stay on the host
+
+    def to_device(batch: dict[str, Any]) -> dict[str, Any]:
+        batch = {k: v for k, v in batch.items() if k not in host}
+        return batch if mesh is None else global_batch(batch, mesh)
+
+    return pair_rewards(tuned, tuned.params, loader, len(source), to_device,
+                        sharding=batch_sharding(mesh) if mesh is not None else None)
+
+
+def _pair_records(source: Source, rewards: np.ndarray, length_option: str) -> list[dict[str, Any]]:
+    """One row per pair: its prompt and answers as the file gave them, and each answer's reward."""
+    rows = []
+    for i in range(len(source)):
+        record = source[i]
+        if np.isnan(rewards[i]).any():
+            raise ValueError(f"{record['where']}: an answer of this pair lies past {length_option} tokens, so it "
+                             "has no score; give a larger max_length")
+        rows.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"],
+                     "chosen_reward": float(rewards[i, 0]), "rejected_reward": float(rewards[i, 1])})
+    if rows:
+        log.info("predict: %d pairs; rewards/accuracy %.4f, rewards/margin %.4f", len(rows),
+                 float(np.mean(rewards[:, 0] > rewards[:, 1])), float(np.mean(rewards[:, 0] - rewards[:, 1])))
+    return rows
 
 
 def _records(tuned: Tuned, source: Source, outputs: np.ndarray, text_field: str, pair_field: str | None,

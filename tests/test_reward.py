@@ -4,6 +4,8 @@ the HF and PEFT exports that transformers and peft score as jaxtune does, and on
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -355,3 +357,60 @@ def test_reward_recipes_without_a_scalar_head_get_one_line_errors(files, tmp_pat
             jt.finetune(jt.load_config(tmp_path / "bad.yaml"))
         assert expected in _one_line(err), (change, str(err.value))
 
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _cli(*argv: object) -> tuple[int, str, str]:
+    from jaxtune.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_predict_scores_each_answer_as_transformers_scores_the_export(files, python_run, tmp_path):
+    """``jt.predict`` of a pairs file with a reward model (in memory, or its merged export) gives each
+    answer's reward: transformers' score of that conversation."""
+    import transformers
+
+    result, _ = python_run
+    out = jt.export(result.model, tmp_path / "merged", format="merged")
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    theirs = _hf_scores(model, [s for pair in _validation_ids(files) for s in pair], EOS).reshape(-1, 2)
+    valid = [json.loads(line) for line in files["valid"].read_text().splitlines()]
+    for target in (result.model, out):
+        rows = jt.predict(target, files["valid"], max_length=LENGTH)
+        assert [(r["prompt"], r["chosen"], r["rejected"]) for r in rows] == [
+            (v["prompt"], v["chosen"], v["rejected"]) for v in valid]
+        ours = np.asarray([[r["chosen_reward"], r["rejected_reward"]] for r in rows])
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    with pytest.raises(ConfigError) as err:
+        jt.predict(result.model, files["valid"], text_field="text")
+    assert _one_line(err).startswith("text_field='text': names a field of labeled rows, but")
+
+
+def test_a_reward_recipe_trains_predicts_and_refuses_pairs_for_other_heads(files, tmp_path):
+    """The recipe of the Python run: a run directory that ``jaxtune predict`` scores pairs with, as the
+    run's evaluation did; a classifier's run refuses a pairs file in one line."""
+    recipe = {"model": {"path": str(files["model"])},
+              "plan": [{"preset": "lora", "rank": 4, "alpha": 8}, {"action": "head", "task": "regression"}],
+              "data": {"train": str(files["train"]), "validation": str(files["valid"]), "kind": "preference",
+                       "batch_size": BATCH, "max_length": LENGTH},
+              "preference": REWARD, "optimizer": OPTIMIZER, "train": {"steps": 4, "progress": False},
+              "output": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "reward.yaml").write_text(yaml.safe_dump(recipe))
+    result = jt.finetune(jt.load_config(tmp_path / "reward.yaml"))
+    assert (Path(result.export) / "adapter_config.json").is_file()
+    code, out, err = _cli("predict", tmp_path / "run", files["valid"])
+    assert code == 0, err
+    rewards = np.asarray([[r["chosen_reward"], r["rejected_reward"]] for r in map(json.loads, out.splitlines())])
+    assert rewards.shape == (16, 2)
+    np.testing.assert_allclose(np.mean(rewards[:, 0] > rewards[:, 1]), result.after["rewards/accuracy"])
+    np.testing.assert_allclose(np.mean(rewards[:, 0] - rewards[:, 1]), result.after["rewards/margin"], atol=1e-5)
+    classifier = jt.apply_plan(jt.load(str(files["model"])), jt.lora(rank=4, alpha=8) + jt.head(num_labels=2))
+    with pytest.raises(ConfigError) as err:
+        jt.predict(classifier, files["valid"])
+    assert _one_line(err).endswith("preference pairs, which a reward model (one regression output: preference.method "
+                                   "reward) scores; this is a classification model; give a file of labeled rows")

@@ -413,6 +413,23 @@ def reward_scores(module: nn.Module, params: Params, rows: Batch, segments: int,
     return out[..., 0].astype(jnp.float32)
 
 
+def pair_rewards(model: Tuned, params: Params, batches: Iterable[Batch], size: int,
+                 to_device: Callable[[Batch], Batch], *, sharding: Any = None) -> np.ndarray:
+    """float32 ``(size, 2)``: the reward model ``model``'s (chosen, rejected) scores of each pair of a
+    source of ``size`` pairs, from host paired batches with ``pair_ids`` (:func:`pair_table`; NaN for a
+    pair no batch held). ``to_device`` places a batch as ``params`` are placed (without its host
+    keys); ``sharding``: the batch's, on the params' mesh, or None off a mesh."""
+    pad_id = reward_pad_id(model)
+
+    def compute(params: Params, batch: Batch) -> Array:
+        rows = _rows(batch)
+        b, length = batch["segment_ids"].shape[0], batch["segment_ids"].shape[-1]
+        return reward_scores(model.module, params, rows, length // 2, pad_id=pad_id).reshape(b, 2, length // 2)
+
+    compute = jit_on_mesh(compute, getattr(sharding, "mesh", None), out_shardings=sharding)
+    return pair_table(lambda batch: compute(params, to_device(batch)), batches, size, "scoring the pairs")
+
+
 def reward_objective(config: PreferenceConfig, scores: Array, rows: Batch, pairs_shape: tuple[int, int],
                      margins: Array | None) -> tuple[Array, Array, dict[str, Array]]:
     """The reward model's loss of a paired batch from its scores.
@@ -506,6 +523,25 @@ def segment_pair_ids(pair_ids: np.ndarray, segment_ids: np.ndarray, num_segments
     return out.reshape(*segment_ids.shape[:-1], num_segments)
 
 
+def pair_table(compute: Callable[[Batch], jax.Array], batches: Iterable[Batch], size: int, doing: str) -> np.ndarray:
+    """float32 ``(size, 2)``: row ``i`` the (chosen, rejected) numbers of source pair ``i``, NaN for a
+    pair no batch held (dropped by truncation). ``compute`` maps a host paired batch (this process's
+    rows, with ``pair_ids``) to float ``(B, 2, S)`` per segment, a global array laid out as the batch
+    (each process reads back its own rows). Each process reads its own share of the rows (``doing``
+    names the pass in the error another process reports); every process gets the whole table."""
+    table = np.full((size, 2), np.nan, np.float32)
+    with processes.stop_together(lambda: doing):
+        for batch in in_lockstep(batches):  # each process as many steps (empty pairs fill: ids 0)
+            out = _local_rows(compute(batch))  # (B, 2, S)
+            ids = segment_pair_ids(batch[PAIR_IDS], batch["segment_ids"], out.shape[-1])[:, 0]
+            real = ids > 0
+            table[ids[real] - 1] = out.transpose(0, 2, 1)[real]
+        # Training shuffles every row to any process: each keeps every row's numbers (the shares are
+        # disjoint: one process has each).
+        tables = processes.stacked(table)
+    return np.where((~np.isnan(tables)).any(axis=0), np.nansum(tables, axis=0), np.nan).astype(np.float32)
+
+
 def _local_rows(x: jax.Array) -> np.ndarray:
     """This process's rows of a batch-sharded global array, in its local batch order."""
     shards = {(s.index[0].start or 0): s for s in x.addressable_shards}  # replicas share a start
@@ -546,18 +582,8 @@ class ReferenceCache:
                                       chunk_tokens=chunk_tokens)
 
         compute = jit_on_mesh(compute, getattr(sharding, "mesh", None), out_shardings=sharding)
-        table = np.full((size, 2), np.nan, np.float32)
-        # Each process reads its own share of the rows (every process_count-th): an error is its own.
-        with processes.stop_together(lambda: "computing the reference log-probs (preference.reference: cached)"):
-            for batch in in_lockstep(batches):  # each process as many steps (empty pairs fill: ids 0)
-                ref = _local_rows(compute(trainable, frozen, to_device(batch)))  # (B, 2, L // 2)
-                ids = segment_pair_ids(batch[PAIR_IDS], batch["segment_ids"], ref.shape[-1])[:, 0]
-                real = ids > 0
-                table[ids[real] - 1] = ref.transpose(0, 2, 1)[real]
-            # Training shuffles every row to any process: each keeps every row's numbers (the shares are
-            # disjoint: one process has each).
-            tables = processes.stacked(table)
-        table = np.where((~np.isnan(tables)).any(axis=0), np.nansum(tables, axis=0), np.nan).astype(np.float32)
+        table = pair_table(lambda batch: compute(trainable, frozen, to_device(batch)), batches, size,
+                           "computing the reference log-probs (preference.reference: cached)")
         return cls(table, max_segments)
 
     def lookup(self, batch: Batch) -> np.ndarray:
