@@ -29,7 +29,7 @@ EXPORTS = {"quickstart.yaml": "adapter_config.json", "partial.yaml": None, "regr
            "full.yaml": "config.json", "domain_text.yaml": "config.json", "chat_sentiment.yaml": "adapter_config.json",
            "chat_chatterbot.yaml": "adapter_config.json", "prompt_tuning.yaml": "adapter_config.json",
            "tpu_pod.yaml": "adapter_config.json", "preference.yaml": "adapter_config.json",
-           "chat_sentiment_qlora.yaml": "adapter_config.json"}
+           "chat_sentiment_qlora.yaml": "adapter_config.json", "reward.yaml": "adapter_config.json"}
 
 
 def test_every_recipe_is_listed_here():
