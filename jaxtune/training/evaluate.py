@@ -20,6 +20,8 @@ METRICS = {"lm": ("loss", "perplexity"), "classification": ("loss", "accuracy", 
            "regression": ("loss", "mae", "rmse", "pearson"),
            "preference": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected",
                           "logps/chosen", "logps/rejected", "logps/accuracy")}
+# A reward model's evaluation (task preference, method reward) has the rewards alone: no log-probs.
+METRICS["reward"] = METRICS["preference"][:5]
 # Which direction is better, for choosing the best checkpoint and for the report's arrows.
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "choice_accuracy": True, "choice_macro_f1": True,
                     "pearson": True, "loss": False, "perplexity": False, "mae": False, "rmse": False,

@@ -22,7 +22,7 @@ from jaxtune.data.tokenize import AnswerChoices, choice_token_ids
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import METRICS
 from jaxtune.training.optim import OptimizerConfig
-from jaxtune.training.preference import PreferenceConfig, check_preference
+from jaxtune.training.preference import REWARD, PreferenceConfig, check_preference
 from jaxtune.training.sharding import MeshConfig, data_parallel_size
 from jaxtune.tuning.tuned import Tuned
 
@@ -55,8 +55,9 @@ ARGUMENTS: dict[str, tuple[tuple[type, ...], str, str]] = {
 
 
 def check_arguments(model: Any, **arguments: Any) -> None:
-    """Refuse a model that is not planned, a Trainer argument of the wrong type (see ``ARGUMENTS``) and a
-    ``DataConfig`` that sets a field choosing or reading the examples (``train``, ``train_size``...)."""
+    """Refuse a model that is not planned, a Trainer argument of the wrong type (see ``ARGUMENTS``), a
+    ``DataConfig`` that sets a field choosing or reading the examples (``train``, ``train_size``...) and a
+    reward model's ``eval.best_metric`` that its evaluation does not report (a ``logps/`` one)."""
     if not isinstance(model, Tuned):
         raise TypeError(f"model: expected a planned model (jt.Tuned), got {type(model).__name__}; apply a plan "
                         "first: jt.apply_plan(model, plan)")
@@ -69,6 +70,10 @@ def check_arguments(model: Any, **arguments: Any) -> None:
     if isinstance(data, DataConfig) and (unread := source_fields(data)):
         raise ValueError(f"data.{unread[0]}: the Trainer is handed the examples already read and would ignore it; "
                          "pass it to jaxtune.read, which reads them, and give the Trainer the sources it returns")
+    preference, evaluation = arguments.get("preference"), arguments.get("eval")
+    if preference is not None and preference.method == REWARD and evaluation is not None:
+        # the preference task's metrics but the log-probs, which a reward model has not: never compared otherwise
+        check_best_metric(evaluation, REWARD, False)
 
 
 def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool, max_pairs: int | None = None,
