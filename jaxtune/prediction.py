@@ -1,5 +1,5 @@
 """``jaxtune.predict``: a trained classifier or regressor and a file in, one prediction per row out (a reward
-model and a file of preference pairs: each answer's reward).
+model and a file of preference pairs or conversations: each answer's or conversation's reward).
 
 The model is a run directory (its latest or best checkpoint, with the run's label names and
 field mapping), a merged export (an HF ``*ForSequenceClassification`` directory, whose
@@ -36,7 +36,7 @@ from jaxtune.data.config import FIELD_OPTIONS
 from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
 from jaxtune.data.preference import read_preference
 from jaxtune.data.rows import PYTHON, Syntax
-from jaxtune.data.sources import PREFERENCE, Source, read_labeled
+from jaxtune.data.sources import PREFERENCE, DataError, Source, read_jsonl, read_labeled
 from jaxtune.models.load import model_of
 from jaxtune.training.evaluate import classification_metrics, in_lockstep, regression_metrics
 from jaxtune.training.preference import host_keys, pair_rewards
@@ -54,6 +54,7 @@ from jaxtune.tuning import Tuned, apply_plan
 log = logging.getLogger(__name__)
 _LABELED = {k for k, kinds in FIELD_OPTIONS.items() if "classification" in kinds}  # text/pair/label fields
 _ROW = "row_numbers"  # predict's own batch key: each output's row in the file, + 1 (0: none)
+CHAT = "chat"  # the source kind of conversations, which a reward model scores whole
 
 
 def load_predictor(target: str | os.PathLike[str] | Tuned, *, best: bool = False,
@@ -124,7 +125,9 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
       pairs (OpenAI's or TRL's keys, :mod:`jaxtune.data.preference`) with a reward model (one
       regression output, ``preference.method: reward``): one dict per pair, its ``prompt``,
       ``chosen`` and ``rejected`` as given and each answer's reward, ``chosen_reward`` and
-      ``rejected_reward`` (the score of the conversation prompt + answer, pooled as the run pooled).
+      ``rejected_reward`` (the score of the conversation prompt + answer, pooled as the run pooled);
+      a JSONL file of conversations (chat rows, closing with the assistant's answer): one dict each,
+      its ``messages`` and ``reward``.
     """
     unknown = set(fields) - _LABELED
     if unknown:
@@ -138,17 +141,20 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     if tuned.task not in ("classification", "regression"):
         raise ValueError("predict needs a classification or regression head; for language models use "
                          "jaxtune.complete (jaxtune generate)")
-    pairs = data.kind == PREFERENCE if isinstance(data, Source) else holds_pairs(data)
+    held = (PREFERENCE if data.kind == PREFERENCE else None) if isinstance(data, Source) else rewarded_rows(data)
+    pairs = held is not None  # pairs, or conversations read as pairs of one answer
     if pairs:
-        _check_reward_model(tuned, data, fields, syntax)
+        _check_reward_model(tuned, data, held, fields, syntax)
     names = {**{k: v for k, v in run_options.items() if k in _LABELED}, **fields}  # each given one replaces the run's
     text_field = names.get("text_field", "text")
     label_field = names.get("label_field") or ("label" if tuned.task == "classification" else "target")
     pair_field = names.get("pair_field")
     if isinstance(data, Source):
         source = data
-    elif pairs:
+    elif held == PREFERENCE:
         source = read_preference(data, skip_bad_rows=skip_bad_rows)
+    elif pairs:
+        source = _Conversations(read_jsonl(data, CHAT, skip_bad_rows=skip_bad_rows, syntax=syntax))
     else:
         source = read_labeled(data, tuned.task, labels=tuned.label_names, text_field=text_field,
                               pair_field=pair_field, label_field=label_field, skip_bad_rows=skip_bad_rows,
@@ -174,8 +180,8 @@ def predict(model: str | os.PathLike[str] | Tuned, data: str | os.PathLike[str] 
     if out is not None:
         _check_folder(Path(out))  # before the compute, on every process
     if pairs:  # a reward model: each answer's score (pair_table's pass guards the processes itself)
-        rows = _pair_records(source, _pair_rewards(dataclasses.replace(tuned, params=params), source, config, mesh),
-                             syntax.option("max_length", length))
+        rewards = _pair_rewards(dataclasses.replace(tuned, params=params), source, config, mesh)
+        rows = _pair_records(source, rewards, syntax.option("max_length", length))
     else:
         with processes.stop_together(lambda: "predicting"):  # each process reads its own rows: an error is its own
             outputs = _outputs(dataclasses.replace(tuned, params=params), source, config, mesh)
@@ -253,36 +259,69 @@ def _outputs(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | No
     return outputs
 
 
-def holds_pairs(path: str | os.PathLike[str]) -> bool:
-    """Whether a JSONL file's first row is a preference pair (OpenAI's or TRL's keys), which a reward
-    model scores answer by answer; anything else is read as labeled rows."""
+def rewarded_rows(path: str | os.PathLike[str]) -> str | None:
+    """What a reward model scores in a JSONL file, by its first row: ``preference`` pairs (OpenAI's or
+    TRL's keys: each answer), ``chat`` conversations (``messages``: each whole), or None: labeled rows."""
     path = Path(path)
     if path.suffix not in (".jsonl", ".json") or not path.is_file():
-        return False
+        return None
     with path.open(encoding="utf-8", errors="replace") as f:
         first = next((line for line in f if line.strip()), "")
     try:
         row = json.loads(first)
     except json.JSONDecodeError:
-        return False  # reading it as rows reports the line
-    keys = {"chosen", "rejected", "preferred_output", "non_preferred_output"}
-    return isinstance(row, dict) and bool(keys & row.keys())
+        return None  # reading it as rows reports the line
+    if not isinstance(row, dict):
+        return None
+    if {"chosen", "rejected", "preferred_output", "non_preferred_output"} & row.keys():
+        return PREFERENCE
+    return CHAT if "messages" in row else None
 
 
-def _check_reward_model(tuned: Tuned, data: Any, fields: dict[str, str], syntax: Syntax) -> None:
-    """Preference pairs are scored by a reward model (one regression output), with no field mapping."""
+def _check_reward_model(tuned: Tuned, data: Any, held: str, fields: dict[str, str], syntax: Syntax) -> None:
+    """Pairs and conversations are scored by a reward model (one regression output), with no field mapping."""
+    rows = "preference pairs (prompt, chosen, rejected)" if held == PREFERENCE else "conversations (messages)"
     if tuned.task != "regression" or tuned.num_outputs != 1:
         what = f"a {tuned.task} model" if tuned.task != "regression" else \
             f"a regression model of {tuned.num_outputs} outputs"
-        raise ConfigError(f"{data}: preference pairs, which a reward model (one regression output: preference.method "
+        raise ConfigError(f"{data}: {rows}, which a reward model (one regression output: preference.method "
                           f"reward) scores; this is {what}; give a file of labeled rows")
     if fields:
         name = sorted(fields)[0]
         raise ConfigError(f"{syntax.option(name, fields[name])}: names a field of labeled rows, but {data} holds "
-                          "preference pairs (prompt, chosen, rejected); drop it")
+                          f"{rows}; drop it")
 
 
-def _pair_rewards(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | None) -> np.ndarray:
+class _Conversations:
+    """A chat source's conversations as the pair source a reward model's pass reads: each one a pair
+    whose two answers are its closing assistant turns, so each is scored whole (the template's
+    rendering of every turn, as a pair's answer is), in file order."""
+
+    kind = PREFERENCE
+
+    def __init__(self, chats: Source):
+        self.chats, self.report = chats, chats.report
+
+    def __len__(self) -> int:
+        return len(self.chats)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.chats[index]
+        messages = record["messages"]
+        start = len(messages)
+        while start and messages[start - 1]["role"] == "assistant":
+            start -= 1
+        if start in (0, len(messages)):
+            problem = "the conversation ends with a {} turn".format(messages[-1]["role"]) if start else \
+                "the conversation has no turn before its assistant turns"
+            raise DataError(record["where"], f"{problem}, but a reward model scores the answer that closes it",
+                            "end each conversation with the assistant's answer, after the turns it answers")
+        answer = messages[start:]
+        return {"prompt": messages[:start], "chosen": answer, "rejected": answer, "margin": 0.0,
+                "where": record["where"], "index": int(index), "messages": messages}
+
+
+def _pair_rewards(tuned: Tuned, source: Source | _Conversations, config: LoaderConfig, mesh: Mesh | None) -> np.ndarray:
     """float32 ``(N, 2)``: each pair's (chosen, rejected) reward, in file order (NaN: a pair cut off by
     ``max_length``). Each process reads its own share of the pairs, as :func:`_outputs` does."""
     index, count = (jax.process_index(), jax.process_count()) if mesh is not None else (0, 1)
@@ -298,17 +337,21 @@ def _pair_rewards(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh
                         sharding=batch_sharding(mesh) if mesh is not None else None)
 
 
-def _pair_records(source: Source, rewards: np.ndarray, length_option: str) -> list[dict[str, Any]]:
-    """One row per pair: its prompt and answers as the file gave them, and each answer's reward."""
+def _pair_records(source: Source | _Conversations, rewards: np.ndarray, length_option: str) -> list[dict[str, Any]]:
+    """One row per pair: its prompt and answers as the file gave them, and each answer's reward; or per
+    conversation: its messages and its ``reward``."""
     rows = []
     for i in range(len(source)):
         record = source[i]
         if np.isnan(rewards[i]).any():
-            raise ValueError(f"{record['where']}: an answer of this pair lies past {length_option} tokens, so it "
-                             "has no score; give a larger max_length")
+            raise ValueError(f"{record['where']}: an answer lies past {length_option} tokens, so it has no "
+                             "score; give a larger max_length")
+        if isinstance(source, _Conversations):
+            rows.append({"messages": record["messages"], "reward": float(rewards[i, 0])})
+            continue
         rows.append({"prompt": record["prompt"], "chosen": record["chosen"], "rejected": record["rejected"],
                      "chosen_reward": float(rewards[i, 0]), "rejected_reward": float(rewards[i, 1])})
-    if rows:
+    if rows and not isinstance(source, _Conversations):
         log.info("predict: %d pairs; rewards/accuracy %.4f, rewards/margin %.4f", len(rows),
                  float(np.mean(rewards[:, 0] > rewards[:, 1])), float(np.mean(rewards[:, 0] - rewards[:, 1])))
     return rows

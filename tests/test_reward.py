@@ -418,5 +418,34 @@ def test_a_reward_recipe_trains_predicts_and_refuses_pairs_for_other_heads(files
     classifier = jt.apply_plan(jt.load(str(files["model"])), jt.lora(rank=4, alpha=8) + jt.head(num_labels=2))
     with pytest.raises(ConfigError) as err:
         jt.predict(classifier, files["valid"])
-    assert _one_line(err).endswith("preference pairs, which a reward model (one regression output: preference.method "
-                                   "reward) scores; this is a classification model; give a file of labeled rows")
+    assert _one_line(err).endswith("preference pairs (prompt, chosen, rejected), which a reward model (one regression "
+                                   "output: preference.method reward) scores; this is a classification model; give a "
+                                   "file of labeled rows")
+
+
+def test_predict_scores_a_conversation_as_trl_tokenizes_it_and_transformers_scores_it(files, python_run, tmp_path):
+    """A file of conversations (chat rows) with a reward model: each conversation's reward, the score
+    transformers gives the merged export for TRL's tokenization of it (its chat template, whole), and
+    the reward predict gives the same answer in a pair."""
+    import transformers
+    from trl.data_utils import _tokenize
+
+    result, _ = python_run
+    out = jt.export(result.model, tmp_path / "merged", format="merged")
+    rows = synthetic_preference_rows(6, seed=3)
+    chats = [{"messages": r["prompt"] + r["chosen"]} for r in rows]
+    write_jsonl(tmp_path / "chats.jsonl", chats)
+    write_jsonl(tmp_path / "pairs.jsonl", rows)
+    scored = jt.predict(result.model, tmp_path / "chats.jsonl", max_length=LENGTH)
+    assert [r["messages"] for r in scored] == [c["messages"] for c in chats]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    theirs = _hf_scores(model, [_tokenize(tokenizer, c["messages"])["input_ids"] for c in chats], EOS)
+    np.testing.assert_allclose([r["reward"] for r in scored], theirs, atol=1e-4)
+    pairs = jt.predict(result.model, tmp_path / "pairs.jsonl", max_length=LENGTH)
+    np.testing.assert_allclose([r["chosen_reward"] for r in pairs], [r["reward"] for r in scored], atol=1e-6)
+    write_jsonl(tmp_path / "bad.jsonl", [chats[0], {"messages": chats[1]["messages"] + rows[2]["prompt"]}])
+    with pytest.raises(DataError) as err:
+        jt.predict(result.model, tmp_path / "bad.jsonl")
+    assert _one_line(err).startswith(f"{tmp_path / 'bad.jsonl'}:2: the conversation ends with a user turn, but a "
+                                     "reward model scores the answer that closes it")

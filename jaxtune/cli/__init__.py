@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="one prediction per row of a file (label names and probabilities, or values)")
     p.add_argument("model", metavar="RUN_DIR|EXPORT_DIR", help="a run directory, or a merged export (export --merge)")
     p.add_argument("file", metavar="FILE", help="JSONL, CSV/TSV or Parquet rows; a label column is optional (a "
-                   "reward model: preference pairs, each answer scored)")
+                   "reward model: preference pairs or conversations, each answer scored)")
     p.add_argument("--to", default=None, metavar="OUT", help="JSONL, or CSV/TSV by suffix (default: JSONL on stdout)")
     p.add_argument("--best", action="store_true", help="a run's best checkpoint instead of the latest")
     p.add_argument("--text-field", default=None, help="the text key/column (default: the run's data.text_field)")
