@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import torch
 import yaml
@@ -27,6 +28,8 @@ from jaxtune.data.sources import DataError
 from jaxtune.data.testing import synthetic_preference_rows, tiny_tokenizer, write_jsonl
 from jaxtune.training import preference as pref
 from jaxtune.training.sharding import MeshConfig
+from jaxtune.training.step import make_train_step
+from jaxtune.tuning import partition
 from tests.helpers import tiny_hf_model
 
 EOS = 3  # tiny_tokenizer's </s>; the reward model's pad_token_id, as TRL sets it when a tokenizer pads with EOS
@@ -130,6 +133,42 @@ def test_reward_loss_and_gradients_equal_trls_reward_trainer(reward_llama, margi
     np.testing.assert_allclose(float(sums["rewards/accuracy"]) / len(pairs), trl_metrics["accuracy"], atol=1e-6)
     np.testing.assert_allclose(float(sums["rewards/margin"]) / len(pairs), trl_metrics["margin"], rtol=1e-5,
                                atol=1e-6)
+
+
+def test_sgd_steps_of_jaxtunes_train_step_equal_torch_steps_on_trls_loss(reward_llama, tmp_path):
+    """Three SGD steps of jaxtune's train step on the reward loss (packed pairs, margins, centring) end
+    where three torch SGD steps on TRL's RewardTrainer loss end, from the same weights."""
+    root, _ = reward_llama
+    hf_model = transformers_model(root)  # a fresh copy: the TRL comparisons above leave gradients on theirs
+    hf_model.train()
+    tuned = jt.apply_plan(jt.load(str(root)), jt.full())
+    config = jt.PreferenceConfig(method="reward", center_rewards_coefficient=0.05)
+    loss_fn = pref.make_preference_loss_fn(tuned.module, config, pad_id=pref.reward_pad_id(tuned))
+    trainable, frozen = partition(tuned.params, tuned.labels)
+    optimizer, lr = optax.sgd(0.2), 0.2
+    step = jax.jit(make_train_step(loss_fn, optimizer))
+    state = optimizer.init(trainable)
+    torch_sgd = torch.optim.SGD(hf_model.parameters(), lr=lr)
+    for seed in range(3):
+        pairs = _pairs(seed=10 + seed, n=4)
+        trainable, state, metrics = step(trainable, frozen, state, _batch(pairs, margins=True), jax.random.key(0))
+        torch_sgd.zero_grad()
+        loss, _, _ = _trl_reward(hf_model, pairs, True, 0.05)
+        torch_sgd.step()
+        np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-4, atol=1e-6)
+    trained, start = flatten_dict(trainable), flatten_dict(tuned.params)
+    for key in (("head", "out", "kernel"), ("embed_tokens", "embedding")):  # moved well past the tolerance
+        assert np.abs(np.asarray(trained[key]) - np.asarray(start[key])).max() > 1e-2
+    np.testing.assert_allclose(np.asarray(trained[("head", "out", "kernel")]), hf_model.score.weight.detach().numpy().T,
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(trained[("embed_tokens", "embedding")]),
+                               hf_model.model.embed_tokens.weight.detach().numpy(), rtol=1e-4, atol=5e-5)
+
+
+def transformers_model(root: Path) -> torch.nn.Module:
+    import transformers
+
+    return transformers.AutoModelForSequenceClassification.from_pretrained(root)
 
 
 # ----------------------------------------------------------------------------- runs
