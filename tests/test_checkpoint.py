@@ -211,6 +211,27 @@ def test_a_read_only_restore_logs_none_of_orbaxs_read_only_notices(tmp_path, cap
     assert absl.filters == filters
 
 
+def test_a_reader_of_a_run_that_saved_its_data_position_logs_no_unrestored_item(tmp_path, caplog):
+    """A trainer's checkpoint holds the data iterator's position; a reader (eval, export, predict,
+    serve) restores the params alone. Orbax warned, twice per restore, that the "data" item "could not
+    be restored" unless a handler for it was registered: a reader now registers it, unread."""
+    import logging
+
+    import grain
+
+    trainable = {"w": jnp.arange(4.0)}
+    loader = iter(grain.MapDataset.range(8).to_iter_dataset())
+    next(loader)
+    with Checkpointer(tmp_path, with_data=True, async_save=False) as writer:
+        writer.save(1, trainable, {}, jax.random.key(0), data_iterator=loader)
+    caplog.set_level(logging.WARNING)
+    with Checkpointer(tmp_path, with_data=False, read_only=True) as reader:
+        step, got, *_ = reader.restore(_zeros_like(trainable), {})
+    assert step == 1
+    _assert_tree_equal(got, trainable)
+    assert [r.getMessage() for r in caplog.records if r.name == "absl"] == []
+
+
 def test_an_adafactor_state_with_a_vectors_moment_is_saved_and_restored(tmp_path):
     """A bias (or any vector) keeps its second moment whole and has no column factor; that factor
     was a zero-size array, which Orbax refuses to save: no adafactor run training a bias could checkpoint."""

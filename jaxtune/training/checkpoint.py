@@ -205,8 +205,10 @@ class Checkpointer:
     def _open_latest(self) -> _Directory:
         self._check_open()
         if self._latest is None:
-            # opt_state's handler is always registered: a stateless optimizer simply saves no such item
-            self._latest = _Directory(self.run_dir / "checkpoints", _handlers(True, self.with_data),
+            # opt_state's handler is always registered: a stateless optimizer simply saves no such item.
+            # A reader registers the data iterator's too, though it never restores it: Orbax warns of every
+            # item in a step that no handler is registered for ("could not be restored").
+            self._latest = _Directory(self.run_dir / "checkpoints", _handlers(True, self.with_data or self.read_only),
                                       self._max_to_keep, self._async, self.read_only)
         return self._latest
 
