@@ -215,15 +215,12 @@ def test_a_missing_column_names_the_option_as_the_recipe_spells_it(tmp_path):
            "'rejected'] (columns: ['question', 'good', 'bad'])" in str(err.value)
 
 
-def test_a_file_that_is_not_parquet_an_empty_one_and_parquet_as_raw_text(tmp_path):
+def test_a_file_that_is_not_parquet_and_an_empty_one(tmp_path):
     path = tmp_path / "broken.parquet"
     path.write_bytes(b'{"messages": []}\n')
     with pytest.raises(DataError) as err:
         read_source(path, "chat")
     assert err.value.where == str(path) and "not a readable Parquet file" in str(err.value)
-    with pytest.raises(DataError) as err:
-        read_source(write_parquet(tmp_path / "text.parquet", [{"text": "a document"}]), "text")
-    assert "a Parquet file, but raw text (kind text) is read from text files" in str(err.value)
     empty = write_parquet(tmp_path / "empty.parquet", [])
     with pytest.raises(DataError, match="file has no columns — write the rows"):  # pyarrow's file of no dicts
         read_source(empty, "prompt_completion")
@@ -360,3 +357,45 @@ def test_a_training_run_from_parquet_resumes_exactly_and_refuses_a_rewritten_fil
     write_parquet(path, synthetic_chat_rows(32, seed=1, max_words=5), row_group_size=8)
     with pytest.raises(RunMismatchError, match=r"data.rows: '32 rows #\w+' -> '32 rows #\w+'"):
         trainer(tmp_path / "cut", 6).fit()
+
+
+def test_raw_text_from_parquet_gives_the_text_files_packed_batches(tmp_path):
+    """Hub text corpora ship a ``text`` column: its rows are the documents the same ``.txt`` files
+    hold, packed into the same batches; ``data.text_field`` names another column."""
+    docs = [f"document {i} " + " ".join(f"w{j}" for j in range(i % 9 + 1)) for i in range(27)]
+    for i, doc in enumerate(docs):
+        (tmp_path / "txt" / f"{i:03d}.txt").parent.mkdir(exist_ok=True)
+        (tmp_path / "txt" / f"{i:03d}.txt").write_text(doc)
+    files = read_source(tmp_path / "txt", "text")
+    path = write_parquet(tmp_path / "corpus.parquet", [{"body": d, "id": i} for i, d in enumerate(docs)],
+                         row_group_size=5)
+    ours = read_source(path, "text", text_field="body")
+    assert records(ours) == records(files) and ours[3]["where"] == f"{path}[3]"
+    for shuffle in (True, False):
+        theirs, mine = batches(files, shuffle=shuffle), batches(ours, shuffle=shuffle)
+        assert len(mine) == len(theirs) > 2
+        assert_same_batches(mine, theirs)
+    config = DataConfig(train=str(path), kind="text", text_field="body")
+    assert records(read_data(config, validation=False)[0]) == records(files)
+    assert len(pickle.dumps(ours)) < 10_000 and read_source(path, "text", text_field="body").digest() == ours.digest()
+
+
+@pytest.mark.parametrize("texts, problem", [(["fine", "also fine", "  \n"], "'text' is empty"),
+                                            ([1, 2, 7], "'text' is int, not a string"),
+                                            (["fine", "also fine", None], "missing 'text' key")])
+def test_a_bad_raw_text_row_names_the_file_and_row(texts, problem, tmp_path):
+    path = write_parquet(tmp_path / "t.parquet", [{"text": t} for t in texts])
+    if isinstance(texts[0], int):  # a column has one type: every row of it is bad, the first named
+        with pytest.raises(DataError, match=rf"^{path}\[0\]: {problem}"):
+            read_source(path, "text")
+        return
+    with pytest.raises(DataError) as err:
+        read_data(DataConfig(train=str(path), kind="text"), validation=False)
+    assert err.value.where == f"{path}[2]" and problem in str(err.value) and "data.skip_bad_rows=true" in str(err.value)
+    source = read_source(path, "text", skip_bad_rows=True)
+    assert len(source) == 2 and source.report.skipped == [(f"{path}[2]", problem)]
+    with pytest.raises(DataError, match=r"data.text_unit=line: Parquet rows are one document each"):
+        read_data(DataConfig(train=str(path), kind="text", text_unit="line"), validation=False)
+    (tmp_path / "a.txt").write_text("words")
+    with pytest.raises(DataError, match=r"data.text_field=body names a Parquet column, and text files have none"):
+        read_data(DataConfig(train=str(tmp_path / "a.txt"), kind="text", text_field="body"), validation=False)

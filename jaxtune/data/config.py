@@ -166,7 +166,7 @@ def batching(config: DataConfig) -> DataConfig:
 
 
 # Field-mapping options and the kinds whose rows they name.
-FIELD_OPTIONS = {"text_field": ("classification", "regression"), "pair_field": ("classification", "regression"),
+FIELD_OPTIONS = {"text_field": ("classification", "regression", "text"), "pair_field": ("classification", "regression"),
                  "label_field": ("classification", "regression"), "messages_field": ("chat",),
                  "prompt_field": ("prompt_completion",), "completion_field": ("prompt_completion",)}
 

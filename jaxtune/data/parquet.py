@@ -17,7 +17,7 @@ built, and a bad one raises a one-line :class:`~jaxtune.data.sources.DataError` 
 pyarrow number it) or, with ``skip_bad_rows``, is counted and left out. A file without a column the
 rows need is an error naming the column, the file's columns and the option that maps another.
 
-:class:`ParquetSource` (chat, prompt/completion and preference rows) keeps only each row's file and
+:class:`ParquetSource` (chat, prompt/completion, preference and raw-text rows) keeps only each row's file and
 index. ``source[i]`` reads the row group holding row ``i`` with pyarrow (only the columns the kind
 reads) and keeps the decoded groups of each process in a cache of at most :data:`CACHE_BYTES`
 (least recently used out first), so a file much larger than memory trains without being loaded,

@@ -10,8 +10,9 @@ A source is random-access (grain's ``RandomAccessDataSource`` protocol: ``len`` 
 sources keep only byte offsets and read rows with ``os.pread``, so a copy is small and the
 threads grain reads with never share a file position.
 
-Parquet files (and folders of shards) give every kind but ``text`` the same rows, checked the
-same way (:mod:`jaxtune.data.parquet`; ``where`` is then ``"path[row]"``, the row's index in the file).
+Parquet files (and folders of shards) give every kind the same rows, checked the same way
+(:mod:`jaxtune.data.parquet`; ``where`` is then ``"path[row]"``, the row's index in the file); raw
+text is one document a row, from its ``text_field`` column.
 
 Records (what ``source[i]`` returns) are plain dicts, one per example, with ``"where"``
 (``"path:line"``, for later error messages) and, by kind:
@@ -56,6 +57,7 @@ from jaxtune.data.rows import (
     check_chat,
     check_labeled,
     check_prompt_completion,
+    string_field,
 )
 
 log = logging.getLogger("jaxtune.data")
@@ -324,23 +326,28 @@ _UNIT_PATTERNS = {
 
 
 def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence[str] = (".txt", ".md"),
-              skip_bad_rows: bool = False, syntax: Syntax = PYTHON) -> FileSource:
+              skip_bad_rows: bool = False, syntax: Syntax = PYTHON, text_field: str | None = None) -> Source:
     """Raw text for continued (domain) training: one file, or every ``suffixes`` file under a folder.
 
     Each document is a whole file (``unit="file"``), a paragraph (runs of non-blank lines) or a
     non-blank line. Empty files and text that is not UTF-8 are errors (or skipped and counted).
+
+    A Parquet file (or folder or pattern of shards, as hub text corpora ship) gives one document a
+    row: its ``text_field`` column (default ``text``), a string that is not blank (else the row is
+    an error naming ``path[row]``, or skipped and counted).
     """
     root = os.fspath(path)
+    if _is_parquet(root):
+        return _read_parquet_text(root, unit, text_field or "text", skip_bad_rows, syntax)
+    if text_field is not None:
+        raise DataError(root, f"{syntax.option('text_field', text_field)} names a Parquet column, and text files "
+                        "have none", "remove it, or read a Parquet file")
     if os.path.isdir(root):
         files = sorted(str(p) for p in Path(root).rglob("*") if p.is_file() and p.suffix in suffixes)
         if not files:
             raise DataError(root, f"folder has no {'/'.join(suffixes)} files", "point at text files or set suffixes")
     else:
         files = [existing_file(root)]
-        if _is_parquet(root):  # its bytes would read as text that is not UTF-8, at some line
-            raise DataError(root, "a Parquet file, but raw text (kind text) is read from text files",
-                            "read Parquet rows as chat, prompt_completion, classification, regression or "
-                            "preference, or write the documents to .txt files")
     if unit not in TEXT_UNITS:
         raise ValueError(f"unit must be one of {TEXT_UNITS}, got {unit!r}")
     report = SourceReport(files if len(files) == 1 else [root])
@@ -369,6 +376,22 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
     finish_report(report, len(cols[0]), "documents")
     return FileSource("text", files, np.asarray(cols[0], np.int32), np.asarray(cols[1], np.int64),
                       np.asarray(cols[2], np.int64), np.asarray(cols[3], np.int64), report)
+
+
+def _read_parquet_text(path: str, unit: str, text_field: str, skip: bool, syntax: Syntax) -> Source:
+    """:func:`read_text`'s documents from the ``text_field`` column of Parquet rows, one a row."""
+    from jaxtune.data.parquet import read_parquet
+
+    if unit != "file":  # a row is a document already; splitting it would renumber what path[row] names
+        raise DataError(path, f"{syntax.option('text_unit', unit)}: Parquet rows are one document each",
+                        "remove it (the default, file, reads a row as a document)")
+    return read_parquet(path, "text", check_text_row, fields={"text_field": text_field}, skip_bad_rows=skip,
+                        syntax=syntax)
+
+
+def check_text_row(obj: dict, *, text_field: str) -> dict:
+    """A raw-text row's record ``{"text"}``: its ``text_field``, a string that is not blank."""
+    return {"text": string_field(obj, text_field, nonempty=True)}
 
 
 def _labeled_rows(path: str, report: SourceReport, skip: bool, fields: dict[str, str], optional: Sequence[str],
