@@ -251,8 +251,8 @@ import jax
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 from jaxtune.data import DataError, LoaderConfig
 from jaxtune.data import images
-decoded, real = [], images._check_decodes
-images._check_decodes = lambda path: (decoded.append(path), real(path))[1]
+decoded, real = [], images.decode_image
+images.decode_image = lambda path, where=None: (decoded.append(path), real(path, where))[1]
 spec = images.ImageSpec(size=8, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3)
 loader = images.image_loader(images.read_image_folder(sys.argv[3]), spec, LoaderConfig(batch_size=2), train=True)
 try:

@@ -4,6 +4,8 @@ group in any order; the digest a resumed run checks; a training run from Parquet
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import pickle
 import sys
@@ -23,7 +25,7 @@ from jaxtune import tuning
 from jaxtune.data import DataConfig, DataError, LoaderConfig, make_loader, read_data, read_labeled, read_source
 from jaxtune.data import parquet as parquet_module
 from jaxtune.data import read as jt_read
-from jaxtune.data.images import read_images
+from jaxtune.data.images import ImageLoader, ImageSpec, image_loader, read_image_folder, read_images
 from jaxtune.data.testing import (
     synthetic_chat_rows,
     synthetic_preference_rows,
@@ -316,16 +318,27 @@ def test_image_rows_and_rows_to_predict_read_from_parquet(tmp_path):
     datasets.Dataset.from_dict(files).cast_column("image", datasets.Image()).to_parquet(tmp_path / "files.parquet")
     theirs = read_images(tmp_path / "files.parquet", label_field="kind")
     assert theirs.items == jsonl.items and list(theirs.labels) == list(jsonl.labels)
-    embedded = tmp_path / "embedded.parquet"
-    datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4))], "kind": ["cat"]}).to_parquet(embedded)
+    mixed = tmp_path / "mixed.parquet"
+    write_parquet(mixed, [{"image": {"bytes": None, "path": str(tmp_path / "imgs/a.png")}, "kind": "cat"},
+                          {"image": {"bytes": (tmp_path / "imgs/b.png").read_bytes(), "path": None}, "kind": "dog"}])
     with pytest.raises(DataError) as err:
-        read_images(embedded, label_field="kind")
-    assert err.value.where == f"{embedded}[0]" and "the image is stored in the file" in str(err.value)
+        read_images(mixed, label_field="kind")
+    assert str(err.value).startswith(f"{mixed}[1]: the image is held in the row, and in the rows before it a path")
 
     unlabeled = [{"text": "good film"}, {"text": "dull"}]  # jaxtune predict's rows: no label column
     source = read_labeled(write_parquet(tmp_path / "predict.parquet", unlabeled), labels=("neg", "pos"),
                           require_label=False)
     assert records(source) == [{"text": "good film", "label": -1}, {"text": "dull", "label": -1}]
+
+
+def assert_resumes_exactly(trainer, tmp_path) -> None:
+    """``trainer(run_dir, steps)``'s 2 steps, then 2 more resumed, equal 4 uninterrupted steps."""
+    whole = trainer(tmp_path / "whole", 4).fit()
+    assert trainer(tmp_path / "cut", 2).fit().step == 2
+    resumed = trainer(tmp_path / "cut", 4).fit()
+    assert resumed.step == whole.step == 4
+    for a, b in zip(jax.tree.leaves(resumed.model.params), jax.tree.leaves(whole.model.params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
 
 
 def test_a_training_run_from_parquet_resumes_exactly_and_refuses_a_rewritten_file(tmp_path):
@@ -344,12 +357,7 @@ def test_a_training_run_from_parquet_resumes_exactly_and_refuses_a_rewritten_fil
                        config=TrainConfig(steps=steps, log_every=1, progress=False), run_dir=run_dir,
                        checkpoint=CheckpointConfig(every=2), mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
 
-    whole = trainer(tmp_path / "whole", 4).fit()
-    assert trainer(tmp_path / "cut", 2).fit().step == 2
-    resumed = trainer(tmp_path / "cut", 4).fit()
-    assert resumed.step == whole.step == 4
-    for a, b in zip(jax.tree.leaves(resumed.model.params), jax.tree.leaves(whole.model.params), strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    assert_resumes_exactly(trainer, tmp_path)
     losses = [{r["step"]: r["loss"] for r in map(json.loads, (d / "metrics.jsonl").read_text().splitlines())
                if "loss" in r} for d in (tmp_path / "cut", tmp_path / "whole")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and len(losses[0]) == 4
@@ -399,3 +407,104 @@ def test_a_bad_raw_text_row_names_the_file_and_row(texts, problem, tmp_path):
     (tmp_path / "a.txt").write_text("words")
     with pytest.raises(DataError, match=r"data.text_field=body names a Parquet column, and text files have none"):
         read_data(DataConfig(train=str(tmp_path / "a.txt"), kind="text", text_field="body"), validation=False)
+
+
+SPEC = ImageSpec(size=8, channels=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
+
+
+def _image_folder(root, n: int = 10):
+    """``root/<class>/<i>.png``: RGB images of several sizes, one grey, one with alpha (both dropped to
+    RGB as transformers' ``load_image`` drops them)."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        pixels = rng.integers(0, 255, (5 + i % 3, 7 - i % 2, 4 if i == 3 else 3), dtype=np.uint8)
+        image = Image.fromarray(pixels[..., 0] if i == 5 else pixels)
+        (root / ("cat", "dog", "owl")[i % 3]).mkdir(parents=True, exist_ok=True)
+        image.save(root / ("cat", "dog", "owl")[i % 3] / f"{i}.png")
+    return root
+
+
+def _embedded(folder, path, **write):
+    """The class folder as the hub's image datasets store it: datasets' Image feature with each PNG's
+    bytes in its row, and a class-name label."""
+    files = sorted(folder.rglob("*.png"))
+    data = {"image": [{"bytes": f.read_bytes(), "path": None} for f in files], "label": [f.parent.name for f in files]}
+    datasets.Dataset.from_dict(data).cast_column("image", datasets.Image()).to_parquet(path, **write)
+    return path
+
+
+def test_images_held_in_parquet_rows_give_the_class_folder_batches(tmp_path):
+    folder = _image_folder(tmp_path / "imgs")
+    path = _embedded(folder, tmp_path / "images.parquet", batch_size=4)  # row groups of 4 rows
+    ours, theirs = read_images(path), read_image_folder(folder)
+    assert list(ours.labels) == list(theirs.labels) and ours.label_names == theirs.label_names
+    assert ours.where(7) == f"{path}[7]" and ours[7]["where"] == f"{path}[7]"
+    for i in range(len(ours)):
+        np.testing.assert_array_equal(ours[i]["image"], theirs[i]["image"])
+    assert len(pickle.dumps(ours)) < 5_000  # a worker's copy: row indices, no image bytes
+    assert not ours.items._cache or all(isinstance(k, tuple) for k in ours.items._cache)
+    for train in (True, False):  # training repeats forever: 6 batches are 2 epochs and more
+        config = LoaderConfig(batch_size=4, seed=3)
+        mine, folders = (list(itertools.islice(image_loader(s, SPEC, config, train=train, augment=("flip", "crop")), 6))
+                         for s in (ours, theirs))
+        assert_same_batches(mine, folders)
+    part = ours.select([8, 1])
+    assert part.where(0) == f"{path}[8]" and part.digest() != ours.digest()
+    np.testing.assert_array_equal(part[1]["image"], theirs[1]["image"])
+    assert read_images(path).digest() == ours.digest()
+    # a worker process reads its pickled copy, and the batches resume exactly
+    config = LoaderConfig(batch_size=4, seed=3, num_epochs=2, shuffle=True, worker_count=1, worker_buffer_size=2)
+    workers = ImageLoader(ours, SPEC, config)
+    assert_same_batches(check_resume(workers, stops=(2,)), list(ImageLoader(
+        theirs, SPEC, dataclasses.replace(config, worker_count=0))))
+
+    one = tmp_path / "one.parquet"  # the datasets feature as the brief writes it: a PIL image in memory
+    datasets.Dataset.from_dict({"image": [Image.new("RGB", (4, 4), (9, 8, 7))], "label": ["x"]}).cast_column(
+        "image", datasets.Image()).to_parquet(one)
+    source = read_data(DataConfig(train=str(one), kind="classification", images=True), validation=False)[0]
+    assert source.label_names == ("x",) and source[0]["image"].tolist() == [[[9, 8, 7]] * 4] * 4
+
+
+def test_corrupt_bytes_in_a_parquet_row_name_the_row(tmp_path):
+    folder = _image_folder(tmp_path / "imgs", n=6)
+    files = sorted(folder.rglob("*.png"))
+    rows = [{"image": {"bytes": f.read_bytes(), "path": None}, "label": f.parent.name} for f in files]
+    bad = [dict(r) for r in rows]
+    bad[2] = {**rows[2], "image": {"bytes": b"not a png", "path": None}}
+    path = write_parquet(tmp_path / "bad.parquet", bad)
+    with pytest.raises(DataError) as err:
+        read_images(path)
+    assert str(err.value).startswith(f"{path}[2]: not a readable image (UnidentifiedImageError") and \
+        "\n" not in str(err.value)
+    cut = [dict(r) for r in rows]  # the header whole, the pixels cut off: passes the door, fails the scan
+    cut[4] = {**rows[4], "image": {"bytes": rows[4]["image"]["bytes"][:60], "path": None}}
+    path = write_parquet(tmp_path / "cut.parquet", cut, row_group_size=2)
+    source = read_images(path)
+    with pytest.raises(DataError, match=rf"^{path}\[4\]: not a readable image"):
+        image_loader(source, SPEC, LoaderConfig(batch_size=2), train=True).scan()
+    with pytest.raises(DataError, match=rf"^{path}\[4\]: not a readable image"):
+        source[4]
+
+
+def test_a_training_run_from_images_in_parquet_rows_resumes_exactly(tmp_path):
+    """2 steps, then 2 more resumed, equal 4 uninterrupted steps of a tiny ViT classifier on images
+    held in Parquet rows; the run's verify pass decodes them from the rows."""
+    import torch
+    from transformers import ViTConfig, ViTModel
+
+    import jaxtune as jt
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16, num_hidden_layers=1,
+                       num_attention_heads=2, intermediate_size=32)).save_pretrained(tmp_path / "vit")
+    path = _embedded(_image_folder(tmp_path / "imgs", n=12), tmp_path / "train.parquet", batch_size=5)
+
+    def trainer(run_dir, steps: int) -> Trainer:
+        source = read_images(path)
+        model = jt.apply_plan(jt.load(str(tmp_path / "vit")), jt.head("classification"), data=source)
+        return Trainer(model, source, run_dir=run_dir, data=DataConfig(batch_size=4, images=True, seed=0),
+                       optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
+                       config=TrainConfig(steps=steps, log_every=1, progress=False),
+                       checkpoint=CheckpointConfig(every=2), mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
+
+    assert_resumes_exactly(trainer, tmp_path)

@@ -6,7 +6,9 @@ Sources (all validated at the door; a bad file or row fails in one line naming i
 - arrays: an ``.npz`` with ``images`` (uint8 ``(N, H, W)`` or ``(N, H, W, C)``) and ``labels``,
   or IDX files (MNIST's format, ``.gz`` or raw) with the labels file beside the images file;
 - JSONL rows ``{"image": "path/rel/to/the/file.png", "label": "cat" | 3 | 2.5}``, or Parquet rows
-  (a file or a folder of shards) with those columns.
+  (a file or a folder of shards) with those columns, their ``image`` also ``datasets``' ``Image``
+  feature: the image file itself held in the row (as the hub's image datasets store it; read by
+  row group when a batch needs it), or the path of one.
 
 A record is decoded (Pillow) where grain reads it, in its threads or worker processes, then made
 the model's input by :class:`ToPixels`: resized to the model's square ``size``, scaled to [0, 1],
@@ -21,7 +23,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import gzip
+import io
 import json
 import logging
 import os
@@ -35,7 +39,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jaxtune.data.parquet import is_parquet, parquet_files, parquet_rows
+from jaxtune.data.parquet import is_parquet, parquet_files, parquet_rows, parquet_source
 from jaxtune.data.pipeline import Loader, LoaderConfig, _shard, in_workers, reading_config
 from jaxtune.data.sources import DataError, Source, SourceReport, digest_bytes
 
@@ -104,23 +108,25 @@ class ImageSpec:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_image(path: str) -> np.ndarray:
-    """The image at ``path`` as uint8 ``(H, W, C)`` (C = 1 grey or 3 RGB; alpha and palettes
-    converted), turned upright by its EXIF orientation as transformers' ``load_image`` turns it (a
-    phone's portrait photo is stored sideways with an orientation tag). Raises :class:`DataError`
-    naming the file when it is missing or unreadable."""
+def decode_image(path: str | bytes, where: str | None = None) -> np.ndarray:
+    """The image at ``path`` (or the encoded file ``path`` is, as bytes) as uint8 ``(H, W, C)`` (C = 1
+    grey or 3 RGB; alpha and palettes converted), turned upright by its EXIF orientation as
+    transformers' ``load_image`` turns it (a phone's portrait photo is stored sideways with an
+    orientation tag). Raises :class:`DataError` naming ``where`` (default: the file) when it is
+    missing or unreadable."""
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    where = where or str(path)
     try:
-        with Image.open(path) as opened:
+        with Image.open(io.BytesIO(path) if isinstance(path, bytes) else path) as opened:
             opened.load()
             image = ImageOps.exif_transpose(opened)
             array = _deep_grey(image) if image.mode.startswith(("I", "F")) else \
                 np.asarray(image.convert("L" if image.mode in ("1", "L") else "RGB"))
     except FileNotFoundError:
-        raise DataError(path, "image file not found", "restore it or remove the row/file that names it") from None
+        raise DataError(where, "image file not found", "restore it or remove the row/file that names it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise DataError(path, f"not a readable image ({type(err).__name__}: {err})", _FIX_IMAGE) from None
+        raise DataError(where, f"not a readable image ({type(err).__name__}: {err})", _FIX_IMAGE) from None
     return array[..., None] if array.ndim == 2 else array
 
 
@@ -136,41 +142,39 @@ def _deep_grey(image: Any) -> np.ndarray:
     return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
-def _check_decodes(path: str) -> None:
-    decode_image(path)  # the pixels are dropped: a scan keeps no images in memory
-
-
-def _first_undecodable(items: Sequence[str], index: int, count: int) -> int:
-    """The position in ``items`` of the first of ``items[index::count]`` that does not decode, or
-    ``len(items)`` when all do. The files decode on threads; the rest are cancelled at the first
-    failure."""
-    positions = range(index, len(items), count)
+def _first_undecodable(source: ImageSource, index: int, count: int) -> int:
+    """The first of the positions ``index::count`` of ``source`` whose image does not decode, or
+    ``len(source)`` when all do. The images decode on threads; the rest are cancelled at the first
+    failure; the pixels are dropped (a scan keeps no images in memory)."""
+    positions = range(index, len(source), count)
     pool = concurrent.futures.ThreadPoolExecutor(min(16, os.cpu_count() or 1))
     try:
-        for position, decoded in zip(positions, pool.map(_decodes, (items[i] for i in positions))):
+        for position, decoded in zip(positions, pool.map(functools.partial(_decodes, source), positions)):
             if not decoded:
                 return position
-        return len(items)
+        return len(source)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _decodes(path: str) -> bool:
+def _decodes(source: ImageSource, index: int) -> bool:
     try:
-        _check_decodes(path)
+        source.image(index)
     except DataError:
         return False
     return True
 
 
-def _check_header(path: str, row: str | None = None) -> None:
-    """Open the image's header only (cheap): a non-image or empty file fails at the door, its error
-    naming ``row`` (``file:line`` of the row that names the image) where there is one."""
+def _check_header(path: str | bytes, row: str | None = None) -> None:
+    """Open the image's header only (cheap): a non-image or empty file (or bytes) fails at the door,
+    its error naming ``row`` (``file:line`` of the row that names the image, ``file[row]`` of the
+    Parquet row holding it) where there is one."""
     from PIL import Image, UnidentifiedImageError
 
-    where, image = (row, f"image {path}: ") if row else (path, "")
+    embedded = isinstance(path, bytes)
+    where, image = (row, "" if embedded else f"image {path}: ") if row else (str(path), "")
     try:
-        with Image.open(path):
+        with Image.open(io.BytesIO(path) if embedded else path):
             pass
     except FileNotFoundError:
         raise DataError(where, f"{image}image file not found", "restore it or remove the row that names it") from None
@@ -220,10 +224,12 @@ class ToPixels(grain.transforms.RandomMap):
 
 
 class ImageSource(Source):
-    """Labeled images: file paths (decoded when read) or uint8 arrays, with int32 class ids
-    (``label_names`` their names) or float32 targets. ``where(i)`` names the file (or array row)."""
+    """Labeled images: file paths or the encoded files in Parquet rows (a source of ``{"image":
+    bytes}`` records; both decoded when read) or uint8 arrays, with int32 class ids
+    (``label_names`` their names) or float32 targets. ``where(i)`` names the file (or Parquet or
+    array row)."""
 
-    def __init__(self, kind: str, items: np.ndarray | Sequence[str], labels: np.ndarray, report: SourceReport,
+    def __init__(self, kind: str, items: np.ndarray | Sequence[str] | Source, labels: np.ndarray, report: SourceReport,
                  label_names: tuple | None = None, origin: str = ""):
         self.kind, self.items, self.labels, self.report = kind, items, labels, report
         self.label_names, self.origin = label_names, origin
@@ -231,23 +237,45 @@ class ImageSource(Source):
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def decodes(self) -> bool:
+        """Whether the images are encoded files (decoded when read, so the loader's scan checks them)."""
+        return not isinstance(self.items, np.ndarray)
+
     def where(self, index: int) -> str:
-        return f"{self.origin}[{index}]" if isinstance(self.items, np.ndarray) else str(self.items[index])
+        if isinstance(self.items, np.ndarray):
+            return f"{self.origin}[{index}]"
+        return self.items.where(index) if isinstance(self.items, Source) else str(self.items[index])
+
+    def image(self, index: int) -> np.ndarray:
+        """Image ``index`` as uint8 ``(H, W, C)``, decoded where it is a file; an unreadable one is a
+        :class:`DataError` naming it."""
+        item = self.items[index]
+        if isinstance(item, dict):  # a Parquet row's encoded file, read by row group
+            return decode_image(item["image"], item["where"])
+        return decode_image(item) if isinstance(item, str) else (item[..., None] if item.ndim == 2 else item)
 
     def __getitem__(self, index: int) -> dict:
         index = int(index)
-        item = self.items[index]
-        image = decode_image(item) if isinstance(item, str) else (item[..., None] if item.ndim == 2 else item)
-        return {"image": image, "label": self.labels[index], "where": self.where(index)}
+        return {"image": self.image(index), "label": self.labels[index], "where": self.where(index)}
 
     def digest(self) -> str:
-        """The images (array bytes, or file paths: decoding every file is the loader's scan) and labels."""
-        items = self.items.tobytes() if isinstance(self.items, np.ndarray) else json.dumps(list(self.items)).encode()
+        """The images (array bytes, the Parquet files' bytes, or file paths: decoding every file is the
+        loader's scan) and labels."""
+        if isinstance(self.items, Source):
+            items = self.items.digest().encode()
+        elif isinstance(self.items, np.ndarray):
+            items = self.items.tobytes()
+        else:
+            items = json.dumps(list(self.items)).encode()
         return digest_bytes(items, np.asarray(self.labels).tobytes())
 
     def select(self, indices: Sequence[int]) -> ImageSource:
         idx = np.asarray(indices, dtype=np.int64)
-        items = self.items[idx] if isinstance(self.items, np.ndarray) else [self.items[i] for i in idx]
+        if isinstance(self.items, np.ndarray | Source):
+            items = self.items[idx] if isinstance(self.items, np.ndarray) else self.items.select(idx)
+        else:
+            items = [self.items[i] for i in idx]
         return ImageSource(self.kind, items, self.labels[idx], self.report, self.label_names, self.origin)
 
 
@@ -437,26 +465,50 @@ def _image_row(row: Any, here: str, folder: Path, label_field: str) -> str:
 
 def read_image_parquet(path: str | os.PathLike, kind: str = "classification", *,
                        labels: Sequence | None = None, label_field: str = "label") -> ImageSource:
-    """Parquet rows (a file or a folder of shards) with an ``image`` path column (relative to the
-    Parquet file's folder; or datasets' ``Image`` feature of image files, a ``{"bytes", "path"}`` struct
-    whose bytes are null) and a label column ``label_field``: :func:`read_image_jsonl`'s rows."""
+    """Parquet rows (a file or a folder of shards) with an ``image`` column and a label column
+    ``label_field``. The image is a path (relative to the Parquet file's folder:
+    :func:`read_image_jsonl`'s rows) or datasets' ``Image`` feature, a ``{"bytes", "path"}`` struct:
+    the encoded file itself in ``bytes`` (as the hub's image datasets store it; read by row group
+    when a batch needs it, not held decoded), or, with ``bytes`` null, the path of a file. The rows
+    of one source are all one or the other."""
     folders = [Path(f).parent for f in parquet_files(path)]
-    paths, values, where = [], [], []
-    for here, file_id, _, row in parquet_rows(path, {"label_field": label_field}, optional=["image"]):
+    paths, values, where, rows = [], [], [], []  # rows: (file, row) of each image file held in a row
+    for here, file_id, row_index, row in parquet_rows(path, {"label_field": label_field}, optional=["image"]):
         image = row.get("image")
-        if isinstance(image, dict):  # datasets' Image feature: {"bytes", "path"}, bytes null for a file's image
-            if "bytes" in image:
-                raise DataError(here, "the image is stored in the file (the bytes of datasets' Image feature), "
-                                "and jaxtune reads images from files named by path",
-                                "save the images as files and write their paths in the 'image' column")
-            row = {**row, "image": image.get("path")}
-        paths.append(_image_row(row, here, folders[file_id], label_field))
+        held = isinstance(image, dict) and "bytes" in image  # datasets' Image feature with the file in the row
+        if where and held != bool(rows):
+            raise DataError(here, f"the image is {'held in the row' if held else 'a path'}, and in the rows before "
+                            f"it {'a path' if held else 'held in the row'}",
+                            "store every image the same way: all as files in the rows, or all as paths")
+        if held:
+            if not isinstance(image["bytes"], bytes):
+                raise DataError(here, f"the image's bytes are a {type(image['bytes']).__name__}",
+                                "store the encoded file (PNG/JPEG bytes), as datasets' Image feature does")
+            if label_field not in row:
+                raise DataError(here, f"the row's {label_field!r} is null", "give every image a label")
+            _check_header(image["bytes"], here)
+            rows.append((file_id, row_index))
+        else:
+            if isinstance(image, dict):  # datasets' Image feature of a file: {"path"}, its bytes null
+                row = {**row, "image": image.get("path")}
+            paths.append(_image_row(row, here, folders[file_id], label_field))
         values.append(row[label_field])
         where.append(here)
-    if not paths:
+    if not where:
         raise DataError(str(path), "no rows", "add one row per image")
     ids, names = _labels(values, kind, where, labels)
-    return ImageSource(kind, paths, ids, _report(Path(path), len(paths)), names)
+    report = _report(Path(path), len(where))
+    if rows:
+        file_ids, row_ids = zip(*rows)
+        items = parquet_source(path, "image", _embedded_image, file_ids, row_ids, report, optional=["image"])
+        return ImageSource(kind, items, ids, report, names)
+    return ImageSource(kind, paths, ids, report, names)
+
+
+def _embedded_image(row: dict) -> dict:
+    """A Parquet row's record ``{"image": bytes}``: the encoded file datasets' ``Image`` feature holds
+    (checked when the source was read)."""
+    return {"image": row["image"]["bytes"]}
 
 
 def read_images(path: str | os.PathLike, kind: str = "classification", *, labels: Sequence | None = None,
@@ -536,20 +588,20 @@ class ImageLoader(Loader):
         ``shard_count``-th file and the processes agree on the first bad one, so that every process
         raises the same error (one that went on alone would wait at the first step's collective)."""
         if self._stats is None:
-            items = self.source.items
-            if not isinstance(items, np.ndarray) and len(items):
+            source = self.source
+            if source.decodes and len(source):
                 start = time.perf_counter()
                 split = self.config.shard_index is None and self.shard_count > 1  # the processes', not a caller's
                 index, count = (self.shard_index, self.shard_count) if split else (0, 1)
-                bad = _first_undecodable(items, index, count)
+                bad = _first_undecodable(source, index, count)
                 if split:
                     from jax.experimental import multihost_utils
 
                     bad = int(np.min(multihost_utils.process_allgather(np.int32(bad))))
-                if bad < len(items):
-                    _check_decodes(items[bad])  # raises, naming the file, on every process
-                log.info("data: %d image files decode (%s checked in %.1f s)", len(items),
-                         f"{len(range(index, len(items), count))} by this process," if split else "all",
+                if bad < len(source):
+                    source.image(bad)  # raises, naming the file or row, on every process
+                log.info("data: %d image files decode (%s checked in %.1f s)", len(source),
+                         f"{len(range(index, len(source), count))} by this process," if split else "all",
                          time.perf_counter() - start)
             self._stats = ImageStats(len(self.source), len(self.source))
         return self._stats

@@ -27,8 +27,11 @@ with more data than the cache, in groups so large that few fit in it (pandas wri
 million rows a group), is warned of when read, with the way to write it in smaller groups.
 Parquet's pages are compressed, so there is no zero-copy memory map of a ``.parquet`` file (an
 uncompressed Arrow copy would be one, at the cost of writing the data again, uncompressed, and
-keeping that copy in step with the file). Labeled rows and image rows are held in memory (as from
-JSONL: they are small, and their labels need a full pass anyway).
+keeping that copy in step with the file). Labeled rows and image rows' paths and labels are held in memory (as from
+JSONL: they are small, and their labels need a full pass anyway); image files held in the rows
+(``datasets``' ``Image`` feature with its ``bytes``) are a :class:`ParquetSource` of that column,
+read by row group when a batch needs them (:func:`parquet_source`, from the rows the image reader
+checked).
 
 pyarrow is an optional dependency (``pip install 'jaxtune[parquet]'``); without it a Parquet path
 is a one-line error that says so.
@@ -287,6 +290,17 @@ def read_parquet(path: str | os.PathLike, kind: str, check: Callable[..., dict],
             continue
         file_ids.append(file_id), rows.append(row)
     finish_report(report, len(rows), "rows")
+    return parquet_source(root, kind, check, file_ids, rows, report, fields=fields, optional=optional, syntax=syntax,
+                          indexed=indexed)
+
+
+def parquet_source(path: str | os.PathLike, kind: str, check: Callable[..., dict], file_ids: Sequence[int],
+                   rows: Sequence[int], report: SourceReport, *, fields: Mapping[str, str] | None = None,
+                   optional: Sequence[str] = (), syntax: Syntax = PYTHON, indexed: bool = False) -> ParquetSource:
+    """The :class:`ParquetSource` of rows already checked: ``rows[i]`` of file ``file_ids[i]`` of
+    ``path`` (as :func:`parquet_rows` numbers them), read with ``check`` and the columns
+    :func:`row_columns` picks for ``fields`` and ``optional``."""
+    root, fields = os.fspath(path), dict(fields or {})
     files = parquet_files(root)
     columns, starts, groups = [], [], []
     for name in files:
