@@ -163,16 +163,14 @@ def plan_memory(config: Config) -> StepMemory:
     """The memory per device of the train step ``config`` describes, compiled ahead of time for
     abstract shapes (``data.batch_size`` rows of ``data.max_length`` tokens) on the recipe's mesh
     (``mesh.simulate_devices`` CPU devices when set), without loading weights or data: only the
-    model's ``config.json`` is read. See :mod:`jaxtune.training.memory`."""
+    model's ``config.json`` is read. A ``preference`` recipe plans its method's step on pairs of rows. See
+    :mod:`jaxtune.training.memory`."""
     validate(config)
-    if config.preference is not None:
-        raise ConfigError("preference: memory planning covers lm, classification and regression recipes; plan the "
-                          "SFT step of the same model (remove the preference section and use chat data)")
     setup_runtime(config.mesh, DistributedConfig(initialize="never"))  # simulated devices; one process
     try:
         return plan_step_memory(config.model, config.build_plan(), batch_size=config.data.batch_size,
                                 seq_len=config.data.max_length, packing=config.data.packing, train=config.train,
-                                optimizer=config.optimizer, mesh=config.mesh)
+                                optimizer=config.optimizer, mesh=config.mesh, preference=config.preference)
     except ValueError as err:  # the mesh, plan or model against the recipe: config errors
         raise ConfigError(str(err)) from None
 

@@ -225,3 +225,50 @@ def test_plan_memory_builds_the_model_and_batch_that_train_runs(recipe, tmp_path
                                                                   shard_index=0, shard_count=1), scan_first=False)
         planned = memory.batch_spec("classification", 4, 64, packing=packing)
         assert {k: (v.shape, np.dtype(v.dtype)) for k, v in planned.items()} == data.batch_spec()
+
+
+@pytest.fixture(scope="module")
+def preference_files(tmp_path_factory):
+    """A tiny random Llama and preference pairs (a margin on every other pair: only reward reads it)."""
+    from helpers import tiny_hf_model
+
+    from jaxtune.data.testing import synthetic_preference_rows, tiny_tokenizer, write_jsonl
+
+    root = tmp_path_factory.mktemp("preference_memory")
+    tiny_hf_model("LlamaForCausalLM", root / "llama")
+    tiny_tokenizer().save_pretrained(root / "llama")
+    rows = [{**row, "margin": float(i % 2)} for i, row in enumerate(synthetic_preference_rows(32, seed=0))]
+    write_jsonl(root / "pairs.jsonl", rows)
+    return root
+
+
+PREFERENCE_RECIPES = {  # name: (plan, preference section)
+    "dpo_lora": ([{"preset": "lora", "rank": 4}], {"method": "dpo"}),
+    "dpo_cached": ([{"preset": "lora", "rank": 4}], {"method": "dpo", "reference": "cached", "max_segments": 3}),
+    "ipo_full": ([{"match": ".*", "action": "train"}], {"method": "ipo"}),  # the reference holds a starting copy
+    "reward": ([{"preset": "lora", "rank": 4}, {"action": "head", "task": "regression"}], {"method": "reward"}),
+}
+
+
+@pytest.mark.parametrize("name", PREFERENCE_RECIPES)
+def test_plan_memory_predicts_the_preference_step_that_train_compiles(preference_files, tmp_path, name):
+    """A preference recipe's plan compiles the step its Trainer runs: pairs of rows, the reference
+    model's forward (adapters off, or a starting copy of a full plan's leaves) or its cached
+    log-probs in the batch, a reward model's head and margins. Every figure equals the trained
+    step's, the batch included (the Trainer's device batch drops the host's pair bookkeeping)."""
+    plan, preference = PREFERENCE_RECIPES[name]
+    config = {"model": {"path": str(preference_files / "llama")}, "plan": plan,
+              "data": {"train": str(preference_files / "pairs.jsonl"), "kind": "preference", "max_length": 32,
+                       "batch_size": 8},
+              "preference": preference,
+              "train": {"steps": 1, "log_every": 1, "progress": False, "compile_cache": False},
+              "output": {"dir": str(tmp_path / "run"), "export": "none"}}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config))
+    code, _, err = _cli("train", tmp_path / "recipe.yaml")
+    assert code == 0, err
+    trained = json.loads((tmp_path / "run" / "status.json").read_text())["memory"]
+    code, out, err = _cli("plan-memory", tmp_path / "recipe.yaml", "--json")
+    assert code == 0, err
+    planned = json.loads(out)
+    for field in ("params", "optimizer", "batch", "temporaries", "outputs", "devices", "backend", "tokens"):
+        assert planned[field] == trained[field], (field, planned, trained)

@@ -15,6 +15,7 @@ TPU compiler; compiled on the target device it is that device's program.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 from typing import Any
@@ -23,11 +24,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.data.packing import max_segments
+from jaxtune.data.packing import LM_KEYS, max_segments
+from jaxtune.data.preference import MARGINS
+from jaxtune.data.sources import PREFERENCE
 from jaxtune.models import hf
 from jaxtune.models.load import ModelConfig, model_dir
 from jaxtune.training.config import TrainConfig
 from jaxtune.training.optim import OptimizerConfig, build_optimizer
+from jaxtune.training.preference import (
+    REFERENCE_KEY,
+    REWARD,
+    PreferenceConfig,
+    check_preference,
+    make_preference_loss_fn,
+    reward_pad_id,
+    starting_weights,
+)
 from jaxtune.training.sharding import MeshConfig, batch_sharding, data_parallel_size, make_mesh, param_shardings
 from jaxtune.training.step import jit_train_step, make_loss_fn
 from jaxtune.tuning import apply_plan
@@ -164,20 +176,52 @@ def batch_spec(task: str, batch_size: int, seq_len: int, *, packing: bool = Fals
     raise ValueError(f"memory planning covers token models (lm, classification, regression), not a {task} model")
 
 
+def paired_batch_spec(config: PreferenceConfig, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
+    """The shapes of one paired batch as a preference step takes it (the Trainer's ``to_device``:
+    the loader's batch without its host keys): the LM keys ``(B, 2, L)``, a reward model's
+    ``margins`` ``(B, 2, L)`` float32, and with ``reference: cached`` the ``reference_logps``
+    ``(B, 2, S)`` float32 (``S``: ``max_segments`` or ``L // 2``, as the cache's lookup)."""
+    shape = (batch_size, 2, seq_len)
+    spec = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32) for k in LM_KEYS}
+    if config.method == REWARD:
+        spec[MARGINS] = jax.ShapeDtypeStruct(shape, jnp.float32)
+    if config.needs_reference and config.reference == "cached":
+        pairs = seq_len // 2 if config.max_segments is None else config.max_segments
+        spec["reference_logps"] = jax.ShapeDtypeStruct((batch_size, 2, pairs), jnp.float32)
+    return spec
+
+
+def _preference_step_parts(model: ModelConfig, tuned: Tuned, config: PreferenceConfig, trainable: Any, frozen: Any,
+                           chunk_tokens: int) -> tuple[Any, Any]:
+    """The preference loss and frozen part the Trainer builds for ``config``: DPO/IPO with
+    ``reference: model`` carry the starting values of the trained leaves (:func:`starting_weights`,
+    abstract here) beside the frozen part; adapters count as trained when the run starts from
+    ``model.adapter`` (the Trainer reads their values; a fresh adapter is the base itself)."""
+    check_preference(config, {PREFERENCE}, tuned.task, tuned.num_outputs)
+    if config.needs_reference and config.reference == "model":
+        dtype = getattr(tuned.config, "dtype", None)
+        copy = functools.partial(starting_weights, dtype=dtype, keep_adapters=model.adapter is not None)
+        start = jax.eval_shape(copy, trainable)
+        if start:
+            frozen = {**frozen, REFERENCE_KEY: start}
+    loss_fn = make_preference_loss_fn(tuned.module, config, chunk_tokens=chunk_tokens, pad_id=reward_pad_id(tuned))
+    return loss_fn, frozen
+
+
 def plan_step_memory(model: ModelConfig, plan: Any, *, batch_size: int, seq_len: int, packing: bool | None = None,
                      train: TrainConfig = TrainConfig(), optimizer: OptimizerConfig = OptimizerConfig(),
-                     mesh: MeshConfig = MeshConfig()) -> StepMemory:
+                     mesh: MeshConfig = MeshConfig(), preference: PreferenceConfig | None = None) -> StepMemory:
     """The memory report of :func:`compile_planned_step` (same arguments)."""
     compiled, trainable, frozen, opt_state = compile_planned_step(
         model, plan, batch_size=batch_size, seq_len=seq_len, packing=packing, train=train, optimizer=optimizer,
-        mesh=mesh)
+        mesh=mesh, preference=preference)
     return step_memory(compiled, trainable, frozen, opt_state, tokens=seq_len)
 
 
 def compile_planned_step(model: ModelConfig, plan: Any, *, batch_size: int, seq_len: int,
                          packing: bool | None = None, train: TrainConfig = TrainConfig(),
-                         optimizer: OptimizerConfig = OptimizerConfig(), mesh: MeshConfig = MeshConfig()
-                         ) -> tuple[Any, Any, Any, Any]:
+                         optimizer: OptimizerConfig = OptimizerConfig(), mesh: MeshConfig = MeshConfig(),
+                         preference: PreferenceConfig | None = None) -> tuple[Any, Any, Any, Any]:
     """Compile the train step a recipe would run, for abstract shapes; returns the compiled step
     and its abstract ``trainable, frozen, opt_state`` arguments (``jax.ShapeDtypeStruct`` with
     their shardings).
@@ -189,6 +233,10 @@ def compile_planned_step(model: ModelConfig, plan: Any, *, batch_size: int, seq_
         ``data.max_length``).
       packing: ``data.packing`` (None: language models pack, classifiers do not): a packed
         classifier batch carries a label per segment.
+      preference: the recipe's ``preference`` section, or None: the step of that method on paired
+        batches (``batch_size`` pairs of rows, chosen and rejected), with the reference model's
+        forward (DPO/IPO, ``reference: model``) or its cached log-probs in the batch (``cached``),
+        or a reward model's scalar head (``reward``), as the Trainer compiles it.
 
     The mesh spans this process's devices (``mesh.simulate_devices`` must have taken effect
     before JAX started: the CLI sets it). Nothing is allocated and nothing runs.
@@ -211,8 +259,13 @@ def compile_planned_step(model: ModelConfig, plan: Any, *, batch_size: int, seq_
     trainable_shardings = param_shardings(trainable, device_mesh, rules)
     opt_state = jax.eval_shape(opt.init, trainable)
     opt_shardings = param_shardings(opt_state, device_mesh, rules)
-    loss_fn = make_loss_fn(tuned.module, tuned.task, chunk_tokens=train.chunk_tokens,
-                           regression=train.regression_loss)
+    if preference is None:
+        loss_fn = make_loss_fn(tuned.module, tuned.task, chunk_tokens=train.chunk_tokens,
+                               regression=train.regression_loss)
+        spec = batch_spec(tuned.task, batch_size, seq_len, packing=bool(packing))
+    else:
+        loss_fn, frozen = _preference_step_parts(model, tuned, preference, trainable, frozen, train.chunk_tokens)
+        spec = paired_batch_spec(preference, batch_size, seq_len)
     step = jit_train_step(loss_fn, opt, grad_accum_steps=train.grad_accum_steps, mesh=device_mesh,
                           trainable_shardings=trainable_shardings, opt_shardings=opt_shardings)
 
@@ -223,7 +276,6 @@ def compile_planned_step(model: ModelConfig, plan: Any, *, batch_size: int, seq_
     frozen = placed(frozen, param_shardings(frozen, device_mesh, rules))
     opt_state = placed(opt_state, opt_shardings)
     rows = batch_sharding(device_mesh)
-    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows)
-             for k, v in batch_spec(tuned.task, batch_size, seq_len, packing=bool(packing)).items()}
+    batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=rows) for k, v in spec.items()}
     rng = jax.eval_shape(lambda: jax.random.key(0))
     return step.lower(trainable, frozen, opt_state, batch, rng).compile(), trainable, frozen, opt_state
