@@ -151,6 +151,26 @@ def test_a_stopped_preference_run_continues_exactly(files, python_run, tmp_path,
         assert ours[key] == pytest.approx(theirs[key], rel=1e-6, abs=1e-7), key
 
 
+def test_margins_that_the_method_drops_are_warned_of_once(files, tmp_path, caplog):
+    """A pair's ``margin`` (TRL's reward data column) moves only a reward model's loss: DPO trains as
+    without it (as TRL's DPOTrainer), so a DPO run on rows with margins says so, once, naming the
+    column and the one method that reads it; rows without margins (or all 0) say nothing."""
+    rows = [{**row, "margin": 1.0 + i % 3} for i, row in enumerate(synthetic_preference_rows(32, seed=0))]
+    with_margins = write_jsonl(tmp_path / "margins.jsonl", rows)
+    warned = "the preference data's 'margin' column is ignored: only preference.method: reward reads it"
+    caplog.set_level("WARNING", logger="jaxtune")
+    result = _python_run({**files, "train": with_margins}, tmp_path / "margins", steps=2)
+    assert result.step == 2
+    assert [r.getMessage() for r in caplog.records].count(
+        warned + ", and dpo has no margin term; drop the column, or train a reward model") == 1
+    caplog.clear()
+    _python_run(files, tmp_path / "plain", steps=2)
+    assert warned not in caplog.text
+    margins = {"margins": np.ones((2, 2, 8), np.float32)}
+    assert pref.unread_margins(margins, pref.PreferenceConfig(method="reward")) is None  # its loss reads them
+    assert "orpo has no margin term" in pref.unread_margins(margins, pref.PreferenceConfig(method="orpo"))
+
+
 # ----------------------------------------------------------------------------- errors
 
 

@@ -637,6 +637,17 @@ def host_keys(config: PreferenceConfig | None) -> frozenset[str]:
     return frozenset({PAIR_IDS} if config is not None and config.method == REWARD else {PAIR_IDS, MARGINS})
 
 
+def unread_margins(batch: Batch, config: PreferenceConfig | None) -> str | None:
+    """A one-line warning when the host paired ``batch`` carries a nonzero pair margin (the rows'
+    ``margin`` column) that ``config``'s method drops unread (every method but ``reward``: DPO and
+    the others have no margin term, as TRL's DPOTrainer ignores the column), else None."""
+    margins = batch.get(MARGINS)
+    if config is None or config.method == REWARD or margins is None or not np.any(np.asarray(margins) != 0):
+        return None
+    return (f"the preference data's 'margin' column is ignored: only preference.method: reward reads it, and "
+            f"{config.method} has no margin term; drop the column, or train a reward model")
+
+
 def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task: str, outputs: int = 1) -> None:
     """Preference data and a preference method come together, on a language model, or for ``reward``
     on a model with one regression output (``outputs``: the head's) (one-line errors that name the field)."""

@@ -54,6 +54,7 @@ from jaxtune.training.preference import (
     make_preference_loss_fn,
     reference_caches,
     reward_pad_id,
+    unread_margins,
     with_reference_start,
 )
 from jaxtune.training.result import FitResult
@@ -139,6 +140,7 @@ class Trainer:
                 compile_cache.enable()
             self.loader_config = data or LoaderConfig()
             self.preference = preference
+            self._margins_told = False  # the warning that a method drops the data's margins is given once
             self.task = "preference" if preference is not None else model.task  # what evaluation reports
             # the most preference pairs a packed row may hold: what the loss sees of a row
             self._max_pairs = preference.max_segments if preference is not None else None
@@ -303,6 +305,11 @@ class Trainer:
         """A host batch (this process's rows) as the compiled steps take it: global arrays on the mesh, without
         the host's pair bookkeeping, plus the ``split``'s (``"train"``, ``"eval"``) cached reference log-probs
         in a ``preference.reference: cached`` run."""
+        if not self._margins_told:
+            note = unread_margins(batch, self.preference)
+            if note:
+                log.warning("%s", note)
+                self._margins_told = True
         reference = self._references.get(split) if split else None  # None also while the caches are built
         if reference is not None:
             batch = {**batch, "reference_logps": reference.lookup(batch)}
