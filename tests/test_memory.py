@@ -14,6 +14,7 @@ import functools
 import io
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -257,18 +258,51 @@ def test_plan_memory_predicts_the_preference_step_that_train_compiles(preference
     log-probs in the batch, a reward model's head and margins. Every figure equals the trained
     step's, the batch included (the Trainer's device batch drops the host's pair bookkeeping)."""
     plan, preference = PREFERENCE_RECIPES[name]
-    config = {"model": {"path": str(preference_files / "llama")}, "plan": plan,
-              "data": {"train": str(preference_files / "pairs.jsonl"), "kind": "preference", "max_length": 32,
-                       "batch_size": 8},
-              "preference": preference,
-              "train": {"steps": 1, "log_every": 1, "progress": False, "compile_cache": False},
-              "output": {"dir": str(tmp_path / "run"), "export": "none"}}
-    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(config))
-    code, _, err = _cli("train", tmp_path / "recipe.yaml")
+    _assert_plan_equals_train(_preference_recipe(preference_files, tmp_path, plan, preference))
+
+
+def _preference_recipe(files, tmp_path, plan: list, preference: dict, **model) -> dict:
+    """A one-step preference recipe on ``files``' pairs, its run in ``tmp_path / "run"``."""
+    return {"model": {"path": str(files / "llama"), **model}, "plan": plan,
+            "data": {"train": str(files / "pairs.jsonl"), "kind": "preference", "max_length": 32, "batch_size": 8},
+            "preference": preference,
+            "train": {"steps": 1, "log_every": 1, "progress": False, "compile_cache": False},
+            "output": {"dir": str(tmp_path / "run"), "export": "none"}}
+
+
+def _train(config: dict) -> Path:
+    """``jaxtune train`` the recipe ``config`` (written beside its run directory, returned)."""
+    run = Path(config["output"]["dir"])
+    run.parent.mkdir(parents=True, exist_ok=True)
+    recipe_file = run.parent / f"{run.name}.yaml"
+    recipe_file.write_text(yaml.safe_dump(config))
+    code, _, err = _cli("train", recipe_file)
     assert code == 0, err
-    trained = json.loads((tmp_path / "run" / "status.json").read_text())["memory"]
-    code, out, err = _cli("plan-memory", tmp_path / "recipe.yaml", "--json")
+    return recipe_file
+
+
+def _assert_plan_equals_train(config: dict) -> None:
+    """``jaxtune train`` the recipe ``config`` for its steps, then ``jaxtune plan-memory`` it: every
+    figure of the plan equals the trained step's report in ``status.json``."""
+    recipe_file = _train(config)
+    trained = json.loads((Path(config["output"]["dir"]) / "status.json").read_text())["memory"]
+    code, out, err = _cli("plan-memory", recipe_file, "--json")
     assert code == 0, err
     planned = json.loads(out)
     for field in ("params", "optimizer", "batch", "temporaries", "outputs", "devices", "backend", "tokens"):
         assert planned[field] == trained[field], (field, planned, trained)
+
+
+def test_plan_memory_of_dpo_from_trained_adapters_holds_their_starting_copy(preference_files, tmp_path):
+    """DPO from ``model.adapter`` (trained adapters, e.g. SFT's PEFT export): the reference is that
+    model, so the step holds a frozen copy of the starting adapters (the Trainer finds them trained
+    by their values; the plan, which reads no weights, by ``model.adapter`` being set)."""
+    import peft
+    import transformers
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(preference_files / "llama")
+    peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    lora = [{"preset": "lora", "rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}]
+    _assert_plan_equals_train(_preference_recipe(preference_files, tmp_path, lora, {"method": "dpo"},
+                                                 adapter=str(tmp_path / "adapter")))
