@@ -199,6 +199,36 @@ def test_resume_waits_for_the_paused_process_with_two_device_sets(make_runner):
     assert runner.cancel("ftjob-a")
 
 
+def test_a_job_resumed_as_its_paused_process_ends_is_not_failed(make_runner, monkeypatch):
+    """Resumed while its paused process saves, a job is claimed by the other device set the moment
+    that process is recorded as ended. The first worker, still recording the end (reading the last
+    log lines: slowed here to widen the window a loaded machine opens), must not take the job it
+    then reads as running for its own and mark it failed, stopping the new process's run."""
+    runner = make_runner(device_sets=[{"CUDA_VISIBLE_DEVICES": "0"}, {"CUDA_VISIBLE_DEVICES": "1"}])
+    add_job(runner, "ftjob-a", steps=400, step_s=0.02, save_s=0.3)
+    ingest = runner._ingest_or_log
+
+    def slow_after_the_first_exit(job_id: str) -> None:
+        if any(e[1] == "exit" for e in journal(runner)):
+            time.sleep(0.5)
+        ingest(job_id)
+
+    monkeypatch.setattr(runner, "_ingest_or_log", slow_after_the_first_exit)
+    runner.start()
+    wait_until(lambda: (runner.run_dir("ftjob-a") / "metrics.jsonl").exists(), what="training to begin")
+    assert runner.pause("ftjob-a") and runner.resume("ftjob-a")
+    wait_until(lambda: [e for e in journal(runner) if e[1] == "exit"], what="the paused process to end")
+    job = wait_until(lambda: (j := runner.store.job("ftjob-a"))["status"] == "failed" and j
+                     or j["status"] == "running" and (j["pid"] or 0) > 0 and j, what="the job to run again")
+    assert job["status"] == "running" and job["error"] is None, job
+    wait_until(lambda: [e for e in runner.store.events("ftjob-a") if e["message"].startswith("Training stopped")],
+               what="the first process's end")
+    job = runner.store.job("ftjob-a")
+    assert job["status"] == "running" and job["error"] is None, job
+    assert process_alive(job["pid"]) and "overlap" not in [e[1] for e in journal(runner)]
+    assert runner.cancel("ftjob-a")
+
+
 def test_a_claimed_job_is_claimed_once_until_its_process_ends(make_runner):
     """Paused and resumed between its claim and its process's start, a job is not claimed again;
     a restart in that window frees it (no process ever started: pid 0 is never signalled)."""

@@ -305,8 +305,9 @@ class Runner:
         """Fail a job the server could not run; if even that write fails, the job stays running
         in the database (the next server's recovery queues it again) and the worker goes on."""
         try:
-            self.store.update_job(job_id, pid=None)  # claimed (pid 0) or started: no process now
-            self._fail(job_id, message)
+            job = self.store.end_process(job_id, _failed(message))  # claimed (pid 0) or started: no process now
+            if job is not None and job["status"] == "running":
+                self.store.add_event(job_id, f"The job failed: {message}", level="error")
         except Exception:  # noqa: BLE001 - this worker's thread must survive
             log.exception("job %s: could not record its failure", job_id)
 
@@ -335,8 +336,7 @@ class Runner:
         finally:
             with self._lock:
                 self._procs.pop(job_id, None)
-        self.store.update_job(job_id, pid=None)  # the process has ended: a resumed job may be claimed again
-        self._ingest_or_log(job_id)
+        self._ingest_or_log(job_id)  # its last lines, while no other worker can claim the job
         self._finish(job_id, proc.returncode)
 
     def _watch(self, job_id: str, proc: subprocess.Popen) -> None:
@@ -354,27 +354,34 @@ class Runner:
             time.sleep(self.poll_s)
 
     def _finish(self, job_id: str, code: int) -> None:
+        """Record the end of a job's process and the outcome it leaves: succeeded or failed where
+        the job is still running, a stop where it was cancelled, paused or resumed meanwhile. The
+        outcome is worked out from the run directory first and written with the end of the process
+        (:meth:`Store.end_process`), as the job may be claimed again from that moment."""
         job = self.store.job(job_id)
-        if job is None or self._closing.is_set() and job["status"] == "running":
-            return  # the server is stopping: the next one resumes this job
+        if job is None:
+            return
         run = RunDir(self.run_dir(job_id))
-        if job["status"] in ("cancelled", "paused", "queued"):  # queued: resumed before its process ended
-            step = (run.status() or {}).get("step")
-            self.store.add_event(job_id, f"Training stopped at step {step}" if step is not None else "Training stopped")
-            return
         status = run.status() or {}
-        if code == 0 and status.get("state") in ("finished", "early_stopped"):
-            self.store.update_job(job_id, only_if=("running",), status="succeeded", finished_at=int(time.time()),
-                                  fine_tuned_model=job["data"]["fine_tuned_model"],
-                                  trained_tokens=trained_tokens(run.metrics()))
-            self.store.add_event(job_id, "The job has successfully completed")
+        succeeded = code == 0 and status.get("state") in ("finished", "early_stopped")
+        if self._closing.is_set():
+            outcome: dict[str, Any] = {}  # the server is stopping: the next one resumes a running job
+        elif succeeded:
+            outcome = {"status": "succeeded", "finished_at": int(time.time()),
+                       "fine_tuned_model": job["data"]["fine_tuned_model"],
+                       "trained_tokens": trained_tokens(run.metrics())}
+        else:
+            message = self._failure(job_id, code, status)
+            outcome = _failed(message)
+        ended = self.store.end_process(job_id, outcome)
+        if ended is None or ended["status"] == "running" and not outcome:
             return
-        self._fail(job_id, self._failure(job_id, code, status))
-
-    def _fail(self, job_id: str, message: str) -> None:
-        if self.store.update_job(job_id, only_if=("running",), status="failed", finished_at=int(time.time()),
-                                 error={"code": "training_failed", "message": message, "param": None}):
-            self.store.add_event(job_id, f"The job failed: {message}", level="error")
+        if ended["status"] == "running":
+            self.store.add_event(job_id, "The job has successfully completed" if succeeded else
+                                 f"The job failed: {message}", level="info" if succeeded else "error")
+        elif ended["status"] in ("cancelled", "paused", "queued"):  # queued: resumed before its process ended
+            step = status.get("step")
+            self.store.add_event(job_id, f"Training stopped at step {step}" if step is not None else "Training stopped")
 
     def _failure(self, job_id: str, code: int, status: Mapping[str, Any]) -> str:
         """Why a job's process failed, in one message: the run's own error when it recorded one
@@ -453,6 +460,12 @@ class Runner:
         if job_id in self._failing:
             self._failing.discard(job_id)
             log.warning("job %s: recording its progress again", job_id)
+
+
+def _failed(message: str) -> dict[str, Any]:
+    """A failed job's columns."""
+    return {"status": "failed", "finished_at": int(time.time()),
+            "error": {"code": "training_failed", "message": message, "param": None}}
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -154,6 +154,21 @@ class Store:
         with self._tx() as db:
             return _update_job(db, job_id, only_if, fields)
 
+    def end_process(self, job_id: str, if_running: dict[str, Any]) -> dict[str, Any] | None:
+        """Record that a job's process has ended, in one transaction: clear its ``pid`` and, if it is
+        still ``running``, set the ``if_running`` columns (its outcome). Returns the row as it was
+        before (None for an unknown job). One transaction, because the moment ``pid`` is clear a
+        job resumed meanwhile may be claimed and started again by another device set: a status read
+        after that would be the new process's, not the ended one's."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                return None
+            _update_job(db, job_id, None, {"pid": None})
+            if if_running:
+                _update_job(db, job_id, ("running",), dict(if_running))
+        return _decode_job(dict(row))
+
     def record(self, job_id: str, events: list[dict[str, Any]], **fields: Any) -> None:
         """Add events (:meth:`add_event`'s arguments) and set a job's columns in one transaction:
         a write that fails (a full disk) leaves neither, so the runner's next poll retries both
