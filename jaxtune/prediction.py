@@ -33,10 +33,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtune import processes
 from jaxtune.config import ConfigError
 from jaxtune.data.config import FIELD_OPTIONS
+from jaxtune.data.labeled_sources import read_labeled
 from jaxtune.data.pipeline import LoaderConfig, evaluation_loader
 from jaxtune.data.preference import read_preference
+from jaxtune.data.row_sources import read_jsonl
 from jaxtune.data.rows import PYTHON, Syntax
-from jaxtune.data.sources import PREFERENCE, DataError, Source, read_jsonl, read_labeled
+from jaxtune.data.source_types import PREFERENCE, DataError, Source
 from jaxtune.models.load import model_of
 from jaxtune.training.evaluate import classification_metrics, in_lockstep, regression_metrics
 from jaxtune.training.preference import host_keys, pair_rewards

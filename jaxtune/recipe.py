@@ -23,7 +23,7 @@ import jax
 from jaxtune import processes
 from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data, validate
 from jaxtune.data.config import batching, read_data
-from jaxtune.data.sources import DataError
+from jaxtune.data.source_types import DataError
 from jaxtune.host_threads import simulated_devices, threads_for_simulated_devices
 from jaxtune.models.load import load as load_model
 from jaxtune.training.memory import StepMemory, plan_step_memory

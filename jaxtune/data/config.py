@@ -23,7 +23,8 @@ from typing import Any, Literal
 import numpy as np
 
 from jaxtune import assets
-from jaxtune.data.images import AUGMENTATIONS, read_images
+from jaxtune.data.image_pixels import AUGMENTATIONS
+from jaxtune.data.image_sources import read_images
 from jaxtune.data.pipeline import LoaderConfig
 from jaxtune.data.rows import PYTHON, RECIPE, Syntax
 from jaxtune.data.sources import KINDS, Source, read_source, split_source
@@ -45,7 +46,7 @@ class DataConfig(LoaderConfig):
     evaluation batch (default ``batch_size``). ``text_unit``: one example per ``file``,
     ``paragraph`` or ``line`` of raw text. ``skip_bad_rows``: leave out (and count) invalid rows
     instead of stopping at the first. ``images``: the files are labeled images
-    (:mod:`jaxtune.data.images`: a class-folder tree, ``.npz``, IDX, or JSONL or Parquet rows with an
+    (:mod:`jaxtune.data.image_sources`: a class-folder tree, ``.npz``, IDX, or JSONL or Parquet rows with an
     ``image`` path; packaged image datasets set it themselves), ``kind`` classification or
     regression; ``augment``: training augmentations (``flip``, ``crop``); ``verify_images``
     (default true): the Trainer decodes every image file once as it starts, so a corrupt file fails

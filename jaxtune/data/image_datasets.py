@@ -7,7 +7,7 @@
   canvases test items.
 
 Files land in ``<cache>/datasets/<name>/<options>/{train,test}.npz`` with ``info.json``; a second
-call reads nothing else. They are ordinary image sources (:func:`jaxtune.data.images.read_images`).
+call reads nothing else. They are ordinary image sources (:func:`jaxtune.data.image_sources.read_images`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 
 from jaxtune.assets import ASSETS, cache_dir, cache_lock, package_path
 from jaxtune.data.datasets import PreparedData
-from jaxtune.data.images import read_idx
+from jaxtune.data.image_sources import read_idx
 from jaxtune.data.sources import split_indices
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",

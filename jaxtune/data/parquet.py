@@ -12,7 +12,7 @@ row leaves null (``weight`` on a user turn, ``name`` where none was given) is dr
 JSON object had not written it.
 
 Each row goes through the same check as a JSONL row (:mod:`jaxtune.data.rows`) when the source is
-built, and a bad one raises a one-line :class:`~jaxtune.data.sources.DataError` naming
+built, and a bad one raises a one-line :class:`~jaxtune.data.source_types.DataError` naming
 ``path[row]`` (``row`` is the row's index in that file, from 0, as pandas, ``datasets`` and
 pyarrow number it) or, with ``skip_bad_rows``, is counted and left out. A file without a column the
 rows need is an error naming the column, the file's columns and the option that maps another.
@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 
 from jaxtune.data.rows import PYTHON, RowError, Syntax
-from jaxtune.data.sources import (
+from jaxtune.data.source_types import (
     DataError,
     Source,
     SourceReport,

@@ -32,7 +32,7 @@ import numpy as np
 
 from jaxtune.data import packing
 from jaxtune.data.preference import MARGINS, PAIR_IDS, TokenizePairs, pair_rows
-from jaxtune.data.sources import LM_KINDS, PREFERENCE, DataError, Source
+from jaxtune.data.source_types import LM_KINDS, PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import Tokenize, TokenStats, scan
 from jaxtune.schema import check_fields
 

@@ -13,7 +13,7 @@ Two file formats are read, one JSON object per line, detected per row:
   prompt implicit, as the shared opening turns of two full ``chosen``/``rejected`` conversations.
 
 Every row is checked when the source is built, like the chat source: a bad row raises a one-line
-:class:`~jaxtune.data.sources.DataError` ``"path:line: problem — fix"`` (missing fields, empty
+:class:`~jaxtune.data.source_types.DataError` ``"path:line: problem — fix"`` (missing fields, empty
 answers, answers that are not assistant turns, a prompt that ends with an assistant turn, mixed
 plain and conversational fields, identical answers), or with ``skip_bad_rows`` is counted and
 left out.
@@ -43,8 +43,9 @@ import numpy as np
 
 from jaxtune.data import packing
 from jaxtune.data.parquet import is_parquet, read_parquet
+from jaxtune.data.row_sources import jsonl_lines
 from jaxtune.data.rows import RowError, check_message, string_field
-from jaxtune.data.sources import (
+from jaxtune.data.source_types import (
     PREFERENCE,
     DataError,
     FileSource,
@@ -52,7 +53,6 @@ from jaxtune.data.sources import (
     SourceReport,
     existing_file,
     finish_report,
-    jsonl_lines,
     reject_row,
 )
 from jaxtune.data.tokenize import (
@@ -64,7 +64,7 @@ from jaxtune.data.tokenize import (
 )
 from jaxtune.data.tokenizer_backend import backend
 
-KIND = PREFERENCE  # the source kind (one of jaxtune.data.sources.KINDS)
+KIND = PREFERENCE  # the source kind (one of jaxtune.data.source_types.KINDS)
 TRUNCATION = ("right", "drop", "error")
 Pair = dict[str, Any]  # {"chosen": Example, "rejected": Example, "index": source index or -1}
 PAIR_IDS = "pair_ids"  # the rows' key for source index + 1 per token (0: padding or unknown)
@@ -206,7 +206,7 @@ def check_preference(obj: Any) -> dict:
 
 class PreferenceSource(FileSource):
     """Preference rows of JSONL files (``kind == "preference"``), read with ``os.pread``: random
-    access, picklable and thread-safe like every :class:`~jaxtune.data.sources.FileSource`."""
+    access, picklable and thread-safe like every :class:`~jaxtune.data.source_types.FileSource`."""
 
     def __init__(self, paths: Sequence[str], file_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray,
                  lines: np.ndarray, report: SourceReport):

@@ -2,7 +2,8 @@
 
 Each check takes one parsed row (a JSON object or a CSV row as a dict) and returns the normalized
 record, or raises :class:`RowError` with what is wrong and how to fix it. The readers
-(:mod:`jaxtune.data.sources`, :mod:`jaxtune.data.preference`) add the ``path:line`` and raise a
+(:mod:`jaxtune.data.row_sources`, :mod:`jaxtune.data.labeled_sources`, :mod:`jaxtune.data.text_sources`,
+:mod:`jaxtune.data.preference`) add the ``path:line`` and raise a
 ``DataError`` or, with ``skip_bad_rows``, skip and count the row. A fix names an option as the user
 wrote it: a Python argument, a recipe key or a command-line flag (:class:`Syntax`).
 """

@@ -28,7 +28,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jaxtune.data.chat_turns import chat_pieces
-from jaxtune.data.sources import KINDS, LM_KINDS, PREFERENCE, DataError, Source
+from jaxtune.data.source_types import KINDS, LM_KINDS, PREFERENCE, DataError, Source
 from jaxtune.data.tokenizer_backend import backend
 
 TRUNCATION = ("right", "left", "drop", "error", "split")
@@ -325,7 +325,7 @@ class Tokenize:
     """Record → list of examples (usually one; none if dropped; several if split).
 
     A picklable callable for a grain ``map``; ``encode`` also returns the truncation status
-    for :func:`scan`. ``kind`` is a source kind (:data:`jaxtune.data.sources.KINDS`).
+    for :func:`scan`. ``kind`` is a source kind (:data:`jaxtune.data.source_types.KINDS`).
     """
 
     def __init__(self, tokenizer: Any, kind: str, max_length: int, *, truncation: str = "right",

@@ -15,9 +15,11 @@ from typing import Any, Protocol, runtime_checkable
 from jax.sharding import Mesh
 
 from jaxtune.data.config import DataConfig, source_fields
-from jaxtune.data.images import ImageSource, ImageSpec, image_loader
+from jaxtune.data.image_pixels import ImageSpec
+from jaxtune.data.image_sources import ImageSource
+from jaxtune.data.images import image_loader
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
-from jaxtune.data.sources import PREFERENCE, DataError, Source
+from jaxtune.data.source_types import PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import AnswerChoices, choice_token_ids
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import METRICS
