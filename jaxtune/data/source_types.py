@@ -172,8 +172,8 @@ class FileSource(Source):
     def __getitem__(self, index: int) -> dict:
         index = int(index)
         raw = os.pread(self._fd(int(self._file_ids[index])), int(self._lengths[index]), int(self._offsets[index]))
-        if self.kind == "text":  # a file's BOM and Windows line ends are not text to train on
-            record = {"text": raw.decode("utf-8").removeprefix("\ufeff").replace("\r\n", "\n").rstrip("\r")}
+        if self.kind == "text":
+            record = {"text": clean_text(raw.decode("utf-8"))}
         else:
             record = ROW_CHECKS[self.kind](json.loads(raw), **self.fields)
         record["where"] = self.where(index)
@@ -206,6 +206,14 @@ class ListSource(Source):
 
     def select(self, indices: Sequence[int]) -> ListSource:
         return ListSource(self.kind, [self.records[int(i)] for i in indices], self.report, self.label_names)
+
+
+def clean_text(text: str) -> str:
+    """A raw-text document as it is trained on, whichever file held it (a ``.txt`` file or a Parquet
+    row): without a leading byte-order mark and with Windows line ends (``\\r\\n``, and a ``\\r`` left
+    at the end where a unit was cut before its ``\\n``) made ``\\n``; editors write those, and they are
+    not text (a tokenizer gives the BOM and each ``\\r`` tokens of their own)."""
+    return text.removeprefix("\ufeff").replace("\r\n", "\n").rstrip("\r")
 
 
 def digest_bytes(*parts: bytes) -> str:

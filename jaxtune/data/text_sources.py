@@ -1,7 +1,8 @@
 """Raw text for continued (domain) training: ``.txt``/``.md`` files, or a Parquet ``text`` column.
 
 A document is a whole file, a paragraph or a line of a text file, or one Parquet row (see
-:func:`read_text`).
+:func:`read_text`); either reader gives it as :func:`~jaxtune.data.source_types.clean_text` gives it
+(no byte-order mark, ``\\n`` line ends), so the same text gives the same tokens from either.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from jaxtune.data.source_types import (
     FileSource,
     Source,
     SourceReport,
+    clean_text,
     existing_file,
     finish_report,
     reject_row,
@@ -41,7 +43,8 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
 
     A Parquet file (or folder or pattern of shards, as hub text corpora ship) gives one document a
     row: its ``text_field`` column (default ``text``), a string that is not blank (else the row is
-    an error naming ``path[row]``, or skipped and counted).
+    an error naming ``path[row]``, or skipped and counted), cleaned as a text file's document is (no
+    byte-order mark, ``\\n`` line ends).
     """
     root = os.fspath(path)
     if is_parquet(root):
@@ -95,5 +98,6 @@ def _read_parquet_text(path: str, unit: str, text_field: str, skip: bool, syntax
 
 
 def check_text_row(obj: dict, *, text_field: str) -> dict:
-    """A raw-text row's record ``{"text"}``: its ``text_field``, a string that is not blank."""
-    return {"text": string_field(obj, text_field, nonempty=True)}
+    """A raw-text row's record ``{"text"}``: its ``text_field``, a string that is not blank, cleaned as
+    a text file's document is (:func:`~jaxtune.data.source_types.clean_text`)."""
+    return {"text": clean_text(string_field(obj, text_field, nonempty=True))}
