@@ -320,12 +320,6 @@ def test_image_rows_and_rows_to_predict_read_from_parquet(tmp_path):
     datasets.Dataset.from_dict(files).cast_column("image", datasets.Image()).to_parquet(tmp_path / "files.parquet")
     theirs = read_images(tmp_path / "files.parquet", label_field="kind")
     assert theirs.items == jsonl.items and list(theirs.labels) == list(jsonl.labels)
-    mixed = tmp_path / "mixed.parquet"
-    write_parquet(mixed, [{"image": {"bytes": None, "path": str(tmp_path / "imgs/a.png")}, "kind": "cat"},
-                          {"image": {"bytes": (tmp_path / "imgs/b.png").read_bytes(), "path": None}, "kind": "dog"}])
-    with pytest.raises(DataError) as err:
-        read_images(mixed, label_field="kind")
-    assert str(err.value).startswith(f"{mixed}[1]: the image is held in the row, and in the rows before it a path")
 
     unlabeled = [{"text": "good film"}, {"text": "dull"}]  # jaxtune predict's rows: no label column
     source = read_labeled(write_parquet(tmp_path / "predict.parquet", unlabeled), labels=("neg", "pos"),
@@ -485,6 +479,44 @@ def test_images_held_in_parquet_rows_give_the_class_folder_batches(tmp_path):
         "image", datasets.Image()).to_parquet(one)
     source = read_data(DataConfig(train=str(one), kind="classification", images=True), validation=False)[0]
     assert source.label_names == ("x",) and source[0]["image"].tolist() == [[[9, 8, 7]] * 4] * 4
+
+
+def test_parquet_rows_that_hold_some_images_and_name_others_give_the_class_folder_batches(tmp_path):
+    """datasets' ``to_parquet`` writes an Image column of images some of which were in memory (their
+    bytes in the row) and some files (``bytes`` null, the path as given): each row decodes to the
+    file's image, and the batches are the class folder's (the reference: the same files decoded)."""
+    folder = _image_folder(tmp_path / "imgs")
+    files = sorted(folder.rglob("*.png"))
+    # rows 0, 3, 6, 9 name a file, relative to the Parquet file's folder; the others hold theirs
+    images = [{"bytes": None, "path": str(f.relative_to(tmp_path))} if i % 3 == 0
+              else {"bytes": f.read_bytes(), "path": None} for i, f in enumerate(files)]
+    path = tmp_path / "mixed.parquet"
+    datasets.Dataset.from_dict({"image": images, "label": [f.parent.name for f in files]}).cast_column(
+        "image", datasets.Image()).to_parquet(path, batch_size=4)
+    ours, theirs = read_images(path), read_image_folder(folder)
+    assert list(ours.labels) == list(theirs.labels) and ours.label_names == theirs.label_names
+    assert ours.where(1) == f"{path}[1]" and ours.where(3) == str(files[3])
+    for i in range(len(ours)):
+        np.testing.assert_array_equal(ours[i]["image"], theirs[i]["image"])
+    for train in (True, False):
+        config = LoaderConfig(batch_size=4, seed=3)
+        mine, folders = (list(itertools.islice(image_loader(s, SPEC, config, train=train, augment=("flip", "crop")), 6))
+                         for s in (ours, theirs))
+        assert_same_batches(mine, folders)
+    part = ours.select([8, 3, 1])  # held, named, held: each keeps its own image
+    assert [part.where(i) for i in range(3)] == [f"{path}[8]", str(files[3]), f"{path}[1]"]
+    for i, j in enumerate((8, 3, 1)):
+        np.testing.assert_array_equal(part[i]["image"], theirs[j]["image"])
+    assert part.digest() != ours.digest() and read_images(path).digest() == ours.digest()
+    assert image_loader(ours, SPEC, LoaderConfig(batch_size=4), train=False).scan().records == len(files)
+    config = LoaderConfig(batch_size=4, seed=3, num_epochs=2, shuffle=True, worker_count=1, worker_buffer_size=2)
+    assert_same_batches(check_resume(ImageLoader(ours, SPEC, config), stops=(2,)), list(ImageLoader(
+        theirs, SPEC, dataclasses.replace(config, worker_count=0))))
+
+    files[6].unlink()  # a named file that is gone is named with the row that names it
+    with pytest.raises(DataError) as err:
+        read_images(path)
+    assert err.value.where == f"{path}[6]" and "not found" in str(err.value)
 
 
 def test_corrupt_bytes_in_a_parquet_row_name_the_row(tmp_path):

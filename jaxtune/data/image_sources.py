@@ -37,9 +37,9 @@ _FLOAT32_MAX = float(np.finfo(np.float32).max)  # regression targets are stored 
 
 class ImageSource(Source):
     """Labeled images: file paths or the encoded files in Parquet rows (a source of ``{"image":
-    bytes}`` records; both decoded when read) or uint8 arrays, with int32 class ids
-    (``label_names`` their names) or float32 targets. ``where(i)`` names the file (or Parquet or
-    array row)."""
+    bytes}`` records, or of those and paths: :class:`HeldAndNamedImages`; all decoded when read) or
+    uint8 arrays, with int32 class ids (``label_names`` their names) or float32 targets. ``where(i)``
+    names the file (or Parquet or array row)."""
 
     def __init__(self, kind: str, items: np.ndarray | Sequence[str] | Source, labels: np.ndarray, report: SourceReport,
                  label_names: tuple | None = None, origin: str = ""):
@@ -281,17 +281,15 @@ def read_image_parquet(path: str | os.PathLike, kind: str = "classification", *,
     ``label_field``. The image is a path (relative to the Parquet file's folder:
     :func:`read_image_jsonl`'s rows) or datasets' ``Image`` feature, a ``{"bytes", "path"}`` struct:
     the encoded file itself in ``bytes`` (as the hub's image datasets store it; read by row group
-    when a batch needs it, not held decoded), or, with ``bytes`` null, the path of a file. The rows
-    of one source are all one or the other."""
+    when a batch needs it, not held decoded), or, with ``bytes`` null, the path of a file. A source's
+    rows may hold some files and name others, as ``datasets``' ``to_parquet`` writes a column of
+    images some of which were in memory and some files (it does not embed the files)."""
     folders = [Path(f).parent for f in parquet_files(path)]
-    paths, values, where, rows = [], [], [], []  # rows: (file, row) of each image file held in a row
+    # paths: each row's checked image path, None where the row holds the file; rows: (file, row) of those
+    paths, values, where, rows = [], [], [], []
     for here, file_id, row_index, row in parquet_rows(path, {"label_field": label_field}, optional=["image"]):
         image = row.get("image")
         held = isinstance(image, dict) and "bytes" in image  # datasets' Image feature with the file in the row
-        if where and held != bool(rows):
-            raise DataError(here, f"the image is {'held in the row' if held else 'a path'}, and in the rows before "
-                            f"it {'a path' if held else 'held in the row'}",
-                            "store every image the same way: all as files in the rows, or all as paths")
         if held:
             if not isinstance(image["bytes"], bytes):
                 raise DataError(here, f"the image's bytes are a {type(image['bytes']).__name__}",
@@ -300,6 +298,7 @@ def read_image_parquet(path: str | os.PathLike, kind: str = "classification", *,
                 raise DataError(here, f"the row's {label_field!r} is null", "give every image a label")
             check_header(image["bytes"], here)
             rows.append((file_id, row_index))
+            paths.append(None)
         else:
             if isinstance(image, dict):  # datasets' Image feature of a file: {"path"}, its bytes null
                 row = {**row, "image": image.get("path")}
@@ -310,11 +309,48 @@ def read_image_parquet(path: str | os.PathLike, kind: str = "classification", *,
         raise DataError(str(path), "no rows", "add one row per image")
     ids, names = _labels(values, kind, where, labels)
     report = _report(Path(path), len(where))
-    if rows:
-        file_ids, row_ids = zip(*rows)
-        items = parquet_source(path, "image", _embedded_image, file_ids, row_ids, report, optional=["image"])
-        return ImageSource(kind, items, ids, report, names)
-    return ImageSource(kind, paths, ids, report, names)
+    if not rows:
+        return ImageSource(kind, paths, ids, report, names)
+    file_ids, row_ids = zip(*rows)
+    items = parquet_source(path, "image", _embedded_image, file_ids, row_ids, report, optional=["image"])
+    if len(rows) < len(paths):
+        items = HeldAndNamedImages(items, paths, report)
+    return ImageSource(kind, items, ids, report, names)
+
+
+class HeldAndNamedImages(Source):
+    """The images of Parquet rows of which some hold their file and some name one: ``held``, the
+    :class:`~jaxtune.data.parquet.ParquetSource` of the rows that hold theirs (in row order), and
+    ``paths``, each row's checked file path or None where the row holds its file. ``source[i]`` is
+    row ``i``'s ``{"image": bytes, "where"}`` record or its path, as :class:`ImageSource` reads
+    either."""
+
+    kind = "image"
+
+    def __init__(self, held: Source, paths: Sequence[str | None], report: SourceReport):
+        self.held, self.paths, self.report = held, list(paths), report
+        self._held_at = np.cumsum([p is None for p in self.paths]) - 1  # row i's index in held, where it holds
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict | str:
+        index = int(index)
+        path = self.paths[index]
+        return self.held[int(self._held_at[index])] if path is None else path
+
+    def where(self, index: int) -> str:
+        path = self.paths[int(index)]
+        return self.held.where(int(self._held_at[int(index)])) if path is None else path
+
+    def digest(self) -> str:
+        """The held rows' (their files' bytes) and the paths, None where a row holds its file."""
+        return digest_bytes(self.held.digest().encode(), json.dumps(self.paths).encode())
+
+    def select(self, indices: Sequence[int]) -> HeldAndNamedImages:
+        idx = [int(i) for i in indices]
+        held = self.held.select([int(self._held_at[i]) for i in idx if self.paths[i] is None])
+        return HeldAndNamedImages(held, [self.paths[i] for i in idx], self.report)
 
 
 def _embedded_image(row: dict) -> dict:
