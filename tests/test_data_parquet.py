@@ -405,6 +405,7 @@ def test_raw_text_from_parquet_drops_the_bom_and_windows_line_ends_as_a_txt_file
 
 
 @pytest.mark.parametrize("texts, problem", [(["fine", "also fine", "  \n"], "'text' is empty"),
+                                            (["fine", "also fine", "\ufeff"], "'text' holds only a byte-order mark"),
                                             ([1, 2, 7], "'text' is int, not a string"),
                                             (["fine", "also fine", None], "missing 'text' key")])
 def test_a_bad_raw_text_row_names_the_file_and_row(texts, problem, tmp_path):

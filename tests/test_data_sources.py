@@ -216,12 +216,19 @@ def test_text_units_and_folders(tmp_path):
     for unit in ("file", "paragraph", "line"):
         win, unix = read_text(tmp_path / "win.txt", unit=unit), read_text(tmp_path / "unix.txt", unit=unit)
         assert [r["text"] for r in win] == [r["text"] for r in unix], unit
+    # A BOM on a line of its own is not a document (it was one, empty): units start after it.
+    (tmp_path / "bom_line.txt").write_bytes("\ufeff\none\n\ntwo\n".encode())
+    assert [r["text"] for r in read_text(tmp_path / "bom_line.txt", unit="paragraph")] == ["one\n", "two\n"]
+    assert [r["text"] for r in read_text(tmp_path / "bom_line.txt", unit="line")] == ["one", "two"]
 
 
 def test_text_errors(tmp_path):
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(DataError, match=r"empty.txt:1: file is empty"):
         read_text(tmp_path / "empty.txt")
+    (tmp_path / "bom.txt").write_bytes("\ufeff\n".encode())  # an editor's "empty" UTF-8 file
+    with pytest.raises(DataError, match=r"bom.txt:1: file is empty"):
+        read_text(tmp_path / "bom.txt")
     (tmp_path / "latin.txt").write_bytes(b"ok line\ncaf\xe9\n")
     with pytest.raises(DataError, match=r"latin.txt:2: not UTF-8"):
         read_text(tmp_path / "latin.txt", unit="line")

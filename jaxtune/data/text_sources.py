@@ -7,6 +7,7 @@ A document is a whole file, a paragraph or a line of a text file, or one Parquet
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 from collections.abc import Sequence
@@ -65,11 +66,12 @@ def read_text(path: str | os.PathLike, *, unit: str = "file", suffixes: Sequence
     for file_id, name in enumerate(files):
         with open(name, "rb") as f:
             data = f.read()
-        if not data.strip():
+        bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # not text: never a unit of its own
+        if not data[bom:].strip():
             reject_row(report, f"{name}:1", RowError("file is empty", "remove it or add text"), skip_bad_rows, syntax)
             continue
-        spans = ([(0, len(data))] if unit == "file"
-                 else [m.span() for m in _UNIT_PATTERNS[unit].finditer(data)])
+        spans = ([(bom, len(data))] if unit == "file"
+                 else [m.span() for m in _UNIT_PATTERNS[unit].finditer(data, bom)])
         line, pos = 1, 0
         for start, end in spans:
             line += data.count(b"\n", pos, start)
@@ -100,4 +102,8 @@ def _read_parquet_text(path: str, unit: str, text_field: str, skip: bool, syntax
 def check_text_row(obj: dict, *, text_field: str) -> dict:
     """A raw-text row's record ``{"text"}``: its ``text_field``, a string that is not blank, cleaned as
     a text file's document is (:func:`~jaxtune.data.source_types.clean_text`)."""
-    return {"text": clean_text(string_field(obj, text_field, nonempty=True))}
+    text = clean_text(string_field(obj, text_field, nonempty=True))
+    if not text.strip():
+        raise RowError(f"{text_field!r} holds only a byte-order mark",
+                       f"give {text_field!r} some text or remove the row")
+    return {"text": text}
