@@ -4,6 +4,7 @@ random network), and a training BatchNorm against PyTorch's."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -41,8 +42,9 @@ def test_real_efficientnet_lite0_features_and_logits_match_the_reference_package
     ref = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(package_path(
         ASSETS["efficientnet-lite0"]))).eval()
     body = EfficientNetLite(dataclasses.replace(model.config, include_top=False))
-    features = np.asarray(body.apply({"params": {k: v for k, v in model.params.items() if k != "fc"}}, x))
-    logits = np.asarray(model.module.apply({"params": model.params}, x))
+    # Jitted: op by op, the network's hundreds of ops each compiled alone took most of the test's time.
+    features = np.asarray(jax.jit(body.apply)({"params": {k: v for k, v in model.params.items() if k != "fc"}}, x))
+    logits = np.asarray(jax.jit(model.module.apply)({"params": model.params}, x))
     with torch.no_grad():
         theirs = ref.extract_features(torch.from_numpy(x)).numpy()  # (B, 1280, 7, 7)
         their_logits = ref(torch.from_numpy(x)).numpy()
@@ -196,6 +198,12 @@ def tiny():
     return hf.Pretrained(cfg, module, unflatten_dict(flat), hf_config, "tiny", cfg.architecture)
 
 
+def _jit_loss(loss_fn: Callable) -> Callable:
+    """``loss_fn(params, batch, rng, deterministic)`` compiled whole, ``deterministic`` static: run op by
+    op, the network's hundreds of ops each compiled alone (~20 s of CPU a call on CI's 2 cores)."""
+    return jax.jit(loss_fn, static_argnums=3)
+
+
 def _image_batch(n: int, seed: int = 1) -> dict:
     rng = np.random.default_rng(seed)
     return {"pixel_values": rng.normal(size=(n, 3, 32, 32)).astype(np.float32),
@@ -226,7 +234,7 @@ def test_batchnorm_statistics_follow_the_plan(tiny):
     optimizer = optax.adamw(1e-2, weight_decay=0.1)
     batch = _image_batch(4)
     loss_fn = make_loss_fn(tuned.module, "classification")
-    _, _, outputs = loss_fn(tuned.params, batch, jax.random.key(0), False)
+    _, _, outputs = _jit_loss(loss_fn)(tuned.params, batch, jax.random.key(0), False)
     updates = flatten_dict(outputs["state"])
     assert {p[0] for p in updates} == {last, "bn1"}
     step = jax.jit(make_train_step(loss_fn, optimizer))
@@ -245,7 +253,7 @@ def test_batchnorm_statistics_follow_the_plan(tiny):
     # A frozen body normalises with the stored statistics in training: without dropout, it equals evaluation.
     frozen_body = tuning.apply_plan(tiny, tuning.head("classification", 3))
     assert frozen_body.config.training_batch_norms == ()
-    frozen_loss = make_loss_fn(frozen_body.module, "classification")
+    frozen_loss = _jit_loss(make_loss_fn(frozen_body.module, "classification"))
     train_out, eval_out = (np.asarray(frozen_loss(frozen_body.params, batch, jax.random.key(0), d)[2])
                            for d in (False, True))
     np.testing.assert_allclose(train_out, eval_out, atol=1e-5)
@@ -264,7 +272,7 @@ def test_gradient_accumulation_updates_statistics_micro_batch_after_micro_batch(
     params = tuned.params
     for rows in (slice(0, None, 2), slice(1, None, 2)):  # the step's micro-batches take every k-th row
         micro = {k: v[rows] for k, v in batch.items()}
-        params = with_state(params, loss_fn(params, micro, jax.random.key(0), False)[2]["state"])
+        params = with_state(params, _jit_loss(loss_fn)(params, micro, jax.random.key(0), False)[2]["state"])
     expected, got = flatten_dict(params), flatten_dict(new_trainable)
     for path, label in flatten_dict(tuned.labels).items():
         if label == STATE:
@@ -341,9 +349,12 @@ def test_depthwise_by_shifts_equals_the_grouped_convolution_forward_and_backward
     def shifts(x, w):
         return depthwise_by_shifts(x, w, stride, pads)
 
+    # Jitted (as the model runs them): op by op, each of the shifts' many small ops compiled alone.
+    shifts, grouped = jax.jit(shifts), jax.jit(grouped)
     np.testing.assert_allclose(shifts(x, w), grouped(x, w), rtol=1e-5, atol=1e-5)
     probe = jax.random.normal(jax.random.key(2), grouped(x, w).shape)
-    grads = [jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * probe), argnums=(0, 1))(x, w) for f in (shifts, grouped)]
+    grads = [jax.jit(jax.grad(lambda x, w, f=f: jnp.sum(f(x, w) * probe), argnums=(0, 1)))(x, w)
+             for f in (shifts, grouped)]
     for ours, reference in zip(*grads):
         np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
 
@@ -450,7 +461,7 @@ def test_recalibration_equals_torch_cumulative_batch_norm_statistics(tiny):
             np.testing.assert_array_equal(np.asarray(value), np.asarray(before[path]), err_msg=str(path))
     # Evaluation then reads the re-estimated statistics: the reference in eval mode gives the same features.
     body = {k: v for k, v in tuning.combine(new, frozen).items() if k != "head"}
-    features = EfficientNetLite(dataclasses.replace(tiny.config, include_top=False)).apply(
+    features = jax.jit(EfficientNetLite(dataclasses.replace(tiny.config, include_top=False)).apply)(
         {"params": body}, batches[0]["pixel_values"])
     ref.eval()
     with torch.no_grad():
