@@ -306,3 +306,43 @@ def test_plan_memory_of_dpo_from_trained_adapters_holds_their_starting_copy(pref
     lora = [{"preset": "lora", "rank": 4, "alpha": 8, "targets": ["q_proj", "v_proj"]}]
     _assert_plan_equals_train(_preference_recipe(preference_files, tmp_path, lora, {"method": "dpo"},
                                                  adapter=str(tmp_path / "adapter")))
+
+
+
+def test_the_preference_step_holds_the_lm_steps_temporaries_for_its_rows_in_unpadded_chunks(tmp_path):
+    """A DPO step on B pairs is an LM step on 2B rows plus a reference forward that nothing keeps for
+    the backward pass: its compiled temporaries (one device) are the LM step's on 2B rows, give or take
+    the pairs' bookkeeping. 3 pairs of 30 tokens are 180 tokens: at 100 tokens a chunk the
+    LM head runs two chunks of 90 (their (chunk, V) float32 logits), not two of 100 (20 padding rows)."""
+    import optax
+
+    from jaxtune.training.preference import PreferenceConfig, make_preference_loss_fn
+    from jaxtune.training.step import make_loss_fn, make_train_step
+    from jaxtune.tuning.partition import partition
+
+    _config_only_llama(tmp_path / "llama", 1, vocab_size=4096, hidden_size=32, intermediate_size=64)  # V >> D
+    tuned = memory.abstract_plan(memory.abstract_model(ModelConfig(path=str(tmp_path / "llama"))), tuning.lora(4))
+    trainable, frozen = partition(tuned.params, tuned.labels)
+    optimizer = optax.sgd(0.1)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+
+    def compiled(preference, rows: int, chunk: int):
+        if preference is None:
+            loss_fn = make_loss_fn(tuned.module, "lm", chunk_tokens=chunk)
+            batch = memory.batch_spec("lm", rows, 30)
+        else:
+            loss_fn = make_preference_loss_fn(tuned.module, preference, chunk_tokens=chunk)
+            batch = memory.paired_batch_spec(preference, rows, 30)
+        rng = jax.eval_shape(lambda: jax.random.key(0))
+        step = jax.jit(make_train_step(loss_fn, optimizer), donate_argnums=(0, 2))
+        return step.lower(trainable, frozen, opt_state, batch, rng).compile()
+
+    dpo = PreferenceConfig(method="dpo")
+    step = compiled(dpo, 3, 100)
+    temporaries = step.memory_analysis().temp_size_in_bytes
+    assert "f32[90,4096]" in step.as_text() and "f32[100,4096]" not in step.as_text()
+    # The pairs' bookkeeping (segment sums, per-pair terms) is a few floats a token; one kept hidden state of
+    # the reference's forward alone would be 32 a token.
+    bookkeeping = 4 * 4 * 180
+    lm = compiled(None, 6, 100).memory_analysis().temp_size_in_bytes
+    assert abs(temporaries - lm) <= bookkeeping, (temporaries, lm)
