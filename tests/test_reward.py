@@ -133,6 +133,32 @@ def test_reward_loss_and_gradients_equal_trls_reward_trainer(reward_llama, margi
     np.testing.assert_allclose(float(sums["rewards/accuracy"]) / len(pairs), trl_metrics["accuracy"], atol=1e-6)
     np.testing.assert_allclose(float(sums["rewards/margin"]) / len(pairs), trl_metrics["margin"], rtol=1e-5,
                                atol=1e-6)
+    for ours, theirs in (("min", "min_reward"), ("mean", "mean_reward"), ("max", "max_reward")):
+        np.testing.assert_allclose(float(sums[f"rewards/{ours}"]) / len(pairs), trl_metrics[theirs], rtol=1e-5,
+                                   atol=1e-6, err_msg=ours)
+
+
+def test_the_reward_range_over_micro_batches_is_trls_mean_of_their_figures(reward_llama):
+    """TRL logs each micro-batch's min/mean/max reward and averages them over the log window; a jaxtune
+    step of two micro-batches (two pairs each, packed in one row) reports the same."""
+    root, hf_model = reward_llama
+    hf_model.train()
+    pairs = _pairs(seed=3, n=4)
+    halves = [_batch(pairs[:2]), _batch(pairs[2:])]
+    assert all(h["segment_ids"].shape[0] == 1 for h in halves)  # one row, two pairs each
+    batch = {k: jnp.concatenate([h[k] for h in halves]) for k in halves[0]}
+    tuned = jt.apply_plan(jt.load(str(root)), jt.full())
+    config = jt.PreferenceConfig(method="reward")
+    loss_fn = pref.make_preference_loss_fn(tuned.module, config, pad_id=pref.reward_pad_id(tuned))
+    trainable, frozen = partition(tuned.params, tuned.labels)
+    step = jax.jit(make_train_step(loss_fn, optax.sgd(0.0), grad_accum_steps=2))
+    _, _, metrics = step(trainable, frozen, optax.sgd(0.0).init(trainable), batch, jax.random.key(0))
+    sums = metrics["metric_sums"]
+    theirs = [_trl_reward(hf_model, half, False, None)[1] for half in (pairs[:2], pairs[2:])]
+    assert theirs[0]["min_reward"] != pytest.approx(theirs[1]["min_reward"])  # two different figures averaged
+    for ours, name in (("min", "min_reward"), ("mean", "mean_reward"), ("max", "max_reward")):
+        np.testing.assert_allclose(float(sums[f"rewards/{ours}"]) / float(sums["pairs"]),
+                                   np.mean([m[name] for m in theirs]), rtol=1e-5, atol=1e-6, err_msg=ours)
 
 
 def test_sgd_steps_of_jaxtunes_train_step_equal_torch_steps_on_trls_loss(reward_llama, tmp_path):
@@ -236,6 +262,15 @@ def test_a_reward_run_learns_and_reports_reward_accuracy_and_margin(python_run):
     assert [r["step"] for r in train] == [2, 4, 6, 8]
     assert all({"rewards/accuracy", "rewards/margin"} <= set(r) for r in train)
     assert "rewards/accuracy" in result.report
+    assert set(after) >= {"rewards/min", "rewards/mean", "rewards/max"}  # TRL's min/mean/max_reward
+    assert after["rewards/min"] <= after["rewards/mean"] <= after["rewards/max"]
+    assert all({"rewards/min", "rewards/mean", "rewards/max"} <= set(r) for r in train)
+    # A reward model's scores only count against each other: their level has no better or worse, the
+    # margin and accuracy do.
+    rows = {line.split("|")[1].strip(): line for line in result.report.splitlines() if line.startswith("| rewards/")}
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/min", "rewards/mean", "rewards/max"):
+        assert not rows[name].rstrip(" |").endswith(("better", "worse")), rows[name]
+    assert rows["rewards/margin"].rstrip(" |").endswith("better")
     assert result.model.task == "regression" and result.model.hf_architecture == "LlamaForSequenceClassification"
 
 
@@ -488,3 +523,26 @@ def test_predict_scores_a_conversation_as_trl_tokenizes_it_and_transformers_scor
         jt.predict(result.model, tmp_path / "bad.jsonl")
     assert _one_line(err).startswith(f"{tmp_path / 'bad.jsonl'}:2: the conversation ends with a user turn, but a "
                                      "reward model scores the answer that closes it")
+
+
+def test_a_reward_models_report_marks_only_its_margin_and_accuracy_better_or_worse():
+    """A reward model's scores count only against each other: their level moving (chosen, rejected, the
+    range) is neither better nor worse; a DPO policy's chosen reward rising is better."""
+    from jaxtune.training.evaluate import comparison_table
+
+    before = {"loss": 0.7, "rewards/accuracy": 0.5, "rewards/margin": 0.1, "rewards/chosen": 0.2,
+              "rewards/rejected": 0.1, "rewards/min": -1.0, "rewards/mean": 0.15, "rewards/max": 1.0}
+    after = {k: v + 0.5 for k, v in before.items()}
+    after.update({"loss": 0.3, "rewards/accuracy": 0.9})
+
+    def marks(table: str) -> dict[str, str]:
+        cells = [line.strip(" |").split(" | ") for line in table.splitlines() if line.startswith("| ")]
+        return {row[0]: row[-1].split()[-1] for row in cells[1:]}
+
+    reward = marks(comparison_table(before, after, reward_model=True))
+    assert {k: reward[k] for k in ("loss", "rewards/accuracy", "rewards/margin")} == dict.fromkeys(
+        ("loss", "rewards/accuracy", "rewards/margin"), "better")
+    for name in ("rewards/chosen", "rewards/rejected", "rewards/min", "rewards/mean", "rewards/max"):
+        assert reward[name] == "+0.5000", name  # the change alone
+    dpo = marks(comparison_table(before, after))
+    assert (dpo["rewards/chosen"], dpo["rewards/rejected"]) == ("better", "worse")

@@ -65,6 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import jaxtune as jt
     from jaxtune.training.evaluate import comparison_table
+    from jaxtune.training.preference import REWARD
 
     trainer = jt.open_run(args.target, args.overrides, restore=False)
     if trainer.eval_data is None:
@@ -82,7 +83,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {v:.4f}" for k, v in base.items()))
     else:
         note = "pretrained model with the plan's fresh (untrained) adapters/head"
-        print(f"\ncheckpoint step {step}\n\n{comparison_table(base, tuned, before_note=note)}")
+        table = comparison_table(base, tuned, before_note=note,
+                                 reward_model=trainer.preference is not None and trainer.preference.method == REWARD)
+        print(f"\ncheckpoint step {step}\n\n{table}")
     return 0
 
 

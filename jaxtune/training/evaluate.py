@@ -20,8 +20,13 @@ METRICS = {"lm": ("loss", "perplexity"), "classification": ("loss", "accuracy", 
            "regression": ("loss", "mae", "rmse", "pearson"),
            "preference": ("loss", "rewards/accuracy", "rewards/margin", "rewards/chosen", "rewards/rejected",
                           "logps/chosen", "logps/rejected", "logps/accuracy")}
-# A reward model's evaluation (task preference, method reward) has the rewards alone: no log-probs.
-METRICS["reward"] = METRICS["preference"][:5]
+# A reward model's evaluation (task preference, method reward) has the rewards alone (no log-probs), and the
+# range of its scores, as TRL's RewardTrainer logs it (min_reward, mean_reward, max_reward).
+REWARD_RANGE = ("rewards/min", "rewards/mean", "rewards/max")
+METRICS["reward"] = METRICS["preference"][:5] + REWARD_RANGE
+# A reward model's scores are only compared within a pair, so their level (chosen, rejected, the range)
+# moving up or down is neither better nor worse; its margin and accuracy keep their direction.
+REWARD_SCORES = ("rewards/chosen", "rewards/rejected", *REWARD_RANGE)
 # Which direction is better, for choosing the best checkpoint and for the report's arrows.
 HIGHER_IS_BETTER = {"accuracy": True, "macro_f1": True, "choice_accuracy": True, "choice_macro_f1": True,
                     "pearson": True, "loss": False, "perplexity": False, "mae": False, "rmse": False,
@@ -129,7 +134,7 @@ def evaluate(
     metrics = {"loss": loss_sum / weight}
     if task == "preference":
         # a reward model's loss sums its scores only (no log-probs)
-        metrics.update({k: sums[k] / sums["pairs"] for k in METRICS["preference"][1:] if k in sums})
+        metrics.update({k: sums[k] / sums["pairs"] for k in METRICS["preference"][1:] + REWARD_RANGE if k in sums})
     elif task == "lm":
         metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
         metrics["tokens"] = weight
@@ -154,11 +159,14 @@ BASELINE_DESCRIPTIONS = {"probe": "logistic/ridge regression on the frozen model
                          "tfidf": "word 1-2-gram TF-IDF + logistic/ridge regression; strengths by 3-fold CV"}
 
 
-def comparison_table(before: dict[str, float], after: dict[str, float], *, before_note: str = "") -> str:
+def comparison_table(before: dict[str, float], after: dict[str, float], *, before_note: str = "",
+                     reward_model: bool = False) -> str:
     """A markdown table of base vs fine-tuned metrics, with the change and whether it improved.
 
     When ``before`` holds baselines (``probe/accuracy``, ``tfidf/accuracy``...), each gets a
     column, and a last column says how far the fine-tuned model is from the best of them.
+    ``reward_model``: the metrics are a reward model's (``preference.method: reward``), whose
+    scores' level (:data:`REWARD_SCORES`) gets a change but no better/worse.
     """
     baselines = [key for key in BASELINE_COLUMNS if any(k.startswith(f"{key}/") for k in before)]
     head = ["metric", "base", *(BASELINE_COLUMNS[b] for b in baselines), "fine-tuned", "change"]
@@ -172,7 +180,7 @@ def comparison_table(before: dict[str, float], after: dict[str, float], *, befor
 
     for name in [k for k in after if k in before and k != "tokens"]:
         b, a = before[name], after[name]
-        better = HIGHER_IS_BETTER.get(name)
+        better = None if reward_model and name in REWARD_SCORES else HIGHER_IS_BETTER.get(name)
         scores = [before.get(f"{key}/{name}") for key in baselines]
         cells = [name, f"{b:.4f}", *("-" if s is None else f"{s:.4f}" for s in scores), f"{a:.4f}",
                  versus(a, b, better)]

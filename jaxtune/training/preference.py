@@ -65,6 +65,7 @@ from jaxtune.training.preference_losses import (
     orpo_terms,
     pair_metrics,
     reward_terms,
+    score_range_sums,
     simpo_terms,
 )
 from jaxtune.training.sharding import jit_on_mesh
@@ -444,7 +445,7 @@ def reward_objective(config: PreferenceConfig, scores: Array, rows: Batch, pairs
     Returns:
       ``(loss_sum, pairs, outputs)`` as :func:`preference_objective`: ``outputs`` holds per-pair
       ``(B, S)`` ``chosen_rewards``, ``rejected_rewards`` (the scores), ``pair`` and the
-      :func:`pair_metrics` sums under ``metrics``.
+      :func:`pair_metrics` and :func:`score_range_sums` sums under ``metrics``.
     """
     b, s = pairs_shape
     seg = rows["segment_ids"]
@@ -459,8 +460,8 @@ def reward_objective(config: PreferenceConfig, scores: Array, rows: Batch, pairs
         margin = sums[:, 0] / jnp.maximum(counts[:, 0], 1.0)
     # Absent pairs pool an arbitrary (finite) token: weighed out here, they add nothing, gradient included.
     losses = reward_terms(chosen, rejected, margin, center_rewards_coefficient=config.center_rewards_coefficient)
-    outputs = {"chosen_rewards": chosen, "rejected_rewards": rejected, "pair": pair,
-               "metrics": pair_metrics(chosen, rejected, None, None, pair)}
+    metrics = {**pair_metrics(chosen, rejected, None, None, pair), **score_range_sums(chosen, rejected, pair)}
+    outputs = {"chosen_rewards": chosen, "rejected_rewards": rejected, "pair": pair, "metrics": metrics}
     return jnp.sum(losses * pair), pair.sum(), outputs
 
 

@@ -75,6 +75,24 @@ def pair_metrics(chosen_rewards: Array, rejected_rewards: Array, chosen_logps: A
     return sums
 
 
+def score_range_sums(chosen_rewards: Array, rejected_rewards: Array, mask: Array) -> Metrics:
+    """A reward model's ``rewards/min``, ``rewards/mean``, ``rewards/max`` (TRL's ``RewardTrainer``
+    ``min_reward``, ``mean_reward``, ``max_reward``) over the scores of both answers of the pairs in
+    ``mask`` (float ``(...)``), as sums over those pairs like :func:`pair_metrics`: the mean's sum is
+    that of ``(r_c + r_r) / 2``, the min's and max's the batch's extreme times its pairs. Divided by
+    the pairs they give the batch's min, mean and max; over several batches (micro-batches, a log
+    window, an evaluation) the pair-weighted mean of each batch's, which is TRL's mean of its
+    per-batch figures when the batches hold as many pairs."""
+    c = jax.lax.stop_gradient(chosen_rewards).astype(jnp.float32)
+    r = jax.lax.stop_gradient(rejected_rewards).astype(jnp.float32)
+    real, n = mask > 0, mask.sum()
+    low = jnp.min(jnp.where(real, jnp.minimum(c, r), jnp.inf))
+    high = jnp.max(jnp.where(real, jnp.maximum(c, r), -jnp.inf))
+    # no pair: the extremes are +-inf, and inf * 0 would be NaN
+    return {"rewards/min": jnp.where(n > 0, low * n, 0.0), "rewards/mean": jnp.sum((c + r) * 0.5 * mask),
+            "rewards/max": jnp.where(n > 0, high * n, 0.0)}
+
+
 def mean_metrics(sums: Metrics) -> Metrics:
     """:func:`pair_metrics` sums -> means over the pairs (``pairs`` itself kept as a count)."""
     n = jnp.maximum(sums["pairs"], 1.0)
@@ -222,8 +240,12 @@ def reward_loss(chosen_rewards: Array, rejected_rewards: Array, *, margin: Array
       mask: as :func:`dpo_loss`.
 
     Metrics: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``rewards/accuracy``
-    (TRL's ``accuracy`` and ``margin``), the scores' means over the pairs.
+    (TRL's ``accuracy`` and ``margin``), the scores' means over the pairs, and ``rewards/min``,
+    ``rewards/mean``, ``rewards/max`` over both answers' scores (:func:`score_range_sums`).
     """
     losses = reward_terms(chosen_rewards, rejected_rewards, margin,
                           center_rewards_coefficient=center_rewards_coefficient)
-    return _result(losses, (chosen_rewards, rejected_rewards), (None, None), mask)
+    m = _pair_mask(losses, mask)
+    ranges = mean_metrics({"pairs": m.sum(), **score_range_sums(chosen_rewards, rejected_rewards, m)})
+    return _result(losses, (chosen_rewards, rejected_rewards), (None, None), mask,
+                   {k: v for k, v in ranges.items() if k != "pairs"})

@@ -21,6 +21,7 @@ from jaxtune.training import base_cache
 from jaxtune.training.baselines import applies as baselines_apply
 from jaxtune.training.baselines import baseline_metrics, training_pass
 from jaxtune.training.evaluate import comparison_table, metrics_line
+from jaxtune.training.preference import REWARD
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,9 @@ def score_final(trainer: Any, result: Any) -> None:
         if trainer.preference is not None and trainer.preference.needs_reference:
             note += ("; policy == reference there, so its DPO loss is log 2 and its rewards 0: logps/accuracy "
                      "(the model's own preference) is the comparable score")
-        result.report = comparison_table(result.before, result.after, before_note=note)
+        result.report = comparison_table(result.before, result.after, before_note=note,
+                                         reward_model=trainer.preference is not None
+                                         and trainer.preference.method == REWARD)
     else:
         log.info("fine-tuned: %s", metrics_line(result.after))
 
