@@ -45,7 +45,7 @@ _API = {
     "TrainConfig": "jaxtune.training.config", "EvalConfig": "jaxtune.training.config",
     "CheckpointConfig": "jaxtune.training.config",
     "OptimizerConfig": "jaxtune.training.optim", "MeshConfig": "jaxtune.training.sharding",
-    "PreferenceConfig": "jaxtune.training.preference",
+    "PreferenceConfig": "jaxtune.training.preference_config",
     # recipes
     "Config": "jaxtune.config", "ConfigError": "jaxtune.config", "finetune": "jaxtune.recipe",
     "open_run": "jaxtune.recipe", "fetch": "jaxtune.recipe", "predict": "jaxtune.prediction",

@@ -14,7 +14,7 @@ section          dataclass                                                used b
 ``eval``         :class:`jaxtune.training.config.EvalConfig`                 ``Trainer(eval=)``
 ``checkpoint``   :class:`jaxtune.training.config.CheckpointConfig`           ``Trainer(checkpoint=)``
 ``mesh``         :class:`jaxtune.training.sharding.MeshConfig`               ``Trainer(mesh=)``
-``preference``   :class:`jaxtune.training.preference.PreferenceConfig`       ``Trainer(preference=)``
+``preference``   :class:`jaxtune.training.preference_config.PreferenceConfig`  ``Trainer(preference=)``
 ``distributed``  :class:`DistributedConfig`                               ``jaxtune.finetune``
 ``output``       :class:`OutputConfig`                                    ``jaxtune.finetune``
 ===============  =======================================================  ======================
@@ -64,7 +64,7 @@ from jaxtune.models.load import ModelConfig, dtype_name
 from jaxtune.schema import ConfigError, coerce, from_data
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.optim import OptimizerConfig
-from jaxtune.training.preference import PreferenceConfig
+from jaxtune.training.preference_config import PreferenceConfig
 from jaxtune.training.sharding import MeshConfig
 from jaxtune.tuning.plan import Plan, PlanError
 

@@ -41,7 +41,8 @@ from jaxtune.data.rows import PYTHON, Syntax
 from jaxtune.data.source_types import PREFERENCE, DataError, Source
 from jaxtune.models.load import model_of
 from jaxtune.training.evaluate import classification_metrics, in_lockstep, regression_metrics
-from jaxtune.training.preference import host_keys, pair_rewards
+from jaxtune.training.preference_config import host_keys
+from jaxtune.training.reward_model import pair_rewards
 from jaxtune.training.sharding import (
     MeshConfig,
     batch_sharding,

@@ -33,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from jaxtune import tuning
 from jaxtune.models import attention, hf
 from jaxtune.training.config import EvalConfig, TrainConfig
-from jaxtune.training.preference import PreferenceConfig
+from jaxtune.training.preference_config import PreferenceConfig
 from jaxtune.training.sharding import MeshConfig, make_mesh, param_specs
 from jaxtune.training.trainer import Trainer
 

@@ -316,7 +316,8 @@ def test_the_preference_step_holds_the_lm_steps_temporaries_for_its_rows_in_unpa
     LM head runs two chunks of 90 (their (chunk, V) float32 logits), not two of 100 (20 padding rows)."""
     import optax
 
-    from jaxtune.training.preference import PreferenceConfig, make_preference_loss_fn
+    from jaxtune.training.preference import make_preference_loss_fn
+    from jaxtune.training.preference_config import PreferenceConfig
     from jaxtune.training.step import make_loss_fn, make_train_step
     from jaxtune.tuning.partition import partition
 

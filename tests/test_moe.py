@@ -27,8 +27,9 @@ from jaxtune import tuning
 from jaxtune.models import hf, moe
 from jaxtune.models.decoder import AUX
 from jaxtune.models.generate import generate
-from jaxtune.training import preference as pref
 from jaxtune.training.losses import auxiliary_loss
+from jaxtune.training.preference import make_preference_loss_fn
+from jaxtune.training.preference_config import PreferenceConfig
 from jaxtune.training.sharding import MeshConfig, make_mesh
 from jaxtune.training.step import make_loss_fn
 from jaxtune.tuning import ExportError
@@ -179,12 +180,12 @@ def test_router_loss_in_the_preference_loss_equals_transformers(pair):
              "loss_weights": weights, "segment_ids": mask,
              "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (2, length))}
     batch = {k: v[None] for k, v in batch.items()}  # (B=1, 2, L): one pair
-    config = pref.PreferenceConfig(method="dpo")
+    config = PreferenceConfig(method="dpo")
     without = type(model.module)(dataclasses.replace(model.config, router_aux_loss_coef=0.0))
     args = (model.params, batch, jax.random.key(0), False)  # a training step (the policy runs without dropout)
-    total, pairs, _ = pref.make_preference_loss_fn(model.module, config)(*args)
-    plain, _, _ = pref.make_preference_loss_fn(without, config)(*args)
-    evaluated, _, _ = pref.make_preference_loss_fn(model.module, config)(*args[:-1], True)
+    total, pairs, _ = make_preference_loss_fn(model.module, config)(*args)
+    plain, _, _ = make_preference_loss_fn(without, config)(*args)
+    evaluated, _, _ = make_preference_loss_fn(model.module, config)(*args[:-1], True)
     assert float(evaluated) == float(plain)  # an evaluation reports the preference loss alone
     assert float(pairs) == 1
     np.testing.assert_allclose(float(plain), np.log(2), rtol=1e-6)  # policy == reference at the start

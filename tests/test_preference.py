@@ -23,8 +23,23 @@ from jaxtune.data.preference import KIND, TokenizePairs, pair_rows, read_prefere
 from jaxtune.data.sources import DataError
 from jaxtune.data.testing import tiny_tokenizer, write_jsonl
 from jaxtune.models import hf
-from jaxtune.training import preference as pref
 from jaxtune.training import preference_losses as pref_losses
+from jaxtune.training.preference import make_preference_loss_fn, preference_objective
+from jaxtune.training.preference_config import PreferenceConfig
+from jaxtune.training.preference_logprobs import (
+    paired_rows,
+    policy_token_logprobs,
+    segment_sums,
+    sequence_logprobs,
+    token_logprobs,
+)
+from jaxtune.training.preference_reference import (
+    REFERENCE_KEY,
+    reference_logprobs,
+    reference_params,
+    starting_weights,
+    with_reference_start,
+)
 from jaxtune.training.step import make_train_step
 from tests.helpers import tiny_hf_model
 
@@ -81,7 +96,7 @@ def _jaxtune(config, d):
     reference = _reference(d) if config.needs_reference else None
 
     def loss(lp):
-        total, pairs, out = pref.preference_objective(config, lp, rows, (B, T // 2), reference)
+        total, pairs, out = preference_objective(config, lp, rows, (B, T // 2), reference)
         return total / pairs, out["metrics"]
 
     (value, sums), grad = jax.value_and_grad(loss, has_aux=True)(token_lp)
@@ -176,7 +191,7 @@ def _close(a, b, name):
 def test_dpo_and_ipo_equal_trl_dpo_trainer(method, seed):
     d = _pairs_layout(seed)
     beta = 0.2
-    loss, metrics, grad = _jaxtune(pref.PreferenceConfig(method, beta=beta), d)
+    loss, metrics, grad = _jaxtune(PreferenceConfig(method, beta=beta), d)
     trl_loss, trl_metrics, trl_grad = _trl_dpo(d, "sigmoid" if method == "dpo" else "ipo", beta)
     _close(loss, trl_loss, "loss")
     _close(grad, trl_grad, "gradient")
@@ -190,7 +205,7 @@ def test_dpo_and_ipo_equal_trl_dpo_trainer(method, seed):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 0.3])
 def test_conservative_dpo_equals_trl(label_smoothing):
     d = _pairs_layout(2)
-    loss, metrics, grad = _jaxtune(pref.PreferenceConfig("dpo", beta=0.5, label_smoothing=label_smoothing), d)
+    loss, metrics, grad = _jaxtune(PreferenceConfig("dpo", beta=0.5, label_smoothing=label_smoothing), d)
     trl_loss, trl_metrics, trl_grad = _trl_cpo(d, "sigmoid", 0.5, label_smoothing, reference=True)
     _close(loss, trl_loss, "loss")
     _close(grad, trl_grad, "gradient")
@@ -202,7 +217,7 @@ def test_conservative_dpo_equals_trl(label_smoothing):
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.2])
 def test_simpo_equals_trl_cpo_simpo(label_smoothing):
     d = _pairs_layout(3)
-    loss, metrics, grad = _jaxtune(pref.PreferenceConfig("simpo", beta=2.0, gamma=0.7,
+    loss, metrics, grad = _jaxtune(PreferenceConfig("simpo", beta=2.0, gamma=0.7,
                                                          label_smoothing=label_smoothing), d)
     trl_loss, trl_metrics, trl_grad = _trl_cpo(d, "simpo", 2.0, label_smoothing, gamma=0.7)
     _close(loss, trl_loss, "loss")
@@ -254,11 +269,11 @@ def test_orpo_equals_trl_from_the_same_logits():
     rows, _ = _jax_rows(d)
     rows["targets"] = jnp.asarray(targets, jnp.int32)
     jax_logits = jnp.asarray(order(logits.reshape(2, B, T, v)))
-    config = pref.PreferenceConfig("orpo", beta=0.3)
+    config = PreferenceConfig("orpo", beta=0.3)
 
     def loss(lg):
-        lp = pref.token_logprobs(lg, rows["targets"])
-        total, pairs, out = pref.preference_objective(config, lp, rows, (B, T // 2), None)
+        lp = token_logprobs(lg, rows["targets"])
+        total, pairs, out = preference_objective(config, lp, rows, (B, T // 2), None)
         return total / pairs, out["metrics"]
 
     (value, sums), grad = jax.value_and_grad(loss, has_aux=True)(jax_logits)
@@ -284,7 +299,7 @@ def test_pure_loss_functions_match_the_batch_objective():
         ("simpo", pref_losses.simpo_loss(means[0], means[1], beta=2.0, gamma=0.5), dict(beta=2.0, gamma=0.5)),
     ]
     for method, (loss, metrics), options in cases:
-        expected, expected_metrics, _ = _jaxtune(pref.PreferenceConfig(method, **options), d)
+        expected, expected_metrics, _ = _jaxtune(PreferenceConfig(method, **options), d)
         _close(float(loss), expected, method)
         _close(float(metrics["rewards/margin"]), expected_metrics["rewards/margin"], method)
     loss, metrics = pref_losses.orpo_loss(means[0], means[1], jnp.float32(1.5), beta=0.3)
@@ -337,7 +352,7 @@ def test_sequence_logprobs_match_transformers(llama, packed):
     variables = {"params": pre.params}
     hidden = pre.module.apply(variables, input_ids=batch["input_ids"], positions=batch["positions"],
                               segment_ids=batch["segment_ids"], method="hidden")
-    sums, counts = pref.sequence_logprobs(hidden, batch["targets"], batch["loss_weights"], batch["segment_ids"],
+    sums, counts = sequence_logprobs(hidden, batch["targets"], batch["loss_weights"], batch["segment_ids"],
                                           lambda h: pre.module.apply(variables, h, method="logits"),
                                           chunk_tokens=16)  # several chunks
     got = np.asarray(sums[0, :3]) if packed else np.asarray(sums[:, 0])
@@ -357,12 +372,12 @@ def test_sequence_logprobs_chunked_equals_direct_logits():
     segments = jnp.asarray([[1, 1, 1, 2, 2, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
 
     def f(h, w, chunk):
-        sums, counts = pref.sequence_logprobs(h, targets, weights, segments, (lambda x: x @ w), chunk_tokens=chunk)
+        sums, counts = sequence_logprobs(h, targets, weights, segments, (lambda x: x @ w), chunk_tokens=chunk)
         return sums.sum() * 0.5 + (sums ** 2).sum() * 0.01, (sums, counts)
 
     (_, (s1, c1)), g1 = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, head, 4)
     (_, (s2, _)), g2 = jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(hidden, head, 1000)
-    direct, _ = pref.sequence_logprobs(hidden @ head, targets, weights, segments)
+    direct, _ = sequence_logprobs(hidden @ head, targets, weights, segments)
     np.testing.assert_allclose(np.asarray(s1), np.asarray(direct), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(s1), np.asarray(s2), rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
@@ -398,20 +413,20 @@ def test_reference_logprobs_equal_the_base_model(llama, dora):
     tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8, dora=dora))
     params = _with_trained_adapters(tuned, 1)
     batch, _ = _paired_batch(0)
-    reference = pref.reference_logprobs(tuned.module, params, batch)
-    rows = pref._rows(batch)
+    reference = reference_logprobs(tuned.module, params, batch)
+    rows = paired_rows(batch)
     w = rows["loss_weights"]
-    base_lp = pref.policy_token_logprobs(pre.module, pre.params, rows)
-    base = pref.segment_sums(base_lp * w, rows["segment_ids"], 16).reshape(reference.shape)
-    policy_lp = pref.policy_token_logprobs(tuned.module, params, rows)
-    policy = pref.segment_sums(policy_lp * w, rows["segment_ids"], 16).reshape(reference.shape)
+    base_lp = policy_token_logprobs(pre.module, pre.params, rows)
+    base = segment_sums(base_lp * w, rows["segment_ids"], 16).reshape(reference.shape)
+    policy_lp = policy_token_logprobs(tuned.module, params, rows)
+    policy = segment_sums(policy_lp * w, rows["segment_ids"], 16).reshape(reference.shape)
     np.testing.assert_allclose(np.asarray(reference), np.asarray(base), rtol=1e-5, atol=1e-5)
     assert np.abs(np.asarray(policy - base)).max() > 1e-2  # the adapters do change the policy
     # Zeroing lora_scale is not the base for DoRA (its magnitude rescaling stays on).
     zeroed = unflatten_dict({p: (jnp.zeros_like(x) if p[-1] == "lora_scale" else x)
                              for p, x in flatten_dict(params).items()})
-    zeroed_lp = pref.policy_token_logprobs(tuned.module, zeroed, rows)
-    zeroed_sums = pref.segment_sums(zeroed_lp * w, rows["segment_ids"], 16).reshape(reference.shape)
+    zeroed_lp = policy_token_logprobs(tuned.module, zeroed, rows)
+    zeroed_sums = segment_sums(zeroed_lp * w, rows["segment_ids"], 16).reshape(reference.shape)
     assert (np.abs(np.asarray(zeroed_sums - base)).max() > 1e-3) == dora
 
 
@@ -423,7 +438,7 @@ def test_packed_pairs_give_the_loss_of_one_pair_per_row(llama, method):
     packed, n_packed = _paired_batch(8)
     padded, n_padded = _paired_batch(8, pack=False)
     assert n_packed < n_padded == 4
-    loss_fn = pref.make_preference_loss_fn(tuned.module, pref.PreferenceConfig(method))
+    loss_fn = make_preference_loss_fn(tuned.module, PreferenceConfig(method))
     total_packed, pairs_packed, out_packed = loss_fn(params, packed, jax.random.key(0), True)
     total_padded, pairs_padded, out_padded = loss_fn(params, padded, jax.random.key(0), True)
     assert float(pairs_packed) == float(pairs_padded) == 4
@@ -448,14 +463,14 @@ def test_lora_dpo_step_holds_one_copy_of_the_base_weights(tmp_path):
     tiny_hf_model("LlamaForCausalLM", tmp_path, hidden_size=256, intermediate_size=1024)
     tuned = tuning.apply_plan(hf.load_pretrained(tmp_path), tuning.lora(rank=4, alpha=8))
     trainable, frozen = tuning.partition(_with_trained_adapters(tuned, 2), tuned.labels)
-    base_bytes = _nbytes(pref.reference_params(frozen))  # the base weights (frozen minus lora_scale)
+    base_bytes = _nbytes(reference_params(frozen))  # the base weights (frozen minus lora_scale)
     fresh, _ = tuning.partition(tuned.params, tuned.labels)
-    assert pref.starting_weights(fresh) == {}  # fresh LoRA needs nothing besides the frozen base
-    assert _nbytes(pref.starting_weights(trainable)) == _nbytes(trainable)  # trained (SFT) ones: the adapters alone
+    assert starting_weights(fresh) == {}  # fresh LoRA needs nothing besides the frozen base
+    assert _nbytes(starting_weights(trainable)) == _nbytes(trainable)  # trained (SFT) ones: the adapters alone
 
     # Building the reference params copies nothing: every base leaf is the frozen array itself.
     before = _live_bytes()
-    reference = pref.reference_params(tuning.combine(trainable, frozen))
+    reference = reference_params(tuning.combine(trainable, frozen))
     assert _live_bytes() == before
     frozen_ids = {id(x) for x in jax.tree.leaves(frozen)}
     assert all(id(x) in frozen_ids for x in jax.tree.leaves(reference))
@@ -468,7 +483,7 @@ def test_lora_dpo_step_holds_one_copy_of_the_base_weights(tmp_path):
     args = (trainable, frozen, optimizer.init(trainable), batch, jax.random.key(0))
 
     def memory(method, *step_args):
-        loss_fn = pref.make_preference_loss_fn(tuned.module, pref.PreferenceConfig(method), chunk_tokens=8)
+        loss_fn = make_preference_loss_fn(tuned.module, PreferenceConfig(method), chunk_tokens=8)
         return jax.jit(make_train_step(loss_fn, optimizer)).lower(*step_args).compile().memory_analysis()
 
     dpo, simpo = memory("dpo", *args), memory("simpo", *args)
@@ -479,7 +494,7 @@ def test_lora_dpo_step_holds_one_copy_of_the_base_weights(tmp_path):
     assert dpo.temp_size_in_bytes - simpo.temp_size_in_bytes < base_bytes / 20
     # The measurement sees a copy when there is one: a full-model starting copy (what full
     # fine-tuning's reference needs) adds the base's bytes again.
-    copied = {**frozen, pref.REFERENCE_KEY: pref.starting_weights(frozen)}
+    copied = {**frozen, REFERENCE_KEY: starting_weights(frozen)}
     with_copy = memory("dpo", trainable, copied, *args[2:])
     assert with_copy.argument_size_in_bytes >= dpo.argument_size_in_bytes + base_bytes
 
@@ -489,7 +504,7 @@ def test_dpo_starts_at_log2_with_fresh_adapters_and_learns(llama):
     tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))
     trainable, frozen = tuning.partition(tuned.params, tuned.labels)
     batch, _ = _paired_batch(4)
-    loss_fn = pref.make_preference_loss_fn(tuned.module, pref.PreferenceConfig("dpo", beta=0.5))
+    loss_fn = make_preference_loss_fn(tuned.module, PreferenceConfig("dpo", beta=0.5))
     optimizer = optax.adam(1e-2)
     step = jax.jit(make_train_step(loss_fn, optimizer))
     opt_state = optimizer.init(trainable)
@@ -517,7 +532,7 @@ def test_the_policy_runs_without_dropout_as_trls_disable_dropout(tmp_path):
     tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))
     batch, _ = _paired_batch(4)
     for disable in (True, False):
-        loss_fn = pref.make_preference_loss_fn(tuned.module, pref.PreferenceConfig("dpo", disable_dropout=disable))
+        loss_fn = make_preference_loss_fn(tuned.module, PreferenceConfig("dpo", disable_dropout=disable))
         total, pairs, _ = loss_fn(tuned.params, batch, jax.random.key(1), False)  # a training step's call
         assert (float(total / pairs) == pytest.approx(np.log(2), abs=1e-6)) == disable
 
@@ -528,7 +543,7 @@ def test_micro_batches_equal_one_batch(llama):
     trainable, frozen = tuning.partition(_with_trained_adapters(tuned, 9), tuned.labels)
     batch, rows = _paired_batch(10, pack=False)
     assert rows == 4
-    loss_fn = pref.make_preference_loss_fn(tuned.module, pref.PreferenceConfig("dpo", label_smoothing=0.1))
+    loss_fn = make_preference_loss_fn(tuned.module, PreferenceConfig("dpo", label_smoothing=0.1))
     optimizer = optax.sgd(1.0)
     results = [jax.jit(make_train_step(loss_fn, optimizer, grad_accum_steps=k))(
         trainable, frozen, optimizer.init(trainable), batch, jax.random.key(0)) for k in (1, 2)]
@@ -557,9 +572,9 @@ def test_a_full_plans_reference_is_its_starting_policy_under_bfloat16_compute(fa
     pre = hf.load_pretrained(tmp_path, compute_dtype=jnp.bfloat16)
     full = tuning.apply_plan(pre, tuning.full())
     trainable, frozen = tuning.partition(full.params, full.labels)
-    frozen = pref.with_reference_start(trainable, frozen, full.config.dtype)
+    frozen = with_reference_start(trainable, frozen, full.config.dtype)
     batch, _ = _paired_batch(3)
-    loss_fn = pref.make_preference_loss_fn(full.module, pref.PreferenceConfig("dpo", beta=0.5))
+    loss_fn = make_preference_loss_fn(full.module, PreferenceConfig("dpo", beta=0.5))
     loss, pairs, out = loss_fn(tuning.combine(trainable, frozen), batch, jax.random.key(0), True)
     assert float(loss) / float(pairs) == pytest.approx(np.log(2), abs=1e-7)
     assert float(out["metrics"]["rewards/chosen"]) == 0.0
@@ -570,19 +585,19 @@ def test_cached_reference_logps_give_the_same_loss(llama):
     tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))
     params = _with_trained_adapters(tuned, 5)
     batch, _ = _paired_batch(6)
-    loss_fn = pref.make_preference_loss_fn(tuned.module, pref.PreferenceConfig("ipo"))
+    loss_fn = make_preference_loss_fn(tuned.module, PreferenceConfig("ipo"))
     live = loss_fn(params, batch, jax.random.key(0), True)
-    cached_batch = {**batch, "reference_logps": pref.reference_logprobs(tuned.module, params, batch)}
+    cached_batch = {**batch, "reference_logps": reference_logprobs(tuned.module, params, batch)}
     cached = loss_fn(params, cached_batch, jax.random.key(0), True)
     _close(float(live[0]), float(cached[0]), "loss")
     # Full fine-tuning: the reference is the starting copy, not the current params.
     full = tuning.apply_plan(pre, tuning.full())
     trainable, frozen = tuning.partition(full.params, full.labels)
     moved = jax.tree.map(lambda x: x * 1.1, trainable)
-    start = {**frozen, pref.REFERENCE_KEY: pref.starting_weights(trainable)}
-    ref_moved = pref.reference_logprobs(full.module, tuning.combine(moved, frozen), batch,
-                                        starting=pref.starting_weights(trainable))
-    ref_start = pref.reference_logprobs(full.module, pre.params, batch)
+    start = {**frozen, REFERENCE_KEY: starting_weights(trainable)}
+    ref_moved = reference_logprobs(full.module, tuning.combine(moved, frozen), batch,
+                                        starting=starting_weights(trainable))
+    ref_start = reference_logprobs(full.module, pre.params, batch)
     _close(np.asarray(ref_moved), np.asarray(ref_start), "reference of a fully fine-tuned model")
     loss_moved = loss_fn(tuning.combine(moved, start), batch, jax.random.key(0), True)
     loss_cached = loss_fn(tuning.combine(moved, frozen), {**batch, "reference_logps": ref_start}, jax.random.key(0),

@@ -19,9 +19,13 @@ from helpers import tiny_hf_model
 import jaxtune as jt
 from jaxtune.config import ConfigError
 from jaxtune.data import LoaderConfig, evaluation_loader, training_loader
+from jaxtune.data.preference import PAIR_IDS
 from jaxtune.data.testing import synthetic_chat_rows, synthetic_preference_rows, tiny_tokenizer, write_jsonl
-from jaxtune.training import preference as pref
 from jaxtune.training import preference_losses as pref_losses
+from jaxtune.training.preference import make_preference_loss_fn
+from jaxtune.training.preference_config import PreferenceConfig, unread_margins
+from jaxtune.training.preference_logprobs import paired_rows, policy_token_logprobs, segment_sums
+from jaxtune.training.preference_reference import REFERENCE_KEY, reference_logprobs
 from jaxtune.training.sharding import MeshConfig, make_mesh
 from jaxtune.training.step import make_loss_fn, make_train_step
 from jaxtune.tuning import combine, partition
@@ -167,8 +171,8 @@ def test_margins_that_the_method_drops_are_warned_of_once(files, tmp_path, caplo
     _python_run(files, tmp_path / "plain", steps=2)
     assert warned not in caplog.text
     margins = {"margins": np.ones((2, 2, 8), np.float32)}
-    assert pref.unread_margins(margins, pref.PreferenceConfig(method="reward")) is None  # its loss reads them
-    assert "orpo has no margin term" in pref.unread_margins(margins, pref.PreferenceConfig(method="orpo"))
+    assert unread_margins(margins, PreferenceConfig(method="reward")) is None  # its loss reads them
+    assert "orpo has no margin term" in unread_margins(margins, PreferenceConfig(method="orpo"))
 
 
 # ----------------------------------------------------------------------------- errors
@@ -242,7 +246,7 @@ def test_lora_dpo_holds_one_copy_of_the_base_and_full_dpo_a_starting_copy(files,
         memory = trainer.train_step.lower(*step_args).compile().memory_analysis()
         assert memory.argument_size_in_bytes == _nbytes(step_args[:4])
         sizes[name] = (memory.argument_size_in_bytes, _nbytes(trainer.trainable), _nbytes(trainer.frozen))
-        assert pref.REFERENCE_KEY not in trainer.params  # the model (what export writes) has no reference copy
+        assert REFERENCE_KEY not in trainer.params  # the model (what export writes) has no reference copy
         if name == "full":
             trainer.fit()
             saved = {p.name for p in (tmp_path / name / "checkpoints" / "1").iterdir()}
@@ -278,9 +282,9 @@ def test_a_cached_reference_run_equals_the_in_step_reference_run_without_its_fro
         memory = trainer.train_step.lower(*step_args).compile().memory_analysis()
         assert memory.argument_size_in_bytes == _nbytes(step_args[:4])
         args[reference], trainers[reference] = step_args, trainer
-    assert "reference_logps" in args["cached"][3] and pref.PAIR_IDS not in args["cached"][3]
-    assert pref.REFERENCE_KEY not in trainers["cached"].frozen  # no starting copy in the step ...
-    assert _nbytes(trainers["model"].frozen[pref.REFERENCE_KEY]) == _nbytes(model.params)  # ... which the other has
+    assert "reference_logps" in args["cached"][3] and PAIR_IDS not in args["cached"][3]
+    assert REFERENCE_KEY not in trainers["cached"].frozen  # no starting copy in the step ...
+    assert _nbytes(trainers["model"].frozen[REFERENCE_KEY]) == _nbytes(model.params)  # ... which the other has
     # The cache's numbers are the in-step reference's (here at the start, where the policy is the reference).
     np.testing.assert_allclose(np.asarray(args["cached"][3]["reference_logps"]),
                                _answer_logps(model.module, model.params, batch), rtol=1e-6, atol=1e-5)
@@ -305,9 +309,9 @@ def test_a_cached_reference_run_equals_the_in_step_reference_run_without_its_fro
 
 def _answer_logps(module, params, batch) -> np.ndarray:
     """Summed answer log-probs per pair and side, ``(B, 2, S)``, of the model ``module``/``params``."""
-    rows = pref._rows(batch)
-    lp = pref.policy_token_logprobs(module, params, rows)
-    sums = pref.segment_sums(lp * rows["loss_weights"], rows["segment_ids"], LENGTH // 2)
+    rows = paired_rows(batch)
+    lp = policy_token_logprobs(module, params, rows)
+    sums = segment_sums(lp * rows["loss_weights"], rows["segment_ids"], LENGTH // 2)
     return np.asarray(sums).reshape(batch["targets"].shape[0], 2, -1)
 
 
@@ -333,9 +337,9 @@ def test_sft_then_dpo_as_two_recipes_with_the_sft_model_as_reference(files, tmp_
     pairs, _ = jt.read(files["train"], kind="preference")
     data = jt.DataConfig(batch_size=BATCH, max_length=LENGTH)
     batch = jax.tree.map(jax.numpy.asarray, next(iter(evaluation_loader(pairs, sft.model.tokenizer, data))))
-    policy = combine(trainer.trainable, {k: v for k, v in trainer.frozen.items() if k != pref.REFERENCE_KEY})
-    starting = trainer.frozen[pref.REFERENCE_KEY]
-    reference = pref.reference_logprobs(trainer.tuned.module, policy, batch, starting=starting)
+    policy = combine(trainer.trainable, {k: v for k, v in trainer.frozen.items() if k != REFERENCE_KEY})
+    starting = trainer.frozen[REFERENCE_KEY]
+    reference = reference_logprobs(trainer.tuned.module, policy, batch, starting=starting)
     np.testing.assert_allclose(np.asarray(reference), _answer_logps(sft.model.module, sft.model.params, batch),
                                rtol=1e-6, atol=1e-5)
     base = jt.load(str(files["model"]))
@@ -347,8 +351,8 @@ def test_sft_then_dpo_as_two_recipes_with_the_sft_model_as_reference(files, tmp_
     assert dpo.state == "finished" and _records(tmp_path / "dpo")[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
     # Python says the same: a trained model passed on, or jt.load(..., adapter=) with the SFT plan.
     python = jt.Trainer(sft.model, pairs, run_dir=tmp_path / "py", data=data, preference=jt.PreferenceConfig(**DPO))
-    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(python.frozen[pref.REFERENCE_KEY])[0]),
-                                  np.asarray(jax.tree.leaves(trainer.frozen[pref.REFERENCE_KEY])[0]))
+    np.testing.assert_array_equal(np.asarray(jax.tree.leaves(python.frozen[REFERENCE_KEY])[0]),
+                                  np.asarray(jax.tree.leaves(trainer.frozen[REFERENCE_KEY])[0]))
     loaded = jt.apply_plan(jt.load(str(files["model"]), adapter=tmp_path / "sft" / "export"), jt.lora(rank=4, alpha=8))
     for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(sft.model.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -384,7 +388,7 @@ def test_metric_sums_add_up_over_micro_batches(files):
     batch = next(iter(training_loader(pairs, model.tokenizer, LoaderConfig(batch_size=4, max_length=LENGTH,
                                                                             packing=False))))
     trainable, frozen = partition(model.params, model.labels)
-    loss_fn = pref.make_preference_loss_fn(model.module, pref.PreferenceConfig("simpo"))
+    loss_fn = make_preference_loss_fn(model.module, PreferenceConfig("simpo"))
     optimizer = optax.sgd(0.1)
     out = [jax.jit(make_train_step(loss_fn, optimizer, grad_accum_steps=k))(
         trainable, frozen, optimizer.init(trainable), batch, jax.random.key(0))[2] for k in (1, 2)]

@@ -26,7 +26,8 @@ from jaxtune.data import LoaderConfig, training_loader
 from jaxtune.data.preference import MARGINS, PAIR_IDS, TokenizePairs, pair_rows
 from jaxtune.data.sources import DataError
 from jaxtune.data.testing import synthetic_preference_rows, tiny_tokenizer, write_jsonl
-from jaxtune.training import preference as pref
+from jaxtune.training.preference import make_preference_loss_fn
+from jaxtune.training.reward_model import reward_pad_id, reward_scores
 from jaxtune.training.sharding import MeshConfig
 from jaxtune.training.step import make_train_step
 from jaxtune.tuning import partition
@@ -109,7 +110,7 @@ def test_reward_loss_and_gradients_equal_trls_reward_trainer(reward_llama, margi
 
     tuned = jt.apply_plan(jt.load(str(root)), jt.full())
     config = jt.PreferenceConfig(method="reward", center_rewards_coefficient=center)
-    loss_fn = pref.make_preference_loss_fn(tuned.module, config, pad_id=pref.reward_pad_id(tuned))
+    loss_fn = make_preference_loss_fn(tuned.module, config, pad_id=reward_pad_id(tuned))
     batch = _batch(pairs, margins=margins)
     assert batch["segment_ids"].max() > 1  # packed: several pairs a row
 
@@ -126,7 +127,7 @@ def test_reward_loss_and_gradients_equal_trls_reward_trainer(reward_llama, margi
                                    err_msg="/".join(ours))
     if not margins and center is None:
         # Pooling the trailing EOS itself (the pad id here) would be another model than TRL's and the export's.
-        plain = pref.make_preference_loss_fn(tuned.module, config)
+        plain = make_preference_loss_fn(tuned.module, config)
         total, n, _ = plain(tuned.params, batch, jax.random.key(0), False)
         assert abs(float(total / n) - trl_loss) > 1e-3
     assert float(sums["pairs"]) == len(pairs)
@@ -149,7 +150,7 @@ def test_the_reward_range_over_micro_batches_is_trls_mean_of_their_figures(rewar
     batch = {k: jnp.concatenate([h[k] for h in halves]) for k in halves[0]}
     tuned = jt.apply_plan(jt.load(str(root)), jt.full())
     config = jt.PreferenceConfig(method="reward")
-    loss_fn = pref.make_preference_loss_fn(tuned.module, config, pad_id=pref.reward_pad_id(tuned))
+    loss_fn = make_preference_loss_fn(tuned.module, config, pad_id=reward_pad_id(tuned))
     trainable, frozen = partition(tuned.params, tuned.labels)
     step = jax.jit(make_train_step(loss_fn, optax.sgd(0.0), grad_accum_steps=2))
     _, _, metrics = step(trainable, frozen, optax.sgd(0.0).init(trainable), batch, jax.random.key(0))
@@ -169,7 +170,7 @@ def test_sgd_steps_of_jaxtunes_train_step_equal_torch_steps_on_trls_loss(reward_
     hf_model.train()
     tuned = jt.apply_plan(jt.load(str(root)), jt.full())
     config = jt.PreferenceConfig(method="reward", center_rewards_coefficient=0.05)
-    loss_fn = pref.make_preference_loss_fn(tuned.module, config, pad_id=pref.reward_pad_id(tuned))
+    loss_fn = make_preference_loss_fn(tuned.module, config, pad_id=reward_pad_id(tuned))
     trainable, frozen = partition(tuned.params, tuned.labels)
     optimizer, lr = optax.sgd(0.2), 0.2
     step = jax.jit(make_train_step(loss_fn, optimizer))
@@ -340,7 +341,7 @@ def test_the_peft_export_keeps_the_score_head_and_scores_as_jaxtune(files, pytho
                        "rejected": {"input_ids": np.asarray(s, np.int32), "loss_mask": np.ones(len(s), bool)}}
                       for s in sequences], LENGTH, EOS, pack=False)
     batch = {k: jnp.asarray(np.stack([r[k][0] for r in rows])) for k in ("input_ids", "segment_ids", "positions")}
-    ours = pref.reward_scores(result.model.module, result.model.params, batch, 1, pad_id=EOS)[:, 0]
+    ours = reward_scores(result.model.module, result.model.params, batch, 1, pad_id=EOS)[:, 0]
     np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4)
 
 

@@ -65,7 +65,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import jaxtune as jt
     from jaxtune.training.evaluate import comparison_table
-    from jaxtune.training.preference import REWARD
+    from jaxtune.training.preference_config import REWARD
 
     trainer = jt.open_run(args.target, args.overrides, restore=False)
     if trainer.eval_data is None:

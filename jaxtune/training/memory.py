@@ -31,15 +31,10 @@ from jaxtune.models import hf
 from jaxtune.models.load import ModelConfig, model_dir
 from jaxtune.training.config import TrainConfig
 from jaxtune.training.optim import OptimizerConfig, build_optimizer
-from jaxtune.training.preference import (
-    REFERENCE_KEY,
-    REWARD,
-    PreferenceConfig,
-    check_preference,
-    make_preference_loss_fn,
-    reward_pad_id,
-    starting_weights,
-)
+from jaxtune.training.preference import make_preference_loss_fn
+from jaxtune.training.preference_config import REWARD, PreferenceConfig, check_preference
+from jaxtune.training.preference_reference import REFERENCE_KEY, starting_weights
+from jaxtune.training.reward_model import reward_pad_id
 from jaxtune.training.sharding import MeshConfig, batch_sharding, data_parallel_size, make_mesh, param_shardings
 from jaxtune.training.step import jit_train_step, make_loss_fn
 from jaxtune.tuning import apply_plan

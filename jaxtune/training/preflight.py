@@ -24,7 +24,7 @@ from jaxtune.data.tokenize import AnswerChoices, choice_token_ids
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import METRICS
 from jaxtune.training.optim import OptimizerConfig
-from jaxtune.training.preference import REWARD, PreferenceConfig, check_preference
+from jaxtune.training.preference_config import REWARD, PreferenceConfig, check_preference
 from jaxtune.training.sharding import MeshConfig, data_parallel_size
 from jaxtune.tuning.tuned import Tuned
 

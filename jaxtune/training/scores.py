@@ -21,7 +21,7 @@ from jaxtune.training import base_cache
 from jaxtune.training.baselines import applies as baselines_apply
 from jaxtune.training.baselines import baseline_metrics, training_pass
 from jaxtune.training.evaluate import comparison_table, metrics_line
-from jaxtune.training.preference import REWARD
+from jaxtune.training.preference_config import REWARD
 
 log = logging.getLogger(__name__)
 

@@ -47,17 +47,11 @@ from jaxtune.training.evaluate import HIGHER_IS_BETTER, evaluate, metrics_line
 from jaxtune.training.loop import Best, StopOnInterrupt, Throughput, TrainRecords
 from jaxtune.training.memory import StepMemory
 from jaxtune.training.optim import OptimizerConfig, build_optimizer
-from jaxtune.training.preference import (
-    REFERENCE_KEY,
-    PreferenceConfig,
-    host_keys,
-    make_preference_loss_fn,
-    reference_caches,
-    reward_pad_id,
-    unread_margins,
-    with_reference_start,
-)
+from jaxtune.training.preference import make_preference_loss_fn
+from jaxtune.training.preference_config import PreferenceConfig, host_keys, unread_margins
+from jaxtune.training.preference_reference import REFERENCE_KEY, reference_caches, with_reference_start
 from jaxtune.training.result import FitResult
+from jaxtune.training.reward_model import reward_pad_id
 from jaxtune.training.run_status import RunStatus
 from jaxtune.training.rundir import RunDir, RunDirError
 from jaxtune.training.sharding import (
@@ -103,7 +97,7 @@ class Trainer:
       checkpoint: how often to save (:class:`CheckpointConfig`).
       mesh: a ``(data, fsdp, tensor)`` mesh or :class:`MeshConfig` (default: every device on ``data``).
       preference: train on preference pairs (``data.kind: preference``) with DPO, IPO, SimPO or ORPO
-        (:class:`~jaxtune.training.preference.PreferenceConfig`); None for every other task. The
+        (:class:`~jaxtune.training.preference_config.PreferenceConfig`); None for every other task. The
         reference model of DPO/IPO is the starting model: for fresh adapters the frozen base itself
         (no copy), otherwise plus a copy of the starting trained leaves (or trained adapters) in
         the compute dtype, kept out of checkpoints and exports; with ``reference="cached"`` its

@@ -166,7 +166,7 @@ def pad_token_id(hf_config: dict[str, Any], tokenizer_from: str | Path | None) -
     token id, else the config's (first) eos id (what tokenizers without a pad token are usually padded
     with). transformers pools the last token that is not this id, jaxtune the last real one: the two
     agree unless an input itself ends with that id (a reward model's plain answers end with EOS, so
-    its loss pools as transformers does, :func:`jaxtune.training.preference.reward_pad_id`)."""
+    its loss pools as transformers does, :func:`jaxtune.training.reward_model.reward_pad_id`)."""
     if hf_config.get("pad_token_id") is not None:
         return hf_config["pad_token_id"]
     if tokenizer_from is not None and (Path(tokenizer_from) / "tokenizer_config.json").exists():
