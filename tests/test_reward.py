@@ -407,12 +407,16 @@ def test_a_reward_method_without_a_scalar_head_gets_one_line_errors(files, tmp_p
         with pytest.raises(ValueError) as err:
             jt.PreferenceConfig("reward", **kwargs)
         assert _one_line(err).startswith(expected), str(err.value)
-    with pytest.raises(ValueError) as err:  # accepted, it would never be compared: no best checkpoint, no word
-        jt.Trainer(jt.apply_plan(base, _plan()), pairs, pairs, run_dir=tmp_path / "run", preference=reward,
-                   eval=jt.EvalConfig(every=2, best_metric="logps/accuracy"), mesh=MeshConfig(),
-                   data=jt.DataConfig(batch_size=BATCH, max_length=LENGTH))
-    assert _one_line(err) == ("eval.best_metric: expected one of loss, rewards/accuracy, rewards/margin, "
-                              "rewards/chosen, rewards/rejected for a reward model, got 'logps/accuracy'")
+    # logps/accuracy is never reported, and a score's level (rewards/chosen) is neither better nor worse:
+    # accepted, either would pick the best checkpoint by nothing, without a word
+    for metric in ("logps/accuracy", "rewards/chosen"):
+        with pytest.raises(ValueError) as err:
+            jt.Trainer(jt.apply_plan(base, _plan()), pairs, pairs, run_dir=tmp_path / "run", preference=reward,
+                       eval=jt.EvalConfig(every=2, best_metric=metric), mesh=MeshConfig(),
+                       data=jt.DataConfig(batch_size=BATCH, max_length=LENGTH))
+        assert _one_line(err) == ("eval.best_metric: expected one of loss, rewards/accuracy, rewards/margin for a "
+                                  "reward model (its scores' level is neither better nor worse), got "
+                                  f"'{metric}'")
     with pytest.raises(ValueError) as err:
         jt.PreferenceConfig("dpo", center_rewards_coefficient=0.1)
     assert _one_line(err).startswith("preference.center_rewards_coefficient: applies to method reward, not dpo")

@@ -22,7 +22,7 @@ from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loa
 from jaxtune.data.source_types import PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import AnswerChoices, choice_token_ids
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
-from jaxtune.training.evaluate import METRICS
+from jaxtune.training.evaluate import METRICS, REWARD_SCORES
 from jaxtune.training.optim import OptimizerConfig
 from jaxtune.training.preference_config import REWARD, PreferenceConfig, check_preference
 from jaxtune.training.sharding import MeshConfig, data_parallel_size
@@ -269,13 +269,16 @@ def choice_ids(model: Tuned, config: EvalConfig, kinds: set[str]) -> AnswerChoic
 
 def check_best_metric(config: EvalConfig, task: str, with_choices: bool) -> None:
     """``eval.best_metric`` must be one that evaluation reports for ``task`` (the choice metrics
-    only with ``eval.choices``)."""
+    only with ``eval.choices``) and that has a better direction: a reward model's scores' level
+    (:data:`~jaxtune.training.evaluate.REWARD_SCORES`) has none."""
     metric = config.best_metric
     if metric is None:
         return
-    allowed = METRICS[task] + (("choice_accuracy", "choice_macro_f1") if with_choices else ())
+    reported = METRICS[task] + (("choice_accuracy", "choice_macro_f1") if with_choices else ())
+    allowed = tuple(m for m in reported if not (task == REWARD and m in REWARD_SCORES))
     if metric.removeprefix("eval/") not in allowed:
-        raise ValueError(f"eval.best_metric: expected one of {', '.join(allowed)} for a {task} model, "
+        why = " (its scores' level is neither better nor worse)" if task == REWARD else ""
+        raise ValueError(f"eval.best_metric: expected one of {', '.join(allowed)} for a {task} model{why}, "
                          f"got {metric!r}")
 
 
