@@ -343,7 +343,7 @@ def test_gemma_attention_scale_is_llama_cpps_for_the_27b_layer_counts():
     """llama.cpp infers Gemma's attention scale from the model size: (hidden / heads) ** -0.5 for the 27B models'
     layer counts (46, 62), head_dim ** -0.5 otherwise; a config asking the other one is refused."""
     from jaxtune.models.gguf_architectures import GGUFError
-    from jaxtune.models.gguf_export import check_architecture
+    from jaxtune.models.gguf_export_families import check_architecture
 
     for architecture, layers in (("Gemma2ForCausalLM", 46), ("Gemma3ForCausalLM", 62)):
         config = dict(architectures=[architecture], model_type="gemma2" if layers == 46 else "gemma3_text",

@@ -36,7 +36,7 @@ from flax.traverse_util import flatten_dict
 from safetensors.numpy import save_file
 
 from jaxtune import processes
-from jaxtune.models import gguf_export, hf, stacking, vit
+from jaxtune.models import gguf_export, gguf_export_families, gguf_export_vocabulary, hf, stacking, vit
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
 from jaxtune.models.load import ADAPTER_CONFIG, base_model_name, dtype_name, model_of
 from jaxtune.models.quant import dequantize_tree
@@ -426,8 +426,8 @@ def _check_gguf(tuned: Tuned) -> None:
                           "format merged")
     config = {**tuned.hf_config, "architectures": [tuned.hf_architecture]}
     try:
-        gguf_export.check_architecture(config, "model")
-        gguf_export.check_tokenizer(tuned.source, config.get("vocab_size", 0))
+        gguf_export_families.check_architecture(config, "model")
+        gguf_export_vocabulary.check_tokenizer(tuned.source, config.get("vocab_size", 0))
     except ValueError as err:
         raise ExportError(str(err)) from None
 
@@ -438,7 +438,7 @@ def export(model: Any, out_dir: str | Path, *, format: str = "auto", dtype: Any 
     transformers base model, (``format="merged"``) an HF directory with the adapters folded
     in that ``transformers`` loads, or (``format="gguf"``) those merged weights, the tokenizer and
     the chat template as one GGUF file that llama.cpp and Ollama load (the families of
-    :data:`jaxtune.models.gguf_export.GGUF_EXPORT_ARCHITECTURES`).
+    :data:`jaxtune.models.gguf_export_families.GGUF_EXPORT_ARCHITECTURES`).
     ``dtype`` (merged and GGUF only) of the stored weights; GGUF also takes ``"q8_0"``.
 
     ``out_dir`` is new, empty, or an earlier export of the same format, which this one replaces;
