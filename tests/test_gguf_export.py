@@ -49,6 +49,10 @@ FAMILIES = {"llama": ("LlamaForCausalLM", "smollm", {}),
             "gemma3": ("Gemma3ForCausalLM", "smollm", dict(GEMMA, num_hidden_layers=6)),
             "phi3": ("Phi3ForCausalLM", "smollm", dict(num_key_value_heads=2, tie_word_embeddings=False))}
 
+# llama.cpp's names (`tokenizer.ggml.pre`) of the pre-tokenizers of tiny_bpe_tokenizer: llama.cpp 0.3.36 refuses to
+# load a file naming another (llama-vocab.cpp: "unknown pre-tokenizer type: 'gpt2'"; GPT-2's split is "gpt-2")
+LLAMA_CPP_PRE = {"smollm": "smollm", "qwen2": "qwen2", "gpt2": "gpt-2"}
+
 
 def source(root, family: str):
     architecture, pre, overrides = FAMILIES[family]
@@ -96,6 +100,7 @@ def test_transformers_and_jaxtune_load_the_gguf_as_the_merged_model(family, tmp_
     out = tuning.export(tuned, tmp_path / "gguf", format="gguf")
     assert out == tmp_path / "gguf" / "model.gguf" and sorted(p.name for p in out.parent.iterdir()) == ["model.gguf"]
     assert gguf.GGUFReader(out).fields["general.name"].contents() == "base"  # the base model's name
+    assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == LLAMA_CPP_PRE[FAMILIES[family][1]]
 
     ours = np.asarray(forward(tuned.module, tuned.params, IDS, np.ones_like(IDS)))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name).eval()

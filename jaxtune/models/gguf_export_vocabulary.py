@@ -196,7 +196,7 @@ def _pre_tokenizer(pre: dict[str, Any] | None, path: Path) -> str:
     steps = (pre or {}).get("pretokenizers", [pre] if pre else [])
     kinds = [step.get("type") for step in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name for GPT-2's split; it refuses to load a file naming "gpt2"
     if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
         return "smollm"
     regex = (steps[0].get("pattern") or {}).get("Regex") if kinds == ["Split", "ByteLevel"] else None
