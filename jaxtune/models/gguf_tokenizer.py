@@ -1,0 +1,61 @@
+"""A GGUF file's vocabulary (``tokenizer.ggml.*``) as the ``tokenizer.json`` and ``tokenizer_config.json`` of
+the directory :func:`jaxtune.models.gguf.gguf_to_hf` writes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from jaxtune.models.gguf_architectures import Metadata
+
+# llama.cpp pre-tokenizers that transformers' GGUF tokenizer does not reproduce.
+# "smollm": llama.cpp first isolates every number character, then applies the GPT-2 split
+# (as SmolLM's own tokenizer.json: Digits(individual) + ByteLevel). transformers (5.23) falls
+# back to the plain GPT-2 split, which differs on whitespace before digits ("  2").
+_PRE_TOKENIZER_SPLITS = {"smollm": r"\p{N}"}
+
+
+def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_length: int) -> None:
+    """Write `tokenizer.json` and `tokenizer_config.json` from the file's tokenizer metadata.
+
+    The vocabulary, merges and special tokens are turned into a fast tokenizer by transformers'
+    own GGUF support (no torch needed); we fix the pre-tokenizer where llama.cpp's differs and
+    write `tokenizer_config.json` ourselves so it carries the chat template and no load-time noise.
+    """
+    from tokenizers import Regex, pre_tokenizers
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    backend = tokenizer.backend_tokenizer
+    split = _PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre", None))
+    if split is not None:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    backend.save(str(out_dir / "tokenizer.json"))
+
+    tokens = meta.reader.fields["tokenizer.ggml.tokens"]
+
+    def token(key: str) -> str | None:
+        index = meta.get(f"tokenizer.ggml.{key}", None)
+        return None if index is None else tokens.contents(index)
+
+    config: dict[str, Any] = {
+        # the generic class loads tokenizer.json as written; a model class could rebuild the pipeline
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": token("bos_token_id"),
+        "eos_token": token("eos_token_id"),
+        "unk_token": token("unknown_token_id"),
+        "pad_token": token("padding_token_id"),
+        "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
+        "add_eos_token": bool(getattr(tokenizer, "add_eos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": model_max_length,
+    }
+    if "tokenizer.chat_template" in meta:
+        config["chat_template"] = meta.get("tokenizer.chat_template")
+    config = {k: v for k, v in config.items() if v is not None}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
