@@ -665,8 +665,9 @@ def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabula
     """A tokenizer.json BPE with byte fallback (Llama 2, Mistral, Phi-3, Gemma) becomes llama.cpp's ``llama``
     vocabulary: scores by merge rank (llama.cpp merges by score, with no merges in the file), <0xNN> as BYTE, the
     specials as CONTROL and <unk> UNKNOWN, a "▁" before the text but for Gemma's. transformers' GGUF reader (which
-    rebuilds the merges from the scores, as llama.cpp ranks them; a Gemma's from the ids) and jaxtune's importer
-    tokenize as the original, text needing byte fallback and the chat template's output included."""
+    rebuilds the merges from the scores, as llama.cpp ranks them; a Gemma's from the ids) tokenizes as the original
+    (a Llama's with Mistral's Metaspace), jaxtune's importer as llama.cpp, text needing byte fallback and the chat
+    template's output included."""
     from jaxtune.models.gguf_export import hf_to_gguf
 
     original = sentencepiece_style_tokenizer(style)
@@ -693,6 +694,12 @@ def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabula
              "héllo wörld ✓ 日本", chat]
     want = [original(t)["input_ids"] for t in texts]
     assert original.convert_tokens_to_ids("<0x0A>") in want[1] and unk not in sum(want, [])  # byte fallback, no <unk>
+    # llama.cpp tokenizes a `llama` vocabulary as Llama 2's normalizer does, "▁" before the text and after each
+    # special token (LLAMA_CPP_SPM_PIECES); Mistral's Metaspace, of the same vocabulary and merges, differs on text
+    # starting with a space and after <s>: jaxtune's importer is llama.cpp's tokenizer of the file
+    legacy = sentencepiece_style_tokenizer("legacy") if style == "metaspace" else original
+    assert legacy.get_vocab() == original.get_vocab()
+    as_llama_cpp = [legacy(t)["input_ids"] for t in texts]
     if style == "legacy":  # llama.cpp's rules (docs/cli.md); transformers rebuilds a Metaspace: no "▁" before text
         # that starts with a space, nor after a special token (the chat's <s><s>[INST]); its Phi-3 reader does not
         if architecture != "Phi3ForCausalLM":
@@ -717,4 +724,46 @@ def test_a_sentencepiece_style_tokenizer_is_written_as_llama_cpps_llama_vocabula
         np.testing.assert_allclose(loaded(ids).logits.numpy(), reference(ids).logits.numpy(), atol=TOL, rtol=0)
 
     imported = transformers.AutoTokenizer.from_pretrained(gguf_to_hf(out, tmp_path / "back", weights=False))
-    assert [imported(t)["input_ids"] for t in texts] == want
+    assert [imported(t)["input_ids"] for t in texts] == as_llama_cpp
+    if style != "gemma":
+        for text, pieces in LLAMA_CPP_SPM_PIECES.items():
+            assert imported.convert_ids_to_tokens(imported(text)["input_ids"]) == pieces, text
+
+
+# llama.cpp 0.3.36's tokens of the file exported from sentencepiece_style_tokenizer("legacy" or "metaspace") (the same
+# vocabulary), by llama_cpp.Llama(path, vocab_only=True).tokenize(text.encode(), add_bos=True, special=True), as pieces
+LLAMA_CPP_SPM_PIECES = {" leading": ["<s>", "▁", "▁", "l", "e", "a", "d", "i", "n", "g"],
+                        "</s> x": ["<s>", "</s>", "▁", "▁", "x"], "<s>hi": ["<s>", "<s>", "▁", "h", "i"]}
+
+
+def test_whitespace_runs_added_as_tokens_are_matched_whole_as_llama_cpp_does(tmp_path):
+    """Gemma's runs of 2 to 31 spaces are added tokens (USER_DEFINED in its GGUF, spelled with spaces), which
+    llama.cpp matches whole in the text, longest first, before its SentencePiece sees it: the original tokenizer
+    does the same (as llama.cpp 0.3.36 tokenized this file: LLAMA_CPP_RUN_PIECES), and so must jaxtune's importer,
+    not re-spell them "▁▁" tokens that BPE merges pair by pair (transformers' GGUF reader of a Gemma does)."""
+    from tokenizers import AddedToken
+
+    from jaxtune.models.gguf_export import hf_to_gguf
+
+    original = sentencepiece_style_tokenizer("gemma")
+    original.add_tokens([AddedToken(" " * n, normalized=False) for n in (2, 3, 4)])
+    tiny_model("Gemma3ForCausalLM", tmp_path / "base", len(original), **dict(GEMMA, num_hidden_layers=6))
+    original.save_pretrained(tmp_path / "base")
+    out = hf_to_gguf(tmp_path / "base", tmp_path / "model.gguf", dtype="float32")
+    fields = gguf.GGUFReader(out).fields
+    runs = [original.convert_tokens_to_ids(" " * n) for n in (2, 3, 4)]
+    assert [fields["tokenizer.ggml.tokens"].contents(i) for i in runs] == ["  ", "   ", "    "]
+    assert [fields["tokenizer.ggml.token_type"].contents(i) for i in runs] == [gguf.TokenType.USER_DEFINED] * 3
+
+    imported = transformers.AutoTokenizer.from_pretrained(gguf_to_hf(out, tmp_path / "back", weights=False))
+    texts = ["a  b", "the   quick    brown     fox", " " * 9 + "z", "hello  world  ", "x\n  y"]
+    assert [imported(t)["input_ids"] for t in texts] == [original(t)["input_ids"] for t in texts]
+    for text, pieces in LLAMA_CPP_RUN_PIECES.items():
+        assert original.convert_ids_to_tokens(imported(text)["input_ids"]) == pieces
+    assert imported.decode(imported(texts[1])["input_ids"], skip_special_tokens=True) == texts[1]
+
+
+# llama.cpp 0.3.36's tokens of that file (as LLAMA_CPP_SPM_PIECES), as pieces
+LLAMA_CPP_RUN_PIECES = {
+    "the   quick    brown     fox": ["<bos>", "the", "   ", "qu", "ick", "    ", "br", "own", "    ", "▁fox"],
+    " " * 9 + "z": ["<bos>", "    ", "    ", "▁", "z"]}

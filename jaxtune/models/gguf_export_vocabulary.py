@@ -2,20 +2,20 @@
 (:mod:`jaxtune.models.gguf_export`).
 
 The tokenizer (a byte-level BPE ``tokenizer.json``, as SmolLM2, Llama 3 and Qwen ship) is written as
-``tokenizer.ggml.*``: its tokens by id, which are special (control) or added (user-defined), the merges,
-special token ids and the chat template (``gguf.SpecialVocab``). A SentencePiece-style ``tokenizer.json``
-(Llama 2, TinyLlama, Mistral: BPE with byte fallback, spaces as "▁") is written as llama.cpp's ``llama``
-vocabulary: no merges but a score per token (minus the rank of the merge that makes it, which llama.cpp's
-SentencePiece merges by), the ``<0xNN>`` tokens as BYTE, ``<unk>`` as UNKNOWN, and ``add_space_prefix``.
-llama.cpp then puts a "▁" before the text and after every special token in it, as Llama 2's normalizer
-(Prepend "▁") does. A Metaspace with ``prepend_scheme: "first"`` (Mistral's tokenizer.json) puts one only at
-the start and not before a space, so text that starts with a space or follows a special token (``<s>[INST]``)
-gets one "▁" more in llama.cpp than in the original. transformers' GGUF reader (and jaxtune's importer, built
-on it) rebuilds that Metaspace: it agrees with Mistral's tokenizer there and with neither llama.cpp nor Llama
-2's. Gemma's ``tokenizer.json`` (a Replace normalizer alone) puts no "▁" before the text: ``add_space_prefix``
-false, as llama.cpp's converter writes Gemma. A file llama.cpp could not tokenize as the model was trained (a
-Unigram tokenizer, another tokenizer model, or a pre-tokenizer it has no name for) is refused before anything
-is written.
+``tokenizer.ggml.*``: its tokens by id, which are special (control) or added (user-defined), the merges, special
+token ids and the chat template (``gguf.SpecialVocab``). A SentencePiece-style ``tokenizer.json`` (Llama 2,
+TinyLlama, Mistral: BPE with byte fallback, spaces as "▁") is written as llama.cpp's ``llama`` vocabulary: no
+merges but a score per token (minus the rank of the merge that makes it, which llama.cpp's SentencePiece merges
+by), the ``<0xNN>`` tokens as BYTE, ``<unk>`` as UNKNOWN, and ``add_space_prefix``. llama.cpp then puts a "▁"
+before the text and after every special token in it, as Llama 2's normalizer (Prepend "▁") does. A Metaspace
+with ``prepend_scheme: "first"`` (Mistral's tokenizer.json) puts one only at the start and not before a space,
+so text that starts with a space or follows a special token (``<s>[INST]``) gets one "▁" more in llama.cpp than
+in the original. transformers' GGUF reader rebuilds that Metaspace: it agrees with Mistral's tokenizer there and
+with neither llama.cpp nor Llama 2's (jaxtune's importer tokenizes as llama.cpp:
+:mod:`jaxtune.models.gguf_tokenizer`). Gemma's ``tokenizer.json`` (a Replace normalizer alone) puts no "▁"
+before the text: ``add_space_prefix`` false, as llama.cpp's converter writes Gemma. A file llama.cpp could not
+tokenize as the model was trained (a Unigram tokenizer, another tokenizer model, or a pre-tokenizer it has no
+name for) is refused before anything is written.
 """
 
 from __future__ import annotations

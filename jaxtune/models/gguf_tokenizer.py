@@ -20,7 +20,8 @@ def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_le
     """Write `tokenizer.json` and `tokenizer_config.json` from the file's tokenizer metadata.
 
     The vocabulary, merges and special tokens are turned into a fast tokenizer by transformers'
-    own GGUF support (no torch needed); we fix the pre-tokenizer where llama.cpp's differs and
+    own GGUF support (no torch needed); we fix the pre-tokenizer where llama.cpp's differs (and a
+    SentencePiece vocabulary's spaces and added tokens: :func:`_as_llama_cpp_sentencepiece`) and
     write `tokenizer_config.json` ourselves so it carries the chat template and no load-time noise.
     """
     from tokenizers import Regex, pre_tokenizers
@@ -34,6 +35,8 @@ def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_le
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ])
+    if meta.get("tokenizer.ggml.model", None) == "llama":
+        backend = _as_llama_cpp_sentencepiece(backend, meta)
     backend.save(str(out_dir / "tokenizer.json"))
 
     tokens = meta.reader.fields["tokenizer.ggml.tokens"]
@@ -59,3 +62,40 @@ def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_le
     config = {k: v for k, v in config.items() if v is not None}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
+
+
+def _as_llama_cpp_sentencepiece(backend: Any, meta: Metadata) -> Any:
+    """transformers' tokenizer of a ``llama`` (SentencePiece) vocabulary, made to tokenize as llama.cpp does.
+
+    llama.cpp puts a "▁" before the text and after every special or added token in it (``add_space_prefix``,
+    true unless the file says otherwise) and turns spaces into "▁": Llama 2's normalizer, which transformers
+    rebuilds only for Phi-3 (a Llama's gets Mistral's Metaspace, no "▁" after ``<s>`` nor before a leading
+    space). And it matches the added (USER_DEFINED) tokens whole in the text, longest first: Gemma's runs of
+    spaces among them, which transformers re-spells "▁▁" and leaves to the merges (they then pair up a run of
+    32 spaces 16 + 16 where llama.cpp takes 31 + 1); they get back their spelling and are added tokens again.
+    """
+    from gguf import TokenType
+    from tokenizers import Tokenizer, decoders, normalizers
+
+    spec = json.loads(backend.to_str())
+    model = spec["model"]
+    file_tokens = meta.reader.fields["tokenizer.ggml.tokens"].contents()
+    types = meta.get("tokenizer.ggml.token_type", [])
+    spelled = {i: token for token, i in model["vocab"].items()}
+    respelled = {spelled[i]: token for i, (token, kind) in enumerate(zip(file_tokens, types))
+                 if kind == TokenType.USER_DEFINED and spelled.get(i, token) != token}
+    if respelled:
+        model["vocab"] = {respelled.get(token, token): i for token, i in model["vocab"].items()}
+        pairs = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model.get("merges", [])]
+        model["merges"] = [list(pair) for pair in pairs if not {*pair, "".join(pair)} & set(respelled)]
+        spec["added_tokens"] = [*spec.get("added_tokens", []), *(
+            {"id": model["vocab"][token], "content": token, "single_word": False, "lstrip": False, "rstrip": False,
+             "normalized": False, "special": False} for token in respelled.values())]
+    tokenizer = Tokenizer.from_str(json.dumps(spec))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tokenizer.normalizer = normalizers.Sequence([*([normalizers.Prepend("▁")] if prefix else []),
+                                                 normalizers.Replace(" ", "▁")])
+    tokenizer.pre_tokenizer = None
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           *([decoders.Strip(" ", 1, 0)] if prefix else [])])
+    return tokenizer
