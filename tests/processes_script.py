@@ -21,6 +21,7 @@ predict_fails {"run", "data", "out"}: ``jaxtune.predict`` of the run directory o
          (process 1's second) raising when process 1 reads it (as a corrupt image file would).
 evaluate_fails {"run", "data", "out"}: the run's ``Trainer.evaluate`` (``jaxtune eval``) on those rows.
 setup_fails {"model", "train", "out"}: :func:`setup_fails`, the run directory unreadable on process 1 alone.
+optimizer_fails {"model", "train", "out"}: :func:`optimizer_fails`, the optimizer state failing on process 1 alone.
 read_fails {"model", "train", "out"}: :func:`read_fails`, the recipe's training file missing on process 1's host.
 restore_fails {"model", "train", "out"}: :func:`restore_fails`, a checkpoint unreadable on process 1 alone.
 open_fails {"model", "train", "out"}: :func:`open_fails`, ``jaxtune.open_run`` of a run whose checkpoint
@@ -172,13 +173,14 @@ def base_fails(args: dict[str, Any]) -> dict[str, Any]:
     return {"state": result.state}
 
 
-def _lora_run(args: dict[str, Any], steps: int) -> Any:
-    """``steps`` steps of LoRA on the tiny Llama in OUT/run, 4 chat rows a batch, without the base and final scores."""
+def _lora_run(args: dict[str, Any], steps: int, **trainer: Any) -> Any:
+    """``steps`` steps of LoRA on the tiny Llama in OUT/run, 4 chat rows a batch, without the base and final
+    scores (``trainer``: more of the Trainer's arguments)."""
     import jaxtune as jt
 
     train, _ = jt.read(args["train"], kind="chat")
     tuned = jt.apply_plan(jt.load(args["model"]), jt.lora(rank=4, alpha=8))
-    return jt.Trainer(tuned, train, run_dir=Path(args["out"]) / "run",
+    return jt.Trainer(tuned, train, run_dir=Path(args["out"]) / "run", **trainer,
                       config=jt.TrainConfig(steps=steps, log_every=1, progress=False),
                       data=jt.DataConfig(batch_size=4, max_length=48, packing=False),
                       eval=jt.EvalConfig(before=False, after=False)).fit()
@@ -204,6 +206,21 @@ def setup_fails(args: dict[str, Any]) -> dict[str, Any]:
 
     _fails_on_process_1(RunDir, "check", PermissionError("run: a directory process 1 cannot read"))
     return {"state": _lora_run(args, 2).state}
+
+
+def optimizer_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_lora_run` with AdamW whose state process 1 alone cannot make (its host out of memory, say)."""
+    import jax
+    import optax
+
+    adamw = optax.adamw(1e-4)
+
+    def init(params: Any) -> Any:
+        if jax.process_index() == 1:
+            raise MemoryError("the optimizer state: out of memory on process 1")
+        return adamw.init(params)
+
+    return {"state": _lora_run(args, 2, optimizer=optax.GradientTransformation(init, adamw.update)).state}
 
 
 def _recipe(args: dict[str, Any], train: str) -> dict[str, Any]:
@@ -321,8 +338,8 @@ def main() -> None:
         record(module, name)
     known = {"export": export, "export_fails": export_fails, "predict": predict, "predict_fails": predict_fails,
              "evaluate_fails": evaluate_fails, "restart": restart, "dpo": dpo, "dpo_fails": dpo_fails,
-             "base_fails": base_fails, "setup_fails": setup_fails, "read_fails": read_fails,
-             "restore_fails": restore_fails, "open_fails": open_fails}
+             "base_fails": base_fails, "setup_fails": setup_fails, "optimizer_fails": optimizer_fails,
+             "read_fails": read_fails, "restore_fails": restore_fails, "open_fails": open_fails}
     for job, args in jobs.items():
         written.clear()
         result = known[job](args)

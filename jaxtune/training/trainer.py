@@ -173,17 +173,18 @@ class Trainer:
             if preference is not None and preference.needs_reference and not cached:
                 frozen = with_reference_start(trainable, frozen, getattr(model.config, "dtype", None))
             self.frozen = shard(frozen, param_shardings(frozen, self.mesh, rules))
+            # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
+            # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
+            # zeros_like come out replicated: a full copy of Adam's state on every FSDP device.
+            # Off-mesh scalars (step counters) would also make the step compile a second time.
+            # Inside the block: a state one host cannot make (its memory, a caller's optimizer) stops the others.
+            opt_shardings = param_shardings(jax.eval_shape(self.optimizer.init, self.trainable), self.mesh, rules)
+            self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.trainable)
         # Before any step: the cache's reference is the starting model (also when a run resumes).
         self._references = reference_caches(
             model.module, self.trainable, self.frozen, {"train": self.train_data, "eval": self.eval_data},
             self.to_device, preference, sharding=batch_sharding(self.mesh), dtype=getattr(model.config, "dtype", None),
             chunk_tokens=config.chunk_tokens) if cached else {}
-        # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
-        # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
-        # zeros_like come out replicated: a full copy of Adam's state on every FSDP device.
-        # Off-mesh scalars (step counters) would also make the step compile a second time.
-        opt_shardings = param_shardings(jax.eval_shape(self.optimizer.init, self.trainable), self.mesh, rules)
-        self.opt_state = jax.jit(self.optimizer.init, out_shardings=opt_shardings)(self.trainable)
         if preference is not None:
             loss_fn = eval_loss_fn = make_preference_loss_fn(model.module, preference, chunk_tokens=config.chunk_tokens,
                                                              pad_id=reward_pad_id(model))
