@@ -9,7 +9,8 @@ a process that failed. Arrays split over other processes' devices are gathered f
 (:func:`on_host`), as every process must take part in that. An error on one process while the others
 compute together stops them too (:func:`stop_together`), rather than leaving them in a collective until
 JAX's distributed service times out; so does one in the work each process does alone before such a
-collective (loading, reading, checking: :func:`ready_together`). On one process these are plain calls.
+collective (loading, reading, checking: :func:`ready_together`). A stop that one process asks for (a
+Ctrl-C) is taken by every process at one step (:class:`AgreedStop`). On one process these are plain calls.
 
 Beside the layers: imports no other part of jaxtune.
 """
@@ -32,6 +33,7 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 _uses = itertools.count()  # numbers each stop_together: the same sequence on every process (one program)
 _ready = itertools.count()  # numbers each ready_together's barrier (the same on every process)
+_stops = itertools.count()  # numbers each AgreedStop (the same on every process)
 _watched = contextvars.ContextVar("jaxtune_stop_together", default=False)  # inside a stop_together already
 
 
@@ -111,9 +113,22 @@ def _client() -> Any:
     return getattr(distributed.global_state, "client", None)
 
 
+def _wait_for(client: Any, key: str, leaving: threading.Event | None = None) -> str | None:
+    """The value of ``key`` in the key-value store once some process sets it; None when ``leaving`` is set
+    first (once the value comes, or the next minute) or the distributed service is gone."""
+    while True:
+        try:
+            message = client.blocking_key_value_get(key, 60_000)
+        except Exception as err:  # noqa: BLE001 - a timeout waits on; the service gone ends the wait
+            if "DEADLINE_EXCEEDED" in str(err) and not (leaving is not None and leaving.is_set()):
+                continue
+            return None
+        return None if leaving is not None and leaving.is_set() else message
+
+
 @contextlib.contextmanager
 def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | None = None) -> Iterator[None]:
-    """While active, an exception on one process stops every other within seconds.
+    """While active, an exception (or a KeyboardInterrupt) on one process stops every other within seconds.
 
     The others cannot learn of it in their own code: they wait in the next collective of a step the
     failing process will never join, until JAX's distributed service gives up on it (minutes later,
@@ -137,33 +152,28 @@ def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | Non
     leaving = threading.Event()  # this process left the block (normally or with its own error): watch no more
 
     def watch() -> None:
-        while True:
-            try:
-                message = client.blocking_key_value_get(key(me), 60_000)
-            except Exception as err:  # noqa: BLE001 - a timeout waits on; the service gone ends the watch
-                if "DEADLINE_EXCEEDED" in str(err) and not leaving.is_set():
-                    continue
-                return
-            if leaving.is_set() or not message:
-                return
-            log.error("%s; stopping", message)
-            try:
-                if on_stop is not None:
-                    on_stop(message)
-                jax.distributed.shutdown()  # its shutdown barrier: the failing process's own exit waits there
-            except Exception:  # noqa: BLE001 - the process ends below whatever these do
-                log.exception("while stopping after another process's error")
-            os._exit(1)
+        message = _wait_for(client, key(me), leaving)
+        if not message:
+            return
+        log.error("%s; stopping", message)
+        try:
+            if on_stop is not None:
+                on_stop(message)
+            jax.distributed.shutdown()  # its shutdown barrier: the failing process's own exit waits there
+        except Exception:  # noqa: BLE001 - the process ends below whatever these do
+            log.exception("while stopping after another process's error")
+        os._exit(1)
 
     watcher = threading.Thread(target=watch, name="jaxtune-stop-together", daemon=True)
     watcher.start()
     outermost = _watched.set(True)
     try:
         yield
-    except Exception as err:
+    except (Exception, KeyboardInterrupt) as err:  # a Ctrl-C that stops this process at once stops the others too
         leaving.set()
         first_line = (str(err).strip().splitlines() or [""])[0]
-        message = f"process {me} failed {where()}: {type(err).__name__}: {first_line}"
+        message = (f"process {me} was interrupted (Ctrl-C) {where()}" if isinstance(err, KeyboardInterrupt)
+                   else f"process {me} failed {where()}: {type(err).__name__}: {first_line}")
         for other in range(jax.process_count()):
             if other != me:
                 with contextlib.suppress(Exception):  # another process failed first and told it already
@@ -202,3 +212,101 @@ def ready_together(where: Callable[[], str], on_stop: Callable[[str], None] | No
             client.wait_at_barrier(name, 24 * 3600 * 1000)
         else:
             barrier(name)
+
+
+class AgreedStop:
+    """A stop any process may ask for (:meth:`ask`: a Ctrl-C) that every process takes before the same step.
+
+    Each process calls :meth:`stop_before` at every step boundary (before it reads the step's batch); it
+    returns True on every process at one step, the first boundary every process can reach after the ask
+    (of any process). A stop taken alone would leave the others waiting in the next step's collectives.
+
+    No agreement per step (a device collective every step would make each host wait for the others'
+    steps to finish, draining the pipeline of dispatched steps): an ask goes through the distributed
+    service's key-value store. A watcher thread per process waits for one; on it, it takes the step its
+    main thread is about to start as that process's ``bound`` (the main thread starts no later step
+    until the processes agree) and publishes it. The processes stop at the largest bound: every process
+    can reach it without waiting for another's unstarted step, whichever step its host is in (a host
+    waiting on a device read of step k has started step k, and its bound is k). A boundary costs a lock
+    and two flags until an ask comes. Use it as a context manager; one process: a flag (:meth:`ask`)."""
+
+    def __init__(self) -> None:
+        self._client = _client() if several() else None
+        self._use = next(_stops) if self._client is not None else None
+        self._lock = threading.Lock()
+        self.asked = False  # this process was asked (set from a signal handler: no lock there)
+        self._posted = False  # the others were told of this process's ask
+        self._told = False  # an ask (this process's or another's) reached this process
+        self._next = 0  # the step this process's main thread may start without an agreement
+        self._bound: int | None = None  # the step this process published
+        self._at: int | None = None  # the agreed step
+        self.by: str | None = None  # who asked first, as far as this process knows
+        self._leaving = threading.Event()
+        self._watcher: threading.Thread | None = None
+
+    def _key(self, what: str, process: int) -> str:
+        return f"jaxtune/agreed_stop/{self._use}/{what}/{process}"
+
+    def start(self, step: int) -> AgreedStop:
+        """Watch for another process's ask, training from ``step``."""
+        self._next = step
+        if self._client is not None:
+            self._watcher = threading.Thread(target=self._watch, name="jaxtune-agreed-stop", daemon=True)
+            self._watcher.start()
+        return self
+
+    def _watch(self) -> None:
+        message = _wait_for(self._client, self._key("ask", jax.process_index()), self._leaving)
+        if message:
+            self._publish(None, message)
+
+    def _publish(self, step: int | None, by: str) -> None:
+        """Take this process's bound (``step``, or the step its main thread starts next) once, and publish it."""
+        with self._lock:
+            self._told = True
+            if self._bound is not None:
+                return
+            self.by = by
+            self._bound = self._next if step is None else step
+            self._client.key_value_set(self._key("bound", jax.process_index()), str(self._bound))
+
+    def ask(self) -> None:
+        """Ask every process to stop (from a signal handler: only a flag is set here)."""
+        self.asked = True
+
+    def stop_before(self, step: int) -> bool:
+        """Whether every process stops here, before starting step ``step + 1`` (``step`` steps done)."""
+        if self._client is None:
+            return self.asked
+        if self.asked and not self._posted:
+            self._posted = True
+            me = jax.process_index()
+            for other in range(jax.process_count()):
+                if other != me:
+                    with contextlib.suppress(Exception):  # another process asked first and told it already
+                        self._client.key_value_set(self._key("ask", other), f"process {me}")
+            self._publish(step, f"process {me}")
+        with self._lock:
+            if not self._told:
+                self._next = step + 1
+                return False
+        if self._at is None:
+            bounds = [_wait_for(self._client, self._key("bound", p)) for p in range(jax.process_count())]
+            self._at = max(int(b) for b in bounds if b)
+        return step >= self._at
+
+    def __enter__(self) -> AgreedStop:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """Stop watching; a process that leaves (its run finished) publishes the step it ends at, as its bound:
+        an ask that comes later still gets every process's bound."""
+        if self._client is None:
+            return
+        self._leaving.set()
+        with contextlib.suppress(Exception):  # the bound (or another's ask) is there already; the service is gone
+            self._publish(self._next, f"process {jax.process_index()}, ending")
+        with contextlib.suppress(Exception):  # wakes this process's watcher (unless an ask did)
+            self._client.key_value_set(self._key("ask", jax.process_index()), "")
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)

@@ -222,14 +222,44 @@ def _train_script(tmp_path: Path, *options: str) -> list[str]:
             "--coordinator", "{address}", "--num-processes", "{count}", "--process-id", "{process}"]
 
 
-def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_same_step(tmp_path):
-    """The signal reaches each process at another moment (here: process 0 only): the interrupted one
-    stopped alone and saved, and the others stepped on into the next step's collectives (both hung).
-    Now they agree at the log step, all stop there, save one checkpoint and report "stopped"."""
-    errs = _processes(_train_script(tmp_path, "--interrupt-at", "2"), tmp_path, timeout=180)
-    assert all("done step=2 state=stopped" in err for err in errs), [err[-1500:] for err in errs]
-    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["2"]
+def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_next_step_and_resumes_exactly(tmp_path):
+    """The signal reaches each process at another moment (here: process 1 only, after step 2 of 8). The
+    processes agreed on it only at log steps: with ``log_every`` past the run's end it never took effect,
+    and the run finished. Now every process stops at the same step, the first each can reach, saves one
+    checkpoint there and reports "stopped"; the run resumed from it ends with the params of a run never
+    interrupted."""
+    argv = _train_script(tmp_path, "--log-every", "100", "--steps", "8")
+    errs = _processes([*argv, "--interrupt-at", "2", "--interrupt-on", "1"], tmp_path, timeout=180)
+    done = [[line for line in err.splitlines() if line.startswith("done ")] for err in errs]
+    assert done[0] == done[1] and len(done[0]) == 1 and done[0][0].endswith("state=stopped"), errs[1][-1500:]
+    stopped = int(done[0][0].split()[1].removeprefix("step="))
+    assert 2 <= stopped < 8
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == [str(stopped)]
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "stopped"
+    errs = _processes([*argv, "--out", str(tmp_path / "resumed.npz")], tmp_path, timeout=180)
+    assert all("done step=8 state=finished" in err for err in errs), [err[-1500:] for err in errs]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    _processes([*_train_script(whole, "--log-every", "100", "--steps", "8"), "--out", str(whole / "run.npz")],
+               whole, timeout=180)
+    resumed, uninterrupted = np.load(tmp_path / "resumed.npz"), np.load(whole / "run.npz")
+    assert sorted(resumed) == sorted(uninterrupted)
+    for name in uninterrupted:
+        np.testing.assert_allclose(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_a_second_ctrl_c_on_one_process_stops_the_others_at_once_naming_it(tmp_path):
+    """Two Ctrl-Cs on process 1 after step 2 (the second stops at once, unsaved): process 1 stopped alone,
+    its KeyboardInterrupt no error that told the others, and process 0 waited in the next step's collectives
+    until JAX's distributed service gave up on process 1. Now process 0 stops at once, naming it."""
+    argv = _train_script(tmp_path, "--log-every", "100", "--steps", "8", "--interrupt-at", "2", "--interrupt-on", "1",
+                         "--twice")
+    codes, errs = _run(argv, tmp_path, timeout=90)
+    assert codes[1] == 0 and "done step=2 state=stopped" in errs[1], errs[1][-1500:]
+    assert "interrupted during step 3; nothing saved" in errs[1]
+    stopping = "process 1 was interrupted (Ctrl-C) after step 2 of 8; stopping"
+    assert codes[0] == 1 and stopping in errs[0], errs[0][-1500:]
+    assert "heartbeat" not in errs[0] + errs[1]
 
 
 def test_an_error_on_one_process_stops_the_others_at_once_naming_it(tmp_path):

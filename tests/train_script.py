@@ -1,12 +1,14 @@
 """A small LoRA training run as a script: the resume (SIGKILL) and multi-process tests run it.
 
 python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
-    [--kill-at S [--kill-on P]] [--interrupt-at S] [--fail-at S [--fail-on P]] [--batch B] [--out FILE.npz]
+    [--kill-at S [--kill-on P]] [--interrupt-at S [--interrupt-on P] [--twice]] [--fail-at S [--fail-on P]] [--batch B]
+    [--log-every N] [--out FILE.npz]
     [--no-packing] [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
     [--coordinator HOST:PORT --process-id I --num-processes P [--heartbeat-timeout SECONDS]]
 
 ``--kill-at`` SIGKILLs the process (``--kill-on``: that one alone) after that step, writing
-``killed at <time.time()>`` to stderr first.
+``killed at <time.time()>`` to stderr first. ``--interrupt-at`` sends process ``--interrupt-on`` a Ctrl-C
+(SIGINT) as soon as its host has started that step, whatever ``--log-every`` (``--twice``: two).
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
 answers' first letters) and writes the metrics; ``--generate-out`` writes the trained model's greedy
@@ -20,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from typing import Any
 
 
 def main() -> None:
@@ -31,7 +34,10 @@ def main() -> None:
     ap.add_argument("--save-every", type=int, default=None)
     ap.add_argument("--kill-at", type=int, default=None)
     ap.add_argument("--kill-on", type=int, default=None, help="the process that --kill-at kills (default: every one)")
-    ap.add_argument("--interrupt-at", type=int, default=None, help="process 0 alone gets a Ctrl-C after this step")
+    ap.add_argument("--interrupt-at", type=int, default=None, help="one process alone gets a Ctrl-C after this step")
+    ap.add_argument("--interrupt-on", type=int, default=0, help="the process that --interrupt-at interrupts")
+    ap.add_argument("--twice", action="store_true", help="--interrupt-at sends two Ctrl-Cs (stop at once)")
+    ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--fail-at", type=int, default=None, help="one process alone raises in a callback after this step")
     ap.add_argument("--fail-on", type=int, default=1, help="the process that --fail-at raises on")
     ap.add_argument("--batch", type=int, default=4)
@@ -81,8 +87,6 @@ def main() -> None:
             trainer.checkpointer.wait()  # the save of an earlier step is on disk; now die hard
             print(f"killed at {time.time()}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
-        if step == args.interrupt_at and jax.process_index() == 0:
-            os.kill(os.getpid(), signal.SIGINT)
         if step == args.fail_at and jax.process_index() == args.fail_on:
             raise ValueError(f"a callback's error on process {args.fail_on} only, at step {step}")
 
@@ -91,12 +95,27 @@ def main() -> None:
                                            drop_remainder=False, packing=not args.no_packing), scan_first=False)
     # The answers are upper-cased words; their first letters tell them apart.
     choices = tuple(w.upper() for w in ("alpha", "beta", "gamma", "delta", "omega", "kappa"))
-    trainer = Trainer(tuned, train_data=loader, eval_data=eval_loader,
+
+    class Interrupted(Trainer):
+        """A Ctrl-C right after the host started step ``--interrupt-at`` (callbacks run at log steps only)."""
+
+        def _one_step(self, *a: Any, **k: Any) -> Any:
+            metrics = super()._one_step(*a, **k)
+            if args.interrupt_at is not None:
+                # Each host waits for its step: between log steps a host may run steps ahead of the others, and
+                # the processes stop at the first step none has started (with all dispatched, the run's end).
+                jax.block_until_ready(metrics)
+            if self.step == args.interrupt_at and jax.process_index() == args.interrupt_on:
+                for _ in range(2 if args.twice else 1):
+                    os.kill(os.getpid(), signal.SIGINT)
+            return metrics
+
+    trainer = Interrupted(tuned, train_data=loader, eval_data=eval_loader,
                       optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
-                      config=TrainConfig(steps=args.steps, log_every=1, progress=False),
+                      config=TrainConfig(steps=args.steps, log_every=args.log_every, progress=False),
                       checkpoint=CheckpointConfig(every=args.save_every), eval=EvalConfig(choices=choices, before=False,
                                                                                          after=False),
-                      run_dir=args.run, callbacks=[kill] if args.kill_at or args.interrupt_at or args.fail_at else [])
+                      run_dir=args.run, callbacks=[kill] if args.kill_at or args.fail_at else [])
     result = trainer.fit()
     if args.out and jax.process_index() == 0:
         host = jax.device_get(trainer.trainable)  # gathers across processes for fully addressable arrays

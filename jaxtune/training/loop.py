@@ -26,41 +26,54 @@ log = logging.getLogger("jaxtune.training.trainer")
 
 
 class StopOnInterrupt:
-    """While active, the first Ctrl-C (SIGINT) only sets ``requested``; the loop stops at the
-    next step boundary. A KeyboardInterrupt raised mid-step could land after the jitted step
+    """While active, the first Ctrl-C (SIGINT) only asks to stop: the loop stops at the next step
+    boundary (:meth:`stop_now`). A KeyboardInterrupt raised mid-step could land after the jitted step
     consumed (donated) the params but before its results were stored, leaving nothing to save.
-    A second Ctrl-C interrupts at once. Outside the main thread, signals are left alone."""
+    Several JAX processes stop at one step, the first every process can reach once any of them was
+    interrupted (:class:`~jaxtune.processes.AgreedStop`): one stopping alone to save would leave the
+    others waiting in the next step's collectives. A second Ctrl-C interrupts at once (with several
+    processes, every one: :func:`~jaxtune.processes.stop_together`). Outside the main thread, signals
+    are left alone."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, step: int) -> None:
+        self._stop = processes.AgreedStop()
+        self._step = step
         self._previous: Any = None
 
+    @property
+    def requested(self) -> bool:
+        """Whether this process was interrupted."""
+        return self._stop.asked
+
+    @property
+    def by(self) -> str | None:
+        """The process that asked to stop, as far as this one knows (several processes only)."""
+        return self._stop.by
+
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
+        if self._stop.asked:
             raise KeyboardInterrupt
-        self.requested = True
-        when = "at the next log step, with the other processes," if processes.several() else "after this step"
-        log.warning("Ctrl-C: stopping %s and saving a checkpoint (press again to stop at once)", when)
+        self._stop.ask()
+        several = processes.several()
+        log.warning("Ctrl-C: stopping after this step%s and saving a checkpoint (press again to stop at once%s)",
+                    ", with the other processes," if several else "", ", every process, unsaved" if several else "")
 
     def __enter__(self) -> StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handle)
+        self._stop.start(self._step)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+        self._stop.__exit__(*exc)
 
-    def stop_now(self, step: int, every: int) -> bool:
-        """Whether the loop stops before the step after ``step``. One process: once Ctrl-C was pressed.
-        Several JAX processes must stop at the same step (one stopping alone to save would leave the
-        others waiting in the next step's collectives), and the signal reaches each at another moment:
-        they agree every ``every`` steps (the log steps, where the host waits for the steps anyway), and
-        stop there when any of them was interrupted."""
-        if not processes.several():
-            return self.requested
-        return step % every == 0 and not processes.everyone(not self.requested)
+    def stop_now(self, step: int) -> bool:
+        """Whether the loop stops before the step after ``step``: once Ctrl-C was pressed (on one process),
+        at the agreed step (on several)."""
+        return self._stop.stop_before(step)
 
 
 class Throughput:

@@ -492,10 +492,11 @@ class Trainer:
             # another process's error (its loader, a callback) stops this one, not a collective it never joins
             stop_together = self.status.stop_together(lambda: f"after step {self.step} of {self.steps}",
                                                       lambda: self.step)
-            with stop_together, StopOnInterrupt() as interrupt:
+            with stop_together, StopOnInterrupt(self.step) as interrupt:
                 while self.step < self.steps:
-                    if interrupt.stop_now(self.step, cfg.log_every):
-                        raise KeyboardInterrupt
+                    if interrupt.stop_now(self.step):
+                        state = "stopped"
+                        break
                     batch = next(iterator, None)
                     if batch is None and (again := self._another_pass(iterator)) is not None:
                         iterator, batch = again, next(again, None)
@@ -538,14 +539,20 @@ class Trainer:
                     if saves and not last:
                         with window.paused():
                             self._save(iterator, best, eval_metrics)
-                # steps since the last reading (the data ran out)
+                # steps since the last reading (the data ran out, a Ctrl-C)
                 if failed := self.status.non_finite(pending, self.step, self.checkpointer):
                     return failed, train_metrics, eval_metrics
-                self._recalibrate()
+                if state == "stopped":
+                    # not recalibrated: the resumed run goes on from these very params
+                    log.warning("interrupted at step %d%s; saving a checkpoint to resume from", self.step,
+                                f" ({interrupt.by} was)" if interrupt.by and not interrupt.requested else "")
+                else:
+                    self._recalibrate()
                 self._save(iterator, best, eval_metrics)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # a second Ctrl-C
             state = "stopped"
-            if any(x.is_deleted() for x in jax.tree.leaves(self.trainable)):  # a second Ctrl-C, mid-step
+            # mid-step; or with several processes, which stop_together ended (a save would wait for them)
+            if processes.several() or any(x.is_deleted() for x in jax.tree.leaves(self.trainable)):
                 log.warning("interrupted during step %d; nothing saved, resume from checkpoint %s", self.step + 1,
                             self.status.resume_point(self.checkpointer))
             elif failed := self.status.non_finite(pending, self.step, self.checkpointer):
