@@ -166,6 +166,32 @@ def test_a_one_step_run_drops_its_warmup_with_the_warning_of_every_cut(caplog, w
     assert f"optimizer.{shown} is not shorter than the run's 1 steps: the warmup is cut to 0 steps" in caplog.text
 
 
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [{"warmup_steps": 1}, {"warmup_steps": 2}, {"warmup_ratio": 0.01},
+                                    {"warmup_ratio": 0.05}, {"warmup_ratio": 0.1}])
+@pytest.mark.parametrize("steps", [7, 30])
+def test_short_warmups_follow_transformers_step_by_step(schedule, warmup, steps):
+    """Each step's learning rate against transformers' get_scheduler (its LambdaLR, stepped as its Trainer
+    steps it) for one- and two-step warmups and small ratios, which round up (0.01 of 7 steps is one
+    step). The one documented difference (docs/cli.md): a warmup step here is at
+    ``learning_rate * (i + 1) / warmup``, where transformers' first is at 0, its next at ``1 / warmup``."""
+    import transformers
+
+    value = next(iter(warmup.values()))
+    warmup_steps = transformers.TrainingArguments(output_dir="unused", warmup_steps=value).get_warmup_steps(steps)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    name = "constant_with_warmup" if schedule == "constant" else schedule
+    lambda_lr = transformers.get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=steps)
+    theirs = []
+    for _ in range(steps):
+        theirs.append(lambda_lr.get_last_lr()[0])
+        optimizer.step()
+        lambda_lr.step()
+    expected = [(i + 1) / warmup_steps if i < warmup_steps else lr for i, lr in enumerate(theirs)]
+    lr = make_schedule(OptimizerConfig(learning_rate=1.0, schedule=schedule, **warmup), total_steps=steps)
+    np.testing.assert_allclose([float(lr(i)) for i in range(steps)], expected, rtol=1e-6, atol=1e-7)
+
+
 def test_no_warning_of_a_cut_warmup_where_no_schedule_is_followed(caplog):
     """A trainer without training data (evaluating, exporting) counts one step: its schedule is never
     followed, so its warmup is not warned of (``warn=False``); a training run's is."""
