@@ -11,14 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtune.data.packing import LM_KEYS
 from jaxtune.models.decoder import AUX
 from jaxtune.training.losses import auxiliary_loss, token_chunks
 
 Array = jax.Array
 Batch = dict[str, Array]
 Params = dict[str, Any]
-
-LM_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
 
 
 def token_logprobs(hidden: Array, targets: Array, project: Callable[[Array], Array] | None = None, *,
