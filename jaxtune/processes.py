@@ -35,6 +35,9 @@ _uses = itertools.count()  # numbers each stop_together: the same sequence on ev
 _ready = itertools.count()  # numbers each ready_together's barrier (the same on every process)
 _stops = itertools.count()  # numbers each AgreedStop (the same on every process)
 _watched = contextvars.ContextVar("jaxtune_stop_together", default=False)  # inside a stop_together already
+# stop_together's message starts with one of these words: how the other processes end (and mark the run)
+_INTERRUPTED, _FAILED = "interrupted", "failed"
+INTERRUPTED_EXIT = 130  # a process ended by another's Ctrl-C: jaxtune's exit status for a Ctrl-C (128 + SIGINT)
 
 
 def several() -> bool:
@@ -127,7 +130,8 @@ def _wait_for(client: Any, key: str, leaving: threading.Event | None = None) -> 
 
 
 @contextlib.contextmanager
-def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | None = None) -> Iterator[None]:
+def stop_together(where: Callable[[], str],
+                  on_stop: Callable[[str, bool], None] | None = None) -> Iterator[None]:
     """While active, an exception (or a KeyboardInterrupt) on one process stops every other within seconds.
 
     The others cannot learn of it in their own code: they wait in the next collective of a step the
@@ -135,10 +139,13 @@ def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | Non
     with a heartbeat error that hides the real one). So the failing process writes
     ``process I failed <where()>: Type: message`` to the distributed service's key-value store, under
     a key each other process's watcher thread is waiting on; the watcher logs it (``...; stopping``),
-    calls ``on_stop(message)`` (process 0 marks the run failed), leaves ``jax.distributed`` and ends
-    its process (exit status 1): its main thread is inside a collective, where no Python exception
-    reaches it. The failing process raises its own error as before. One process: nothing is started,
-    nothing is paid (no agreement per step either way). Inside another ``stop_together`` (an
+    calls ``on_stop(message, interrupted)`` (process 0 marks the run failed), leaves ``jax.distributed``
+    and ends its process (exit status 1): its main thread is inside a collective, where no Python
+    exception reaches it. A KeyboardInterrupt (a second Ctrl-C) is no failure: the message says
+    ``process I was interrupted (Ctrl-C) <where()>``, ``interrupted`` is True (process 0 marks the run
+    stopped) and the others exit with 130, as one process interrupted so would (``jaxtune``'s status for
+    a Ctrl-C, a shell's for SIGINT). The failing process raises its own error as before. One process:
+    nothing is started, nothing is paid (no agreement per step either way). Inside another ``stop_together`` (an
     evaluation during ``fit``) the outer one covers the block: its ``where`` and ``on_stop`` hold."""
     client = _client() if several() and not _watched.get() else None
     if client is None:
@@ -152,17 +159,19 @@ def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | Non
     leaving = threading.Event()  # this process left the block (normally or with its own error): watch no more
 
     def watch() -> None:
-        message = _wait_for(client, key(me), leaving)
-        if not message:
+        told = _wait_for(client, key(me), leaving)
+        if not told:
             return
-        log.error("%s; stopping", message)
+        how, _, message = told.partition(" ")
+        interrupted = how == _INTERRUPTED
+        (log.warning if interrupted else log.error)("%s; stopping", message)
         try:
             if on_stop is not None:
-                on_stop(message)
+                on_stop(message, interrupted)
             jax.distributed.shutdown()  # its shutdown barrier: the failing process's own exit waits there
         except Exception:  # noqa: BLE001 - the process ends below whatever these do
-            log.exception("while stopping after another process's error")
-        os._exit(1)
+            log.exception("while stopping after another process's %s", "Ctrl-C" if interrupted else "error")
+        os._exit(INTERRUPTED_EXIT if interrupted else 1)
 
     watcher = threading.Thread(target=watch, name="jaxtune-stop-together", daemon=True)
     watcher.start()
@@ -172,8 +181,9 @@ def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | Non
     except (Exception, KeyboardInterrupt) as err:  # a Ctrl-C that stops this process at once stops the others too
         leaving.set()
         first_line = (str(err).strip().splitlines() or [""])[0]
-        message = (f"process {me} was interrupted (Ctrl-C) {where()}" if isinstance(err, KeyboardInterrupt)
-                   else f"process {me} failed {where()}: {type(err).__name__}: {first_line}")
+        interrupted = isinstance(err, KeyboardInterrupt)
+        message = (f"{_INTERRUPTED} process {me} was interrupted (Ctrl-C) {where()}" if interrupted
+                   else f"{_FAILED} process {me} failed {where()}: {type(err).__name__}: {first_line}")
         for other in range(jax.process_count()):
             if other != me:
                 with contextlib.suppress(Exception):  # another process failed first and told it already
@@ -188,7 +198,8 @@ def stop_together(where: Callable[[], str], on_stop: Callable[[str], None] | Non
 
 
 @contextlib.contextmanager
-def ready_together(where: Callable[[], str], on_stop: Callable[[str], None] | None = None) -> Iterator[None]:
+def ready_together(where: Callable[[], str],
+                   on_stop: Callable[[str, bool], None] | None = None) -> Iterator[None]:
     """A block of work each process does on its own (loading a model, reading and checking data, a run
     directory's files) before the processes compute together: it ends when every process has done it,
     and an error on one stops every other, naming it, as :func:`stop_together` does (``on_stop`` as there).

@@ -226,10 +226,11 @@ def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_next_step_
     """The signal reaches each process at another moment (here: process 1 only, after step 2 of 8). The
     processes agreed on it only at log steps: with ``log_every`` past the run's end it never took effect,
     and the run finished. Now every process stops at the same step, the first each can reach, saves one
-    checkpoint there and reports "stopped"; the run resumed from it ends with the params of a run never
-    interrupted."""
+    checkpoint there and reports "stopped" (exit status 130, as ``jaxtune train``'s); the run resumed from
+    it ends with the params of a run never interrupted."""
     argv = _train_script(tmp_path, "--log-every", "100", "--steps", "8")
-    errs = _processes([*argv, "--interrupt-at", "2", "--interrupt-on", "1"], tmp_path, timeout=180)
+    codes, errs = _run([*argv, "--interrupt-at", "2", "--interrupt-on", "1"], tmp_path, timeout=180)
+    assert codes == [130, 130], [err[-1500:] for err in errs]
     done = [[line for line in err.splitlines() if line.startswith("done ")] for err in errs]
     assert done[0] == done[1] and len(done[0]) == 1 and done[0][0].endswith("state=stopped"), errs[1][-1500:]
     stopped = int(done[0][0].split()[1].removeprefix("step="))
@@ -248,18 +249,26 @@ def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_next_step_
         np.testing.assert_allclose(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_a_second_ctrl_c_on_one_process_stops_the_others_at_once_naming_it(tmp_path):
-    """Two Ctrl-Cs on process 1 after step 2 (the second stops at once, unsaved): process 1 stopped alone,
+@pytest.mark.parametrize("interrupted", [1, 0])
+def test_a_second_ctrl_c_on_one_process_stops_the_others_at_once_as_one_process_stops(tmp_path, interrupted):
+    """Two Ctrl-Cs on one process after step 2 (the second stops at once, unsaved): process 1 stopped alone,
     its KeyboardInterrupt no error that told the others, and process 0 waited in the next step's collectives
-    until JAX's distributed service gave up on process 1. Now process 0 stops at once, naming it."""
-    argv = _train_script(tmp_path, "--log-every", "100", "--steps", "8", "--interrupt-at", "2", "--interrupt-on", "1",
-                         "--twice")
+    until JAX's distributed service gave up on process 1. Then the others stopped at once, naming it, but as
+    after an error: exit status 1, and the run's status (process 0's) "failed" with that line when process 1
+    was the one interrupted. Now every process ends as one process's run does after a second Ctrl-C
+    (test_trainer, test_cli): the run's status "stopped", no error, and ``jaxtune train``'s exit status 130."""
+    other = 1 - interrupted
+    argv = _train_script(tmp_path, "--log-every", "100", "--steps", "8", "--interrupt-at", "2", "--interrupt-on",
+                         str(interrupted), "--twice")
     codes, errs = _run(argv, tmp_path, timeout=90)
-    assert codes[1] == 0 and "done step=2 state=stopped" in errs[1], errs[1][-1500:]
-    assert "interrupted during step 3; nothing saved" in errs[1]
-    stopping = "process 1 was interrupted (Ctrl-C) after step 2 of 8; stopping"
-    assert codes[0] == 1 and stopping in errs[0], errs[0][-1500:]
+    assert codes == [130, 130], [err[-1500:] for err in errs]
+    assert "done step=2 state=stopped" in errs[interrupted], errs[interrupted][-1500:]
+    assert "interrupted during step 3; nothing saved" in errs[interrupted]
+    stopping = f"process {interrupted} was interrupted (Ctrl-C) after step 2 of 8; stopping"
+    assert stopping in errs[other], errs[other][-1500:]
     assert "heartbeat" not in errs[0] + errs[1]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "stopped" and "error" not in status, status
 
 
 def test_an_error_on_one_process_stops_the_others_at_once_naming_it(tmp_path):

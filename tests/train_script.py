@@ -6,6 +6,8 @@ python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save
     [--no-packing] [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
     [--coordinator HOST:PORT --process-id I --num-processes P [--heartbeat-timeout SECONDS]]
 
+Exits with 130 when the run stopped (a Ctrl-C), as ``jaxtune train`` does.
+
 ``--kill-at`` SIGKILLs the process (``--kill-on``: that one alone) after that step, writing
 ``killed at <time.time()>`` to stderr first. ``--interrupt-at`` sends process ``--interrupt-on`` a Ctrl-C
 (SIGINT) as soon as its host has started that step, whatever ``--log-every`` (``--twice``: two).
@@ -143,6 +145,8 @@ def main() -> None:
             with open(args.generate_out, "w") as fh:
                 json.dump(tokens, fh)
     print(f"done step={result.step} state={result.state}", file=sys.stderr)
+    if result.state == "stopped":  # as jaxtune train exits (the status of a process another one's Ctrl-C ends)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

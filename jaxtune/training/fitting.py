@@ -105,7 +105,8 @@ class Fitting:
         self.close()
         self._resumable_data = hasattr(iterator, "get_state")
         with processes.ready_together(lambda: "restoring the latest checkpoint",
-                                      lambda message: self.status.stopped_by_another(message, self.step)):
+                                      lambda message, interrupted: self.status.stopped_by_another(
+                                          message, self.step, interrupted=interrupted)):
             best = self._resume(iterator)
         previous_status = self.run.status() or {}
         previous = previous_status.get("state")

@@ -1,8 +1,8 @@
 """The run's status as it trains, and the ways a run ends badly.
 
 ``status.json`` is written by the training loop and, on several processes, by the watcher thread
-that learns of another process's error (:func:`jaxtune.processes.stop_together`) while the loop may
-still log a step: one lock orders them, and once that error is written nothing the loop writes
+that learns of another process's error or second Ctrl-C (:func:`jaxtune.processes.stop_together`) while
+the loop may still log a step: one lock orders them, and once that is written nothing the loop writes
 replaces it. A step whose loss, gradient or update is not finite fails the run, named in the log and
 the status with the last good checkpoint; a run stopped mid-step names the checkpoint it resumes from.
 """
@@ -58,15 +58,23 @@ class RunStatus:
                               **({"memory": report} if report else {}))
 
     def stop_together(self, where: Callable[[], str], step: Callable[[], int]) -> Any:
-        """:func:`~jaxtune.processes.stop_together` for this run: another process's error marks its status,
-        at the trainer's ``step()`` then."""
-        return processes.stop_together(where, lambda message: self.stopped_by_another(message, step()))
+        """:func:`~jaxtune.processes.stop_together` for this run: another process's error (or second Ctrl-C)
+        marks its status, at the trainer's ``step()`` then."""
+        return processes.stop_together(where, lambda message, interrupted: self.stopped_by_another(
+            message, step(), interrupted=interrupted))
 
-    def stopped_by_another(self, message: str, step: int) -> None:
-        """Another process failed (``message``, :func:`~jaxtune.processes.stop_together`): the run's status says so."""
+    def stopped_by_another(self, message: str, step: int, *, interrupted: bool = False) -> None:
+        """Another process failed (``message``, :func:`~jaxtune.processes.stop_together`): the run's status says
+        so. Or it was interrupted at once (``interrupted``: a second Ctrl-C): the run stopped, as one process's
+        run interrupted so does, keeping the training and evaluation it last reported (a Ctrl-C is no error)."""
         with self._lock:
             self._stopped_by = message
-            self._write_unlocked("failed", step, error=message)
+            if not interrupted:
+                self._write_unlocked("failed", step, error=message)
+                return
+            last = self.run.status() or {}
+            kept = {k: last[k] for k in ("train", "eval", "best_step", "best_value") if k in last}
+            self._write_unlocked("stopped", step, **kept)
 
     def non_finite(self, pending: list[dict[str, jax.Array]], step: int, checkpointer: Checkpointer) -> str | None:
         """``"failed"`` (logged, and written to the status) when one of the ``pending`` steps (the
