@@ -271,6 +271,23 @@ def test_a_second_ctrl_c_on_one_process_stops_the_others_at_once_as_one_process_
     assert status["state"] == "stopped" and "error" not in status, status
 
 
+def test_a_second_ctrl_c_while_a_save_is_in_flight_waits_for_it_and_names_it(tmp_path):
+    """A save every step, process 0's kept in flight for seconds (a slow disk), and two Ctrl-Cs on process 1
+    after step 2: Orbax's save of step 1 needs both processes (its background threads meet at a barrier of
+    the distributed service). It ends: process 0's watcher waits in ``jax.distributed.shutdown`` for process 1,
+    so its save thread lives on and meets process 1's. But process 1 named the checkpoint to resume from
+    before that save was done ("none: starts over"), while one process waits for it first (test_trainer);
+    now it waits too, and names step 1, which is on disk when both have stopped."""
+    argv = _train_script(tmp_path, "--log-every", "100", "--steps", "8", "--save-every", "1", "--slow-save", "5",
+                         "--interrupt-at", "2", "--interrupt-on", "1", "--twice")
+    codes, errs = _run(argv, tmp_path, timeout=120)
+    assert codes == [130, 130], [err[-1500:] for err in errs]
+    assert "interrupted during step 3; nothing saved, resume from checkpoint 1 (if its files verify)" in errs[1], (
+        errs[1][-1500:])
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "stopped"
+
+
 def test_an_error_on_one_process_stops_the_others_at_once_naming_it(tmp_path):
     """A callback raises on process 1 alone after step 2 (as a corrupt image in its loader or a user's
     source could): process 0 waited in step 3's collectives until JAX's distributed service gave up on

@@ -4,6 +4,7 @@ python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save
     [--kill-at S [--kill-on P]] [--interrupt-at S [--interrupt-on P] [--twice]] [--fail-at S [--fail-on P]] [--batch B]
     [--log-every N] [--out FILE.npz]
     [--no-packing] [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
+    [--slow-save SECONDS [--slow-save-on P]]
     [--coordinator HOST:PORT --process-id I --num-processes P [--heartbeat-timeout SECONDS]]
 
 Exits with 130 when the run stopped (a Ctrl-C), as ``jaxtune train`` does.
@@ -11,6 +12,7 @@ Exits with 130 when the run stopped (a Ctrl-C), as ``jaxtune train`` does.
 ``--kill-at`` SIGKILLs the process (``--kill-on``: that one alone) after that step, writing
 ``killed at <time.time()>`` to stderr first. ``--interrupt-at`` sends process ``--interrupt-on`` a Ctrl-C
 (SIGINT) as soon as its host has started that step, whatever ``--log-every`` (``--twice``: two).
+``--slow-save`` keeps each save of process ``--slow-save-on`` (default 0) in flight that many seconds longer.
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
 answers' first letters) and writes the metrics; ``--generate-out`` writes the trained model's greedy
@@ -52,6 +54,9 @@ def main() -> None:
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--heartbeat-timeout", type=int, default=None, help="distributed.heartbeat_timeout_s")
+    ap.add_argument("--slow-save", type=float, default=None,
+                    help="seconds process --slow-save-on's saves wait before they finish (a save still in flight)")
+    ap.add_argument("--slow-save-on", type=int, default=0)
     args = ap.parse_args()
 
     import jax
@@ -78,6 +83,18 @@ def main() -> None:
     from jaxtune.training.optim import OptimizerConfig
     from jaxtune.training.trainer import Trainer
 
+    if args.slow_save is not None and jax.process_index() == args.slow_save_on:
+        # Orbax's background save thread (not public API): it sleeps before it waits for the other processes'
+        # threads at its barrier, as a slow disk would keep it
+        from orbax.checkpoint._src.checkpointers import async_checkpointer
+
+        commit = async_checkpointer._background_wait_for_commit_futures
+
+        def slow_commit(*a: Any, **k: Any) -> Any:
+            time.sleep(args.slow_save)
+            return commit(*a, **k)
+
+        async_checkpointer._background_wait_for_commit_futures = slow_commit
     model = hf.load_pretrained(args.model)
     tuned = tuning.apply_plan(model, tuning.lora(rank=4, alpha=8) + tuning.train("norm"), tokenizer=tiny_tokenizer())
     loader = make_loader(read_source(args.data, "chat"), tiny_tokenizer(),

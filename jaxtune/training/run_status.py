@@ -103,8 +103,13 @@ class RunStatus:
         """The checkpoint a run stopped mid-step resumes from, for its last log line. Verifying it takes
         every process (process 0 hashes, all learn the verdict): a process interrupted alone, the
         others still inside the step's collectives, would wait there for ever, so with several
-        processes the newest step is named unverified."""
+        processes the newest step is named unverified. A save in flight is waited for first, as
+        :meth:`~jaxtune.training.checkpoint.Checkpointer.latest_good_step` does on one process: else the step
+        it lands is not named. That needs the others' save threads (Orbax's barriers in the distributed
+        service's key-value store, not device collectives), which live on: a process told of this one's
+        interruption waits for it in ``jax.distributed.shutdown`` (:func:`~jaxtune.processes.stop_together`)."""
         if processes.several():
+            checkpointer.wait()
             steps = checkpointer.steps()
             return f"{steps[-1]} (if its files verify)" if steps else "(none: starts over)"
         good = checkpointer.latest_good_step()
