@@ -247,10 +247,12 @@ def test_a_hyperparameter_the_optimizer_does_not_read_is_refused(fields, field):
 
 def test_every_reported_metric_has_a_direction_for_the_best_checkpoint():
     """A best_metric without a known direction was taken as lower-is-better: eval.best_metric
-    rewards/chosen or logps/chosen kept the checkpoint whose chosen answers scored lowest."""
-    from jaxtune.training.evaluate import HIGHER_IS_BETTER, METRICS
+    rewards/chosen or logps/chosen kept the checkpoint whose chosen answers scored lowest. Only a
+    reward model's scores' level (its min/mean/max) has none, and best_metric refuses it there."""
+    from jaxtune.training.evaluate import HIGHER_IS_BETTER, METRICS, REWARD_SCORES
 
-    assert [m for names in METRICS.values() for m in names if m not in HIGHER_IS_BETTER] == []
+    assert [(task, m) for task, names in METRICS.items() for m in names
+            if m not in HIGHER_IS_BETTER and not (task == "reward" and m in REWARD_SCORES)] == []
     assert HIGHER_IS_BETTER["rewards/chosen"] and HIGHER_IS_BETTER["logps/chosen"]
     assert not HIGHER_IS_BETTER["rewards/rejected"] and not HIGHER_IS_BETTER["logps/rejected"]
 
