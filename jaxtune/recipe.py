@@ -25,8 +25,10 @@ from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data
 from jaxtune.data.config import batching, read_data
 from jaxtune.data.source_types import DataError
 from jaxtune.host_threads import simulated_devices, threads_for_simulated_devices
+from jaxtune.models.decoder import DecoderConfig
 from jaxtune.models.load import load as load_model
 from jaxtune.training.memory import StepMemory, plan_step_memory
+from jaxtune.training.preference_config import check_language_model
 from jaxtune.training.result import FitResult
 from jaxtune.training.rundir import RunDir
 from jaxtune.training.sharding import MeshConfig
@@ -87,6 +89,11 @@ def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) 
     # each process reads the files on its own host: one missing there stops every process, naming it
     with processes.ready_together(lambda: "loading the model and reading the data"):
         model = load_model(config.model)
+        try:  # before the plan, whose error for an encoder without a head would ask for one (not the way out)
+            check_language_model(config.preference, None if isinstance(model.config, DecoderConfig) else
+                                 model.architecture)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         train_source, validation = read_data(config.data, train=train, validation=evaluation)
         tuned = apply_plan(model, config.build_plan(), jax.random.key(config.train.seed), data=train_source)
     log.info("model: %s (%s); task %s", model.source, model.architecture, tuned.task)

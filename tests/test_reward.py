@@ -79,8 +79,14 @@ class _Accelerator:
     gather_for_metrics = gather
 
 
-def _trl_reward(model: torch.nn.Module, pairs: list[dict], margins: bool, center: float | None):
-    """TRL's RewardTrainer.compute_loss itself, on a bare trainer, with TRL's own collator."""
+LLAMA_GRADS = {"score": "score.weight", "embed": "model.embed_tokens.weight"}
+
+
+def _trl_reward(model: torch.nn.Module, pairs: list[dict], margins: bool, center: float | None, *, pad_id: int = EOS,
+                weights: dict[str, str] = LLAMA_GRADS):
+    """TRL's RewardTrainer.compute_loss itself, on a bare trainer, with TRL's own collator (padding with
+    ``pad_id``): the loss, the metrics it logs, and the gradients of the ``weights`` (short name: HF
+    parameter name; a Linear's transposed to jaxtune's kernel layout)."""
     pytest.importorskip("trl")
     from trl.trainer.reward_trainer import DataCollatorForPreference, RewardTrainer
 
@@ -90,12 +96,16 @@ def _trl_reward(model: torch.nn.Module, pairs: list[dict], margins: bool, center
                             _metrics={"train": defaultdict(list), "eval": defaultdict(list)})
     examples = [{"chosen_ids": p["chosen"]["input_ids"].tolist(), "rejected_ids": p["rejected"]["input_ids"].tolist(),
                  **({"margin": p["margin"]} if margins else {})} for p in pairs]
-    inputs = DataCollatorForPreference(pad_token_id=EOS)(examples)
+    inputs = DataCollatorForPreference(pad_token_id=pad_id)(examples)
     model.zero_grad()
     loss = trainer.compute_loss(model, inputs)
     loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
-    grads = {"score": model.score.weight.grad.numpy().T, "embed": model.model.embed_tokens.weight.grad.numpy()}
+    embeddings = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    grads = {}
+    for short, name in weights.items():
+        grad = model.get_parameter(name).grad.numpy()
+        grads[short] = grad if name.rsplit(".", 1)[0] in embeddings else grad.T
     return float(loss.detach()), metrics, grads
 
 
@@ -113,29 +123,37 @@ def test_reward_loss_and_gradients_equal_trls_reward_trainer(reward_llama, margi
     loss_fn = make_preference_loss_fn(tuned.module, config, pad_id=reward_pad_id(tuned))
     batch = _batch(pairs, margins=margins)
     assert batch["segment_ids"].max() > 1  # packed: several pairs a row
-
-    def mean_loss(params):
-        total, n, out = loss_fn(params, batch, jax.random.key(0), False)
-        return total / n, out["metrics"]
-
-    (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(tuned.params)
-    np.testing.assert_allclose(float(loss), trl_loss, rtol=1e-5, atol=1e-6)
-    grads = flatten_dict(grads)
-    for ours, theirs in ((("head", "out", "kernel"), "score"), (("embed_tokens", "embedding"), "embed")):
-        assert np.abs(trl_grads[theirs]).max() > 1e-4
-        np.testing.assert_allclose(np.asarray(grads[ours]), trl_grads[theirs], rtol=1e-4, atol=1e-6,
-                                   err_msg="/".join(ours))
+    paths = {"score": ("head", "out", "kernel"), "embed": ("embed_tokens", "embedding")}
+    _assert_trls_loss(loss_fn, tuned.params, batch, (trl_loss, trl_metrics, trl_grads), paths, len(pairs))
     if not margins and center is None:
         # Pooling the trailing EOS itself (the pad id here) would be another model than TRL's and the export's.
         plain = make_preference_loss_fn(tuned.module, config)
         total, n, _ = plain(tuned.params, batch, jax.random.key(0), False)
         assert abs(float(total / n) - trl_loss) > 1e-3
-    assert float(sums["pairs"]) == len(pairs)
-    np.testing.assert_allclose(float(sums["rewards/accuracy"]) / len(pairs), trl_metrics["accuracy"], atol=1e-6)
-    np.testing.assert_allclose(float(sums["rewards/margin"]) / len(pairs), trl_metrics["margin"], rtol=1e-5,
-                               atol=1e-6)
+
+
+def _assert_trls_loss(loss_fn, params, batch: dict[str, jax.Array], trl: tuple, paths: dict[str, tuple],
+                      pairs: int) -> None:
+    """jaxtune's mean loss of ``batch`` (``pairs`` pairs), the gradients of the ``paths`` (TRL's short
+    name: jaxtune's param path) and its metric sums as means equal TRL's ``(loss, metrics, grads)``: the
+    loss, the accuracy, margin and reward range TRL logs, the gradients."""
+    trl_loss, trl_metrics, trl_grads = trl
+
+    def mean_loss(params):
+        total, n, out = loss_fn(params, batch, jax.random.key(0), False)
+        return total / n, out["metrics"]
+
+    (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    np.testing.assert_allclose(float(loss), trl_loss, rtol=1e-5, atol=1e-6)
+    grads = flatten_dict(grads)
+    for short, path in paths.items():
+        assert np.abs(trl_grads[short]).max() > 1e-4
+        np.testing.assert_allclose(np.asarray(grads[path]), trl_grads[short], rtol=1e-4, atol=1e-6, err_msg=short)
+    assert float(sums["pairs"]) == pairs
+    np.testing.assert_allclose(float(sums["rewards/accuracy"]) / pairs, trl_metrics["accuracy"], atol=1e-6)
+    np.testing.assert_allclose(float(sums["rewards/margin"]) / pairs, trl_metrics["margin"], rtol=1e-5, atol=1e-6)
     for ours, theirs in (("min", "min_reward"), ("mean", "mean_reward"), ("max", "max_reward")):
-        np.testing.assert_allclose(float(sums[f"rewards/{ours}"]) / len(pairs), trl_metrics[theirs], rtol=1e-5,
+        np.testing.assert_allclose(float(sums[f"rewards/{ours}"]) / pairs, trl_metrics[theirs], rtol=1e-5,
                                    atol=1e-6, err_msg=ours)
 
 
@@ -551,3 +569,183 @@ def test_a_reward_models_report_marks_only_its_margin_and_accuracy_better_or_wor
         assert reward[name] == "+0.5000", name  # the change alone
     dpo = marks(comparison_table(before, after))
     assert (dpo["rewards/chosen"], dpo["rewards/rejected"]) == ("better", "worse")
+
+
+# ----------------------------------------------------------------------------- encoders
+
+ENCODER_LENGTH = 60  # inside the tiny encoders' 64 positions (RoBERTa's start after its pad id)
+
+
+def _bert_tokenizer():
+    """BERT's WordPiece tokenizer over single characters: lower-cased ``[CLS] text [SEP]``, pad ``[PAD]``
+    and no EOS token, as bert-base-uncased's."""
+    import string
+
+    import transformers
+
+    chars = sorted(set(string.ascii_lowercase + string.digits + string.punctuation))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in chars]
+    return transformers.BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)})
+
+
+def _roberta_tokenizer():
+    """The character tokenizer closing each text as RoBERTa's does: ``<s> text </s>``, EOS ``</s>``."""
+    from tokenizers import processors
+
+    tokenizer = tiny_tokenizer(None)
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 2), ("</s>", EOS)])
+    return tokenizer
+
+
+# name: (classifier, tokenizer, config overrides, {short name: HF parameter of a gradient compared})
+ENCODERS = {
+    "bert": ("BertForSequenceClassification", _bert_tokenizer, dict(vocab_size=141),
+             {"head": "classifier.weight", "embed": "bert.embeddings.word_embeddings.weight"}),
+    "roberta": ("RobertaForSequenceClassification", _roberta_tokenizer,
+                dict(vocab_size=105, pad_token_id=0, type_vocab_size=1),
+                {"head": "classifier.out_proj.weight", "embed": "roberta.embeddings.word_embeddings.weight"}),
+}
+JAXTUNE_GRADS = {"head": ("head", "out", "kernel"), "embed": ("embeddings", "word_embeddings", "embedding")}
+
+
+@pytest.fixture(scope="module", params=sorted(ENCODERS))
+def reward_encoder(request, tmp_path_factory) -> SimpleNamespace:
+    """A random ``*ForSequenceClassification`` encoder with one output and no dropout (so TRL's training
+    mode is deterministic), saved with its family's kind of tokenizer."""
+    architecture, make_tokenizer, overrides, weights = ENCODERS[request.param]
+    root = tmp_path_factory.mktemp(f"reward_{request.param}")
+    model = tiny_hf_model(architecture, root, num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                          randomize=True, **overrides)
+    tokenizer = make_tokenizer()
+    tokenizer.save_pretrained(root)
+    return SimpleNamespace(name=request.param, root=root, model=model, tokenizer=tokenizer, weights=weights)
+
+
+def _trl_tokenized(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
+    """Each plain row's (chosen, rejected) token ids as TRL's RewardTrainer prepares its dataset:
+    ``tokenizer(prompt + answer + eos_token)``, the tokenizer's special tokens included. On a tokenizer
+    without an EOS token (BERT's) TRL's add-EOS step fails (``str.endswith(None)``): its tokenization
+    of the rest is ``tokenizer(prompt + answer)``."""
+    import datasets
+    from trl.data_utils import _tokenize
+    from trl.trainer.reward_trainer import RewardTrainer
+
+    if tokenizer.eos_token is None:
+        return [tuple(_tokenize(tokenizer, r["prompt"] + r[side])["input_ids"] for side in ("chosen", "rejected"))
+                for r in rows]
+    data = datasets.Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
+    prepared = RewardTrainer._prepare_dataset(object.__new__(RewardTrainer), data, tokenizer,
+                                              SimpleNamespace(dataset_num_proc=None, max_length=None), "train")
+    return [(p["chosen_ids"], p["rejected_ids"]) for p in prepared]
+
+
+def _encoder_pairs(tokenizer, rows: list[dict]) -> list[dict]:
+    """jaxtune's tokenized pairs of plain rows (the loader's :class:`TokenizePairs`), margins included."""
+    encode = TokenizePairs(tokenizer, ENCODER_LENGTH)
+    return [p for i, r in enumerate(rows) for p in encode({**r, "margin": r.get("margin", 0.0), "index": i})]
+
+
+def test_encoder_pairs_are_the_tokens_trls_reward_trainer_makes(reward_encoder):
+    """An encoder reads each answer as its tokenizer writes the whole text: BERT's ``[CLS] prompt answer
+    [SEP]`` (no EOS token to add), RoBERTa's ``<s> prompt answer</s></s>`` (TRL's EOS, then the closing
+    ``</s>``), exactly TRL's token ids."""
+    tokenizer = reward_encoder.tokenizer
+    rows = _plain_rows(6, seed=5)
+    ours = [tuple(p[side]["input_ids"].tolist() for side in ("chosen", "rejected"))
+            for p in _encoder_pairs(tokenizer, rows)]
+    assert ours == _trl_tokenized(tokenizer, rows)
+    opening, closing = ((tokenizer.cls_token_id, [tokenizer.sep_token_id]) if reward_encoder.name == "bert" else
+                        (tokenizer.bos_token_id, [EOS, EOS]))
+    assert all(ids[0] == opening and ids[-len(closing):] == closing for pair in ours for ids in pair)
+
+
+def test_encoder_reward_loss_and_gradients_equal_trls_reward_trainer(reward_encoder):
+    """BERT and RoBERTa reward models: jaxtune's loss of packed pairs (its tokens, margins, centring),
+    its gradients and its metrics equal TRL's RewardTrainer.compute_loss on TRL's own tokens."""
+    hf_model = reward_encoder.model
+    hf_model.train()  # TRL's training mode (no dropout in these)
+    rows = _plain_rows(6, seed=5)
+    trl_ids = _trl_tokenized(reward_encoder.tokenizer, rows)
+    trl_pairs = [{"chosen": {"input_ids": np.asarray(c)}, "rejected": {"input_ids": np.asarray(r)},
+                  "margin": row.get("margin", 0.0)} for (c, r), row in zip(trl_ids, rows, strict=True)]
+    trl_loss, trl_metrics, trl_grads = _trl_reward(hf_model, trl_pairs, True, 0.05,
+                                                   pad_id=reward_encoder.tokenizer.pad_token_id,
+                                                   weights=reward_encoder.weights)
+
+    tuned = jt.apply_plan(jt.load(str(reward_encoder.root)), jt.full())
+    assert reward_pad_id(tuned) is None  # an encoder pools its first token, not the last
+    config = jt.PreferenceConfig(method="reward", center_rewards_coefficient=0.05)
+    loss_fn = make_preference_loss_fn(tuned.module, config, pad_id=reward_pad_id(tuned))
+    pairs = _encoder_pairs(reward_encoder.tokenizer, rows)
+    batch = _batch(pairs, length=2 * ENCODER_LENGTH, margins=True)
+    assert batch["segment_ids"].max() > 1  # packed: several pairs a row
+    _assert_trls_loss(loss_fn, tuned.params, batch, (trl_loss, trl_metrics, trl_grads), JAXTUNE_GRADS, len(pairs))
+
+
+@pytest.fixture(scope="module")
+def bert_files(tmp_path_factory) -> dict[str, Path]:
+    """A bare random BertModel with BERT's kind of tokenizer, and plain training and validation pairs."""
+    root = tmp_path_factory.mktemp("reward_bert")
+    tiny_hf_model("BertModel", root / "bert", vocab_size=141)
+    _bert_tokenizer().save_pretrained(root / "bert")
+    return {"model": root / "bert", "train": write_jsonl(root / "train.jsonl", _plain_rows(16, seed=0)),
+            "valid": write_jsonl(root / "valid.jsonl", _plain_rows(8, seed=1))}
+
+
+def test_an_encoder_reward_model_exports_and_predicts_as_transformers_scores(bert_files, tmp_path):
+    """A reward run on a bare BERT (LoRA + a regression head): its merged export is a
+    BertForSequenceClassification with one output and its PEFT adapter loads on the base's; transformers
+    scores ``tokenizer(prompt + answer)`` of each held-out answer as jaxtune's evaluation and ``predict``
+    (in memory and on the export) do."""
+    import peft
+    import transformers
+
+    train, _ = jt.read(bert_files["train"], kind="preference")
+    valid, _ = jt.read(bert_files["valid"], kind="preference")
+    result = jt.Trainer(jt.apply_plan(jt.load(str(bert_files["model"])), _plan()), train, valid,
+                        run_dir=tmp_path / "run", config=jt.TrainConfig(steps=4, progress=False),
+                        data=jt.DataConfig(batch_size=BATCH, max_length=ENCODER_LENGTH),
+                        optimizer=jt.OptimizerConfig(**OPTIMIZER), preference=jt.PreferenceConfig(**REWARD)).fit()
+    merged = jt.export(result.model, tmp_path / "merged", format="merged")
+    config = json.loads((Path(merged) / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and len(config["id2label"]) == 1
+    rows = [json.loads(line) for line in bert_files["valid"].read_text().splitlines()]
+    texts = [r["prompt"] + r[side] for r in rows for side in ("chosen", "rejected")]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(merged)
+    inputs = tokenizer(texts, padding=True, return_tensors="pt")
+    adapter = Path(jt.export(result.model, tmp_path / "adapter", format="peft"))
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(bert_files["model"], num_labels=1)
+    for model in (transformers.AutoModelForSequenceClassification.from_pretrained(merged),
+                  peft.PeftModel.from_pretrained(base, adapter)):
+        with torch.no_grad():
+            theirs = model.eval()(**inputs).logits[:, 0].numpy().reshape(-1, 2)
+        np.testing.assert_allclose(np.mean(theirs[:, 0] > theirs[:, 1]), result.after["rewards/accuracy"], atol=1e-6)
+        np.testing.assert_allclose(np.mean(theirs[:, 0] - theirs[:, 1]), result.after["rewards/margin"], atol=1e-4)
+    for target in (result.model, merged):
+        predicted = jt.predict(target, bert_files["valid"], max_length=ENCODER_LENGTH)
+        ours = np.asarray([[r["chosen_reward"], r["rejected_reward"]] for r in predicted])
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
+def test_language_model_methods_on_an_encoder_point_to_a_reward_model(bert_files, tmp_path):
+    """DPO (or IPO, SimPO, ORPO) on an encoder, with a head rule or without: one line naming
+    preference.method and the way out (a reward model), not the plan's advice to add or drop a head."""
+    pairs, _ = jt.read(bert_files["train"], kind="preference")
+    expected = ("preference.method: {} tunes a language model, but BertModel is an encoder, which has none; to learn "
+                "from the pairs, train a reward model: preference.method: reward and {{action: head, task: "
+                "regression}} in the plan")
+    tuned = jt.apply_plan(jt.load(str(bert_files["model"])), _plan())
+    for method in ("dpo", "orpo"):
+        with pytest.raises(ValueError) as err:
+            jt.Trainer(tuned, pairs, run_dir=tmp_path / "run", preference=jt.PreferenceConfig(method),
+                       data=jt.DataConfig(batch_size=4, max_length=ENCODER_LENGTH), mesh=MeshConfig())
+        assert _one_line(err) == expected.format(method)
+    recipe = {"model": {"path": str(bert_files["model"])}, "plan": [{"preset": "lora", "rank": 4, "alpha": 8}],
+              "data": {"train": str(bert_files["train"]), "kind": "preference", "batch_size": 4,
+                       "max_length": ENCODER_LENGTH},
+              "preference": {"method": "dpo"}, "train": {"steps": 1}, "output": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError) as err:
+        jt.finetune(jt.load_config(tmp_path / "dpo.yaml"))
+    assert _one_line(err) == expected.format("dpo")

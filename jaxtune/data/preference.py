@@ -21,8 +21,9 @@ left out.
 A record (``source[i]``) is ``{"prompt", "chosen", "rejected", "where"}``: three message lists
 (conversational) or three strings (plain). :class:`TokenizePairs` turns it into a chosen and a
 rejected example that share the prompt's tokens: conversations go through the chat template with
-the answer turns supervised (:func:`jaxtune.data.tokenize.encode_chat`), plain rows as prompt and
-completion (:func:`jaxtune.data.tokenize.encode_prompt_completion`). :func:`pair_rows` packs pairs
+the answer turns supervised (:func:`jaxtune.data.tokenize.encode_chat`), plain rows as
+``prompt + answer + EOS`` between the tokenizer's own special tokens (:func:`jaxtune.data.tokenize.special_ends`:
+an encoder's ``[CLS] ... [SEP]``), as TRL's trainers tokenize them. :func:`pair_rows` packs pairs
 into paired LM rows ``(2, L)``, the layout :mod:`jaxtune.training.preference` reads: row 0 chosen,
 row 1 rejected, pair ``s`` in segment ``s`` of both. Rows also carry ``pair_ids`` ``(2, L)``: the
 source index + 1 of the pair each token belongs to (0 on padding), so anything computed per
@@ -59,7 +60,7 @@ from jaxtune.data.tokenize import (
     Example,
     encode_chat,
     encode_pieces,
-    special_prefix,
+    special_ends,
     with_eos,
 )
 from jaxtune.data.tokenizer_backend import backend
@@ -262,12 +263,15 @@ def _prompt_length(example: Example) -> int:
     return int(supervised[0]) if len(supervised) else len(example["input_ids"])
 
 
-def encode_pair(tokenizer: Any, record: dict, *, prefix: Sequence[int] = (), eos: int | None = None) -> Pair:
+def encode_pair(tokenizer: Any, record: dict, *, prefix: Sequence[int] = (), eos: int | None = None,
+                suffix: Sequence[int] = ()) -> Pair:
     """The chosen and rejected examples of a record (``input_ids`` int32 ``[n]``, ``loss_mask`` bool
     ``[n]``: the answer's tokens, end-of-turn marker or EOS included), sharing the prompt tokens.
 
     Conversations are rendered with the tokenizer's chat template (prompt turns unsupervised,
-    answer turns supervised); plain rows are ``prefix + prompt + answer + [eos]``. Raises
+    answer turns supervised); plain rows are ``prefix + prompt + answer + [eos] + suffix``: what
+    TRL's trainers tokenize, ``tokenizer(prompt + answer + eos_token)`` with the tokenizer's special
+    tokens (``[CLS] ... [SEP]`` for BERT, ``<s> ... </s></s>`` for RoBERTa, ``<s> ... </s>`` for Llama). Raises
     :class:`DataError` if the template renders the prompt differently in front of the two answers.
     """
     where = record.get("where", "<pair>")
@@ -279,7 +283,7 @@ def encode_pair(tokenizer: Any, record: dict, *, prefix: Sequence[int] = (), eos
             pair[side] = encode_chat(tokenizer, messages, weights, where)
         else:
             ids = encode_pieces(tokenizer, [record["prompt"], record[side]])
-            answer = with_eos(ids[1], eos)
+            answer = with_eos(ids[1], eos) + list(suffix)
             tokens = list(prefix) + ids[0] + answer
             mask = [False] * (len(prefix) + len(ids[0])) + [True] * len(answer)
             pair[side] = {"input_ids": np.asarray(tokens, np.int32), "loss_mask": np.asarray(mask, bool)}
@@ -308,9 +312,10 @@ class TokenizePairs:
             raise ValueError(f"max_length must be at least 2, got {max_length}")
         backend(tokenizer)  # fail here if it is not a fast tokenizer
         self.tokenizer, self.max_length, self.truncation = tokenizer, max_length, truncation
-        self.prefix = special_prefix(tokenizer)
+        self.prefix, self.suffix = special_ends(tokenizer)
         self.eos = tokenizer.eos_token_id if add_eos else None
-        if add_eos and self.eos is None:
+        # An encoder's tokenizer (BERT's) may have no EOS but closes each text itself ([SEP]): that ends the answer.
+        if add_eos and self.eos is None and not self.suffix:
             raise ValueError("the tokenizer has no EOS token; pass add_eos=False")
 
     def encode(self, record: dict) -> tuple[list[Pair], str, int]:
@@ -318,7 +323,7 @@ class TokenizePairs:
         if isinstance(record["prompt"], list) and not getattr(self.tokenizer, "chat_template", None):
             raise DataError(where, "conversational pair, but the tokenizer has no chat template",
                             "set tokenizer.chat_template or write plain-text prompt/chosen/rejected strings")
-        pair = encode_pair(self.tokenizer, record, prefix=self.prefix, eos=self.eos)
+        pair = encode_pair(self.tokenizer, record, prefix=self.prefix, eos=self.eos, suffix=self.suffix)
         length = max(len(e["input_ids"]) for e in pair.values())
         extra = {"index": int(record.get("index", -1)), "margin": float(record.get("margin", 0.0))}
         if length <= self.max_length:

@@ -178,14 +178,20 @@ def encode_chat(tokenizer: Any, messages: list[dict], weights: Sequence[int], wh
     return _example(encode_pieces(tokenizer, [p for p, _ in pieces]), [s for _, s in pieces])
 
 
-def special_prefix(tokenizer: Any) -> list[int]:
-    """The special tokens the tokenizer puts before a text (e.g. BOS for Llama; none for SmolLM2)."""
+def special_ends(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text: ``([BOS], [])`` for Llama, ``([], [])``
+    for SmolLM2, ``([CLS], [SEP])`` for BERT, ``([<s>], [</s>])`` for RoBERTa."""
     plain = backend(tokenizer).encode("a", add_special_tokens=False).ids
     full = backend(tokenizer).encode("a", add_special_tokens=True).ids
     for start in range(len(full) - len(plain) + 1):
         if full[start:start + len(plain)] == plain:
-            return full[:start]
-    return []
+            return full[:start], full[start + len(plain):]
+    return [], []
+
+
+def special_prefix(tokenizer: Any) -> list[int]:
+    """The special tokens the tokenizer puts before a text (e.g. BOS for Llama; none for SmolLM2)."""
+    return special_ends(tokenizer)[0]
 
 
 def longest_first(lengths: list[int], room: int) -> list[int]:

@@ -192,7 +192,8 @@ def _preference_step_parts(model: ModelConfig, tuned: Tuned, config: PreferenceC
     ``reference: model`` carry the starting values of the trained leaves (:func:`starting_weights`,
     abstract here) beside the frozen part; adapters count as trained when the run starts from
     ``model.adapter`` (the Trainer reads their values; a fresh adapter is the base itself)."""
-    check_preference(config, {PREFERENCE}, tuned.task, tuned.num_outputs)
+    check_preference(config, {PREFERENCE}, tuned.task, tuned.num_outputs,
+                     encoder=None if tuned.is_decoder else tuned.architecture)
     if config.needs_reference and config.reference == "model":
         dtype = getattr(tuned.config, "dtype", None)
         copy = functools.partial(starting_weights, dtype=dtype, keep_adapters=model.adapter is not None)

@@ -110,9 +110,11 @@ def unread_margins(batch: Batch, config: PreferenceConfig | None) -> str | None:
             f"{config.method} has no margin term; drop the column, or train a reward model")
 
 
-def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task: str, outputs: int = 1) -> None:
+def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task: str, outputs: int = 1, *,
+                     encoder: str | None = None) -> None:
     """Preference data and a preference method come together, on a language model, or for ``reward``
-    on a model with one regression output (``outputs``: the head's) (one-line errors that name the field)."""
+    on a model with one regression output (``outputs``: the head's) (one-line errors that name the field).
+    ``encoder``: the architecture when the model is an encoder (BERT...), which only ``reward`` can train."""
     pairs = PREFERENCE in data_kinds
     if config is None and pairs:
         raise ValueError("the data is preference pairs but no preference method is set; pass "
@@ -130,7 +132,18 @@ def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task
             raise ValueError(f"plan: the reward model's head has {outputs} outputs, but a reward is one number; "
                              "drop num_labels from the head rule")
         return
+    if config is not None:
+        check_language_model(config, encoder)
     if config is not None and task != "lm":
         raise ValueError(f"preference.method: {config.method} tunes a language model, but the plan makes a {task} "
                          "model; remove the head rule from the plan")
+
+
+def check_language_model(config: PreferenceConfig | None, encoder: str | None) -> None:
+    """Refuse a method other than ``reward`` on an encoder (``encoder``: its architecture; None for a
+    decoder): it has no language-model head to take log-probabilities from, with or without a head rule."""
+    if config is not None and config.method != REWARD and encoder is not None:
+        raise ValueError(f"preference.method: {config.method} tunes a language model, but {encoder} is an encoder, "
+                         "which has none; to learn from the pairs, train a reward model: preference.method: reward "
+                         "and {action: head, task: regression} in the plan")
 
