@@ -33,14 +33,12 @@ def tiny_hf_model(architecture: str, out_dir: Path | None = None, seed: int = 0,
         "BertModel": transformers.BertConfig,
         "BertForSequenceClassification": transformers.BertConfig,
         "BertForMaskedLM": transformers.BertConfig,
-        "RobertaForSequenceClassification": transformers.RobertaConfig,
         "LlamaForSequenceClassification": transformers.LlamaConfig,
         "Qwen2ForSequenceClassification": transformers.Qwen2Config,
     }[architecture]
-    encoder = architecture.startswith(("Bert", "Roberta"))
-    base = TINY_ENCODER if encoder else TINY_DECODER
+    base = TINY_ENCODER if architecture.startswith("Bert") else TINY_DECODER
     kwargs = {**base, **overrides}
-    if encoder:
+    if architecture.startswith("Bert"):
         kwargs.pop("num_key_value_heads", None)
     config = config_cls(**kwargs)
     config.architectures = [architecture]

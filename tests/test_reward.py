@@ -19,6 +19,8 @@ import pytest
 import torch
 import yaml
 from flax.traverse_util import flatten_dict
+from test_encoders import tiny_encoder
+from test_modernbert import tiny_modernbert
 
 import jaxtune as jt
 from jaxtune.config import ConfigError
@@ -598,28 +600,56 @@ def _roberta_tokenizer():
     return tokenizer
 
 
-# name: (classifier, tokenizer, config overrides, {short name: HF parameter of a gradient compared})
+def _no_dropout_bert(root: Path) -> torch.nn.Module:
+    return tiny_hf_model("BertForSequenceClassification", root, vocab_size=141, num_labels=1, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0, randomize=True)
+
+
+def _no_dropout_roberta(root: Path) -> torch.nn.Module:
+    return tiny_encoder("RobertaForSequenceClassification", root, vocab_size=105, pad_token_id=0, type_vocab_size=1,
+                        num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        max_position_embeddings=64)
+
+
+def _no_dropout_distilbert(root: Path) -> torch.nn.Module:
+    return tiny_encoder("DistilBertForSequenceClassification", root, vocab_size=141, num_labels=1, dropout=0.0,
+                        attention_dropout=0.0, seq_classif_dropout=0.0, max_position_embeddings=64)
+
+
+def _mean_pooling_modernbert(root: Path) -> torch.nn.Module:
+    """ModernBERT (no dropout by default) pooling the mean of its tokens, with BERT's special ids."""
+    return tiny_modernbert("ModernBertForSequenceClassification", root, vocab_size=141, num_labels=1,
+                           classifier_pooling="mean", global_attn_every_n_layers=2, local_attention=4,
+                           bos_token_id=2, cls_token_id=2, eos_token_id=3, sep_token_id=3)
+
+
+# name: (random classifier saved to a folder, tokenizer, {short name: HF parameter of a gradient compared})
 ENCODERS = {
-    "bert": ("BertForSequenceClassification", _bert_tokenizer, dict(vocab_size=141),
+    "bert": (_no_dropout_bert, _bert_tokenizer,
              {"head": "classifier.weight", "embed": "bert.embeddings.word_embeddings.weight"}),
-    "roberta": ("RobertaForSequenceClassification", _roberta_tokenizer,
-                dict(vocab_size=105, pad_token_id=0, type_vocab_size=1),
+    "roberta": (_no_dropout_roberta, _roberta_tokenizer,
                 {"head": "classifier.out_proj.weight", "embed": "roberta.embeddings.word_embeddings.weight"}),
+    "distilbert": (_no_dropout_distilbert, _bert_tokenizer,
+                   {"head": "classifier.weight", "embed": "distilbert.embeddings.word_embeddings.weight"}),
+    "modernbert": (_mean_pooling_modernbert, _bert_tokenizer,
+                   {"head": "classifier.weight", "embed": "model.embeddings.tok_embeddings.weight"}),
 }
-JAXTUNE_GRADS = {"head": ("head", "out", "kernel"), "embed": ("embeddings", "word_embeddings", "embedding")}
+JAXTUNE_EMBEDDINGS = {"modernbert": ("embeddings", "tok_embeddings", "embedding")}
 
 
 @pytest.fixture(scope="module", params=sorted(ENCODERS))
 def reward_encoder(request, tmp_path_factory) -> SimpleNamespace:
     """A random ``*ForSequenceClassification`` encoder with one output and no dropout (so TRL's training
     mode is deterministic), saved with its family's kind of tokenizer."""
-    architecture, make_tokenizer, overrides, weights = ENCODERS[request.param]
+    build, make_tokenizer, weights = ENCODERS[request.param]
     root = tmp_path_factory.mktemp(f"reward_{request.param}")
-    model = tiny_hf_model(architecture, root, num_labels=1, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                          randomize=True, **overrides)
+    model = build(root)
     tokenizer = make_tokenizer()
     tokenizer.save_pretrained(root)
-    return SimpleNamespace(name=request.param, root=root, model=model, tokenizer=tokenizer, weights=weights)
+    paths = {"head": ("head", "out", "kernel"),
+             "embed": JAXTUNE_EMBEDDINGS.get(request.param, ("embeddings", "word_embeddings", "embedding"))}
+    return SimpleNamespace(name=request.param, root=root, model=model, tokenizer=tokenizer, weights=weights,
+                           paths=paths)
 
 
 def _trl_tokenized(tokenizer, rows: list[dict]) -> list[tuple[list[int], list[int]]]:
@@ -647,22 +677,23 @@ def _encoder_pairs(tokenizer, rows: list[dict]) -> list[dict]:
 
 
 def test_encoder_pairs_are_the_tokens_trls_reward_trainer_makes(reward_encoder):
-    """An encoder reads each answer as its tokenizer writes the whole text: BERT's ``[CLS] prompt answer
-    [SEP]`` (no EOS token to add), RoBERTa's ``<s> prompt answer</s></s>`` (TRL's EOS, then the closing
-    ``</s>``), exactly TRL's token ids."""
+    """An encoder reads each answer as its tokenizer writes the whole text: BERT's (DistilBERT's,
+    ModernBERT's) ``[CLS] prompt answer [SEP]`` (no EOS token to add), RoBERTa's ``<s> prompt
+    answer</s></s>`` (TRL's EOS, then the closing ``</s>``), exactly TRL's token ids."""
     tokenizer = reward_encoder.tokenizer
     rows = _plain_rows(6, seed=5)
     ours = [tuple(p[side]["input_ids"].tolist() for side in ("chosen", "rejected"))
             for p in _encoder_pairs(tokenizer, rows)]
     assert ours == _trl_tokenized(tokenizer, rows)
-    opening, closing = ((tokenizer.cls_token_id, [tokenizer.sep_token_id]) if reward_encoder.name == "bert" else
+    opening, closing = ((tokenizer.cls_token_id, [tokenizer.sep_token_id]) if tokenizer.eos_token is None else
                         (tokenizer.bos_token_id, [EOS, EOS]))
     assert all(ids[0] == opening and ids[-len(closing):] == closing for pair in ours for ids in pair)
 
 
 def test_encoder_reward_loss_and_gradients_equal_trls_reward_trainer(reward_encoder):
-    """BERT and RoBERTa reward models: jaxtune's loss of packed pairs (its tokens, margins, centring),
-    its gradients and its metrics equal TRL's RewardTrainer.compute_loss on TRL's own tokens."""
+    """BERT, RoBERTa, DistilBERT and ModernBERT (mean pooling) reward models: jaxtune's loss of packed
+    pairs (its tokens, margins, centring), its gradients and its metrics equal TRL's
+    RewardTrainer.compute_loss on TRL's own tokens."""
     hf_model = reward_encoder.model
     hf_model.train()  # TRL's training mode (no dropout in these)
     rows = _plain_rows(6, seed=5)
@@ -680,7 +711,8 @@ def test_encoder_reward_loss_and_gradients_equal_trls_reward_trainer(reward_enco
     pairs = _encoder_pairs(reward_encoder.tokenizer, rows)
     batch = _batch(pairs, length=2 * ENCODER_LENGTH, margins=True)
     assert batch["segment_ids"].max() > 1  # packed: several pairs a row
-    _assert_trls_loss(loss_fn, tuned.params, batch, (trl_loss, trl_metrics, trl_grads), JAXTUNE_GRADS, len(pairs))
+    _assert_trls_loss(loss_fn, tuned.params, batch, (trl_loss, trl_metrics, trl_grads), reward_encoder.paths,
+                      len(pairs))
 
 
 @pytest.fixture(scope="module")
