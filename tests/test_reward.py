@@ -690,6 +690,22 @@ def test_encoder_pairs_are_the_tokens_trls_reward_trainer_makes(reward_encoder):
     assert all(ids[0] == opening and ids[-len(closing):] == closing for pair in ours for ids in pair)
 
 
+def test_a_truncated_encoder_pair_ends_as_the_tokenizer_truncates_it():
+    """``truncation: right`` on an encoder's pair keeps ``[SEP]`` last on the cut side, as
+    ``tokenizer(prompt + answer, truncation=True)`` does (the classifier's input at inference, and
+    jaxtune's own for labeled rows); the other side stays whole, and a pair whose answer would be
+    cut off entirely is dropped rather than kept as ``[CLS] prompt [SEP]``."""
+    tokenizer = _bert_tokenizer()
+    record = {"prompt": "a long prompt here", "chosen": " a much longer answer", "rejected": " no", "margin": 0.0}
+    pairs, status, length = TokenizePairs(tokenizer, 20).encode(record)
+    assert status == "truncated" and length > 20
+    for side in ("chosen", "rejected"):
+        theirs = tokenizer(record["prompt"] + record[side], truncation=True, max_length=20)["input_ids"]
+        assert pairs[0][side]["input_ids"].tolist() == theirs, side
+    prompt = len(tokenizer(record["prompt"])["input_ids"]) - 1  # [CLS] and the prompt's tokens
+    assert TokenizePairs(tokenizer, prompt + 1).encode(record)[:2] == ([], "dropped")
+
+
 def test_encoder_reward_loss_and_gradients_equal_trls_reward_trainer(reward_encoder):
     """BERT, RoBERTa, DistilBERT and ModernBERT (mean pooling) reward models: jaxtune's loss of packed
     pairs (its tokens, margins, centring), its gradients and its metrics equal TRL's

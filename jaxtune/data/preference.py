@@ -301,8 +301,9 @@ class TokenizePairs:
     grain ``map``. ``encode`` also returns the truncation status and the longer side's length.
 
     ``truncation``: ``right`` keeps the first ``max_length`` tokens of each side (the prompt stays
-    shared), ``drop`` drops over-long pairs, ``error`` raises. A pair whose answer tokens are all
-    cut off on either side is dropped (status ``dropped``).
+    shared; a plain pair's closing special tokens, an encoder's ``[SEP]``, stay last, as
+    ``tokenizer(text, truncation=True)`` keeps them), ``drop`` drops over-long pairs, ``error`` raises.
+    A pair whose answer tokens are all cut off on either side is dropped (status ``dropped``).
     """
 
     def __init__(self, tokenizer: Any, max_length: int, *, truncation: str = "right", add_eos: bool = True):
@@ -333,8 +334,12 @@ class TokenizePairs:
                             "raise max_length, shorten the pair, or set truncation")
         if self.truncation == "drop":
             return [], "dropped", length
-        cut = {side: {k: v[:self.max_length] for k, v in e.items()} for side, e in pair.items()}
-        if not all(e["loss_mask"][1:].any() for e in cut.values()):
+        # Plain text keeps its closing special tokens (an encoder's [SEP]), as the tokenizer truncates a text.
+        closing = len(self.suffix) if isinstance(record["prompt"], str) else 0
+        keep = self.max_length - closing
+        cut = {side: {k: np.concatenate([v[:keep], v[len(v) - closing:]]) if len(v) > self.max_length else v
+                      for k, v in e.items()} for side, e in pair.items()}
+        if not all(e["loss_mask"][1:keep].any() for e in cut.values()):
             return [], "dropped", length  # truncation cut off a whole answer
         return [{**cut, **extra}], "truncated", length
 
