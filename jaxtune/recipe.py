@@ -25,7 +25,6 @@ from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data
 from jaxtune.data.config import batching, read_data
 from jaxtune.data.source_types import DataError
 from jaxtune.host_threads import simulated_devices, threads_for_simulated_devices
-from jaxtune.models.decoder import DecoderConfig
 from jaxtune.models.load import load as load_model
 from jaxtune.training.memory import StepMemory, plan_step_memory
 from jaxtune.training.preference_config import check_language_model
@@ -90,8 +89,7 @@ def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) 
     with processes.ready_together(lambda: "loading the model and reading the data"):
         model = load_model(config.model)
         try:  # before the plan, whose error for an encoder without a head would ask for one (not the way out)
-            check_language_model(config.preference, None if isinstance(model.config, DecoderConfig) else
-                                 model.architecture)
+            check_language_model(config.preference, model)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         train_source, validation = read_data(config.data, train=train, validation=evaluation)

@@ -28,6 +28,7 @@ from jaxtune.data import LoaderConfig, training_loader
 from jaxtune.data.preference import MARGINS, PAIR_IDS, TokenizePairs, pair_rows
 from jaxtune.data.sources import DataError
 from jaxtune.data.testing import synthetic_preference_rows, tiny_tokenizer, write_jsonl
+from jaxtune.recipe import plan_memory
 from jaxtune.training.preference import make_preference_loss_fn
 from jaxtune.training.reward_model import reward_pad_id, reward_scores
 from jaxtune.training.sharding import MeshConfig
@@ -777,8 +778,9 @@ def test_an_encoder_reward_model_exports_and_predicts_as_transformers_scores(ber
 
 
 def test_language_model_methods_on_an_encoder_point_to_a_reward_model(bert_files, tmp_path):
-    """DPO (or IPO, SimPO, ORPO) on an encoder, with a head rule or without: one line naming
-    preference.method and the way out (a reward model), not the plan's advice to add or drop a head."""
+    """DPO (or IPO, SimPO, ORPO) on an encoder, with a head rule or without, from the Trainer, a recipe
+    or plan-memory: one line naming preference.method and the way out (a reward model), not the plan's
+    advice to add or drop a head."""
     pairs, _ = jt.read(bert_files["train"], kind="preference")
     expected = ("preference.method: {} tunes a language model, but BertModel is an encoder, which has none; to learn "
                 "from the pairs, train a reward model: preference.method: reward and {{action: head, task: "
@@ -794,6 +796,7 @@ def test_language_model_methods_on_an_encoder_point_to_a_reward_model(bert_files
                        "max_length": ENCODER_LENGTH},
               "preference": {"method": "dpo"}, "train": {"steps": 1}, "output": {"dir": str(tmp_path / "run")}}
     (tmp_path / "dpo.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(ConfigError) as err:
-        jt.finetune(jt.load_config(tmp_path / "dpo.yaml"))
-    assert _one_line(err) == expected.format("dpo")
+    for run in (jt.finetune, plan_memory):  # jaxtune train and jaxtune plan-memory
+        with pytest.raises(ConfigError) as err:
+            run(jt.load_config(tmp_path / "dpo.yaml"))
+        assert _one_line(err) == expected.format("dpo"), run

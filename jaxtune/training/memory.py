@@ -32,7 +32,7 @@ from jaxtune.models.load import ModelConfig, model_dir
 from jaxtune.training.config import TrainConfig
 from jaxtune.training.optim import OptimizerConfig, build_optimizer
 from jaxtune.training.preference import make_preference_loss_fn
-from jaxtune.training.preference_config import REWARD, PreferenceConfig, check_preference
+from jaxtune.training.preference_config import REWARD, PreferenceConfig, check_language_model, check_preference
 from jaxtune.training.preference_reference import REFERENCE_KEY, starting_weights
 from jaxtune.training.reward_model import reward_pad_id
 from jaxtune.training.sharding import MeshConfig, batch_sharding, data_parallel_size, make_mesh, param_shardings
@@ -192,8 +192,7 @@ def _preference_step_parts(model: ModelConfig, tuned: Tuned, config: PreferenceC
     ``reference: model`` carry the starting values of the trained leaves (:func:`starting_weights`,
     abstract here) beside the frozen part; adapters count as trained when the run starts from
     ``model.adapter`` (the Trainer reads their values; a fresh adapter is the base itself)."""
-    check_preference(config, {PREFERENCE}, tuned.task, tuned.num_outputs,
-                     encoder=None if tuned.is_decoder else tuned.architecture)
+    check_preference(config, {PREFERENCE}, tuned.task, tuned.num_outputs, model=tuned)
     if config.needs_reference and config.reference == "model":
         dtype = getattr(tuned.config, "dtype", None)
         copy = functools.partial(starting_weights, dtype=dtype, keep_adapters=model.adapter is not None)
@@ -237,7 +236,9 @@ def compile_planned_step(model: ModelConfig, plan: Any, *, batch_size: int, seq_
     The mesh spans this process's devices (``mesh.simulate_devices`` must have taken effect
     before JAX started: the CLI sets it). Nothing is allocated and nothing runs.
     """
-    tuned = abstract_plan(abstract_model(model), plan)
+    pretrained = abstract_model(model)
+    check_language_model(preference, pretrained)  # before the plan, whose advice for an encoder is no way out
+    tuned = abstract_plan(pretrained, plan)
     if tuned.task not in ("lm", "classification", "regression"):
         raise ValueError(f"memory planning covers lm, classification and regression steps, not {tuned.task}")
     if getattr(tuned.config, "modality", "text") != "text":

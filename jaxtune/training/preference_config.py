@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxtune.data.preference import MARGINS, PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
+from jaxtune.models.decoder import DecoderConfig
 
 Batch = dict[str, Any]
 
@@ -111,10 +112,11 @@ def unread_margins(batch: Batch, config: PreferenceConfig | None) -> str | None:
 
 
 def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task: str, outputs: int = 1, *,
-                     encoder: str | None = None) -> None:
+                     model: Any = None) -> None:
     """Preference data and a preference method come together, on a language model, or for ``reward``
     on a model with one regression output (``outputs``: the head's) (one-line errors that name the field).
-    ``encoder``: the architecture when the model is an encoder (BERT...), which only ``reward`` can train."""
+    ``model`` (its ``config`` and ``architecture``), when given, is refused for a method other than
+    ``reward`` if it is an encoder (:func:`check_language_model`)."""
     pairs = PREFERENCE in data_kinds
     if config is None and pairs:
         raise ValueError("the data is preference pairs but no preference method is set; pass "
@@ -132,18 +134,19 @@ def check_preference(config: PreferenceConfig | None, data_kinds: set[str], task
             raise ValueError(f"plan: the reward model's head has {outputs} outputs, but a reward is one number; "
                              "drop num_labels from the head rule")
         return
-    if config is not None:
-        check_language_model(config, encoder)
+    if model is not None:
+        check_language_model(config, model)
     if config is not None and task != "lm":
         raise ValueError(f"preference.method: {config.method} tunes a language model, but the plan makes a {task} "
                          "model; remove the head rule from the plan")
 
 
-def check_language_model(config: PreferenceConfig | None, encoder: str | None) -> None:
-    """Refuse a method other than ``reward`` on an encoder (``encoder``: its architecture; None for a
-    decoder): it has no language-model head to take log-probabilities from, with or without a head rule."""
-    if config is not None and config.method != REWARD and encoder is not None:
-        raise ValueError(f"preference.method: {config.method} tunes a language model, but {encoder} is an encoder, "
-                         "which has none; to learn from the pairs, train a reward model: preference.method: reward "
-                         "and {action: head, task: regression} in the plan")
+def check_language_model(config: PreferenceConfig | None, model: Any) -> None:
+    """Refuse a method other than ``reward`` on an encoder (``model``: a loaded, planned or abstract
+    model, its ``config`` and ``architecture``): it has no language-model head to take log-probabilities
+    from, with or without a head rule, so the plan's own advice (add or drop a head) is no way out."""
+    if config is not None and config.method != REWARD and not isinstance(model.config, DecoderConfig):
+        raise ValueError(f"preference.method: {config.method} tunes a language model, but {model.architecture} is "
+                         "an encoder, which has none; to learn from the pairs, train a reward model: "
+                         "preference.method: reward and {action: head, task: regression} in the plan")
 

@@ -127,8 +127,7 @@ def check_data(model: Tuned, train_data: Any, eval_data: Any, mesh: Mesh,
     vocabulary, and more labels than the classification head has outputs."""
     task = model.task
     kinds = data_kinds(train_data, eval_data)
-    check_preference(preference, kinds, task, model.num_outputs,
-                     encoder=None if model.is_decoder else model.architecture)
+    check_preference(preference, kinds, task, model.num_outputs, model=model)
     cap = preference.max_segments if preference is not None else None
     for data in (train_data, eval_data):
         if (cap and isinstance(data, Loader) and data.pairs and data.packs
