@@ -2,11 +2,12 @@
 from the scalar head, the Bradley-Terry loss of a paired batch on them, and the scores of a whole
 source.
 
-The model is a decoder with a scalar head (``{action: head, task: regression}``: the last token into
-a bias-free ``score``, exactly transformers' ``*ForSequenceClassification`` with ``num_labels=1``, as
-TRL trains it): each packed segment's last token is pooled and scored, and the chosen answer's score
-should exceed the rejected one's by the pair's ``margins`` (optional, per token, 0 by default). It
-needs no reference and no log-probabilities.
+The model is a body with a scalar head (``{action: head, task: regression}``: exactly transformers'
+``*ForSequenceClassification`` with ``num_labels=1``, as TRL trains it): a decoder pools each packed
+segment's last token into a bias-free ``score``, an encoder (BERT, RoBERTa, DistilBERT, ModernBERT)
+its family's classifier pooling of the segment (the first token, BERT's pooler, or ModernBERT's mean).
+The chosen answer's score should exceed the rejected one's by the pair's ``margins`` (optional, per
+token, 0 by default). It needs no reference and no log-probabilities.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def reward_pad_id(model: Tuned) -> int | None:
     its export writes (:func:`jaxtune.tuning.peft_io.pad_token_id`), which transformers'
     ``*ForSequenceClassification`` (and so TRL's ``RewardTrainer``) pools before. A plain answer ends
     with EOS, often that id: the score is then the last answer token's. None for an encoder (its
-    classifier reads the first token or the pooler)."""
+    classifier reads the first token, the pooler, or the mean of the segment: nothing to skip)."""
     if not model.is_decoder:
         return None
     source = Path(model.source)
