@@ -198,6 +198,21 @@ def test_keep_quantized_file_writes_no_weights_and_its_adapter_loads_on_the_file
     assert jaxtune.load(str(path), keep_quantized=True).source == str(folder)  # converted once
 
 
+def test_a_conversion_cached_by_an_older_importer_is_made_again(tmp_path, monkeypatch):
+    """jaxtune.load converts a GGUF file once and caches the directory, keyed by the file: an importer
+    fixed since (its tokenizer, a soft-cap) must not go on training on what an older one converted."""
+    import jaxtune
+    from jaxtune.models import gguf as gguf_module
+
+    path = write_gguf(tiny_llama(tie=True), tmp_path / "tiny.gguf")
+    monkeypatch.setenv("JAXTUNE_CACHE", str(tmp_path / "cache"))
+    first = jaxtune.load(str(path)).source
+    assert jaxtune.load(str(path)).source == first  # converted once
+    monkeypatch.setattr(gguf_module, "CONVERSION", gguf_module.CONVERSION + 1)
+    again = jaxtune.load(str(path)).source
+    assert again != first and (Path(again) / "tokenizer.json").is_file()
+
+
 def test_unsupported_architecture(tmp_path):
     writer = gguf.GGUFWriter(str(tmp_path / "f.gguf"), "falcon")
     writer.write_header_to_file()

@@ -53,6 +53,12 @@ from jaxtune.models.gguf_tokenizer import write_tokenizer
 
 logger = logging.getLogger(__name__)
 
+# What gguf_to_hf writes, as a number: bump it whenever a change of the conversion (tensors, configs,
+# tokenizer) writes a different directory for the same file, so that conversions cached by an older
+# jaxtune (jaxtune.load converts a file once) are made again rather than trained on. 2: Gemma 3's final
+# logit soft-cap, a llama vocabulary's spaces and Gemma's space tokens as llama.cpp reads them.
+CONVERSION = 2
+
 # dtype argument -> (numpy dtype, safetensors dtype tag)
 _DTYPES: dict[str, tuple[np.dtype, str]] = {
     "float32": (np.dtype(np.float32), "F32"),

@@ -168,15 +168,16 @@ GGUF_SOURCE = "gguf_source.json"  # in a converted directory without weights: {"
 
 
 def _gguf_dir(path: Path, *, weights: bool = True) -> Path:
-    """An HF directory converted from a GGUF file once, keyed by the file's path, size and time.
+    """An HF directory converted from a GGUF file once, keyed by the file's path, size and time and
+    by the conversion's version (:data:`jaxtune.models.gguf.CONVERSION`: a fixed importer converts again).
 
     Without ``weights`` (``keep_quantized``, which reads the tensors from the file itself) only its
     configs and tokenizer are written, and :data:`GGUF_SOURCE` names the file; a full conversion
     made earlier serves as well."""
-    from jaxtune.models.gguf import gguf_to_hf
+    from jaxtune.models.gguf import CONVERSION, gguf_to_hf
 
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{CONVERSION}".encode()).hexdigest()[:16]
     full = cache_dir() / "gguf" / f"{path.stem}-{key}"
     out = full if weights or (full / "config.json").is_file() else full.with_name(full.name + "-meta")
     if not (out / "config.json").is_file():
