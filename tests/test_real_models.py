@@ -125,21 +125,34 @@ def _gemma3_gguf(tmp_path):
     return original
 
 
+# llama.cpp 0.3.36's token ids of texts on the Gemma 3 270M GGUF (llama_cpp.Llama(path, vocab_only=True)
+# .tokenize(text.encode(), add_bos=True, special=True)): its runs of 2 to 31 spaces are added tokens (138..167),
+# matched whole, longest first, before SentencePiece (which makes 904 "▁z", 236802 "z").
+LLAMA_CPP_GEMMA3_IDS = {" " * 32 + "z": [2, 167, 904], " " * 33 + "z": [2, 167, 138, 236802],
+                        " " * 64 + "z": [2, 167, 167, 138, 236802], " " * 70 + "z": [2, 167, 167, 144, 236802]}
+
+
 @pytest.mark.slow
 def test_real_gemma3_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
     """A Gemma 3 GGUF that llama.cpp's converter wrote, imported and exported again (untrained LoRA): every
     ``gemma3.*`` key and tokenizer setting is that file's, every tensor dequantizes to its values (the norm
     gains' ``+ 1`` undone on import, redone on export), and the tokens are its tokens, its runs of spaces
-    included (added tokens spelled with spaces, as the file has them)."""
+    included (added tokens spelled with spaces, as the file has them). The importer's tokenizer, the one
+    jaxtune trains with, tokenizes as llama.cpp does, runs of more spaces than its longest space token
+    included (transformers' GGUF reader re-spells those tokens "▁▁" and merges them pair by pair). One
+    test: the file's fetch and import are most of its time."""
     import dataclasses
 
     import gguf
+    from transformers import AutoTokenizer
 
     import jaxtune
     from jaxtune import tuning
 
     original = _gemma3_gguf(tmp_path)
     tuned = tuning.apply_plan(jaxtune.load(str(original)), tuning.lora(rank=2))
+    tokenizer = AutoTokenizer.from_pretrained(tuned.source)
+    assert {text: tokenizer(text)["input_ids"] for text in LLAMA_CPP_GEMMA3_IDS} == LLAMA_CPP_GEMMA3_IDS
     out = tuning.export(dataclasses.replace(tuned, step=1), tmp_path / "ours.gguf", format="gguf", dtype="float32")
     ours, theirs = gguf.GGUFReader(out), gguf.GGUFReader(original)
     lists = ("tokenizer.ggml.scores", "tokenizer.ggml.token_type")
@@ -149,20 +162,3 @@ def test_real_gemma3_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
     assert_same_dequantized_tensors(ours, theirs)
 
 
-# llama.cpp 0.3.36's token ids of texts on the Gemma 3 270M GGUF (llama_cpp.Llama(path, vocab_only=True)
-# .tokenize(text.encode(), add_bos=True, special=True)): its runs of 2 to 31 spaces are added tokens (138..167),
-# matched whole, longest first, before SentencePiece (which makes 904 "▁z", 236802 "z").
-LLAMA_CPP_GEMMA3_IDS = {" " * 32 + "z": [2, 167, 904], " " * 33 + "z": [2, 167, 138, 236802],
-                        " " * 64 + "z": [2, 167, 167, 138, 236802], " " * 70 + "z": [2, 167, 167, 144, 236802]}
-
-
-@pytest.mark.slow
-def test_real_gemma3_gguf_tokenizer_is_llama_cpps(tmp_path):
-    """jaxtune's importer tokenizes the Gemma 3 GGUF as llama.cpp does, runs of more spaces than its longest
-    space token included (transformers' GGUF reader re-spells those tokens "▁▁" and merges them pair by pair)."""
-    from transformers import AutoTokenizer
-
-    from jaxtune.models.gguf import gguf_to_hf
-
-    tokenizer = AutoTokenizer.from_pretrained(gguf_to_hf(_gemma3_gguf(tmp_path), tmp_path / "hf", weights=False))
-    assert {text: tokenizer(text)["input_ids"] for text in LLAMA_CPP_GEMMA3_IDS} == LLAMA_CPP_GEMMA3_IDS
