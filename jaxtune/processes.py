@@ -239,7 +239,7 @@ class AgreedStop:
     until the processes agree) and publishes it. The processes stop at the largest bound: every process
     can reach it without waiting for another's unstarted step, whichever step its host is in (a host
     waiting on a device read of step k has started step k, and its bound is k). A boundary costs a lock
-    and two flags until an ask comes. Use it as a context manager; one process: a flag (:meth:`ask`)."""
+    and two flags until an ask comes. :meth:`start` it and :meth:`close` it; one process: a flag (:meth:`ask`)."""
 
     def __init__(self) -> None:
         self._client = _client() if several() else None
@@ -306,10 +306,7 @@ class AgreedStop:
             self._at = max(int(b) for b in bounds if b)
         return step >= self._at
 
-    def __enter__(self) -> AgreedStop:
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
+    def close(self) -> None:
         """Stop watching; a process that leaves (its run finished) publishes the step it ends at, as its bound:
         an ask that comes later still gets every process's bound."""
         if self._client is None:

@@ -63,7 +63,6 @@ def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_le
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
 
-
 def _as_llama_cpp_sentencepiece(backend: Any, meta: Metadata) -> Any:
     """transformers' tokenizer of a ``llama`` (SentencePiece) vocabulary, made to tokenize as llama.cpp does.
 

@@ -68,7 +68,7 @@ class StopOnInterrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
-        self._stop.__exit__(*exc)
+        self._stop.close()
 
     def stop_now(self, step: int) -> bool:
         """Whether the loop stops before the step after ``step``: once Ctrl-C was pressed (on one process),
