@@ -29,7 +29,20 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
-from jaxtune.models import decoder, efficientnet, encoder, gemma, gpt2, modernbert, moe, olmo2, phi3, stacking, vit
+from jaxtune.models import (
+    decoder,
+    efficientnet,
+    encoder,
+    gemma,
+    gpt2,
+    gpt_neox,
+    modernbert,
+    moe,
+    olmo2,
+    phi3,
+    stacking,
+    vit,
+)
 from jaxtune.models.gguf_architectures import ARCHITECTURES as GGUF_ARCHITECTURES
 from jaxtune.models.gguf_architectures import LLAMA_MOE
 from jaxtune.models.hf_files import CheckpointError, SafetensorsReader, read_config, resolve, weight_files
@@ -43,7 +56,8 @@ FamilyConfig = (decoder.DecoderConfig | encoder.EncoderConfig | modernbert.Moder
 
 BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF, *efficientnet.STATE_LEAVES)
 # Buffers that checkpoints carry but that are not parameters.
-_IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias")
+_IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias",
+                     ".attention.bias")  # GPT-NeoX's causal-mask buffer in older checkpoints
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
 _BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -73,6 +87,9 @@ class Family:
     kernel_out_in: Callable[[tuple[str, ...]], bool] = _linear_layout
     # Tensor name on disk for a module-derived name, where the two differ (transformers renamed ViT's modules).
     checkpoint_name: Callable[[str], str] | None = None
+    # The tensor name save_pretrained writes for a module-derived name, where transformers' own save_pretrained
+    # writes another (GPT-NeoX's lm_head as embed_out); None: the module-derived name.
+    saved_name: Callable[[str], str] | None = None
     modality: str = "text"  # what the model reads: token ids (text) or pixel_values (image)
     transformers: bool = True  # whether transformers has the architecture (else no HF or PEFT export)
     # A leaf stored as one checkpoint tensor per slice of its leading axis (a MoE layer's stacked experts):
@@ -141,6 +158,12 @@ FAMILIES: dict[str, Family] = {
                  name="Phi-3", base="Phi3ForCausalLM", classifier="Phi3ForSequenceClassification",
                  gguf=_GGUF.get(a))
        for a in phi3.ARCHITECTURES},
+    **{a: Family(gpt_neox.GPTNeoXConfig.from_hf,
+                 gpt_neox.GPTNeoX if a == "GPTNeoXForCausalLM" else gpt_neox.GPTNeoXClassifier, gpt_neox.hf_module,
+                 gpt_neox.PARTITION_RULES, body=None if a == "GPTNeoXForCausalLM" else gpt_neox.GPTNeoX,
+                 name="GPT-NeoX (Pythia)", base="GPTNeoXForCausalLM", classifier="GPTNeoXForSequenceClassification",
+                 checkpoint_name=gpt_neox.checkpoint_name, saved_name=gpt_neox.checkpoint_name, gguf=_GGUF.get(a))
+       for a in gpt_neox.ARCHITECTURES},
     **{a: _encoder(a) for a in encoder.ARCHITECTURES},
     **{a: Family(modernbert.ModernBertConfig.from_hf,
                  modernbert.ModernBertClassifier if a in modernbert.CLASSIFIERS else modernbert.ModernBert,
@@ -189,7 +212,7 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         if architecture is None:
             by_type = {**decoder.MODEL_TYPES, **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
                        **olmo2.MODEL_TYPES, **phi3.MODEL_TYPES, **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES,
-                       **modernbert.MODEL_TYPES, **moe.MODEL_TYPES}
+                       **modernbert.MODEL_TYPES, **moe.MODEL_TYPES, **gpt_neox.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
@@ -434,7 +457,8 @@ def hf_tensors(params: Params, hf_config: dict[str, Any], *, architecture: str |
         if family.expert_tensor and family.expert_tensor(path, 0):  # one tensor per expert
             named = [(family.expert_tensor(path, e), tuple(leaf.shape[1:]), e) for e in range(leaf.shape[0])]
         else:
-            named = [(hf_name(family, path), tuple(leaf.shape), None)]
+            name = hf_name(family, path)
+            named = [(family.saved_name(name) if family.saved_name else name, tuple(leaf.shape), None)]
         for name, shape, expert in named:
             out.append(HFTensor(name, shape[::-1] if transpose else shape, stored,
                                 functools.partial(_host_tensor, leaf, expert, stored, transpose)))

@@ -1,0 +1,306 @@
+"""GPT-NeoX (Pythia) against transformers, fp32, within 1e-4: logits on padded and packed batches in both
+residual modes, greedy KV-cache generation, gradients, LoRA on the fused ``query_key_value`` both ways with
+peft, a merged export in transformers, the sequence classifier, prompt tuning and a DPO step.
+
+Two tiny configurations: Pythia's shape (parallel residual, a quarter of each head rotated, exact GELU,
+untied ``embed_out``); and the other switches (sequential residual, half of each head rotated with linear
+RoPE scaling, tanh GELU, no attention biases, tied embeddings). Weights are drawn far from transformers'
+init (LayerNorm gains 0.5..1.5, the rest N(0, 0.1)), so the fused projection's per-head layout, the
+partial rotation and every bias move the logits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import peft
+import pytest
+import torch
+import transformers
+from helpers import is_norm_gain, randomize_weights, torch_logits
+from test_rope import ids_of, packed_row, padded_batch
+from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
+
+from jaxtune import tuning
+from jaxtune.models import hf, stacking
+from jaxtune.models.generate import generate
+from jaxtune.models.gpt_neox import GPTNeoX, GPTNeoXConfig
+
+TOL = 1e-4
+BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+CASES = {
+    "pythia": dict(),  # parallel residual, rotary_pct 0.25, gelu, biases, untied
+    "sequential-tied": dict(use_parallel_residual=False, hidden_act="gelu_new", attention_bias=False,
+                            tie_word_embeddings=True,
+                            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0,
+                                             "partial_rotary_factor": 0.5}),
+}
+
+
+def tiny_neox(path, architecture: str = "GPTNeoXForCausalLM", **overrides) -> torch.nn.Module:
+    config = transformers.GPTNeoXConfig(**{**BASE, **overrides})
+    config.architectures = [architecture]
+    torch.manual_seed(0)
+    ref = getattr(transformers, architecture)(config).eval()
+    randomize_weights(ref, is_norm=is_norm_gain)
+    ref.save_pretrained(path)
+    return ref
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def neox(request, tmp_path_factory):
+    path = tmp_path_factory.mktemp(request.param)
+    ref = tiny_neox(path, **CASES[request.param])
+    return ref, hf.load_pretrained(path), path
+
+
+def apply(model: hf.Pretrained, ids, segment_ids=None, positions=None, cfg=None) -> np.ndarray:
+    module = model.module if cfg is None else type(model.module)(cfg)
+    return np.asarray(module.apply({"params": model.params}, ids, segment_ids, positions))
+
+
+def hf_logits(ref: torch.nn.Module, ids, mask=None, positions=None) -> np.ndarray:
+    inputs = {} if mask is None else {"attention_mask": mask}
+    if positions is not None:
+        inputs["position_ids"] = positions.astype(np.int64)
+    return torch_logits(ref, ids, **inputs)
+
+
+def test_loads_the_fused_projection_as_stored(neox):
+    """The ``(D, 3D)`` kernel is the checkpoint's weight transposed, columns in HF's per-head order; the
+    switches come from config.json (v5 ``rope_parameters``, as transformers writes it)."""
+    ref, model, _ = neox
+    cfg = model.config
+    assert isinstance(model.module, GPTNeoX) and isinstance(cfg, GPTNeoXConfig)
+    layer = stacking.unstack(model.params)["layers_1"]
+    qkv = ref.gpt_neox.layers[1].attention.query_key_value
+    np.testing.assert_array_equal(np.asarray(layer["attention"]["query_key_value"]["kernel"]),
+                                  qkv.weight.detach().numpy().T)
+    assert ("bias" in layer["attention"]["query_key_value"]) == ref.config.attention_bias
+    assert cfg.parallel_residual == ref.config.use_parallel_residual
+    assert dict(cfg.rope_scaling)["partial_rotary_factor"] == ref.config.rope_parameters["partial_rotary_factor"]
+    assert ("lm_head" in model.params) != cfg.tie_word_embeddings == ref.config.tie_word_embeddings
+
+
+def test_padded_batch_matches_transformers(neox):
+    ref, model, _ = neox
+    ids, mask, positions = padded_batch(12)
+    ours, theirs = apply(model, ids, mask, positions), hf_logits(ref, ids, mask, positions)
+    np.testing.assert_allclose(ours[mask == 1], theirs[mask == 1], atol=TOL, rtol=0)
+    assert np.isfinite(ours).all(), "padding rows must not produce NaN"
+    # The residual mode and the partial rotation each move the logits far beyond the tolerance.
+    for change in (dict(parallel_residual=not model.config.parallel_residual), dict(rope_scaling=None)):
+        other = apply(model, ids, mask, positions, cfg=dataclasses.replace(model.config, **change))
+        assert np.abs(other[mask == 1] - theirs[mask == 1]).max() > 100 * TOL, change
+
+
+def test_packed_row_matches_each_document_alone(neox):
+    """Documents of 9, 5 and 3 tokens in one row, then padding: each document's logits are transformers'
+    on that document alone (positions restart, no token attends across documents)."""
+    ref, model, _ = neox
+    lengths = (9, 5, 3)
+    ids, segments, positions = packed_row(lengths, fill=2)
+    ours = apply(model, ids, segments, positions)
+    start = 0
+    for n in lengths:
+        np.testing.assert_allclose(ours[0, start:start + n], hf_logits(ref, ids[:, start:start + n])[0],
+                                   atol=TOL, rtol=0)
+        start += n
+
+
+PROMPTS = [[5, 6, 7], [9, 8, 7, 6, 5, 4, 3, 2, 11, 12, 13], [100]]
+
+
+def test_greedy_generation_matches_transformers(neox):
+    ref, model, _ = neox
+    ours = generate(model.module, model.params, PROMPTS, max_new_tokens=6, stop_token_ids=[], max_length=32)
+    for prompt, got in zip(PROMPTS, ours, strict=True):
+        ids = torch.tensor([prompt])
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                               eos_token_id=None, pad_token_id=0)
+        assert got == out[0, len(prompt):].tolist()
+
+
+def test_gradients_match_torch(neox):
+    """The mean next-token loss's gradient on the fused projection (layout and bias), a LayerNorm, the
+    MLP and the output layer (or tied embedding), against torch's autograd."""
+    ref, model, _ = neox
+    ids = ids_of((2, 10), seed=4)
+    ref.zero_grad()
+    ref(input_ids=torch.as_tensor(ids).long(), labels=torch.as_tensor(ids).long()).loss.backward()
+
+    def loss(params):
+        logits = model.module.apply({"params": params}, ids)[:, :-1]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), ids[:, 1:, None], axis=-1))
+
+    grads = stacking.unstack(jax.grad(loss)(model.params))
+    layer, torch_layer = grads["layers_0"], ref.gpt_neox.layers[0]
+    pairs = [(layer["attention"]["query_key_value"]["kernel"], torch_layer.attention.query_key_value.weight.grad.T),
+             (layer["post_attention_layernorm"]["scale"], torch_layer.post_attention_layernorm.weight.grad),
+             (layer["mlp"]["dense_4h_to_h"]["bias"], torch_layer.mlp.dense_4h_to_h.bias.grad),
+             (grads["norm"]["bias"], ref.gpt_neox.final_layer_norm.bias.grad)]
+    if ref.config.attention_bias:
+        pairs.append((layer["attention"]["query_key_value"]["bias"], torch_layer.attention.query_key_value.bias.grad))
+    if model.config.tie_word_embeddings:
+        pairs.append((grads["embed_tokens"]["embedding"], ref.gpt_neox.embed_in.weight.grad))
+    else:
+        pairs.append((grads["lm_head"]["kernel"], ref.lm_head.weight.grad.T))
+    for ours, theirs in pairs:
+        assert np.abs(theirs.numpy()).max() > 1e-4  # a gradient that is there to compare
+        np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-5, rtol=1e-4)
+
+
+def test_export_writes_the_checkpoint_names_transformers_writes(neox, tmp_path):
+    """A plain export is the checkpoint transformers saved, tensor for tensor: ``embed_out.weight`` for
+    the output layer (transformers' own name on disk), the fused projection unchanged."""
+    _, model, path = neox
+    out = hf.save_pretrained(model.params, model.hf_config, tmp_path)
+    from safetensors.numpy import load_file
+
+    ours, theirs = load_file(out / "model.safetensors"), load_file(path / "model.safetensors")
+    assert sorted(ours) == sorted(theirs)
+    for name, tensor in theirs.items():
+        np.testing.assert_array_equal(ours[name], tensor, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def adapted(neox):
+    """LoRA on every linear (the fused query_key_value included) and a trained final norm."""
+    _, model, path = neox
+    tuned, params = trained(path.parent, path.name, tuning.lora(rank=4, alpha=8) + tuning.train("^norm/"))
+    ours = np.asarray(tuned.module.apply({"params": params}, input_ids=IDS, segment_ids=MASK))
+    return tuned, params, ours
+
+
+def _hf_masked_logits(model: torch.nn.Module) -> np.ndarray:
+    return torch_logits(model, IDS, attention_mask=MASK)
+
+
+def test_lora_adapter_loads_in_peft_with_equal_logits(neox, adapted, tmp_path):
+    _, model, path = neox
+    tuned, params, ours = adapted
+    tuning.export_peft(tuned, tmp_path, params=params)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted({t.rsplit(".", 1)[1] for t in config["target_modules"]}) == [
+        "dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
+    assert len(config["target_modules"]) == 4 * model.config.num_layers
+    assert config["modules_to_save"] == ["gpt_neox.final_layer_norm"]
+    base = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    assert not np.allclose(ours, _hf_masked_logits(base), atol=1e-2)  # the adapter changes the model
+    assert_real_tokens_close(ours, _hf_masked_logits(peft.PeftModel.from_pretrained(base, tmp_path).eval()))
+
+
+def test_merged_export_loads_in_transformers_with_equal_logits(adapted, tmp_path):
+    tuned, params, ours = adapted
+    out = tuning.export_merged(tuned, tmp_path, params=params)
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["GPTNeoXForCausalLM"]
+    assert_real_tokens_close(ours, _hf_masked_logits(transformers.AutoModelForCausalLM.from_pretrained(out).eval()))
+    again = hf.load_pretrained(out)  # and back into jaxtune, tensor by tensor
+    assert_real_tokens_close(apply(again, IDS, MASK), ours)
+
+
+def test_peft_adapter_on_the_fused_projection_imports_exactly(neox, tmp_path):
+    """PEFT's own GPT-NeoX targets (``query_key_value``, ``dense_h_to_4h``), DoRA among them, become
+    jaxtune adapters on the same modules."""
+    _, model, path = neox
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path)
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, use_dora=True,
+                                                       target_modules=["query_key_value", "dense_h_to_4h"])).eval()
+    theirs.save_pretrained(tmp_path)
+    tuned = tuning.load_peft(model, tmp_path)
+    assert sorted({m[-1] for m in tuned.adapters}) == ["dense_h_to_4h", "query_key_value"]
+    ours = np.asarray(tuned.module.apply({"params": tuned.params}, input_ids=IDS, segment_ids=MASK))
+    assert_real_tokens_close(ours, _hf_masked_logits(theirs))
+
+
+def test_sequence_classifier_matches_transformers(tmp_path):
+    """``GPTNeoXForSequenceClassification`` loads as body + ``score`` on the last non-pad token."""
+    ref = tiny_neox(tmp_path, "GPTNeoXForSequenceClassification", num_labels=3)
+    model = hf.load_pretrained(tmp_path)
+    ids, mask, _ = padded_batch(12)
+    ids, mask = ids[:1] * mask[:1], mask[:1]  # right padding with pad_token_id, where transformers pools
+    np.testing.assert_allclose(apply(model, ids, mask), torch_logits(ref, ids, attention_mask=mask),
+                               atol=TOL, rtol=0)
+
+
+def test_a_new_classification_head_exports_to_transformers(tmp_path):
+    """A head added by a plan is transformers' ``score``: the merged export runs as
+    ``GPTNeoXForSequenceClassification`` on a padded batch and loads back into jaxtune."""
+    tiny_neox(tmp_path / "base")
+    tuned, params = trained(tmp_path, "base", tuning.lora(rank=2, targets=["dense"])
+                            + tuning.head("classification", num_labels=3))
+    assert tuned.hf_architecture == "GPTNeoXForSequenceClassification"
+    ours = np.asarray(tuned.module.apply({"params": params}, IDS, MASK))
+    out = tuning.export_merged(tuned, tmp_path / "out", params=params)
+    theirs = transformers.GPTNeoXForSequenceClassification.from_pretrained(out).eval()
+    np.testing.assert_allclose(ours, torch_logits(theirs, IDS, attention_mask=MASK), atol=TOL, rtol=0)
+    np.testing.assert_allclose(apply(hf.load_pretrained(out), IDS, MASK), ours, atol=TOL, rtol=0)
+
+
+def test_config_layouts_and_refusals():
+    """A transformers v4 config.json (Pythia's: ``rotary_pct``, ``rotary_emb_base``, ``rope_scaling``) reads
+    as the v5 one transformers makes of it; what jaxtune does not implement is refused naming the field."""
+    v4 = dict(BASE, model_type="gpt_neox", architectures=["GPTNeoXForCausalLM"], rotary_pct=0.5,
+              rotary_emb_base=500, rope_scaling={"type": "linear", "factor": 2.0}, use_parallel_residual=False)
+    v5 = transformers.GPTNeoXConfig.from_dict(v4).to_dict()
+    assert "rope_parameters" in v5 and "rotary_pct" not in v5
+    assert GPTNeoXConfig.from_hf(v4) == GPTNeoXConfig.from_hf(v5)
+    rope = dict(GPTNeoXConfig.from_hf(v4).rope_scaling)
+    assert rope["partial_rotary_factor"] == 0.5 and rope["factor"] == 2.0
+    bare = {k: v for k, v in v4.items() if k not in ("rotary_pct", "rotary_emb_base", "rope_scaling")}
+    assert dict(GPTNeoXConfig.from_hf(bare).rope_scaling)["partial_rotary_factor"] == 0.25  # transformers' default
+    with pytest.raises(ValueError, match="hidden_act 'silu' is not supported by GPT-NeoX"):
+        GPTNeoXConfig.from_hf({**v5, "hidden_act": "silu"})
+    with pytest.raises(ValueError, match="rope type 'mrope' is not supported"):
+        GPTNeoXConfig.from_hf({**v5, "rope_parameters": {"rope_type": "mrope"}})
+    with pytest.raises(ValueError, match="head_dim 32 is not hidden_size / num_attention_heads"):
+        GPTNeoXConfig.from_hf({**v5, "head_dim": 32})
+
+
+def test_older_checkpoint_layouts_load(neox, tmp_path):
+    """Pythia's hub files carry each layer's causal-mask buffers (``attention.bias``, ``masked_bias``) and
+    ``rotary_emb.inv_freq``, which are not parameters; a writer that names the output layer by its
+    transformers 5 module (``lm_head.weight``, not ``embed_out.weight``) loads the same."""
+    import warnings
+
+    from safetensors.numpy import load_file, save_file
+
+    ref, model, path = neox
+    tensors = load_file(path / "model.safetensors")
+    for i in range(model.config.num_layers):
+        prefix = f"gpt_neox.layers.{i}.attention."
+        tensors[prefix + "bias"] = np.tril(np.ones((1, 1, 8, 8), bool))
+        tensors[prefix + "masked_bias"] = np.array(-1e9, np.float32)
+        tensors[prefix + "rotary_emb.inv_freq"] = np.ones(2, np.float32)
+    if "embed_out.weight" in tensors:
+        tensors["lm_head.weight"] = tensors.pop("embed_out.weight")
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text((path / "config.json").read_text())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "tensor(s) not used" warning
+        again = hf.load_pretrained(tmp_path)
+    ids, mask, positions = padded_batch(12)
+    np.testing.assert_array_equal(apply(again, ids, mask, positions), apply(model, ids, mask, positions))
+
+
+def test_partition_rules_place_the_projections_megatron_style(neox):
+    """Column-parallel ``query_key_value``/``dense_h_to_4h``, row-parallel ``attention/dense``/``dense_4h_to_h``
+    (the MLP's names contain ``dense`` too: each rule must pick its own), the norms replicated."""
+    from jaxtune.training.sharding import MeshConfig, make_mesh, param_specs
+
+    _, model, _ = neox
+    P = jax.sharding.PartitionSpec
+    specs = param_specs(model.params, make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)),
+                        hf.FAMILIES["GPTNeoXForCausalLM"].partition_rules)["layers_0-1"]
+    assert specs["attention"]["query_key_value"]["kernel"] == P(None, "fsdp", "tensor")
+    assert specs["mlp"]["dense_h_to_4h"]["kernel"] == P(None, "fsdp", "tensor")
+    assert specs["attention"]["dense"]["kernel"] == P(None, "tensor", "fsdp")
+    assert specs["mlp"]["dense_4h_to_h"]["kernel"] == P(None, "tensor", "fsdp")
+    assert specs["input_layernorm"]["scale"] == P()
