@@ -21,6 +21,7 @@ import peft
 import pytest
 import torch
 import transformers
+from flax.traverse_util import flatten_dict
 from helpers import is_norm_gain, randomize_weights, torch_logits
 from test_rope import ids_of, packed_row, padded_batch
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
@@ -304,3 +305,47 @@ def test_partition_rules_place_the_projections_megatron_style(neox):
     assert specs["attention"]["dense"]["kernel"] == P(None, "tensor", "fsdp")
     assert specs["mlp"]["dense_4h_to_h"]["kernel"] == P(None, "tensor", "fsdp")
     assert specs["input_layernorm"]["scale"] == P()
+
+
+def test_prompt_tuning_matches_peft(neox, tmp_path):
+    """Virtual tokens go through ``emb_dropout`` and the blocks as PEFT feeds them (``inputs_embeds``)."""
+    from test_tuning_peft import peft_out
+
+    _, model, path = neox
+    tuned, params = trained(path.parent, path.name, tuning.prompt_tuning(5))
+    tuning.export_peft(tuned, tmp_path, params=params)
+    theirs = peft_out(transformers.AutoModelForCausalLM.from_pretrained(path).eval(), tmp_path)
+    assert theirs.shape[1] == 5 + IDS.shape[1]  # PEFT returns the virtual positions too
+    assert_real_tokens_close(np.asarray(tuned.module.apply({"params": params}, input_ids=IDS, segment_ids=MASK)),
+                             theirs[:, 5:])
+
+
+def test_a_partial_plan_trains_the_last_block_and_the_output(neox):
+    """``freeze_all_but(1)`` finds GPT-NeoX's blocks, its final LayerNorm and its output layer by the
+    decoder family's names, as on every decoder."""
+    _, model, _ = neox
+    tuned = tuning.apply_plan(model, tuning.freeze_all_but(1))
+    labels = {"/".join(p): label for p, label in flatten_dict(stacking.unstack(tuned.labels)).items()}
+    assert all(label == "train" for p, label in labels.items() if p.startswith(("layers_1/", "norm/")))
+    assert all(label == "freeze" for p, label in labels.items() if p.startswith(("layers_0/", "embed_tokens/"))
+               and not (model.config.tie_word_embeddings and p.startswith("embed_tokens/")))
+    assert labels.get("lm_head/kernel", "train") == "train"
+
+
+def test_lora_dpo_run_learns(tmp_path):
+    """LoRA-DPO from Python on Pythia's shape (with its dropouts set): fresh adapters make the policy the
+    reference, so the base scores exactly log 2; the run learns the pairs."""
+    import jaxtune as jt
+    from jaxtune.data.testing import synthetic_preference_rows, tiny_tokenizer, write_jsonl
+
+    tiny_neox(tmp_path / "pythia", hidden_dropout=0.1, attention_dropout=0.1)
+    tiny_tokenizer().save_pretrained(tmp_path / "pythia")
+    train, _ = jt.read(write_jsonl(tmp_path / "pairs.jsonl", synthetic_preference_rows(32, seed=0)), kind="preference")
+    valid, _ = jt.read(write_jsonl(tmp_path / "valid.jsonl", synthetic_preference_rows(16, seed=1)), kind="preference")
+    dpo = jt.Trainer(jt.apply_plan(jt.load(str(tmp_path / "pythia")), jt.lora(rank=4, alpha=8)), train, valid,
+                     run_dir=tmp_path / "dpo", config=jt.TrainConfig(steps=8, log_every=4),
+                     data=jt.DataConfig(batch_size=8, max_length=48), preference=jt.PreferenceConfig(method="dpo",
+                                                                                                     beta=0.5),
+                     optimizer=jt.OptimizerConfig(learning_rate=1e-2, schedule="constant")).fit()
+    assert dpo.before["loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert dpo.after["loss"] < dpo.before["loss"] - 0.05 and dpo.after["rewards/accuracy"] > 0.5
