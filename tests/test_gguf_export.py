@@ -530,7 +530,7 @@ def test_a_recipe_whose_model_has_no_gguf_form_is_refused_before_training(tmp_pa
     with pytest.raises(ConfigError, match=r"^output.export: cannot export gguf: model: GemmaForCausalLM has no GGUF "
                                           r"export; supported: LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
                                           r"Qwen3ForCausalLM, GPT2LMHeadModel, Gemma2ForCausalLM, Gemma3ForCausalLM, "
-                                          r"Phi3ForCausalLM "):
+                                          r"Phi3ForCausalLM, GPTNeoXForCausalLM "):
         jt.finetune(config)
     assert not (tmp_path / "run" / "checkpoints").exists() and not (tmp_path / "run" / "status.json").exists()
 

@@ -7,7 +7,7 @@ rather than from the code under test: tensor names from `gguf.get_tensor_name_ma
 `GGUFWriter`'s own keys, Gemma's norm weights stored plus one, GPT-2's Conv1D weights transposed and
 its embedding copied to `output.weight`, no Q/K permutation outside llama's converter (SmolLM3 uses it),
 Phi-3's LongRoPE factors as the `rope_factors_long`/`rope_factors_short` tensors and its sliding window
-0 when it has none.
+0 when it has none, GPT-NeoX's fused `attn_qkv` rows regrouped from per head into `[q | k | v]`.
 """
 
 from __future__ import annotations
@@ -72,8 +72,17 @@ CASES = {
         tie_word_embeddings=True, original_max_position_embeddings=8,
         rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                          "long_factor": [1.5, 2.0, 3.0, 5.0], "short_factor": [1.0, 1.1, 1.2, 1.4]})),
+    # Pythia's shape (parallel residual, a quarter of each head rotated) and the sequential residual with half
+    # rotated at another base (which llama.cpp's converter leaves out; jaxtune's export writes it). llama.cpp's
+    # gptneox computes GELU's tanh form, which the import reads the file as.
+    "gptneox": ("GPTNeoXForCausalLM", dict(hidden_act="gelu_new")),
+    "gptneox-sequential": ("GPTNeoXForCausalLM", dict(hidden_act="gelu_new", use_parallel_residual=False,
+                                                      rope_parameters={"rope_type": "default", "rope_theta": 500.0,
+                                                                       "partial_rotary_factor": 0.5})),
 }
 CONFIGS = {"Gemma3ForCausalLM": "Gemma3TextConfig", "GPT2LMHeadModel": "GPT2Config"}
+NEOX = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=128)
 GPT2 = dict(vocab_size=128, n_positions=128, n_embd=64, n_layer=2, n_head=4, n_inner=96)
 GPT2_CONV1D = (".c_attn.weight", ".c_proj.weight", ".c_fc.weight")
 
@@ -82,7 +91,7 @@ def tiny_model(name: str, **sizes: int) -> torch.nn.Module:
     """A random transformers model of the case (``sizes`` override its config), with norm weights off
     their init and projections of std 0.1."""
     architecture, overrides = CASES[name]
-    kwargs = GPT2 if name == "gpt2" else {**TINY, **overrides, **sizes}
+    kwargs = GPT2 if name == "gpt2" else {**(NEOX if name.startswith("gptneox") else TINY), **overrides, **sizes}
     config = getattr(transformers, CONFIGS.get(architecture, architecture.replace("ForCausalLM", "Config")))(**kwargs)
     torch.manual_seed(0)
     model = getattr(transformers, architecture)(config).eval()
@@ -142,6 +151,18 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = 
         writer.add_feed_forward_length(cfg.n_inner)
         writer.add_head_count(cfg.n_head)
         writer.add_layer_norm_eps(cfg.layer_norm_epsilon)
+    elif name == "gptneox":  # the converter's keys (GPTNeoXModel.set_gguf_parameters)
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        rope = cfg.rope_parameters
+        writer.add_rope_dimension_count(int(rope["partial_rotary_factor"] * cfg.hidden_size // cfg.num_attention_heads))
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_parallel_residual(cfg.use_parallel_residual)
+        writer.add_layer_norm_eps(cfg.layer_norm_eps)
+        if rope["rope_theta"] != 10000.0:
+            writer.add_rope_freq_base(rope["rope_theta"])
     else:
         writer.add_block_count(cfg.num_hidden_layers)
         writer.add_context_length(cfg.max_position_embeddings)
@@ -225,6 +246,10 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = 
             data = llama_cpp_permute(data, heads)
         if name == "gpt2" and hf_name.endswith(GPT2_CONV1D):
             data = np.ascontiguousarray(data.T)  # Conv1D (in, out) -> llama.cpp's (out, in)
+        if name == "gptneox" and gguf_name.endswith("attn_qkv"):  # the converter's [q | k | v] rows, from per-head
+            heads = cfg.num_attention_heads
+            data = np.concatenate([data.reshape(heads, 3, -1, *data.shape[1:])[:, i].reshape(-1, *data.shape[1:])
+                                   for i in range(3)])
         if gguf_name.endswith("ffn_gate_inp_shexp"):
             data = data.reshape(-1)  # llama.cpp's shape for it: (hidden,)
         add(f"{gguf_name}.{suffix}", data)
@@ -252,7 +277,7 @@ def test_converted_model_has_the_original_logits(name, tmp_path):
 # (case, the type its matrices are written in): gguf-py quantizes the legacy types only (the K-quants:
 # random blocks, further below)
 QUANTIZED_CASES = [("phi3", "Q8_0"), ("phi3-longrope", "Q4_1"), ("qwen3", "Q5_0"), ("smollm3", "Q5_1"),
-                   ("qwen2moe", "Q8_0"), ("qwen3moe", "Q4_0"), ("llama-moe", "Q5_1")]
+                   ("qwen2moe", "Q8_0"), ("qwen3moe", "Q4_0"), ("llama-moe", "Q5_1"), ("gptneox", "Q8_0")]
 
 
 @pytest.mark.parametrize("name,qtype", QUANTIZED_CASES)
@@ -265,7 +290,8 @@ def test_quantized_load_keeps_the_blocks_and_equals_the_dequantized_model(name, 
     dense = hf.load_pretrained(out)
     kept = load_quantized(tmp_path / "tiny.gguf", out)
     leaves = flatten_dict(unfreeze(kept.params))
-    fused = [k for k in leaves if k[-2:] in [(m, "kernel") for m in ("qkv_proj", "gate_up_proj", "q_proj")]]
+    fused = [k for k in leaves if k[-2:] in [(m, "kernel") for m in ("qkv_proj", "gate_up_proj", "q_proj",
+                                                                       "query_key_value")]]
     experts = [k for k in leaves if "experts" in k and k[-1] == "kernel"]
     assert fused and all(quant.is_quantized(leaves[k]) for k in fused + experts)
     assert len(experts) == (3 if name.endswith("moe") else 0)

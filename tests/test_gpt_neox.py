@@ -349,3 +349,77 @@ def test_lora_dpo_run_learns(tmp_path):
                      optimizer=jt.OptimizerConfig(learning_rate=1e-2, schedule="constant")).fit()
     assert dpo.before["loss"] == pytest.approx(np.log(2), abs=1e-5)
     assert dpo.after["loss"] < dpo.before["loss"] - 0.05 and dpo.after["rewards/accuracy"] > 0.5
+
+
+# What llama.cpp's converter (convert_hf_to_gguf.py, GPTNeoXModel) writes for GPTNeoXForCausalLM: these keys
+# (jaxtune adds the vocabulary size and rope.freq_base, which llama.cpp reads and otherwise takes as 10000) and
+# these tensors per layer, with the fused attn_qkv's rows regrouped [q | k | v].
+GGUF_KEYS = {"gptneox.context_length": 64, "gptneox.embedding_length": 64, "gptneox.block_count": 2,
+             "gptneox.feed_forward_length": 96, "gptneox.rope.dimension_count": 4, "gptneox.attention.head_count": 4,
+             "gptneox.use_parallel_residual": True, "gptneox.attention.layer_norm_epsilon": 1e-5,
+             "gptneox.rope.freq_base": 10000.0}
+GGUF_BLOCK = ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
+
+
+def test_gguf_export_is_llama_cpps_and_reads_back_as_the_merged_model(tmp_path):
+    """A LoRA-tuned GPT-NeoX exports as llama.cpp's ``gptneox`` file (names, keys and the regrouped fused
+    projection as its converter writes them), which jaxtune's importer reads back as the merged model, tensor
+    for tensor. (transformers' GGUF loader has no gptneox.) The exact-GELU model is written with a warning."""
+    from gguf import GGUFReader
+    from helpers import tiny_bpe_tokenizer
+    from safetensors.numpy import load_file
+    from test_tuning_lora import randomize_adapters
+
+    from jaxtune.models.gguf import gguf_to_hf
+
+    tiny_neox(tmp_path / "base", vocab_size=320, hidden_act="gelu_new")
+    tiny_bpe_tokenizer("gpt2").save_pretrained(tmp_path / "base")
+    tuned = tuning.apply_plan(hf.load_pretrained(tmp_path / "base"), tuning.lora(rank=4, alpha=8))
+    tuned = dataclasses.replace(tuned, params=randomize_adapters(tuned.params), step=1)
+    out = tuning.export(tuned, tmp_path / "gguf", format="gguf")
+    reader = GGUFReader(out)
+    assert reader.fields["general.architecture"].contents() == "gptneox"
+    assert {key: reader.fields[key].contents() for key in GGUF_KEYS} == pytest.approx(GGUF_KEYS)
+    tensors = {t.name: t for t in reader.tensors}
+    assert set(tensors) == {"token_embd.weight", "output_norm.weight", "output_norm.bias", "output.weight"} | {
+        f"blk.{i}.{part}.{leaf}" for i in range(2) for part in GGUF_BLOCK for leaf in ("weight", "bias")}
+    merged = tuning.export_merged(tuned, tmp_path / "merged", dtype="float32")
+    qkv = load_file(merged / "model.safetensors")["gpt_neox.layers.1.attention.query_key_value.bias"]
+    per_head = qkv.reshape(4, 3, 16)  # HF's [heads, 3, head_dim]; the file's rows: all q, then all k, then all v
+    np.testing.assert_array_equal(np.asarray(tensors["blk.1.attn_qkv.bias"].data),
+                                  np.concatenate([per_head[:, i].reshape(-1) for i in range(3)]))
+
+    back = gguf_to_hf(out, tmp_path / "back")
+    expected, found = load_file(merged / "model.safetensors"), load_file(back / "model.safetensors")
+    assert sorted(found) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_array_equal(found[name], value, err_msg=name)
+    original, read = (transformers.AutoTokenizer.from_pretrained(tmp_path / d) for d in ("base", "back"))
+    texts = ["the quick brown fox 12345", "  hello   world\n\nok?", "<|im_start|>user hi<|im_end|>"]
+    assert [read(t)["input_ids"] for t in texts] == [original(t)["input_ids"] for t in texts]
+    again = hf.load_pretrained(back)
+    assert again.config.activation == "gelu_new"
+    np.testing.assert_allclose(apply(again, IDS, MASK),
+                               np.asarray(tuned.module.apply({"params": tuned.params}, IDS, MASK)), atol=TOL, rtol=0)
+
+    pythia = dataclasses.replace(tuned, hf_config={**tuned.hf_config, "hidden_act": "gelu"})
+    with pytest.warns(UserWarning, match="llama.cpp's gptneox computes GELU's tanh form"):
+        tuning.export(pythia, tmp_path / "exact", format="gguf")
+
+
+def test_gguf_export_refuses_what_llama_cpp_cannot_run():
+    """llama.cpp's gptneox needs an untied output.weight and the attention biases: a config without either
+    is refused before anything is written, naming the setting (as is RoPE scaling, as for every family)."""
+    from jaxtune.models.gguf import GGUFError
+    from jaxtune.models.gguf_export_families import check_architecture
+
+    config = transformers.GPTNeoXConfig(**BASE, hidden_act="gelu_new").to_dict()
+    config["architectures"] = ["GPTNeoXForCausalLM"]
+    assert check_architecture(config) == "gptneox"
+    for change, refused in ((dict(tie_word_embeddings=True), "GPT-NeoX with tie_word_embeddings has no GGUF export"),
+                            (dict(attention_bias=False), "GPT-NeoX with attention_bias false has no GGUF export"),
+                            (dict(hidden_act="relu"), "GPT-NeoX hidden_act 'relu' has no GGUF export"),
+                            (dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4,
+                                                   "partial_rotary_factor": 0.25}), "RoPE scaling 'linear'")):
+        with pytest.raises(GGUFError, match=refused):
+            check_architecture({**config, **change})

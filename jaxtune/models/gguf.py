@@ -81,6 +81,16 @@ class _Entry:
     shift: float = 0.0  # subtracted (Gemma's norm weights)
     transpose: bool = False  # the GGUF rows are the HF tensor's transpose (GPT-2's Conv1D)
     expert: int | None = None  # one expert's slice (axis 0) of a stacked expert tensor
+    ungroup_heads: int | None = None  # set for GPT-NeoX's fused qkv: llama.cpp's [q | k | v] rows back per head
+
+    def rows_in_hf_order(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` (the tensor's, or a quantized tensor's component with the rows on axis 0) in the HF
+        tensor's row order: llama.cpp's rotary permutation or GPT-NeoX's regrouping undone."""
+        if self.unpermute_heads is not None:
+            return unpermute_qk(rows, self.unpermute_heads)
+        if self.ungroup_heads is not None:
+            return ungroup_qkv(rows, self.ungroup_heads)
+        return rows
 
 
 def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", *, weights: bool = True) -> Path:
@@ -152,6 +162,13 @@ def unpermute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def ungroup_qkv(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's regrouping of GPT-NeoX's fused ``query_key_value`` (weight or bias): its converter
+    moves HF's per-head rows ``[heads, 3, head_dim]`` into ``[3, heads, head_dim]`` (all queries, then keys,
+    then values), the layout its gptneox slices; this is the inverse."""
+    return weight.reshape(3, n_heads, -1, *weight.shape[1:]).swapaxes(0, 1).reshape(weight.shape)
+
+
 def open_gguf(path: Path) -> GGUFReader:
     """The ``gguf`` package's reader of ``path`` (memory-mapped: tensors are read when used); a
     :class:`GGUFError` naming the file when it is missing or not GGUF."""
@@ -201,7 +218,9 @@ def _entry(tensor: ReaderTensor, arch: Arch, config: Any) -> _Entry | None:
     if part in arch.row_vectors and len(shape) == 1:
         shape = (1, shape[0])
     shift = arch.norm_shift if stem.endswith("norm") and suffix == "weight" else 0.0
-    return _Entry(hf_name, tensor, shape[::-1] if transpose else shape, heads, shift, transpose)
+    regroup = config.num_attention_heads if arch.regroup_qkv and part == "attn_qkv" else None
+    return _Entry(hf_name, tensor, shape[::-1] if transpose else shape, heads, shift, transpose,
+                  ungroup_heads=regroup)
 
 
 def _expert_entries(tensor: ReaderTensor, arch: Arch) -> list[_Entry]:
@@ -233,11 +252,12 @@ def _plan_tensors(reader: GGUFReader, config: Any, arch: Arch, path: Path) -> li
                 f"this file is not a plain {config.model_type} model"
             )
         # GPT-2's copy of the embedding is left out (hf_config_of ties it)
-        entries += [e for e in found if not (e.hf_name == "lm_head.weight" and config.tie_word_embeddings)]
+        output = f"{arch.globals['output']}.weight"
+        entries += [e for e in found if not (e.hf_name == output and config.tie_word_embeddings)]
 
     present = {e.hf_name for e in entries}
     expected = [f"{arch.globals['token_embd']}.weight", f"{arch.globals['output_norm']}.weight"]
-    expected += [] if config.tie_word_embeddings else ["lm_head.weight"]
+    expected += [] if config.tie_word_embeddings else [f"{arch.globals['output']}.weight"]
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", 0)
     for layer in range(config.num_hidden_layers):
         expected += [f"{arch.block_prefix}.{layer}.{part}.weight" for part in arch.blocks.values()]
@@ -289,8 +309,7 @@ def dequantized(entry: _Entry, dtype: np.dtype, path: Path) -> np.ndarray:
             f"{path}: tensor {entry.tensor.name!r} dequantized to shape {weight.shape}, "
             f"expected {entry.shape}; the file is corrupt or uses an unexpected layout"
         )
-    if entry.unpermute_heads is not None:
-        weight = unpermute_qk(weight, entry.unpermute_heads)
+    weight = entry.rows_in_hf_order(weight)
     if entry.shift:
         weight = weight - np.float32(entry.shift)
     return np.ascontiguousarray(weight.T if entry.transpose else weight, dtype=dtype)

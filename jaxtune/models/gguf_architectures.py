@@ -71,6 +71,12 @@ _MIXTRAL_EXPERTS = {f"ffn_{part}_exps": f"block_sparse_moe.experts.{{e}}.{w}"
 # Phi-3 keeps its checkpoint's fused projections: llama.cpp's ffn_up is the whole gate_up_proj.
 _PHI3_NAMES = {"attn_norm": "input_layernorm", "attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
                "ffn_norm": "post_attention_layernorm", "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj"}
+# GPT-NeoX keeps its fused projection (attn_qkv, rows regrouped: Arch.regroup_qkv) and LayerNorms with biases.
+_GPTNEOX_GLOBAL_NAMES = {"token_embd": "gpt_neox.embed_in", "output_norm": "gpt_neox.final_layer_norm",
+                         "output": "embed_out"}
+_GPTNEOX_BLOCK_NAMES = {"attn_norm": "input_layernorm", "attn_qkv": "attention.query_key_value",
+                        "attn_output": "attention.dense", "ffn_norm": "post_attention_layernorm",
+                        "ffn_up": "mlp.dense_h_to_4h", "ffn_down": "mlp.dense_4h_to_h"}
 
 
 @dataclass(frozen=True)
@@ -83,7 +89,9 @@ class Arch:
     llama kernel rotates adjacent pairs while the other architectures' kernels use HF's halves),
     ``norm_shift`` (subtracted from every ``*norm.weight``: Gemma computes ``x * (1 + w)`` and
     llama.cpp stores ``w + 1``), ``transposed`` (block parts whose GGUF rows are the transpose of
-    the HF tensor: GPT-2's Conv1D weights, which llama.cpp stores as ``(out, in)``).
+    the HF tensor: GPT-2's Conv1D weights, which llama.cpp stores as ``(out, in)``), ``regroup_qkv`` (GPT-NeoX's
+    fused ``attn_qkv`` rows (and bias), which its converter reorders from HF's per-head ``[heads, 3, head_dim]``
+    into llama.cpp's ``[q | k | v]``).
     ``config_tensors``: tensors outside the blocks that are configuration, not weights (``rope_freqs``:
     Llama 3.1's per-frequency RoPE divisors; Phi-3's LongRoPE factors, which ``config`` reads).
     ``partial_rotary``: RoPE may rotate part of a head.
@@ -100,6 +108,7 @@ class Arch:
     permute_qk: bool = False
     norm_shift: float = 0.0
     transposed: tuple[str, ...] = ()
+    regroup_qkv: bool = False
     rms_norm: bool = True  # else LayerNorm (its epsilon key differs)
     config_tensors: tuple[str, ...] = ("rope_freqs",)
     partial_rotary: bool = False
@@ -186,7 +195,7 @@ def hf_config_of(meta: Metadata, reader: GGUFReader, arch: Arch) -> Any:
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id", None),
         pad_token_id=meta.get("tokenizer.ggml.padding_token_id", None),
     )
-    if not arch.rms_norm:  # GPT-2 names its sizes its own way
+    if not arch.rms_norm:  # GPT-2 and GPT-NeoX name their sizes their own way
         return getattr(transformers, arch.config_class)(architectures=[arch.hf_architecture], **shared,
                                                         **arch.config(meta, name, {"hidden": hidden, "heads": heads}))
     common = dict(
@@ -319,6 +328,22 @@ def _gpt2_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, A
                 layer_norm_epsilon=meta.get(f"{name}.attention.layer_norm_epsilon"))
 
 
+def _gptneox_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
+    """GPT-NeoX (Pythia): partial rotary (``rope.dimension_count``), the residual mode, and the activation
+    llama.cpp's gptneox computes, GELU's tanh form (``gelu_new``), whatever the model was trained with:
+    the file does not say, and this is the model llama.cpp runs."""
+    head_dim = found["hidden"] // found["heads"]
+    rope = _rope_parameters(meta, name)
+    rope["partial_rotary_factor"] = meta.get(f"{name}.rope.dimension_count", head_dim) / head_dim
+    return dict(hidden_size=found["hidden"], num_attention_heads=found["heads"],
+                num_hidden_layers=meta.get(f"{name}.block_count"),
+                intermediate_size=meta.get(f"{name}.feed_forward_length"),
+                max_position_embeddings=meta.get(f"{name}.context_length"),
+                layer_norm_eps=meta.get(f"{name}.attention.layer_norm_epsilon"),
+                use_parallel_residual=bool(meta.get(f"{name}.use_parallel_residual", True)),
+                rope_parameters=rope, hidden_act="gelu_new", attention_bias=True)
+
+
 def _phi3_extra(meta: Metadata, name: str, found: dict[str, Any]) -> dict[str, Any]:
     """Phi-3 / Phi-4-mini: partial rotary, LongRoPE from the file's factor tensors, the sliding window
     (llama.cpp's converter writes 0 for none)."""
@@ -370,6 +395,9 @@ ARCHITECTURES: dict[str, Arch] = {
     "gpt2": Arch("GPT2LMHeadModel", "GPT2Config", _gpt2_extra, blocks=_GPT2_BLOCK_NAMES, globals=_GPT2_GLOBAL_NAMES,
                  block_prefix="transformer.h", transposed=("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
                  rms_norm=False),
+    "gptneox": Arch("GPTNeoXForCausalLM", "GPTNeoXConfig", _gptneox_extra, blocks=_GPTNEOX_BLOCK_NAMES,
+                    globals=_GPTNEOX_GLOBAL_NAMES, block_prefix="gpt_neox.layers", regroup_qkv=True, rms_norm=False,
+                    partial_rotary=True),
     "phi3": Arch("Phi3ForCausalLM", "Phi3Config", _phi3_extra, blocks=_PHI3_NAMES,
                  config_tensors=("rope_factors_long", "rope_factors_short", "rope_freqs"),
                  partial_rotary=True),

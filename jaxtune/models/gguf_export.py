@@ -2,7 +2,8 @@
 
 The inverse of :func:`jaxtune.models.gguf.gguf_to_hf` for the families both llama.cpp and transformers'
 GGUF loader read as plain decoders (:data:`jaxtune.models.gguf_export_families.GGUF_EXPORT_ARCHITECTURES`:
-Llama, SmolLM2 included, Mistral, Qwen2, Qwen3, GPT-2, Gemma 2, Gemma 3 text, Phi-3)::
+Llama, SmolLM2 included, Mistral, Qwen2, Qwen3, GPT-2, Gemma 2, Gemma 3 text, Phi-3), and GPT-NeoX, which
+llama.cpp and jaxtune's importer read (transformers' GGUF loader has no gptneox)::
 
     hf_to_gguf("out/merged", "out/model.gguf", dtype="float16")
 
@@ -64,6 +65,13 @@ def permute_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
     order; :func:`jaxtune.models.gguf.unpermute_qk` is the inverse."""
     half = weight.shape[0] // n_heads // 2
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def group_qkv(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """GPT-NeoX's fused ``query_key_value`` rows (weight or bias), HF's per head ``[heads, 3, head_dim]``, in
+    llama.cpp's ``[3, heads, head_dim]`` (as its converter reorders them); :func:`jaxtune.models.gguf.ungroup_qkv`
+    is the inverse."""
+    return weight.reshape(n_heads, 3, -1, *weight.shape[1:]).swapaxes(0, 1).reshape(weight.shape)
 
 
 def hf_to_gguf(hf_dir: str | os.PathLike[str], out_file: str | os.PathLike[str], dtype: str | None = None, *,
@@ -150,12 +158,15 @@ class _Tensor:
     values: np.ndarray | None = None
     transpose: bool = False
     shift: float = 0.0  # added (Gemma's RMSNorm gains: llama.cpp computes x * w where Gemma computes x * (1 + w))
+    group_heads: int | None = None  # GPT-NeoX's fused qkv: rows regrouped for these heads (group_qkv)
 
     def stored(self) -> np.ndarray:
         """The bytes (as an array) llama.cpp reads: read now, one tensor at a time."""
         data = np.asarray(self.read() if self.values is None else self.values, np.float32)
         if self.heads is not None:
             data = permute_qk(data, self.heads)
+        if self.group_heads is not None:
+            data = group_qkv(data, self.group_heads)
         if self.transpose:
             data = data.T
         if self.shift:
@@ -186,8 +197,9 @@ def _tensors(tensors: list[HFTensor], config: dict[str, Any], arch: str, dtype: 
         shape = tensor.shape[::-1] if transpose else tensor.shape
         kind = _kind(shape, dtype or (tensor.dtype.name if tensor.dtype.name in _GGML_TYPES else "float32"))
         shift = ARCHITECTURES[arch].norm_shift if name.endswith("norm.weight") else 0.0
+        group = config["num_attention_heads"] if ARCHITECTURES[arch].regroup_qkv and part == "attn_qkv" else None
         out.append(_Tensor(name, kind, shape, tensor.read, heads[part] if permute and part in heads else None,
-                           transpose=transpose, shift=shift))
+                           transpose=transpose, shift=shift, group_heads=group))
     return out
 
 

@@ -30,6 +30,13 @@ input by its length: on an input longer than the original context both take the 
 input they agree when llama.cpp runs with a context no longer than the original (``-c``). transformers'
 GGUF loader reads none of this (nor Gemma's scalar, soft-caps and local base): jaxtune's importer does.
 
+GPT-NeoX (llama.cpp's ``gptneox``): its fused ``query_key_value`` rows are regrouped from HF's per-head
+``[heads, 3, head_dim]`` into ``[q | k | v]`` (weight and bias), as llama.cpp's converter does, with the
+partial rotary (``rope.dimension_count``), the base (``rope.freq_base``, which the converter leaves out:
+llama.cpp then assumes 10000) and ``use_parallel_residual``. llama.cpp needs the attention biases and an untied
+output, and computes GELU's tanh form: a model without either is refused, an exact-GELU one (Pythia) written
+with a warning.
+
 A Mistral is written as llama.cpp's ``llama`` (as its converter does), which has no sliding window: a
 Mistral whose ``sliding_window`` is shorter than its ``max_position_embeddings`` (Mistral 7B v0.1) gets
 the window as its context length, the span over which full attention and the window agree.
@@ -45,6 +52,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from typing import Any
 
 import gguf
@@ -58,7 +66,7 @@ from jaxtune.models.gguf_architectures import Arch, GGUFError
 # same model without a sliding window: see _context_length).
 GGUF_EXPORT_ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
                              "Qwen3ForCausalLM": "qwen3", "GPT2LMHeadModel": "gpt2", "Gemma2ForCausalLM": "gemma2",
-                             "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3"}
+                             "Gemma3ForCausalLM": "gemma3", "Phi3ForCausalLM": "phi3", "GPTNeoXForCausalLM": "gptneox"}
 # The RoPE scalings llama.cpp computes for a family (on Gemma 3's global layers): Llama 3.1's per-frequency
 # divisors, a linear position scale, Phi-3's LongRoPE ("su" is its older name); every family takes unscaled RoPE.
 _ROPE_KINDS = {"LlamaForCausalLM": ("llama3",), "Gemma3ForCausalLM": ("linear",), "Phi3ForCausalLM": ("longrope", "su")}
@@ -88,6 +96,8 @@ def check_architecture(hf_config: dict[str, Any], where: str = "model") -> str:
                         "convert that with llama.cpp's convert_hf_to_gguf.py)")
     if arch == "GPT2LMHeadModel":
         _check_gpt2(hf_config, where)
+    elif arch == "GPTNeoXForCausalLM":
+        _check_gptneox(hf_config, where)
     elif arch.startswith("Gemma"):
         _check_gemma(hf_config, where, GGUF_EXPORT_ARCHITECTURES[arch])
     elif kind != "default" and _context_length(hf_config) < hf_config["max_position_embeddings"]:
@@ -199,6 +209,26 @@ def _check_gpt2(hf_config: dict[str, Any], where: str) -> None:
                         "scale_attn_by_inverse_layer_idx) has no GGUF export (export it merged instead)")
 
 
+def _check_gptneox(hf_config: dict[str, Any], where: str) -> None:
+    """llama.cpp's gptneox reads a bias on every projection and an output layer of its own (both required
+    tensors), and computes GELU's tanh form: an exact-GELU model (Pythia) is written, as llama.cpp's
+    converter writes it, with a warning that llama.cpp's logits differ from the model's by that approximation."""
+    if not hf_config.get("attention_bias", True):
+        raise GGUFError(f"{where}: GPT-NeoX with attention_bias false has no GGUF export; llama.cpp's gptneox "
+                        "needs the attention biases (export it merged instead)")
+    if hf_config.get("tie_word_embeddings"):
+        raise GGUFError(f"{where}: GPT-NeoX with tie_word_embeddings has no GGUF export; llama.cpp's gptneox needs "
+                        "its own output.weight (export it merged instead)")
+    activation = hf_config.get("hidden_act", "gelu")
+    if activation not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        raise GGUFError(f"{where}: GPT-NeoX hidden_act {activation!r} has no GGUF export; llama.cpp's gptneox "
+                        "computes GELU (export it merged instead)")
+    if activation == "gelu":
+        warnings.warn(f"{where}: GPT-NeoX hidden_act 'gelu' (exact) is written as llama.cpp's converter writes it, "
+                      "but llama.cpp's gptneox computes GELU's tanh form (gelu_new), so its logits differ slightly "
+                      "from this model's; jaxtune's GGUF import reads the file as gelu_new", stacklevel=3)
+
+
 def standard_names(hf_config: dict[str, Any]) -> dict[str, Any]:
     """``hf_config`` with the size names the Llama-like configs use, filled from GPT-2's own
     (``n_embd``..., as ``GPT2Config.attribute_map`` reads them; ``n_inner`` unset is 4 * ``n_embd``)."""
@@ -255,6 +285,12 @@ def add_hparams(writer: gguf.GGUFWriter, config: dict[str, Any], arch: Arch) -> 
     writer.add_feed_forward_length(config["intermediate_size"])
     writer.add_head_count(heads)
     writer.add_vocab_size(config["vocab_size"])
+    if writer.arch == "gptneox":  # LayerNorm, RoPE on part of each head, the residual mode
+        writer.add_rope_dimension_count(_rotary_dims(config))
+        writer.add_rope_freq_base(float(rope["rope_theta"]))
+        writer.add_parallel_residual(bool(config.get("use_parallel_residual", True)))
+        writer.add_layer_norm_eps(config["layer_norm_eps"])
+        return
     if not arch.rms_norm:  # GPT-2: LayerNorm, learned positions
         writer.add_layer_norm_eps(config["layer_norm_epsilon"])
         return

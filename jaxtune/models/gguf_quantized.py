@@ -18,7 +18,7 @@ import numpy as np
 from gguf import GGML_QUANT_SIZES, ReaderTensor
 from gguf.quants import Q4_K
 
-from jaxtune.models.gguf import dequantized, open_gguf, tensor_entries, unpermute_qk
+from jaxtune.models.gguf import dequantized, open_gguf, tensor_entries
 from jaxtune.models.gguf_architectures import GGUFError, Metadata, architecture_of
 
 # read into QuantizedArray leaves as they are (others: dequantized)
@@ -130,8 +130,8 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
         tensor = entry.tensor
         if tensor.tensor_type.name in QUANTIZED_TYPES and path[-1] in ("kernel", "embedding"):
             q = quantized_tensor(tensor)
-            if entry.unpermute_heads is not None:
-                q = jax.tree.map(lambda a, n=entry.unpermute_heads: np.ascontiguousarray(unpermute_qk(a, n)), q)
+            if entry.unpermute_heads is not None or entry.ungroup_heads is not None:
+                q = jax.tree.map(lambda a, e=entry: np.ascontiguousarray(e.rows_in_hf_order(a)), q)
             # GGUF rows are (out, in) for every linear (GPT-2's too, transposed by llama.cpp); kernels are (in, out).
             q = transpose(q) if path[-1] == "kernel" else q
             leaf = jax.tree.map(jnp.asarray, dataclasses.replace(q, dtype=dtype))

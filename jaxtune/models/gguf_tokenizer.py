@@ -14,6 +14,9 @@ from jaxtune.models.gguf_architectures import Metadata
 # (as SmolLM's own tokenizer.json: Digits(individual) + ByteLevel). transformers (5.23) falls
 # back to the plain GPT-2 split, which differs on whitespace before digits ("  2").
 _PRE_TOKENIZER_SPLITS = {"smollm": r"\p{N}"}
+# Architectures transformers' GGUF loader does not read: AutoTokenizer refuses their files (it reads the model's
+# config first), while the generic fast tokenizer reads their vocabulary as any other.
+_NOT_IN_TRANSFORMERS = ("gptneox",)
 
 
 def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_length: int) -> None:
@@ -25,9 +28,10 @@ def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_le
     write `tokenizer_config.json` ourselves so it carries the chat template and no load-time noise.
     """
     from tokenizers import Regex, pre_tokenizers
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    loader = PreTrainedTokenizerFast if meta.get("general.architecture") in _NOT_IN_TRANSFORMERS else AutoTokenizer
+    tokenizer = loader.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     backend = tokenizer.backend_tokenizer
     split = _PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre", None))
     if split is not None:
