@@ -134,9 +134,9 @@ def _expect(match: str, fn, *args, **kwargs):
 def test_unsupported_architecture_lists_supported(tmp_path):
     tiny_hf_model("LlamaForCausalLM", tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["architectures"], config["model_type"] = ["GPTNeoXForCausalLM"], "gpt_neox"
+    config["architectures"], config["model_type"] = ["FalconForCausalLM"], "falcon"
     (tmp_path / "config.json").write_text(json.dumps(config))
-    _expect(r"GPTNeoXForCausalLM.*not supported; supported: .*LlamaForCausalLM.*BertModel",
+    _expect(r"FalconForCausalLM.*not supported; supported: .*LlamaForCausalLM.*BertModel",
             hf.load_pretrained, tmp_path)
 
 
