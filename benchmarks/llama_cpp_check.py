@@ -1,6 +1,6 @@
 """Run jaxtune's GGUF exports (and the real GGUFs the tests use) in llama.cpp itself.
 
-Compares, per tiny random family of tests/test_gguf_export.py (LoRA-tuned, exported with jaxtune):
+Compares, per tiny random family of tests/test_gguf_export.py and GPT-NeoX (LoRA-tuned, exported with jaxtune):
   (a) llama.cpp's logits with jaxtune's on the same token ids (float32, float16 and q8_0 exports);
   (b) llama.cpp's tokenization of a few strings with the original HF tokenizer's and with jaxtune's
       importer's (gguf_to_hf of the file);
@@ -18,7 +18,7 @@ llama-cpp-python's sdist (0.3.36 was used) and point it at the library, e.g.:
     cp -r /tmp/llsrc/llama_cpp_python-0.3.36/llama_cpp /tmp/llama-site/
 then, from the repository root:
     LLAMA_CPP_LIB_PATH=/tmp/llama-build/bin PYTHONPATH=$PWD:$PWD/tests:/tmp/llama-site \
-        python benchmarks/llama_cpp_check.py [families [llama,gpt2,..]|spm|real|all] [--gelu-f16]
+        python benchmarks/llama_cpp_check.py [families [llama,gpt2,..]|gptneox|spm|real|all] [--gelu-f16]
 """
 
 from __future__ import annotations
@@ -87,33 +87,67 @@ def gelu_as_llama_cpp() -> None:
     nn.gelu = table
 
 
-def families(dtypes=("float32", "float16", "q8_0")) -> None:
+def compare_in_llama_cpp(family: str, tuned, root: Path, ids: np.ndarray,
+                         dtypes=("float32", "float16", "q8_0")) -> None:
+    """Export ``tuned`` (built from the HF directory ``root / "base"``) to GGUF in each dtype, print llama.cpp's
+    logits against jaxtune's on ``ids`` (1, T) and the tokenization mismatches against both references."""
     import transformers
-    from test_gguf_export import FAMILIES, IDS, source, tuned_model
     from test_tuning_lora import forward
 
     from jaxtune import tuning
 
+    ours = np.asarray(forward(tuned.module, tuned.params, ids, np.ones_like(ids)))[0]
+    for dtype in dtypes:
+        out = tuning.export(tuned, root / f"{dtype}.gguf", format="gguf", dtype=dtype)
+        llm = llama_cpp(out)
+        llm.reset()
+        llm.eval(ids[0].tolist())
+        theirs = np.asarray(llm.scores[: ids.shape[1]], np.float32)
+        diff = np.abs(theirs - ours).max()
+        print(f"{family:7s} {dtype:8s} max|logits llama.cpp - jaxtune| = {diff:.2e} "
+              f"(logits' scale {np.abs(ours).max():.2f}); argmax agree "
+              f"{(theirs.argmax(-1) == ours.argmax(-1)).mean():.2f}")
+        del llm
+    vocab = llama_cpp(root / "float32.gguf", vocab_only=True)
+    original = transformers.AutoTokenizer.from_pretrained(root / "base")
+    bad = compare_tokens(family, vocab, {"hf": original, "imported": imported_tokenizer(out, root)}, TEXTS)
+    print(f"{family:7s} tokenization: {bad} mismatches over {len(TEXTS)} texts x 2 references")
+
+
+def families() -> None:
+    from test_gguf_export import FAMILIES, IDS, source, tuned_model
+
     for family in (sys.argv[2].split(",") if len(sys.argv) > 2 else FAMILIES):
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            tuned = tuned_model(source(root / "base", family))
-            ours = np.asarray(forward(tuned.module, tuned.params, IDS, np.ones_like(IDS)))[0]
-            for dtype in dtypes:
-                out = tuning.export(tuned, root / f"{dtype}.gguf", format="gguf", dtype=dtype)
-                llm = llama_cpp(out)
-                llm.reset()
-                llm.eval(IDS[0].tolist())
-                theirs = np.asarray(llm.scores[: IDS.shape[1]], np.float32)
-                diff = np.abs(theirs - ours).max()
-                print(f"{family:7s} {dtype:8s} max|logits llama.cpp - jaxtune| = {diff:.2e} "
-                      f"(logits' scale {np.abs(ours).max():.2f}); argmax agree "
-                      f"{(theirs.argmax(-1) == ours.argmax(-1)).mean():.2f}")
-                del llm
-            vocab = llama_cpp(root / "float32.gguf", vocab_only=True)
-            original = transformers.AutoTokenizer.from_pretrained(root / "base")
-            bad = compare_tokens(family, vocab, {"hf": original, "imported": imported_tokenizer(out, root)}, TEXTS)
-            print(f"{family:7s} tokenization: {bad} mismatches over {len(TEXTS)} texts x 2 references")
+            compare_in_llama_cpp(family, tuned_model(source(root / "base", family)), root, IDS)
+
+
+def gptneox() -> None:
+    """GPT-NeoX (Pythia), in both residual modes, with the tanh GELU llama.cpp's gptneox computes and with
+    Pythia's exact GELU (which jaxtune exports with a warning): tests/test_gpt_neox.py's tiny model."""
+    import dataclasses
+    import warnings
+
+    from helpers import tiny_bpe_tokenizer
+    from test_gpt_neox import tiny_neox
+    from test_tuning_lora import randomize_adapters
+
+    from jaxtune import tuning
+    from jaxtune.models import hf
+
+    ids = np.random.RandomState(0).randint(0, 320, (1, 11)).astype(np.int32)
+    for act in ("gelu_new", "gelu"):
+        for parallel in (True, False):
+            with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the exact-GELU export's warning, expected here
+                root = Path(tmp)
+                tiny_neox(root / "base", vocab_size=320, hidden_act=act, use_parallel_residual=parallel)
+                tiny_bpe_tokenizer("gpt2").save_pretrained(root / "base")
+                tuned = tuning.apply_plan(hf.load_pretrained(root / "base"), tuning.lora(rank=4, alpha=8))
+                tuned = dataclasses.replace(tuned, params=randomize_adapters(tuned.params), step=1)
+                print(f"gptneox {act}, {'parallel' if parallel else 'sequential'} residual:")
+                compare_in_llama_cpp("gptneox", tuned, root, ids)
 
 
 def spm() -> None:
@@ -184,6 +218,6 @@ if __name__ == "__main__":
     if "--gelu-f16" in sys.argv:
         sys.argv.remove("--gelu-f16")
         gelu_as_llama_cpp()
-    for part in ("families", "spm", "real"):
+    for part in ("families", "gptneox", "spm", "real"):
         if what in (part, "all"):
             globals()[part]()
