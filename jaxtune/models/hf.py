@@ -30,6 +30,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
 from jaxtune.models import (
+    deberta,
     decoder,
     efficientnet,
     encoder,
@@ -52,14 +53,14 @@ from jaxtune.models.quant import transpose as transpose_quantized
 
 Params = dict[str, Any]
 FamilyConfig = (decoder.DecoderConfig | encoder.EncoderConfig | modernbert.ModernBertConfig | vit.ViTConfig
-                | efficientnet.EfficientNetConfig)
+                | efficientnet.EfficientNetConfig | deberta.DebertaConfig)
 
 BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF, *efficientnet.STATE_LEAVES)
 # Buffers that checkpoints carry but that are not parameters.
 _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias",
                      ".attention.bias")  # GPT-NeoX's causal-mask buffer in older checkpoints
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
-_BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.")
+_BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.", "deberta.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json")
@@ -171,6 +172,12 @@ FAMILIES: dict[str, Family] = {
                  body=modernbert.ModernBert if a in modernbert.CLASSIFIERS else None, name="ModernBERT",
                  base="ModernBertModel", classifier="ModernBertForSequenceClassification")
        for a in modernbert.ARCHITECTURES},
+    **{a: Family(deberta.DebertaConfig.from_hf,
+                 deberta.DebertaClassifier if a in deberta.CLASSIFIERS else deberta.Deberta,
+                 deberta.hf_module, deberta.PARTITION_RULES,
+                 body=deberta.Deberta if a in deberta.CLASSIFIERS else None, name="DeBERTa-v2/v3",
+                 base="DebertaV2Model", classifier="DebertaV2ForSequenceClassification")
+       for a in deberta.ARCHITECTURES},
     **{a: Family(vit.ViTConfig.from_hf, vit.ViTClassifier if a in vit.CLASSIFIERS else vit.ViT, vit.hf_module,
                  vit.PARTITION_RULES, body=vit.ViT if a in vit.CLASSIFIERS else None, name="ViT", base="ViTModel",
                  classifier="ViTForImageClassification", checkpoint_name=vit.checkpoint_name, modality="image")
@@ -212,7 +219,8 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
         if architecture is None:
             by_type = {**decoder.MODEL_TYPES, **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
                        **olmo2.MODEL_TYPES, **phi3.MODEL_TYPES, **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES,
-                       **modernbert.MODEL_TYPES, **moe.MODEL_TYPES, **gpt_neox.MODEL_TYPES}
+                       **modernbert.MODEL_TYPES, **moe.MODEL_TYPES, **gpt_neox.MODEL_TYPES,
+                       **deberta.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(

@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxtune.models.deberta import DebertaConfig
 from jaxtune.models.decoder import DecoderBlock, DecoderConfig
 from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS, EncoderBlock
@@ -63,6 +64,9 @@ def head_spec(rule: Rule, body_cfg: Any, has_pooler: bool, where: str) -> HeadSp
     if rule.extra_blocks and isinstance(body_cfg, ModernBertConfig):
         raise PlanError(f"{where}: extra_blocks is not supported on ModernBERT (its blocks need RoPE positions and "
                         "a layer type); drop extra_blocks, or add LoRA/train rules on the body's last layers instead")
+    if rule.extra_blocks and isinstance(body_cfg, DebertaConfig):
+        raise PlanError(f"{where}: extra_blocks is not supported on DeBERTa (its blocks read the body's relative-"
+                        "position table); drop extra_blocks, or add LoRA/train rules on the body's last layers instead")
     # The encoder family's own classifier, unless the rule changes its pooling or hidden layers.
     family = layout is not None and pooling == layout.pooling and rule.hidden is None
     hidden = tuple(rule.hidden) if rule.hidden is not None else \
