@@ -24,14 +24,29 @@ import transformers
 from flax.traverse_util import flatten_dict
 from helpers import tiny_random_model, torch_logits
 from test_modernbert import _padded
+from test_reward import (
+    ENCODER_LENGTH,
+    _assert_trls_loss,
+    _batch,
+    _encoder_pairs,
+    _plain_rows,
+    _trl_reward,
+    _trl_tokenized,
+)
 from test_tuning_lora import forward
 from test_tuning_peft import trained
 from transformers.models.deberta_v2 import modeling_deberta_v2
 
-from jaxtune import tuning
+import jaxtune
+from jaxtune import config, tuning
+from jaxtune.data.testing import write_jsonl
+from jaxtune.data.tokenize import Tokenize
 from jaxtune.models import hf
 from jaxtune.models.deberta import DebertaConfig, relative_positions
 from jaxtune.models.hf_files import CheckpointError
+from jaxtune.recipe import finetune
+from jaxtune.training.preference import make_preference_loss_fn
+from jaxtune.training.reward_model import reward_pad_id
 
 TOL = 1e-5
 # DeBERTa-v3's shape in miniature: relative attention with both terms, shared keys, no absolute positions,
@@ -283,3 +298,87 @@ def test_deberta_v1_checkpoints_are_refused_at_load(tmp_path):
     with pytest.raises(CheckpointError, match="config.json: architecture \\['DebertaForSequenceClassification'\\] "
                                               "is not supported"):
         hf.load_pretrained(tmp_path)
+
+
+def test_labeled_rows_are_tokenized_as_the_deberta_tokenizer_does(tmp_path):
+    """DeBERTa-v3's SentencePiece tokenizer, saved and loaded as a hub checkpoint's: jaxtune's classification rows
+    (a text, or a text and its pair) are ``[CLS] a [SEP]`` / ``[CLS] a [SEP] b [SEP]`` with transformers' token
+    types, also when truncated."""
+    tiny_deberta_tokenizer().save_pretrained(tmp_path)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert type(tokenizer).__name__.startswith("DebertaV2Tokenizer")
+    encode = Tokenize(tokenizer, "classification", 12)
+    for text, pair in (("Good plot.", None), ("A scene", "the actor"), ("an awfully long story here", "and more")):
+        ours = encode({"text": text, "text_pair": pair, "label": 0})[0]
+        theirs = tokenizer(text, pair, truncation=True, max_length=12)
+        assert ours["input_ids"].tolist() == theirs["input_ids"], (text, pair)
+        assert ours["token_type_ids"].tolist() == theirs["token_type_ids"], (text, pair)
+        assert ours["input_ids"][0] == tokenizer.cls_token_id and ours["input_ids"][-1] == tokenizer.sep_token_id
+
+
+def test_reward_loss_and_gradients_equal_trls_reward_trainer(tmp_path):
+    """A DeBERTa-v3 reward model (``DebertaV2ForSequenceClassification`` with one output, as OpenAssistant's):
+    jaxtune's tokens of each answer are TRL's (``[CLS] prompt answer [SEP] [SEP]``: TRL appends the EOS
+    ``[SEP]``), and its loss of packed pairs, its gradients and its metrics equal TRL's RewardTrainer on them."""
+    model = tiny_deberta("DebertaV2ForSequenceClassification", tmp_path, vocab_size=200, num_labels=1,
+                         max_position_embeddings=128)
+    tokenizer = tiny_deberta_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    rows = _plain_rows(6, seed=5)
+    trl_ids = _trl_tokenized(tokenizer, rows)
+    pairs = _encoder_pairs(tokenizer, rows)
+    assert [tuple(p[side]["input_ids"].tolist() for side in ("chosen", "rejected")) for p in pairs] == trl_ids
+    assert all(ids[0] == tokenizer.cls_token_id and ids[-2:] == [tokenizer.sep_token_id] * 2
+               for pair in trl_ids for ids in pair)
+    model.train()  # TRL's training mode (no dropout in this one)
+    trl_pairs = [{"chosen": {"input_ids": np.asarray(c)}, "rejected": {"input_ids": np.asarray(r)},
+                  "margin": row.get("margin", 0.0)} for (c, r), row in zip(trl_ids, rows, strict=True)]
+    trl = _trl_reward(model, trl_pairs, True, 0.05, pad_id=tokenizer.pad_token_id,
+                      weights={"head": "classifier.weight", "embed": "deberta.embeddings.word_embeddings.weight"})
+    tuned = jaxtune.apply_plan(jaxtune.load(str(tmp_path)), jaxtune.full())
+    loss_fn = make_preference_loss_fn(tuned.module, jaxtune.PreferenceConfig(method="reward",
+                                                                            center_rewards_coefficient=0.05),
+                                      pad_id=reward_pad_id(tuned))
+    batch = _batch(pairs, length=2 * ENCODER_LENGTH, margins=True)
+    assert batch["segment_ids"].max() > 1  # packed: several pairs a row
+    _assert_trls_loss(loss_fn, tuned.params, batch, trl, {"head": ("head", "out", "kernel"),
+                                                          "embed": ("embeddings", "word_embeddings", "embedding")},
+                      len(pairs))
+
+
+def test_packed_recipe_trains_and_exports_an_adapter_peft_scores_alike(tmp_path):
+    """The user's path: a recipe with LoRA on peft's DeBERTa names and a classification head on a bare
+    DeBERTa-v3 directory with its SentencePiece tokenizer, packed rows, two steps, exported as a PEFT adapter
+    for DebertaV2ForSequenceClassification that scores the texts as the trained model does."""
+    tiny_deberta("DebertaV2Model", tmp_path / "model", vocab_size=200)
+    tiny_deberta_tokenizer().save_pretrained(tmp_path / "model")
+    words = "good bad great awful plot actor scene story".split()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("valid", 8)):
+        texts = [" ".join(rng.choice(words, 3)) for _ in range(n)]
+        write_jsonl(tmp_path / f"{split}.jsonl",
+                    [{"text": t, "label": "positive" if "good" in t else "negative"} for t in texts])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""
+model: {{path: {tmp_path / 'model'}}}
+plan:
+  - {{preset: lora, rank: 4, alpha: 8, targets: [query_proj, key_proj, value_proj, dense]}}
+  - {{action: head, task: classification}}
+data: {{kind: classification, train: {tmp_path / 'train.jsonl'}, validation: {tmp_path / 'valid.jsonl'},
+        max_length: 48, batch_size: 8, packing: true}}
+train: {{steps: 2, progress: false}}
+optimizer: {{learning_rate: 0.01}}
+eval: {{baselines: false}}
+output: {{dir: {tmp_path / 'run'}}}
+""")
+    result = finetune(config.load(recipe))
+    assert result.state == "finished" and result.step == 2 and np.isfinite(result.after["loss"])
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "model")
+    texts = [json.loads(line)["text"] for line in (tmp_path / "valid.jsonl").read_text().splitlines()]
+    inputs = tokenizer(texts, padding=True, return_tensors="np")
+    ours = np.asarray(forward(result.model.module, result.model.params, inputs["input_ids"].astype(np.int32),
+                              inputs["attention_mask"].astype(np.int32)))
+    base = transformers.DebertaV2ForSequenceClassification.from_pretrained(tmp_path / "model", num_labels=2).eval()
+    theirs = peft.PeftModel.from_pretrained(base, result.export).eval()
+    np.testing.assert_allclose(ours, torch_logits(theirs, inputs["input_ids"], attention_mask=inputs["attention_mask"]),
+                               atol=TOL, rtol=0)
