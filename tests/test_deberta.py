@@ -106,6 +106,18 @@ def test_outputs_match_transformers_with_padding(pair):
     np.testing.assert_allclose(ours[real], theirs[real], atol=TOL, rtol=0)
 
 
+def test_rows_longer_than_max_position_embeddings_without_a_position_table(pair):
+    """DeBERTa-v3 has no absolute position table: a row past config.json's max_position_embeddings (64 here)
+    is read as transformers reads it, with log-bucketed distances."""
+    ref, model, _ = pair
+    if model.config.position_biased_input:
+        assert model.config.max_position_embeddings == ref.config.max_position_embeddings
+        pytest.skip("a position table bounds the rows")
+    assert model.config.max_position_embeddings is None
+    ids = np.random.RandomState(3).randint(4, 128, (1, 90)).astype(np.int32)
+    np.testing.assert_allclose(_ours(model, ids), torch_logits(ref, ids), atol=TOL, rtol=0)
+
+
 def test_relative_positions_are_transformers_buckets():
     """The bucket table of DeBERTa-v3's settings (256 buckets up to 512) and of small ones, at every length
     up to 512, equals transformers' own."""
@@ -348,8 +360,9 @@ def test_reward_loss_and_gradients_equal_trls_reward_trainer(tmp_path):
 
 def test_packed_recipe_trains_and_exports_an_adapter_peft_scores_alike(tmp_path):
     """The user's path: a recipe with LoRA on peft's DeBERTa names and a classification head on a bare
-    DeBERTa-v3 directory with its SentencePiece tokenizer, packed rows, two steps, exported as a PEFT adapter
-    for DebertaV2ForSequenceClassification that scores the texts as the trained model does."""
+    DeBERTa-v3 directory with its SentencePiece tokenizer, packed rows longer than its max_position_embeddings
+    (it has no position table, so transformers takes them too), two steps, exported as a PEFT adapter for
+    DebertaV2ForSequenceClassification that scores the texts as the trained model does."""
     tiny_deberta("DebertaV2Model", tmp_path / "model", vocab_size=200)
     tiny_deberta_tokenizer().save_pretrained(tmp_path / "model")
     words = "good bad great awful plot actor scene story".split()
@@ -365,7 +378,7 @@ plan:
   - {{preset: lora, rank: 4, alpha: 8, targets: [query_proj, key_proj, value_proj, dense]}}
   - {{action: head, task: classification}}
 data: {{kind: classification, train: {tmp_path / 'train.jsonl'}, validation: {tmp_path / 'valid.jsonl'},
-        max_length: 48, batch_size: 8, packing: true}}
+        max_length: 80, batch_size: 8, packing: true}}
 train: {{steps: 2, progress: false}}
 optimizer: {{learning_rate: 0.01}}
 eval: {{baselines: false}}

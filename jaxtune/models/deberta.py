@@ -6,8 +6,9 @@ A post-norm encoder like BERT (:mod:`jaxtune.models.encoder`), but its attention
 its own file:
 
 - embeddings: word embeddings, plus learned absolute positions only where ``position_biased_input``
-  (DeBERTa-v3 has none), plus token types where ``type_vocab_size > 0``; an ``embed_proj`` (no bias) when
-  ``embedding_size != hidden_size``; LayerNorm; padding embeddings zeroed;
+  (DeBERTa-v3 has none, so its rows may run past ``max_position_embeddings``, as in transformers), plus
+  token types where ``type_vocab_size > 0``; an ``embed_proj`` (no bias) when ``embedding_size !=
+  hidden_size``; LayerNorm; padding embeddings zeroed;
 - disentangled self-attention: the content score ``q_i . k_j`` plus, per ``pos_att_type``,
   content-to-position ``q_i . Kr[d(i, j)]`` (``c2p``) and position-to-content ``k_j . Qr[-d(j, i)]``
   (``p2c``), all divided by ``sqrt(head_dim * scale_factor)`` with ``scale_factor = 1 + len(pos_att_type)``.
@@ -80,14 +81,15 @@ class DebertaConfig:
     num_layers: int
     num_heads: int
     embedding_size: int = 0  # 0: hidden_size (no embed_proj)
-    max_position_embeddings: int = 512
-    position_biased_input: bool = True
+    # Rows of the absolute position table (position_biased_input), None without one (DeBERTa-v3): rows are then
+    # not limited to config.json's max_position_embeddings, as in transformers.
+    max_position_embeddings: int | None = 512
     type_vocab_size: int = 0
     relative_attention: bool = False
     pos_att_type: tuple[str, ...] = ()
     share_att_key: bool = False
     position_buckets: int = -1
-    max_relative_positions: int = -1  # < 1: max_position_embeddings
+    max_relative_positions: int = 512  # config.json's, or its max_position_embeddings where that is < 1
     norm_rel_ebd: bool = False  # LayerNorm on the relative-position table (norm_rel_ebd: layer_norm)
     layer_norm_eps: float = 1e-7
     hidden_act: str = "gelu"
@@ -135,6 +137,7 @@ class DebertaConfig:
                              "use 'layer_norm' or 'none'")
         hidden_dropout = float(hf.get("hidden_dropout_prob", 0.1))
         embedding_size = hf.get("embedding_size") or hf["hidden_size"]
+        positions, max_relative = int(hf.get("max_position_embeddings", 512)), int(hf.get("max_relative_positions", -1))
         fields = dict(
             vocab_size=hf["vocab_size"],
             hidden_size=hf["hidden_size"],
@@ -142,14 +145,13 @@ class DebertaConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=hf["num_attention_heads"],
             embedding_size=0 if embedding_size == hf["hidden_size"] else int(embedding_size),
-            max_position_embeddings=hf.get("max_position_embeddings", 512),
-            position_biased_input=bool(hf.get("position_biased_input", True)),
+            max_position_embeddings=positions if hf.get("position_biased_input", True) else None,
             type_vocab_size=int(hf.get("type_vocab_size", 0)),
             relative_attention=bool(hf.get("relative_attention", False)),
             pos_att_type=pos_att_type,
             share_att_key=bool(hf.get("share_att_key", False)),
             position_buckets=int(hf.get("position_buckets", -1)),
-            max_relative_positions=int(hf.get("max_relative_positions", -1)),
+            max_relative_positions=max_relative if max_relative >= 1 else positions,
             norm_rel_ebd="layer_norm" in norm_rel,
             layer_norm_eps=float(hf.get("layer_norm_eps", 1e-7)),
             hidden_act=hf.get("hidden_act", "gelu"),
@@ -178,11 +180,12 @@ class DebertaConfig:
     @property
     def att_span(self) -> int:
         """Relative distances reach ``-att_span .. att_span - 1`` rows of the position table (HF's ``pos_ebd_size``)."""
-        return self.position_buckets if self.position_buckets > 0 else self.max_relative
+        return self.position_buckets if self.position_buckets > 0 else self.max_relative_positions
 
     @property
-    def max_relative(self) -> int:
-        return self.max_relative_positions if self.max_relative_positions >= 1 else self.max_position_embeddings
+    def position_biased_input(self) -> bool:
+        """Whether absolute position embeddings are added to the word embeddings (config.json's field)."""
+        return self.max_position_embeddings is not None
 
     @property
     def scale(self) -> float:
@@ -363,7 +366,7 @@ class Deberta(nn.Module):
         rel_table = rel_pos = None
         if cfg.relative_attention:
             rel_table = self.encoder(deterministic)
-            rel_pos = jnp.asarray(relative_positions(t, cfg.position_buckets, cfg.max_relative))
+            rel_pos = jnp.asarray(relative_positions(t, cfg.position_buckets, cfg.max_relative_positions))
         for block in self.layer:
             x = block(x, allowed, rel_table, rel_pos, deterministic)
         return x
