@@ -4,7 +4,7 @@ source.
 
 The model is a body with a scalar head (``{action: head, task: regression}``: exactly transformers'
 ``*ForSequenceClassification`` with ``num_labels=1``, as TRL trains it): a decoder pools each packed
-segment's last token into a bias-free ``score``, an encoder (BERT, RoBERTa, DistilBERT, ModernBERT)
+segment's last token into a bias-free ``score``, an encoder (BERT, RoBERTa, DistilBERT, ModernBERT, DeBERTa)
 its family's classifier pooling of the segment (the first token, BERT's pooler, or ModernBERT's mean).
 The chosen answer's score should exceed the rejected one's by the pair's ``margins`` (optional, per
 token, 0 by default). It needs no reference and no log-probabilities.
