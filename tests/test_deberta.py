@@ -312,6 +312,22 @@ def test_deberta_v1_checkpoints_are_refused_at_load(tmp_path):
         hf.load_pretrained(tmp_path)
 
 
+def test_exports_carry_the_sentencepiece_model(tmp_path):
+    """DeBERTa-v3 on the hub ships its tokenizer as ``spm.model`` + ``tokenizer_config.json`` (no
+    ``tokenizer.json``): an export copies every vocabulary file transformers' DebertaV2Tokenizer reads, or the
+    exported directory's tokenizer would have no vocabulary (a merged export is a whole model; an adapter
+    carries no tokenizer)."""
+    tiny_deberta("DebertaV2ForSequenceClassification", tmp_path / "model")
+    (tmp_path / "model" / "spm.model").write_bytes(b"a SentencePiece model")
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "DebertaV2Tokenizer"}))
+    tuned = tuning.apply_plan(hf.load_pretrained(tmp_path / "model"), tuning.lora(rank=2))
+    out = tuning.export_merged(tuned, tmp_path / "merged")
+    for name in transformers.DebertaV2Tokenizer.vocab_files_names.values():
+        source = tmp_path / "model" / name
+        assert not source.exists() or (out / name).read_bytes() == source.read_bytes(), name
+    assert (out / "spm.model").exists()
+
+
 def test_labeled_rows_are_tokenized_as_the_deberta_tokenizer_does(tmp_path):
     """DeBERTa-v3's SentencePiece tokenizer, saved and loaded as a hub checkpoint's: jaxtune's classification rows
     (a text, or a text and its pair) are ``[CLS] a [SEP]`` / ``[CLS] a [SEP] b [SEP]`` with transformers' token

@@ -63,7 +63,7 @@ _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".a
 _BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.", "deberta.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json")
+                   "generation_config.json", "spm.model")
 
 def _linear_layout(modules: tuple[str, ...]) -> bool:
     return True
