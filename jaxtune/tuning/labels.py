@@ -207,7 +207,13 @@ def resolve_labels(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict[P
             blocks = _rule_blocks(plan, i, num_blocks)
             chosen = [p for p in paths if _selects(rule, p, blocks)]
             if not chosen:
-                raise PlanError(f"{plan.describe(i)} matches no parameter; some real paths: {example_paths(paths)}")
+                # freeze_all_but's default rule: DistilBERT, DeBERTa and classifier bodies without a pooler end
+                # at their last block.
+                nothing_after = ("; this model has nothing after its last block (no final norm, LM head or pooler): "
+                                 "give freeze_all_but train_output: false"
+                                 if rule.kinds == ("output",) and rule.match is None and rule.blocks is None else "")
+                raise PlanError(f"{plan.describe(i)} matches no parameter{nothing_after}; some real paths: "
+                                f"{example_paths(paths)}")
         for p in chosen:
             if rule.action == "freeze" and p[-1] in STATE_LEAVES:
                 pinned.add(p)
