@@ -118,6 +118,19 @@ def test_rows_longer_than_max_position_embeddings_without_a_position_table(pair)
     np.testing.assert_allclose(_ours(model, ids), torch_logits(ref, ids), atol=TOL, rtol=0)
 
 
+def test_without_relative_attention_the_scale_still_counts_pos_att_type(tmp_path):
+    """``relative_attention: false`` (DeBERTa-v2's config default) keeps absolute positions only, yet
+    transformers still divides the scores by ``sqrt(head_dim * (1 + len(pos_att_type)))``."""
+    ref = tiny_deberta("DebertaV2Model", tmp_path, relative_attention=False, position_biased_input=True,
+                       norm_rel_ebd="none")
+    model = hf.load_pretrained(tmp_path)
+    assert model.config.scale == np.sqrt(8 * 3)
+    ids, mask = _padded()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(_ours(model, ids, mask)[real], torch_logits(ref, ids, attention_mask=mask)[real],
+                               atol=TOL, rtol=0)
+
+
 def test_relative_positions_are_transformers_buckets():
     """The bucket table of DeBERTa-v3's settings (256 buckets up to 512) and of small ones, at every length
     up to 512, equals transformers' own."""
