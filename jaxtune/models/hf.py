@@ -32,6 +32,7 @@ from safetensors.numpy import save_file
 from jaxtune.models import (
     deberta,
     decoder,
+    dinov2,
     efficientnet,
     encoder,
     gemma,
@@ -53,14 +54,15 @@ from jaxtune.models.quant import transpose as transpose_quantized
 
 Params = dict[str, Any]
 FamilyConfig = (decoder.DecoderConfig | encoder.EncoderConfig | modernbert.ModernBertConfig | vit.ViTConfig
-                | efficientnet.EfficientNetConfig | deberta.DebertaConfig)
+                | efficientnet.EfficientNetConfig | deberta.DebertaConfig
+                | dinov2.Dinov2Config)
 
 BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF, *efficientnet.STATE_LEAVES)
 # Buffers that checkpoints carry but that are not parameters.
 _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias",
                      ".attention.bias")  # GPT-NeoX's causal-mask buffer in older checkpoints
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
-_BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.", "deberta.")
+_BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.", "deberta.", "dinov2.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json", "spm.model")
@@ -96,6 +98,9 @@ class Family:
     # A leaf stored as one checkpoint tensor per slice of its leading axis (a MoE layer's stacked experts):
     # ``(param path, index) -> tensor name``, None for every other leaf.
     expert_tensor: Callable[[tuple[str, ...], int], str | None] | None = None
+    # A tensor stored as one part of a fused checkpoint tensor (DINOv2's SwiGLU gate/up in ``mlp.weights_in``):
+    # ``name -> (stored name, part, parts)`` along the stored tensor's first axis, None for every other.
+    checkpoint_chunk: Callable[[str], tuple[str, int, int] | None] | None = None
 
     @property
     def body_module(self) -> type[nn.Module]:
@@ -186,6 +191,11 @@ FAMILIES: dict[str, Family] = {
                  efficientnet.PARTITION_RULES, body=efficientnet.EfficientNetLite if a in efficientnet.CLASSIFIERS
                  else None, name="EfficientNet-Lite", modality="image", transformers=False)
        for a in efficientnet.ARCHITECTURES},
+    **{a: Family(dinov2.Dinov2Config.from_hf, dinov2.Dinov2Classifier if a in dinov2.CLASSIFIERS else dinov2.Dinov2,
+                 dinov2.hf_module, dinov2.PARTITION_RULES, body=dinov2.Dinov2 if a in dinov2.CLASSIFIERS else None,
+                 name="DINOv2", base="Dinov2Model", classifier="Dinov2ForImageClassification",
+                 checkpoint_name=dinov2.checkpoint_name, checkpoint_chunk=dinov2.checkpoint_chunk, modality="image")
+       for a in dinov2.ARCHITECTURES},
 }
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
@@ -220,7 +230,7 @@ def family_for(hf_config: dict[str, Any], architecture: str | None = None) -> tu
             by_type = {**decoder.MODEL_TYPES, **encoder.MODEL_TYPES, **gemma.MODEL_TYPES, **gpt2.MODEL_TYPES,
                        **olmo2.MODEL_TYPES, **phi3.MODEL_TYPES, **vit.MODEL_TYPES, **efficientnet.MODEL_TYPES,
                        **modernbert.MODEL_TYPES, **moe.MODEL_TYPES, **gpt_neox.MODEL_TYPES,
-                       **deberta.MODEL_TYPES}
+                       **deberta.MODEL_TYPES, **dinov2.MODEL_TYPES}
             architecture = by_type.get(hf_config.get("model_type", ""))
         if architecture is None:
             raise CheckpointError(
@@ -338,10 +348,16 @@ def load_pretrained(
                 found = _find(reader, want)
                 if found is None and family.checkpoint_name is not None:
                     found = _find(reader, family.checkpoint_name(want))
+                chunk = family.checkpoint_chunk(want) if found is None and family.checkpoint_chunk else None
+                if chunk is not None:
+                    found = _find(reader, chunk[0])
                 if found is None:
                     raise CheckpointError(f"{model_dir}: missing tensor {want!r} (param {'/'.join(logical)}) "
                                           f"for {arch}")
                 view = reader[found]
+                if chunk is not None:  # part i of n along the stored first axis
+                    rows = view.shape[0] // chunk[2]
+                    view = view[chunk[1] * rows:(chunk[1] + 1) * rows]
                 transposed = stored_transposed(family, logical)
                 if transposed:
                     view = view.T

@@ -515,7 +515,7 @@ def apply_rope(x: Array, positions: Array, freqs: RopeFrequencies | Array) -> Ar
 
 # ----------------------------------------------------------------------------- pooling
 
-POOLING = ("mean", "cls", "last")
+POOLING = ("mean", "cls", "last", "cls_mean")
 
 
 def pool(hidden: Array, segment_ids: Array, how: str, segments: int | None = None) -> Array:
@@ -525,9 +525,11 @@ def pool(hidden: Array, segment_ids: Array, how: str, segments: int | None = Non
 
     ``mean``: average of real tokens (sentence-transformers style); ``cls``: the first token (of
     each segment); ``last``: the last real token (the pooling of decoder classifiers, padding on
-    either side). ``cls`` of an unpacked row reads position 0 as transformers does, but a left-padded
-    row's position 0 is padding, which attends to nothing here and to every real token in transformers:
-    encoder classifiers want right padding (as jaxtune's loaders give them).
+    either side); ``cls_mean``: ``cls`` concatenated with the mean of the real tokens after it,
+    ``(..., 2D)`` (``Dinov2ForImageClassification``'s [CLS] ++ mean of the patches). ``cls`` of an
+    unpacked row reads position 0 as transformers does, but a left-padded row's position 0 is padding,
+    which attends to nothing here and to every real token in transformers: encoder classifiers want
+    right padding (as jaxtune's loaders give them).
     """
     if how not in POOLING:
         raise ValueError(f"unknown pooling {how!r}; choose one of {', '.join(POOLING)}")
@@ -535,18 +537,27 @@ def pool(hidden: Array, segment_ids: Array, how: str, segments: int | None = Non
         member = (segment_ids != 0)[:, None, :]  # one segment: every real token
     else:
         member = segment_ids[:, None, :] == jnp.arange(1, segments + 1, dtype=segment_ids.dtype)[None, :, None]
+    t = jnp.arange(hidden.shape[1])
+    # The first token of each segment: an unpacked row's position 0, as transformers reads it.
+    first = jnp.zeros(member.shape[:2], jnp.int32) if segments is None else jnp.argmax(member, axis=-1)
     if how == "mean":
-        real = member.astype(jnp.float32)
-        summed = jnp.einsum("bst,btd->bsd", real, hidden.astype(jnp.float32))
-        pooled = (summed / jnp.maximum(real.sum(-1)[..., None], 1.0)).astype(hidden.dtype)
+        pooled = _masked_mean(hidden, member)
+    elif how == "cls_mean":
+        rest = member & (t[None, None, :] != first[..., None])
+        pooled = jnp.concatenate([jnp.take_along_axis(hidden, first[..., None], axis=1),
+                                  _masked_mean(hidden, rest)], axis=-1)
     else:
-        t = jnp.arange(hidden.shape[1])
-        if how == "cls":  # an unpacked row's first token (position 0, as transformers reads it)
-            index = jnp.zeros(member.shape[:2], jnp.int32) if segments is None else jnp.argmax(member, axis=-1)
-        else:
-            index = jnp.maximum(jnp.max(jnp.where(member, t, -1), axis=-1), 0)
+        index = first if how == "cls" else jnp.maximum(jnp.max(jnp.where(member, t, -1), axis=-1), 0)
         pooled = jnp.take_along_axis(hidden, index[..., None], axis=1)
     return pooled[:, 0] if segments is None else pooled
+
+
+def _masked_mean(hidden: Array, member: Array) -> Array:
+    """The mean of ``hidden`` ``(B, T, D)`` over the tokens ``member`` ``(B, S, T)`` marks: ``(B, S, D)``
+    (zeros where none is marked), summed in float32."""
+    real = member.astype(jnp.float32)
+    summed = jnp.einsum("bst,btd->bsd", real, hidden.astype(jnp.float32))
+    return (summed / jnp.maximum(real.sum(-1)[..., None], 1.0)).astype(hidden.dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -135,7 +135,7 @@ class ViTConfig:
         return LayerNorm(self.layer_norm_eps, self.compute_dtype, self.param_dtype, name=name)
 
 
-class _Tensor(nn.Module):
+class BareTensor(nn.Module):
     """A bare parameter tensor (HF's ``nn.Parameter`` outside any layer), as ``<name>/tensor``."""
 
     shape: tuple[int, ...]
@@ -172,9 +172,9 @@ class Embeddings(nn.Module):
 
     def setup(self) -> None:
         cfg = self.cfg
-        self.cls_token = _Tensor((1, 1, cfg.hidden_size), cfg.param_dtype)
-        self.position_embeddings = _Tensor((1, cfg.num_patches + 1, cfg.hidden_size), cfg.param_dtype)
-        self.patch_embeddings = _PatchEmbeddings(cfg)
+        self.cls_token = BareTensor((1, 1, cfg.hidden_size), cfg.param_dtype)
+        self.position_embeddings = BareTensor((1, cfg.num_patches + 1, cfg.hidden_size), cfg.param_dtype)
+        self.patch_embeddings = PatchEmbeddings(cfg)
         self.dropout = Dropout(cfg.hidden_dropout)
 
     def __call__(self, pixel_values: Array, deterministic: bool) -> Array:
@@ -189,7 +189,7 @@ class Embeddings(nn.Module):
         return self.dropout(x, deterministic=deterministic)
 
 
-class _PatchEmbeddings(nn.Module):
+class PatchEmbeddings(nn.Module):
     cfg: ViTConfig
 
     @nn.compact

@@ -1,0 +1,373 @@
+"""DINOv2: transformers' ``Dinov2Model`` and ``Dinov2ForImageClassification``.
+
+:class:`Dinov2` is ``Dinov2Model``, a ViT with DINOv2's changes, in the order a forward runs them:
+
+- patch embeddings (a stride-``p`` convolution, as ViT's: :class:`jaxtune.models.vit.PatchProjection`),
+  a learned ``[CLS]`` token in front, and an optional ``mask_token`` (``use_mask_token``) that replaces
+  the patches ``bool_masked_pos`` marks. Masking is DINOv2's pre-training objective and fine-tuning
+  never masks; the tensor is kept so that a checkpoint round-trips whole.
+- position embeddings learned for the config's ``image_size`` and **bicubically interpolated to the
+  input's patch grid** as transformers does (:func:`bicubic_matrix`): any image whose sides are at
+  least one patch runs, and pixels past the last whole patch are ignored, as HF's convolution ignores them.
+- pre-norm blocks (``norm1``, attention (ViT's :class:`jaxtune.models.vit.Attention`), ``layer_scale1``;
+  ``norm2``, MLP, ``layer_scale2``), where LayerScale multiplies each branch by a learned per-channel
+  ``lambda1`` before the residual add and, in training, drop-path (stochastic depth, ``drop_path_rate``,
+  the same rate in every block as transformers) drops a whole sample's branch. The MLP is ``fc1`` ->
+  activation -> ``fc2``, or with ``use_swiglu_ffn`` SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``.
+- a final LayerNorm. There is no pooler; ``Dinov2Model``'s ``pooler_output`` is the ``[CLS]`` state.
+
+:class:`Dinov2Classifier` is ``Dinov2ForImageClassification``: a linear ``classifier`` on the
+concatenation of the final ``[CLS]`` state and the mean of the patch states, ``(B, 2D)``: pooling
+``cls_mean`` (:func:`jaxtune.models.layers.pool`). It is stored as ``head/out``, so a plan reads it as
+the head it is.
+
+Inputs are ``pixel_values`` float ``(B, C, H, W)``, normalised as the checkpoint's image processor does.
+Param paths mirror transformers' module names with jaxtune's block names (``layers_2/attention/q_proj``
+is ``encoder.layer.2.attention.q_proj``); checkpoints store older names (``attention.attention.query``,
+``mlp.weights_in`` holding ``gate_proj`` and ``up_proj`` stacked), which :func:`checkpoint_name` and
+:func:`checkpoint_chunk` give.
+
+Not supported (refused at load, naming the field): non-square ``image_size``/``patch_size``, an
+activation other than the GELUs and ReLU, and ``Dinov2WithRegistersModel``, whose register tokens and
+antialiased interpolation (PIL's a=-0.5 kernel widened when shrinking) are their own family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxtune.models.dropout import Dropout
+from jaxtune.models.encoder import ACTIVATIONS
+from jaxtune.models.layers import (
+    Array,
+    ClassifierLayout,
+    LayerNorm,
+    Linear,
+    PartitionRules,
+    hf_architecture,
+    partition_rules,
+    pool,
+)
+from jaxtune.models.vit import Attention, BareTensor, PatchEmbeddings
+
+ARCHITECTURES = ("Dinov2Model", "Dinov2ForImageClassification")
+CLASSIFIERS = ("Dinov2ForImageClassification",)
+MODEL_TYPES = {"dinov2": "Dinov2Model"}
+PARTITION_RULES: PartitionRules = partition_rules(column=("q_proj", "k_proj", "v_proj", "fc1", "gate_proj", "up_proj"),
+                                                  row=("o_proj", "fc2", "down_proj"))
+BODY = "dinov2"  # the body's prefix in a Dinov2ForImageClassification checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Dinov2Config:
+    """Everything that shapes a DINOv2. Hashable, so it can sit on a linen module."""
+
+    modality: ClassVar[str] = "image"
+    # Dinov2ForImageClassification: [CLS] ++ mean(patches) straight into ``classifier`` (no dropout).
+    classifier_layout: ClassVar[ClassifierLayout] = ClassifierLayout(BODY, "cls_mean", (), "gelu", "classifier",
+                                                                     input_dropout=False)
+
+    image_size: int  # the grid the position embeddings were learned on (image_size // patch_size per side)
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int  # of the MLP, or of SwiGLU's gate/up projections
+    num_layers: int
+    num_heads: int
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-6
+    hidden_act: str = "gelu"
+    hidden_dropout: float = 0.0  # on the embeddings only, as transformers (hidden_dropout_prob)
+    attention_dropout: float = 0.0
+    drop_path_rate: float = 0.0
+    qkv_bias: bool = True
+    use_swiglu_ffn: bool = False
+    use_mask_token: bool = True
+    layerscale_value: float = 1.0  # LayerScale's initial value (a fresh model only)
+    num_labels: int = 2  # Dinov2Classifier only
+    architecture: str = "Dinov2Model"
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    adapter_dropout: float = 0.0
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> Dinov2Config:
+        """Build from a Hugging Face ``config.json`` dict (``model_type: dinov2``)."""
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "a DINOv2 jaxtune supports")
+        if hf.get("hidden_act", "gelu") not in ACTIVATIONS:
+            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported; "
+                             f"supported: {', '.join(ACTIVATIONS)}")
+        size, patch = hf.get("image_size", 224), hf.get("patch_size", 14)
+        if isinstance(size, list | tuple) or isinstance(patch, list | tuple):
+            raise ValueError("config.json: non-square image_size/patch_size is not supported; give one int each")
+        hidden = hf["hidden_size"]
+        intermediate = int(hidden * hf.get("mlp_ratio", 4))
+        if hf.get("use_swiglu_ffn", False):
+            intermediate = (int(intermediate * 2 / 3) + 7) // 8 * 8  # transformers' Dinov2SwiGLUFFN width
+        fields = dict(
+            image_size=size,
+            patch_size=patch,
+            num_channels=hf.get("num_channels", 3),
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            layer_norm_eps=hf.get("layer_norm_eps", 1e-6),
+            hidden_act=hf.get("hidden_act", "gelu"),
+            hidden_dropout=hf.get("hidden_dropout_prob", 0.0),
+            attention_dropout=hf.get("attention_probs_dropout_prob", 0.0),
+            drop_path_rate=hf.get("drop_path_rate", 0.0),
+            qkv_bias=hf.get("qkv_bias", True),
+            use_swiglu_ffn=hf.get("use_swiglu_ffn", False),
+            use_mask_token=hf.get("use_mask_token", True),
+            layerscale_value=hf.get("layerscale_value", 1.0),
+            num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
+            architecture=arch,
+        )
+        fields.update(overrides)
+        return cls(**fields)
+
+    @property
+    def classifier_dropout(self) -> float:
+        """A fresh head's dropout between its layers: none, as transformers' classifier has none."""
+        return 0.0
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    @property
+    def grid(self) -> int:
+        """Patches per side of the grid the position embeddings were learned on."""
+        return self.image_size // self.patch_size
+
+    def init_inputs(self) -> tuple[Array, ...]:
+        """Example model inputs for shape inference: one all-zero image ``(1, C, H, W)``."""
+        return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
+
+    def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
+        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
+                      adapter_dropout=self.adapter_dropout, name=name)
+
+    def layer_norm(self, name: str) -> LayerNorm:
+        return LayerNorm(self.layer_norm_eps, self.compute_dtype, self.param_dtype, name=name)
+
+
+# ----------------------------------------------------------------------------- position interpolation
+
+_CUBIC_A = -0.75  # torch's bicubic kernel (jax.image.resize's "cubic" is Keys' a=-0.5, and antialiases)
+
+
+def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """``(size_out, size_in)`` float64 weights of torch's ``interpolate(mode="bicubic",
+    align_corners=False, size=...)`` along one axis: output ``i`` samples source ``(i + 0.5) * in / out
+    - 0.5`` with the cubic convolution kernel a=-0.75 over four neighbours, indices clamped at the edges.
+    A resize is ``M_h @ x @ M_w.T``; the identity when ``size_in == size_out``."""
+    out = np.zeros((size_out, size_in))
+    for i in range(size_out):
+        src = (i + 0.5) * size_in / size_out - 0.5
+        base = math.floor(src)
+        t = src - base
+        a = _CUBIC_A
+        weights = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
+                   ((a + 2) * t - (a + 3)) * t * t + 1,
+                   ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
+                   ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a)
+        for offset, weight in zip(range(-1, 3), weights, strict=True):
+            out[i, min(max(base + offset, 0), size_in - 1)] += weight
+    return out
+
+
+def interpolate_positions(positions: Array, grid: int, rows: int, cols: int) -> Array:
+    """Patch position embeddings ``(grid * grid, D)`` learned on a ``grid x grid`` patch grid, resized
+    to ``rows x cols`` patches: ``(rows * cols, D)`` in float32, as transformers interpolates them."""
+    if (rows, cols) == (grid, grid):
+        return positions.astype(jnp.float32)
+    m_rows = jnp.asarray(bicubic_matrix(grid, rows), jnp.float32)
+    m_cols = jnp.asarray(bicubic_matrix(grid, cols), jnp.float32)
+    square = positions.astype(jnp.float32).reshape(grid, grid, -1)
+    return jnp.einsum("ia,jb,abd->ijd", m_rows, m_cols, square,
+                      precision=jax.lax.Precision.HIGHEST).reshape(rows * cols, -1)
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Embeddings(nn.Module):
+    """Patches, ``[CLS]`` in front, optional mask token, interpolated positions, dropout."""
+
+    cfg: Dinov2Config
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        self.cls_token = BareTensor((1, 1, cfg.hidden_size), cfg.param_dtype)
+        if cfg.use_mask_token:
+            self.mask_token = BareTensor((1, cfg.hidden_size), cfg.param_dtype)
+        self.position_embeddings = BareTensor((1, cfg.grid ** 2 + 1, cfg.hidden_size), cfg.param_dtype)
+        self.patch_embeddings = PatchEmbeddings(cfg)
+        self.dropout = Dropout(cfg.hidden_dropout)
+
+    def __call__(self, pixel_values: Array, deterministic: bool, bool_masked_pos: Array | None = None) -> Array:
+        cfg, p = self.cfg, self.cfg.patch_size
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != cfg.num_channels or min(pixel_values.shape[2:]) < p:
+            raise ValueError(f"pixel_values: shape {tuple(pixel_values.shape)}, but this DINOv2 takes "
+                             f"(B, {cfg.num_channels}, H, W) with H, W >= patch_size {p} (channels first)")
+        rows, cols = pixel_values.shape[2] // p, pixel_values.shape[3] // p
+        # transformers' stride-p convolution ignores the pixels past the last whole patch.
+        x = self.patch_embeddings(pixel_values[:, :, :rows * p, :cols * p])
+        if bool_masked_pos is not None:
+            if not cfg.use_mask_token:
+                raise ValueError("bool_masked_pos: this DINOv2 has no mask token (use_mask_token: false)")
+            x = jnp.where(bool_masked_pos[..., None], self.mask_token().astype(x.dtype), x)
+        elif cfg.use_mask_token and self.is_initializing():
+            self.mask_token()  # create the param at init
+        cls = jnp.broadcast_to(self.cls_token().astype(x.dtype), (x.shape[0], 1, cfg.hidden_size))
+        table = self.position_embeddings()[0]
+        positions = jnp.concatenate([table[:1].astype(jnp.float32),
+                                     interpolate_positions(table[1:], cfg.grid, rows, cols)])
+        x = jnp.concatenate([cls, x], axis=1) + positions.astype(table.dtype).astype(x.dtype)
+        return self.dropout(x, deterministic=deterministic)
+
+
+class MLP(nn.Module):
+    """``fc2(act(fc1(x)))``, or SwiGLU ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    cfg: Dinov2Config
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        cfg = self.cfg
+        if cfg.use_swiglu_ffn:
+            gate = cfg.linear(cfg.intermediate_size, "gate_proj")(x, deterministic)
+            up = cfg.linear(cfg.intermediate_size, "up_proj")(x, deterministic)
+            return cfg.linear(cfg.hidden_size, "down_proj")(nn.silu(gate) * up, deterministic)
+        h = ACTIVATIONS[cfg.hidden_act](cfg.linear(cfg.intermediate_size, "fc1")(x, deterministic))
+        return cfg.linear(cfg.hidden_size, "fc2")(h, deterministic)
+
+
+class LayerScale(nn.Module):
+    """``x * lambda1``, a learned per-channel gain on a residual branch."""
+
+    cfg: Dinov2Config
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        gain = BareTensor((cfg.hidden_size,), cfg.param_dtype, name="lambda1")
+        return x * gain().astype(x.dtype)
+
+
+def drop_path(module: nn.Module, x: Array, rate: float, deterministic: bool) -> Array:
+    """Stochastic depth: in training, each sample's ``x`` ``(B, ...)`` is zeroed with probability
+    ``rate`` and the kept ones scaled by ``1 / (1 - rate)`` (transformers' ``Dinov2DropPath``);
+    the key comes from ``module``'s ``dropout`` stream."""
+    if deterministic or not rate:
+        return x
+    keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Dinov2Block(nn.Module):
+    """``x + drop_path(ls1(attn(norm1(x))))`` then ``x + drop_path(ls2(mlp(norm2(x))))``."""
+
+    cfg: Dinov2Config
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        cfg = self.cfg
+        h = Attention(cfg, name="attention")(cfg.layer_norm("norm1")(x), deterministic)
+        x = x + drop_path(self, LayerScale(cfg, name="layer_scale1")(h), cfg.drop_path_rate, deterministic)
+        h = MLP(cfg, name="mlp")(cfg.layer_norm("norm2")(x), deterministic)
+        return x + drop_path(self, LayerScale(cfg, name="layer_scale2")(h), cfg.drop_path_rate, deterministic)
+
+
+class Dinov2(nn.Module):
+    """``Dinov2Model``: ``pixel_values`` ``(B, C, H, W)`` -> the final (LayerNorm-ed) token states
+    ``(B, 1 + (H // p) * (W // p), D)``, ``[CLS]`` first. ``bool_masked_pos`` ``(B, patches)``, where
+    given, replaces those patches by the mask token (DINOv2's pre-training; fine-tuning passes none)."""
+
+    cfg: Dinov2Config
+
+    def setup(self) -> None:
+        self.embeddings = Embeddings(self.cfg)
+        self.layers = [Dinov2Block(self.cfg) for _ in range(self.cfg.num_layers)]
+        self.layernorm = self.cfg.layer_norm("layernorm")
+
+    def __call__(self, pixel_values: Array, deterministic: bool = True, bool_masked_pos: Array | None = None) -> Array:
+        x = self.embeddings(pixel_values, deterministic, bool_masked_pos)
+        for block in self.layers:
+            x = block(x, deterministic)
+        return self.layernorm(x)
+
+
+class Dinov2Classifier(nn.Module):
+    """``Dinov2ForImageClassification``: logits ``(B, num_labels)`` from ``[CLS]`` ++ the mean of the
+    patch states, ``(B, 2D)`` (pooling ``cls_mean``)."""
+
+    cfg: Dinov2Config
+
+    def setup(self) -> None:
+        self.dinov2 = Dinov2(self.cfg)
+        self.head = _Head(self.cfg.num_labels, self.cfg)
+
+    def __call__(self, pixel_values: Array, deterministic: bool = True) -> Array:
+        hidden = self.dinov2(pixel_values, deterministic)
+        return self.head(pool(hidden, jnp.ones(hidden.shape[:2], jnp.int32), "cls_mean"), deterministic)
+
+
+class _Head(nn.Module):
+    num_labels: int
+    cfg: Dinov2Config
+
+    @nn.compact
+    def __call__(self, features: Array, deterministic: bool = True) -> Array:
+        return self.cfg.linear(self.num_labels, "out")(features, deterministic)
+
+
+# ----------------------------------------------------------------------------- names
+
+
+def hf_module(modules: tuple[str, ...]) -> str:
+    """transformers module name of a param path's modules: ``('layers_2', 'attention', 'q_proj')`` ->
+    ``'encoder.layer.2.attention.q_proj'``; ``('dinov2', ...)`` keeps its ``dinov2.``; the head's
+    ``('head', 'out')`` is ``Dinov2ForImageClassification``'s ``classifier``."""
+    if modules[0] == "head":
+        return Dinov2Config.classifier_layout.hf_names()[modules[1]]
+    return ".".join(m.replace("layers_", "encoder.layer.", 1) if m.startswith("layers_") else m for m in modules)
+
+
+# transformers >= 5 renamed DINOv2's modules but still reads (and its checkpoints hold) the old tensor names.
+_CHECKPOINT_NAMES = (
+    (re.compile(r"\.attention\.(q|k|v)_proj\."),
+     lambda m: f".attention.attention.{dict(q='query', k='key', v='value')[m[1]]}."),
+    (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
+    (re.compile(r"\.mlp\.down_proj\."), ".mlp.weights_out."),
+)
+_FUSED = re.compile(r"\.mlp\.(gate|up)_proj\.")
+
+
+def checkpoint_name(name: str) -> str:
+    """The tensor name a DINOv2 checkpoint stores for module-named ``name``:
+    ``encoder.layer.0.attention.q_proj.weight`` -> ``encoder.layer.0.attention.attention.query.weight``."""
+    for pattern, replacement in _CHECKPOINT_NAMES:
+        new = pattern.sub(replacement, name)
+        if new != name:
+            return new
+    return name
+
+
+def checkpoint_chunk(name: str) -> tuple[str, int, int] | None:
+    """Where a checkpoint stores module-named ``name`` as a part of a fused tensor: ``(stored name,
+    part, parts)`` along the stored tensor's first axis (SwiGLU's ``gate_proj`` and ``up_proj`` are
+    the halves of ``mlp.weights_in``, as transformers' loader chunks them); None for every other tensor."""
+    m = _FUSED.search(name)
+    if m is None:
+        return None
+    return _FUSED.sub(".mlp.weights_in.", name), ("gate", "up").index(m[1]), 2
