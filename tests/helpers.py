@@ -230,3 +230,23 @@ def tiny_bpe_tokenizer(pre: str = "qwen2", vocab_size: int = 300) -> Any:
     tokenizer.add_tokens(["<think>"])
     tokenizer.chat_template = CHATML_TEMPLATE
     return tokenizer
+
+
+def fit_steps(tuned, batch: dict, steps: int = 3, lr: float = 1e-2):
+    """A few Adam steps of a planned model on one ``batch`` (the trainer's jitted step, no loader):
+    the trained full params and each step's metrics."""
+    import jax
+    import optax
+
+    from jaxtune import tuning
+    from jaxtune.training.step import make_loss_fn, make_train_step
+
+    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
+    optimizer = optax.adam(lr)
+    opt_state = optimizer.init(trainable)
+    step = jax.jit(make_train_step(make_loss_fn(tuned.module, tuned.task), optimizer))
+    history = []
+    for i in range(steps):
+        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(i))
+        history.append(jax.device_get(metrics))
+    return tuning.combine(trainable, frozen), history

@@ -3,6 +3,7 @@ config's image size and at others (interpolated positions), with the MLP and wit
 equal torch's; plans on a DINOv2 train and export to transformers and PEFT."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from helpers import is_norm_gain, randomize_weights
+from helpers import fit_steps, is_norm_gain, randomize_weights
 from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
 
 from jaxtune.models import dinov2, hf
@@ -185,3 +186,168 @@ def test_an_image_smaller_than_a_patch_is_one_line(dino_dirs):
     ours = hf.load_pretrained(dino_dirs / "model")
     with pytest.raises(ValueError, match=r"pixel_values: shape \(1, 3, 3, 8\).*H, W >= patch_size 4"):
         ours.module.apply({"params": ours.params}, np.zeros((1, 3, 3, 8), np.float32))
+
+
+# ----------------------------------------------------------------------------- plans on a DINOv2
+
+
+def _image_batch(n: int = 4, task: str = "classification") -> dict:
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, n).astype(np.int32) if task == "classification" else rng.normal(size=n).astype(
+        np.float32)
+    return {"pixel_values": pixels(n, seed=4), "labels": labels, "example_weights": np.ones(n, np.float32)}
+
+
+@pytest.mark.parametrize(("base", "kind"), [("model", "lora"), ("model_swiglu", "dora")])
+def test_adapters_on_dinov2_export_a_peft_adapter_with_equal_logits(dino_dirs, base, kind, tmp_path):
+    """LoRA/DoRA on every linear PEFT users target on HF's Dinov2 (q/k/v/o_proj, fc1/fc2 or SwiGLU's
+    gate/up/down_proj) with a new head, which pools as Dinov2ForImageClassification: [CLS] ++ mean."""
+    import peft
+
+    from jaxtune import tuning
+
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj",
+               *(["gate_proj", "up_proj", "down_proj"] if "swiglu" in base else ["fc1", "fc2"])]
+    adapter = tuning.dora if kind == "dora" else tuning.lora
+    tuned = tuning.apply_plan(hf.load_pretrained(dino_dirs / base),
+                              adapter(rank=4, alpha=8, targets=targets) + tuning.head("classification", 3))
+    assert tuned.head.pooling == "cls_mean" and tuned.hf_architecture == "Dinov2ForImageClassification"
+    assert {m[-1] for m in tuned.adapters} == set(targets) and len(tuned.adapters) == 2 * len(targets)
+    params, history = fit_steps(tuned, _image_batch())
+    assert all(h["finite"] for h in history) and history[-1]["loss"] < history[0]["loss"]
+    tuning.export_peft(tuned, tmp_path, params=params)
+    x = pixels(3, seed=5, shape=(20, 24))  # at another size too: the positions interpolate under PEFT as here
+    ours = np.asarray(tuned.module.apply({"params": params}, pixel_values=x))
+    start = Dinov2ForImageClassification.from_pretrained(dino_dirs / base, num_labels=3)
+    model = peft.PeftModel.from_pretrained(start, tmp_path).eval()
+    with torch.no_grad():
+        theirs = model(pixel_values=torch.from_numpy(x)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("base", ["model", "classifier_swiglu"])
+def test_trained_dinov2_exports_merged_and_as_peft_with_equal_logits(dino_dirs, base, tmp_path):
+    """A Dinov2Model with a new head, and a Dinov2ForImageClassification with its own classifier
+    (read back as a head on [CLS] ++ mean): merged, transformers has jaxtune's logits; as an adapter,
+    PEFT and jaxtune do."""
+    import peft
+
+    from jaxtune import tuning
+
+    plan = tuning.lora(rank=4, alpha=8) + (tuning.head("classification", 3) if base == "model" else tuning.Plan(()))
+    tuned = tuning.apply_plan(hf.load_pretrained(dino_dirs / base), plan)
+    assert tuned.hf_architecture == "Dinov2ForImageClassification" and tuned.head.pooling == "cls_mean"
+    params, _ = fit_steps(tuned, _image_batch())
+    x = pixels(3, seed=6)
+    ours = np.asarray(tuned.module.apply({"params": params}, pixel_values=x))
+    tuning.export_merged(tuned, tmp_path / "merged", params=params)
+    tuning.export_peft(tuned, tmp_path / "peft", params=params)
+    with torch.no_grad():
+        merged = Dinov2ForImageClassification.from_pretrained(tmp_path / "merged").eval()
+        np.testing.assert_allclose(merged(pixel_values=torch.from_numpy(x)).logits.numpy(), ours, atol=TOL, rtol=0)
+        start = Dinov2ForImageClassification.from_pretrained(dino_dirs / base, num_labels=3)
+        adapted = peft.PeftModel.from_pretrained(start, tmp_path / "peft").eval()
+        np.testing.assert_allclose(adapted(pixel_values=torch.from_numpy(x)).logits.numpy(), ours, atol=TOL, rtol=0)
+    back = tuning.load_peft(hf.load_pretrained(dino_dirs / base), tmp_path / "peft")
+    np.testing.assert_allclose(np.asarray(back.module.apply({"params": back.params}, pixel_values=x)), ours,
+                               atol=TOL, rtol=0)
+
+
+def test_full_plan_trains_layer_scale_and_exports_merged(dino_dirs, tmp_path):
+    """Every leaf trains (LayerScale's gains and the position table, bare tensors, too); the export is
+    the merged model, with jaxtune's logits at another size."""
+    from flax.traverse_util import flatten_dict
+
+    import jaxtune as jt
+    from jaxtune import tuning
+
+    tuned = tuning.apply_plan(hf.load_pretrained(dino_dirs / "classifier"), tuning.full())
+    params, history = fit_steps(tuned, _image_batch(), lr=1e-3)
+    assert history[-1]["loss"] < history[0]["loss"]
+    gain = ("layers_0", "layer_scale2", "lambda1", "tensor")
+    assert flatten_dict(tuned.labels)[gain] == "train"
+    assert not np.array_equal(np.asarray(flatten_dict(params)[gain]), np.asarray(flatten_dict(tuned.params)[gain]))
+    out = jt.export(dataclasses.replace(tuned, params=params, step=3), tmp_path / "auto")
+    x = pixels(2, seed=7, shape=(12, 20))
+    with torch.no_grad():
+        theirs = Dinov2ForImageClassification.from_pretrained(out).eval()(pixel_values=torch.from_numpy(x)).logits
+    np.testing.assert_allclose(theirs.numpy(), np.asarray(tuned.module.apply({"params": params}, pixel_values=x)),
+                               atol=TOL, rtol=0)
+
+
+def test_partial_plan_trains_only_the_last_block_and_the_final_norm(dino_dirs):
+    from flax.traverse_util import flatten_dict
+
+    from jaxtune import tuning
+
+    tuned = tuning.apply_plan(hf.load_pretrained(dino_dirs / "classifier"), tuning.freeze_all_but(1))
+    assert tuned.task == "classification" and tuned.num_outputs == 3  # the checkpoint's own classifier
+    params, _ = fit_steps(tuned, _image_batch(), steps=1)
+    changed = {"/".join(p) for p, v in flatten_dict(params).items()
+               if not np.array_equal(np.asarray(v), np.asarray(flatten_dict(tuned.params)[p]))}
+    assert changed and all(p.startswith(("layers_1/", "layernorm/")) for p in changed), sorted(changed)
+    assert any("layer_scale" in p for p in changed)
+
+
+@pytest.mark.parametrize("pooling", ["cls_mean", "cls", "mean"])
+def test_head_poolings_read_the_body_states_as_named(dino_dirs, pooling, tmp_path):
+    """A new head's output is its ``out`` layer on the pooled final states: [CLS] ++ mean of the
+    patches (the default, HF's), [CLS], or the mean of every token; only the first has a transformers class."""
+    from jaxtune import tuning
+
+    pretrained = hf.load_pretrained(dino_dirs / "model")
+    tuned = tuning.apply_plan(pretrained, tuning.lora(rank=2) + tuning.head("regression", pooling=pooling))
+    x = pixels(2, seed=9, shape=(12, 16))
+    hidden = np.asarray(pretrained.module.apply({"params": pretrained.params}, x))
+    features = {"cls_mean": np.concatenate([hidden[:, 0], hidden[:, 1:].mean(1)], -1), "cls": hidden[:, 0],
+                "mean": hidden.mean(1)}[pooling]
+    out = tuned.params["head"]["out"]
+    expected = features @ np.asarray(out["kernel"]) + np.asarray(out["bias"])
+    got = np.asarray(tuned.module.apply({"params": tuned.params}, pixel_values=x))
+    np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
+    if pooling == "cls_mean":
+        assert tuned.hf_architecture == "Dinov2ForImageClassification"
+    else:
+        assert tuned.hf_architecture is None
+        with pytest.raises(tuning.ExportError, match=rf"pooling {pooling}\).*Dinov2ForImageClassification: the first "
+                           r"token \+\+ the mean of the others into classifier\)"):
+            tuning.export_peft(tuned, tmp_path, params=tuned.params)
+
+
+def test_regression_head_loss_is_the_mean_squared_error(dino_dirs):
+    from jaxtune import tuning
+    from jaxtune.training.step import make_loss_fn
+
+    tuned = tuning.apply_plan(hf.load_pretrained(dino_dirs / "model"), tuning.head("regression"))
+    batch = _image_batch(task="regression")
+    total, weight, outputs = make_loss_fn(tuned.module, "regression")(tuned.params, batch, jax.random.key(0), True)
+    expected = np.square(np.asarray(outputs) - batch["labels"]).sum()
+    assert outputs.shape == (4,) and float(weight) == 4.0
+    np.testing.assert_allclose(float(total), expected, rtol=1e-6)
+
+
+def test_a_lora_run_through_finetune_lowers_the_loss(dino_dirs, tmp_path):
+    """The whole path a user's run takes: the recipe reads image files, resizes and normalises them for
+    the model, trains LoRA and the new [CLS] ++ mean head, and evaluates before and after."""
+    from jaxtune import config
+    from jaxtune.recipe import finetune
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(8) % 2
+    # Two classes a tiny model separates in a few steps: dark and bright images.
+    images = (rng.integers(0, 100, (8, 20, 20)) + 150 * labels[:, None, None]).astype(np.uint8)
+    np.savez(tmp_path / "train.npz", images=images, labels=labels)
+    (tmp_path / "run.yaml").write_text(f"""
+model: {{path: {dino_dirs / 'model'}}}
+plan: [{{action: lora, rank: 4, alpha: 8}}, {{action: head, task: classification}}]
+data: {{kind: classification, images: true, train: {tmp_path / 'train.npz'}, validation: {tmp_path / 'train.npz'},
+        batch_size: 8}}
+optimizer: {{learning_rate: 1.0e-2}}
+train: {{steps: 6, progress: false}}
+eval: {{every: 6}}
+output: {{dir: {tmp_path / 'run'}, export: none}}
+""")
+    result = finetune(config.load(tmp_path / "run.yaml"))
+    assert result.state == "finished" and result.step == 6
+    assert result.model.head.pooling == "cls_mean"
+    assert result.after["loss"] < result.before["loss"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import fit_steps as _fit
 from helpers import is_norm_gain, randomize_weights
 from transformers import ViTConfig, ViTForImageClassification, ViTModel
 
@@ -71,25 +72,6 @@ def test_wrong_image_size_is_one_line(vit_dirs):
 
 
 # ----------------------------------------------------------------------------- plans on a ViT
-
-
-def _fit(tuned, batch: dict, steps: int = 3, lr: float = 1e-2):
-    """A few optimizer steps of the plan on ``batch``: the trained full params and the step metrics."""
-    import jax
-    import optax
-
-    from jaxtune import tuning
-    from jaxtune.training.step import make_loss_fn, make_train_step
-
-    trainable, frozen = tuning.partition(tuned.params, tuned.labels)
-    optimizer = optax.adam(lr)
-    opt_state = optimizer.init(trainable)
-    step = jax.jit(make_train_step(make_loss_fn(tuned.module, tuned.task), optimizer))
-    history = []
-    for i in range(steps):
-        trainable, opt_state, metrics = step(trainable, frozen, opt_state, batch, jax.random.key(i))
-        history.append(jax.device_get(metrics))
-    return tuning.combine(trainable, frozen), history
 
 
 def _image_batch(n: int = 4, task: str = "classification") -> dict:

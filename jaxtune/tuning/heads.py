@@ -2,8 +2,9 @@
 
 The head reads the body's token states ``(B, T, D)``, optionally runs ``extra_blocks`` fresh
 transformer blocks of the body's family, pools to ``(B, D)`` (``mean``, ``cls``, ``last`` real
-token, or BERT's ``pooler``), optionally runs GELU layers of widths ``hidden``, and ends in a
-linear ``out`` with ``num_outputs`` outputs (classification logits or regression values).
+token, or BERT's ``pooler``; ``(B, 2D)`` for DINOv2's ``cls_mean``, the first token ++ the mean of the
+rest), optionally runs GELU layers of widths ``hidden``, and ends in a linear ``out`` with
+``num_outputs`` outputs (classification logits or regression values).
 Its params live under ``head/``: ``head/block_i/...``, ``head/dense_i/...``, ``head/out/...``.
 
 The heads that are exactly Hugging Face's export to transformers and PEFT: last-token pooling into
@@ -28,7 +29,7 @@ from jaxtune.models.deberta import DebertaConfig
 from jaxtune.models.decoder import DecoderBlock, DecoderConfig
 from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS, EncoderBlock
-from jaxtune.models.layers import Array, ClassifierLayout, LayerNorm, Linear
+from jaxtune.models.layers import Array, ClassifierLayout, LayerNorm, Linear, pool
 from jaxtune.models.modernbert import ModernBertConfig
 from jaxtune.tuning.plan import PlanError, Rule
 
@@ -161,7 +162,9 @@ class Head(nn.Module):
         return self.out(self.drop(x, deterministic=deterministic))
 
     def _init_all(self, hidden: Array) -> Array:
-        return self(self.transform(hidden, None, None)[:, 0])
+        # Pooled as the head pools, so the first layer's width is right (``cls_mean`` doubles it).
+        how = "cls" if self.spec.pooling == "pooler" else self.spec.pooling
+        return self(pool(self.transform(hidden, None, None), jnp.ones(hidden.shape[:2], jnp.int32), how))
 
 
 def init_head(spec: HeadSpec, body_cfg: Any, rng: jax.Array) -> dict[str, Any]:

@@ -75,11 +75,13 @@ def unexportable_head(tuned: Tuned) -> str:
     if tuned.is_decoder:
         exports = ("pooling last into a bias-free layer, no hidden layers or extra blocks "
                    "(*ForSequenceClassification): {action: head, pooling: last, bias: false}")
-    elif tuned.config.classifier_layout.pooling != "pooler":  # RoBERTa, DistilBERT, ModernBERT: cls or mean
+    elif tuned.config.classifier_layout.pooling != "pooler":  # RoBERTa, DistilBERT, ModernBERT, ViT, DINOv2
         layout, classifier = tuned.config.classifier_layout, family_of(tuned).classifier
-        pooled = "the first token" if layout.pooling == "cls" else f"the {layout.pooling} of the tokens"
-        exports = (f"the family's classifier ({classifier}: {pooled} through "
-                   f"{', '.join(layout.dense + ((layout.norm,) if layout.norm else ()))} into {layout.out}): "
+        pooled = {"cls": "the first token", "cls_mean": "the first token ++ the mean of the others"}.get(
+            layout.pooling, f"the {layout.pooling} of the tokens")
+        between = layout.dense + ((layout.norm,) if layout.norm else ())
+        exports = (f"the family's classifier ({classifier}: {pooled}"
+                   f"{' through ' + ', '.join(between) if between else ''} into {layout.out}): "
                    "{action: head} with its defaults")
     elif "pooler" in tuned.params:
         exports = ("BERT's pooler into a layer with bias, no hidden layers or extra blocks "

@@ -49,7 +49,7 @@ ACTIONS = ("train", "freeze", "lora", "dora", "prompt", "head")
 # Module kinds a rule can select (see jaxtune.tuning.labels.leaf_kinds for how paths map to them).
 MODULE_KINDS = ("embeddings", "norms", "attention", "mlp", "output", "pooler", "head", "prompt")
 HEAD_TASKS = ("classification", "regression")
-HEAD_POOLING = ("mean", "cls", "last", "pooler")
+HEAD_POOLING = ("mean", "cls", "last", "pooler", "cls_mean")
 PROMPT_INIT = ("vocab", "text")
 
 _SELECTORS = ("match", "blocks", "kinds")
@@ -78,9 +78,10 @@ class Rule:
     alpha/rank). Prompt options: ``n_tokens``, ``init`` (``vocab``: rows of random vocabulary
     embeddings, ``text``: embeddings of ``text`` tokenized, repeated to length). Head options:
     ``task``, ``num_labels`` (default 2; regression 1), ``pooling`` (default ``last`` for decoders,
-    ``pooler`` for encoders with a pooler), ``hidden`` widths of extra GELU layers,
-    ``extra_blocks`` fresh transformer blocks before pooling, ``dropout`` before each head layer,
-    ``bias`` of the output layer (default: as the family's HF classifier).
+    ``pooler`` for encoders with a pooler, ``cls_mean`` for DINOv2: the first token ++ the mean of the
+    others), ``hidden`` widths of extra GELU layers, ``extra_blocks`` fresh transformer blocks before
+    pooling, ``dropout`` before each head layer, ``bias`` of the output layer (default: as the family's
+    HF classifier).
     """
 
     action: str
