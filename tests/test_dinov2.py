@@ -351,3 +351,24 @@ output: {{dir: {tmp_path / 'run'}, export: none}}
     assert result.state == "finished" and result.step == 6
     assert result.model.head.pooling == "cls_mean"
     assert result.after["loss"] < result.before["loss"]
+
+
+def test_images_are_resized_and_cropped_as_dinov2s_image_processor(dino_dirs, tmp_path):
+    """DINOv2's BitImageProcessor resizes the shortest edge (256), crops the centre (224) and normalises
+    with ImageNet's mean/std; the model's input is that crop, whatever the config's image_size."""
+    from transformers.models.bit.image_processing_pil_bit import BitImageProcessorPil
+
+    from jaxtune.data.image_pixels import ImageSpec, ToPixels
+
+    processor = BitImageProcessorPil(size={"shortest_edge": 22}, crop_size={"height": 12, "width": 12},
+                                     image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    processor.save_pretrained(tmp_path)
+    spec = ImageSpec.for_model(hf.load_pretrained(dino_dirs / "model").config, tmp_path)
+    assert (spec.size, spec.shortest_edge, spec.resample) == (12, 22, 3)
+    rng = np.random.default_rng(0)
+    for shape in ((31, 45, 3), (40, 27, 3), (30, 30, 3)):
+        image = rng.integers(0, 256, shape).astype(np.uint8)
+        ours = ToPixels(spec).pixels({"image": image, "label": 0})["pixel_values"]
+        theirs = processor(image, return_tensors="np")["pixel_values"][0]
+        assert ours.shape == theirs.shape == (3, 12, 12)
+        np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0, err_msg=str(shape))

@@ -2,8 +2,9 @@
 (:class:`ImageSpec`), resizing, normalising and augmenting.
 
 A record is decoded where grain reads it, in its threads or worker processes, then made the model's
-input by :class:`ToPixels`: resized to the model's square ``size``, scaled to [0, 1], normalised with
-the model's mean/std, channels first: float32 ``(C, H, W)``. Training may add ``augment``: ``flip``
+input by :class:`ToPixels`: resized to the model's square ``size`` (or, where the model's image processor
+says so, as DINOv2's does, its shortest edge resized and the centre cropped), scaled to [0, 1], normalised
+with the model's mean/std, channels first: float32 ``(C, H, W)``. Training may add ``augment``: ``flip``
 (horizontal, p=0.5) and ``crop`` (a random box of 70-100% of each side, the image's own aspect,
 resized back as evaluation resizes the whole image).
 """
@@ -31,7 +32,10 @@ _FIX_IMAGE = "replace the file with a readable PNG/JPEG or remove it"
 class ImageSpec:
     """What the model takes: square ``size``, ``channels`` (1 or 3), per-channel ``mean``/``std``
     applied to pixels scaled by ``rescale`` (1/255: to [0, 1]), resized with PIL's ``resample``
-    filter (2: bilinear; transformers' processors name theirs by the same numbers)."""
+    filter (2: bilinear; transformers' processors name theirs by the same numbers). With
+    ``shortest_edge``, an image is resized keeping its aspect to that shortest edge, then its centre
+    ``size`` square cropped (transformers' ``size: {shortest_edge}`` with ``do_center_crop``); without,
+    it is resized to the square whatever its aspect."""
 
     size: int
     channels: int = 3
@@ -39,6 +43,7 @@ class ImageSpec:
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     resample: int = 2
     rescale: float = 1 / 255
+    shortest_edge: int | None = None
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -53,15 +58,18 @@ class ImageSpec:
         size, channels = getattr(model_config, "image_size", None), getattr(model_config, "num_channels", 3)
         if size is None:
             raise ValueError(f"the data are images but the model ({type(model_config).__name__}) takes no images; "
-                             "load an image model (ViT, EfficientNet-Lite)")
+                             "load an image model (ViT, DINOv2, EfficientNet-Lite)")
         return cls.from_model_dir(size, channels, model_dir)
 
     @classmethod
     def from_model_dir(cls, size: int, channels: int, model_dir: str | os.PathLike | None) -> ImageSpec:
         """The spec of a model of square ``size`` and ``channels``, with the mean/std, resampling filter
         and rescale of its ``preprocessor_config.json`` (transformers' image processor) when it has one
-        (``do_normalize``/``do_rescale`` false: none), else mean and std 0.5, bilinear, 1/255."""
-        mean, std, resample, rescale = (0.5,) * channels, (0.5,) * channels, 2, 1 / 255
+        (``do_normalize``/``do_rescale`` false: none), else mean and std 0.5, bilinear, 1/255. A processor
+        that resizes the shortest edge and crops the centre (DINOv2's) gives its ``crop_size`` as the
+        size, in place of ``size`` (DINOv2's config says 518, the size its positions were learned at;
+        its processor gives 224)."""
+        mean, std, resample, rescale, shortest = (0.5,) * channels, (0.5,) * channels, 2, 1 / 255, None
         path = Path(model_dir) / "preprocessor_config.json" if model_dir else None
         if path is not None and path.is_file():
             try:
@@ -76,7 +84,20 @@ class ImageSpec:
                 mean, std = (0.0,) * channels, (1.0,) * channels
             resample = int(processor.get("resample", resample))
             rescale = float(processor.get("rescale_factor", rescale)) if processor.get("do_rescale", True) else 1.0
-        return cls(size, channels, mean, std, resample, rescale)
+            size, shortest = _crop_size(processor, size, str(path))
+        return cls(size, channels, mean, std, resample, rescale, shortest)
+
+
+def _crop_size(processor: dict[str, Any], size: int, where: str) -> tuple[int, int | None]:
+    """The square a processor that resizes the shortest edge and crops the centre ends in, and that edge;
+    ``(size, None)`` for any other processor."""
+    resize = processor.get("size") if processor.get("do_resize", True) else None
+    crop = processor.get("crop_size") if processor.get("do_center_crop", False) else None
+    if not isinstance(resize, dict) or "shortest_edge" not in resize or not isinstance(crop, dict):
+        return size, None
+    if crop.get("height") != crop.get("width") or not isinstance(crop.get("height"), int):
+        raise DataError(where, f"crop_size {crop} is not a square", "give crop_size equal height and width")
+    return crop["height"], int(resize["shortest_edge"])
 
 
 
@@ -159,7 +180,10 @@ class ToPixels(grain.transforms.RandomMap):
             width, height = max(1, int(round(w * fraction))), max(1, int(round(h * fraction)))
             left, top = int(rng.integers(0, w - width + 1)), int(rng.integers(0, h - height + 1))
             box = (left, top, left + width, top + height)
-        picture = picture.resize((spec.size, spec.size), Image.Resampling(spec.resample), box=box)
+        if spec.shortest_edge is None:
+            picture = picture.resize((spec.size, spec.size), Image.Resampling(spec.resample), box=box)
+        else:
+            picture = _resize_and_crop(picture.crop(box) if box else picture, spec)
         x = np.asarray(picture, np.float32).reshape(spec.size, spec.size, spec.channels)
         x = x / np.float32(255.0) if spec.rescale == 1 / 255 else x * np.float32(spec.rescale)
         if rng is not None and "flip" in self.augment and rng.random() < 0.5:
@@ -167,3 +191,17 @@ class ToPixels(grain.transforms.RandomMap):
         x = (x - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
         return {"pixel_values": np.ascontiguousarray(x.transpose(2, 0, 1)), "labels": record["label"],
                 "example_weights": np.float32(1.0)}
+
+
+def _resize_and_crop(picture: Any, spec: ImageSpec) -> Any:
+    """``picture`` (PIL) with its shortest edge resized to ``spec.shortest_edge`` (the other side in
+    proportion, rounded down, as transformers' ``get_resize_output_image_size``), then its centre
+    ``spec.size`` square (``(side - size) // 2`` from the top-left, as transformers' ``center_crop``)."""
+    from PIL import Image
+
+    w, h = picture.size
+    edge = spec.shortest_edge
+    new = (edge, int(edge * h / w)) if w <= h else (int(edge * w / h), edge)
+    picture = picture.resize(new, Image.Resampling(spec.resample))
+    left, top = (new[0] - spec.size) // 2, (new[1] - spec.size) // 2
+    return picture.crop((left, top, left + spec.size, top + spec.size))
