@@ -12,7 +12,14 @@ import numpy as np
 import pytest
 import torch
 from helpers import fit_steps, is_norm_gain, randomize_weights
-from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
+from transformers import (
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    Dinov2WithRegistersModel,
+)
 
 from jaxtune.models import dinov2, hf
 from jaxtune.models.hf_files import CheckpointError
@@ -24,24 +31,32 @@ SIZE, CHANNELS = 16, 3
 SHAPES = [(16, 16), (24, 20), (8, 12), (18, 23)]
 
 
-def _config(**overrides) -> Dinov2Config:
+def _config(registers: bool = False, **overrides) -> Dinov2Config:
     fields = dict(image_size=SIZE, patch_size=4, num_channels=CHANNELS, hidden_size=32, num_hidden_layers=2,
                   num_attention_heads=4, mlp_ratio=4, num_labels=3, layerscale_value=0.5)
+    if registers:
+        return Dinov2WithRegistersConfig(**{**fields, "num_register_tokens": 3, **overrides})
     return Dinov2Config(**{**fields, **overrides})
+
+
+# directory -> (its transformers class, its classifier class): MLP, SwiGLU, and with registers.
+MODELS = {"model": Dinov2Model, "model_swiglu": Dinov2Model, "model_registers": Dinov2WithRegistersModel}
+CLASSIFIERS = {"classifier": Dinov2ForImageClassification, "classifier_swiglu": Dinov2ForImageClassification,
+               "classifier_registers": Dinov2WithRegistersForImageClassification}
 
 
 @pytest.fixture(scope="module")
 def dino_dirs(tmp_path_factory):
-    """Tiny random Dinov2Model and Dinov2ForImageClassification directories, with the MLP and with SwiGLU."""
+    """Tiny random DINOv2 body and classifier directories: with the MLP, with SwiGLU, with registers."""
     root = tmp_path_factory.mktemp("dinov2")
     torch.manual_seed(0)
-    for swiglu in (False, True):
-        for cls, name in ((Dinov2Model, "model"), (Dinov2ForImageClassification, "classifier")):
-            model = cls(_config(use_swiglu_ffn=swiglu, hidden_act="gelu_new" if name == "model" else "gelu"))
-            # Every weight drawn afresh (LayerScale's lambda1 too): transformers' init leaves gains at
-            # 1 and biases at 0, which a dropped gain or bias would still match.
-            randomize_weights(model, is_norm=is_norm_gain)
-            model.save_pretrained(root / f"{name}{'_swiglu' if swiglu else ''}")
+    for name, cls in {**MODELS, **CLASSIFIERS}.items():
+        model = cls(_config(registers="registers" in name, use_swiglu_ffn="swiglu" in name,
+                            hidden_act="gelu_new" if name == "model" else "gelu"))
+        # Every weight drawn afresh (LayerScale's lambda1 and the registers too): transformers' init leaves
+        # gains at 1 and biases at 0, which a dropped gain or bias would still match.
+        randomize_weights(model, is_norm=is_norm_gain)
+        model.save_pretrained(root / name)
     return root
 
 
@@ -49,11 +64,10 @@ def pixels(n: int = 2, seed: int = 0, shape: tuple[int, int] = (SIZE, SIZE)) -> 
     return np.random.default_rng(seed).normal(size=(n, CHANNELS, *shape)).astype(np.float32)
 
 
-@pytest.mark.parametrize("swiglu", [False, True], ids=["mlp", "swiglu"])
-def test_dinov2_model_matches_transformers_at_every_size(dino_dirs, swiglu):
-    name = "model_swiglu" if swiglu else "model"
+@pytest.mark.parametrize("name", list(MODELS))
+def test_dinov2_model_matches_transformers_at_every_size(dino_dirs, name):
     ours = hf.load_pretrained(dino_dirs / name)
-    theirs = Dinov2Model.from_pretrained(dino_dirs / name).eval()
+    theirs = MODELS[name].from_pretrained(dino_dirs / name).eval()
     for i, shape in enumerate(SHAPES):
         x = pixels(2, seed=i, shape=shape)
         hidden = np.asarray(ours.module.apply({"params": ours.params}, x))
@@ -63,12 +77,11 @@ def test_dinov2_model_matches_transformers_at_every_size(dino_dirs, swiglu):
         np.testing.assert_allclose(hidden, expected, atol=TOL, rtol=0, err_msg=str(shape))
 
 
-@pytest.mark.parametrize("swiglu", [False, True], ids=["mlp", "swiglu"])
-def test_dinov2_classifier_matches_transformers_and_saves_back(dino_dirs, swiglu, tmp_path):
-    name = "classifier_swiglu" if swiglu else "classifier"
+@pytest.mark.parametrize("name", list(CLASSIFIERS))
+def test_dinov2_classifier_matches_transformers_and_saves_back(dino_dirs, name, tmp_path):
     ours = hf.load_pretrained(dino_dirs / name)
-    theirs = Dinov2ForImageClassification.from_pretrained(dino_dirs / name).eval()
-    for i, shape in enumerate(SHAPES[:2]):
+    theirs = CLASSIFIERS[name].from_pretrained(dino_dirs / name).eval()
+    for i, shape in enumerate(SHAPES[:3]):
         x = pixels(3, seed=10 + i, shape=shape)
         logits = np.asarray(ours.module.apply({"params": ours.params}, x))
         with torch.no_grad():
@@ -78,7 +91,7 @@ def test_dinov2_classifier_matches_transformers_and_saves_back(dino_dirs, swiglu
     # Written back under module names (SwiGLU's gate_proj/up_proj apart), transformers reads the same model.
     hf.save_pretrained(ours.params, ours.hf_config, tmp_path)
     with torch.no_grad():
-        again = Dinov2ForImageClassification.from_pretrained(tmp_path).eval()(pixel_values=torch.from_numpy(x)).logits
+        again = CLASSIFIERS[name].from_pretrained(tmp_path).eval()(pixel_values=torch.from_numpy(x)).logits
     np.testing.assert_allclose(again.numpy(), expected, atol=1e-6, rtol=0)
 
 
@@ -93,13 +106,16 @@ def test_mask_token_replaces_the_marked_patches_as_transformers(dino_dirs):
     np.testing.assert_allclose(np.asarray(hidden), expected, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize(("size_in", "size_out"), [(4, 6), (4, 3), (5, 11), (37, 16), (4, 4)])
-def test_bicubic_matrix_is_torchs_bicubic_interpolation(size_in, size_out):
-    """torch's cubic kernel (a=-0.75, edge indices clamped), not jax.image.resize's (a=-0.5, antialiased)."""
+@pytest.mark.parametrize("antialias", [False, True], ids=["plain", "antialias"])
+@pytest.mark.parametrize(("size_in", "size_out"), [(4, 6), (4, 3), (5, 11), (37, 16), (4, 4), (16, 3)])
+def test_bicubic_matrix_is_torchs_bicubic_interpolation(size_in, size_out, antialias):
+    """torch's cubic kernel (a=-0.75, edge indices clamped; antialiased: a=-0.5 stretched when shrinking),
+    not jax.image.resize's (a=-0.5, antialiased in its own way)."""
     grid = np.random.default_rng(size_in * size_out).normal(size=(size_in, size_in)).astype(np.float32)
     expected = torch.nn.functional.interpolate(torch.from_numpy(grid)[None, None], size=(size_out, size_in + 1),
-                                               mode="bicubic", align_corners=False)[0, 0].numpy()
-    ours = dinov2.bicubic_matrix(size_in, size_out) @ grid @ dinov2.bicubic_matrix(size_in, size_in + 1).T
+                                               mode="bicubic", align_corners=False, antialias=antialias)[0, 0].numpy()
+    ours = (dinov2.bicubic_matrix(size_in, size_out, antialias) @ grid
+            @ dinov2.bicubic_matrix(size_in, size_in + 1, antialias).T)
     np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=0)
 
 
@@ -169,8 +185,8 @@ def test_drop_path_rate_is_read_and_stays_out_of_evaluation(dino_dirs, tmp_path)
 
 
 @pytest.mark.parametrize(("change", "message"), [
-    ({"architectures": ["Dinov2WithRegistersModel"], "model_type": "dinov2_with_registers"},
-     r"architecture \['Dinov2WithRegistersModel'\] is not supported"),
+    ({"architectures": ["Dinov2Backbone"], "model_type": "dinov2_backbone"},
+     r"architecture \['Dinov2Backbone'\] is not supported"),
     ({"image_size": [16, 20]}, r"config.json: non-square image_size/patch_size is not supported"),
     ({"hidden_act": "swish"}, r"config.json: hidden_act 'swish' is not supported"),
 ])
@@ -198,7 +214,7 @@ def _image_batch(n: int = 4, task: str = "classification") -> dict:
     return {"pixel_values": pixels(n, seed=4), "labels": labels, "example_weights": np.ones(n, np.float32)}
 
 
-@pytest.mark.parametrize(("base", "kind"), [("model", "lora"), ("model_swiglu", "dora")])
+@pytest.mark.parametrize(("base", "kind"), [("model", "lora"), ("model_swiglu", "dora"), ("model_registers", "lora")])
 def test_adapters_on_dinov2_export_a_peft_adapter_with_equal_logits(dino_dirs, base, kind, tmp_path):
     """LoRA/DoRA on every linear PEFT users target on HF's Dinov2 (q/k/v/o_proj, fc1/fc2 or SwiGLU's
     gate/up/down_proj) with a new head, which pools as Dinov2ForImageClassification: [CLS] ++ mean."""
@@ -209,23 +225,24 @@ def test_adapters_on_dinov2_export_a_peft_adapter_with_equal_logits(dino_dirs, b
     targets = ["q_proj", "k_proj", "v_proj", "o_proj",
                *(["gate_proj", "up_proj", "down_proj"] if "swiglu" in base else ["fc1", "fc2"])]
     adapter = tuning.dora if kind == "dora" else tuning.lora
+    classifier = Dinov2WithRegistersForImageClassification if "registers" in base else Dinov2ForImageClassification
     tuned = tuning.apply_plan(hf.load_pretrained(dino_dirs / base),
                               adapter(rank=4, alpha=8, targets=targets) + tuning.head("classification", 3))
-    assert tuned.head.pooling == "cls_mean" and tuned.hf_architecture == "Dinov2ForImageClassification"
+    assert tuned.head.pooling == "cls_mean" and tuned.hf_architecture == classifier.__name__
     assert {m[-1] for m in tuned.adapters} == set(targets) and len(tuned.adapters) == 2 * len(targets)
     params, history = fit_steps(tuned, _image_batch())
     assert all(h["finite"] for h in history) and history[-1]["loss"] < history[0]["loss"]
     tuning.export_peft(tuned, tmp_path, params=params)
     x = pixels(3, seed=5, shape=(20, 24))  # at another size too: the positions interpolate under PEFT as here
     ours = np.asarray(tuned.module.apply({"params": params}, pixel_values=x))
-    start = Dinov2ForImageClassification.from_pretrained(dino_dirs / base, num_labels=3)
+    start = classifier.from_pretrained(dino_dirs / base, num_labels=3)
     model = peft.PeftModel.from_pretrained(start, tmp_path).eval()
     with torch.no_grad():
         theirs = model(pixel_values=torch.from_numpy(x)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
 
 
-@pytest.mark.parametrize("base", ["model", "classifier_swiglu"])
+@pytest.mark.parametrize("base", ["model", "classifier_swiglu", "classifier_registers"])
 def test_trained_dinov2_exports_merged_and_as_peft_with_equal_logits(dino_dirs, base, tmp_path):
     """A Dinov2Model with a new head, and a Dinov2ForImageClassification with its own classifier
     (read back as a head on [CLS] ++ mean): merged, transformers has jaxtune's logits; as an adapter,
@@ -236,16 +253,17 @@ def test_trained_dinov2_exports_merged_and_as_peft_with_equal_logits(dino_dirs, 
 
     plan = tuning.lora(rank=4, alpha=8) + (tuning.head("classification", 3) if base == "model" else tuning.Plan(()))
     tuned = tuning.apply_plan(hf.load_pretrained(dino_dirs / base), plan)
-    assert tuned.hf_architecture == "Dinov2ForImageClassification" and tuned.head.pooling == "cls_mean"
+    classifier = CLASSIFIERS.get(base, Dinov2ForImageClassification)
+    assert tuned.hf_architecture == classifier.__name__ and tuned.head.pooling == "cls_mean"
     params, _ = fit_steps(tuned, _image_batch())
     x = pixels(3, seed=6)
     ours = np.asarray(tuned.module.apply({"params": params}, pixel_values=x))
     tuning.export_merged(tuned, tmp_path / "merged", params=params)
     tuning.export_peft(tuned, tmp_path / "peft", params=params)
     with torch.no_grad():
-        merged = Dinov2ForImageClassification.from_pretrained(tmp_path / "merged").eval()
+        merged = classifier.from_pretrained(tmp_path / "merged").eval()
         np.testing.assert_allclose(merged(pixel_values=torch.from_numpy(x)).logits.numpy(), ours, atol=TOL, rtol=0)
-        start = Dinov2ForImageClassification.from_pretrained(dino_dirs / base, num_labels=3)
+        start = classifier.from_pretrained(dino_dirs / base, num_labels=3)
         adapted = peft.PeftModel.from_pretrained(start, tmp_path / "peft").eval()
         np.testing.assert_allclose(adapted(pixel_values=torch.from_numpy(x)).logits.numpy(), ours, atol=TOL, rtol=0)
     back = tuning.load_peft(hf.load_pretrained(dino_dirs / base), tmp_path / "peft")
@@ -289,27 +307,33 @@ def test_partial_plan_trains_only_the_last_block_and_the_final_norm(dino_dirs):
     assert any("layer_scale" in p for p in changed)
 
 
-@pytest.mark.parametrize("pooling", ["cls_mean", "cls", "mean"])
-def test_head_poolings_read_the_body_states_as_named(dino_dirs, pooling, tmp_path):
+@pytest.mark.parametrize(("base", "pooling"), [("model", "cls_mean"), ("model", "cls"), ("model", "mean"),
+                                                ("model_registers", "cls_mean"), ("model_registers", "mean")])
+def test_head_poolings_read_the_body_states_as_named(dino_dirs, base, pooling, tmp_path):
     """A new head's output is its ``out`` layer on the pooled final states: [CLS] ++ mean of the
-    patches (the default, HF's), [CLS], or the mean of every token; only the first has a transformers class."""
+    patches (the default, HF's), [CLS], or the mean of [CLS] and the patches (register tokens are
+    left out, as transformers' classifier leaves them); only the first has a transformers class."""
     from jaxtune import tuning
 
-    pretrained = hf.load_pretrained(dino_dirs / "model")
+    pretrained = hf.load_pretrained(dino_dirs / base)
+    registers = pretrained.config.num_register_tokens
     tuned = tuning.apply_plan(pretrained, tuning.lora(rank=2) + tuning.head("regression", pooling=pooling))
     x = pixels(2, seed=9, shape=(12, 16))
     hidden = np.asarray(pretrained.module.apply({"params": pretrained.params}, x))
-    features = {"cls_mean": np.concatenate([hidden[:, 0], hidden[:, 1:].mean(1)], -1), "cls": hidden[:, 0],
-                "mean": hidden.mean(1)}[pooling]
+    patches = hidden[:, 1 + registers:]
+    assert patches.shape[1] == 12  # (12 / 4) x (16 / 4)
+    features = {"cls_mean": np.concatenate([hidden[:, 0], patches.mean(1)], -1), "cls": hidden[:, 0],
+                "mean": np.concatenate([hidden[:, :1], patches], 1).mean(1)}[pooling]
     out = tuned.params["head"]["out"]
     expected = features @ np.asarray(out["kernel"]) + np.asarray(out["bias"])
     got = np.asarray(tuned.module.apply({"params": tuned.params}, pixel_values=x))
     np.testing.assert_allclose(got, expected, atol=TOL, rtol=0)
     if pooling == "cls_mean":
-        assert tuned.hf_architecture == "Dinov2ForImageClassification"
+        assert tuned.hf_architecture == base.replace("model", "Dinov2ForImageClassification").replace(
+            "Dinov2ForImageClassification_registers", "Dinov2WithRegistersForImageClassification")
     else:
         assert tuned.hf_architecture is None
-        with pytest.raises(tuning.ExportError, match=rf"pooling {pooling}\).*Dinov2ForImageClassification: the first "
+        with pytest.raises(tuning.ExportError, match=rf"pooling {pooling}\).*ImageClassification: the first "
                            r"token \+\+ the mean of the others into classifier\)"):
             tuning.export_peft(tuned, tmp_path, params=tuned.params)
 

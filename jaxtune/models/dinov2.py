@@ -1,4 +1,4 @@
-"""DINOv2: transformers' ``Dinov2Model`` and ``Dinov2ForImageClassification``.
+"""DINOv2: transformers' ``Dinov2Model`` and ``Dinov2ForImageClassification``, with registers too.
 
 :class:`Dinov2` is ``Dinov2Model``, a ViT with DINOv2's changes, in the order a forward runs them:
 
@@ -27,9 +27,11 @@ is ``encoder.layer.2.attention.q_proj``); checkpoints store older names (``atten
 ``mlp.weights_in`` holding ``gate_proj`` and ``up_proj`` stacked), which :func:`checkpoint_name` and
 :func:`checkpoint_chunk` give.
 
-Not supported (refused at load, naming the field): non-square ``image_size``/``patch_size``, an
-activation other than the GELUs and ReLU, and ``Dinov2WithRegistersModel``, whose register tokens and
-antialiased interpolation (PIL's a=-0.5 kernel widened when shrinking) are their own family.
+``Dinov2WithRegistersModel`` (and its classifier) is the same model with ``num_register_tokens``
+learned tokens between ``[CLS]`` and the patches (no position of their own; the classifier's mean leaves
+them out) and positions interpolated with torch's antialiased bicubic (Keys' a=-0.5, stretched when
+shrinking). Not supported (refused at load, naming the field): non-square ``image_size``/``patch_size``
+and an activation other than the GELUs and ReLU.
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ from jaxtune.models.layers import (
 )
 from jaxtune.models.vit import Attention, BareTensor, PatchEmbeddings
 
-ARCHITECTURES = ("Dinov2Model", "Dinov2ForImageClassification")
-CLASSIFIERS = ("Dinov2ForImageClassification",)
-MODEL_TYPES = {"dinov2": "Dinov2Model"}
+ARCHITECTURES = ("Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
+                 "Dinov2WithRegistersForImageClassification")
+CLASSIFIERS = ("Dinov2ForImageClassification", "Dinov2WithRegistersForImageClassification")
+MODEL_TYPES = {"dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel"}
 PARTITION_RULES: PartitionRules = partition_rules(column=("q_proj", "k_proj", "v_proj", "fc1", "gate_proj", "up_proj"),
                                                   row=("o_proj", "fc2", "down_proj"))
-BODY = "dinov2"  # the body's prefix in a Dinov2ForImageClassification checkpoint
+# The body's prefix in a *ForImageClassification checkpoint (transformers' base_model_prefix).
+BODIES = {False: "dinov2", True: "dinov2_with_registers"}
+_LAYOUT = dict(pooling="cls_mean", dense=(), activation="gelu", out="classifier", input_dropout=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +76,6 @@ class Dinov2Config:
     """Everything that shapes a DINOv2. Hashable, so it can sit on a linen module."""
 
     modality: ClassVar[str] = "image"
-    # Dinov2ForImageClassification: [CLS] ++ mean(patches) straight into ``classifier`` (no dropout).
-    classifier_layout: ClassVar[ClassifierLayout] = ClassifierLayout(BODY, "cls_mean", (), "gelu", "classifier",
-                                                                     input_dropout=False)
 
     image_size: int  # the grid the position embeddings were learned on (image_size // patch_size per side)
     patch_size: int
@@ -91,6 +93,9 @@ class Dinov2Config:
     use_swiglu_ffn: bool = False
     use_mask_token: bool = True
     layerscale_value: float = 1.0  # LayerScale's initial value (a fresh model only)
+    # Dinov2WithRegisters: learned tokens between [CLS] and the patches, with no position; its positions
+    # interpolate with torch's antialiased bicubic.
+    num_register_tokens: int = 0
     num_labels: int = 2  # Dinov2Classifier only
     architecture: str = "Dinov2Model"
     dtype: str = "float32"
@@ -109,6 +114,7 @@ class Dinov2Config:
             raise ValueError("config.json: non-square image_size/patch_size is not supported; give one int each")
         hidden = hf["hidden_size"]
         intermediate = int(hidden * hf.get("mlp_ratio", 4))
+        registers = hf.get("num_register_tokens", 4) if arch.startswith("Dinov2WithRegisters") else 0
         if hf.get("use_swiglu_ffn", False):
             intermediate = (int(intermediate * 2 / 3) + 7) // 8 * 8  # transformers' Dinov2SwiGLUFFN width
         fields = dict(
@@ -126,13 +132,25 @@ class Dinov2Config:
             drop_path_rate=hf.get("drop_path_rate", 0.0),
             qkv_bias=hf.get("qkv_bias", True),
             use_swiglu_ffn=hf.get("use_swiglu_ffn", False),
-            use_mask_token=hf.get("use_mask_token", True),
+            use_mask_token=hf.get("use_mask_token", True) or bool(registers),  # registers: always one
+            num_register_tokens=registers,
             layerscale_value=hf.get("layerscale_value", 1.0),
             num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
             architecture=arch,
         )
         fields.update(overrides)
         return cls(**fields)
+
+    @property
+    def classifier_layout(self) -> ClassifierLayout:
+        """``*ForImageClassification``: [CLS] ++ mean(patches) straight into ``classifier`` (no dropout)."""
+        return ClassifierLayout(BODIES[bool(self.num_register_tokens)], **_LAYOUT)
+
+    def pooled_tokens(self, shape: tuple[int, int]) -> Array:
+        """Segment ids ``shape`` ``(B, T)`` int32 for the head's pooling: 1 for ``[CLS]`` and the patches,
+        0 for the register tokens, which transformers' classifier leaves out of its mean."""
+        ids = jnp.ones(shape, jnp.int32)
+        return ids.at[:, 1:1 + self.num_register_tokens].set(0) if self.num_register_tokens else ids
 
     @property
     def classifier_dropout(self) -> float:
@@ -162,36 +180,49 @@ class Dinov2Config:
 
 # ----------------------------------------------------------------------------- position interpolation
 
-_CUBIC_A = -0.75  # torch's bicubic kernel (jax.image.resize's "cubic" is Keys' a=-0.5, and antialiases)
+def _cubic(x: float, a: float) -> float:
+    """The cubic convolution kernel with parameter ``a`` at distance ``x``."""
+    x = abs(x)
+    if x < 1:
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+    if x < 2:
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return 0.0
 
 
-def bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+def bicubic_matrix(size_in: int, size_out: int, antialias: bool = False) -> np.ndarray:
     """``(size_out, size_in)`` float64 weights of torch's ``interpolate(mode="bicubic",
-    align_corners=False, size=...)`` along one axis: output ``i`` samples source ``(i + 0.5) * in / out
-    - 0.5`` with the cubic convolution kernel a=-0.75 over four neighbours, indices clamped at the edges.
-    A resize is ``M_h @ x @ M_w.T``; the identity when ``size_in == size_out``."""
+    align_corners=False, size=...)`` along one axis; a resize is ``M_h @ x @ M_w.T``.
+
+    Without ``antialias`` (DINOv2), output ``i`` samples source ``(i + 0.5) * in / out - 0.5`` with
+    the kernel a=-0.75 over four neighbours, indices clamped at the edges. With it (DINOv2 with
+    registers), torch's PIL-style filter: Keys' a=-0.5, stretched by ``in / out`` when shrinking,
+    cut at the edges and renormalised. Either is the identity when ``size_in == size_out``."""
     out = np.zeros((size_out, size_in))
+    scale = size_in / size_out
     for i in range(size_out):
-        src = (i + 0.5) * size_in / size_out - 0.5
-        base = math.floor(src)
-        t = src - base
-        a = _CUBIC_A
-        weights = (((a * (t + 1) - 5 * a) * (t + 1) + 8 * a) * (t + 1) - 4 * a,
-                   ((a + 2) * t - (a + 3)) * t * t + 1,
-                   ((a + 2) * (1 - t) - (a + 3)) * (1 - t) * (1 - t) + 1,
-                   ((a * (2 - t) - 5 * a) * (2 - t) + 8 * a) * (2 - t) - 4 * a)
-        for offset, weight in zip(range(-1, 3), weights, strict=True):
-            out[i, min(max(base + offset, 0), size_in - 1)] += weight
+        if not antialias:
+            src = (i + 0.5) * scale - 0.5
+            base = math.floor(src)
+            for offset in range(-1, 3):
+                out[i, min(max(base + offset, 0), size_in - 1)] += _cubic(src - (base + offset), -0.75)
+            continue
+        stretch = max(scale, 1.0)
+        center = (i + 0.5) * scale
+        first = max(int(center - 2 * stretch + 0.5), 0)
+        last = min(int(center + 2 * stretch + 0.5), size_in)
+        weights = [_cubic((j - center + 0.5) / stretch, -0.5) for j in range(first, last)]
+        out[i, first:last] = np.asarray(weights) / sum(weights)
     return out
 
 
-def interpolate_positions(positions: Array, grid: int, rows: int, cols: int) -> Array:
+def interpolate_positions(positions: Array, grid: int, rows: int, cols: int, antialias: bool = False) -> Array:
     """Patch position embeddings ``(grid * grid, D)`` learned on a ``grid x grid`` patch grid, resized
     to ``rows x cols`` patches: ``(rows * cols, D)`` in float32, as transformers interpolates them."""
     if (rows, cols) == (grid, grid):
         return positions.astype(jnp.float32)
-    m_rows = jnp.asarray(bicubic_matrix(grid, rows), jnp.float32)
-    m_cols = jnp.asarray(bicubic_matrix(grid, cols), jnp.float32)
+    m_rows = jnp.asarray(bicubic_matrix(grid, rows, antialias), jnp.float32)
+    m_cols = jnp.asarray(bicubic_matrix(grid, cols, antialias), jnp.float32)
     square = positions.astype(jnp.float32).reshape(grid, grid, -1)
     return jnp.einsum("ia,jb,abd->ijd", m_rows, m_cols, square,
                       precision=jax.lax.Precision.HIGHEST).reshape(rows * cols, -1)
@@ -211,6 +242,8 @@ class Embeddings(nn.Module):
         if cfg.use_mask_token:
             self.mask_token = BareTensor((1, cfg.hidden_size), cfg.param_dtype)
         self.position_embeddings = BareTensor((1, cfg.grid ** 2 + 1, cfg.hidden_size), cfg.param_dtype)
+        if cfg.num_register_tokens:
+            self.register_tokens = BareTensor((1, cfg.num_register_tokens, cfg.hidden_size), cfg.param_dtype)
         self.patch_embeddings = PatchEmbeddings(cfg)
         self.dropout = Dropout(cfg.hidden_dropout)
 
@@ -230,9 +263,13 @@ class Embeddings(nn.Module):
             self.mask_token()  # create the param at init
         cls = jnp.broadcast_to(self.cls_token().astype(x.dtype), (x.shape[0], 1, cfg.hidden_size))
         table = self.position_embeddings()[0]
-        positions = jnp.concatenate([table[:1].astype(jnp.float32),
-                                     interpolate_positions(table[1:], cfg.grid, rows, cols)])
+        positions = jnp.concatenate([table[:1].astype(jnp.float32), interpolate_positions(
+            table[1:], cfg.grid, rows, cols, antialias=bool(cfg.num_register_tokens))])
         x = jnp.concatenate([cls, x], axis=1) + positions.astype(table.dtype).astype(x.dtype)
+        if cfg.num_register_tokens:
+            registers = self.register_tokens().astype(x.dtype)
+            x = jnp.concatenate([x[:, :1], jnp.broadcast_to(registers, (x.shape[0], *registers.shape[1:])), x[:, 1:]],
+                                axis=1)
         return self.dropout(x, deterministic=deterministic)
 
 
@@ -313,13 +350,12 @@ class Dinov2Classifier(nn.Module):
 
     cfg: Dinov2Config
 
-    def setup(self) -> None:
-        self.dinov2 = Dinov2(self.cfg)
-        self.head = _Head(self.cfg.num_labels, self.cfg)
-
+    @nn.compact
     def __call__(self, pixel_values: Array, deterministic: bool = True) -> Array:
-        hidden = self.dinov2(pixel_values, deterministic)
-        return self.head(pool(hidden, jnp.ones(hidden.shape[:2], jnp.int32), "cls_mean"), deterministic)
+        cfg = self.cfg
+        hidden = Dinov2(cfg, name=cfg.classifier_layout.body)(pixel_values, deterministic)
+        features = pool(hidden, cfg.pooled_tokens(hidden.shape[:2]), "cls_mean")
+        return _Head(cfg.num_labels, cfg, name="head")(features, deterministic)
 
 
 class _Head(nn.Module):
@@ -339,7 +375,7 @@ def hf_module(modules: tuple[str, ...]) -> str:
     ``'encoder.layer.2.attention.q_proj'``; ``('dinov2', ...)`` keeps its ``dinov2.``; the head's
     ``('head', 'out')`` is ``Dinov2ForImageClassification``'s ``classifier``."""
     if modules[0] == "head":
-        return Dinov2Config.classifier_layout.hf_names()[modules[1]]
+        return {"out": _LAYOUT["out"]}[modules[1]]
     return ".".join(m.replace("layers_", "encoder.layer.", 1) if m.startswith("layers_") else m for m in modules)
 
 

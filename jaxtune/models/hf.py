@@ -62,7 +62,8 @@ BASE_LEAVES = ("kernel", "embedding", "scale", "bias", vit.TENSOR_LEAF, *efficie
 _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".attn.bias",
                      ".attention.bias")  # GPT-NeoX's causal-mask buffer in older checkpoints
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
-_BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.", "deberta.", "dinov2.")
+_BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.", "deberta.", "dinov2.",
+                  "dinov2_with_registers.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
                    "generation_config.json", "spm.model")
@@ -193,7 +194,9 @@ FAMILIES: dict[str, Family] = {
        for a in efficientnet.ARCHITECTURES},
     **{a: Family(dinov2.Dinov2Config.from_hf, dinov2.Dinov2Classifier if a in dinov2.CLASSIFIERS else dinov2.Dinov2,
                  dinov2.hf_module, dinov2.PARTITION_RULES, body=dinov2.Dinov2 if a in dinov2.CLASSIFIERS else None,
-                 name="DINOv2", base="Dinov2Model", classifier="Dinov2ForImageClassification",
+                 name="DINOv2 with registers" if "WithRegisters" in a else "DINOv2",
+                 base=a.replace("ForImageClassification", "Model"),
+                 classifier=a.replace("Model", "ForImageClassification"),
                  checkpoint_name=dinov2.checkpoint_name, checkpoint_chunk=dinov2.checkpoint_chunk, modality="image")
        for a in dinov2.ARCHITECTURES},
 }

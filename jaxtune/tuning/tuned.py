@@ -123,7 +123,9 @@ class TunedModel(nn.Module):
         spec = self.head_spec
         hidden = self.head.transform(hidden, positions, segment_ids, deterministic)
         real = pool_ids if pool_ids is not None else segment_ids
-        real = real if real is not None else jnp.ones(hidden.shape[:2], jnp.int32)
+        if real is None:  # an image: every token, but the tokens a body's pooling leaves out (DINOv2's registers)
+            pooled_tokens = getattr(self.body.cfg, "pooled_tokens", None)
+            real = pooled_tokens(hidden.shape[:2]) if pooled_tokens else jnp.ones(hidden.shape[:2], jnp.int32)
         if spec.pooling == "pooler":
             features = self.body.pooled(pool(hidden, real, "cls", segments), deterministic)
         else:
