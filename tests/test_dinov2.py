@@ -396,3 +396,20 @@ def test_images_are_resized_and_cropped_as_dinov2s_image_processor(dino_dirs, tm
         theirs = processor(image, return_tensors="np")["pixel_values"][0]
         assert ours.shape == theirs.shape == (3, 12, 12)
         np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0, err_msg=str(shape))
+
+
+def test_cls_mean_pools_each_packed_segment_apart():
+    """[CLS] ++ mean of the others, per segment of a packed row (segments 1..S; 0 is padding)."""
+    from jaxtune.models.layers import pool
+
+    hidden = np.random.default_rng(0).normal(size=(2, 7, 3)).astype(np.float32)
+    segment_ids = np.array([[1, 1, 1, 2, 2, 0, 0], [1, 2, 2, 2, 2, 2, 0]], np.int32)
+    got = np.asarray(pool(jnp.asarray(hidden), jnp.asarray(segment_ids), "cls_mean", segments=2))
+    for b in range(2):
+        for s in (1, 2):
+            tokens = hidden[b, segment_ids[b] == s]
+            rest = tokens[1:].mean(0) if len(tokens) > 1 else np.zeros(3, np.float32)
+            np.testing.assert_allclose(got[b, s - 1], np.concatenate([tokens[0], rest]), atol=1e-6)
+    unpacked = np.asarray(pool(jnp.asarray(hidden), jnp.asarray((segment_ids > 0).astype(np.int32)), "cls_mean"))
+    real = hidden[0, :5]
+    np.testing.assert_allclose(unpacked[0], np.concatenate([real[0], real[1:].mean(0)]), atol=1e-6)
