@@ -413,3 +413,17 @@ def test_cls_mean_pools_each_packed_segment_apart():
     unpacked = np.asarray(pool(jnp.asarray(hidden), jnp.asarray((segment_ids > 0).astype(np.int32)), "cls_mean"))
     real = hidden[0, :5]
     np.testing.assert_allclose(unpacked[0], np.concatenate([real[0], real[1:].mean(0)]), atol=1e-6)
+
+
+def test_with_registers_is_told_by_its_architecture_even_with_no_registers(tmp_path):
+    """num_register_tokens 0 leaves Dinov2WithRegisters what it is: its body prefix, its empty register
+    tensor and its antialiased interpolation (here upsampling a 4 x 4 grid to 6 x 5)."""
+    torch.manual_seed(1)
+    model = Dinov2WithRegistersForImageClassification(_config(registers=True, num_register_tokens=0))
+    randomize_weights(model, is_norm=is_norm_gain)
+    model.save_pretrained(tmp_path)
+    ours = hf.load_pretrained(tmp_path)
+    x = pixels(2, seed=11, shape=(24, 20))
+    with torch.no_grad():
+        expected = model.eval()(pixel_values=torch.from_numpy(x)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(ours.module.apply({"params": ours.params}, x)), expected, atol=TOL, rtol=0)

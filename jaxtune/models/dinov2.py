@@ -115,6 +115,8 @@ class Dinov2Config:
         hidden = hf["hidden_size"]
         intermediate = int(hidden * hf.get("mlp_ratio", 4))
         registers = hf.get("num_register_tokens", 4) if arch.startswith("Dinov2WithRegisters") else 0
+        if registers < 0:
+            raise ValueError(f"config.json: num_register_tokens {registers} is negative; give 0 or more")
         if hf.get("use_swiglu_ffn", False):
             intermediate = (int(intermediate * 2 / 3) + 7) // 8 * 8  # transformers' Dinov2SwiGLUFFN width
         fields = dict(
@@ -132,7 +134,8 @@ class Dinov2Config:
             drop_path_rate=hf.get("drop_path_rate", 0.0),
             qkv_bias=hf.get("qkv_bias", True),
             use_swiglu_ffn=hf.get("use_swiglu_ffn", False),
-            use_mask_token=hf.get("use_mask_token", True) or bool(registers),  # registers: always one
+            # Dinov2WithRegisters has no use_mask_token: its checkpoints always carry the mask token.
+            use_mask_token=hf.get("use_mask_token", True) or arch.startswith("Dinov2WithRegisters"),
             num_register_tokens=registers,
             layerscale_value=hf.get("layerscale_value", 1.0),
             num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
@@ -142,9 +145,14 @@ class Dinov2Config:
         return cls(**fields)
 
     @property
+    def with_registers(self) -> bool:
+        """Whether this is ``Dinov2WithRegisters*`` (by architecture: a config may ask for 0 registers)."""
+        return self.architecture.startswith("Dinov2WithRegisters")
+
+    @property
     def classifier_layout(self) -> ClassifierLayout:
         """``*ForImageClassification``: [CLS] ++ mean(patches) straight into ``classifier`` (no dropout)."""
-        return ClassifierLayout(BODIES[bool(self.num_register_tokens)], **_LAYOUT)
+        return ClassifierLayout(BODIES[self.with_registers], **_LAYOUT)
 
     def pooled_tokens(self, shape: tuple[int, int]) -> Array:
         """Segment ids ``shape`` ``(B, T)`` int32 for the head's pooling: 1 for ``[CLS]`` and the patches,
@@ -242,7 +250,7 @@ class Embeddings(nn.Module):
         if cfg.use_mask_token:
             self.mask_token = BareTensor((1, cfg.hidden_size), cfg.param_dtype)
         self.position_embeddings = BareTensor((1, cfg.grid ** 2 + 1, cfg.hidden_size), cfg.param_dtype)
-        if cfg.num_register_tokens:
+        if cfg.with_registers:
             self.register_tokens = BareTensor((1, cfg.num_register_tokens, cfg.hidden_size), cfg.param_dtype)
         self.patch_embeddings = PatchEmbeddings(cfg)
         self.dropout = Dropout(cfg.hidden_dropout)
@@ -264,9 +272,9 @@ class Embeddings(nn.Module):
         cls = jnp.broadcast_to(self.cls_token().astype(x.dtype), (x.shape[0], 1, cfg.hidden_size))
         table = self.position_embeddings()[0]
         positions = jnp.concatenate([table[:1].astype(jnp.float32), interpolate_positions(
-            table[1:], cfg.grid, rows, cols, antialias=bool(cfg.num_register_tokens))])
+            table[1:], cfg.grid, rows, cols, antialias=cfg.with_registers)])
         x = jnp.concatenate([cls, x], axis=1) + positions.astype(table.dtype).astype(x.dtype)
-        if cfg.num_register_tokens:
+        if cfg.with_registers:
             registers = self.register_tokens().astype(x.dtype)
             x = jnp.concatenate([x[:, :1], jnp.broadcast_to(registers, (x.shape[0], *registers.shape[1:])), x[:, 1:]],
                                 axis=1)
