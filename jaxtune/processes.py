@@ -143,10 +143,11 @@ def stop_together(where: Callable[[], str],
     and ends its process (exit status 1): its main thread is inside a collective, where no Python
     exception reaches it. A KeyboardInterrupt (a second Ctrl-C) is no failure: the message says
     ``process I was interrupted (Ctrl-C) <where()>``, ``interrupted`` is True (process 0 marks the run
-    stopped) and the others exit with 130, as one process interrupted so would (``jaxtune``'s status for
-    a Ctrl-C, a shell's for SIGINT). The failing process raises its own error as before. One process:
-    nothing is started, nothing is paid (no agreement per step either way). Inside another ``stop_together`` (an
-    evaluation during ``fit``) the outer one covers the block: its ``where`` and ``on_stop`` hold."""
+    stopped, in the training loop) and the others exit with 130, as one process interrupted so would
+    (``jaxtune``'s status for a Ctrl-C, a shell's for SIGINT). The failing process raises its own error as
+    before. One process: nothing is started, nothing is paid (no agreement per step either way). Inside
+    another ``stop_together`` (an evaluation during ``fit``) the outer one covers the block: its ``where`` and
+    ``on_stop`` hold."""
     client = _client() if several() and not _watched.get() else None
     if client is None:
         yield

@@ -288,6 +288,42 @@ def test_a_second_ctrl_c_while_a_save_is_in_flight_waits_for_it_and_names_it(tmp
     assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "stopped"
 
 
+@pytest.mark.parametrize("phase", ["restore", "base", "final"])
+def test_a_ctrl_c_restoring_or_scoring_leaves_the_status_as_one_process_leaves_it(tmp_path, phase):
+    """A Ctrl-C on process 1 as it restores the latest checkpoint (resuming a 2-step run to 4 steps), scores
+    the base model or scores the trained one: outside the step loop there is no step boundary to wait for,
+    so it stops every process at once (exit status 130). One process leaves the run's status as it was (its
+    KeyboardInterrupt passes the status by): the training it describes did not change. On two processes,
+    process 0's watcher wrote "stopped" at the trainer's step then: 0 of 4 while restoring a run whose
+    checkpoint and status say step 2, "stopped" for a finished run whose final scoring was interrupted, and
+    only when the interrupted process was not process 0. Now the status is one process's."""
+    outcomes = []
+    for count in (1, 2):
+        d = tmp_path / str(count)
+        d.mkdir()
+        argv = _train_script(d, "--log-every", "1", "--steps", "2", "--scores")
+        if phase == "restore":
+            _processes(argv, d, timeout=180, count=count)
+            argv = [*argv, "--steps", "4"]
+        status = d / "run" / "status.json"
+        before = json.loads(status.read_text()) if status.exists() else None
+        codes, errs = _run([*argv, "--interrupt-in", phase, "--interrupt-on", str(count - 1)], d, timeout=180,
+                           count=count)
+        assert codes == [130] * count and "jaxtune: interrupted" in errs[-1], [err[-1500:] for err in errs]
+        after = json.loads(status.read_text()) if status.exists() else None
+        kept = ("state", "step", "total_steps", "error")
+        outcomes.append(after and {k: after.get(k) for k in kept})
+        if phase != "final":  # the final scoring's status (finished) is written before it starts
+            assert after == before, (before, after)
+        if count == 2:
+            doing = {"restore": "restoring the latest checkpoint", "base": "scoring the base model, before training",
+                     "final": "scoring the trained model (step 2)"}[phase]
+            assert f"process 1 was interrupted (Ctrl-C) {doing}; stopping" in errs[0], errs[0][-1500:]
+    assert outcomes[1] == outcomes[0]
+    if phase == "final":
+        assert outcomes[0]["state"] == "finished" and outcomes[0]["step"] == 2, outcomes[0]
+
+
 def test_an_error_on_one_process_stops_the_others_at_once_naming_it(tmp_path):
     """A callback raises on process 1 alone after step 2 (as a corrupt image in its loader or a user's
     source could): process 0 waited in step 3's collectives until JAX's distributed service gave up on

@@ -2,6 +2,7 @@
 
 python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
     [--kill-at S [--kill-on P]] [--interrupt-at S [--interrupt-on P] [--twice]] [--fail-at S [--fail-on P]] [--batch B]
+    [--interrupt-in restore|base|final [--interrupt-on P]] [--scores]
     [--log-every N] [--out FILE.npz]
     [--no-packing] [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
     [--slow-save SECONDS [--slow-save-on P]]
@@ -12,6 +13,9 @@ Exits with 130 when the run stopped (a Ctrl-C), as ``jaxtune train`` does.
 ``--kill-at`` SIGKILLs the process (``--kill-on``: that one alone) after that step, writing
 ``killed at <time.time()>`` to stderr first. ``--interrupt-at`` sends process ``--interrupt-on`` a Ctrl-C
 (SIGINT) as soon as its host has started that step, whatever ``--log-every`` (``--twice``: two).
+``--interrupt-in`` sends it one Ctrl-C as it starts restoring the latest checkpoint, scoring the base model
+or scoring the trained model (outside the step loop a Ctrl-C stops at once); ``--scores`` scores both
+(``eval.before``, ``eval.after``; off otherwise).
 ``--slow-save`` keeps each save of process ``--slow-save-on`` (default 0) in flight that many seconds longer.
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
@@ -41,6 +45,9 @@ def main() -> None:
     ap.add_argument("--interrupt-at", type=int, default=None, help="one process alone gets a Ctrl-C after this step")
     ap.add_argument("--interrupt-on", type=int, default=0, help="the process that --interrupt-at interrupts")
     ap.add_argument("--twice", action="store_true", help="--interrupt-at sends two Ctrl-Cs (stop at once)")
+    ap.add_argument("--interrupt-in", choices=("restore", "base", "final"), default=None,
+                    help="process --interrupt-on gets a Ctrl-C as it starts this, outside the step loop")
+    ap.add_argument("--scores", action="store_true", help="score the base model and the trained one")
     ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--fail-at", type=int, default=None, help="one process alone raises in a callback after this step")
     ap.add_argument("--fail-on", type=int, default=1, help="the process that --fail-at raises on")
@@ -115,8 +122,21 @@ def main() -> None:
     # The answers are upper-cased words; their first letters tell them apart.
     choices = tuple(w.upper() for w in ("alpha", "beta", "gamma", "delta", "omega", "kappa"))
 
+    def interrupt_in(phase: str) -> None:
+        if args.interrupt_in == phase and jax.process_index() == args.interrupt_on:
+            os.kill(os.getpid(), signal.SIGINT)
+
     class Interrupted(Trainer):
-        """A Ctrl-C right after the host started step ``--interrupt-at`` (callbacks run at log steps only)."""
+        """A Ctrl-C right after the host started step ``--interrupt-at`` (callbacks run at log steps only), or as
+        it starts ``--interrupt-in``'s phase."""
+
+        def _resume(self, *a: Any, **k: Any) -> Any:
+            interrupt_in("restore")
+            return super()._resume(*a, **k)
+
+        def evaluate(self, *a: Any, **k: Any) -> Any:
+            interrupt_in("final" if self.step else "base")  # the loop evaluates only with eval.every (not set)
+            return super().evaluate(*a, **k)
 
         def _one_step(self, *a: Any, **k: Any) -> Any:
             metrics = super()._one_step(*a, **k)
@@ -132,10 +152,14 @@ def main() -> None:
     trainer = Interrupted(tuned, train_data=loader, eval_data=eval_loader,
                       optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
                       config=TrainConfig(steps=args.steps, log_every=args.log_every, progress=False),
-                      checkpoint=CheckpointConfig(every=args.save_every), eval=EvalConfig(choices=choices, before=False,
-                                                                                         after=False),
+                      checkpoint=CheckpointConfig(every=args.save_every),
+                      eval=EvalConfig(choices=choices, before=args.scores, after=args.scores, cache_base=False),
                       run_dir=args.run, callbacks=[kill] if args.kill_at or args.fail_at else [])
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except KeyboardInterrupt:  # a Ctrl-C outside the step loop: as jaxtune train ends
+        print("jaxtune: interrupted", file=sys.stderr)
+        sys.exit(130)
     if args.out and jax.process_index() == 0:
         host = jax.device_get(trainer.trainable)  # gathers across processes for fully addressable arrays
         np.savez(args.out, **{"/".join(k): np.asarray(v) for k, v in flatten_dict(host).items()})

@@ -73,7 +73,8 @@ class Fitting:
             self.check_resume()
             self.run.create().write_config(self.resolved_config)
             self.run.write_identity(self.identity())
-        with self.status.stop_together(lambda: "scoring the base model, before training", lambda: self.step):
+        with self.status.stop_together(lambda: "scoring the base model, before training", lambda: self.step,
+                                       training=False):
             before = scores.score_base(self)
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
         self._training_pass = iterator  # the pass training reads now (:meth:`_another_pass` opens the next)
@@ -105,8 +106,7 @@ class Fitting:
         self.close()
         self._resumable_data = hasattr(iterator, "get_state")
         with processes.ready_together(lambda: "restoring the latest checkpoint",
-                                      lambda message, interrupted: self.status.stopped_by_another(
-                                          message, self.step, interrupted=interrupted)):
+                                      self.status.on_stop(lambda: self.step, training=False)):
             best = self._resume(iterator)
         previous_status = self.run.status() or {}
         previous = previous_status.get("state")
@@ -137,7 +137,8 @@ class Fitting:
                            if best.step is not None else None, before=before,
                            failed_step=self.failed_step if state == "failed" else None)
         if state in ("finished", "early_stopped"):
-            with self.status.stop_together(lambda: f"scoring the trained model (step {self.step})", lambda: self.step):
+            with self.status.stop_together(lambda: f"scoring the trained model (step {self.step})", lambda: self.step,
+                                           training=False):
                 self._finish(result)
             self.run.close()  # the final evaluation's record
         return result
@@ -183,7 +184,7 @@ class Fitting:
         try:
             # another process's error (its loader, a callback) stops this one, not a collective it never joins
             stop_together = self.status.stop_together(lambda: f"after step {self.step} of {self.steps}",
-                                                      lambda: self.step)
+                                                      lambda: self.step, training=True)
             with stop_together, StopOnInterrupt(self.step) as interrupt:
                 while self.step < self.steps:
                     if interrupt.stop_now(self.step):

@@ -57,20 +57,33 @@ class RunStatus:
         self.run.write_status(state, step=step, total_steps=self.total_steps, **fields,
                               **({"memory": report} if report else {}))
 
-    def stop_together(self, where: Callable[[], str], step: Callable[[], int]) -> Any:
+    def stop_together(self, where: Callable[[], str], step: Callable[[], int], *, training: bool) -> Any:
         """:func:`~jaxtune.processes.stop_together` for this run: another process's error (or second Ctrl-C)
-        marks its status, at the trainer's ``step()`` then."""
-        return processes.stop_together(where, lambda message, interrupted: self.stopped_by_another(
-            message, step(), interrupted=interrupted))
+        marks its status, at the trainer's ``step()`` then (:meth:`on_stop`)."""
+        return processes.stop_together(where, self.on_stop(step, training=training))
 
-    def stopped_by_another(self, message: str, step: int, *, interrupted: bool = False) -> None:
+    def on_stop(self, step: Callable[[], int], *, training: bool) -> Callable[[str, bool], None]:
+        """What another process's error or Ctrl-C does to the status (``on_stop`` of
+        :func:`~jaxtune.processes.stop_together`): :meth:`stopped_by_another` at the trainer's ``step()``;
+        ``training``: in the step loop, not restoring or scoring around it."""
+        return lambda message, interrupted: self.stopped_by_another(message, step(), interrupted=interrupted,
+                                                                    training=training)
+
+    def stopped_by_another(self, message: str, step: int, *, interrupted: bool = False, training: bool = True) -> None:
         """Another process failed (``message``, :func:`~jaxtune.processes.stop_together`): the run's status says
-        so. Or it was interrupted at once (``interrupted``: a second Ctrl-C): the run stopped, as one process's
-        run interrupted so does, keeping the training and evaluation it last reported (a Ctrl-C is no error)."""
+        so. Or it was interrupted at once (``interrupted``: a second Ctrl-C in the step loop, any outside it,
+        where nothing waits for a step boundary to save): in the step loop (``training``) the
+        run stopped, as one process's run interrupted so does, keeping the training and evaluation it last
+        reported (a Ctrl-C is no error); outside it (restoring a checkpoint, scoring the model before or after
+        training) the status stays as it was, as one process's KeyboardInterrupt there leaves it: the training
+        it describes did not change, and ``step`` is not yet the run's while it restores. Either way nothing
+        the loop writes later replaces it."""
         with self._lock:
             self._stopped_by = message
             if not interrupted:
                 self._write_unlocked("failed", step, error=message)
+                return
+            if not training:
                 return
             last = self.run.status() or {}
             kept = {k: last[k] for k in ("train", "eval", "best_step", "best_value") if k in last}
