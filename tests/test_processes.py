@@ -236,7 +236,8 @@ def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_next_step_
     stopped = int(done[0][0].split()[1].removeprefix("step="))
     assert 2 <= stopped < 8
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == [str(stopped)]
-    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "stopped"
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("stopped", stopped), status
     errs = _processes([*argv, "--out", str(tmp_path / "resumed.npz")], tmp_path, timeout=180)
     assert all("done step=8 state=finished" in err for err in errs), [err[-1500:] for err in errs]
     whole = tmp_path / "whole"
@@ -268,7 +269,8 @@ def test_a_second_ctrl_c_on_one_process_stops_the_others_at_once_as_one_process_
     assert stopping in errs[other], errs[other][-1500:]
     assert "heartbeat" not in errs[0] + errs[1]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
-    assert status["state"] == "stopped" and "error" not in status, status
+    # the last step that finished: process 0 may have dispatched step 3 (which never finishes) as process 1 stopped
+    assert status["state"] == "stopped" and status["step"] == 2 and "error" not in status, status
 
 
 def test_a_second_ctrl_c_while_a_save_is_in_flight_waits_for_it_and_names_it(tmp_path):
@@ -337,6 +339,26 @@ def test_an_error_on_one_process_stops_the_others_at_once_naming_it(tmp_path):
     assert "heartbeat" not in errs[0] + errs[1]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and status["error"] == f"process 1 failed after step 2 of 6: {error}", status
+
+
+def test_a_status_written_as_another_process_fails_names_the_last_step_that_finished(tmp_path):
+    """Process 1's callback raises 3 s after step 2 (4 steps, each logged): process 0 has dispatched step 3 by
+    then, and it waits in that step's collectives for process 1, for ever. Its watcher wrote the run's status
+    at the trainer's count of steps, 3: ``jaxtune status`` said step 3 was done, which neither the checkpoint
+    nor the logged metrics hold. Now it names step 2, the last that finished: the run's records end there,
+    and they are an uninterrupted run's."""
+    codes, errs = _run(_train_script(tmp_path, "--steps", "4", "--fail-at", "2", "--fail-after", "3"), tmp_path,
+                       timeout=120)
+    assert codes == [1, 1] and "process 1 failed after step 2 of 4" in errs[0], [err[-1500:] for err in errs]
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    _processes(_train_script(whole, "--steps", "4"), whole, timeout=180)
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    records, uninterrupted = ([r for r in map(json.loads, (d / "run" / "metrics.jsonl").read_text().splitlines())
+                               if "loss" in r] for d in (tmp_path, whole))
+    assert status["state"] == "failed" and status["step"] == records[-1]["step"] == 2, (status, records)
+    assert [r["step"] for r in uninterrupted[:2]] == [r["step"] for r in records]
+    np.testing.assert_allclose([r["loss"] for r in records], [r["loss"] for r in uninterrupted[:2]], rtol=1e-5)
 
 
 def test_an_error_on_one_process_scoring_the_base_model_stops_the_others_too(tmp_path):

@@ -1,7 +1,8 @@
 """A small LoRA training run as a script: the resume (SIGKILL) and multi-process tests run it.
 
 python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save-every K]
-    [--kill-at S [--kill-on P]] [--interrupt-at S [--interrupt-on P] [--twice]] [--fail-at S [--fail-on P]] [--batch B]
+    [--kill-at S [--kill-on P]] [--interrupt-at S [--interrupt-on P] [--twice]]
+    [--fail-at S [--fail-on P] [--fail-after SECONDS]] [--batch B]
     [--interrupt-in restore|base|final [--interrupt-on P]] [--scores]
     [--log-every N] [--out FILE.npz]
     [--no-packing] [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
@@ -16,6 +17,7 @@ Exits with 130 when the run stopped (a Ctrl-C), as ``jaxtune train`` does.
 ``--interrupt-in`` sends it one Ctrl-C as it starts restoring the latest checkpoint, scoring the base model
 or scoring the trained model (outside the step loop a Ctrl-C stops at once); ``--scores`` scores both
 (``eval.before``, ``eval.after``; off otherwise).
+``--fail-at`` raises in a callback of process ``--fail-on`` after that step, ``--fail-after`` seconds late.
 ``--slow-save`` keeps each save of process ``--slow-save-on`` (default 0) in flight that many seconds longer.
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
@@ -51,6 +53,8 @@ def main() -> None:
     ap.add_argument("--log-every", type=int, default=1)
     ap.add_argument("--fail-at", type=int, default=None, help="one process alone raises in a callback after this step")
     ap.add_argument("--fail-on", type=int, default=1, help="the process that --fail-at raises on")
+    ap.add_argument("--fail-after", type=float, default=0,
+                    help="seconds --fail-at waits before it raises (the other processes go on into the next step)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--out", default=None)
     ap.add_argument("--no-packing", action="store_true", help="one example per row (padding mode)")
@@ -114,6 +118,7 @@ def main() -> None:
             print(f"killed at {time.time()}", file=sys.stderr, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         if step == args.fail_at and jax.process_index() == args.fail_on:
+            time.sleep(args.fail_after)
             raise ValueError(f"a callback's error on process {args.fail_on} only, at step {step}")
 
     eval_loader = make_loader(read_source(args.eval_data or args.data, "chat"), tiny_tokenizer(),

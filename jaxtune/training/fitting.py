@@ -20,7 +20,7 @@ from jaxtune.training import compile_cache, memory, preflight, scores
 from jaxtune.training.batch_norm import recalibrate
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import HIGHER_IS_BETTER, metrics_line
-from jaxtune.training.loop import Best, StopOnInterrupt, Throughput, TrainRecords
+from jaxtune.training.loop import Best, InFlight, StopOnInterrupt, Throughput, TrainRecords
 from jaxtune.training.result import FitResult
 from jaxtune.training.run_status import RunStatus
 from jaxtune.training.rundir import RunDir, RunDirError
@@ -61,6 +61,7 @@ class Fitting:
     _saved_step: int | None
     _training_pass: Any
     _resumable_data: bool
+    _in_flight: InFlight
 
     def fit(self) -> FitResult:
         """Train to the configured steps (resuming from ``run_dir``), evaluate, report.
@@ -108,6 +109,7 @@ class Fitting:
         with processes.ready_together(lambda: "restoring the latest checkpoint",
                                       self.status.on_stop(lambda: self.step, training=False)):
             best = self._resume(iterator)
+        self._in_flight = InFlight(self.step)
         previous_status = self.run.status() or {}
         previous = previous_status.get("state")
         try:
@@ -123,13 +125,13 @@ class Fitting:
             else:
                 state, train_metrics, eval_metrics = self._train(iterator, best)
         except Exception as err:  # the run is gone: say so where status readers look, then raise
-            self.status.write("failed", self.step, error=f"{type(err).__name__}: {err}")
+            self.status.write("failed", self._finished_step(), error=f"{type(err).__name__}: {err}")
             raise
         finally:
             self.close()
         if state not in ("failed",):
             # a run with nothing left to train keeps the last training and evaluation it reported
-            self.status.write(state, self.step, train=train_metrics or previous_status.get("train", {}),
+            self.status.write(state, self._finished_step(), train=train_metrics or previous_status.get("train", {}),
                               eval=eval_metrics or previous_status.get("eval", {}), best_step=best.step,
                               best_value=best.value)
         result = FitResult(self.model, self.step, self.steps, state, train_metrics, eval_metrics,
@@ -142,6 +144,12 @@ class Fitting:
                 self._finish(result)
             self.run.close()  # the final evaluation's record
         return result
+
+    def _finished_step(self) -> int:
+        """The step the status names when the run ends: on one process every step dispatched finishes (the
+        trainer's count); on several, the last that finished (:class:`~jaxtune.training.loop.InFlight`), as a
+        step dispatched when another process stopped (a second Ctrl-C, an error) never does."""
+        return self._in_flight.finished() if processes.several() else self.step
 
     def _resume(self, iterator: Any) -> Best:
         restored = self.checkpointer.restore(self.trainable, self.opt_state, data_iterator=iterator)
@@ -184,7 +192,7 @@ class Fitting:
         try:
             # another process's error (its loader, a callback) stops this one, not a collective it never joins
             stop_together = self.status.stop_together(lambda: f"after step {self.step} of {self.steps}",
-                                                      lambda: self.step, training=True)
+                                                      self._in_flight.finished, training=True)
             with stop_together, StopOnInterrupt(self.step) as interrupt:
                 while self.step < self.steps:
                     if interrupt.stop_now(self.step):
@@ -212,6 +220,7 @@ class Fitting:
                         return failed, train_metrics, eval_metrics
                     if logs:
                         host, pending = jax.device_get(pending), []
+                        self._in_flight.read(self.step)
                         window.add(sum(float(m["tokens"]) for m in host), len(host))
                         train_metrics = self.records.record(host, self.step, *window.read())
                         self.run.log(train_metrics)
@@ -277,6 +286,7 @@ class Fitting:
             self._report_memory(batch, step_rng)
         self.trainable, self.opt_state, metrics = self.train_step(self.trainable, self.frozen, self.opt_state, batch,
                                                                   step_rng)
+        self._in_flight.dispatched(self.step + 1, metrics["finite"])  # before the count: a Ctrl-C may come between
         self.step += 1
         if window.first_step_s is None:
             seconds = window.first_step(float(jax.device_get(metrics["tokens"])))  # waits for the step

@@ -76,6 +76,39 @@ class StopOnInterrupt:
         return self._stop.stop_before(step)
 
 
+class InFlight:
+    """The steps the host dispatched and has not read back: which step finished last, for a status written
+    while some may still run.
+
+    The trainer counts a step once its host dispatches it (JAX runs it asynchronously, and between log steps
+    a host may be a few steps ahead of its devices). A status written then (another process's watcher thread,
+    a second Ctrl-C or an error on several processes) named that count, a step that may never finish: one
+    waiting in a collective for a process that stopped. ``jaxtune status`` then said a step was done that the
+    checkpoint and the logged metrics do not have. Steps finish in the order they were dispatched."""
+
+    def __init__(self, step: int) -> None:
+        self._read = step  # every step up to this one finished (the host read its results)
+        self._steps: list[tuple[int, jax.Array]] = []  # (step, one of its outputs), in dispatch order
+
+    def dispatched(self, step: int, output: jax.Array) -> None:
+        """Step ``step`` was dispatched; ``output`` is ready once it finished."""
+        self._steps.append((step, output))  # a watcher thread may be reading the list: appends only
+
+    def read(self, step: int) -> None:
+        """The host read the results of every step up to ``step``: they finished."""
+        self._read = step
+        self._steps = []  # a new list: a watcher thread reading the old one sees steps up to ``step`` only
+
+    def finished(self) -> int:
+        """The last step that finished, without waiting (a watcher thread calls it)."""
+        last = self._read
+        for step, output in self._steps:
+            if isinstance(output, jax.Array) and not output.is_ready():  # a caller's step may return numpy
+                break
+            last = step
+        return last
+
+
 class Throughput:
     """Tokens and steps since the last log line. The first step (which compiles) is timed on its
     own and kept out, and so are evaluations and saves (:meth:`paused`), so tokens/s, MFU and the
