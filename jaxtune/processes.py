@@ -131,7 +131,8 @@ def _wait_for(client: Any, key: str, leaving: threading.Event | None = None) -> 
 
 @contextlib.contextmanager
 def stop_together(where: Callable[[], str],
-                  on_stop: Callable[[str, bool], None] | None = None) -> Iterator[None]:
+                  on_stop: Callable[[str, bool], None] | None = None,
+                  settle: Callable[[], None] | None = None) -> Iterator[None]:
     """While active, an exception (or a KeyboardInterrupt) on one process stops every other within seconds.
 
     The others cannot learn of it in their own code: they wait in the next collective of a step the
@@ -147,7 +148,12 @@ def stop_together(where: Callable[[], str],
     (``jaxtune``'s status for a Ctrl-C, a shell's for SIGINT). The failing process raises its own error as
     before. One process: nothing is started, nothing is paid (no agreement per step either way). Inside
     another ``stop_together`` (an evaluation during ``fit``) the outer one covers the block: its ``where`` and
-    ``on_stop`` hold."""
+    ``on_stop`` hold.
+
+    ``settle``: what this process finishes on its KeyboardInterrupt before it tells the others (a checkpoint save
+    in flight, whose background threads on every process meet at a barrier of the distributed service): told,
+    each other process waits for this one in ``jax.distributed.shutdown``'s barrier only JAX's shutdown timeout
+    (300 s), then every process ends and the save is lost. A Ctrl-C during ``settle`` tells them at once."""
     client = _client() if several() and not _watched.get() else None
     if client is None:
         yield
@@ -183,6 +189,13 @@ def stop_together(where: Callable[[], str],
         leaving.set()
         first_line = (str(err).strip().splitlines() or [""])[0]
         interrupted = isinstance(err, KeyboardInterrupt)
+        if interrupted and settle is not None:
+            try:
+                settle()
+            except KeyboardInterrupt:  # another Ctrl-C: stop the others now
+                log.warning("interrupted again: stopping the other processes without waiting")
+            except Exception:  # noqa: BLE001 - the others must still be told; this process raises its interrupt
+                log.exception("while finishing this process's work before stopping the others")
         message = (f"{_INTERRUPTED} process {me} was interrupted (Ctrl-C) {where()}" if interrupted
                    else f"{_FAILED} process {me} failed {where()}: {type(err).__name__}: {first_line}")
         for other in range(jax.process_count()):

@@ -326,6 +326,26 @@ def test_a_ctrl_c_restoring_or_scoring_leaves_the_status_as_one_process_leaves_i
         assert outcomes[0]["state"] == "finished" and outcomes[0]["step"] == 2, outcomes[0]
 
 
+def test_a_second_ctrl_c_keeps_a_save_longer_than_the_shutdown_timeout(tmp_path):
+    """As the test above, but process 0's save of step 1 takes 10 s and JAX's distributed shutdown timeout is
+    2 s (300 s by default: a save of a large model on a slow disk): process 1 told process 0 to stop before it
+    waited for the save, process 0's watcher waited for process 1 in the shutdown barrier, which gave up while
+    process 1 still waited for the save, and every process ended with JAX's fatal "Shutdown barrier has failed",
+    the save lost, unsaid. Now process 1 says it waits for the save, then tells the others: the save is kept,
+    every process ends as after any second Ctrl-C, and step 1 is named to resume from."""
+    argv = _train_script(tmp_path, "--log-every", "100", "--steps", "8", "--save-every", "1", "--slow-save", "10",
+                         "--shutdown-timeout", "2", "--interrupt-at", "2", "--interrupt-on", "1", "--twice")
+    codes, errs = _run(argv, tmp_path, timeout=120)
+    assert codes == [130, 130], [err[-1500:] for err in errs]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
+    assert "nothing saved, resume from checkpoint 1 (if its files verify)" in errs[1], errs[1][-1500:]
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert (status["state"], status["step"]) == ("stopped", 2), status
+    from jaxtune.training.fitting import SAVE_IN_FLIGHT
+
+    assert SAVE_IN_FLIGHT in errs[1], errs[1][-1500:]
+
+
 def test_an_error_on_one_process_stops_the_others_at_once_naming_it(tmp_path):
     """A callback raises on process 1 alone after step 2 (as a corrupt image in its loader or a user's
     source could): process 0 waited in step 3's collectives until JAX's distributed service gave up on

@@ -7,7 +7,8 @@ python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save
     [--log-every N] [--out FILE.npz]
     [--no-packing] [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
     [--slow-save SECONDS [--slow-save-on P]]
-    [--coordinator HOST:PORT --process-id I --num-processes P [--heartbeat-timeout SECONDS]]
+    [--coordinator HOST:PORT --process-id I --num-processes P [--heartbeat-timeout SECONDS]
+     [--shutdown-timeout SECONDS]]
 
 Exits with 130 when the run stopped (a Ctrl-C), as ``jaxtune train`` does.
 
@@ -65,6 +66,8 @@ def main() -> None:
     ap.add_argument("--process-id", type=int, default=0)
     ap.add_argument("--num-processes", type=int, default=1)
     ap.add_argument("--heartbeat-timeout", type=int, default=None, help="distributed.heartbeat_timeout_s")
+    ap.add_argument("--shutdown-timeout", type=int, default=None,
+                    help="jax.distributed's shutdown_timeout_seconds (JAX's default: 300)")
     ap.add_argument("--slow-save", type=float, default=None,
                     help="seconds process --slow-save-on's saves wait before they finish (a save still in flight)")
     ap.add_argument("--slow-save-on", type=int, default=0)
@@ -72,6 +75,11 @@ def main() -> None:
 
     import jax
 
+    if args.shutdown_timeout is not None:  # how long a process leaving jax.distributed waits for the others
+        import functools
+
+        jax.distributed.initialize = functools.partial(jax.distributed.initialize,
+                                                       shutdown_timeout_seconds=args.shutdown_timeout)
     if args.coordinator:  # as a recipe's distributed section would
         from jaxtune.config import DistributedConfig
         from jaxtune.recipe import setup_runtime

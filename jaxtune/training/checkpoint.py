@@ -411,6 +411,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ lifetime
 
+    def saving(self) -> bool:
+        """Whether an asynchronous save is still in flight (:meth:`wait` would wait for it)."""
+        return any(directory is not None and directory.manager.is_saving_in_progress()
+                   for directory in (self._latest, self._best))
+
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk (with their manifests)."""
         for directory in (self._latest, self._best):

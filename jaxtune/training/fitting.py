@@ -30,6 +30,11 @@ from jaxtune.tuning.tuned import Tuned
 
 log = logging.getLogger("jaxtune.training.trainer")  # the trainer's log, as the user configures it
 Batch = dict[str, Any]
+# A second Ctrl-C on one of several processes while a checkpoint save is in flight (Fitting waits for it first)
+SAVE_IN_FLIGHT = (
+    "waiting for the checkpoint save in flight before stopping the other processes (every process takes part); "
+    "press Ctrl-C again to stop them now: told, they wait for this one only JAX's distributed shutdown timeout "
+    "(300 s), and a save that takes longer is lost, every process ending with JAX's 'Shutdown barrier has failed'")
 
 
 class Fitting:
@@ -192,7 +197,8 @@ class Fitting:
         try:
             # another process's error (its loader, a callback) stops this one, not a collective it never joins
             stop_together = self.status.stop_together(lambda: f"after step {self.step} of {self.steps}",
-                                                      self._in_flight.finished, training=True)
+                                                      self._in_flight.finished, training=True,
+                                                      settle=self._finish_saving)
             with stop_together, StopOnInterrupt(self.step) as interrupt:
                 while self.step < self.steps:
                     if interrupt.stop_now(self.step):
@@ -265,6 +271,14 @@ class Fitting:
         finally:
             self.checkpointer.wait()
         return state, train_metrics, eval_metrics
+
+    def _finish_saving(self) -> None:
+        """On several processes, a second Ctrl-C's: wait for a checkpoint save in flight before the others are told
+        to stop (:func:`~jaxtune.processes.stop_together`'s ``settle``), as they wait for this process only JAX's
+        shutdown timeout. One process waits for it as it names the checkpoint to resume from."""
+        if self._checkpointer is not None and self._checkpointer.saving():
+            log.warning("%s", SAVE_IN_FLIGHT)
+            self._checkpointer.wait()
 
     def _recalibrate(self) -> None:
         """Re-estimate the trained BatchNorms' statistics for these weights (``train.recalibrate_batch_norm``

@@ -57,10 +57,11 @@ class RunStatus:
         self.run.write_status(state, step=step, total_steps=self.total_steps, **fields,
                               **({"memory": report} if report else {}))
 
-    def stop_together(self, where: Callable[[], str], step: Callable[[], int], *, training: bool) -> Any:
+    def stop_together(self, where: Callable[[], str], step: Callable[[], int], *, training: bool,
+                      settle: Callable[[], None] | None = None) -> Any:
         """:func:`~jaxtune.processes.stop_together` for this run: another process's error (or second Ctrl-C)
-        marks its status, at the trainer's ``step()`` then (:meth:`on_stop`)."""
-        return processes.stop_together(where, self.on_stop(step, training=training))
+        marks its status, at the trainer's ``step()`` then (:meth:`on_stop`); ``settle`` as there."""
+        return processes.stop_together(where, self.on_stop(step, training=training), settle)
 
     def on_stop(self, step: Callable[[], int], *, training: bool) -> Callable[[str, bool], None]:
         """What another process's error or Ctrl-C does to the status (``on_stop`` of
@@ -120,7 +121,9 @@ class RunStatus:
         :meth:`~jaxtune.training.checkpoint.Checkpointer.latest_good_step` does on one process: else the step
         it lands is not named. That needs the others' save threads (Orbax's barriers in the distributed
         service's key-value store, not device collectives), which live on: a process told of this one's
-        interruption waits for it in ``jax.distributed.shutdown`` (:func:`~jaxtune.processes.stop_together`)."""
+        interruption waits for it in ``jax.distributed.shutdown`` (:func:`~jaxtune.processes.stop_together`),
+        for JAX's shutdown timeout: a save is waited for before they are told
+        (:data:`~jaxtune.training.fitting.SAVE_IN_FLIGHT`)."""
         if processes.several():
             checkpointer.wait()
             steps = checkpointer.steps()
