@@ -1,6 +1,6 @@
 """The training loop's small concerns, each an object with a one-line call: Ctrl-C handling,
-the throughput window, the best evaluation so far, and the record (and progress line) of each
-log window."""
+the steps dispatched and not yet read back, the throughput window, the best evaluation so far, and
+the record (and progress line) of each log window."""
 
 from __future__ import annotations
 
