@@ -150,10 +150,11 @@ def stop_together(where: Callable[[], str],
     another ``stop_together`` (an evaluation during ``fit``) the outer one covers the block: its ``where`` and
     ``on_stop`` hold.
 
-    ``settle``: what this process finishes on its KeyboardInterrupt before it tells the others (a checkpoint save
-    in flight, whose background threads on every process meet at a barrier of the distributed service): told,
-    each other process waits for this one in ``jax.distributed.shutdown``'s barrier only JAX's shutdown timeout
-    (300 s), then every process ends and the save is lost. A Ctrl-C during ``settle`` tells them at once."""
+    ``settle``: what this process finishes on its error or KeyboardInterrupt before it tells the others (a
+    checkpoint save in flight, whose background threads on every process meet at a barrier of the distributed
+    service): told, each other process waits for this one in ``jax.distributed.shutdown``'s barrier only JAX's
+    shutdown timeout (300 s), then every process ends and the save is lost. A Ctrl-C during ``settle`` tells
+    them at once."""
     client = _client() if several() and not _watched.get() else None
     if client is None:
         yield
@@ -189,7 +190,7 @@ def stop_together(where: Callable[[], str],
         leaving.set()
         first_line = (str(err).strip().splitlines() or [""])[0]
         interrupted = isinstance(err, KeyboardInterrupt)
-        if interrupted and settle is not None:
+        if settle is not None:
             try:
                 settle()
             except KeyboardInterrupt:  # another Ctrl-C: stop the others now

@@ -326,21 +326,26 @@ def test_a_ctrl_c_restoring_or_scoring_leaves_the_status_as_one_process_leaves_i
         assert outcomes[0]["state"] == "finished" and outcomes[0]["step"] == 2, outcomes[0]
 
 
-def test_a_second_ctrl_c_keeps_a_save_longer_than_the_shutdown_timeout(tmp_path):
-    """As the test above, but process 0's save of step 1 takes 10 s and JAX's distributed shutdown timeout is
-    2 s (300 s by default: a save of a large model on a slow disk): process 1 told process 0 to stop before it
-    waited for the save, process 0's watcher waited for process 1 in the shutdown barrier, which gave up while
-    process 1 still waited for the save, and every process ended with JAX's fatal "Shutdown barrier has failed",
-    the save lost, unsaid. Now process 1 says it waits for the save, then tells the others: the save is kept,
-    every process ends as after any second Ctrl-C, and step 1 is named to resume from."""
-    argv = _train_script(tmp_path, "--log-every", "100", "--steps", "8", "--save-every", "1", "--slow-save", "10",
-                         "--shutdown-timeout", "2", "--interrupt-at", "2", "--interrupt-on", "1", "--twice")
+@pytest.mark.parametrize("how", ["second Ctrl-C", "error"])
+def test_a_process_that_stops_keeps_a_save_longer_than_the_shutdown_timeout(tmp_path, how):
+    """As the test above (or an error in process 1's callback after step 2), but process 0's save of step 1
+    takes 10 s and JAX's distributed shutdown timeout is 2 s (300 s by default: a save of a large model on a
+    slow disk): process 1 told process 0 to stop before it waited for the save, process 0's watcher waited for
+    process 1 in the shutdown barrier, which gave up while process 1 still waited for the save, and every
+    process ended with JAX's fatal "Shutdown barrier has failed", the save lost, unsaid. Now process 1 says it
+    waits for the save, then tells the others: the save is kept, and every process ends as without the slow
+    save (130 after a second Ctrl-C, naming step 1 to resume from; 1 after an error)."""
+    stop = (["--interrupt-at", "2", "--interrupt-on", "1", "--twice", "--log-every", "100"] if how == "second Ctrl-C"
+            else ["--fail-at", "2", "--log-every", "1"])  # a callback runs at a log step
+    argv = _train_script(tmp_path, "--steps", "8", "--save-every", "1", "--slow-save", "10", "--shutdown-timeout", "2",
+                         *stop)
     codes, errs = _run(argv, tmp_path, timeout=120)
-    assert codes == [130, 130], [err[-1500:] for err in errs]
+    assert codes == ([130, 130] if how == "second Ctrl-C" else [1, 1]), [err[-1500:] for err in errs]
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["1"]
-    assert "nothing saved, resume from checkpoint 1 (if its files verify)" in errs[1], errs[1][-1500:]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
-    assert (status["state"], status["step"]) == ("stopped", 2), status
+    assert (status["state"], status["step"]) == ("stopped" if how == "second Ctrl-C" else "failed", 2), status
+    if how == "second Ctrl-C":
+        assert "nothing saved, resume from checkpoint 1 (if its files verify)" in errs[1], errs[1][-1500:]
     from jaxtune.training.fitting import SAVE_IN_FLIGHT
 
     assert SAVE_IN_FLIGHT in errs[1], errs[1][-1500:]

@@ -30,7 +30,7 @@ from jaxtune.tuning.tuned import Tuned
 
 log = logging.getLogger("jaxtune.training.trainer")  # the trainer's log, as the user configures it
 Batch = dict[str, Any]
-# A second Ctrl-C on one of several processes while a checkpoint save is in flight (Fitting waits for it first)
+# An error or a second Ctrl-C on one of several processes while a checkpoint save is in flight (waited for first)
 SAVE_IN_FLIGHT = (
     "waiting for the checkpoint save in flight before stopping the other processes (every process takes part); "
     "press Ctrl-C again to stop them now: told, they wait for this one only JAX's distributed shutdown timeout "
@@ -273,9 +273,9 @@ class Fitting:
         return state, train_metrics, eval_metrics
 
     def _finish_saving(self) -> None:
-        """On several processes, a second Ctrl-C's: wait for a checkpoint save in flight before the others are told
-        to stop (:func:`~jaxtune.processes.stop_together`'s ``settle``), as they wait for this process only JAX's
-        shutdown timeout. One process waits for it as it names the checkpoint to resume from."""
+        """On several processes, as this one stops (an error, a second Ctrl-C): wait for a checkpoint save in flight
+        before the others are told to stop (:func:`~jaxtune.processes.stop_together`'s ``settle``), as they wait
+        for this process only JAX's shutdown timeout. One process waits for it as it stops."""
         if self._checkpointer is not None and self._checkpointer.saving():
             log.warning("%s", SAVE_IN_FLIGHT)
             self._checkpointer.wait()
