@@ -195,7 +195,7 @@ def stop_together(where: Callable[[], str],
                 settle()
             except KeyboardInterrupt:  # another Ctrl-C: stop the others now
                 log.warning("interrupted again: stopping the other processes without waiting")
-            except Exception:  # noqa: BLE001 - the others must still be told; this process raises its interrupt
+            except Exception:  # noqa: BLE001 - the others must still be told; this process raises its own error
                 log.exception("while finishing this process's work before stopping the others")
         message = (f"{_INTERRUPTED} process {me} was interrupted (Ctrl-C) {where()}" if interrupted
                    else f"{_FAILED} process {me} failed {where()}: {type(err).__name__}: {first_line}")
