@@ -25,7 +25,8 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
     import torch
     import transformers
 
-    torch.manual_seed(0)
+    seed = task.seeds[0]  # as jaxtune's side: the new head's or adapters' init and the row order
+    torch.manual_seed(seed)
     torch.set_num_threads(os.cpu_count() or 1)
     directory = files["model"]  # no jaxtune import here: JAX's thread pool in the process slows torch
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
@@ -89,7 +90,7 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
     before = predict()
     train_start = time.perf_counter()
     model.train()
-    order = train_order(len(rows["train"]))
+    order = train_order(len(rows["train"]), seed)
     losses = []
     for step in range(total):
         idx = order[step * task.batch_size:(step + 1) * task.batch_size]
@@ -119,11 +120,12 @@ def torch_side(task: Task, files: dict[str, str]) -> dict[str, Any]:
             "last_losses": losses[-5:], "adamw": adamw_kind(optimizer)}
 
 
-def train_order(n: int) -> list[int]:
-    """The PyTorch text side's row order: one seeded permutation of the ``n`` training rows."""
+def train_order(n: int, seed: int = 0) -> list[int]:
+    """The PyTorch text side's row order: one permutation of the ``n`` training rows, drawn from ``seed`` (the
+    run's, as jaxtune's side reshuffles with its own)."""
     import torch
 
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def encode_rows(task: Task, tokenizer: Any, labels: list | None, batch_rows: list[dict], *, for_eval: bool

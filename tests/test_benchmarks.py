@@ -325,3 +325,15 @@ def test_trl_logps_accuracy_is_read_from_trls_own_evaluation_forwards(quality):
         quality_reference.policy_logps_accuracy(sums, 3, -1.0)
     with pytest.raises(RuntimeError, match="not read as expected"):
         quality_reference.policy_logps_accuracy(sums[:3], 3, mean_chosen)
+
+
+def test_pytorch_text_side_draws_its_row_order_from_the_runs_seed(quality):
+    """`quality.py --seeds S` reseeds both sides: the PyTorch text side's row order (and its torch seed) come
+    from the run's seed, so its seeds are different runs as jaxtune's are; seed 0 keeps the recorded order."""
+    import quality_reference
+    import torch
+
+    recorded = torch.randperm(800, generator=torch.Generator().manual_seed(0)).tolist()
+    assert quality_reference.train_order(800) == quality_reference.train_order(800, 0) == recorded
+    assert quality_reference.train_order(800, 1) != recorded
+    assert sorted(quality_reference.train_order(800, 1)) == list(range(800))
