@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 from flax.traverse_util import flatten_dict
-from helpers import tiny_hf_model
+from helpers import tiny_hf_model, tiny_random_model
 
 from jaxtune import tuning
 from jaxtune.models import hf, stacking
@@ -79,6 +79,51 @@ def test_freeze_all_but_last_blocks_trains_the_output_end(llama4):
     every = {"/".join(p) for p in flatten_dict(stacking.unstack(llama4.params))}
     assert names == {p for p in every if p.startswith(("layers_2/", "layers_3/", "norm/", "lm_head/"))}
     assert set(trainable(tuned).values()) == {"train"}
+
+
+def test_freeze_all_but_as_data_trains_the_output_end_too(llama4):
+    """The YAML form is the preset: the output rule it adds still trains the final norm and LM head."""
+    as_data = tuning.Plan.from_data([{"preset": "freeze_all_but", "last_n_blocks": 2}])
+    assert trainable(tuning.apply_plan(llama4, as_data)) == trainable(
+        tuning.apply_plan(llama4, tuning.freeze_all_but(last_n_blocks=2)))
+    assert {"norm/scale", "lm_head/kernel"} <= set(trainable(tuning.apply_plan(llama4, as_data)))
+
+
+ENDS_AT_LAST_BLOCK = {  # bodies with no final norm, LM head or pooler after their last block
+    "DistilBertModel": dict(vocab_size=96, dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=40),
+    "RobertaForSequenceClassification": dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=4, max_position_embeddings=40, pad_token_id=1),
+}
+
+
+@pytest.mark.parametrize("architecture", sorted(ENDS_AT_LAST_BLOCK))
+def test_freeze_all_but_on_a_body_that_ends_at_its_last_block(architecture, tmp_path):
+    """The preset's own output rule matched nothing there and failed a plan the user never wrote it in;
+    a rule the user writes that matches nothing still fails, and says how to fix it."""
+    config_class = "DistilBertConfig" if architecture.startswith("DistilBert") else None
+    tiny_random_model(architecture, tmp_path, ENDS_AT_LAST_BLOCK[architecture], config_class=config_class)
+    model = hf.load_pretrained(tmp_path)
+    as_python = tuning.freeze_all_but(1) + tuning.head("classification", 2)
+    as_data = tuning.Plan.from_data([{"preset": "freeze_all_but", "last_n_blocks": 1},
+                                     {"preset": "head", "task": "classification", "num_labels": 2}])
+    for plan in (as_python, as_data):
+        assert {p.split("/")[0] for p in trainable(tuning.apply_plan(model, plan))} == {"layer_1", "head"}
+    written = tuning.Plan.from_data([{"preset": "freeze_all_but", "last_n_blocks": 1, "train_output": False},
+                                     {"action": "train", "kinds": ["output"]}])
+    with pytest.raises(PlanError, match=r"^plan rule #1 \{'action': 'train', 'kinds': \['output'\]\} matches no "
+                                        r"parameter; this model has nothing after its last block .*: drop the rule, "
+                                        r"or give it optional: true; some real paths"):
+        tuning.apply_plan(model, written + tuning.head("classification", 2))
+
+
+def test_optional_rules_change_no_run_identity():
+    """Runs saved before ``freeze_all_but`` marked its output rule optional still open and resume."""
+    from jaxtune.training.rundir import differences
+
+    before = {"plan rules": [{"action": "train", "blocks": "last:1"}, {"action": "train", "kinds": ["output"]}]}
+    now = {"plan rules": tuning.freeze_all_but(1).to_data()}
+    assert now != before and differences(before, now) == []
+    assert differences(before, {"plan rules": tuning.freeze_all_but(2).to_data()})
 
 
 def test_kinds_select_module_families(llama4, bert):

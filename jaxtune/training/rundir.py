@@ -122,6 +122,8 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     out = []
     for key in (k for k in saved if k in now):
         before, after = json.loads(json.dumps(saved[key], default=str)), json.loads(json.dumps(now[key], default=str))
+        if key == "plan rules":  # optional only skips a rule that matches nothing, which failed before it existed
+            before, after = _without_optional(before), _without_optional(after)
         if before == after:
             continue
         if key == "params" and isinstance(before, dict) and isinstance(after, dict):
@@ -133,6 +135,14 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
             why = f" ({_WHY[key]})" if key in _WHY else ""
             out.append(f"{key}: {_brief(before)} -> {_brief(after)}{why}")
     return out
+
+
+def _without_optional(rules: Any) -> Any:
+    """Plan rules (as data) without their ``optional`` flag, which changes no trained parameter: runs made
+    before ``freeze_all_but`` set it still open and resume."""
+    if not isinstance(rules, list):
+        return rules
+    return [{k: v for k, v in r.items() if k != "optional"} if isinstance(r, dict) else r for r in rules]
 
 
 class RunDir:

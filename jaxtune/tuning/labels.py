@@ -206,11 +206,9 @@ def resolve_labels(plan: Plan, paths: Iterable[Path], num_blocks: int) -> dict[P
         else:
             blocks = _rule_blocks(plan, i, num_blocks)
             chosen = [p for p in paths if _selects(rule, p, blocks)]
-            if not chosen:
-                # freeze_all_but's default rule: DistilBERT, DeBERTa and classifier bodies without a pooler end
-                # at their last block.
+            if not chosen and not rule.optional:
                 nothing_after = ("; this model has nothing after its last block (no final norm, LM head or pooler): "
-                                 "give freeze_all_but train_output: false"
+                                 "drop the rule, or give it optional: true"
                                  if rule.kinds == ("output",) and rule.match is None and rule.blocks is None else "")
                 raise PlanError(f"{plan.describe(i)} matches no parameter{nothing_after}; some real paths: "
                                 f"{example_paths(paths)}")

@@ -20,6 +20,11 @@ Selectors (all optional, combined with AND; a rule without any selects every lea
 ``targets`` (lora/dora only) module names as PEFT writes them (``["q_proj", "v_proj"]``) or
 ``"all-linear"`` (every linear except the output layer and heads, as PEFT defines it).
 
+A ``train`` or ``freeze`` rule that selects no parameter is an error (a typo in ``match`` would
+otherwise train nothing), unless it says ``optional: true``: then it is skipped. The
+:func:`freeze_all_but` preset sets it on its rule for what follows the last block, which
+DistilBERT, DeBERTa and classifier bodies without a pooler (RoBERTa's) do not have.
+
 A ``freeze`` rule may also ``quantize`` the matrices it selects (``kernel`` and ``embedding``
 leaves; vectors stay in the frozen dtype): ``int8``, ``fp8``, ``nf4`` or ``nf4_dq`` (see
 :mod:`jaxtune.models.quant`). QLoRA is ``[{"action": "freeze", "quantize": "nf4"}, {"preset":
@@ -55,8 +60,8 @@ PROMPT_INIT = ("vocab", "text")
 _SELECTORS = ("match", "blocks", "kinds")
 _ADAPTER_OPTIONS = ("targets", "rank", "alpha", "dropout", "rslora")
 _OPTIONS: dict[str, tuple[str, ...]] = {
-    "train": _SELECTORS,
-    "freeze": _SELECTORS + ("quantize",),
+    "train": _SELECTORS + ("optional",),
+    "freeze": _SELECTORS + ("quantize", "optional"),
     "lora": _SELECTORS + _ADAPTER_OPTIONS,
     "dora": _SELECTORS + _ADAPTER_OPTIONS,
     "prompt": ("n_tokens", "init", "text"),
@@ -81,7 +86,8 @@ class Rule:
     ``pooler`` for encoders with a pooler, ``cls_mean`` for DINOv2: the first token ++ the mean of the
     others), ``hidden`` widths of extra GELU layers, ``extra_blocks`` fresh transformer blocks before
     pooling, ``dropout`` before each head layer, ``bias`` of the output layer (default: as the family's
-    HF classifier).
+    HF classifier). ``optional`` (train/freeze only): selecting no parameter skips the rule instead of
+    failing.
     """
 
     action: str
@@ -103,6 +109,7 @@ class Rule:
     extra_blocks: int | None = None
     bias: bool | None = None
     quantize: str | None = None
+    optional: bool | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.kinds, str):
@@ -311,7 +318,8 @@ def freeze_all_but(last_n_blocks: int = 0, *, kinds: str | Sequence[str] = (), t
 
     Trains the last ``last_n_blocks`` transformer blocks, the modules of ``kinds`` (e.g.
     ``"norms"``) anywhere, and with ``train_output`` what follows the last block (final norm and
-    LM head of a decoder, pooler of an encoder). Every leaf starts frozen, so the plan needs no
+    LM head of a decoder, pooler of an encoder; a model with nothing there, such as DistilBERT, just
+    trains its blocks: that rule is ``optional``). Every leaf starts frozen, so the plan needs no
     blanket ``freeze`` rule, and it composes with prompts and heads in any order. With adapters,
     rules apply in order as always: a ``lora`` rule after it freezes the base weights of the
     modules it adapts in those blocks (an adapter-only plan, exportable as PEFT); before it, those
@@ -326,7 +334,7 @@ def freeze_all_but(last_n_blocks: int = 0, *, kinds: str | Sequence[str] = (), t
     if kinds:
         rules.append(Rule("train", kinds=tuple(kinds)))
     if train_output:
-        rules.append(Rule("train", kinds=("output",)))
+        rules.append(Rule("train", kinds=("output",), optional=True))
     return Plan(tuple(rules))
 
 
