@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from flax.traverse_util import flatten_dict
@@ -274,6 +275,27 @@ def test_adapter_made_by_peft_on_its_target_names_imports_exactly(pair, tmp_path
     assert {m[-1] for m in tuned.adapters} >= {"query_proj", "key_proj", "value_proj", "dense"}
     np.testing.assert_allclose(np.asarray(forward(tuned.module, tuned.params, ids, mask)),
                                torch_logits(made.eval(), ids, attention_mask=mask), atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("targets", [["query_proj", "value_proj", "dense"], ["query_proj", "value_proj"]])
+def test_adapter_without_the_pooler_it_trained_on_is_refused(pair, tmp_path, targets):
+    """PEFT's SEQ_CLS saves ``classifier`` only: the classifier's fresh ``pooler.dense`` (LoRA'd when a target is
+    ``dense``) is in no file, so the import ran on jaxtune's own fresh pooler with other logits than peft's."""
+    _, model, path = pair
+    if hf.FAMILIES[model.architecture].body is not None:
+        pytest.skip("a classifier checkpoint brings its own head; the bare checkpoint covers the import")
+    base = transformers.DebertaV2ForSequenceClassification.from_pretrained(path, num_labels=2).eval()
+    torch.manual_seed(0)
+    made = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=targets,
+                                                     init_lora_weights=False))
+    made.save_pretrained(tmp_path)
+    saved = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
+    assert not any("pooler.dense.weight" in k for k in saved)
+    adapted = r"; it also puts LoRA on \['pooler.dense'\]" if "dense" in targets else ", so"
+    with pytest.raises(tuning.ExportError, match=rf"the adapter saves the classifier but not \['pooler.dense'\] .*"
+                                                 rf"initialises fresh{adapted}.*modules_to_save=\['classifier', "
+                                                 r"'pooler'\]"):
+        tuning.load_peft(model, tmp_path)
 
 
 def test_a_partial_plan_trains_the_last_blocks_and_the_head(pair):

@@ -171,6 +171,8 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
     unknown = sorted(saved - set(by_name))
     if unknown:
         raise ExportError(f"{adapter_dir}: modules_to_save {unknown[:5]} are not modules of {pretrained.architecture}")
+    if layout.head_is_new and not head_is_given:
+        _refuse_unsaved_head_modules(layout, by_name, saved, keys, adapter_dir)
     if kind == "LORA":
         # What PEFT's target_modules can match in the transformers model: no fused MoE experts or router,
         # and no pooler where the classifier has none (RoBERTa's reads the first token; jaxtune keeps it),
@@ -218,6 +220,27 @@ def apply_plan(pretrained: hf.Pretrained, plan: Any, rng: jax.Array | None = Non
     head = next((r for r in reversed(planned.plan.rules) if r.action == "head"), None)
     loaded, head_is_planned = _load_peft(pretrained, adapter, None, options.get("frozen_dtype"), head)
     return start_from(planned, loaded, adapter, head=not head_is_planned)
+
+
+def _refuse_unsaved_head_modules(layout: Tuned, by_name: dict[str, Module], saved: set[str],
+                                 keys: dict[str, str], adapter_dir: Path) -> None:
+    """Refuse an adapter that saves its classifier but not a head module before it.
+
+    The HF classifier initialises such a module fresh (DeBERTa's ``pooler.dense``: PEFT's ``SEQ_CLS``
+    saves only ``classifier``), and PEFT trained the classifier on those random weights, or put LoRA on
+    them (target ``dense``); they are in no file, so no model rebuilt from the adapter, PEFT's or
+    jaxtune's, is the one trained. Imported onto jaxtune's own fresh head it ran with other logits."""
+    missing = sorted(n for n, m in by_name.items() if m[0] == HEAD_KEY and n not in saved)
+    if not missing:
+        return
+    adapted = [n for n in missing if f"{n}.lora_A.weight" in keys]
+    how = f"; it also puts LoRA on {adapted}, whose base weights are not saved either" if adapted else ""
+    top = sorted({n.split(".")[0] for n in missing})
+    raise ExportError(
+        f"{adapter_dir}: the adapter saves the classifier but not {missing} before it, which "
+        f"{layout.hf_architecture} initialises fresh{how}, so no model rebuilt from it is the trained one; "
+        "merge it in PEFT, where the trained model is (model.merge_and_unload().save_pretrained(dir)), and load "
+        f"that, or train it again with LoraConfig(modules_to_save={['classifier', *top]!r})")
 
 
 def _describe_adapter(tuned: Tuned, module: Module) -> str:
