@@ -40,6 +40,8 @@ from transformers.models.deberta_v2 import modeling_deberta_v2
 
 import jaxtune
 from jaxtune import config, tuning
+from jaxtune.data.pipeline import Loader, LoaderConfig
+from jaxtune.data.sources import read_source
 from jaxtune.data.testing import write_jsonl
 from jaxtune.data.tokenize import Tokenize
 from jaxtune.models import hf
@@ -47,6 +49,7 @@ from jaxtune.models.deberta import DebertaConfig, relative_positions
 from jaxtune.models.hf_files import CheckpointError
 from jaxtune.recipe import finetune
 from jaxtune.training.preference import make_preference_loss_fn
+from jaxtune.training.preflight import check_rows_fit
 from jaxtune.training.reward_model import reward_pad_id
 
 TOL = 1e-5
@@ -296,6 +299,22 @@ def test_adapter_without_the_pooler_it_trained_on_is_refused(pair, tmp_path, tar
                                                  rf"initialises fresh{adapted}.*modules_to_save=\['classifier', "
                                                  r"'pooler'\]"):
         tuning.load_peft(model, tmp_path)
+
+
+def test_rows_past_the_trained_context_are_warned_of_without_rope_advice(tmp_path, caplog):
+    """DeBERTa-v3 has no position table (transformers runs it past max_position_embeddings, 64 here), so long
+    rows are only warned of; the warning told to set rope_scaling, which a relative-position model has not."""
+    tiny_deberta("DebertaV2Model", tmp_path / "model", vocab_size=200)
+    tuned = tuning.apply_plan(hf.load_pretrained(tmp_path / "model"), tuning.head("classification", 2))
+    rows = write_jsonl(tmp_path / "train.jsonl", [{"text": "good plot", "label": "positive"},
+                                                      {"text": "bad", "label": "negative"}])
+    loader = Loader(read_source(rows, "classification"), tiny_deberta_tokenizer(), LoaderConfig(max_length=80))
+    with caplog.at_level("WARNING", logger="jaxtune"):
+        check_rows_fit(tuned, [loader])
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.max_length: rows of 80 positions are longer than the 64 the model was trained for (max_position_"
+        "embeddings in its config.json): its relative positions go past it, but it has seen no rows this long; set "
+        "data.max_length to 64 or less"]
 
 
 def test_a_partial_plan_trains_the_last_blocks_and_the_head(pair):

@@ -867,7 +867,9 @@ def test_rows_longer_than_the_trained_context_of_a_rotary_model_are_warned_of(se
                     mesh=ONE_DEVICE(), data=LoaderConfig(batch_size=4, max_length=max_length))
         said = [r.getMessage() for r in caplog.records if "trained for" in r.getMessage()]
         assert len(said) == warned, said
-    assert said[0].startswith("data.max_length: rows of 512 positions are longer than the 256 the model was trained")
+    assert said[0] == ("data.max_length: rows of 512 positions are longer than the 256 the model was trained for "
+                       "(max_position_embeddings in its config.json): rotary positions past it are new to it; set "
+                       "data.max_length to 256 or less, or extend the context with rope_scaling in its config.json")
 
 
 def test_prompt_tuning_rows_must_fit_the_positions_and_stay_unpacked_in_evaluation(tmp_path):

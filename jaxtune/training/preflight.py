@@ -8,6 +8,7 @@ compute: a bad run fails in seconds, naming the config field to change.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any, Protocol, runtime_checkable
@@ -159,15 +160,15 @@ def check_rows_fit(model: Tuned, loaders: list[Loader]) -> None:
     prepends its tokens to a row's first example only), in evaluation as in training."""
     positions = getattr(model.config, "max_position_embeddings", None)
     virtual = model.prompt_tokens
-    # Rotary positions have no table to run out of, but past the context the checkpoint was trained for
-    # (its config.json's max_position_embeddings, any rope_scaling included) the model has seen none.
+    # Rotary and relative positions have no table to run out of, but past the context the checkpoint was
+    # trained for (its config.json's max_position_embeddings, any rope_scaling included) the model has seen none.
     trained = None if positions else model.hf_config.get("max_position_embeddings")
     longest = max((data.config.max_length + virtual for data in loaders), default=0)
     if isinstance(trained, int) and longest > trained:
+        meets, extend = _past_the_context(model.config)
         log.warning("data.max_length: rows of %d positions are longer than the %d the model was trained for "
-                    "(max_position_embeddings in its config.json): positions past it are new to it; set "
-                    "data.max_length to %d or less, or extend the context with rope_scaling in its config.json",
-                    longest, trained, trained - virtual)
+                    "(max_position_embeddings in its config.json): %s; set data.max_length to %d or less%s",
+                    longest, trained, meets, trained - virtual, extend)
     for data in loaders:
         if positions and data.config.max_length + virtual > positions:
             room = f"{positions - virtual} or less (the plan's {virtual} virtual tokens come first)" if virtual else \
@@ -179,6 +180,18 @@ def check_rows_fit(model: Tuned, loaders: list[Loader]) -> None:
         if virtual and data.packs:
             raise ValueError("data.packing: prompt tuning prepends its virtual tokens to a row's first example only; "
                              "set data.packing: false (one example per row) with a prompt rule in the plan")
+
+
+def _past_the_context(config: Any) -> tuple[str, str]:
+    """What rows past the trained context meet in a family without a position table, and the way to
+    extend the context where there is one: only RoPE's ``rope_scaling`` (decoders, ModernBERT) stretches
+    it; DeBERTa-v3's relative positions clip far distances to the farthest it learned, with nothing to set."""
+    fields = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    if any(name.endswith("rope_scaling") for name in fields):
+        return "rotary positions past it are new to it", ", or extend the context with rope_scaling in its config.json"
+    if "max_relative_positions" in fields:
+        return "its relative positions go past it, but it has seen no rows this long", ""
+    return "positions past it are new to it", ""
 
 
 def check_token_ids(model: Tuned, loaders: list[Loader]) -> None:
