@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import peft
 import pytest
+import safetensors.torch
 import torch
 import transformers
 from flax.traverse_util import flatten_dict
@@ -217,6 +218,33 @@ def test_peft_adapter_on_the_fused_projection_imports_exactly(neox, tmp_path):
     theirs.save_pretrained(tmp_path)
     tuned = tuning.load_peft(model, tmp_path)
     assert sorted({m[-1] for m in tuned.adapters}) == ["dense_h_to_4h", "query_key_value"]
+    ours = np.asarray(tuned.module.apply({"params": tuned.params}, input_ids=IDS, segment_ids=MASK))
+    assert_real_tokens_close(ours, _hf_masked_logits(theirs))
+
+
+@pytest.mark.parametrize("how", ["modules_to_save", "lora"])
+def test_peft_adapter_saved_under_transformers_4_names_imports_exactly(neox, tmp_path, how):
+    """transformers 4 named GPT-NeoX's output layer ``embed_out`` (5: ``lm_head``), so an adapter saved then
+    trains or adapts ``embed_out``: it was refused as no module of the model, or failed with a KeyError. The
+    adapter is peft's own, its names written back as transformers 4 wrote them."""
+    _, model, path = neox
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(path)
+    options = (dict(modules_to_save=["lm_head"], target_modules=["query_key_value"]) if how == "modules_to_save"
+               else dict(target_modules=["query_key_value", "lm_head"]))
+    theirs = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **options)).eval()
+    with torch.no_grad():  # a trained output layer, not the base's copy
+        for name, param in theirs.named_parameters():
+            if "lm_head" in name and param.requires_grad:
+                param.add_(0.1 * torch.randn_like(param))
+    theirs.save_pretrained(tmp_path)
+    tensors = safetensors.torch.load_file(tmp_path / "adapter_model.safetensors")
+    safetensors.torch.save_file({k.replace(".lm_head.", ".embed_out."): v for k, v in tensors.items()},
+                                tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    config = (tmp_path / "adapter_config.json").read_text()
+    (tmp_path / "adapter_config.json").write_text(config.replace('"lm_head"', '"embed_out"'))
+    assert "embed_out" in (tmp_path / "adapter_config.json").read_text()
+    tuned = tuning.load_peft(model, tmp_path)
     ours = np.asarray(tuned.module.apply({"params": tuned.params}, input_ids=IDS, segment_ids=MASK))
     assert_real_tokens_close(ours, _hf_masked_logits(theirs))
 

@@ -139,7 +139,8 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
         _check_init(config, config_path)
     reader = hf.SafetensorsReader([_weights_file(adapter_dir)])
     prefix = PREFIX if kind == "LORA" else PROMPT_PREFIX
-    keys = {k.removeprefix(prefix): k for k in reader.names()}
+    aliases = _older_names(pretrained)
+    keys = {_as_now(k.removeprefix(prefix), aliases): k for k in reader.names()}
     _refuse_embedding_lora(keys, adapter_dir)
 
     # modules_to_save tensors are the base-layout tensors: anything that is no adapter leaf (PEFT also
@@ -181,7 +182,7 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
         linears = {n: m for n, m in by_name.items() if "kernel" in layout_modules[m]
                    and not not_a_peft_linear(family_of(layout), m)
                    and not (no_pooler and m[0] == "pooler" and f"{n}.lora_A.weight" not in keys)}
-        rules += _lora_rules(config, linears, saved, pretrained)
+        rules += _lora_rules(config, linears, saved, pretrained, {now: old for old, now in aliases.items()})
     else:
         if config.get("num_transformer_submodules", 1) != 1:
             raise ExportError(f"{config_path}: num_transformer_submodules must be 1 for a decoder")
@@ -345,17 +346,45 @@ def _tying(pretrained: hf.Pretrained, config: dict[str, Any], saved: set[str],
     return hf.untie_embeddings(pretrained, trained_head=lm_head in saved), None
 
 
+def _older_names(pretrained: hf.Pretrained) -> dict[str, str]:
+    """Module name as an older transformers named it -> its name now, for the modules whose tensors the
+    family's checkpoints store under another name (GPT-NeoX's ``lm_head`` was ``embed_out`` in transformers
+    4): an adapter saved then names the module (``modules_to_save``, its LoRA tensors) the old way."""
+    rename = hf.FAMILIES[pretrained.architecture].checkpoint_name
+    if rename is None:
+        return {}
+    name = hf.FAMILIES[pretrained.architecture].hf_module
+    shapes = jax.eval_shape(stacking.unstack, pretrained.params)  # the names only: no per-layer slices made
+    now = {name(m) for m in modules_of(shapes)}
+    if getattr(pretrained.config, "tie_word_embeddings", False):  # PEFT unties the output layer it trains
+        now.add(name(("lm_head",)))
+    old = {n: rename(n + ".weight").removesuffix(".weight") for n in now}
+    return {o: n for n, o in old.items() if o != n and o not in now}
+
+
+def _as_now(key: str, aliases: dict[str, str]) -> str:
+    """An adapter tensor key (``embed_out.lora_A.weight``) with its module named as now (``lm_head...``)."""
+    for old, now in aliases.items():
+        if key.startswith(old + "."):
+            return now + key[len(old):]
+    return key
+
+
 def _lora_rules(config: dict[str, Any], linears: dict[str, Module], saved: set[str],
-                pretrained: hf.Pretrained) -> list[Rule]:
-    """One lora/dora rule per (rank, alpha) group of the linear modules the adapter targets."""
+                pretrained: hf.Pretrained, older: dict[str, str]) -> list[Rule]:
+    """One lora/dora rule per (rank, alpha) group of the linear modules the adapter targets; ``older``:
+    module name now -> the name an older transformers gave it, which the adapter's config may use."""
     targets = config.get("target_modules") or []
     groups: dict[tuple[int, float], list[Module]] = {}
     for name, module in linears.items():
-        if name in saved or not _targeted(targets, name):
+        as_saved = older.get(name, name)
+        if name in saved or not (_targeted(targets, name) or _targeted(targets, as_saved)):
             continue
         # PEFT's LoraConfig defaults (r=8, lora_alpha=8) where the file leaves them out, as PEFT reads it.
-        rank = int(_pattern_value(config, "rank_pattern", name, config.get("r", 8)))
-        alpha = float(_pattern_value(config, "alpha_pattern", name, config.get("lora_alpha", 8)))
+        rank = int(_pattern_value(config, "rank_pattern", name,
+                                  _pattern_value(config, "rank_pattern", as_saved, config.get("r", 8))))
+        alpha = float(_pattern_value(config, "alpha_pattern", name,
+                                     _pattern_value(config, "alpha_pattern", as_saved, config.get("lora_alpha", 8))))
         groups.setdefault((rank, alpha), []).append(module)
     if not groups:
         raise ExportError(f"adapter target_modules {targets!r} match no linear module of {pretrained.architecture}")
