@@ -230,3 +230,39 @@ def test_classifier_checkpoint_adapter_without_a_head_starts_a_run_with_a_new_he
     ids, mask = _padded(model.hf_config["pad_token_id"])
     np.testing.assert_allclose(np.asarray(forward(tuned.module, tuned.params, ids, mask)),
                                np.asarray(forward(merged.module, merged.params, ids, mask)), atol=TOL, rtol=0)
+
+
+def _tokenizer_classes() -> dict[str, type]:
+    """The tokenizer class transformers gives each text family jaxtune loads (by its config's model_type)."""
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING_NAMES
+
+    out = {"llama": transformers.LlamaTokenizer}  # no entry of its own: it reads tokenizer.json or tokenizer.model
+    for arch, family in hf.FAMILIES.items():
+        if family.modality != "text" or not family.transformers:
+            continue
+        model_type = getattr(transformers, arch).config_class.model_type
+        names = TOKENIZER_MAPPING_NAMES.get(model_type) or ()
+        for name in (names,) if isinstance(names, str) else names:
+            if name and hasattr(transformers, name):
+                out[model_type] = getattr(transformers, name)
+    return out
+
+
+def test_exports_copy_every_vocabulary_file_of_the_families_tokenizers():
+    """Without tokenizer.json transformers builds the tokenizer from the class's own vocabulary file; one the
+    export left behind (XLM-RoBERTa's sentencepiece.bpe.model) gave an exported directory with no vocabulary."""
+    classes = _tokenizer_classes()
+    assert {"xlm-roberta", "deberta-v2", "bert", "gpt2", "gpt_neox"} <= set(classes)
+    for model_type, cls in classes.items():
+        assert set(cls.vocab_files_names.values()) <= set(hf.TOKENIZER_FILES), (model_type, cls.vocab_files_names)
+
+
+def test_a_merged_export_keeps_the_sentencepiece_vocabulary(tmp_path):
+    """An XLM-RoBERTa checkpoint whose tokenizer is its slow vocabulary file alone: the merged export copies it."""
+    tiny_encoder("XLMRobertaForSequenceClassification", tmp_path / "model", pad_token_id=1)
+    vocabulary = tmp_path / "model" / "sentencepiece.bpe.model"
+    vocabulary.write_bytes(b"a SentencePiece model")
+    (tmp_path / "model" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "XLMRobertaTokenizer"}))
+    tuned = tuning.apply_plan(hf.load_pretrained(tmp_path / "model"), tuning.lora(rank=2))
+    out = tuning.export_merged(tuned, tmp_path / "merged")
+    assert (out / "sentencepiece.bpe.model").read_bytes() == vocabulary.read_bytes()

@@ -66,7 +66,7 @@ _BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", 
                   "dinov2_with_registers.")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json", "spm.model")
+                   "generation_config.json", "spm.model", "sentencepiece.bpe.model")
 
 def _linear_layout(modules: tuple[str, ...]) -> bool:
     return True
