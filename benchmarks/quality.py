@@ -16,7 +16,8 @@ driver), start from the same pretrained weights, and use the same method, hyperp
 budget: AdamW (weight decay on matrices only), the same learning-rate schedule (linear warmup
 from ``lr/warmup`` to ``lr``, cosine decay to 0), per-group learning-rate multipliers for new
 heads, gradient clipping at 1.0, the same batch size, max length and epochs. Row order
-differs (each side shuffles with its own seeded generator).
+differs (each side shuffles with its own generator); ``--seeds S`` seeds both sides' row order and
+initialisation with S.
 
 Metrics come from one place, :mod:`jaxtune.training.evaluate`: the PyTorch worker returns raw
 predictions and the driver scores them with the functions jaxtune itself uses. Per side: base
@@ -192,7 +193,7 @@ def jaxtune_recipe(task: Task, files: dict[str, str], run_dir: str) -> dict[str,
                  "max_length": task.max_length, "packing": task.packing,
                  "batch_size": task.packed_rows if task.packing and task.packed_rows else task.batch_size,
                  "eval_batch_size": task.batch_size,
-                 "pad_to_multiple_of": task.pad_to_multiple_of},
+                 "pad_to_multiple_of": task.pad_to_multiple_of, "seed": task.seeds[0]},
         "optimizer": {"learning_rate": task.learning_rate, "weight_decay": task.weight_decay,
                       "warmup_ratio": task.warmup_ratio, "schedule": "cosine", "clip_grad_norm": 1.0,
                       **({"group_lr": {"head": task.head_lr}} if task.head_lr != 1.0 else {})},

@@ -327,11 +327,18 @@ def test_trl_logps_accuracy_is_read_from_trls_own_evaluation_forwards(quality):
         quality_reference.policy_logps_accuracy(sums[:3], 3, mean_chosen)
 
 
-def test_pytorch_text_side_draws_its_row_order_from_the_runs_seed(quality):
-    """`quality.py --seeds S` reseeds both sides: the PyTorch text side's row order (and its torch seed) come
-    from the run's seed, so its seeds are different runs as jaxtune's are; seed 0 keeps the recorded order."""
+def test_both_text_sides_draw_their_row_order_from_the_runs_seed(quality):
+    """`quality.py --seeds S` reseeds both sides' row order (and initialisation): jaxtune's recipe shuffles with
+    data.seed S, the PyTorch text side's permutation (and its torch seed) come from S, so seeds are different
+    runs on both sides; seed 0 keeps the order every record so far used."""
+    import dataclasses
+
     import quality_reference
     import torch
+
+    task = dataclasses.replace(quality.TASKS["smollm2-chat-lora"], seeds=(3,))
+    recipe = quality.jaxtune_recipe(task, {"model": "m", "train": "t.jsonl", "test": "v.jsonl"}, "run")
+    assert recipe["data"]["seed"] == recipe["train"]["seed"] == 3
 
     recorded = torch.randperm(800, generator=torch.Generator().manual_seed(0)).tolist()
     assert quality_reference.train_order(800) == quality_reference.train_order(800, 0) == recorded
