@@ -204,4 +204,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # A Ctrl-C as a terminal's `jaxtune train` gets it. A process started with SIGINT ignored (every child of a
+    # background job of a non-interactive shell, as CI may run the tests) keeps it ignored, and Python then
+    # installs no KeyboardInterrupt handler: outside the step loop (restore, scoring) the test's Ctrl-C was lost.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     main()
