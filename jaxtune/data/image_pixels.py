@@ -2,18 +2,18 @@
 (:class:`ImageSpec`), resizing, normalising and augmenting.
 
 A record is decoded where grain reads it, in its threads or worker processes, then made the model's
-input by :class:`ToPixels`: resized to the model's square ``size`` (or, where the model's image processor
-says so, as DINOv2's does, its shortest edge resized and the centre cropped), scaled to [0, 1], normalised
+input by :class:`ToPixels`: resized and centre-cropped as the model's image processor
+(``preprocessor_config.json``, read by :mod:`jaxtune.data.image_processor`) does it with transformers'
+PIL backend (without one, squashed to the model's square ``image_size``), scaled to [0, 1], normalised
 with the model's mean/std, channels first: float32 ``(C, H, W)``. Training may add ``augment``: ``flip``
-(horizontal, p=0.5) and ``crop`` (a random box of 70-100% of each side, the image's own aspect,
-resized back as evaluation resizes the whole image).
+(horizontal, p=0.5) and ``crop`` (a random box of 70-100% of each side, the image's own aspect, cut
+before the resize, then resized and cropped as evaluation does the whole image).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +22,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jaxtune.data.image_processor import read_processor
 from jaxtune.data.source_types import DataError
 
 AUGMENTATIONS = ("flip", "crop")
@@ -30,20 +31,26 @@ _FIX_IMAGE = "replace the file with a readable PNG/JPEG or remove it"
 
 @dataclasses.dataclass(frozen=True)
 class ImageSpec:
-    """What the model takes: square ``size``, ``channels`` (1 or 3), per-channel ``mean``/``std``
-    applied to pixels scaled by ``rescale`` (1/255: to [0, 1]), resized with PIL's ``resample``
-    filter (2: bilinear; transformers' processors name theirs by the same numbers). With
-    ``shortest_edge``, an image is resized keeping its aspect to that shortest edge, then its centre
-    ``size`` square cropped (transformers' ``size: {shortest_edge}`` with ``do_center_crop``); without,
-    it is resized to the square whatever its aspect."""
+    """What the model takes: ``size`` (a square's side, or ``(height, width)``), ``channels`` (1 or 3),
+    per-channel ``mean``/``std`` applied to pixels scaled by ``rescale`` (1/255: to [0, 1]), resized
+    with PIL's ``resample`` filter (2: bilinear; transformers' processors name theirs by the same numbers).
 
-    size: int
+    How an image becomes ``size`` (transformers' PIL-backend steps): resized to ``resize`` ``(height,
+    width)``; or, with ``shortest_edge``, keeping its aspect, its shortest edge to that (capped so its
+    longest is at most ``longest_edge``); or, with neither, straight to ``size`` whatever its aspect;
+    or, ``do_resize`` false, not at all. Then its centre ``size`` is cropped (zero-padded where the
+    image is smaller), as transformers' ``center_crop``."""
+
+    size: int | tuple[int, int]
     channels: int = 3
     mean: tuple[float, ...] = (0.5, 0.5, 0.5)
     std: tuple[float, ...] = (0.5, 0.5, 0.5)
     resample: int = 2
     rescale: float = 1 / 255
+    resize: tuple[int, int] | None = None
     shortest_edge: int | None = None
+    longest_edge: int | None = None
+    do_resize: bool = True
 
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
@@ -51,54 +58,44 @@ class ImageSpec:
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ValueError(f"image mean/std: need {self.channels} values each, got {self.mean} / {self.std}")
 
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` of the model's input."""
+        return (self.size, self.size) if isinstance(self.size, int) else tuple(self.size)
+
     @classmethod
     def for_model(cls, model_config: Any, model_dir: str | os.PathLike | None) -> ImageSpec:
-        """The spec of an image model: its config's ``image_size`` and ``num_channels``, and the
-        mean/std of its directory's image processor (see :meth:`from_model_dir`)."""
+        """The spec of an image model: its config's ``image_size`` and ``num_channels``, read with its
+        directory's image processor (see :meth:`from_model_dir`). A size the model cannot take (its
+        config's ``image_input_problem`` says why) is refused here, naming the processor file, before
+        any image is read."""
         size, channels = getattr(model_config, "image_size", None), getattr(model_config, "num_channels", 3)
         if size is None:
             raise ValueError(f"the data are images but the model ({type(model_config).__name__}) takes no images; "
                              "load an image model (ViT, DINOv2, EfficientNet-Lite)")
-        return cls.from_model_dir(size, channels, model_dir)
+        spec = cls.from_model_dir(size, channels, model_dir)
+        check = getattr(model_config, "image_input_problem", None)
+        problem = check(*spec.shape) if check is not None else None
+        if problem:
+            path = Path(model_dir) / "preprocessor_config.json" if model_dir else None
+            where = str(path) if path is not None and path.is_file() else "the model's image_size"
+            height, width = spec.shape
+            raise DataError(where, f"the images come out {height} x {width}, but {problem}",
+                            "give the processor a size/crop_size the model takes, or load a model made for that size")
+        return spec
 
     @classmethod
     def from_model_dir(cls, size: int, channels: int, model_dir: str | os.PathLike | None) -> ImageSpec:
-        """The spec of a model of square ``size`` and ``channels``, with the mean/std, resampling filter
-        and rescale of its ``preprocessor_config.json`` (transformers' image processor) when it has one
-        (``do_normalize``/``do_rescale`` false: none), else mean and std 0.5, bilinear, 1/255. A processor
-        that resizes the shortest edge and crops the centre (DINOv2's) gives its ``crop_size`` as the
-        size, in place of ``size`` (DINOv2's config says 518, the size its positions were learned at;
-        its processor gives 224)."""
-        mean, std, resample, rescale, shortest = (0.5,) * channels, (0.5,) * channels, 2, 1 / 255, None
+        """The spec of a model of square ``size`` and ``channels`` as its directory's
+        ``preprocessor_config.json`` (transformers' image processor) says
+        (:func:`jaxtune.data.image_processor.read_processor`; a key jaxtune cannot honour is refused,
+        naming the file), else squashed to ``size``, mean and std 0.5, bilinear, 1/255. The processor's
+        size wins over ``size`` (DINOv2's config says 518, the size its positions were learned at; its
+        processor gives 224)."""
         path = Path(model_dir) / "preprocessor_config.json" if model_dir else None
-        if path is not None and path.is_file():
-            try:
-                processor = json.loads(path.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise DataError(str(path), f"not valid JSON ({err})",
-                                "restore the model's preprocessor_config.json") from None
-            if processor.get("do_normalize", True):
-                mean = tuple(float(v) for v in processor.get("image_mean", mean))
-                std = tuple(float(v) for v in processor.get("image_std", std))
-            else:
-                mean, std = (0.0,) * channels, (1.0,) * channels
-            resample = int(processor.get("resample", resample))
-            rescale = float(processor.get("rescale_factor", rescale)) if processor.get("do_rescale", True) else 1.0
-            size, shortest = _crop_size(processor, size, str(path))
-        return cls(size, channels, mean, std, resample, rescale, shortest)
-
-
-def _crop_size(processor: dict[str, Any], size: int, where: str) -> tuple[int, int | None]:
-    """The square a processor that resizes the shortest edge and crops the centre ends in, and that edge;
-    ``(size, None)`` for any other processor."""
-    resize = processor.get("size") if processor.get("do_resize", True) else None
-    crop = processor.get("crop_size") if processor.get("do_center_crop", False) else None
-    if not isinstance(resize, dict) or "shortest_edge" not in resize or not isinstance(crop, dict):
-        return size, None
-    if crop.get("height") != crop.get("width") or not isinstance(crop.get("height"), int):
-        raise DataError(where, f"crop_size {crop} is not a square", "give crop_size equal height and width")
-    return crop["height"], int(resize["shortest_edge"])
-
+        if path is None or not path.is_file():
+            return cls(size, channels, (0.5,) * channels, (0.5,) * channels)
+        return cls(channels=channels, **read_processor(path, size, channels))
 
 
 def decode_image(path: str | bytes, where: str | None = None) -> np.ndarray:
@@ -153,7 +150,7 @@ def check_header(path: str | bytes, row: str | None = None) -> None:
 
 
 class ToPixels(grain.transforms.RandomMap):
-    """A record ``{"image": uint8 (H, W, C), "label": ...}`` -> ``{"pixel_values": f32 (C, S, S),
+    """A record ``{"image": uint8 (H, W, C), "label": ...}`` -> ``{"pixel_values": f32 (C, *spec.shape),
     "labels", "example_weights"}``, with the ``augment`` steps drawn from grain's per-record rng."""
 
     def __init__(self, spec: ImageSpec, augment: Sequence[str] = ()):
@@ -166,6 +163,8 @@ class ToPixels(grain.transforms.RandomMap):
         return self.pixels(record, rng)
 
     def pixels(self, record: dict, rng: np.random.Generator | None = None) -> dict:
+        """``record``'s image as the model's input, float32 ``(C, H, W)`` (``spec.shape``), with the
+        augmentations drawn from ``rng`` (none without one)."""
         from PIL import Image
 
         spec, image = self.spec, record["image"]
@@ -173,18 +172,15 @@ class ToPixels(grain.transforms.RandomMap):
         picture = picture.convert("L" if spec.channels == 1 else "RGB")
         box = None
         if rng is not None and "crop" in self.augment:
-            # 70-100% of each side: the box keeps the image's aspect, so the resize squashes a crop as
-            # evaluation squashes the whole image (a square box would train on unsquashed shapes).
+            # 70-100% of each side: the box keeps the image's aspect, so the crop is resized as evaluation
+            # resizes the whole image, squashed where it squashes (a square box would train on unsquashed shapes).
             w, h = picture.size
             fraction = rng.uniform(0.7, 1.0)
             width, height = max(1, int(round(w * fraction))), max(1, int(round(h * fraction)))
             left, top = int(rng.integers(0, w - width + 1)), int(rng.integers(0, h - height + 1))
             box = (left, top, left + width, top + height)
-        if spec.shortest_edge is None:
-            picture = picture.resize((spec.size, spec.size), Image.Resampling(spec.resample), box=box)
-        else:
-            picture = _resize_and_crop(picture.crop(box) if box else picture, spec)
-        x = np.asarray(picture, np.float32).reshape(spec.size, spec.size, spec.channels)
+        resized = np.asarray(_resize(picture, spec, box))
+        x = _center_crop(resized.reshape(*resized.shape[:2], spec.channels), *spec.shape).astype(np.float32)
         x = x / np.float32(255.0) if spec.rescale == 1 / 255 else x * np.float32(spec.rescale)
         if rng is not None and "flip" in self.augment and rng.random() < 0.5:
             x = x[:, ::-1]
@@ -193,15 +189,49 @@ class ToPixels(grain.transforms.RandomMap):
                 "example_weights": np.float32(1.0)}
 
 
-def _resize_and_crop(picture: Any, spec: ImageSpec) -> Any:
-    """``picture`` (PIL) with its shortest edge resized to ``spec.shortest_edge`` (the other side in
-    proportion, rounded down, as transformers' ``get_resize_output_image_size``), then its centre
-    ``spec.size`` square (``(side - size) // 2`` from the top-left, as transformers' ``center_crop``)."""
+def _resize(picture: Any, spec: ImageSpec, box: tuple[int, int, int, int] | None = None) -> Any:
+    """``picture`` (PIL), or its ``box`` (left, top, right, bottom), resized as ``spec`` says: to
+    ``spec.resize`` or ``spec.size``, or keeping its aspect to ``spec.shortest_edge`` (the other side in
+    proportion, rounded down: transformers' ``get_resize_output_image_size``; with ``longest_edge``, its
+    ``get_size_with_aspect_ratio``); not at all when ``spec.do_resize`` is false (the box cut out)."""
     from PIL import Image
 
-    w, h = picture.size
-    edge = spec.shortest_edge
-    new = (edge, int(edge * h / w)) if w <= h else (int(edge * w / h), edge)
-    picture = picture.resize(new, Image.Resampling(spec.resample))
-    left, top = (new[0] - spec.size) // 2, (new[1] - spec.size) // 2
-    return picture.crop((left, top, left + spec.size, top + spec.size))
+    if not spec.do_resize:
+        return picture.crop(box) if box else picture
+    # PIL resamples the box straight from the whole picture: its filter reads past the box's edges
+    # as it would read past a crop's, where cutting the crop out first would clamp them.
+    w, h = (box[2] - box[0], box[3] - box[1]) if box else picture.size
+    if spec.shortest_edge is None:
+        height, width = spec.resize or spec.shape
+    elif spec.longest_edge is None:
+        edge = spec.shortest_edge
+        height, width = (int(edge * h / w), edge) if w <= h else (edge, int(edge * w / h))
+    else:
+        height, width = _capped_size(h, w, spec.shortest_edge, spec.longest_edge)
+    return picture.resize((width, height), Image.Resampling(spec.resample), box=box)
+
+
+def _capped_size(h: int, w: int, edge: int, longest: int) -> tuple[int, int]:
+    """transformers' ``get_size_with_aspect_ratio``: ``(height, width)`` with the shortest side ``edge``,
+    unless the longest would pass ``longest``: then the longest is ``longest`` (the float size kept for
+    the long side's rounding, as there)."""
+    raw = None
+    if max(h, w) / min(h, w) * edge > longest:
+        raw = longest * min(h, w) / max(h, w)
+        edge = int(round(raw))
+    if (h <= w and h == edge) or (w <= h and w == edge):
+        return h, w
+    scale = raw if raw is not None else edge
+    return (int(scale * h / w), edge) if w < h else (edge, int(scale * w / h))
+
+
+def _center_crop(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The centre ``height x width`` of ``x`` ``(H, W, C)``, from ``(side - crop) // 2``; a side
+    shorter than the crop padded with zeros first, the odd one on top/left (transformers' ``center_crop``)."""
+    h, w = x.shape[:2]
+    pad_h, pad_w = max(0, height - h), max(0, width - w)
+    if pad_h or pad_w:
+        x = np.pad(x, (((pad_h + 1) // 2, pad_h // 2), ((pad_w + 1) // 2, pad_w // 2), (0, 0)))
+        h, w = x.shape[:2]
+    top, left = (h - height) // 2, (w - width) // 2
+    return x[top:top + height, left:left + width]

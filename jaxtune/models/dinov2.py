@@ -178,6 +178,13 @@ class Dinov2Config:
         """Example model inputs for shape inference: one all-zero image ``(1, C, H, W)``."""
         return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
 
+    def image_input_problem(self, height: int, width: int) -> str | None:
+        """Why this DINOv2 cannot take ``height x width`` images (None when it can): its positions are
+        interpolated to any grid of at least one patch a side."""
+        if min(height, width) >= self.patch_size:
+            return None
+        return f"this DINOv2 needs at least one patch ({self.patch_size} pixels) a side"
+
     def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
         return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
                       adapter_dropout=self.adapter_dropout, name=name)

@@ -8,7 +8,9 @@ absolute position embeddings, pre-norm blocks, a final LayerNorm and an optional
 
 Inputs are ``pixel_values`` float ``(B, C, H, W)``, channels first and normalised as the
 checkpoint's image processor does (HF's convention, so batches are interchangeable with
-transformers'). Position embeddings are not interpolated: ``H, W`` must equal ``image_size``.
+transformers'). Position embeddings are not interpolated: ``H, W`` must equal ``image_size`` (an image
+processor that gives another size is refused when the image spec is made, before training:
+:meth:`ViTConfig.image_input_problem`).
 
 Param paths mirror transformers' *module* names (also PEFT's): ``layers.2.attention.q_proj`` is
 ``params["layers_2"]["attention"]["q_proj"]``. Checkpoints on disk use the older tensor names
@@ -126,6 +128,15 @@ class ViTConfig:
     def init_inputs(self) -> tuple[Array, ...]:
         """Example model inputs for shape inference: one all-zero image ``(1, C, H, W)``."""
         return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
+
+    def image_input_problem(self, height: int, width: int) -> str | None:
+        """Why this ViT cannot take ``height x width`` images (None when it can): only its
+        ``image_size`` square, as its position embeddings are not interpolated (transformers'
+        ``interpolate_pos_encoding`` is not supported)."""
+        if (height, width) == (self.image_size, self.image_size):
+            return None
+        return (f"this ViT takes only its image_size {self.image_size} x {self.image_size} (jaxtune does not "
+                "interpolate its position embeddings, transformers' interpolate_pos_encoding)")
 
     def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
         return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
