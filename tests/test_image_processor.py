@@ -133,6 +133,18 @@ def test_what_jaxtune_cannot_reproduce_is_refused_naming_the_file_and_key(case, 
     assert "\n" not in message and " — " in message, message
 
 
+def test_a_grey_model_gets_one_mean_and_std(tmp_path):
+    """jaxtune's files with no type (EfficientNet-Lite's) may leave the mean/std out: 0.5 per channel."""
+    _write(tmp_path, {"size": {"height": 6, "width": 6}})
+    spec = ImageSpec.from_model_dir(6, 1, tmp_path)
+    assert (spec.mean, spec.std, spec.shape) == ((0.5,), (0.5,), (6, 6))
+    image = np.arange(48, dtype=np.uint8).reshape(6, 8, 1)
+    grey = Image.fromarray(image[..., 0]).resize((6, 6), Image.Resampling.BILINEAR)
+    expected = (np.asarray(grey, np.float32) / 255 - 0.5) / 0.5
+    np.testing.assert_allclose(ToPixels(spec).pixels({"image": image, "label": 0})["pixel_values"][0], expected,
+                               atol=1e-6)
+
+
 def _vit(size: int) -> ViTConfig:
     return ViTConfig(image_size=size, patch_size=4, hidden_size=8, intermediate_size=16, num_layers=1, num_heads=2)
 

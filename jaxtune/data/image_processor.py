@@ -25,10 +25,10 @@ from jaxtune.data.source_types import DataError
 _CLIP_MEAN, _CLIP_STD = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
 _SQUARE = {"height": 224, "width": 224}
 # What every processor class starts from (transformers' BaseImageProcessor and PIL backend: a resample
-# left unset is bilinear, mean/std IMAGENET_STANDARD 0.5).
+# left unset is bilinear, mean/std IMAGENET_STANDARD 0.5, a scalar here so a grey model gets one value).
 _BASE: dict[str, Any] = {"do_resize": True, "size": None, "default_to_square": True, "resample": 2,
                          "do_center_crop": False, "crop_size": None, "do_rescale": True, "rescale_factor": 1 / 255,
-                         "do_normalize": True, "image_mean": [0.5] * 3, "image_std": [0.5] * 3, "do_pad": False,
+                         "do_normalize": True, "image_mean": 0.5, "image_std": 0.5, "do_pad": False,
                          "pad_size": None, "do_convert_rgb": None}
 _TYPES: dict[str, dict[str, Any]] = {
     "ViTImageProcessor": {"size": _SQUARE},
