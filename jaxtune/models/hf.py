@@ -64,9 +64,12 @@ _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".a
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
 _BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.", "deberta.", "dinov2.",
                   "dinov2_with_registers.")
+# A tokenizer shipped as a SentencePiece model alone (no tokenizer.json): Llama 2/Mistral/Gemma's
+# tokenizer.model, DeBERTa-v3's spm.model, XLM-RoBERTa's sentencepiece.bpe.model.
+SENTENCEPIECE_FILES = ("tokenizer.model", "spm.model", "sentencepiece.bpe.model")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "merges.txt", "vocab.json", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "generation_config.json", "spm.model", "sentencepiece.bpe.model")
+                   "merges.txt", "vocab.json", "added_tokens.json", "chat_template.jinja",
+                   "generation_config.json", *SENTENCEPIECE_FILES)
 
 def _linear_layout(modules: tuple[str, ...]) -> bool:
     return True

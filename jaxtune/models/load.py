@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -228,12 +229,63 @@ def load_tokenizer(directory: Path, override: str | None = None) -> Any:
     from transformers import AutoTokenizer
 
     source = override or str(directory)
+    local = Path(source) if Path(source).is_dir() else None
+    if local is not None:
+        _check_sentencepiece_readable(local)
     try:
-        return AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
     except Exception as err:  # noqa: BLE001 - transformers raises many kinds; all mean "no tokenizer here"
         raise LoadError(f"{source}: no tokenizer could be loaded "
                         f"({type(err).__name__}: {str(err).splitlines()[0][:160]}"
                         "); give model.tokenizer (a directory or hub id with tokenizer files)") from None
+    if local is not None:
+        _check_vocabulary_found(tokenizer, local)
+    return tokenizer
+
+
+# The files that say a directory holds a tokenizer (its class, its special tokens), beside its vocabulary.
+_TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+
+
+def _module_missing(name: str) -> bool:
+    try:
+        importlib.import_module(name)  # transformers imports it next anyway
+    except ImportError:
+        return True
+    return False
+
+
+def _check_sentencepiece_readable(directory: Path) -> None:
+    """A directory whose tokenizer is a SentencePiece model alone needs the packages that read it.
+
+    Without them transformers logs a warning and falls back to reading the file as a tiktoken
+    vocabulary, whose error ("`tiktoken` is required") names the wrong fix."""
+    if (directory / "tokenizer.json").is_file():
+        return
+    found = [name for name in hf.SENTENCEPIECE_FILES if (directory / name).is_file()]
+    missing = [name.split(".")[-1] for name in ("sentencepiece", "google.protobuf") if _module_missing(name)]
+    if found and missing:
+        raise LoadError(f"{directory}: its tokenizer is the SentencePiece model {found[0]} (no tokenizer.json), "
+                        f"which transformers reads with the {' and '.join(missing)} package(s), not installed; "
+                        f"pip install {' '.join(missing)} (jaxtune's own dependencies)")
+
+
+def _check_vocabulary_found(tokenizer: Any, directory: Path) -> None:
+    """Refuse a tokenizer transformers built from none of its vocabulary files.
+
+    Given a tokenizer's configuration (``tokenizer_config.json``: its class, its special tokens) but
+    none of its files, transformers builds one of the special tokens alone (DeBERTa-v2's has 7) and
+    logs nothing; every word then encodes as unknown tokens. A directory with no tokenizer files at
+    all gets the family's default tokenizer the same way; it is left alone (tests and users load
+    weights-only directories whose tokenizer they never use)."""
+    if not any((directory / name).is_file() for name in _TOKENIZER_CONFIGS):
+        return
+    names = set(type(tokenizer).vocab_files_names.values()) | {"tokenizer.json"}
+    if not any((directory / name).is_file() for name in names):
+        raise LoadError(f"{directory}: none of {type(tokenizer).__name__}'s vocabulary files "
+                        f"({', '.join(sorted(names))}) is there, and transformers built a {len(tokenizer)}-token "
+                        "tokenizer of its special tokens alone; copy the model's tokenizer files there, or give "
+                        "model.tokenizer (a directory or hub id with tokenizer files)")
 
 
 def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pretrained:
