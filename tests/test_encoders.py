@@ -16,7 +16,7 @@ import peft
 import pytest
 import torch
 import transformers
-from helpers import torch_logits
+from helpers import tiny_hf_model, torch_logits
 from test_tuning_lora import forward
 from test_tuning_peft import trained
 
@@ -179,6 +179,29 @@ def test_adapter_made_by_peft_imports_exactly(pair, tmp_path):
     np.testing.assert_allclose(np.asarray(forward(tuned.module, tuned.params, ids, mask)),
                                torch_logits(made.eval(), ids, attention_mask=mask), atol=TOL, rtol=0)
 
+
+
+def test_a_pooler_classifier_adapter_onto_a_checkpoint_without_a_pooler_names_the_pooler(tmp_path):
+    """PEFT's SEQ_CLS adapter of BertForSequenceClassification (its classifier reads the pooler output) imported
+    onto a BertForMaskedLM checkpoint, which saves no pooler: it was refused as "modules_to_save ['classifier']
+    are not modules of BertModel". Now the refusal names the missing pooler, the checkpoint and what to do; the
+    same adapter onto the checkpoint it was trained on imports (peft's logits)."""
+    classifier = tiny_hf_model("BertForSequenceClassification", tmp_path / "classifier", num_labels=3)
+    masked_lm = tiny_hf_model("BertForMaskedLM", tmp_path / "mlm")
+    assert not any(k.startswith("bert.pooler.") for k in masked_lm.state_dict())  # transformers saves no pooler
+    torch.manual_seed(0)
+    made = peft.get_peft_model(classifier, peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8,
+                                                           target_modules=["query", "value"], init_lora_weights=False))
+    made.save_pretrained(tmp_path / "adapter")
+    ids, mask = _padded(0)
+    tuned = tuning.load_peft(hf.load_pretrained(tmp_path / "classifier"), tmp_path / "adapter")
+    np.testing.assert_allclose(np.asarray(forward(tuned.module, tuned.params, ids, mask)),
+                               torch_logits(made.eval(), ids, attention_mask=mask), atol=TOL, rtol=0)
+    with pytest.raises(tuning.ExportError, match=(
+            rf"adapter: the adapter saves BertForSequenceClassification's 'classifier', which reads the pooler "
+            rf"output, and the base checkpoint {tmp_path / 'mlm'} has no pooler tensors .*BertForMaskedLM.*; load "
+            r"the adapter onto a BertModel or BertForSequenceClassification checkpoint")):
+        tuning.load_peft(hf.load_pretrained(tmp_path / "mlm"), tmp_path / "adapter")
 
 
 def test_bare_encoder_adapter_starts_a_run_with_a_new_head(pair, tmp_path):

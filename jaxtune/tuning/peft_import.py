@@ -156,6 +156,7 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
     classifier = getattr(pretrained.config, "classifier_layout", None)
     head_out = classifier.out if classifier is not None else "score"
     if head_out in saved and hf.FAMILIES[pretrained.architecture].body is None:
+        _refuse_missing_pooler(pretrained, adapter_dir, classifier)
         num = reader.shape(f"{prefix}{head_out}.weight")[0]
         rules.append(Rule("head", task="regression" if num == 1 else "classification", num_labels=num,
                           bias=f"{head_out}.bias" in keys))
@@ -221,6 +222,27 @@ def apply_plan(pretrained: hf.Pretrained, plan: Any, rng: jax.Array | None = Non
     head = next((r for r in reversed(planned.plan.rules) if r.action == "head"), None)
     loaded, head_is_planned = _load_peft(pretrained, adapter, None, options.get("frozen_dtype"), head)
     return start_from(planned, loaded, adapter, head=not head_is_planned)
+
+
+def _refuse_missing_pooler(pretrained: hf.Pretrained, adapter_dir: Path, classifier: Any) -> None:
+    """Refuse an adapter that saves the family's HF classifier (its ``classifier`` layout, None for a
+    decoder's score) where it reads the pooler output, onto a bare checkpoint with no pooler.
+
+    A masked-LM checkpoint (``BertForMaskedLM``) saves no ``pooler.dense``; a head on it pools the first
+    token instead, so the classifier had no place in it, and the refusal named ``classifier`` as no module
+    of ``BertModel``, which it is, on a checkpoint with a pooler."""
+    if classifier is None or classifier.pooling != "pooler" or "pooler" in pretrained.params:
+        return
+    family = hf.FAMILIES[pretrained.architecture]
+    with_pooler = family.base or pretrained.architecture
+    saved_as = (pretrained.hf_config.get("architectures") or [pretrained.architecture])[0]
+    raise ExportError(
+        f"{adapter_dir}: the adapter saves {family.classifier}'s {classifier.out!r}, which reads the pooler output, "
+        f"and the base checkpoint {pretrained.source} has no pooler tensors (pooler.dense; its {saved_as} saved "
+        "none); load the adapter onto a "
+        f"{with_pooler} or {family.classifier} checkpoint that has them (the one it was trained on), or train "
+        "a new head on this one (a plan head rule; it pools the first token, as there is no pooler) without the "
+        "adapter's classifier")
 
 
 def _refuse_unsaved_head_modules(layout: Tuned, by_name: dict[str, Module], saved: set[str],
