@@ -23,7 +23,8 @@ evaluate_fails {"run", "data", "out"}: the run's ``Trainer.evaluate`` (``jaxtune
 setup_fails {"model", "train", "out"}: :func:`setup_fails`, the run directory unreadable on process 1 alone.
 optimizer_fails {"model", "train", "out"}: :func:`optimizer_fails`, the optimizer state failing on process 1 alone.
 read_fails {"model", "train", "out"}: :func:`read_fails`, the recipe's training file missing on process 1's host.
-restore_fails {"model", "train", "out"}: :func:`restore_fails`, a checkpoint unreadable on process 1 alone.
+restore_fails {"model", "train", "out", "failing"}: :func:`restore_fails`, a checkpoint unreadable on one process
+         alone (``failing``, 1 unless given).
 open_fails {"model", "train", "out"}: :func:`open_fails`, ``jaxtune.open_run`` of a run whose checkpoint
          process 1 alone cannot read, then an evaluation.
 
@@ -186,14 +187,14 @@ def _lora_run(args: dict[str, Any], steps: int, **trainer: Any) -> Any:
                       eval=jt.EvalConfig(before=False, after=False)).fit()
 
 
-def _fails_on_process_1(owner: Any, name: str, error: BaseException) -> None:
-    """``owner.name`` raises ``error`` on process 1 alone (as its host's file system could)."""
+def _fails_on(process: int, owner: Any, name: str, error: BaseException) -> None:
+    """``owner.name`` raises ``error`` on ``process`` alone (as its host's file system could)."""
     import jax
 
     real = getattr(owner, name)
 
     def failing(*a: Any, **k: Any) -> Any:
-        if jax.process_index() == 1:
+        if jax.process_index() == process:
             raise error
         return real(*a, **k)
 
@@ -204,7 +205,7 @@ def setup_fails(args: dict[str, Any]) -> dict[str, Any]:
     """:func:`_lora_run`, its run directory unreadable on process 1 alone (checked in the Trainer's constructor)."""
     from jaxtune.training.rundir import RunDir
 
-    _fails_on_process_1(RunDir, "check", PermissionError("run: a directory process 1 cannot read"))
+    _fails_on(1, RunDir, "check", PermissionError("run: a directory process 1 cannot read"))
     return {"state": _lora_run(args, 2).state}
 
 
@@ -248,17 +249,25 @@ def open_fails(args: dict[str, Any]) -> dict[str, Any]:
     from jaxtune.training.checkpoint import Checkpointer
 
     jt.finetune(_recipe(args, args["train"]))
-    _fails_on_process_1(Checkpointer, "restore", PermissionError("checkpoints/2: a file process 1 cannot read"))
+    _fails_on(1, Checkpointer, "restore", PermissionError("checkpoints/2: a file process 1 cannot read"))
     trainer = jt.open_run(Path(args["out"]) / "run", evaluation=False)
     return trainer.evaluate(jt.read(args["train"], kind="chat")[0])
 
 
 def restore_fails(args: dict[str, Any]) -> dict[str, Any]:
-    """:func:`_lora_run` for 2 steps, then on to 4 from its checkpoint, which process 1 alone cannot read."""
+    """:func:`_lora_run` for 2 steps (its status copied to OUT/status-2.json), then on to 4 from its checkpoint,
+    which process ``failing`` (1 unless given) alone cannot read."""
+    import shutil
+
+    import jax
+
     from jaxtune.training.checkpoint import Checkpointer
 
     _lora_run(args, 2)
-    _fails_on_process_1(Checkpointer, "restore", PermissionError("checkpoints/2: a file process 1 cannot read"))
+    if jax.process_index() == 0:
+        shutil.copy(Path(args["out"]) / "run" / "status.json", Path(args["out"]) / "status-2.json")
+    failing = args.get("failing", 1)
+    _fails_on(failing, Checkpointer, "restore", PermissionError(f"checkpoints/2: a file process {failing} cannot read"))
     return {"state": _lora_run(args, 4).state}
 
 

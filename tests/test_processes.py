@@ -426,8 +426,34 @@ def test_an_error_on_one_process_setting_up_stops_the_others_too(tmp_path, job, 
     assert codes[0] == 1 and len(stopping) == 1 and f"process 1 failed {doing}: " in stopping[0], errs[0][-1500:]
     assert error in stopping[0] and "heartbeat" not in errs[0] + errs[1]
     if job == "restore_fails":  # the run's status (written by process 0) says why it stopped
-        status = json.loads((tmp_path / "run" / "status.json").read_text())
-        assert status["state"] == "failed" and status["error"] == f"process 1 failed {doing}: {error}", status
+        _assert_failed_as_it_was(tmp_path, f"process 1 failed {doing}: {error}")
+
+
+def _assert_failed_as_it_was(out: Path, error: str) -> None:
+    """OUT/run's status says the run failed with ``error``, at the step and with the reports of its status
+    before (OUT/status-2.json: 2 steps of 4, :func:`processes_script.restore_fails`)."""
+    status = json.loads((out / "run" / "status.json").read_text())
+    before = json.loads((out / "status-2.json").read_text())
+    assert status["state"] == "failed" and status["error"] == error, status
+    assert status["step"] == before["step"] == 2 and status["total_steps"] == 4 and "loss" in status["train"], status
+    ignore = ("state", "error", "updated", "total_steps")
+    assert {k: v for k, v in status.items() if k not in ignore} == {k: v for k, v in before.items() if k not in ignore}
+
+
+@pytest.mark.parametrize("count", [1, 2])
+def test_a_failed_restore_on_process_0_marks_the_run_failed_at_its_own_step(tmp_path, count):
+    """Resuming a 2-step run to 4 steps, its checkpoint unreadable on process 0 (the one that writes the
+    status): one process left the status as it was (the run's, step 2, so the failed attempt went unsaid);
+    two processes did too, while an error on process 1 (above) wrote "failed" at the trainer's step 0,
+    with none of the run's reports. Now each marks the run failed, at its step, keeping its reports."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    args = {"model": str(tmp_path / "llama"), "train": str(_chat_rows(tmp_path / "train.jsonl")), "out": str(tmp_path),
+            "failing": 0}
+    codes, errs = _run(_script({"restore_fails": args}), tmp_path, timeout=150, count=count)
+    error = "PermissionError: checkpoints/2: a file process 0 cannot read"
+    assert codes == [1] * count and error in errs[0], [err[-1500:] for err in errs]
+    _assert_failed_as_it_was(tmp_path, f"failed restoring the latest checkpoint: {error}")
 
 
 def test_a_cached_reference_on_two_processes_holds_every_row_on_each(launched, tmp_path):

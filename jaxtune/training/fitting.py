@@ -111,9 +111,14 @@ class Fitting:
         the base model's scores. Any checkpoint (the iterator's position included) is written before this returns."""
         self.close()
         self._resumable_data = hasattr(iterator, "get_state")
-        with processes.ready_together(lambda: "restoring the latest checkpoint",
-                                      self.status.on_stop(lambda: self.step, training=False)):
-            best = self._resume(iterator)
+        try:
+            with processes.ready_together(lambda: "restoring the latest checkpoint",
+                                          self.status.on_stop(lambda: self.step, training=False)):
+                best = self._resume(iterator)
+        except Exception as err:  # the status says so, on every process count (another's error: on_stop)
+            self.status.failed_outside_loop(f"failed restoring the latest checkpoint: {type(err).__name__}: {err}",
+                                            self.step)
+            raise
         self._in_flight = InFlight(self.step)
         previous_status = self.run.status() or {}
         previous = previous_status.get("state")

@@ -77,18 +77,39 @@ class RunStatus:
         run stopped, as one process's run interrupted so does, keeping the training and evaluation it last
         reported (a Ctrl-C is no error); outside it (restoring a checkpoint, scoring the model before or after
         training) the status stays as it was, as one process's KeyboardInterrupt there leaves it: the training
-        it describes did not change, and ``step`` is not yet the run's while it restores. Either way nothing
-        the loop writes later replaces it."""
+        it describes did not change, and ``step`` is not yet the run's while it restores. An error outside it
+        marks the run failed as :meth:`failed_outside_loop` does. Either way nothing the loop writes later
+        replaces it."""
         with self._lock:
             self._stopped_by = message
+            if not training:
+                if not interrupted:
+                    self._failed_as_it_was(message, step)
+                return
             if not interrupted:
                 self._write_unlocked("failed", step, error=message)
                 return
-            if not training:
-                return
+            self._write_unlocked("stopped", step, **self._reports())
+
+    def failed_outside_loop(self, message: str, step: int) -> None:
+        """This process's error outside the step loop (restoring the latest checkpoint): the run failed
+        with ``message``, at the step and with the training and evaluation its status last reported,
+        as another process's error there is written (:meth:`stopped_by_another`); not once that is there.
+        The trainer's ``step`` (0 while it restores) is the status's only where it names none: a failed
+        attempt to resume a run left it at step 0 of a run whose checkpoint and status said more."""
+        with self._lock:
+            if self._stopped_by is None:
+                self._failed_as_it_was(message, step)
+
+    def _failed_as_it_was(self, message: str, step: int) -> None:
+        last = self.run.status() or {}
+        self._write_unlocked("failed", last.get("step", step), error=message, **self._reports(last))
+
+    def _reports(self, last: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The training and evaluation the status (``last``, else the file's) reported, to keep in the next."""
+        if last is None:
             last = self.run.status() or {}
-            kept = {k: last[k] for k in ("train", "eval", "best_step", "best_value") if k in last}
-            self._write_unlocked("stopped", step, **kept)
+        return {k: last[k] for k in ("train", "eval", "best_step", "best_value") if k in last}
 
     def non_finite(self, pending: list[dict[str, jax.Array]], step: int, checkpointer: Checkpointer) -> str | None:
         """``"failed"`` (logged, and written to the status) when one of the ``pending`` steps (the
