@@ -140,11 +140,11 @@ def test_images_are_turned_upright_by_their_exif_orientation_as_transformers_loa
 def test_pixels_follow_the_image_processor_config_as_transformers_does(tmp_path):
     """The processor's resampling filter and do_normalize were ignored (always bilinear, always normalised
     with 0.5): a bicubic or unnormalised checkpoint got other pixels than transformers gives it."""
-    from transformers import ViTImageProcessor
+    from transformers import ViTImageProcessorPil
 
     image = np.random.default_rng(0).integers(0, 256, (37, 53, 3)).astype(np.uint8)
     for config in ({"resample": 3}, {"do_normalize": False}, {"resample": 2, "image_mean": [0.2, 0.3, 0.4]}):
-        processor = ViTImageProcessor(size={"height": 24, "width": 24}, **config)
+        processor = ViTImageProcessorPil(size={"height": 24, "width": 24}, **config)
         processor.save_pretrained(tmp_path)
         spec = ImageSpec.from_model_dir(24, 3, tmp_path)
         ours = ToPixels(spec).pixels({"image": image, "label": 0})["pixel_values"]
