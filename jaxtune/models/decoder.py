@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models import stacking
-from jaxtune.models.kv_cache import KVCache, LayerCache, attend
+from jaxtune.models.kv_cache import KVCache, LayerCache, rope_attend
 from jaxtune.models.layers import (
     QUANTIZED_PARTS,
     SUPPORTED_ROPE_TYPES,
@@ -44,13 +44,10 @@ from jaxtune.models.layers import (
     Linear,
     PartitionRules,
     RMSNorm,
-    apply_rope,
-    attention_dropout_key,
     hf_architecture,
     partition_rules,
     pool,
     remat_block,
-    rope_inverse_frequencies,
     rope_parameters,
     shard_rows,
 )
@@ -282,13 +279,9 @@ class Attention(nn.Module):
                 q.reshape(b, t, -1) if whole else q).reshape(q.shape)
             k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, gain_in_float32=whole, name="k_norm")(
                 k.reshape(b, t, -1) if whole else k).reshape(k.shape)
-        if cfg.rope:
-            inv_freq = rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
-            q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        key = attention_dropout_key(self, cfg.attention_dropout, deterministic or cache is not None)
-        out, kv = attend(q, k, v, segment_ids, self.window, cache, dropout_rate=cfg.attention_dropout, dropout_rng=key)
+        out, kv = rope_attend(self, cfg, q, k, v, positions, segment_ids, self.window, cache, deterministic)
         out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, dtype=dt, param_dtype=cfg.param_dtype,
-                     adapter_dropout=cfg.adapter_dropout, name="o_proj")(out.reshape(b, t, -1), deterministic)
+                     adapter_dropout=cfg.adapter_dropout, name="o_proj")(out, deterministic)
         return out if cache is None else (out, kv)
 
 

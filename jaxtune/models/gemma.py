@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfig
-from jaxtune.models.kv_cache import LayerCache, attend
+from jaxtune.models.kv_cache import LayerCache, rope_attend
 from jaxtune.models.layers import (
     QUANTIZED_PARTS,
     SUPPORTED_ROPE_TYPES,
@@ -44,11 +44,8 @@ from jaxtune.models.layers import (
     Dtype,
     Linear,
     PartitionRules,
-    apply_rope,
-    attention_dropout_key,
     hf_architecture,
     partition_rules,
-    rope_inverse_frequencies,
     softcap,
 )
 
@@ -233,13 +230,10 @@ class GemmaAttention(nn.Module):
             k = GemmaRMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="k_norm")(k)
         local = self.window is not None and cfg.local_rope_theta is not None
         theta, scaling = (cfg.local_rope_theta, cfg.local_rope_scaling) if local else (cfg.rope_theta, cfg.rope_scaling)
-        inv_freq = rope_inverse_frequencies(cfg.head_dim, theta, dict(scaling or ()))
-        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        scale = (cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
-        key = attention_dropout_key(self, cfg.attention_dropout, deterministic or cache is not None)
-        out, kv = attend(q, k, v, segment_ids, self.window, cache, scale=scale, logit_cap=cfg.attn_logit_softcapping,
-                         dropout_rate=cfg.attention_dropout, dropout_rng=key)
-        out = proj("o_proj", cfg.hidden_size, cfg.o_bias)(out.reshape(b, t, -1), deterministic)
+        out, kv = rope_attend(self, cfg, q, k, v, positions, segment_ids, self.window, cache, deterministic,
+                              rope=(theta, scaling), scale=(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5,
+                              logit_cap=cfg.attn_logit_softcapping)
+        out = proj("o_proj", cfg.hidden_size, cfg.o_bias)(out, deterministic)
         return out if cache is None else (out, kv)
 
 

@@ -39,15 +39,13 @@ import flax.linen as nn
 from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig
 from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS
-from jaxtune.models.kv_cache import LayerCache, attend
+from jaxtune.models.kv_cache import LayerCache, rope_attend
 from jaxtune.models.layers import (
     QUANTIZED_PARTS,
     Array,
     LayerNorm,
     Linear,
     PartitionRules,
-    apply_rope,
-    attention_dropout_key,
     hf_architecture,
     partition_rules,
     rope_inverse_frequencies,
@@ -148,11 +146,8 @@ class GPTNeoXAttention(nn.Module):
         n, h = cfg.num_heads, cfg.head_dim
         qkv = cfg.linear(3 * n * h, "query_key_value", cfg.qkv_bias)(x, deterministic).reshape(b, t, n, 3, h)
         q, k, v = qkv[:, :, :, 0], qkv[:, :, :, 1], qkv[:, :, :, 2]
-        freqs = rope_inverse_frequencies(h, cfg.rope_theta, dict(cfg.rope_scaling or ()))
-        key = attention_dropout_key(self, cfg.attention_dropout, deterministic or cache is not None)
-        out, new_kv = attend(apply_rope(q, positions, freqs), apply_rope(k, positions, freqs), v, segment_ids,
-                             None, cache, dropout_rate=cfg.attention_dropout, dropout_rng=key)
-        out = cfg.linear(d, "dense", cfg.o_bias)(out.reshape(b, t, n * h), deterministic)
+        out, new_kv = rope_attend(self, cfg, q, k, v, positions, segment_ids, None, cache, deterministic)
+        out = cfg.linear(d, "dense", cfg.o_bias)(out, deterministic)
         return out if cache is None else (out, new_kv)
 
 

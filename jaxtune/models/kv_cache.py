@@ -4,17 +4,25 @@ Generation (:mod:`jaxtune.models.generate`) prefills a :class:`KVCache` with the
 adds one token per step; each layer sees its :class:`LayerCache` slice. :func:`attend` is the
 causal self-attention every decoder family's attention module calls, with a cache (decoding: the
 new keys and values written at the cache's index, a mask in cache coordinates) or without one
-(training and scoring: packed segment ids, the backend's fused kernel).
+(training and scoring: packed segment ids, the backend's fused kernel); :func:`rope_attend` is the
+RoPE + attention-dropout + :func:`attend` sequence between a family's projections.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.layers import Array, dot_product_attention
+from jaxtune.models.layers import (
+    Array,
+    apply_rope,
+    attention_dropout_key,
+    dot_product_attention,
+    rope_inverse_frequencies,
+)
 
 if TYPE_CHECKING:  # the config's module imports this one
     from jaxtune.models.decoder import DecoderConfig
@@ -102,3 +110,28 @@ def attend(
     # The mask carries causality (and the window) in cache coordinates.
     out = dot_product_attention(q, k, v, mask, causal=False, scale=scale, logit_cap=logit_cap)
     return out, (k, v)
+
+
+def rope_attend(
+    module: nn.Module, cfg: DecoderConfig, q: Array, k: Array, v: Array, positions: Array,
+    segment_ids: Array | None, window: int | None, cache: LayerCache | None, deterministic: bool, *,
+    rope: tuple[float, tuple[tuple[str, Any], ...] | None] | None = None, scale: float | None = None,
+    logit_cap: float | None = None,
+) -> tuple[Array, tuple[Array, Array] | None]:
+    """What a decoder family's attention does between its q/k/v projections and its output projection:
+    RoPE on ``q`` ``(B, T, N, H)`` and ``k`` ``(B, T, K, H)`` at ``positions`` ``(B, T)`` (unless
+    ``cfg.rope`` is off: SmolLM3's NoPE layers), then :func:`attend` with ``cfg.attention_dropout``
+    (its key drawn from ``module``'s ``dropout`` stream in training, never with a cache).
+
+    ``rope`` ``(theta, scaling)`` replaces ``cfg.rope_theta``/``cfg.rope_scaling`` (Gemma 3's local
+    layers); ``scale``/``logit_cap`` as :func:`attend`. Returns the heads merged, ``(B, T, N * H)``,
+    and :func:`attend`'s updated cache arrays (None without a cache).
+    """
+    if cfg.rope:
+        theta, scaling = (cfg.rope_theta, cfg.rope_scaling) if rope is None else rope
+        inv_freq = rope_inverse_frequencies(cfg.head_dim, theta, dict(scaling or ()))
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    key = attention_dropout_key(module, cfg.attention_dropout, deterministic or cache is not None)
+    out, kv = attend(q, k, v, segment_ids, window, cache, scale=scale, logit_cap=logit_cap,
+                     dropout_rate=cfg.attention_dropout, dropout_rng=key)
+    return out.reshape(*out.shape[:2], -1), kv

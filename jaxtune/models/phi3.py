@@ -38,14 +38,12 @@ import jax.numpy as jnp
 
 from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig
 from jaxtune.models.dropout import Dropout
-from jaxtune.models.kv_cache import LayerCache, attend
+from jaxtune.models.kv_cache import LayerCache, rope_attend
 from jaxtune.models.layers import (
     Array,
     Linear,
     PartitionRules,
     RMSNorm,
-    apply_rope,
-    attention_dropout_key,
     hf_architecture,
     partition_rules,
     rope_inverse_frequencies,
@@ -134,11 +132,8 @@ class Phi3Attention(nn.Module):
         q = qkv[..., :n * h].reshape(b, t, n, h)
         k = qkv[..., n * h:(n + kv) * h].reshape(b, t, kv, h)
         v = qkv[..., (n + kv) * h:].reshape(b, t, kv, h)
-        freqs = rope_inverse_frequencies(h, cfg.rope_theta, dict(cfg.rope_scaling or ()))
-        key = attention_dropout_key(self, cfg.attention_dropout, deterministic or cache is not None)
-        out, new_kv = attend(apply_rope(q, positions, freqs), apply_rope(k, positions, freqs), v, segment_ids,
-                             self.window, cache, dropout_rate=cfg.attention_dropout, dropout_rng=key)
-        out = cfg.linear(cfg.hidden_size, "o_proj")(out.reshape(b, t, n * h), deterministic)
+        out, new_kv = rope_attend(self, cfg, q, k, v, positions, segment_ids, self.window, cache, deterministic)
+        out = cfg.linear(cfg.hidden_size, "o_proj")(out, deterministic)
         return out if cache is None else (out, new_kv)
 
 
