@@ -185,11 +185,7 @@ class GPT2Classifier(DecoderClassifier):
     """``GPT2ForSequenceClassification``: the GPT-2 body and a bias-free ``score`` on the last real token."""
 
     cfg: GPT2Config
-
-    def setup(self) -> None:
-        self.body = GPT2(self.cfg)
-        nn.share_scope(self, self.body)
-        self.score = self.cfg.linear(self.cfg.num_labels, bias=False)
+    body_class: ClassVar[type[Decoder]] = GPT2
 
 
 def hf_module(modules: tuple[str, ...]) -> str:

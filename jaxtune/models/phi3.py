@@ -182,9 +182,4 @@ class Phi3Classifier(DecoderClassifier):
     """``Phi3ForSequenceClassification``: the Phi-3 body and a bias-free ``score`` on the last real token."""
 
     cfg: Phi3Config
-
-    def setup(self) -> None:
-        self.body = Phi3(self.cfg)
-        nn.share_scope(self, self.body)
-        self.score = Linear(self.cfg.num_labels, dtype=self.cfg.compute_dtype, param_dtype=self.cfg.param_dtype,
-                            adapter_dropout=self.cfg.adapter_dropout)
+    body_class: ClassVar[type[Decoder]] = Phi3
