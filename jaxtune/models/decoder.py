@@ -537,3 +537,15 @@ def hf_module(modules: tuple[str, ...]) -> str:
     heads ``lm_head`` and ``score`` (``*ForSequenceClassification``) sit beside ``model``, not in it."""
     name = ".".join("layers." + m[len("layers_"):] if m.startswith("layers_") else m for m in modules)
     return name if modules[0] in ("lm_head", "score") else "model." + name
+
+
+def renamed_hf_module(modules: tuple[str, ...], root: str, layers: str, top: dict[str, str]) -> str:
+    """:func:`hf_module` for a family whose HF names differ from the decoder's at the top level: the body
+    under ``root`` (not ``model``), block ``i`` at ``{layers}.i``, ``top`` renaming the other top-level
+    modules (``{"norm": "ln_f"}``); ``lm_head`` and ``score`` sit beside ``root``. E.g. GPT-2's
+    ``('layers_0', 'attn', 'c_attn')`` -> ``'transformer.h.0.attn.c_attn'``."""
+    if modules[0] in ("lm_head", "score"):
+        return ".".join(modules)
+    first = modules[0]
+    first = f"{layers}." + first[len("layers_"):] if first.startswith("layers_") else top.get(first, first)
+    return ".".join((root, first) + modules[1:])

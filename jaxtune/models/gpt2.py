@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 
-from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig
+from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, renamed_hf_module
 from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.kv_cache import LayerCache, attend
@@ -191,12 +191,7 @@ class GPT2Classifier(DecoderClassifier):
 def hf_module(modules: tuple[str, ...]) -> str:
     """HF module name of a param path's modules: ``('layers_0', 'attn', 'c_attn')`` ->
     ``'transformer.h.0.attn.c_attn'``; ``lm_head`` and ``score`` sit beside ``transformer``."""
-    if modules[0] in ("lm_head", "score"):
-        return ".".join(modules)
-    top = {"embed_tokens": "wte", "norm": "ln_f"}
-    first = modules[0]
-    first = "h." + first[len("layers_"):] if first.startswith("layers_") else top.get(first, first)
-    return ".".join(("transformer", first) + modules[1:])
+    return renamed_hf_module(modules, "transformer", "h", {"embed_tokens": "wte", "norm": "ln_f"})
 
 
 def kernel_out_in(modules: tuple[str, ...]) -> bool:

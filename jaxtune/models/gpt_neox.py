@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 import flax.linen as nn
 
-from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig
+from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, renamed_hf_module
 from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.kv_cache import LayerCache, rope_attend
@@ -218,12 +218,7 @@ class GPTNeoXClassifier(DecoderClassifier):
 def hf_module(modules: tuple[str, ...]) -> str:
     """HF module name of a param path's modules: ``('layers_0', 'attention', 'query_key_value')`` ->
     ``'gpt_neox.layers.0.attention.query_key_value'``; ``lm_head`` and ``score`` sit beside ``gpt_neox``."""
-    if modules[0] in ("lm_head", "score"):
-        return ".".join(modules)
-    top = {"embed_tokens": "embed_in", "norm": "final_layer_norm"}
-    first = modules[0]
-    first = "layers." + first[len("layers_"):] if first.startswith("layers_") else top.get(first, first)
-    return ".".join(("gpt_neox", first) + modules[1:])
+    return renamed_hf_module(modules, "gpt_neox", "layers", {"embed_tokens": "embed_in", "norm": "final_layer_norm"})
 
 
 def checkpoint_name(name: str) -> str:
