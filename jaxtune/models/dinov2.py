@@ -58,7 +58,7 @@ from jaxtune.models.layers import (
     partition_rules,
     pool,
 )
-from jaxtune.models.vit import Attention, BareTensor, PatchEmbeddings
+from jaxtune.models.vit import Attention, BareTensor, PatchEmbeddings, rename_first
 
 ARCHITECTURES = ("Dinov2Model", "Dinov2ForImageClassification", "Dinov2WithRegistersModel",
                  "Dinov2WithRegistersForImageClassification")
@@ -407,11 +407,7 @@ _FUSED = re.compile(r"\.mlp\.(gate|up)_proj\.")
 def checkpoint_name(name: str) -> str:
     """The tensor name a DINOv2 checkpoint stores for module-named ``name``:
     ``encoder.layer.0.attention.q_proj.weight`` -> ``encoder.layer.0.attention.attention.query.weight``."""
-    for pattern, replacement in _CHECKPOINT_NAMES:
-        new = pattern.sub(replacement, name)
-        if new != name:
-            return new
-    return name
+    return rename_first(name, _CHECKPOINT_NAMES)
 
 
 def checkpoint_chunk(name: str) -> tuple[str, int, int] | None:

@@ -322,11 +322,17 @@ _CHECKPOINT_NAMES = (
 )
 
 
-def checkpoint_name(name: str) -> str:
-    """The tensor name a ViT checkpoint stores for module-named ``name``:
-    ``vit.layers.0.mlp.fc1.weight`` -> ``vit.encoder.layer.0.intermediate.dense.weight``."""
-    for pattern, replacement in _CHECKPOINT_NAMES:
+def rename_first(name: str, rules: tuple[tuple[re.Pattern[str], Any], ...]) -> str:
+    """``name`` rewritten by the first of ``rules`` (``(pattern, replacement)``, as ``re.sub`` takes them)
+    that changes it, else ``name``: the old tensor names of a family whose modules transformers renamed."""
+    for pattern, replacement in rules:
         new = pattern.sub(replacement, name)
         if new != name:
             return new
     return name
+
+
+def checkpoint_name(name: str) -> str:
+    """The tensor name a ViT checkpoint stores for module-named ``name``:
+    ``vit.layers.0.mlp.fc1.weight`` -> ``vit.encoder.layer.0.intermediate.dense.weight``."""
+    return rename_first(name, _CHECKPOINT_NAMES)
