@@ -427,7 +427,7 @@ def test_reward_loss_and_gradients_equal_trls_reward_trainer(tmp_path):
     assert batch["segment_ids"].max() > 1  # packed: several pairs a row
     _assert_trls_loss(loss_fn, tuned.params, batch, trl, {"head": ("head", "out", "kernel"),
                                                           "embed": ("embeddings", "word_embeddings", "embedding")},
-                      len(pairs))
+                      len(pairs), jit=True)
 
 
 def test_packed_recipe_trains_and_exports_an_adapter_peft_scores_alike(tmp_path):

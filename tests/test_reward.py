@@ -136,17 +136,20 @@ def test_reward_loss_and_gradients_equal_trls_reward_trainer(reward_llama, margi
 
 
 def _assert_trls_loss(loss_fn, params, batch: dict[str, jax.Array], trl: tuple, paths: dict[str, tuple],
-                      pairs: int) -> None:
+                      pairs: int, jit: bool = False) -> None:
     """jaxtune's mean loss of ``batch`` (``pairs`` pairs), the gradients of the ``paths`` (TRL's short
     name: jaxtune's param path) and its metric sums as means equal TRL's ``(loss, metrics, grads)``: the
-    loss, the accuracy, margin and reward range TRL logs, the gradients."""
+    loss, the accuracy, margin and reward range TRL logs, the gradients. ``jit``: one compiled program, as
+    the train step runs it; for a model of many small ops (DeBERTa's hundreds, each compiled apart when run
+    eagerly), where that is faster than eager ops whose compilations the other tests share."""
     trl_loss, trl_metrics, trl_grads = trl
 
     def mean_loss(params):
         total, n, out = loss_fn(params, batch, jax.random.key(0), False)
         return total / n, out["metrics"]
 
-    (loss, sums), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    value_and_grad = jax.value_and_grad(mean_loss, has_aux=True)
+    (loss, sums), grads = (jax.jit(value_and_grad) if jit else value_and_grad)(params)
     np.testing.assert_allclose(float(loss), trl_loss, rtol=1e-5, atol=1e-6)
     grads = flatten_dict(grads)
     for short, path in paths.items():
