@@ -134,7 +134,7 @@ def test_gradients_match_torch(dino_dirs):
     def loss(params):
         return jnp.sum(ours.module.apply({"params": params}, x) * w)
 
-    grads = flatten_dict(jax.grad(loss)(ours.params))
+    grads = flatten_dict(jax.jit(jax.grad(loss))(ours.params))  # one program (eagerly, each op compiles apart)
     theirs = Dinov2ForImageClassification.from_pretrained(dino_dirs / "classifier_swiglu").eval()
     (theirs(pixel_values=torch.from_numpy(x)).logits * torch.from_numpy(w)).sum().backward()
     torch_grads = dict(theirs.named_parameters())
