@@ -25,6 +25,8 @@ optimizer_fails {"model", "train", "out"}: :func:`optimizer_fails`, the optimize
 read_fails {"model", "train", "out"}: :func:`read_fails`, the recipe's training file missing on process 1's host.
 restore_fails {"model", "train", "out", "failing"}: :func:`restore_fails`, a checkpoint unreadable on one process
          alone (``failing``, 1 unless given).
+score_fails {"model", "train", "out", "when", "failing"}: :func:`score_fails`, the base model's score ("before") or
+         the trained model's ("after") raising on process ``failing`` alone.
 open_fails {"model", "train", "out"}: :func:`open_fails`, ``jaxtune.open_run`` of a run whose checkpoint
          process 1 alone cannot read, then an evaluation.
 
@@ -176,15 +178,15 @@ def base_fails(args: dict[str, Any]) -> dict[str, Any]:
 
 def _lora_run(args: dict[str, Any], steps: int, **trainer: Any) -> Any:
     """``steps`` steps of LoRA on the tiny Llama in OUT/run, 4 chat rows a batch, without the base and final
-    scores (``trainer``: more of the Trainer's arguments)."""
+    scores unless ``trainer`` (more of the Trainer's arguments) names an ``eval``."""
     import jaxtune as jt
 
     train, _ = jt.read(args["train"], kind="chat")
     tuned = jt.apply_plan(jt.load(args["model"]), jt.lora(rank=4, alpha=8))
-    return jt.Trainer(tuned, train, run_dir=Path(args["out"]) / "run", **trainer,
+    return jt.Trainer(tuned, train, run_dir=Path(args["out"]) / "run",
+                      **{"eval": jt.EvalConfig(before=False, after=False), **trainer},
                       config=jt.TrainConfig(steps=steps, log_every=1, progress=False),
-                      data=jt.DataConfig(batch_size=4, max_length=48, packing=False),
-                      eval=jt.EvalConfig(before=False, after=False)).fit()
+                      data=jt.DataConfig(batch_size=4, max_length=48, packing=False)).fit()
 
 
 def _fails_on(process: int, owner: Any, name: str, error: BaseException) -> None:
@@ -271,6 +273,26 @@ def restore_fails(args: dict[str, Any]) -> dict[str, Any]:
     return {"state": _lora_run(args, 4).state}
 
 
+def score_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """:func:`_lora_run` for 2 steps (its status copied to OUT/status-2.json), then again: on to 4 steps scoring the
+    base model first (``when``: "before"), or to the same 2 scoring the trained model (``when``: "after"), that
+    score raising on process ``failing`` alone."""
+    import shutil
+
+    import jax
+
+    import jaxtune as jt
+    from jaxtune.training import scores
+
+    _lora_run(args, 2)
+    if jax.process_index() == 0:
+        shutil.copy(Path(args["out"]) / "run" / "status.json", Path(args["out"]) / "status-2.json")
+    before = args["when"] == "before"
+    _fails_on(args["failing"], scores, "score_base" if before else "score_final",
+              OSError(f"rows.jsonl: a row process {args['failing']} cannot read"))
+    return {"state": _lora_run(args, 4 if before else 2, eval=jt.EvalConfig(before=before, after=not before)).state}
+
+
 def predict_fails(args: dict[str, Any]) -> dict[str, Any]:
     import jaxtune as jt
 
@@ -348,7 +370,8 @@ def main() -> None:
     known = {"export": export, "export_fails": export_fails, "predict": predict, "predict_fails": predict_fails,
              "evaluate_fails": evaluate_fails, "restart": restart, "dpo": dpo, "dpo_fails": dpo_fails,
              "base_fails": base_fails, "setup_fails": setup_fails, "optimizer_fails": optimizer_fails,
-             "read_fails": read_fails, "restore_fails": restore_fails, "open_fails": open_fails}
+             "read_fails": read_fails, "restore_fails": restore_fails, "open_fails": open_fails,
+             "score_fails": score_fails}
     for job, args in jobs.items():
         written.clear()
         result = known[job](args)

@@ -429,13 +429,14 @@ def test_an_error_on_one_process_setting_up_stops_the_others_too(tmp_path, job, 
         _assert_failed_as_it_was(tmp_path, f"process 1 failed {doing}: {error}")
 
 
-def _assert_failed_as_it_was(out: Path, error: str) -> None:
+def _assert_failed_as_it_was(out: Path, error: str, total_steps: int = 4) -> None:
     """OUT/run's status says the run failed with ``error``, at the step and with the reports of its status
-    before (OUT/status-2.json: 2 steps of 4, :func:`processes_script.restore_fails`)."""
+    before (OUT/status-2.json: 2 steps, :func:`processes_script.restore_fails`), of ``total_steps``."""
     status = json.loads((out / "run" / "status.json").read_text())
     before = json.loads((out / "status-2.json").read_text())
     assert status["state"] == "failed" and status["error"] == error, status
-    assert status["step"] == before["step"] == 2 and status["total_steps"] == 4 and "loss" in status["train"], status
+    assert status["step"] == before["step"] == 2 and status["total_steps"] == total_steps, status
+    assert "loss" in status["train"], status
     ignore = ("state", "error", "updated", "total_steps")
     assert {k: v for k, v in status.items() if k not in ignore} == {k: v for k, v in before.items() if k not in ignore}
 
@@ -454,6 +455,23 @@ def test_a_failed_restore_on_process_0_marks_the_run_failed_at_its_own_step(tmp_
     error = "PermissionError: checkpoints/2: a file process 0 cannot read"
     assert codes == [1] * count and error in errs[0], [err[-1500:] for err in errs]
     _assert_failed_as_it_was(tmp_path, f"failed restoring the latest checkpoint: {error}")
+
+
+@pytest.mark.parametrize(("when", "doing", "total"), [("before", "scoring the base model, before training", 4),
+                                                     ("after", "scoring the trained model (step 2)", 2)])
+def test_a_failed_score_on_one_process_marks_the_run_failed_at_its_own_step(tmp_path, when, doing, total):
+    """A 2-step run again, the base model's score (resuming to 4 steps) or the trained model's (nothing left to
+    train) raising: one process left the status as it was ('finished' at step 2), while on a pod another
+    process's error there wrote 'failed' (RunStatus.on_stop). Now one process marks the run failed too,
+    at its step, keeping its reports."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "llama")
+    args = {"model": str(tmp_path / "llama"), "train": str(_chat_rows(tmp_path / "train.jsonl")), "out": str(tmp_path),
+            "when": when, "failing": 0}
+    codes, errs = _run(_script({"score_fails": args}), tmp_path, timeout=150, count=1)
+    error = "OSError: rows.jsonl: a row process 0 cannot read"
+    assert codes == [1] and error in errs[0], errs[0][-1500:]
+    _assert_failed_as_it_was(tmp_path, f"failed {doing}: {error}", total)
 
 
 def test_a_cached_reference_on_two_processes_holds_every_row_on_each(launched, tmp_path):

@@ -8,9 +8,11 @@ sets up the state it runs on (annotated below); the trainer's own methods it cal
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -79,8 +81,9 @@ class Fitting:
             self.check_resume()
             self.run.create().write_config(self.resolved_config)
             self.run.write_identity(self.identity())
-        with self.status.stop_together(lambda: "scoring the base model, before training", lambda: self.step,
-                                       training=False):
+        where = "scoring the base model, before training"
+        with self._failing_outside_loop(where), self.status.stop_together(lambda: where, lambda: self.step,
+                                                                          training=False):
             before = scores.score_base(self)
         iterator = iter(self.train_data) if self.train_data is not None else iter(())
         self._training_pass = iterator  # the pass training reads now (:meth:`_another_pass` opens the next)
@@ -111,14 +114,9 @@ class Fitting:
         the base model's scores. Any checkpoint (the iterator's position included) is written before this returns."""
         self.close()
         self._resumable_data = hasattr(iterator, "get_state")
-        try:
-            with processes.ready_together(lambda: "restoring the latest checkpoint",
-                                          self.status.on_stop(lambda: self.step, training=False)):
-                best = self._resume(iterator)
-        except Exception as err:  # the status says so, on every process count (another's error: on_stop)
-            self.status.failed_outside_loop(f"failed restoring the latest checkpoint: {type(err).__name__}: {err}",
-                                            self.step)
-            raise
+        with self._failing_outside_loop("restoring the latest checkpoint"), processes.ready_together(
+                lambda: "restoring the latest checkpoint", self.status.on_stop(lambda: self.step, training=False)):
+            best = self._resume(iterator)
         self._in_flight = InFlight(self.step)
         previous_status = self.run.status() or {}
         previous = previous_status.get("state")
@@ -149,11 +147,22 @@ class Fitting:
                            if best.step is not None else None, before=before,
                            failed_step=self.failed_step if state == "failed" else None)
         if state in ("finished", "early_stopped"):
-            with self.status.stop_together(lambda: f"scoring the trained model (step {self.step})", lambda: self.step,
-                                           training=False):
+            where = f"scoring the trained model (step {self.step})"
+            with self._failing_outside_loop(where), self.status.stop_together(lambda: where, lambda: self.step,
+                                                                              training=False):
                 self._finish(result)
             self.run.close()  # the final evaluation's record
         return result
+
+    @contextlib.contextmanager
+    def _failing_outside_loop(self, where: str) -> Iterator[None]:
+        """This process's error ``where`` (restoring or scoring around the step loop) marks the run failed, as
+        another process's error there does (its watcher, ``on_stop``): the status says so on every process count."""
+        try:
+            yield
+        except Exception as err:
+            self.status.failed_outside_loop(f"failed {where}: {type(err).__name__}: {err}", self.step)
+            raise
 
     def _finished_step(self) -> int:
         """The step the status names when the run ends: on one process every step dispatched finishes (the

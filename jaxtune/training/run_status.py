@@ -92,7 +92,8 @@ class RunStatus:
             self._write_unlocked("stopped", step, **self._reports())
 
     def failed_outside_loop(self, message: str, step: int) -> None:
-        """This process's error outside the step loop (restoring the latest checkpoint): the run failed
+        """This process's error outside the step loop (restoring the latest checkpoint, scoring the model
+        before or after training): the run failed
         with ``message``, at the step and with the training and evaluation its status last reported,
         as another process's error there is written (:meth:`stopped_by_another`); not once that is there.
         The trainer's ``step`` (0 while it restores) is the status's only where it names none: a failed
