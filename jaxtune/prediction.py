@@ -39,7 +39,7 @@ from jaxtune.data.preference import read_preference
 from jaxtune.data.row_sources import read_jsonl
 from jaxtune.data.rows import PYTHON, Syntax
 from jaxtune.data.source_types import PREFERENCE, DataError, Source
-from jaxtune.models.load import model_of
+from jaxtune.models.load import model_of, tokenizer_of
 from jaxtune.training.evaluate import classification_metrics, in_lockstep, regression_metrics
 from jaxtune.training.preference_config import host_keys
 from jaxtune.training.reward_model import pair_rewards
@@ -229,8 +229,7 @@ def _outputs(tuned: Tuned, source: Source, config: LoaderConfig, mesh: Mesh | No
     packs its own share of the rows (every ``process_count``-th, as evaluation shares them), numbers
     them by their place in the file, and every process gets each global batch's outputs back with
     those numbers: the whole file's outputs, in order, on every process."""
-    if tuned.tokenizer is None:
-        raise ValueError("the model has no tokenizer: load it with jaxtune.load")
+    tokenizer_of(tuned)
 
     def forward(params: Any, batch: dict[str, Any]) -> tuple[jax.Array, jax.Array]:
         # packing: from the shapes, static; the row numbers pass through, placed like the outputs
@@ -328,7 +327,7 @@ def _pair_rewards(tuned: Tuned, source: Source | _Conversations, config: LoaderC
     """float32 ``(N, 2)``: each pair's (chosen, rejected) reward, in file order (NaN: a pair cut off by
     ``max_length``). Each process reads its own share of the pairs, as :func:`_outputs` does."""
     index, count = (jax.process_index(), jax.process_count()) if mesh is not None else (0, 1)
-    loader = evaluation_loader(source, tuned.tokenizer, dataclasses.replace(config, shard_index=index,
+    loader = evaluation_loader(source, tokenizer_of(tuned), dataclasses.replace(config, shard_index=index,
                                                                             shard_count=count))
     host = host_keys(None)  # pair_ids and margins stay on the host
 

@@ -25,6 +25,7 @@ from jaxtune.config import Config, ConfigError, DistributedConfig, load, to_data
 from jaxtune.data.config import batching, read_data
 from jaxtune.data.source_types import DataError
 from jaxtune.host_threads import simulated_devices, threads_for_simulated_devices
+from jaxtune.models.load import LoadError
 from jaxtune.models.load import load as load_model
 from jaxtune.training.memory import StepMemory, plan_step_memory
 from jaxtune.training.preference_config import check_language_model
@@ -100,7 +101,7 @@ def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) 
                        config=config.train, data=batching(config.data), optimizer=config.optimizer, eval=config.eval,
                        checkpoint=config.checkpoint, mesh=config.mesh, preference=config.preference,
                        resolved_config=to_data(config))
-    except DataError:
+    except (DataError, LoadError):  # the data's, the model directory's (no tokenizer): not the recipe's fields
         raise
     except ValueError as err:  # the Trainer's checks of the config against the model and data
         raise ConfigError(str(err)) from None

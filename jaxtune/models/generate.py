@@ -66,7 +66,7 @@ from jaxtune.models.attention import batch_axes, data_parallel_size
 from jaxtune.models.decoder import Decoder
 from jaxtune.models.kv_cache import KVCache, init_cache
 from jaxtune.models.layers import Array
-from jaxtune.models.load import model_of
+from jaxtune.models.load import model_of, tokenizer_of
 
 Params = dict[str, Any]
 Chat = Sequence[Mapping[str, Any]]  # [{"role": "user", "content": "..."}, ...]
@@ -492,8 +492,7 @@ def complete(model: Any, prompts: Sequence[str] | Sequence[Chat], *, chat: bool 
     A ``Trainer.fit()`` result generates with its trained ``model``.
     """
     model = _generator(model)
-    if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer: load it with jaxtune.load")
+    tokenizer_of(model)
     prompts = prompt_list(prompts, chat=chat)
     if system is not None and not chat:
         raise ValueError("system: system= applies with chat=True (it is the chat's first message)")

@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -27,6 +28,8 @@ from jaxtune.assets import cache_dir, fetch_package
 from jaxtune.dtypes import DTYPES as DTYPES  # the names, shared with the command line (no JAX there)
 from jaxtune.models import assets, hf
 from jaxtune.schema import coerce
+
+log = logging.getLogger(__name__)
 
 
 def dtype_name(value: Any, where: str) -> str:
@@ -225,11 +228,21 @@ def _gguf_file(path: str) -> Path:
 
 
 def load_tokenizer(directory: Path, override: str | None = None) -> Any:
-    """The transformers tokenizer of a model directory (or of ``override``)."""
+    """The transformers tokenizer of a model directory (or of ``override``); None for a directory that
+    holds no tokenizer file at all (``config.json`` and weights alone).
+
+    transformers builds such a directory the family's tokenizer of its special tokens alone (BERT's has 5),
+    and every word then encodes as unknown: training ran, on nothing. Without one the model takes token
+    ids; what needs to encode text (the data, a chat template, generation) names the directory and the
+    fix (:func:`tokenizer_of`)."""
     from transformers import AutoTokenizer
 
     source = override or str(directory)
     local = Path(source) if Path(source).is_dir() else None
+    if override is None and local is not None and not any((local / name).is_file() for name in _TOKENIZER_HELD):
+        log.info("%s: no tokenizer files (tokenizer.json, tokenizer_config.json, a vocabulary): the model has no "
+                 "tokenizer; give model.tokenizer to encode text", local)
+        return None
     if local is not None:
         _check_sentencepiece_readable(local)
     try:
@@ -245,6 +258,10 @@ def load_tokenizer(directory: Path, override: str | None = None) -> Any:
 
 # The files that say a directory holds a tokenizer (its class, its special tokens), beside its vocabulary.
 _TOKENIZER_CONFIGS = ("tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
+# Any of these makes a tokenizer directory (a generation config or chat template alone does not: transformers
+# writes generation_config.json beside a causal LM's weights).
+_TOKENIZER_HELD = tuple(name for name in hf.TOKENIZER_FILES
+                        if name not in ("generation_config.json", "chat_template.jinja"))
 
 
 def _module_missing(name: str) -> bool:
@@ -275,9 +292,8 @@ def _check_vocabulary_found(tokenizer: Any, directory: Path) -> None:
 
     Given a tokenizer's configuration (``tokenizer_config.json``: its class, its special tokens) but
     none of its files, transformers builds one of the special tokens alone (DeBERTa-v2's has 7) and
-    logs nothing; every word then encodes as unknown tokens. A directory with no tokenizer files at
-    all gets the family's default tokenizer the same way; it is left alone (tests and users load
-    weights-only directories whose tokenizer they never use)."""
+    logs nothing; every word then encodes as unknown tokens. (A directory with no tokenizer files at
+    all has no tokenizer: :func:`load_tokenizer`.)"""
     if not any((directory / name).is_file() for name in _TOKENIZER_CONFIGS):
         return
     names = set(type(tokenizer).vocab_files_names.values()) | {"tokenizer.json"}
@@ -286,6 +302,18 @@ def _check_vocabulary_found(tokenizer: Any, directory: Path) -> None:
                         f"({', '.join(sorted(names))}) is there, and transformers built a {len(tokenizer)}-token "
                         "tokenizer of its special tokens alone; copy the model's tokenizer files there, or give "
                         "model.tokenizer (a directory or hub id with tokenizer files)")
+
+
+def tokenizer_of(model: Any) -> Any:
+    """The tokenizer of ``model`` (a :class:`~jaxtune.models.hf.Pretrained` or a
+    :class:`~jaxtune.tuning.tuned.Tuned`), for what encodes text; a model loaded without one (a directory
+    of config.json and weights alone, an image model) is refused (:class:`LoadError`), naming its directory
+    and how to give one."""
+    if model.tokenizer is None:
+        raise LoadError(f"{model.source}: the model has no tokenizer to encode text (its directory holds no "
+                        "tokenizer files); give model.tokenizer: <directory or hub id with its tokenizer files> "
+                        "in the recipe, or jaxtune.load(path, tokenizer=...) (jaxtune.apply_plan(..., tokenizer=...))")
+    return model.tokenizer
 
 
 def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pretrained:

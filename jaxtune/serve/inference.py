@@ -184,13 +184,14 @@ def complete(model: Any, messages: list[dict[str, str]], opts: Mapping[str, Any]
     """One chat completion: ``{"text", "finish_reason", "prompt_tokens", "completion_tokens", "ids"}``."""
     import jaxtune as jt
     from jaxtune.models.generate import encode_prompts
+    from jaxtune.models.load import tokenizer_of
 
     # top_p 0 keeps only the most likely token: greedy, as OpenAI reads it.
     top_p = opts["top_p"] if 0 < opts["top_p"] < 1.0 else None
     temperature = 0.0 if opts["top_p"] == 0 else opts["temperature"]
     seed = secrets.randbelow(2**31) if opts["seed"] is None else opts["seed"]
     try:
-        [prompt] = encode_prompts(model.tokenizer, [messages], chat=True)  # no chat template: a ValueError
+        [prompt] = encode_prompts(tokenizer_of(model), [messages], chat=True)  # no chat template: a ValueError
         [item] = jt.complete(model, [messages], chat=True, max_new_tokens=opts["max_new_tokens"],
                              temperature=temperature, top_p=top_p, seed=seed)
     except ValueError as err:  # prompt too long for the model, and the like: the request's fault

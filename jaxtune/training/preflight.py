@@ -22,6 +22,7 @@ from jaxtune.data.images import image_loader
 from jaxtune.data.pipeline import LM_KINDS, Loader, LoaderConfig, evaluation_loader, training_loader
 from jaxtune.data.source_types import PREFERENCE, DataError, Source
 from jaxtune.data.tokenize import AnswerChoices, choice_token_ids
+from jaxtune.models.load import tokenizer_of
 from jaxtune.training.config import CheckpointConfig, EvalConfig, TrainConfig
 from jaxtune.training.evaluate import METRICS, REWARD_SCORES
 from jaxtune.training.optim import OptimizerConfig
@@ -103,13 +104,11 @@ def loader_for(data: Any, model: Tuned, config: LoaderConfig, *, train: bool, ma
     if getattr(config, "images", False):  # would be ignored: the data says what it is
         raise ValueError(f"data.images: true, but {name} is {data.kind} text, not images; remove data.images (and "
                          "the image options augment, verify_images)")
-    if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer to encode the data: load it with jaxtune.load, or pass "
-                         "tokenizer= to apply_plan")
+    tokenizer = tokenizer_of(model)
     if train:
-        loader = training_loader(data, model.tokenizer, config, max_pairs=max_pairs)
+        loader = training_loader(data, tokenizer, config, max_pairs=max_pairs)
     else:
-        loader = evaluation_loader(data, model.tokenizer, config, getattr(config, "eval_batch_size", None),
+        loader = evaluation_loader(data, tokenizer, config, getattr(config, "eval_batch_size", None),
                                    max_pairs=max_pairs)
     log.info("data: %s %s; %s", "train" if train else "validation", data.report.summary(), loader.scan().summary())
     return loader
@@ -277,7 +276,7 @@ def choice_ids(model: Tuned, config: EvalConfig, kinds: set[str]) -> AnswerChoic
     if model.task != "lm" or not kinds <= {"chat", "prompt_completion"}:
         raise ValueError(f"eval.choices: scores the answers of chat or prompt_completion data, not "
                          f"{', '.join(sorted(kinds)) or model.task} data; remove eval.choices")
-    return choice_token_ids(model.tokenizer, next(iter(kinds), "chat"), choices)
+    return choice_token_ids(tokenizer_of(model), next(iter(kinds), "chat"), choices)
 
 
 def check_best_metric(config: EvalConfig, task: str, with_choices: bool) -> None:
