@@ -16,6 +16,7 @@ from helpers import tiny_hf_model
 
 import jaxtune as jt
 from jaxtune.data.testing import tiny_tokenizer
+from jaxtune.tuning import PlanError
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +63,11 @@ def test_a_tokenizer_given_encodes_as_autotokenizer_does(bert, tmp_path):
     model = jt.load(str(bert), tokenizer=str(tmp_path / "tokenizer"))
     reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
     assert model.tokenizer("good film")["input_ids"] == reference("good film")["input_ids"]
+
+
+def test_prompt_init_from_text_without_a_tokenizer_names_the_rule_and_the_fix(tmp_path):
+    """The prompt's text init fell back to transformers' tokenizer of the directory: for a weights-only
+    directory the special tokens alone, so the virtual tokens started from the unknown token's row."""
+    tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
+    with pytest.raises(PlanError, match=r"init: text needs a tokenizer, and .*llama holds no tokenizer files"):
+        jt.apply_plan(jt.load(str(tmp_path / "llama")), jt.prompt_tuning(4, init="text", text="Rate:"))

@@ -27,6 +27,7 @@ import dataclasses
 import numbers
 import os
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -324,9 +325,15 @@ def apply_plan(
                             f"of maximum length {max_length} (max_position_embeddings); use fewer tokens")
         init = prompt_rule.init or "vocab"
         if init == "text" and tokenizer is None:
-            from transformers import AutoTokenizer
+            from jaxtune.models.load import load_tokenizer
 
-            tokenizer = AutoTokenizer.from_pretrained(pretrained.source)
+            # None where the directory holds no tokenizer files: transformers would build one of the special
+            # tokens alone, and the text would initialise the prompt from unknown tokens.
+            tokenizer = load_tokenizer(Path(pretrained.source))
+            if tokenizer is None:
+                raise PlanError(f"{where}: init: text needs a tokenizer, and {pretrained.source} holds no "
+                                "tokenizer files; pass tokenizer= to apply_plan (model.tokenizer in a recipe), "
+                                "or use init: vocab")
         prompt_tokens = prompt_rule.n_tokens
         # From the embeddings as the model scales them (Gemma: x sqrt(hidden)), as PEFT reads the rows
         # through the embedding module; the forward does not scale the virtual tokens.
