@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 from helpers import tiny_hf_model
@@ -13,7 +14,7 @@ from helpers import tiny_hf_model
 import jaxtune as jt
 from jaxtune.models import hf
 from jaxtune.training import flops
-from jaxtune.training.loop import TrainRecords
+from jaxtune.training.loop import InFlight, TrainRecords
 
 PEAK = 1e12  # FLOP/s of the pretended device (a CPU has no known peak, so MFU is otherwise left out)
 
@@ -58,3 +59,16 @@ def test_a_record_without_a_known_peak_or_schedule_says_only_what_it_knows(tuned
     # a preference loss's metric sums are means over the window's pairs: 3 of 6 pairs ranked right
     assert record == pytest.approx({"step": 4, "loss": 3.0, "grad_norm": 2.0, "tokens_per_s": 8.0,
                                     "steps_per_s": 1.0, "rewards/accuracy": 0.5})
+
+
+def test_in_flight_names_a_step_still_computing_once_it_finishes():
+    """A watcher writing the status as another process stops after step k read step k's output without
+    waiting: on a loaded host k was still computing (past its last collective) and the status named k - 1."""
+    slow = jax.jit(lambda x: jax.lax.fori_loop(0, 300, lambda i, y: jnp.tanh(y @ y), x))
+    x = jnp.full((400, 400), 0.01)
+    slow(x).block_until_ready()  # compiled: the call below only dispatches
+    in_flight = InFlight(0)
+    in_flight.dispatched(1, jnp.ones(()).block_until_ready())
+    in_flight.dispatched(2, slow(x))
+    assert in_flight.finished(wait_s=0) == 1  # step 2 still computing
+    assert in_flight.finished(wait_s=60) == 2

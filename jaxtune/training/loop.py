@@ -76,6 +76,10 @@ class StopOnInterrupt:
         return self._stop.stop_before(step)
 
 
+# How long a status written as another process stops waits for this process's steps still running (InFlight).
+SETTLE_S = 5.0
+
+
 class InFlight:
     """The steps the host dispatched and has not read back: which step finished last, for a status written
     while some may still run.
@@ -99,12 +103,18 @@ class InFlight:
         self._read = step
         self._steps = []  # a new list: a watcher thread reading the old one sees steps up to ``step`` only
 
-    def finished(self) -> int:
-        """The last step that finished, without waiting (a watcher thread calls it)."""
-        last = self._read
+    def finished(self, wait_s: float = SETTLE_S) -> int:
+        """The last step that finished, waiting at most ``wait_s`` in all for steps still running (a watcher
+        thread calls it). When another process stops after step k, this process's step k has passed its last
+        collective but may still be computing (a loaded host lags): it finishes within a step's time, while
+        the step after it waits for the stopped process and never does; reading without waiting named k - 1."""
+        last, deadline = self._read, time.monotonic() + wait_s
         for step, output in self._steps:
-            if isinstance(output, jax.Array) and not output.is_ready():  # a caller's step may return numpy
-                break
+            if isinstance(output, jax.Array):  # a caller's step may return numpy
+                while not output.is_ready():
+                    if time.monotonic() >= deadline:
+                        return last
+                    time.sleep(0.01)
             last = step
         return last
 
