@@ -114,8 +114,9 @@ class Fitting:
         the base model's scores. Any checkpoint (the iterator's position included) is written before this returns."""
         self.close()
         self._resumable_data = hasattr(iterator, "get_state")
-        with self._failing_outside_loop("restoring the latest checkpoint"), processes.ready_together(
-                lambda: "restoring the latest checkpoint", self.status.on_stop(lambda: self.step, training=False)):
+        where = "restoring the latest checkpoint"
+        with self._failing_outside_loop(where), processes.ready_together(
+                lambda: where, self.status.on_stop(lambda: self.step, training=False)):
             best = self._resume(iterator)
         self._in_flight = InFlight(self.step)
         previous_status = self.run.status() or {}
