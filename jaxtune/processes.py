@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 _uses = itertools.count()  # numbers each stop_together: the same sequence on every process (one program)
 _ready = itertools.count()  # numbers each ready_together's barrier (the same on every process)
 _stops = itertools.count()  # numbers each AgreedStop (the same on every process)
+_STOPPED = "jaxtune/stopped/"  # under it, each process that stopped in a stop_together block: its message
 _watched = contextvars.ContextVar("jaxtune_stop_together", default=False)  # inside a stop_together already
 # stop_together's message starts with one of these words: how the other processes end (and mark the run)
 _INTERRUPTED, _FAILED = "interrupted", "failed"
@@ -116,17 +117,35 @@ def _client() -> Any:
     return getattr(distributed.global_state, "client", None)
 
 
-def _wait_for(client: Any, key: str, leaving: threading.Event | None = None) -> str | None:
-    """The value of ``key`` in the key-value store once some process sets it; None when ``leaving`` is set
-    first (once the value comes, or the next minute) or the distributed service is gone."""
+def _wait_for(client: Any, key: str, leaving: threading.Event | None = None,
+              meanwhile: Callable[[], str | None] | None = None) -> str | None:
+    """The value of ``key`` in the key-value store once some process sets it, or the first message ``meanwhile``
+    returns (asked every 2 s); None when ``leaving`` is set first (once the value comes, or the next minute) or
+    the distributed service is gone."""
     while True:
         try:
-            message = client.blocking_key_value_get(key, 60_000)
+            message = client.blocking_key_value_get(key, 60_000 if meanwhile is None else 2_000)
         except Exception as err:  # noqa: BLE001 - a timeout waits on; the service gone ends the wait
-            if "DEADLINE_EXCEEDED" in str(err) and not (leaving is not None and leaving.is_set()):
+            if "DEADLINE_EXCEEDED" not in str(err) or (leaving is not None and leaving.is_set()):
+                return None
+            message = meanwhile() if meanwhile is not None else None
+            if message is None:
                 continue
-            return None
         return None if leaving is not None and leaving.is_set() else message
+
+
+def _stopped_elsewhere(client: Any, me: int) -> str | None:
+    """The message of another process that stopped in an earlier :func:`stop_together` block (``_STOPPED``), or None.
+
+    It told the processes still in that block; one that had left it (its share done without a collective, as
+    scoring from a cache) went on into the next block, where it waited for the failed process for ever (a day,
+    at :func:`ready_together`'s barrier)."""
+    try:
+        told = [message for name, message in client.key_value_dir_get(_STOPPED)
+                if name.rstrip("/").rsplit("/", 1)[-1] != str(me)]
+    except Exception:  # noqa: BLE001 - the service gone: the watcher's own wait ends too
+        return None
+    return told[0] if told else None
 
 
 @contextlib.contextmanager
@@ -167,7 +186,7 @@ def stop_together(where: Callable[[], str],
     leaving = threading.Event()  # this process left the block (normally or with its own error): watch no more
 
     def watch() -> None:
-        told = _wait_for(client, key(me), leaving)
+        told = _wait_for(client, key(me), leaving, lambda: _stopped_elsewhere(client, me))
         if not told:
             return
         how, _, message = told.partition(" ")
@@ -203,6 +222,8 @@ def stop_together(where: Callable[[], str],
             if other != me:
                 with contextlib.suppress(Exception):  # another process failed first and told it already
                     client.key_value_set(key(other), message)
+        with contextlib.suppress(Exception):  # set already: this process stopped in an earlier block and went on
+            client.key_value_set(f"{_STOPPED}{me}", message)  # for a process past this block (_stopped_elsewhere)
         raise
     finally:
         _watched.reset(outermost)

@@ -27,6 +27,7 @@ restore_fails {"model", "train", "out", "failing"}: :func:`restore_fails`, a che
          alone (``failing``, 1 unless given).
 score_fails {"model", "train", "out", "when", "failing"}: :func:`score_fails`, the base model's score ("before") or
          the trained model's ("after") raising on process ``failing`` alone.
+late_fails {"out"}: :func:`late_fails`, process 0 raising in a block the other process has left.
 open_fails {"model", "train", "out"}: :func:`open_fails`, ``jaxtune.open_run`` of a run whose checkpoint
          process 1 alone cannot read, then an evaluation.
 
@@ -322,6 +323,24 @@ def _failing_rows(path: str) -> Any:
     return Failing(read.kind, read.records, read.report, read.label_names)
 
 
+def late_fails(args: dict[str, Any]) -> dict[str, Any]:
+    """Two blocks: in the first, process 0 raises a second late (after its share of the work), when process 1,
+    with nothing to wait for there, is already in the next one, waiting for process 0 at its closing barrier."""
+    import time
+
+    import jax
+
+    from jaxtune import processes
+
+    with processes.stop_together(lambda: "in the first block"):
+        if jax.process_index() == 0:
+            time.sleep(1)
+            raise OSError("a report process 0 cannot write")
+    with processes.ready_together(lambda: "in the second block"):
+        pass
+    return {}
+
+
 def restart(args: dict[str, Any]) -> dict[str, Any]:
     import time
 
@@ -371,7 +390,7 @@ def main() -> None:
              "evaluate_fails": evaluate_fails, "restart": restart, "dpo": dpo, "dpo_fails": dpo_fails,
              "base_fails": base_fails, "setup_fails": setup_fails, "optimizer_fails": optimizer_fails,
              "read_fails": read_fails, "restore_fails": restore_fails, "open_fails": open_fails,
-             "score_fails": score_fails}
+             "score_fails": score_fails, "late_fails": late_fails}
     for job, args in jobs.items():
         written.clear()
         result = known[job](args)

@@ -400,6 +400,17 @@ def test_an_error_on_one_process_scoring_the_base_model_stops_the_others_too(tmp
     assert codes[0] == 1 and stopping in errs[0], errs[0][-1500:]
 
 
+def test_an_error_on_one_process_after_the_others_left_its_block_stops_them_in_the_next(tmp_path):
+    """Process 0 raising late in a block (its own work there done, as writing a report) that process 1 had
+    already left, with no collective to wait in: process 0 told the watcher of a block process 1 was no longer in,
+    and process 1 waited for it at the next block's barrier for a day. Now it stops there, naming the error."""
+    codes, errs = _run(_script({"late_fails": {"out": str(tmp_path)}}), tmp_path, timeout=60)
+    error = "OSError: a report process 0 cannot write"
+    assert codes[0] == 1 and errs[0].rstrip().endswith(error), errs[0][-1500:]
+    stopping = f"process 0 failed in the first block: {error}; stopping"
+    assert codes[1] == 1 and stopping in errs[1], errs[1][-1500:]
+
+
 @pytest.mark.parametrize(("job", "error", "doing"), [
     ("setup_fails", "PermissionError: run: a directory process 1 cannot read", "setting up the trainer"),
     ("optimizer_fails", "MemoryError: the optimizer state: out of memory on process 1", "setting up the trainer"),
@@ -457,20 +468,27 @@ def test_a_failed_restore_on_process_0_marks_the_run_failed_at_its_own_step(tmp_
     _assert_failed_as_it_was(tmp_path, f"failed restoring the latest checkpoint: {error}")
 
 
-@pytest.mark.parametrize(("when", "doing", "total"), [("before", "scoring the base model, before training", 4),
-                                                     ("after", "scoring the trained model (step 2)", 2)])
-def test_a_failed_score_on_one_process_marks_the_run_failed_at_its_own_step(tmp_path, when, doing, total):
+@pytest.mark.parametrize(("when", "doing", "total", "count"), [
+    ("before", "scoring the base model, before training", 4, 1),
+    ("before", "scoring the base model, before training", 4, 2),
+    ("after", "scoring the trained model (step 2)", 2, 1),
+    ("after", "scoring the trained model (step 2)", 2, 2)])
+def test_a_failed_score_on_one_process_marks_the_run_failed_at_its_own_step(tmp_path, when, doing, total, count):
     """A 2-step run again, the base model's score (resuming to 4 steps) or the trained model's (nothing left to
     train) raising: one process left the status as it was ('finished' at step 2), while on a pod another
     process's error there wrote 'failed' (RunStatus.on_stop). Now one process marks the run failed too,
-    at its step, keeping its reports."""
+    at its step, keeping its reports. On two processes, process 0 raising at once while process 1 scored
+    from what it held: process 1 waited for it at the restore's barrier (before) or ended as finished (after);
+    now it stops, naming process 0's error."""
     tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
     tiny_tokenizer().save_pretrained(tmp_path / "llama")
     args = {"model": str(tmp_path / "llama"), "train": str(_chat_rows(tmp_path / "train.jsonl")), "out": str(tmp_path),
             "when": when, "failing": 0}
-    codes, errs = _run(_script({"score_fails": args}), tmp_path, timeout=150, count=1)
+    codes, errs = _run(_script({"score_fails": args}), tmp_path, timeout=150, count=count)
     error = "OSError: rows.jsonl: a row process 0 cannot read"
-    assert codes == [1] and error in errs[0], errs[0][-1500:]
+    assert codes == [1] * count and error in errs[0], [err[-1500:] for err in errs]
+    if count == 2:
+        assert f"process 0 failed {doing}: {error}; stopping" in errs[1], errs[1][-1500:]
     _assert_failed_as_it_was(tmp_path, f"failed {doing}: {error}", total)
 
 

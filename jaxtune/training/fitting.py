@@ -149,8 +149,10 @@ class Fitting:
                            failed_step=self.failed_step if state == "failed" else None)
         if state in ("finished", "early_stopped"):
             where = f"scoring the trained model (step {self.step})"
-            with self._failing_outside_loop(where), self.status.stop_together(lambda: where, lambda: self.step,
-                                                                              training=False):
+            # ready together: a process done with its share (scored from what it holds) waited for no other, and
+            # ended the program as finished while another's error there failed the run
+            with self._failing_outside_loop(where), processes.ready_together(
+                    lambda: where, self.status.on_stop(lambda: self.step, training=False)):
                 self._finish(result)
             self.run.close()  # the final evaluation's record
         return result
