@@ -21,11 +21,14 @@ from test_gpt2 import tiny_gpt2
 from test_phi3 import longrope, tiny_phi3
 from test_tuning_lora import forward, randomize_adapters
 from tokenizers import Tokenizer, models
+from transformers.integrations.gguf import get_gguf_tokenizer
 
 from jaxtune import tuning
 from jaxtune.data.testing import tiny_tokenizer
 from jaxtune.models import hf
 from jaxtune.models.gguf import gguf_to_hf
+from jaxtune.models.gguf_architectures import Metadata
+from jaxtune.models.gguf_tokenizer import tokenizer_fields, transformers_tokenizer
 from jaxtune.tuning import ExportError
 
 TOL = 1e-4
@@ -118,6 +121,16 @@ def test_transformers_and_jaxtune_load_the_gguf_as_the_merged_model(family, tmp_
     back = gguf_to_hf(out, tmp_path / "back")
     merged = tuning.export_merged(tuned, tmp_path / "merged", dtype="float32")
     assert_read_back(back, merged, gemma=family.startswith("gemma"))
+
+    # gguf_to_hf's tokenizer, built from the fields its reader parsed, is the one AutoTokenizer builds from the file
+    # (transformers' private GGUF tokenizer functions it uses, checked: a transformers that moves them fails here)
+    meta = Metadata(gguf.GGUFReader(out), out)
+    assert tokenizer_fields(meta) == get_gguf_tokenizer(str(out))
+    rebuilt = transformers_tokenizer(meta, transformers.AutoConfig.from_pretrained(back))
+    assert type(rebuilt) is type(gguf_tokenizer)
+    assert rebuilt.backend_tokenizer.to_str() == gguf_tokenizer.backend_tokenizer.to_str()
+    for flag in ("add_bos_token", "add_eos_token"):
+        assert getattr(rebuilt, flag) == getattr(gguf_tokenizer, flag)
     imported = transformers.AutoTokenizer.from_pretrained(back)
     assert imported.chat_template == original.chat_template
     assert [imported(t)["input_ids"] for t in texts] == [original(t)["input_ids"] for t in texts]

@@ -141,7 +141,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
     config.dtype = dtype
     _write_configs(config, out_dir)
     if "tokenizer.ggml.tokens" in reader.fields:
-        write_tokenizer(gguf_path, meta, out_dir, model_max_length=config.max_position_embeddings)
+        write_tokenizer(meta, config, out_dir)
     else:
         logger.warning("%s has no tokenizer metadata; %s gets no tokenizer files", gguf_path, out_dir)
     return out_dir

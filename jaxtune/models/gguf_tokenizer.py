@@ -17,21 +17,24 @@ _PRE_TOKENIZER_SPLITS = {"smollm": r"\p{N}"}
 # Architectures transformers' GGUF loader does not read: AutoTokenizer refuses their files (it reads the model's
 # config first), while the generic fast tokenizer reads their vocabulary as any other.
 _NOT_IN_TRANSFORMERS = ("gptneox",)
+# tokenizer_config.json's special tokens and the `tokenizer.ggml.*` id keys naming them (as transformers' GGUF loader)
+_SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                   "pad_token": "padding_token_id"}
 
 
-def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_length: int) -> None:
+def write_tokenizer(meta: Metadata, config: Any, out_dir: Path) -> None:
     """Write `tokenizer.json` and `tokenizer_config.json` from the file's tokenizer metadata.
 
     The vocabulary, merges and special tokens are turned into a fast tokenizer by transformers'
-    own GGUF support (no torch needed); we fix the pre-tokenizer where llama.cpp's differs (and a
-    SentencePiece vocabulary's spaces and added tokens: :func:`_as_llama_cpp_sentencepiece`) and
-    write `tokenizer_config.json` ourselves so it carries the chat template and no load-time noise.
+    own GGUF support (no torch needed), fed the fields our reader has parsed already (:func:`transformers_tokenizer`);
+    we fix the pre-tokenizer where llama.cpp's differs (and a SentencePiece vocabulary's spaces and added tokens:
+    :func:`_as_llama_cpp_sentencepiece`) and write `tokenizer_config.json` ourselves so it carries the chat template
+    and no load-time noise. ``config`` is the file's transformers config (its class picks the tokenizer class, as
+    ``AutoTokenizer`` does; ``max_position_embeddings`` is the ``model_max_length``).
     """
     from tokenizers import Regex, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    loader = PreTrainedTokenizerFast if meta.get("general.architecture") in _NOT_IN_TRANSFORMERS else AutoTokenizer
-    tokenizer = loader.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer = transformers_tokenizer(meta, config)
     backend = tokenizer.backend_tokenizer
     split = _PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre", None))
     if split is not None:
@@ -49,7 +52,7 @@ def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_le
         index = meta.get(f"tokenizer.ggml.{key}", None)
         return None if index is None else tokens.contents(index)
 
-    config: dict[str, Any] = {
+    settings: dict[str, Any] = {
         # the generic class loads tokenizer.json as written; a model class could rebuild the pipeline
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": token("bos_token_id"),
@@ -59,12 +62,56 @@ def write_tokenizer(gguf_path: Path, meta: Metadata, out_dir: Path, model_max_le
         "add_bos_token": bool(getattr(tokenizer, "add_bos_token", False)),
         "add_eos_token": bool(getattr(tokenizer, "add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
-        "model_max_length": model_max_length,
+        "model_max_length": config.max_position_embeddings,
     }
     if "tokenizer.chat_template" in meta:
-        config["chat_template"] = meta.get("tokenizer.chat_template")
-    config = {k: v for k, v in config.items() if v is not None}
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        settings["chat_template"] = meta.get("tokenizer.chat_template")
+    settings = {k: v for k, v in settings.items() if v is not None}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
+def transformers_tokenizer(meta: Metadata, config: Any) -> Any:
+    """What ``AutoTokenizer.from_pretrained(folder, gguf_file=...)`` builds from the file, without it reading the
+    file again (transformers 5.25 parses it twice more, for the config and the vocabulary: tens of seconds each for
+    a 262k-token vocabulary): transformers' ``convert_gguf_tokenizer`` on :func:`tokenizer_fields`, in the tokenizer
+    class ``AutoTokenizer`` picks for ``config``'s class.
+    """
+    from transformers import TokenizersBackend
+    from transformers.integrations.gguf import convert_gguf_tokenizer
+    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+    architecture, tokenizer_dict, tokenizer_config = tokenizer_fields(meta)
+    backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    # gptneox: AutoTokenizer refuses the file (transformers' GGUF config reader does not know it); the generic
+    # class reads its vocabulary as any other
+    cls = None if architecture in _NOT_IN_TRANSFORMERS else TOKENIZER_MAPPING.get(type(config), None)
+    return (cls or TokenizersBackend)(tokenizer_object=backend, **tokenizer_config)
+
+
+def tokenizer_fields(meta: Metadata) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """transformers' ``get_gguf_tokenizer(path)`` (``architecture, tokenizer_dict, tokenizer_config``) from the fields
+    our reader has parsed; ``gguf``'s ``contents()`` gives the values transformers' own reader does.
+
+    ``get_gguf_tokenizer`` reads the file itself, so its few lines are repeated here. It, ``convert_gguf_tokenizer``
+    and ``GGUF_TOKENIZER_MAPPING`` are not documented API: tests/test_gguf_export.py checks this and
+    :func:`transformers_tokenizer` against them and ``AutoTokenizer`` on every family it exports, so a transformers
+    that changes or moves them fails there loudly.
+    """
+    from transformers.integrations.gguf import GGUF_TOKENIZER_MAPPING
+
+    fields = meta.reader.fields
+    grouped = {group: {name: fields[f"tokenizer.{key}"].contents() for key, name in renames.items()
+                       if f"tokenizer.{key}" in fields}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer, tokenizer_config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer.get("tokenizer_type") == "llama":
+        tokenizer_config.setdefault("add_bos_token", True)  # llama.cpp adds BOS unless the file says otherwise
+    elif tokenizer.get("tokenizer_type") == "gemma4":
+        tokenizer_config["add_bos_token"] = False  # transformers follows the reference: the chat template writes it
+    for name, key in _SPECIAL_TOKENS.items():
+        index = meta.get(f"tokenizer.ggml.{key}", None)
+        tokenizer_config[name] = None if index is None else tokenizer["tokens"][index]
+    return meta.get("general.architecture"), tokenizer, tokenizer_config
 
 
 def _as_llama_cpp_sentencepiece(backend: Any, meta: Metadata) -> Any:
