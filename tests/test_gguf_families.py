@@ -12,7 +12,9 @@ Phi-3's LongRoPE factors as the `rope_factors_long`/`rope_factors_short` tensors
 
 from __future__ import annotations
 
+import builtins
 import math
+import types
 import zlib
 
 import jax.numpy as jnp
@@ -22,12 +24,13 @@ import torch
 import transformers
 from flax.core import unfreeze
 from flax.traverse_util import flatten_dict
-from helpers import llama_cpp_permute, randomize_weights, set_gguf_fp16_fields, torch_logits
+from helpers import llama_cpp_permute, randomize_weights, set_gguf_fp16_fields, tiny_bpe_tokenizer, torch_logits
 
 from jaxtune import tuning
 from jaxtune.data.testing import tiny_tokenizer
-from jaxtune.models import hf, quant, stacking
+from jaxtune.models import gguf_tokenizer, hf, quant, stacking
 from jaxtune.models.gguf import GGUFError, gguf_to_hf
+from jaxtune.models.gguf_export_vocabulary import add_vocabulary, read_vocabulary
 from jaxtune.models.gguf_quantized import load_quantized
 from jaxtune.tuning.labels import PROMPT_LEAF
 
@@ -136,9 +139,11 @@ def random_k_blocks(rows: int, columns: int, qtype: gguf.GGMLQuantizationType, s
     return set_gguf_fp16_fields(data, qtype.name, lambda shape: rng.uniform(0, largest, shape)).reshape(rows, -1)
 
 
-def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = None) -> None:
+def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = None, tokenizer_dir=None) -> None:
     """Write ``model`` as an F32 GGUF of case ``case``'s llama.cpp architecture, as its converter would;
-    ``quantized`` (a GGML type name, e.g. ``Q8_0``): its matrices (and expert stacks) in that type instead.
+    ``quantized`` (a GGML type name, e.g. ``Q8_0``): its matrices (and expert stacks) in that type instead;
+    ``tokenizer_dir``: the vocabulary of the tokenizer saved there as ``tokenizer.ggml.*`` (as the GGUF export
+    writes it, whose keys tests/test_gguf_export.py and tests/test_real_models.py check against llama.cpp's).
     The K-quants (``Q4_K``, ``Q5_K``, ``Q6_K``, and ``Q4_K_M``: :data:`Q4_K_M`'s mix) write random blocks
     (:func:`random_k_blocks`) of each matrix's shape, not the model's weights."""
     cfg = model.config
@@ -206,6 +211,8 @@ def write_gguf(model: torch.nn.Module, case: str, path, quantized: str | None = 
             writer.add_attn_logit_softcapping(cfg.attn_logit_softcapping)
             writer.add_final_logit_softcapping(cfg.final_logit_softcapping)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    if tokenizer_dir is not None:
+        add_vocabulary(writer, read_vocabulary(tokenizer_dir, model.config.vocab_size), tokenizer_dir)
 
     def add(tensor_name: str, data: np.ndarray) -> None:
         if quantized and data.ndim >= 2:
@@ -398,3 +405,104 @@ def test_plans_on_a_kept_quantized_base_prompt_requantize_and_untie(tmp_path):
     imported = load_peft(kept, tmp_path / "adapter")
     ours = np.asarray(imported.module.apply({"params": imported.params}, ids))
     np.testing.assert_allclose(ours, torch_logits(reference, ids), atol=1e-4, rtol=0)
+
+
+# case -> the tokenizer its tiny GGUF carries: a byte-level BPE split as a real family's (tiny_bpe_tokenizer's
+# "qwen2" or GPT-2's), or SentencePiece-style (Mistral's vocabulary with Llama 2's normalizer, as llama.cpp tokenizes
+# a `llama` vocabulary; Gemma's)
+VOCABULARIES = {"olmo2": "gpt2", "qwen2moe": "qwen2", "qwen3moe": "qwen2", "smollm3": "gpt2", "llama-moe": "legacy",
+                "gemma": "gemma"}
+# the architectures whose files transformers' GGUF loader (5.25) refuses ("... is not supported yet"); its generic
+# fast tokenizer reads their vocabulary
+NOT_IN_TRANSFORMERS = ("olmo2", "smollm3", "gemma")
+TEXTS = ["hello world 42", "the  quick\n\nfox 2024!", "héllo wörld ✓ 日本"]
+
+
+@pytest.fixture(scope="module", params=sorted(VOCABULARIES))
+def with_vocabulary(request, tmp_path_factory):
+    """(case, its original tokenizer, a tiny GGUF of the case carrying that tokenizer's vocabulary, the file's
+    conversion without weights)."""
+    from test_gguf_export import sentencepiece_style_tokenizer
+
+    case, root = request.param, tmp_path_factory.mktemp(request.param)
+    style = VOCABULARIES[case]
+    original = sentencepiece_style_tokenizer(style) if style in ("legacy", "gemma") else tiny_bpe_tokenizer(style)
+    original.save_pretrained(root / "tokenizer")
+    path = root / "tiny.gguf"
+    write_gguf(tiny_model(case, vocab_size=len(original)), case, path, tokenizer_dir=root / "tokenizer")
+    return case, original, path, gguf_to_hf(path, root / "hf", weights=False)
+
+
+def test_the_converted_tokenizer_encodes_as_transformers_reads_the_file(with_vocabulary):
+    """jaxtune's tokenizer of an OLMo 2 / Qwen2-MoE / Qwen3-MoE / SmolLM3 / Mixtral / Gemma GGUF gives the ids
+    transformers' GGUF tokenizer gives on the file (its generic class where AutoTokenizer refuses the
+    architecture), and the original tokenizer's: spaces, digits, non-ASCII text and the chat template's output."""
+    case, original, path, out = with_vocabulary
+    ours = transformers.AutoTokenizer.from_pretrained(out)
+    assert ours.chat_template == original.chat_template
+    texts = [*TEXTS, original.apply_chat_template([{"role": "user", "content": "hi 42 <think>"}], tokenize=False)]
+    if case in NOT_IN_TRANSFORMERS:
+        with pytest.raises(ValueError, match=f"architecture {case} is not supported"):
+            transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        reference = transformers.PreTrainedTokenizerFast.from_pretrained(path.parent, gguf_file=path.name)
+    else:
+        reference = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    want = [original(t)["input_ids"] for t in texts]
+    assert [ours(t)["input_ids"] for t in texts] == want
+    theirs = [reference(t)["input_ids"] for t in texts]
+    if VOCABULARIES[case] == "legacy":
+        # llama.cpp puts a "▁" after each special token, as Llama 2's normalizer (and jaxtune's reader) does;
+        # transformers rebuilds Mistral's Metaspace, which puts none after the chat's <s><s> (docs/cli.md)
+        assert want[-1][2] == original.convert_tokens_to_ids("▁")
+        want[-1] = want[-1][:2] + want[-1][3:]
+    assert theirs == want
+
+
+def without_transformers_gguf_tokenizer(monkeypatch, replacement: types.ModuleType | None = None) -> None:
+    """jaxtune's imports of transformers' private ``transformers.integrations.gguf`` fail (an ImportError), or get
+    ``replacement``; transformers' own imports of it (AutoTokenizer's GGUF loading) are left alone."""
+    real_import = builtins.__import__
+
+    def fake_import(name, globals=None, *args, **kwargs):
+        if name == "transformers.integrations.gguf" and (globals or {}).get("__name__") == gguf_tokenizer.__name__:
+            if replacement is None:
+                raise ImportError(f"cannot import name from {name} (removed by the test)")
+            return replacement
+        return real_import(name, globals, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+
+
+def test_without_transformers_private_gguf_functions_the_same_tokenizer_files_are_written(with_vocabulary, tmp_path,
+                                                                                          monkeypatch, caplog):
+    """Where transformers' private GGUF tokenizer functions are gone, the conversion reads the tokenizer with
+    AutoTokenizer (the generic class where that refuses the architecture) and writes the same bytes, saying so once."""
+    _, _, path, fast = with_vocabulary
+    without_transformers_gguf_tokenizer(monkeypatch)
+    assert_same_tokenizer_files(gguf_to_hf(path, tmp_path / "slow", weights=False), fast, path, caplog)
+
+
+def assert_same_tokenizer_files(slow, fast, path, caplog) -> None:
+    """The conversions ``slow`` (the public path) and ``fast`` of ``path`` wrote the same tokenizer files, and the
+    slow one said once why."""
+    warnings = [r.getMessage() for r in caplog.records if r.name == gguf_tokenizer.__name__]
+    assert len(warnings) == 1 and "fast path is unavailable" in warnings[0] and str(path) in warnings[0]
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (slow / name).read_bytes() == (fast / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("change", ["signature", "mapping"])
+def test_changed_transformers_gguf_functions_fall_back_to_the_public_reader(change, with_vocabulary, tmp_path,
+                                                                            monkeypatch, caplog):
+    """A transformers whose ``convert_gguf_tokenizer`` takes other arguments (TypeError) or whose
+    ``GGUF_TOKENIZER_MAPPING`` has other groups (KeyError) gets the public path's files too."""
+    import transformers.integrations.gguf as private
+
+    _, _, path, fast = with_vocabulary
+    changed = types.ModuleType("transformers.integrations.gguf")
+    changed.GGUF_TOKENIZER_MAPPING = (private.GGUF_TOKENIZER_MAPPING if change == "signature"
+                                      else {"tokenizer": private.GGUF_TOKENIZER_MAPPING["tokenizer"]})
+    changed.convert_gguf_tokenizer = ((lambda tokenizer_dict: None) if change == "signature"
+                                      else private.convert_gguf_tokenizer)
+    without_transformers_gguf_tokenizer(monkeypatch, changed)
+    assert_same_tokenizer_files(gguf_to_hf(path, tmp_path / "slow", weights=False), fast, path, caplog)

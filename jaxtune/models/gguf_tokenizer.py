@@ -4,19 +4,23 @@ the directory :func:`jaxtune.models.gguf.gguf_to_hf` writes."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from jaxtune.models.gguf_architectures import Metadata
+
+logger = logging.getLogger(__name__)
 
 # llama.cpp pre-tokenizers that transformers' GGUF tokenizer does not reproduce.
 # "smollm": llama.cpp first isolates every number character, then applies the GPT-2 split
 # (as SmolLM's own tokenizer.json: Digits(individual) + ByteLevel). transformers (5.23) falls
 # back to the plain GPT-2 split, which differs on whitespace before digits ("  2").
 _PRE_TOKENIZER_SPLITS = {"smollm": r"\p{N}"}
-# Architectures transformers' GGUF loader does not read: AutoTokenizer refuses their files (it reads the model's
-# config first), while the generic fast tokenizer reads their vocabulary as any other.
-_NOT_IN_TRANSFORMERS = ("gptneox",)
+# Architectures transformers' GGUF loader does not read (5.25): AutoTokenizer refuses their files (it reads the
+# model's config first: "GGUF model with architecture olmo2 is not supported yet"), while the generic fast tokenizer
+# reads their vocabulary as any other.
+_NOT_IN_TRANSFORMERS = ("gemma", "gptneox", "olmo2", "smollm3")
 # tokenizer_config.json's special tokens and the `tokenizer.ggml.*` id keys naming them (as transformers' GGUF loader)
 _SPECIAL_TOKENS = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                    "pad_token": "padding_token_id"}
@@ -75,17 +79,35 @@ def transformers_tokenizer(meta: Metadata, config: Any) -> Any:
     file again (transformers 5.25 parses it twice more, for the config and the vocabulary: tens of seconds each for
     a 262k-token vocabulary): transformers' ``convert_gguf_tokenizer`` on :func:`tokenizer_fields`, in the tokenizer
     class ``AutoTokenizer`` picks for ``config``'s class.
+
+    Those functions are not documented API: where a transformers lacks them or changed their signature or output,
+    this logs one warning and lets transformers read the file itself (:func:`_read_by_transformers`: the same
+    tokenizer, built the slow way).
     """
     from transformers import TokenizersBackend
-    from transformers.integrations.gguf import convert_gguf_tokenizer
-    from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
-    architecture, tokenizer_dict, tokenizer_config = tokenizer_fields(meta)
-    backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
-    # gptneox: AutoTokenizer refuses the file (transformers' GGUF config reader does not know it); the generic
-    # class reads its vocabulary as any other
-    cls = None if architecture in _NOT_IN_TRANSFORMERS else TOKENIZER_MAPPING.get(type(config), None)
-    return (cls or TokenizersBackend)(tokenizer_object=backend, **tokenizer_config)
+    try:
+        from transformers.integrations.gguf import convert_gguf_tokenizer
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+        architecture, tokenizer_dict, tokenizer_config = tokenizer_fields(meta)
+        backend, _ = convert_gguf_tokenizer(architecture, tokenizer_dict)
+        # AutoTokenizer refuses the files of _NOT_IN_TRANSFORMERS; the generic class reads their vocabulary
+        cls = None if architecture in _NOT_IN_TRANSFORMERS else TOKENIZER_MAPPING.get(type(config), None)
+        return (cls or TokenizersBackend)(tokenizer_object=backend, **tokenizer_config)
+    except (ImportError, AttributeError, TypeError, KeyError) as err:
+        logger.warning("%s: transformers' GGUF tokenizer functions are not usable here (%s: %s), so the fast path "
+                       "is unavailable: transformers reads the file again", meta.path, type(err).__name__, err)
+    return _read_by_transformers(meta)
+
+
+def _read_by_transformers(meta: Metadata) -> Any:
+    """The file's tokenizer as transformers' public GGUF loading builds it (``AutoTokenizer``; the generic fast
+    class for :data:`_NOT_IN_TRANSFORMERS`), parsing the file itself."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    loader = PreTrainedTokenizerFast if meta.get("general.architecture") in _NOT_IN_TRANSFORMERS else AutoTokenizer
+    return loader.from_pretrained(str(meta.path.parent), gguf_file=meta.path.name)
 
 
 def tokenizer_fields(meta: Metadata) -> tuple[str, dict[str, Any], dict[str, Any]]:
