@@ -17,6 +17,7 @@ import math
 import types
 import zlib
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -26,10 +27,11 @@ from flax.core import unfreeze
 from flax.traverse_util import flatten_dict
 from helpers import llama_cpp_permute, randomize_weights, set_gguf_fp16_fields, tiny_bpe_tokenizer, torch_logits
 
+import jaxtune.models.gguf
 from jaxtune import tuning
 from jaxtune.data.testing import tiny_tokenizer
 from jaxtune.models import gguf_tokenizer, hf, quant, stacking
-from jaxtune.models.gguf import GGUFError, gguf_to_hf
+from jaxtune.models.gguf import GGUFError, gguf_to_hf, open_gguf
 from jaxtune.models.gguf_export_vocabulary import add_vocabulary, read_vocabulary
 from jaxtune.models.gguf_quantized import load_quantized
 from jaxtune.tuning.labels import PROMPT_LEAF
@@ -306,6 +308,28 @@ def test_quantized_load_keeps_the_blocks_and_equals_the_dequantized_model(name, 
     ours = np.asarray(kept.module.apply({"params": kept.params}, ids))
     ref = np.asarray(dense.module.apply({"params": dense.params}, ids))
     np.testing.assert_allclose(ours, ref, atol=1e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_one_parse_of_the_file_converts_it_and_reads_its_quantized_tensors(tmp_path, monkeypatch):
+    """keep_quantized's first load: the reader that converted the file (without weights) is handed to
+    ``load_quantized``, so the file is parsed once (seconds for a large vocabulary), and the params are those of a
+    load that parses it again."""
+    path = tmp_path / "tiny.gguf"
+    write_gguf(tiny_model("qwen3"), "qwen3", path, quantized="Q8_0")
+    again = load_quantized(path, gguf_to_hf(path, tmp_path / "again", weights=False))
+    parses = []
+
+    class Counted(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            parses.append(args)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(jaxtune.models.gguf, "GGUFReader", Counted)
+    reader = open_gguf(path)
+    kept = load_quantized(path, gguf_to_hf(path, tmp_path / "hf", weights=False, reader=reader), reader=reader)
+    assert len(parses) == 1
+    for ours, want in zip(jax.tree.leaves(kept.params), jax.tree.leaves(again.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(want))
 
 
 # K-quant blocks hold 256 weights: matrices whose rows (hidden, MLP width, heads x head_dim) are whole blocks

@@ -93,7 +93,8 @@ class _Entry:
         return rows
 
 
-def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", *, weights: bool = True) -> Path:
+def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32", *, weights: bool = True,
+               reader: GGUFReader | None = None) -> Path:
     """Convert a GGUF file of one of the
     :data:`~jaxtune.models.gguf_architectures.ARCHITECTURES` into a Hugging Face directory
     (``LlamaForCausalLM``, ``Qwen2ForCausalLM``, ``Gemma2ForCausalLM``, ``GPT2LMHeadModel``...).
@@ -106,6 +107,9 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
         Quantized weights are dequantized to float32 first, so float32 is exact.
       weights: False writes the configs and tokenizer only (what ``keep_quantized`` needs beside
         the file itself: an 8B model's float32 weights are 32 GB on disk).
+      reader: the file's :func:`open_gguf` reader, where the caller has parsed it already (seconds for a
+        large vocabulary): ``keep_quantized``'s first load hands the same one to
+        :func:`jaxtune.models.gguf_quantized.load_quantized`.
 
     Returns:
       `out_dir` as a Path, holding `config.json`, `generation_config.json`, `model.safetensors`
@@ -120,7 +124,7 @@ def gguf_to_hf(gguf_path: str | Path, out_dir: str | Path, dtype: str = "float32
         raise GGUFError(f"dtype {dtype!r} is not supported; use one of {sorted(_DTYPES)}")
     gguf_path = Path(gguf_path)
     out_dir = Path(out_dir)
-    reader = open_gguf(gguf_path)
+    reader = open_gguf(gguf_path) if reader is None else reader
     meta = Metadata(reader, gguf_path)
     arch = architecture_of(meta)
     config = hf_config_of(meta, reader, arch)

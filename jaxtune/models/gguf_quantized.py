@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, ReaderTensor
+from gguf import GGML_QUANT_SIZES, GGUFReader, ReaderTensor
 from gguf.quants import Q4_K
 
 from jaxtune.models.gguf import dequantized, open_gguf, tensor_entries
@@ -91,13 +91,15 @@ def quantized_tensor(tensor: ReaderTensor) -> Any:
 
 
 def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "float32",
-                   compute_dtype: Any | None = None, **config_overrides: Any) -> Any:
+                   compute_dtype: Any | None = None, reader: GGUFReader | None = None, **config_overrides: Any) -> Any:
     """A :class:`jaxtune.models.hf.Pretrained` whose linear kernels and embeddings stay in the GGUF
     file's quantization where it is one of :data:`QUANTIZED_TYPES` (other tensors: ``dtype``).
 
     ``hf_dir``: the file's converted directory (:func:`jaxtune.models.gguf.gguf_to_hf`), for ``config.json``
     and the tokenizer. A mixture-of-experts layer's experts stay one quantized stack ``(experts, in, out)``.
-    Quantized leaves must stay frozen (a plan that trains one fails, naming it).
+    Quantized leaves must stay frozen (a plan that trains one fails, naming it). ``reader``: the file's
+    :func:`jaxtune.models.gguf.open_gguf` reader where the caller has one (the one that converted ``hf_dir``), so
+    the file is not parsed again.
     """
     import jax
     import jax.numpy as jnp
@@ -107,7 +109,7 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     from jaxtune.models.quant import transpose
 
     gguf_path = Path(gguf_path)
-    reader = open_gguf(gguf_path)
+    reader = open_gguf(gguf_path) if reader is None else reader
     hf_config = hf.read_config(Path(hf_dir))
     dtype = jnp.dtype(dtype)
     arch, cfg, module = hf.build(hf_config, None, dtype=str(jnp.dtype(compute_dtype or dtype)),
