@@ -84,9 +84,8 @@ def transformers_tokenizer(meta: Metadata, config: Any) -> Any:
     this logs one warning and lets transformers read the file itself (:func:`_read_by_transformers`: the same
     tokenizer, built the slow way).
     """
-    from transformers import TokenizersBackend
-
     try:
+        from transformers import TokenizersBackend
         from transformers.integrations.gguf import convert_gguf_tokenizer
         from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
 
