@@ -31,7 +31,7 @@ import jaxtune.models.gguf
 from jaxtune import tuning
 from jaxtune.data.testing import tiny_tokenizer
 from jaxtune.models import gguf_tokenizer, hf, quant, stacking
-from jaxtune.models.gguf import GGUFError, gguf_to_hf, open_gguf
+from jaxtune.models.gguf import GGUFError, gguf_to_hf
 from jaxtune.models.gguf_export_vocabulary import add_vocabulary, read_vocabulary
 from jaxtune.models.gguf_quantized import load_quantized
 from jaxtune.tuning.labels import PROMPT_LEAF
@@ -311,9 +311,9 @@ def test_quantized_load_keeps_the_blocks_and_equals_the_dequantized_model(name, 
 
 
 def test_one_parse_of_the_file_converts_it_and_reads_its_quantized_tensors(tmp_path, monkeypatch):
-    """keep_quantized's first load: the reader that converted the file (without weights) is handed to
-    ``load_quantized``, so the file is parsed once (seconds for a large vocabulary), and the params are those of a
-    load that parses it again."""
+    """keep_quantized's first load: the reader that converts the file (without weights) is the one that reads its
+    quantized tensors, so the file is parsed once (seconds for a large vocabulary; it was parsed twice), and the
+    params are those of a load that parses it again."""
     path = tmp_path / "tiny.gguf"
     write_gguf(tiny_model("qwen3"), "qwen3", path, quantized="Q8_0")
     again = load_quantized(path, gguf_to_hf(path, tmp_path / "again", weights=False))
@@ -325,8 +325,8 @@ def test_one_parse_of_the_file_converts_it_and_reads_its_quantized_tensors(tmp_p
             super().__init__(*args, **kwargs)
 
     monkeypatch.setattr(jaxtune.models.gguf, "GGUFReader", Counted)
-    reader = open_gguf(path)
-    kept = load_quantized(path, gguf_to_hf(path, tmp_path / "hf", weights=False, reader=reader), reader=reader)
+    monkeypatch.setenv("JAXTUNE_CACHE", str(tmp_path / "cache"))
+    kept = jaxtune.load(str(path), keep_quantized=True)
     assert len(parses) == 1
     for ours, want in zip(jax.tree.leaves(kept.params), jax.tree.leaves(again.params), strict=True):
         np.testing.assert_array_equal(np.asarray(ours), np.asarray(want))

@@ -171,13 +171,14 @@ def adapter_dir(path: str | os.PathLike[str]) -> Path:
 GGUF_SOURCE = "gguf_source.json"  # in a converted directory without weights: {"gguf": the file}
 
 
-def _gguf_dir(path: Path, *, weights: bool = True) -> Path:
+def _gguf_dir(path: Path, *, weights: bool = True, reader: Any = None) -> Path:
     """An HF directory converted from a GGUF file once, keyed by the file's path, size and time and
     by the conversion's version (:data:`jaxtune.models.gguf.CONVERSION`: a fixed importer converts again).
 
     Without ``weights`` (``keep_quantized``, which reads the tensors from the file itself) only its
     configs and tokenizer are written, and :data:`GGUF_SOURCE` names the file; a full conversion
-    made earlier serves as well."""
+    made earlier serves as well. ``reader``: the file's :class:`gguf.GGUFReader` where the caller has one
+    open (a parse is seconds for a large vocabulary); else the conversion opens it."""
     from jaxtune.models.gguf import CONVERSION, gguf_to_hf
 
     stat = path.stat()
@@ -186,7 +187,7 @@ def _gguf_dir(path: Path, *, weights: bool = True) -> Path:
     out = full if weights or (full / "config.json").is_file() else full.with_name(full.name + "-meta")
     if not (out / "config.json").is_file():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        gguf_to_hf(path, tmp, weights=weights)
+        gguf_to_hf(path, tmp, weights=weights, reader=reader)
         if not weights:
             (tmp / GGUF_SOURCE).write_text(json.dumps({"gguf": str(path.resolve())}))
         try:
@@ -204,11 +205,14 @@ def base_model_name(source: str) -> str:
     return json.loads(marker.read_text())["gguf"] if marker.is_file() else source
 
 
-def _quantized_dir(path: str) -> Path:
+def _quantized_dir(path: str, reader: Any = None) -> Path:
     """The configs and tokenizer of a GGUF model loaded ``keep_quantized``: a packaged model's
-    directory, or a ``.gguf`` file's conversion without its (float32) weights."""
+    directory, or a ``.gguf`` file's conversion without its (float32) weights (from ``reader``, the
+    file's open :class:`gguf.GGUFReader`, when given)."""
     local = Path(path).expanduser()
-    return _gguf_dir(local, weights=False) if local.is_file() and local.suffix == ".gguf" else model_dir(path)
+    if local.is_file() and local.suffix == ".gguf":
+        return _gguf_dir(local, weights=False, reader=reader)
+    return model_dir(path)
 
 
 def _gguf_file(path: str) -> Path:
@@ -334,13 +338,20 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
         fields = ", ".join(f.name for f in dataclasses.fields(ModelConfig) if f.name != "path")
         raise TypeError(f"load(): {err}; options are {fields}") from None
     adapter = adapter_dir(cfg.adapter) if cfg.adapter is not None else None  # before the (slow) weights
-    directory = _quantized_dir(cfg.path) if cfg.keep_quantized else model_dir(cfg.path)
+    if cfg.keep_quantized:
+        from jaxtune.models.gguf import open_gguf
+
+        file = _gguf_file(cfg.path)
+        reader = open_gguf(file)  # one parse: the first load's conversion (configs, tokenizer) reads it too
+        directory = _quantized_dir(cfg.path, reader)
+    else:
+        directory = model_dir(cfg.path)
     overrides = cfg.family_fields()
     try:
         if cfg.keep_quantized:
             from jaxtune.models.gguf_quantized import load_quantized
 
-            pretrained = load_quantized(_gguf_file(cfg.path), directory, dtype=cfg.dtype,
+            pretrained = load_quantized(file, directory, dtype=cfg.dtype, reader=reader,
                                         compute_dtype=cfg.compute_dtype, **overrides)
         else:
             pretrained = hf.load_pretrained(directory, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, **overrides)
