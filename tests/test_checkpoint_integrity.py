@@ -396,14 +396,15 @@ def test_an_optimizer_state_that_overflows_is_reported():
 # ------------------------------------------------------------------ SIGKILL during saves
 
 
-def _script(run: _Run, run_dir: Path, out: Path | None, cache: Path) -> subprocess.Popen:
+def _script(run: _Run, run_dir: Path, out: Path, cache: Path, then_run: Path | None) -> subprocess.Popen:
+    """train_script.py: 6 steps in ``run_dir`` (resumed if it has a checkpoint), saved to ``out``; then,
+    in the same process, a fresh run in ``then_run``."""
     args = ["--model", str(run.model_dir), "--data", str(run.data), "--steps", "6", "--save-every", "1",
-            "--run", str(run_dir)]
+            "--run", str(run_dir), "--out", str(out), *(["--then-run", str(then_run)] if then_run else [])]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
            # compile once for all the runs below (bitwise the same program)
            "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    return subprocess.Popen([sys.executable, str(SCRIPT), *args, *(["--out", str(out)] if out else [])], env=env,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, str(SCRIPT), *args], env=env, stderr=subprocess.PIPE, text=True)
 
 
 def _kill_during_a_save(proc: subprocess.Popen, checkpoints: Path, rng: random.Random) -> bool:
@@ -425,27 +426,31 @@ def _kill_during_a_save(proc: subprocess.Popen, checkpoints: Path, rng: random.R
 
 @pytest.mark.slow
 def test_sigkill_during_saves_never_breaks_a_resume(run, tmp_path):
+    """Ten runs SIGKILLed a random moment into a save each resume to the uninterrupted run's params,
+    bitwise. A process finishes one run (the uninterrupted one, or the previous trial's resume: the
+    first thing it does, as a fresh process would) and then starts the next trial's run, the one
+    killed: 11 process starts, not 21 (each is seconds of imports)."""
     cache = tmp_path / "jax_cache"
-    straight = _script(run, tmp_path / "straight", tmp_path / "straight.npz", cache)
-    assert straight.wait(timeout=600) == 0, straight.stderr.read()[-2000:]
-    want = np.load(tmp_path / "straight.npz")
     rng = random.Random(19)
-    mid_save = 0
-    for trial in range(10):
-        run_dir = tmp_path / f"trial{trial}"
-        killed = _script(run, run_dir, None, cache)
-        mid_save += _kill_during_a_save(killed, run_dir / "checkpoints", rng)
-        assert killed.returncode == -9
-        resumed = _script(run, run_dir, tmp_path / f"trial{trial}.npz", cache)
-        err = resumed.stderr.read()
-        assert resumed.wait(timeout=600) == 0, err[-3000:]
+    mid_save, trials, want = 0, 10, None
+    for trial in range(trials + 1):
+        finished = "straight" if trial == 0 else f"trial{trial - 1}"
+        killed = tmp_path / f"trial{trial}" if trial < trials else None
+        proc = _script(run, tmp_path / finished, tmp_path / f"{finished}.npz", cache, then_run=killed)
+        if killed is not None:
+            mid_save += _kill_during_a_save(proc, killed / "checkpoints", rng)
+        err = proc.stderr.read()
+        assert proc.wait(timeout=600) == (0 if killed is None else -9), err[-3000:]
         assert "Traceback" not in err and "done step=6 state=finished" in err, err[-3000:]
-        got = np.load(tmp_path / f"trial{trial}.npz")
+        got = np.load(tmp_path / f"{finished}.npz")
+        if want is None:
+            want = got
+            continue
         assert sorted(got.files) == sorted(want.files)
         for key in want.files:
-            np.testing.assert_array_equal(got[key], want[key], err_msg=f"trial {trial}: {key}")
-    print(f"{mid_save} of 10 kills left a save unfinished; every resume finished bitwise equal")
-    assert mid_save >= 5, f"only {mid_save} of 10 kills landed inside a save; the test no longer tests that"
+            np.testing.assert_array_equal(got[key], want[key], err_msg=f"{finished}: {key}")
+    print(f"{mid_save} of {trials} kills left a save unfinished; every resume finished bitwise equal")
+    assert mid_save >= 5, f"only {mid_save} of {trials} kills landed inside a save; the test no longer tests that"
 
 
 def test_a_reader_changes_nothing_on_disk_of_a_run_that_may_be_training(tmp_path, capsys):

@@ -6,7 +6,7 @@ python tests/train_script.py --model DIR --data FILE --run DIR --steps N [--save
     [--interrupt-in restore|base|final [--interrupt-on P]] [--scores]
     [--log-every N] [--out FILE.npz]
     [--no-packing] [--eval-out FILE.json] [--eval-data FILE] [--generate-out FILE.json]
-    [--slow-save SECONDS [--slow-save-on P]]
+    [--slow-save SECONDS [--slow-save-on P]] [--then-run DIR]
     [--coordinator HOST:PORT --process-id I --num-processes P [--heartbeat-timeout SECONDS]
      [--shutdown-timeout SECONDS]]
 
@@ -20,6 +20,9 @@ or scoring the trained model (outside the step loop a Ctrl-C stops at once); ``-
 (``eval.before``, ``eval.after``; off otherwise).
 ``--fail-at`` raises in a callback of process ``--fail-on`` after that step, ``--fail-after`` seconds late.
 ``--slow-save`` keeps each save of process ``--slow-save-on`` (default 0) in flight that many seconds longer.
+``--then-run`` starts a fresh run in DIR, with the same options but no ``--out``, in this process once the
+first one ended: the SIGKILL test resumes one run and starts the next one it kills in one process, not two
+(each process start is seconds of imports).
 
 ``--eval-out`` evaluates the trained model on the data (one pass, choice accuracy over the
 answers' first letters) and writes the metrics; ``--generate-out`` writes the trained model's greedy
@@ -71,6 +74,7 @@ def main() -> None:
     ap.add_argument("--slow-save", type=float, default=None,
                     help="seconds process --slow-save-on's saves wait before they finish (a save still in flight)")
     ap.add_argument("--slow-save-on", type=int, default=0)
+    ap.add_argument("--then-run", default=None, help="after this run, a fresh one in this directory (no --out)")
     args = ap.parse_args()
 
     import jax
@@ -114,12 +118,6 @@ def main() -> None:
             return commit(*a, **k)
 
         async_checkpointer._background_wait_for_commit_futures = slow_commit
-    model = hf.load_pretrained(args.model)
-    tuned = tuning.apply_plan(model, tuning.lora(rank=4, alpha=8) + tuning.train("norm"), tokenizer=tiny_tokenizer())
-    loader = make_loader(read_source(args.data, "chat"), tiny_tokenizer(),
-                         LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=None, seed=0,
-                                      packing=not args.no_packing), scan_first=False)
-
     def kill(trainer: Trainer, step: int, metrics: dict) -> None:
         if step == args.kill_at and args.kill_on in (None, jax.process_index()):
             trainer.checkpointer.wait()  # the save of an earlier step is on disk; now die hard
@@ -129,9 +127,6 @@ def main() -> None:
             time.sleep(args.fail_after)
             raise ValueError(f"a callback's error on process {args.fail_on} only, at step {step}")
 
-    eval_loader = make_loader(read_source(args.eval_data or args.data, "chat"), tiny_tokenizer(),
-                              LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=1, shuffle=False,
-                                           drop_remainder=False, packing=not args.no_packing), scan_first=False)
     # The answers are upper-cased words; their first letters tell them apart.
     choices = tuple(w.upper() for w in ("alpha", "beta", "gamma", "delta", "omega", "kappa"))
 
@@ -162,45 +157,55 @@ def main() -> None:
                     os.kill(os.getpid(), signal.SIGINT)
             return metrics
 
-    trainer = Interrupted(tuned, train_data=loader, eval_data=eval_loader,
-                      optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
-                      config=TrainConfig(steps=args.steps, log_every=args.log_every, progress=False),
-                      checkpoint=CheckpointConfig(every=args.save_every),
-                      eval=EvalConfig(choices=choices, before=args.scores, after=args.scores, cache_base=False),
-                      run_dir=args.run, callbacks=[kill] if args.kill_at or args.fail_at else [])
-    try:
-        result = trainer.fit()
-    except KeyboardInterrupt:  # a Ctrl-C outside the step loop: as jaxtune train ends
-        print("jaxtune: interrupted", file=sys.stderr)
-        sys.exit(130)
-    if args.out and jax.process_index() == 0:
-        host = jax.device_get(trainer.trainable)  # gathers across processes for fully addressable arrays
-        np.savez(args.out, **{"/".join(k): np.asarray(v) for k, v in flatten_dict(host).items()})
-    if args.eval_out:
-        metrics = trainer.evaluate()
-        if jax.process_index() == 0:
+    for run_dir, out in ((args.run, args.out), *([(args.then_run, None)] if args.then_run else [])):
+        model = hf.load_pretrained(args.model)
+        tuned = tuning.apply_plan(model, tuning.lora(rank=4, alpha=8) + tuning.train("norm"),
+                                  tokenizer=tiny_tokenizer())
+        loader = make_loader(read_source(args.data, "chat"), tiny_tokenizer(),
+                             LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=None, seed=0,
+                                          packing=not args.no_packing), scan_first=False)
+        eval_loader = make_loader(read_source(args.eval_data or args.data, "chat"), tiny_tokenizer(),
+                                  LoaderConfig(batch_size=args.batch, max_length=64, num_epochs=1, shuffle=False,
+                                               drop_remainder=False, packing=not args.no_packing), scan_first=False)
+        trainer = Interrupted(tuned, train_data=loader, eval_data=eval_loader,
+                          optimizer=OptimizerConfig(learning_rate=1e-2, warmup_steps=2),
+                          config=TrainConfig(steps=args.steps, log_every=args.log_every, progress=False),
+                          checkpoint=CheckpointConfig(every=args.save_every),
+                          eval=EvalConfig(choices=choices, before=args.scores, after=args.scores, cache_base=False),
+                          run_dir=run_dir, callbacks=[kill] if args.kill_at or args.fail_at else [])
+        try:
+            result = trainer.fit()
+        except KeyboardInterrupt:  # a Ctrl-C outside the step loop: as jaxtune train ends
+            print("jaxtune: interrupted", file=sys.stderr)
+            sys.exit(130)
+        if out and jax.process_index() == 0:
+            host = jax.device_get(trainer.trainable)  # gathers across processes for fully addressable arrays
+            np.savez(out, **{"/".join(k): np.asarray(v) for k, v in flatten_dict(host).items()})
+        if args.eval_out:
+            metrics = trainer.evaluate()
+            if jax.process_index() == 0:
+                import json
+
+                with open(args.eval_out, "w") as fh:
+                    json.dump(metrics, fh)
+        if args.generate_out:
             import json
 
-            with open(args.eval_out, "w") as fh:
-                json.dump(metrics, fh)
-    if args.generate_out:
-        import json
+            from jaxtune.models.generate import generate
 
-        from jaxtune.models.generate import generate
-
-        prompts = [tiny_tokenizer()(text)["input_ids"] for text in ("alpha beta", "omega", "kappa delta gamma")]
-        tokens: dict = {mode: generate(trainer.tuned.module, trainer.params, prompts, max_new_tokens=6, **kwargs)
-                        for mode, kwargs in (("greedy", {}), ("sampled", dict(temperature=1.0, top_k=20, seed=1)))}
-        try:  # each process asks for another number of tokens: refused on every process, by name
-            generate(trainer.tuned.module, trainer.params, prompts, max_new_tokens=2 + jax.process_index())
-        except ValueError as err:
-            tokens["different_requests"] = str(err)
-        if jax.process_index() == 0:
-            with open(args.generate_out, "w") as fh:
-                json.dump(tokens, fh)
-    print(f"done step={result.step} state={result.state}", file=sys.stderr)
-    if result.state == "stopped":  # as jaxtune train exits (the status of a process another one's Ctrl-C ends)
-        sys.exit(130)
+            prompts = [tiny_tokenizer()(text)["input_ids"] for text in ("alpha beta", "omega", "kappa delta gamma")]
+            tokens: dict = {mode: generate(trainer.tuned.module, trainer.params, prompts, max_new_tokens=6, **kwargs)
+                            for mode, kwargs in (("greedy", {}), ("sampled", dict(temperature=1.0, top_k=20, seed=1)))}
+            try:  # each process asks for another number of tokens: refused on every process, by name
+                generate(trainer.tuned.module, trainer.params, prompts, max_new_tokens=2 + jax.process_index())
+            except ValueError as err:
+                tokens["different_requests"] = str(err)
+            if jax.process_index() == 0:
+                with open(args.generate_out, "w") as fh:
+                    json.dump(tokens, fh)
+        print(f"done step={result.step} state={result.state}", file=sys.stderr)
+        if result.state == "stopped":  # as jaxtune train exits (the status of a process another one's Ctrl-C ends)
+            sys.exit(130)
 
 
 if __name__ == "__main__":
