@@ -276,11 +276,14 @@ def test_nf4_expert_stacks_read_like_their_dequantized_weights(tmp_path):
     def loss(t, f):
         return tuned.module.apply({"params": tuning.combine(t, f)}, IDS).astype(jnp.float32).std()
 
-    _, backward = jax.vjp(lambda t: loss(t, frozen), trainable)
+    # The residuals' shapes and dtypes, traced as jit traces them, computed not at all; the gradients in one
+    # program each (eagerly every op compiles apart).
+    backward = jax.eval_shape(lambda t: jax.vjp(lambda t: loss(t, frozen), t)[1], trainable)
     expert_shapes = {leaf.shape[-3:] for leaf in experts.values()}  # (E, in, out), scanned or not
     assert not [x for x in jax.tree.leaves(backward) if x.shape[-3:] in expert_shapes
                 and jnp.issubdtype(x.dtype, jnp.floating)]
-    got, want = (jax.grad(loss)(trainable, f) for f in (frozen, quant.dequantize_tree(frozen)))
+    grads = jax.jit(jax.grad(loss))
+    got, want = (grads(trainable, f) for f in (frozen, quant.dequantize_tree(frozen)))
     for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6 * float(np.abs(w).max()))
 
