@@ -222,7 +222,17 @@ def _train_script(tmp_path: Path, *options: str) -> list[str]:
             "--coordinator", "{address}", "--num-processes", "{count}", "--process-id", "{process}"]
 
 
-def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_next_step_and_resumes_exactly(tmp_path):
+@pytest.fixture(scope="module")
+def whole(tmp_path_factory) -> Path:
+    """:func:`_train_script`'s run of 8 steps, each logged, on two processes, never interrupted: its run
+    directory (``run``, the metrics it logged) and final trainable params (``run.npz``), which the tests
+    compare the runs that a Ctrl-C or an error stopped with (one launch for them all)."""
+    root = tmp_path_factory.mktemp("whole")
+    _processes([*_train_script(root, "--steps", "8"), "--out", str(root / "run.npz")], root, timeout=180)
+    return root
+
+
+def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_next_step_and_resumes_exactly(tmp_path, whole):
     """The signal reaches each process at another moment (here: process 1 only, after step 2 of 8). The
     processes agreed on it only at log steps: with ``log_every`` past the run's end it never took effect,
     and the run finished. Now every process stops at the same step, the first each can reach, saves one
@@ -240,10 +250,6 @@ def test_a_ctrl_c_that_reaches_one_process_stops_every_process_at_the_next_step_
     assert (status["state"], status["step"]) == ("stopped", stopped), status
     errs = _processes([*argv, "--out", str(tmp_path / "resumed.npz")], tmp_path, timeout=180)
     assert all("done step=8 state=finished" in err for err in errs), [err[-1500:] for err in errs]
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    _processes([*_train_script(whole, "--log-every", "100", "--steps", "8"), "--out", str(whole / "run.npz")],
-               whole, timeout=180)
     resumed, uninterrupted = np.load(tmp_path / "resumed.npz"), np.load(whole / "run.npz")
     assert sorted(resumed) == sorted(uninterrupted)
     for name in uninterrupted:
@@ -366,18 +372,15 @@ def test_an_error_on_one_process_stops_the_others_at_once_naming_it(tmp_path):
     assert status["state"] == "failed" and status["error"] == f"process 1 failed after step 2 of 6: {error}", status
 
 
-def test_a_status_written_as_another_process_fails_names_the_last_step_that_finished(tmp_path):
-    """Process 1's callback raises 3 s after step 2 (4 steps, each logged): process 0 has dispatched step 3 by
+def test_a_status_written_as_another_process_fails_names_the_last_step_that_finished(tmp_path, whole):
+    """Process 1's callback raises 3 s after step 2 (8 steps, each logged): process 0 has dispatched step 3 by
     then, and it waits in that step's collectives for process 1, for ever. Its watcher wrote the run's status
     at the trainer's count of steps, 3: ``jaxtune status`` said step 3 was done, which neither the checkpoint
     nor the logged metrics hold. Now it names step 2, the last that finished: the run's records end there,
     and they are an uninterrupted run's."""
-    codes, errs = _run(_train_script(tmp_path, "--steps", "4", "--fail-at", "2", "--fail-after", "3"), tmp_path,
+    codes, errs = _run(_train_script(tmp_path, "--steps", "8", "--fail-at", "2", "--fail-after", "3"), tmp_path,
                        timeout=120)
-    assert codes == [1, 1] and "process 1 failed after step 2 of 4" in errs[0], [err[-1500:] for err in errs]
-    whole = tmp_path / "whole"
-    whole.mkdir()
-    _processes(_train_script(whole, "--steps", "4"), whole, timeout=180)
+    assert codes == [1, 1] and "process 1 failed after step 2 of 8" in errs[0], [err[-1500:] for err in errs]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     records, uninterrupted = ([r for r in map(json.loads, (d / "run" / "metrics.jsonl").read_text().splitlines())
                                if "loss" in r] for d in (tmp_path, whole))
