@@ -473,16 +473,15 @@ def test_a_failed_restore_on_process_0_marks_the_run_failed_at_its_own_step(tmp_
 
 @pytest.mark.parametrize(("when", "doing", "total", "count"), [
     ("before", "scoring the base model, before training", 4, 1),
-    ("before", "scoring the base model, before training", 4, 2),
     ("after", "scoring the trained model (step 2)", 2, 1),
     ("after", "scoring the trained model (step 2)", 2, 2)])
 def test_a_failed_score_on_one_process_marks_the_run_failed_at_its_own_step(tmp_path, when, doing, total, count):
     """A 2-step run again, the base model's score (resuming to 4 steps) or the trained model's (nothing left to
     train) raising: one process left the status as it was ('finished' at step 2), while on a pod another
     process's error there wrote 'failed' (RunStatus.on_stop). Now one process marks the run failed too,
-    at its step, keeping its reports. On two processes, process 0 raising at once while process 1 scored
-    from what it held: process 1 waited for it at the restore's barrier (before) or ended as finished (after);
-    now it stops, naming process 0's error."""
+    at its step, keeping its reports. On two processes, process 0 raising after training while process 1 scored
+    from what it held: process 1 ended as finished; now it stops, naming process 0's error. (Before training,
+    process 1 went on to wait at the restore's barrier: the test above with a block of its own.)"""
     tiny_hf_model("LlamaForCausalLM", tmp_path / "llama")
     tiny_tokenizer().save_pretrained(tmp_path / "llama")
     args = {"model": str(tmp_path / "llama"), "train": str(_chat_rows(tmp_path / "train.jsonl")), "out": str(tmp_path),
