@@ -215,13 +215,13 @@ def serve_side(side: str, work: dict[str, Any], threads: int) -> None:
         import jaxtune.host_memory
 
         assert jaxtune.host_memory.configure(), "JAXTUNE_HOST_MALLOC=keep did not apply"
-    import torch
-
-    torch.set_num_threads(threads)
     hf_config = _hf_config(work)
     if side == "jaxtune":
-        impl = _jax_side(work, hf_config, gpu)
+        impl = _jax_side(work, hf_config, gpu)  # torch not imported: its thread pool is no part of this side
     else:
+        import torch
+
+        torch.set_num_threads(threads)
         impl = _torch_side(work, hf_config, gpu, compile_=side.endswith("compile"))
     impl["run"](2)  # warm-up beyond the first step (allocator, autotuning)
     print(json.dumps({"ready": True}), flush=True)
