@@ -175,9 +175,12 @@ class DecoderConfig:
         return stacking.layer_runs(self.num_layers, self.layer_groups, self.layer_kinds)
 
 
-def common_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
+def common_fields(hf: dict[str, Any], arch: str, family: str = "the decoder family",
+                  partial_rotary: bool = False) -> dict[str, Any]:
     """The :class:`DecoderConfig` fields that every Llama-style ``config.json`` states the same way
-    (sizes, heads, RoPE, norm epsilon, tying, labels); a family adds its own switches."""
+    (sizes, heads, RoPE, norm epsilon, tying, labels); a family adds its own switches. ``family`` names
+    it in errors; ``partial_rotary``: its ``default`` RoPE reads ``partial_rotary_factor`` (Phi-3's
+    does, Llama's does not), so the rope dict is kept when that rotates part of each head."""
     heads = hf["num_attention_heads"]
     # v5 writes rope_parameters (theta inside); v4 wrote rope_theta + rope_scaling.
     rope = rope_parameters(hf)  # with the config-level fields some scalings read
@@ -188,8 +191,8 @@ def common_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
             f"config.json: rope type {kind!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} "
-                         "is not supported by the decoder family (silu)")
+        raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported by {family} (silu)")
+    keep_rope = kind != "default" or (partial_rotary and float(rope.get("partial_rotary_factor", 1.0)) != 1.0)
     return dict(
         vocab_size=hf["vocab_size"],
         hidden_size=hf["hidden_size"],
@@ -200,7 +203,7 @@ def common_fields(hf: dict[str, Any], arch: str) -> dict[str, Any]:
         head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
         rms_norm_eps=hf.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS.get(arch, 1e-6)),
         rope_theta=float(theta),
-        rope_scaling=tuple(sorted(rope.items())) if kind != "default" else None,
+        rope_scaling=tuple(sorted(rope.items())) if keep_rope else None,
         mlp_bias=bool(hf.get("mlp_bias", False)) and arch in _MLP_BIAS_ARCHS,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch in _TIED_BY_DEFAULT)),
         num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),

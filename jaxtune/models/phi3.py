@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig
+from jaxtune.models.decoder import Decoder, DecoderClassifier, DecoderConfig, common_fields
 from jaxtune.models.dropout import Dropout
 from jaxtune.models.kv_cache import LayerCache, rope_attend
 from jaxtune.models.layers import (
@@ -47,7 +47,6 @@ from jaxtune.models.layers import (
     hf_architecture,
     partition_rules,
     rope_inverse_frequencies,
-    rope_parameters,
 )
 
 ARCHITECTURES = ("Phi3ForCausalLM", "Phi3ForSequenceClassification")
@@ -69,11 +68,6 @@ class Phi3Config(DecoderConfig):
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> Phi3Config:
         """Build from a Hugging Face Phi-3 ``config.json`` dict (transformers v4 or v5 layout)."""
         arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "Phi-3")
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported by Phi-3 (silu)")
-        heads = hf["num_attention_heads"]
-        # Phi3Config has no head_dim field, but transformers' attention reads one a config.json sets.
-        head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
         rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind in _LEGACY_LONGROPE:
@@ -82,32 +76,17 @@ class Phi3Config(DecoderConfig):
         if kind not in _ROPE_TYPES:
             raise ValueError(f"config.json: rope type {kind!r} is not one Phi-3 uses; supported: "
                              f"{', '.join(_ROPE_TYPES)} (transformers' Phi3Config refuses the others too)")
-        # Phi3Config always has original_max_position_embeddings (default 4096), and it wins over the dict's.
-        rope = rope_parameters({"original_max_position_embeddings": 4096, **hf}, rope)
-        theta = float(rope.pop("rope_theta", hf.get("rope_theta", 10000.0)))
-        partial = float(rope.get("partial_rotary_factor", 1.0))
-        keep = kind != "default" or partial != 1.0
+        # Phi3Config's defaults for what config.json leaves out; its original_max_position_embeddings
+        # (always set, 4096 by default) wins over the rope dict's.
+        hf = {"original_max_position_embeddings": 4096, "rms_norm_eps": 1e-5, **hf, "rope_parameters": rope}
         fields = dict(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_layers=hf["num_hidden_layers"],
-            num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-5),
-            rope_theta=theta,
-            rope_scaling=tuple(sorted(rope.items())) if keep else None,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            common_fields(hf, arch, "Phi-3", partial_rotary=True),
             layer_windows=(hf.get("sliding_window"),) * hf["num_hidden_layers"],
-            num_labels=len(hf.get("id2label") or {}) or hf.get("num_labels", 2),
-            architecture=arch,
             dropout=float(hf.get("resid_pdrop", 0.0)),
-            attention_dropout=float(hf.get("attention_dropout", 0.0)),
         )
-        fields.update(overrides)
-        cfg = cls(**fields)
-        rope_inverse_frequencies(head_dim, theta, dict(cfg.rope_scaling or ()))  # a bad rope dict fails here
+        cfg = cls(**{**fields, **overrides})
+        # A bad rope dict fails here.
+        rope_inverse_frequencies(fields["head_dim"], fields["rope_theta"], dict(cfg.rope_scaling or ()))
         return cfg
 
     def linear(self, features: int, name: str) -> Linear:
