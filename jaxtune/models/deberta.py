@@ -53,8 +53,7 @@ from jaxtune.models.layers import (
     Array,
     ClassifierLayout,
     Embed,
-    LayerNorm,
-    Linear,
+    ModuleBuilders,
     PartitionRules,
     hf_architecture,
     partition_rules,
@@ -72,7 +71,7 @@ _HEAD_NAMES = {"dense_0": "pooler.dense", "out": "classifier"}
 
 
 @dataclasses.dataclass(frozen=True)
-class DebertaConfig:
+class DebertaConfig(ModuleBuilders):
     """Everything that shapes a DeBERTa-v2/v3. Hashable, so it can sit on a linen module."""
 
     vocab_size: int
@@ -167,10 +166,6 @@ class DebertaConfig:
         return cls(**fields)
 
     @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
-
-    @property
     def classifier_layout(self) -> ClassifierLayout:
         # jaxtune's head has one dropout rate (classifier_dropout); HF drops the pooled token at pooler_dropout
         # (0 in the released configs) and the pooler output at cls_dropout.
@@ -191,13 +186,6 @@ class DebertaConfig:
     def scale(self) -> float:
         """The divisor of every attention score: ``sqrt(head_dim * (1 + len(pos_att_type)))``."""
         return math.sqrt(self.hidden_size // self.num_heads * (1 + len(self.pos_att_type)))
-
-    def linear(self, features: int, name: str, bias: bool = True) -> Linear:
-        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
-                      adapter_dropout=self.adapter_dropout, name=name)
-
-    def layer_norm(self, name: str) -> LayerNorm:
-        return LayerNorm(self.layer_norm_eps, self.compute_dtype, self.param_dtype, name=name)
 
 
 def _pos_att_type(value: Any) -> tuple[str, ...]:

@@ -51,8 +51,8 @@ from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.layers import (
     Array,
     ClassifierLayout,
-    LayerNorm,
-    Linear,
+    ImageInputs,
+    ModuleBuilders,
     PartitionRules,
     hf_architecture,
     partition_rules,
@@ -72,7 +72,7 @@ _LAYOUT = dict(pooling="cls_mean", dense=(), activation="gelu", out="classifier"
 
 
 @dataclasses.dataclass(frozen=True)
-class Dinov2Config:
+class Dinov2Config(ModuleBuilders, ImageInputs):
     """Everything that shapes a DINOv2. Hashable, so it can sit on a linen module."""
 
     modality: ClassVar[str] = "image"
@@ -166,17 +166,9 @@ class Dinov2Config:
         return 0.0
 
     @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
-
-    @property
     def grid(self) -> int:
         """Patches per side of the grid the position embeddings were learned on."""
         return self.image_size // self.patch_size
-
-    def init_inputs(self) -> tuple[Array, ...]:
-        """Example model inputs for shape inference: one all-zero image ``(1, C, H, W)``."""
-        return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
 
     def image_input_problem(self, height: int, width: int) -> str | None:
         """Why this DINOv2 cannot take ``height x width`` images (None when it can): its positions are
@@ -184,13 +176,6 @@ class Dinov2Config:
         if min(height, width) >= self.patch_size:
             return None
         return f"this DINOv2 needs at least one patch ({self.patch_size} pixels) a side"
-
-    def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
-        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
-                      adapter_dropout=self.adapter_dropout, name=name)
-
-    def layer_norm(self, name: str) -> LayerNorm:
-        return LayerNorm(self.layer_norm_eps, self.compute_dtype, self.param_dtype, name=name)
 
 
 # ----------------------------------------------------------------------------- position interpolation

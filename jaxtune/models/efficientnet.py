@@ -58,6 +58,7 @@ from jaxtune.models.layers import (
     STATE_UPDATES,
     Array,
     ClassifierLayout,
+    ImageInputs,
     Linear,
     PartitionRules,
     hf_architecture,
@@ -75,7 +76,7 @@ STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 
 
 
 @dataclasses.dataclass(frozen=True)
-class EfficientNetConfig:
+class EfficientNetConfig(ImageInputs):
     """The shape of an EfficientNet-Lite. Hashable, so it can sit on a linen module."""
 
     modality: ClassVar[str] = "image"
@@ -147,10 +148,6 @@ class EfficientNetConfig:
         scaled = n * self.width_coefficient
         rounded = max(8, int(scaled + 4) // 8 * 8)
         return rounded + 8 if rounded < 0.9 * scaled else rounded
-
-    def init_inputs(self) -> tuple[Array, ...]:
-        """Example model inputs for shape inference: one all-zero image ``(1, C, H, W)``."""
-        return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
 
 
 class Conv(nn.Module):

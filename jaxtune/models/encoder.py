@@ -43,8 +43,8 @@ from jaxtune.models.layers import (
     Array,
     ClassifierLayout,
     Embed,
-    LayerNorm,
     Linear,
+    ModuleBuilders,
     PartitionRules,
     attention_dropout_key,
     dot_product_attention,
@@ -92,7 +92,7 @@ CLASSIFIER_LAYOUTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(ModuleBuilders):
     """Everything that shapes an encoder. Hashable, so it can sit on a linen module."""
 
     vocab_size: int
@@ -155,19 +155,8 @@ class EncoderConfig:
         return cls(**fields)
 
     @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
-
-    @property
     def classifier_layout(self) -> ClassifierLayout:
         return CLASSIFIER_LAYOUTS[self.layout]
-
-    def linear(self, features: int, name: str | None = None) -> Linear:
-        return Linear(features, use_bias=True, dtype=self.compute_dtype, param_dtype=self.param_dtype,
-                      adapter_dropout=self.adapter_dropout, name=name)
-
-    def layer_norm(self, name: str) -> LayerNorm:
-        return LayerNorm(self.layer_norm_eps, self.compute_dtype, self.param_dtype, name=name)
 
 
 def _padding_idx(hf: dict[str, Any]) -> int:

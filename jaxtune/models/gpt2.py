@@ -38,7 +38,7 @@ from jaxtune.models.layers import (
     Array,
     Embed,
     LayerNorm,
-    Linear,
+    ModuleBuilders,
     PartitionRules,
     attention_dropout_key,
     hf_architecture,
@@ -53,7 +53,7 @@ _CONV1D = ("c_attn", "c_proj", "c_fc")
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config(DecoderConfig):
+class GPT2Config(DecoderConfig, ModuleBuilders):
     """:class:`DecoderConfig` with GPT-2's own fields; ``rms_norm_eps`` holds ``layer_norm_epsilon``
     (the final norm is built from it as in every decoder), ``num_kv_heads == num_heads``."""
 
@@ -99,11 +99,8 @@ class GPT2Config(DecoderConfig):
         fields.update(overrides)
         return cls(**fields)
 
-    def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
-        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
-                      adapter_dropout=self.adapter_dropout, name=name)
-
     def layer_norm(self, name: str | None = None) -> LayerNorm:
+        """A :class:`LayerNorm` with ``layer_norm_epsilon`` (held by ``rms_norm_eps``)."""
         return LayerNorm(self.rms_norm_eps, self.compute_dtype, self.param_dtype, name=name)
 
 

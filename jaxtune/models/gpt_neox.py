@@ -44,7 +44,7 @@ from jaxtune.models.layers import (
     QUANTIZED_PARTS,
     Array,
     LayerNorm,
-    Linear,
+    ModuleBuilders,
     PartitionRules,
     hf_architecture,
     partition_rules,
@@ -64,7 +64,7 @@ _DEFAULT_ROTARY_BASE = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTNeoXConfig(DecoderConfig):
+class GPTNeoXConfig(DecoderConfig, ModuleBuilders):
     """:class:`DecoderConfig` with GPT-NeoX's own fields; ``rms_norm_eps`` holds ``layer_norm_eps`` (every
     LayerNorm's), ``qkv_bias``/``o_bias`` ``attention_bias``, ``num_kv_heads == num_heads``, and
     ``rope_scaling`` the rope dict (always kept: it carries ``partial_rotary_factor``)."""
@@ -123,11 +123,8 @@ class GPTNeoXConfig(DecoderConfig):
         rope_inverse_frequencies(head_dim, theta, dict(cfg.rope_scaling or ()))  # a bad rope dict fails here
         return cfg
 
-    def linear(self, features: int, name: str, bias: bool = True) -> Linear:
-        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
-                      adapter_dropout=self.adapter_dropout, name=name)
-
-    def layer_norm(self, name: str) -> LayerNorm:
+    def layer_norm(self, name: str | None = None) -> LayerNorm:
+        """A :class:`LayerNorm` with ``layer_norm_eps`` (held by ``rms_norm_eps``)."""
         return LayerNorm(self.rms_norm_eps, self.compute_dtype, self.param_dtype, name=name)
 
 

@@ -1,5 +1,6 @@
 """Building blocks shared by the model families: linear (with optional adapter leaves),
-norms, block rematerialisation, rotary embeddings and pooling. Attention (masks, soft-capping,
+norms, the config mixins that build them (:class:`ModuleBuilders`, and :class:`ImageInputs` for image
+families), block rematerialisation, rotary embeddings and pooling. Attention (masks, soft-capping,
 the kernels by backend) is :mod:`jaxtune.models.attention`, re-exported here.
 
 Every block is a Flax linen module or a pure function, so a model is a pure function of a
@@ -194,6 +195,34 @@ class Embed(nn.Module):
         lead = x.shape[:-1]
         out = quant.dot(x.reshape(-1, x.shape[-1]), self.embedding, self.dtype, transpose=True)
         return out.reshape(*lead, self.num_embeddings)
+
+
+class ModuleBuilders:
+    """Mixin (no fields) for a family's frozen config dataclass: the compute dtype and the
+    :class:`Linear` / :class:`LayerNorm` its modules build, from the config's ``dtype``,
+    ``param_dtype``, ``adapter_dropout`` and ``layer_norm_eps``."""
+
+    @property
+    def compute_dtype(self) -> Any:
+        return jnp.dtype(self.dtype)
+
+    def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
+        """A :class:`Linear` to ``features`` in the compute dtype (with a ``bias`` unless told not)."""
+        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
+                      adapter_dropout=self.adapter_dropout, name=name)
+
+    def layer_norm(self, name: str | None = None) -> LayerNorm:
+        """A :class:`LayerNorm` with the config's ``layer_norm_eps``, in the compute dtype."""
+        return LayerNorm(self.layer_norm_eps, self.compute_dtype, self.param_dtype, name=name)
+
+
+class ImageInputs:
+    """Mixin (no fields) for an image family's config: example inputs from its ``num_channels`` and
+    ``image_size``."""
+
+    def init_inputs(self) -> tuple[Array, ...]:
+        """Example model inputs for shape inference: one all-zero image ``(1, C, H, W)`` float32."""
+        return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
 
 
 REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch", "offload")

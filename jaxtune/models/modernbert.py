@@ -43,7 +43,7 @@ from jaxtune.models.layers import (
     ClassifierLayout,
     Embed,
     LayerNorm,
-    Linear,
+    ModuleBuilders,
     PartitionRules,
     apply_rope,
     attention_dropout_key,
@@ -72,7 +72,7 @@ RopeScaling = tuple[tuple[str, Any], ...] | None
 
 
 @dataclasses.dataclass(frozen=True)
-class ModernBertConfig:
+class ModernBertConfig(ModuleBuilders):
     """Everything that shapes a ModernBERT. Hashable, so it can sit on a linen module."""
 
     vocab_size: int
@@ -150,10 +150,6 @@ class ModernBertConfig:
         return cls(**fields)
 
     @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
-
-    @property
     def classifier_layout(self) -> ClassifierLayout:
         return ClassifierLayout("model", self.classifier_pooling, (_HEAD_NAMES["dense_0"],),
                                 self.classifier_activation, _HEAD_NAMES["out"], input_dropout=False,
@@ -166,11 +162,8 @@ class ModernBertConfig:
                           else (self.global_rope_theta, self.global_rope_scaling))
         return rope_inverse_frequencies(self.hidden_size // self.num_heads, theta, dict(scaling or ()))
 
-    def linear(self, features: int, name: str, bias: bool) -> Linear:
-        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
-                      adapter_dropout=self.adapter_dropout, name=name)
-
-    def layer_norm(self, name: str | None) -> LayerNorm:
+    def layer_norm(self, name: str | None = None) -> LayerNorm:
+        """A :class:`LayerNorm` with ``norm_eps``, its bias as ``norm_bias`` says."""
         return LayerNorm(self.norm_eps, self.compute_dtype, self.param_dtype, use_bias=self.norm_bias, name=name)
 
 

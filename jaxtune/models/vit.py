@@ -33,8 +33,8 @@ from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.layers import (
     Array,
     ClassifierLayout,
-    LayerNorm,
-    Linear,
+    ImageInputs,
+    ModuleBuilders,
     PartitionRules,
     attention_dropout_key,
     dot_product_attention,
@@ -51,7 +51,7 @@ TENSOR_LEAF = "tensor"  # a parameter that is a whole HF tensor (not a module's 
 
 
 @dataclasses.dataclass(frozen=True)
-class ViTConfig:
+class ViTConfig(ModuleBuilders, ImageInputs):
     """Everything that shapes a ViT. Hashable, so it can sit on a linen module."""
 
     modality: ClassVar[str] = "image"
@@ -118,16 +118,8 @@ class ViTConfig:
         return self.hidden_dropout
 
     @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
-
-    @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
-
-    def init_inputs(self) -> tuple[Array, ...]:
-        """Example model inputs for shape inference: one all-zero image ``(1, C, H, W)``."""
-        return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
 
     def image_input_problem(self, height: int, width: int) -> str | None:
         """Why this ViT cannot take ``height x width`` images (None when it can): only its
@@ -137,13 +129,6 @@ class ViTConfig:
             return None
         return (f"this ViT takes only its image_size {self.image_size} x {self.image_size} (jaxtune does not "
                 "interpolate its position embeddings, transformers' interpolate_pos_encoding)")
-
-    def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
-        return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
-                      adapter_dropout=self.adapter_dropout, name=name)
-
-    def layer_norm(self, name: str) -> LayerNorm:
-        return LayerNorm(self.layer_norm_eps, self.compute_dtype, self.param_dtype, name=name)
 
 
 class BareTensor(nn.Module):
