@@ -54,6 +54,7 @@ from jaxtune.models.layers import (
     ImageInputs,
     ModuleBuilders,
     PartitionRules,
+    feed_forward,
     hf_architecture,
     partition_rules,
     pool,
@@ -285,8 +286,7 @@ class MLP(nn.Module):
             gate = cfg.linear(cfg.intermediate_size, "gate_proj")(x, deterministic)
             up = cfg.linear(cfg.intermediate_size, "up_proj")(x, deterministic)
             return cfg.linear(cfg.hidden_size, "down_proj")(nn.silu(gate) * up, deterministic)
-        h = ACTIVATIONS[cfg.hidden_act](cfg.linear(cfg.intermediate_size, "fc1")(x, deterministic))
-        return cfg.linear(cfg.hidden_size, "fc2")(h, deterministic)
+        return feed_forward(cfg, x, ("fc1", "fc2"), ACTIVATIONS[cfg.hidden_act], deterministic)
 
 
 class LayerScale(nn.Module):

@@ -48,6 +48,7 @@ from jaxtune.models.layers import (
     PartitionRules,
     attention_dropout_key,
     dot_product_attention,
+    feed_forward,
     hf_architecture,
     partition_rules,
 )
@@ -278,8 +279,7 @@ class DistilBertFFN(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.cfg
-        h = ACTIVATIONS[cfg.hidden_act](cfg.linear(cfg.intermediate_size, "lin1")(x, deterministic))
-        h = cfg.linear(x.shape[-1], "lin2")(h, deterministic)
+        h = feed_forward(cfg, x, ("lin1", "lin2"), ACTIVATIONS[cfg.hidden_act], deterministic)
         return Dropout(cfg.hidden_dropout)(h, deterministic=deterministic)
 
 

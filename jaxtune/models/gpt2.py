@@ -41,6 +41,7 @@ from jaxtune.models.layers import (
     ModuleBuilders,
     PartitionRules,
     attention_dropout_key,
+    feed_forward,
     hf_architecture,
     partition_rules,
 )
@@ -133,8 +134,7 @@ class GPT2MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.cfg
-        h = ACTIVATIONS[cfg.activation](cfg.linear(cfg.intermediate_size, "c_fc")(x, deterministic))
-        h = cfg.linear(x.shape[-1], "c_proj")(h, deterministic)
+        h = feed_forward(cfg, x, ("c_fc", "c_proj"), ACTIVATIONS[cfg.activation], deterministic)
         return Dropout(cfg.dropout)(h, deterministic=deterministic)
 
 

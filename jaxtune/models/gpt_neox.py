@@ -46,6 +46,7 @@ from jaxtune.models.layers import (
     LayerNorm,
     ModuleBuilders,
     PartitionRules,
+    feed_forward,
     hf_architecture,
     partition_rules,
     rope_inverse_frequencies,
@@ -155,9 +156,8 @@ class GPTNeoXMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
-        cfg = self.cfg
-        h = ACTIVATIONS[cfg.activation](cfg.linear(cfg.intermediate_size, "dense_h_to_4h")(x, deterministic))
-        return cfg.linear(cfg.hidden_size, "dense_4h_to_h")(h, deterministic)
+        return feed_forward(self.cfg, x, ("dense_h_to_4h", "dense_4h_to_h"), ACTIVATIONS[self.cfg.activation],
+                            deterministic)
 
 
 class GPTNeoXBlock(nn.Module):

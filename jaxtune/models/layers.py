@@ -1,7 +1,7 @@
 """Building blocks shared by the model families: linear (with optional adapter leaves),
 norms, the config mixins that build them (:class:`ModuleBuilders`, and :class:`ImageInputs` for image
-families), block rematerialisation, rotary embeddings and pooling. Attention (masks, soft-capping,
-the kernels by backend) is :mod:`jaxtune.models.attention`, re-exported here.
+families), the two-layer MLP (:func:`feed_forward`), block rematerialisation, rotary embeddings and
+pooling. Attention (masks, soft-capping, the kernels by backend) is :mod:`jaxtune.models.attention`, re-exported here.
 
 Every block is a Flax linen module or a pure function, so a model is a pure function of a
 parameter pytree. Parameter leaf names follow one rule that the checkpoint I/O relies on:
@@ -223,6 +223,16 @@ class ImageInputs:
     def init_inputs(self) -> tuple[Array, ...]:
         """Example model inputs for shape inference: one all-zero image ``(1, C, H, W)`` float32."""
         return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
+
+
+def feed_forward(cfg: ModuleBuilders, x: Array, names: tuple[str, str], activation: Any,
+                 deterministic: bool) -> Array:
+    """The two-layer MLP ``names[1](activation(names[0](x)))``: ``x`` ``(..., D)`` -> ``(..., cfg.intermediate_size)``
+    -> ``(..., D)``, both linears built by ``cfg.linear`` (with biases). Called from a module's compact
+    ``__call__``, so the linears are that module's children: their params stay ``<module>/<names[i]>``."""
+    inner, outer = names
+    h = activation(cfg.linear(cfg.intermediate_size, inner)(x, deterministic))
+    return cfg.linear(x.shape[-1], outer)(h, deterministic)
 
 
 REMAT_POLICIES = ("none", "block", "dots", "dots_no_batch", "offload")

@@ -38,6 +38,7 @@ from jaxtune.models.layers import (
     PartitionRules,
     attention_dropout_key,
     dot_product_attention,
+    feed_forward,
     hf_architecture,
     partition_rules,
 )
@@ -217,9 +218,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
-        cfg = self.cfg
-        h = ACTIVATIONS[cfg.hidden_act](cfg.linear(cfg.intermediate_size, "fc1")(x, deterministic))
-        return cfg.linear(cfg.hidden_size, "fc2")(h, deterministic)
+        return feed_forward(self.cfg, x, ("fc1", "fc2"), ACTIVATIONS[self.cfg.hidden_act], deterministic)
 
 
 class ViTBlock(nn.Module):
