@@ -41,7 +41,7 @@ from jaxtune.models.layers import (
     SUPPORTED_ROPE_TYPES,
     Array,
     Embed,
-    Linear,
+    LinearBuilder,
     PartitionRules,
     RMSNorm,
     hf_architecture,
@@ -76,7 +76,7 @@ UNROLL_AUTO_LAYERS = 8
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(LinearBuilder):
     """Everything that shapes a decoder. Hashable, so it can sit on a linen module."""
 
     vocab_size: int
@@ -131,10 +131,6 @@ class DecoderConfig:
         )
         fields.update(overrides)
         return cls(**fields)
-
-    @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
 
     def mlp_activation(self, x: Array) -> Array:
         """The gate's activation: silu (SwiGLU) in the Llama family."""
@@ -265,15 +261,10 @@ class Attention(nn.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, t, _ = x.shape
 
-        def proj(name: str, heads: int, bias: bool) -> Linear:
-            return Linear(heads * cfg.head_dim, use_bias=bias, dtype=dt, param_dtype=cfg.param_dtype,
-                          adapter_dropout=cfg.adapter_dropout, name=name)
+        def heads(name: str, n: int) -> Array:
+            return cfg.linear(n * cfg.head_dim, name, cfg.qkv_bias)(x, deterministic).reshape(b, t, n, cfg.head_dim)
 
-        q = proj("q_proj", cfg.num_heads, cfg.qkv_bias)(x, deterministic).reshape(b, t, cfg.num_heads, cfg.head_dim)
-        k = proj("k_proj", cfg.num_kv_heads, cfg.qkv_bias)(x, deterministic).reshape(
-            b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = proj("v_proj", cfg.num_kv_heads, cfg.qkv_bias)(x, deterministic).reshape(
-            b, t, cfg.num_kv_heads, cfg.head_dim)
+        q, k, v = heads("q_proj", cfg.num_heads), heads("k_proj", cfg.num_kv_heads), heads("v_proj", cfg.num_kv_heads)
         if cfg.qk_norm:
             # Per head (Qwen3: a (head_dim,) gain) or over the whole projection (OLMo 2: (heads * head_dim,)).
             # OLMo 2's norms also multiply their gain in float32 (RMSNorm.gain_in_float32).
@@ -283,8 +274,7 @@ class Attention(nn.Module):
             k = RMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, gain_in_float32=whole, name="k_norm")(
                 k.reshape(b, t, -1) if whole else k).reshape(k.shape)
         out, kv = rope_attend(self, cfg, q, k, v, positions, segment_ids, self.window, cache, deterministic)
-        out = Linear(cfg.hidden_size, use_bias=cfg.o_bias, dtype=dt, param_dtype=cfg.param_dtype,
-                     adapter_dropout=cfg.adapter_dropout, name="o_proj")(out, deterministic)
+        out = cfg.linear(cfg.hidden_size, "o_proj", cfg.o_bias)(out, deterministic)
         return out if cache is None else (out, kv)
 
 
@@ -297,14 +287,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.cfg
-
-        def proj(name: str, features: int) -> Linear:
-            return Linear(features, use_bias=cfg.mlp_bias, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-                          adapter_dropout=cfg.adapter_dropout, name=name)
-
-        gate = proj("gate_proj", cfg.intermediate_size)(x, deterministic)
-        up = proj("up_proj", cfg.intermediate_size)(x, deterministic)
-        return proj("down_proj", cfg.hidden_size)(cfg.mlp_activation(gate) * up, deterministic)
+        gate = cfg.linear(cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x, deterministic)
+        up = cfg.linear(cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x, deterministic)
+        return cfg.linear(cfg.hidden_size, "down_proj", cfg.mlp_bias)(cfg.mlp_activation(gate) * up, deterministic)
 
 
 class DecoderBlock(nn.Module):
@@ -403,8 +388,7 @@ class Decoder(nn.Module):
         self.layers = self._layer_modules()
         self.norm = self.norm_class(cfg.rms_norm_eps, dt, cfg.param_dtype)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.vocab_size, dtype=dt, param_dtype=cfg.param_dtype,
-                                  adapter_dropout=cfg.adapter_dropout)
+            self.lm_head = cfg.linear(cfg.vocab_size, bias=False)
 
     def _layer_modules(self) -> dict[str, nn.Module] | list[nn.Module]:
         """The blocks (``block_class``), for :meth:`_stack`: one scan per run of layers, or one module per layer."""
@@ -519,8 +503,7 @@ class DecoderClassifier(nn.Module):
     def setup(self) -> None:
         self.body = self.body_class(self.cfg)
         nn.share_scope(self, self.body)
-        self.score = Linear(self.cfg.num_labels, dtype=self.cfg.compute_dtype, param_dtype=self.cfg.param_dtype,
-                            adapter_dropout=self.cfg.adapter_dropout)
+        self.score = self.cfg.linear(self.cfg.num_labels, bias=False)
 
     def __call__(
         self,

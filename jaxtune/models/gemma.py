@@ -42,7 +42,6 @@ from jaxtune.models.layers import (
     SUPPORTED_ROPE_TYPES,
     Array,
     Dtype,
-    Linear,
     PartitionRules,
     hf_architecture,
     partition_rules,
@@ -217,12 +216,8 @@ class GemmaAttention(nn.Module):
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, t, _ = x.shape
 
-        def proj(name: str, features: int, bias: bool) -> Linear:
-            return Linear(features, use_bias=bias, dtype=dt, param_dtype=cfg.param_dtype,
-                          adapter_dropout=cfg.adapter_dropout, name=name)
-
         def heads(name: str, n: int) -> Array:
-            return proj(name, n * cfg.head_dim, cfg.qkv_bias)(x, deterministic).reshape(b, t, n, cfg.head_dim)
+            return cfg.linear(n * cfg.head_dim, name, cfg.qkv_bias)(x, deterministic).reshape(b, t, n, cfg.head_dim)
 
         q, k, v = heads("q_proj", cfg.num_heads), heads("k_proj", cfg.num_kv_heads), heads("v_proj", cfg.num_kv_heads)
         if cfg.qk_norm:
@@ -233,7 +228,7 @@ class GemmaAttention(nn.Module):
         out, kv = rope_attend(self, cfg, q, k, v, positions, segment_ids, self.window, cache, deterministic,
                               rope=(theta, scaling), scale=(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5,
                               logit_cap=cfg.attn_logit_softcapping)
-        out = proj("o_proj", cfg.hidden_size, cfg.o_bias)(out, deterministic)
+        out = cfg.linear(cfg.hidden_size, "o_proj", cfg.o_bias)(out, deterministic)
         return out if cache is None else (out, kv)
 
 

@@ -38,7 +38,6 @@ from jaxtune.models.layers import (
     Array,
     Embed,
     LayerNorm,
-    ModuleBuilders,
     PartitionRules,
     attention_dropout_key,
     feed_forward,
@@ -54,7 +53,7 @@ _CONV1D = ("c_attn", "c_proj", "c_fc")
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config(DecoderConfig, ModuleBuilders):
+class GPT2Config(DecoderConfig):
     """:class:`DecoderConfig` with GPT-2's own fields; ``rms_norm_eps`` holds ``layer_norm_epsilon``
     (the final norm is built from it as in every decoder), ``num_kv_heads == num_heads``."""
 

@@ -44,7 +44,6 @@ from jaxtune.models.layers import (
     QUANTIZED_PARTS,
     Array,
     LayerNorm,
-    ModuleBuilders,
     PartitionRules,
     feed_forward,
     hf_architecture,
@@ -65,7 +64,7 @@ _DEFAULT_ROTARY_BASE = 10000.0
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTNeoXConfig(DecoderConfig, ModuleBuilders):
+class GPTNeoXConfig(DecoderConfig):
     """:class:`DecoderConfig` with GPT-NeoX's own fields; ``rms_norm_eps`` holds ``layer_norm_eps`` (every
     LayerNorm's), ``qkv_bias``/``o_bias`` ``attention_bias``, ``num_kv_heads == num_heads``, and
     ``rope_scaling`` the rope dict (always kept: it carries ``partial_rotary_factor``)."""

@@ -1,7 +1,8 @@
 """Building blocks shared by the model families: linear (with optional adapter leaves),
-norms, the config mixins that build them (:class:`ModuleBuilders`, and :class:`ImageInputs` for image
-families), the two-layer MLP (:func:`feed_forward`), block rematerialisation, rotary embeddings and
-pooling. Attention (masks, soft-capping, the kernels by backend) is :mod:`jaxtune.models.attention`, re-exported here.
+norms, the config mixins that build them (:class:`LinearBuilder`, :class:`ModuleBuilders`, and
+:class:`ImageInputs` for image families), the two-layer MLP (:func:`feed_forward`), block
+rematerialisation, rotary embeddings and pooling. Attention (masks, soft-capping, the kernels by
+backend) is :mod:`jaxtune.models.attention`, re-exported here.
 
 Every block is a Flax linen module or a pure function, so a model is a pure function of a
 parameter pytree. Parameter leaf names follow one rule that the checkpoint I/O relies on:
@@ -197,10 +198,9 @@ class Embed(nn.Module):
         return out.reshape(*lead, self.num_embeddings)
 
 
-class ModuleBuilders:
+class LinearBuilder:
     """Mixin (no fields) for a family's frozen config dataclass: the compute dtype and the
-    :class:`Linear` / :class:`LayerNorm` its modules build, from the config's ``dtype``,
-    ``param_dtype``, ``adapter_dropout`` and ``layer_norm_eps``."""
+    :class:`Linear` its modules build, from the config's ``dtype``, ``param_dtype`` and ``adapter_dropout``."""
 
     @property
     def compute_dtype(self) -> Any:
@@ -210,6 +210,11 @@ class ModuleBuilders:
         """A :class:`Linear` to ``features`` in the compute dtype (with a ``bias`` unless told not)."""
         return Linear(features, use_bias=bias, dtype=self.compute_dtype, param_dtype=self.param_dtype,
                       adapter_dropout=self.adapter_dropout, name=name)
+
+
+class ModuleBuilders(LinearBuilder):
+    """:class:`LinearBuilder` and the :class:`LayerNorm` a family's modules build, with the config's
+    ``layer_norm_eps``."""
 
     def layer_norm(self, name: str | None = None) -> LayerNorm:
         """A :class:`LayerNorm` with the config's ``layer_norm_eps``, in the compute dtype."""
@@ -225,7 +230,7 @@ class ImageInputs:
         return (jnp.zeros((1, self.num_channels, self.image_size, self.image_size), jnp.float32),)
 
 
-def feed_forward(cfg: ModuleBuilders, x: Array, names: tuple[str, str], activation: Any,
+def feed_forward(cfg: LinearBuilder, x: Array, names: tuple[str, str], activation: Any,
                  deterministic: bool) -> Array:
     """The two-layer MLP ``names[1](activation(names[0](x)))``: ``x`` ``(..., D)`` -> ``(..., cfg.intermediate_size)``
     -> ``(..., D)``, both linears built by ``cfg.linear`` (with biases). Called from a module's compact

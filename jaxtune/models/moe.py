@@ -47,7 +47,6 @@ from jaxtune.models.layers import (
     LORA_SCALE,
     QUANTIZED_PARTS,
     Array,
-    Linear,
     PartitionRules,
     hf_architecture,
     remat_block,
@@ -191,8 +190,7 @@ class SparseMoe(nn.Module):
                                        1.0 - cfg.router_jitter_noise, 1.0 + cfg.router_jitter_noise)
             x = (x * noise).astype(x.dtype)
         flat = x.reshape(-1, d)
-        logits = Linear(e, dtype=dt, param_dtype=cfg.param_dtype, adapter_dropout=cfg.adapter_dropout,
-                        name="gate")(flat, deterministic)
+        logits = cfg.linear(e, "gate", bias=False)(flat, deterministic)
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # (N, E)
         weights, chosen = jax.lax.top_k(probs, k)  # (N, k)
         if cfg.norm_topk_prob:
@@ -206,8 +204,7 @@ class SparseMoe(nn.Module):
         if cfg.shared_expert_intermediate_size:
             shared_cfg = dataclasses.replace(cfg, intermediate_size=cfg.shared_expert_intermediate_size)
             shared = MLP(shared_cfg, name="shared_expert")(flat, deterministic)
-            gate = Linear(1, dtype=dt, param_dtype=cfg.param_dtype, adapter_dropout=cfg.adapter_dropout,
-                          name="shared_expert_gate")(flat, deterministic)
+            gate = cfg.linear(1, "shared_expert_gate", bias=False)(flat, deterministic)
             out = out + jax.nn.sigmoid(gate) * shared
         mask = jnp.ones((b * t,), jnp.float32) if real is None else (real.reshape(-1) != 0).astype(jnp.float32)
         self.sow(AUX, _COUNTS, jnp.einsum("n,nke->e", mask, jax.nn.one_hot(chosen, e, dtype=jnp.float32)))

@@ -41,7 +41,6 @@ from jaxtune.models.dropout import Dropout
 from jaxtune.models.kv_cache import LayerCache, rope_attend
 from jaxtune.models.layers import (
     Array,
-    Linear,
     PartitionRules,
     RMSNorm,
     hf_architecture,
@@ -89,10 +88,6 @@ class Phi3Config(DecoderConfig):
         rope_inverse_frequencies(fields["head_dim"], fields["rope_theta"], dict(cfg.rope_scaling or ()))
         return cfg
 
-    def linear(self, features: int, name: str) -> Linear:
-        return Linear(features, dtype=self.compute_dtype, param_dtype=self.param_dtype,
-                      adapter_dropout=self.adapter_dropout, name=name)
-
 
 class Phi3Attention(nn.Module):
     """``self_attn``: fused ``qkv_proj`` split into q ``(B, T, N, H)``, k and v ``(B, T, K, H)``, RoPE, causal
@@ -107,12 +102,12 @@ class Phi3Attention(nn.Module):
         cfg = self.cfg
         b, t, _ = x.shape
         n, kv, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        qkv = cfg.linear((n + 2 * kv) * h, "qkv_proj")(x, deterministic)
+        qkv = cfg.linear((n + 2 * kv) * h, "qkv_proj", bias=False)(x, deterministic)
         q = qkv[..., :n * h].reshape(b, t, n, h)
         k = qkv[..., n * h:(n + kv) * h].reshape(b, t, kv, h)
         v = qkv[..., (n + kv) * h:].reshape(b, t, kv, h)
         out, new_kv = rope_attend(self, cfg, q, k, v, positions, segment_ids, self.window, cache, deterministic)
-        out = cfg.linear(cfg.hidden_size, "o_proj")(out, deterministic)
+        out = cfg.linear(cfg.hidden_size, "o_proj", bias=False)(out, deterministic)
         return out if cache is None else (out, new_kv)
 
 
@@ -124,8 +119,9 @@ class Phi3MLP(nn.Module):
     @nn.compact
     def __call__(self, x: Array, deterministic: bool) -> Array:
         cfg = self.cfg
-        gate, up = jnp.split(cfg.linear(2 * cfg.intermediate_size, "gate_up_proj")(x, deterministic), 2, axis=-1)
-        return cfg.linear(cfg.hidden_size, "down_proj")(nn.silu(gate) * up, deterministic)
+        gate_up = cfg.linear(2 * cfg.intermediate_size, "gate_up_proj", bias=False)(x, deterministic)
+        gate, up = jnp.split(gate_up, 2, axis=-1)
+        return cfg.linear(cfg.hidden_size, "down_proj", bias=False)(nn.silu(gate) * up, deterministic)
 
 
 class Phi3Block(nn.Module):
