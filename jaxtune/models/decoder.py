@@ -243,6 +243,18 @@ def layer_windows(hf: dict[str, Any], arch: str) -> tuple[int | None, ...]:
     return tuple(window if t == "sliding_attention" else None for t in types)
 
 
+def project_heads(cfg: DecoderConfig, x: Array, deterministic: bool) -> tuple[Array, Array, Array]:
+    """``q_proj``/``k_proj``/``v_proj`` of ``x`` ``(B, T, D)`` split into heads: q ``(B, T, N, H)``, k and v
+    ``(B, T, K, H)``, with biases where ``cfg.qkv_bias`` says. Called from an attention module's compact
+    ``__call__``, so the three projections are that module's children (``self_attn/q_proj``)."""
+    b, t, _ = x.shape
+
+    def heads(name: str, n: int) -> Array:
+        return cfg.linear(n * cfg.head_dim, name, cfg.qkv_bias)(x, deterministic).reshape(b, t, n, cfg.head_dim)
+
+    return heads("q_proj", cfg.num_heads), heads("k_proj", cfg.num_kv_heads), heads("v_proj", cfg.num_kv_heads)
+
+
 class Attention(nn.Module):
     """Grouped-query self-attention with RoPE (and Qwen3's per-head q/k RMSNorm).
 
@@ -260,11 +272,7 @@ class Attention(nn.Module):
     ) -> Array | tuple[Array, tuple[Array, Array]]:
         cfg, dt = self.cfg, self.cfg.compute_dtype
         b, t, _ = x.shape
-
-        def heads(name: str, n: int) -> Array:
-            return cfg.linear(n * cfg.head_dim, name, cfg.qkv_bias)(x, deterministic).reshape(b, t, n, cfg.head_dim)
-
-        q, k, v = heads("q_proj", cfg.num_heads), heads("k_proj", cfg.num_kv_heads), heads("v_proj", cfg.num_kv_heads)
+        q, k, v = project_heads(cfg, x, deterministic)
         if cfg.qk_norm:
             # Per head (Qwen3: a (head_dim,) gain) or over the whole projection (OLMo 2: (heads * head_dim,)).
             # OLMo 2's norms also multiply their gain in float32 (RMSNorm.gain_in_float32).

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfig
+from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfig, project_heads
 from jaxtune.models.kv_cache import LayerCache, rope_attend
 from jaxtune.models.layers import (
     QUANTIZED_PARTS,
@@ -214,12 +214,7 @@ class GemmaAttention(nn.Module):
         cache: LayerCache | None = None,
     ) -> Array | tuple[Array, tuple[Array, Array]]:
         cfg, dt = self.cfg, self.cfg.compute_dtype
-        b, t, _ = x.shape
-
-        def heads(name: str, n: int) -> Array:
-            return cfg.linear(n * cfg.head_dim, name, cfg.qkv_bias)(x, deterministic).reshape(b, t, n, cfg.head_dim)
-
-        q, k, v = heads("q_proj", cfg.num_heads), heads("k_proj", cfg.num_kv_heads), heads("v_proj", cfg.num_kv_heads)
+        q, k, v = project_heads(cfg, x, deterministic)
         if cfg.qk_norm:
             q = GemmaRMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="q_norm")(q)
             k = GemmaRMSNorm(cfg.rms_norm_eps, dt, cfg.param_dtype, name="k_norm")(k)
