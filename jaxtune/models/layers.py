@@ -204,6 +204,7 @@ class LinearBuilder:
 
     @property
     def compute_dtype(self) -> Any:
+        """The config's ``dtype`` as a numpy dtype: what the family's modules compute in."""
         return jnp.dtype(self.dtype)
 
     def linear(self, features: int, name: str | None = None, bias: bool = True) -> Linear:
