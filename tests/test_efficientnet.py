@@ -535,3 +535,27 @@ def test_a_run_recalibrates_before_it_evaluates_and_saves_and_resumes_exactly(ti
     one_pass = iter(list(itertools.islice(iter(image_loader(train, spec, data, train=True)), 4)))
     with pytest.raises(ValueError, match=r"^train.recalibrate_batch_norm re-reads .* not a one-pass iterable"):
         run(tmp_path / "refused", 4, train_data=one_pass)
+
+
+def test_lora_dropout_on_the_head_drops_the_adapters_input_in_training(tiny):
+    """LoRA with ``dropout`` on a head's layer (here the loaded ImageNet classifier, the head's ``out``): the
+    head's Linears were built without the body config's ``adapter_dropout`` and called without ``deterministic``,
+    so the dropout was silently not applied, in every family. Now training drops the adapter's input, and only
+    that: with the adapter's B zero, training equals evaluation again."""
+    tuned = tuning.apply_plan(tiny, tuning.lora(rank=2, dropout=0.5, targets=["out"]))
+    assert tuned.config.adapter_dropout == 0.5
+    flat = flatten_dict(tuned.params)
+    (b_path,) = [p for p in flat if p[-1] == "lora_b"]
+    pixels = _image_batch(2)["pixel_values"]
+
+    def outputs(params: dict) -> tuple[np.ndarray, np.ndarray]:
+        train, evaluate = (np.asarray(tuned.module.apply({"params": params}, pixel_values=pixels, deterministic=d,
+                                                         rngs={"dropout": jax.random.key(0)})) for d in (False, True))
+        return train, evaluate
+
+    flat[b_path] = np.random.default_rng(0).normal(size=flat[b_path].shape).astype(np.float32)
+    train, evaluate = outputs(unflatten_dict(flat))
+    assert np.abs(train - evaluate).max() > 1e-3
+    flat[b_path] = np.zeros_like(flat[b_path])
+    train, evaluate = outputs(unflatten_dict(flat))
+    np.testing.assert_allclose(train, evaluate, atol=1e-6)

@@ -19,6 +19,7 @@ defaults are its family's classifier.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -131,10 +132,12 @@ class Head(nn.Module):
         # Fresh blocks of the body's family (causal for decoders), initialised like HF's.
         self.block = [DecoderBlock(cfg, None) if decoder else EncoderBlock(cfg) for _ in range(spec.extra_blocks)]
         dt = cfg.compute_dtype
-        self.dense = [Linear(w, use_bias=spec.dense_bias, dtype=dt, param_dtype=jnp.float32) for w in spec.hidden]
+        # adapter_dropout: a plan may put LoRA on the head's layers (a loaded classifier's), and its dropout with it
+        linear = functools.partial(Linear, dtype=dt, param_dtype=jnp.float32, adapter_dropout=cfg.adapter_dropout)
+        self.dense = [linear(w, use_bias=spec.dense_bias) for w in spec.hidden]
         self.norm = (None if spec.norm_eps is None
                      else LayerNorm(spec.norm_eps, dt, jnp.float32, use_bias=spec.norm_bias))
-        self.out = Linear(spec.num_outputs, use_bias=spec.bias, dtype=dt, param_dtype=jnp.float32)
+        self.out = linear(spec.num_outputs, use_bias=spec.bias)
         self.drop = Dropout(spec.dropout)
 
     def transform(self, hidden: Array, positions: Array | None, segment_ids: Array | None,
@@ -156,10 +159,10 @@ class Head(nn.Module):
         for i, dense in enumerate(self.dense):
             if i or self.spec.input_dropout:
                 x = self.drop(x, deterministic=deterministic)
-            x = ACTIVATIONS[self.spec.activation](dense(x))
+            x = ACTIVATIONS[self.spec.activation](dense(x, deterministic))
         if self.norm is not None:
             x = self.norm(x)
-        return self.out(self.drop(x, deterministic=deterministic))
+        return self.out(self.drop(x, deterministic=deterministic), deterministic)
 
     def _init_all(self, hidden: Array) -> Array:
         # Pooled as the head pools, so the first layer's width is right (``cls_mean`` doubles it).
