@@ -107,7 +107,7 @@ def _hf_generate(ref: torch.nn.Module, prompt: list[int], new: int) -> list[int]
 
 def test_greedy_generation_matches_transformers(phi3):
     """Batched prompts that stay within 16 tokens (short factors), then a 18-token prompt (long factors
-    throughout). A generation that crosses 16 differs by design: see layers.RopeFrequencies."""
+    throughout). A generation that crosses 16 differs by design: see rope.RopeFrequencies."""
     ref, model, _ = phi3
     ours = generate(model.module, model.params, PROMPTS, max_new_tokens=5, stop_token_ids=[], max_length=32)
     assert ours == [_hf_generate(ref, p, 5) for p in PROMPTS]

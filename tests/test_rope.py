@@ -22,8 +22,8 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from jaxtune.models import hf
 from jaxtune.models.decoder import DecoderConfig
 from jaxtune.models.generate import generate
-from jaxtune.models.layers import rope_inverse_frequencies
 from jaxtune.models.phi3 import Phi3Config
+from jaxtune.models.rope import rope_inverse_frequencies
 
 TOL = 1e-4
 HEADS = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2)  # head_dim 16: 8 frequencies

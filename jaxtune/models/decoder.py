@@ -38,7 +38,6 @@ from jaxtune.models import stacking
 from jaxtune.models.kv_cache import KVCache, LayerCache, rope_attend
 from jaxtune.models.layers import (
     QUANTIZED_PARTS,
-    SUPPORTED_ROPE_TYPES,
     Array,
     Embed,
     LinearBuilder,
@@ -48,9 +47,9 @@ from jaxtune.models.layers import (
     partition_rules,
     pool,
     remat_block,
-    rope_parameters,
     shard_rows,
 )
+from jaxtune.models.rope import SUPPORTED_ROPE_TYPES, rope_parameters
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
                  "SmolLM3ForCausalLM")

@@ -39,7 +39,6 @@ from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfi
 from jaxtune.models.kv_cache import LayerCache, rope_attend
 from jaxtune.models.layers import (
     QUANTIZED_PARTS,
-    SUPPORTED_ROPE_TYPES,
     Array,
     Dtype,
     PartitionRules,
@@ -47,6 +46,7 @@ from jaxtune.models.layers import (
     partition_rules,
     softcap,
 )
+from jaxtune.models.rope import SUPPORTED_ROPE_TYPES
 
 ARCHITECTURES = ("GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 MODEL_TYPES = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}

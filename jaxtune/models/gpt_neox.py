@@ -48,9 +48,8 @@ from jaxtune.models.layers import (
     feed_forward,
     hf_architecture,
     partition_rules,
-    rope_inverse_frequencies,
-    rope_parameters,
 )
+from jaxtune.models.rope import rope_inverse_frequencies, rope_parameters
 
 ARCHITECTURES = ("GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification")
 MODEL_TYPES = {"gpt_neox": "GPTNeoXForCausalLM"}

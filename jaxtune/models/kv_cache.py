@@ -18,11 +18,10 @@ import jax.numpy as jnp
 
 from jaxtune.models.layers import (
     Array,
-    apply_rope,
     attention_dropout_key,
     dot_product_attention,
-    rope_inverse_frequencies,
 )
+from jaxtune.models.rope import apply_rope, rope_inverse_frequencies
 
 if TYPE_CHECKING:  # the config's module imports this one
     from jaxtune.models.decoder import DecoderConfig

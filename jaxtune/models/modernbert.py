@@ -38,21 +38,19 @@ import jax.numpy as jnp
 from jaxtune.models.dropout import Dropout
 from jaxtune.models.encoder import ACTIVATIONS
 from jaxtune.models.layers import (
-    SUPPORTED_ROPE_TYPES,
     Array,
     ClassifierLayout,
     Embed,
     LayerNorm,
     ModuleBuilders,
     PartitionRules,
-    apply_rope,
     attention_dropout_key,
     dot_product_attention,
     hf_architecture,
     partition_rules,
     pool,
-    rope_inverse_frequencies,
 )
+from jaxtune.models.rope import SUPPORTED_ROPE_TYPES, apply_rope, rope_inverse_frequencies
 
 ARCHITECTURES = ("ModernBertModel", "ModernBertForSequenceClassification")
 CLASSIFIERS = ("ModernBertForSequenceClassification",)

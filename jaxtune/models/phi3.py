@@ -45,8 +45,8 @@ from jaxtune.models.layers import (
     RMSNorm,
     hf_architecture,
     partition_rules,
-    rope_inverse_frequencies,
 )
+from jaxtune.models.rope import rope_inverse_frequencies
 
 ARCHITECTURES = ("Phi3ForCausalLM", "Phi3ForSequenceClassification")
 MODEL_TYPES = {"phi3": "Phi3ForCausalLM"}
