@@ -291,6 +291,12 @@ def test_config_layouts_and_refusals():
         GPTNeoXConfig.from_hf({**v5, "rope_parameters": {"rope_type": "mrope"}})
     with pytest.raises(ValueError, match="head_dim 32 is not hidden_size / num_attention_heads"):
         GPTNeoXConfig.from_hf({**v5, "head_dim": 32})
+    # Overrides are checked as config.json's values are: 4 longrope factors fit head_dim 16 at 0.5, not 32.
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "partial_rotary_factor": 0.5, "short_factor": [1.0] * 4,
+                "long_factor": [1.0] * 4, "original_max_position_embeddings": 16}
+    assert GPTNeoXConfig.from_hf({**v5, "rope_parameters": longrope}).head_dim == 16
+    with pytest.raises(ValueError, match="short_factor has 4 entries"):
+        GPTNeoXConfig.from_hf({**v5, "rope_parameters": longrope}, head_dim=32)
 
 
 def test_older_checkpoint_layouts_load(neox, tmp_path):

@@ -194,6 +194,9 @@ def test_config_layouts_and_refusals():
         Phi3Config.from_hf({**v5, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
     with pytest.raises(ValueError, match="hidden_act 'gelu' is not supported by Phi-3"):
         Phi3Config.from_hf({**v5, "hidden_act": "gelu"})
+    # Overrides are checked as config.json's values are: longrope's 6 factors fit head_dim 16 at 0.75, not 32.
+    with pytest.raises(ValueError, match="short_factor"):
+        Phi3Config.from_hf(v5, head_dim=32)
 
 
 def test_a_head_dim_set_in_config_json_is_read(tmp_path):

@@ -119,7 +119,8 @@ class GPTNeoXConfig(DecoderConfig):
         )
         fields.update(overrides)
         cfg = cls(**fields)
-        rope_inverse_frequencies(head_dim, theta, dict(cfg.rope_scaling or ()))  # a bad rope dict fails here
+        # A bad rope dict fails here, checked against the config built (overrides included).
+        rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
         return cfg
 
     def layer_norm(self, name: str | None = None) -> LayerNorm:

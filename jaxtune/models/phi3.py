@@ -84,8 +84,8 @@ class Phi3Config(DecoderConfig):
             dropout=float(hf.get("resid_pdrop", 0.0)),
         )
         cfg = cls(**{**fields, **overrides})
-        # A bad rope dict fails here.
-        rope_inverse_frequencies(fields["head_dim"], fields["rope_theta"], dict(cfg.rope_scaling or ()))
+        # A bad rope dict fails here, checked against the head width and base of the config built (overrides included).
+        rope_inverse_frequencies(cfg.head_dim, cfg.rope_theta, dict(cfg.rope_scaling or ()))
         return cfg
 
 
