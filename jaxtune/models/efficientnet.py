@@ -59,7 +59,7 @@ from jaxtune.models.layers import (
     Array,
     ClassifierLayout,
     ImageInputs,
-    Linear,
+    LinearBuilder,
     PartitionRules,
     hf_architecture,
     partition_rules,
@@ -76,7 +76,7 @@ STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 
 
 
 @dataclasses.dataclass(frozen=True)
-class EfficientNetConfig(ImageInputs):
+class EfficientNetConfig(LinearBuilder, ImageInputs):
     """The shape of an EfficientNet-Lite. Hashable, so it can sit on a linen module."""
 
     modality: ClassVar[str] = "image"
@@ -115,10 +115,6 @@ class EfficientNetConfig(ImageInputs):
     def classifier_dropout(self) -> float:
         """The dropout before ``fc``, as the reference applies it."""
         return self.hidden_dropout
-
-    @property
-    def compute_dtype(self) -> Any:
-        return jnp.dtype(self.dtype)
 
     @property
     def hidden_size(self) -> int:
@@ -302,8 +298,7 @@ class EfficientNetLite(nn.Module):
         if not cfg.include_top:
             return tokens
         pooled = Dropout(cfg.hidden_dropout)(tokens.mean(axis=1), deterministic=deterministic)
-        return Linear(cfg.num_labels, use_bias=True, dtype=cfg.compute_dtype, param_dtype=cfg.param_dtype,
-                      name="fc")(pooled, deterministic)
+        return cfg.linear(cfg.num_labels, "fc")(pooled, deterministic)
 
 
 
