@@ -1,7 +1,7 @@
 """``*ForSequenceClassification`` of every decoder family beside Llama/Qwen2 (tested in
-test_adapter_exactness): a transformers checkpoint loads into jaxtune with equal logits, and after a
-LoRA is merged it goes back to transformers, which runs it on a padded batch of 2 with equal logits,
-and back into jaxtune again. fp32, within 1e-4.
+test_adapter_exactness), the mixture-of-experts ones included: a transformers checkpoint loads into
+jaxtune with equal logits, and after a LoRA is merged it goes back to transformers, which runs it on a
+padded batch of 2 with equal logits, and back into jaxtune again. fp32, within 1e-4.
 
 The checkpoints have no ``pad_token_id`` (transformers then cannot pool a padded batch), so the
 export must add one (the eos id, as for Llama): the padded batch in transformers checks that too.
@@ -27,6 +27,7 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=None,
             num_labels=3)
 WINDOW = 4  # shorter than the inputs, so the sliding layers matter
+MOE = dict(hidden_size=32, intermediate_size=48, num_experts_per_tok=2)  # with 4 experts
 # classifier -> (its config class, config overrides)
 CASES = {
     "GemmaForSequenceClassification": ("GemmaConfig", dict(num_key_value_heads=1)),
@@ -38,6 +39,11 @@ CASES = {
     "MistralForSequenceClassification": ("MistralConfig", dict(sliding_window=WINDOW)),
     "Olmo2ForSequenceClassification": ("Olmo2Config", dict()),
     "SmolLM3ForSequenceClassification": ("SmolLM3Config", dict(no_rope_layer_interval=2)),
+    "MixtralForSequenceClassification": ("MixtralConfig", dict(MOE, num_local_experts=4, sliding_window=WINDOW)),
+    # A shared expert and a dense layer; Qwen3-MoE: q/k norms.
+    "Qwen2MoeForSequenceClassification": ("Qwen2MoeConfig", dict(
+        MOE, num_experts=4, moe_intermediate_size=24, shared_expert_intermediate_size=40, mlp_only_layers=[1])),
+    "Qwen3MoeForSequenceClassification": ("Qwen3MoeConfig", dict(MOE, num_experts=4, moe_intermediate_size=24)),
 }
 
 

@@ -1,6 +1,8 @@
 """Mixture-of-experts decoders (Mixtral, Qwen2-MoE, Qwen3-MoE) against transformers, fp32, within 1e-4:
 logits on padded and packed inputs, greedy KV-cache generation, the router's load-balancing loss in the
-train loss, plans on the router and experts with their exports, and expert parallelism on 8 devices.
+train loss, plans on the router and experts with their exports, a classification head's exports as the
+family's ``*ForSequenceClassification``, and expert parallelism on 8 devices (the classifier checkpoints'
+loading is in test_decoder_classifiers).
 
 The tiny random models get weights far from HF's init (projections and routers of std 0.1, norm gains
 1 +- 0.5), so that routing differs token by token and the top-k choice is never a tie.
@@ -18,9 +20,9 @@ import pytest
 import torch
 import transformers
 from flax.traverse_util import flatten_dict, unflatten_dict
-from helpers import tiny_random_model
+from helpers import tiny_random_model, torch_logits
 from test_train_engine import Planned, _run, lm_batch
-from test_tuning_lora import randomize_adapters
+from test_tuning_lora import forward, randomize_adapters
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
 
 from jaxtune import tuning
@@ -35,8 +37,9 @@ from jaxtune.training.step import make_loss_fn
 from jaxtune.tuning import ExportError
 
 TOL = 1e-4
+# pad_token_id 0, which test_tuning_peft's IDS pad with: transformers' classifiers pool on the last other token.
 TINY = dict(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256)
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0)
 WINDOW = 4
 CASES = {
     # Mistral attention with a sliding window, softmax -> top-2 -> renormalised.
@@ -234,6 +237,31 @@ def test_plans_on_router_and_experts_and_their_exports(mixtral, tmp_path):
     ours = np.asarray(tuned.module.apply({"params": params}, input_ids=IDS, segment_ids=MASK))
     base = transformers.AutoModelForCausalLM.from_pretrained(root / "mixtral").eval()
     assert_real_tokens_close(ours, _hf_logits(peft.PeftModel.from_pretrained(base, adapter).eval()))
+
+
+def test_classification_head_exports_as_the_family_classifier(pair, tmp_path):
+    """A MoE body with the default classification head (a bias-free score on the last real token) and attention
+    LoRA exports as its family's *ForSequenceClassification: a merged directory that transformers and jaxtune
+    load, and a PEFT adapter that peft loads onto that class, each with jaxtune's logits on a padded batch."""
+    ref, _, path = pair
+    classifier = type(ref).__name__.replace("ForCausalLM", "ForSequenceClassification")
+    plan = tuning.lora(rank=2, kinds=["attention"]) + tuning.head("classification", num_labels=3)
+    tuned, params = trained(path.parent, path.name, plan)
+    assert tuned.hf_architecture == classifier
+    ours = np.asarray(forward(tuned.module, params, IDS, MASK))
+    merged = tuning.export_merged(tuned, tmp_path / "merged", params=params)
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(merged).eval()
+    assert type(reloaded).__name__ == classifier
+    np.testing.assert_allclose(torch_logits(reloaded, IDS, attention_mask=MASK), ours, atol=TOL, rtol=0)
+    back = hf.load_pretrained(merged)
+    assert back.architecture == classifier
+    np.testing.assert_allclose(np.asarray(forward(back.module, back.params, IDS, MASK)), ours, atol=TOL, rtol=0)
+
+    adapter = tuning.export_peft(tuned, tmp_path / "peft", params=params)
+    assert json.loads((adapter / "adapter_config.json").read_text())["modules_to_save"] == ["score"]
+    base = getattr(transformers, classifier).from_pretrained(path, num_labels=3).eval()
+    made = peft.PeftModel.from_pretrained(base, adapter).eval()
+    np.testing.assert_allclose(torch_logits(made, IDS, attention_mask=MASK), ours, atol=TOL, rtol=0)
 
 
 def test_expert_parallel_run_equals_one_device(mixtral):

@@ -154,9 +154,13 @@ FAMILIES: dict[str, Family] = {
     "Olmo2ForSequenceClassification": Family(olmo2.config_from_hf, olmo2.Olmo2Classifier, decoder.hf_module,
                                              decoder.PARTITION_RULES, body=olmo2.Olmo2, name="OLMo 2",
                                              base="Olmo2ForCausalLM", classifier="Olmo2ForSequenceClassification"),
-    **{a: Family(moe.MoeConfig.from_hf, moe.MoeDecoder, decoder.hf_module, moe.PARTITION_RULES, name=_LLAMA_NAMES[a],
-                 checkpoint_name=moe.checkpoint_name, expert_tensor=moe.expert_tensor(a), gguf=_GGUF.get(a))
-       for a in moe.ARCHITECTURES},
+    # A MoE classifier is its causal LM's body (experts named as the LM's) with the decoder family's score head.
+    **{a: Family(moe.MoeConfig.from_hf, moe.MoeClassifier if a != lm else moe.MoeDecoder, decoder.hf_module,
+                 moe.PARTITION_RULES, body=moe.MoeDecoder if a != lm else None, name=_LLAMA_NAMES[lm],
+                 base=lm if a != lm else None, classifier=lm.replace("ForCausalLM", "ForSequenceClassification"),
+                 checkpoint_name=moe.checkpoint_name, expert_tensor=moe.expert_tensor(lm),
+                 gguf=_GGUF.get(a))
+       for a, lm in {**{lm: lm for lm in moe.ARCHITECTURES}, **moe.CLASSIFIERS}.items()},
     **{a: Family(gpt2.GPT2Config.from_hf, gpt2.GPT2 if a == "GPT2LMHeadModel" else gpt2.GPT2Classifier,
                  gpt2.hf_module, gpt2.PARTITION_RULES, body=None if a == "GPT2LMHeadModel" else gpt2.GPT2,
                  name="GPT-2", base="GPT2LMHeadModel", classifier="GPT2ForSequenceClassification",

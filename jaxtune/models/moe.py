@@ -12,6 +12,9 @@ Qwen2MoeForCausalLM  softmax, top-k (``norm_topk_prob``  sigmoid-gated MLP  ``ml
 Qwen3MoeForCausalLM  as Qwen2-MoE                     no                    as Qwen2-MoE        Qwen3's (q/k norm)
 ===================  ===============================  ====================  ==================  ==========
 
+Their ``*ForSequenceClassification`` checkpoints load as :class:`MoeClassifier`: the decoder family's
+:class:`~jaxtune.models.decoder.DecoderClassifier` (a bias-free ``score`` on the last real token) over this body.
+
 The experts run as one grouped matmul (:func:`jax.lax.ragged_dot`) over the ``tokens x top_k`` copies
 sorted by expert: each expert multiplies exactly the rows routed to it, with no loop over experts and no
 dense all-experts compute.
@@ -40,7 +43,7 @@ import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
 from jaxtune.models import decoder, quant, stacking
-from jaxtune.models.decoder import AUX, AUX_LOSS, MLP, Decoder, DecoderBlock, DecoderConfig
+from jaxtune.models.decoder import AUX, AUX_LOSS, MLP, Decoder, DecoderBlock, DecoderClassifier, DecoderConfig
 from jaxtune.models.layers import (
     LORA_A,
     LORA_B,
@@ -54,6 +57,8 @@ from jaxtune.models.layers import (
 )
 
 ARCHITECTURES = ("MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM")
+# Sequence classifiers: the same body (its switches are its causal-LM sibling's) with a ``score`` head.
+CLASSIFIERS = {a.replace("ForCausalLM", "ForSequenceClassification"): a for a in ARCHITECTURES}
 MODEL_TYPES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM"}
 # The dense sibling whose attention, norms and RoPE each family shares.
 _DENSE = {"MixtralForCausalLM": "MistralForCausalLM", "Qwen2MoeForCausalLM": "Qwen2ForCausalLM",
@@ -97,7 +102,8 @@ class MoeConfig(DecoderConfig):
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> MoeConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
-        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "a mixture-of-experts model jaxtune supports")
+        arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "a mixture-of-experts model jaxtune supports",
+                               CLASSIFIERS)
         n = hf["num_hidden_layers"]
         experts = hf.get("num_local_experts") or hf.get("num_experts") or 0
         if experts <= 0:
@@ -268,6 +274,14 @@ class MoeDecoder(Decoder):
         return out
 
 
+class MoeClassifier(DecoderClassifier):
+    """``*ForSequenceClassification`` of a MoE family: the :class:`MoeDecoder` body (which sows its router
+    loss in training as the causal LM does) and a bias-free ``score`` on the last real token."""
+
+    cfg: MoeConfig
+    body_class: ClassVar[type[Decoder]] = MoeDecoder
+
+
 def is_expert_kernel(path: tuple[str, ...]) -> bool:
     """Whether a (logical) param path is a stacked expert projection's ``kernel`` ``(E, in, out)``."""
     return len(path) >= 4 and path[-3] == "experts" and path[-2] in EXPERT_PROJECTIONS and path[-1] == "kernel"
@@ -275,8 +289,9 @@ def is_expert_kernel(path: tuple[str, ...]) -> bool:
 
 def expert_tensor(architecture: str):
     """``(param path, expert) -> checkpoint tensor name`` for the expert stacks of ``architecture``
-    (None for any other leaf): the checkpoint I/O reads and writes such a leaf one expert at a time."""
-    mixtral = architecture == "MixtralForCausalLM"
+    (None for any other leaf), a causal LM or its sequence classifier: the checkpoint I/O reads and writes
+    such a leaf one expert at a time."""
+    mixtral = CLASSIFIERS.get(architecture, architecture) == "MixtralForCausalLM"
     names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"} if mixtral else {}
 
     def name(path: tuple[str, ...], expert: int) -> str | None:
