@@ -242,8 +242,9 @@ def test_plans_on_router_and_experts_and_their_exports(mixtral, tmp_path):
 def test_classification_head_exports_as_the_family_classifier(pair, tmp_path):
     """A MoE body with the default classification head (a bias-free score on the last real token) and attention
     LoRA exports as its family's *ForSequenceClassification: a merged directory that transformers and jaxtune
-    load, and a PEFT adapter that peft loads onto that class, each with jaxtune's logits on a padded batch."""
-    ref, _, path = pair
+    load, and a PEFT adapter that peft loads onto that class and jaxtune back onto the body, each with jaxtune's
+    logits on a padded batch."""
+    ref, model, path = pair
     classifier = type(ref).__name__.replace("ForCausalLM", "ForSequenceClassification")
     plan = tuning.lora(rank=2, kinds=["attention"]) + tuning.head("classification", num_labels=3)
     tuned, params = trained(path.parent, path.name, plan)
@@ -262,6 +263,9 @@ def test_classification_head_exports_as_the_family_classifier(pair, tmp_path):
     base = getattr(transformers, classifier).from_pretrained(path, num_labels=3).eval()
     made = peft.PeftModel.from_pretrained(base, adapter).eval()
     np.testing.assert_allclose(torch_logits(made, IDS, attention_mask=MASK), ours, atol=TOL, rtol=0)
+    imported = tuning.load_peft(model, adapter)  # and back, to train on
+    assert imported.hf_architecture == classifier
+    np.testing.assert_allclose(np.asarray(forward(imported.module, imported.params, IDS, MASK)), ours, atol=TOL, rtol=0)
 
 
 def test_expert_parallel_run_equals_one_device(mixtral):
