@@ -64,6 +64,10 @@ def test_yaml_1_1_exponents_are_numbers(tmp_path):
     (["data.batch_size=0"], "data.batch_size: expected an integer >= 1, got 0"),
     (["train.epochs=2", "train.steps=3"], "give train.steps (3) or train.epochs (2.0), not both"),
     (["model.path=null"], "model.path: expected a string, got null"),
+    (["model.router_aux_loss_coef=-1e-3"], "model.router_aux_loss_coef: expected a number >= 0 (0: no router loss), "
+                                          "got -0.001; give the weight, or leave it out (null) to follow the model's "
+                                          "config.json"),
+    (["model.router_aux_loss_coef=lots"], "model.router_aux_loss_coef: expected a number or null, got 'lots'"),
     (["eval.best_metric=loss"],
      "eval.best_metric: 'loss' is tracked at each evaluation during training; set eval.every"),
     (["data.shuffle=false"], "data.shuffle: not a config field: set by the loader's role"),

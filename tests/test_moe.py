@@ -11,6 +11,9 @@ The tiny random models get weights far from HF's init (projections and routers o
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -19,16 +22,18 @@ import peft
 import pytest
 import torch
 import transformers
+import yaml
 from flax.traverse_util import flatten_dict, unflatten_dict
 from helpers import tiny_random_model, torch_logits
 from test_train_engine import Planned, _run, lm_batch
 from test_tuning_lora import forward, randomize_adapters
 from test_tuning_peft import IDS, MASK, assert_real_tokens_close, trained
 
-from jaxtune import tuning
+from jaxtune import config, tuning
 from jaxtune.models import hf, moe
 from jaxtune.models.decoder import AUX
 from jaxtune.models.generate import generate
+from jaxtune.models.load import LoadError, ModelConfig, load
 from jaxtune.training.losses import auxiliary_loss
 from jaxtune.training.preference import make_preference_loss_fn
 from jaxtune.training.preference_config import PreferenceConfig
@@ -137,36 +142,134 @@ def test_greedy_generation_matches_transformers(pair):
         assert got == out
 
 
-def test_router_loss_in_the_train_loss_equals_transformers(pair):
-    """The LM loss fn (the train step's) gives CE + router_aux_loss_coef * transformers' ``aux_loss`` with
-    ``output_router_logits=True``, its attention mask excluding the padding from the router statistics; an
-    evaluation (deterministic) reports the CE alone (it reported the sum: a perplexity ~4% high that moved
-    with the batching)."""
-    ref, model, _ = pair
-    ids = _ids((2, 10), seed=5)
-    mask = np.array([[1] * 10, [1] * 6 + [0] * 4], np.int32)
-    labels = np.where(mask == 1, ids, -100).astype(np.int64)  # torch's cross-entropy takes int64 targets
+def _with_config(path: Path, out: Path, **fields) -> Path:
+    """A copy of the model directory ``path`` at ``out`` with ``fields`` written into its config.json."""
+    shutil.copytree(path, out)
+    data = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**data, **fields}))
+    return out
+
+
+# Two rows, the second right-padded: the router statistics count only the real tokens.
+LM_IDS = _ids((2, 10), seed=5)
+LM_MASK = np.array([[1] * 10, [1] * 6 + [0] * 4], np.int32)
+
+
+def _transformers_lm(directory: Path, **kwargs) -> Any:
+    """transformers' causal-LM output (``loss``, ``aux_loss``) on LM_IDS with LM_MASK's real tokens as labels,
+    the model loaded from ``directory`` with ``kwargs`` as config fields."""
+    ref = transformers.AutoModelForCausalLM.from_pretrained(directory, **kwargs).eval()
+    labels = np.where(LM_MASK == 1, LM_IDS, -100).astype(np.int64)  # torch's cross-entropy takes int64 targets
     with torch.no_grad():
-        out = ref(torch.as_tensor(ids), attention_mask=torch.as_tensor(mask), labels=torch.as_tensor(labels),
-                  output_router_logits=True)
-    coef = model.config.router_aux_loss_coef
-    assert coef == ref.config.router_aux_loss_coef > 0
-    _, state = model.module.apply({"params": model.params}, ids, mask, method="hidden", mutable=[AUX])
-    np.testing.assert_allclose(float(auxiliary_loss(state)), coef * out.aux_loss.item(), rtol=1e-5)
-    targets = np.concatenate([ids[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
-    weights = (np.concatenate([mask[:, 1:], np.zeros((2, 1), np.int32)], axis=1) * mask).astype(np.float32)
-    batch = {"input_ids": ids, "targets": targets, "loss_weights": weights, "segment_ids": mask,
+        return ref(torch.as_tensor(LM_IDS), attention_mask=torch.as_tensor(LM_MASK), labels=torch.as_tensor(labels))
+
+
+def _lm_losses(model, modes: tuple[bool, ...] = (False, True)) -> tuple[float, ...]:
+    """The LM loss fn's (the train step's) mean loss on LM_IDS/LM_MASK for each of ``modes``
+    (``deterministic``: False trains, True evaluates)."""
+    targets = np.concatenate([LM_IDS[:, 1:], np.zeros((2, 1), np.int32)], axis=1)
+    weights = (np.concatenate([LM_MASK[:, 1:], np.zeros((2, 1), np.int32)], axis=1) * LM_MASK).astype(np.float32)
+    batch = {"input_ids": LM_IDS, "targets": targets, "loss_weights": weights, "segment_ids": LM_MASK,
              "positions": np.broadcast_to(np.arange(10, dtype=np.int32), (2, 10))}
-    total, weight, _ = make_loss_fn(model.module, "lm")(model.params, batch, jax.random.key(0), False)
-    np.testing.assert_allclose(float(total / weight), out.loss.item(), atol=1e-5, rtol=0)
-    evaluated, weight, _ = make_loss_fn(model.module, "lm")(model.params, batch, jax.random.key(0), True)
-    np.testing.assert_allclose(float(evaluated / weight), out.loss.item() - coef * out.aux_loss.item(), atol=1e-5)
+    loss_fn = make_loss_fn(model.module, "lm")
+    return tuple(float(total / weight) for total, weight, _ in
+                 (loss_fn(model.params, batch, jax.random.key(0), deterministic) for deterministic in modes))
+
+
+def test_train_loss_adds_the_router_loss_as_transformers_does(pair, tmp_path):
+    """The LM loss fn (the train step's) equals transformers' ``loss`` on the same batch from the same
+    config.json: the cross-entropy alone when its ``output_router_logits`` is false (the published Mixtral and
+    Qwen-MoE configs, transformers' default; jaxtune added the router loss anyway), and CE +
+    ``router_aux_loss_coef`` * ``aux_loss`` when true, the router statistics over the real tokens. An evaluation
+    reports the CE alone (it reported the sum: a perplexity ~4% high that moved with the batching)."""
+    _, _, path = pair
+    for flag in (False, True):
+        directory = _with_config(path, tmp_path / f"router-{flag}", output_router_logits=flag)
+        out, model = _transformers_lm(directory), hf.load_pretrained(directory)
+        assert (out.aux_loss is not None) == flag
+        losses = _lm_losses(model, (False, True) if flag else (False,))  # training, and evaluating
+        np.testing.assert_allclose(losses[0], out.loss.item(), atol=1e-6, rtol=0)
+        if not flag:
+            assert model.config.router_aux_loss_coef == 0
+            continue
+        coef = model.config.router_aux_loss_coef
+        assert coef == json.loads((directory / "config.json").read_text())["router_aux_loss_coef"] > 0
+        assert coef * out.aux_loss.item() > 100 * 1e-6  # not vacuous: the router term is above the tolerance
+        _, state = model.module.apply({"params": model.params}, LM_IDS, LM_MASK, method="hidden", mutable=[AUX])
+        np.testing.assert_allclose(float(auxiliary_loss(state)), coef * out.aux_loss.item(), rtol=1e-5)
+        np.testing.assert_allclose(losses[1], out.loss.item() - coef * out.aux_loss.item(), atol=1e-6, rtol=0)
+
+
+def test_model_router_aux_loss_coef_sets_the_weight_both_ways(mixtral, tmp_path):
+    """``model.router_aux_loss_coef`` (jaxtune.load's option, a recipe's field, a command-line override)
+    weighs the router loss whatever the config.json says: 0.02 on a config whose output_router_logits is false
+    trains transformers' loss with ``output_router_logits=True`` and that coefficient; 0 on one whose flag is
+    true trains the cross-entropy alone."""
+    _, root = mixtral
+    off = _with_config(root / "mixtral", tmp_path / "off", output_router_logits=False)
+    on = _with_config(root / "mixtral", tmp_path / "on", output_router_logits=True)
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(yaml.safe_dump({"model": {"path": str(off)}, "data": {"train": "t.jsonl", "kind": "chat"},
+                                      "plan": "lora"}))
+    from_recipe = config.load(recipe, ["model.router_aux_loss_coef=2e-2"]).model
+    assert from_recipe.router_aux_loss_coef == 0.02
+    want = _transformers_lm(off, output_router_logits=True, router_aux_loss_coef=0.02).loss.item()
+    assert abs(want - _transformers_lm(off).loss.item()) > 1e-4  # the coefficient matters
+    model = load(from_recipe)
+    assert model.config == load(str(off), router_aux_loss_coef=0.02).config  # the Python API's option alike
+    np.testing.assert_allclose(_lm_losses(model, (False,))[0], want, atol=1e-6, rtol=0)
+    want = _transformers_lm(on, output_router_logits=False).loss.item()
+    np.testing.assert_allclose(_lm_losses(load(str(on), router_aux_loss_coef=0), (False,))[0], want, atol=1e-6,
+                               rtol=0)
+    assert load(str(on)).config.router_aux_loss_coef > 0  # while the config's own flag adds it
+
+
+def test_a_head_on_a_moe_body_adds_the_router_loss_only_when_set(mixtral, tmp_path):
+    """A classification head on a MoE body trains its head loss alone, as transformers'
+    ``*ForSequenceClassification`` (whose loss never adds ``aux_loss``), even from a config.json whose
+    ``output_router_logits`` is true; a loaded ``*ForSequenceClassification`` config weighs it 0 too. Set by
+    ``model.router_aux_loss_coef``, it adds that weight times transformers' ``aux_loss`` over the real tokens."""
+    _, root = mixtral
+    directory = _with_config(root / "mixtral", tmp_path / "on", output_router_logits=True)
+    hf_config = json.loads((directory / "config.json").read_text())
+    classifier = moe.MoeConfig.from_hf({**hf_config, "architectures": ["MixtralForSequenceClassification"]})
+    assert classifier.router_aux_loss_coef == 0 and moe.MoeConfig.from_hf(hf_config).router_aux_loss_coef > 0
+    ref = transformers.AutoModelForCausalLM.from_pretrained(directory).eval()
+    with torch.no_grad():
+        aux = ref(torch.as_tensor(IDS), attention_mask=torch.as_tensor(MASK)).aux_loss.item()
+    batch = {"input_ids": IDS, "segment_ids": MASK, "labels": np.array([0, 2], np.int32)}
+    for coef in (None, 0.02):
+        tuned = tuning.apply_plan(load(str(directory), router_aux_loss_coef=coef),
+                                  tuning.head("classification", num_labels=3))
+        loss_fn = make_loss_fn(tuned.module, "classification")
+        (train, weight, _), (evaluated, _, _) = (loss_fn(tuned.params, batch, jax.random.key(0), deterministic)
+                                                 for deterministic in (False, True))
+        np.testing.assert_allclose(float((train - evaluated) / weight), (coef or 0) * aux, rtol=1e-5, atol=1e-9)
+
+
+def test_router_aux_loss_coef_refusals(tmp_path):
+    """A negative, infinite or non-number weight, and any weight for a model without a router, are refused
+    in one line naming model.router_aux_loss_coef and the fix."""
+    for value in (-0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"^model.router_aux_loss_coef: expected a number >= 0 \(0: no router "
+                                             r"loss\), got .*; give the weight, or leave it out \(null\)"):
+            ModelConfig(path="m", router_aux_loss_coef=value)
+    for value in ("lots", True):
+        with pytest.raises(ValueError, match=r"^model.router_aux_loss_coef: expected a number or null, got"):
+            ModelConfig(path="m", router_aux_loss_coef=value)
+    tiny_random_model("LlamaForCausalLM", tmp_path, dict(TINY))
+    for value in (0.01, 0.0):
+        with pytest.raises(LoadError, match=rf"^model.router_aux_loss_coef: {value} weighs a mixture-of-experts "
+                                            r"model's router loss .* has no router; leave model.router_aux_loss_coef "
+                                            r"out$"):
+            load(str(tmp_path), router_aux_loss_coef=value)
 
 
 def test_router_loss_in_the_preference_loss_equals_transformers(pair):
-    """A preference loss on a MoE policy adds router_aux_loss_coef * transformers' ``aux_loss`` over the
-    pair's chosen and rejected rows (padding masked), as TRL's DPOTrainer does for a model with router
-    logits; the reference pass adds none. Without the router term the loss is the plain DPO loss."""
+    """A preference loss on a MoE policy whose router loss is on (output_router_logits, or
+    model.router_aux_loss_coef) adds router_aux_loss_coef * transformers' ``aux_loss`` over the pair's chosen
+    and rejected rows (padding masked), as TRL's DPOTrainer does; the reference pass adds none. Off (the
+    config.json's default), the loss is the plain DPO loss."""
     import dataclasses
 
     ref, model, _ = pair
@@ -183,16 +286,18 @@ def test_router_loss_in_the_preference_loss_equals_transformers(pair):
              "loss_weights": weights, "segment_ids": mask,
              "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (2, length))}
     batch = {k: v[None] for k, v in batch.items()}  # (B=1, 2, L): one pair
-    config = PreferenceConfig(method="dpo")
-    without = type(model.module)(dataclasses.replace(model.config, router_aux_loss_coef=0.0))
+    dpo = PreferenceConfig(method="dpo")
+    coef = ref.config.router_aux_loss_coef
+    assert model.config.router_aux_loss_coef == 0 < coef  # the config.json's output_router_logits is false
+    policy = type(model.module)(dataclasses.replace(model.config, router_aux_loss_coef=coef))
     args = (model.params, batch, jax.random.key(0), False)  # a training step (the policy runs without dropout)
-    total, pairs, _ = make_preference_loss_fn(model.module, config)(*args)
-    plain, _, _ = make_preference_loss_fn(without, config)(*args)
-    evaluated, _, _ = make_preference_loss_fn(model.module, config)(*args[:-1], True)
+    total, pairs, _ = make_preference_loss_fn(policy, dpo)(*args)
+    plain, _, _ = make_preference_loss_fn(model.module, dpo)(*args)
+    evaluated, _, _ = make_preference_loss_fn(policy, dpo)(*args[:-1], True)
     assert float(evaluated) == float(plain)  # an evaluation reports the preference loss alone
     assert float(pairs) == 1
     np.testing.assert_allclose(float(plain), np.log(2), rtol=1e-6)  # policy == reference at the start
-    np.testing.assert_allclose(float(total - plain), model.config.router_aux_loss_coef * aux.item(), rtol=1e-5)
+    np.testing.assert_allclose(float(total - plain), coef * aux.item(), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -91,6 +91,11 @@ class ModelConfig:
     ``adapter``: trained adapters to start from (e.g. SFT before DPO): a PEFT
     adapter directory, or a jaxtune run directory whose final export is one (``<run>/export``);
     :func:`jaxtune.apply_plan` puts its tensors into the plan's leaves.
+    ``router_aux_loss_coef``: the weight of a mixture-of-experts model's router load-balancing loss in the
+    training loss (0: none). ``None`` (default) reads it as transformers does from the checkpoint's
+    ``config.json``: its ``router_aux_loss_coef`` when its ``output_router_logits`` is true, else none, and
+    none under a classification or regression head (:meth:`jaxtune.models.moe.MoeConfig.from_hf`). A model
+    without a router refuses it.
     """
 
     path: str
@@ -101,11 +106,14 @@ class ModelConfig:
     tokenizer: str | None = None
     keep_quantized: bool = False
     adapter: str | None = None
+    router_aux_loss_coef: float | None = None
 
     def family_fields(self) -> dict[str, Any]:
-        """The fields of the family's own config this one sets (``remat``, ``unroll_layers``), for
-        :func:`hf.build`: only where set, so that a family without them loads as before."""
-        return {name: getattr(self, name) for name, default in (("remat", "none"), ("unroll_layers", "auto"))
+        """The fields of the family's own config this one sets (``remat``, ``unroll_layers``,
+        ``router_aux_loss_coef``), for :func:`hf.build`: only where set, so that a family without them
+        loads as before."""
+        return {name: getattr(self, name)
+                for name, default in (("remat", "none"), ("unroll_layers", "auto"), ("router_aux_loss_coef", None))
                 if getattr(self, name) != default}
 
     def __post_init__(self) -> None:
@@ -113,6 +121,11 @@ class ModelConfig:
         for name in ("dtype", "compute_dtype"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, dtype_name(getattr(self, name), f"model.{name}"))
+        coef = coerce(self.router_aux_loss_coef, float | None, "model.router_aux_loss_coef")
+        if coef is not None and not 0 <= coef < float("inf"):
+            raise ValueError(f"model.router_aux_loss_coef: expected a number >= 0 (0: no router loss), got {coef!r}; "
+                             "give the weight, or leave it out (null) to follow the model's config.json")
+        object.__setattr__(self, "router_aux_loss_coef", coef)
         if not isinstance(self.keep_quantized, bool):
             raise ValueError(f"model.keep_quantized: expected true or false, got {self.keep_quantized!r}")
         if self.adapter is not None and not str(self.adapter).strip():
@@ -326,7 +339,7 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
     Args:
       model: a path, packaged name, GGUF file or hub id, or a :class:`ModelConfig`.
       options: fields of :class:`ModelConfig` (``dtype``, ``compute_dtype``, ``remat``,
-        ``unroll_layers``, ``tokenizer``), overriding those of ``model``.
+        ``unroll_layers``, ``tokenizer``, ``router_aux_loss_coef``...), overriding those of ``model``.
 
     Returns:
       A :class:`jaxtune.models.hf.Pretrained` whose ``tokenizer`` is set.
@@ -358,6 +371,10 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
     except TypeError as err:
         # The field the family refused (its name is in the message), else the only one set.
         name = next((name for name in overrides if repr(name) in str(err)), next(iter(overrides), None))
+        if name == "router_aux_loss_coef":
+            raise LoadError(f"model.router_aux_loss_coef: {overrides[name]!r} weighs a mixture-of-experts model's "
+                            f"router loss (Mixtral, Qwen2-MoE, Qwen3-MoE), and the model in {directory} has no "
+                            "router; leave model.router_aux_loss_coef out") from None
         if name is not None:
             raise LoadError(f"model.{name}: {overrides[name]!r} is not supported by the model in {directory} "
                             f"({err}); leave model.{name} out") from None

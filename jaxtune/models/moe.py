@@ -28,8 +28,12 @@ tensor per expert (``model.layers.i.mlp.experts.e.gate_proj.weight``; Mixtral's
 **Router load-balancing loss.** Each sparse layer sows its routing statistics (top-k assignment counts
 and router probabilities per expert, over real tokens) into the :data:`~jaxtune.models.decoder.AUX`
 collection; :meth:`MoeDecoder.hidden` combines them as transformers' ``load_balancing_loss_func``
-(with its attention mask) and sows ``router_aux_loss_coef`` times it as an auxiliary loss, which the
-train step adds to the task loss (:func:`jaxtune.training.losses.auxiliary_loss`).
+(with its attention mask) and sows :attr:`MoeConfig.router_aux_loss_coef` times it as an auxiliary loss,
+which the train step adds to the task loss (:func:`jaxtune.training.losses.auxiliary_loss`). That weight
+follows transformers: a causal LM adds ``router_aux_loss_coef`` times the loss only when its
+``output_router_logits`` is true (false in the published Mixtral/Qwen-MoE configs and in transformers'
+defaults), and its ``*ForSequenceClassification`` never does. ``model.router_aux_loss_coef``
+(:class:`jaxtune.models.load.ModelConfig`) sets the weight for either instead (:meth:`MoeConfig.from_hf`).
 """
 
 from __future__ import annotations
@@ -85,7 +89,8 @@ class MoeConfig(DecoderConfig):
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum to 1
     shared_expert_intermediate_size: int = 0  # Qwen2-MoE's sigmoid-gated shared expert; 0: none
-    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss added in training
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss added in training; 0: none
+    head_router_aux_loss_coef: float = 0.0  # that weight under a classification/regression head (under_head)
     router_jitter_noise: float = 0.0  # Mixtral: multiplicative U(1-j, 1+j) noise on the MoE input in training
     sparse_layers: tuple[bool, ...] = ()  # per layer: routed experts (True) or a dense MLP; () = all sparse
 
@@ -99,9 +104,20 @@ class MoeConfig(DecoderConfig):
         """Runs of layers with the same window *and* the same MLP kind (a scan needs identical params)."""
         return stacking.layer_runs(self.num_layers, self.layer_groups, tuple(zip(self.windows, self.sparse)))
 
+    def under_head(self) -> MoeConfig:
+        """This config for a body under a classification or regression head: the router loss's weight
+        is :attr:`head_router_aux_loss_coef` (transformers' ``*ForSequenceClassification`` add none)."""
+        return dataclasses.replace(self, router_aux_loss_coef=self.head_router_aux_loss_coef)
+
     @classmethod
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> MoeConfig:
-        """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout)."""
+        """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout).
+
+        The router loss's weight is transformers' rule: a causal LM's is ``router_aux_loss_coef`` when
+        ``output_router_logits`` is true (default false), else 0; a ``*ForSequenceClassification``'s, and
+        :attr:`head_router_aux_loss_coef`, are 0. A ``router_aux_loss_coef`` override (the recipe's
+        ``model.router_aux_loss_coef``) sets both, as transformers' ``output_router_logits=True`` with
+        that coefficient does for the causal LM."""
         arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "a mixture-of-experts model jaxtune supports",
                                CLASSIFIERS)
         n = hf["num_hidden_layers"]
@@ -117,7 +133,8 @@ class MoeConfig(DecoderConfig):
             norm_topk_prob=arch == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False)),
             shared_expert_intermediate_size=(hf.get("shared_expert_intermediate_size") or 0)
             if arch == "Qwen2MoeForCausalLM" else 0,
-            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001))
+            if hf.get("output_router_logits") and not set(hf.get("architectures") or ()) & set(CLASSIFIERS) else 0.0,
             router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)) if arch == "MixtralForCausalLM" else 0.0,
             sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(n)),
         )
@@ -130,6 +147,8 @@ class MoeConfig(DecoderConfig):
         # Read as its dense sibling, with its own class's defaults for the fields a config.json may leave out.
         defaults = {"rms_norm_eps": decoder.DEFAULT_RMS_NORM_EPS.get(arch, 1e-6),
                     "rope_theta": decoder.DEFAULT_ROPE_THETA.get(arch, 10_000.0)}
+        if "router_aux_loss_coef" in overrides:  # the user's weight, under a head too
+            fields["head_router_aux_loss_coef"] = overrides["router_aux_loss_coef"]
         return super().from_hf({**defaults, **hf, "architectures": [_DENSE[arch]]}, **{**fields, **overrides})
 
 
@@ -275,8 +294,9 @@ class MoeDecoder(Decoder):
 
 
 class MoeClassifier(DecoderClassifier):
-    """``*ForSequenceClassification`` of a MoE family: the :class:`MoeDecoder` body (which sows its router
-    loss in training as the causal LM does) and a bias-free ``score`` on the last real token."""
+    """``*ForSequenceClassification`` of a MoE family: the :class:`MoeDecoder` body and a bias-free ``score``
+    on the last real token. Its config (:meth:`MoeConfig.from_hf` of the classifier) weighs the router loss
+    as transformers' classifiers do: 0, unless ``model.router_aux_loss_coef`` sets it."""
 
     cfg: MoeConfig
     body_class: ClassVar[type[Decoder]] = MoeDecoder

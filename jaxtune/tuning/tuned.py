@@ -39,7 +39,7 @@ from jaxtune.models import decoder, efficientnet, stacking, vit
 from jaxtune.models.hf import FAMILIES, FamilyConfig, Pretrained
 from jaxtune.models.layers import Array, PartitionRules, pool
 from jaxtune.models.load import dtype_name
-from jaxtune.models.moe import is_expert_kernel
+from jaxtune.models.moe import MoeConfig, is_expert_kernel
 from jaxtune.models.quant import is_quantized
 from jaxtune.tuning import labels as labels_lib
 from jaxtune.tuning.heads import Head, HeadSpec, family_head, head_spec, hf_head_modules, init_head
@@ -355,6 +355,8 @@ def apply_plan(
     params = quantized_magnitudes(quantize_leaves(params, formats), formats)
 
     body_cfg = dataclasses.replace(cfg, adapter_dropout=labels_lib.adapter_dropout(plan))
+    if task != "lm" and isinstance(body_cfg, MoeConfig):  # as transformers' classifiers: no router loss, unless set
+        body_cfg = body_cfg.under_head()
     if hasattr(body_cfg, "training_batch_norms"):  # the BatchNorms whose statistics this plan trains
         body_cfg = dataclasses.replace(body_cfg, training_batch_norms=tuple(sorted(
             labels_lib.path_str(p[:-1]) for p, label in flat_labels.items()
