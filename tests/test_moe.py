@@ -35,6 +35,7 @@ from jaxtune.models.decoder import AUX
 from jaxtune.models.generate import generate
 from jaxtune.models.load import LoadError, ModelConfig, load
 from jaxtune.training.losses import auxiliary_loss
+from jaxtune.training.memory import abstract_model
 from jaxtune.training.preference import make_preference_loss_fn
 from jaxtune.training.preference_config import PreferenceConfig
 from jaxtune.training.sharding import MeshConfig, make_mesh
@@ -248,8 +249,8 @@ def test_a_head_on_a_moe_body_adds_the_router_loss_only_when_set(mixtral, tmp_pa
 
 
 def test_router_aux_loss_coef_refusals(tmp_path):
-    """A negative, infinite or non-number weight, and any weight for a model without a router, are refused
-    in one line naming model.router_aux_loss_coef and the fix."""
+    """A negative, infinite or non-number weight, and any weight for a model without a router (loaded, or
+    read for memory planning), are refused in one line naming model.router_aux_loss_coef and the fix."""
     for value in (-0.1, float("inf"), float("nan")):
         with pytest.raises(ValueError, match=r"^model.router_aux_loss_coef: expected a number >= 0 \(0: no router "
                                              r"loss\), got .*; give the weight, or leave it out \(null\)"):
@@ -263,6 +264,8 @@ def test_router_aux_loss_coef_refusals(tmp_path):
                                             r"model's router loss .* has no router; leave model.router_aux_loss_coef "
                                             r"out$"):
             load(str(tmp_path), router_aux_loss_coef=value)
+    with pytest.raises(LoadError, match=r"^model.router_aux_loss_coef: 0.01 weighs .* has no router; leave"):
+        abstract_model(ModelConfig(path=str(tmp_path), router_aux_loss_coef=0.01))
 
 
 def test_router_loss_in_the_preference_loss_equals_transformers(pair):

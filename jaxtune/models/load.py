@@ -142,6 +142,21 @@ class LoadError(ValueError):
     """The model cannot be found or read; the message names it and what to try."""
 
 
+def refused_field(err: TypeError, overrides: dict[str, Any], directory: Path) -> LoadError | None:
+    """The error naming the :meth:`ModelConfig.family_fields` field (of ``overrides``) whose family config
+    refused it in ``err`` (the field named there, else the only one set), for the model in ``directory``;
+    None when no field was set (``err`` is then another fault)."""
+    name = next((name for name in overrides if repr(name) in str(err)), next(iter(overrides), None))
+    if name == "router_aux_loss_coef":
+        return LoadError(f"model.router_aux_loss_coef: {overrides[name]!r} weighs a mixture-of-experts model's router "
+                         f"loss (Mixtral, Qwen2-MoE, Qwen3-MoE), and the model in {directory} has no router; leave "
+                         "model.router_aux_loss_coef out")
+    if name is not None:
+        return LoadError(f"model.{name}: {overrides[name]!r} is not supported by the model in {directory} ({err}); "
+                         f"leave model.{name} out")
+    return None
+
+
 def model_dir(path: str | os.PathLike[str]) -> Path:
     """A local HF directory for ``path``: a directory, a packaged model name, a GGUF file
     (converted once into ``<cache>/gguf/``) or a hub id."""
@@ -369,16 +384,7 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
         else:
             pretrained = hf.load_pretrained(directory, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, **overrides)
     except TypeError as err:
-        # The field the family refused (its name is in the message), else the only one set.
-        name = next((name for name in overrides if repr(name) in str(err)), next(iter(overrides), None))
-        if name == "router_aux_loss_coef":
-            raise LoadError(f"model.router_aux_loss_coef: {overrides[name]!r} weighs a mixture-of-experts model's "
-                            f"router loss (Mixtral, Qwen2-MoE, Qwen3-MoE), and the model in {directory} has no "
-                            "router; leave model.router_aux_loss_coef out") from None
-        if name is not None:
-            raise LoadError(f"model.{name}: {overrides[name]!r} is not supported by the model in {directory} "
-                            f"({err}); leave model.{name} out") from None
-        raise
+        raise refused_field(err, overrides, directory) or err from None
     if getattr(pretrained.config, "modality", "text") != "image" or cfg.tokenizer:  # image models read pixels
         pretrained.tokenizer = load_tokenizer(directory, cfg.tokenizer)
     pretrained.adapter = adapter

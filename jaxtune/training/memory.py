@@ -28,7 +28,7 @@ from jaxtune.data.packing import LM_KEYS, max_segments
 from jaxtune.data.preference import MARGINS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models import hf
-from jaxtune.models.load import ModelConfig, model_dir
+from jaxtune.models.load import ModelConfig, model_dir, refused_field
 from jaxtune.training.config import TrainConfig
 from jaxtune.training.optim import OptimizerConfig, build_optimizer
 from jaxtune.training.preference import make_preference_loss_fn
@@ -134,8 +134,11 @@ def abstract_model(model: ModelConfig) -> hf.Pretrained:
                          "{action: freeze, quantize: nf4}) instead")
     directory = model_dir(model.path)
     hf_config = hf.read_config(directory)
-    arch, cfg, module = hf.build(hf_config, dtype=model.compute_dtype or model.dtype, param_dtype=model.dtype,
-                                 **model.family_fields())  # as jaxtune.load builds it: the same program
+    try:
+        arch, cfg, module = hf.build(hf_config, dtype=model.compute_dtype or model.dtype, param_dtype=model.dtype,
+                                     **model.family_fields())  # as jaxtune.load builds it: the same program
+    except TypeError as err:
+        raise refused_field(err, model.family_fields(), directory) or err from None
     return hf.Pretrained(cfg, module, hf.abstract_params(module, cfg), hf_config, str(directory), arch)
 
 
