@@ -177,28 +177,24 @@ def _lm_losses(model, modes: tuple[bool, ...] = (False, True)) -> tuple[float, .
                  (loss_fn(model.params, batch, jax.random.key(0), deterministic) for deterministic in modes))
 
 
-def test_train_loss_adds_the_router_loss_as_transformers_does(pair, tmp_path):
-    """The LM loss fn (the train step's) equals transformers' ``loss`` on the same batch from the same
-    config.json: the cross-entropy alone when its ``output_router_logits`` is false (the published Mixtral and
-    Qwen-MoE configs, transformers' default; jaxtune added the router loss anyway), and CE +
-    ``router_aux_loss_coef`` * ``aux_loss`` when true, the router statistics over the real tokens. An evaluation
-    reports the CE alone (it reported the sum: a perplexity ~4% high that moved with the batching)."""
+def test_train_loss_adds_the_router_loss_as_trl_does(pair, tmp_path):
+    """The LM loss fn (the train step's) equals transformers' ``loss`` with ``output_router_logits=True`` on
+    the same batch, CE + ``router_aux_loss_coef`` * ``aux_loss`` over the real tokens, whatever config.json's
+    ``output_router_logits`` (false in the published Mixtral and Qwen-MoE configs): TRL's SFTTrainer turns it
+    on for every MoE model at the config's coefficient. An evaluation reports the CE alone (it reported the
+    sum: a perplexity ~4% high that moved with the batching)."""
     _, _, path = pair
     for flag in (False, True):
         directory = _with_config(path, tmp_path / f"router-{flag}", output_router_logits=flag)
-        out, model = _transformers_lm(directory), hf.load_pretrained(directory)
-        assert (out.aux_loss is not None) == flag
-        losses = _lm_losses(model, (False, True) if flag else (False,))  # training, and evaluating
-        np.testing.assert_allclose(losses[0], out.loss.item(), atol=1e-6, rtol=0)
-        if not flag:
-            assert model.config.router_aux_loss_coef == 0
-            continue
+        out, model = _transformers_lm(directory, output_router_logits=True), hf.load_pretrained(directory)
         coef = model.config.router_aux_loss_coef
         assert coef == json.loads((directory / "config.json").read_text())["router_aux_loss_coef"] > 0
         assert coef * out.aux_loss.item() > 100 * 1e-6  # not vacuous: the router term is above the tolerance
         _, state = model.module.apply({"params": model.params}, LM_IDS, LM_MASK, method="hidden", mutable=[AUX])
         np.testing.assert_allclose(float(auxiliary_loss(state)), coef * out.aux_loss.item(), rtol=1e-5)
-        np.testing.assert_allclose(losses[1], out.loss.item() - coef * out.aux_loss.item(), atol=1e-6, rtol=0)
+        training, evaluating = _lm_losses(model)
+        np.testing.assert_allclose(training, out.loss.item(), atol=1e-6, rtol=0)
+        np.testing.assert_allclose(evaluating, out.loss.item() - coef * out.aux_loss.item(), atol=1e-6, rtol=0)
 
 
 def test_model_router_aux_loss_coef_sets_the_weight_both_ways(mixtral, tmp_path):
@@ -222,7 +218,7 @@ def test_model_router_aux_loss_coef_sets_the_weight_both_ways(mixtral, tmp_path)
     want = _transformers_lm(on, output_router_logits=False).loss.item()
     np.testing.assert_allclose(_lm_losses(load(str(on), router_aux_loss_coef=0), (False,))[0], want, atol=1e-6,
                                rtol=0)
-    assert load(str(on)).config.router_aux_loss_coef > 0  # while the config's own flag adds it
+    assert load(str(on)).config.router_aux_loss_coef > 0  # while by default the config's coefficient is added
 
 
 def test_a_head_on_a_moe_body_adds_the_router_loss_only_when_set(mixtral, tmp_path):
@@ -269,10 +265,9 @@ def test_router_aux_loss_coef_refusals(tmp_path):
 
 
 def test_router_loss_in_the_preference_loss_equals_transformers(pair):
-    """A preference loss on a MoE policy whose router loss is on (output_router_logits, or
-    model.router_aux_loss_coef) adds router_aux_loss_coef * transformers' ``aux_loss`` over the pair's chosen
-    and rejected rows (padding masked), as TRL's DPOTrainer does; the reference pass adds none. Off (the
-    config.json's default), the loss is the plain DPO loss."""
+    """A preference loss on a MoE policy adds router_aux_loss_coef * transformers' ``aux_loss`` over the
+    pair's chosen and rejected rows (padding masked), as TRL's DPOTrainer does; the reference pass adds none.
+    With the weight 0 (``model.router_aux_loss_coef: 0``) the loss is the plain DPO loss."""
     import dataclasses
 
     ref, model, _ = pair
@@ -291,11 +286,11 @@ def test_router_loss_in_the_preference_loss_equals_transformers(pair):
     batch = {k: v[None] for k, v in batch.items()}  # (B=1, 2, L): one pair
     dpo = PreferenceConfig(method="dpo")
     coef = ref.config.router_aux_loss_coef
-    assert model.config.router_aux_loss_coef == 0 < coef  # the config.json's output_router_logits is false
-    policy = type(model.module)(dataclasses.replace(model.config, router_aux_loss_coef=coef))
+    assert model.config.router_aux_loss_coef == coef > 0  # config.json's, though its output_router_logits is false
+    policy, without = model.module, type(model.module)(dataclasses.replace(model.config, router_aux_loss_coef=0.0))
     args = (model.params, batch, jax.random.key(0), False)  # a training step (the policy runs without dropout)
     total, pairs, _ = make_preference_loss_fn(policy, dpo)(*args)
-    plain, _, _ = make_preference_loss_fn(model.module, dpo)(*args)
+    plain, _, _ = make_preference_loss_fn(without, dpo)(*args)
     evaluated, _, _ = make_preference_loss_fn(policy, dpo)(*args[:-1], True)
     assert float(evaluated) == float(plain)  # an evaluation reports the preference loss alone
     assert float(pairs) == 1

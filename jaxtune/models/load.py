@@ -92,10 +92,10 @@ class ModelConfig:
     adapter directory, or a jaxtune run directory whose final export is one (``<run>/export``);
     :func:`jaxtune.apply_plan` puts its tensors into the plan's leaves.
     ``router_aux_loss_coef``: the weight of a mixture-of-experts model's router load-balancing loss in the
-    training loss (0: none). ``None`` (default) reads it as transformers does from the checkpoint's
-    ``config.json``: its ``router_aux_loss_coef`` when its ``output_router_logits`` is true, else none, and
-    none under a classification or regression head (:meth:`jaxtune.models.moe.MoeConfig.from_hf`). A model
-    without a router refuses it.
+    training loss (0: none). ``None`` (default) is the checkpoint's ``config.json``
+    ``router_aux_loss_coef``, as TRL's SFTTrainer and DPOTrainer take it, and none under a classification or
+    regression head, as transformers' ``*ForSequenceClassification``
+    (:meth:`jaxtune.models.moe.MoeConfig.from_hf`). A model without a router refuses it.
     """
 
     path: str

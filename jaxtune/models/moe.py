@@ -30,10 +30,11 @@ and router probabilities per expert, over real tokens) into the :data:`~jaxtune.
 collection; :meth:`MoeDecoder.hidden` combines them as transformers' ``load_balancing_loss_func``
 (with its attention mask) and sows :attr:`MoeConfig.router_aux_loss_coef` times it as an auxiliary loss,
 which the train step adds to the task loss (:func:`jaxtune.training.losses.auxiliary_loss`). That weight
-follows transformers: a causal LM adds ``router_aux_loss_coef`` times the loss only when its
-``output_router_logits`` is true (false in the published Mixtral/Qwen-MoE configs and in transformers'
-defaults), and its ``*ForSequenceClassification`` never does. ``model.router_aux_loss_coef``
-(:class:`jaxtune.models.load.ModelConfig`) sets the weight for either instead (:meth:`MoeConfig.from_hf`).
+is TRL's default in fine-tuning: its SFTTrainer and DPOTrainer add the config's
+``router_aux_loss_coef`` for every MoE model (whatever its ``output_router_logits``, which only transformers'
+plain forward reads), and transformers' ``*ForSequenceClassification`` (TRL's RewardTrainer too) add none.
+``model.router_aux_loss_coef`` (:class:`jaxtune.models.load.ModelConfig`) sets the weight for either instead
+(:meth:`MoeConfig.from_hf`).
 """
 
 from __future__ import annotations
@@ -113,11 +114,11 @@ class MoeConfig(DecoderConfig):
     def from_hf(cls, hf: dict[str, Any], **overrides: Any) -> MoeConfig:
         """Build from a Hugging Face ``config.json`` dict (transformers v4 or v5 layout).
 
-        The router loss's weight is transformers' rule: a causal LM's is ``router_aux_loss_coef`` when
-        ``output_router_logits`` is true (default false), else 0; a ``*ForSequenceClassification``'s, and
-        :attr:`head_router_aux_loss_coef`, are 0. A ``router_aux_loss_coef`` override (the recipe's
-        ``model.router_aux_loss_coef``) sets both, as transformers' ``output_router_logits=True`` with
-        that coefficient does for the causal LM."""
+        The router loss's weight is TRL's SFTTrainer/DPOTrainer default: a causal LM's is config.json's
+        ``router_aux_loss_coef`` (transformers' default 0.001) whatever its ``output_router_logits``; a
+        ``*ForSequenceClassification``'s, and :attr:`head_router_aux_loss_coef`, are 0 (transformers'
+        classifiers add none). A ``router_aux_loss_coef`` override (the recipe's ``model.router_aux_loss_coef``)
+        sets both, as TRL's own ``router_aux_loss_coef`` argument does (0: none)."""
         arch = hf_architecture(hf, ARCHITECTURES, MODEL_TYPES, "a mixture-of-experts model jaxtune supports",
                                CLASSIFIERS)
         n = hf["num_hidden_layers"]
@@ -133,8 +134,8 @@ class MoeConfig(DecoderConfig):
             norm_topk_prob=arch == "MixtralForCausalLM" or bool(hf.get("norm_topk_prob", False)),
             shared_expert_intermediate_size=(hf.get("shared_expert_intermediate_size") or 0)
             if arch == "Qwen2MoeForCausalLM" else 0,
-            router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001))
-            if hf.get("output_router_logits") and not set(hf.get("architectures") or ()) & set(CLASSIFIERS) else 0.0,
+            router_aux_loss_coef=0.0 if set(hf.get("architectures") or ()) & set(CLASSIFIERS)
+            else float(hf.get("router_aux_loss_coef", 0.001)),
             router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)) if arch == "MixtralForCausalLM" else 0.0,
             sparse_layers=tuple(i not in dense and (i + 1) % step == 0 for i in range(n)),
         )

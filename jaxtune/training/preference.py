@@ -16,11 +16,10 @@ shaped ``(B, 2, L)``: ``[:, 0]`` holds chosen answers, ``[:, 1]`` the rejected o
 several pairs (segments 1, 2, ...); ``loss_weights`` mark the answer tokens. Keeping the pair on
 axis 1 means data sharding and micro-batching (both split axis 0) never separate a pair.
 
-A mixture-of-experts policy whose router loss is on (``MoeConfig.router_aux_loss_coef``: the config's
-``output_router_logits``, or ``model.router_aux_loss_coef``) adds it over the pairs' chosen and
-rejected rows (that weight times transformers' ``aux_loss``), as the LM loss does and as TRL's
-DPOTrainer does with a router loss: the step's mean is the preference loss plus that term. The
-reference pass adds nothing.
+A mixture-of-experts policy adds its router's load-balancing loss over the pairs' chosen and
+rejected rows (``MoeConfig.router_aux_loss_coef``: config.json's, or ``model.router_aux_loss_coef``,
+times transformers' ``aux_loss``), as the LM loss does and as TRL's DPOTrainer does: the step's mean is
+the preference loss plus that term. The reference pass adds nothing.
 """
 
 from __future__ import annotations
