@@ -51,6 +51,26 @@ def _assert_tree_equal(got, expected):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, expected)
 
 
+def test_a_one_process_save_writes_replicated_arrays_whole_and_restores_them(tmp_path, monkeypatch):
+    """Replicated params on 8 devices are written by one writer: Orbax's replica-parallel split, a slice
+    compiled per shape and device, only shares the writing between hosts (there is one)."""
+    import orbax.checkpoint._src.serialization.replica_slices as replica_slices
+
+    sliced = []
+    real_slice = replica_slices.jax.lax.slice_in_dim
+    monkeypatch.setattr(replica_slices.jax.lax, "slice_in_dim", lambda *a, **k: sliced.append(1) or real_slice(*a, **k))
+    mesh = make_mesh(MeshConfig(data=8))  # every param replicated over the 8 devices
+    trainable, opt_state = _state(mesh)
+    assert trainable["norm"]["scale"].sharding.is_fully_replicated
+    saved_trainable, saved_opt = jax.device_get((trainable, opt_state))
+    with Checkpointer(tmp_path, with_data=False) as ckpt:
+        ckpt.save(1, trainable, opt_state, jax.random.key(0))
+    assert not sliced
+    restored = Checkpointer(tmp_path, with_data=False).restore(_zeros_like(trainable), _zeros_like(opt_state))
+    _assert_tree_equal(restored[1], saved_trainable)
+    _assert_tree_equal(restored[2], saved_opt)
+
+
 def test_restore_onto_a_different_mesh(tmp_path):
     big = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
     trainable, opt_state = _state(big)
