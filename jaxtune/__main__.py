@@ -1,7 +1,5 @@
 """``python -m jaxtune ...`` is the ``jaxtune`` command."""
 
-import sys
+from jaxtune.cli import run
 
-from jaxtune.cli import main
-
-sys.exit(main())
+run()
