@@ -88,6 +88,30 @@ def test_lora_with_rank_pattern_and_modules_to_save_matches_peft(sources, tmp_pa
     assert_real_tokens_close(ours, peft_out(base, tmp_path))
 
 
+class _Unread:
+    """A frozen weight a PEFT adapter does not hold: the export must not read it (on the device, each
+    frozen layer's slice was an op of its own)."""
+
+    def __getitem__(self, index):
+        raise AssertionError("the PEFT export read a frozen weight it does not write")
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the PEFT export read a frozen weight it does not write")
+
+
+def test_peft_export_reads_only_the_leaves_the_adapter_holds(sources, tmp_path):
+    tuned, params = trained(sources, "llama", tuning.lora(rank=4, alpha=8) + tuning.train("^norm/"))
+    assert stacking.is_stacked(params)
+    tuning.export_peft(tuned, tmp_path / "all", params=params)
+    flat = flatten_dict(params)
+    for path, label in flatten_dict(tuned.labels).items():
+        if label == "freeze" and path[0] != "norm":  # the trained final norm is saved whole, its module with it
+            flat[path] = _Unread()
+    tuning.export_peft(tuned, tmp_path / "held", params=unflatten_dict(flat))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "held" / name).read_bytes() == (tmp_path / "all" / name).read_bytes()
+
+
 def test_dora_rslora_matches_peft(sources, tmp_path):
     tuned, params = trained(sources, "qwen3", tuning.dora(rank=4, alpha=8, rslora=True, kinds=["attention"]))
     tuning.export_peft(tuned, tmp_path, params=params)

@@ -327,17 +327,17 @@ def _refuse_moe_adapters(tuned: Tuned) -> None:
                           "use export_merged, or LoRA only the attention (and train the router whole)")
 
 
-def _on_host_only(params: Params, modules: set[Module]) -> Params:
-    """The leaves of ``params`` (physical layout) that belong to ``modules`` (logical paths) or are the prompt,
-    as numpy arrays in one transfer. What a PEFT adapter holds is a small part of the model: unstacked on
-    the device, each frozen layer's slice was an op of its own (seconds for a 135M decoder), then unused."""
+def _on_host_only(params: Params, adapters: set[Module], saved: set[Module]) -> Params:
+    """The leaves of ``params`` (physical layout) a PEFT adapter holds, as numpy arrays in one transfer: the
+    adapter leaves of the ``adapters`` modules, every leaf of the ``saved`` modules (logical paths), the prompt.
+    That is a small part of the model: unstacked on the device, each frozen layer's slice was an op of its own
+    (seconds for a 135M decoder), then unused."""
     def wanted(path: tuple[str, ...]) -> bool:
         if path == (PROMPT_LEAF,):
             return True
         layers = stacking.stack_range(path[0])
-        if layers is None:
-            return path[:-1] in modules
-        return any((f"{stacking.PREFIX}_{i}", *path[1:-1]) in modules for i in layers)
+        modules = [path[:-1]] if layers is None else [(f"{stacking.PREFIX}_{i}", *path[1:-1]) for i in layers]
+        return any(m in saved or (m in adapters and path[-1] in PEFT_LEAVES) for m in modules)
 
     kept = {path: leaf for path, leaf in flatten_dict(params).items() if wanted(path)}
     return unflatten_dict(jax.device_get(kept))
@@ -356,7 +356,7 @@ def export_peft(tuned: Tuned, out_dir: str | Path, *, params: Params | None = No
         hf_module_name(tuned, (HEAD_KEY, "out"))  # raises the explanation
     check_peft(tuned)
     to_save = _modules_to_save(tuned, params)  # the head is never stacked: its paths are the same in either layout
-    params = stacking.unstack(_on_host_only(params, {*tuned.adapters, *to_save}))  # PEFT names layers one by one
+    params = stacking.unstack(_on_host_only(params, set(tuned.adapters), set(to_save)))  # PEFT names layers 1 by 1
     modules = modules_of(params)
     tensors: dict[str, np.ndarray] = {}
     prefix = PREFIX if tuned.adapters else PROMPT_PREFIX
