@@ -174,10 +174,10 @@ def test_real_train_step_equals_the_reference_package_step_for_step():
                                            err_msg=str(path))
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    """A randomly initialised EfficientNet-Lite0 on 32x32 inputs with random BatchNorm statistics."""
-    cfg = EfficientNetConfig(image_size=32, num_labels=3, hidden_dropout=0.0, drop_connect_rate=0.0)
+def _random_efficientnet(**config: float) -> hf.Pretrained:
+    """A randomly initialised EfficientNet-Lite (``config``: its EfficientNetConfig fields beyond these) on
+    32x32 inputs with random BatchNorm statistics."""
+    cfg = EfficientNetConfig(image_size=32, num_labels=3, hidden_dropout=0.0, drop_connect_rate=0.0, **config)
     module = EfficientNetLite(cfg)
     # Random values of the right shapes, without compiling the network's init (seconds on CI).
     shapes = flatten_dict(jax.eval_shape(module.init, jax.random.key(0), *cfg.init_inputs())["params"])
@@ -194,8 +194,22 @@ def tiny():
         else:  # bias, running_mean
             flat[path] = (rng.normal(size=spec.shape) * 0.1).astype(np.float32)
     hf_config = {"architectures": [cfg.architecture], "model_type": "efficientnet_lite", "image_size": 32,
-                 "num_labels": 3, "dropout_rate": 0.0, "drop_connect_rate": 0.0}
+                 "num_labels": 3, "dropout_rate": 0.0, "drop_connect_rate": 0.0, **config}
     return hf.Pretrained(cfg, module, unflatten_dict(flat), hf_config, "tiny", cfg.architecture)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> hf.Pretrained:
+    """EfficientNet-Lite0's shapes (the reference package's), random weights and statistics, 32x32 inputs."""
+    return _random_efficientnet()
+
+
+@pytest.fixture(scope="module")
+def shallow() -> hf.Pretrained:
+    """As ``tiny``, half as deep (10 blocks, not 16; every stage kept, stages 4-6 with a residual block):
+    for the tests that check the BatchNorms' labels and updates block by block, against no reference
+    package, whose time is most in compiling the network."""
+    return _random_efficientnet(depth_coefficient=0.5)
 
 
 def _jit_loss(loss_fn: Callable) -> Callable:
@@ -210,25 +224,25 @@ def _image_batch(n: int, seed: int = 1) -> dict:
             "labels": rng.integers(0, 3, n).astype(np.int32), "example_weights": np.ones(n, np.float32)}
 
 
-def test_batchnorm_statistics_follow_the_plan(tiny):
+def test_batchnorm_statistics_follow_the_plan(shallow):
     """Frozen stages keep the pretrained statistics and normalise with them in training too; a
     stage that trains has its statistics labelled ``state`` and the step writes the batch-updated
     values (the model's own STATE_UPDATES) into the new params."""
-    full = flatten_dict(tuning.apply_plan(tiny, tuning.full()).labels)
+    full = flatten_dict(tuning.apply_plan(shallow, tuning.full()).labels)
     assert {p[-1] for p, label in full.items() if label == STATE} == set(STATE_LEAVES)
     assert tuning.FROZEN not in full.values()
-    tuned = tuning.apply_plan(tiny, tuning.freeze_all_but(1) + tuning.head("classification", 3))
-    last = f"layers_{tiny.config.num_layers - 1}"
+    tuned = tuning.apply_plan(shallow, tuning.freeze_all_but(1) + tuning.head("classification", 3))
+    last = f"layers_{shallow.config.num_layers - 1}"
     labels = flatten_dict(tuned.labels)
     stats = {p: label for p, label in labels.items() if p[-1] in STATE_LEAVES}
     assert {p[0] for p, label in stats.items() if label == STATE} == {last, "bn1"}
     assert tuned.config.training_batch_norms == ("bn1", f"{last}/bn0", f"{last}/bn1", f"{last}/bn2")
     # A freeze rule that names the statistics keeps them frozen where their BatchNorm trains.
-    pinned = tuning.apply_plan(tiny, tuning.freeze_all_but(1) + tuning.freeze("running_(mean|var)$")
+    pinned = tuning.apply_plan(shallow, tuning.freeze_all_but(1) + tuning.freeze("running_(mean|var)$")
                                + tuning.head("classification", 3))
     assert STATE not in flatten_dict(pinned.labels).values() and pinned.config.training_batch_norms == ()
     assert flatten_dict(pinned.labels)[(last, "bn1", "scale")] == "train"
-    again = tuning.apply_plan(tiny, tuning.freeze("running_(mean|var)$") + tuning.full())  # a later rule wins
+    again = tuning.apply_plan(shallow, tuning.freeze("running_(mean|var)$") + tuning.full())  # a later rule wins
     assert {p[-1] for p, label in flatten_dict(again.labels).items() if label == STATE} == set(STATE_LEAVES)
     trainable, frozen = tuning.partition(tuned.params, tuned.labels)
     optimizer = optax.adamw(1e-2, weight_decay=0.1)
@@ -251,7 +265,7 @@ def test_batchnorm_statistics_follow_the_plan(tiny):
     assert changed == {last, "bn1"}  # earlier stages stay frozen, BatchNorm scale/bias included
 
     # A frozen body normalises with the stored statistics in training: without dropout, it equals evaluation.
-    frozen_body = tuning.apply_plan(tiny, tuning.head("classification", 3))
+    frozen_body = tuning.apply_plan(shallow, tuning.head("classification", 3))
     assert frozen_body.config.training_batch_norms == ()
     frozen_loss = _jit_loss(make_loss_fn(frozen_body.module, "classification"))
     train_out, eval_out = (np.asarray(frozen_loss(frozen_body.params, batch, jax.random.key(0), d)[2])
@@ -259,10 +273,10 @@ def test_batchnorm_statistics_follow_the_plan(tiny):
     np.testing.assert_allclose(train_out, eval_out, atol=1e-5)
 
 
-def test_gradient_accumulation_updates_statistics_micro_batch_after_micro_batch(tiny):
+def test_gradient_accumulation_updates_statistics_micro_batch_after_micro_batch(shallow):
     """k micro-batches update the statistics as k forward passes in a row would (PyTorch's
     accumulation): the step with grad_accum_steps=2 against two sequential applications."""
-    tuned = tuning.apply_plan(tiny, tuning.freeze_all_but(1) + tuning.head("classification", 3))
+    tuned = tuning.apply_plan(shallow, tuning.freeze_all_but(1) + tuning.head("classification", 3))
     trainable, frozen = tuning.partition(tuned.params, tuned.labels)
     optimizer = optax.sgd(0.0)  # only the statistics move
     batch = _image_batch(4, seed=2)
