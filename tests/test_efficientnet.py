@@ -207,7 +207,7 @@ def tiny() -> hf.Pretrained:
 @pytest.fixture(scope="module")
 def shallow() -> hf.Pretrained:
     """As ``tiny``, half as deep (10 blocks, not 16; every stage kept, stages 4-6 with a residual block):
-    for the tests that check the BatchNorms' labels and updates block by block, against no reference
+    for the tests of the BatchNorms' labels, updates and recalibration that compare with no reference
     package, whose time is most in compiling the network."""
     return _random_efficientnet(depth_coefficient=0.5)
 
@@ -485,7 +485,7 @@ def test_recalibration_equals_torch_cumulative_batch_norm_statistics(tiny):
                                atol=1e-4 * np.abs(expected).max())
 
 
-def test_a_run_recalibrates_before_it_evaluates_and_saves_and_resumes_exactly(tiny, tmp_path):
+def test_a_run_recalibrates_before_it_evaluates_and_saves_and_resumes_exactly(shallow, tmp_path):
     """``train.recalibrate_batch_norm``: the trained weights are those of the same run without it
     (the running statistics never enter a gradient), the final statistics are the re-estimate from
     the training data's first batches with those weights, a run stopped at an evaluation and
@@ -509,7 +509,7 @@ def test_a_run_recalibrates_before_it_evaluates_and_saves_and_resumes_exactly(ti
     plan = tuning.freeze_all_but(2) + tuning.head("classification", 3)
 
     def run(run_dir, steps, recalibrate_batches=2, plan=plan, train_data=None):
-        trainer = Trainer(tuning.apply_plan(tiny, plan),
+        trainer = Trainer(tuning.apply_plan(shallow, plan),
                           train_data=train_data or image_loader(train, spec, data, train=True),
                           eval_data=image_loader(val, spec, data, train=False),
                           optimizer=OptimizerConfig(learning_rate=1e-2, schedule="constant"),
@@ -519,7 +519,7 @@ def test_a_run_recalibrates_before_it_evaluates_and_saves_and_resumes_exactly(ti
 
     whole = run(tmp_path / "whole", 4)
     plain = run(tmp_path / "plain", 4, recalibrate_batches=0)
-    tuned = tuning.apply_plan(tiny, plan)
+    tuned = tuning.apply_plan(shallow, plan)
     trainable, frozen = tuning.partition(plain.model.params, tuned.labels)
     first = list(itertools.islice(iter(image_loader(train, spec, data, train=True)), 2))
     expected = flatten_dict(tuning.combine(recalibrate(trainable, first, jax.jit(make_statistics_fn(tuned.module)),
