@@ -116,6 +116,31 @@ def test_tensors_equal_the_original(converted):
             assert torch.equal(f.get_tensor(name), original[name]), name
 
 
+def test_the_fast_reader_reads_what_the_gguf_package_reads(converted, tmp_path, monkeypatch):
+    """``open_gguf``'s reader (the package's parse over an ndarray view of the mapping, for speed) gives
+    the package reader's fields (types, raw parts, contents: strings, arrays, the vocabulary) and tensors
+    (name, type, shape, bytes) on a tiny Llama file with a vocabulary, merges and a chat template; where
+    ``_get`` is not the method it was written against, the package's own reader is used."""
+    from jaxtune.models import gguf as jgguf
+
+    _, path, _ = converted
+    ours, theirs = jgguf.open_gguf(path), gguf.GGUFReader(path)
+    assert type(ours) is not gguf.GGUFReader and isinstance(ours, gguf.GGUFReader)
+    assert list(ours.fields) == list(theirs.fields) and len(ours.fields) > 20
+    for name, field in theirs.fields.items():
+        mine = ours.fields[name]
+        assert (mine.types, mine.data, mine.offset) == (field.types, field.data, field.offset), name
+        assert all(np.array_equal(a, b) and a.dtype == b.dtype for a, b in zip(mine.parts, field.parts)), name
+        assert mine.contents() == field.contents(), name
+    assert len(ours.tensors) == len(theirs.tensors) > 0
+    for mine, tensor in zip(ours.tensors, theirs.tensors):
+        assert (mine.name, mine.tensor_type, list(mine.shape), mine.n_elements, mine.data_offset) == (
+            tensor.name, tensor.tensor_type, list(tensor.shape), tensor.n_elements, tensor.data_offset)
+        assert mine.data.dtype == tensor.data.dtype and np.array_equal(mine.data, tensor.data)
+    monkeypatch.setattr(jgguf, "_FAST_READER", False)
+    assert type(jgguf.open_gguf(path)) is gguf.GGUFReader
+
+
 def test_config(converted):
     model, _, out = converted
     config = json.loads((out / "config.json").read_text())
