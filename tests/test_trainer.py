@@ -479,6 +479,37 @@ def test_a_non_finite_step_noticed_later_is_the_one_the_status_names(setup, tmp_
     assert "step:        2/8 (25%), the last good step: step 3 was not finite" in format_status(info)
 
 
+def test_another_process_reading_the_run_directory_never_sees_a_half_written_file(tmp_path, monkeypatch):
+    """The main process writes config.yaml, run.json and status.json while the others check the
+    directory (a restart on two processes read an empty config.yaml: "not a config"). A reader
+    between the open and the last byte of a write sees the previous file whole, or none."""
+    from jaxtune.training.rundir import RunDir
+
+    main, other = RunDir(tmp_path, main=True), RunDir(tmp_path, main=False)
+    main.create().write_config({"model": {"path": "a"}})
+    main.write_identity({"params": 1})
+    main.write_status("running", step=1)
+    seen = []
+    write_text = Path.write_text
+
+    def interrupted(path, text, *args, **kwargs):  # the file opened (and truncated), another process reads
+        write_text(path, "", *args, **kwargs)
+        seen.append((other.config(), other.identity(), other.status(strict=True)))
+        return write_text(path, text, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", interrupted)
+    main.write_config({"model": {"path": "b"}})
+    main.write_identity({"params": 2})
+    main.write_status("finished", step=2)
+    monkeypatch.undo()
+    assert [(c, i, s["state"]) for c, i, s in seen] == [
+        ({"model": {"path": "a"}}, {"params": 1}, "running"),
+        ({"model": {"path": "b"}}, {"params": 1}, "running"),
+        ({"model": {"path": "b"}}, {"params": 2}, "running")]
+    assert (other.config(), other.identity(), other.status()["state"]) == ({"model": {"path": "b"}}, {"params": 2},
+                                                                          "finished")
+
+
 def test_optimizer_state_is_sharded_like_the_params(setup, tmp_path):
     """Under FSDP, Adam's moments are split like their params, not replicated on every device
     (jit left them replicated: a full copy of the optimizer state per device)."""

@@ -75,11 +75,16 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _write_json(path: Path, data: Any) -> None:
-    """Atomically: a reader never sees half a file."""
+def _write_text(path: Path, text: str) -> None:
+    """Atomically: a reader never sees half a file (another process checks the run directory while
+    the main one writes it)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    _write_text(path, json.dumps(data, indent=2, default=str))
 
 
 def _steps(folder: Path) -> list[int]:
@@ -233,7 +238,7 @@ class RunDir:
 
     def write_config(self, data: dict[str, Any]) -> None:
         if self.main and data:
-            (self.path / self.CONFIG).write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+            _write_text(self.path / self.CONFIG, yaml.safe_dump(data, sort_keys=False))
 
     def config(self) -> dict[str, Any] | None:
         """The saved config as plain data, or None."""
@@ -284,9 +289,7 @@ class RunDir:
         kept = [r for r in records if r.get("step", 0) <= step]
         if not self.main or len(kept) == len(records):
             return
-        tmp = self.path / (self.METRICS + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(self.path / self.METRICS)
+        _write_text(self.path / self.METRICS, "".join(json.dumps(r) + "\n" for r in kept))
         self._open_events().restart(step + 1)
 
     def _open_events(self) -> ScalarWriter:
