@@ -86,7 +86,24 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, str) or x is None
 
 
-def _stack_leaves(path: str, *leaves: Any) -> Any:
+Sliced = dict[int, tuple[Any, Any, int]]
+
+
+def _rejoined(leaves: Sequence[Any], sliced: Sliced) -> Any | None:
+    """The stacked array ``leaves`` were sliced from by :func:`unstack` (all of it, or the rows they
+    are), when they are its consecutive layers in order; None otherwise. Why: restacking them would
+    copy the run for nothing, and a plan keeps most of a model's layers as they were loaded; on a
+    device that copy held the base model a second time."""
+    found = [sliced.get(id(x)) for x in leaves]
+    if any(f is None or f[0] is not x for f, x in zip(found, leaves)):
+        return None
+    whole, first = found[0][1], found[0][2]
+    if any(f[1] is not whole or f[2] != first + j for j, f in enumerate(found)):
+        return None
+    return whole if len(leaves) == whole.shape[0] else whole[first:first + len(leaves)]
+
+
+def _stack_leaves(path: str, *leaves: Any, sliced: Sliced) -> Any:
     first = leaves[0]
     if first is None:  # an absent optional component (a quantized weight without offsets): absent in all
         return None
@@ -100,14 +117,20 @@ def _stack_leaves(path: str, *leaves: Any) -> Any:
                          f"{sorted({(tuple(x.shape), str(x.dtype)) for x in leaves})}; split the run (layer_groups)")
     if isinstance(first, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
+    whole = _rejoined(leaves, sliced)
+    if whole is not None:
+        return whole
     if all(isinstance(x, np.ndarray) for x in leaves):
         return np.stack(leaves)
     return jnp.stack(leaves)
 
 
-def stack(tree: Params, layer_runs_: Sequence[tuple[int, int]]) -> Params:
+def stack(tree: Params, layer_runs_: Sequence[tuple[int, int]], sliced: Sliced | None = None) -> Params:
     """Logical -> physical: the subtrees ``layers_i`` of each run become one ``layers_a-b`` subtree whose
-    leaves have a leading layer axis. Other keys are kept as they are. A tree without layer keys
+    leaves have a leading layer axis. Other keys are kept as they are. ``sliced``: what
+    :func:`unstack` recorded; layers it sliced that come back unchanged and in order rejoin the array
+    they came from (a view of its rows on the host; on a device the array itself when the run is
+    whole, else a copy of just those rows) instead of being stacked anew. A tree without layer keys
     (e.g. an optimizer's empty part) comes back unchanged. Raises ValueError naming the layer and
     leaf when the layers of a run differ in structure, shape, dtype or label."""
     if not any(_LAYER.match(k) for k in tree):
@@ -130,7 +153,7 @@ def stack(tree: Params, layer_runs_: Sequence[tuple[int, int]]) -> Params:
         key = stack_key(start, stop)
         out[key] = jax.tree_util.tree_map_with_path(
             lambda p, *xs, key=key: _stack_leaves(f"{key}/{jax.tree_util.keystr(p, simple=True, separator='/')}",
-                                                  *xs),
+                                                  *xs, sliced=sliced or {}),
             *layers, is_leaf=_is_leaf)
     return out
 
@@ -140,17 +163,21 @@ def _leaf_names(tree: Any) -> list[str]:
                   for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0])
 
 
-def _unstack_leaf(leaf: Any, i: int) -> Any:
+def _unstack_leaf(leaf: Any, i: int, sliced: Sliced | None) -> Any:
     if isinstance(leaf, str) or leaf is None:
         return leaf
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-    return leaf[i]
+    part = leaf[i]
+    if sliced is not None:  # the part is held there too, so its id names it until the dict goes
+        sliced[id(part)] = (part, leaf, i)
+    return part
 
 
-def unstack(tree: Params) -> Params:
+def unstack(tree: Params, sliced: Sliced | None = None) -> Params:
     """Physical -> logical: each ``layers_a-b`` subtree becomes ``layers_a`` .. ``layers_b``.
-    A logical tree comes back unchanged (as a new top-level dict)."""
+    A logical tree comes back unchanged (as a new top-level dict). ``sliced``: a dict in which to
+    record each layer's leaf (a view on the host, a copy on a device) for :func:`stack`."""
     out = {}
     for key, value in tree.items():
         layers = stack_range(key)
@@ -158,7 +185,7 @@ def unstack(tree: Params) -> Params:
             out[key] = value
             continue
         for j, i in enumerate(layers):
-            out[f"{PREFIX}_{i}"] = jax.tree.map(lambda x, j=j: _unstack_leaf(x, j), value, is_leaf=_is_leaf)
+            out[f"{PREFIX}_{i}"] = jax.tree.map(lambda x, j=j: _unstack_leaf(x, j, sliced), value, is_leaf=_is_leaf)
     return out
 
 
@@ -172,12 +199,13 @@ def logical_path(path: tuple[str, ...], layer: int) -> tuple[str, ...]:
     return (f"{PREFIX}_{layer}", *path[1:])
 
 
-def to_physical(tree: Params, cfg: Any) -> Params:
+def to_physical(tree: Params, cfg: Any, sliced: Sliced | None = None) -> Params:
     """``tree`` in the layout ``cfg``'s model runs on: stacked runs when it scans its layers (a
-    decoder with ``scan_layers``), else unchanged. A tree that is already physical is returned as is."""
+    decoder with ``scan_layers``), else unchanged. A tree that is already physical is returned as is.
+    ``sliced``: as :func:`stack`'s."""
     if not getattr(cfg, "scan_layers", False) or is_stacked(tree):
         return tree
-    return stack(tree, cfg.layer_runs)
+    return stack(tree, cfg.layer_runs, sliced)
 
 
 def plan_groups(cfg: Any, labels: Params, params: Params) -> tuple[int, ...]:
