@@ -88,14 +88,17 @@ def trainer_for(config: Config, *, train: bool = True, evaluation: bool = True) 
     setup_runtime(config.mesh, config.distributed)
     # each process reads the files on its own host: one missing there stops every process, naming it
     with processes.ready_together(lambda: "loading the model and reading the data"):
-        model = load_model(config.model)
+        # On the host: the plan works there, and the Trainer puts each leaf on its device(s) once, so
+        # the device never holds the base model beside its planned copy.
+        model = load_model(config.model, on_host=True)
         try:  # before the plan, whose error for an encoder without a head would ask for one (not the way out)
             check_language_model(config.preference, model)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         train_source, validation = read_data(config.data, train=train, validation=evaluation)
         tuned = apply_plan(model, config.build_plan(), jax.random.key(config.train.seed), data=train_source)
-    log.info("model: %s (%s); task %s", model.source, model.architecture, tuned.task)
+        del model  # the leaves the plan changed (cast, quantized) are not held twice
+    log.info("model: %s (%s); task %s", tuned.source, tuned.architecture, tuned.task)
     try:
         return Trainer(tuned, train_source if train else None, validation, run_dir=_run_dir(config),
                        config=config.train, data=batching(config.data), optimizer=config.optimizer, eval=config.eval,

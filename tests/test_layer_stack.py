@@ -169,3 +169,82 @@ def test_fsdp_never_gathers_a_whole_run_of_layers():
     stacked = [tuple(x.shape) for x in jax.tree.leaves(trainable) if x.ndim == 3]
     gathered = re.findall(r"= \w+\[([\d,]+)\]\S* all-gather", hlo)
     assert stacked and not {tuple(int(d) for d in g.split(",")) for g in gathered} & set(stacked)
+
+
+def test_layers_that_come_back_unchanged_rejoin_the_array_they_were_sliced_from():
+    """Layers unstack sliced (and recorded) that come back in order rejoin their stacked array: the
+    array itself for a whole run, its rows for part of one (a view on the host), so a plan that keeps
+    a run copies nothing; layers in another order, or not from unstack, are stacked anew, as values."""
+    host = np.arange(4 * 2 * 3, dtype=np.float32).reshape(4, 2, 3)
+    for whole in (host, jnp.asarray(host)):
+        sliced = {}
+        logical = stacking.unstack({"layers_0-3": {"w": whole}}, sliced)
+        assert stacking.stack(logical, ((0, 4),), sliced)["layers_0-3"]["w"] is whole
+        parts = stacking.stack(logical, ((0, 1), (1, 4)), sliced)
+        for key, rows in ((stacking.stack_key(0, 1), [0]), (stacking.stack_key(1, 4), [1, 2, 3])):
+            np.testing.assert_array_equal(parts[key]["w"], host[rows])
+            assert np.shares_memory(parts[key]["w"], host) == (whole is host)
+        swapped = {**logical, "layers_1": logical["layers_2"], "layers_2": logical["layers_1"]}
+        for stacked in (stacking.stack(swapped, ((0, 4),), sliced), stacking.stack(logical, ((0, 4),))):
+            assert stacked["layers_0-3"]["w"] is not whole
+        np.testing.assert_array_equal(stacking.stack(swapped, ((0, 4),), sliced)["layers_0-3"]["w"],
+                                      host[[0, 2, 1, 3]])
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    from helpers import tiny_hf_model
+
+    from jaxtune.data.testing import tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("llama") / "model"
+    tiny_hf_model("LlamaForCausalLM", path, num_hidden_layers=4, vocab_size=112)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_a_model_loaded_on_the_host_plans_there_and_reaches_the_device_once(llama_dir, tmp_path, monkeypatch):
+    """``jaxtune.load(on_host=True)`` keeps the weights off the device; apply_plan then plans them
+    there, the frozen weights of each scanned run staying views of what was loaded, to the same
+    params as a plan of the model loaded on the device; and ``jaxtune train`` loads so: when its
+    Trainer is made, the device holds only what the plan added (before, the base model and its
+    planned copy: twice the model)."""
+    import jaxtune as jt
+    from jaxtune import recipe
+    from jaxtune.data.testing import write_jsonl
+    from jaxtune.tuning import labels as labels_lib
+
+    plan = jt.lora(rank=2, blocks=[2, 3]) + jt.freeze(quantize="int8", blocks=[3])
+    host = jt.load(llama_dir, on_host=True)
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host.params))
+    on_host = tuning.apply_plan(host, plan, jax.random.key(0))
+    on_device = tuning.apply_plan(jt.load(llama_dir), plan, jax.random.key(0))
+    assert jax.tree.structure(on_host.params) == jax.tree.structure(on_device.params)
+    for a, b in zip(jax.tree.leaves(on_host.params), jax.tree.leaves(on_device.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    loaded = host.params[stacking.stack_key(0, 4)]["mlp"]["down_proj"]["kernel"]
+    assert [stacking.stack_range(k) for k in on_host.params if stacking.stack_range(k)] == [
+        range(0, 2), range(2, 3), range(3, 4)]
+    frozen = on_host.params[stacking.stack_key(0, 2)]["mlp"]["down_proj"]["kernel"]
+    adapted = on_host.params[stacking.stack_key(2, 3)]["mlp"]["down_proj"]["kernel"]
+    assert on_host.labels[stacking.stack_key(0, 2)]["mlp"]["down_proj"]["kernel"] == labels_lib.FROZEN
+    assert np.shares_memory(frozen, loaded) and np.shares_memory(adapted, loaded)
+
+    held = []
+    real = recipe.Trainer
+
+    def trainer(tuned, *args, **kwargs):  # what the device holds once the model is loaded and planned
+        held.append((sum(x.nbytes for x in jax.live_arrays()) - before, tuning.nbytes(tuned.params)))
+        return real(tuned, *args, **kwargs)
+
+    monkeypatch.setattr(recipe, "Trainer", trainer)
+    data = write_jsonl(tmp_path / "train.jsonl", [{"text": f"a tiny text {i}"} for i in range(8)])
+    del host, on_host, on_device, loaded, frozen, adapted
+    before = sum(x.nbytes for x in jax.live_arrays())  # other tests' arrays
+    made = recipe.trainer_for(jt.load_config(None, base={
+        "model": {"path": str(llama_dir)}, "plan": [{"preset": "lora", "rank": 2}],
+        "data": {"train": str(data), "kind": "text", "batch_size": 8, "max_length": 16}, "train": {"steps": 1},
+        "output": {"dir": str(tmp_path / "run")}}))
+    [(device_bytes, model_bytes)] = held
+    adapters = tuning.nbytes(made.trainable)
+    assert adapters < model_bytes / 10 and device_bytes <= 2 * adapters + 4096

@@ -91,7 +91,8 @@ def quantized_tensor(tensor: ReaderTensor) -> Any:
 
 
 def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "float32",
-                   compute_dtype: Any | None = None, reader: GGUFReader | None = None, **config_overrides: Any) -> Any:
+                   compute_dtype: Any | None = None, reader: GGUFReader | None = None, on_host: bool = False,
+                   **config_overrides: Any) -> Any:
     """A :class:`jaxtune.models.hf.Pretrained` whose linear kernels and embeddings stay in the GGUF
     file's quantization where it is one of :data:`QUANTIZED_TYPES` (other tensors: ``dtype``).
 
@@ -99,7 +100,8 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     and the tokenizer. A mixture-of-experts layer's experts stay one quantized stack ``(experts, in, out)``.
     Quantized leaves must stay frozen (a plan that trains one fails, naming it). ``reader``: the file's
     :func:`jaxtune.models.gguf.open_gguf` reader where the caller has one (the one that converted ``hf_dir``), so
-    the file is not parsed again.
+    the file is not parsed again. ``on_host``: numpy arrays on no device, as
+    :func:`jaxtune.models.hf.load_pretrained`'s.
     """
     import jax
     import jax.numpy as jnp
@@ -112,6 +114,7 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
     reader = open_gguf(gguf_path) if reader is None else reader
     hf_config = hf.read_config(Path(hf_dir))
     dtype = jnp.dtype(dtype)
+    put = np.asarray if on_host else jnp.asarray
     arch, cfg, module = hf.build(hf_config, None, dtype=str(jnp.dtype(compute_dtype or dtype)),
                                  param_dtype=str(dtype), **config_overrides)
     family = hf.FAMILIES[arch]
@@ -136,13 +139,13 @@ def load_quantized(gguf_path: str | Path, hf_dir: str | Path, *, dtype: Any = "f
                 q = jax.tree.map(lambda a, e=entry: np.ascontiguousarray(e.rows_in_hf_order(a)), q)
             # GGUF rows are (out, in) for every linear (GPT-2's too, transposed by llama.cpp); kernels are (in, out).
             q = transpose(q) if path[-1] == "kernel" else q
-            leaf = jax.tree.map(jnp.asarray, dataclasses.replace(q, dtype=dtype))
+            leaf = jax.tree.map(put, dataclasses.replace(q, dtype=dtype))
         elif first_expert:  # (experts, out, in) -> (experts, in, out)
             whole = dataclasses.replace(entry, expert=None, shape=(spec.shape[0], *entry.shape))
-            leaf = jnp.asarray(dequantized(whole, np.dtype(np.float32), gguf_path).swapaxes(-1, -2), dtype)
+            leaf = put(dequantized(whole, np.dtype(np.float32), gguf_path).swapaxes(-1, -2), dtype)
         else:
             array = dequantized(entry, np.dtype(np.float32), gguf_path)  # the HF tensor
-            leaf = jnp.asarray(array.T if hf.stored_transposed(family, path) else array, dtype)
+            leaf = put(array.T if hf.stored_transposed(family, path) else array, dtype)
         if tuple(leaf.shape) != tuple(spec.shape):
             raise GGUFError(f"{gguf_path}: tensor {tensor.name!r} gives {'/'.join(path)} shape {tuple(leaf.shape)}, "
                             f"expected {tuple(spec.shape)}")

@@ -312,6 +312,7 @@ def load_pretrained(
     dtype: Any = jnp.float32,
     compute_dtype: Any | None = None,
     shardings: Any = None,
+    on_host: bool = False,
     architecture: str | None = None,
     **config_overrides: Any,
 ) -> Pretrained:
@@ -324,11 +325,18 @@ def load_pretrained(
       compute_dtype: activation dtype; defaults to ``dtype``.
       shardings: None (default device), one ``jax.sharding.Sharding`` for every leaf, or a pytree
         of shardings matching the param tree; each device then reads only its own slice.
+      on_host: keep the params as host numpy arrays, on no device (not with ``shardings``). What a
+        Trainer is given next: ``apply_plan`` plans them on the host (a scanned run's layers as views,
+        restacked without a copy where the plan keeps the run) and the Trainer puts each leaf on
+        its sharding once, so the device never holds the base model beside its planned copy.
       architecture: force an architecture (e.g. ``"BertModel"`` to load only the body of a
         ``BertForSequenceClassification`` checkpoint). A BERT checkpoint without pooler tensors
         (``BertForMaskedLM``) loads as a body without a pooler, with a warning.
       config_overrides: fields of the family's config, e.g. ``remat="block"``.
     """
+    if on_host and shardings is not None:
+        raise ValueError("load_pretrained: on_host keeps the params off every device, and shardings places them; "
+                         "pass one of the two")
     model_dir = resolve(path_or_id)
     hf_config = read_config(model_dir)
     dtype = jnp.dtype(dtype)
@@ -379,7 +387,9 @@ def load_pretrained(
                 parts.append(view)
                 used.add(found)
             views.append(_Stacked(parts) if split else parts[0])
-        params[path] = _place(_Stacked(views) if layers else views[0], dtype, leaf_shardings.get(path))
+        view = _Stacked(views) if layers else views[0]
+        # on the host, a copy: a view would map the file, which an export may later overwrite
+        params[path] = np.array(view, dtype=dtype) if on_host else _place(view, dtype, leaf_shardings.get(path))
     unused = [n for n in reader.names() if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
     if getattr(cfg, "tie_word_embeddings", False) and unused == ["lm_head.weight"]:
         # Some writers store the tied output matrix twice; another matrix there is not the tied one, and

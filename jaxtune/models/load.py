@@ -348,11 +348,14 @@ def tokenizer_of(model: Any) -> Any:
     return model.tokenizer
 
 
-def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pretrained:
+def load(model: str | os.PathLike[str] | ModelConfig, *, on_host: bool = False, **options: Any) -> hf.Pretrained:
     """Load a pretrained model with its tokenizer.
 
     Args:
       model: a path, packaged name, GGUF file or hub id, or a :class:`ModelConfig`.
+      on_host: keep the weights as host numpy arrays, on no device, for ``apply_plan`` and a Trainer
+        that places each leaf once (what ``jaxtune train`` does: see
+        :func:`jaxtune.models.hf.load_pretrained`); the default puts them on the default device.
       options: fields of :class:`ModelConfig` (``dtype``, ``compute_dtype``, ``remat``,
         ``unroll_layers``, ``tokenizer``, ``router_aux_loss_coef``...), overriding those of ``model``.
 
@@ -379,10 +382,11 @@ def load(model: str | os.PathLike[str] | ModelConfig, **options: Any) -> hf.Pret
         if cfg.keep_quantized:
             from jaxtune.models.gguf_quantized import load_quantized
 
-            pretrained = load_quantized(file, directory, dtype=cfg.dtype, reader=reader,
+            pretrained = load_quantized(file, directory, dtype=cfg.dtype, reader=reader, on_host=on_host,
                                         compute_dtype=cfg.compute_dtype, **overrides)
         else:
-            pretrained = hf.load_pretrained(directory, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype, **overrides)
+            pretrained = hf.load_pretrained(directory, dtype=cfg.dtype, compute_dtype=cfg.compute_dtype,
+                                            on_host=on_host, **overrides)
     except TypeError as err:
         raise refused_field(err, overrides, directory) or err from None
     if getattr(pretrained.config, "modality", "text") != "image" or cfg.tokenizer:  # image models read pixels

@@ -153,8 +153,15 @@ def param_shardings(params: Any, mesh: Mesh, rules: Rules = ()) -> Any:
 
 
 def shard(tree: Any, shardings: Any) -> Any:
-    """Place every leaf of ``tree`` on its sharding."""
-    return jax.tree.map(jax.device_put, tree, shardings)
+    """Place every leaf of ``tree`` on its sharding. A host (numpy) leaf goes straight to the slices
+    each device holds: ``device_put`` of a host array first compares it across processes (a gather
+    of the whole array), and a leaf loaded on the host is the same on each by construction."""
+    def place(leaf: Any, sharding: jax.sharding.Sharding) -> Any:
+        if isinstance(leaf, np.ndarray):
+            return jax.make_array_from_callback(leaf.shape, sharding, lambda index: leaf[index])
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree.map(place, tree, shardings)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -173,6 +173,9 @@ class Trainer(Fitting):
             if preference is not None and preference.needs_reference and not cached:
                 frozen = with_reference_start(trainable, frozen, getattr(model.config, "dtype", None))
             self.frozen = shard(frozen, param_shardings(frozen, self.mesh, rules))
+            # the placed leaves, not the ones given (host arrays, or device ones placed again): those are freed
+            self.tuned = model = dataclasses.replace(model, params=self.params)
+            del trainable, frozen
             # The optimizer state is placed by the same path rules as the params (Adam's mu/nu paths
             # end in the param's path), scalars replicated on the mesh. Left to jit, moments built by
             # zeros_like come out replicated: a full copy of Adam's state on every FSDP device.
