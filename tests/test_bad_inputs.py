@@ -516,15 +516,26 @@ def test_an_export_peft_cannot_write_fails_before_training(root: Path, tmp_path:
 
 
 def test_free_fields_may_change_on_resume(root: Path, trained: Path, tmp_path: Path) -> None:
-    """Steps, logging, evaluation, checkpoint frequency and the learning rate may change."""
+    """Steps, logging, evaluation, checkpoint frequency and the learning rate may change, and the log
+    names each change against the run's config.yaml (which is then rewritten), a field an older
+    jaxtune did not save included."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(trained, run)
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    old_steps, old_lr = saved["train"]["steps"], saved["optimizer"]["learning_rate"]
+    del saved["model"]["router_aux_loss_coef"]  # as a run written before the field existed
+    (run / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
     code, _, err = cli("train", root / "chat.yaml", f"output.dir={run}", "train.steps=3", "train.log_every=3",
                        "checkpoint.every=3", "optimizer.learning_rate=1e-3", "checkpoint.keep=2")
     assert code == 0, err
     assert "resumed from" in err and json.loads((run / "status.json").read_text())["step"] == 3
+    [line] = [x for x in err.splitlines() if "resume: this config changes the run's config.yaml" in x]
+    for change in (f"train.steps: {old_steps} -> 3", f"optimizer.learning_rate: {old_lr} -> 0.001",
+                   "model.router_aux_loss_coef: (not saved) -> null", "checkpoint.keep: "):
+        assert change in line, line
+    assert "data.max_length" not in line and "model.path" not in line, line
 
 
 def test_python_trainer_without_a_config_refuses_another_plan(root: Path, tmp_path: Path) -> None:

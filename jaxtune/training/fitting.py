@@ -79,6 +79,10 @@ class Fitting:
         with processes.ready_together(lambda: "checking the run directory, before training"):
             preflight.check_fit(self.config, self.train_data, self.eval_data)
             self.check_resume()
+            changes = self.run.changes(self.resolved_config)
+            if changes:
+                log.info("resume: this config changes the run's %s (rewritten now): %s", RunDir.CONFIG,
+                         "; ".join(changes))
             self.run.create().write_config(self.resolved_config)
             self.run.write_identity(self.identity())
         where = "scoring the base model, before training"

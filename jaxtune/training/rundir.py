@@ -142,6 +142,17 @@ def differences(saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
     return out
 
 
+def _fields(config: dict[str, Any]) -> dict[str, Any]:
+    """A config's fields flattened to ``section.field`` (a section that is not a mapping, ``plan``, whole)."""
+    out: dict[str, Any] = {}
+    for section, value in config.items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{name}": field for name, field in value.items()})
+        else:
+            out[section] = value
+    return out
+
+
 def _without_optional(rules: Any) -> Any:
     """Plan rules (as data) without their ``optional`` flag, which changes no trained parameter: runs made
     before ``freeze_all_but`` set it still open and resume."""
@@ -233,6 +244,26 @@ class RunDir:
         if not isinstance(identity, dict):
             raise RunDirError(f"{path}: not valid JSON; it records what made this run: restore it, or {AFRESH}")
         return identity
+
+    def changes(self, resolved_config: dict[str, Any]) -> list[str]:
+        """``section.field: saved -> now`` for each field this run's config changes against the run's
+        ``config.yaml`` (the ones a resume may change: :meth:`check_resume` refuses the others), a field
+        the saved config lacks (written by an older jaxtune) shown as ``(not saved)``; empty for a new
+        run. Why: the saved config is rewritten as the run resumes, so this is the one record of it."""
+        saved = self.config() if self.path.is_dir() and resolved_config else None  # a Python Trainer has none
+        if saved is None:
+            return []
+        before, after = _fields(saved), _fields(resolved_config)
+        missing = object()
+        out = []
+        for key in [*after, *(k for k in before if k not in after)]:
+            old, new = before.get(key, missing), after.get(key, missing)
+            if old is not missing and new is not missing and \
+                    json.loads(json.dumps(old, default=str)) == json.loads(json.dumps(new, default=str)):
+                continue
+            out.append(f"{key}: {'(not saved)' if old is missing else _brief(old)} -> "
+                       f"{'(not set)' if new is missing else _brief(new)}")
+        return out
 
     # ------------------------------------------------------------------ config
 
