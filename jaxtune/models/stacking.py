@@ -135,6 +135,7 @@ def stack(tree: Params, layer_runs_: Sequence[tuple[int, int]], sliced: Sliced |
     leaf when the layers of a run differ in structure, shape, dtype or label."""
     if not any(_LAYER.match(k) for k in tree):
         return dict(tree)
+    sliced = sliced or {}
     out = {k: v for k, v in tree.items() if not _LAYER.match(k)}
     for start, stop in layer_runs_:
         layers = [tree.get(f"{PREFIX}_{i}") for i in range(start, stop)]
@@ -153,7 +154,7 @@ def stack(tree: Params, layer_runs_: Sequence[tuple[int, int]], sliced: Sliced |
         key = stack_key(start, stop)
         out[key] = jax.tree_util.tree_map_with_path(
             lambda p, *xs, key=key: _stack_leaves(f"{key}/{jax.tree_util.keystr(p, simple=True, separator='/')}",
-                                                  *xs, sliced=sliced or {}),
+                                                  *xs, sliced=sliced),
             *layers, is_leaf=_is_leaf)
     return out
 

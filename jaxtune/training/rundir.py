@@ -254,16 +254,9 @@ class RunDir:
         if saved is None:
             return []
         before, after = _fields(saved), _fields(resolved_config)
-        missing = object()
-        out = []
-        for key in [*after, *(k for k in before if k not in after)]:
-            old, new = before.get(key, missing), after.get(key, missing)
-            if old is not missing and new is not missing and \
-                    json.loads(json.dumps(old, default=str)) == json.loads(json.dumps(new, default=str)):
-                continue
-            out.append(f"{key}: {'(not saved)' if old is missing else _brief(old)} -> "
-                       f"{'(not set)' if new is missing else _brief(new)}")
-        return out
+        return (differences(before, after)
+                + [f"{key}: (not saved) -> {_brief(value)}" for key, value in after.items() if key not in before]
+                + [f"{key}: {_brief(value)} -> (not set)" for key, value in before.items() if key not in after])
 
     # ------------------------------------------------------------------ config
 
