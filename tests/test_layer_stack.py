@@ -172,23 +172,31 @@ def test_fsdp_never_gathers_a_whole_run_of_layers():
 
 
 def test_layers_that_come_back_unchanged_rejoin_the_array_they_were_sliced_from():
-    """Layers unstack sliced (and recorded) that come back in order rejoin their stacked array: the
-    array itself for a whole run, its rows for part of one (a view on the host), so a plan that keeps
-    a run copies nothing; layers in another order, or not from unstack, are stacked anew, as values."""
+    """Layers a lazy unstack gives (stacking.Layer: shape and dtype, no slice) that come back in order
+    rejoin their stacked array: the array itself for a whole run, its rows for part of one (a view on
+    the host), so a plan that keeps a run copies nothing; layers in another order, or eager slices, are
+    stacked anew, as values. A Layer is refused as an array (no silent copy) and slices on request."""
     host = np.arange(4 * 2 * 3, dtype=np.float32).reshape(4, 2, 3)
     for whole in (host, jnp.asarray(host)):
-        sliced = {}
-        logical = stacking.unstack({"layers_0-3": {"w": whole}}, sliced)
-        assert stacking.stack(logical, ((0, 4),), sliced)["layers_0-3"]["w"] is whole
-        parts = stacking.stack(logical, ((0, 1), (1, 4)), sliced)
+        logical = stacking.unstack({"layers_0-3": {"w": whole}}, lazy=True)
+        layer = logical["layers_2"]["w"]
+        assert isinstance(layer, stacking.Layer) and (layer.shape, layer.dtype, layer.ndim, layer.size) == (
+            (2, 3), np.float32, 2, 6)
+        np.testing.assert_array_equal(stacking.materialize({"w": layer})["w"], host[2])
+        np.testing.assert_array_equal(layer.astype(jnp.bfloat16), host[2].astype(jnp.bfloat16))
+        with pytest.raises(TypeError, match="stacking.materialize"):
+            np.asarray(layer)
+        assert stacking.stack(logical, ((0, 4),))["layers_0-3"]["w"] is whole
+        parts = stacking.stack(logical, ((0, 1), (1, 4)))
         for key, rows in ((stacking.stack_key(0, 1), [0]), (stacking.stack_key(1, 4), [1, 2, 3])):
             np.testing.assert_array_equal(parts[key]["w"], host[rows])
             assert np.shares_memory(parts[key]["w"], host) == (whole is host)
         swapped = {**logical, "layers_1": logical["layers_2"], "layers_2": logical["layers_1"]}
-        for stacked in (stacking.stack(swapped, ((0, 4),), sliced), stacking.stack(logical, ((0, 4),))):
+        eager = stacking.unstack({"layers_0-3": {"w": whole}})
+        for stacked in (stacking.stack(swapped, ((0, 4),)), stacking.stack(eager, ((0, 4),))):
             assert stacked["layers_0-3"]["w"] is not whole
-        np.testing.assert_array_equal(stacking.stack(swapped, ((0, 4),), sliced)["layers_0-3"]["w"],
-                                      host[[0, 2, 1, 3]])
+            assert type(stacked["layers_0-3"]["w"]) is type(whole)  # on the host, or on the device, as it was
+        np.testing.assert_array_equal(stacking.stack(swapped, ((0, 4),))["layers_0-3"]["w"], host[[0, 2, 1, 3]])
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +256,46 @@ def test_a_model_loaded_on_the_host_plans_there_and_reaches_the_device_once(llam
     [(device_bytes, model_bytes)] = held
     adapters = tuning.nbytes(made.trainable)
     assert adapters < model_bytes / 10 and device_bytes <= 2 * adapters + 4096
+
+
+def test_a_plan_of_a_model_on_the_device_slices_only_what_it_changes(llama_dir, tmp_path, monkeypatch):
+    """``apply_plan`` of a model loaded on the device (``jaxtune.load``'s default, the README's Python
+    example) sliced every layer of each scanned run into a device copy while it planned: the device held
+    the base model twice (an 8B model in bf16 would not fit a 24 GB card then). Now the layers stay
+    unsliced (stacking.Layer) unless the plan computes from them, so the device holds the base once plus
+    what the plan adds. A model that starts from a PEFT adapter (``model.adapter``, SFT before DPO) was
+    restacked into a copy of its base after planning; now its frozen layers are the loaded arrays."""
+    import dataclasses
+
+    import jaxtune as jt
+
+    def live() -> int:
+        return sum(x.nbytes for x in jax.live_arrays())
+
+    held, real = [], stacking.stack
+
+    def stack(tree, runs, *old):  # where a plan's layers are all alive at once, before they are stacked back
+        held.append(live())
+        return real(tree, runs, *old)
+
+    monkeypatch.setattr(stacking, "stack", stack)
+    base = jt.load(llama_dir)
+    key = stacking.stack_key(0, 4)
+    loaded = base.params[key]["mlp"]["down_proj"]["kernel"]
+    for plan in (jt.lora(rank=2), jt.lora(rank=2, blocks=[2, 3]) + jt.freeze(quantize="int8", blocks=[3])):
+        held.clear()
+        before = live()
+        tuned = jt.apply_plan(base, plan, jax.random.key(0))
+        added = tuning.nbytes(tuned.params) - tuning.nbytes(base.params)  # adapters (int8: less than none)
+        # held[0]: stacking the params (then the labels); a run the plan splits is copied as it stacks, on a device
+        assert held[0] - before <= max(added, 0) + tuning.nbytes(base.params) // 4 + 4096, (held[0] - before, added)
+    planned = jt.apply_plan(base, jt.lora(rank=2), jax.random.key(0))
+    assert planned.params[key]["mlp"]["down_proj"]["kernel"] is loaded  # the loaded array, not a copy of it
+
+    adapter = jt.export(dataclasses.replace(planned, step=1), tmp_path / "adapter")
+    with_adapter = jt.load(llama_dir, adapter=adapter)
+    started = jt.apply_plan(with_adapter, jt.lora(rank=2), jax.random.key(1))
+    assert started.params[key]["mlp"]["down_proj"]["kernel"] is with_adapter.params[key]["mlp"]["down_proj"]["kernel"]
+    for name in ("lora_a", "lora_b"):  # and the adapter's values, from its file
+        np.testing.assert_allclose(started.params[key]["mlp"]["down_proj"][name],
+                                   planned.params[key]["mlp"]["down_proj"][name], rtol=1e-6)

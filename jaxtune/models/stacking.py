@@ -14,7 +14,8 @@ state while its neighbours train. The config carries the run lengths (``layer_gr
 
 Everything here is pure tree manipulation on nested dicts, applied where a tree crosses the
 boundary (loading, applying a plan, export, merge), never inside a step. Leaves may be arrays,
-``jax.ShapeDtypeStruct``, or strings (labels: one label per run, checked to agree), and any pytree
+:class:`Layer` (a layer of a stacked array, not yet sliced), ``jax.ShapeDtypeStruct``, or strings
+(labels: one label per run, checked to agree), and any pytree
 node whose array components carry the weight's leading axes (they stack component by component).
 """
 
@@ -86,24 +87,60 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, str) or x is None
 
 
-Sliced = dict[int, tuple[Any, Any, int]]
+class Layer:
+    """Layer ``index`` of the stacked array ``whole``, not yet sliced out of it: what
+    ``unstack(..., lazy=True)`` gives for each layer of a run. It has the slice's ``shape``, ``dtype``,
+    ``ndim`` and ``size``; :meth:`value` (or :func:`materialize`) slices it, ``astype`` slices and casts.
+
+    Why: a plan reads most layers' weights only for their shapes and keeps them as loaded, and on a
+    device every slice is a copy, so slicing all of them held the base model twice while a plan was
+    applied (and a restack of the slices, a third time). Layers that come back unchanged and in order
+    go back into ``whole`` itself (:func:`stack`); only what a plan computes from (a quantized or DoRA
+    kernel) is sliced. Not an array: ``np.asarray`` of one is refused rather than copied in silence."""
+
+    __slots__ = ("whole", "index")
+
+    def __init__(self, whole: Any, index: int):
+        self.whole, self.index = whole, index
+
+    shape = property(lambda self: tuple(self.whole.shape[1:]))
+    dtype = property(lambda self: self.whole.dtype)
+    ndim = property(lambda self: self.whole.ndim - 1)
+    size = property(lambda self: int(np.prod(self.whole.shape[1:], dtype=np.int64)))
+
+    def value(self) -> Any:
+        """The layer's array (a view on the host, a copy on a device)."""
+        return self.whole[self.index]
+
+    def astype(self, dtype: Any) -> Any:
+        return self.value().astype(dtype)
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise TypeError("a stacking.Layer is a layer not yet sliced from its run; take stacking.materialize(x) "
+                        "(or x.value()) where its values are needed")
+
+    def __repr__(self) -> str:
+        return f"Layer({self.index} of {type(self.whole).__name__}{tuple(self.whole.shape)} {self.dtype})"
 
 
-def _rejoined(leaves: Sequence[Any], sliced: Sliced) -> Any | None:
-    """The stacked array ``leaves`` were sliced from by :func:`unstack` (all of it, or the rows they
-    are), when they are its consecutive layers in order; None otherwise. Why: restacking them would
-    copy the run for nothing, and a plan keeps most of a model's layers as they were loaded; on a
-    device that copy held the base model a second time."""
-    found = [sliced.get(id(x)) for x in leaves]
-    if any(f is None or f[0] is not x for f, x in zip(found, leaves)):
+def materialize(tree: Any) -> Any:
+    """``tree`` (a leaf, a quantized weight, any pytree) with every :class:`Layer` sliced to its array."""
+    return jax.tree.map(lambda x: x.value() if isinstance(x, Layer) else x, tree)
+
+
+def _rejoined(leaves: Sequence[Any]) -> Any | None:
+    """The stacked array ``leaves`` are layers of (all of it, or the rows they are), when they are
+    :class:`Layer` s of one array, consecutive and in order; None otherwise. Why: restacking them would
+    copy the run for nothing, and a plan keeps most of a model's layers as they were loaded."""
+    if not all(isinstance(x, Layer) for x in leaves):
         return None
-    whole, first = found[0][1], found[0][2]
-    if any(f[1] is not whole or f[2] != first + j for j, f in enumerate(found)):
+    whole, first = leaves[0].whole, leaves[0].index
+    if any(x.whole is not whole or x.index != first + j for j, x in enumerate(leaves)):
         return None
     return whole if len(leaves) == whole.shape[0] else whole[first:first + len(leaves)]
 
 
-def _stack_leaves(path: str, *leaves: Any, sliced: Sliced) -> Any:
+def _stack_leaves(path: str, *leaves: Any) -> Any:
     first = leaves[0]
     if first is None:  # an absent optional component (a quantized weight without offsets): absent in all
         return None
@@ -117,25 +154,25 @@ def _stack_leaves(path: str, *leaves: Any, sliced: Sliced) -> Any:
                          f"{sorted({(tuple(x.shape), str(x.dtype)) for x in leaves})}; split the run (layer_groups)")
     if isinstance(first, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
-    whole = _rejoined(leaves, sliced)
+    whole = _rejoined(leaves)
     if whole is not None:
         return whole
+    leaves = [materialize(x) for x in leaves]
     if all(isinstance(x, np.ndarray) for x in leaves):
         return np.stack(leaves)
     return jnp.stack(leaves)
 
 
-def stack(tree: Params, layer_runs_: Sequence[tuple[int, int]], sliced: Sliced | None = None) -> Params:
+def stack(tree: Params, layer_runs_: Sequence[tuple[int, int]]) -> Params:
     """Logical -> physical: the subtrees ``layers_i`` of each run become one ``layers_a-b`` subtree whose
-    leaves have a leading layer axis. Other keys are kept as they are. ``sliced``: what
-    :func:`unstack` recorded; layers it sliced that come back unchanged and in order rejoin the array
-    they came from (a view of its rows on the host; on a device the array itself when the run is
-    whole, else a copy of just those rows) instead of being stacked anew. A tree without layer keys
+    leaves have a leading layer axis. Other keys are kept as they are. :class:`Layer` s of one stacked
+    array that come back in order rejoin it (the array itself for a whole run; for part of one its rows:
+    a view on the host, a copy of just those rows on a device) instead of being stacked anew; any other
+    leaves are stacked as values (a Layer sliced first). A tree without layer keys
     (e.g. an optimizer's empty part) comes back unchanged. Raises ValueError naming the layer and
     leaf when the layers of a run differ in structure, shape, dtype or label."""
     if not any(_LAYER.match(k) for k in tree):
         return dict(tree)
-    sliced = sliced or {}
     out = {k: v for k, v in tree.items() if not _LAYER.match(k)}
     for start, stop in layer_runs_:
         layers = [tree.get(f"{PREFIX}_{i}") for i in range(start, stop)]
@@ -154,7 +191,7 @@ def stack(tree: Params, layer_runs_: Sequence[tuple[int, int]], sliced: Sliced |
         key = stack_key(start, stop)
         out[key] = jax.tree_util.tree_map_with_path(
             lambda p, *xs, key=key: _stack_leaves(f"{key}/{jax.tree_util.keystr(p, simple=True, separator='/')}",
-                                                  *xs, sliced=sliced),
+                                                  *xs),
             *layers, is_leaf=_is_leaf)
     return out
 
@@ -164,21 +201,19 @@ def _leaf_names(tree: Any) -> list[str]:
                   for p, _ in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_leaf)[0])
 
 
-def _unstack_leaf(leaf: Any, i: int, sliced: Sliced | None) -> Any:
+def _unstack_leaf(leaf: Any, i: int, lazy: bool) -> Any:
     if isinstance(leaf, str) or leaf is None:
         return leaf
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
-    part = leaf[i]
-    if sliced is not None:  # the part is held there too, so its id names it until the dict goes
-        sliced[id(part)] = (part, leaf, i)
-    return part
+    return Layer(leaf, i) if lazy else leaf[i]
 
 
-def unstack(tree: Params, sliced: Sliced | None = None) -> Params:
+def unstack(tree: Params, lazy: bool = False) -> Params:
     """Physical -> logical: each ``layers_a-b`` subtree becomes ``layers_a`` .. ``layers_b``.
-    A logical tree comes back unchanged (as a new top-level dict). ``sliced``: a dict in which to
-    record each layer's leaf (a view on the host, a copy on a device) for :func:`stack`."""
+    A logical tree comes back unchanged (as a new top-level dict). ``lazy``: each layer's array leaf
+    is a :class:`Layer` (sliced only where its values are read; :func:`stack` puts unchanged ones back
+    into their array) instead of a slice (a view on the host, a copy on a device)."""
     out = {}
     for key, value in tree.items():
         layers = stack_range(key)
@@ -186,7 +221,7 @@ def unstack(tree: Params, sliced: Sliced | None = None) -> Params:
             out[key] = value
             continue
         for j, i in enumerate(layers):
-            out[f"{PREFIX}_{i}"] = jax.tree.map(lambda x, j=j: _unstack_leaf(x, j, sliced), value, is_leaf=_is_leaf)
+            out[f"{PREFIX}_{i}"] = jax.tree.map(lambda x, j=j: _unstack_leaf(x, j, lazy), value, is_leaf=_is_leaf)
     return out
 
 
@@ -200,13 +235,12 @@ def logical_path(path: tuple[str, ...], layer: int) -> tuple[str, ...]:
     return (f"{PREFIX}_{layer}", *path[1:])
 
 
-def to_physical(tree: Params, cfg: Any, sliced: Sliced | None = None) -> Params:
+def to_physical(tree: Params, cfg: Any) -> Params:
     """``tree`` in the layout ``cfg``'s model runs on: stacked runs when it scans its layers (a
-    decoder with ``scan_layers``), else unchanged. A tree that is already physical is returned as is.
-    ``sliced``: as :func:`stack`'s."""
+    decoder with ``scan_layers``), else unchanged. A tree that is already physical is returned as is."""
     if not getattr(cfg, "scan_layers", False) or is_stacked(tree):
         return tree
-    return stack(tree, cfg.layer_runs, sliced)
+    return stack(tree, cfg.layer_runs)
 
 
 def plan_groups(cfg: Any, labels: Params, params: Params) -> tuple[int, ...]:

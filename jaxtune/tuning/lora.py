@@ -63,7 +63,7 @@ def init_adapter(kernel: Array, spec: AdapterSpec, unit: Array) -> dict[str, Arr
         raise ValueError(f"DoRA on a stack of {lead[0]} linears (MoE experts) is not supported; use LoRA there "
                          "(a lora rule on the experts, dora elsewhere)")
     if spec.kind == "dora":
-        leaves[MAGNITUDE] = column_norm(as_float(kernel, jnp.float32))
+        leaves[MAGNITUDE] = column_norm(as_float(stacking.materialize(kernel), jnp.float32))
     return leaves
 
 
@@ -75,7 +75,7 @@ def quantized_magnitudes(params: Params, quantized: Any) -> Params:
     for path in quantized:
         module = path[:-1]
         if path[-1] == "kernel" and module + (MAGNITUDE,) in flat:
-            flat[module + (MAGNITUDE,)] = column_norm(as_float(flat[path], jnp.float32))
+            flat[module + (MAGNITUDE,)] = column_norm(as_float(stacking.materialize(flat[path]), jnp.float32))
     return unflatten_dict(flat)
 
 

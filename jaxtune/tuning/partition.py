@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from jaxtune.models import quant
+from jaxtune.models import quant, stacking
 from jaxtune.models.layers import LORA_SCALE
 from jaxtune.tuning.labels import FROZEN, GROUPS
 
@@ -80,7 +80,7 @@ def quantize_leaves(params: Params, formats: dict[tuple[str, ...], str]) -> Para
     flat = flatten_dict(params)
     for path, fmt in formats.items():
         try:
-            flat[path] = quant.quantize(flat[path], fmt, quant.block_axis(path[-1]))
+            flat[path] = quant.quantize(stacking.materialize(flat[path]), fmt, quant.block_axis(path[-1]))
         except ValueError as err:
             raise ValueError(f"quantize {'/'.join(path)}: {err}") from None
         # the full-precision leaf is dropped here, so only one weight is held twice at a time

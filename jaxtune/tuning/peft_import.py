@@ -168,7 +168,7 @@ def _load_peft(pretrained: hf.Pretrained, adapter_dir: str | Path, rng: jax.Arra
     def named(t: Tuned) -> Tuned:
         return dataclasses.replace(t, head=None) if head_is_given else t
 
-    layout_modules = modules_of(stacking.unstack(layout.params))
+    layout_modules = modules_of(stacking.unstack(layout.params, lazy=True))  # the names only: nothing sliced
     by_name = hf_module_names(named(layout), list(layout_modules))
     unknown = sorted(saved - set(by_name))
     if unknown:
@@ -280,9 +280,11 @@ def start_from(planned: Tuned, loaded: Tuned, adapter_dir: str | Path, *, head: 
     Raises :class:`ExportError` (one line, naming ``model.adapter``, the param path and the fix)
     when a loaded leaf has no trainable leaf of the same shape and adapter spec in ``planned``.
     """
-    # Compared layer by layer (the logical tree: adapters are planned per layer), then stacked back.
-    flat, labels = flatten_dict(stacking.unstack(planned.params)), flatten_dict(stacking.unstack(planned.labels))
-    values = flatten_dict(stacking.unstack(loaded.params))
+    # Compared layer by layer (the logical tree: adapters are planned per layer), then stacked back: the
+    # layers left as planned (the frozen base) go back into their arrays, not into copies (stacking.Layer).
+    flat, labels = (flatten_dict(stacking.unstack(planned.params, lazy=True)),
+                    flatten_dict(stacking.unstack(planned.labels)))
+    values = flatten_dict(stacking.unstack(loaded.params, lazy=True))
     fix = "give the plan the adapter was trained with (the SFT run's plan)"
     for path, label in flatten_dict(stacking.unstack(loaded.labels)).items():
         if label == FROZEN or (not head and path[0] == HEAD_KEY):
@@ -298,7 +300,7 @@ def start_from(planned: Tuned, loaded: Tuned, adapter_dir: str | Path, *, head: 
         if value.shape != flat[path].shape:
             raise ExportError(f"{where} with shape {tuple(value.shape)}, but the plan's leaf has "
                               f"{tuple(flat[path].shape)}; {fix}")
-        flat[path] = jnp.asarray(value, flat[path].dtype)
+        flat[path] = jnp.asarray(stacking.materialize(value), flat[path].dtype)
     log.info("model.adapter: the plan's trainable leaves start from %s", adapter_dir)
     return dataclasses.replace(planned, params=stacking.to_physical(unflatten_dict(flat), planned.config))
 
@@ -419,7 +421,7 @@ def _lora_rules(config: dict[str, Any], linears: dict[str, Module], saved: set[s
 def _fill(tuned: Tuned, reader: hf.SafetensorsReader, keys: dict[str, str], by_name: dict[str, Module],
           adapter_dir: Path) -> Params:
     """``tuned.params`` with every tensor of the adapter file put in its leaf (shapes checked)."""
-    flat = flatten_dict(stacking.unstack(tuned.params))
+    flat = flatten_dict(stacking.unstack(tuned.params, lazy=True))  # the leaves left as they are stack back
     wanted = {}  # leaf path -> (key, transpose)
     for module in tuned.adapters:
         name = hf_module_name(tuned, module)

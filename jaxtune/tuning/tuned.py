@@ -191,11 +191,11 @@ def is_image(cfg: Any) -> bool:
     return getattr(cfg, "modality", "text") == "image"
 
 
-def _split_pretrained(pretrained: Pretrained, sliced: stacking.Sliced | None = None) -> tuple[
-        FamilyConfig, Params, HeadSpec | None, Params | None]:
-    """The body config and params, and the checkpoint's own head (``*ForSequenceClassification``).
-    ``sliced``: as :func:`jaxtune.models.stacking.unstack`'s."""
-    cfg, params = pretrained.config, stacking.unstack(pretrained.params, sliced)  # plans address layers one by one
+def _split_pretrained(pretrained: Pretrained) -> tuple[FamilyConfig, Params, HeadSpec | None, Params | None]:
+    """The body config and params (a scanned run's layers as :class:`jaxtune.models.stacking.Layer` s),
+    and the checkpoint's own head (``*ForSequenceClassification``)."""
+    # Plans address layers one by one; the layers they keep go back into the loaded stack, not a copy of it.
+    cfg, params = pretrained.config, stacking.unstack(pretrained.params, lazy=True)
     if pretrained.architecture in efficientnet.CLASSIFIERS:  # the ImageNet classifier: mean pool -> dropout -> fc
         spec = HeadSpec(task="regression" if cfg.num_labels == 1 else "classification", num_outputs=cfg.num_labels,
                         pooling="mean", dropout=cfg.hidden_dropout, bias=True)
@@ -300,9 +300,7 @@ def apply_plan(
     elif jnp.dtype(pretrained.config.param_dtype) != jnp.float32:
         frozen_dtype = pretrained.config.param_dtype
     k_head, k_prompt, k_adapters = jax.random.split(_key(rng), 3)
-    # The layers a plan keeps as loaded go back into the loaded stack, not into a copy of it.
-    sliced: stacking.Sliced = {}
-    cfg, params, head, head_params = _split_pretrained(pretrained, sliced)
+    cfg, params, head, head_params = _split_pretrained(pretrained)
     is_decoder = isinstance(cfg, decoder.DecoderConfig)
 
     head_index, head_rule = _last(plan, "head")
@@ -368,7 +366,7 @@ def apply_plan(
     if getattr(cfg, "scan_layers", False):
         # Runs of identically planned layers, each one scan: a frozen run gets no gradient or optimizer state.
         body_cfg = dataclasses.replace(body_cfg, layer_groups=stacking.plan_groups(cfg, labels, params))
-        params, labels = stacking.to_physical(params, body_cfg, sliced), stacking.to_physical(labels, body_cfg)
+        params, labels = stacking.to_physical(params, body_cfg), stacking.to_physical(labels, body_cfg)
     body = FAMILIES[pretrained.architecture].body_module(body_cfg)  # the family's own body (Decoder, Gemma...)
     return Tuned(
         module=TunedModel(body, task, prompt_tokens, head),
