@@ -299,3 +299,39 @@ def test_a_plan_of_a_model_on_the_device_slices_only_what_it_changes(llama_dir, 
     for name in ("lora_a", "lora_b"):  # and the adapter's values, from its file
         np.testing.assert_allclose(started.params[key]["mlp"]["down_proj"][name],
                                    planned.params[key]["mlp"]["down_proj"][name], rtol=1e-6)
+
+
+def test_a_merged_export_slices_and_dequantizes_one_tensor_at_a_time(llama_dir, tmp_path, monkeypatch):
+    """A merged export (``export: merged``, GGUF) of a model on the device sliced every layer into a device
+    copy and dequantized a quantized base whole, on the device, before writing a tensor: an 8B QLoRA run's
+    export at the end of training needed its full-precision model beside the trained state. Now only the
+    merged kernels are new, and each other tensor is sliced and dequantized as it is written; the files
+    are the same (checked against the dequantized model's own export)."""
+    import dataclasses
+
+    from safetensors.numpy import load_file
+
+    import jaxtune as jt
+    from jaxtune.models import hf
+    from jaxtune.models.quant import dequantize_tree
+
+    tuned = dataclasses.replace(jt.apply_plan(jt.load(llama_dir), jt.freeze(quantize="int8") + jt.lora(
+        rank=2, targets=["q_proj"]), jax.random.key(0)), step=1)
+    full = tuning.nbytes(dequantize_tree(tuned.params))  # the model in full precision, adapters aside
+    held, real = [], hf._host_tensor
+
+    def host_tensor(leaf, *args):
+        held.append(sum(x.nbytes for x in jax.live_arrays()) - before)
+        return real(leaf, *args)
+
+    monkeypatch.setattr(hf, "_host_tensor", host_tensor)
+    before = sum(x.nbytes for x in jax.live_arrays())
+    out = jt.export(tuned, tmp_path / "merged", format="merged")
+    assert held and max(held) < full / 4, (max(held), full)
+    monkeypatch.setattr(hf, "_host_tensor", real)
+    reference = dataclasses.replace(tuned, params=dequantize_tree(tuned.params))
+    ours, theirs = (load_file(d / "model.safetensors")
+                    for d in (out, jt.export(reference, tmp_path / "reference", format="merged")))
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)

@@ -49,7 +49,7 @@ from jaxtune.models.gguf_architectures import ARCHITECTURES as GGUF_ARCHITECTURE
 from jaxtune.models.gguf_architectures import LLAMA_MOE
 from jaxtune.models.hf_files import CheckpointError, SafetensorsReader, read_config, resolve, weight_files
 from jaxtune.models.layers import PartitionRules
-from jaxtune.models.quant import dequantize_tree, is_quantized
+from jaxtune.models.quant import dequantize, dequantize_tree, is_quantized
 from jaxtune.models.quant import transpose as transpose_quantized
 
 Params = dict[str, Any]
@@ -492,10 +492,11 @@ def hf_tensors(params: Params, hf_config: dict[str, Any], *, architecture: str |
                dtype: Any | None = None) -> list[HFTensor]:
     """The tensors :func:`save_pretrained` writes for ``params``, in its order: HF's names and layouts (one
     tensor per layer and per expert, torch ``Linear`` kernels ``(out, in)``), in ``dtype`` (default: each
-    leaf's own). Nothing is copied to the host until a tensor's ``read()``: a consumer holds one at a time."""
+    leaf's own; a quantized leaf is dequantized). Nothing is sliced, dequantized or copied to the host until
+    a tensor's ``read()``: a consumer holds one at a time."""
     _, family = family_for(hf_config, architecture)
     out = []
-    for path, leaf in flatten_dict(stacking.unstack(params)).items():
+    for path, leaf in flatten_dict(stacking.unstack(params, lazy=True)).items():
         stored = np.dtype(jnp.dtype(dtype if dtype is not None else leaf.dtype))
         transpose = stored_transposed(family, path)
         if family.expert_tensor and family.expert_tensor(path, 0):  # one tensor per expert
@@ -511,6 +512,8 @@ def hf_tensors(params: Params, hf_config: dict[str, Any], *, architecture: str |
 
 def _host_tensor(leaf: Any, expert: int | None, dtype: np.dtype, transpose: bool) -> np.ndarray:
     """One param leaf (or one expert of it) on the host, in ``dtype``, transposed to the checkpoint's layout."""
+    leaf = stacking.materialize(leaf)
+    leaf = dequantize(leaf) if is_quantized(leaf) else leaf
     array = np.asarray(jax.device_get(leaf if expert is None else leaf[expert])).astype(dtype)
     return np.ascontiguousarray(array.T if transpose else array)
 

@@ -139,13 +139,15 @@ def merge(params: Params, dtype: Any = None) -> tuple[Params, dict[tuple[str, ..
     LoRA: ``W' = W + s A B``. DoRA: ``W' = m / ||W + s A B|| * (W + s A B)`` per output column.
     Arithmetic is float32; the merged kernel is rounded once, to ``dtype`` (default: the kernel's
     own, as PEFT's merge; an export to float32 of a bfloat16 base keeps the whole update). Works on either layout
-    (:mod:`jaxtune.models.stacking`): a scanned run's modules merge layer by layer. ``saved`` holds each
-    module's adapter leaves (and, for DoRA, the column norm ``weight_norm`` that the merge used,
+    (:mod:`jaxtune.models.stacking`): a scanned run's modules merge layer by layer; of a lazy unstack's
+    layers (``stacking.Layer``) only the adapted modules' are sliced, the others come back as they were.
+    ``saved`` holds each module's adapter leaves (and, for DoRA, the column norm ``weight_norm`` that the merge used,
     which :func:`unmerge` needs: it cannot be recovered from the merged weight, as PEFT notes).
     """
     flat = flatten_dict(params)
     saved = {}
     for module, leaves in adapted_modules(params).items():
+        leaves = stacking.materialize(leaves)  # this module's layer only, where params are a lazy unstack
         record = {name: leaves[name] for name in ADAPTER_LEAVES if name in leaves}
         merge_one = functools.partial(_merge_one, dtype=None if dtype is None else jnp.dtype(dtype))
         merge_one = jax.vmap(merge_one) if stacking.stack_range(module[0]) else merge_one  # a scanned run

@@ -39,7 +39,6 @@ from jaxtune import processes
 from jaxtune.models import gguf_export, gguf_export_families, gguf_export_vocabulary, hf, stacking, vit
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_A, LORA_B, MAGNITUDE
 from jaxtune.models.load import ADAPTER_CONFIG, base_model_name, dtype_name, model_of
-from jaxtune.models.quant import dequantize_tree
 from jaxtune.tuning.heads import hf_head_modules
 from jaxtune.tuning.labels import FROZEN, HEAD_KEY, PROMPT_LEAF, path_str
 from jaxtune.tuning.lora import merge
@@ -186,9 +185,12 @@ def pad_token_id(hf_config: dict[str, Any], tokenizer_from: str | Path | None) -
 
 def _merged_params(tuned: Tuned, params: Params | None, dtype: Any | None) -> Params:
     """The params with the adapters folded in, in HF's per-layer layout; each merged kernel rounded once, to
-    ``dtype``, and a quantized base dequantized (in its original dtype)."""
-    merged, _ = merge(stacking.unstack(tuned.params if params is None else params), dtype)
-    return dequantize_tree(merged)
+    ``dtype``. The other leaves stay as they are, unsliced (``stacking.Layer``) and quantized ones not
+    dequantized: :func:`jaxtune.models.hf.hf_tensors` reads them one tensor at a time as they are written,
+    so an export holds the merged kernels and one tensor beside the model, not a second copy of it (a
+    QLoRA base was dequantized whole, on the device)."""
+    merged, _ = merge(stacking.unstack(tuned.params if params is None else params, lazy=True), dtype)
+    return merged
 
 
 def export_merged(
