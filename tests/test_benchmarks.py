@@ -89,10 +89,11 @@ def test_packing_audit_smoke(tmp_path):
 
 @pytest.mark.slow
 def test_quality_benchmark_smoke(tmp_path):
-    """Both sides of three tasks (full + pooler head, chat LoRA with choice accuracy, LoRA +
-    regression head) run end to end on the real assets; the base metrics of the chat task are
-    the same model's, so the two sides must agree on them."""
-    tasks = "minilm-full,smollm2-chat-lora,vader-lora-head"
+    """Both sides of two tasks (chat LoRA with choice accuracy, LoRA + regression head) run end to end
+    on the real assets; the base metrics of the chat task are the same model's, so the two sides must
+    agree on them. (Each side of a task is a process of its own, tens of seconds of CI: the
+    classification tasks' scoring is checked with canned outputs below.)"""
+    tasks = "smollm2-chat-lora,vader-lora-head"
     proc = _run(str(BENCH / "quality.py"), "--smoke", "--tasks", tasks, "--out", str(tmp_path / "q.json"),
                 "--work", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stderr[-3000:]
