@@ -15,8 +15,8 @@ state while its neighbours train. The config carries the run lengths (``layer_gr
 Everything here is pure tree manipulation on nested dicts, applied where a tree crosses the
 boundary (loading, applying a plan, export, merge), never inside a step. Leaves may be arrays,
 :class:`Layer` (a layer of a stacked array, not yet sliced), ``jax.ShapeDtypeStruct``, or strings
-(labels: one label per run, checked to agree), and any pytree
-node whose array components carry the weight's leading axes (they stack component by component).
+(labels: one label per run, checked to agree), and any pytree node whose array components carry the
+weight's leading axes (they stack component by component).
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class Layer:
 
     Why: a plan reads most layers' weights only for their shapes and keeps them as loaded, and on a
     device every slice is a copy, so slicing all of them held the base model twice while a plan was
-    applied (and a restack of the slices, a third time). Layers that come back unchanged and in order
+    applied. Layers that come back unchanged and in order
     go back into ``whole`` itself (:func:`stack`); only what a plan computes from (a quantized or DoRA
     kernel) is sliced. Not an array: ``np.asarray`` of one is refused rather than copied in silence."""
 
