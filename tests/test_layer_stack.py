@@ -301,12 +301,12 @@ def test_a_plan_of_a_model_on_the_device_slices_only_what_it_changes(llama_dir, 
                                    planned.params[key]["mlp"]["down_proj"][name], rtol=1e-6)
 
 
-def test_a_merged_export_slices_and_dequantizes_one_tensor_at_a_time(llama_dir, tmp_path, monkeypatch):
+def test_a_merged_export_computes_one_tensor_at_a_time(llama_dir, tmp_path, monkeypatch):
     """A merged export (``export: merged``, GGUF) of a model on the device sliced every layer into a device
-    copy and dequantized a quantized base whole, on the device, before writing a tensor: an 8B QLoRA run's
-    export at the end of training needed its full-precision model beside the trained state. Now only the
-    merged kernels are new, and each other tensor is sliced and dequantized as it is written; the files
-    are the same (checked against the dequantized model's own export)."""
+    copy, dequantized a quantized base whole, on the device, and merged every adapted kernel before writing
+    a tensor: an 8B QLoRA run's export at the end of training needed its full-precision model beside the
+    trained state. Now each tensor is sliced, dequantized or merged as it is written; the files are the same
+    (checked against the dequantized model's own export)."""
     import dataclasses
 
     from safetensors.numpy import load_file
@@ -316,7 +316,7 @@ def test_a_merged_export_slices_and_dequantizes_one_tensor_at_a_time(llama_dir, 
     from jaxtune.models.quant import dequantize_tree
 
     tuned = dataclasses.replace(jt.apply_plan(jt.load(llama_dir), jt.freeze(quantize="int8") + jt.lora(
-        rank=2, targets=["q_proj"]), jax.random.key(0)), step=1)
+        rank=2, targets="all-linear"), jax.random.key(0)), step=1)
     full = tuning.nbytes(dequantize_tree(tuned.params))  # the model in full precision, adapters aside
     held, real = [], hf._host_tensor
 

@@ -87,7 +87,27 @@ def _is_leaf(x: Any) -> bool:
     return isinstance(x, str) or x is None
 
 
-class Layer:
+class Deferred:
+    """A leaf whose array is computed only when :func:`materialize` (or ``value()``) asks for it; it has
+    the array's ``shape`` and ``dtype``. :class:`Layer` defers a slice; a merged export defers each merged
+    kernel (:func:`jaxtune.tuning.lora.merge` with ``deferred=True``)."""
+
+    __slots__ = ()
+    shape: tuple[int, ...]
+    dtype: Any
+
+    def value(self) -> Any:
+        raise NotImplementedError
+
+    def astype(self, dtype: Any) -> Any:
+        return self.value().astype(dtype)
+
+    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise TypeError(f"a {type(self).__name__} is not computed yet; take jaxtune.models.stacking.materialize(x) "
+                        "(or x.value()) where its values are needed")
+
+
+class Layer(Deferred):
     """Layer ``index`` of the stacked array ``whole``, not yet sliced out of it: what
     ``unstack(..., lazy=True)`` gives for each layer of a run. It has the slice's ``shape``, ``dtype``,
     ``ndim`` and ``size``; :meth:`value` (or :func:`materialize`) slices it, ``astype`` slices and casts.
@@ -112,20 +132,14 @@ class Layer:
         """The layer's array (a view on the host, a copy on a device)."""
         return self.whole[self.index]
 
-    def astype(self, dtype: Any) -> Any:
-        return self.value().astype(dtype)
-
-    def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
-        raise TypeError("a stacking.Layer is a layer not yet sliced from its run; take stacking.materialize(x) "
-                        "(or x.value()) where its values are needed")
-
     def __repr__(self) -> str:
         return f"Layer({self.index} of {type(self.whole).__name__}{tuple(self.whole.shape)} {self.dtype})"
 
 
 def materialize(tree: Any) -> Any:
-    """``tree`` (a leaf, a quantized weight, any pytree) with every :class:`Layer` sliced to its array."""
-    return jax.tree.map(lambda x: x.value() if isinstance(x, Layer) else x, tree)
+    """``tree`` (a leaf, a quantized weight, any pytree) with every :class:`Deferred` leaf (a
+    :class:`Layer`: sliced) computed."""
+    return jax.tree.map(lambda x: x.value() if isinstance(x, Deferred) else x, tree)
 
 
 def _rejoined(leaves: Sequence[Any]) -> Any | None:

@@ -133,7 +133,8 @@ def _unmerge_one(kernel: Array, record: dict[str, Array]) -> Array:
     return (weight - adapter_delta(record)).astype(kernel.dtype)
 
 
-def merge(params: Params, dtype: Any = None) -> tuple[Params, dict[tuple[str, ...], dict[str, Array]]]:
+def merge(params: Params, dtype: Any = None, *, deferred: bool = False) -> tuple[
+        Params, dict[tuple[str, ...], dict[str, Array]]]:
     """Fold every adapter into its kernel; returns ``(merged params without adapter leaves, saved)``.
 
     LoRA: ``W' = W + s A B``. DoRA: ``W' = m / ||W + s A B|| * (W + s A B)`` per output column.
@@ -141,23 +142,51 @@ def merge(params: Params, dtype: Any = None) -> tuple[Params, dict[tuple[str, ..
     own, as PEFT's merge; an export to float32 of a bfloat16 base keeps the whole update). Works on either layout
     (:mod:`jaxtune.models.stacking`): a scanned run's modules merge layer by layer; of a lazy unstack's
     layers (``stacking.Layer``) only the adapted modules' are sliced, the others come back as they were.
-    ``saved`` holds each module's adapter leaves (and, for DoRA, the column norm ``weight_norm`` that the merge used,
-    which :func:`unmerge` needs: it cannot be recovered from the merged weight, as PEFT notes).
+    ``saved`` holds each module's adapter leaves (and, for DoRA, the column norm ``weight_norm`` that the
+    merge used, which :func:`unmerge` needs: it cannot be recovered from the merged weight, as PEFT notes).
+
+    ``deferred``: each merged kernel is a :class:`MergedKernel` (``stacking.materialize`` computes it), so
+    a writer holds one merged kernel at a time, not every adapted module's (nearly the whole model for
+    LoRA on every linear); ``saved`` then holds no ``weight_norm``, so a deferred DoRA merge has no unmerge.
     """
     flat = flatten_dict(params)
     saved = {}
     for module, leaves in adapted_modules(params).items():
-        leaves = stacking.materialize(leaves)  # this module's layer only, where params are a lazy unstack
+        scanned = stacking.stack_range(module[0]) is not None  # a scanned run: merged layer by layer
+        merged = MergedKernel({k: v for k, v in leaves.items() if k != "bias"}, dtype, scanned)
         record = {name: leaves[name] for name in ADAPTER_LEAVES if name in leaves}
-        merge_one = functools.partial(_merge_one, dtype=None if dtype is None else jnp.dtype(dtype))
-        merge_one = jax.vmap(merge_one) if stacking.stack_range(module[0]) else merge_one  # a scanned run
-        flat[module + ("kernel",)], norm = merge_one({k: v for k, v in leaves.items() if k != "bias"})
-        if norm is not None:
-            record["weight_norm"] = norm
+        if deferred:
+            flat[module + ("kernel",)] = merged
+        else:
+            flat[module + ("kernel",)], norm = merged.compute()
+            if norm is not None:
+                record["weight_norm"] = norm
         for name in ADAPTER_LEAVES:
             flat.pop(module + (name,), None)
-        saved[module] = record
+        saved[module] = record if deferred else stacking.materialize(record)
     return unflatten_dict(flat), saved
+
+
+class MergedKernel(stacking.Deferred):
+    """One module's merged kernel, computed when asked (:meth:`value`); its shape and dtype without computing.
+    ``leaves``: the module's kernel and adapter leaves (``stacking.Layer`` s of a lazy unstack are sliced
+    only then); ``scanned``: the leaves carry a scanned run's layer axis (the merge maps over it)."""
+
+    __slots__ = ("leaves", "merged_dtype", "scanned")
+
+    def __init__(self, leaves: dict[str, Any], dtype: Any, scanned: bool):
+        self.leaves, self.merged_dtype, self.scanned = leaves, None if dtype is None else jnp.dtype(dtype), scanned
+
+    shape = property(lambda self: tuple(self.leaves["kernel"].shape))
+    dtype = property(lambda self: self.leaves["kernel"].dtype if self.merged_dtype is None else self.merged_dtype)
+
+    def compute(self) -> tuple[Array, Array | None]:
+        """(the merged kernel, DoRA's column norm or None)."""
+        merge_one = functools.partial(_merge_one, dtype=self.merged_dtype)
+        return (jax.vmap(merge_one) if self.scanned else merge_one)(stacking.materialize(self.leaves))
+
+    def value(self) -> Array:
+        return self.compute()[0]
 
 
 def unmerge(merged: Params, saved: dict[tuple[str, ...], dict[str, Array]]) -> Params:
