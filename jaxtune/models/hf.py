@@ -49,7 +49,7 @@ from jaxtune.models.gguf_architectures import ARCHITECTURES as GGUF_ARCHITECTURE
 from jaxtune.models.gguf_architectures import LLAMA_MOE
 from jaxtune.models.hf_files import CheckpointError, SafetensorsReader, read_config, resolve, weight_files
 from jaxtune.models.layers import PartitionRules
-from jaxtune.models.quant import dequantize, dequantize_tree, is_quantized
+from jaxtune.models.quant import dequantize_tree, is_quantized
 from jaxtune.models.quant import transpose as transpose_quantized
 
 Params = dict[str, Any]
@@ -512,8 +512,7 @@ def hf_tensors(params: Params, hf_config: dict[str, Any], *, architecture: str |
 
 def _host_tensor(leaf: Any, expert: int | None, dtype: np.dtype, transpose: bool) -> np.ndarray:
     """One param leaf (or one expert of it) on the host, in ``dtype``, transposed to the checkpoint's layout."""
-    leaf = stacking.materialize(leaf)
-    leaf = dequantize(leaf) if is_quantized(leaf) else leaf
+    leaf = dequantize_tree(stacking.materialize(leaf))  # a deferred slice or merge, a quantized weight
     array = np.asarray(jax.device_get(leaf if expert is None else leaf[expert])).astype(dtype)
     return np.ascontiguousarray(array.T if transpose else array)
 

@@ -114,9 +114,9 @@ class Layer(Deferred):
 
     Why: a plan reads most layers' weights only for their shapes and keeps them as loaded, and on a
     device every slice is a copy, so slicing all of them held the base model twice while a plan was
-    applied. Layers that come back unchanged and in order
-    go back into ``whole`` itself (:func:`stack`); only what a plan computes from (a quantized or DoRA
-    kernel) is sliced. Not an array: ``np.asarray`` of one is refused rather than copied in silence."""
+    applied. Layers that come back unchanged and in order go back into ``whole`` itself (:func:`stack`);
+    only what a plan computes from (a quantized or DoRA kernel) is sliced. Not an array: ``np.asarray`` of
+    one is refused rather than copied in silence."""
 
     __slots__ = ("whole", "index")
 

@@ -185,12 +185,9 @@ def pad_token_id(hf_config: dict[str, Any], tokenizer_from: str | Path | None) -
 
 def _merged_params(tuned: Tuned, params: Params | None, dtype: Any | None) -> Params:
     """The params with the adapters folded in, in HF's per-layer layout; each merged kernel rounded once, to
-    ``dtype``. Nothing is computed yet: the merged kernels are deferred (``lora.MergedKernel``), the other
-    leaves unsliced (``stacking.Layer``) and quantized ones not dequantized, and
-    :func:`jaxtune.models.hf.hf_tensors` computes each as it is written, so an export holds one tensor beside
-    the model, not a merged or dequantized copy of it (a QLoRA base was dequantized whole, on the device)."""
-    merged, _ = merge(stacking.unstack(tuned.params if params is None else params, lazy=True), dtype, deferred=True)
-    return merged
+    ``dtype``. Nothing is computed yet (merged kernels deferred, layers unsliced, quantized leaves kept):
+    :func:`jaxtune.models.hf.hf_tensors` computes each tensor as it is written, one at a time."""
+    return merge(stacking.unstack(tuned.params if params is None else params, lazy=True), dtype, deferred=True)[0]
 
 
 def export_merged(
