@@ -27,6 +27,9 @@ new classification/regression heads; logits or token states equal transformers' 
 the tests. A loaded `*ForSequenceClassification` checkpoint is its body plus that head.
 
 - **Prompt tuning** and **generation** (KV cache, greedy or sampled): causal language models.
+- A **decoder body** is a causal LM's bare `*Model` checkpoint (how decoder embedding models such as
+  e5-mistral are saved): it loads without an output layer, a head plan trains it and exports it as the
+  family's classifier, and it generates only where it ties its output layer to the embedding (Gemma, GPT-2).
 - **Head exports as**: the transformers class that a body with the family's default head exports to
   (merged directory, or the base of a PEFT adapter).
 - **Merged export**: an HF directory with adapters folded in, which transformers loads as this class
@@ -43,16 +46,19 @@ _COLUMNS = ("Architecture", "Family", "Kind", "Prompt tuning", "Generation", "He
 def _row(architecture: str, family: Family) -> tuple[str, ...]:
     causal = issubclass(family.body_module, Decoder)
     classifier = family.body is not None
-    kind = "sequence classifier" if classifier else "causal LM" if causal else "encoder"
+    kind = "sequence classifier" if classifier else "decoder body" if family.lm else "causal LM" if causal \
+        else "encoder"
     if family.modality == "image":
         kind = "image classifier" if classifier else "image encoder"
     exports = family.transformers
     gguf_arch = family.gguf if family.gguf in gguf_architectures.SUPPORTED_ARCHITECTURES else None
     yes = "yes" if causal else "—"
+    merged = architecture if classifier else family.classifier if family.lm else family.base or architecture
     return (
-        f"`{architecture}`", family.name, kind, yes, yes if not classifier else "—",
+        f"`{architecture}`", family.name, kind, yes,
+        "—" if classifier else "if tied" if family.lm else yes,
         f"`{family.classifier}`" if family.classifier else "—",
-        f"`{architecture if classifier else family.base or architecture}`" if exports else "—",
+        f"`{merged}`" if exports else "—",
         "LoRA, DoRA" + (", prompt" if causal else "")
         # transformers 5 fuses a MoE layer's experts into 3-D parameters that PEFT's target_modules cannot name
         + (" (not on experts or router)" if family.expert_tensor else "") if exports else "—",

@@ -93,6 +93,9 @@ class DecoderConfig(LinearBuilder):
     mlp_bias: bool = False
     qk_norm: bool | str = False  # False, True / "head" (Qwen3: per head) or "projection" (OLMo 2: whole q/k)
     tie_word_embeddings: bool = False
+    # False for a bare body checkpoint (``LlamaModel``, e5-mistral's ``MistralModel``): no output layer of its
+    # own, so no logits unless tied; a head plan (jaxtune.tuning) trains it.
+    lm_head: bool = True
     layer_windows: tuple[int | None, ...] = ()
     layer_rope: tuple[bool, ...] = ()  # whether each layer applies RoPE (SmolLM3's NoPE layers); () = every one
     rope: bool = True  # whether this block applies RoPE: set per layer from layer_rope by layer_config
@@ -130,6 +133,11 @@ class DecoderConfig(LinearBuilder):
         )
         fields.update(overrides)
         return cls(**fields)
+
+    @property
+    def makes_logits(self) -> bool:
+        """Whether the model has a vocabulary projection: its own ``lm_head`` or the tied embedding."""
+        return self.tie_word_embeddings or self.lm_head
 
     def mlp_activation(self, x: Array) -> Array:
         """The gate's activation: silu (SwiGLU) in the Llama family."""
@@ -394,7 +402,7 @@ class Decoder(nn.Module):
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dt, cfg.param_dtype)
         self.layers = self._layer_modules()
         self.norm = self.norm_class(cfg.rms_norm_eps, dt, cfg.param_dtype)
-        if not cfg.tie_word_embeddings:
+        if not cfg.tie_word_embeddings and cfg.lm_head:
             self.lm_head = cfg.linear(cfg.vocab_size, bias=False)
 
     def _layer_modules(self) -> dict[str, nn.Module] | list[nn.Module]:
@@ -480,6 +488,7 @@ class Decoder(nn.Module):
 
     def logits(self, hidden: Array) -> Array:
         """Vocabulary logits ``(..., vocab)`` for hidden states ``(..., D)``."""
+        check_makes_logits(self.cfg)
         if self.cfg.tie_word_embeddings:
             return self.embed_tokens.attend(hidden)
         return self.lm_head(hidden)
@@ -492,6 +501,15 @@ class Decoder(nn.Module):
         deterministic: bool = True,
     ) -> Array:
         return self.logits(self.hidden(input_ids, segment_ids, positions, deterministic))
+
+
+def check_makes_logits(cfg: DecoderConfig) -> None:
+    """Refuse vocabulary logits (generation, a language-model loss) of a bare body without an output layer."""
+    if not cfg.makes_logits:
+        raise ValueError(f"this {cfg.architecture.replace('ForCausalLM', 'Model')} checkpoint is a bare body: it "
+                         "stores no lm_head and does not tie one to its embedding, so it has no vocabulary logits to "
+                         "generate or train a language model with; add a head rule (jaxtune.head('classification') "
+                         "or 'regression'), or load a *ForCausalLM checkpoint")
 
 
 class DecoderClassifier(nn.Module):

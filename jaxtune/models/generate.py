@@ -63,7 +63,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtune.models.attention import batch_axes, data_parallel_size
-from jaxtune.models.decoder import Decoder
+from jaxtune.models.decoder import Decoder, check_makes_logits
 from jaxtune.models.kv_cache import KVCache, init_cache
 from jaxtune.models.layers import Array
 from jaxtune.models.load import model_of, tokenizer_of
@@ -189,6 +189,7 @@ def _decode_loop(model: Decoder, params: Params, cache: KVCache, logits: Array, 
 def _decoder_and_prompt(module: Any, params: Params) -> tuple[Decoder, Array | None]:
     """The decoder that generates, and the prompt-tuning embeddings ``(P, D)`` if the module has any."""
     if isinstance(module, Decoder):
+        check_makes_logits(module.cfg)  # a bare body (LlamaModel) has no logits: refused before compiling
         return module, None
     body = getattr(module, "body", None)
     if not isinstance(body, Decoder):

@@ -167,7 +167,7 @@ class GPT2(Decoder):
         self.layers = self._layer_modules()  # scanned runs, as every decoder's
         self.norm = cfg.layer_norm()
         self.drop = Dropout(cfg.dropout)
-        if not cfg.tie_word_embeddings:
+        if not cfg.tie_word_embeddings and cfg.lm_head:
             self.lm_head = cfg.linear(cfg.vocab_size, bias=False)
 
     def _inputs(self, input_ids: Array | None, inputs_embeds: Array | None, positions: Array | None,

@@ -63,7 +63,7 @@ _IGNORED_SUFFIXES = (".position_ids", "rotary_emb.inv_freq", ".masked_bias", ".a
                      ".attention.bias")  # GPT-NeoX's causal-mask buffer in older checkpoints
 # A body's tensors may carry its task wrapper's prefix (bert.*, model.*) or not (MiniLM has none).
 _BODY_PREFIXES = ("bert.", "model.", "roberta.", "distilbert.", "transformer.", "vit.", "deberta.", "dinov2.",
-                  "dinov2_with_registers.")
+                  "dinov2_with_registers.", "gpt_neox.")
 # A tokenizer shipped as a SentencePiece model alone (no tokenizer.json): Llama 2/Mistral/Gemma's
 # tokenizer.model, DeBERTa-v3's spm.model, XLM-RoBERTa's sentencepiece.bpe.model.
 SENTENCEPIECE_FILES = ("tokenizer.model", "spm.model", "sentencepiece.bpe.model")
@@ -105,6 +105,9 @@ class Family:
     # A tensor stored as one part of a fused checkpoint tensor (DINOv2's SwiGLU gate/up in ``mlp.weights_in``):
     # ``name -> (stored name, part, parts)`` along the stored tensor's first axis, None for every other.
     checkpoint_chunk: Callable[[str], tuple[str, int, int] | None] | None = None
+    # A bare decoder body (``LlamaModel``: embedding models such as e5-mistral are saved so): the causal LM
+    # whose config and module it is, built without an output layer of its own (``DecoderConfig.lm_head``).
+    lm: str | None = None
 
     @property
     def body_module(self) -> type[nn.Module]:
@@ -207,6 +210,19 @@ FAMILIES: dict[str, Family] = {
                  checkpoint_name=dinov2.checkpoint_name, checkpoint_chunk=dinov2.checkpoint_chunk, modality="image")
        for a in dinov2.ARCHITECTURES},
 }
+
+
+
+def bare_architecture(lm: str) -> str:
+    """The transformers class of a causal LM's body alone (``LlamaForCausalLM`` -> ``LlamaModel``)."""
+    return {"GPT2LMHeadModel": "GPT2Model", "Gemma3ForCausalLM": "Gemma3TextModel"}.get(
+        lm, lm.replace("ForCausalLM", "Model"))
+
+
+# Each causal LM's bare body: its family, loaded without lm_head; a head plan exports it as the family's classifier.
+FAMILIES.update({bare_architecture(a): dataclasses.replace(family, base=None, gguf=None, lm=a)
+                 for a, family in list(FAMILIES.items())
+                 if family.body is None and issubclass(family.module, decoder.Decoder)})
 SUPPORTED_ARCHITECTURES = tuple(FAMILIES)
 
 
@@ -257,8 +273,10 @@ def build(hf_config: dict[str, Any], architecture: str | None = None,
           **overrides: Any) -> tuple[str, FamilyConfig, nn.Module]:
     """Config and module for a ``config.json`` dict, without any weights."""
     arch, family = family_for(hf_config, architecture)
+    if family.lm is not None:  # a bare body: its causal LM's switches, without the LM's own output layer
+        overrides = {"lm_head": False, **overrides}
     try:
-        cfg = family.config_from_hf({**hf_config, "architectures": [arch]}, **overrides)
+        cfg = family.config_from_hf({**hf_config, "architectures": [family.lm or arch]}, **overrides)
     except KeyError as err:
         raise CheckpointError(f"config.json: missing field {err.args[0]!r} needed by {arch}") from None
     return arch, cfg, family.module(cfg)
@@ -268,7 +286,8 @@ def abstract_params(module: nn.Module, cfg: FamilyConfig) -> Params:
     """The param tree's shapes and dtypes (``jax.ShapeDtypeStruct`` leaves), computed without memory."""
     # A family whose inputs are not token ids (images) says what its inputs look like.
     inputs = cfg.init_inputs() if hasattr(cfg, "init_inputs") else (jnp.zeros((1, 2), jnp.int32),)
-    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs))["params"]
+    method = None if getattr(cfg, "makes_logits", True) else "hidden"  # a bare decoder body has no logits
+    return jax.eval_shape(lambda: module.init(jax.random.key(0), *inputs, method=method))["params"]
 
 
 def hf_name(family: Family, path: tuple[str, ...]) -> str:
@@ -293,6 +312,13 @@ def stored_transposed(family: Family, path: tuple[str, ...]) -> bool:
     """Whether the checkpoint tensor of param leaf ``path`` is the transpose of jaxtune's leaf: a
     ``kernel`` of a torch ``Linear`` (stored ``(out, in)``), but not of GPT-2's ``Conv1D``."""
     return path[-1] == "kernel" and family.kernel_out_in(path[:-1])
+
+
+def _tensor(reader: SafetensorsReader, family: Family, path: tuple[str, ...]) -> str | None:
+    """The checkpoint tensor of param leaf ``path`` (by its module-derived name or the family's stored one)."""
+    name = hf_name(family, path)
+    found = _find(reader, name)
+    return found if found is not None or family.checkpoint_name is None else _find(reader, family.checkpoint_name(name))
 
 
 def _find(reader: SafetensorsReader, name: str) -> str | None:
@@ -350,6 +376,14 @@ def load_pretrained(
                       "'mean', not 'pooler'", stacklevel=2)
         arch, cfg, module = build(hf_config, arch, dtype=str(jnp.dtype(compute_dtype or dtype)),
                                   param_dtype=str(dtype), **{**config_overrides, "use_pooler": False})
+    if getattr(cfg, "lm_head", False) and not cfg.tie_word_embeddings and FAMILIES[arch].body is None \
+            and _tensor(reader, FAMILIES[arch], ("lm_head", "kernel")) is None:
+        bare = bare_architecture(arch)
+        warnings.warn(f"{model_dir}: config.json says {arch}, but the checkpoint stores no lm_head (it was saved "
+                      f"from the bare body, as some embedding models are); loaded as {bare}: a head plan trains it, "
+                      "and it has no vocabulary logits to generate with", stacklevel=2)
+        arch, cfg, module = build(hf_config, bare, dtype=str(jnp.dtype(compute_dtype or dtype)),
+                                  param_dtype=str(dtype), **config_overrides)
     family = FAMILIES[arch]
     abstract = flatten_dict(abstract_params(module, cfg))
     leaf_shardings = _leaf_shardings(shardings, abstract)
