@@ -1,11 +1,12 @@
 """Added layers: a classification or regression head on a pretrained body.
 
 The head reads the body's token states ``(B, T, D)``, optionally runs ``extra_blocks`` fresh
-transformer blocks of the body's family, pools to ``(B, D)`` (``mean``, ``cls``, ``last`` real
-token, or BERT's ``pooler``; ``(B, 2D)`` for DINOv2's ``cls_mean``, the first token ++ the mean of the
-rest), optionally runs GELU layers of widths ``hidden``, and ends in a linear ``out`` with
-``num_outputs`` outputs (classification logits or regression values).
-Its params live under ``head/``: ``head/block_i/...``, ``head/dense_i/...``, ``head/out/...``.
+transformer blocks (on a decoder body Llama's pre-norm causal block, whatever the family; on an encoder
+or image body BERT's post-norm block: fresh layers train from scratch, so they need not be the body's
+own), pools to ``(B, D)`` (``mean``, ``cls``, ``last`` real token, or BERT's ``pooler``; ``(B, 2D)``
+for DINOv2's ``cls_mean``, the first token ++ the mean of the rest), optionally runs GELU layers of
+widths ``hidden``, and ends in a linear ``out`` with ``num_outputs`` outputs (classification logits
+or regression values). Its params live under ``head/``: ``head/block_i/...``, ``head/dense_i/...``, ``head/out/...``.
 
 The heads that are exactly Hugging Face's export to transformers and PEFT: last-token pooling into
 a bias-free ``out`` on a decoder (``*ForSequenceClassification.score``), and on an encoder its
@@ -129,7 +130,7 @@ class Head(nn.Module):
     def setup(self) -> None:
         cfg, spec = self.body_cfg, self.spec
         decoder = isinstance(cfg, DecoderConfig)
-        # Fresh blocks of the body's family (causal for decoders), initialised like HF's.
+        # Fresh blocks, initialised like HF's: Llama's (causal) on a decoder, BERT's on an encoder or image body.
         self.block = [DecoderBlock(cfg, None) if decoder else EncoderBlock(cfg) for _ in range(spec.extra_blocks)]
         dt = cfg.compute_dtype
         # adapter_dropout: a plan may put LoRA on the head's layers (a loaded classifier's), and its dropout with it

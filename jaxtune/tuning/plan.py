@@ -85,9 +85,9 @@ class Rule:
     ``task``, ``num_labels`` (default 2; regression 1), ``pooling`` (default ``last`` for decoders,
     ``pooler`` for encoders with a pooler, ``cls_mean`` for DINOv2: the first token ++ the mean of the
     others), ``hidden`` widths of extra GELU layers, ``extra_blocks`` fresh transformer blocks before
-    pooling, ``dropout`` before each head layer, ``bias`` of the output layer (default: as the family's
-    HF classifier). ``optional`` (train/freeze only): selecting no parameter skips the rule instead of
-    failing.
+    pooling (Llama's causal block on a decoder, BERT's on an encoder or image model), ``dropout`` before
+    each head layer, ``bias`` of the output layer (default: as the family's HF classifier). ``optional``
+    (train/freeze only): selecting no parameter skips the rule instead of failing.
     """
 
     action: str
