@@ -1,6 +1,6 @@
 """``docs/models.md``: the supported families and what jaxtune does with each, generated from the code.
 
-Every fact comes from the family registry (:data:`jaxtune.models.hf.FAMILIES`) or from the code it
+Every fact comes from the family registry (:data:`jaxtune.models.families.FAMILIES`) or from the code it
 names (a decoder module generates and takes prompt tuning; the GGUF importer's architectures), so
 the page cannot drift: ``tests/test_catalog.py`` fails when it is stale. Regenerate it with::
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 from jaxtune.models import gguf_architectures
 from jaxtune.models.decoder import Decoder
-from jaxtune.models.hf import FAMILIES, Family
+from jaxtune.models.families import FAMILIES, Family
 
 COMMAND = "python -m jaxtune.models.catalog docs/models.md"
 _HEADER = f"""# Supported model families
 
-Generated from `jaxtune.models.hf.FAMILIES` by `{COMMAND}`; do not edit by hand (a test fails when this
+Generated from `jaxtune.models.families.FAMILIES` by `{COMMAND}`; do not edit by hand (a test fails when this
 page and the code disagree).
 
 Every family trains every way a plan allows: full or partial fine-tuning, LoRA, DoRA (on any linear) and

@@ -107,7 +107,7 @@ def hf_module_name(tuned: Tuned, module: Module) -> str:
 
 
 def family_of(tuned: Tuned) -> hf.Family:
-    """The HF family (:data:`jaxtune.models.hf.FAMILIES` row) of ``tuned``'s architecture."""
+    """The HF family (:data:`jaxtune.models.families.FAMILIES` row) of ``tuned``'s architecture."""
     return hf.FAMILIES[tuned.architecture]
 
 
