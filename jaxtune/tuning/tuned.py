@@ -307,9 +307,11 @@ def apply_plan(
     if head_rule is not None:
         head = head_spec(head_rule, cfg, "pooler" in params, plan.describe(head_index))
         head_params = init_head(head, cfg, k_head)
-    if head is None and not (is_decoder and cfg.makes_logits):  # an encoder, or a bare decoder body (LlamaModel)
-        raise PlanError(f"{pretrained.architecture} has no output layer to train; add a head rule, e.g. "
-                        "{'action': 'head', 'task': 'classification', 'num_labels': 2}")
+    if head is None and not (is_decoder and cfg.makes_logits):
+        bare = ("is a bare decoder body: it stores no lm_head, so it has no vocabulary logits to train a language "
+                "model on (chat, text or preference data; load its *ForCausalLM checkpoint for that)")
+        raise PlanError(f"{pretrained.architecture} {bare if is_decoder else 'has no output layer to train'}; add a "
+                        "head rule, e.g. {'action': 'head', 'task': 'classification', 'num_labels': 2}")
     task = head.task if head is not None else "lm"
     if task != "lm":
         params.pop("lm_head", None)  # unused by a head: neither memory nor a label for it
