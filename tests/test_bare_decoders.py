@@ -94,6 +94,10 @@ def test_a_tied_bare_body_keeps_the_logits_transformers_gives_it(tmp_path):
         theirs = lm(input_ids=torch.as_tensor(IDS[:1])).logits.float().numpy()
     ours = np.asarray(pretrained.module.apply({"params": pretrained.params}, IDS[:1]))
     np.testing.assert_allclose(ours, theirs, atol=TOL, rtol=0)
+    untied = hf.untie_embeddings(pretrained)  # as a PEFT adapter that trained the embedding apart leaves it
+    assert "lm_head" in untied.params
+    np.testing.assert_allclose(np.asarray(untied.module.apply({"params": untied.params}, IDS[:1])), theirs,
+                               atol=TOL, rtol=0)
 
 
 @pytest.fixture(scope="module")

@@ -267,7 +267,7 @@ def untie_embeddings(pretrained: Pretrained, *, trained_head: bool = False) -> P
     cfg = pretrained.config
     if FAMILIES[pretrained.architecture].body is not None or not getattr(cfg, "tie_word_embeddings", False):
         return pretrained  # a sequence classifier has no lm_head to untie
-    cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
+    cfg = dataclasses.replace(cfg, tie_word_embeddings=False, lm_head=True)  # a tied bare body (GemmaModel) too
     embedding = pretrained.params["embed_tokens"]["embedding"]  # quantized: a GGUF base with keep_quantized
     kernel = (transpose_quantized(embedding) if is_quantized(embedding) and not trained_head
               else dequantize_tree(embedding).T)
