@@ -16,7 +16,7 @@ import peft
 import pytest
 import torch
 import transformers
-from helpers import fit_steps, randomize_weights
+from helpers import fit_steps, tiny_random_model
 from test_tuning_lora import forward, randomize_adapters
 
 from jaxtune import tuning
@@ -49,13 +49,8 @@ def bare_model(architecture: str, out_dir) -> torch.nn.Module:
     """A random transformers bare body, every weight drawn afresh, saved to ``out_dir``."""
     config_name, overrides = CASES[architecture]
     fields = {k: v for k, v in {**TINY, **overrides}.items() if v is not None}
-    config = getattr(transformers, config_name)(**fields)
-    config.architectures = [architecture]
-    torch.manual_seed(0)
-    model = getattr(transformers, architecture)(config).eval()
-    randomize_weights(model, norm_offset=-0.5 if "Gemma" in architecture else 0.5)  # Gemma's gain is 1 + w
-    model.save_pretrained(out_dir)
-    return model
+    return tiny_random_model(architecture, out_dir, fields, config_class=config_name,
+                             norm_offset=-0.5 if "Gemma" in architecture else 0.5)  # Gemma's gain is 1 + w
 
 
 def states(model: torch.nn.Module) -> np.ndarray:
