@@ -180,7 +180,6 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-
 def bare_architecture(lm: str) -> str:
     """The transformers class of a causal LM's body alone (``LlamaForCausalLM`` -> ``LlamaModel``)."""
     return {"GPT2LMHeadModel": "GPT2Model", "Gemma3ForCausalLM": "Gemma3TextModel"}.get(

@@ -35,7 +35,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfig, check_makes_logits, project_heads
+from jaxtune.models.decoder import MLP, Decoder, DecoderClassifier, DecoderConfig, project_heads
 from jaxtune.models.kv_cache import LayerCache, rope_attend
 from jaxtune.models.layers import (
     QUANTIZED_PARTS,
@@ -282,9 +282,7 @@ class Gemma(Decoder):
 
     def logits(self, hidden: Array) -> Array:
         """Vocabulary logits ``(..., vocab)`` for hidden states ``(..., D)``, soft-capped (Gemma 2/3)."""
-        check_makes_logits(self.cfg)
-        out = self.embed_tokens.attend(hidden) if self.cfg.tie_word_embeddings else self.lm_head(hidden)
-        return softcap(out, self.cfg.final_logit_softcapping)
+        return softcap(super().logits(hidden), self.cfg.final_logit_softcapping)
 
 
 class GemmaClassifier(DecoderClassifier):

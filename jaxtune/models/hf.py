@@ -129,9 +129,8 @@ def stored_transposed(family: Family, path: tuple[str, ...]) -> bool:
     return path[-1] == "kernel" and family.kernel_out_in(path[:-1])
 
 
-def _tensor(reader: SafetensorsReader, family: Family, path: tuple[str, ...]) -> str | None:
-    """The checkpoint tensor of param leaf ``path`` (by its module-derived name or the family's stored one)."""
-    name = hf_name(family, path)
+def _stored(reader: SafetensorsReader, family: Family, name: str) -> str | None:
+    """The checkpoint tensor of module-derived name ``name``: by that name, else by the family's stored one."""
     found = _find(reader, name)
     return found if found is not None or family.checkpoint_name is None else _find(reader, family.checkpoint_name(name))
 
@@ -192,7 +191,7 @@ def load_pretrained(
         arch, cfg, module = build(hf_config, arch, dtype=str(jnp.dtype(compute_dtype or dtype)),
                                   param_dtype=str(dtype), **{**config_overrides, "use_pooler": False})
     if getattr(cfg, "lm_head", False) and not cfg.tie_word_embeddings and FAMILIES[arch].body is None \
-            and _tensor(reader, FAMILIES[arch], ("lm_head", "kernel")) is None:
+            and _stored(reader, FAMILIES[arch], hf_name(FAMILIES[arch], ("lm_head", "kernel"))) is None:
         bare = bare_architecture(arch)
         warnings.warn(f"{model_dir}: config.json says {arch}, but the checkpoint stores no lm_head (it was saved "
                       f"from the bare body, as some embedding models are); loaded as {bare}: a head plan trains it, "
@@ -212,9 +211,7 @@ def load_pretrained(
             parts = []
             for want, part_shape in ([(family.expert_tensor(logical, e), shape[1:]) for e in range(shape[0])]
                                      if split else [(hf_name(family, logical), shape)]):
-                found = _find(reader, want)
-                if found is None and family.checkpoint_name is not None:
-                    found = _find(reader, family.checkpoint_name(want))
+                found = _stored(reader, family, want)
                 chunk = family.checkpoint_chunk(want) if found is None and family.checkpoint_chunk else None
                 if chunk is not None:
                     found = _find(reader, chunk[0])
