@@ -135,7 +135,7 @@ def test_what_needs_vocabulary_logits_is_refused_in_one_line(llama):
         tuning.apply_plan(pretrained, tuning.lora(rank=4))
     for call in (lambda: generate.generate(pretrained.module, pretrained.params, [[1, 5]], max_new_tokens=2),
                  lambda: pretrained.module.apply({"params": pretrained.params}, jnp.asarray(IDS))):
-        with pytest.raises(ValueError, match="LlamaModel checkpoint is a bare body") as err:
+        with pytest.raises(ValueError, match="the bare body of a LlamaForCausalLM: it stores no lm_head") as err:
             call()
         assert "\n" not in str(err.value)
 

@@ -506,10 +506,10 @@ class Decoder(nn.Module):
 def check_makes_logits(cfg: DecoderConfig) -> None:
     """Refuse vocabulary logits (generation, a language-model loss) of a bare body without an output layer."""
     if not cfg.makes_logits:
-        raise ValueError(f"this {cfg.architecture.replace('ForCausalLM', 'Model')} checkpoint is a bare body: it "
-                         "stores no lm_head and does not tie one to its embedding, so it has no vocabulary logits to "
-                         "generate or train a language model with; add a head rule (jaxtune.head('classification') "
-                         "or 'regression'), or load a *ForCausalLM checkpoint")
+        raise ValueError(f"this checkpoint is the bare body of a {cfg.architecture}: it stores no lm_head and does "
+                         "not tie one to its embedding, so it has no vocabulary logits to generate or train a language "
+                         "model with; add a head rule (jaxtune.head('classification') or 'regression'), "
+                         "or load a *ForCausalLM checkpoint")
 
 
 class DecoderClassifier(nn.Module):
