@@ -32,6 +32,33 @@ def worker_env(**extra: str) -> dict[str, str]:
         env["XLA_FLAGS"] = " ".join(flags)
     return {**env, **extra}
 
+def drift_sides(script: str, seed: int, work: Path, extra: list[str]) -> dict[str, Any]:
+    """A drift benchmark's two sides (``paired_drift.py``, ``chat_drift.py``), each ``script --worker SIDE`` in
+    a process of its own (JAX and torch in one process slow each other), jaxtune first: the PyTorch worker
+    reads what it leaves in ``work``. The record's header, and each side's result (its last stdout line, JSON)."""
+    import subprocess
+
+    record: dict[str, Any] = {"date": now(), "command": " ".join(sys.argv), "machine": machine(),
+                              "load_average_at_start": load_average(), "seed": seed}
+    for side in ("jaxtune", "pytorch"):
+        proc = subprocess.run([sys.executable, script, "--seed", str(seed), "--worker", side, "--work", str(work),
+                               *extra], env=worker_env(), capture_output=True, text=True)
+        if proc.returncode:
+            raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        record[side] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return record
+
+
+def print_drift(record: dict[str, Any], steps: set[int]) -> None:
+    """The two sides' training loss and gradient norm at ``steps`` (0-based; the last step always) of a
+    :func:`drift_sides` record."""
+    ours, theirs = (record[side]["losses"] for side in ("jaxtune", "pytorch"))
+    print("step  loss jaxtune  loss PyTorch  difference  grad norm jaxtune / PyTorch")
+    for i in sorted((steps | {len(ours) - 1}) & set(range(len(ours)))):
+        print(f"{i + 1:4d}  {ours[i]:12.5f}  {theirs[i]:12.5f}  {ours[i] - theirs[i]:+10.2e}  "
+              f"{record['jaxtune']['grad_norms'][i]:.4f} / {record['pytorch']['grad_norms'][i]:.4f}")
+
+
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "tokenizers")
 
 

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import load_average, machine, now, worker_env
+from common import drift_sides, print_drift
 from quality_images import (
     IMAGE_TASKS,
     ImageTask,
@@ -105,21 +103,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="jaxtune-drift-"))
     files = {k: str(v) for k, v in write_image_data(task, work).items()}
     (work / "files.json").write_text(json.dumps(files))
-    record: dict[str, Any] = {"date": now(), "command": " ".join(sys.argv), "machine": machine(),
-                              "load_average_at_start": load_average(), "seed": args.seed}
-    for side in ("jaxtune", "pytorch"):  # jaxtune first: the PyTorch worker evaluates its saved weights
-        proc = subprocess.run([sys.executable, __file__, "--seed", str(args.seed), "--worker", side, "--work",
-                               str(work), *(["--smoke"] if args.smoke else [])], env=worker_env(),
-                              capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        record[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-    ours, theirs = np.asarray(record["jaxtune"]["losses"]), np.asarray(record["pytorch"]["losses"])
-    gap = ours - theirs
-    print("step  loss jaxtune  loss PyTorch  difference  grad norm jaxtune / PyTorch")
-    for i in sorted({0, 1, 2, 3, 4, 5, 9, 14, 19, 29, 49, 61, 62, 99, 149, len(gap) - 1} & set(range(len(gap)))):
-        print(f"{i + 1:4d}  {ours[i]:12.5f}  {theirs[i]:12.5f}  {gap[i]:+10.2e}  "
-              f"{record['jaxtune']['grad_norms'][i]:.4f} / {record['pytorch']['grad_norms'][i]:.4f}")
+    record = drift_sides(__file__, args.seed, work, ["--smoke"] if args.smoke else [])
+    print_drift(record, {0, 1, 2, 3, 4, 5, 9, 14, 19, 29, 49, 61, 62, 99, 149})
     print(f"accuracy: jaxtune {record['jaxtune']['after']['accuracy']:.3f}, PyTorch {record['pytorch']['accuracy']:.3f}"
           f"; jaxtune's weights evaluated by PyTorch {record['pytorch']['jaxtune_weights_accuracy']:.3f}")
     out = Path(args.out or Path(__file__).parent / "results" / f"paired-drift-seed{args.seed}.json")
