@@ -19,17 +19,15 @@ what differs by construction there: the batches (packed rows on jaxtune's side) 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import drift_sides, print_drift, torch_adamw
+from common import drift_main, torch_adamw
 from quality import TASKS, Task, jaxtune_recipe, smoke, write_rows
 from quality_reference import encode_rows
 
@@ -116,34 +114,18 @@ def pytorch_worker(task: Task, files: dict[str, str], work: Path) -> dict[str, A
             "jaxtune_adapter_accuracy": accuracy(peft_model(work / "final-adapter", trainable=False))}
 
 
+def chat_task(seed: int, smoke_run: bool) -> Task:
+    """The benchmark's chat task, unpacked (padded batches, as PyTorch's side runs it), with this seed."""
+    task = dataclasses.replace(TASKS["smollm2-chat-lora"], packing=False, seeds=(seed,))
+    return smoke(task) if smoke_run else task
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/chat-drift-seedN.json)")
-    ap.add_argument("--smoke", action="store_true", help="16 train / 16 test chats, 2 steps (checks the script only)")
-    ap.add_argument("--worker", choices=("jaxtune", "pytorch"), help=argparse.SUPPRESS)
-    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    task = dataclasses.replace(TASKS["smollm2-chat-lora"], packing=False, seeds=(args.seed,))
-    if args.smoke:
-        task = smoke(task)
-    if args.worker:
-        work = Path(args.work)
-        files = json.loads((work / "files.json").read_text())
-        result = (jaxtune_worker if args.worker == "jaxtune" else pytorch_worker)(task, files, work)
-        print(json.dumps(result))
-        return
-    work = Path(tempfile.mkdtemp(prefix="jaxtune-chat-drift-"))
-    files = {k: str(v) for k, v in write_rows(task, work).items()}
-    (work / "files.json").write_text(json.dumps(files))
-    record = drift_sides(__file__, args.seed, work, ["--smoke"] if args.smoke else [])
-    print_drift(record, {0, 1, 2, 3, 4, 9, 19, 29, 49, 74})
-    print(f"choice accuracy: jaxtune {record['jaxtune']['after']['choice_accuracy']:.4f}, PyTorch "
-          f"{record['pytorch']['accuracy']:.4f}; jaxtune's adapter scored by PyTorch "
-          f"{record['pytorch']['jaxtune_adapter_accuracy']:.4f}")
-    out = Path(args.out or Path(__file__).parent / "results" / f"chat-drift-seed{args.seed}.json")
-    out.write_text(json.dumps(record, indent=1))
-    print(f"{record['date']}, {record['machine']}; JSON {out}")
+    drift_main(__file__, "chat-drift", "16 train / 16 test chats, 2 steps (checks the script only)", chat_task,
+               write_rows, {"jaxtune": jaxtune_worker, "pytorch": pytorch_worker}, {0, 1, 2, 3, 4, 9, 19, 29, 49, 74},
+               lambda r: f"choice accuracy: jaxtune {r['jaxtune']['after']['choice_accuracy']:.4f}, PyTorch "
+                         f"{r['pytorch']['accuracy']:.4f}; jaxtune's adapter scored by PyTorch "
+                         f"{r['pytorch']['jaxtune_adapter_accuracy']:.4f}")
 
 
 if __name__ == "__main__":

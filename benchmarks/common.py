@@ -11,6 +11,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,31 +33,50 @@ def worker_env(**extra: str) -> dict[str, str]:
         env["XLA_FLAGS"] = " ".join(flags)
     return {**env, **extra}
 
-def drift_sides(script: str, seed: int, work: Path, extra: list[str]) -> dict[str, Any]:
-    """A drift benchmark's two sides (``paired_drift.py``, ``chat_drift.py``), each ``script --worker SIDE`` in
-    a process of its own (JAX and torch in one process slow each other), jaxtune first: the PyTorch worker
-    reads what it leaves in ``work``. The record's header, and each side's result (its last stdout line, JSON)."""
+def drift_main(script: str, name: str, smoke_help: str, task_for: Callable[[int, bool], Any],
+               write_data: Callable[[Any, Path], dict[str, Any]], workers: dict[str, Callable[..., dict[str, Any]]],
+               steps: set[int], summary: Callable[[dict[str, Any]], str]) -> None:
+    """The command line of a drift benchmark (``paired_drift.py``, ``chat_drift.py``): ``--seed N [--smoke]
+    [--out PATH]`` writes the task's data (``write_data(task, work)``) to a scratch folder, runs
+    ``workers["jaxtune"]`` then ``workers["pytorch"]`` (each ``(task, files, work) -> result``) in a process of
+    its own (JAX and torch in one process slow each other; the PyTorch worker reads what jaxtune's leaves in
+    ``work``), prints both training curves at ``steps`` (0-based) and ``summary(record)``, and saves the record
+    as ``results/NAME-seedN.json``."""
+    import argparse
     import subprocess
+    import tempfile
 
+    ap = argparse.ArgumentParser(description=sys.modules["__main__"].__doc__.split("\n\n")[0])
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--out", default=None, help=f"JSON path (default benchmarks/results/{name}-seedN.json)")
+    ap.add_argument("--smoke", action="store_true", help=smoke_help)
+    ap.add_argument("--worker", choices=tuple(workers), help=argparse.SUPPRESS)
+    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    task = task_for(args.seed, args.smoke)
+    if args.worker:
+        work = Path(args.work)
+        print(json.dumps(workers[args.worker](task, json.loads((work / "files.json").read_text()), work)))
+        return
+    work = Path(tempfile.mkdtemp(prefix=f"jaxtune-{name}-"))
+    (work / "files.json").write_text(json.dumps({k: str(v) for k, v in write_data(task, work).items()}))
     record: dict[str, Any] = {"date": now(), "command": " ".join(sys.argv), "machine": machine(),
-                              "load_average_at_start": load_average(), "seed": seed}
+                              "load_average_at_start": load_average(), "seed": args.seed}
     for side in ("jaxtune", "pytorch"):
-        proc = subprocess.run([sys.executable, script, "--seed", str(seed), "--worker", side, "--work", str(work),
-                               *extra], env=worker_env(), capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, script, "--seed", str(args.seed), "--worker", side, "--work", str(work),
+                               *(["--smoke"] if args.smoke else [])], env=worker_env(), capture_output=True, text=True)
         if proc.returncode:
             raise RuntimeError(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
         record[side] = json.loads(proc.stdout.strip().splitlines()[-1])
-    return record
-
-
-def print_drift(record: dict[str, Any], steps: set[int]) -> None:
-    """The two sides' training loss and gradient norm at ``steps`` (0-based; the last step always) of a
-    :func:`drift_sides` record."""
     ours, theirs = (record[side]["losses"] for side in ("jaxtune", "pytorch"))
     print("step  loss jaxtune  loss PyTorch  difference  grad norm jaxtune / PyTorch")
     for i in sorted((steps | {len(ours) - 1}) & set(range(len(ours)))):
         print(f"{i + 1:4d}  {ours[i]:12.5f}  {theirs[i]:12.5f}  {ours[i] - theirs[i]:+10.2e}  "
               f"{record['jaxtune']['grad_norms'][i]:.4f} / {record['pytorch']['grad_norms'][i]:.4f}")
+    print(summary(record))
+    out = Path(args.out or Path(script).parent / "results" / f"{name}-seed{args.seed}.json")
+    out.write_text(json.dumps(record, indent=1))
+    print(f"{record['date']}, {record['machine']}; JSON {out}")
 
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft", "tokenizers")

@@ -15,15 +15,13 @@ amplify it (elements whose gradient is near zero take either sign on either side
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import drift_sides, print_drift
+from common import drift_main
 from quality_images import (
     IMAGE_TASKS,
     ImageTask,
@@ -83,33 +81,19 @@ def pytorch_worker(task: ImageTask, files: dict[str, str], work: Path) -> dict[s
             "jaxtune_weights_accuracy": float((logits.argmax(-1) == labels).mean())}
 
 
+def image_task(seed: int, smoke_run: bool) -> ImageTask:
+    """The paired Fashion-MNIST task with this seed (a small one for ``--smoke``)."""
+    task = dataclasses.replace(IMAGE_TASKS["fashion-mnist-lite0"], paired=True, recalibrate=32, seeds=(seed,))
+    return dataclasses.replace(task, train=64, test=32, batch_size=16, epochs=1, recalibrate=2) if smoke_run else task
+
+
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seed", type=int, required=True)
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/paired-drift-seedN.json)")
-    ap.add_argument("--smoke", action="store_true", help="64 train / 32 test images, 4 steps (checks the script only)")
-    ap.add_argument("--worker", choices=("jaxtune", "pytorch"), help=argparse.SUPPRESS)
-    ap.add_argument("--work", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args()
-    task = dataclasses.replace(IMAGE_TASKS["fashion-mnist-lite0"], paired=True, recalibrate=32, seeds=(args.seed,))
-    if args.smoke:
-        task = dataclasses.replace(task, train=64, test=32, batch_size=16, epochs=1, recalibrate=2)
-    if args.worker:
-        work = Path(args.work)
-        files = json.loads((work / "files.json").read_text())
-        result = (jaxtune_worker if args.worker == "jaxtune" else pytorch_worker)(task, files, work)
-        print(json.dumps(result))
-        return
-    work = Path(tempfile.mkdtemp(prefix="jaxtune-drift-"))
-    files = {k: str(v) for k, v in write_image_data(task, work).items()}
-    (work / "files.json").write_text(json.dumps(files))
-    record = drift_sides(__file__, args.seed, work, ["--smoke"] if args.smoke else [])
-    print_drift(record, {0, 1, 2, 3, 4, 5, 9, 14, 19, 29, 49, 61, 62, 99, 149})
-    print(f"accuracy: jaxtune {record['jaxtune']['after']['accuracy']:.3f}, PyTorch {record['pytorch']['accuracy']:.3f}"
-          f"; jaxtune's weights evaluated by PyTorch {record['pytorch']['jaxtune_weights_accuracy']:.3f}")
-    out = Path(args.out or Path(__file__).parent / "results" / f"paired-drift-seed{args.seed}.json")
-    out.write_text(json.dumps(record, indent=1))
-    print(f"{record['date']}, {record['machine']}; JSON {out}")
+    drift_main(__file__, "paired-drift", "64 train / 32 test images, 4 steps (checks the script only)", image_task,
+               write_image_data, {"jaxtune": jaxtune_worker, "pytorch": pytorch_worker},
+               {0, 1, 2, 3, 4, 5, 9, 14, 19, 29, 49, 61, 62, 99, 149},
+               lambda r: f"accuracy: jaxtune {r['jaxtune']['after']['accuracy']:.3f}, PyTorch "
+                         f"{r['pytorch']['accuracy']:.3f}; jaxtune's weights evaluated by PyTorch "
+                         f"{r['pytorch']['jaxtune_weights_accuracy']:.3f}")
 
 
 if __name__ == "__main__":
