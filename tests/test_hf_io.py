@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import mmap
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,35 @@ def test_leaves_are_placed_on_the_given_sharding(tmp_path):
     assert kernel.addressable_shards[0].data.shape == (2, 64, 96 // 4)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                  sharded.params, replicated.params)
+
+
+def test_a_host_load_is_contiguous_and_writes_back_the_files_tensors(tmp_path):
+    """``on_host=True`` gives each leaf as one C-contiguous host array (a scanned run's layers stacked, torch's
+    ``(out, in)`` kernels transposed, widths that are no multiple of the 64-byte copy block included), and
+    saving those arrays writes the source's tensors back bitwise; in bf16 each is torch's rounding of it."""
+    ref = tiny_hf_model("LlamaForCausalLM", tmp_path / "src", randomize=True, intermediate_size=101,
+                        tie_word_embeddings=False)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        host = hf.load_pretrained(tmp_path / "src", on_host=True, dtype=dtype)
+        leaves = jax.tree.leaves(host.params)
+        assert all(type(x) is np.ndarray and x.flags.c_contiguous and x.dtype == dtype for x in leaves)
+        hf.save_pretrained(host.params, host.hf_config, tmp_path / str(np.dtype(dtype)))
+        saved, state = _tensors(tmp_path / str(np.dtype(dtype))), ref.state_dict()
+        assert set(saved) == set(state)
+        for name, tensor in saved.items():
+            want = state[name].to(torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32)
+            np.testing.assert_array_equal(tensor.view(np.int16) if dtype == jnp.bfloat16 else tensor,
+                                          want.view(torch.int16).numpy() if dtype == jnp.bfloat16 else want.numpy(),
+                                          err_msg=name)
+    # A large leaf's pages are mapped when it is allocated (jaxtune.host_memory.filled_in_place), not on
+    # first write; the array holds the mapping.
+    from jaxtune.host_memory import filled_in_place
+
+    big = owner = filled_in_place((1024, 512), np.float32)
+    assert big.shape == (1024, 512) and big.flags.writeable and big.flags.c_contiguous
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    assert isinstance(owner.obj if isinstance(owner, memoryview) else owner, mmap.mmap)
 
 
 def test_param_paths_map_one_to_one_to_hf_names(tmp_path):

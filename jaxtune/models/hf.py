@@ -29,6 +29,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors.numpy import save_file
 
+from jaxtune.host_memory import filled_in_place
 from jaxtune.models import (
     efficientnet,
     encoder,
@@ -235,7 +236,7 @@ def load_pretrained(
             views.append(_Stacked(parts) if split else parts[0])
         view = _Stacked(views) if layers else views[0]
         # on the host, a copy: a view would map the file, which an export may later overwrite
-        params[path] = np.array(view, dtype=dtype) if on_host else _place(view, dtype, leaf_shardings.get(path))
+        params[path] = _host_copy(view, dtype) if on_host else _place(view, dtype, leaf_shardings.get(path))
     unused = [n for n in reader.names() if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
     if getattr(cfg, "tie_word_embeddings", False) and unused == ["lm_head.weight"]:
         # Some writers store the tied output matrix twice; another matrix there is not the tied one, and
@@ -286,26 +287,51 @@ def _leaf_shardings(shardings: Any, abstract: dict[tuple[str, ...], Any]) -> dic
 
 
 class _Stacked:
-    """Per-layer tensor views read as one ``(L, ...)`` array; a slice reads only the layers and rows it needs."""
+    """Per-layer tensor views read as one ``(L, ...)`` array; a slice stays a ``_Stacked`` of the sliced
+    views, so a device's shard reads only the layers and rows it needs."""
 
-    def __init__(self, views: list[np.ndarray]):
+    def __init__(self, views: list[Any]):
         self.views = views
         self.shape = (len(views), *views[0].shape)
+        self.dtype = views[0].dtype
 
-    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return np.stack([np.asarray(v, dtype=dtype) for v in self.views])
-
-    def __getitem__(self, index: Any) -> np.ndarray:
+    def __getitem__(self, index: Any) -> Any:
         index = index if isinstance(index, tuple) else (index,)
-        rest = index[1:]
-        return np.stack([np.asarray(v[rest]) for v in self.views[index[0] if index else slice(None)]])
+        first, rest = (index[0], index[1:]) if index else (slice(None), ())
+        if isinstance(first, (int, np.integer)):
+            return self.views[first][rest]
+        return _Stacked([v[rest] for v in self.views[first]])
 
 
-def _place(view: np.ndarray, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
+def _copy_into(out: np.ndarray, view: Any) -> None:
+    """Write ``view`` (a tensor view of the file, or a ``_Stacked`` of them) into ``out``, cast to its dtype."""
+    if isinstance(view, _Stacked):
+        for i, part in enumerate(view.views):
+            _copy_into(out[i], part)
+    elif view.ndim == 2 and not view.flags.c_contiguous and view.T.flags.c_contiguous:
+        # A stored (out, in) kernel read as (in, out): numpy copies a transposed view element by element
+        # down the destination's columns, touching a new cache line (and page) for each; a few stored rows
+        # at a time write 64 contiguous bytes of every destination row instead, 5x faster on 1024x4096.
+        stored, step = view.T, max(1, 64 // out.itemsize)
+        for start in range(0, stored.shape[0], step):
+            out[:, start:start + step] = stored[start:start + step].T
+    else:
+        out[...] = view
+
+
+def _host_copy(view: Any, dtype: Any) -> np.ndarray:
+    """A host array holding ``view`` (a tensor view of the file, or a ``_Stacked`` of them) in ``dtype``,
+    written once into memory mapped at allocation (:func:`jaxtune.host_memory.filled_in_place`)."""
+    out = filled_in_place(view.shape, np.dtype(dtype))
+    _copy_into(out, view)
+    return out
+
+
+def _place(view: Any, dtype: Any, sharding: jax.sharding.Sharding | None) -> jax.Array:
     """Cast one tensor and put it on device; with a sharding, each device converts only its slice."""
     if sharding is None:
-        return jax.device_put(np.asarray(view, dtype=dtype))
-    return jax.make_array_from_callback(view.shape, sharding, lambda idx: np.asarray(view[idx], dtype=dtype))
+        return jax.device_put(_host_copy(view, dtype))
+    return jax.make_array_from_callback(view.shape, sharding, lambda idx: _host_copy(view[idx], dtype))
 
 
 # ----------------------------------------------------------------------------- saving
