@@ -22,6 +22,9 @@ on to what loading a large checkpoint freed, so ``auto`` leaves glibc alone ther
 options cannot help, a warning says so: ``keep`` off glibc (macOS, musl), and a program that ran
 JAX before ``import jaxtune`` (XLA's threads already have arenas of their own: the grad step of
 tests/test_host_memory.py then faults ~30,000 pages a call instead of none).
+
+:func:`filled_in_place` is the loader's side of the same cost: a large array whose pages the kernel
+maps at allocation, for weights written into it once.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import mmap
 import os
 import sys
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # numpy is imported where it is used: `import jaxtune` sets malloc before anything starts threads
+    import numpy as np
 
 log = logging.getLogger(__name__)
 ENV = "JAXTUNE_HOST_MALLOC"
@@ -116,6 +121,8 @@ def filled_in_place(shape: tuple[int, ...], dtype: np.dtype | type) -> np.ndarra
     mapping (Linux), returned to the kernel when the array is freed; small ones, and every array
     where ``MAP_POPULATE`` does not exist, from ``np.empty``.
     """
+    import numpy as np
+
     dtype = np.dtype(dtype)
     count = int(np.prod(shape, dtype=np.int64))
     flags = getattr(mmap, "MAP_POPULATE", None)
