@@ -149,3 +149,17 @@ def test_jax_computing_before_import_jaxtune_is_named():
     assert late.returncode == early.returncode == 0, late.stderr[-2000:] + early.stderr[-2000:]
     assert "host memory: JAX computed before `import jaxtune`" in late.stderr
     assert "host memory" not in early.stderr
+
+
+def test_a_large_array_for_a_loader_is_held_by_a_populated_mapping():
+    """A large leaf's pages are mapped when it is allocated (``filled_in_place``), not on first write; the
+    array holds the mapping."""
+    import mmap
+
+    import numpy as np
+
+    big = owner = host_memory.filled_in_place((1024, 512), np.float32)
+    assert big.shape == (1024, 512) and big.flags.writeable and big.flags.c_contiguous
+    while isinstance(owner, np.ndarray):
+        owner = owner.base
+    assert isinstance(owner.obj if isinstance(owner, memoryview) else owner, mmap.mmap)

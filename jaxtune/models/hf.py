@@ -293,14 +293,10 @@ class _Stacked:
     def __init__(self, views: list[Any]):
         self.views = views
         self.shape = (len(views), *views[0].shape)
-        self.dtype = views[0].dtype
 
-    def __getitem__(self, index: Any) -> Any:
-        index = index if isinstance(index, tuple) else (index,)
-        first, rest = (index[0], index[1:]) if index else (slice(None), ())
-        if isinstance(first, (int, np.integer)):
-            return self.views[first][rest]
-        return _Stacked([v[rest] for v in self.views[first]])
+    def __getitem__(self, index: tuple[slice, ...]) -> _Stacked:
+        """The views of a device's shard: ``index`` is one slice per axis (``make_array_from_callback``'s)."""
+        return _Stacked([v[index[1:]] for v in self.views[index[0]]])
 
 
 def _copy_into(out: np.ndarray, view: Any) -> None:
