@@ -216,16 +216,19 @@ def test_a_model_loaded_on_the_host_plans_there_and_reaches_the_device_once(llam
     there, the frozen weights of each scanned run staying views of what was loaded, to the same
     params as a plan of the model loaded on the device; and ``jaxtune train`` loads so: when its
     Trainer is made, the device holds only what the plan added (before, the base model and its
-    planned copy: twice the model)."""
+    planned copy: twice the model), and nothing at all (the adapters and the quantized weights the plan
+    made were device arrays: a handful of small programs compiled per kernel shape, most of the plan's
+    time on a large model)."""
     import jaxtune as jt
     from jaxtune import recipe
     from jaxtune.data.testing import write_jsonl
     from jaxtune.tuning import labels as labels_lib
 
-    plan = jt.lora(rank=2, blocks=[2, 3]) + jt.freeze(quantize="int8", blocks=[3])
+    plan = jt.lora(rank=2, blocks=[2]) + jt.dora(rank=2, blocks=[3]) + jt.freeze(quantize="int8", blocks=[3])
     host = jt.load(llama_dir, on_host=True)
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(host.params))
     on_host = tuning.apply_plan(host, plan, jax.random.key(0))
+    assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(on_host.params))
     on_device = tuning.apply_plan(jt.load(llama_dir), plan, jax.random.key(0))
     assert jax.tree.structure(on_host.params) == jax.tree.structure(on_device.params)
     for a, b in zip(jax.tree.leaves(on_host.params), jax.tree.leaves(on_device.params), strict=True):
@@ -255,7 +258,7 @@ def test_a_model_loaded_on_the_host_plans_there_and_reaches_the_device_once(llam
         "output": {"dir": str(tmp_path / "run")}}))
     [(device_bytes, model_bytes)] = held
     adapters = tuning.nbytes(made.trainable)
-    assert adapters < model_bytes / 10 and device_bytes <= 2 * adapters + 4096
+    assert adapters < model_bytes / 10 and device_bytes <= 256, (device_bytes, adapters)
 
 
 def test_a_plan_of_a_model_on_the_device_slices_only_what_it_changes(llama_dir, tmp_path, monkeypatch):

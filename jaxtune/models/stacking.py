@@ -142,6 +142,12 @@ def materialize(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.value() if isinstance(x, Deferred) else x, tree)
 
 
+def on_host(leaf: Any) -> bool:
+    """Whether ``leaf`` (an array, a quantized weight, a :class:`Layer` of either) holds numpy arrays, as
+    a model loaded with ``jaxtune.load(..., on_host=True)`` does: what a plan adds beside it stays there."""
+    return all(isinstance(x.whole if isinstance(x, Layer) else x, np.ndarray) for x in jax.tree.leaves(leaf))
+
+
 def _rejoined(leaves: Sequence[Any]) -> Any | None:
     """The stacked array ``leaves`` are layers of (all of it, or the rows they are), when they are
     :class:`Layer` s of one array, consecutive and in order; None otherwise. Why: restacking them would

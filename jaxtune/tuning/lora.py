@@ -49,22 +49,33 @@ class AdapterSpec:
         return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
-def init_adapter(kernel: Array, spec: AdapterSpec, unit: Array) -> dict[str, Array]:
+def init_adapter(kernel: Array, spec: AdapterSpec, unit: np.ndarray) -> dict[str, Array]:
     """Adapter leaves for one linear with ``kernel`` ``(in, out)`` (any float dtype), from
-    ``unit`` ``(in, r)`` uniform samples in [-1, 1). A stack of linears ``(E, in, out)`` (a MoE
-    layer's experts) gets one adapter per linear: ``lora_a`` ``(E, in, r)``, ``lora_b`` ``(E, r, out)``."""
+    ``unit`` ``(in, r)`` float32 uniform samples in [-1, 1). A stack of linears ``(E, in, out)`` (a MoE
+    layer's experts) gets one adapter per linear: ``lora_a`` ``(E, in, r)``, ``lora_b`` ``(E, r, out)``.
+    The leaves are numpy arrays beside a kernel on the host, else arrays on jax's default device."""
     *lead, fan_in, fan_out = kernel.shape
-    leaves = {
-        LORA_A: jnp.asarray(unit, jnp.float32) / math.sqrt(fan_in),
-        LORA_B: jnp.zeros((*lead, spec.rank, fan_out), jnp.float32),
-        LORA_SCALE: jnp.asarray(spec.scale, jnp.float32),
-    }
     if spec.kind == "dora" and lead:
         raise ValueError(f"DoRA on a stack of {lead[0]} linears (MoE experts) is not supported; use LoRA there "
                          "(a lora rule on the experts, dora elsewhere)")
+    # Computed by numpy and then placed: as jax ops, each kernel shape compiled its own small programs
+    # (a divide, a zeros, and on the host a stack per run), most of a LoRA plan's time on a host model.
+    # A multiply by the float32 reciprocal, as XLA evaluated the divide: the same bits as before.
+    leaves = {
+        LORA_A: np.asarray(unit, np.float32) * (np.float32(1) / np.float32(math.sqrt(fan_in))),
+        LORA_B: np.zeros((*lead, spec.rank, fan_out), np.float32),
+        LORA_SCALE: np.asarray(spec.scale, np.float32),
+    }
     if spec.kind == "dora":
         leaves[MAGNITUDE] = column_norm(as_float(stacking.materialize(kernel), jnp.float32))
-    return leaves
+    return _beside(kernel, leaves)
+
+
+def _beside(kernel: Any, leaves: dict[str, Any]) -> dict[str, Any]:
+    """``leaves`` where ``kernel`` is: numpy arrays on the host (:func:`jaxtune.models.stacking.on_host`),
+    else jax arrays."""
+    convert = np.asarray if stacking.on_host(kernel) else jnp.asarray
+    return {name: convert(leaf) for name, leaf in leaves.items()}
 
 
 def quantized_magnitudes(params: Params, quantized: Any) -> Params:
@@ -75,7 +86,8 @@ def quantized_magnitudes(params: Params, quantized: Any) -> Params:
     for path in quantized:
         module = path[:-1]
         if path[-1] == "kernel" and module + (MAGNITUDE,) in flat:
-            flat[module + (MAGNITUDE,)] = column_norm(as_float(stacking.materialize(flat[path]), jnp.float32))
+            norm = column_norm(as_float(stacking.materialize(flat[path]), jnp.float32))
+            flat[module + (MAGNITUDE,)] = _beside(flat[path], {MAGNITUDE: norm})[MAGNITUDE]
     return unflatten_dict(flat)
 
 

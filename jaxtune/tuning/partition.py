@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxtune.models import quant, stacking
@@ -80,9 +81,11 @@ def quantize_leaves(params: Params, formats: dict[tuple[str, ...], str]) -> Para
     flat = flatten_dict(params)
     for path, fmt in formats.items():
         try:
-            flat[path] = quant.quantize(stacking.materialize(flat[path]), fmt, quant.block_axis(path[-1]))
+            quantized = quant.quantize(stacking.materialize(flat[path]), fmt, quant.block_axis(path[-1]))
         except ValueError as err:
             raise ValueError(f"quantize {'/'.join(path)}: {err}") from None
+        # A host model's layers stay numpy, so a run restacks them with numpy, not a program per shape.
+        flat[path] = jax.tree.map(np.asarray, quantized) if stacking.on_host(flat[path]) else quantized
         # the full-precision leaf is dropped here, so only one weight is held twice at a time
     return unflatten_dict(flat)
 
