@@ -205,7 +205,7 @@ def load_pretrained(
     params, used = {}, set()
     for path, spec in abstract.items():
         layers = stacking.stack_range(path[0])  # a scanned run: one tensor per layer, stacked
-        views = []
+        views, read = [], []
         for logical, shape in ([(stacking.logical_path(path, i), spec.shape[1:]) for i in layers] if layers
                                else [(path, spec.shape)]):
             split = family.expert_tensor and family.expert_tensor(logical, 0)
@@ -233,10 +233,13 @@ def load_pretrained(
                     )
                 parts.append(view)
                 used.add(found)
+                read.append(found)
             views.append(_Stacked(parts) if split else parts[0])
         view = _Stacked(views) if layers else views[0]
         # on the host, a copy: a view would map the file, which an export may later overwrite
         params[path] = _host_copy(view, dtype) if on_host else _place(view, dtype, leaf_shardings.get(path))
+        for name in read:  # copied: the file's pages need not stay mapped beside the copy
+            reader.release(name)
     unused = [n for n in reader.names() if n not in used and not n.endswith(_IGNORED_SUFFIXES)]
     if getattr(cfg, "tie_word_embeddings", False) and unused == ["lm_head.weight"]:
         # Some writers store the tied output matrix twice; another matrix there is not the tied one, and

@@ -8,6 +8,7 @@ family's params and writes checkpoints; this module knows nothing of families or
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -101,12 +102,13 @@ class SafetensorsReader:
     """Zero-copy views of the tensors in one or more ``.safetensors`` files (memory-mapped).
 
     ``reader[name]`` is a read-only numpy view (bf16 as ``ml_dtypes.bfloat16``); nothing is
-    read from disk until a view's bytes are touched.
+    read from disk until a view's bytes are touched. :meth:`release` gives a copied tensor's pages
+    back to the page cache.
     """
 
     def __init__(self, files: list[Path]):
         self._where: dict[str, tuple[Path, int, str, list[int], tuple[int, int]]] = {}
-        self._maps: dict[Path, np.memmap] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
         for file in files:
             try:
                 with open(file, "rb") as fh:
@@ -135,9 +137,22 @@ class SafetensorsReader:
         if dtype not in _DTYPES:
             raise CheckpointError(f"{file}: tensor {name} has unsupported dtype {dtype}")
         if file not in self._maps:
-            self._maps[file] = np.memmap(file, mode="r")
+            with open(file, "rb") as fh:  # the map keeps its own reference to the file
+                self._maps[file] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
         np_dtype = np.dtype(_DTYPES[dtype])
         count = int(np.prod(shape)) if shape else 1
-        if end - start != count * np_dtype.itemsize or base + end > self._maps[file].size:
+        if end - start != count * np_dtype.itemsize or base + end > len(self._maps[file]):
             raise CheckpointError(f"{file}: tensor {name} is truncated or its header is corrupt")
         return np.frombuffer(self._maps[file], np_dtype, count, base + start).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Unmap the pages of tensor ``name`` that reading touched: they stay in the page cache, and a
+        view that reads them again maps them again. Why: a load copies every tensor out of the map, and
+        the pages it read counted in the process's resident memory beside the copies (the model twice at
+        the end of a load, where transformers, whose tensors are the mapped pages, holds it once)."""
+        file, base, _, _, (start, end) = self._where[name]
+        if file not in self._maps or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        first = (base + start) // mmap.PAGESIZE * mmap.PAGESIZE  # madvise takes a page-aligned start
+        if base + end > first:
+            self._maps[file].madvise(mmap.MADV_DONTNEED, first, base + end - first)
