@@ -230,6 +230,7 @@ def test_a_model_loaded_on_the_host_plans_there_and_reaches_the_device_once(llam
     on_host = tuning.apply_plan(host, plan, jax.random.key(0))
     assert all(isinstance(x, np.ndarray) for x in jax.tree.leaves(on_host.params))
     on_device = tuning.apply_plan(jt.load(llama_dir), plan, jax.random.key(0))
+    assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(on_device.params))  # what it added joined it there
     assert jax.tree.structure(on_host.params) == jax.tree.structure(on_device.params)
     for a, b in zip(jax.tree.leaves(on_host.params), jax.tree.leaves(on_device.params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -53,13 +53,14 @@ def init_adapter(kernel: Array, spec: AdapterSpec, unit: np.ndarray) -> dict[str
     """Adapter leaves for one linear with ``kernel`` ``(in, out)`` (any float dtype), from
     ``unit`` ``(in, r)`` float32 uniform samples in [-1, 1). A stack of linears ``(E, in, out)`` (a MoE
     layer's experts) gets one adapter per linear: ``lora_a`` ``(E, in, r)``, ``lora_b`` ``(E, r, out)``.
-    The leaves are numpy arrays beside a kernel on the host, else arrays on jax's default device."""
+    The leaves are numpy arrays (DoRA's ``magnitude`` is computed where the kernel is): a plan places
+    what it adds where the model is, once its runs are stacked (:func:`jaxtune.tuning.tuned.apply_plan`)."""
     *lead, fan_in, fan_out = kernel.shape
     if spec.kind == "dora" and lead:
         raise ValueError(f"DoRA on a stack of {lead[0]} linears (MoE experts) is not supported; use LoRA there "
                          "(a lora rule on the experts, dora elsewhere)")
-    # Computed by numpy and then placed: as jax ops, each kernel shape compiled its own small programs
-    # (a divide, a zeros, and on the host a stack per run), most of a LoRA plan's time on a host model.
+    # Computed by numpy: as jax ops, each kernel shape compiled its own small programs (a divide, a zeros,
+    # and a stack per run), most of a LoRA plan's time.
     # A multiply by the float32 reciprocal, as XLA evaluated the divide: the same bits as before.
     leaves = {
         LORA_A: np.asarray(unit, np.float32) * (np.float32(1) / np.float32(math.sqrt(fan_in))),
@@ -67,15 +68,15 @@ def init_adapter(kernel: Array, spec: AdapterSpec, unit: np.ndarray) -> dict[str
         LORA_SCALE: np.asarray(spec.scale, np.float32),
     }
     if spec.kind == "dora":
-        leaves[MAGNITUDE] = column_norm(as_float(stacking.materialize(kernel), jnp.float32))
-    return _beside(kernel, leaves)
+        leaves[MAGNITUDE] = _norm_beside(kernel)
+    return leaves
 
 
-def _beside(kernel: Any, leaves: dict[str, Any]) -> dict[str, Any]:
-    """``leaves`` where ``kernel`` is: numpy arrays on the host (:func:`jaxtune.models.stacking.on_host`),
-    else jax arrays."""
-    convert = np.asarray if stacking.on_host(kernel) else jnp.asarray
-    return {name: convert(leaf) for name, leaf in leaves.items()}
+def _norm_beside(kernel: Any) -> Array:
+    """:func:`column_norm` of ``kernel`` (dequantized), as numpy for a kernel on the host
+    (:func:`jaxtune.models.stacking.on_host`), where the rest of the plan stays."""
+    norm = column_norm(as_float(stacking.materialize(kernel), jnp.float32))
+    return np.asarray(norm) if stacking.on_host(kernel) else norm
 
 
 def quantized_magnitudes(params: Params, quantized: Any) -> Params:
@@ -86,8 +87,7 @@ def quantized_magnitudes(params: Params, quantized: Any) -> Params:
     for path in quantized:
         module = path[:-1]
         if path[-1] == "kernel" and module + (MAGNITUDE,) in flat:
-            norm = column_norm(as_float(stacking.materialize(flat[path]), jnp.float32))
-            flat[module + (MAGNITUDE,)] = _beside(flat[path], {MAGNITUDE: norm})[MAGNITUDE]
+            flat[module + (MAGNITUDE,)] = _norm_beside(flat[path])
     return unflatten_dict(flat)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxtune.models import decoder, efficientnet, stacking, vit
@@ -369,6 +370,8 @@ def apply_plan(
         # Runs of identically planned layers, each one scan: a frozen run gets no gradient or optimizer state.
         body_cfg = dataclasses.replace(body_cfg, layer_groups=stacking.plan_groups(cfg, labels, params))
         params, labels = stacking.to_physical(params, body_cfg), stacking.to_physical(labels, body_cfg)
+    if not stacking.on_host(pretrained.params):  # the adapters, made by numpy and stacked so, join the model
+        params = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, params)
     body = FAMILIES[pretrained.architecture].body_module(body_cfg)  # the family's own body (Decoder, Gemma...)
     return Tuned(
         module=TunedModel(body, task, prompt_tokens, head),
