@@ -232,10 +232,10 @@ def load_pretrained(
                         f"this config.json expects {part_shape[::-1] if transposed else part_shape}"
                     )
                 parts.append(view)
-                used.add(found)
                 read.append(found)
             views.append(_Stacked(parts) if split else parts[0])
         view = _Stacked(views) if layers else views[0]
+        used.update(read)
         # on the host, a copy: a view would map the file, which an export may later overwrite
         params[path] = _host_copy(view, dtype) if on_host else _place(view, dtype, leaf_shardings.get(path))
         for name in read:  # copied: the file's pages need not stay mapped beside the copy

@@ -142,10 +142,17 @@ def materialize(tree: Any) -> Any:
     return jax.tree.map(lambda x: x.value() if isinstance(x, Deferred) else x, tree)
 
 
-def on_host(leaf: Any) -> bool:
-    """Whether ``leaf`` (an array, a quantized weight, a :class:`Layer` of either) holds numpy arrays, as
-    a model loaded with ``jaxtune.load(..., on_host=True)`` does: what a plan adds beside it stays there."""
-    return all(isinstance(x.whole if isinstance(x, Layer) else x, np.ndarray) for x in jax.tree.leaves(leaf))
+def is_on_host(tree: Any) -> bool:
+    """Whether ``tree`` (an array, a quantized weight, a :class:`Layer` of either, a param tree) holds
+    numpy arrays only, as a model loaded with ``jaxtune.load(..., on_host=True)`` does."""
+    return all(isinstance(x.whole if isinstance(x, Layer) else x, np.ndarray) for x in jax.tree.leaves(tree))
+
+
+def beside(value: Any, leaf: Any) -> Any:
+    """``value`` (computed from ``leaf``) as numpy arrays where ``leaf`` is on the host (:func:`is_on_host`),
+    else as it is: what a plan makes of a host model stays on the host, and a run of its layers restacks
+    with numpy, not a program per shape."""
+    return jax.tree.map(np.asarray, value) if is_on_host(leaf) else value
 
 
 def _rejoined(leaves: Sequence[Any]) -> Any | None:

@@ -68,15 +68,13 @@ def init_adapter(kernel: Array, spec: AdapterSpec, unit: np.ndarray) -> dict[str
         LORA_SCALE: np.asarray(spec.scale, np.float32),
     }
     if spec.kind == "dora":
-        leaves[MAGNITUDE] = _norm_beside(kernel)
+        leaves[MAGNITUDE] = _magnitude(kernel)
     return leaves
 
 
-def _norm_beside(kernel: Any) -> Array:
-    """:func:`column_norm` of ``kernel`` (dequantized), as numpy for a kernel on the host
-    (:func:`jaxtune.models.stacking.on_host`), where the rest of the plan stays."""
-    norm = column_norm(as_float(stacking.materialize(kernel), jnp.float32))
-    return np.asarray(norm) if stacking.on_host(kernel) else norm
+def _magnitude(kernel: Any) -> Array:
+    """DoRA's initial magnitude: the column norms of ``kernel`` (dequantized), where the kernel is."""
+    return stacking.beside(column_norm(as_float(stacking.materialize(kernel), jnp.float32)), kernel)
 
 
 def quantized_magnitudes(params: Params, quantized: Any) -> Params:
@@ -87,7 +85,7 @@ def quantized_magnitudes(params: Params, quantized: Any) -> Params:
     for path in quantized:
         module = path[:-1]
         if path[-1] == "kernel" and module + (MAGNITUDE,) in flat:
-            flat[module + (MAGNITUDE,)] = _norm_beside(flat[path])
+            flat[module + (MAGNITUDE,)] = _magnitude(flat[path])
     return unflatten_dict(flat)
 
 

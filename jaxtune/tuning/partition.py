@@ -12,7 +12,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from jaxtune.models import quant, stacking
@@ -84,8 +83,7 @@ def quantize_leaves(params: Params, formats: dict[tuple[str, ...], str]) -> Para
             quantized = quant.quantize(stacking.materialize(flat[path]), fmt, quant.block_axis(path[-1]))
         except ValueError as err:
             raise ValueError(f"quantize {'/'.join(path)}: {err}") from None
-        # A host model's layers stay numpy, so a run restacks them with numpy, not a program per shape.
-        flat[path] = jax.tree.map(np.asarray, quantized) if stacking.on_host(flat[path]) else quantized
+        flat[path] = stacking.beside(quantized, flat[path])
         # the full-precision leaf is dropped here, so only one weight is held twice at a time
     return unflatten_dict(flat)
 

@@ -370,7 +370,7 @@ def apply_plan(
         # Runs of identically planned layers, each one scan: a frozen run gets no gradient or optimizer state.
         body_cfg = dataclasses.replace(body_cfg, layer_groups=stacking.plan_groups(cfg, labels, params))
         params, labels = stacking.to_physical(params, body_cfg), stacking.to_physical(labels, body_cfg)
-    if not stacking.on_host(pretrained.params):  # the adapters, made by numpy and stacked so, join the model
+    if not stacking.is_on_host(pretrained.params):  # the adapters, made by numpy and stacked so, join the model
         params = jax.tree.map(lambda x: jnp.asarray(x) if isinstance(x, np.ndarray) else x, params)
     body = FAMILIES[pretrained.architecture].body_module(body_cfg)  # the family's own body (Decoder, Gemma...)
     return Tuned(
