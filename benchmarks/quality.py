@@ -410,6 +410,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(TASKS)}")
     ap.add_argument("--smoke", action="store_true", help="16 train / 16 test rows per task")
+    ap.add_argument("--train-size", type=int, default=None, metavar="N",
+                    help="training rows of every text task (a shorter run, to compare step times)")
+    ap.add_argument("--test-size", type=int, default=None, metavar="N", help="held-out rows of every text task")
     ap.add_argument("--sides", default="jaxtune,pytorch")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds for every task (default: each task's own)")
     ap.add_argument("--static-padding", action="store_true",
@@ -455,6 +458,11 @@ def main() -> None:
         ap.error(f"unknown task(s) {unknown}; choose from {', '.join([*TASKS, *IMAGE_TASKS])}")
     chosen = {n: TASKS.get(n) or IMAGE_TASKS[n] for n in names}
     tasks = {n: smoke(t) if args.smoke else t for n, t in chosen.items()}
+    sizes = {k: v for k, v in (("train", args.train_size), ("test", args.test_size)) if v is not None}
+    if sizes:
+        if any(isinstance(t, ImageTask) for t in tasks.values()):
+            ap.error("--train-size and --test-size apply to the text tasks; the image tasks have their own splits")
+        tasks = {n: dataclasses.replace(t, **sizes) for n, t in tasks.items()}
     if args.seeds:
         seeds = tuple(int(s) for s in args.seeds.split(","))
         tasks = {n: dataclasses.replace(t, seeds=seeds) for n, t in tasks.items()}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jaxtune.data import Tokenize, first_fit, lm_row, pack, pad
+from jaxtune.data import Tokenize, first_fit, lm_row, pack, packing, pad
 from jaxtune.data.packing import classifier_row, max_segments, next_fit, pack_classifiers, packed_classifier_row
 from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer
 
@@ -128,3 +128,18 @@ def test_packed_and_padded_rows_give_the_same_summed_loss():
     packed_loss, padded_loss = summed_loss(apply, params, packed), summed_loss(apply, params, padded)
     assert np.isfinite(packed_loss) and packed_loss > 0
     np.testing.assert_allclose(packed_loss, padded_loss, rtol=2e-5)
+
+
+def test_the_answer_index_lists_each_rows_supervised_positions_in_a_few_widths():
+    rng = np.random.RandomState(0)
+    for t, answers, width in ((160, 3, 16), (160, 20, 24), (160, 75, 80), (160, 81, 160), (64, 0, 8), (7, 5, 8)):
+        weights = np.zeros((3, 2, t), np.float32)
+        for row in weights.reshape(-1, t):
+            row[np.sort(rng.choice(t, size=rng.randint(0, answers + 1), replace=False))] = 1
+        weights[1, 0] = 0
+        weights[1, 0, :answers] = 1  # the row with the most supervised positions sets the width
+        index = packing.answer_index(weights)
+        assert index.dtype == np.int32 and index.shape == (3, 2, min(width, t))
+        for row, listed in zip(weights.reshape(-1, t), index.reshape(-1, index.shape[-1])):
+            real = np.flatnonzero(row > 0)
+            assert listed.tolist() == real.tolist() + [-1] * (index.shape[-1] - len(real))

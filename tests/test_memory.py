@@ -256,7 +256,8 @@ def test_plan_memory_predicts_the_preference_step_that_train_compiles(preference
     """A preference recipe's plan compiles the step its Trainer runs: pairs of rows, the reference
     model's forward (adapters off, or a starting copy of a full plan's leaves) or its cached
     log-probs in the batch, a reward model's head and margins. Every figure equals the trained
-    step's, the batch included (the Trainer's device batch drops the host's pair bookkeeping)."""
+    step's, the batch included (the Trainer's device batch drops the host's pair bookkeeping), or
+    bounds it where the step projects the answers alone (:func:`_assert_plan_equals_train`)."""
     plan, preference = PREFERENCE_RECIPES[name]
     _assert_plan_equals_train(_preference_recipe(preference_files, tmp_path, plan, preference))
 
@@ -283,14 +284,25 @@ def _train(config: dict) -> Path:
 
 def _assert_plan_equals_train(config: dict) -> None:
     """``jaxtune train`` the recipe ``config`` for its steps, then ``jaxtune plan-memory`` it: every
-    figure of the plan equals the trained step's report in ``status.json``."""
+    figure of the plan equals the trained step's report in ``status.json``, but where the loss reads
+    the loader's answer index (DPO, IPO; the pairs' answers here are shorter than half a row). The
+    trained step's LM heads then project the answers alone: it takes the index as an argument and
+    needs fewer temporaries, and the plan, made for rows supervised at every position (an index as
+    wide as a row, which the step leaves unread), bounds it."""
     recipe_file = _train(config)
     trained = json.loads((Path(config["output"]["dir"]) / "status.json").read_text())["memory"]
     code, out, err = _cli("plan-memory", recipe_file, "--json")
     assert code == 0, err
     planned = json.loads(out)
-    for field in ("params", "optimizer", "batch", "temporaries", "outputs", "devices", "backend", "tokens"):
+    for field in ("params", "optimizer", "outputs", "devices", "backend", "tokens"):
         assert planned[field] == trained[field], (field, planned, trained)
+    index_bytes = trained["batch"] - planned["batch"]
+    if config["preference"]["method"] in ("dpo", "ipo"):
+        pairs, width = config["data"]["batch_size"], trained["tokens"]
+        assert 0 < index_bytes < pairs * 2 * width * 4 // trained["devices"], (planned, trained)  # int32 (B, 2, K < T)
+        assert planned["temporaries"] >= trained["temporaries"], (planned, trained)
+    else:
+        assert index_bytes == 0 and planned["temporaries"] == trained["temporaries"], (planned, trained)
 
 
 def test_plan_memory_of_dpo_from_trained_adapters_holds_their_starting_copy(preference_files, tmp_path):

@@ -748,3 +748,37 @@ def test_source_and_tokenizer_work_in_a_grain_pipeline(tmp_path):
     assert sorted(p[0]["index"] for p in out) == list(range(12))  # each pair knows its source index
     texts = sorted(tiny_tokenizer().decode(p[0]["chosen"]["input_ids"]) for p in out)
     assert texts == sorted(f"q{i}?answer {i}</s>" for i in range(12))
+
+
+@pytest.mark.parametrize("method", ["dpo", "ipo", "simpo", "orpo"])
+def test_the_answer_index_gives_the_same_loss_and_gradients_for_fewer_flops(llama, method):
+    """With the loader's answer index (each row's supervised positions) the policy's and the
+    reference's LM head project those alone: the same loss, metrics and gradients as over every
+    position, for fewer flops; ORPO's NLL term reads every token, so it projects them all."""
+    _, pre = llama
+    tuned = tuning.apply_plan(pre, tuning.lora(rank=4, alpha=8))
+    params = _with_trained_adapters(tuned, 3)
+    batch, _ = _paired_batch(5, pack=False)
+    indexed = {**batch, packing.ANSWER_INDEX: jnp.asarray(packing.answer_index(np.asarray(batch["loss_weights"])))}
+    assert indexed[packing.ANSWER_INDEX].shape == (4, 2, 8)
+    loss_fn = make_preference_loss_fn(tuned.module, PreferenceConfig(method))
+
+    def loss(p, b):
+        total, pairs, out = loss_fn(p, b, jax.random.key(0), True)
+        return total / pairs, out["metrics"]
+
+    grad = jax.jit(jax.value_and_grad(loss, has_aux=True))
+    ((full, full_metrics), full_grads), ((answers, answer_metrics), answer_grads) = \
+        grad(params, batch), grad(params, indexed)
+    _close(float(answers), float(full), "loss")
+    for k in full_metrics:
+        _close(float(answer_metrics[k]), float(full_metrics[k]), k)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), answer_grads, full_grads)
+    flops = {name: jax.jit(lambda p, b=b: loss(p, b)[0]).lower(params).compile().cost_analysis()["flops"]
+             for name, b in (("full", batch), ("answers", indexed))}
+    if method == "orpo":
+        assert flops["answers"] == flops["full"]
+    else:  # the head's forward over the 8 rows' 24 skipped positions at least (2 D V flops each)
+        cfg = pre.module.cfg
+        passes = 2 if method in ("dpo", "ipo") else 1  # the reference's forward too
+        assert flops["full"] - flops["answers"] >= passes * 8 * 24 * 2 * cfg.hidden_size * cfg.vocab_size

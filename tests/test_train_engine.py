@@ -278,3 +278,30 @@ def test_a_large_leaf_a_mesh_axis_does_not_divide_is_reported(caplog):
     assert "wte/embedding [50257, 768] is not split over mesh axis tensor: 50257 is not a multiple of tensor=8" \
         in caplog.text
     assert "small" not in caplog.text  # tiny leaves on many devices are expected
+
+
+def test_the_lm_head_projects_only_the_positions_the_answer_index_lists(llama):
+    """With the loader's answer index (each row's supervised positions) the LM loss projects those
+    alone: the same loss and gradients as over every position, for fewer flops."""
+    from jaxtune.data.packing import ANSWER_INDEX, answer_index
+
+    batch = lm_batch(4, 64, seed=3)
+    batch["loss_weights"][:, : 3 * 64 // 4] = 0  # a prompt: a quarter of each row is answer
+    indexed = {**batch, ANSWER_INDEX: answer_index(batch["loss_weights"])}
+    assert indexed[ANSWER_INDEX].shape == (4, 16)
+    loss_fn = make_loss_fn(llama.module, "lm")
+
+    def mean_loss(params, b):
+        total, weight, _ = loss_fn(params, b, jax.random.key(0), True)
+        return total / weight
+
+    grad = jax.jit(jax.value_and_grad(mean_loss))
+    (full, full_grads), (answers, answer_grads) = grad(llama.params, batch), grad(llama.params, indexed)
+    np.testing.assert_allclose(float(answers), float(full), rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), answer_grads, full_grads)
+
+    flops = {name: jax.jit(mean_loss).lower(llama.params, b).compile().cost_analysis()["flops"]
+             for name, b in (("full", batch), ("answers", indexed))}
+    # The head's forward alone over the 3 * 64 positions the index skips, at 2 * D * V flops each.
+    cfg = llama.module.cfg
+    assert flops["full"] - flops["answers"] >= 4 * 48 * 2 * cfg.hidden_size * cfg.vocab_size

@@ -18,6 +18,9 @@ A classifier row (classification or regression) holds the same token arrays (``t
 packed row ``labels`` ``(S,)`` and ``example_weights`` float32 ``(S,)``: segment ``s + 1``'s label
 at index ``s`` and 1.0 there, zeros after the last segment. ``S`` (:func:`max_segments`) is
 static so the step compiles once.
+
+An LM batch may also carry ``answer_index`` (:func:`answer_index`): each row's supervised
+positions, so that the LM head and the loss run on those alone.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from jaxtune.data.tokenize import Example
 
 LM_KEYS = ("input_ids", "targets", "loss_weights", "segment_ids", "positions")
+ANSWER_INDEX = "answer_index"  # int32 (..., K): a row's supervised positions in order, then -1
 CLASSIFIER_KEYS = ("input_ids", "segment_ids", "positions", "token_type_ids", "labels")
 # A packed classifier row holds at most one example per this many tokens: bounds S, the label
 # slots per row, and only binds when examples average fewer tokens (rows are then less full).
@@ -184,3 +188,24 @@ def pack_classifiers(examples: Sequence[Example], max_length: int, pad_id: int =
 def padding_rows(like: dict[str, np.ndarray], count: int) -> dict[str, np.ndarray]:
     """``count`` empty rows shaped like the batch ``like`` (all ids, weights and segments 0)."""
     return {k: np.zeros((count,) + v.shape[1:], v.dtype) for k, v in like.items()}
+
+
+def answer_index(loss_weights: np.ndarray) -> np.ndarray:
+    """Each row's supervised positions (loss weight > 0) in order, then -1: int32 ``(..., K)`` for
+    ``loss_weights`` float ``(..., T)``.
+
+    The vocabulary projection is a large share of a step (a fifth of SmolLM2-135M's forward), and
+    only supervised positions need it: a chat's prompt, a preference pair's shared prompt and the
+    padding do not. ``K`` is the smallest of ``T/16, T/8, T/4, T/2`` (each rounded up to a multiple
+    of 8) that holds the row with the most supervised positions, so a run compiles a few widths at
+    most; ``T`` when none does (the index then saves nothing, and the step ignores it).
+    """
+    t = loss_weights.shape[-1]
+    supervised = loss_weights.reshape(-1, t) > 0
+    counts = supervised.sum(-1)
+    most = int(counts.max(initial=0))
+    widths = sorted({-(-t // (8 * d)) * 8 for d in (16, 8, 4, 2)})  # ceil(t / d), rounded up to 8
+    k = next((w for w in widths if most <= w < t), t)
+    order = np.argsort(~supervised, axis=-1, kind="stable")[:, :k]  # supervised positions first, in order
+    index = np.where(np.arange(k) < counts[:, None], order, -1).astype(np.int32)
+    return index.reshape(loss_weights.shape[:-1] + (k,))

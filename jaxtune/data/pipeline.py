@@ -223,6 +223,11 @@ class _TrimBatch:
         return {k: v[..., :width] if k in TOKEN_KEYS else v for k, v in batch.items()}
 
 
+def _with_answer_index(batch: Batch) -> Batch:
+    """An LM batch with its rows' supervised positions (:func:`jaxtune.data.packing.answer_index`)."""
+    return {**batch, packing.ANSWER_INDEX: packing.answer_index(batch["loss_weights"])}
+
+
 def in_workers(it: grain.IterDataset, config: LoaderConfig) -> grain.IterDataset:
     """``it`` computed in ``config.worker_count`` grain worker processes (``it`` itself for 0).
 
@@ -259,7 +264,9 @@ class Loader:
     [B, L]) and ``loss_weights`` (float32 [B, L]); preference pairs yield the same keys shaped
     [B, 2, L] (``[:, 0]`` chosen, ``[:, 1]`` rejected; packed pairs share segment ids across the
     two sides, see :func:`jaxtune.data.preference.pair_rows`) plus ``pair_ids`` (each token's
-    source index + 1, 0 on padding) and ``margins`` (float32, each token's pair margin); classification/regression yield
+    source index + 1, 0 on padding) and ``margins`` (float32, each token's pair margin). On one process
+    both also yield ``answer_index`` (int32 [B, K] or [B, 2, K]: each row's supervised positions,
+    :func:`jaxtune.data.packing.answer_index`). Classification/regression yield
     ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids`` (int32 [B, L]) and
     ``labels`` (int32 or float32 [B]), or packed (``packing: true``) ``labels`` and
     ``example_weights`` (float32) [B, S]. ``B`` is the per-process batch (``batch_size``).
@@ -333,6 +340,9 @@ class Loader:
             it = it.map(_FillBatch(self.batch_size))
         if cfg.pad_to_multiple_of is not None:
             it = it.map(_TrimBatch(cfg.pad_to_multiple_of, cfg.max_length))
+        if self.lm and self.shard_count == 1:
+            # Its width depends on this process's rows, which would differ between processes.
+            it = it.map(_with_answer_index)
         if not cfg.worker_count and cfg.prefetch_batches:
             it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
         return it
@@ -416,7 +426,8 @@ class Loader:
         if self.pairs:
             shape = (self.batch_size, 2, self.config.max_length)
         if self.lm:
-            keys = packing.LM_KEYS + ((PAIR_IDS, MARGINS) if self.pairs else ())
+            keys = (packing.LM_KEYS + ((PAIR_IDS, MARGINS) if self.pairs else ())
+                    + ((packing.ANSWER_INDEX,) if self.shard_count == 1 else ()))
             return {k: (shape, np.dtype(np.float32 if k in ("loss_weights", MARGINS) else np.int32)) for k in keys}
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
         per_row = (self.batch_size, packing.max_segments(self.config.max_length)) if self.packs else (self.batch_size,)

@@ -7,12 +7,13 @@ and packed rows equal unpacked ones, whatever the number of real tokens in each.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax.traverse_util import flatten_dict
 
+from jaxtune.data.packing import ANSWER_INDEX
 from jaxtune.models.decoder import AUX, AUX_LOSS
 
 Array = jax.Array
@@ -56,6 +57,44 @@ def causal_lm_loss(
         # pass for no memory saving (the backward holds logits and their gradient either way).
         return chunk_loss((h[0], y[0], w[0])), w.sum()
     return jax.lax.map(jax.checkpoint(chunk_loss), (h, y, w)).sum(), w.sum()
+
+
+def answer_positions(rows: Mapping[str, Array]) -> Array | None:
+    """int32 ``(R, K)``: the rows' supervised positions, ``rows["answer_index"]`` (the loader's
+    :func:`jaxtune.data.packing.answer_index`), or None when the rows carry none or it is as wide as
+    the rows (``K == T``: gathering would save nothing)."""
+    index = rows.get(ANSWER_INDEX)
+    return None if index is None or index.shape[-1] >= rows["targets"].shape[-1] else index
+
+
+def at_positions(x: Array, index: Array) -> Array:
+    """``x`` ``(R, T, ...)`` at ``index`` int ``(R, K)`` along its second axis: ``(R, K, ...)``
+    (an index of -1 reads position 0; :func:`answer_rows` weighs those slots out)."""
+    safe = jnp.maximum(index, 0).reshape(index.shape + (1,) * (x.ndim - 2))
+    return jnp.take_along_axis(x, safe, axis=1)
+
+
+def answer_rows(rows: Mapping[str, Array]) -> dict[str, Array]:
+    """The loss fields (``targets``, ``loss_weights``, ``segment_ids``) at the rows' supervised
+    positions, ``(R, K)`` each with weight 0 and segment 0 on the index's -1 slots; the rows' own
+    ``(R, T)`` fields when :func:`answer_positions` is None. A sum over positions of ``weight *
+    f(target)`` (the LM loss, a segment's log-probability) is the same over either."""
+    index = answer_positions(rows)
+    if index is None:
+        return {k: rows[k] for k in ("targets", "loss_weights", "segment_ids") if k in rows}
+    real = index >= 0
+    out = {"targets": at_positions(rows["targets"], index),
+           "loss_weights": jnp.where(real, at_positions(rows["loss_weights"], index), 0)}
+    if "segment_ids" in rows:
+        out["segment_ids"] = jnp.where(real, at_positions(rows["segment_ids"], index), 0)
+    return out
+
+
+def answer_hidden(hidden: Array, rows: Mapping[str, Array]) -> Array:
+    """The hidden states ``(R, T, D)`` at the rows' supervised positions, ``(R, K, D)``, aligned
+    with :func:`answer_rows`; ``hidden`` itself when :func:`answer_positions` is None."""
+    index = answer_positions(rows)
+    return hidden if index is None else at_positions(hidden, index)
 
 
 def token_chunks(flat: tuple[Array, ...], chunk_tokens: int) -> tuple[Array, ...]:

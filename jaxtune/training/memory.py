@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtune.data.packing import LM_KEYS, max_segments
+from jaxtune.data.packing import ANSWER_INDEX, LM_KEYS, max_segments
 from jaxtune.data.preference import MARGINS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models import hf
@@ -161,11 +161,15 @@ def batch_spec(task: str, batch_size: int, seq_len: int, *, packing: bool = Fals
                ) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of one token batch of ``task`` (``lm``, ``classification``, ``regression``), as
     the data pipeline yields it (see :func:`jaxtune.training.step.make_loss_fn`): a packed
-    classifier row holds up to ``max_segments(seq_len)`` labels and example weights."""
+    classifier row holds up to ``max_segments(seq_len)`` labels and example weights; an LM batch's
+    ``answer_index`` is ``seq_len`` wide, as for rows supervised at every position (the most the LM
+    head projects: rows with prompts compile a narrower index and need less)."""
     tokens = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32)
     spec = {"input_ids": tokens, "segment_ids": tokens, "positions": tokens}
     if task == "lm":
-        return {**spec, "targets": tokens, "loss_weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32)}
+        # The answer index as wide as the rows: every position supervised, the LM head's most work.
+        return {**spec, "targets": tokens, "loss_weights": jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32),
+                ANSWER_INDEX: tokens}
     if task in ("classification", "regression"):
         per_row = (batch_size, max_segments(seq_len)) if packing else (batch_size,)
         labels = jax.ShapeDtypeStruct(per_row, jnp.int32 if task == "classification" else jnp.float32)
@@ -176,11 +180,13 @@ def batch_spec(task: str, batch_size: int, seq_len: int, *, packing: bool = Fals
 
 def paired_batch_spec(config: PreferenceConfig, batch_size: int, seq_len: int) -> dict[str, jax.ShapeDtypeStruct]:
     """The shapes of one paired batch as a preference step takes it (the Trainer's ``to_device``:
-    the loader's batch without its host keys): the LM keys ``(B, 2, L)``, a reward model's
+    the loader's batch without its host keys): the LM keys ``(B, 2, L)`` and, where the loss reads it,
+    the answer index (as wide, as :func:`batch_spec`'s), a reward model's
     ``margins`` ``(B, 2, L)`` float32, and with ``reference: cached`` the ``reference_logps``
     ``(B, 2, S)`` float32 (``S``: ``max_segments`` or ``L // 2``, as the cache's lookup)."""
     shape = (batch_size, 2, seq_len)
-    spec = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32) for k in LM_KEYS}
+    spec = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32)
+            for k in (*LM_KEYS, *((ANSWER_INDEX,) if config.answers_only else ()))}
     if config.method == REWARD:
         spec[MARGINS] = jax.ShapeDtypeStruct(shape, jnp.float32)
     if config.needs_reference and config.reference == "cached":

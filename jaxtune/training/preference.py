@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxtune.data.preference import MARGINS
+from jaxtune.training.losses import answer_rows
 from jaxtune.training.preference_config import REWARD, PreferenceConfig
 from jaxtune.training.preference_logprobs import next_token_mask, paired_rows, policy_token_logprobs, segment_sums
 from jaxtune.training.preference_losses import dpo_terms, ipo_terms, orpo_terms, pair_metrics, simpo_terms
@@ -131,16 +132,18 @@ def make_preference_loss_fn(module: nn.Module, config: PreferenceConfig, *, chun
             margins = batch.get(MARGINS)
             margins = None if margins is None else margins.reshape(-1, length)
             return reward_objective(config, scores, rows, (b, s), margins)
+        answers = config.answers_only  # not ORPO, whose NLL term reads every token's log-prob
         token_lp, aux = policy_token_logprobs(module, params, rows, rng=rng,
                                               deterministic=deterministic or config.disable_dropout,
-                                              chunk_tokens=chunk_tokens, with_aux=True)
+                                              chunk_tokens=chunk_tokens, with_aux=True, answers=answers)
         reference = None
         if config.needs_reference:
             reference = batch.get("reference_logps")
             if reference is None:
                 reference = reference_logprobs(module, params, batch, starting=starting, max_segments=s,
                                                chunk_tokens=chunk_tokens)
-        total, pairs, outputs = preference_objective(config, token_lp, rows, (b, s), reference)
+        total, pairs, outputs = preference_objective(config, token_lp, answer_rows(rows) if answers else rows,
+                                                     (b, s), reference)
         # As the LM loss (and TRL's DPOTrainer with a router loss): a training step's mean is loss + aux;
         # an evaluation reports the preference loss alone.
         return (total if deterministic else total + aux * pairs), pairs, outputs

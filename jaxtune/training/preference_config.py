@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from jaxtune.data.packing import ANSWER_INDEX
 from jaxtune.data.preference import MARGINS, PAIR_IDS
 from jaxtune.data.sources import PREFERENCE
 from jaxtune.models.decoder import DecoderConfig
@@ -93,11 +94,20 @@ class PreferenceConfig:
     def needs_reference(self) -> bool:
         return self.method not in REFERENCE_FREE
 
+    @property
+    def answers_only(self) -> bool:
+        """Whether the loss reads log-probs at the answers alone (the LM head then projects only
+        the positions of the loader's answer index): every method but ORPO, whose NLL term reads
+        every token, and a reward model, which reads none."""
+        return self.method not in (REWARD, "orpo")
+
 
 def host_keys(config: PreferenceConfig | None) -> frozenset[str]:
     """The keys of a paired host batch that stay on the host: ``pair_ids`` (the cached reference's
-    lookup), and ``margins`` but for a reward model, the one loss that reads them."""
-    return frozenset({PAIR_IDS} if config is not None and config.method == REWARD else {PAIR_IDS, MARGINS})
+    lookup), ``margins`` but for a reward model, the one loss that reads them, and the answer index
+    where the loss does not read it (:attr:`PreferenceConfig.answers_only`)."""
+    keys = {PAIR_IDS} if config is not None and config.method == REWARD else {PAIR_IDS, MARGINS}
+    return frozenset(keys if config is None or config.answers_only else keys | {ANSWER_INDEX})
 
 
 def unread_margins(batch: Batch, config: PreferenceConfig | None) -> str | None:

@@ -11,9 +11,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxtune.data.packing import LM_KEYS
+from jaxtune.data.packing import ANSWER_INDEX, LM_KEYS
 from jaxtune.models.decoder import AUX
-from jaxtune.training.losses import auxiliary_loss, token_chunks
+from jaxtune.training.losses import answer_hidden, answer_rows, auxiliary_loss, token_chunks
 
 Array = jax.Array
 Batch = dict[str, Array]
@@ -99,17 +99,21 @@ def next_token_mask(segment_ids: Array) -> Array:
 
 
 def paired_rows(batch: Batch) -> Batch:
-    """Paired ``(B, 2, L)`` arrays -> ``(2B, L)`` rows, chosen and rejected interleaved."""
-    return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in LM_KEYS if k in batch}
+    """Paired ``(B, 2, L)`` arrays -> ``(2B, L)`` rows, chosen and rejected interleaved (the answer
+    index ``(B, 2, K)`` likewise)."""
+    return {k: batch[k].reshape(-1, batch[k].shape[-1]) for k in (*LM_KEYS, ANSWER_INDEX) if k in batch}
 
 
 def policy_token_logprobs(module: nn.Module, params: Params, rows: Batch, *, deterministic: bool = True,
-                          rng: Array | None = None, chunk_tokens: int = 2048, with_aux: bool = False
-                          ) -> Array | tuple[Array, Array]:
+                          rng: Array | None = None, chunk_tokens: int = 2048, with_aux: bool = False,
+                          answers: bool = False) -> Array | tuple[Array, Array]:
     """float32 ``(R, T)`` log-probs of ``rows["targets"]`` under ``module`` with ``params``: an LM
     module with ``hidden``/``logits`` methods (a jaxtune ``Decoder`` or ``TunedModel``). With
-    ``with_aux``, also the float32 scalar sum of the auxiliary losses the forward sowed (a
-    mixture-of-experts router's load-balancing loss over these rows: :func:`auxiliary_loss`)."""
+    ``answers``, those at the rows' supervised positions only, ``(R, K)``, aligned with
+    :func:`jaxtune.training.losses.answer_rows` (the LM head then projects ``K`` positions a row, not
+    ``T``; the same when the rows carry no narrower answer index). With ``with_aux``, also the
+    float32 scalar sum of the auxiliary losses the forward sowed (a mixture-of-experts router's
+    load-balancing loss over these rows: :func:`auxiliary_loss`)."""
     variables = {"params": params}
     rngs = {"dropout": rng} if rng is not None else {}
     out = module.apply(variables, input_ids=rows["input_ids"], positions=rows.get("positions"),
@@ -120,6 +124,10 @@ def policy_token_logprobs(module: nn.Module, params: Params, rows: Batch, *, det
     def project(h: Array) -> Array:
         return module.apply(variables, h, method="logits")
 
-    lp = token_logprobs(hidden, rows["targets"], project, chunk_tokens=chunk_tokens)
+    if answers:
+        hidden, targets = answer_hidden(hidden, rows), answer_rows(rows)["targets"]
+    else:
+        targets = rows["targets"]
+    lp = token_logprobs(hidden, targets, project, chunk_tokens=chunk_tokens)
     return (lp, auxiliary_loss(state)) if with_aux else lp
 

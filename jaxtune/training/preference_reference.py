@@ -29,6 +29,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from jaxtune.data.pipeline import Loader, evaluation_loader
 from jaxtune.data.preference import PAIR_IDS
 from jaxtune.models.layers import ADAPTER_LEAVES, LORA_B, VECTOR_LEAVES
+from jaxtune.training.losses import answer_rows
 from jaxtune.training.preference_config import PreferenceConfig
 from jaxtune.training.preference_logprobs import paired_rows, policy_token_logprobs, segment_sums
 from jaxtune.training.preference_tables import pair_table, segment_pair_ids
@@ -109,9 +110,11 @@ def reference_logprobs(module: nn.Module, params: Params, batch: Batch, *, start
     (no gradient). ``params`` are the policy's; see :func:`reference_params`. Computed once ahead of
     training, the result can ride in the batch as ``reference_logps``."""
     rows = paired_rows(batch)
-    lp = policy_token_logprobs(module, reference_params(params, starting), rows, chunk_tokens=chunk_tokens)
+    lp = policy_token_logprobs(module, reference_params(params, starting), rows, chunk_tokens=chunk_tokens,
+                               answers=True)
     s = rows["targets"].shape[1] // 2 if max_segments is None else max_segments
-    sums = segment_sums(lp * rows["loss_weights"].astype(jnp.float32), rows["segment_ids"], s)
+    answers = answer_rows(rows)
+    sums = segment_sums(lp * answers["loss_weights"].astype(jnp.float32), answers["segment_ids"], s)
     return jax.lax.stop_gradient(sums.reshape(batch["targets"].shape[0], 2, s))
 
 

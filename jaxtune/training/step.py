@@ -24,6 +24,8 @@ from jaxtune.data.tokenize import AnswerChoices
 from jaxtune.models.decoder import AUX
 from jaxtune.models.layers import STATE_UPDATES
 from jaxtune.training.losses import (
+    answer_hidden,
+    answer_rows,
     auxiliary_loss,
     causal_lm_loss,
     classification_loss,
@@ -70,8 +72,10 @@ def make_loss_fn(module: nn.Module, task: str, *, chunk_tokens: int = 2048, regr
             def project(h: Array) -> Array:
                 return module.apply(variables, h, method="logits")
 
-            total, weight = causal_lm_loss(hidden, batch["targets"], batch["loss_weights"], project,
-                                           chunk_tokens=chunk_tokens)
+            # The LM head and loss on the supervised positions alone, when the loader listed them.
+            answers = answer_rows(batch)
+            total, weight = causal_lm_loss(answer_hidden(hidden, batch), answers["targets"], answers["loss_weights"],
+                                           project, chunk_tokens=chunk_tokens)
             if not deterministic:  # a router's balancing loss trains; an evaluation reports the model's loss
                 total = total + auxiliary_loss(state) * weight
             if choices is not None:
