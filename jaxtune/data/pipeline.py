@@ -294,6 +294,9 @@ class Loader:
         self.batch_size = config.batch_size // self.shard_count
         self.lm = source.kind in LM_KINDS or self.pairs  # LM rows (packed or padded), single or paired
         self.packs = self.lm if config.packing is None else config.packing
+        # Each row's supervised positions (answer_index): on one process only, as its width depends on the
+        # process's own rows.
+        self.lists_answers = self.lm and self.shard_count == 1
         self.dataset = self._build()
         self._stats: TokenStats | None = None
 
@@ -340,8 +343,7 @@ class Loader:
             it = it.map(_FillBatch(self.batch_size))
         if cfg.pad_to_multiple_of is not None:
             it = it.map(_TrimBatch(cfg.pad_to_multiple_of, cfg.max_length))
-        if self.lm and self.shard_count == 1:
-            # Its width depends on this process's rows, which would differ between processes.
+        if self.lists_answers:
             it = it.map(_with_answer_index)
         if not cfg.worker_count and cfg.prefetch_batches:
             it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
@@ -427,7 +429,7 @@ class Loader:
             shape = (self.batch_size, 2, self.config.max_length)
         if self.lm:
             keys = (packing.LM_KEYS + ((PAIR_IDS, MARGINS) if self.pairs else ())
-                    + ((packing.ANSWER_INDEX,) if self.shard_count == 1 else ()))
+                    + ((packing.ANSWER_INDEX,) if self.lists_answers else ()))
             return {k: (shape, np.dtype(np.float32 if k in ("loss_weights", MARGINS) else np.int32)) for k in keys}
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
         per_row = (self.batch_size, packing.max_segments(self.config.max_length)) if self.packs else (self.batch_size,)
