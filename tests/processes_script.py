@@ -113,10 +113,14 @@ def predict(args: dict[str, Any]) -> dict[str, Any]:
 
 
 def dpo(args: dict[str, Any]) -> dict[str, Any]:
-    return {"state": dpo_run(args).state}
+    from jaxtune.data.packing import ANSWER_INDEX
+
+    trainer = dpo_trainer(args)
+    shape, _ = trainer.train_data.batch_spec()[ANSWER_INDEX]
+    return {"state": trainer.fit().state, "answer_width": shape[-1]}
 
 
-def dpo_run(args: dict[str, Any], mesh: Any = None) -> Any:
+def dpo_trainer(args: dict[str, Any], mesh: Any = None) -> Any:
     """3 steps of LoRA-DPO with the reference log-probs computed before training (`reference: cached`),
     4 pairs a batch, one a row (packing packs each process's share apart); the test runs it on one process too."""
     import jaxtune as jt
@@ -127,7 +131,12 @@ def dpo_run(args: dict[str, Any], mesh: Any = None) -> Any:
                       config=jt.TrainConfig(steps=3, log_every=1, progress=False),
                       data=jt.DataConfig(batch_size=4, max_length=48, packing=False),
                       preference=jt.PreferenceConfig(method="dpo", beta=0.5, reference="cached"),
-                      optimizer=jt.OptimizerConfig(learning_rate=1e-2, schedule="constant")).fit()
+                      optimizer=jt.OptimizerConfig(learning_rate=1e-2, schedule="constant"))
+
+
+def dpo_run(args: dict[str, Any], mesh: Any = None) -> Any:
+    """:func:`dpo_trainer`'s run."""
+    return dpo_trainer(args, mesh).fit()
 
 
 def dpo_fails(args: dict[str, Any]) -> dict[str, Any]:

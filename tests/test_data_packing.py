@@ -143,3 +143,10 @@ def test_the_answer_index_lists_each_rows_supervised_positions_in_a_few_widths()
         for row, listed in zip(weights.reshape(-1, t), index.reshape(-1, index.shape[-1])):
             real = np.flatnonzero(row > 0)
             assert listed.tolist() == real.tolist() + [-1] * (index.shape[-1] - len(real))
+    # A bound (several processes' one width): the width holds it, and a row above it is refused.
+    weights = np.zeros((2, 160), np.float32)
+    weights[0, 5:9] = 1
+    index = packing.answer_index(weights, most=20)
+    assert index.shape == (2, 24) and index[0, :5].tolist() == [5, 6, 7, 8, -1]
+    with pytest.raises(ValueError, match="a row has 4 supervised positions, more than the bound of 3"):
+        packing.answer_index(weights, most=3)

@@ -10,7 +10,7 @@ import pytest
 
 from jaxtune.data import LoaderConfig, make_loader, packing, read_source, to_global
 from jaxtune.data.pipeline import evaluation_loader
-from jaxtune.data.testing import synthetic_chat_rows, tiny_tokenizer, write_jsonl
+from jaxtune.data.testing import synthetic_chat_rows, synthetic_preference_rows, tiny_tokenizer, write_jsonl
 
 N_DOCS = 60
 
@@ -128,6 +128,37 @@ def test_dynamic_padding_cuts_batches_to_their_longest_row(kind, chat, labeled, 
     assert len(widths) > 1  # the data has rows of different lengths
     with pytest.raises(ValueError, match="pad_to_multiple_of needs one process"):
         loader(source, tokenizer, pad_to_multiple_of=8, shard_index=0, shard_count=2)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("kind", ["chat", "preference"])
+def test_on_several_processes_every_batch_lists_its_answers_at_one_width_that_bounds_every_row(
+        kind, packed, chat, tokenizer, tmp_path):
+    """Processes must give every batch one shape without asking each other: each sizes the answer index
+    to a bound from the scan of the whole source (the same on each), which every row's supervised
+    positions stay within; the index still lists them exactly."""
+    source = chat if kind == "chat" else read_source(
+        write_jsonl(tmp_path / "pairs.jsonl", synthetic_preference_rows(40, max_words=6)), "preference")
+    options = dict(packing=packed, max_length=160, batch_size=4, num_epochs=2, drop_remainder=False)
+    bounds, widths, fullest = set(), set(), 0
+    for shard in range(2):
+        data = loader(source, tokenizer, shard_index=shard, shard_count=2, **options)
+        bounds.add(data.answer_bound())
+        spec = data.batch_spec()
+        for batch in collect(iter(data)):
+            assert {k: (v.shape, v.dtype) for k, v in batch.items()} == spec
+            index, weights = batch[packing.ANSWER_INDEX], batch["loss_weights"]
+            widths.add(index.shape[-1])
+            for row, listed in zip(weights.reshape(-1, 160), index.reshape(-1, index.shape[-1])):
+                real = np.flatnonzero(row > 0)
+                assert listed.tolist() == real.tolist() + [-1] * (len(listed) - len(real))
+                fullest = max(fullest, len(real))
+    (bound,) = bounds
+    assert widths == {packing.index_width(bound, 160)} and fullest <= bound
+    if not packed:  # a row is an example (a pair's side): the bound is the fullest one
+        assert fullest == bound
+    if kind == "preference" and not packed:  # short answers: a quarter of the row (a pair's prompt has none)
+        assert widths == {40}
 
 
 def test_shuffle_is_seeded_and_changes_each_epoch(docs, tokenizer):

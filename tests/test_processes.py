@@ -498,10 +498,12 @@ def test_a_cached_reference_on_two_processes_holds_every_row_on_each(launched, t
     """``preference.reference: cached`` scores the pairs once before training, each process its share of
     the file's rows (every other one); training shuffles every row to either process, which then found
     no reference log-probs for the other's rows ("a batch holds a pair the pre-pass did not score"). Now
-    each keeps every row's: the losses equal one process's (the same global batches)."""
+    each keeps every row's: the losses equal one process's (the same global batches). Both processes list
+    the answers at one width narrower than a row (their policy and reference project only there)."""
     from processes_script import dpo_run
 
     assert [r["state"] for r in launched["dpo"]] == ["finished", "finished"]
+    assert [r["answer_width"] for r in launched["dpo"]] == [24, 24]  # of 48 positions a row
     dpo_run({**launched["dpo_args"], "out": str(tmp_path)}, mesh=make_mesh(MeshConfig(), jax.devices()[:2]))
     losses = {name: [r["loss"] for r in map(json.loads, (out / "run" / "metrics.jsonl").read_text().splitlines())
                      if "loss" in r] for name, out in (("one", tmp_path), ("two", launched["root"] / "dpo"))}

@@ -190,22 +190,32 @@ def padding_rows(like: dict[str, np.ndarray], count: int) -> dict[str, np.ndarra
     return {k: np.zeros((count,) + v.shape[1:], v.dtype) for k, v in like.items()}
 
 
-def answer_index(loss_weights: np.ndarray) -> np.ndarray:
+def index_width(most: int, length: int) -> int:
+    """The width ``K`` of an answer index for rows of ``length`` positions whose fullest has ``most``
+    supervised ones: the smallest of ``length/16, length/8, length/4, length/2`` (each rounded up to a
+    multiple of 8) that holds ``most``, else ``length``. A few widths: a run compiles a few programs."""
+    widths = sorted({-(-length // (8 * d)) * 8 for d in (16, 8, 4, 2)})  # ceil(length / d), rounded up to 8
+    return next((w for w in widths if most <= w < length), length)
+
+
+def answer_index(loss_weights: np.ndarray, most: int | None = None) -> np.ndarray:
     """Each row's supervised positions (loss weight > 0) in order, then -1: int32 ``(..., K)`` for
     ``loss_weights`` float ``(..., T)``.
 
     The vocabulary projection is a large share of a step (a fifth of SmolLM2-135M's forward), and
     only supervised positions need it: a chat's prompt, a preference pair's shared prompt and the
-    padding do not. ``K`` is the smallest of ``T/16, T/8, T/4, T/2`` (each rounded up to a multiple
-    of 8) that holds the row with the most supervised positions, so a run compiles a few widths at
-    most; ``T`` when none does (the index then saves nothing, and the step ignores it).
+    padding do not. ``K`` is :func:`index_width` of the row with the most supervised positions, or of
+    ``most`` when given: a bound every batch of a run keeps (on several processes, whose batches must
+    share one width), and a row above it is an error. ``K == T`` saves nothing; the step then ignores it.
     """
     t = loss_weights.shape[-1]
     supervised = loss_weights.reshape(-1, t) > 0
     counts = supervised.sum(-1)
-    most = int(counts.max(initial=0))
-    widths = sorted({-(-t // (8 * d)) * 8 for d in (16, 8, 4, 2)})  # ceil(t / d), rounded up to 8
-    k = next((w for w in widths if most <= w < t), t)
+    fullest = int(counts.max(initial=0))
+    if most is not None and fullest > most:
+        raise ValueError(f"a row has {fullest} supervised positions, more than the bound of {most} its answer index "
+                         "was given")
+    k = index_width(fullest if most is None else most, t)
     order = np.argsort(~supervised, axis=-1, kind="stable")[:, :k]  # supervised positions first, in order
     index = np.where(np.arange(k) < counts[:, None], order, -1).astype(np.int32)
     return index.reshape(loss_weights.shape[:-1] + (k,))

@@ -223,9 +223,10 @@ class _TrimBatch:
         return {k: v[..., :width] if k in TOKEN_KEYS else v for k, v in batch.items()}
 
 
-def _with_answer_index(batch: Batch) -> Batch:
-    """An LM batch with its rows' supervised positions (:func:`jaxtune.data.packing.answer_index`)."""
-    return {**batch, packing.ANSWER_INDEX: packing.answer_index(batch["loss_weights"])}
+def _with_answer_index(batch: Batch, most: int | None = None) -> Batch:
+    """An LM batch with its rows' supervised positions (:func:`jaxtune.data.packing.answer_index`, as wide
+    as ``most`` of them when given)."""
+    return {**batch, packing.ANSWER_INDEX: packing.answer_index(batch["loss_weights"], most)}
 
 
 def in_workers(it: grain.IterDataset, config: LoaderConfig) -> grain.IterDataset:
@@ -264,17 +265,20 @@ class Loader:
     [B, L]) and ``loss_weights`` (float32 [B, L]); preference pairs yield the same keys shaped
     [B, 2, L] (``[:, 0]`` chosen, ``[:, 1]`` rejected; packed pairs share segment ids across the
     two sides, see :func:`jaxtune.data.preference.pair_rows`) plus ``pair_ids`` (each token's
-    source index + 1, 0 on padding) and ``margins`` (float32, each token's pair margin). On one process
-    both also yield ``answer_index`` (int32 [B, K] or [B, 2, K]: each row's supervised positions,
-    :func:`jaxtune.data.packing.answer_index`). Classification/regression yield
+    source index + 1, 0 on padding) and ``margins`` (float32, each token's pair margin). Both also yield
+    ``answer_index`` (int32 [B, K] or [B, 2, K]: each row's supervised positions,
+    :func:`jaxtune.data.packing.answer_index`; on several processes ``K`` is the same for every batch,
+    from :meth:`answer_bound`). Classification/regression yield
     ``input_ids``, ``segment_ids``, ``positions``, ``token_type_ids`` (int32 [B, L]) and
     ``labels`` (int32 or float32 [B]), or packed (``packing: true``) ``labels`` and
     ``example_weights`` (float32) [B, S]. ``B`` is the per-process batch (``batch_size``).
     """
 
-    def __init__(self, source: Source, tokenizer: Any, config: LoaderConfig, *, max_pairs: int | None = None):
+    def __init__(self, source: Source, tokenizer: Any, config: LoaderConfig, *, max_pairs: int | None = None,
+                 stats: TokenStats | None = None):
         """``max_pairs``: the most preference pairs a packed row holds (the loss's ``preference.max_segments``,
-        beyond which it would not see them); None: as many as fit."""
+        beyond which it would not see them); None: as many as fit. ``stats``: :meth:`scan` of ``source`` by a
+        loader that tokenizes as this one does (another role's over the same data), not repeated here."""
         self.source, self.tokenizer, self.config = source, tokenizer, config
         self.pairs = source.kind == PREFERENCE
         self.max_pairs = max_pairs
@@ -294,11 +298,11 @@ class Loader:
         self.batch_size = config.batch_size // self.shard_count
         self.lm = source.kind in LM_KINDS or self.pairs  # LM rows (packed or padded), single or paired
         self.packs = self.lm if config.packing is None else config.packing
-        # Each row's supervised positions (answer_index): on one process only, as its width depends on the
-        # process's own rows.
-        self.lists_answers = self.lm and self.shard_count == 1
+        # Each row's supervised positions (answer_index). One process sizes each batch's index to its fullest
+        # row; several share every batch's shape, so each sizes it to a bound of the whole source's rows.
+        self.lists_answers = self.lm
+        self._stats = stats
         self.dataset = self._build()
-        self._stats: TokenStats | None = None
 
     def _fit(self) -> packing.Fit:
         """The packer of this loader's packed rows: first fit, at most ``max_pairs`` pairs a row, for
@@ -344,7 +348,8 @@ class Loader:
         if cfg.pad_to_multiple_of is not None:
             it = it.map(_TrimBatch(cfg.pad_to_multiple_of, cfg.max_length))
         if self.lists_answers:
-            it = it.map(_with_answer_index)
+            it = it.map(functools.partial(_with_answer_index, most=self.answer_bound() if self.shard_count > 1
+                                          else None))
         if not cfg.worker_count and cfg.prefetch_batches:
             it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
         return it
@@ -399,6 +404,17 @@ class Loader:
                                 f"data.max_length={cfg.max_length} (the longest has {stats.longest} tokens)",
                          f"raise data.max_length to at least {stats.longest} or shorten the prompts")
 
+    def answer_bound(self) -> int:
+        """The most supervised positions a row of this loader can hold, from :meth:`scan`: the most of one
+        example (a pair's side) when each has a row; packed, ``max_length`` times the largest supervised share
+        of an example (a row's examples fill at most ``max_length`` positions, each supervised at most at that
+        share). The same on every process, which all scan the whole source."""
+        stats, length = self.scan(), self.config.max_length
+        if not self.packs:
+            return stats.most_supervised
+        supervised, tokens = stats.densest
+        return min(length, supervised * length // tokens)
+
     def rows_per_epoch(self) -> tuple[int, str]:
         """Rows one pass over the source fills, and how that was counted: examples after
         truncation, or for packed data the rows this loader's packer makes of the first pass's
@@ -422,15 +438,20 @@ class Loader:
         return rows, f"{rows} packed rows"
 
     def batch_spec(self) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-        """Shape and dtype of each array in a (per-process) batch, without reading data (the
-        widest shape, with ``pad_to_multiple_of``)."""
+        """Shape and dtype of each array in a (per-process) batch (the widest shape, with
+        ``pad_to_multiple_of``; an ``answer_index`` as wide as a row on one process, whose batches' index
+        widths vary, and on several the one width of all their batches: that needs :meth:`scan`)."""
         shape = (self.batch_size, self.config.max_length)
         if self.pairs:
             shape = (self.batch_size, 2, self.config.max_length)
         if self.lm:
-            keys = (packing.LM_KEYS + ((PAIR_IDS, MARGINS) if self.pairs else ())
-                    + ((packing.ANSWER_INDEX,) if self.lists_answers else ()))
-            return {k: (shape, np.dtype(np.float32 if k in ("loss_weights", MARGINS) else np.int32)) for k in keys}
+            keys = packing.LM_KEYS + ((PAIR_IDS, MARGINS) if self.pairs else ())
+            spec = {k: (shape, np.dtype(np.float32 if k in ("loss_weights", MARGINS) else np.int32)) for k in keys}
+            if self.lists_answers:
+                width = (self.config.max_length if self.shard_count == 1
+                         else packing.index_width(self.answer_bound(), self.config.max_length))
+                spec[packing.ANSWER_INDEX] = (shape[:-1] + (width,), np.dtype(np.int32))
+            return spec
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
         per_row = (self.batch_size, packing.max_segments(self.config.max_length)) if self.packs else (self.batch_size,)
         spec["labels"] = (per_row, np.dtype(np.int32 if self.source.kind == "classification" else np.float32))
@@ -459,12 +480,13 @@ def training_loader(source: Source, tokenizer: Any, config: LoaderConfig, *, max
 
 
 def evaluation_loader(source: Source, tokenizer: Any, config: LoaderConfig, batch_size: int | None = None, *,
-                      max_pairs: int | None = None) -> Loader:
+                      max_pairs: int | None = None, stats: TokenStats | None = None) -> Loader:
     """The loader an evaluation reads: one pass in file order, the last batch filled with empty
     rows; packed classification/regression rows hold the examples in file order (next fit), so
     their outputs, row by row and segment by segment, line up with the file. It reads on threads
-    (:func:`reading_config`)."""
-    return Loader(source, tokenizer, reading_config(config, train=False, batch_size=batch_size), max_pairs=max_pairs)
+    (:func:`reading_config`). ``stats``: the source's scan, when a loader of it has made one (:class:`Loader`)."""
+    return Loader(source, tokenizer, reading_config(config, train=False, batch_size=batch_size), max_pairs=max_pairs,
+                  stats=stats)
 
 
 def make_loader(source: Source, tokenizer: Any, config: LoaderConfig, *, scan_first: bool = True) -> Loader:

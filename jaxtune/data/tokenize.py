@@ -57,6 +57,10 @@ class TokenStats:
     lengths: array = dataclasses.field(default_factory=lambda: array("i"), repr=False)
     starts: array = dataclasses.field(default_factory=lambda: array("q", [0]), repr=False)
     labels: Counter = dataclasses.field(default_factory=Counter)  # records per label (see record_label)
+    # The most supervised tokens of one example (or pair side), and (supervised, length) of the example with
+    # the largest supervised share: bounds on any row's supervised positions (Loader.answer_bound)
+    most_supervised: int = 0
+    densest: tuple[int, int] = (0, 1)
     dropped_labels: Counter = dataclasses.field(default_factory=Counter)  # dropped records per label
 
     def summary(self) -> str:
@@ -457,6 +461,13 @@ def scan(source: Source, tokenize: Tokenize) -> TokenStats:
             largest = max(int(np.max(e["input_ids"], initial=-1)) for e in sides)
             if largest > stats.largest_id:
                 stats.largest_id, stats.largest_id_where = largest, record.get("where")
-            stats.target_tokens += sum(int(e["loss_mask"][1:].sum()) for e in sides if "loss_mask" in e)
+            for e in sides:
+                if "loss_mask" in e:
+                    supervised = int(e["loss_mask"][1:].sum())  # a row's loss weights: the mask shifted by one
+                    stats.target_tokens += supervised
+                    stats.most_supervised = max(stats.most_supervised, supervised)
+                    most, length = stats.densest
+                    if supervised * length > most * len(e["input_ids"]):
+                        stats.densest = (supervised, len(e["input_ids"]))
         stats.starts.append(len(stats.lengths))
     return stats

@@ -191,7 +191,7 @@ def reference_caches(module: nn.Module, trainable: Params, frozen: Params, split
             raise ValueError("preference.reference: cached finds each pair's reference log-probs by its index in "
                              "the source, so the data must come from jaxtune.read; use reference: model")
         log.info("preference: reference log-probs of the %s data (%d pairs), computed once", name, len(data.source))
-        passes = evaluation_loader(data.source, data.tokenizer, data.config)
+        passes = evaluation_loader(data.source, data.tokenizer, data.config, stats=data.scan())
         caches[name] = ReferenceCache.build(module, trainable, frozen, passes, len(data.source), to_device,
                                             sharding=sharding, dtype=dtype, max_segments=config.max_segments,
                                             chunk_tokens=chunk_tokens)
