@@ -298,10 +298,10 @@ class Loader:
         self.batch_size = config.batch_size // self.shard_count
         self.lm = source.kind in LM_KINDS or self.pairs  # LM rows (packed or padded), single or paired
         self.packs = self.lm if config.packing is None else config.packing
-        # Each row's supervised positions (answer_index). One process sizes each batch's index to its fullest
-        # row; several share every batch's shape, so each sizes it to a bound of the whole source's rows.
-        self.lists_answers = self.lm
         self._stats = stats
+        # LM rows list their supervised positions (answer_index). One process sizes each batch's index to its
+        # fullest row (None); several share every batch's shape, so each sizes it to one bound of the source's rows.
+        self.answer_most = self.answer_bound() if self.lm and self.shard_count > 1 else None
         self.dataset = self._build()
 
     def _fit(self) -> packing.Fit:
@@ -347,9 +347,8 @@ class Loader:
             it = it.map(_FillBatch(self.batch_size))
         if cfg.pad_to_multiple_of is not None:
             it = it.map(_TrimBatch(cfg.pad_to_multiple_of, cfg.max_length))
-        if self.lists_answers:
-            it = it.map(functools.partial(_with_answer_index, most=self.answer_bound() if self.shard_count > 1
-                                          else None))
+        if self.lm:
+            it = it.map(functools.partial(_with_answer_index, most=self.answer_most))
         if not cfg.worker_count and cfg.prefetch_batches:
             it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=cfg.prefetch_batches)
         return it
@@ -447,10 +446,9 @@ class Loader:
         if self.lm:
             keys = packing.LM_KEYS + ((PAIR_IDS, MARGINS) if self.pairs else ())
             spec = {k: (shape, np.dtype(np.float32 if k in ("loss_weights", MARGINS) else np.int32)) for k in keys}
-            if self.lists_answers:
-                width = (self.config.max_length if self.shard_count == 1
-                         else packing.index_width(self.answer_bound(), self.config.max_length))
-                spec[packing.ANSWER_INDEX] = (shape[:-1] + (width,), np.dtype(np.int32))
+            width = (self.config.max_length if self.answer_most is None
+                     else packing.index_width(self.answer_most, self.config.max_length))
+            spec[packing.ANSWER_INDEX] = (shape[:-1] + (width,), np.dtype(np.int32))
             return spec
         spec = {k: (shape, np.dtype(np.int32)) for k in packing.CLASSIFIER_KEYS[:-1]}
         per_row = (self.batch_size, packing.max_segments(self.config.max_length)) if self.packs else (self.batch_size,)

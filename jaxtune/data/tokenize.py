@@ -57,11 +57,11 @@ class TokenStats:
     lengths: array = dataclasses.field(default_factory=lambda: array("i"), repr=False)
     starts: array = dataclasses.field(default_factory=lambda: array("q", [0]), repr=False)
     labels: Counter = dataclasses.field(default_factory=Counter)  # records per label (see record_label)
+    dropped_labels: Counter = dataclasses.field(default_factory=Counter)  # dropped records per label
     # The most supervised tokens of one example (or pair side), and (supervised, length) of the example with
     # the largest supervised share: bounds on any row's supervised positions (Loader.answer_bound)
     most_supervised: int = 0
     densest: tuple[int, int] = (0, 1)
-    dropped_labels: Counter = dataclasses.field(default_factory=Counter)  # dropped records per label
 
     def summary(self) -> str:
         supervised = f" ({self.target_tokens} supervised)" if self.target_tokens else ""
